@@ -1,0 +1,3 @@
+//! Strowger: a programmable SIP B2BUA.
+
+pub mod sip;

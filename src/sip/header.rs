@@ -1,0 +1,415 @@
+//! Header fields: canonical names (compact forms expanded), the ordered header list,
+//! and the typed base headers (Via, From/To/Contact name-addrs, CSeq).
+
+use super::lex::{is_token, quoted_end, split_commas, trim_ws};
+use super::method::Method;
+use super::uri::{parse_hostport, Host, Params, Uri, UriError};
+use std::fmt;
+
+/// Known header names in their canonical spelling, with compact forms (RFC 3261 7.3.3 and
+/// the IANA registry). Looking a name up here makes later lookups exact comparisons.
+const KNOWN: &[(&str, Option<u8>)] = &[
+    ("Via", Some(b'v')),
+    ("From", Some(b'f')),
+    ("To", Some(b't')),
+    ("Call-ID", Some(b'i')),
+    ("CSeq", None),
+    ("Max-Forwards", None),
+    ("Contact", Some(b'm')),
+    ("Content-Length", Some(b'l')),
+    ("Content-Type", Some(b'c')),
+    ("Content-Encoding", Some(b'e')),
+    ("Subject", Some(b's')),
+    ("Supported", Some(b'k')),
+    ("Event", Some(b'o')),
+    ("Refer-To", Some(b'r')),
+    ("Referred-By", Some(b'b')),
+    ("Allow-Events", Some(b'u')),
+    ("Session-Expires", Some(b'x')),
+    ("Accept-Contact", Some(b'a')),
+    ("Reject-Contact", Some(b'j')),
+    ("Request-Disposition", Some(b'd')),
+    ("Identity", Some(b'y')),
+    ("Route", None),
+    ("Record-Route", None),
+    ("Require", None),
+    ("Proxy-Require", None),
+    ("Unsupported", None),
+    ("Allow", None),
+    ("Accept", None),
+    ("Accept-Encoding", None),
+    ("Accept-Language", None),
+    ("Expires", None),
+    ("Min-Expires", None),
+    ("Authorization", None),
+    ("Proxy-Authorization", None),
+    ("WWW-Authenticate", None),
+    ("Proxy-Authenticate", None),
+    ("User-Agent", None),
+    ("Server", None),
+    ("RSeq", None),
+    ("RAck", None),
+    ("Replaces", None),
+    ("Subscription-State", None),
+    ("SIP-ETag", None),
+    ("SIP-If-Match", None),
+    ("Retry-After", None),
+    ("Timestamp", None),
+    ("Date", None),
+    ("Warning", None),
+    ("Reason", None),
+];
+
+/// Returns the canonical name of a header: compact forms expanded, known names in their
+/// usual case; an unknown name is kept as written.
+pub fn canonical_name(name: &str) -> std::borrow::Cow<'static, str> {
+    if name.len() == 1 {
+        let c = name.as_bytes()[0].to_ascii_lowercase();
+        if let Some((n, _)) = KNOWN.iter().find(|(_, k)| *k == Some(c)) {
+            return std::borrow::Cow::Borrowed(n);
+        }
+    }
+    match KNOWN.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        Some((n, _)) => std::borrow::Cow::Borrowed(n),
+        None => std::borrow::Cow::Owned(name.to_owned()),
+    }
+}
+
+/// One header line (folding undone), its name canonical.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: std::borrow::Cow<'static, str>,
+    pub value: String,
+}
+
+/// The header fields of a message other than its base headers, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<Header>);
+
+impl Headers {
+    pub fn new() -> Headers {
+        Headers(Vec::new())
+    }
+    /// The first value of `name` (canonical names compare exactly; others ignore case).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_str())
+    }
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0[..]
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_str())
+    }
+    /// Every comma-separated element of every `name` header (for list headers such as
+    /// Require, Supported, Allow, Contact, Route).
+    pub fn list(&self, name: &str) -> Vec<String> {
+        self.get_all(name)
+            .flat_map(|v| split_commas(v).unwrap_or_default())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+    pub fn push(&mut self, name: &str, value: impl Into<String>) {
+        self.0.push(Header {
+            name: canonical_name(name),
+            value: value.into(),
+        });
+    }
+    /// Replaces every `name` header with one of this value.
+    pub fn set(&mut self, name: &str, value: impl Into<String>) {
+        self.remove(name);
+        self.push(name, value);
+    }
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|h| !h.name.eq_ignore_ascii_case(name));
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Header> {
+        self.0.iter()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub(crate) fn push_header(&mut self, h: Header) {
+        self.0.push(h);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("bad URI: {0}")]
+    Uri(#[from] UriError),
+    #[error("unterminated quoted string")]
+    OpenQuote,
+    #[error("missing '>'")]
+    OpenAngle,
+    #[error("bad display name")]
+    DisplayName,
+    #[error("bad parameters")]
+    Params,
+    #[error("bad sent-protocol")]
+    SentProtocol,
+    #[error("bad CSeq")]
+    CSeq,
+    #[error("empty value")]
+    Empty,
+}
+
+/// `[display-name] <uri> *(;param)` or `addr-spec *(;param)` (From, To, Contact,
+/// Route, Record-Route, Refer-To...). Without angle brackets, `;` parameters belong to the
+/// header, not the URI (RFC 3261 20.10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameAddr {
+    /// The display name as written (quotes kept when it was quoted).
+    pub display: Option<String>,
+    pub uri: Uri,
+    pub params: Params,
+}
+
+impl NameAddr {
+    pub fn new(uri: Uri) -> NameAddr {
+        NameAddr {
+            display: None,
+            uri,
+            params: Params::new(),
+        }
+    }
+
+    pub fn tag(&self) -> Option<&str> {
+        self.params.value("tag")
+    }
+
+    pub fn set_tag(&mut self, tag: &str) {
+        self.params.set("tag", Some(tag));
+    }
+
+    pub fn parse(s: &str) -> Result<NameAddr, HeaderError> {
+        let s = trim_ws(s);
+        if s.is_empty() {
+            return Err(HeaderError::Empty);
+        }
+        let (display, rest) = if s.starts_with('"') {
+            let end = quoted_end(s).ok_or(HeaderError::OpenQuote)?;
+            let rest = trim_ws(&s[end..]);
+            if !rest.starts_with('<') {
+                return Err(HeaderError::DisplayName);
+            }
+            (Some(s[..end].to_owned()), rest)
+        } else if let Some(lt) = s.find('<') {
+            let d = trim_ws(&s[..lt]);
+            // An unquoted display name is a run of tokens separated by LWS.
+            if !d.is_empty() && !d.split([' ', '\t']).filter(|w| !w.is_empty()).all(is_token) {
+                return Err(HeaderError::DisplayName);
+            }
+            ((!d.is_empty()).then(|| d.to_owned()), &s[lt..])
+        } else {
+            (None, s)
+        };
+        if let Some(inner) = rest.strip_prefix('<') {
+            let gt = inner.find('>').ok_or(HeaderError::OpenAngle)?;
+            let uri = Uri::parse(&inner[..gt])?;
+            let params = Params::parse(&inner[gt + 1..]).map_err(|_| HeaderError::Params)?;
+            Ok(NameAddr {
+                display,
+                uri,
+                params,
+            })
+        } else {
+            // addr-spec: the URI ends at the first ';' (its own parameters would be
+            // ambiguous) or white space.
+            let end = rest
+                .find(|c: char| c == ';' || c == ' ' || c == '\t')
+                .unwrap_or(rest.len());
+            let uri = Uri::parse(&rest[..end])?;
+            let params = Params::parse(&rest[end..]).map_err(|_| HeaderError::Params)?;
+            Ok(NameAddr {
+                display,
+                uri,
+                params,
+            })
+        }
+    }
+}
+
+impl fmt::Display for NameAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(d) = &self.display {
+            write!(f, "{d} ")?;
+        }
+        write!(f, "<{}>{}", self.uri, self.params)
+    }
+}
+
+/// One Via value (RFC 3261 20.42): `SIP/2.0/transport sent-by *(;param)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Via {
+    /// The protocol version of the sent-protocol (normally "2.0").
+    pub version: String,
+    /// Transport in upper case: UDP, TCP, TLS, SCTP, WS, WSS or an extension.
+    pub transport: String,
+    pub host: Host,
+    pub port: Option<u16>,
+    pub params: Params,
+}
+
+/// The magic cookie of RFC 3261 branches (8.1.1.7).
+pub const BRANCH_COOKIE: &str = "z9hG4bK";
+
+impl Via {
+    pub fn branch(&self) -> Option<&str> {
+        self.params.value("branch")
+    }
+    pub fn received(&self) -> Option<&str> {
+        self.params.value("received")
+    }
+    /// `Some(None)` when `rport` is present without a value (RFC 3581 asks for it).
+    pub fn rport(&self) -> Option<Option<u16>> {
+        self.params.get("rport").map(|v| v.and_then(|p| p.parse().ok()))
+    }
+
+    /// Parses one comma-separated Via header value into its vias.
+    pub fn parse_list(value: &str) -> Result<Vec<Via>, HeaderError> {
+        let parts = split_commas(value).ok_or(HeaderError::OpenQuote)?;
+        parts.into_iter().map(Via::parse).collect()
+    }
+
+    pub fn parse(s: &str) -> Result<Via, HeaderError> {
+        let s = trim_ws(s);
+        // sent-protocol: name / version / transport, LWS allowed around '/'.
+        let mut rest = s;
+        let mut fields = [""; 3];
+        for (i, field) in fields.iter_mut().enumerate() {
+            rest = trim_ws(rest);
+            let end = rest
+                .find(|c: char| c == '/' || c == ' ' || c == '\t')
+                .unwrap_or(rest.len());
+            *field = &rest[..end];
+            rest = trim_ws(&rest[end..]);
+            if i < 2 {
+                rest = rest.strip_prefix('/').ok_or(HeaderError::SentProtocol)?;
+            }
+        }
+        let [name, version, transport] = fields;
+        if !name.eq_ignore_ascii_case("SIP") || !is_token(version) || !is_token(transport) {
+            return Err(HeaderError::SentProtocol);
+        }
+        let rest = trim_ws(rest);
+        let end = rest
+            .find(|c: char| c == ';' || c == ' ' || c == '\t')
+            .unwrap_or(rest.len());
+        let (host, port) = parse_hostport(&rest[..end])?;
+        let params = Params::parse(&rest[end..]).map_err(|_| HeaderError::Params)?;
+        Ok(Via {
+            version: version.to_owned(),
+            transport: transport.to_ascii_uppercase(),
+            host,
+            port,
+            params,
+        })
+    }
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SIP/{}/{} {}", self.version, self.transport, self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        write!(f, "{}", self.params)
+    }
+}
+
+/// CSeq (RFC 3261 20.16): a sequence number below 2^31 and the method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CSeq {
+    pub seq: u32,
+    pub method: Method,
+}
+
+impl CSeq {
+    pub fn parse(s: &str) -> Result<CSeq, HeaderError> {
+        let s = trim_ws(s);
+        let (num, method) = s
+            .split_once([' ', '\t'])
+            .ok_or(HeaderError::CSeq)?;
+        let method = trim_ws(method);
+        if num.is_empty() || num.len() > 10 || !num.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(HeaderError::CSeq);
+        }
+        let seq: u64 = num.parse().map_err(|_| HeaderError::CSeq)?;
+        if seq >= 1 << 31 || !is_token(method) {
+            return Err(HeaderError::CSeq);
+        }
+        Ok(CSeq {
+            seq: seq as u32,
+            method: Method::from_token(method),
+        })
+    }
+}
+
+impl fmt::Display for CSeq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.seq, self.method)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_names() {
+        assert_eq!(canonical_name("v"), "Via");
+        assert_eq!(canonical_name("I"), "Call-ID");
+        assert_eq!(canonical_name("cAlL-iD"), "Call-ID");
+        assert_eq!(canonical_name("X-Custom"), "X-Custom");
+    }
+
+    #[test]
+    fn torture_via() {
+        let v = Via::parse_list(
+            "SIP  / 2.0  / TCP     spindle.example.com   ;\r\n  branch  =   z9hG4bK9ikj8  ,\
+             SIP  /    2.0   / UDP  192.168.255.111   ; branch= z9hG4bK30239"
+                .replace("\r\n", "")
+                .as_str(),
+        )
+        .unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].transport, "TCP");
+        assert_eq!(v[0].branch(), Some("z9hG4bK9ikj8"));
+        assert_eq!(v[1].branch(), Some("z9hG4bK30239"));
+        let v6 = Via::parse("SIP/2.0/UDP [2001:db8::9:1]:5070;branch=z9hG4bKas;rport").unwrap();
+        assert_eq!(v6.port, Some(5070));
+        assert_eq!(v6.rport(), Some(None));
+        assert!(Via::parse_list("SIP/2.0/UDP 192.0.2.15;;,;,,").is_err());
+    }
+
+    #[test]
+    fn name_addrs() {
+        let n = NameAddr::parse(r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#)
+            .unwrap();
+        assert_eq!(n.tag(), Some("98asjd8"));
+        let n = NameAddr::parse("sip:caller@example.net;tag=3ghsd41").unwrap();
+        assert_eq!(n.tag(), Some("3ghsd41"));
+        assert!(n.uri.params.is_empty());
+        let n = NameAddr::parse("Bob Smith <sip:bob@[::1]>").unwrap();
+        assert_eq!(n.display.as_deref(), Some("Bob Smith"));
+        assert!(NameAddr::parse("\"Bob <sip:bob@x>").is_err());
+        assert!(NameAddr::parse("Bob <sip:bob@x").is_err());
+    }
+
+    #[test]
+    fn cseq_limits() {
+        assert_eq!(CSeq::parse("0009\r\n  INVITE".replace("\r\n", "").as_str()).unwrap().seq, 9);
+        assert!(CSeq::parse("36893488147419103232 REGISTER").is_err());
+        assert!(CSeq::parse("2147483648 INVITE").is_err());
+    }
+}

@@ -1,0 +1,510 @@
+//! SIP messages: the parsing front stage (framing, unfolding, compact names) and the
+//! typed message model with base headers parsed once, and serialization.
+
+use super::header::{canonical_name, CSeq, Header, HeaderError, Headers, NameAddr, Via};
+use super::lex::{is_token, trim_ws};
+use super::method::Method;
+use super::uri::{Uri, UriError};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt::Write as _;
+
+/// The headers every request and response carries, parsed once when the message is read
+/// (RFC 3261 8.1.1). They are kept out of `Headers` so that they cannot disagree with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseHeaders {
+    /// Every Via, topmost first.
+    pub via: Vec<Via>,
+    pub from: NameAddr,
+    pub to: NameAddr,
+    pub call_id: String,
+    pub cseq: CSeq,
+}
+
+impl BaseHeaders {
+    pub fn top_via(&self) -> Option<&Via> {
+        self.via.first()
+    }
+    /// The top Via's branch, or "" when there is none (RFC 2543 peers).
+    pub fn branch(&self) -> &str {
+        self.via.first().and_then(Via::branch).unwrap_or("")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: Method,
+    pub uri: Uri,
+    /// The version of the request line ("2.0" for every request we accept).
+    pub version: String,
+    pub base: BaseHeaders,
+    pub max_forwards: Option<u32>,
+    /// Every other header, in order.
+    pub headers: Headers,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub reason: String,
+    pub base: BaseHeaders,
+    pub headers: Headers,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn is_provisional(&self) -> bool {
+        self.status < 200
+    }
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SipMessage {
+    Request(Request),
+    Response(Response),
+}
+
+impl SipMessage {
+    pub fn base(&self) -> &BaseHeaders {
+        match self {
+            SipMessage::Request(r) => &r.base,
+            SipMessage::Response(r) => &r.base,
+        }
+    }
+    pub fn headers(&self) -> &Headers {
+        match self {
+            SipMessage::Request(r) => &r.headers,
+            SipMessage::Response(r) => &r.headers,
+        }
+    }
+    pub fn to_bytes(&self) -> Bytes {
+        match self {
+            SipMessage::Request(r) => r.to_bytes(),
+            SipMessage::Response(r) => r.to_bytes(),
+        }
+    }
+}
+
+/// Why a message could not be parsed; its `Display` is the reason phrase of the 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseErrorKind {
+    #[error("Empty message")]
+    Empty,
+    #[error("Header section not terminated")]
+    Incomplete,
+    #[error("Header section is not UTF-8")]
+    NotUtf8,
+    #[error("Malformed start line")]
+    StartLine,
+    #[error("Malformed Request-Line")]
+    RequestLine,
+    #[error("Bad Request-URI ({0})")]
+    RequestUri(UriError),
+    #[error("Malformed status line")]
+    StatusLine,
+    #[error("SIP version not supported")]
+    Version,
+    #[error("Malformed header line")]
+    HeaderLine,
+    #[error("Missing {0} header")]
+    Missing(&'static str),
+    #[error("Multiple {0} headers")]
+    Multiple(&'static str),
+    #[error("Bad {0} header ({1})")]
+    BadHeader(&'static str, HeaderError),
+    #[error("Bad {0} header")]
+    BadValue(&'static str),
+    #[error("Content-Length larger than message")]
+    ShortBody,
+}
+
+/// A message that could not be parsed. For a request whose header lines could be read,
+/// `head` keeps them so that a 400 can still copy Via, From, To, Call-ID and CSeq.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}")]
+pub struct ParseError {
+    pub kind: ParseErrorKind,
+    pub head: Option<Box<RequestHead>>,
+}
+
+impl ParseError {
+    fn bare(kind: ParseErrorKind) -> ParseError {
+        ParseError { kind, head: None }
+    }
+    /// The status the answer should carry (505 for a version we do not speak).
+    pub fn status(&self) -> u16 {
+        match self.kind {
+            ParseErrorKind::Version => 505,
+            _ => 400,
+        }
+    }
+}
+
+/// The raw header lines of a request that failed to parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    pub headers: Headers,
+}
+
+/// Parses one message from `buf`. For a datagram `buf` is the whole datagram: the body is
+/// Content-Length octets (RFC 3261 18.3; trailing octets are ignored) or, without
+/// Content-Length, the rest. Returns the message and the octets it used.
+pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
+    // RFC 3261 7.5: CRLFs before the start line are ignored.
+    let start = buf
+        .iter()
+        .position(|&c| c != b'\r' && c != b'\n')
+        .ok_or(ParseError::bare(ParseErrorKind::Empty))?;
+    let buf_tail = &buf[start..];
+    let (head_len, body_start) =
+        find_head_end(buf_tail).ok_or(ParseError::bare(ParseErrorKind::Incomplete))?;
+    let head = std::str::from_utf8(&buf_tail[..head_len])
+        .map_err(|_| ParseError::bare(ParseErrorKind::NotUtf8))?;
+    let body_avail = &buf_tail[body_start..];
+    let head = head.strip_suffix('\n').unwrap_or(head);
+    let head = head.strip_suffix('\r').unwrap_or(head);
+
+    let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let start_line = lines.next().unwrap_or("");
+    let mut headers = Headers::new();
+    read_headers(lines, &mut headers)?;
+
+    if let Some(status_line) = start_line.strip_prefix("SIP/") {
+        let (status, reason) = parse_status_line(status_line)?;
+        let (base, others, content_length) =
+            take_base(headers, body_avail.len()).map_err(ParseError::bare)?;
+        let body_len = content_length.unwrap_or(body_avail.len());
+        let msg = Response {
+            status,
+            reason: reason.to_owned(),
+            base,
+            headers: others,
+            body: Bytes::copy_from_slice(&body_avail[..body_len]),
+        };
+        return Ok((SipMessage::Response(msg), start + body_start + body_len));
+    }
+
+    // Request-Line = Method SP Request-URI SP SIP-Version (RFC 3261 25.1): exactly one SP
+    // between elements and none at the end.
+    let mut parts = start_line.split(' ');
+    let (method, uri, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(u), Some(v), None) => (m, u, v),
+        _ => return Err(ParseError::bare(ParseErrorKind::RequestLine)),
+    };
+    if !is_token(method) {
+        return Err(ParseError::bare(ParseErrorKind::RequestLine));
+    }
+    let with_head = |kind| ParseError {
+        kind,
+        head: Some(Box::new(RequestHead {
+            method: method.to_owned(),
+            headers: headers.clone(),
+        })),
+    };
+    let version = match version.strip_prefix("SIP/") {
+        Some(v) if is_version(v) => v,
+        _ => return Err(with_head(ParseErrorKind::RequestLine)),
+    };
+    if version != "2.0" {
+        return Err(with_head(ParseErrorKind::Version));
+    }
+    let uri = Uri::parse(uri).map_err(|e| with_head(ParseErrorKind::RequestUri(e)))?;
+    let (base, others, content_length) = match take_base(headers.clone(), body_avail.len()) {
+        Ok(t) => t,
+        Err(kind) => return Err(with_head(kind)),
+    };
+    let max_forwards = match others_single(&others, "Max-Forwards") {
+        Err(k) => return Err(with_head(k)),
+        Ok(None) => None,
+        Ok(Some(v)) => match parse_small_uint(v, 255) {
+            Some(n) => Some(n),
+            None => return Err(with_head(ParseErrorKind::BadValue("Max-Forwards"))),
+        },
+    };
+    let mut others = others;
+    others.remove("Max-Forwards");
+    let body_len = content_length.unwrap_or(body_avail.len());
+    let req = Request {
+        method: Method::from_token(method),
+        uri,
+        version: version.to_owned(),
+        base,
+        max_forwards,
+        headers: others,
+        body: Bytes::copy_from_slice(&body_avail[..body_len]),
+    };
+    Ok((SipMessage::Request(req), start + body_start + body_len))
+}
+
+/// Finds the blank line ending the header section; returns (header octets, body offset).
+/// Bare LF line ends are tolerated (RFC 3261 7 asks for CRLF, but be liberal).
+pub fn find_head_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
+        let nl = from + i;
+        let next = &buf[nl + 1..];
+        if next.starts_with(b"\r\n") {
+            return Some((nl + 1, nl + 3));
+        }
+        if next.starts_with(b"\n") {
+            return Some((nl + 1, nl + 2));
+        }
+        from = nl + 1;
+    }
+    None
+}
+
+fn is_version(v: &str) -> bool {
+    match v.split_once('.') {
+        Some((a, b)) => {
+            !a.is_empty()
+                && !b.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && b.bytes().all(|c| c.is_ascii_digit())
+        }
+        None => false,
+    }
+}
+
+fn parse_status_line(rest: &str) -> Result<(u16, &str), ParseError> {
+    let err = || ParseError::bare(ParseErrorKind::StatusLine);
+    let (version, rest) = rest.split_once(' ').ok_or_else(err)?;
+    if version != "2.0" {
+        return Err(err());
+    }
+    let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+    if code.len() != 3 || !code.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(err());
+    }
+    let status: u16 = code.parse().map_err(|_| err())?;
+    if !(100..700).contains(&status) {
+        return Err(err());
+    }
+    Ok((status, reason))
+}
+
+/// Reads header lines, undoing folding (RFC 3261 7.3.1: a line starting with SP or HT
+/// continues the previous one) and expanding compact names.
+fn read_headers<'a>(
+    lines: impl Iterator<Item = &'a str>,
+    out: &mut Headers,
+) -> Result<(), ParseError> {
+    let mut current: Option<Header> = None;
+    for line in lines {
+        if line.starts_with([' ', '\t']) {
+            match current.as_mut() {
+                Some(h) => {
+                    let cont = trim_ws(line);
+                    if !cont.is_empty() {
+                        if !h.value.is_empty() {
+                            h.value.push(' ');
+                        }
+                        h.value.push_str(cont);
+                    }
+                    continue;
+                }
+                None => return Err(ParseError::bare(ParseErrorKind::HeaderLine)),
+            }
+        }
+        if let Some(h) = current.take() {
+            out.push_header(h);
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or(ParseError::bare(ParseErrorKind::HeaderLine))?;
+        let name = trim_ws(name);
+        if !is_token(name) {
+            return Err(ParseError::bare(ParseErrorKind::HeaderLine));
+        }
+        current = Some(Header {
+            name: canonical_name(name),
+            value: trim_ws(value).to_owned(),
+        });
+    }
+    if let Some(h) = current {
+        out.push_header(h);
+    }
+    Ok(())
+}
+
+fn parse_small_uint(v: &str, max: u32) -> Option<u32> {
+    if v.is_empty() || v.len() > 10 || !v.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = v.parse().ok()?;
+    (n <= max as u64).then_some(n as u32)
+}
+
+fn others_single<'a>(h: &'a Headers, name: &'static str) -> Result<Option<&'a str>, ParseErrorKind> {
+    let mut it = h.get_all(name);
+    let first = it.next();
+    if it.next().is_some() {
+        return Err(ParseErrorKind::Multiple(name));
+    }
+    Ok(first)
+}
+
+/// Moves the base headers out of `headers`, parsing each once. Returns the base headers,
+/// the remaining headers and the Content-Length if one was given.
+fn take_base(
+    headers: Headers,
+    body_avail: usize,
+) -> Result<(BaseHeaders, Headers, Option<usize>), ParseErrorKind> {
+    let mut via = Vec::new();
+    let mut from = None;
+    let mut to = None;
+    let mut call_id = None;
+    let mut cseq = None;
+    let mut content_length = None;
+    let mut others = Headers::new();
+    fn once<T>(slot: &mut Option<T>, v: T, name: &'static str) -> Result<(), ParseErrorKind> {
+        if slot.is_some() {
+            return Err(ParseErrorKind::Multiple(name));
+        }
+        *slot = Some(v);
+        Ok(())
+    }
+    for h in headers.iter() {
+        match &*h.name {
+            "Via" => via.extend(
+                Via::parse_list(&h.value).map_err(|e| ParseErrorKind::BadHeader("Via", e))?,
+            ),
+            "From" => once(
+                &mut from,
+                NameAddr::parse(&h.value).map_err(|e| ParseErrorKind::BadHeader("From", e))?,
+                "From",
+            )?,
+            "To" => once(
+                &mut to,
+                NameAddr::parse(&h.value).map_err(|e| ParseErrorKind::BadHeader("To", e))?,
+                "To",
+            )?,
+            "Call-ID" => {
+                let v = h.value.as_str();
+                if v.is_empty() || v.bytes().any(|c| c <= b' ' || c >= 0x7f) {
+                    return Err(ParseErrorKind::BadValue("Call-ID"));
+                }
+                once(&mut call_id, v.to_owned(), "Call-ID")?
+            }
+            "CSeq" => once(
+                &mut cseq,
+                CSeq::parse(&h.value).map_err(|e| ParseErrorKind::BadHeader("CSeq", e))?,
+                "CSeq",
+            )?,
+            "Content-Length" => {
+                let n = parse_small_uint(&h.value, u32::MAX)
+                    .ok_or(ParseErrorKind::BadValue("Content-Length"))?;
+                once(&mut content_length, n as usize, "Content-Length")?
+            }
+            _ => others.push_header(h.clone()),
+        }
+    }
+    if via.is_empty() {
+        return Err(ParseErrorKind::Missing("Via"));
+    }
+    let base = BaseHeaders {
+        via,
+        from: from.ok_or(ParseErrorKind::Missing("From"))?,
+        to: to.ok_or(ParseErrorKind::Missing("To"))?,
+        call_id: call_id.ok_or(ParseErrorKind::Missing("Call-ID"))?,
+        cseq: cseq.ok_or(ParseErrorKind::Missing("CSeq"))?,
+    };
+    if let Some(n) = content_length {
+        if n > body_avail {
+            return Err(ParseErrorKind::ShortBody);
+        }
+    }
+    Ok((base, others, content_length))
+}
+
+fn write_common(out: &mut String, base: &BaseHeaders, max_forwards: Option<u32>, headers: &Headers) {
+    for v in &base.via {
+        let _ = write!(out, "Via: {v}\r\n");
+    }
+    let _ = write!(
+        out,
+        "From: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {}\r\n",
+        base.from, base.to, base.call_id, base.cseq
+    );
+    if let Some(mf) = max_forwards {
+        let _ = write!(out, "Max-Forwards: {mf}\r\n");
+    }
+    for h in headers.iter() {
+        let _ = write!(out, "{}: {}\r\n", h.name, h.value);
+    }
+}
+
+fn finish(mut head: String, body: &Bytes) -> Bytes {
+    let _ = write!(head, "Content-Length: {}\r\n\r\n", body.len());
+    let mut out = BytesMut::with_capacity(head.len() + body.len());
+    out.put_slice(head.as_bytes());
+    out.put_slice(body);
+    out.freeze()
+}
+
+impl Request {
+    pub fn to_bytes(&self) -> Bytes {
+        let mut s = String::with_capacity(512);
+        let _ = write!(s, "{} {} SIP/2.0\r\n", self.method, self.uri);
+        write_common(&mut s, &self.base, self.max_forwards, &self.headers);
+        finish(s, &self.body)
+    }
+}
+
+impl Response {
+    pub fn to_bytes(&self) -> Bytes {
+        let mut s = String::with_capacity(512);
+        let _ = write!(s, "SIP/2.0 {} {}\r\n", self.status, self.reason);
+        write_common(&mut s, &self.base, None, &self.headers);
+        finish(s, &self.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVITE: &str = "INVITE sip:bob@[2001:db8::10] SIP/2.0\r\n\
+        v: SIP/2.0/UDP [2001:db8::9:1]:5070;branch=z9hG4bKa1\r\n\
+        f: <sip:alice@a.example>;tag=1\r\n\
+        t: <sip:bob@b.example>\r\n\
+        i: abc@host\r\n\
+        CSeq: 1 INVITE\r\n\
+        Max-Forwards: 70\r\n\
+        Subject: folded\r\n line\r\n\
+        l: 5\r\n\r\nv=0\r\nXX";
+
+    #[test]
+    fn compact_folded_ipv6() {
+        let (m, used) = parse(INVITE.as_bytes()).unwrap();
+        let SipMessage::Request(r) = m else { panic!() };
+        assert_eq!(used, INVITE.len() - 2);
+        assert_eq!(r.method, Method::Invite);
+        assert_eq!(r.base.call_id, "abc@host");
+        assert_eq!(r.base.branch(), "z9hG4bKa1");
+        assert_eq!(r.headers.get("subject"), Some("folded line"));
+        assert_eq!(&r.body[..], b"v=0\r\n");
+        // Round trip.
+        let (m2, _) = parse(&r.to_bytes()).unwrap();
+        assert_eq!(m2, SipMessage::Request(r));
+    }
+
+    #[test]
+    fn errors_keep_the_head() {
+        let bad = INVITE.replace("i: abc@host\r\n", "");
+        let e = parse(bad.as_bytes()).unwrap_err();
+        assert_eq!(e.kind, ParseErrorKind::Missing("Call-ID"));
+        assert!(e.head.is_some());
+        assert_eq!(e.to_string(), "Missing Call-ID header");
+        let bad = INVITE.replace("SIP/2.0\r\nv:", "SIP/3.0\r\nv:");
+        assert_eq!(parse(bad.as_bytes()).unwrap_err().status(), 505);
+        let bad = INVITE.replace("l: 5", "l: 50");
+        assert_eq!(parse(bad.as_bytes()).unwrap_err().kind, ParseErrorKind::ShortBody);
+        let bad = INVITE.replace("INVITE sip", "INVITE  sip");
+        assert_eq!(parse(bad.as_bytes()).unwrap_err().kind, ParseErrorKind::RequestLine);
+    }
+}

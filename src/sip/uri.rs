@@ -1,0 +1,440 @@
+//! SIP URIs (RFC 3261 19.1) with IPv6 references (RFC 5118), parameters and hosts.
+//!
+//! Our own parser: rsip 0.4 rejects every IPv6 reference (`sip:bob@[2001:db8::10]`), so the
+//! URI is one of the places where it could not be made right.
+
+use super::lex::{is_ws, trim_ws};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("missing URI scheme")]
+    NoScheme,
+    #[error("empty host")]
+    EmptyHost,
+    #[error("bad IPv6 reference")]
+    BadIpv6,
+    #[error("bad host")]
+    BadHost,
+    #[error("bad port")]
+    BadPort,
+    #[error("bad URI parameter")]
+    BadParam,
+    #[error("white space in URI")]
+    Whitespace,
+    #[error("bad character in URI")]
+    BadChar,
+}
+
+/// `;name[=value]` parameters, in order, names compared case-insensitively.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Params(Vec<(String, Option<String>)>);
+
+impl Params {
+    pub fn new() -> Params {
+        Params(Vec::new())
+    }
+    pub fn get(&self, name: &str) -> Option<Option<&str>> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_deref())
+    }
+    /// The value of `name`, when present with a value.
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.get(name).flatten()
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+    pub fn set(&mut self, name: &str, value: Option<&str>) {
+        let value = value.map(str::to_owned);
+        if let Some(slot) = self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            slot.1 = value;
+        } else {
+            self.0.push((name.to_owned(), value));
+        }
+    }
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_deref()))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Parses `;a=b;c` (the input starts at the first `;`, LWS allowed around `;` and `=`).
+    /// Values may be quoted strings (kept with their quotes).
+    pub fn parse(mut s: &str) -> Result<Params, UriError> {
+        let mut out = Vec::new();
+        loop {
+            s = trim_ws(s);
+            if s.is_empty() {
+                return Ok(Params(out));
+            }
+            s = s.strip_prefix(';').ok_or(UriError::BadParam)?;
+            s = trim_ws(s);
+            let name_end = s
+                .find(|c: char| c == '=' || c == ';' || c == ' ' || c == '\t')
+                .unwrap_or(s.len());
+            let name = &s[..name_end];
+            if name.is_empty() || !is_param_text(name) {
+                return Err(UriError::BadParam);
+            }
+            s = trim_ws(&s[name_end..]);
+            let value = if let Some(rest) = s.strip_prefix('=') {
+                let rest = trim_ws(rest);
+                let end = if rest.starts_with('"') {
+                    super::lex::quoted_end(rest).ok_or(UriError::BadParam)?
+                } else if rest.starts_with('[') {
+                    rest.find(']').ok_or(UriError::BadParam)? + 1
+                } else {
+                    rest.find(|c: char| c == ';' || c == ' ' || c == '\t')
+                        .unwrap_or(rest.len())
+                };
+                let v = &rest[..end];
+                if v.is_empty() || !(v.starts_with('"') || is_param_text(v)) {
+                    return Err(UriError::BadParam);
+                }
+                s = &rest[end..];
+                Some(v.to_owned())
+            } else {
+                None
+            };
+            out.push((name.to_owned(), value));
+        }
+    }
+}
+
+/// Characters allowed in a URI or header parameter name or unquoted value
+/// (token, plus the URI's param-unreserved, escapes and IPv6 brackets).
+fn is_param_text(s: &str) -> bool {
+    s.bytes().all(|c| {
+        super::lex::is_token_char(c) || matches!(c, b'[' | b']' | b'/' | b':' | b'&' | b'$')
+    })
+}
+
+impl fmt::Display for Params {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, v) in &self.0 {
+            match v {
+                Some(v) => write!(f, ";{n}={v}")?,
+                None => write!(f, ";{n}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Host {
+    Domain(String),
+    Ipv4(Ipv4Addr),
+    Ipv6(Ipv6Addr),
+}
+
+impl Host {
+    /// Parses a host: a bracketed IPv6 reference, an IPv4 address or a domain name.
+    pub fn parse(s: &str) -> Result<Host, UriError> {
+        if s.is_empty() {
+            return Err(UriError::EmptyHost);
+        }
+        if let Some(inner) = s.strip_prefix('[') {
+            let inner = inner.strip_suffix(']').ok_or(UriError::BadIpv6)?;
+            return inner.parse().map(Host::Ipv6).map_err(|_| UriError::BadIpv6);
+        }
+        if s.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
+            if let Ok(v4) = s.parse() {
+                return Ok(Host::Ipv4(v4));
+            }
+        }
+        // hostname = *( domainlabel "." ) toplabel [ "." ] (RFC 3261 25.1); we accept
+        // labels of alphanumerics, '-' and '_' (seen in the wild).
+        if s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_')
+            && !s.starts_with('.')
+            && !s.starts_with('-')
+        {
+            Ok(Host::Domain(s.to_owned()))
+        } else {
+            Err(UriError::BadHost)
+        }
+    }
+
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Host::Ipv4(a) => Some(IpAddr::V4(*a)),
+            Host::Ipv6(a) => Some(IpAddr::V6(*a)),
+            Host::Domain(_) => None,
+        }
+    }
+
+    /// Case-insensitive host comparison (RFC 3261 19.1.4).
+    pub fn matches(&self, other: &Host) -> bool {
+        match (self, other) {
+            (Host::Domain(a), Host::Domain(b)) => a.eq_ignore_ascii_case(b),
+            (a, b) => a == b,
+        }
+    }
+}
+
+impl From<IpAddr> for Host {
+    fn from(ip: IpAddr) -> Host {
+        match ip {
+            IpAddr::V4(a) => Host::Ipv4(a),
+            IpAddr::V6(a) => Host::Ipv6(a),
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Domain(d) => f.write_str(d),
+            Host::Ipv4(a) => write!(f, "{a}"),
+            Host::Ipv6(a) => write!(f, "[{a}]"),
+        }
+    }
+}
+
+/// Splits `host[:port]` where host may be a bracketed IPv6 reference.
+pub fn parse_hostport(s: &str) -> Result<(Host, Option<u16>), UriError> {
+    let (host, port) = if s.starts_with('[') {
+        let close = s.find(']').ok_or(UriError::BadIpv6)?;
+        let rest = &s[close + 1..];
+        let port = match rest.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if rest.is_empty() => None,
+            None => return Err(UriError::BadIpv6),
+        };
+        (&s[..=close], port)
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        Some(p) => {
+            if p.is_empty() || p.len() > 5 || !p.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(UriError::BadPort);
+            }
+            Some(p.parse::<u16>().map_err(|_| UriError::BadPort)?)
+        }
+        None => None,
+    };
+    Ok((Host::parse(host)?, port))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    Sip,
+    Sips,
+    Tel,
+    Other(Box<str>),
+}
+
+impl Scheme {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Scheme::Sip => "sip",
+            Scheme::Sips => "sips",
+            Scheme::Tel => "tel",
+            Scheme::Other(s) => s,
+        }
+    }
+    pub fn is_sip(&self) -> bool {
+        matches!(self, Scheme::Sip | Scheme::Sips)
+    }
+}
+
+/// A URI. `sip:` and `sips:` URIs are parsed into their parts; any other scheme (tel:,
+/// im:, an unknown one) keeps its text after the colon in `opaque`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uri {
+    pub scheme: Scheme,
+    /// The user part as written (escapes kept).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub host: Host,
+    pub port: Option<u16>,
+    pub params: Params,
+    /// The `?headers` part, without the `?`.
+    pub headers: Option<String>,
+    /// The whole text after `scheme:` for schemes other than sip and sips.
+    pub opaque: Option<String>,
+}
+
+impl Uri {
+    /// A `sip:` URI to `user@host:port`.
+    pub fn sip(user: Option<&str>, host: Host, port: Option<u16>) -> Uri {
+        Uri {
+            scheme: Scheme::Sip,
+            user: user.map(str::to_owned),
+            password: None,
+            host,
+            port,
+            params: Params::new(),
+            headers: None,
+            opaque: None,
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Uri, UriError> {
+        if s.bytes().any(|c| is_ws(c) || c == b'\r' || c == b'\n') {
+            return Err(UriError::Whitespace);
+        }
+        let colon = s.find(':').ok_or(UriError::NoScheme)?;
+        let scheme = &s[..colon];
+        let b = scheme.as_bytes();
+        if b.is_empty()
+            || !b[0].is_ascii_alphabetic()
+            || !b
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'))
+        {
+            return Err(UriError::NoScheme);
+        }
+        let rest = &s[colon + 1..];
+        let scheme = if scheme.eq_ignore_ascii_case("sip") {
+            Scheme::Sip
+        } else if scheme.eq_ignore_ascii_case("sips") {
+            Scheme::Sips
+        } else {
+            let scheme = if scheme.eq_ignore_ascii_case("tel") {
+                Scheme::Tel
+            } else {
+                Scheme::Other(scheme.into())
+            };
+            if rest.is_empty() || rest.bytes().any(|c| c < 0x21 || c == b'<' || c == b'>') {
+                return Err(UriError::BadChar);
+            }
+            return Ok(Uri {
+                scheme,
+                user: None,
+                password: None,
+                host: Host::Domain(String::new()),
+                port: None,
+                params: Params::new(),
+                headers: None,
+                opaque: Some(rest.to_owned()),
+            });
+        };
+        if rest.bytes().any(|c| c < 0x21 || c >= 0x7f || matches!(c, b'<' | b'>' | b'"')) {
+            return Err(UriError::BadChar);
+        }
+        // userinfo ends at the first '@': none of the characters after it may be '@'.
+        let (user, password, hostpart) = match rest.find('@') {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                let (u, p) = match userinfo.split_once(':') {
+                    Some((u, p)) => (u, Some(p.to_owned())),
+                    None => (userinfo, None),
+                };
+                (Some(u.to_owned()), p, &rest[at + 1..])
+            }
+            None => (None, None, rest),
+        };
+        let (before_headers, headers) = match hostpart.split_once('?') {
+            Some((a, h)) => (a, Some(h.to_owned())),
+            None => (hostpart, None),
+        };
+        let (hostport, params) = match before_headers.find(';') {
+            Some(i) => (&before_headers[..i], Params::parse(&before_headers[i..])?),
+            None => (before_headers, Params::new()),
+        };
+        let (host, port) = parse_hostport(hostport)?;
+        Ok(Uri {
+            scheme,
+            user,
+            password,
+            host,
+            port,
+            params,
+            headers,
+            opaque: None,
+        })
+    }
+
+    /// `user@host` (or just the host), the address-of-record form.
+    pub fn aor(&self) -> String {
+        match &self.user {
+            Some(u) => format!("{}:{}@{}", self.scheme.as_str(), u, self.host),
+            None => format!("{}:{}", self.scheme.as_str(), self.host),
+        }
+    }
+}
+
+impl fmt::Display for Uri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.scheme.as_str())?;
+        f.write_str(":")?;
+        if let Some(o) = &self.opaque {
+            return f.write_str(o);
+        }
+        if let Some(u) = &self.user {
+            f.write_str(u)?;
+            if let Some(p) = &self.password {
+                write!(f, ":{p}")?;
+            }
+            f.write_str("@")?;
+        }
+        write!(f, "{}", self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        write!(f, "{}", self.params)?;
+        if let Some(h) = &self.headers {
+            write!(f, "?{h}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_references() {
+        let u = Uri::parse("sip:bob@[2001:db8::10]:5070;transport=tcp").unwrap();
+        assert_eq!(u.host, Host::Ipv6("2001:db8::10".parse().unwrap()));
+        assert_eq!(u.port, Some(5070));
+        assert_eq!(u.params.value("transport"), Some("tcp"));
+        assert_eq!(u.to_string(), "sip:bob@[2001:db8::10]:5070;transport=tcp");
+        let u = Uri::parse("sip:[::1]:5060").unwrap();
+        assert_eq!(u.host, Host::Ipv6(Ipv6Addr::LOCALHOST));
+        // RFC 5118 4.4: IPv4-mapped form is fine.
+        assert!(Uri::parse("sip:a@[::ffff:192.0.2.1]").is_ok());
+        // Unbracketed IPv6 and bad references are refused.
+        assert!(Uri::parse("sip:a@2001:db8::10").is_err());
+        assert!(Uri::parse("sip:a@[2001:db8:::10]").is_err());
+        assert!(Uri::parse("sip:a@[2001:db8::10").is_err());
+    }
+
+    #[test]
+    fn user_with_semicolons_and_escapes() {
+        let u = Uri::parse("sip:user;par=u%40example.net@example.com").unwrap();
+        assert_eq!(u.user.as_deref(), Some("user;par=u%40example.net"));
+        assert_eq!(u.host, Host::Domain("example.com".into()));
+    }
+
+    #[test]
+    fn other_schemes_and_errors() {
+        let u = Uri::parse("tel:+1-555-1234").unwrap();
+        assert_eq!(u.scheme, Scheme::Tel);
+        assert_eq!(u.to_string(), "tel:+1-555-1234");
+        assert!(matches!(
+            Uri::parse("nobodyKnowsThisScheme:x").unwrap().scheme,
+            Scheme::Other(_)
+        ));
+        assert!(Uri::parse("<sip:a@b>").is_err());
+        assert!(Uri::parse("sip:a@b c").is_err());
+        assert!(Uri::parse("sip:a@b:99999").is_err());
+        let u = Uri::parse("sip:a@b?Route=%3Csip:x%3E").unwrap();
+        assert_eq!(u.headers.as_deref(), Some("Route=%3Csip:x%3E"));
+    }
+}
