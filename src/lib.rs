@@ -1,3 +1,4 @@
 //! Strowger: a programmable SIP B2BUA.
 
 pub mod sip;
+pub mod transport;

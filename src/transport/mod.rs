@@ -1,0 +1,92 @@
+//! Transports: UDP, TCP and in-memory, behind one interface.
+//!
+//! Owns: sockets, TCP connections and framing, Via `received`/`rport` on inbound requests
+//! (RFC 3261 18.2.1, RFC 3581) and the choice of where a response goes (18.2.2).
+//! Must not touch: transactions or anything above; it hands parsed messages to an
+//! [`InboundSink`] and sends bytes it is given through [`Sender`].
+
+use crate::sip::{ParseError, SipMessage};
+use bytes::Bytes;
+use std::fmt;
+use std::net::SocketAddr;
+
+/// Which transport a message came on or goes out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    Udp,
+    Tcp,
+    /// In-process datagrams between endpoints of a [`memory`] network (tests, simulated
+    /// phones). Unreliable like UDP, so the transaction layer retransmits over it.
+    Memory,
+}
+
+impl TransportKind {
+    /// Reliable transports get no retransmissions (RFC 3261 17.1.1.2) and Timer K/J/I of 0.
+    pub fn is_reliable(self) -> bool {
+        matches!(self, TransportKind::Tcp)
+    }
+    /// The name used in Via headers.
+    pub fn via_name(self) -> &'static str {
+        match self {
+            TransportKind::Udp | TransportKind::Memory => "UDP",
+            TransportKind::Tcp => "TCP",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportKind::Udp => "udp",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Memory => "memory",
+        })
+    }
+}
+
+/// Identifies one TCP connection while it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u64);
+
+/// Where a message goes (or came from): transport, remote address, and for connection
+/// transports the connection to use when it is still open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub transport: TransportKind,
+    pub addr: SocketAddr,
+    pub connection: Option<ConnectionId>,
+}
+
+/// A message read from the network, with where it came from.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The parsed message, or why it could not be parsed.
+    pub message: Result<SipMessage, ParseError>,
+    /// The remote end (for TCP, with the connection it arrived on).
+    pub source: Target,
+    /// The local address it arrived on.
+    pub local: SocketAddr,
+}
+
+/// Receives what the transports read. Called on the transport's own task: do not block.
+pub trait InboundSink: Send + Sync + 'static {
+    fn deliver(&self, inbound: Inbound);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("no {0} transport to send to {1}")]
+    NoTransport(TransportKind, SocketAddr),
+    #[error("connection to {0} is closed")]
+    ConnectionClosed(SocketAddr),
+    #[error("message of {0} octets is too large for {1}")]
+    TooLarge(usize, TransportKind),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Sends serialized messages. Synchronous and non-blocking: it queues or sends at once and
+/// reports only what it knows now, so that the transaction layer never awaits under a lock.
+pub trait Sender: Send + Sync + 'static {
+    fn send(&self, target: &Target, data: Bytes) -> Result<(), TransportError>;
+}
