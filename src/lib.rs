@@ -2,3 +2,4 @@
 
 pub mod sip;
 pub mod transport;
+pub mod uas;
