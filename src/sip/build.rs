@@ -153,7 +153,7 @@ pub fn error_response(err: &ParseError) -> Option<Response> {
         .or_else(|| NameAddr::parse("<sip:invalid@invalid>").ok())?;
     let call_id = h
         .get("Call-ID")
-        .filter(|v| !v.is_empty() && !v.bytes().any(|c| c <= b' '))
+        .filter(|v| super::message::is_valid_call_id(v))
         .unwrap_or("invalid")
         .to_owned();
     let cseq = h

@@ -138,6 +138,9 @@ impl Headers {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    pub(crate) fn into_iter(self) -> impl Iterator<Item = Header> {
+        self.0.into_iter()
+    }
     pub(crate) fn push_header(&mut self, h: Header) {
         self.0.push(h);
     }

@@ -176,7 +176,7 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
     if let Some(status_line) = start_line.strip_prefix("SIP/") {
         let (status, reason) = parse_status_line(status_line)?;
         let (base, others, content_length) =
-            take_base(headers, body_avail.len()).map_err(ParseError::bare)?;
+            take_base(headers, body_avail.len()).map_err(|(k, _)| ParseError::bare(k))?;
         let body_len = content_length.unwrap_or(body_avail.len());
         let msg = Response {
             status,
@@ -198,35 +198,41 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
     if !is_token(method) {
         return Err(ParseError::bare(ParseErrorKind::RequestLine));
     }
-    let with_head = |kind| ParseError {
+    let with_head = |kind, headers| ParseError {
         kind,
         head: Some(Box::new(RequestHead {
             method: method.to_owned(),
-            headers: headers.clone(),
+            headers,
         })),
     };
     let version = match version.strip_prefix("SIP/") {
         Some(v) if is_version(v) => v,
-        _ => return Err(with_head(ParseErrorKind::RequestLine)),
+        _ => return Err(with_head(ParseErrorKind::RequestLine, headers)),
     };
     if version != "2.0" {
-        return Err(with_head(ParseErrorKind::Version));
+        return Err(with_head(ParseErrorKind::Version, headers));
     }
-    let uri = Uri::parse(uri).map_err(|e| with_head(ParseErrorKind::RequestUri(e)))?;
-    let (base, others, content_length) = match take_base(headers.clone(), body_avail.len()) {
-        Ok(t) => t,
-        Err(kind) => return Err(with_head(kind)),
+    let uri = match Uri::parse(uri) {
+        Ok(u) => u,
+        Err(e) => return Err(with_head(ParseErrorKind::RequestUri(e), headers)),
     };
-    let max_forwards = match others_single(&others, "Max-Forwards") {
-        Err(k) => return Err(with_head(k)),
+    let max_forwards = match others_single(&headers, "Max-Forwards") {
+        Err(k) => return Err(with_head(k, headers)),
         Ok(None) => None,
         Ok(Some(v)) => match parse_small_uint(v, 255) {
             Some(n) => Some(n),
-            None => return Err(with_head(ParseErrorKind::BadValue("Max-Forwards"))),
+            None => {
+                return Err(with_head(
+                    ParseErrorKind::BadValue("Max-Forwards"),
+                    headers,
+                ))
+            }
         },
     };
-    let mut others = others;
-    others.remove("Max-Forwards");
+    let (base, others, content_length) = match take_base(headers, body_avail.len()) {
+        Ok(t) => t,
+        Err((kind, headers)) => return Err(with_head(kind, headers)),
+    };
     let body_len = content_length.unwrap_or(body_avail.len());
     let req = Request {
         method: Method::from_token(method),
@@ -256,6 +262,11 @@ pub fn find_head_end(buf: &[u8]) -> Option<(usize, usize)> {
         from = nl + 1;
     }
     None
+}
+
+/// Call-ID = word [ "@" word ] (RFC 3261 25.1): printable ASCII without white space.
+pub fn is_valid_call_id(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|c| c > b' ' && c < 0x7f)
 }
 
 fn is_version(v: &str) -> bool {
@@ -349,18 +360,44 @@ fn others_single<'a>(h: &'a Headers, name: &'static str) -> Result<Option<&'a st
 }
 
 /// Moves the base headers out of `headers`, parsing each once. Returns the base headers,
-/// the remaining headers and the Content-Length if one was given.
+/// the remaining headers (Max-Forwards, read separately, dropped) and the Content-Length if
+/// one was given. On error the headers come back untouched, for the 400.
+#[allow(clippy::type_complexity)]
 fn take_base(
     headers: Headers,
     body_avail: usize,
-) -> Result<(BaseHeaders, Headers, Option<usize>), ParseErrorKind> {
+) -> Result<(BaseHeaders, Headers, Option<usize>), (ParseErrorKind, Headers)> {
+    match read_base(&headers, body_avail) {
+        Ok((base, content_length)) => {
+            let mut others = Headers::new();
+            for h in headers.into_iter() {
+                if !is_base(&h.name) {
+                    others.push_header(h);
+                }
+            }
+            Ok((base, others, content_length))
+        }
+        Err(k) => Err((k, headers)),
+    }
+}
+
+fn is_base(name: &str) -> bool {
+    matches!(
+        name,
+        "Via" | "From" | "To" | "Call-ID" | "CSeq" | "Content-Length" | "Max-Forwards"
+    )
+}
+
+fn read_base(
+    headers: &Headers,
+    body_avail: usize,
+) -> Result<(BaseHeaders, Option<usize>), ParseErrorKind> {
     let mut via = Vec::new();
     let mut from = None;
     let mut to = None;
     let mut call_id = None;
     let mut cseq = None;
     let mut content_length = None;
-    let mut others = Headers::new();
     fn once<T>(slot: &mut Option<T>, v: T, name: &'static str) -> Result<(), ParseErrorKind> {
         if slot.is_some() {
             return Err(ParseErrorKind::Multiple(name));
@@ -385,7 +422,7 @@ fn take_base(
             )?,
             "Call-ID" => {
                 let v = h.value.as_str();
-                if v.is_empty() || v.bytes().any(|c| c <= b' ' || c >= 0x7f) {
+                if !is_valid_call_id(v) {
                     return Err(ParseErrorKind::BadValue("Call-ID"));
                 }
                 once(&mut call_id, v.to_owned(), "Call-ID")?
@@ -400,7 +437,7 @@ fn take_base(
                     .ok_or(ParseErrorKind::BadValue("Content-Length"))?;
                 once(&mut content_length, n as usize, "Content-Length")?
             }
-            _ => others.push_header(h.clone()),
+            _ => {}
         }
     }
     if via.is_empty() {
@@ -418,7 +455,7 @@ fn take_base(
             return Err(ParseErrorKind::ShortBody);
         }
     }
-    Ok((base, others, content_length))
+    Ok((base, content_length))
 }
 
 fn write_common(out: &mut String, base: &BaseHeaders, max_forwards: Option<u32>, headers: &Headers) {

@@ -37,3 +37,27 @@ pub use uri::{parse_hostport, Host, Params, Scheme, Uri, UriError};
 pub fn to_rsip(msg: &SipMessage) -> Result<rsip::SipMessage, rsip::Error> {
     rsip::SipMessage::try_from(msg.to_bytes().as_ref())
 }
+
+/// The parser's invariants, for the fuzz target and the mutation test: parsing never
+/// panics; a parsed message serializes to bytes that parse back to the same message; an
+/// error response, when there is one, parses. Panics when an invariant is broken.
+#[doc(hidden)]
+pub fn check_invariants(data: &[u8]) {
+    match parse(data) {
+        Ok((SipMessage::Request(req), _)) => {
+            let _ = crate::uas::validate(&req);
+            let bytes = req.to_bytes();
+            let (again, _) = parse(&bytes).expect("serialized request re-parses");
+            assert_eq!(again, SipMessage::Request(req), "request round trip");
+        }
+        Ok((SipMessage::Response(resp), _)) => {
+            let (again, _) = parse(&resp.to_bytes()).expect("serialized response re-parses");
+            assert_eq!(again, SipMessage::Response(resp), "response round trip");
+        }
+        Err(e) => {
+            if let Some(r) = error_response(&e) {
+                parse(&r.to_bytes()).expect("error response parses");
+            }
+        }
+    }
+}
