@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what the tests need (SIPp) and runs every test. This is the README's test
+# command and exactly what .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cargo test --no-fail-fast
