@@ -69,7 +69,15 @@ pub fn canonical_name(name: &str) -> std::borrow::Cow<'static, str> {
             return std::borrow::Cow::Borrowed(n);
         }
     }
-    match KNOWN.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+    // Fast path: most peers write the canonical spelling, and an exact comparison checks
+    // the length first.
+    if let Some((n, _)) = KNOWN.iter().find(|(n, _)| *n == name) {
+        return std::borrow::Cow::Borrowed(n);
+    }
+    match KNOWN
+        .iter()
+        .find(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+    {
         Some((n, _)) => std::borrow::Cow::Borrowed(n),
         None => std::borrow::Cow::Owned(name.to_owned()),
     }
