@@ -1,6 +1,9 @@
 //! Strowger: a programmable SIP B2BUA.
 
+pub mod config;
 pub mod dialog;
+pub mod logging;
+pub mod script;
 pub mod sip;
 pub mod transport;
 pub mod uas;

@@ -1,0 +1,100 @@
+-- Strowger default dial plan: a small office PBX.
+--
+--   * internal extensions 1000-1099 ring the phone listed in `extensions`;
+--   * "9" + a number goes out through the SIP trunk, and through the backup trunk when
+--     the first trunk fails (but not when the called party is busy or declines);
+--   * anything else is rejected with "404 No such extension".
+--
+-- The hooks and the `call` API are described in src/script/API.md. Edit the tables below,
+-- check with `strowger check scripts/default.lua`, then reload the script (or restart):
+-- calls in progress finish on the old version, new calls use the new one. A version that
+-- does not compile is refused and the running one stays.
+
+-- Where each extension's phone is. Operators: add, remove or change lines here.
+local extensions = {
+  ["1000"] = "sip:1000@127.0.0.1:5080",
+  ["1001"] = "sip:1001@127.0.0.1:5080",
+  ["1002"] = "sip:1002@127.0.0.1:5080",
+  ["1099"] = "sip:1099@127.0.0.1:5080", -- the front desk
+}
+-- Or fill a whole range at once:
+-- for n = 1000, 1099 do extensions[tostring(n)] = "sip:" .. n .. "@127.0.0.1:5080" end
+
+-- Outgoing calls: the carrier's SIP trunk, and the one to use when it fails.
+local TRUNK = "127.0.0.1:5090"
+local BACKUP_TRUNK = "127.0.0.1:5091"
+
+-- Seconds to let a phone ring before giving up.
+local RING_TIMEOUT = 20
+-- Longest outside call, in seconds (a runaway call on a trunk costs money).
+local MAX_OUTSIDE_CALL = 4 * 3600
+
+-- Should a failed trunk dial be retried on the next trunk? Not when the far end answered
+-- with "busy" (486) or a global failure (6xx, e.g. 603 Decline): another trunk would get
+-- the same answer. Timeouts, 5xx and other 4xx mean the trunk itself may be the problem.
+local function worth_another_trunk(result)
+  return not result.answered and result.status ~= 486 and result.status < 600
+end
+
+-- Dial `number` through each trunk in turn until one answers.
+local function dial_out(call, number)
+  for _, host in ipairs({ TRUNK, BACKUP_TRUNK }) do
+    local result = call:dial("sip:" .. number .. "@" .. host, {
+      timeout = 60,
+      max_duration = MAX_OUTSIDE_CALL,
+      headers = { ["X-Strowger-Trunk"] = host },
+    })
+    if result.answered then
+      call.vars.trunk = host
+      return
+    end
+    log.warn("trunk", host, "failed for", number, result.status, result.reason)
+    if not worth_another_trunk(result) then
+      -- Returning without a decision answers the caller with this dial's status
+      -- (e.g. 486 Busy Here).
+      return
+    end
+  end
+  -- All trunks failed: the caller gets the last trunk's status.
+end
+
+function on_invite(call)
+  -- The dialled number: the user part of the request URI.
+  local number = call.ruri.user
+  if not number then
+    return call:reject(484, "Address Incomplete")
+  end
+  log.info("call", call.id, "from", call.from.uri, "to", number, "via", call.source)
+
+  -- Internal extension.
+  local phone = extensions[number]
+  if phone then
+    call.vars.route = "extension " .. number
+    local result = call:dial(phone, { timeout = RING_TIMEOUT })
+    if not result.answered then
+      -- No decision: the caller hears the phone's answer (486 Busy Here, 480, ...).
+      log.info("extension", number, "did not answer:", result.status, result.reason)
+    end
+    return
+  end
+
+  -- Outside line: 9 + the number (digits, optionally with a leading +).
+  local outside = number:match("^9(%+?%d+)$")
+  if outside then
+    call.vars.route = "outside " .. outside
+    return dial_out(call, outside)
+  end
+
+  log.info("no route for", number)
+  call:reject(404, "No such extension")
+end
+
+function on_call_end(call, record)
+  local talk = record.answer and string.format("%.1fs", record.duration) or "unanswered"
+  log.info(
+    "call", call.id, "ended:", call.vars.route or "no route",
+    "status", record.final_status, "talk", talk,
+    "hung up by", record.hangup_by,
+    call.vars.trunk and ("trunk " .. call.vars.trunk) or ""
+  )
+end

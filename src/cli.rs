@@ -1,0 +1,62 @@
+//! The command line: `strowger run|check|reload [--config PATH]` and `--version`.
+//!
+//! Owns: argument names, help texts and their defaults. Must not touch: what the commands
+//! do (that is `main.rs`) or configuration loading (that is `strowger::config`).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Programmable SIP call-control server (B2BUA) with Lua dial plans.
+#[derive(Parser, Debug)]
+#[command(name = "strowger", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server until SIGTERM or SIGINT, then drain and stop.
+    Run(ConfigArgs),
+    /// Load and validate the configuration, then exit: 0 if it is valid, 2 if not.
+    Check(ConfigArgs),
+    /// Ask the running server to reload its script and configuration (not implemented yet).
+    Reload(ConfigArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    /// Configuration file [default: config/strowger.toml, or the built-in copy of it when
+    /// that file does not exist]. A file given here must exist. STROWGER_<SECTION>__<KEY>
+    /// environment variables override its values.
+    // An Option rather than a clap default: a missing default file falls back to the
+    // built-in copy, while a missing file the operator named is an error.
+    #[arg(short, long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_commands() {
+        let cli = Cli::try_parse_from(["strowger", "check", "--config", "x.toml"]).unwrap();
+        match cli.command {
+            Command::Check(a) => assert_eq!(a.config, Some(PathBuf::from("x.toml"))),
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["strowger", "run"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Run(ConfigArgs { config: None })
+        ));
+        assert!(Cli::try_parse_from(["strowger"]).is_err());
+    }
+}

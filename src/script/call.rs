@@ -1,0 +1,790 @@
+//! The `call` object: its Rust state, the `call:*` verbs, and running the two call hooks
+//! (`on_invite`, `on_call_end`) as coroutines.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mlua::{AnyUserData, Lua, Table, Value};
+use parking_lot::Mutex;
+
+use super::vm::{describe, Budget, FailKind, Vm};
+use super::{
+    CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, InviteOutcome,
+    ScriptVersion, UriInfo,
+};
+
+/// The decision `on_invite` made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Decision {
+    Answered,
+    Rejected(u16, String),
+    Redirected(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// `on_invite` is running.
+    Deciding,
+    /// `on_invite` has returned; the call may still be up.
+    Returned,
+    /// The call is over (`on_call_end`).
+    Ended,
+}
+
+/// Rust-side state of one call, shared by its `call` object and its handle.
+pub(crate) struct CallState {
+    pub id: String,
+    headers: Vec<(String, String)>,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    control: Option<Arc<dyn CallControl>>,
+    phase: Phase,
+    decision: Option<Decision>,
+    dialing: bool,
+    last_failed: Option<(u16, String)>,
+}
+
+impl CallState {
+    fn new(info: &CallInfo, control: Arc<dyn CallControl>) -> CallState {
+        CallState {
+            id: info.id.clone(),
+            headers: info.headers.clone(),
+            inner: Mutex::new(Inner {
+                control: Some(control),
+                phase: Phase::Deciding,
+                decision: None,
+                dialing: false,
+                last_failed: None,
+            }),
+        }
+    }
+
+    /// May `verb` act on the call now?
+    fn check(&self, verb: &str) -> Result<(), String> {
+        let inner = self.inner.lock();
+        let why = match (inner.phase, &inner.decision) {
+            (Phase::Ended, _) => "the call has ended",
+            (Phase::Returned, _) => "on_invite has already returned",
+            (_, Some(Decision::Answered)) => "call already answered",
+            (_, Some(Decision::Rejected(..))) => "call already rejected",
+            (_, Some(Decision::Redirected(_))) => "call already redirected",
+            _ if inner.dialing => "a dial is already in progress for this call",
+            _ => return Ok(()),
+        };
+        Err(format!("call:{verb}: {why}"))
+    }
+
+    fn decide(&self, verb: &str, decision: Decision) -> Result<(), String> {
+        self.check(verb)?;
+        self.inner.lock().decision = Some(decision);
+        Ok(())
+    }
+
+    fn start_dial(&self) -> Result<Arc<dyn CallControl>, String> {
+        self.check("dial")?;
+        let mut inner = self.inner.lock();
+        let control = inner
+            .control
+            .clone()
+            .ok_or_else(|| "call:dial: the call has ended".to_owned())?;
+        inner.dialing = true;
+        Ok(control)
+    }
+
+    fn finish_dial(&self, outcome: &DialOutcome) {
+        let mut inner = self.inner.lock();
+        inner.dialing = false;
+        if outcome.answered {
+            inner.decision = Some(Decision::Answered);
+        } else {
+            inner.last_failed = Some((outcome.status, outcome.reason.clone()));
+        }
+    }
+
+    /// `on_invite` returned: no more verbs; returns the decision and the last failed dial.
+    fn finish_invite(&self) -> (Option<Decision>, Option<(u16, String)>) {
+        let mut inner = self.inner.lock();
+        inner.phase = Phase::Returned;
+        inner.control = None;
+        (inner.decision.clone(), inner.last_failed.clone())
+    }
+
+    fn end(&self) {
+        let mut inner = self.inner.lock();
+        inner.phase = Phase::Ended;
+        inner.control = None;
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        let want = canonical_header(name);
+        self.headers
+            .iter()
+            .find(|(n, _)| canonical_header(n) == want)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Clears `dialing` if a dial is abandoned (its hook dropped mid-dial).
+struct DialInProgress(Arc<CallState>);
+
+impl Drop for DialInProgress {
+    fn drop(&mut self) {
+        self.0.inner.lock().dialing = false;
+    }
+}
+
+/// The userdata stored (weakly keyed by the `call` table) in `Vm::call_states`.
+struct CallUd(Arc<CallState>);
+
+/// Compact header forms (RFC 3261 7.3.3 and later RFCs).
+const COMPACT: &[(&str, &str)] = &[
+    ("a", "accept-contact"),
+    ("b", "referred-by"),
+    ("c", "content-type"),
+    ("d", "request-disposition"),
+    ("e", "content-encoding"),
+    ("f", "from"),
+    ("i", "call-id"),
+    ("j", "reject-contact"),
+    ("k", "supported"),
+    ("l", "content-length"),
+    ("m", "contact"),
+    ("o", "event"),
+    ("r", "refer-to"),
+    ("s", "subject"),
+    ("t", "to"),
+    ("u", "allow-events"),
+    ("v", "via"),
+    ("x", "session-expires"),
+    ("y", "identity"),
+];
+
+fn canonical_header(name: &str) -> String {
+    let lower = name.trim().to_ascii_lowercase();
+    COMPACT
+        .iter()
+        .find(|(short, _)| *short == lower)
+        .map_or(lower, |(_, long)| (*long).to_owned())
+}
+
+/// Headers the server owns: a script may not add them to a dial.
+const SERVER_HEADERS: &[&str] = &[
+    "via",
+    "call-id",
+    "cseq",
+    "from",
+    "to",
+    "contact",
+    "content-length",
+    "max-forwards",
+    "route",
+    "record-route",
+];
+
+/// The `call:*` verbs as raw functions returning `(error message)` or `(nil, result)`; the
+/// sandbox prelude wraps them into methods that raise.
+pub(crate) fn raw_api(lua: &Lua, states: &Table) -> mlua::Result<Table> {
+    let api = lua.create_table()?;
+
+    let st = states.clone();
+    api.raw_set(
+        "header",
+        lua.create_function(move |lua, (this, name): (Value, Value)| {
+            let state = match state_of(&st, &this, "header")? {
+                Ok(s) => s,
+                Err(e) => return Ok((Some(e), Value::Nil)),
+            };
+            let Value::String(name) = name else {
+                return Ok((
+                    Some(format!(
+                        "call:header: the header name must be a string, not a {}",
+                        name.type_name()
+                    )),
+                    Value::Nil,
+                ));
+            };
+            let name = name.to_string_lossy();
+            match state.header(&name) {
+                Some(v) => Ok((None, Value::String(lua.create_string(v)?))),
+                None => Ok((None, Value::Nil)),
+            }
+        })?,
+    )?;
+
+    let st = states.clone();
+    api.raw_set(
+        "reject",
+        lua.create_function(move |_, (this, code, reason): (Value, Value, Value)| {
+            let state = match state_of(&st, &this, "reject")? {
+                Ok(s) => s,
+                Err(e) => return Ok((Some(e), Value::Nil)),
+            };
+            let result = parse_reject(&code, &reason).and_then(|(code, reason)| {
+                state.decide("reject", Decision::Rejected(code, reason))
+            });
+            Ok((result.err(), Value::Nil))
+        })?,
+    )?;
+
+    let st = states.clone();
+    api.raw_set(
+        "redirect",
+        lua.create_function(move |_, (this, contacts): (Value, Value)| {
+            let state = match state_of(&st, &this, "redirect")? {
+                Ok(s) => s,
+                Err(e) => return Ok((Some(e), Value::Nil)),
+            };
+            let result = state.check("redirect").and_then(|()| {
+                let contacts = string_list(&contacts, "call:redirect", "contact")?;
+                state.decide("redirect", Decision::Redirected(contacts))
+            });
+            Ok((result.err(), Value::Nil))
+        })?,
+    )?;
+
+    let st = states.clone();
+    api.raw_set(
+        "dial",
+        lua.create_async_function(move |lua, (this, target, opts): (Value, Value, Value)| {
+            let prepared = state_of(&st, &this, "dial").map(|state| {
+                let state = state?;
+                state.check("dial")?;
+                let targets = string_list(&target, "call:dial", "target")?;
+                let opts = parse_dial_options(&opts)?;
+                let control = state.start_dial()?;
+                Ok((state, targets, opts, control))
+            });
+            async move {
+                let (state, targets, opts, control) = match prepared? {
+                    Ok(p) => p,
+                    Err(msg) => return Ok((Some(msg), Value::Nil)),
+                };
+                let in_progress = DialInProgress(state.clone());
+                let outcome = control.dial(targets, opts).await;
+                state.finish_dial(&outcome);
+                drop(in_progress);
+                let t = lua.create_table_with_capacity(0, 3)?;
+                t.raw_set("answered", outcome.answered)?;
+                t.raw_set("status", outcome.status)?;
+                t.raw_set("reason", outcome.reason)?;
+                Ok((None::<String>, Value::Table(t)))
+            }
+        })?,
+    )?;
+
+    Ok(api)
+}
+
+/// The state behind a `call` table, or a usage message.
+fn state_of(
+    states: &Table,
+    this: &Value,
+    verb: &str,
+) -> mlua::Result<Result<Arc<CallState>, String>> {
+    let usage =
+        || format!("call:{verb}: expected a call object (write call:{verb}(...), with a colon)");
+    if !matches!(this, Value::Table(_)) {
+        return Ok(Err(usage()));
+    }
+    match states.raw_get::<Value>(this.clone())? {
+        Value::UserData(ud) => Ok(Ok(call_ud(&ud)?)),
+        _ => Ok(Err(usage())),
+    }
+}
+
+fn call_ud(ud: &AnyUserData) -> mlua::Result<Arc<CallState>> {
+    Ok(ud.borrow::<CallUd>()?.0.clone())
+}
+
+fn type_error(what: &str, expected: &str, got: &Value) -> String {
+    format!("{what}: expected {expected}, got a {}", got.type_name())
+}
+
+/// A string or a non-empty list of strings, each without spaces or control characters.
+fn string_list(v: &Value, what: &str, item: &str) -> Result<Vec<String>, String> {
+    let check = |s: &mlua::String| -> Result<String, String> {
+        let s = s
+            .to_str()
+            .map_err(|_| format!("{what}: {item} is not valid UTF-8"))?
+            .to_owned();
+        if s.is_empty() {
+            return Err(format!("{what}: empty {item}"));
+        }
+        if s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>' || c == '"')
+        {
+            return Err(format!(
+                "{what}: bad {item} '{}' (no spaces, quotes, <, > or control characters)",
+                s.escape_debug()
+            ));
+        }
+        Ok(s)
+    };
+    match v {
+        Value::String(s) => Ok(vec![check(s)?]),
+        Value::Table(t) => {
+            let mut out = Vec::new();
+            for v in t.clone().sequence_values::<Value>() {
+                match v.map_err(|e| format!("{what}: {e}"))? {
+                    Value::String(s) => out.push(check(&s)?),
+                    other => {
+                        return Err(type_error(
+                            what,
+                            &format!("each {item} to be a string"),
+                            &other,
+                        ))
+                    }
+                }
+            }
+            if out.is_empty() {
+                return Err(format!("{what}: the {item} list is empty"));
+            }
+            Ok(out)
+        }
+        other => Err(type_error(
+            what,
+            &format!("a {item} string or a list of them"),
+            other,
+        )),
+    }
+}
+
+fn seconds(v: &Value, name: &str) -> Result<Duration, String> {
+    let secs = match v {
+        Value::Integer(i) => *i as f64,
+        Value::Number(n) => *n,
+        other => {
+            return Err(type_error(
+                &format!("call:dial: option {name}"),
+                "seconds (a number)",
+                other,
+            ))
+        }
+    };
+    if !(secs > 0.0 && secs <= 1e9) {
+        return Err(format!(
+            "call:dial: option {name} must be a positive number of seconds, got {secs}"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn opt_string(v: &Value, name: &str) -> Result<String, String> {
+    match v {
+        Value::String(s) => {
+            let s = s
+                .to_str()
+                .map_err(|_| format!("call:dial: option {name} is not valid UTF-8"))?
+                .to_owned();
+            if s.is_empty() || s.chars().any(|c| c.is_control()) {
+                return Err(format!("call:dial: option {name} must be a non-empty string without control characters"));
+            }
+            Ok(s)
+        }
+        other => Err(type_error(
+            &format!("call:dial: option {name}"),
+            "a string",
+            other,
+        )),
+    }
+}
+
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+}
+
+fn parse_headers(v: &Value) -> Result<Vec<(String, String)>, String> {
+    let Value::Table(t) = v else {
+        return Err(type_error(
+            "call:dial: option headers",
+            "a table like { [\"X-Name\"] = \"value\" }",
+            v,
+        ));
+    };
+    let mut out = Vec::new();
+    for pair in t.clone().pairs::<Value, Value>() {
+        let (k, v) = pair.map_err(|e| format!("call:dial: headers: {e}"))?;
+        let Value::String(k) = k else {
+            return Err(type_error("call:dial: headers", "header names as keys", &k));
+        };
+        let name = k.to_string_lossy();
+        if !is_token(&name) {
+            return Err(format!(
+                "call:dial: bad header name '{}'",
+                name.escape_debug()
+            ));
+        }
+        if SERVER_HEADERS.contains(&canonical_header(&name).as_str()) {
+            return Err(format!(
+                "call:dial: header '{name}' is set by the server (use the from/to options for From and To)"
+            ));
+        }
+        let value = match &v {
+            Value::String(s) => s.to_string_lossy(),
+            Value::Integer(i) => i.to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(type_error(
+                    &format!("call:dial: header '{name}'"),
+                    "a string value",
+                    other,
+                ))
+            }
+        };
+        if value.contains(['\r', '\n', '\0']) {
+            return Err(format!(
+                "call:dial: header '{name}' has a line break in its value"
+            ));
+        }
+        out.push((name, value));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn parse_dial_options(v: &Value) -> Result<DialOptions, String> {
+    let mut opts = DialOptions::default();
+    let t = match v {
+        Value::Nil => return Ok(opts),
+        Value::Table(t) => t,
+        other => {
+            return Err(type_error(
+                "call:dial",
+                "an options table as second argument",
+                other,
+            ))
+        }
+    };
+    for pair in t.clone().pairs::<Value, Value>() {
+        let (k, v) = pair.map_err(|e| format!("call:dial: options: {e}"))?;
+        let key = match &k {
+            Value::String(s) => s.to_string_lossy(),
+            other => {
+                return Err(type_error(
+                    "call:dial: options",
+                    "option names as keys",
+                    other,
+                ))
+            }
+        };
+        match key.as_str() {
+            "timeout" => opts.timeout = Some(seconds(&v, "timeout")?),
+            "max_duration" => opts.max_duration = Some(seconds(&v, "max_duration")?),
+            "headers" => opts.headers = parse_headers(&v)?,
+            "from" => opts.from = Some(opt_string(&v, "from")?),
+            "to" => opts.to = Some(opt_string(&v, "to")?),
+            other => {
+                return Err(format!(
+                    "call:dial: unknown option '{other}' (known: timeout, headers, from, to, max_duration)"
+                ))
+            }
+        }
+    }
+    Ok(opts)
+}
+
+fn parse_reject(code: &Value, reason: &Value) -> Result<(u16, String), String> {
+    let code = match code {
+        Value::Integer(i) => *i,
+        Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e6 => *n as i64,
+        other => return Err(type_error("call:reject", "a status code (400-699)", other)),
+    };
+    if !(400..=699).contains(&code) {
+        return Err(format!("call:reject: status must be 400-699, got {code}"));
+    }
+    let code = code as u16;
+    let reason = match reason {
+        Value::Nil => default_reason(code).to_owned(),
+        Value::String(s) => {
+            let s = s.to_string_lossy();
+            if s.contains(['\r', '\n', '\0']) {
+                return Err("call:reject: the reason has a line break".to_owned());
+            }
+            if s.trim().is_empty() {
+                default_reason(code).to_owned()
+            } else {
+                s
+            }
+        }
+        other => return Err(type_error("call:reject", "a reason string", other)),
+    };
+    Ok((code, reason))
+}
+
+/// The standard reason phrase for a final status.
+pub(crate) fn default_reason(code: u16) -> &'static str {
+    match code {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        410 => "Gone",
+        413 => "Request Entity Too Large",
+        414 => "Request-URI Too Long",
+        415 => "Unsupported Media Type",
+        416 => "Unsupported URI Scheme",
+        420 => "Bad Extension",
+        421 => "Extension Required",
+        423 => "Interval Too Brief",
+        480 => "Temporarily Unavailable",
+        481 => "Call/Transaction Does Not Exist",
+        482 => "Loop Detected",
+        483 => "Too Many Hops",
+        484 => "Address Incomplete",
+        485 => "Ambiguous",
+        486 => "Busy Here",
+        487 => "Request Terminated",
+        488 => "Not Acceptable Here",
+        491 => "Request Pending",
+        493 => "Undecipherable",
+        500 => "Server Internal Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Server Time-out",
+        505 => "Version Not Supported",
+        513 => "Message Too Large",
+        600 => "Busy Everywhere",
+        603 => "Decline",
+        604 => "Does Not Exist Anywhere",
+        606 => "Not Acceptable",
+        _ => "Rejected",
+    }
+}
+
+fn uri_table(lua: &Lua, uri: &UriInfo) -> mlua::Result<Table> {
+    let t = lua.create_table_with_capacity(0, 3)?;
+    t.raw_set("uri", uri.uri.as_str())?;
+    t.raw_set("user", uri.user.as_deref())?;
+    t.raw_set("host", uri.host.as_str())?;
+    Ok(t)
+}
+
+fn make_call_table(vm: &Vm, info: &CallInfo, state: &Arc<CallState>) -> mlua::Result<Table> {
+    let lua = &vm.lua;
+    let t = lua.create_table_with_capacity(0, 6)?;
+    t.raw_set("id", info.id.as_str())?;
+    t.raw_set("source", info.source.as_str())?;
+    t.raw_set("from", uri_table(lua, &info.from)?)?;
+    t.raw_set("to", uri_table(lua, &info.to)?)?;
+    t.raw_set("ruri", uri_table(lua, &info.ruri)?)?;
+    t.raw_set("vars", lua.create_table()?)?;
+    t.set_metatable(Some(vm.call_meta.clone()))?;
+    vm.call_states
+        .raw_set(t.clone(), lua.create_any_userdata(CallUd(state.clone()))?)?;
+    Ok(t)
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn record_table(lua: &Lua, r: &CallRecord) -> mlua::Result<Table> {
+    let t = lua.create_table_with_capacity(0, 6)?;
+    t.raw_set("start", unix(r.start))?;
+    t.raw_set("answer", r.answer.map(unix))?;
+    t.raw_set("ends", unix(r.end))?;
+    let duration = r
+        .answer
+        .and_then(|a| r.end.duration_since(a).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    t.raw_set("duration", duration)?;
+    t.raw_set("hangup_by", r.hangup_by.as_str())?;
+    t.raw_set("final_status", r.final_status)?;
+    Ok(t)
+}
+
+/// Counts and logs a failed hook run; returns the error text.
+fn report(
+    version: &ScriptVersion,
+    vm: &Vm,
+    hook: &str,
+    call_id: &str,
+    err: &mlua::Error,
+    budget: &Budget,
+    fallback: &str,
+) -> String {
+    let (kind, msg) = describe(err, budget, fallback, vm.memory_limit);
+    let stats = &version.stats;
+    stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
+    match kind {
+        FailKind::Timeout => {
+            stats.hook_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        FailKind::Memory => {
+            stats.memory_errors.fetch_add(1, Ordering::Relaxed);
+            vm.full_gc(&vm.budget());
+        }
+        FailKind::Error => {}
+    }
+    tracing::warn!(
+        target: "script",
+        script = %vm.file,
+        version = version.version,
+        hook,
+        call = %call_id,
+        kind = kind.as_str(),
+        "{msg}"
+    );
+    msg
+}
+
+pub(crate) async fn run_on_invite(
+    version: Arc<ScriptVersion>,
+    info: CallInfo,
+    control: Arc<dyn CallControl>,
+) -> InviteOutcome {
+    let idx = version.next.fetch_add(1, Ordering::Relaxed) % version.vms.len();
+    let vm = version.vms[idx].clone();
+    let state = Arc::new(CallState::new(&info, control));
+    let budget = vm.budget();
+    let setup = vm.enter(&budget, || -> mlua::Result<_> {
+        let table = make_call_table(&vm, &info, &state)?;
+        let key = vm.lua.create_registry_value(table.clone())?;
+        let hook = vm
+            .on_invite
+            .as_ref()
+            .map(|f| vm.run_hook.call_async::<()>((f.clone(), table)));
+        Ok((key, hook))
+    });
+    let mut handle = CallScriptHandle {
+        key: None,
+        state: state.clone(),
+        vm: idx,
+        version: version.clone(),
+    };
+    let hook = match setup {
+        Ok((key, hook)) => {
+            handle.key = Some(key);
+            hook
+        }
+        Err(e) => {
+            state.finish_invite();
+            let error = report(
+                &version,
+                &vm,
+                "on_invite",
+                &info.id,
+                &e,
+                &budget,
+                &vm.on_invite_pos,
+            );
+            return InviteOutcome::Failed { error, handle };
+        }
+    };
+    let Some(hook) = hook else {
+        state.finish_invite();
+        return InviteOutcome::Rejected {
+            status: 404,
+            reason: default_reason(404).to_owned(),
+            handle,
+        };
+    };
+
+    let result = vm.guard(&budget, hook).await;
+    let (decision, last_failed) = state.finish_invite();
+    if let (Some(_), Err(e)) = (&decision, &result) {
+        // The decision stands; the error is only reported.
+        report(
+            &version,
+            &vm,
+            "on_invite",
+            &info.id,
+            e,
+            &budget,
+            &vm.on_invite_pos,
+        );
+    }
+    match decision {
+        Some(Decision::Answered) => InviteOutcome::Bridged { handle },
+        Some(Decision::Rejected(status, reason)) => InviteOutcome::Rejected {
+            status,
+            reason,
+            handle,
+        },
+        Some(Decision::Redirected(contacts)) => InviteOutcome::Redirected { contacts, handle },
+        None => match result {
+            Ok(()) => match last_failed {
+                Some((status, reason)) if (400..=699).contains(&status) => {
+                    InviteOutcome::Rejected {
+                        status,
+                        reason,
+                        handle,
+                    }
+                }
+                _ => InviteOutcome::Rejected {
+                    status: 480,
+                    reason: default_reason(480).to_owned(),
+                    handle,
+                },
+            },
+            Err(e) => {
+                let error = report(
+                    &version,
+                    &vm,
+                    "on_invite",
+                    &info.id,
+                    &e,
+                    &budget,
+                    &vm.on_invite_pos,
+                );
+                InviteOutcome::Failed { error, handle }
+            }
+        },
+    }
+}
+
+pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord) {
+    let CallScriptHandle {
+        key,
+        state,
+        vm: idx,
+        version,
+    } = handle;
+    state.end();
+    let Some(key) = key else {
+        return;
+    };
+    let vm = version.vms[idx].clone();
+    let budget = vm.budget();
+    let setup = vm.enter(&budget, || -> mlua::Result<_> {
+        let call: Table = vm.lua.registry_value(&key)?;
+        vm.lua.remove_registry_value(key)?;
+        match &vm.on_call_end {
+            Some(f) => {
+                let rec = record_table(&vm.lua, &record)?;
+                Ok(Some(vm.run_hook.call_async::<()>((f.clone(), call, rec))))
+            }
+            None => Ok(None),
+        }
+    });
+    let result = match setup {
+        Ok(Some(hook)) => vm.guard(&budget, hook).await,
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        report(
+            &version,
+            &vm,
+            "on_call_end",
+            &state.id,
+            &e,
+            &budget,
+            &vm.on_call_end_pos,
+        );
+    }
+}

@@ -1,0 +1,531 @@
+//! The Lua scripting engine: runs the operator's dial plan.
+//!
+//! **Owns**: the pool of sandboxed Lua VMs, the operator-facing Lua API (`call`, `log`,
+//! `require`), per-hook instruction budgets, per-VM memory limits, hot reload and the script
+//! counters. **Must not touch**: SIP. The B2BUA plugs in through [`CallControl`] (what
+//! `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this module never
+//! sees a SIP message, a transaction or a socket.
+//!
+//! The operator documentation, with examples, is `src/script/API.md` (every ```` ```lua ````
+//! block there is compiled and loaded by the tests). Summary:
+//!
+//! # Hooks (global functions the script may define)
+//!
+//! | hook | when | default when undefined |
+//! |------|------|------------------------|
+//! | `on_invite(call)` | a new call arrives | the call is rejected `404 Not Found` |
+//! | `on_call_end(call, record)` | the call is over (any outcome) | nothing |
+//!
+//! Order for one call: `on_invite` → (call up, talk) → `on_call_end`. Both hooks of one call
+//! run on the same VM and see the same `call` object, so `call.vars` carries state between
+//! them.
+//!
+//! # The `call` object
+//!
+//! - Fields: `call.id`, `call.source` (`"udp:1.2.3.4:5060"`), `call.from`, `call.to`,
+//!   `call.ruri` (each a table with `.uri`, `.user` (nil when the URI has none), `.host`),
+//!   `call.vars` (a table of your own, kept until `on_call_end`).
+//! - `call:header(name)`: the first value of that header of the INVITE, or nil. The name is
+//!   case-insensitive and compact forms match (`"f"` finds `From`).
+//! - `call:dial(target_or_targets, opts)`: rings one target (a string) or several in
+//!   parallel (a list of strings); waits (the hook yields, other calls keep running) and
+//!   returns `{ answered = bool, status = code, reason = text }`. Options, all optional:
+//!   `timeout` (seconds of ringing; server default when omitted), `headers` (a table
+//!   `{ ["X-Name"] = "value" }` added to the outgoing INVITE), `from`, `to` (URIs for the
+//!   outgoing leg), `max_duration` (seconds; the call is hung up after that). Unknown options
+//!   are an error. After an answered dial the decision is made: a later `dial`, `reject` or
+//!   `redirect` in that hook raises "call already answered".
+//! - `call:reject(code, reason)`: answers the caller `code` (400-699) with `reason` (default:
+//!   the standard phrase). Returns at once; later actions in the hook are errors.
+//! - `call:redirect(contacts)`: answers `302 Moved Temporarily` with one contact (a string) or
+//!   several (a list).
+//!
+//! When `on_invite` returns without answering, rejecting or redirecting, the caller gets the
+//! status of the last failed dial, or `480 Temporarily Unavailable` if nothing was dialed.
+//! The decision takes effect when the hook returns.
+//!
+//! # `on_call_end(call, record)`
+//!
+//! `record.start`, `record.answer` (nil if never answered), `record.ends` (`end` is a Lua
+//! keyword): unix times in seconds (floats); `record.duration`: seconds from answer to end
+//! (0 if never answered); `record.hangup_by`: `"caller"`, `"callee"` or `"system"`;
+//! `record.final_status`: the final status the caller got. `call:dial`/`reject`/`redirect`
+//! raise "the call has ended" here.
+//!
+//! # Other globals
+//!
+//! - `log.debug/info/warn/error(...)`: each argument through `tostring`, joined by tabs, to
+//!   the server log (tracing target `script`, fields `script` = file, `line`). `print` is
+//!   `log.info`.
+//! - `require "name"` loads `name.lua` from the script's own directory (`"a.b"` →
+//!   `a/b.lua`), once per VM. `string`, `table`, `math`, `utf8`, `coroutine` are
+//!   preloaded. Nothing else can be loaded.
+//! - The sandbox keeps `string`, `table`, `math`, `utf8`, `coroutine`, `os.time`,
+//!   `os.clock`, `os.date`, `os.difftime` and the safe base functions. It removes `io`,
+//!   `debug`, `package`, `dofile`, `loadfile`, `string.dump`, `warn`, the rest of `os`;
+//!   `load` accepts text chunks only; `collectgarbage` allows only `"collect"`, `"count"`,
+//!   `"step"`.
+//!
+//! # Limits and failures
+//!
+//! Each hook run has an instruction budget (`instruction_limit`, counted every 1000 VM
+//! instructions; waiting in `call:dial` costs nothing); each VM has a memory limit. A Lua
+//! error, an exhausted budget or a memory error fails the hook: `on_invite` yields
+//! [`InviteOutcome::Failed`] (the B2BUA answers 500) with `file:line` in the text (for
+//! memory errors: the last line the count hook sampled, so approximate); it is
+//! logged (`warn`, target `script`) and counted in [`ScriptStats`]. The VM stays usable (a
+//! full GC runs after a memory error). If the hook had already answered, rejected or
+//! redirected, that decision stands and the error is only logged and counted. `pcall`
+//! cannot swallow an exhausted budget.
+//!
+//! # Design
+//!
+//! - **Pool**: `pool_size` VMs (0 = one per core), each a full copy of the script. A call is
+//!   assigned round robin when `on_invite` starts and pinned to that VM (its `call` object
+//!   lives in that VM's registry) until `on_call_end`. Globals are per VM: do not count on
+//!   them being shared between calls.
+//! - **Coroutines**: each hook run is a Lua coroutine driven by mlua's async support; many
+//!   run interleaved on one VM, and different VMs run in parallel on different tokio worker
+//!   threads. Every poll of a hook holds that VM's exec lock and names the run's budget, so a
+//!   single global count hook charges instructions to the right run (also inside coroutines
+//!   the script creates itself).
+//! - **Reload**: [`ScriptEngine::reload`] builds a fresh pool; on success it swaps
+//!   [`ScriptEngine::current`]. Calls keep the `Arc<ScriptVersion>` they started with (through
+//!   their [`CallScriptHandle`]), so the old VMs live until their last call ends.
+//! - **Known limits**: the memory limit is per VM, so a memory bomb can also fail a call that
+//!   happens to allocate on the same VM at that moment; the instruction hook does not fire
+//!   inside one long C call (e.g. a pathological `string.find` pattern); `require` reads the
+//!   module file synchronously the first time (require modules at the top of the script).
+//!
+//! # Counters ([`ScriptStats`])
+//!
+//! `hook_errors_total` (every failed hook run, any cause), `hook_timeouts` (budget
+//! exhausted), `memory_errors`, `reloads_ok`, `reloads_failed`.
+
+mod call;
+mod vm;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+
+use call::CallState;
+use vm::{ScriptFile, Vm};
+
+/// Default memory limit of one VM (bytes).
+pub const DEFAULT_MEMORY_LIMIT: usize = 64 * 1024 * 1024;
+/// Default instruction budget of one hook run.
+pub const DEFAULT_INSTRUCTION_LIMIT: u64 = 10_000_000;
+
+/// How to load a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// The main script file; `require` looks in its directory.
+    pub path: PathBuf,
+    /// Memory limit of each VM in bytes; 0 = unlimited.
+    pub memory_limit: usize,
+    /// Instruction budget of each hook run; 0 = unlimited.
+    pub instruction_limit: u64,
+    /// Number of VMs; 0 = one per available core.
+    pub pool_size: usize,
+}
+
+impl EngineOptions {
+    /// Options with the defaults: 64 MiB per VM, 10 million instructions per hook, one VM
+    /// per core.
+    pub fn new(path: impl Into<PathBuf>) -> EngineOptions {
+        EngineOptions {
+            path: path.into(),
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            instruction_limit: DEFAULT_INSTRUCTION_LIMIT,
+            pool_size: 0,
+        }
+    }
+}
+
+/// Why a script could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The script (or a module it requires) does not compile.
+    #[error("{file}:{line}: {message}")]
+    Compile {
+        file: String,
+        line: u32,
+        message: String,
+    },
+    /// The script compiled but its top-level code failed (error, budget, memory) or it
+    /// defines a hook that is not a function.
+    #[error("{}", located(file, *line, message))]
+    Init {
+        file: String,
+        line: Option<u32>,
+        message: String,
+    },
+    /// The Lua runtime itself failed (should not happen).
+    #[error("script engine: {0}")]
+    Internal(String),
+}
+
+fn located(file: &str, line: Option<u32>, message: &str) -> String {
+    match line {
+        Some(line) => format!("{file}:{line}: {message}"),
+        None => format!("{file}: {message}"),
+    }
+}
+
+/// Script counters (read with `load(Ordering::Relaxed)`), shared by every version.
+#[derive(Debug, Default)]
+pub struct ScriptStats {
+    /// Failed hook runs, any cause (Lua error, budget, memory).
+    pub hook_errors_total: AtomicU64,
+    /// Hook runs stopped because their instruction budget ran out.
+    pub hook_timeouts: AtomicU64,
+    /// Hook runs stopped by the VM memory limit.
+    pub memory_errors: AtomicU64,
+    /// Successful reloads.
+    pub reloads_ok: AtomicU64,
+    /// Refused reloads (the running version stayed).
+    pub reloads_failed: AtomicU64,
+}
+
+/// A SIP URI as the script sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UriInfo {
+    pub uri: String,
+    pub user: Option<String>,
+    pub host: String,
+}
+
+/// What the script learns about a new call.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CallInfo {
+    pub id: String,
+    pub from: UriInfo,
+    pub to: UriInfo,
+    pub ruri: UriInfo,
+    /// Where the INVITE came from, e.g. `"udp:1.2.3.4:5060"`.
+    pub source: String,
+    /// The INVITE's headers (name, value) in order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// `call:dial` options, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DialOptions {
+    /// Ring timeout; `None` = the server's default.
+    pub timeout: Option<Duration>,
+    /// Extra headers for the outgoing INVITE (names are tokens, values have no CR/LF, and
+    /// dialog headers such as Via, From, To, Call-ID, CSeq, Contact are refused).
+    pub headers: Vec<(String, String)>,
+    /// From URI for the outgoing leg.
+    pub from: Option<String>,
+    /// To URI for the outgoing leg.
+    pub to: Option<String>,
+    /// Hang up the call after this long once answered.
+    pub max_duration: Option<Duration>,
+}
+
+/// The result of one `call:dial`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialOutcome {
+    pub answered: bool,
+    pub status: u16,
+    pub reason: String,
+}
+
+/// What the script may do to a call: the B2BUA implements it.
+pub trait CallControl: Send + Sync + 'static {
+    /// Rings `targets` (in parallel when several) and resolves when one answers or all
+    /// failed. Dropping the future means the hook was abandoned (cancel the branches).
+    fn dial(
+        &self,
+        targets: Vec<String>,
+        opts: DialOptions,
+    ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>>;
+}
+
+/// The decision of `on_invite`.
+#[derive(Debug)]
+pub enum InviteOutcome {
+    /// A dial answered; the call is up.
+    Bridged { handle: CallScriptHandle },
+    /// Answer the caller with this final status: `call:reject`, no `on_invite` (404), or the
+    /// hook returned without a decision (480 or the last failed dial's status).
+    Rejected {
+        status: u16,
+        reason: String,
+        handle: CallScriptHandle,
+    },
+    /// `call:redirect`: answer 302 with these contacts.
+    Redirected {
+        contacts: Vec<String>,
+        handle: CallScriptHandle,
+    },
+    /// The hook failed (Lua error, instruction budget, memory): answer 500. The text has
+    /// the script's `file:line`.
+    Failed {
+        error: String,
+        handle: CallScriptHandle,
+    },
+}
+
+impl InviteOutcome {
+    /// The handle, whatever the outcome.
+    pub fn handle(&self) -> &CallScriptHandle {
+        match self {
+            InviteOutcome::Bridged { handle }
+            | InviteOutcome::Rejected { handle, .. }
+            | InviteOutcome::Redirected { handle, .. }
+            | InviteOutcome::Failed { handle, .. } => handle,
+        }
+    }
+
+    /// Splits off the handle.
+    pub fn into_handle(self) -> CallScriptHandle {
+        match self {
+            InviteOutcome::Bridged { handle }
+            | InviteOutcome::Rejected { handle, .. }
+            | InviteOutcome::Redirected { handle, .. }
+            | InviteOutcome::Failed { handle, .. } => handle,
+        }
+    }
+}
+
+/// Facts about a finished call for `on_call_end`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub start: SystemTime,
+    pub answer: Option<SystemTime>,
+    pub end: SystemTime,
+    /// `"caller"`, `"callee"` or `"system"`.
+    pub hangup_by: String,
+    pub final_status: u16,
+}
+
+/// A call's place in the script: its VM, its `call` object (with `call.vars`) and the
+/// version it started on. Give it back to [`ScriptVersion::on_call_end`]; dropping it
+/// instead just frees the call's Lua state.
+pub struct CallScriptHandle {
+    // Declared first so it is dropped before `version` (it refers into that VM).
+    key: Option<mlua::RegistryKey>,
+    state: Arc<CallState>,
+    vm: usize,
+    version: Arc<ScriptVersion>,
+}
+
+impl CallScriptHandle {
+    /// The script version this call is pinned to.
+    pub fn version(&self) -> u64 {
+        self.version.version
+    }
+
+    /// The call id given to `on_invite`.
+    pub fn call_id(&self) -> &str {
+        &self.state.id
+    }
+}
+
+impl fmt::Debug for CallScriptHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallScriptHandle")
+            .field("call", &self.state.id)
+            .field("version", &self.version.version)
+            .field("vm", &self.vm)
+            .finish()
+    }
+}
+
+/// The scripting engine: a cheap, cloneable handle.
+#[derive(Clone)]
+pub struct ScriptEngine {
+    inner: Arc<EngineInner>,
+}
+
+impl fmt::Debug for ScriptEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScriptEngine")
+            .field("path", &self.inner.opts.path)
+            .field("vms", &self.inner.pool_size)
+            .field("current", &self.current().version)
+            .finish()
+    }
+}
+
+struct EngineInner {
+    opts: EngineOptions,
+    pool_size: usize,
+    current: RwLock<Arc<ScriptVersion>>,
+    stats: Arc<ScriptStats>,
+    versions: AtomicU64,
+    reloading: Mutex<()>,
+}
+
+impl ScriptEngine {
+    /// Reads the script and loads it into every pooled VM (running its top-level code).
+    pub fn load(opts: EngineOptions) -> Result<ScriptEngine, ScriptError> {
+        let pool_size = match opts.pool_size {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let stats = Arc::new(ScriptStats::default());
+        let version = ScriptVersion::build(&opts, pool_size, 1, stats.clone())?;
+        tracing::info!(
+            target: "script",
+            script = %version.file.display,
+            vms = pool_size,
+            "script loaded"
+        );
+        Ok(ScriptEngine {
+            inner: Arc::new(EngineInner {
+                opts,
+                pool_size,
+                current: RwLock::new(Arc::new(version)),
+                stats,
+                versions: AtomicU64::new(1),
+                reloading: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Checks a script without serving it (`strowger check`): compiles it and runs its
+    /// top-level code once in a sandboxed VM with the default limits, so syntax errors,
+    /// missing modules and top-level errors are all reported.
+    pub fn check(path: &Path) -> Result<(), ScriptError> {
+        let opts = EngineOptions::new(path);
+        let file = ScriptFile::new(&opts.path);
+        let source = file.read()?;
+        Vm::new(&file, &source, &opts).map(drop)
+    }
+
+    /// Re-reads the file and loads it into a fresh pool; on success new calls use it, calls
+    /// in progress finish on their version. On error the running version stays. Blocking
+    /// (it compiles `pool_size` VMs): from async code, consider `spawn_blocking`.
+    pub fn reload(&self) -> Result<(), ScriptError> {
+        let inner = &self.inner;
+        let _one_at_a_time = inner.reloading.lock();
+        let number = inner.versions.load(Ordering::Relaxed) + 1;
+        match ScriptVersion::build(&inner.opts, inner.pool_size, number, inner.stats.clone()) {
+            Ok(version) => {
+                inner.versions.store(number, Ordering::Relaxed);
+                *inner.current.write() = Arc::new(version);
+                inner.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(target: "script", version = number, "script reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                inner.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "script", error = %e, "script reload refused; the running version stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// The version new calls should use.
+    pub fn current(&self) -> Arc<ScriptVersion> {
+        self.inner.current.read().clone()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &ScriptStats {
+        &self.inner.stats
+    }
+
+    /// The options the engine was loaded with (pool size as configured).
+    pub fn options(&self) -> &EngineOptions {
+        &self.inner.opts
+    }
+}
+
+/// One loaded version of the script: a pool of VMs.
+pub struct ScriptVersion {
+    version: u64,
+    file: ScriptFile,
+    vms: Vec<Arc<Vm>>,
+    next: AtomicUsize,
+    stats: Arc<ScriptStats>,
+}
+
+impl fmt::Debug for ScriptVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScriptVersion")
+            .field("version", &self.version)
+            .field("file", &self.file.display)
+            .field("vms", &self.vms.len())
+            .finish()
+    }
+}
+
+impl ScriptVersion {
+    fn build(
+        opts: &EngineOptions,
+        pool_size: usize,
+        version: u64,
+        stats: Arc<ScriptStats>,
+    ) -> Result<ScriptVersion, ScriptError> {
+        let file = ScriptFile::new(&opts.path);
+        let source = file.read()?;
+        let vms = (0..pool_size.max(1))
+            .map(|_| Vm::new(&file, &source, opts).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ScriptVersion {
+            version,
+            file,
+            vms,
+            next: AtomicUsize::new(0),
+            stats,
+        })
+    }
+
+    /// 1 for the first load, +1 per successful reload.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The script file, as configured.
+    pub fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    /// Whether the script defines `on_invite` (else every call gets 404).
+    pub fn has_on_invite(&self) -> bool {
+        self.vms[0].on_invite.is_some()
+    }
+
+    /// Runs `on_invite(call)` as a coroutine on the next VM of the pool (round robin) and
+    /// pins the call to that VM.
+    pub fn on_invite(
+        self: &Arc<Self>,
+        call: CallInfo,
+        control: Arc<dyn CallControl>,
+    ) -> Pin<Box<dyn Future<Output = InviteOutcome> + Send>> {
+        let version = Arc::clone(self);
+        Box::pin(async move { call::run_on_invite(version, call, control).await })
+    }
+
+    /// Runs `on_call_end(call, record)` on the call's VM with the same `call` object (no-op
+    /// when undefined), then frees the call's Lua state. The handle's own version is used,
+    /// so a call that started before a reload ends on the old script.
+    pub fn on_call_end(
+        self: &Arc<Self>,
+        handle: CallScriptHandle,
+        record: CallRecord,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move { call::run_on_call_end(handle, record).await })
+    }
+}
