@@ -5,5 +5,6 @@ pub mod dialog;
 pub mod logging;
 pub mod script;
 pub mod sip;
+pub mod transaction;
 pub mod transport;
 pub mod uas;

@@ -90,3 +90,103 @@ pub enum TransportError {
 pub trait Sender: Send + Sync + 'static {
     fn send(&self, target: &Target, data: Bytes) -> Result<(), TransportError>;
 }
+
+// ---- API SKELETON (to be implemented in submodules udp.rs, tcp.rs, memory.rs, via.rs,
+// set.rs; keep these names and signatures) ----------------------------------------------
+
+/// One `sip.listen` entry: `udp:127.0.0.1:5060`, `tcp:[::1]:5060`, `memory:10.0.0.1:5060`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr {
+    pub kind: TransportKind,
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let _ = s;
+        todo!()
+    }
+}
+
+/// Limits the transports enforce.
+#[derive(Debug, Clone)]
+pub struct TransportLimits {
+    /// Largest message accepted (TCP: over it the connection is closed and counted).
+    pub max_message_size: usize,
+    /// A TCP connection with no traffic for this long is closed.
+    pub idle_timeout: std::time::Duration,
+    /// Most TCP connections open at once (accepted + outgoing).
+    pub max_connections: usize,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            max_message_size: 65535,
+            idle_timeout: std::time::Duration::from_secs(300),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Counters (monotonic) of the transports.
+#[derive(Debug, Clone, Default)]
+pub struct TransportStats {
+    pub received: u64,
+    pub sent: u64,
+    pub tcp_oversize_closed: u64,
+    pub tcp_connections_open: u64,
+    pub send_errors: u64,
+}
+
+/// Every bound transport; cheap to clone; implements [`Sender`].
+#[derive(Clone)]
+pub struct Transports {
+    _private: std::sync::Arc<()>,
+}
+
+impl Transports {
+    /// Binds every listen address (port 0 = any free port) and starts reading into `sink`.
+    pub async fn bind(
+        listen: &[ListenAddr],
+        limits: TransportLimits,
+        sink: std::sync::Arc<dyn InboundSink>,
+    ) -> Result<Transports, TransportError> {
+        let _ = (listen, limits, sink);
+        todo!()
+    }
+    /// What is actually bound, in the order of `listen`.
+    pub fn local_addrs(&self) -> Vec<(TransportKind, SocketAddr)> {
+        todo!()
+    }
+    pub fn stats(&self) -> TransportStats {
+        todo!()
+    }
+    /// Stops reading and closes every socket and connection.
+    pub fn shutdown(&self) {
+        todo!()
+    }
+}
+
+impl Sender for Transports {
+    fn send(&self, target: &Target, data: Bytes) -> Result<(), TransportError> {
+        let _ = (target, data);
+        todo!()
+    }
+}
+
+/// Where a response to a request goes (RFC 3261 18.2.2, RFC 3581 section 4): over the
+/// connection it came on for TCP; for UDP to the source IP (`received`) and the `rport` port
+/// when present, else the sent-by port (5060 by default). `maddr` is ignored: the server never
+/// sends to an address other than the one the request came from.
+pub fn response_target(via: &crate::sip::Via, source: &Target) -> Target {
+    let _ = (via, source);
+    todo!()
+}
+
+/// RFC 3261 18.1.1: a request larger than 1300 octets (path MTU unknown) must go over a
+/// congestion-controlled transport.
+pub fn needs_reliable(len: usize) -> bool {
+    len > 1300
+}
