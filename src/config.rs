@@ -29,6 +29,7 @@
 //! - `log.level` [`info`], `log.format` [`text`|`json`, default `text`]
 //! - `script.path` [`scripts/default.lua`], `script.memory_limit_kb` [8192],
 //!   `script.instruction_limit` [1000000], `script.vm_pool_size` [0 = one per core]
+//! - `call.ring_timeout_s` [60] (a dial without `timeout` rings this long)
 //! - `shutdown.drain_timeout_s` [10]
 //!
 //! How a line number is found: the `config` crate that merges the sources keeps no
@@ -140,6 +141,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub script: ScriptConfig,
+    pub call: CallConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -259,6 +261,20 @@ impl Default for ScriptConfig {
             instruction_limit: 1_000_000,
             vm_pool_size: 0,
         }
+    }
+}
+
+/// `[call]`: defaults of the call core that a script can override per dial.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallConfig {
+    /// How long a dial rings when the script gives no `timeout`, seconds.
+    pub ring_timeout_s: u64,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        CallConfig { ring_timeout_s: 60 }
     }
 }
 
@@ -424,6 +440,12 @@ impl Config {
             self.script.vm_pool_size,
             0,
             MAX_VM_POOL,
+        )?;
+        range(
+            "call.ring_timeout_s",
+            self.call.ring_timeout_s,
+            1,
+            MAX_TIMEOUT_S,
         )?;
         range(
             "shutdown.drain_timeout_s",

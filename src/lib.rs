@@ -1,9 +1,11 @@
 //! Strowger: a programmable SIP B2BUA.
 
+pub mod b2bua;
 pub mod config;
 pub mod dialog;
 pub mod logging;
 pub mod script;
+pub mod server;
 pub mod sip;
 pub mod transaction;
 pub mod transport;

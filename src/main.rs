@@ -41,11 +41,14 @@ fn check(path: Option<&Path>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // HOOK(check-script): compile `config.script.path` here once the Lua layer is wired
-    // (e.g. `strowger::script::ScriptEngine::check`), printing its error and returning
-    // EXIT_CONFIG when the script does not compile.
-    let _ = &config;
+    // The script is part of the configuration: one that does not compile is refused with
+    // its file and line.
+    if let Err(e) = strowger::script::ScriptEngine::check(Path::new(&config.script.path)) {
+        eprintln!("script error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     println!("configuration OK: {source}");
+    println!("script OK: {}", config.script.path);
     ExitCode::SUCCESS
 }
 
@@ -86,8 +89,5 @@ fn run(path: Option<&Path>) -> ExitCode {
 
 /// Runs the server to completion.
 async fn serve(config: Config) -> anyhow::Result<()> {
-    // WIRE: strowger::server::run(config).await
-    // (`src/server.rs` is not yet part of the library; until it is, start nothing.)
-    tracing::warn!(domain = %config.sip.domain, "server not yet wired");
-    Ok(())
+    strowger::server::run(config).await
 }

@@ -143,7 +143,13 @@ impl Dialog {
         self.request_with_seq(Method::Ack, invite_seq, via, None)
     }
 
-    fn request_with_seq(&self, method: Method, seq: u32, via: Via, contact: Option<&str>) -> Request {
+    fn request_with_seq(
+        &self,
+        method: Method,
+        seq: u32,
+        via: Via,
+        contact: Option<&str>,
+    ) -> Request {
         let mut from = self.local_uri.clone();
         from.set_tag(&self.local_tag);
         let mut to = self.remote_uri.clone();

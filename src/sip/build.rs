@@ -1,9 +1,9 @@
 //! Building messages: responses to requests (RFC 3261 8.2.6), tags, branches, Call-IDs,
 //! and the standard reason phrases.
 
+use super::header::{CSeq, NameAddr, Via};
 use super::header::{Headers, BRANCH_COOKIE};
 use super::message::{BaseHeaders, ParseError, Request, Response};
-use super::header::{CSeq, NameAddr, Via};
 use bytes::Bytes;
 use rand::Rng;
 use std::fmt::Write as _;

@@ -236,9 +236,7 @@ impl NameAddr {
         } else {
             // addr-spec: the URI ends at the first ';' (its own parameters would be
             // ambiguous) or white space.
-            let end = rest
-                .find(|c: char| c == ';' || c == ' ' || c == '\t')
-                .unwrap_or(rest.len());
+            let end = rest.find([';', ' ', '\t']).unwrap_or(rest.len());
             let uri = Uri::parse(&rest[..end])?;
             let params = Params::parse(&rest[end..]).map_err(|_| HeaderError::Params)?;
             Ok(NameAddr {
@@ -283,7 +281,9 @@ impl Via {
     }
     /// `Some(None)` when `rport` is present without a value (RFC 3581 asks for it).
     pub fn rport(&self) -> Option<Option<u16>> {
-        self.params.get("rport").map(|v| v.and_then(|p| p.parse().ok()))
+        self.params
+            .get("rport")
+            .map(|v| v.and_then(|p| p.parse().ok()))
     }
 
     /// Parses one comma-separated Via header value into its vias.
@@ -299,9 +299,7 @@ impl Via {
         let mut fields = [""; 3];
         for (i, field) in fields.iter_mut().enumerate() {
             rest = trim_ws(rest);
-            let end = rest
-                .find(|c: char| c == '/' || c == ' ' || c == '\t')
-                .unwrap_or(rest.len());
+            let end = rest.find(['/', ' ', '\t']).unwrap_or(rest.len());
             *field = &rest[..end];
             rest = trim_ws(&rest[end..]);
             if i < 2 {
@@ -313,9 +311,7 @@ impl Via {
             return Err(HeaderError::SentProtocol);
         }
         let rest = trim_ws(rest);
-        let end = rest
-            .find(|c: char| c == ';' || c == ' ' || c == '\t')
-            .unwrap_or(rest.len());
+        let end = rest.find([';', ' ', '\t']).unwrap_or(rest.len());
         let (host, port) = parse_hostport(&rest[..end])?;
         let params = Params::parse(&rest[end..]).map_err(|_| HeaderError::Params)?;
         Ok(Via {
@@ -348,9 +344,7 @@ pub struct CSeq {
 impl CSeq {
     pub fn parse(s: &str) -> Result<CSeq, HeaderError> {
         let s = trim_ws(s);
-        let (num, method) = s
-            .split_once([' ', '\t'])
-            .ok_or(HeaderError::CSeq)?;
+        let (num, method) = s.split_once([' ', '\t']).ok_or(HeaderError::CSeq)?;
         let method = trim_ws(method);
         if num.is_empty() || num.len() > 10 || !num.bytes().all(|c| c.is_ascii_digit()) {
             return Err(HeaderError::CSeq);
@@ -405,8 +399,10 @@ mod tests {
 
     #[test]
     fn name_addrs() {
-        let n = NameAddr::parse(r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#)
-            .unwrap();
+        let n = NameAddr::parse(
+            r#""J Rosenberg \\\""       <sip:jdrosen@example.com> ; tag = 98asjd8"#,
+        )
+        .unwrap();
         assert_eq!(n.tag(), Some("98asjd8"));
         let n = NameAddr::parse("sip:caller@example.net;tag=3ghsd41").unwrap();
         assert_eq!(n.tag(), Some("3ghsd41"));
@@ -419,7 +415,12 @@ mod tests {
 
     #[test]
     fn cseq_limits() {
-        assert_eq!(CSeq::parse("0009\r\n  INVITE".replace("\r\n", "").as_str()).unwrap().seq, 9);
+        assert_eq!(
+            CSeq::parse("0009\r\n  INVITE".replace("\r\n", "").as_str())
+                .unwrap()
+                .seq,
+            9
+        );
         assert!(CSeq::parse("36893488147419103232 REGISTER").is_err());
         assert!(CSeq::parse("2147483648 INVITE").is_err());
     }

@@ -221,12 +221,7 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
         Ok(None) => None,
         Ok(Some(v)) => match parse_small_uint(v, 255) {
             Some(n) => Some(n),
-            None => {
-                return Err(with_head(
-                    ParseErrorKind::BadValue("Max-Forwards"),
-                    headers,
-                ))
-            }
+            None => return Err(with_head(ParseErrorKind::BadValue("Max-Forwards"), headers)),
         },
     };
     let (base, others, content_length) = match take_base(headers, body_avail.len()) {
@@ -350,7 +345,10 @@ fn parse_small_uint(v: &str, max: u32) -> Option<u32> {
     (n <= max as u64).then_some(n as u32)
 }
 
-fn others_single<'a>(h: &'a Headers, name: &'static str) -> Result<Option<&'a str>, ParseErrorKind> {
+fn others_single<'a>(
+    h: &'a Headers,
+    name: &'static str,
+) -> Result<Option<&'a str>, ParseErrorKind> {
     let mut it = h.get_all(name);
     let first = it.next();
     if it.next().is_some() {
@@ -458,7 +456,12 @@ fn read_base(
     Ok((base, content_length))
 }
 
-fn write_common(out: &mut String, base: &BaseHeaders, max_forwards: Option<u32>, headers: &Headers) {
+fn write_common(
+    out: &mut String,
+    base: &BaseHeaders,
+    max_forwards: Option<u32>,
+    headers: &Headers,
+) {
     for v in &base.via {
         let _ = write!(out, "Via: {v}\r\n");
     }
@@ -540,8 +543,14 @@ mod tests {
         let bad = INVITE.replace("SIP/2.0\r\nv:", "SIP/3.0\r\nv:");
         assert_eq!(parse(bad.as_bytes()).unwrap_err().status(), 505);
         let bad = INVITE.replace("l: 5", "l: 50");
-        assert_eq!(parse(bad.as_bytes()).unwrap_err().kind, ParseErrorKind::ShortBody);
+        assert_eq!(
+            parse(bad.as_bytes()).unwrap_err().kind,
+            ParseErrorKind::ShortBody
+        );
         let bad = INVITE.replace("INVITE sip", "INVITE  sip");
-        assert_eq!(parse(bad.as_bytes()).unwrap_err().kind, ParseErrorKind::RequestLine);
+        assert_eq!(
+            parse(bad.as_bytes()).unwrap_err().kind,
+            ParseErrorKind::RequestLine
+        );
     }
 }

@@ -23,11 +23,13 @@ mod method;
 mod uri;
 
 pub use build::{error_response, new_branch, new_call_id, new_tag, reason_phrase};
-pub use header::{canonical_name, CSeq, Header, HeaderError, Headers, NameAddr, Via, BRANCH_COOKIE};
+pub use header::{
+    canonical_name, CSeq, Header, HeaderError, Headers, NameAddr, Via, BRANCH_COOKIE,
+};
 pub use lex::{is_token, split_commas};
 pub use message::{
-    find_head_end, parse, BaseHeaders, ParseError, ParseErrorKind, Request, RequestHead,
-    Response, SipMessage,
+    find_head_end, parse, BaseHeaders, ParseError, ParseErrorKind, Request, RequestHead, Response,
+    SipMessage,
 };
 pub use method::Method;
 pub use uri::{parse_hostport, Host, Params, Scheme, Uri, UriError};

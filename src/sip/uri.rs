@@ -50,7 +50,11 @@ impl Params {
     }
     pub fn set(&mut self, name: &str, value: Option<&str>) {
         let value = value.map(str::to_owned);
-        if let Some(slot) = self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        if let Some(slot) = self
+            .0
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
             slot.1 = value;
         } else {
             self.0.push((name.to_owned(), value));
@@ -77,9 +81,7 @@ impl Params {
             }
             s = s.strip_prefix(';').ok_or(UriError::BadParam)?;
             s = trim_ws(s);
-            let name_end = s
-                .find(|c: char| c == '=' || c == ';' || c == ' ' || c == '\t')
-                .unwrap_or(s.len());
+            let name_end = s.find(['=', ';', ' ', '\t']).unwrap_or(s.len());
             let name = &s[..name_end];
             if name.is_empty() || !is_param_text(name) {
                 return Err(UriError::BadParam);
@@ -92,8 +94,7 @@ impl Params {
                 } else if rest.starts_with('[') {
                     rest.find(']').ok_or(UriError::BadParam)? + 1
                 } else {
-                    rest.find(|c: char| c == ';' || c == ' ' || c == '\t')
-                        .unwrap_or(rest.len())
+                    rest.find([';', ' ', '\t']).unwrap_or(rest.len())
                 };
                 let v = &rest[..end];
                 if v.is_empty() || !(v.starts_with('"') || is_param_text(v)) {
@@ -323,7 +324,10 @@ impl Uri {
                 opaque: Some(rest.to_owned()),
             });
         };
-        if rest.bytes().any(|c| c < 0x21 || c >= 0x7f || matches!(c, b'<' | b'>' | b'"')) {
+        if rest
+            .bytes()
+            .any(|c| !(0x21..0x7f).contains(&c) || matches!(c, b'<' | b'>' | b'"'))
+        {
             return Err(UriError::BadChar);
         }
         // userinfo ends at the first '@': none of the characters after it may be '@'.

@@ -145,7 +145,11 @@ impl TransactionLayer {
         todo!()
     }
     /// Sends a message outside any transaction (the ACK for a 2xx, a 2xx retransmission).
-    pub fn send_stateless(&self, msg: &SipMessage, target: &Target) -> Result<(), TransactionError> {
+    pub fn send_stateless(
+        &self,
+        msg: &SipMessage,
+        target: &Target,
+    ) -> Result<(), TransactionError> {
         let _ = (msg, target);
         todo!()
     }

@@ -1,8 +1,137 @@
-//! The UAS core (RFC 3261 8.2): validates every new request and answers what the server
-//! answers itself (OPTIONS), before call logic sees anything.
+//! The UAS core (RFC 3261 8.2): the transaction user of the transaction layer. It validates
+//! every new request, answers what the server answers itself (OPTIONS), and hands calls to
+//! the B2BUA; what nobody handles gets 481 (unknown dialog) or 501.
+//!
+//! Owns: the decision of which part of the server a request belongs to. Must not touch:
+//! transaction state (it only uses `ServerTransaction`) or call state (the B2BUA's).
 
 mod options;
 mod validate;
 
 pub use options::options_ok;
 pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
+
+use crate::b2bua::B2bua;
+use crate::config::Config;
+use crate::sip::{new_tag, Host, Method, Request, Response};
+use crate::transaction::{ServerTransaction, TransactionUser};
+use crate::transport::{Target, TransportKind};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+/// The UAS core; installed as the transaction layer's user.
+pub struct UasCore {
+    user_agent: String,
+    /// The server's bound addresses, for the Contact of its own answers.
+    local: Vec<(TransportKind, SocketAddr)>,
+    /// Set once the B2BUA exists (it needs the transaction layer, which needs us).
+    b2bua: OnceLock<B2bua>,
+}
+
+impl UasCore {
+    pub fn new(config: &Config, local: &[(TransportKind, SocketAddr)]) -> UasCore {
+        UasCore {
+            user_agent: config.sip.user_agent.clone(),
+            local: local.to_vec(),
+            b2bua: OnceLock::new(),
+        }
+    }
+
+    pub fn set_b2bua(&self, b2bua: B2bua) {
+        let _ = self.b2bua.set(b2bua);
+    }
+
+    /// Contact URI of the server on the transport the request came on.
+    fn contact_for(&self, source: &Target) -> String {
+        let local = self
+            .local
+            .iter()
+            .find(|(k, a)| *k == source.transport && a.is_ipv4() == source.addr.is_ipv4())
+            .or_else(|| self.local.first())
+            .map(|(_, a)| *a);
+        match local {
+            Some(a) => {
+                let host = Host::from(a.ip());
+                match source.transport {
+                    TransportKind::Tcp => format!("sip:{host}:{};transport=tcp", a.port()),
+                    _ => format!("sip:{host}:{}", a.port()),
+                }
+            }
+            None => "sip:localhost".to_owned(),
+        }
+    }
+
+    fn respond(tx: &ServerTransaction, resp: Response) {
+        if let Err(e) = tx.respond(resp) {
+            tracing::debug!(error = %e, "could not send response");
+        }
+    }
+}
+
+impl TransactionUser for UasCore {
+    fn on_request(&self, tx: ServerTransaction, req: Request) {
+        if let Err(resp) = validate(&req) {
+            Self::respond(&tx, *resp);
+            return;
+        }
+        let in_dialog = req.base.to.tag().is_some();
+        if in_dialog {
+            // RFC 3261 12.2.2: a request for a dialog we do not know gets 481.
+            let rejected = match self.b2bua.get() {
+                Some(b) => b.on_in_dialog(tx, req).err().map(|b| *b),
+                None => Some((tx, req)),
+            };
+            if let Some((tx, req)) = rejected {
+                Self::respond(&tx, req.response(481));
+            }
+            return;
+        }
+        match req.method {
+            Method::Options => {
+                // RFC 3261 11.2: answered as if it were an INVITE we would accept.
+                let contact = self.contact_for(&tx.source());
+                Self::respond(
+                    &tx,
+                    options_ok(&req, &contact, &self.user_agent, &new_tag()),
+                );
+            }
+            Method::Invite => match self.b2bua.get() {
+                Some(b) => b.on_invite(tx, req),
+                None => Self::respond(&tx, req.response(503)),
+            },
+            // Methods that only exist inside a dialog (RFC 3261 15, RFC 3262, RFC 3311,
+            // RFC 6086, RFC 6665 NOTIFY) arriving without a To tag match no dialog.
+            Method::Bye | Method::Prack | Method::Update | Method::Info | Method::Notify => {
+                Self::respond(&tx, req.response(481));
+            }
+            ref m => {
+                // Issue-tracked: REGISTER (registrar), SUBSCRIBE/PUBLISH/MESSAGE (presence)
+                // and out-of-dialog REFER are not built yet; say so plainly.
+                let reason = format!("{m} is not handled yet");
+                Self::respond(&tx, req.response(501).with_reason(reason));
+            }
+        }
+    }
+
+    fn on_ack(&self, ack: Request, _source: Target) {
+        if let Some(b) = self.b2bua.get() {
+            b.on_ack(ack);
+        }
+    }
+
+    fn on_cancel(&self, invite: ServerTransaction, cancel: Request) {
+        // RFC 3261 9.2: the call ends the INVITE with 487 itself; an INVITE that is not a
+        // call (yet) is ended here.
+        let taken = self.b2bua.get().is_some_and(|b| b.on_cancel(&cancel));
+        if !taken && !invite.is_finished() {
+            let resp = invite.request().response(487);
+            Self::respond(&invite, resp);
+        }
+    }
+
+    fn on_stray_response(&self, resp: Response, _source: Target) {
+        if let Some(b) = self.b2bua.get() {
+            b.on_stray_response(resp);
+        }
+    }
+}

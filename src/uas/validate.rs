@@ -24,7 +24,13 @@ fn reads_body(method: &Method) -> bool {
 
 /// Checks a request against RFC 3261 8.2.1-8.2.3 in the RFC's order, returning the error
 /// response to send when it fails.
-pub fn validate(req: &Request) -> Result<(), Response> {
+pub fn validate(req: &Request) -> Result<(), Box<Response>> {
+    check(req).map_err(Box::new)
+}
+
+// Private and boxed once by `validate`: the error path is the rare one.
+#[allow(clippy::result_large_err)]
+fn check(req: &Request) -> Result<(), Response> {
     // RFC 3261 8.1.1.5: the CSeq method matches the request method. Checked before the
     // method itself so that a mismatched unknown method gets 400, not 501 (RFC 4475 3.1.2.18).
     if req.base.cseq.method != req.method {
@@ -137,7 +143,13 @@ mod tests {
         assert_eq!(status(&make("OPTIONS", "Require: 100rel, foo\n")), 420);
         let e = validate(&make("INVITE", "Proxy-Require: bar\n")).unwrap_err();
         assert_eq!(e.headers.get("Unsupported"), Some("bar"));
-        assert_eq!(status(&make("INVITE", "Max-Forwards: 0\n".replace("Max", "X-Max").as_str())), 0);
+        assert_eq!(
+            status(&make(
+                "INVITE",
+                "Max-Forwards: 0\n".replace("Max", "X-Max").as_str()
+            )),
+            0
+        );
         let mut r = make("INVITE", "");
         r.max_forwards = Some(0);
         assert_eq!(status(&r), 483);

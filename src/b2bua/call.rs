@@ -1,0 +1,1402 @@
+//! One call: the caller's leg (A, where we are the UAS) and the callee's legs (B, where we
+//! are the UAC; several while a dial forks), run as one task that owns all of the call's
+//! state. Everything that happens to the call arrives as a [`CallEvent`] on its channel,
+//! so no lock guards call state and nothing waits on anything else's lock.
+//!
+//! The script's `on_invite` runs as its own task and talks to this one through
+//! [`CallEvent::Dial`]: a dial is a request with a reply channel.
+
+use super::net::resolve;
+use super::{B2buaInner, CallRef, DialogKey};
+use crate::dialog::{Dialog, DialogState};
+use crate::script::{
+    CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, InviteOutcome,
+    ScriptVersion, UriInfo,
+};
+use crate::sip::{new_call_id, new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
+use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::Target;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Which leg of the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The caller's leg: we are its UAS.
+    A,
+    /// The callee's leg: we are its UAC.
+    B,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+}
+
+pub enum CallEvent {
+    /// A request inside one of the call's dialogs (not ACK).
+    Request {
+        side: Side,
+        branch: Option<u64>,
+        tx: ServerTransaction,
+        req: Request,
+    },
+    /// An ACK for a 2xx we sent on leg A or B.
+    Ack { side: Side, req: Request },
+    /// CANCEL of the caller's INVITE (already answered 200 by the B2BUA).
+    Cancel,
+    /// What a client transaction of ours reported.
+    Client { id: u64, event: ClientEvent },
+    /// A response that matched no client transaction (2xx retransmission).
+    Stray { resp: Response },
+    /// From the script: dial these targets.
+    Dial {
+        targets: Vec<String>,
+        opts: DialOptions,
+        reply: oneshot::Sender<DialOutcome>,
+    },
+    /// The script's `on_invite` has returned.
+    HookDone(InviteOutcome),
+}
+
+/// What a client transaction of ours is for.
+// Relay is the large variant; there are a few per call at most, so boxing would only add
+// an allocation per relayed request.
+#[allow(clippy::large_enum_variant)]
+enum Purpose {
+    /// An INVITE branch of a dial.
+    Branch(u64),
+    /// An in-dialog request relayed from the other leg, to be answered on `server`.
+    Relay {
+        from: Side,
+        server: ServerTransaction,
+        orig: Request,
+    },
+    /// A CANCEL, BYE or PRACK of our own whose answer changes nothing.
+    Own,
+}
+
+/// One INVITE branch on the B side.
+struct Branch {
+    invite: Request,
+    target: Target,
+    /// A provisional came back, so CANCEL may be sent (RFC 3261 9.1).
+    provisional: bool,
+    /// CANCEL wanted before any provisional: send it when one arrives.
+    cancel_pending: bool,
+    cancelled: bool,
+    done: bool,
+    /// The early dialog of the last provisional with a To tag (for PRACK and UPDATE).
+    early: Option<Dialog>,
+}
+
+struct Dial {
+    branches: Vec<u64>,
+    reply: oneshot::Sender<DialOutcome>,
+    deadline: Option<Instant>,
+    /// Final responses of failed branches, for RFC 3261 16.7's choice.
+    finals: Vec<(u16, String)>,
+    ringing: bool,
+}
+
+/// A 2xx (or reliable provisional) we retransmit until it is acknowledged.
+struct Retransmit {
+    next: Instant,
+    interval: Duration,
+    give_up: Instant,
+}
+
+/// A reliable provisional we sent to A, waiting for A's PRACK (RFC 3262).
+struct ReliableToA {
+    rseq: u32,
+    resp: Response,
+    timer: Retransmit,
+    /// The B branch and its RSeq, when the 18x came reliably from B.
+    from_b: Option<(u64, u32, u32)>,
+}
+
+pub struct Call {
+    id: Arc<str>,
+    inner: Arc<B2buaInner>,
+    events: mpsc::UnboundedSender<CallEvent>,
+    rx: mpsc::UnboundedReceiver<CallEvent>,
+    a_tx: ServerTransaction,
+    a_invite: Request,
+    a_source: Target,
+    a_dialog: Dialog,
+    a_contact: String,
+    a_final_sent: bool,
+    a_supports_100rel: bool,
+    /// The 2xx to A and its retransmission until A's ACK (RFC 3261 13.3.1.4).
+    a_ok: Option<(Response, Retransmit)>,
+    a_rseq: u32,
+    a_reliable: Vec<ReliableToA>,
+    b_dialog: Option<Dialog>,
+    b_branch: Option<u64>,
+    /// ACK for B's 2xx: sent when A's ACK arrives, kept to answer 2xx retransmissions.
+    b_ack: Option<Request>,
+    branches: HashMap<u64, Branch>,
+    dial: Option<Dial>,
+    clients: HashMap<u64, Purpose>,
+    next_id: u64,
+    cancelled: bool,
+    /// A re-INVITE is being relayed (from this side): glare detection (RFC 3261 14.2).
+    reinvite_from: Option<Side>,
+    /// After a relayed re-INVITE's 2xx: the ACK from `.0` goes on as an ACK to the other side.
+    pending_ack: Option<(Side, u32)>,
+    /// The dialog-side ACK we sent for a relayed re-INVITE 2xx, for retransmitted 2xx.
+    max_duration: Option<Instant>,
+    /// `max_duration` of the dial, armed when it answers.
+    max_duration_pending: Option<Duration>,
+    /// The script version the call started on: it finishes there (hot reload).
+    version: Arc<ScriptVersion>,
+    script: Option<CallScriptHandle>,
+    hook_running: bool,
+    start: SystemTime,
+    answer: Option<SystemTime>,
+    hangup_by: &'static str,
+    final_status: u16,
+    ended: bool,
+}
+
+/// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
+struct Control {
+    events: mpsc::UnboundedSender<CallEvent>,
+}
+
+impl CallControl for Control {
+    fn dial(
+        &self,
+        targets: Vec<String>,
+        opts: DialOptions,
+    ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.events.send(CallEvent::Dial {
+            targets,
+            opts,
+            reply,
+        });
+        Box::pin(async move {
+            if sent.is_err() {
+                return DialOutcome {
+                    answered: false,
+                    status: 487,
+                    reason: "Call ended".into(),
+                };
+            }
+            rx.await.unwrap_or(DialOutcome {
+                answered: false,
+                status: 487,
+                reason: "Call ended".into(),
+            })
+        })
+    }
+}
+
+fn uri_info(n: &NameAddr) -> UriInfo {
+    UriInfo {
+        uri: n.uri.to_string(),
+        user: n.uri.user.clone(),
+        host: n.uri.host.to_string(),
+    }
+}
+
+/// Headers relayed from one leg's message to the other's: what describes the body and the
+/// capabilities of the far end; never topology (Via, Route, Record-Route, Contact, Call-ID).
+const RELAYED: &[&str] = &[
+    "Content-Type",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Event",
+    "Subscription-State",
+    "Refer-To",
+    "Referred-By",
+    "Info-Package",
+    "Allow-Events",
+    "Reason",
+];
+
+fn copy_relayed(from: &Headers, to: &mut Headers) {
+    for name in RELAYED {
+        for v in from.get_all(name) {
+            to.push(name, v);
+        }
+    }
+}
+
+fn has_tag(headers: &Headers, name: &str, tag: &str) -> bool {
+    headers
+        .list(name)
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(tag))
+}
+
+/// RFC 3261 16.7 step 6: a 6xx if any; else the lowest class, preferring the statuses a
+/// caller can act on; 503 becomes 500; none at all is 408.
+fn best_response(finals: &[(u16, String)]) -> (u16, String) {
+    if let Some(six) = finals.iter().find(|(s, _)| *s >= 600) {
+        return six.clone();
+    }
+    let lowest_class = finals.iter().map(|(s, _)| s / 100).min();
+    let Some(class) = lowest_class else {
+        return (408, "Request Timeout".into());
+    };
+    let in_class: Vec<&(u16, String)> = finals.iter().filter(|(s, _)| s / 100 == class).collect();
+    let pick = in_class
+        .iter()
+        .find(|(s, _)| matches!(s, 401 | 407 | 415 | 420 | 484))
+        .or_else(|| in_class.first())
+        .map(|r| (*r).clone())
+        .unwrap_or((408, "Request Timeout".into()));
+    if pick.0 == 503 {
+        (500, "Server Internal Error".into())
+    } else {
+        pick
+    }
+}
+
+impl Call {
+    /// Creates the call for an INVITE that passed validation and starts its task.
+    pub fn start(inner: Arc<B2buaInner>, tx: ServerTransaction, invite: Request) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let id: Arc<str> = Arc::from(new_tag());
+        let a_tag = new_tag();
+        let source = tx.source();
+        let a_dialog = Dialog::uas(&invite, &a_tag, source);
+        let a_contact = inner.local.contact(&source);
+        let key = DialogKey::new(&invite.base.call_id, &a_tag);
+        inner.dialogs.insert(
+            key,
+            CallRef {
+                events: events.clone(),
+                side: Side::A,
+                branch: None,
+            },
+        );
+        let a_supports_100rel = has_tag(&invite.headers, "Supported", "100rel")
+            || has_tag(&invite.headers, "Require", "100rel");
+        let call = Call {
+            id: id.clone(),
+            inner: inner.clone(),
+            events: events.clone(),
+            rx,
+            a_tx: tx,
+            a_source: source,
+            a_dialog,
+            a_contact,
+            a_final_sent: false,
+            a_supports_100rel,
+            a_ok: None,
+            a_rseq: 0,
+            a_reliable: Vec::new(),
+            b_dialog: None,
+            b_branch: None,
+            b_ack: None,
+            branches: HashMap::new(),
+            dial: None,
+            clients: HashMap::new(),
+            next_id: 1,
+            cancelled: false,
+            reinvite_from: None,
+            pending_ack: None,
+            max_duration: None,
+            max_duration_pending: None,
+            version: inner.scripts.current(),
+            script: None,
+            hook_running: true,
+            start: SystemTime::now(),
+            answer: None,
+            hangup_by: "caller",
+            final_status: 0,
+            ended: false,
+            a_invite: invite,
+        };
+        inner.calls_active.fetch_add(1, Ordering::Relaxed);
+        inner
+            .pending
+            .insert(call.pending_key(), call.events.clone());
+        let info = call.call_info();
+        let version = call.version.clone();
+        let control = Arc::new(Control {
+            events: events.clone(),
+        });
+        tokio::spawn(async move {
+            let outcome = version.on_invite(info, control).await;
+            let _ = events.send(CallEvent::HookDone(outcome));
+        });
+        tokio::spawn(call.run());
+    }
+
+    fn pending_key(&self) -> DialogKey {
+        DialogKey::new(
+            &self.a_invite.base.call_id,
+            self.a_invite.base.from.tag().unwrap_or(""),
+        )
+    }
+
+    fn call_info(&self) -> CallInfo {
+        let r = &self.a_invite;
+        CallInfo {
+            id: self.id.to_string(),
+            from: uri_info(&r.base.from),
+            to: uri_info(&r.base.to),
+            ruri: UriInfo {
+                uri: r.uri.to_string(),
+                user: r.uri.user.clone(),
+                host: r.uri.host.to_string(),
+            },
+            source: format!("{}:{}", self.a_source.transport, self.a_source.addr),
+            headers: r
+                .headers
+                .iter()
+                .map(|h| (h.name.to_string(), h.value.clone()))
+                .collect(),
+        }
+    }
+
+    async fn run(mut self) {
+        while !self.ended || self.hook_running {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                ev = self.rx.recv() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    // Unreachable while we hold a sender ourselves; end cleanly anyway.
+                    None => {
+                        self.end("system");
+                        self.hook_running = false;
+                    }
+                },
+                _ = sleep_until(deadline) => self.on_timers(),
+            }
+        }
+        self.finish();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        };
+        if let Some((_, r)) = &self.a_ok {
+            consider(r.next.min(r.give_up));
+        }
+        for r in &self.a_reliable {
+            consider(r.timer.next.min(r.timer.give_up));
+        }
+        if let Some(d) = self.dial.as_ref().and_then(|d| d.deadline) {
+            consider(d);
+        }
+        if let Some(m) = self.max_duration {
+            consider(m);
+        }
+        next
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        let (t1, t2) = (self.inner.timers.t1, self.inner.timers.t2);
+        // RFC 3261 13.3.1.4: the 2xx to A goes again at T1, 2T1... capped at T2, until
+        // A's ACK; no ACK within 64*T1 ends the call with BYE.
+        let mut no_ack = false;
+        if let Some((resp, r)) = &mut self.a_ok {
+            if now >= r.give_up {
+                no_ack = true;
+            } else if now >= r.next {
+                let _ = self.a_tx.respond(resp.clone());
+                r.interval = (r.interval * 2).min(t2);
+                r.next = now + r.interval;
+            }
+        }
+        if no_ack {
+            tracing::info!(call = %self.id, "no ACK from the caller for the 2xx; ending the call");
+            self.a_ok = None;
+            self.hangup("system", None);
+        }
+        // RFC 3262 3: reliable provisionals go again at T1, doubling, until PRACK; without
+        // PRACK in 64*T1 the INVITE fails with 5xx.
+        let mut failed = false;
+        for r in &mut self.a_reliable {
+            if now >= r.timer.give_up {
+                failed = true;
+            } else if now >= r.timer.next {
+                let _ = self.a_tx.respond(r.resp.clone());
+                r.timer.interval = (r.timer.interval * 2).min(t2.max(t1));
+                r.timer.next = now + r.timer.interval;
+            }
+        }
+        if failed {
+            self.a_reliable.clear();
+            if !self.a_final_sent {
+                self.cancel_branches();
+                self.reply_a_final(504, "No PRACK for reliable provisional");
+                self.finish_dial_with(487, "Request Terminated".into());
+            }
+        }
+        // The dial's ring timeout: CANCEL what is pending; the outcome is 480 when
+        // something rang, 408 when nothing answered at all.
+        if let Some(d) = &self.dial {
+            if d.deadline.is_some_and(|t| now >= t) {
+                let (status, reason) = if d.ringing {
+                    (480, "No Answer")
+                } else {
+                    (408, "Request Timeout")
+                };
+                self.cancel_branches();
+                self.finish_dial_with(status, reason.into());
+            }
+        }
+        if self.max_duration.is_some_and(|t| now >= t) {
+            self.max_duration = None;
+            tracing::info!(call = %self.id, "maximum call duration reached");
+            self.hangup("system", None);
+        }
+    }
+
+    async fn on_event(&mut self, ev: CallEvent) {
+        match ev {
+            CallEvent::Dial {
+                targets,
+                opts,
+                reply,
+            } => self.start_dial(targets, opts, reply).await,
+            CallEvent::HookDone(outcome) => self.on_hook_done(outcome),
+            CallEvent::Client { id, event } => self.on_client(id, event),
+            CallEvent::Cancel => self.on_cancel(),
+            CallEvent::Ack { side, req } => self.on_ack(side, req),
+            CallEvent::Request {
+                side,
+                branch,
+                tx,
+                req,
+            } => self.on_request(side, branch, tx, req),
+            CallEvent::Stray { resp } => self.on_stray(resp),
+        }
+    }
+
+    fn new_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Sends a request in a new client transaction whose events come back to this call.
+    fn send_client(&mut self, req: Request, target: Target, purpose: Purpose) -> Option<u64> {
+        let id = self.new_id();
+        match self.inner.layer.send_request(req, target) {
+            Ok(mut ctx) => {
+                self.clients.insert(id, purpose);
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = ctx.next_event().await {
+                        let last = !matches!(event, ClientEvent::Provisional(_));
+                        let is_invite_ok = matches!(&event, ClientEvent::Final(r) if r.is_success() && r.base.cseq.method == Method::Invite);
+                        if events.send(CallEvent::Client { id, event }).is_err() {
+                            break;
+                        }
+                        // INVITE 2xx may repeat (RFC 6026 Accepted state): keep listening.
+                        if last && !is_invite_ok {
+                            break;
+                        }
+                    }
+                });
+                Some(id)
+            }
+            Err(e) => {
+                tracing::debug!(call = %self.id, error = %e, "request not sent");
+                None
+            }
+        }
+    }
+
+    // ---- dialing -------------------------------------------------------------------
+
+    async fn start_dial(
+        &mut self,
+        targets: Vec<String>,
+        opts: DialOptions,
+        reply: oneshot::Sender<DialOutcome>,
+    ) {
+        if self.cancelled || self.a_final_sent || self.ended {
+            let _ = reply.send(DialOutcome {
+                answered: false,
+                status: 487,
+                reason: "Request Terminated".into(),
+            });
+            return;
+        }
+        if self.dial.is_some() {
+            let _ = reply.send(DialOutcome {
+                answered: false,
+                status: 491,
+                reason: "A dial is already in progress".into(),
+            });
+            return;
+        }
+        self.inner.stats.dials.fetch_add(1, Ordering::Relaxed);
+        let mut branches = Vec::new();
+        let mut finals = Vec::new();
+        for t in &targets {
+            match self.start_branch(t, &opts).await {
+                Ok(id) => branches.push(id),
+                Err((status, reason)) => finals.push((status, reason)),
+            }
+        }
+        if let Some(max) = opts.max_duration {
+            // Kept until answer; armed then.
+            self.max_duration_pending = Some(max);
+        }
+        let deadline =
+            Some(Instant::now() + opts.timeout.unwrap_or(self.inner.default_ring_timeout));
+        self.dial = Some(Dial {
+            branches,
+            reply,
+            deadline,
+            finals,
+            ringing: false,
+        });
+        self.check_dial_done();
+    }
+
+    async fn start_branch(
+        &mut self,
+        target: &str,
+        opts: &DialOptions,
+    ) -> Result<u64, (u16, String)> {
+        let uri = Uri::parse(target.trim())
+            .map_err(|e| (400, format!("Bad dial target {target:?}: {e}")))?;
+        let dest = resolve(&uri, &self.inner.local)
+            .await
+            .map_err(|e| (503, e.to_string()))?;
+        let a = &self.a_invite;
+        let mut from = match &opts.from {
+            Some(f) => NameAddr::parse(f).map_err(|e| (400, format!("Bad from {f:?}: {e}")))?,
+            None => {
+                let mut f = a.base.from.clone();
+                f.params.remove("tag");
+                f
+            }
+        };
+        from.set_tag(&new_tag());
+        let to = match &opts.to {
+            Some(t) => NameAddr::parse(t).map_err(|e| (400, format!("Bad to {t:?}: {e}")))?,
+            None => NameAddr::new(uri.clone()),
+        };
+        let mut headers = Headers::new();
+        headers.push("Contact", self.inner.local.contact(&dest));
+        copy_relayed(&a.headers, &mut headers);
+        headers.push("Allow", Method::allow_list());
+        if self.a_supports_100rel {
+            headers.push("Supported", "100rel");
+        }
+        for (name, value) in &opts.headers {
+            headers.push(name, value.clone());
+        }
+        // RFC 3261 16.6 step 3 by analogy: the hop count goes on down.
+        let max_forwards = a.max_forwards.unwrap_or(70).saturating_sub(1);
+        let local_host = self
+            .inner
+            .local
+            .towards(dest.transport, &dest.addr)
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "strowger".into());
+        let invite = Request {
+            method: Method::Invite,
+            uri,
+            version: "2.0".into(),
+            base: crate::sip::BaseHeaders {
+                via: vec![self.inner.local.via(&dest)],
+                from,
+                to,
+                call_id: new_call_id(&local_host),
+                cseq: CSeq {
+                    seq: 1,
+                    method: Method::Invite,
+                },
+            },
+            max_forwards: Some(max_forwards),
+            headers,
+            body: a.body.clone(),
+        };
+        let bid = self.new_id();
+        let key = DialogKey::new(&invite.base.call_id, invite.base.from.tag().unwrap_or(""));
+        self.inner.dialogs.insert(
+            key,
+            CallRef {
+                events: self.events.clone(),
+                side: Side::B,
+                branch: Some(bid),
+            },
+        );
+        self.branches.insert(
+            bid,
+            Branch {
+                invite: invite.clone(),
+                target: dest,
+                provisional: false,
+                cancel_pending: false,
+                cancelled: false,
+                done: false,
+                early: None,
+            },
+        );
+        if self
+            .send_client(invite, dest, Purpose::Branch(bid))
+            .is_none()
+        {
+            self.remove_branch_key(bid);
+            self.branches.remove(&bid);
+            return Err((503, "Transport error".into()));
+        }
+        Ok(bid)
+    }
+
+    fn remove_branch_key(&self, bid: u64) {
+        if let Some(b) = self.branches.get(&bid) {
+            self.inner.dialogs.remove(&DialogKey::new(
+                &b.invite.base.call_id,
+                b.invite.base.from.tag().unwrap_or(""),
+            ));
+        }
+    }
+
+    /// CANCEL every branch still pending (RFC 3261 9.1: only after a provisional; the
+    /// others get it when their first provisional arrives).
+    fn cancel_branches(&mut self) {
+        let ids: Vec<u64> = self
+            .branches
+            .iter()
+            .filter(|(id, b)| !b.done && !b.cancelled && Some(**id) != self.b_branch)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.cancel_branch(id);
+        }
+    }
+
+    fn cancel_branch(&mut self, id: u64) {
+        let Some(b) = self.branches.get_mut(&id) else {
+            return;
+        };
+        if b.done || b.cancelled {
+            return;
+        }
+        if !b.provisional {
+            b.cancel_pending = true;
+            return;
+        }
+        b.cancelled = true;
+        // RFC 3261 9.1: same Request-URI, Call-ID, From, To, CSeq number and top Via.
+        let inv = &b.invite;
+        let cancel = Request {
+            method: Method::Cancel,
+            uri: inv.uri.clone(),
+            version: "2.0".into(),
+            base: crate::sip::BaseHeaders {
+                via: vec![inv.base.via[0].clone()],
+                from: inv.base.from.clone(),
+                to: inv.base.to.clone(),
+                call_id: inv.base.call_id.clone(),
+                cseq: CSeq {
+                    seq: inv.base.cseq.seq,
+                    method: Method::Cancel,
+                },
+            },
+            max_forwards: Some(70),
+            headers: Headers::new(),
+            body: Bytes::new(),
+        };
+        let target = b.target;
+        self.send_client(cancel, target, Purpose::Own);
+    }
+
+    fn check_dial_done(&mut self) {
+        let Some(d) = &self.dial else { return };
+        let live = d
+            .branches
+            .iter()
+            .any(|id| self.branches.get(id).is_some_and(|b| !b.done));
+        if !live {
+            let (status, reason) = best_response(&d.finals);
+            self.finish_dial_with(status, reason);
+        }
+    }
+
+    fn finish_dial_with(&mut self, status: u16, reason: String) {
+        if let Some(d) = self.dial.take() {
+            self.final_status = status;
+            let _ = d.reply.send(DialOutcome {
+                answered: false,
+                status,
+                reason,
+            });
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+// ---- responses from the B side and relays -----------------------------------------
+
+impl Call {
+    fn on_client(&mut self, id: u64, event: ClientEvent) {
+        let Some(purpose) = self.clients.get(&id) else {
+            return;
+        };
+        match purpose {
+            Purpose::Branch(bid) => {
+                let bid = *bid;
+                match event {
+                    ClientEvent::Provisional(resp) => self.on_branch_provisional(bid, resp),
+                    ClientEvent::Final(resp) if resp.is_success() => self.on_branch_ok(bid, resp),
+                    ClientEvent::Final(resp) => {
+                        self.clients.remove(&id);
+                        self.on_branch_failed(bid, resp.status, resp.reason.clone());
+                    }
+                    ClientEvent::Timeout => {
+                        self.clients.remove(&id);
+                        self.on_branch_failed(bid, 408, "Request Timeout".into());
+                    }
+                    ClientEvent::TransportError(e) => {
+                        self.clients.remove(&id);
+                        self.on_branch_failed(bid, 503, format!("Transport error: {e}"));
+                    }
+                }
+            }
+            Purpose::Relay { .. } => {
+                let final_event = !matches!(event, ClientEvent::Provisional(_));
+                if final_event {
+                    if let Some(Purpose::Relay { from, server, orig }) = self.clients.remove(&id) {
+                        self.on_relay_final(from, server, orig, event);
+                    }
+                } else if let (
+                    Some(Purpose::Relay { server, orig, .. }),
+                    ClientEvent::Provisional(resp),
+                ) = (self.clients.get(&id), event)
+                {
+                    if resp.status > 100 {
+                        let mut r = orig.response(resp.status).with_reason(resp.reason.clone());
+                        copy_relayed(&resp.headers, &mut r.headers);
+                        r.body = resp.body.clone();
+                        let _ = server.respond(r);
+                    }
+                }
+            }
+            Purpose::Own => {
+                if !matches!(event, ClientEvent::Provisional(_)) {
+                    self.clients.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn on_branch_provisional(&mut self, bid: u64, resp: Response) {
+        let cancelled_now;
+        let reliable;
+        {
+            let Some(b) = self.branches.get_mut(&bid) else {
+                return;
+            };
+            b.provisional = true;
+            cancelled_now = b.cancel_pending;
+            reliable = resp.status > 100
+                && has_tag(&resp.headers, "Require", "100rel")
+                && resp.headers.get("RSeq").is_some();
+            if resp.status > 100 && resp.base.to.tag().is_some() {
+                match &mut b.early {
+                    Some(d) if d.remote_tag == resp.base.to.tag().unwrap_or("") => {
+                        d.refresh_target(&resp.headers)
+                    }
+                    _ => b.early = Some(Dialog::uac(&b.invite, &resp, b.target)),
+                }
+            }
+        }
+        if cancelled_now {
+            self.cancel_branch(bid);
+            return;
+        }
+        if resp.status == 100 || self.a_final_sent || self.cancelled {
+            return;
+        }
+        if let Some(d) = &mut self.dial {
+            d.ringing = true;
+        }
+        let rseq_b: Option<u32> = resp.headers.get("RSeq").and_then(|v| v.trim().parse().ok());
+        // Relay the provisional to A, in A's one early dialog.
+        let mut r = self
+            .a_invite
+            .response(resp.status)
+            .with_reason(resp.reason.clone());
+        r.set_to_tag(&self.a_dialog.local_tag);
+        r.headers.push("Contact", self.a_contact.clone());
+        copy_relayed(&resp.headers, &mut r.headers);
+        r.body = resp.body.clone();
+        if reliable && self.a_supports_100rel {
+            // RFC 3262: A gets its own reliable provisional with our RSeq; its PRACK goes
+            // on to B as a PRACK for B's RSeq.
+            self.a_rseq += 1;
+            r.headers.push("Require", "100rel");
+            r.headers.push("RSeq", self.a_rseq.to_string());
+            let t1 = self.inner.timers.t1;
+            let now = Instant::now();
+            self.a_reliable.push(ReliableToA {
+                rseq: self.a_rseq,
+                resp: r.clone(),
+                timer: Retransmit {
+                    next: now + t1,
+                    interval: t1,
+                    give_up: now + t1 * 64,
+                },
+                from_b: rseq_b.map(|rs| (bid, rs, resp.base.cseq.seq)),
+            });
+        } else if reliable {
+            // A cannot PRACK: we acknowledge B's reliable provisional ourselves.
+            if let Some(rs) = rseq_b {
+                self.send_prack(bid, rs, resp.base.cseq.seq, None);
+            }
+        }
+        let _ = self.a_tx.respond(r);
+    }
+
+    /// PRACK on a B branch's early dialog (RFC 3262 7.2: RAck = RSeq CSeq-num method).
+    fn send_prack(
+        &mut self,
+        bid: u64,
+        rseq: u32,
+        cseq: u32,
+        relay: Option<(ServerTransaction, Request)>,
+    ) {
+        let Some(b) = self.branches.get_mut(&bid) else {
+            return;
+        };
+        let Some(early) = b.early.as_mut() else {
+            return;
+        };
+        let via = self.inner.local.via(&early.flow);
+        let mut prack = early.request(Method::Prack, via, None);
+        prack.headers.push("RAck", format!("{rseq} {cseq} INVITE"));
+        let flow = early.flow;
+        let purpose = match relay {
+            Some((server, orig)) => {
+                copy_relayed(&orig.headers, &mut prack.headers);
+                prack.body = orig.body.clone();
+                Purpose::Relay {
+                    from: Side::A,
+                    server,
+                    orig,
+                }
+            }
+            None => Purpose::Own,
+        };
+        self.send_client(prack, flow, purpose);
+    }
+
+    fn on_branch_ok(&mut self, bid: u64, resp: Response) {
+        let is_winner = self.b_branch == Some(bid);
+        if is_winner {
+            // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
+            if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
+                let _ = self.inner.sender.send(&d.flow, ack.to_bytes());
+            }
+            return;
+        }
+        let Some(b) = self.branches.get_mut(&bid) else {
+            return;
+        };
+        b.done = true;
+        let mut dialog = Dialog::uac(&b.invite, &resp, b.target);
+        dialog.state = DialogState::Confirmed;
+        if self.b_branch.is_some() || self.cancelled || self.a_final_sent || self.ended {
+            // RFC 3261 16.7 step 10 / the seed: a second 2xx is ACKed and then BYEd.
+            let via = self.inner.local.via(&dialog.flow);
+            let ack = dialog.ack(b.invite.base.cseq.seq, via);
+            let _ = self.inner.sender.send(&dialog.flow, ack.to_bytes());
+            let via = self.inner.local.via(&dialog.flow);
+            let bye = dialog.request(Method::Bye, via, None);
+            let flow = dialog.flow;
+            self.send_client(bye, flow, Purpose::Own);
+            return;
+        }
+        // The winner.
+        self.b_branch = Some(bid);
+        self.b_dialog = Some(dialog);
+        self.cancel_branches();
+        let mut r = self.a_invite.response(200).with_reason(resp.reason.clone());
+        r.status = resp.status;
+        r.set_to_tag(&self.a_dialog.local_tag);
+        r.headers.push("Contact", self.a_contact.clone());
+        r.headers.push("Allow", Method::allow_list());
+        copy_relayed(&resp.headers, &mut r.headers);
+        r.body = resp.body.clone();
+        self.a_dialog.state = DialogState::Confirmed;
+        self.a_final_sent = true;
+        self.a_reliable.clear();
+        let _ = self.a_tx.respond(r.clone());
+        let t1 = self.inner.timers.t1;
+        let now = Instant::now();
+        self.a_ok = Some((
+            r,
+            Retransmit {
+                next: now + t1,
+                interval: t1,
+                give_up: now + t1 * 64,
+            },
+        ));
+        self.answer = Some(SystemTime::now());
+        self.final_status = resp.status;
+        if let Some(max) = self.max_duration_pending.take() {
+            self.max_duration = Some(Instant::now() + max);
+        }
+        self.inner.stats.answered.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = self.dial.take() {
+            let _ = d.reply.send(DialOutcome {
+                answered: true,
+                status: resp.status,
+                reason: resp.reason,
+            });
+        }
+    }
+
+    fn on_branch_failed(&mut self, bid: u64, status: u16, reason: String) {
+        let Some(b) = self.branches.get_mut(&bid) else {
+            return;
+        };
+        b.done = true;
+        let was_cancelled = b.cancelled;
+        self.remove_branch_key(bid);
+        let in_dial = self
+            .dial
+            .as_ref()
+            .is_some_and(|d| d.branches.contains(&bid));
+        if !in_dial {
+            return;
+        }
+        if let Some(d) = &mut self.dial {
+            if !was_cancelled || status != 487 {
+                d.finals.push((status, reason.clone()));
+            }
+        }
+        if status >= 600 {
+            // RFC 3261 16.7 step 5: a 6xx ends the fork.
+            self.cancel_branches();
+            self.finish_dial_with(status, reason);
+            return;
+        }
+        self.check_dial_done();
+    }
+
+    fn on_relay_final(
+        &mut self,
+        from: Side,
+        server: ServerTransaction,
+        orig: Request,
+        event: ClientEvent,
+    ) {
+        let resp = match event {
+            ClientEvent::Final(resp) => resp,
+            ClientEvent::Timeout => {
+                if orig.method == Method::Invite {
+                    self.reinvite_from = None;
+                }
+                let _ = server.respond(orig.response(408));
+                return;
+            }
+            ClientEvent::TransportError(_) => {
+                if orig.method == Method::Invite {
+                    self.reinvite_from = None;
+                }
+                let _ = server.respond(orig.response(503));
+                return;
+            }
+            ClientEvent::Provisional(_) => return,
+        };
+        let mut r = orig.response(resp.status).with_reason(resp.reason.clone());
+        copy_relayed(&resp.headers, &mut r.headers);
+        r.body = resp.body.clone();
+        let target_refresh = matches!(orig.method, Method::Invite | Method::Update);
+        if target_refresh && resp.is_success() {
+            r.headers.push("Contact", self.contact_for(from));
+            if let Some(d) = self.dialog_mut(from.other()) {
+                d.refresh_target(&resp.headers);
+            }
+        }
+        if orig.method == Method::Invite {
+            self.reinvite_from = None;
+            if resp.is_success() {
+                // The ACK that `from` sends for this 2xx goes on to the other side.
+                self.pending_ack = Some((from, resp.base.cseq.seq));
+            }
+        }
+        let _ = server.respond(r);
+    }
+
+    fn contact_for(&self, side: Side) -> String {
+        match side {
+            Side::A => self.a_contact.clone(),
+            Side::B => self
+                .b_dialog
+                .as_ref()
+                .map(|d| self.inner.local.contact(&d.flow))
+                .unwrap_or_else(|| self.a_contact.clone()),
+        }
+    }
+
+    fn dialog_mut(&mut self, side: Side) -> Option<&mut Dialog> {
+        match side {
+            Side::A => Some(&mut self.a_dialog),
+            Side::B => self.b_dialog.as_mut(),
+        }
+    }
+
+    fn on_stray(&mut self, resp: Response) {
+        // A 2xx retransmission for the B INVITE after its transaction ended: re-ACK.
+        if resp.is_success() && resp.base.cseq.method == Method::Invite {
+            if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
+                if ack.base.cseq.seq == resp.base.cseq.seq {
+                    let _ = self.inner.sender.send(&d.flow, ack.to_bytes());
+                }
+            }
+        }
+    }
+}
+
+// ---- the caller's side, in-dialog requests, and the end of the call ---------------
+
+impl Call {
+    fn reply_a_final(&mut self, status: u16, reason: &str) {
+        if self.a_final_sent {
+            return;
+        }
+        self.a_final_sent = true;
+        self.final_status = status;
+        self.a_reliable.clear();
+        let mut r = self.a_invite.response(status).with_reason(reason);
+        r.set_to_tag(&self.a_dialog.local_tag);
+        let _ = self.a_tx.respond(r);
+    }
+
+    fn on_hook_done(&mut self, outcome: InviteOutcome) {
+        self.hook_running = false;
+        match outcome {
+            InviteOutcome::Bridged { handle } => {
+                self.script = Some(handle);
+                if self.b_dialog.is_none() && !self.ended {
+                    // The hook claims an answer the call does not have; fail safe.
+                    self.reply_a_final(500, "Server Internal Error");
+                    self.end("system");
+                }
+            }
+            InviteOutcome::Rejected {
+                status,
+                reason,
+                handle,
+            } => {
+                self.script = Some(handle);
+                self.cancel_branches();
+                self.reply_a_final(status, &reason);
+                self.end(if self.cancelled { "caller" } else { "system" });
+            }
+            InviteOutcome::Redirected { contacts, handle } => {
+                self.script = Some(handle);
+                if !self.a_final_sent {
+                    self.a_final_sent = true;
+                    self.final_status = 302;
+                    let mut r = self.a_invite.response(302);
+                    r.set_to_tag(&self.a_dialog.local_tag);
+                    for c in contacts {
+                        r.headers.push("Contact", format!("<{c}>"));
+                    }
+                    let _ = self.a_tx.respond(r);
+                }
+                self.end("system");
+            }
+            InviteOutcome::Failed { error, handle } => {
+                self.script = Some(handle);
+                tracing::warn!(call = %self.id, %error, "script failed; answering 500");
+                self.inner
+                    .stats
+                    .script_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.cancel_branches();
+                if self.b_dialog.is_some() {
+                    // Already bridged: the call stays up; the error only ended the hook.
+                    return;
+                }
+                self.reply_a_final(500, "Server Internal Error");
+                self.end("system");
+            }
+        }
+    }
+
+    fn on_cancel(&mut self) {
+        if self.a_final_sent {
+            return;
+        }
+        // RFC 3261 9.2: the INVITE ends with 487, every pending branch is CANCELled.
+        self.cancelled = true;
+        self.cancel_branches();
+        self.reply_a_final(487, "Request Terminated");
+        self.finish_dial_with(487, "Request Terminated".into());
+        self.end("caller");
+    }
+
+    fn on_ack(&mut self, side: Side, ack: Request) {
+        if side == Side::A
+            && self.a_ok.is_some()
+            && ack.base.cseq.seq == self.a_invite.base.cseq.seq
+        {
+            // The caller's ACK for the call's 2xx: stop retransmitting, and ACK B with the
+            // caller's ACK body (the answer, for a late offer).
+            self.a_ok = None;
+            if self.b_ack.is_none() {
+                if let (Some(d), Some(bid)) = (&self.b_dialog, self.b_branch) {
+                    let seq = self
+                        .branches
+                        .get(&bid)
+                        .map(|b| b.invite.base.cseq.seq)
+                        .unwrap_or(1);
+                    let via = self.inner.local.via(&d.flow);
+                    let mut b_ack = d.ack(seq, via);
+                    copy_relayed(&ack.headers, &mut b_ack.headers);
+                    b_ack.body = ack.body.clone();
+                    let _ = self.inner.sender.send(&d.flow, b_ack.to_bytes());
+                    self.b_ack = Some(b_ack);
+                }
+            }
+            return;
+        }
+        if let Some((from, seq)) = self.pending_ack {
+            if from == side {
+                self.pending_ack = None;
+                let other = side.other();
+                let Some(d) = self.dialog_mut(other) else {
+                    return;
+                };
+                let via_target = d.flow;
+                let d = d.clone();
+                let via = self.inner.local.via(&via_target);
+                let mut fwd = d.ack(seq, via);
+                copy_relayed(&ack.headers, &mut fwd.headers);
+                fwd.body = ack.body;
+                let _ = self.inner.sender.send(&via_target, fwd.to_bytes());
+            }
+        }
+    }
+
+    fn on_request(&mut self, side: Side, branch: Option<u64>, tx: ServerTransaction, req: Request) {
+        if self.ended {
+            let _ = tx.respond(req.response(481));
+            return;
+        }
+        // RFC 3261 12.2.2: a CSeq lower than the last one is out of order.
+        let in_order = match side {
+            Side::A => self.a_dialog.accept_remote_cseq(&req),
+            Side::B => match (branch, self.b_branch) {
+                (Some(b), Some(w)) if b == w => self
+                    .b_dialog
+                    .as_mut()
+                    .map(|d| d.accept_remote_cseq(&req))
+                    .unwrap_or(true),
+                _ => true,
+            },
+        };
+        if !in_order {
+            let _ = tx.respond(req.response(500).with_reason("CSeq out of order"));
+            return;
+        }
+        match req.method {
+            Method::Bye => {
+                let _ = tx.respond(req.response(200));
+                let by = if side == Side::A { "caller" } else { "callee" };
+                if side == Side::B && self.b_branch != branch {
+                    // BYE on a losing branch's dialog: nothing more to do.
+                    return;
+                }
+                self.hangup(by, Some(side));
+            }
+            Method::Prack if side == Side::A => self.on_prack_from_a(tx, req),
+            Method::Invite if self.reinvite_from.is_some() => {
+                // RFC 3261 14.2: an INVITE while one is in progress: glare.
+                let _ = tx.respond(req.response(491));
+            }
+            _ => self.relay(side, tx, req),
+        }
+    }
+
+    fn on_prack_from_a(&mut self, tx: ServerTransaction, req: Request) {
+        // RAck: response-num CSeq-num method (RFC 3262 7.2).
+        let rack: Option<u32> = req
+            .headers
+            .get("RAck")
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok());
+        let Some(pos) = rack.and_then(|n| self.a_reliable.iter().position(|r| r.rseq == n)) else {
+            let _ = tx.respond(
+                req.response(481)
+                    .with_reason("No matching reliable provisional"),
+            );
+            return;
+        };
+        let rel = self.a_reliable.remove(pos);
+        match rel.from_b {
+            Some((bid, rseq, cseq)) => self.send_prack(bid, rseq, cseq, Some((tx, req))),
+            None => {
+                let _ = tx.respond(req.response(200));
+            }
+        }
+    }
+
+    /// Relays an in-dialog request to the other leg as a new request of that leg's dialog.
+    fn relay(&mut self, from: Side, tx: ServerTransaction, req: Request) {
+        let to = from.other();
+        let early_branch = self.b_branch.or_else(|| {
+            self.branches
+                .iter()
+                .filter(|(_, b)| !b.done && b.early.is_some())
+                .map(|(id, _)| *id)
+                .max()
+        });
+        let contact = match to {
+            Side::A => Some(self.a_contact.clone()),
+            Side::B => None,
+        };
+        let dialog = match to {
+            Side::A => Some(&mut self.a_dialog),
+            Side::B => match &mut self.b_dialog {
+                Some(d) => Some(d),
+                None => early_branch
+                    .and_then(|b| self.branches.get_mut(&b))
+                    .and_then(|b| b.early.as_mut()),
+            },
+        };
+        let Some(dialog) = dialog else {
+            let _ = tx.respond(req.response(481));
+            return;
+        };
+        let flow = dialog.flow;
+        let via = self.inner.local.via(&flow);
+        let refresh = matches!(
+            req.method,
+            Method::Invite | Method::Update | Method::Subscribe | Method::Notify | Method::Refer
+        );
+        let contact = if refresh {
+            Some(contact.unwrap_or_else(|| self.inner.local.contact(&flow)))
+        } else {
+            None
+        };
+        let mut out = dialog.request(req.method.clone(), via, contact.as_deref());
+        copy_relayed(&req.headers, &mut out.headers);
+        out.body = req.body.clone();
+        if req.method == Method::Invite {
+            self.reinvite_from = Some(from);
+        }
+        if refresh {
+            // The sender's own target may have moved (RFC 3261 12.2.2).
+            if let Some(d) = self.dialog_mut(from) {
+                d.refresh_target(&req.headers);
+            }
+        }
+        if self
+            .send_client(
+                out,
+                flow,
+                Purpose::Relay {
+                    from,
+                    server: tx.clone(),
+                    orig: req.clone(),
+                },
+            )
+            .is_none()
+        {
+            if req.method == Method::Invite {
+                self.reinvite_from = None;
+            }
+            let _ = tx.respond(req.response(503));
+        }
+    }
+
+    /// Ends an established (or establishing) call: BYE to every leg but `except`, 487 to
+    /// requests still pending (the seed: pending requests of an ended session get 487).
+    fn hangup(&mut self, by: &'static str, except: Option<Side>) {
+        for (_, purpose) in self.clients.drain() {
+            if let Purpose::Relay { server, orig, .. } = purpose {
+                if !server.is_finished() {
+                    let _ = server.respond(orig.response(487));
+                }
+            }
+        }
+        if except != Some(Side::B) {
+            if let Some(d) = self.b_dialog.as_mut() {
+                let via = self.inner.local.via(&d.flow);
+                let bye = d.request(Method::Bye, via, None);
+                let flow = d.flow;
+                self.send_client(bye, flow, Purpose::Own);
+            }
+        }
+        if except != Some(Side::A) && self.a_dialog.state == DialogState::Confirmed {
+            let via = self.inner.local.via(&self.a_dialog.flow);
+            let contact = None;
+            let bye = self.a_dialog.request(Method::Bye, via, contact);
+            let flow = self.a_dialog.flow;
+            self.send_client(bye, flow, Purpose::Own);
+        }
+        self.a_ok = None;
+        self.end(by);
+    }
+
+    /// Marks the call over and forgets its dialogs; `finish` runs once the hook is done.
+    fn end(&mut self, by: &'static str) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        self.hangup_by = by;
+        self.dial = None;
+        self.max_duration = None;
+        self.a_reliable.clear();
+        self.inner.dialogs.remove(&DialogKey::new(
+            &self.a_dialog.call_id,
+            &self.a_dialog.local_tag,
+        ));
+        self.inner.pending.remove(&self.pending_key());
+        let ids: Vec<u64> = self.branches.keys().copied().collect();
+        for id in ids {
+            self.remove_branch_key(id);
+        }
+    }
+
+    /// The call is over and its hook has returned: run `on_call_end` with the record.
+    fn finish(&mut self) {
+        self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
+        if self.final_status == 0 {
+            self.final_status = if self.answer.is_some() { 200 } else { 500 };
+        }
+        let record = CallRecord {
+            start: self.start,
+            answer: self.answer,
+            end: SystemTime::now(),
+            hangup_by: self.hangup_by.to_owned(),
+            final_status: self.final_status,
+        };
+        if let Some(handle) = self.script.take() {
+            let version = self.version.clone();
+            tokio::spawn(async move { version.on_call_end(handle, record).await });
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The B2BUA (back-to-back user agent): every INVITE that starts a call is terminated here
+//! (leg A) and regenerated towards the targets the script dials (legs B), with new
+//! Call-ID, tags, CSeq, Via and Contact, so that neither side sees the other's topology.
+//!
+//! Owns: calls and the index from dialog identifiers to calls. Must not touch:
+//! transaction state (it uses `ServerTransaction`/`TransactionLayer`), the script's VMs
+//! (it uses `ScriptEngine`).
+//!
+//! Each call is one task ([`call::Call`]); the index routes in-dialog requests, ACKs,
+//! CANCELs and stray responses to it. The index is sharded so that calls on both cores do
+//! not contend on one lock.
+
+mod call;
+mod net;
+
+pub use call::Side;
+pub use net::{resolve, LocalAddrs, ResolveError};
+
+use crate::script::ScriptEngine;
+use crate::sip::{Request, Response};
+use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
+use crate::transport::Sender;
+use call::{Call, CallEvent};
+use parking_lot::Mutex;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// A dialog as the server names it: Call-ID and our own tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DialogKey {
+    call_id: String,
+    local_tag: String,
+}
+
+impl DialogKey {
+    pub fn new(call_id: &str, local_tag: &str) -> DialogKey {
+        DialogKey {
+            call_id: call_id.to_owned(),
+            local_tag: local_tag.to_owned(),
+        }
+    }
+}
+
+/// How to reach a call from one of its dialogs.
+#[derive(Clone)]
+struct CallRef {
+    events: mpsc::UnboundedSender<CallEvent>,
+    side: Side,
+    branch: Option<u64>,
+}
+
+/// A map split into shards, each behind its own short-held lock.
+struct Sharded<V> {
+    shards: Box<[Mutex<HashMap<DialogKey, V>>]>,
+}
+
+impl<V: Clone> Sharded<V> {
+    fn new(n: usize) -> Sharded<V> {
+        Sharded {
+            shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+    fn shard(&self, k: &DialogKey) -> &Mutex<HashMap<DialogKey, V>> {
+        let mut h = DefaultHasher::new();
+        k.hash(&mut h);
+        &self.shards[(h.finish() as usize) % self.shards.len()]
+    }
+    fn insert(&self, k: DialogKey, v: V) {
+        self.shard(&k).lock().insert(k, v);
+    }
+    fn get(&self, k: &DialogKey) -> Option<V> {
+        self.shard(k).lock().get(k).cloned()
+    }
+    fn remove(&self, k: &DialogKey) {
+        self.shard(k).lock().remove(k);
+    }
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+}
+
+/// Counters of the call core.
+#[derive(Debug, Default)]
+pub struct B2buaStats {
+    pub calls_started: AtomicU64,
+    pub answered: AtomicU64,
+    pub dials: AtomicU64,
+    pub script_failures: AtomicU64,
+}
+
+struct B2buaInner {
+    layer: TransactionLayer,
+    sender: Arc<dyn Sender>,
+    scripts: ScriptEngine,
+    local: LocalAddrs,
+    timers: TimerConfig,
+    default_ring_timeout: Duration,
+    dialogs: Sharded<CallRef>,
+    /// Calls whose INVITE is still pending, by (Call-ID, From tag) of the caller: CANCEL.
+    pending: Sharded<mpsc::UnboundedSender<CallEvent>>,
+    calls_active: AtomicU64,
+    stats: B2buaStats,
+}
+
+/// The call core; a cheap handle.
+#[derive(Clone)]
+pub struct B2bua {
+    inner: Arc<B2buaInner>,
+}
+
+/// What the B2BUA needs from the server around it.
+pub struct B2buaParts {
+    pub layer: TransactionLayer,
+    pub sender: Arc<dyn Sender>,
+    pub scripts: ScriptEngine,
+    pub local: LocalAddrs,
+    pub timers: TimerConfig,
+    pub default_ring_timeout: Duration,
+}
+
+impl B2bua {
+    pub fn new(parts: B2buaParts) -> B2bua {
+        B2bua {
+            inner: Arc::new(B2buaInner {
+                layer: parts.layer,
+                sender: parts.sender,
+                scripts: parts.scripts,
+                local: parts.local,
+                timers: parts.timers,
+                default_ring_timeout: parts.default_ring_timeout,
+                dialogs: Sharded::new(64),
+                pending: Sharded::new(64),
+                calls_active: AtomicU64::new(0),
+                stats: B2buaStats::default(),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &B2buaStats {
+        &self.inner.stats
+    }
+
+    /// Calls in progress (ringing or up).
+    pub fn active_calls(&self) -> u64 {
+        self.inner.calls_active.load(Ordering::Relaxed)
+    }
+
+    /// Dialog index size (two per bridged call), for tests and metrics.
+    pub fn dialogs(&self) -> usize {
+        self.inner.dialogs.len()
+    }
+
+    /// An INVITE outside any dialog, already validated: a new call.
+    pub fn on_invite(&self, tx: ServerTransaction, req: Request) {
+        self.inner
+            .stats
+            .calls_started
+            .fetch_add(1, Ordering::Relaxed);
+        Call::start(self.inner.clone(), tx, req);
+    }
+
+    /// A request with a To tag. Returns it back when no dialog of ours matches (the
+    /// caller answers 481, RFC 3261 12.2.2).
+    pub fn on_in_dialog(
+        &self,
+        tx: ServerTransaction,
+        req: Request,
+    ) -> Result<(), Box<(ServerTransaction, Request)>> {
+        let Some(tag) = req.base.to.tag() else {
+            return Err(Box::new((tx, req)));
+        };
+        let key = DialogKey::new(&req.base.call_id, tag);
+        match self.inner.dialogs.get(&key) {
+            Some(r) => {
+                let ev = CallEvent::Request {
+                    side: r.side,
+                    branch: r.branch,
+                    tx,
+                    req,
+                };
+                r.events.send(ev).map_err(|e| match e.0 {
+                    CallEvent::Request { tx, req, .. } => Box::new((tx, req)),
+                    _ => unreachable!("we sent a Request"),
+                })
+            }
+            None => Err(Box::new((tx, req))),
+        }
+    }
+
+    /// An ACK outside any transaction (for a 2xx). Unknown ones are dropped (RFC 3261
+    /// 17.2.3: nothing answers an ACK).
+    pub fn on_ack(&self, ack: Request) {
+        let Some(tag) = ack.base.to.tag() else { return };
+        if let Some(r) = self
+            .inner
+            .dialogs
+            .get(&DialogKey::new(&ack.base.call_id, tag))
+        {
+            let _ = r.events.send(CallEvent::Ack {
+                side: r.side,
+                req: ack,
+            });
+        }
+    }
+
+    /// A CANCEL for a pending INVITE: true when it belonged to a call (which then ends
+    /// the INVITE with 487 itself).
+    pub fn on_cancel(&self, cancel: &Request) -> bool {
+        let key = DialogKey::new(&cancel.base.call_id, cancel.base.from.tag().unwrap_or(""));
+        match self.inner.pending.get(&key) {
+            Some(events) => events.send(CallEvent::Cancel).is_ok(),
+            None => false,
+        }
+    }
+
+    /// A response no client transaction wanted: a 2xx retransmission for one of our legs.
+    pub fn on_stray_response(&self, resp: Response) {
+        let Some(tag) = resp.base.from.tag() else {
+            return;
+        };
+        if let Some(r) = self
+            .inner
+            .dialogs
+            .get(&DialogKey::new(&resp.base.call_id, tag))
+        {
+            let _ = r.events.send(CallEvent::Stray { resp });
+        }
+    }
+}

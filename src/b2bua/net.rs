@@ -1,0 +1,105 @@
+//! Where the B2BUA's own requests go and how it names itself: resolving a dial target to
+//! a transport address, and the Via and Contact of the server on each transport.
+
+use crate::sip::{new_branch, Host, Params, Uri, Via};
+use crate::transport::{Target, TransportKind};
+use std::net::{IpAddr, SocketAddr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("not a SIP URI: {0}")]
+    BadUri(String),
+    #[error("cannot resolve {0}")]
+    Unresolvable(String),
+    #[error("no {0} transport is configured")]
+    NoTransport(TransportKind),
+}
+
+/// The server's bound addresses, for Via and Contact.
+#[derive(Debug, Clone)]
+pub struct LocalAddrs {
+    addrs: Vec<(TransportKind, SocketAddr)>,
+}
+
+impl LocalAddrs {
+    pub fn new(addrs: Vec<(TransportKind, SocketAddr)>) -> LocalAddrs {
+        LocalAddrs { addrs }
+    }
+
+    /// The local address to use towards `remote` on `kind`: same transport and IP family.
+    pub fn towards(&self, kind: TransportKind, remote: &SocketAddr) -> Option<SocketAddr> {
+        self.addrs
+            .iter()
+            .filter(|(k, a)| *k == kind && a.is_ipv4() == remote.is_ipv4())
+            .map(|(_, a)| *a)
+            .next()
+    }
+
+    pub fn has(&self, kind: TransportKind) -> bool {
+        self.addrs.iter().any(|(k, _)| *k == kind)
+    }
+
+    /// A fresh Via for a request we send to `target` (RFC 3261 8.1.1.7, with rport so that
+    /// answers find us through NAT, RFC 3581).
+    pub fn via(&self, target: &Target) -> Via {
+        let local = self
+            .towards(target.transport, &target.addr)
+            .unwrap_or_else(|| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5060));
+        let mut params = Params::new();
+        params.set("branch", Some(&new_branch()));
+        params.set("rport", None);
+        Via {
+            version: "2.0".into(),
+            transport: target.transport.via_name().into(),
+            host: Host::from(local.ip()),
+            port: Some(local.port()),
+            params,
+        }
+    }
+
+    /// Our Contact URI on the transport and family of `target`.
+    pub fn contact(&self, target: &Target) -> String {
+        let local = self
+            .towards(target.transport, &target.addr)
+            .unwrap_or_else(|| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5060));
+        let host = Host::from(local.ip());
+        match target.transport {
+            TransportKind::Tcp => format!("<sip:{host}:{};transport=tcp>", local.port()),
+            _ => format!("<sip:{host}:{}>", local.port()),
+        }
+    }
+}
+
+/// Resolves a SIP URI to a transport target (RFC 3263 reduced to what a PBX core needs:
+/// `transport` parameter, else UDP; an IP host, or A/AAAA look-up of a name; port or 5060).
+/// NAPTR/SRV are not done.
+pub async fn resolve(uri: &Uri, local: &LocalAddrs) -> Result<Target, ResolveError> {
+    if !uri.scheme.is_sip() {
+        return Err(ResolveError::BadUri(uri.to_string()));
+    }
+    let transport = match uri.params.value("transport") {
+        Some(t) if t.eq_ignore_ascii_case("tcp") => TransportKind::Tcp,
+        Some(t) if t.eq_ignore_ascii_case("udp") => TransportKind::Udp,
+        Some(t) if t.eq_ignore_ascii_case("memory") => TransportKind::Memory,
+        None => TransportKind::Udp,
+        Some(_) => return Err(ResolveError::BadUri(uri.to_string())),
+    };
+    if !local.has(transport) {
+        return Err(ResolveError::NoTransport(transport));
+    }
+    let port = uri.port.unwrap_or(5060);
+    let addr = match &uri.host {
+        Host::Ipv4(a) => SocketAddr::new(IpAddr::V4(*a), port),
+        Host::Ipv6(a) => SocketAddr::new(IpAddr::V6(*a), port),
+        Host::Domain(d) => tokio::net::lookup_host((d.as_str(), port))
+            .await
+            .ok()
+            .and_then(|mut it| it.next())
+            .ok_or_else(|| ResolveError::Unresolvable(d.clone()))?,
+    };
+    Ok(Target {
+        transport,
+        addr,
+        connection: None,
+    })
+}

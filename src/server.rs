@@ -1,0 +1,234 @@
+//! The server: wires transports, the transaction layer and the UAS core together, and
+//! runs them until a signal asks for a graceful shutdown.
+//!
+//! Owns: start-up order and shutdown (drain) policy. Must not touch: message handling
+//! itself, which belongs to the layers it wires.
+//!
+//! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
+//! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`.
+
+use crate::b2bua::{B2bua, B2buaParts, LocalAddrs};
+use crate::config::Config;
+use crate::script::{EngineOptions, ScriptEngine};
+use crate::sip::{error_response, SipMessage};
+use crate::transaction::{TimerConfig, TransactionLayer};
+use crate::transport::{
+    response_target, Inbound, InboundSink, ListenAddr, Sender, TransportKind, TransportLimits,
+    Transports,
+};
+use crate::uas::UasCore;
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Counters of what the server did with input it could not use.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Malformed requests answered with 400 (or 505).
+    pub malformed_answered: AtomicU64,
+    /// Messages dropped because they could not be parsed or answered.
+    pub malformed_dropped: AtomicU64,
+}
+
+/// Hands what the transports read to the transaction layer, and answers malformed requests
+/// statelessly (RFC 3261 8.2: there is no transaction for a message we cannot parse).
+struct Dispatcher {
+    layer: OnceLock<TransactionLayer>,
+    sender: OnceLock<Transports>,
+    stats: Arc<ServerStats>,
+}
+
+impl InboundSink for Dispatcher {
+    fn deliver(&self, inbound: Inbound) {
+        let (Some(layer), Some(sender)) = (self.layer.get(), self.sender.get()) else {
+            return;
+        };
+        match inbound.message {
+            Ok(SipMessage::Request(req)) => {
+                // Responses go where RFC 3261 18.2.2 says: the server transaction keeps
+                // this target as its "source".
+                let target = match req.base.top_via() {
+                    Some(via) => response_target(via, &inbound.source),
+                    None => inbound.source,
+                };
+                layer.on_message(SipMessage::Request(req), target);
+            }
+            Ok(msg @ SipMessage::Response(_)) => layer.on_message(msg, inbound.source),
+            Err(err) => match error_response(&err) {
+                Some(resp) => {
+                    tracing::debug!(peer = %inbound.source.addr, reason = %err, "answering malformed request");
+                    let target = match resp.base.top_via() {
+                        Some(via) => response_target(via, &inbound.source),
+                        None => inbound.source,
+                    };
+                    if let Err(e) = sender.send(&target, resp.to_bytes()) {
+                        tracing::debug!(error = %e, "could not answer malformed request");
+                    }
+                    self.stats
+                        .malformed_answered
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    tracing::debug!(peer = %inbound.source.addr, reason = %err, "dropping malformed message");
+                    self.stats.malformed_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        }
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    transports: Transports,
+    layer: TransactionLayer,
+    b2bua: B2bua,
+    scripts: ScriptEngine,
+    stats: Arc<ServerStats>,
+}
+
+impl ServerHandle {
+    /// The addresses actually bound (port 0 in the config becomes a real port).
+    pub fn local_addrs(&self) -> Vec<(TransportKind, SocketAddr)> {
+        self.transports.local_addrs()
+    }
+
+    /// The first bound address of a transport.
+    pub fn addr(&self, kind: TransportKind) -> Option<SocketAddr> {
+        self.local_addrs()
+            .into_iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, a)| a)
+    }
+
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    pub fn transactions(&self) -> usize {
+        self.layer.len()
+    }
+
+    /// Calls in progress (ringing or up).
+    pub fn active_calls(&self) -> u64 {
+        self.b2bua.active_calls()
+    }
+
+    pub fn b2bua(&self) -> &B2bua {
+        &self.b2bua
+    }
+
+    pub fn scripts(&self) -> &ScriptEngine {
+        &self.scripts
+    }
+
+    /// Graceful shutdown: new requests get 503, transactions in flight get up to `drain`
+    /// to finish, then the transports close.
+    pub async fn shutdown(self, drain: Duration) {
+        self.layer.stop_accepting();
+        let deadline = tokio::time::Instant::now() + drain;
+        while !self.layer.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !self.layer.is_empty() {
+            tracing::warn!(
+                left = self.layer.len(),
+                "drain time over; closing with transactions in flight"
+            );
+        }
+        self.transports.shutdown();
+    }
+}
+
+/// Binds every configured transport and starts serving.
+pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
+    let listen: Vec<ListenAddr> = config
+        .sip
+        .listen
+        .iter()
+        .map(|s| {
+            s.parse::<ListenAddr>()
+                .map_err(|e| anyhow::anyhow!("sip.listen entry {s:?}: {e}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let stats = Arc::new(ServerStats::default());
+    let dispatcher = Arc::new(Dispatcher {
+        layer: OnceLock::new(),
+        sender: OnceLock::new(),
+        stats: stats.clone(),
+    });
+    let limits = TransportLimits {
+        max_message_size: config.sip.max_message_size,
+        idle_timeout: Duration::from_secs(config.sip.tcp_idle_timeout_s),
+        ..TransportLimits::default()
+    };
+    let transports = Transports::bind(&listen, limits, dispatcher.clone())
+        .await
+        .context("binding sip.listen")?;
+    let scripts = ScriptEngine::load(EngineOptions {
+        path: config.script.path.clone().into(),
+        memory_limit: config.script.memory_limit_kb.saturating_mul(1024),
+        instruction_limit: config.script.instruction_limit,
+        pool_size: config.script.vm_pool_size,
+    })
+    .with_context(|| format!("loading script {}", config.script.path))?;
+    let (t1, t2, t4) = config.timers();
+    let timers = TimerConfig { t1, t2, t4 };
+    let core = Arc::new(UasCore::new(config, &transports.local_addrs()));
+    let sender: Arc<dyn Sender> = Arc::new(transports.clone());
+    let layer = TransactionLayer::new(sender.clone(), timers, core.clone());
+    let b2bua = B2bua::new(B2buaParts {
+        layer: layer.clone(),
+        sender,
+        scripts: scripts.clone(),
+        local: LocalAddrs::new(transports.local_addrs()),
+        timers,
+        default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
+    });
+    core.set_b2bua(b2bua.clone());
+    let _ = dispatcher.layer.set(layer.clone());
+    let _ = dispatcher.sender.set(transports.clone());
+    for (kind, addr) in transports.local_addrs() {
+        tracing::info!(%kind, %addr, "listening");
+    }
+    Ok(ServerHandle {
+        transports,
+        layer,
+        b2bua,
+        scripts,
+        stats,
+    })
+}
+
+/// Runs the server until SIGINT or SIGTERM, then drains and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let server = start(&config).await?;
+    wait_for_stop(&server).await?;
+    tracing::info!("shutting down");
+    server
+        .shutdown(Duration::from_secs(config.shutdown.drain_timeout_s))
+        .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM; SIGHUP reloads the script meanwhile (new calls use the new
+/// version, calls in progress keep theirs; a script that does not compile is refused and
+/// the running one stays).
+async fn wait_for_stop(server: &ServerHandle) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match server.scripts.reload() {
+                Ok(()) => tracing::info!(version = server.scripts.current().version(), "script reloaded"),
+                Err(e) => tracing::error!(error = %e, "script reload refused; the running version stays"),
+            },
+        }
+    }
+}
