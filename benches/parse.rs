@@ -32,7 +32,9 @@ fn parse(c: &mut Criterion) {
     });
     g.finish();
     let (msg, _) = strowger::sip::parse(bytes).unwrap();
-    c.bench_function("serialize_invite", |b| b.iter(|| black_box(&msg).to_bytes()));
+    c.bench_function("serialize_invite", |b| {
+        b.iter(|| black_box(&msg).to_bytes())
+    });
 }
 
 criterion_group!(benches, parse);

@@ -67,7 +67,11 @@ fn rfc4475_parse_outcomes() {
         }
     }
     eprintln!("valid RFC 4475 messages parsed: ours {ours_ok}, rsip 0.4 {rsip_ok}");
-    assert!(failures.is_empty(), "wrong outcomes:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "wrong outcomes:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -89,10 +93,16 @@ fn own_corpus() {
             other => panic!("unknown expectation {other}"),
         };
         if !good {
-            failures.push(format!("{name} ({note}): expected {expect}, got {parsed:?}"));
+            failures.push(format!(
+                "{name} ({note}): expected {expect}, got {parsed:?}"
+            ));
         }
     }
-    assert!(failures.is_empty(), "wrong outcomes:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "wrong outcomes:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// The gaps of rsip 0.4 that made us write our own parser; if a new rsip closes them, this
@@ -114,5 +124,8 @@ fn rsip_gaps_measured() {
         }
     }
     eprintln!("rsip 0.4 fails on: {rsip_fails:?}");
-    assert!(!rsip_fails.is_empty(), "rsip now handles every gap: reconsider src/sip");
+    assert!(
+        !rsip_fails.is_empty(),
+        "rsip now handles every gap: reconsider src/sip"
+    );
 }

@@ -38,9 +38,29 @@ impl XorShift {
 }
 
 const INTERESTING: &[&[u8]] = &[
-    b"\r\n", b"\r\n ", b":", b";", b",", b"<", b">", b"\"", b"[", b"]", b"@", b"%", b"\0",
-    b"\xff", b"Content-Length: 99999\r\n", b"l: -1\r\n", b"Via: SIP/2.0/UDP [::1\r\n", b" ",
-    b"\t", b"=", b"?", b"SIP/2.0", b"\r\n\r\n",
+    b"\r\n",
+    b"\r\n ",
+    b":",
+    b";",
+    b",",
+    b"<",
+    b">",
+    b"\"",
+    b"[",
+    b"]",
+    b"@",
+    b"%",
+    b"\0",
+    b"\xff",
+    b"Content-Length: 99999\r\n",
+    b"l: -1\r\n",
+    b"Via: SIP/2.0/UDP [::1\r\n",
+    b" ",
+    b"\t",
+    b"=",
+    b"?",
+    b"SIP/2.0",
+    b"\r\n\r\n",
 ];
 
 #[test]
