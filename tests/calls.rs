@@ -1,0 +1,330 @@
+//! The B2BUA end to end: SIPp as caller and SIPp as callee(s) through the server, routed
+//! by a Lua dial plan. Each test checks what each SIPp side saw, and that the legs had
+//! different Call-IDs (the B2BUA regenerates the callee's leg).
+
+mod common;
+
+use common::sipp::{self, call_ids, received, SeenMessage};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(40);
+
+/// A dial plan for the tests: the Request-URI user picks the behaviour; B1 and B2 are
+/// the callees' addresses.
+fn script(dir: &Path, b1: u16, b2: u16) -> PathBuf {
+    let path = dir.join("plan.lua");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+local B1 = "sip:callee@127.0.0.1:{b1}"
+local B2 = "sip:callee@127.0.0.1:{b2}"
+function on_invite(call)
+  local u = call.ruri.user
+  if u == "fork" then
+    call:dial({{ B1, B2 }}, {{ timeout = 15 }})
+  elseif u == "failover" then
+    local r = call:dial(B1)
+    if not r.answered then
+      log.info("first target failed with ", r.status, "; trying the second")
+      call:dial(B2)
+    end
+  elseif u == "timeout" then
+    call:dial(B1, {{ timeout = 2 }})
+  else
+    call:dial(B1, {{ timeout = 15 }})
+  end
+end
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+struct Setup {
+    server: TestServer,
+    dir: PathBuf,
+    b1: u16,
+    b2: u16,
+}
+
+async fn setup(tag: &str) -> Setup {
+    let dir = sipp::workdir(tag);
+    let (b1, b2) = (sipp::free_udp_port(), sipp::free_udp_port());
+    let mut config = test_config();
+    config.script.path = script(&dir, b1, b2).display().to_string();
+    let server = start_with(config).await;
+    Setup {
+        server,
+        dir,
+        b1,
+        b2,
+    }
+}
+
+fn caller(s: &Setup, scenario: &str, service: &str) -> sipp::Sipp {
+    caller_holding(s, scenario, service, 300)
+}
+
+fn caller_holding(s: &Setup, scenario: &str, service: &str, hold_ms: u64) -> sipp::Sipp {
+    sipp::start(
+        &s.dir,
+        "caller",
+        Path::new(scenario),
+        sipp::free_udp_port(),
+        Some(s.server.udp),
+        &["-s", service, "-key", "hold", &hold_ms.to_string()],
+    )
+}
+
+fn callee(s: &Setup, name: &str, scenario: &str, port: u16) -> sipp::Sipp {
+    sipp::start(&s.dir, name, Path::new(scenario), port, None, &[])
+}
+
+fn fail_scenario(dir: &Path, status: u16) -> String {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_fail.xml"),
+    )
+    .unwrap();
+    let path = dir.join(format!("uac_fail_{status}.xml"));
+    std::fs::write(&path, text.replace("EXPECTED_STATUS", &status.to_string())).unwrap();
+    path.display().to_string()
+}
+
+fn assert_legs_differ(a: &[SeenMessage], b: &[SeenMessage]) {
+    let (ia, ib) = (call_ids(a), call_ids(b));
+    assert_eq!(ia.len(), 1, "caller saw one Call-ID: {ia:?}");
+    assert!(!ib.is_empty());
+    for id in &ib {
+        assert!(!ia.contains(id), "callee saw the caller's Call-ID {id}");
+    }
+    // Topology hiding: the callee never sees the caller's Via or Contact.
+    for m in b {
+        assert!(
+            !m.text.contains("sip:caller@127.0.0.1"),
+            "caller's Contact leaked: {}",
+            m.text
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_call_caller_hangs_up() {
+    let s = setup("basic").await;
+    let b = callee(&s, "callee", "uas_answer.xml", s.b1);
+    let a = caller(&s, "uac_call.xml", "bob")
+        .expect_success(LIMIT)
+        .await;
+    let b = b.expect_success(LIMIT).await;
+    assert_eq!(received(&b), ["INVITE", "ACK", "BYE"]);
+    assert!(
+        received(&a).ends_with(&["200".to_string(), "200".to_string()]),
+        "{:?}",
+        received(&a)
+    );
+    assert!(
+        received(&a).contains(&"180".to_string()),
+        "ringing relayed: {:?}",
+        received(&a)
+    );
+    // The SDP passed through unchanged in both directions.
+    let invite_b = b.iter().find(|m| !m.sent && m.kind() == "INVITE").unwrap();
+    let invite_a = a.iter().find(|m| m.sent && m.kind() == "INVITE").unwrap();
+    assert_eq!(invite_b.body().trim(), invite_a.body().trim());
+    let ok_b = b.iter().find(|m| m.sent && m.kind() == "200").unwrap();
+    let ok_a = a.iter().find(|m| !m.sent && m.kind() == "200").unwrap();
+    assert_eq!(ok_a.body().trim(), ok_b.body().trim());
+    assert_legs_differ(&a, &b);
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callee_hangs_up() {
+    let s = setup("calleebye").await;
+    let b = callee(&s, "callee", "uas_bye.xml", s.b1);
+    let a = caller(&s, "uac_wait_bye.xml", "bob")
+        .expect_success(LIMIT)
+        .await;
+    let b = b.expect_success(LIMIT).await;
+    assert_eq!(received(&a).last().map(String::as_str), Some("BYE"));
+    assert_eq!(received(&b), ["INVITE", "ACK", "200"]);
+    assert_legs_differ(&a, &b);
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_cancels_while_ringing() {
+    let s = setup("cancel").await;
+    let b = callee(&s, "callee", "uas_ring_cancel.xml", s.b1);
+    let a = caller(&s, "uac_cancel.xml", "bob")
+        .expect_success(LIMIT)
+        .await;
+    let b = b.expect_success(LIMIT).await;
+    let ra = received(&a);
+    assert!(
+        ra.contains(&"200".to_string()) && ra.contains(&"487".to_string()),
+        "{ra:?}"
+    );
+    assert_eq!(received(&b), ["INVITE", "CANCEL", "ACK"]);
+    assert_legs_differ(&a, &b);
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bye_for_an_unknown_dialog_gets_481() {
+    let s = setup("bye481").await;
+    let a = caller(&s, "uac_bye_unknown.xml", "bob")
+        .expect_success(LIMIT)
+        .await;
+    assert_eq!(received(&a), ["481"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinvite_hold_info_and_update_in_dialog() {
+    let s = setup("midcall").await;
+    let b = callee(&s, "callee", "uas_midcall.xml", s.b1);
+    let a = caller(&s, "uac_midcall.xml", "bob")
+        .expect_success(LIMIT)
+        .await;
+    let b = b.expect_success(LIMIT).await;
+    assert_eq!(
+        received(&b),
+        ["INVITE", "ACK", "INVITE", "ACK", "INFO", "UPDATE", "BYE"]
+    );
+    // Each leg has its own CSeq space: the callee's leg counts its own requests.
+    let cseqs: Vec<&str> = b
+        .iter()
+        .filter(|m| !m.sent)
+        .filter_map(|m| m.header("CSeq"))
+        .collect();
+    assert_eq!(
+        cseqs,
+        ["1 INVITE", "1 ACK", "2 INVITE", "2 ACK", "3 INFO", "4 UPDATE", "5 BYE"]
+    );
+    assert_legs_differ(&a, &b);
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_offer_is_carried_by_200_and_ack() {
+    let s = setup("late").await;
+    let b = callee(&s, "callee", "uas_late_offer.xml", s.b1);
+    let a = caller(&s, "uac_late_offer.xml", "bob")
+        .expect_success(LIMIT)
+        .await;
+    let b = b.expect_success(LIMIT).await;
+    assert_eq!(received(&b), ["INVITE", "ACK", "BYE"]);
+    assert_legs_differ(&a, &b);
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reliable_183_and_prack_are_relayed() {
+    let s = setup("prack").await;
+    let b = callee(&s, "callee", "uas_prack.xml", s.b1);
+    let a = caller(&s, "uac_prack.xml", "bob")
+        .expect_success(LIMIT)
+        .await;
+    let b = b.expect_success(LIMIT).await;
+    assert_eq!(received(&b), ["INVITE", "PRACK", "ACK", "BYE"]);
+    // The caller's 183 carried the server's own RSeq, not the callee's.
+    let r183 = a.iter().find(|m| !m.sent && m.kind() == "183").unwrap();
+    assert_ne!(r183.header("RSeq"), Some("7001"));
+    assert_legs_differ(&a, &b);
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_fork_first_answer_wins_other_is_cancelled() {
+    let s = setup("fork").await;
+    let winner = callee(&s, "winner", "uas_answer.xml", s.b1);
+    let loser = callee(&s, "loser", "uas_ring_cancel.xml", s.b2);
+    let a = caller(&s, "uac_call.xml", "fork")
+        .expect_success(LIMIT)
+        .await;
+    let w = winner.expect_success(LIMIT).await;
+    let l = loser.expect_success(LIMIT).await;
+    assert_eq!(received(&w), ["INVITE", "ACK", "BYE"]);
+    assert_eq!(received(&l), ["INVITE", "CANCEL", "ACK"]);
+    assert_legs_differ(&a, &w);
+    assert_legs_differ(&a, &l);
+    assert_ne!(call_ids(&w), call_ids(&l), "each branch is its own leg");
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_failover_after_busy() {
+    let s = setup("failover").await;
+    let busy = callee(&s, "busy", "uas_reject.xml", s.b1);
+    let second = callee(&s, "second", "uas_answer.xml", s.b2);
+    let a = caller(&s, "uac_call.xml", "failover")
+        .expect_success(LIMIT)
+        .await;
+    let busy = busy.expect_success(LIMIT).await;
+    let second = second.expect_success(LIMIT).await;
+    assert_eq!(received(&busy), ["INVITE", "ACK"]);
+    assert_eq!(received(&second), ["INVITE", "ACK", "BYE"]);
+    assert!(
+        !received(&a).contains(&"486".to_string()),
+        "the 486 is not relayed when the script tries again"
+    );
+    assert_legs_differ(&a, &second);
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_timeout_cancels_and_fails_the_call() {
+    let s = setup("timeout").await;
+    let b = callee(&s, "callee", "uas_ring_cancel.xml", s.b1);
+    let scenario = fail_scenario(&s.dir, 480);
+    let a = caller(&s, &scenario, "timeout").expect_success(LIMIT).await;
+    let b = b.expect_success(LIMIT).await;
+    assert_eq!(received(&b), ["INVITE", "CANCEL", "ACK"]);
+    assert!(received(&a).contains(&"480".to_string()));
+    wait_idle(&s.server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_while_a_call_is_up_keeps_it() {
+    let s = setup("reload").await;
+    let b = callee(&s, "callee", "uas_answer.xml", s.b1);
+    let a = caller_holding(&s, "uac_call.xml", "bob", 3000);
+    // Wait until the call is up, then replace the plan with one that rejects everything.
+    for _ in 0..100 {
+        if s.server.handle.b2bua().dialogs() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(s.server.handle.b2bua().dialogs() >= 2, "call is up");
+    let path = std::path::PathBuf::from(&s.server.handle.scripts().options().path);
+    std::fs::write(
+        &path,
+        "function on_invite(call) call:reject(403, 'Closed for reload test') end",
+    )
+    .unwrap();
+    s.server.handle.scripts().reload().expect("reload");
+    // The call in progress ends normally (caller BYE, 200) on its own version.
+    let a = a.expect_success(LIMIT).await;
+    let b = b.expect_success(LIMIT).await;
+    assert_eq!(received(&b), ["INVITE", "ACK", "BYE"]);
+    assert!(received(&a).ends_with(&["200".to_string(), "200".to_string()]));
+    // A new call runs the new version.
+    let scenario = fail_scenario(&s.dir, 403);
+    caller(&s, &scenario, "bob").expect_success(LIMIT).await;
+    wait_idle(&s.server).await;
+}
+
+/// After a call every dialog and call is gone from the server.
+async fn wait_idle(s: &TestServer) {
+    for _ in 0..100 {
+        if s.handle.active_calls() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("calls still active: {}", s.handle.active_calls());
+}

@@ -1,0 +1,201 @@
+//! Shared helpers of the integration tests: a server on port 0 and raw SIP peers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use strowger::config::Config;
+use strowger::server::ServerHandle;
+use strowger::transport::TransportKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.sip.listen = vec!["udp:127.0.0.1:0".into(), "tcp:127.0.0.1:0".into()];
+    c.sip.domain = "strowger.test".into();
+    c.http.listen = "127.0.0.1:0".into();
+    c
+}
+
+pub struct TestServer {
+    pub handle: ServerHandle,
+    pub udp: SocketAddr,
+    pub tcp: SocketAddr,
+}
+
+pub async fn start_server() -> TestServer {
+    start_with(test_config()).await
+}
+
+pub async fn start_with(config: Config) -> TestServer {
+    let handle = strowger::server::start(&config)
+        .await
+        .expect("server starts");
+    let udp = handle.addr(TransportKind::Udp).expect("udp bound");
+    let tcp = handle.addr(TransportKind::Tcp).expect("tcp bound");
+    TestServer { handle, udp, tcp }
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(1);
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A request from a peer at `from` (its Via sent-by, with rport), Content-Length computed.
+pub fn request(
+    method: &str,
+    ruri: &str,
+    from: SocketAddr,
+    transport: &str,
+    call_id: &str,
+    extra: &str,
+    body: &str,
+) -> String {
+    format!(
+        "{method} {ruri} SIP/2.0\r\n\
+         Via: SIP/2.0/{transport} {from};branch=z9hG4bK{branch};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:alice@example.com>;tag=a{branch}\r\n\
+         To: <sip:bob@strowger.test>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 {method}\r\n\
+         {extra}\
+         Content-Length: {len}\r\n\r\n{body}",
+        branch = unique("b"),
+        len = body.len(),
+    )
+}
+
+pub fn status(resp: &str) -> u16 {
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn reason(resp: &str) -> &str {
+    let line = resp.lines().next().unwrap_or("");
+    line.splitn(3, ' ').nth(2).unwrap_or("")
+}
+
+/// The value of the first header `name` (case-insensitive), compact forms not expanded.
+pub fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
+    msg.split("\r\n\r\n").next()?.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+pub struct UdpPeer {
+    pub sock: UdpSocket,
+    pub addr: SocketAddr,
+}
+
+impl UdpPeer {
+    pub async fn bind(ip: &str) -> UdpPeer {
+        let sock = UdpSocket::bind(format!("{ip}:0")).await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        UdpPeer { sock, addr }
+    }
+    pub async fn send(&self, to: SocketAddr, msg: &[u8]) {
+        self.sock.send_to(msg, to).await.unwrap();
+    }
+    /// The next datagram, or None after `wait`.
+    pub async fn recv(&self, wait: Duration) -> Option<String> {
+        let mut buf = vec![0u8; 65535];
+        match tokio::time::timeout(wait, self.sock.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => None,
+        }
+    }
+    /// The next final response (skipping 1xx), or None after `wait`.
+    pub async fn recv_final(&self, wait: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let r = self.recv(left).await?;
+            if status(&r) >= 200 {
+                return Some(r);
+            }
+        }
+    }
+}
+
+pub const WAIT: Duration = Duration::from_secs(3);
+
+/// Reads SIP messages from a TCP stream, framed by Content-Length.
+pub struct TcpPeer {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl TcpPeer {
+    pub async fn connect(to: SocketAddr) -> TcpPeer {
+        TcpPeer {
+            stream: TcpStream::connect(to).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+    pub fn local(&self) -> SocketAddr {
+        self.stream.local_addr().unwrap()
+    }
+    pub async fn write(&mut self, data: &[u8]) {
+        self.stream.write_all(data).await.unwrap();
+    }
+    pub async fn recv(&mut self, wait: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(text) = std::str::from_utf8(&self.buf).ok().map(str::to_owned) {
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = header(&text[..end + 4], "Content-Length")
+                        .or_else(|| header(&text[..end + 4], "l"))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if text.len() >= end + 4 + len {
+                        let msg = text[..end + 4 + len].to_owned();
+                        self.buf.drain(..end + 4 + len);
+                        return Some(msg);
+                    }
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+    pub async fn recv_final(&mut self, wait: Duration) -> Option<String> {
+        loop {
+            let r = self.recv(wait).await?;
+            if status(&r) >= 200 {
+                return Some(r);
+            }
+        }
+    }
+}
+
+/// Runs SIPp (Debian package sip-tester, installed by tests/setup-and-run.sh) with a time
+/// bound, returning its exit status and output. Panics when sipp is missing: the test
+/// command installs it, so a missing sipp is a set-up error, not a skip.
+pub async fn run_sipp(args: &[String], limit: Duration) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new("sipp");
+    cmd.args(args)
+        .arg("-nostdin")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .kill_on_drop(true);
+    let child = cmd.output();
+    match tokio::time::timeout(limit, child).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("cannot run sipp (install package sip-tester): {e}"),
+        Err(_) => panic!("sipp did not finish within {limit:?}"),
+    }
+}
+pub mod sipp;

@@ -1,0 +1,202 @@
+//! Running SIPp peers around a test server and reading what each of them saw.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// A free UDP port on 127.0.0.1 for a SIPp peer (the server dials it, so it must be known
+/// before SIPp starts).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+pub struct Sipp {
+    child: Child,
+    pub name: String,
+    pub messages: PathBuf,
+}
+
+pub fn workdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(super::unique(&format!("strowger-{tag}")));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Starts SIPp with `scenario` (a file under tests/sipp, or a path), local port `port`,
+/// against `remote` (None for a callee). `-m calls`.
+pub fn start(
+    dir: &Path,
+    name: &str,
+    scenario: &Path,
+    port: u16,
+    remote: Option<SocketAddr>,
+    extra: &[&str],
+) -> Sipp {
+    let scenario = if scenario.is_absolute() {
+        scenario.to_path_buf()
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/sipp")
+            .join(scenario)
+    };
+    let messages = dir.join(format!("{name}.messages.log"));
+    let mut cmd = Command::new("sipp");
+    cmd.arg("-sf")
+        .arg(&scenario)
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "u1",
+            "-m",
+            "1",
+            "-nostdin",
+        ])
+        .args(["-trace_msg", "-message_file"])
+        .arg(&messages)
+        .args(["-trace_err", "-error_file"])
+        .arg(dir.join(format!("{name}.errors.log")))
+        .args([
+            "-timeout",
+            "30s",
+            "-timeout_error",
+            "-max_recv_loops",
+            "1000",
+        ])
+        .args(extra)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(r) = remote {
+        cmd.arg(r.to_string());
+    }
+    let child = cmd
+        .spawn()
+        .expect("sipp runs (package sip-tester, installed by the test command)");
+    Sipp {
+        child,
+        name: name.to_owned(),
+        messages,
+    }
+}
+
+impl Sipp {
+    /// Waits for SIPp to finish (bounded) and panics with its output if it failed.
+    pub async fn expect_success(self, limit: Duration) -> Vec<SeenMessage> {
+        let name = self.name.clone();
+        let messages = self.messages.clone();
+        let out = match tokio::time::timeout(limit, self.child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => panic!("{name}: {e}"),
+            Err(_) => panic!("{name}: sipp still running after {limit:?}"),
+        };
+        let seen = read_messages(&messages);
+        if out.status.code() != Some(0) {
+            let errors =
+                std::fs::read_to_string(messages.with_extension("").with_extension("errors.log"))
+                    .unwrap_or_default();
+            panic!(
+                "{name} failed ({:?}):\n{}\n{}\nerrors: {errors}\nmessages:\n{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                String::from_utf8_lossy(&out.stderr),
+                seen.iter()
+                    .map(|m| format!("{} {}", if m.sent { ">>" } else { "<<" }, m.first_line()))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        }
+        seen
+    }
+}
+
+/// One message in a SIPp message log.
+#[derive(Debug, Clone)]
+pub struct SeenMessage {
+    pub sent: bool,
+    pub text: String,
+}
+
+impl SeenMessage {
+    pub fn first_line(&self) -> &str {
+        self.text.lines().next().unwrap_or("")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.text
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty())
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+    }
+    pub fn body(&self) -> &str {
+        self.text
+            .split_once("\n\n")
+            .or_else(|| self.text.split_once("\r\n\r\n"))
+            .map(|(_, b)| b)
+            .unwrap_or("")
+    }
+    /// "INVITE", "ACK"... for requests, "200"... for responses.
+    pub fn kind(&self) -> String {
+        let l = self.first_line();
+        if let Some(rest) = l.strip_prefix("SIP/2.0 ") {
+            rest.split(' ').next().unwrap_or("").to_owned()
+        } else {
+            l.split(' ').next().unwrap_or("").to_owned()
+        }
+    }
+}
+
+pub fn read_messages(path: &Path) -> Vec<SeenMessage> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = Vec::new();
+    for block in text
+        .split("----------------------------------------------- ")
+        .skip(1)
+    {
+        let mut lines = block.lines();
+        let _stamp = lines.next();
+        let Some(what) = lines.next() else { continue };
+        let sent = what.contains("sent");
+        if !(what.contains("message sent") || what.contains("message received")) {
+            continue;
+        }
+        let rest: Vec<&str> = lines.skip_while(|l| l.trim().is_empty()).collect();
+        let msg = rest.join("\n").trim_end().to_owned();
+        if !msg.is_empty() {
+            out.push(SeenMessage { sent, text: msg });
+        }
+    }
+    out
+}
+
+/// The kinds of messages received, in order ("INVITE", "200", ...).
+pub fn received(seen: &[SeenMessage]) -> Vec<String> {
+    seen.iter().filter(|m| !m.sent).map(|m| m.kind()).collect()
+}
+
+/// Distinct Call-IDs of a side's messages.
+pub fn call_ids(seen: &[SeenMessage]) -> Vec<String> {
+    let mut ids: Vec<String> = seen
+        .iter()
+        .filter_map(|m| m.header("Call-ID").map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}

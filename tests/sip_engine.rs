@@ -1,0 +1,378 @@
+//! The SIP engine end to end over real sockets: the server on port 0, raw SIP over UDP and
+//! TCP, IPv4 and IPv6.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const METHODS: [&str; 14] = [
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "OPTIONS",
+    "REGISTER",
+    "PRACK",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "INFO",
+    "UPDATE",
+    "REFER",
+    "PUBLISH",
+    "MESSAGE",
+];
+
+fn assert_options_ok(resp: &str) {
+    assert_eq!(status(resp), 200, "{resp}");
+    let allow = header(resp, "Allow").expect("Allow");
+    for m in METHODS {
+        assert!(
+            allow.split(',').any(|a| a.trim() == m),
+            "Allow lacks {m}: {allow}"
+        );
+    }
+    for h in ["Accept", "Accept-Encoding", "Accept-Language", "Supported"] {
+        assert!(header(resp, h).is_some(), "missing {h}: {resp}");
+    }
+    let contact = header(resp, "Contact").expect("Contact");
+    assert!(contact.contains(";audio"), "feature tags: {contact}");
+    assert_eq!(
+        header(resp, "Content-Length"),
+        Some("0"),
+        "OPTIONS 200 has no body"
+    );
+    assert!(header(resp, "To").unwrap().contains("tag="), "To tag");
+}
+
+#[tokio::test]
+async fn options_over_udp() {
+    let s = start_server().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let req = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        peer.addr,
+        "UDP",
+        &unique("opt"),
+        "",
+        "",
+    );
+    peer.send(s.udp, req.as_bytes()).await;
+    let resp = peer.recv(WAIT).await.expect("answer");
+    assert_options_ok(&resp);
+    assert!(
+        header(&resp, "Via").unwrap().contains("rport="),
+        "rport filled: {resp}"
+    );
+}
+
+#[tokio::test]
+async fn options_over_tcp() {
+    let s = start_server().await;
+    let mut peer = TcpPeer::connect(s.tcp).await;
+    let req = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        peer.local(),
+        "TCP",
+        &unique("opt"),
+        "",
+        "",
+    );
+    peer.write(req.as_bytes()).await;
+    assert_options_ok(&peer.recv(WAIT).await.expect("answer"));
+}
+
+#[tokio::test]
+async fn options_over_udp_ipv6() {
+    let mut config = test_config();
+    config.sip.listen = vec!["udp:[::1]:0".into(), "tcp:[::1]:0".into()];
+    let Ok(handle) = strowger::server::start(&config).await else {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    };
+    let addr = handle
+        .addr(strowger::transport::TransportKind::Udp)
+        .unwrap();
+    let peer = UdpPeer::bind("[::1]").await;
+    let req = request(
+        "OPTIONS",
+        "sip:[::1]",
+        peer.addr,
+        "UDP",
+        &unique("opt6"),
+        "",
+        "",
+    );
+    peer.send(addr, req.as_bytes()).await;
+    let resp = peer.recv(WAIT).await.expect("answer over IPv6");
+    assert_options_ok(&resp);
+    assert!(
+        header(&resp, "Contact").unwrap().contains("[::1]"),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
+async fn retransmitted_request_is_absorbed_and_answered_the_same() {
+    let s = start_server().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let req = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        peer.addr,
+        "UDP",
+        &unique("rtx"),
+        "",
+        "",
+    );
+    peer.send(s.udp, req.as_bytes()).await;
+    let first = peer.recv(WAIT).await.expect("first answer");
+    peer.send(s.udp, req.as_bytes()).await;
+    let second = peer.recv(WAIT).await.expect("answer to the retransmission");
+    // The same response, To tag included: the transaction re-sent it, the core did not
+    // see the request twice.
+    assert_eq!(first, second);
+}
+
+async fn answer_to(raw: &str) -> Option<String> {
+    let s = start_server().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let raw = raw.replace("PEER", &peer.addr.to_string());
+    peer.send(s.udp, raw.as_bytes()).await;
+    peer.recv_final(WAIT).await
+}
+
+fn req_text(method: &str, extra: &str, cseq_method: &str) -> String {
+    format!(
+        "{method} sip:bob@strowger.test SIP/2.0\r\n\
+         Via: SIP/2.0/UDP PEER;branch=z9hG4bK{}\r\n\
+         From: <sip:alice@example.com>;tag=1\r\n\
+         To: <sip:bob@strowger.test>\r\n\
+         Call-ID: {}\r\n\
+         CSeq: 1 {cseq_method}\r\n\
+         {extra}\
+         Content-Length: 0\r\n\r\n",
+        unique("b"),
+        unique("bad")
+    )
+}
+
+#[tokio::test]
+async fn unknown_method_gets_501_with_allow() {
+    let r = answer_to(&req_text("FROB", "Max-Forwards: 70\r\n", "FROB"))
+        .await
+        .unwrap();
+    assert_eq!(status(&r), 501, "{r}");
+    assert!(header(&r, "Allow").unwrap().contains("MESSAGE"));
+}
+
+#[tokio::test]
+async fn max_forwards_zero_gets_483() {
+    let r = answer_to(&req_text("INVITE", "Max-Forwards: 0\r\n", "INVITE"))
+        .await
+        .unwrap();
+    assert_eq!(status(&r), 483, "{r}");
+}
+
+#[tokio::test]
+async fn other_sip_version_gets_505() {
+    let raw = req_text("OPTIONS", "Max-Forwards: 70\r\n", "OPTIONS")
+        .replace("SIP/2.0\r\n", "SIP/3.0\r\n");
+    let r = answer_to(&raw).await.unwrap();
+    assert_eq!(status(&r), 505, "{r}");
+}
+
+#[tokio::test]
+async fn unknown_require_gets_420_with_unsupported() {
+    let r = answer_to(&req_text("OPTIONS", "Require: frobnication\r\n", "OPTIONS"))
+        .await
+        .unwrap();
+    assert_eq!(status(&r), 420, "{r}");
+    assert_eq!(header(&r, "Unsupported"), Some("frobnication"));
+}
+
+#[tokio::test]
+async fn content_length_beyond_datagram_gets_400_naming_it() {
+    let raw =
+        req_text("OPTIONS", "", "OPTIONS").replace("Content-Length: 0", "Content-Length: 900");
+    let r = answer_to(&raw).await.unwrap();
+    assert_eq!(status(&r), 400, "{r}");
+    assert!(reason(&r).contains("Content-Length"), "{r}");
+}
+
+#[tokio::test]
+async fn missing_call_id_gets_400_naming_it() {
+    let raw = req_text("OPTIONS", "", "OPTIONS");
+    let raw: String = raw
+        .split_inclusive("\r\n")
+        .filter(|l| !l.starts_with("Call-ID"))
+        .collect();
+    let r = answer_to(&raw).await.unwrap();
+    assert_eq!(status(&r), 400);
+    assert_eq!(reason(&r), "Missing Call-ID header");
+}
+
+#[tokio::test]
+async fn cseq_method_mismatch_gets_400() {
+    let r = answer_to(&req_text("OPTIONS", "", "INVITE")).await.unwrap();
+    assert_eq!(status(&r), 400, "{r}");
+}
+
+#[tokio::test]
+async fn garbage_is_dropped_and_counted_and_the_server_still_answers() {
+    let s = start_server().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    for junk in [
+        &b"\x00\x01\x02garbage"[..],
+        b"HELLO\r\n\r\n",
+        b"SIP/2.0 999999 Nope\r\n\r\n",
+        &[0xff; 300],
+    ] {
+        peer.send(s.udp, junk).await;
+    }
+    let req = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        peer.addr,
+        "UDP",
+        &unique("after"),
+        "",
+        "",
+    );
+    peer.send(s.udp, req.as_bytes()).await;
+    let r = peer.recv(WAIT).await.expect("still answering");
+    assert_eq!(
+        status(&r),
+        200,
+        "the first thing back is the OPTIONS answer: {r}"
+    );
+    assert!(s.handle.stats().malformed_dropped.load(Ordering::Relaxed) >= 3);
+}
+
+#[tokio::test]
+async fn in_dialog_request_for_unknown_dialog_gets_481() {
+    let s = start_server().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let req = request(
+        "BYE",
+        "sip:bob@strowger.test",
+        peer.addr,
+        "UDP",
+        &unique("bye"),
+        "",
+        "",
+    )
+    .replace(
+        "To: <sip:bob@strowger.test>",
+        "To: <sip:bob@strowger.test>;tag=nosuch",
+    );
+    peer.send(s.udp, req.as_bytes()).await;
+    assert_eq!(status(&peer.recv_final(WAIT).await.unwrap()), 481);
+}
+
+#[tokio::test]
+async fn tcp_message_split_across_segments() {
+    let s = start_server().await;
+    let mut peer = TcpPeer::connect(s.tcp).await;
+    peer.stream.set_nodelay(true).unwrap();
+    let req = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        peer.local(),
+        "TCP",
+        &unique("split"),
+        "",
+        "",
+    );
+    let bytes = req.as_bytes();
+    for chunk in bytes.chunks(bytes.len() / 4 + 1) {
+        peer.write(chunk).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&peer.recv(WAIT).await.expect("answer")), 200);
+}
+
+#[tokio::test]
+async fn tcp_several_messages_in_one_segment() {
+    let s = start_server().await;
+    let mut peer = TcpPeer::connect(s.tcp).await;
+    let ids: Vec<String> = (0..3).map(|_| unique("multi")).collect();
+    let mut all = String::from("\r\n\r\n");
+    for id in &ids {
+        all.push_str(&request(
+            "OPTIONS",
+            "sip:strowger.test",
+            peer.local(),
+            "TCP",
+            id,
+            "",
+            "",
+        ));
+    }
+    peer.write(all.as_bytes()).await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = peer.recv(WAIT).await.expect("answer");
+        assert_eq!(status(&r), 200);
+        seen.push(header(&r, "Call-ID").unwrap().to_owned());
+    }
+    seen.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want);
+}
+
+#[tokio::test]
+async fn tcp_message_with_body_and_message_after_it() {
+    let s = start_server().await;
+    let mut peer = TcpPeer::connect(s.tcp).await;
+    let a = request(
+        "MESSAGE",
+        "sip:bob@strowger.test",
+        peer.local(),
+        "TCP",
+        &unique("m"),
+        "Content-Type: text/plain\r\n",
+        "hello\r\n\r\nworld",
+    );
+    let b = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        peer.local(),
+        "TCP",
+        &unique("o"),
+        "",
+        "",
+    );
+    peer.write(format!("{a}{b}").as_bytes()).await;
+    let r1 = peer.recv(WAIT).await.unwrap();
+    let r2 = peer.recv(WAIT).await.unwrap();
+    // The body with a blank line inside is framed by Content-Length, not by CRLFCRLF.
+    assert_eq!(header(&r1, "CSeq"), Some("1 MESSAGE"), "{r1}");
+    assert_eq!(status(&r2), 200, "{r2}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_refuses_new_requests_then_stops() {
+    let s = start_server().await;
+    let udp = s.udp;
+    s.handle.shutdown(Duration::from_millis(200)).await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let req = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        peer.addr,
+        "UDP",
+        &unique("late"),
+        "",
+        "",
+    );
+    peer.send(udp, req.as_bytes()).await;
+    assert!(
+        peer.recv(Duration::from_millis(300)).await.is_none(),
+        "closed after shutdown"
+    );
+}
