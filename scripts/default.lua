@@ -5,8 +5,8 @@
 --     the first trunk fails (but not when the called party is busy or declines);
 --   * anything else is rejected with "404 No such extension".
 --
--- The hooks and the `call` API are described in src/script/API.md. Edit the tables below,
--- check with `strowger check scripts/default.lua`, then reload the script (or restart):
+-- The hooks and the `call` API are described in docs/lua-api.md. Edit the tables below,
+-- check with `strowger check` (it compiles the configured script), then reload the script (or restart):
 -- calls in progress finish on the old version, new calls use the new one. A version that
 -- does not compile is refused and the running one stays.
 

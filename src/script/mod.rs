@@ -6,7 +6,7 @@
 //! `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this module never
 //! sees a SIP message, a transaction or a socket.
 //!
-//! The operator documentation, with examples, is `src/script/API.md` (every ```` ```lua ````
+//! The operator documentation, with examples, is `docs/lua-api.md` (every ```` ```lua ````
 //! block there is compiled and loaded by the tests). Summary:
 //!
 //! # Hooks (global functions the script may define)

@@ -984,9 +984,9 @@ async fn default_lua_routes_extensions_trunks_and_unknown_numbers() {
 
 // ---------------------------------------------------------------- the documentation
 
-/// The ```lua blocks of API.md: (first line, code).
+/// The ```lua blocks of docs/lua-api.md: (first line, code).
 fn api_md_blocks() -> Vec<String> {
-    let md = include_str!("API.md");
+    let md = include_str!("../../docs/lua-api.md");
     let mut blocks = Vec::new();
     let mut current: Option<String> = None;
     for line in md.lines() {
@@ -1003,14 +1003,14 @@ fn api_md_blocks() -> Vec<String> {
             None => {}
         }
     }
-    assert!(current.is_none(), "unterminated ```lua block in API.md");
+    assert!(current.is_none(), "unterminated ```lua block in docs/lua-api.md");
     blocks
 }
 
 #[test]
 fn every_lua_example_in_api_md_loads() {
     let blocks = api_md_blocks();
-    assert!(blocks.len() >= 5, "API.md should have examples");
+    assert!(blocks.len() >= 5, "docs/lua-api.md should have examples");
     let dir = temp_dir();
     // Blocks starting with `-- file: name.lua` are modules the others may require.
     let (modules, scripts): (Vec<_>, Vec<_>) = blocks
@@ -1030,7 +1030,7 @@ fn every_lua_example_in_api_md_loads() {
         let path = dir.join(format!("example{i}.lua"));
         std::fs::write(&path, code).unwrap();
         if let Err(e) = ScriptEngine::check(&path) {
-            panic!("API.md example {i} does not load: {e}\n{code}");
+            panic!("docs/lua-api.md example {i} does not load: {e}\n{code}");
         }
     }
 }
