@@ -475,15 +475,16 @@ fn range<T: PartialOrd + fmt::Display>(
     }
 }
 
-/// Checks the form of a `sip.listen` entry: `udp:IP:PORT` or `tcp:IP:PORT`, IPv6 in
-/// brackets (`tcp:[::1]:5060`). Host names are refused: a listener binds an address.
+/// Checks the form of a `sip.listen` entry: `udp:IP:PORT`, `tcp:IP:PORT` or
+/// `memory:IP:PORT` (the in-process network), IPv6 in brackets (`tcp:[::1]:5060`). Host
+/// names are refused: a listener binds an address.
 pub fn validate_listen_entry(entry: &str) -> Result<(), String> {
     let Some((transport, addr)) = entry.split_once(':') else {
         return Err("expected TRANSPORT:IP:PORT, e.g. \"udp:127.0.0.1:5060\"".into());
     };
-    if transport != "udp" && transport != "tcp" {
+    if !matches!(transport, "udp" | "tcp" | "memory") {
         return Err(format!(
-            "unknown transport {transport:?} (expected udp or tcp)"
+            "unknown transport {transport:?} (expected udp, tcp or memory)"
         ));
     }
     addr.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
