@@ -72,7 +72,32 @@ fn check_accepts_the_shipped_config() {
         path.to_str().unwrap(),
     ]));
     assert_eq!(code, 0, "stderr: {err}");
-    assert_eq!(out.trim(), format!("configuration OK: {}", path.display()));
+    assert_eq!(
+        out.lines().next(),
+        Some(format!("configuration OK: {}", path.display()).as_str())
+    );
+    assert_eq!(out.lines().nth(1), Some("script OK: scripts/default.lua"));
+}
+
+#[test]
+fn check_refuses_a_script_that_does_not_compile_naming_file_and_line() {
+    let dir = temp_dir();
+    let script = dir.join("plan.lua");
+    std::fs::write(&script, "function on_invite(call)\n  call:dial(\n").unwrap();
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[script]\npath = {:?}\n", script.display().to_string()),
+    )
+    .unwrap();
+    let (code, _out, err) = run(&mut strowger(&[
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("plan.lua:"), "names the file and line: {err}");
 }
 
 #[test]

@@ -64,7 +64,11 @@ async fn script_failures_give_500_and_the_next_call_works() {
     let (server, _path) = start(PLAN).await;
     let peer = UdpPeer::bind("127.0.0.1").await;
     let stats = server.handle.scripts().stats();
-    for (user, what) in [("error", "Lua error"), ("loop", "runaway loop"), ("bomb", "memory bomb")] {
+    for (user, what) in [
+        ("error", "Lua error"),
+        ("loop", "runaway loop"),
+        ("bomb", "memory bomb"),
+    ] {
         let before = stats.hook_errors_total.load(Ordering::Relaxed);
         let resp = invite(&server, &peer, user).await;
         assert_eq!(status(&resp), 500, "{what}: {resp}");
@@ -94,8 +98,19 @@ async fn reload_switches_new_calls_and_refuses_a_broken_script() {
     assert_eq!(reason(&resp), "Busy from version two");
 
     std::fs::write(&path, "function on_invite(call) call:reject(404 end").unwrap();
-    let err = server.handle.scripts().reload().expect_err("broken script refused");
-    assert!(err.to_string().contains("plan.lua"), "names the file: {err}");
+    let err = server
+        .handle
+        .scripts()
+        .reload()
+        .expect_err("broken script refused");
+    assert!(
+        err.to_string().contains("plan.lua"),
+        "names the file: {err}"
+    );
     let resp = invite(&server, &peer, "version").await;
-    assert_eq!(reason(&resp), "Busy from version two", "the running script stays");
+    assert_eq!(
+        reason(&resp),
+        "Busy from version two",
+        "the running script stays"
+    );
 }

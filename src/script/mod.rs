@@ -126,6 +126,12 @@ pub const DEFAULT_MEMORY_LIMIT: usize = 64 * 1024 * 1024;
 /// Default instruction budget of one hook run.
 pub const DEFAULT_INSTRUCTION_LIMIT: u64 = 10_000_000;
 
+/// The configured default of `script.path`.
+pub const DEFAULT_SCRIPT_PATH: &str = "scripts/default.lua";
+/// The copy of `scripts/default.lua` built into the binary, used when that path is
+/// configured and no such file exists.
+pub const EMBEDDED_DEFAULT_SCRIPT: &str = include_str!("../../scripts/default.lua");
+
 /// How to load a script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineOptions {

@@ -1003,7 +1003,10 @@ fn api_md_blocks() -> Vec<String> {
             None => {}
         }
     }
-    assert!(current.is_none(), "unterminated ```lua block in docs/lua-api.md");
+    assert!(
+        current.is_none(),
+        "unterminated ```lua block in docs/lua-api.md"
+    );
     blocks
 }
 

@@ -53,10 +53,20 @@ impl ScriptFile {
     }
 
     pub fn read(&self) -> Result<Vec<u8>, ScriptError> {
-        std::fs::read(&self.path).map_err(|source| ScriptError::Io {
-            file: self.display.clone(),
-            source,
-        })
+        match std::fs::read(&self.path) {
+            // Like the configuration, the default dial plan is built into the binary so
+            // that `strowger run` works from any directory; a file on disk wins.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && self.path == Path::new(super::DEFAULT_SCRIPT_PATH) =>
+            {
+                Ok(super::EMBEDDED_DEFAULT_SCRIPT.as_bytes().to_vec())
+            }
+            r => r.map_err(|source| ScriptError::Io {
+                file: self.display.clone(),
+                source,
+            }),
+        }
     }
 }
 
