@@ -457,3 +457,72 @@ async fn bind_error_names_the_address() {
     .unwrap_err();
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
+
+#[tokio::test]
+async fn tcp_idle_connection_is_closed() {
+    let limits = TransportLimits {
+        idle_timeout: Duration::from_millis(200),
+        ..TransportLimits::default()
+    };
+    let (t, _rx) = start(&["tcp:127.0.0.1:0"], limits).await;
+    let mut c = TcpStream::connect(addr_of(&t, TransportKind::Tcp))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    let r = timeout(WAIT, c.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn tcp_max_connections() {
+    let limits = TransportLimits {
+        max_connections: 1,
+        ..TransportLimits::default()
+    };
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], limits).await;
+    let local = addr_of(&t, TransportKind::Tcp);
+    let mut first = TcpStream::connect(local).await.unwrap();
+    first
+        .write_all(options("SIP/2.0/TCP h;branch=z9hG4bKx1", "one", "").as_bytes())
+        .await
+        .unwrap();
+    next(&mut rx).await;
+    // The second is accepted by the kernel and closed by us at once.
+    let mut second = TcpStream::connect(local).await.unwrap();
+    let mut buf = [0u8; 8];
+    let r = timeout(WAIT, second.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert_eq!(t.stats().tcp_connections_open, 1);
+    // Outbound connections count too.
+    let target = Target {
+        transport: TransportKind::Tcp,
+        addr: "127.0.0.1:9".parse().unwrap(),
+        connection: None,
+    };
+    assert!(t.send(&target, Bytes::from_static(b"x")).is_err());
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn large_requests_go_over_tcp() {
+    let (t, _rx) = start(&["udp:127.0.0.1:0"], TransportLimits::default()).await;
+    let udp = Target {
+        transport: TransportKind::Udp,
+        addr: "127.0.0.1:5060".parse().unwrap(),
+        connection: None,
+    };
+    // No TCP bound: stays UDP.
+    assert_eq!(t.request_target(&udp, 5000), udp);
+    t.shutdown();
+    let (t, _rx) = start(
+        &["udp:127.0.0.1:0", "tcp:127.0.0.1:0"],
+        TransportLimits::default(),
+    )
+    .await;
+    assert_eq!(t.request_target(&udp, 1300), udp);
+    assert_eq!(t.request_target(&udp, 1301).transport, TransportKind::Tcp);
+    t.shutdown();
+}

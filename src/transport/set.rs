@@ -226,6 +226,24 @@ impl Transports {
         }
     }
 
+    /// RFC 3261 18.1.1: where a request of `len` octets bound for `target` should go. A
+    /// request over 1300 octets for UDP goes over TCP to the same address when TCP is
+    /// bound (the caller then writes TCP in its Via before serializing); otherwise the
+    /// target is unchanged (and a datagram over [`MAX_DATAGRAM`] fails with `TooLarge`).
+    pub fn request_target(&self, target: &Target, len: usize) -> Target {
+        if target.transport == TransportKind::Udp
+            && super::needs_reliable(len)
+            && self.supports(TransportKind::Tcp)
+        {
+            return Target {
+                transport: TransportKind::Tcp,
+                addr: target.addr,
+                connection: None,
+            };
+        }
+        *target
+    }
+
     pub fn stats(&self) -> TransportStats {
         let c = &self.inner.shared.counters;
         TransportStats {
