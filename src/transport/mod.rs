@@ -5,6 +5,21 @@
 //! Must not touch: transactions or anything above; it hands parsed messages to an
 //! [`InboundSink`] and sends bytes it is given through [`Sender`].
 
+mod frame;
+mod listen;
+pub mod memory;
+mod set;
+mod shard;
+mod tcp;
+mod udp;
+pub mod via;
+
+pub use listen::ListenAddr;
+pub use memory::{MemoryEndpoint, MemoryNetwork};
+pub use set::Transports;
+pub use udp::MAX_DATAGRAM;
+pub use via::{process_inbound, DEFAULT_SIP_PORT};
+
 use crate::sip::{ParseError, SipMessage};
 use bytes::Bytes;
 use std::fmt;
@@ -83,6 +98,12 @@ pub enum TransportError {
     TooLarge(usize, TransportKind),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot bind {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("too many connections open; cannot connect to {0}")]
+    ConnectionLimit(SocketAddr),
+    #[error("transports are shut down")]
+    Closed,
 }
 
 /// Sends serialized messages. Synchronous and non-blocking: it queues or sends at once and
@@ -91,23 +112,8 @@ pub trait Sender: Send + Sync + 'static {
     fn send(&self, target: &Target, data: Bytes) -> Result<(), TransportError>;
 }
 
-// ---- API SKELETON (to be implemented in submodules udp.rs, tcp.rs, memory.rs, via.rs,
-// set.rs; keep these names and signatures) ----------------------------------------------
-
-/// One `sip.listen` entry: `udp:127.0.0.1:5060`, `tcp:[::1]:5060`, `memory:10.0.0.1:5060`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListenAddr {
-    pub kind: TransportKind,
-    pub addr: SocketAddr,
-}
-
-impl std::str::FromStr for ListenAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let _ = s;
-        todo!()
-    }
-}
+// ---- The transports themselves live in submodules; their public items are re-exported
+// here so that `crate::transport::{ListenAddr, Transports, ...}` stay the paths. --------
 
 /// Limits the transports enforce.
 #[derive(Debug, Clone)]
@@ -130,7 +136,8 @@ impl Default for TransportLimits {
     }
 }
 
-/// Counters (monotonic) of the transports.
+/// Counters of the transports: monotonic, except `tcp_connections_open`, which is the
+/// number open now.
 #[derive(Debug, Clone, Default)]
 pub struct TransportStats {
     pub received: u64,
@@ -140,49 +147,12 @@ pub struct TransportStats {
     pub send_errors: u64,
 }
 
-/// Every bound transport; cheap to clone; implements [`Sender`].
-#[derive(Clone)]
-pub struct Transports {
-    _private: std::sync::Arc<()>,
-}
-
-impl Transports {
-    /// Binds every listen address (port 0 = any free port) and starts reading into `sink`.
-    pub async fn bind(
-        listen: &[ListenAddr],
-        limits: TransportLimits,
-        sink: std::sync::Arc<dyn InboundSink>,
-    ) -> Result<Transports, TransportError> {
-        let _ = (listen, limits, sink);
-        todo!()
-    }
-    /// What is actually bound, in the order of `listen`.
-    pub fn local_addrs(&self) -> Vec<(TransportKind, SocketAddr)> {
-        todo!()
-    }
-    pub fn stats(&self) -> TransportStats {
-        todo!()
-    }
-    /// Stops reading and closes every socket and connection.
-    pub fn shutdown(&self) {
-        todo!()
-    }
-}
-
-impl Sender for Transports {
-    fn send(&self, target: &Target, data: Bytes) -> Result<(), TransportError> {
-        let _ = (target, data);
-        todo!()
-    }
-}
-
 /// Where a response to a request goes (RFC 3261 18.2.2, RFC 3581 section 4): over the
 /// connection it came on for TCP; for UDP to the source IP (`received`) and the `rport` port
 /// when present, else the sent-by port (5060 by default). `maddr` is ignored: the server never
 /// sends to an address other than the one the request came from.
 pub fn response_target(via: &crate::sip::Via, source: &Target) -> Target {
-    let _ = (via, source);
-    todo!()
+    via::response_target(via, source)
 }
 
 /// RFC 3261 18.1.1: a request larger than 1300 octets (path MTU unknown) must go over a

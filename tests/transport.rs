@@ -1,0 +1,528 @@
+//! Transports over real loopback sockets and the memory network: delivery and sources,
+//! Via received/rport, TCP framing, oversize, responses over the same connection,
+//! outbound connections, shutdown.
+
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use strowger::sip::SipMessage;
+use strowger::transport::{
+    response_target, Inbound, InboundSink, ListenAddr, MemoryNetwork, Sender, Target,
+    TransportKind, TransportLimits, Transports,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+struct ChannelSink(mpsc::UnboundedSender<Inbound>);
+
+impl InboundSink for ChannelSink {
+    fn deliver(&self, inbound: Inbound) {
+        let _ = self.0.send(inbound);
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn options(via: &str, call_id: &str, body: &str) -> String {
+    format!(
+        "OPTIONS sip:server@127.0.0.1 SIP/2.0\r\n\
+         Via: {via}\r\n\
+         From: <sip:alice@example.com>;tag=a1\r\n\
+         To: <sip:server@127.0.0.1>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 OPTIONS\r\n\
+         Max-Forwards: 70\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+async fn start(
+    listen: &[&str],
+    limits: TransportLimits,
+) -> (Transports, mpsc::UnboundedReceiver<Inbound>) {
+    let listen: Vec<ListenAddr> = listen.iter().map(|s| s.parse().unwrap()).collect();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let t = Transports::bind(&listen, limits, Arc::new(ChannelSink(tx)))
+        .await
+        .unwrap();
+    (t, rx)
+}
+
+fn addr_of(t: &Transports, kind: TransportKind) -> SocketAddr {
+    t.local_addrs()
+        .into_iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, a)| a)
+        .unwrap()
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Inbound>) -> Inbound {
+    timeout(WAIT, rx.recv())
+        .await
+        .expect("delivery in time")
+        .expect("sink open")
+}
+
+fn request(inb: &Inbound) -> &strowger::sip::Request {
+    match &inb.message {
+        Ok(SipMessage::Request(r)) => r,
+        other => panic!("expected a request, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn udp_delivery_source_and_via() {
+    let (t, mut rx) = start(
+        &["udp:127.0.0.1:0", "tcp:127.0.0.1:0"],
+        TransportLimits::default(),
+    )
+    .await;
+    let local = addr_of(&t, TransportKind::Udp);
+    assert_ne!(local.port(), 0);
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    // Keep-alives and empty datagrams are dropped silently.
+    peer.send_to(b"\r\n\r\n", local).await.unwrap();
+    peer.send_to(b"", local).await.unwrap();
+    let msg = options(
+        "SIP/2.0/UDP 10.0.0.99:5070;rport;branch=z9hG4bKu1",
+        "udp1",
+        "",
+    );
+    peer.send_to(msg.as_bytes(), local).await.unwrap();
+    let inb = next(&mut rx).await;
+    assert_eq!(inb.source.transport, TransportKind::Udp);
+    assert_eq!(inb.source.addr, peer_addr);
+    assert_eq!(inb.source.connection, None);
+    assert_eq!(inb.local, local);
+    let req = request(&inb);
+    assert_eq!(req.base.call_id, "udp1");
+    let via = &req.base.via[0];
+    assert_eq!(via.received(), Some("127.0.0.1"));
+    assert_eq!(via.rport(), Some(Some(peer_addr.port())));
+    // The response goes to the source address and port, not to 10.0.0.99:5070.
+    let target = response_target(via, &inb.source);
+    assert_eq!(target.addr, peer_addr);
+    t.send(&target, Bytes::from_static(b"SIP/2.0 200 OK\r\n\r\n"))
+        .unwrap();
+    let mut buf = [0u8; 100];
+    let (n, from) = timeout(WAIT, peer.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"SIP/2.0 200 OK\r\n\r\n");
+    assert_eq!(from, local);
+    assert!(rx.try_recv().is_err(), "keep-alives must not be delivered");
+    let s = t.stats();
+    assert_eq!((s.received, s.sent), (1, 1));
+    // Too large for a datagram.
+    let big = Bytes::from(vec![b'x'; 70_000]);
+    assert!(t.send(&target, big).is_err());
+    assert_eq!(t.stats().send_errors, 1);
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn udp_ipv6_when_available() {
+    let listen: Vec<ListenAddr> = vec!["udp:[::1]:0".parse().unwrap()];
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let t = match Transports::bind(
+        &listen,
+        TransportLimits::default(),
+        Arc::new(ChannelSink(tx)),
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipping: no IPv6 loopback ({e})");
+            return;
+        }
+    };
+    let local = addr_of(&t, TransportKind::Udp);
+    let peer = UdpSocket::bind("[::1]:0").await.unwrap();
+    let msg = options(
+        "SIP/2.0/UDP [2001:db8::1]:5060;rport;branch=z9hG4bK6",
+        "v6",
+        "",
+    );
+    peer.send_to(msg.as_bytes(), local).await.unwrap();
+    let inb = next(&mut rx).await;
+    let via = &request(&inb).base.via[0];
+    assert_eq!(via.received(), Some("::1"));
+    let target = response_target(via, &inb.source);
+    assert_eq!(target.addr, peer.local_addr().unwrap());
+    t.send(&target, Bytes::from_static(b"hello")).unwrap();
+    let mut buf = [0u8; 16];
+    let (n, _) = timeout(WAIT, peer.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"hello");
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn tcp_split_byte_by_byte_and_two_in_one_write() {
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], TransportLimits::default()).await;
+    let local = addr_of(&t, TransportKind::Tcp);
+    let mut c = TcpStream::connect(local).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    // A keep-alive first, then a message one octet per write.
+    c.write_all(b"\r\n\r\n").await.unwrap();
+    let one = options(
+        "SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKt1",
+        "split",
+        "v=0\r\n",
+    );
+    for b in one.as_bytes() {
+        c.write_all(&[*b]).await.unwrap();
+        c.flush().await.unwrap();
+    }
+    let inb = next(&mut rx).await;
+    let req = request(&inb);
+    assert_eq!(req.base.call_id, "split");
+    assert_eq!(&req.body[..], b"v=0\r\n");
+    assert_eq!(inb.source.transport, TransportKind::Tcp);
+    assert_eq!(inb.source.addr, c.local_addr().unwrap());
+    assert!(inb.source.connection.is_some());
+    // The sent-by port differs from the source port, but without rport nothing but
+    // `received` (same IP: nothing at all) is added.
+    assert_eq!(req.base.via[0].received(), None);
+    // Two in one write.
+    let two = format!(
+        "{}{}",
+        options("SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKt2", "first", "ab"),
+        options("SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKt3", "second", "")
+    );
+    c.write_all(two.as_bytes()).await.unwrap();
+    assert_eq!(request(&next(&mut rx).await).base.call_id, "first");
+    assert_eq!(request(&next(&mut rx).await).base.call_id, "second");
+    assert!(rx.try_recv().is_err());
+    assert_eq!(t.stats().tcp_connections_open, 1);
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn tcp_response_over_the_same_connection() {
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], TransportLimits::default()).await;
+    let local = addr_of(&t, TransportKind::Tcp);
+    let mut c = TcpStream::connect(local).await.unwrap();
+    let msg = options(
+        "SIP/2.0/TCP client.invalid:5070;branch=z9hG4bKr1",
+        "resp",
+        "",
+    );
+    c.write_all(msg.as_bytes()).await.unwrap();
+    let inb = next(&mut rx).await;
+    let via = &request(&inb).base.via[0];
+    // A name as sent-by always gets `received` (RFC 3261 18.2.1).
+    assert_eq!(via.received(), Some("127.0.0.1"));
+    let target = response_target(via, &inb.source);
+    assert_eq!(target, inb.source);
+    t.send(
+        &target,
+        Bytes::from_static(b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = timeout(WAIT, c.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n");
+    // Without a connection id, the open connection to that address is reused.
+    let again = Target {
+        connection: None,
+        ..target
+    };
+    t.send(&again, Bytes::from_static(b"x")).unwrap();
+    let n = timeout(WAIT, c.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"x");
+    assert_eq!(t.stats().tcp_connections_open, 1);
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn tcp_oversize_closes_and_counts() {
+    let limits = TransportLimits {
+        max_message_size: 600,
+        ..TransportLimits::default()
+    };
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], limits).await;
+    let local = addr_of(&t, TransportKind::Tcp);
+    let mut c = TcpStream::connect(local).await.unwrap();
+    let big = options(
+        "SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKo1",
+        "big",
+        &"x".repeat(1000),
+    );
+    c.write_all(big.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 16];
+    // The server closes: read sees EOF (or a reset).
+    let r = timeout(WAIT, c.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(rx.try_recv().is_err());
+    let s = t.stats();
+    assert_eq!(s.tcp_oversize_closed, 1);
+    // Give the connection's task a moment to leave the table.
+    for _ in 0..50 {
+        if t.stats().tcp_connections_open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.stats().tcp_connections_open, 0);
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn tcp_missing_content_length_is_an_error_and_closes() {
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], TransportLimits::default()).await;
+    let local = addr_of(&t, TransportKind::Tcp);
+    let mut c = TcpStream::connect(local).await.unwrap();
+    let msg = options("SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKm1", "nolen", "")
+        .replace("Content-Length: 0\r\n", "");
+    c.write_all(msg.as_bytes()).await.unwrap();
+    let inb = next(&mut rx).await;
+    let err = inb.message.unwrap_err();
+    assert_eq!(err.to_string(), "Missing Content-Length header");
+    // The 400 can still be built from what was read.
+    assert!(strowger::sip::error_response(&err).is_some());
+    let mut buf = [0u8; 16];
+    let r = timeout(WAIT, c.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn tcp_outbound_connect_and_reply() {
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], TransportLimits::default()).await;
+    let remote = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let remote_addr = remote.local_addr().unwrap();
+    let target = Target {
+        transport: TransportKind::Tcp,
+        addr: remote_addr,
+        connection: None,
+    };
+    let msg = options("SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bKc1", "out", "");
+    t.send(&target, Bytes::from(msg.clone())).unwrap();
+    let (mut s, _) = timeout(WAIT, remote.accept()).await.unwrap().unwrap();
+    let mut got = vec![0u8; msg.len()];
+    timeout(WAIT, s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, msg.as_bytes());
+    // The outbound connection is read like an inbound one.
+    let reply = "SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bKc1\r\n\
+                 From: <sip:alice@example.com>;tag=a1\r\nTo: <sip:server@127.0.0.1>;tag=b\r\n\
+                 Call-ID: out\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+    s.write_all(reply.as_bytes()).await.unwrap();
+    let inb = next(&mut rx).await;
+    assert!(matches!(inb.message, Ok(SipMessage::Response(ref r)) if r.status == 200));
+    assert_eq!(inb.source.addr, remote_addr);
+    // A second send reuses the connection.
+    t.send(&target, Bytes::from_static(b"\r\n\r\n")).unwrap();
+    let mut ka = [0u8; 4];
+    timeout(WAIT, s.read_exact(&mut ka)).await.unwrap().unwrap();
+    assert_eq!(t.stats().tcp_connections_open, 1);
+    t.shutdown();
+    assert_eq!(t.stats().tcp_connections_open, 0);
+}
+
+#[tokio::test]
+async fn tcp_connect_failure_counts() {
+    let (t, _rx) = start(&["tcp:127.0.0.1:0"], TransportLimits::default()).await;
+    // A port nobody listens on: bind one, note it, close it.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let target = Target {
+        transport: TransportKind::Tcp,
+        addr: dead,
+        connection: None,
+    };
+    t.send(&target, Bytes::from_static(b"x")).unwrap();
+    for _ in 0..100 {
+        if t.stats().send_errors == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.stats().send_errors, 1);
+    assert_eq!(t.stats().tcp_connections_open, 0);
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn memory_round_trip() {
+    let net = MemoryNetwork::new();
+    let (t, mut rx) = start(&[], TransportLimits::default()).await;
+    let server: SocketAddr = "10.0.0.1:5060".parse().unwrap();
+    t.attach_memory(&net, server);
+    let mut phone = net.endpoint("10.0.0.2:5062".parse().unwrap());
+    let msg = options(
+        "SIP/2.0/UDP 10.0.0.2:5062;rport;branch=z9hG4bKm1",
+        "mem",
+        "",
+    );
+    assert!(phone.send(server, Bytes::from(msg)));
+    let inb = next(&mut rx).await;
+    assert_eq!(inb.source.transport, TransportKind::Memory);
+    assert_eq!(inb.source.addr, phone.local_addr());
+    assert_eq!(inb.local, server);
+    let via = &request(&inb).base.via[0];
+    assert_eq!(via.rport(), Some(Some(5062)));
+    let target = response_target(via, &inb.source);
+    assert_eq!(target.transport, TransportKind::Memory);
+    t.send(&target, Bytes::from_static(b"SIP/2.0 200 OK\r\n\r\n"))
+        .unwrap();
+    let (from, data) = timeout(WAIT, phone.recv()).await.unwrap().unwrap();
+    assert_eq!(from, server);
+    assert_eq!(&data[..], b"SIP/2.0 200 OK\r\n\r\n");
+    assert!(t.local_addrs().contains(&(TransportKind::Memory, server)));
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn memory_listen_entry_uses_the_global_network() {
+    let (t, mut rx) = start(&["memory:10.9.0.1:0"], TransportLimits::default()).await;
+    let server = addr_of(&t, TransportKind::Memory);
+    assert_ne!(server.port(), 0);
+    let phone = MemoryNetwork::global().endpoint("10.9.0.2:5060".parse().unwrap());
+    let msg = options("SIP/2.0/UDP 10.9.0.2;branch=z9hG4bKg1", "global", "");
+    assert!(phone.send(server, Bytes::from(msg)));
+    assert_eq!(request(&next(&mut rx).await).base.call_id, "global");
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn shutdown_stops_delivery() {
+    let (t, mut rx) = start(
+        &["udp:127.0.0.1:0", "tcp:127.0.0.1:0"],
+        TransportLimits::default(),
+    )
+    .await;
+    let udp = addr_of(&t, TransportKind::Udp);
+    let tcp = addr_of(&t, TransportKind::Tcp);
+    let mut c = TcpStream::connect(tcp).await.unwrap();
+    c.write_all(options("SIP/2.0/TCP h;branch=z9hG4bKs0", "before", "").as_bytes())
+        .await
+        .unwrap();
+    next(&mut rx).await;
+    t.shutdown();
+    t.shutdown(); // idempotent
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    peer.send_to(
+        options("SIP/2.0/UDP h;branch=z9hG4bKs1", "after", "").as_bytes(),
+        udp,
+    )
+    .await
+    .unwrap();
+    // The TCP connection is closed and new ones are refused.
+    let mut buf = [0u8; 8];
+    let r = timeout(WAIT, c.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(TcpStream::connect(tcp).await.is_err());
+    assert!(rx.try_recv().is_err());
+    let target = Target {
+        transport: TransportKind::Udp,
+        addr: peer.local_addr().unwrap(),
+        connection: None,
+    };
+    assert!(t.send(&target, Bytes::from_static(b"x")).is_err());
+    assert_eq!(t.stats().tcp_connections_open, 0);
+}
+
+#[tokio::test]
+async fn bind_error_names_the_address() {
+    let taken = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = taken.local_addr().unwrap();
+    let listen = vec![ListenAddr {
+        kind: TransportKind::Udp,
+        addr,
+    }];
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let err = Transports::bind(
+        &listen,
+        TransportLimits::default(),
+        Arc::new(ChannelSink(tx)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn tcp_idle_connection_is_closed() {
+    let limits = TransportLimits {
+        idle_timeout: Duration::from_millis(200),
+        ..TransportLimits::default()
+    };
+    let (t, _rx) = start(&["tcp:127.0.0.1:0"], limits).await;
+    let mut c = TcpStream::connect(addr_of(&t, TransportKind::Tcp))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    let r = timeout(WAIT, c.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn tcp_max_connections() {
+    let limits = TransportLimits {
+        max_connections: 1,
+        ..TransportLimits::default()
+    };
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], limits).await;
+    let local = addr_of(&t, TransportKind::Tcp);
+    let mut first = TcpStream::connect(local).await.unwrap();
+    first
+        .write_all(options("SIP/2.0/TCP h;branch=z9hG4bKx1", "one", "").as_bytes())
+        .await
+        .unwrap();
+    next(&mut rx).await;
+    // The second is accepted by the kernel and closed by us at once.
+    let mut second = TcpStream::connect(local).await.unwrap();
+    let mut buf = [0u8; 8];
+    let r = timeout(WAIT, second.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert_eq!(t.stats().tcp_connections_open, 1);
+    // Outbound connections count too.
+    let target = Target {
+        transport: TransportKind::Tcp,
+        addr: "127.0.0.1:9".parse().unwrap(),
+        connection: None,
+    };
+    assert!(t.send(&target, Bytes::from_static(b"x")).is_err());
+    t.shutdown();
+}
+
+#[tokio::test]
+async fn large_requests_go_over_tcp() {
+    let (t, _rx) = start(&["udp:127.0.0.1:0"], TransportLimits::default()).await;
+    let udp = Target {
+        transport: TransportKind::Udp,
+        addr: "127.0.0.1:5060".parse().unwrap(),
+        connection: None,
+    };
+    // No TCP bound: stays UDP.
+    assert_eq!(t.request_target(&udp, 5000), udp);
+    t.shutdown();
+    let (t, _rx) = start(
+        &["udp:127.0.0.1:0", "tcp:127.0.0.1:0"],
+        TransportLimits::default(),
+    )
+    .await;
+    assert_eq!(t.request_target(&udp, 1300), udp);
+    assert_eq!(t.request_target(&udp, 1301).transport, TransportKind::Tcp);
+    t.shutdown();
+}
