@@ -159,7 +159,8 @@ impl<K: Hash + Eq, V: Clone> Sharded<K, V> {
         }
     }
 
-    /// Removes `k` when `keep` says its value is the one to remove.
+    /// Removes `k` when `matches` says its value is the one to remove (a newer transaction
+    /// with the same key must not be removed by an older one ending).
     pub(crate) fn remove_if(&self, k: &K, matches: impl FnOnce(&V) -> bool) -> bool {
         let mut shard = self.shard(k).lock();
         if shard.get(k).is_some_and(matches) {

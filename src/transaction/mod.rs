@@ -85,7 +85,7 @@ pub enum TransactionError {
 /// What a client transaction reports to its user.
 #[derive(Debug, Clone)]
 pub enum ClientEvent {
-    /// A 1xx (never 100 for INVITE? -> 100 is reported too; the user may ignore it).
+    /// A 1xx (100 included; the user may ignore it).
     Provisional(Response),
     /// A final response. For INVITE 2xx the transaction enters Accepted (RFC 6026) and every
     /// further 2xx retransmission is reported again as `Final`.

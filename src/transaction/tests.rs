@@ -730,3 +730,58 @@ async fn stress_20000_server_transactions_drain() {
     assert_eq!(e.layer.len(), 0);
     assert!(e.layer.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn explicit_advance_drives_timers_too() {
+    let e = env();
+    let mut tx = e.layer.send_request(options(), udp()).unwrap();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(
+        Env::times(&e.sent(), is_method(Method::Options)),
+        vec![0, 500]
+    );
+    tokio::time::advance(Duration::from_secs(32)).await;
+    assert!(matches!(tx.next_event().await, Some(ClientEvent::Timeout)));
+}
+
+/// Two cores feeding the same 2000 requests over UDP: each creates exactly one transaction
+/// (the other copy is a retransmission, answered with the transaction's 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_feeding_creates_each_transaction_once() {
+    let e = env_with(FakeTu {
+        auto: Some(200),
+        ..FakeTu::default()
+    });
+    let reqs: Arc<Vec<Request>> = Arc::new(
+        (0..2000)
+            .map(|i| {
+                let mut r = with_branch(options(), &format!("z9hG4bKc{i}"));
+                r.base.call_id = format!("conc{i}");
+                r
+            })
+            .collect(),
+    );
+    let feeders: Vec<_> = (0..2)
+        .map(|_| {
+            let layer = e.layer.clone();
+            let reqs = reqs.clone();
+            tokio::task::spawn_blocking(move || {
+                for r in reqs.iter() {
+                    layer.on_message(req_msg(r), udp());
+                }
+            })
+        })
+        .collect();
+    for f in feeders {
+        f.await.unwrap();
+    }
+    let stats = e.layer.stats();
+    assert_eq!(stats.server_created, 2000);
+    assert_eq!(stats.retransmissions_absorbed, 2000);
+    assert_eq!(e.layer.len(), 2000, "Timer J keeps them for 32 s");
+    // Each transaction answered its request, and its retransmission once the 200 was sent
+    // (a copy that arrives while the TU is still answering is absorbed in Trying).
+    let sent = e.sender.sent.lock().len();
+    assert!((2000..=4000).contains(&sent), "{sent}");
+}
