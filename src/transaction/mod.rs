@@ -676,6 +676,20 @@ impl Shared {
     }
 }
 
+/// RFC 3261 17.2.3, RFC 2543 fallback: the To tag is part of the match. An ACK carries the
+/// tag of the response, other requests the tag of the request that created the transaction.
+fn to_tag_matches(key: &ServerKey, tx: &ServerInner, req: &Request) -> bool {
+    if !key.is_legacy() {
+        return true;
+    }
+    let want = req.base.to.tag();
+    if req.method == Method::Ack {
+        tx.to_tag.lock().as_deref() == want
+    } else {
+        tx.request.base.to.tag() == want
+    }
+}
+
 /// The transaction layer; a cheap handle.
 #[derive(Clone)]
 pub struct TransactionLayer {
@@ -736,16 +750,7 @@ impl TransactionLayer {
     /// response, not the INVITE's).
     fn find_server(&self, key: &ServerKey, req: &Request) -> Option<Arc<ServerInner>> {
         let tx = self.shared.servers.get(key)?;
-        if !key.is_legacy() {
-            return Some(tx);
-        }
-        let want = req.base.to.tag();
-        let same = if req.method == Method::Ack {
-            tx.to_tag.lock().as_deref() == want
-        } else {
-            tx.request.base.to.tag() == want
-        };
-        same.then_some(tx)
+        to_tag_matches(key, &tx, req).then_some(tx)
     }
 
     fn on_ack(&self, ack: Request, source: Target) {
@@ -801,7 +806,7 @@ impl TransactionLayer {
         };
         if let Some(tx) = self.shared.servers.get(&key) {
             // A retransmission (RFC 3261 17.2.1, 17.2.2); RFC 2543 keys need the To tag too.
-            if self.find_server(&key, &req).is_some() {
+            if to_tag_matches(&key, &tx, &req) {
                 tx.retransmission();
             } else {
                 tracing::debug!(call_id = %req.base.call_id, "RFC 2543 request matches a transaction but not its To tag; dropped");
