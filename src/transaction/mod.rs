@@ -1,11 +1,47 @@
-//! API SKELETON (to be implemented): the RFC 3261 section 17 transaction layer with the
-//! RFC 6026 fixes. The public items below are the contract the rest of the server is written
-//! against; keep their names and signatures.
+//! The RFC 3261 section 17 transaction layer with the fixes of RFC 6026: INVITE and
+//! non-INVITE, client and server transactions, their timers, retransmissions, the
+//! hop-by-hop ACK, 100 Trying, CANCEL matching (9.2), merged-request detection (8.2.2.2).
+//!
+//! Owns: the transaction maps, matching, the per-transaction timer tasks, and the driver that
+//! runs the pure state machines of `invite_client`, `non_invite_client`, `invite_server`
+//! and `non_invite_server` (timer values in `timers`, keys in `matching`).
+//! Must not touch: sockets (it only calls [`Sender`]), dialogs or call logic (the
+//! [`TransactionUser`] above decides every response but 100 Trying, the CANCEL 200/481 and
+//! the stateless 482/503).
+//!
+//! Concurrency: transactions live in sharded maps (64 shards, each a `parking_lot` mutex held
+//! only for one map operation); each transaction has its own mutex around its state machine,
+//! never held while sending or calling the TU. A transaction that has timers running owns one
+//! tokio task that sleeps until its next deadline (no per-tick tasks); it ends with the
+//! transaction.
 
-use crate::sip::{Request, Response, SipMessage};
-use crate::transport::{Sender, Target};
+mod invite_client;
+mod invite_server;
+mod matching;
+mod non_invite_client;
+mod non_invite_server;
+#[cfg(test)]
+mod test_util;
+#[cfg(test)]
+mod tests;
+mod timers;
+
+use crate::sip::{new_tag, Method, Request, Response, SipMessage};
+use crate::transport::{Sender, Target, TransportError};
+use bytes::Bytes;
+use invite_client::InviteClient;
+use invite_server::InviteServer;
+use matching::{ClientKey, MergeKey, ServerKey, Sharded};
+use non_invite_client::NonInviteClient;
+use non_invite_server::NonInviteServer;
+use parking_lot::Mutex;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use timers::Timer;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 
 /// T1, T2, T4 (RFC 3261 17.1.1.1, table 4); every other timer derives from them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +85,7 @@ pub enum TransactionError {
 /// What a client transaction reports to its user.
 #[derive(Debug, Clone)]
 pub enum ClientEvent {
-    /// A 1xx (never 100 for INVITE? -> 100 is reported too; the user may ignore it).
+    /// A 1xx (100 included; the user may ignore it).
     Provisional(Response),
     /// A final response. For INVITE 2xx the transaction enters Accepted (RFC 6026) and every
     /// further 2xx retransmission is reported again as `Final`.
@@ -75,87 +111,859 @@ pub trait TransactionUser: Send + Sync + 'static {
     fn on_stray_response(&self, resp: Response, source: Target);
 }
 
+/// Counters of the layer (monotonic), for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransactionStats {
+    pub server_created: u64,
+    pub client_created: u64,
+    /// Retransmitted requests absorbed by a server transaction.
+    pub retransmissions_absorbed: u64,
+    /// Timer B or F fired.
+    pub client_timeouts: u64,
+    /// Timer H fired: no ACK for a non-2xx final.
+    pub ack_timeouts: u64,
+    pub transport_errors: u64,
+    /// 482 Loop Detected for merged requests (RFC 3261 8.2.2.2).
+    pub merged_rejected: u64,
+    /// 503 while not accepting new requests.
+    pub rejected_not_accepting: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    server_created: AtomicU64,
+    client_created: AtomicU64,
+    retransmissions_absorbed: AtomicU64,
+    client_timeouts: AtomicU64,
+    ack_timeouts: AtomicU64,
+    transport_errors: AtomicU64,
+    merged_rejected: AtomicU64,
+    rejected_not_accepting: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+// ---- what the pure state machines ask the driver to do ----------------------------------
+
+/// What a message sent is, for the log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum What {
+    Method(Method),
+    Status(u16),
+}
+
+/// One output of a state machine.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Send these bytes to the transaction's peer.
+    Send(Bytes, What),
+    /// (Re)start a timer; a running timer of the same kind is replaced.
+    Start(Timer, Duration),
+    /// Tell the client transaction's user (boxed: responses are large, sends are common).
+    Report(Box<ClientEvent>),
+    /// Give the ACK being processed to the TU (RFC 6026 Accepted).
+    PassAck,
+    /// The transaction is over: remove it.
+    Terminate,
+}
+
+impl Action {
+    pub(crate) fn report(ev: ClientEvent) -> Action {
+        Action::Report(Box::new(ev))
+    }
+}
+
+pub(crate) type Actions = Vec<Action>;
+
+/// Inputs common to every machine, so one timer task drives them all.
+trait Machine: Send + 'static {
+    fn timer(&mut self, t: Timer) -> Actions;
+    fn transport_error(&mut self, err: String) -> Actions;
+}
+
+enum ServerMachine {
+    Invite(InviteServer),
+    NonInvite(NonInviteServer),
+}
+
+impl ServerMachine {
+    fn tu_response(&mut self, status: u16, b: Bytes) -> Result<Actions, TransactionError> {
+        match self {
+            ServerMachine::Invite(m) => m.on_tu_response(status, b),
+            ServerMachine::NonInvite(m) => m.on_tu_response(status, b),
+        }
+    }
+    fn retransmission(&mut self) -> Actions {
+        match self {
+            ServerMachine::Invite(m) => m.on_retransmission(),
+            ServerMachine::NonInvite(m) => m.on_retransmission(),
+        }
+    }
+    fn ack(&mut self) -> Actions {
+        match self {
+            ServerMachine::Invite(m) => m.on_ack(),
+            ServerMachine::NonInvite(_) => Vec::new(),
+        }
+    }
+    fn is_finished(&self) -> bool {
+        match self {
+            ServerMachine::Invite(m) => m.is_finished(),
+            ServerMachine::NonInvite(m) => m.is_finished(),
+        }
+    }
+}
+
+impl Machine for ServerMachine {
+    fn timer(&mut self, t: Timer) -> Actions {
+        match self {
+            ServerMachine::Invite(m) => m.on_timer(t),
+            ServerMachine::NonInvite(m) => m.on_timer(t),
+        }
+    }
+    fn transport_error(&mut self, _err: String) -> Actions {
+        match self {
+            ServerMachine::Invite(m) => m.on_transport_error(),
+            ServerMachine::NonInvite(m) => m.on_transport_error(),
+        }
+    }
+}
+
+enum ClientMachine {
+    /// Boxed: it keeps the INVITE for the ACK (17.1.1.3).
+    Invite(Box<InviteClient>),
+    NonInvite(NonInviteClient),
+}
+
+impl ClientMachine {
+    fn response(&mut self, r: &Response) -> Actions {
+        match self {
+            ClientMachine::Invite(m) => m.on_response(r),
+            ClientMachine::NonInvite(m) => m.on_response(r),
+        }
+    }
+}
+
+impl Machine for ClientMachine {
+    fn timer(&mut self, t: Timer) -> Actions {
+        match self {
+            ClientMachine::Invite(m) => m.on_timer(t),
+            ClientMachine::NonInvite(m) => m.on_timer(t),
+        }
+    }
+    fn transport_error(&mut self, err: String) -> Actions {
+        match self {
+            ClientMachine::Invite(m) => m.on_transport_error(err),
+            ClientMachine::NonInvite(m) => m.on_transport_error(err),
+        }
+    }
+}
+
+// ---- the driver: one mutex per transaction, timers, one task per transaction -----------
+
+struct Cell<M> {
+    machine: M,
+    /// Running timers and their deadlines (at most a handful).
+    timers: Vec<(Timer, Instant)>,
+    /// Terminated: no more inputs are processed.
+    done: bool,
+    /// The timer task has been spawned (lazily: a TCP transaction that ends at once needs
+    /// none).
+    task: bool,
+}
+
+struct Core<M> {
+    cell: Mutex<Cell<M>>,
+    wake: Notify,
+}
+
+impl<M: Machine> Core<M> {
+    fn new(machine: M) -> Self {
+        Core {
+            cell: Mutex::new(Cell {
+                machine,
+                timers: Vec::new(),
+                done: false,
+                task: false,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Books the timer actions and the termination under the lock; returns the side effects
+    /// (sends, reports, terminate) to run after the lock is released, and whether the timer
+    /// task must be spawned.
+    fn absorb(&self, cell: &mut Cell<M>, actions: Actions, effects: &mut Actions) -> bool {
+        let mut rearm = false;
+        for a in actions {
+            match a {
+                Action::Start(t, d) => {
+                    let at = Instant::now() + d;
+                    match cell.timers.iter_mut().find(|(k, _)| *k == t) {
+                        Some(slot) => slot.1 = at,
+                        None => cell.timers.push((t, at)),
+                    }
+                    rearm = true;
+                }
+                Action::Terminate => {
+                    if !cell.done {
+                        cell.done = true;
+                        cell.timers.clear();
+                        effects.push(Action::Terminate);
+                    }
+                }
+                other => effects.push(other),
+            }
+        }
+        let spawn = rearm && !cell.task && !cell.done;
+        if spawn {
+            cell.task = true;
+        } else if rearm || cell.done {
+            self.wake.notify_one();
+        }
+        spawn
+    }
+
+    /// Runs `f` on the machine under the lock.
+    fn step<R>(
+        &self,
+        f: impl FnOnce(&mut M) -> Result<(Actions, R), TransactionError>,
+    ) -> Result<(Actions, bool, R), TransactionError> {
+        let mut cell = self.cell.lock();
+        if cell.done {
+            return Err(TransactionError::Gone);
+        }
+        let (actions, r) = f(&mut cell.machine)?;
+        let mut effects = Vec::with_capacity(actions.len());
+        let spawn = self.absorb(&mut cell, actions, &mut effects);
+        Ok((effects, spawn, r))
+    }
+
+    /// Fires every timer that is due.
+    fn fire_due(&self) -> Actions {
+        let mut cell = self.cell.lock();
+        let now = Instant::now();
+        let mut due: Vec<(Timer, Instant)> = Vec::new();
+        cell.timers.retain(|&(t, at)| {
+            if at <= now {
+                due.push((t, at));
+                false
+            } else {
+                true
+            }
+        });
+        due.sort_by_key(|&(_, at)| at);
+        let mut effects = Vec::new();
+        for (t, _) in due {
+            if cell.done {
+                break;
+            }
+            let actions = cell.machine.timer(t);
+            self.absorb(&mut cell, actions, &mut effects);
+        }
+        effects
+    }
+
+    /// None when terminated; else the next deadline, if any.
+    fn next_deadline(&self) -> Option<Option<Instant>> {
+        let cell = self.cell.lock();
+        if cell.done {
+            return None;
+        }
+        Some(cell.timers.iter().map(|&(_, at)| at).min())
+    }
+}
+
+/// A transaction the timer task can drive.
+trait Driven: Send + Sync + Sized + 'static {
+    type M: Machine;
+    fn core(&self) -> &Core<Self::M>;
+    fn shared(&self) -> &Arc<Shared>;
+    /// Runs side effects outside the transaction's lock; returns the first send error.
+    fn execute(self: &Arc<Self>, effects: Actions, ack: Option<Request>) -> Option<TransportError>;
+
+    /// Runs `f` on the machine, then its effects.
+    fn drive<R>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Self::M) -> Result<(Actions, R), TransactionError>,
+        ack: Option<Request>,
+    ) -> Result<(R, Option<TransportError>), TransactionError> {
+        let (effects, spawn, r) = self.core().step(f)?;
+        if spawn {
+            self.shared().rt.spawn(run_timers(self.clone()));
+        }
+        Ok((r, self.execute(effects, ack)))
+    }
+
+    /// A send failed: feed it to the machine (RFC 3261 17.1.1.2, 17.1.2.2, 17.2.4).
+    fn send_failed(&self, err: &TransportError, effects: &mut Actions) {
+        bump(&self.shared().stats.transport_errors);
+        let core = self.core();
+        let mut cell = core.cell.lock();
+        if !cell.done {
+            let actions = cell.machine.transport_error(err.to_string());
+            core.absorb(&mut cell, actions, effects);
+        }
+    }
+}
+
+/// The timer task of one transaction: sleeps until the next deadline, is woken when the
+/// timers change, ends when the transaction terminates.
+async fn run_timers<T: Driven>(tx: Arc<T>) {
+    loop {
+        let Some(next) = tx.core().next_deadline() else {
+            return;
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {
+                        let effects = tx.core().fire_due();
+                        tx.execute(effects, None);
+                    }
+                    _ = tx.core().wake.notified() => {}
+                }
+            }
+            None => tx.core().wake.notified().await,
+        }
+    }
+}
+
+struct ServerInner {
+    shared: Arc<Shared>,
+    key: ServerKey,
+    merge_key: Option<MergeKey>,
+    request: Request,
+    source: Target,
+    core: Core<ServerMachine>,
+    /// The To tag of the last response sent: the 200 to a CANCEL copies it (RFC 3261 9.2),
+    /// an RFC 2543 ACK is matched against it (17.2.3).
+    to_tag: Mutex<Option<String>>,
+}
+
+impl Driven for ServerInner {
+    type M = ServerMachine;
+    fn core(&self) -> &Core<ServerMachine> {
+        &self.core
+    }
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    fn execute(
+        self: &Arc<Self>,
+        mut effects: Actions,
+        mut ack: Option<Request>,
+    ) -> Option<TransportError> {
+        let mut first_err = None;
+        while !effects.is_empty() {
+            let mut more = Vec::new();
+            for e in effects {
+                match e {
+                    Action::Send(b, what) => {
+                        let call_id = &self.request.base.call_id;
+                        if let Err(err) = self.shared.send(&self.source, b, &what, call_id) {
+                            tracing::debug!(call_id = %call_id, error = %err, "server transaction send failed");
+                            self.send_failed(&err, &mut more);
+                            first_err.get_or_insert(err);
+                        }
+                    }
+                    Action::PassAck => {
+                        if let Some(a) = ack.take() {
+                            self.shared.tu.on_ack(a, self.source);
+                        }
+                    }
+                    Action::Terminate => self.terminated(),
+                    // Timer H (RFC 3261 17.2.1): no ACK came; a transaction failure.
+                    Action::Report(_) => {
+                        bump(&self.shared.stats.ack_timeouts);
+                        tracing::debug!(call_id = %self.request.base.call_id, "Timer H: no ACK for the final response");
+                    }
+                    Action::Start(..) => {}
+                }
+            }
+            effects = more;
+        }
+        first_err
+    }
+}
+
+impl ServerInner {
+    fn terminated(&self) {
+        let me: *const ServerInner = self;
+        self.shared
+            .servers
+            .remove_if(&self.key, |v| std::ptr::eq(Arc::as_ptr(v), me));
+        if let Some(mk) = &self.merge_key {
+            self.shared.merged.remove_if(mk, |k| *k == self.key);
+        }
+        self.shared.live.fetch_sub(1, Ordering::AcqRel);
+        tracing::trace!(call_id = %self.request.base.call_id, method = %self.request.method, "server transaction terminated");
+    }
+
+    fn retransmission(self: &Arc<Self>) {
+        bump(&self.shared.stats.retransmissions_absorbed);
+        let _ = self.drive(|m| Ok((m.retransmission(), ())), None);
+    }
+}
+
 /// Handle to a server transaction; cheap to clone.
 #[derive(Clone)]
 pub struct ServerTransaction {
-    _private: Arc<()>,
+    inner: Arc<ServerInner>,
+}
+
+impl fmt::Debug for ServerTransaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTransaction")
+            .field("key", &self.inner.key)
+            .field("source", &self.inner.source)
+            .finish()
+    }
 }
 
 impl ServerTransaction {
     /// Sends a response through the transaction (drives its state machine).
     pub fn respond(&self, resp: Response) -> Result<(), TransactionError> {
-        let _ = resp;
-        todo!()
+        let status = resp.status;
+        let tag = resp.base.to.tag().map(str::to_owned);
+        let bytes = resp.to_bytes();
+        let ((), err) = self
+            .inner
+            .drive(|m| Ok((m.tu_response(status, bytes)?, ())), None)?;
+        if tag.is_some() {
+            *self.inner.to_tag.lock() = tag;
+        }
+        match err {
+            Some(e) => Err(TransactionError::Transport(e)),
+            None => Ok(()),
+        }
     }
     /// Where responses go (RFC 3261 18.2.2), as computed when the request arrived.
     pub fn source(&self) -> Target {
-        todo!()
+        self.inner.source
     }
     /// True once a final response was sent.
     pub fn is_finished(&self) -> bool {
-        todo!()
+        self.inner.core.cell.lock().machine.is_finished()
     }
     /// The request that created the transaction.
     pub fn request(&self) -> &Request {
-        todo!()
+        &self.inner.request
+    }
+}
+
+struct ClientInner {
+    shared: Arc<Shared>,
+    key: ClientKey,
+    target: Target,
+    call_id: String,
+    core: Core<ClientMachine>,
+    /// Dropped on termination so that `next_event` then returns None.
+    events: Mutex<Option<mpsc::UnboundedSender<ClientEvent>>>,
+}
+
+impl Driven for ClientInner {
+    type M = ClientMachine;
+    fn core(&self) -> &Core<ClientMachine> {
+        &self.core
+    }
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    fn execute(
+        self: &Arc<Self>,
+        mut effects: Actions,
+        _ack: Option<Request>,
+    ) -> Option<TransportError> {
+        let mut first_err = None;
+        while !effects.is_empty() {
+            let mut more = Vec::new();
+            for e in effects {
+                match e {
+                    Action::Send(b, what) => {
+                        if let Err(err) = self.shared.send(&self.target, b, &what, &self.call_id) {
+                            tracing::debug!(call_id = %self.call_id, error = %err, "client transaction send failed");
+                            self.send_failed(&err, &mut more);
+                            first_err.get_or_insert(err);
+                        }
+                    }
+                    Action::Report(ev) => {
+                        let ev = *ev;
+                        if matches!(ev, ClientEvent::Timeout) {
+                            bump(&self.shared.stats.client_timeouts);
+                        }
+                        if let Some(tx) = self.events.lock().as_ref() {
+                            // The user may have dropped its handle; nobody to tell then.
+                            let _ = tx.send(ev);
+                        }
+                    }
+                    Action::Terminate => {
+                        let me: *const ClientInner = &**self;
+                        self.shared
+                            .clients
+                            .remove_if(&self.key, |v| std::ptr::eq(Arc::as_ptr(v), me));
+                        self.shared.live.fetch_sub(1, Ordering::AcqRel);
+                        self.events.lock().take();
+                    }
+                    Action::PassAck | Action::Start(..) => {}
+                }
+            }
+            effects = more;
+        }
+        first_err
     }
 }
 
 /// A client transaction; events arrive through `next_event`.
 pub struct ClientTransaction {
-    _private: (),
+    branch: String,
+    events: mpsc::UnboundedReceiver<ClientEvent>,
 }
 
 impl ClientTransaction {
     /// The next event, or None when the transaction has terminated and will report no more.
     pub async fn next_event(&mut self) -> Option<ClientEvent> {
-        todo!()
+        self.events.recv().await
     }
     /// The branch of the request's top Via.
     pub fn branch(&self) -> &str {
-        todo!()
+        &self.branch
+    }
+}
+
+struct Shared {
+    sender: Arc<dyn Sender>,
+    cfg: TimerConfig,
+    tu: Arc<dyn TransactionUser>,
+    rt: tokio::runtime::Handle,
+    servers: Sharded<ServerKey, Arc<ServerInner>>,
+    /// RFC 3261 8.2.2.2: (From tag, Call-ID, CSeq) of server transactions created by
+    /// requests without To tag -> the transaction's key.
+    merged: Sharded<MergeKey, ServerKey>,
+    clients: Sharded<ClientKey, Arc<ClientInner>>,
+    live: AtomicUsize,
+    accepting: AtomicBool,
+    stats: Counters,
+}
+
+impl Shared {
+    /// Every message the layer sends goes through here (one debug line each, issue item 9).
+    fn send(
+        &self,
+        target: &Target,
+        bytes: Bytes,
+        what: &What,
+        call_id: &str,
+    ) -> Result<(), TransportError> {
+        match what {
+            What::Method(m) => {
+                tracing::debug!(dir = "out", method = %m, call_id = %call_id, peer = %target.addr, transport = %target.transport)
+            }
+            What::Status(s) => {
+                tracing::debug!(dir = "out", status = s, call_id = %call_id, peer = %target.addr, transport = %target.transport)
+            }
+        }
+        self.sender.send(target, bytes)
+    }
+
+    /// A response sent outside any transaction (482, 503, and the like).
+    fn respond_stateless(&self, req: &Request, status: u16) -> Response {
+        let mut resp = req.response(status);
+        // RFC 3261 8.2.6.2: a UAS adds a To tag to a response to a request without one.
+        resp.set_to_tag(&new_tag());
+        resp
+    }
+}
+
+/// RFC 3261 17.2.3, RFC 2543 fallback: the To tag is part of the match. An ACK carries the
+/// tag of the response, other requests the tag of the request that created the transaction.
+fn to_tag_matches(key: &ServerKey, tx: &ServerInner, req: &Request) -> bool {
+    if !key.is_legacy() {
+        return true;
+    }
+    let want = req.base.to.tag();
+    if req.method == Method::Ack {
+        tx.to_tag.lock().as_deref() == want
+    } else {
+        tx.request.base.to.tag() == want
     }
 }
 
 /// The transaction layer; a cheap handle.
 #[derive(Clone)]
 pub struct TransactionLayer {
-    _private: Arc<()>,
+    shared: Arc<Shared>,
 }
 
 impl TransactionLayer {
     /// Must be called inside a tokio runtime.
     pub fn new(sender: Arc<dyn Sender>, timers: TimerConfig, tu: Arc<dyn TransactionUser>) -> Self {
-        let _ = (sender, timers, tu);
-        todo!()
+        TransactionLayer {
+            shared: Arc::new(Shared {
+                sender,
+                cfg: timers,
+                tu,
+                rt: tokio::runtime::Handle::current(),
+                servers: Sharded::new(),
+                merged: Sharded::new(),
+                clients: Sharded::new(),
+                live: AtomicUsize::new(0),
+                accepting: AtomicBool::new(true),
+                stats: Counters::default(),
+            }),
+        }
     }
+
     /// Everything the transports read (requests already carry received/rport; for requests
     /// `source` is where responses go, RFC 3261 18.2.2).
     pub fn on_message(&self, msg: SipMessage, source: Target) {
-        let _ = (msg, source);
-        todo!()
+        match msg {
+            SipMessage::Request(req) => {
+                tracing::debug!(dir = "in", method = %req.method, call_id = %req.base.call_id, peer = %source.addr, transport = %source.transport);
+                match req.method {
+                    Method::Ack => self.on_ack(req, source),
+                    Method::Cancel => self.on_cancel(req, source),
+                    _ => self.on_request(req, source),
+                }
+            }
+            SipMessage::Response(resp) => {
+                tracing::debug!(dir = "in", status = resp.status, call_id = %resp.base.call_id, peer = %source.addr, transport = %source.transport);
+                self.on_response(resp, source);
+            }
+        }
     }
+
+    fn on_response(&self, resp: Response, source: Target) {
+        // RFC 3261 17.1.3: branch of the top Via and the CSeq method.
+        let key = ClientKey::of_response(&resp);
+        match self.shared.clients.get(&key) {
+            Some(tx) => {
+                let _ = tx.drive(|m| Ok((m.response(&resp), ())), None);
+            }
+            None => self.shared.tu.on_stray_response(resp, source),
+        }
+    }
+
+    /// The server transaction `req` belongs to, if any, checking the To tag for RFC 2543
+    /// keys (17.2.3: it is compared after the lookup because an ACK carries the tag of the
+    /// response, not the INVITE's).
+    fn find_server(&self, key: &ServerKey, req: &Request) -> Option<Arc<ServerInner>> {
+        let tx = self.shared.servers.get(key)?;
+        to_tag_matches(key, &tx, req).then_some(tx)
+    }
+
+    fn on_ack(&self, ack: Request, source: Target) {
+        // RFC 3261 17.2.3: an ACK matches the INVITE transaction (for a non-2xx final);
+        // otherwise it is the ACK for a 2xx and belongs to the TU.
+        let tx = ServerKey::of(&ack, false).and_then(|k| self.find_server(&k, &ack));
+        match tx {
+            Some(tx) if tx.request.method == Method::Invite => {
+                let _ = tx.drive(|m| Ok((m.ack(), ())), Some(ack));
+            }
+            _ => self.shared.tu.on_ack(ack, source),
+        }
+    }
+
+    fn on_cancel(&self, cancel: Request, source: Target) {
+        let Some(own) = ServerKey::of(&cancel, false) else {
+            return;
+        };
+        if let Some(tx) = self.find_server(&own, &cancel) {
+            tx.retransmission();
+            return;
+        }
+        // RFC 3261 9.2: the INVITE transaction with the same branch and sent-by.
+        let invite = ServerKey::of(&cancel, true)
+            .and_then(|k| self.find_server(&k, &cancel))
+            .filter(|tx| tx.request.method == Method::Invite);
+        let Some(handle) = self.create_server(own, None, cancel.clone(), source) else {
+            return;
+        };
+        match invite {
+            Some(inv) => {
+                let mut resp = cancel.response(200);
+                // RFC 3261 9.2: the To tag of the 200 matches the INVITE's responses.
+                let tag = inv.to_tag.lock().clone().unwrap_or_else(new_tag);
+                resp.set_to_tag(&tag);
+                let _ = handle.respond(resp);
+                let invite = ServerTransaction { inner: inv };
+                if !invite.is_finished() {
+                    self.shared.tu.on_cancel(invite, cancel);
+                }
+            }
+            None => {
+                let mut resp = cancel.response(481);
+                resp.set_to_tag(&new_tag());
+                let _ = handle.respond(resp);
+            }
+        }
+    }
+
+    fn on_request(&self, req: Request, source: Target) {
+        let Some(key) = ServerKey::of(&req, false) else {
+            return;
+        };
+        if let Some(tx) = self.shared.servers.get(&key) {
+            // A retransmission (RFC 3261 17.2.1, 17.2.2); RFC 2543 keys need the To tag too.
+            if to_tag_matches(&key, &tx, &req) {
+                tx.retransmission();
+            } else {
+                tracing::debug!(call_id = %req.base.call_id, "RFC 2543 request matches a transaction but not its To tag; dropped");
+            }
+            return;
+        }
+        let merge_key = MergeKey::of(&req);
+        if merge_key.is_some() && !self.shared.accepting.load(Ordering::Acquire) {
+            // Graceful shutdown: no new dialogs; in-dialog requests (To tag) go on.
+            bump(&self.shared.stats.rejected_not_accepting);
+            let mut resp = self.shared.respond_stateless(&req, 503);
+            resp.headers.push("Retry-After", "30");
+            self.send_response_stateless(&resp, &source);
+            return;
+        }
+        if let Some(mk) = &merge_key {
+            // RFC 3261 8.2.2.2: same From tag, Call-ID and CSeq as a transaction in progress
+            // but another branch: a request that forked and came back (merged).
+            if let Some(other) = self.shared.merged.get(mk) {
+                if other != key {
+                    bump(&self.shared.stats.merged_rejected);
+                    let resp = self.shared.respond_stateless(&req, 482);
+                    self.send_response_stateless(&resp, &source);
+                    return;
+                }
+            }
+        }
+        let method = req.method.clone();
+        let Some(tx) = self.create_server(key, merge_key, req.clone(), source) else {
+            return;
+        };
+        if method == Method::Invite {
+            // RFC 3261 17.2.1: 100 Trying at once, so the client stops retransmitting; it
+            // copies Timestamp (8.2.6.1) and carries no To tag.
+            let mut trying = req.response(100);
+            if let Some(ts) = req.headers.get("Timestamp") {
+                trying.headers.push("Timestamp", ts);
+            }
+            let _ = tx.respond(trying);
+        }
+        self.shared.tu.on_request(tx, req);
+    }
+
+    /// Creates and registers a server transaction; None (after treating the request as a
+    /// retransmission) when another thread created it first.
+    fn create_server(
+        &self,
+        key: ServerKey,
+        merge_key: Option<MergeKey>,
+        req: Request,
+        source: Target,
+    ) -> Option<ServerTransaction> {
+        let reliable = source.transport.is_reliable();
+        let machine = if req.method == Method::Invite {
+            ServerMachine::Invite(InviteServer::new(self.shared.cfg, reliable))
+        } else {
+            ServerMachine::NonInvite(NonInviteServer::new(self.shared.cfg, reliable))
+        };
+        let inner = Arc::new(ServerInner {
+            shared: self.shared.clone(),
+            key: key.clone(),
+            merge_key: merge_key.clone(),
+            request: req,
+            source,
+            core: Core::new(machine),
+            to_tag: Mutex::new(None),
+        });
+        if let Err(existing) = self.shared.servers.insert_new(key.clone(), inner.clone()) {
+            existing.retransmission();
+            return None;
+        }
+        self.shared.live.fetch_add(1, Ordering::AcqRel);
+        bump(&self.shared.stats.server_created);
+        if let Some(mk) = merge_key {
+            let _ = self.shared.merged.insert_new(mk, key);
+        }
+        Some(ServerTransaction { inner })
+    }
+
+    fn send_response_stateless(&self, resp: &Response, target: &Target) {
+        let r = self.shared.send(
+            target,
+            resp.to_bytes(),
+            &What::Status(resp.status),
+            &resp.base.call_id,
+        );
+        if let Err(e) = r {
+            bump(&self.shared.stats.transport_errors);
+            tracing::debug!(call_id = %resp.base.call_id, error = %e, "stateless response not sent");
+        }
+    }
+
     /// Starts a client transaction; the request must carry its top Via with a fresh branch.
+    /// Send failures (even of the first transmission) are reported as
+    /// [`ClientEvent::TransportError`], so that the caller handles them like any other
+    /// outcome (RFC 3261 17.1.1.2: like a 503). Do not send ACKs here: an ACK has no
+    /// transaction (use [`TransactionLayer::send_stateless`]).
     pub fn send_request(
         &self,
         req: Request,
         target: Target,
     ) -> Result<ClientTransaction, TransactionError> {
-        let _ = (req, target);
-        todo!()
+        let branch = req.base.branch().to_owned();
+        if branch.is_empty() {
+            return Err(TransactionError::NoBranch);
+        }
+        let key = ClientKey::of(&req.base);
+        let reliable = target.transport.is_reliable();
+        let call_id = req.base.call_id.clone();
+        let (machine, actions) = if req.method == Method::Invite {
+            let (m, a) = InviteClient::start(self.shared.cfg, reliable, req);
+            (ClientMachine::Invite(Box::new(m)), a)
+        } else {
+            let method = req.method.clone();
+            let (m, a) = NonInviteClient::start(self.shared.cfg, reliable, method, req.to_bytes());
+            (ClientMachine::NonInvite(m), a)
+        };
+        let (tx_events, rx_events) = mpsc::unbounded_channel();
+        let inner = Arc::new(ClientInner {
+            shared: self.shared.clone(),
+            key: key.clone(),
+            target,
+            call_id,
+            core: Core::new(machine),
+            events: Mutex::new(Some(tx_events)),
+        });
+        if self.shared.clients.insert_new(key, inner.clone()).is_err() {
+            return Err(TransactionError::Duplicate);
+        }
+        self.shared.live.fetch_add(1, Ordering::AcqRel);
+        bump(&self.shared.stats.client_created);
+        // The first transmission and the first timers.
+        inner.drive(|_| Ok((actions, ())), None)?;
+        Ok(ClientTransaction {
+            branch,
+            events: rx_events,
+        })
     }
+
     /// Sends a message outside any transaction (the ACK for a 2xx, a 2xx retransmission).
     pub fn send_stateless(
         &self,
         msg: &SipMessage,
         target: &Target,
     ) -> Result<(), TransactionError> {
-        let _ = (msg, target);
-        todo!()
+        let what = match msg {
+            SipMessage::Request(r) => What::Method(r.method.clone()),
+            SipMessage::Response(r) => What::Status(r.status),
+        };
+        self.shared
+            .send(target, msg.to_bytes(), &what, &msg.base().call_id)
+            .map_err(TransactionError::from)
     }
+
     /// Transactions alive now (server + client).
     pub fn len(&self) -> usize {
-        todo!()
+        self.shared.live.load(Ordering::Acquire)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -163,9 +971,24 @@ impl TransactionLayer {
     /// From now on, new dialog-creating requests (no To tag) get 503; in-dialog requests and
     /// everything in flight go on (graceful shutdown).
     pub fn stop_accepting(&self) {
-        todo!()
+        self.shared.accepting.store(false, Ordering::Release);
     }
     pub fn timers(&self) -> TimerConfig {
-        todo!()
+        self.shared.cfg
+    }
+    /// The layer's counters.
+    pub fn stats(&self) -> TransactionStats {
+        let c = &self.shared.stats;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TransactionStats {
+            server_created: g(&c.server_created),
+            client_created: g(&c.client_created),
+            retransmissions_absorbed: g(&c.retransmissions_absorbed),
+            client_timeouts: g(&c.client_timeouts),
+            ack_timeouts: g(&c.ack_timeouts),
+            transport_errors: g(&c.transport_errors),
+            merged_rejected: g(&c.merged_rejected),
+            rejected_not_accepting: g(&c.rejected_not_accepting),
+        }
     }
 }
