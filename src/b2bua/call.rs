@@ -15,7 +15,7 @@ use crate::script::{
 };
 use crate::sip::{new_call_id, new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
-use crate::transport::Target;
+use crate::transport::{Target, TransportKind};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
@@ -492,7 +492,28 @@ impl Call {
     }
 
     /// Sends a request in a new client transaction whose events come back to this call.
-    fn send_client(&mut self, req: Request, target: Target, purpose: Purpose) -> Option<u64> {
+    fn send_client(
+        &mut self,
+        mut req: Request,
+        mut target: Target,
+        purpose: Purpose,
+    ) -> Option<u64> {
+        // RFC 3261 18.1.1: a request over 1300 octets (path MTU unknown) goes over TCP when
+        // we have it; the Via then says TCP. (The request is serialized twice only then.)
+        if target.transport == TransportKind::Udp
+            && self.inner.local.has(TransportKind::Tcp)
+            && crate::transport::needs_reliable(req.body.len() + 600)
+            && crate::transport::needs_reliable(req.to_bytes().len())
+        {
+            target.transport = TransportKind::Tcp;
+            target.connection = None;
+            if let Some(v) = req.base.via.first_mut() {
+                let fresh = self.inner.local.via(&target);
+                v.transport = fresh.transport;
+                v.host = fresh.host;
+                v.port = fresh.port;
+            }
+        }
         let id = self.new_id();
         match self.inner.layer.send_request(req, target) {
             Ok(mut ctx) => {
