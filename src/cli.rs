@@ -20,7 +20,8 @@ pub enum Command {
     Run(ConfigArgs),
     /// Load and validate the configuration, then exit: 0 if it is valid, 2 if not.
     Check(ConfigArgs),
-    /// Ask the running server to reload its script and configuration (not implemented yet).
+    /// Ask the running server (at the configuration's http.listen) to reload its Lua script;
+    /// calls in progress keep the version they started with. Same as SIGHUP.
     Reload(ConfigArgs),
 }
 

@@ -1,5 +1,6 @@
 //! Strowger: a programmable SIP B2BUA.
 
+pub mod admin;
 pub mod b2bua;
 pub mod config;
 pub mod dialog;

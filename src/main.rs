@@ -24,11 +24,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args.config.as_deref()),
         Command::Check(args) => check(args.config.as_deref()),
-        Command::Reload(_args) => {
-            // Later: signal the running server (SIGHUP) to reload.
-            eprintln!("reload is not implemented yet");
-            ExitCode::from(EXIT_RUNTIME)
-        }
+        Command::Reload(args) => reload(args.config.as_deref()),
     }
 }
 
@@ -50,6 +46,48 @@ fn check(path: Option<&Path>) -> ExitCode {
     println!("configuration OK: {source}");
     println!("script OK: {}", config.script.path);
     ExitCode::SUCCESS
+}
+
+/// `strowger reload`: asks the running server (at the configuration's `http.listen`) to
+/// reload its script; the same as sending it SIGHUP.
+fn reload(path: Option<&Path>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let addr: std::net::SocketAddr = match config.http.listen.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!(
+                "configuration error: http.listen {:?}: {e}",
+                config.http.listen
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(strowger::admin::request_reload(addr)) {
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 /// `strowger run`: the server, until a signal stops it.

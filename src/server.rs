@@ -85,6 +85,7 @@ pub struct ServerHandle {
     layer: TransactionLayer,
     b2bua: B2bua,
     scripts: ScriptEngine,
+    admin: crate::admin::AdminServer,
     stats: Arc<ServerStats>,
 }
 
@@ -121,6 +122,11 @@ impl ServerHandle {
 
     pub fn scripts(&self) -> &ScriptEngine {
         &self.scripts
+    }
+
+    /// Where the admin HTTP endpoint listens (`http.listen`, port 0 resolved).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr()
     }
 
     /// Graceful shutdown: new requests get 503, transactions in flight get up to `drain`
@@ -187,6 +193,15 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
     });
     core.set_b2bua(b2bua.clone());
+    let http: SocketAddr = config
+        .http
+        .listen
+        .parse()
+        .with_context(|| format!("http.listen {:?}", config.http.listen))?;
+    let admin = crate::admin::start(http, scripts.clone())
+        .await
+        .with_context(|| format!("binding http.listen {http}"))?;
+    tracing::info!(addr = %admin.addr(), "admin HTTP listening");
     let _ = dispatcher.layer.set(layer.clone());
     let _ = dispatcher.sender.set(transports.clone());
     for (kind, addr) in transports.local_addrs() {
@@ -197,6 +212,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer,
         b2bua,
         scripts,
+        admin,
         stats,
     })
 }

@@ -1,5 +1,5 @@
 //! The `strowger` binary's command line: version, `check` exit codes and messages,
-//! `reload`. Runs the built binary; no server is started.
+//! `run` + `reload` + SIGTERM. Runs the built binary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -147,13 +147,6 @@ fn check_refuses_a_missing_explicit_file() {
 }
 
 #[test]
-fn reload_is_not_implemented_yet() {
-    let (code, _, err) = run(&mut strowger(&["reload"]));
-    assert_eq!(code, 1);
-    assert!(err.contains("not implemented"), "stderr: {err}");
-}
-
-#[test]
 fn logging_init_twice_is_an_error_not_a_panic() {
     // Its own test binary, so installing the global subscriber here disturbs nobody.
     let cfg = strowger::config::LogConfig {
@@ -167,4 +160,66 @@ fn logging_init_twice_is_an_error_not_a_panic() {
         "{first:?}"
     );
     assert!(second.is_err());
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (TCP).
+fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
+    let dir = temp_dir();
+    let script = dir.join("plan.lua");
+    std::fs::write(&script, "function on_invite(call) call:reject(486) end\n").unwrap();
+    let http = format!("127.0.0.1:{}", free_tcp_port());
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n[http]\nlisten = {http:?}\n[script]\npath = {:?}\n[shutdown]\ndrain_timeout_s = 1\n",
+            script.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let mut server = strowger(&["run", "--config", cfg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    // Wait until the admin endpoint answers (bounded).
+    let mut answer = None;
+    for _ in 0..100 {
+        let (code, out, _err) = run(&mut strowger(&["reload", "--config", cfg]));
+        if code == 0 {
+            answer = Some(out);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let answer = answer.expect("reload answered within 5 s");
+    assert!(answer.contains("\"reloaded\":true"), "{answer}");
+
+    // A script that does not compile is refused, naming file and line; exit 1.
+    std::fs::write(&script, "function on_invite(call)\n  call:reject(\n").unwrap();
+    let (code, _out, err) = run(&mut strowger(&["reload", "--config", cfg]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("plan.lua:"), "{err}");
+
+    // SIGTERM: graceful shutdown, exit 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = server.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

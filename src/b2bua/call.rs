@@ -491,6 +491,17 @@ impl Call {
         id
     }
 
+    /// Sends an ACK for a 2xx: end to end, outside any transaction (RFC 3261 13.2.2.4),
+    /// logged like the transaction layer logs its messages.
+    fn send_ack(
+        &self,
+        target: &Target,
+        ack: &Request,
+    ) -> Result<(), crate::transport::TransportError> {
+        tracing::debug!(dir = "out", method = %ack.method, call_id = %ack.base.call_id, peer = %target.addr, transport = %target.transport);
+        self.inner.sender.send(target, ack.to_bytes())
+    }
+
     /// Sends a request in a new client transaction whose events come back to this call.
     fn send_client(
         &mut self,
@@ -933,7 +944,7 @@ impl Call {
         if is_winner {
             // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
             if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
-                let _ = self.inner.sender.send(&d.flow, ack.to_bytes());
+                let _ = self.send_ack(&d.flow, ack);
             }
             return;
         }
@@ -947,7 +958,7 @@ impl Call {
             // RFC 3261 16.7 step 10 / the seed: a second 2xx is ACKed and then BYEd.
             let via = self.inner.local.via(&dialog.flow);
             let ack = dialog.ack(b.invite.base.cseq.seq, via);
-            let _ = self.inner.sender.send(&dialog.flow, ack.to_bytes());
+            let _ = self.send_ack(&dialog.flow, &ack);
             let via = self.inner.local.via(&dialog.flow);
             let bye = dialog.request(Method::Bye, via, None);
             let flow = dialog.flow;
@@ -1090,7 +1101,7 @@ impl Call {
         if resp.is_success() && resp.base.cseq.method == Method::Invite {
             if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
                 if ack.base.cseq.seq == resp.base.cseq.seq {
-                    let _ = self.inner.sender.send(&d.flow, ack.to_bytes());
+                    let _ = self.send_ack(&d.flow, ack);
                 }
             }
         }
@@ -1196,7 +1207,7 @@ impl Call {
                     let mut b_ack = d.ack(seq, via);
                     copy_relayed(&ack.headers, &mut b_ack.headers);
                     b_ack.body = ack.body.clone();
-                    let _ = self.inner.sender.send(&d.flow, b_ack.to_bytes());
+                    let _ = self.send_ack(&d.flow, &b_ack);
                     self.b_ack = Some(b_ack);
                 }
             }
@@ -1215,7 +1226,7 @@ impl Call {
                 let mut fwd = d.ack(seq, via);
                 copy_relayed(&ack.headers, &mut fwd.headers);
                 fwd.body = ack.body;
-                let _ = self.inner.sender.send(&via_target, fwd.to_bytes());
+                let _ = self.send_ack(&via_target, &fwd);
             }
         }
     }
