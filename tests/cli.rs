@@ -184,7 +184,7 @@ fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
     )
     .unwrap();
     let cfg = config.to_str().unwrap();
-    let mut server = strowger(&["run", "--config", cfg])
+    let server = strowger(&["run", "--config", cfg])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
