@@ -153,10 +153,10 @@ measure() { # name port -> sets CPU_US MAX_CPS MEM_B
   sleep 2
   base=$(rss_kb "$SERVER_PID")
   uac_port=$(free_port)
-  sipp -sn uac -s service -i 127.0.0.1 -p "$uac_port" -m "$HELD" -r 1000 -l "$HELD" -d 600000 \
+  sipp -sn uac -s service -i 127.0.0.1 -p "$uac_port" -m "$HELD" -r 1000 -l "$HELD" -d 600000 127.0.0.1:"$port" \
     -nostdin -bg >/dev/null 2>&1 || true
   local held_pid
-  held_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $uac_port" | head -1)
+  held_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $uac_port" | head -1 || true)
   PIDS+=("$held_pid")
   sleep $(( HELD / 1000 + 8 ))
   held_rss=$(rss_kb "$SERVER_PID")
