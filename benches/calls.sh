@@ -67,7 +67,7 @@ stat_col() { # file column -> value of the last line
 
 wait_answering() { # port
   for _ in $(seq 1 100); do
-    if timeout 3 sipp -sf "$ROOT/tests/sipp/options_uac.xml" -m 1 -i 127.0.0.1 -nostdin \
+    if timeout 3 sipp -sf "$ROOT/benches/ping.xml" -m 1 -i 127.0.0.1 -nostdin \
         -timeout 2s 127.0.0.1:"$1" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
@@ -150,6 +150,10 @@ measure() { # name port -> sets CPU_US MAX_CPS MEM_B
     fi
   done
   local base held_rss uac_port
+  # Memory on a fresh process, so that what the CPS steps left behind (and what the
+  # allocator kept of it) does not hide in the baseline.
+  kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+  "start_$name" "$port"
   sleep 2
   base=$(rss_kb "$SERVER_PID")
   uac_port=$(free_port)
@@ -158,7 +162,9 @@ measure() { # name port -> sets CPU_US MAX_CPS MEM_B
   local held_pid
   held_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $uac_port" | head -1 || true)
   PIDS+=("$held_pid")
-  sleep $(( HELD / 1000 + 8 ))
+  # Steady state: the set-up transactions have ended (RFC 6026 Timer L/M = 64*T1 = 32 s;
+  # Kamailio's wait timer is shorter), only the established calls remain.
+  sleep $(( HELD / 1000 + 40 ))
   held_rss=$(rss_kb "$SERVER_PID")
   kill "$held_pid" 2>/dev/null || true
   MEM_B=$(python3 -c "print(round(($held_rss-$base)*1024/$HELD))")
