@@ -44,6 +44,19 @@ impl Side {
     }
 }
 
+/// The sending side of a call's event queue. Events are boxed: a tokio mpsc queue allocates
+/// its slots in blocks of 32, and an inline event (a whole `Request`, ~850 bytes) made that
+/// ~27 KiB per call, most of the memory an established call cost.
+#[derive(Clone)]
+pub struct Events(mpsc::UnboundedSender<Box<CallEvent>>);
+
+impl Events {
+    /// Queues an event; gives it back when the call has ended.
+    pub fn post(&self, ev: CallEvent) -> Result<(), CallEvent> {
+        self.0.send(Box::new(ev)).map_err(|e| *e.0)
+    }
+}
+
 pub enum CallEvent {
     /// A request inside one of the call's dialogs (not ACK).
     Request {
@@ -129,8 +142,8 @@ struct ReliableToA {
 pub struct Call {
     id: Arc<str>,
     inner: Arc<B2buaInner>,
-    events: mpsc::UnboundedSender<CallEvent>,
-    rx: mpsc::UnboundedReceiver<CallEvent>,
+    events: Events,
+    rx: mpsc::UnboundedReceiver<Box<CallEvent>>,
     a_tx: ServerTransaction,
     a_invite: Request,
     a_source: Target,
@@ -146,7 +159,9 @@ pub struct Call {
     b_branch: Option<u64>,
     /// ACK for B's 2xx: sent when A's ACK arrives, kept to answer 2xx retransmissions.
     b_ack: Option<Request>,
-    branches: HashMap<u64, Branch>,
+    /// Boxed: a Branch holds a whole INVITE and a Dialog (~1.7 KiB), and a HashMap keeps
+    /// room for several.
+    branches: HashMap<u64, Box<Branch>>,
     dial: Option<Dial>,
     clients: HashMap<u64, Purpose>,
     next_id: u64,
@@ -172,7 +187,7 @@ pub struct Call {
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
 struct Control {
-    events: mpsc::UnboundedSender<CallEvent>,
+    events: Events,
 }
 
 impl CallControl for Control {
@@ -182,7 +197,7 @@ impl CallControl for Control {
         opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
         let (reply, rx) = oneshot::channel();
-        let sent = self.events.send(CallEvent::Dial {
+        let sent = self.events.post(CallEvent::Dial {
             targets,
             opts,
             reply,
@@ -271,6 +286,7 @@ impl Call {
     /// Creates the call for an INVITE that passed validation and starts its task.
     pub fn start(inner: Arc<B2buaInner>, tx: ServerTransaction, invite: Request) {
         let (events, rx) = mpsc::unbounded_channel();
+        let events = Events(events);
         let id: Arc<str> = Arc::from(new_tag());
         let a_tag = new_tag();
         let source = tx.source();
@@ -334,9 +350,12 @@ impl Call {
         });
         tokio::spawn(async move {
             let outcome = version.on_invite(info, control).await;
-            let _ = events.send(CallEvent::HookDone(outcome));
+            let _ = events.post(CallEvent::HookDone(outcome));
         });
-        tokio::spawn(call.run());
+        let fut = Box::new(call).run();
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| eprintln!("PROBE run future {} bytes, Call {}", std::mem::size_of_val(&fut), std::mem::size_of::<Call>()));
+        tokio::spawn(fut);
     }
 
     fn pending_key(&self) -> DialogKey {
@@ -366,12 +385,14 @@ impl Call {
         }
     }
 
-    async fn run(mut self) {
+    // The call lives on the heap and the task holds a pointer: a call waits most of its
+    // life, and a large task future is memory every established call pays for.
+    async fn run(mut self: Box<Self>) {
         while !self.ended || self.hook_running {
             let deadline = self.next_deadline();
             tokio::select! {
                 ev = self.rx.recv() => match ev {
-                    Some(ev) => self.on_event(ev).await,
+                    Some(ev) => self.on_event(*ev).await,
                     // Unreachable while we hold a sender ourselves; end cleanly anyway.
                     None => {
                         self.end("system");
@@ -470,7 +491,9 @@ impl Call {
                 targets,
                 opts,
                 reply,
-            } => self.start_dial(targets, opts, reply).await,
+            // Boxed: inline, the dial's future (name resolution) would sit in every call's
+            // task for the whole call, several KiB each.
+            } => Box::pin(self.start_dial(targets, opts, reply)).await,
             CallEvent::HookDone(outcome) => self.on_hook_done(outcome),
             CallEvent::Client { id, event } => self.on_client(id, event),
             CallEvent::Cancel => self.on_cancel(),
@@ -534,7 +557,7 @@ impl Call {
                     while let Some(event) = ctx.next_event().await {
                         let last = !matches!(event, ClientEvent::Provisional(_));
                         let is_invite_ok = matches!(&event, ClientEvent::Final(r) if r.is_success() && r.base.cseq.method == Method::Invite);
-                        if events.send(CallEvent::Client { id, event }).is_err() {
+                        if events.post(CallEvent::Client { id, event }).is_err() {
                             break;
                         }
                         // INVITE 2xx may repeat (RFC 6026 Accepted state): keep listening.
@@ -673,7 +696,7 @@ impl Call {
         );
         self.branches.insert(
             bid,
-            Branch {
+            Box::new(Branch {
                 invite: invite.clone(),
                 target: dest,
                 provisional: false,
@@ -681,7 +704,7 @@ impl Call {
                 cancelled: false,
                 done: false,
                 early: None,
-            },
+            }),
         );
         if self
             .send_client(invite, dest, Purpose::Branch(bid))
@@ -692,6 +715,33 @@ impl Call {
             return Err((503, "Transport error".into()));
         }
         Ok(bid)
+    }
+
+    /// The call is established (both 2xx ACKed): what only the set-up needed goes, since an
+    /// established call may last hours and memory per call is what a busy PBX pays for.
+    /// Kept: the dialogs, the base headers of the INVITEs (Call-ID, tags and CSeq for
+    /// matching), the ACK sent to B (for 2xx retransmissions).
+    fn compact(&mut self) {
+        let winner = self.b_branch;
+        let losers: Vec<u64> = self
+            .branches
+            .iter()
+            .filter(|(id, b)| Some(**id) != winner && b.done)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in losers {
+            self.remove_branch_key(id);
+            self.branches.remove(&id);
+        }
+        self.branches.shrink_to_fit();
+        if let Some(b) = winner.and_then(|w| self.branches.get_mut(&w)) {
+            b.invite.headers = Headers::new();
+            b.invite.body = Bytes::new();
+            b.early = None;
+        }
+        self.a_invite.headers = Headers::new();
+        self.a_invite.body = Bytes::new();
+        self.a_reliable = Vec::new();
     }
 
     fn remove_branch_key(&self, bid: u64) {
@@ -1211,6 +1261,7 @@ impl Call {
                     self.b_ack = Some(b_ack);
                 }
             }
+            self.compact();
             return;
         }
         if let Some((from, seq)) = self.pending_ack {
@@ -1430,5 +1481,21 @@ impl Call {
             let version = self.version.clone();
             tokio::spawn(async move { version.on_call_end(handle, record).await });
         }
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "Call {} Dialog {} CallEvent {} ClientEvent {} Request {} Response {}",
+            std::mem::size_of::<super::Call>(),
+            std::mem::size_of::<crate::dialog::Dialog>(),
+            std::mem::size_of::<super::CallEvent>(),
+            std::mem::size_of::<crate::transaction::ClientEvent>(),
+            std::mem::size_of::<crate::sip::Request>(),
+            std::mem::size_of::<crate::sip::Response>()
+        );
     }
 }

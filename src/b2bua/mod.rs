@@ -20,7 +20,7 @@ use crate::script::ScriptEngine;
 use crate::sip::{Request, Response};
 use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
 use crate::transport::Sender;
-use call::{Call, CallEvent};
+use call::{Call, CallEvent, Events};
 use parking_lot::Mutex;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -28,7 +28,6 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// A dialog as the server names it: Call-ID and our own tag.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -49,7 +48,7 @@ impl DialogKey {
 /// How to reach a call from one of its dialogs.
 #[derive(Clone)]
 struct CallRef {
-    events: mpsc::UnboundedSender<CallEvent>,
+    events: Events,
     side: Side,
     branch: Option<u64>,
 }
@@ -102,7 +101,7 @@ struct B2buaInner {
     default_ring_timeout: Duration,
     dialogs: Sharded<CallRef>,
     /// Calls whose INVITE is still pending, by (Call-ID, From tag) of the caller: CANCEL.
-    pending: Sharded<mpsc::UnboundedSender<CallEvent>>,
+    pending: Sharded<Events>,
     calls_active: AtomicU64,
     stats: B2buaStats,
 }
@@ -183,7 +182,7 @@ impl B2bua {
                     tx,
                     req,
                 };
-                r.events.send(ev).map_err(|e| match e.0 {
+                r.events.post(ev).map_err(|e| match e {
                     CallEvent::Request { tx, req, .. } => Box::new((tx, req)),
                     _ => unreachable!("we sent a Request"),
                 })
@@ -201,7 +200,7 @@ impl B2bua {
             .dialogs
             .get(&DialogKey::new(&ack.base.call_id, tag))
         {
-            let _ = r.events.send(CallEvent::Ack {
+            let _ = r.events.post(CallEvent::Ack {
                 side: r.side,
                 req: ack,
             });
@@ -213,7 +212,7 @@ impl B2bua {
     pub fn on_cancel(&self, cancel: &Request) -> bool {
         let key = DialogKey::new(&cancel.base.call_id, cancel.base.from.tag().unwrap_or(""));
         match self.inner.pending.get(&key) {
-            Some(events) => events.send(CallEvent::Cancel).is_ok(),
+            Some(events) => events.post(CallEvent::Cancel).is_ok(),
             None => false,
         }
     }
@@ -228,7 +227,7 @@ impl B2bua {
             .dialogs
             .get(&DialogKey::new(&resp.base.call_id, tag))
         {
-            let _ = r.events.send(CallEvent::Stray { resp });
+            let _ = r.events.post(CallEvent::Stray { resp });
         }
     }
 }
