@@ -67,50 +67,177 @@ function require(name)
   return value
 end
 
--- call methods: the Rust side returns (error message) or (nil, result); errors are raised
--- here so they carry the caller's file:line and are plain strings for pcall.
+-- The `call` object is a plain table built here, in Lua: the Rust side hands over one
+-- userdata per call (its state) and every crossing of the Rust/Lua boundary is costly
+-- (each one is a protected call when a memory limit is set). So the fields are filled on
+-- first access (__index), and the outcome tables are built here from plain values.
 local raw = H.call
-local function method(f)
-  return function(...)
-    local err, result = f(...)
-    if err then
-      error(err, 2)
-    end
-    return result
-  end
-end
+local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
+  raw.header, raw.reject, raw.redirect, raw.dial, raw.field
+local rawget, rawset, next, setmetatable = rawget, rawset, next, setmetatable
+
+-- call -> its userdata; userdata -> its call. Both weak-keyed (ephemerons): the handle's
+-- registry reference to the userdata keeps the call alive until the call is over.
+local state_of = setmetatable({}, { __mode = "k" })
+local call_of = setmetatable({}, { __mode = "k" })
 
 -- call -> the coroutine running its hook. `call:dial` waits by yielding that coroutine,
 -- so it must not be called from a coroutine the script created (nor from another call's
 -- hook).
 local hook_thread = setmetatable({}, { __mode = "k" })
 local running = coroutine.running
-local raw_dial = method(raw.dial)
 
-local function run_hook(hook, call, ...)
-  hook_thread[call] = running()
-  return hook(call, ...)
+local function usage(verb)
+  return "call:" .. verb .. ": expected a call object (write call:" .. verb .. "(...), with a colon)"
 end
 
 local methods = {
-  header = method(raw.header),
-  dial = function(self, ...)
+  header = function(self, name)
+    local ud = state_of[self]
+    if ud == nil then
+      error(usage("header"), 2)
+    end
+    local err, value = raw_header(ud, name)
+    if err then
+      error(err, 2)
+    end
+    return value
+  end,
+  dial = function(self, target, opts)
     local owner = hook_thread[self]
     if owner ~= nil and owner ~= running() then
       error("call:dial: must be called from the call's own hook, not from another coroutine", 2)
     end
-    return raw_dial(self, ...)
+    local ud = state_of[self]
+    if ud == nil then
+      error(usage("dial"), 2)
+    end
+    -- (status * 2 + answered, reason) or (error message): two results keep mlua's async
+    -- return on its fast path (no results table).
+    local r, reason = raw_dial(ud, target, opts)
+    if type(r) == "string" then
+      error(r, 2)
+    end
+    return { answered = r % 2 == 1, status = r // 2, reason = reason }
   end,
-  reject = method(raw.reject),
-  redirect = method(raw.redirect),
+  reject = function(self, code, reason)
+    local ud = state_of[self]
+    if ud == nil then
+      error(usage("reject"), 2)
+    end
+    local err = raw_reject(ud, code, reason)
+    if err then
+      error(err, 2)
+    end
+    return nil
+  end,
+  redirect = function(self, contacts)
+    local ud = state_of[self]
+    if ud == nil then
+      error(usage("redirect"), 2)
+    end
+    local err = raw_redirect(ud, contacts)
+    if err then
+      error(err, 2)
+    end
+    return nil
+  end,
 }
+
+-- The lazily built fields, each with its bit in `made[call]`: once built (or assigned by
+-- the script), a field is never built again, so `call.vars = nil` stays nil as it would
+-- with a plain table.
+local lazy_bit = { id = 1, source = 2, from = 4, to = 8, ruri = 16, vars = 32 }
+local made = setmetatable({}, { __mode = "k" })
+
+local function build(c, k)
+  if k == "vars" then
+    return {}
+  end
+  local ud = state_of[c]
+  if ud == nil then
+    return nil
+  end
+  if k == "id" or k == "source" then
+    return (raw_field(ud, k))
+  end
+  local uri, user, host = raw_field(ud, k)
+  return { uri = uri, user = user, host = host }
+end
+
+local function index(c, k)
+  local m = methods[k]
+  if m ~= nil then
+    return m
+  end
+  local bit = lazy_bit[k]
+  if bit == nil then
+    return nil
+  end
+  local done = made[c] or 0
+  if done & bit ~= 0 then
+    return nil
+  end
+  made[c] = done | bit
+  local v = build(c, k)
+  rawset(c, k, v)
+  return v
+end
 
 local call_meta = {
-  __index = methods,
+  __index = index,
+  __newindex = function(c, k, v)
+    local bit = lazy_bit[k]
+    if bit ~= nil then
+      made[c] = (made[c] or 0) | bit
+    end
+    rawset(c, k, v)
+  end,
+  -- pairs sees every field, as if they had been there from the start.
+  __pairs = function(c)
+    for k in next, lazy_bit do
+      index(c, k)
+    end
+    return next, c, nil
+  end,
   __metatable = "call",
   __tostring = function(c)
-    return "call " .. tostring(rawget(c, "id"))
+    return "call " .. tostring(c.id)
   end,
 }
 
-return call_meta, run_hook
+local function new_call(ud)
+  local call = setmetatable({}, call_meta)
+  state_of[call] = ud
+  call_of[ud] = call
+  return call
+end
+
+-- The runners Rust starts as coroutines, with the operator's hooks bound once per VM.
+local function bind(on_invite, on_call_end)
+  local run_invite, run_end
+  if on_invite ~= nil then
+    run_invite = function(ud)
+      local call = new_call(ud)
+      hook_thread[call] = running()
+      return on_invite(call)
+    end
+  end
+  if on_call_end ~= nil then
+    run_end = function(ud, start, answer, ends, duration, hangup_by, final_status)
+      local call = call_of[ud] or new_call(ud)
+      hook_thread[call] = running()
+      return on_call_end(call, {
+        start = start,
+        answer = answer,
+        ends = ends,
+        duration = duration,
+        hangup_by = hangup_by,
+        final_status = final_status,
+      })
+    end
+  end
+  return run_invite, run_end
+end
+
+return bind
