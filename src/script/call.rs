@@ -270,28 +270,33 @@ pub(crate) fn raw_api(lua: &Lua) -> mlua::Result<Table> {
 
     api.raw_set(
         "dial",
-        lua.create_async_function(|_, (ud, target, opts): (AnyUserData, Value, Value)| {
-            let prepared = call_ud(&ud).map(|state| {
-                state.check("dial")?;
-                let targets = string_list(&target, "call:dial", "target")?;
-                let opts = parse_dial_options(&opts)?;
-                let control = state.start_dial()?;
-                Ok((state, targets, opts, control))
-            });
-            async move {
-                let (state, targets, opts, control) = match prepared? {
-                    Ok(p) => p,
-                    Err(msg) => return Ok((DialResult::Error(msg), None)),
-                };
-                let in_progress = DialInProgress(state.clone());
-                let outcome = control.dial(targets, opts).await;
-                state.finish_dial(&outcome);
-                drop(in_progress);
-                // The sandbox turns this pair into `{ answered, status, reason }`.
-                let code = i64::from(outcome.status) * 2 + i64::from(outcome.answered);
-                Ok((DialResult::Code(code), Some(outcome.reason)))
-            }
-        })?,
+        lua.create_async_function(
+            |_, (ud, target, opts, known): (AnyUserData, Value, Value, KnownOptions)| {
+                let prepared = call_ud(&ud).map(|state| {
+                    state.check("dial")?;
+                    let targets = string_list(&target, "call:dial", "target")?;
+                    let opts = match opts {
+                        Value::Nil => known.parse()?,
+                        opts => parse_dial_options(&opts)?,
+                    };
+                    let control = state.start_dial()?;
+                    Ok((state, targets, opts, control))
+                });
+                async move {
+                    let (state, targets, opts, control) = match prepared? {
+                        Ok(p) => p,
+                        Err(msg) => return Ok((DialResult::Error(msg), None)),
+                    };
+                    let in_progress = DialInProgress(state.clone());
+                    let outcome = control.dial(targets, opts).await;
+                    state.finish_dial(&outcome);
+                    drop(in_progress);
+                    // The sandbox turns this pair into `{ answered, status, reason }`.
+                    let code = i64::from(outcome.status) * 2 + i64::from(outcome.answered);
+                    Ok((DialResult::Code(code), Some(outcome.reason)))
+                }
+            },
+        )?,
     )?;
 
     Ok(api)
@@ -464,6 +469,54 @@ fn parse_headers(v: &Value) -> Result<Vec<(String, String)>, String> {
     }
     out.sort();
     Ok(out)
+}
+
+/// The `call:dial` options passed one by one: the sandbox does this when the options table
+/// has only known keys, which spares iterating the table from Rust (costly per key).
+/// Errors are checked in this fixed order rather than in table order.
+#[derive(Default)]
+struct KnownOptions {
+    timeout: Value,
+    headers: Value,
+    from: Value,
+    to: Value,
+    max_duration: Value,
+}
+
+impl mlua::FromLuaMulti for KnownOptions {
+    fn from_lua_multi(values: mlua::MultiValue, _: &Lua) -> mlua::Result<Self> {
+        let mut values = values.into_iter();
+        let mut next = || values.next().unwrap_or(Value::Nil);
+        Ok(KnownOptions {
+            timeout: next(),
+            headers: next(),
+            from: next(),
+            to: next(),
+            max_duration: next(),
+        })
+    }
+}
+
+impl KnownOptions {
+    fn parse(&self) -> Result<DialOptions, String> {
+        let mut opts = DialOptions::default();
+        if !self.timeout.is_nil() {
+            opts.timeout = Some(seconds(&self.timeout, "timeout")?);
+        }
+        if !self.headers.is_nil() {
+            opts.headers = parse_headers(&self.headers)?;
+        }
+        if !self.from.is_nil() {
+            opts.from = Some(opt_string(&self.from, "from")?);
+        }
+        if !self.to.is_nil() {
+            opts.to = Some(opt_string(&self.to, "to")?);
+        }
+        if !self.max_duration.is_nil() {
+            opts.max_duration = Some(seconds(&self.max_duration, "max_duration")?);
+        }
+        Ok(opts)
+    }
 }
 
 fn parse_dial_options(v: &Value) -> Result<DialOptions, String> {

@@ -76,67 +76,86 @@ local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
 local rawget, rawset, next, setmetatable = rawget, rawset, next, setmetatable
 
--- call -> its userdata; userdata -> its call. Both weak-keyed (ephemerons): the handle's
--- registry reference to the userdata keeps the call alive until the call is over.
-local state_of = setmetatable({}, { __mode = "k" })
+-- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
+-- call. Both weak-keyed (ephemerons): the handle's registry reference to the userdata keeps
+-- the call alive until the call is over. One record per call rather than one table per
+-- fact: every entry in a weak table costs insertion, rehashing and GC traversal.
+--
+-- The hook coroutine: `call:dial` waits by yielding it, so it must not be called from a
+-- coroutine the script created (nor from another call's hook).
+local UD, THREAD, MADE = 1, 2, 3
+local private = setmetatable({}, { __mode = "k" })
 local call_of = setmetatable({}, { __mode = "k" })
-
--- call -> the coroutine running its hook. `call:dial` waits by yielding that coroutine,
--- so it must not be called from a coroutine the script created (nor from another call's
--- hook).
-local hook_thread = setmetatable({}, { __mode = "k" })
 local running = coroutine.running
 
 local function usage(verb)
   return "call:" .. verb .. ": expected a call object (write call:" .. verb .. "(...), with a colon)"
 end
 
+local known_option = { timeout = true, headers = true, from = true, to = true, max_duration = true }
+local function only_known_options(opts)
+  for k in next, opts do
+    if known_option[k] == nil then
+      return false
+    end
+  end
+  return true
+end
+
 local methods = {
   header = function(self, name)
-    local ud = state_of[self]
-    if ud == nil then
+    local p = private[self]
+    if p == nil then
       error(usage("header"), 2)
     end
-    local err, value = raw_header(ud, name)
+    local err, value = raw_header(p[UD], name)
     if err then
       error(err, 2)
     end
     return value
   end,
   dial = function(self, target, opts)
-    local owner = hook_thread[self]
+    local p = private[self]
+    if p == nil then
+      error(usage("dial"), 2)
+    end
+    local owner = p[THREAD]
     if owner ~= nil and owner ~= running() then
       error("call:dial: must be called from the call's own hook, not from another coroutine", 2)
     end
-    local ud = state_of[self]
-    if ud == nil then
-      error(usage("dial"), 2)
-    end
     -- (status * 2 + answered, reason) or (error message): two results keep mlua's async
     -- return on its fast path (no results table).
-    local r, reason = raw_dial(ud, target, opts)
+    local r, reason
+    if type(opts) == "table" and only_known_options(opts) then
+      r, reason = raw_dial(p[UD], target, nil, rawget(opts, "timeout"), rawget(opts, "headers"),
+        rawget(opts, "from"), rawget(opts, "to"), rawget(opts, "max_duration"))
+    else
+      -- Anything unusual (unknown keys, not a table): the Rust side reads the table itself
+      -- and says what is wrong.
+      r, reason = raw_dial(p[UD], target, opts)
+    end
     if type(r) == "string" then
       error(r, 2)
     end
     return { answered = r % 2 == 1, status = r // 2, reason = reason }
   end,
   reject = function(self, code, reason)
-    local ud = state_of[self]
-    if ud == nil then
+    local p = private[self]
+    if p == nil then
       error(usage("reject"), 2)
     end
-    local err = raw_reject(ud, code, reason)
+    local err = raw_reject(p[UD], code, reason)
     if err then
       error(err, 2)
     end
     return nil
   end,
   redirect = function(self, contacts)
-    local ud = state_of[self]
-    if ud == nil then
+    local p = private[self]
+    if p == nil then
       error(usage("redirect"), 2)
     end
-    local err = raw_redirect(ud, contacts)
+    local err = raw_redirect(p[UD], contacts)
     if err then
       error(err, 2)
     end
@@ -144,19 +163,14 @@ local methods = {
   end,
 }
 
--- The lazily built fields, each with its bit in `made[call]`: once built (or assigned by
--- the script), a field is never built again, so `call.vars = nil` stays nil as it would
--- with a plain table.
+-- The lazily built fields, each with its bit in the record's MADE: once built (or
+-- assigned by the script), a field is never built again, so `call.vars = nil` stays nil as
+-- it would with a plain table.
 local lazy_bit = { id = 1, source = 2, from = 4, to = 8, ruri = 16, vars = 32 }
-local made = setmetatable({}, { __mode = "k" })
 
-local function build(c, k)
+local function build(ud, k)
   if k == "vars" then
     return {}
-  end
-  local ud = state_of[c]
-  if ud == nil then
-    return nil
   end
   if k == "id" or k == "source" then
     return (raw_field(ud, k))
@@ -174,12 +188,16 @@ local function index(c, k)
   if bit == nil then
     return nil
   end
-  local done = made[c] or 0
+  local p = private[c]
+  if p == nil then
+    return nil
+  end
+  local done = p[MADE]
   if done & bit ~= 0 then
     return nil
   end
-  made[c] = done | bit
-  local v = build(c, k)
+  p[MADE] = done | bit
+  local v = build(p[UD], k)
   rawset(c, k, v)
   return v
 end
@@ -188,8 +206,9 @@ local call_meta = {
   __index = index,
   __newindex = function(c, k, v)
     local bit = lazy_bit[k]
-    if bit ~= nil then
-      made[c] = (made[c] or 0) | bit
+    local p = private[c]
+    if bit ~= nil and p ~= nil then
+      p[MADE] = p[MADE] | bit
     end
     rawset(c, k, v)
   end,
@@ -206,9 +225,10 @@ local call_meta = {
   end,
 }
 
-local function new_call(ud)
-  local call = setmetatable({}, call_meta)
-  state_of[call] = ud
+local function new_call(ud, thread)
+  -- The nil fields only size the table for the fields most scripts read.
+  local call = setmetatable({ ruri = nil, from = nil, to = nil, id = nil }, call_meta)
+  private[call] = { ud, thread, 0 }
   call_of[ud] = call
   return call
 end
@@ -218,15 +238,17 @@ local function bind(on_invite, on_call_end)
   local run_invite, run_end
   if on_invite ~= nil then
     run_invite = function(ud)
-      local call = new_call(ud)
-      hook_thread[call] = running()
-      return on_invite(call)
+      return on_invite(new_call(ud, running()))
     end
   end
   if on_call_end ~= nil then
     run_end = function(ud, start, answer, ends, duration, hangup_by, final_status)
-      local call = call_of[ud] or new_call(ud)
-      hook_thread[call] = running()
+      local call = call_of[ud]
+      if call == nil then
+        call = new_call(ud, running())
+      else
+        private[call][THREAD] = running()
+      end
       return on_call_end(call, {
         start = start,
         answer = answer,

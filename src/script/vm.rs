@@ -21,6 +21,10 @@ use super::{call, EngineOptions, ScriptError};
 /// instructions when that is smaller).
 const HOOK_STEP: u32 = 1000;
 
+/// Finished hook coroutines kept per VM for reuse (more may run at once; the extra ones
+/// are simply left to the GC).
+const THREAD_POOL: usize = 64;
+
 /// The sandbox prelude: runs once per VM before the operator's script.
 const SANDBOX: &str = include_str!("sandbox.lua");
 /// Chunk names of our own Lua code start with this (never blamed in error positions).
@@ -202,7 +206,10 @@ impl Vm {
             | StdLib::UTF8
             | StdLib::MATH
             | StdLib::OS;
-        let lua = Lua::new_with(libs, LuaOptions::new()).map_err(internal)?;
+        // Hook runs are coroutines: without a pool mlua makes (and the GC later frees) a new
+        // Lua thread, with a fresh stack to grow, for every run.
+        let lua = Lua::new_with(libs, LuaOptions::new().thread_pool_size(THREAD_POOL))
+            .map_err(internal)?;
 
         let step = match opts.instruction_limit {
             0 => HOOK_STEP,
@@ -366,15 +373,19 @@ impl<F: Future> Future for Guarded<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        let Some(fut) = this.fut.as_mut() else {
+        if this.fut.is_none() {
             panic!("Guarded polled after completion");
-        };
-        let out = this.vm.enter(&this.budget, || fut.as_mut().poll(cx));
-        if out.is_ready() {
-            let done = this.fut.take();
-            this.vm.enter(&this.budget, || drop(done));
         }
-        out
+        // The finished future is dropped under the same lock (one `enter` per poll).
+        let fut_slot = &mut this.fut;
+        this.vm.enter(&this.budget, || {
+            let fut = fut_slot.as_mut().expect("checked above");
+            let out = fut.as_mut().poll(cx);
+            if out.is_ready() {
+                drop(fut_slot.take());
+            }
+            out
+        })
     }
 }
 
