@@ -35,6 +35,11 @@ enum Phase {
 /// Rust-side state of one call, shared by its `call` object and its handle.
 pub(crate) struct CallState {
     pub id: String,
+    /// The rest of the call's facts, read by Lua on first access (see `raw_api`'s `field`).
+    source: String,
+    from: UriInfo,
+    to: UriInfo,
+    ruri: UriInfo,
     headers: Vec<(String, String)>,
     inner: Mutex<Inner>,
 }
@@ -48,10 +53,14 @@ struct Inner {
 }
 
 impl CallState {
-    fn new(info: &CallInfo, control: Arc<dyn CallControl>) -> CallState {
+    fn new(info: CallInfo, control: Arc<dyn CallControl>) -> CallState {
         CallState {
-            id: info.id.clone(),
-            headers: info.headers.clone(),
+            id: info.id,
+            source: info.source,
+            from: info.from,
+            to: info.to,
+            ruri: info.ruri,
+            headers: info.headers,
             inner: Mutex::new(Inner {
                 control: Some(control),
                 phase: Phase::Deciding,
@@ -136,7 +145,7 @@ impl Drop for DialInProgress {
     }
 }
 
-/// The userdata stored (weakly keyed by the `call` table) in `Vm::call_states`.
+/// The userdata behind a `call` table (the sandbox maps one to the other).
 struct CallUd(Arc<CallState>);
 
 /// Compact header forms (RFC 3261 7.3.3 and later RFCs).
@@ -184,19 +193,41 @@ const SERVER_HEADERS: &[&str] = &[
     "record-route",
 ];
 
-/// The `call:*` verbs as raw functions returning `(error message)` or `(nil, result)`; the
-/// sandbox prelude wraps them into methods that raise.
-pub(crate) fn raw_api(lua: &Lua, states: &Table) -> mlua::Result<Table> {
+/// The `call:*` verbs as raw functions of the call's userdata, returning `(error message)`
+/// or `(nil, result)`; the sandbox prelude wraps them into methods that raise. `field`
+/// reads the call's facts for the lazily built fields of the `call` table.
+pub(crate) fn raw_api(lua: &Lua) -> mlua::Result<Table> {
     let api = lua.create_table()?;
 
-    let st = states.clone();
+    api.raw_set(
+        "field",
+        lua.create_function(|lua, (ud, name): (AnyUserData, mlua::String)| {
+            let state = call_ud(&ud)?;
+            let uri = match &*name.as_bytes() {
+                b"id" => return Ok((lua.create_string(&state.id)?, None, None)),
+                b"source" => return Ok((lua.create_string(&state.source)?, None, None)),
+                b"from" => &state.from,
+                b"to" => &state.to,
+                b"ruri" => &state.ruri,
+                _ => return Err(mlua::Error::runtime("call: no such field")),
+            };
+            let user = uri
+                .user
+                .as_deref()
+                .map(|u| lua.create_string(u))
+                .transpose()?;
+            Ok((
+                lua.create_string(&uri.uri)?,
+                user,
+                Some(lua.create_string(&uri.host)?),
+            ))
+        })?,
+    )?;
+
     api.raw_set(
         "header",
-        lua.create_function(move |lua, (this, name): (Value, Value)| {
-            let state = match state_of(&st, &this, "header")? {
-                Ok(s) => s,
-                Err(e) => return Ok((Some(e), Value::Nil)),
-            };
+        lua.create_function(|lua, (ud, name): (AnyUserData, Value)| {
+            let state = call_ud(&ud)?;
             let Value::String(name) = name else {
                 return Ok((
                     Some(format!(
@@ -214,84 +245,75 @@ pub(crate) fn raw_api(lua: &Lua, states: &Table) -> mlua::Result<Table> {
         })?,
     )?;
 
-    let st = states.clone();
     api.raw_set(
         "reject",
-        lua.create_function(move |_, (this, code, reason): (Value, Value, Value)| {
-            let state = match state_of(&st, &this, "reject")? {
-                Ok(s) => s,
-                Err(e) => return Ok((Some(e), Value::Nil)),
-            };
+        lua.create_function(|_, (ud, code, reason): (AnyUserData, Value, Value)| {
+            let state = call_ud(&ud)?;
             let result = parse_reject(&code, &reason).and_then(|(code, reason)| {
                 state.decide("reject", Decision::Rejected(code, reason))
             });
-            Ok((result.err(), Value::Nil))
+            Ok(result.err())
         })?,
     )?;
 
-    let st = states.clone();
     api.raw_set(
         "redirect",
-        lua.create_function(move |_, (this, contacts): (Value, Value)| {
-            let state = match state_of(&st, &this, "redirect")? {
-                Ok(s) => s,
-                Err(e) => return Ok((Some(e), Value::Nil)),
-            };
+        lua.create_function(|_, (ud, contacts): (AnyUserData, Value)| {
+            let state = call_ud(&ud)?;
             let result = state.check("redirect").and_then(|()| {
                 let contacts = string_list(&contacts, "call:redirect", "contact")?;
                 state.decide("redirect", Decision::Redirected(contacts))
             });
-            Ok((result.err(), Value::Nil))
+            Ok(result.err())
         })?,
     )?;
 
-    let st = states.clone();
     api.raw_set(
         "dial",
-        lua.create_async_function(move |lua, (this, target, opts): (Value, Value, Value)| {
-            let prepared = state_of(&st, &this, "dial").map(|state| {
-                let state = state?;
-                state.check("dial")?;
-                let targets = string_list(&target, "call:dial", "target")?;
-                let opts = parse_dial_options(&opts)?;
-                let control = state.start_dial()?;
-                Ok((state, targets, opts, control))
-            });
-            async move {
-                let (state, targets, opts, control) = match prepared? {
-                    Ok(p) => p,
-                    Err(msg) => return Ok((Some(msg), Value::Nil)),
-                };
-                let in_progress = DialInProgress(state.clone());
-                let outcome = control.dial(targets, opts).await;
-                state.finish_dial(&outcome);
-                drop(in_progress);
-                let t = lua.create_table_with_capacity(0, 3)?;
-                t.raw_set("answered", outcome.answered)?;
-                t.raw_set("status", outcome.status)?;
-                t.raw_set("reason", outcome.reason)?;
-                Ok((None::<String>, Value::Table(t)))
-            }
-        })?,
+        lua.create_async_function(
+            |_, (ud, target, opts, known): (AnyUserData, Value, Value, KnownOptions)| {
+                let prepared = call_ud(&ud).map(|state| {
+                    state.check("dial")?;
+                    let targets = string_list(&target, "call:dial", "target")?;
+                    let opts = match opts {
+                        Value::Nil => known.parse()?,
+                        opts => parse_dial_options(&opts)?,
+                    };
+                    let control = state.start_dial()?;
+                    Ok((state, targets, opts, control))
+                });
+                async move {
+                    let (state, targets, opts, control) = match prepared? {
+                        Ok(p) => p,
+                        Err(msg) => return Ok((DialResult::Error(msg), None)),
+                    };
+                    let in_progress = DialInProgress(state.clone());
+                    let outcome = control.dial(targets, opts).await;
+                    state.finish_dial(&outcome);
+                    drop(in_progress);
+                    // The sandbox turns this pair into `{ answered, status, reason }`.
+                    let code = i64::from(outcome.status) * 2 + i64::from(outcome.answered);
+                    Ok((DialResult::Code(code), Some(outcome.reason)))
+                }
+            },
+        )?,
     )?;
 
     Ok(api)
 }
 
-/// The state behind a `call` table, or a usage message.
-fn state_of(
-    states: &Table,
-    this: &Value,
-    verb: &str,
-) -> mlua::Result<Result<Arc<CallState>, String>> {
-    let usage =
-        || format!("call:{verb}: expected a call object (write call:{verb}(...), with a colon)");
-    if !matches!(this, Value::Table(_)) {
-        return Ok(Err(usage()));
-    }
-    match states.raw_get::<Value>(this.clone())? {
-        Value::UserData(ud) => Ok(Ok(call_ud(&ud)?)),
-        _ => Ok(Err(usage())),
+/// First result of the raw `dial`: an error message, or `status * 2 + answered`.
+enum DialResult {
+    Error(String),
+    Code(i64),
+}
+
+impl mlua::IntoLua for DialResult {
+    fn into_lua(self, lua: &Lua) -> mlua::Result<Value> {
+        match self {
+            DialResult::Error(msg) => msg.into_lua(lua),
+            DialResult::Code(code) => Ok(Value::Integer(code)),
+        }
     }
 }
 
@@ -449,6 +471,54 @@ fn parse_headers(v: &Value) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
+/// The `call:dial` options passed one by one: the sandbox does this when the options table
+/// has only known keys, which spares iterating the table from Rust (costly per key).
+/// Errors are checked in this fixed order rather than in table order.
+#[derive(Default)]
+struct KnownOptions {
+    timeout: Value,
+    headers: Value,
+    from: Value,
+    to: Value,
+    max_duration: Value,
+}
+
+impl mlua::FromLuaMulti for KnownOptions {
+    fn from_lua_multi(values: mlua::MultiValue, _: &Lua) -> mlua::Result<Self> {
+        let mut values = values.into_iter();
+        let mut next = || values.next().unwrap_or(Value::Nil);
+        Ok(KnownOptions {
+            timeout: next(),
+            headers: next(),
+            from: next(),
+            to: next(),
+            max_duration: next(),
+        })
+    }
+}
+
+impl KnownOptions {
+    fn parse(&self) -> Result<DialOptions, String> {
+        let mut opts = DialOptions::default();
+        if !self.timeout.is_nil() {
+            opts.timeout = Some(seconds(&self.timeout, "timeout")?);
+        }
+        if !self.headers.is_nil() {
+            opts.headers = parse_headers(&self.headers)?;
+        }
+        if !self.from.is_nil() {
+            opts.from = Some(opt_string(&self.from, "from")?);
+        }
+        if !self.to.is_nil() {
+            opts.to = Some(opt_string(&self.to, "to")?);
+        }
+        if !self.max_duration.is_nil() {
+            opts.max_duration = Some(seconds(&self.max_duration, "max_duration")?);
+        }
+        Ok(opts)
+    }
+}
+
 fn parse_dial_options(v: &Value) -> Result<DialOptions, String> {
     let mut opts = DialOptions::default();
     let t = match v {
@@ -564,47 +634,9 @@ pub(crate) fn default_reason(code: u16) -> &'static str {
     }
 }
 
-fn uri_table(lua: &Lua, uri: &UriInfo) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 3)?;
-    t.raw_set("uri", uri.uri.as_str())?;
-    t.raw_set("user", uri.user.as_deref())?;
-    t.raw_set("host", uri.host.as_str())?;
-    Ok(t)
-}
-
-fn make_call_table(vm: &Vm, info: &CallInfo, state: &Arc<CallState>) -> mlua::Result<Table> {
-    let lua = &vm.lua;
-    let t = lua.create_table_with_capacity(0, 6)?;
-    t.raw_set("id", info.id.as_str())?;
-    t.raw_set("source", info.source.as_str())?;
-    t.raw_set("from", uri_table(lua, &info.from)?)?;
-    t.raw_set("to", uri_table(lua, &info.to)?)?;
-    t.raw_set("ruri", uri_table(lua, &info.ruri)?)?;
-    t.raw_set("vars", lua.create_table()?)?;
-    t.set_metatable(Some(vm.call_meta.clone()))?;
-    vm.call_states
-        .raw_set(t.clone(), lua.create_any_userdata(CallUd(state.clone()))?)?;
-    Ok(t)
-}
-
 fn unix(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn record_table(lua: &Lua, r: &CallRecord) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 6)?;
-    t.raw_set("start", unix(r.start))?;
-    t.raw_set("answer", r.answer.map(unix))?;
-    t.raw_set("ends", unix(r.end))?;
-    let duration = r
-        .answer
-        .and_then(|a| r.end.duration_since(a).ok())
-        .map_or(0.0, |d| d.as_secs_f64());
-    t.raw_set("duration", duration)?;
-    t.raw_set("hangup_by", r.hangup_by.as_str())?;
-    t.raw_set("final_status", r.final_status)?;
-    Ok(t)
 }
 
 /// Counts and logs a failed hook run; returns the error text.
@@ -649,15 +681,14 @@ pub(crate) async fn run_on_invite(
 ) -> InviteOutcome {
     let idx = version.next.fetch_add(1, Ordering::Relaxed) % version.vms.len();
     let vm = version.vms[idx].clone();
-    let state = Arc::new(CallState::new(&info, control));
+    let state = Arc::new(CallState::new(info, control));
     let budget = vm.budget();
+    // The only Lua values made here: the call's userdata and its registry slot (the sandbox
+    // builds the `call` table around it, lazily).
     let setup = vm.enter(&budget, || -> mlua::Result<_> {
-        let table = make_call_table(&vm, &info, &state)?;
-        let key = vm.lua.create_registry_value(table.clone())?;
-        let hook = vm
-            .on_invite
-            .as_ref()
-            .map(|f| vm.run_hook.call_async::<()>((f.clone(), table)));
+        let ud = vm.lua.create_any_userdata(CallUd(state.clone()))?;
+        let key = vm.lua.create_registry_value(&ud)?;
+        let hook = vm.on_invite.as_ref().map(|f| f.call_async::<()>(ud));
         Ok((key, hook))
     });
     let mut handle = CallScriptHandle {
@@ -677,7 +708,7 @@ pub(crate) async fn run_on_invite(
                 &version,
                 &vm,
                 "on_invite",
-                &info.id,
+                &state.id,
                 &e,
                 &budget,
                 &vm.on_invite_pos,
@@ -702,7 +733,7 @@ pub(crate) async fn run_on_invite(
             &version,
             &vm,
             "on_invite",
-            &info.id,
+            &state.id,
             e,
             &budget,
             &vm.on_invite_pos,
@@ -736,7 +767,7 @@ pub(crate) async fn run_on_invite(
                     &version,
                     &vm,
                     "on_invite",
-                    &info.id,
+                    &state.id,
                     &e,
                     &budget,
                     &vm.on_invite_pos,
@@ -761,12 +792,25 @@ pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord
     let vm = version.vms[idx].clone();
     let budget = vm.budget();
     let setup = vm.enter(&budget, || -> mlua::Result<_> {
-        let call: Table = vm.lua.registry_value(&key)?;
+        let ud: AnyUserData = vm.lua.registry_value(&key)?;
         vm.lua.remove_registry_value(key)?;
         match &vm.on_call_end {
             Some(f) => {
-                let rec = record_table(&vm.lua, &record)?;
-                Ok(Some(vm.run_hook.call_async::<()>((f.clone(), call, rec))))
+                let duration = record
+                    .answer
+                    .and_then(|a| record.end.duration_since(a).ok())
+                    .map_or(0.0, |d| d.as_secs_f64());
+                // The sandbox builds the record table from these.
+                let args = (
+                    ud,
+                    unix(record.start),
+                    record.answer.map(unix),
+                    unix(record.end),
+                    duration,
+                    record.hangup_by.as_str(),
+                    record.final_status,
+                );
+                Ok(Some(f.call_async::<()>(args)))
             }
             None => Ok(None),
         }

@@ -89,6 +89,11 @@
 //!   threads. Every poll of a hook holds that VM's exec lock and names the run's budget, so a
 //!   single global count hook charges instructions to the right run (also inside coroutines
 //!   the script creates itself).
+//! - **Cost per hook**: every Rust→Lua operation is a protected call while a memory limit
+//!   is set, so Rust hands Lua one userdata per call and the sandbox prelude builds the
+//!   `call` table around it, each field on first access (`pairs` still sees them all);
+//!   dial outcomes and `on_call_end` records are likewise built in Lua from plain values.
+//!   Hook coroutines are recycled (mlua's thread pool).
 //! - **Reload**: [`ScriptEngine::reload`] builds a fresh pool; on success it swaps
 //!   [`ScriptEngine::current`]. Calls keep the `Arc<ScriptVersion>` they started with (through
 //!   their [`CallScriptHandle`]), so the old VMs live until their last call ends.

@@ -67,50 +67,199 @@ function require(name)
   return value
 end
 
--- call methods: the Rust side returns (error message) or (nil, result); errors are raised
--- here so they carry the caller's file:line and are plain strings for pcall.
+-- The `call` object is a plain table built here, in Lua: the Rust side hands over one
+-- userdata per call (its state) and every crossing of the Rust/Lua boundary is costly
+-- (each one is a protected call when a memory limit is set). So the fields are filled on
+-- first access (__index), and the outcome tables are built here from plain values.
 local raw = H.call
-local function method(f)
-  return function(...)
-    local err, result = f(...)
-    if err then
-      error(err, 2)
-    end
-    return result
-  end
+local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
+  raw.header, raw.reject, raw.redirect, raw.dial, raw.field
+local rawget, rawset, next, setmetatable = rawget, rawset, next, setmetatable
+
+-- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
+-- call. Both weak-keyed (ephemerons): the handle's registry reference to the userdata keeps
+-- the call alive until the call is over. One record per call rather than one table per
+-- fact: every entry in a weak table costs insertion, rehashing and GC traversal.
+--
+-- The hook coroutine: `call:dial` waits by yielding it, so it must not be called from a
+-- coroutine the script created (nor from another call's hook).
+local UD, THREAD, MADE = 1, 2, 3
+local private = setmetatable({}, { __mode = "k" })
+local call_of = setmetatable({}, { __mode = "k" })
+local running = coroutine.running
+
+local function usage(verb)
+  return "call:" .. verb .. ": expected a call object (write call:" .. verb .. "(...), with a colon)"
 end
 
--- call -> the coroutine running its hook. `call:dial` waits by yielding that coroutine,
--- so it must not be called from a coroutine the script created (nor from another call's
--- hook).
-local hook_thread = setmetatable({}, { __mode = "k" })
-local running = coroutine.running
-local raw_dial = method(raw.dial)
-
-local function run_hook(hook, call, ...)
-  hook_thread[call] = running()
-  return hook(call, ...)
+local known_option = { timeout = true, headers = true, from = true, to = true, max_duration = true }
+local function only_known_options(opts)
+  for k in next, opts do
+    if known_option[k] == nil then
+      return false
+    end
+  end
+  return true
 end
 
 local methods = {
-  header = method(raw.header),
-  dial = function(self, ...)
-    local owner = hook_thread[self]
+  header = function(self, name)
+    local p = private[self]
+    if p == nil then
+      error(usage("header"), 2)
+    end
+    local err, value = raw_header(p[UD], name)
+    if err then
+      error(err, 2)
+    end
+    return value
+  end,
+  dial = function(self, target, opts)
+    local p = private[self]
+    if p == nil then
+      error(usage("dial"), 2)
+    end
+    local owner = p[THREAD]
     if owner ~= nil and owner ~= running() then
       error("call:dial: must be called from the call's own hook, not from another coroutine", 2)
     end
-    return raw_dial(self, ...)
+    -- (status * 2 + answered, reason) or (error message): two results keep mlua's async
+    -- return on its fast path (no results table).
+    local r, reason
+    if type(opts) == "table" and only_known_options(opts) then
+      r, reason = raw_dial(p[UD], target, nil, rawget(opts, "timeout"), rawget(opts, "headers"),
+        rawget(opts, "from"), rawget(opts, "to"), rawget(opts, "max_duration"))
+    else
+      -- Anything unusual (unknown keys, not a table): the Rust side reads the table itself
+      -- and says what is wrong.
+      r, reason = raw_dial(p[UD], target, opts)
+    end
+    if type(r) == "string" then
+      error(r, 2)
+    end
+    return { answered = r % 2 == 1, status = r // 2, reason = reason }
   end,
-  reject = method(raw.reject),
-  redirect = method(raw.redirect),
+  reject = function(self, code, reason)
+    local p = private[self]
+    if p == nil then
+      error(usage("reject"), 2)
+    end
+    local err = raw_reject(p[UD], code, reason)
+    if err then
+      error(err, 2)
+    end
+    return nil
+  end,
+  redirect = function(self, contacts)
+    local p = private[self]
+    if p == nil then
+      error(usage("redirect"), 2)
+    end
+    local err = raw_redirect(p[UD], contacts)
+    if err then
+      error(err, 2)
+    end
+    return nil
+  end,
 }
+
+-- The lazily built fields, each with its bit in the record's MADE: once built (or
+-- assigned by the script), a field is never built again, so `call.vars = nil` stays nil as
+-- it would with a plain table.
+local lazy_bit = { id = 1, source = 2, from = 4, to = 8, ruri = 16, vars = 32 }
+
+local function build(ud, k)
+  if k == "vars" then
+    return {}
+  end
+  if k == "id" or k == "source" then
+    return (raw_field(ud, k))
+  end
+  local uri, user, host = raw_field(ud, k)
+  return { uri = uri, user = user, host = host }
+end
+
+local function index(c, k)
+  local m = methods[k]
+  if m ~= nil then
+    return m
+  end
+  local bit = lazy_bit[k]
+  if bit == nil then
+    return nil
+  end
+  local p = private[c]
+  if p == nil then
+    return nil
+  end
+  local done = p[MADE]
+  if done & bit ~= 0 then
+    return nil
+  end
+  p[MADE] = done | bit
+  local v = build(p[UD], k)
+  rawset(c, k, v)
+  return v
+end
 
 local call_meta = {
-  __index = methods,
+  __index = index,
+  __newindex = function(c, k, v)
+    local bit = lazy_bit[k]
+    local p = private[c]
+    if bit ~= nil and p ~= nil then
+      p[MADE] = p[MADE] | bit
+    end
+    rawset(c, k, v)
+  end,
+  -- pairs sees every field, as if they had been there from the start.
+  __pairs = function(c)
+    for k in next, lazy_bit do
+      index(c, k)
+    end
+    return next, c, nil
+  end,
   __metatable = "call",
   __tostring = function(c)
-    return "call " .. tostring(rawget(c, "id"))
+    return "call " .. tostring(c.id)
   end,
 }
 
-return call_meta, run_hook
+local function new_call(ud, thread)
+  -- The nil fields only size the table for the fields most scripts read.
+  local call = setmetatable({ ruri = nil, from = nil, to = nil, id = nil }, call_meta)
+  private[call] = { ud, thread, 0 }
+  call_of[ud] = call
+  return call
+end
+
+-- The runners Rust starts as coroutines, with the operator's hooks bound once per VM.
+local function bind(on_invite, on_call_end)
+  local run_invite, run_end
+  if on_invite ~= nil then
+    run_invite = function(ud)
+      return on_invite(new_call(ud, running()))
+    end
+  end
+  if on_call_end ~= nil then
+    run_end = function(ud, start, answer, ends, duration, hangup_by, final_status)
+      local call = call_of[ud]
+      if call == nil then
+        call = new_call(ud, running())
+      else
+        private[call][THREAD] = running()
+      end
+      return on_call_end(call, {
+        start = start,
+        answer = answer,
+        ends = ends,
+        duration = duration,
+        hangup_by = hangup_by,
+        final_status = final_status,
+      })
+    end
+  end
+  return run_invite, run_end
+end
+
+return bind

@@ -246,6 +246,30 @@ async fn call_fields_are_visible_to_lua() {
 }
 
 #[tokio::test]
+async fn lazily_built_fields_behave_like_plain_fields() {
+    // The call's fields are built on first access: pairs must still see all of them, and
+    // a field the script assigned (even nil) must not be rebuilt.
+    let e = engine(
+        r#"
+        function on_invite(call)
+          local keys = {}
+          for k in pairs(call) do keys[#keys + 1] = k end
+          table.sort(keys)
+          call.vars = nil
+          call.from = "mine"
+          call:reject(499, table.concat(keys, ",") .. "|" .. tostring(call.vars) .. "|"
+            .. call.from .. "|" .. call.to.user .. "|" .. type(call.dial))
+        end
+        "#,
+    );
+    let out = invite(&e, call_to("1000"), &Fake::new(vec![])).await;
+    assert_eq!(
+        rejected(&out),
+        (499, "from,id,ruri,source,to,vars|nil|mine|1000|function")
+    );
+}
+
+#[tokio::test]
 async fn uri_without_user_is_nil() {
     let e = engine(
         r#"

@@ -21,6 +21,10 @@ use super::{call, EngineOptions, ScriptError};
 /// instructions when that is smaller).
 const HOOK_STEP: u32 = 1000;
 
+/// Finished hook coroutines kept per VM for reuse (more may run at once; the extra ones
+/// are simply left to the GC).
+const THREAD_POOL: usize = 64;
+
 /// The sandbox prelude: runs once per VM before the operator's script.
 const SANDBOX: &str = include_str!("sandbox.lua");
 /// Chunk names of our own Lua code start with this (never blamed in error positions).
@@ -178,18 +182,15 @@ pub(crate) struct Vm {
     pub lua: Lua,
     exec: ReentrantMutex<()>,
     shared: Arc<VmShared>,
+    /// `run_invite(call_ud)`: the sandbox's runner with the script's `on_invite` bound (it
+    /// builds the `call` table around the call's userdata and remembers which coroutine runs
+    /// the call's hook). `None` when the script has no `on_invite`.
     pub on_invite: Option<Function>,
+    /// `run_end(call_ud, record fields...)`: likewise for `on_call_end`.
     pub on_call_end: Option<Function>,
     /// `file:line` where each hook is defined (fallback error position).
     pub on_invite_pos: String,
     pub on_call_end_pos: String,
-    /// Metatable of `call` objects (methods, locked).
-    pub call_meta: Table,
-    /// Weak-keyed: `call` table → its Rust state.
-    pub call_states: Table,
-    /// `run_hook(hook, call, ...)`: the sandbox's trampoline that runs a call hook (it
-    /// remembers which coroutine runs the call's hook).
-    pub run_hook: Function,
     pub file: Arc<str>,
     pub instruction_limit: u64,
     pub memory_limit: usize,
@@ -205,7 +206,10 @@ impl Vm {
             | StdLib::UTF8
             | StdLib::MATH
             | StdLib::OS;
-        let lua = Lua::new_with(libs, LuaOptions::new()).map_err(internal)?;
+        // Hook runs are coroutines: without a pool mlua makes (and the GC later frees) a new
+        // Lua thread, with a fresh stack to grow, for every run.
+        let lua = Lua::new_with(libs, LuaOptions::new().thread_pool_size(THREAD_POOL))
+            .map_err(internal)?;
 
         let step = match opts.instruction_limit {
             0 => HOOK_STEP,
@@ -224,12 +228,7 @@ impl Vm {
         .map_err(internal)?;
 
         let file_name: Arc<str> = Arc::from(file.display.as_str());
-        let setup = || -> mlua::Result<(Table, Table, Function)> {
-            let states = lua.create_table()?;
-            let weak = lua.create_table()?;
-            weak.raw_set("__mode", "k")?;
-            states.set_metatable(Some(weak))?;
-
+        let setup = || -> mlua::Result<Function> {
             let helpers = lua.create_table()?;
             let ex = shared.clone();
             helpers.raw_set(
@@ -238,16 +237,14 @@ impl Vm {
             )?;
             helpers.raw_set("find_module", find_module_fn(&lua, file)?)?;
             helpers.raw_set("log", log_table(&lua, file_name.clone())?)?;
-            helpers.raw_set("call", call::raw_api(&lua, &states)?)?;
-            let (call_meta, run_hook): (Table, Function) = lua
-                .load(SANDBOX)
+            helpers.raw_set("call", call::raw_api(&lua)?)?;
+            lua.load(SANDBOX)
                 .set_name(format!("={INTERNAL_SOURCE}sandbox"))
                 .set_mode(ChunkMode::Text)
-                .call(helpers)?;
-            Ok((states, call_meta, run_hook))
+                .call(helpers)
         };
         let budget = Arc::new(Budget::new(opts.instruction_limit));
-        let (call_states, call_meta, run_hook) = {
+        let bind = {
             let _g = enter(&shared, &budget);
             setup().map_err(internal)?
         };
@@ -296,6 +293,11 @@ impl Vm {
         };
         let on_invite_pos = def_pos(&on_invite);
         let on_call_end_pos = def_pos(&on_call_end);
+        let (on_invite, on_call_end) = {
+            let _g = enter(&shared, &budget);
+            bind.call::<(Option<Function>, Option<Function>)>((on_invite, on_call_end))
+                .map_err(internal)?
+        };
 
         Ok(Vm {
             exec: ReentrantMutex::new(()),
@@ -304,9 +306,6 @@ impl Vm {
             on_call_end,
             on_invite_pos,
             on_call_end_pos,
-            call_meta,
-            call_states,
-            run_hook,
             file: file_name,
             instruction_limit: opts.instruction_limit,
             memory_limit: opts.memory_limit,
@@ -374,15 +373,19 @@ impl<F: Future> Future for Guarded<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        let Some(fut) = this.fut.as_mut() else {
+        if this.fut.is_none() {
             panic!("Guarded polled after completion");
-        };
-        let out = this.vm.enter(&this.budget, || fut.as_mut().poll(cx));
-        if out.is_ready() {
-            let done = this.fut.take();
-            this.vm.enter(&this.budget, || drop(done));
         }
-        out
+        // The finished future is dropped under the same lock (one `enter` per poll).
+        let fut_slot = &mut this.fut;
+        this.vm.enter(&this.budget, || {
+            let fut = fut_slot.as_mut().expect("checked above");
+            let out = fut.as_mut().poll(cx);
+            if out.is_ready() {
+                drop(fut_slot.take());
+            }
+            out
+        })
     }
 }
 
