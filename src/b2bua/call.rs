@@ -352,10 +352,7 @@ impl Call {
             let outcome = version.on_invite(info, control).await;
             let _ = events.post(CallEvent::HookDone(outcome));
         });
-        let fut = Box::new(call).run();
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| eprintln!("PROBE run future {} bytes, Call {}", std::mem::size_of_val(&fut), std::mem::size_of::<Call>()));
-        tokio::spawn(fut);
+        tokio::spawn(Box::new(call).run());
     }
 
     fn pending_key(&self) -> DialogKey {
@@ -1481,21 +1478,5 @@ impl Call {
             let version = self.version.clone();
             tokio::spawn(async move { version.on_call_end(handle, record).await });
         }
-    }
-}
-
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!(
-            "Call {} Dialog {} CallEvent {} ClientEvent {} Request {} Response {}",
-            std::mem::size_of::<super::Call>(),
-            std::mem::size_of::<crate::dialog::Dialog>(),
-            std::mem::size_of::<super::CallEvent>(),
-            std::mem::size_of::<crate::transaction::ClientEvent>(),
-            std::mem::size_of::<crate::sip::Request>(),
-            std::mem::size_of::<crate::sip::Response>()
-        );
     }
 }
