@@ -546,23 +546,15 @@ impl Call {
             }
         }
         let id = self.new_id();
-        match self.inner.layer.send_request(req, target) {
-            Ok(mut ctx) => {
+        // The transaction's events are posted to this call as they happen (no task in
+        // between).
+        let events = self.events.clone();
+        let sink = Box::new(move |event| {
+            let _ = events.post(CallEvent::Client { id, event });
+        });
+        match self.inner.layer.send_request_with(req, target, sink) {
+            Ok(()) => {
                 self.clients.insert(id, purpose);
-                let events = self.events.clone();
-                tokio::spawn(async move {
-                    while let Some(event) = ctx.next_event().await {
-                        let last = !matches!(event, ClientEvent::Provisional(_));
-                        let is_invite_ok = matches!(&event, ClientEvent::Final(r) if r.is_success() && r.base.cseq.method == Method::Invite);
-                        if events.post(CallEvent::Client { id, event }).is_err() {
-                            break;
-                        }
-                        // INVITE 2xx may repeat (RFC 6026 Accepted state): keep listening.
-                        if last && !is_invite_ok {
-                            break;
-                        }
-                    }
-                });
                 Some(id)
             }
             Err(e) => {

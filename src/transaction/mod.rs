@@ -559,10 +559,23 @@ struct ClientInner {
     target: Target,
     call_id: String,
     core: Core<ClientMachine>,
-    /// Dropped on termination so that `next_event` then returns None.
+    /// Dropped on termination so that `next_event` then returns None (or the sink is
+    /// told no more).
+    events: Mutex<Option<EventOut>>,
+}
+
+/// A function that receives a client transaction's events where they happen (on the
+/// transport's or the timer's task). It must not block.
+pub type ClientSink = Box<dyn Fn(ClientEvent) + Send + Sync>;
+
+/// Where a client transaction's events go.
+enum EventOut {
     // Boxed: tokio's mpsc allocates slots in blocks of 32, and an inline ClientEvent (a whole
     // Response, ~620 bytes) made that ~20 KiB per client transaction.
-    events: Mutex<Option<mpsc::UnboundedSender<Box<ClientEvent>>>>,
+    Channel(mpsc::UnboundedSender<Box<ClientEvent>>),
+    /// Straight to the user: no channel and no task to forward from it, one task wake-up
+    /// less per response on the call path.
+    Sink(ClientSink),
 }
 
 impl Driven for ClientInner {
@@ -594,9 +607,13 @@ impl Driven for ClientInner {
                         if matches!(*ev, ClientEvent::Timeout) {
                             bump(&self.shared.stats.client_timeouts);
                         }
-                        if let Some(tx) = self.events.lock().as_ref() {
+                        match self.events.lock().as_ref() {
                             // The user may have dropped its handle; nobody to tell then.
-                            let _ = tx.send(ev);
+                            Some(EventOut::Channel(tx)) => {
+                                let _ = tx.send(ev);
+                            }
+                            Some(EventOut::Sink(sink)) => sink(*ev),
+                            None => {}
                         }
                     }
                     Action::Terminate => {
@@ -911,7 +928,32 @@ impl TransactionLayer {
         target: Target,
     ) -> Result<ClientTransaction, TransactionError> {
         let branch = req.base.branch().to_owned();
-        if branch.is_empty() {
+        let (tx_events, rx_events) = mpsc::unbounded_channel();
+        self.start_client(req, target, EventOut::Channel(tx_events))?;
+        Ok(ClientTransaction {
+            branch,
+            events: rx_events,
+        })
+    }
+
+    /// Like [`send_request`](Self::send_request), but the events go to `sink` as they
+    /// happen instead of through a [`ClientTransaction`] handle.
+    pub fn send_request_with(
+        &self,
+        req: Request,
+        target: Target,
+        sink: ClientSink,
+    ) -> Result<(), TransactionError> {
+        self.start_client(req, target, EventOut::Sink(sink))
+    }
+
+    fn start_client(
+        &self,
+        req: Request,
+        target: Target,
+        events: EventOut,
+    ) -> Result<(), TransactionError> {
+        if req.base.branch().is_empty() {
             return Err(TransactionError::NoBranch);
         }
         let key = ClientKey::of(&req.base);
@@ -925,14 +967,13 @@ impl TransactionLayer {
             let (m, a) = NonInviteClient::start(self.shared.cfg, reliable, method, req.to_bytes());
             (ClientMachine::NonInvite(m), a)
         };
-        let (tx_events, rx_events) = mpsc::unbounded_channel();
         let inner = Arc::new(ClientInner {
             shared: self.shared.clone(),
             key: key.clone(),
             target,
             call_id,
             core: Core::new(machine),
-            events: Mutex::new(Some(tx_events)),
+            events: Mutex::new(Some(events)),
         });
         if self.shared.clients.insert_new(key, inner.clone()).is_err() {
             return Err(TransactionError::Duplicate);
@@ -941,10 +982,7 @@ impl TransactionLayer {
         bump(&self.shared.stats.client_created);
         // The first transmission and the first timers.
         inner.drive(|_| Ok((actions, ())), None)?;
-        Ok(ClientTransaction {
-            branch,
-            events: rx_events,
-        })
+        Ok(())
     }
 
     /// Sends a message outside any transaction (the ACK for a 2xx, a 2xx retransmission).
