@@ -9,7 +9,8 @@
 #   - resident memory per established call, HELD calls held open.
 # and prints each of ours as a ratio to Kamailio's.
 #
-# Usage: bash benches/calls.sh            (CALLS=10000 RATE=500 HELD=10000 by default)
+# Usage: bash benches/calls.sh            (CALLS=10000 RATE=500 HELD=10000 by default;
+#        BENCH_T1_MS sets Strowger's T1, e.g. to see memory without lingering transactions)
 #        CALLS=2000 HELD=2000 SKIP_KAMAILIO=1 bash benches/calls.sh   (quick look)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -93,6 +94,8 @@ LUA
 listen = ["udp:127.0.0.1:$port"]
 [http]
 listen = "127.0.0.1:$http"
+[sip.timers]
+t1_ms = ${BENCH_T1_MS:-500}
 [log]
 level = "warn"
 [script]

@@ -706,6 +706,14 @@ impl Call {
         Ok(bid)
     }
 
+    /// Keeps the call's Lua state for `on_call_end`, or frees it now when the script has
+    /// no `on_call_end` (nothing would read `call.vars` again): memory per established call.
+    fn keep_script(&mut self, handle: CallScriptHandle) {
+        if self.version.has_on_call_end() {
+            self.script = Some(handle);
+        }
+    }
+
     /// The call is established (both 2xx ACKed): what only the set-up needed goes, since an
     /// established call may last hours and memory per call is what a busy PBX pays for.
     /// Kept: the dialogs, the base headers of the INVITEs (Call-ID, tags and CSeq for
@@ -1166,7 +1174,7 @@ impl Call {
         self.hook_running = false;
         match outcome {
             InviteOutcome::Bridged { handle } => {
-                self.script = Some(handle);
+                self.keep_script(handle);
                 if self.b_dialog.is_none() && !self.ended {
                     // The hook claims an answer the call does not have; fail safe.
                     self.reply_a_final(500, "Server Internal Error");
@@ -1178,13 +1186,13 @@ impl Call {
                 reason,
                 handle,
             } => {
-                self.script = Some(handle);
+                self.keep_script(handle);
                 self.cancel_branches();
                 self.reply_a_final(status, &reason);
                 self.end(if self.cancelled { "caller" } else { "system" });
             }
             InviteOutcome::Redirected { contacts, handle } => {
-                self.script = Some(handle);
+                self.keep_script(handle);
                 if !self.a_final_sent {
                     self.a_final_sent = true;
                     self.final_status = 302;
@@ -1198,7 +1206,7 @@ impl Call {
                 self.end("system");
             }
             InviteOutcome::Failed { error, handle } => {
-                self.script = Some(handle);
+                self.keep_script(handle);
                 tracing::warn!(call = %self.id, %error, "script failed; answering 500");
                 self.inner
                     .stats

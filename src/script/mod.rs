@@ -518,6 +518,12 @@ impl ScriptVersion {
         self.vms[0].on_invite.is_some()
     }
 
+    /// Whether the script defines `on_call_end`. When it does not, a call's handle (and
+    /// with it the call's Lua state) can be dropped as soon as `on_invite` has decided.
+    pub fn has_on_call_end(&self) -> bool {
+        self.vms[0].on_call_end.is_some()
+    }
+
     /// Runs `on_invite(call)` as a coroutine on the next VM of the pool (round robin) and
     /// pins the call to that VM.
     pub fn on_invite(
