@@ -5,7 +5,7 @@ use super::header::{canonical_name, CSeq, Header, HeaderError, Headers, NameAddr
 use super::lex::{is_token, trim_ws};
 use super::method::Method;
 use super::uri::{Uri, UriError};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use std::fmt::Write as _;
 
 /// The headers every request and response carries, parsed once when the message is read
@@ -473,22 +473,27 @@ fn write_common(
     if let Some(mf) = max_forwards {
         let _ = write!(out, "Max-Forwards: {mf}\r\n");
     }
+    // Plain appends: most of a message is copied header text, and `write!` costs a
+    // formatter round per piece.
     for h in headers.iter() {
-        let _ = write!(out, "{}: {}\r\n", h.name, h.value);
+        out.push_str(&h.name);
+        out.push_str(": ");
+        out.push_str(&h.value);
+        out.push_str("\r\n");
     }
 }
 
 fn finish(mut head: String, body: &Bytes) -> Bytes {
     let _ = write!(head, "Content-Length: {}\r\n\r\n", body.len());
-    let mut out = BytesMut::with_capacity(head.len() + body.len());
-    out.put_slice(head.as_bytes());
-    out.put_slice(body);
-    out.freeze()
+    // The head's buffer becomes the message: one copy of the body, none of the head.
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    Bytes::from(out)
 }
 
 impl Request {
     pub fn to_bytes(&self) -> Bytes {
-        let mut s = String::with_capacity(512);
+        let mut s = String::with_capacity(768 + self.body.len());
         let _ = write!(s, "{} {} SIP/2.0\r\n", self.method, self.uri);
         write_common(&mut s, &self.base, self.max_forwards, &self.headers);
         finish(s, &self.body)
@@ -497,7 +502,7 @@ impl Request {
 
 impl Response {
     pub fn to_bytes(&self) -> Bytes {
-        let mut s = String::with_capacity(512);
+        let mut s = String::with_capacity(640 + self.body.len());
         let _ = write!(s, "SIP/2.0 {} {}\r\n", self.status, self.reason);
         write_common(&mut s, &self.base, None, &self.headers);
         finish(s, &self.body)
