@@ -366,3 +366,51 @@ async fn redis_backend() {
     suite(open).await;
     drop(server);
 }
+
+/// Throughput probe for the benchmark target (5,000 REGISTERs/s over 100,000 stored
+/// bindings). Not a pass/fail test: run with
+/// `cargo test --release --test registrar_store -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn sqlite_throughput_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn BindingStore> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let cfg = RegistrarConfig {
+        min_expires: 60,
+        max_expires: 3600,
+        default_expires: 3600,
+    };
+    let r = Registrar::start(cfg.clone(), store.clone()).await.unwrap();
+    let n = 100_000u32;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for shard in 0..8u32 {
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (shard..n).step_by(8) {
+                let user = format!("u{i}");
+                let c = format!(
+                    "Contact: <sip:{user}@10.{}.{}.1:5060>",
+                    i / 256 % 256,
+                    i % 256
+                );
+                let resp = reg(&r, &user, "bench", 1, &[&c]).await;
+                assert_eq!(resp.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("{n} REGISTERs in {secs:.2} s: {:.0}/s", n as f64 / secs);
+    drop(r);
+    let started = Instant::now();
+    let r = Registrar::start(cfg, store).await.unwrap();
+    eprintln!(
+        "restart loaded {} bindings in {:.2} s",
+        r.count(),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(r.count(), n as usize);
+}
