@@ -414,3 +414,53 @@ async fn sqlite_throughput_probe() {
     );
     assert_eq!(r.count(), n as usize);
 }
+
+/// The 200 promises durability: a process killed with SIGKILL right after answering keeps
+/// its bindings. The child is this test binary running `kill9_child`.
+#[tokio::test]
+async fn sqlite_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "kill9_child", "--ignored", "--nocapture"])
+        .env("STROWGER_KILL9_DIR", dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "child never answered its REGISTER"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Child::kill is SIGKILL on Unix: no destructor, no clean shutdown of SQLite.
+    child.kill().unwrap();
+    let _ = child.wait();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let r = Registrar::start(cfg(), store).await.unwrap();
+    let got: Vec<String> = r
+        .lookup(&aor("k9"))
+        .into_iter()
+        .map(|b| b.contact)
+        .collect();
+    assert_eq!(got, ["sip:k9@192.0.2.44:5060"]);
+}
+
+/// Half of `sqlite_survives_kill_9`: registers, says so, and waits to be killed.
+#[tokio::test]
+#[ignore]
+async fn kill9_child() {
+    let Ok(dir) = std::env::var("STROWGER_KILL9_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let store = Arc::new(SqliteStore::open(&dir).unwrap());
+    let r = Registrar::start(cfg(), store).await.unwrap();
+    let resp = reg(&r, "k9", "k", 1, &["Contact: <sip:k9@192.0.2.44:5060>"]).await;
+    assert_eq!(resp.status, 200);
+    std::fs::write(dir.join("ready"), b"1").unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+}
