@@ -5,6 +5,7 @@ pub mod b2bua;
 pub mod config;
 pub mod dialog;
 pub mod logging;
+pub mod registrar;
 pub mod script;
 pub mod server;
 pub mod sip;

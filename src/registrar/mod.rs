@@ -1,0 +1,587 @@
+//! The registrar (RFC 3261 section 10) and its location service.
+//!
+//! Owns: REGISTER processing after authentication (10.3 steps 4-8), the bindings of every
+//! address of record, their expiry, and their storage (`SqliteStore` embedded, `RedisStore`
+//! shared between nodes). Must not touch: transports, transactions, authentication, the
+//! decision whether an AOR is ours (the caller makes it), configuration loading.
+//!
+//! Every binding lives in an in-memory cache (`lookup` never waits on disk or network);
+//! the store is the durability layer, written before the 200 goes out and read once at
+//! start-up, so registrations survive a restart, even kill -9.
+//!
+//! Config keys this module is meant to be driven by (wired elsewhere):
+//! - `registrar.min_expires` (60): shorter non-zero requests get 423 (10.3 step 7).
+//! - `registrar.max_expires` (3600): longer requests are shortened to it.
+//! - `registrar.default_expires` (3600): for a Contact with no expires at all.
+//! - `registrar.store` = "embedded" (default) | "redis".
+//! - `storage.dir` (`data/`): where the embedded store keeps `registrations.sqlite`.
+//! - `redis.url`: the Redis server of `registrar.store = "redis"`.
+
+mod contact;
+mod redis_store;
+mod sqlite;
+mod store;
+
+pub use contact::{
+    parse_contacts, parse_delta_seconds, parse_qvalue, same_uri, ContactError, ContactSet,
+    ContactSpec,
+};
+pub use redis_store::RedisStore;
+pub use sqlite::SqliteStore;
+pub use store::{Binding, BindingStore, BoxFuture, StoreError};
+
+use crate::sip::{new_tag, Request, Response, Uri};
+use crate::transport::TransportKind;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Registrar policy (RFC 3261 10.3 step 7 leaves the numbers to the registrar).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrarConfig {
+    pub min_expires: u32,
+    pub max_expires: u32,
+    pub default_expires: u32,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> RegistrarConfig {
+        RegistrarConfig {
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+        }
+    }
+}
+
+/// Where a REGISTER came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisterSource {
+    pub transport: TransportKind,
+    pub addr: SocketAddr,
+    /// The TCP connection it arrived on (`ConnectionId.0`).
+    pub connection: Option<u64>,
+}
+
+/// Counters of what the registrar did, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct RegistrarStats {
+    /// New bindings.
+    pub registered: AtomicU64,
+    /// Existing bindings rewritten by a REGISTER.
+    pub refreshed: AtomicU64,
+    /// Bindings removed by a REGISTER (expires 0 or `*`).
+    pub removed: AtomicU64,
+    /// Bindings that lapsed.
+    pub expired: AtomicU64,
+    /// Store writes that failed (each answered 500).
+    pub store_errors: AtomicU64,
+}
+
+/// How many locks serialize REGISTERs: two REGISTERs of one AOR run one after the other
+/// (read, decide, write the store, update the cache); different AORs rarely share one.
+const LOCK_STRIPES: usize = 64;
+
+struct Inner {
+    cfg: RegistrarConfig,
+    store: Arc<dyn BindingStore>,
+    cache: RwLock<HashMap<String, Vec<Binding>>>,
+    count: AtomicUsize,
+    /// (expires_at, aor) of every binding written; stale entries are harmless (the expiry
+    /// pass re-checks the AOR).
+    due: Mutex<BTreeSet<(u64, String)>>,
+    locks: Vec<tokio::sync::Mutex<()>>,
+    stats: RegistrarStats,
+    /// A store expiry pass failed: retry it on the next tick even when nothing is due.
+    store_dirty: std::sync::atomic::AtomicBool,
+}
+
+/// The registrar: cheap to clone, shared by every task that handles REGISTER or looks
+/// bindings up.
+#[derive(Clone)]
+pub struct Registrar {
+    inner: Arc<Inner>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// 10.3 step 7: an update from a known Call-ID whose CSeq is not above the stored one;
+/// the whole request fails.
+struct OutOfOrder;
+
+impl Registrar {
+    /// Loads every stored binding into the cache and starts the expiry task. Needs a tokio
+    /// runtime; the task ends when the last clone of the registrar is dropped.
+    pub async fn start(
+        cfg: RegistrarConfig,
+        store: Arc<dyn BindingStore>,
+    ) -> Result<Registrar, StoreError> {
+        let now = unix_now();
+        let mut cache: HashMap<String, Vec<Binding>> = HashMap::new();
+        let mut due = BTreeSet::new();
+        let mut count = 0;
+        for b in store.load_all().await? {
+            if b.expires_at <= now {
+                continue; // lapsed while we were down; the first expiry pass deletes it
+            }
+            due.insert((b.expires_at, b.aor.clone()));
+            count += 1;
+            cache.entry(b.aor.clone()).or_default().push(b);
+        }
+        // Lapsed while we were down: gone from the store before anyone asks.
+        store.remove_expired(now).await?;
+        let inner = Arc::new(Inner {
+            cfg,
+            store,
+            cache: RwLock::new(cache),
+            count: AtomicUsize::new(count),
+            due: Mutex::new(due),
+            locks: (0..LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            stats: RegistrarStats::default(),
+            store_dirty: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(expiry_task(Arc::downgrade(&inner)));
+        Ok(Registrar { inner })
+    }
+
+    pub fn config(&self) -> &RegistrarConfig {
+        &self.inner.cfg
+    }
+
+    pub fn stats(&self) -> &RegistrarStats {
+        &self.inner.stats
+    }
+
+    /// Live bindings of `aor`, highest q first, then the most recently written first.
+    pub fn lookup(&self, aor: &str) -> Vec<Binding> {
+        let now = unix_now();
+        let mut out: Vec<Binding> = match self.inner.cache.read().get(aor) {
+            Some(list) => list
+                .iter()
+                .filter(|b| b.expires_at > now)
+                .cloned()
+                .collect(),
+            None => return Vec::new(),
+        };
+        sort_bindings(&mut out);
+        out
+    }
+
+    /// Every live binding (for the CLI and admin API), by AOR.
+    pub fn bindings(&self) -> Vec<Binding> {
+        let now = unix_now();
+        let mut out: Vec<Binding> = self
+            .inner
+            .cache
+            .read()
+            .values()
+            .flatten()
+            .filter(|b| b.expires_at > now)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.aor.cmp(&b.aor));
+        out
+    }
+
+    /// How many bindings the cache holds (lapsed ones leave within a second).
+    pub fn count(&self) -> usize {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+
+    /// Handles an authenticated REGISTER for `aor` (canonical `sip:user@host`, as
+    /// `Uri::aor` gives it): RFC 3261 10.3 steps 5-8. The answer is final: 200 with the
+    /// current bindings, 400 naming a defect, 423 with Min-Expires, or 500 when the
+    /// request is out of order or the store failed (then nothing changed).
+    pub async fn register(&self, req: &Request, source: RegisterSource, aor: &str) -> Response {
+        let cfg = &self.inner.cfg;
+        let set = match parse_contacts(&req.headers, cfg.default_expires) {
+            Ok(s) => s,
+            Err(e) => return final_response(req, 400, Some(e.to_string())),
+        };
+        // 10.3 step 7: a non-zero interval below our minimum gets 423 and Min-Expires.
+        if let ContactSet::List(list) = &set {
+            if list
+                .iter()
+                .any(|c| c.expires > 0 && c.expires < cfg.min_expires)
+            {
+                let mut r = final_response(req, 423, None);
+                r.headers.push("Min-Expires", cfg.min_expires.to_string());
+                return r;
+            }
+        }
+
+        let stripe = stripe_of(aor);
+        let _guard = self.inner.locks[stripe].lock().await;
+        let now = unix_now();
+        let current = match self.current(aor, now).await {
+            Ok(c) => c,
+            Err(e) => return self.store_failed(req, e),
+        };
+        let path: Vec<String> = req.headers.list("Path");
+        let template = Binding {
+            aor: aor.to_owned(),
+            contact: String::new(),
+            q: 1.0,
+            expires_at: 0,
+            call_id: req.base.call_id.clone(),
+            cseq: req.base.cseq.seq,
+            path: path.clone(),
+            instance: None,
+            reg_id: None,
+            source: format!("{}:{}", source.transport, source.addr),
+            connection: source.connection,
+            user_agent: req.headers.get("User-Agent").map(str::to_owned),
+            updated_at: now,
+        };
+        let outcome = apply(&current, &set, &template, cfg.max_expires, now);
+        let (new, counts) = match outcome {
+            Ok(x) => x,
+            Err(OutOfOrder) => {
+                return final_response(
+                    req,
+                    500,
+                    Some("Out-of-order REGISTER: CSeq not above the stored one".into()),
+                )
+            }
+        };
+
+        if !matches!(set, ContactSet::Query) || current.len() != new.len() {
+            // The store first: a 200 promises the binding survives a restart.
+            if let Err(e) = self.inner.store.replace_aor(aor, &new).await {
+                return self.store_failed(req, e);
+            }
+        }
+        self.install(aor, new.clone());
+        let st = &self.inner.stats;
+        st.registered.fetch_add(counts.added, Ordering::Relaxed);
+        st.refreshed.fetch_add(counts.refreshed, Ordering::Relaxed);
+        st.removed.fetch_add(counts.removed, Ordering::Relaxed);
+
+        // 10.3 step 8: the 200 lists every current binding with its remaining time.
+        let mut resp = final_response(req, 200, None);
+        let mut listed = new;
+        sort_bindings(&mut listed);
+        for b in &listed {
+            resp.headers.push("Contact", contact_value(b, now));
+        }
+        // RFC 3327 5.3: the registrar echoes the Path it stored when the UA supports it.
+        if !path.is_empty() && supports(req, "path") {
+            for p in &path {
+                resp.headers.push("Path", p.clone());
+            }
+        }
+        resp.headers.push("Date", http_date(unix_now()));
+        resp
+    }
+
+    /// The AOR's live bindings before this REGISTER: from the store when other nodes
+    /// share it (they may have changed it), otherwise from the cache.
+    async fn current(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError> {
+        let mut list = if self.inner.store.shared() {
+            self.inner.store.load_aor(aor).await?
+        } else {
+            self.inner
+                .cache
+                .read()
+                .get(aor)
+                .cloned()
+                .unwrap_or_default()
+        };
+        list.retain(|b| b.expires_at > now);
+        Ok(list)
+    }
+
+    fn store_failed(&self, req: &Request, e: StoreError) -> Response {
+        self.inner
+            .stats
+            .store_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "registrar store failed; REGISTER answered 500");
+        final_response(req, 500, Some("Location service unavailable".into()))
+    }
+
+    /// Puts the AOR's new binding set into the cache and queues its expiries.
+    fn install(&self, aor: &str, list: Vec<Binding>) {
+        {
+            let mut due = self.inner.due.lock();
+            for b in &list {
+                due.insert((b.expires_at, aor.to_owned()));
+            }
+        }
+        let mut cache = self.inner.cache.write();
+        let new_len = list.len();
+        let old_len = if list.is_empty() {
+            cache.remove(aor).map_or(0, |l| l.len())
+        } else {
+            cache.insert(aor.to_owned(), list).map_or(0, |l| l.len())
+        };
+        drop(cache);
+        if new_len >= old_len {
+            self.inner
+                .count
+                .fetch_add(new_len - old_len, Ordering::Relaxed);
+        } else {
+            self.inner
+                .count
+                .fetch_sub(old_len - new_len, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    added: u64,
+    refreshed: u64,
+    removed: u64,
+}
+
+/// Applies the REGISTER to the AOR's current bindings (10.3 steps 6 and 7, RFC 5626 6);
+/// returns the new set, or the refusal that aborts the whole request.
+fn apply(
+    current: &[Binding],
+    set: &ContactSet,
+    template: &Binding,
+    max_expires: u32,
+    now: u64,
+) -> Result<(Vec<Binding>, Counts), OutOfOrder> {
+    let mut counts = Counts::default();
+    // Updates from a Call-ID we know must be newer than what they replace; otherwise the
+    // request is older than one we already applied and must not undo it (10.3 step 7).
+    let in_order = |b: &Binding| b.call_id != template.call_id || template.cseq > b.cseq;
+    match set {
+        ContactSet::Query => Ok((current.to_vec(), counts)),
+        ContactSet::Wildcard => {
+            if !current.iter().all(in_order) {
+                return Err(OutOfOrder);
+            }
+            counts.removed = current.len() as u64;
+            Ok((Vec::new(), counts))
+        }
+        ContactSet::List(specs) => {
+            // (binding, None when it is an old one, Some(refreshed) when this request
+            // wrote it): a Contact listed twice replaces its own earlier entry, with no
+            // CSeq check and without being counted twice.
+            let mut next: Vec<(Binding, Option<bool>)> =
+                current.iter().cloned().map(|b| (b, None)).collect();
+            for spec in specs {
+                let mut matched_old = 0u64;
+                let mut i = 0;
+                while i < next.len() {
+                    let (b, fresh) = &next[i];
+                    if same_binding(b, spec) {
+                        match fresh {
+                            None if !in_order(b) => return Err(OutOfOrder),
+                            None => matched_old += 1,
+                            Some(true) => {
+                                counts.refreshed -= 1;
+                                matched_old += 1;
+                            }
+                            Some(false) => counts.added -= 1,
+                        }
+                        next.remove(i);
+                    } else {
+                        i += 1;
+                    }
+                }
+                if spec.expires == 0 {
+                    counts.removed += matched_old;
+                    continue;
+                }
+                if matched_old > 0 {
+                    counts.refreshed += 1;
+                    // Several old bindings folded into one (same device, new URI).
+                    counts.removed += matched_old - 1;
+                } else {
+                    counts.added += 1;
+                }
+                let expires = spec.expires.min(max_expires);
+                let mut b = template.clone();
+                b.contact = spec.uri.to_string();
+                b.q = spec.q;
+                b.expires_at = now + expires as u64;
+                b.instance = spec.instance.clone();
+                b.reg_id = spec.reg_id;
+                next.push((b, Some(matched_old > 0)));
+            }
+            let out: Vec<Binding> = next.into_iter().map(|(b, _)| b).collect();
+            Ok((out, counts))
+        }
+    }
+}
+
+/// Whether a stored binding is the one a Contact of the REGISTER speaks about: the same
+/// device (RFC 5626 6: same `+sip.instance` and `reg-id`) or the same URI (RFC 3261 10.3
+/// step 7, compared by 19.1.4).
+fn same_binding(b: &Binding, spec: &ContactSpec) -> bool {
+    if spec.instance.is_some() && b.instance == spec.instance && b.reg_id == spec.reg_id {
+        return true;
+    }
+    match Uri::parse(&b.contact) {
+        Ok(u) => same_uri(&u, &spec.uri),
+        Err(_) => b.contact == spec.uri.to_string(),
+    }
+}
+
+fn sort_bindings(list: &mut [Binding]) {
+    list.sort_by(|a, b| {
+        b.q.partial_cmp(&a.q)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(b.updated_at.cmp(&a.updated_at))
+    });
+}
+
+fn supports(req: &Request, option: &str) -> bool {
+    req.headers
+        .list("Supported")
+        .iter()
+        .any(|o| o.eq_ignore_ascii_case(option))
+}
+
+/// `<uri>;expires=N;q=Q` plus the device identity of RFC 5626.
+fn contact_value(b: &Binding, now: u64) -> String {
+    let mut s = format!(
+        "<{}>;expires={};q={}",
+        b.contact,
+        b.expires_at.saturating_sub(now),
+        format_q(b.q)
+    );
+    if let Some(i) = &b.instance {
+        s.push_str(&format!(";+sip.instance=\"{i}\""));
+    }
+    if let Some(r) = b.reg_id {
+        s.push_str(&format!(";reg-id={r}"));
+    }
+    s
+}
+
+/// A qvalue as the grammar wants it: at most three decimals, no trailing zeros.
+fn format_q(q: f32) -> String {
+    let thousandths = (q.clamp(0.0, 1.0) * 1000.0).round() as u32;
+    if thousandths == 1000 {
+        return "1".into();
+    }
+    let s = format!("0.{thousandths:03}");
+    let s = s.trim_end_matches('0');
+    if s == "0." {
+        "0".into()
+    } else {
+        s.to_owned()
+    }
+}
+
+/// A final response to the REGISTER with a To tag (the registrar is the UAS).
+fn final_response(req: &Request, status: u16, reason: Option<String>) -> Response {
+    let mut r = req.response(status);
+    if let Some(reason) = reason {
+        r = r.with_reason(reason);
+    }
+    r.set_to_tag(&new_tag());
+    r
+}
+
+fn stripe_of(aor: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    aor.hash(&mut h);
+    (h.finish() as usize) % LOCK_STRIPES
+}
+
+/// RFC 1123 date for the Date header (RFC 3261 20.17), e.g. `Sat, 13 Nov 2010 23:29:00 GMT`.
+fn http_date(unix: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    // Civil date from days since 1970-01-01 (the proleptic Gregorian calendar, computed
+    // in 400-year eras).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        day,
+        MONTHS[(month - 1) as usize],
+        year,
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// Removes lapsed bindings from the cache and the store, once a second, until the
+/// registrar is dropped.
+async fn expiry_task(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        expire_once(&inner, unix_now()).await;
+    }
+}
+
+async fn expire_once(inner: &Inner, now: u64) {
+    let aors: Vec<String> = {
+        let mut due = inner.due.lock();
+        let mut aors = Vec::new();
+        while let Some(first) = due.first() {
+            if first.0 > now {
+                break;
+            }
+            if let Some((_, aor)) = due.pop_first() {
+                aors.push(aor);
+            }
+        }
+        aors
+    };
+    if aors.is_empty() && !inner.store_dirty.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut expired = 0u64;
+    for aor in &aors {
+        // Same lock as REGISTER, so a REGISTER in flight does not reinstate what we drop.
+        let _guard = inner.locks[stripe_of(aor)].lock().await;
+        let mut cache = inner.cache.write();
+        if let Some(list) = cache.get_mut(aor) {
+            let before = list.len();
+            list.retain(|b| b.expires_at > now);
+            let gone = before - list.len();
+            if list.is_empty() {
+                cache.remove(aor);
+            }
+            expired += gone as u64;
+            inner.count.fetch_sub(gone, Ordering::Relaxed);
+        }
+    }
+    inner.stats.expired.fetch_add(expired, Ordering::Relaxed);
+    match inner.store.remove_expired(now).await {
+        Ok(_) => inner.store_dirty.store(false, Ordering::Relaxed),
+        Err(e) => {
+            // The rows stay until a later pass; start-up filters lapsed bindings anyway.
+            tracing::warn!(error = %e, "registrar: removing lapsed bindings from the store failed");
+            inner.store_dirty.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
