@@ -30,6 +30,11 @@
 //! - `script.path` [`scripts/default.lua`], `script.memory_limit_kb` [8192],
 //!   `script.instruction_limit` [1000000], `script.vm_pool_size` [0 = one per core]
 //! - `call.ring_timeout_s` [60] (a dial without `timeout` rings this long)
+//! - `registrar.min_expires` [60], `registrar.max_expires` [3600],
+//!   `registrar.default_expires` [3600], `registrar.store` [`embedded`|`redis`],
+//!   `registrar.users_file` [empty = no authentication], `registrar.unknown_aor_status` [404]
+//! - `storage.dir` [`data`], `redis.url` [`redis://127.0.0.1:6379/`]
+//! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60]
 //! - `shutdown.drain_timeout_s` [10]
 //!
 //! How a line number is found: the `config` crate that merges the sources keeps no
@@ -142,6 +147,10 @@ pub struct Config {
     pub log: LogConfig,
     pub script: ScriptConfig,
     pub call: CallConfig,
+    pub registrar: RegistrarSection,
+    pub storage: StorageConfig,
+    pub redis: RedisConfig,
+    pub auth: AuthConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -275,6 +284,98 @@ pub struct CallConfig {
 impl Default for CallConfig {
     fn default() -> Self {
         CallConfig { ring_timeout_s: 60 }
+    }
+}
+
+/// Where the registrar keeps its bindings.
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrarStore {
+    /// A local SQLite file under `storage.dir`: no server to install.
+    #[default]
+    Embedded,
+    /// Redis at `redis.url`, shared by several nodes.
+    Redis,
+}
+
+/// `[registrar]`: REGISTER handling (RFC 3261 10) and who may register.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrarSection {
+    /// Shorter registrations get 423 with Min-Expires, seconds.
+    pub min_expires: u32,
+    /// Longer registrations are cut to this, seconds.
+    pub max_expires: u32,
+    /// Expiry of a REGISTER that gives none, seconds.
+    pub default_expires: u32,
+    pub store: RegistrarStore,
+    /// TOML file of users (`[users.alice]` with `ha1_md5`/`ha1_sha256` or `password`);
+    /// empty = no digest authentication (development only).
+    pub users_file: String,
+    /// Status for a REGISTER whose To is not in `sip.domain`: 404 or 403.
+    pub unknown_aor_status: u16,
+}
+
+impl Default for RegistrarSection {
+    fn default() -> Self {
+        RegistrarSection {
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            store: RegistrarStore::Embedded,
+            users_file: String::new(),
+            unknown_aor_status: 404,
+        }
+    }
+}
+
+/// `[storage]`: the embedded store.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory of the embedded database files (created when missing).
+    pub dir: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { dir: "data".into() }
+    }
+}
+
+/// `[redis]`: used when `registrar.store = "redis"`.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+        }
+    }
+}
+
+/// `[auth]`: digest authentication (RFC 3261 22, RFC 8760).
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How long a nonce is good for, seconds (then `stale=true`).
+    pub nonce_ttl_s: u64,
+    /// Failed attempts from one source address within `failure_window_s` before 403.
+    pub max_failures: u32,
+    pub failure_window_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            nonce_ttl_s: 300,
+            max_failures: 5,
+            failure_window_s: 60,
+        }
     }
 }
 

@@ -221,7 +221,12 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = start(&config).await?;
     wait_for_stop(&server).await?;
-    tracing::info!(calls = server.active_calls(), dialogs = server.b2bua().dialogs(), transactions = server.transactions(), "shutting down");
+    tracing::info!(
+        calls = server.active_calls(),
+        dialogs = server.b2bua().dialogs(),
+        transactions = server.transactions(),
+        "shutting down"
+    );
     server
         .shutdown(Duration::from_secs(config.shutdown.drain_timeout_s))
         .await;

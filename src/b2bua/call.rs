@@ -488,8 +488,8 @@ impl Call {
                 targets,
                 opts,
                 reply,
-            // Boxed: inline, the dial's future (name resolution) would sit in every call's
-            // task for the whole call, several KiB each.
+                // Boxed: inline, the dial's future (name resolution) would sit in every call's
+                // task for the whole call, several KiB each.
             } => Box::pin(self.start_dial(targets, opts, reply)).await,
             CallEvent::HookDone(outcome) => self.on_hook_done(outcome),
             CallEvent::Client { id, event } => self.on_client(id, event),
