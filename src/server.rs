@@ -7,9 +7,12 @@
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
 //! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`.
 
-use crate::b2bua::{B2bua, B2buaParts, LocalAddrs};
-use crate::config::Config;
-use crate::script::{EngineOptions, ScriptEngine};
+use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs};
+use crate::config::{Config, RegistrarStore};
+use crate::registrar::{
+    BindingStore, RedisStore, Registrar, RegistrarConfig, SqliteStore,
+};
+use crate::script::{EngineOptions, LocationService, ScriptEngine};
 use crate::sip::{error_response, SipMessage};
 use crate::transaction::{TimerConfig, TransactionLayer};
 use crate::transport::{
@@ -86,6 +89,7 @@ pub struct ServerHandle {
     b2bua: B2bua,
     scripts: ScriptEngine,
     admin: crate::admin::AdminServer,
+    registrar: Registrar,
     stats: Arc<ServerStats>,
 }
 
@@ -122,6 +126,10 @@ impl ServerHandle {
 
     pub fn scripts(&self) -> &ScriptEngine {
         &self.scripts
+    }
+
+    pub fn registrar(&self) -> &Registrar {
+        &self.registrar
     }
 
     /// Where the admin HTTP endpoint listens (`http.listen`, port 0 resolved).
@@ -179,6 +187,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         pool_size: config.script.vm_pool_size,
     })
     .with_context(|| format!("loading script {}", config.script.path))?;
+    let registrar = start_registrar(config).await?;
+    scripts.set_location(Arc::new(Location(registrar.clone())));
     let (t1, t2, t4) = config.timers();
     let timers = TimerConfig { t1, t2, t4 };
     let core = Arc::new(UasCore::new(config, &transports.local_addrs()));
@@ -191,8 +201,10 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         local: LocalAddrs::new(transports.local_addrs()),
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
+        flows: Some(Arc::new(Location(registrar.clone()))),
     });
     core.set_b2bua(b2bua.clone());
+    core.set_registrar(registrar.clone());
     let http: SocketAddr = config
         .http
         .listen
@@ -213,8 +225,67 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         b2bua,
         scripts,
         admin,
+        registrar,
         stats,
     })
+}
+
+/// Opens the configured binding store (`registrar.store`) and loads the registrar.
+async fn start_registrar(config: &Config) -> anyhow::Result<Registrar> {
+    let store: Arc<dyn BindingStore> = match config.registrar.store {
+        RegistrarStore::Embedded => {
+            let dir = std::path::Path::new(&config.storage.dir);
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating storage.dir {}", dir.display()))?;
+            Arc::new(
+                SqliteStore::open(dir)
+                    .with_context(|| format!("opening the registrar store in {}", dir.display()))?,
+            )
+        }
+        RegistrarStore::Redis => Arc::new(
+            RedisStore::connect(&config.redis.url)
+                .await
+                .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
+        ),
+    };
+    let cfg = RegistrarConfig {
+        min_expires: config.registrar.min_expires,
+        max_expires: config.registrar.max_expires,
+        default_expires: config.registrar.default_expires,
+    };
+    let registrar = Registrar::start(cfg, store)
+        .await
+        .context("loading registrations")?;
+    tracing::info!(bindings = registrar.count(), "registrar ready");
+    Ok(registrar)
+}
+
+/// The registrar as the dial plan and the B2BUA see it.
+struct Location(Registrar);
+
+impl LocationService for Location {
+    fn lookup(&self, aor: &str) -> Vec<String> {
+        let aor = match crate::sip::Uri::parse(aor.trim()) {
+            Ok(uri) => uri.aor(),
+            Err(_) => return Vec::new(),
+        };
+        self.0.lookup(&aor).into_iter().map(|b| b.contact).collect()
+    }
+}
+
+impl ContactFlows for Location {
+    fn flow(&self, contact: &str) -> Option<(crate::transport::Target, Vec<String>)> {
+        let b = self.0.binding_for_contact(contact)?;
+        let source: ListenAddr = b.source.parse().ok()?;
+        Some((
+            crate::transport::Target {
+                transport: source.kind,
+                addr: source.addr,
+                connection: b.connection.map(crate::transport::ConnectionId),
+            },
+            b.path,
+        ))
+    }
 }
 
 /// Runs the server until SIGINT or SIGTERM, then drains and returns.

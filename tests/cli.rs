@@ -178,8 +178,9 @@ fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
     std::fs::write(
         &config,
         format!(
-            "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n[http]\nlisten = {http:?}\n[script]\npath = {:?}\n[shutdown]\ndrain_timeout_s = 1\n",
-            script.display().to_string()
+            "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n[http]\nlisten = {http:?}\n[script]\npath = {:?}\n[storage]\ndir = {:?}\n[shutdown]\ndrain_timeout_s = 1\n",
+            script.display().to_string(),
+            dir.join("data").display().to_string()
         ),
     )
     .unwrap();

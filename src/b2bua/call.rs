@@ -620,9 +620,20 @@ impl Call {
     ) -> Result<u64, (u16, String)> {
         let uri = Uri::parse(target.trim())
             .map_err(|e| (400, format!("Bad dial target {target:?}: {e}")))?;
-        let dest = resolve(&uri, &self.inner.local)
-            .await
-            .map_err(|e| (503, e.to_string()))?;
+        // A registered contact is reached where its REGISTER came from (received/rport,
+        // the same TCP connection), through its Path (RFC 3327), not by resolving its URI
+        // (a private address behind NAT).
+        let flow = self
+            .inner
+            .flows
+            .as_ref()
+            .and_then(|f| f.flow(target.trim()));
+        let dest = match &flow {
+            Some((t, _)) => *t,
+            None => resolve(&uri, &self.inner.local)
+                .await
+                .map_err(|e| (503, e.to_string()))?,
+        };
         let a = &self.a_invite;
         let mut from = match &opts.from {
             Some(f) => NameAddr::parse(f).map_err(|e| (400, format!("Bad from {f:?}: {e}")))?,
@@ -638,6 +649,11 @@ impl Call {
             None => NameAddr::new(uri.clone()),
         };
         let mut headers = Headers::new();
+        if let Some((_, path)) = &flow {
+            for hop in path {
+                headers.push("Route", hop.clone());
+            }
+        }
         headers.push("Contact", self.inner.local.contact(&dest));
         copy_relayed(&a.headers, &mut headers);
         headers.push("Allow", Method::allow_list());

@@ -19,7 +19,7 @@ pub use net::{resolve, LocalAddrs, ResolveError};
 use crate::script::ScriptEngine;
 use crate::sip::{Request, Response};
 use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
-use crate::transport::Sender;
+use crate::transport::{Sender, Target};
 use call::{Call, CallEvent, Events};
 use parking_lot::Mutex;
 use std::collections::hash_map::DefaultHasher;
@@ -83,6 +83,12 @@ impl<V: Clone> Sharded<V> {
     }
 }
 
+/// Where a registered contact is reached: the transport target its REGISTER came from and
+/// its Path. Implemented over the registrar by the server.
+pub trait ContactFlows: Send + Sync + 'static {
+    fn flow(&self, contact: &str) -> Option<(Target, Vec<String>)>;
+}
+
 /// Counters of the call core.
 #[derive(Debug, Default)]
 pub struct B2buaStats {
@@ -99,6 +105,7 @@ struct B2buaInner {
     local: LocalAddrs,
     timers: TimerConfig,
     default_ring_timeout: Duration,
+    flows: Option<Arc<dyn ContactFlows>>,
     dialogs: Sharded<CallRef>,
     /// Calls whose INVITE is still pending, by (Call-ID, From tag) of the caller: CANCEL.
     pending: Sharded<Events>,
@@ -120,6 +127,8 @@ pub struct B2buaParts {
     pub local: LocalAddrs,
     pub timers: TimerConfig,
     pub default_ring_timeout: Duration,
+    /// Registered contacts' flows (None: dial targets are resolved by their URI).
+    pub flows: Option<Arc<dyn ContactFlows>>,
 }
 
 impl B2bua {
@@ -132,6 +141,7 @@ impl B2bua {
                 local: parts.local,
                 timers: parts.timers,
                 default_ring_timeout: parts.default_ring_timeout,
+                flows: parts.flows,
                 dialogs: Sharded::new(64),
                 pending: Sharded::new(64),
                 calls_active: AtomicU64::new(0),

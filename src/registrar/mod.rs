@@ -89,6 +89,9 @@ struct Inner {
     cfg: RegistrarConfig,
     store: Arc<dyn BindingStore>,
     cache: RwLock<HashMap<String, Vec<Binding>>>,
+    /// Contact URI -> AOR, so that a request to a registered contact can be sent where the
+    /// REGISTER came from (NAT: received/rport, the TCP connection). Kept with `cache`.
+    by_contact: RwLock<HashMap<String, String>>,
     count: AtomicUsize,
     /// (expires_at, aor) of every binding written; stale entries are harmless (the expiry
     /// pass re-checks the AOR).
@@ -138,10 +141,16 @@ impl Registrar {
         }
         // Lapsed while we were down: gone from the store before anyone asks.
         store.remove_expired(now).await?;
+        let by_contact = cache
+            .values()
+            .flatten()
+            .map(|b| (b.contact.clone(), b.aor.clone()))
+            .collect();
         let inner = Arc::new(Inner {
             cfg,
             store,
             cache: RwLock::new(cache),
+            by_contact: RwLock::new(by_contact),
             count: AtomicUsize::new(count),
             due: Mutex::new(due),
             locks: (0..LOCK_STRIPES)
@@ -191,6 +200,20 @@ impl Registrar {
             .collect();
         out.sort_by(|a, b| a.aor.cmp(&b.aor));
         out
+    }
+
+    /// The live binding whose Contact is `contact` (as registered), if any: where a
+    /// request to that device must go.
+    pub fn binding_for_contact(&self, contact: &str) -> Option<Binding> {
+        let aor = self.inner.by_contact.read().get(contact).cloned()?;
+        let now = unix_now();
+        self.inner
+            .cache
+            .read()
+            .get(&aor)?
+            .iter()
+            .find(|b| b.contact == contact && b.expires_at > now)
+            .cloned()
     }
 
     /// How many bindings the cache holds (lapsed ones leave within a second).
@@ -318,14 +341,27 @@ impl Registrar {
                 due.insert((b.expires_at, aor.to_owned()));
             }
         }
+        let new_contacts: Vec<String> = list.iter().map(|b| b.contact.clone()).collect();
         let mut cache = self.inner.cache.write();
         let new_len = list.len();
-        let old_len = if list.is_empty() {
-            cache.remove(aor).map_or(0, |l| l.len())
+        let old = if list.is_empty() {
+            cache.remove(aor)
         } else {
-            cache.insert(aor.to_owned(), list).map_or(0, |l| l.len())
+            cache.insert(aor.to_owned(), list)
         };
         drop(cache);
+        let old_len = old.as_ref().map_or(0, |l| l.len());
+        {
+            let mut index = self.inner.by_contact.write();
+            for b in old.iter().flatten() {
+                if index.get(&b.contact).is_some_and(|a| a == aor) {
+                    index.remove(&b.contact);
+                }
+            }
+            for c in new_contacts {
+                index.insert(c, aor.to_owned());
+            }
+        }
         if new_len >= old_len {
             self.inner
                 .count
@@ -563,6 +599,14 @@ async fn expire_once(inner: &Inner, now: u64) {
         let mut cache = inner.cache.write();
         if let Some(list) = cache.get_mut(aor) {
             let before = list.len();
+            {
+                let mut index = inner.by_contact.write();
+                for b in list.iter().filter(|b| b.expires_at <= now) {
+                    if index.get(&b.contact).is_some_and(|a| a == aor) {
+                        index.remove(&b.contact);
+                    }
+                }
+            }
             list.retain(|b| b.expires_at > now);
             let gone = before - list.len();
             if list.is_empty() {

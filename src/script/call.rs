@@ -274,7 +274,14 @@ pub(crate) fn raw_api(lua: &Lua) -> mlua::Result<Table> {
             |_, (ud, target, opts, known): (AnyUserData, Value, Value, KnownOptions)| {
                 let prepared = call_ud(&ud).map(|state| {
                     state.check("dial")?;
-                    let targets = string_list(&target, "call:dial", "target")?;
+                    // An empty list (e.g. `registrar.lookup` of a user with no device
+                    // registered) is a dial that nobody can answer, not a script error.
+                    let nobody = matches!(&target, Value::Table(t) if t.raw_len() == 0);
+                    let targets = if nobody {
+                        Vec::new()
+                    } else {
+                        string_list(&target, "call:dial", "target")?
+                    };
                     let opts = match opts {
                         Value::Nil => known.parse()?,
                         opts => parse_dial_options(&opts)?,
@@ -288,7 +295,15 @@ pub(crate) fn raw_api(lua: &Lua) -> mlua::Result<Table> {
                         Err(msg) => return Ok((DialResult::Error(msg), None)),
                     };
                     let in_progress = DialInProgress(state.clone());
-                    let outcome = control.dial(targets, opts).await;
+                    let outcome = if targets.is_empty() {
+                        DialOutcome {
+                            answered: false,
+                            status: 480,
+                            reason: "Temporarily Unavailable".into(),
+                        }
+                    } else {
+                        control.dial(targets, opts).await
+                    };
                     state.finish_dial(&outcome);
                     drop(in_progress);
                     // The sandbox turns this pair into `{ answered, status, reason }`.

@@ -378,7 +378,30 @@ impl fmt::Debug for ScriptEngine {
     }
 }
 
+/// Where registered devices are: the registrar, seen from a dial plan.
+pub trait LocationService: Send + Sync + 'static {
+    /// The contact URIs of the live bindings of `aor` (a SIP URI; only its user and host
+    /// count), best first (q, then most recent).
+    fn lookup(&self, aor: &str) -> Vec<String>;
+}
+
+/// The server's services the Lua API reaches (`registrar.lookup`). Set after the engine is
+/// loaded, read when a function is called, so every VM of every version sees them.
+#[derive(Clone, Default)]
+pub struct Services {
+    location: Arc<parking_lot::RwLock<Option<Arc<dyn LocationService>>>>,
+}
+
+impl Services {
+    /// `registrar.lookup(aor)`: empty when no registrar is attached.
+    pub(crate) fn lookup(&self, aor: &str) -> Vec<String> {
+        let location = self.location.read().clone();
+        location.map(|l| l.lookup(aor)).unwrap_or_default()
+    }
+}
+
 struct EngineInner {
+    services: Services,
     opts: EngineOptions,
     pool_size: usize,
     current: RwLock<Arc<ScriptVersion>>,
@@ -395,7 +418,8 @@ impl ScriptEngine {
             n => n,
         };
         let stats = Arc::new(ScriptStats::default());
-        let version = ScriptVersion::build(&opts, pool_size, 1, stats.clone())?;
+        let services = Services::default();
+        let version = ScriptVersion::build(&opts, pool_size, 1, stats.clone(), &services)?;
         tracing::info!(
             target: "script",
             script = %version.file.display,
@@ -404,6 +428,7 @@ impl ScriptEngine {
         );
         Ok(ScriptEngine {
             inner: Arc::new(EngineInner {
+                services,
                 opts,
                 pool_size,
                 current: RwLock::new(Arc::new(version)),
@@ -414,6 +439,11 @@ impl ScriptEngine {
         })
     }
 
+    /// Attaches the location service behind `registrar.lookup` (all VMs, all versions).
+    pub fn set_location(&self, location: Arc<dyn LocationService>) {
+        *self.inner.services.location.write() = Some(location);
+    }
+
     /// Checks a script without serving it (`strowger check`): compiles it and runs its
     /// top-level code once in a sandboxed VM with the default limits, so syntax errors,
     /// missing modules and top-level errors are all reported.
@@ -421,7 +451,7 @@ impl ScriptEngine {
         let opts = EngineOptions::new(path);
         let file = ScriptFile::new(&opts.path);
         let source = file.read()?;
-        Vm::new(&file, &source, &opts).map(drop)
+        Vm::new(&file, &source, &opts, &Services::default()).map(drop)
     }
 
     /// Re-reads the file and loads it into a fresh pool; on success new calls use it, calls
@@ -431,7 +461,13 @@ impl ScriptEngine {
         let inner = &self.inner;
         let _one_at_a_time = inner.reloading.lock();
         let number = inner.versions.load(Ordering::Relaxed) + 1;
-        match ScriptVersion::build(&inner.opts, inner.pool_size, number, inner.stats.clone()) {
+        match ScriptVersion::build(
+            &inner.opts,
+            inner.pool_size,
+            number,
+            inner.stats.clone(),
+            &inner.services,
+        ) {
             Ok(version) => {
                 inner.versions.store(number, Ordering::Relaxed);
                 *inner.current.write() = Arc::new(version);
@@ -488,11 +524,12 @@ impl ScriptVersion {
         pool_size: usize,
         version: u64,
         stats: Arc<ScriptStats>,
+        services: &Services,
     ) -> Result<ScriptVersion, ScriptError> {
         let file = ScriptFile::new(&opts.path);
         let source = file.read()?;
         let vms = (0..pool_size.max(1))
-            .map(|_| Vm::new(&file, &source, opts).map(Arc::new))
+            .map(|_| Vm::new(&file, &source, opts, services).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ScriptVersion {
             version,

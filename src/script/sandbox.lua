@@ -46,6 +46,8 @@ string.dump = nil
 
 log = H.log
 print = H.log.info
+-- The location service: registrar.lookup(aor) -> { contact URI, ... }, best first.
+registrar = { lookup = H.registrar_lookup }
 
 -- require "name": <script dir>/name.lua, once per VM.
 local loaded = { string = string, table = table, math = math, utf8 = utf8, coroutine = coroutine }

@@ -198,7 +198,12 @@ pub(crate) struct Vm {
 
 impl Vm {
     /// A fresh sandboxed VM running `source` (the contents of `file`).
-    pub fn new(file: &ScriptFile, source: &[u8], opts: &EngineOptions) -> Result<Vm, ScriptError> {
+    pub fn new(
+        file: &ScriptFile,
+        source: &[u8],
+        opts: &EngineOptions,
+        services: &super::Services,
+    ) -> Result<Vm, ScriptError> {
         let internal = |e: LuaError| ScriptError::Internal(e.to_string());
         let libs = StdLib::COROUTINE
             | StdLib::TABLE
@@ -238,6 +243,23 @@ impl Vm {
             helpers.raw_set("find_module", find_module_fn(&lua, file)?)?;
             helpers.raw_set("log", log_table(&lua, file_name.clone())?)?;
             helpers.raw_set("call", call::raw_api(&lua)?)?;
+            let svc = services.clone();
+            helpers.raw_set(
+                "registrar_lookup",
+                lua.create_function(move |lua, aor: Value| {
+                    let aor = match &aor {
+                        Value::String(s) => s.to_str()?.to_owned(),
+                        Value::Table(t) => t.raw_get::<String>("uri")?,
+                        other => {
+                            return Err(mlua::Error::runtime(format!(
+                                "registrar.lookup: expected an address (string or call.ruri), got a {}",
+                                other.type_name()
+                            )))
+                        }
+                    };
+                    lua.create_sequence_from(svc.lookup(&aor))
+                })?,
+            )?;
             lua.load(SANDBOX)
                 .set_name(format!("={INTERNAL_SOURCE}sandbox"))
                 .set_mode(ChunkMode::Text)

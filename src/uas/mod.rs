@@ -13,6 +13,7 @@ pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
 use crate::b2bua::B2bua;
 use crate::config::Config;
+use crate::registrar::{RegisterSource, Registrar};
 use crate::sip::{new_tag, Host, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionUser};
 use crate::transport::{Target, TransportKind};
@@ -26,6 +27,11 @@ pub struct UasCore {
     local: Vec<(TransportKind, SocketAddr)>,
     /// Set once the B2BUA exists (it needs the transaction layer, which needs us).
     b2bua: OnceLock<B2bua>,
+    registrar: OnceLock<Registrar>,
+    /// `sip.domain`: the domain whose addresses of record we register.
+    domain: String,
+    /// `registrar.unknown_aor_status`.
+    unknown_aor_status: u16,
 }
 
 impl UasCore {
@@ -34,7 +40,55 @@ impl UasCore {
             user_agent: config.sip.user_agent.clone(),
             local: local.to_vec(),
             b2bua: OnceLock::new(),
+            registrar: OnceLock::new(),
+            domain: config.sip.domain.to_ascii_lowercase(),
+            unknown_aor_status: config.registrar.unknown_aor_status,
         }
+    }
+
+    pub fn set_registrar(&self, registrar: Registrar) {
+        let _ = self.registrar.set(registrar);
+    }
+
+    /// Whether an address of record is ours to register: `sip.domain`, or one of the
+    /// server's own addresses (phones configured with the server's IP).
+    fn serves(&self, host: &Host) -> bool {
+        match host {
+            Host::Domain(d) => d.eq_ignore_ascii_case(&self.domain),
+            other => other
+                .ip()
+                .is_some_and(|ip| self.local.iter().any(|(_, a)| a.ip() == ip)),
+        }
+    }
+
+    /// REGISTER (RFC 3261 10.3): steps 1-3 here, the rest in the registrar.
+    fn on_register(&self, tx: ServerTransaction, req: Request) {
+        let Some(registrar) = self.registrar.get().cloned() else {
+            Self::respond(&tx, req.response(503));
+            return;
+        };
+        // Step 3: the To header names the address of record, in a domain we serve.
+        if !self.serves(&req.base.to.uri.host) {
+            let status = self.unknown_aor_status;
+            Self::respond(
+                &tx,
+                req.response(status)
+                    .with_reason(format!("{} Not Served Here", req.base.to.uri.host)),
+            );
+            return;
+        }
+        let aor = req.base.to.uri.aor();
+        let src = tx.source();
+        let source = RegisterSource {
+            transport: src.transport,
+            addr: src.addr,
+            connection: src.connection.map(|c| c.0),
+        };
+        // The store write is awaited before the 200 (a binding that is answered is kept).
+        tokio::spawn(async move {
+            let resp = registrar.register(&req, source, &aor).await;
+            Self::respond(&tx, resp);
+        });
     }
 
     pub fn set_b2bua(&self, b2bua: B2bua) {
@@ -95,6 +149,7 @@ impl TransactionUser for UasCore {
                     options_ok(&req, &contact, &self.user_agent, &new_tag()),
                 );
             }
+            Method::Register => self.on_register(tx, req),
             Method::Invite => match self.b2bua.get() {
                 Some(b) => b.on_invite(tx, req),
                 None => Self::respond(&tx, req.response(503)),
@@ -105,8 +160,8 @@ impl TransactionUser for UasCore {
                 Self::respond(&tx, req.response(481));
             }
             ref m => {
-                // Issue-tracked: REGISTER (registrar), SUBSCRIBE/PUBLISH/MESSAGE (presence)
-                // and out-of-dialog REFER are not built yet; say so plainly.
+                // Issue-tracked: SUBSCRIBE/PUBLISH/MESSAGE (presence) and out-of-dialog
+                // REFER are not built yet; say so plainly.
                 let reason = format!("{m} is not handled yet");
                 Self::respond(&tx, req.response(501).with_reason(reason));
             }

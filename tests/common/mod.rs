@@ -15,6 +15,9 @@ pub fn test_config() -> Config {
     c.sip.listen = vec!["udp:127.0.0.1:0".into(), "tcp:127.0.0.1:0".into()];
     c.sip.domain = "strowger.test".into();
     c.http.listen = "127.0.0.1:0".into();
+    // Each server its own registration store.
+    let dir = std::env::temp_dir().join(unique("strowger-store"));
+    c.storage.dir = dir.display().to_string();
     c
 }
 
