@@ -395,7 +395,7 @@ impl DigestAuth {
         }
         let mut got = [0u8; 32];
         if response.len() != alg.hex_len()
-            || hex::decode_to_slice(response.as_bytes(), &mut got[..alg.len()]).is_err()
+            || hex::decode_to_slice(response.as_bytes(), &mut got[..alg.digest_len()]).is_err()
         {
             return self.malformed("Bad response");
         }
@@ -434,7 +434,7 @@ impl DigestAuth {
             req.method.as_str().as_bytes(),
             uri.as_bytes(),
         );
-        let right = bool::from(want.as_bytes().ct_eq(&got[..alg.len()])) && known;
+        let right = bool::from(want.as_bytes().ct_eq(&got[..alg.digest_len()])) && known;
         if !right {
             bump(&stats.failures);
             let blocked = throttle_on

@@ -36,7 +36,7 @@ impl Algorithm {
     }
 
     /// Length of the raw digest in octets.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             Algorithm::Md5 => 16,
             Algorithm::Sha256 => 32,
@@ -46,14 +46,14 @@ impl Algorithm {
     /// Length of the lower-case hex form (what travels in `response` and sits in the users
     /// file).
     pub fn hex_len(self) -> usize {
-        self.len() * 2
+        self.digest_len() * 2
     }
 
     /// H(part0 part1 ...), the raw digest.
     pub(crate) fn digest(self, parts: &[&[u8]]) -> Raw {
         let mut out = Raw {
             buf: [0; 32],
-            len: self.len() as u8,
+            len: self.digest_len() as u8,
         };
         match self {
             Algorithm::Md5 => {
