@@ -7,6 +7,7 @@
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
 //! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`.
 
+use crate::auth::{DigestAuth, DigestConfig, Users};
 use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs};
 use crate::config::{Config, RegistrarStore};
 use crate::registrar::{
@@ -191,7 +192,11 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     scripts.set_location(Arc::new(Location(registrar.clone())));
     let (t1, t2, t4) = config.timers();
     let timers = TimerConfig { t1, t2, t4 };
-    let core = Arc::new(UasCore::new(config, &transports.local_addrs()));
+    let core = Arc::new(UasCore::new(
+        config,
+        &transports.local_addrs(),
+        load_auth(config)?,
+    ));
     let sender: Arc<dyn Sender> = Arc::new(transports.clone());
     let layer = TransactionLayer::new(sender.clone(), timers, core.clone());
     let b2bua = B2bua::new(B2buaParts {
@@ -228,6 +233,24 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         registrar,
         stats,
     })
+}
+
+/// Digest authentication for REGISTER when `registrar.users_file` is set.
+fn load_auth(config: &Config) -> anyhow::Result<Option<(DigestAuth, Arc<Users>)>> {
+    let path = config.registrar.users_file.trim();
+    if path.is_empty() {
+        tracing::warn!("registrar.users_file is not set: REGISTER is accepted without authentication");
+        return Ok(None);
+    }
+    let realm = config.sip.domain.clone();
+    let users = Users::load(std::path::Path::new(path), &realm)
+        .with_context(|| format!("registrar.users_file {path}"))?;
+    let mut cfg = DigestConfig::new(realm);
+    cfg.nonce_ttl = Duration::from_secs(config.auth.nonce_ttl_s);
+    cfg.max_failures = config.auth.max_failures;
+    cfg.failure_window = Duration::from_secs(config.auth.failure_window_s);
+    tracing::info!(users = users.len(), "digest authentication of REGISTER on");
+    Ok(Some((DigestAuth::new(cfg), Arc::new(users))))
 }
 
 /// Opens the configured binding store (`registrar.store`) and loads the registrar.

@@ -13,7 +13,9 @@ pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
 use crate::b2bua::B2bua;
 use crate::config::Config;
+use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
 use crate::registrar::{RegisterSource, Registrar};
+use std::sync::Arc;
 use crate::sip::{new_tag, Host, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionUser};
 use crate::transport::{Target, TransportKind};
@@ -28,6 +30,9 @@ pub struct UasCore {
     /// Set once the B2BUA exists (it needs the transaction layer, which needs us).
     b2bua: OnceLock<B2bua>,
     registrar: OnceLock<Registrar>,
+    /// Digest authentication of REGISTER with the users of `registrar.users_file`; None
+    /// when no users file is configured (development: every REGISTER is accepted).
+    auth: Option<(DigestAuth, Arc<Users>)>,
     /// `sip.domain`: the domain whose addresses of record we register.
     domain: String,
     /// `registrar.unknown_aor_status`.
@@ -35,8 +40,13 @@ pub struct UasCore {
 }
 
 impl UasCore {
-    pub fn new(config: &Config, local: &[(TransportKind, SocketAddr)]) -> UasCore {
+    pub fn new(
+        config: &Config,
+        local: &[(TransportKind, SocketAddr)],
+        auth: Option<(DigestAuth, Arc<Users>)>,
+    ) -> UasCore {
         UasCore {
+            auth,
             user_agent: config.sip.user_agent.clone(),
             local: local.to_vec(),
             b2bua: OnceLock::new(),
@@ -77,8 +87,33 @@ impl UasCore {
             );
             return;
         }
-        let aor = req.base.to.uri.aor();
         let src = tx.source();
+        if let Some((auth, users)) = &self.auth {
+            // RFC 3261 10.3 steps 2 and 4: authenticate, then the user may only change
+            // the bindings of its own address of record.
+            let outcome = auth.verify(&req, ChallengeKind::Www, src.addr.ip(), |u| {
+                users.get(u).cloned()
+            });
+            match outcome {
+                AuthOutcome::Ok { user } => {
+                    if req.base.to.uri.user.as_deref() != Some(user.as_str()) {
+                        Self::respond(
+                            &tx,
+                            req.response(403)
+                                .with_reason(format!("{user} may not register this address")),
+                        );
+                        return;
+                    }
+                }
+                other => {
+                    if let Some(resp) = auth.respond(&req, ChallengeKind::Www, &other) {
+                        Self::respond(&tx, resp);
+                        return;
+                    }
+                }
+            }
+        }
+        let aor = req.base.to.uri.aor();
         let source = RegisterSource {
             transport: src.transport,
             addr: src.addr,
