@@ -34,7 +34,8 @@
 //!   `registrar.default_expires` [3600], `registrar.store` [`embedded`|`redis`],
 //!   `registrar.users_file` [empty = no authentication], `registrar.unknown_aor_status` [404]
 //! - `storage.dir` [`data`], `redis.url` [`redis://127.0.0.1:6379/`]
-//! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60]
+//! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60],
+//!   `auth.algorithms` [`["SHA-256", "MD5"]`]
 //! - `shutdown.drain_timeout_s` [10]
 //!
 //! How a line number is found: the `config` crate that merges the sources keeps no
@@ -367,6 +368,8 @@ pub struct AuthConfig {
     /// Failed attempts from one source address within `failure_window_s` before 403.
     pub max_failures: u32,
     pub failure_window_s: u64,
+    /// Digest algorithms offered, in order of preference: "SHA-256", "MD5".
+    pub algorithms: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -375,6 +378,7 @@ impl Default for AuthConfig {
             nonce_ttl_s: 300,
             max_failures: 5,
             failure_window_s: 60,
+            algorithms: vec!["SHA-256".into(), "MD5".into()],
         }
     }
 }
@@ -704,6 +708,7 @@ fn build(origin: &str, text: &str, env: &[(String, String)]) -> Result<Config, C
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("sip.listen")
+                .with_list_parse_key("auth.algorithms")
                 .source(Some(env_map)),
         )
         .build()

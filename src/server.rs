@@ -7,7 +7,7 @@
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
 //! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`.
 
-use crate::auth::{DigestAuth, DigestConfig, Users};
+use crate::auth::{Algorithm, DigestAuth, DigestConfig, Users};
 use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs};
 use crate::config::{Config, RegistrarStore};
 use crate::registrar::{
@@ -249,6 +249,15 @@ fn load_auth(config: &Config) -> anyhow::Result<Option<(DigestAuth, Arc<Users>)>
     cfg.nonce_ttl = Duration::from_secs(config.auth.nonce_ttl_s);
     cfg.max_failures = config.auth.max_failures;
     cfg.failure_window = Duration::from_secs(config.auth.failure_window_s);
+    cfg.algorithms = config
+        .auth
+        .algorithms
+        .iter()
+        .map(|a| match a.as_str() {
+            "MD5" => Algorithm::Md5,
+            _ => Algorithm::Sha256,
+        })
+        .collect();
     tracing::info!(users = users.len(), "digest authentication of REGISTER on");
     Ok(Some((DigestAuth::new(cfg), Arc::new(users))))
 }

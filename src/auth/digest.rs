@@ -79,6 +79,10 @@ pub struct DigestConfig {
     /// Most nonces tracked for replay protection at once; a nonce that cannot be tracked
     /// is refused (fresh challenge). 2M covers 5,000 new nonces/s for the default TTL.
     pub max_tracked_nonces: usize,
+    /// What the challenge offers, in order of preference (RFC 8760 2.4: a client takes
+    /// the first it supports; some, SIPp 3.6 among them, take the first whatever it is).
+    /// An answer with an algorithm not offered gets a fresh challenge.
+    pub algorithms: Vec<Algorithm>,
 }
 
 impl DigestConfig {
@@ -93,6 +97,7 @@ impl DigestConfig {
                 max_sources: 262_144,
             },
             max_tracked_nonces: 2_000_000,
+            algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
         }
     }
 }
@@ -272,7 +277,7 @@ impl DigestAuth {
         bump(&self.inner.stats.challenges);
         let nonce = self.new_nonce();
         let mut resp = req.response(kind.status());
-        for alg in [Algorithm::Sha256, Algorithm::Md5] {
+        for &alg in &self.inner.config.algorithms {
             resp.headers.push(
                 kind.challenge_header(),
                 self.challenge_value(&nonce, alg, stale),
@@ -367,7 +372,10 @@ impl DigestAuth {
         };
         // We offer neither -sess nor other algorithms, nor userhash (RFC 7616 3.4.4) nor
         // a qop other than auth; a client answering with them gets our offer again.
-        let Some(alg) = c.algorithm() else {
+        let Some(alg) = c
+            .algorithm()
+            .filter(|a| self.inner.config.algorithms.contains(a))
+        else {
             bump(&stats.malformed);
             return AuthOutcome::Challenge { stale: false };
         };
