@@ -10,7 +10,9 @@
 -- calls in progress finish on the old version, new calls use the new one. A version that
 -- does not compile is refused and the running one stays.
 
--- Where each extension's phone is. Operators: add, remove or change lines here.
+-- Phones that register are found by the registrar (registrar.lookup below). This table is
+-- for phones that do not register: where each extension's phone is. Operators: add,
+-- remove or change lines here.
 local extensions = {
   ["1000"] = "sip:1000@127.0.0.1:5080",
   ["1001"] = "sip:1001@127.0.0.1:5080",
@@ -66,11 +68,13 @@ function on_invite(call)
   end
   log.info("call", call.id, "from", call.from.uri, "to", number, "via", call.source)
 
-  -- Internal extension.
+  -- Internal extension: every device registered for it rings at once (the first to
+  -- answer wins); a fixed phone from the `extensions` table when none is registered.
+  local devices = registrar.lookup("sip:" .. number .. "@" .. call.ruri.host)
   local phone = extensions[number]
-  if phone then
+  if #devices > 0 or phone then
     call.vars.route = "extension " .. number
-    local result = call:dial(phone, { timeout = RING_TIMEOUT })
+    local result = call:dial(#devices > 0 and devices or phone, { timeout = RING_TIMEOUT })
     if not result.answered then
       -- No decision: the caller hears the phone's answer (486 Busy Here, 480, ...).
       log.info("extension", number, "did not answer:", result.status, result.reason)

@@ -23,6 +23,17 @@ pub enum Command {
     /// Ask the running server (at the configuration's http.listen) to reload its Lua script;
     /// calls in progress keep the version they started with. Same as SIGHUP.
     Reload(ConfigArgs),
+    /// List the running server's registrations (contact, expiry, user agent, source).
+    Registrations(RegistrationsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RegistrationsArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the server's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args.config.as_deref()),
         Command::Check(args) => check(args.config.as_deref()),
         Command::Reload(args) => reload(args.config.as_deref()),
+        Command::Registrations(args) => registrations(args.config.config.as_deref(), args.json),
     }
 }
 
@@ -54,35 +55,86 @@ fn check(path: Option<&Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `strowger registrations`: the running server's bindings, as a table (or its JSON).
+fn registrations(path: Option<&Path>, as_json: bool) -> ExitCode {
+    let (addr, runtime) = match admin_client(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match runtime.block_on(strowger::admin::request_registrations(addr)) {
+        Ok(text) if as_json => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(text) => match serde_json::from_str::<Vec<strowger::registrar::Binding>>(&text) {
+            Ok(list) => {
+                print!("{}", registrations_table(&list));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: unexpected answer from the server: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// One line per binding: AOR, contact, q, seconds left, source, user agent.
+fn registrations_table(list: &[strowger::registrar::Binding]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out = format!(
+        "{:<32} {:<44} {:>4} {:>8} {:<26} {}\n",
+        "AOR", "CONTACT", "Q", "EXPIRES", "SOURCE", "USER-AGENT"
+    );
+    for b in list {
+        out.push_str(&format!(
+            "{:<32} {:<44} {:>4.2} {:>7}s {:<26} {}\n",
+            b.aor,
+            b.contact,
+            b.q,
+            b.expires_at.saturating_sub(now),
+            b.source,
+            b.user_agent.as_deref().unwrap_or("-")
+        ));
+    }
+    out.push_str(&format!("{} binding(s)\n", list.len()));
+    out
+}
+
+/// The admin endpoint's address from the configuration, and a runtime to reach it.
+fn admin_client(
+    path: Option<&Path>,
+) -> Result<(std::net::SocketAddr, tokio::runtime::Runtime), ExitCode> {
+    let config = Config::load(path).map_err(|e| {
+        eprintln!("configuration error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let addr = config.http.listen.parse().map_err(|e| {
+        eprintln!("configuration error: http.listen {:?}: {e}", config.http.listen);
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        })?;
+    Ok((addr, runtime))
+}
+
 /// `strowger reload`: asks the running server (at the configuration's `http.listen`) to
 /// reload its script; the same as sending it SIGHUP.
 fn reload(path: Option<&Path>) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("configuration error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let addr: std::net::SocketAddr = match config.http.listen.parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!(
-                "configuration error: http.listen {:?}: {e}",
-                config.http.listen
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+    let (addr, runtime) = match admin_client(path) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     match runtime.block_on(strowger::admin::request_reload(addr)) {
         Ok(answer) => {

@@ -189,7 +189,12 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     })
     .with_context(|| format!("loading script {}", config.script.path))?;
     let registrar = start_registrar(config).await?;
-    scripts.set_location(Arc::new(Location(registrar.clone())));
+    let location = Arc::new(Location {
+        registrar: registrar.clone(),
+        domain: config.sip.domain.to_ascii_lowercase(),
+        own_ips: transports.local_addrs().iter().map(|(_, a)| a.ip()).collect(),
+    });
+    scripts.set_location(location.clone());
     let (t1, t2, t4) = config.timers();
     let timers = TimerConfig { t1, t2, t4 };
     let core = Arc::new(UasCore::new(
@@ -206,7 +211,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         local: LocalAddrs::new(transports.local_addrs()),
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
-        flows: Some(Arc::new(Location(registrar.clone()))),
+        flows: Some(location),
     });
     core.set_b2bua(b2bua.clone());
     core.set_registrar(registrar.clone());
@@ -215,7 +220,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         .listen
         .parse()
         .with_context(|| format!("http.listen {:?}", config.http.listen))?;
-    let admin = crate::admin::start(http, scripts.clone())
+    let admin = crate::admin::start(http, scripts.clone(), registrar.clone())
         .await
         .with_context(|| format!("binding http.listen {http}"))?;
     tracing::info!(addr = %admin.addr(), "admin HTTP listening");
@@ -293,21 +298,38 @@ async fn start_registrar(config: &Config) -> anyhow::Result<Registrar> {
 }
 
 /// The registrar as the dial plan and the B2BUA see it.
-struct Location(Registrar);
+struct Location {
+    registrar: Registrar,
+    /// `sip.domain` and the server's own IPs: an address in any of them is the domain's.
+    domain: String,
+    own_ips: Vec<std::net::IpAddr>,
+}
 
 impl LocationService for Location {
     fn lookup(&self, aor: &str) -> Vec<String> {
-        let aor = match crate::sip::Uri::parse(aor.trim()) {
-            Ok(uri) => uri.aor(),
-            Err(_) => return Vec::new(),
+        let Ok(uri) = crate::sip::Uri::parse(aor.trim()) else {
+            return Vec::new();
         };
-        self.0.lookup(&aor).into_iter().map(|b| b.contact).collect()
+        // The same canonical form the UAS core registers under.
+        let ours = match &uri.host {
+            crate::sip::Host::Domain(d) => d.eq_ignore_ascii_case(&self.domain),
+            h => h.ip().is_some_and(|ip| self.own_ips.contains(&ip)),
+        };
+        let aor = match (&uri.user, ours) {
+            (Some(user), true) => format!("sip:{user}@{}", self.domain),
+            _ => uri.aor(),
+        };
+        self.registrar
+            .lookup(&aor)
+            .into_iter()
+            .map(|b| b.contact)
+            .collect()
     }
 }
 
 impl ContactFlows for Location {
     fn flow(&self, contact: &str) -> Option<(crate::transport::Target, Vec<String>)> {
-        let b = self.0.binding_for_contact(contact)?;
+        let b = self.registrar.binding_for_contact(contact)?;
         let source: ListenAddr = b.source.parse().ok()?;
         Some((
             crate::transport::Target {

@@ -4,11 +4,14 @@
 //! through the handles it is given, and its one action, `POST /reload`, goes through the
 //! script engine's own reload (the same path as SIGHUP).
 //!
-//! Endpoints: `GET /healthz` (200 `{"status":"ok"}`), `POST /reload` (200
+//! Endpoints: `GET /healthz` (200 `{"status":"ok"}`), `GET /registrations` (the
+//! registrar's bindings as a JSON array: aor, contact, q, expires_at, source, user_agent,
+//! ...), `POST /reload` (200
 //! `{"reloaded":true,"version":N}`, or 422 `{"reloaded":false,"error":"file:line: ..."}`
 //! when the new script does not compile; the running one stays).
 //! Config key: `http.listen`.
 
+use crate::registrar::Registrar;
 use crate::script::ScriptEngine;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -40,13 +43,18 @@ impl Drop for AdminServer {
 #[derive(Clone)]
 struct State {
     scripts: ScriptEngine,
+    registrar: Registrar,
 }
 
 /// Binds `listen` and serves until dropped.
-pub async fn start(listen: SocketAddr, scripts: ScriptEngine) -> std::io::Result<AdminServer> {
+pub async fn start(
+    listen: SocketAddr,
+    scripts: ScriptEngine,
+    registrar: Registrar,
+) -> std::io::Result<AdminServer> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let state = State { scripts };
+    let state = State { scripts, registrar };
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _peer)) = listener.accept().await else {
@@ -101,6 +109,17 @@ fn quote(s: &str) -> String {
 fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+        (&Method::GET, "/registrations") => {
+            let mut all = state.registrar.bindings();
+            all.sort_by(|a, b| a.aor.cmp(&b.aor).then(b.q.total_cmp(&a.q)));
+            match serde_json::to_string(&all) {
+                Ok(body) => json(StatusCode::OK, body),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(r#"{{"error":{}}}"#, quote(&e.to_string())),
+                ),
+            }
+        }
         (&Method::POST, "/reload") => match state.scripts.reload() {
             Ok(()) => {
                 let version = state.scripts.current().version();
@@ -118,7 +137,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         },
-        (_, "/healthz" | "/reload") => json(
+        (_, "/healthz" | "/reload" | "/registrations") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method not allowed"}"#.into(),
         ),
@@ -129,6 +148,16 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
 /// `strowger reload`: asks the server listening on `addr` to reload its script. Returns the
 /// server's JSON answer, or an error naming what failed.
 pub async fn request_reload(addr: SocketAddr) -> anyhow::Result<String> {
+    request(addr, Method::POST, "/reload").await
+}
+
+/// `strowger registrations`: the server's bindings, as its JSON text.
+pub async fn request_registrations(addr: SocketAddr) -> anyhow::Result<String> {
+    request(addr, Method::GET, "/registrations").await
+}
+
+/// One request to the admin endpoint; the body of a 2xx, else an error with the answer.
+async fn request(addr: SocketAddr, method: Method, path: &str) -> anyhow::Result<String> {
     use anyhow::Context as _;
     use http_body_util::BodyExt as _;
     let stream = tokio::net::TcpStream::connect(addr)
@@ -137,7 +166,9 @@ pub async fn request_reload(addr: SocketAddr) -> anyhow::Result<String> {
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = Request::post("/reload")
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, addr.to_string())
         .body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await?;
@@ -147,6 +178,6 @@ pub async fn request_reload(addr: SocketAddr) -> anyhow::Result<String> {
     if status.is_success() {
         Ok(text)
     } else {
-        anyhow::bail!("reload refused ({status}): {text}")
+        anyhow::bail!("{path} refused ({status}): {text}")
     }
 }

@@ -113,7 +113,12 @@ impl UasCore {
                 }
             }
         }
-        let aor = req.base.to.uri.aor();
+        // One address of record per user of the domain, whether the phone wrote the
+        // domain or the server's IP in its To (registrar.lookup canonicalizes the same way).
+        let aor = match &req.base.to.uri.user {
+            Some(user) => format!("sip:{user}@{}", self.domain),
+            None => req.base.to.uri.aor(),
+        };
         let source = RegisterSource {
             transport: src.transport,
             addr: src.addr,
