@@ -360,7 +360,6 @@ impl Registrar {
         tracing::warn!(error = %e, "registrar store failed; REGISTER answered 500");
         final_response(req, 500, Some("Location service unavailable".into()))
     }
-
 }
 
 impl Inner {

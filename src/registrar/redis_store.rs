@@ -31,7 +31,8 @@ pub struct RedisStore {
     con: ConnectionManager,
     prefix: String,
     /// Random per instance: our own notifications carry it, so our watcher can skip them
-    /// (the registrar that wrote has its cache right already).
+    /// (the registrar that wrote has its cache right already). Hence one registrar per
+    /// `RedisStore`: two registrars on one instance would not hear each other.
     origin: String,
     expire: redis::Script,
 }
