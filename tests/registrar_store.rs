@@ -1,5 +1,6 @@
 //! The registrar against both stores: the same suite runs on SQLite (a temp dir) and on
-//! a real redis-server started here on a free port. Public API only.
+//! a real redis-server started here on a free port; then two registrars on one Redis, as
+//! two nodes, must see each other's changes. Public API only.
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -329,6 +330,10 @@ fn start_redis() -> Option<RedisServer> {
         .local_addr()
         .ok()?
         .port();
+    start_redis_on(port)
+}
+
+fn start_redis_on(port: u16) -> Option<RedisServer> {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
@@ -365,6 +370,143 @@ async fn redis_backend() {
     });
     suite(open).await;
     drop(server);
+}
+
+/// Polls `cond` every 20 ms for up to a second: how long another node may lag.
+async fn within_1s(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !cond() {
+        assert!(Instant::now() < deadline, "not within 1 s: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two nodes on one Redis: a phone registers on node A and is called through node B.
+#[tokio::test]
+async fn redis_two_nodes() {
+    let Some(server) = start_redis() else {
+        eprintln!("SKIPPED: redis-server is not installed or did not start");
+        return;
+    };
+    let port = server.port;
+    let url = format!("redis://127.0.0.1:{port}/");
+    let node = || async {
+        let store = RedisStore::connect_with_prefix(&url, "two:reg")
+            .await
+            .unwrap();
+        Registrar::start(cfg(), Arc::new(store)).await.unwrap()
+    };
+    let (a, b) = (node().await, node().await);
+    let phone = "sip:phone@192.0.2.7:5060";
+
+    // Registered on A: B finds it by AOR and by contact.
+    let resp = reg(&a, "phone", "n1", 1, &[&format!("Contact: <{phone}>")]).await;
+    assert_eq!(resp.status, 200);
+    within_1s("B sees A's REGISTER", || b.lookup(&aor("phone")).len() == 1).await;
+    let found = b.binding_for_contact(phone).expect("B knows the contact");
+    assert_eq!(found.aor, aor("phone"));
+    assert_eq!(found.source, "tcp:[2001:db8::1]:5070");
+    assert_eq!(b.count(), 1);
+
+    // A refresh from B with a second contact shows up on A (both directions work).
+    let resp = reg(&b, "phone", "n1", 2, &["Contact: <sip:phone@198.51.100.2>"]).await;
+    assert_eq!(resp.status, 200);
+    within_1s("A sees B's REGISTER", || a.lookup(&aor("phone")).len() == 2).await;
+
+    // Unregistered on A: gone on B.
+    let resp = reg(&a, "phone", "n1", 3, &["Contact: *", "Expires: 0"]).await;
+    assert_eq!(resp.status, 200);
+    within_1s("B sees the removal", || {
+        b.lookup(&aor("phone")).is_empty() && b.binding_for_contact(phone).is_none()
+    })
+    .await;
+    assert_eq!(b.count(), 0);
+
+    // A short binding from A lapses on B too (min_expires is 2 here).
+    let brief = "sip:brief@192.0.2.8";
+    reg(
+        &a,
+        "brief",
+        "n2",
+        1,
+        &[&format!("Contact: <{brief}>;expires=2")],
+    )
+    .await;
+    within_1s("B sees the brief binding", || {
+        b.binding_for_contact(brief).is_some()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while b.binding_for_contact(brief).is_some() || b.count() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the brief binding did not lapse on B"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(b.lookup(&aor("brief")).is_empty());
+
+    // Redis restarts empty (no persistence here): nothing panics, and once it is back B
+    // catches up by re-reading everything, including what it missed.
+    reg(&a, "old", "n3", 1, &["Contact: <sip:old@h>"]).await;
+    within_1s("B sees the binding before the restart", || {
+        b.lookup(&aor("old")).len() == 1
+    })
+    .await;
+    drop(server);
+    let resp = reg(&a, "down", "n4", 1, &["Contact: <sip:down@h>"]).await;
+    assert_eq!(resp.status, 500);
+    assert_eq!(b.lookup(&aor("old")).len(), 1, "B keeps serving its cache");
+    let _server = start_redis_on(port).expect("redis-server restarts on its port");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reg(&a, "back", "n5", 1, &["Contact: <sip:back@h>"])
+        .await
+        .status
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "A never reached the restarted redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(b.lookup(&aor("back")).len() == 1 && b.lookup(&aor("old")).is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "B did not catch up after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The last clone dropped: the sync tasks end and their subscriptions close.
+    let con = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let subscribers = || {
+        let mut con = con.clone();
+        async move {
+            let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("two:reg:changed")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    assert_eq!(subscribers().await, 2);
+    drop((a, b));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while subscribers().await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "subscriptions outlive the registrars"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Throughput probe for the benchmark target (5,000 REGISTERs/s over 100,000 stored

@@ -9,6 +9,12 @@
 //! the store is the durability layer, written before the 200 goes out and read once at
 //! start-up, so registrations survive a restart, even kill -9.
 //!
+//! With a shared store (Redis) other nodes write too: a phone registers on one node and
+//! is called through another. The registrar then follows the store's change notifications
+//! (`BindingStore::watch`): a sync task re-reads each AOR another node changed and installs
+//! it into the cache like a REGISTER would, and re-reads everything when notifications may
+//! have been lost. The cache thus lags the store by one notification round trip.
+//!
 //! Config keys this module is meant to be driven by (wired elsewhere):
 //! - `registrar.min_expires` (60): shorter non-zero requests get 423 (10.3 step 7).
 //! - `registrar.max_expires` (3600): longer requests are shortened to it.
@@ -28,7 +34,7 @@ pub use contact::{
 };
 pub use redis_store::RedisStore;
 pub use sqlite::SqliteStore;
-pub use store::{Binding, BindingStore, BoxFuture, StoreError};
+pub use store::{Binding, BindingStore, BoxFuture, StoreError, StoreEvent, StoreEvents};
 
 use crate::sip::{new_tag, Request, Response, Uri};
 use crate::transport::TransportKind;
@@ -100,6 +106,13 @@ struct Inner {
     stats: RegistrarStats,
     /// A store expiry pass failed: retry it on the next tick even when nothing is due.
     store_dirty: std::sync::atomic::AtomicBool,
+    /// Per lock stripe, how many REGISTERs this node applied: a full re-read of a shared
+    /// store compares them to know which AORs may be newer in the cache than in its
+    /// snapshot.
+    writes: Vec<AtomicU64>,
+    /// Dropped with the last registrar clone, which ends the sync task even while no
+    /// notification arrives.
+    _sync_stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// The registrar: cheap to clone, shared by every task that handles REGISTER or looks
@@ -121,12 +134,20 @@ fn unix_now() -> u64 {
 struct OutOfOrder;
 
 impl Registrar {
-    /// Loads every stored binding into the cache and starts the expiry task. Needs a tokio
-    /// runtime; the task ends when the last clone of the registrar is dropped.
+    /// Loads every stored binding into the cache and starts the expiry task, and for a
+    /// shared store the task that follows other nodes' writes. Needs a tokio runtime; the
+    /// tasks end when the last clone of the registrar is dropped.
     pub async fn start(
         cfg: RegistrarConfig,
         store: Arc<dyn BindingStore>,
     ) -> Result<Registrar, StoreError> {
+        // Subscribe before reading: a change made between the read and the subscription
+        // would otherwise never reach the cache.
+        let events = if store.shared() {
+            store.watch().await
+        } else {
+            None
+        };
         let now = unix_now();
         let mut cache: HashMap<String, Vec<Binding>> = HashMap::new();
         let mut due = BTreeSet::new();
@@ -146,6 +167,7 @@ impl Registrar {
             .flatten()
             .map(|b| (b.contact.clone(), b.aor.clone()))
             .collect();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let inner = Arc::new(Inner {
             cfg,
             store,
@@ -158,8 +180,13 @@ impl Registrar {
                 .collect(),
             stats: RegistrarStats::default(),
             store_dirty: std::sync::atomic::AtomicBool::new(false),
+            writes: (0..LOCK_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            _sync_stop: stop_tx,
         });
         tokio::spawn(expiry_task(Arc::downgrade(&inner)));
+        if let Some(events) = events {
+            tokio::spawn(sync_task(Arc::downgrade(&inner), events, stop_rx));
+        }
         Ok(Registrar { inner })
     }
 
@@ -284,7 +311,8 @@ impl Registrar {
                 return self.store_failed(req, e);
             }
         }
-        self.install(aor, new.clone());
+        self.inner.install(aor, new.clone());
+        self.inner.writes[stripe].fetch_add(1, Ordering::Relaxed);
         let st = &self.inner.stats;
         st.registered.fetch_add(counts.added, Ordering::Relaxed);
         st.refreshed.fetch_add(counts.refreshed, Ordering::Relaxed);
@@ -332,17 +360,19 @@ impl Registrar {
         tracing::warn!(error = %e, "registrar store failed; REGISTER answered 500");
         final_response(req, 500, Some("Location service unavailable".into()))
     }
+}
 
+impl Inner {
     /// Puts the AOR's new binding set into the cache and queues its expiries.
     fn install(&self, aor: &str, list: Vec<Binding>) {
         {
-            let mut due = self.inner.due.lock();
+            let mut due = self.due.lock();
             for b in &list {
                 due.insert((b.expires_at, aor.to_owned()));
             }
         }
         let new_contacts: Vec<String> = list.iter().map(|b| b.contact.clone()).collect();
-        let mut cache = self.inner.cache.write();
+        let mut cache = self.cache.write();
         let new_len = list.len();
         let old = if list.is_empty() {
             cache.remove(aor)
@@ -352,7 +382,7 @@ impl Registrar {
         drop(cache);
         let old_len = old.as_ref().map_or(0, |l| l.len());
         {
-            let mut index = self.inner.by_contact.write();
+            let mut index = self.by_contact.write();
             for b in old.iter().flatten() {
                 if index.get(&b.contact).is_some_and(|a| a == aor) {
                     index.remove(&b.contact);
@@ -363,13 +393,9 @@ impl Registrar {
             }
         }
         if new_len >= old_len {
-            self.inner
-                .count
-                .fetch_add(new_len - old_len, Ordering::Relaxed);
+            self.count.fetch_add(new_len - old_len, Ordering::Relaxed);
         } else {
-            self.inner
-                .count
-                .fetch_sub(old_len - new_len, Ordering::Relaxed);
+            self.count.fetch_sub(old_len - new_len, Ordering::Relaxed);
         }
     }
 }
@@ -625,6 +651,89 @@ async fn expire_once(inner: &Inner, now: u64) {
             inner.store_dirty.store(true, Ordering::Relaxed);
         }
     }
+}
+
+/// After a failed re-read, how long to wait before trying everything again.
+const RESYNC_RETRY: Duration = Duration::from_secs(1);
+
+/// Applies other nodes' changes to the cache until the registrar is dropped.
+async fn sync_task(
+    inner: Weak<Inner>,
+    mut events: StoreEvents,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    // A failed re-read loses a change; only a full re-read is sure to make up for it.
+    let mut resync_pending = false;
+    loop {
+        let event = tokio::select! {
+            _ = &mut stop => return,
+            ev = events.recv() => match ev {
+                Some(ev) => ev,
+                None => return, // the store stopped watching
+            },
+            _ = tokio::time::sleep(RESYNC_RETRY), if resync_pending => StoreEvent::Resync,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let result = match &event {
+            StoreEvent::Changed(aor) => reload_aor(&inner, aor).await,
+            StoreEvent::Resync => resync(&inner).await,
+        };
+        match result {
+            Ok(()) => {
+                if event == StoreEvent::Resync {
+                    resync_pending = false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registrar: reading another node's change failed; re-reading everything");
+                resync_pending = true;
+            }
+        }
+    }
+}
+
+/// Replaces the cached bindings of `aor` with the store's.
+async fn reload_aor(inner: &Inner, aor: &str) -> Result<(), StoreError> {
+    // The REGISTER lock: a REGISTER of ours in flight must not be overwritten by an older
+    // read, nor overwrite a newer one.
+    let _guard = inner.locks[stripe_of(aor)].lock().await;
+    let mut list = inner.store.load_aor(aor).await?;
+    let now = unix_now();
+    list.retain(|b| b.expires_at > now);
+    inner.install(aor, list);
+    Ok(())
+}
+
+/// Makes the cache equal to the store: every stored AOR installed, every cached AOR the
+/// store no longer has removed.
+async fn resync(inner: &Inner) -> Result<(), StoreError> {
+    // Taken before the read: a stripe whose count moved had a REGISTER of ours that the
+    // snapshot may predate; those AORs are read again under their lock. Others' changes
+    // after the snapshot arrive as notifications queued behind this re-read.
+    let before: Vec<u64> = inner
+        .writes
+        .iter()
+        .map(|w| w.load(Ordering::Relaxed))
+        .collect();
+    let mut stored: HashMap<String, Vec<Binding>> = HashMap::new();
+    for b in inner.store.load_all().await? {
+        stored.entry(b.aor.clone()).or_default().push(b);
+    }
+    let mut aors: BTreeSet<String> = inner.cache.read().keys().cloned().collect();
+    aors.extend(stored.keys().cloned());
+    for aor in aors {
+        let stripe = stripe_of(&aor);
+        let _guard = inner.locks[stripe].lock().await;
+        let mut list = if inner.writes[stripe].load(Ordering::Relaxed) != before[stripe] {
+            inner.store.load_aor(&aor).await?
+        } else {
+            stored.remove(&aor).unwrap_or_default()
+        };
+        let now = unix_now();
+        list.retain(|b| b.expires_at > now);
+        inner.install(&aor, list);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

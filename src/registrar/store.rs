@@ -2,7 +2,8 @@
 //!
 //! The registrar keeps every binding in memory (lookups never touch the store); a store
 //! is only the durability layer, written before a REGISTER is answered and read once at
-//! start-up.
+//! start-up. A store that several nodes write (`shared`) also says which AORs the other
+//! nodes changed (`watch`), so that every node's memory follows the common store.
 
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -59,7 +60,23 @@ pub enum StoreError {
     /// The store's worker thread is gone (it panicked or the store is shutting down).
     #[error("store worker stopped")]
     WorkerGone,
+    /// A network step did not finish in time (the server hangs or packets are dropped).
+    #[error("{0} timed out")]
+    Timeout(&'static str),
 }
+
+/// A change another node made to a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// The bindings of this AOR changed: read them again.
+    Changed(String),
+    /// Notifications may have been lost (the subscription dropped and came back): read
+    /// every binding again.
+    Resync,
+}
+
+/// The receiving end of `BindingStore::watch`.
+pub type StoreEvents = tokio::sync::mpsc::UnboundedReceiver<StoreEvent>;
 
 /// Durable storage of bindings. Implementations must make `replace_aor` atomic: after a
 /// crash either every binding of the AOR is the old set or every one is the new set
@@ -86,5 +103,13 @@ pub trait BindingStore: Send + Sync + 'static {
     /// with its cached copy.
     fn shared(&self) -> bool {
         false
+    }
+
+    /// Starts following the writes of other nodes. Returns `None` when the store has no
+    /// other writers (SQLite). Once the future is ready, every later change by another node
+    /// is reported (the subscription is in place), so that a caller that reads the store
+    /// afterwards misses nothing. The events stop when the receiver is dropped.
+    fn watch(&self) -> BoxFuture<'_, Option<StoreEvents>> {
+        Box::pin(async { None })
     }
 }
