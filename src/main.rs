@@ -116,7 +116,10 @@ fn admin_client(
         ExitCode::from(EXIT_CONFIG)
     })?;
     let addr = config.http.listen.parse().map_err(|e| {
-        eprintln!("configuration error: http.listen {:?}: {e}", config.http.listen);
+        eprintln!(
+            "configuration error: http.listen {:?}: {e}",
+            config.http.listen
+        );
         ExitCode::from(EXIT_CONFIG)
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread()

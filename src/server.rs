@@ -10,9 +10,7 @@
 use crate::auth::{Algorithm, DigestAuth, DigestConfig, Users};
 use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs};
 use crate::config::{Config, RegistrarStore};
-use crate::registrar::{
-    BindingStore, RedisStore, Registrar, RegistrarConfig, SqliteStore,
-};
+use crate::registrar::{BindingStore, RedisStore, Registrar, RegistrarConfig, SqliteStore};
 use crate::script::{EngineOptions, LocationService, ScriptEngine};
 use crate::sip::{error_response, SipMessage};
 use crate::transaction::{TimerConfig, TransactionLayer};
@@ -192,7 +190,11 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     let location = Arc::new(Location {
         registrar: registrar.clone(),
         domain: config.sip.domain.to_ascii_lowercase(),
-        own_ips: transports.local_addrs().iter().map(|(_, a)| a.ip()).collect(),
+        own_ips: transports
+            .local_addrs()
+            .iter()
+            .map(|(_, a)| a.ip())
+            .collect(),
     });
     scripts.set_location(location.clone());
     let (t1, t2, t4) = config.timers();
@@ -244,7 +246,9 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
 fn load_auth(config: &Config) -> anyhow::Result<Option<(DigestAuth, Arc<Users>)>> {
     let path = config.registrar.users_file.trim();
     if path.is_empty() {
-        tracing::warn!("registrar.users_file is not set: REGISTER is accepted without authentication");
+        tracing::warn!(
+            "registrar.users_file is not set: REGISTER is accepted without authentication"
+        );
         return Ok(None);
     }
     let realm = config.sip.domain.clone();
@@ -331,6 +335,29 @@ impl ContactFlows for Location {
     fn flow(&self, contact: &str) -> Option<(crate::transport::Target, Vec<String>)> {
         let b = self.registrar.binding_for_contact(contact)?;
         let source: ListenAddr = b.source.parse().ok()?;
+        // Where the REGISTER came from is used when the contact cannot be reached as
+        // written: over TCP (the phone's own connection, RFC 5626 style), and behind NAT,
+        // seen as a Contact IP other than the source IP (a private address). A phone
+        // whose Contact IP is the one it registered from is reached at its Contact.
+        let contact_ip = crate::sip::Uri::parse(contact)
+            .ok()
+            .and_then(|u| u.host.ip());
+        let natted = contact_ip != Some(source.addr.ip());
+        if b.connection.is_none() && !natted {
+            return if b.path.is_empty() {
+                None
+            } else {
+                // Path without NAT: still route through the edge proxy (RFC 3327).
+                Some((
+                    crate::transport::Target {
+                        transport: source.kind,
+                        addr: source.addr,
+                        connection: None,
+                    },
+                    b.path,
+                ))
+            };
+        }
         Some((
             crate::transport::Target {
                 transport: source.kind,

@@ -49,12 +49,21 @@ fn phone(dir: &Path, scenario: &str, user: &str, server: SocketAddr, extra: &[&s
 async fn sipp_register_is_challenged_then_accepted() {
     let dir = sipp::workdir("reg-auth");
     let s = auth_server(&dir, |_| {}).await;
-    let seen = phone(&dir, "register_auth.xml", "alice", s.udp, &["-au", "alice", "-ap", "secret"])
-        .expect_success(LIMIT)
-        .await;
+    let seen = phone(
+        &dir,
+        "register_auth.xml",
+        "alice",
+        s.udp,
+        &["-au", "alice", "-ap", "secret"],
+    )
+    .expect_success(LIMIT)
+    .await;
     assert_eq!(received(&seen), ["401", "200"]);
     let challenge = seen.iter().find(|m| m.kind() == "401").unwrap();
-    assert!(challenge.header("WWW-Authenticate").unwrap().contains("qop=\"auth\""));
+    assert!(challenge
+        .header("WWW-Authenticate")
+        .unwrap()
+        .contains("qop=\"auth\""));
     let bound = s.handle.registrar().lookup("sip:alice@strowger.test");
     assert_eq!(bound.len(), 1, "{bound:?}");
     assert_eq!(bound[0].user_agent.as_deref(), Some("SIPp phone"));
@@ -64,20 +73,36 @@ async fn sipp_register_is_challenged_then_accepted() {
 async fn sipp_wrong_password_is_challenged_then_forbidden() {
     let dir = sipp::workdir("reg-wrong");
     let s = auth_server(&dir, |c| c.auth.max_failures = 3).await;
-    let seen = phone(&dir, "register_wrong.xml", "alice", s.udp, &["-au", "alice", "-ap", "wrong"])
-        .expect_success(LIMIT)
-        .await;
+    let seen = phone(
+        &dir,
+        "register_wrong.xml",
+        "alice",
+        s.udp,
+        &["-au", "alice", "-ap", "wrong"],
+    )
+    .expect_success(LIMIT)
+    .await;
     assert_eq!(received(&seen), ["401", "401", "401", "403"]);
-    assert!(s.handle.registrar().lookup("sip:alice@strowger.test").is_empty());
+    assert!(s
+        .handle
+        .registrar()
+        .lookup("sip:alice@strowger.test")
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sipp_stale_nonce_gets_stale_true_then_registers() {
     let dir = sipp::workdir("reg-stale");
     let s = auth_server(&dir, |c| c.auth.nonce_ttl_s = 1).await;
-    let seen = phone(&dir, "register_stale.xml", "alice", s.udp, &["-au", "alice", "-ap", "secret"])
-        .expect_success(LIMIT)
-        .await;
+    let seen = phone(
+        &dir,
+        "register_stale.xml",
+        "alice",
+        s.udp,
+        &["-au", "alice", "-ap", "secret"],
+    )
+    .expect_success(LIMIT)
+    .await;
     assert_eq!(received(&seen), ["401", "401", "200"]);
 }
 
@@ -118,14 +143,22 @@ async fn replayed_nonce_count_is_refused() {
     let peer = UdpPeer::bind("127.0.0.1").await;
     let call_id = unique("replay");
     let contact = format!("Contact: <sip:alice@{}>\r\n", peer.addr);
-    let r = ask(&s, &peer, &register(peer.addr, "alice", &call_id, 1, &contact)).await;
+    let r = ask(
+        &s,
+        &peer,
+        &register(peer.addr, "alice", &call_id, 1, &contact),
+    )
+    .await;
     assert_eq!(status(&r), 401);
     let challenges: Vec<&str> = r
         .lines()
         .filter(|l| l.starts_with("WWW-Authenticate:"))
         .map(|l| l["WWW-Authenticate:".len()..].trim())
         .collect();
-    assert!(challenges[0].contains("SHA-256"), "SHA-256 offered first: {challenges:?}");
+    assert!(
+        challenges[0].contains("SHA-256"),
+        "SHA-256 offered first: {challenges:?}"
+    );
     let answer = |nc: u32| {
         strowger::auth::answer_challenge(
             challenges[0],
@@ -186,34 +219,74 @@ async fn contacts_q_values_unregister_one_and_all_and_expiry() {
         .into_iter()
         .map(|b| b.contact)
         .collect();
-    assert_eq!(order, ["sip:bob@10.0.0.2:5060", "sip:bob@10.0.0.1:5060"], "q order");
+    assert_eq!(
+        order,
+        ["sip:bob@10.0.0.2:5060", "sip:bob@10.0.0.1:5060"],
+        "q order"
+    );
 
     // Unregister one.
     let r = ask(
         &s,
         &peer,
-        &register(peer.addr, "bob", &call_id, 2, "Contact: <sip:bob@10.0.0.1:5060>;expires=0\r\n"),
+        &register(
+            peer.addr,
+            "bob",
+            &call_id,
+            2,
+            "Contact: <sip:bob@10.0.0.1:5060>;expires=0\r\n",
+        ),
     )
     .await;
     assert_eq!(contacts(&r).len(), 1, "{r}");
     // Unregister all.
-    let r = ask(&s, &peer, &register(peer.addr, "bob", &call_id, 3, "Contact: *\r\nExpires: 0\r\n")).await;
+    let r = ask(
+        &s,
+        &peer,
+        &register(
+            peer.addr,
+            "bob",
+            &call_id,
+            3,
+            "Contact: *\r\nExpires: 0\r\n",
+        ),
+    )
+    .await;
     assert_eq!(status(&r), 200, "{r}");
     assert!(contacts(&r).is_empty(), "{r}");
-    assert!(s.handle.registrar().lookup("sip:bob@strowger.test").is_empty());
+    assert!(s
+        .handle
+        .registrar()
+        .lookup("sip:bob@strowger.test")
+        .is_empty());
 
     // Too short: 423 with Min-Expires (min 1 here, so ask with a server that wants 60).
     // Expiry on time.
     let r = ask(
         &s,
         &peer,
-        &register(peer.addr, "bob", &call_id, 4, "Contact: <sip:bob@10.0.0.3:5060>;expires=1\r\n"),
+        &register(
+            peer.addr,
+            "bob",
+            &call_id,
+            4,
+            "Contact: <sip:bob@10.0.0.3:5060>;expires=1\r\n",
+        ),
     )
     .await;
     assert_eq!(status(&r), 200, "{r}");
-    assert_eq!(s.handle.registrar().lookup("sip:bob@strowger.test").len(), 1);
+    assert_eq!(
+        s.handle.registrar().lookup("sip:bob@strowger.test").len(),
+        1
+    );
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(s.handle.registrar().lookup("sip:bob@strowger.test").is_empty(), "expired");
+    assert!(
+        s.handle
+            .registrar()
+            .lookup("sip:bob@strowger.test")
+            .is_empty(),
+        "expired"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,16 +294,42 @@ async fn too_short_gets_423_and_foreign_domain_404_and_bad_contact_400() {
     let s = start_server().await;
     let peer = UdpPeer::bind("127.0.0.1").await;
     let contact = "Contact: <sip:carol@10.0.0.9>;expires=5\r\n";
-    let r = ask(&s, &peer, &register(peer.addr, "carol", &unique("short"), 1, contact)).await;
+    let r = ask(
+        &s,
+        &peer,
+        &register(peer.addr, "carol", &unique("short"), 1, contact),
+    )
+    .await;
     assert_eq!(status(&r), 423, "{r}");
     assert_eq!(header(&r, "Min-Expires"), Some("60"));
-    let foreign = register(peer.addr, "carol", &unique("foreign"), 1, "Contact: <sip:carol@10.0.0.9>\r\n")
-        .replace("<sip:carol@strowger.test>", "<sip:carol@elsewhere.example>");
+    let foreign = register(
+        peer.addr,
+        "carol",
+        &unique("foreign"),
+        1,
+        "Contact: <sip:carol@10.0.0.9>\r\n",
+    )
+    .replace("<sip:carol@strowger.test>", "<sip:carol@elsewhere.example>");
     let r = ask(&s, &peer, &foreign).await;
     assert_eq!(status(&r), 404, "{r}");
-    let r = ask(&s, &peer, &register(peer.addr, "carol", &unique("bad"), 1, "Contact: <sip:carol@>\r\n")).await;
+    let r = ask(
+        &s,
+        &peer,
+        &register(
+            peer.addr,
+            "carol",
+            &unique("bad"),
+            1,
+            "Contact: <sip:carol@>\r\n",
+        ),
+    )
+    .await;
     assert_eq!(status(&r), 400, "{r}");
-    assert!(s.handle.registrar().lookup("sip:carol@strowger.test").is_empty());
+    assert!(s
+        .handle
+        .registrar()
+        .lookup("sip:carol@strowger.test")
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,15 +349,42 @@ end
     let mut c = test_config();
     c.script.path = plan.display().to_string();
     let s = start_with(c).await;
-    let p1 = phone(&dir, "phone_answer.xml", "bob", s.udp, &[]);
-    let p2 = phone(&dir, "phone_ring.xml", "bob", s.udp, &[]);
-    for _ in 0..100 {
-        if s.handle.registrar().lookup("sip:bob@strowger.test").len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // SIPp cannot register and then take a call with another Call-ID in one scenario,
+    // so each phone is a SIPp callee and its REGISTER is sent for it, with its Contact.
+    let (port1, port2) = (sipp::free_udp_port(), sipp::free_udp_port());
+    let p1 = sipp::start(
+        &dir,
+        "phone1",
+        Path::new("uas_answer.xml"),
+        port1,
+        None,
+        &[],
+    );
+    let p2 = sipp::start(
+        &dir,
+        "phone2",
+        Path::new("uas_ring_cancel.xml"),
+        port2,
+        None,
+        &[],
+    );
+    let registrar_peer = UdpPeer::bind("127.0.0.1").await;
+    let call_id = unique("phones");
+    for (i, port) in [port1, port2].into_iter().enumerate() {
+        let r = ask(
+            &s,
+            &registrar_peer,
+            &register(
+                registrar_peer.addr,
+                "bob",
+                &call_id,
+                i as u32 + 1,
+                &format!("Contact: <sip:bob@127.0.0.1:{port}>\r\n"),
+            ),
+        )
+        .await;
+        assert_eq!(status(&r), 200, "{r}");
     }
-    assert_eq!(s.handle.registrar().lookup("sip:bob@strowger.test").len(), 2);
     let caller = sipp::start(
         &dir,
         "caller",
@@ -270,9 +396,13 @@ end
     let a = caller.expect_success(LIMIT).await;
     let p1 = p1.expect_success(LIMIT).await;
     let p2 = p2.expect_success(LIMIT).await;
-    assert!(received(&a).contains(&"200".to_string()), "{:?}", received(&a));
-    assert_eq!(received(&p1), ["200", "INVITE", "ACK", "BYE"]);
-    assert_eq!(received(&p2), ["200", "INVITE", "CANCEL", "ACK"]);
+    assert!(
+        received(&a).contains(&"200".to_string()),
+        "{:?}",
+        received(&a)
+    );
+    assert_eq!(received(&p1), ["INVITE", "ACK", "BYE"]);
+    assert_eq!(received(&p2), ["INVITE", "CANCEL", "ACK"]);
 }
 
 /// The binary, its config in `dir`, listening on fixed ports chosen now.
@@ -310,7 +440,13 @@ async fn registrations_survive_sigkill() {
     let peer = UdpPeer::bind("127.0.0.1").await;
     let mut child = spawn();
     // Register as soon as the server answers.
-    let msg = register(peer.addr, "dave", &unique("kill"), 1, "Contact: <sip:dave@10.0.0.7:5060>\r\n");
+    let msg = register(
+        peer.addr,
+        "dave",
+        &unique("kill"),
+        1,
+        "Contact: <sip:dave@10.0.0.7:5060>\r\n",
+    );
     let mut ok = false;
     for _ in 0..50 {
         peer.send(server_addr, msg.as_bytes()).await;
@@ -343,4 +479,54 @@ async fn registrations_survive_sigkill() {
     let _ = child.wait();
     assert!(listed.contains("sip:dave@10.0.0.7:5060"), "{listed}");
     assert!(listed.contains("1 binding(s)"), "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_behind_nat_is_called_where_it_registered_from() {
+    let dir = sipp::workdir("reg-nat");
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        "function on_invite(call) call:dial(registrar.lookup(call.ruri.uri), { timeout = 5 }) end\n",
+    )
+    .unwrap();
+    let mut c = test_config();
+    c.script.path = plan.display().to_string();
+    let s = start_with(c).await;
+    // The phone writes its private address in Contact; the REGISTER comes from the NAT's
+    // public side (here: the test's socket).
+    let phone = UdpPeer::bind("127.0.0.1").await;
+    let r = ask(
+        &s,
+        &phone,
+        &register(
+            phone.addr,
+            "erin",
+            &unique("nat"),
+            1,
+            "Contact: <sip:erin@192.168.1.50:5060>\r\n",
+        ),
+    )
+    .await;
+    assert_eq!(status(&r), 200, "{r}");
+    let caller = UdpPeer::bind("127.0.0.1").await;
+    let invite = request(
+        "INVITE",
+        "sip:erin@strowger.test",
+        caller.addr,
+        "UDP",
+        &unique("nat-call"),
+        "Contact: <sip:caller@127.0.0.1>\r\nContent-Type: application/sdp\r\n",
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\n",
+    );
+    caller.send(s.udp, invite.as_bytes()).await;
+    // The INVITE reaches the phone at its public address, addressed to its Contact.
+    let got = phone
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("INVITE at the NAT address");
+    assert!(
+        got.starts_with("INVITE sip:erin@192.168.1.50:5060 SIP/2.0"),
+        "{got}"
+    );
 }

@@ -52,8 +52,8 @@ pub struct Events(mpsc::UnboundedSender<Box<CallEvent>>);
 
 impl Events {
     /// Queues an event; gives it back when the call has ended.
-    pub fn post(&self, ev: CallEvent) -> Result<(), CallEvent> {
-        self.0.send(Box::new(ev)).map_err(|e| *e.0)
+    pub fn post(&self, ev: CallEvent) -> Result<(), Box<CallEvent>> {
+        self.0.send(Box::new(ev)).map_err(|e| e.0)
     }
 }
 

@@ -192,7 +192,7 @@ impl B2bua {
                     tx,
                     req,
                 };
-                r.events.post(ev).map_err(|e| match e {
+                r.events.post(ev).map_err(|e| match *e {
                     CallEvent::Request { tx, req, .. } => Box::new((tx, req)),
                     _ => unreachable!("we sent a Request"),
                 })

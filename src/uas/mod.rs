@@ -11,15 +11,15 @@ mod validate;
 pub use options::options_ok;
 pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
+use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
 use crate::b2bua::B2bua;
 use crate::config::Config;
-use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
 use crate::registrar::{RegisterSource, Registrar};
-use std::sync::Arc;
 use crate::sip::{new_tag, Host, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionUser};
 use crate::transport::{Target, TransportKind};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 /// The UAS core; installed as the transaction layer's user.
