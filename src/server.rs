@@ -199,10 +199,11 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     scripts.set_location(location.clone());
     let (t1, t2, t4) = config.timers();
     let timers = TimerConfig { t1, t2, t4 };
+    let auth = load_auth(config)?;
     let core = Arc::new(UasCore::new(
         config,
         &transports.local_addrs(),
-        load_auth(config)?,
+        auth.clone(),
     ));
     let sender: Arc<dyn Sender> = Arc::new(transports.clone());
     let layer = TransactionLayer::new(sender.clone(), timers, core.clone());
@@ -214,6 +215,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
         flows: Some(location),
+        auth,
     });
     core.set_b2bua(b2bua.clone());
     core.set_registrar(registrar.clone());

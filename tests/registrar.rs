@@ -530,3 +530,55 @@ async fn phone_behind_nat_is_called_where_it_registered_from() {
         "{got}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_authenticate_challenges_with_407_then_connects() {
+    let dir = sipp::workdir("inv-auth");
+    let callee_port = sipp::free_udp_port();
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"
+function on_invite(call)
+  local user = call:authenticate()
+  if not user then return end   -- answered 407 (or 403)
+  call.vars.user = user
+  call:dial("sip:callee@127.0.0.1:{callee_port}")
+end
+"#
+        ),
+    )
+    .unwrap();
+    let s = auth_server(&dir, |c| c.script.path = plan.display().to_string()).await;
+    let callee = sipp::start(
+        &dir,
+        "callee",
+        Path::new("uas_answer.xml"),
+        callee_port,
+        None,
+        &[],
+    );
+    let a = phone(
+        &dir,
+        "uac_auth_call.xml",
+        "bob",
+        s.udp,
+        &["-au", "alice", "-ap", "secret", "-d", "200"],
+    )
+    .expect_success(LIMIT)
+    .await;
+    let b = callee.expect_success(LIMIT).await;
+    let ra = received(&a);
+    assert_eq!(ra[..2], ["100", "407"], "{ra:?}");
+    assert!(
+        ra.ends_with(&["200".to_string(), "200".to_string()]),
+        "{ra:?}"
+    );
+    let challenge = a.iter().find(|m| m.kind() == "407").unwrap();
+    assert!(challenge
+        .header("Proxy-Authenticate")
+        .unwrap()
+        .contains("Digest realm=\"strowger.test\""));
+    assert_eq!(received(&b), ["INVITE", "ACK", "BYE"]);
+}

@@ -8,10 +8,11 @@
 
 use super::net::resolve;
 use super::{B2buaInner, CallRef, DialogKey};
+use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
 use crate::dialog::{Dialog, DialogState};
 use crate::script::{
-    CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, InviteOutcome,
-    ScriptVersion, UriInfo,
+    AuthVerdict, CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome,
+    InviteOutcome, ScriptVersion, UriInfo,
 };
 use crate::sip::{new_call_id, new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
@@ -73,6 +74,9 @@ pub enum CallEvent {
     Client { id: u64, event: ClientEvent },
     /// A response that matched no client transaction (2xx retransmission).
     Stray { resp: Response },
+    /// From `call:authenticate()`: headers for the caller's final answer (the 407's
+    /// Proxy-Authenticate challenges).
+    FinalHeaders(Vec<(String, String)>),
     /// From the script: dial these targets.
     Dial {
         targets: Vec<String>,
@@ -155,6 +159,8 @@ pub struct Call {
     a_ok: Option<(Response, Retransmit)>,
     a_rseq: u32,
     a_reliable: Vec<ReliableToA>,
+    /// Extra headers for the final answer to A (a 407's challenges).
+    a_final_headers: Vec<(String, String)>,
     b_dialog: Option<Dialog>,
     b_branch: Option<u64>,
     /// ACK for B's 2xx: sent when A's ACK arrives, kept to answer 2xx retransmissions.
@@ -188,9 +194,46 @@ pub struct Call {
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
 struct Control {
     events: Events,
+    /// Present when users are configured: what `call:authenticate()` needs.
+    auth: Option<CallAuth>,
+}
+
+struct CallAuth {
+    auth: DigestAuth,
+    users: Arc<Users>,
+    invite: Request,
+    source: std::net::IpAddr,
 }
 
 impl CallControl for Control {
+    fn authenticate(&self) -> AuthVerdict {
+        let Some(a) = &self.auth else {
+            return AuthVerdict::NotConfigured;
+        };
+        // RFC 3261 22.3: a B2BUA acting for the domain challenges with 407.
+        let outcome = a
+            .auth
+            .verify(&a.invite, ChallengeKind::Proxy, a.source, |u| {
+                a.users.get(u).cloned()
+            });
+        if let AuthOutcome::Ok { user } = outcome {
+            return AuthVerdict::Ok(user);
+        }
+        match a.auth.respond(&a.invite, ChallengeKind::Proxy, &outcome) {
+            Some(resp) => {
+                let headers = resp
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("Proxy-Authenticate"))
+                    .map(|h| (h.name.to_string(), h.value.clone()))
+                    .collect();
+                let _ = self.events.post(CallEvent::FinalHeaders(headers));
+                AuthVerdict::Reject(resp.status, resp.reason)
+            }
+            None => AuthVerdict::Reject(403, "Forbidden".into()),
+        }
+    }
+
     fn dial(
         &self,
         targets: Vec<String>,
@@ -314,6 +357,7 @@ impl Call {
             a_contact,
             a_final_sent: false,
             a_supports_100rel,
+            a_final_headers: Vec::new(),
             a_ok: None,
             a_rseq: 0,
             a_reliable: Vec::new(),
@@ -347,6 +391,12 @@ impl Call {
         let version = call.version.clone();
         let control = Arc::new(Control {
             events: events.clone(),
+            auth: inner.auth.clone().map(|(auth, users)| CallAuth {
+                auth,
+                users,
+                invite: call.a_invite.clone(),
+                source: source.addr.ip(),
+            }),
         });
         tokio::spawn(async move {
             let outcome = version.on_invite(info, control).await;
@@ -502,6 +552,7 @@ impl Call {
                 req,
             } => self.on_request(side, branch, tx, req),
             CallEvent::Stray { resp } => self.on_stray(resp),
+            CallEvent::FinalHeaders(h) => self.a_final_headers = h,
         }
     }
 
@@ -1183,6 +1234,9 @@ impl Call {
         self.a_reliable.clear();
         let mut r = self.a_invite.response(status).with_reason(reason);
         r.set_to_tag(&self.a_dialog.local_tag);
+        for (name, value) in std::mem::take(&mut self.a_final_headers) {
+            r.headers.push(&name, value);
+        }
         let _ = self.a_tx.respond(r);
     }
 

@@ -106,6 +106,7 @@ struct B2buaInner {
     timers: TimerConfig,
     default_ring_timeout: Duration,
     flows: Option<Arc<dyn ContactFlows>>,
+    auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     dialogs: Sharded<CallRef>,
     /// Calls whose INVITE is still pending, by (Call-ID, From tag) of the caller: CANCEL.
     pending: Sharded<Events>,
@@ -129,6 +130,8 @@ pub struct B2buaParts {
     pub default_ring_timeout: Duration,
     /// Registered contacts' flows (None: dial targets are resolved by their URI).
     pub flows: Option<Arc<dyn ContactFlows>>,
+    /// Digest authentication for `call:authenticate()` (None: no users configured).
+    pub auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
 }
 
 impl B2bua {
@@ -142,6 +145,7 @@ impl B2bua {
                 timers: parts.timers,
                 default_ring_timeout: parts.default_ring_timeout,
                 flows: parts.flows,
+                auth: parts.auth,
                 dialogs: Sharded::new(64),
                 pending: Sharded::new(64),
                 calls_active: AtomicU64::new(0),

@@ -246,6 +246,43 @@ pub(crate) fn raw_api(lua: &Lua) -> mlua::Result<Table> {
     )?;
 
     api.raw_set(
+        "authenticate",
+        lua.create_function(|_, ud: AnyUserData| {
+            // (user, error): the user when the caller is authenticated; nothing when the
+            // call has been answered with a challenge (or 403); an error otherwise.
+            let state = call_ud(&ud)?;
+            let control = state.check("authenticate").and_then(|()| {
+                state
+                    .inner
+                    .lock()
+                    .control
+                    .clone()
+                    .ok_or_else(|| "call:authenticate: the call has ended".to_owned())
+            });
+            let control = match control {
+                Ok(c) => c,
+                Err(e) => return Ok((None, Some(e))),
+            };
+            match control.authenticate() {
+                crate::script::AuthVerdict::Ok(user) => Ok((Some(user), None)),
+                crate::script::AuthVerdict::Reject(code, reason) => {
+                    match state.decide("authenticate", Decision::Rejected(code, reason)) {
+                        Ok(()) => Ok((None, None)),
+                        Err(e) => Ok((None, Some(e))),
+                    }
+                }
+                crate::script::AuthVerdict::NotConfigured => Ok((
+                    None,
+                    Some(
+                        "call:authenticate: no users are configured (registrar.users_file)"
+                            .to_owned(),
+                    ),
+                )),
+            }
+        })?,
+    )?;
+
+    api.raw_set(
         "reject",
         lua.create_function(|_, (ud, code, reason): (AnyUserData, Value, Value)| {
             let state = call_ud(&ud)?;

@@ -269,6 +269,24 @@ pub trait CallControl: Send + Sync + 'static {
         targets: Vec<String>,
         opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>>;
+
+    /// `call:authenticate()`: checks the INVITE's Proxy-Authorization (digest, RFC 3261
+    /// 22.3). The default is for call controls without users.
+    fn authenticate(&self) -> AuthVerdict {
+        AuthVerdict::NotConfigured
+    }
+}
+
+/// What `call:authenticate()` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthVerdict {
+    /// The caller proved to be this user.
+    Ok(String),
+    /// Answer the caller with this status (407 with a challenge the call control has
+    /// prepared, or 403/400) and end the hook's decision there.
+    Reject(u16, String),
+    /// No users are configured (`registrar.users_file`).
+    NotConfigured,
 }
 
 /// The decision of `on_invite`.

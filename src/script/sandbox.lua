@@ -76,6 +76,7 @@ end
 local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
+local raw_authenticate = raw.authenticate
 local rawget, rawset, next, setmetatable = rawget, rawset, next, setmetatable
 
 -- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
@@ -140,6 +141,19 @@ local methods = {
       error(r, 2)
     end
     return { answered = r % 2 == 1, status = r // 2, reason = reason }
+  end,
+  -- The caller's user name when its INVITE carries valid credentials; otherwise nil,
+  -- and the caller has been answered 407 with a challenge (or 403): just return.
+  authenticate = function(self)
+    local p = private[self]
+    if p == nil then
+      error(usage("authenticate"), 2)
+    end
+    local user, err = raw_authenticate(p[UD])
+    if err then
+      error(err, 2)
+    end
+    return user
   end,
   reject = function(self, code, reason)
     local p = private[self]

@@ -350,7 +350,6 @@ async fn bad_dial_arguments_are_lua_errors_with_position() {
             r#"call:dial("sip:a@b", { timout = 5 })"#,
             "unknown option 'timout'",
         ),
-        (r#"call:dial({})"#, "list is empty"),
         (r#"call:dial(42)"#, "expected a target string"),
         (
             r#"call:dial("sip:a@b", { timeout = -1 })"#,
@@ -376,6 +375,16 @@ async fn bad_dial_arguments_are_lua_errors_with_position() {
         assert!(err.contains(expected), "{line}: {err}");
         assert!(fake.targets().is_empty());
     }
+    // An empty list (nobody registered) is a failed dial, not an error.
+    let e = engine("function on_invite(call)\n  local r = call:dial({})\n  call:reject(r.status + 1, r.reason)\nend\n");
+    let fake = Fake::new(vec![]);
+    match invite(&e, call_to("1"), &fake).await {
+        InviteOutcome::Rejected { status, reason, .. } => {
+            assert_eq!((status, reason.as_str()), (481, "Temporarily Unavailable"));
+        }
+        other => panic!("expected the script's reject, got {other:?}"),
+    }
+    assert!(fake.targets().is_empty());
 }
 
 #[tokio::test]

@@ -250,10 +250,12 @@ impl Vm {
                     let aor = match &aor {
                         Value::String(s) => s.to_str()?.to_owned(),
                         Value::Table(t) => t.raw_get::<String>("uri")?,
-                        other => return Err(mlua::Error::runtime(format!(
+                        other => {
+                            return Err(mlua::Error::runtime(format!(
                             "registrar.lookup: expected an address (string or call.ruri), got a {}",
                             other.type_name()
-                        ))),
+                        )))
+                        }
                     };
                     lua.create_sequence_from(svc.lookup(&aor))
                 })?,
