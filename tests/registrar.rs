@@ -582,3 +582,90 @@ end
         .contains("Digest realm=\"strowger.test\""));
     assert_eq!(received(&b), ["INVITE", "ACK", "BYE"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_registrations_through_redis() {
+    let Some(redis) = common::redis::start_redis() else {
+        panic!(
+            "redis-server is needed (the test command installs it: apt-get install redis-server)"
+        );
+    };
+    let dir = sipp::workdir("redis-nodes");
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        "function on_invite(call)\n  local r = call:dial(registrar.lookup(call.ruri), { timeout = 10 })\n  if not r.answered then call:reject(r.status, r.reason) end\nend\n",
+    )
+    .unwrap();
+    let node = |_: u8| {
+        let mut c = test_config();
+        c.registrar.store = strowger::config::RegistrarStore::Redis;
+        c.redis.url = redis.url();
+        c.script.path = plan.display().to_string();
+        c
+    };
+    let node1 = start_with(node(1)).await;
+    let node2 = start_with(node(2)).await;
+    // The phone (a SIPp callee) registers on node 1.
+    let phone_port = sipp::free_udp_port();
+    let phone = sipp::start(
+        &dir,
+        "phone",
+        Path::new("uas_answer.xml"),
+        phone_port,
+        None,
+        &[],
+    );
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let r = ask(
+        &node1,
+        &peer,
+        &register(
+            peer.addr,
+            "frank",
+            &unique("n1"),
+            1,
+            &format!("Contact: <sip:frank@127.0.0.1:{phone_port}>\r\n"),
+        ),
+    )
+    .await;
+    assert_eq!(status(&r), 200, "{r}");
+    // Node 2 learns of it through Redis within a second.
+    for _ in 0..50 {
+        if !node2
+            .handle
+            .registrar()
+            .lookup("sip:frank@strowger.test")
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        node2
+            .handle
+            .registrar()
+            .lookup("sip:frank@strowger.test")
+            .len(),
+        1
+    );
+    // A call through node 2 reaches the phone.
+    let caller = sipp::start(
+        &dir,
+        "caller",
+        Path::new("uac_call.xml"),
+        sipp::free_udp_port(),
+        Some(node2.udp),
+        &["-s", "frank", "-d", "200"],
+    );
+    let a = caller.expect_success(LIMIT).await;
+    let b = phone.expect_success(LIMIT).await;
+    assert!(
+        received(&a).ends_with(&["200".to_string(), "200".to_string()]),
+        "{:?}",
+        received(&a)
+    );
+    assert_eq!(received(&b), ["INVITE", "ACK", "BYE"]);
+    drop(redis);
+}

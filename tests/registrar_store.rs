@@ -2,11 +2,13 @@
 //! a real redis-server started here on a free port; then two registrars on one Redis, as
 //! two nodes, must see each other's changes. Public API only.
 
+mod common;
+
+use common::redis::{start_redis, start_redis_on};
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -309,47 +311,6 @@ async fn sqlite_backend() {
     });
     suite(open).await;
     assert!(dir.path().join("data/registrations.sqlite").exists());
-}
-
-/// A redis-server child on a free local port, killed (by its PID) when dropped.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> Option<RedisServer> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    start_redis_on(port)
-}
-
-fn start_redis_on(port: u16) -> Option<RedisServer> {
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let server = RedisServer { child, port };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(server)
 }
 
 #[tokio::test]

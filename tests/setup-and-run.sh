@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs what the tests need (SIPp) and runs every test. This is the README's test
+# Installs what the tests need (SIPp, redis-server) and runs every test. This is the README's test
 # command and exactly what .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

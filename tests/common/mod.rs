@@ -201,4 +201,5 @@ pub async fn run_sipp(args: &[String], limit: Duration) -> std::process::Output 
         Err(_) => panic!("sipp did not finish within {limit:?}"),
     }
 }
+pub mod redis;
 pub mod sipp;
