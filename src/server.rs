@@ -199,11 +199,13 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     scripts.set_location(location.clone());
     let (t1, t2, t4) = config.timers();
     let timers = TimerConfig { t1, t2, t4 };
-    let auth = load_auth(config)?;
+    let (digest, users) = load_auth(config)?;
     let core = Arc::new(UasCore::new(
         config,
         &transports.local_addrs(),
-        auth.clone(),
+        digest.clone(),
+        users.clone(),
+        scripts.clone(),
     ));
     let sender: Arc<dyn Sender> = Arc::new(transports.clone());
     let layer = TransactionLayer::new(sender.clone(), timers, core.clone());
@@ -215,7 +217,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
         flows: Some(location),
-        auth,
+        auth: users.map(|u| (digest, u)),
     });
     core.set_b2bua(b2bua.clone());
     core.set_registrar(registrar.clone());
@@ -244,19 +246,11 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     })
 }
 
-/// Digest authentication for REGISTER when `registrar.users_file` is set.
-fn load_auth(config: &Config) -> anyhow::Result<Option<(DigestAuth, Arc<Users>)>> {
-    let path = config.registrar.users_file.trim();
-    if path.is_empty() {
-        tracing::warn!(
-            "registrar.users_file is not set: REGISTER is accepted without authentication"
-        );
-        return Ok(None);
-    }
+/// Digest authentication (always ready: `on_register` may give credentials) and the
+/// users of `registrar.users_file` when it is set.
+fn load_auth(config: &Config) -> anyhow::Result<(DigestAuth, Option<Arc<Users>>)> {
     let realm = config.sip.domain.clone();
-    let users = Users::load(std::path::Path::new(path), &realm)
-        .with_context(|| format!("registrar.users_file {path}"))?;
-    let mut cfg = DigestConfig::new(realm);
+    let mut cfg = DigestConfig::new(realm.clone());
     cfg.nonce_ttl = Duration::from_secs(config.auth.nonce_ttl_s);
     cfg.max_failures = config.auth.max_failures;
     cfg.failure_window = Duration::from_secs(config.auth.failure_window_s);
@@ -269,8 +263,19 @@ fn load_auth(config: &Config) -> anyhow::Result<Option<(DigestAuth, Arc<Users>)>
             _ => Algorithm::Sha256,
         })
         .collect();
+    let digest = DigestAuth::new(cfg);
+    let path = config.registrar.users_file.trim();
+    if path.is_empty() {
+        tracing::warn!(
+            "registrar.users_file is not set: REGISTER is accepted without authentication \
+             unless on_register gives credentials"
+        );
+        return Ok((digest, None));
+    }
+    let users = Users::load(std::path::Path::new(path), &realm)
+        .with_context(|| format!("registrar.users_file {path}"))?;
     tracing::info!(users = users.len(), "digest authentication of REGISTER on");
-    Ok(Some((DigestAuth::new(cfg), Arc::new(users))))
+    Ok((digest, Some(Arc::new(users))))
 }
 
 /// Opens the configured binding store (`registrar.store`) and loads the registrar.

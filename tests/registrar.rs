@@ -669,3 +669,58 @@ async fn two_nodes_share_registrations_through_redis() {
     assert_eq!(received(&b), ["INVITE", "ACK", "BYE"]);
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_register_gives_credentials_or_refuses() {
+    let dir = sipp::workdir("on-register");
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        r#"
+local passwords = { alice = "secret" }
+function on_register(req)
+  if req.user == "mallory" then
+    return req:reject(403, "Not on this PBX")
+  end
+  log.info("REGISTER", req.aor, "from", req.source, req:header("User-Agent"))
+  return { password = passwords[req.user] }
+end
+"#,
+    )
+    .unwrap();
+    let mut c = test_config();
+    c.script.path = plan.display().to_string();
+    c.auth.algorithms = vec!["MD5".into()];
+    let s = start_with(c).await;
+    // Credentials from the script, checked by digest (no users file configured).
+    let seen = phone(
+        &dir,
+        "register_auth.xml",
+        "alice",
+        s.udp,
+        &["-au", "alice", "-ap", "secret"],
+    )
+    .expect_success(LIMIT)
+    .await;
+    assert_eq!(received(&seen), ["401", "200"]);
+    assert_eq!(
+        s.handle.registrar().lookup("sip:alice@strowger.test").len(),
+        1
+    );
+    // Refused by the script with its status and reason.
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let r = ask(
+        &s,
+        &peer,
+        &register(
+            peer.addr,
+            "mallory",
+            &unique("m"),
+            1,
+            "Contact: <sip:m@10.0.0.1>\r\n",
+        ),
+    )
+    .await;
+    assert_eq!(status(&r), 403, "{r}");
+    assert_eq!(reason(&r), "Not on this PBX");
+}

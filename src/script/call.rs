@@ -843,3 +843,70 @@ pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord
         );
     }
 }
+
+/// `on_register(req)`: a plain synchronous call (the hook has no verbs that wait), under
+/// the same instruction budget and memory limit as the other hooks.
+pub(crate) fn run_on_register(
+    version: &super::ScriptVersion,
+    info: &super::RegisterInfo,
+) -> super::RegisterVerdict {
+    use super::RegisterVerdict;
+    let idx = version.next.fetch_add(1, Ordering::Relaxed) % version.vms.len();
+    let vm = version.vms[idx].clone();
+    let Some(hook) = vm.on_register.clone() else {
+        return RegisterVerdict::Default;
+    };
+    let budget = vm.budget();
+    type Out = (Option<String>, Option<Value>, Option<Value>, Option<String>);
+    let result = vm.enter(&budget, || -> mlua::Result<Out> {
+        let headers = vm.lua.create_table()?;
+        for (name, value) in &info.headers {
+            if !headers.contains_key(name.as_str())? {
+                headers.raw_set(name.as_str(), value.as_str())?;
+            }
+        }
+        hook.call::<Out>((
+            info.user.as_str(),
+            info.aor.as_str(),
+            info.source.as_str(),
+            info.user_agent.as_deref(),
+            info.contact.as_deref(),
+            headers,
+        ))
+    });
+    let text = |v: &Option<Value>| match v {
+        Some(Value::String(s)) => s.to_str().ok().map(|s| s.to_owned()),
+        _ => None,
+    };
+    match result {
+        Ok((None, ..)) => RegisterVerdict::Default,
+        Ok((Some(kind), a, b, _)) if kind == "reject" => {
+            match parse_reject(&a.unwrap_or(Value::Nil), &b.unwrap_or(Value::Nil)) {
+                Ok((code, reason)) => RegisterVerdict::Reject(code, reason),
+                Err(e) => {
+                    let msg = format!("{}: req:reject: {e}", vm.on_register_pos);
+                    version
+                        .stats
+                        .hook_errors_total
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target: "script", hook = "on_register", error = %msg, "hook failed");
+                    RegisterVerdict::Failed(msg)
+                }
+            }
+        }
+        Ok((Some(_), a, b, c)) => RegisterVerdict::Credentials {
+            password: text(&a),
+            ha1_md5: text(&b),
+            ha1_sha256: c,
+        },
+        Err(e) => RegisterVerdict::Failed(report(
+            version,
+            &vm,
+            "on_register",
+            &info.aor,
+            &e,
+            &budget,
+            &vm.on_register_pos,
+        )),
+    }
+}

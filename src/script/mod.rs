@@ -277,6 +277,39 @@ pub trait CallControl: Send + Sync + 'static {
     }
 }
 
+/// What `on_register(req)` sees of a REGISTER.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RegisterInfo {
+    /// The user part of the To URI.
+    pub user: String,
+    /// The address of record, `sip:user@domain`.
+    pub aor: String,
+    /// Where it came from, e.g. `"udp:192.0.2.7:5060"`.
+    pub source: String,
+    pub user_agent: Option<String>,
+    /// The first Contact URI, if any.
+    pub contact: Option<String>,
+    /// Headers (lower-case name, first value).
+    pub headers: Vec<(String, String)>,
+}
+
+/// What `on_register(req)` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterVerdict {
+    /// No hook, or it returned nothing: the users file decides.
+    Default,
+    /// `req:reject(code, reason)`.
+    Reject(u16, String),
+    /// The hook returned credentials for digest authentication of this user.
+    Credentials {
+        password: Option<String>,
+        ha1_md5: Option<String>,
+        ha1_sha256: Option<String>,
+    },
+    /// The hook failed (error, budget, memory): answer 500. Text with file:line.
+    Failed(String),
+}
+
 /// What `call:authenticate()` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthVerdict {
@@ -571,6 +604,16 @@ impl ScriptVersion {
     /// Whether the script defines `on_invite` (else every call gets 404).
     pub fn has_on_invite(&self) -> bool {
         self.vms[0].on_invite.is_some()
+    }
+
+    /// Runs `on_register(req)` (synchronously: it has nothing to wait for) on the next VM.
+    pub fn on_register(&self, info: &RegisterInfo) -> RegisterVerdict {
+        call::run_on_register(self, info)
+    }
+
+    /// Whether the script defines `on_register`.
+    pub fn has_on_register(&self) -> bool {
+        self.vms[0].on_register.is_some()
     }
 
     /// Whether the script defines `on_call_end`. When it does not, a call's handle (and

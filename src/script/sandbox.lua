@@ -249,9 +249,41 @@ local function new_call(ud, thread)
   return call
 end
 
+-- on_register(req): a plain table per REGISTER. The hook refuses with req:reject(code,
+-- reason), gives credentials by returning { password = ... } (or ha1_md5 / ha1_sha256),
+-- or returns nothing (the users file decides).
+local lower = string.lower
+local function register_runner(on_register)
+  return function(user, aor, source, user_agent, contact, headers)
+    local verdict
+    local req = {
+      user = user,
+      aor = aor,
+      source = source,
+      user_agent = user_agent,
+      contact = contact,
+      header = function(_, name)
+        return headers[lower(name)]
+      end,
+      reject = function(_, code, reason)
+        verdict = { code, reason }
+      end,
+    }
+    local creds = on_register(req)
+    if verdict then
+      return "reject", verdict[1], verdict[2]
+    end
+    if type(creds) == "table" then
+      return "credentials", creds.password, creds.ha1_md5, creds.ha1_sha256
+    end
+    return nil
+  end
+end
+
 -- The runners Rust starts as coroutines, with the operator's hooks bound once per VM.
-local function bind(on_invite, on_call_end)
+local function bind(on_invite, on_call_end, on_register)
   local run_invite, run_end
+  local run_register = on_register and register_runner(on_register)
   if on_invite ~= nil then
     run_invite = function(ud)
       return on_invite(new_call(ud, running()))
@@ -275,7 +307,7 @@ local function bind(on_invite, on_call_end)
       })
     end
   end
-  return run_invite, run_end
+  return run_invite, run_end, run_register
 end
 
 return bind

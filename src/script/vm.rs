@@ -191,6 +191,9 @@ pub(crate) struct Vm {
     /// `file:line` where each hook is defined (fallback error position).
     pub on_invite_pos: String,
     pub on_call_end_pos: String,
+    /// `on_register(req)`, wrapped by the sandbox.
+    pub on_register: Option<Function>,
+    pub on_register_pos: String,
     pub file: Arc<str>,
     pub instruction_limit: u64,
     pub memory_limit: usize,
@@ -302,6 +305,7 @@ impl Vm {
         };
         let on_invite = hook("on_invite")?;
         let on_call_end = hook("on_call_end")?;
+        let on_register = hook("on_register")?;
         let def_pos = |f: &Option<Function>| match f {
             Some(f) => {
                 let info = f.info();
@@ -315,10 +319,15 @@ impl Vm {
         };
         let on_invite_pos = def_pos(&on_invite);
         let on_call_end_pos = def_pos(&on_call_end);
-        let (on_invite, on_call_end) = {
+        let on_register_pos = def_pos(&on_register);
+        let (on_invite, on_call_end, on_register) = {
             let _g = enter(&shared, &budget);
-            bind.call::<(Option<Function>, Option<Function>)>((on_invite, on_call_end))
-                .map_err(internal)?
+            bind.call::<(Option<Function>, Option<Function>, Option<Function>)>((
+                on_invite,
+                on_call_end,
+                on_register,
+            ))
+            .map_err(internal)?
         };
 
         Ok(Vm {
@@ -328,6 +337,8 @@ impl Vm {
             on_call_end,
             on_invite_pos,
             on_call_end_pos,
+            on_register,
+            on_register_pos,
             file: file_name,
             instruction_limit: opts.instruction_limit,
             memory_limit: opts.memory_limit,

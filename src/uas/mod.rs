@@ -11,10 +11,11 @@ mod validate;
 pub use options::options_ok;
 pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
-use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
+use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, UserSecrets, Users};
 use crate::b2bua::B2bua;
 use crate::config::Config;
 use crate::registrar::{RegisterSource, Registrar};
+use crate::script::{RegisterInfo, RegisterVerdict, ScriptEngine};
 use crate::sip::{new_tag, Host, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionUser};
 use crate::transport::{Target, TransportKind};
@@ -30,9 +31,13 @@ pub struct UasCore {
     /// Set once the B2BUA exists (it needs the transaction layer, which needs us).
     b2bua: OnceLock<B2bua>,
     registrar: OnceLock<Registrar>,
-    /// Digest authentication of REGISTER with the users of `registrar.users_file`; None
-    /// when no users file is configured (development: every REGISTER is accepted).
-    auth: Option<(DigestAuth, Arc<Users>)>,
+    /// Digest authentication of REGISTER: with the users of `registrar.users_file`, or
+    /// credentials that `on_register` gives. Neither: every REGISTER is accepted
+    /// (development).
+    digest: DigestAuth,
+    users: Option<Arc<Users>>,
+    scripts: ScriptEngine,
+    realm: String,
     /// `sip.domain`: the domain whose addresses of record we register.
     domain: String,
     /// `registrar.unknown_aor_status`.
@@ -43,10 +48,15 @@ impl UasCore {
     pub fn new(
         config: &Config,
         local: &[(TransportKind, SocketAddr)],
-        auth: Option<(DigestAuth, Arc<Users>)>,
+        digest: DigestAuth,
+        users: Option<Arc<Users>>,
+        scripts: ScriptEngine,
     ) -> UasCore {
         UasCore {
-            auth,
+            digest,
+            users,
+            scripts,
+            realm: config.sip.domain.clone(),
             user_agent: config.sip.user_agent.clone(),
             local: local.to_vec(),
             b2bua: OnceLock::new(),
@@ -88,28 +98,65 @@ impl UasCore {
             return;
         }
         let src = tx.source();
-        if let Some((auth, users)) = &self.auth {
+        let user = req.base.to.uri.user.clone().unwrap_or_default();
+        let info = RegisterInfo {
+            aor: format!("sip:{user}@{}", self.domain),
+            user,
+            source: format!("{}:{}", src.transport, src.addr),
+            user_agent: req.headers.get("User-Agent").map(str::to_owned),
+            contact: req.headers.get("Contact").map(str::to_owned),
+            headers: req
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                .collect(),
+        };
+        // The script's say comes first (RFC 3261 10.3 leaves authorization to local
+        // policy): it may refuse, or name the credentials to check.
+        let secrets: Option<UserSecrets> = match self.scripts.current().on_register(&info) {
+            RegisterVerdict::Reject(code, reason) => {
+                Self::respond(&tx, req.response(code).with_reason(reason));
+                return;
+            }
+            RegisterVerdict::Failed(_) => {
+                Self::respond(&tx, req.response(500).with_reason("Script Error"));
+                return;
+            }
+            RegisterVerdict::Credentials {
+                password,
+                ha1_md5,
+                ha1_sha256,
+            } => Some(match password {
+                Some(pw) => UserSecrets::from_password(&info.user, &self.realm, &pw),
+                None => UserSecrets {
+                    ha1_md5: ha1_md5.map(|h| h.to_ascii_lowercase()),
+                    ha1_sha256: ha1_sha256.map(|h| h.to_ascii_lowercase()),
+                },
+            }),
+            RegisterVerdict::Default => self.users.as_ref().map(|u| {
+                u.get(&info.user).cloned().unwrap_or(UserSecrets {
+                    ha1_md5: None,
+                    ha1_sha256: None,
+                })
+            }),
+        };
+        if let Some(secrets) = secrets {
             // RFC 3261 10.3 steps 2 and 4: authenticate, then the user may only change
             // the bindings of its own address of record.
-            let outcome = auth.verify(&req, ChallengeKind::Www, src.addr.ip(), |u| {
-                users.get(u).cloned()
-            });
+            let outcome = self
+                .digest
+                .verify(&req, ChallengeKind::Www, src.addr.ip(), |u| {
+                    (u == info.user).then(|| secrets.clone())
+                });
             match outcome {
-                AuthOutcome::Ok { user } => {
-                    if req.base.to.uri.user.as_deref() != Some(user.as_str()) {
-                        Self::respond(
-                            &tx,
-                            req.response(403)
-                                .with_reason(format!("{user} may not register this address")),
-                        );
-                        return;
-                    }
-                }
+                AuthOutcome::Ok { .. } => {}
                 other => {
-                    if let Some(resp) = auth.respond(&req, ChallengeKind::Www, &other) {
-                        Self::respond(&tx, resp);
-                        return;
-                    }
+                    let resp = self
+                        .digest
+                        .respond(&req, ChallengeKind::Www, &other)
+                        .unwrap_or_else(|| req.response(403));
+                    Self::respond(&tx, resp);
+                    return;
                 }
             }
         }
