@@ -4,6 +4,7 @@
 //! bench and a future UAC use.
 
 use super::hash::{self, Algorithm};
+use crate::sip::quoted_end;
 use std::borrow::Cow;
 
 /// Splits `Digest <params>`; the scheme is case-insensitive (RFC 7235 2.1).
@@ -65,20 +66,6 @@ fn walk_params<'a>(
         }
         f(name, value)?;
     }
-}
-
-/// Index just past the closing quote of the quoted string at `s[0]`.
-fn quoted_end(s: &str) -> Option<usize> {
-    let b = s.as_bytes();
-    let mut i = 1;
-    while i < b.len() {
-        match b[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
-        }
-    }
-    None
 }
 
 fn set<'a>(slot: &mut Option<Cow<'a, str>>, v: Cow<'a, str>) -> Result<(), &'static str> {

@@ -26,7 +26,7 @@ pub use build::{error_response, new_branch, new_call_id, new_tag, reason_phrase}
 pub use header::{
     canonical_name, CSeq, Header, HeaderError, Headers, NameAddr, Via, BRANCH_COOKIE,
 };
-pub use lex::{is_token, split_commas};
+pub use lex::{is_token, quoted_end, split_commas};
 pub use message::{
     find_head_end, parse, BaseHeaders, ParseError, ParseErrorKind, Request, RequestHead, Response,
     SipMessage,
