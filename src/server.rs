@@ -140,15 +140,15 @@ impl ServerHandle {
     /// to finish, then the transports close.
     pub async fn shutdown(self, drain: Duration) {
         self.layer.stop_accepting();
+        // Wait for the requests still owing an answer (an INVITE ringing, a REGISTER being
+        // stored), not for answered transactions lingering for retransmissions.
         let deadline = tokio::time::Instant::now() + drain;
-        while !self.layer.is_empty() && tokio::time::Instant::now() < deadline {
+        while self.layer.unanswered() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if !self.layer.is_empty() {
-            tracing::warn!(
-                left = self.layer.len(),
-                "drain time over; closing with transactions in flight"
-            );
+        let left = self.layer.unanswered();
+        if left > 0 {
+            tracing::warn!(left, "drain time over; closing with requests unanswered");
         }
         self.transports.shutdown();
     }

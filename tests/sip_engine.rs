@@ -376,3 +376,88 @@ async fn graceful_shutdown_refuses_new_requests_then_stops() {
         "closed after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_new_requests_503_and_lets_a_ringing_call_finish() {
+    let callee = UdpPeer::bind("127.0.0.1").await;
+    let dir = std::env::temp_dir().join(unique("strowger-drain"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        format!(
+            "function on_invite(call) local r = call:dial(\"sip:b@{}\") if not r.answered then call:reject(r.status, r.reason) end end\n",
+            callee.addr
+        ),
+    )
+    .unwrap();
+    let mut c = test_config();
+    c.script.path = plan.display().to_string();
+    let s = start_with(c).await;
+    let udp = s.udp;
+    let caller = UdpPeer::bind("127.0.0.1").await;
+    let invite = request(
+        "INVITE",
+        "sip:b@strowger.test",
+        caller.addr,
+        "UDP",
+        &unique("drain"),
+        "Contact: <sip:a@127.0.0.1>\r\n",
+        "",
+    );
+    caller.send(udp, invite.as_bytes()).await;
+    // The B leg's INVITE reaches the callee, which does not answer yet.
+    let b_invite = loop {
+        let m = callee.recv(WAIT).await.expect("INVITE on the B leg");
+        if m.starts_with("INVITE ") {
+            break m;
+        }
+    };
+    let started = std::time::Instant::now();
+    let handle = s.handle;
+    let drain = tokio::spawn(async move { handle.shutdown(Duration::from_secs(5)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A new request during the drain: 503.
+    let late = UdpPeer::bind("127.0.0.1").await;
+    let opt = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        late.addr,
+        "UDP",
+        &unique("late"),
+        "",
+        "",
+    );
+    late.send(udp, opt.as_bytes()).await;
+    let r = late
+        .recv_final(WAIT)
+        .await
+        .expect("an answer during the drain");
+    assert_eq!(status(&r), 503, "{r}");
+    // The ringing call still completes: the callee's 486 reaches the caller.
+    // The callee's 486: Via, From, Call-ID, CSeq copied, To with a tag (RFC 3261 8.2.6).
+    let mut busy = String::from("SIP/2.0 486 Busy Here\r\n");
+    for line in b_invite.lines() {
+        let l = line.to_ascii_lowercase();
+        if l.starts_with("to:") {
+            busy.push_str(&format!("{line};tag=callee1\r\n"));
+        } else if ["via:", "from:", "call-id:", "cseq:"]
+            .iter()
+            .any(|h| l.starts_with(h))
+        {
+            busy.push_str(&format!("{line}\r\n"));
+        }
+    }
+    busy.push_str("Content-Length: 0\r\n\r\n");
+    callee.send(udp, busy.as_bytes()).await;
+    let r = caller
+        .recv_final(WAIT)
+        .await
+        .expect("the caller gets the final answer");
+    assert_eq!(status(&r), 486, "{r}");
+    drain.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the drain ended once the call was answered, not at the drain limit"
+    );
+}

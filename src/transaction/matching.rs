@@ -148,6 +148,14 @@ impl<K: Hash + Eq, V: Clone> Sharded<K, V> {
         self.shard(k).lock().get(k).cloned()
     }
 
+    /// Every value, one shard at a time (for rare whole-table questions: shutdown).
+    pub(crate) fn values(&self) -> Vec<V> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Inserts unless the key is present; returns the present value in that case.
     pub(crate) fn insert_new(&self, k: K, v: V) -> Result<(), V> {
         match self.shard(&k).lock().entry(k) {

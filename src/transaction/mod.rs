@@ -1000,6 +1000,17 @@ impl TransactionLayer {
             .map_err(TransactionError::from)
     }
 
+    /// Server transactions still owing a final response: what a graceful shutdown waits
+    /// for. (Transactions that have answered only linger for retransmissions, Timer J/L.)
+    pub fn unanswered(&self) -> usize {
+        self.shared
+            .servers
+            .values()
+            .iter()
+            .filter(|s| !s.core.cell.lock().machine.is_finished())
+            .count()
+    }
+
     /// Transactions alive now (server + client).
     pub fn len(&self) -> usize {
         self.shared.live.load(Ordering::Acquire)
