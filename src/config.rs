@@ -32,7 +32,8 @@
 //! - `call.ring_timeout_s` [60] (a dial without `timeout` rings this long)
 //! - `registrar.min_expires` [60], `registrar.max_expires` [3600],
 //!   `registrar.default_expires` [3600], `registrar.store` [`embedded`|`redis`],
-//!   `registrar.users_file` [empty = no authentication], `registrar.unknown_aor_status` [404]
+//!   `registrar.users_file` [empty = no authentication], `registrar.unknown_aor_status` [404],
+//!   `registrar.keepalive_interval_s` [0 = off; else 5..=3600]
 //! - `storage.dir` [`data`], `redis.url` [`redis://127.0.0.1:6379/`]
 //! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60],
 //!   `auth.algorithms` [`["SHA-256", "MD5"]`]
@@ -74,6 +75,13 @@ const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 const MAX_SCRIPT_MEMORY_KB: usize = 4 * 1024 * 1024;
 /// Upper bound of `script.vm_pool_size`: each VM costs memory; more than this is a typo.
 const MAX_VM_POOL: usize = 1024;
+/// Bounds of `registrar.keepalive_interval_s` when it is not 0 (off). Below 5 s the pings of
+/// many phones become a load of their own (and a ping of a silent phone lasts timer F,
+/// 32 s); above an hour they neither keep a NAT mapping open (RFC 4787 REQ-5 asks for at
+/// least 2 minutes, many NATs keep less) nor find a dead phone before its registration
+/// (`max_expires` defaults to an hour) would lapse anyway.
+const MIN_KEEPALIVE_S: u64 = 5;
+const MAX_KEEPALIVE_S: u64 = 3600;
 
 /// A configuration problem, with where it was found.
 ///
@@ -315,6 +323,9 @@ pub struct RegistrarSection {
     pub users_file: String,
     /// Status for a REGISTER whose To is not in `sip.domain`: 404 or 403.
     pub unknown_aor_status: u16,
+    /// Seconds between OPTIONS pings of each registered contact; a contact that stops
+    /// answering is skipped by lookups until it answers again. 0 = no pings.
+    pub keepalive_interval_s: u64,
 }
 
 impl Default for RegistrarSection {
@@ -326,6 +337,7 @@ impl Default for RegistrarSection {
             store: RegistrarStore::Embedded,
             users_file: String::new(),
             unknown_aor_status: 404,
+            keepalive_interval_s: 0,
         }
     }
 }
@@ -552,6 +564,16 @@ impl Config {
             1,
             MAX_TIMEOUT_S,
         )?;
+        let keepalive = self.registrar.keepalive_interval_s;
+        if keepalive != 0 && !(MIN_KEEPALIVE_S..=MAX_KEEPALIVE_S).contains(&keepalive) {
+            return Err(invalid(
+                "registrar.keepalive_interval_s",
+                format!(
+                    "must be 0 (off) or between {MIN_KEEPALIVE_S} and {MAX_KEEPALIVE_S} \
+                     (got {keepalive})"
+                ),
+            ));
+        }
         range(
             "shutdown.drain_timeout_s",
             self.shutdown.drain_timeout_s,
@@ -1282,6 +1304,45 @@ mod tests {
 
         let e = err_of("[sip\n", &[]);
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn keepalive_interval_is_off_or_in_range() {
+        assert_eq!(Config::default().registrar.keepalive_interval_s, 0);
+        for ok in [0, 5, 30, 3600] {
+            let c = build(
+                "t.toml",
+                &format!("[registrar]\nkeepalive_interval_s = {ok}\n"),
+                &[],
+            )
+            .unwrap();
+            assert_eq!(c.registrar.keepalive_interval_s, ok);
+        }
+        for bad in [1, 4, 3601] {
+            let e = err_of(
+                &format!("[registrar]\nmin_expires = 60\nkeepalive_interval_s = {bad}\n"),
+                &[],
+            );
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "test.toml:3: registrar.keepalive_interval_s: must be 0 (off) or between \
+                     5 and 3600 (got {bad})"
+                )
+            );
+        }
+        let c = build(
+            "t.toml",
+            "",
+            &env(&[("STROWGER_REGISTRAR__KEEPALIVE_INTERVAL_S", "25")]),
+        )
+        .unwrap();
+        assert_eq!(c.registrar.keepalive_interval_s, 25);
+        let e = err_of("", &[("STROWGER_REGISTRAR__KEEPALIVE_INTERVAL_S", "2")]);
+        assert_eq!(
+            e.file,
+            "environment variable STROWGER_REGISTRAR__KEEPALIVE_INTERVAL_S"
+        );
     }
 
     #[test]

@@ -5,12 +5,16 @@
 //! itself, which belongs to the layers it wires.
 //!
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
-//! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`.
+//! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`,
+//! `registrar.keepalive_interval_s` (starts the registrar's keep-alive pings when not 0;
+//! taken as given here, `Config` loading validates it).
 
 use crate::auth::{Algorithm, DigestAuth, DigestConfig, Users};
 use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs};
 use crate::config::{Config, RegistrarStore};
-use crate::registrar::{BindingStore, RedisStore, Registrar, RegistrarConfig, SqliteStore};
+use crate::registrar::{
+    BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarConfig, SqliteStore,
+};
 use crate::script::{EngineOptions, LocationService, ScriptEngine};
 use crate::sip::{error_response, SipMessage};
 use crate::transaction::{TimerConfig, TransactionLayer};
@@ -89,6 +93,9 @@ pub struct ServerHandle {
     scripts: ScriptEngine,
     admin: crate::admin::AdminServer,
     registrar: Registrar,
+    /// The keep-alive pings, when `registrar.keepalive_interval_s` is set; dropping it
+    /// stops them.
+    keepalive: Option<Keepalive>,
     stats: Arc<ServerStats>,
 }
 
@@ -131,6 +138,11 @@ impl ServerHandle {
         &self.registrar
     }
 
+    /// The keep-alive pings, when on.
+    pub fn keepalive(&self) -> Option<&Keepalive> {
+        self.keepalive.as_ref()
+    }
+
     /// Where the admin HTTP endpoint listens (`http.listen`, port 0 resolved).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.addr()
@@ -139,6 +151,10 @@ impl ServerHandle {
     /// Graceful shutdown: new requests get 503, transactions in flight get up to `drain`
     /// to finish, then the transports close.
     pub async fn shutdown(self, drain: Duration) {
+        // No new pings while draining: they would only keep the layer busy.
+        if let Some(k) = self.keepalive {
+            k.stop();
+        }
         self.layer.stop_accepting();
         // Wait for the requests still owing an answer (an INVITE ringing, a REGISTER being
         // stored), not for answered transactions lingering for retransmissions.
@@ -209,6 +225,16 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     ));
     let sender: Arc<dyn Sender> = Arc::new(transports.clone());
     let layer = TransactionLayer::new(sender.clone(), timers, core.clone());
+    let keepalive = (config.registrar.keepalive_interval_s > 0).then(|| {
+        registrar.start_keepalive(
+            KeepaliveConfig::new(
+                Duration::from_secs(config.registrar.keepalive_interval_s),
+                config.sip.domain.clone(),
+            ),
+            layer.clone(),
+            LocalAddrs::new(transports.local_addrs()),
+        )
+    });
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
@@ -242,6 +268,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         scripts,
         admin,
         registrar,
+        keepalive,
         stats,
     })
 }

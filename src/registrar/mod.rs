@@ -15,6 +15,11 @@
 //! it into the cache like a REGISTER would, and re-reads everything when notifications may
 //! have been lost. The cache thus lags the store by one notification round trip.
 //!
+//! Reachability (`keepalive`): contacts that stopped answering the keep-alive OPTIONS are
+//! marked unreachable in memory only (never in the store: it is this node's view of the
+//! network, and a restart simply starts from "reachable"). `lookup` and
+//! `binding_for_contact` skip them until they answer again or REGISTER again.
+//!
 //! Config keys this module is meant to be driven by (wired elsewhere):
 //! - `registrar.min_expires` (60): shorter non-zero requests get 423 (10.3 step 7).
 //! - `registrar.max_expires` (3600): longer requests are shortened to it.
@@ -22,8 +27,10 @@
 //! - `registrar.store` = "embedded" (default) | "redis".
 //! - `storage.dir` (`data/`): where the embedded store keeps `registrations.sqlite`.
 //! - `redis.url`: the Redis server of `registrar.store = "redis"`.
+//! - `registrar.keepalive_interval_s` (0 = off): see `keepalive`.
 
 mod contact;
+mod keepalive;
 mod redis_store;
 mod sqlite;
 mod store;
@@ -32,6 +39,7 @@ pub use contact::{
     parse_contacts, parse_delta_seconds, parse_qvalue, same_uri, ContactError, ContactSet,
     ContactSpec,
 };
+pub use keepalive::{Keepalive, KeepaliveConfig, KeepaliveStats};
 pub use redis_store::RedisStore;
 pub use sqlite::SqliteStore;
 pub use store::{Binding, BindingStore, BoxFuture, StoreError, StoreEvent, StoreEvents};
@@ -110,6 +118,10 @@ struct Inner {
     /// store compares them to know which AORs may be newer in the cache than in its
     /// snapshot.
     writes: Vec<AtomicU64>,
+    /// Contact URI -> when (unix seconds) it was found unreachable (a keep-alive ping
+    /// timed out). Memory only; an entry exists only for a bound contact. Lock order:
+    /// `cache`, then `by_contact`, then this one, never the other way round.
+    unreachable: Mutex<HashMap<String, u64>>,
     /// Dropped with the last registrar clone, which ends the sync task even while no
     /// notification arrives.
     _sync_stop: tokio::sync::oneshot::Sender<()>,
@@ -181,6 +193,7 @@ impl Registrar {
             stats: RegistrarStats::default(),
             store_dirty: std::sync::atomic::AtomicBool::new(false),
             writes: (0..LOCK_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            unreachable: Mutex::new(HashMap::new()),
             _sync_stop: stop_tx,
         });
         tokio::spawn(expiry_task(Arc::downgrade(&inner)));
@@ -198,7 +211,9 @@ impl Registrar {
         &self.inner.stats
     }
 
-    /// Live bindings of `aor`, highest q first, then the most recently written first.
+    /// Live, reachable bindings of `aor`, highest q first, then the most recently written
+    /// first. A contact marked unreachable (see [`mark_reachable`](Self::mark_reachable))
+    /// is left out: ringing a phone that does not answer pings only delays the others.
     pub fn lookup(&self, aor: &str) -> Vec<Binding> {
         let now = unix_now();
         let mut out: Vec<Binding> = match self.inner.cache.read().get(aor) {
@@ -209,11 +224,17 @@ impl Registrar {
                 .collect(),
             None => return Vec::new(),
         };
+        {
+            let unreachable = self.inner.unreachable.lock();
+            if !unreachable.is_empty() {
+                out.retain(|b| !unreachable.contains_key(&b.contact));
+            }
+        }
         sort_bindings(&mut out);
         out
     }
 
-    /// Every live binding (for the CLI and admin API), by AOR.
+    /// Every live binding (for the CLI and admin API), by AOR, reachable or not.
     pub fn bindings(&self) -> Vec<Binding> {
         let now = unix_now();
         let mut out: Vec<Binding> = self
@@ -229,18 +250,31 @@ impl Registrar {
         out
     }
 
-    /// The live binding whose Contact is `contact` (as registered), if any: where a
-    /// request to that device must go.
+    /// The live, reachable binding whose Contact is `contact` (as registered), if any:
+    /// where a request to that device must go.
     pub fn binding_for_contact(&self, contact: &str) -> Option<Binding> {
-        let aor = self.inner.by_contact.read().get(contact).cloned()?;
-        let now = unix_now();
-        self.inner
-            .cache
-            .read()
-            .get(&aor)?
-            .iter()
-            .find(|b| b.contact == contact && b.expires_at > now)
-            .cloned()
+        if !self.is_reachable(contact) {
+            return None;
+        }
+        self.inner.binding(contact, unix_now())
+    }
+
+    /// Records whether `contact` answers keep-alive pings. Unreachable contacts are left
+    /// out of `lookup` and `binding_for_contact` until marked reachable again or
+    /// refreshed by a REGISTER. A contact that is not bound is ignored (no mark outlives
+    /// its binding).
+    pub fn mark_reachable(&self, contact: &str, reachable: bool) {
+        self.inner.mark(contact, reachable, unix_now(), |_| true);
+    }
+
+    /// False while `contact` is marked unreachable; true otherwise (also when not bound).
+    pub fn is_reachable(&self, contact: &str) -> bool {
+        !self.inner.unreachable.lock().contains_key(contact)
+    }
+
+    /// How many bound contacts are marked unreachable now.
+    pub fn unreachable_count(&self) -> usize {
+        self.inner.unreachable.lock().len()
     }
 
     /// How many bindings the cache holds (lapsed ones leave within a second).
@@ -313,6 +347,19 @@ impl Registrar {
         }
         self.inner.install(aor, new.clone());
         self.inner.writes[stripe].fetch_add(1, Ordering::Relaxed);
+        // A phone that just registered is alive, whatever its last ping said.
+        if let ContactSet::List(specs) = &set {
+            let mut unreachable = self.inner.unreachable.lock();
+            if !unreachable.is_empty() {
+                // The text form is the one `apply` stored as the binding's contact.
+                for spec in specs.iter().filter(|s| s.expires > 0) {
+                    let contact = spec.uri.to_string();
+                    if unreachable.remove(&contact).is_some() {
+                        tracing::info!(aor, %contact, "contact registered again; reachable");
+                    }
+                }
+            }
+        }
         let st = &self.inner.stats;
         st.registered.fetch_add(counts.added, Ordering::Relaxed);
         st.refreshed.fetch_add(counts.refreshed, Ordering::Relaxed);
@@ -363,6 +410,53 @@ impl Registrar {
 }
 
 impl Inner {
+    /// The live binding of `contact`, reachable or not.
+    fn binding(&self, contact: &str, now: u64) -> Option<Binding> {
+        let aor = self.by_contact.read().get(contact).cloned()?;
+        self.cache
+            .read()
+            .get(&aor)?
+            .iter()
+            .find(|b| b.contact == contact && b.expires_at > now)
+            .cloned()
+    }
+
+    /// Sets or clears the unreachable mark of a bound contact; says whether it changed.
+    /// A mark is set only while `still(binding)` holds for the contact's live binding:
+    /// the keep-alive passes "not registered again since the ping left", and the check
+    /// and the mark happen under the cache and index locks, so that a REGISTER (which
+    /// installs, then clears marks) either is seen or clears the mark after it.
+    fn mark(
+        &self,
+        contact: &str,
+        reachable: bool,
+        now: u64,
+        still: impl FnOnce(&Binding) -> bool,
+    ) -> bool {
+        if reachable {
+            return self.unreachable.lock().remove(contact).is_some();
+        }
+        // Lock order: cache, by_contact, unreachable (as the expiry pass takes them).
+        let cache = self.cache.read();
+        let index = self.by_contact.read();
+        let Some(aor) = index.get(contact) else {
+            return false;
+        };
+        let live = cache.get(aor).and_then(|l| {
+            l.iter()
+                .find(|b| b.contact == contact && b.expires_at > now)
+        });
+        if !live.is_some_and(still) {
+            return false;
+        }
+        let mut unreachable = self.unreachable.lock();
+        if unreachable.contains_key(contact) {
+            return false;
+        }
+        unreachable.insert(contact.to_owned(), now);
+        true
+    }
+
     /// Puts the AOR's new binding set into the cache and queues its expiries.
     fn install(&self, aor: &str, list: Vec<Binding>) {
         {
@@ -383,13 +477,24 @@ impl Inner {
         let old_len = old.as_ref().map_or(0, |l| l.len());
         {
             let mut index = self.by_contact.write();
+            let mut gone = Vec::new();
             for b in old.iter().flatten() {
                 if index.get(&b.contact).is_some_and(|a| a == aor) {
                     index.remove(&b.contact);
+                    if !new_contacts.contains(&b.contact) {
+                        gone.push(b.contact.as_str());
+                    }
                 }
             }
             for c in new_contacts {
                 index.insert(c, aor.to_owned());
+            }
+            // No mark outlives its binding (lock order: by_contact, then unreachable).
+            if !gone.is_empty() {
+                let mut unreachable = self.unreachable.lock();
+                for c in gone {
+                    unreachable.remove(c);
+                }
             }
         }
         if new_len >= old_len {
@@ -627,9 +732,11 @@ async fn expire_once(inner: &Inner, now: u64) {
             let before = list.len();
             {
                 let mut index = inner.by_contact.write();
+                let mut unreachable = inner.unreachable.lock();
                 for b in list.iter().filter(|b| b.expires_at <= now) {
                     if index.get(&b.contact).is_some_and(|a| a == aor) {
                         index.remove(&b.contact);
+                        unreachable.remove(&b.contact);
                     }
                 }
             }
