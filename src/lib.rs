@@ -6,6 +6,7 @@ pub mod b2bua;
 pub mod config;
 pub mod dialog;
 pub mod logging;
+pub mod metrics;
 pub mod registrar;
 pub mod script;
 pub mod server;

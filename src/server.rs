@@ -252,7 +252,15 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         .listen
         .parse()
         .with_context(|| format!("http.listen {:?}", config.http.listen))?;
-    let admin = crate::admin::start(http, scripts.clone(), registrar.clone())
+    let metrics = crate::metrics::Metrics::new(Box::new(MetricSources {
+        registrar: registrar.clone(),
+        b2bua: b2bua.clone(),
+        scripts: scripts.clone(),
+        layer: layer.clone(),
+        stats: stats.clone(),
+    }))
+    .context("setting up metrics")?;
+    let admin = crate::admin::start(http, scripts.clone(), registrar.clone(), Arc::new(metrics))
         .await
         .with_context(|| format!("binding http.listen {http}"))?;
     tracing::info!(addr = %admin.addr(), "admin HTTP listening");
@@ -303,6 +311,53 @@ fn load_auth(config: &Config) -> anyhow::Result<(DigestAuth, Option<Arc<Users>>)
         .with_context(|| format!("registrar.users_file {path}"))?;
     tracing::info!(users = users.len(), "digest authentication of REGISTER on");
     Ok((digest, Some(Arc::new(users))))
+}
+
+/// What `/metrics` reads: the layers' own counters.
+struct MetricSources {
+    registrar: Registrar,
+    b2bua: B2bua,
+    scripts: ScriptEngine,
+    layer: TransactionLayer,
+    stats: Arc<ServerStats>,
+}
+
+impl crate::metrics::Sources for MetricSources {
+    fn bindings(&self) -> u64 {
+        self.registrar.count() as u64
+    }
+    fn registrar_events(&self) -> [u64; 5] {
+        use crate::metrics::load;
+        let s = self.registrar.stats();
+        [
+            load(&s.registered),
+            load(&s.refreshed),
+            load(&s.removed),
+            load(&s.expired),
+            load(&s.store_errors),
+        ]
+    }
+    fn calls_active(&self) -> u64 {
+        self.b2bua.active_calls()
+    }
+    fn calls_started(&self) -> u64 {
+        crate::metrics::load(&self.b2bua.stats().calls_started)
+    }
+    fn calls_answered(&self) -> u64 {
+        crate::metrics::load(&self.b2bua.stats().answered)
+    }
+    fn script_errors(&self) -> u64 {
+        crate::metrics::load(&self.scripts.stats().hook_errors_total)
+    }
+    fn malformed(&self) -> [u64; 2] {
+        [
+            crate::metrics::load(&self.stats.malformed_answered),
+            crate::metrics::load(&self.stats.malformed_dropped),
+        ]
+    }
+    fn transactions(&self) -> u64 {
+        self.layer.len() as u64
+    }
 }
 
 /// Opens the configured binding store (`registrar.store`) and loads the registrar.

@@ -287,6 +287,15 @@ async fn contacts_q_values_unregister_one_and_all_and_expiry() {
             .is_empty(),
         "expired"
     );
+    // The expiry shows in the metrics.
+    let m = strowger::admin::get(s.handle.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        m.contains("strowger_registrar_events_total{event=\"expired\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("strowger_registrar_bindings 0"), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

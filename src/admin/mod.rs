@@ -4,7 +4,8 @@
 //! through the handles it is given, and its one action, `POST /reload`, goes through the
 //! script engine's own reload (the same path as SIGHUP).
 //!
-//! Endpoints: `GET /healthz` (200 `{"status":"ok"}`), `GET /registrations` (the
+//! Endpoints: `GET /healthz` (200 `{"status":"ok"}`), `GET /metrics` (Prometheus text
+//! format, see `crate::metrics`), `GET /registrations` (the
 //! registrar's bindings as a JSON array: aor, contact, q, expires_at, source, user_agent,
 //! ...), `POST /reload` (200
 //! `{"reloaded":true,"version":N}`, or 422 `{"reloaded":false,"error":"file:line: ..."}`
@@ -44,6 +45,7 @@ impl Drop for AdminServer {
 struct State {
     scripts: ScriptEngine,
     registrar: Registrar,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Binds `listen` and serves until dropped.
@@ -51,10 +53,15 @@ pub async fn start(
     listen: SocketAddr,
     scripts: ScriptEngine,
     registrar: Registrar,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<AdminServer> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let state = State { scripts, registrar };
+    let state = State {
+        scripts,
+        registrar,
+        metrics,
+    };
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _peer)) = listener.accept().await else {
@@ -109,6 +116,14 @@ fn quote(s: &str) -> String {
 fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
         (&Method::GET, "/registrations") => {
             let mut all = state.registrar.bindings();
             all.sort_by(|a, b| a.aor.cmp(&b.aor).then(b.q.total_cmp(&a.q)));
@@ -137,7 +152,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         },
-        (_, "/healthz" | "/reload" | "/registrations") => json(
+        (_, "/healthz" | "/reload" | "/registrations" | "/metrics") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method not allowed"}"#.into(),
         ),
@@ -154,6 +169,11 @@ pub async fn request_reload(addr: SocketAddr) -> anyhow::Result<String> {
 /// `strowger registrations`: the server's bindings, as its JSON text.
 pub async fn request_registrations(addr: SocketAddr) -> anyhow::Result<String> {
     request(addr, Method::GET, "/registrations").await
+}
+
+/// `GET path` on the admin endpoint (tests, tools): the body of a 2xx.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    request(addr, Method::GET, path).await
 }
 
 /// One request to the admin endpoint; the body of a 2xx, else an error with the answer.
