@@ -6,11 +6,83 @@
 //!
 //! Metrics: `strowger_registrar_bindings` (gauge), `strowger_registrar_events_total{event=
 //! "registered"|"refreshed"|"removed"|"expired"|"store_error"}`, `strowger_calls_active`,
-//! `strowger_calls_total`, `strowger_calls_answered_total`, `strowger_script_errors_total`,
-//! `strowger_sip_malformed_total{action="answered"|"dropped"}`, `strowger_transactions`.
+//! `strowger_calls_total`, `strowger_calls_answered_total`,
+//! `strowger_calls_failed_total{class}`, `strowger_call_setup_seconds` (histogram),
+//! `strowger_script_errors_total`, `strowger_sip_malformed_total{action="answered"|"dropped"}`,
+//! `strowger_sip_requests_total{direction,method}`, `strowger_sip_responses_total{direction,
+//! class}`, `strowger_transactions`, `strowger_transaction_timeouts_total`,
+//! `strowger_auth_failures_total`, `strowger_process_cpu_seconds_total`,
+//! `strowger_process_resident_memory_bytes`, `strowger_process_open_fds`.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use crate::sip::Method;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+
+/// Requests by method: the 14 of the seed, then "other".
+const METHOD_SLOTS: usize = 15;
+
+/// SIP messages through the transaction layer (and the B2BUA's end-to-end ACKs), counted
+/// on the hot path with relaxed atomic adds only: no lock, no label lookup.
+pub struct SipCounters {
+    /// [in, out] x method slot.
+    requests: [[AtomicU64; METHOD_SLOTS]; 2],
+    /// [in, out] x status class 1xx..6xx.
+    responses: [[AtomicU64; 6]; 2],
+}
+
+#[derive(Clone, Copy)]
+pub enum Dir {
+    In = 0,
+    Out = 1,
+}
+
+impl SipCounters {
+    const fn new() -> SipCounters {
+        SipCounters {
+            requests: [
+                [const { AtomicU64::new(0) }; METHOD_SLOTS],
+                [const { AtomicU64::new(0) }; METHOD_SLOTS],
+            ],
+            responses: [
+                [const { AtomicU64::new(0) }; 6],
+                [const { AtomicU64::new(0) }; 6],
+            ],
+        }
+    }
+    pub fn request(&self, dir: Dir, method: &Method) {
+        let slot = Method::ALL
+            .iter()
+            .position(|m| m == method)
+            .unwrap_or(METHOD_SLOTS - 1);
+        self.requests[dir as usize][slot].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn response(&self, dir: Dir, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 6) - 1;
+        self.responses[dir as usize][class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Process-wide SIP message counters (one server per process in production; tests that
+/// run several only read them as "at least").
+pub static SIP: SipCounters = SipCounters::new();
+
+/// INVITE to 200 of answered calls, seconds.
+pub static CALL_SETUP: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new(
+            "strowger_call_setup_seconds",
+            "Time from INVITE to the 200 of answered calls",
+        )
+        .buckets(vec![
+            0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+        ]),
+    )
+    .expect("constant histogram options are valid")
+});
 
 /// Where the figures come from, read at every scrape.
 pub trait Sources: Send + Sync + 'static {
@@ -24,6 +96,12 @@ pub trait Sources: Send + Sync + 'static {
     /// (answered with 400/505, dropped)
     fn malformed(&self) -> [u64; 2];
     fn transactions(&self) -> u64;
+    /// Client transactions that timed out (Timer B/F) plus Timer H.
+    fn transaction_timeouts(&self) -> u64;
+    /// Calls that ended without an answer, by final status class 3xx..6xx.
+    fn calls_failed(&self) -> [u64; 4];
+    /// Digest answers that were wrong (wrong password, unknown user) or throttled.
+    fn auth_failures(&self) -> u64;
 }
 
 /// The registry and its metrics.
@@ -38,6 +116,14 @@ pub struct Metrics {
     script_errors: IntCounter,
     malformed: IntCounterVec,
     transactions: IntGauge,
+    transaction_timeouts: IntCounter,
+    calls_failed: IntCounterVec,
+    auth_failures: IntCounter,
+    sip_requests: IntCounterVec,
+    sip_responses: IntCounterVec,
+    cpu: prometheus::Counter,
+    rss: IntGauge,
+    fds: IntGauge,
 }
 
 /// Brings a Prometheus counter up to a monotonic source value.
@@ -86,6 +172,51 @@ impl Metrics {
                 "action",
             )?,
             transactions: gauge("strowger_transactions", "Live SIP transactions")?,
+            transaction_timeouts: counter(
+                "strowger_transaction_timeouts_total",
+                "Transactions that timed out (Timer B, F or H)",
+            )?,
+            calls_failed: vec(
+                "strowger_calls_failed_total",
+                "Calls that ended unanswered, by final status class",
+                "class",
+            )?,
+            auth_failures: counter(
+                "strowger_auth_failures_total",
+                "Digest authentication failures (wrong credentials or throttled)",
+            )?,
+            sip_requests: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "strowger_sip_requests_total",
+                        "SIP requests by direction and method",
+                    ),
+                    &["direction", "method"],
+                )?;
+                registry.register(Box::new(v.clone()))?;
+                v
+            },
+            sip_responses: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "strowger_sip_responses_total",
+                        "SIP responses by direction and status class",
+                    ),
+                    &["direction", "class"],
+                )?;
+                registry.register(Box::new(v.clone()))?;
+                v
+            },
+            cpu: {
+                let c = prometheus::Counter::new(
+                    "strowger_process_cpu_seconds_total",
+                    "CPU time of the server process (user + system)",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            rss: gauge("strowger_process_resident_memory_bytes", "Resident memory")?,
+            fds: gauge("strowger_process_open_fds", "Open file descriptors")?,
             registry,
             sources,
         })
@@ -115,12 +246,65 @@ impl Metrics {
         catch_up(&self.malformed.with_label_values(&["answered"]), answered);
         catch_up(&self.malformed.with_label_values(&["dropped"]), dropped);
         self.transactions.set(s.transactions() as i64);
+        catch_up(&self.transaction_timeouts, s.transaction_timeouts());
+        for (class, value) in ["3xx", "4xx", "5xx", "6xx"].iter().zip(s.calls_failed()) {
+            catch_up(&self.calls_failed.with_label_values(&[class]), value);
+        }
+        catch_up(&self.auth_failures, s.auth_failures());
+        for (d, dir) in ["in", "out"].iter().enumerate() {
+            for (slot, counter) in SIP.requests[d].iter().enumerate() {
+                let name = Method::ALL.get(slot).map_or("other", |m| m.as_str());
+                catch_up(
+                    &self.sip_requests.with_label_values(&[dir, name]),
+                    counter.load(Ordering::Relaxed),
+                );
+            }
+            for (c, counter) in SIP.responses[d].iter().enumerate() {
+                let class = ["1xx", "2xx", "3xx", "4xx", "5xx", "6xx"][c];
+                catch_up(
+                    &self.sip_responses.with_label_values(&[dir, class]),
+                    counter.load(Ordering::Relaxed),
+                );
+            }
+        }
+        let (cpu, rss, fds) = process_figures();
+        let have = self.cpu.get();
+        if cpu > have {
+            self.cpu.inc_by(cpu - have);
+        }
+        self.rss.set(rss as i64);
+        self.fds.set(fds as i64);
+        let mut families = self.registry.gather();
+        families.extend(prometheus::core::Collector::collect(&*CALL_SETUP));
         let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::warn!(error = %e, "encoding metrics");
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// CPU seconds, resident bytes and open descriptors of this process, from /proc (Linux;
+/// zeros elsewhere).
+fn process_figures() -> (f64, u64, u64) {
+    let ticks = 100.0; // USER_HZ: 100 on every Linux the server targets
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .unwrap_or(0.0);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    (cpu, rss, fds)
 }
 
 /// Reads an atomic counter.

@@ -243,7 +243,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
         flows: Some(location),
-        auth: users.map(|u| (digest, u)),
+        auth: users.map(|u| (digest.clone(), u)),
     });
     core.set_b2bua(b2bua.clone());
     core.set_registrar(registrar.clone());
@@ -258,6 +258,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         scripts: scripts.clone(),
         layer: layer.clone(),
         stats: stats.clone(),
+        digest: digest.clone(),
     }))
     .context("setting up metrics")?;
     let admin = crate::admin::start(http, scripts.clone(), registrar.clone(), Arc::new(metrics))
@@ -320,6 +321,7 @@ struct MetricSources {
     scripts: ScriptEngine,
     layer: TransactionLayer,
     stats: Arc<ServerStats>,
+    digest: DigestAuth,
 }
 
 impl crate::metrics::Sources for MetricSources {
@@ -357,6 +359,18 @@ impl crate::metrics::Sources for MetricSources {
     }
     fn transactions(&self) -> u64 {
         self.layer.len() as u64
+    }
+    fn transaction_timeouts(&self) -> u64 {
+        let s = self.layer.stats();
+        s.client_timeouts + s.ack_timeouts
+    }
+    fn calls_failed(&self) -> [u64; 4] {
+        let f = &self.b2bua.stats().failed_by_class;
+        [0, 1, 2, 3].map(|i| crate::metrics::load(&f[i]))
+    }
+    fn auth_failures(&self) -> u64 {
+        let s = self.digest.stats();
+        crate::metrics::load(&s.failures) + crate::metrics::load(&s.throttled)
     }
 }
 

@@ -156,6 +156,12 @@ async fn basic_call_caller_hangs_up() {
     assert_eq!(ok_a.body().trim(), ok_b.body().trim());
     assert_legs_differ(&a, &b);
     wait_idle(&s.server).await;
+    // The answered call's setup time is in the histogram.
+    let m = strowger::admin::get(s.server.handle.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    assert!(m.contains("strowger_call_setup_seconds_count"), "{m}");
+    assert!(m.contains("strowger_calls_answered_total 1"), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,6 +83,25 @@ async fn script_failures_give_500_and_the_next_call_works() {
     }
     assert_eq!(stats.hook_timeouts.load(Ordering::Relaxed), 1);
     assert_eq!(stats.memory_errors.load(Ordering::Relaxed), 1);
+    // The same figures on /metrics.
+    let m = strowger::admin::get(server.handle.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    assert!(m.contains("strowger_script_errors_total 3"), "{m}");
+    assert!(
+        m.contains("strowger_calls_failed_total{class=\"5xx\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("strowger_calls_failed_total{class=\"4xx\"} 3"),
+        "{m}"
+    );
+    assert!(m.contains("strowger_calls_total 6"), "{m}");
+    assert!(
+        m.contains("strowger_sip_requests_total{direction=\"in\",method=\"INVITE\"}"),
+        "{m}"
+    );
+    assert!(m.contains("strowger_process_open_fds"), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1104,7 +1104,11 @@ impl Call {
                 give_up: now + t1 * 64,
             },
         ));
-        self.answer = Some(SystemTime::now());
+        let now = SystemTime::now();
+        if let Ok(setup) = now.duration_since(self.start) {
+            crate::metrics::CALL_SETUP.observe(setup.as_secs_f64());
+        }
+        self.answer = Some(now);
         self.final_status = resp.status;
         if let Some(max) = self.max_duration_pending.take() {
             self.max_duration = Some(Instant::now() + max);
@@ -1536,6 +1540,10 @@ impl Call {
         self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
         if self.final_status == 0 {
             self.final_status = if self.answer.is_some() { 200 } else { 500 };
+        }
+        if self.answer.is_none() && (300..700).contains(&self.final_status) {
+            let class = usize::from(self.final_status / 100 - 3);
+            self.inner.stats.failed_by_class[class].fetch_add(1, Ordering::Relaxed);
         }
         let record = CallRecord {
             start: self.start,

@@ -92,6 +92,8 @@ pub trait ContactFlows: Send + Sync + 'static {
 /// Counters of the call core.
 #[derive(Debug, Default)]
 pub struct B2buaStats {
+    /// Calls that ended unanswered, by final status class 3xx..6xx.
+    pub failed_by_class: [AtomicU64; 4],
     pub calls_started: AtomicU64,
     pub answered: AtomicU64,
     pub dials: AtomicU64,

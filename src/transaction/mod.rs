@@ -676,9 +676,11 @@ impl Shared {
     ) -> Result<(), TransportError> {
         match what {
             What::Method(m) => {
+                crate::metrics::SIP.request(crate::metrics::Dir::Out, m);
                 tracing::debug!(dir = "out", method = %m, call_id = %call_id, peer = %target.addr, transport = %target.transport)
             }
             What::Status(s) => {
+                crate::metrics::SIP.response(crate::metrics::Dir::Out, *s);
                 tracing::debug!(dir = "out", status = s, call_id = %call_id, peer = %target.addr, transport = %target.transport)
             }
         }
@@ -738,6 +740,7 @@ impl TransactionLayer {
     pub fn on_message(&self, msg: SipMessage, source: Target) {
         match msg {
             SipMessage::Request(req) => {
+                crate::metrics::SIP.request(crate::metrics::Dir::In, &req.method);
                 tracing::debug!(dir = "in", method = %req.method, call_id = %req.base.call_id, peer = %source.addr, transport = %source.transport);
                 match req.method {
                     Method::Ack => self.on_ack(req, source),
@@ -746,6 +749,7 @@ impl TransactionLayer {
                 }
             }
             SipMessage::Response(resp) => {
+                crate::metrics::SIP.response(crate::metrics::Dir::In, resp.status);
                 tracing::debug!(dir = "in", status = resp.status, call_id = %resp.base.call_id, peer = %source.addr, transport = %source.transport);
                 self.on_response(resp, source);
             }
