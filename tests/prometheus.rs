@@ -1,6 +1,7 @@
 //! The dashboards and alert rules against a real Prometheus: it scrapes an in-process server
 //! and evaluates every Grafana panel query and every alert expression, so a typo in a metric
-//! name or in PromQL fails here instead of showing an empty panel in production.
+//! name or in PromQL fails here instead of showing an empty panel in production; promtool then
+//! checks the rules file and runs the alerts' unit tests.
 //!
 //! Needs the `prometheus` binary (Debian package `prometheus`); the test command installs it,
 //! and without it the test says so and passes, since the rest of the suite must not depend on it.
@@ -364,6 +365,28 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
             panic!("alerts.yml: {expr}\n{e}");
         }
         checked += 1;
+    }
+    // promtool ships with prometheus: the rules file as Prometheus loads it, and the alerts'
+    // unit tests (dashboards/alerts_test.yml), which check when each alert fires.
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let run = tokio::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dashboards)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .unwrap_or_else(|_| panic!("promtool {args:?} took over 60 s"))
+            .expect("run promtool (package prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     eprintln!(
         "{checked} expressions evaluated, {} overview panels with data",
