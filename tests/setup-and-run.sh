@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the tests need (SIPp, redis-server) and runs every test. This is the README's test
+# Installs what the tests need (SIPp, redis-server, prometheus) and runs every test. This is the README's test
 # command and exactly what .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""
