@@ -44,6 +44,33 @@ struct Dispatcher {
     layer: OnceLock<TransactionLayer>,
     sender: OnceLock<Transports>,
     stats: Arc<ServerStats>,
+    /// At most one warning per second about malformed input (a flood must not flood the
+    /// log); every message is still counted and logged at debug.
+    last_warn: AtomicU64,
+}
+
+impl Dispatcher {
+    fn warn_malformed(&self, peer: SocketAddr, reason: &dyn std::fmt::Display, answered: bool) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_warn.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_warn
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %peer,
+                %reason,
+                answered,
+                total_answered = self.stats.malformed_answered.load(Ordering::Relaxed),
+                total_dropped = self.stats.malformed_dropped.load(Ordering::Relaxed),
+                "malformed SIP (at most one such line per second; all are counted in strowger_sip_malformed_total)"
+            );
+        }
+    }
 }
 
 impl InboundSink for Dispatcher {
@@ -75,10 +102,12 @@ impl InboundSink for Dispatcher {
                     self.stats
                         .malformed_answered
                         .fetch_add(1, Ordering::Relaxed);
+                    self.warn_malformed(inbound.source.addr, &err, true);
                 }
                 None => {
                     tracing::debug!(peer = %inbound.source.addr, reason = %err, "dropping malformed message");
                     self.stats.malformed_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.warn_malformed(inbound.source.addr, &err, false);
                 }
             },
         }
@@ -186,6 +215,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer: OnceLock::new(),
         sender: OnceLock::new(),
         stats: stats.clone(),
+        last_warn: AtomicU64::new(0),
     });
     let limits = TransportLimits {
         max_message_size: config.sip.max_message_size,
