@@ -29,7 +29,8 @@
 //! - `log.level` [`info`], `log.format` [`text`|`json`, default `text`]
 //! - `script.path` [`scripts/default.lua`], `script.memory_limit_kb` [8192],
 //!   `script.instruction_limit` [1000000], `script.vm_pool_size` [0 = one per core]
-//! - `call.ring_timeout_s` [60] (a dial without `timeout` rings this long)
+//! - `call.ring_timeout_s` [60] (a dial without `timeout` rings this long),
+//!   `call.records_file` [empty = off] (call records appended as JSON lines)
 //! - `registrar.min_expires` [60], `registrar.max_expires` [3600],
 //!   `registrar.default_expires` [3600], `registrar.store` [`embedded`|`redis`],
 //!   `registrar.users_file` [empty = no authentication], `registrar.unknown_aor_status` [404],
@@ -288,11 +289,17 @@ impl Default for ScriptConfig {
 pub struct CallConfig {
     /// How long a dial rings when the script gives no `timeout`, seconds.
     pub ring_timeout_s: u64,
+    /// File that gets one JSON line per ended call (created when missing, appended to);
+    /// empty = no call-record file.
+    pub records_file: String,
 }
 
 impl Default for CallConfig {
     fn default() -> Self {
-        CallConfig { ring_timeout_s: 60 }
+        CallConfig {
+            ring_timeout_s: 60,
+            records_file: String::new(),
+        }
     }
 }
 
@@ -564,6 +571,15 @@ impl Config {
             1,
             MAX_TIMEOUT_S,
         )?;
+        if self.call.records_file.chars().any(char::is_control) {
+            return Err(invalid(
+                "call.records_file",
+                format!(
+                    "must be a path without control characters (got {:?})",
+                    self.call.records_file
+                ),
+            ));
+        }
         let keepalive = self.registrar.keepalive_interval_s;
         if keepalive != 0 && !(MIN_KEEPALIVE_S..=MAX_KEEPALIVE_S).contains(&keepalive) {
             return Err(invalid(
@@ -1297,6 +1313,13 @@ mod tests {
 
         let e = err_of("[sip]\nuser_agent = \"a\\r\\nX-Injected: 1\"\n", &[]);
         assert_eq!(e.key, "sip.user_agent");
+
+        let e = err_of("[call]\nrecords_file = \"calls\\n.jsonl\"\n", &[]);
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("call.records_file", Some(2)),
+            "{e}"
+        );
 
         let e = err_of("sip = 5\n", &[]);
         assert_eq!((e.key.as_str(), e.line), ("sip", Some(1)), "{e}");

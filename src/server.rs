@@ -7,10 +7,11 @@
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
 //! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`,
 //! `registrar.keepalive_interval_s` (starts the registrar's keep-alive pings when not 0;
-//! taken as given here, `Config` loading validates it).
+//! taken as given here, `Config` loading validates it), `call.records_file` (opened here,
+//! so a file that cannot be written stops start-up).
 
 use crate::auth::{Algorithm, DigestAuth, DigestConfig, Users};
-use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs};
+use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs, RecordWriter};
 use crate::config::{Config, RegistrarStore};
 use crate::registrar::{
     BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarConfig, SqliteStore,
@@ -265,6 +266,14 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             LocalAddrs::new(transports.local_addrs()),
         )
     });
+    let records = if config.call.records_file.is_empty() {
+        None
+    } else {
+        Some(
+            RecordWriter::open(std::path::Path::new(&config.call.records_file))
+                .context("call.records_file")?,
+        )
+    };
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
@@ -274,6 +283,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
         flows: Some(location),
         auth: users.map(|u| (digest.clone(), u)),
+        records,
     });
     core.set_b2bua(b2bua.clone());
     core.set_registrar(registrar.clone());

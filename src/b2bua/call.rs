@@ -7,6 +7,7 @@
 //! [`CallEvent::Dial`]: a dial is a request with a reply channel.
 
 use super::net::resolve;
+use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
 use crate::dialog::{Dialog, DialogState};
@@ -1535,6 +1536,35 @@ impl Call {
         }
     }
 
+    /// The line for `call.records_file`: `record` plus who the call was between.
+    fn detail(&self, record: &CallRecord) -> CallDetail {
+        let r = &self.a_invite;
+        let duration_s = match record.answer {
+            Some(answer) => record
+                .end
+                .duration_since(answer)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            None => 0.0,
+        };
+        CallDetail {
+            call_id: self.id.to_string(),
+            a_call_id: r.base.call_id.clone(),
+            b_call_id: self.b_dialog.as_ref().map(|d| d.call_id.clone()),
+            from: r.base.from.uri.to_string(),
+            to: r.base.to.uri.to_string(),
+            ruri: r.uri.to_string(),
+            source: format!("{}:{}", self.a_source.transport, self.a_source.addr),
+            start: record.start,
+            answer: record.answer,
+            end: record.end,
+            duration_s,
+            final_status: record.final_status,
+            hangup_by: record.hangup_by.clone(),
+            script_version: self.version.version(),
+        }
+    }
+
     /// The call is over and its hook has returned: run `on_call_end` with the record.
     fn finish(&mut self) {
         self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
@@ -1552,6 +1582,9 @@ impl Call {
             hangup_by: self.hangup_by.to_owned(),
             final_status: self.final_status,
         };
+        if let Some(records) = &self.inner.records {
+            records.send(self.detail(&record));
+        }
         if let Some(handle) = self.script.take() {
             let version = self.version.clone();
             tokio::spawn(async move { version.on_call_end(handle, record).await });

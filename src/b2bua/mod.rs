@@ -12,9 +12,11 @@
 
 mod call;
 mod net;
+mod records;
 
 pub use call::Side;
 pub use net::{resolve, LocalAddrs, ResolveError};
+pub use records::{rfc3339_millis, CallDetail, RecordWriter};
 
 use crate::script::ScriptEngine;
 use crate::sip::{Request, Response};
@@ -109,6 +111,7 @@ struct B2buaInner {
     default_ring_timeout: Duration,
     flows: Option<Arc<dyn ContactFlows>>,
     auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
+    records: Option<RecordWriter>,
     dialogs: Sharded<CallRef>,
     /// Calls whose INVITE is still pending, by (Call-ID, From tag) of the caller: CANCEL.
     pending: Sharded<Events>,
@@ -134,6 +137,8 @@ pub struct B2buaParts {
     pub flows: Option<Arc<dyn ContactFlows>>,
     /// Digest authentication for `call:authenticate()` (None: no users configured).
     pub auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
+    /// The `call.records_file` writer (None: no record file).
+    pub records: Option<RecordWriter>,
 }
 
 impl B2bua {
@@ -148,6 +153,7 @@ impl B2bua {
                 default_ring_timeout: parts.default_ring_timeout,
                 flows: parts.flows,
                 auth: parts.auth,
+                records: parts.records,
                 dialogs: Sharded::new(64),
                 pending: Sharded::new(64),
                 calls_active: AtomicU64::new(0),

@@ -1,0 +1,172 @@
+//! The call-record file (`call.records_file`): one JSON object per line for every ended
+//! call.
+//!
+//! Owns: the file and the task that writes it. Must not touch: what a call records (the
+//! call builds a [`CallDetail`] in `finish`), nor the script's `on_call_end`, which gets its
+//! own `CallRecord` independently of this file.
+//!
+//! The file is opened (created when missing, appended to) at start-up, so a path that
+//! cannot be written stops the server rather than losing records silently. Calls hand
+//! their record to [`RecordWriter::send`], which only queues it on an unbounded channel:
+//! the call task never waits for the disk. One tokio task drains the channel, writes every
+//! record queued so far as one batch, and flushes after each batch. The task ends when the
+//! last handle is dropped.
+//!
+//! Line format (keys always present, in this order):
+//! `call_id` (the B2BUA's own call id), `a_call_id` (the caller's Call-ID), `b_call_id`
+//! (the answered callee leg's Call-ID, `null` when no leg answered), `from`, `to`, `ruri`
+//! (the caller's URIs as text), `source` (`"udp:1.2.3.4:5060"`), `start`, `answer`
+//! (`null` when never answered), `end` (times as RFC 3339 UTC strings with milliseconds,
+//! `"2026-11-30T15:23:37.123Z"`), `duration_s` (answer to end in seconds, a float; 0 when
+//! unanswered), `final_status`, `hangup_by` (`"caller"`, `"callee"` or `"system"`),
+//! `script_version` (the version of the script the call ran on: 1 for the first load).
+
+use anyhow::Context as _;
+use serde::Serialize;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::mpsc;
+
+/// One ended call, as written to the record file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallDetail {
+    pub call_id: String,
+    pub a_call_id: String,
+    pub b_call_id: Option<String>,
+    pub from: String,
+    pub to: String,
+    pub ruri: String,
+    pub source: String,
+    #[serde(serialize_with = "ser_time")]
+    pub start: SystemTime,
+    #[serde(serialize_with = "ser_opt_time")]
+    pub answer: Option<SystemTime>,
+    #[serde(serialize_with = "ser_time")]
+    pub end: SystemTime,
+    pub duration_s: f64,
+    pub final_status: u16,
+    pub hangup_by: String,
+    pub script_version: u64,
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339_millis(*t))
+}
+
+fn ser_opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => ser_time(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC). Times before 1970 are written as the epoch: the
+/// clock of a running server is never there.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let millis = since.subsec_millis();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_date(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01.
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    // Counted in 400-year eras starting on 0000-03-01, so the leap day ends each year.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153; // month from March = 0
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Handle on the record file's writer task; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RecordWriter {
+    tx: mpsc::UnboundedSender<CallDetail>,
+}
+
+impl RecordWriter {
+    /// Opens `path` (create + append) and starts the writer task; needs a tokio runtime.
+    /// The error names the file.
+    pub fn open(path: &Path) -> anyhow::Result<RecordWriter> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening call record file {}", path.display()))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(
+            tokio::fs::File::from_std(file),
+            rx,
+            path.display().to_string(),
+        ));
+        Ok(RecordWriter { tx })
+    }
+
+    /// Queues a record; never waits. Lost (with a warning) only when the writer has
+    /// stopped.
+    pub fn send(&self, record: CallDetail) {
+        if self.tx.send(record).is_err() {
+            tracing::warn!("call record writer has stopped; record dropped");
+        }
+    }
+}
+
+async fn write_loop(
+    mut file: tokio::fs::File,
+    mut rx: mpsc::UnboundedReceiver<CallDetail>,
+    path: String,
+) {
+    let mut buf = Vec::new();
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        let mut next = Some(first);
+        while let Some(record) = next {
+            // A CallDetail always serializes (strings, numbers, null).
+            if serde_json::to_writer(&mut buf, &record).is_ok() {
+                buf.push(b'\n');
+            }
+            next = rx.try_recv().ok();
+        }
+        let written = async {
+            file.write_all(&buf).await?;
+            file.flush().await
+        }
+        .await;
+        if let Err(error) = written {
+            tracing::error!(file = %path, %error, "writing call records failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn formats_rfc3339_utc() {
+        assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(951_782_400_007); // leap day 2000
+        assert_eq!(rfc3339_millis(t), "2000-02-29T00:00:00.007Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_798_761_599); // 2026-12-31T23:59:59Z
+        assert_eq!(rfc3339_millis(t), "2026-12-31T23:59:59.000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(4_107_542_400); // 2100-03-01, no leap day
+        assert_eq!(rfc3339_millis(t), "2100-03-01T00:00:00.000Z");
+    }
+}
