@@ -284,7 +284,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         Arc::new(metrics),
     )
     .await
-        .with_context(|| format!("binding http.listen {http}"))?;
+    .with_context(|| format!("binding http.listen {http}"))?;
     tracing::info!(addr = %admin.addr(), "admin HTTP listening");
     let _ = dispatcher.layer.set(layer.clone());
     let _ = dispatcher.sender.set(transports.clone());

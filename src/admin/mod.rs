@@ -192,10 +192,14 @@ fn quote(s: &str) -> String {
     out
 }
 
-/// Whether `req` may use a protected endpoint: None if so, else the refusal to send.
-fn refuse(state: &State, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+/// Whether a request with `headers` may use the protected endpoint `path`: None if so,
+/// else the refusal to send.
+fn refuse(
+    shared: &Shared,
+    path: &str,
+    headers: &hyper::HeaderMap,
+) -> Option<Response<Full<Bytes>>> {
     use subtle::ConstantTimeEq as _;
-    let shared = &state.shared;
     let Some(expected) = &shared.token else {
         if shared.loopback {
             return None;
@@ -205,8 +209,7 @@ fn refuse(state: &State, req: &Request<Incoming>) -> Option<Response<Full<Bytes>
             r#"{"error":"http.token is not set: the admin API is disabled"}"#.into(),
         ));
     };
-    let given = req
-        .headers()
+    let given = headers
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().split_once(' '))
@@ -220,7 +223,7 @@ fn refuse(state: &State, req: &Request<Incoming>) -> Option<Response<Full<Bytes>
     shared.unauthorized.fetch_add(1, Ordering::Relaxed);
     ADMIN_UNAUTHORIZED.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
-        path = req.uri().path(),
+        path,
         token_given = given.is_some(),
         "admin request refused: missing or wrong bearer token"
     );
@@ -244,7 +247,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/registrations") | (&Method::POST, "/reload" | "/drain")
     );
     if protected {
-        if let Some(refusal) = refuse(state, &req) {
+        if let Some(refusal) = refuse(&state.shared, path, req.headers()) {
             return refusal;
         }
     }
@@ -252,10 +255,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         (&Method::GET, "/readyz") => {
             if state.shared.draining.load(Ordering::Acquire) {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    r#"{"ready":false}"#.into(),
-                )
+                json(StatusCode::SERVICE_UNAVAILABLE, r#"{"ready":false}"#.into())
             } else {
                 json(StatusCode::OK, r#"{"ready":true}"#.into())
             }
@@ -305,12 +305,10 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 format!(r#"{{"draining":true,"unanswered":{unanswered}}}"#),
             )
         }
-        (_, "/healthz" | "/readyz" | "/reload" | "/drain" | "/registrations" | "/metrics") => {
-            json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                r#"{"error":"method not allowed"}"#.into(),
-            )
-        }
+        (_, "/healthz" | "/readyz" | "/reload" | "/drain" | "/registrations" | "/metrics") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method not allowed"}"#.into(),
+        ),
         _ => json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),
     }
 }
@@ -387,4 +385,65 @@ pub async fn send(
         parts,
         String::from_utf8_lossy(&body).into_owned(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(token: &str, loopback: bool) -> Shared {
+        Shared {
+            token: (!token.is_empty()).then(|| sha256(token.as_bytes())),
+            loopback,
+            drain: Box::new(|| 0),
+            draining: AtomicBool::new(false),
+            unauthorized: AtomicU64::new(0),
+        }
+    }
+
+    fn headers(authorization: Option<&str>) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        if let Some(v) = authorization {
+            h.insert(hyper::header::AUTHORIZATION, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn status(s: &Shared, authorization: Option<&str>) -> Option<StatusCode> {
+        refuse(s, "/registrations", &headers(authorization)).map(|r| r.status())
+    }
+
+    #[test]
+    fn no_token_off_loopback_disables_the_api() {
+        let s = shared("", false);
+        assert_eq!(status(&s, None), Some(StatusCode::FORBIDDEN));
+        assert_eq!(status(&s, Some("Bearer x")), Some(StatusCode::FORBIDDEN));
+        assert_eq!(s.unauthorized.load(Ordering::Relaxed), 0);
+        let s = shared("", true);
+        assert_eq!(status(&s, None), None);
+    }
+
+    #[test]
+    fn bearer_token_checked() {
+        for loopback in [true, false] {
+            let s = shared("abc", loopback);
+            assert_eq!(status(&s, Some("Bearer abc")), None);
+            assert_eq!(status(&s, Some("bearer abc")), None);
+            assert_eq!(status(&s, None), Some(StatusCode::UNAUTHORIZED));
+            assert_eq!(
+                status(&s, Some("Bearer ab")),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(
+                status(&s, Some("Bearer abcd")),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(
+                status(&s, Some("Basic abc")),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(status(&s, Some("abc")), Some(StatusCode::UNAUTHORIZED));
+            assert_eq!(s.unauthorized.load(Ordering::Relaxed), 5);
+        }
+    }
 }
