@@ -1,4 +1,5 @@
-//! The command line: `strowger run|check|reload [--config PATH]` and `--version`.
+//! The command line: `strowger run|check|reload|registrations|drain [--config PATH]` and
+//! `--version`.
 //!
 //! Owns: argument names, help texts and their defaults. Must not touch: what the commands
 //! do (that is `main.rs`) or configuration loading (that is `strowger::config`).
@@ -25,6 +26,10 @@ pub enum Command {
     Reload(ConfigArgs),
     /// List the running server's registrations (contact, expiry, user agent, source).
     Registrations(RegistrationsArgs),
+    /// Ask the running server to stop taking new calls and registrations (they get 503)
+    /// while the ones in progress finish; prints its JSON answer. The process keeps
+    /// running: stop it with SIGTERM.
+    Drain(ConfigArgs),
 }
 
 #[derive(Args, Debug)]
@@ -69,6 +74,11 @@ mod tests {
             cli.command,
             Command::Run(ConfigArgs { config: None })
         ));
+        let cli = Cli::try_parse_from(["strowger", "drain", "-c", "y.toml"]).unwrap();
+        match cli.command {
+            Command::Drain(a) => assert_eq!(a.config, Some(PathBuf::from("y.toml"))),
+            other => panic!("unexpected {other:?}"),
+        }
         assert!(Cli::try_parse_from(["strowger"]).is_err());
     }
 }

@@ -25,7 +25,8 @@
 //!   [`localhost`], `sip.timers.t1_ms` [500], `sip.timers.t2_ms` [4000],
 //!   `sip.timers.t4_ms` [5000], `sip.max_message_size` [65535], `sip.user_agent`
 //!   [`Strowger/<version>`], `sip.tcp_idle_timeout_s` [300]
-//! - `http.listen` [`127.0.0.1:9090`]
+//! - `http.listen` [`127.0.0.1:9090`], `http.token` [empty = admin API open on loopback
+//!   only, disabled elsewhere]
 //! - `log.level` [`info`], `log.format` [`text`|`json`, default `text`]
 //! - `script.path` [`scripts/default.lua`], `script.memory_limit_kb` [8192],
 //!   `script.instruction_limit` [1000000], `script.vm_pool_size` [0 = one per core]
@@ -220,12 +221,16 @@ impl Default for TimersConfig {
 pub struct HttpConfig {
     /// `IP:PORT`.
     pub listen: String,
+    /// Bearer token of the admin API (`/registrations`, `/reload`, `/drain`); empty = none:
+    /// then only a loopback `listen` serves them, without a token.
+    pub token: String,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9090".into(),
+            token: String::new(),
         }
     }
 }
@@ -537,6 +542,18 @@ impl Config {
                     "{:?} is not IP:PORT ({e}; IPv6 goes in brackets: [::1]:9090)",
                     self.http.listen
                 ),
+            ));
+        }
+
+        if self
+            .http
+            .token
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "http.token",
+                "must not contain spaces or control characters",
             ));
         }
 
@@ -1305,6 +1322,9 @@ mod tests {
 
         let e = err_of("[http]\nlisten = \"localhost:80\"\n", &[]);
         assert_eq!((e.key.as_str(), e.line), ("http.listen", Some(2)), "{e}");
+
+        let e = err_of("[http]\ntoken = \"two words\"\n", &[]);
+        assert_eq!((e.key.as_str(), e.line), ("http.token", Some(2)), "{e}");
 
         let e = err_of("[log]\nlevel = \"verbose\"\n", &[]);
         assert_eq!(e.key, "log.level");

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check(args.config.as_deref()),
         Command::Reload(args) => reload(args.config.as_deref()),
         Command::Registrations(args) => registrations(args.config.config.as_deref(), args.json),
+        Command::Drain(args) => drain(args.config.as_deref()),
     }
 }
 
@@ -57,11 +58,14 @@ fn check(path: Option<&Path>) -> ExitCode {
 
 /// `strowger registrations`: the running server's bindings, as a table (or its JSON).
 fn registrations(path: Option<&Path>, as_json: bool) -> ExitCode {
-    let (addr, runtime) = match admin_client(path) {
+    let client = match admin_client(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
-    match runtime.block_on(strowger::admin::request_registrations(addr)) {
+    match client.block_on(strowger::admin::request_registrations(
+        client.addr,
+        &client.token,
+    )) {
         Ok(text) if as_json => {
             println!("{text}");
             ExitCode::SUCCESS
@@ -107,10 +111,24 @@ fn registrations_table(list: &[strowger::registrar::Binding]) -> String {
     out
 }
 
-/// The admin endpoint's address from the configuration, and a runtime to reach it.
-fn admin_client(
-    path: Option<&Path>,
-) -> Result<(std::net::SocketAddr, tokio::runtime::Runtime), ExitCode> {
+/// How to reach the admin endpoint: its address and token from the configuration, and a
+/// runtime.
+struct AdminClient {
+    addr: std::net::SocketAddr,
+    /// `http.token`; empty = none sent.
+    token: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl AdminClient {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+}
+
+/// The admin endpoint's address and token from the configuration, and a runtime to reach
+/// it.
+fn admin_client(path: Option<&Path>) -> Result<AdminClient, ExitCode> {
     let config = Config::load(path).map_err(|e| {
         eprintln!("configuration error: {e}");
         ExitCode::from(EXIT_CONFIG)
@@ -129,17 +147,17 @@ fn admin_client(
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::from(EXIT_RUNTIME)
         })?;
-    Ok((addr, runtime))
+    Ok(AdminClient {
+        addr,
+        token: config.http.token,
+        runtime,
+    })
 }
 
-/// `strowger reload`: asks the running server (at the configuration's `http.listen`) to
-/// reload its script; the same as sending it SIGHUP.
-fn reload(path: Option<&Path>) -> ExitCode {
-    let (addr, runtime) = match admin_client(path) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    match runtime.block_on(strowger::admin::request_reload(addr)) {
+/// Prints a 2xx answer of the admin endpoint (exit 0), or the error with the server's
+/// answer (exit 1).
+fn print_answer(answer: anyhow::Result<String>) -> ExitCode {
+    match answer {
         Ok(answer) => {
             println!("{answer}");
             ExitCode::SUCCESS
@@ -148,6 +166,23 @@ fn reload(path: Option<&Path>) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
+    }
+}
+
+/// `strowger reload`: asks the running server (at the configuration's `http.listen`) to
+/// reload its script; the same as sending it SIGHUP.
+fn reload(path: Option<&Path>) -> ExitCode {
+    match admin_client(path) {
+        Ok(c) => print_answer(c.block_on(strowger::admin::request_reload(c.addr, &c.token))),
+        Err(code) => code,
+    }
+}
+
+/// `strowger drain`: the running server stops taking new calls; the rest finish.
+fn drain(path: Option<&Path>) -> ExitCode {
+    match admin_client(path) {
+        Ok(c) => print_answer(c.block_on(strowger::admin::request_drain(c.addr, &c.token))),
+        Err(code) => code,
     }
 }
 

@@ -178,6 +178,11 @@ impl ServerHandle {
         self.admin.addr()
     }
 
+    /// The admin HTTP endpoint (its counters, whether it is draining).
+    pub fn admin(&self) -> &crate::admin::AdminServer {
+        &self.admin
+    }
+
     /// Graceful shutdown: new requests get 503, transactions in flight get up to `drain`
     /// to finish, then the transports close.
     pub async fn shutdown(self, drain: Duration) {
@@ -186,6 +191,7 @@ impl ServerHandle {
             k.stop();
         }
         self.layer.stop_accepting();
+        self.admin.set_draining();
         // Wait for the requests still owing an answer (an INVITE ringing, a REGISTER being
         // stored), not for answered transactions lingering for retransmissions.
         let deadline = tokio::time::Instant::now() + drain;
@@ -301,9 +307,24 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         digest: digest.clone(),
     }))
     .context("setting up metrics")?;
-    let admin = crate::admin::start(http, scripts.clone(), registrar.clone(), Arc::new(metrics))
-        .await
-        .with_context(|| format!("binding http.listen {http}"))?;
+    let drain_layer = layer.clone();
+    let admin_options = crate::admin::AdminOptions {
+        token: config.http.token.clone(),
+        // `POST /drain`: the same first step as a graceful shutdown, without the stop.
+        drain: Box::new(move || {
+            drain_layer.stop_accepting();
+            drain_layer.unanswered()
+        }),
+    };
+    let admin = crate::admin::start(
+        http,
+        admin_options,
+        scripts.clone(),
+        registrar.clone(),
+        Arc::new(metrics),
+    )
+    .await
+    .with_context(|| format!("binding http.listen {http}"))?;
     tracing::info!(addr = %admin.addr(), "admin HTTP listening");
     let _ = dispatcher.layer.set(layer.clone());
     let _ = dispatcher.sender.set(transports.clone());

@@ -1,5 +1,6 @@
 //! The `strowger` binary's command line: version, `check` exit codes and messages,
-//! `run` + `reload` + SIGTERM. Runs the built binary.
+//! `run` + `reload` (with the config's `http.token`) + `registrations` + `drain` + SIGTERM.
+//! Runs the built binary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -178,7 +179,7 @@ fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
     std::fs::write(
         &config,
         format!(
-            "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n[http]\nlisten = {http:?}\n[script]\npath = {:?}\n[storage]\ndir = {:?}\n[shutdown]\ndrain_timeout_s = 1\n",
+            "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n[http]\nlisten = {http:?}\ntoken = \"cli-Token.1\"\n[script]\npath = {:?}\n[storage]\ndir = {:?}\n[shutdown]\ndrain_timeout_s = 1\n",
             script.display().to_string(),
             dir.join("data").display().to_string()
         ),
@@ -203,11 +204,26 @@ fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
     let answer = answer.expect("reload answered within 5 s");
     assert!(answer.contains("\"reloaded\":true"), "{answer}");
 
+    // The token comes from the configuration (http.token above): a wrong one (the
+    // environment overrides the file) is refused with the server's 401, exit 1.
+    let (code, _out, err) =
+        run(strowger(&["reload", "--config", cfg]).env("STROWGER_HTTP__TOKEN", "wrong"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("401"), "{err}");
+    let (code, out, err) = run(&mut strowger(&["registrations", "--json", "--config", cfg]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim_start().starts_with('['), "{out}");
+
     // A script that does not compile is refused, naming file and line; exit 1.
     std::fs::write(&script, "function on_invite(call)\n  call:reject(\n").unwrap();
     let (code, _out, err) = run(&mut strowger(&["reload", "--config", cfg]));
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("plan.lua:"), "{err}");
+
+    // `strowger drain`: new calls refused from now on; the process keeps running.
+    let (code, out, err) = run(&mut strowger(&["drain", "--config", cfg]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"draining\":true"), "{out}");
 
     // SIGTERM: graceful shutdown, exit 0.
     let status = Command::new("kill")

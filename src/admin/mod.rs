@@ -1,16 +1,26 @@
 //! The admin HTTP endpoint on `http.listen` (hyper, HTTP/1.1, JSON answers).
 //!
-//! Owns: the HTTP listener and its routes. Must not touch: SIP or call state; it observes
-//! through the handles it is given, and its one action, `POST /reload`, goes through the
-//! script engine's own reload (the same path as SIGHUP).
+//! Owns: the HTTP listener, its routes and their bearer-token check. Must not touch: SIP
+//! or call state; it observes through the handles it is given, and its actions go through
+//! hooks: `POST /reload` through the script engine's own reload (the same path as SIGHUP),
+//! `POST /drain` through the drain hook the server gives it.
 //!
-//! Endpoints: `GET /healthz` (200 `{"status":"ok"}`), `GET /metrics` (Prometheus text
-//! format, see `crate::metrics`), `GET /registrations` (the
+//! Endpoints: `GET /healthz` (200 `{"status":"ok"}`: alive), `GET /readyz` (200
+//! `{"ready":true}` while serving, 503 `{"ready":false}` once draining), `GET /metrics`
+//! (Prometheus text format, see `crate::metrics`), `GET /registrations` (the
 //! registrar's bindings as a JSON array: aor, contact, q, expires_at, source, user_agent,
 //! ...), `POST /reload` (200
 //! `{"reloaded":true,"version":N}`, or 422 `{"reloaded":false,"error":"file:line: ..."}`
-//! when the new script does not compile; the running one stays).
-//! Config key: `http.listen`.
+//! when the new script does not compile; the running one stays), `POST /drain` (200
+//! `{"draining":true,"unanswered":N}`: new dialog-creating requests get 503 from then on,
+//! the requests in flight finish).
+//!
+//! Access: `/registrations`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
+//! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
+//! ([`ADMIN_UNAUTHORIZED`], [`AdminServer::unauthorized`]). With `http.token` empty they
+//! answer 403, unless the endpoint is bound to a loopback address (development default):
+//! then no token is needed. `/healthz`, `/readyz` and `/metrics` are always open.
+//! Config keys: `http.listen`, `http.token`.
 
 use crate::registrar::Registrar;
 use crate::script::ScriptEngine;
@@ -20,18 +30,52 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+/// Requests refused with 401 (missing or wrong bearer token), by every admin endpoint of
+/// this process: what the metric `strowger_admin_unauthorized_total` reads.
+pub static ADMIN_UNAUTHORIZED: AtomicU64 = AtomicU64::new(0);
+
+/// What `POST /drain` calls: stops taking new calls and returns how many requests still
+/// owe an answer.
+pub type DrainHook = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// What the admin endpoint needs besides the handles it observes.
+pub struct AdminOptions {
+    /// `http.token`; empty = none.
+    pub token: String,
+    /// Called by `POST /drain`.
+    pub drain: DrainHook,
+}
 
 /// A running admin endpoint.
 pub struct AdminServer {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
 
 impl AdminServer {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Requests this endpoint refused with 401.
+    pub fn unauthorized(&self) -> u64 {
+        self.shared.unauthorized.load(Ordering::Relaxed)
+    }
+
+    /// Whether `/readyz` answers 503 (after `POST /drain` or [`Self::set_draining`]).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// Marks the server as draining (graceful shutdown): `/readyz` answers 503 from now on.
+    pub fn set_draining(&self) {
+        self.shared.draining.store(true, Ordering::Release);
     }
 }
 
@@ -41,26 +85,61 @@ impl Drop for AdminServer {
     }
 }
 
+/// What every connection shares.
+struct Shared {
+    /// SHA-256 of `http.token`, or None when it is empty.
+    token: Option<[u8; 32]>,
+    /// Bound to a loopback address: no token needed when none is configured.
+    loopback: bool,
+    drain: DrainHook,
+    draining: AtomicBool,
+    unauthorized: AtomicU64,
+}
+
 #[derive(Clone)]
 struct State {
     scripts: ScriptEngine,
     registrar: Registrar,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
+    shared: Arc<Shared>,
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(sha2::Sha256::digest(data).as_slice());
+    out
 }
 
 /// Binds `listen` and serves until dropped.
 pub async fn start(
     listen: SocketAddr,
+    options: AdminOptions,
     scripts: ScriptEngine,
     registrar: Registrar,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<AdminServer> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        token: (!options.token.is_empty()).then(|| sha256(options.token.as_bytes())),
+        loopback: addr.ip().is_loopback(),
+        drain: options.drain,
+        draining: AtomicBool::new(false),
+        unauthorized: AtomicU64::new(0),
+    });
+    if shared.token.is_none() {
+        if shared.loopback {
+            tracing::warn!(%addr, "http.token is not set: the admin API is open to local clients (loopback only)");
+        } else {
+            tracing::warn!(%addr, "http.token is not set: the admin API is disabled (only /healthz, /readyz and /metrics answer)");
+        }
+    }
     let state = State {
         scripts,
         registrar,
         metrics,
+        shared: shared.clone(),
     };
     let task = tokio::spawn(async move {
         loop {
@@ -83,7 +162,7 @@ pub async fn start(
             });
         }
     });
-    Ok(AdminServer { addr, task })
+    Ok(AdminServer { addr, shared, task })
 }
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -113,9 +192,74 @@ fn quote(s: &str) -> String {
     out
 }
 
+/// Whether a request with `headers` may use the protected endpoint `path`: None if so,
+/// else the refusal to send.
+fn refuse(
+    shared: &Shared,
+    path: &str,
+    headers: &hyper::HeaderMap,
+) -> Option<Response<Full<Bytes>>> {
+    use subtle::ConstantTimeEq as _;
+    let Some(expected) = &shared.token else {
+        if shared.loopback {
+            return None;
+        }
+        return Some(json(
+            StatusCode::FORBIDDEN,
+            r#"{"error":"http.token is not set: the admin API is disabled"}"#.into(),
+        ));
+    };
+    let given = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    // Both sides hashed first: the comparison takes the same time whatever the lengths.
+    let ok = given.is_some_and(|t| bool::from(sha256(t.as_bytes()).ct_eq(expected)));
+    if ok {
+        return None;
+    }
+    shared.unauthorized.fetch_add(1, Ordering::Relaxed);
+    ADMIN_UNAUTHORIZED.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        path,
+        token_given = given.is_some(),
+        "admin request refused: missing or wrong bearer token"
+    );
+    let error = if given.is_some() {
+        r#"{"error":"wrong bearer token"}"#
+    } else {
+        r#"{"error":"missing bearer token (Authorization: Bearer <http.token>)"}"#
+    };
+    let mut r = json(StatusCode::UNAUTHORIZED, error.into());
+    r.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer"),
+    );
+    Some(r)
+}
+
 fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
+    let path = req.uri().path();
+    let protected = matches!(
+        (req.method(), path),
+        (&Method::GET, "/registrations") | (&Method::POST, "/reload" | "/drain")
+    );
+    if protected {
+        if let Some(refusal) = refuse(&state.shared, path, req.headers()) {
+            return refusal;
+        }
+    }
+    match (req.method(), path) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+        (&Method::GET, "/readyz") => {
+            if state.shared.draining.load(Ordering::Acquire) {
+                json(StatusCode::SERVICE_UNAVAILABLE, r#"{"ready":false}"#.into())
+            } else {
+                json(StatusCode::OK, r#"{"ready":true}"#.into())
+            }
+        }
         (&Method::GET, "/metrics") => {
             let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
             r.headers_mut().insert(
@@ -152,7 +296,16 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         },
-        (_, "/healthz" | "/reload" | "/registrations" | "/metrics") => json(
+        (&Method::POST, "/drain") => {
+            state.shared.draining.store(true, Ordering::Release);
+            let unanswered = (state.shared.drain)();
+            tracing::info!(unanswered, "draining (admin API): new calls get 503");
+            json(
+                StatusCode::OK,
+                format!(r#"{{"draining":true,"unanswered":{unanswered}}}"#),
+            )
+        }
+        (_, "/healthz" | "/readyz" | "/reload" | "/drain" | "/registrations" | "/metrics") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method not allowed"}"#.into(),
         ),
@@ -161,23 +314,53 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// `strowger reload`: asks the server listening on `addr` to reload its script. Returns the
-/// server's JSON answer, or an error naming what failed.
-pub async fn request_reload(addr: SocketAddr) -> anyhow::Result<String> {
-    request(addr, Method::POST, "/reload").await
+/// server's JSON answer, or an error naming what failed. `token`: `http.token` (empty =
+/// none sent).
+pub async fn request_reload(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
+    success(addr, Method::POST, "/reload", token).await
 }
 
 /// `strowger registrations`: the server's bindings, as its JSON text.
-pub async fn request_registrations(addr: SocketAddr) -> anyhow::Result<String> {
-    request(addr, Method::GET, "/registrations").await
+pub async fn request_registrations(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
+    success(addr, Method::GET, "/registrations", token).await
 }
 
-/// `GET path` on the admin endpoint (tests, tools): the body of a 2xx.
+/// `strowger drain`: the server stops taking new calls; its JSON answer
+/// (`{"draining":true,"unanswered":N}`).
+pub async fn request_drain(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
+    success(addr, Method::POST, "/drain", token).await
+}
+
+/// `GET path` on the admin endpoint (tests, tools), without a token: the body of a 2xx.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    request(addr, Method::GET, path).await
+    success(addr, Method::GET, path, "").await
 }
 
-/// One request to the admin endpoint; the body of a 2xx, else an error with the answer.
-async fn request(addr: SocketAddr, method: Method, path: &str) -> anyhow::Result<String> {
+/// The body of a 2xx, else an error with the status and the answer.
+async fn success(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<String> {
+    let token = (!token.is_empty()).then_some(token);
+    let resp = send(addr, method, path, token).await?;
+    let status = resp.status();
+    if status.is_success() {
+        Ok(resp.into_body())
+    } else {
+        anyhow::bail!("{path} refused ({status}): {}", resp.into_body())
+    }
+}
+
+/// One request to the admin endpoint, with `Authorization: Bearer <token>` when given: the
+/// whole answer, whatever its status.
+pub async fn send(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<Response<String>> {
     use anyhow::Context as _;
     use http_body_util::BodyExt as _;
     let stream = tokio::net::TcpStream::connect(addr)
@@ -186,18 +369,81 @@ async fn request(addr: SocketAddr, method: Method, path: &str) -> anyhow::Result
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Full::new(Bytes::new()))?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    let text = String::from_utf8_lossy(&body).into_owned();
-    if status.is_success() {
-        Ok(text)
-    } else {
-        anyhow::bail!("{path} refused ({status}): {text}")
+        .header(hyper::header::HOST, addr.to_string());
+    if let Some(token) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::new()))?)
+        .await?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Response::from_parts(
+        parts,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(token: &str, loopback: bool) -> Shared {
+        Shared {
+            token: (!token.is_empty()).then(|| sha256(token.as_bytes())),
+            loopback,
+            drain: Box::new(|| 0),
+            draining: AtomicBool::new(false),
+            unauthorized: AtomicU64::new(0),
+        }
+    }
+
+    fn headers(authorization: Option<&str>) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        if let Some(v) = authorization {
+            h.insert(hyper::header::AUTHORIZATION, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn status(s: &Shared, authorization: Option<&str>) -> Option<StatusCode> {
+        refuse(s, "/registrations", &headers(authorization)).map(|r| r.status())
+    }
+
+    #[test]
+    fn no_token_off_loopback_disables_the_api() {
+        let s = shared("", false);
+        assert_eq!(status(&s, None), Some(StatusCode::FORBIDDEN));
+        assert_eq!(status(&s, Some("Bearer x")), Some(StatusCode::FORBIDDEN));
+        assert_eq!(s.unauthorized.load(Ordering::Relaxed), 0);
+        let s = shared("", true);
+        assert_eq!(status(&s, None), None);
+    }
+
+    #[test]
+    fn bearer_token_checked() {
+        for loopback in [true, false] {
+            let s = shared("abc", loopback);
+            assert_eq!(status(&s, Some("Bearer abc")), None);
+            assert_eq!(status(&s, Some("bearer abc")), None);
+            assert_eq!(status(&s, None), Some(StatusCode::UNAUTHORIZED));
+            assert_eq!(
+                status(&s, Some("Bearer ab")),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(
+                status(&s, Some("Bearer abcd")),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(
+                status(&s, Some("Basic abc")),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(status(&s, Some("abc")), Some(StatusCode::UNAUTHORIZED));
+            assert_eq!(s.unauthorized.load(Ordering::Relaxed), 5);
+        }
     }
 }
