@@ -12,7 +12,8 @@
 //! `strowger_sip_requests_total{direction,method}`, `strowger_sip_responses_total{direction,
 //! class}`, `strowger_transactions`, `strowger_transaction_timeouts_total`,
 //! `strowger_auth_failures_total`, `strowger_process_cpu_seconds_total`,
-//! `strowger_process_resident_memory_bytes`, `strowger_process_open_fds`.
+//! `strowger_process_resident_memory_bytes`, `strowger_process_open_fds`,
+//! `strowger_admin_unauthorized_total`.
 
 use crate::sip::Method;
 use prometheus::{
@@ -124,6 +125,7 @@ pub struct Metrics {
     cpu: prometheus::Counter,
     rss: IntGauge,
     fds: IntGauge,
+    admin_unauthorized: IntCounter,
 }
 
 /// Brings a Prometheus counter up to a monotonic source value.
@@ -217,6 +219,10 @@ impl Metrics {
             },
             rss: gauge("strowger_process_resident_memory_bytes", "Resident memory")?,
             fds: gauge("strowger_process_open_fds", "Open file descriptors")?,
+            admin_unauthorized: counter(
+                "strowger_admin_unauthorized_total",
+                "Admin API requests refused with 401 (missing or wrong bearer token)",
+            )?,
             registry,
             sources,
         })
@@ -273,6 +279,10 @@ impl Metrics {
             self.cpu.inc_by(cpu - have);
         }
         self.rss.set(rss as i64);
+        catch_up(
+            &self.admin_unauthorized,
+            load(&crate::admin::ADMIN_UNAUTHORIZED),
+        );
         self.fds.set(fds as i64);
         let mut families = self.registry.gather();
         families.extend(prometheus::core::Collector::collect(&*CALL_SETUP));

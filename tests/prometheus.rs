@@ -37,6 +37,7 @@ const METRICS_NOW: &[&str] = &[
     "strowger_process_cpu_seconds_total",
     "strowger_process_resident_memory_bytes",
     "strowger_process_open_fds",
+    "strowger_admin_unauthorized_total",
 ];
 
 /// Metrics a query may name that the server does not expose yet (none today).
