@@ -239,7 +239,19 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
         return;
     }
     let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
-    let s = start_with(test_config()).await;
+    // A plan that sends every call to a SIPp callee, so that calls are answered, timed
+    // and hung up (the overview's calls, ASR and setup-time panels get real data).
+    let work = common::sipp::workdir("prom");
+    let callee_port = common::sipp::free_udp_port();
+    let plan = work.join("plan.lua");
+    std::fs::write(
+        &plan,
+        format!("function on_invite(call) call:dial(\"sip:callee@127.0.0.1:{callee_port}\") end\n"),
+    )
+    .unwrap();
+    let mut config = test_config();
+    config.script.path = plan.display().to_string();
+    let s = start_with(config).await;
     let dir = tempfile::tempdir().unwrap();
     let prom = start_prometheus(dir.path(), s.handle.admin_addr());
 
@@ -274,6 +286,25 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
         assert_eq!(common::status(&r), 200, "{r}");
     }
     peer.send(s.udp, b"NOT SIP AT ALL\r\n\r\n").await;
+    // Three calls with SIPp as caller and callee.
+    let callee = common::sipp::start(
+        &work,
+        "callee",
+        Path::new("uas_answer.xml"),
+        callee_port,
+        None,
+        &["-m", "3"],
+    );
+    let caller = common::sipp::start(
+        &work,
+        "caller",
+        Path::new("uac_call.xml"),
+        common::sipp::free_udp_port(),
+        Some(s.udp),
+        &["-s", "bob", "-d", "100", "-m", "3"],
+    );
+    caller.expect_success(Duration::from_secs(30)).await;
+    callee.expect_success(Duration::from_secs(30)).await;
 
     // Prometheus up and the server scraped: `up` is 1 only after a successful scrape.
     let deadline = Instant::now() + Duration::from_secs(20);
