@@ -315,6 +315,26 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             drain_layer.stop_accepting();
             drain_layer.unanswered()
         }),
+        calls: {
+            let b2bua = b2bua.clone();
+            Box::new(move || {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let list: Vec<serde_json::Value> = b2bua
+                    .calls()
+                    .into_iter()
+                    .map(|c| {
+                        let duration = c.answered.map_or(0.0, |a| now - a);
+                        let mut v = serde_json::to_value(&c).unwrap_or_default();
+                        v["duration_s"] = serde_json::json!(duration);
+                        v["age_s"] = serde_json::json!(now - c.started);
+                        v
+                    })
+                    .collect();
+                serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())
+            })
+        },
     };
     let admin = crate::admin::start(
         http,

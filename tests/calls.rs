@@ -323,6 +323,16 @@ async fn reload_while_a_call_is_up_keeps_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(s.server.handle.b2bua().dialogs() >= 2, "call is up");
+    // The admin API lists it with both legs.
+    let listed = strowger::admin::get(s.server.handle.admin_addr(), "/calls")
+        .await
+        .unwrap();
+    let calls: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(calls.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(calls[0]["state"], "answered", "{listed}");
+    assert_ne!(calls[0]["a_call_id"], calls[0]["b_call_id"], "{listed}");
+    assert!(calls[0]["b_call_id"].is_string(), "{listed}");
+    assert!(calls[0]["duration_s"].as_f64().is_some(), "{listed}");
     let path = std::path::PathBuf::from(&s.server.handle.scripts().options().path);
     std::fs::write(
         &path,

@@ -43,12 +43,18 @@ pub static ADMIN_UNAUTHORIZED: AtomicU64 = AtomicU64::new(0);
 /// owe an answer.
 pub type DrainHook = Box<dyn Fn() -> usize + Send + Sync>;
 
+/// `GET /calls`: the calls in progress as a JSON array (built by the server from the call
+/// core, so this module needs no knowledge of calls).
+pub type CallsHook = Box<dyn Fn() -> String + Send + Sync>;
+
 /// What the admin endpoint needs besides the handles it observes.
 pub struct AdminOptions {
     /// `http.token`; empty = none.
     pub token: String,
     /// Called by `POST /drain`.
     pub drain: DrainHook,
+    /// Called by `GET /calls`.
+    pub calls: CallsHook,
 }
 
 /// A running admin endpoint.
@@ -92,6 +98,7 @@ struct Shared {
     /// Bound to a loopback address: no token needed when none is configured.
     loopback: bool,
     drain: DrainHook,
+    calls: CallsHook,
     draining: AtomicBool,
     unauthorized: AtomicU64,
 }
@@ -125,6 +132,7 @@ pub async fn start(
         token: (!options.token.is_empty()).then(|| sha256(options.token.as_bytes())),
         loopback: addr.ip().is_loopback(),
         drain: options.drain,
+        calls: options.calls,
         draining: AtomicBool::new(false),
         unauthorized: AtomicU64::new(0),
     });
@@ -244,7 +252,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let protected = matches!(
         (req.method(), path),
-        (&Method::GET, "/registrations") | (&Method::POST, "/reload" | "/drain")
+        (&Method::GET, "/registrations" | "/calls") | (&Method::POST, "/reload" | "/drain")
     );
     if protected {
         if let Some(refusal) = refuse(&state.shared, path, req.headers()) {
@@ -268,6 +276,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
+        (&Method::GET, "/calls") => json(StatusCode::OK, (state.shared.calls)()),
         (&Method::GET, "/registrations") => {
             let mut all = state.registrar.bindings();
             all.sort_by(|a, b| a.aor.cmp(&b.aor).then(b.q.total_cmp(&a.q)));
@@ -305,7 +314,11 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 format!(r#"{{"draining":true,"unanswered":{unanswered}}}"#),
             )
         }
-        (_, "/healthz" | "/readyz" | "/reload" | "/drain" | "/registrations" | "/metrics") => json(
+        (
+            _,
+            "/healthz" | "/readyz" | "/reload" | "/drain" | "/registrations" | "/metrics"
+            | "/calls",
+        ) => json(
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method not allowed"}"#.into(),
         ),
@@ -396,6 +409,7 @@ mod tests {
             token: (!token.is_empty()).then(|| sha256(token.as_bytes())),
             loopback,
             drain: Box::new(|| 0),
+            calls: Box::new(|| "[]".into()),
             draining: AtomicBool::new(false),
             unauthorized: AtomicU64::new(0),
         }

@@ -385,6 +385,21 @@ impl Call {
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
+        inner.calls.shard(&call.id).lock().insert(
+            call.id.clone(),
+            super::CallSnapshot {
+                id: call.id.to_string(),
+                state: "ringing",
+                a_call_id: call.a_invite.base.call_id.clone(),
+                from: call.a_invite.base.from.uri.to_string(),
+                to: call.a_invite.base.to.uri.to_string(),
+                source: format!("{}:{}", source.transport, source.addr),
+                b_call_id: None,
+                b_target: None,
+                started: unix_secs(call.start),
+                answered: None,
+            },
+        );
         inner
             .pending
             .insert(call.pending_key(), call.events.clone());
@@ -1082,6 +1097,12 @@ impl Call {
         }
         // The winner.
         self.b_branch = Some(bid);
+        if let Some(snap) = self.inner.calls.shard(&self.id).lock().get_mut(&self.id) {
+            snap.state = "answered";
+            snap.b_call_id = Some(dialog.call_id.clone());
+            snap.b_target = Some(format!("{}:{}", dialog.flow.transport, dialog.flow.addr));
+            snap.answered = Some(unix_secs(SystemTime::now()));
+        }
         self.b_dialog = Some(dialog);
         self.cancel_branches();
         let mut r = self.a_invite.response(200).with_reason(resp.reason.clone());
@@ -1568,6 +1589,7 @@ impl Call {
     /// The call is over and its hook has returned: run `on_call_end` with the record.
     fn finish(&mut self) {
         self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
+        self.inner.calls.shard(&self.id).lock().remove(&self.id);
         if self.final_status == 0 {
             self.final_status = if self.answer.is_some() { 200 } else { 500 };
         }
@@ -1590,4 +1612,10 @@ impl Call {
             tokio::spawn(async move { version.on_call_end(handle, record).await });
         }
     }
+}
+
+/// Unix time in seconds, for the admin API's call list.
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -91,6 +91,39 @@ pub trait ContactFlows: Send + Sync + 'static {
     fn flow(&self, contact: &str) -> Option<(Target, Vec<String>)>;
 }
 
+/// What `GET /calls` shows of a call in progress.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CallSnapshot {
+    pub id: String,
+    /// "ringing" until a leg answers, then "answered".
+    pub state: &'static str,
+    pub a_call_id: String,
+    pub from: String,
+    pub to: String,
+    pub source: String,
+    /// The answering B leg's Call-ID and where it goes.
+    pub b_call_id: Option<String>,
+    pub b_target: Option<String>,
+    /// Unix seconds.
+    pub started: f64,
+    pub answered: Option<f64>,
+}
+
+/// Calls in progress by id, for the admin API; written only when a call starts, answers
+/// and ends, so the lock is short and rare (never per message).
+#[derive(Default)]
+struct CallTable {
+    shards: [Mutex<HashMap<Arc<str>, CallSnapshot>>; 16],
+}
+
+impl CallTable {
+    fn shard(&self, id: &str) -> &Mutex<HashMap<Arc<str>, CallSnapshot>> {
+        let mut h = DefaultHasher::new();
+        id.hash(&mut h);
+        &self.shards[(h.finish() as usize) % self.shards.len()]
+    }
+}
+
 /// Counters of the call core.
 #[derive(Debug, Default)]
 pub struct B2buaStats {
@@ -116,6 +149,7 @@ struct B2buaInner {
     /// Calls whose INVITE is still pending, by (Call-ID, From tag) of the caller: CANCEL.
     pending: Sharded<Events>,
     calls_active: AtomicU64,
+    calls: CallTable,
     stats: B2buaStats,
 }
 
@@ -157,6 +191,7 @@ impl B2bua {
                 dialogs: Sharded::new(64),
                 pending: Sharded::new(64),
                 calls_active: AtomicU64::new(0),
+                calls: CallTable::default(),
                 stats: B2buaStats::default(),
             }),
         }
@@ -169,6 +204,19 @@ impl B2bua {
     /// Calls in progress (ringing or up).
     pub fn active_calls(&self) -> u64 {
         self.inner.calls_active.load(Ordering::Relaxed)
+    }
+
+    /// The calls in progress, oldest first.
+    pub fn calls(&self) -> Vec<CallSnapshot> {
+        let mut all: Vec<CallSnapshot> = self
+            .inner
+            .calls
+            .shards
+            .iter()
+            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
+            .collect();
+        all.sort_by(|a, b| a.started.total_cmp(&b.started));
+        all
     }
 
     /// Dialog index size (two per bridged call), for tests and metrics.
