@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod registrar;
 pub mod script;
 pub mod server;
+pub(crate) mod shard;
 pub mod sip;
 pub mod transaction;
 pub mod transport;

@@ -385,7 +385,7 @@ impl Call {
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
-        inner.calls.shard(&call.id).lock().insert(
+        inner.calls.insert(
             call.id.clone(),
             super::CallSnapshot {
                 id: call.id.to_string(),
@@ -1097,12 +1097,12 @@ impl Call {
         }
         // The winner.
         self.b_branch = Some(bid);
-        if let Some(snap) = self.inner.calls.shard(&self.id).lock().get_mut(&self.id) {
+        self.inner.calls.with(&self.id, |snap| {
             snap.state = "answered";
             snap.b_call_id = Some(dialog.call_id.clone());
             snap.b_target = Some(format!("{}:{}", dialog.flow.transport, dialog.flow.addr));
             snap.answered = Some(unix_secs(SystemTime::now()));
-        }
+        });
         self.b_dialog = Some(dialog);
         self.cancel_branches();
         let mut r = self.a_invite.response(200).with_reason(resp.reason.clone());
@@ -1589,7 +1589,7 @@ impl Call {
     /// The call is over and its hook has returned: run `on_call_end` with the record.
     fn finish(&mut self) {
         self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
-        self.inner.calls.shard(&self.id).lock().remove(&self.id);
+        self.inner.calls.remove(&self.id);
         if self.final_status == 0 {
             self.final_status = if self.answer.is_some() { 200 } else { 500 };
         }

@@ -19,14 +19,12 @@ pub use net::{resolve, LocalAddrs, ResolveError};
 pub use records::{rfc3339_millis, CallDetail, RecordWriter};
 
 use crate::script::ScriptEngine;
+use crate::shard::ShardMap;
 use crate::sip::{Request, Response};
 use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
 use crate::transport::{Sender, Target};
 use call::{Call, CallEvent, Events};
-use parking_lot::Mutex;
-use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,36 +53,6 @@ struct CallRef {
     branch: Option<u64>,
 }
 
-/// A map split into shards, each behind its own short-held lock.
-struct Sharded<V> {
-    shards: Box<[Mutex<HashMap<DialogKey, V>>]>,
-}
-
-impl<V: Clone> Sharded<V> {
-    fn new(n: usize) -> Sharded<V> {
-        Sharded {
-            shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
-    }
-    fn shard(&self, k: &DialogKey) -> &Mutex<HashMap<DialogKey, V>> {
-        let mut h = DefaultHasher::new();
-        k.hash(&mut h);
-        &self.shards[(h.finish() as usize) % self.shards.len()]
-    }
-    fn insert(&self, k: DialogKey, v: V) {
-        self.shard(&k).lock().insert(k, v);
-    }
-    fn get(&self, k: &DialogKey) -> Option<V> {
-        self.shard(k).lock().get(k).cloned()
-    }
-    fn remove(&self, k: &DialogKey) {
-        self.shard(k).lock().remove(k);
-    }
-    fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
-    }
-}
-
 /// Where a registered contact is reached: the transport target its REGISTER came from and
 /// its Path. Implemented over the registrar by the server.
 pub trait ContactFlows: Send + Sync + 'static {
@@ -109,21 +77,6 @@ pub struct CallSnapshot {
     pub answered: Option<f64>,
 }
 
-/// Calls in progress by id, for the admin API; written only when a call starts, answers
-/// and ends, so the lock is short and rare (never per message).
-#[derive(Default)]
-struct CallTable {
-    shards: [Mutex<HashMap<Arc<str>, CallSnapshot>>; 16],
-}
-
-impl CallTable {
-    fn shard(&self, id: &str) -> &Mutex<HashMap<Arc<str>, CallSnapshot>> {
-        let mut h = DefaultHasher::new();
-        id.hash(&mut h);
-        &self.shards[(h.finish() as usize) % self.shards.len()]
-    }
-}
-
 /// Counters of the call core.
 #[derive(Debug, Default)]
 pub struct B2buaStats {
@@ -145,11 +98,13 @@ struct B2buaInner {
     flows: Option<Arc<dyn ContactFlows>>,
     auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     records: Option<RecordWriter>,
-    dialogs: Sharded<CallRef>,
+    dialogs: ShardMap<DialogKey, CallRef>,
     /// Calls whose INVITE is still pending, by (Call-ID, From tag) of the caller: CANCEL.
-    pending: Sharded<Events>,
+    pending: ShardMap<DialogKey, Events>,
     calls_active: AtomicU64,
-    calls: CallTable,
+    /// Calls in progress by id, for the admin API; written only when a call starts,
+    /// answers and ends (never per message).
+    calls: ShardMap<Arc<str>, CallSnapshot>,
     stats: B2buaStats,
 }
 
@@ -188,10 +143,10 @@ impl B2bua {
                 flows: parts.flows,
                 auth: parts.auth,
                 records: parts.records,
-                dialogs: Sharded::new(64),
-                pending: Sharded::new(64),
+                dialogs: ShardMap::with_shards(64),
+                pending: ShardMap::with_shards(64),
                 calls_active: AtomicU64::new(0),
-                calls: CallTable::default(),
+                calls: ShardMap::new(),
                 stats: B2buaStats::default(),
             }),
         }
@@ -208,13 +163,7 @@ impl B2bua {
 
     /// The calls in progress, oldest first.
     pub fn calls(&self) -> Vec<CallSnapshot> {
-        let mut all: Vec<CallSnapshot> = self
-            .inner
-            .calls
-            .shards
-            .iter()
-            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
-            .collect();
+        let mut all = self.inner.calls.values();
         all.sort_by(|a, b| a.started.total_cmp(&b.started));
         all
     }

@@ -5,10 +5,7 @@
 //! Must not touch: state machines, sending.
 
 use crate::sip::{BaseHeaders, Method, Request, Response, BRANCH_COOKIE};
-use parking_lot::Mutex;
-use std::collections::hash_map::{Entry, RandomState};
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 
 /// Identifies a server transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -122,64 +119,6 @@ impl ClientKey {
     }
 }
 
-/// A map split into shards, each behind its own lock, so that cores handling different
-/// transactions do not contend. Locks are held only for the map operation itself.
-pub(crate) struct Sharded<K, V> {
-    shards: Box<[Mutex<HashMap<K, V>>]>,
-    hasher: RandomState,
-}
-
-const SHARDS: usize = 64;
-
-impl<K: Hash + Eq, V: Clone> Sharded<K, V> {
-    pub(crate) fn new() -> Self {
-        Sharded {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
-        }
-    }
-
-    fn shard(&self, k: &K) -> &Mutex<HashMap<K, V>> {
-        let h = self.hasher.hash_one(k) as usize;
-        &self.shards[h % SHARDS]
-    }
-
-    pub(crate) fn get(&self, k: &K) -> Option<V> {
-        self.shard(k).lock().get(k).cloned()
-    }
-
-    /// Every value, one shard at a time (for rare whole-table questions: shutdown).
-    pub(crate) fn values(&self) -> Vec<V> {
-        self.shards
-            .iter()
-            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
-            .collect()
-    }
-
-    /// Inserts unless the key is present; returns the present value in that case.
-    pub(crate) fn insert_new(&self, k: K, v: V) -> Result<(), V> {
-        match self.shard(&k).lock().entry(k) {
-            Entry::Occupied(o) => Err(o.get().clone()),
-            Entry::Vacant(e) => {
-                e.insert(v);
-                Ok(())
-            }
-        }
-    }
-
-    /// Removes `k` when `matches` says its value is the one to remove (a newer transaction
-    /// with the same key must not be removed by an older one ending).
-    pub(crate) fn remove_if(&self, k: &K, matches: impl FnOnce(&V) -> bool) -> bool {
-        let mut shard = self.shard(k).lock();
-        if shard.get(k).is_some_and(matches) {
-            shard.remove(k);
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::test_util::invite;
@@ -197,15 +136,5 @@ mod tests {
         assert_eq!(ServerKey::of(&cancel, true).unwrap(), k);
         assert_ne!(ServerKey::of(&cancel, false).unwrap(), k);
         assert!(!k.is_legacy());
-    }
-
-    #[test]
-    fn sharded_insert_remove() {
-        let m: Sharded<u32, u32> = Sharded::new();
-        assert!(m.insert_new(1, 10).is_ok());
-        assert_eq!(m.insert_new(1, 11), Err(10));
-        assert!(!m.remove_if(&1, |v| *v == 11));
-        assert!(m.remove_if(&1, |v| *v == 10));
-        assert_eq!(m.get(&1), None);
     }
 }

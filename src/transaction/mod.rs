@@ -26,12 +26,16 @@ mod test_util;
 mod tests;
 mod timers;
 
+use crate::shard::ShardMap;
 use crate::sip::{new_tag, Method, Request, Response, SipMessage};
 use crate::transport::{Sender, Target, TransportError};
 use bytes::Bytes;
 use invite_client::InviteClient;
 use invite_server::InviteServer;
-use matching::{ClientKey, MergeKey, ServerKey, Sharded};
+
+/// Both cores look transactions up on every message: more shards than the default.
+const TABLE_SHARDS: usize = 64;
+use matching::{ClientKey, MergeKey, ServerKey};
 use non_invite_client::NonInviteClient;
 use non_invite_server::NonInviteServer;
 use parking_lot::Mutex;
@@ -655,11 +659,11 @@ struct Shared {
     cfg: TimerConfig,
     tu: Arc<dyn TransactionUser>,
     rt: tokio::runtime::Handle,
-    servers: Sharded<ServerKey, Arc<ServerInner>>,
+    servers: ShardMap<ServerKey, Arc<ServerInner>>,
     /// RFC 3261 8.2.2.2: (From tag, Call-ID, CSeq) of server transactions created by
     /// requests without To tag -> the transaction's key.
-    merged: Sharded<MergeKey, ServerKey>,
-    clients: Sharded<ClientKey, Arc<ClientInner>>,
+    merged: ShardMap<MergeKey, ServerKey>,
+    clients: ShardMap<ClientKey, Arc<ClientInner>>,
     live: AtomicUsize,
     accepting: AtomicBool,
     stats: Counters,
@@ -725,9 +729,9 @@ impl TransactionLayer {
                 cfg: timers,
                 tu,
                 rt: tokio::runtime::Handle::current(),
-                servers: Sharded::new(),
-                merged: Sharded::new(),
-                clients: Sharded::new(),
+                servers: ShardMap::with_shards(TABLE_SHARDS),
+                merged: ShardMap::with_shards(TABLE_SHARDS),
+                clients: ShardMap::with_shards(TABLE_SHARDS),
                 live: AtomicUsize::new(0),
                 accepting: AtomicBool::new(true),
                 stats: Counters::default(),

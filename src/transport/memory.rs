@@ -7,7 +7,7 @@
 //! otherwise it always arrives, in order (the kind is unreliable, so the transaction layer
 //! still retransmits, but nothing is lost here).
 
-use super::shard::ShardMap;
+use crate::shard::ShardMap;
 use bytes::Bytes;
 use std::io;
 use std::net::SocketAddr;

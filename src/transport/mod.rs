@@ -9,7 +9,6 @@ mod frame;
 mod listen;
 pub mod memory;
 mod set;
-mod shard;
 mod tcp;
 mod udp;
 pub mod via;

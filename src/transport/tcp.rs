@@ -7,8 +7,8 @@
 
 use super::frame::{frame, Frame};
 use super::set::Shared;
-use super::shard::ShardMap;
 use super::{ConnectionId, Target, TransportError, TransportKind};
+use crate::shard::ShardMap;
 use crate::sip::{parse, ParseError, ParseErrorKind, RequestHead, SipMessage};
 use bytes::{Buf, Bytes, BytesMut};
 use socket2::{Domain, Protocol, Socket, Type};

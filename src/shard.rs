@@ -1,11 +1,13 @@
-//! A small sharded hash map: the TCP connection table and the memory network's endpoint
-//! table are read on every send, so they are split into shards with a lock each instead of
-//! one lock for everything (no global lock on the hot path).
+//! The server's one sharded hash map: tables read on the hot path (TCP connections and
+//! memory endpoints on every send, transactions on every message, the B2BUA's dialog index
+//! on every in-dialog request) are split into shards with a lock each instead of one lock
+//! for everything (no global lock on the hot path).
 //!
 //! Owns: nothing but its own entries. Must not touch: sockets or tasks (callers hold
 //! handles in the values and act on them after the shard lock is released).
 
 use parking_lot::Mutex;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 
@@ -18,10 +20,20 @@ pub(crate) struct ShardMap<K, V> {
 
 impl<K: Hash + Eq, V> ShardMap<K, V> {
     pub(crate) fn new() -> Self {
+        Self::with_shards(SHARDS)
+    }
+
+    /// For tables that both cores hit on every message (transactions): more shards.
+    pub(crate) fn with_shards(n: usize) -> Self {
         ShardMap {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..n.max(1)).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
         }
+    }
+
+    /// Entries in all shards.
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
     fn shard(&self, key: &K) -> &Mutex<HashMap<K, V>> {
@@ -67,15 +79,46 @@ impl<K: Hash + Eq, V> ShardMap<K, V> {
     }
 }
 
-impl<K: Hash + Eq + Clone, V: Clone> ShardMap<K, V> {
+impl<K: Hash + Eq, V: Clone> ShardMap<K, V> {
     pub(crate) fn get(&self, key: &K) -> Option<V> {
         self.shard(key).lock().get(key).cloned()
+    }
+
+    /// Inserts unless the key is present; returns the present value in that case.
+    pub(crate) fn insert_new(&self, key: K, value: V) -> Result<(), V> {
+        match self.shard(&key).lock().entry(key) {
+            Entry::Occupied(o) => Err(o.get().clone()),
+            Entry::Vacant(e) => {
+                e.insert(value);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every value, one shard at a time (rare whole-table questions: shutdown, admin).
+    pub(crate) fn values(&self) -> Vec<V> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insert_new_keeps_the_first_and_remove_if_checks_the_value() {
+        let m: ShardMap<u32, u32> = ShardMap::with_shards(4);
+        assert!(m.insert_new(1, 10).is_ok());
+        assert_eq!(m.insert_new(1, 11), Err(10));
+        assert_eq!(m.remove_if(&1, |v| *v == 11), None);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.values(), vec![10]);
+        assert_eq!(m.remove_if(&1, |v| *v == 10), Some(10));
+        assert_eq!(m.get(&1), None);
+    }
 
     #[test]
     fn insert_get_remove() {
