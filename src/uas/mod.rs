@@ -99,80 +99,84 @@ impl UasCore {
         }
         let src = tx.source();
         let user = req.base.to.uri.user.clone().unwrap_or_default();
-        let info = RegisterInfo {
-            aor: format!("sip:{user}@{}", self.domain),
-            user,
-            source: format!("{}:{}", src.transport, src.addr),
-            user_agent: req.headers.get("User-Agent").map(str::to_owned),
-            contact: req.headers.get("Contact").map(str::to_owned),
-            headers: req
-                .headers
-                .iter()
-                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
-                .collect(),
-        };
-        // The script's say comes first (RFC 3261 10.3 leaves authorization to local
-        // policy): it may refuse, or name the credentials to check.
-        let secrets: Option<UserSecrets> = match self.scripts.current().on_register(&info) {
-            RegisterVerdict::Reject(code, reason) => {
-                Self::respond(&tx, req.response(code).with_reason(reason));
-                return;
-            }
-            RegisterVerdict::Failed(_) => {
-                Self::respond(&tx, req.response(500).with_reason("Script Error"));
-                return;
-            }
-            RegisterVerdict::Credentials {
-                password,
-                ha1_md5,
-                ha1_sha256,
-            } => Some(match password {
-                Some(pw) => UserSecrets::from_password(&info.user, &self.realm, &pw),
-                None => UserSecrets {
-                    ha1_md5: ha1_md5.map(|h| h.to_ascii_lowercase()),
-                    ha1_sha256: ha1_sha256.map(|h| h.to_ascii_lowercase()),
-                },
-            }),
-            RegisterVerdict::Default => self.users.as_ref().map(|u| {
-                u.get(&info.user).cloned().unwrap_or(UserSecrets {
-                    ha1_md5: None,
-                    ha1_sha256: None,
-                })
-            }),
-        };
-        if let Some(secrets) = secrets {
-            // RFC 3261 10.3 steps 2 and 4: authenticate, then the user may only change
-            // the bindings of its own address of record.
-            let outcome = self
-                .digest
-                .verify(&req, ChallengeKind::Www, src.addr.ip(), |u| {
-                    (u == info.user).then(|| secrets.clone())
-                });
-            match outcome {
-                AuthOutcome::Ok { .. } => {}
-                other => {
-                    let resp = self
-                        .digest
-                        .respond(&req, ChallengeKind::Www, &other)
-                        .unwrap_or_else(|| req.response(403));
-                    Self::respond(&tx, resp);
-                    return;
-                }
-            }
-        }
         // One address of record per user of the domain, whether the phone wrote the
         // domain or the server's IP in its To (registrar.lookup canonicalizes the same way).
         let aor = match &req.base.to.uri.user {
             Some(user) => format!("sip:{user}@{}", self.domain),
             None => req.base.to.uri.aor(),
         };
-        let source = RegisterSource {
-            transport: src.transport,
-            addr: src.addr,
-            connection: src.connection.map(|c| c.0),
-        };
-        // The store write is awaited before the 200 (a binding that is answered is kept).
+        let scripts = self.scripts.current();
+        let digest = self.digest.clone();
+        let users = self.users.clone();
+        let realm = self.realm.clone();
+        // Off the transport's task: the script hook and the store write take their time.
         tokio::spawn(async move {
+            // The script's say comes first (RFC 3261 10.3 leaves authorization to local
+            // policy): it may refuse, or name the credentials to check. Its view of the
+            // request is only built when it has the hook.
+            let verdict = if scripts.has_on_register() {
+                scripts.on_register(&RegisterInfo {
+                    user: user.clone(),
+                    aor: aor.clone(),
+                    source: format!("{}:{}", src.transport, src.addr),
+                    user_agent: req.headers.get("User-Agent").map(str::to_owned),
+                    contact: req.headers.get("Contact").map(str::to_owned),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                        .collect(),
+                })
+            } else {
+                RegisterVerdict::Default
+            };
+            let secrets: Option<UserSecrets> = match verdict {
+                RegisterVerdict::Reject(code, reason) => {
+                    Self::respond(&tx, req.response(code).with_reason(reason));
+                    return;
+                }
+                RegisterVerdict::Failed(_) => {
+                    Self::respond(&tx, req.response(500).with_reason("Script Error"));
+                    return;
+                }
+                RegisterVerdict::Credentials {
+                    password,
+                    ha1_md5,
+                    ha1_sha256,
+                } => Some(match password {
+                    Some(pw) => UserSecrets::from_password(&user, &realm, &pw),
+                    None => UserSecrets {
+                        ha1_md5: ha1_md5.map(|h| h.to_ascii_lowercase()),
+                        ha1_sha256: ha1_sha256.map(|h| h.to_ascii_lowercase()),
+                    },
+                }),
+                RegisterVerdict::Default => users.as_ref().map(|u| {
+                    u.get(&user).cloned().unwrap_or(UserSecrets {
+                        ha1_md5: None,
+                        ha1_sha256: None,
+                    })
+                }),
+            };
+            if let Some(secrets) = secrets {
+                // RFC 3261 10.3 steps 2 and 4: authenticate, then the user may only change
+                // the bindings of its own address of record.
+                let outcome = digest.verify(&req, ChallengeKind::Www, src.addr.ip(), |u| {
+                    (u == user).then(|| secrets.clone())
+                });
+                if !matches!(outcome, AuthOutcome::Ok { .. }) {
+                    let resp = digest
+                        .respond(&req, ChallengeKind::Www, &outcome)
+                        .unwrap_or_else(|| req.response(403));
+                    Self::respond(&tx, resp);
+                    return;
+                }
+            }
+            let source = RegisterSource {
+                transport: src.transport,
+                addr: src.addr,
+                connection: src.connection.map(|c| c.0),
+            };
+            // The store write is awaited before the 200 (a binding that is answered is kept).
             let resp = registrar.register(&req, source, &aor).await;
             Self::respond(&tx, resp);
         });
