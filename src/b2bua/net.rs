@@ -57,16 +57,26 @@ impl LocalAddrs {
         }
     }
 
-    /// Our Contact URI on the transport and family of `target`.
-    pub fn contact(&self, target: &Target) -> String {
+    /// Our Contact URI on the transport and family of `target`, as a bare URI.
+    pub fn contact_uri(&self, target: &Target) -> String {
         let local = self
             .towards(target.transport, &target.addr)
             .unwrap_or_else(|| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5060));
         let host = Host::from(local.ip());
         match target.transport {
-            TransportKind::Tcp => format!("<sip:{host}:{};transport=tcp>", local.port()),
-            _ => format!("<sip:{host}:{}>", local.port()),
+            TransportKind::Tcp => format!("sip:{host}:{};transport=tcp", local.port()),
+            _ => format!("sip:{host}:{}", local.port()),
         }
+    }
+
+    /// Our Contact header value (`<uri>`) on the transport and family of `target`.
+    pub fn contact(&self, target: &Target) -> String {
+        format!("<{}>", self.contact_uri(target))
+    }
+
+    /// Whether `ip` is one of the server's own addresses.
+    pub fn is_own_ip(&self, ip: IpAddr) -> bool {
+        self.addrs.iter().any(|(_, a)| a.ip() == ip)
     }
 }
 

@@ -12,7 +12,7 @@ pub use options::options_ok;
 pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, UserSecrets, Users};
-use crate::b2bua::B2bua;
+use crate::b2bua::{B2bua, LocalAddrs};
 use crate::config::Config;
 use crate::registrar::{RegisterSource, Registrar};
 use crate::script::{RegisterInfo, RegisterVerdict, ScriptEngine};
@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 pub struct UasCore {
     user_agent: String,
     /// The server's bound addresses, for the Contact of its own answers.
-    local: Vec<(TransportKind, SocketAddr)>,
+    local: LocalAddrs,
     /// Set once the B2BUA exists (it needs the transaction layer, which needs us).
     b2bua: OnceLock<B2bua>,
     registrar: OnceLock<Registrar>,
@@ -58,7 +58,7 @@ impl UasCore {
             scripts,
             realm: config.sip.domain.clone(),
             user_agent: config.sip.user_agent.clone(),
-            local: local.to_vec(),
+            local: LocalAddrs::new(local.to_vec()),
             b2bua: OnceLock::new(),
             registrar: OnceLock::new(),
             domain: config.sip.domain.to_ascii_lowercase(),
@@ -75,9 +75,7 @@ impl UasCore {
     fn serves(&self, host: &Host) -> bool {
         match host {
             Host::Domain(d) => d.eq_ignore_ascii_case(&self.domain),
-            other => other
-                .ip()
-                .is_some_and(|ip| self.local.iter().any(|(_, a)| a.ip() == ip)),
+            other => other.ip().is_some_and(|ip| self.local.is_own_ip(ip)),
         }
     }
 
@@ -187,25 +185,6 @@ impl UasCore {
     }
 
     /// Contact URI of the server on the transport the request came on.
-    fn contact_for(&self, source: &Target) -> String {
-        let local = self
-            .local
-            .iter()
-            .find(|(k, a)| *k == source.transport && a.is_ipv4() == source.addr.is_ipv4())
-            .or_else(|| self.local.first())
-            .map(|(_, a)| *a);
-        match local {
-            Some(a) => {
-                let host = Host::from(a.ip());
-                match source.transport {
-                    TransportKind::Tcp => format!("sip:{host}:{};transport=tcp", a.port()),
-                    _ => format!("sip:{host}:{}", a.port()),
-                }
-            }
-            None => "sip:localhost".to_owned(),
-        }
-    }
-
     fn respond(tx: &ServerTransaction, resp: Response) {
         if let Err(e) = tx.respond(resp) {
             tracing::debug!(error = %e, "could not send response");
@@ -234,7 +213,7 @@ impl TransactionUser for UasCore {
         match req.method {
             Method::Options => {
                 // RFC 3261 11.2: answered as if it were an INVITE we would accept.
-                let contact = self.contact_for(&tx.source());
+                let contact = self.local.contact_uri(&tx.source());
                 Self::respond(
                     &tx,
                     options_ok(&req, &contact, &self.user_agent, &new_tag()),
