@@ -243,11 +243,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     let location = Arc::new(Location {
         registrar: registrar.clone(),
         domain: config.sip.domain.to_ascii_lowercase(),
-        own_ips: transports
-            .local_addrs()
-            .iter()
-            .map(|(_, a)| a.ip())
-            .collect(),
+        local: LocalAddrs::new(transports.local_addrs()),
     });
     scripts.set_location(location.clone());
     let (t1, t2, t4) = config.timers();
@@ -488,9 +484,10 @@ async fn start_registrar(config: &Config) -> anyhow::Result<Registrar> {
 /// The registrar as the dial plan and the B2BUA see it.
 struct Location {
     registrar: Registrar,
-    /// `sip.domain` and the server's own IPs: an address in any of them is the domain's.
+    /// `sip.domain` and the server's own addresses: an address in any of them is the
+    /// domain's.
     domain: String,
-    own_ips: Vec<std::net::IpAddr>,
+    local: LocalAddrs,
 }
 
 impl LocationService for Location {
@@ -499,14 +496,7 @@ impl LocationService for Location {
             return Vec::new();
         };
         // The same canonical form the UAS core registers under.
-        let ours = match &uri.host {
-            crate::sip::Host::Domain(d) => d.eq_ignore_ascii_case(&self.domain),
-            h => h.ip().is_some_and(|ip| self.own_ips.contains(&ip)),
-        };
-        let aor = match (&uri.user, ours) {
-            (Some(user), true) => format!("sip:{user}@{}", self.domain),
-            _ => uri.aor(),
-        };
+        let aor = self.local.canonical_aor(&uri, &self.domain);
         self.registrar
             .lookup(&aor)
             .into_iter()

@@ -74,6 +74,24 @@ impl LocalAddrs {
         format!("<{}>", self.contact_uri(target))
     }
 
+    /// Whether `host` is the server's: `domain` or one of its own addresses.
+    pub fn serves(&self, host: &Host, domain: &str) -> bool {
+        match host {
+            Host::Domain(d) => d.eq_ignore_ascii_case(domain),
+            other => other.ip().is_some_and(|ip| self.is_own_ip(ip)),
+        }
+    }
+
+    /// The address of record a URI names: `sip:user@domain` for a user at the server
+    /// (by domain or by one of its IPs), so that both spellings are one user; else the
+    /// URI's own AOR. The UAS core registers and `registrar.lookup` looks up with this.
+    pub fn canonical_aor(&self, uri: &crate::sip::Uri, domain: &str) -> String {
+        match &uri.user {
+            Some(user) if self.serves(&uri.host, domain) => format!("sip:{user}@{domain}"),
+            _ => uri.aor(),
+        }
+    }
+
     /// Whether `ip` is one of the server's own addresses.
     pub fn is_own_ip(&self, ip: IpAddr) -> bool {
         self.addrs.iter().any(|(_, a)| a.ip() == ip)

@@ -16,7 +16,7 @@ use crate::b2bua::{B2bua, LocalAddrs};
 use crate::config::Config;
 use crate::registrar::{RegisterSource, Registrar};
 use crate::script::{RegisterInfo, RegisterVerdict, ScriptEngine};
-use crate::sip::{new_tag, Host, Method, Request, Response};
+use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionUser};
 use crate::transport::{Target, TransportKind};
 use std::net::SocketAddr;
@@ -70,15 +70,6 @@ impl UasCore {
         let _ = self.registrar.set(registrar);
     }
 
-    /// Whether an address of record is ours to register: `sip.domain`, or one of the
-    /// server's own addresses (phones configured with the server's IP).
-    fn serves(&self, host: &Host) -> bool {
-        match host {
-            Host::Domain(d) => d.eq_ignore_ascii_case(&self.domain),
-            other => other.ip().is_some_and(|ip| self.local.is_own_ip(ip)),
-        }
-    }
-
     /// REGISTER (RFC 3261 10.3): steps 1-3 here, the rest in the registrar.
     fn on_register(&self, tx: ServerTransaction, req: Request) {
         let Some(registrar) = self.registrar.get().cloned() else {
@@ -86,7 +77,7 @@ impl UasCore {
             return;
         };
         // Step 3: the To header names the address of record, in a domain we serve.
-        if !self.serves(&req.base.to.uri.host) {
+        if !self.local.serves(&req.base.to.uri.host, &self.domain) {
             let status = self.unknown_aor_status;
             Self::respond(
                 &tx,
@@ -99,10 +90,7 @@ impl UasCore {
         let user = req.base.to.uri.user.clone().unwrap_or_default();
         // One address of record per user of the domain, whether the phone wrote the
         // domain or the server's IP in its To (registrar.lookup canonicalizes the same way).
-        let aor = match &req.base.to.uri.user {
-            Some(user) => format!("sip:{user}@{}", self.domain),
-            None => req.base.to.uri.aor(),
-        };
+        let aor = self.local.canonical_aor(&req.base.to.uri, &self.domain);
         let scripts = self.scripts.current();
         let digest = self.digest.clone();
         let users = self.users.clone();
