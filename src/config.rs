@@ -31,7 +31,9 @@
 //! - `script.path` [`scripts/default.lua`], `script.memory_limit_kb` [8192],
 //!   `script.instruction_limit` [1000000], `script.vm_pool_size` [0 = one per core]
 //! - `call.ring_timeout_s` [60] (a dial without `timeout` rings this long),
-//!   `call.records_file` [empty = off] (call records appended as JSON lines)
+//!   `call.records_file` [empty = off] (call records appended as JSON lines),
+//!   `call.routes` [empty] (names `call:set_route` accepts), `call.trace` [true],
+//!   `call.trace_max_messages` [100], `call.trace_keep_ended` [100]
 //! - `registrar.min_expires` [60], `registrar.max_expires` [3600],
 //!   `registrar.default_expires` [3600], `registrar.store` [`embedded`|`redis`],
 //!   `registrar.users_file` [empty = no authentication], `registrar.unknown_aor_status` [404],
@@ -77,6 +79,8 @@ const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 const MAX_SCRIPT_MEMORY_KB: usize = 4 * 1024 * 1024;
 /// Upper bound of `script.vm_pool_size`: each VM costs memory; more than this is a typo.
 const MAX_VM_POOL: usize = 1024;
+/// Most route names in `call.routes` (each is a metric label value).
+pub const MAX_ROUTES: usize = 64;
 /// Bounds of `registrar.keepalive_interval_s` when it is not 0 (off). Below 5 s the pings of
 /// many phones become a load of their own (and a ping of a silent phone lasts timer F,
 /// 32 s); above an hour they neither keep a NAT mapping open (RFC 4787 REQ-5 asks for at
@@ -297,6 +301,15 @@ pub struct CallConfig {
     /// File that gets one JSON line per ended call (created when missing, appended to);
     /// empty = no call-record file.
     pub records_file: String,
+    /// Route names a script may tag calls with (`call:set_route`): metric labels, so a
+    /// fixed set of at most [`MAX_ROUTES`] names of letters, digits, `-` and `_`.
+    pub routes: Vec<String>,
+    /// Keep each call's SIP messages for `GET /calls/{id}/trace`.
+    pub trace: bool,
+    /// Most messages kept per call (a long call with many re-INVITEs keeps its first ones).
+    pub trace_max_messages: usize,
+    /// Traces of this many ended calls stay readable (the most recent ones).
+    pub trace_keep_ended: usize,
 }
 
 impl Default for CallConfig {
@@ -304,6 +317,10 @@ impl Default for CallConfig {
         CallConfig {
             ring_timeout_s: 60,
             records_file: String::new(),
+            routes: Vec::new(),
+            trace: true,
+            trace_max_messages: 100,
+            trace_keep_ended: 100,
         }
     }
 }
@@ -597,6 +614,39 @@ impl Config {
                 ),
             ));
         }
+        if self.call.routes.len() > MAX_ROUTES {
+            return Err(invalid(
+                "call.routes",
+                format!("at most {MAX_ROUTES} routes (metric labels stay bounded)"),
+            ));
+        }
+        for (i, r) in self.call.routes.iter().enumerate() {
+            let ok = !r.is_empty()
+                && r.len() <= 64
+                && r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                return Err(invalid(
+                    "call.routes",
+                    format!("{r:?}: a route name is 1-64 letters, digits, '-' or '_'"),
+                ));
+            }
+            if self.call.routes[..i].contains(r) {
+                return Err(invalid("call.routes", format!("{r:?} is listed twice")));
+            }
+        }
+        range(
+            "call.trace_max_messages",
+            self.call.trace_max_messages,
+            1,
+            10_000,
+        )?;
+        range(
+            "call.trace_keep_ended",
+            self.call.trace_keep_ended,
+            0,
+            100_000,
+        )?;
         let keepalive = self.registrar.keepalive_interval_s;
         if keepalive != 0 && !(MIN_KEEPALIVE_S..=MAX_KEEPALIVE_S).contains(&keepalive) {
             return Err(invalid(
@@ -764,6 +814,7 @@ fn build(origin: &str, text: &str, env: &[(String, String)]) -> Result<Config, C
                 .list_separator(",")
                 .with_list_parse_key("sip.listen")
                 .with_list_parse_key("auth.algorithms")
+                .with_list_parse_key("call.routes")
                 .source(Some(env_map)),
         )
         .build()

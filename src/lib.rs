@@ -12,6 +12,7 @@ pub mod script;
 pub mod server;
 pub(crate) mod shard;
 pub mod sip;
+pub mod trace;
 pub mod transaction;
 pub mod transport;
 pub mod uas;

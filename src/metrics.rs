@@ -1,5 +1,6 @@
 //! Prometheus metrics (`GET /metrics` on the admin endpoint), read from the counters each
-//! layer keeps; the first set, to be extended by the observability issue.
+//! layer keeps. Hot paths only add to atomics (or observe pre-resolved histogram
+//! children); label lookups happen at scrape time.
 //!
 //! Owns: metric names and the mapping from the layers' counters. Must not touch: any
 //! behaviour; it only reads (`stats()`, `count()`, `active_calls()`).
@@ -7,8 +8,12 @@
 //! Metrics: `strowger_registrar_bindings` (gauge), `strowger_registrar_events_total{event=
 //! "registered"|"refreshed"|"removed"|"expired"|"store_error"}`, `strowger_calls_active`,
 //! `strowger_calls_total`, `strowger_calls_answered_total`,
-//! `strowger_calls_failed_total{class}`, `strowger_call_setup_seconds` (histogram),
-//! `strowger_script_errors_total`, `strowger_sip_malformed_total{action="answered"|"dropped"}`,
+//! `strowger_calls_failed_total{class}`, `strowger_call_setup_seconds{stage="18x"|"200"}`
+//! and `strowger_call_duration_seconds` (histograms), `strowger_route_calls_total{route,
+//! result}` (routes from `call.routes` only), `strowger_dial_outcomes_total{outcome}`,
+//! `strowger_script_errors_total{hook}`, `strowger_script_hook_duration_seconds{hook}`,
+//! `strowger_transaction_retransmissions_total{direction}`,
+//! `strowger_sip_malformed_total{action="answered"|"dropped"}`,
 //! `strowger_sip_requests_total{direction,method}`, `strowger_sip_responses_total{direction,
 //! class}`, `strowger_transactions`, `strowger_transaction_timeouts_total`,
 //! `strowger_auth_failures_total`, `strowger_process_cpu_seconds_total`,
@@ -17,8 +22,8 @@
 
 use crate::sip::Method;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
@@ -71,19 +76,171 @@ impl SipCounters {
 /// run several only read them as "at least").
 pub static SIP: SipCounters = SipCounters::new();
 
-/// INVITE to 200 of answered calls, seconds.
-pub static CALL_SETUP: LazyLock<Histogram> = LazyLock::new(|| {
+/// Labelled histogram children resolved once: observing is then lock-free (the
+/// prometheus crate's `with_label_values` takes a read lock and hashes the labels).
+pub struct Children {
+    vec: HistogramVec,
+    children: Vec<Histogram>,
+}
+
+impl Children {
+    fn new(name: &str, help: &str, label: &str, values: &[&str], buckets: Vec<f64>) -> Children {
+        let vec = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
+            .expect("constant histogram options are valid");
+        let children = values.iter().map(|v| vec.with_label_values(&[v])).collect();
+        Children { vec, children }
+    }
+
+    /// Observes `secs` in the child with label value number `i` (clamped to the last).
+    pub fn observe(&self, i: usize, secs: f64) {
+        self.children[i.min(self.children.len() - 1)].observe(secs);
+    }
+}
+
+/// `strowger_call_setup_seconds{stage}`: INVITE to the first 18x relayed to the caller
+/// (`stage="18x"`) and to the 200 of answered calls (`stage="200"`).
+pub static CALL_SETUP: LazyLock<Children> = LazyLock::new(|| {
+    Children::new(
+        "strowger_call_setup_seconds",
+        "Time from INVITE to the first 18x (stage=18x) and to the 200 (stage=200)",
+        "stage",
+        &["18x", "200"],
+        vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0],
+    )
+});
+/// [`CALL_SETUP`] child indexes.
+pub const SETUP_18X: usize = 0;
+pub const SETUP_200: usize = 1;
+
+/// Answer to hang-up of answered calls, seconds.
+pub static CALL_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     Histogram::with_opts(
         HistogramOpts::new(
-            "strowger_call_setup_seconds",
-            "Time from INVITE to the 200 of answered calls",
+            "strowger_call_duration_seconds",
+            "Time from answer to hang-up of answered calls",
         )
         .buckets(vec![
-            0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+            1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
         ]),
     )
     .expect("constant histogram options are valid")
 });
+
+/// Script hooks as metric labels (a fixed set: labels stay bounded); anything else is
+/// counted as "other".
+pub const HOOKS: [&str; 7] = [
+    "on_invite",
+    "on_register",
+    "on_call_end",
+    "on_message",
+    "on_subscribe",
+    "on_refer",
+    "other",
+];
+
+/// The index of `hook` in [`HOOKS`].
+pub fn hook_index(hook: &str) -> usize {
+    HOOKS
+        .iter()
+        .position(|h| *h == hook)
+        .unwrap_or(HOOKS.len() - 1)
+}
+
+/// `strowger_script_hook_duration_seconds{hook}`: time a hook run spent executing Lua
+/// (waits on dials and lookups not included: those are the call's, not the script's).
+pub static HOOK_DURATION: LazyLock<Children> = LazyLock::new(|| {
+    Children::new(
+        "strowger_script_hook_duration_seconds",
+        "Time a hook run spent executing Lua (waits on dials excluded)",
+        "hook",
+        &HOOKS,
+        vec![
+            0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
+            0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
+        ],
+    )
+});
+
+/// Dial outcomes as metric labels, see [`dial_outcome`].
+pub const DIAL_OUTCOMES: [&str; 8] = [
+    "answered",
+    "busy",
+    "no_answer",
+    "declined",
+    "not_found",
+    "cancelled",
+    "rejected",
+    "failed",
+];
+
+/// The [`DIAL_OUTCOMES`] index of a dial that ended with `status` (`cancelled`: the caller
+/// hung up while it rang).
+pub fn dial_outcome(status: u16, cancelled: bool) -> usize {
+    match status {
+        _ if cancelled => 5,
+        200..=299 => 0,
+        486 | 600 => 1,
+        408 | 480 => 2,
+        603 => 3,
+        404 | 484 | 604 => 4,
+        300..=499 | 601..=699 => 6,
+        _ => 7,
+    }
+}
+
+/// Retransmissions sent by the transaction layer (Timers A, E and G), process-wide like
+/// [`SIP`].
+pub static RETRANSMISSIONS_SENT: AtomicU64 = AtomicU64::new(0);
+
+/// Route names a script may tag a call with (`call.routes`), and per route the calls
+/// started, answered and failed by class; indexes are positions in `call.routes`.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    names: Vec<String>,
+    started: Vec<AtomicU64>,
+    answered: Vec<AtomicU64>,
+    failed: Vec<[AtomicU64; 4]>,
+}
+
+impl RouteStats {
+    pub fn new(names: &[String]) -> RouteStats {
+        RouteStats {
+            names: names.to_vec(),
+            started: names.iter().map(|_| AtomicU64::new(0)).collect(),
+            answered: names.iter().map(|_| AtomicU64::new(0)).collect(),
+            failed: names
+                .iter()
+                .map(|_| [const { AtomicU64::new(0) }; 4])
+                .collect(),
+        }
+    }
+
+    /// The index of a configured route name.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn name(&self, i: usize) -> Option<&str> {
+        self.names.get(i).map(String::as_str)
+    }
+
+    /// A call tagged with route `i` ended: answered, or failed with `status`.
+    pub fn call_ended(&self, i: usize, answered: bool, status: u16) {
+        let Some(started) = self.started.get(i) else {
+            return;
+        };
+        started.fetch_add(1, Ordering::Relaxed);
+        if answered {
+            self.answered[i].fetch_add(1, Ordering::Relaxed);
+        } else if (300..700).contains(&status) {
+            self.failed[i][usize::from(status / 100 - 3)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Where the figures come from, read at every scrape.
 pub trait Sources: Send + Sync + 'static {
@@ -93,7 +250,14 @@ pub trait Sources: Send + Sync + 'static {
     fn calls_active(&self) -> u64;
     fn calls_started(&self) -> u64;
     fn calls_answered(&self) -> u64;
-    fn script_errors(&self) -> u64;
+    /// Failed hook runs by hook, indexed like [`HOOKS`].
+    fn script_errors(&self) -> [u64; HOOKS.len()];
+    /// Dials by outcome, indexed like [`DIAL_OUTCOMES`].
+    fn dial_outcomes(&self) -> [u64; DIAL_OUTCOMES.len()];
+    /// Retransmitted requests absorbed by server transactions.
+    fn retransmissions_received(&self) -> u64;
+    /// The per-route call counters (`call.routes`).
+    fn routes(&self) -> &RouteStats;
     /// (answered with 400/505, dropped)
     fn malformed(&self) -> [u64; 2];
     fn transactions(&self) -> u64;
@@ -114,7 +278,10 @@ pub struct Metrics {
     calls_active: IntGauge,
     calls_total: IntCounter,
     calls_answered: IntCounter,
-    script_errors: IntCounter,
+    script_errors: IntCounterVec,
+    dial_outcomes: IntCounterVec,
+    retransmissions: IntCounterVec,
+    route_calls: IntCounterVec,
     malformed: IntCounterVec,
     transactions: IntGauge,
     transaction_timeouts: IntCounter,
@@ -164,10 +331,32 @@ impl Metrics {
             calls_active: gauge("strowger_calls_active", "Calls ringing or up")?,
             calls_total: counter("strowger_calls_total", "Calls started (INVITEs)")?,
             calls_answered: counter("strowger_calls_answered_total", "Calls answered")?,
-            script_errors: counter(
+            script_errors: vec(
                 "strowger_script_errors_total",
-                "Hook runs that failed (Lua error, budget, memory)",
+                "Hook runs that failed (Lua error, budget, memory), by hook",
+                "hook",
             )?,
+            dial_outcomes: vec(
+                "strowger_dial_outcomes_total",
+                "Dials (call:dial and the like) by outcome",
+                "outcome",
+            )?,
+            retransmissions: vec(
+                "strowger_transaction_retransmissions_total",
+                "Retransmissions sent (Timers A, E, G) and received (absorbed by a transaction)",
+                "direction",
+            )?,
+            route_calls: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "strowger_route_calls_total",
+                        "Calls a script tagged with a route (call.routes), by result",
+                    ),
+                    &["route", "result"],
+                )?;
+                registry.register(Box::new(v.clone()))?;
+                v
+            },
             malformed: vec(
                 "strowger_sip_malformed_total",
                 "Malformed SIP messages",
@@ -247,7 +436,34 @@ impl Metrics {
         self.calls_active.set(s.calls_active() as i64);
         catch_up(&self.calls_total, s.calls_started());
         catch_up(&self.calls_answered, s.calls_answered());
-        catch_up(&self.script_errors, s.script_errors());
+        for (hook, value) in HOOKS.iter().zip(s.script_errors()) {
+            catch_up(&self.script_errors.with_label_values(&[hook]), value);
+        }
+        for (outcome, value) in DIAL_OUTCOMES.iter().zip(s.dial_outcomes()) {
+            catch_up(&self.dial_outcomes.with_label_values(&[outcome]), value);
+        }
+        catch_up(
+            &self.retransmissions.with_label_values(&["sent"]),
+            load(&RETRANSMISSIONS_SENT),
+        );
+        catch_up(
+            &self.retransmissions.with_label_values(&["received"]),
+            s.retransmissions_received(),
+        );
+        let routes = s.routes();
+        for (i, name) in routes.names.iter().enumerate() {
+            let c = |result: &str, value: &AtomicU64| {
+                catch_up(
+                    &self.route_calls.with_label_values(&[name, result]),
+                    load(value),
+                )
+            };
+            c("started", &routes.started[i]);
+            c("answered", &routes.answered[i]);
+            for (class, value) in ["3xx", "4xx", "5xx", "6xx"].iter().zip(&routes.failed[i]) {
+                c(class, value);
+            }
+        }
         let [answered, dropped] = s.malformed();
         catch_up(&self.malformed.with_label_values(&["answered"]), answered);
         catch_up(&self.malformed.with_label_values(&["dropped"]), dropped);
@@ -285,7 +501,13 @@ impl Metrics {
         );
         self.fds.set(fds as i64);
         let mut families = self.registry.gather();
-        families.extend(prometheus::core::Collector::collect(&*CALL_SETUP));
+        for collector in [
+            &CALL_SETUP.vec as &dyn prometheus::core::Collector,
+            &*CALL_DURATION,
+            &HOOK_DURATION.vec,
+        ] {
+            families.extend(collector.collect());
+        }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::warn!(error = %e, "encoding metrics");

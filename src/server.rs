@@ -237,6 +237,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         memory_limit: config.script.memory_limit_kb.saturating_mul(1024),
         instruction_limit: config.script.instruction_limit,
         pool_size: config.script.vm_pool_size,
+        routes: config.call.routes.clone(),
     })
     .with_context(|| format!("loading script {}", config.script.path))?;
     let registrar = start_registrar(config).await?;
@@ -276,6 +277,12 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
                 .context("call.records_file")?,
         )
     };
+    let traces = config.call.trace.then(|| {
+        crate::trace::CallTraces::new(config.call.trace_max_messages, config.call.trace_keep_ended)
+    });
+    if let Some(t) = &traces {
+        layer.set_traces(t.clone());
+    }
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
@@ -286,6 +293,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         flows: Some(location),
         auth: users.map(|u| (digest.clone(), u)),
         records,
+        routes: Arc::new(crate::metrics::RouteStats::new(&config.call.routes)),
+        traces,
     });
     core.set_b2bua(b2bua.clone());
     core.set_registrar(registrar.clone());
@@ -330,6 +339,10 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
                     .collect();
                 serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())
             })
+        },
+        trace: {
+            let b2bua = b2bua.clone();
+            Box::new(move |id| b2bua.trace(id))
         },
     };
     let admin = crate::admin::start(
@@ -425,8 +438,19 @@ impl crate::metrics::Sources for MetricSources {
     fn calls_answered(&self) -> u64 {
         crate::metrics::load(&self.b2bua.stats().answered)
     }
-    fn script_errors(&self) -> u64 {
-        crate::metrics::load(&self.scripts.stats().hook_errors_total)
+    fn script_errors(&self) -> [u64; crate::metrics::HOOKS.len()] {
+        let e = &self.scripts.stats().hook_errors;
+        std::array::from_fn(|i| crate::metrics::load(&e[i]))
+    }
+    fn dial_outcomes(&self) -> [u64; crate::metrics::DIAL_OUTCOMES.len()] {
+        let d = &self.b2bua.stats().dial_outcomes;
+        std::array::from_fn(|i| crate::metrics::load(&d[i]))
+    }
+    fn retransmissions_received(&self) -> u64 {
+        self.layer.stats().retransmissions_absorbed
+    }
+    fn routes(&self) -> &crate::metrics::RouteStats {
+        self.b2bua.routes()
     }
     fn malformed(&self) -> [u64; 2] {
         [

@@ -7,6 +7,7 @@
 //! handles in the values and act on them after the shard lock is released).
 
 use parking_lot::Mutex;
+use std::borrow::Borrow;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
@@ -36,7 +37,7 @@ impl<K: Hash + Eq, V> ShardMap<K, V> {
         self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
-    fn shard(&self, key: &K) -> &Mutex<HashMap<K, V>> {
+    fn shard<Q: ?Sized + Hash>(&self, key: &Q) -> &Mutex<HashMap<K, V>> {
         // The modulo keeps the index in range whatever the hash is.
         let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
         &self.shards[i]
@@ -46,7 +47,10 @@ impl<K: Hash + Eq, V> ShardMap<K, V> {
         self.shard(&key).lock().insert(key, value)
     }
 
-    pub(crate) fn remove(&self, key: &K) -> Option<V> {
+    pub(crate) fn remove<Q: ?Sized + Hash + Eq>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
         self.shard(key).lock().remove(key)
     }
 
@@ -61,7 +65,14 @@ impl<K: Hash + Eq, V> ShardMap<K, V> {
     }
 
     /// Runs `f` on the entry, if any, under its shard lock (keep `f` short).
-    pub(crate) fn with<R>(&self, key: &K, f: impl FnOnce(&mut V) -> R) -> Option<R> {
+    pub(crate) fn with<Q: ?Sized + Hash + Eq, R>(
+        &self,
+        key: &Q,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> Option<R>
+    where
+        K: Borrow<Q>,
+    {
         self.shard(key).lock().get_mut(key).map(f)
     }
 
@@ -80,7 +91,10 @@ impl<K: Hash + Eq, V> ShardMap<K, V> {
 }
 
 impl<K: Hash + Eq, V: Clone> ShardMap<K, V> {
-    pub(crate) fn get(&self, key: &K) -> Option<V> {
+    pub(crate) fn get<Q: ?Sized + Hash + Eq>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
         self.shard(key).lock().get(key).cloned()
     }
 

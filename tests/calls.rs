@@ -34,6 +34,10 @@ function on_invite(call)
   elseif u == "timeout" then
     call:dial(B1, {{ timeout = 2 }})
   else
+    -- Routes label the call's metrics; a name outside call.routes is refused.
+    local ok, err = call:set_route("no-such-route")
+    assert(ok == nil and err:find("not one of call.routes"), err)
+    assert(call:set_route("local") == true)
     call:dial(B1, {{ timeout = 15 }})
   end
 end
@@ -56,6 +60,7 @@ async fn setup(tag: &str) -> Setup {
     let (b1, b2) = (sipp::free_udp_port(), sipp::free_udp_port());
     let mut config = test_config();
     config.script.path = script(&dir, b1, b2).display().to_string();
+    config.call.routes = vec!["local".into(), "pstn".into()];
     let server = start_with(config).await;
     Setup {
         server,
@@ -160,8 +165,24 @@ async fn basic_call_caller_hangs_up() {
     let m = strowger::admin::get(s.server.handle.admin_addr(), "/metrics")
         .await
         .unwrap();
-    assert!(m.contains("strowger_call_setup_seconds_count"), "{m}");
     assert!(m.contains("strowger_calls_answered_total 1"), "{m}");
+    // Setup time to the first 18x and to the 200, the call's duration, the dial's outcome,
+    // the route the script chose, and how long the hook ran Lua.
+    for needle in [
+        r#"strowger_call_setup_seconds_count{stage="18x"}"#,
+        r#"strowger_call_setup_seconds_count{stage="200"}"#,
+        "strowger_call_duration_seconds_count",
+        r#"strowger_dial_outcomes_total{outcome="answered"} 1"#,
+        r#"strowger_dial_outcomes_total{outcome="busy"} 0"#,
+        r#"strowger_route_calls_total{result="answered",route="local"} 1"#,
+        r#"strowger_route_calls_total{result="started",route="local"} 1"#,
+        r#"strowger_route_calls_total{result="started",route="pstn"} 0"#,
+        r#"strowger_script_hook_duration_seconds_count{hook="on_invite"}"#,
+        r#"strowger_script_errors_total{hook="on_invite"} 0"#,
+        r#"strowger_transaction_retransmissions_total{direction="sent"}"#,
+    ] {
+        assert!(m.contains(needle), "{needle} missing from\n{m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,6 +354,59 @@ async fn reload_while_a_call_is_up_keeps_it() {
     assert_ne!(calls[0]["a_call_id"], calls[0]["b_call_id"], "{listed}");
     assert!(calls[0]["b_call_id"].is_string(), "{listed}");
     assert!(calls[0]["duration_s"].as_f64().is_some(), "{listed}");
+    assert_eq!(calls[0]["route"], "local", "{listed}");
+    // Its SIP ladder: both legs, in order, first lines only.
+    let admin = s.server.handle.admin_addr();
+    let id = calls[0]["id"].as_str().unwrap().to_owned();
+    let trace_path = format!("/calls/{id}/trace");
+    let ladder = |json: &str| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let line = m["line"].as_str().unwrap();
+                let what = if line.starts_with("SIP/2.0") {
+                    line.split_whitespace().nth(1).unwrap()
+                } else {
+                    line.split_whitespace().next().unwrap()
+                };
+                format!(
+                    "{} {} {}",
+                    m["leg"].as_str().unwrap(),
+                    m["dir"].as_str().unwrap(),
+                    what
+                )
+            })
+            .collect()
+    };
+    let up = ladder(&strowger::admin::get(admin, &trace_path).await.unwrap());
+    for step in [
+        "A in INVITE",
+        "A out 100",
+        "B1 out INVITE",
+        "B1 in 180",
+        "A out 180",
+        "B1 in 200",
+        "A out 200",
+        "A in ACK",
+        "B1 out ACK",
+    ] {
+        assert!(up.contains(&step.to_string()), "{step} not in {up:?}");
+    }
+    let pos = |l: &[String], s: &str| l.iter().position(|x| x == s).unwrap();
+    assert!(
+        pos(&up, "A in INVITE") < pos(&up, "B1 out INVITE"),
+        "{up:?}"
+    );
+    assert!(pos(&up, "B1 in 200") < pos(&up, "A out 200"), "{up:?}");
+    assert!(
+        strowger::admin::get(admin, "/calls/nonesuch/trace")
+            .await
+            .is_err(),
+        "an unknown call's trace is 404"
+    );
     let path = std::path::PathBuf::from(&s.server.handle.scripts().options().path);
     std::fs::write(
         &path,
@@ -345,6 +419,29 @@ async fn reload_while_a_call_is_up_keeps_it() {
     let b = b.expect_success(LIMIT).await;
     assert_eq!(received(&b), ["INVITE", "ACK", "BYE"]);
     assert!(received(&a).ends_with(&["200".to_string(), "200".to_string()]));
+    // The ended call's ladder stays readable, with its end.
+    wait_idle(&s.server).await;
+    let mut done = Vec::new();
+    for _ in 0..50 {
+        done = ladder(&strowger::admin::get(admin, &trace_path).await.unwrap());
+        if done.contains(&"B1 in 200".to_string()) && done.iter().any(|l| l.ends_with("BYE")) {
+            let last_ok = done.iter().rposition(|l| l.ends_with(" 200"));
+            let bye = done.iter().position(|l| l.ends_with("BYE"));
+            if last_ok > bye {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(done.contains(&"A in BYE".to_string()), "{done:?}");
+    assert!(done.contains(&"B1 out BYE".to_string()), "{done:?}");
+    let text = strowger::admin::get(admin, &format!("{trace_path}?format=text"))
+        .await
+        .unwrap();
+    assert!(
+        text.contains("(ended)") && text.contains("BYE sip:"),
+        "{text}"
+    );
     // A new call runs the new version.
     let scenario = fail_scenario(&s.dir, 403);
     caller(&s, &scenario, "bob").expect_success(LIMIT).await;

@@ -84,10 +84,20 @@ async fn script_failures_give_500_and_the_next_call_works() {
     assert_eq!(stats.hook_timeouts.load(Ordering::Relaxed), 1);
     assert_eq!(stats.memory_errors.load(Ordering::Relaxed), 1);
     // The same figures on /metrics.
+    // A call is counted when it is over, just after its final response went out.
+    for _ in 0..100 {
+        if server.handle.active_calls() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let m = strowger::admin::get(server.handle.admin_addr(), "/metrics")
         .await
         .unwrap();
-    assert!(m.contains("strowger_script_errors_total 3"), "{m}");
+    assert!(
+        m.contains(r#"strowger_script_errors_total{hook="on_invite"} 3"#),
+        "{m}"
+    );
     assert!(
         m.contains("strowger_calls_failed_total{class=\"5xx\"} 3"),
         "{m}"

@@ -13,9 +13,12 @@
 //! `{"reloaded":true,"version":N}`, or 422 `{"reloaded":false,"error":"file:line: ..."}`
 //! when the new script does not compile; the running one stays), `POST /drain` (200
 //! `{"draining":true,"unanswered":N}`: new dialog-creating requests get 503 from then on,
-//! the requests in flight finish).
+//! the requests in flight finish), `GET /calls` (calls in progress: both legs' Call-IDs,
+//! state, route, duration), `GET /calls/{id}/trace` (the call's SIP messages in order as
+//! a ladder: `{"id","started","ended","dropped","messages":[{"t","dir","leg","peer",
+//! "line"}]}`, or text with `?format=text`; 404 when unknown).
 //!
-//! Access: `/registrations`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
+//! Access: `/registrations`, `/calls`, `/calls/{id}/trace`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
 //! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
 //! ([`ADMIN_UNAUTHORIZED`], [`AdminServer::unauthorized`]). With `http.token` empty they
 //! answer 403, unless the endpoint is bound to a loopback address (development default):
@@ -47,6 +50,10 @@ pub type DrainHook = Box<dyn Fn() -> usize + Send + Sync>;
 /// core, so this module needs no knowledge of calls).
 pub type CallsHook = Box<dyn Fn() -> String + Send + Sync>;
 
+/// `GET /calls/{id}/trace`: the call's SIP ladder, if the call is known (in progress or
+/// recently ended) and tracing is on.
+pub type TraceHook = Box<dyn Fn(&str) -> Option<crate::trace::TraceView> + Send + Sync>;
+
 /// What the admin endpoint needs besides the handles it observes.
 pub struct AdminOptions {
     /// `http.token`; empty = none.
@@ -55,6 +62,8 @@ pub struct AdminOptions {
     pub drain: DrainHook,
     /// Called by `GET /calls`.
     pub calls: CallsHook,
+    /// Called by `GET /calls/{id}/trace`.
+    pub trace: TraceHook,
 }
 
 /// A running admin endpoint.
@@ -99,6 +108,7 @@ struct Shared {
     loopback: bool,
     drain: DrainHook,
     calls: CallsHook,
+    trace: TraceHook,
     draining: AtomicBool,
     unauthorized: AtomicU64,
 }
@@ -133,6 +143,7 @@ pub async fn start(
         loopback: addr.ip().is_loopback(),
         drain: options.drain,
         calls: options.calls,
+        trace: options.trace,
         draining: AtomicBool::new(false),
         unauthorized: AtomicU64::new(0),
     });
@@ -248,12 +259,66 @@ fn refuse(
     Some(r)
 }
 
+/// The call id of a `/calls/{id}/trace` path.
+fn trace_id(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/calls/")?.strip_suffix("/trace")?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// `GET /calls/{id}/trace`: JSON, or the ladder as text with `?format=text`.
+fn trace(state: &State, req: &Request<Incoming>, id: &str) -> Response<Full<Bytes>> {
+    let Some(view) = (state.shared.trace)(id) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            format!(
+                r#"{{"error":{}}}"#,
+                quote(&format!(
+                    "no trace of call {id} (unknown, ended long ago, or call.trace = false)"
+                ))
+            ),
+        );
+    };
+    let text = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "format=text"));
+    if text {
+        let mut r = Response::new(Full::new(Bytes::from(crate::trace::render_text(&view))));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return r;
+    }
+    match serde_json::to_string(&view) {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(r#"{{"error":{}}}"#, quote(&e.to_string())),
+        ),
+    }
+}
+
 fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let protected = matches!(
         (req.method(), path),
         (&Method::GET, "/registrations" | "/calls") | (&Method::POST, "/reload" | "/drain")
-    );
+    ) || trace_id(path).is_some();
+    if protected {
+        if let Some(refusal) = refuse(&state.shared, path, req.headers()) {
+            return refusal;
+        }
+    }
+    if let Some(id) = trace_id(path) {
+        if req.method() == Method::GET {
+            return trace(state, &req, id);
+        }
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method not allowed"}"#.into(),
+        );
+    }
     if protected {
         if let Some(refusal) = refuse(&state.shared, path, req.headers()) {
             return refusal;
@@ -410,6 +475,7 @@ mod tests {
             loopback,
             drain: Box::new(|| 0),
             calls: Box::new(|| "[]".into()),
+            trace: Box::new(|_| None),
             draining: AtomicBool::new(false),
             unauthorized: AtomicU64::new(0),
         }

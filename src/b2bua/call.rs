@@ -86,6 +86,8 @@ pub enum CallEvent {
     },
     /// The script's `on_invite` has returned.
     HookDone(InviteOutcome),
+    /// From `call:set_route`: count the call under this route.
+    Route(usize),
 }
 
 /// What a client transaction of ours is for.
@@ -190,6 +192,12 @@ pub struct Call {
     hangup_by: &'static str,
     final_status: u16,
     ended: bool,
+    /// `call:set_route`'s route number.
+    route: Option<usize>,
+    /// A 18x has gone to the caller (setup time to first 18x observed).
+    a_ringing: bool,
+    /// B legs dialled so far (their trace names: B1, B2...).
+    legs: u64,
 }
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
@@ -207,6 +215,10 @@ struct CallAuth {
 }
 
 impl CallControl for Control {
+    fn set_route(&self, route: usize) {
+        let _ = self.events.post(CallEvent::Route(route));
+    }
+
     fn authenticate(&self) -> AuthVerdict {
         let Some(a) = &self.auth else {
             return AuthVerdict::NotConfigured;
@@ -382,6 +394,9 @@ impl Call {
             hangup_by: "caller",
             final_status: 0,
             ended: false,
+            route: None,
+            a_ringing: false,
+            legs: 0,
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -398,11 +413,24 @@ impl Call {
                 b_target: None,
                 started: unix_secs(call.start),
                 answered: None,
+                route: None,
             },
         );
         inner
             .pending
             .insert(call.pending_key(), call.events.clone());
+        if let Some(t) = &inner.traces {
+            // The INVITE and the 100 Trying the transaction layer sent at once (RFC 3261
+            // 17.2.1) went by before the call existed: they open its ladder.
+            let a_call_id = &call.a_invite.base.call_id;
+            t.start_call(&call.id, a_call_id);
+            t.record(a_call_id, crate::trace::Direction::In, &source, || {
+                call.a_invite.request_line()
+            });
+            t.record(a_call_id, crate::trace::Direction::Out, &source, || {
+                "SIP/2.0 100 Trying".to_owned()
+            });
+        }
         let info = call.call_info();
         let version = call.version.clone();
         let control = Arc::new(Control {
@@ -569,6 +597,11 @@ impl Call {
             } => self.on_request(side, branch, tx, req),
             CallEvent::Stray { resp } => self.on_stray(resp),
             CallEvent::FinalHeaders(h) => self.a_final_headers = h,
+            CallEvent::Route(r) => {
+                self.route = Some(r);
+                let name = self.inner.routes.name(r).map(str::to_owned);
+                self.inner.calls.with(&self.id, |snap| snap.route = name);
+            }
         }
     }
 
@@ -586,6 +619,14 @@ impl Call {
         ack: &Request,
     ) -> Result<(), crate::transport::TransportError> {
         tracing::debug!(dir = "out", method = %ack.method, call_id = %ack.base.call_id, peer = %target.addr, transport = %target.transport);
+        if let Some(t) = &self.inner.traces {
+            t.record(
+                &ack.base.call_id,
+                crate::trace::Direction::Out,
+                target,
+                || ack.request_line(),
+            );
+        }
         self.inner.sender.send(target, ack.to_bytes())
     }
 
@@ -640,6 +681,7 @@ impl Call {
         reply: oneshot::Sender<DialOutcome>,
     ) {
         if self.cancelled || self.a_final_sent || self.ended {
+            self.count_dial(487);
             let _ = reply.send(DialOutcome {
                 answered: false,
                 status: 487,
@@ -757,6 +799,10 @@ impl Call {
             body: a.body.clone(),
         };
         let bid = self.new_id();
+        if let Some(t) = &self.inner.traces {
+            self.legs += 1;
+            t.add_leg(&self.id, &invite.base.call_id, self.legs);
+        }
         let key = DialogKey::new(&invite.base.call_id, invite.base.from.tag().unwrap_or(""));
         self.inner.dialogs.insert(
             key,
@@ -895,8 +941,15 @@ impl Call {
         }
     }
 
+    /// Counts a dial's outcome (`strowger_dial_outcomes_total`).
+    fn count_dial(&self, status: u16) {
+        let i = crate::metrics::dial_outcome(status, self.cancelled);
+        self.inner.stats.dial_outcomes[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     fn finish_dial_with(&mut self, status: u16, reason: String) {
         if let Some(d) = self.dial.take() {
+            self.count_dial(status);
             self.final_status = status;
             let _ = d.reply.send(DialOutcome {
                 answered: false,
@@ -1033,6 +1086,12 @@ impl Call {
                 self.send_prack(bid, rs, resp.base.cseq.seq, None);
             }
         }
+        if !self.a_ringing {
+            self.a_ringing = true;
+            if let Ok(t) = SystemTime::now().duration_since(self.start) {
+                crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_18X, t.as_secs_f64());
+            }
+        }
         let _ = self.a_tx.respond(r);
     }
 
@@ -1128,7 +1187,7 @@ impl Call {
         ));
         let now = SystemTime::now();
         if let Ok(setup) = now.duration_since(self.start) {
-            crate::metrics::CALL_SETUP.observe(setup.as_secs_f64());
+            crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_200, setup.as_secs_f64());
         }
         self.answer = Some(now);
         self.final_status = resp.status;
@@ -1137,6 +1196,7 @@ impl Call {
         }
         self.inner.stats.answered.fetch_add(1, Ordering::Relaxed);
         if let Some(d) = self.dial.take() {
+            self.count_dial(resp.status);
             let _ = d.reply.send(DialOutcome {
                 answered: true,
                 status: resp.status,
@@ -1583,6 +1643,10 @@ impl Call {
             final_status: record.final_status,
             hangup_by: record.hangup_by.clone(),
             script_version: self.version.version(),
+            route: self
+                .route
+                .and_then(|r| self.inner.routes.name(r))
+                .map(str::to_owned),
         }
     }
 
@@ -1590,6 +1654,9 @@ impl Call {
     fn finish(&mut self) {
         self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
         self.inner.calls.remove(&self.id);
+        if let Some(t) = &self.inner.traces {
+            t.end_call(&self.id);
+        }
         if self.final_status == 0 {
             self.final_status = if self.answer.is_some() { 200 } else { 500 };
         }
@@ -1597,10 +1664,19 @@ impl Call {
             let class = usize::from(self.final_status / 100 - 3);
             self.inner.stats.failed_by_class[class].fetch_add(1, Ordering::Relaxed);
         }
+        let end = SystemTime::now();
+        if let Some(d) = self.answer.and_then(|a| end.duration_since(a).ok()) {
+            crate::metrics::CALL_DURATION.observe(d.as_secs_f64());
+        }
+        if let Some(r) = self.route {
+            self.inner
+                .routes
+                .call_ended(r, self.answer.is_some(), self.final_status);
+        }
         let record = CallRecord {
             start: self.start,
             answer: self.answer,
-            end: SystemTime::now(),
+            end,
             hangup_by: self.hangup_by.to_owned(),
             final_status: self.final_status,
         };

@@ -18,6 +18,7 @@ pub use call::Side;
 pub use net::{resolve, LocalAddrs, ResolveError};
 pub use records::{rfc3339_millis, CallDetail, RecordWriter};
 
+use crate::metrics::RouteStats;
 use crate::script::ScriptEngine;
 use crate::shard::ShardMap;
 use crate::sip::{Request, Response};
@@ -75,6 +76,8 @@ pub struct CallSnapshot {
     /// Unix seconds.
     pub started: f64,
     pub answered: Option<f64>,
+    /// `call:set_route`'s name, if the script tagged the call.
+    pub route: Option<String>,
 }
 
 /// Counters of the call core.
@@ -85,6 +88,8 @@ pub struct B2buaStats {
     pub calls_started: AtomicU64,
     pub answered: AtomicU64,
     pub dials: AtomicU64,
+    /// Dials by outcome, indexed like [`crate::metrics::DIAL_OUTCOMES`].
+    pub dial_outcomes: [AtomicU64; crate::metrics::DIAL_OUTCOMES.len()],
     pub script_failures: AtomicU64,
 }
 
@@ -106,6 +111,8 @@ struct B2buaInner {
     /// answers and ends (never per message).
     calls: ShardMap<Arc<str>, CallSnapshot>,
     stats: B2buaStats,
+    routes: Arc<RouteStats>,
+    traces: Option<crate::trace::CallTraces>,
 }
 
 /// The call core; a cheap handle.
@@ -128,6 +135,10 @@ pub struct B2buaParts {
     pub auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     /// The `call.records_file` writer (None: no record file).
     pub records: Option<RecordWriter>,
+    /// Per-route call counters (`call.routes`; indexes are the script's route numbers).
+    pub routes: Arc<RouteStats>,
+    /// Message traces of calls (`call.trace`; None: off).
+    pub traces: Option<crate::trace::CallTraces>,
 }
 
 impl B2bua {
@@ -148,12 +159,19 @@ impl B2bua {
                 calls_active: AtomicU64::new(0),
                 calls: ShardMap::new(),
                 stats: B2buaStats::default(),
+                routes: parts.routes,
+                traces: parts.traces,
             }),
         }
     }
 
     pub fn stats(&self) -> &B2buaStats {
         &self.inner.stats
+    }
+
+    /// Calls per route (`call:set_route`).
+    pub fn routes(&self) -> &RouteStats {
+        &self.inner.routes
     }
 
     /// Calls in progress (ringing or up).
@@ -166,6 +184,11 @@ impl B2bua {
         let mut all = self.inner.calls.values();
         all.sort_by(|a, b| a.started.total_cmp(&b.started));
         all
+    }
+
+    /// The SIP ladder of call `id` (in progress or recently ended), when tracing is on.
+    pub fn trace(&self, id: &str) -> Option<crate::trace::TraceView> {
+        self.inner.traces.as_ref()?.get(id)
     }
 
     /// Dialog index size (two per bridged call), for tests and metrics.

@@ -19,7 +19,8 @@
 //! (`null` when never answered), `end` (times as RFC 3339 UTC strings with milliseconds,
 //! `"2026-11-30T15:23:37.123Z"`), `duration_s` (answer to end in seconds, a float; 0 when
 //! unanswered), `final_status`, `hangup_by` (`"caller"`, `"callee"` or `"system"`),
-//! `script_version` (the version of the script the call ran on: 1 for the first load).
+//! `script_version` (the version of the script the call ran on: 1 for the first load),
+//! `route` (`call:set_route`, or null).
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -48,6 +49,8 @@ pub struct CallDetail {
     pub final_status: u16,
     pub hangup_by: String,
     pub script_version: u64,
+    /// The route the script tagged the call with (`call:set_route`), if any.
+    pub route: Option<String>,
 }
 
 fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

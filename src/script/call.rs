@@ -196,8 +196,50 @@ const SERVER_HEADERS: &[&str] = &[
 /// The `call:*` verbs as raw functions of the call's userdata, returning `(error message)`
 /// or `(nil, result)`; the sandbox prelude wraps them into methods that raise. `field`
 /// reads the call's facts for the lazily built fields of the `call` table.
-pub(crate) fn raw_api(lua: &Lua) -> mlua::Result<Table> {
+pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
     let api = lua.create_table()?;
+
+    let routes: Arc<[String]> = routes.into();
+    api.raw_set(
+        "set_route",
+        lua.create_function(move |_, (ud, name): (AnyUserData, Value)| {
+            // (true) or (nil, why): a label that is not configured is the script's
+            // mistake, but not one worth failing a call for.
+            let state = call_ud(&ud)?;
+            let name = match &name {
+                Value::String(s) => s.to_string_lossy(),
+                other => {
+                    return Ok((
+                        None,
+                        Some(format!(
+                            "call:set_route: the route must be a string, not a {}",
+                            other.type_name()
+                        )),
+                    ))
+                }
+            };
+            let Some(index) = routes.iter().position(|r| *r == name) else {
+                return Ok((
+                    None,
+                    Some(format!(
+                        "call:set_route: {name:?} is not one of call.routes ({})",
+                        routes.join(", ")
+                    )),
+                ));
+            };
+            let control = state.inner.lock().control.clone();
+            match control {
+                Some(control) => {
+                    control.set_route(index);
+                    Ok((Some(true), None))
+                }
+                None => Ok((
+                    None,
+                    Some("call:set_route: on_invite has already returned".to_owned()),
+                )),
+            }
+        })?,
+    )?;
 
     api.raw_set(
         "field",
@@ -650,6 +692,11 @@ fn unix(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Records how long a finished hook run executed Lua.
+pub(crate) fn observe_hook(hook: &str, budget: &Budget) {
+    crate::metrics::HOOK_DURATION.observe(crate::metrics::hook_index(hook), budget.busy_secs());
+}
+
 /// Counts and logs a failed hook run; returns the error text.
 fn report(
     version: &ScriptVersion,
@@ -663,6 +710,7 @@ fn report(
     let (kind, msg) = describe(err, budget, fallback, vm.memory_limit);
     let stats = &version.stats;
     stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
+    stats.hook_errors[crate::metrics::hook_index(hook)].fetch_add(1, Ordering::Relaxed);
     match kind {
         FailKind::Timeout => {
             stats.hook_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -737,6 +785,7 @@ pub(crate) async fn run_on_invite(
     };
 
     let result = vm.guard(&budget, hook).await;
+    observe_hook("on_invite", &budget);
     let (decision, last_failed) = state.finish_invite();
     if let (Some(_), Err(e)) = (&decision, &result) {
         // The decision stands; the error is only reported.
@@ -831,6 +880,7 @@ pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
+    observe_hook("on_call_end", &budget);
     if let Err(e) = result {
         report(
             &version,
@@ -874,6 +924,7 @@ pub(crate) fn run_on_register(
             headers,
         ))
     });
+    observe_hook("on_register", &budget);
     let text = |v: &Option<Value>| match v {
         Some(Value::String(s)) => s.to_str().ok().map(|s| s.to_owned()),
         _ => None,
@@ -885,9 +936,9 @@ pub(crate) fn run_on_register(
                 Ok((code, reason)) => RegisterVerdict::Reject(code, reason),
                 Err(e) => {
                     let msg = format!("{}: req:reject: {e}", vm.on_register_pos);
-                    version
-                        .stats
-                        .hook_errors_total
+                    let stats = &version.stats;
+                    stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
+                    stats.hook_errors[crate::metrics::hook_index("on_register")]
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(target: "script", hook = "on_register", error = %msg, "hook failed");
                     RegisterVerdict::Failed(msg)

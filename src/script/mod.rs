@@ -148,6 +148,9 @@ pub struct EngineOptions {
     pub instruction_limit: u64,
     /// Number of VMs; 0 = one per available core.
     pub pool_size: usize,
+    /// The route names `call:set_route` accepts (`call.routes`): metric labels, so a set
+    /// fixed by configuration.
+    pub routes: Vec<String>,
 }
 
 impl EngineOptions {
@@ -159,6 +162,7 @@ impl EngineOptions {
             memory_limit: DEFAULT_MEMORY_LIMIT,
             instruction_limit: DEFAULT_INSTRUCTION_LIMIT,
             pool_size: 0,
+            routes: Vec::new(),
         }
     }
 }
@@ -205,6 +209,8 @@ fn located(file: &str, line: Option<u32>, message: &str) -> String {
 pub struct ScriptStats {
     /// Failed hook runs, any cause (Lua error, budget, memory).
     pub hook_errors_total: AtomicU64,
+    /// The same by hook, indexed like [`crate::metrics::HOOKS`].
+    pub hook_errors: [AtomicU64; crate::metrics::HOOKS.len()],
     /// Hook runs stopped because their instruction budget ran out.
     pub hook_timeouts: AtomicU64,
     /// Hook runs stopped by the VM memory limit.
@@ -275,6 +281,10 @@ pub trait CallControl: Send + Sync + 'static {
     fn authenticate(&self) -> AuthVerdict {
         AuthVerdict::NotConfigured
     }
+
+    /// `call:set_route(name)`: the call is counted under route number `route` (an index
+    /// into `EngineOptions::routes`, already checked).
+    fn set_route(&self, _route: usize) {}
 }
 
 /// What `on_register(req)` sees of a REGISTER.

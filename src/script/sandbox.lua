@@ -76,7 +76,7 @@ end
 local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
-local raw_authenticate = raw.authenticate
+local raw_authenticate, raw_set_route = raw.authenticate, raw.set_route
 local rawget, rawset, next, setmetatable = rawget, rawset, next, setmetatable
 
 -- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
@@ -154,6 +154,15 @@ local methods = {
       error(err, 2)
     end
     return user
+  end,
+  -- Tags the call with a route name from call.routes (metrics label); true, or nil and
+  -- the reason when the name is not configured.
+  set_route = function(self, name)
+    local p = private[self]
+    if p == nil then
+      error(usage("set_route"), 2)
+    end
+    return raw_set_route(p[UD], name)
   end,
   reject = function(self, code, reason)
     local p = private[self]

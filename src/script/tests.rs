@@ -42,6 +42,7 @@ fn opts(path: &Path, pool: usize) -> EngineOptions {
         memory_limit: 8 * 1024 * 1024,
         instruction_limit: 1_000_000,
         pool_size: pool,
+        routes: vec!["local".into(), "pstn".into()],
     }
 }
 

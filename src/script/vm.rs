@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -82,6 +82,8 @@ pub(crate) struct Budget {
     /// Last script position the count hook saw (file, line).
     last_pos: Mutex<Option<(String, usize)>>,
     message: Mutex<Option<String>>,
+    /// Time spent executing Lua for this run, nanoseconds (the hook duration metric).
+    busy_ns: AtomicU64,
 }
 
 impl Budget {
@@ -92,7 +94,13 @@ impl Budget {
             exhausted: AtomicBool::new(false),
             last_pos: Mutex::new(None),
             message: Mutex::new(None),
+            busy_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Seconds this run has spent executing Lua so far.
+    pub fn busy_secs(&self) -> f64 {
+        self.busy_ns.load(Ordering::Relaxed) as f64 / 1e9
     }
 
     pub fn is_exhausted(&self) -> bool {
@@ -245,7 +253,7 @@ impl Vm {
             )?;
             helpers.raw_set("find_module", find_module_fn(&lua, file)?)?;
             helpers.raw_set("log", log_table(&lua, file_name.clone())?)?;
-            helpers.raw_set("call", call::raw_api(&lua)?)?;
+            helpers.raw_set("call", call::raw_api(&lua, &opts.routes)?)?;
             let svc = services.clone();
             helpers.raw_set(
                 "registrar_lookup",
@@ -355,7 +363,11 @@ impl Vm {
     pub fn enter<R>(&self, budget: &Arc<Budget>, f: impl FnOnce() -> R) -> R {
         let _exec = self.exec.lock();
         let _g = enter(&self.shared, budget);
-        f()
+        let started = std::time::Instant::now();
+        let out = f();
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        budget.busy_ns.fetch_add(ns, Ordering::Relaxed);
+        out
     }
 
     /// Wraps a hook future so each poll (and its drop) runs as part of `budget`'s run.

@@ -364,6 +364,15 @@ impl<M: Machine> Core<M> {
                 break;
             }
             let actions = cell.machine.timer(t);
+            if matches!(t, Timer::A | Timer::E | Timer::G) {
+                // What these timers send is a retransmission (RFC 3261 17.1.1.2, 17.1.2.2,
+                // 17.2.1).
+                let resent = actions
+                    .iter()
+                    .filter(|a| matches!(a, Action::Send(..)))
+                    .count();
+                crate::metrics::RETRANSMISSIONS_SENT.fetch_add(resent as u64, Ordering::Relaxed);
+            }
             self.absorb(&mut cell, actions, &mut effects);
         }
         effects
@@ -667,6 +676,8 @@ struct Shared {
     live: AtomicUsize,
     accepting: AtomicBool,
     stats: Counters,
+    /// Per-call message traces (`call.trace`), fed with every message in and out.
+    traces: std::sync::OnceLock<crate::trace::CallTraces>,
 }
 
 impl Shared {
@@ -687,6 +698,11 @@ impl Shared {
                 crate::metrics::SIP.response(crate::metrics::Dir::Out, *s);
                 tracing::debug!(dir = "out", status = s, call_id = %call_id, peer = %target.addr, transport = %target.transport)
             }
+        }
+        if let Some(t) = self.traces.get() {
+            t.record(call_id, crate::trace::Direction::Out, target, || {
+                crate::trace::first_line(&bytes)
+            });
         }
         self.sender.send(target, bytes)
     }
@@ -735,8 +751,14 @@ impl TransactionLayer {
                 live: AtomicUsize::new(0),
                 accepting: AtomicBool::new(true),
                 stats: Counters::default(),
+                traces: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Feeds every message in and out to `traces` from now on (`call.trace`).
+    pub fn set_traces(&self, traces: crate::trace::CallTraces) {
+        let _ = self.shared.traces.set(traces);
     }
 
     /// Everything the transports read (requests already carry received/rport; for requests
@@ -746,6 +768,14 @@ impl TransactionLayer {
             SipMessage::Request(req) => {
                 crate::metrics::SIP.request(crate::metrics::Dir::In, &req.method);
                 tracing::debug!(dir = "in", method = %req.method, call_id = %req.base.call_id, peer = %source.addr, transport = %source.transport);
+                if let Some(t) = self.shared.traces.get() {
+                    t.record(
+                        &req.base.call_id,
+                        crate::trace::Direction::In,
+                        &source,
+                        || req.request_line(),
+                    );
+                }
                 match req.method {
                     Method::Ack => self.on_ack(req, source),
                     Method::Cancel => self.on_cancel(req, source),
@@ -755,6 +785,14 @@ impl TransactionLayer {
             SipMessage::Response(resp) => {
                 crate::metrics::SIP.response(crate::metrics::Dir::In, resp.status);
                 tracing::debug!(dir = "in", status = resp.status, call_id = %resp.base.call_id, peer = %source.addr, transport = %source.transport);
+                if let Some(t) = self.shared.traces.get() {
+                    t.record(
+                        &resp.base.call_id,
+                        crate::trace::Direction::In,
+                        &source,
+                        || format!("SIP/2.0 {} {}", resp.status, resp.reason),
+                    );
+                }
                 self.on_response(resp, source);
             }
         }

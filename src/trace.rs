@@ -1,0 +1,327 @@
+//! Per-call SIP message traces: the ladder that `GET /calls/{id}/trace` shows (time,
+//! direction, leg, peer, first line of every message of the call, both legs, in order),
+//! what an operator would otherwise reach for sngrep or a HEP capture for.
+//!
+//! Owns: the traces and the index from SIP Call-IDs to them. Must not touch: messages
+//! (it copies first lines) or calls (the B2BUA tells it which Call-IDs belong to which
+//! call and leg; the transaction layer reports what goes over the wire).
+//!
+//! Recording is one sharded-map lookup by Call-ID per message and, for a traced call, one
+//! short push under that call's own lock: no lock that other calls contend on. A trace
+//! keeps at most `call.trace_max_messages` messages; the traces of the last
+//! `call.trace_keep_ended` ended calls stay readable.
+//!
+//! Config keys: `call.trace` [true], `call.trace_max_messages` [100],
+//! `call.trace_keep_ended` [100]. Endpoint: `GET /calls/{id}/trace` (admin API).
+
+use crate::shard::ShardMap;
+use crate::transport::Target;
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// Which way a message went, seen from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// One message of a call's ladder.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceEntry {
+    /// Seconds since the call's INVITE arrived.
+    pub t: f64,
+    pub dir: Direction,
+    /// `"A"` for the caller's leg, `"B1"`, `"B2"`... for the legs the server dialled.
+    pub leg: String,
+    /// The other end, e.g. `udp:127.0.0.1:5070`.
+    pub peer: String,
+    /// The request or status line.
+    pub line: String,
+}
+
+/// A call's trace as the admin API returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceView {
+    pub id: String,
+    /// RFC 3339 UTC time of the INVITE.
+    pub started: String,
+    pub ended: bool,
+    /// Messages beyond `call.trace_max_messages` that were not kept.
+    pub dropped: u64,
+    pub messages: Vec<TraceEntry>,
+}
+
+struct Trace {
+    started: SystemTime,
+    t0: Instant,
+    max: usize,
+    state: Mutex<TraceState>,
+}
+
+struct TraceState {
+    entries: Vec<TraceEntry>,
+    dropped: u64,
+    /// The SIP Call-IDs of the call's legs (to unindex them at the end).
+    call_ids: Vec<String>,
+    ended: bool,
+}
+
+#[derive(Clone)]
+struct LegRef {
+    trace: Arc<Trace>,
+    leg: Arc<str>,
+}
+
+struct Inner {
+    max_messages: usize,
+    keep_ended: usize,
+    /// SIP Call-ID -> the trace and leg it belongs to.
+    by_call_id: ShardMap<String, LegRef>,
+    /// Call id (as in `GET /calls`) -> trace, for calls in progress.
+    calls: ShardMap<Arc<str>, Arc<Trace>>,
+    ended: Mutex<VecDeque<(Arc<str>, Arc<Trace>)>>,
+}
+
+/// The server's call traces; a cheap handle. `None` where tracing is off.
+#[derive(Clone)]
+pub struct CallTraces {
+    inner: Arc<Inner>,
+}
+
+impl CallTraces {
+    pub fn new(max_messages: usize, keep_ended: usize) -> CallTraces {
+        CallTraces {
+            inner: Arc::new(Inner {
+                max_messages: max_messages.max(1),
+                keep_ended,
+                by_call_id: ShardMap::with_shards(64),
+                calls: ShardMap::new(),
+                ended: Mutex::new(VecDeque::new()),
+            }),
+        }
+    }
+
+    /// A call starts: its caller leg (A) has SIP Call-ID `a_call_id`. The INVITE that
+    /// started it arrived just now.
+    pub fn start_call(&self, id: &Arc<str>, a_call_id: &str) {
+        let trace = Arc::new(Trace {
+            started: SystemTime::now(),
+            t0: Instant::now(),
+            max: self.inner.max_messages,
+            state: Mutex::new(TraceState {
+                entries: Vec::new(),
+                dropped: 0,
+                call_ids: Vec::new(),
+                ended: false,
+            }),
+        });
+        self.inner.calls.insert(id.clone(), trace.clone());
+        self.index(&trace, a_call_id, Arc::from("A"));
+    }
+
+    /// The call `id` dials a leg with SIP Call-ID `call_id`, its `n`th (from 1).
+    pub fn add_leg(&self, id: &str, call_id: &str, n: u64) {
+        if let Some(trace) = self.inner.calls.get(id) {
+            self.index(&trace, call_id, Arc::from(format!("B{n}")));
+        }
+    }
+
+    fn index(&self, trace: &Arc<Trace>, call_id: &str, leg: Arc<str>) {
+        trace.state.lock().call_ids.push(call_id.to_owned());
+        self.inner.by_call_id.insert(
+            call_id.to_owned(),
+            LegRef {
+                trace: trace.clone(),
+                leg,
+            },
+        );
+    }
+
+    /// The call is over: its trace joins the bounded list of ended calls, and goes on
+    /// recording (the 200 to a BYE, late retransmissions) until it drops off that list.
+    pub fn end_call(&self, id: &Arc<str>) {
+        let Some(trace) = self.inner.calls.remove(id) else {
+            return;
+        };
+        trace.state.lock().ended = true;
+        if self.inner.keep_ended == 0 {
+            self.unindex(&trace);
+            return;
+        }
+        let evicted = {
+            let mut ended = self.inner.ended.lock();
+            ended.push_back((id.clone(), trace));
+            if ended.len() > self.inner.keep_ended {
+                ended.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some((_, old)) = evicted {
+            self.unindex(&old);
+        }
+    }
+
+    fn unindex(&self, trace: &Trace) {
+        let call_ids = std::mem::take(&mut trace.state.lock().call_ids);
+        for c in &call_ids {
+            self.inner.by_call_id.remove(c.as_str());
+        }
+    }
+
+    /// A message of SIP Call-ID `call_id` went `dir` to or from `peer`; `line` gives its
+    /// first line (only asked for when the Call-ID belongs to a traced call).
+    pub fn record(
+        &self,
+        call_id: &str,
+        dir: Direction,
+        peer: &Target,
+        line: impl FnOnce() -> String,
+    ) {
+        let Some(r) = self.inner.by_call_id.get(call_id) else {
+            return;
+        };
+        let t = r.trace.t0.elapsed().as_secs_f64();
+        let mut st = r.trace.state.lock();
+        if st.entries.len() >= r.trace.max {
+            st.dropped += 1;
+            return;
+        }
+        st.entries.push(TraceEntry {
+            t: (t * 1e6).round() / 1e6,
+            dir,
+            leg: r.leg.to_string(),
+            peer: format!("{}:{}", peer.transport, peer.addr),
+            line: line(),
+        });
+    }
+
+    /// The trace of call `id`, in progress or among the recently ended ones.
+    pub fn get(&self, id: &str) -> Option<TraceView> {
+        let trace = self.inner.calls.get(id).or_else(|| {
+            self.inner
+                .ended
+                .lock()
+                .iter()
+                .rev()
+                .find(|(i, _)| &**i == id)
+                .map(|(_, t)| t.clone())
+        })?;
+        let st = trace.state.lock();
+        Some(TraceView {
+            id: id.to_owned(),
+            started: crate::b2bua::rfc3339_millis(trace.started),
+            ended: st.ended,
+            dropped: st.dropped,
+            messages: st.entries.clone(),
+        })
+    }
+
+    /// Calls in progress being traced.
+    pub fn active(&self) -> usize {
+        self.inner.calls.len()
+    }
+}
+
+/// The first line of serialized SIP bytes (without CRLF), lossily decoded.
+pub fn first_line(bytes: &[u8]) -> String {
+    let end = bytes
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(bytes.len().min(200));
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// A ladder as text, one message per line: `  0.000  A  <-  INVITE sip:... SIP/2.0`.
+pub fn render_text(view: &TraceView) -> String {
+    let mut out = format!(
+        "call {} started {}{}\n",
+        view.id,
+        view.started,
+        if view.ended { " (ended)" } else { "" }
+    );
+    for e in &view.messages {
+        let arrow = match e.dir {
+            Direction::In => "<-",
+            Direction::Out => "->",
+        };
+        out.push_str(&format!(
+            "{:>9.3}  {:<3} {} {:<28} {}\n",
+            e.t, e.leg, arrow, e.peer, e.line
+        ));
+    }
+    if view.dropped > 0 {
+        out.push_str(&format!(
+            "({} later messages not kept: call.trace_max_messages)\n",
+            view.dropped
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::TransportKind;
+
+    fn peer() -> Target {
+        Target {
+            transport: TransportKind::Udp,
+            addr: "127.0.0.1:5070".parse().unwrap(),
+            connection: None,
+        }
+    }
+
+    #[test]
+    fn records_both_legs_in_order_and_keeps_ended_calls() {
+        let t = CallTraces::new(3, 1);
+        let id: Arc<str> = Arc::from("c1");
+        t.start_call(&id, "a@x");
+        t.record("a@x", Direction::In, &peer(), || {
+            "INVITE sip:b@x SIP/2.0".into()
+        });
+        t.add_leg("c1", "b@y", 1);
+        t.record("b@y", Direction::Out, &peer(), || {
+            "INVITE sip:b@y SIP/2.0".into()
+        });
+        t.record("other", Direction::In, &peer(), || {
+            unreachable!("not traced")
+        });
+        t.record("b@y", Direction::In, &peer(), || {
+            "SIP/2.0 180 Ringing".into()
+        });
+        t.record("a@x", Direction::Out, &peer(), || {
+            "SIP/2.0 180 Ringing".into()
+        });
+        let v = t.get("c1").unwrap();
+        let legs: Vec<_> = v.messages.iter().map(|e| e.leg.as_str()).collect();
+        assert_eq!(legs, ["A", "B1", "B1"]);
+        assert_eq!(v.dropped, 1);
+        assert_eq!(t.active(), 1);
+        assert!(!v.ended);
+        t.end_call(&id);
+        assert!(t.get("c1").unwrap().ended);
+        let id2: Arc<str> = Arc::from("c2");
+        t.start_call(&id2, "a2@x");
+        t.end_call(&id2);
+        t.record("a@x", Direction::In, &peer(), || {
+            unreachable!("dropped off")
+        });
+        assert!(t.get("c1").is_none(), "only the last ended call is kept");
+        assert!(t.get("c2").is_some());
+        assert!(render_text(&t.get("c2").unwrap()).starts_with("call c2"));
+    }
+
+    #[test]
+    fn first_line_stops_at_crlf() {
+        assert_eq!(
+            first_line(b"SIP/2.0 200 OK\r\nVia: x\r\n"),
+            "SIP/2.0 200 OK"
+        );
+    }
+}
