@@ -38,6 +38,12 @@ const METRICS_NOW: &[&str] = &[
     "strowger_process_resident_memory_bytes",
     "strowger_process_open_fds",
     "strowger_admin_unauthorized_total",
+    "strowger_call_duration_seconds_bucket",
+    "strowger_dial_outcomes_total",
+    "strowger_route_calls_total",
+    "strowger_script_hook_duration_seconds_bucket",
+    "strowger_script_hook_duration_seconds_count",
+    "strowger_transaction_retransmissions_total",
 ];
 
 /// Metrics a query may name that the server does not expose yet (none today).
@@ -246,10 +252,14 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
     let plan = work.join("plan.lua");
     std::fs::write(
         &plan,
-        format!("function on_invite(call) call:dial(\"sip:callee@127.0.0.1:{callee_port}\") end\n"),
+        format!(
+            "function on_invite(call) call:set_route(\"pstn\") \
+             call:dial(\"sip:callee@127.0.0.1:{callee_port}\") end\n"
+        ),
     )
     .unwrap();
     let mut config = test_config();
+    config.call.routes = vec!["pstn".into()];
     config.script.path = plan.display().to_string();
     let s = start_with(config).await;
     let dir = tempfile::tempdir().unwrap();
