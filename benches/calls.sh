@@ -41,39 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(("127.0.0.1",0));print(s.getsockname()[1])'
-}
-HZ=$(getconf CLK_TCK)
-# CPU ticks (utime+stime) of a process and its children processes (Kamailio forks).
-cpu_ticks() {
-  local total=0 p
-  for p in $(all_pids "$1"); do
-    total=$(( total + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0) ))
-  done
-  echo "$total"
-}
-rss_kb() {
-  local total=0 p
-  for p in $(all_pids "$1"); do
-    total=$(( total + $(awk '/VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0) ))
-  done
-  echo "$total"
-}
-all_pids() { echo "$1 $(pgrep -P "$1" | tr '\n' ' ')"; }
-
-stat_col() { # file column -> value of the last line
-  awk -F';' -v col="$2" 'NR==1{for(i=1;i<=NF;i++) if($i==col) c=i} END{print $c}' "$1"
-}
-
-wait_answering() { # port
-  for _ in $(seq 1 100); do
-    if timeout 3 sipp -sf "$ROOT/benches/ping.xml" -m 1 -i 127.0.0.1 -nostdin \
-        -timeout 2s 127.0.0.1:"$1" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  echo "server on port $1 does not answer" >&2; return 1
-}
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 UAS_PORT=$(free_port)
 sipp -sn uas -i 127.0.0.1 -p "$UAS_PORT" -nostdin -bg >/dev/null 2>&1 || true

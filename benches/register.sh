@@ -53,38 +53,17 @@ trap cleanup EXIT
 
 python3 "$ROOT/benches/register/gen_users.py" "$USERS" "$DOMAIN" "$WORK"
 
-free_port() {
-  python3 -c 'import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(("127.0.0.1",0));print(s.getsockname()[1])'
-}
-free_tcp_port() {
-  python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'
-}
-HZ=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 stop() { # pid: TERM, then KILL after 15 s
   kill "$1" 2>/dev/null || return 0
   for _ in $(seq 1 150); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
   kill -9 "$1" 2>/dev/null || true
   wait "$1" 2>/dev/null || true
 }
-stat_col() { # file column -> value of the last line
-  awk -F';' -v col="$2" 'NR==1{for(i=1;i<=NF;i++) if($i==col) c=i} END{print $c+0}' "$1"
-}
 bindings() {
   curl -s --max-time 30 "http://127.0.0.1:$HTTP_PORT/registrations" |
     python3 -c 'import json,sys;print(len(json.load(sys.stdin)))' 2>/dev/null || echo 0
-}
-
-wait_answering() { # port
-  for _ in $(seq 1 100); do
-    if timeout 3 sipp -sf "$ROOT/benches/ping.xml" -m 1 -i 127.0.0.1 -nostdin \
-        -timeout 2s 127.0.0.1:"$1" >/dev/null 2>&1; then return 0; fi
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.2
-  done
-  echo "server on port $1 does not answer; log:" >&2; tail -20 "$WORK/strowger-$BACKEND.log" >&2
-  return 1
 }
 
 start_redis() {
@@ -133,7 +112,7 @@ TOML
     2>"$WORK/strowger-$1.log" &
   SERVER_PID=$!
   PIDS+=("$SERVER_PID")
-  wait_answering "$SIP_PORT"
+  wait_answering "$SIP_PORT" || { tail -20 "$WORK/strowger-$1.log" >&2; return 1; }
 }
 
 # SIPp registering `calls` users (next ones of the injection file, from the first) at
