@@ -57,6 +57,7 @@ pub struct TraceView {
 }
 
 struct Trace {
+    id: Arc<str>,
     started: SystemTime,
     t0: Instant,
     max: usize,
@@ -110,6 +111,7 @@ impl CallTraces {
     /// started it arrived just now.
     pub fn start_call(&self, id: &Arc<str>, a_call_id: &str) {
         let trace = Arc::new(Trace {
+            id: id.clone(),
             started: SystemTime::now(),
             t0: Instant::now(),
             max: self.inner.max_messages,
@@ -201,20 +203,26 @@ impl CallTraces {
         });
     }
 
-    /// The trace of call `id`, in progress or among the recently ended ones.
+    /// The trace of a call in progress or among the recently ended ones, by the call's id
+    /// or by the SIP Call-ID of any of its legs (what a phone's log or a capture shows).
     pub fn get(&self, id: &str) -> Option<TraceView> {
-        let trace = self.inner.calls.get(id).or_else(|| {
-            self.inner
-                .ended
-                .lock()
-                .iter()
-                .rev()
-                .find(|(i, _)| &**i == id)
-                .map(|(_, t)| t.clone())
-        })?;
+        let trace = self
+            .inner
+            .calls
+            .get(id)
+            .or_else(|| {
+                self.inner
+                    .ended
+                    .lock()
+                    .iter()
+                    .rev()
+                    .find(|(i, _)| &**i == id)
+                    .map(|(_, t)| t.clone())
+            })
+            .or_else(|| self.inner.by_call_id.get(id).map(|r| r.trace))?;
         let st = trace.state.lock();
         Some(TraceView {
-            id: id.to_owned(),
+            id: trace.id.to_string(),
             started: crate::b2bua::rfc3339_millis(trace.started),
             ended: st.ended,
             dropped: st.dropped,
@@ -303,6 +311,7 @@ mod tests {
         assert_eq!(legs, ["A", "B1", "B1"]);
         assert_eq!(v.dropped, 1);
         assert_eq!(t.active(), 1);
+        assert_eq!(t.get("b@y").unwrap().id, "c1", "found by a leg's Call-ID");
         assert!(!v.ended);
         t.end_call(&id);
         assert!(t.get("c1").unwrap().ended);

@@ -80,6 +80,17 @@ async fn the_token_guards_the_admin_api_and_refusals_are_counted() {
     );
     assert_eq!(status_of(admin, Method::GET, "/readyz", None).await, 200);
     assert!(!server.handle.admin().is_draining());
+    // Call lists and ladders show who calls whom: guarded too.
+    assert_eq!(status_of(admin, Method::GET, "/calls", None).await, 401);
+    assert_eq!(
+        status_of(admin, Method::GET, "/calls/abc/trace", None).await,
+        401
+    );
+    assert_eq!(
+        status_of(admin, Method::GET, "/calls/abc/trace", Some(TOKEN)).await,
+        404,
+        "an unknown call has no trace"
+    );
 
     // The right token: 200, the bindings as JSON.
     let resp = send(admin, Method::GET, "/registrations", Some(TOKEN))
@@ -111,12 +122,12 @@ async fn the_token_guards_the_admin_api_and_refusals_are_counted() {
         );
     }
 
-    // Every 401 counted: 5 above plus the helper's.
-    assert_eq!(server.handle.admin().unauthorized(), 6);
+    // Every 401 counted: 7 above plus the helper's.
+    assert_eq!(server.handle.admin().unauthorized(), 8);
     let global_after =
         strowger::admin::ADMIN_UNAUTHORIZED.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
-        global_after >= global_before + 6,
+        global_after >= global_before + 8,
         "{global_before} -> {global_after}"
     );
 }

@@ -16,7 +16,8 @@
 //! the requests in flight finish), `GET /calls` (calls in progress: both legs' Call-IDs,
 //! state, route, duration), `GET /calls/{id}/trace` (the call's SIP messages in order as
 //! a ladder: `{"id","started","ended","dropped","messages":[{"t","dir","leg","peer",
-//! "line"}]}`, or text with `?format=text`; 404 when unknown).
+//! "line"}]}`, or text with `?format=text`; `{id}` is the call's id or the SIP Call-ID of
+//! either leg; 404 when unknown).
 //!
 //! Access: `/registrations`, `/calls`, `/calls/{id}/trace`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
 //! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
