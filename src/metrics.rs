@@ -13,6 +13,8 @@
 //! result}` (routes from `call.routes` only), `strowger_dial_outcomes_total{outcome}`,
 //! `strowger_script_errors_total{hook}`, `strowger_script_hook_duration_seconds{hook}`,
 //! `strowger_transaction_retransmissions_total{direction}`,
+//! `strowger_register_results_total{result}` (ok, challenged, forbidden, not_found,
+//! interval_too_brief, bad_request, server_error, other),
 //! `strowger_sip_malformed_total{action="answered"|"dropped"}`,
 //! `strowger_sip_requests_total{direction,method}`, `strowger_sip_responses_total{direction,
 //! class}`, `strowger_transactions`, `strowger_transaction_timeouts_total`,
@@ -258,6 +260,8 @@ pub trait Sources: Send + Sync + 'static {
     fn retransmissions_received(&self) -> u64;
     /// The per-route call counters (`call.routes`).
     fn routes(&self) -> &RouteStats;
+    /// Final answers to REGISTER, indexed like [`crate::uas::REGISTER_RESULTS`].
+    fn register_results(&self) -> [u64; crate::uas::REGISTER_RESULTS.len()];
     /// (answered with 400/505, dropped)
     fn malformed(&self) -> [u64; 2];
     fn transactions(&self) -> u64;
@@ -282,6 +286,7 @@ pub struct Metrics {
     dial_outcomes: IntCounterVec,
     retransmissions: IntCounterVec,
     route_calls: IntCounterVec,
+    register_results: IntCounterVec,
     malformed: IntCounterVec,
     transactions: IntGauge,
     transaction_timeouts: IntCounter,
@@ -345,6 +350,11 @@ impl Metrics {
                 "strowger_transaction_retransmissions_total",
                 "Retransmissions sent (Timers A, E, G) and received (absorbed by a transaction)",
                 "direction",
+            )?,
+            register_results: vec(
+                "strowger_register_results_total",
+                "Final answers to REGISTER by result",
+                "result",
             )?,
             route_calls: {
                 let v = IntCounterVec::new(
@@ -450,6 +460,12 @@ impl Metrics {
             &self.retransmissions.with_label_values(&["received"]),
             s.retransmissions_received(),
         );
+        for (result, value) in crate::uas::REGISTER_RESULTS
+            .iter()
+            .zip(s.register_results())
+        {
+            catch_up(&self.register_results.with_label_values(&[result]), value);
+        }
         let routes = s.routes();
         for (i, name) in routes.names.iter().enumerate() {
             let c = |result: &str, value: &AtomicU64| {

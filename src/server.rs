@@ -304,6 +304,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         .parse()
         .with_context(|| format!("http.listen {:?}", config.http.listen))?;
     let metrics = crate::metrics::Metrics::new(Box::new(MetricSources {
+        core: core.clone(),
         registrar: registrar.clone(),
         b2bua: b2bua.clone(),
         scripts: scripts.clone(),
@@ -406,6 +407,7 @@ fn load_auth(config: &Config) -> anyhow::Result<(DigestAuth, Option<Arc<Users>>)
 
 /// What `/metrics` reads: the layers' own counters.
 struct MetricSources {
+    core: Arc<UasCore>,
     registrar: Registrar,
     b2bua: B2bua,
     scripts: ScriptEngine,
@@ -451,6 +453,9 @@ impl crate::metrics::Sources for MetricSources {
     }
     fn routes(&self) -> &crate::metrics::RouteStats {
         self.b2bua.routes()
+    }
+    fn register_results(&self) -> [u64; crate::uas::REGISTER_RESULTS.len()] {
+        self.core.register_results()
     }
     fn malformed(&self) -> [u64; 2] {
         [

@@ -44,6 +44,7 @@ const METRICS_NOW: &[&str] = &[
     "strowger_script_hook_duration_seconds_bucket",
     "strowger_script_hook_duration_seconds_count",
     "strowger_transaction_retransmissions_total",
+    "strowger_register_results_total",
 ];
 
 /// Metrics a query may name that the server does not expose yet (none today).

@@ -88,6 +88,17 @@ async fn sipp_wrong_password_is_challenged_then_forbidden() {
         .registrar()
         .lookup("sip:alice@strowger.test")
         .is_empty());
+    // REGISTER results and authentication failures on /metrics.
+    let m = strowger::admin::get(s.handle.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    for needle in [
+        r#"strowger_register_results_total{result="challenged"} 3"#,
+        r#"strowger_register_results_total{result="forbidden"} 1"#,
+        r#"strowger_register_results_total{result="ok"} 0"#,
+    ] {
+        assert!(m.contains(needle), "{needle} missing from\n{m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

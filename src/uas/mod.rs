@@ -23,6 +23,31 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
 
+/// REGISTER results as metric labels (`strowger_register_results_total{result}`).
+pub const REGISTER_RESULTS: [&str; 8] = [
+    "ok",
+    "challenged",
+    "forbidden",
+    "not_found",
+    "interval_too_brief",
+    "bad_request",
+    "server_error",
+    "other",
+];
+
+fn register_result(status: u16) -> usize {
+    match status {
+        200..=299 => 0,
+        401 | 407 => 1,
+        403 => 2,
+        404 => 3,
+        423 => 4,
+        400 => 5,
+        500..=599 => 6,
+        _ => 7,
+    }
+}
+
 /// The UAS core; installed as the transaction layer's user.
 pub struct UasCore {
     user_agent: String,
@@ -42,6 +67,8 @@ pub struct UasCore {
     domain: String,
     /// `registrar.unknown_aor_status`.
     unknown_aor_status: u16,
+    /// Final answers to REGISTER, indexed like [`REGISTER_RESULTS`].
+    register_results: Arc<[std::sync::atomic::AtomicU64; REGISTER_RESULTS.len()]>,
 }
 
 impl UasCore {
@@ -63,7 +90,13 @@ impl UasCore {
             registrar: OnceLock::new(),
             domain: config.sip.domain.to_ascii_lowercase(),
             unknown_aor_status: config.registrar.unknown_aor_status,
+            register_results: Arc::new(Default::default()),
         }
+    }
+
+    /// Final answers to REGISTER so far, indexed like [`REGISTER_RESULTS`].
+    pub fn register_results(&self) -> [u64; REGISTER_RESULTS.len()] {
+        std::array::from_fn(|i| self.register_results[i].load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn set_registrar(&self, registrar: Registrar) {
@@ -72,8 +105,15 @@ impl UasCore {
 
     /// REGISTER (RFC 3261 10.3): steps 1-3 here, the rest in the registrar.
     fn on_register(&self, tx: ServerTransaction, req: Request) {
+        let results = self.register_results.clone();
+        // Every final answer to a REGISTER is counted by result.
+        let respond = move |tx: &ServerTransaction, resp: Response| {
+            results[register_result(resp.status)]
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Self::respond(tx, resp);
+        };
         let Some(registrar) = self.registrar.get().cloned() else {
-            Self::respond(&tx, req.response(503));
+            respond(&tx, req.response(503));
             return;
         };
         // Step 3: the To header names the address of record, in a domain we serve.
@@ -118,11 +158,11 @@ impl UasCore {
             };
             let secrets: Option<UserSecrets> = match verdict {
                 RegisterVerdict::Reject(code, reason) => {
-                    Self::respond(&tx, req.response(code).with_reason(reason));
+                    respond(&tx, req.response(code).with_reason(reason));
                     return;
                 }
                 RegisterVerdict::Failed(_) => {
-                    Self::respond(&tx, req.response(500).with_reason("Script Error"));
+                    respond(&tx, req.response(500).with_reason("Script Error"));
                     return;
                 }
                 RegisterVerdict::Credentials {
@@ -153,7 +193,7 @@ impl UasCore {
                     let resp = digest
                         .respond(&req, ChallengeKind::Www, &outcome)
                         .unwrap_or_else(|| req.response(403));
-                    Self::respond(&tx, resp);
+                    respond(&tx, resp);
                     return;
                 }
             }
@@ -164,7 +204,7 @@ impl UasCore {
             };
             // The store write is awaited before the 200 (a binding that is answered is kept).
             let resp = registrar.register(&req, source, &aor).await;
-            Self::respond(&tx, resp);
+            respond(&tx, resp);
         });
     }
 
