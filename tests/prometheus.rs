@@ -266,7 +266,7 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
     let dir = tempfile::tempdir().unwrap();
     let prom = start_prometheus(dir.path(), s.handle.admin_addr());
 
-    // Traffic so the counters move: OPTIONS, REGISTERs (bindings, events) and malformed input.
+    // Traffic so the counters move: OPTIONS, REGISTERs and malformed input.
     let peer = UdpPeer::bind("127.0.0.1").await;
     for _ in 0..3 {
         let msg = request(
@@ -281,21 +281,20 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
         peer.send(s.udp, msg.as_bytes()).await;
         assert!(peer.recv_final(WAIT).await.is_some(), "OPTIONS answered");
     }
-    for _ in 0..2 {
-        let contact = format!("Contact: <sip:bob@{}>;expires=300\r\n", peer.addr);
-        let msg = request(
-            "REGISTER",
-            "sip:strowger.test",
-            peer.addr,
-            "UDP",
-            &unique("reg"),
-            &contact,
-            "",
-        );
-        peer.send(s.udp, msg.as_bytes()).await;
-        let r = peer.recv_final(WAIT).await.expect("REGISTER answered");
-        assert_eq!(common::status(&r), 200, "{r}");
+    // Two phones registering with SIPp (bindings, registrar events, REGISTER results).
+    for phone in ["alice", "bob"] {
+        common::sipp::start(
+            &work,
+            &format!("phone-{phone}"),
+            Path::new("register.xml"),
+            common::sipp::free_udp_port(),
+            Some(s.udp),
+            &["-s", phone],
+        )
+        .expect_success(Duration::from_secs(30))
+        .await;
     }
+    assert_eq!(s.handle.registrar().count(), 2, "both phones registered");
     peer.send(s.udp, b"NOT SIP AT ALL\r\n\r\n").await;
     // Three calls with SIPp as caller and callee.
     let callee = common::sipp::start(
