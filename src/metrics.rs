@@ -13,7 +13,8 @@
 //! result}` (routes from `call.routes` only), `strowger_dial_outcomes_total{outcome}`,
 //! `strowger_script_errors_total{hook}`, `strowger_script_hook_duration_seconds{hook}`,
 //! `strowger_transaction_retransmissions_total{direction}`,
-//! `strowger_register_results_total{result}` (ok, challenged, forbidden, not_found,
+//! `strowger_transfers_total{kind="blind"|"attended"|"server",result="attempted"|
+//! "succeeded"|"failed"}`, `strowger_register_results_total{result}` (ok, challenged, forbidden, not_found,
 //! interval_too_brief, bad_request, server_error, other),
 //! `strowger_sip_malformed_total{action="answered"|"dropped"}`,
 //! `strowger_sip_requests_total{direction,method}`, `strowger_sip_responses_total{direction,
@@ -260,6 +261,9 @@ pub trait Sources: Send + Sync + 'static {
     fn retransmissions_received(&self) -> u64;
     /// The per-route call counters (`call.routes`).
     fn routes(&self) -> &RouteStats;
+    /// Transfers by kind (blind, attended, server) and result (attempted, succeeded,
+    /// failed).
+    fn transfers(&self) -> [[u64; 3]; 3];
     /// Final answers to REGISTER, indexed like [`crate::uas::REGISTER_RESULTS`].
     fn register_results(&self) -> [u64; crate::uas::REGISTER_RESULTS.len()];
     /// (answered with 400/505, dropped)
@@ -287,6 +291,7 @@ pub struct Metrics {
     retransmissions: IntCounterVec,
     route_calls: IntCounterVec,
     register_results: IntCounterVec,
+    transfers: IntCounterVec,
     malformed: IntCounterVec,
     transactions: IntGauge,
     transaction_timeouts: IntCounter,
@@ -356,6 +361,18 @@ impl Metrics {
                 "Final answers to REGISTER by result",
                 "result",
             )?,
+            transfers: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "strowger_transfers_total",
+                        "Call transfers by kind (blind, attended, server) and result \
+                         (attempted, succeeded, failed)",
+                    ),
+                    &["kind", "result"],
+                )?;
+                registry.register(Box::new(v.clone()))?;
+                v
+            },
             route_calls: {
                 let v = IntCounterVec::new(
                     Opts::new(
@@ -465,6 +482,11 @@ impl Metrics {
             .zip(s.register_results())
         {
             catch_up(&self.register_results.with_label_values(&[result]), value);
+        }
+        for (kind, results) in ["blind", "attended", "server"].iter().zip(s.transfers()) {
+            for (result, value) in ["attempted", "succeeded", "failed"].iter().zip(results) {
+                catch_up(&self.transfers.with_label_values(&[kind, result]), value);
+            }
         }
         let routes = s.routes();
         for (i, name) in routes.names.iter().enumerate() {

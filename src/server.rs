@@ -454,6 +454,10 @@ impl crate::metrics::Sources for MetricSources {
     fn routes(&self) -> &crate::metrics::RouteStats {
         self.b2bua.routes()
     }
+    fn transfers(&self) -> [[u64; 3]; 3] {
+        let t = &self.b2bua.stats().transfers;
+        std::array::from_fn(|k| std::array::from_fn(|r| crate::metrics::load(&t[k][r])))
+    }
     fn register_results(&self) -> [u64; crate::uas::REGISTER_RESULTS.len()] {
         self.core.register_results()
     }

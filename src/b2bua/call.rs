@@ -6,6 +6,11 @@
 //! The script's `on_invite` runs as its own task and talks to this one through
 //! [`CallEvent::Dial`]: a dial is a request with a reply channel.
 
+mod transfer;
+
+pub use transfer::{HandedLeg, TransferKind, TransferNote};
+use transfer::{Transfer, TransferStep};
+
 use super::net::resolve;
 use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
@@ -57,6 +62,11 @@ impl Events {
     pub fn post(&self, ev: CallEvent) -> Result<(), Box<CallEvent>> {
         self.0.send(Box::new(ev)).map_err(|e| e.0)
     }
+
+    /// Whether both reach the same call.
+    pub fn same(&self, other: &Events) -> bool {
+        self.0.same_channel(&other.0)
+    }
 }
 
 pub enum CallEvent {
@@ -88,6 +98,21 @@ pub enum CallEvent {
     HookDone(InviteOutcome),
     /// From `call:set_route`: count the call under this route.
     Route(usize),
+    /// The script's `on_refer` verdict on the REFER being held.
+    ReferDecided(crate::script::ReferVerdict),
+    /// `call:transfer` or the admin API: connect `party` to `target`.
+    Transfer {
+        target: String,
+        party: Side,
+        reply: oneshot::Sender<DialOutcome>,
+    },
+    /// Another call's attended transfer (or an INVITE with Replaces) names our `named`
+    /// leg: hand over the other leg to it and end `named`.
+    Handover {
+        named: Side,
+        from_tag: String,
+        reply: oneshot::Sender<Result<HandedLeg, (u16, String)>>,
+    },
 }
 
 /// What a client transaction of ours is for.
@@ -103,6 +128,8 @@ enum Purpose {
         server: ServerTransaction,
         orig: Request,
     },
+    /// A step of a transfer.
+    Transfer(TransferStep),
     /// A CANCEL, BYE or PRACK of our own whose answer changes nothing.
     Own,
 }
@@ -198,6 +225,16 @@ pub struct Call {
     a_ringing: bool,
     /// B legs dialled so far (their trace names: B1, B2...).
     legs: u64,
+    /// A transfer in progress (REFER, `call:transfer`, admin API).
+    transfer: Option<Box<Transfer>>,
+    /// Legs replaced by a transfer, until their BYE; then only their keys (stray
+    /// requests on them are answered, not relayed).
+    old_legs: Vec<Dialog>,
+    old_keys: Vec<DialogKey>,
+    /// The ACK of a transfer's re-INVITE, for its retransmitted 2xx.
+    transfer_reinvite_ack: Option<(Target, Request)>,
+    /// Transfers of this call, for the record.
+    transfers: Vec<TransferNote>,
 }
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
@@ -397,6 +434,11 @@ impl Call {
             route: None,
             a_ringing: false,
             legs: 0,
+            transfer: None,
+            old_legs: Vec::new(),
+            old_keys: Vec::new(),
+            transfer_reinvite_ack: None,
+            transfers: Vec::new(),
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -513,6 +555,9 @@ impl Call {
         if let Some(m) = self.max_duration {
             consider(m);
         }
+        if let Some(t) = self.transfer_deadline() {
+            consider(t);
+        }
         next
     }
 
@@ -569,6 +614,7 @@ impl Call {
                 self.finish_dial_with(status, reason.into());
             }
         }
+        self.on_transfer_timeout();
         if self.max_duration.is_some_and(|t| now >= t) {
             self.max_duration = None;
             tracing::info!(call = %self.id, "maximum call duration reached");
@@ -602,6 +648,19 @@ impl Call {
                 let name = self.inner.routes.name(r).map(str::to_owned);
                 self.inner.calls.with(&self.id, |snap| snap.route = name);
             }
+            // Boxed like the dial: the transfer's futures resolve names and wait on other
+            // calls.
+            CallEvent::ReferDecided(v) => Box::pin(self.on_refer_decided(v)).await,
+            CallEvent::Transfer {
+                target,
+                party,
+                reply,
+            } => Box::pin(self.start_server_transfer(target, party, reply)).await,
+            CallEvent::Handover {
+                named,
+                from_tag,
+                reply,
+            } => self.on_handover(named, &from_tag, reply),
         }
     }
 
@@ -838,7 +897,7 @@ impl Call {
     /// Keeps the call's Lua state for `on_call_end`, or frees it now when the script has
     /// no `on_call_end` (nothing would read `call.vars` again): memory per established call.
     fn keep_script(&mut self, handle: CallScriptHandle) {
-        if self.version.has_on_call_end() {
+        if self.version.has_on_call_end() || self.version.has_on_refer() {
             self.script = Some(handle);
         }
     }
@@ -1012,6 +1071,10 @@ impl Call {
                         let _ = server.respond(r);
                     }
                 }
+            }
+            Purpose::Transfer(step) => {
+                let step = *step;
+                self.on_transfer_client(id, step, event);
             }
             Purpose::Own => {
                 if !matches!(event, ClientEvent::Provisional(_)) {
@@ -1440,6 +1503,11 @@ impl Call {
             let _ = tx.respond(req.response(481));
             return;
         }
+        if (!self.old_legs.is_empty() || !self.old_keys.is_empty())
+            && self.on_old_leg_request(tx.clone(), req.clone())
+        {
+            return;
+        }
         // RFC 3261 12.2.2: a CSeq lower than the last one is out of order.
         let in_order = match side {
             Side::A => self.a_dialog.accept_remote_cseq(&req),
@@ -1464,8 +1532,14 @@ impl Call {
                     // BYE on a losing branch's dialog: nothing more to do.
                     return;
                 }
+                if self.transferor_left(side) {
+                    // Phones often hang up right after a blind transfer's 202: the
+                    // transfer goes on for the other party.
+                    return;
+                }
                 self.hangup(by, Some(side));
             }
+            Method::Refer => self.on_refer(side, tx, req),
             Method::Prack if side == Side::A => self.on_prack_from_a(tx, req),
             Method::Invite if self.reinvite_from.is_some() => {
                 // RFC 3261 14.2: an INVITE while one is in progress: glare.
@@ -1570,6 +1644,8 @@ impl Call {
     /// Ends an established (or establishing) call: BYE to every leg but `except`, 487 to
     /// requests still pending (the seed: pending requests of an ended session get 487).
     fn hangup(&mut self, by: &'static str, except: Option<Side>) {
+        self.abort_transfer();
+        self.bye_old_legs();
         for (_, purpose) in self.clients.drain() {
             if let Purpose::Relay { server, orig, .. } = purpose {
                 if !server.is_finished() {
@@ -1615,6 +1691,12 @@ impl Call {
         for id in ids {
             self.remove_branch_key(id);
         }
+        for d in std::mem::take(&mut self.old_legs) {
+            self.old_keys.push(DialogKey::new(&d.call_id, &d.local_tag));
+        }
+        for k in &self.old_keys {
+            self.inner.dialogs.remove(k);
+        }
     }
 
     /// The line for `call.records_file`: `record` plus who the call was between.
@@ -1647,6 +1729,7 @@ impl Call {
                 .route
                 .and_then(|r| self.inner.routes.name(r))
                 .map(str::to_owned),
+            transfers: self.transfers.clone(),
         }
     }
 

@@ -14,7 +14,7 @@ mod call;
 mod net;
 mod records;
 
-pub use call::Side;
+pub use call::{Side, TransferKind, TransferNote};
 pub use net::{resolve, LocalAddrs, ResolveError};
 pub use records::{rfc3339_millis, CallDetail, RecordWriter};
 
@@ -88,6 +88,9 @@ pub struct B2buaStats {
     pub calls_started: AtomicU64,
     pub answered: AtomicU64,
     pub dials: AtomicU64,
+    /// Transfers by kind (blind, attended, server) and result (attempted, succeeded,
+    /// failed).
+    pub transfers: [[AtomicU64; 3]; 3],
     /// Dials by outcome, indexed like [`crate::metrics::DIAL_OUTCOMES`].
     pub dial_outcomes: [AtomicU64; crate::metrics::DIAL_OUTCOMES.len()],
     pub script_failures: AtomicU64,

@@ -20,7 +20,7 @@
 //! `"2026-11-30T15:23:37.123Z"`), `duration_s` (answer to end in seconds, a float; 0 when
 //! unanswered), `final_status`, `hangup_by` (`"caller"`, `"callee"` or `"system"`),
 //! `script_version` (the version of the script the call ran on: 1 for the first load),
-//! `route` (`call:set_route`, or null).
+//! `route` (`call:set_route`, or null), `transfers` (`[{kind, by, target, status}]`).
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -51,6 +51,8 @@ pub struct CallDetail {
     pub script_version: u64,
     /// The route the script tagged the call with (`call:set_route`), if any.
     pub route: Option<String>,
+    /// The call's transfers: kind, who asked, target, status (200 = done).
+    pub transfers: Vec<super::call::TransferNote>,
 }
 
 fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -894,6 +894,80 @@ pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord
     }
 }
 
+/// `on_refer(call, refer)` on the call's VM: the setup (finding the call's userdata)
+/// happens now, the hook runs in the returned future.
+pub(crate) fn run_on_refer(
+    handle: &CallScriptHandle,
+    info: super::ReferInfo,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::ReferVerdict> + Send>> {
+    use super::ReferVerdict;
+    let allow = ReferVerdict::Allow {
+        target: info.target.clone(),
+        referred_by: info.referred_by.clone(),
+    };
+    let version = handle.version.clone();
+    let vm = version.vms[handle.vm].clone();
+    let (Some(key), Some(hook)) = (&handle.key, vm.on_refer.clone()) else {
+        return Box::pin(async move { allow });
+    };
+    let budget = vm.budget();
+    type Out = (String, Option<Value>, Option<Value>);
+    let setup = vm.enter(&budget, || -> mlua::Result<_> {
+        let ud: AnyUserData = vm.lua.registry_value(key)?;
+        Ok(hook.call_async::<Out>((
+            ud,
+            info.by.clone(),
+            info.target.clone(),
+            info.referred_by.clone(),
+            info.replaces.clone(),
+        )))
+    });
+    let call_id = handle.state.id.clone();
+    Box::pin(async move {
+        let result = match setup {
+            Ok(fut) => vm.guard(&budget, fut).await,
+            Err(e) => Err(e),
+        };
+        observe_hook("on_refer", &budget);
+        let text = |v: &Option<Value>| match v {
+            Some(Value::String(s)) => s.to_str().ok().map(|s| s.to_owned()),
+            _ => None,
+        };
+        match result {
+            Ok((kind, a, b)) if kind == "deny" => {
+                match parse_reject(&a.unwrap_or(Value::Nil), &b.unwrap_or(Value::Nil)) {
+                    Ok((code, reason)) => ReferVerdict::Deny(code, reason),
+                    Err(e) => {
+                        let msg = format!("{}: refer:deny: {e}", vm.on_refer_pos);
+                        let stats = &version.stats;
+                        stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
+                        stats.hook_errors[crate::metrics::hook_index("on_refer")]
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(target: "script", hook = "on_refer", error = %msg, "hook failed");
+                        ReferVerdict::Failed(msg)
+                    }
+                }
+            }
+            Ok((_, a, b)) => match text(&a) {
+                Some(target) => ReferVerdict::Allow {
+                    target,
+                    referred_by: text(&b),
+                },
+                None => ReferVerdict::Deny(400, "Bad Refer-To".into()),
+            },
+            Err(e) => ReferVerdict::Failed(report(
+                &version,
+                &vm,
+                "on_refer",
+                &call_id,
+                &e,
+                &budget,
+                &vm.on_refer_pos,
+            )),
+        }
+    })
+}
+
 /// `on_register(req)`: a plain synchronous call (the hook has no verbs that wait), under
 /// the same instruction budget and memory limit as the other hooks.
 pub(crate) fn run_on_register(

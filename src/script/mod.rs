@@ -379,6 +379,33 @@ impl InviteOutcome {
     }
 }
 
+/// What `on_refer(call, refer)` sees of a transfer request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReferInfo {
+    /// Who asked: `"caller"` or `"callee"`.
+    pub by: String,
+    /// The Refer-To URI (without its `?headers`).
+    pub target: String,
+    /// The Referred-By header, if any.
+    pub referred_by: Option<String>,
+    /// The `Replaces` of an attended transfer (`call-id;to-tag=..;from-tag=..`), if any.
+    pub replaces: Option<String>,
+}
+
+/// What `on_refer` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferVerdict {
+    /// Go ahead, to this target (the script may have rewritten it) with this Referred-By.
+    Allow {
+        target: String,
+        referred_by: Option<String>,
+    },
+    /// `refer:deny(code, reason)`: answer the REFER with this.
+    Deny(u16, String),
+    /// The hook failed: the REFER gets 500. Text with file:line.
+    Failed(String),
+}
+
 /// Facts about a finished call for `on_call_end`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallRecord {
@@ -410,6 +437,13 @@ impl CallScriptHandle {
     /// The call id given to `on_invite`.
     pub fn call_id(&self) -> &str {
         &self.state.id
+    }
+
+    /// Runs `on_refer(call, refer)` on the call's VM with its `call` object; allows when
+    /// the script has no `on_refer`. The future owns what it needs (the call keeps its
+    /// handle meanwhile).
+    pub fn on_refer(&self, info: ReferInfo) -> Pin<Box<dyn Future<Output = ReferVerdict> + Send>> {
+        call::run_on_refer(self, info)
     }
 }
 
@@ -624,6 +658,11 @@ impl ScriptVersion {
     /// Whether the script defines `on_register`.
     pub fn has_on_register(&self) -> bool {
         self.vms[0].on_register.is_some()
+    }
+
+    /// Whether the script defines `on_refer` (then a call keeps its Lua state while up).
+    pub fn has_on_refer(&self) -> bool {
+        self.vms[0].on_refer.is_some()
     }
 
     /// Whether the script defines `on_call_end`. When it does not, a call's handle (and

@@ -289,10 +289,40 @@ local function register_runner(on_register)
   end
 end
 
+-- on_refer(call, refer): the call's own `call` object and a plain table for the transfer.
+-- The hook denies with refer:deny(code, reason), rewrites refer.target or
+-- refer.referred_by, or returns nothing (the transfer goes ahead).
+local function refer_runner(on_refer)
+  return function(ud, by, target, referred_by, replaces)
+    local call = call_of[ud]
+    if call == nil then
+      call = new_call(ud, running())
+    else
+      private[call][THREAD] = running()
+    end
+    local verdict
+    local refer = {
+      by = by,
+      target = target,
+      referred_by = referred_by,
+      replaces = replaces,
+      deny = function(_, code, reason)
+        verdict = { code or 603, reason }
+      end,
+    }
+    on_refer(call, refer)
+    if verdict then
+      return "deny", verdict[1], verdict[2]
+    end
+    return "allow", refer.target, refer.referred_by
+  end
+end
+
 -- The runners Rust starts as coroutines, with the operator's hooks bound once per VM.
-local function bind(on_invite, on_call_end, on_register)
+local function bind(on_invite, on_call_end, on_register, on_refer)
   local run_invite, run_end
   local run_register = on_register and register_runner(on_register)
+  local run_refer = on_refer and refer_runner(on_refer)
   if on_invite ~= nil then
     run_invite = function(ud)
       return on_invite(new_call(ud, running()))
@@ -316,7 +346,7 @@ local function bind(on_invite, on_call_end, on_register)
       })
     end
   end
-  return run_invite, run_end, run_register
+  return run_invite, run_end, run_register, run_refer
 end
 
 return bind

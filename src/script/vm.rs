@@ -202,6 +202,9 @@ pub(crate) struct Vm {
     /// `on_register(req)`, wrapped by the sandbox.
     pub on_register: Option<Function>,
     pub on_register_pos: String,
+    /// `run_refer(call_ud, by, target, referred_by, replaces)`: `on_refer(call, refer)`.
+    pub on_refer: Option<Function>,
+    pub on_refer_pos: String,
     pub file: Arc<str>,
     pub instruction_limit: u64,
     pub memory_limit: usize,
@@ -314,6 +317,7 @@ impl Vm {
         let on_invite = hook("on_invite")?;
         let on_call_end = hook("on_call_end")?;
         let on_register = hook("on_register")?;
+        let on_refer = hook("on_refer")?;
         let def_pos = |f: &Option<Function>| match f {
             Some(f) => {
                 let info = f.info();
@@ -328,14 +332,17 @@ impl Vm {
         let on_invite_pos = def_pos(&on_invite);
         let on_call_end_pos = def_pos(&on_call_end);
         let on_register_pos = def_pos(&on_register);
-        let (on_invite, on_call_end, on_register) = {
+        let on_refer_pos = def_pos(&on_refer);
+        type Runners = (
+            Option<Function>,
+            Option<Function>,
+            Option<Function>,
+            Option<Function>,
+        );
+        let (on_invite, on_call_end, on_register, on_refer) = {
             let _g = enter(&shared, &budget);
-            bind.call::<(Option<Function>, Option<Function>, Option<Function>)>((
-                on_invite,
-                on_call_end,
-                on_register,
-            ))
-            .map_err(internal)?
+            bind.call::<Runners>((on_invite, on_call_end, on_register, on_refer))
+                .map_err(internal)?
         };
 
         Ok(Vm {
@@ -347,6 +354,8 @@ impl Vm {
             on_call_end_pos,
             on_register,
             on_register_pos,
+            on_refer,
+            on_refer_pos,
             file: file_name,
             instruction_limit: opts.instruction_limit,
             memory_limit: opts.memory_limit,

@@ -1,0 +1,1121 @@
+//! Call transfer inside a call (RFC 3515 REFER, RFC 4488 Refer-Sub, RFC 3891 Replaces):
+//! the server, not the phones, carries it out, since in a B2BUA neither phone sees the
+//! other's dialog.
+//!
+//! Blind transfer, party T (transferor) asking for party E (transferee) to be connected to
+//! target C:
+//! 1. REFER from T: exactly one Refer-To (else 400); the script's `on_refer(call, refer)`
+//!    may deny (its status) or rewrite the target; a target we cannot dial gets 488; else
+//!    202 and (unless `Refer-Sub: false`) a NOTIFY "100 Trying".
+//! 2. An INVITE without SDP to C (RFC 3725 flow I): C's 2xx carries the offer.
+//! 3. A re-INVITE to E with that offer; E's 2xx carries the answer, which goes to C in the
+//!    ACK. E's media now flows to C.
+//! 4. C takes T's place in the call; T gets NOTIFY "200 OK" (Subscription-State
+//!    terminated) and then BYE.
+//!
+//! When C fails, T gets a NOTIFY with C's status and the call stays as it was (E's
+//! session was not touched). Attended transfer (Refer-To with Replaces naming another
+//! call's dialog) takes C's leg over from that call (a hand-over between the two call
+//! tasks) and then runs steps 3-4 with an offerless re-INVITE to C instead of step 2.
+//! A server-started transfer (`call:transfer`, `POST /calls/{id}/transfer`) runs steps
+//! 2-4 with no REFER and no NOTIFYs; the other party gets BYE.
+
+use super::{Call, CallEvent, Purpose, Side};
+use crate::b2bua::net::resolve;
+use crate::b2bua::{CallRef, DialogKey};
+use crate::dialog::{Dialog, DialogState};
+use crate::script::{DialOutcome, ReferInfo, ReferVerdict};
+use crate::sip::{new_call_id, new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
+use crate::transaction::{ClientEvent, ServerTransaction};
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// How a transfer started (the `kind` label of `strowger_transfers_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferKind {
+    Blind = 0,
+    Attended = 1,
+    Server = 2,
+}
+
+impl TransferKind {
+    pub fn as_str(self) -> &'static str {
+        ["blind", "attended", "server"][self as usize]
+    }
+}
+
+/// What a client transaction of a transfer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TransferStep {
+    /// The INVITE to the target (its branch id).
+    Leg(u64),
+    /// The offerless re-INVITE to the target's existing dialog (attended).
+    LegReinvite,
+    /// The re-INVITE to the transferee with the target's offer.
+    Reinvite,
+    /// The final NOTIFY to the transferor: BYE it once answered.
+    FinalNotify,
+}
+
+/// A leg another call hands over for an attended transfer or a Replaces.
+pub struct HandedLeg {
+    pub dialog: Dialog,
+}
+
+/// A transfer in progress.
+pub(super) struct Transfer {
+    kind: TransferKind,
+    /// Who asked (None: the server).
+    transferor: Option<Side>,
+    transferee: Side,
+    /// The transferor hung up while the transfer ran.
+    transferor_gone: bool,
+    /// The REFER until it is answered (after the script's decision).
+    refer: Option<(ServerTransaction, Request)>,
+    /// NOTIFY the transferor (implicit subscription, RFC 3515 2.4.4; not with
+    /// `Refer-Sub: false`, RFC 4488).
+    notify: bool,
+    /// The REFER's CSeq: `Event: refer;id=` (RFC 3515 2.4.6).
+    event_id: u32,
+    target: String,
+    referred_by: Option<String>,
+    replaces: Option<String>,
+    /// The target's branch while it rings (blind, server).
+    leg: Option<u64>,
+    deadline: Option<Instant>,
+    ringing: bool,
+    /// The target's confirmed dialog and the ACK sent to its 2xx.
+    leg_dialog: Option<Dialog>,
+    leg_invite_seq: u32,
+    leg_ack: Option<Request>,
+    /// The target's offer and its Content-Type.
+    offer: Option<(Bytes, Option<String>)>,
+    /// Our re-INVITE to the transferee, for its ACK.
+    reinvite_seq: u32,
+    reply: Option<oneshot::Sender<DialOutcome>>,
+}
+
+/// A transfer as the call record shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TransferNote {
+    pub kind: &'static str,
+    /// `"caller"`, `"callee"` or `"server"`.
+    pub by: &'static str,
+    pub target: String,
+    /// 200 when it succeeded, else the failure status.
+    pub status: u16,
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::A => "caller",
+        Side::B => "callee",
+    }
+}
+
+/// `%XX` escapes of a URI header value (RFC 3261 19.1.1).
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A Replaces value (RFC 3891 6.1): Call-ID, to-tag, from-tag.
+pub fn parse_replaces(v: &str) -> Option<(String, String, String)> {
+    let mut parts = v.split(';');
+    let call_id = parts.next()?.trim().to_owned();
+    let (mut to, mut from) = (None, None);
+    for p in parts {
+        let (k, val) = p.split_once('=')?;
+        match k.trim().to_ascii_lowercase().as_str() {
+            "to-tag" => to = Some(val.trim().to_owned()),
+            "from-tag" => from = Some(val.trim().to_owned()),
+            _ => {}
+        }
+    }
+    (!call_id.is_empty()).then_some((call_id, to?, from?))
+}
+
+/// The Refer-To of a REFER: its URI without headers, and the Replaces among its headers.
+/// Errors are the 400's reason.
+fn refer_to(req: &Request) -> Result<(Uri, Option<String>), &'static str> {
+    let values: Vec<String> = req.headers.list("Refer-To");
+    if values.is_empty() {
+        return Err("Missing Refer-To");
+    }
+    // RFC 3515 2.1: exactly one Refer-To.
+    if values.len() > 1 {
+        return Err("Exactly one Refer-To allowed");
+    }
+    let na = NameAddr::parse(&values[0]).map_err(|_| "Bad Refer-To")?;
+    let mut uri = na.uri;
+    let mut replaces = None;
+    if let Some(h) = uri.headers.take() {
+        for kv in h.split('&') {
+            if let Some((k, v)) = kv.split_once('=') {
+                if k.eq_ignore_ascii_case("Replaces") {
+                    replaces = Some(unescape(v));
+                }
+            }
+        }
+    }
+    Ok((uri, replaces))
+}
+
+impl Call {
+    /// Counts a transfer event (`strowger_transfers_total{kind,result}`).
+    fn count_transfer(&self, kind: TransferKind, result: usize) {
+        self.inner.stats.transfers[kind as usize][result].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A REFER in one of the call's dialogs.
+    pub(super) fn on_refer(&mut self, side: Side, tx: ServerTransaction, req: Request) {
+        let (uri, replaces) = match refer_to(&req) {
+            Ok(v) => v,
+            Err(why) => {
+                let _ = tx.respond(req.response(400).with_reason(why));
+                return;
+            }
+        };
+        if self.b_dialog.is_none() || self.a_dialog.state != DialogState::Confirmed {
+            let _ = tx.respond(
+                req.response(403)
+                    .with_reason("Transfer of a call that is not answered"),
+            );
+            return;
+        }
+        if self.transfer.is_some() {
+            let _ = tx.respond(req.response(491).with_reason("A transfer is in progress"));
+            return;
+        }
+        let kind = if replaces.is_some() {
+            TransferKind::Attended
+        } else {
+            TransferKind::Blind
+        };
+        self.count_transfer(kind, 0);
+        let notify = !req
+            .headers
+            .get("Refer-Sub")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+        let referred_by = req.headers.get("Referred-By").map(str::to_owned);
+        let target = uri.to_string();
+        let info = ReferInfo {
+            by: side_name(side).to_owned(),
+            target: target.clone(),
+            referred_by: referred_by.clone(),
+            replaces: replaces.clone(),
+        };
+        self.transfer = Some(Box::new(Transfer {
+            kind,
+            transferor: Some(side),
+            transferee: side.other(),
+            transferor_gone: false,
+            event_id: req.base.cseq.seq,
+            refer: Some((tx, req)),
+            notify,
+            target,
+            referred_by,
+            replaces,
+            leg: None,
+            deadline: None,
+            ringing: false,
+            leg_dialog: None,
+            leg_invite_seq: 1,
+            leg_ack: None,
+            offer: None,
+            reinvite_seq: 0,
+            reply: None,
+        }));
+        // The script decides (it may wait): its verdict comes back as an event.
+        match &self.script {
+            Some(handle) if self.version.has_on_refer() => {
+                let hook = handle.on_refer(info);
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let verdict = hook.await;
+                    let _ = events.post(CallEvent::ReferDecided(verdict));
+                });
+            }
+            _ => {
+                let _ = self
+                    .events
+                    .post(CallEvent::ReferDecided(ReferVerdict::Allow {
+                        target: info.target,
+                        referred_by: info.referred_by,
+                    }));
+            }
+        }
+    }
+
+    /// The script's say on a REFER.
+    pub(super) async fn on_refer_decided(&mut self, verdict: ReferVerdict) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        let Some((tx, req)) = t.refer.take() else {
+            return;
+        };
+        let kind = t.kind;
+        let (target, referred_by) = match verdict {
+            ReferVerdict::Deny(code, reason) => {
+                let _ = tx.respond(req.response(code).with_reason(reason));
+                self.transfer_ended(code);
+                return;
+            }
+            ReferVerdict::Failed(_) => {
+                let _ = tx.respond(req.response(500).with_reason("Script Error"));
+                self.transfer_ended(500);
+                return;
+            }
+            ReferVerdict::Allow {
+                target,
+                referred_by,
+            } => (target, referred_by),
+        };
+        // RFC 3515 2.4.2: a URI we cannot act on is refused (488 here: not acceptable).
+        let dialable = Uri::parse(target.trim()).is_ok_and(|u| u.scheme.is_sip());
+        if !dialable {
+            let _ = tx.respond(
+                req.response(488)
+                    .with_reason(format!("Cannot transfer to {target}")),
+            );
+            self.transfer_ended(488);
+            return;
+        }
+        t.target = target;
+        t.referred_by = referred_by;
+        let mut ok = req.response(202);
+        if !t.notify {
+            ok.headers.push("Refer-Sub", "false");
+        }
+        let _ = tx.respond(ok);
+        self.refer_notify("SIP/2.0 100 Trying", false);
+        if kind == TransferKind::Attended {
+            self.start_attended().await;
+        } else {
+            self.start_transfer_leg().await;
+        }
+    }
+
+    /// `call:transfer` / the admin API: connect `party` to `target`, release the other.
+    pub(super) async fn start_server_transfer(
+        &mut self,
+        target: String,
+        party: Side,
+        reply: oneshot::Sender<DialOutcome>,
+    ) {
+        let fail = |reply: oneshot::Sender<DialOutcome>, status: u16, reason: &str| {
+            let _ = reply.send(DialOutcome {
+                answered: false,
+                status,
+                reason: reason.to_owned(),
+            });
+        };
+        if self.ended || self.b_dialog.is_none() || self.a_dialog.state != DialogState::Confirmed {
+            return fail(reply, 481, "The call is not answered");
+        }
+        if self.transfer.is_some() {
+            return fail(reply, 491, "A transfer is in progress");
+        }
+        if !Uri::parse(target.trim()).is_ok_and(|u| u.scheme.is_sip()) {
+            return fail(reply, 488, "Not a SIP URI");
+        }
+        self.count_transfer(TransferKind::Server, 0);
+        self.transfer = Some(Box::new(Transfer {
+            kind: TransferKind::Server,
+            transferor: None,
+            transferee: party,
+            transferor_gone: false,
+            refer: None,
+            notify: false,
+            event_id: 0,
+            target,
+            referred_by: None,
+            replaces: None,
+            leg: None,
+            deadline: None,
+            ringing: false,
+            leg_dialog: None,
+            leg_invite_seq: 1,
+            leg_ack: None,
+            offer: None,
+            reinvite_seq: 0,
+            reply: Some(reply),
+        }));
+        self.start_transfer_leg().await;
+    }
+
+    /// Step 2: an INVITE without SDP to the target, from the transferee's identity.
+    async fn start_transfer_leg(&mut self) {
+        let Some(t) = self.transfer.as_ref() else {
+            return;
+        };
+        let target = t.target.trim().to_owned();
+        let referred_by = t.referred_by.clone();
+        let transferee = t.transferee;
+        let Ok(uri) = Uri::parse(&target) else {
+            return self.transfer_failed(400, "Bad target");
+        };
+        let flow = self.inner.flows.as_ref().and_then(|f| f.flow(&target));
+        let dest = match &flow {
+            Some((t, _)) => *t,
+            None => match resolve(&uri, &self.inner.local).await {
+                Ok(d) => d,
+                Err(e) => return self.transfer_failed(503, &e.to_string()),
+            },
+        };
+        // The new leg shows the party being connected as the caller.
+        let mut from = match transferee {
+            Side::A => self.a_dialog.remote_uri.clone(),
+            Side::B => self
+                .b_dialog
+                .as_ref()
+                .map(|d| d.remote_uri.clone())
+                .unwrap_or_else(|| self.a_dialog.local_uri.clone()),
+        };
+        from.set_tag(&new_tag());
+        let mut headers = Headers::new();
+        if let Some((_, path)) = &flow {
+            for hop in path {
+                headers.push("Route", hop.clone());
+            }
+        }
+        headers.push("Contact", self.inner.local.contact(&dest));
+        headers.push("Allow", Method::allow_list());
+        // RFC 3892: the new leg learns who referred it.
+        if let Some(rb) = referred_by {
+            headers.push("Referred-By", rb);
+        }
+        let local_host = self
+            .inner
+            .local
+            .towards(dest.transport, &dest.addr)
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "strowger".into());
+        let invite = Request {
+            method: Method::Invite,
+            uri: uri.clone(),
+            version: "2.0".into(),
+            base: crate::sip::BaseHeaders {
+                via: vec![self.inner.local.via(&dest)],
+                from,
+                to: NameAddr::new(uri),
+                call_id: new_call_id(&local_host),
+                cseq: CSeq {
+                    seq: 1,
+                    method: Method::Invite,
+                },
+            },
+            max_forwards: Some(70),
+            headers,
+            body: Bytes::new(),
+        };
+        let bid = self.new_id();
+        if let Some(tr) = &self.inner.traces {
+            self.legs += 1;
+            tr.add_leg(&self.id, &invite.base.call_id, self.legs);
+        }
+        self.inner.dialogs.insert(
+            DialogKey::new(&invite.base.call_id, invite.base.from.tag().unwrap_or("")),
+            CallRef {
+                events: self.events.clone(),
+                side: Side::B,
+                branch: Some(bid),
+            },
+        );
+        self.branches.insert(
+            bid,
+            Box::new(super::Branch {
+                invite: invite.clone(),
+                target: dest,
+                provisional: false,
+                cancel_pending: false,
+                cancelled: false,
+                done: false,
+                early: None,
+            }),
+        );
+        if let Some(t) = self.transfer.as_mut() {
+            t.leg = Some(bid);
+            t.deadline = Some(Instant::now() + self.inner.default_ring_timeout);
+        }
+        if self
+            .send_client(invite, dest, Purpose::Transfer(TransferStep::Leg(bid)))
+            .is_none()
+        {
+            self.remove_branch_key(bid);
+            self.branches.remove(&bid);
+            self.transfer_failed(503, "Transport error");
+        }
+    }
+
+    /// Attended: take the leg named by Replaces over from its call, then re-INVITE it
+    /// without SDP for a fresh offer.
+    async fn start_attended(&mut self) {
+        let Some(replaces) = self.transfer.as_ref().and_then(|t| t.replaces.clone()) else {
+            return;
+        };
+        let Some((call_id, to_tag, from_tag)) = parse_replaces(&replaces) else {
+            return self.transfer_failed(400, "Bad Replaces");
+        };
+        let handed = match self.take_leg_from(&call_id, &to_tag, &from_tag).await {
+            Ok(h) => h,
+            Err((status, reason)) => return self.transfer_failed(status, &reason),
+        };
+        let mut dialog = handed.dialog;
+        let flow = dialog.flow;
+        let key = DialogKey::new(&dialog.call_id, &dialog.local_tag);
+        let bid = self.new_id();
+        self.inner.dialogs.insert(
+            key,
+            CallRef {
+                events: self.events.clone(),
+                side: Side::B,
+                branch: Some(bid),
+            },
+        );
+        let via = self.inner.local.via(&flow);
+        let contact = self.inner.local.contact(&flow);
+        let reinvite = dialog.request(Method::Invite, via, Some(&contact));
+        if let Some(t) = self.transfer.as_mut() {
+            t.leg = Some(bid);
+            t.leg_invite_seq = reinvite.base.cseq.seq;
+            t.leg_dialog = Some(dialog);
+        }
+        if self
+            .send_client(reinvite, flow, Purpose::Transfer(TransferStep::LegReinvite))
+            .is_none()
+        {
+            self.transfer_failed(503, "Transport error");
+        }
+    }
+
+    /// Asks the call owning dialog (`call_id`, our tag `to_tag`, their tag `from_tag`)
+    /// for the leg facing away from that dialog (RFC 3891: the dialog named is the
+    /// transferor's; the other party of that call is the target).
+    pub(super) async fn take_leg_from(
+        &self,
+        call_id: &str,
+        to_tag: &str,
+        from_tag: &str,
+    ) -> Result<HandedLeg, (u16, String)> {
+        let no_match = || (481, "Replaces matches no dialog".to_owned());
+        let Some(r) = self.inner.dialogs.get(&DialogKey::new(call_id, to_tag)) else {
+            return Err(no_match());
+        };
+        if r.events.same(&self.events) {
+            return Err((400, "Replaces names this call".to_owned()));
+        }
+        let (reply, rx) = oneshot::channel();
+        r.events
+            .post(CallEvent::Handover {
+                named: r.side,
+                from_tag: from_tag.to_owned(),
+                reply,
+            })
+            .map_err(|_| no_match())?;
+        rx.await.unwrap_or_else(|_| Err(no_match()))
+    }
+
+    /// Another call takes our `named.other()` leg: we end `named` (BYE) and give the
+    /// other leg's dialog away without a BYE.
+    pub(super) fn on_handover(
+        &mut self,
+        named: Side,
+        from_tag: &str,
+        reply: oneshot::Sender<Result<HandedLeg, (u16, String)>>,
+    ) {
+        let named_dialog = match named {
+            Side::A => Some(&self.a_dialog),
+            Side::B => self.b_dialog.as_ref(),
+        };
+        let matches = named_dialog.is_some_and(|d| d.remote_tag == from_tag);
+        if !matches || self.ended {
+            let _ = reply.send(Err((481, "Replaces matches no dialog".into())));
+            return;
+        }
+        // RFC 3891 3: only a confirmed dialog is replaced here (an early one that we did
+        // not initiate must get 481; we do not pick up ringing calls).
+        if self.a_dialog.state != DialogState::Confirmed || self.b_dialog.is_none() {
+            let _ = reply.send(Err((481, "Replaces matches an early dialog".into())));
+            return;
+        }
+        let give = named.other();
+        let dialog = match give {
+            Side::A => self.a_dialog.clone(),
+            Side::B => self.b_dialog.clone().expect("checked above"),
+        };
+        // Forget the leg we give away (its new call indexes it), then end the other one.
+        self.inner
+            .dialogs
+            .remove(&DialogKey::new(&dialog.call_id, &dialog.local_tag));
+        match give {
+            Side::A => self.a_dialog.state = DialogState::Terminated,
+            Side::B => {
+                self.b_dialog = None;
+            }
+        }
+        let _ = reply.send(Ok(HandedLeg { dialog }));
+        self.hangup("system", Some(give));
+    }
+
+    /// Events of a transfer's client transactions.
+    pub(super) fn on_transfer_client(&mut self, id: u64, step: TransferStep, event: ClientEvent) {
+        let is_final = !matches!(event, ClientEvent::Provisional(_));
+        match step {
+            TransferStep::Leg(bid) => match event {
+                ClientEvent::Provisional(resp) => self.on_leg_provisional(bid, &resp),
+                ClientEvent::Final(resp) if resp.is_success() => self.on_leg_answered(bid, resp),
+                ClientEvent::Final(resp) => {
+                    self.clients.remove(&id);
+                    self.on_leg_failed(bid, resp.status, &resp.reason);
+                }
+                ClientEvent::Timeout => {
+                    self.clients.remove(&id);
+                    self.on_leg_failed(bid, 408, "Request Timeout");
+                }
+                ClientEvent::TransportError(e) => {
+                    self.clients.remove(&id);
+                    self.on_leg_failed(bid, 503, &format!("Transport error: {e}"));
+                }
+            },
+            TransferStep::LegReinvite => match event {
+                ClientEvent::Final(resp) if resp.is_success() => self.on_leg_offer(resp),
+                ClientEvent::Final(resp) => {
+                    self.clients.remove(&id);
+                    self.leg_lost(resp.status, &resp.reason);
+                }
+                ClientEvent::Timeout | ClientEvent::TransportError(_) => {
+                    self.clients.remove(&id);
+                    self.leg_lost(408, "Request Timeout");
+                }
+                ClientEvent::Provisional(_) => {}
+            },
+            TransferStep::Reinvite => match event {
+                ClientEvent::Final(resp) if resp.is_success() => self.on_transferee_answer(resp),
+                ClientEvent::Final(resp) => {
+                    self.clients.remove(&id);
+                    self.reinvite_from = None;
+                    self.leg_lost(resp.status, &resp.reason);
+                }
+                ClientEvent::Timeout | ClientEvent::TransportError(_) => {
+                    self.clients.remove(&id);
+                    self.reinvite_from = None;
+                    self.leg_lost(408, "Request Timeout");
+                }
+                ClientEvent::Provisional(_) => {}
+            },
+            TransferStep::FinalNotify => {
+                if is_final {
+                    self.clients.remove(&id);
+                    self.bye_old_legs();
+                }
+            }
+        }
+    }
+
+    fn on_leg_provisional(&mut self, bid: u64, resp: &Response) {
+        let cancel_now = match self.branches.get_mut(&bid) {
+            Some(b) => {
+                b.provisional = true;
+                b.cancel_pending
+            }
+            None => return,
+        };
+        if cancel_now {
+            self.cancel_branch(bid);
+            return;
+        }
+        if resp.status > 100 {
+            if let Some(t) = self.transfer.as_mut() {
+                t.ringing = true;
+            }
+        }
+    }
+
+    /// The target answered a blind transfer's INVITE: its 2xx has the offer.
+    fn on_leg_answered(&mut self, bid: u64, resp: Response) {
+        let Some(b) = self.branches.get_mut(&bid) else {
+            return;
+        };
+        let current = self.transfer.as_ref().is_some_and(|t| t.leg == Some(bid));
+        if current {
+            if let Some(t) = self.transfer.as_ref() {
+                if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
+                    // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
+                    let (ack, flow) = (ack.clone(), d.flow);
+                    let _ = self.send_ack(&flow, &ack);
+                    return;
+                }
+                if t.leg_dialog.is_some() {
+                    // Waiting for the transferee's answer; the ACK follows then.
+                    return;
+                }
+            }
+        }
+        b.done = true;
+        let mut dialog = Dialog::uac(&b.invite, &resp, b.target);
+        dialog.state = DialogState::Confirmed;
+        let seq = b.invite.base.cseq.seq;
+        if !current {
+            // Too late (the transfer ended): ACK and BYE (RFC 3261 16.7 step 10 by analogy).
+            let via = self.inner.local.via(&dialog.flow);
+            let ack = dialog.ack(seq, via);
+            let _ = self.send_ack(&dialog.flow, &ack);
+            let via = self.inner.local.via(&dialog.flow);
+            let bye = dialog.request(Method::Bye, via, None);
+            let flow = dialog.flow;
+            self.send_client(bye, flow, Purpose::Own);
+            return;
+        }
+        if let Some(t) = self.transfer.as_mut() {
+            t.deadline = None;
+            t.leg_invite_seq = seq;
+            t.leg_dialog = Some(dialog);
+        }
+        self.on_leg_offer(resp);
+    }
+
+    /// The target's 2xx with its offer (to our INVITE or offerless re-INVITE): re-INVITE
+    /// the transferee with it (step 3).
+    fn on_leg_offer(&mut self, resp: Response) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        if t.offer.is_some() {
+            // A retransmitted 2xx of the offerless re-INVITE: ACK again if we have.
+            if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
+                let (ack, flow) = (ack.clone(), d.flow);
+                let _ = self.send_ack(&flow, &ack);
+            }
+            return;
+        }
+        if resp.body.is_empty() {
+            // RFC 3261 13.2.1: a 2xx to an offerless INVITE must carry the offer.
+            self.leg_lost(488, "Target answered without an offer");
+            return;
+        }
+        t.offer = Some((
+            resp.body.clone(),
+            resp.headers.get("Content-Type").map(str::to_owned),
+        ));
+        let transferee = t.transferee;
+        let (body, ctype) = t.offer.clone().unwrap_or_default();
+        let contact = self.contact_for(transferee);
+        let inner = self.inner.clone();
+        let Some(d) = self.dialog_mut(transferee) else {
+            return self.leg_lost(481, "Transferee gone");
+        };
+        let flow = d.flow;
+        let via = inner.local.via(&flow);
+        let mut reinvite = d.request(Method::Invite, via, Some(&contact));
+        reinvite.headers.push(
+            "Content-Type",
+            ctype.unwrap_or_else(|| "application/sdp".into()),
+        );
+        reinvite.body = body;
+        let seq = reinvite.base.cseq.seq;
+        if let Some(t) = self.transfer.as_mut() {
+            t.reinvite_seq = seq;
+        }
+        // Our own re-INVITE counts for glare (RFC 3261 14.2).
+        self.reinvite_from = Some(transferee.other());
+        if self
+            .send_client(reinvite, flow, Purpose::Transfer(TransferStep::Reinvite))
+            .is_none()
+        {
+            self.reinvite_from = None;
+            self.leg_lost(503, "Transport error");
+        }
+    }
+
+    /// The transferee's 2xx with the answer: ACK both, and the target takes the
+    /// transferor's place (step 4).
+    fn on_transferee_answer(&mut self, resp: Response) {
+        let Some(t) = self.transfer.as_ref() else {
+            // A retransmission after the switch: ACK it again.
+            if let Some((flow, ack)) = &self.transfer_reinvite_ack {
+                let (flow, ack) = (*flow, ack.clone());
+                let _ = self.send_ack(&flow, &ack);
+            }
+            return;
+        };
+        let transferee = t.transferee;
+        let seq = t.reinvite_seq;
+        self.reinvite_from = None;
+        let inner = self.inner.clone();
+        let Some(d) = self.dialog_mut(transferee) else {
+            return;
+        };
+        d.refresh_target(&resp.headers);
+        let flow = d.flow;
+        let via = inner.local.via(&flow);
+        let ack = d.ack(seq, via);
+        let _ = self.send_ack(&flow, &ack);
+        self.transfer_reinvite_ack = Some((flow, ack));
+        // The answer goes to the target in its ACK (RFC 3264 offer/answer across legs).
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        let Some(leg) = t.leg_dialog.as_ref() else {
+            return;
+        };
+        let lflow = leg.flow;
+        let via = self.inner.local.via(&lflow);
+        let mut leg_ack = leg.ack(t.leg_invite_seq, via);
+        if !resp.body.is_empty() {
+            leg_ack.headers.push(
+                "Content-Type",
+                resp.headers
+                    .get("Content-Type")
+                    .unwrap_or("application/sdp")
+                    .to_owned(),
+            );
+            leg_ack.body = resp.body.clone();
+        }
+        t.leg_ack = Some(leg_ack.clone());
+        let _ = self.send_ack(&lflow, &leg_ack);
+        self.switch_legs();
+    }
+
+    /// The target replaces the transferor (or, server-started, the other party).
+    fn switch_legs(&mut self) {
+        let Some(mut t) = self.transfer.take() else {
+            return;
+        };
+        let Some(new_dialog) = t.leg_dialog.take() else {
+            return;
+        };
+        let replaced = t.transferee.other();
+        let bid = t.leg;
+        let new_key = DialogKey::new(&new_dialog.call_id, &new_dialog.local_tag);
+        let old = match replaced {
+            Side::B => {
+                let old = self.b_dialog.replace(new_dialog);
+                self.b_branch = bid;
+                self.b_ack = t.leg_ack.take();
+                old
+            }
+            Side::A => {
+                let contact = self.inner.local.contact(&new_dialog.flow);
+                let old = std::mem::replace(&mut self.a_dialog, new_dialog);
+                self.a_contact = contact;
+                // The target's dialog is now side A; its branch entry goes (keeping the
+                // dialog's index key, now pointing at side A).
+                if let Some(bid) = bid {
+                    self.branches.remove(&bid);
+                }
+                self.inner.dialogs.insert(
+                    new_key,
+                    CallRef {
+                        events: self.events.clone(),
+                        side: Side::A,
+                        branch: None,
+                    },
+                );
+                Some(old)
+            }
+        };
+        let status = 200;
+        self.count_transfer(t.kind, 1);
+        self.note_transfer(&t, status);
+        if let Some(reply) = t.reply.take() {
+            let _ = reply.send(DialOutcome {
+                answered: true,
+                status,
+                reason: "OK".into(),
+            });
+        }
+        tracing::info!(call = %self.id, kind = t.kind.as_str(), target = %t.target, "transfer done");
+        if let Some(old) = old {
+            if !t.transferor_gone {
+                self.old_legs.push(old);
+            } else {
+                self.inner
+                    .dialogs
+                    .remove(&DialogKey::new(&old.call_id, &old.local_tag));
+            }
+        }
+        if t.notify && !t.transferor_gone && t.transferor.is_some() {
+            // The final NOTIFY to the old leg; its BYE follows the NOTIFY's answer.
+            self.notify_old_leg(&t, "SIP/2.0 200 OK", true);
+        } else {
+            self.bye_old_legs();
+        }
+    }
+
+    /// The transfer failed before the switch: the call stays as it was.
+    fn transfer_failed(&mut self, status: u16, reason: &str) {
+        let Some(mut t) = self.transfer.take() else {
+            return;
+        };
+        if let Some(bid) = t.leg {
+            if self.branches.get(&bid).is_some_and(|b| !b.done) {
+                self.cancel_branch(bid);
+            }
+        }
+        self.count_transfer(t.kind, 2);
+        self.note_transfer(&t, status);
+        tracing::info!(call = %self.id, kind = t.kind.as_str(), target = %t.target, status, reason, "transfer failed");
+        if let Some(reply) = t.reply.take() {
+            let _ = reply.send(DialOutcome {
+                answered: false,
+                status,
+                reason: reason.to_owned(),
+            });
+        }
+        if t.notify && !t.transferor_gone && t.transferor.is_some() {
+            let line = format!(
+                "SIP/2.0 {status} {}",
+                if reason.is_empty() {
+                    crate::sip::reason_phrase(status)
+                } else {
+                    reason
+                }
+            );
+            self.transfer = Some(t);
+            self.refer_notify(&line, true);
+            self.transfer = None;
+        } else if t.transferor_gone {
+            // Nobody to go back to: the transferee is alone.
+            self.hangup("system", Some(t.transferee.other()));
+        }
+    }
+
+    /// The target's leg answered but could not be joined: release it, then fail.
+    fn leg_lost(&mut self, status: u16, reason: &str) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        let dialog = t.leg_dialog.take();
+        // A 2xx to our INVITE is ACKed before the BYE (RFC 3261 13.2.2.4).
+        let needs_ack = t.leg_ack.is_none() && t.kind != TransferKind::Attended;
+        let seq = t.leg_invite_seq;
+        let bid = t.leg.take();
+        if let Some(mut d) = dialog {
+            let flow = d.flow;
+            if needs_ack {
+                let via = self.inner.local.via(&flow);
+                let ack = d.ack(seq, via);
+                let _ = self.send_ack(&flow, &ack);
+            }
+            let via = self.inner.local.via(&flow);
+            let bye = d.request(Method::Bye, via, None);
+            self.inner
+                .dialogs
+                .remove(&DialogKey::new(&d.call_id, &d.local_tag));
+            self.send_client(bye, flow, Purpose::Own);
+        }
+        if let Some(bid) = bid {
+            self.remove_branch_key(bid);
+            self.branches.remove(&bid);
+        }
+        self.transfer_failed(status, reason);
+    }
+
+    fn on_leg_failed(&mut self, bid: u64, status: u16, reason: &str) {
+        if let Some(b) = self.branches.get_mut(&bid) {
+            b.done = true;
+        }
+        self.remove_branch_key(bid);
+        self.branches.remove(&bid);
+        if self.transfer.as_ref().is_some_and(|t| t.leg == Some(bid)) {
+            if let Some(t) = self.transfer.as_mut() {
+                t.leg = None;
+            }
+            self.transfer_failed(status, reason);
+        }
+    }
+
+    /// The ring timeout of a transfer's target.
+    pub(super) fn transfer_deadline(&self) -> Option<Instant> {
+        self.transfer.as_ref().and_then(|t| t.deadline)
+    }
+
+    pub(super) fn on_transfer_timeout(&mut self) {
+        let (ringing, bid) = match self.transfer.as_mut() {
+            Some(t) if t.deadline.is_some_and(|d| Instant::now() >= d) => {
+                t.deadline = None;
+                (t.ringing, t.leg)
+            }
+            _ => return,
+        };
+        if let Some(bid) = bid {
+            self.cancel_branch(bid);
+        }
+        let (status, reason) = if ringing {
+            (480, "No Answer")
+        } else {
+            (408, "Request Timeout")
+        };
+        if let Some(t) = self.transfer.as_mut() {
+            t.leg = None;
+        }
+        self.transfer_failed(status, reason);
+    }
+
+    /// A NOTIFY of the REFER's implicit subscription (RFC 3515 2.4.4) with a sipfrag
+    /// body; `last` ends the subscription.
+    fn refer_notify(&mut self, status_line: &str, last: bool) {
+        let Some(t) = self.transfer.as_ref() else {
+            return;
+        };
+        if !t.notify || t.transferor_gone {
+            return;
+        }
+        let Some(side) = t.transferor else { return };
+        let event_id = t.event_id;
+        let contact = self.contact_for(side);
+        let inner = self.inner.clone();
+        let Some(d) = self.dialog_mut(side) else {
+            return;
+        };
+        let notify = build_notify(d, event_id, status_line, last, &contact, &inner);
+        let flow = d.flow;
+        self.send_client(notify, flow, Purpose::Own);
+    }
+
+    fn notify_old_leg(&mut self, t: &Transfer, status_line: &str, last: bool) {
+        let Some(old) = self.old_legs.last_mut() else {
+            return;
+        };
+        let contact = self.inner.local.contact(&old.flow);
+        let notify = build_notify(old, t.event_id, status_line, last, &contact, &self.inner);
+        let flow = old.flow;
+        self.send_client(notify, flow, Purpose::Transfer(TransferStep::FinalNotify));
+    }
+
+    /// BYE to every replaced leg still up (the transferor's, after its last NOTIFY).
+    pub(super) fn bye_old_legs(&mut self) {
+        for mut d in std::mem::take(&mut self.old_legs) {
+            let flow = d.flow;
+            let via = self.inner.local.via(&flow);
+            let bye = d.request(Method::Bye, via, None);
+            self.send_client(bye, flow, Purpose::Own);
+            self.old_keys.push(DialogKey::new(&d.call_id, &d.local_tag));
+        }
+    }
+
+    /// A request on a leg that was transferred away: its BYE is answered here.
+    pub(super) fn on_old_leg_request(&mut self, tx: ServerTransaction, req: Request) -> bool {
+        let in_old = self.old_legs.iter().position(|d| d.matches(&req));
+        let gone = self
+            .old_keys
+            .iter()
+            .any(|k| *k == DialogKey::new(&req.base.call_id, req.base.to.tag().unwrap_or("")));
+        match (in_old, gone) {
+            (Some(i), _) if req.method == Method::Bye => {
+                let d = self.old_legs.remove(i);
+                self.inner
+                    .dialogs
+                    .remove(&DialogKey::new(&d.call_id, &d.local_tag));
+                let _ = tx.respond(req.response(200));
+                true
+            }
+            (Some(_), _) | (None, true) => {
+                let status = if req.method == Method::Bye { 200 } else { 481 };
+                let _ = tx.respond(req.response(status));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The transferor hung up while its transfer runs: only its leg ends.
+    pub(super) fn transferor_left(&mut self, side: Side) -> bool {
+        match self.transfer.as_mut() {
+            Some(t) if t.transferor == Some(side) && !t.transferor_gone => {
+                t.transferor_gone = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A transfer in progress when the call ends: stop ringing the target, release it.
+    pub(super) fn abort_transfer(&mut self) {
+        let Some(t) = self.transfer.as_ref() else {
+            return;
+        };
+        if let Some(bid) = t.leg {
+            if self.branches.get(&bid).is_some_and(|b| !b.done) {
+                self.cancel_branch(bid);
+            }
+        }
+        self.leg_lost(487, "Call ended");
+    }
+
+    fn transfer_ended(&mut self, status: u16) {
+        if let Some(t) = self.transfer.take() {
+            self.count_transfer(t.kind, 2);
+            self.note_transfer(&t, status);
+        }
+    }
+
+    fn note_transfer(&mut self, t: &Transfer, status: u16) {
+        self.transfers.push(TransferNote {
+            kind: t.kind.as_str(),
+            by: t.transferor.map_or("server", side_name),
+            target: t.target.clone(),
+            status,
+        });
+    }
+}
+
+/// NOTIFY for the REFER subscription of `d` (RFC 3515 2.4.4-2.4.6, RFC 3420 sipfrag).
+fn build_notify(
+    d: &mut Dialog,
+    event_id: u32,
+    status_line: &str,
+    last: bool,
+    contact: &str,
+    inner: &crate::b2bua::B2buaInner,
+) -> Request {
+    let via = inner.local.via(&d.flow);
+    let mut n = d.request(Method::Notify, via, Some(contact));
+    n.headers.push("Event", format!("refer;id={event_id}"));
+    n.headers.push(
+        "Subscription-State",
+        if last {
+            "terminated;reason=noresource".to_owned()
+        } else {
+            "active;expires=60".to_owned()
+        },
+    );
+    n.headers
+        .push("Content-Type", "message/sipfrag;version=2.0");
+    n.body = Bytes::from(format!("{status_line}\r\n"));
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_and_escapes() {
+        assert_eq!(
+            parse_replaces("abc@h;to-tag=t1;from-tag=f1"),
+            Some(("abc@h".into(), "t1".into(), "f1".into()))
+        );
+        assert_eq!(parse_replaces("abc@h;to-tag=t1"), None);
+        assert_eq!(unescape("a%3Bto-tag%3Dx"), "a;to-tag=x");
+        assert_eq!(unescape("100%"), "100%");
+    }
+}
