@@ -345,6 +345,13 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             let b2bua = b2bua.clone();
             Box::new(move |id| b2bua.trace(id))
         },
+        transfer: {
+            let b2bua = b2bua.clone();
+            Box::new(move |id, target, to_caller| {
+                let b2bua = b2bua.clone();
+                Box::pin(async move { b2bua.transfer(&id, target, to_caller).await })
+            })
+        },
     };
     let admin = crate::admin::start(
         http,

@@ -29,7 +29,12 @@ async fn setup(tag: &str) -> Setup {
         format!(
             r#"
 function on_invite(call)
-  call:dial("sip:callee@127.0.0.1:{b}")
+  local r = call:dial("sip:callee@127.0.0.1:{b}")
+  if r.answered and call.ruri.user == "xfer" then
+    -- A transfer the dial plan starts: the caller goes to the target.
+    local t = call:transfer("sip:target@127.0.0.1:{c}")
+    assert(t.answered and t.status == 200, t.reason)
+  end
 end
 function on_refer(call, refer)
   log.info("transfer by ", refer.by, " to ", refer.target)
@@ -55,7 +60,11 @@ fn party(s: &Setup, name: &str, scenario: &str, port: u16, extra: &[&str]) -> si
 }
 
 fn caller(s: &Setup, scenario: &str, extra: &[&str]) -> sipp::Sipp {
-    let mut args = vec!["-s", "bob"];
+    caller_to(s, "bob", scenario, extra)
+}
+
+fn caller_to(s: &Setup, service: &str, scenario: &str, extra: &[&str]) -> sipp::Sipp {
+    let mut args = vec!["-s", service];
     args.extend_from_slice(extra);
     sipp::start(
         &s.dir,
@@ -275,6 +284,86 @@ async fn refer_sub_false_gets_no_notify_and_the_script_may_rewrite_the_target() 
         accepted.text
     );
     assert!(got(&a, "INVITE")[0].body().contains("s=third-party"));
+    assert_eq!(received(&c), ["INVITE", "ACK", "BYE"]);
+    wait_idle(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dial_plan_transfers_the_caller_with_call_transfer() {
+    let s = setup("xfer-lua").await;
+    let c = party(&s, "target", "uas_target.xml", s.c, &[]);
+    let b = party(&s, "callee", "uas_answer.xml", s.b, &[]);
+    let a = caller_to(&s, "xfer", "uac_reinvited.xml", &[])
+        .expect_success(LIMIT)
+        .await;
+    let b = b.expect_success(LIMIT).await;
+    let c = c.expect_success(LIMIT).await;
+    assert!(got(&a, "INVITE")[0].body().contains("s=third-party"));
+    assert_eq!(
+        received(&b).last().map(String::as_str),
+        Some("BYE"),
+        "the callee is released"
+    );
+    assert_eq!(received(&c), ["INVITE", "ACK", "BYE"]);
+    wait_idle(&s).await;
+    let m = metrics(&s).await;
+    assert!(
+        m.contains(r#"strowger_transfers_total{kind="server",result="succeeded"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_transfers_a_call() {
+    let s = setup("xfer-admin").await;
+    let target = target_uri(&s);
+    let c = party(&s, "target", "uas_target.xml", s.c, &[]);
+    let b = party(&s, "callee", "uas_answer.xml", s.b, &[]);
+    // The caller holds the call until the server re-INVITEs it to the target.
+    let a = caller(&s, "uac_reinvited.xml", &[]);
+    let admin = s.server.handle.admin_addr();
+    let mut id = None;
+    for _ in 0..100 {
+        let list = strowger::admin::get(admin, "/calls").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+        if v[0]["state"] == "answered" {
+            id = v[0]["id"].as_str().map(str::to_owned);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = id.expect("the call is up");
+    let post = |path: String, body: String| async move {
+        strowger::admin::send_body(admin, hyper::Method::POST, &path, None, body.into())
+            .await
+            .unwrap()
+    };
+    // Bad requests first: unknown call, bad party.
+    let r = post(
+        "/calls/nonesuch/transfer".into(),
+        format!(r#"{{"target":"{target}"}}"#),
+    )
+    .await;
+    assert_eq!(r.status(), 404, "{}", r.body());
+    let r = post(
+        format!("/calls/{id}/transfer"),
+        format!(r#"{{"target":"{target}","party":"boss"}}"#),
+    )
+    .await;
+    assert_eq!(r.status(), 400, "{}", r.body());
+    let r = post(
+        format!("/calls/{id}/transfer"),
+        format!(r#"{{"target":"{target}","party":"caller"}}"#),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.body());
+    let outcome: serde_json::Value = serde_json::from_str(r.body()).unwrap();
+    assert_eq!(outcome["answered"], true, "{outcome}");
+    let a = a.expect_success(LIMIT).await;
+    let b = b.expect_success(LIMIT).await;
+    let c = c.expect_success(LIMIT).await;
+    assert!(got(&a, "INVITE")[0].body().contains("s=third-party"));
+    assert_eq!(received(&b).last().map(String::as_str), Some("BYE"));
     assert_eq!(received(&c), ["INVITE", "ACK", "BYE"]);
     wait_idle(&s).await;
 }

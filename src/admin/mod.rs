@@ -17,9 +17,13 @@
 //! state, route, duration), `GET /calls/{id}/trace` (the call's SIP messages in order as
 //! a ladder: `{"id","started","ended","dropped","messages":[{"t","dir","leg","peer",
 //! "line"}]}`, or text with `?format=text`; `{id}` is the call's id or the SIP Call-ID of
-//! either leg; 404 when unknown).
+//! either leg; 404 when unknown), `POST /calls/{id}/transfer` (body `{"target":"sip:..",
+//! "party":"caller"|"callee"}`: connects that party, the caller by default, to the target
+//! and releases the other; answers when the target answered (200) or failed (409), with
+//! `{"answered","status","reason"}`; 404 for an unknown call).
 //!
-//! Access: `/registrations`, `/calls`, `/calls/{id}/trace`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
+//! Access: `/registrations`, `/calls`, `/calls/{id}/trace`, `/calls/{id}/transfer`,
+//! `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
 //! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
 //! ([`ADMIN_UNAUTHORIZED`], [`AdminServer::unauthorized`]). With `http.token` empty they
 //! answer 403, unless the endpoint is bound to a loopback address (development default):
@@ -55,6 +59,19 @@ pub type CallsHook = Box<dyn Fn() -> String + Send + Sync>;
 /// recently ended) and tracing is on.
 pub type TraceHook = Box<dyn Fn(&str) -> Option<crate::trace::TraceView> + Send + Sync>;
 
+/// `POST /calls/{id}/transfer`: (call id, target, to the caller?) -> the outcome of
+/// ringing the target (`None`: no such call).
+pub type TransferHook = Box<
+    dyn Fn(
+            String,
+            String,
+            bool,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Option<crate::script::DialOutcome>> + Send>,
+        > + Send
+        + Sync,
+>;
+
 /// What the admin endpoint needs besides the handles it observes.
 pub struct AdminOptions {
     /// `http.token`; empty = none.
@@ -65,6 +82,8 @@ pub struct AdminOptions {
     pub calls: CallsHook,
     /// Called by `GET /calls/{id}/trace`.
     pub trace: TraceHook,
+    /// Called by `POST /calls/{id}/transfer`.
+    pub transfer: TransferHook,
 }
 
 /// A running admin endpoint.
@@ -110,6 +129,7 @@ struct Shared {
     drain: DrainHook,
     calls: CallsHook,
     trace: TraceHook,
+    transfer: TransferHook,
     draining: AtomicBool,
     unauthorized: AtomicU64,
 }
@@ -145,6 +165,7 @@ pub async fn start(
         drain: options.drain,
         calls: options.calls,
         trace: options.trace,
+        transfer: options.transfer,
         draining: AtomicBool::new(false),
         unauthorized: AtomicU64::new(0),
     });
@@ -171,7 +192,7 @@ pub async fn start(
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, req)) }
+                    async move { Ok::<_, Infallible>(route_async(&state, req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(io, service)
@@ -297,6 +318,96 @@ fn trace(state: &State, req: &Request<Incoming>, id: &str) -> Response<Full<Byte
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(r#"{{"error":{}}}"#, quote(&e.to_string())),
         ),
+    }
+}
+
+/// The call id of a `/calls/{id}/transfer` path.
+fn transfer_id(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/calls/")?.strip_suffix("/transfer")?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// Routes that wait (read a body, wait for a call); the rest answer at once.
+async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(id) = transfer_id(req.uri().path()).map(str::to_owned) else {
+        return route(state, req);
+    };
+    if let Some(refusal) = refuse(&state.shared, req.uri().path(), req.headers()) {
+        return refusal;
+    }
+    if req.method() != Method::POST {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method not allowed"}"#.into(),
+        );
+    }
+    use http_body_util::BodyExt as _;
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"unreadable body"}"#.into(),
+            )
+        }
+    };
+    #[derive(serde::Deserialize)]
+    struct Ask {
+        target: String,
+        #[serde(default)]
+        party: Option<String>,
+    }
+    let ask: Ask = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return json(
+            StatusCode::BAD_REQUEST,
+            format!(
+                r#"{{"error":{}}}"#,
+                quote(&format!(
+                    "expected {{\"target\": \"sip:...\", \"party\": \"caller\"|\"callee\"}}: {e}"
+                ))
+            ),
+        ),
+    };
+    let to_caller = match ask.party.as_deref() {
+        None | Some("caller") => true,
+        Some("callee") => false,
+        Some(other) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    r#"{{"error":{}}}"#,
+                    quote(&format!(
+                        "party must be \"caller\" or \"callee\", not {other:?}"
+                    ))
+                ),
+            )
+        }
+    };
+    match (state.shared.transfer)(id.clone(), ask.target, to_caller).await {
+        None => json(
+            StatusCode::NOT_FOUND,
+            format!(r#"{{"error":{}}}"#, quote(&format!("no call {id}"))),
+        ),
+        Some(o) => {
+            let code = if o.answered {
+                StatusCode::OK
+            } else {
+                StatusCode::CONFLICT
+            };
+            json(
+                code,
+                format!(
+                    r#"{{"answered":{},"status":{},"reason":{}}}"#,
+                    o.answered,
+                    o.status,
+                    quote(&o.reason)
+                ),
+            )
+        }
     }
 }
 
@@ -440,6 +551,17 @@ pub async fn send(
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<Response<String>> {
+    send_body(addr, method, path, token, Bytes::new()).await
+}
+
+/// Like [`send`], with a (JSON) body.
+pub async fn send_body(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Bytes,
+) -> anyhow::Result<Response<String>> {
     use anyhow::Context as _;
     use http_body_util::BodyExt as _;
     let stream = tokio::net::TcpStream::connect(addr)
@@ -455,9 +577,10 @@ pub async fn send(
     if let Some(token) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::new()))?)
-        .await?;
+    if !body.is_empty() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let resp = sender.send_request(req.body(Full::new(body))?).await?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
     Ok(Response::from_parts(
@@ -477,6 +600,7 @@ mod tests {
             drain: Box::new(|| 0),
             calls: Box::new(|| "[]".into()),
             trace: Box::new(|_| None),
+            transfer: Box::new(|_, _, _| Box::pin(async { None })),
             draining: AtomicBool::new(false),
             unauthorized: AtomicU64::new(0),
         }

@@ -256,6 +256,16 @@ impl CallControl for Control {
         let _ = self.events.post(CallEvent::Route(route));
     }
 
+    fn transfer(
+        &self,
+        target: String,
+        to_caller: bool,
+    ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
+        let party = if to_caller { Side::A } else { Side::B };
+        let events = self.events.clone();
+        Box::pin(async move { transfer_via(&events, target, party).await })
+    }
+
     fn authenticate(&self) -> AuthVerdict {
         let Some(a) = &self.auth else {
             return AuthVerdict::NotConfigured;
@@ -375,6 +385,28 @@ fn best_response(finals: &[(u16, String)]) -> (u16, String) {
     }
 }
 
+/// Asks the call behind `events` to connect `party` to `target` (`call:transfer`, the
+/// admin API) and waits for the outcome.
+pub async fn transfer_via(events: &Events, target: String, party: Side) -> DialOutcome {
+    let (reply, rx) = oneshot::channel();
+    let gone = DialOutcome {
+        answered: false,
+        status: 481,
+        reason: "Call ended".into(),
+    };
+    if events
+        .post(CallEvent::Transfer {
+            target,
+            party,
+            reply,
+        })
+        .is_err()
+    {
+        return gone;
+    }
+    rx.await.unwrap_or(gone)
+}
+
 impl Call {
     /// Creates the call for an INVITE that passed validation and starts its task.
     pub fn start(inner: Arc<B2buaInner>, tx: ServerTransaction, invite: Request) {
@@ -442,6 +474,7 @@ impl Call {
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
+        inner.controls.insert(call.id.clone(), events.clone());
         inner.calls.insert(
             call.id.clone(),
             super::CallSnapshot {
@@ -1478,6 +1511,7 @@ impl Call {
                 }
             }
             self.compact();
+            self.on_caller_acked();
             return;
         }
         if let Some((from, seq)) = self.pending_ack {
@@ -1737,6 +1771,7 @@ impl Call {
     fn finish(&mut self) {
         self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
         self.inner.calls.remove(&self.id);
+        self.inner.controls.remove(&self.id);
         if let Some(t) = &self.inner.traces {
             t.end_call(&self.id);
         }

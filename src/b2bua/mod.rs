@@ -14,6 +14,7 @@ mod call;
 mod net;
 mod records;
 
+use call::Events;
 pub use call::{Side, TransferKind, TransferNote};
 pub use net::{resolve, LocalAddrs, ResolveError};
 pub use records::{rfc3339_millis, CallDetail, RecordWriter};
@@ -24,7 +25,7 @@ use crate::shard::ShardMap;
 use crate::sip::{Request, Response};
 use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
 use crate::transport::{Sender, Target};
-use call::{Call, CallEvent, Events};
+use call::{Call, CallEvent};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -113,6 +114,8 @@ struct B2buaInner {
     /// Calls in progress by id, for the admin API; written only when a call starts,
     /// answers and ends (never per message).
     calls: ShardMap<Arc<str>, CallSnapshot>,
+    /// Each call in progress's event queue, by call id (`POST /calls/{id}/transfer`).
+    controls: ShardMap<Arc<str>, Events>,
     stats: B2buaStats,
     routes: Arc<RouteStats>,
     traces: Option<crate::trace::CallTraces>,
@@ -161,6 +164,7 @@ impl B2bua {
                 pending: ShardMap::with_shards(64),
                 calls_active: AtomicU64::new(0),
                 calls: ShardMap::new(),
+                controls: ShardMap::new(),
                 stats: B2buaStats::default(),
                 routes: parts.routes,
                 traces: parts.traces,
@@ -187,6 +191,19 @@ impl B2bua {
         let mut all = self.inner.calls.values();
         all.sort_by(|a, b| a.started.total_cmp(&b.started));
         all
+    }
+
+    /// Connects the caller (`to_caller`) or the callee of call `id` to `target` and
+    /// releases the other party; `None` when there is no such call.
+    pub async fn transfer(
+        &self,
+        id: &str,
+        target: String,
+        to_caller: bool,
+    ) -> Option<crate::script::DialOutcome> {
+        let events = self.inner.controls.get(id)?;
+        let party = if to_caller { Side::A } else { Side::B };
+        Some(call::transfer_via(&events, target, party).await)
     }
 
     /// The SIP ladder of call `id` (in progress or recently ended), when tracing is on.

@@ -393,7 +393,56 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
         )?,
     )?;
 
+    api.raw_set(
+        "transfer",
+        lua.create_async_function(|_, (ud, target, party): (AnyUserData, Value, Value)| {
+            let prepared = call_ud(&ud).map(|state| -> Result<_, String> {
+                let target = match &target {
+                    Value::String(s) => s.to_str().map_err(|e| e.to_string())?.trim().to_owned(),
+                    other => return Err(type_error("call:transfer", "a target URI", other)),
+                };
+                let to_caller = match &party {
+                    Value::Nil => true,
+                    Value::String(s) if &*s.as_bytes() == b"caller" => true,
+                    Value::String(s) if &*s.as_bytes() == b"callee" => false,
+                    other => {
+                        return Err(format!(
+                            "call:transfer: party must be \"caller\" or \"callee\", not {}",
+                            describe_value(other)
+                        ))
+                    }
+                };
+                let inner = state.inner.lock();
+                let answered = matches!(inner.decision, Some(Decision::Answered));
+                let control = match (&inner.control, inner.phase, answered) {
+                    (Some(c), Phase::Deciding, true) => c.clone(),
+                    (_, Phase::Deciding, false) => {
+                        return Err("call:transfer: the call is not answered".into())
+                    }
+                    _ => return Err("call:transfer: on_invite has already returned".into()),
+                };
+                Ok((target, to_caller, control))
+            });
+            async move {
+                let (target, to_caller, control) = match prepared? {
+                    Ok(p) => p,
+                    Err(msg) => return Ok((DialResult::Error(msg), None)),
+                };
+                let outcome = control.transfer(target, to_caller).await;
+                let code = i64::from(outcome.status) * 2 + i64::from(outcome.answered);
+                Ok((DialResult::Code(code), Some(outcome.reason)))
+            }
+        })?,
+    )?;
+
     Ok(api)
+}
+
+fn describe_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{:?}", s.to_string_lossy()),
+        other => format!("a {}", other.type_name()),
+    }
 }
 
 /// First result of the raw `dial`: an error message, or `status * 2 + answered`.

@@ -285,6 +285,23 @@ pub trait CallControl: Send + Sync + 'static {
     /// `call:set_route(name)`: the call is counted under route number `route` (an index
     /// into `EngineOptions::routes`, already checked).
     fn set_route(&self, _route: usize) {}
+
+    /// `call:transfer(target, { party = ... })`: connects the caller (`to_caller`) or the
+    /// callee of the answered call to `target` and releases the other party. Resolves
+    /// with the outcome of ringing the target.
+    fn transfer(
+        &self,
+        _target: String,
+        _to_caller: bool,
+    ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
+        Box::pin(async {
+            DialOutcome {
+                answered: false,
+                status: 501,
+                reason: "Transfer not supported here".into(),
+            }
+        })
+    }
 }
 
 /// What `on_register(req)` sees of a REGISTER.

@@ -76,7 +76,7 @@ end
 local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
-local raw_authenticate, raw_set_route = raw.authenticate, raw.set_route
+local raw_authenticate, raw_set_route, raw_transfer = raw.authenticate, raw.set_route, raw.transfer
 local rawget, rawset, next, setmetatable = rawget, rawset, next, setmetatable
 
 -- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
@@ -154,6 +154,29 @@ local methods = {
       error(err, 2)
     end
     return user
+  end,
+  -- Connects a party of the answered call (the caller unless opts.party = "callee") to
+  -- target and releases the other; returns an outcome like call:dial's.
+  transfer = function(self, target, opts)
+    local p = private[self]
+    if p == nil then
+      error(usage("transfer"), 2)
+    end
+    local owner = p[THREAD]
+    if owner ~= nil and owner ~= running() then
+      error("call:transfer: must be called from the call's own hook, not from another coroutine", 2)
+    end
+    local party = nil
+    if type(opts) == "table" then
+      party = rawget(opts, "party")
+    elseif opts ~= nil then
+      error("call:transfer: options must be a table", 2)
+    end
+    local r, reason = raw_transfer(p[UD], target, party)
+    if type(r) == "string" then
+      error(r, 2)
+    end
+    return { answered = r % 2 == 1, status = r // 2, reason = reason }
   end,
   -- Tags the call with a route name from call.routes (metrics label); true, or nil and
   -- the reason when the name is not configured.

@@ -715,6 +715,29 @@ impl Call {
             resp.body.clone(),
             resp.headers.get("Content-Type").map(str::to_owned),
         ));
+        // RFC 3261 14.1: no re-INVITE to the caller before it ACKed the call's 2xx.
+        if t.transferee == Side::A && self.a_ok.is_some() {
+            return;
+        }
+        self.send_transfer_reinvite();
+    }
+
+    /// The caller ACKed the call's 2xx: a transfer waiting for that goes on.
+    pub(super) fn on_caller_acked(&mut self) {
+        let waiting = self
+            .transfer
+            .as_ref()
+            .is_some_and(|t| t.offer.is_some() && t.reinvite_seq == 0);
+        if waiting {
+            self.send_transfer_reinvite();
+        }
+    }
+
+    /// Step 3: the transferee gets the target's offer in a re-INVITE.
+    fn send_transfer_reinvite(&mut self) {
+        let Some(t) = self.transfer.as_ref() else {
+            return;
+        };
         let transferee = t.transferee;
         let (body, ctype) = t.offer.clone().unwrap_or_default();
         let contact = self.contact_for(transferee);
