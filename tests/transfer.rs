@@ -51,6 +51,7 @@ end
     .unwrap();
     let mut config = test_config();
     config.script.path = plan.display().to_string();
+    config.call.records_file = dir.join("calls.jsonl").display().to_string();
     let server = start_with(config).await;
     Setup { server, dir, b, c }
 }
@@ -179,6 +180,21 @@ async fn callee_transfers_the_caller_blind() {
         m.contains(r#"strowger_transfers_total{kind="blind",result="succeeded"} 1"#),
         "{m}"
     );
+    // The call record shows the transfer.
+    let mut record = serde_json::Value::Null;
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(s.dir.join("calls.jsonl")).unwrap_or_default();
+        if let Some(line) = text.lines().next() {
+            record = serde_json::from_str(line).unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = &record["transfers"][0];
+    assert_eq!(t["kind"], "blind", "{record}");
+    assert_eq!(t["by"], "callee", "{record}");
+    assert_eq!(t["status"], 200, "{record}");
+    assert_eq!(t["target"], target, "{record}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,4 +382,353 @@ async fn the_admin_api_transfers_a_call() {
     assert_eq!(received(&b).last().map(String::as_str), Some("BYE"));
     assert_eq!(received(&c), ["INVITE", "ACK", "BYE"]);
     wait_idle(&s).await;
+}
+
+/// A phone driven by hand over UDP (the transferor of an attended transfer holds two
+/// calls at once, which one SIPp scenario cannot).
+struct Phone {
+    peer: UdpPeer,
+    server: std::net::SocketAddr,
+}
+
+const SDP: &str = "v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=phone\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\n";
+
+impl Phone {
+    /// The next request, answering the ones it does not wait for with 200.
+    async fn next(&self) -> String {
+        self.peer
+            .recv(Duration::from_secs(10))
+            .await
+            .expect("a message from the server")
+    }
+
+    async fn answer(&self, req: &str, status_line: &str, to_tag: Option<&str>, body: &str) {
+        let mut out = format!("SIP/2.0 {status_line}\r\n");
+        for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+            for line in req.split("\r\n\r\n").next().unwrap().lines().skip(1) {
+                if let Some((n, _)) = line.split_once(':') {
+                    if n.trim().eq_ignore_ascii_case(name) {
+                        out.push_str(line);
+                        if name == "To" {
+                            if let Some(t) = to_tag {
+                                out.push_str(&format!(";tag={t}"));
+                            }
+                        }
+                        out.push_str("\r\n");
+                    }
+                }
+            }
+        }
+        out.push_str(&format!("Contact: <sip:phone@{}>\r\n", self.peer.addr));
+        if !body.is_empty() {
+            out.push_str("Content-Type: application/sdp\r\n");
+        }
+        out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        self.peer.send(self.server, out.as_bytes()).await;
+    }
+
+    async fn send(&self, msg: String) {
+        self.peer.send(self.server, msg.as_bytes()).await;
+    }
+}
+
+fn contact_uri(msg: &str) -> String {
+    let c = header(msg, "Contact").expect("Contact");
+    c.trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn tag_of(value: &str) -> String {
+    value
+        .split(";tag=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attended_transfer_joins_the_two_other_parties() {
+    // B (by hand) is the callee of call 1 (from A) and the caller of call 2 (to C); B
+    // REFERs A to C with Replaces naming call 2: A ends up with C, B's legs both end.
+    let dir = sipp::workdir("xfer-attended");
+    let phone = UdpPeer::bind("127.0.0.1").await;
+    let c_port = sipp::free_udp_port();
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        format!(
+            r#"
+function on_invite(call)
+  if call.ruri.user == "carol" then
+    call:dial("sip:carol@127.0.0.1:{c_port}")
+  else
+    call:dial("sip:b@{}")
+  end
+end
+"#,
+            phone.addr
+        ),
+    )
+    .unwrap();
+    let mut config = test_config();
+    config.script.path = plan.display().to_string();
+    let server = start_with(config).await;
+    let s = Setup {
+        server,
+        dir,
+        b: phone.addr.port(),
+        c: c_port,
+    };
+    let b = Phone {
+        peer: phone,
+        server: s.server.udp,
+    };
+    let c = party(&s, "target", "uas_replaced_target.xml", s.c, &[]);
+    let a = caller(&s, "uac_reinvited.xml", &[]);
+
+    // Call 1 reaches B: answer it.
+    let inv1 = b.next().await;
+    assert!(inv1.starts_with("INVITE"), "{inv1}");
+    b.answer(&inv1, "200 OK", Some("b1tag"), SDP).await;
+    let ack = b.next().await;
+    assert!(ack.starts_with("ACK"), "{ack}");
+
+    // B calls C (call 2).
+    let call2 = unique("call2");
+    let invite2 = format!(
+        "INVITE sip:carol@127.0.0.1 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {addr};branch=z9hG4bK{br};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:b@strowger.test>;tag=b2tag\r\n\
+         To: <sip:carol@strowger.test>\r\nCall-ID: {call2}\r\nCSeq: 1 INVITE\r\n\
+         Contact: <sip:phone@{addr}>\r\nContent-Type: application/sdp\r\n\
+         Content-Length: {len}\r\n\r\n{SDP}",
+        addr = b.peer.addr,
+        br = unique("b"),
+        len = SDP.len()
+    );
+    b.send(invite2).await;
+    let ok2 = loop {
+        let m = b.next().await;
+        if status(&m) == 200 {
+            break m;
+        }
+        assert!(status(&m) < 200, "{m}");
+    };
+    let srv_tag2 = tag_of(header(&ok2, "To").unwrap());
+    b.send(format!(
+        "ACK {} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bK{br};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:b@strowger.test>;tag=b2tag\r\n\
+         To: <sip:carol@strowger.test>;tag={srv_tag2}\r\nCall-ID: {call2}\r\n\
+         CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        contact_uri(&ok2),
+        addr = b.peer.addr,
+        br = unique("b"),
+    ))
+    .await;
+
+    // B REFERs A (call 1) to C, replacing call 2.
+    let srv_tag1 = tag_of(header(&inv1, "From").unwrap());
+    let replaces = format!("{call2}%3Bto-tag%3D{srv_tag2}%3Bfrom-tag%3Db2tag");
+    b.send(format!(
+        "REFER {} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bK{br};rport\r\n\
+         Max-Forwards: 70\r\nFrom: {to};tag=b1tag\r\nTo: {from}\r\n\
+         Call-ID: {cid}\r\nCSeq: 1 REFER\r\nContact: <sip:phone@{addr}>\r\n\
+         Refer-To: <sip:carol@127.0.0.1?Replaces={replaces}>\r\n\
+         Referred-By: <sip:b@strowger.test>\r\nContent-Length: 0\r\n\r\n",
+        contact_uri(&inv1),
+        addr = b.peer.addr,
+        br = unique("b"),
+        to = header(&inv1, "To").unwrap(),
+        from = header(&inv1, "From").unwrap(),
+        cid = header(&inv1, "Call-ID").unwrap(),
+    ))
+    .await;
+    assert!(!srv_tag1.is_empty());
+
+    // B sees: 202, BYE on call 2, NOTIFY 100 and 200 on call 1, BYE on call 1.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        let Some(m) = b.peer.recv(Duration::from_secs(2)).await else {
+            continue;
+        };
+        let first = m.lines().next().unwrap_or("").to_owned();
+        let cid = header(&m, "Call-ID").unwrap_or("").to_owned();
+        let which = if cid == call2 { "call2" } else { "call1" };
+        if first.starts_with("SIP/2.0") {
+            seen.push(format!("{which} {}", status(&m)));
+            continue;
+        }
+        let method = first.split(' ').next().unwrap().to_owned();
+        let body_line = m
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or("")
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        seen.push(format!("{which} {method} {body_line}").trim().to_owned());
+        b.answer(&m, "200 OK", None, "").await;
+        if which == "call1" && method == "BYE" {
+            break;
+        }
+    }
+    for want in [
+        "call1 202",
+        "call2 BYE",
+        "call1 NOTIFY SIP/2.0 100 Trying",
+        "call1 NOTIFY SIP/2.0 200 OK",
+        "call1 BYE",
+    ] {
+        assert!(seen.contains(&want.to_string()), "{want} not in {seen:?}");
+    }
+    // A got C's new offer in a re-INVITE; C its answer in the ACK; A's BYE reached C.
+    let a = a.expect_success(LIMIT).await;
+    let c = c.expect_success(LIMIT).await;
+    assert!(got(&a, "INVITE")[0].body().contains("s=third-party"));
+    let c_invites = got(&c, "INVITE");
+    assert!(c_invites[1].body().trim().is_empty(), "offerless re-INVITE");
+    assert!(got(&c, "ACK")[1].body().contains("s=transferee"));
+    assert_eq!(received(&c).last().map(String::as_str), Some("BYE"));
+    wait_idle(&s).await;
+    let m = metrics(&s).await;
+    assert!(
+        m.contains(r#"strowger_transfers_total{kind="attended",result="succeeded"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_with_replaces_takes_over_a_leg() {
+    // A (SIPp) calls B (by hand); D (by hand) sends an INVITE with Replaces naming B's
+    // dialog: A is re-INVITEd with D's offer, D gets A's answer, B gets BYE.
+    let dir = sipp::workdir("xfer-replaces");
+    let phone = UdpPeer::bind("127.0.0.1").await;
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        format!(
+            "function on_invite(call) call:dial(\"sip:b@{}\") end\n",
+            phone.addr
+        ),
+    )
+    .unwrap();
+    let mut config = test_config();
+    config.script.path = plan.display().to_string();
+    let server = start_with(config).await;
+    let s = Setup {
+        server,
+        dir,
+        b: phone.addr.port(),
+        c: 0,
+    };
+    let b = Phone {
+        peer: phone,
+        server: s.server.udp,
+    };
+    let d = Phone {
+        peer: UdpPeer::bind("127.0.0.1").await,
+        server: s.server.udp,
+    };
+    let a = caller(&s, "uac_reinvited.xml", &[]);
+    let inv1 = b.next().await;
+    b.answer(&inv1, "200 OK", Some("b1tag"), SDP).await;
+    assert!(b.next().await.starts_with("ACK"));
+
+    let replaces_invite = |replaces: &str, call_id: &str| {
+        format!(
+            "INVITE sip:b@strowger.test SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {addr};branch=z9hG4bK{br};rport\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:d@strowger.test>;tag=dtag\r\n\
+             To: <sip:b@strowger.test>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n\
+             Contact: <sip:phone@{addr}>\r\nReplaces: {replaces}\r\n\
+             Content-Type: application/sdp\r\nContent-Length: {len}\r\n\r\n{SDP}",
+            addr = d.peer.addr,
+            br = unique("b"),
+            len = SDP.len()
+        )
+    };
+    // Naming nothing: 481 (RFC 3891 3).
+    d.send(replaces_invite(
+        "nonesuch;to-tag=x;from-tag=y",
+        &unique("d0"),
+    ))
+    .await;
+    let r = d.peer.recv_final(WAIT).await.expect("an answer");
+    assert_eq!(status(&r), 481, "{r}");
+
+    // Naming B's dialog with the server (our tag is the From tag of the INVITE B got).
+    let srv_tag = tag_of(header(&inv1, "From").unwrap());
+    let cid = header(&inv1, "Call-ID").unwrap();
+    let d_call = unique("d1");
+    d.send(replaces_invite(
+        &format!("{cid};to-tag={srv_tag};from-tag=b1tag"),
+        &d_call,
+    ))
+    .await;
+    let ok = d
+        .peer
+        .recv_final(Duration::from_secs(10))
+        .await
+        .expect("200");
+    assert_eq!(status(&ok), 200, "{ok}");
+    assert!(ok.contains("s=transferee"), "D gets A's answer: {ok}");
+    let to_tag = tag_of(header(&ok, "To").unwrap());
+    d.send(format!(
+        "ACK {} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bK{br};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:d@strowger.test>;tag=dtag\r\n\
+         To: <sip:b@strowger.test>;tag={to_tag}\r\nCall-ID: {d_call}\r\n\
+         CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        contact_uri(&ok),
+        addr = d.peer.addr,
+        br = unique("b"),
+    ))
+    .await;
+    // B's leg ends.
+    let bye = b.next().await;
+    assert!(bye.starts_with("BYE"), "{bye}");
+    b.answer(&bye, "200 OK", None, "").await;
+    // A was re-INVITEd with D's offer; its BYE reaches D.
+    let a = a.expect_success(LIMIT).await;
+    assert!(got(&a, "INVITE")[0].body().contains("s=phone"));
+    let bye = d.next().await;
+    assert!(bye.starts_with("BYE"), "{bye}");
+    d.answer(&bye, "200 OK", None, "").await;
+    wait_idle(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refer_outside_a_dialog_is_refused_with_a_reason() {
+    let s = setup("xfer-ood").await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    for (extra, want) in [
+        ("", 400),
+        (
+            "Refer-To: <sip:a@127.0.0.1>\r\nRefer-To: <sip:b@127.0.0.1>\r\n",
+            400,
+        ),
+        ("Refer-To: not a uri at all <\r\n", 400),
+        ("Refer-To: <mailto:someone@example.com>\r\n", 488),
+        ("Refer-To: <sip:a@127.0.0.1>\r\n", 403),
+    ] {
+        let msg = request(
+            "REFER",
+            "sip:bob@strowger.test",
+            peer.addr,
+            "UDP",
+            &unique("ood"),
+            extra,
+            "",
+        );
+        peer.send(s.server.udp, msg.as_bytes()).await;
+        let r = peer.recv_final(WAIT).await.expect("an answer");
+        assert_eq!(status(&r), want, "{extra:?}: {r}");
+    }
 }

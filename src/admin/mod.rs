@@ -362,15 +362,17 @@ async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Byt
     }
     let ask: Ask = match serde_json::from_slice(&body) {
         Ok(a) => a,
-        Err(e) => return json(
-            StatusCode::BAD_REQUEST,
-            format!(
-                r#"{{"error":{}}}"#,
-                quote(&format!(
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    r#"{{"error":{}}}"#,
+                    quote(&format!(
                     "expected {{\"target\": \"sip:...\", \"party\": \"caller\"|\"callee\"}}: {e}"
                 ))
-            ),
-        ),
+                ),
+            )
+        }
     };
     let to_caller = match ask.party.as_deref() {
         None | Some("caller") => true,

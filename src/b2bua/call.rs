@@ -8,7 +8,7 @@
 
 mod transfer;
 
-pub use transfer::{HandedLeg, TransferKind, TransferNote};
+pub use transfer::{refer_to, HandedLeg, TransferKind, TransferNote};
 use transfer::{Transfer, TransferStep};
 
 use super::net::resolve;
@@ -106,6 +106,8 @@ pub enum CallEvent {
         party: Side,
         reply: oneshot::Sender<DialOutcome>,
     },
+    /// The leg an INVITE with Replaces takes over (or why not).
+    ReplacesReady(Result<HandedLeg, (u16, String)>),
     /// Another call's attended transfer (or an INVITE with Replaces) names our `named`
     /// leg: hand over the other leg to it and end `named`.
     Handover {
@@ -235,6 +237,8 @@ pub struct Call {
     transfer_reinvite_ack: Option<(Target, Request)>,
     /// Transfers of this call, for the record.
     transfers: Vec<TransferNote>,
+    /// The dialog an INVITE with Replaces took over, until its party answered.
+    replacing: Option<Dialog>,
 }
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
@@ -471,6 +475,7 @@ impl Call {
             old_keys: Vec::new(),
             transfer_reinvite_ack: None,
             transfers: Vec::new(),
+            replacing: None,
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -517,10 +522,33 @@ impl Call {
                 source: source.addr.ip(),
             }),
         });
-        tokio::spawn(async move {
-            let outcome = version.on_invite(info, control).await;
-            let _ = events.post(CallEvent::HookDone(outcome));
-        });
+        // RFC 3891: an INVITE with Replaces joins the other party of the dialog it names;
+        // the dial plan does not run for it.
+        let replaces = call
+            .a_invite
+            .headers
+            .get("Replaces")
+            .map(|v| transfer::parse_replaces(v).ok_or((400, "Bad Replaces".to_owned())));
+        match replaces {
+            Some(ids) => {
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    let leg = match ids {
+                        Ok((call_id, to_tag, from_tag)) => {
+                            transfer::take_leg(&inner, &events, &call_id, &to_tag, &from_tag).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let _ = events.post(CallEvent::ReplacesReady(leg));
+                });
+            }
+            None => {
+                tokio::spawn(async move {
+                    let outcome = version.on_invite(info, control).await;
+                    let _ = events.post(CallEvent::HookDone(outcome));
+                });
+            }
+        }
         tokio::spawn(Box::new(call).run());
     }
 
@@ -694,6 +722,7 @@ impl Call {
                 from_tag,
                 reply,
             } => self.on_handover(named, &from_tag, reply),
+            CallEvent::ReplacesReady(leg) => self.on_replaces_ready(leg),
         }
     }
 
@@ -1252,14 +1281,31 @@ impl Call {
         }
         // The winner.
         self.b_branch = Some(bid);
-        self.inner.calls.with(&self.id, |snap| {
-            snap.state = "answered";
-            snap.b_call_id = Some(dialog.call_id.clone());
-            snap.b_target = Some(format!("{}:{}", dialog.flow.transport, dialog.flow.addr));
-            snap.answered = Some(unix_secs(SystemTime::now()));
-        });
         self.b_dialog = Some(dialog);
         self.cancel_branches();
+        self.answer_caller(&resp);
+        if let Some(d) = self.dial.take() {
+            self.count_dial(resp.status);
+            let _ = d.reply.send(DialOutcome {
+                answered: true,
+                status: resp.status,
+                reason: resp.reason,
+            });
+        }
+    }
+
+    /// The B side (already in `b_dialog`) answered with `resp`: the caller gets the 2xx,
+    /// retransmitted until its ACK (RFC 3261 13.3.1.4), and the call is up.
+    fn answer_caller(&mut self, resp: &Response) {
+        if let Some(dialog) = &self.b_dialog {
+            let (call_id, flow) = (dialog.call_id.clone(), dialog.flow);
+            self.inner.calls.with(&self.id, |snap| {
+                snap.state = "answered";
+                snap.b_call_id = Some(call_id);
+                snap.b_target = Some(format!("{}:{}", flow.transport, flow.addr));
+                snap.answered = Some(unix_secs(SystemTime::now()));
+            });
+        }
         let mut r = self.a_invite.response(200).with_reason(resp.reason.clone());
         r.status = resp.status;
         r.set_to_tag(&self.a_dialog.local_tag);
@@ -1291,14 +1337,6 @@ impl Call {
             self.max_duration = Some(Instant::now() + max);
         }
         self.inner.stats.answered.fetch_add(1, Ordering::Relaxed);
-        if let Some(d) = self.dial.take() {
-            self.count_dial(resp.status);
-            let _ = d.reply.send(DialOutcome {
-                answered: true,
-                status: resp.status,
-                reason: resp.reason,
-            });
-        }
     }
 
     fn on_branch_failed(&mut self, bid: u64, status: u16, reason: String) {

@@ -15,7 +15,7 @@ mod net;
 mod records;
 
 use call::Events;
-pub use call::{Side, TransferKind, TransferNote};
+pub use call::{refer_to, Side, TransferKind, TransferNote};
 pub use net::{resolve, LocalAddrs, ResolveError};
 pub use records::{rfc3339_millis, CallDetail, RecordWriter};
 

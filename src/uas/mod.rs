@@ -248,6 +248,20 @@ impl TransactionUser for UasCore {
                 );
             }
             Method::Register => self.on_register(tx, req),
+            Method::Refer => {
+                // RFC 3515: a REFER outside a dialog. A transfer is done inside the call
+                // it moves; one here has no call to act on.
+                let resp = match crate::b2bua::refer_to(&req) {
+                    Err(why) => req.response(400).with_reason(why),
+                    Ok((uri, _)) if !uri.scheme.is_sip() => req
+                        .response(488)
+                        .with_reason(format!("Cannot refer to {uri}")),
+                    Ok(_) => req
+                        .response(403)
+                        .with_reason("REFER outside a dialog is not accepted"),
+                };
+                Self::respond(&tx, resp);
+            }
             Method::Invite => match self.b2bua.get() {
                 Some(b) => b.on_invite(tx, req),
                 None => Self::respond(&tx, req.response(503)),

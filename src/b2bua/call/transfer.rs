@@ -57,6 +57,8 @@ pub(super) enum TransferStep {
     Reinvite,
     /// The final NOTIFY to the transferor: BYE it once answered.
     FinalNotify,
+    /// The re-INVITE of the party an INVITE with Replaces is joined to (its branch id).
+    Replace(u64),
 }
 
 /// A leg another call hands over for an attended transfer or a Replaces.
@@ -153,7 +155,7 @@ pub fn parse_replaces(v: &str) -> Option<(String, String, String)> {
 
 /// The Refer-To of a REFER: its URI without headers, and the Replaces among its headers.
 /// Errors are the 400's reason.
-fn refer_to(req: &Request) -> Result<(Uri, Option<String>), &'static str> {
+pub fn refer_to(req: &Request) -> Result<(Uri, Option<String>), &'static str> {
     let values: Vec<String> = req.headers.list("Refer-To");
     if values.is_empty() {
         return Err("Missing Refer-To");
@@ -474,7 +476,7 @@ impl Call {
         let Some((call_id, to_tag, from_tag)) = parse_replaces(&replaces) else {
             return self.transfer_failed(400, "Bad Replaces");
         };
-        let handed = match self.take_leg_from(&call_id, &to_tag, &from_tag).await {
+        let handed = match take_leg(&self.inner, &self.events, &call_id, &to_tag, &from_tag).await {
             Ok(h) => h,
             Err((status, reason)) => return self.transfer_failed(status, &reason),
         };
@@ -504,33 +506,6 @@ impl Call {
         {
             self.transfer_failed(503, "Transport error");
         }
-    }
-
-    /// Asks the call owning dialog (`call_id`, our tag `to_tag`, their tag `from_tag`)
-    /// for the leg facing away from that dialog (RFC 3891: the dialog named is the
-    /// transferor's; the other party of that call is the target).
-    pub(super) async fn take_leg_from(
-        &self,
-        call_id: &str,
-        to_tag: &str,
-        from_tag: &str,
-    ) -> Result<HandedLeg, (u16, String)> {
-        let no_match = || (481, "Replaces matches no dialog".to_owned());
-        let Some(r) = self.inner.dialogs.get(&DialogKey::new(call_id, to_tag)) else {
-            return Err(no_match());
-        };
-        if r.events.same(&self.events) {
-            return Err((400, "Replaces names this call".to_owned()));
-        }
-        let (reply, rx) = oneshot::channel();
-        r.events
-            .post(CallEvent::Handover {
-                named: r.side,
-                from_tag: from_tag.to_owned(),
-                reply,
-            })
-            .map_err(|_| no_match())?;
-        rx.await.unwrap_or_else(|_| Err(no_match()))
     }
 
     /// Another call takes our `named.other()` leg: we end `named` (BYE) and give the
@@ -573,6 +548,129 @@ impl Call {
         }
         let _ = reply.send(Ok(HandedLeg { dialog }));
         self.hangup("system", Some(give));
+    }
+
+    /// An INVITE with Replaces (RFC 3891): the leg it names is taken from its call; its
+    /// other party is re-INVITEd with our caller's offer and answers it.
+    pub(super) fn on_replaces_ready(&mut self, leg: Result<HandedLeg, (u16, String)>) {
+        self.hook_running = false;
+        let handed = match leg {
+            Ok(h) => h,
+            Err((status, reason)) => {
+                self.reply_a_final(status, &reason);
+                self.end("system");
+                return;
+            }
+        };
+        if self.ended || self.cancelled {
+            // Our caller gave up meanwhile: the other party has nobody now.
+            self.release_dialog(handed.dialog);
+            return;
+        }
+        let mut dialog = handed.dialog;
+        let flow = dialog.flow;
+        let bid = self.new_id();
+        self.inner.dialogs.insert(
+            DialogKey::new(&dialog.call_id, &dialog.local_tag),
+            CallRef {
+                events: self.events.clone(),
+                side: Side::B,
+                branch: Some(bid),
+            },
+        );
+        let via = self.inner.local.via(&flow);
+        let contact = self.inner.local.contact(&flow);
+        let mut reinvite = dialog.request(Method::Invite, via, Some(&contact));
+        if !self.a_invite.body.is_empty() {
+            reinvite.headers.push(
+                "Content-Type",
+                self.a_invite
+                    .headers
+                    .get("Content-Type")
+                    .unwrap_or("application/sdp")
+                    .to_owned(),
+            );
+            reinvite.body = self.a_invite.body.clone();
+        }
+        self.branches.insert(
+            bid,
+            Box::new(super::Branch {
+                invite: reinvite.clone(),
+                target: flow,
+                provisional: true,
+                cancel_pending: false,
+                cancelled: false,
+                done: false,
+                early: None,
+            }),
+        );
+        self.replacing = Some(dialog);
+        if self
+            .send_client(
+                reinvite,
+                flow,
+                Purpose::Transfer(TransferStep::Replace(bid)),
+            )
+            .is_none()
+        {
+            self.replace_failed(bid, 503, "Transport error");
+        }
+    }
+
+    /// The other party answered our re-INVITE: our caller gets the 200 (with its answer,
+    /// or with its offer when our caller's INVITE had none: then the caller's ACK carries
+    /// the answer, which goes on in the ACK of this 2xx, as with a late offer).
+    fn on_replace_answered(&mut self, bid: u64, resp: Response) {
+        if self.b_branch == Some(bid) {
+            if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
+                let (ack, flow) = (ack.clone(), d.flow);
+                let _ = self.send_ack(&flow, &ack);
+            }
+            return;
+        }
+        let Some(mut dialog) = self.replacing.take() else {
+            return;
+        };
+        dialog.refresh_target(&resp.headers);
+        let seq = self
+            .branches
+            .get(&bid)
+            .map_or(1, |b| b.invite.base.cseq.seq);
+        if let Some(b) = self.branches.get_mut(&bid) {
+            b.done = true;
+        }
+        if !self.a_invite.body.is_empty() {
+            let via = self.inner.local.via(&dialog.flow);
+            let ack = dialog.ack(seq, via);
+            let _ = self.send_ack(&dialog.flow, &ack);
+            self.b_ack = Some(ack);
+        }
+        self.b_branch = Some(bid);
+        self.b_dialog = Some(dialog);
+        self.answer_caller(&resp);
+        self.count_transfer(TransferKind::Attended, 1);
+    }
+
+    fn replace_failed(&mut self, bid: u64, status: u16, reason: &str) {
+        self.remove_branch_key(bid);
+        self.branches.remove(&bid);
+        if let Some(d) = self.replacing.take() {
+            self.release_dialog(d);
+        }
+        self.count_transfer(TransferKind::Attended, 2);
+        self.reply_a_final(status, reason);
+        self.end("system");
+    }
+
+    /// BYE on a dialog nobody wants any more.
+    fn release_dialog(&mut self, mut d: Dialog) {
+        self.inner
+            .dialogs
+            .remove(&DialogKey::new(&d.call_id, &d.local_tag));
+        let flow = d.flow;
+        let via = self.inner.local.via(&flow);
+        let bye = d.request(Method::Bye, via, None);
+        self.send_client(bye, flow, Purpose::Own);
     }
 
     /// Events of a transfer's client transactions.
@@ -618,6 +716,20 @@ impl Call {
                     self.clients.remove(&id);
                     self.reinvite_from = None;
                     self.leg_lost(408, "Request Timeout");
+                }
+                ClientEvent::Provisional(_) => {}
+            },
+            TransferStep::Replace(bid) => match event {
+                ClientEvent::Final(resp) if resp.is_success() => {
+                    self.on_replace_answered(bid, resp)
+                }
+                ClientEvent::Final(resp) => {
+                    self.clients.remove(&id);
+                    self.replace_failed(bid, resp.status, &resp.reason);
+                }
+                ClientEvent::Timeout | ClientEvent::TransportError(_) => {
+                    self.clients.remove(&id);
+                    self.replace_failed(bid, 408, "Request Timeout");
                 }
                 ClientEvent::Provisional(_) => {}
             },
@@ -1099,6 +1211,34 @@ impl Call {
             status,
         });
     }
+}
+
+/// Asks the call owning dialog (`call_id`, our tag `to_tag`, their tag `from_tag`) for
+/// the leg facing away from that dialog (RFC 3891: the dialog named is the one being
+/// replaced; the other party of that call is who the new party gets connected to).
+pub(super) async fn take_leg(
+    inner: &crate::b2bua::B2buaInner,
+    me: &super::Events,
+    call_id: &str,
+    to_tag: &str,
+    from_tag: &str,
+) -> Result<HandedLeg, (u16, String)> {
+    let no_match = || (481, "Replaces matches no dialog".to_owned());
+    let Some(r) = inner.dialogs.get(&DialogKey::new(call_id, to_tag)) else {
+        return Err(no_match());
+    };
+    if r.events.same(me) {
+        return Err((400, "Replaces names this call".to_owned()));
+    }
+    let (reply, rx) = oneshot::channel();
+    r.events
+        .post(CallEvent::Handover {
+            named: r.side,
+            from_tag: from_tag.to_owned(),
+            reply,
+        })
+        .map_err(|_| no_match())?;
+    rx.await.unwrap_or_else(|_| Err(no_match()))
 }
 
 /// NOTIFY for the REFER subscription of `d` (RFC 3515 2.4.4-2.4.6, RFC 3420 sipfrag).
