@@ -108,6 +108,7 @@
 //! exhausted), `memory_errors`, `reloads_ok`, `reloads_failed`.
 
 mod call;
+mod huntgroup;
 mod vm;
 
 #[cfg(test)]
@@ -275,6 +276,31 @@ pub trait CallControl: Send + Sync + 'static {
     fn authenticate(&self) -> AuthVerdict {
         AuthVerdict::NotConfigured
     }
+
+    // ---- for hunt groups (`call:hunt`) ----
+
+    /// Like `dial`, also saying which target (index into `targets`) answered.
+    fn dial_indexed(
+        &self,
+        targets: Vec<String>,
+        opts: DialOptions,
+    ) -> Pin<Box<dyn Future<Output = (DialOutcome, Option<usize>)> + Send>> {
+        let dial = self.dial(targets, opts);
+        Box::pin(async move { (dial.await, None) })
+    }
+
+    /// Sends the caller a provisional response (182 Queued) while its INVITE is pending.
+    fn provisional(&self, _status: u16, _reason: &str, _headers: Vec<(String, String)>) {}
+
+    /// Whether the call has ended (the caller CANCELled, or it was hung up).
+    fn is_ended(&self) -> bool {
+        false
+    }
+
+    /// Resolves when the call ends. The default never does.
+    fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(std::future::pending())
+    }
 }
 
 /// What `on_register(req)` sees of a REGISTER.
@@ -441,6 +467,8 @@ pub trait LocationService: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct Services {
     location: Arc<parking_lot::RwLock<Option<Arc<dyn LocationService>>>>,
+    /// `call:hunt` and `huntgroup.*` (None: no hunt groups attached).
+    hunt: Arc<parking_lot::RwLock<Option<crate::huntgroup::HuntGroups>>>,
 }
 
 impl Services {
@@ -493,6 +521,11 @@ impl ScriptEngine {
     /// Attaches the location service behind `registrar.lookup` (all VMs, all versions).
     pub fn set_location(&self, location: Arc<dyn LocationService>) {
         *self.inner.services.location.write() = Some(location);
+    }
+
+    /// Attaches the hunt groups behind `call:hunt` and `huntgroup.*`.
+    pub fn set_huntgroups(&self, groups: crate::huntgroup::HuntGroups) {
+        *self.inner.services.hunt.write() = Some(groups);
     }
 
     /// Checks a script without serving it (`strowger check`): compiles it and runs its
