@@ -103,6 +103,11 @@ pub trait Sources: Send + Sync + 'static {
     fn calls_failed(&self) -> [u64; 4];
     /// Digest answers that were wrong (wrong password, unknown user) or throttled.
     fn auth_failures(&self) -> u64;
+    /// More series in the text format, appended as they are (the hunt groups'
+    /// `strowger_huntgroup_*`, from their own registry).
+    fn extra_text(&self) -> String {
+        String::new()
+    }
 }
 
 /// The registry and its metrics.
@@ -290,7 +295,9 @@ impl Metrics {
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::warn!(error = %e, "encoding metrics");
         }
-        String::from_utf8(out).unwrap_or_default()
+        let mut text = String::from_utf8(out).unwrap_or_default();
+        text.push_str(&self.sources.extra_text());
+        text
     }
 }
 

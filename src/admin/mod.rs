@@ -55,6 +55,8 @@ pub struct AdminOptions {
     pub drain: DrainHook,
     /// Called by `GET /calls`.
     pub calls: CallsHook,
+    /// `GET /huntgroups`, `POST /huntgroups/agent` (None: no hunt groups configured).
+    pub huntgroups: Option<crate::huntgroup::HuntGroups>,
 }
 
 /// A running admin endpoint.
@@ -99,6 +101,7 @@ struct Shared {
     loopback: bool,
     drain: DrainHook,
     calls: CallsHook,
+    huntgroups: Option<crate::huntgroup::HuntGroups>,
     draining: AtomicBool,
     unauthorized: AtomicU64,
 }
@@ -133,6 +136,7 @@ pub async fn start(
         loopback: addr.ip().is_loopback(),
         drain: options.drain,
         calls: options.calls,
+        huntgroups: options.huntgroups,
         draining: AtomicBool::new(false),
         unauthorized: AtomicU64::new(0),
     });
@@ -159,7 +163,12 @@ pub async fn start(
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, req)) }
+                    async move {
+                        if req.uri().path().starts_with("/huntgroups") {
+                            return Ok::<_, Infallible>(hunt_route(&state, req).await);
+                        }
+                        Ok::<_, Infallible>(route(&state, req))
+                    }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(io, service)
@@ -246,6 +255,83 @@ fn refuse(
         hyper::header::HeaderValue::from_static("Bearer"),
     );
     Some(r)
+}
+
+// ---- hunt groups (issue 6) -------------------------------------------------------------
+
+/// `GET /huntgroups`: every group with its queue (waiting, longest wait), counters
+/// (answered, abandoned, overflowed) and agents with their states.
+/// `POST /huntgroups/agent` with `{"agent":"1001","state":"paused"}` (`available`/`login`,
+/// `paused`/`pause`, `logged-out`/`logout`): 200 `{"agent":..,"state":..}`, 404 for an
+/// agent in no group, 400 for a bad body or state. Both need the bearer token.
+async fn hunt_route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let path = req.uri().path().to_owned();
+    if let Some(refusal) = refuse(&state.shared, &path, req.headers()) {
+        return refusal;
+    }
+    let groups = state.shared.huntgroups.clone();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/huntgroups") => {
+            let list = groups.map(|g| g.snapshot()).unwrap_or_default();
+            json(
+                StatusCode::OK,
+                serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()),
+            )
+        }
+        (Method::POST, "/huntgroups/agent") => {
+            let Some(groups) = groups else {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    r#"{"error":"no hunt groups are configured"}"#.into(),
+                );
+            };
+            let body = match http_body_util::Limited::new(req.into_body(), 4096)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"error":"body unreadable or over 4096 bytes"}"#.into(),
+                    )
+                }
+            };
+            #[derive(serde::Deserialize)]
+            struct Change {
+                agent: String,
+                state: String,
+            }
+            let change: Change = match serde_json::from_slice(&body) {
+                Ok(c) => c,
+                Err(e) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            r#"{{"error":{}}}"#,
+                            quote(&format!("expected {{\"agent\":..,\"state\":..}}: {e}"))
+                        ),
+                    )
+                }
+            };
+            match groups.set_state(&change.agent, &change.state).await {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    serde_json::json!({"agent": change.agent, "state": change.state}).to_string(),
+                ),
+                Err(e) => {
+                    let status = match e {
+                        crate::huntgroup::HuntError::UnknownAgent(_) => StatusCode::NOT_FOUND,
+                        crate::huntgroup::HuntError::UnknownState(_) => StatusCode::BAD_REQUEST,
+                        _ => StatusCode::INTERNAL_SERVER_ERROR,
+                    };
+                    json(status, format!(r#"{{"error":{}}}"#, quote(&e.to_string())))
+                }
+            }
+        }
+        _ => json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),
+    }
 }
 
 fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
