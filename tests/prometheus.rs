@@ -38,6 +38,15 @@ const METRICS_NOW: &[&str] = &[
     "strowger_process_resident_memory_bytes",
     "strowger_process_open_fds",
     "strowger_admin_unauthorized_total",
+    // Hunt groups (dashboards/huntgroups.json).
+    "strowger_huntgroup_waiting",
+    "strowger_huntgroup_longest_wait_seconds",
+    "strowger_huntgroup_answered_total",
+    "strowger_huntgroup_abandoned_total",
+    "strowger_huntgroup_overflowed_total",
+    "strowger_huntgroup_agents",
+    "strowger_huntgroup_answer_seconds_bucket",
+    "strowger_huntgroup_answer_seconds_count",
 ];
 
 /// Metrics a query may name that the server does not expose yet (none today).
@@ -48,6 +57,7 @@ const DASHBOARDS: &[&str] = &[
     "registrations.json",
     "script.json",
     "transactions.json",
+    "huntgroups.json",
 ];
 
 /// Kills the Prometheus child by its PID however the test ends, so no scraper outlives it.
@@ -251,6 +261,14 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
     .unwrap();
     let mut config = test_config();
     config.script.path = plan.display().to_string();
+    // A hunt group, so that the hunt-group board's series exist (all start at zero).
+    config.huntgroups.insert(
+        "support".into(),
+        strowger::config::HuntGroupConfig {
+            members: vec![format!("sip:agent@127.0.0.1:{callee_port}")],
+            ..Default::default()
+        },
+    );
     let s = start_with(config).await;
     let dir = tempfile::tempdir().unwrap();
     let prom = start_prometheus(dir.path(), s.handle.admin_addr());
