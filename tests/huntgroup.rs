@@ -578,3 +578,30 @@ async fn redis_agent_store() {
         .unwrap();
     store_suite(&store).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_members_are_rung_at_their_registered_contacts() {
+    let dir = sipp::workdir("hunt-ext");
+    let a1 = agent(&dir, "a1", 0);
+    let s = server(&dir, vec![("ext", group("linear", &["3001".to_owned()]))]).await;
+    let admin = s.handle.admin_addr();
+    // Not registered: nobody to ring, so the caller would wait; register the agent's phone.
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let contact = format!("Contact: <sip:3001@127.0.0.1:{}>;expires=300\r\n", a1.port);
+    let reg = request(
+        "REGISTER",
+        "sip:strowger.test",
+        peer.addr,
+        "UDP",
+        &unique("reg"),
+        &contact,
+        "",
+    )
+    .replace("<sip:bob@strowger.test>", "<sip:3001@strowger.test>");
+    peer.send(s.udp, reg.as_bytes()).await;
+    let r = peer.recv_final(WAIT).await.expect("REGISTER answered");
+    assert_eq!(status(&r), 200, "{r}");
+    let answers = sequential_calls(&dir, "caller", s.udp, "ext", 2, 50).await;
+    assert_eq!(answers, vec![a1.port; 2]);
+    assert_eq!(hunt::group(admin, "ext").await["answered"], 2);
+}

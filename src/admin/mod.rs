@@ -496,6 +496,7 @@ mod tests {
             loopback,
             drain: Box::new(|| 0),
             calls: Box::new(|| "[]".into()),
+            huntgroups: None,
             draining: AtomicBool::new(false),
             unauthorized: AtomicU64::new(0),
         }
