@@ -40,6 +40,10 @@
 //! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60],
 //!   `auth.algorithms` [`["SHA-256", "MD5"]`]
 //! - `shutdown.drain_timeout_s` [10]
+//! - `huntgroups.<name>.strategy` [`ring-all`], `.members` (required), `.ring_timeout` [15],
+//!   `.max_wait` [120], `.wrap_up` [10], `.weights` [all 1], `.max_missed` [3],
+//!   `.queue_announce` [20], `.calls_reset_s` [86400]: see [`HuntGroupConfig`]; none by
+//!   default, not settable from the environment
 //!
 //! How a line number is found: the `config` crate that merges the sources keeps no
 //! positions, so the file is first parsed on its own with `toml` (whose errors carry a
@@ -514,7 +518,9 @@ impl Config {
             let mut seen = std::collections::HashSet::new();
             for m in &g.members {
                 let ok = !m.is_empty()
-                    && !m.chars().any(|c| c.is_whitespace() || c.is_control() || "<>\"".contains(c))
+                    && !m
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control() || "<>\"".contains(c))
                     && (!m.contains(':') || crate::sip::Uri::parse(m).is_ok());
                 if !ok {
                     return Err((
@@ -541,7 +547,9 @@ impl Config {
                     ),
                 );
             }
-            if g.strategy == "weighted" && g.weights.iter().all(|w| *w == 0) && !g.weights.is_empty()
+            if g.strategy == "weighted"
+                && g.weights.iter().all(|w| *w == 0)
+                && !g.weights.is_empty()
             {
                 return bad("weights", "at least one weight must be above 0".into());
             }

@@ -13,7 +13,11 @@
 //! class}`, `strowger_transactions`, `strowger_transaction_timeouts_total`,
 //! `strowger_auth_failures_total`, `strowger_process_cpu_seconds_total`,
 //! `strowger_process_resident_memory_bytes`, `strowger_process_open_fds`,
-//! `strowger_admin_unauthorized_total`.
+//! `strowger_admin_unauthorized_total`; hunt groups (rendered by `crate::huntgroup` and
+//! appended through [`Sources::extra_text`]): `strowger_huntgroup_waiting`,
+//! `strowger_huntgroup_longest_wait_seconds`, `strowger_huntgroup_answered_total`,
+//! `strowger_huntgroup_abandoned_total`, `strowger_huntgroup_overflowed_total`,
+//! `strowger_huntgroup_agents{group,state}`, `strowger_huntgroup_answer_seconds`.
 
 use crate::sip::Method;
 use prometheus::{

@@ -384,26 +384,25 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
 /// Opens the agent-state store beside the registrar's (`registrar.store`: SQLite file
 /// `<storage.dir>/huntgroups.sqlite`, or Redis under `strowger:hunt`) and builds the
 /// configured groups; None when no group is configured.
-async fn start_huntgroups(
-    config: &Config,
-) -> anyhow::Result<Option<crate::huntgroup::HuntGroups>> {
+async fn start_huntgroups(config: &Config) -> anyhow::Result<Option<crate::huntgroup::HuntGroups>> {
     use crate::huntgroup::{AgentStore, HuntGroups, RedisAgentStore, SqliteAgentStore};
     if config.huntgroups.is_empty() {
         return Ok(None);
     }
-    let store: Arc<dyn AgentStore> = match config.registrar.store {
-        RegistrarStore::Embedded => {
-            let dir = std::path::Path::new(&config.storage.dir);
-            Arc::new(SqliteAgentStore::open(dir).with_context(|| {
-                format!("opening the hunt-group store in {}", dir.display())
-            })?)
-        }
-        RegistrarStore::Redis => Arc::new(
-            RedisAgentStore::connect(&config.redis.url)
-                .await
-                .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
-        ),
-    };
+    let store: Arc<dyn AgentStore> =
+        match config.registrar.store {
+            RegistrarStore::Embedded => {
+                let dir = std::path::Path::new(&config.storage.dir);
+                Arc::new(SqliteAgentStore::open(dir).with_context(|| {
+                    format!("opening the hunt-group store in {}", dir.display())
+                })?)
+            }
+            RegistrarStore::Redis => Arc::new(
+                RedisAgentStore::connect(&config.redis.url)
+                    .await
+                    .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
+            ),
+        };
     let groups = HuntGroups::start(
         &config.huntgroups,
         &config.sip.domain.to_ascii_lowercase(),

@@ -211,7 +211,10 @@ async fn ring_all_connects_the_first_to_answer_and_cancels_the_rest() {
     assert_eq!(answers, vec![a2.port]);
     let seen = a1.success(LIMIT).await;
     let got = received(&seen);
-    assert!(got.contains(&"CANCEL".to_owned()), "loser got CANCEL: {got:?}");
+    assert!(
+        got.contains(&"CANCEL".to_owned()),
+        "loser got CANCEL: {got:?}"
+    );
     // Not a miss: a loser of ring-all is not paused or counted.
     let g = group_json(&s, "all").await;
     assert_eq!(g["agents"][0]["missed"], 0, "{g}");
@@ -264,7 +267,11 @@ async fn wrap_up_is_respected() {
     let s = server(&dir, vec![("lin", g)]).await;
     let admin = s.handle.admin_addr();
     let answers = sequential_calls(&dir, "c1", s.udp, "lin", 2, 50).await;
-    assert_eq!(answers, vec![agents[0].port, agents[1].port], "agent 1 in wrap-up");
+    assert_eq!(
+        answers,
+        vec![agents[0].port, agents[1].port],
+        "agent 1 in wrap-up"
+    );
     assert_eq!(agent_state(admin, "lin", &members[0]).await, "wrap-up");
     let m0 = members[0].clone();
     let started = std::time::Instant::now();
@@ -433,7 +440,13 @@ async fn overflow_after_max_wait_reaches_the_script() {
     let agent_uri = format!("sip:agent@127.0.0.1:{}", sipp::free_udp_port());
     let mut g = group("linear", &[agent_uri.clone()]);
     g.max_wait = 1;
-    let s = start_with(config(&dir, vec![("ov", g)], "sip:x@127.0.0.1:9", &agent_uri)).await;
+    let s = start_with(config(
+        &dir,
+        vec![("ov", g)],
+        "sip:x@127.0.0.1:9",
+        &agent_uri,
+    ))
+    .await;
     let admin = s.handle.admin_addr();
     // The feature code pauses the only agent from the dial plan (huntgroup.set_state).
     let pause = RawCaller::invite(s.udp, "pause").await;
@@ -490,7 +503,10 @@ async fn agent_state_survives_a_restart() {
     let s = start_with(persistent_config(&dir, &members)).await;
     let admin = s.handle.admin_addr();
     assert_eq!(agent_state(admin, "support", "1001").await, "paused");
-    assert_eq!(agent_state(admin, "support", &members[1]).await, "logged-out");
+    assert_eq!(
+        agent_state(admin, "support", &members[1]).await,
+        "logged-out"
+    );
     assert!(dir.join("store/huntgroups.sqlite").exists());
 }
 
@@ -508,7 +524,10 @@ async fn redis_shares_agent_state_between_nodes() {
     };
     let n1 = start_with(node("n1")).await;
     let n2 = start_with(node("n2")).await;
-    assert_eq!(set_agent(n1.handle.admin_addr(), "2001", "paused").await.0, 200);
+    assert_eq!(
+        set_agent(n1.handle.admin_addr(), "2001", "paused").await.0,
+        200
+    );
     let a2 = n2.handle.admin_addr();
     assert!(
         eventually(Duration::from_secs(6), || async move {
@@ -604,4 +623,40 @@ async fn extension_members_are_rung_at_their_registered_contacts() {
     let answers = sequential_calls(&dir, "caller", s.udp, "ext", 2, 50).await;
     assert_eq!(answers, vec![a1.port; 2]);
     assert_eq!(hunt::group(admin, "ext").await["answered"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huntgroup_endpoints_need_the_bearer_token() {
+    let dir = sipp::workdir("hunt-token");
+    let mut c = config(
+        &dir,
+        vec![("support", group("linear", &["1001".to_owned()]))],
+        "sip:x@127.0.0.1:9",
+        "none",
+    );
+    c.http.token = "s3cret-token".into();
+    let s = start_with(c).await;
+    let admin = s.handle.admin_addr();
+    use hyper::Method;
+    let r = strowger::admin::send(admin, Method::GET, "/huntgroups", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = strowger::admin::send(admin, Method::GET, "/huntgroups", Some("wrong"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = strowger::admin::send(admin, Method::POST, "/huntgroups/agent", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = strowger::admin::send(admin, Method::GET, "/huntgroups", Some("s3cret-token"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = serde_json::from_str(r.body()).unwrap();
+    assert_eq!(body[0]["name"], "support");
+    assert_eq!(body[0]["strategy"], "linear");
+    assert_eq!(body[0]["agents"][0]["agent"], "1001");
+    assert_eq!(body[0]["agents"][0]["state"], "available");
 }

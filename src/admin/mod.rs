@@ -13,11 +13,13 @@
 //! `{"reloaded":true,"version":N}`, or 422 `{"reloaded":false,"error":"file:line: ..."}`
 //! when the new script does not compile; the running one stays), `POST /drain` (200
 //! `{"draining":true,"unanswered":N}`: new dialog-creating requests get 503 from then on,
-//! the requests in flight finish).
+//! the requests in flight finish), `GET /huntgroups` (each hunt group's queue, counters and
+//! agents), `POST /huntgroups/agent` (`{"agent":..,"state":..}`: login, logout, pause).
 //!
-//! Access: `/registrations`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
-//! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
-//! ([`ADMIN_UNAUTHORIZED`], [`AdminServer::unauthorized`]). With `http.token` empty they
+//! Access: `/registrations`, `/reload`, `/drain` and `/huntgroups*` need
+//! `Authorization: Bearer <http.token>`; a missing or wrong token gets 401 (with
+//! `WWW-Authenticate: Bearer`) and is counted ([`ADMIN_UNAUTHORIZED`],
+//! [`AdminServer::unauthorized`]). With `http.token` empty they
 //! answer 403, unless the endpoint is bound to a loopback address (development default):
 //! then no token is needed. `/healthz`, `/readyz` and `/metrics` are always open.
 //! Config keys: `http.listen`, `http.token`.

@@ -170,8 +170,13 @@ pub enum HuntError {
 #[derive(Debug, Clone)]
 enum Member {
     /// An extension: the AOR whose contacts are rung.
-    Extension { agent: String, aor: String },
-    Uri { agent: String },
+    Extension {
+        agent: String,
+        aor: String,
+    },
+    Uri {
+        agent: String,
+    },
 }
 
 impl Member {
@@ -218,9 +223,7 @@ impl Agent {
             Presence::Paused => AgentState::Paused,
             Presence::Available if self.in_call > 0 || engaged => AgentState::InCall,
             Presence::Available if self.ringing > 0 => AgentState::Ringing,
-            Presence::Available if self.wrap_until.is_some_and(|t| t > now) => {
-                AgentState::WrapUp
-            }
+            Presence::Available if self.wrap_until.is_some_and(|t| t > now) => AgentState::WrapUp,
             Presence::Available => AgentState::Available,
         }
     }
@@ -588,8 +591,8 @@ impl HuntGroups {
         let mut queued = false;
         let mut next_announce = start;
         let mut last_status: Option<(u16, String)> = None;
-        let outcome = |answered, status, reason: String, agent, overflow, abandoned, queued| {
-            HuntOutcome {
+        let outcome =
+            |answered, status, reason: String, agent, overflow, abandoned, queued| HuntOutcome {
                 answered,
                 status,
                 reason,
@@ -598,8 +601,7 @@ impl HuntGroups {
                 waited: start.elapsed().as_secs_f64(),
                 overflow,
                 abandoned,
-            }
-        };
+            };
         loop {
             changed.borrow_and_update();
             if leg.is_gone() {
@@ -875,8 +877,8 @@ enum Take {
 mod metrics {
     //! The hunt-group metrics, in their own registry (appended to `/metrics`).
     use prometheus::{
-        Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-        Registry, TextEncoder,
+        Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+        TextEncoder,
     };
     use std::collections::HashMap;
 

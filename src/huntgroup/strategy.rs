@@ -179,7 +179,10 @@ mod tests {
         let mut cursor = 0;
         let c = cands(3);
         for _ in 0..5 {
-            assert_eq!(select(Strategy::Linear, &c, &mut cursor, &mut rng()), vec![0]);
+            assert_eq!(
+                select(Strategy::Linear, &c, &mut cursor, &mut rng()),
+                vec![0]
+            );
         }
         // Agent 0 not available: agent 1.
         assert_eq!(

@@ -282,7 +282,9 @@ fn config_errors_name_file_line_and_key() {
             "t.toml:3: huntgroups.support.ring_time: unknown key",
         ),
     ] {
-        let e = Config::from_toml_str(text, "t.toml").unwrap_err().to_string();
+        let e = Config::from_toml_str(text, "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(want), "{text}\n→ {e}\nwanted {want}");
     }
 }

@@ -148,8 +148,8 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
                     }
                 };
                 let opts = parse_options(&opts)?;
-                let groups = groups
-                    .ok_or_else(|| "call:hunt: no hunt groups are configured".to_owned())?;
+                let groups =
+                    groups.ok_or_else(|| "call:hunt: no hunt groups are configured".to_owned())?;
                 if !groups.names().contains(&name) {
                     return Err(format!("call:hunt: no hunt group named {name:?}"));
                 }

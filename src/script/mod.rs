@@ -44,6 +44,10 @@
 //! status of the last failed dial, or `480 Temporarily Unavailable` if nothing was dialed.
 //! The decision takes effect when the hook returns.
 //!
+//! - `call:hunt(group, opts)`: hunts for an agent of a hunt group (queueing the caller with
+//!   182 when none is free) and returns `call:dial`'s outcome plus `agent`, `queued`,
+//!   `waited`, `overflow`, `abandoned` (see `src/script/huntgroup.rs`, `crate::huntgroup`).
+//!
 //! # `on_call_end(call, record)`
 //!
 //! `record.start`, `record.answer` (nil if never answered), `record.ends` (`end` is a Lua
@@ -57,6 +61,7 @@
 //! - `log.debug/info/warn/error(...)`: each argument through `tostring`, joined by tabs, to
 //!   the server log (tracing target `script`, fields `script` = file, `line`). `print` is
 //!   `log.info`.
+//! - `huntgroup.agents(name)`, `huntgroup.set_state(agent, state)`: hunt-group agents.
 //! - `require "name"` loads `name.lua` from the script's own directory (`"a.b"` →
 //!   `a/b.lua`), once per VM. `string`, `table`, `math`, `utf8`, `coroutine` are
 //!   preloaded. Nothing else can be loaded.

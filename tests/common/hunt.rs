@@ -38,7 +38,13 @@ pub fn sipp(
         .arg(&messages)
         .args(["-trace_err", "-error_file"])
         .arg(dir.join(format!("{name}.errors.log")))
-        .args(["-timeout", "60s", "-timeout_error", "-max_recv_loops", "1000"])
+        .args([
+            "-timeout",
+            "60s",
+            "-timeout_error",
+            "-max_recv_loops",
+            "1000",
+        ])
         .args(args)
         .current_dir(dir)
         .stdin(Stdio::null())
