@@ -382,7 +382,7 @@ impl RawCaller {
 async fn cancel_while_queued_is_counted_as_abandoned() {
     let dir = sipp::workdir("hunt-abandon");
     let agent_uri = format!("sip:agent@127.0.0.1:{}", sipp::free_udp_port());
-    let mut g = group("linear", &[agent_uri.clone()]);
+    let mut g = group("linear", std::slice::from_ref(&agent_uri));
     g.queue_announce = 1;
     let s = server(&dir, vec![("q", g)]).await;
     let admin = s.handle.admin_addr();
@@ -438,7 +438,7 @@ async fn cancel_while_queued_is_counted_as_abandoned() {
 async fn overflow_after_max_wait_reaches_the_script() {
     let dir = sipp::workdir("hunt-overflow");
     let agent_uri = format!("sip:agent@127.0.0.1:{}", sipp::free_udp_port());
-    let mut g = group("linear", &[agent_uri.clone()]);
+    let mut g = group("linear", std::slice::from_ref(&agent_uri));
     g.max_wait = 1;
     let s = start_with(config(
         &dir,

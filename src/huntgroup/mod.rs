@@ -464,7 +464,9 @@ impl HuntGroups {
             .iter()
             .map(|m| match m {
                 Member::Uri { agent } => {
-                    let engaged = dir.as_ref().is_some_and(|d| d.on_call(&[agent.clone()]));
+                    let engaged = dir
+                        .as_ref()
+                        .is_some_and(|d| d.on_call(std::slice::from_ref(agent)));
                     (agent.clone(), vec![agent.clone()], engaged)
                 }
                 Member::Extension { agent, aor } => {
