@@ -660,3 +660,47 @@ async fn huntgroup_endpoints_need_the_bearer_token() {
     assert_eq!(body[0]["agents"][0]["agent"], "1001");
     assert_eq!(body[0]["agents"][0]["state"], "available");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_all_acks_and_byes_a_second_2xx() {
+    let dir = sipp::workdir("hunt-2xx");
+    // Both agents answer at once with no 1xx, so neither can be CANCELled first: one 200
+    // wins, the other is a second 2xx (each scenario fails without its ACK and BYE).
+    let ports = [sipp::free_udp_port(), sipp::free_udp_port()];
+    let agents: Vec<Peer> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            sipp(
+                &dir,
+                &format!("a{i}"),
+                "hunt_agent_2xx.xml",
+                *p,
+                None,
+                &["-m", "1"],
+            )
+        })
+        .collect();
+    let members: Vec<String> = ports
+        .iter()
+        .map(|p| format!("sip:agent@127.0.0.1:{p}"))
+        .collect();
+    let s = server(&dir, vec![("all", group("ring-all", &members))]).await;
+    let answers = sequential_calls(&dir, "caller", s.udp, "all", 1, 300).await;
+    assert_eq!(
+        answers.len(),
+        1,
+        "the caller is connected once: {answers:?}"
+    );
+    assert!(ports.contains(&answers[0]));
+    for a in agents {
+        let got = received(&a.success(LIMIT).await);
+        assert_eq!(
+            got,
+            vec!["INVITE", "ACK", "BYE"],
+            "each 2xx ACKed, then BYEd"
+        );
+    }
+    let g = group_json(&s, "all").await;
+    assert_eq!(g["answered"], 1);
+}
