@@ -191,6 +191,25 @@ async fn weighted_random_follows_the_weights() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_spreads_calls_over_every_agent() {
+    let dir = sipp::workdir("hunt-random");
+    let agents: Vec<Peer> = (1..=3).map(|i| agent(&dir, &format!("a{i}"), 0)).collect();
+    let members: Vec<String> = agents.iter().map(Peer::uri).collect();
+    let s = server(&dir, vec![("r", group("random", &members))]).await;
+    let answers = sequential_calls(&dir, "caller", s.udp, "r", 30, 0).await;
+    assert_eq!(answers.len(), 30);
+    // Expected 10 each; 2..=19 is more than three standard deviations (2.6) either side.
+    for a in &agents {
+        let n = count(&answers, a.port);
+        assert!(
+            (2..=19).contains(&n),
+            "agent {} got {n}: {answers:?}",
+            a.port
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_all_connects_the_first_to_answer_and_cancels_the_rest() {
     let dir = sipp::workdir("hunt-ringall");
     // Agent 1 rings until CANCELled (its scenario fails without the CANCEL); agent 2
