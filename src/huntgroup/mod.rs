@@ -589,6 +589,14 @@ impl HuntGroups {
             });
             id
         };
+        // Should the hunt be dropped half-way (its hook abandoned), the ticket leaves the
+        // queue and agents it was ringing are released, instead of staying "ringing".
+        let mut guard = HuntGuard {
+            hg: self.clone(),
+            group: g.name.clone(),
+            id,
+            ringing: Vec::new(),
+        };
         let mut tried: HashSet<String> = HashSet::new();
         let mut queued = false;
         let mut next_announce = start;
@@ -637,7 +645,9 @@ impl HuntGroups {
                             owner.push(agent.clone());
                         }
                     }
+                    guard.ringing = picked.iter().map(|(a, _)| a.clone()).collect();
                     let rung = leg.ring(targets, ring_timeout).await;
+                    guard.ringing.clear();
                     let winner = rung
                         .winner
                         .filter(|_| rung.answered)
@@ -865,6 +875,30 @@ impl HuntGroups {
             );
         }
         self.inner.metrics.render()
+    }
+}
+
+struct HuntGuard {
+    hg: HuntGroups,
+    group: String,
+    id: u64,
+    ringing: Vec<String>,
+}
+
+impl Drop for HuntGuard {
+    fn drop(&mut self) {
+        {
+            let mut st = self.hg.inner.state.lock();
+            if let Some(q) = st.queues.get_mut(&self.group) {
+                q.retain(|t| t.id != self.id);
+            }
+            for agent in &self.ringing {
+                if let Some(a) = st.agents.get_mut(agent) {
+                    a.ringing = a.ringing.saturating_sub(1);
+                }
+            }
+        }
+        self.hg.notify();
     }
 }
 

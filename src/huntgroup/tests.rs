@@ -288,3 +288,22 @@ fn config_errors_name_file_line_and_key() {
         assert!(e.contains(want), "{text}\n→ {e}\nwanted {want}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hunt_dropped_half_way_releases_its_agent_and_its_place() {
+    let mut g = one_agent();
+    g.ring_timeout = 30;
+    let hg = groups(g).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let leg = Leg::new("never answered", false, &log);
+    let task = {
+        let hg = hg.clone();
+        tokio::spawn(async move { hg.hunt("q", HuntOptions::default(), leg).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(hg.agents("q").unwrap()[0].state, "ringing");
+    task.abort();
+    let _ = task.await;
+    assert_eq!(hg.agents("q").unwrap()[0].state, "available");
+    assert_eq!(hg.snapshot()[0].waiting, 0);
+}
