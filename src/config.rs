@@ -42,6 +42,10 @@
 //! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60],
 //!   `auth.algorithms` [`["SHA-256", "MD5"]`]
 //! - `shutdown.drain_timeout_s` [10]
+//! - `huntgroups.<name>.strategy` [`ring-all`], `.members` (required), `.ring_timeout` [15],
+//!   `.max_wait` [120], `.wrap_up` [10], `.weights` [all 1], `.max_missed` [3],
+//!   `.queue_announce` [20], `.calls_reset_s` [86400]: see [`HuntGroupConfig`]; none by
+//!   default, not settable from the environment
 //!
 //! How a line number is found: the `config` crate that merges the sources keeps no
 //! positions, so the file is first parsed on its own with `toml` (whose errors carry a
@@ -167,6 +171,9 @@ pub struct Config {
     pub redis: RedisConfig,
     pub auth: AuthConfig,
     pub shutdown: ShutdownConfig,
+    /// `[huntgroups.<name>]`: call-centre hunt groups (see [`HuntGroupConfig`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub huntgroups: BTreeMap<String, HuntGroupConfig>,
 }
 
 /// `[sip]`: the SIP side of the server.
@@ -437,6 +444,145 @@ impl Default for ShutdownConfig {
         ShutdownConfig {
             drain_timeout_s: 10,
         }
+    }
+}
+
+// ---- hunt groups (issue 6) -------------------------------------------------------------
+
+/// `[huntgroups.<name>]`: one hunt group. Durations in seconds. Not settable from the
+/// environment (a group is a table of its own).
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HuntGroupConfig {
+    /// `ring-all`, `linear`, `round-robin`, `least-recent`, `fewest-calls`, `random`,
+    /// `weighted`.
+    pub strategy: String,
+    /// Extensions (`"1001"`: rung at their registered contacts) or SIP URIs.
+    pub members: Vec<String>,
+    /// How long one agent (or, for ring-all, everyone) rings before the next try.
+    pub ring_timeout: u64,
+    /// How long a caller may wait in all before the outcome goes back to the script.
+    pub max_wait: u64,
+    /// Seconds after a call before the agent is rung again.
+    pub wrap_up: u64,
+    /// One weight per member, for `weighted` (empty = all 1).
+    pub weights: Vec<u32>,
+    /// Unanswered rings in a row after which the agent is paused (0 = never).
+    pub max_missed: u32,
+    /// Seconds between the 182 Queued repeats to a waiting caller.
+    pub queue_announce: u64,
+    /// `fewest-calls` counts answered calls since the last multiple of this many seconds
+    /// since the Unix epoch (86400 = since midnight UTC).
+    pub calls_reset_s: u64,
+}
+
+impl Default for HuntGroupConfig {
+    fn default() -> Self {
+        HuntGroupConfig {
+            strategy: "ring-all".into(),
+            members: Vec::new(),
+            ring_timeout: 15,
+            max_wait: 120,
+            wrap_up: 10,
+            weights: Vec::new(),
+            max_missed: 3,
+            queue_announce: 20,
+            calls_reset_s: 86400,
+        }
+    }
+}
+
+const HUNT_STRATEGIES: [&str; 7] = [
+    "ring-all",
+    "linear",
+    "round-robin",
+    "least-recent",
+    "fewest-calls",
+    "random",
+    "weighted",
+];
+
+impl Config {
+    /// Checks every `[huntgroups.<name>]`: (dotted key, problem) of the first bad value.
+    fn check_huntgroups(&self) -> Result<(), (String, String, Option<String>)> {
+        for (name, g) in &self.huntgroups {
+            let key = |k: &str| format!("huntgroups.{name}.{k}");
+            let bad = |k: &str, m: String| Err((key(k), m, None));
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+            {
+                return Err((
+                    format!("huntgroups.{name}"),
+                    "a group name is lower-case letters, digits, - and _".into(),
+                    None,
+                ));
+            }
+            if !HUNT_STRATEGIES.contains(&g.strategy.as_str()) {
+                return bad(
+                    "strategy",
+                    format!(
+                        "unknown strategy {:?}, expected one of {}",
+                        g.strategy,
+                        HUNT_STRATEGIES.join(", ")
+                    ),
+                );
+            }
+            if g.members.is_empty() {
+                return bad("members", "at least one member is required".into());
+            }
+            let mut seen = std::collections::HashSet::new();
+            for m in &g.members {
+                let ok = !m.is_empty()
+                    && !m
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control() || "<>\"".contains(c))
+                    && (!m.contains(':') || crate::sip::Uri::parse(m).is_ok());
+                if !ok {
+                    return Err((
+                        key("members"),
+                        format!("bad member {m:?}: an extension (\"1001\") or a SIP URI"),
+                        Some(format!("\"{m}\"")),
+                    ));
+                }
+                if !seen.insert(m) {
+                    return Err((
+                        key("members"),
+                        format!("member {m:?} is listed twice"),
+                        Some(format!("\"{m}\"")),
+                    ));
+                }
+            }
+            if !g.weights.is_empty() && g.weights.len() != g.members.len() {
+                return bad(
+                    "weights",
+                    format!(
+                        "one weight per member: {} members, {} weights",
+                        g.members.len(),
+                        g.weights.len()
+                    ),
+                );
+            }
+            if g.strategy == "weighted"
+                && g.weights.iter().all(|w| *w == 0)
+                && !g.weights.is_empty()
+            {
+                return bad("weights", "at least one weight must be above 0".into());
+            }
+            for (k, v, min, max) in [
+                ("ring_timeout", g.ring_timeout, 1, MAX_TIMEOUT_S),
+                ("max_wait", g.max_wait, 1, MAX_TIMEOUT_S),
+                ("wrap_up", g.wrap_up, 0, MAX_TIMEOUT_S),
+                ("queue_announce", g.queue_announce, 1, MAX_TIMEOUT_S),
+                ("calls_reset_s", g.calls_reset_s, 60, 366 * 86400),
+            ] {
+                if v < min || v > max {
+                    return bad(k, format!("must be between {min} and {max} (got {v})"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -834,6 +980,11 @@ fn build(origin: &str, text: &str, env: &[(String, String)]) -> Result<Config, C
             inv.message,
         )
     })?;
+    config
+        .check_huntgroups()
+        .map_err(|(key, message, needle)| {
+            locate(origin, text, &overrides, &key, needle.as_deref(), message)
+        })?;
     Ok(config)
 }
 

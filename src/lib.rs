@@ -5,6 +5,7 @@ pub mod auth;
 pub mod b2bua;
 pub mod config;
 pub mod dialog;
+pub mod huntgroup;
 pub mod logging;
 pub mod metrics;
 pub mod registrar;

@@ -21,7 +21,11 @@
 //! class}`, `strowger_transactions`, `strowger_transaction_timeouts_total`,
 //! `strowger_auth_failures_total`, `strowger_process_cpu_seconds_total`,
 //! `strowger_process_resident_memory_bytes`, `strowger_process_open_fds`,
-//! `strowger_admin_unauthorized_total`.
+//! `strowger_admin_unauthorized_total`; hunt groups (rendered by `crate::huntgroup` and
+//! appended through [`Sources::extra_text`]): `strowger_huntgroup_waiting`,
+//! `strowger_huntgroup_longest_wait_seconds`, `strowger_huntgroup_answered_total`,
+//! `strowger_huntgroup_abandoned_total`, `strowger_huntgroup_overflowed_total`,
+//! `strowger_huntgroup_agents{group,state}`, `strowger_huntgroup_answer_seconds`.
 
 use crate::sip::Method;
 use prometheus::{
@@ -275,6 +279,11 @@ pub trait Sources: Send + Sync + 'static {
     fn calls_failed(&self) -> [u64; 4];
     /// Digest answers that were wrong (wrong password, unknown user) or throttled.
     fn auth_failures(&self) -> u64;
+    /// More series in the text format, appended as they are (the hunt groups'
+    /// `strowger_huntgroup_*`, from their own registry).
+    fn extra_text(&self) -> String {
+        String::new()
+    }
 }
 
 /// The registry and its metrics.
@@ -550,7 +559,9 @@ impl Metrics {
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::warn!(error = %e, "encoding metrics");
         }
-        String::from_utf8(out).unwrap_or_default()
+        let mut text = String::from_utf8(out).unwrap_or_default();
+        text.push_str(&self.sources.extra_text());
+        text
     }
 }
 

@@ -127,9 +127,16 @@ pub struct ServerHandle {
     /// stops them.
     keepalive: Option<Keepalive>,
     stats: Arc<ServerStats>,
+    /// The hunt groups, when `[huntgroups.*]` are configured.
+    huntgroups: Option<crate::huntgroup::HuntGroups>,
 }
 
 impl ServerHandle {
+    /// The hunt groups, when any are configured.
+    pub fn huntgroups(&self) -> Option<&crate::huntgroup::HuntGroups> {
+        self.huntgroups.as_ref()
+    }
+
     /// The addresses actually bound (port 0 in the config becomes a real port).
     pub fn local_addrs(&self) -> Vec<(TransportKind, SocketAddr)> {
         self.transports.local_addrs()
@@ -241,6 +248,10 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     })
     .with_context(|| format!("loading script {}", config.script.path))?;
     let registrar = start_registrar(config).await?;
+    let huntgroups = start_huntgroups(config).await?;
+    if let Some(h) = &huntgroups {
+        scripts.set_huntgroups(h.clone());
+    }
     let location = Arc::new(Location {
         registrar: registrar.clone(),
         domain: config.sip.domain.to_ascii_lowercase(),
@@ -290,13 +301,19 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         local: LocalAddrs::new(transports.local_addrs()),
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
-        flows: Some(location),
+        flows: Some(location.clone()),
         auth: users.map(|u| (digest.clone(), u)),
         records,
         routes: Arc::new(crate::metrics::RouteStats::new(&config.call.routes)),
         traces,
     });
     core.set_b2bua(b2bua.clone());
+    if let Some(h) = &huntgroups {
+        h.set_directory(Arc::new(HuntDirectory {
+            location: location.clone(),
+            b2bua: b2bua.clone(),
+        }));
+    }
     core.set_registrar(registrar.clone());
     let http: SocketAddr = config
         .http
@@ -311,6 +328,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer: layer.clone(),
         stats: stats.clone(),
         digest: digest.clone(),
+        huntgroups: huntgroups.clone(),
     }))
     .context("setting up metrics")?;
     let drain_layer = layer.clone();
@@ -352,6 +370,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
                 Box::pin(async move { b2bua.transfer(&id, target, to_caller).await })
             })
         },
+        huntgroups: huntgroups.clone(),
     };
     let admin = crate::admin::start(
         http,
@@ -377,7 +396,58 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         registrar,
         keepalive,
         stats,
+        huntgroups,
     })
+}
+
+// ---- hunt groups (issue 6) -------------------------------------------------------------
+
+/// Opens the agent-state store beside the registrar's (`registrar.store`: SQLite file
+/// `<storage.dir>/huntgroups.sqlite`, or Redis under `strowger:hunt`) and builds the
+/// configured groups; None when no group is configured.
+async fn start_huntgroups(config: &Config) -> anyhow::Result<Option<crate::huntgroup::HuntGroups>> {
+    use crate::huntgroup::{AgentStore, HuntGroups, RedisAgentStore, SqliteAgentStore};
+    if config.huntgroups.is_empty() {
+        return Ok(None);
+    }
+    let store: Arc<dyn AgentStore> =
+        match config.registrar.store {
+            RegistrarStore::Embedded => {
+                let dir = std::path::Path::new(&config.storage.dir);
+                Arc::new(SqliteAgentStore::open(dir).with_context(|| {
+                    format!("opening the hunt-group store in {}", dir.display())
+                })?)
+            }
+            RegistrarStore::Redis => Arc::new(
+                RedisAgentStore::connect(&config.redis.url)
+                    .await
+                    .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
+            ),
+        };
+    let groups = HuntGroups::start(
+        &config.huntgroups,
+        &config.sip.domain.to_ascii_lowercase(),
+        store,
+    )
+    .await
+    .context("loading hunt-group agent state")?;
+    tracing::info!(groups = ?groups.names(), "hunt groups ready");
+    Ok(Some(groups))
+}
+
+/// Registered contacts (the registrar) and calls in progress (the B2BUA) for hunting.
+struct HuntDirectory {
+    location: Arc<Location>,
+    b2bua: B2bua,
+}
+
+impl crate::huntgroup::Directory for HuntDirectory {
+    fn contacts(&self, aor: &str) -> Vec<String> {
+        self.location.lookup(aor)
+    }
+    fn on_call(&self, uris: &[String]) -> bool {
+        self.b2bua.on_call(uris)
+    }
 }
 
 /// Digest authentication (always ready: `on_register` may give credentials) and the
@@ -421,6 +491,7 @@ struct MetricSources {
     layer: TransactionLayer,
     stats: Arc<ServerStats>,
     digest: DigestAuth,
+    huntgroups: Option<crate::huntgroup::HuntGroups>,
 }
 
 impl crate::metrics::Sources for MetricSources {
@@ -484,6 +555,12 @@ impl crate::metrics::Sources for MetricSources {
     fn calls_failed(&self) -> [u64; 4] {
         let f = &self.b2bua.stats().failed_by_class;
         [0, 1, 2, 3].map(|i| crate::metrics::load(&f[i]))
+    }
+    fn extra_text(&self) -> String {
+        self.huntgroups
+            .as_ref()
+            .map(|h| h.render_metrics())
+            .unwrap_or_default()
     }
     fn auth_failures(&self) -> u64 {
         let s = self.digest.stats();

@@ -45,6 +45,15 @@ const METRICS_NOW: &[&str] = &[
     "strowger_script_hook_duration_seconds_count",
     "strowger_transaction_retransmissions_total",
     "strowger_register_results_total",
+    // Hunt groups (dashboards/huntgroups.json).
+    "strowger_huntgroup_waiting",
+    "strowger_huntgroup_longest_wait_seconds",
+    "strowger_huntgroup_answered_total",
+    "strowger_huntgroup_abandoned_total",
+    "strowger_huntgroup_overflowed_total",
+    "strowger_huntgroup_agents",
+    "strowger_huntgroup_answer_seconds_bucket",
+    "strowger_huntgroup_answer_seconds_count",
 ];
 
 /// Metrics a query may name that the server does not expose yet (none today).
@@ -55,6 +64,7 @@ const DASHBOARDS: &[&str] = &[
     "registrations.json",
     "script.json",
     "transactions.json",
+    "huntgroups.json",
 ];
 
 /// Kills the Prometheus child by its PID however the test ends, so no scraper outlives it.
@@ -262,6 +272,14 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
     let mut config = test_config();
     config.call.routes = vec!["pstn".into()];
     config.script.path = plan.display().to_string();
+    // A hunt group, so that the hunt-group board's series exist (all start at zero).
+    config.huntgroups.insert(
+        "support".into(),
+        strowger::config::HuntGroupConfig {
+            members: vec![format!("sip:agent@127.0.0.1:{callee_port}")],
+            ..Default::default()
+        },
+    );
     let s = start_with(config).await;
     let dir = tempfile::tempdir().unwrap();
     let prom = start_prometheus(dir.path(), s.handle.admin_addr());

@@ -20,10 +20,12 @@
 //! either leg; 404 when unknown), `POST /calls/{id}/transfer` (body `{"target":"sip:..",
 //! "party":"caller"|"callee"}`: connects that party, the caller by default, to the target
 //! and releases the other; answers when the target answered (200) or failed (409), with
-//! `{"answered","status","reason"}`; 404 for an unknown call).
+//! `{"answered","status","reason"}`; 404 for an unknown call), `GET /huntgroups` (each
+//! hunt group's queue, counters and agents), `POST /huntgroups/agent`
+//! (`{"agent":..,"state":..}`: login, logout, pause).
 //!
 //! Access: `/registrations`, `/calls`, `/calls/{id}/trace`, `/calls/{id}/transfer`,
-//! `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
+//! `/huntgroups*`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
 //! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
 //! ([`ADMIN_UNAUTHORIZED`], [`AdminServer::unauthorized`]). With `http.token` empty they
 //! answer 403, unless the endpoint is bound to a loopback address (development default):
@@ -84,6 +86,8 @@ pub struct AdminOptions {
     pub trace: TraceHook,
     /// Called by `POST /calls/{id}/transfer`.
     pub transfer: TransferHook,
+    /// `GET /huntgroups`, `POST /huntgroups/agent` (None: no hunt groups configured).
+    pub huntgroups: Option<crate::huntgroup::HuntGroups>,
 }
 
 /// A running admin endpoint.
@@ -130,6 +134,7 @@ struct Shared {
     calls: CallsHook,
     trace: TraceHook,
     transfer: TransferHook,
+    huntgroups: Option<crate::huntgroup::HuntGroups>,
     draining: AtomicBool,
     unauthorized: AtomicU64,
 }
@@ -166,6 +171,7 @@ pub async fn start(
         calls: options.calls,
         trace: options.trace,
         transfer: options.transfer,
+        huntgroups: options.huntgroups,
         draining: AtomicBool::new(false),
         unauthorized: AtomicU64::new(0),
     });
@@ -192,7 +198,12 @@ pub async fn start(
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route_async(&state, req).await) }
+                    async move {
+                        if req.uri().path().starts_with("/huntgroups") {
+                            return Ok::<_, Infallible>(hunt_route(&state, req).await);
+                        }
+                        Ok::<_, Infallible>(route_async(&state, req).await)
+                    }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(io, service)
@@ -413,6 +424,83 @@ async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Byt
     }
 }
 
+// ---- hunt groups (issue 6) -------------------------------------------------------------
+
+/// `GET /huntgroups`: every group with its queue (waiting, longest wait), counters
+/// (answered, abandoned, overflowed) and agents with their states.
+/// `POST /huntgroups/agent` with `{"agent":"1001","state":"paused"}` (`available`/`login`,
+/// `paused`/`pause`, `logged-out`/`logout`): 200 `{"agent":..,"state":..}`, 404 for an
+/// agent in no group, 400 for a bad body or state. Both need the bearer token.
+async fn hunt_route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let path = req.uri().path().to_owned();
+    if let Some(refusal) = refuse(&state.shared, &path, req.headers()) {
+        return refusal;
+    }
+    let groups = state.shared.huntgroups.clone();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/huntgroups") => {
+            let list = groups.map(|g| g.snapshot()).unwrap_or_default();
+            json(
+                StatusCode::OK,
+                serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()),
+            )
+        }
+        (Method::POST, "/huntgroups/agent") => {
+            let Some(groups) = groups else {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    r#"{"error":"no hunt groups are configured"}"#.into(),
+                );
+            };
+            let body = match http_body_util::Limited::new(req.into_body(), 4096)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        r#"{"error":"body unreadable or over 4096 bytes"}"#.into(),
+                    )
+                }
+            };
+            #[derive(serde::Deserialize)]
+            struct Change {
+                agent: String,
+                state: String,
+            }
+            let change: Change = match serde_json::from_slice(&body) {
+                Ok(c) => c,
+                Err(e) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            r#"{{"error":{}}}"#,
+                            quote(&format!("expected {{\"agent\":..,\"state\":..}}: {e}"))
+                        ),
+                    )
+                }
+            };
+            match groups.set_state(&change.agent, &change.state).await {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    serde_json::json!({"agent": change.agent, "state": change.state}).to_string(),
+                ),
+                Err(e) => {
+                    let status = match e {
+                        crate::huntgroup::HuntError::UnknownAgent(_) => StatusCode::NOT_FOUND,
+                        crate::huntgroup::HuntError::UnknownState(_) => StatusCode::BAD_REQUEST,
+                        _ => StatusCode::INTERNAL_SERVER_ERROR,
+                    };
+                    json(status, format!(r#"{{"error":{}}}"#, quote(&e.to_string())))
+                }
+            }
+        }
+        _ => json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),
+    }
+}
+
 fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let protected = matches!(
@@ -603,6 +691,7 @@ mod tests {
             calls: Box::new(|| "[]".into()),
             trace: Box::new(|_| None),
             transfer: Box::new(|_, _, _| Box::pin(async { None })),
+            huntgroups: None,
             draining: AtomicBool::new(false),
             unauthorized: AtomicU64::new(0),
         }

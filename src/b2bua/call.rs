@@ -93,6 +93,14 @@ pub enum CallEvent {
         targets: Vec<String>,
         opts: DialOptions,
         reply: oneshot::Sender<DialOutcome>,
+        /// Told the index (in `targets`) of the target that answered (hunt groups).
+        winner: Option<oneshot::Sender<usize>>,
+    },
+    /// From a hunt: a provisional response to the caller (182 Queued, RFC 3261 21.1.3).
+    Provisional {
+        status: u16,
+        reason: String,
+        headers: Vec<(String, String)>,
     },
     /// The script's `on_invite` has returned.
     HookDone(InviteOutcome),
@@ -138,6 +146,8 @@ enum Purpose {
 
 /// One INVITE branch on the B side.
 struct Branch {
+    /// Position of its target in the dial's target list.
+    index: usize,
     invite: Request,
     target: Target,
     /// A provisional came back, so CANCEL may be sent (RFC 3261 9.1).
@@ -153,6 +163,7 @@ struct Branch {
 struct Dial {
     branches: Vec<u64>,
     reply: oneshot::Sender<DialOutcome>,
+    winner: Option<oneshot::Sender<usize>>,
     deadline: Option<Instant>,
     /// Final responses of failed branches, for RFC 3261 16.7's choice.
     finals: Vec<(u16, String)>,
@@ -239,11 +250,16 @@ pub struct Call {
     transfers: Vec<TransferNote>,
     /// The dialog an INVITE with Replaces took over, until its party answered.
     replacing: Option<Dialog>,
+    /// True once the call has ended: the hunt waits on it (CANCEL while queued, wrap-up).
+    ended_tx: tokio::sync::watch::Sender<bool>,
+    /// Keys in the B2BUA's `engaged` index this call holds while answered.
+    engaged: Vec<String>,
 }
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
 struct Control {
     events: Events,
+    ended: tokio::sync::watch::Receiver<bool>,
     /// Present when users are configured: what `call:authenticate()` needs.
     auth: Option<CallAuth>,
 }
@@ -298,16 +314,61 @@ impl CallControl for Control {
         }
     }
 
+    fn dial_indexed(
+        &self,
+        targets: Vec<String>,
+        opts: DialOptions,
+    ) -> Pin<Box<dyn Future<Output = (DialOutcome, Option<usize>)> + Send>> {
+        let (winner, mut winner_rx) = oneshot::channel();
+        let outcome = self.send_dial(targets, opts, Some(winner));
+        Box::pin(async move {
+            let outcome = outcome.await;
+            (outcome, winner_rx.try_recv().ok())
+        })
+    }
+
+    fn provisional(&self, status: u16, reason: &str, headers: Vec<(String, String)>) {
+        let _ = self.events.post(CallEvent::Provisional {
+            status,
+            reason: reason.to_owned(),
+            headers,
+        });
+    }
+
+    fn is_ended(&self) -> bool {
+        *self.ended.borrow()
+    }
+
+    fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let mut rx = self.ended.clone();
+        Box::pin(async move {
+            // An error means the call (the sender) is gone: ended too.
+            let _ = rx.wait_for(|ended| *ended).await;
+        })
+    }
+
     fn dial(
         &self,
         targets: Vec<String>,
         opts: DialOptions,
+    ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
+        self.send_dial(targets, opts, None)
+    }
+}
+
+impl Control {
+    fn send_dial(
+        &self,
+        targets: Vec<String>,
+        opts: DialOptions,
+        winner: Option<oneshot::Sender<usize>>,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
         let (reply, rx) = oneshot::channel();
         let sent = self.events.post(CallEvent::Dial {
             targets,
             opts,
             reply,
+            winner,
         });
         Box::pin(async move {
             if sent.is_err() {
@@ -476,6 +537,8 @@ impl Call {
             transfer_reinvite_ack: None,
             transfers: Vec::new(),
             replacing: None,
+            ended_tx: tokio::sync::watch::channel(false).0,
+            engaged: Vec::new(),
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -515,6 +578,7 @@ impl Call {
         let version = call.version.clone();
         let control = Arc::new(Control {
             events: events.clone(),
+            ended: call.ended_tx.subscribe(),
             auth: inner.auth.clone().map(|(auth, users)| CallAuth {
                 auth,
                 users,
@@ -689,9 +753,15 @@ impl Call {
                 targets,
                 opts,
                 reply,
+                winner,
                 // Boxed: inline, the dial's future (name resolution) would sit in every call's
                 // task for the whole call, several KiB each.
-            } => Box::pin(self.start_dial(targets, opts, reply)).await,
+            } => Box::pin(self.start_dial(targets, opts, reply, winner)).await,
+            CallEvent::Provisional {
+                status,
+                reason,
+                headers,
+            } => self.send_a_provisional(status, &reason, headers),
             CallEvent::HookDone(outcome) => self.on_hook_done(outcome),
             CallEvent::Client { id, event } => self.on_client(id, event),
             CallEvent::Cancel => self.on_cancel(),
@@ -800,6 +870,7 @@ impl Call {
         targets: Vec<String>,
         opts: DialOptions,
         reply: oneshot::Sender<DialOutcome>,
+        winner: Option<oneshot::Sender<usize>>,
     ) {
         if self.cancelled || self.a_final_sent || self.ended {
             self.count_dial(487);
@@ -821,8 +892,8 @@ impl Call {
         self.inner.stats.dials.fetch_add(1, Ordering::Relaxed);
         let mut branches = Vec::new();
         let mut finals = Vec::new();
-        for t in &targets {
-            match self.start_branch(t, &opts).await {
+        for (index, t) in targets.iter().enumerate() {
+            match self.start_branch(index, t, &opts).await {
                 Ok(id) => branches.push(id),
                 Err((status, reason)) => finals.push((status, reason)),
             }
@@ -836,6 +907,7 @@ impl Call {
         self.dial = Some(Dial {
             branches,
             reply,
+            winner,
             deadline,
             finals,
             ringing: false,
@@ -845,6 +917,7 @@ impl Call {
 
     async fn start_branch(
         &mut self,
+        index: usize,
         target: &str,
         opts: &DialOptions,
     ) -> Result<u64, (u16, String)> {
@@ -936,6 +1009,7 @@ impl Call {
         self.branches.insert(
             bid,
             Box::new(Branch {
+                index,
                 invite: invite.clone(),
                 target: dest,
                 provisional: false,
@@ -1281,6 +1355,20 @@ impl Call {
         }
         // The winner.
         self.b_branch = Some(bid);
+        let index = b.index;
+        let b_uri = b.invite.uri.to_string();
+        if let Some(w) = self.dial.as_mut().and_then(|d| d.winner.take()) {
+            let _ = w.send(index);
+        }
+        // On a call from now on: hunt groups skip these addresses (the callee's URI and
+        // the caller's From).
+        self.engaged = [b_uri, self.a_invite.base.from.uri.to_string()]
+            .iter()
+            .filter_map(|u| super::engaged_key(u))
+            .collect();
+        for k in &self.engaged {
+            super::engage(&self.inner.engaged, k);
+        }
         self.b_dialog = Some(dialog);
         self.cancel_branches();
         self.answer_caller(&resp);
@@ -1511,6 +1599,20 @@ impl Call {
                 self.end("system");
             }
         }
+    }
+
+    /// A provisional to the caller while its INVITE is pending (a hunt's 182 Queued).
+    fn send_a_provisional(&mut self, status: u16, reason: &str, headers: Vec<(String, String)>) {
+        if self.a_final_sent || self.ended || !(101..200).contains(&status) {
+            return;
+        }
+        let mut r = self.a_invite.response(status).with_reason(reason);
+        r.set_to_tag(&self.a_dialog.local_tag);
+        r.headers.push("Contact", self.a_contact.clone());
+        for (name, value) in headers {
+            r.headers.push(&name, value);
+        }
+        let _ = self.a_tx.respond(r);
     }
 
     fn on_cancel(&mut self) {
@@ -1750,6 +1852,10 @@ impl Call {
             return;
         }
         self.ended = true;
+        self.ended_tx.send_replace(true);
+        for k in std::mem::take(&mut self.engaged) {
+            super::disengage(&self.inner.engaged, &k);
+        }
         self.hangup_by = by;
         self.dial = None;
         self.max_duration = None;

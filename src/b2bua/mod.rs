@@ -116,6 +116,9 @@ struct B2buaInner {
     calls: ShardMap<Arc<str>, CallSnapshot>,
     /// Each call in progress's event queue, by call id (`POST /calls/{id}/transfer`).
     controls: ShardMap<Arc<str>, Events>,
+    /// Addresses on an answered call (`user@host[:port]`, see [`engaged_key`]) and how
+    /// many calls each is on: hunt groups skip busy agents.
+    engaged: ShardMap<String, u32>,
     stats: B2buaStats,
     routes: Arc<RouteStats>,
     traces: Option<crate::trace::CallTraces>,
@@ -165,6 +168,7 @@ impl B2bua {
                 calls_active: AtomicU64::new(0),
                 calls: ShardMap::new(),
                 controls: ShardMap::new(),
+                engaged: ShardMap::new(),
                 stats: B2buaStats::default(),
                 routes: parts.routes,
                 traces: parts.traces,
@@ -209,6 +213,14 @@ impl B2bua {
     /// The SIP ladder of call `id` (in progress or recently ended), when tracing is on.
     pub fn trace(&self, id: &str) -> Option<crate::trace::TraceView> {
         self.inner.traces.as_ref()?.get(id)
+    }
+
+    /// Whether any of these addresses (AORs or contact URIs) is on an answered call, as
+    /// the callee or as the caller (hunt groups: an agent on any call is busy).
+    pub fn on_call(&self, uris: &[String]) -> bool {
+        uris.iter()
+            .filter_map(|u| engaged_key(u))
+            .any(|k| self.inner.engaged.contains(&k))
     }
 
     /// Dialog index size (two per bridged call), for tests and metrics.
@@ -292,4 +304,34 @@ impl B2bua {
             let _ = r.events.post(CallEvent::Stray { resp });
         }
     }
+}
+
+/// The key of an address in the `engaged` index: `user@host[:port]`, host lower-cased,
+/// parameters dropped, so a contact and the URI dialed for it compare equal.
+pub(crate) fn engaged_key(uri: &str) -> Option<String> {
+    let u = crate::sip::Uri::parse(uri.trim()).ok()?;
+    let host = u.host.to_string().to_ascii_lowercase();
+    Some(match u.port {
+        Some(p) => format!("{}@{host}:{p}", u.user.unwrap_or_default()),
+        None => format!("{}@{host}", u.user.unwrap_or_default()),
+    })
+}
+
+pub(crate) fn engage(map: &ShardMap<String, u32>, key: &str) {
+    // Bounded: between a failed increment and a failed insert another call must have
+    // inserted or removed the key, which does not go on forever.
+    for _ in 0..8 {
+        if map.with(&key.to_owned(), |n| *n += 1).is_some() {
+            return;
+        }
+        if map.insert_new(key.to_owned(), 1).is_ok() {
+            return;
+        }
+    }
+}
+
+pub(crate) fn disengage(map: &ShardMap<String, u32>, key: &str) {
+    let key = key.to_owned();
+    map.with(&key, |n| *n = n.saturating_sub(1));
+    map.remove_if(&key, |n| *n == 0);
 }

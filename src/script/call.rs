@@ -92,7 +92,7 @@ impl CallState {
         Ok(())
     }
 
-    fn start_dial(&self) -> Result<Arc<dyn CallControl>, String> {
+    pub(super) fn start_dial(&self) -> Result<Arc<dyn CallControl>, String> {
         self.check("dial")?;
         let mut inner = self.inner.lock();
         let control = inner
@@ -103,7 +103,7 @@ impl CallState {
         Ok(control)
     }
 
-    fn finish_dial(&self, outcome: &DialOutcome) {
+    pub(super) fn finish_dial(&self, outcome: &DialOutcome) {
         let mut inner = self.inner.lock();
         inner.dialing = false;
         if outcome.answered {
@@ -137,7 +137,7 @@ impl CallState {
 }
 
 /// Clears `dialing` if a dial is abandoned (its hook dropped mid-dial).
-struct DialInProgress(Arc<CallState>);
+pub(super) struct DialInProgress(pub(super) Arc<CallState>);
 
 impl Drop for DialInProgress {
     fn drop(&mut self) {
@@ -460,7 +460,7 @@ impl mlua::IntoLua for DialResult {
     }
 }
 
-fn call_ud(ud: &AnyUserData) -> mlua::Result<Arc<CallState>> {
+pub(super) fn call_ud(ud: &AnyUserData) -> mlua::Result<Arc<CallState>> {
     Ok(ud.borrow::<CallUd>()?.0.clone())
 }
 

@@ -44,6 +44,10 @@
 //! status of the last failed dial, or `480 Temporarily Unavailable` if nothing was dialed.
 //! The decision takes effect when the hook returns.
 //!
+//! - `call:hunt(group, opts)`: hunts for an agent of a hunt group (queueing the caller with
+//!   182 when none is free) and returns `call:dial`'s outcome plus `agent`, `queued`,
+//!   `waited`, `overflow`, `abandoned` (see `src/script/huntgroup.rs`, `crate::huntgroup`).
+//!
 //! # `on_call_end(call, record)`
 //!
 //! `record.start`, `record.answer` (nil if never answered), `record.ends` (`end` is a Lua
@@ -57,6 +61,7 @@
 //! - `log.debug/info/warn/error(...)`: each argument through `tostring`, joined by tabs, to
 //!   the server log (tracing target `script`, fields `script` = file, `line`). `print` is
 //!   `log.info`.
+//! - `huntgroup.agents(name)`, `huntgroup.set_state(agent, state)`: hunt-group agents.
 //! - `require "name"` loads `name.lua` from the script's own directory (`"a.b"` →
 //!   `a/b.lua`), once per VM. `string`, `table`, `math`, `utf8`, `coroutine` are
 //!   preloaded. Nothing else can be loaded.
@@ -108,6 +113,7 @@
 //! exhausted), `memory_errors`, `reloads_ok`, `reloads_failed`.
 
 mod call;
+mod huntgroup;
 mod vm;
 
 #[cfg(test)]
@@ -301,6 +307,31 @@ pub trait CallControl: Send + Sync + 'static {
                 reason: "Transfer not supported here".into(),
             }
         })
+    }
+
+    // ---- for hunt groups (`call:hunt`) ----
+
+    /// Like `dial`, also saying which target (index into `targets`) answered.
+    fn dial_indexed(
+        &self,
+        targets: Vec<String>,
+        opts: DialOptions,
+    ) -> Pin<Box<dyn Future<Output = (DialOutcome, Option<usize>)> + Send>> {
+        let dial = self.dial(targets, opts);
+        Box::pin(async move { (dial.await, None) })
+    }
+
+    /// Sends the caller a provisional response (182 Queued) while its INVITE is pending.
+    fn provisional(&self, _status: u16, _reason: &str, _headers: Vec<(String, String)>) {}
+
+    /// Whether the call has ended (the caller CANCELled, or it was hung up).
+    fn is_ended(&self) -> bool {
+        false
+    }
+
+    /// Resolves when the call ends. The default never does.
+    fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(std::future::pending())
     }
 }
 
@@ -502,6 +533,8 @@ pub trait LocationService: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct Services {
     location: Arc<parking_lot::RwLock<Option<Arc<dyn LocationService>>>>,
+    /// `call:hunt` and `huntgroup.*` (None: no hunt groups attached).
+    hunt: Arc<parking_lot::RwLock<Option<crate::huntgroup::HuntGroups>>>,
 }
 
 impl Services {
@@ -554,6 +587,11 @@ impl ScriptEngine {
     /// Attaches the location service behind `registrar.lookup` (all VMs, all versions).
     pub fn set_location(&self, location: Arc<dyn LocationService>) {
         *self.inner.services.location.write() = Some(location);
+    }
+
+    /// Attaches the hunt groups behind `call:hunt` and `huntgroup.*`.
+    pub fn set_huntgroups(&self, groups: crate::huntgroup::HuntGroups) {
+        *self.inner.services.hunt.write() = Some(groups);
     }
 
     /// Checks a script without serving it (`strowger check`): compiles it and runs its

@@ -48,6 +48,22 @@ log = H.log
 print = H.log.info
 -- The location service: registrar.lookup(aor) -> { contact URI, ... }, best first.
 registrar = { lookup = H.registrar_lookup }
+-- Hunt groups: huntgroup.agents(name) -> { { agent, state, presence, missed, answered,
+-- last_end }, ... }; huntgroup.set_state(agent, "available" | "paused" | "logged-out").
+local raw_agents, raw_set_state = H.huntgroup_agents, H.huntgroup_set_state
+huntgroup = {
+  agents = function(name)
+    local err, list = raw_agents(name)
+    if err then error(err, 2) end
+    return list
+  end,
+  set_state = function(agent, state)
+    local err = raw_set_state(agent, state)
+    if err then error(err, 2) end
+    return true
+  end,
+}
+local raw_hunt = H.call_hunt
 
 -- require "name": <script dir>/name.lua, once per VM.
 local loaded = { string = string, table = table, math = math, utf8 = utf8, coroutine = coroutine }
@@ -141,6 +157,23 @@ local methods = {
       error(r, 2)
     end
     return { answered = r % 2 == 1, status = r // 2, reason = reason }
+  end,
+  -- call:hunt(group, opts) -> { answered, status, reason, agent, queued, waited,
+  -- overflow, abandoned }: waits (yields) like call:dial.
+  hunt = function(self, name, opts)
+    local p = private[self]
+    if p == nil then
+      error(usage("hunt"), 2)
+    end
+    local owner = p[THREAD]
+    if owner ~= nil and owner ~= running() then
+      error("call:hunt: must be called from the call's own hook, not from another coroutine", 2)
+    end
+    local err, outcome = raw_hunt(p[UD], name, opts)
+    if err then
+      error(err, 2)
+    end
+    return outcome
   end,
   -- The caller's user name when its INVITE carries valid credentials; otherwise nil,
   -- and the caller has been answered 407 with a challenge (or 403): just return.

@@ -274,6 +274,7 @@ impl Vm {
                     lua.create_sequence_from(svc.lookup(&aor))
                 })?,
             )?;
+            super::huntgroup::register(&lua, &helpers, services)?;
             lua.load(SANDBOX)
                 .set_name(format!("={INTERNAL_SOURCE}sandbox"))
                 .set_mode(ChunkMode::Text)

@@ -444,6 +444,7 @@ impl Call {
         self.branches.insert(
             bid,
             Box::new(super::Branch {
+                index: 0,
                 invite: invite.clone(),
                 target: dest,
                 provisional: false,
@@ -595,6 +596,7 @@ impl Call {
         self.branches.insert(
             bid,
             Box::new(super::Branch {
+                index: 0,
                 invite: reinvite.clone(),
                 target: flow,
                 provisional: true,
@@ -967,6 +969,16 @@ impl Call {
                 Some(old)
             }
         };
+        // Hunt groups see who is on a call: the target now, not the replaced party.
+        let stays = match t.transferee {
+            Side::A => self.a_invite.base.from.uri.to_string(),
+            Side::B => self
+                .b_branch
+                .and_then(|b| self.branches.get(&b))
+                .map(|b| b.invite.uri.to_string())
+                .unwrap_or_default(),
+        };
+        self.re_engage(&[t.target.clone(), stays]);
         let status = 200;
         self.count_transfer(t.kind, 1);
         self.note_transfer(&t, status);
@@ -1194,6 +1206,20 @@ impl Call {
             }
         }
         self.leg_lost(487, "Call ended");
+    }
+
+    /// Replaces the addresses this call marks as on a call (hunt groups' busy check).
+    fn re_engage(&mut self, uris: &[String]) {
+        for k in std::mem::take(&mut self.engaged) {
+            crate::b2bua::disengage(&self.inner.engaged, &k);
+        }
+        self.engaged = uris
+            .iter()
+            .filter_map(|u| crate::b2bua::engaged_key(u))
+            .collect();
+        for k in &self.engaged {
+            crate::b2bua::engage(&self.inner.engaged, k);
+        }
     }
 
     fn transfer_ended(&mut self, status: u16) {

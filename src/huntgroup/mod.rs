@@ -1,0 +1,1046 @@
+//! Call-centre hunt groups: agents and their states, the seven hunting strategies, the
+//! queue of callers waiting without media, and the hunt itself (ring, skip on no answer,
+//! pause after repeated misses, wrap-up after a call, overflow after `max_wait`).
+//!
+//! **Owns**: agent state (durable part in an [`AgentStore`]: SQLite file
+//! `<storage.dir>/huntgroups.sqlite`, or a Redis hash when `registrar.store = "redis"`), the
+//! per-group queues and round-robin cursors, the `strowger_huntgroup_*` metrics.
+//! **Must not touch**: SIP messages, transactions, dialogs, the Lua VMs. A hunt talks to
+//! its call through [`HuntLeg`] (implemented over the script's `CallControl` in
+//! `src/script/huntgroup.rs`); registered contacts and "is this address on any call" come
+//! through [`Directory`] (implemented by the server over the registrar and the B2BUA).
+//!
+//! # Config keys (`[huntgroups.<name>]`, see `config::HuntGroupConfig`)
+//! `strategy`, `members`, `ring_timeout`, `max_wait`, `wrap_up`, `weights`, `max_missed`,
+//! `queue_announce`, `calls_reset_s`.
+//!
+//! # Agents
+//! An agent is a member string as configured: an extension (`"1001"`, rung at the
+//! registered contacts of `sip:1001@<sip.domain>`) or a SIP URI. Its state is global: an
+//! agent in two groups paused in one is paused in both. States shown to operators:
+//! `available`, `ringing`, `in-call` (on any call through this server, also one not from a
+//! group), `wrap-up`, `paused`, `logged-out`. Only `available` agents are rung.
+//! Login/logout/pause set the durable *presence* (`available`, `paused`, `logged-out`).
+//!
+//! # Queueing (no media)
+//! A caller for whom no agent is available stays queued: its INVITE stays pending and it
+//! gets `182 Queued` (RFC 3261 21.1.3) at once and every `queue_announce` seconds, with
+//! `Warning: 399 strowger "queue position N"` (RFC 3261 20.43) and `X-Queue-Position: N`.
+//! The caller that goes first is the longest-waiting one of the highest `priority`
+//! (larger number first). A CANCEL while queued is counted as abandoned; after `max_wait`
+//! the hunt returns with `overflow = true` and the script decides.
+//!
+//! # Metrics (label `group` = configured group names; `state` = the six states)
+//! `strowger_huntgroup_waiting`, `strowger_huntgroup_longest_wait_seconds`,
+//! `strowger_huntgroup_answered_total`, `strowger_huntgroup_abandoned_total`,
+//! `strowger_huntgroup_overflowed_total`, `strowger_huntgroup_agents{group,state}`,
+//! `strowger_huntgroup_answer_seconds` (histogram: hunt start to answer).
+
+pub mod store;
+pub mod strategy;
+
+pub use store::{
+    AgentRecord, AgentStore, AgentStoreError, Presence, RedisAgentStore, SqliteAgentStore,
+};
+pub use strategy::Strategy;
+
+use parking_lot::{Mutex, RwLock};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::cmp::Reverse;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub use store::BoxFuture;
+use strategy::Candidate;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Shared-store re-read interval (Redis: other nodes' logins and pauses).
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
+/// A waiting caller re-checks at least this often (agents freed by calls that are not the
+/// group's own end without telling us).
+const POLL_EVERY: Duration = Duration::from_millis(500);
+
+/// An agent's state as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentState {
+    Available,
+    Ringing,
+    InCall,
+    WrapUp,
+    Paused,
+    LoggedOut,
+}
+
+impl AgentState {
+    pub const ALL: [AgentState; 6] = [
+        AgentState::Available,
+        AgentState::Ringing,
+        AgentState::InCall,
+        AgentState::WrapUp,
+        AgentState::Paused,
+        AgentState::LoggedOut,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentState::Available => "available",
+            AgentState::Ringing => "ringing",
+            AgentState::InCall => "in-call",
+            AgentState::WrapUp => "wrap-up",
+            AgentState::Paused => "paused",
+            AgentState::LoggedOut => "logged-out",
+        }
+    }
+}
+
+/// Registered contacts and calls in progress, as hunting needs them.
+pub trait Directory: Send + Sync + 'static {
+    /// The live contacts of an address of record, best first.
+    fn contacts(&self, aor: &str) -> Vec<String>;
+    /// Whether any of these addresses (AORs or contact URIs) is on a call.
+    fn on_call(&self, uris: &[String]) -> bool;
+}
+
+/// What a hunt does to its call: implemented over the script's call control.
+pub trait HuntLeg: Send + Sync + 'static {
+    /// Rings `targets` in parallel for at most `timeout`; says which target answered.
+    fn ring(&self, targets: Vec<String>, timeout: Duration) -> BoxFuture<'static, Rung>;
+    /// Tells the waiting caller its queue position (182 Queued).
+    fn queued(&self, position: usize);
+    /// Whether the caller has gone (CANCEL) or the call has otherwise ended.
+    fn is_gone(&self) -> bool;
+    /// Resolves when the call ends (before or after an answer).
+    fn ended(&self) -> BoxFuture<'static, ()>;
+}
+
+/// The result of one ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rung {
+    pub answered: bool,
+    pub status: u16,
+    pub reason: String,
+    /// Index into the rung targets of the one that answered.
+    pub winner: Option<usize>,
+}
+
+/// Per-call overrides (`call:hunt(name, opts)`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HuntOptions {
+    pub strategy: Option<Strategy>,
+    pub ring_timeout: Option<Duration>,
+    pub max_wait: Option<Duration>,
+    /// Larger goes first; default 0.
+    pub priority: i64,
+}
+
+/// How a hunt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HuntOutcome {
+    pub answered: bool,
+    pub status: u16,
+    pub reason: String,
+    /// The agent who answered.
+    pub agent: Option<String>,
+    /// Whether the caller had to wait in the queue (got 182).
+    pub queued: bool,
+    /// Seconds from the start of the hunt to its end.
+    pub waited: f64,
+    /// `max_wait` passed without an answer.
+    pub overflow: bool,
+    /// The caller hung up (CANCEL) before an answer.
+    pub abandoned: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HuntError {
+    #[error("no hunt group named {0:?}")]
+    UnknownGroup(String),
+    #[error("no agent {0:?} in any hunt group")]
+    UnknownAgent(String),
+    #[error("unknown agent state {0:?} (expected available, paused or logged-out)")]
+    UnknownState(String),
+    #[error(transparent)]
+    Store(#[from] AgentStoreError),
+}
+
+#[derive(Debug, Clone)]
+enum Member {
+    /// An extension: the AOR whose contacts are rung.
+    Extension {
+        agent: String,
+        aor: String,
+    },
+    Uri {
+        agent: String,
+    },
+}
+
+impl Member {
+    fn agent(&self) -> &str {
+        match self {
+            Member::Extension { agent, .. } | Member::Uri { agent } => agent,
+        }
+    }
+}
+
+#[derive(Default)]
+struct GroupStats {
+    answered: AtomicU64,
+    abandoned: AtomicU64,
+    overflowed: AtomicU64,
+}
+
+struct Group {
+    name: String,
+    strategy: Strategy,
+    members: Vec<Member>,
+    weights: Vec<u32>,
+    ring_timeout: Duration,
+    max_wait: Duration,
+    wrap_up: Duration,
+    max_missed: u32,
+    announce: Duration,
+    reset_s: u64,
+    stats: GroupStats,
+}
+
+struct Agent {
+    rec: AgentRecord,
+    ringing: u32,
+    in_call: u32,
+    wrap_until: Option<Instant>,
+    missed: u32,
+}
+
+impl Agent {
+    fn state(&self, engaged: bool, now: Instant) -> AgentState {
+        match self.rec.presence {
+            Presence::LoggedOut => AgentState::LoggedOut,
+            Presence::Paused => AgentState::Paused,
+            Presence::Available if self.in_call > 0 || engaged => AgentState::InCall,
+            Presence::Available if self.ringing > 0 => AgentState::Ringing,
+            Presence::Available if self.wrap_until.is_some_and(|t| t > now) => AgentState::WrapUp,
+            Presence::Available => AgentState::Available,
+        }
+    }
+
+    fn answered_in(&self, period: u64) -> u64 {
+        if self.rec.period == period {
+            self.rec.answered
+        } else {
+            0
+        }
+    }
+}
+
+struct Ticket {
+    id: u64,
+    priority: i64,
+    since: Instant,
+}
+
+struct State {
+    agents: HashMap<String, Agent>,
+    queues: HashMap<String, Vec<Ticket>>,
+    cursors: HashMap<String, usize>,
+    rng: StdRng,
+    next_ticket: u64,
+}
+
+impl State {
+    /// 1-based position of ticket `id` in `group`'s queue (priority first, then age).
+    fn position(&self, group: &str, id: u64) -> usize {
+        let Some(q) = self.queues.get(group) else {
+            return 1;
+        };
+        let Some(me) = q.iter().find(|t| t.id == id) else {
+            return 1;
+        };
+        1 + q
+            .iter()
+            .filter(|t| (Reverse(t.priority), t.id) < (Reverse(me.priority), me.id))
+            .count()
+    }
+}
+
+struct Inner {
+    groups: Vec<Group>,
+    state: Mutex<State>,
+    store: Arc<dyn AgentStore>,
+    directory: RwLock<Option<Arc<dyn Directory>>>,
+    changed: watch::Sender<u64>,
+    metrics: metrics::HuntMetrics,
+}
+
+/// The hunt groups: a cheap, cloneable handle.
+#[derive(Clone)]
+pub struct HuntGroups {
+    inner: Arc<Inner>,
+}
+
+/// One agent as `huntgroup.agents` and `GET /huntgroups` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgentView {
+    pub agent: String,
+    pub state: &'static str,
+    pub presence: &'static str,
+    pub missed: u32,
+    pub answered: u64,
+    pub last_end: f64,
+}
+
+/// One group as `GET /huntgroups` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GroupView {
+    pub name: String,
+    pub strategy: &'static str,
+    pub waiting: usize,
+    pub longest_wait_s: f64,
+    pub answered: u64,
+    pub abandoned: u64,
+    pub overflowed: u64,
+    pub agents: Vec<AgentView>,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl HuntGroups {
+    /// Builds the groups from the configuration and loads agent state from `store`.
+    pub async fn start(
+        config: &std::collections::BTreeMap<String, crate::config::HuntGroupConfig>,
+        domain: &str,
+        store: Arc<dyn AgentStore>,
+    ) -> Result<HuntGroups, AgentStoreError> {
+        let mut groups = Vec::new();
+        let mut agents: HashMap<String, Agent> = HashMap::new();
+        for (name, g) in config {
+            let members: Vec<Member> = g
+                .members
+                .iter()
+                .map(|m| {
+                    if m.contains(':') {
+                        Member::Uri { agent: m.clone() }
+                    } else {
+                        Member::Extension {
+                            agent: m.clone(),
+                            aor: format!("sip:{m}@{domain}"),
+                        }
+                    }
+                })
+                .collect();
+            for m in &members {
+                agents.entry(m.agent().to_owned()).or_insert_with(|| Agent {
+                    rec: AgentRecord {
+                        agent: m.agent().to_owned(),
+                        presence: Presence::Available,
+                        answered: 0,
+                        period: 0,
+                        last_end: 0.0,
+                    },
+                    ringing: 0,
+                    in_call: 0,
+                    wrap_until: None,
+                    missed: 0,
+                });
+            }
+            groups.push(Group {
+                name: name.clone(),
+                // Validated by the configuration; ring-all is the safe reading otherwise.
+                strategy: Strategy::parse(&g.strategy).unwrap_or(Strategy::RingAll),
+                weights: if g.weights.is_empty() {
+                    vec![1; members.len()]
+                } else {
+                    g.weights.clone()
+                },
+                members,
+                ring_timeout: Duration::from_secs(g.ring_timeout),
+                max_wait: Duration::from_secs(g.max_wait),
+                wrap_up: Duration::from_secs(g.wrap_up),
+                max_missed: g.max_missed,
+                announce: Duration::from_secs(g.queue_announce),
+                reset_s: g.calls_reset_s.max(1),
+                stats: GroupStats::default(),
+            });
+        }
+        for rec in store.load().await? {
+            if let Some(a) = agents.get_mut(&rec.agent) {
+                a.rec = rec;
+            }
+        }
+        let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+        let hg = HuntGroups {
+            inner: Arc::new(Inner {
+                groups,
+                state: Mutex::new(State {
+                    agents,
+                    queues: HashMap::new(),
+                    cursors: HashMap::new(),
+                    rng: StdRng::from_os_rng(),
+                    next_ticket: 1,
+                }),
+                store,
+                directory: RwLock::new(None),
+                changed: watch::channel(0).0,
+                metrics: metrics::HuntMetrics::new(&names),
+            }),
+        };
+        if hg.inner.store.shared() && !hg.inner.groups.is_empty() {
+            let weak = Arc::downgrade(&hg.inner);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(REFRESH_EVERY).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    HuntGroups { inner }.refresh().await;
+                }
+            });
+        }
+        Ok(hg)
+    }
+
+    /// Attaches the registrar and B2BUA view (set once at start-up).
+    pub fn set_directory(&self, directory: Arc<dyn Directory>) {
+        *self.inner.directory.write() = Some(directory);
+    }
+
+    /// Configured group names.
+    pub fn names(&self) -> Vec<String> {
+        self.inner.groups.iter().map(|g| g.name.clone()).collect()
+    }
+
+    fn group(&self, name: &str) -> Option<&Group> {
+        self.inner.groups.iter().find(|g| g.name == name)
+    }
+
+    fn notify(&self) {
+        self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Re-reads presence from a shared store (other nodes' logins and pauses).
+    async fn refresh(&self) {
+        match self.inner.store.load().await {
+            Ok(records) => {
+                let mut changed = false;
+                {
+                    let mut st = self.inner.state.lock();
+                    for rec in records {
+                        if let Some(a) = st.agents.get_mut(&rec.agent) {
+                            if a.rec.presence != rec.presence {
+                                a.rec.presence = rec.presence;
+                                changed = true;
+                            }
+                        }
+                    }
+                }
+                if changed {
+                    self.notify();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "hunt groups: re-reading agent state failed"),
+        }
+    }
+
+    fn save(&self, rec: AgentRecord) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner.store.save(rec).await {
+                tracing::warn!(error = %e, "hunt groups: saving agent state failed");
+            }
+        });
+    }
+
+    /// Per member: its agent, the URIs to ring and whether it is on a call elsewhere.
+    /// Asked before taking the state lock (the directory has locks of its own).
+    fn reach(&self, g: &Group) -> Vec<(String, Vec<String>, bool)> {
+        let dir = self.inner.directory.read().clone();
+        g.members
+            .iter()
+            .map(|m| match m {
+                Member::Uri { agent } => {
+                    let engaged = dir
+                        .as_ref()
+                        .is_some_and(|d| d.on_call(std::slice::from_ref(agent)));
+                    (agent.clone(), vec![agent.clone()], engaged)
+                }
+                Member::Extension { agent, aor } => {
+                    let contacts = dir.as_ref().map(|d| d.contacts(aor)).unwrap_or_default();
+                    let mut all = contacts.clone();
+                    all.push(aor.clone());
+                    let engaged = dir.as_ref().is_some_and(|d| d.on_call(&all));
+                    (agent.clone(), contacts, engaged)
+                }
+            })
+            .collect()
+    }
+
+    /// The agents of `group` with their current state.
+    pub fn agents(&self, group: &str) -> Result<Vec<AgentView>, HuntError> {
+        let g = self
+            .group(group)
+            .ok_or_else(|| HuntError::UnknownGroup(group.to_owned()))?;
+        let reach = self.reach(g);
+        let now = Instant::now();
+        let period = unix_now() as u64 / g.reset_s;
+        let st = self.inner.state.lock();
+        Ok(reach
+            .iter()
+            .filter_map(|(agent, _, engaged)| {
+                let a = st.agents.get(agent)?;
+                Some(AgentView {
+                    agent: agent.clone(),
+                    state: a.state(*engaged, now).name(),
+                    presence: a.rec.presence.name(),
+                    missed: a.missed,
+                    answered: a.answered_in(period),
+                    last_end: a.rec.last_end,
+                })
+            })
+            .collect())
+    }
+
+    /// Every group with its queue, counters and agents (`GET /huntgroups`).
+    pub fn snapshot(&self) -> Vec<GroupView> {
+        let now = Instant::now();
+        self.inner
+            .groups
+            .iter()
+            .map(|g| {
+                let agents = self.agents(&g.name).unwrap_or_default();
+                let (waiting, longest) = {
+                    let st = self.inner.state.lock();
+                    let q = st.queues.get(&g.name);
+                    (
+                        q.map_or(0, Vec::len),
+                        q.and_then(|q| q.iter().map(|t| now - t.since).max())
+                            .unwrap_or_default(),
+                    )
+                };
+                GroupView {
+                    name: g.name.clone(),
+                    strategy: g.strategy.name(),
+                    waiting,
+                    longest_wait_s: longest.as_secs_f64(),
+                    answered: g.stats.answered.load(Ordering::Relaxed),
+                    abandoned: g.stats.abandoned.load(Ordering::Relaxed),
+                    overflowed: g.stats.overflowed.load(Ordering::Relaxed),
+                    agents,
+                }
+            })
+            .collect()
+    }
+
+    /// Login (`available`), `paused` or logout (`logged-out`), from the admin API or the
+    /// script; written to the store before it returns.
+    pub async fn set_state(&self, agent: &str, state: &str) -> Result<(), HuntError> {
+        let presence = match state {
+            "available" | "login" | "unpause" => Presence::Available,
+            "paused" | "pause" => Presence::Paused,
+            "logged-out" | "logout" => Presence::LoggedOut,
+            other => return Err(HuntError::UnknownState(other.to_owned())),
+        };
+        let rec = {
+            let mut st = self.inner.state.lock();
+            let a = st
+                .agents
+                .get_mut(agent)
+                .ok_or_else(|| HuntError::UnknownAgent(agent.to_owned()))?;
+            a.rec.presence = presence;
+            a.missed = 0;
+            a.rec.clone()
+        };
+        self.inner.store.save(rec).await?;
+        tracing::info!(agent, state = presence.name(), "hunt group agent state set");
+        self.notify();
+        Ok(())
+    }
+
+    /// Hunts for an agent of `group` for the call behind `leg`. Returns when an agent
+    /// answered, the caller left, or `max_wait` passed (overflow).
+    pub async fn hunt(
+        &self,
+        group: &str,
+        opts: HuntOptions,
+        leg: Arc<dyn HuntLeg>,
+    ) -> Result<HuntOutcome, HuntError> {
+        let g = self
+            .group(group)
+            .ok_or_else(|| HuntError::UnknownGroup(group.to_owned()))?;
+        let strategy = opts.strategy.unwrap_or(g.strategy);
+        let ring_timeout = opts.ring_timeout.unwrap_or(g.ring_timeout);
+        let max_wait = opts.max_wait.unwrap_or(g.max_wait);
+        let start = Instant::now();
+        let deadline = start + max_wait;
+        let mut changed = self.inner.changed.subscribe();
+        let id = {
+            let mut st = self.inner.state.lock();
+            let id = st.next_ticket;
+            st.next_ticket += 1;
+            st.queues.entry(g.name.clone()).or_default().push(Ticket {
+                id,
+                priority: opts.priority,
+                since: start,
+            });
+            id
+        };
+        // Should the hunt be dropped half-way (its hook abandoned), the ticket leaves the
+        // queue and agents it was ringing are released, instead of staying "ringing".
+        let mut guard = HuntGuard {
+            hg: self.clone(),
+            group: g.name.clone(),
+            id,
+            ringing: Vec::new(),
+        };
+        let mut tried: HashSet<String> = HashSet::new();
+        let mut queued = false;
+        let mut next_announce = start;
+        let mut last_status: Option<(u16, String)> = None;
+        let outcome =
+            |answered, status, reason: String, agent, overflow, abandoned, queued| HuntOutcome {
+                answered,
+                status,
+                reason,
+                agent,
+                queued,
+                waited: start.elapsed().as_secs_f64(),
+                overflow,
+                abandoned,
+            };
+        loop {
+            changed.borrow_and_update();
+            if leg.is_gone() {
+                self.dequeue(&g.name, id);
+                g.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                return Ok(outcome(
+                    false,
+                    487,
+                    "Request Terminated".into(),
+                    None,
+                    false,
+                    true,
+                    queued,
+                ));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.dequeue(&g.name, id);
+                g.stats.overflowed.fetch_add(1, Ordering::Relaxed);
+                let (status, reason) =
+                    last_status.unwrap_or((480, "Temporarily Unavailable".into()));
+                return Ok(outcome(false, status, reason, None, true, false, queued));
+            }
+            match self.try_take(g, strategy, id, &mut tried, now) {
+                Take::Ring(picked) => {
+                    let mut targets = Vec::new();
+                    let mut owner = Vec::new();
+                    for (agent, uris) in &picked {
+                        for u in uris {
+                            targets.push(u.clone());
+                            owner.push(agent.clone());
+                        }
+                    }
+                    guard.ringing = picked.iter().map(|(a, _)| a.clone()).collect();
+                    let rung = leg.ring(targets, ring_timeout).await;
+                    guard.ringing.clear();
+                    let winner = rung
+                        .winner
+                        .filter(|_| rung.answered)
+                        .and_then(|i| owner.get(i).cloned());
+                    let agents: Vec<String> = picked.into_iter().map(|(a, _)| a).collect();
+                    self.after_ring(g, &agents, winner.as_deref(), rung.status);
+                    if rung.answered {
+                        self.dequeue(&g.name, id);
+                        g.stats.answered.fetch_add(1, Ordering::Relaxed);
+                        self.inner
+                            .metrics
+                            .answer_seconds(&g.name, start.elapsed().as_secs_f64());
+                        if let Some(agent) = winner.clone() {
+                            let this = self.clone();
+                            let wrap_up = g.wrap_up;
+                            let ended = leg.ended();
+                            tokio::spawn(async move {
+                                ended.await;
+                                this.call_ended(&agent, wrap_up);
+                            });
+                        }
+                        return Ok(outcome(
+                            true,
+                            rung.status,
+                            rung.reason,
+                            winner,
+                            false,
+                            false,
+                            queued,
+                        ));
+                    }
+                    last_status = Some((rung.status, rung.reason));
+                    tried.extend(agents);
+                    self.requeue(&g.name, id, opts.priority, start);
+                }
+                Take::Wait { position, wake } => {
+                    if now >= next_announce {
+                        queued = true;
+                        leg.queued(position);
+                        next_announce = now + g.announce;
+                    }
+                    let mut until = deadline.min(next_announce).min(now + POLL_EVERY);
+                    if let Some(w) = wake {
+                        until = until.min(w);
+                    }
+                    let ended = leg.ended();
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = ended => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn dequeue(&self, group: &str, id: u64) {
+        let mut st = self.inner.state.lock();
+        if let Some(q) = st.queues.get_mut(group) {
+            q.retain(|t| t.id != id);
+        }
+        drop(st);
+        self.notify();
+    }
+
+    fn requeue(&self, group: &str, id: u64, priority: i64, since: Instant) {
+        let mut st = self.inner.state.lock();
+        let q = st.queues.entry(group.to_owned()).or_default();
+        if !q.iter().any(|t| t.id == id) {
+            q.push(Ticket {
+                id,
+                priority,
+                since,
+            });
+        }
+    }
+
+    /// Takes agents for ticket `id` when it is first in its queue and some are available;
+    /// they are marked ringing and the ticket leaves the queue (it comes back, with its
+    /// place, if nobody answers).
+    fn try_take(
+        &self,
+        g: &Group,
+        strategy: Strategy,
+        id: u64,
+        tried: &mut HashSet<String>,
+        now: Instant,
+    ) -> Take {
+        let reach = self.reach(g);
+        let period = unix_now() as u64 / g.reset_s;
+        let mut st = self.inner.state.lock();
+        let position = st.position(&g.name, id);
+        let wake = reach
+            .iter()
+            .filter_map(|(agent, _, _)| st.agents.get(agent)?.wrap_until)
+            .filter(|t| *t > now)
+            .min();
+        if position > 1 {
+            return Take::Wait { position, wake };
+        }
+        let available: Vec<Candidate> = reach
+            .iter()
+            .enumerate()
+            .filter(|(_, (agent, uris, engaged))| {
+                !uris.is_empty()
+                    && st
+                        .agents
+                        .get(agent)
+                        .is_some_and(|a| a.state(*engaged, now) == AgentState::Available)
+            })
+            .map(|(index, (agent, _, _))| {
+                let a = &st.agents[agent];
+                Candidate {
+                    index,
+                    last_end: a.rec.last_end,
+                    answered: a.answered_in(period),
+                    weight: g.weights.get(index).copied().unwrap_or(1),
+                }
+            })
+            .collect();
+        if available.is_empty() {
+            return Take::Wait { position, wake };
+        }
+        let untried: Vec<Candidate> = available
+            .iter()
+            .filter(|c| !tried.contains(&reach[c.index].0))
+            .cloned()
+            .collect();
+        let pool = if untried.is_empty() {
+            // Everyone free has been tried once in this hunt: start another round.
+            tried.clear();
+            available
+        } else {
+            untried
+        };
+        let State { cursors, rng, .. } = &mut *st;
+        let cursor = cursors.entry(g.name.clone()).or_insert(0);
+        let picks = strategy::select(strategy, &pool, cursor, rng);
+        let mut picked = Vec::new();
+        for i in picks {
+            let (agent, uris, _) = &reach[i];
+            if let Some(a) = st.agents.get_mut(agent) {
+                a.ringing += 1;
+            }
+            picked.push((agent.clone(), uris.clone()));
+        }
+        if let Some(q) = st.queues.get_mut(&g.name) {
+            q.retain(|t| t.id != id);
+        }
+        Take::Ring(picked)
+    }
+
+    fn after_ring(&self, g: &Group, agents: &[String], winner: Option<&str>, status: u16) {
+        let mut saves = Vec::new();
+        {
+            let mut st = self.inner.state.lock();
+            let period = unix_now() as u64 / g.reset_s;
+            for agent in agents {
+                let Some(a) = st.agents.get_mut(agent) else {
+                    continue;
+                };
+                a.ringing = a.ringing.saturating_sub(1);
+                if winner == Some(agent.as_str()) {
+                    a.in_call += 1;
+                    a.missed = 0;
+                    if a.rec.period != period {
+                        a.rec.period = period;
+                        a.rec.answered = 0;
+                    }
+                    a.rec.answered += 1;
+                    saves.push(a.rec.clone());
+                } else if winner.is_none() && matches!(status, 408 | 480) {
+                    // Ring-no-answer (the dial's timeout). A loser of ring-all that was
+                    // CANCELled because someone else answered has not missed anything.
+                    a.missed += 1;
+                    if g.max_missed > 0 && a.missed >= g.max_missed {
+                        tracing::info!(
+                            agent = %agent,
+                            group = %g.name,
+                            missed = a.missed,
+                            "agent paused after unanswered calls in a row"
+                        );
+                        a.rec.presence = Presence::Paused;
+                        a.missed = 0;
+                        saves.push(a.rec.clone());
+                    }
+                }
+            }
+        }
+        for rec in saves {
+            self.save(rec);
+        }
+        self.notify();
+    }
+
+    fn call_ended(&self, agent: &str, wrap_up: Duration) {
+        let rec = {
+            let mut st = self.inner.state.lock();
+            let Some(a) = st.agents.get_mut(agent) else {
+                return;
+            };
+            a.in_call = a.in_call.saturating_sub(1);
+            a.rec.last_end = unix_now();
+            let until = Instant::now() + wrap_up;
+            a.wrap_until = Some(a.wrap_until.map_or(until, |t| t.max(until)));
+            a.rec.clone()
+        };
+        self.save(rec);
+        self.notify();
+    }
+
+    /// The `strowger_huntgroup_*` metrics in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        for v in self.snapshot() {
+            let mut by_state: HashMap<&str, i64> = HashMap::new();
+            for a in &v.agents {
+                *by_state.entry(a.state).or_default() += 1;
+            }
+            self.inner.metrics.set_group(
+                &v.name,
+                v.waiting as i64,
+                v.longest_wait_s,
+                [v.answered, v.abandoned, v.overflowed],
+                &by_state,
+            );
+        }
+        self.inner.metrics.render()
+    }
+}
+
+struct HuntGuard {
+    hg: HuntGroups,
+    group: String,
+    id: u64,
+    ringing: Vec<String>,
+}
+
+impl Drop for HuntGuard {
+    fn drop(&mut self) {
+        {
+            let mut st = self.hg.inner.state.lock();
+            if let Some(q) = st.queues.get_mut(&self.group) {
+                q.retain(|t| t.id != self.id);
+            }
+            for agent in &self.ringing {
+                if let Some(a) = st.agents.get_mut(agent) {
+                    a.ringing = a.ringing.saturating_sub(1);
+                }
+            }
+        }
+        self.hg.notify();
+    }
+}
+
+enum Take {
+    Ring(Vec<(String, Vec<String>)>),
+    Wait {
+        position: usize,
+        wake: Option<Instant>,
+    },
+}
+
+mod metrics {
+    //! The hunt-group metrics, in their own registry (appended to `/metrics`).
+    use prometheus::{
+        Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+        TextEncoder,
+    };
+    use std::collections::HashMap;
+
+    pub(super) struct HuntMetrics {
+        registry: Registry,
+        waiting: IntGaugeVec,
+        longest: GaugeVec,
+        answered: IntCounterVec,
+        abandoned: IntCounterVec,
+        overflowed: IntCounterVec,
+        agents: IntGaugeVec,
+        answer: HistogramVec,
+    }
+
+    impl HuntMetrics {
+        pub fn new(groups: &[String]) -> HuntMetrics {
+            let registry = Registry::new();
+            // The names and label sets are constants: construction cannot fail.
+            let waiting = IntGaugeVec::new(
+                Opts::new("strowger_huntgroup_waiting", "Callers queued, per group"),
+                &["group"],
+            )
+            .expect("valid metric");
+            let longest = GaugeVec::new(
+                Opts::new(
+                    "strowger_huntgroup_longest_wait_seconds",
+                    "How long the longest-waiting queued caller has waited",
+                ),
+                &["group"],
+            )
+            .expect("valid metric");
+            let counter = |name: &str, help: &str| {
+                IntCounterVec::new(Opts::new(name, help), &["group"]).expect("valid metric")
+            };
+            let answered = counter(
+                "strowger_huntgroup_answered_total",
+                "Hunts answered by an agent",
+            );
+            let abandoned = counter(
+                "strowger_huntgroup_abandoned_total",
+                "Callers who hung up before an agent answered",
+            );
+            let overflowed = counter(
+                "strowger_huntgroup_overflowed_total",
+                "Hunts that reached max_wait and went back to the script",
+            );
+            let agents = IntGaugeVec::new(
+                Opts::new("strowger_huntgroup_agents", "Agents by state, per group"),
+                &["group", "state"],
+            )
+            .expect("valid metric");
+            let answer = HistogramVec::new(
+                HistogramOpts::new(
+                    "strowger_huntgroup_answer_seconds",
+                    "Time from the start of a hunt to an agent's answer",
+                )
+                .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]),
+                &["group"],
+            )
+            .expect("valid metric");
+            for m in [&answered, &abandoned, &overflowed] {
+                let _ = registry.register(Box::new(m.clone()));
+            }
+            let _ = registry.register(Box::new(waiting.clone()));
+            let _ = registry.register(Box::new(longest.clone()));
+            let _ = registry.register(Box::new(agents.clone()));
+            let _ = registry.register(Box::new(answer.clone()));
+            // Every series exists from the start (zero), so rates and dashboards work
+            // before the first call.
+            for g in groups {
+                waiting.with_label_values(&[g]).set(0);
+                longest.with_label_values(&[g]).set(0.0);
+                for m in [&answered, &abandoned, &overflowed] {
+                    m.with_label_values(&[g]).inc_by(0);
+                }
+                for s in super::AgentState::ALL {
+                    agents.with_label_values(&[g, s.name()]).set(0);
+                }
+                let _ = answer.with_label_values(&[g]);
+            }
+            HuntMetrics {
+                registry,
+                waiting,
+                longest,
+                answered,
+                abandoned,
+                overflowed,
+                agents,
+                answer,
+            }
+        }
+
+        pub fn answer_seconds(&self, group: &str, secs: f64) {
+            self.answer.with_label_values(&[group]).observe(secs);
+        }
+
+        pub fn set_group(
+            &self,
+            group: &str,
+            waiting: i64,
+            longest: f64,
+            counts: [u64; 3],
+            by_state: &HashMap<&str, i64>,
+        ) {
+            self.waiting.with_label_values(&[group]).set(waiting);
+            self.longest.with_label_values(&[group]).set(longest);
+            for (m, v) in [&self.answered, &self.abandoned, &self.overflowed]
+                .into_iter()
+                .zip(counts)
+            {
+                let c = m.with_label_values(&[group]);
+                c.inc_by(v.saturating_sub(c.get()));
+            }
+            for s in super::AgentState::ALL {
+                let n = by_state.get(s.name()).copied().unwrap_or(0);
+                self.agents.with_label_values(&[group, s.name()]).set(n);
+            }
+        }
+
+        pub fn render(&self) -> String {
+            let mut buf = Vec::new();
+            let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+            String::from_utf8(buf).unwrap_or_default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

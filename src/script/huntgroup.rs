@@ -1,0 +1,254 @@
+//! The Lua face of hunt groups: `call:hunt(name, opts)` and the `huntgroup` namespace
+//! (`huntgroup.agents(name)`, `huntgroup.set_state(agent, state)`). The hunting itself is
+//! `crate::huntgroup`; this file only turns Lua values into its types and back, and adapts
+//! the call's [`CallControl`] to its [`HuntLeg`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlua::{AnyUserData, Lua, Table, Value};
+
+use super::call::{call_ud, DialInProgress};
+use super::{CallControl, DialOptions, DialOutcome, Services};
+use crate::huntgroup::{BoxFuture, HuntLeg, HuntOptions, Rung, Strategy};
+
+/// The call, as a hunt sees it.
+struct Leg(Arc<dyn CallControl>);
+
+impl HuntLeg for Leg {
+    fn ring(&self, targets: Vec<String>, timeout: Duration) -> BoxFuture<'static, Rung> {
+        let dial = self.0.dial_indexed(
+            targets,
+            DialOptions {
+                timeout: Some(timeout),
+                ..DialOptions::default()
+            },
+        );
+        Box::pin(async move {
+            let (o, winner) = dial.await;
+            Rung {
+                answered: o.answered,
+                status: o.status,
+                reason: o.reason,
+                winner,
+            }
+        })
+    }
+
+    fn queued(&self, position: usize) {
+        // RFC 3261 21.1.3 (182 Queued); the position in a Warning (20.43, code 399:
+        // miscellaneous) that any phone can show, and in a header of our own.
+        self.0.provisional(
+            182,
+            "Queued",
+            vec![
+                (
+                    "Warning".into(),
+                    format!("399 strowger \"queue position {position}\""),
+                ),
+                ("X-Queue-Position".into(), position.to_string()),
+            ],
+        );
+    }
+
+    fn is_gone(&self) -> bool {
+        self.0.is_ended()
+    }
+
+    fn ended(&self) -> BoxFuture<'static, ()> {
+        self.0.ended()
+    }
+}
+
+fn secs(v: &Value, name: &str) -> Result<Duration, String> {
+    let n = match v {
+        Value::Integer(i) => *i as f64,
+        Value::Number(n) => *n,
+        other => {
+            return Err(format!(
+                "call:hunt: option {name}: expected seconds (a number), got a {}",
+                other.type_name()
+            ))
+        }
+    };
+    if !(n > 0.0 && n <= 86_400.0) {
+        return Err(format!(
+            "call:hunt: option {name} must be between 0 and 86400 seconds, got {n}"
+        ));
+    }
+    Ok(Duration::from_secs_f64(n))
+}
+
+fn parse_options(v: &Value) -> Result<HuntOptions, String> {
+    let mut opts = HuntOptions::default();
+    let t = match v {
+        Value::Nil => return Ok(opts),
+        Value::Table(t) => t,
+        other => {
+            return Err(format!(
+                "call:hunt: expected an options table as second argument, got a {}",
+                other.type_name()
+            ))
+        }
+    };
+    for pair in t.clone().pairs::<Value, Value>() {
+        let (k, v) = pair.map_err(|e| format!("call:hunt: options: {e}"))?;
+        let Value::String(k) = k else {
+            return Err("call:hunt: options: option names must be strings".into());
+        };
+        match &*k.to_string_lossy() {
+            "strategy" => {
+                let name = match &v {
+                    Value::String(s) => s.to_string_lossy(),
+                    _ => String::new(),
+                };
+                opts.strategy = Some(Strategy::parse(&name).ok_or_else(|| {
+                    format!(
+                        "call:hunt: unknown strategy {name:?} (known: {})",
+                        Strategy::NAMES.join(", ")
+                    )
+                })?);
+            }
+            "ring_timeout" => opts.ring_timeout = Some(secs(&v, "ring_timeout")?),
+            "max_wait" => opts.max_wait = Some(secs(&v, "max_wait")?),
+            "priority" => {
+                opts.priority = match v {
+                    Value::Integer(i) => i,
+                    Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e9 => n as i64,
+                    _ => return Err("call:hunt: option priority must be an integer".into()),
+                }
+            }
+            other => {
+                return Err(format!(
+                    "call:hunt: unknown option '{other}' (known: strategy, ring_timeout, max_wait, priority)"
+                ))
+            }
+        }
+    }
+    Ok(opts)
+}
+
+/// Adds the raw functions the sandbox prelude wraps: `call_hunt(ud, name, opts)` →
+/// `(error)` or `(nil, outcome)`; `huntgroup_agents(name)` → `(error)` or `(nil, list)`;
+/// `huntgroup_set_state(agent, state)` → `(error)` or `(nil, true)`.
+pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua::Result<()> {
+    let svc = services.clone();
+    helpers.raw_set(
+        "call_hunt",
+        lua.create_async_function(move |lua, (ud, name, opts): (AnyUserData, Value, Value)| {
+            let groups = svc.hunt.read().clone();
+            let prepared = call_ud(&ud).map(|state| -> Result<_, String> {
+                let name = match &name {
+                    Value::String(s) => s.to_string_lossy(),
+                    other => {
+                        return Err(format!(
+                            "call:hunt: expected a hunt group name, got a {}",
+                            other.type_name()
+                        ))
+                    }
+                };
+                let opts = parse_options(&opts)?;
+                let groups =
+                    groups.ok_or_else(|| "call:hunt: no hunt groups are configured".to_owned())?;
+                if !groups.names().contains(&name) {
+                    return Err(format!("call:hunt: no hunt group named {name:?}"));
+                }
+                let control = state.start_dial().map_err(|e| e.replace("dial", "hunt"))?;
+                Ok((state, name, opts, groups, control))
+            });
+            async move {
+                let (state, name, opts, groups, control) = match prepared? {
+                    Ok(p) => p,
+                    Err(msg) => return Ok((Some(msg), None)),
+                };
+                let in_progress = DialInProgress(state.clone());
+                let result = groups.hunt(&name, opts, Arc::new(Leg(control))).await;
+                let out = match result {
+                    Ok(o) => o,
+                    Err(e) => {
+                        drop(in_progress);
+                        return Ok((Some(format!("call:hunt: {e}")), None));
+                    }
+                };
+                state.finish_dial(&DialOutcome {
+                    answered: out.answered,
+                    status: out.status,
+                    reason: out.reason.clone(),
+                });
+                drop(in_progress);
+                let t = lua.create_table()?;
+                t.raw_set("answered", out.answered)?;
+                t.raw_set("status", out.status)?;
+                t.raw_set("reason", out.reason)?;
+                t.raw_set("agent", out.agent)?;
+                t.raw_set("queued", out.queued)?;
+                t.raw_set("waited", out.waited)?;
+                t.raw_set("overflow", out.overflow)?;
+                t.raw_set("abandoned", out.abandoned)?;
+                Ok((None, Some(t)))
+            }
+        })?,
+    )?;
+
+    let svc = services.clone();
+    helpers.raw_set(
+        "huntgroup_agents",
+        lua.create_function(move |lua, name: Value| {
+            let Value::String(name) = name else {
+                return Ok((
+                    Some("huntgroup.agents: expected a hunt group name".to_owned()),
+                    None,
+                ));
+            };
+            let Some(groups) = svc.hunt.read().clone() else {
+                return Ok((
+                    Some("huntgroup.agents: no hunt groups are configured".to_owned()),
+                    None,
+                ));
+            };
+            let agents = match groups.agents(&name.to_string_lossy()) {
+                Ok(a) => a,
+                Err(e) => return Ok((Some(format!("huntgroup.agents: {e}")), None)),
+            };
+            let list = lua.create_table()?;
+            for (i, a) in agents.into_iter().enumerate() {
+                let t = lua.create_table()?;
+                t.raw_set("agent", a.agent)?;
+                t.raw_set("state", a.state)?;
+                t.raw_set("presence", a.presence)?;
+                t.raw_set("missed", a.missed)?;
+                t.raw_set("answered", a.answered)?;
+                t.raw_set("last_end", a.last_end)?;
+                list.raw_set(i + 1, t)?;
+            }
+            Ok((None, Some(list)))
+        })?,
+    )?;
+
+    let svc = services.clone();
+    helpers.raw_set(
+        "huntgroup_set_state",
+        lua.create_async_function(move |_, (agent, state): (Value, Value)| {
+            let groups = svc.hunt.read().clone();
+            async move {
+                let (Value::String(agent), Value::String(state)) = (agent, state) else {
+                    return Ok(Some(
+                        "huntgroup.set_state: expected an agent and a state (strings)".to_owned(),
+                    ));
+                };
+                let Some(groups) = groups else {
+                    return Ok(Some(
+                        "huntgroup.set_state: no hunt groups are configured".to_owned(),
+                    ));
+                };
+                let (agent, state) = (agent.to_string_lossy(), state.to_string_lossy());
+                Ok(groups
+                    .set_state(&agent, &state)
+                    .await
+                    .err()
+                    .map(|e| format!("huntgroup.set_state: {e}")))
+            }
+        })?,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! Helpers of the hunt-group tests: SIPp agents and callers with free choice of `-m`,
+//! `-l` and `-d`, who answered each call (from the caller's log), and the admin API.
+#![allow(dead_code)]
+
+use super::sipp::{read_messages, SeenMessage};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// A SIPp process started by a test, killed (by its own handle) when dropped.
+pub struct Peer {
+    child: Child,
+    pub name: String,
+    pub messages: PathBuf,
+    pub port: u16,
+}
+
+/// Starts SIPp: scenario under tests/sipp, local UDP `port`, `remote` for a caller.
+pub fn sipp(
+    dir: &Path,
+    name: &str,
+    scenario: &str,
+    port: u16,
+    remote: Option<SocketAddr>,
+    args: &[&str],
+) -> Peer {
+    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(scenario);
+    let messages = dir.join(format!("{name}.messages.log"));
+    let mut cmd = Command::new("sipp");
+    cmd.arg("-sf")
+        .arg(&scenario)
+        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-t", "u1"])
+        .args(["-nostdin", "-trace_msg", "-message_file"])
+        .arg(&messages)
+        .args(["-trace_err", "-error_file"])
+        .arg(dir.join(format!("{name}.errors.log")))
+        .args([
+            "-timeout",
+            "60s",
+            "-timeout_error",
+            "-max_recv_loops",
+            "1000",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(r) = remote {
+        cmd.arg(r.to_string());
+    }
+    let child = cmd
+        .spawn()
+        .expect("sipp runs (package sip-tester, installed by the test command)");
+    Peer {
+        child,
+        name: name.to_owned(),
+        messages,
+        port,
+    }
+}
+
+/// An agent answering up to 10,000 calls after `delay_ms` of ringing, on a free port.
+pub fn agent(dir: &Path, name: &str, delay_ms: u64) -> Peer {
+    let port = super::sipp::free_udp_port();
+    sipp(
+        dir,
+        name,
+        "hunt_agent.xml",
+        port,
+        None,
+        &["-m", "10000", "-d", &delay_ms.to_string()],
+    )
+}
+
+impl Peer {
+    pub fn uri(&self) -> String {
+        format!("sip:agent@127.0.0.1:{}", self.port)
+    }
+
+    /// Waits (bounded) for SIPp to finish; panics with its output when it failed.
+    pub async fn success(self, limit: Duration) -> Vec<SeenMessage> {
+        let name = self.name.clone();
+        let messages = self.messages.clone();
+        let out = match tokio::time::timeout(limit, self.child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => panic!("{name}: {e}"),
+            Err(_) => panic!("{name}: sipp still running after {limit:?}"),
+        };
+        let seen = read_messages(&messages);
+        if out.status.code() != Some(0) {
+            panic!(
+                "{name} failed ({:?}):\n{}\n{}\nmessages:\n{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                String::from_utf8_lossy(&out.stderr),
+                seen.iter()
+                    .map(|m| format!("{} {}", if m.sent { ">>" } else { "<<" }, m.first_line()))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        }
+        seen
+    }
+}
+
+/// Runs `calls` calls one after the other (`-l 1`) from a SIPp caller to `service` and
+/// returns, in order, the port of the agent that answered each (from the 200's SDP).
+pub async fn sequential_calls(
+    dir: &Path,
+    name: &str,
+    server: SocketAddr,
+    service: &str,
+    calls: u32,
+    hold_ms: u64,
+) -> Vec<u16> {
+    let caller = sipp(
+        dir,
+        name,
+        "hunt_caller.xml",
+        super::sipp::free_udp_port(),
+        Some(server),
+        &[
+            "-s",
+            service,
+            "-m",
+            &calls.to_string(),
+            "-l",
+            "1",
+            "-r",
+            "50",
+            "-d",
+            &hold_ms.to_string(),
+        ],
+    );
+    let seen = caller
+        .success(Duration::from_secs(20 + u64::from(calls)))
+        .await;
+    answered_by(&seen)
+}
+
+/// The agent port named in each 200 with SDP a caller received.
+pub fn answered_by(seen: &[SeenMessage]) -> Vec<u16> {
+    seen.iter()
+        .filter(|m| !m.sent && m.kind() == "200")
+        .filter_map(|m| {
+            let at = m.text.find("s=agent-")? + "s=agent-".len();
+            let digits: String = m.text[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// `GET /huntgroups` as JSON.
+pub async fn groups(admin: SocketAddr) -> serde_json::Value {
+    let text = strowger::admin::get(admin, "/huntgroups")
+        .await
+        .expect("GET /huntgroups");
+    serde_json::from_str(&text).expect("JSON")
+}
+
+/// One group of `GET /huntgroups`.
+pub async fn group(admin: SocketAddr, name: &str) -> serde_json::Value {
+    let all = groups(admin).await;
+    all.as_array()
+        .and_then(|a| a.iter().find(|g| g["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("group {name} in {all}"))
+}
+
+/// The state of `agent` in `group` per `GET /huntgroups`.
+pub async fn agent_state(admin: SocketAddr, group_name: &str, agent: &str) -> String {
+    let g = group(admin, group_name).await;
+    g["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["agent"] == agent))
+        .and_then(|x| x["state"].as_str())
+        .unwrap_or_else(|| panic!("agent {agent} in {g}"))
+        .to_owned()
+}
+
+/// `POST /huntgroups/agent` (raw HTTP/1.1, the body is JSON): status and body.
+pub async fn set_agent(admin: SocketAddr, agent: &str, state: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({ "agent": agent, "state": state }).to_string();
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let req = format!(
+        "POST /huntgroups/agent HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("admin answers")
+        .unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// Polls `cond` every 50 ms for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
