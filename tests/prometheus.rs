@@ -45,6 +45,7 @@ const METRICS_NOW: &[&str] = &[
     "strowger_script_hook_duration_seconds_count",
     "strowger_transaction_retransmissions_total",
     "strowger_register_results_total",
+    "strowger_transfers_total",
     // Hunt groups (dashboards/huntgroups.json).
     "strowger_huntgroup_waiting",
     "strowger_huntgroup_longest_wait_seconds",
