@@ -338,6 +338,26 @@ fn transfer_id(path: &str) -> Option<&str> {
     (!id.is_empty() && !id.contains('/')).then_some(id)
 }
 
+/// A JSON request body of at most 64 KiB, or the 400 that says what was expected.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    expected: &str,
+) -> Result<T, Response<Full<Bytes>>> {
+    use http_body_util::BodyExt as _;
+    let bad = |why: String| {
+        json(
+            StatusCode::BAD_REQUEST,
+            format!(r#"{{"error":{}}}"#, quote(&why)),
+        )
+    };
+    let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|_| bad("body unreadable or over 64 KiB".into()))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| bad(format!("expected {expected}: {e}")))
+}
+
 /// Routes that wait (read a body, wait for a call); the rest answer at once.
 async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let Some(id) = transfer_id(req.uri().path()).map(str::to_owned) else {
@@ -352,39 +372,17 @@ async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Byt
             r#"{"error":"method not allowed"}"#.into(),
         );
     }
-    use http_body_util::BodyExt as _;
-    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                r#"{"error":"unreadable body"}"#.into(),
-            )
-        }
-    };
     #[derive(serde::Deserialize)]
     struct Ask {
         target: String,
         #[serde(default)]
         party: Option<String>,
     }
-    let ask: Ask = match serde_json::from_slice(&body) {
-        Ok(a) => a,
-        Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    r#"{{"error":{}}}"#,
-                    quote(&format!(
-                    "expected {{\"target\": \"sip:...\", \"party\": \"caller\"|\"callee\"}}: {e}"
-                ))
-                ),
-            )
-        }
-    };
+    let ask: Ask =
+        match read_json(req, r#"{"target": "sip:...", "party": "caller"|"callee"}"#).await {
+            Ok(a) => a,
+            Err(refusal) => return refusal,
+        };
     let to_caller = match ask.party.as_deref() {
         None | Some("caller") => true,
         Some("callee") => false,
@@ -432,7 +430,6 @@ async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Byt
 /// `paused`/`pause`, `logged-out`/`logout`): 200 `{"agent":..,"state":..}`, 404 for an
 /// agent in no group, 400 for a bad body or state. Both need the bearer token.
 async fn hunt_route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    use http_body_util::BodyExt as _;
     let path = req.uri().path().to_owned();
     if let Some(refusal) = refuse(&state.shared, &path, req.headers()) {
         return refusal;
@@ -453,34 +450,14 @@ async fn hunt_route(state: &State, req: Request<Incoming>) -> Response<Full<Byte
                     r#"{"error":"no hunt groups are configured"}"#.into(),
                 );
             };
-            let body = match http_body_util::Limited::new(req.into_body(), 4096)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(_) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        r#"{"error":"body unreadable or over 4096 bytes"}"#.into(),
-                    )
-                }
-            };
             #[derive(serde::Deserialize)]
             struct Change {
                 agent: String,
                 state: String,
             }
-            let change: Change = match serde_json::from_slice(&body) {
+            let change: Change = match read_json(req, r#"{"agent":..,"state":..}"#).await {
                 Ok(c) => c,
-                Err(e) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        format!(
-                            r#"{{"error":{}}}"#,
-                            quote(&format!("expected {{\"agent\":..,\"state\":..}}: {e}"))
-                        ),
-                    )
-                }
+                Err(refusal) => return refusal,
             };
             match groups.set_state(&change.agent, &change.state).await {
                 Ok(()) => json(

@@ -144,6 +144,19 @@ enum Purpose {
     Own,
 }
 
+/// What [`Call::new_leg`] builds an INVITE from.
+struct NewLeg {
+    dest: Target,
+    uri: Uri,
+    from: NameAddr,
+    to: NameAddr,
+    headers: Headers,
+    body: Bytes,
+    max_forwards: u32,
+    /// Position of the target in the dial's target list.
+    index: usize,
+}
+
 /// One INVITE branch on the B side.
 struct Branch {
     /// Position of its target in the dial's target list.
@@ -968,6 +981,41 @@ impl Call {
         }
         // RFC 3261 16.6 step 3 by analogy: the hop count goes on down.
         let max_forwards = a.max_forwards.unwrap_or(70).saturating_sub(1);
+        let leg = NewLeg {
+            dest,
+            uri,
+            from,
+            to,
+            headers,
+            body: a.body.clone(),
+            max_forwards,
+            index,
+        };
+        let (bid, invite) = self.new_leg(leg);
+        if self
+            .send_client(invite, dest, Purpose::Branch(bid))
+            .is_none()
+        {
+            self.remove_branch_key(bid);
+            self.branches.remove(&bid);
+            return Err((503, "Transport error".into()));
+        }
+        Ok(bid)
+    }
+
+    /// A new INVITE leg (fresh Call-ID, CSeq 1) indexed as a B-side branch of this call and
+    /// traced; the caller sends it.
+    fn new_leg(&mut self, leg: NewLeg) -> (u64, Request) {
+        let NewLeg {
+            dest,
+            uri,
+            from,
+            to,
+            headers,
+            body,
+            max_forwards,
+            index,
+        } = leg;
         let local_host = self
             .inner
             .local
@@ -990,7 +1038,7 @@ impl Call {
             },
             max_forwards: Some(max_forwards),
             headers,
-            body: a.body.clone(),
+            body,
         };
         let bid = self.new_id();
         if let Some(t) = &self.inner.traces {
@@ -1019,15 +1067,7 @@ impl Call {
                 early: None,
             }),
         );
-        if self
-            .send_client(invite, dest, Purpose::Branch(bid))
-            .is_none()
-        {
-            self.remove_branch_key(bid);
-            self.branches.remove(&bid);
-            return Err((503, "Transport error".into()));
-        }
-        Ok(bid)
+        (bid, invite)
     }
 
     /// Keeps the call's Lua state for `on_call_end`, or frees it now when the script has

@@ -25,7 +25,7 @@ use crate::b2bua::net::resolve;
 use crate::b2bua::{CallRef, DialogKey};
 use crate::dialog::{Dialog, DialogState};
 use crate::script::{DialOutcome, ReferInfo, ReferVerdict};
-use crate::sip::{new_call_id, new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
+use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
@@ -97,6 +97,37 @@ pub(super) struct Transfer {
     /// Our re-INVITE to the transferee, for its ACK.
     reinvite_seq: u32,
     reply: Option<oneshot::Sender<DialOutcome>>,
+}
+
+impl Transfer {
+    fn new(
+        kind: TransferKind,
+        transferor: Option<Side>,
+        transferee: Side,
+        target: String,
+    ) -> Transfer {
+        Transfer {
+            kind,
+            transferor,
+            transferee,
+            transferor_gone: false,
+            refer: None,
+            notify: false,
+            event_id: 0,
+            target,
+            referred_by: None,
+            replaces: None,
+            leg: None,
+            deadline: None,
+            ringing: false,
+            leg_dialog: None,
+            leg_invite_seq: 1,
+            leg_ack: None,
+            offer: None,
+            reinvite_seq: 0,
+            reply: None,
+        }
+    }
 }
 
 /// A transfer as the call record shows it.
@@ -223,27 +254,13 @@ impl Call {
             referred_by: referred_by.clone(),
             replaces: replaces.clone(),
         };
-        self.transfer = Some(Box::new(Transfer {
-            kind,
-            transferor: Some(side),
-            transferee: side.other(),
-            transferor_gone: false,
-            event_id: req.base.cseq.seq,
-            refer: Some((tx, req)),
-            notify,
-            target,
-            referred_by,
-            replaces,
-            leg: None,
-            deadline: None,
-            ringing: false,
-            leg_dialog: None,
-            leg_invite_seq: 1,
-            leg_ack: None,
-            offer: None,
-            reinvite_seq: 0,
-            reply: None,
-        }));
+        let mut t = Transfer::new(kind, Some(side), side.other(), target);
+        t.event_id = req.base.cseq.seq;
+        t.refer = Some((tx, req));
+        t.notify = notify;
+        t.referred_by = referred_by;
+        t.replaces = replaces;
+        self.transfer = Some(Box::new(t));
         // The script decides (it may wait): its verdict comes back as an event.
         match &self.script {
             Some(handle) if self.version.has_on_refer() => {
@@ -339,27 +356,9 @@ impl Call {
             return fail(reply, 488, "Not a SIP URI");
         }
         self.count_transfer(TransferKind::Server, 0);
-        self.transfer = Some(Box::new(Transfer {
-            kind: TransferKind::Server,
-            transferor: None,
-            transferee: party,
-            transferor_gone: false,
-            refer: None,
-            notify: false,
-            event_id: 0,
-            target,
-            referred_by: None,
-            replaces: None,
-            leg: None,
-            deadline: None,
-            ringing: false,
-            leg_dialog: None,
-            leg_invite_seq: 1,
-            leg_ack: None,
-            offer: None,
-            reinvite_seq: 0,
-            reply: Some(reply),
-        }));
+        let mut t = Transfer::new(TransferKind::Server, None, party, target);
+        t.reply = Some(reply);
+        self.transfer = Some(Box::new(t));
         self.start_transfer_leg().await;
     }
 
@@ -404,56 +403,16 @@ impl Call {
         if let Some(rb) = referred_by {
             headers.push("Referred-By", rb);
         }
-        let local_host = self
-            .inner
-            .local
-            .towards(dest.transport, &dest.addr)
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|| "strowger".into());
-        let invite = Request {
-            method: Method::Invite,
-            uri: uri.clone(),
-            version: "2.0".into(),
-            base: crate::sip::BaseHeaders {
-                via: vec![self.inner.local.via(&dest)],
-                from,
-                to: NameAddr::new(uri),
-                call_id: new_call_id(&local_host),
-                cseq: CSeq {
-                    seq: 1,
-                    method: Method::Invite,
-                },
-            },
-            max_forwards: Some(70),
+        let (bid, invite) = self.new_leg(super::NewLeg {
+            dest,
+            to: NameAddr::new(uri.clone()),
+            uri,
+            from,
             headers,
             body: Bytes::new(),
-        };
-        let bid = self.new_id();
-        if let Some(tr) = &self.inner.traces {
-            self.legs += 1;
-            tr.add_leg(&self.id, &invite.base.call_id, self.legs);
-        }
-        self.inner.dialogs.insert(
-            DialogKey::new(&invite.base.call_id, invite.base.from.tag().unwrap_or("")),
-            CallRef {
-                events: self.events.clone(),
-                side: Side::B,
-                branch: Some(bid),
-            },
-        );
-        self.branches.insert(
-            bid,
-            Box::new(super::Branch {
-                index: 0,
-                invite: invite.clone(),
-                target: dest,
-                provisional: false,
-                cancel_pending: false,
-                cancelled: false,
-                done: false,
-                early: None,
-            }),
-        );
+            max_forwards: 70,
+            index: 0,
+        });
         if let Some(t) = self.transfer.as_mut() {
             t.leg = Some(bid);
             t.deadline = Some(Instant::now() + self.inner.default_ring_timeout);
