@@ -5,9 +5,8 @@
 use super::sipp::{read_messages, SeenMessage};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// A SIPp process started by a test, killed (by its own handle) when dropped.
 pub struct Peer {
@@ -26,37 +25,15 @@ pub fn sipp(
     remote: Option<SocketAddr>,
     args: &[&str],
 ) -> Peer {
-    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/sipp")
-        .join(scenario);
-    let messages = dir.join(format!("{name}.messages.log"));
-    let mut cmd = Command::new("sipp");
-    cmd.arg("-sf")
-        .arg(&scenario)
-        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-t", "u1"])
-        .args(["-nostdin", "-trace_msg", "-message_file"])
-        .arg(&messages)
-        .args(["-trace_err", "-error_file"])
-        .arg(dir.join(format!("{name}.errors.log")))
-        .args([
-            "-timeout",
-            "60s",
-            "-timeout_error",
-            "-max_recv_loops",
-            "1000",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(r) = remote {
-        cmd.arg(r.to_string());
-    }
-    let child = cmd
-        .spawn()
-        .expect("sipp runs (package sip-tester, installed by the test command)");
+    let (child, messages) = super::sipp::spawn(super::sipp::Run {
+        dir,
+        name,
+        scenario: Path::new(scenario),
+        port,
+        remote,
+        timeout: "60s",
+        args,
+    });
     Peer {
         child,
         name: name.to_owned(),

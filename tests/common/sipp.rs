@@ -26,8 +26,58 @@ pub fn workdir(tag: &str) -> PathBuf {
     d
 }
 
-/// Starts SIPp with `scenario` (a file under tests/sipp, or a path), local port `port`,
-/// against `remote` (None for a callee). `-m calls`.
+/// How a test's SIPp runs: the scenario, where it logs, how long it may take.
+pub struct Run<'a> {
+    pub dir: &'a Path,
+    pub name: &'a str,
+    /// A file under tests/sipp, or a path.
+    pub scenario: &'a Path,
+    pub port: u16,
+    /// The server, for a caller; None for a callee.
+    pub remote: Option<SocketAddr>,
+    /// `-timeout` of the whole run, e.g. "30s".
+    pub timeout: &'a str,
+    pub args: &'a [&'a str],
+}
+
+/// Spawns SIPp (UDP, messages traced to `<dir>/<name>.messages.log`, errors to
+/// `<name>.errors.log`, killed with its handle); returns the child and the messages file.
+pub fn spawn(run: Run) -> (Child, PathBuf) {
+    let scenario = if run.scenario.is_absolute() {
+        run.scenario.to_path_buf()
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/sipp")
+            .join(run.scenario)
+    };
+    let messages = run.dir.join(format!("{}.messages.log", run.name));
+    let mut cmd = Command::new("sipp");
+    cmd.arg("-sf")
+        .arg(&scenario)
+        .args(["-i", "127.0.0.1", "-p", &run.port.to_string(), "-t", "u1"])
+        .args(["-nostdin", "-trace_msg", "-message_file"])
+        .arg(&messages)
+        .args(["-trace_err", "-error_file"])
+        .arg(run.dir.join(format!("{}.errors.log", run.name)))
+        .args(["-timeout", run.timeout, "-timeout_error"])
+        .args(["-max_recv_loops", "1000"])
+        .args(run.args)
+        .current_dir(run.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(r) = run.remote {
+        cmd.arg(r.to_string());
+    }
+    let child = cmd
+        .spawn()
+        .expect("sipp runs (package sip-tester, installed by the test command)");
+    (child, messages)
+}
+
+/// Starts SIPp for one call (`-m 1`) with `scenario` (a file under tests/sipp, or a
+/// path), local port `port`, against `remote` (None for a callee).
 pub fn start(
     dir: &Path,
     name: &str,
@@ -36,51 +86,17 @@ pub fn start(
     remote: Option<SocketAddr>,
     extra: &[&str],
 ) -> Sipp {
-    let scenario = if scenario.is_absolute() {
-        scenario.to_path_buf()
-    } else {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/sipp")
-            .join(scenario)
-    };
-    let messages = dir.join(format!("{name}.messages.log"));
-    let mut cmd = Command::new("sipp");
-    cmd.arg("-sf")
-        .arg(&scenario)
-        .args([
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            "u1",
-            "-m",
-            "1",
-            "-nostdin",
-        ])
-        .args(["-trace_msg", "-message_file"])
-        .arg(&messages)
-        .args(["-trace_err", "-error_file"])
-        .arg(dir.join(format!("{name}.errors.log")))
-        .args([
-            "-timeout",
-            "30s",
-            "-timeout_error",
-            "-max_recv_loops",
-            "1000",
-        ])
-        .args(extra)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(r) = remote {
-        cmd.arg(r.to_string());
-    }
-    let child = cmd
-        .spawn()
-        .expect("sipp runs (package sip-tester, installed by the test command)");
+    let mut args = vec!["-m", "1"];
+    args.extend_from_slice(extra);
+    let (child, messages) = spawn(Run {
+        dir,
+        name,
+        scenario,
+        port,
+        remote,
+        timeout: "30s",
+        args: &args,
+    });
     Sipp {
         child,
         name: name.to_owned(),
