@@ -732,3 +732,37 @@ async fn refer_outside_a_dialog_is_refused_with_a_reason() {
         assert_eq!(status(&r), want, "{extra:?}: {r}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_transfer_takes_the_held_party_off_hold() {
+    let s = setup("xfer-hold").await;
+    let target = target_uri(&s);
+    let c = party(&s, "target", "uas_reject.xml", s.c, &[]);
+    let b = party(
+        &s,
+        "callee",
+        "uas_hold_refer_fail.xml",
+        s.b,
+        &["-key", "target", &target],
+    );
+    let a = caller(&s, "uac_held_resumed.xml", &[])
+        .expect_success(LIMIT)
+        .await;
+    let b = b.expect_success(LIMIT).await;
+    c.expect_success(LIMIT).await;
+    assert_notifies(&b, &["SIP/2.0 100 Trying", "SIP/2.0 486 Busy Here"]);
+    let invites = got(&a, "INVITE");
+    assert_eq!(invites.len(), 2, "hold, then resume: {:?}", received(&a));
+    assert!(
+        invites[0].body().contains("a=sendonly"),
+        "{}",
+        invites[0].text
+    );
+    let resume = invites[1].body();
+    assert!(
+        resume.contains("a=sendrecv") && !resume.contains("sendonly"),
+        "{resume}"
+    );
+    assert!(resume.contains("2353687639"), "a new o= version: {resume}");
+    wait_idle(&s).await;
+}

@@ -267,6 +267,11 @@ pub struct Call {
     ended_tx: tokio::sync::watch::Sender<bool>,
     /// Keys in the B2BUA's `engaged` index this call holds while answered.
     engaged: Vec<String>,
+    /// The last hold offer (sendonly/inactive SDP) a party sent through us, so that a
+    /// failed transfer can take the other party off hold.
+    hold: Option<(Side, Bytes)>,
+    /// The side a failed transfer's resuming re-INVITE went to.
+    resume_side: Option<Side>,
 }
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
@@ -552,6 +557,8 @@ impl Call {
             replacing: None,
             ended_tx: tokio::sync::watch::channel(false).0,
             engaged: Vec::new(),
+            hold: None,
+            resume_side: None,
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -1829,6 +1836,7 @@ impl Call {
         out.body = req.body.clone();
         if req.method == Method::Invite {
             self.reinvite_from = Some(from);
+            self.note_hold(from, &req);
         }
         if refresh {
             // The sender's own target may have moved (RFC 3261 12.2.2).

@@ -59,6 +59,8 @@ pub(super) enum TransferStep {
     FinalNotify,
     /// The re-INVITE of the party an INVITE with Replaces is joined to (its branch id).
     Replace(u64),
+    /// The re-INVITE taking the transferee off hold after a failed transfer.
+    Resume,
 }
 
 /// A leg another call hands over for an attended transfer or a Replaces.
@@ -694,6 +696,22 @@ impl Call {
                 }
                 ClientEvent::Provisional(_) => {}
             },
+            TransferStep::Resume => match event {
+                ClientEvent::Final(resp) if resp.is_success() => {
+                    // ACK the 2xx (and its retransmissions) on the resumed dialog.
+                    let side = self.resume_side.unwrap_or(Side::A);
+                    let inner = self.inner.clone();
+                    if let Some(d) = self.dialog_mut(side) {
+                        let flow = d.flow;
+                        let ack = d.ack(resp.base.cseq.seq, inner.local.via(&flow));
+                        let _ = self.send_ack(&flow, &ack);
+                    }
+                }
+                ClientEvent::Provisional(_) => {}
+                _ => {
+                    self.clients.remove(&id);
+                }
+            },
             TransferStep::FinalNotify => {
                 if is_final {
                     self.clients.remove(&id);
@@ -986,6 +1004,7 @@ impl Call {
                 reason: reason.to_owned(),
             });
         }
+        self.resume_after_failed_transfer(&t);
         if t.notify && !t.transferor_gone && t.transferor.is_some() {
             let line = format!(
                 "SIP/2.0 {status} {}",
@@ -1167,6 +1186,52 @@ impl Call {
         self.leg_lost(487, "Call ended");
     }
 
+    /// A re-INVITE relayed from `from`: remember a hold offer (RFC 3264 8.4: sendonly or
+    /// inactive), forget it when the same party resumes.
+    pub(super) fn note_hold(&mut self, from: Side, req: &Request) {
+        if req.body.is_empty() {
+            return;
+        }
+        let sdp = String::from_utf8_lossy(&req.body);
+        let holds = sdp
+            .lines()
+            .any(|l| matches!(l.trim(), "a=sendonly" | "a=inactive"));
+        if holds {
+            self.hold = Some((from, req.body.clone()));
+        } else if self.hold.as_ref().is_some_and(|(s, _)| *s == from) {
+            self.hold = None;
+        }
+    }
+
+    /// The transferor had put the transferee on hold before its transfer failed: the
+    /// transferee is taken off hold with the transferor's offer made sendrecv again
+    /// (the call is left as it was before the hold).
+    fn resume_after_failed_transfer(&mut self, t: &Transfer) {
+        let Some(transferor) = t.transferor else {
+            return;
+        };
+        let Some((holder, sdp)) = self.hold.clone() else {
+            return;
+        };
+        if holder != transferor || t.transferor_gone {
+            return;
+        }
+        self.hold = None;
+        let body = resume_sdp(&String::from_utf8_lossy(&sdp));
+        let side = t.transferee;
+        let contact = self.contact_for(side);
+        let inner = self.inner.clone();
+        let Some(d) = self.dialog_mut(side) else {
+            return;
+        };
+        let flow = d.flow;
+        let mut reinvite = d.request(Method::Invite, inner.local.via(&flow), Some(&contact));
+        reinvite.headers.push("Content-Type", "application/sdp");
+        reinvite.body = Bytes::from(body);
+        self.resume_side = Some(side);
+        self.send_client(reinvite, flow, Purpose::Transfer(TransferStep::Resume));
+    }
+
     /// Replaces the addresses this call marks as on a call (hunt groups' busy check).
     fn re_engage(&mut self, uris: &[String]) {
         for k in std::mem::take(&mut self.engaged) {
@@ -1196,6 +1261,29 @@ impl Call {
             status,
         });
     }
+}
+
+/// A hold offer made sendrecv, with its `o=` version one higher (RFC 3264 8: a new offer
+/// in the same session).
+fn resume_sdp(sdp: &str) -> String {
+    let mut out = String::with_capacity(sdp.len() + 2);
+    for line in sdp.lines() {
+        let line = line.trim_end_matches('\r');
+        let line = match line {
+            "a=sendonly" | "a=inactive" | "a=recvonly" => "a=sendrecv".to_owned(),
+            l if l.starts_with("o=") => {
+                let mut f: Vec<String> = l.split(' ').map(str::to_owned).collect();
+                if let Some(v) = f.get_mut(2).and_then(|v| v.parse::<u64>().ok()) {
+                    f[2] = (v + 1).to_string();
+                }
+                f.join(" ")
+            }
+            l => l.to_owned(),
+        };
+        out.push_str(&line);
+        out.push_str("\r\n");
+    }
+    out
 }
 
 /// Asks the call owning dialog (`call_id`, our tag `to_tag`, their tag `from_tag`) for
@@ -1255,6 +1343,14 @@ fn build_notify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hold_offer_resumes_as_sendrecv_with_a_new_version() {
+        let sdp = "v=0\r\no=b 1 7 IN IP4 127.0.0.1\r\ns=-\r\nm=audio 9 RTP/AVP 0\r\na=sendonly\r\n";
+        let r = resume_sdp(sdp);
+        assert!(r.contains("o=b 1 8 IN IP4"), "{r}");
+        assert!(r.contains("a=sendrecv") && !r.contains("sendonly"), "{r}");
+    }
 
     #[test]
     fn replaces_and_escapes() {
