@@ -141,6 +141,43 @@ async fn linear_tries_the_first_free_agent_first_and_skips_a_busy_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_being_rung_by_another_call_is_skipped() {
+    let dir = sipp::workdir("hunt-ringing");
+    // Agent 1 lets a call ring 3 s before answering.
+    let slow = agent(&dir, "a1", 3000);
+    let fast = agent(&dir, "a2", 0);
+    let members = vec![slow.uri(), fast.uri()];
+    let s = start_with(config(
+        &dir,
+        vec![("lin", group("linear", &members))],
+        &members[0],
+        "none",
+    ))
+    .await;
+    let direct = sipp(
+        &dir,
+        "direct",
+        "hunt_caller.xml",
+        sipp::free_udp_port(),
+        Some(s.udp),
+        &["-s", "direct", "-m", "1", "-d", "200"],
+    );
+    let admin = s.handle.admin_addr();
+    let agent1 = members[0].clone();
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let agent1 = agent1.clone();
+            async move { agent_state(admin, "lin", &agent1).await == "in-call" }
+        })
+        .await,
+        "agent 1 counts as busy while a direct call rings it"
+    );
+    let answers = sequential_calls(&dir, "caller", s.udp, "lin", 1, 50).await;
+    assert_eq!(answers, vec![fast.port], "the ringing agent 1 is skipped");
+    direct.success(LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_recent_picks_the_longest_idle_and_fewest_calls_the_least_loaded() {
     let dir = sipp::workdir("hunt-idle");
     let agents: Vec<Peer> = (1..=3).map(|i| agent(&dir, &format!("a{i}"), 0)).collect();

@@ -161,6 +161,8 @@ struct NewLeg {
 struct Branch {
     /// Position of its target in the dial's target list.
     index: usize,
+    /// The target's key in the B2BUA's `engaged` index while it rings.
+    ringing: Option<String>,
     invite: Request,
     target: Target,
     /// A provisional came back, so CANCEL may be sent (RFC 3261 9.1).
@@ -999,6 +1001,14 @@ impl Call {
             index,
         };
         let (bid, invite) = self.new_leg(leg);
+        // A target being rung counts as on a call for hunt groups (it would otherwise get
+        // a second call while it rings).
+        if let Some(k) = super::engaged_key(target.trim()) {
+            super::engage(&self.inner.engaged, &k);
+            if let Some(b) = self.branches.get_mut(&bid) {
+                b.ringing = Some(k);
+            }
+        }
         if self
             .send_client(invite, dest, Purpose::Branch(bid))
             .is_none()
@@ -1065,6 +1075,7 @@ impl Call {
             bid,
             Box::new(Branch {
                 index,
+                ringing: None,
                 invite: invite.clone(),
                 target: dest,
                 provisional: false,
@@ -1112,12 +1123,16 @@ impl Call {
         self.a_reliable = Vec::new();
     }
 
-    fn remove_branch_key(&self, bid: u64) {
-        if let Some(b) = self.branches.get(&bid) {
+    fn remove_branch_key(&mut self, bid: u64) {
+        if let Some(b) = self.branches.get_mut(&bid) {
             self.inner.dialogs.remove(&DialogKey::new(
                 &b.invite.base.call_id,
                 b.invite.base.from.tag().unwrap_or(""),
             ));
+            // A ringing target is free again.
+            if let Some(k) = b.ringing.take() {
+                super::disengage(&self.inner.engaged, &k);
+            }
         }
     }
 
@@ -1404,17 +1419,22 @@ impl Call {
         self.b_branch = Some(bid);
         let index = b.index;
         let b_uri = b.invite.uri.to_string();
+        // Engaged while it rang: the mark stays for the call.
+        let rang = b.ringing.take();
         if let Some(w) = self.dial.as_mut().and_then(|d| d.winner.take()) {
             let _ = w.send(index);
         }
         // On a call from now on: hunt groups skip these addresses (the callee's URI and
         // the caller's From).
-        self.engaged = [b_uri, self.a_invite.base.from.uri.to_string()]
+        self.engaged = rang.into_iter().collect();
+        let more: Vec<String> = [b_uri, self.a_invite.base.from.uri.to_string()]
             .iter()
             .filter_map(|u| super::engaged_key(u))
+            .filter(|k| !self.engaged.contains(k))
             .collect();
-        for k in &self.engaged {
-            super::engage(&self.inner.engaged, k);
+        for k in more {
+            super::engage(&self.inner.engaged, &k);
+            self.engaged.push(k);
         }
         self.b_dialog = Some(dialog);
         self.cancel_branches();

@@ -558,6 +558,7 @@ impl Call {
             bid,
             Box::new(super::Branch {
                 index: 0,
+                ringing: None,
                 invite: reinvite.clone(),
                 target: flow,
                 provisional: true,
