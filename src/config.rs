@@ -40,6 +40,11 @@
 //! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60],
 //!   `auth.algorithms` [`["SHA-256", "MD5"]`]
 //! - `shutdown.drain_timeout_s` [10]
+//! - `presence.max_message_size` [4096] (MESSAGE bodies above it get 413),
+//!   `presence.min_expires` [60], `presence.max_expires` [3600],
+//!   `presence.default_expires` [3600] (SUBSCRIBE and PUBLISH intervals),
+//!   `presence.min_notify_interval_ms` [200] (changes within it are coalesced per
+//!   subscriber)
 //!
 //! How a line number is found: the `config` crate that merges the sources keeps no
 //! positions, so the file is first parsed on its own with `toml` (whose errors carry a
@@ -163,6 +168,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub auth: AuthConfig,
     pub shutdown: ShutdownConfig,
+    pub presence: PresenceSection,
 }
 
 /// `[sip]`: the SIP side of the server.
@@ -423,6 +429,35 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `[presence]`: SUBSCRIBE/NOTIFY, PUBLISH and MESSAGE (RFC 6665, 3903, 3428).
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceSection {
+    /// Largest MESSAGE body accepted, bytes; larger ones get 413 (RFC 3428 7).
+    pub max_message_size: usize,
+    /// Shorter SUBSCRIBE/PUBLISH intervals get 423 with Min-Expires, seconds.
+    pub min_expires: u32,
+    /// Longer intervals are cut to this, seconds.
+    pub max_expires: u32,
+    /// The interval of a SUBSCRIBE or PUBLISH that gives none, seconds.
+    pub default_expires: u32,
+    /// Changes within this many milliseconds of the last NOTIFY to a subscriber are
+    /// sent together in one NOTIFY (RFC 6665 4.2.2 rate limit).
+    pub min_notify_interval_ms: u64,
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        PresenceSection {
+            max_message_size: 4096,
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            min_notify_interval_ms: 200,
+        }
+    }
+}
+
 /// A value that failed validation: the key, what is wrong, and optionally a piece of text
 /// (a list entry) that points at the exact line better than the key does.
 struct Invalid {
@@ -607,6 +642,33 @@ impl Config {
                 ),
             ));
         }
+        // presence: intervals ordered, a body limit a UDP datagram could still carry.
+        let p = &self.presence;
+        range(
+            "presence.max_message_size",
+            p.max_message_size,
+            0,
+            self.sip.max_message_size,
+        )?;
+        range("presence.min_expires", p.min_expires, 1, u32::MAX)?;
+        range(
+            "presence.max_expires",
+            p.max_expires,
+            p.min_expires,
+            MAX_TIMEOUT_S as u32,
+        )?;
+        range(
+            "presence.default_expires",
+            p.default_expires,
+            p.min_expires,
+            p.max_expires,
+        )?;
+        range(
+            "presence.min_notify_interval_ms",
+            p.min_notify_interval_ms,
+            0,
+            MAX_TIMER_MS,
+        )?;
         range(
             "shutdown.drain_timeout_s",
             self.shutdown.drain_timeout_s,
@@ -1347,6 +1409,23 @@ mod tests {
 
         let e = err_of("[sip\n", &[]);
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn presence_section_is_checked_with_file_and_line() {
+        let c = Config::from_toml_str("[presence]\nmax_message_size = 100\n", "t.toml").unwrap();
+        assert_eq!(c.presence.max_message_size, 100);
+        let e = Config::from_toml_str(
+            "[presence]\nmin_expires = 60\ndefault_expires = 10\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml:3: presence.default_expires: must be at least 60 (got 10)"
+        );
+        let e = Config::from_toml_str("[presence]\nmax_message_sise = 1\n", "t.toml").unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:2:"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dialog;
 pub mod logging;
 pub mod metrics;
+pub mod presence;
 pub mod registrar;
 pub mod script;
 pub mod server;

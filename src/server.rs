@@ -8,7 +8,8 @@
 //! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`,
 //! `registrar.keepalive_interval_s` (starts the registrar's keep-alive pings when not 0;
 //! taken as given here, `Config` loading validates it), `call.records_file` (opened here,
-//! so a file that cannot be written stops start-up).
+//! so a file that cannot be written stops start-up), `storage.dir` and `[presence]` (the
+//! presence core, started here).
 
 use crate::auth::{Algorithm, DigestAuth, DigestConfig, Users};
 use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs, RecordWriter};
@@ -127,6 +128,7 @@ pub struct ServerHandle {
     /// stops them.
     keepalive: Option<Keepalive>,
     stats: Arc<ServerStats>,
+    presence: crate::presence::Presence,
 }
 
 impl ServerHandle {
@@ -168,6 +170,11 @@ impl ServerHandle {
         &self.registrar
     }
 
+    /// presence: the presence core (its counters).
+    pub fn presence(&self) -> &crate::presence::Presence {
+        &self.presence
+    }
+
     /// The keep-alive pings, when on.
     pub fn keepalive(&self) -> Option<&Keepalive> {
         self.keepalive.as_ref()
@@ -192,6 +199,8 @@ impl ServerHandle {
         }
         self.layer.stop_accepting();
         self.admin.set_draining();
+        // presence: no NOTIFY after this; the stored state is the next start's.
+        self.presence.stop();
         // Wait for the requests still owing an answer (an INVITE ringing, a REGISTER being
         // stored), not for answered transactions lingering for retransmissions.
         let deadline = tokio::time::Instant::now() + drain;
@@ -276,6 +285,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
                 .context("call.records_file")?,
         )
     };
+    let presence_users = users.clone(); // presence
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
@@ -283,12 +293,24 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         local: LocalAddrs::new(transports.local_addrs()),
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
-        flows: Some(location),
+        flows: Some(location.clone()),
         auth: users.map(|u| (digest.clone(), u)),
         records,
     });
     core.set_b2bua(b2bua.clone());
     core.set_registrar(registrar.clone());
+    // presence: its own file under storage.dir, the call watch for busy-lamp fields.
+    let presence = start_presence(
+        config,
+        &layer,
+        &transports,
+        &scripts,
+        location.clone(),
+        presence_users,
+        &b2bua,
+    )
+    .await?;
+    core.set_presence(presence.clone());
     let http: SocketAddr = config
         .http
         .listen
@@ -301,6 +323,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer: layer.clone(),
         stats: stats.clone(),
         digest: digest.clone(),
+        presence: presence.clone(),
     }))
     .context("setting up metrics")?;
     let drain_layer = layer.clone();
@@ -356,7 +379,45 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         registrar,
         keepalive,
         stats,
+        presence,
     })
+}
+
+/// presence: opens `storage.dir/presence.sqlite` and starts the presence core.
+async fn start_presence(
+    config: &Config,
+    layer: &TransactionLayer,
+    transports: &Transports,
+    scripts: &ScriptEngine,
+    location: Arc<Location>,
+    users: Option<Arc<Users>>,
+    b2bua: &B2bua,
+) -> anyhow::Result<crate::presence::Presence> {
+    use crate::presence::{Presence, PresenceConfig, PresenceParts, SqlitePresenceStore};
+    let dir = std::path::Path::new(&config.storage.dir);
+    let store = SqlitePresenceStore::open(dir)
+        .with_context(|| format!("opening the presence store in {}", dir.display()))?;
+    let p = &config.presence;
+    Presence::start(PresenceParts {
+        config: PresenceConfig {
+            domain: config.sip.domain.to_ascii_lowercase(),
+            max_message_size: p.max_message_size,
+            min_expires: p.min_expires,
+            max_expires: p.max_expires,
+            default_expires: p.default_expires,
+            min_notify_interval: Duration::from_millis(p.min_notify_interval_ms),
+        },
+        layer: layer.clone(),
+        local: LocalAddrs::new(transports.local_addrs()),
+        scripts: scripts.clone(),
+        location: location.clone(),
+        flows: location,
+        users,
+        store: Arc::new(store),
+        calls: Some(b2bua.call_watch().subscribe()),
+    })
+    .await
+    .context("loading presence state")
 }
 
 /// Digest authentication (always ready: `on_register` may give credentials) and the
@@ -399,6 +460,7 @@ struct MetricSources {
     layer: TransactionLayer,
     stats: Arc<ServerStats>,
     digest: DigestAuth,
+    presence: crate::presence::Presence,
 }
 
 impl crate::metrics::Sources for MetricSources {
@@ -448,6 +510,27 @@ impl crate::metrics::Sources for MetricSources {
     fn auth_failures(&self) -> u64 {
         let s = self.digest.stats();
         crate::metrics::load(&s.failures) + crate::metrics::load(&s.throttled)
+    }
+    fn presence(&self) -> Option<crate::metrics::PresenceFigures> {
+        use crate::metrics::load;
+        use crate::presence::{Package, PUBLISH_RESULTS};
+        let s = self.presence.stats();
+        Some(crate::metrics::PresenceFigures {
+            subscriptions: Package::ALL
+                .iter()
+                .zip(&s.subscriptions)
+                .map(|(p, n)| (p.as_str(), load(n)))
+                .collect(),
+            notifies_sent: load(&s.notifies_sent),
+            notifies_failed: load(&s.notifies_failed),
+            publish: PUBLISH_RESULTS
+                .iter()
+                .zip(&s.publish)
+                .map(|(r, n)| (*r, load(n)))
+                .collect(),
+            messages_routed: load(&s.messages_routed),
+            messages_failed: load(&s.messages_failed),
+        })
     }
 }
 

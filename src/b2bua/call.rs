@@ -190,6 +190,8 @@ pub struct Call {
     hangup_by: &'static str,
     final_status: u16,
     ended: bool,
+    /// watch: the last phase posted to the call watch.
+    watched: Option<super::watch::CallPhase>,
 }
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
@@ -382,6 +384,7 @@ impl Call {
             hangup_by: "caller",
             final_status: 0,
             ended: false,
+            watched: None,
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -418,7 +421,32 @@ impl Call {
             let outcome = version.on_invite(info, control).await;
             let _ = events.post(CallEvent::HookDone(outcome));
         });
-        tokio::spawn(Box::new(call).run());
+        let mut call = Box::new(call);
+        call.watch(super::watch::CallPhase::Trying); // watch:
+        tokio::spawn(call.run());
+    }
+
+    /// watch: tells the call watch (dialog event package) that the call reached `phase`,
+    /// once per phase; builds nothing when nobody watches.
+    fn watch(&mut self, phase: super::watch::CallPhase) {
+        if self.watched == Some(phase) {
+            return;
+        }
+        self.watched = Some(phase);
+        let w = &self.inner.watch;
+        if !w.is_watched() {
+            return;
+        }
+        let a = &self.a_invite;
+        w.post(super::watch::CallChange {
+            id: self.id.clone(),
+            phase,
+            call_id: Arc::from(a.base.call_id.as_str()),
+            caller_tag: Arc::from(a.base.from.tag().unwrap_or("")),
+            our_tag: Arc::from(self.a_dialog.local_tag.as_str()),
+            caller: Arc::new(a.base.from.uri.clone()),
+            callee: Arc::new(a.uri.clone()),
+        });
     }
 
     fn pending_key(&self) -> DialogKey {
@@ -999,6 +1027,7 @@ impl Call {
         if let Some(d) = &mut self.dial {
             d.ringing = true;
         }
+        self.watch(super::watch::CallPhase::Early); // watch:
         let rseq_b: Option<u32> = resp.headers.get("RSeq").and_then(|v| v.trim().parse().ok());
         // Relay the provisional to A, in A's one early dialog.
         let mut r = self
@@ -1136,6 +1165,7 @@ impl Call {
             self.max_duration = Some(Instant::now() + max);
         }
         self.inner.stats.answered.fetch_add(1, Ordering::Relaxed);
+        self.watch(super::watch::CallPhase::Confirmed); // watch:
         if let Some(d) = self.dial.take() {
             let _ = d.reply.send(DialOutcome {
                 answered: true,
@@ -1543,6 +1573,7 @@ impl Call {
         }
         self.ended = true;
         self.hangup_by = by;
+        self.watch(super::watch::CallPhase::Terminated); // watch:
         self.dial = None;
         self.max_duration = None;
         self.a_reliable.clear();

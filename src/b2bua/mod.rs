@@ -13,6 +13,7 @@
 mod call;
 mod net;
 mod records;
+pub mod watch;
 
 pub use call::Side;
 pub use net::{resolve, LocalAddrs, ResolveError};
@@ -106,6 +107,8 @@ struct B2buaInner {
     /// answers and ends (never per message).
     calls: ShardMap<Arc<str>, CallSnapshot>,
     stats: B2buaStats,
+    /// watch: call state changes for the dialog event package (presence).
+    watch: watch::CallWatch,
 }
 
 /// The call core; a cheap handle.
@@ -148,12 +151,18 @@ impl B2bua {
                 calls_active: AtomicU64::new(0),
                 calls: ShardMap::new(),
                 stats: B2buaStats::default(),
+                watch: watch::CallWatch::new(),
             }),
         }
     }
 
     pub fn stats(&self) -> &B2buaStats {
         &self.inner.stats
+    }
+
+    /// watch: the broadcast of call state changes (trying, early, confirmed, terminated).
+    pub fn call_watch(&self) -> &watch::CallWatch {
+        &self.inner.watch
     }
 
     /// Calls in progress (ringing or up).

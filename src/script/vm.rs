@@ -194,6 +194,12 @@ pub(crate) struct Vm {
     /// `on_register(req)`, wrapped by the sandbox.
     pub on_register: Option<Function>,
     pub on_register_pos: String,
+    /// presence: `on_message(req)` and `on_subscribe(req)`, called as they are
+    /// (`script::presence` builds `req`).
+    pub on_message: Option<Function>,
+    pub on_message_pos: String,
+    pub on_subscribe: Option<Function>,
+    pub on_subscribe_pos: String,
     pub file: Arc<str>,
     pub instruction_limit: u64,
     pub memory_limit: usize,
@@ -306,6 +312,8 @@ impl Vm {
         let on_invite = hook("on_invite")?;
         let on_call_end = hook("on_call_end")?;
         let on_register = hook("on_register")?;
+        let on_message = hook("on_message")?; // presence
+        let on_subscribe = hook("on_subscribe")?; // presence
         let def_pos = |f: &Option<Function>| match f {
             Some(f) => {
                 let info = f.info();
@@ -320,6 +328,7 @@ impl Vm {
         let on_invite_pos = def_pos(&on_invite);
         let on_call_end_pos = def_pos(&on_call_end);
         let on_register_pos = def_pos(&on_register);
+        let (on_message_pos, on_subscribe_pos) = (def_pos(&on_message), def_pos(&on_subscribe));
         let (on_invite, on_call_end, on_register) = {
             let _g = enter(&shared, &budget);
             bind.call::<(Option<Function>, Option<Function>, Option<Function>)>((
@@ -339,6 +348,10 @@ impl Vm {
             on_call_end_pos,
             on_register,
             on_register_pos,
+            on_message,
+            on_message_pos,
+            on_subscribe,
+            on_subscribe_pos,
             file: file_name,
             instruction_limit: opts.instruction_limit,
             memory_limit: opts.memory_limit,
