@@ -1,0 +1,551 @@
+//! Events, presence and messaging end to end: SIPp phones sending MESSAGE to a registered
+//! user (delivered, 200) and to nobody (404); the PUBLISH lifecycle with entity tags
+//! (initial, refresh, modify, remove, 412); a presence watcher getting the published state
+//! at once, an update, and a terminated NOTIFY when it unsubscribes; 489 for packages we do
+//! not serve; a desk phone's busy-lamp field (dialog package) following a call to the
+//! extension through early, confirmed and terminated. Raw SIP for what SIPp cannot show
+//! (413, the script's say on MESSAGE, NOTIFY coalescing and a refused NOTIFY ending the
+//! subscription), and the state surviving SIGKILL of the server.
+
+mod common;
+
+use common::sipp::{self, received, SeenMessage};
+use common::*;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use strowger::config::Config;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Dials the registered phones of the called extension.
+const PLAN: &str = r#"
+function on_invite(call)
+  local r = call:dial(registrar.lookup(call.ruri.uri), { timeout = 10 })
+  if not r.answered then call:reject(r.status, r.reason) end
+end
+"#;
+
+async fn server(dir: &Path, script: &str, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let plan = dir.join("plan.lua");
+    std::fs::write(&plan, script).unwrap();
+    let mut c = test_config();
+    c.script.path = plan.display().to_string();
+    tweak(&mut c);
+    start_with(c).await
+}
+
+/// A REGISTER for `user` with `contact`, from `peer`.
+fn register(peer: SocketAddr, user: &str, contact: &str) -> String {
+    format!(
+        "REGISTER sip:strowger.test SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {peer};branch=z9hG4bK{b};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:{user}@strowger.test>;tag=r{b}\r\n\
+         To: <sip:{user}@strowger.test>\r\n\
+         Call-ID: {b}\r\n\
+         CSeq: 1 REGISTER\r\n\
+         Contact: <{contact}>\r\n\
+         Content-Length: 0\r\n\r\n",
+        b = unique("reg"),
+    )
+}
+
+async fn ask(s: &TestServer, peer: &UdpPeer, msg: &str) -> String {
+    peer.send(s.udp, msg.as_bytes()).await;
+    peer.recv_final(WAIT).await.expect("an answer")
+}
+
+async fn register_phone(s: &TestServer, user: &str, port: u16) {
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let r = ask(
+        s,
+        &peer,
+        &register(peer.addr, user, &format!("sip:{user}@127.0.0.1:{port}")),
+    )
+    .await;
+    assert_eq!(status(&r), 200, "{r}");
+}
+
+fn phone(dir: &Path, scenario: &str, user: &str, server: SocketAddr) -> sipp::Sipp {
+    sipp::start(
+        dir,
+        &format!("{}-{user}", scenario.trim_end_matches(".xml")),
+        Path::new(scenario),
+        sipp::free_udp_port(),
+        Some(server),
+        &["-s", user],
+    )
+}
+
+fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_to_a_registered_user_is_delivered_and_to_nobody_404() {
+    let dir = sipp::workdir("msg");
+    let s = server(&dir, PLAN, |_| {}).await;
+    let port = sipp::free_udp_port();
+    let dave = sipp::start(&dir, "dave", Path::new("msg_recv.xml"), port, None, &[]);
+    register_phone(&s, "dave", port).await;
+    let sender = phone(&dir, "msg_send.xml", "dave", s.udp)
+        .expect_success(LIMIT)
+        .await;
+    let got = dave.expect_success(LIMIT).await;
+    assert_eq!(received(&sender), ["200"]);
+    assert_eq!(received(&got), ["MESSAGE"]);
+    // A B2BUA regenerates the request: the phone sees our Call-ID, not the sender's.
+    assert_ne!(sipp::call_ids(&sender), sipp::call_ids(&got));
+    let nobody = phone(&dir, "msg_unknown.xml", "nobody", s.udp)
+        .expect_success(LIMIT)
+        .await;
+    assert_eq!(received(&nobody), ["404"]);
+    let st = s.handle.presence().stats();
+    assert_eq!(load(&st.messages_routed), 1);
+    assert_eq!(load(&st.messages_failed), 1);
+}
+
+/// A MESSAGE from a raw peer; the final answer.
+async fn message(s: &TestServer, peer: &UdpPeer, user: &str, body: &str) -> String {
+    let msg = request(
+        "MESSAGE",
+        &format!("sip:{user}@strowger.test"),
+        peer.addr,
+        "UDP",
+        &unique("m"),
+        "Content-Type: text/plain\r\n",
+        body,
+    );
+    ask(s, peer, &msg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_size_limit_and_the_scripts_say() {
+    let dir = sipp::workdir("msg-script");
+    let inbox = UdpPeer::bind("127.0.0.1").await;
+    let script = format!(
+        r#"
+function on_message(req)
+  if req.body:find("spam") then return req:reject(403, "No spam") end
+  if req.user == "desk" then return req:route("sip:inbox@{}") end
+end
+"#,
+        inbox.addr
+    );
+    let s = server(&dir, &script, |c| c.presence.max_message_size = 64).await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    // RFC 3428 7: above the limit, 413.
+    let r = message(&s, &peer, "bob", &"x".repeat(65)).await;
+    assert_eq!(status(&r), 413, "{r}");
+    let r = message(&s, &peer, "bob", "cheap spam").await;
+    assert_eq!((status(&r), reason(&r)), (403, "No spam"), "{r}");
+    // req:route: to the named target; its 202 is the sender's answer.
+    let msg = request(
+        "MESSAGE",
+        "sip:desk@strowger.test",
+        peer.addr,
+        "UDP",
+        &unique("m"),
+        "Content-Type: text/plain\r\n",
+        "to the desk",
+    );
+    peer.send(s.udp, msg.as_bytes()).await;
+    let fwd = inbox.recv(WAIT).await.expect("routed MESSAGE");
+    assert!(fwd.starts_with("MESSAGE sip:inbox@"), "{fwd}");
+    assert!(fwd.ends_with("to the desk"), "{fwd}");
+    assert_eq!(header(&fwd, "Content-Type"), Some("text/plain"));
+    let ok = reply(&fwd, 202);
+    inbox.send(s.udp, ok.as_bytes()).await;
+    let r = peer.recv_final(WAIT).await.expect("answer");
+    assert_eq!(status(&r), 202, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_lifecycle_with_entity_tags() {
+    let dir = sipp::workdir("pub");
+    let s = server(&dir, PLAN, |_| {}).await;
+    let seen = phone(&dir, "pres_publish.xml", "carol", s.udp)
+        .expect_success(LIMIT)
+        .await;
+    assert_eq!(received(&seen), ["200", "200", "200", "412", "200", "412"]);
+    let tags: Vec<&str> = seen
+        .iter()
+        .filter(|m| !m.sent)
+        .filter_map(|m| m.header("SIP-ETag"))
+        .collect();
+    assert_eq!(tags.len(), 3, "initial, refresh, modify each get a tag");
+    assert!(tags[0] != tags[1] && tags[1] != tags[2] && tags[0] != tags[2]);
+    let st = s.handle.presence().stats();
+    let p: Vec<u64> = st.publish.iter().map(load).collect();
+    // created, refreshed, modified, removed, unknown_etag, rejected
+    assert_eq!(p, [1, 1, 1, 1, 2, 0]);
+}
+
+fn notifies(seen: &[SeenMessage]) -> Vec<&SeenMessage> {
+    seen.iter()
+        .filter(|m| !m.sent && m.kind() == "NOTIFY")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_watcher_gets_state_at_once_updates_and_a_terminated_notify() {
+    let dir = sipp::workdir("watch");
+    let s = server(&dir, PLAN, |_| {}).await;
+    let seen = phone(&dir, "pres_watch.xml", "erin", s.udp)
+        .expect_success(LIMIT)
+        .await;
+    let n = notifies(&seen);
+    assert_eq!(n.len(), 3, "{:?}", received(&seen));
+    assert!(n[0].body().contains("at my desk"));
+    assert!(n[0].body().contains("entity=\"sip:erin@strowger.test\""));
+    // The modification replaced the first document.
+    assert!(n[1].body().contains("in a meeting"));
+    assert!(!n[1].body().contains("at my desk"));
+    assert!(n[2]
+        .header("Subscription-State")
+        .unwrap()
+        .starts_with("terminated"));
+    // Each NOTIFY a new CSeq of the subscription's dialog.
+    let cseqs: Vec<&str> = n.iter().map(|m| m.header("CSeq").unwrap()).collect();
+    assert_eq!(cseqs, ["1 NOTIFY", "2 NOTIFY", "3 NOTIFY"]);
+    let st = s.handle.presence().stats();
+    assert_eq!(load(&st.subscriptions[0]), 0, "unsubscribed");
+    assert!(load(&st.notifies_sent) >= 3);
+    let metrics =
+        strowger::admin::send(s.handle.admin_addr(), hyper::Method::GET, "/metrics", None)
+            .await
+            .unwrap()
+            .into_body();
+    for line in [
+        "strowger_presence_subscriptions{package=\"presence\"} 0",
+        "strowger_presence_publish_total{result=\"created\"} 1",
+        "strowger_presence_publish_total{result=\"modified\"} 1",
+        "strowger_presence_notifies_total{result=\"sent\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_event_package_gets_489() {
+    let dir = sipp::workdir("bad-event");
+    let s = server(&dir, PLAN, |_| {}).await;
+    let seen = phone(&dir, "pres_bad_event.xml", "frank", s.udp)
+        .expect_success(LIMIT)
+        .await;
+    assert_eq!(received(&seen), ["489", "489"]);
+    let allow = seen[1].header("Allow-Events").unwrap();
+    assert_eq!(allow, "presence, dialog, message-summary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_lamp_field_follows_a_call_to_the_extension() {
+    let dir = sipp::workdir("blf");
+    // Every change its own NOTIFY (coalescing has its own test below).
+    let s = server(&dir, PLAN, |c| c.presence.min_notify_interval_ms = 0).await;
+    let watcher = phone(&dir, "blf_watch.xml", "1001", s.udp);
+    // The call starts once the lamp is subscribed and its first NOTIFY is out.
+    let st = s.handle.presence().stats();
+    let mut ready = false;
+    for _ in 0..100 {
+        if load(&st.subscriptions[1]) == 1 && load(&st.notifies_sent) >= 1 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the watcher subscribed");
+    let port = sipp::free_udp_port();
+    let callee = sipp::start(
+        &dir,
+        "ext1001",
+        Path::new("blf_callee.xml"),
+        port,
+        None,
+        &[],
+    );
+    register_phone(&s, "1001", port).await;
+    let caller = sipp::start(
+        &dir,
+        "caller",
+        Path::new("uac_call.xml"),
+        sipp::free_udp_port(),
+        Some(s.udp),
+        &["-s", "1001", "-d", "500"],
+    );
+    caller.expect_success(LIMIT).await;
+    callee.expect_success(LIMIT).await;
+    let seen = watcher.expect_success(LIMIT).await;
+    let n = notifies(&seen);
+    let states: Vec<&str> = n
+        .iter()
+        .map(|m| {
+            ["trying", "early", "confirmed", "terminated"]
+                .into_iter()
+                .find(|st| m.body().contains(&format!("<state>{st}</state>")))
+                .unwrap_or("none")
+        })
+        .collect();
+    assert_eq!(
+        &states[..5],
+        ["none", "trying", "early", "confirmed", "terminated"]
+    );
+    // The call's dialog as phones use it for pick-up: the caller's Call-ID.
+    assert!(n[2].body().contains("call-id="), "{}", n[2].body());
+    assert!(n[2]
+        .body()
+        .contains("<remote><identity>sip:caller@127.0.0.1"));
+    assert_eq!(load(&st.subscriptions[1]), 0);
+}
+
+/// A SUBSCRIBE to presence from a raw peer; answers the initial NOTIFY and returns the
+/// 200's To tag and that NOTIFY's body.
+async fn raw_subscribe(server: SocketAddr, peer: &UdpPeer, user: &str) -> (String, String) {
+    let msg = request(
+        "SUBSCRIBE",
+        &format!("sip:{user}@strowger.test"),
+        peer.addr,
+        "UDP",
+        &unique("sub"),
+        &format!(
+            "Event: presence\r\nExpires: 600\r\nContact: <sip:w@{}>\r\n",
+            peer.addr
+        ),
+        "",
+    );
+    peer.send(server, msg.as_bytes()).await;
+    let mut tag = None;
+    let mut body = None;
+    while tag.is_none() || body.is_none() {
+        let m = peer.recv(WAIT).await.expect("200 and NOTIFY");
+        if m.starts_with("SIP/2.0 200") {
+            tag = header(&m, "To")
+                .and_then(|t| t.split("tag=").nth(1))
+                .map(str::to_owned);
+        } else if m.starts_with("NOTIFY") {
+            answer(server, peer, &m, 200).await;
+            body = Some(m.split("\r\n\r\n").nth(1).unwrap_or("").to_owned());
+        }
+    }
+    (tag.unwrap(), body.unwrap())
+}
+
+/// A response to a request the server sent us (its Via, From, To, Call-ID, CSeq).
+fn reply(req: &str, code: u16) -> String {
+    let head = req.split("\r\n\r\n").next().unwrap();
+    let copied: Vec<&str> = head
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            ["via:", "from:", "to:", "call-id:", "cseq:"]
+                .iter()
+                .any(|h| l.starts_with(h))
+        })
+        .collect();
+    format!(
+        "SIP/2.0 {code} Whatever\r\n{}\r\nContent-Length: 0\r\n\r\n",
+        copied.join("\r\n")
+    )
+}
+
+/// Answers a request from the server with `code`.
+async fn answer(server: SocketAddr, peer: &UdpPeer, req: &str, code: u16) {
+    peer.send(server, reply(req, code).as_bytes()).await;
+}
+
+fn pidf(note: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\"?><presence xmlns=\"urn:ietf:params:xml:ns:pidf\" entity=\"sip:x@strowger.test\"><tuple id=\"t\"><status><basic>open</basic></status><note>{note}</note></tuple></presence>"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifies_are_coalesced_and_a_refused_notify_ends_the_subscription() {
+    let dir = sipp::workdir("coalesce");
+    let s = server(&dir, PLAN, |c| c.presence.min_notify_interval_ms = 700).await;
+    let publisher = UdpPeer::bind("127.0.0.1").await;
+    let watcher = UdpPeer::bind("127.0.0.1").await;
+    let mut etag = publish_to(s.udp, &publisher, "gina", None, "one").await;
+    let (_tag, body) = raw_subscribe(s.udp, &watcher, "gina").await;
+    assert!(body.contains("<note>one</note>"), "{body}");
+    // Three changes within the interval: one NOTIFY, with the last state.
+    for note in ["two", "three", "four"] {
+        etag = publish_to(s.udp, &publisher, "gina", Some(&etag), note).await;
+    }
+    let n = watcher
+        .recv(Duration::from_secs(3))
+        .await
+        .expect("a NOTIFY");
+    assert!(n.starts_with("NOTIFY"), "{n}");
+    assert!(
+        n.contains("<note>four</note>") && !n.contains("<note>two</note>"),
+        "{n}"
+    );
+    // Nothing else within the interval but retransmissions of that NOTIFY (UDP, not
+    // answered yet).
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(900);
+    while let Some(again) = watcher
+        .recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        assert_eq!(
+            header(&again, "CSeq"),
+            header(&n, "CSeq"),
+            "only one NOTIFY: {again}"
+        );
+    }
+    // RFC 6665 4.2.2: the subscriber says 481; the subscription is gone.
+    answer(s.udp, &watcher, &n, 481).await;
+    let st = s.handle.presence().stats();
+    for _ in 0..50 {
+        if load(&st.subscriptions[0]) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(load(&st.subscriptions[0]), 0);
+    assert_eq!(load(&st.notifies_failed), 1);
+    publish_to(s.udp, &publisher, "gina", Some(&etag), "five").await;
+    assert!(
+        watcher.recv(Duration::from_millis(1000)).await.is_none(),
+        "no NOTIFY after 481"
+    );
+}
+
+/// The binary with a config in `dir` on a SIP port chosen now.
+fn server_config(dir: &Path, sip_port: u16) -> std::path::PathBuf {
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:{sip_port}\"]\ndomain = \"strowger.test\"\n[http]\nlisten = {http:?}\n[storage]\ndir = {:?}\n[shutdown]\ndrain_timeout_s = 0\n[presence]\nmin_notify_interval_ms = 0\n",
+            dir.join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Kills (by its PID) the server child on drop, so a failed assertion leaves nothing.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_and_subscriptions_survive_sigkill() {
+    let dir = sipp::workdir("pres-kill");
+    let sip_port = sipp::free_udp_port();
+    let config = server_config(&dir, sip_port);
+    let bin = env!("CARGO_BIN_EXE_strowger");
+    let spawn = || {
+        Child(
+            std::process::Command::new(bin)
+                .args(["run", "--config", config.to_str().unwrap()])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("server starts"),
+        )
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{sip_port}").parse().unwrap();
+    let publisher = UdpPeer::bind("127.0.0.1").await;
+    let watcher = UdpPeer::bind("127.0.0.1").await;
+    let mut child = spawn();
+    // The first answer tells that the server is up.
+    let first = request(
+        "OPTIONS",
+        "sip:strowger.test",
+        publisher.addr,
+        "UDP",
+        &unique("o"),
+        "",
+        "",
+    );
+    let mut up = false;
+    for _ in 0..50 {
+        publisher.send(addr, first.as_bytes()).await;
+        if publisher
+            .recv_final(Duration::from_millis(200))
+            .await
+            .is_some()
+        {
+            up = true;
+            break;
+        }
+    }
+    assert!(up, "server started");
+    let etag = publish_to(addr, &publisher, "hank", None, "before").await;
+    let (_, body) = raw_subscribe(addr, &watcher, "hank").await;
+    assert!(body.contains("<note>before</note>"), "{body}");
+    // SIGKILL: no clean shutdown.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    drop(child);
+    let _child = spawn();
+    // The old entity-tag is still known (412 otherwise), and the old subscription still
+    // gets NOTIFYs.
+    let mut answered = None;
+    for _ in 0..50 {
+        let msg = publish_msg(&publisher, "hank", Some(&etag), "after");
+        publisher.send(addr, msg.as_bytes()).await;
+        if let Some(r) = publisher.recv_final(Duration::from_millis(200)).await {
+            answered = Some(r);
+            break;
+        }
+    }
+    let r = answered.expect("restarted server answers");
+    assert_eq!(status(&r), 200, "{r}");
+    let n = watcher
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("NOTIFY after restart");
+    assert!(n.starts_with("NOTIFY"), "{n}");
+    assert!(n.contains("<note>after</note>"), "{n}");
+    let cseq: u32 = header(&n, "CSeq")
+        .and_then(|c| c.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(cseq > 1, "CSeq goes on after the restart: {cseq}");
+}
+
+fn publish_msg(peer: &UdpPeer, user: &str, etag: Option<&str>, note: &str) -> String {
+    let mut extra =
+        "Event: presence\r\nExpires: 600\r\nContent-Type: application/pidf+xml\r\n".to_owned();
+    if let Some(e) = etag {
+        extra.push_str(&format!("SIP-If-Match: {e}\r\n"));
+    }
+    request(
+        "PUBLISH",
+        &format!("sip:{user}@strowger.test"),
+        peer.addr,
+        "UDP",
+        &unique("pub"),
+        &extra,
+        &pidf(note),
+    )
+}
+
+/// A PUBLISH that must succeed; its new entity-tag.
+async fn publish_to(
+    server: SocketAddr,
+    peer: &UdpPeer,
+    user: &str,
+    etag: Option<&str>,
+    note: &str,
+) -> String {
+    peer.send(server, publish_msg(peer, user, etag, note).as_bytes())
+        .await;
+    let r = peer.recv_final(WAIT).await.expect("answer");
+    assert_eq!(status(&r), 200, "{r}");
+    header(&r, "SIP-ETag").unwrap().to_owned()
+}
