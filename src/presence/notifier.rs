@@ -224,6 +224,9 @@ impl Notifier {
                 // step well past them so the subscriber never sees CSeq go back.
                 sub.dialog.local_seq = sub.dialog.local_seq.saturating_add(100);
                 sub.version = sub.version.saturating_add(100);
+                // The state may have changed while we were down (publications lapsed,
+                // calls ended): every subscriber hears the current state once.
+                sub.dirty = true;
                 n.inner.stats.subscriptions[sub.package.index()].fetch_add(1, Ordering::Relaxed);
                 n.subs.insert(key, sub);
             }
