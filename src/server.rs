@@ -383,7 +383,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     })
 }
 
-/// presence: opens `storage.dir/presence.sqlite` and starts the presence core.
+/// presence: opens `storage.dir/presence.sqlite` (Redis with `registrar.store = "redis"`)
+/// and starts the presence core.
 async fn start_presence(
     config: &Config,
     layer: &TransactionLayer,
@@ -394,9 +395,25 @@ async fn start_presence(
     b2bua: &B2bua,
 ) -> anyhow::Result<crate::presence::Presence> {
     use crate::presence::{Presence, PresenceConfig, PresenceParts, SqlitePresenceStore};
-    let dir = std::path::Path::new(&config.storage.dir);
-    let store = SqlitePresenceStore::open(dir)
-        .with_context(|| format!("opening the presence store in {}", dir.display()))?;
+    let store: Arc<dyn crate::presence::PresenceStore> = match config.registrar.store {
+        RegistrarStore::Embedded => {
+            let dir = std::path::Path::new(&config.storage.dir);
+            Arc::new(
+                SqlitePresenceStore::open(dir)
+                    .with_context(|| format!("opening the presence store in {}", dir.display()))?,
+            )
+        }
+        RegistrarStore::Redis => Arc::new(
+            crate::presence::RedisPresenceStore::connect(&config.redis.url)
+                .await
+                .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
+        ),
+    };
+    let node = transports
+        .local_addrs()
+        .first()
+        .map(|(k, a)| format!("{k}:{a}"))
+        .unwrap_or_default();
     let p = &config.presence;
     Presence::start(PresenceParts {
         config: PresenceConfig {
@@ -413,8 +430,9 @@ async fn start_presence(
         location: location.clone(),
         flows: location,
         users,
-        store: Arc::new(store),
+        store,
         calls: Some(b2bua.call_watch().subscribe()),
+        node,
     })
     .await
     .context("loading presence state")

@@ -557,3 +557,205 @@ async fn publish_to(
     assert_eq!(status(&r), 200, "{r}");
     header(&r, "SIP-ETag").unwrap().to_owned()
 }
+
+/// Receives (and answers 200) NOTIFYs until one satisfies `want`; that one.
+async fn notify_until(
+    server: SocketAddr,
+    peer: &UdpPeer,
+    want: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let m = peer.recv(left).await?;
+        if !m.starts_with("NOTIFY") {
+            continue;
+        }
+        answer(server, peer, &m, 200).await;
+        if want(&m) {
+            return Some(m);
+        }
+    }
+}
+
+/// Which node sent a NOTIFY: the port of its Via.
+fn via_port(msg: &str) -> u16 {
+    let via = header(msg, "Via").unwrap();
+    let hostport = via
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    hostport.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_presence_and_busy_lamps_through_redis() {
+    let Some(redis) = common::redis::start_redis() else {
+        panic!(
+            "redis-server is needed (the test command installs it: apt-get install redis-server)"
+        );
+    };
+    let dir = sipp::workdir("pres-redis");
+    let node = |url: String| {
+        let dir = dir.clone();
+        async move {
+            server(&dir, PLAN, |c| {
+                c.registrar.store = strowger::config::RegistrarStore::Redis;
+                c.redis.url = url;
+                c.presence.min_notify_interval_ms = 0;
+            })
+            .await
+        }
+    };
+    let n1 = node(redis.url()).await;
+    let n2 = node(redis.url()).await;
+    let publisher = UdpPeer::bind("127.0.0.1").await;
+    let watcher = UdpPeer::bind("127.0.0.1").await;
+    // Published through node 1, watched through node 2.
+    let etag = publish_to(n1.udp, &publisher, "ivy", None, "one").await;
+    let call_id = unique("sub");
+    let msg = request(
+        "SUBSCRIBE",
+        "sip:ivy@strowger.test",
+        watcher.addr,
+        "UDP",
+        &call_id,
+        &format!(
+            "Event: presence\r\nExpires: 600\r\nContact: <sip:w@{}>\r\n",
+            watcher.addr
+        ),
+        "",
+    );
+    watcher.send(n2.udp, msg.as_bytes()).await;
+    let n = notify_until(n2.udp, &watcher, |m| m.contains("<note>one</note>"))
+        .await
+        .expect("node 2 knows node 1's publication");
+    assert_eq!(via_port(&n), n2.udp.port());
+    let to_tag = header(&n, "From")
+        .and_then(|f| f.split("tag=").nth(1))
+        .unwrap()
+        .to_owned();
+    let etag = publish_to(n1.udp, &publisher, "ivy", Some(&etag), "two").await;
+    let n = notify_until(n2.udp, &watcher, |m| m.contains("<note>two</note>"))
+        .await
+        .expect("node 2 hears node 1's change");
+    assert_eq!(via_port(&n), n2.udp.port());
+
+    // The watcher refreshes through node 1: node 1 serves the subscription from now on.
+    let refresh = format!(
+        "SUBSCRIBE sip:ivy@strowger.test SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {w};branch=z9hG4bK{b};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:alice@example.com>;tag=a{b}\r\n\
+         To: <sip:ivy@strowger.test>;tag={to_tag}\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 2 SUBSCRIBE\r\n\
+         Event: presence\r\nExpires: 600\r\n\
+         Content-Length: 0\r\n\r\n",
+        w = watcher.addr,
+        b = unique("r"),
+    );
+    // The From tag of the original SUBSCRIBE is in the NOTIFY's To.
+    let from_tag = header(&n, "To")
+        .and_then(|t| t.split("tag=").nth(1))
+        .unwrap()
+        .to_owned();
+    let refresh = refresh.replacen(
+        &format!(
+            "tag=a{}",
+            refresh
+                .split("tag=a")
+                .nth(1)
+                .unwrap()
+                .split("\r\n")
+                .next()
+                .unwrap()
+        ),
+        &format!("tag={from_tag}"),
+        1,
+    );
+    watcher.send(n1.udp, refresh.as_bytes()).await;
+    let mut got_200 = false;
+    let mut notify_from = 0;
+    while !(got_200 && notify_from != 0) {
+        let m = watcher
+            .recv(WAIT)
+            .await
+            .expect("200 and NOTIFY from node 1");
+        if m.starts_with("SIP/2.0 ") {
+            assert_eq!(status(&m), 200, "{m}");
+            got_200 = true;
+        } else if m.starts_with("NOTIFY") && via_port(&m) == n2.udp.port() {
+            // Sent by node 2 before the take-over (a retransmission at most).
+            answer(n2.udp, &watcher, &m, 200).await;
+        } else if m.starts_with("NOTIFY") {
+            answer(n1.udp, &watcher, &m, 200).await;
+            notify_from = via_port(&m);
+        }
+    }
+    assert_eq!(notify_from, n1.udp.port());
+    publish_to(n2.udp, &publisher, "ivy", Some(&etag), "three").await;
+    let n = notify_until(n1.udp, &watcher, |m| m.contains("<note>three</note>"))
+        .await
+        .expect("NOTIFY after the take-over");
+    assert_eq!(
+        via_port(&n),
+        n1.udp.port(),
+        "node 1 notifies now, not node 2"
+    );
+    assert!(
+        watcher.recv(Duration::from_millis(500)).await.is_none(),
+        "no second NOTIFY from the old owner"
+    );
+
+    // Busy lamps across nodes: watched through node 2, the call goes through node 1.
+    let lamp = UdpPeer::bind("127.0.0.1").await;
+    let msg = request(
+        "SUBSCRIBE",
+        "sip:1002@strowger.test",
+        lamp.addr,
+        "UDP",
+        &unique("blf"),
+        &format!(
+            "Event: dialog\r\nExpires: 600\r\nContact: <sip:l@{}>\r\n",
+            lamp.addr
+        ),
+        "",
+    );
+    lamp.send(n2.udp, msg.as_bytes()).await;
+    notify_until(n2.udp, &lamp, |m| m.contains("dialog-info"))
+        .await
+        .expect("initial dialog NOTIFY");
+    let port = sipp::free_udp_port();
+    let callee = sipp::start(
+        &dir,
+        "ext1002",
+        Path::new("uas_answer.xml"),
+        port,
+        None,
+        &[],
+    );
+    register_phone(&n1, "1002", port).await;
+    let caller = sipp::start(
+        &dir,
+        "caller",
+        Path::new("uac_call.xml"),
+        sipp::free_udp_port(),
+        Some(n1.udp),
+        &["-s", "1002", "-d", "300"],
+    );
+    for state in ["confirmed", "terminated"] {
+        let n = notify_until(n2.udp, &lamp, |m| {
+            m.contains(&format!("<state>{state}</state>"))
+        })
+        .await
+        .unwrap_or_else(|| panic!("{state} seen through node 2"));
+        assert_eq!(via_port(&n), n2.udp.port());
+    }
+    caller.expect_success(LIMIT).await;
+    callee.expect_success(LIMIT).await;
+    drop(redis);
+}

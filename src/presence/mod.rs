@@ -27,7 +27,12 @@
 //! `strowger_presence_publish_total{result}`, `strowger_messages_total{result="routed"|
 //! "failed"}`.
 //!
-//! Not done: sharing through Redis between nodes (each node has its own state), routing a
+//! Several nodes (`registrar.store = "redis"`): publications and subscriptions live in
+//! Redis (`RedisPresenceStore`) and every node follows the others' changes; a
+//! subscription's NOTIFYs are sent by the node that owns it (where it was made or last
+//! refreshed), and calls on one node light the lamps watched through another.
+//!
+//! Not done: routing a
 //! subscription to another server (e.g. a voicemail server's message-summary; a voicemail
 //! server can PUBLISH message-summary here instead), partial PIDF composition beyond
 //! concatenating the sources' elements, watcher info (RFC 3857).
@@ -35,10 +40,13 @@
 pub mod body;
 mod message;
 mod notifier;
+mod redis_store;
 pub mod store;
 
+pub use redis_store::RedisPresenceStore;
 pub use store::{
-    PresenceStore, PresenceStoreError, SqlitePresenceStore, StoredPublication, StoredSubscription,
+    PresenceEvent, PresenceStore, PresenceStoreError, RemoteCall, SqlitePresenceStore,
+    StoredPublication, StoredSubscription,
 };
 
 use crate::auth::Users;
@@ -176,6 +184,9 @@ pub struct PresenceParts {
     pub store: Arc<dyn PresenceStore>,
     /// The B2BUA's call watch (None: no dialog event package from calls).
     pub calls: Option<broadcast::Receiver<CallChange>>,
+    /// This node's name, stable across restarts (e.g. its first SIP address): which node
+    /// sends a subscription's NOTIFYs when several share a store.
+    pub node: String,
 }
 
 pub(crate) struct Inner {
@@ -188,6 +199,7 @@ pub(crate) struct Inner {
     users: Option<Arc<Users>>,
     stats: PresenceStats,
     events: mpsc::UnboundedSender<notifier::Ev>,
+    node: String,
 }
 
 impl Inner {
@@ -222,6 +234,8 @@ impl Presence {
     /// Loads the stored state (dropping what expired while we were down) and starts the
     /// notifier.
     pub async fn start(parts: PresenceParts) -> Result<Presence, PresenceStoreError> {
+        // Follow the other nodes before reading, so no change between falls in the gap.
+        let store_rx = parts.store.watch().await;
         let (pubs, subs) = parts.store.load().await?;
         let (events, rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -235,8 +249,17 @@ impl Presence {
             users: parts.users,
             stats: PresenceStats::default(),
             events,
+            node: parts.node,
         });
-        let n = notifier::Notifier::new(inner.clone(), parts.store, rx, parts.calls, pubs, subs);
+        let n = notifier::Notifier::new(
+            inner.clone(),
+            parts.store,
+            rx,
+            parts.calls,
+            pubs,
+            subs,
+            store_rx,
+        );
         tracing::info!(
             publications = n.publications(),
             subscriptions = n.subscriptions(),

@@ -3,7 +3,9 @@
 //! expires what lapses. One task, so no lock guards presence state.
 
 use super::body::{self, DialogView};
-use super::store::{PresenceStore, StoredPublication, StoredSubscription};
+use super::store::{
+    PresenceEvent, PresenceEvents, PresenceStore, RemoteCall, StoredPublication, StoredSubscription,
+};
 use super::{bump, parse_event, respond, Inner, Package};
 use crate::b2bua::watch::{CallChange, CallPhase};
 use crate::dialog::{Dialog, DialogState};
@@ -45,7 +47,10 @@ fn instant_of(unix: u64) -> Instant {
     Instant::now() + Duration::from_secs(unix.saturating_sub(unix_now()))
 }
 
+/// A publication, kept under its stable id (`StoredPublication::id`).
 struct Publication {
+    /// The current entity-tag.
+    etag: String,
     resource: String,
     package: Package,
     content_type: String,
@@ -74,7 +79,7 @@ struct Sub {
 }
 
 impl Sub {
-    fn stored(&self, key: &str) -> StoredSubscription {
+    fn stored(&self, key: &str, owner: &str) -> StoredSubscription {
         let d = &self.dialog;
         StoredSubscription {
             key: key.to_owned(),
@@ -94,7 +99,20 @@ impl Sub {
             contact: self.contact.clone(),
             expires_at: self.expires_at,
             version: self.version,
+            owner: owner.to_owned(),
         }
+    }
+
+    /// A stored subscription as this node's: its CSeq and version stepped well past what
+    /// the last writer may have sent without recording it (so the subscriber never sees
+    /// CSeq go back), and due for a NOTIFY with the current state (which may have changed
+    /// while nobody here served it).
+    fn adopt(s: StoredSubscription) -> Option<(String, Sub)> {
+        let (key, mut sub) = Sub::restore(s)?;
+        sub.dialog.local_seq = sub.dialog.local_seq.saturating_add(100);
+        sub.version = sub.version.saturating_add(100);
+        sub.dirty = true;
+        Some((key, sub))
     }
 
     fn restore(s: StoredSubscription) -> Option<(String, Sub)> {
@@ -156,7 +174,11 @@ pub(crate) struct Notifier {
     calls_rx: Option<broadcast::Receiver<CallChange>>,
     pubs: HashMap<String, Publication>,
     subs: HashMap<String, Sub>,
+    /// Subscriptions other nodes serve (shared store only).
+    foreign: HashMap<String, StoredSubscription>,
     calls: HashMap<Arc<str>, CallView>,
+    /// The other nodes' changes (shared store only).
+    store_rx: Option<PresenceEvents>,
 }
 
 fn sub_key(call_id: &str, local_tag: &str) -> String {
@@ -183,6 +205,7 @@ impl Notifier {
         calls_rx: Option<broadcast::Receiver<CallChange>>,
         pubs: Vec<StoredPublication>,
         subs: Vec<StoredSubscription>,
+        store_rx: Option<PresenceEvents>,
     ) -> Notifier {
         let now = unix_now();
         let mut n = Notifier {
@@ -192,19 +215,22 @@ impl Notifier {
             calls_rx,
             pubs: HashMap::new(),
             subs: HashMap::new(),
+            foreign: HashMap::new(),
             calls: HashMap::new(),
+            store_rx,
         };
         for p in pubs {
             let Some(package) = Package::from_name(&p.package) else {
                 continue;
             };
             if p.expires_at <= now {
-                drop(n.store.remove_publication(&p.etag));
+                drop(n.store.remove_publication(p.key()));
                 continue;
             }
             n.pubs.insert(
-                p.etag,
+                p.key().to_owned(),
                 Publication {
+                    etag: p.etag,
                     resource: p.resource,
                     package,
                     content_type: p.content_type,
@@ -219,14 +245,14 @@ impl Notifier {
                 drop(n.store.remove_subscription(&key));
                 continue;
             }
-            if let Some((key, mut sub)) = Sub::restore(s) {
-                // NOTIFYs sent after the last stored CSeq may not have been recorded:
-                // step well past them so the subscriber never sees CSeq go back.
-                sub.dialog.local_seq = sub.dialog.local_seq.saturating_add(100);
-                sub.version = sub.version.saturating_add(100);
-                // The state may have changed while we were down (publications lapsed,
-                // calls ended): every subscriber hears the current state once.
-                sub.dirty = true;
+            // Another node's (shared store): kept to take over if its subscriber comes
+            // to us; it sends the NOTIFYs.
+            if !s.owner.is_empty() && s.owner != n.inner.node {
+                n.foreign.insert(key, s);
+                continue;
+            }
+            // Ours: after a restart every subscriber hears the current state once.
+            if let Some((key, sub)) = Sub::adopt(s) {
                 n.inner.stats.subscriptions[sub.package.index()].fetch_add(1, Ordering::Relaxed);
                 n.subs.insert(key, sub);
             }
@@ -251,7 +277,13 @@ impl Notifier {
                     Some(Ev::Stop) | None => break,
                     Some(ev) => self.on_event(ev).await,
                 },
-                change = recv_call(&mut self.calls_rx) => self.on_call(change),
+                change = recv_call(&mut self.calls_rx) => {
+                    if let Some(c) = &change {
+                        self.announce(c);
+                    }
+                    self.on_call(change);
+                }
+                ev = recv_store(&mut self.store_rx) => self.on_store_event(ev).await,
                 _ = sleep_until(deadline) => {}
             }
             self.tick();
@@ -344,6 +376,7 @@ impl Notifier {
                 }
                 let etag = new_tag();
                 let p = Publication {
+                    etag: etag.clone(),
                     resource: resource.clone(),
                     package,
                     content_type: wanted.to_owned(),
@@ -362,22 +395,20 @@ impl Notifier {
             Some(tag) => {
                 // Step 3: the entity-tag must name a publication of this resource and
                 // package; else 412 Conditional Request Failed.
-                let known = self
+                let id = self
                     .pubs
-                    .get(tag)
-                    .is_some_and(|p| p.resource == resource && p.package == package);
-                if !known {
+                    .iter()
+                    .find(|(_, p)| p.etag == tag && p.resource == resource && p.package == package)
+                    .map(|(id, _)| id.clone());
+                let Some((id, mut p)) = id.and_then(|id| self.pubs.remove(&id).map(|p| (id, p)))
+                else {
                     bump(&self.inner.stats.publish[4]);
                     respond(&tx, req.response(412));
                     return;
-                }
-                let Some(mut p) = self.pubs.remove(tag) else {
-                    return;
                 };
-                let old = tag.to_owned();
                 if expires == 0 {
                     // Removal (RFC 3903 4.5).
-                    if let Err(e) = self.store.remove_publication(&old).await {
+                    if let Err(e) = self.store.remove_publication(&id).await {
                         tracing::warn!(error = %e, "presence: store write failed");
                     }
                     bump(&self.inner.stats.publish[3]);
@@ -393,11 +424,10 @@ impl Notifier {
                 }
                 p.expires_at = now + u64::from(expires);
                 let etag = new_tag();
-                let stored = self.persist_publication(&etag, &p).await;
-                if stored {
-                    drop(self.store.remove_publication(&old));
-                }
-                self.pubs.insert(etag.clone(), p);
+                p.etag = etag.clone();
+                // One record rewritten (under its id): never the old and new at once.
+                self.persist_publication(&id, &p).await;
+                self.pubs.insert(id, p);
                 bump(&self.inner.stats.publish[if modified { 2 } else { 1 }]);
                 respond(&tx, ok_with_etag(&req, Some(&etag), expires));
                 if modified {
@@ -407,9 +437,10 @@ impl Notifier {
         }
     }
 
-    async fn persist_publication(&self, etag: &str, p: &Publication) -> bool {
+    async fn persist_publication(&self, id: &str, p: &Publication) -> bool {
         let stored = StoredPublication {
-            etag: etag.to_owned(),
+            id: id.to_owned(),
+            etag: p.etag.clone(),
             resource: p.resource.clone(),
             package: p.package.as_str().to_owned(),
             content_type: p.content_type.clone(),
@@ -468,7 +499,11 @@ impl Notifier {
             final_sent: false,
         };
         if expires > 0 {
-            if let Err(e) = self.store.put_subscription(&sub.stored(&key)).await {
+            if let Err(e) = self
+                .store
+                .put_subscription(&sub.stored(&key, &self.inner.node))
+                .await
+            {
                 tracing::warn!(error = %e, "presence: store write failed");
                 respond(&tx, req.response(500).with_reason("Storage Error"));
                 return;
@@ -488,6 +523,15 @@ impl Notifier {
     async fn on_in_dialog(&mut self, tx: ServerTransaction, req: Request) {
         let tag = req.base.to.tag().unwrap_or("");
         let key = sub_key(&req.base.call_id, tag);
+        if let Some(stored) = self.foreign.remove(&key) {
+            // Another node's subscriber refreshes through us: we serve it from now on.
+            if let Some((k, sub)) = Sub::adopt(stored) {
+                let record = sub.stored(&k, &self.inner.node);
+                drop(self.store.put_subscription(&record));
+                self.inner.stats.subscriptions[sub.package.index()].fetch_add(1, Ordering::Relaxed);
+                self.subs.insert(k, sub);
+            }
+        }
         let Some(sub) = self.subs.get_mut(&key) else {
             // RFC 3261 12.2.2.
             respond(&tx, req.response(481));
@@ -532,7 +576,7 @@ impl Notifier {
         } else {
             // Refresh (4.2.1.2): a NOTIFY follows it too.
             sub.expires_at = unix_now() + u64::from(expires);
-            let stored = sub.stored(&key);
+            let stored = sub.stored(&key, &self.inner.node);
             if let Err(e) = self.store.put_subscription(&stored).await {
                 tracing::warn!(error = %e, "presence: store write failed");
             }
@@ -642,7 +686,7 @@ impl Notifier {
         sub.dirty = false;
         sub.last_sent = Some(Instant::now());
         sub.version = version.wrapping_add(1);
-        let stored = (sub.ending.is_none()).then(|| sub.stored(key));
+        let stored = (sub.ending.is_none()).then(|| sub.stored(key, &self.inner.node));
         let events = self.inner.events.clone();
         let k = key.to_owned();
         let sink = Box::new(move |event: ClientEvent| {
@@ -735,6 +779,116 @@ impl Notifier {
         );
     }
 
+    // ---- other nodes (shared store) ------------------------------------------------
+
+    /// Tells the other nodes about a call change of ours.
+    fn announce(&self, c: &CallChange) {
+        if !self.store.shared() {
+            return;
+        }
+        self.store.announce_call(&RemoteCall {
+            id: c.id.to_string(),
+            phase: c.phase.as_str().to_owned(),
+            call_id: c.call_id.to_string(),
+            caller_tag: c.caller_tag.to_string(),
+            our_tag: c.our_tag.to_string(),
+            caller: c.caller.to_string(),
+            callee: c.callee.to_string(),
+        });
+    }
+
+    async fn on_store_event(&mut self, ev: Option<PresenceEvent>) {
+        let Some(ev) = ev else { return };
+        match ev {
+            PresenceEvent::Publication(id) => match self.store.load_publication(&id).await {
+                Ok(found) => {
+                    if let Some(old) = self.pubs.remove(&id) {
+                        self.touch(old.package, &old.resource);
+                    }
+                    if let Some(p) = found {
+                        self.install_publication(p);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "presence: store read failed"),
+            },
+            PresenceEvent::Subscription(key) => match self.store.load_subscription(&key).await {
+                Ok(Some(s)) if s.owner != self.inner.node => {
+                    // Another node took it over: it sends the NOTIFYs now.
+                    if let Some(sub) = self.subs.remove(&key) {
+                        self.inner.stats.subscriptions[sub.package.index()]
+                            .fetch_sub(1, Ordering::Relaxed);
+                    }
+                    self.foreign.insert(key, s);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    self.foreign.remove(&key);
+                }
+                Err(e) => tracing::warn!(error = %e, "presence: store read failed"),
+            },
+            PresenceEvent::Call(rc) => {
+                let (Ok(caller), Ok(callee)) = (Uri::parse(&rc.caller), Uri::parse(&rc.callee))
+                else {
+                    return;
+                };
+                let phase = match rc.phase.as_str() {
+                    "trying" => CallPhase::Trying,
+                    "early" => CallPhase::Early,
+                    "confirmed" => CallPhase::Confirmed,
+                    _ => CallPhase::Terminated,
+                };
+                self.on_call(Some(CallChange {
+                    id: Arc::from(rc.id.as_str()),
+                    phase,
+                    call_id: Arc::from(rc.call_id.as_str()),
+                    caller_tag: Arc::from(rc.caller_tag.as_str()),
+                    our_tag: Arc::from(rc.our_tag.as_str()),
+                    caller: Arc::new(caller),
+                    callee: Arc::new(callee),
+                }));
+            }
+            PresenceEvent::Resync => match self.store.load().await {
+                Ok((pubs, subs)) => {
+                    self.pubs.clear();
+                    for p in pubs {
+                        self.install_publication(p);
+                    }
+                    self.foreign = subs
+                        .into_iter()
+                        .filter(|s| s.owner != self.inner.node)
+                        .map(|s| (s.key.clone(), s))
+                        .collect();
+                    // Whatever changed meanwhile: every subscriber hears the state.
+                    for s in self.subs.values_mut() {
+                        s.dirty = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "presence: store re-read failed"),
+            },
+        }
+    }
+
+    fn install_publication(&mut self, p: StoredPublication) {
+        let Some(package) = Package::from_name(&p.package) else {
+            return;
+        };
+        if p.expires_at <= unix_now() {
+            return;
+        }
+        self.touch(package, &p.resource);
+        self.pubs.insert(
+            p.key().to_owned(),
+            Publication {
+                etag: p.etag,
+                resource: p.resource,
+                package,
+                content_type: p.content_type,
+                body: p.body,
+                expires_at: p.expires_at,
+            },
+        );
+    }
+
     // ---- time -----------------------------------------------------------------------
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -785,6 +939,7 @@ impl Notifier {
                 s.dirty = true;
             }
         }
+        self.foreign.retain(|_, s| s.expires_at > now);
         let at = Instant::now();
         self.calls
             .retain(|_, c| c.ended_at.is_none_or(|t| at < t + KEEP_TERMINATED));
@@ -824,6 +979,17 @@ async fn recv_call(rx: &mut Option<broadcast::Receiver<CallChange>>) -> Option<C
             None
         }
     }
+}
+
+async fn recv_store(rx: &mut Option<PresenceEvents>) -> Option<PresenceEvent> {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    let ev = r.recv().await;
+    if ev.is_none() {
+        *rx = None;
+    }
+    ev
 }
 
 async fn sleep_until(at: Option<Instant>) {

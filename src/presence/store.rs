@@ -26,14 +26,50 @@ pub enum PresenceStoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
     #[error("presence store worker stopped")]
     WorkerGone,
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+}
+
+/// A change another node made to a shared store (or told through it).
+#[derive(Debug, Clone)]
+pub enum PresenceEvent {
+    /// This publication changed: read it again (gone: removed).
+    Publication(String),
+    /// This subscription changed: read it again.
+    Subscription(String),
+    /// A call on another node changed (busy-lamp fields across nodes).
+    Call(RemoteCall),
+    /// Notifications may have been lost: read everything again.
+    Resync,
+}
+
+pub type PresenceEvents = tokio::sync::mpsc::UnboundedReceiver<PresenceEvent>;
+
+/// A call change as it travels between nodes (`b2bua::watch::CallChange` in text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteCall {
+    pub id: String,
+    pub phase: String,
+    pub call_id: String,
+    pub caller_tag: String,
+    pub our_tag: String,
+    pub caller: String,
+    pub callee: String,
 }
 
 /// One publication of an event state compositor (RFC 3903 4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredPublication {
-    /// The entity-tag (SIP-ETag) naming it.
+    /// The name it is stored under, kept from its first entity-tag on: a refresh or
+    /// modification (which get new entity-tags) rewrites one record, so other nodes never
+    /// see the old and the new document at once.
+    #[serde(default)]
+    pub id: String,
+    /// The current entity-tag (SIP-ETag).
     pub etag: String,
     /// The presentity / account, canonical `sip:user@domain`.
     pub resource: String,
@@ -43,6 +79,17 @@ pub struct StoredPublication {
     pub body: String,
     /// Unix seconds.
     pub expires_at: u64,
+}
+
+impl StoredPublication {
+    /// The name it is stored under.
+    pub fn key(&self) -> &str {
+        if self.id.is_empty() {
+            &self.etag
+        } else {
+            &self.id
+        }
+    }
 }
 
 /// One subscription as the notifier's dialog (RFC 6665 4.2, RFC 3261 12).
@@ -70,6 +117,10 @@ pub struct StoredSubscription {
     pub expires_at: u64,
     /// The last RFC 4235 version sent.
     pub version: u32,
+    /// The node that sends its NOTIFYs (`PresenceStore::node`); with a shared store the
+    /// others keep it only to take it over when its subscriber refreshes through them.
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// Storage of presence state. A write is queued when its method is called (in call
@@ -85,12 +136,47 @@ pub trait PresenceStore: Send + Sync + 'static {
         &self,
         p: &StoredPublication,
     ) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
-    fn remove_publication(&self, etag: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
+    /// Removes the publication stored under `id` (`StoredPublication::key`).
+    fn remove_publication(&self, id: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
     fn put_subscription(
         &self,
         s: &StoredSubscription,
     ) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
     fn remove_subscription(&self, key: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
+
+    /// This node's name in subscription ownership.
+    fn node(&self) -> &str {
+        "local"
+    }
+
+    /// True when other nodes share the store (Redis).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// One publication (for a change another node reported).
+    fn load_publication<'a>(
+        &'a self,
+        _etag: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StoredPublication>, PresenceStoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// One subscription (for a change another node reported).
+    fn load_subscription<'a>(
+        &'a self,
+        _key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StoredSubscription>, PresenceStoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Tells the other nodes about a call change of ours.
+    fn announce_call(&self, _call: &RemoteCall) {}
+
+    /// The other nodes' changes, from now on (None: no other nodes).
+    fn watch(&self) -> BoxFuture<'_, Option<PresenceEvents>> {
+        Box::pin(async { None })
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut rusqlite::Connection) + Send>;
@@ -246,6 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqlitePresenceStore::open(dir.path()).unwrap();
         let mut p = StoredPublication {
+            id: "e1".into(),
             etag: "e1".into(),
             resource: "sip:a@x".into(),
             package: "presence".into(),
