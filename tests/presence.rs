@@ -759,3 +759,161 @@ async fn two_nodes_share_presence_and_busy_lamps_through_redis() {
     callee.expect_success(LIMIT).await;
     drop(redis);
 }
+
+/// A response to `req` with a To tag and extra header lines.
+fn reply_tagged(req: &str, code: u16, tag: &str, extra: &str) -> String {
+    let r = reply(req, code);
+    let mut out = Vec::new();
+    for line in r.split("\r\n") {
+        if line.to_ascii_lowercase().starts_with("to:") && !line.contains("tag=") {
+            out.push(format!("{line};tag={tag}"));
+        } else if line.starts_with("Content-Length") {
+            out.push(format!("{extra}Content-Length: 0"));
+        } else {
+            out.push(line.to_owned());
+        }
+    }
+    out.join("\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_summary_is_routed_to_a_voicemail_server() {
+    let dir = sipp::workdir("mwi");
+    let vm = UdpPeer::bind("127.0.0.1").await;
+    let script = format!(
+        r#"
+function on_subscribe(req)
+  if req.package == "message-summary" then return req:route("sip:vm@{}") end
+end
+"#,
+        vm.addr
+    );
+    let s = server(&dir, &script, |_| {}).await;
+    let phone = UdpPeer::bind("127.0.0.1").await;
+    let call_id = unique("mwi");
+    let msg = request(
+        "SUBSCRIBE",
+        "sip:1003@strowger.test",
+        phone.addr,
+        "UDP",
+        &call_id,
+        &format!(
+            "Event: message-summary\r\nExpires: 600\r\nContact: <sip:p@{}>\r\n",
+            phone.addr
+        ),
+        "",
+    );
+    phone.send(s.udp, msg.as_bytes()).await;
+    // The voicemail server gets our own SUBSCRIBE (a B2BUA: another Call-ID).
+    let sub = vm
+        .recv(WAIT)
+        .await
+        .expect("SUBSCRIBE at the voicemail server");
+    assert!(sub.starts_with("SUBSCRIBE sip:vm@"), "{sub}");
+    assert_eq!(header(&sub, "Event"), Some("message-summary"));
+    assert_ne!(header(&sub, "Call-ID"), Some(call_id.as_str()));
+    vm.send(
+        s.udp,
+        reply_tagged(
+            &sub,
+            200,
+            "vm1",
+            &format!("Expires: 600\r\nContact: <sip:vm@{}>\r\n", vm.addr),
+        )
+        .as_bytes(),
+    )
+    .await;
+    let vm_notify = |cseq: u32, state: &str, body: &str| {
+        format!(
+            "NOTIFY sip:p@{s} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {v};branch=z9hG4bK{b};rport\r\n\
+             Max-Forwards: 70\r\n\
+             From: {to};tag=vm1\r\n\
+             To: {from}\r\n\
+             Call-ID: {cid}\r\n\
+             CSeq: {cseq} NOTIFY\r\n\
+             Contact: <sip:vm@{v}>\r\n\
+             Event: message-summary\r\n\
+             Subscription-State: {state}\r\n\
+             Content-Type: application/simple-message-summary\r\n\
+             Content-Length: {len}\r\n\r\n{body}",
+            s = s.udp,
+            v = vm.addr,
+            b = unique("n"),
+            to = header(&sub, "To").unwrap(),
+            from = header(&sub, "From").unwrap(),
+            cid = header(&sub, "Call-ID").unwrap(),
+            len = body.len(),
+        )
+    };
+    let waiting = "Messages-Waiting: yes\r\nVoice-Message: 2/8 (0/2)\r\n";
+    vm.send(
+        s.udp,
+        vm_notify(1, "active;expires=600", waiting).as_bytes(),
+    )
+    .await;
+    // The phone: the 200 for its SUBSCRIBE and the voicemail server's NOTIFY, relayed.
+    let mut to_tag = None;
+    let mut relayed = None;
+    while to_tag.is_none() || relayed.is_none() {
+        let m = phone.recv(WAIT).await.expect("200 and NOTIFY at the phone");
+        if m.starts_with("SIP/2.0 ") {
+            assert_eq!(status(&m), 200, "{m}");
+            to_tag = header(&m, "To")
+                .and_then(|t| t.split("tag=").nth(1))
+                .map(str::to_owned);
+        } else if m.starts_with("NOTIFY") {
+            assert_eq!(header(&m, "Call-ID"), Some(call_id.as_str()));
+            assert!(m.ends_with(waiting), "{m}");
+            answer(s.udp, &phone, &m, 200).await;
+            relayed = Some(m);
+        }
+    }
+    let r = vm
+        .recv(WAIT)
+        .await
+        .expect("the phone's 200 reaches the server");
+    assert_eq!(status(&r), 200, "{r}");
+    // Unsubscribe: relayed to the voicemail server, whose last NOTIFY ends it.
+    let unsub = format!(
+        "SUBSCRIBE sip:1003@strowger.test SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {p};branch=z9hG4bK{b};rport\r\n\
+         Max-Forwards: 70\r\n\
+         {from}\r\n\
+         To: <sip:bob@strowger.test>;tag={tag}\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 2 SUBSCRIBE\r\n\
+         Event: message-summary\r\nExpires: 0\r\n\
+         Content-Length: 0\r\n\r\n",
+        p = phone.addr,
+        b = unique("u"),
+        from = msg.lines().find(|l| l.starts_with("From:")).unwrap(),
+        tag = to_tag.unwrap(),
+    );
+    phone.send(s.udp, unsub.as_bytes()).await;
+    let sub2 = vm.recv(WAIT).await.expect("unsubscribe at the server");
+    assert!(sub2.starts_with("SUBSCRIBE"), "{sub2}");
+    assert_eq!(header(&sub2, "Expires"), Some("0"));
+    assert!(header(&sub2, "To").unwrap().contains("tag=vm1"), "{sub2}");
+    vm.send(s.udp, reply(&sub2, 200).as_bytes()).await;
+    let r = phone
+        .recv_final(WAIT)
+        .await
+        .expect("200 for the unsubscribe");
+    assert_eq!(status(&r), 200, "{r}");
+    vm.send(
+        s.udp,
+        vm_notify(2, "terminated;reason=timeout", "Messages-Waiting: no\r\n").as_bytes(),
+    )
+    .await;
+    let last = phone.recv(WAIT).await.expect("terminated NOTIFY");
+    assert!(
+        header(&last, "Subscription-State")
+            .unwrap()
+            .starts_with("terminated"),
+        "{last}"
+    );
+    answer(s.udp, &phone, &last, 200).await;
+    let r = vm.recv(WAIT).await.expect("200 for the last NOTIFY");
+    assert_eq!(status(&r), 200, "{r}");
+}

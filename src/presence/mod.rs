@@ -32,15 +32,20 @@
 //! subscription's NOTIFYs are sent by the node that owns it (where it was made or last
 //! refreshed), and calls on one node light the lamps watched through another.
 //!
-//! Not done: routing a
-//! subscription to another server (e.g. a voicemail server's message-summary; a voicemail
-//! server can PUBLISH message-summary here instead), partial PIDF composition beyond
-//! concatenating the sources' elements, watcher info (RFC 3857).
+//! A subscription the script routes elsewhere (`req:route(uri)`, e.g. message-summary to
+//! a voicemail server) is relayed B2BUA-style (`relay`); a voicemail server can also
+//! PUBLISH message-summary here.
+//!
+//! Not done: relayed subscriptions are not stored (lost on restart: the subscriber's
+//! refresh gets 481 and it subscribes again) nor shared between nodes; partial PIDF
+//! composition beyond concatenating the sources' elements; watcher info (RFC 3857);
+//! authentication of PUBLISH and SUBSCRIBE (the script's `on_subscribe` decides).
 
 pub mod body;
 mod message;
 mod notifier;
 mod redis_store;
+mod relay;
 pub mod store;
 
 pub use redis_store::RedisPresenceStore;
@@ -366,6 +371,12 @@ impl Presence {
                     }
                     SubscribeVerdict::Failed(_) => {
                         respond(&tx, req.response(500).with_reason("Script Error"));
+                        return;
+                    }
+                    SubscribeVerdict::Route(target) => {
+                        let _ = inner
+                            .events
+                            .send(notifier::Ev::SubscribeRoute(tx, req, package, target));
                         return;
                     }
                 }

@@ -28,6 +28,13 @@ pub(crate) enum Ev {
     /// Authorised by the script; the package already checked.
     Subscribe(ServerTransaction, Request, Package),
     InDialog(ServerTransaction, Request),
+    /// The script routed this SUBSCRIBE to another server (`relay`).
+    SubscribeRoute(ServerTransaction, Request, Package, String),
+    /// A client transaction of a relayed subscription reported.
+    RelayClient {
+        id: u64,
+        event: ClientEvent,
+    },
     NotifyDone {
         key: String,
         seq: u32,
@@ -179,9 +186,11 @@ pub(crate) struct Notifier {
     calls: HashMap<Arc<str>, CallView>,
     /// The other nodes' changes (shared store only).
     store_rx: Option<PresenceEvents>,
+    /// Subscriptions the script routed to other servers.
+    relays: super::relay::Relays,
 }
 
-fn sub_key(call_id: &str, local_tag: &str) -> String {
+pub(crate) fn sub_key(call_id: &str, local_tag: &str) -> String {
     format!("{call_id};{local_tag}")
 }
 
@@ -218,6 +227,7 @@ impl Notifier {
             foreign: HashMap::new(),
             calls: HashMap::new(),
             store_rx,
+            relays: Default::default(),
         };
         for p in pubs {
             let Some(package) = Package::from_name(&p.package) else {
@@ -299,6 +309,12 @@ impl Notifier {
             Ev::Publish(tx, req) => self.on_publish(tx, req).await,
             Ev::Subscribe(tx, req, package) => self.on_subscribe(tx, req, package).await,
             Ev::InDialog(tx, req) => self.on_in_dialog(tx, req).await,
+            Ev::SubscribeRoute(tx, req, package, target) => {
+                self.relays
+                    .start(&self.inner, tx, req, package, target)
+                    .await
+            }
+            Ev::RelayClient { id, event } => self.relays.on_client(id, event),
             Ev::NotifyDone { key, seq, event } => self.on_notify_done(key, seq, event),
             Ev::Stop => {}
         }
@@ -521,6 +537,9 @@ impl Notifier {
     }
 
     async fn on_in_dialog(&mut self, tx: ServerTransaction, req: Request) {
+        let Some((tx, req)) = self.relays.on_in_dialog(&self.inner, tx, req) else {
+            return;
+        };
         let tag = req.base.to.tag().unwrap_or("");
         let key = sub_key(&req.base.call_id, tag);
         if let Some(stored) = self.foreign.remove(&key) {
@@ -914,6 +933,10 @@ impl Notifier {
                 consider(t + KEEP_TERMINATED);
             }
         }
+        if self.relays.len() > 0 {
+            // Coarse: a relay outlives its subscription by a minute at most.
+            consider(Instant::now() + Duration::from_secs(60));
+        }
         next
     }
 
@@ -940,6 +963,7 @@ impl Notifier {
             }
         }
         self.foreign.retain(|_, s| s.expires_at > now);
+        self.relays.expire();
         let at = Instant::now();
         self.calls
             .retain(|_, c| c.ended_at.is_none_or(|t| at < t + KEEP_TERMINATED));

@@ -8,7 +8,8 @@
 //! `req:route(target_or_targets)` (deliver there instead of the registered contacts); for
 //! SUBSCRIBE `req.package` (`"presence"`, `"dialog"`, `"message-summary"`), `req.resource`
 //! (the watched `sip:user@domain`), `req.subscriber` (the From URI), `req.expires` (nil when
-//! the SUBSCRIBE has none). Returning without a verdict accepts (default routing for
+//! the SUBSCRIBE has none) and `req:route(uri)` (the subscription is served by that server,
+//! relayed through us). Returning without a verdict accepts (default routing for
 //! MESSAGE). An error, budget or memory failure answers 500, counted like every hook.
 
 use std::collections::HashMap;
@@ -65,10 +66,13 @@ pub enum SubscribeVerdict {
     /// No hook, or no verdict: the subscription is accepted.
     Default,
     Reject(u16, String),
+    /// `req:route(uri)`: the subscription is served by that server (e.g. a voicemail
+    /// server's message-summary); the server relays it as a B2BUA.
+    Route(String),
     Failed(String),
 }
 
-/// A hook verdict set by `req:reject` / `req:route`.
+/// A hook verdict set by `req:reject` / `req:route` (one target for a subscription).
 enum Said {
     Reject(u16, String),
     Route(Vec<String>),
@@ -208,6 +212,21 @@ impl ScriptVersion {
                 req.raw_set("user", info.user.as_deref())?;
                 req.raw_set("source", info.source.as_str())?;
                 req.raw_set("expires", info.expires)?;
+                let s = said.clone();
+                req.raw_set(
+                    "route",
+                    lua.create_function(move |_, (_this, target): (Value, Value)| {
+                        let mut list = string_list(&target, "req:route", "target")
+                            .map_err(mlua::Error::runtime)?;
+                        if list.len() != 1 {
+                            return Err(mlua::Error::runtime(
+                                "req:route: a subscription goes to one server (a string)",
+                            ));
+                        }
+                        *s.lock() = Some(Said::Route(vec![list.remove(0)]));
+                        Ok(())
+                    })?,
+                )?;
                 Ok(req)
             },
         );
@@ -217,7 +236,11 @@ impl ScriptVersion {
         let verdict = said.lock().take();
         match verdict {
             Some(Said::Reject(c, r)) => SubscribeVerdict::Reject(c, r),
-            _ => SubscribeVerdict::Default,
+            Some(Said::Route(mut t)) => match t.pop() {
+                Some(target) => SubscribeVerdict::Route(target),
+                None => SubscribeVerdict::Default,
+            },
+            None => SubscribeVerdict::Default,
         }
     }
 }
@@ -286,6 +309,7 @@ function on_subscribe(req)
   end
   if req.resource == "sip:broken@x" then error("boom") end
   if req.resource == "sip:bad@x" then req:reject(200) end
+  if req.package == "message-summary" then return req:route("sip:vm@10.0.0.30") end
 end
 "#,
         );
@@ -311,6 +335,10 @@ end
             v.on_subscribe(&info("presence", "sip:broken@x", "sip:a@x")),
             SubscribeVerdict::Failed(m) if m.contains("boom")
         ));
+        assert_eq!(
+            v.on_subscribe(&info("message-summary", "sip:1001@x", "sip:a@x")),
+            SubscribeVerdict::Route("sip:vm@10.0.0.30".into())
+        );
         assert!(matches!(
             v.on_subscribe(&info("presence", "sip:bad@x", "sip:a@x")),
             SubscribeVerdict::Failed(m) if m.contains("req:reject")
