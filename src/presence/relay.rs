@@ -58,7 +58,7 @@ enum Purpose {
         server: ServerTransaction,
         orig: Request,
         /// The initial one: its 2xx makes dialog B from `sent`.
-        sent: Option<(Request, Target)>,
+        sent: Option<Box<(Request, Target)>>,
     },
     /// A NOTIFY to A; its answer goes back to the server.
     Notify {
@@ -192,7 +192,7 @@ impl Relays {
             a_key: a_key.clone(),
             server: tx.clone(),
             orig: req.clone(),
-            sent: Some((b_req.clone(), dest)),
+            sent: Some(Box::new((b_req.clone(), dest))),
         };
         if !self.send(inner, b_req, dest, purpose) {
             self.remove(&a_key);
@@ -209,18 +209,18 @@ impl Relays {
     ) -> Option<(ServerTransaction, Request)> {
         let key = sub_key(&req.base.call_id, req.base.to.tag().unwrap_or(""));
         if let Some(a_key) = self.by_b.get(&key).cloned() {
-            self.from_server(inner, &a_key, tx, req);
+            self.relay_notify(inner, &a_key, tx, req);
             return None;
         }
         if self.by_a.contains_key(&key) {
-            self.from_subscriber(inner, &key, tx, req);
+            self.relay_subscribe(inner, &key, tx, req);
             return None;
         }
         Some((tx, req))
     }
 
     /// A → B: a refresh or unsubscribe.
-    fn from_subscriber(
+    fn relay_subscribe(
         &mut self,
         inner: &Arc<Inner>,
         a_key: &str,
@@ -262,7 +262,7 @@ impl Relays {
     }
 
     /// B → A: a NOTIFY from the server.
-    fn from_server(
+    fn relay_notify(
         &mut self,
         inner: &Arc<Inner>,
         a_key: &str,
@@ -333,7 +333,8 @@ impl Relays {
                     r.set_to_tag(&relay.a.local_tag);
                     if ok {
                         r.headers.push("Contact", relay.a_contact.clone());
-                        if let (Some((sent, target)), Some(resp)) = (sent, resp.as_ref()) {
+                        if let (Some(sent), Some(resp)) = (sent, resp.as_ref()) {
+                            let (sent, target) = *sent;
                             relay.b = Some(Dialog::uac(&sent, resp, target));
                         }
                         if let Some(e) = resp
