@@ -642,13 +642,14 @@ impl Config {
                 ),
             ));
         }
-        // presence: intervals ordered, a body limit a UDP datagram could still carry.
+        // presence: intervals ordered. (A body limit above sip.max_message_size is allowed:
+        // the smaller one is what applies.)
         let p = &self.presence;
         range(
             "presence.max_message_size",
             p.max_message_size,
             0,
-            self.sip.max_message_size,
+            MAX_MESSAGE_SIZE,
         )?;
         range("presence.min_expires", p.min_expires, 1, u32::MAX)?;
         range(

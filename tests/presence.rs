@@ -107,6 +107,31 @@ async fn message_to_a_registered_user_is_delivered_and_to_nobody_404() {
     assert_eq!(load(&st.messages_failed), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_inside_a_call_goes_to_the_other_party() {
+    let dir = sipp::workdir("msg-call");
+    let s = server(&dir, PLAN, |_| {}).await;
+    let port = sipp::free_udp_port();
+    let callee = sipp::start(
+        &dir,
+        "kim",
+        Path::new("msg_incall_uas.xml"),
+        port,
+        None,
+        &[],
+    );
+    register_phone(&s, "kim", port).await;
+    let caller = phone(&dir, "msg_incall_uac.xml", "kim", s.udp)
+        .expect_success(LIMIT)
+        .await;
+    let got = callee.expect_success(LIMIT).await;
+    assert_eq!(received(&caller), ["100", "180", "200", "200", "200"]);
+    assert_eq!(received(&got), ["INVITE", "ACK", "MESSAGE", "BYE"]);
+    // Relayed by the call (no on_message, not counted as page-mode).
+    let st = s.handle.presence().stats();
+    assert_eq!(load(&st.messages_routed), 0);
+}
+
 /// A MESSAGE from a raw peer; the final answer.
 async fn message(s: &TestServer, peer: &UdpPeer, user: &str, body: &str) -> String {
     let msg = request(
