@@ -942,3 +942,73 @@ end
     let r = vm.recv(WAIT).await.expect("200 for the last NOTIFY");
     assert_eq!(status(&r), 200, "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_and_subscriptions_expire() {
+    let dir = sipp::workdir("expiry");
+    let s = server(&dir, PLAN, |c| {
+        c.presence.min_expires = 2;
+        c.presence.min_notify_interval_ms = 0;
+    })
+    .await;
+    let publisher = UdpPeer::bind("127.0.0.1").await;
+    let watcher = UdpPeer::bind("127.0.0.1").await;
+    let mut msg = publish_msg(&publisher, "lena", None, "short");
+    msg = msg.replace("Expires: 600", "Expires: 2");
+    let r = ask(&s, &publisher, &msg).await;
+    assert_eq!((status(&r), header(&r, "Expires")), (200, Some("2")), "{r}");
+    let sub = |expires: u32| {
+        request(
+            "SUBSCRIBE",
+            "sip:lena@strowger.test",
+            watcher.addr,
+            "UDP",
+            &unique("sub"),
+            &format!(
+                "Event: presence\r\nExpires: {expires}\r\nContact: <sip:w@{}>\r\n",
+                watcher.addr
+            ),
+            "",
+        )
+    };
+    // Below presence.min_expires: 423 with Min-Expires (RFC 6665 4.2.1.1).
+    let r = ask(&s, &watcher, &sub(1)).await;
+    assert_eq!(
+        (status(&r), header(&r, "Min-Expires")),
+        (423, Some("2")),
+        "{r}"
+    );
+    watcher.send(s.udp, sub(4).as_bytes()).await;
+    let first = notify_until(s.udp, &watcher, |_| true)
+        .await
+        .expect("initial NOTIFY");
+    assert!(first.contains("<note>short</note>"), "{first}");
+    // The publication lapses: the watcher hears the entity is offline.
+    let offline = notify_until(s.udp, &watcher, |m| m.contains("<basic>closed</basic>"))
+        .await
+        .expect("NOTIFY when the publication lapses");
+    assert!(
+        header(&offline, "Subscription-State")
+            .unwrap()
+            .starts_with("active"),
+        "{offline}"
+    );
+    // The subscription lapses: a last NOTIFY says so (RFC 6665 4.2.2).
+    let last = notify_until(s.udp, &watcher, |m| {
+        header(m, "Subscription-State").is_some_and(|v| v.starts_with("terminated"))
+    })
+    .await
+    .expect("terminated NOTIFY at expiry");
+    assert_eq!(
+        header(&last, "Subscription-State"),
+        Some("terminated;reason=timeout")
+    );
+    let st = s.handle.presence().stats();
+    for _ in 0..50 {
+        if load(&st.subscriptions[0]) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(load(&st.subscriptions[0]), 0);
+}

@@ -12,7 +12,7 @@ use crate::dialog::{Dialog, DialogState};
 use crate::sip::{new_tag, Method, NameAddr, Request, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::{ConnectionId, ListenAddr, Target};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -188,6 +188,15 @@ pub(crate) struct Notifier {
     store_rx: Option<PresenceEvents>,
     /// Subscriptions the script routed to other servers.
     relays: super::relay::Relays,
+    /// (package, resource) -> subscription keys: a change finds its subscribers without
+    /// walking every subscription.
+    index: HashMap<(Package, String), HashSet<String>>,
+    /// Keys of subscriptions with a NOTIFY to send (dirty), waiting for the rate limit or
+    /// for the answer to the one in flight.
+    pending: HashSet<String>,
+    /// The unix second of the last expiry scan: lapsed state is looked for once a second,
+    /// not on every event.
+    last_scan: u64,
 }
 
 pub(crate) fn sub_key(call_id: &str, local_tag: &str) -> String {
@@ -228,6 +237,9 @@ impl Notifier {
             calls: HashMap::new(),
             store_rx,
             relays: Default::default(),
+            index: HashMap::new(),
+            pending: HashSet::new(),
+            last_scan: 0,
         };
         for p in pubs {
             let Some(package) = Package::from_name(&p.package) else {
@@ -263,8 +275,7 @@ impl Notifier {
             }
             // Ours: after a restart every subscriber hears the current state once.
             if let Some((key, sub)) = Sub::adopt(s) {
-                n.inner.stats.subscriptions[sub.package.index()].fetch_add(1, Ordering::Relaxed);
-                n.subs.insert(key, sub);
+                n.insert_sub(key, sub);
             }
         }
         n
@@ -299,8 +310,9 @@ impl Notifier {
             self.tick();
         }
         // Whatever is in flight is forgotten; the store keeps the state for the next start.
-        for sub in self.subs.values() {
-            self.inner.stats.subscriptions[sub.package.index()].fetch_sub(1, Ordering::Relaxed);
+        let keys: Vec<String> = self.subs.keys().cloned().collect();
+        for k in keys {
+            self.remove_sub(&k);
         }
     }
 
@@ -530,8 +542,7 @@ impl Notifier {
         ok.headers.push("Expires", expires.to_string());
         ok.headers.push("Contact", contact);
         respond(&tx, ok);
-        self.inner.stats.subscriptions[package.index()].fetch_add(1, Ordering::Relaxed);
-        self.subs.insert(key.clone(), sub);
+        self.insert_sub(key.clone(), sub);
         // RFC 6665 4.2.1.2: the initial NOTIFY goes out at once.
         self.send_notify(&key);
     }
@@ -547,8 +558,7 @@ impl Notifier {
             if let Some((k, sub)) = Sub::adopt(stored) {
                 let record = sub.stored(&k, &self.inner.node);
                 drop(self.store.put_subscription(&record));
-                self.inner.stats.subscriptions[sub.package.index()].fetch_add(1, Ordering::Relaxed);
-                self.subs.insert(k, sub);
+                self.insert_sub(k, sub);
             }
         }
         let Some(sub) = self.subs.get_mut(&key) else {
@@ -588,6 +598,10 @@ impl Notifier {
         let expires = expires.min(cfg.max_expires);
         sub.dialog.refresh_target(&req.headers);
         sub.dirty = true;
+        self.pending.insert(key.clone());
+        let Some(sub) = self.subs.get_mut(&key) else {
+            return;
+        };
         if expires == 0 {
             // Unsubscribe (RFC 6665 4.2.1.4): 200, then a last NOTIFY, terminated.
             sub.ending = Some("timeout");
@@ -703,6 +717,7 @@ impl Notifier {
         sub.in_flight = Some(seq);
         sub.final_sent = sub.ending.is_some();
         sub.dirty = false;
+        self.pending.remove(key);
         sub.last_sent = Some(Instant::now());
         sub.version = version.wrapping_add(1);
         let stored = (sub.ending.is_none()).then(|| sub.stored(key, &self.inner.node));
@@ -756,9 +771,38 @@ impl Notifier {
         }
     }
 
+    /// Adds one of our subscriptions (gauge, index, pending NOTIFY).
+    fn insert_sub(&mut self, key: String, sub: Sub) {
+        self.inner.stats.subscriptions[sub.package.index()].fetch_add(1, Ordering::Relaxed);
+        self.index
+            .entry((sub.package, sub.resource.clone()))
+            .or_default()
+            .insert(key.clone());
+        if sub.dirty {
+            self.pending.insert(key.clone());
+        }
+        if let Some(old) = self.subs.insert(key, sub) {
+            self.inner.stats.subscriptions[old.package.index()].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets one of our subscriptions (not the store's record).
+    fn remove_sub(&mut self, key: &str) -> Option<Sub> {
+        let sub = self.subs.remove(key)?;
+        self.inner.stats.subscriptions[sub.package.index()].fetch_sub(1, Ordering::Relaxed);
+        let ik = (sub.package, sub.resource.clone());
+        if let Some(keys) = self.index.get_mut(&ik) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.index.remove(&ik);
+            }
+        }
+        self.pending.remove(key);
+        Some(sub)
+    }
+
     fn end_sub(&mut self, key: &str, failed: bool) {
-        if let Some(sub) = self.subs.remove(key) {
-            self.inner.stats.subscriptions[sub.package.index()].fetch_sub(1, Ordering::Relaxed);
+        if self.remove_sub(key).is_some() {
             if failed {
                 bump(&self.inner.stats.notifies_failed);
             }
@@ -768,9 +812,13 @@ impl Notifier {
 
     /// The state of (package, resource) changed: its subscribers get a NOTIFY.
     fn touch(&mut self, package: Package, resource: &str) {
-        for s in self.subs.values_mut() {
-            if s.package == package && s.resource == resource {
+        let Some(keys) = self.index.get(&(package, resource.to_owned())) else {
+            return;
+        };
+        for k in keys {
+            if let Some(s) = self.subs.get_mut(k) {
                 s.dirty = true;
+                self.pending.insert(k.clone());
             }
         }
     }
@@ -833,10 +881,7 @@ impl Notifier {
             PresenceEvent::Subscription(key) => match self.store.load_subscription(&key).await {
                 Ok(Some(s)) if s.owner != self.inner.node => {
                     // Another node took it over: it sends the NOTIFYs now.
-                    if let Some(sub) = self.subs.remove(&key) {
-                        self.inner.stats.subscriptions[sub.package.index()]
-                            .fetch_sub(1, Ordering::Relaxed);
-                    }
+                    self.remove_sub(&key);
                     self.foreign.insert(key, s);
                 }
                 Ok(Some(_)) => {}
@@ -878,8 +923,9 @@ impl Notifier {
                         .map(|s| (s.key.clone(), s))
                         .collect();
                     // Whatever changed meanwhile: every subscriber hears the state.
-                    for s in self.subs.values_mut() {
+                    for (k, s) in self.subs.iter_mut() {
                         s.dirty = true;
+                        self.pending.insert(k.clone());
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "presence: store re-read failed"),
@@ -914,52 +960,74 @@ impl Notifier {
         let interval = self.inner.cfg.min_notify_interval;
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
-        for p in self.pubs.values() {
-            consider(instant_of(p.expires_at));
-        }
-        for s in self.subs.values() {
-            if s.ending.is_none() {
-                consider(instant_of(s.expires_at));
-            }
-            if s.dirty && s.in_flight.is_none() && !s.final_sent {
+        for k in &self.pending {
+            let Some(s) = self.subs.get(k) else { continue };
+            if s.in_flight.is_none() && !s.final_sent {
                 match (s.ending, s.last_sent) {
                     (None, Some(t)) => consider(t + interval),
                     _ => consider(Instant::now()),
                 }
             }
         }
-        for c in self.calls.values() {
-            if let Some(t) = c.ended_at {
-                consider(t + KEEP_TERMINATED);
-            }
-        }
-        if self.relays.len() > 0 {
-            // Coarse: a relay outlives its subscription by a minute at most.
-            consider(Instant::now() + Duration::from_secs(60));
+        // Expiry (publications, subscriptions, ended calls, relays) is looked for once a
+        // second while there is anything that can lapse.
+        let anything = !self.pubs.is_empty()
+            || !self.subs.is_empty()
+            || !self.foreign.is_empty()
+            || !self.calls.is_empty()
+            || self.relays.len() > 0;
+        if anything {
+            consider(instant_of(self.last_scan.max(unix_now()) + 1));
         }
         next
     }
 
-    /// Expires what lapsed and sends the NOTIFYs that are due.
+    /// Expires what lapsed (once a second) and sends the NOTIFYs that are due.
     fn tick(&mut self) {
         let now = unix_now();
+        if now != self.last_scan {
+            self.last_scan = now;
+            self.expire(now);
+        }
+        let at = Instant::now();
+        let interval = self.inner.cfg.min_notify_interval;
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|k| {
+                self.subs.get(*k).is_some_and(|s| {
+                    s.dirty
+                        && !s.final_sent
+                        && s.in_flight.is_none()
+                        && (s.ending.is_some() || s.last_sent.is_none_or(|t| at >= t + interval))
+                })
+            })
+            .cloned()
+            .collect();
+        for key in due {
+            self.send_notify(&key);
+        }
+    }
+
+    fn expire(&mut self, now: u64) {
         let expired: Vec<String> = self
             .pubs
             .iter()
             .filter(|(_, p)| p.expires_at <= now)
             .map(|(k, _)| k.clone())
             .collect();
-        for etag in expired {
-            if let Some(p) = self.pubs.remove(&etag) {
-                drop(self.store.remove_publication(&etag));
+        for id in expired {
+            if let Some(p) = self.pubs.remove(&id) {
+                drop(self.store.remove_publication(&id));
                 self.touch(p.package, &p.resource);
             }
         }
-        for s in self.subs.values_mut() {
+        for (k, s) in self.subs.iter_mut() {
             if s.ending.is_none() && s.expires_at <= now {
                 // RFC 6665 4.2.2: at expiry, a last NOTIFY says so.
                 s.ending = Some("timeout");
                 s.dirty = true;
+                self.pending.insert(k.clone());
             }
         }
         self.foreign.retain(|_, s| s.expires_at > now);
@@ -967,21 +1035,6 @@ impl Notifier {
         let at = Instant::now();
         self.calls
             .retain(|_, c| c.ended_at.is_none_or(|t| at < t + KEEP_TERMINATED));
-        let interval = self.inner.cfg.min_notify_interval;
-        let due: Vec<String> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| {
-                s.dirty
-                    && !s.final_sent
-                    && s.in_flight.is_none()
-                    && (s.ending.is_some() || s.last_sent.is_none_or(|t| at >= t + interval))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
-            self.send_notify(&key);
-        }
     }
 }
 
