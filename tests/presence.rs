@@ -1,11 +1,14 @@
 //! Events, presence and messaging end to end: SIPp phones sending MESSAGE to a registered
-//! user (delivered, 200) and to nobody (404); the PUBLISH lifecycle with entity tags
-//! (initial, refresh, modify, remove, 412); a presence watcher getting the published state
-//! at once, an update, and a terminated NOTIFY when it unsubscribes; 489 for packages we do
-//! not serve; a desk phone's busy-lamp field (dialog package) following a call to the
-//! extension through early, confirmed and terminated. Raw SIP for what SIPp cannot show
-//! (413, the script's say on MESSAGE, NOTIFY coalescing and a refused NOTIFY ending the
-//! subscription), and the state surviving SIGKILL of the server.
+//! user (delivered, 200) and to nobody (404), and inside a call (relayed to the other
+//! party); the PUBLISH lifecycle with entity tags (initial, refresh, modify, remove, 412);
+//! a presence watcher getting the published state at once, an update, and a terminated
+//! NOTIFY when it unsubscribes; 489 for packages we do not serve; a desk phone's busy-lamp
+//! field (dialog package) following a call to the extension through trying, early,
+//! confirmed and terminated. Raw SIP for what SIPp cannot show: 413 and the script's say on
+//! MESSAGE, NOTIFY coalescing and a refused NOTIFY ending the subscription, expiry of
+//! publications and subscriptions, message-summary routed to a voicemail server; the
+//! state surviving SIGKILL of the server; two nodes sharing presence and busy lamps through
+//! a real redis-server. `fan_out_figure` (ignored) measures one PUBLISH to 1000 watchers.
 
 mod common;
 
@@ -1011,4 +1014,77 @@ async fn publications_and_subscriptions_expire() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(load(&st.subscriptions[0]), 0);
+}
+
+/// A figure, not a check: `cargo test --release --test presence fan_out -- --ignored
+/// --nocapture`. N watchers of one presentity, then one PUBLISH: how long until every
+/// watcher has its NOTIFY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn fan_out_figure() {
+    const N: usize = 1000;
+    let dir = sipp::workdir("fanout");
+    let s = server(&dir, PLAN, |c| c.presence.min_notify_interval_ms = 0).await;
+    let publisher = UdpPeer::bind("127.0.0.1").await;
+    let watcher = std::sync::Arc::new(UdpPeer::bind("127.0.0.1").await);
+    let etag = publish_to(s.udp, &publisher, "max", None, "before").await;
+    // A reader answers every NOTIFY as it comes and says which state it carried.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let reader = {
+        let watcher = watcher.clone();
+        let server = s.udp;
+        tokio::spawn(async move {
+            let mut answered = std::collections::HashSet::new();
+            while let Some(m) = watcher.recv(Duration::from_secs(10)).await {
+                if m.starts_with("NOTIFY") {
+                    answer(server, &watcher, &m, 200).await;
+                    let id = (
+                        header(&m, "Call-ID").unwrap().to_owned(),
+                        header(&m, "CSeq").unwrap().to_owned(),
+                    );
+                    if answered.insert(id) {
+                        let _ = seen_tx.send(m.contains("<note>after</note>"));
+                    }
+                }
+            }
+        })
+    };
+    let t0 = std::time::Instant::now();
+    for i in 0..N {
+        let msg = request(
+            "SUBSCRIBE",
+            "sip:max@strowger.test",
+            watcher.addr,
+            "UDP",
+            &format!("fan{i}"),
+            &format!(
+                "Event: presence\r\nExpires: 600\r\nContact: <sip:w@{}>\r\n",
+                watcher.addr
+            ),
+            "",
+        );
+        watcher.send(s.udp, msg.as_bytes()).await;
+        if i % 10 == 9 {
+            // Keep the socket buffers from overflowing (a raw peer does not retransmit).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    for i in 0..N {
+        let got = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+        assert!(
+            matches!(got, Ok(Some(false))),
+            "initial NOTIFY {i} of {N}: {got:?}"
+        );
+    }
+    let subscribed = t0.elapsed();
+    let t1 = std::time::Instant::now();
+    publish_to(s.udp, &publisher, "max", Some(&etag), "after").await;
+    for _ in 0..N {
+        assert!(seen.recv().await.expect("NOTIFYs after the PUBLISH"));
+    }
+    let fanned = t1.elapsed();
+    reader.abort();
+    println!(
+        "{N} subscriptions (SUBSCRIBE, 200, NOTIFY, 200) in {subscribed:?}; one PUBLISH to {N} NOTIFYs answered in {fanned:?}"
+    );
 }
