@@ -682,6 +682,13 @@ impl Notifier {
     }
 
     fn send_notify(&mut self, key: &str) {
+        self.send_notify_cached(key, &mut HashMap::new());
+    }
+
+    /// `send_notify` with the bodies already composed in this round: one presence or
+    /// message-summary document per resource however many watch it (dialog-info carries
+    /// each subscription's own version, so it is built per subscription).
+    fn send_notify_cached(&mut self, key: &str, cache: &mut HashMap<(Package, String), String>) {
         let Some((package, resource, version)) = self
             .subs
             .get(key)
@@ -689,7 +696,14 @@ impl Notifier {
         else {
             return;
         };
-        let body = self.body_for(package, &resource, version);
+        let body = if package == Package::Dialog {
+            self.body_for(package, &resource, version)
+        } else {
+            cache
+                .entry((package, resource.clone()))
+                .or_insert_with(|| self.body_for(package, &resource, version))
+                .clone()
+        };
         let Some(sub) = self.subs.get_mut(key) else {
             return;
         };
@@ -1004,8 +1018,9 @@ impl Notifier {
             })
             .cloned()
             .collect();
+        let mut cache = HashMap::new();
         for key in due {
-            self.send_notify(&key);
+            self.send_notify_cached(&key, &mut cache);
         }
     }
 
