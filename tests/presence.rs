@@ -159,16 +159,44 @@ function on_message(req)
   if req.body:find("spam") then return req:reject(403, "No spam") end
   if req.user == "desk" then return req:route("sip:inbox@{}") end
 end
+function on_subscribe(req)
+  if req.package == "dialog" and req.subscriber ~= "sip:boss@strowger.test" then
+    return req:reject(403, "Not your lamp")
+  end
+end
 "#,
         inbox.addr
     );
-    let s = server(&dir, &script, |c| c.presence.max_message_size = 64).await;
+    let users = dir.join("users.toml");
+    std::fs::write(&users, "[users.zoe]\npassword = \"x\"\n").unwrap();
+    let s = server(&dir, &script, |c| {
+        c.presence.max_message_size = 64;
+        c.registrar.users_file = users.display().to_string();
+    })
+    .await;
     let peer = UdpPeer::bind("127.0.0.1").await;
     // RFC 3428 7: above the limit, 413.
     let r = message(&s, &peer, "bob", &"x".repeat(65)).await;
     assert_eq!(status(&r), 413, "{r}");
     let r = message(&s, &peer, "bob", "cheap spam").await;
     assert_eq!((status(&r), reason(&r)), (403, "No spam"), "{r}");
+    // Nobody registered: a user we know is away (480), anyone else unknown (404).
+    let r = message(&s, &peer, "zoe", "are you there?").await;
+    assert_eq!(status(&r), 480, "{r}");
+    let r = message(&s, &peer, "bob", "are you there?").await;
+    assert_eq!(status(&r), 404, "{r}");
+    // on_subscribe refuses a lamp to anyone but the boss (the request's From is alice).
+    let sub = request(
+        "SUBSCRIBE",
+        "sip:1001@strowger.test",
+        peer.addr,
+        "UDP",
+        &unique("s"),
+        &format!("Event: dialog\r\nContact: <sip:a@{}>\r\n", peer.addr),
+        "",
+    );
+    let r = ask(&s, &peer, &sub).await;
+    assert_eq!((status(&r), reason(&r)), (403, "Not your lamp"), "{r}");
     // req:route: to the named target; its 202 is the sender's answer.
     let msg = request(
         "MESSAGE",
