@@ -432,6 +432,10 @@ async fn start_presence(
         users,
         store,
         calls: Some(b2bua.call_watch().subscribe()),
+        live_calls: Some({
+            let b2bua = b2bua.clone();
+            Arc::new(move || b2bua.calls())
+        }),
         node,
     })
     .await

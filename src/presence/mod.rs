@@ -189,6 +189,8 @@ pub struct PresenceParts {
     pub store: Arc<dyn PresenceStore>,
     /// The B2BUA's call watch (None: no dialog event package from calls).
     pub calls: Option<broadcast::Receiver<CallChange>>,
+    /// The B2BUA's calls in progress, read when call changes were lost (None: never).
+    pub live_calls: Option<LiveCalls>,
     /// This node's name, stable across restarts (e.g. its first SIP address): which node
     /// sends a subscription's NOTIFYs when several share a store.
     pub node: String,
@@ -205,7 +207,11 @@ pub(crate) struct Inner {
     stats: PresenceStats,
     events: mpsc::UnboundedSender<notifier::Ev>,
     node: String,
+    live_calls: Option<LiveCalls>,
 }
+
+/// Lists the calls in progress (`B2bua::calls`).
+pub type LiveCalls = Arc<dyn Fn() -> Vec<crate::b2bua::CallSnapshot> + Send + Sync>;
 
 impl Inner {
     /// Whether a request's Request-URI is a user of ours; its canonical AOR then.
@@ -255,6 +261,7 @@ impl Presence {
             stats: PresenceStats::default(),
             events,
             node: parts.node,
+            live_calls: parts.live_calls,
         });
         let n = notifier::Notifier::new(
             inner.clone(),

@@ -169,6 +169,8 @@ impl Sub {
 /// A call as the dialog package sees it.
 struct CallView {
     change: CallChange,
+    /// One of this node's calls (not told by another node).
+    local: bool,
     caller_aor: String,
     callee_aor: String,
     ended_at: Option<Instant>,
@@ -298,12 +300,14 @@ impl Notifier {
                     Some(Ev::Stop) | None => break,
                     Some(ev) => self.on_event(ev).await,
                 },
-                change = recv_call(&mut self.calls_rx) => {
-                    if let Some(c) = &change {
-                        self.announce(c);
+                change = recv_call(&mut self.calls_rx) => match change {
+                    CallRecv::Change(c) => {
+                        self.announce(&c);
+                        self.on_call(c, true);
                     }
-                    self.on_call(change);
-                }
+                    CallRecv::Lagged => self.resync_calls(),
+                    CallRecv::Closed => {}
+                },
                 ev = recv_store(&mut self.store_rx) => self.on_store_event(ev).await,
                 _ = sleep_until(deadline) => {}
             }
@@ -839,12 +843,11 @@ impl Notifier {
 
     // ---- the dialog event package from our own calls (RFC 4235) ----------------------
 
-    fn on_call(&mut self, change: Option<CallChange>) {
-        let Some(change) = change else { return };
+    fn on_call(&mut self, change: CallChange, local: bool) {
         let cfg = &self.inner.cfg;
-        let local = &self.inner.local;
-        let caller_aor = local.canonical_aor(&change.caller, &cfg.domain);
-        let callee_aor = local.canonical_aor(&change.callee, &cfg.domain);
+        let addrs = &self.inner.local;
+        let caller_aor = addrs.canonical_aor(&change.caller, &cfg.domain);
+        let callee_aor = addrs.canonical_aor(&change.callee, &cfg.domain);
         let ended = change.phase == CallPhase::Terminated;
         let id = change.id.clone();
         self.touch(Package::Dialog, &caller_aor);
@@ -853,11 +856,64 @@ impl Notifier {
             id,
             CallView {
                 change,
+                local,
                 caller_aor,
                 callee_aor,
                 ended_at: ended.then(Instant::now),
             },
         );
+    }
+
+    /// Changes of our own calls were lost (the watch's buffer overran): the B2BUA's list
+    /// of calls in progress says which ended and which are up, so no lamp stays lit for a
+    /// call that is over.
+    fn resync_calls(&mut self) {
+        let Some(live) = self.inner.live_calls.as_ref().map(|f| f()) else {
+            return;
+        };
+        let up: HashSet<&str> = live.iter().map(|c| c.id.as_str()).collect();
+        let gone: Vec<CallChange> = self
+            .calls
+            .iter()
+            .filter(|(id, c)| c.local && c.ended_at.is_none() && !up.contains(&***id))
+            .map(|(_, c)| CallChange {
+                phase: CallPhase::Terminated,
+                ..c.change.clone()
+            })
+            .collect();
+        for c in gone {
+            self.on_call(c, true);
+        }
+        for snap in &live {
+            let phase = if snap.state == "answered" {
+                CallPhase::Confirmed
+            } else {
+                CallPhase::Early
+            };
+            let change = match self.calls.get(snap.id.as_str()) {
+                Some(c) if c.change.phase == phase => continue,
+                Some(c) => CallChange {
+                    phase,
+                    ..c.change.clone()
+                },
+                None => {
+                    let (Ok(caller), Ok(callee)) = (Uri::parse(&snap.from), Uri::parse(&snap.to))
+                    else {
+                        continue;
+                    };
+                    CallChange {
+                        id: Arc::from(snap.id.as_str()),
+                        phase,
+                        call_id: Arc::from(snap.a_call_id.as_str()),
+                        caller_tag: Arc::from(""),
+                        our_tag: Arc::from(""),
+                        caller: Arc::new(caller),
+                        callee: Arc::new(callee),
+                    }
+                }
+            };
+            self.on_call(change, true);
+        }
     }
 
     // ---- other nodes (shared store) ------------------------------------------------
@@ -915,15 +971,18 @@ impl Notifier {
                     "confirmed" => CallPhase::Confirmed,
                     _ => CallPhase::Terminated,
                 };
-                self.on_call(Some(CallChange {
-                    id: Arc::from(rc.id.as_str()),
-                    phase,
-                    call_id: Arc::from(rc.call_id.as_str()),
-                    caller_tag: Arc::from(rc.caller_tag.as_str()),
-                    our_tag: Arc::from(rc.our_tag.as_str()),
-                    caller: Arc::new(caller),
-                    callee: Arc::new(callee),
-                }));
+                self.on_call(
+                    CallChange {
+                        id: Arc::from(rc.id.as_str()),
+                        phase,
+                        call_id: Arc::from(rc.call_id.as_str()),
+                        caller_tag: Arc::from(rc.caller_tag.as_str()),
+                        our_tag: Arc::from(rc.our_tag.as_str()),
+                        caller: Arc::new(caller),
+                        callee: Arc::new(callee),
+                    },
+                    false,
+                );
             }
             PresenceEvent::Resync => match self.store.load().await {
                 Ok((pubs, subs)) => {
@@ -1053,22 +1112,29 @@ impl Notifier {
     }
 }
 
-async fn recv_call(rx: &mut Option<broadcast::Receiver<CallChange>>) -> Option<CallChange> {
+enum CallRecv {
+    Change(CallChange),
+    /// Changes were lost: re-read the calls in progress.
+    Lagged,
+    Closed,
+}
+
+async fn recv_call(rx: &mut Option<broadcast::Receiver<CallChange>>) -> CallRecv {
     let Some(r) = rx else {
         return std::future::pending().await;
     };
     match r.recv().await {
-        Ok(c) => Some(c),
+        Ok(c) => CallRecv::Change(c),
         Err(broadcast::error::RecvError::Lagged(n)) => {
             tracing::warn!(
                 lost = n,
-                "presence: fell behind the call watch; some busy-lamp changes were lost"
+                "presence: fell behind the call watch; re-reading the calls in progress"
             );
-            None
+            CallRecv::Lagged
         }
         Err(broadcast::error::RecvError::Closed) => {
             *rx = None;
-            None
+            CallRecv::Closed
         }
     }
 }
