@@ -1116,3 +1116,90 @@ async fn fan_out_figure() {
         "{N} subscriptions (SUBSCRIBE, 200, NOTIFY, 200) in {subscribed:?}; one PUBLISH to {N} NOTIFYs answered in {fanned:?}"
     );
 }
+
+/// The same store suite on the embedded store and on a real redis-server: records round
+/// trip, a rewrite replaces, a dropped write future still writes (in order), removal; and
+/// on Redis a second instance (another node) hears the first one's changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_stores_sqlite_and_redis() {
+    use strowger::presence::{
+        PresenceEvent, PresenceStore, RedisPresenceStore, SqlitePresenceStore, StoredPublication,
+        StoredSubscription,
+    };
+    let Some(redis) = common::redis::start_redis() else {
+        panic!(
+            "redis-server is needed (the test command installs it: apt-get install redis-server)"
+        );
+    };
+    let dir = sipp::workdir("pres-store");
+    let pubn = |etag: &str, body: &str| StoredPublication {
+        id: "p1".into(),
+        etag: etag.into(),
+        resource: "sip:a@strowger.test".into(),
+        package: "presence".into(),
+        content_type: "application/pidf+xml".into(),
+        body: body.into(),
+        expires_at: 4_000_000_000,
+    };
+    let sub = StoredSubscription {
+        key: "c1;t1".into(),
+        package: "dialog".into(),
+        event_id: Some("7".into()),
+        resource: "sip:1001@strowger.test".into(),
+        call_id: "c1".into(),
+        local_tag: "t1".into(),
+        remote_tag: "r1".into(),
+        local_uri: "<sip:1001@strowger.test>".into(),
+        remote_uri: "<sip:boss@strowger.test>".into(),
+        remote_target: "sip:boss@127.0.0.1:5070".into(),
+        route_set: vec!["<sip:edge.example;lr>".into()],
+        local_seq: 3,
+        flow: "udp:127.0.0.1:5070".into(),
+        connection: None,
+        contact: "<sip:127.0.0.1:5060>".into(),
+        expires_at: 4_000_000_000,
+        version: 2,
+        owner: "udp:127.0.0.1:5060".into(),
+    };
+    let sqlite: std::sync::Arc<dyn PresenceStore> =
+        std::sync::Arc::new(SqlitePresenceStore::open(&dir).unwrap());
+    let redis1: std::sync::Arc<dyn PresenceStore> =
+        std::sync::Arc::new(RedisPresenceStore::connect(&redis.url()).await.unwrap());
+    for store in [&sqlite, &redis1] {
+        store.put_publication(&pubn("e1", "one")).await.unwrap();
+        // Dropped: still written, and before the next one.
+        drop(store.put_publication(&pubn("e2", "two")));
+        store.put_publication(&pubn("e3", "three")).await.unwrap();
+        store.put_subscription(&sub).await.unwrap();
+        let (pubs, subs) = store.load().await.unwrap();
+        assert_eq!(
+            pubs,
+            vec![pubn("e3", "three")],
+            "one record per id, the last write"
+        );
+        assert_eq!(subs, vec![sub.clone()]);
+        store.remove_publication("p1").await.unwrap();
+        store.remove_subscription("c1;t1").await.unwrap();
+        let (pubs, subs) = store.load().await.unwrap();
+        assert!(pubs.is_empty() && subs.is_empty());
+    }
+    // Two nodes on one Redis: the second hears the first's writes, not its own.
+    let redis2 = RedisPresenceStore::connect(&redis.url()).await.unwrap();
+    let mut events = redis2.watch().await.expect("a shared store can be watched");
+    redis2.put_publication(&pubn("own", "mine")).await.unwrap();
+    redis1.put_publication(&pubn("e4", "four")).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("a change from the other node")
+        .unwrap();
+    assert!(
+        matches!(&ev, PresenceEvent::Publication(id) if id == "p1"),
+        "{ev:?}"
+    );
+    assert_eq!(
+        redis2.load_publication("p1").await.unwrap(),
+        Some(pubn("e4", "four"))
+    );
+    assert!(redis2.shared() && !sqlite.shared());
+    drop(redis);
+}

@@ -190,8 +190,8 @@ impl PresenceStore for RedisPresenceStore {
         self.put("pub", p.key(), p)
     }
 
-    fn remove_publication(&self, etag: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
-        self.remove("pub", etag)
+    fn remove_publication(&self, id: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
+        self.remove("pub", id)
     }
 
     fn put_subscription(

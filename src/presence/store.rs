@@ -301,14 +301,14 @@ impl PresenceStore for SqlitePresenceStore {
     ) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
         self.put(
             "pub",
-            p.etag.clone(),
+            p.key().to_owned(),
             p.expires_at,
             serde_json::to_string(p),
         )
     }
 
-    fn remove_publication(&self, etag: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
-        self.remove("pub", etag)
+    fn remove_publication(&self, id: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
+        self.remove("pub", id)
     }
 
     fn put_subscription(
