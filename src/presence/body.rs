@@ -222,6 +222,23 @@ mod tests {
     }
 
     #[test]
+    fn odd_documents_do_not_panic() {
+        for doc in [
+            "",
+            "<",
+            "<presence",
+            "<presence xmlns=\"a",
+            "<presence xmlns=\"é\"><tuple>",
+            "<tuple/><tuple id='x'>ü</tuple><note>",
+            "<<tuple>></tuple></x:tuple>",
+            "<presence xmlns:é=\"ü\"><é:person>ä</é:person></presence>",
+        ] {
+            let out = compose_pidf("sip:a@x", &[doc]);
+            assert!(out.ends_with("</presence>\n"), "{out}");
+        }
+    }
+
+    #[test]
     fn nothing_published_is_closed() {
         let doc = compose_pidf("sip:bob@x", &[]);
         assert!(doc.contains("<basic>closed</basic>"), "{doc}");
