@@ -44,7 +44,8 @@
 //!   `presence.min_expires` [60], `presence.max_expires` [3600],
 //!   `presence.default_expires` [3600] (SUBSCRIBE and PUBLISH intervals),
 //!   `presence.min_notify_interval_ms` [200] (changes within it are coalesced per
-//!   subscriber)
+//!   subscriber), `presence.authenticate` [false] (digest for PUBLISH, SUBSCRIBE,
+//!   MESSAGE; needs `registrar.users_file`)
 //!
 //! How a line number is found: the `config` crate that merges the sources keeps no
 //! positions, so the file is first parsed on its own with `toml` (whose errors carry a
@@ -444,6 +445,9 @@ pub struct PresenceSection {
     /// Changes within this many milliseconds of the last NOTIFY to a subscriber are
     /// sent together in one NOTIFY (RFC 6665 4.2.2 rate limit).
     pub min_notify_interval_ms: u64,
+    /// PUBLISH, SUBSCRIBE and MESSAGE must carry digest credentials of a user of
+    /// `registrar.users_file`, and a PUBLISH may only set its sender's own state.
+    pub authenticate: bool,
 }
 
 impl Default for PresenceSection {
@@ -454,6 +458,7 @@ impl Default for PresenceSection {
             max_expires: 3600,
             default_expires: 3600,
             min_notify_interval_ms: 200,
+            authenticate: false,
         }
     }
 }
@@ -670,6 +675,12 @@ impl Config {
             0,
             MAX_TIMER_MS,
         )?;
+        if p.authenticate && self.registrar.users_file.trim().is_empty() {
+            return Err(invalid(
+                "presence.authenticate",
+                "needs registrar.users_file (the users whose credentials are checked)",
+            ));
+        }
         range(
             "shutdown.drain_timeout_s",
             self.shutdown.drain_timeout_s,
@@ -1427,6 +1438,12 @@ mod tests {
         );
         let e = Config::from_toml_str("[presence]\nmax_message_sise = 1\n", "t.toml").unwrap_err();
         assert!(e.to_string().starts_with("t.toml:2:"), "{e}");
+        let e = Config::from_toml_str("[presence]\nauthenticate = true\n", "t.toml").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml:2: presence.authenticate: needs registrar.users_file (the users whose \
+             credentials are checked)"
+        );
     }
 
     #[test]

@@ -306,7 +306,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         &transports,
         &scripts,
         location.clone(),
-        presence_users,
+        (presence_users, digest.clone()),
         &b2bua,
     )
     .await?;
@@ -391,7 +391,7 @@ async fn start_presence(
     transports: &Transports,
     scripts: &ScriptEngine,
     location: Arc<Location>,
-    users: Option<Arc<Users>>,
+    (users, digest): (Option<Arc<Users>>, DigestAuth),
     b2bua: &B2bua,
 ) -> anyhow::Result<crate::presence::Presence> {
     use crate::presence::{Presence, PresenceConfig, PresenceParts, SqlitePresenceStore};
@@ -429,9 +429,13 @@ async fn start_presence(
         scripts: scripts.clone(),
         location: location.clone(),
         flows: location,
-        users,
+        users: users.clone(),
         store,
         calls: Some(b2bua.call_watch().subscribe()),
+        auth: users
+            .clone()
+            .filter(|_| config.presence.authenticate)
+            .map(|u| (digest, u)),
         live_calls: Some({
             let b2bua = b2bua.clone();
             Arc::new(move || b2bua.calls())

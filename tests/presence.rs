@@ -1203,3 +1203,60 @@ async fn presence_stores_sqlite_and_redis() {
     assert!(redis2.shared() && !sqlite.shared());
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_authenticate_challenges_and_limits_publish_to_ones_own_state() {
+    let dir = sipp::workdir("pres-auth");
+    let users = dir.join("users.toml");
+    std::fs::write(&users, "[users.alice]\npassword = \"secret\"\n").unwrap();
+    let s = server(&dir, PLAN, |c| {
+        c.registrar.users_file = users.display().to_string();
+        c.presence.authenticate = true;
+    })
+    .await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let publish_as = |user: &str, auth: Option<String>| {
+        let mut msg = publish_msg(&peer, user, None, "hi");
+        if let Some(a) = auth {
+            msg = msg.replacen("Event:", &format!("Authorization: {a}\r\nEvent:"), 1);
+        }
+        msg
+    };
+    // No credentials: 401 with a challenge (we are the PUBLISH's UAS).
+    let r = ask(&s, &peer, &publish_as("alice", None)).await;
+    assert_eq!(status(&r), 401, "{r}");
+    let challenge = header(&r, "WWW-Authenticate").unwrap().to_owned();
+    let answer_for = |user: &str, nc: u32| {
+        strowger::auth::answer_challenge(
+            &challenge,
+            "PUBLISH",
+            &format!("sip:{user}@strowger.test"),
+            "alice",
+            "secret",
+            "c0ffee",
+            nc,
+        )
+        .unwrap()
+    };
+    let r = ask(
+        &s,
+        &peer,
+        &publish_as("alice", Some(answer_for("alice", 1))),
+    )
+    .await;
+    assert_eq!(status(&r), 200, "{r}");
+    // Alice's credentials, Bob's presence: 403.
+    let r = ask(&s, &peer, &publish_as("bob", Some(answer_for("bob", 2)))).await;
+    assert_eq!(
+        (status(&r), reason(&r)),
+        (403, "You may only publish your own state"),
+        "{r}"
+    );
+    // MESSAGE goes on to others: 407, like a call.
+    let r = message(&s, &peer, "alice", "hello").await;
+    assert_eq!(status(&r), 407, "{r}");
+    assert!(header(&r, "Proxy-Authenticate").is_some(), "{r}");
+    let st = s.handle.presence().stats();
+    assert_eq!(load(&st.publish[0]), 1);
+    assert_eq!(load(&st.publish[5]), 2);
+}

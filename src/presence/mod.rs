@@ -18,7 +18,9 @@
 //! Config keys (`[presence]`): `max_message_size` (MESSAGE bodies above it get 413),
 //! `min_expires` (423 below it), `max_expires` (cut to it), `default_expires` (no
 //! Expires), `min_notify_interval_ms` (changes within it are coalesced into one NOTIFY to
-//! that subscriber); storage: `storage.dir`.
+//! that subscriber), `authenticate` (digest for PUBLISH, SUBSCRIBE and MESSAGE with the
+//! users of `registrar.users_file`; a PUBLISH only for one's own state); storage:
+//! `storage.dir`, or `redis.url` with `registrar.store = "redis"`.
 //!
 //! Lua: `on_message(req)` and `on_subscribe(req)` (see `script::presence`).
 //!
@@ -38,8 +40,7 @@
 //!
 //! Not done: relayed subscriptions are not stored (lost on restart: the subscriber's
 //! refresh gets 481 and it subscribes again) nor shared between nodes; partial PIDF
-//! composition beyond concatenating the sources' elements; watcher info (RFC 3857);
-//! authentication of PUBLISH and SUBSCRIBE (the script's `on_subscribe` decides).
+//! composition beyond concatenating the sources' elements; watcher info (RFC 3857).
 
 pub mod body;
 mod message;
@@ -191,6 +192,8 @@ pub struct PresenceParts {
     pub calls: Option<broadcast::Receiver<CallChange>>,
     /// The B2BUA's calls in progress, read when call changes were lost (None: never).
     pub live_calls: Option<LiveCalls>,
+    /// `presence.authenticate`: digest for PUBLISH, SUBSCRIBE and MESSAGE (None: off).
+    pub auth: Option<(crate::auth::DigestAuth, Arc<Users>)>,
     /// This node's name, stable across restarts (e.g. its first SIP address): which node
     /// sends a subscription's NOTIFYs when several share a store.
     pub node: String,
@@ -208,6 +211,7 @@ pub(crate) struct Inner {
     events: mpsc::UnboundedSender<notifier::Ev>,
     node: String,
     live_calls: Option<LiveCalls>,
+    auth: Option<(crate::auth::DigestAuth, Arc<Users>)>,
 }
 
 /// Lists the calls in progress (`B2bua::calls`).
@@ -262,6 +266,7 @@ impl Presence {
             events,
             node: parts.node,
             live_calls: parts.live_calls,
+            auth: parts.auth,
         });
         let n = notifier::Notifier::new(
             inner.clone(),
@@ -296,6 +301,9 @@ impl Presence {
 
     /// MESSAGE, PUBLISH or SUBSCRIBE outside any dialog (already validated).
     pub fn on_request(&self, tx: ServerTransaction, req: Request) {
+        if !self.authenticated(&tx, &req) {
+            return;
+        }
         match req.method {
             Method::Message => {
                 tokio::spawn(message::route(self.inner.clone(), tx, req));
@@ -312,6 +320,43 @@ impl Presence {
     /// (refresh, unsubscribe); the notifier answers 481 otherwise.
     pub fn on_in_dialog(&self, tx: ServerTransaction, req: Request) {
         let _ = self.inner.events.send(notifier::Ev::InDialog(tx, req));
+    }
+
+    /// `presence.authenticate`: the request must prove its user (RFC 3261 22: 401 from us
+    /// as the UAS of PUBLISH and SUBSCRIBE, 407 for MESSAGE, which we pass on), and a
+    /// PUBLISH may only set that user's own state (RFC 3903 6 step 2: the ESC authorises
+    /// publishers). False when the request has been answered.
+    fn authenticated(&self, tx: &ServerTransaction, req: &Request) -> bool {
+        use crate::auth::{AuthOutcome, ChallengeKind};
+        let Some((digest, users)) = &self.inner.auth else {
+            return true;
+        };
+        let kind = if req.method == Method::Message {
+            ChallengeKind::Proxy
+        } else {
+            ChallengeKind::Www
+        };
+        let outcome = digest.verify(req, kind, tx.source().addr.ip(), |u| users.get(u).cloned());
+        let AuthOutcome::Ok { user } = outcome else {
+            let resp = digest
+                .respond(req, kind, &outcome)
+                .unwrap_or_else(|| req.response(403));
+            if req.method == Method::Publish {
+                bump(&self.inner.stats.publish[5]);
+            }
+            respond(tx, resp);
+            return false;
+        };
+        if req.method == Method::Publish && req.uri.user.as_deref() != Some(user.as_str()) {
+            bump(&self.inner.stats.publish[5]);
+            respond(
+                tx,
+                req.response(403)
+                    .with_reason("You may only publish your own state"),
+            );
+            return false;
+        }
+        true
     }
 
     fn on_subscribe(&self, tx: ServerTransaction, req: Request) {
