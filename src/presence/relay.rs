@@ -328,6 +328,7 @@ impl Relays {
                 sent,
             } => {
                 let ok = (200..300).contains(&status);
+                let initial = sent.is_some();
                 let mut r = answer(&orig, status, resp.as_ref());
                 if let Some(relay) = self.by_a.get_mut(&a_key) {
                     r.set_to_tag(&relay.a.local_tag);
@@ -347,8 +348,9 @@ impl Relays {
                     }
                 }
                 let _ = server.respond(r);
-                // A failed initial SUBSCRIBE, or a refused refresh: no subscription.
-                if !ok {
+                // A failed initial SUBSCRIBE, or a refresh the server no longer knows or
+                // never answered: no subscription. (Other refusals, e.g. 423, leave it.)
+                if !ok && (initial || matches!(status, 408 | 481)) {
                     self.remove(&a_key);
                 }
             }
