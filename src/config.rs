@@ -46,6 +46,12 @@
 //!   `.max_wait` [120], `.wrap_up` [10], `.weights` [all 1], `.max_missed` [3],
 //!   `.queue_announce` [20], `.calls_reset_s` [86400]: see [`HuntGroupConfig`]; none by
 //!   default, not settable from the environment
+//! - `presence.max_message_size` [4096] (MESSAGE bodies above it get 413),
+//!   `presence.min_expires` [60], `presence.max_expires` [3600],
+//!   `presence.default_expires` [3600] (SUBSCRIBE and PUBLISH intervals),
+//!   `presence.min_notify_interval_ms` [200] (changes within it are coalesced per
+//!   subscriber), `presence.authenticate` [false] (digest for PUBLISH, SUBSCRIBE,
+//!   MESSAGE; needs `registrar.users_file`)
 //!
 //! How a line number is found: the `config` crate that merges the sources keeps no
 //! positions, so the file is first parsed on its own with `toml` (whose errors carry a
@@ -174,6 +180,7 @@ pub struct Config {
     /// `[huntgroups.<name>]`: call-centre hunt groups (see [`HuntGroupConfig`]).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub huntgroups: BTreeMap<String, HuntGroupConfig>,
+    pub presence: PresenceSection,
 }
 
 /// `[sip]`: the SIP side of the server.
@@ -492,6 +499,39 @@ impl Default for HuntGroupConfig {
     }
 }
 
+/// `[presence]`: SUBSCRIBE/NOTIFY, PUBLISH and MESSAGE (RFC 6665, 3903, 3428).
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceSection {
+    /// Largest MESSAGE body accepted, bytes; larger ones get 413 (RFC 3428 7).
+    pub max_message_size: usize,
+    /// Shorter SUBSCRIBE/PUBLISH intervals get 423 with Min-Expires, seconds.
+    pub min_expires: u32,
+    /// Longer intervals are cut to this, seconds.
+    pub max_expires: u32,
+    /// The interval of a SUBSCRIBE or PUBLISH that gives none, seconds.
+    pub default_expires: u32,
+    /// Changes within this many milliseconds of the last NOTIFY to a subscriber are
+    /// sent together in one NOTIFY (RFC 6665 4.2.2 rate limit).
+    pub min_notify_interval_ms: u64,
+    /// PUBLISH, SUBSCRIBE and MESSAGE must carry digest credentials of a user of
+    /// `registrar.users_file`, and a PUBLISH may only set its sender's own state.
+    pub authenticate: bool,
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        PresenceSection {
+            max_message_size: 4096,
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            min_notify_interval_ms: 200,
+            authenticate: false,
+        }
+    }
+}
+
 const HUNT_STRATEGIES: [&str; 7] = [
     "ring-all",
     "linear",
@@ -801,6 +841,40 @@ impl Config {
                     "must be 0 (off) or between {MIN_KEEPALIVE_S} and {MAX_KEEPALIVE_S} \
                      (got {keepalive})"
                 ),
+            ));
+        }
+        // presence: intervals ordered. (A body limit above sip.max_message_size is allowed:
+        // the smaller one is what applies.)
+        let p = &self.presence;
+        range(
+            "presence.max_message_size",
+            p.max_message_size,
+            0,
+            MAX_MESSAGE_SIZE,
+        )?;
+        range("presence.min_expires", p.min_expires, 1, u32::MAX)?;
+        range(
+            "presence.max_expires",
+            p.max_expires,
+            p.min_expires,
+            MAX_TIMEOUT_S as u32,
+        )?;
+        range(
+            "presence.default_expires",
+            p.default_expires,
+            p.min_expires,
+            p.max_expires,
+        )?;
+        range(
+            "presence.min_notify_interval_ms",
+            p.min_notify_interval_ms,
+            0,
+            MAX_TIMER_MS,
+        )?;
+        if p.authenticate && self.registrar.users_file.trim().is_empty() {
+            return Err(invalid(
+                "presence.authenticate",
+                "needs registrar.users_file (the users whose credentials are checked)",
             ));
         }
         range(
@@ -1549,6 +1623,29 @@ mod tests {
 
         let e = err_of("[sip\n", &[]);
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn presence_section_is_checked_with_file_and_line() {
+        let c = Config::from_toml_str("[presence]\nmax_message_size = 100\n", "t.toml").unwrap();
+        assert_eq!(c.presence.max_message_size, 100);
+        let e = Config::from_toml_str(
+            "[presence]\nmin_expires = 60\ndefault_expires = 10\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml:3: presence.default_expires: must be at least 60 (got 10)"
+        );
+        let e = Config::from_toml_str("[presence]\nmax_message_sise = 1\n", "t.toml").unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:2:"), "{e}");
+        let e = Config::from_toml_str("[presence]\nauthenticate = true\n", "t.toml").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.toml:2: presence.authenticate: needs registrar.users_file (the users whose \
+             credentials are checked)"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod dialog;
 pub mod huntgroup;
 pub mod logging;
 pub mod metrics;
+pub mod presence;
 pub mod registrar;
 pub mod script;
 pub mod server;

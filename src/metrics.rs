@@ -26,6 +26,11 @@
 //! `strowger_huntgroup_longest_wait_seconds`, `strowger_huntgroup_answered_total`,
 //! `strowger_huntgroup_abandoned_total`, `strowger_huntgroup_overflowed_total`,
 //! `strowger_huntgroup_agents{group,state}`, `strowger_huntgroup_answer_seconds`.
+//! `strowger_admin_unauthorized_total`.
+//! Presence: `strowger_presence_subscriptions{package}` (gauge),
+//! `strowger_presence_notifies_total{result="sent"|"failed"}`,
+//! `strowger_presence_publish_total{result="created"|"refreshed"|"modified"|"removed"|
+//! "unknown_etag"|"rejected"}`, `strowger_messages_total{result="routed"|"failed"}`.
 
 use crate::sip::Method;
 use prometheus::{
@@ -284,6 +289,89 @@ pub trait Sources: Send + Sync + 'static {
     fn extra_text(&self) -> String {
         String::new()
     }
+
+    /// presence: None when the server has no presence core.
+    fn presence(&self) -> Option<PresenceFigures> {
+        None
+    }
+}
+
+/// presence: the figures of the presence core at one scrape.
+#[derive(Debug, Clone, Default)]
+pub struct PresenceFigures {
+    /// Active subscriptions by package name.
+    pub subscriptions: Vec<(&'static str, u64)>,
+    pub notifies_sent: u64,
+    pub notifies_failed: u64,
+    /// PUBLISH outcomes by result label.
+    pub publish: Vec<(&'static str, u64)>,
+    pub messages_routed: u64,
+    pub messages_failed: u64,
+}
+
+/// presence: its metric families.
+struct PresenceMetrics {
+    subscriptions: prometheus::IntGaugeVec,
+    notifies: IntCounterVec,
+    publish: IntCounterVec,
+    messages: IntCounterVec,
+}
+
+impl PresenceMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<PresenceMetrics> {
+        let subscriptions = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "strowger_presence_subscriptions",
+                "Active subscriptions by event package",
+            ),
+            &["package"],
+        )?;
+        registry.register(Box::new(subscriptions.clone()))?;
+        let vec = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+            let v = IntCounterVec::new(Opts::new(name, help), &["result"])?;
+            registry.register(Box::new(v.clone()))?;
+            Ok(v)
+        };
+        Ok(PresenceMetrics {
+            subscriptions,
+            notifies: vec(
+                "strowger_presence_notifies_total",
+                "NOTIFYs sent, and those answered with an error or not at all",
+            )?,
+            publish: vec(
+                "strowger_presence_publish_total",
+                "PUBLISH requests by outcome",
+            )?,
+            messages: vec(
+                "strowger_messages_total",
+                "MESSAGE requests delivered (a 2xx came back) or failed",
+            )?,
+        })
+    }
+
+    fn update(&self, f: &PresenceFigures) {
+        for (package, n) in &f.subscriptions {
+            self.subscriptions
+                .with_label_values(&[package])
+                .set(*n as i64);
+        }
+        catch_up(&self.notifies.with_label_values(&["sent"]), f.notifies_sent);
+        catch_up(
+            &self.notifies.with_label_values(&["failed"]),
+            f.notifies_failed,
+        );
+        for (result, n) in &f.publish {
+            catch_up(&self.publish.with_label_values(&[result]), *n);
+        }
+        catch_up(
+            &self.messages.with_label_values(&["routed"]),
+            f.messages_routed,
+        );
+        catch_up(
+            &self.messages.with_label_values(&["failed"]),
+            f.messages_failed,
+        );
+    }
 }
 
 /// The registry and its metrics.
@@ -312,6 +400,7 @@ pub struct Metrics {
     rss: IntGauge,
     fds: IntGauge,
     admin_unauthorized: IntCounter,
+    presence: PresenceMetrics,
 }
 
 /// Brings a Prometheus counter up to a monotonic source value.
@@ -448,6 +537,7 @@ impl Metrics {
                 "strowger_admin_unauthorized_total",
                 "Admin API requests refused with 401 (missing or wrong bearer token)",
             )?,
+            presence: PresenceMetrics::new(&registry)?,
             registry,
             sources,
         })
@@ -547,6 +637,9 @@ impl Metrics {
             load(&crate::admin::ADMIN_UNAUTHORIZED),
         );
         self.fds.set(fds as i64);
+        if let Some(p) = s.presence() {
+            self.presence.update(&p);
+        }
         let mut families = self.registry.gather();
         for collector in [
             &CALL_SETUP.vec as &dyn prometheus::core::Collector,

@@ -8,7 +8,8 @@
 //! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`,
 //! `registrar.keepalive_interval_s` (starts the registrar's keep-alive pings when not 0;
 //! taken as given here, `Config` loading validates it), `call.records_file` (opened here,
-//! so a file that cannot be written stops start-up).
+//! so a file that cannot be written stops start-up), `storage.dir` and `[presence]` (the
+//! presence core, started here).
 
 use crate::auth::{Algorithm, DigestAuth, DigestConfig, Users};
 use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs, RecordWriter};
@@ -129,6 +130,7 @@ pub struct ServerHandle {
     stats: Arc<ServerStats>,
     /// The hunt groups, when `[huntgroups.*]` are configured.
     huntgroups: Option<crate::huntgroup::HuntGroups>,
+    presence: crate::presence::Presence,
 }
 
 impl ServerHandle {
@@ -175,6 +177,11 @@ impl ServerHandle {
         &self.registrar
     }
 
+    /// presence: the presence core (its counters).
+    pub fn presence(&self) -> &crate::presence::Presence {
+        &self.presence
+    }
+
     /// The keep-alive pings, when on.
     pub fn keepalive(&self) -> Option<&Keepalive> {
         self.keepalive.as_ref()
@@ -199,6 +206,8 @@ impl ServerHandle {
         }
         self.layer.stop_accepting();
         self.admin.set_draining();
+        // presence: no NOTIFY after this; the stored state is the next start's.
+        self.presence.stop();
         // Wait for the requests still owing an answer (an INVITE ringing, a REGISTER being
         // stored), not for answered transactions lingering for retransmissions.
         let deadline = tokio::time::Instant::now() + drain;
@@ -294,6 +303,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     if let Some(t) = &traces {
         layer.set_traces(t.clone());
     }
+    let presence_users = users.clone(); // presence
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
@@ -315,6 +325,18 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         }));
     }
     core.set_registrar(registrar.clone());
+    // presence: its own file under storage.dir, the call watch for busy-lamp fields.
+    let presence = start_presence(
+        config,
+        &layer,
+        &transports,
+        &scripts,
+        location.clone(),
+        (presence_users, digest.clone()),
+        &b2bua,
+    )
+    .await?;
+    core.set_presence(presence.clone());
     let http: SocketAddr = config
         .http
         .listen
@@ -329,6 +351,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         stats: stats.clone(),
         digest: digest.clone(),
         huntgroups: huntgroups.clone(),
+        presence: presence.clone(),
     }))
     .context("setting up metrics")?;
     let drain_layer = layer.clone();
@@ -397,6 +420,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         keepalive,
         stats,
         huntgroups,
+        presence,
     })
 }
 
@@ -450,6 +474,69 @@ impl crate::huntgroup::Directory for HuntDirectory {
     }
 }
 
+/// presence: opens `storage.dir/presence.sqlite` (Redis with `registrar.store = "redis"`)
+/// and starts the presence core.
+async fn start_presence(
+    config: &Config,
+    layer: &TransactionLayer,
+    transports: &Transports,
+    scripts: &ScriptEngine,
+    location: Arc<Location>,
+    (users, digest): (Option<Arc<Users>>, DigestAuth),
+    b2bua: &B2bua,
+) -> anyhow::Result<crate::presence::Presence> {
+    use crate::presence::{Presence, PresenceConfig, PresenceParts, SqlitePresenceStore};
+    let store: Arc<dyn crate::presence::PresenceStore> = match config.registrar.store {
+        RegistrarStore::Embedded => {
+            let dir = std::path::Path::new(&config.storage.dir);
+            Arc::new(
+                SqlitePresenceStore::open(dir)
+                    .with_context(|| format!("opening the presence store in {}", dir.display()))?,
+            )
+        }
+        RegistrarStore::Redis => Arc::new(
+            crate::presence::RedisPresenceStore::connect(&config.redis.url)
+                .await
+                .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
+        ),
+    };
+    let node = transports
+        .local_addrs()
+        .first()
+        .map(|(k, a)| format!("{k}:{a}"))
+        .unwrap_or_default();
+    let p = &config.presence;
+    Presence::start(PresenceParts {
+        config: PresenceConfig {
+            domain: config.sip.domain.to_ascii_lowercase(),
+            max_message_size: p.max_message_size,
+            min_expires: p.min_expires,
+            max_expires: p.max_expires,
+            default_expires: p.default_expires,
+            min_notify_interval: Duration::from_millis(p.min_notify_interval_ms),
+        },
+        layer: layer.clone(),
+        local: LocalAddrs::new(transports.local_addrs()),
+        scripts: scripts.clone(),
+        location: location.clone(),
+        flows: location,
+        users: users.clone(),
+        store,
+        calls: Some(b2bua.call_watch().subscribe()),
+        auth: users
+            .clone()
+            .filter(|_| config.presence.authenticate)
+            .map(|u| (digest, u)),
+        live_calls: Some({
+            let b2bua = b2bua.clone();
+            Arc::new(move || b2bua.calls())
+        }),
+        node,
+    })
+    .await
+    .context("loading presence state")
+}
+
 /// Digest authentication (always ready: `on_register` may give credentials) and the
 /// users of `registrar.users_file` when it is set.
 fn load_auth(config: &Config) -> anyhow::Result<(DigestAuth, Option<Arc<Users>>)> {
@@ -492,6 +579,7 @@ struct MetricSources {
     stats: Arc<ServerStats>,
     digest: DigestAuth,
     huntgroups: Option<crate::huntgroup::HuntGroups>,
+    presence: crate::presence::Presence,
 }
 
 impl crate::metrics::Sources for MetricSources {
@@ -565,6 +653,27 @@ impl crate::metrics::Sources for MetricSources {
     fn auth_failures(&self) -> u64 {
         let s = self.digest.stats();
         crate::metrics::load(&s.failures) + crate::metrics::load(&s.throttled)
+    }
+    fn presence(&self) -> Option<crate::metrics::PresenceFigures> {
+        use crate::metrics::load;
+        use crate::presence::{Package, PUBLISH_RESULTS};
+        let s = self.presence.stats();
+        Some(crate::metrics::PresenceFigures {
+            subscriptions: Package::ALL
+                .iter()
+                .zip(&s.subscriptions)
+                .map(|(p, n)| (p.as_str(), load(n)))
+                .collect(),
+            notifies_sent: load(&s.notifies_sent),
+            notifies_failed: load(&s.notifies_failed),
+            publish: PUBLISH_RESULTS
+                .iter()
+                .zip(&s.publish)
+                .map(|(r, n)| (*r, load(n)))
+                .collect(),
+            messages_routed: load(&s.messages_routed),
+            messages_failed: load(&s.messages_failed),
+        })
     }
 }
 

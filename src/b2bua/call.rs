@@ -274,6 +274,8 @@ pub struct Call {
     hold: Option<(Side, Bytes)>,
     /// The side a failed transfer's resuming re-INVITE went to.
     resume_side: Option<Side>,
+    /// watch: the last phase posted to the call watch.
+    watched: Option<super::watch::CallPhase>,
 }
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
@@ -561,6 +563,7 @@ impl Call {
             engaged: Vec::new(),
             hold: None,
             resume_side: None,
+            watched: None,
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -635,7 +638,32 @@ impl Call {
                 });
             }
         }
-        tokio::spawn(Box::new(call).run());
+        let mut call = Box::new(call);
+        call.watch(super::watch::CallPhase::Trying); // watch:
+        tokio::spawn(call.run());
+    }
+
+    /// watch: tells the call watch (dialog event package) that the call reached `phase`,
+    /// once per phase; builds nothing when nobody watches.
+    fn watch(&mut self, phase: super::watch::CallPhase) {
+        if self.watched == Some(phase) {
+            return;
+        }
+        self.watched = Some(phase);
+        let w = &self.inner.watch;
+        if !w.is_watched() {
+            return;
+        }
+        let a = &self.a_invite;
+        w.post(super::watch::CallChange {
+            id: self.id.clone(),
+            phase,
+            call_id: Arc::from(a.base.call_id.as_str()),
+            caller_tag: Arc::from(a.base.from.tag().unwrap_or("")),
+            our_tag: Arc::from(self.a_dialog.local_tag.as_str()),
+            caller: Arc::new(a.base.from.uri.clone()),
+            callee: Arc::new(a.uri.clone()),
+        });
     }
 
     fn pending_key(&self) -> DialogKey {
@@ -1123,17 +1151,27 @@ impl Call {
         self.a_reliable = Vec::new();
     }
 
+    /// Removes a dialog from the B2BUA's index if it still routes to this call (a leg
+    /// handed over to another call, RFC 3891, is that call's entry by now).
+    fn unindex(&self, key: &DialogKey) {
+        self.inner
+            .dialogs
+            .remove_if(key, |r| r.events.same(&self.events));
+    }
+
     fn remove_branch_key(&mut self, bid: u64) {
-        if let Some(b) = self.branches.get_mut(&bid) {
-            self.inner.dialogs.remove(&DialogKey::new(
-                &b.invite.base.call_id,
-                b.invite.base.from.tag().unwrap_or(""),
-            ));
-            // A ringing target is free again.
-            if let Some(k) = b.ringing.take() {
-                super::disengage(&self.inner.engaged, &k);
-            }
+        let Some(b) = self.branches.get_mut(&bid) else {
+            return;
+        };
+        let key = DialogKey::new(
+            &b.invite.base.call_id,
+            b.invite.base.from.tag().unwrap_or(""),
+        );
+        // A ringing target is free again.
+        if let Some(k) = b.ringing.take() {
+            super::disengage(&self.inner.engaged, &k);
         }
+        self.unindex(&key);
     }
 
     /// CANCEL every branch still pending (RFC 3261 9.1: only after a provisional; the
@@ -1313,6 +1351,7 @@ impl Call {
         if let Some(d) = &mut self.dial {
             d.ringing = true;
         }
+        self.watch(super::watch::CallPhase::Early); // watch:
         let rseq_b: Option<u32> = resp.headers.get("RSeq").and_then(|v| v.trim().parse().ok());
         // Relay the provisional to A, in A's one early dialog.
         let mut r = self
@@ -1492,6 +1531,7 @@ impl Call {
             self.max_duration = Some(Instant::now() + max);
         }
         self.inner.stats.answered.fetch_add(1, Ordering::Relaxed);
+        self.watch(super::watch::CallPhase::Confirmed); // watch:
     }
 
     fn on_branch_failed(&mut self, bid: u64, status: u16, reason: String) {
@@ -1925,10 +1965,11 @@ impl Call {
             super::disengage(&self.inner.engaged, &k);
         }
         self.hangup_by = by;
+        self.watch(super::watch::CallPhase::Terminated); // watch:
         self.dial = None;
         self.max_duration = None;
         self.a_reliable.clear();
-        self.inner.dialogs.remove(&DialogKey::new(
+        self.unindex(&DialogKey::new(
             &self.a_dialog.call_id,
             &self.a_dialog.local_tag,
         ));
@@ -1941,7 +1982,7 @@ impl Call {
             self.old_keys.push(DialogKey::new(&d.call_id, &d.local_tag));
         }
         for k in &self.old_keys {
-            self.inner.dialogs.remove(k);
+            self.unindex(k);
         }
     }
 

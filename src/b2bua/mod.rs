@@ -13,6 +13,7 @@
 mod call;
 mod net;
 mod records;
+pub mod watch;
 
 use call::Events;
 pub use call::{refer_to, Side, TransferKind, TransferNote};
@@ -122,6 +123,8 @@ struct B2buaInner {
     stats: B2buaStats,
     routes: Arc<RouteStats>,
     traces: Option<crate::trace::CallTraces>,
+    /// watch: call state changes for the dialog event package (presence).
+    watch: watch::CallWatch,
 }
 
 /// The call core; a cheap handle.
@@ -172,6 +175,7 @@ impl B2bua {
                 stats: B2buaStats::default(),
                 routes: parts.routes,
                 traces: parts.traces,
+                watch: watch::CallWatch::new(),
             }),
         }
     }
@@ -183,6 +187,11 @@ impl B2bua {
     /// Calls per route (`call:set_route`).
     pub fn routes(&self) -> &RouteStats {
         &self.inner.routes
+    }
+
+    /// watch: the broadcast of call state changes (trying, early, confirmed, terminated).
+    pub fn call_watch(&self) -> &watch::CallWatch {
+        &self.inner.watch
     }
 
     /// Calls in progress (ringing or up).

@@ -469,7 +469,7 @@ fn type_error(what: &str, expected: &str, got: &Value) -> String {
 }
 
 /// A string or a non-empty list of strings, each without spaces or control characters.
-fn string_list(v: &Value, what: &str, item: &str) -> Result<Vec<String>, String> {
+pub(super) fn string_list(v: &Value, what: &str, item: &str) -> Result<Vec<String>, String> {
     let check = |s: &mlua::String| -> Result<String, String> {
         let s = s
             .to_str()
@@ -703,7 +703,7 @@ fn parse_dial_options(v: &Value) -> Result<DialOptions, String> {
     Ok(opts)
 }
 
-fn parse_reject(code: &Value, reason: &Value) -> Result<(u16, String), String> {
+pub(super) fn parse_reject(code: &Value, reason: &Value) -> Result<(u16, String), String> {
     let code = match code {
         Value::Integer(i) => *i,
         Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e6 => *n as i64,
@@ -747,7 +747,7 @@ pub(crate) fn observe_hook(hook: &str, budget: &Budget) {
 }
 
 /// Counts and logs a failed hook run; returns the error text.
-fn report(
+pub(super) fn report(
     version: &ScriptVersion,
     vm: &Vm,
     hook: &str,

@@ -15,6 +15,8 @@
 //! |------|------|------------------------|
 //! | `on_invite(call)` | a new call arrives | the call is rejected `404 Not Found` |
 //! | `on_call_end(call, record)` | the call is over (any outcome) | nothing |
+//! | `on_message(req)` | a MESSAGE outside any call | to the recipient's registered phones |
+//! | `on_subscribe(req)` | a SUBSCRIBE (presence, dialog, message-summary) | accepted |
 //!
 //! Order for one call: `on_invite` → (call up, talk) → `on_call_end`. Both hooks of one call
 //! run on the same VM and see the same `call` object, so `call.vars` carries state between
@@ -114,7 +116,10 @@
 
 mod call;
 mod huntgroup;
+mod presence;
 mod vm;
+
+pub use presence::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
 
 #[cfg(test)]
 mod tests;

@@ -205,6 +205,12 @@ pub(crate) struct Vm {
     /// `run_refer(call_ud, by, target, referred_by, replaces)`: `on_refer(call, refer)`.
     pub on_refer: Option<Function>,
     pub on_refer_pos: String,
+    /// presence: `on_message(req)` and `on_subscribe(req)`, called as they are
+    /// (`script::presence` builds `req`).
+    pub on_message: Option<Function>,
+    pub on_message_pos: String,
+    pub on_subscribe: Option<Function>,
+    pub on_subscribe_pos: String,
     pub file: Arc<str>,
     pub instruction_limit: u64,
     pub memory_limit: usize,
@@ -319,6 +325,8 @@ impl Vm {
         let on_call_end = hook("on_call_end")?;
         let on_register = hook("on_register")?;
         let on_refer = hook("on_refer")?;
+        let on_message = hook("on_message")?; // presence
+        let on_subscribe = hook("on_subscribe")?; // presence
         let def_pos = |f: &Option<Function>| match f {
             Some(f) => {
                 let info = f.info();
@@ -333,6 +341,7 @@ impl Vm {
         let on_invite_pos = def_pos(&on_invite);
         let on_call_end_pos = def_pos(&on_call_end);
         let on_register_pos = def_pos(&on_register);
+        let (on_message_pos, on_subscribe_pos) = (def_pos(&on_message), def_pos(&on_subscribe));
         let on_refer_pos = def_pos(&on_refer);
         type Runners = (
             Option<Function>,
@@ -357,6 +366,10 @@ impl Vm {
             on_register_pos,
             on_refer,
             on_refer_pos,
+            on_message,
+            on_message_pos,
+            on_subscribe,
+            on_subscribe_pos,
             file: file_name,
             instruction_limit: opts.instruction_limit,
             memory_limit: opts.memory_limit,

@@ -1,6 +1,7 @@
 //! The UAS core (RFC 3261 8.2): the transaction user of the transaction layer. It validates
 //! every new request, answers what the server answers itself (OPTIONS), and hands calls to
-//! the B2BUA; what nobody handles gets 481 (unknown dialog) or 501.
+//! the B2BUA and MESSAGE/PUBLISH/SUBSCRIBE (and in-dialog requests no call owns) to
+//! presence; what nobody handles gets 481 (unknown dialog) or 501.
 //!
 //! Owns: the decision of which part of the server a request belongs to. Must not touch:
 //! transaction state (it only uses `ServerTransaction`) or call state (the B2BUA's).
@@ -56,6 +57,8 @@ pub struct UasCore {
     /// Set once the B2BUA exists (it needs the transaction layer, which needs us).
     b2bua: OnceLock<B2bua>,
     registrar: OnceLock<Registrar>,
+    /// presence: MESSAGE, PUBLISH, SUBSCRIBE and our subscriptions' in-dialog requests.
+    presence: OnceLock<crate::presence::Presence>,
     /// Digest authentication of REGISTER: with the users of `registrar.users_file`, or
     /// credentials that `on_register` gives. Neither: every REGISTER is accepted
     /// (development).
@@ -88,6 +91,7 @@ impl UasCore {
             local: LocalAddrs::new(local.to_vec()),
             b2bua: OnceLock::new(),
             registrar: OnceLock::new(),
+            presence: OnceLock::new(),
             domain: config.sip.domain.to_ascii_lowercase(),
             unknown_aor_status: config.registrar.unknown_aor_status,
             register_results: Arc::new(Default::default()),
@@ -208,6 +212,11 @@ impl UasCore {
         });
     }
 
+    /// presence: set once the presence core exists.
+    pub fn set_presence(&self, presence: crate::presence::Presence) {
+        let _ = self.presence.set(presence);
+    }
+
     pub fn set_b2bua(&self, b2bua: B2bua) {
         let _ = self.b2bua.set(b2bua);
     }
@@ -234,7 +243,12 @@ impl TransactionUser for UasCore {
                 None => Some((tx, req)),
             };
             if let Some((tx, req)) = rejected {
-                Self::respond(&tx, req.response(481));
+                // presence: not a call's dialog; maybe one of our subscriptions (it
+                // answers 481 itself when not).
+                match self.presence.get() {
+                    Some(p) => p.on_in_dialog(tx, req),
+                    None => Self::respond(&tx, req.response(481)),
+                }
             }
             return;
         }
@@ -271,9 +285,16 @@ impl TransactionUser for UasCore {
             Method::Bye | Method::Prack | Method::Update | Method::Info | Method::Notify => {
                 Self::respond(&tx, req.response(481));
             }
+            // presence: RFC 3428, RFC 3903, RFC 6665.
+            Method::Message | Method::Publish | Method::Subscribe
+                if self.presence.get().is_some() =>
+            {
+                if let Some(p) = self.presence.get() {
+                    p.on_request(tx, req);
+                }
+            }
             ref m => {
-                // Issue-tracked: SUBSCRIBE/PUBLISH/MESSAGE (presence) and out-of-dialog
-                // REFER are not built yet; say so plainly.
+                // Issue-tracked: out-of-dialog REFER is not built yet; say so plainly.
                 let reason = format!("{m} is not handled yet");
                 Self::respond(&tx, req.response(501).with_reason(reason));
             }

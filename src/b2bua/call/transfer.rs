@@ -499,9 +499,7 @@ impl Call {
             Side::B => self.b_dialog.clone().expect("checked above"),
         };
         // Forget the leg we give away (its new call indexes it), then end the other one.
-        self.inner
-            .dialogs
-            .remove(&DialogKey::new(&dialog.call_id, &dialog.local_tag));
+        self.unindex(&DialogKey::new(&dialog.call_id, &dialog.local_tag));
         match give {
             Side::A => self.a_dialog.state = DialogState::Terminated,
             Side::B => {
@@ -628,9 +626,7 @@ impl Call {
 
     /// BYE on a dialog nobody wants any more.
     fn release_dialog(&mut self, mut d: Dialog) {
-        self.inner
-            .dialogs
-            .remove(&DialogKey::new(&d.call_id, &d.local_tag));
+        self.unindex(&DialogKey::new(&d.call_id, &d.local_tag));
         let flow = d.flow;
         let via = self.inner.local.via(&flow);
         let bye = d.request(Method::Bye, via, None);
@@ -972,9 +968,7 @@ impl Call {
             if !t.transferor_gone {
                 self.old_legs.push(old);
             } else {
-                self.inner
-                    .dialogs
-                    .remove(&DialogKey::new(&old.call_id, &old.local_tag));
+                self.unindex(&DialogKey::new(&old.call_id, &old.local_tag));
             }
         }
         if t.notify && !t.transferor_gone && t.transferor.is_some() {
@@ -1043,9 +1037,7 @@ impl Call {
             }
             let via = self.inner.local.via(&flow);
             let bye = d.request(Method::Bye, via, None);
-            self.inner
-                .dialogs
-                .remove(&DialogKey::new(&d.call_id, &d.local_tag));
+            self.unindex(&DialogKey::new(&d.call_id, &d.local_tag));
             self.send_client(bye, flow, Purpose::Own);
         }
         if let Some(bid) = bid {
@@ -1148,9 +1140,7 @@ impl Call {
         match (in_old, gone) {
             (Some(i), _) if req.method == Method::Bye => {
                 let d = self.old_legs.remove(i);
-                self.inner
-                    .dialogs
-                    .remove(&DialogKey::new(&d.call_id, &d.local_tag));
+                self.unindex(&DialogKey::new(&d.call_id, &d.local_tag));
                 let _ = tx.respond(req.response(200));
                 true
             }

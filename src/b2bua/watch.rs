@@ -1,0 +1,95 @@
+//! A cheap broadcast of call state changes, for whoever wants to watch the server's own
+//! calls: the presence module turns it into the RFC 4235 dialog event package (busy-lamp
+//! fields) without any extra component.
+//!
+//! Owns: the event type and the broadcast channel. Must not touch: call state; the call
+//! task only posts what happened (four points in `call.rs`, marked `watch:`), and a send
+//! with nobody listening costs one atomic load.
+//!
+//! The channel is bounded (`CAPACITY`): a watcher that falls behind loses the oldest
+//! events (`RecvError::Lagged`) and never slows a call down.
+
+use crate::sip::Uri;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// Events kept for a slow watcher before the oldest are dropped.
+const CAPACITY: usize = 4096;
+
+/// The states of RFC 4235 3.7.1 a call goes through, seen from its caller's leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallPhase {
+    /// The INVITE arrived; nothing rings yet.
+    Trying,
+    /// A callee is ringing (a provisional above 100).
+    Early,
+    /// Answered.
+    Confirmed,
+    /// Over (any outcome).
+    Terminated,
+}
+
+impl CallPhase {
+    /// The `<state>` value of RFC 4235.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallPhase::Trying => "trying",
+            CallPhase::Early => "early",
+            CallPhase::Confirmed => "confirmed",
+            CallPhase::Terminated => "terminated",
+        }
+    }
+}
+
+/// One change of one call.
+#[derive(Debug, Clone)]
+pub struct CallChange {
+    /// The call's id (as in `GET /calls`).
+    pub id: Arc<str>,
+    pub phase: CallPhase,
+    /// The caller's leg: Call-ID, the caller's tag and ours (for RFC 4235 `call-id`,
+    /// `local-tag`, `remote-tag`, which phones use for call pick-up).
+    pub call_id: Arc<str>,
+    pub caller_tag: Arc<str>,
+    pub our_tag: Arc<str>,
+    /// The caller (From URI of the INVITE).
+    pub caller: Arc<Uri>,
+    /// What the caller dialled (Request-URI of the INVITE): the extension that rings.
+    pub callee: Arc<Uri>,
+}
+
+/// The sending side; cloned into every call through the B2BUA.
+#[derive(Clone)]
+pub struct CallWatch {
+    tx: broadcast::Sender<CallChange>,
+}
+
+impl Default for CallWatch {
+    fn default() -> Self {
+        CallWatch::new()
+    }
+}
+
+impl CallWatch {
+    pub fn new() -> CallWatch {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        CallWatch { tx }
+    }
+
+    /// Whether anybody listens (so that a call builds no event for nobody).
+    pub fn is_watched(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
+    /// Posts a change; nobody listening is fine.
+    pub fn post(&self, change: CallChange) {
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(change);
+        }
+    }
+
+    /// A receiver of every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<CallChange> {
+        self.tx.subscribe()
+    }
+}
