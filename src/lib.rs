@@ -14,6 +14,7 @@ pub mod script;
 pub mod server;
 pub(crate) mod shard;
 pub mod sip;
+pub mod storage;
 pub mod trace;
 pub mod transaction;
 pub mod transport;

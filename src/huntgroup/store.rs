@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -80,40 +79,45 @@ pub trait AgentStore: Send + Sync + 'static {
 /// `<dir>/huntgroups.sqlite`. SQLite calls block, so they run on the blocking pool under
 /// a mutex (one writer, as SQLite wants); the mutex is never held across an `.await`.
 pub struct SqliteAgentStore {
-    conn: Arc<parking_lot::Mutex<rusqlite::Connection>>,
+    worker: crate::storage::SqliteWorker,
+}
+
+impl From<crate::storage::WorkerGone> for AgentStoreError {
+    fn from(_: crate::storage::WorkerGone) -> AgentStoreError {
+        AgentStoreError::WorkerGone
+    }
+}
+
+impl From<crate::storage::OpenError> for AgentStoreError {
+    fn from(e: crate::storage::OpenError) -> AgentStoreError {
+        match e {
+            crate::storage::OpenError::Dir { path, source } => {
+                AgentStoreError::Dir { path, source }
+            }
+            crate::storage::OpenError::Sqlite(e) => AgentStoreError::Sqlite(e),
+        }
+    }
 }
 
 impl SqliteAgentStore {
     pub fn open(dir: &Path) -> Result<SqliteAgentStore, AgentStoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| AgentStoreError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let conn = rusqlite::Connection::open(dir.join("huntgroups.sqlite"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(
+        let worker = crate::storage::SqliteWorker::open(
+            dir,
+            "huntgroups.sqlite",
             "CREATE TABLE IF NOT EXISTS agents (
                 agent TEXT PRIMARY KEY,
                 record TEXT NOT NULL
             );",
+            "huntgroup-sqlite",
         )?;
-        Ok(SqliteAgentStore {
-            conn: Arc::new(parking_lot::Mutex::new(conn)),
-        })
+        Ok(SqliteAgentStore { worker })
     }
 
     fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&rusqlite::Connection) -> Result<T, AgentStoreError> + Send + 'static,
+        f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, AgentStoreError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, AgentStoreError>> {
-        let conn = self.conn.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || f(&conn.lock()))
-                .await
-                .map_err(|_| AgentStoreError::WorkerGone)?
-        })
+        Box::pin(self.worker.run(f))
     }
 }
 

@@ -10,8 +10,6 @@ use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::mpsc;
-use tokio::sync::oneshot;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -179,13 +177,28 @@ pub trait PresenceStore: Send + Sync + 'static {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut rusqlite::Connection) + Send>;
-
 /// The embedded store: `presence.sqlite`, one table of JSON records, written by one thread
 /// (SQLite calls block; the runtime's workers never wait on disk). WAL with
 /// synchronous=NORMAL, like the registrar's file: survives kill -9.
 pub struct SqlitePresenceStore {
-    jobs: mpsc::Sender<Job>,
+    worker: crate::storage::SqliteWorker,
+}
+
+impl From<crate::storage::WorkerGone> for PresenceStoreError {
+    fn from(_: crate::storage::WorkerGone) -> PresenceStoreError {
+        PresenceStoreError::WorkerGone
+    }
+}
+
+impl From<crate::storage::OpenError> for PresenceStoreError {
+    fn from(e: crate::storage::OpenError) -> PresenceStoreError {
+        match e {
+            crate::storage::OpenError::Dir { path, source } => {
+                PresenceStoreError::Dir { path, source }
+            }
+            crate::storage::OpenError::Sqlite(e) => PresenceStoreError::Sqlite(e),
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -201,29 +214,9 @@ CREATE TABLE IF NOT EXISTS presence (
 impl SqlitePresenceStore {
     /// Opens (creating when needed) `dir/presence.sqlite`.
     pub fn open(dir: &Path) -> Result<SqlitePresenceStore, PresenceStoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| PresenceStoreError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let conn = rusqlite::Connection::open(dir.join("presence.sqlite"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("presence-sqlite".into())
-            .spawn(move || {
-                let mut conn = conn;
-                while let Ok(job) = rx.recv() {
-                    job(&mut conn);
-                }
-            })
-            .map_err(|source| PresenceStoreError::Dir {
-                path: dir.to_owned(),
-                source,
-            })?;
-        Ok(SqlitePresenceStore { jobs: tx })
+        let worker =
+            crate::storage::SqliteWorker::open(dir, "presence.sqlite", SCHEMA, "presence-sqlite")?;
+        Ok(SqlitePresenceStore { worker })
     }
 
     /// Queues `f` now (so writes keep their order) and returns its result's future.
@@ -231,14 +224,7 @@ impl SqlitePresenceStore {
         &self,
         f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, PresenceStoreError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, PresenceStoreError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.jobs.send(Box::new(move |conn| {
-            let _ = tx.send(f(conn));
-        }));
-        Box::pin(async move {
-            sent.map_err(|_| PresenceStoreError::WorkerGone)?;
-            rx.await.map_err(|_| PresenceStoreError::WorkerGone)?
-        })
+        Box::pin(self.worker.run(f))
     }
 
     fn put(

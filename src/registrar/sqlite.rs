@@ -1,22 +1,29 @@
-//! The embedded store: one SQLite file, `<storage.dir>/registrations.sqlite`.
-//!
-//! SQLite calls block, so one dedicated thread owns the connection and the async side
-//! sends it jobs; the runtime's workers never wait on disk. One thread is also what
-//! SQLite wants for writes (a single writer at a time). WAL with synchronous=NORMAL
-//! survives kill -9 of the process (a commit is in the WAL before it returns; only power
-//! loss can lose the last commits) and makes a commit cost a write, not an fsync.
+//! The embedded store: one SQLite file, `<storage.dir>/registrations.sqlite`, on its own
+//! thread (`crate::storage::SqliteWorker`: why, and what survives a kill -9).
 
 use super::store::{Binding, BindingStore, BoxFuture, StoreError};
+use crate::storage::{OpenError, SqliteWorker, WorkerGone};
 use rusqlite::{params, Connection, OptionalExtension as _};
 use std::path::Path;
-use std::sync::mpsc;
-use tokio::sync::oneshot;
-
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// Bindings in a local SQLite database file.
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Job>,
+    worker: SqliteWorker,
+}
+
+impl From<WorkerGone> for StoreError {
+    fn from(_: WorkerGone) -> StoreError {
+        StoreError::WorkerGone
+    }
+}
+
+impl From<OpenError> for StoreError {
+    fn from(e: OpenError) -> StoreError {
+        match e {
+            OpenError::Dir { path, source } => StoreError::Dir { path, source },
+            OpenError::Sqlite(e) => StoreError::Sqlite(e),
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -45,32 +52,8 @@ const COLUMNS: &str = "aor, contact, q, expires_at, call_id, cseq, path, instanc
 impl SqliteStore {
     /// Opens (creating when needed) `dir/registrations.sqlite`, creating `dir` too.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let conn = Connection::open(dir.join("registrations.sqlite"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // Another process (a second node on the same dir, the CLI) may hold the write lock
-        // for a moment; wait instead of failing the REGISTER.
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("registrar-sqlite".into())
-            .spawn(move || {
-                let mut conn = conn;
-                // Ends when the store (the only sender) is dropped.
-                while let Ok(job) = rx.recv() {
-                    job(&mut conn);
-                }
-            })
-            .map_err(|source| StoreError::Dir {
-                path: dir.to_owned(),
-                source,
-            })?;
-        Ok(SqliteStore { jobs: tx })
+        let worker = SqliteWorker::open(dir, "registrations.sqlite", SCHEMA, "registrar-sqlite")?;
+        Ok(SqliteStore { worker })
     }
 
     /// Runs `f` on the store thread and waits for its result without blocking the runtime.
@@ -78,14 +61,7 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, StoreError>> {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.jobs.send(Box::new(move |conn: &mut Connection| {
-            let _ = tx.send(f(conn));
-        }));
-        Box::pin(async move {
-            sent.map_err(|_| StoreError::WorkerGone)?;
-            rx.await.map_err(|_| StoreError::WorkerGone)?
-        })
+        Box::pin(self.worker.run(f))
     }
 }
 
