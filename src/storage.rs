@@ -139,3 +139,177 @@ mod tests {
         assert!(matches!(E::from(WorkerGone), E::Gone));
     }
 }
+
+// ---- Redis: the change feed between nodes ---------------------------------------------
+
+/// A Redis subscribe that does not answer in this long counts as failed.
+const SUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Re-subscribing backs off from this...
+const BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+/// ...to at most this.
+const BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// A subscription connection that carries nothing is pinged this often; a ping unanswered
+/// within PING_TIMEOUT means the connection is dead (a half-open TCP connection would
+/// otherwise keep a node deaf to the others for good).
+const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Why subscribing to a change channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis subscribe timed out")]
+    Timeout,
+}
+
+/// Follows the Redis channel on which the nodes sharing a store announce their writes as
+/// `<origin> <note>`: every note of another node becomes `parse(note)` (None: ignored),
+/// and whenever the subscription had to be made again (notes may have been lost
+/// meanwhile) `resync()` is sent, so the receiver re-reads everything. Subscribes before
+/// returning (the caller's first read of the store cannot miss a change); when Redis is
+/// unreachable now, keeps trying with backoff. Ends when the receiver is dropped. `what`
+/// names the store in logs.
+pub async fn follow_changes<E: Send + 'static>(
+    client: redis::Client,
+    channel: String,
+    origin: String,
+    what: &'static str,
+    parse: impl Fn(&str) -> Option<E> + Send + Sync + 'static,
+    resync: impl Fn() -> E + Send + Sync + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<E> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let first = match subscribe(&client, &channel).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "{what}: redis subscription failed; retrying");
+            None
+        }
+    };
+    let feed = ChangeFeed {
+        client,
+        channel,
+        origin,
+        what,
+        tx,
+        parse: Box::new(parse),
+        resync: Box::new(resync),
+    };
+    tokio::spawn(feed.run(first));
+    rx
+}
+
+async fn subscribe(
+    client: &redis::Client,
+    channel: &str,
+) -> Result<redis::aio::PubSub, SubscribeError> {
+    let attempt = async {
+        let mut p = client.get_async_pubsub().await?;
+        p.subscribe(channel).await?;
+        Ok::<_, SubscribeError>(p)
+    };
+    tokio::time::timeout(SUBSCRIBE_TIMEOUT, attempt)
+        .await
+        .map_err(|_| SubscribeError::Timeout)?
+}
+
+/// Turns another node's note into an event.
+type ParseNote<E> = Box<dyn Fn(&str) -> Option<E> + Send + Sync>;
+
+struct ChangeFeed<E> {
+    client: redis::Client,
+    channel: String,
+    origin: String,
+    what: &'static str,
+    tx: tokio::sync::mpsc::UnboundedSender<E>,
+    parse: ParseNote<E>,
+    resync: Box<dyn Fn() -> E + Send + Sync>,
+}
+
+/// Why `ChangeFeed::follow` returned.
+enum Ended {
+    /// The receiver is gone: stop.
+    Receiver,
+    /// The connection is gone: subscribe again.
+    Connection,
+}
+
+impl<E: Send + 'static> ChangeFeed<E> {
+    async fn run(self, first: Option<redis::aio::PubSub>) {
+        let mut current = first;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let pubsub = match current.take() {
+                Some(p) => p,
+                None => {
+                    tokio::select! {
+                        _ = self.tx.closed() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    match subscribe(&self.client, &self.channel).await {
+                        Ok(p) => {
+                            tracing::info!("{}: redis subscription restored", self.what);
+                            backoff = BACKOFF_MIN;
+                            // Published while we were away is lost: re-read everything.
+                            if self.tx.send((self.resync)()).is_err() {
+                                return;
+                            }
+                            p
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "{}: redis subscribe failed", self.what);
+                            continue;
+                        }
+                    }
+                }
+            };
+            match self.follow(pubsub).await {
+                Ended::Receiver => return,
+                Ended::Connection => {
+                    tracing::warn!("{}: redis subscription lost; re-subscribing", self.what);
+                }
+            }
+        }
+    }
+
+    /// Forwards notes until the connection or the receiver goes away.
+    async fn follow(&self, pubsub: redis::aio::PubSub) -> Ended {
+        use futures_core::Stream;
+        let (mut sink, mut stream) = pubsub.split();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await; // the first tick is immediate; we just subscribed
+        loop {
+            tokio::select! {
+                _ = self.tx.closed() => return Ended::Receiver,
+                msg = std::future::poll_fn(|cx| std::pin::Pin::new(&mut stream).poll_next(cx)) => {
+                    let Some(msg) = msg else { return Ended::Connection };
+                    if let Some(ev) = self.foreign(msg.get_payload_bytes()) {
+                        if self.tx.send(ev).is_err() {
+                            return Ended::Receiver;
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    // Messages that arrive meanwhile wait in the stream's queue.
+                    let pong = tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>());
+                    if !matches!(pong.await, Ok(Ok(_))) {
+                        return Ended::Connection;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A note written by another node (`None` for our own writes and for anything that is
+    /// not `<origin> <note>`: another program on the channel).
+    fn foreign(&self, payload: &[u8]) -> Option<E> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let (origin, note) = text.split_once(' ')?;
+        if origin == self.origin || note.is_empty() {
+            return None;
+        }
+        (self.parse)(note)
+    }
+}

@@ -18,14 +18,10 @@ use super::store::{
     BoxFuture, PresenceEvent, PresenceEvents, PresenceStore, PresenceStoreError, RemoteCall,
     StoredPublication, StoredSubscription,
 };
-use redis::aio::{ConnectionManager, PubSub};
+use redis::aio::ConnectionManager;
 use std::pin::Pin;
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Records read per round trip in `load`.
 const CHUNK: usize = 500;
 
@@ -236,95 +232,24 @@ impl PresenceStore for RedisPresenceStore {
 
     fn watch(&self) -> BoxFuture<'_, Option<PresenceEvents>> {
         Box::pin(async move {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let first = match subscribe(&self.client, &self.channel()).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "presence: redis subscription failed; retrying");
-                    None
-                }
-            };
-            tokio::spawn(follow(
+            let rx = crate::storage::follow_changes(
                 self.client.clone(),
                 self.channel(),
                 self.origin.clone(),
-                tx,
-                first,
-            ));
+                "presence",
+                parse_note,
+                || PresenceEvent::Resync,
+            )
+            .await;
             Some(rx)
         })
     }
 }
 
-async fn subscribe(client: &redis::Client, channel: &str) -> Result<PubSub, PresenceStoreError> {
-    let attempt = async {
-        let mut p = client.get_async_pubsub().await?;
-        p.subscribe(channel).await?;
-        Ok::<_, PresenceStoreError>(p)
-    };
-    tokio::time::timeout(SUBSCRIBE_TIMEOUT, attempt)
-        .await
-        .map_err(|_| PresenceStoreError::Timeout("redis subscribe"))?
-}
-
-/// Turns the change channel into events until the receiver is dropped; re-subscribes
-/// with backoff (and asks for a full re-read) when the connection goes.
-async fn follow(
-    client: redis::Client,
-    channel: String,
-    origin: String,
-    tx: mpsc::UnboundedSender<PresenceEvent>,
-    mut current: Option<PubSub>,
-) {
-    use futures_core::Stream;
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let pubsub = match current.take() {
-            Some(p) => p,
-            None => {
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                match subscribe(&client, &channel).await {
-                    Ok(p) => {
-                        backoff = BACKOFF_MIN;
-                        if tx.send(PresenceEvent::Resync).is_err() {
-                            return;
-                        }
-                        p
-                    }
-                    Err(_) => continue,
-                }
-            }
-        };
-        let mut stream = Box::pin(pubsub.into_on_message());
-        loop {
-            let msg = tokio::select! {
-                _ = tx.closed() => return,
-                m = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)) => m,
-            };
-            let Some(msg) = msg else { break };
-            if let Some(ev) = parse_note(msg.get_payload_bytes(), &origin) {
-                if tx.send(ev).is_err() {
-                    return;
-                }
-            }
-        }
-        tracing::warn!("presence: redis subscription lost; re-subscribing");
-    }
-}
-
-/// `<origin> pub <etag>` | `<origin> sub <key>` | `<origin> call <json>` from another
-/// node; `None` for our own and for anything else.
-fn parse_note(payload: &[u8], me: &str) -> Option<PresenceEvent> {
-    let text = std::str::from_utf8(payload).ok()?;
-    let (origin, rest) = text.split_once(' ')?;
-    if origin == me {
-        return None;
-    }
-    let (kind, what) = rest.split_once(' ')?;
+/// The note of another node (after its origin): `pub <etag>` | `sub <key>` |
+/// `call <json>`; `None` for anything else.
+fn parse_note(note: &str) -> Option<PresenceEvent> {
+    let (kind, what) = note.split_once(' ')?;
     match kind {
         "pub" => Some(PresenceEvent::Publication(what.to_owned())),
         "sub" => Some(PresenceEvent::Subscription(what.to_owned())),
@@ -338,16 +263,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn notes_from_others_only() {
-        assert!(parse_note(b"me pub e1", "me").is_none());
+    fn notes_are_parsed() {
         assert!(matches!(
-            parse_note(b"other pub e1", "me"),
+            parse_note("pub e1"),
             Some(PresenceEvent::Publication(e)) if e == "e1"
         ));
         assert!(matches!(
-            parse_note(b"other sub c;t", "me"),
+            parse_note("sub c;t"),
             Some(PresenceEvent::Subscription(k)) if k == "c;t"
         ));
-        assert!(parse_note(b"other nonsense", "me").is_none());
+        assert!(parse_note("nonsense").is_none());
     }
 }

@@ -20,10 +20,7 @@
 //! watcher is told to re-read everything, since whatever was published meanwhile is lost.
 
 use super::store::{Binding, BindingStore, BoxFuture, StoreError, StoreEvent, StoreEvents};
-use redis::aio::{ConnectionManager, PubSub, PubSubStream};
-use std::pin::Pin;
-use std::time::Duration;
-use tokio::sync::mpsc::UnboundedSender;
+use redis::aio::ConnectionManager;
 
 /// Bindings in Redis.
 pub struct RedisStore {
@@ -36,17 +33,6 @@ pub struct RedisStore {
     origin: String,
     expire: redis::Script,
 }
-
-/// Opening and subscribing a pub/sub connection may take this long.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// First and largest wait between attempts to re-open the subscription.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A subscribed connection is silent when nobody registers; PING finds a dead peer that
-/// never sent a FIN (a crashed host, a dropped NAT entry) so notifications do not stop
-/// unnoticed.
-const PING_EVERY: Duration = Duration::from_secs(10);
-const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// KEYS[1] = the AOR's hash, KEYS[2] = the index; ARGV[1] = now, ARGV[2] = the AOR,
 /// ARGV[3] = the change channel, ARGV[4] = the notification.
@@ -240,134 +226,17 @@ impl BindingStore for RedisStore {
 
     fn watch(&self) -> BoxFuture<'_, Option<StoreEvents>> {
         Box::pin(async move {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let channel = self.channel();
-            // Subscribe before returning, so that the caller's first read of the store
-            // cannot miss a change. If Redis is unreachable now, the task keeps trying and
-            // asks for a full re-read once it is subscribed.
-            let first = match subscribe(&self.client, &channel).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "registrar: redis subscription failed; retrying");
-                    None
-                }
-            };
-            let watcher = Watcher {
-                client: self.client.clone(),
-                channel,
-                origin: self.origin.clone(),
-                tx,
-            };
-            tokio::spawn(watcher.run(first));
+            // Notes are `<origin> <aor>`: the bindings of that AOR changed.
+            let rx = crate::storage::follow_changes(
+                self.client.clone(),
+                self.channel(),
+                self.origin.clone(),
+                "registrar",
+                |aor| Some(StoreEvent::Changed(aor.to_owned())),
+                || StoreEvent::Resync,
+            )
+            .await;
             Some(rx)
         })
     }
-}
-
-async fn subscribe(client: &redis::Client, channel: &str) -> Result<PubSub, StoreError> {
-    let attempt = async {
-        let mut p = client.get_async_pubsub().await?;
-        p.subscribe(channel).await?;
-        Ok::<_, StoreError>(p)
-    };
-    tokio::time::timeout(SUBSCRIBE_TIMEOUT, attempt)
-        .await
-        .map_err(|_| StoreError::Timeout("redis subscribe"))?
-}
-
-/// Turns the change channel into `StoreEvent`s until the receiver is dropped.
-struct Watcher {
-    client: redis::Client,
-    channel: String,
-    origin: String,
-    tx: UnboundedSender<StoreEvent>,
-}
-
-/// Why `Watcher::follow` returned.
-enum Ended {
-    /// The receiver is gone: stop.
-    Receiver,
-    /// The connection is gone: subscribe again.
-    Connection,
-}
-
-impl Watcher {
-    async fn run(self, first: Option<PubSub>) {
-        let mut current = first;
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let pubsub = match current.take() {
-                Some(p) => p,
-                None => {
-                    tokio::select! {
-                        _ = self.tx.closed() => return,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    match subscribe(&self.client, &self.channel).await {
-                        Ok(p) => {
-                            tracing::info!("registrar: redis subscription restored");
-                            backoff = BACKOFF_MIN;
-                            // Published while we were away is lost: re-read everything.
-                            if self.tx.send(StoreEvent::Resync).is_err() {
-                                return;
-                            }
-                            p
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "registrar: redis subscribe failed");
-                            continue;
-                        }
-                    }
-                }
-            };
-            match self.follow(pubsub).await {
-                Ended::Receiver => return,
-                Ended::Connection => {
-                    tracing::warn!("registrar: redis subscription lost; re-subscribing");
-                }
-            }
-        }
-    }
-
-    /// Forwards notifications until the connection or the receiver goes away.
-    async fn follow(&self, pubsub: PubSub) -> Ended {
-        let (mut sink, mut stream) = pubsub.split();
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await; // the first tick is immediate; we just subscribed
-        loop {
-            tokio::select! {
-                _ = self.tx.closed() => return Ended::Receiver,
-                msg = next_message(&mut stream) => {
-                    let Some(msg) = msg else { return Ended::Connection };
-                    if let Some(aor) = self.foreign_aor(msg.get_payload_bytes()) {
-                        if self.tx.send(StoreEvent::Changed(aor.to_owned())).is_err() {
-                            return Ended::Receiver;
-                        }
-                    }
-                }
-                _ = ping.tick() => {
-                    // Messages that arrive meanwhile wait in the stream's queue.
-                    let pong = tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>());
-                    if !matches!(pong.await, Ok(Ok(_))) {
-                        return Ended::Connection;
-                    }
-                }
-            }
-        }
-    }
-
-    /// The AOR of a notification written by another instance; `None` for our own writes
-    /// and for anything that is not `<origin> <aor>` (another program on the channel).
-    fn foreign_aor<'a>(&self, payload: &'a [u8]) -> Option<&'a str> {
-        let text = std::str::from_utf8(payload).ok()?;
-        let (origin, aor) = text.split_once(' ')?;
-        (origin != self.origin && !aor.is_empty()).then_some(aor)
-    }
-}
-
-async fn next_message(stream: &mut PubSubStream) -> Option<redis::Msg> {
-    use futures_core::Stream;
-    std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
 }
