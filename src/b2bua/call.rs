@@ -20,7 +20,7 @@ use crate::script::{
     AuthVerdict, CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome,
     InviteOutcome, ScriptVersion, UriInfo,
 };
-use crate::sip::{new_call_id, new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
+use crate::sip::{new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::{Target, TransportKind};
 use bytes::Bytes;
@@ -1061,30 +1061,13 @@ impl Call {
             max_forwards,
             index,
         } = leg;
-        let local_host = self
+        let mut invite = self
             .inner
             .local
-            .towards(dest.transport, &dest.addr)
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|| "strowger".into());
-        let invite = Request {
-            method: Method::Invite,
-            uri,
-            version: "2.0".into(),
-            base: crate::sip::BaseHeaders {
-                via: vec![self.inner.local.via(&dest)],
-                from,
-                to,
-                call_id: new_call_id(&local_host),
-                cseq: CSeq {
-                    seq: 1,
-                    method: Method::Invite,
-                },
-            },
-            max_forwards: Some(max_forwards),
-            headers,
-            body,
-        };
+            .new_request(Method::Invite, uri, from, to, &dest);
+        invite.max_forwards = Some(max_forwards);
+        invite.headers = headers;
+        invite.body = body;
         let bid = self.new_id();
         if let Some(t) = &self.inner.traces {
             self.legs += 1;

@@ -41,6 +41,38 @@ impl LocalAddrs {
 
     /// A fresh Via for a request we send to `target` (RFC 3261 8.1.1.7, with rport so that
     /// answers find us through NAT, RFC 3581).
+    /// A new request outside any dialog towards `dest` (RFC 3261 8.1.1): our Via, a fresh
+    /// Call-ID on the address we use towards it, CSeq 1, Max-Forwards 70, no headers or
+    /// body yet. `from` carries its tag already.
+    pub fn new_request(
+        &self,
+        method: crate::sip::Method,
+        uri: crate::sip::Uri,
+        from: crate::sip::NameAddr,
+        to: crate::sip::NameAddr,
+        dest: &Target,
+    ) -> crate::sip::Request {
+        let host = self
+            .towards(dest.transport, &dest.addr)
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "strowger".into());
+        crate::sip::Request {
+            method: method.clone(),
+            uri,
+            version: "2.0".into(),
+            base: crate::sip::BaseHeaders {
+                via: vec![self.via(dest)],
+                from,
+                to,
+                call_id: crate::sip::new_call_id(&host),
+                cseq: crate::sip::CSeq { seq: 1, method },
+            },
+            max_forwards: Some(70),
+            headers: crate::sip::Headers::new(),
+            body: bytes::Bytes::new(),
+        }
+    }
+
     pub fn via(&self, target: &Target) -> Via {
         let local = self
             .towards(target.transport, &target.addr)

@@ -10,7 +10,7 @@
 use super::{bump, respond, Inner};
 use crate::b2bua::resolve;
 use crate::script::{MessageInfo, MessageVerdict};
-use crate::sip::{new_call_id, new_tag, CSeq, Headers, Method, NameAddr, Request, Uri};
+use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::Target;
 use std::sync::Arc;
@@ -192,32 +192,13 @@ async fn fork(
     from.set_tag(&new_tag());
     let mut to: NameAddr = req.base.to.clone();
     to.params.remove("tag");
-    let local_host = inner
+    let mut out = inner
         .local
-        .towards(dest.transport, &dest.addr)
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| "strowger".into());
-    Ok((
-        Request {
-            method: Method::Message,
-            uri,
-            version: "2.0".into(),
-            base: crate::sip::BaseHeaders {
-                via: vec![inner.local.via(&dest)],
-                from,
-                to,
-                call_id: new_call_id(&local_host),
-                cseq: CSeq {
-                    seq: 1,
-                    method: Method::Message,
-                },
-            },
-            max_forwards: Some(req.max_forwards.unwrap_or(70).saturating_sub(1)),
-            headers,
-            body: req.body.clone(),
-        },
-        dest,
-    ))
+        .new_request(Method::Message, uri, from, to, &dest);
+    out.max_forwards = Some(req.max_forwards.unwrap_or(70).saturating_sub(1));
+    out.headers = headers;
+    out.body = req.body.clone();
+    Ok((out, dest))
 }
 
 #[cfg(test)]

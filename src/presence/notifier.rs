@@ -206,6 +206,27 @@ pub(crate) fn sub_key(call_id: &str, local_tag: &str) -> String {
 }
 
 /// An Expires header as delta-seconds; `Err` when present but not a number.
+/// The interval a SUBSCRIBE or PUBLISH gets (RFC 6665 4.2.1.1, RFC 3903 6 step 4): what it
+/// asks, or the default; below the minimum 423 with Min-Expires (0 stays 0: it ends);
+/// above the maximum cut to it. Err: the answer to send instead.
+fn granted_expires(
+    cfg: &super::PresenceConfig,
+    req: &Request,
+) -> Result<u32, Box<crate::sip::Response>> {
+    let Ok(asked) = expires_of(req) else {
+        return Err(Box::new(
+            req.response(400).with_reason("Bad Expires header"),
+        ));
+    };
+    let expires = asked.unwrap_or(cfg.default_expires);
+    if expires != 0 && expires < cfg.min_expires {
+        let mut r = req.response(423);
+        r.headers.push("Min-Expires", cfg.min_expires.to_string());
+        return Err(Box::new(r));
+    }
+    Ok(expires.min(cfg.max_expires))
+}
+
 fn expires_of(req: &Request) -> Result<Option<u32>, ()> {
     match req.headers.get("Expires") {
         None => Ok(None),
@@ -364,20 +385,11 @@ impl Notifier {
             );
             return;
         };
-        let cfg = &self.inner.cfg;
         // Step 4: the interval.
-        let Ok(asked) = expires_of(&req) else {
-            reject(&tx, req.response(400).with_reason("Bad Expires header"));
-            return;
+        let expires = match granted_expires(&self.inner.cfg, &req) {
+            Ok(e) => e,
+            Err(r) => return reject(&tx, *r),
         };
-        let expires = asked.unwrap_or(cfg.default_expires);
-        if expires != 0 && expires < cfg.min_expires {
-            let mut r = req.response(423);
-            r.headers.push("Min-Expires", cfg.min_expires.to_string());
-            reject(&tx, r);
-            return;
-        }
-        let expires = expires.min(cfg.max_expires);
         let content_type = req.headers.get("Content-Type").map(|c| {
             c.split(';')
                 .next()
@@ -495,19 +507,10 @@ impl Notifier {
             respond(&tx, req.response(404));
             return;
         };
-        let cfg = &self.inner.cfg;
-        let Ok(asked) = expires_of(&req) else {
-            respond(&tx, req.response(400).with_reason("Bad Expires header"));
-            return;
+        let expires = match granted_expires(&self.inner.cfg, &req) {
+            Ok(e) => e,
+            Err(r) => return respond(&tx, *r),
         };
-        let expires = asked.unwrap_or(cfg.default_expires);
-        if expires != 0 && expires < cfg.min_expires {
-            let mut r = req.response(423);
-            r.headers.push("Min-Expires", cfg.min_expires.to_string());
-            respond(&tx, r);
-            return;
-        }
-        let expires = expires.min(cfg.max_expires);
         let event_id = req.headers.get("Event").and_then(|e| parse_event(e).1);
         let tag = new_tag();
         let source = tx.source();

@@ -12,7 +12,7 @@ use super::notifier::{sub_key, Ev};
 use super::{respond, Inner, Package};
 use crate::b2bua::resolve;
 use crate::dialog::Dialog;
-use crate::sip::{new_call_id, new_tag, CSeq, Headers, Method, Request, Response, Uri};
+use crate::sip::{new_tag, Headers, Method, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::Target;
 use std::collections::HashMap;
@@ -147,29 +147,12 @@ impl Relays {
         from.set_tag(&b_tag);
         let mut to = req.base.to.clone();
         to.params.remove("tag");
-        let host = inner
+        let mut b_req = inner
             .local
-            .towards(dest.transport, &dest.addr)
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|| "strowger".into());
-        let b_req = Request {
-            method: Method::Subscribe,
-            uri,
-            version: "2.0".into(),
-            base: crate::sip::BaseHeaders {
-                via: vec![inner.local.via(&dest)],
-                from,
-                to,
-                call_id: new_call_id(&host),
-                cseq: CSeq {
-                    seq: 1,
-                    method: Method::Subscribe,
-                },
-            },
-            max_forwards: Some(req.max_forwards.unwrap_or(70).saturating_sub(1)),
-            headers,
-            body: req.body.clone(),
-        };
+            .new_request(Method::Subscribe, uri, from, to, &dest);
+        b_req.max_forwards = Some(req.max_forwards.unwrap_or(70).saturating_sub(1));
+        b_req.headers = headers;
+        b_req.body = req.body.clone();
         let a_tag = new_tag();
         let source = tx.source();
         let mut a = Dialog::uas(&req, &a_tag, source);
