@@ -77,6 +77,34 @@ fn caller_to(s: &Setup, service: &str, scenario: &str, extra: &[&str]) -> sipp::
     )
 }
 
+/// One call through the server with SIPp as caller (`a`, service `bob`), callee (`b`) and
+/// transfer target (`c`, None: no target party); `-key target <uri of c>` goes to the
+/// party named by `asks` ("caller" or "callee"). Returns what each saw.
+async fn three_parties(
+    s: &Setup,
+    a: &str,
+    b: &str,
+    c: Option<&str>,
+    asks: &str,
+    target: &str,
+) -> (Vec<SeenMessage>, Vec<SeenMessage>, Vec<SeenMessage>) {
+    let key = ["-key", "target", target];
+    let (a_extra, b_extra): (&[&str], &[&str]) = if asks == "caller" {
+        (&key, &[])
+    } else {
+        (&[], &key)
+    };
+    let c = c.map(|sc| party(s, "target", sc, s.c, &[]));
+    let b = party(s, "callee", b, s.b, b_extra);
+    let a = caller(s, a, a_extra).expect_success(LIMIT).await;
+    let b = b.expect_success(LIMIT).await;
+    let c = match c {
+        Some(c) => c.expect_success(LIMIT).await,
+        None => Vec::new(),
+    };
+    (a, b, c)
+}
+
 fn target_uri(s: &Setup) -> String {
     format!("sip:target@127.0.0.1:{}", s.c)
 }
@@ -140,19 +168,15 @@ fn assert_notifies(seen: &[SeenMessage], want: &[&str]) {
 async fn callee_transfers_the_caller_blind() {
     let s = setup("xfer-callee").await;
     let target = target_uri(&s);
-    let c = party(&s, "target", "uas_target.xml", s.c, &[]);
-    let b = party(
+    let (a, b, c) = three_parties(
         &s,
-        "callee",
+        "uac_reinvited.xml",
         "uas_refer.xml",
-        s.b,
-        &["-key", "target", &target],
-    );
-    let a = caller(&s, "uac_reinvited.xml", &[])
-        .expect_success(LIMIT)
-        .await;
-    let b = b.expect_success(LIMIT).await;
-    let c = c.expect_success(LIMIT).await;
+        Some("uas_target.xml"),
+        "callee",
+        &target,
+    )
+    .await;
     // The caller is now in a dialog with the target: its re-INVITE has the target's SDP.
     let reinvite = got(&a, "INVITE");
     assert_eq!(reinvite.len(), 1, "{:?}", received(&a));
@@ -201,13 +225,15 @@ async fn callee_transfers_the_caller_blind() {
 async fn caller_transfers_the_callee_blind() {
     let s = setup("xfer-caller").await;
     let target = target_uri(&s);
-    let c = party(&s, "target", "uas_target.xml", s.c, &[]);
-    let b = party(&s, "callee", "uas_reinvited.xml", s.b, &[]);
-    let a = caller(&s, "uac_refer.xml", &["-key", "target", &target])
-        .expect_success(LIMIT)
-        .await;
-    let b = b.expect_success(LIMIT).await;
-    let c = c.expect_success(LIMIT).await;
+    let (a, b, c) = three_parties(
+        &s,
+        "uac_refer.xml",
+        "uas_reinvited.xml",
+        Some("uas_target.xml"),
+        "caller",
+        &target,
+    )
+    .await;
     let reinvite = got(&b, "INVITE");
     assert_eq!(reinvite.len(), 2, "{:?}", received(&b));
     assert!(
@@ -230,19 +256,15 @@ async fn caller_transfers_the_callee_blind() {
 async fn a_busy_target_leaves_the_call_as_it_was() {
     let s = setup("xfer-busy").await;
     let target = target_uri(&s);
-    let c = party(&s, "target", "uas_reject.xml", s.c, &[]);
-    let b = party(
+    let (a, b, _) = three_parties(
         &s,
-        "callee",
+        "uac_wait_bye.xml",
         "uas_refer_fail.xml",
-        s.b,
-        &["-key", "target", &target],
-    );
-    let a = caller(&s, "uac_wait_bye.xml", &[])
-        .expect_success(LIMIT)
-        .await;
-    let b = b.expect_success(LIMIT).await;
-    c.expect_success(LIMIT).await;
+        Some("uas_reject.xml"),
+        "callee",
+        &target,
+    )
+    .await;
     assert_notifies(&b, &["SIP/2.0 100 Trying", "SIP/2.0 486 Busy Here"]);
     // The caller saw nothing of it until the callee hung up.
     assert!(got(&a, "INVITE").is_empty(), "{:?}", received(&a));
@@ -258,17 +280,15 @@ async fn a_busy_target_leaves_the_call_as_it_was() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_script_denies_a_transfer_with_603() {
     let s = setup("xfer-deny").await;
-    let b = party(
+    let (a, b, _) = three_parties(
         &s,
-        "callee",
+        "uac_wait_bye.xml",
         "uas_refer_denied.xml",
-        s.b,
-        &["-key", "target", "sip:nobody@127.0.0.1:9"],
-    );
-    let a = caller(&s, "uac_wait_bye.xml", &[])
-        .expect_success(LIMIT)
-        .await;
-    let b = b.expect_success(LIMIT).await;
+        None,
+        "callee",
+        "sip:nobody@127.0.0.1:9",
+    )
+    .await;
     assert!(got(&b, "NOTIFY").is_empty());
     assert_eq!(received(&a).last().map(String::as_str), Some("BYE"));
     wait_idle(&s).await;
@@ -277,20 +297,16 @@ async fn the_script_denies_a_transfer_with_603() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refer_sub_false_gets_no_notify_and_the_script_may_rewrite_the_target() {
     let s = setup("xfer-nosub").await;
-    let c = party(&s, "target", "uas_target.xml", s.c, &[]);
     // The script turns "alias" into the target's address.
-    let b = party(
+    let (a, b, c) = three_parties(
         &s,
-        "callee",
+        "uac_reinvited.xml",
         "uas_refer_nosub.xml",
-        s.b,
-        &["-key", "target", "sip:alias@127.0.0.1:9"],
-    );
-    let a = caller(&s, "uac_reinvited.xml", &[])
-        .expect_success(LIMIT)
-        .await;
-    let b = b.expect_success(LIMIT).await;
-    let c = c.expect_success(LIMIT).await;
+        Some("uas_target.xml"),
+        "callee",
+        "sip:alias@127.0.0.1:9",
+    )
+    .await;
     assert_eq!(received(&b), ["INVITE", "ACK", "202", "BYE"]);
     let accepted = got(&b, "202")[0];
     assert_eq!(
@@ -737,19 +753,15 @@ async fn refer_outside_a_dialog_is_refused_with_a_reason() {
 async fn a_failed_transfer_takes_the_held_party_off_hold() {
     let s = setup("xfer-hold").await;
     let target = target_uri(&s);
-    let c = party(&s, "target", "uas_reject.xml", s.c, &[]);
-    let b = party(
+    let (a, b, _) = three_parties(
         &s,
-        "callee",
+        "uac_held_resumed.xml",
         "uas_hold_refer_fail.xml",
-        s.b,
-        &["-key", "target", &target],
-    );
-    let a = caller(&s, "uac_held_resumed.xml", &[])
-        .expect_success(LIMIT)
-        .await;
-    let b = b.expect_success(LIMIT).await;
-    c.expect_success(LIMIT).await;
+        Some("uas_reject.xml"),
+        "callee",
+        &target,
+    )
+    .await;
     assert_notifies(&b, &["SIP/2.0 100 Trying", "SIP/2.0 486 Busy Here"]);
     let invites = got(&a, "INVITE");
     assert_eq!(invites.len(), 2, "hold, then resume: {:?}", received(&a));
