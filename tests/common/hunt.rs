@@ -2,7 +2,7 @@
 //! `-l` and `-d`, who answered each call (from the caller's log), and the admin API.
 #![allow(dead_code)]
 
-use super::sipp::{read_messages, SeenMessage};
+use super::sipp::SeenMessage;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,32 +62,7 @@ impl Peer {
 
     /// Waits (bounded) for SIPp to finish; panics with its output when it failed.
     pub async fn success(self, limit: Duration) -> Vec<SeenMessage> {
-        let name = self.name.clone();
-        let messages = self.messages.clone();
-        let out = match tokio::time::timeout(limit, self.child.wait_with_output()).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => panic!("{name}: {e}"),
-            Err(_) => panic!("{name}: sipp still running after {limit:?}"),
-        };
-        let seen = read_messages(&messages);
-        if out.status.code() != Some(0) {
-            panic!(
-                "{name} failed ({:?}):\n{}\n{}\nmessages:\n{}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .rev()
-                    .take(30)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                String::from_utf8_lossy(&out.stderr),
-                seen.iter()
-                    .map(|m| format!("{} {}", if m.sent { ">>" } else { "<<" }, m.first_line()))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            );
-        }
-        seen
+        super::sipp::finish(self.child, &self.name, &self.messages, limit).await
     }
 }
 

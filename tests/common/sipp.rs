@@ -107,36 +107,45 @@ pub fn start(
 impl Sipp {
     /// Waits for SIPp to finish (bounded) and panics with its output if it failed.
     pub async fn expect_success(self, limit: Duration) -> Vec<SeenMessage> {
-        let name = self.name.clone();
-        let messages = self.messages.clone();
-        let out = match tokio::time::timeout(limit, self.child.wait_with_output()).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => panic!("{name}: {e}"),
-            Err(_) => panic!("{name}: sipp still running after {limit:?}"),
-        };
-        let seen = read_messages(&messages);
-        if out.status.code() != Some(0) {
-            let errors =
-                std::fs::read_to_string(messages.with_extension("").with_extension("errors.log"))
-                    .unwrap_or_default();
-            panic!(
-                "{name} failed ({:?}):\n{}\n{}\nerrors: {errors}\nmessages:\n{}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .rev()
-                    .take(30)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                String::from_utf8_lossy(&out.stderr),
-                seen.iter()
-                    .map(|m| format!("{} {}", if m.sent { ">>" } else { "<<" }, m.first_line()))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            );
-        }
-        seen
+        finish(self.child, &self.name, &self.messages, limit).await
     }
+}
+
+/// Waits (bounded) for a SIPp child to finish and returns what it logged; panics with its
+/// output, error file and message ladder when it failed.
+pub async fn finish(
+    child: Child,
+    name: &str,
+    messages: &Path,
+    limit: Duration,
+) -> Vec<SeenMessage> {
+    let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("{name}: {e}"),
+        Err(_) => panic!("{name}: sipp still running after {limit:?}"),
+    };
+    let seen = read_messages(messages);
+    if out.status.code() != Some(0) {
+        let errors =
+            std::fs::read_to_string(messages.with_extension("").with_extension("errors.log"))
+                .unwrap_or_default();
+        panic!(
+            "{name} failed ({:?}):\n{}\n{}\nerrors: {errors}\nmessages:\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            String::from_utf8_lossy(&out.stderr),
+            seen.iter()
+                .map(|m| format!("{} {}", if m.sent { ">>" } else { "<<" }, m.first_line()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+    }
+    seen
 }
 
 /// One message in a SIPp message log.
