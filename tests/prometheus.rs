@@ -46,6 +46,10 @@ const METRICS_NOW: &[&str] = &[
     "strowger_transaction_retransmissions_total",
     "strowger_register_results_total",
     "strowger_transfers_total",
+    "strowger_presence_subscriptions",
+    "strowger_presence_notifies_total",
+    "strowger_presence_publish_total",
+    "strowger_messages_total",
     // Hunt groups (dashboards/huntgroups.json).
     "strowger_huntgroup_waiting",
     "strowger_huntgroup_longest_wait_seconds",
