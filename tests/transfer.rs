@@ -21,6 +21,10 @@ struct Setup {
 }
 
 async fn setup(tag: &str) -> Setup {
+    setup_with(tag, |_| {}).await
+}
+
+async fn setup_with(tag: &str, tweak: impl FnOnce(&mut strowger::config::Config)) -> Setup {
     let dir = sipp::workdir(tag);
     let (b, c) = (sipp::free_udp_port(), sipp::free_udp_port());
     let plan = dir.join("plan.lua");
@@ -52,6 +56,7 @@ end
     let mut config = test_config();
     config.script.path = plan.display().to_string();
     config.call.records_file = dir.join("calls.jsonl").display().to_string();
+    tweak(&mut config);
     let server = start_with(config).await;
     Setup { server, dir, b, c }
 }
@@ -776,5 +781,81 @@ async fn a_failed_transfer_takes_the_held_party_off_hold() {
         "{resume}"
     );
     assert!(resume.contains("2353687639"), "a new o= version: {resume}");
+    wait_idle(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_lamps_follow_a_transfer() {
+    // Every change its own NOTIFY.
+    let s = setup_with("xfer-blf", |c| c.presence.min_notify_interval_ms = 0).await;
+    let target = target_uri(&s);
+    // A desk phone watches the target's lamp (dialog event package, RFC 4235).
+    let watcher = UdpPeer::bind("127.0.0.1").await;
+    let sub = request(
+        "SUBSCRIBE",
+        "sip:target@strowger.test",
+        watcher.addr,
+        "UDP",
+        &unique("blf"),
+        &format!(
+            "Event: dialog\r\nAccept: application/dialog-info+xml\r\nExpires: 600\r\n\
+             Contact: <sip:w@{}>\r\n",
+            watcher.addr
+        ),
+        "",
+    );
+    watcher.send(s.server.udp, sub.as_bytes()).await;
+    // Answer every NOTIFY and keep its body, until the call is over.
+    let server = s.server.udp;
+    let collect = tokio::spawn(async move {
+        let mut bodies = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            let Some(m) = watcher.recv(Duration::from_millis(500)).await else {
+                if bodies
+                    .iter()
+                    .any(|b: &String| b.contains("<state>terminated</state>"))
+                {
+                    break;
+                }
+                continue;
+            };
+            if !m.starts_with("NOTIFY") {
+                continue;
+            }
+            let mut ok = String::from("SIP/2.0 200 OK\r\n");
+            for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+                if let Some(v) = header(&m, name) {
+                    ok.push_str(&format!("{name}: {v}\r\n"));
+                }
+            }
+            ok.push_str("Content-Length: 0\r\n\r\n");
+            watcher.send(server, ok.as_bytes()).await;
+            bodies.push(m.split("\r\n\r\n").nth(1).unwrap_or("").to_owned());
+        }
+        bodies
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, _, _) = three_parties(
+        &s,
+        "uac_reinvited.xml",
+        "uas_refer.xml",
+        Some("uas_target.xml"),
+        "callee",
+        &target,
+    )
+    .await;
+    let bodies = collect.await.unwrap();
+    // The target's lamp: lit (confirmed) once it took the call over, off at the end.
+    let confirmed = bodies
+        .iter()
+        .position(|b| b.contains("<state>confirmed</state>"));
+    let terminated = bodies
+        .iter()
+        .rposition(|b| b.contains("<state>terminated</state>"));
+    assert!(
+        matches!((confirmed, terminated), (Some(c), Some(t)) if c < t),
+        "{bodies:#?}"
+    );
     wait_idle(&s).await;
 }

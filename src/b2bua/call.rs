@@ -276,6 +276,8 @@ pub struct Call {
     resume_side: Option<Side>,
     /// watch: the last phase posted to the call watch.
     watched: Option<super::watch::CallPhase>,
+    /// watch: the parties after a transfer (caller, callee); None: the INVITE's.
+    watch_parties: Option<(Arc<Uri>, Arc<Uri>)>,
 }
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
@@ -564,6 +566,7 @@ impl Call {
             hold: None,
             resume_side: None,
             watched: None,
+            watch_parties: None,
             a_invite: invite,
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -650,20 +653,38 @@ impl Call {
             return;
         }
         self.watched = Some(phase);
+        self.post_watch(phase);
+    }
+
+    /// watch: the change as the call's current parties see it.
+    fn post_watch(&self, phase: super::watch::CallPhase) {
         let w = &self.inner.watch;
         if !w.is_watched() {
             return;
         }
         let a = &self.a_invite;
+        let (caller, callee) = match &self.watch_parties {
+            Some((caller, callee)) => (caller.clone(), callee.clone()),
+            None => (Arc::new(a.base.from.uri.clone()), Arc::new(a.uri.clone())),
+        };
         w.post(super::watch::CallChange {
             id: self.id.clone(),
             phase,
             call_id: Arc::from(a.base.call_id.as_str()),
             caller_tag: Arc::from(a.base.from.tag().unwrap_or("")),
             our_tag: Arc::from(self.a_dialog.local_tag.as_str()),
-            caller: Arc::new(a.base.from.uri.clone()),
-            callee: Arc::new(a.uri.clone()),
+            caller,
+            callee,
         });
+    }
+
+    /// watch: a transfer changed who is on the call: the dialog ends for the parties that
+    /// were on it and is confirmed for the new ones (busy lamps follow the transfer).
+    fn watch_new_parties(&mut self, caller: Uri, callee: Uri) {
+        self.post_watch(super::watch::CallPhase::Terminated);
+        self.watch_parties = Some((Arc::new(caller), Arc::new(callee)));
+        self.watched = Some(super::watch::CallPhase::Confirmed);
+        self.post_watch(super::watch::CallPhase::Confirmed);
     }
 
     fn pending_key(&self) -> DialogKey {

@@ -952,7 +952,15 @@ impl Call {
                 .map(|b| b.invite.uri.to_string())
                 .unwrap_or_default(),
         };
-        self.re_engage(&[t.target.clone(), stays]);
+        self.re_engage(&[t.target.clone(), stays.clone()]);
+        // Busy lamps: the party that stays is now on a call with the target.
+        if let (Ok(stays), Ok(target)) = (Uri::parse(&stays), Uri::parse(t.target.trim())) {
+            let (caller, callee) = match t.transferee {
+                Side::A => (stays, target),
+                Side::B => (target, stays),
+            };
+            self.watch_new_parties(caller, callee);
+        }
         let status = 200;
         self.count_transfer(t.kind, 1);
         self.note_transfer(&t, status);
