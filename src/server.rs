@@ -312,6 +312,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
         flows: Some(location.clone()),
+        location: Some(location.clone()),
         auth: users.map(|u| (digest.clone(), u)),
         records,
         routes: Arc::new(crate::metrics::RouteStats::new(&config.call.routes)),
@@ -319,6 +320,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     });
     core.set_b2bua(b2bua.clone());
     if let Some(h) = &huntgroups {
+        b2bua.track_busy();
         h.set_directory(Arc::new(HuntDirectory {
             location: location.clone(),
             b2bua: b2bua.clone(),
@@ -531,6 +533,7 @@ async fn start_presence(
             let b2bua = b2bua.clone();
             Arc::new(move || b2bua.calls())
         }),
+        call_interest: Some(b2bua.call_watch().interest()),
         node,
     })
     .await

@@ -64,8 +64,38 @@ struct Trace {
     state: Mutex<TraceState>,
 }
 
+/// A message's first line as recorded: whatever is cheapest at hand on the hot path,
+/// turned into text only when somebody reads the trace.
+pub enum Line {
+    /// Already text (outgoing messages: the start of the bytes sent).
+    Text(String),
+    /// A request received: method and Request-URI.
+    Request(crate::sip::Method, Box<crate::sip::Uri>),
+    /// A response received: status and reason.
+    Status(u16, String),
+}
+
+impl Line {
+    fn text(&self) -> String {
+        match self {
+            Line::Text(t) => t.clone(),
+            Line::Request(m, uri) => format!("{m} {uri} SIP/2.0"),
+            Line::Status(code, reason) => format!("SIP/2.0 {code} {reason}"),
+        }
+    }
+}
+
+/// One message as kept (formatted when read).
+struct Stored {
+    t: f64,
+    dir: Direction,
+    leg: Arc<str>,
+    peer: Target,
+    line: Line,
+}
+
 struct TraceState {
-    entries: Vec<TraceEntry>,
+    entries: Vec<Stored>,
     dropped: u64,
     /// The SIP Call-IDs of the call's legs (to unindex them at the end).
     call_ids: Vec<String>,
@@ -183,7 +213,7 @@ impl CallTraces {
         call_id: &str,
         dir: Direction,
         peer: &Target,
-        line: impl FnOnce() -> String,
+        line: impl FnOnce() -> Line,
     ) {
         let Some(r) = self.inner.by_call_id.get(call_id) else {
             return;
@@ -194,11 +224,11 @@ impl CallTraces {
             st.dropped += 1;
             return;
         }
-        st.entries.push(TraceEntry {
-            t: (t * 1e6).round() / 1e6,
+        st.entries.push(Stored {
+            t,
             dir,
-            leg: r.leg.to_string(),
-            peer: format!("{}:{}", peer.transport, peer.addr),
+            leg: r.leg.clone(),
+            peer: *peer,
             line: line(),
         });
     }
@@ -226,7 +256,17 @@ impl CallTraces {
             started: crate::b2bua::rfc3339_millis(trace.started),
             ended: st.ended,
             dropped: st.dropped,
-            messages: st.entries.clone(),
+            messages: st
+                .entries
+                .iter()
+                .map(|e| TraceEntry {
+                    t: (e.t * 1e6).round() / 1e6,
+                    dir: e.dir,
+                    leg: e.leg.to_string(),
+                    peer: format!("{}:{}", e.peer.transport, e.peer.addr),
+                    line: e.line.text(),
+                })
+                .collect(),
         })
     }
 
@@ -291,20 +331,20 @@ mod tests {
         let id: Arc<str> = Arc::from("c1");
         t.start_call(&id, "a@x");
         t.record("a@x", Direction::In, &peer(), || {
-            "INVITE sip:b@x SIP/2.0".into()
+            Line::Text("INVITE sip:b@x SIP/2.0".into())
         });
         t.add_leg("c1", "b@y", 1);
         t.record("b@y", Direction::Out, &peer(), || {
-            "INVITE sip:b@y SIP/2.0".into()
+            Line::Text("INVITE sip:b@y SIP/2.0".into())
         });
         t.record("other", Direction::In, &peer(), || {
             unreachable!("not traced")
         });
         t.record("b@y", Direction::In, &peer(), || {
-            "SIP/2.0 180 Ringing".into()
+            Line::Text("SIP/2.0 180 Ringing".into())
         });
         t.record("a@x", Direction::Out, &peer(), || {
-            "SIP/2.0 180 Ringing".into()
+            Line::Text("SIP/2.0 180 Ringing".into())
         });
         let v = t.get("c1").unwrap();
         let legs: Vec<_> = v.messages.iter().map(|e| e.leg.as_str()).collect();

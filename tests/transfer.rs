@@ -859,3 +859,48 @@ async fn busy_lamps_follow_a_transfer() {
     );
     wait_idle(&s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_to_an_extension_rings_its_registered_phone() {
+    let s = setup("xfer-ext").await;
+    // Extension 2002 is the target's SIPp, registered (no users file: no challenge).
+    let phone = UdpPeer::bind("127.0.0.1").await;
+    let reg = request(
+        "REGISTER",
+        "sip:strowger.test",
+        phone.addr,
+        "UDP",
+        &unique("reg"),
+        &format!(
+            "To: <sip:2002@strowger.test>\r\nContact: <sip:target@127.0.0.1:{}>;expires=300\r\n",
+            s.c
+        ),
+        "",
+    )
+    // The helper's To names bob; this REGISTER is for 2002.
+    .replace("To: <sip:bob@strowger.test>\r\n", "");
+    phone.send(s.server.udp, reg.as_bytes()).await;
+    let r = phone.recv_final(WAIT).await.expect("REGISTER answered");
+    assert_eq!(status(&r), 200, "{r}");
+    let (a, b, c) = three_parties(
+        &s,
+        "uac_reinvited.xml",
+        "uas_refer.xml",
+        Some("uas_target.xml"),
+        "callee",
+        "sip:2002@strowger.test",
+    )
+    .await;
+    assert!(got(&a, "INVITE")[0].body().contains("s=third-party"));
+    assert_notifies(&b, &["SIP/2.0 100 Trying", "SIP/2.0 200 OK"]);
+    let invite = got(&c, "INVITE")[0];
+    assert!(
+        invite
+            .first_line()
+            .starts_with("INVITE sip:target@127.0.0.1"),
+        "rung at its contact: {}",
+        invite.text
+    );
+    assert!(invite.header("To").unwrap().contains("2002@strowger.test"));
+    wait_idle(&s).await;
+}

@@ -596,10 +596,10 @@ impl Call {
             let a_call_id = &call.a_invite.base.call_id;
             t.start_call(&call.id, a_call_id);
             t.record(a_call_id, crate::trace::Direction::In, &source, || {
-                call.a_invite.request_line()
+                crate::trace::Line::Request(Method::Invite, Box::new(call.a_invite.uri.clone()))
             });
             t.record(a_call_id, crate::trace::Direction::Out, &source, || {
-                "SIP/2.0 100 Trying".to_owned()
+                crate::trace::Line::Text("SIP/2.0 100 Trying".to_owned())
             });
         }
         let info = call.call_info();
@@ -886,7 +886,7 @@ impl Call {
                 &ack.base.call_id,
                 crate::trace::Direction::Out,
                 target,
-                || ack.request_line(),
+                || crate::trace::Line::Request(Method::Ack, Box::new(ack.uri.clone())),
             );
         }
         self.inner.sender.send(target, ack.to_bytes())
@@ -1052,7 +1052,9 @@ impl Call {
         let (bid, invite) = self.new_leg(leg);
         // A target being rung counts as on a call for hunt groups (it would otherwise get
         // a second call while it rings).
-        if let Some(k) = super::engaged_key(target.trim()) {
+        if let Some(k) =
+            super::B2bua::tracks_busy(&self.inner).then(|| super::engaged_key_of(&invite.uri))
+        {
             super::engage(&self.inner.engaged, &k);
             if let Some(b) = self.branches.get_mut(&bid) {
                 b.ringing = Some(k);
@@ -1461,7 +1463,7 @@ impl Call {
         // The winner.
         self.b_branch = Some(bid);
         let index = b.index;
-        let b_uri = b.invite.uri.to_string();
+        let b_uri = b.invite.uri.clone();
         // Engaged while it rang: the mark stays for the call.
         let rang = b.ringing.take();
         if let Some(w) = self.dial.as_mut().and_then(|d| d.winner.take()) {
@@ -1470,14 +1472,14 @@ impl Call {
         // On a call from now on: hunt groups skip these addresses (the callee's URI and
         // the caller's From).
         self.engaged = rang.into_iter().collect();
-        let more: Vec<String> = [b_uri, self.a_invite.base.from.uri.to_string()]
-            .iter()
-            .filter_map(|u| super::engaged_key(u))
-            .filter(|k| !self.engaged.contains(k))
-            .collect();
-        for k in more {
-            super::engage(&self.inner.engaged, &k);
-            self.engaged.push(k);
+        if super::B2bua::tracks_busy(&self.inner) {
+            for u in [&b_uri, &self.a_invite.base.from.uri] {
+                let k = super::engaged_key_of(u);
+                if !self.engaged.contains(&k) {
+                    super::engage(&self.inner.engaged, &k);
+                    self.engaged.push(k);
+                }
+            }
         }
         self.b_dialog = Some(dialog);
         self.cancel_branches();

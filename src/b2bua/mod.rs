@@ -106,6 +106,9 @@ struct B2buaInner {
     timers: TimerConfig,
     default_ring_timeout: Duration,
     flows: Option<Arc<dyn ContactFlows>>,
+    /// Registered devices of our addresses of record (transfer targets that are
+    /// extensions).
+    location: Option<Arc<dyn crate::script::LocationService>>,
     auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     records: Option<RecordWriter>,
     dialogs: ShardMap<DialogKey, CallRef>,
@@ -115,6 +118,9 @@ struct B2buaInner {
     /// Calls in progress by id, for the admin API; written only when a call starts,
     /// answers and ends (never per message).
     calls: ShardMap<Arc<str>, CallSnapshot>,
+    /// Keep the `engaged` index (hunt groups ask it); off without hunt groups, so that
+    /// calls do not pay for it.
+    track_busy: std::sync::atomic::AtomicBool,
     /// Each call in progress's event queue, by call id (`POST /calls/{id}/transfer`).
     controls: ShardMap<Arc<str>, Events>,
     /// Addresses on an answered call (`user@host[:port]`, see [`engaged_key`]) and how
@@ -143,6 +149,8 @@ pub struct B2buaParts {
     pub default_ring_timeout: Duration,
     /// Registered contacts' flows (None: dial targets are resolved by their URI).
     pub flows: Option<Arc<dyn ContactFlows>>,
+    /// The location service (None: transfer targets are reached by their URI only).
+    pub location: Option<Arc<dyn crate::script::LocationService>>,
     /// Digest authentication for `call:authenticate()` (None: no users configured).
     pub auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     /// The `call.records_file` writer (None: no record file).
@@ -164,6 +172,7 @@ impl B2bua {
                 timers: parts.timers,
                 default_ring_timeout: parts.default_ring_timeout,
                 flows: parts.flows,
+                location: parts.location,
                 auth: parts.auth,
                 records: parts.records,
                 dialogs: ShardMap::with_shards(64),
@@ -171,6 +180,7 @@ impl B2bua {
                 calls_active: AtomicU64::new(0),
                 calls: ShardMap::new(),
                 controls: ShardMap::new(),
+                track_busy: std::sync::atomic::AtomicBool::new(false),
                 engaged: ShardMap::new(),
                 stats: B2buaStats::default(),
                 routes: parts.routes,
@@ -222,6 +232,15 @@ impl B2bua {
     /// The SIP ladder of call `id` (in progress or recently ended), when tracing is on.
     pub fn trace(&self, id: &str) -> Option<crate::trace::TraceView> {
         self.inner.traces.as_ref()?.get(id)
+    }
+
+    /// From now on, keep track of who is on a call or being rung (for `on_call`).
+    pub fn track_busy(&self) {
+        self.inner.track_busy.store(true, Ordering::Relaxed);
+    }
+
+    fn tracks_busy(inner: &B2buaInner) -> bool {
+        inner.track_busy.load(Ordering::Relaxed)
     }
 
     /// Whether any of these addresses (AORs or contact URIs) is on an answered call, as
@@ -318,12 +337,19 @@ impl B2bua {
 /// The key of an address in the `engaged` index: `user@host[:port]`, host lower-cased,
 /// parameters dropped, so a contact and the URI dialed for it compare equal.
 pub(crate) fn engaged_key(uri: &str) -> Option<String> {
-    let u = crate::sip::Uri::parse(uri.trim()).ok()?;
+    crate::sip::Uri::parse(uri.trim())
+        .ok()
+        .map(|u| engaged_key_of(&u))
+}
+
+/// [`engaged_key`] of a parsed URI.
+pub(crate) fn engaged_key_of(u: &crate::sip::Uri) -> String {
     let host = u.host.to_string().to_ascii_lowercase();
-    Some(match u.port {
-        Some(p) => format!("{}@{host}:{p}", u.user.unwrap_or_default()),
-        None => format!("{}@{host}", u.user.unwrap_or_default()),
-    })
+    let user = u.user.as_deref().unwrap_or_default();
+    match u.port {
+        Some(p) => format!("{user}@{host}:{p}"),
+        None => format!("{user}@{host}"),
+    }
 }
 
 pub(crate) fn engage(map: &ShardMap<String, u32>, key: &str) {

@@ -62,6 +62,10 @@ pub struct CallChange {
 #[derive(Clone)]
 pub struct CallWatch {
     tx: broadcast::Sender<CallChange>,
+    /// Whether the watchers want changes now (the presence core turns this off while
+    /// nobody subscribes to the dialog package, so calls build nothing for nobody; it
+    /// re-reads the calls in progress when it turns it on).
+    wanted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for CallWatch {
@@ -73,17 +77,25 @@ impl Default for CallWatch {
 impl CallWatch {
     pub fn new() -> CallWatch {
         let (tx, _) = broadcast::channel(CAPACITY);
-        CallWatch { tx }
+        CallWatch {
+            tx,
+            wanted: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        }
     }
 
     /// Whether anybody listens (so that a call builds no event for nobody).
     pub fn is_watched(&self) -> bool {
-        self.tx.receiver_count() > 0
+        self.wanted.load(std::sync::atomic::Ordering::Relaxed) && self.tx.receiver_count() > 0
+    }
+
+    /// The switch of [`Self::is_watched`] (on by default).
+    pub fn interest(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.wanted.clone()
     }
 
     /// Posts a change; nobody listening is fine.
     pub fn post(&self, change: CallChange) {
-        if self.tx.receiver_count() > 0 {
+        if self.is_watched() {
             let _ = self.tx.send(change);
         }
     }

@@ -192,6 +192,9 @@ pub struct PresenceParts {
     pub calls: Option<broadcast::Receiver<CallChange>>,
     /// The B2BUA's calls in progress, read when call changes were lost (None: never).
     pub live_calls: Option<LiveCalls>,
+    /// The call watch's switch (`CallWatch::interest`): off while no dialog-package
+    /// subscription needs our calls (None: always on).
+    pub call_interest: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// `presence.authenticate`: digest for PUBLISH, SUBSCRIBE and MESSAGE (None: off).
     pub auth: Option<(crate::auth::DigestAuth, Arc<Users>)>,
     /// This node's name, stable across restarts (e.g. its first SIP address): which node
@@ -211,6 +214,7 @@ pub(crate) struct Inner {
     events: mpsc::UnboundedSender<notifier::Ev>,
     node: String,
     live_calls: Option<LiveCalls>,
+    call_interest: Option<Arc<std::sync::atomic::AtomicBool>>,
     auth: Option<(crate::auth::DigestAuth, Arc<Users>)>,
 }
 
@@ -266,6 +270,7 @@ impl Presence {
             events,
             node: parts.node,
             live_calls: parts.live_calls,
+            call_interest: parts.call_interest,
             auth: parts.auth,
         });
         let n = notifier::Notifier::new(

@@ -301,6 +301,7 @@ impl Notifier {
                 n.insert_sub(key, sub);
             }
         }
+        n.update_call_interest();
         n
     }
 
@@ -795,6 +796,7 @@ impl Notifier {
     /// Adds one of our subscriptions (gauge, index, pending NOTIFY).
     fn insert_sub(&mut self, key: String, sub: Sub) {
         self.inner.stats.subscriptions[sub.package.index()].fetch_add(1, Ordering::Relaxed);
+        let dialog = sub.package == Package::Dialog;
         self.index
             .entry((sub.package, sub.resource.clone()))
             .or_default()
@@ -804,6 +806,30 @@ impl Notifier {
         }
         if let Some(old) = self.subs.insert(key, sub) {
             self.inner.stats.subscriptions[old.package.index()].fetch_sub(1, Ordering::Relaxed);
+        }
+        if dialog {
+            self.update_call_interest();
+        }
+    }
+
+    /// Our calls are only watched while somebody here subscribes to the dialog package
+    /// (or other nodes may, through a shared store): calls then build nothing for nobody.
+    /// When watching starts, the calls in progress are read so the first NOTIFY is right.
+    fn update_call_interest(&mut self) {
+        let Some(flag) = self.inner.call_interest.clone() else {
+            return;
+        };
+        let want = self.store.shared()
+            || self.inner.stats.subscriptions[Package::Dialog.index()].load(Ordering::Relaxed) > 0;
+        if want == flag.load(Ordering::Relaxed) {
+            return;
+        }
+        flag.store(want, Ordering::Relaxed);
+        if want {
+            self.resync_calls();
+        } else {
+            // Nobody looks; what we knew will be read again when somebody does.
+            self.calls.retain(|_, c| !c.local);
         }
     }
 
@@ -819,6 +845,9 @@ impl Notifier {
             }
         }
         self.pending.remove(key);
+        if sub.package == Package::Dialog {
+            self.update_call_interest();
+        }
         Some(sub)
     }
 

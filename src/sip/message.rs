@@ -492,11 +492,6 @@ fn finish(mut head: String, body: &Bytes) -> Bytes {
 }
 
 impl Request {
-    /// `METHOD uri SIP/2.0`, as sent (logs and traces).
-    pub fn request_line(&self) -> String {
-        format!("{} {} SIP/2.0", self.method, self.uri)
-    }
-
     pub fn to_bytes(&self) -> Bytes {
         let mut s = String::with_capacity(768 + self.body.len());
         let _ = write!(s, "{} {} SIP/2.0\r\n", self.method, self.uri);

@@ -701,7 +701,7 @@ impl Shared {
         }
         if let Some(t) = self.traces.get() {
             t.record(call_id, crate::trace::Direction::Out, target, || {
-                crate::trace::first_line(&bytes)
+                crate::trace::Line::Text(crate::trace::first_line(&bytes))
             });
         }
         self.sender.send(target, bytes)
@@ -773,7 +773,12 @@ impl TransactionLayer {
                         &req.base.call_id,
                         crate::trace::Direction::In,
                         &source,
-                        || req.request_line(),
+                        || {
+                            crate::trace::Line::Request(
+                                req.method.clone(),
+                                Box::new(req.uri.clone()),
+                            )
+                        },
                     );
                 }
                 match req.method {
@@ -790,7 +795,7 @@ impl TransactionLayer {
                         &resp.base.call_id,
                         crate::trace::Direction::In,
                         &source,
-                        || format!("SIP/2.0 {} {}", resp.status, resp.reason),
+                        || crate::trace::Line::Status(resp.status, resp.reason.clone()),
                     );
                 }
                 self.on_response(resp, source);

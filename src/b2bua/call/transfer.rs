@@ -372,10 +372,22 @@ impl Call {
         let target = t.target.trim().to_owned();
         let referred_by = t.referred_by.clone();
         let transferee = t.transferee;
-        let Ok(uri) = Uri::parse(&target) else {
+        let Ok(aor) = Uri::parse(&target) else {
             return self.transfer_failed(400, "Bad target");
         };
-        let flow = self.inner.flows.as_ref().and_then(|f| f.flow(&target));
+        // An extension of ours (an address of record with devices registered) is rung at
+        // its best device, as `registrar.lookup` would give a dial plan; anything else is
+        // reached by its URI.
+        let contact = self
+            .inner
+            .location
+            .as_ref()
+            .and_then(|l| l.lookup(&target).into_iter().next());
+        let dial = contact.unwrap_or_else(|| target.clone());
+        let Ok(uri) = Uri::parse(&dial) else {
+            return self.transfer_failed(400, "Bad target");
+        };
+        let flow = self.inner.flows.as_ref().and_then(|f| f.flow(&dial));
         let dest = match &flow {
             Some((t, _)) => *t,
             None => match resolve(&uri, &self.inner.local).await {
@@ -407,7 +419,7 @@ impl Call {
         }
         let (bid, invite) = self.new_leg(super::NewLeg {
             dest,
-            to: NameAddr::new(uri.clone()),
+            to: NameAddr::new(aor),
             uri,
             from,
             headers,
@@ -1233,6 +1245,9 @@ impl Call {
 
     /// Replaces the addresses this call marks as on a call (hunt groups' busy check).
     fn re_engage(&mut self, uris: &[String]) {
+        if !crate::b2bua::B2bua::tracks_busy(&self.inner) {
+            return;
+        }
         for k in std::mem::take(&mut self.engaged) {
             crate::b2bua::disengage(&self.inner.engaged, &k);
         }
