@@ -1261,3 +1261,72 @@ async fn presence_authenticate_challenges_and_limits_publish_to_ones_own_state()
     assert_eq!(load(&st.publish[0]), 1);
     assert_eq!(load(&st.publish[5]), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lamp_subscribed_during_a_call_shows_it_at_once() {
+    // Calls are only watched while somebody subscribes to the dialog package: a
+    // subscription that arrives while a call is up reads the calls in progress.
+    let dir = sipp::workdir("blf-late");
+    let s = server(&dir, PLAN, |c| c.presence.min_notify_interval_ms = 0).await;
+    let port = sipp::free_udp_port();
+    let callee = sipp::start(
+        &dir,
+        "ext1001",
+        Path::new("blf_callee.xml"),
+        port,
+        None,
+        &[],
+    );
+    register_phone(&s, "1001", port).await;
+    let caller = sipp::start(
+        &dir,
+        "caller",
+        Path::new("uac_call.xml"),
+        sipp::free_udp_port(),
+        Some(s.udp),
+        &["-s", "1001", "-d", "3000"],
+    );
+    let mut up = false;
+    for _ in 0..100 {
+        if s.handle
+            .b2bua()
+            .calls()
+            .iter()
+            .any(|c| c.state == "answered")
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the call is up");
+    let watcher = UdpPeer::bind("127.0.0.1").await;
+    let sub = request(
+        "SUBSCRIBE",
+        "sip:1001@strowger.test",
+        watcher.addr,
+        "UDP",
+        &unique("late"),
+        &format!(
+            "Event: dialog\r\nAccept: application/dialog-info+xml\r\nExpires: 600\r\n\
+             Contact: <sip:w@{}>\r\n",
+            watcher.addr
+        ),
+        "",
+    );
+    watcher.send(s.udp, sub.as_bytes()).await;
+    let mut first = None;
+    for _ in 0..10 {
+        let Some(m) = watcher.recv(Duration::from_secs(3)).await else {
+            break;
+        };
+        if m.starts_with("NOTIFY") {
+            first = Some(m);
+            break;
+        }
+    }
+    let first = first.expect("the initial NOTIFY");
+    assert!(first.contains("<state>confirmed</state>"), "{first}");
+    caller.expect_success(LIMIT).await;
+    callee.expect_success(LIMIT).await;
+}
