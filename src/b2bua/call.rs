@@ -214,7 +214,8 @@ pub struct Call {
     a_final_sent: bool,
     a_supports_100rel: bool,
     /// The 2xx to A and its retransmission until A's ACK (RFC 3261 13.3.1.4).
-    a_ok: Option<(Response, Retransmit)>,
+    /// Boxed: an established call holds None here for hours; the 2xx is large.
+    a_ok: Option<Box<(Response, Retransmit)>>,
     a_rseq: u32,
     a_reliable: Vec<ReliableToA>,
     /// Extra headers for the final answer to A (a 407's challenges).
@@ -260,11 +261,11 @@ pub struct Call {
     old_legs: Vec<Dialog>,
     old_keys: Vec<DialogKey>,
     /// The ACK of a transfer's re-INVITE, for its retransmitted 2xx.
-    transfer_reinvite_ack: Option<(Target, Request)>,
+    transfer_reinvite_ack: Option<Box<(Target, Request)>>,
     /// Transfers of this call, for the record.
     transfers: Vec<TransferNote>,
     /// The dialog an INVITE with Replaces took over, until its party answered.
-    replacing: Option<Dialog>,
+    replacing: Option<Box<Dialog>>,
     /// True once the call has ended: the hunt waits on it (CANCEL while queued, wrap-up).
     ended_tx: tokio::sync::watch::Sender<bool>,
     /// Keys in the B2BUA's `engaged` index this call holds while answered.
@@ -739,7 +740,7 @@ impl Call {
         let mut consider = |t: Instant| {
             next = Some(next.map_or(t, |n| n.min(t)));
         };
-        if let Some((_, r)) = &self.a_ok {
+        if let Some((_, r)) = self.a_ok.as_deref() {
             consider(r.next.min(r.give_up));
         }
         for r in &self.a_reliable {
@@ -763,7 +764,7 @@ impl Call {
         // RFC 3261 13.3.1.4: the 2xx to A goes again at T1, 2T1... capped at T2, until
         // A's ACK; no ACK within 64*T1 ends the call with BYE.
         let mut no_ack = false;
-        if let Some((resp, r)) = &mut self.a_ok {
+        if let Some((resp, r)) = self.a_ok.as_deref_mut() {
             if now >= r.give_up {
                 no_ack = true;
             } else if now >= r.next {
@@ -1519,14 +1520,14 @@ impl Call {
         let _ = self.a_tx.respond(r.clone());
         let t1 = self.inner.timers.t1;
         let now = Instant::now();
-        self.a_ok = Some((
+        self.a_ok = Some(Box::new((
             r,
             Retransmit {
                 next: now + t1,
                 interval: t1,
                 give_up: now + t1 * 64,
             },
-        ));
+        )));
         let now = SystemTime::now();
         if let Ok(setup) = now.duration_since(self.start) {
             crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_200, setup.as_secs_f64());

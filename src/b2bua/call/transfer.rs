@@ -578,7 +578,7 @@ impl Call {
                 early: None,
             }),
         );
-        self.replacing = Some(dialog);
+        self.replacing = Some(Box::new(dialog));
         if self
             .send_client(
                 reinvite,
@@ -602,7 +602,7 @@ impl Call {
             }
             return;
         }
-        let Some(mut dialog) = self.replacing.take() else {
+        let Some(mut dialog) = self.replacing.take().map(|d| *d) else {
             return;
         };
         dialog.refresh_target(&resp.headers);
@@ -628,7 +628,7 @@ impl Call {
     fn replace_failed(&mut self, bid: u64, status: u16, reason: &str) {
         self.remove_branch_key(bid);
         self.branches.remove(&bid);
-        if let Some(d) = self.replacing.take() {
+        if let Some(d) = self.replacing.take().map(|d| *d) {
             self.release_dialog(d);
         }
         self.count_transfer(TransferKind::Attended, 2);
@@ -873,7 +873,7 @@ impl Call {
     fn on_transferee_answer(&mut self, resp: Response) {
         let Some(t) = self.transfer.as_ref() else {
             // A retransmission after the switch: ACK it again.
-            if let Some((flow, ack)) = &self.transfer_reinvite_ack {
+            if let Some((flow, ack)) = self.transfer_reinvite_ack.as_deref() {
                 let (flow, ack) = (*flow, ack.clone());
                 let _ = self.send_ack(&flow, &ack);
             }
@@ -891,7 +891,7 @@ impl Call {
         let via = inner.local.via(&flow);
         let ack = d.ack(seq, via);
         let _ = self.send_ack(&flow, &ack);
-        self.transfer_reinvite_ack = Some((flow, ack));
+        self.transfer_reinvite_ack = Some(Box::new((flow, ack)));
         // The answer goes to the target in its ACK (RFC 3264 offer/answer across legs).
         let Some(t) = self.transfer.as_mut() else {
             return;
