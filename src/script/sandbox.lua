@@ -121,12 +121,33 @@ local function only_known_options(opts)
   return true
 end
 
+-- The call's private record for `verb`; raises (at the script's line) when `self` is not
+-- a call, or, for verbs that wait, when called outside the call's own hook coroutine.
+local function private_of(self, verb, waits)
+  local p = private[self]
+  if p == nil then
+    error(usage(verb), 3)
+  end
+  if waits then
+    local owner = p[THREAD]
+    if owner ~= nil and owner ~= running() then
+      error("call:" .. verb .. ": must be called from the call's own hook, not from another coroutine", 3)
+    end
+  end
+  return p
+end
+
+-- (status * 2 + answered, reason) or (error message) -> the outcome table.
+local function outcome(r, reason)
+  if type(r) == "string" then
+    error(r, 3)
+  end
+  return { answered = r % 2 == 1, status = r // 2, reason = reason }
+end
+
 local methods = {
   header = function(self, name)
-    local p = private[self]
-    if p == nil then
-      error(usage("header"), 2)
-    end
+    local p = private_of(self, "header")
     local err, value = raw_header(p[UD], name)
     if err then
       error(err, 2)
@@ -134,16 +155,8 @@ local methods = {
     return value
   end,
   dial = function(self, target, opts)
-    local p = private[self]
-    if p == nil then
-      error(usage("dial"), 2)
-    end
-    local owner = p[THREAD]
-    if owner ~= nil and owner ~= running() then
-      error("call:dial: must be called from the call's own hook, not from another coroutine", 2)
-    end
-    -- (status * 2 + answered, reason) or (error message): two results keep mlua's async
-    -- return on its fast path (no results table).
+    local p = private_of(self, "dial", true)
+    -- Two results keep mlua's async return on its fast path (no results table).
     local r, reason
     if type(opts) == "table" and only_known_options(opts) then
       r, reason = raw_dial(p[UD], target, nil, rawget(opts, "timeout"), rawget(opts, "headers"),
@@ -153,35 +166,24 @@ local methods = {
       -- and says what is wrong.
       r, reason = raw_dial(p[UD], target, opts)
     end
-    if type(r) == "string" then
-      error(r, 2)
-    end
-    return { answered = r % 2 == 1, status = r // 2, reason = reason }
+    -- Not a tail call: `outcome` raises at the script's line (level 3).
+    local result = outcome(r, reason)
+    return result
   end,
   -- call:hunt(group, opts) -> { answered, status, reason, agent, queued, waited,
   -- overflow, abandoned }: waits (yields) like call:dial.
   hunt = function(self, name, opts)
-    local p = private[self]
-    if p == nil then
-      error(usage("hunt"), 2)
-    end
-    local owner = p[THREAD]
-    if owner ~= nil and owner ~= running() then
-      error("call:hunt: must be called from the call's own hook, not from another coroutine", 2)
-    end
-    local err, outcome = raw_hunt(p[UD], name, opts)
+    local p = private_of(self, "hunt", true)
+    local err, result = raw_hunt(p[UD], name, opts)
     if err then
       error(err, 2)
     end
-    return outcome
+    return result
   end,
   -- The caller's user name when its INVITE carries valid credentials; otherwise nil,
   -- and the caller has been answered 407 with a challenge (or 403): just return.
   authenticate = function(self)
-    local p = private[self]
-    if p == nil then
-      error(usage("authenticate"), 2)
-    end
+    local p = private_of(self, "authenticate")
     local user, err = raw_authenticate(p[UD])
     if err then
       error(err, 2)
@@ -191,40 +193,24 @@ local methods = {
   -- Connects a party of the answered call (the caller unless opts.party = "callee") to
   -- target and releases the other; returns an outcome like call:dial's.
   transfer = function(self, target, opts)
-    local p = private[self]
-    if p == nil then
-      error(usage("transfer"), 2)
-    end
-    local owner = p[THREAD]
-    if owner ~= nil and owner ~= running() then
-      error("call:transfer: must be called from the call's own hook, not from another coroutine", 2)
-    end
+    local p = private_of(self, "transfer", true)
     local party = nil
     if type(opts) == "table" then
       party = rawget(opts, "party")
     elseif opts ~= nil then
       error("call:transfer: options must be a table", 2)
     end
-    local r, reason = raw_transfer(p[UD], target, party)
-    if type(r) == "string" then
-      error(r, 2)
-    end
-    return { answered = r % 2 == 1, status = r // 2, reason = reason }
+    local result = outcome(raw_transfer(p[UD], target, party))
+    return result
   end,
   -- Tags the call with a route name from call.routes (metrics label); true, or nil and
   -- the reason when the name is not configured.
   set_route = function(self, name)
-    local p = private[self]
-    if p == nil then
-      error(usage("set_route"), 2)
-    end
+    local p = private_of(self, "set_route")
     return raw_set_route(p[UD], name)
   end,
   reject = function(self, code, reason)
-    local p = private[self]
-    if p == nil then
-      error(usage("reject"), 2)
-    end
+    local p = private_of(self, "reject")
     local err = raw_reject(p[UD], code, reason)
     if err then
       error(err, 2)
@@ -232,10 +218,7 @@ local methods = {
     return nil
   end,
   redirect = function(self, contacts)
-    local p = private[self]
-    if p == nil then
-      error(usage("redirect"), 2)
-    end
+    local p = private_of(self, "redirect")
     local err = raw_redirect(p[UD], contacts)
     if err then
       error(err, 2)
