@@ -1792,7 +1792,7 @@ impl Call {
             return;
         }
         if (!self.old_legs.is_empty() || !self.old_keys.is_empty())
-            && self.on_old_leg_request(tx.clone(), req.clone())
+            && self.on_old_leg_request(&tx, &req)
         {
             return;
         }

@@ -227,14 +227,11 @@ fn granted_expires(
     Ok(expires.min(cfg.max_expires))
 }
 
+/// The Expires header's delta-seconds (RFC 3261 20.19, parsed like the registrar's).
 fn expires_of(req: &Request) -> Result<Option<u32>, ()> {
     match req.headers.get("Expires") {
         None => Ok(None),
-        Some(v) => v
-            .trim()
-            .parse::<u64>()
-            .map(|n| Some(n.min(u64::from(u32::MAX)) as u32))
-            .map_err(|_| ()),
+        Some(v) => crate::registrar::parse_delta_seconds(v).map(Some).ok_or(()),
     }
 }
 
