@@ -38,3 +38,15 @@ wait_answering() { # port: until an OPTIONS gets 200 (and while $SERVER_PID live
   echo "server on port $1 does not answer" >&2
   return 1
 }
+
+# A bench run's scratch dir ($WORK), the PIDs it starts ($PIDS, killed on exit), and
+# SIPp's built-in uas answering every call on $UAS_PORT. `tag` names the scratch dir.
+bench_setup() {
+  WORK=$(mktemp -d "/tmp/strowger-$1.XXXXXX")
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true' EXIT
+  UAS_PORT=$(free_port)
+  sipp -sn uas -i 127.0.0.1 -p "$UAS_PORT" -nostdin -bg >/dev/null 2>&1 || true
+  UAS_PID=$(pgrep -f "sipp -sn uas -i 127.0.0.1 -p $UAS_PORT" | head -1)
+  PIDS+=("$UAS_PID")
+}

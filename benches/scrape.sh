@@ -23,18 +23,7 @@ cargo build --release --quiet
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 
-WORK=$(mktemp -d /tmp/strowger-scrape.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-UAS_PORT=$(free_port)
-sipp -sn uas -i 127.0.0.1 -p "$UAS_PORT" -nostdin -bg >/dev/null 2>&1 || true
-UAS_PID=$(pgrep -f "sipp -sn uas -i 127.0.0.1 -p $UAS_PORT" | head -1)
-PIDS+=("$UAS_PID")
+bench_setup scrape
 
 PORT=$(free_port)
 HTTP=$(free_tcp_port)

@@ -15,16 +15,7 @@ command -v sipp >/dev/null || {
 cargo build --release --quiet
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
-WORK=$(mktemp -d /tmp/strowger-trace.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-UAS_PORT=$(free_port)
-sipp -sn uas -i 127.0.0.1 -p "$UAS_PORT" -nostdin -bg >/dev/null 2>&1 || true
-PIDS+=("$(pgrep -f "sipp -sn uas -i 127.0.0.1 -p $UAS_PORT" | head -1)")
+bench_setup trace
 echo "function on_invite(call) call:dial(\"sip:service@127.0.0.1:$UAS_PORT\") end" > "$WORK/plan.lua"
 
 run() { # call.trace -> server CPU microseconds per call
