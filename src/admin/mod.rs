@@ -27,7 +27,7 @@
 //! Access: `/registrations`, `/calls`, `/calls/{id}/trace`, `/calls/{id}/transfer`,
 //! `/huntgroups*`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
 //! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
-//! ([`ADMIN_UNAUTHORIZED`], [`AdminServer::unauthorized`]). With `http.token` empty they
+//! ([`AdminServer::unauthorized`], metric `strowger_admin_unauthorized_total`). With `http.token` empty they
 //! answer 403, unless the endpoint is bound to a loopback address (development default):
 //! then no token is needed. `/healthz`, `/readyz` and `/metrics` are always open.
 //! Config keys: `http.listen`, `http.token`.
@@ -44,10 +44,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-
-/// Requests refused with 401 (missing or wrong bearer token), by every admin endpoint of
-/// this process: what the metric `strowger_admin_unauthorized_total` reads.
-pub static ADMIN_UNAUTHORIZED: AtomicU64 = AtomicU64::new(0);
 
 /// What `POST /drain` calls: stops taking new calls and returns how many requests still
 /// owe an answer.
@@ -143,7 +139,7 @@ struct Shared {
 struct State {
     scripts: ScriptEngine,
     registrar: Registrar,
-    metrics: Arc<crate::metrics::Metrics>,
+    telemetry: crate::metrics::Telemetry,
     shared: Arc<Shared>,
 }
 
@@ -160,7 +156,7 @@ pub async fn start(
     options: AdminOptions,
     scripts: ScriptEngine,
     registrar: Registrar,
-    metrics: Arc<crate::metrics::Metrics>,
+    telemetry: crate::metrics::Telemetry,
 ) -> std::io::Result<AdminServer> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -182,10 +178,22 @@ pub async fn start(
             tracing::warn!(%addr, "http.token is not set: the admin API is disabled (only /healthz, /readyz and /metrics answer)");
         }
     }
+    let refused = shared.clone();
+    telemetry
+        .counter(
+            "strowger_admin_unauthorized_total",
+            "Admin API requests refused with 401 (missing or wrong bearer token)",
+        )
+        .map(|c| {
+            telemetry.on_scrape(move || {
+                crate::metrics::catch_up(&c, refused.unauthorized.load(Ordering::Relaxed))
+            })
+        })
+        .map_err(std::io::Error::other)?;
     let state = State {
         scripts,
         registrar,
-        metrics,
+        telemetry: telemetry.clone(),
         shared: shared.clone(),
     };
     let task = tokio::spawn(async move {
@@ -273,7 +281,6 @@ fn refuse(
         return None;
     }
     shared.unauthorized.fetch_add(1, Ordering::Relaxed);
-    ADMIN_UNAUTHORIZED.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         path,
         token_given = given.is_some(),
@@ -513,7 +520,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            let mut r = Response::new(Full::new(Bytes::from(state.telemetry.render())));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),

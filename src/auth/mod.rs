@@ -43,6 +43,7 @@
 
 mod digest;
 mod hash;
+mod metrics;
 mod params;
 mod state;
 mod users;

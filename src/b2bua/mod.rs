@@ -11,21 +11,23 @@
 //! not contend on one lock.
 
 mod call;
-mod net;
+mod metrics;
 mod records;
-pub mod watch;
+/// The call watch is the dialog layer's; the call posts to it as `super::watch`.
+pub use crate::dialog::watch;
 
 use call::Events;
 pub use call::{refer_to, Side, TransferKind, TransferNote};
-pub use net::{resolve, LocalAddrs, ResolveError};
-pub use records::{rfc3339_millis, CallDetail, RecordWriter};
+pub use metrics::{
+    DialResult, FailureClass, RouteStats, SetupStage, TransferLabel, TransferResult,
+};
+pub use records::{CallDetail, RecordWriter};
 
-use crate::metrics::RouteStats;
 use crate::script::ScriptEngine;
 use crate::shard::ShardMap;
 use crate::sip::{Request, Response};
 use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
-use crate::transport::{Sender, Target};
+use crate::transport::{ContactFlows, LocalAddrs, Sender};
 use call::{Call, CallEvent};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,12 +56,6 @@ struct CallRef {
     events: Events,
     side: Side,
     branch: Option<u64>,
-}
-
-/// Where a registered contact is reached: the transport target its REGISTER came from and
-/// its Path. Implemented over the registrar by the server.
-pub trait ContactFlows: Send + Sync + 'static {
-    fn flow(&self, contact: &str) -> Option<(Target, Vec<String>)>;
 }
 
 /// What `GET /calls` shows of a call in progress.
@@ -93,8 +89,8 @@ pub struct B2buaStats {
     /// Transfers by kind (blind, attended, server) and result (attempted, succeeded,
     /// failed).
     pub transfers: [[AtomicU64; 3]; 3],
-    /// Dials by outcome, indexed like [`crate::metrics::DIAL_OUTCOMES`].
-    pub dial_outcomes: [AtomicU64; crate::metrics::DIAL_OUTCOMES.len()],
+    /// Dials by outcome, indexed like [`DialResult`].
+    pub dial_outcomes: [AtomicU64; <DialResult as crate::metrics::Label>::ALL.len()],
     pub script_failures: AtomicU64,
 }
 
@@ -128,6 +124,7 @@ struct B2buaInner {
     engaged: ShardMap<String, u32>,
     stats: B2buaStats,
     routes: Arc<RouteStats>,
+    histograms: metrics::CallHistograms,
     traces: Option<crate::trace::CallTraces>,
     /// watch: call state changes for the dialog event package (presence).
     watch: watch::CallWatch,
@@ -184,6 +181,7 @@ impl B2bua {
                 engaged: ShardMap::new(),
                 stats: B2buaStats::default(),
                 routes: parts.routes,
+                histograms: metrics::CallHistograms::new(),
                 traces: parts.traces,
                 watch: watch::CallWatch::new(),
             }),
@@ -202,6 +200,31 @@ impl B2bua {
     /// watch: the broadcast of call state changes (trying, early, confirmed, terminated).
     pub fn call_watch(&self) -> &watch::CallWatch {
         &self.inner.watch
+    }
+
+    /// The calls in progress as dialog-package changes (phase early or confirmed): what a
+    /// watcher that lost changes re-reads.
+    pub fn call_changes(&self) -> Vec<watch::CallChange> {
+        self.calls()
+            .into_iter()
+            .filter_map(|snap| {
+                let caller = crate::sip::Uri::parse(&snap.from).ok()?;
+                let callee = crate::sip::Uri::parse(&snap.to).ok()?;
+                Some(watch::CallChange {
+                    id: Arc::from(snap.id.as_str()),
+                    phase: if snap.state == "answered" {
+                        watch::CallPhase::Confirmed
+                    } else {
+                        watch::CallPhase::Early
+                    },
+                    call_id: Arc::from(snap.a_call_id.as_str()),
+                    caller_tag: Arc::from(""),
+                    our_tag: Arc::from(""),
+                    caller: Arc::new(caller),
+                    callee: Arc::new(callee),
+                })
+            })
+            .collect()
     }
 
     /// Calls in progress (ringing or up).

@@ -5,6 +5,8 @@
 //! Must not touch: transactions or transports (it only builds and checks messages); which
 //! dialog belongs to which call is the B2BUA's business.
 
+pub mod watch;
+
 use crate::sip::{BaseHeaders, CSeq, Headers, Method, NameAddr, Request, Response, Uri, Via};
 use crate::transport::Target;
 use bytes::Bytes;

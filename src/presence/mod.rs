@@ -44,6 +44,7 @@
 
 pub mod body;
 mod message;
+mod metrics;
 mod notifier;
 mod redis_store;
 mod relay;
@@ -56,11 +57,11 @@ pub use store::{
 };
 
 use crate::auth::Users;
-use crate::b2bua::watch::CallChange;
-use crate::b2bua::{ContactFlows, LocalAddrs};
+use crate::dialog::watch::CallChange;
 use crate::script::{LocationService, ScriptEngine, SubscribeInfo, SubscribeVerdict};
 use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionLayer};
+use crate::transport::{ContactFlows, LocalAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,22 +156,13 @@ pub struct PresenceStats {
     pub notifies_sent: AtomicU64,
     /// NOTIFYs answered with an error or not at all (each ended its subscription).
     pub notifies_failed: AtomicU64,
-    /// PUBLISH outcomes: created, refreshed, modified, removed, unknown_etag (412),
-    /// rejected (any other error).
+    /// PUBLISH outcomes, indexed like [`PublishResult`].
     pub publish: [AtomicU64; 6],
     pub messages_routed: AtomicU64,
     pub messages_failed: AtomicU64,
 }
 
-/// Labels of `PresenceStats::publish`.
-pub const PUBLISH_RESULTS: [&str; 6] = [
-    "created",
-    "refreshed",
-    "modified",
-    "removed",
-    "unknown_etag",
-    "rejected",
-];
+pub use metrics::PublishResult;
 
 fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
@@ -219,7 +211,7 @@ pub(crate) struct Inner {
 }
 
 /// Lists the calls in progress (`B2bua::calls`).
-pub type LiveCalls = Arc<dyn Fn() -> Vec<crate::b2bua::CallSnapshot> + Send + Sync>;
+pub type LiveCalls = Arc<dyn Fn() -> Vec<CallChange> + Send + Sync>;
 
 impl Inner {
     /// Whether a request's Request-URI is a user of ours; its canonical AOR then.
@@ -347,13 +339,13 @@ impl Presence {
                 .respond(req, kind, &outcome)
                 .unwrap_or_else(|| req.response(403));
             if req.method == Method::Publish {
-                bump(&self.inner.stats.publish[5]);
+                bump(&self.inner.stats.publish[PublishResult::Rejected as usize]);
             }
             respond(tx, resp);
             return false;
         };
         if req.method == Method::Publish && req.uri.user.as_deref() != Some(user.as_str()) {
-            bump(&self.inner.stats.publish[5]);
+            bump(&self.inner.stats.publish[PublishResult::Rejected as usize]);
             respond(
                 tx,
                 req.response(403)

@@ -10,10 +10,10 @@
 
 use super::notifier::{sub_key, Ev};
 use super::{respond, Inner, Package};
-use crate::b2bua::resolve;
 use crate::dialog::Dialog;
 use crate::sip::{new_tag, Headers, Method, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::resolve;
 use crate::transport::Target;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -116,9 +116,11 @@
 
 mod call;
 mod huntgroup;
+mod metrics;
 mod presence;
 mod vm;
 
+pub use metrics::Hook;
 pub use presence::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
 
 #[cfg(test)]
@@ -220,8 +222,10 @@ fn located(file: &str, line: Option<u32>, message: &str) -> String {
 pub struct ScriptStats {
     /// Failed hook runs, any cause (Lua error, budget, memory).
     pub hook_errors_total: AtomicU64,
-    /// The same by hook, indexed like [`crate::metrics::HOOKS`].
-    pub hook_errors: [AtomicU64; crate::metrics::HOOKS.len()],
+    /// The same by hook, indexed like [`Hook`].
+    pub hook_errors: [AtomicU64; <Hook as crate::metrics::Label>::ALL.len()],
+    /// Time hook runs spent executing Lua, by hook.
+    pub hook_duration: metrics::HookDurations,
     /// Hook runs stopped because their instruction budget ran out.
     pub hook_timeouts: AtomicU64,
     /// Hook runs stopped by the VM memory limit.

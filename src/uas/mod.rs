@@ -13,41 +13,70 @@ pub use options::options_ok;
 pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, UserSecrets, Users};
-use crate::b2bua::{B2bua, LocalAddrs};
+use crate::b2bua::B2bua;
 use crate::config::Config;
 use crate::registrar::{RegisterSource, Registrar};
 use crate::script::{RegisterInfo, RegisterVerdict, ScriptEngine};
 use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionUser};
+use crate::transport::LocalAddrs;
 use crate::transport::{Target, TransportKind};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
 
-/// REGISTER results as metric labels (`strowger_register_results_total{result}`).
-pub const REGISTER_RESULTS: [&str; 8] = [
-    "ok",
-    "challenged",
-    "forbidden",
-    "not_found",
-    "interval_too_brief",
-    "bad_request",
-    "server_error",
-    "other",
-];
-
-fn register_result(status: u16) -> usize {
-    match status {
-        200..=299 => 0,
-        401 | 407 => 1,
-        403 => 2,
-        404 => 3,
-        423 => 4,
-        400 => 5,
-        500..=599 => 6,
-        _ => 7,
+/// The message layer's invariants ([`crate::sip::check_invariants`]) plus: validating a
+/// parsed request never panics. For the fuzz target and the mutation test.
+#[doc(hidden)]
+pub fn check_invariants(data: &[u8]) {
+    crate::sip::check_invariants(data);
+    if let Ok((crate::sip::SipMessage::Request(req), _)) = crate::sip::parse(data) {
+        let _ = validate(&req);
     }
 }
+
+/// Final answers to REGISTER as the label of `strowger_register_results_total{result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegisterResult {
+    Ok,
+    Challenged,
+    Forbidden,
+    NotFound,
+    IntervalTooBrief,
+    BadRequest,
+    ServerError,
+    Other,
+}
+crate::label!(
+    RegisterResult,
+    "result",
+    Ok = "ok",
+    Challenged = "challenged",
+    Forbidden = "forbidden",
+    NotFound = "not_found",
+    IntervalTooBrief = "interval_too_brief",
+    BadRequest = "bad_request",
+    ServerError = "server_error",
+    Other = "other",
+);
+
+impl RegisterResult {
+    fn of(status: u16) -> RegisterResult {
+        match status {
+            200..=299 => RegisterResult::Ok,
+            401 | 407 => RegisterResult::Challenged,
+            403 => RegisterResult::Forbidden,
+            404 => RegisterResult::NotFound,
+            423 => RegisterResult::IntervalTooBrief,
+            400 => RegisterResult::BadRequest,
+            500..=599 => RegisterResult::ServerError,
+            _ => RegisterResult::Other,
+        }
+    }
+}
+
+/// The count of each [`RegisterResult`].
+type RegisterResults = [std::sync::atomic::AtomicU64; 8];
 
 /// The UAS core; installed as the transaction layer's user.
 pub struct UasCore {
@@ -70,8 +99,8 @@ pub struct UasCore {
     domain: String,
     /// `registrar.unknown_aor_status`.
     unknown_aor_status: u16,
-    /// Final answers to REGISTER, indexed like [`REGISTER_RESULTS`].
-    register_results: Arc<[std::sync::atomic::AtomicU64; REGISTER_RESULTS.len()]>,
+    /// Final answers to REGISTER, indexed like [`RegisterResult`].
+    register_results: Arc<RegisterResults>,
 }
 
 impl UasCore {
@@ -98,9 +127,24 @@ impl UasCore {
         }
     }
 
-    /// Final answers to REGISTER so far, indexed like [`REGISTER_RESULTS`].
-    pub fn register_results(&self) -> [u64; REGISTER_RESULTS.len()] {
-        std::array::from_fn(|i| self.register_results[i].load(std::sync::atomic::Ordering::Relaxed))
+    /// Registers `strowger_register_results_total{result}` on `telemetry`, filled at each
+    /// scrape.
+    pub fn register_metrics(
+        &self,
+        telemetry: &crate::metrics::Telemetry,
+    ) -> Result<(), crate::metrics::Error> {
+        use crate::metrics::Label as _;
+        let family = telemetry.counters::<RegisterResult>(
+            "strowger_register_results_total",
+            "Final answers to REGISTER by result",
+        )?;
+        let results = self.register_results.clone();
+        telemetry.on_scrape(move || {
+            for r in RegisterResult::ALL {
+                family.catch_up(*r, crate::metrics::load(&results[r.index()]));
+            }
+        });
+        Ok(())
     }
 
     pub fn set_registrar(&self, registrar: Registrar) {
@@ -112,7 +156,7 @@ impl UasCore {
         let results = self.register_results.clone();
         // Every final answer to a REGISTER is counted by result.
         let respond = move |tx: &ServerTransaction, resp: Response| {
-            results[register_result(resp.status)]
+            results[RegisterResult::of(resp.status) as usize]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Self::respond(tx, resp);
         };

@@ -21,12 +21,12 @@
 //! 2-4 with no REFER and no NOTIFYs; the other party gets BYE.
 
 use super::{Call, CallEvent, Purpose, Side};
-use crate::b2bua::net::resolve;
 use crate::b2bua::{CallRef, DialogKey};
 use crate::dialog::{Dialog, DialogState};
 use crate::script::{DialOutcome, ReferInfo, ReferVerdict};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::resolve;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
