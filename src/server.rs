@@ -12,9 +12,10 @@
 //! presence core, started here).
 
 use crate::auth::{Algorithm, DigestAuth, DigestConfig, Users};
-use crate::b2bua::{B2bua, B2buaParts, RecordWriter};
+use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
 use crate::config::{Config, RegistrarStore};
 use crate::metrics::{Label as _, Telemetry};
+use crate::presence::SubscriptionUsage;
 use crate::registrar::{
     BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarConfig, SqliteStore,
 };
@@ -303,12 +304,15 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     let (t1, t2, t4) = config.timers();
     let timers = TimerConfig { t1, t2, t4 };
     let (digest, users) = load_auth(config)?;
+    // One dialog table: the B2BUA registers calls' legs, presence its subscriptions.
+    let dialogs = Arc::new(crate::uas::Dialogs::new());
     let core = Arc::new(UasCore::new(
         config,
         &transports.local_addrs(),
         digest.clone(),
         users.clone(),
         scripts.clone(),
+        dialogs.clone(),
     ));
     let sender: Arc<dyn Sender> = Arc::new(transports.clone());
     let layer = TransactionLayer::new(sender.clone(), timers, core.clone());
@@ -350,6 +354,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         records,
         routes: Arc::new(crate::b2bua::RouteStats::new(&config.call.routes)),
         traces,
+        dialogs: Arc::new(crate::dialog::Invites(dialogs.clone())),
     });
     core.set_b2bua(b2bua.clone());
     if let Some(h) = &huntgroups {
@@ -368,7 +373,10 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         &scripts,
         location.clone(),
         (presence_users, digest.clone()),
-        &b2bua,
+        (
+            &b2bua,
+            Arc::new(crate::dialog::Subscriptions(dialogs.clone())),
+        ),
     )
     .await?;
     core.set_presence(presence.clone());
@@ -524,7 +532,10 @@ async fn start_presence(
     scripts: &ScriptEngine,
     location: Arc<Location>,
     (users, digest): (Option<Arc<Users>>, DigestAuth),
-    b2bua: &B2bua,
+    (b2bua, dialogs): (
+        &B2bua,
+        Arc<crate::dialog::Subscriptions<CallRef, SubscriptionUsage>>,
+    ),
 ) -> anyhow::Result<crate::presence::Presence> {
     use crate::presence::{Presence, PresenceConfig, PresenceParts, SqlitePresenceStore};
     let store: Arc<dyn crate::presence::PresenceStore> = match config.registrar.store {
@@ -574,6 +585,7 @@ async fn start_presence(
         }),
         call_interest: Some(b2bua.call_watch().interest()),
         node,
+        dialogs: Some(dialogs),
     })
     .await
     .context("loading presence state")

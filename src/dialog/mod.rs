@@ -5,7 +5,12 @@
 //! Must not touch: transactions or transports (it only builds and checks messages); which
 //! dialog belongs to which call is the B2BUA's business.
 
+mod table;
 pub mod watch;
+
+pub use table::{
+    DialogId, DialogTable, DialogUsage, Invites, Subscriptions, Unmatched, Usage, UsageIndex,
+};
 
 use crate::sip::{BaseHeaders, CSeq, Headers, Method, NameAddr, Request, Response, Uri, Via};
 use crate::transport::Target;

@@ -58,6 +58,7 @@ pub use store::{
 
 use crate::auth::Users;
 use crate::dialog::watch::CallChange;
+use crate::dialog::{DialogId, DialogUsage, Unmatched, UsageIndex};
 use crate::script::{LocationService, ScriptEngine, SubscribeInfo, SubscribeVerdict};
 use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionLayer};
@@ -192,6 +193,9 @@ pub struct PresenceParts {
     /// This node's name, stable across restarts (e.g. its first SIP address): which node
     /// sends a subscription's NOTIFYs when several share a store.
     pub node: String,
+    /// The dialog table, where our subscriptions' dialogs are registered (None: not
+    /// registered; in-dialog requests then reach us only through [`Presence::on_in_dialog`]).
+    pub dialogs: Option<Arc<dyn UsageIndex<SubscriptionUsage>>>,
 }
 
 pub(crate) struct Inner {
@@ -208,12 +212,47 @@ pub(crate) struct Inner {
     live_calls: Option<LiveCalls>,
     call_interest: Option<Arc<std::sync::atomic::AtomicBool>>,
     auth: Option<(crate::auth::DigestAuth, Arc<Users>)>,
+    dialogs: Option<Arc<dyn UsageIndex<SubscriptionUsage>>>,
+}
+
+/// Presence's subscription usage in the dialog table: a request in one of our
+/// subscriptions' dialogs (or a relayed one's) goes to the notifier task.
+#[derive(Clone)]
+pub struct SubscriptionUsage(mpsc::UnboundedSender<notifier::Ev>);
+
+impl DialogUsage for SubscriptionUsage {
+    fn on_request(&self, tx: ServerTransaction, req: Request) -> Result<(), Unmatched> {
+        self.0
+            .send(notifier::Ev::InDialog(tx, req))
+            .map_err(|e| match e.0 {
+                notifier::Ev::InDialog(tx, req) => Box::new((tx, req)),
+                _ => unreachable!("we sent InDialog"),
+            })
+    }
 }
 
 /// Lists the calls in progress (`B2bua::calls`).
 pub type LiveCalls = Arc<dyn Fn() -> Vec<CallChange> + Send + Sync>;
 
 impl Inner {
+    /// Registers the dialog of a subscription key (`Call-ID;local-tag`, see
+    /// `notifier::sub_key`) in the dialog table.
+    pub(crate) fn index_dialog(&self, key: &str) {
+        if let (Some(table), Some((call_id, tag))) = (&self.dialogs, key.rsplit_once(';')) {
+            table.insert(
+                DialogId::new(call_id, tag),
+                SubscriptionUsage(self.events.clone()),
+            );
+        }
+    }
+
+    /// Unregisters what [`Self::index_dialog`] registered.
+    pub(crate) fn unindex_dialog(&self, key: &str) {
+        if let (Some(table), Some((call_id, tag))) = (&self.dialogs, key.rsplit_once(';')) {
+            table.remove_if(&DialogId::new(call_id, tag), &mut |_| true);
+        }
+    }
+
     /// Whether a request's Request-URI is a user of ours; its canonical AOR then.
     fn resource(&self, req: &Request) -> Option<String> {
         if req.uri.user.is_none() || !self.local.serves(&req.uri.host, &self.cfg.domain) {
@@ -262,6 +301,7 @@ impl Presence {
             events,
             node: parts.node,
             live_calls: parts.live_calls,
+            dialogs: parts.dialogs,
             call_interest: parts.call_interest,
             auth: parts.auth,
         });
@@ -313,8 +353,9 @@ impl Presence {
         }
     }
 
-    /// A request inside a dialog no call owns: ours if it is one of our subscriptions
-    /// (refresh, unsubscribe); the notifier answers 481 otherwise.
+    /// A request inside a dialog the dialog table does not know: maybe a subscription
+    /// another node holds in a shared store, refreshed through us (we take it over); the
+    /// notifier answers 481 otherwise.
     pub fn on_in_dialog(&self, tx: ServerTransaction, req: Request) {
         let _ = self.inner.events.send(notifier::Ev::InDialog(tx, req));
     }

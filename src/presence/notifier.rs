@@ -349,7 +349,7 @@ impl Notifier {
                     .start(&self.inner, tx, req, package, target)
                     .await
             }
-            Ev::RelayClient { id, event } => self.relays.on_client(id, event),
+            Ev::RelayClient { id, event } => self.relays.on_client(&self.inner, id, event),
             Ev::NotifyDone { key, seq, event } => self.on_notify_done(key, seq, event),
             Ev::Stop => {}
         }
@@ -806,6 +806,7 @@ impl Notifier {
         if sub.dirty {
             self.pending.insert(key.clone());
         }
+        self.inner.index_dialog(&key);
         if let Some(old) = self.subs.insert(key, sub) {
             self.inner.stats.subscriptions[old.package.index()].fetch_sub(1, Ordering::Relaxed);
         }
@@ -838,6 +839,7 @@ impl Notifier {
     /// Forgets one of our subscriptions (not the store's record).
     fn remove_sub(&mut self, key: &str) -> Option<Sub> {
         let sub = self.subs.remove(key)?;
+        self.inner.unindex_dialog(key);
         self.inner.stats.subscriptions[sub.package.index()].fetch_sub(1, Ordering::Relaxed);
         let ik = (sub.package, sub.resource.clone());
         if let Some(keys) = self.index.get_mut(&ik) {
@@ -1120,7 +1122,7 @@ impl Notifier {
             }
         }
         self.foreign.retain(|_, s| s.expires_at > now);
-        self.relays.expire();
+        self.relays.expire(&self.inner);
         let at = Instant::now();
         self.calls
             .retain(|_, c| c.ended_at.is_none_or(|t| at < t + KEEP_TERMINATED));

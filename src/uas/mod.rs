@@ -13,8 +13,10 @@ pub use options::options_ok;
 pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, UserSecrets, Users};
-use crate::b2bua::B2bua;
+use crate::b2bua::{B2bua, CallRef};
 use crate::config::Config;
+use crate::dialog::{DialogTable, Usage};
+use crate::presence::SubscriptionUsage;
 use crate::registrar::{RegisterSource, Registrar};
 use crate::script::{RegisterInfo, RegisterVerdict, ScriptEngine};
 use crate::sip::{new_tag, Method, Request, Response};
@@ -78,8 +80,13 @@ impl RegisterResult {
 /// The count of each [`RegisterResult`].
 type RegisterResults = [std::sync::atomic::AtomicU64; 8];
 
+/// The server's dialog table: calls' legs (INVITE usages) and presence's subscriptions.
+pub type Dialogs = DialogTable<Usage<CallRef, SubscriptionUsage>>;
+
 /// The UAS core; installed as the transaction layer's user.
 pub struct UasCore {
+    /// Every dialog of the server: in-dialog requests, ACKs and stray 2xx go by it.
+    dialogs: Arc<Dialogs>,
     user_agent: String,
     /// The server's bound addresses, for the Contact of its own answers.
     local: LocalAddrs,
@@ -110,8 +117,10 @@ impl UasCore {
         digest: DigestAuth,
         users: Option<Arc<Users>>,
         scripts: ScriptEngine,
+        dialogs: Arc<Dialogs>,
     ) -> UasCore {
         UasCore {
+            dialogs,
             digest,
             users,
             scripts,
@@ -293,14 +302,13 @@ impl TransactionUser for UasCore {
         }
         let in_dialog = req.base.to.tag().is_some();
         if in_dialog {
-            // RFC 3261 12.2.2: a request for a dialog we do not know gets 481.
-            let rejected = match self.b2bua.get() {
-                Some(b) => b.on_in_dialog(tx, req).err().map(|b| *b),
-                None => Some((tx, req)),
-            };
-            if let Some((tx, req)) = rejected {
-                // presence: not a call's dialog; maybe one of our subscriptions (it
-                // answers 481 itself when not).
+            // One lookup in the dialog table: a call's leg or one of presence's
+            // subscriptions.
+            if let Err(unmatched) = self.dialogs.on_request(tx, req) {
+                let (tx, req) = *unmatched;
+                // A dialog nobody here registered: presence may hold it for another node
+                // of a shared store (it answers 481 itself when not); else RFC 3261
+                // 12.2.2's 481.
                 match self.presence.get() {
                     Some(p) => p.on_in_dialog(tx, req),
                     None => Self::respond(&tx, req.response(481)),
@@ -358,9 +366,7 @@ impl TransactionUser for UasCore {
     }
 
     fn on_ack(&self, ack: Request, _source: Target) {
-        if let Some(b) = self.b2bua.get() {
-            b.on_ack(ack);
-        }
+        self.dialogs.on_ack(ack);
     }
 
     fn on_cancel(&self, invite: ServerTransaction, cancel: Request) {
@@ -374,8 +380,6 @@ impl TransactionUser for UasCore {
     }
 
     fn on_stray_response(&self, resp: Response, _source: Target) {
-        if let Some(b) = self.b2bua.get() {
-            b.on_stray_response(resp);
-        }
+        self.dialogs.on_stray_response(resp);
     }
 }
