@@ -165,9 +165,16 @@ pub struct ServerHandle {
     /// The hunt groups, when `[huntgroups.*]` are configured.
     huntgroups: Option<crate::huntgroup::HuntGroups>,
     presence: crate::presence::Presence,
+    /// Every dialog of the server (calls' legs, subscriptions).
+    dialogs: Arc<crate::uas::Dialogs>,
 }
 
 impl ServerHandle {
+    /// Dialogs in the server's dialog table: two per bridged call, one per subscription.
+    pub fn dialogs(&self) -> usize {
+        self.dialogs.len()
+    }
+
     /// The hunt groups, when any are configured.
     pub fn huntgroups(&self) -> Option<&crate::huntgroup::HuntGroups> {
         self.huntgroups.as_ref()
@@ -470,6 +477,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         stats,
         huntgroups,
         presence,
+        dialogs,
     })
 }
 
