@@ -179,9 +179,10 @@ fn our_parser_and_rsip_agree_where_both_parse() {
         }
     }
     eprintln!("{compared} of {} messages parsed by both", corpus.len());
-    // Our corpus alone has 24 messages rsip parses about half of; with ../shared, 29 of 85
-    // were compared when this test was written. A test that compares nothing proves nothing.
-    assert!(compared >= 10, "only {compared} messages compared");
+    // A test that compares nothing proves nothing: rsip parsed 4 of our 24 messages and,
+    // with ../shared, 29 of 85 when this test was written.
+    let least = if corpus.len() > 24 { 25 } else { 4 };
+    assert!(compared >= least, "only {compared} messages compared");
     let known: BTreeSet<(String, &str, &str)> = KNOWN
         .iter()
         .filter(|(n, ..)| corpus.iter().any(|(c, _)| c == n))
