@@ -1,10 +1,12 @@
-//! Server configuration: the TOML file, `STROWGER_*` environment overrides, defaults and
-//! validation.
+//! Server configuration: loads the TOML file and `STROWGER_*` environment overrides, and
+//! composes the sections that the layers own.
 //!
-//! Owns: the shape of the configuration, its defaults, where values come from, and the
-//! start-up errors for anything wrong in them. Must not touch: what the values mean at run
-//! time (each layer reads its own keys), and parsing of `sip.listen` entries into socket
-//! types, which the transport layer does itself; here they are only checked for form.
+//! Owns: where values come from, the shape of the whole (`Config`: one field per section)
+//! and the start-up errors, which name the file, line and key. Must not touch: what a
+//! section holds, its defaults or what a valid value is: each layer owns its section's
+//! struct, `Default` and `check()` in its `config.rs` (see the table below) and returns a
+//! [`InvalidValue`] naming the key below its section. The layers never import this module
+//! (it imports them).
 //!
 //! Sources, later ones winning:
 //! 1. the TOML file: `--config PATH`, or `config/strowger.toml` in the working directory,
@@ -13,57 +15,59 @@
 //!    read is an error, never a silent fallback.
 //! 2. environment variables `STROWGER_<SECTION>__<KEY>` (double underscore between
 //!    levels, names case-insensitive), e.g. `STROWGER_SIP__DOMAIN=example.com`,
-//!    `STROWGER_SIP__TIMERS__T1_MS=250`; the list `sip.listen` is comma-separated:
-//!    `STROWGER_SIP__LISTEN="udp:127.0.0.1:5070,tcp:127.0.0.1:5070"`.
+//!    `STROWGER_SIP__TIMERS__T1_MS=250`; a list is comma-separated:
+//!    `STROWGER_SIP__LISTEN="udp:127.0.0.1:5070,tcp:127.0.0.1:5070"`. A value is read as the
+//!    type of the key's default (so `STROWGER_SIP__DOMAIN=12345` is a domain, not a number).
 //!
 //! Unknown keys (in the file or as `STROWGER_*` variables) and bad values stop start-up
 //! with a [`ConfigError`] that names the file (or variable), the key, the line where it can
 //! be found, and the problem: a typo must never fall back to a default silently.
 //!
-//! Config keys (defaults in brackets; `config/strowger.toml` documents each one):
-//! - `sip.listen` [`["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"]`], `sip.domain`
-//!   [`localhost`], `sip.timers.t1_ms` [500], `sip.timers.t2_ms` [4000],
-//!   `sip.timers.t4_ms` [5000], `sip.max_message_size` [65535], `sip.user_agent`
-//!   [`Strowger/<version>`], `sip.tcp_idle_timeout_s` [300]
-//! - `http.listen` [`127.0.0.1:9090`], `http.token` [empty = admin API open on loopback
-//!   only, disabled elsewhere]
-//! - `log.level` [`info`], `log.format` [`text`|`json`, default `text`]
-//! - `script.path` [`scripts/default.lua`], `script.memory_limit_kb` [8192],
-//!   `script.instruction_limit` [1000000], `script.vm_pool_size` [0 = one per core]
-//! - `call.ring_timeout_s` [60] (a dial without `timeout` rings this long),
-//!   `call.records_file` [empty = off] (call records appended as JSON lines),
-//!   `call.routes` [empty] (names `call:set_route` accepts), `call.trace` [true],
-//!   `call.trace_max_messages` [100], `call.trace_keep_ended` [100]
-//! - `registrar.min_expires` [60], `registrar.max_expires` [3600],
-//!   `registrar.default_expires` [3600], `registrar.store` [`embedded`|`redis`],
-//!   `registrar.users_file` [empty = no authentication], `registrar.unknown_aor_status` [404],
-//!   `registrar.keepalive_interval_s` [0 = off; else 5..=3600]
-//! - `storage.dir` [`data`], `redis.url` [`redis://127.0.0.1:6379/`]
-//! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60],
-//!   `auth.algorithms` [`["SHA-256", "MD5"]`]
-//! - `shutdown.drain_timeout_s` [10]
-//! - `huntgroups.<name>.strategy` [`ring-all`], `.members` (required), `.ring_timeout` [15],
-//!   `.max_wait` [120], `.wrap_up` [10], `.weights` [all 1], `.max_missed` [3],
-//!   `.queue_announce` [20], `.calls_reset_s` [86400]: see [`HuntGroupConfig`]; none by
-//!   default, not settable from the environment
-//! - `presence.max_message_size` [4096] (MESSAGE bodies above it get 413),
-//!   `presence.min_expires` [60], `presence.max_expires` [3600],
-//!   `presence.default_expires` [3600] (SUBSCRIBE and PUBLISH intervals),
-//!   `presence.min_notify_interval_ms` [200] (changes within it are coalesced per
-//!   subscriber), `presence.authenticate` [false] (digest for PUBLISH, SUBSCRIBE,
-//!   MESSAGE; needs `registrar.users_file`)
+//! Sections (defaults in each struct's `Default`; `config/strowger.toml` lists every key
+//! with its default and is checked against them):
 //!
-//! How a line number is found: the `config` crate that merges the sources keeps no
-//! positions, so the file is first parsed on its own with `toml` (whose errors carry a
-//! span), and errors found later (in validation) are mapped back to a line by scanning the
-//! file text for the key inside its `[section]`.
+//! | section | struct | owner |
+//! |---------|--------|-------|
+//! | `[sip]` | `SipConfig` | `uas` (with `transport`'s checks of `listen`, `max_message_size`, `tcp_idle_timeout_s`) |
+//! | `[sip.timers]` | `TimersConfig` | `transaction` |
+//! | `[http]` | `HttpConfig` | `admin` |
+//! | `[log]` | `LogConfig` | `logging` |
+//! | `[script]` | `ScriptConfig` | `script` |
+//! | `[call]` | `CallConfig` | `b2bua` |
+//! | `[registrar]` | `RegistrarSection` | `registrar` |
+//! | `[storage]`, `[redis]` | `StorageConfig`, `RedisConfig` | `storage` |
+//! | `[auth]` | `AuthConfig` | `auth` |
+//! | `[shutdown]` | [`ShutdownConfig`] | here (read by `server`, which imports this module) |
+//! | `[huntgroups.<name>]` | `HuntGroupConfig` | `huntgroup` (not settable from the environment) |
+//! | `[presence]` | `PresenceSection` | `presence` |
+//!
+//! How a line is found: the file is parsed once into `toml`'s spanned document
+//! ([`toml::de::DeTable`]: every key and value with its byte range), environment values are
+//! put into that document with ranges past the end of the file (each range names its
+//! variable), and `Config` is deserialized from it. A parse or type error carries the range
+//! of what it is about; a section's [`InvalidValue`] names a key, which is looked up in the
+//! document. Either way the range gives the file line (or the variable) and the key.
 
+use crate::admin::HttpConfig;
+use crate::auth::AuthConfig;
+use crate::b2bua::CallConfig;
+pub use crate::config_section::InvalidValue;
+use crate::config_section::{check_range, MAX_TIMEOUT_S};
+use crate::huntgroup::{check_huntgroups, HuntGroupConfig};
+use crate::logging::LogConfig;
+use crate::presence::PresenceSection;
+use crate::registrar::RegistrarSection;
+use crate::script::ScriptConfig;
+use crate::storage::{RedisConfig, StorageConfig};
+use crate::uas::SipConfig;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 /// The file read when no `--config` is given (relative to the working directory).
 pub const DEFAULT_PATH: &str = "config/strowger.toml";
@@ -75,29 +79,6 @@ const EMBEDDED: &str = include_str!("../config/strowger.toml");
 const ENV_PREFIX: &str = "STROWGER";
 /// Separates levels in an environment variable name (`STROWGER_SIP__TIMERS__T1_MS`).
 const ENV_SEPARATOR: &str = "__";
-
-/// Upper bound of the SIP timers: the transaction layer multiplies T1 by 64, and a typo in
-/// the millions would keep transactions alive for days (or overflow a `Duration`).
-const MAX_TIMER_MS: u64 = 3_600_000;
-/// Upper bound of the second-valued timeouts, so deadline arithmetic cannot overflow.
-const MAX_TIMEOUT_S: u64 = 86_400;
-/// Bounds of `sip.max_message_size`: smaller than 1 KiB cannot hold a real INVITE; larger
-/// than 16 MiB is a typo that would let one peer make us buffer that much per connection.
-const MIN_MESSAGE_SIZE: usize = 1024;
-const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
-/// Upper bound of `script.memory_limit_kb` (4 GiB), so KiB→bytes cannot overflow.
-const MAX_SCRIPT_MEMORY_KB: usize = 4 * 1024 * 1024;
-/// Upper bound of `script.vm_pool_size`: each VM costs memory; more than this is a typo.
-const MAX_VM_POOL: usize = 1024;
-/// Most route names in `call.routes` (each is a metric label value).
-pub const MAX_ROUTES: usize = 64;
-/// Bounds of `registrar.keepalive_interval_s` when it is not 0 (off). Below 5 s the pings of
-/// many phones become a load of their own (and a ping of a silent phone lasts timer F,
-/// 32 s); above an hour they neither keep a NAT mapping open (RFC 4787 REQ-5 asks for at
-/// least 2 minutes, many NATs keep less) nor find a dead phone before its registration
-/// (`max_expires` defaults to an hour) would lapse anyway.
-const MIN_KEEPALIVE_S: u64 = 5;
-const MAX_KEEPALIVE_S: u64 = 3600;
 
 /// A configuration problem, with where it was found.
 ///
@@ -163,7 +144,8 @@ impl fmt::Display for ConfigSource {
     }
 }
 
-/// The whole configuration. Every field has a default, so an empty file is valid.
+/// The whole configuration: one field per section. Every field has a default, so an empty
+/// file is valid.
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -183,262 +165,8 @@ pub struct Config {
     pub presence: PresenceSection,
 }
 
-/// `[sip]`: the SIP side of the server.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SipConfig {
-    /// `TRANSPORT:IP:PORT` entries (`udp` or `tcp`, IPv6 in brackets); port 0 = any free port.
-    pub listen: Vec<String>,
-    /// The domain the server is responsible for.
-    pub domain: String,
-    pub timers: TimersConfig,
-    /// Largest accepted SIP message, bytes.
-    pub max_message_size: usize,
-    /// Value of the Server / User-Agent headers.
-    pub user_agent: String,
-    /// Idle TCP connections are closed after this many seconds.
-    pub tcp_idle_timeout_s: u64,
-}
-
-impl Default for SipConfig {
-    fn default() -> Self {
-        SipConfig {
-            listen: vec!["udp:127.0.0.1:5060".into(), "tcp:127.0.0.1:5060".into()],
-            domain: "localhost".into(),
-            timers: TimersConfig::default(),
-            max_message_size: 65535,
-            user_agent: concat!("Strowger/", env!("CARGO_PKG_VERSION")).into(),
-            tcp_idle_timeout_s: 300,
-        }
-    }
-}
-
-/// `[sip.timers]`: RFC 3261 timers, milliseconds.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TimersConfig {
-    pub t1_ms: u64,
-    pub t2_ms: u64,
-    pub t4_ms: u64,
-}
-
-impl Default for TimersConfig {
-    fn default() -> Self {
-        // RFC 3261 17.1.1.1 / table 4 values.
-        TimersConfig {
-            t1_ms: 500,
-            t2_ms: 4000,
-            t4_ms: 5000,
-        }
-    }
-}
-
-/// `[http]`: the admin / metrics endpoint.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// `IP:PORT`.
-    pub listen: String,
-    /// Bearer token of the admin API (`/registrations`, `/reload`, `/drain`); empty = none:
-    /// then only a loopback `listen` serves them, without a token.
-    pub token: String,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: "127.0.0.1:9090".into(),
-            token: String::new(),
-        }
-    }
-}
-
-/// `[log]`.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// A level (`trace` .. `error`) or a tracing `EnvFilter` directive string.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
-}
-
-/// `log.format`.
-#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// `[script]`: the Lua dial plan. The limits are read by the Lua layer.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ScriptConfig {
-    pub path: String,
-    /// Per-VM memory limit in KiB; 0 = no limit.
-    pub memory_limit_kb: usize,
-    /// VM instructions one hook run may execute.
-    pub instruction_limit: u64,
-    /// Number of Lua VMs; 0 = one per CPU core.
-    pub vm_pool_size: usize,
-}
-
-impl Default for ScriptConfig {
-    fn default() -> Self {
-        ScriptConfig {
-            path: "scripts/default.lua".into(),
-            memory_limit_kb: 8192,
-            instruction_limit: 1_000_000,
-            vm_pool_size: 0,
-        }
-    }
-}
-
-/// `[call]`: defaults of the call core that a script can override per dial.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct CallConfig {
-    /// How long a dial rings when the script gives no `timeout`, seconds.
-    pub ring_timeout_s: u64,
-    /// File that gets one JSON line per ended call (created when missing, appended to);
-    /// empty = no call-record file.
-    pub records_file: String,
-    /// Route names a script may tag calls with (`call:set_route`): metric labels, so a
-    /// fixed set of at most [`MAX_ROUTES`] names of letters, digits, `-` and `_`.
-    pub routes: Vec<String>,
-    /// Keep each call's SIP messages for `GET /calls/{id}/trace`.
-    pub trace: bool,
-    /// Most messages kept per call (a long call with many re-INVITEs keeps its first ones).
-    pub trace_max_messages: usize,
-    /// Traces of this many ended calls stay readable (the most recent ones).
-    pub trace_keep_ended: usize,
-}
-
-impl Default for CallConfig {
-    fn default() -> Self {
-        CallConfig {
-            ring_timeout_s: 60,
-            records_file: String::new(),
-            routes: Vec::new(),
-            trace: true,
-            trace_max_messages: 100,
-            trace_keep_ended: 100,
-        }
-    }
-}
-
-/// Where the registrar keeps its bindings.
-#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum RegistrarStore {
-    /// A local SQLite file under `storage.dir`: no server to install.
-    #[default]
-    Embedded,
-    /// Redis at `redis.url`, shared by several nodes.
-    Redis,
-}
-
-/// `[registrar]`: REGISTER handling (RFC 3261 10) and who may register.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RegistrarSection {
-    /// Shorter registrations get 423 with Min-Expires, seconds.
-    pub min_expires: u32,
-    /// Longer registrations are cut to this, seconds.
-    pub max_expires: u32,
-    /// Expiry of a REGISTER that gives none, seconds.
-    pub default_expires: u32,
-    pub store: RegistrarStore,
-    /// TOML file of users (`[users.alice]` with `ha1_md5`/`ha1_sha256` or `password`);
-    /// empty = no digest authentication (development only).
-    pub users_file: String,
-    /// Status for a REGISTER whose To is not in `sip.domain`: 404 or 403.
-    pub unknown_aor_status: u16,
-    /// Seconds between OPTIONS pings of each registered contact; a contact that stops
-    /// answering is skipped by lookups until it answers again. 0 = no pings.
-    pub keepalive_interval_s: u64,
-}
-
-impl Default for RegistrarSection {
-    fn default() -> Self {
-        RegistrarSection {
-            min_expires: 60,
-            max_expires: 3600,
-            default_expires: 3600,
-            store: RegistrarStore::Embedded,
-            users_file: String::new(),
-            unknown_aor_status: 404,
-            keepalive_interval_s: 0,
-        }
-    }
-}
-
-/// `[storage]`: the embedded store.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// Directory of the embedded database files (created when missing).
-    pub dir: String,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig { dir: "data".into() }
-    }
-}
-
-/// `[redis]`: used when `registrar.store = "redis"`.
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisConfig {
-    pub url: String,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        RedisConfig {
-            url: "redis://127.0.0.1:6379/".into(),
-        }
-    }
-}
-
-/// `[auth]`: digest authentication (RFC 3261 22, RFC 8760).
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// How long a nonce is good for, seconds (then `stale=true`).
-    pub nonce_ttl_s: u64,
-    /// Failed attempts from one source address within `failure_window_s` before 403.
-    pub max_failures: u32,
-    pub failure_window_s: u64,
-    /// Digest algorithms offered, in order of preference: "SHA-256", "MD5".
-    pub algorithms: Vec<String>,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            nonce_ttl_s: 300,
-            max_failures: 5,
-            failure_window_s: 60,
-            algorithms: vec!["SHA-256".into(), "MD5".into()],
-        }
-    }
-}
-
-/// `[shutdown]`.
+/// `[shutdown]`: the graceful stop. It lives here rather than in `server`, which reads
+/// it, because `server` imports this module and a section there would make a cycle.
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -454,191 +182,9 @@ impl Default for ShutdownConfig {
     }
 }
 
-// ---- hunt groups (issue 6) -------------------------------------------------------------
-
-/// `[huntgroups.<name>]`: one hunt group. Durations in seconds. Not settable from the
-/// environment (a group is a table of its own).
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HuntGroupConfig {
-    /// `ring-all`, `linear`, `round-robin`, `least-recent`, `fewest-calls`, `random`,
-    /// `weighted`.
-    pub strategy: String,
-    /// Extensions (`"1001"`: rung at their registered contacts) or SIP URIs.
-    pub members: Vec<String>,
-    /// How long one agent (or, for ring-all, everyone) rings before the next try.
-    pub ring_timeout: u64,
-    /// How long a caller may wait in all before the outcome goes back to the script.
-    pub max_wait: u64,
-    /// Seconds after a call before the agent is rung again.
-    pub wrap_up: u64,
-    /// One weight per member, for `weighted` (empty = all 1).
-    pub weights: Vec<u32>,
-    /// Unanswered rings in a row after which the agent is paused (0 = never).
-    pub max_missed: u32,
-    /// Seconds between the 182 Queued repeats to a waiting caller.
-    pub queue_announce: u64,
-    /// `fewest-calls` counts answered calls since the last multiple of this many seconds
-    /// since the Unix epoch (86400 = since midnight UTC).
-    pub calls_reset_s: u64,
-}
-
-impl Default for HuntGroupConfig {
-    fn default() -> Self {
-        HuntGroupConfig {
-            strategy: "ring-all".into(),
-            members: Vec::new(),
-            ring_timeout: 15,
-            max_wait: 120,
-            wrap_up: 10,
-            weights: Vec::new(),
-            max_missed: 3,
-            queue_announce: 20,
-            calls_reset_s: 86400,
-        }
-    }
-}
-
-/// `[presence]`: SUBSCRIBE/NOTIFY, PUBLISH and MESSAGE (RFC 6665, 3903, 3428).
-#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PresenceSection {
-    /// Largest MESSAGE body accepted, bytes; larger ones get 413 (RFC 3428 7).
-    pub max_message_size: usize,
-    /// Shorter SUBSCRIBE/PUBLISH intervals get 423 with Min-Expires, seconds.
-    pub min_expires: u32,
-    /// Longer intervals are cut to this, seconds.
-    pub max_expires: u32,
-    /// The interval of a SUBSCRIBE or PUBLISH that gives none, seconds.
-    pub default_expires: u32,
-    /// Changes within this many milliseconds of the last NOTIFY to a subscriber are
-    /// sent together in one NOTIFY (RFC 6665 4.2.2 rate limit).
-    pub min_notify_interval_ms: u64,
-    /// PUBLISH, SUBSCRIBE and MESSAGE must carry digest credentials of a user of
-    /// `registrar.users_file`, and a PUBLISH may only set its sender's own state.
-    pub authenticate: bool,
-}
-
-impl Default for PresenceSection {
-    fn default() -> Self {
-        PresenceSection {
-            max_message_size: 4096,
-            min_expires: 60,
-            max_expires: 3600,
-            default_expires: 3600,
-            min_notify_interval_ms: 200,
-            authenticate: false,
-        }
-    }
-}
-
-const HUNT_STRATEGIES: [&str; 7] = [
-    "ring-all",
-    "linear",
-    "round-robin",
-    "least-recent",
-    "fewest-calls",
-    "random",
-    "weighted",
-];
-
-impl Config {
-    /// Checks every `[huntgroups.<name>]`: (dotted key, problem) of the first bad value.
-    fn check_huntgroups(&self) -> Result<(), (String, String, Option<String>)> {
-        for (name, g) in &self.huntgroups {
-            let key = |k: &str| format!("huntgroups.{name}.{k}");
-            let bad = |k: &str, m: String| Err((key(k), m, None));
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-            {
-                return Err((
-                    format!("huntgroups.{name}"),
-                    "a group name is lower-case letters, digits, - and _".into(),
-                    None,
-                ));
-            }
-            if !HUNT_STRATEGIES.contains(&g.strategy.as_str()) {
-                return bad(
-                    "strategy",
-                    format!(
-                        "unknown strategy {:?}, expected one of {}",
-                        g.strategy,
-                        HUNT_STRATEGIES.join(", ")
-                    ),
-                );
-            }
-            if g.members.is_empty() {
-                return bad("members", "at least one member is required".into());
-            }
-            let mut seen = std::collections::HashSet::new();
-            for m in &g.members {
-                let ok = !m.is_empty()
-                    && !m
-                        .chars()
-                        .any(|c| c.is_whitespace() || c.is_control() || "<>\"".contains(c))
-                    && (!m.contains(':') || crate::sip::Uri::parse(m).is_ok());
-                if !ok {
-                    return Err((
-                        key("members"),
-                        format!("bad member {m:?}: an extension (\"1001\") or a SIP URI"),
-                        Some(format!("\"{m}\"")),
-                    ));
-                }
-                if !seen.insert(m) {
-                    return Err((
-                        key("members"),
-                        format!("member {m:?} is listed twice"),
-                        Some(format!("\"{m}\"")),
-                    ));
-                }
-            }
-            if !g.weights.is_empty() && g.weights.len() != g.members.len() {
-                return bad(
-                    "weights",
-                    format!(
-                        "one weight per member: {} members, {} weights",
-                        g.members.len(),
-                        g.weights.len()
-                    ),
-                );
-            }
-            if g.strategy == "weighted"
-                && g.weights.iter().all(|w| *w == 0)
-                && !g.weights.is_empty()
-            {
-                return bad("weights", "at least one weight must be above 0".into());
-            }
-            for (k, v, min, max) in [
-                ("ring_timeout", g.ring_timeout, 1, MAX_TIMEOUT_S),
-                ("max_wait", g.max_wait, 1, MAX_TIMEOUT_S),
-                ("wrap_up", g.wrap_up, 0, MAX_TIMEOUT_S),
-                ("queue_announce", g.queue_announce, 1, MAX_TIMEOUT_S),
-                ("calls_reset_s", g.calls_reset_s, 60, 366 * 86400),
-            ] {
-                if v < min || v > max {
-                    return bad(k, format!("must be between {min} and {max} (got {v})"));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A value that failed validation: the key, what is wrong, and optionally a piece of text
-/// (a list entry) that points at the exact line better than the key does.
-struct Invalid {
-    key: &'static str,
-    message: String,
-    needle: Option<String>,
-}
-
-fn invalid(key: &'static str, message: impl Into<String>) -> Invalid {
-    Invalid {
-        key,
-        message: message.into(),
-        needle: None,
+impl ShutdownConfig {
+    pub fn check(&self) -> Result<(), InvalidValue> {
+        check_range("drain_timeout_s", self.drain_timeout_s, 0, MAX_TIMEOUT_S)
     }
 }
 
@@ -652,7 +198,9 @@ impl Config {
     /// Like [`Config::load`], also telling which file was used.
     pub fn load_with_source(path: Option<&Path>) -> Result<(Config, ConfigSource), ConfigError> {
         let env = process_env()?;
-        load_from(path, &env)
+        let (source, text) = read_source(path)?;
+        let config = build(&source.label(), &text, &env)?;
+        Ok((config, source))
     }
 
     /// Parses and validates TOML text alone (no environment). `origin` names the text in
@@ -661,286 +209,28 @@ impl Config {
         build(origin, text, &[])
     }
 
-    /// The RFC 3261 timers T1, T2 and T4.
-    pub fn timers(&self) -> (Duration, Duration, Duration) {
-        let t = &self.sip.timers;
-        (
-            Duration::from_millis(t.t1_ms),
-            Duration::from_millis(t.t2_ms),
-            Duration::from_millis(t.t4_ms),
-        )
-    }
-
-    /// Checks every value; returns the first problem.
-    fn check(&self) -> Result<(), Invalid> {
-        let sip = &self.sip;
-        if sip.listen.is_empty() {
-            return Err(invalid(
-                "sip.listen",
-                "at least one address is required (e.g. \"udp:127.0.0.1:5060\")",
-            ));
+    /// Checks every section; the first problem, its key made absolute (`sip.timers.t1_ms`).
+    fn check(&self) -> Result<(), InvalidValue> {
+        let has_users = !self.registrar.users_file.trim().is_empty();
+        let sections: [(&str, Result<(), InvalidValue>); 12] = [
+            ("sip", self.sip.check()),
+            ("http", self.http.check()),
+            ("log", self.log.check()),
+            ("script", self.script.check()),
+            ("call", self.call.check()),
+            ("registrar", self.registrar.check()),
+            ("storage", self.storage.check()),
+            ("redis", self.redis.check()),
+            ("auth", self.auth.check()),
+            ("shutdown", self.shutdown.check()),
+            ("huntgroups", check_huntgroups(&self.huntgroups)),
+            ("presence", self.presence.check(has_users)),
+        ];
+        for (section, result) in sections {
+            result.map_err(|e| e.within(section))?;
         }
-        for entry in &sip.listen {
-            if let Err(problem) = validate_listen_entry(entry) {
-                return Err(Invalid {
-                    key: "sip.listen",
-                    message: format!("bad entry {entry:?}: {problem}"),
-                    needle: Some(format!("\"{entry}\"")),
-                });
-            }
-        }
-        if sip.domain.is_empty() {
-            return Err(invalid("sip.domain", "must not be empty"));
-        }
-        if sip
-            .domain
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(invalid(
-                "sip.domain",
-                format!(
-                    "must be a host name, without spaces or control characters (got {:?})",
-                    sip.domain
-                ),
-            ));
-        }
-        let t = &sip.timers;
-        range("sip.timers.t1_ms", t.t1_ms, 1, MAX_TIMER_MS)?;
-        if t.t2_ms < t.t1_ms {
-            return Err(invalid(
-                "sip.timers.t2_ms",
-                format!("must be at least t1_ms ({}) (got {})", t.t1_ms, t.t2_ms),
-            ));
-        }
-        range("sip.timers.t2_ms", t.t2_ms, 1, MAX_TIMER_MS)?;
-        range("sip.timers.t4_ms", t.t4_ms, 1, MAX_TIMER_MS)?;
-        range(
-            "sip.max_message_size",
-            sip.max_message_size,
-            MIN_MESSAGE_SIZE,
-            MAX_MESSAGE_SIZE,
-        )?;
-        // The value goes into a header verbatim; CR or LF would inject header lines.
-        if sip.user_agent.is_empty() || sip.user_agent.chars().any(char::is_control) {
-            return Err(invalid(
-                "sip.user_agent",
-                format!(
-                    "must be non-empty text without control characters (got {:?})",
-                    sip.user_agent
-                ),
-            ));
-        }
-        range(
-            "sip.tcp_idle_timeout_s",
-            sip.tcp_idle_timeout_s,
-            1,
-            MAX_TIMEOUT_S,
-        )?;
-
-        if let Err(e) = self.http.listen.parse::<SocketAddr>() {
-            return Err(invalid(
-                "http.listen",
-                format!(
-                    "{:?} is not IP:PORT ({e}; IPv6 goes in brackets: [::1]:9090)",
-                    self.http.listen
-                ),
-            ));
-        }
-
-        if self
-            .http
-            .token
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(invalid(
-                "http.token",
-                "must not contain spaces or control characters",
-            ));
-        }
-
-        if let Err(problem) = validate_log_level(&self.log.level) {
-            return Err(invalid("log.level", problem));
-        }
-
-        if self.script.path.is_empty() {
-            return Err(invalid("script.path", "must not be empty"));
-        }
-        range(
-            "script.memory_limit_kb",
-            self.script.memory_limit_kb,
-            0,
-            MAX_SCRIPT_MEMORY_KB,
-        )?;
-        range(
-            "script.instruction_limit",
-            self.script.instruction_limit,
-            1,
-            u64::MAX,
-        )?;
-        range(
-            "script.vm_pool_size",
-            self.script.vm_pool_size,
-            0,
-            MAX_VM_POOL,
-        )?;
-        range(
-            "call.ring_timeout_s",
-            self.call.ring_timeout_s,
-            1,
-            MAX_TIMEOUT_S,
-        )?;
-        if self.call.records_file.chars().any(char::is_control) {
-            return Err(invalid(
-                "call.records_file",
-                format!(
-                    "must be a path without control characters (got {:?})",
-                    self.call.records_file
-                ),
-            ));
-        }
-        if self.call.routes.len() > MAX_ROUTES {
-            return Err(invalid(
-                "call.routes",
-                format!("at most {MAX_ROUTES} routes (metric labels stay bounded)"),
-            ));
-        }
-        for (i, r) in self.call.routes.iter().enumerate() {
-            let ok = !r.is_empty()
-                && r.len() <= 64
-                && r.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-            if !ok {
-                return Err(invalid(
-                    "call.routes",
-                    format!("{r:?}: a route name is 1-64 letters, digits, '-' or '_'"),
-                ));
-            }
-            if self.call.routes[..i].contains(r) {
-                return Err(invalid("call.routes", format!("{r:?} is listed twice")));
-            }
-        }
-        range(
-            "call.trace_max_messages",
-            self.call.trace_max_messages,
-            1,
-            10_000,
-        )?;
-        range(
-            "call.trace_keep_ended",
-            self.call.trace_keep_ended,
-            0,
-            100_000,
-        )?;
-        let keepalive = self.registrar.keepalive_interval_s;
-        if keepalive != 0 && !(MIN_KEEPALIVE_S..=MAX_KEEPALIVE_S).contains(&keepalive) {
-            return Err(invalid(
-                "registrar.keepalive_interval_s",
-                format!(
-                    "must be 0 (off) or between {MIN_KEEPALIVE_S} and {MAX_KEEPALIVE_S} \
-                     (got {keepalive})"
-                ),
-            ));
-        }
-        // presence: intervals ordered. (A body limit above sip.max_message_size is allowed:
-        // the smaller one is what applies.)
-        let p = &self.presence;
-        range(
-            "presence.max_message_size",
-            p.max_message_size,
-            0,
-            MAX_MESSAGE_SIZE,
-        )?;
-        range("presence.min_expires", p.min_expires, 1, u32::MAX)?;
-        range(
-            "presence.max_expires",
-            p.max_expires,
-            p.min_expires,
-            MAX_TIMEOUT_S as u32,
-        )?;
-        range(
-            "presence.default_expires",
-            p.default_expires,
-            p.min_expires,
-            p.max_expires,
-        )?;
-        range(
-            "presence.min_notify_interval_ms",
-            p.min_notify_interval_ms,
-            0,
-            MAX_TIMER_MS,
-        )?;
-        if p.authenticate && self.registrar.users_file.trim().is_empty() {
-            return Err(invalid(
-                "presence.authenticate",
-                "needs registrar.users_file (the users whose credentials are checked)",
-            ));
-        }
-        range(
-            "shutdown.drain_timeout_s",
-            self.shutdown.drain_timeout_s,
-            0,
-            MAX_TIMEOUT_S,
-        )?;
         Ok(())
     }
-}
-
-fn range<T: PartialOrd + fmt::Display>(
-    key: &'static str,
-    value: T,
-    min: T,
-    max: T,
-) -> Result<(), Invalid> {
-    if value < min {
-        Err(invalid(
-            key,
-            format!("must be at least {min} (got {value})"),
-        ))
-    } else if value > max {
-        Err(invalid(key, format!("must be at most {max} (got {value})")))
-    } else {
-        Ok(())
-    }
-}
-
-/// Checks the form of a `sip.listen` entry: `udp:IP:PORT`, `tcp:IP:PORT` or
-/// `memory:IP:PORT` (the in-process network), IPv6 in brackets (`tcp:[::1]:5060`). Host
-/// names are refused: a listener binds an address.
-pub fn validate_listen_entry(entry: &str) -> Result<(), String> {
-    let Some((transport, addr)) = entry.split_once(':') else {
-        return Err("expected TRANSPORT:IP:PORT, e.g. \"udp:127.0.0.1:5060\"".into());
-    };
-    if !matches!(transport, "udp" | "tcp" | "memory") {
-        return Err(format!(
-            "unknown transport {transport:?} (expected udp, tcp or memory)"
-        ));
-    }
-    addr.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
-        format!("{addr:?} is not IP:PORT (IPv6 goes in brackets: \"{transport}:[::1]:5060\")")
-    })
-}
-
-/// Checks `log.level`: a level name, or an `EnvFilter` directive string. A lone word that
-/// is not a level is refused even though `EnvFilter` would read it as a target name:
-/// `level = "verbose"` is far more likely a typo than a wish to log one target only.
-fn validate_log_level(level: &str) -> Result<(), String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    let trimmed = level.trim();
-    if trimmed.is_empty() {
-        return Err("must not be empty (use trace, debug, info, warn or error)".into());
-    }
-    let is_directive = trimmed.contains(['=', ',', '[', ':']);
-    if !is_directive && !LEVELS.contains(&trimmed.to_ascii_lowercase().as_str()) {
-        return Err(format!(
-            "unknown level {level:?} (use trace, debug, info, warn, error, or a filter \
-             directive such as \"info,strowger=debug\")"
-        ));
-    }
-    tracing_subscriber::EnvFilter::try_new(trimmed)
-        .map(|_| ())
-        .map_err(|e| format!("bad filter directive {level:?}: {e}"))
 }
 
 /// The `STROWGER_*` variables of this process (others are not ours to read).
@@ -948,15 +238,15 @@ fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
     let mut vars = Vec::new();
     for (key, value) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
-        if env_key(key).is_none() {
+        let Some(config_key) = env_key(key) else {
             continue;
-        }
+        };
         match value.into_string() {
             Ok(value) => vars.push((key.to_string(), value)),
             Err(_) => {
                 return Err(ConfigError {
                     file: format!("environment variable {key}"),
-                    key: env_key(key).unwrap_or_default(),
+                    key: config_key,
                     line: None,
                     message: "value is not valid UTF-8".into(),
                 })
@@ -967,22 +257,12 @@ fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
 }
 
 /// The config key an environment variable sets (`STROWGER_SIP__TIMERS__T1_MS` →
-/// `sip.timers.t1_ms`), or `None` if it has not our prefix. Mirrors what the `config`
-/// crate does: lowercase, strip `strowger_`, turn `__` into `.`.
+/// `sip.timers.t1_ms`), or `None` if it has not our prefix.
 fn env_key(var: &str) -> Option<String> {
     let lower = var.to_lowercase();
     let prefix = format!("{}_", ENV_PREFIX.to_lowercase());
     let rest = lower.strip_prefix(&prefix)?;
     Some(rest.replace(ENV_SEPARATOR, "."))
-}
-
-fn load_from(
-    path: Option<&Path>,
-    env: &[(String, String)],
-) -> Result<(Config, ConfigSource), ConfigError> {
-    let (source, text) = read_source(path)?;
-    let config = build(&source.label(), &text, env)?;
-    Ok((config, source))
 }
 
 fn read_source(path: Option<&Path>) -> Result<(ConfigSource, String), ConfigError> {
@@ -1014,71 +294,243 @@ fn read_source(path: Option<&Path>) -> Result<(ConfigSource, String), ConfigErro
 
 /// File text + environment → a validated configuration.
 fn build(origin: &str, text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
-    // 1. The file on its own, with `toml`, for syntax errors, unknown keys and wrong types
-    //    with their line numbers.
-    toml::from_str::<Config>(text).map_err(|e| toml_error(origin, text, &e))?;
-
-    // 2. Environment variable names: an unknown one is refused before merging, naming the
-    //    variable, because after merging it would only be a key without a source.
-    let overrides = env_overrides(env)?;
-
-    // 3. Merge with the `config` crate.
-    let env_map: config::Map<String, String> = env.iter().cloned().collect();
-    let merged = config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml))
-        .add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .separator(ENV_SEPARATOR)
-                .prefix_separator("_")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("sip.listen")
-                .with_list_parse_key("auth.algorithms")
-                .with_list_parse_key("call.routes")
-                .source(Some(env_map)),
-        )
-        .build()
-        .map_err(|e| merge_error(origin, text, &overrides, e))?;
-    let config: Config = merged
-        .try_deserialize()
-        .map_err(|e| merge_error(origin, text, &overrides, e))?;
-
-    // 4. Values.
-    config.check().map_err(|inv| {
-        locate(
-            origin,
-            text,
-            &overrides,
-            inv.key,
-            inv.needle.as_deref(),
-            inv.message,
-        )
-    })?;
-    config
-        .check_huntgroups()
-        .map_err(|(key, message, needle)| {
-            locate(origin, text, &overrides, &key, needle.as_deref(), message)
-        })?;
-    Ok(config)
-}
-
-/// Maps each known key set by the environment to its variable name; refuses unknown ones.
-fn env_overrides(env: &[(String, String)]) -> Result<BTreeMap<String, String>, ConfigError> {
-    let known = known_keys();
-    let mut out = BTreeMap::new();
-    for (var, _) in env {
+    let sources = Sources { origin, text, env };
+    // 1. The file, parsed once with positions.
+    let mut doc =
+        DeTable::parse(text).map_err(|e| sources.error_at(None, e.span(), e.message()))?;
+    // 2. The environment, put into the same document (unknown names refused first).
+    let defaults = defaults_table();
+    for (i, (var, value)) in env.iter().enumerate() {
         let Some(key) = env_key(var) else { continue };
-        if !known.contains(&key) {
+        // Only values can be set: a table's name is refused like an unknown key, with
+        // its keys listed.
+        let Some(default) = lookup(&defaults, &key).filter(|v| !v.is_table()) else {
             return Err(ConfigError {
                 file: format!("environment variable {var}"),
-                message: unknown_key_message(&key, &known),
+                message: unknown_key_message(&key, &known_keys(&defaults)),
                 key,
                 line: None,
             });
-        }
-        out.insert(key, var.clone());
+        };
+        let span = sources.env_span(i);
+        let value = env_value(value, default, &span);
+        override_value(doc.get_mut(), &key, value, span);
     }
-    Ok(out)
+    // 3. Types and unknown keys.
+    let config = Config::deserialize(toml::de::Deserializer::from(doc.clone()))
+        .map_err(|e| sources.error_at(Some(&doc), e.span(), e.message()))?;
+    // 4. Values.
+    config.check().map_err(|e| sources.invalid(&doc, e))?;
+    Ok(config)
+}
+
+/// The text and variables a document was built from, to turn a byte range back into a
+/// file line or a variable name.
+struct Sources<'a> {
+    origin: &'a str,
+    text: &'a str,
+    env: &'a [(String, String)],
+}
+
+impl Sources<'_> {
+    /// The range given to everything variable `i` sets: past the end of the file, one
+    /// byte per variable.
+    fn env_span(&self, i: usize) -> Range<usize> {
+        let at = self.text.len() + 1 + i;
+        at..at + 1
+    }
+
+    /// Where a byte offset points: `(file or variable, line)`.
+    fn place(&self, offset: usize) -> (String, Option<usize>) {
+        match offset.checked_sub(self.text.len() + 1) {
+            Some(i) if i < self.env.len() => {
+                (format!("environment variable {}", self.env[i].0), None)
+            }
+            _ => {
+                let end = offset.min(self.text.len());
+                let line = self.text.as_bytes()[..end]
+                    .iter()
+                    .filter(|b| **b == b'\n')
+                    .count()
+                    + 1;
+                (self.origin.to_string(), Some(line))
+            }
+        }
+    }
+
+    /// A parse or type error at `span`; the key is the innermost one whose key or value
+    /// covers the span's start.
+    fn error_at(
+        &self,
+        doc: Option<&Spanned<DeTable<'_>>>,
+        span: Option<Range<usize>>,
+        message: &str,
+    ) -> ConfigError {
+        let message = friendly(message);
+        let Some(span) = span else {
+            return ConfigError {
+                file: self.origin.to_string(),
+                key: String::new(),
+                line: None,
+                message,
+            };
+        };
+        let key = doc
+            .and_then(|d| key_at(d.get_ref(), span.start))
+            .unwrap_or_default();
+        let (file, line) = self.place(span.start);
+        ConfigError {
+            file,
+            key,
+            line,
+            message,
+        }
+    }
+
+    /// A section's complaint, placed at the key (or list entry) it names; a key not written
+    /// anywhere is placed at the nearest table that is.
+    fn invalid(&self, doc: &Spanned<DeTable<'_>>, e: InvalidValue) -> ConfigError {
+        let (file, line) = match span_of(doc.get_ref(), &e.key, e.index) {
+            Some(span) => self.place(span.start),
+            None => (self.origin.to_string(), None),
+        };
+        ConfigError {
+            file,
+            key: e.key,
+            line,
+            message: e.message,
+        }
+    }
+}
+
+/// The dotted path of the innermost key whose name or value covers `offset`.
+fn key_at(table: &DeTable<'_>, offset: usize) -> Option<String> {
+    for (k, v) in table {
+        let inner = match v.get_ref() {
+            DeValue::Table(t) => key_at(t, offset),
+            _ => None,
+        };
+        if let Some(inner) = inner {
+            return Some(format!("{}.{inner}", k.get_ref()));
+        }
+        if k.span().contains(&offset) || v.span().contains(&offset) {
+            return Some(k.get_ref().to_string());
+        }
+    }
+    None
+}
+
+/// The range to point at for `key` (dotted) and, for a list, its entry `index`: the entry,
+/// else the key, else the deepest enclosing table that is written.
+fn span_of(table: &DeTable<'_>, key: &str, index: Option<usize>) -> Option<Range<usize>> {
+    let mut table = table;
+    let mut found = None;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let Some((k, v)) = table.get_key_value(part) else {
+            break;
+        };
+        found = Some(k.span());
+        match v.get_ref() {
+            DeValue::Table(t) => table = t,
+            DeValue::Array(a) if parts.peek().is_none() => {
+                if let Some(entry) = index.and_then(|i| a.get(i)) {
+                    found = Some(entry.span());
+                }
+            }
+            _ => {}
+        }
+        if parts.peek().is_none() {
+            break;
+        }
+    }
+    found
+}
+
+/// The defaults as a TOML table: the type of each key and the list of known keys.
+fn defaults_table() -> toml::Table {
+    // Serialising the defaults cannot fail (plain strings, integers, lists, tables); if it
+    // ever did, no key would be known and every override would be refused loudly.
+    toml::Table::try_from(Config::default()).unwrap_or_default()
+}
+
+fn lookup<'t>(table: &'t toml::Table, key: &str) -> Option<&'t toml::Value> {
+    let (first, rest) = key.split_once('.').unwrap_or((key, ""));
+    let v = table.get(first)?;
+    match (rest, v) {
+        ("", _) => Some(v),
+        (rest, toml::Value::Table(t)) => lookup(t, rest),
+        _ => None,
+    }
+}
+
+/// Every settable (leaf) key, dotted, e.g. `sip.timers.t1_ms`.
+fn known_keys(defaults: &toml::Table) -> Vec<String> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in table {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(t) => walk(&path, t, out),
+                _ => out.push(path),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", defaults, &mut out);
+    out
+}
+
+/// An environment value as the type of the key's default: a number, a boolean or a list
+/// where the default is one (a list is comma-separated), else the text itself. A value
+/// that does not read as that type stays text, and deserializing it then names the
+/// variable and the type it should have. List entries get `span`.
+fn env_value<'i>(value: &'i str, default: &toml::Value, span: &Range<usize>) -> DeValue<'i> {
+    let scalar = |value: &'i str, default: Option<&toml::Value>| {
+        let want = default.map_or("string", toml::Value::type_str);
+        match DeValue::parse(value.trim()).map(Spanned::into_inner) {
+            Ok(v) if want != "string" && v.type_str() == want => v,
+            _ => DeValue::String(Cow::Borrowed(value)),
+        }
+    };
+    match default {
+        toml::Value::Array(items) => DeValue::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                // Entries take the type of the default's entries (text when it is empty).
+                .map(|item| Spanned::new(span.clone(), scalar(item, items.first())))
+                .collect(),
+        ),
+        other => scalar(value, Some(other)),
+    }
+}
+
+/// Sets `key` (dotted) in the document to `value`, creating the tables on the way; every
+/// part it writes gets `span` (the variable's). A key under a value that is not a table is
+/// left alone: the file's own type error is reported for it.
+fn override_value<'i>(table: &mut DeTable<'i>, key: &str, value: DeValue<'i>, span: Range<usize>) {
+    let (first, rest) = key.split_once('.').unwrap_or((key, ""));
+    let name = || Spanned::new(span.clone(), Cow::Owned(first.to_string()));
+    if rest.is_empty() {
+        // Re-inserted, so the key's range too is the variable's.
+        table.remove(first);
+        table.insert(name(), Spanned::new(span, value));
+        return;
+    }
+    if !table.contains_key(first) {
+        table.insert(
+            name(),
+            Spanned::new(span.clone(), DeValue::Table(DeTable::new())),
+        );
+    }
+    if let Some(DeValue::Table(inner)) = table.get_mut(first).map(Spanned::get_mut) {
+        override_value(inner, rest, value, span);
+    }
 }
 
 fn unknown_key_message(key: &str, known: &[String]) -> String {
@@ -1115,244 +567,23 @@ fn unknown_key_message(key: &str, known: &[String]) -> String {
     )
 }
 
-/// Rewords serde / `config` messages that name Rust types, which mean nothing to an
-/// operator, and says "key" where serde says "field".
+/// Rewords serde messages that name Rust types, which mean nothing to an operator, and
+/// says "key" where serde says "field".
 fn friendly(message: &str) -> String {
     let mut m = message.trim().replacen("unknown field", "unknown key", 1);
     if let Some(at) = m.find("expected struct ") {
         m.truncate(at);
         m.push_str("expected a table ([section])");
     }
-    // `config`'s wording for an unknown enum value, e.g. log.format = "JSON".
-    if let Some(rest) = m.strip_prefix("enum ") {
-        if let Some((_, variant)) = rest.split_once(" does not have variant constructor ") {
-            m = format!("unknown variant `{variant}`");
-        }
-    }
     m
-}
-
-/// Every settable (leaf) key, dotted, e.g. `sip.timers.t1_ms`.
-fn known_keys() -> Vec<String> {
-    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
-        for (k, v) in table {
-            let path = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            match v {
-                toml::Value::Table(t) => walk(&path, t, out),
-                _ => out.push(path),
-            }
-        }
-    }
-    let mut out = Vec::new();
-    // Serialising the defaults cannot fail (plain strings, integers, lists, tables); if it
-    // ever did, no key would be known and every override would be refused loudly.
-    if let Ok(table) = toml::Table::try_from(Config::default()) {
-        walk("", &table, &mut out);
-    }
-    out
-}
-
-/// A `toml` error → a ConfigError with line and key (found from the span).
-fn toml_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e.span().map(|s| line_of_offset(text, s.start));
-    let key = line.and_then(|l| key_at_line(text, l)).unwrap_or_default();
-    let message = friendly(e.message());
-    ConfigError {
-        file: origin.to_string(),
-        key,
-        line,
-        message,
-    }
-}
-
-/// A `config` crate error (only the environment can cause one once the file passed `toml`).
-fn merge_error(
-    origin: &str,
-    text: &str,
-    overrides: &BTreeMap<String, String>,
-    e: config::ConfigError,
-) -> ConfigError {
-    let (key, mut message) = describe_merge_error(e);
-    let key = key.unwrap_or_default();
-    // `sip.listen[1]` → `sip.listen`: the source is the whole list.
-    let base = key.split('[').next().unwrap_or("").to_string();
-    if base == "log.format" && message.starts_with("unknown variant") {
-        // The only enum; `config` does not list the choices, so say them here.
-        message.push_str(", expected `text` or `json`");
-    }
-    locate(origin, text, overrides, &base, None, message)
-}
-
-fn describe_merge_error(e: config::ConfigError) -> (Option<String>, String) {
-    match e {
-        config::ConfigError::Type {
-            unexpected,
-            expected,
-            key,
-            ..
-        } => (key, format!("expected {expected}, got {unexpected}")),
-        config::ConfigError::At { error, key, .. } => {
-            let (inner_key, message) = describe_merge_error(*error);
-            (key.or(inner_key), message)
-        }
-        config::ConfigError::NotFound(key) => (Some(key), "missing".into()),
-        config::ConfigError::Message(m) => (None, friendly(&m)),
-        other => (None, other.to_string()),
-    }
-}
-
-/// Builds the error for `key`, naming the environment variable if one set it, otherwise
-/// the file and the key's line in it.
-fn locate(
-    origin: &str,
-    text: &str,
-    overrides: &BTreeMap<String, String>,
-    key: &str,
-    needle: Option<&str>,
-    message: String,
-) -> ConfigError {
-    if let Some(var) = overrides.get(key) {
-        return ConfigError {
-            file: format!("environment variable {var}"),
-            key: key.to_string(),
-            line: None,
-            message,
-        };
-    }
-    let line = find_key_line(text, key).map(|l| match needle {
-        // A list may span lines: point at the entry itself when it can be found.
-        Some(n) => text
-            .lines()
-            .enumerate()
-            .skip(l - 1)
-            .find(|(_, s)| strip_comment(s).contains(n))
-            .map(|(i, _)| i + 1)
-            .unwrap_or(l),
-        None => l,
-    });
-    ConfigError {
-        file: origin.to_string(),
-        key: key.to_string(),
-        line,
-        message,
-    }
-}
-
-/// 1-based line of a byte offset.
-fn line_of_offset(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// What a line of TOML is, as far as locating keys goes.
-enum LineKind {
-    /// `[a.b]` or `[[a.b]]`: the table path.
-    Header(Vec<String>),
-    /// `k = ...` or `a.k = ...`: the full key path.
-    Key(Vec<String>),
-}
-
-/// Scans TOML text line by line (best effort: enough to find where a key is written; the
-/// real parsing is done by `toml`). Returns (1-based line, kind) for headers and keys.
-fn scan(text: &str) -> Vec<(usize, LineKind)> {
-    let mut out = Vec::new();
-    let mut table: Vec<String> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = strip_comment(raw).trim();
-        if let Some(inner) = line.strip_prefix('[') {
-            // A header, unless this is the continuation of a multi-line array of arrays,
-            // which our schema does not have.
-            let inner = inner.trim_start_matches('[');
-            let inner = inner.split(']').next().unwrap_or("");
-            table = key_parts(inner);
-            out.push((i + 1, LineKind::Header(table.clone())));
-        } else if let Some((k, _)) = line.split_once('=') {
-            let k = k.trim();
-            if k.is_empty() || k.starts_with('"') && k.matches('"').count() < 2 {
-                continue;
-            }
-            let mut path = table.clone();
-            path.extend(key_parts(k));
-            out.push((i + 1, LineKind::Key(path)));
-        }
-    }
-    out
-}
-
-/// Splits a dotted TOML key into its parts, unquoting quoted parts.
-fn key_parts(s: &str) -> Vec<String> {
-    s.split('.')
-        .map(|p| p.trim().trim_matches('"').trim_matches('\'').to_string())
-        .filter(|p| !p.is_empty())
-        .collect()
-}
-
-/// The line without its `#` comment (a `#` inside a string is kept).
-fn strip_comment(line: &str) -> &str {
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
-    for (i, c) in line.char_indices() {
-        match quote {
-            Some('"') if escaped => escaped = false,
-            Some('"') if c == '\\' => escaped = true,
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == '#' => return &line[..i],
-            None => {}
-        }
-    }
-    line
-}
-
-/// The line where `key` (dotted) is written: its own `key = ` line, else an inline table or
-/// header that contains it.
-fn find_key_line(text: &str, key: &str) -> Option<usize> {
-    let want: Vec<&str> = key.split('.').collect();
-    let mut best: Option<(usize, usize)> = None; // (matched depth, line)
-    for (line, kind) in scan(text) {
-        let path = match &kind {
-            LineKind::Header(p) | LineKind::Key(p) => p,
-        };
-        if path.len() > want.len() || path.iter().zip(&want).any(|(a, b)| a != b) {
-            continue;
-        }
-        if path.len() == want.len() {
-            return Some(line);
-        }
-        if best.is_none_or(|(depth, _)| path.len() > depth) {
-            best = Some((path.len(), line));
-        }
-    }
-    best.map(|(_, line)| line)
-}
-
-/// The key written on (or, inside a multi-line value, above) a 1-based line.
-fn key_at_line(text: &str, line: usize) -> Option<String> {
-    let mut found: Option<Vec<String>> = None;
-    for (l, kind) in scan(text) {
-        if l > line {
-            break;
-        }
-        found = Some(match kind {
-            LineKind::Header(p) | LineKind::Key(p) => p,
-        });
-    }
-    found.map(|p| p.join("."))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logging::LogFormat;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     /// Tests that change the process environment hold this, so they do not see each
     /// other's variables.
@@ -1378,8 +609,9 @@ mod tests {
             vec!["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"]
         );
         assert_eq!(c.sip.domain, "localhost");
+        let timers = c.sip.timers.to_timers();
         assert_eq!(
-            c.timers(),
+            (timers.t1, timers.t2, timers.t4),
             (
                 Duration::from_millis(500),
                 Duration::from_millis(4000),
@@ -1430,7 +662,7 @@ mod tests {
         assert_eq!(file, defaults);
         assert!(EMBEDDED.contains("\n# user_agent = \"Strowger/<version>\"\n"));
         // And every key has its environment variable documented.
-        for key in known_keys() {
+        for key in known_keys(&defaults_table()) {
             let var = format!("STROWGER_{}", key.to_uppercase().replace('.', "__"));
             assert!(EMBEDDED.contains(&var), "{var} not documented");
         }
@@ -1714,31 +946,6 @@ mod tests {
     }
 
     #[test]
-    fn listen_entries() {
-        for ok in [
-            "udp:127.0.0.1:5060",
-            "tcp:0.0.0.0:0",
-            "udp:[::1]:5060",
-            "tcp:[2001:db8::1]:5080",
-        ] {
-            assert!(validate_listen_entry(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "udp",
-            "udp:nohost",
-            "udp:127.0.0.1",
-            "sctp:127.0.0.1:5060",
-            "UDP:127.0.0.1:5060",
-            "udp:::1:5060",
-            "udp:example.com:5060",
-            "udp:127.0.0.1:70000",
-        ] {
-            assert!(validate_listen_entry(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn error_display_without_line_or_key() {
         let e = ConfigError {
             file: "f.toml".into(),
@@ -1750,9 +957,170 @@ mod tests {
     }
 
     #[test]
-    fn comment_stripping_keeps_hashes_in_strings() {
-        assert_eq!(strip_comment("a = \"x#y\" # c"), "a = \"x#y\" ");
-        assert_eq!(strip_comment("# all"), "");
-        assert_eq!(strip_comment("a = 'x#y'"), "a = 'x#y'");
+    fn huntgroup_errors_name_file_line_and_nested_key() {
+        let ok = "[huntgroups.support]\nstrategy = \"weighted\"\nmembers = [\"1001\", \"sip:b@example.com\"]\nweights = [3, 1]\n";
+        let c = Config::from_toml_str(ok, "t.toml").unwrap();
+        assert_eq!(c.huntgroups["support"].weights, vec![3, 1]);
+        assert_eq!(c.huntgroups["support"].ring_timeout, 15);
+        for (text, want) in [
+            (
+                "[huntgroups.support]\nmembers = [\"1001\"]\nstrategy = \"ring-some\"\n",
+                "t.toml:3: huntgroups.support.strategy: unknown strategy",
+            ),
+            (
+                "[huntgroups.support]\nstrategy = \"linear\"\n",
+                "t.toml:1: huntgroups.support.members: at least one member",
+            ),
+            (
+                "[huntgroups.support]\nmembers = [\n  \"1001\",\n  \"sip:bad uri\",\n]\n",
+                "t.toml:4: huntgroups.support.members: bad member",
+            ),
+            (
+                "[huntgroups.support]\nmembers = [\"1001\", \"1002\"]\nweights = [1]\n",
+                "t.toml:3: huntgroups.support.weights: one weight per member",
+            ),
+            (
+                "[huntgroups.support]\nmembers = [\"1001\"]\nring_timeout = 0\n",
+                "t.toml:3: huntgroups.support.ring_timeout: must be between 1",
+            ),
+            (
+                "[huntgroups.Support]\nmembers = [\"1001\"]\n",
+                "huntgroups.Support: a group name is lower-case",
+            ),
+            (
+                "[huntgroups.support]\nmembers = [\"1001\"]\nring_time = 3\n",
+                "t.toml:3: huntgroups.support.ring_time: unknown key",
+            ),
+        ] {
+            let e = Config::from_toml_str(text, "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}\n→ {e}\nwanted {want}");
+        }
+    }
+
+    #[test]
+    fn each_section_names_file_line_and_key() {
+        // One bad value per section, each after a first line that is fine, so the line
+        // number is the key's own and not the section header's.
+        for (text, want) in [
+            (
+                "[sip]\ndomain = \"x\"\ntcp_idle_timeout_s = 0\n",
+                "t.toml:3: sip.tcp_idle_timeout_s: must be at least 1",
+            ),
+            (
+                "[sip.timers]\nt1_ms = 500\nt4_ms = 0\n",
+                "t.toml:3: sip.timers.t4_ms: must be at least 1",
+            ),
+            (
+                "[http]\ntoken = \"\"\nlisten = \"nowhere\"\n",
+                "t.toml:3: http.listen: \"nowhere\" is not IP:PORT",
+            ),
+            (
+                "[log]\nformat = \"json\"\nlevel = \"loud\"\n",
+                "t.toml:3: log.level: unknown level",
+            ),
+            (
+                "[script]\npath = \"x.lua\"\ninstruction_limit = 0\n",
+                "t.toml:3: script.instruction_limit: must be at least 1",
+            ),
+            (
+                "[call]\ntrace = true\nroutes = [\"pstn\",\n  \"no spaces\"]\n",
+                "t.toml:4: call.routes: \"no spaces\": a route name",
+            ),
+            (
+                "[registrar]\nmin_expires = 60\nunknown_aor_status = 500\n",
+                "t.toml:3: registrar.unknown_aor_status: must be 404 or 403",
+            ),
+            (
+                "[registrar]\nstore = \"disk\"\n",
+                "t.toml:2: registrar.store: unknown variant `disk`",
+            ),
+            (
+                "[storage]\ndir = \"\"\n",
+                "t.toml:2: storage.dir: must not be empty",
+            ),
+            (
+                "[redis]\nurl = \"http://x/\"\n",
+                "t.toml:2: redis.url: \"http://x/\" is not a Redis URL",
+            ),
+            (
+                "[auth]\nnonce_ttl_s = 60\nalgorithms = [\"MD5\", \"SHA-1\"]\n",
+                "t.toml:3: auth.algorithms: unknown algorithm \"SHA-1\"",
+            ),
+            (
+                "[shutdown]\n\ndrain_timeout_s = 86401\n",
+                "t.toml:3: shutdown.drain_timeout_s: must be at most 86400",
+            ),
+            (
+                "[presence]\nmin_expires = 60\nmax_expires = 30\n",
+                "t.toml:3: presence.max_expires: must be at least 60",
+            ),
+        ] {
+            let e = Config::from_toml_str(text, "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{text}\n→ {e}\nwanted {want}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_in_inline_tables_and_lists() {
+        let e = err_of("[sip]\ntimers = { t1_ms = 100, t5_ms = 1 }\n", &[]);
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("sip.timers.t5_ms", Some(2)),
+            "{e}"
+        );
+        assert!(e.message.starts_with("unknown key `t5_ms`"), "{e}");
+        let e = err_of(
+            "[sip]\ndomain = \"x\"\nlisten = [\n  \"udp:127.0.0.1:5060\",\n  5,\n]\n",
+            &[],
+        );
+        assert_eq!((e.key.as_str(), e.line), ("sip.listen", Some(5)), "{e}");
+        let e = err_of(
+            "[huntgroups.sales]\nmembers = [\"1001\"]\n[huntgroups.sales.extra]\n",
+            &[],
+        );
+        assert_eq!(e.key, "huntgroups.sales.extra", "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn env_values_take_the_type_of_the_default() {
+        let c = build(
+            "t.toml",
+            "",
+            &env(&[
+                ("STROWGER_CALL__TRACE", "false"),
+                ("STROWGER_CALL__ROUTES", "pstn, sip"),
+                ("STROWGER_AUTH__ALGORITHMS", "MD5"),
+                ("STROWGER_HTTP__TOKEN", "123"),
+            ]),
+        )
+        .unwrap();
+        assert!(!c.call.trace);
+        assert_eq!(c.call.routes, vec!["pstn", "sip"]);
+        assert_eq!(c.auth.algorithms, vec!["MD5"]);
+        assert_eq!(c.http.token, "123");
+        // An env value over a file value: the error names the variable, not the file.
+        let e = err_of(
+            "[call]\ntrace = true\n",
+            &[("STROWGER_CALL__TRACE", "maybe")],
+        );
+        assert_eq!(e.file, "environment variable STROWGER_CALL__TRACE", "{e}");
+        assert_eq!((e.key.as_str(), e.line), ("call.trace", None), "{e}");
+        let e = err_of(
+            "[call]\nroutes = [\"a\"]\n",
+            &[("STROWGER_CALL__ROUTES", "ok,not ok")],
+        );
+        assert_eq!(
+            e.to_string(),
+            "environment variable STROWGER_CALL__ROUTES: call.routes: \"not ok\": a route \
+             name is 1-64 letters, digits, '-' or '_'"
+        );
+        // Hunt groups are not settable from the environment.
+        let e = err_of("", &[("STROWGER_HUNTGROUPS__SALES__MEMBERS", "1001")]);
+        assert!(e.message.contains("unknown key"), "{e}");
     }
 }
