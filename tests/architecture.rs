@@ -13,12 +13,13 @@ use std::path::Path;
 /// its own layer: siblings stay independent). Every top-level module of `src/` must be
 /// listed, so a new module gets a place on purpose.
 const LAYERS: &[(&str, &[&str])] = &[
-    // Leaf utilities and the telemetry handle every layer registers its metrics on.
-    ("utilities", &["shard", "storage", "metrics"]),
+    // Leaves: the sharded map, the telemetry handle every layer registers its metrics on,
+    // and the helpers every layer's config section uses.
+    ("leaves", &["config_section", "metrics", "shard"]),
+    // Process support: the storage directory, logging.
+    ("support", &["storage", "logging"]),
     // RFC 3261 section 7: the message model.
     ("sip", &["sip"]),
-    // Configuration types still shared by several layers (`config` loads the file).
-    ("config", &["config"]),
     // Section 18: transports, local addresses, name resolution, contact flows.
     ("transport", &["transport"]),
     // Section 17: transactions; defines the observer trait `trace` implements.
@@ -38,8 +39,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("uas", &["uas"]),
     // The operator's control plane: calls the owning modules' APIs.
     ("admin", &["admin"]),
-    // Wiring and the process around it.
-    ("server", &["server", "logging", "cli"]),
+    // Loads the file and composes every layer's own section.
+    ("config", &["config"]),
+    // Wiring and the command line.
+    ("server", &["server", "cli"]),
 ];
 
 /// `crate::x` and `crate::{a, b}` references in `text`, as the before-stop hook finds them.

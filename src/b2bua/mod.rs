@@ -16,6 +16,7 @@
 //! Metrics: see `metrics.rs` in this module.
 
 mod call;
+mod config;
 mod metrics;
 mod records;
 /// The call watch is the dialog layer's; the call posts to it as `super::watch`.
@@ -23,6 +24,7 @@ pub use crate::dialog::watch;
 
 use call::Events;
 pub use call::{refer_to, Side, TransferKind, TransferNote};
+pub use config::{CallConfig, MAX_ROUTES};
 pub use metrics::{
     DialResult, FailureClass, RouteStats, SetupStage, TransferLabel, TransferResult,
 };

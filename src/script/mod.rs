@@ -115,11 +115,13 @@
 //! exhausted), `memory_errors`, `reloads_ok`, `reloads_failed`.
 
 mod call;
+mod config;
 mod huntgroup;
 mod metrics;
 mod presence;
 mod vm;
 
+pub use config::ScriptConfig;
 pub use metrics::Hook;
 pub use presence::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
 
