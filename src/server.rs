@@ -1,8 +1,13 @@
 //! The server: wires transports, the transaction layer and the UAS core together, and
 //! runs them until a signal asks for a graceful shutdown.
 //!
-//! Owns: start-up order and shutdown (drain) policy. Must not touch: message handling
-//! itself, which belongs to the layers it wires.
+//! Owns: start-up order and shutdown (drain) policy, and the wiring of the one-way layers
+//! (`tests/architecture.rs` lists them): it builds the telemetry handle every layer
+//! registers its metrics on, the dialog table the B2BUA and presence register their
+//! usages in, installs the call traces as the transaction layer's message observer, and
+//! implements the ports lower layers define (`LocationService`, `ContactFlows`, the hunt
+//! groups' `Directory`). Must not touch: message handling itself, which belongs to the
+//! layers it wires.
 //!
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
 //! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`,

@@ -12,8 +12,8 @@
 //! keeps at most `call.trace_max_messages` messages; the traces of the last
 //! `call.trace_keep_ended` ended calls stay readable.
 //!
-//! Config keys: `call.trace` [true], `call.trace_max_messages` [100],
-//! `call.trace_keep_ended` [100]. Endpoint: `GET /calls/{id}/trace` (admin API).
+//! Config keys: `call.trace` (default true), `call.trace_max_messages` (100),
+//! `call.trace_keep_ended` (100). Endpoint: `GET /calls/{id}/trace` (admin API).
 
 use crate::shard::ShardMap;
 use crate::transport::Target;

@@ -1,9 +1,15 @@
 //! The admin HTTP endpoint on `http.listen` (hyper, HTTP/1.1, JSON answers).
 //!
-//! Owns: the HTTP listener, its routes and their bearer-token check. Must not touch: SIP
-//! or call state; it observes through the handles it is given, and its actions go through
-//! hooks: `POST /reload` through the script engine's own reload (the same path as SIGHUP),
-//! `POST /drain` through the drain hook the server gives it.
+//! The operator's control plane: every action calls the owning module's API and never its
+//! maps or statics. `POST /reload` is the script engine's own reload (the same path as
+//! SIGHUP), `POST /drain` the drain hook the server gives it (the transaction layer's
+//! `stop_accepting`), `POST /calls/{id}/transfer` the B2BUA's `transfer`, agent state the
+//! hunt groups' `set_state`, `GET /registrations` the registrar's `bindings`, `GET /metrics`
+//! the telemetry handle's `render`.
+//!
+//! Owns: the HTTP listener, its routes, their bearer-token check and its 401 counter
+//! (`strowger_admin_unauthorized_total`, registered on the telemetry handle). Must not
+//! touch: SIP, call state or any module's internals; nothing below imports it.
 //!
 //! Endpoints: `GET /healthz` (200 `{"status":"ok"}`: alive), `GET /readyz` (200
 //! `{"ready":true}` while serving, 503 `{"ready":false}` once draining), `GET /metrics`

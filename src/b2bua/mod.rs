@@ -8,7 +8,7 @@
 //! (it uses `ScriptEngine` and implements its `CallControl` port), other usages' dialogs
 //! (it sees the table only through its `Invites` view), presence or the UAS core above it.
 //!
-//! Each call is one task ([`call::Call`]); the call registers each leg's dialog in the
+//! Each call is one task (`call::Call`); the call registers each leg's dialog in the
 //! server's dialog table (`crate::dialog::DialogTable`) as a [`CallRef`], and the UAS
 //! core's one lookup there routes in-dialog requests, ACKs and stray responses to it.
 //! CANCELs find the call by the pending INVITE (Call-ID and the caller's tag).

@@ -6,9 +6,13 @@
 //!
 //! Owns: publications, subscriptions (their dialogs, NOTIFY sending, rate limit, expiry),
 //! MESSAGE routing, and their storage (`store`: `presence.sqlite` under `storage.dir`).
-//! Must not touch: calls (it only reads the B2BUA's call watch, `b2bua::watch`), bindings
-//! (it reads contacts through `LocationService`/`ContactFlows`), transactions (it uses
-//! `ServerTransaction` and `TransactionLayer::send_request[_with]`).
+//! Must not touch: calls (it only reads the dialog layer's call watch, `dialog::watch`,
+//! which the B2BUA posts to; it imports no B2BUA type), bindings (it reads contacts
+//! through `LocationService`/`ContactFlows`), transactions (it uses `ServerTransaction`
+//! and `TransactionLayer::send_request[_with]`), other usages' dialogs (it registers its
+//! subscriptions' dialogs in the dialog table through the `Subscriptions` view).
+//!
+//! Layer: a transaction user beside the B2BUA; below the UAS core that dispatches to it.
 //!
 //! Design: PUBLISH, SUBSCRIBE (after the script's `on_subscribe`), in-dialog SUBSCRIBE
 //! and the outcomes of our NOTIFYs are events of one notifier task that owns all the

@@ -47,7 +47,7 @@ pub struct KeepaliveConfig {
     pub interval: Duration,
     /// Host of the pings' From, `sip:keepalive@DOMAIN` (`sip.domain`).
     pub domain: String,
-    /// Pings in flight at most (see [`DEFAULT_MAX_IN_FLIGHT`]).
+    /// Pings in flight at most (default `DEFAULT_MAX_IN_FLIGHT`).
     pub max_in_flight: usize,
 }
 

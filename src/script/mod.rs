@@ -6,6 +6,11 @@
 //! `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this module never
 //! sees a SIP message, a transaction or a socket.
 //!
+//! **Layer**: the hook engine sits below the transaction users that run hooks (B2BUA,
+//! presence, UAS core) and above the hunt groups whose Lua namespace it offers. It defines
+//! the ports those users implement (`CallControl`, `LocationService`) and imports none of
+//! them, so the dial plan's verbs reach a call without this module knowing the B2BUA.
+//!
 //! The operator documentation, with examples, is `docs/lua-api.md` (every ```` ```lua ````
 //! block there is compiled and loaded by the tests). Summary:
 //!

@@ -7,7 +7,9 @@
 //! and `non_invite_server` (timer values in `timers`, keys in `matching`).
 //! Must not touch: sockets (it only calls [`Sender`]), dialogs or call logic (the
 //! [`TransactionUser`] above decides every response but 100 Trying, the CANCEL 200/481 and
-//! the stateless 482/503).
+//! the stateless 482/503), anything above it: what it reports goes to traits it defines
+//! ([`TransactionUser`], [`MessageObserver`] for call traces) or to its own counters
+//! (registered on the telemetry handle by [`TransactionLayer::register_metrics`]).
 //!
 //! Concurrency: transactions live in sharded maps (64 shards, each a `parking_lot` mutex held
 //! only for one map operation); each transaction has its own mutex around its state machine,

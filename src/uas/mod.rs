@@ -1,10 +1,16 @@
 //! The UAS core (RFC 3261 8.2): the transaction user of the transaction layer. It validates
-//! every new request, answers what the server answers itself (OPTIONS), and hands calls to
-//! the B2BUA and MESSAGE/PUBLISH/SUBSCRIBE (and in-dialog requests no call owns) to
-//! presence; what nobody handles gets 481 (unknown dialog) or 501.
+//! every new request, answers what the server answers itself (OPTIONS, REGISTER's steps
+//! 1-3), hands calls to the B2BUA and MESSAGE/PUBLISH/SUBSCRIBE to presence, and sends
+//! in-dialog requests, ACKs and stray 2xx to their dialog's usage with one lookup in the
+//! dialog table; what nobody handles gets 481 (unknown dialog) or 501.
 //!
-//! Owns: the decision of which part of the server a request belongs to. Must not touch:
-//! transaction state (it only uses `ServerTransaction`) or call state (the B2BUA's).
+//! Owns: the decision of which part of the server a request belongs to, and the REGISTER
+//! result counters (`strowger_register_results_total{result}`). Must not touch:
+//! transaction state (it only uses `ServerTransaction`), call state (the B2BUA's), the
+//! dialog table's entries (the usages register and remove their own).
+//!
+//! Layer: above the transaction users it dispatches to (B2BUA, presence, registrar, the
+//! script's `on_register`), beside `server`, which builds it; nothing below imports it.
 
 mod config;
 mod options;
