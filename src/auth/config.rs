@@ -15,7 +15,7 @@ pub struct AuthConfig {
     /// Failed attempts from one source address within `failure_window_s` before 403.
     pub max_failures: u32,
     pub failure_window_s: u64,
-    /// Digest algorithms offered, in order of preference: "SHA-256", "MD5".
+    /// Digest algorithms offered, in order of preference: "MD5", "SHA-256".
     pub algorithms: Vec<String>,
 }
 
@@ -25,7 +25,7 @@ impl Default for AuthConfig {
             nonce_ttl_s: 300,
             max_failures: 5,
             failure_window_s: 60,
-            algorithms: vec!["SHA-256".into(), "MD5".into()],
+            algorithms: vec!["MD5".into(), "SHA-256".into()],
         }
     }
 }
@@ -114,12 +114,12 @@ mod tests {
     #[test]
     fn order_is_kept() {
         let c = AuthConfig {
-            algorithms: vec!["MD5".into(), "SHA-256".into()],
+            algorithms: vec!["SHA-256".into(), "MD5".into()],
             ..AuthConfig::default()
         };
         assert_eq!(
             c.digest("r").algorithms,
-            vec![Algorithm::Md5, Algorithm::Sha256]
+            vec![Algorithm::Sha256, Algorithm::Md5]
         );
     }
 }
