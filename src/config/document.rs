@@ -272,5 +272,19 @@ pub(super) fn friendly(message: &str) -> String {
         m.truncate(at);
         m.push_str("expected a table ([section])");
     }
+    for (rust, toml) in [
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number of 0 or more"),
+        ("expected usize", "expected a whole number of 0 or more"),
+        ("expected a sequence", "expected a list ([\"a\", \"b\"])"),
+    ] {
+        if let Some(rest) = m.strip_suffix(rust) {
+            m = format!("{rest}{toml}");
+        }
+    }
     m
 }

@@ -275,6 +275,18 @@ fn bad_values_name_the_key() {
     assert_eq!((e.key.as_str(), e.line), ("sip", Some(1)), "{e}");
     assert!(e.message.ends_with("expected a table ([section])"), "{e}");
 
+    // Types are named as TOML names them, not as Rust does.
+    let e = err_of("[sip]\nlisten = 5\n", &[]);
+    assert_eq!(
+        e.to_string(),
+        "test.toml:2: sip.listen: invalid type: integer `5`, expected a list ([\"a\", \"b\"])"
+    );
+    let e = err_of("[sip.timers]\nt1_ms = -1\n", &[]);
+    assert!(
+        e.message.ends_with("expected a whole number of 0 or more"),
+        "{e}"
+    );
+
     let e = err_of("[sip\n", &[]);
     assert_eq!(e.line, Some(1), "{e}");
 }
