@@ -280,6 +280,7 @@ pub(super) fn friendly(message: &str) -> String {
         ),
         ("expected u64", "expected a whole number of 0 or more"),
         ("expected usize", "expected a whole number of 0 or more"),
+        ("expected a map", "expected a table ([section])"),
         ("expected a sequence", "expected a list ([\"a\", \"b\"])"),
     ] {
         if let Some(rest) = m.strip_suffix(rust) {

@@ -557,3 +557,24 @@ fn env_values_take_the_type_of_the_default() {
     let e = err_of("", &[("STROWGER_HUNTGROUPS__SALES__MEMBERS", "1001")]);
     assert!(e.message.contains("unknown key"), "{e}");
 }
+
+#[test]
+fn env_value_inside_a_file_table_names_the_variable() {
+    // The file writes the table (inline here), the variable one key of it: a problem with
+    // that key is the variable's, a problem with the table the file's.
+    let e = err_of(
+        "[sip]\ntimers = { t1_ms = 1000 }\n",
+        &[("STROWGER_SIP__TIMERS__T2_MS", "999")],
+    );
+    assert_eq!(
+        e.to_string(),
+        "environment variable STROWGER_SIP__TIMERS__T2_MS: sip.timers.t2_ms: must be at \
+         least t1_ms (1000) (got 999)"
+    );
+    let e = err_of(
+        "[sip]\ntimers = 5\n",
+        &[("STROWGER_SIP__TIMERS__T2_MS", "1")],
+    );
+    assert_eq!((e.file.as_str(), e.line), ("test.toml", Some(2)), "{e}");
+    assert_eq!(e.key, "sip.timers", "{e}");
+}
