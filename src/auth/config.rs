@@ -15,7 +15,8 @@ pub struct AuthConfig {
     /// Failed attempts from one source address within `failure_window_s` before 403.
     pub max_failures: u32,
     pub failure_window_s: u64,
-    /// Digest algorithms offered, in order of preference: "MD5", "SHA-256".
+    /// Digest algorithms offered, in order of preference: "MD5", "SHA-256" (MD5 first: SIPp
+    /// 3.6 and baresip answer only the first challenge).
     pub algorithms: Vec<String>,
 }
 
@@ -120,6 +121,11 @@ mod tests {
         assert_eq!(
             c.digest("r").algorithms,
             vec![Algorithm::Sha256, Algorithm::Md5]
+        );
+        // The default puts MD5 first (interop: clients that answer only the first challenge).
+        assert_eq!(
+            AuthConfig::default().digest("r").algorithms,
+            vec![Algorithm::Md5, Algorithm::Sha256]
         );
     }
 }
