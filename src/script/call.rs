@@ -742,8 +742,8 @@ fn unix(t: SystemTime) -> f64 {
 }
 
 /// Records how long a finished hook run executed Lua.
-pub(crate) fn observe_hook(hook: &str, budget: &Budget) {
-    crate::metrics::HOOK_DURATION.observe(crate::metrics::hook_index(hook), budget.busy_secs());
+pub(crate) fn observe_hook(stats: &super::ScriptStats, hook: &str, budget: &Budget) {
+    stats.hook_duration.observe(hook, budget.busy_secs());
 }
 
 /// Counts and logs a failed hook run; returns the error text.
@@ -759,7 +759,7 @@ pub(super) fn report(
     let (kind, msg) = describe(err, budget, fallback, vm.memory_limit);
     let stats = &version.stats;
     stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
-    stats.hook_errors[crate::metrics::hook_index(hook)].fetch_add(1, Ordering::Relaxed);
+    stats.hook_errors[super::metrics::hook_index(hook)].fetch_add(1, Ordering::Relaxed);
     match kind {
         FailKind::Timeout => {
             stats.hook_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -834,7 +834,7 @@ pub(crate) async fn run_on_invite(
     };
 
     let result = vm.guard(&budget, hook).await;
-    observe_hook("on_invite", &budget);
+    observe_hook(&version.stats, "on_invite", &budget);
     let (decision, last_failed) = state.finish_invite();
     if let (Some(_), Err(e)) = (&decision, &result) {
         // The decision stands; the error is only reported.
@@ -929,7 +929,7 @@ pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
-    observe_hook("on_call_end", &budget);
+    observe_hook(&version.stats, "on_call_end", &budget);
     if let Err(e) = result {
         report(
             &version,
@@ -977,7 +977,7 @@ pub(crate) fn run_on_refer(
             Ok(fut) => vm.guard(&budget, fut).await,
             Err(e) => Err(e),
         };
-        observe_hook("on_refer", &budget);
+        observe_hook(&version.stats, "on_refer", &budget);
         let text = |v: &Option<Value>| match v {
             Some(Value::String(s)) => s.to_str().ok().map(|s| s.to_owned()),
             _ => None,
@@ -990,7 +990,7 @@ pub(crate) fn run_on_refer(
                         let msg = format!("{}: refer:deny: {e}", vm.on_refer_pos);
                         let stats = &version.stats;
                         stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
-                        stats.hook_errors[crate::metrics::hook_index("on_refer")]
+                        stats.hook_errors[super::metrics::hook_index("on_refer")]
                             .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(target: "script", hook = "on_refer", error = %msg, "hook failed");
                         ReferVerdict::Failed(msg)
@@ -1047,7 +1047,7 @@ pub(crate) fn run_on_register(
             headers,
         ))
     });
-    observe_hook("on_register", &budget);
+    observe_hook(&version.stats, "on_register", &budget);
     let text = |v: &Option<Value>| match v {
         Some(Value::String(s)) => s.to_str().ok().map(|s| s.to_owned()),
         _ => None,
@@ -1061,7 +1061,7 @@ pub(crate) fn run_on_register(
                     let msg = format!("{}: req:reject: {e}", vm.on_register_pos);
                     let stats = &version.stats;
                     stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
-                    stats.hook_errors[crate::metrics::hook_index("on_register")]
+                    stats.hook_errors[super::metrics::hook_index("on_register")]
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(target: "script", hook = "on_register", error = %msg, "hook failed");
                     RegisterVerdict::Failed(msg)
