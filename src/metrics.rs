@@ -78,9 +78,6 @@ impl<L: Label> Counters<L> {
     pub fn catch_up(&self, l: L, value: u64) {
         catch_up(&self.children[l.index()], value);
     }
-    pub fn get(&self, l: L) -> u64 {
-        self.children[l.index()].get()
-    }
 }
 
 /// A counter family with two labels, children resolved once.

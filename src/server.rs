@@ -589,7 +589,7 @@ async fn start_presence(
         }),
         call_interest: Some(b2bua.call_watch().interest()),
         node,
-        dialogs: Some(dialogs),
+        dialogs,
     })
     .await
     .context("loading presence state")
