@@ -291,6 +291,9 @@ pub struct ScriptConfig {
     pub memory_limit_kb: usize,
     /// VM instructions one hook run may execute.
     pub instruction_limit: u64,
+    /// Lua execution time one hook run (or the script's top-level code) may use, ms;
+    /// 0 = no limit. Waiting in `call:dial` does not count.
+    pub time_limit_ms: u64,
     /// Number of Lua VMs; 0 = one per CPU core.
     pub vm_pool_size: usize,
 }
@@ -299,8 +302,10 @@ impl Default for ScriptConfig {
     fn default() -> Self {
         ScriptConfig {
             path: "scripts/default.lua".into(),
-            memory_limit_kb: 8192,
-            instruction_limit: 1_000_000,
+            // One set of defaults: the script layer's own.
+            memory_limit_kb: crate::script::DEFAULT_MEMORY_LIMIT_KB,
+            instruction_limit: crate::script::DEFAULT_INSTRUCTION_LIMIT,
+            time_limit_ms: crate::script::DEFAULT_TIME_LIMIT_MS,
             vm_pool_size: 0,
         }
     }

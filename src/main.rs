@@ -46,14 +46,31 @@ fn check(path: Option<&Path>) -> ExitCode {
         }
     };
     // The script is part of the configuration: one that does not compile is refused with
-    // its file and line.
-    if let Err(e) = strowger::script::ScriptEngine::check(Path::new(&config.script.path)) {
-        eprintln!("script error: {e}");
-        return ExitCode::from(EXIT_CONFIG);
+    // its file and line. Its top-level code runs under the configured limits, so a script
+    // that would hang the server's start-up makes `check` fail instead of hang.
+    let hooks = match strowger::script::ScriptEngine::check(&script_options(&config)) {
+        Ok(hooks) => hooks,
+        Err(e) => {
+            eprintln!("script error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for warning in hooks.warnings() {
+        eprintln!("warning: {warning}");
     }
     println!("configuration OK: {source}");
     println!("script OK: {}", config.script.path);
     ExitCode::SUCCESS
+}
+
+/// The script engine's options from the `[script]` section.
+fn script_options(config: &Config) -> strowger::script::EngineOptions {
+    let mut opts = strowger::script::EngineOptions::new(&config.script.path);
+    opts.memory_limit = config.script.memory_limit_kb.saturating_mul(1024);
+    opts.instruction_limit = config.script.instruction_limit;
+    opts.time_limit = std::time::Duration::from_millis(config.script.time_limit_ms);
+    opts.routes = config.call.routes.clone();
+    opts
 }
 
 /// `strowger registrations`: the running server's bindings, as a table (or its JSON).
