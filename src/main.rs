@@ -205,8 +205,8 @@ fn drain(path: Option<&Path>) -> ExitCode {
 
 /// `strowger run`: the server, until a signal stops it.
 fn run(path: Option<&Path>) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(config) => config,
+    let (config, source) = match Config::load_with_source(path) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -217,6 +217,11 @@ fn run(path: Option<&Path>) -> ExitCode {
         eprintln!("configuration error: {e:#}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %source,
+        "strowger starting"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("strowger-worker")
@@ -231,11 +236,28 @@ fn run(path: Option<&Path>) -> ExitCode {
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the whole chain: "binding sip.listen: Address already in use".
-            eprintln!("error: {e:#}");
+            // The whole chain: "binding sip.listen: cannot bind ...: Address already in use".
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// An error and its causes joined by ": ", each said once: some errors already show their
+/// source in their own text, and `{:#}` would then print it twice.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Runs the server to completion.

@@ -634,6 +634,7 @@ impl ScriptEngine {
             vms = pool_size,
             "script loaded"
         );
+        version.warn();
         Ok(ScriptEngine {
             inner: Arc::new(EngineInner {
                 services,
@@ -704,9 +705,10 @@ impl ScriptEngine {
         match built {
             Ok(version) => {
                 inner.versions.store(number, Ordering::Relaxed);
-                *inner.current.write() = version;
+                *inner.current.write() = version.clone();
                 inner.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(target: "script", version = number, "script reloaded");
+                version.warn();
                 Ok(())
             }
             Err(e) => {
@@ -815,6 +817,13 @@ impl ScriptVersion {
                 }
             }
         });
+    }
+
+    /// Logs what `strowger check` would warn about (no `on_invite`, misspelled hooks).
+    fn warn(&self) {
+        for warning in self.info.warnings() {
+            tracing::warn!(target: "script", version = self.version, "{warning}");
+        }
     }
 
     /// The next live VM of the pool (round robin), if any.
