@@ -8,10 +8,10 @@
 //! its Path. (MESSAGE inside a call's dialog is relayed by the call itself, `b2bua::call`.)
 
 use super::{bump, respond, Inner};
-use crate::b2bua::resolve;
 use crate::script::{MessageInfo, MessageVerdict};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::resolve;
 use crate::transport::Target;
 use std::sync::Arc;
 use tokio::sync::mpsc;

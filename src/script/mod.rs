@@ -6,6 +6,11 @@
 //! `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this module never
 //! sees a SIP message, a transaction or a socket.
 //!
+//! **Layer**: the hook engine sits below the transaction users that run hooks (B2BUA,
+//! presence, UAS core) and above the hunt groups whose Lua namespace it offers. It defines
+//! the ports those users implement (`CallControl`, `LocationService`) and imports none of
+//! them, so the dial plan's verbs reach a call without this module knowing the B2BUA.
+//!
 //! The operator documentation, with examples, is `docs/lua-api.md` (every ```` ```lua ````
 //! block there is compiled and loaded by the tests). Summary:
 //!
@@ -115,13 +120,16 @@
 //! exhausted), `memory_errors`, `reloads_ok`, `reloads_failed`.
 
 mod call;
+mod config;
 mod hooks;
 mod huntgroup;
+mod metrics;
 mod pool;
 mod presence;
 mod register;
 mod vm;
 
+pub use config::ScriptConfig;
 pub use hooks::{Hook, HookInfo};
 pub use presence::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
 
@@ -238,8 +246,10 @@ fn located(file: &str, line: Option<u32>, message: &str) -> String {
 pub struct ScriptStats {
     /// Failed hook runs, any cause (Lua error, budget, memory).
     pub hook_errors_total: AtomicU64,
-    /// The same by hook, indexed like [`crate::metrics::HOOKS`].
-    pub hook_errors: [AtomicU64; crate::metrics::HOOKS.len()],
+    /// The same by hook, indexed like [`Hook`].
+    pub hook_errors: [AtomicU64; Hook::COUNT],
+    /// Time hook runs spent executing Lua, by hook.
+    pub hook_duration: metrics::HookDurations,
     /// Hook runs stopped because their instruction budget ran out.
     pub hook_timeouts: AtomicU64,
     /// Hook runs stopped by the time limit (`script.time_limit_ms`), including runs on a
