@@ -298,6 +298,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         path: config.script.path.clone().into(),
         memory_limit: config.script.memory_limit_kb.saturating_mul(1024),
         instruction_limit: config.script.instruction_limit,
+        time_limit: Duration::from_millis(config.script.time_limit_ms),
         pool_size: config.script.vm_pool_size,
         routes: config.call.routes.clone(),
     })
@@ -730,7 +731,7 @@ async fn wait_for_stop(server: &ServerHandle) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match server.scripts.reload() {
+            _ = hup.recv() => match server.scripts.reload().await {
                 Ok(()) => tracing::info!(version = server.scripts.current().version(), "script reloaded"),
                 Err(e) => tracing::error!(error = %e, "script reload refused; the running version stays"),
             },

@@ -374,8 +374,36 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| bad(format!("expected {expected}: {e}")))
 }
 
-/// Routes that wait (read a body, wait for a call); the rest answer at once.
+/// `POST /reload`: the new version loads on its own threads; this waits without holding
+/// a runtime worker.
+async fn reload(state: &State) -> Response<Full<Bytes>> {
+    match state.scripts.reload().await {
+        Ok(()) => {
+            let version = state.scripts.current().version();
+            tracing::info!(version, "script reloaded (admin API)");
+            json(
+                StatusCode::OK,
+                format!(r#"{{"reloaded":true,"version":{version}}}"#),
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "script reload refused; the running version stays");
+            json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(r#"{{"reloaded":false,"error":{}}}"#, quote(&e.to_string())),
+            )
+        }
+    }
+}
+
+/// Routes that wait (read a body, wait for a call, reload); the rest answer at once.
 async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST && req.uri().path() == "/reload" {
+        if let Some(refusal) = refuse(&state.shared, "/reload", req.headers()) {
+            return refusal;
+        }
+        return reload(state).await;
+    }
     let Some(id) = transfer_id(req.uri().path()).map(str::to_owned) else {
         return route(state, req);
     };
@@ -548,23 +576,6 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        (&Method::POST, "/reload") => match state.scripts.reload() {
-            Ok(()) => {
-                let version = state.scripts.current().version();
-                tracing::info!(version, "script reloaded (admin API)");
-                json(
-                    StatusCode::OK,
-                    format!(r#"{{"reloaded":true,"version":{version}}}"#),
-                )
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "script reload refused; the running version stays");
-                json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!(r#"{{"reloaded":false,"error":{}}}"#, quote(&e.to_string())),
-                )
-            }
-        },
         (&Method::POST, "/drain") => {
             state.shared.draining.store(true, Ordering::Release);
             let unanswered = (state.shared.drain)();

@@ -65,7 +65,7 @@ pub(crate) async fn route(inner: Arc<Inner>, tx: ServerTransaction, req: Request
                 .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
                 .collect(),
         };
-        match scripts.on_message(&info) {
+        match scripts.on_message(&info).await {
             MessageVerdict::Default => {}
             MessageVerdict::Reject(code, reason) => {
                 failed(&inner, &tx, req.response(code).with_reason(reason));

@@ -453,7 +453,7 @@ impl Presence {
                         .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
                         .collect(),
                 };
-                match scripts.on_subscribe(&info) {
+                match scripts.on_subscribe(&info).await {
                     SubscribeVerdict::Default => {}
                     SubscribeVerdict::Reject(code, reason) => {
                         respond(&tx, req.response(code).with_reason(reason));

@@ -5,48 +5,20 @@
 //! Metrics: `strowger_script_errors_total{hook}`,
 //! `strowger_script_hook_duration_seconds{hook}`.
 
-use super::{ScriptEngine, ScriptStats};
-use crate::metrics::{self, load, Histograms, Label, Telemetry};
+use super::{Hook, ScriptEngine, ScriptStats};
+use crate::metrics::{self, load, Histograms, Telemetry};
 
-/// A hook as a metric label (a fixed set, so labels stay bounded); anything else is
-/// counted as `Other`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hook {
-    OnInvite,
-    OnRegister,
-    OnCallEnd,
-    OnMessage,
-    OnSubscribe,
-    OnRefer,
-    Other,
-}
+// The hook table is the label set: one name per hook, nothing else.
 crate::label!(
     Hook,
     "hook",
-    OnInvite = "on_invite",
-    OnRegister = "on_register",
-    OnCallEnd = "on_call_end",
-    OnMessage = "on_message",
-    OnSubscribe = "on_subscribe",
-    OnRefer = "on_refer",
-    Other = "other",
+    Invite = "on_invite",
+    Register = "on_register",
+    CallEnd = "on_call_end",
+    Message = "on_message",
+    Subscribe = "on_subscribe",
+    Refer = "on_refer",
 );
-
-impl Hook {
-    /// The hook of that Lua name (`Other` for any other).
-    pub fn named(name: &str) -> Hook {
-        Hook::ALL
-            .iter()
-            .copied()
-            .find(|h| h.as_str() == name)
-            .unwrap_or(Hook::Other)
-    }
-}
-
-/// The index in [`ScriptStats::hook_errors`] of the hook named `hook`.
-pub(crate) fn hook_index(hook: &str) -> usize {
-    Hook::named(hook).index()
-}
 
 /// `strowger_script_hook_duration_seconds{hook}`: time a hook run spent executing Lua
 /// (waits on dials and lookups not included: those are the call's, not the script's).
@@ -72,8 +44,8 @@ impl std::fmt::Debug for HookDurations {
 }
 
 impl HookDurations {
-    pub fn observe(&self, hook: &str, secs: f64) {
-        self.0.observe(Hook::named(hook), secs);
+    pub fn observe(&self, hook: Hook, secs: f64) {
+        self.0.observe(hook, secs);
     }
 }
 
@@ -85,13 +57,13 @@ impl ScriptEngine {
         telemetry.register(stats.hook_duration.0.family())?;
         let errors = telemetry.counters::<Hook>(
             "strowger_script_errors_total",
-            "Hook runs that failed (Lua error, budget, memory), by hook",
+            "Hook runs that failed (Lua error, instruction or time limit, memory, abandoned VM), by hook",
         )?;
         let engine = self.clone();
         telemetry.on_scrape(move || {
             let s = engine.stats();
             for h in Hook::ALL {
-                errors.catch_up(*h, load(&s.hook_errors[h.index()]));
+                errors.catch_up(h, load(&s.hook_errors[h.index()]));
             }
         });
         Ok(())

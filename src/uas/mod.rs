@@ -218,18 +218,20 @@ impl UasCore {
             // policy): it may refuse, or name the credentials to check. Its view of the
             // request is only built when it has the hook.
             let verdict = if scripts.has_on_register() {
-                scripts.on_register(&RegisterInfo {
-                    user: user.clone(),
-                    aor: aor.clone(),
-                    source: format!("{}:{}", src.transport, src.addr),
-                    user_agent: req.headers.get("User-Agent").map(str::to_owned),
-                    contact: req.headers.get("Contact").map(str::to_owned),
-                    headers: req
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
-                        .collect(),
-                })
+                scripts
+                    .on_register(&RegisterInfo {
+                        user: user.clone(),
+                        aor: aor.clone(),
+                        source: format!("{}:{}", src.transport, src.addr),
+                        user_agent: req.headers.get("User-Agent").map(str::to_owned),
+                        contact: req.headers.get("Contact").map(str::to_owned),
+                        headers: req
+                            .headers
+                            .iter()
+                            .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                            .collect(),
+                    })
+                    .await
             } else {
                 RegisterVerdict::Default
             };
