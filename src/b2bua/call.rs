@@ -6,8 +6,10 @@
 //! The script's `on_invite` runs as its own task and talks to this one through
 //! [`CallEvent::Dial`]: a dial is a request with a reply channel.
 
+mod fork;
 mod transfer;
 
+use fork::{Fork, Owner};
 pub use transfer::{refer_to, HandedLeg, TransferKind, TransferNote};
 use transfer::{Transfer, TransferStep};
 
@@ -18,9 +20,9 @@ use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
 use crate::dialog::{Dialog, DialogState};
 use crate::script::{
     AuthVerdict, CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome,
-    InviteOutcome, ScriptVersion, UriInfo,
+    DialSource, InviteOutcome, ScriptVersion, UriInfo,
 };
-use crate::sip::{new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
+use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::{Target, TransportKind};
 use bytes::Bytes;
@@ -157,32 +159,11 @@ struct NewLeg {
     index: usize,
 }
 
-/// One INVITE branch on the B side.
-struct Branch {
-    /// Position of its target in the dial's target list.
-    index: usize,
-    /// The target's key in the B2BUA's `engaged` index while it rings.
-    ringing: Option<String>,
-    invite: Request,
-    target: Target,
-    /// A provisional came back, so CANCEL may be sent (RFC 3261 9.1).
-    provisional: bool,
-    /// CANCEL wanted before any provisional: send it when one arrives.
-    cancel_pending: bool,
-    cancelled: bool,
-    done: bool,
-    /// The early dialog of the last provisional with a To tag (for PRACK and UPDATE).
-    early: Option<Dialog>,
-}
-
-struct Dial {
-    branches: Vec<u64>,
+/// Where the dial in progress reports to: the script's `call:dial`.
+struct DialReply {
     reply: oneshot::Sender<DialOutcome>,
+    /// Told the index of the target that answered (hunt groups).
     winner: Option<oneshot::Sender<usize>>,
-    deadline: Option<Instant>,
-    /// Final responses of failed branches, for RFC 3261 16.7's choice.
-    finals: Vec<(u16, String)>,
-    ringing: bool,
 }
 
 /// A 2xx (or reliable provisional) we retransmit until it is acknowledged.
@@ -224,10 +205,9 @@ pub struct Call {
     b_branch: Option<u64>,
     /// ACK for B's 2xx: sent when A's ACK arrives, kept to answer 2xx retransmissions.
     b_ack: Option<Request>,
-    /// Boxed: a Branch holds a whole INVITE and a Dialog (~1.7 KiB), and a HashMap keeps
-    /// room for several.
-    branches: HashMap<u64, Box<Branch>>,
-    dial: Option<Dial>,
+    /// The B side's INVITE branches and the dial in progress.
+    fork: Fork,
+    dial_reply: Option<DialReply>,
     clients: HashMap<u64, Purpose>,
     next_id: u64,
     cancelled: bool,
@@ -396,18 +376,12 @@ impl Control {
             winner,
         });
         Box::pin(async move {
+            // No call to dial from any more: it ended (the caller hung up, mostly).
+            let gone = || DialOutcome::failed(487, "Call ended", DialSource::Caller);
             if sent.is_err() {
-                return DialOutcome {
-                    answered: false,
-                    status: 487,
-                    reason: "Call ended".into(),
-                };
+                return gone();
             }
-            rx.await.unwrap_or(DialOutcome {
-                answered: false,
-                status: 487,
-                reason: "Call ended".into(),
-            })
+            rx.await.unwrap_or_else(|_| gone())
         })
     }
 }
@@ -451,39 +425,11 @@ fn has_tag(headers: &Headers, name: &str, tag: &str) -> bool {
         .any(|t| t.eq_ignore_ascii_case(tag))
 }
 
-/// RFC 3261 16.7 step 6: a 6xx if any; else the lowest class, preferring the statuses a
-/// caller can act on; 503 becomes 500; none at all is 408.
-fn best_response(finals: &[(u16, String)]) -> (u16, String) {
-    if let Some(six) = finals.iter().find(|(s, _)| *s >= 600) {
-        return six.clone();
-    }
-    let lowest_class = finals.iter().map(|(s, _)| s / 100).min();
-    let Some(class) = lowest_class else {
-        return (408, "Request Timeout".into());
-    };
-    let in_class: Vec<&(u16, String)> = finals.iter().filter(|(s, _)| s / 100 == class).collect();
-    let pick = in_class
-        .iter()
-        .find(|(s, _)| matches!(s, 401 | 407 | 415 | 420 | 484))
-        .or_else(|| in_class.first())
-        .map(|r| (*r).clone())
-        .unwrap_or((408, "Request Timeout".into()));
-    if pick.0 == 503 {
-        (500, "Server Internal Error".into())
-    } else {
-        pick
-    }
-}
-
 /// Asks the call behind `events` to connect `party` to `target` (`call:transfer`, the
 /// admin API) and waits for the outcome.
 pub async fn transfer_via(events: &Events, target: String, party: Side) -> DialOutcome {
     let (reply, rx) = oneshot::channel();
-    let gone = DialOutcome {
-        answered: false,
-        status: 481,
-        reason: "Call ended".into(),
-    };
+    let gone = DialOutcome::failed(481, "Call ended", DialSource::Local);
     if events
         .post(CallEvent::Transfer {
             target,
@@ -536,8 +482,8 @@ impl Call {
             b_dialog: None,
             b_branch: None,
             b_ack: None,
-            branches: HashMap::new(),
-            dial: None,
+            fork: Fork::new(inner.timers.t1),
+            dial_reply: None,
             clients: HashMap::new(),
             next_id: 1,
             cancelled: false,
@@ -733,6 +679,17 @@ impl Call {
             }
         }
         self.finish();
+        // A branch cancelled before its callee's first provisional still owes a CANCEL
+        // (RFC 3261 9.1) or an ACK and BYE for a late 2xx (13.2.2.4): the task stays for
+        // its events, bounded in case the transaction layer never reports.
+        let bound = Instant::now() + self.inner.timers.t1 * 128;
+        while !self.fork.is_settled() && Instant::now() < bound {
+            let deadline = self.fork.deadline().map_or(bound, |d| d.min(bound));
+            tokio::select! {
+                Some(ev) = self.rx.recv() => self.on_event(*ev).await,
+                _ = tokio::time::sleep_until(deadline) => self.on_timers(),
+            }
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -746,7 +703,7 @@ impl Call {
         for r in &self.a_reliable {
             consider(r.timer.next.min(r.timer.give_up));
         }
-        if let Some(d) = self.dial.as_ref().and_then(|d| d.deadline) {
+        if let Some(d) = self.fork.deadline() {
             consider(d);
         }
         if let Some(m) = self.max_duration {
@@ -793,24 +750,16 @@ impl Call {
         if failed {
             self.a_reliable.clear();
             if !self.a_final_sent {
-                self.cancel_branches();
                 self.reply_a_final(504, "No PRACK for reliable provisional");
-                self.finish_dial_with(487, "Request Terminated".into());
+                let a = self
+                    .fork
+                    .end_dial(487, "Request Terminated", DialSource::Local);
+                self.run_fork(a, None);
             }
         }
-        // The dial's ring timeout: CANCEL what is pending; the outcome is 480 when
-        // something rang, 408 when nothing answered at all.
-        if let Some(d) = &self.dial {
-            if d.deadline.is_some_and(|t| now >= t) {
-                let (status, reason) = if d.ringing {
-                    (480, "No Answer")
-                } else {
-                    (408, "Request Timeout")
-                };
-                self.cancel_branches();
-                self.finish_dial_with(status, reason.into());
-            }
-        }
+        // The dial's ring timeout, and CANCELled branches given up (RFC 3261 9.1).
+        let a = self.fork.on_timer(now);
+        self.run_fork(a, None);
         self.on_transfer_timeout();
         if self.max_duration.is_some_and(|t| now >= t) {
             self.max_duration = None;
@@ -945,46 +894,39 @@ impl Call {
         winner: Option<oneshot::Sender<usize>>,
     ) {
         if self.cancelled || self.a_final_sent || self.ended {
+            let source = if self.cancelled {
+                DialSource::Caller
+            } else {
+                DialSource::Local
+            };
             self.count_dial(487);
-            let _ = reply.send(DialOutcome {
-                answered: false,
-                status: 487,
-                reason: "Request Terminated".into(),
-            });
+            let _ = reply.send(DialOutcome::failed(487, "Request Terminated", source));
             return;
         }
-        if self.dial.is_some() {
-            let _ = reply.send(DialOutcome {
-                answered: false,
-                status: 491,
-                reason: "A dial is already in progress".into(),
-            });
+        let Some(owner) = self.fork.start_dial(None) else {
+            let _ = reply.send(DialOutcome::failed(
+                491,
+                "A dial is already in progress",
+                DialSource::Local,
+            ));
             return;
-        }
+        };
+        self.dial_reply = Some(DialReply { reply, winner });
         self.inner.stats.dials.fetch_add(1, Ordering::Relaxed);
-        let mut branches = Vec::new();
-        let mut finals = Vec::new();
         for (index, t) in targets.iter().enumerate() {
-            match self.start_branch(index, t, &opts).await {
-                Ok(id) => branches.push(id),
-                Err((status, reason)) => finals.push((status, reason)),
+            if let Err((status, reason)) = self.start_branch(index, t, &opts, owner).await {
+                self.fork.refused(index, status, reason);
             }
         }
         if let Some(max) = opts.max_duration {
             // Kept until answer; armed then.
             self.max_duration_pending = Some(max);
         }
-        let deadline =
-            Some(Instant::now() + opts.timeout.unwrap_or(self.inner.default_ring_timeout));
-        self.dial = Some(Dial {
-            branches,
-            reply,
-            winner,
-            deadline,
-            finals,
-            ringing: false,
-        });
-        self.check_dial_done();
+        // The ring timeout counts from when the targets were sent (after name resolution).
+        let ring = opts.timeout.unwrap_or(self.inner.default_ring_timeout);
+        self.fork.set_ring_deadline(Instant::now() + ring);
+        let a = self.fork.settle();
+        self.run_fork(a, None);
     }
 
     async fn start_branch(
@@ -992,6 +934,7 @@ impl Call {
         index: usize,
         target: &str,
         opts: &DialOptions,
+        owner: Owner,
     ) -> Result<u64, (u16, String)> {
         let uri = Uri::parse(target.trim())
             .map_err(|e| (400, format!("Bad dial target {target:?}: {e}")))?;
@@ -1050,14 +993,14 @@ impl Call {
             max_forwards,
             index,
         };
-        let (bid, invite) = self.new_leg(leg);
+        let (bid, invite) = self.new_leg(leg, owner);
         // A target being rung counts as on a call for hunt groups (it would otherwise get
         // a second call while it rings).
         if let Some(k) =
             super::B2bua::tracks_busy(&self.inner).then(|| super::engaged_key_of(&invite.uri))
         {
             super::engage(&self.inner.engaged, &k);
-            if let Some(b) = self.branches.get_mut(&bid) {
+            if let Some(b) = self.fork.get_mut(bid) {
                 b.ringing = Some(k);
             }
         }
@@ -1066,7 +1009,7 @@ impl Call {
             .is_none()
         {
             self.remove_branch_key(bid);
-            self.branches.remove(&bid);
+            self.fork.remove(bid);
             return Err((503, "Transport error".into()));
         }
         Ok(bid)
@@ -1074,7 +1017,7 @@ impl Call {
 
     /// A new INVITE leg (fresh Call-ID, CSeq 1) indexed as a B-side branch of this call and
     /// traced; the caller sends it.
-    fn new_leg(&mut self, leg: NewLeg) -> (u64, Request) {
+    fn new_leg(&mut self, leg: NewLeg, owner: Owner) -> (u64, Request) {
         let NewLeg {
             dest,
             uri,
@@ -1106,20 +1049,7 @@ impl Call {
                 branch: Some(bid),
             },
         );
-        self.branches.insert(
-            bid,
-            Box::new(Branch {
-                index,
-                ringing: None,
-                invite: invite.clone(),
-                target: dest,
-                provisional: false,
-                cancel_pending: false,
-                cancelled: false,
-                done: false,
-                early: None,
-            }),
-        );
+        self.fork.add(bid, owner, index, invite.clone(), dest);
         (bid, invite)
     }
 
@@ -1137,22 +1067,12 @@ impl Call {
     /// matching), the ACK sent to B (for 2xx retransmissions).
     fn compact(&mut self) {
         let winner = self.b_branch;
-        let losers: Vec<u64> = self
-            .branches
-            .iter()
-            .filter(|(id, b)| Some(**id) != winner && b.done)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in losers {
-            self.remove_branch_key(id);
-            self.branches.remove(&id);
+        for b in self.fork.branches_mut() {
+            if Some(b.id()) != winner && !b.is_pending() {
+                release_branch(&self.inner, &self.events, b);
+            }
         }
-        self.branches.shrink_to_fit();
-        if let Some(b) = winner.and_then(|w| self.branches.get_mut(&w)) {
-            b.invite.headers = Headers::new();
-            b.invite.body = Bytes::new();
-            b.early = None;
-        }
+        self.fork.compact(winner);
         self.a_invite.headers = Headers::new();
         self.a_invite.body = Bytes::new();
         self.a_reliable = Vec::new();
@@ -1167,79 +1087,91 @@ impl Call {
     }
 
     fn remove_branch_key(&mut self, bid: u64) {
-        let Some(b) = self.branches.get_mut(&bid) else {
-            return;
-        };
-        let key = DialogKey::new(
-            &b.invite.base.call_id,
-            b.invite.base.from.tag().unwrap_or(""),
-        );
-        // A ringing target is free again.
-        if let Some(k) = b.ringing.take() {
-            super::disengage(&self.inner.engaged, &k);
+        if let Some(b) = self.fork.get_mut(bid) {
+            release_branch(&self.inner, &self.events, b);
         }
-        self.unindex(&key);
     }
 
     /// CANCEL every branch still pending (RFC 3261 9.1: only after a provisional; the
     /// others get it when their first provisional arrives).
     fn cancel_branches(&mut self) {
-        let ids: Vec<u64> = self
-            .branches
-            .iter()
-            .filter(|(id, b)| !b.done && !b.cancelled && Some(**id) != self.b_branch)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            self.cancel_branch(id);
-        }
+        let a = self.fork.cancel_all();
+        self.run_fork(a, None);
     }
 
     fn cancel_branch(&mut self, id: u64) {
-        let Some(b) = self.branches.get_mut(&id) else {
-            return;
-        };
-        if b.done || b.cancelled {
-            return;
-        }
-        if !b.provisional {
-            b.cancel_pending = true;
-            return;
-        }
-        b.cancelled = true;
-        // RFC 3261 9.1: same Request-URI, Call-ID, From, To, CSeq number and top Via.
-        let inv = &b.invite;
-        let cancel = Request {
-            method: Method::Cancel,
-            uri: inv.uri.clone(),
-            version: "2.0".into(),
-            base: crate::sip::BaseHeaders {
-                via: vec![inv.base.via[0].clone()],
-                from: inv.base.from.clone(),
-                to: inv.base.to.clone(),
-                call_id: inv.base.call_id.clone(),
-                cseq: CSeq {
-                    seq: inv.base.cseq.seq,
-                    method: Method::Cancel,
-                },
-            },
-            max_forwards: Some(70),
-            headers: Headers::new(),
-            body: Bytes::new(),
-        };
-        let target = b.target;
-        self.send_client(cancel, target, Purpose::Own);
+        let a = self.fork.cancel(id);
+        self.run_fork(a, None);
     }
 
-    fn check_dial_done(&mut self) {
-        let Some(d) = &self.dial else { return };
-        let live = d
-            .branches
-            .iter()
-            .any(|id| self.branches.get(id).is_some_and(|b| !b.done));
-        if !live {
-            let (status, reason) = best_response(&d.finals);
-            self.finish_dial_with(status, reason);
+    /// Runs what the fork asked for; `resp` is the response that caused it, if any.
+    fn run_fork(&mut self, actions: fork::Actions, resp: Option<&Response>) {
+        for action in actions {
+            match action {
+                fork::Action::Cancel(id) => {
+                    if let Some((cancel, target)) = self.fork.cancel_request(id) {
+                        self.send_client(cancel, target, Purpose::Own);
+                    }
+                }
+                fork::Action::Relay(id) => {
+                    if let Some(resp) = resp {
+                        self.relay_provisional(id, resp);
+                    }
+                }
+                fork::Action::Answered(id) => {
+                    if let Some(resp) = resp {
+                        self.on_winner(id, resp);
+                    }
+                }
+                fork::Action::AckBye(id) => {
+                    if let Some(resp) = resp {
+                        self.ack_branch(id, resp, true);
+                    }
+                }
+                fork::Action::ReAck(id) => {
+                    if self.b_branch == Some(id) {
+                        // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
+                        if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
+                            let _ = self.send_ack(&d.flow, ack);
+                        }
+                    } else if let Some(resp) = resp {
+                        self.ack_branch(id, resp, false);
+                    }
+                }
+                fork::Action::DialDone(outcome) => self.dial_done(outcome),
+            }
+        }
+    }
+
+    /// ACKs a 2xx on a branch nobody wants, and BYEs it (`bye`; not for a retransmission).
+    fn ack_branch(&mut self, id: u64, resp: &Response, bye: bool) {
+        let Some(b) = self.fork.get(id) else {
+            return;
+        };
+        let mut dialog = Dialog::uac(&b.invite, resp, b.target);
+        dialog.state = DialogState::Confirmed;
+        let via = self.inner.local.via(&dialog.flow);
+        let ack = dialog.ack(b.invite.base.cseq.seq, via);
+        let _ = self.send_ack(&dialog.flow, &ack);
+        if bye {
+            let via = self.inner.local.via(&dialog.flow);
+            let bye = dialog.request(Method::Bye, via, None);
+            let flow = dialog.flow;
+            self.send_client(bye, flow, Purpose::Own);
+        }
+    }
+
+    /// The dial is over: the script learns how (and a hunt which target answered).
+    fn dial_done(&mut self, outcome: DialOutcome) {
+        self.count_dial(outcome.status);
+        if !outcome.answered {
+            self.final_status = outcome.status;
+        }
+        if let Some(d) = self.dial_reply.take() {
+            if let (true, Some(w), Some(i)) = (outcome.answered, d.winner, outcome.target) {
+                let _ = w.send(i);
+            }
+            let _ = d.reply.send(outcome);
         }
     }
 
@@ -1248,18 +1180,19 @@ impl Call {
         let i = crate::metrics::dial_outcome(status, self.cancelled);
         self.inner.stats.dial_outcomes[i].fetch_add(1, Ordering::Relaxed);
     }
+}
 
-    fn finish_dial_with(&mut self, status: u16, reason: String) {
-        if let Some(d) = self.dial.take() {
-            self.count_dial(status);
-            self.final_status = status;
-            let _ = d.reply.send(DialOutcome {
-                answered: false,
-                status,
-                reason,
-            });
-        }
+/// Forgets a branch's dialog in the B2BUA's index (if it still routes to this call), and
+/// frees its target for hunt groups if it was ringing.
+fn release_branch(inner: &B2buaInner, events: &Events, b: &mut fork::Branch) {
+    let key = DialogKey::new(
+        &b.invite.base.call_id,
+        b.invite.base.from.tag().unwrap_or(""),
+    );
+    if let Some(k) = b.ringing.take() {
+        super::disengage(&inner.engaged, &k);
     }
+    inner.dialogs.remove_if(&key, |r| r.events.same(events));
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -1284,15 +1217,15 @@ impl Call {
                     ClientEvent::Final(resp) if resp.is_success() => self.on_branch_ok(bid, resp),
                     ClientEvent::Final(resp) => {
                         self.clients.remove(&id);
-                        self.on_branch_failed(bid, resp.status, resp.reason.clone());
+                        self.on_branch_failed(bid, resp.status, &resp.reason);
                     }
                     ClientEvent::Timeout => {
                         self.clients.remove(&id);
-                        self.on_branch_failed(bid, 408, "Request Timeout".into());
+                        self.on_branch_failed(bid, 408, "Request Timeout");
                     }
                     ClientEvent::TransportError(e) => {
                         self.clients.remove(&id);
-                        self.on_branch_failed(bid, 503, format!("Transport error: {e}"));
+                        self.on_branch_failed(bid, 503, &format!("Transport error: {e}"));
                     }
                 }
             }
@@ -1328,36 +1261,17 @@ impl Call {
     }
 
     fn on_branch_provisional(&mut self, bid: u64, resp: Response) {
-        let cancelled_now;
-        let reliable;
-        {
-            let Some(b) = self.branches.get_mut(&bid) else {
-                return;
-            };
-            b.provisional = true;
-            cancelled_now = b.cancel_pending;
-            reliable = resp.status > 100
-                && has_tag(&resp.headers, "Require", "100rel")
-                && resp.headers.get("RSeq").is_some();
-            if resp.status > 100 && resp.base.to.tag().is_some() {
-                match &mut b.early {
-                    Some(d) if d.remote_tag == resp.base.to.tag().unwrap_or("") => {
-                        d.refresh_target(&resp.headers)
-                    }
-                    _ => b.early = Some(Dialog::uac(&b.invite, &resp, b.target)),
-                }
-            }
-        }
-        if cancelled_now {
-            self.cancel_branch(bid);
+        let a = self.fork.on_provisional(bid, &resp);
+        self.run_fork(a, Some(&resp));
+    }
+
+    /// A provisional of a live branch goes to the caller, in the caller's one early dialog.
+    fn relay_provisional(&mut self, bid: u64, resp: &Response) {
+        if self.a_final_sent || self.cancelled {
             return;
         }
-        if resp.status == 100 || self.a_final_sent || self.cancelled {
-            return;
-        }
-        if let Some(d) = &mut self.dial {
-            d.ringing = true;
-        }
+        let reliable =
+            has_tag(&resp.headers, "Require", "100rel") && resp.headers.get("RSeq").is_some();
         self.watch(super::watch::CallPhase::Early); // watch:
         let rseq_b: Option<u32> = resp.headers.get("RSeq").and_then(|v| v.trim().parse().ok());
         // Relay the provisional to A, in A's one early dialog.
@@ -1410,7 +1324,7 @@ impl Call {
         cseq: u32,
         relay: Option<(ServerTransaction, Request)>,
     ) {
-        let Some(b) = self.branches.get_mut(&bid) else {
+        let Some(b) = self.fork.get_mut(bid) else {
             return;
         };
         let Some(early) = b.early.as_mut() else {
@@ -1436,40 +1350,21 @@ impl Call {
     }
 
     fn on_branch_ok(&mut self, bid: u64, resp: Response) {
-        let is_winner = self.b_branch == Some(bid);
-        if is_winner {
-            // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
-            if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
-                let _ = self.send_ack(&d.flow, ack);
-            }
-            return;
-        }
-        let Some(b) = self.branches.get_mut(&bid) else {
+        let a = self.fork.on_success(bid, &resp);
+        self.run_fork(a, Some(&resp));
+    }
+
+    /// Branch `bid`'s 2xx won the dial: it is the call's B leg, and the caller is answered.
+    fn on_winner(&mut self, bid: u64, resp: &Response) {
+        let Some(b) = self.fork.get_mut(bid) else {
             return;
         };
-        b.done = true;
-        let mut dialog = Dialog::uac(&b.invite, &resp, b.target);
+        let mut dialog = Dialog::uac(&b.invite, resp, b.target);
         dialog.state = DialogState::Confirmed;
-        if self.b_branch.is_some() || self.cancelled || self.a_final_sent || self.ended {
-            // RFC 3261 16.7 step 10 / the seed: a second 2xx is ACKed and then BYEd.
-            let via = self.inner.local.via(&dialog.flow);
-            let ack = dialog.ack(b.invite.base.cseq.seq, via);
-            let _ = self.send_ack(&dialog.flow, &ack);
-            let via = self.inner.local.via(&dialog.flow);
-            let bye = dialog.request(Method::Bye, via, None);
-            let flow = dialog.flow;
-            self.send_client(bye, flow, Purpose::Own);
-            return;
-        }
-        // The winner.
         self.b_branch = Some(bid);
-        let index = b.index;
         let b_uri = b.invite.uri.clone();
         // Engaged while it rang: the mark stays for the call.
         let rang = b.ringing.take();
-        if let Some(w) = self.dial.as_mut().and_then(|d| d.winner.take()) {
-            let _ = w.send(index);
-        }
         // On a call from now on: hunt groups skip these addresses (the callee's URI and
         // the caller's From).
         self.engaged = rang.into_iter().collect();
@@ -1483,16 +1378,7 @@ impl Call {
             }
         }
         self.b_dialog = Some(dialog);
-        self.cancel_branches();
-        self.answer_caller(&resp);
-        if let Some(d) = self.dial.take() {
-            self.count_dial(resp.status);
-            let _ = d.reply.send(DialOutcome {
-                answered: true,
-                status: resp.status,
-                reason: resp.reason,
-            });
-        }
+        self.answer_caller(resp);
     }
 
     /// The B side (already in `b_dialog`) answered with `resp`: the caller gets the 2xx,
@@ -1541,32 +1427,10 @@ impl Call {
         self.watch(super::watch::CallPhase::Confirmed); // watch:
     }
 
-    fn on_branch_failed(&mut self, bid: u64, status: u16, reason: String) {
-        let Some(b) = self.branches.get_mut(&bid) else {
-            return;
-        };
-        b.done = true;
-        let was_cancelled = b.cancelled;
+    fn on_branch_failed(&mut self, bid: u64, status: u16, reason: &str) {
         self.remove_branch_key(bid);
-        let in_dial = self
-            .dial
-            .as_ref()
-            .is_some_and(|d| d.branches.contains(&bid));
-        if !in_dial {
-            return;
-        }
-        if let Some(d) = &mut self.dial {
-            if !was_cancelled || status != 487 {
-                d.finals.push((status, reason.clone()));
-            }
-        }
-        if status >= 600 {
-            // RFC 3261 16.7 step 5: a 6xx ends the fork.
-            self.cancel_branches();
-            self.finish_dial_with(status, reason);
-            return;
-        }
-        self.check_dial_done();
+        let a = self.fork.on_failure(bid, status, reason);
+        self.run_fork(a, None);
     }
 
     fn on_relay_final(
@@ -1735,9 +1599,11 @@ impl Call {
         }
         // RFC 3261 9.2: the INVITE ends with 487, every pending branch is CANCELled.
         self.cancelled = true;
-        self.cancel_branches();
         self.reply_a_final(487, "Request Terminated");
-        self.finish_dial_with(487, "Request Terminated".into());
+        let a = self
+            .fork
+            .end_dial(487, "Request Terminated", DialSource::Caller);
+        self.run_fork(a, None);
         self.end("caller");
     }
 
@@ -1752,8 +1618,8 @@ impl Call {
             if self.b_ack.is_none() {
                 if let (Some(d), Some(bid)) = (&self.b_dialog, self.b_branch) {
                     let seq = self
-                        .branches
-                        .get(&bid)
+                        .fork
+                        .get(bid)
                         .map(|b| b.invite.base.cseq.seq)
                         .unwrap_or(1);
                     let via = self.inner.local.via(&d.flow);
@@ -1863,13 +1729,7 @@ impl Call {
     /// Relays an in-dialog request to the other leg as a new request of that leg's dialog.
     fn relay(&mut self, from: Side, tx: ServerTransaction, req: Request) {
         let to = from.other();
-        let early_branch = self.b_branch.or_else(|| {
-            self.branches
-                .iter()
-                .filter(|(_, b)| !b.done && b.early.is_some())
-                .map(|(id, _)| *id)
-                .max()
-        });
+        let early_branch = self.b_branch.or_else(|| self.fork.early_branch());
         let contact = match to {
             Side::A => Some(self.a_contact.clone()),
             Side::B => None,
@@ -1879,7 +1739,7 @@ impl Call {
             Side::B => match &mut self.b_dialog {
                 Some(d) => Some(d),
                 None => early_branch
-                    .and_then(|b| self.branches.get_mut(&b))
+                    .and_then(|b| self.fork.get_mut(b))
                     .and_then(|b| b.early.as_mut()),
             },
         };
@@ -1973,7 +1833,15 @@ impl Call {
         }
         self.hangup_by = by;
         self.watch(super::watch::CallPhase::Terminated); // watch:
-        self.dial = None;
+                                                         // Branches still pending are CANCELled (those that have not rung yet when they
+                                                         // do: the task stays until they are settled, see `run`).
+        let source = if by == "caller" {
+            DialSource::Caller
+        } else {
+            DialSource::Local
+        };
+        let a = self.fork.end_dial(487, "Call ended", source);
+        self.run_fork(a, None);
         self.max_duration = None;
         self.a_reliable.clear();
         self.unindex(&DialogKey::new(
@@ -1981,9 +1849,8 @@ impl Call {
             &self.a_dialog.local_tag,
         ));
         self.inner.pending.remove(&self.pending_key());
-        let ids: Vec<u64> = self.branches.keys().copied().collect();
-        for id in ids {
-            self.remove_branch_key(id);
+        for b in self.fork.branches_mut() {
+            release_branch(&self.inner, &self.events, b);
         }
         for d in std::mem::take(&mut self.old_legs) {
             self.old_keys.push(DialogKey::new(&d.call_id, &d.local_tag));

@@ -97,14 +97,15 @@ fn answered() -> DialOutcome {
         answered: true,
         status: 200,
         reason: "OK".into(),
+        source: DialSource::Callee,
+        target: Some(0),
     }
 }
 
 fn failed(status: u16, reason: &str) -> DialOutcome {
     DialOutcome {
-        answered: false,
-        status,
-        reason: reason.into(),
+        target: Some(0),
+        ..DialOutcome::failed(status, reason, DialSource::Callee)
     }
 }
 
@@ -310,6 +311,54 @@ async fn sequential_failover_dials_each_target_in_turn() {
     assert_eq!(
         dials[1].1.headers,
         vec![("X-Try".to_string(), "sip:a@two".to_string())]
+    );
+}
+
+/// `outcome.source` and `outcome.target` say where a dial's status came from.
+#[tokio::test]
+async fn dial_outcome_says_where_its_status_came_from() {
+    let (logs, _guard) = Logs::capture();
+    let e = engine(
+        r#"
+        function on_invite(call)
+          local seen = {}
+          local function note(r)
+            seen[#seen + 1] = tostring(r.answered) .. " " .. r.status .. " " .. r.source
+              .. " " .. tostring(r.target)
+          end
+          note(call:dial({ "sip:a@192.0.2.1", "sip:b@192.0.2.2" }))
+          note(call:dial("sip:c@192.0.2.3"))
+          note(call:dial("sip:c@192.0.2.3"))
+          note(call:dial("sip:c@192.0.2.3"))
+          note(call:dial({}))
+          note(call:dial({ "sip:a@192.0.2.1", "sip:b@192.0.2.2" }))
+          log.info("seen " .. table.concat(seen, "|"))
+        end
+        "#,
+    );
+    let busy_b = DialOutcome {
+        target: Some(1),
+        ..failed(486, "Busy Here")
+    };
+    let fake = Fake::new(vec![
+        busy_b,
+        DialOutcome::failed(408, "Request Timeout", DialSource::Timeout),
+        DialOutcome::failed(487, "Request Terminated", DialSource::Caller),
+        DialOutcome::failed(491, "A dial is already in progress", DialSource::Local),
+        DialOutcome {
+            target: Some(1),
+            ..answered()
+        },
+    ]);
+    let out = invite(&e, call_to("1"), &fake).await;
+    assert!(matches!(out, InviteOutcome::Bridged { .. }), "{out:?}");
+    let seen = logs.text();
+    assert!(
+        seen.contains(
+            "false 486 callee sip:b@192.0.2.2|false 408 timeout nil|false 487 caller nil\
+             |false 491 local nil|false 480 local nil|true 200 callee sip:b@192.0.2.2"
+        ),
+        "{seen}"
     );
 }
 

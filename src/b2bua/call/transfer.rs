@@ -20,11 +20,12 @@
 //! A server-started transfer (`call:transfer`, `POST /calls/{id}/transfer`) runs steps
 //! 2-4 with no REFER and no NOTIFYs; the other party gets BYE.
 
+use super::fork::Owner;
 use super::{Call, CallEvent, Purpose, Side};
 use crate::b2bua::net::resolve;
 use crate::b2bua::{CallRef, DialogKey};
 use crate::dialog::{Dialog, DialogState};
-use crate::script::{DialOutcome, ReferInfo, ReferVerdict};
+use crate::script::{DialOutcome, DialSource, ReferInfo, ReferVerdict};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use bytes::Bytes;
@@ -342,11 +343,7 @@ impl Call {
         reply: oneshot::Sender<DialOutcome>,
     ) {
         let fail = |reply: oneshot::Sender<DialOutcome>, status: u16, reason: &str| {
-            let _ = reply.send(DialOutcome {
-                answered: false,
-                status,
-                reason: reason.to_owned(),
-            });
+            let _ = reply.send(DialOutcome::failed(status, reason, DialSource::Local));
         };
         if self.ended || self.b_dialog.is_none() || self.a_dialog.state != DialogState::Confirmed {
             return fail(reply, 481, "The call is not answered");
@@ -373,7 +370,7 @@ impl Call {
         let referred_by = t.referred_by.clone();
         let transferee = t.transferee;
         let Ok(aor) = Uri::parse(&target) else {
-            return self.transfer_failed(400, "Bad target");
+            return self.transfer_failed(400, "Bad target", DialSource::Local);
         };
         // An extension of ours (an address of record with devices registered) is rung at
         // its best device, as `registrar.lookup` would give a dial plan; anything else is
@@ -385,14 +382,14 @@ impl Call {
             .and_then(|l| l.lookup(&target).into_iter().next());
         let dial = contact.unwrap_or_else(|| target.clone());
         let Ok(uri) = Uri::parse(&dial) else {
-            return self.transfer_failed(400, "Bad target");
+            return self.transfer_failed(400, "Bad target", DialSource::Local);
         };
         let flow = self.inner.flows.as_ref().and_then(|f| f.flow(&dial));
         let dest = match &flow {
             Some((t, _)) => *t,
             None => match resolve(&uri, &self.inner.local).await {
                 Ok(d) => d,
-                Err(e) => return self.transfer_failed(503, &e.to_string()),
+                Err(e) => return self.transfer_failed(503, &e.to_string(), DialSource::Local),
             },
         };
         // The new leg shows the party being connected as the caller.
@@ -417,16 +414,19 @@ impl Call {
         if let Some(rb) = referred_by {
             headers.push("Referred-By", rb);
         }
-        let (bid, invite) = self.new_leg(super::NewLeg {
-            dest,
-            to: NameAddr::new(aor),
-            uri,
-            from,
-            headers,
-            body: Bytes::new(),
-            max_forwards: 70,
-            index: 0,
-        });
+        let (bid, invite) = self.new_leg(
+            super::NewLeg {
+                dest,
+                to: NameAddr::new(aor),
+                uri,
+                from,
+                headers,
+                body: Bytes::new(),
+                max_forwards: 70,
+                index: 0,
+            },
+            Owner::Transfer,
+        );
         if let Some(t) = self.transfer.as_mut() {
             t.leg = Some(bid);
             t.deadline = Some(Instant::now() + self.inner.default_ring_timeout);
@@ -436,8 +436,8 @@ impl Call {
             .is_none()
         {
             self.remove_branch_key(bid);
-            self.branches.remove(&bid);
-            self.transfer_failed(503, "Transport error");
+            self.fork.remove(bid);
+            self.transfer_failed(503, "Transport error", DialSource::Local);
         }
     }
 
@@ -448,11 +448,13 @@ impl Call {
             return;
         };
         let Some((call_id, to_tag, from_tag)) = parse_replaces(&replaces) else {
-            return self.transfer_failed(400, "Bad Replaces");
+            return self.transfer_failed(400, "Bad Replaces", DialSource::Local);
         };
         let handed = match take_leg(&self.inner, &self.events, &call_id, &to_tag, &from_tag).await {
             Ok(h) => h,
-            Err((status, reason)) => return self.transfer_failed(status, &reason),
+            Err((status, reason)) => {
+                return self.transfer_failed(status, &reason, DialSource::Local)
+            }
         };
         let mut dialog = handed.dialog;
         let flow = dialog.flow;
@@ -478,7 +480,7 @@ impl Call {
             .send_client(reinvite, flow, Purpose::Transfer(TransferStep::LegReinvite))
             .is_none()
         {
-            self.transfer_failed(503, "Transport error");
+            self.transfer_failed(503, "Transport error", DialSource::Local);
         }
     }
 
@@ -564,20 +566,7 @@ impl Call {
             );
             reinvite.body = self.a_invite.body.clone();
         }
-        self.branches.insert(
-            bid,
-            Box::new(super::Branch {
-                index: 0,
-                ringing: None,
-                invite: reinvite.clone(),
-                target: flow,
-                provisional: true,
-                cancel_pending: false,
-                cancelled: false,
-                done: false,
-                early: None,
-            }),
-        );
+        self.fork.add_proceeding(bid, reinvite.clone(), flow);
         self.replacing = Some(Box::new(dialog));
         if self
             .send_client(
@@ -606,13 +595,8 @@ impl Call {
             return;
         };
         dialog.refresh_target(&resp.headers);
-        let seq = self
-            .branches
-            .get(&bid)
-            .map_or(1, |b| b.invite.base.cseq.seq);
-        if let Some(b) = self.branches.get_mut(&bid) {
-            b.done = true;
-        }
+        let seq = self.fork.get(bid).map_or(1, |b| b.invite.base.cseq.seq);
+        self.fork.set_answered(bid);
         if !self.a_invite.body.is_empty() {
             let via = self.inner.local.via(&dialog.flow);
             let ack = dialog.ack(seq, via);
@@ -627,7 +611,7 @@ impl Call {
 
     fn replace_failed(&mut self, bid: u64, status: u16, reason: &str) {
         self.remove_branch_key(bid);
-        self.branches.remove(&bid);
+        self.fork.remove(bid);
         if let Some(d) = self.replacing.take().map(|d| *d) {
             self.release_dialog(d);
         }
@@ -669,11 +653,11 @@ impl Call {
                 ClientEvent::Final(resp) if resp.is_success() => self.on_leg_offer(resp),
                 ClientEvent::Final(resp) => {
                     self.clients.remove(&id);
-                    self.leg_lost(resp.status, &resp.reason);
+                    self.leg_lost(resp.status, &resp.reason, DialSource::Callee);
                 }
                 ClientEvent::Timeout | ClientEvent::TransportError(_) => {
                     self.clients.remove(&id);
-                    self.leg_lost(408, "Request Timeout");
+                    self.leg_lost(408, "Request Timeout", DialSource::Callee);
                 }
                 ClientEvent::Provisional(_) => {}
             },
@@ -682,12 +666,12 @@ impl Call {
                 ClientEvent::Final(resp) => {
                     self.clients.remove(&id);
                     self.reinvite_from = None;
-                    self.leg_lost(resp.status, &resp.reason);
+                    self.leg_lost(resp.status, &resp.reason, DialSource::Callee);
                 }
                 ClientEvent::Timeout | ClientEvent::TransportError(_) => {
                     self.clients.remove(&id);
                     self.reinvite_from = None;
-                    self.leg_lost(408, "Request Timeout");
+                    self.leg_lost(408, "Request Timeout", DialSource::Callee);
                 }
                 ClientEvent::Provisional(_) => {}
             },
@@ -731,15 +715,10 @@ impl Call {
     }
 
     fn on_leg_provisional(&mut self, bid: u64, resp: &Response) {
-        let cancel_now = match self.branches.get_mut(&bid) {
-            Some(b) => {
-                b.provisional = true;
-                b.cancel_pending
-            }
-            None => return,
-        };
-        if cancel_now {
-            self.cancel_branch(bid);
+        let a = self.fork.on_provisional(bid, resp);
+        if !a.is_empty() {
+            // A CANCEL wanted before the target rang goes now (RFC 3261 9.1).
+            self.run_fork(a, None);
             return;
         }
         if resp.status > 100 {
@@ -751,39 +730,32 @@ impl Call {
 
     /// The target answered a blind transfer's INVITE: its 2xx has the offer.
     fn on_leg_answered(&mut self, bid: u64, resp: Response) {
-        let Some(b) = self.branches.get_mut(&bid) else {
-            return;
-        };
         let current = self.transfer.as_ref().is_some_and(|t| t.leg == Some(bid));
-        if current {
-            if let Some(t) = self.transfer.as_ref() {
-                if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
-                    // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
-                    let (ack, flow) = (ack.clone(), d.flow);
-                    let _ = self.send_ack(&flow, &ack);
-                    return;
-                }
-                if t.leg_dialog.is_some() {
-                    // Waiting for the transferee's answer; the ACK follows then.
-                    return;
-                }
+        if !current {
+            // Too late (the transfer ended): the fork ACKs and BYEs it (RFC 3261 13.2.2.4).
+            let a = self.fork.on_success(bid, &resp);
+            self.run_fork(a, Some(&resp));
+            return;
+        }
+        if let Some(t) = self.transfer.as_ref() {
+            if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
+                // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
+                let (ack, flow) = (ack.clone(), d.flow);
+                let _ = self.send_ack(&flow, &ack);
+                return;
+            }
+            if t.leg_dialog.is_some() {
+                // Waiting for the transferee's answer; the ACK follows then.
+                return;
             }
         }
-        b.done = true;
+        let Some(b) = self.fork.get(bid) else {
+            return;
+        };
         let mut dialog = Dialog::uac(&b.invite, &resp, b.target);
         dialog.state = DialogState::Confirmed;
         let seq = b.invite.base.cseq.seq;
-        if !current {
-            // Too late (the transfer ended): ACK and BYE (RFC 3261 16.7 step 10 by analogy).
-            let via = self.inner.local.via(&dialog.flow);
-            let ack = dialog.ack(seq, via);
-            let _ = self.send_ack(&dialog.flow, &ack);
-            let via = self.inner.local.via(&dialog.flow);
-            let bye = dialog.request(Method::Bye, via, None);
-            let flow = dialog.flow;
-            self.send_client(bye, flow, Purpose::Own);
-            return;
-        }
+        self.fork.set_answered(bid);
         if let Some(t) = self.transfer.as_mut() {
             t.deadline = None;
             t.leg_invite_seq = seq;
@@ -808,7 +780,7 @@ impl Call {
         }
         if resp.body.is_empty() {
             // RFC 3261 13.2.1: a 2xx to an offerless INVITE must carry the offer.
-            self.leg_lost(488, "Target answered without an offer");
+            self.leg_lost(488, "Target answered without an offer", DialSource::Callee);
             return;
         }
         t.offer = Some((
@@ -843,7 +815,7 @@ impl Call {
         let contact = self.contact_for(transferee);
         let inner = self.inner.clone();
         let Some(d) = self.dialog_mut(transferee) else {
-            return self.leg_lost(481, "Transferee gone");
+            return self.leg_lost(481, "Transferee gone", DialSource::Local);
         };
         let flow = d.flow;
         let via = inner.local.via(&flow);
@@ -864,7 +836,7 @@ impl Call {
             .is_none()
         {
             self.reinvite_from = None;
-            self.leg_lost(503, "Transport error");
+            self.leg_lost(503, "Transport error", DialSource::Local);
         }
     }
 
@@ -942,7 +914,7 @@ impl Call {
                 // The target's dialog is now side A; its branch entry goes (keeping the
                 // dialog's index key, now pointing at side A).
                 if let Some(bid) = bid {
-                    self.branches.remove(&bid);
+                    self.fork.remove(bid);
                 }
                 self.inner.dialogs.insert(
                     new_key,
@@ -960,7 +932,7 @@ impl Call {
             Side::A => self.a_invite.base.from.uri.to_string(),
             Side::B => self
                 .b_branch
-                .and_then(|b| self.branches.get(&b))
+                .and_then(|b| self.fork.get(b))
                 .map(|b| b.invite.uri.to_string())
                 .unwrap_or_default(),
         };
@@ -981,6 +953,8 @@ impl Call {
                 answered: true,
                 status,
                 reason: "OK".into(),
+                source: DialSource::Callee,
+                target: Some(0),
             });
         }
         tracing::info!(call = %self.id, kind = t.kind.as_str(), target = %t.target, "transfer done");
@@ -1000,23 +974,21 @@ impl Call {
     }
 
     /// The transfer failed before the switch: the call stays as it was.
-    fn transfer_failed(&mut self, status: u16, reason: &str) {
+    fn transfer_failed(&mut self, status: u16, reason: &str, source: DialSource) {
         let Some(mut t) = self.transfer.take() else {
             return;
         };
         if let Some(bid) = t.leg {
-            if self.branches.get(&bid).is_some_and(|b| !b.done) {
-                self.cancel_branch(bid);
-            }
+            self.cancel_branch(bid);
         }
         self.count_transfer(t.kind, 2);
         self.note_transfer(&t, status);
         tracing::info!(call = %self.id, kind = t.kind.as_str(), target = %t.target, status, reason, "transfer failed");
         if let Some(reply) = t.reply.take() {
+            let target = (source == DialSource::Callee).then_some(0);
             let _ = reply.send(DialOutcome {
-                answered: false,
-                status,
-                reason: reason.to_owned(),
+                target,
+                ..DialOutcome::failed(status, reason, source)
             });
         }
         self.resume_after_failed_transfer(&t);
@@ -1039,7 +1011,7 @@ impl Call {
     }
 
     /// The target's leg answered but could not be joined: release it, then fail.
-    fn leg_lost(&mut self, status: u16, reason: &str) {
+    fn leg_lost(&mut self, status: u16, reason: &str, source: DialSource) {
         let Some(t) = self.transfer.as_mut() else {
             return;
         };
@@ -1062,22 +1034,20 @@ impl Call {
         }
         if let Some(bid) = bid {
             self.remove_branch_key(bid);
-            self.branches.remove(&bid);
+            self.fork.remove(bid);
         }
-        self.transfer_failed(status, reason);
+        self.transfer_failed(status, reason, source);
     }
 
     fn on_leg_failed(&mut self, bid: u64, status: u16, reason: &str) {
-        if let Some(b) = self.branches.get_mut(&bid) {
-            b.done = true;
-        }
+        self.fork.terminate(bid);
         self.remove_branch_key(bid);
-        self.branches.remove(&bid);
+        self.fork.remove(bid);
         if self.transfer.as_ref().is_some_and(|t| t.leg == Some(bid)) {
             if let Some(t) = self.transfer.as_mut() {
                 t.leg = None;
             }
-            self.transfer_failed(status, reason);
+            self.transfer_failed(status, reason, DialSource::Callee);
         }
     }
 
@@ -1105,7 +1075,7 @@ impl Call {
         if let Some(t) = self.transfer.as_mut() {
             t.leg = None;
         }
-        self.transfer_failed(status, reason);
+        self.transfer_failed(status, reason, DialSource::Timeout);
     }
 
     /// A NOTIFY of the REFER's implicit subscription (RFC 3515 2.4.4) with a sipfrag
@@ -1191,11 +1161,9 @@ impl Call {
             return;
         };
         if let Some(bid) = t.leg {
-            if self.branches.get(&bid).is_some_and(|b| !b.done) {
-                self.cancel_branch(bid);
-            }
+            self.cancel_branch(bid);
         }
-        self.leg_lost(487, "Call ended");
+        self.leg_lost(487, "Call ended", DialSource::Caller);
     }
 
     /// A re-INVITE relayed from `from`: remember a hold offer (RFC 3264 8.4: sendonly or
