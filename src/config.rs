@@ -40,7 +40,7 @@
 //!   `registrar.keepalive_interval_s` [0 = off; else 5..=3600]
 //! - `storage.dir` [`data`], `redis.url` [`redis://127.0.0.1:6379/`]
 //! - `auth.nonce_ttl_s` [300], `auth.max_failures` [5], `auth.failure_window_s` [60],
-//!   `auth.algorithms` [`["SHA-256", "MD5"]`]
+//!   `auth.algorithms` [`["MD5", "SHA-256"]`]
 //! - `shutdown.drain_timeout_s` [10]
 //! - `huntgroups.<name>.strategy` [`ring-all`], `.members` (required), `.ring_timeout` [15],
 //!   `.max_wait` [120], `.wrap_up` [10], `.weights` [all 1], `.max_missed` [3],
@@ -423,7 +423,7 @@ pub struct AuthConfig {
     /// Failed attempts from one source address within `failure_window_s` before 403.
     pub max_failures: u32,
     pub failure_window_s: u64,
-    /// Digest algorithms offered, in order of preference: "SHA-256", "MD5".
+    /// Digest algorithms offered, in order of preference: "MD5", "SHA-256".
     pub algorithms: Vec<String>,
 }
 
@@ -433,7 +433,7 @@ impl Default for AuthConfig {
             nonce_ttl_s: 300,
             max_failures: 5,
             failure_window_s: 60,
-            algorithms: vec!["SHA-256".into(), "MD5".into()],
+            algorithms: vec!["MD5".into(), "SHA-256".into()],
         }
     }
 }

@@ -120,13 +120,25 @@ impl UasCore {
             respond(&tx, req.response(503));
             return;
         };
-        // Step 3: the To header names the address of record, in a domain we serve.
-        if !self.local.serves(&req.base.to.uri.host, &self.domain) {
+        // Step 3: the To header names the address of record, in a domain we serve. A To
+        // that is no SIP or SIPS URI (RFC 4475 3.3.4: `isbn:...`) has no domain to name in
+        // the phrase; it is refused the same way (step 5: not valid for this registrar).
+        let aor_uri = &req.base.to.uri;
+        if !aor_uri.scheme.is_sip() {
             let status = self.unknown_aor_status;
             Self::respond(
                 &tx,
                 req.response(status)
-                    .with_reason(format!("{} Not Served Here", req.base.to.uri.host)),
+                    .with_reason("Address of record is not a SIP or SIPS URI"),
+            );
+            return;
+        }
+        if !self.local.serves(&aor_uri.host, &self.domain) {
+            let status = self.unknown_aor_status;
+            Self::respond(
+                &tx,
+                req.response(status)
+                    .with_reason(format!("{} Not Served Here", aor_uri.host)),
             );
             return;
         }
