@@ -927,6 +927,7 @@ impl Call {
                 Some(old)
             }
         };
+        self.snapshot_new_party(replaced, &t.target);
         // Hunt groups see who is on a call: the target now, not the replaced party.
         let stays = match t.transferee {
             Side::A => self.a_invite.base.from.uri.to_string(),
@@ -971,6 +972,32 @@ impl Call {
         } else {
             self.bye_old_legs();
         }
+    }
+
+    /// `GET /calls`: the target is the `replaced` party of the call now (its address, its
+    /// leg's Call-ID and where that leg goes).
+    fn snapshot_new_party(&self, replaced: Side, target: &str) {
+        let (dialog, target) = match replaced {
+            Side::A => (&self.a_dialog, target.trim().to_owned()),
+            Side::B => match &self.b_dialog {
+                Some(d) => (d, target.trim().to_owned()),
+                None => return,
+            },
+        };
+        let (call_id, flow) = (dialog.call_id.clone(), dialog.flow);
+        let to = format!("{}:{}", flow.transport, flow.addr);
+        self.inner.calls.with(&self.id, |snap| match replaced {
+            Side::A => {
+                snap.from = target;
+                snap.a_call_id = call_id;
+                snap.source = to;
+            }
+            Side::B => {
+                snap.to = target;
+                snap.b_call_id = Some(call_id);
+                snap.b_target = Some(to);
+            }
+        });
     }
 
     /// The transfer failed before the switch: the call stays as it was.
