@@ -32,7 +32,17 @@ function on_invite(call)
       call:dial(B2)
     end
   elseif u == "timeout" then
-    call:dial(B1, {{ timeout = 2 }})
+    local r = call:dial(B1, {{ timeout = 2 }})
+    if r.source ~= "timeout" or r.target ~= nil then
+      call:reject(500, "outcome from " .. r.source)
+    end
+  elseif u == "outcome" then
+    -- Where the status came from, in the reason phrase for the caller to see.
+    local r = call:dial({{ "bad-target", B1 }}, {{ timeout = 15 }})
+    call:reject(480, r.source .. " " .. tostring(r.target) .. " " .. r.status)
+  elseif u == "outcome-local" then
+    local r = call:dial({{ "bad-target" }})
+    call:reject(480, r.source .. " " .. tostring(r.target) .. " " .. r.status)
   else
     -- Routes label the call's metrics; a name outside call.routes is refused.
     local ok, err = call:set_route("no-such-route")
@@ -316,6 +326,31 @@ async fn sequential_failover_after_busy() {
         "the 486 is not relayed when the script tries again"
     );
     assert_legs_differ(&a, &second);
+    wait_idle(&s.server).await;
+}
+
+/// `outcome.source` and `outcome.target`: the dial plan learns which target's answer the
+/// status is (a busy callee beats a bad target, RFC 3261 16.7), or that it was refused
+/// here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_outcome_says_where_its_status_came_from() {
+    let s = setup("outcome").await;
+    let busy = callee(&s, "busy", "uas_reject.xml", s.b1);
+    let scenario = fail_scenario(&s.dir, 480);
+    let a = caller(&s, &scenario, "outcome").expect_success(LIMIT).await;
+    busy.expect_success(LIMIT).await;
+    let line = |seen: &[SeenMessage]| {
+        seen.iter()
+            .find(|m| !m.sent && m.kind() == "480")
+            .and_then(|m| m.text.lines().next().map(str::to_owned))
+            .expect("a 480")
+    };
+    let b1 = format!("callee sip:callee@127.0.0.1:{} 486", s.b1);
+    assert!(line(&a).ends_with(&b1), "{}", line(&a));
+    let a = caller(&s, &scenario, "outcome-local")
+        .expect_success(LIMIT)
+        .await;
+    assert!(line(&a).ends_with("local bad-target 400"), "{}", line(&a));
     wait_idle(&s.server).await;
 }
 

@@ -278,8 +278,9 @@ pub struct DialOutcome {
     /// Where `status` came from (`outcome.source`), so a dial plan need not guess from
     /// the code whether to try another target.
     pub source: DialSource,
-    /// The index (into the dialled targets) of the target whose answer `status` is, when
-    /// `source` is [`DialSource::Callee`] (`outcome.target`).
+    /// The index (into the dialled targets) of the target whose answer `status` is
+    /// ([`DialSource::Callee`]) or that was refused here ([`DialSource::Local`]: a bad
+    /// URI, no route); None when no one target is to blame (`outcome.target`).
     pub target: Option<usize>,
 }
 

@@ -509,7 +509,8 @@ fn cancel_one(b: &mut Branch, now: Instant, wait: Duration, out: &mut Actions) {
 }
 
 /// RFC 3261 16.7 step 6: a 6xx if any; else the lowest class, preferring the statuses a
-/// caller can act on; 503 becomes 500; none at all is 408.
+/// caller can act on, then a callee's answer over a local refusal (a busy callee says
+/// more than a bad second target); 503 becomes 500; none at all is 408.
 fn best(finals: &[Failure]) -> DialOutcome {
     let pick = finals.iter().find(|f| f.status >= 600).or_else(|| {
         let class = finals.iter().map(|f| f.status / 100).min()?;
@@ -517,6 +518,7 @@ fn best(finals: &[Failure]) -> DialOutcome {
         in_class
             .clone()
             .find(|f| matches!(f.status, 401 | 407 | 415 | 420 | 484))
+            .or_else(|| in_class.clone().find(|f| f.source == DialSource::Callee))
             .or_else(|| in_class.next())
     });
     let Some(f) = pick else {

@@ -242,6 +242,17 @@ async fn refused_targets_are_local() {
         (o.status, o.source, o.target),
         (400, DialSource::Local, Some(0))
     );
+    // Within a class a callee's answer beats a local refusal.
+    let mut f = Fork::new(T1);
+    let owner = f.start_dial(None).unwrap();
+    f.refused(0, 400, "Bad dial target".into());
+    f.add(2, owner, 1, invite(2), target(2));
+    let o = f.on_failure(2, 486, "Busy Here");
+    let o = outcome(&o).unwrap();
+    assert_eq!(
+        (o.status, o.source, o.target),
+        (486, DialSource::Callee, Some(1))
+    );
     // A second dial while one is in progress is refused.
     let mut f = dial(1);
     assert!(f.start_dial(None).is_none());
