@@ -6,9 +6,11 @@
 //! The script's `on_invite` runs as its own task and talks to this one through
 //! [`CallEvent::Dial`]: a dial is a request with a reply channel.
 
+mod caller;
 mod fork;
 mod transfer;
 
+use caller::{CallerLeg, Prack};
 use fork::{Fork, Owner};
 pub use transfer::{refer_to, HandedLeg, TransferKind, TransferNote};
 use transfer::{Transfer, TransferStep};
@@ -166,22 +168,6 @@ struct DialReply {
     winner: Option<oneshot::Sender<usize>>,
 }
 
-/// A 2xx (or reliable provisional) we retransmit until it is acknowledged.
-struct Retransmit {
-    next: Instant,
-    interval: Duration,
-    give_up: Instant,
-}
-
-/// A reliable provisional we sent to A, waiting for A's PRACK (RFC 3262).
-struct ReliableToA {
-    rseq: u32,
-    resp: Response,
-    timer: Retransmit,
-    /// The B branch and its RSeq, when the 18x came reliably from B.
-    from_b: Option<(u64, u32, u32)>,
-}
-
 pub struct Call {
     id: Arc<str>,
     inner: Arc<B2buaInner>,
@@ -192,15 +178,8 @@ pub struct Call {
     a_source: Target,
     a_dialog: Dialog,
     a_contact: String,
-    a_final_sent: bool,
-    a_supports_100rel: bool,
-    /// The 2xx to A and its retransmission until A's ACK (RFC 3261 13.3.1.4).
-    /// Boxed: an established call holds None here for hours; the 2xx is large.
-    a_ok: Option<Box<(Response, Retransmit)>>,
-    a_rseq: u32,
-    a_reliable: Vec<ReliableToA>,
-    /// Extra headers for the final answer to A (a 407's challenges).
-    a_final_headers: Vec<(String, String)>,
+    /// How the caller's INVITE is answered (provisionals, PRACK, 2xx until ACK, CANCEL).
+    caller: CallerLeg,
     b_dialog: Option<Dialog>,
     b_branch: Option<u64>,
     /// ACK for B's 2xx: sent when A's ACK arrives, kept to answer 2xx retransmissions.
@@ -210,7 +189,6 @@ pub struct Call {
     dial_reply: Option<DialReply>,
     clients: HashMap<u64, Purpose>,
     next_id: u64,
-    cancelled: bool,
     /// A re-INVITE is being relayed (from this side): glare detection (RFC 3261 14.2).
     reinvite_from: Option<Side>,
     /// After a relayed re-INVITE's 2xx: the ACK from `.0` goes on as an ACK to the other side.
@@ -230,8 +208,6 @@ pub struct Call {
     ended: bool,
     /// `call:set_route`'s route number.
     route: Option<usize>,
-    /// A 18x has gone to the caller (setup time to first 18x observed).
-    a_ringing: bool,
     /// B legs dialled so far (their trace names: B1, B2...).
     legs: u64,
     /// A transfer in progress (REFER, `call:transfer`, admin API).
@@ -473,12 +449,7 @@ impl Call {
             a_source: source,
             a_dialog,
             a_contact,
-            a_final_sent: false,
-            a_supports_100rel,
-            a_final_headers: Vec::new(),
-            a_ok: None,
-            a_rseq: 0,
-            a_reliable: Vec::new(),
+            caller: CallerLeg::new(a_supports_100rel),
             b_dialog: None,
             b_branch: None,
             b_ack: None,
@@ -486,7 +457,6 @@ impl Call {
             dial_reply: None,
             clients: HashMap::new(),
             next_id: 1,
-            cancelled: false,
             reinvite_from: None,
             pending_ack: None,
             max_duration: None,
@@ -500,7 +470,6 @@ impl Call {
             final_status: 0,
             ended: false,
             route: None,
-            a_ringing: false,
             legs: 0,
             transfer: None,
             old_legs: Vec::new(),
@@ -697,11 +666,8 @@ impl Call {
         let mut consider = |t: Instant| {
             next = Some(next.map_or(t, |n| n.min(t)));
         };
-        if let Some((_, r)) = self.a_ok.as_deref() {
-            consider(r.next.min(r.give_up));
-        }
-        for r in &self.a_reliable {
-            consider(r.timer.next.min(r.timer.give_up));
+        if let Some(t) = self.caller.deadline() {
+            consider(t);
         }
         if let Some(d) = self.fork.deadline() {
             consider(d);
@@ -717,44 +683,22 @@ impl Call {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
-        let (t1, t2) = (self.inner.timers.t1, self.inner.timers.t2);
-        // RFC 3261 13.3.1.4: the 2xx to A goes again at T1, 2T1... capped at T2, until
-        // A's ACK; no ACK within 64*T1 ends the call with BYE.
-        let mut no_ack = false;
-        if let Some((resp, r)) = self.a_ok.as_deref_mut() {
-            if now >= r.give_up {
-                no_ack = true;
-            } else if now >= r.next {
-                let _ = self.a_tx.respond(resp.clone());
-                r.interval = (r.interval * 2).min(t2);
-                r.next = now + r.interval;
-            }
-        }
-        if no_ack {
-            tracing::info!(call = %self.id, "no ACK from the caller for the 2xx; ending the call");
-            self.a_ok = None;
-            self.hangup("system", None);
-        }
-        // RFC 3262 3: reliable provisionals go again at T1, doubling, until PRACK; without
-        // PRACK in 64*T1 the INVITE fails with 5xx.
-        let mut failed = false;
-        for r in &mut self.a_reliable {
-            if now >= r.timer.give_up {
-                failed = true;
-            } else if now >= r.timer.next {
-                let _ = self.a_tx.respond(r.resp.clone());
-                r.timer.interval = (r.timer.interval * 2).min(t2.max(t1));
-                r.timer.next = now + r.timer.interval;
-            }
-        }
-        if failed {
-            self.a_reliable.clear();
-            if !self.a_final_sent {
-                self.reply_a_final(504, "No PRACK for reliable provisional");
-                let a = self
-                    .fork
-                    .end_dial(487, "Request Terminated", DialSource::Local);
-                self.run_fork(a, None);
+        for action in self.caller.on_timer(now, self.inner.timers.t2) {
+            match action {
+                caller::Action::Respond(r) => {
+                    let _ = self.a_tx.respond(r);
+                }
+                caller::Action::NoAck => {
+                    tracing::info!(call = %self.id, "no ACK from the caller for the 2xx; ending the call");
+                    self.hangup("system", None);
+                }
+                caller::Action::NoPrack => {
+                    self.reply_a_final(504, "No PRACK for reliable provisional");
+                    let a = self
+                        .fork
+                        .end_dial(487, "Request Terminated", DialSource::Local);
+                    self.run_fork(a, None);
+                }
             }
         }
         // The dial's ring timeout, and CANCELled branches given up (RFC 3261 9.1).
@@ -794,7 +738,7 @@ impl Call {
                 req,
             } => self.on_request(side, branch, tx, req),
             CallEvent::Stray { resp } => self.on_stray(resp),
-            CallEvent::FinalHeaders(h) => self.a_final_headers = h,
+            CallEvent::FinalHeaders(h) => self.caller.set_final_headers(h),
             CallEvent::Route(r) => {
                 self.route = Some(r);
                 let name = self.inner.routes.name(r).map(str::to_owned);
@@ -893,8 +837,8 @@ impl Call {
         reply: oneshot::Sender<DialOutcome>,
         winner: Option<oneshot::Sender<usize>>,
     ) {
-        if self.cancelled || self.a_final_sent || self.ended {
-            let source = if self.cancelled {
+        if self.caller.answered() || self.ended {
+            let source = if self.caller.cancelled() {
                 DialSource::Caller
             } else {
                 DialSource::Local
@@ -975,7 +919,7 @@ impl Call {
         headers.push("Contact", self.inner.local.contact(&dest));
         copy_relayed(&a.headers, &mut headers);
         headers.push("Allow", Method::allow_list());
-        if self.a_supports_100rel {
+        if self.caller.supports_100rel() {
             headers.push("Supported", "100rel");
         }
         for (name, value) in &opts.headers {
@@ -1075,7 +1019,7 @@ impl Call {
         self.fork.compact(winner);
         self.a_invite.headers = Headers::new();
         self.a_invite.body = Bytes::new();
-        self.a_reliable = Vec::new();
+        self.caller.compact();
     }
 
     /// Removes a dialog from the B2BUA's index if it still routes to this call (a leg
@@ -1177,7 +1121,7 @@ impl Call {
 
     /// Counts a dial's outcome (`strowger_dial_outcomes_total`).
     fn count_dial(&self, status: u16) {
-        let i = crate::metrics::dial_outcome(status, self.cancelled);
+        let i = crate::metrics::dial_outcome(status, self.caller.cancelled());
         self.inner.stats.dial_outcomes[i].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -1267,13 +1211,11 @@ impl Call {
 
     /// A provisional of a live branch goes to the caller, in the caller's one early dialog.
     fn relay_provisional(&mut self, bid: u64, resp: &Response) {
-        if self.a_final_sent || self.cancelled {
+        if self.caller.answered() {
             return;
         }
-        let reliable =
-            has_tag(&resp.headers, "Require", "100rel") && resp.headers.get("RSeq").is_some();
-        self.watch(super::watch::CallPhase::Early); // watch:
         let rseq_b: Option<u32> = resp.headers.get("RSeq").and_then(|v| v.trim().parse().ok());
+        let reliable = has_tag(&resp.headers, "Require", "100rel") && rseq_b.is_some();
         // Relay the provisional to A, in A's one early dialog.
         let mut r = self
             .a_invite
@@ -1283,32 +1225,20 @@ impl Call {
         r.headers.push("Contact", self.a_contact.clone());
         copy_relayed(&resp.headers, &mut r.headers);
         r.body = resp.body.clone();
-        if reliable && self.a_supports_100rel {
-            // RFC 3262: A gets its own reliable provisional with our RSeq; its PRACK goes
-            // on to B as a PRACK for B's RSeq.
-            self.a_rseq += 1;
-            r.headers.push("Require", "100rel");
-            r.headers.push("RSeq", self.a_rseq.to_string());
-            let t1 = self.inner.timers.t1;
-            let now = Instant::now();
-            self.a_reliable.push(ReliableToA {
-                rseq: self.a_rseq,
-                resp: r.clone(),
-                timer: Retransmit {
-                    next: now + t1,
-                    interval: t1,
-                    give_up: now + t1 * 64,
-                },
-                from_b: rseq_b.map(|rs| (bid, rs, resp.base.cseq.seq)),
-            });
-        } else if reliable {
+        // A's PRACK goes on to B as a PRACK for B's RSeq (RFC 3262).
+        let from_b = rseq_b.map(|rs| (bid, rs, resp.base.cseq.seq));
+        let t1 = self.inner.timers.t1;
+        let Some((r, first)) = self.caller.provisional(r, reliable, from_b, t1) else {
+            return;
+        };
+        self.watch(super::watch::CallPhase::Early); // watch:
+        if reliable && !self.caller.supports_100rel() {
             // A cannot PRACK: we acknowledge B's reliable provisional ourselves.
-            if let Some(rs) = rseq_b {
-                self.send_prack(bid, rs, resp.base.cseq.seq, None);
+            if let Some((bid, rs, cseq)) = from_b {
+                self.send_prack(bid, rs, cseq, None);
             }
         }
-        if !self.a_ringing {
-            self.a_ringing = true;
+        if first {
             if let Ok(t) = SystemTime::now().duration_since(self.start) {
                 crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_18X, t.as_secs_f64());
             }
@@ -1401,19 +1331,8 @@ impl Call {
         copy_relayed(&resp.headers, &mut r.headers);
         r.body = resp.body.clone();
         self.a_dialog.state = DialogState::Confirmed;
-        self.a_final_sent = true;
-        self.a_reliable.clear();
-        let _ = self.a_tx.respond(r.clone());
-        let t1 = self.inner.timers.t1;
-        let now = Instant::now();
-        self.a_ok = Some(Box::new((
-            r,
-            Retransmit {
-                next: now + t1,
-                interval: t1,
-                give_up: now + t1 * 64,
-            },
-        )));
+        let r = self.caller.accept(r, self.inner.timers.t1);
+        let _ = self.a_tx.respond(r);
         let now = SystemTime::now();
         if let Ok(setup) = now.duration_since(self.start) {
             crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_200, setup.as_secs_f64());
@@ -1512,18 +1431,15 @@ impl Call {
 
 impl Call {
     fn reply_a_final(&mut self, status: u16, reason: &str) {
-        if self.a_final_sent {
+        if self.caller.answered() {
             return;
         }
-        self.a_final_sent = true;
-        self.final_status = status;
-        self.a_reliable.clear();
         let mut r = self.a_invite.response(status).with_reason(reason);
         r.set_to_tag(&self.a_dialog.local_tag);
-        for (name, value) in std::mem::take(&mut self.a_final_headers) {
-            r.headers.push(&name, value);
+        if let Some(r) = self.caller.reject(r) {
+            self.final_status = status;
+            let _ = self.a_tx.respond(r);
         }
-        let _ = self.a_tx.respond(r);
     }
 
     fn on_hook_done(&mut self, outcome: InviteOutcome) {
@@ -1545,19 +1461,24 @@ impl Call {
                 self.keep_script(handle);
                 self.cancel_branches();
                 self.reply_a_final(status, &reason);
-                self.end(if self.cancelled { "caller" } else { "system" });
+                self.end(if self.caller.cancelled() {
+                    "caller"
+                } else {
+                    "system"
+                });
             }
             InviteOutcome::Redirected { contacts, handle } => {
                 self.keep_script(handle);
-                if !self.a_final_sent {
-                    self.a_final_sent = true;
-                    self.final_status = 302;
+                if !self.caller.answered() {
                     let mut r = self.a_invite.response(302);
                     r.set_to_tag(&self.a_dialog.local_tag);
                     for c in contacts {
                         r.headers.push("Contact", format!("<{c}>"));
                     }
-                    let _ = self.a_tx.respond(r);
+                    if let Some(r) = self.caller.reject(r) {
+                        self.final_status = 302;
+                        let _ = self.a_tx.respond(r);
+                    }
                 }
                 self.end("system");
             }
@@ -1581,7 +1502,7 @@ impl Call {
 
     /// A provisional to the caller while its INVITE is pending (a hunt's 182 Queued).
     fn send_a_provisional(&mut self, status: u16, reason: &str, headers: Vec<(String, String)>) {
-        if self.a_final_sent || self.ended || !(101..200).contains(&status) {
+        if self.caller.answered() || self.ended || !(101..200).contains(&status) {
             return;
         }
         let mut r = self.a_invite.response(status).with_reason(reason);
@@ -1594,12 +1515,17 @@ impl Call {
     }
 
     fn on_cancel(&mut self) {
-        if self.a_final_sent {
-            return;
-        }
         // RFC 3261 9.2: the INVITE ends with 487, every pending branch is CANCELled.
-        self.cancelled = true;
-        self.reply_a_final(487, "Request Terminated");
+        let mut r = self
+            .a_invite
+            .response(487)
+            .with_reason("Request Terminated");
+        r.set_to_tag(&self.a_dialog.local_tag);
+        let Some(r) = self.caller.cancel(r) else {
+            return; // answered already: the CANCEL changes nothing
+        };
+        self.final_status = 487;
+        let _ = self.a_tx.respond(r);
         let a = self
             .fork
             .end_dial(487, "Request Terminated", DialSource::Caller);
@@ -1609,12 +1535,11 @@ impl Call {
 
     fn on_ack(&mut self, side: Side, ack: Request) {
         if side == Side::A
-            && self.a_ok.is_some()
             && ack.base.cseq.seq == self.a_invite.base.cseq.seq
+            && self.caller.on_ack()
         {
-            // The caller's ACK for the call's 2xx: stop retransmitting, and ACK B with the
+            // The caller's ACK for the call's 2xx: retransmission stopped; ACK B with the
             // caller's ACK body (the answer, for a late offer).
-            self.a_ok = None;
             if self.b_ack.is_none() {
                 if let (Some(d), Some(bid)) = (&self.b_dialog, self.b_branch) {
                     let seq = self
@@ -1710,17 +1635,15 @@ impl Call {
             .get("RAck")
             .and_then(|v| v.split_whitespace().next())
             .and_then(|n| n.parse().ok());
-        let Some(pos) = rack.and_then(|n| self.a_reliable.iter().position(|r| r.rseq == n)) else {
-            let _ = tx.respond(
-                req.response(481)
-                    .with_reason("No matching reliable provisional"),
-            );
-            return;
-        };
-        let rel = self.a_reliable.remove(pos);
-        match rel.from_b {
-            Some((bid, rseq, cseq)) => self.send_prack(bid, rseq, cseq, Some((tx, req))),
-            None => {
+        match self.caller.on_prack(rack) {
+            Prack::NoMatch => {
+                let _ = tx.respond(
+                    req.response(481)
+                        .with_reason("No matching reliable provisional"),
+                );
+            }
+            Prack::FromB(bid, rseq, cseq) => self.send_prack(bid, rseq, cseq, Some((tx, req))),
+            Prack::Ours => {
                 let _ = tx.respond(req.response(200));
             }
         }
@@ -1817,7 +1740,7 @@ impl Call {
             let flow = self.a_dialog.flow;
             self.send_client(bye, flow, Purpose::Own);
         }
-        self.a_ok = None;
+        self.caller.stop();
         self.end(by);
     }
 
@@ -1843,7 +1766,7 @@ impl Call {
         let a = self.fork.end_dial(487, "Call ended", source);
         self.run_fork(a, None);
         self.max_duration = None;
-        self.a_reliable.clear();
+        self.caller.stop();
         self.unindex(&DialogKey::new(
             &self.a_dialog.call_id,
             &self.a_dialog.local_tag,
@@ -1939,4 +1862,16 @@ impl Call {
 fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Memory per held call (issue 14): the call's own struct must not grow past what it
+    /// was before its parts were split out (3,976 bytes).
+    #[test]
+    fn a_call_is_no_bigger_than_before() {
+        let size = std::mem::size_of::<super::Call>();
+        eprintln!("size_of::<Call>() = {size}");
+        assert!(size <= 3976, "Call is {size} bytes");
+    }
 }

@@ -536,7 +536,7 @@ impl Call {
                 return;
             }
         };
-        if self.ended || self.cancelled {
+        if self.ended || self.caller.cancelled() {
             // Our caller gave up meanwhile: the other party has nobody now.
             self.release_dialog(handed.dialog);
             return;
@@ -788,7 +788,7 @@ impl Call {
             resp.headers.get("Content-Type").map(str::to_owned),
         ));
         // RFC 3261 14.1: no re-INVITE to the caller before it ACKed the call's 2xx.
-        if t.transferee == Side::A && self.a_ok.is_some() {
+        if t.transferee == Side::A && self.caller.awaiting_ack() {
             return;
         }
         self.send_transfer_reinvite();
