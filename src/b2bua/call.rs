@@ -6,10 +6,12 @@
 //! The script's `on_invite` runs as its own task and talks to this one through
 //! [`CallEvent::Dial`]: a dial is a request with a reply channel.
 
+mod bridge;
 mod caller;
 mod fork;
 mod transfer;
 
+use bridge::{Bridge, Reinvite};
 use caller::{CallerLeg, Prack};
 use fork::{Fork, Owner};
 pub use transfer::{refer_to, HandedLeg, TransferKind, TransferNote};
@@ -176,24 +178,15 @@ pub struct Call {
     a_tx: ServerTransaction,
     a_invite: Request,
     a_source: Target,
-    a_dialog: Dialog,
-    a_contact: String,
     /// How the caller's INVITE is answered (provisionals, PRACK, 2xx until ACK, CANCEL).
     caller: CallerLeg,
-    b_dialog: Option<Dialog>,
-    b_branch: Option<u64>,
-    /// ACK for B's 2xx: sent when A's ACK arrives, kept to answer 2xx retransmissions.
-    b_ack: Option<Request>,
+    /// The two dialogs and what relaying between them remembers (glare, ACK, hold).
+    bridge: Bridge,
     /// The B side's INVITE branches and the dial in progress.
     fork: Fork,
     dial_reply: Option<DialReply>,
     clients: HashMap<u64, Purpose>,
     next_id: u64,
-    /// A re-INVITE is being relayed (from this side): glare detection (RFC 3261 14.2).
-    reinvite_from: Option<Side>,
-    /// After a relayed re-INVITE's 2xx: the ACK from `.0` goes on as an ACK to the other side.
-    pending_ack: Option<(Side, u32)>,
-    /// The dialog-side ACK we sent for a relayed re-INVITE 2xx, for retransmitted 2xx.
     max_duration: Option<Instant>,
     /// `max_duration` of the dial, armed when it answers.
     max_duration_pending: Option<Duration>,
@@ -226,9 +219,6 @@ pub struct Call {
     ended_tx: tokio::sync::watch::Sender<bool>,
     /// Keys in the B2BUA's `engaged` index this call holds while answered.
     engaged: Vec<String>,
-    /// The last hold offer (sendonly/inactive SDP) a party sent through us, so that a
-    /// failed transfer can take the other party off hold.
-    hold: Option<(Side, Bytes)>,
     /// The side a failed transfer's resuming re-INVITE went to.
     resume_side: Option<Side>,
     /// watch: the last phase posted to the call watch.
@@ -447,18 +437,12 @@ impl Call {
             rx,
             a_tx: tx,
             a_source: source,
-            a_dialog,
-            a_contact,
+            bridge: Bridge::new(a_dialog, a_contact),
             caller: CallerLeg::new(a_supports_100rel),
-            b_dialog: None,
-            b_branch: None,
-            b_ack: None,
             fork: Fork::new(inner.timers.t1),
             dial_reply: None,
             clients: HashMap::new(),
             next_id: 1,
-            reinvite_from: None,
-            pending_ack: None,
             max_duration: None,
             max_duration_pending: None,
             version: inner.scripts.current(),
@@ -479,7 +463,6 @@ impl Call {
             replacing: None,
             ended_tx: tokio::sync::watch::channel(false).0,
             engaged: Vec::new(),
-            hold: None,
             resume_side: None,
             watched: None,
             watch_parties: None,
@@ -588,7 +571,7 @@ impl Call {
             phase,
             call_id: Arc::from(a.base.call_id.as_str()),
             caller_tag: Arc::from(a.base.from.tag().unwrap_or("")),
-            our_tag: Arc::from(self.a_dialog.local_tag.as_str()),
+            our_tag: Arc::from(self.bridge.a.local_tag.as_str()),
             caller,
             callee,
         });
@@ -1010,7 +993,7 @@ impl Call {
     /// Kept: the dialogs, the base headers of the INVITEs (Call-ID, tags and CSeq for
     /// matching), the ACK sent to B (for 2xx retransmissions).
     fn compact(&mut self) {
-        let winner = self.b_branch;
+        let winner = self.bridge.b_branch;
         for b in self.fork.branches_mut() {
             if Some(b.id()) != winner && !b.is_pending() {
                 release_branch(&self.inner, &self.events, b);
@@ -1073,9 +1056,9 @@ impl Call {
                     }
                 }
                 fork::Action::ReAck(id) => {
-                    if self.b_branch == Some(id) {
+                    if self.bridge.b_branch == Some(id) {
                         // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
-                        if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
+                        if let (Some(ack), Some(d)) = (&self.bridge.b_ack, &self.bridge.b) {
                             let _ = self.send_ack(&d.flow, ack);
                         }
                     } else if let Some(resp) = resp {
@@ -1221,8 +1204,8 @@ impl Call {
             .a_invite
             .response(resp.status)
             .with_reason(resp.reason.clone());
-        r.set_to_tag(&self.a_dialog.local_tag);
-        r.headers.push("Contact", self.a_contact.clone());
+        r.set_to_tag(&self.bridge.a.local_tag);
+        r.headers.push("Contact", self.bridge.a_contact.clone());
         copy_relayed(&resp.headers, &mut r.headers);
         r.body = resp.body.clone();
         // A's PRACK goes on to B as a PRACK for B's RSeq (RFC 3262).
@@ -1291,7 +1274,7 @@ impl Call {
         };
         let mut dialog = Dialog::uac(&b.invite, resp, b.target);
         dialog.state = DialogState::Confirmed;
-        self.b_branch = Some(bid);
+        self.bridge.b_branch = Some(bid);
         let b_uri = b.invite.uri.clone();
         // Engaged while it rang: the mark stays for the call.
         let rang = b.ringing.take();
@@ -1307,14 +1290,14 @@ impl Call {
                 }
             }
         }
-        self.b_dialog = Some(dialog);
+        self.bridge.b = Some(dialog);
         self.answer_caller(resp);
     }
 
     /// The B side (already in `b_dialog`) answered with `resp`: the caller gets the 2xx,
     /// retransmitted until its ACK (RFC 3261 13.3.1.4), and the call is up.
     fn answer_caller(&mut self, resp: &Response) {
-        if let Some(dialog) = &self.b_dialog {
+        if let Some(dialog) = &self.bridge.b {
             let (call_id, flow) = (dialog.call_id.clone(), dialog.flow);
             self.inner.calls.with(&self.id, |snap| {
                 snap.state = "answered";
@@ -1325,12 +1308,12 @@ impl Call {
         }
         let mut r = self.a_invite.response(200).with_reason(resp.reason.clone());
         r.status = resp.status;
-        r.set_to_tag(&self.a_dialog.local_tag);
-        r.headers.push("Contact", self.a_contact.clone());
+        r.set_to_tag(&self.bridge.a.local_tag);
+        r.headers.push("Contact", self.bridge.a_contact.clone());
         r.headers.push("Allow", Method::allow_list());
         copy_relayed(&resp.headers, &mut r.headers);
         r.body = resp.body.clone();
-        self.a_dialog.state = DialogState::Confirmed;
+        self.bridge.a.state = DialogState::Confirmed;
         let r = self.caller.accept(r, self.inner.timers.t1);
         let _ = self.a_tx.respond(r);
         let now = SystemTime::now();
@@ -1363,14 +1346,14 @@ impl Call {
             ClientEvent::Final(resp) => resp,
             ClientEvent::Timeout => {
                 if orig.method == Method::Invite {
-                    self.reinvite_from = None;
+                    self.bridge.reinvite_ended();
                 }
                 let _ = server.respond(orig.response(408));
                 return;
             }
             ClientEvent::TransportError(_) => {
                 if orig.method == Method::Invite {
-                    self.reinvite_from = None;
+                    self.bridge.reinvite_ended();
                 }
                 let _ = server.respond(orig.response(503));
                 return;
@@ -1388,10 +1371,11 @@ impl Call {
             }
         }
         if orig.method == Method::Invite {
-            self.reinvite_from = None;
             if resp.is_success() {
                 // The ACK that `from` sends for this 2xx goes on to the other side.
-                self.pending_ack = Some((from, resp.base.cseq.seq));
+                self.bridge.reinvite_answered(from, resp.base.cseq.seq);
+            } else {
+                self.bridge.reinvite_ended();
             }
         }
         let _ = server.respond(r);
@@ -1399,26 +1383,24 @@ impl Call {
 
     fn contact_for(&self, side: Side) -> String {
         match side {
-            Side::A => self.a_contact.clone(),
+            Side::A => self.bridge.a_contact.clone(),
             Side::B => self
-                .b_dialog
+                .bridge
+                .b
                 .as_ref()
                 .map(|d| self.inner.local.contact(&d.flow))
-                .unwrap_or_else(|| self.a_contact.clone()),
+                .unwrap_or_else(|| self.bridge.a_contact.clone()),
         }
     }
 
     fn dialog_mut(&mut self, side: Side) -> Option<&mut Dialog> {
-        match side {
-            Side::A => Some(&mut self.a_dialog),
-            Side::B => self.b_dialog.as_mut(),
-        }
+        self.bridge.dialog_mut(side)
     }
 
     fn on_stray(&mut self, resp: Response) {
         // A 2xx retransmission for the B INVITE after its transaction ended: re-ACK.
         if resp.is_success() && resp.base.cseq.method == Method::Invite {
-            if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
+            if let (Some(ack), Some(d)) = (&self.bridge.b_ack, &self.bridge.b) {
                 if ack.base.cseq.seq == resp.base.cseq.seq {
                     let _ = self.send_ack(&d.flow, ack);
                 }
@@ -1435,7 +1417,7 @@ impl Call {
             return;
         }
         let mut r = self.a_invite.response(status).with_reason(reason);
-        r.set_to_tag(&self.a_dialog.local_tag);
+        r.set_to_tag(&self.bridge.a.local_tag);
         if let Some(r) = self.caller.reject(r) {
             self.final_status = status;
             let _ = self.a_tx.respond(r);
@@ -1447,7 +1429,7 @@ impl Call {
         match outcome {
             InviteOutcome::Bridged { handle } => {
                 self.keep_script(handle);
-                if self.b_dialog.is_none() && !self.ended {
+                if self.bridge.b.is_none() && !self.ended {
                     // The hook claims an answer the call does not have; fail safe.
                     self.reply_a_final(500, "Server Internal Error");
                     self.end("system");
@@ -1471,7 +1453,7 @@ impl Call {
                 self.keep_script(handle);
                 if !self.caller.answered() {
                     let mut r = self.a_invite.response(302);
-                    r.set_to_tag(&self.a_dialog.local_tag);
+                    r.set_to_tag(&self.bridge.a.local_tag);
                     for c in contacts {
                         r.headers.push("Contact", format!("<{c}>"));
                     }
@@ -1490,7 +1472,7 @@ impl Call {
                     .script_failures
                     .fetch_add(1, Ordering::Relaxed);
                 self.cancel_branches();
-                if self.b_dialog.is_some() {
+                if self.bridge.b.is_some() {
                     // Already bridged: the call stays up; the error only ended the hook.
                     return;
                 }
@@ -1506,8 +1488,8 @@ impl Call {
             return;
         }
         let mut r = self.a_invite.response(status).with_reason(reason);
-        r.set_to_tag(&self.a_dialog.local_tag);
-        r.headers.push("Contact", self.a_contact.clone());
+        r.set_to_tag(&self.bridge.a.local_tag);
+        r.headers.push("Contact", self.bridge.a_contact.clone());
         for (name, value) in headers {
             r.headers.push(&name, value);
         }
@@ -1520,7 +1502,7 @@ impl Call {
             .a_invite
             .response(487)
             .with_reason("Request Terminated");
-        r.set_to_tag(&self.a_dialog.local_tag);
+        r.set_to_tag(&self.bridge.a.local_tag);
         let Some(r) = self.caller.cancel(r) else {
             return; // answered already: the CANCEL changes nothing
         };
@@ -1540,8 +1522,8 @@ impl Call {
         {
             // The caller's ACK for the call's 2xx: retransmission stopped; ACK B with the
             // caller's ACK body (the answer, for a late offer).
-            if self.b_ack.is_none() {
-                if let (Some(d), Some(bid)) = (&self.b_dialog, self.b_branch) {
+            if self.bridge.b_ack.is_none() {
+                if let (Some(d), Some(bid)) = (&self.bridge.b, self.bridge.b_branch) {
                     let seq = self
                         .fork
                         .get(bid)
@@ -1552,16 +1534,15 @@ impl Call {
                     copy_relayed(&ack.headers, &mut b_ack.headers);
                     b_ack.body = ack.body.clone();
                     let _ = self.send_ack(&d.flow, &b_ack);
-                    self.b_ack = Some(b_ack);
+                    self.bridge.b_ack = Some(b_ack);
                 }
             }
             self.compact();
             self.on_caller_acked();
             return;
         }
-        if let Some((from, seq)) = self.pending_ack {
-            if from == side {
-                self.pending_ack = None;
+        if let Some(seq) = self.bridge.on_ack(side) {
+            {
                 let other = side.other();
                 let Some(d) = self.dialog_mut(other) else {
                     return;
@@ -1589,10 +1570,11 @@ impl Call {
         }
         // RFC 3261 12.2.2: a CSeq lower than the last one is out of order.
         let in_order = match side {
-            Side::A => self.a_dialog.accept_remote_cseq(&req),
-            Side::B => match (branch, self.b_branch) {
+            Side::A => self.bridge.a.accept_remote_cseq(&req),
+            Side::B => match (branch, self.bridge.b_branch) {
                 (Some(b), Some(w)) if b == w => self
-                    .b_dialog
+                    .bridge
+                    .b
                     .as_mut()
                     .map(|d| d.accept_remote_cseq(&req))
                     .unwrap_or(true),
@@ -1607,7 +1589,7 @@ impl Call {
             Method::Bye => {
                 let _ = tx.respond(req.response(200));
                 let by = if side == Side::A { "caller" } else { "callee" };
-                if side == Side::B && self.b_branch != branch {
+                if side == Side::B && self.bridge.b_branch != branch {
                     // BYE on a losing branch's dialog: nothing more to do.
                     return;
                 }
@@ -1620,7 +1602,7 @@ impl Call {
             }
             Method::Refer => self.on_refer(side, tx, req),
             Method::Prack if side == Side::A => self.on_prack_from_a(tx, req),
-            Method::Invite if self.reinvite_from.is_some() => {
+            Method::Invite if self.bridge.on_reinvite(side) == Reinvite::Glare => {
                 // RFC 3261 14.2: an INVITE while one is in progress: glare.
                 let _ = tx.respond(req.response(491));
             }
@@ -1652,14 +1634,14 @@ impl Call {
     /// Relays an in-dialog request to the other leg as a new request of that leg's dialog.
     fn relay(&mut self, from: Side, tx: ServerTransaction, req: Request) {
         let to = from.other();
-        let early_branch = self.b_branch.or_else(|| self.fork.early_branch());
+        let early_branch = self.bridge.b_branch.or_else(|| self.fork.early_branch());
         let contact = match to {
-            Side::A => Some(self.a_contact.clone()),
+            Side::A => Some(self.bridge.a_contact.clone()),
             Side::B => None,
         };
         let dialog = match to {
-            Side::A => Some(&mut self.a_dialog),
-            Side::B => match &mut self.b_dialog {
+            Side::A => Some(&mut self.bridge.a),
+            Side::B => match &mut self.bridge.b {
                 Some(d) => Some(d),
                 None => early_branch
                     .and_then(|b| self.fork.get_mut(b))
@@ -1667,6 +1649,9 @@ impl Call {
             },
         };
         let Some(dialog) = dialog else {
+            if req.method == Method::Invite {
+                self.bridge.reinvite_ended();
+            }
             let _ = tx.respond(req.response(481));
             return;
         };
@@ -1685,8 +1670,8 @@ impl Call {
         copy_relayed(&req.headers, &mut out.headers);
         out.body = req.body.clone();
         if req.method == Method::Invite {
-            self.reinvite_from = Some(from);
-            self.note_hold(from, &req);
+            // The bridge took it as the re-INVITE in progress (on_request).
+            self.bridge.note_offer(from, &req.body);
         }
         if refresh {
             // The sender's own target may have moved (RFC 3261 12.2.2).
@@ -1707,7 +1692,7 @@ impl Call {
             .is_none()
         {
             if req.method == Method::Invite {
-                self.reinvite_from = None;
+                self.bridge.reinvite_ended();
             }
             let _ = tx.respond(req.response(503));
         }
@@ -1726,18 +1711,18 @@ impl Call {
             }
         }
         if except != Some(Side::B) {
-            if let Some(d) = self.b_dialog.as_mut() {
+            if let Some(d) = self.bridge.b.as_mut() {
                 let via = self.inner.local.via(&d.flow);
                 let bye = d.request(Method::Bye, via, None);
                 let flow = d.flow;
                 self.send_client(bye, flow, Purpose::Own);
             }
         }
-        if except != Some(Side::A) && self.a_dialog.state == DialogState::Confirmed {
-            let via = self.inner.local.via(&self.a_dialog.flow);
+        if except != Some(Side::A) && self.bridge.a.state == DialogState::Confirmed {
+            let via = self.inner.local.via(&self.bridge.a.flow);
             let contact = None;
-            let bye = self.a_dialog.request(Method::Bye, via, contact);
-            let flow = self.a_dialog.flow;
+            let bye = self.bridge.a.request(Method::Bye, via, contact);
+            let flow = self.bridge.a.flow;
             self.send_client(bye, flow, Purpose::Own);
         }
         self.caller.stop();
@@ -1768,8 +1753,8 @@ impl Call {
         self.max_duration = None;
         self.caller.stop();
         self.unindex(&DialogKey::new(
-            &self.a_dialog.call_id,
-            &self.a_dialog.local_tag,
+            &self.bridge.a.call_id,
+            &self.bridge.a.local_tag,
         ));
         self.inner.pending.remove(&self.pending_key());
         for b in self.fork.branches_mut() {
@@ -1797,7 +1782,7 @@ impl Call {
         CallDetail {
             call_id: self.id.to_string(),
             a_call_id: r.base.call_id.clone(),
-            b_call_id: self.b_dialog.as_ref().map(|d| d.call_id.clone()),
+            b_call_id: self.bridge.b.as_ref().map(|d| d.call_id.clone()),
             from: r.base.from.uri.to_string(),
             to: r.base.to.uri.to_string(),
             ruri: r.uri.to_string(),

@@ -228,7 +228,7 @@ impl Call {
                 return;
             }
         };
-        if self.b_dialog.is_none() || self.a_dialog.state != DialogState::Confirmed {
+        if self.bridge.b.is_none() || self.bridge.a.state != DialogState::Confirmed {
             let _ = tx.respond(
                 req.response(403)
                     .with_reason("Transfer of a call that is not answered"),
@@ -345,7 +345,7 @@ impl Call {
         let fail = |reply: oneshot::Sender<DialOutcome>, status: u16, reason: &str| {
             let _ = reply.send(DialOutcome::failed(status, reason, DialSource::Local));
         };
-        if self.ended || self.b_dialog.is_none() || self.a_dialog.state != DialogState::Confirmed {
+        if self.ended || self.bridge.b.is_none() || self.bridge.a.state != DialogState::Confirmed {
             return fail(reply, 481, "The call is not answered");
         }
         if self.transfer.is_some() {
@@ -394,12 +394,13 @@ impl Call {
         };
         // The new leg shows the party being connected as the caller.
         let mut from = match transferee {
-            Side::A => self.a_dialog.remote_uri.clone(),
+            Side::A => self.bridge.a.remote_uri.clone(),
             Side::B => self
-                .b_dialog
+                .bridge
+                .b
                 .as_ref()
                 .map(|d| d.remote_uri.clone())
-                .unwrap_or_else(|| self.a_dialog.local_uri.clone()),
+                .unwrap_or_else(|| self.bridge.a.local_uri.clone()),
         };
         from.set_tag(&new_tag());
         let mut headers = Headers::new();
@@ -493,8 +494,8 @@ impl Call {
         reply: oneshot::Sender<Result<HandedLeg, (u16, String)>>,
     ) {
         let named_dialog = match named {
-            Side::A => Some(&self.a_dialog),
-            Side::B => self.b_dialog.as_ref(),
+            Side::A => Some(&self.bridge.a),
+            Side::B => self.bridge.b.as_ref(),
         };
         let matches = named_dialog.is_some_and(|d| d.remote_tag == from_tag);
         if !matches || self.ended {
@@ -503,21 +504,21 @@ impl Call {
         }
         // RFC 3891 3: only a confirmed dialog is replaced here (an early one that we did
         // not initiate must get 481; we do not pick up ringing calls).
-        if self.a_dialog.state != DialogState::Confirmed || self.b_dialog.is_none() {
+        if self.bridge.a.state != DialogState::Confirmed || self.bridge.b.is_none() {
             let _ = reply.send(Err((481, "Replaces matches an early dialog".into())));
             return;
         }
         let give = named.other();
         let dialog = match give {
-            Side::A => self.a_dialog.clone(),
-            Side::B => self.b_dialog.clone().expect("checked above"),
+            Side::A => self.bridge.a.clone(),
+            Side::B => self.bridge.b.clone().expect("checked above"),
         };
         // Forget the leg we give away (its new call indexes it), then end the other one.
         self.unindex(&DialogKey::new(&dialog.call_id, &dialog.local_tag));
         match give {
-            Side::A => self.a_dialog.state = DialogState::Terminated,
+            Side::A => self.bridge.a.state = DialogState::Terminated,
             Side::B => {
-                self.b_dialog = None;
+                self.bridge.b = None;
             }
         }
         let _ = reply.send(Ok(HandedLeg { dialog }));
@@ -584,8 +585,8 @@ impl Call {
     /// or with its offer when our caller's INVITE had none: then the caller's ACK carries
     /// the answer, which goes on in the ACK of this 2xx, as with a late offer).
     fn on_replace_answered(&mut self, bid: u64, resp: Response) {
-        if self.b_branch == Some(bid) {
-            if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
+        if self.bridge.b_branch == Some(bid) {
+            if let (Some(ack), Some(d)) = (&self.bridge.b_ack, &self.bridge.b) {
                 let (ack, flow) = (ack.clone(), d.flow);
                 let _ = self.send_ack(&flow, &ack);
             }
@@ -601,10 +602,10 @@ impl Call {
             let via = self.inner.local.via(&dialog.flow);
             let ack = dialog.ack(seq, via);
             let _ = self.send_ack(&dialog.flow, &ack);
-            self.b_ack = Some(ack);
+            self.bridge.b_ack = Some(ack);
         }
-        self.b_branch = Some(bid);
-        self.b_dialog = Some(dialog);
+        self.bridge.b_branch = Some(bid);
+        self.bridge.b = Some(dialog);
         self.answer_caller(&resp);
         self.count_transfer(TransferKind::Attended, 1);
     }
@@ -665,12 +666,12 @@ impl Call {
                 ClientEvent::Final(resp) if resp.is_success() => self.on_transferee_answer(resp),
                 ClientEvent::Final(resp) => {
                     self.clients.remove(&id);
-                    self.reinvite_from = None;
+                    self.bridge.reinvite_ended();
                     self.leg_lost(resp.status, &resp.reason, DialSource::Callee);
                 }
                 ClientEvent::Timeout | ClientEvent::TransportError(_) => {
                     self.clients.remove(&id);
-                    self.reinvite_from = None;
+                    self.bridge.reinvite_ended();
                     self.leg_lost(408, "Request Timeout", DialSource::Callee);
                 }
                 ClientEvent::Provisional(_) => {}
@@ -830,12 +831,12 @@ impl Call {
             t.reinvite_seq = seq;
         }
         // Our own re-INVITE counts for glare (RFC 3261 14.2).
-        self.reinvite_from = Some(transferee.other());
+        let _ = self.bridge.on_reinvite(transferee.other());
         if self
             .send_client(reinvite, flow, Purpose::Transfer(TransferStep::Reinvite))
             .is_none()
         {
-            self.reinvite_from = None;
+            self.bridge.reinvite_ended();
             self.leg_lost(503, "Transport error", DialSource::Local);
         }
     }
@@ -853,7 +854,7 @@ impl Call {
         };
         let transferee = t.transferee;
         let seq = t.reinvite_seq;
-        self.reinvite_from = None;
+        self.bridge.reinvite_ended();
         let inner = self.inner.clone();
         let Some(d) = self.dialog_mut(transferee) else {
             return;
@@ -902,15 +903,15 @@ impl Call {
         let new_key = DialogKey::new(&new_dialog.call_id, &new_dialog.local_tag);
         let old = match replaced {
             Side::B => {
-                let old = self.b_dialog.replace(new_dialog);
-                self.b_branch = bid;
-                self.b_ack = t.leg_ack.take();
+                let old = self.bridge.b.replace(new_dialog);
+                self.bridge.b_branch = bid;
+                self.bridge.b_ack = t.leg_ack.take();
                 old
             }
             Side::A => {
                 let contact = self.inner.local.contact(&new_dialog.flow);
-                let old = std::mem::replace(&mut self.a_dialog, new_dialog);
-                self.a_contact = contact;
+                let old = std::mem::replace(&mut self.bridge.a, new_dialog);
+                self.bridge.a_contact = contact;
                 // The target's dialog is now side A; its branch entry goes (keeping the
                 // dialog's index key, now pointing at side A).
                 if let Some(bid) = bid {
@@ -932,6 +933,7 @@ impl Call {
         let stays = match t.transferee {
             Side::A => self.a_invite.base.from.uri.to_string(),
             Side::B => self
+                .bridge
                 .b_branch
                 .and_then(|b| self.fork.get(b))
                 .map(|b| b.invite.uri.to_string())
@@ -978,8 +980,8 @@ impl Call {
     /// leg's Call-ID and where that leg goes).
     fn snapshot_new_party(&self, replaced: Side, target: &str) {
         let (dialog, target) = match replaced {
-            Side::A => (&self.a_dialog, target.trim().to_owned()),
-            Side::B => match &self.b_dialog {
+            Side::A => (&self.bridge.a, target.trim().to_owned()),
+            Side::B => match &self.bridge.b {
                 Some(d) => (d, target.trim().to_owned()),
                 None => return,
             },
@@ -1193,37 +1195,16 @@ impl Call {
         self.leg_lost(487, "Call ended", DialSource::Caller);
     }
 
-    /// A re-INVITE relayed from `from`: remember a hold offer (RFC 3264 8.4: sendonly or
-    /// inactive), forget it when the same party resumes.
-    pub(super) fn note_hold(&mut self, from: Side, req: &Request) {
-        if req.body.is_empty() {
-            return;
-        }
-        let sdp = String::from_utf8_lossy(&req.body);
-        let holds = sdp
-            .lines()
-            .any(|l| matches!(l.trim(), "a=sendonly" | "a=inactive"));
-        if holds {
-            self.hold = Some((from, req.body.clone()));
-        } else if self.hold.as_ref().is_some_and(|(s, _)| *s == from) {
-            self.hold = None;
-        }
-    }
-
-    /// The transferor had put the transferee on hold before its transfer failed: the
-    /// transferee is taken off hold with the transferor's offer made sendrecv again
-    /// (the call is left as it was before the hold).
     fn resume_after_failed_transfer(&mut self, t: &Transfer) {
         let Some(transferor) = t.transferor else {
             return;
         };
-        let Some((holder, sdp)) = self.hold.clone() else {
-            return;
-        };
-        if holder != transferor || t.transferor_gone {
+        if t.transferor_gone {
             return;
         }
-        self.hold = None;
+        let Some(sdp) = self.bridge.take_hold(transferor) else {
+            return;
+        };
         let body = resume_sdp(&String::from_utf8_lossy(&sdp));
         let side = t.transferee;
         let contact = self.contact_for(side);
