@@ -624,7 +624,7 @@ async fn two_nodes_share_registrations_through_redis() {
     .unwrap();
     let node = |_: u8| {
         let mut c = test_config();
-        c.registrar.store = strowger::config::RegistrarStore::Redis;
+        c.registrar.store = strowger::registrar::RegistrarStore::Redis;
         c.redis.url = redis.url();
         c.script.path = plan.display().to_string();
         c
