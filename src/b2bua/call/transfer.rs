@@ -69,8 +69,25 @@ pub struct HandedLeg {
     pub dialog: Dialog,
 }
 
+/// Where a transfer is (the steps of the module header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Step 1: the REFER waits for the script's verdict (`on_refer`).
+    Deciding,
+    /// Step 2: the target is called (an INVITE without SDP; attended: an offerless
+    /// re-INVITE of the leg taken over).
+    Calling,
+    /// The target answered with its offer; the transferee gets it as soon as it may be
+    /// re-INVITEd (RFC 3261 14.1: not before the caller ACKed the call's 2xx).
+    Offered,
+    /// Step 3: the transferee's re-INVITE with the offer is out; its 2xx switches the
+    /// legs (step 4) and ends the transfer.
+    Reinviting,
+}
+
 /// A transfer in progress.
 pub(super) struct Transfer {
+    state: State,
     kind: TransferKind,
     /// Who asked (None: the server).
     transferor: Option<Side>,
@@ -110,6 +127,7 @@ impl Transfer {
         target: String,
     ) -> Transfer {
         Transfer {
+            state: State::Calling,
             kind,
             transferor,
             transferee,
@@ -130,6 +148,50 @@ impl Transfer {
             reinvite_seq: 0,
             reply: None,
         }
+    }
+}
+
+impl Transfer {
+    /// A REFER's transfer: it waits for the script first.
+    fn refer(kind: TransferKind, transferor: Side, target: String) -> Transfer {
+        Transfer {
+            state: State::Deciding,
+            ..Transfer::new(kind, Some(transferor), transferor.other(), target)
+        }
+    }
+
+    /// The script allowed the REFER: the target is called.
+    fn decided(&mut self) {
+        if self.state == State::Deciding {
+            self.state = State::Calling;
+        }
+    }
+
+    /// The target has answered (its 2xx again is a retransmission).
+    fn target_answered(&self) -> bool {
+        matches!(self.state, State::Offered | State::Reinviting)
+    }
+
+    /// The target's offer: false when it came already (a retransmitted 2xx).
+    fn offered(&mut self, body: Bytes, content_type: Option<String>) -> bool {
+        if self.state != State::Calling {
+            return false;
+        }
+        self.offer = Some((body, content_type));
+        self.state = State::Offered;
+        true
+    }
+
+    /// Whether the transferee may be re-INVITEd with the offer now (`caller_awaiting_ack`:
+    /// the call's 2xx to the caller is not ACKed yet, RFC 3261 14.1).
+    fn may_reinvite(&self, caller_awaiting_ack: bool) -> bool {
+        self.state == State::Offered && !(self.transferee == Side::A && caller_awaiting_ack)
+    }
+
+    /// The transferee's re-INVITE went with CSeq `seq`.
+    fn reinviting(&mut self, seq: u32) {
+        self.reinvite_seq = seq;
+        self.state = State::Reinviting;
     }
 }
 
@@ -257,7 +319,7 @@ impl Call {
             referred_by: referred_by.clone(),
             replaces: replaces.clone(),
         };
-        let mut t = Transfer::new(kind, Some(side), side.other(), target);
+        let mut t = Transfer::refer(kind, side, target);
         t.event_id = req.base.cseq.seq;
         t.refer = Some((tx, req));
         t.notify = notify;
@@ -322,6 +384,7 @@ impl Call {
         }
         t.target = target;
         t.referred_by = referred_by;
+        t.decided();
         let mut ok = req.response(202);
         if !t.notify {
             ok.headers.push("Refer-Sub", "false");
@@ -745,7 +808,7 @@ impl Call {
                 let _ = self.send_ack(&flow, &ack);
                 return;
             }
-            if t.leg_dialog.is_some() {
+            if t.target_answered() {
                 // Waiting for the transferee's answer; the ACK follows then.
                 return;
             }
@@ -771,7 +834,7 @@ impl Call {
         let Some(t) = self.transfer.as_mut() else {
             return;
         };
-        if t.offer.is_some() {
+        if t.target_answered() {
             // A retransmitted 2xx of the offerless re-INVITE: ACK again if we have.
             if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
                 let (ack, flow) = (ack.clone(), d.flow);
@@ -784,15 +847,14 @@ impl Call {
             self.leg_lost(488, "Target answered without an offer", DialSource::Callee);
             return;
         }
-        t.offer = Some((
+        t.offered(
             resp.body.clone(),
             resp.headers.get("Content-Type").map(str::to_owned),
-        ));
+        );
         // RFC 3261 14.1: no re-INVITE to the caller before it ACKed the call's 2xx.
-        if t.transferee == Side::A && self.caller.awaiting_ack() {
-            return;
+        if t.may_reinvite(self.caller.awaiting_ack()) {
+            self.send_transfer_reinvite();
         }
-        self.send_transfer_reinvite();
     }
 
     /// The caller ACKed the call's 2xx: a transfer waiting for that goes on.
@@ -800,7 +862,7 @@ impl Call {
         let waiting = self
             .transfer
             .as_ref()
-            .is_some_and(|t| t.offer.is_some() && t.reinvite_seq == 0);
+            .is_some_and(|t| t.may_reinvite(false));
         if waiting {
             self.send_transfer_reinvite();
         }
@@ -828,7 +890,7 @@ impl Call {
         reinvite.body = body;
         let seq = reinvite.base.cseq.seq;
         if let Some(t) = self.transfer.as_mut() {
-            t.reinvite_seq = seq;
+            t.reinviting(seq);
         }
         // Our own re-INVITE counts for glare (RFC 3261 14.2).
         let _ = self.bridge.on_reinvite(transferee.other());
@@ -1341,6 +1403,45 @@ mod tests {
         let r = resume_sdp(sdp);
         assert!(r.contains("o=b 1 8 IN IP4"), "{r}");
         assert!(r.contains("a=sendrecv") && !r.contains("sendonly"), "{r}");
+    }
+
+    /// The transfer's steps: the REFER waits for the script; one offer; the transferee's
+    /// re-INVITE waits for the caller's ACK of the call's 2xx (RFC 3261 14.1).
+    #[test]
+    fn transfer_steps() {
+        let mut t = Transfer::refer(TransferKind::Blind, Side::B, "sip:c@h".into());
+        assert_eq!((t.state, t.transferee), (State::Deciding, Side::A));
+        assert!(
+            !t.offered(Bytes::from_static(b"v=0"), None),
+            "not called yet"
+        );
+        t.decided();
+        assert_eq!(t.state, State::Calling);
+        assert!(!t.target_answered() && !t.may_reinvite(false));
+        assert!(t.offered(Bytes::from_static(b"v=0"), None));
+        assert!(
+            !t.offered(Bytes::from_static(b"v=1"), None),
+            "a retransmitted 2xx"
+        );
+        assert_eq!(
+            t.offer.as_ref().map(|o| o.0.clone()),
+            Some(Bytes::from_static(b"v=0"))
+        );
+        assert!(t.target_answered());
+        assert!(
+            !t.may_reinvite(true),
+            "the caller has not ACKed the call's 2xx"
+        );
+        assert!(t.may_reinvite(false));
+        t.reinviting(5);
+        assert!(!t.may_reinvite(false), "once");
+        assert_eq!((t.state, t.reinvite_seq), (State::Reinviting, 5));
+        // A server transfer of the callee side: no REFER, and the caller's ACK does not
+        // hold up a re-INVITE of the callee.
+        let mut t = Transfer::new(TransferKind::Server, None, Side::B, "sip:c@h".into());
+        assert_eq!(t.state, State::Calling);
+        t.offered(Bytes::from_static(b"v=0"), None);
+        assert!(t.may_reinvite(true));
     }
 
     #[test]
