@@ -5,6 +5,22 @@
 //!
 //! The script's `on_invite` runs as its own task and talks to this one through
 //! [`CallEvent::Dial`]: a dial is a request with a reply channel.
+//!
+//! The call is made of parts, each a sans-IO state machine that owns its state and is
+//! unit-tested on tokio's paused clock; the task feeds them events and runs the actions
+//! they return (sends, timers, script replies):
+//! - [`caller`]: answering the caller's INVITE (provisionals, PRACK, 2xx until ACK,
+//!   CANCEL);
+//! - [`fork`]: the B side's INVITE branches and the dial (RFC 3261 9.1 CANCEL rules, late
+//!   2xx, 16.7 best response, ring timeout, where an outcome came from);
+//! - [`bridge`]: the two dialogs and relaying between them (glare, ACK mapping, hold);
+//! - `transfer`: REFER, Replaces and server transfers (its own state enum; its steps are
+//!   still methods of the call);
+//! - [`control`]: the script's handle on the call.
+//!
+//! After the call ends, its task stays only while a branch still owes a CANCEL or may
+//! answer late (bounded by 128*T1), so that nobody's phone rings on or is answered into
+//! silence.
 
 mod bridge;
 mod caller;

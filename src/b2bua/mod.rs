@@ -6,7 +6,7 @@
 //! transaction state (it uses `ServerTransaction`/`TransactionLayer`), the script's VMs
 //! (it uses `ScriptEngine`).
 //!
-//! Each call is one task ([`call::Call`]); the index routes in-dialog requests, ACKs,
+//! Each call is one task (`call::Call`); the index routes in-dialog requests, ACKs,
 //! CANCELs and stray responses to it. The index is sharded so that calls on both cores do
 //! not contend on one lock.
 
