@@ -20,6 +20,13 @@
 //! A server-started transfer (`call:transfer`, `POST /calls/{id}/transfer`) runs steps
 //! 2-4 with no REFER and no NOTIFYs; the other party gets BYE.
 
+mod messages;
+mod state;
+
+use messages::{build_notify, resume_sdp};
+pub use messages::{parse_replaces, refer_to};
+pub(super) use state::Transfer;
+
 use super::fork::Owner;
 use super::{Call, CallEvent, Purpose, Side};
 use crate::b2bua::net::resolve;
@@ -69,132 +76,6 @@ pub struct HandedLeg {
     pub dialog: Dialog,
 }
 
-/// Where a transfer is (the steps of the module header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Step 1: the REFER waits for the script's verdict (`on_refer`).
-    Deciding,
-    /// Step 2: the target is called (an INVITE without SDP; attended: an offerless
-    /// re-INVITE of the leg taken over).
-    Calling,
-    /// The target answered with its offer; the transferee gets it as soon as it may be
-    /// re-INVITEd (RFC 3261 14.1: not before the caller ACKed the call's 2xx).
-    Offered,
-    /// Step 3: the transferee's re-INVITE with the offer is out; its 2xx switches the
-    /// legs (step 4) and ends the transfer.
-    Reinviting,
-}
-
-/// A transfer in progress.
-pub(super) struct Transfer {
-    state: State,
-    kind: TransferKind,
-    /// Who asked (None: the server).
-    transferor: Option<Side>,
-    transferee: Side,
-    /// The transferor hung up while the transfer ran.
-    transferor_gone: bool,
-    /// The REFER until it is answered (after the script's decision).
-    refer: Option<(ServerTransaction, Request)>,
-    /// NOTIFY the transferor (implicit subscription, RFC 3515 2.4.4; not with
-    /// `Refer-Sub: false`, RFC 4488).
-    notify: bool,
-    /// The REFER's CSeq: `Event: refer;id=` (RFC 3515 2.4.6).
-    event_id: u32,
-    target: String,
-    referred_by: Option<String>,
-    replaces: Option<String>,
-    /// The target's branch while it rings (blind, server).
-    leg: Option<u64>,
-    deadline: Option<Instant>,
-    ringing: bool,
-    /// The target's confirmed dialog and the ACK sent to its 2xx.
-    leg_dialog: Option<Dialog>,
-    leg_invite_seq: u32,
-    leg_ack: Option<Request>,
-    /// The target's offer and its Content-Type.
-    offer: Option<(Bytes, Option<String>)>,
-    /// Our re-INVITE to the transferee, for its ACK.
-    reinvite_seq: u32,
-    reply: Option<oneshot::Sender<DialOutcome>>,
-}
-
-impl Transfer {
-    fn new(
-        kind: TransferKind,
-        transferor: Option<Side>,
-        transferee: Side,
-        target: String,
-    ) -> Transfer {
-        Transfer {
-            state: State::Calling,
-            kind,
-            transferor,
-            transferee,
-            transferor_gone: false,
-            refer: None,
-            notify: false,
-            event_id: 0,
-            target,
-            referred_by: None,
-            replaces: None,
-            leg: None,
-            deadline: None,
-            ringing: false,
-            leg_dialog: None,
-            leg_invite_seq: 1,
-            leg_ack: None,
-            offer: None,
-            reinvite_seq: 0,
-            reply: None,
-        }
-    }
-}
-
-impl Transfer {
-    /// A REFER's transfer: it waits for the script first.
-    fn refer(kind: TransferKind, transferor: Side, target: String) -> Transfer {
-        Transfer {
-            state: State::Deciding,
-            ..Transfer::new(kind, Some(transferor), transferor.other(), target)
-        }
-    }
-
-    /// The script allowed the REFER: the target is called.
-    fn decided(&mut self) {
-        if self.state == State::Deciding {
-            self.state = State::Calling;
-        }
-    }
-
-    /// The target has answered (its 2xx again is a retransmission).
-    fn target_answered(&self) -> bool {
-        matches!(self.state, State::Offered | State::Reinviting)
-    }
-
-    /// The target's offer: false when it came already (a retransmitted 2xx).
-    fn offered(&mut self, body: Bytes, content_type: Option<String>) -> bool {
-        if self.state != State::Calling {
-            return false;
-        }
-        self.offer = Some((body, content_type));
-        self.state = State::Offered;
-        true
-    }
-
-    /// Whether the transferee may be re-INVITEd with the offer now (`caller_awaiting_ack`:
-    /// the call's 2xx to the caller is not ACKed yet, RFC 3261 14.1).
-    fn may_reinvite(&self, caller_awaiting_ack: bool) -> bool {
-        self.state == State::Offered && !(self.transferee == Side::A && caller_awaiting_ack)
-    }
-
-    /// The transferee's re-INVITE went with CSeq `seq`.
-    fn reinviting(&mut self, seq: u32) {
-        self.reinvite_seq = seq;
-        self.state = State::Reinviting;
-    }
-}
-
 /// A transfer as the call record shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TransferNote {
@@ -211,68 +92,6 @@ fn side_name(side: Side) -> &'static str {
         Side::A => "caller",
         Side::B => "callee",
     }
-}
-
-/// `%XX` escapes of a URI header value (RFC 3261 19.1.1).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A Replaces value (RFC 3891 6.1): Call-ID, to-tag, from-tag.
-pub fn parse_replaces(v: &str) -> Option<(String, String, String)> {
-    let mut parts = v.split(';');
-    let call_id = parts.next()?.trim().to_owned();
-    let (mut to, mut from) = (None, None);
-    for p in parts {
-        let (k, val) = p.split_once('=')?;
-        match k.trim().to_ascii_lowercase().as_str() {
-            "to-tag" => to = Some(val.trim().to_owned()),
-            "from-tag" => from = Some(val.trim().to_owned()),
-            _ => {}
-        }
-    }
-    (!call_id.is_empty()).then_some((call_id, to?, from?))
-}
-
-/// The Refer-To of a REFER: its URI without headers, and the Replaces among its headers.
-/// Errors are the 400's reason.
-pub fn refer_to(req: &Request) -> Result<(Uri, Option<String>), &'static str> {
-    let values: Vec<String> = req.headers.list("Refer-To");
-    if values.is_empty() {
-        return Err("Missing Refer-To");
-    }
-    // RFC 3515 2.1: exactly one Refer-To.
-    if values.len() > 1 {
-        return Err("Exactly one Refer-To allowed");
-    }
-    let na = NameAddr::parse(&values[0]).map_err(|_| "Bad Refer-To")?;
-    let mut uri = na.uri;
-    let mut replaces = None;
-    if let Some(h) = uri.headers.take() {
-        for kv in h.split('&') {
-            if let Some((k, v)) = kv.split_once('=') {
-                if k.eq_ignore_ascii_case("Replaces") {
-                    replaces = Some(unescape(v));
-                }
-            }
-        }
-    }
-    Ok((uri, replaces))
 }
 
 impl Call {
@@ -1316,29 +1135,6 @@ impl Call {
     }
 }
 
-/// A hold offer made sendrecv, with its `o=` version one higher (RFC 3264 8: a new offer
-/// in the same session).
-fn resume_sdp(sdp: &str) -> String {
-    let mut out = String::with_capacity(sdp.len() + 2);
-    for line in sdp.lines() {
-        let line = line.trim_end_matches('\r');
-        let line = match line {
-            "a=sendonly" | "a=inactive" | "a=recvonly" => "a=sendrecv".to_owned(),
-            l if l.starts_with("o=") => {
-                let mut f: Vec<String> = l.split(' ').map(str::to_owned).collect();
-                if let Some(v) = f.get_mut(2).and_then(|v| v.parse::<u64>().ok()) {
-                    f[2] = (v + 1).to_string();
-                }
-                f.join(" ")
-            }
-            l => l.to_owned(),
-        };
-        out.push_str(&line);
-        out.push_str("\r\n");
-    }
-    out
-}
-
 /// Asks the call owning dialog (`call_id`, our tag `to_tag`, their tag `from_tag`) for
 /// the leg facing away from that dialog (RFC 3891: the dialog named is the one being
 /// replaced; the other party of that call is who the new party gets connected to).
@@ -1365,93 +1161,4 @@ pub(super) async fn take_leg(
         })
         .map_err(|_| no_match())?;
     rx.await.unwrap_or_else(|_| Err(no_match()))
-}
-
-/// NOTIFY for the REFER subscription of `d` (RFC 3515 2.4.4-2.4.6, RFC 3420 sipfrag).
-fn build_notify(
-    d: &mut Dialog,
-    event_id: u32,
-    status_line: &str,
-    last: bool,
-    contact: &str,
-    inner: &crate::b2bua::B2buaInner,
-) -> Request {
-    let via = inner.local.via(&d.flow);
-    let mut n = d.request(Method::Notify, via, Some(contact));
-    n.headers.push("Event", format!("refer;id={event_id}"));
-    n.headers.push(
-        "Subscription-State",
-        if last {
-            "terminated;reason=noresource".to_owned()
-        } else {
-            "active;expires=60".to_owned()
-        },
-    );
-    n.headers
-        .push("Content-Type", "message/sipfrag;version=2.0");
-    n.body = Bytes::from(format!("{status_line}\r\n"));
-    n
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_hold_offer_resumes_as_sendrecv_with_a_new_version() {
-        let sdp = "v=0\r\no=b 1 7 IN IP4 127.0.0.1\r\ns=-\r\nm=audio 9 RTP/AVP 0\r\na=sendonly\r\n";
-        let r = resume_sdp(sdp);
-        assert!(r.contains("o=b 1 8 IN IP4"), "{r}");
-        assert!(r.contains("a=sendrecv") && !r.contains("sendonly"), "{r}");
-    }
-
-    /// The transfer's steps: the REFER waits for the script; one offer; the transferee's
-    /// re-INVITE waits for the caller's ACK of the call's 2xx (RFC 3261 14.1).
-    #[test]
-    fn transfer_steps() {
-        let mut t = Transfer::refer(TransferKind::Blind, Side::B, "sip:c@h".into());
-        assert_eq!((t.state, t.transferee), (State::Deciding, Side::A));
-        assert!(
-            !t.offered(Bytes::from_static(b"v=0"), None),
-            "not called yet"
-        );
-        t.decided();
-        assert_eq!(t.state, State::Calling);
-        assert!(!t.target_answered() && !t.may_reinvite(false));
-        assert!(t.offered(Bytes::from_static(b"v=0"), None));
-        assert!(
-            !t.offered(Bytes::from_static(b"v=1"), None),
-            "a retransmitted 2xx"
-        );
-        assert_eq!(
-            t.offer.as_ref().map(|o| o.0.clone()),
-            Some(Bytes::from_static(b"v=0"))
-        );
-        assert!(t.target_answered());
-        assert!(
-            !t.may_reinvite(true),
-            "the caller has not ACKed the call's 2xx"
-        );
-        assert!(t.may_reinvite(false));
-        t.reinviting(5);
-        assert!(!t.may_reinvite(false), "once");
-        assert_eq!((t.state, t.reinvite_seq), (State::Reinviting, 5));
-        // A server transfer of the callee side: no REFER, and the caller's ACK does not
-        // hold up a re-INVITE of the callee.
-        let mut t = Transfer::new(TransferKind::Server, None, Side::B, "sip:c@h".into());
-        assert_eq!(t.state, State::Calling);
-        t.offered(Bytes::from_static(b"v=0"), None);
-        assert!(t.may_reinvite(true));
-    }
-
-    #[test]
-    fn replaces_and_escapes() {
-        assert_eq!(
-            parse_replaces("abc@h;to-tag=t1;from-tag=f1"),
-            Some(("abc@h".into(), "t1".into(), "f1".into()))
-        );
-        assert_eq!(parse_replaces("abc@h;to-tag=t1"), None);
-        assert_eq!(unescape("a%3Bto-tag%3Dx"), "a;to-tag=x");
-        assert_eq!(unescape("100%"), "100%");
-    }
 }
