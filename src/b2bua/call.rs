@@ -36,7 +36,6 @@ use fork::{Fork, Owner};
 pub use transfer::{refer_to, HandedLeg, TransferKind, TransferNote};
 use transfer::{Transfer, TransferStep};
 
-use super::net::resolve;
 use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
 use crate::dialog::{Dialog, DialogState};
@@ -46,6 +45,7 @@ use crate::script::{
 };
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::resolve;
 use crate::transport::{Target, TransportKind};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -977,7 +977,7 @@ impl Call {
 
     /// Counts a dial's outcome (`strowger_dial_outcomes_total`).
     fn count_dial(&self, status: u16) {
-        let i = crate::metrics::dial_outcome(status, self.caller.cancelled());
+        let i = super::metrics::dial_outcome(status, self.caller.cancelled());
         self.inner.stats.dial_outcomes[i].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -1096,7 +1096,10 @@ impl Call {
         }
         if first {
             if let Ok(t) = SystemTime::now().duration_since(self.start) {
-                crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_18X, t.as_secs_f64());
+                self.inner
+                    .histograms
+                    .setup
+                    .observe(super::SetupStage::Ringing, t.as_secs_f64());
             }
         }
         let _ = self.a_tx.respond(r);
@@ -1191,7 +1194,10 @@ impl Call {
         let _ = self.a_tx.respond(r);
         let now = SystemTime::now();
         if let Ok(setup) = now.duration_since(self.start) {
-            crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_200, setup.as_secs_f64());
+            self.inner
+                .histograms
+                .setup
+                .observe(super::SetupStage::Answered, setup.as_secs_f64());
         }
         self.answer = Some(now);
         self.final_status = resp.status;
@@ -1692,7 +1698,7 @@ impl Call {
         }
         let end = SystemTime::now();
         if let Some(d) = self.answer.and_then(|a| end.duration_since(a).ok()) {
-            crate::metrics::CALL_DURATION.observe(d.as_secs_f64());
+            self.inner.histograms.duration.observe(d.as_secs_f64());
         }
         if let Some(r) = self.route {
             self.inner
