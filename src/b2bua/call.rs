@@ -26,6 +26,8 @@ mod bridge;
 mod caller;
 mod control;
 mod fork;
+#[cfg(test)]
+mod test_util;
 mod transfer;
 
 use bridge::{Bridge, Reinvite};
@@ -1622,13 +1624,11 @@ impl Call {
         self.watch(super::watch::CallPhase::Terminated); // watch:
                                                          // Branches still pending are CANCELled (those that have not rung yet when they
                                                          // do: the task stays until they are settled, see `run`).
-        let source = if by == "caller" {
-            DialSource::Caller
-        } else {
-            DialSource::Local
-        };
-        let a = self.fork.end_dial(487, "Call ended", source);
+                                                         // The dial's outcome was given where the call ended for a reason (CANCEL, PRACK
+                                                         // timeout); here nobody waits for it any more, and it is not counted again.
+        let a = self.fork.abandon_dial();
         self.run_fork(a, None);
+        self.dial_reply = None;
         self.max_duration = None;
         self.caller.stop();
         self.unindex(&DialogKey::new(

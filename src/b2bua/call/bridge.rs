@@ -140,21 +140,10 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::{parse, SipMessage};
     use crate::transport::{Target, TransportKind};
 
     fn bridge() -> Bridge {
-        let text = "INVITE sip:bob@b2bua.example SIP/2.0\r\n\
-             Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKcaller\r\n\
-             From: <sip:alice@a.example>;tag=alice\r\n\
-             To: <sip:bob@b2bua.example>\r\n\
-             Call-ID: caller@a.example\r\n\
-             CSeq: 1 INVITE\r\n\
-             Contact: <sip:alice@192.0.2.1>\r\n\
-             Content-Length: 0\r\n\r\n";
-        let Ok((SipMessage::Request(invite), _)) = parse(text.as_bytes()) else {
-            panic!("fixture");
-        };
+        let invite = super::super::test_util::caller_invite();
         let flow = Target {
             transport: TransportKind::Udp,
             addr: "192.0.2.1:5060".parse().unwrap(),

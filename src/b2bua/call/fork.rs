@@ -205,6 +205,14 @@ impl Fork {
         out
     }
 
+    /// The call ended with nobody waiting for the dial: its pending branches are
+    /// cancelled, no outcome is given.
+    pub fn abandon_dial(&mut self) -> Actions {
+        let out = self.cancel_all();
+        self.dial = None;
+        out
+    }
+
     // ---- branches ---------------------------------------------------------------------
 
     /// A new branch whose INVITE is about to be sent.

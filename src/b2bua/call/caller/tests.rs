@@ -1,26 +1,11 @@
 //! The caller's leg on tokio's paused clock: RFC 3261 13.3.1.4 (2xx until ACK), RFC 3262
 //! (reliable provisionals, PRACK), 9.2 (CANCEL only while the INVITE is pending).
 
+use super::super::test_util::caller_invite as invite;
 use super::*;
-use crate::sip::{parse, Request, SipMessage};
 
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
-
-fn invite() -> Request {
-    let text = "INVITE sip:bob@b2bua.example SIP/2.0\r\n\
-         Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKcaller\r\n\
-         From: <sip:alice@a.example>;tag=alice\r\n\
-         To: <sip:bob@b2bua.example>\r\n\
-         Call-ID: caller@a.example\r\n\
-         CSeq: 1 INVITE\r\n\
-         Supported: 100rel\r\n\
-         Content-Length: 0\r\n\r\n";
-    match parse(text.as_bytes()) {
-        Ok((SipMessage::Request(r), _)) => r,
-        other => panic!("fixture does not parse: {other:?}"),
-    }
-}
 
 fn resp(status: u16) -> Response {
     let mut r = invite().response(status);

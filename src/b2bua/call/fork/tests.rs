@@ -256,6 +256,10 @@ async fn refused_targets_are_local() {
     // A second dial while one is in progress is refused.
     let mut f = dial(1);
     assert!(f.start_dial(None).is_none());
+    // Abandoned (the call ended, nobody waits): no outcome; its branch owes a CANCEL.
+    f.on_provisional(1, &response(1, 180));
+    assert_eq!(&f.abandon_dial()[..], [Action::Cancel(1)]);
+    assert!(f.start_dial(None).is_some());
 }
 
 /// A branch of an earlier dial never answers a later one.
