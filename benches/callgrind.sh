@@ -133,9 +133,9 @@ cpu_split() {
   echo "$u $s"
 }
 
-counters() { # server -> sets SYSC CSW CSW_LIVE USER_US SYS_US NAT_NOTE (per call)
+counters() { # server -> sets SYSC CSW VOL INVOL USER_US SYS_US (per call)
   local name=$1 port ok failed retrans t0 t1 t2 t3 have_perf=1
-  local u0 s0 u1 s1 u2 s2 u3 s3 c0 c1 c2 c3
+  local u0 s0 u1 s1 u2 s2 u3 s3 v0 v1 v2 v3 n0 n1 n2 n3
   perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1 || have_perf=0
   port=$(free_port)
   "start_$name" "$port"
@@ -143,16 +143,16 @@ counters() { # server -> sets SYSC CSW CSW_LIVE USER_US SYS_US NAT_NOTE (per cal
   sleep "$SETTLE_S"
   # Idle window.
   [ $have_perf = 1 ] && perf_start "$WORK/perf-$name-idle.csv"
-  t0=$(now); read -r u0 s0 < <(cpu_split "$SERVER_PID"); c0=$(ctxt_switches "$SERVER_PID")
+  t0=$(now); read -r u0 s0 < <(cpu_split "$SERVER_PID"); read -r v0 n0 < <(ctxt_switches "$SERVER_PID")
   sleep "$IDLE_S"
-  t1=$(now); read -r u1 s1 < <(cpu_split "$SERVER_PID"); c1=$(ctxt_switches "$SERVER_PID")
+  t1=$(now); read -r u1 s1 < <(cpu_split "$SERVER_PID"); read -r v1 n1 < <(ctxt_switches "$SERVER_PID")
   [ $have_perf = 1 ] && perf_stop
   # Calls, then the settle time in which their transactions end.
   [ $have_perf = 1 ] && perf_start "$WORK/perf-$name-calls.csv"
-  t2=$(now); read -r u2 s2 < <(cpu_split "$SERVER_PID"); c2=$(ctxt_switches "$SERVER_PID")
+  t2=$(now); read -r u2 s2 < <(cpu_split "$SERVER_PID"); read -r v2 n2 < <(ctxt_switches "$SERVER_PID")
   read -r ok failed retrans < <(run_uac "$port" "$CALLS" "$RATE")
   sleep "$SETTLE_S"
-  t3=$(now); read -r u3 s3 < <(cpu_split "$SERVER_PID"); c3=$(ctxt_switches "$SERVER_PID")
+  t3=$(now); read -r u3 s3 < <(cpu_split "$SERVER_PID"); read -r v3 n3 < <(ctxt_switches "$SERVER_PID")
   [ $have_perf = 1 ] && perf_stop
   stop_server
   local scale
@@ -160,20 +160,20 @@ counters() { # server -> sets SYSC CSW CSW_LIVE USER_US SYS_US NAT_NOTE (per cal
   per() { calc "round((($2) - ($1) * $scale) / max($ok, 1), ${3:-1})"; }
   USER_US=$(per "($u1-$u0)*1e6/$HZ" "($u3-$u2)*1e6/$HZ")
   SYS_US=$(per "($s1-$s0)*1e6/$HZ" "($s3-$s2)*1e6/$HZ")
-  CSW_LIVE=$(per "$c1-$c0" "$c3-$c2" 2)
+  VOL=$(per "$v1-$v0" "$v3-$v2" 2)
+  INVOL=$(per "$n1-$n0" "$n3-$n2" 2)
   if [ $have_perf = 1 ]; then
     SYSC=$(per "$(perf_value "$WORK/perf-$name-idle.csv" syscalls)" \
       "$(perf_value "$WORK/perf-$name-calls.csv" syscalls)" 2)
     CSW=$(per "$(perf_value "$WORK/perf-$name-idle.csv" context-switches)" \
       "$(perf_value "$WORK/perf-$name-calls.csv" context-switches)" 2)
   else
-    CSW=$CSW_LIVE
+    CSW=$(calc "$VOL+$INVOL")
     SYSC=$(strace_syscalls "$name")
   fi
-  NAT_NOTE="$ok ok, $failed failed, $retrans retransmitted (SIPp)"
   echo "$name native: $ok calls ($failed failed, $retrans SIPp retransmissions) in" \
-    "$(calc "round($t3-$t2,1)") s: $SYSC syscalls, $CSW context switches ($CSW_LIVE of live" \
-    "threads), $USER_US us user + $SYS_US us system CPU per call" >&2
+    "$(calc "round($t3-$t2,1)") s: $SYSC syscalls, $CSW context switches (live threads:" \
+    "$VOL voluntary, $INVOL involuntary), $USER_US us user + $SYS_US us system CPU per call" >&2
 }
 
 # Without perf: system calls per call from a run under strace (which slows the server, so
@@ -202,13 +202,13 @@ ROWS=()
 for s in $SERVERS; do
   if [ "${NO_CALLGRIND:-0}" = 1 ]; then INSTR=0; else instructions "$s"; fi
   counters "$s"
-  ROWS+=("$s $INSTR $SYSC $CSW $CSW_LIVE $USER_US $SYS_US")
+  ROWS+=("$s $INSTR $SYSC $CSW $VOL $INVOL $USER_US $SYS_US")
 done
-printf '%-10s %14s %12s %14s %14s %9s %9s %10s\n' server "instr/call" "syscalls" \
-  "ctx sw (all)" "ctx sw (live)" "user us" "sys us" "u+s us"
+printf '%-10s %12s %9s %9s %9s %9s %9s %9s %9s\n' server "instr/call" "syscalls" \
+  "ctx sw" "(vol" "invol)" "user us" "sys us" "u+s us"
 for r in "${ROWS[@]}"; do
-  read -r n i y c l u k <<<"$r"
-  printf '%-10s %14s %12s %14s %14s %9s %9s %10s\n' "$n" "$i" "$y" "$c" "$l" "$u" "$k" \
+  read -r n i y c v l u k <<<"$r"
+  printf '%-10s %12s %9s %9s %9s %9s %9s %9s %9s\n' "$n" "$i" "$y" "$c" "$v" "$l" "$u" "$k" \
     "$(calc "round($u+$k,1)")"
 done
 echo "(per completed call; callgrind: $CG_CALLS calls at $CG_RATE/s; native: $CALLS calls at $RATE/s;" \

@@ -128,13 +128,15 @@ run_uac() {
     127.0.0.1:"$port" >/dev/null 2>&1 || true
   echo "$(stat_col "$stf" 'SuccessfulCall(C)') $(stat_col "$stf" 'FailedCall(C)') $(stat_col "$stf" 'Retransmissions(C)')"
 }
-# Context switches (voluntary + nonvoluntary) of every live thread of a process and its
-# children. Threads that have exited are not in it (perf's count in benches/callgrind.sh is).
+# Context switches of every live thread of a process and its children: "voluntary
+# nonvoluntary" (waits for work, preemptions). Threads that have exited are not in it
+# (perf's count in benches/callgrind.sh is).
 ctxt_switches() {
-  local total=0 p
+  local v=0 n=0 p a b
   for p in $(all_pids "$1"); do
-    total=$(( total + $(cat /proc/"$p"/task/*/status 2>/dev/null \
-      | awk '/^(non)?voluntary_ctxt_switches/{s+=$2} END{print s+0}') ))
+    read -r a b < <(cat /proc/"$p"/task/*/status 2>/dev/null \
+      | awk '/^voluntary_ctxt_switches/{v+=$2} /^nonvoluntary_ctxt_switches/{n+=$2} END{print v+0, n+0}')
+    v=$((v + a)); n=$((n + b))
   done
-  echo "$total"
+  echo "$v $n"
 }
