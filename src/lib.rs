@@ -4,6 +4,7 @@ pub mod admin;
 pub mod auth;
 pub mod b2bua;
 pub mod config;
+pub mod config_section;
 pub mod dialog;
 pub mod huntgroup;
 pub mod logging;

@@ -6,12 +6,69 @@
 //! Config keys: `log.level` (a level or an `EnvFilter` directive string; `RUST_LOG`, when
 //! set and non-empty, wins so an operator can turn up one module without editing the
 //! file), `log.format` (`text` or `json`, one JSON object per line). Output goes to
-//! stderr, leaving stdout to command output such as `strowger check`.
+//! stderr, leaving stdout to command output such as `strowger check`. The section's struct
+//! ([`LogConfig`]), defaults and checks live here.
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config_section::InvalidValue;
 use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
 use std::io::IsTerminal as _;
 use tracing_subscriber::EnvFilter;
+
+/// `[log]`.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A level (`trace` .. `error`) or a tracing `EnvFilter` directive string.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Deserialize, Serialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogConfig {
+    /// `level`: a level name, or an `EnvFilter` directive string. A lone word that is not a
+    /// level is refused even though `EnvFilter` would read it as a target name:
+    /// `level = "verbose"` is far more likely a typo than a wish to log one target only.
+    pub fn check(&self) -> Result<(), InvalidValue> {
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let level = &self.level;
+        let trimmed = level.trim();
+        let bad = |m: String| Err(InvalidValue::new("level", m));
+        if trimmed.is_empty() {
+            return bad("must not be empty (use trace, debug, info, warn or error)".into());
+        }
+        let is_directive = trimmed.contains(['=', ',', '[', ':']);
+        if !is_directive && !LEVELS.contains(&trimmed.to_ascii_lowercase().as_str()) {
+            return bad(format!(
+                "unknown level {level:?} (use trace, debug, info, warn, error, or a filter \
+                 directive such as \"info,strowger=debug\")"
+            ));
+        }
+        match EnvFilter::try_new(trimmed) {
+            Ok(_) => Ok(()),
+            Err(e) => bad(format!("bad filter directive {level:?}: {e}")),
+        }
+    }
+}
 
 /// Installs the global subscriber. Call it once per process; a second call (or a
 /// subscriber installed by someone else first) returns an error instead of panicking.
@@ -61,6 +118,16 @@ mod tests {
         assert_eq!(f.to_string(), "strowger=trace");
         let f = filter(&level("info,strowger::sip=debug"), None).unwrap();
         assert!(f.to_string().contains("strowger::sip=debug"));
+    }
+
+    #[test]
+    fn levels_are_checked() {
+        assert!(LogConfig::default().check().is_ok());
+        assert!(level("info,strowger=debug").check().is_ok());
+        assert!(level("WARN").check().is_ok());
+        for bad in ["", "verbose", "info,strowger=["] {
+            assert_eq!(level(bad).check().unwrap_err().key, "level", "{bad}");
+        }
     }
 
     #[test]

@@ -11,15 +11,15 @@
 //! so a file that cannot be written stops start-up), `storage.dir` and `[presence]` (the
 //! presence core, started here).
 
-use crate::auth::{Algorithm, DigestAuth, DigestConfig, Users};
+use crate::auth::{DigestAuth, Users};
 use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs, RecordWriter};
-use crate::config::{Config, RegistrarStore};
+use crate::config::Config;
 use crate::registrar::{
-    BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarConfig, SqliteStore,
+    BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarStore, SqliteStore,
 };
 use crate::script::{EngineOptions, LocationService, ScriptEngine};
 use crate::sip::{error_response, SipMessage};
-use crate::transaction::{TimerConfig, TransactionLayer};
+use crate::transaction::TransactionLayer;
 use crate::transport::{
     response_target, Inbound, InboundSink, ListenAddr, Sender, TransportKind, TransportLimits,
     Transports,
@@ -267,11 +267,11 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         local: LocalAddrs::new(transports.local_addrs()),
     });
     scripts.set_location(location.clone());
-    let (t1, t2, t4) = config.timers();
-    let timers = TimerConfig { t1, t2, t4 };
+    let timers = config.sip.timers.to_timers();
     let (digest, users) = load_auth(config)?;
     let core = Arc::new(UasCore::new(
-        config,
+        &config.sip,
+        &config.registrar,
         &transports.local_addrs(),
         digest.clone(),
         users.clone(),
@@ -487,7 +487,7 @@ async fn start_presence(
     (users, digest): (Option<Arc<Users>>, DigestAuth),
     b2bua: &B2bua,
 ) -> anyhow::Result<crate::presence::Presence> {
-    use crate::presence::{Presence, PresenceConfig, PresenceParts, SqlitePresenceStore};
+    use crate::presence::{Presence, PresenceParts, SqlitePresenceStore};
     let store: Arc<dyn crate::presence::PresenceStore> = match config.registrar.store {
         RegistrarStore::Embedded => {
             let dir = std::path::Path::new(&config.storage.dir);
@@ -507,16 +507,8 @@ async fn start_presence(
         .first()
         .map(|(k, a)| format!("{k}:{a}"))
         .unwrap_or_default();
-    let p = &config.presence;
     Presence::start(PresenceParts {
-        config: PresenceConfig {
-            domain: config.sip.domain.to_ascii_lowercase(),
-            max_message_size: p.max_message_size,
-            min_expires: p.min_expires,
-            max_expires: p.max_expires,
-            default_expires: p.default_expires,
-            min_notify_interval: Duration::from_millis(p.min_notify_interval_ms),
-        },
+        config: config.presence.policy(&config.sip.domain),
         layer: layer.clone(),
         local: LocalAddrs::new(transports.local_addrs()),
         scripts: scripts.clone(),
@@ -544,20 +536,7 @@ async fn start_presence(
 /// users of `registrar.users_file` when it is set.
 fn load_auth(config: &Config) -> anyhow::Result<(DigestAuth, Option<Arc<Users>>)> {
     let realm = config.sip.domain.clone();
-    let mut cfg = DigestConfig::new(realm.clone());
-    cfg.nonce_ttl = Duration::from_secs(config.auth.nonce_ttl_s);
-    cfg.max_failures = config.auth.max_failures;
-    cfg.failure_window = Duration::from_secs(config.auth.failure_window_s);
-    cfg.algorithms = config
-        .auth
-        .algorithms
-        .iter()
-        .map(|a| match a.as_str() {
-            "MD5" => Algorithm::Md5,
-            _ => Algorithm::Sha256,
-        })
-        .collect();
-    let digest = DigestAuth::new(cfg);
+    let digest = DigestAuth::new(config.auth.digest(realm.clone()));
     let path = config.registrar.users_file.trim();
     if path.is_empty() {
         tracing::warn!(
@@ -698,12 +677,7 @@ async fn start_registrar(config: &Config) -> anyhow::Result<Registrar> {
                 .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
         ),
     };
-    let cfg = RegistrarConfig {
-        min_expires: config.registrar.min_expires,
-        max_expires: config.registrar.max_expires,
-        default_expires: config.registrar.default_expires,
-    };
-    let registrar = Registrar::start(cfg, store)
+    let registrar = Registrar::start(config.registrar.policy(), store)
         .await
         .context("loading registrations")?;
     tracing::info!(bindings = registrar.count(), "registrar ready");

@@ -11,12 +11,70 @@
 //!
 //! Owns: the connections and their threads. Must not touch: what is stored (each store
 //! owns its schema and rows).
+//!
+//! Config keys: `[storage]` `dir` and `[redis]` `url` ([`StorageConfig`], [`RedisConfig`]:
+//! where every layer's store lives; `registrar.store` chooses between them).
 
+use crate::config_section::InvalidValue;
 use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
+
+/// `[storage]`: the embedded store.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory of the embedded database files (created when missing).
+    pub dir: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { dir: "data".into() }
+    }
+}
+
+impl StorageConfig {
+    pub fn check(&self) -> Result<(), InvalidValue> {
+        if self.dir.trim().is_empty() {
+            return Err(InvalidValue::new("dir", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// `[redis]`: used when `registrar.store = "redis"`.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The URL's form (checked even when Redis is not used, so a typo shows before the day
+    /// `registrar.store` is switched).
+    pub fn check(&self) -> Result<(), InvalidValue> {
+        use redis::IntoConnectionInfo as _;
+        match self.url.as_str().into_connection_info() {
+            Ok(_) => Ok(()),
+            Err(e) => Err(InvalidValue::new(
+                "url",
+                format!("{:?} is not a Redis URL ({e})", self.url),
+            )),
+        }
+    }
+}
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -109,6 +167,18 @@ mod tests {
         fn from(_: WorkerGone) -> E {
             E::Gone
         }
+    }
+
+    #[test]
+    fn sections_check_their_values() {
+        assert!(StorageConfig::default().check().is_ok());
+        assert!(RedisConfig::default().check().is_ok());
+        let dir = StorageConfig { dir: " ".into() };
+        assert_eq!(dir.check().unwrap_err().key, "dir");
+        let url = RedisConfig {
+            url: "http://127.0.0.1/".into(),
+        };
+        assert_eq!(url.check().unwrap_err().key, "url");
     }
 
     #[tokio::test]

@@ -150,7 +150,7 @@ fn check_refuses_a_missing_explicit_file() {
 #[test]
 fn logging_init_twice_is_an_error_not_a_panic() {
     // Its own test binary, so installing the global subscriber here disturbs nobody.
-    let cfg = strowger::config::LogConfig {
+    let cfg = strowger::logging::LogConfig {
         level: "off".into(),
         ..Default::default()
     };

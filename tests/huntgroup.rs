@@ -14,8 +14,10 @@ use common::*;
 use hunt::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use strowger::config::{Config, HuntGroupConfig, RegistrarStore};
+use strowger::config::Config;
+use strowger::huntgroup::HuntGroupConfig;
 use strowger::huntgroup::{AgentRecord, AgentStore, Presence, RedisAgentStore, SqliteAgentStore};
+use strowger::registrar::RegistrarStore;
 
 const LIMIT: Duration = Duration::from_secs(40);
 

@@ -660,7 +660,7 @@ async fn two_nodes_share_presence_and_busy_lamps_through_redis() {
         let dir = dir.clone();
         async move {
             server(&dir, PLAN, |c| {
-                c.registrar.store = strowger::config::RegistrarStore::Redis;
+                c.registrar.store = strowger::registrar::RegistrarStore::Redis;
                 c.redis.url = url;
                 c.presence.min_notify_interval_ms = 0;
             })

@@ -280,7 +280,7 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
     // A hunt group, so that the hunt-group board's series exist (all start at zero).
     config.huntgroups.insert(
         "support".into(),
-        strowger::config::HuntGroupConfig {
+        strowger::huntgroup::HuntGroupConfig {
             members: vec![format!("sip:agent@127.0.0.1:{callee_port}")],
             ..Default::default()
         },

@@ -21,13 +21,12 @@ fn users_file(dir: &Path) -> String {
     path.display().to_string()
 }
 
-/// A server whose REGISTERs need digest authentication. SIPp 3.6 only does MD5 and takes
-/// the first challenge, so MD5 is offered alone here (SHA-256 is covered by unit tests
-/// and by `replayed_nonce_count_is_refused`, which answers the SHA-256 challenge).
+/// A server whose REGISTERs need digest authentication, with the default offer: SIPp 3.6
+/// only does MD5 and answers only the first challenge, which the default puts first
+/// (SHA-256 offered second is answered by `replayed_nonce_count_is_refused`).
 async fn auth_server(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
     let mut c = test_config();
     c.registrar.users_file = users_file(dir);
-    c.auth.algorithms = vec!["MD5".into()];
     tweak(&mut c);
     start_with(c).await
 }
@@ -60,10 +59,12 @@ async fn sipp_register_is_challenged_then_accepted() {
     .await;
     assert_eq!(received(&seen), ["401", "200"]);
     let challenge = seen.iter().find(|m| m.kind() == "401").unwrap();
-    assert!(challenge
-        .header("WWW-Authenticate")
-        .unwrap()
-        .contains("qop=\"auth\""));
+    let first = challenge.header("WWW-Authenticate").unwrap();
+    assert!(first.contains("qop=\"auth\""), "{first}");
+    assert!(
+        first.contains("algorithm=MD5"),
+        "MD5 offered first: {first}"
+    );
     let bound = s.handle.registrar().lookup("sip:alice@strowger.test");
     assert_eq!(bound.len(), 1, "{bound:?}");
     assert_eq!(bound[0].user_agent.as_deref(), Some("SIPp phone"));
@@ -166,13 +167,17 @@ async fn replayed_nonce_count_is_refused() {
         .filter(|l| l.starts_with("WWW-Authenticate:"))
         .map(|l| l["WWW-Authenticate:".len()..].trim())
         .collect();
+    // The default offer: MD5 first (for clients that answer only the first challenge),
+    // SHA-256 second; this test answers the SHA-256 one.
     assert!(
-        challenges[0].contains("SHA-256"),
-        "SHA-256 offered first: {challenges:?}"
+        challenges.len() == 2
+            && challenges[0].contains("algorithm=MD5")
+            && challenges[1].contains("algorithm=SHA-256"),
+        "MD5 offered first, then SHA-256: {challenges:?}"
     );
     let answer = |nc: u32| {
         strowger::auth::answer_challenge(
-            challenges[0],
+            challenges[1],
             "REGISTER",
             "sip:strowger.test",
             "alice",
@@ -619,7 +624,7 @@ async fn two_nodes_share_registrations_through_redis() {
     .unwrap();
     let node = |_: u8| {
         let mut c = test_config();
-        c.registrar.store = strowger::config::RegistrarStore::Redis;
+        c.registrar.store = strowger::registrar::RegistrarStore::Redis;
         c.redis.url = redis.url();
         c.script.path = plan.display().to_string();
         c
@@ -710,7 +715,6 @@ end
     .unwrap();
     let mut c = test_config();
     c.script.path = plan.display().to_string();
-    c.auth.algorithms = vec!["MD5".into()];
     let s = start_with(c).await;
     // Credentials from the script, checked by digest (no users file configured).
     let seen = phone(

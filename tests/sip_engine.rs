@@ -36,6 +36,13 @@ fn assert_options_ok(resp: &str) {
     for h in ["Accept", "Accept-Encoding", "Accept-Language", "Supported"] {
         assert!(header(resp, h).is_some(), "missing {h}: {resp}");
     }
+    // What the server implements, and not `timer`: RFC 4028 session timers are not.
+    let supported: Vec<&str> = header(resp, "Supported")
+        .unwrap()
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert_eq!(supported, ["100rel", "replaces"], "{resp}");
     let contact = header(resp, "Contact").expect("Contact");
     assert!(contact.contains(";audio"), "feature tags: {contact}");
     assert_eq!(
@@ -466,5 +473,74 @@ async fn shutdown_answers_new_requests_503_and_lets_a_ringing_call_finish() {
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "the drain ended once the call was answered, not at the drain limit"
+    );
+}
+
+/// RFC 4028 session timers are not implemented, so the INVITE the B2BUA sends on does not
+/// say `Supported: timer`, even when the caller's did, and the caller's Session-Expires
+/// is not relayed (it would promise refreshes nobody makes).
+#[tokio::test]
+async fn outgoing_invite_does_not_offer_session_timers() {
+    let callee = UdpPeer::bind("127.0.0.1").await;
+    let dir = std::env::temp_dir().join(unique("strowger-no-timer"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        format!(
+            "function on_invite(call)\n  call:dial(\"sip:callee@{}\")\nend\n",
+            callee.addr
+        ),
+    )
+    .unwrap();
+    let mut config = test_config();
+    config.script.path = plan.display().to_string();
+    let s = start_with(config).await;
+    let caller = UdpPeer::bind("127.0.0.1").await;
+    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+               m=audio 4000 RTP/AVP 0\r\n";
+    let invite = request(
+        "INVITE",
+        "sip:bob@strowger.test",
+        caller.addr,
+        "UDP",
+        &unique("no-timer"),
+        "Contact: <sip:alice@127.0.0.1>\r\nSupported: 100rel, timer\r\n\
+         Session-Expires: 1800;refresher=uac\r\nMin-SE: 90\r\n\
+         Content-Type: application/sdp\r\n",
+        sdp,
+    );
+    caller.send(s.udp, invite.as_bytes()).await;
+    let out = loop {
+        let m = callee.recv(WAIT).await.expect("the B2BUA's INVITE");
+        if m.starts_with("INVITE ") {
+            break m;
+        }
+    };
+    let supported = header(&out, "Supported").unwrap_or("");
+    assert!(
+        !supported
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("timer")),
+        "{out}"
+    );
+    assert!(header(&out, "Session-Expires").is_none(), "{out}");
+    assert!(header(&out, "x").is_none(), "{out}");
+    // End the call attempt: the callee is busy.
+    let busy = format!(
+        "SIP/2.0 486 Busy Here\r\nVia: {}\r\nFrom: {}\r\nTo: {};tag=b1\r\nCall-ID: {}\r\n\
+         CSeq: {}\r\nContent-Length: 0\r\n\r\n",
+        header(&out, "Via").unwrap(),
+        header(&out, "From").unwrap(),
+        header(&out, "To").unwrap(),
+        header(&out, "Call-ID").unwrap(),
+        header(&out, "CSeq").unwrap(),
+    );
+    callee.send(s.udp, busy.as_bytes()).await;
+    let r = caller.recv_final(WAIT).await.expect("the caller's answer");
+    assert_eq!(status(&r), 486, "{r}");
+    assert!(
+        header(&r, "Supported").is_none_or(|v| !v.contains("timer")),
+        "{r}"
     );
 }

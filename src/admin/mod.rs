@@ -30,7 +30,10 @@
 //! ([`ADMIN_UNAUTHORIZED`], [`AdminServer::unauthorized`]). With `http.token` empty they
 //! answer 403, unless the endpoint is bound to a loopback address (development default):
 //! then no token is needed. `/healthz`, `/readyz` and `/metrics` are always open.
-//! Config keys: `http.listen`, `http.token`.
+//! Config keys: `http.listen`, `http.token` ([`HttpConfig`], in `config.rs`).
+
+mod config;
+pub use config::HttpConfig;
 
 use crate::registrar::Registrar;
 use crate::script::ScriptEngine;

@@ -80,8 +80,10 @@ pub struct DigestConfig {
     /// is refused (fresh challenge). 2M covers 5,000 new nonces/s for the default TTL.
     pub max_tracked_nonces: usize,
     /// What the challenge offers, in order of preference (RFC 8760 2.4: a client takes
-    /// the first it supports; some, SIPp 3.6 among them, take the first whatever it is).
-    /// An answer with an algorithm not offered gets a fresh challenge.
+    /// the first it supports; some, SIPp 3.6 and baresip 1.0 among them, take the first
+    /// whatever it is, and most deployed phones speak MD5 only: so MD5 first by default,
+    /// SHA-256 still offered). An answer with an algorithm not offered gets a fresh
+    /// challenge.
     pub algorithms: Vec<Algorithm>,
 }
 
@@ -97,7 +99,7 @@ impl DigestConfig {
                 max_sources: 262_144,
             },
             max_tracked_nonces: 2_000_000,
-            algorithms: vec![Algorithm::Sha256, Algorithm::Md5],
+            algorithms: vec![Algorithm::Md5, Algorithm::Sha256],
         }
     }
 }
@@ -485,12 +487,17 @@ impl DigestAuth {
 }
 
 /// Does the `uri` of the credentials designate the Request-URI? RFC 3261 22.4 has the
-/// server check that they match; the text the client hashed is its own spelling, so we
+/// server check that they match. The same octets always do: clients (baresip) hash the
+/// Request-URI as they wrote it, repeated parameters included, which the parameter rules
+/// below cannot pair up. Otherwise the text the client hashed is its own spelling, so we
 /// compare as RFC 3261 19.1.4 compares URIs: scheme and host ignore case, user and
 /// password do not, ports must be equal, the parameters user, ttl, method, maddr and
 /// transport must agree when either side has them, other parameters when both do, and the
 /// headers must be equal. (%-escapes are compared as written.)
 pub(crate) fn uri_matches(req: &Uri, text: &str) -> bool {
+    if same_text(req, text) {
+        return true;
+    }
     let Ok(u) = Uri::parse(text) else {
         return false;
     };
@@ -537,4 +544,28 @@ pub(crate) fn uri_matches(req: &Uri, text: &str) -> bool {
         (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
         _ => false,
     }
+}
+
+/// Whether `uri` is written exactly as `text`, compared while it is written (no copy on the
+/// authentication path). The parsed Request-URI writes back the octets it was read from.
+fn same_text(uri: &Uri, text: &str) -> bool {
+    struct Compare<'a> {
+        rest: &'a str,
+        same: bool,
+    }
+    impl std::fmt::Write for Compare<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            match self.rest.strip_prefix(s) {
+                Some(rest) if self.same => self.rest = rest,
+                _ => self.same = false,
+            }
+            Ok(())
+        }
+    }
+    let mut c = Compare {
+        rest: text,
+        same: true,
+    };
+    let _ = std::fmt::Write::write_fmt(&mut c, format_args!("{uri}"));
+    c.same && c.rest.is_empty()
 }

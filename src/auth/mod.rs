@@ -6,7 +6,7 @@
 //! Must not touch: sockets, transactions, the registrar's bindings. Callers decide which
 //! requests need credentials and send the response `DigestAuth::respond` builds.
 //!
-//! ## Config keys (read by the server, not here)
+//! ## Config keys (`[auth]`: [`AuthConfig`] in `config.rs`; wired by the server)
 //! - `registrar.users_file`: path of the users file (`Users::load`), realm = `sip.domain`.
 //! - `auth.nonce_ttl_s` (300): how long a nonce is accepted (`DigestConfig::nonce_ttl`).
 //! - `auth.max_failures` (5): wrong answers from one source IP within the window after
@@ -41,12 +41,14 @@
 //! - Hash comparison is constant-time (`subtle`): a hand-written loop can be turned into
 //!   an early exit by the optimizer; `subtle` is written to prevent that.
 
+mod config;
 mod digest;
 mod hash;
 mod params;
 mod state;
 mod users;
 
+pub use config::AuthConfig;
 pub use digest::{AuthOutcome, ChallengeKind, DigestAuth, DigestConfig, DigestStats, Throttle};
 pub use hash::{ha1, Algorithm};
 pub use params::{answer_challenge, Challenge};

@@ -87,7 +87,7 @@ const CHALLENGE: AuthOutcome = AuthOutcome::Challenge { stale: false };
 const STALE: AuthOutcome = AuthOutcome::Challenge { stale: true };
 
 #[test]
-fn challenge_has_sha256_then_md5_with_qop_and_to_tag() {
+fn challenge_has_md5_then_sha256_with_qop_and_to_tag() {
     let f = default_fixture();
     let req = register(&[]);
     let r = f.auth.challenge(&req, ChallengeKind::Www, false);
@@ -95,8 +95,10 @@ fn challenge_has_sha256_then_md5_with_qop_and_to_tag() {
     assert!(r.base.to.tag().is_some());
     let values: Vec<_> = r.headers.get_all("WWW-Authenticate").collect();
     assert_eq!(values.len(), 2);
-    let sha = Challenge::parse(values[0]).unwrap();
-    let md5 = Challenge::parse(values[1]).unwrap();
+    // MD5 first by default: SIPp 3.6 and baresip 1.0 answer only the first challenge,
+    // whatever its algorithm (SHA-256 is still offered, second).
+    let md5 = Challenge::parse(values[0]).unwrap();
+    let sha = Challenge::parse(values[1]).unwrap();
     assert_eq!(sha.algorithm, Algorithm::Sha256);
     assert_eq!(md5.algorithm, Algorithm::Md5);
     for c in [&sha, &md5] {
@@ -105,7 +107,8 @@ fn challenge_has_sha256_then_md5_with_qop_and_to_tag() {
         assert!(!c.stale);
         assert!(c.opaque.is_some());
     }
-    assert!(values[0].contains("qop=\"auth\"") && values[0].contains("algorithm=SHA-256"));
+    assert!(values[0].contains("qop=\"auth\"") && values[0].contains("algorithm=MD5"));
+    assert!(values[1].contains("algorithm=SHA-256"));
     assert!(!values[0].contains("stale"));
 
     let p = f.auth.challenge(&req, ChallengeKind::Proxy, true);
@@ -153,8 +156,8 @@ fn proxy_kind_reads_proxy_authorization() {
 #[test]
 fn picks_our_realm_among_several_and_prefers_sha256() {
     let f = default_fixture();
-    let sha = f.challenge_value(0);
-    let md5 = f.challenge_value(1);
+    let md5 = f.challenge_value(0);
+    let sha = f.challenge_value(1);
     let other = answer_challenge(
         r#"Digest realm="upstream.example", nonce="x", qop="auth""#,
         "REGISTER",
@@ -217,7 +220,7 @@ fn wrong_password_challenges_then_forbids_that_source_only() {
 #[test]
 fn unknown_user_is_a_wrong_password() {
     let f = default_fixture();
-    let ch = f.challenge_value(0);
+    let ch = f.challenge_value(1);
     assert_eq!(
         f.verify(&f.answer(&ch, "mallory", "secret", 1), A),
         CHALLENGE
@@ -237,7 +240,7 @@ fn unknown_user_is_a_wrong_password() {
             .verify(req, ChallengeKind::Www, ip(B), |u| users.get(u).cloned())
     };
     assert_eq!(verify(&f.answer(&ch, "carol", "pw", 1)), CHALLENGE);
-    let md5 = f.challenge_value(1);
+    let md5 = f.challenge_value(0);
     assert_eq!(verify(&f.answer(&md5, "carol", "pw", 1)), ok("carol"));
 }
 
@@ -362,7 +365,7 @@ fn wrong_realm_uri_mismatch_and_malformed_are_not_ok() {
     }
     // Things we did not offer get our offer again.
     for other in [
-        good.replace("algorithm=SHA-256", "algorithm=SHA-512-256"),
+        good.replace("algorithm=MD5", "algorithm=SHA-512-256"),
         good.replace("qop=auth", "qop=auth-int"),
         good.replace(", qop=auth", ""),
         good.clone() + ", userhash=true",
@@ -445,4 +448,49 @@ fn respond_builds_the_answer() {
         (403, "Too many failed attempts")
     );
     assert!(r.base.to.tag().is_some());
+}
+
+/// A client hashes the Request-URI as it wrote it, a repeated parameter included
+/// (baresip: `;transport=tcp;transport=tcp`): the same octets designate the Request-URI
+/// even where the RFC 3261 19.1.4 parameter rules cannot pair the repeats up (a repeat
+/// with another value was refused: "Authorization uri does not match Request-URI").
+#[test]
+fn uri_equal_to_the_request_uri_octet_for_octet_matches() {
+    for ruri in [
+        "sip:example.com;transport=tcp;transport=tcp",
+        "sip:alice@example.com:5070;transport=tcp;transport=udp;lr;lr=on",
+    ] {
+        let f = default_fixture();
+        let ch = f.challenge_value(0);
+        let a = answer_challenge(&ch, "REGISTER", ruri, "alice", "secret", "0a4f113b", 1).unwrap();
+        let mut req = register(&[format!("Authorization: {a}")]);
+        req.uri = crate::sip::Uri::parse(ruri).unwrap();
+        assert_eq!(f.verify(&req, A), ok("alice"), "{ruri}");
+    }
+    use super::digest::uri_matches;
+    let req = crate::sip::Uri::parse("sip:a@example.com;transport=tcp;transport=udp").unwrap();
+    assert!(uri_matches(
+        &req,
+        "sip:a@example.com;transport=tcp;transport=udp"
+    ));
+    assert!(!uri_matches(
+        &req,
+        "sip:a@example.com;transport=tcp;transport=ud"
+    ));
+    assert!(!uri_matches(
+        &req,
+        "sip:a@example.com;transport=tcp;transport=udpx"
+    ));
+    assert!(!uri_matches(&req, "sip:a@example.com;transport=udp"));
+}
+
+/// `auth.algorithms` orders the offer: an operator whose phones choose well can put
+/// SHA-256 first again.
+#[test]
+fn offer_order_is_configurable() {
+    let mut cfg = DigestConfig::new(REALM);
+    cfg.algorithms = vec![Algorithm::Sha256, Algorithm::Md5];
+    let f = fixture(cfg);
+    assert!(f.challenge_value(0).contains("algorithm=SHA-256"));
+    assert!(f.challenge_value(1).contains("algorithm=MD5"));
 }

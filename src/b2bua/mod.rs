@@ -11,12 +11,14 @@
 //! not contend on one lock.
 
 mod call;
+mod config;
 mod net;
 mod records;
 pub mod watch;
 
 use call::Events;
 pub use call::{refer_to, Side, TransferKind, TransferNote};
+pub use config::{CallConfig, MAX_ROUTES};
 pub use net::{resolve, LocalAddrs, ResolveError};
 pub use records::{rfc3339_millis, CallDetail, RecordWriter};
 

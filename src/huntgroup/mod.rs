@@ -10,7 +10,7 @@
 //! `src/script/huntgroup.rs`); registered contacts and "is this address on any call" come
 //! through [`Directory`] (implemented by the server over the registrar and the B2BUA).
 //!
-//! # Config keys (`[huntgroups.<name>]`, see `config::HuntGroupConfig`)
+//! # Config keys (`[huntgroups.<name>]`, see [`HuntGroupConfig`] in `config.rs`)
 //! `strategy`, `members`, `ring_timeout`, `max_wait`, `wrap_up`, `weights`, `max_missed`,
 //! `queue_announce`, `calls_reset_s`.
 //!
@@ -36,9 +36,11 @@
 //! `strowger_huntgroup_overflowed_total`, `strowger_huntgroup_agents{group,state}`,
 //! `strowger_huntgroup_answer_seconds` (histogram: hunt start to answer).
 
+mod config;
 pub mod store;
 pub mod strategy;
 
+pub use config::{check_huntgroups, HuntGroupConfig};
 pub use store::{
     AgentRecord, AgentStore, AgentStoreError, Presence, RedisAgentStore, SqliteAgentStore,
 };
@@ -315,7 +317,7 @@ fn unix_now() -> f64 {
 impl HuntGroups {
     /// Builds the groups from the configuration and loads agent state from `store`.
     pub async fn start(
-        config: &std::collections::BTreeMap<String, crate::config::HuntGroupConfig>,
+        config: &std::collections::BTreeMap<String, HuntGroupConfig>,
         domain: &str,
         store: Arc<dyn AgentStore>,
     ) -> Result<HuntGroups, AgentStoreError> {

@@ -2,7 +2,6 @@
 //! wrap-up, abandonment, overflow; on tokio's paused clock where timing matters.
 
 use super::*;
-use crate::config::{Config, HuntGroupConfig};
 use std::collections::BTreeMap;
 
 /// An in-memory store (the real ones are tested in tests/huntgroup.rs).
@@ -244,49 +243,6 @@ async fn ring_no_answer_pauses_after_max_missed_and_unknowns_are_errors() {
         hg.hunt("nope", HuntOptions::default(), leg).await,
         Err(HuntError::UnknownGroup(_))
     ));
-}
-
-#[test]
-fn config_errors_name_file_line_and_key() {
-    let ok = "[huntgroups.support]\nstrategy = \"weighted\"\nmembers = [\"1001\", \"sip:b@example.com\"]\nweights = [3, 1]\n";
-    let c = Config::from_toml_str(ok, "t.toml").unwrap();
-    assert_eq!(c.huntgroups["support"].weights, vec![3, 1]);
-    assert_eq!(c.huntgroups["support"].ring_timeout, 15);
-    for (text, want) in [
-        (
-            "[huntgroups.support]\nmembers = [\"1001\"]\nstrategy = \"ring-some\"\n",
-            "t.toml:3: huntgroups.support.strategy: unknown strategy",
-        ),
-        (
-            "[huntgroups.support]\nstrategy = \"linear\"\n",
-            "t.toml:1: huntgroups.support.members: at least one member",
-        ),
-        (
-            "[huntgroups.support]\nmembers = [\n  \"1001\",\n  \"sip:bad uri\",\n]\n",
-            "t.toml:4: huntgroups.support.members: bad member",
-        ),
-        (
-            "[huntgroups.support]\nmembers = [\"1001\", \"1002\"]\nweights = [1]\n",
-            "t.toml:3: huntgroups.support.weights: one weight per member",
-        ),
-        (
-            "[huntgroups.support]\nmembers = [\"1001\"]\nring_timeout = 0\n",
-            "t.toml:3: huntgroups.support.ring_timeout: must be between 1",
-        ),
-        (
-            "[huntgroups.Support]\nmembers = [\"1001\"]\n",
-            "huntgroups.Support: a group name is lower-case",
-        ),
-        (
-            "[huntgroups.support]\nmembers = [\"1001\"]\nring_time = 3\n",
-            "t.toml:3: huntgroups.support.ring_time: unknown key",
-        ),
-    ] {
-        let e = Config::from_toml_str(text, "t.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(want), "{text}\n→ {e}\nwanted {want}");
-    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -15,7 +15,7 @@
 //! state (no lock); call changes arrive on the call watch's broadcast. A MESSAGE is
 //! routed by a task of its own (it waits on its forks, nothing else).
 //!
-//! Config keys (`[presence]`): `max_message_size` (MESSAGE bodies above it get 413),
+//! Config keys (`[presence]`, [`PresenceSection`] in `config.rs`): `max_message_size` (MESSAGE bodies above it get 413),
 //! `min_expires` (423 below it), `max_expires` (cut to it), `default_expires` (no
 //! Expires), `min_notify_interval_ms` (changes within it are coalesced into one NOTIFY to
 //! that subscriber), `authenticate` (digest for PUBLISH, SUBSCRIBE and MESSAGE with the
@@ -43,12 +43,14 @@
 //! composition beyond concatenating the sources' elements; watcher info (RFC 3857).
 
 pub mod body;
+mod config;
 mod message;
 mod notifier;
 mod redis_store;
 mod relay;
 pub mod store;
 
+pub use config::PresenceSection;
 pub use redis_store::RedisPresenceStore;
 pub use store::{
     PresenceEvent, PresenceStore, PresenceStoreError, RemoteCall, SqlitePresenceStore,
@@ -135,15 +137,9 @@ pub struct PresenceConfig {
 }
 
 impl Default for PresenceConfig {
+    /// The defaults of `[presence]` (one set of defaults for the file and the core).
     fn default() -> Self {
-        PresenceConfig {
-            domain: "localhost".into(),
-            max_message_size: 4096,
-            min_expires: 60,
-            max_expires: 3600,
-            default_expires: 3600,
-            min_notify_interval: Duration::from_millis(200),
-        }
+        PresenceSection::default().policy("localhost")
     }
 }
 

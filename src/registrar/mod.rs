@@ -20,7 +20,8 @@
 //! network, and a restart simply starts from "reachable"). `lookup` and
 //! `binding_for_contact` skip them until they answer again or REGISTER again.
 //!
-//! Config keys this module is meant to be driven by (wired elsewhere):
+//! Config keys (`[registrar]`: [`RegistrarSection`], checked in `config.rs`; wired by the
+//! server):
 //! - `registrar.min_expires` (60): shorter non-zero requests get 423 (10.3 step 7).
 //! - `registrar.max_expires` (3600): longer requests are shortened to it.
 //! - `registrar.default_expires` (3600): for a Contact with no expires at all.
@@ -29,12 +30,14 @@
 //! - `redis.url`: the Redis server of `registrar.store = "redis"`.
 //! - `registrar.keepalive_interval_s` (0 = off): see `keepalive`.
 
+mod config;
 mod contact;
 mod keepalive;
 mod redis_store;
 mod sqlite;
 mod store;
 
+pub use config::{RegistrarSection, RegistrarStore};
 pub use contact::{
     parse_contacts, parse_delta_seconds, parse_qvalue, same_uri, ContactError, ContactSet,
     ContactSpec,
@@ -62,12 +65,9 @@ pub struct RegistrarConfig {
 }
 
 impl Default for RegistrarConfig {
+    /// The defaults of `[registrar]` (one set of defaults for the file and the layer).
     fn default() -> RegistrarConfig {
-        RegistrarConfig {
-            min_expires: 60,
-            max_expires: 3600,
-            default_expires: 3600,
-        }
+        RegistrarSection::default().policy()
     }
 }
 

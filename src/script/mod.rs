@@ -115,10 +115,12 @@
 //! exhausted), `memory_errors`, `reloads_ok`, `reloads_failed`.
 
 mod call;
+mod config;
 mod huntgroup;
 mod presence;
 mod vm;
 
+pub use config::ScriptConfig;
 pub use presence::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
 
 #[cfg(test)]

@@ -140,7 +140,14 @@ impl Response {
 pub fn error_response(err: &ParseError) -> Option<Response> {
     let head = err.head.as_ref()?;
     let h = &head.headers;
-    let via = h.get("Via").and_then(|v| Via::parse_list(v).ok())?;
+    let via = h.get("Via").and_then(|v| {
+        Via::parse_list(v).ok().or_else(|| {
+            // A broken Via (RFC 4475 3.1.2.1: `192.0.2.15;;,;,,`) still names where the
+            // 400 goes when its sent-protocol and sent-by read: answer with those alone.
+            let sent_by = v.split([';', ',']).next()?;
+            Via::parse(sent_by).ok().map(|via| vec![via])
+        })
+    })?;
     // Copy what can be read; a response needs From, To, Call-ID and CSeq, so fall back to
     // neutral values where the request's own are missing or broken.
     let from = h

@@ -99,8 +99,8 @@ pub enum ParseErrorKind {
     NotUtf8,
     #[error("Malformed start line")]
     StartLine,
-    #[error("Malformed Request-Line")]
-    RequestLine,
+    #[error("Malformed Request-Line ({0})")]
+    RequestLine(&'static str),
     #[error("Bad Request-URI ({0})")]
     RequestUri(UriError),
     #[error("Malformed status line")]
@@ -188,15 +188,13 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
         return Ok((SipMessage::Response(msg), start + body_start + body_len));
     }
 
-    // Request-Line = Method SP Request-URI SP SIP-Version (RFC 3261 25.1): exactly one SP
-    // between elements and none at the end.
-    let mut parts = start_line.split(' ');
-    let (method, uri, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(u), Some(v), None) => (m, u, v),
-        _ => return Err(ParseError::bare(ParseErrorKind::RequestLine)),
-    };
+    // Request-Line = Method SP Request-URI SP SIP-Version (RFC 3261 25.1). A start line
+    // that begins with a method token is a request, and its header lines were read: a
+    // defect in the rest of the line gets a 400 that names it (RFC 4475 3.1.2.8-10), not
+    // silence.
+    let method = start_line.split(' ').next().unwrap_or("");
     if !is_token(method) {
-        return Err(ParseError::bare(ParseErrorKind::RequestLine));
+        return Err(ParseError::bare(ParseErrorKind::StartLine));
     }
     let with_head = |kind, headers| ParseError {
         kind,
@@ -205,9 +203,18 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
             headers,
         })),
     };
+    let (uri, version) = match split_request_line(&start_line[method.len()..]) {
+        Ok(t) => t,
+        Err(why) => return Err(with_head(ParseErrorKind::RequestLine(why), headers)),
+    };
     let version = match version.strip_prefix("SIP/") {
         Some(v) if is_version(v) => v,
-        _ => return Err(with_head(ParseErrorKind::RequestLine, headers)),
+        _ => {
+            return Err(with_head(
+                ParseErrorKind::RequestLine("bad SIP-Version"),
+                headers,
+            ))
+        }
     };
     if version != "2.0" {
         return Err(with_head(ParseErrorKind::Version, headers));
@@ -239,6 +246,26 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
         body: Bytes::copy_from_slice(&body_avail[..body_len]),
     };
     Ok((SipMessage::Request(req), start + body_start + body_len))
+}
+
+/// Splits what follows the method in a Request-Line into Request-URI and SIP-Version:
+/// exactly one SP between elements and none at the end (RFC 3261 25.1; RFC 4475 3.1.2.8
+/// embedded LWS in the Request-URI, 3.1.2.9 several SP, 3.1.2.10 SP at the end). The error
+/// says which, for the reason phrase.
+fn split_request_line(rest: &str) -> Result<(&str, &str), &'static str> {
+    let rest = rest.strip_prefix(' ').ok_or("no SP after the method")?;
+    if rest.ends_with([' ', '\t']) {
+        return Err("SP at the end");
+    }
+    if rest.starts_with(' ') || rest.contains("  ") {
+        return Err("more than one SP between elements");
+    }
+    let mut parts = rest.split(' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(uri), Some(version), None) if !uri.is_empty() => Ok((uri, version)),
+        (Some(_), Some(_), Some(_)) => Err("white space in the Request-URI"),
+        _ => Err("Request-URI or SIP-Version missing"),
+    }
 }
 
 /// Finds the blank line ending the header section; returns (header octets, body offset).
@@ -552,10 +579,22 @@ mod tests {
             parse(bad.as_bytes()).unwrap_err().kind,
             ParseErrorKind::ShortBody
         );
-        let bad = INVITE.replace("INVITE sip", "INVITE  sip");
-        assert_eq!(
-            parse(bad.as_bytes()).unwrap_err().kind,
-            ParseErrorKind::RequestLine
-        );
+        // RFC 4475 3.1.2.8-10: a broken Request-Line still gets its 400 (the head is
+        // kept for it), with the defect in the reason phrase.
+        for (from, to, why) in [
+            (
+                "INVITE sip",
+                "INVITE  sip",
+                "more than one SP between elements",
+            ),
+            ("10] SIP", "10]; lr SIP", "white space in the Request-URI"),
+            ("SIP/2.0\r\nv:", "SIP/2.0 \r\nv:", "SP at the end"),
+        ] {
+            let e = parse(INVITE.replace(from, to).as_bytes()).unwrap_err();
+            assert_eq!(e.kind, ParseErrorKind::RequestLine(why), "{to}");
+            let resp = crate::sip::error_response(&e).expect("answered");
+            assert_eq!(resp.status, 400);
+            assert_eq!(resp.reason, format!("Malformed Request-Line ({why})"));
+        }
     }
 }

@@ -145,7 +145,7 @@ impl Host {
         }
         if let Some(inner) = s.strip_prefix('[') {
             let inner = inner.strip_suffix(']').ok_or(UriError::BadIpv6)?;
-            return inner.parse().map(Host::Ipv6).map_err(|_| UriError::BadIpv6);
+            return parse_ipv6(inner).map(Host::Ipv6).ok_or(UriError::BadIpv6);
         }
         if s.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
             if let Ok(v4) = s.parse() {
@@ -199,6 +199,20 @@ impl fmt::Display for Host {
             Host::Ipv6(a) => write!(f, "[{a}]"),
         }
     }
+}
+
+/// An IPv6 address, also in the three-colon form before a dotted IPv4 tail
+/// (`2001:db8:::192.0.2.1`) that RFC 3261's ABNF lets through by mistake: RFC 5118 4.10
+/// asks implementations to tolerate it, and it means the same as the two-colon form.
+fn parse_ipv6(s: &str) -> Option<Ipv6Addr> {
+    if let Ok(a) = s.parse() {
+        return Some(a);
+    }
+    let (head, v4) = s.split_once(":::")?;
+    if !v4.contains('.') || v4.parse::<Ipv4Addr>().is_err() {
+        return None;
+    }
+    format!("{head}::{v4}").parse().ok()
 }
 
 /// Splits `host[:port]` where host may be a bracketed IPv6 reference.
@@ -416,6 +430,12 @@ mod tests {
         // Unbracketed IPv6 and bad references are refused.
         assert!(Uri::parse("sip:a@2001:db8::10").is_err());
         assert!(Uri::parse("sip:a@[2001:db8:::10]").is_err());
+        // RFC 5118 4.10: three colons before a dotted IPv4 tail are tolerated, as the
+        // address the two-colon form names.
+        let u = Uri::parse("sip:user@[2001:db8:::192.0.2.1]").unwrap();
+        assert_eq!(u.host, Host::Ipv6("2001:db8::192.0.2.1".parse().unwrap()));
+        assert!(Uri::parse("sip:a@[2001:db8::::192.0.2.1]").is_err());
+        assert!(Uri::parse("sip:a@[:::192.0.2.1]").is_ok());
         assert!(Uri::parse("sip:a@[2001:db8::10").is_err());
     }
 

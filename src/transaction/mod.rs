@@ -15,6 +15,7 @@
 //! tokio task that sleeps until its next deadline (no per-tick tasks); it ends with the
 //! transaction.
 
+mod config;
 mod invite_client;
 mod invite_server;
 mod matching;
@@ -25,6 +26,8 @@ mod test_util;
 #[cfg(test)]
 mod tests;
 mod timers;
+
+pub use config::TimersConfig;
 
 use crate::shard::ShardMap;
 use crate::sip::{new_tag, Method, Request, Response, SipMessage};
@@ -56,12 +59,9 @@ pub struct TimerConfig {
 }
 
 impl Default for TimerConfig {
+    /// The defaults of `[sip.timers]` (one set of defaults for the file and the layer).
     fn default() -> Self {
-        TimerConfig {
-            t1: Duration::from_millis(500),
-            t2: Duration::from_secs(4),
-            t4: Duration::from_secs(5),
-        }
+        TimersConfig::default().to_timers()
     }
 }
 

@@ -5,6 +5,7 @@
 //! Must not touch: transactions or anything above; it hands parsed messages to an
 //! [`InboundSink`] and sends bytes it is given through [`Sender`].
 
+pub mod config;
 mod frame;
 mod listen;
 pub mod memory;

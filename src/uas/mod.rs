@@ -6,16 +6,17 @@
 //! Owns: the decision of which part of the server a request belongs to. Must not touch:
 //! transaction state (it only uses `ServerTransaction`) or call state (the B2BUA's).
 
+mod config;
 mod options;
 mod validate;
 
+pub use config::SipConfig;
 pub use options::options_ok;
 pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, UserSecrets, Users};
 use crate::b2bua::{B2bua, LocalAddrs};
-use crate::config::Config;
-use crate::registrar::{RegisterSource, Registrar};
+use crate::registrar::{RegisterSource, Registrar, RegistrarSection};
 use crate::script::{RegisterInfo, RegisterVerdict, ScriptEngine};
 use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionUser};
@@ -76,7 +77,8 @@ pub struct UasCore {
 
 impl UasCore {
     pub fn new(
-        config: &Config,
+        sip: &SipConfig,
+        registrar: &RegistrarSection,
         local: &[(TransportKind, SocketAddr)],
         digest: DigestAuth,
         users: Option<Arc<Users>>,
@@ -86,14 +88,14 @@ impl UasCore {
             digest,
             users,
             scripts,
-            realm: config.sip.domain.clone(),
-            user_agent: config.sip.user_agent.clone(),
+            realm: sip.domain.clone(),
+            user_agent: sip.user_agent.clone(),
             local: LocalAddrs::new(local.to_vec()),
             b2bua: OnceLock::new(),
             registrar: OnceLock::new(),
             presence: OnceLock::new(),
-            domain: config.sip.domain.to_ascii_lowercase(),
-            unknown_aor_status: config.registrar.unknown_aor_status,
+            domain: sip.domain.to_ascii_lowercase(),
+            unknown_aor_status: registrar.unknown_aor_status,
             register_results: Arc::new(Default::default()),
         }
     }
@@ -120,13 +122,25 @@ impl UasCore {
             respond(&tx, req.response(503));
             return;
         };
-        // Step 3: the To header names the address of record, in a domain we serve.
-        if !self.local.serves(&req.base.to.uri.host, &self.domain) {
+        // Step 3: the To header names the address of record, in a domain we serve. A To
+        // that is no SIP or SIPS URI (RFC 4475 3.3.4: `isbn:...`) has no domain to name in
+        // the phrase; it is refused the same way (step 5: not valid for this registrar).
+        let aor_uri = &req.base.to.uri;
+        if !aor_uri.scheme.is_sip() {
             let status = self.unknown_aor_status;
             Self::respond(
                 &tx,
                 req.response(status)
-                    .with_reason(format!("{} Not Served Here", req.base.to.uri.host)),
+                    .with_reason("Address of record is not a SIP or SIPS URI"),
+            );
+            return;
+        }
+        if !self.local.serves(&aor_uri.host, &self.domain) {
+            let status = self.unknown_aor_status;
+            Self::respond(
+                &tx,
+                req.response(status)
+                    .with_reason(format!("{} Not Served Here", aor_uri.host)),
             );
             return;
         }

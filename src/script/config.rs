@@ -1,0 +1,68 @@
+//! `[script]`: which dial plan runs, and the limits every hook run is held to.
+
+use crate::config_section::{check_range, InvalidValue};
+use serde::{Deserialize, Serialize};
+
+/// Upper bound of `memory_limit_kb` (4 GiB), so KiB→bytes cannot overflow.
+const MAX_MEMORY_KB: usize = 4 * 1024 * 1024;
+/// Upper bound of `vm_pool_size`: each VM costs memory; more than this is a typo.
+const MAX_VM_POOL: usize = 1024;
+
+/// `[script]`: the Lua dial plan.
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScriptConfig {
+    pub path: String,
+    /// Per-VM memory limit in KiB; 0 = no limit.
+    pub memory_limit_kb: usize,
+    /// VM instructions one hook run may execute.
+    pub instruction_limit: u64,
+    /// Number of Lua VMs; 0 = one per CPU core.
+    pub vm_pool_size: usize,
+}
+
+impl Default for ScriptConfig {
+    fn default() -> Self {
+        ScriptConfig {
+            path: "scripts/default.lua".into(),
+            memory_limit_kb: 8192,
+            instruction_limit: 1_000_000,
+            vm_pool_size: 0,
+        }
+    }
+}
+
+impl ScriptConfig {
+    pub fn check(&self) -> Result<(), InvalidValue> {
+        if self.path.is_empty() {
+            return Err(InvalidValue::new("path", "must not be empty"));
+        }
+        check_range("memory_limit_kb", self.memory_limit_kb, 0, MAX_MEMORY_KB)?;
+        check_range("instruction_limit", self.instruction_limit, 1, u64::MAX)?;
+        check_range("vm_pool_size", self.vm_pool_size, 0, MAX_VM_POOL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_bad_values() {
+        let c = ScriptConfig::default();
+        assert!(c.check().is_ok());
+        assert_eq!(c.path, "scripts/default.lua");
+        let bad = |f: fn(&mut ScriptConfig)| {
+            let mut c = ScriptConfig::default();
+            f(&mut c);
+            c.check().unwrap_err().key
+        };
+        assert_eq!(bad(|c| c.path.clear()), "path");
+        assert_eq!(
+            bad(|c| c.memory_limit_kb = MAX_MEMORY_KB + 1),
+            "memory_limit_kb"
+        );
+        assert_eq!(bad(|c| c.instruction_limit = 0), "instruction_limit");
+        assert_eq!(bad(|c| c.vm_pool_size = 1025), "vm_pool_size");
+    }
+}
