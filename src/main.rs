@@ -46,14 +46,31 @@ fn check(path: Option<&Path>) -> ExitCode {
         }
     };
     // The script is part of the configuration: one that does not compile is refused with
-    // its file and line.
-    if let Err(e) = strowger::script::ScriptEngine::check(Path::new(&config.script.path)) {
-        eprintln!("script error: {e}");
-        return ExitCode::from(EXIT_CONFIG);
+    // its file and line. Its top-level code runs under the configured limits, so a script
+    // that would hang the server's start-up makes `check` fail instead of hang.
+    let hooks = match strowger::script::ScriptEngine::check(&script_options(&config)) {
+        Ok(hooks) => hooks,
+        Err(e) => {
+            eprintln!("script error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for warning in hooks.warnings() {
+        eprintln!("warning: {warning}");
     }
     println!("configuration OK: {source}");
     println!("script OK: {}", config.script.path);
     ExitCode::SUCCESS
+}
+
+/// The script engine's options from the `[script]` section.
+fn script_options(config: &Config) -> strowger::script::EngineOptions {
+    let mut opts = strowger::script::EngineOptions::new(&config.script.path);
+    opts.memory_limit = config.script.memory_limit_kb.saturating_mul(1024);
+    opts.instruction_limit = config.script.instruction_limit;
+    opts.time_limit = std::time::Duration::from_millis(config.script.time_limit_ms);
+    opts.routes = config.call.routes.clone();
+    opts
 }
 
 /// `strowger registrations`: the running server's bindings, as a table (or its JSON).
@@ -188,8 +205,8 @@ fn drain(path: Option<&Path>) -> ExitCode {
 
 /// `strowger run`: the server, until a signal stops it.
 fn run(path: Option<&Path>) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(config) => config,
+    let (config, source) = match Config::load_with_source(path) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -200,6 +217,11 @@ fn run(path: Option<&Path>) -> ExitCode {
         eprintln!("configuration error: {e:#}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %source,
+        "strowger starting"
+    );
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("strowger-worker");
     // `sip.workers` (0 = tokio's default, one per core).
@@ -216,11 +238,28 @@ fn run(path: Option<&Path>) -> ExitCode {
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the whole chain: "binding sip.listen: Address already in use".
-            eprintln!("error: {e:#}");
+            // The whole chain: "binding sip.listen: cannot bind ...: Address already in use".
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// An error and its causes joined by ": ", each said once: some errors already show their
+/// source in their own text, and `{:#}` would then print it twice.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Runs the server to completion.

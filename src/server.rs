@@ -1,8 +1,13 @@
 //! The server: wires transports, the transaction layer and the UAS core together, and
 //! runs them until a signal asks for a graceful shutdown.
 //!
-//! Owns: start-up order and shutdown (drain) policy. Must not touch: message handling
-//! itself, which belongs to the layers it wires.
+//! Owns: start-up order and shutdown (drain) policy, and the wiring of the one-way layers
+//! (`tests/architecture.rs` lists them): it builds the telemetry handle every layer
+//! registers its metrics on, the dialog table the B2BUA and presence register their
+//! usages in, installs the call traces as the transaction layer's message observer, and
+//! implements the ports lower layers define (`LocationService`, `ContactFlows`, the hunt
+//! groups' `Directory`). Must not touch: message handling itself, which belongs to the
+//! layers it wires.
 //!
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
 //! `sip.user_agent`, `sip.tcp_idle_timeout_s`, `shutdown.drain_timeout_s`,
@@ -12,8 +17,10 @@
 //! presence core, started here).
 
 use crate::auth::{DigestAuth, Users};
-use crate::b2bua::{B2bua, B2buaParts, ContactFlows, LocalAddrs, RecordWriter};
+use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
 use crate::config::Config;
+use crate::metrics::{Label as _, Telemetry};
+use crate::presence::SubscriptionUsage;
 use crate::registrar::{
     BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarStore, SqliteStore,
 };
@@ -21,8 +28,8 @@ use crate::script::{EngineOptions, LocationService, ScriptEngine};
 use crate::sip::{error_response, SipMessage};
 use crate::transaction::TransactionLayer;
 use crate::transport::{
-    response_target, Inbound, InboundSink, ListenAddr, Sender, TransportKind, TransportLimits,
-    Transports,
+    response_target, ContactFlows, Inbound, InboundSink, ListenAddr, LocalAddrs, Sender,
+    TransportKind, TransportLimits, Transports,
 };
 use crate::uas::UasCore;
 use anyhow::Context as _;
@@ -38,6 +45,38 @@ pub struct ServerStats {
     pub malformed_answered: AtomicU64,
     /// Messages dropped because they could not be parsed or answered.
     pub malformed_dropped: AtomicU64,
+}
+
+/// What became of a malformed message (`strowger_sip_malformed_total{action}`).
+#[derive(Clone, Copy, Debug)]
+pub enum Malformed {
+    /// Answered statelessly with 400 (or 505).
+    Answered,
+    Dropped,
+}
+crate::label!(
+    Malformed,
+    "action",
+    Answered = "answered",
+    Dropped = "dropped"
+);
+
+impl ServerStats {
+    fn register_metrics(self: &Arc<Self>, t: &Telemetry) -> Result<(), crate::metrics::Error> {
+        let family =
+            t.counters::<Malformed>("strowger_sip_malformed_total", "Malformed SIP messages")?;
+        let stats = self.clone();
+        t.on_scrape(move || {
+            for m in Malformed::ALL {
+                let n = match m {
+                    Malformed::Answered => &stats.malformed_answered,
+                    Malformed::Dropped => &stats.malformed_dropped,
+                };
+                family.catch_up(*m, crate::metrics::load(n));
+            }
+        });
+        Ok(())
+    }
 }
 
 /// Hands what the transports read to the transaction layer, and answers malformed requests
@@ -131,9 +170,16 @@ pub struct ServerHandle {
     /// The hunt groups, when `[huntgroups.*]` are configured.
     huntgroups: Option<crate::huntgroup::HuntGroups>,
     presence: crate::presence::Presence,
+    /// Every dialog of the server (calls' legs, subscriptions).
+    dialogs: Arc<crate::uas::Dialogs>,
 }
 
 impl ServerHandle {
+    /// Dialogs in the server's dialog table: two per bridged call, one per subscription.
+    pub fn dialogs(&self) -> usize {
+        self.dialogs.len()
+    }
+
     /// The hunt groups, when any are configured.
     pub fn huntgroups(&self) -> Option<&crate::huntgroup::HuntGroups> {
         self.huntgroups.as_ref()
@@ -252,6 +298,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         path: config.script.path.clone().into(),
         memory_limit: config.script.memory_limit_kb.saturating_mul(1024),
         instruction_limit: config.script.instruction_limit,
+        time_limit: Duration::from_millis(config.script.time_limit_ms),
         pool_size: config.script.vm_pool_size,
         routes: config.call.routes.clone(),
     })
@@ -269,6 +316,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     scripts.set_location(location.clone());
     let timers = config.sip.timers.to_timers();
     let (digest, users) = load_auth(config)?;
+    // One dialog table: the B2BUA registers calls' legs, presence its subscriptions.
+    let dialogs = Arc::new(crate::uas::Dialogs::new());
     let core = Arc::new(UasCore::new(
         &config.sip,
         &config.registrar,
@@ -276,6 +325,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         digest.clone(),
         users.clone(),
         scripts.clone(),
+        dialogs.clone(),
     ));
     let sender: Arc<dyn Sender> = Arc::new(transports.clone());
     let layer = TransactionLayer::new(sender.clone(), timers, core.clone());
@@ -301,7 +351,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         crate::trace::CallTraces::new(config.call.trace_max_messages, config.call.trace_keep_ended)
     });
     if let Some(t) = &traces {
-        layer.set_traces(t.clone());
+        layer.set_observer(Arc::new(t.clone()));
     }
     let presence_users = users.clone(); // presence
     let b2bua = B2bua::new(B2buaParts {
@@ -315,8 +365,9 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         location: Some(location.clone()),
         auth: users.map(|u| (digest.clone(), u)),
         records,
-        routes: Arc::new(crate::metrics::RouteStats::new(&config.call.routes)),
+        routes: Arc::new(crate::b2bua::RouteStats::new(&config.call.routes)),
         traces,
+        dialogs: Arc::new(crate::dialog::Invites(dialogs.clone())),
     });
     core.set_b2bua(b2bua.clone());
     if let Some(h) = &huntgroups {
@@ -335,7 +386,10 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         &scripts,
         location.clone(),
         (presence_users, digest.clone()),
-        &b2bua,
+        (
+            &b2bua,
+            Arc::new(crate::dialog::Subscriptions(dialogs.clone())),
+        ),
     )
     .await?;
     core.set_presence(presence.clone());
@@ -344,17 +398,22 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         .listen
         .parse()
         .with_context(|| format!("http.listen {:?}", config.http.listen))?;
-    let metrics = crate::metrics::Metrics::new(Box::new(MetricSources {
-        core: core.clone(),
-        registrar: registrar.clone(),
-        b2bua: b2bua.clone(),
-        scripts: scripts.clone(),
-        layer: layer.clone(),
-        stats: stats.clone(),
-        digest: digest.clone(),
-        huntgroups: huntgroups.clone(),
-        presence: presence.clone(),
-    }))
+    // One telemetry handle; each layer registers its own families on it.
+    let telemetry = (|| -> Result<Telemetry, crate::metrics::Error> {
+        let t = Telemetry::new()?;
+        layer.register_metrics(&t)?;
+        digest.register_metrics(&t)?;
+        registrar.register_metrics(&t)?;
+        scripts.register_metrics(&t)?;
+        b2bua.register_metrics(&t)?;
+        presence.register_metrics(&t)?;
+        core.register_metrics(&t)?;
+        stats.register_metrics(&t)?;
+        if let Some(h) = &huntgroups {
+            h.register_metrics(&t)?;
+        }
+        Ok(t)
+    })()
     .context("setting up metrics")?;
     let drain_layer = layer.clone();
     let admin_options = crate::admin::AdminOptions {
@@ -402,7 +461,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         admin_options,
         scripts.clone(),
         registrar.clone(),
-        Arc::new(metrics),
+        telemetry,
     )
     .await
     .with_context(|| format!("binding http.listen {http}"))?;
@@ -423,6 +482,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         stats,
         huntgroups,
         presence,
+        dialogs,
     })
 }
 
@@ -485,7 +545,10 @@ async fn start_presence(
     scripts: &ScriptEngine,
     location: Arc<Location>,
     (users, digest): (Option<Arc<Users>>, DigestAuth),
-    b2bua: &B2bua,
+    (b2bua, dialogs): (
+        &B2bua,
+        Arc<crate::dialog::Subscriptions<CallRef, SubscriptionUsage>>,
+    ),
 ) -> anyhow::Result<crate::presence::Presence> {
     use crate::presence::{Presence, PresenceParts, SqlitePresenceStore};
     let store: Arc<dyn crate::presence::PresenceStore> = match config.registrar.store {
@@ -523,10 +586,11 @@ async fn start_presence(
             .map(|u| (digest, u)),
         live_calls: Some({
             let b2bua = b2bua.clone();
-            Arc::new(move || b2bua.calls())
+            Arc::new(move || b2bua.call_changes())
         }),
         call_interest: Some(b2bua.call_watch().interest()),
         node,
+        dialogs,
     })
     .await
     .context("loading presence state")
@@ -549,114 +613,6 @@ fn load_auth(config: &Config) -> anyhow::Result<(DigestAuth, Option<Arc<Users>>)
         .with_context(|| format!("registrar.users_file {path}"))?;
     tracing::info!(users = users.len(), "digest authentication of REGISTER on");
     Ok((digest, Some(Arc::new(users))))
-}
-
-/// What `/metrics` reads: the layers' own counters.
-struct MetricSources {
-    core: Arc<UasCore>,
-    registrar: Registrar,
-    b2bua: B2bua,
-    scripts: ScriptEngine,
-    layer: TransactionLayer,
-    stats: Arc<ServerStats>,
-    digest: DigestAuth,
-    huntgroups: Option<crate::huntgroup::HuntGroups>,
-    presence: crate::presence::Presence,
-}
-
-impl crate::metrics::Sources for MetricSources {
-    fn bindings(&self) -> u64 {
-        self.registrar.count() as u64
-    }
-    fn registrar_events(&self) -> [u64; 5] {
-        use crate::metrics::load;
-        let s = self.registrar.stats();
-        [
-            load(&s.registered),
-            load(&s.refreshed),
-            load(&s.removed),
-            load(&s.expired),
-            load(&s.store_errors),
-        ]
-    }
-    fn calls_active(&self) -> u64 {
-        self.b2bua.active_calls()
-    }
-    fn calls_started(&self) -> u64 {
-        crate::metrics::load(&self.b2bua.stats().calls_started)
-    }
-    fn calls_answered(&self) -> u64 {
-        crate::metrics::load(&self.b2bua.stats().answered)
-    }
-    fn script_errors(&self) -> [u64; crate::metrics::HOOKS.len()] {
-        let e = &self.scripts.stats().hook_errors;
-        std::array::from_fn(|i| crate::metrics::load(&e[i]))
-    }
-    fn dial_outcomes(&self) -> [u64; crate::metrics::DIAL_OUTCOMES.len()] {
-        let d = &self.b2bua.stats().dial_outcomes;
-        std::array::from_fn(|i| crate::metrics::load(&d[i]))
-    }
-    fn retransmissions_received(&self) -> u64 {
-        self.layer.stats().retransmissions_absorbed
-    }
-    fn routes(&self) -> &crate::metrics::RouteStats {
-        self.b2bua.routes()
-    }
-    fn transfers(&self) -> [[u64; 3]; 3] {
-        let t = &self.b2bua.stats().transfers;
-        std::array::from_fn(|k| std::array::from_fn(|r| crate::metrics::load(&t[k][r])))
-    }
-    fn register_results(&self) -> [u64; crate::uas::REGISTER_RESULTS.len()] {
-        self.core.register_results()
-    }
-    fn malformed(&self) -> [u64; 2] {
-        [
-            crate::metrics::load(&self.stats.malformed_answered),
-            crate::metrics::load(&self.stats.malformed_dropped),
-        ]
-    }
-    fn transactions(&self) -> u64 {
-        self.layer.len() as u64
-    }
-    fn transaction_timeouts(&self) -> u64 {
-        let s = self.layer.stats();
-        s.client_timeouts + s.ack_timeouts
-    }
-    fn calls_failed(&self) -> [u64; 4] {
-        let f = &self.b2bua.stats().failed_by_class;
-        [0, 1, 2, 3].map(|i| crate::metrics::load(&f[i]))
-    }
-    fn extra_text(&self) -> String {
-        self.huntgroups
-            .as_ref()
-            .map(|h| h.render_metrics())
-            .unwrap_or_default()
-    }
-    fn auth_failures(&self) -> u64 {
-        let s = self.digest.stats();
-        crate::metrics::load(&s.failures) + crate::metrics::load(&s.throttled)
-    }
-    fn presence(&self) -> Option<crate::metrics::PresenceFigures> {
-        use crate::metrics::load;
-        use crate::presence::{Package, PUBLISH_RESULTS};
-        let s = self.presence.stats();
-        Some(crate::metrics::PresenceFigures {
-            subscriptions: Package::ALL
-                .iter()
-                .zip(&s.subscriptions)
-                .map(|(p, n)| (p.as_str(), load(n)))
-                .collect(),
-            notifies_sent: load(&s.notifies_sent),
-            notifies_failed: load(&s.notifies_failed),
-            publish: PUBLISH_RESULTS
-                .iter()
-                .zip(&s.publish)
-                .map(|(r, n)| (*r, load(n)))
-                .collect(),
-            messages_routed: load(&s.messages_routed),
-            messages_failed: load(&s.messages_failed),
-        })
-    }
 }
 
 /// Opens the configured binding store (`registrar.store`) and loads the registrar.
@@ -775,7 +731,7 @@ async fn wait_for_stop(server: &ServerHandle) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match server.scripts.reload() {
+            _ = hup.recv() => match server.scripts.reload().await {
                 Ok(()) => tracing::info!(version = server.scripts.current().version(), "script reloaded"),
                 Err(e) => tracing::error!(error = %e, "script reload refused; the running version stays"),
             },

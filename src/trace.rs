@@ -4,15 +4,16 @@
 //!
 //! Owns: the traces and the index from SIP Call-IDs to them. Must not touch: messages
 //! (it copies first lines) or calls (the B2BUA tells it which Call-IDs belong to which
-//! call and leg; the transaction layer reports what goes over the wire).
+//! call and leg). It sees what goes over the wire as the transaction layer's
+//! `MessageObserver`, which the server installs; the transaction layer does not know it.
 //!
 //! Recording is one sharded-map lookup by Call-ID per message and, for a traced call, one
 //! short push under that call's own lock: no lock that other calls contend on. A trace
 //! keeps at most `call.trace_max_messages` messages; the traces of the last
 //! `call.trace_keep_ended` ended calls stay readable.
 //!
-//! Config keys: `call.trace` [true], `call.trace_max_messages` [100],
-//! `call.trace_keep_ended` [100]. Endpoint: `GET /calls/{id}/trace` (admin API).
+//! Config keys: `call.trace` (default true), `call.trace_max_messages` (100),
+//! `call.trace_keep_ended` (100). Endpoint: `GET /calls/{id}/trace` (admin API).
 
 use crate::shard::ShardMap;
 use crate::transport::Target;
@@ -20,7 +21,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Which way a message went, seen from the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -253,7 +254,7 @@ impl CallTraces {
         let st = trace.state.lock();
         Some(TraceView {
             id: trace.id.to_string(),
-            started: crate::b2bua::rfc3339_millis(trace.started),
+            started: rfc3339_millis(trace.started),
             ended: st.ended,
             dropped: st.dropped,
             messages: st
@@ -277,6 +278,29 @@ impl CallTraces {
 }
 
 /// The first line of serialized SIP bytes (without CRLF), lossily decoded.
+/// What the transaction layer passes is recorded for the calls being traced (one map
+/// lookup by Call-ID otherwise).
+impl crate::transaction::MessageObserver for CallTraces {
+    fn on_message(
+        &self,
+        call_id: &str,
+        dir: crate::transaction::Direction,
+        peer: &Target,
+        msg: crate::transaction::Passing<'_>,
+    ) {
+        use crate::transaction::Passing;
+        let dir = match dir {
+            crate::transaction::Direction::In => Direction::In,
+            crate::transaction::Direction::Out => Direction::Out,
+        };
+        self.record(call_id, dir, peer, || match msg {
+            Passing::Sent(bytes) => Line::Text(first_line(bytes)),
+            Passing::Request(req) => Line::Request(req.method.clone(), Box::new(req.uri.clone())),
+            Passing::Response(resp) => Line::Status(resp.status, resp.reason.clone()),
+        });
+    }
+}
+
 pub fn first_line(bytes: &[u8]) -> String {
     let end = bytes
         .windows(2)
@@ -312,10 +336,44 @@ pub fn render_text(view: &TraceView) -> String {
     out
 }
 
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC). Times before 1970 are written as the epoch: the
+/// clock of a running server is never there.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let millis = since.subsec_millis();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_date(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01.
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    // Counted in 400-year eras starting on 0000-03-01, so the leap day ends each year.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153; // month from March = 0
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::transport::TransportKind;
+    use std::time::Duration;
 
     fn peer() -> Target {
         Target {
@@ -372,5 +430,16 @@ mod tests {
             first_line(b"SIP/2.0 200 OK\r\nVia: x\r\n"),
             "SIP/2.0 200 OK"
         );
+    }
+
+    #[test]
+    fn formats_rfc3339_utc() {
+        assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(951_782_400_007); // leap day 2000
+        assert_eq!(rfc3339_millis(t), "2000-02-29T00:00:00.007Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_798_761_599); // 2026-12-31T23:59:59Z
+        assert_eq!(rfc3339_millis(t), "2026-12-31T23:59:59.000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(4_107_542_400); // 2100-03-01, no leap day
+        assert_eq!(rfc3339_millis(t), "2100-03-01T00:00:00.000Z");
     }
 }

@@ -413,7 +413,7 @@ async fn reload_while_a_call_is_up_keeps_it() {
         "function on_invite(call) call:reject(403, 'Closed for reload test') end",
     )
     .unwrap();
-    s.server.handle.scripts().reload().expect("reload");
+    s.server.handle.scripts().reload().await.expect("reload");
     // The call in progress ends normally (caller BYE, 200) on its own version.
     let a = a.expect_success(LIMIT).await;
     let b = b.expect_success(LIMIT).await;

@@ -240,3 +240,139 @@ fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A config running `script` with `[script]` extras, SIP on `sip`, admin on `http`.
+fn config_for(dir: &Path, script: &Path, script_extra: &str, sip: &str, http: &str) -> PathBuf {
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\nlisten = [{sip:?}]\n[http]\nlisten = {http:?}\n[script]\npath = {:?}\n{script_extra}\n[storage]\ndir = {:?}\n[shutdown]\ndrain_timeout_s = 1\n",
+            script.display().to_string(),
+            dir.join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn check_warns_about_a_missing_on_invite_and_misspelled_hooks() {
+    let dir = temp_dir();
+    let script = dir.join("plan.lua");
+    std::fs::write(
+        &script,
+        "function onInvite(call) end\nfunction on_call_ende(call) end\nfunction helper() end\n",
+    )
+    .unwrap();
+    let config = config_for(&dir, &script, "", "udp:127.0.0.1:0", "127.0.0.1:0");
+    let (code, out, err) = run(&mut strowger(&[
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "warnings do not fail the check: {err}");
+    assert!(out.contains("script OK"), "{out}");
+    assert!(
+        err.contains("warning:") && err.contains("no on_invite"),
+        "{err}"
+    );
+    assert!(
+        err.contains("`onInvite`") && err.contains("did you mean `on_invite`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("`on_call_ende`") && err.contains("`on_call_end`"),
+        "{err}"
+    );
+    assert!(!err.contains("helper"), "{err}");
+}
+
+#[test]
+fn check_refuses_a_slow_top_level_in_bounded_time() {
+    let dir = temp_dir();
+    let script = dir.join("plan.lua");
+    // One long C call (quadratic backtracking) at top level: no instruction count runs.
+    std::fs::write(
+        &script,
+        "local s = 'x' .. string.rep(' ', 40000) .. 'y'\ns = s:match('^%s*(.-)%s*$')\nfunction on_invite(call) end\n",
+    )
+    .unwrap();
+    let config = config_for(
+        &dir,
+        &script,
+        "time_limit_ms = 100",
+        "udp:127.0.0.1:0",
+        "127.0.0.1:0",
+    );
+    let started = std::time::Instant::now();
+    let (code, _out, err) = run(&mut strowger(&[
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("did not finish"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn start_up_log_names_version_config_and_script_warnings() {
+    let dir = temp_dir();
+    let script = dir.join("plan.lua");
+    std::fs::write(&script, "function on_Invite(call) end\n").unwrap();
+    let http = format!("127.0.0.1:{}", free_tcp_port());
+    let config = config_for(&dir, &script, "", "udp:127.0.0.1:0", &http);
+    let server = strowger(&["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let mut up = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&http).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = server.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(up, "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let starting = err
+        .lines()
+        .find(|l| l.contains("strowger starting"))
+        .unwrap_or_else(|| panic!("no start-up line: {err}"));
+    assert!(starting.contains(env!("CARGO_PKG_VERSION")), "{starting}");
+    assert!(starting.contains(config.to_str().unwrap()), "{starting}");
+    assert!(err.contains("did you mean `on_invite`"), "{err}");
+}
+
+#[test]
+fn a_bind_error_is_printed_once() {
+    let dir = temp_dir();
+    let script = dir.join("plan.lua");
+    std::fs::write(&script, "function on_invite(call) end\n").unwrap();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sip = format!("udp:{}", taken.local_addr().unwrap());
+    let http = format!("127.0.0.1:{}", free_tcp_port());
+    let config = config_for(&dir, &script, "", &sip, &http);
+    let (code, _out, err) = run(&mut strowger(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.matches("in use").count(), 1, "{err}");
+}

@@ -89,6 +89,6 @@ fn mutated_corpus_never_breaks_invariants() {
                 }
             }
         }
-        strowger::sip::check_invariants(&m);
+        strowger::uas::check_invariants(&m);
     }
 }

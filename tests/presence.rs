@@ -428,6 +428,11 @@ async fn notifies_are_coalesced_and_a_refused_notify_ends_the_subscription() {
     let mut etag = publish_to(s.udp, &publisher, "gina", None, "one").await;
     let (_tag, body) = raw_subscribe(s.udp, &watcher, "gina").await;
     assert!(body.contains("<note>one</note>"), "{body}");
+    assert_eq!(
+        s.handle.dialogs(),
+        1,
+        "the subscription is in the dialog table"
+    );
     // Three changes within the interval: one NOTIFY, with the last state.
     for note in ["two", "three", "four"] {
         etag = publish_to(s.udp, &publisher, "gina", Some(&etag), note).await;
@@ -465,6 +470,7 @@ async fn notifies_are_coalesced_and_a_refused_notify_ends_the_subscription() {
     }
     assert_eq!(load(&st.subscriptions[0]), 0);
     assert_eq!(load(&st.notifies_failed), 1);
+    assert_eq!(s.handle.dialogs(), 0, "and out of the dialog table");
     publish_to(s.udp, &publisher, "gina", Some(&etag), "five").await;
     assert!(
         watcher.recv(Duration::from_millis(1000)).await.is_none(),

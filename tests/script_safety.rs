@@ -2,6 +2,14 @@
 //! their own call with 500 and are counted; the next call still runs. Reload while a call
 //! is up: the call keeps its version and ends normally; new calls use the new script; a
 //! broken script is refused and the running one stays.
+//!
+//! Issue 13 (item 15), hooks stuck where no instruction budget is checked: a looping
+//! `xpcall` handler, a looping `__gc` finalizer, a quadratic pattern match in one C call
+//! (on a caller-supplied header, and on a string the script makes), a slow top level at
+//! reload. Each fails its own call (or reload) while SIP and the admin API keep being
+//! served, and SIGTERM still stops the real binary. These run on a current-thread runtime:
+//! before the fix a stuck hook held the runtime's only thread, so they hung (a watchdog
+//! thread turns a hang into a failure).
 
 mod common;
 
@@ -41,6 +49,11 @@ async fn start(plan: &str) -> (TestServer, std::path::PathBuf) {
 
 /// Sends an INVITE to `user` and returns the final response; ACKs it (hop by hop).
 async fn invite(server: &TestServer, peer: &UdpPeer, user: &str) -> String {
+    invite_with(server, peer, user, "").await
+}
+
+/// Like [`invite`], with extra header lines (each ending in CRLF).
+async fn invite_with(server: &TestServer, peer: &UdpPeer, user: &str, extra: &str) -> String {
     let call_id = unique("safety");
     let inv = request(
         "INVITE",
@@ -48,7 +61,7 @@ async fn invite(server: &TestServer, peer: &UdpPeer, user: &str) -> String {
         peer.addr,
         "UDP",
         &call_id,
-        "Contact: <sip:caller@127.0.0.1>\r\nContent-Type: application/sdp\r\n",
+        &format!("Contact: <sip:caller@127.0.0.1>\r\nContent-Type: application/sdp\r\n{extra}"),
         "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 9 RTP/AVP 0\r\n",
     );
     peer.send(server.udp, inv.as_bytes()).await;
@@ -122,7 +135,12 @@ async fn reload_switches_new_calls_and_refuses_a_broken_script() {
     assert_eq!(reason(&resp), "Busy from version one");
 
     std::fs::write(&path, PLAN.replace("version one", "version two")).unwrap();
-    server.handle.scripts().reload().expect("new script loads");
+    server
+        .handle
+        .scripts()
+        .reload()
+        .await
+        .expect("new script loads");
     let resp = invite(&server, &peer, "version").await;
     assert_eq!(reason(&resp), "Busy from version two");
 
@@ -131,6 +149,7 @@ async fn reload_switches_new_calls_and_refuses_a_broken_script() {
         .handle
         .scripts()
         .reload()
+        .await
         .expect_err("broken script refused");
     assert!(
         err.to_string().contains("plan.lua"),
@@ -142,4 +161,292 @@ async fn reload_switches_new_calls_and_refuses_a_broken_script() {
         "Busy from version two",
         "the running script stays"
     );
+}
+
+// ---------------------------------------------------------------- issue 13, item 15
+
+const STUCK_PLAN: &str = r#"
+function on_invite(call)
+  local u = call.ruri.user
+  if u == "xpcall" then
+    xpcall(function() error("x") end, function() while true do end end)
+  elseif u == "gc" then
+    setmetatable({}, { __gc = function() while true do end end })
+    collectgarbage()
+  elseif u == "match" then
+    -- Backtracking: quadratic in the spaces between the two words, all in one C call.
+    local s = "x" .. string.rep(" ", 40000) .. "y"
+    s = s:match("^%s*(.-)%s*$")
+  elseif u == "subject" then
+    local s = call:header("Subject") or ""
+    call:reject(486, "trimmed " .. #s:match("^%s*(.-)%s*$"))
+    return
+  elseif u == "change" then
+    string.upper = function() return "evil" end
+  elseif u == "pollute" then
+    tenant = "evil"
+    call:reject(486, "polluted")
+    return
+  elseif u == "pristine" then
+    call:reject(486, ("ok"):upper() .. " " .. tostring(tenant))
+    return
+  end
+  call:reject(486, "Busy Here")
+end
+"#;
+
+/// Exits the test process if the test has not finished in `limit`: a stuck runtime
+/// thread cannot fire its own timeouts.
+fn hang_guard(
+    limit: Duration,
+    what: &'static str,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if flag.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{what}: hung for {limit:?} (the server's runtime thread is stuck)");
+        std::process::exit(101);
+    });
+    done
+}
+
+async fn start_stuck_plan() -> TestServer {
+    let dir = std::env::temp_dir().join(unique("strowger-stuck"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("plan.lua");
+    std::fs::write(&path, STUCK_PLAN).unwrap();
+    let mut config = test_config();
+    config.script.path = path.display().to_string();
+    config.script.vm_pool_size = 2;
+    config.script.time_limit_ms = 200;
+    start_with(config).await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn hooks_stuck_where_no_budget_is_checked_fail_only_their_call() {
+    let guard = hang_guard(Duration::from_secs(60), "stuck hooks");
+    let server = start_stuck_plan().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let other = UdpPeer::bind("127.0.0.1").await;
+    let stats = server.handle.scripts().stats();
+    for user in ["xpcall", "gc", "match"] {
+        let started = std::time::Instant::now();
+        let call_id = unique("stuck");
+        let inv = request(
+            "INVITE",
+            &format!("sip:{user}@strowger.test"),
+            peer.addr,
+            "UDP",
+            &call_id,
+            "Contact: <sip:caller@127.0.0.1>\r\n",
+            "",
+        );
+        peer.send(server.udp, inv.as_bytes()).await;
+        // Meanwhile other calls and the admin API are served.
+        let resp = invite(&server, &other, "alice").await;
+        assert_eq!(status(&resp), 486, "{user}: another call meanwhile: {resp}");
+        let metrics = tokio::time::timeout(
+            Duration::from_secs(2),
+            strowger::admin::get(server.handle.admin_addr(), "/metrics"),
+        )
+        .await
+        .expect("the admin API answers meanwhile")
+        .unwrap();
+        assert!(metrics.contains("strowger_script_errors_total"));
+        // The stuck call itself gets 500, within the time limit and its grace.
+        let resp = peer
+            .recv_final(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{user}: a final response"));
+        assert_eq!(status(&resp), 500, "{user}: {resp}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{user}: answered after {:?}",
+            started.elapsed()
+        );
+        let resp = invite(&server, &peer, "alice").await;
+        assert_eq!(status(&resp), 486, "after {user}: {resp}");
+    }
+    assert!(stats.hook_errors_total.load(Ordering::Relaxed) >= 3);
+    assert_eq!(
+        stats.vms_abandoned.load(Ordering::Relaxed),
+        1,
+        "the match cost its VM"
+    );
+    guard.store(true, Ordering::Relaxed);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_long_header_cannot_make_the_trim_idiom_slow() {
+    let guard = hang_guard(Duration::from_secs(60), "long Subject");
+    let server = start_stuck_plan().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    // 60 000 spaces between two words: quadratic backtracking in the trim pattern.
+    let subject = format!("Subject: x{}y\r\n", " ".repeat(60_000));
+    let started = std::time::Instant::now();
+    let resp = invite_with(&server, &peer, "subject", &subject).await;
+    assert_eq!(status(&resp), 486, "{resp}");
+    assert_eq!(
+        reason(&resp),
+        "trimmed 1",
+        "the value reached Lua cut to 4096 bytes"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    guard.store(true, Ordering::Relaxed);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_change_one_call_makes_is_invisible_to_the_next() {
+    let guard = hang_guard(Duration::from_secs(60), "pristine");
+    let server = start_stuck_plan().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let resp = invite(&server, &peer, "change").await;
+    assert_eq!(status(&resp), 500, "string is read-only in a hook: {resp}");
+    let resp = invite(&server, &peer, "pollute").await;
+    assert_eq!(reason(&resp), "polluted");
+    // Both VMs of the pool, several times.
+    for _ in 0..4 {
+        let resp = invite(&server, &peer, "pristine").await;
+        assert_eq!(reason(&resp), "OK nil", "{resp}");
+    }
+    guard.store(true, Ordering::Relaxed);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_top_level_at_reload_leaves_sip_served() {
+    let guard = hang_guard(Duration::from_secs(60), "slow reload");
+    let server = start_stuck_plan().await;
+    let path = server.handle.scripts().current().path().to_path_buf();
+    std::fs::write(
+        &path,
+        format!("local s = 'x' .. string.rep(' ', 40000) .. 'y'\ns = s:match('^%s*(.-)%s*$')\n{STUCK_PLAN}"),
+    )
+    .unwrap();
+    let admin = server.handle.admin_addr();
+    let reload = tokio::spawn(async move {
+        strowger::admin::send(admin, hyper::Method::POST, "/reload", None).await
+    });
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    let started = std::time::Instant::now();
+    let resp = invite(&server, &peer, "alice").await;
+    assert_eq!(status(&resp), 486, "{resp}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "SIP answered during the reload"
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(5), reload)
+        .await
+        .expect("reload answers in bounded time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 422, "{}", answer.body());
+    assert!(
+        answer.body().contains("did not finish"),
+        "{}",
+        answer.body()
+    );
+    assert_eq!(server.handle.scripts().current().version(), 1);
+    guard.store(true, Ordering::Relaxed);
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+#[test]
+fn sigterm_stops_the_binary_while_a_hook_is_stuck() {
+    let dir = std::env::temp_dir().join(unique("strowger-sigterm"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("plan.lua");
+    // About a minute of one C call: far past any limit.
+    std::fs::write(
+        &script,
+        "function on_invite(call)\n  local s = 'x' .. string.rep(' ', 300000) .. 'y'\n  s = s:match('^%s*(.-)%s*$')\nend\n",
+    )
+    .unwrap();
+    let sip = free_port(true);
+    let http = free_port(false);
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:{sip}\"]\ndomain = \"strowger.test\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[script]\npath = {:?}\nvm_pool_size = 1\n[storage]\ndir = {:?}\n[shutdown]\ndrain_timeout_s = 2\n",
+            script.display().to_string(),
+            dir.join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_strowger"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("server starts");
+    // Wait until it listens (the admin port answers), bounded.
+    let mut up = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up, "the server came up");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let from = sock.local_addr().unwrap();
+    let inv = request(
+        "INVITE",
+        "sip:stuck@strowger.test",
+        from,
+        "UDP",
+        &unique("sigterm"),
+        "Contact: <sip:caller@127.0.0.1>\r\n",
+        "",
+    );
+    sock.send_to(inv.as_bytes(), ("127.0.0.1", sip)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!("SIGTERM did not stop the server within 15 s while a hook was stuck");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, Some(0));
 }

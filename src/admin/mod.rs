@@ -1,9 +1,15 @@
 //! The admin HTTP endpoint on `http.listen` (hyper, HTTP/1.1, JSON answers).
 //!
-//! Owns: the HTTP listener, its routes and their bearer-token check. Must not touch: SIP
-//! or call state; it observes through the handles it is given, and its actions go through
-//! hooks: `POST /reload` through the script engine's own reload (the same path as SIGHUP),
-//! `POST /drain` through the drain hook the server gives it.
+//! The operator's control plane: every action calls the owning module's API and never its
+//! maps or statics. `POST /reload` is the script engine's own reload (the same path as
+//! SIGHUP), `POST /drain` the drain hook the server gives it (the transaction layer's
+//! `stop_accepting`), `POST /calls/{id}/transfer` the B2BUA's `transfer`, agent state the
+//! hunt groups' `set_state`, `GET /registrations` the registrar's `bindings`, `GET /metrics`
+//! the telemetry handle's `render`.
+//!
+//! Owns: the HTTP listener, its routes, their bearer-token check and its 401 counter
+//! (`strowger_admin_unauthorized_total`, registered on the telemetry handle). Must not
+//! touch: SIP, call state or any module's internals; nothing below imports it.
 //!
 //! Endpoints: `GET /healthz` (200 `{"status":"ok"}`: alive), `GET /readyz` (200
 //! `{"ready":true}` while serving, 503 `{"ready":false}` once draining), `GET /metrics`
@@ -27,7 +33,7 @@
 //! Access: `/registrations`, `/calls`, `/calls/{id}/trace`, `/calls/{id}/transfer`,
 //! `/huntgroups*`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
 //! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
-//! ([`ADMIN_UNAUTHORIZED`], [`AdminServer::unauthorized`]). With `http.token` empty they
+//! ([`AdminServer::unauthorized`], metric `strowger_admin_unauthorized_total`). With `http.token` empty they
 //! answer 403, unless the endpoint is bound to a loopback address (development default):
 //! then no token is needed. `/healthz`, `/readyz` and `/metrics` are always open.
 //! Config keys: `http.listen`, `http.token` ([`HttpConfig`], in `config.rs`).
@@ -47,10 +53,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-
-/// Requests refused with 401 (missing or wrong bearer token), by every admin endpoint of
-/// this process: what the metric `strowger_admin_unauthorized_total` reads.
-pub static ADMIN_UNAUTHORIZED: AtomicU64 = AtomicU64::new(0);
 
 /// What `POST /drain` calls: stops taking new calls and returns how many requests still
 /// owe an answer.
@@ -146,7 +148,7 @@ struct Shared {
 struct State {
     scripts: ScriptEngine,
     registrar: Registrar,
-    metrics: Arc<crate::metrics::Metrics>,
+    telemetry: crate::metrics::Telemetry,
     shared: Arc<Shared>,
 }
 
@@ -163,7 +165,7 @@ pub async fn start(
     options: AdminOptions,
     scripts: ScriptEngine,
     registrar: Registrar,
-    metrics: Arc<crate::metrics::Metrics>,
+    telemetry: crate::metrics::Telemetry,
 ) -> std::io::Result<AdminServer> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -185,10 +187,22 @@ pub async fn start(
             tracing::warn!(%addr, "http.token is not set: the admin API is disabled (only /healthz, /readyz and /metrics answer)");
         }
     }
+    let refused = shared.clone();
+    telemetry
+        .counter(
+            "strowger_admin_unauthorized_total",
+            "Admin API requests refused with 401 (missing or wrong bearer token)",
+        )
+        .map(|c| {
+            telemetry.on_scrape(move || {
+                crate::metrics::catch_up(&c, refused.unauthorized.load(Ordering::Relaxed))
+            })
+        })
+        .map_err(std::io::Error::other)?;
     let state = State {
         scripts,
         registrar,
-        metrics,
+        telemetry: telemetry.clone(),
         shared: shared.clone(),
     };
     let task = tokio::spawn(async move {
@@ -276,7 +290,6 @@ fn refuse(
         return None;
     }
     shared.unauthorized.fetch_add(1, Ordering::Relaxed);
-    ADMIN_UNAUTHORIZED.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         path,
         token_given = given.is_some(),
@@ -361,8 +374,36 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| bad(format!("expected {expected}: {e}")))
 }
 
-/// Routes that wait (read a body, wait for a call); the rest answer at once.
+/// `POST /reload`: the new version loads on its own threads; this waits without holding
+/// a runtime worker.
+async fn reload(state: &State) -> Response<Full<Bytes>> {
+    match state.scripts.reload().await {
+        Ok(()) => {
+            let version = state.scripts.current().version();
+            tracing::info!(version, "script reloaded (admin API)");
+            json(
+                StatusCode::OK,
+                format!(r#"{{"reloaded":true,"version":{version}}}"#),
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "script reload refused; the running version stays");
+            json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(r#"{{"reloaded":false,"error":{}}}"#, quote(&e.to_string())),
+            )
+        }
+    }
+}
+
+/// Routes that wait (read a body, wait for a call, reload); the rest answer at once.
 async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST && req.uri().path() == "/reload" {
+        if let Some(refusal) = refuse(&state.shared, "/reload", req.headers()) {
+            return refusal;
+        }
+        return reload(state).await;
+    }
     let Some(id) = transfer_id(req.uri().path()).map(str::to_owned) else {
         return route(state, req);
     };
@@ -516,7 +557,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            let mut r = Response::new(Full::new(Bytes::from(state.telemetry.render())));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -535,23 +576,6 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        (&Method::POST, "/reload") => match state.scripts.reload() {
-            Ok(()) => {
-                let version = state.scripts.current().version();
-                tracing::info!(version, "script reloaded (admin API)");
-                json(
-                    StatusCode::OK,
-                    format!(r#"{{"reloaded":true,"version":{version}}}"#),
-                )
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "script reload refused; the running version stays");
-                json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!(r#"{{"reloaded":false,"error":{}}}"#, quote(&e.to_string())),
-                )
-            }
-        },
         (&Method::POST, "/drain") => {
             state.shared.draining.store(true, Ordering::Release);
             let unanswered = (state.shared.drain)();

@@ -44,6 +44,7 @@
 mod config;
 mod digest;
 mod hash;
+mod metrics;
 mod params;
 mod state;
 mod users;

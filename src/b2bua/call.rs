@@ -11,7 +11,6 @@ mod transfer;
 pub use transfer::{refer_to, HandedLeg, TransferKind, TransferNote};
 use transfer::{Transfer, TransferStep};
 
-use super::net::resolve;
 use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
@@ -22,6 +21,7 @@ use crate::script::{
 };
 use crate::sip::{new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::resolve;
 use crate::transport::{Target, TransportKind};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -1245,7 +1245,7 @@ impl Call {
 
     /// Counts a dial's outcome (`strowger_dial_outcomes_total`).
     fn count_dial(&self, status: u16) {
-        let i = crate::metrics::dial_outcome(status, self.cancelled);
+        let i = super::metrics::dial_outcome(status, self.cancelled);
         self.inner.stats.dial_outcomes[i].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -1396,7 +1396,10 @@ impl Call {
         if !self.a_ringing {
             self.a_ringing = true;
             if let Ok(t) = SystemTime::now().duration_since(self.start) {
-                crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_18X, t.as_secs_f64());
+                self.inner
+                    .histograms
+                    .setup
+                    .observe(super::SetupStage::Ringing, t.as_secs_f64());
             }
         }
         let _ = self.a_tx.respond(r);
@@ -1530,7 +1533,10 @@ impl Call {
         )));
         let now = SystemTime::now();
         if let Ok(setup) = now.duration_since(self.start) {
-            crate::metrics::CALL_SETUP.observe(crate::metrics::SETUP_200, setup.as_secs_f64());
+            self.inner
+                .histograms
+                .setup
+                .observe(super::SetupStage::Answered, setup.as_secs_f64());
         }
         self.answer = Some(now);
         self.final_status = resp.status;
@@ -2044,7 +2050,7 @@ impl Call {
         }
         let end = SystemTime::now();
         if let Some(d) = self.answer.and_then(|a| end.duration_since(a).ok()) {
-            crate::metrics::CALL_DURATION.observe(d.as_secs_f64());
+            self.inner.histograms.duration.observe(d.as_secs_f64());
         }
         if let Some(r) = self.route {
             self.inner

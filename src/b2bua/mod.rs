@@ -2,66 +2,99 @@
 //! (leg A) and regenerated towards the targets the script dials (legs B), with new
 //! Call-ID, tags, CSeq, Via and Contact, so that neither side sees the other's topology.
 //!
-//! Owns: calls and the index from dialog identifiers to calls. Must not touch:
+//! Owns: calls, their INVITE usages in the dialog table, the pending INVITEs a CANCEL may
+//! name, the calls-in-progress list and the busy index hunt groups ask. Must not touch:
 //! transaction state (it uses `ServerTransaction`/`TransactionLayer`), the script's VMs
-//! (it uses `ScriptEngine`).
+//! (it uses `ScriptEngine` and implements its `CallControl` port), other usages' dialogs
+//! (it sees the table only through its `Invites` view), presence or the UAS core above it.
 //!
-//! Each call is one task ([`call::Call`]); the index routes in-dialog requests, ACKs,
-//! CANCELs and stray responses to it. The index is sharded so that calls on both cores do
-//! not contend on one lock.
+//! Each call is one task (`call::Call`); the call registers each leg's dialog in the
+//! server's dialog table (`crate::dialog::DialogTable`) as a [`CallRef`], and the UAS
+//! core's one lookup there routes in-dialog requests, ACKs and stray responses to it.
+//! CANCELs find the call by the pending INVITE (Call-ID and the caller's tag).
+//!
+//! Metrics: see `metrics.rs` in this module.
 
 mod call;
 mod config;
-mod net;
+mod metrics;
 mod records;
-pub mod watch;
+/// The call watch is the dialog layer's; the call posts to it as `super::watch`.
+pub use crate::dialog::watch;
 
 use call::Events;
 pub use call::{refer_to, Side, TransferKind, TransferNote};
 pub use config::{CallConfig, MAX_ROUTES};
-pub use net::{resolve, LocalAddrs, ResolveError};
-pub use records::{rfc3339_millis, CallDetail, RecordWriter};
+pub use metrics::{
+    DialResult, FailureClass, RouteStats, SetupStage, TransferLabel, TransferResult,
+};
+pub use records::{CallDetail, RecordWriter};
 
-use crate::metrics::RouteStats;
+use crate::dialog::{DialogUsage, Unmatched, UsageIndex};
 use crate::script::ScriptEngine;
 use crate::shard::ShardMap;
 use crate::sip::{Request, Response};
 use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
-use crate::transport::{Sender, Target};
+use crate::transport::{ContactFlows, LocalAddrs, Sender};
 use call::{Call, CallEvent};
-use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A dialog as the server names it: Call-ID and our own tag.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DialogKey {
-    call_id: String,
-    local_tag: String,
-}
+/// A dialog as the server names it (Call-ID and our own tag): the dialog layer's id.
+pub use crate::dialog::DialogId as DialogKey;
 
-impl DialogKey {
-    pub fn new(call_id: &str, local_tag: &str) -> DialogKey {
-        DialogKey {
-            call_id: call_id.to_owned(),
-            local_tag: local_tag.to_owned(),
-        }
-    }
-}
-
-/// How to reach a call from one of its dialogs.
+/// How to reach a call from one of its dialogs: the call's INVITE usage in the dialog
+/// table.
 #[derive(Clone)]
-struct CallRef {
+pub struct CallRef {
     events: Events,
     side: Side,
     branch: Option<u64>,
 }
 
-/// Where a registered contact is reached: the transport target its REGISTER came from and
-/// its Path. Implemented over the registrar by the server.
-pub trait ContactFlows: Send + Sync + 'static {
-    fn flow(&self, contact: &str) -> Option<(Target, Vec<String>)>;
+impl DialogUsage for CallRef {
+    fn on_request(&self, tx: ServerTransaction, req: Request) -> Result<(), Unmatched> {
+        let ev = CallEvent::Request {
+            side: self.side,
+            branch: self.branch,
+            tx,
+            req,
+        };
+        self.events.post(ev).map_err(|e| match *e {
+            CallEvent::Request { tx, req, .. } => Box::new((tx, req)),
+            _ => unreachable!("we sent a Request"),
+        })
+    }
+
+    fn on_ack(&self, ack: Request) {
+        let _ = self.events.post(CallEvent::Ack {
+            side: self.side,
+            req: ack,
+        });
+    }
+
+    fn on_stray_response(&self, resp: Response) {
+        let _ = self.events.post(CallEvent::Stray { resp });
+    }
+}
+
+/// The calls' dialogs in the dialog table (the B2BUA registers each leg's dialog there).
+struct CallDialogs(Arc<dyn UsageIndex<CallRef>>);
+
+impl CallDialogs {
+    fn insert(&self, key: DialogKey, r: CallRef) {
+        self.0.insert(key, r);
+    }
+    fn get(&self, key: &DialogKey) -> Option<CallRef> {
+        self.0.get(key)
+    }
+    fn remove_if(&self, key: &DialogKey, mut owns: impl FnMut(&CallRef) -> bool) {
+        self.0.remove_if(key, &mut owns);
+    }
+    fn len(&self) -> usize {
+        self.0.count()
+    }
 }
 
 /// What `GET /calls` shows of a call in progress.
@@ -95,8 +128,8 @@ pub struct B2buaStats {
     /// Transfers by kind (blind, attended, server) and result (attempted, succeeded,
     /// failed).
     pub transfers: [[AtomicU64; 3]; 3],
-    /// Dials by outcome, indexed like [`crate::metrics::DIAL_OUTCOMES`].
-    pub dial_outcomes: [AtomicU64; crate::metrics::DIAL_OUTCOMES.len()],
+    /// Dials by outcome, indexed like [`DialResult`].
+    pub dial_outcomes: [AtomicU64; <DialResult as crate::metrics::Label>::ALL.len()],
     pub script_failures: AtomicU64,
 }
 
@@ -113,7 +146,7 @@ struct B2buaInner {
     location: Option<Arc<dyn crate::script::LocationService>>,
     auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     records: Option<RecordWriter>,
-    dialogs: ShardMap<DialogKey, CallRef>,
+    dialogs: CallDialogs,
     /// Calls whose INVITE is still pending, by (Call-ID, From tag) of the caller: CANCEL.
     pending: ShardMap<DialogKey, Events>,
     calls_active: AtomicU64,
@@ -130,6 +163,7 @@ struct B2buaInner {
     engaged: ShardMap<String, u32>,
     stats: B2buaStats,
     routes: Arc<RouteStats>,
+    histograms: metrics::CallHistograms,
     traces: Option<crate::trace::CallTraces>,
     /// watch: call state changes for the dialog event package (presence).
     watch: watch::CallWatch,
@@ -161,6 +195,9 @@ pub struct B2buaParts {
     pub routes: Arc<RouteStats>,
     /// Message traces of calls (`call.trace`; None: off).
     pub traces: Option<crate::trace::CallTraces>,
+    /// Where the calls register their dialogs: the server's dialog table, whose lookups
+    /// reach them through [`CallRef`]'s [`DialogUsage`].
+    pub dialogs: Arc<dyn UsageIndex<CallRef>>,
 }
 
 impl B2bua {
@@ -177,7 +214,7 @@ impl B2bua {
                 location: parts.location,
                 auth: parts.auth,
                 records: parts.records,
-                dialogs: ShardMap::with_shards(64),
+                dialogs: CallDialogs(parts.dialogs),
                 pending: ShardMap::with_shards(64),
                 calls_active: AtomicU64::new(0),
                 calls: ShardMap::new(),
@@ -186,6 +223,7 @@ impl B2bua {
                 engaged: ShardMap::new(),
                 stats: B2buaStats::default(),
                 routes: parts.routes,
+                histograms: metrics::CallHistograms::new(),
                 traces: parts.traces,
                 watch: watch::CallWatch::new(),
             }),
@@ -204,6 +242,31 @@ impl B2bua {
     /// watch: the broadcast of call state changes (trying, early, confirmed, terminated).
     pub fn call_watch(&self) -> &watch::CallWatch {
         &self.inner.watch
+    }
+
+    /// The calls in progress as dialog-package changes (phase early or confirmed): what a
+    /// watcher that lost changes re-reads.
+    pub fn call_changes(&self) -> Vec<watch::CallChange> {
+        self.calls()
+            .into_iter()
+            .filter_map(|snap| {
+                let caller = crate::sip::Uri::parse(&snap.from).ok()?;
+                let callee = crate::sip::Uri::parse(&snap.to).ok()?;
+                Some(watch::CallChange {
+                    id: Arc::from(snap.id.as_str()),
+                    phase: if snap.state == "answered" {
+                        watch::CallPhase::Confirmed
+                    } else {
+                        watch::CallPhase::Early
+                    },
+                    call_id: Arc::from(snap.a_call_id.as_str()),
+                    caller_tag: Arc::from(""),
+                    our_tag: Arc::from(""),
+                    caller: Arc::new(caller),
+                    callee: Arc::new(callee),
+                })
+            })
+            .collect()
     }
 
     /// Calls in progress (ringing or up).
@@ -253,7 +316,8 @@ impl B2bua {
             .any(|k| self.inner.engaged.contains(&k))
     }
 
-    /// Dialog index size (two per bridged call), for tests and metrics.
+    /// Dialogs in the server's dialog table (two per bridged call, and presence's
+    /// subscriptions), for tests and the shutdown log.
     pub fn dialogs(&self) -> usize {
         self.inner.dialogs.len()
     }
@@ -267,50 +331,6 @@ impl B2bua {
         Call::start(self.inner.clone(), tx, req);
     }
 
-    /// A request with a To tag. Returns it back when no dialog of ours matches (the
-    /// caller answers 481, RFC 3261 12.2.2).
-    pub fn on_in_dialog(
-        &self,
-        tx: ServerTransaction,
-        req: Request,
-    ) -> Result<(), Box<(ServerTransaction, Request)>> {
-        let Some(tag) = req.base.to.tag() else {
-            return Err(Box::new((tx, req)));
-        };
-        let key = DialogKey::new(&req.base.call_id, tag);
-        match self.inner.dialogs.get(&key) {
-            Some(r) => {
-                let ev = CallEvent::Request {
-                    side: r.side,
-                    branch: r.branch,
-                    tx,
-                    req,
-                };
-                r.events.post(ev).map_err(|e| match *e {
-                    CallEvent::Request { tx, req, .. } => Box::new((tx, req)),
-                    _ => unreachable!("we sent a Request"),
-                })
-            }
-            None => Err(Box::new((tx, req))),
-        }
-    }
-
-    /// An ACK outside any transaction (for a 2xx). Unknown ones are dropped (RFC 3261
-    /// 17.2.3: nothing answers an ACK).
-    pub fn on_ack(&self, ack: Request) {
-        let Some(tag) = ack.base.to.tag() else { return };
-        if let Some(r) = self
-            .inner
-            .dialogs
-            .get(&DialogKey::new(&ack.base.call_id, tag))
-        {
-            let _ = r.events.post(CallEvent::Ack {
-                side: r.side,
-                req: ack,
-            });
-        }
-    }
-
     /// A CANCEL for a pending INVITE: true when it belonged to a call (which then ends
     /// the INVITE with 487 itself).
     pub fn on_cancel(&self, cancel: &Request) -> bool {
@@ -318,20 +338,6 @@ impl B2bua {
         match self.inner.pending.get(&key) {
             Some(events) => events.post(CallEvent::Cancel).is_ok(),
             None => false,
-        }
-    }
-
-    /// A response no client transaction wanted: a 2xx retransmission for one of our legs.
-    pub fn on_stray_response(&self, resp: Response) {
-        let Some(tag) = resp.base.from.tag() else {
-            return;
-        };
-        if let Some(r) = self
-            .inner
-            .dialogs
-            .get(&DialogKey::new(&resp.base.call_id, tag))
-        {
-            let _ = r.events.post(CallEvent::Stray { resp });
         }
     }
 }

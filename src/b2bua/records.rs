@@ -22,10 +22,11 @@
 //! `script_version` (the version of the script the call ran on: 1 for the first load),
 //! `route` (`call:set_route`, or null), `transfers` (`[{kind, by, target, status}]`).
 
+use crate::trace::rfc3339_millis;
 use anyhow::Context as _;
 use serde::Serialize;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 
@@ -64,39 +65,6 @@ fn ser_opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S:
         Some(t) => ser_time(t, s),
         None => s.serialize_none(),
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC). Times before 1970 are written as the epoch: the
-/// clock of a running server is never there.
-pub fn rfc3339_millis(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let millis = since.subsec_millis();
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_date(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01.
-fn civil_date(days: u64) -> (u64, u64, u64) {
-    // Counted in 400-year eras starting on 0000-03-01, so the leap day ends each year.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153; // month from March = 0
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 /// Handle on the record file's writer task; cheap to clone.
@@ -156,22 +124,5 @@ async fn write_loop(
         if let Err(error) = written {
             tracing::error!(file = %path, %error, "writing call records failed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn formats_rfc3339_utc() {
-        assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(951_782_400_007); // leap day 2000
-        assert_eq!(rfc3339_millis(t), "2000-02-29T00:00:00.007Z");
-        let t = UNIX_EPOCH + Duration::from_secs(1_798_761_599); // 2026-12-31T23:59:59Z
-        assert_eq!(rfc3339_millis(t), "2026-12-31T23:59:59.000Z");
-        let t = UNIX_EPOCH + Duration::from_secs(4_107_542_400); // 2100-03-01, no leap day
-        assert_eq!(rfc3339_millis(t), "2100-03-01T00:00:00.000Z");
     }
 }

@@ -113,23 +113,21 @@ pub(super) fn span_of(
 ) -> Option<Range<usize>> {
     let mut table = table;
     let mut found = None;
-    let mut parts = key.split('.').peekable();
-    while let Some(part) = parts.next() {
+    for part in key.split('.') {
         let Some((k, v)) = table.get_key_value(part) else {
             break;
         };
         found = Some(k.span());
         match v.get_ref() {
             DeValue::Table(t) => table = t,
-            DeValue::Array(a) if parts.peek().is_none() => {
+            // Only the last part can be a list or a value (the section's key names it).
+            DeValue::Array(a) => {
                 if let Some(entry) = index.and_then(|i| a.get(i)) {
                     found = Some(entry.span());
                 }
+                break;
             }
-            _ => {}
-        }
-        if parts.peek().is_none() {
-            break;
+            _ => break,
         }
     }
     found
@@ -271,6 +269,21 @@ pub(super) fn friendly(message: &str) -> String {
     if let Some(at) = m.find("expected struct ") {
         m.truncate(at);
         m.push_str("expected a table ([section])");
+    }
+    for (rust, toml) in [
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number of 0 or more"),
+        ("expected usize", "expected a whole number of 0 or more"),
+        ("expected a map", "expected a table ([section])"),
+        ("expected a sequence", "expected a list ([\"a\", \"b\"])"),
+    ] {
+        if let Some(rest) = m.strip_suffix(rust) {
+            m = format!("{rest}{toml}");
+        }
     }
     m
 }

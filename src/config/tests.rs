@@ -275,6 +275,18 @@ fn bad_values_name_the_key() {
     assert_eq!((e.key.as_str(), e.line), ("sip", Some(1)), "{e}");
     assert!(e.message.ends_with("expected a table ([section])"), "{e}");
 
+    // Types are named as TOML names them, not as Rust does.
+    let e = err_of("[sip]\nlisten = 5\n", &[]);
+    assert_eq!(
+        e.to_string(),
+        "test.toml:2: sip.listen: invalid type: integer `5`, expected a list ([\"a\", \"b\"])"
+    );
+    let e = err_of("[sip.timers]\nt1_ms = -1\n", &[]);
+    assert!(
+        e.message.ends_with("expected a whole number of 0 or more"),
+        "{e}"
+    );
+
     let e = err_of("[sip\n", &[]);
     assert_eq!(e.line, Some(1), "{e}");
 }
@@ -544,4 +556,25 @@ fn env_values_take_the_type_of_the_default() {
     // Hunt groups are not settable from the environment.
     let e = err_of("", &[("STROWGER_HUNTGROUPS__SALES__MEMBERS", "1001")]);
     assert!(e.message.contains("unknown key"), "{e}");
+}
+
+#[test]
+fn env_value_inside_a_file_table_names_the_variable() {
+    // The file writes the table (inline here), the variable one key of it: a problem with
+    // that key is the variable's, a problem with the table the file's.
+    let e = err_of(
+        "[sip]\ntimers = { t1_ms = 1000 }\n",
+        &[("STROWGER_SIP__TIMERS__T2_MS", "999")],
+    );
+    assert_eq!(
+        e.to_string(),
+        "environment variable STROWGER_SIP__TIMERS__T2_MS: sip.timers.t2_ms: must be at \
+         least t1_ms (1000) (got 999)"
+    );
+    let e = err_of(
+        "[sip]\ntimers = 5\n",
+        &[("STROWGER_SIP__TIMERS__T2_MS", "1")],
+    );
+    assert_eq!((e.file.as_str(), e.line), ("test.toml", Some(2)), "{e}");
+    assert_eq!(e.key, "sip.timers", "{e}");
 }

@@ -1,9 +1,19 @@
-//! Dialogs (RFC 3261 section 12): the state two user agents share for a call leg, and the
-//! construction of requests inside it.
+//! Dialogs (RFC 3261 section 12): the state two user agents share for a call leg, the
+//! construction of requests inside it, the one table of every dialog of the server to the
+//! usage that owns it ([`DialogTable`]) and the broadcast of call dialogs' states for the
+//! dialog event package ([`watch`]).
 //!
-//! Owns: dialog identifiers, route set, remote target, the CSeq space of each side.
-//! Must not touch: transactions or transports (it only builds and checks messages); which
-//! dialog belongs to which call is the B2BUA's business.
+//! Owns: dialog identifiers, route set, remote target, the CSeq space of each side, the
+//! table's index. Must not touch: transaction state or transports (it builds and checks
+//! messages and hands requests to a [`DialogUsage`]); what a usage does with a request
+//! (the B2BUA's calls and presence's subscriptions implement [`DialogUsage`] above).
+
+mod table;
+pub mod watch;
+
+pub use table::{
+    DialogId, DialogTable, DialogUsage, Invites, Subscriptions, Unmatched, Usage, UsageIndex,
+};
 
 use crate::sip::{BaseHeaders, CSeq, Headers, Method, NameAddr, Request, Response, Uri, Via};
 use crate::transport::Target;

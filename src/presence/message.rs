@@ -8,10 +8,10 @@
 //! its Path. (MESSAGE inside a call's dialog is relayed by the call itself, `b2bua::call`.)
 
 use super::{bump, respond, Inner};
-use crate::b2bua::resolve;
 use crate::script::{MessageInfo, MessageVerdict};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::resolve;
 use crate::transport::Target;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -65,7 +65,7 @@ pub(crate) async fn route(inner: Arc<Inner>, tx: ServerTransaction, req: Request
                 .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
                 .collect(),
         };
-        match scripts.on_message(&info) {
+        match scripts.on_message(&info).await {
             MessageVerdict::Default => {}
             MessageVerdict::Reject(code, reason) => {
                 failed(&inner, &tx, req.response(code).with_reason(reason));

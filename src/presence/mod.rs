@@ -6,9 +6,13 @@
 //!
 //! Owns: publications, subscriptions (their dialogs, NOTIFY sending, rate limit, expiry),
 //! MESSAGE routing, and their storage (`store`: `presence.sqlite` under `storage.dir`).
-//! Must not touch: calls (it only reads the B2BUA's call watch, `b2bua::watch`), bindings
-//! (it reads contacts through `LocationService`/`ContactFlows`), transactions (it uses
-//! `ServerTransaction` and `TransactionLayer::send_request[_with]`).
+//! Must not touch: calls (it only reads the dialog layer's call watch, `dialog::watch`,
+//! which the B2BUA posts to; it imports no B2BUA type), bindings (it reads contacts
+//! through `LocationService`/`ContactFlows`), transactions (it uses `ServerTransaction`
+//! and `TransactionLayer::send_request[_with]`), other usages' dialogs (it registers its
+//! subscriptions' dialogs in the dialog table through the `Subscriptions` view).
+//!
+//! Layer: a transaction user beside the B2BUA; below the UAS core that dispatches to it.
 //!
 //! Design: PUBLISH, SUBSCRIBE (after the script's `on_subscribe`), in-dialog SUBSCRIBE
 //! and the outcomes of our NOTIFYs are events of one notifier task that owns all the
@@ -45,6 +49,7 @@
 pub mod body;
 mod config;
 mod message;
+mod metrics;
 mod notifier;
 mod redis_store;
 mod relay;
@@ -58,11 +63,12 @@ pub use store::{
 };
 
 use crate::auth::Users;
-use crate::b2bua::watch::CallChange;
-use crate::b2bua::{ContactFlows, LocalAddrs};
+use crate::dialog::watch::CallChange;
+use crate::dialog::{DialogId, DialogUsage, Unmatched, UsageIndex};
 use crate::script::{LocationService, ScriptEngine, SubscribeInfo, SubscribeVerdict};
 use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionLayer};
+use crate::transport::{ContactFlows, LocalAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,22 +157,13 @@ pub struct PresenceStats {
     pub notifies_sent: AtomicU64,
     /// NOTIFYs answered with an error or not at all (each ended its subscription).
     pub notifies_failed: AtomicU64,
-    /// PUBLISH outcomes: created, refreshed, modified, removed, unknown_etag (412),
-    /// rejected (any other error).
+    /// PUBLISH outcomes, indexed like [`PublishResult`].
     pub publish: [AtomicU64; 6],
     pub messages_routed: AtomicU64,
     pub messages_failed: AtomicU64,
 }
 
-/// Labels of `PresenceStats::publish`.
-pub const PUBLISH_RESULTS: [&str; 6] = [
-    "created",
-    "refreshed",
-    "modified",
-    "removed",
-    "unknown_etag",
-    "rejected",
-];
+pub use metrics::PublishResult;
 
 fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
@@ -196,6 +193,8 @@ pub struct PresenceParts {
     /// This node's name, stable across restarts (e.g. its first SIP address): which node
     /// sends a subscription's NOTIFYs when several share a store.
     pub node: String,
+    /// The dialog table, where our subscriptions' dialogs are registered.
+    pub dialogs: Arc<dyn UsageIndex<SubscriptionUsage>>,
 }
 
 pub(crate) struct Inner {
@@ -212,12 +211,48 @@ pub(crate) struct Inner {
     live_calls: Option<LiveCalls>,
     call_interest: Option<Arc<std::sync::atomic::AtomicBool>>,
     auth: Option<(crate::auth::DigestAuth, Arc<Users>)>,
+    dialogs: Arc<dyn UsageIndex<SubscriptionUsage>>,
+}
+
+/// Presence's subscription usage in the dialog table: a request in one of our
+/// subscriptions' dialogs (or a relayed one's) goes to the notifier task.
+#[derive(Clone)]
+pub struct SubscriptionUsage(mpsc::UnboundedSender<notifier::Ev>);
+
+impl DialogUsage for SubscriptionUsage {
+    fn on_request(&self, tx: ServerTransaction, req: Request) -> Result<(), Unmatched> {
+        self.0
+            .send(notifier::Ev::InDialog(tx, req))
+            .map_err(|e| match e.0 {
+                notifier::Ev::InDialog(tx, req) => Box::new((tx, req)),
+                _ => unreachable!("we sent InDialog"),
+            })
+    }
 }
 
 /// Lists the calls in progress (`B2bua::calls`).
-pub type LiveCalls = Arc<dyn Fn() -> Vec<crate::b2bua::CallSnapshot> + Send + Sync>;
+pub type LiveCalls = Arc<dyn Fn() -> Vec<CallChange> + Send + Sync>;
 
 impl Inner {
+    /// Registers the dialog of a subscription key (`Call-ID;local-tag`, see
+    /// `notifier::sub_key`) in the dialog table.
+    pub(crate) fn index_dialog(&self, key: &str) {
+        if let Some((call_id, tag)) = key.rsplit_once(';') {
+            self.dialogs.insert(
+                DialogId::new(call_id, tag),
+                SubscriptionUsage(self.events.clone()),
+            );
+        }
+    }
+
+    /// Unregisters what [`Self::index_dialog`] registered.
+    pub(crate) fn unindex_dialog(&self, key: &str) {
+        if let Some((call_id, tag)) = key.rsplit_once(';') {
+            self.dialogs
+                .remove_if(&DialogId::new(call_id, tag), &mut |_| true);
+        }
+    }
+
     /// Whether a request's Request-URI is a user of ours; its canonical AOR then.
     fn resource(&self, req: &Request) -> Option<String> {
         if req.uri.user.is_none() || !self.local.serves(&req.uri.host, &self.cfg.domain) {
@@ -266,6 +301,7 @@ impl Presence {
             events,
             node: parts.node,
             live_calls: parts.live_calls,
+            dialogs: parts.dialogs,
             call_interest: parts.call_interest,
             auth: parts.auth,
         });
@@ -317,8 +353,9 @@ impl Presence {
         }
     }
 
-    /// A request inside a dialog no call owns: ours if it is one of our subscriptions
-    /// (refresh, unsubscribe); the notifier answers 481 otherwise.
+    /// A request inside a dialog the dialog table does not know: maybe a subscription
+    /// another node holds in a shared store, refreshed through us (we take it over); the
+    /// notifier answers 481 otherwise.
     pub fn on_in_dialog(&self, tx: ServerTransaction, req: Request) {
         let _ = self.inner.events.send(notifier::Ev::InDialog(tx, req));
     }
@@ -343,13 +380,13 @@ impl Presence {
                 .respond(req, kind, &outcome)
                 .unwrap_or_else(|| req.response(403));
             if req.method == Method::Publish {
-                bump(&self.inner.stats.publish[5]);
+                bump(&self.inner.stats.publish[PublishResult::Rejected as usize]);
             }
             respond(tx, resp);
             return false;
         };
         if req.method == Method::Publish && req.uri.user.as_deref() != Some(user.as_str()) {
-            bump(&self.inner.stats.publish[5]);
+            bump(&self.inner.stats.publish[PublishResult::Rejected as usize]);
             respond(
                 tx,
                 req.response(403)
@@ -416,7 +453,7 @@ impl Presence {
                         .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
                         .collect(),
                 };
-                match scripts.on_subscribe(&info) {
+                match scripts.on_subscribe(&info).await {
                     SubscribeVerdict::Default => {}
                     SubscribeVerdict::Reject(code, reason) => {
                         respond(&tx, req.response(code).with_reason(reason));

@@ -6,8 +6,8 @@ use super::body::{self, DialogView};
 use super::store::{
     PresenceEvent, PresenceEvents, PresenceStore, RemoteCall, StoredPublication, StoredSubscription,
 };
-use super::{bump, parse_event, respond, Inner, Package};
-use crate::b2bua::watch::{CallChange, CallPhase};
+use super::{bump, parse_event, respond, Inner, Package, PublishResult};
+use crate::dialog::watch::{CallChange, CallPhase};
 use crate::dialog::{Dialog, DialogState};
 use crate::sip::{new_tag, Method, NameAddr, Request, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
@@ -349,7 +349,7 @@ impl Notifier {
                     .start(&self.inner, tx, req, package, target)
                     .await
             }
-            Ev::RelayClient { id, event } => self.relays.on_client(id, event),
+            Ev::RelayClient { id, event } => self.relays.on_client(&self.inner, id, event),
             Ev::NotifyDone { key, seq, event } => self.on_notify_done(key, seq, event),
             Ev::Stop => {}
         }
@@ -360,7 +360,7 @@ impl Notifier {
     async fn on_publish(&mut self, tx: ServerTransaction, req: Request) {
         let stats = &self.inner.stats;
         let reject = |tx: &ServerTransaction, resp: crate::sip::Response| {
-            bump(&stats.publish[5]);
+            bump(&stats.publish[PublishResult::Rejected as usize]);
             respond(tx, resp);
         };
         let Some(event) = req.headers.get("Event") else {
@@ -430,7 +430,7 @@ impl Notifier {
                     return;
                 }
                 self.pubs.insert(etag.clone(), p);
-                bump(&self.inner.stats.publish[0]);
+                bump(&self.inner.stats.publish[PublishResult::Created as usize]);
                 respond(&tx, ok_with_etag(&req, Some(&etag), expires));
                 self.touch(package, &resource);
             }
@@ -444,7 +444,7 @@ impl Notifier {
                     .map(|(id, _)| id.clone());
                 let Some((id, mut p)) = id.and_then(|id| self.pubs.remove(&id).map(|p| (id, p)))
                 else {
-                    bump(&self.inner.stats.publish[4]);
+                    bump(&self.inner.stats.publish[PublishResult::UnknownEtag as usize]);
                     respond(&tx, req.response(412));
                     return;
                 };
@@ -453,7 +453,7 @@ impl Notifier {
                     if let Err(e) = self.store.remove_publication(&id).await {
                         tracing::warn!(error = %e, "presence: store write failed");
                     }
-                    bump(&self.inner.stats.publish[3]);
+                    bump(&self.inner.stats.publish[PublishResult::Removed as usize]);
                     respond(&tx, ok_with_etag(&req, None, 0));
                     self.touch(package, &resource);
                     return;
@@ -470,7 +470,12 @@ impl Notifier {
                 // One record rewritten (under its id): never the old and new at once.
                 self.persist_publication(&id, &p).await;
                 self.pubs.insert(id, p);
-                bump(&self.inner.stats.publish[if modified { 2 } else { 1 }]);
+                let result = if modified {
+                    PublishResult::Modified
+                } else {
+                    PublishResult::Refreshed
+                };
+                bump(&self.inner.stats.publish[result as usize]);
                 respond(&tx, ok_with_etag(&req, Some(&etag), expires));
                 if modified {
                     self.touch(package, &resource);
@@ -801,6 +806,7 @@ impl Notifier {
         if sub.dirty {
             self.pending.insert(key.clone());
         }
+        self.inner.index_dialog(&key);
         if let Some(old) = self.subs.insert(key, sub) {
             self.inner.stats.subscriptions[old.package.index()].fetch_sub(1, Ordering::Relaxed);
         }
@@ -833,6 +839,7 @@ impl Notifier {
     /// Forgets one of our subscriptions (not the store's record).
     fn remove_sub(&mut self, key: &str) -> Option<Sub> {
         let sub = self.subs.remove(key)?;
+        self.inner.unindex_dialog(key);
         self.inner.stats.subscriptions[sub.package.index()].fetch_sub(1, Ordering::Relaxed);
         let ik = (sub.package, sub.resource.clone());
         if let Some(keys) = self.index.get_mut(&ik) {
@@ -900,7 +907,7 @@ impl Notifier {
         let Some(live) = self.inner.live_calls.as_ref().map(|f| f()) else {
             return;
         };
-        let up: HashSet<&str> = live.iter().map(|c| c.id.as_str()).collect();
+        let up: HashSet<&str> = live.iter().map(|c| &*c.id).collect();
         let gone: Vec<CallChange> = self
             .calls
             .iter()
@@ -913,33 +920,14 @@ impl Notifier {
         for c in gone {
             self.on_call(c, true);
         }
-        for snap in &live {
-            let phase = if snap.state == "answered" {
-                CallPhase::Confirmed
-            } else {
-                CallPhase::Early
-            };
-            let change = match self.calls.get(snap.id.as_str()) {
-                Some(c) if c.change.phase == phase => continue,
+        for now in live {
+            let change = match self.calls.get(&*now.id) {
+                Some(c) if c.change.phase == now.phase => continue,
                 Some(c) => CallChange {
-                    phase,
+                    phase: now.phase,
                     ..c.change.clone()
                 },
-                None => {
-                    let (Ok(caller), Ok(callee)) = (Uri::parse(&snap.from), Uri::parse(&snap.to))
-                    else {
-                        continue;
-                    };
-                    CallChange {
-                        id: Arc::from(snap.id.as_str()),
-                        phase,
-                        call_id: Arc::from(snap.a_call_id.as_str()),
-                        caller_tag: Arc::from(""),
-                        our_tag: Arc::from(""),
-                        caller: Arc::new(caller),
-                        callee: Arc::new(callee),
-                    }
-                }
+                None => now,
             };
             self.on_call(change, true);
         }
@@ -1134,7 +1122,7 @@ impl Notifier {
             }
         }
         self.foreign.retain(|_, s| s.expires_at > now);
-        self.relays.expire();
+        self.relays.expire(&self.inner);
         let at = Instant::now();
         self.calls
             .retain(|_, c| c.ended_at.is_none_or(|t| at < t + KEEP_TERMINATED));

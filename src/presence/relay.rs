@@ -10,10 +10,10 @@
 
 use super::notifier::{sub_key, Ev};
 use super::{respond, Inner, Package};
-use crate::b2bua::resolve;
 use crate::dialog::Dialog;
 use crate::sip::{new_tag, Headers, Method, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::resolve;
 use crate::transport::Target;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -170,6 +170,8 @@ impl Relays {
                 until: unix_now() + u64::from(inner.cfg.max_expires) + 64,
             },
         );
+        inner.index_dialog(&a_key);
+        inner.index_dialog(&b_key);
         self.by_b.insert(b_key, a_key.clone());
         let purpose = Purpose::Subscribe {
             a_key: a_key.clone(),
@@ -178,7 +180,7 @@ impl Relays {
             sent: Some(Box::new((b_req.clone(), dest))),
         };
         if !self.send(inner, b_req, dest, purpose) {
-            self.remove(&a_key);
+            self.remove(inner, &a_key);
             respond(&tx, req.response(503));
         }
     }
@@ -290,7 +292,7 @@ impl Relays {
     }
 
     /// What one of the relay's client transactions reported.
-    pub(crate) fn on_client(&mut self, id: u64, event: ClientEvent) {
+    pub(crate) fn on_client(&mut self, inner: &Inner, id: u64, event: ClientEvent) {
         if matches!(event, ClientEvent::Provisional(_)) {
             return;
         }
@@ -334,7 +336,7 @@ impl Relays {
                 // A failed initial SUBSCRIBE, or a refresh the server no longer knows or
                 // never answered: no subscription. (Other refusals, e.g. 423, leave it.)
                 if !ok && (initial || matches!(status, 408 | 481)) {
-                    self.remove(&a_key);
+                    self.remove(inner, &a_key);
                 }
             }
             Purpose::Notify {
@@ -347,14 +349,14 @@ impl Relays {
                 let _ = server.respond(r);
                 let ended = self.by_a.get(&a_key).is_none_or(|r| r.ending);
                 if ended || !(200..300).contains(&status) {
-                    self.remove(&a_key);
+                    self.remove(inner, &a_key);
                 }
             }
         }
     }
 
     /// Drops relays past their time (their server never said terminated).
-    pub(crate) fn expire(&mut self) {
+    pub(crate) fn expire(&mut self, inner: &Inner) {
         let now = unix_now();
         let gone: Vec<String> = self
             .by_a
@@ -363,13 +365,15 @@ impl Relays {
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
-            self.remove(&k);
+            self.remove(inner, &k);
         }
     }
 
-    fn remove(&mut self, a_key: &str) {
+    fn remove(&mut self, inner: &Inner, a_key: &str) {
         if let Some(r) = self.by_a.remove(a_key) {
             self.by_b.remove(&r.b_key);
+            inner.unindex_dialog(a_key);
+            inner.unindex_dialog(&r.b_key);
         }
     }
 }

@@ -19,11 +19,11 @@
 //! `sip.timers.t1_ms` (a ping times out after timer F = 64*T1, RFC 3261 17.1.2.2).
 
 use super::{unix_now, Binding, Inner, Registrar};
-use crate::b2bua::LocalAddrs;
 use crate::sip::{
     new_call_id, new_tag, BaseHeaders, CSeq, Headers, Method, NameAddr, Request, Uri,
 };
 use crate::transaction::{ClientEvent, TransactionLayer};
+use crate::transport::LocalAddrs;
 use crate::transport::{ConnectionId, ListenAddr, Target};
 use parking_lot::Mutex;
 use std::collections::HashSet;
@@ -47,7 +47,7 @@ pub struct KeepaliveConfig {
     pub interval: Duration,
     /// Host of the pings' From, `sip:keepalive@DOMAIN` (`sip.domain`).
     pub domain: String,
-    /// Pings in flight at most (see [`DEFAULT_MAX_IN_FLIGHT`]).
+    /// Pings in flight at most (default `DEFAULT_MAX_IN_FLIGHT`).
     pub max_in_flight: usize,
 }
 

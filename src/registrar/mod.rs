@@ -33,6 +33,7 @@
 mod config;
 mod contact;
 mod keepalive;
+mod metrics;
 mod redis_store;
 mod sqlite;
 mod store;
@@ -43,6 +44,7 @@ pub use contact::{
     ContactSpec,
 };
 pub use keepalive::{Keepalive, KeepaliveConfig, KeepaliveStats};
+pub use metrics::BindingEvent;
 pub use redis_store::RedisStore;
 pub use sqlite::SqliteStore;
 pub use store::{Binding, BindingStore, BoxFuture, StoreError, StoreEvent, StoreEvents};

@@ -1,14 +1,14 @@
 //! The `call` object: its Rust state, the `call:*` verbs, and running the two call hooks
 //! (`on_invite`, `on_call_end`) as coroutines.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mlua::{AnyUserData, Lua, Table, Value};
 use parking_lot::Mutex;
 
-use super::vm::{describe, Budget, FailKind, Vm};
+use super::hooks::{self, Hook, HookFuture};
+use super::vm::FailKind;
 use super::{
     CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, InviteOutcome,
     ScriptVersion, UriInfo,
@@ -42,6 +42,10 @@ pub(crate) struct CallState {
     ruri: UriInfo,
     headers: Vec<(String, String)>,
     inner: Mutex<Inner>,
+    /// The registry slot of the call's userdata on its VM (freed with the handle).
+    pub key: Mutex<Option<mlua::RegistryKey>>,
+    /// The call's own globals, carried from one of its hooks to the next.
+    pub env: Mutex<Option<Table>>,
 }
 
 struct Inner {
@@ -61,6 +65,8 @@ impl CallState {
             to: info.to,
             ruri: info.ruri,
             headers: info.headers,
+            key: Mutex::new(None),
+            env: Mutex::new(None),
             inner: Mutex::new(Inner {
                 control: Some(control),
                 phase: Phase::Deciding,
@@ -132,7 +138,7 @@ impl CallState {
         self.headers
             .iter()
             .find(|(n, _)| canonical_header(n) == want)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| super::bounded(v))
     }
 }
 
@@ -741,44 +747,13 @@ fn unix(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Records how long a finished hook run executed Lua.
-pub(crate) fn observe_hook(hook: &str, budget: &Budget) {
-    crate::metrics::HOOK_DURATION.observe(crate::metrics::hook_index(hook), budget.busy_secs());
-}
-
-/// Counts and logs a failed hook run; returns the error text.
-pub(super) fn report(
-    version: &ScriptVersion,
-    vm: &Vm,
-    hook: &str,
-    call_id: &str,
-    err: &mlua::Error,
-    budget: &Budget,
-    fallback: &str,
-) -> String {
-    let (kind, msg) = describe(err, budget, fallback, vm.memory_limit);
-    let stats = &version.stats;
-    stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
-    stats.hook_errors[crate::metrics::hook_index(hook)].fetch_add(1, Ordering::Relaxed);
-    match kind {
-        FailKind::Timeout => {
-            stats.hook_timeouts.fetch_add(1, Ordering::Relaxed);
-        }
-        FailKind::Memory => {
-            stats.memory_errors.fetch_add(1, Ordering::Relaxed);
-            vm.full_gc(&vm.budget());
-        }
-        FailKind::Error => {}
-    }
-    tracing::warn!(
-        target: "script",
-        script = %vm.file,
-        version = version.version,
-        hook,
-        call = %call_id,
-        kind = kind.as_str(),
-        "{msg}"
+/// Fails a hook run for which no VM of `version` is alive (counted and logged).
+pub(super) fn no_vm(hook: Hook, version: &ScriptVersion) -> String {
+    let msg = format!(
+        "{}: no script VM is available (all were abandoned; fresh ones are loading)",
+        version.info.pos(hook)
     );
+    hooks::fail(&version.run, hook, "-", FailKind::Abandoned, &msg);
     msg
 }
 
@@ -787,67 +762,54 @@ pub(crate) async fn run_on_invite(
     info: CallInfo,
     control: Arc<dyn CallControl>,
 ) -> InviteOutcome {
-    let idx = version.next.fetch_add(1, Ordering::Relaxed) % version.vms.len();
-    let vm = version.vms[idx].clone();
     let state = Arc::new(CallState::new(info, control));
-    let budget = vm.budget();
-    // The only Lua values made here: the call's userdata and its registry slot (the sandbox
-    // builds the `call` table around it, lazily).
-    let setup = vm.enter(&budget, || -> mlua::Result<_> {
-        let ud = vm.lua.create_any_userdata(CallUd(state.clone()))?;
-        let key = vm.lua.create_registry_value(&ud)?;
-        let hook = vm.on_invite.as_ref().map(|f| f.call_async::<()>(ud));
-        Ok((key, hook))
-    });
-    let mut handle = CallScriptHandle {
-        key: None,
+    let vm = if version.info.has(Hook::Invite) {
+        version.pick()
+    } else {
+        None
+    };
+    let handle = CallScriptHandle {
         state: state.clone(),
-        vm: idx,
+        vm: vm.clone(),
         version: version.clone(),
     };
-    let hook = match setup {
-        Ok((key, hook)) => {
-            handle.key = Some(key);
-            hook
-        }
-        Err(e) => {
-            state.finish_invite();
-            let error = report(
-                &version,
-                &vm,
-                "on_invite",
-                &state.id,
-                &e,
-                &budget,
-                &vm.on_invite_pos,
-            );
-            return InviteOutcome::Failed { error, handle };
-        }
-    };
-    let Some(hook) = hook else {
+    let Some(vm) = vm else {
         state.finish_invite();
-        return InviteOutcome::Rejected {
-            status: 404,
-            reason: default_reason(404).to_owned(),
-            handle,
-        };
+        if !version.info.has(Hook::Invite) {
+            return InviteOutcome::Rejected {
+                status: 404,
+                reason: default_reason(404).to_owned(),
+                handle,
+            };
+        }
+        let error = no_vm(Hook::Invite, &version);
+        return InviteOutcome::Failed { error, handle };
     };
-
-    let result = vm.guard(&budget, hook).await;
-    observe_hook("on_invite", &budget);
+    let call = state.clone();
+    let result = hooks::run(
+        &version.run,
+        &vm,
+        Hook::Invite,
+        &state.id,
+        move |vm, budget| {
+            // The only Lua values made here: the call's userdata and its registry slot (the
+            // sandbox builds the `call` table around it, lazily).
+            let ud = vm.lua.create_any_userdata(CallUd(call.clone()))?;
+            *call.key.lock() = Some(vm.lua.create_registry_value(&ud)?);
+            let runner = vm.runner(Hook::Invite).expect("checked by the caller");
+            let fut = runner.call_async::<()>(ud);
+            let budget = budget.clone();
+            Ok(Box::pin(async move {
+                let out = fut.await;
+                // The call's globals go on to its later hooks.
+                *call.env.lock() = budget.env.lock().take();
+                out
+            }) as HookFuture<()>)
+        },
+    )
+    .await;
     let (decision, last_failed) = state.finish_invite();
-    if let (Some(_), Err(e)) = (&decision, &result) {
-        // The decision stands; the error is only reported.
-        report(
-            &version,
-            &vm,
-            "on_invite",
-            &state.id,
-            e,
-            &budget,
-            &vm.on_invite_pos,
-        );
-    }
+    // With a decision made, an error after it was only counted and logged: it stands.
     match decision {
         Some(Decision::Answered) => InviteOutcome::Bridged { handle },
         Some(Decision::Rejected(status, reason)) => InviteOutcome::Rejected {
@@ -871,80 +833,55 @@ pub(crate) async fn run_on_invite(
                     handle,
                 },
             },
-            Err(e) => {
-                let error = report(
-                    &version,
-                    &vm,
-                    "on_invite",
-                    &state.id,
-                    &e,
-                    &budget,
-                    &vm.on_invite_pos,
-                );
-                InviteOutcome::Failed { error, handle }
-            }
+            Err(error) => InviteOutcome::Failed { error, handle },
         },
     }
 }
 
 pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord) {
-    let CallScriptHandle {
-        key,
-        state,
-        vm: idx,
-        version,
-    } = handle;
-    state.end();
-    let Some(key) = key else {
+    handle.state.end();
+    let Some(vm) = handle.vm.clone() else {
         return;
     };
-    let vm = version.vms[idx].clone();
-    let budget = vm.budget();
-    let setup = vm.enter(&budget, || -> mlua::Result<_> {
-        let ud: AnyUserData = vm.lua.registry_value(&key)?;
-        vm.lua.remove_registry_value(key)?;
-        match &vm.on_call_end {
-            Some(f) => {
-                let duration = record
-                    .answer
-                    .and_then(|a| record.end.duration_since(a).ok())
-                    .map_or(0.0, |d| d.as_secs_f64());
-                // The sandbox builds the record table from these.
-                let args = (
-                    ud,
-                    unix(record.start),
-                    record.answer.map(unix),
-                    unix(record.end),
-                    duration,
-                    record.hangup_by.as_str(),
-                    record.final_status,
-                );
-                Ok(Some(f.call_async::<()>(args)))
-            }
-            None => Ok(None),
-        }
-    });
-    let result = match setup {
-        Ok(Some(hook)) => vm.guard(&budget, hook).await,
-        Ok(None) => Ok(()),
-        Err(e) => Err(e),
+    let Some(key) = handle.state.key.lock().take() else {
+        return;
     };
-    observe_hook("on_call_end", &budget);
-    if let Err(e) = result {
-        report(
-            &version,
-            &vm,
-            "on_call_end",
-            &state.id,
-            &e,
-            &budget,
-            &vm.on_call_end_pos,
-        );
+    if !handle.version.info.has(Hook::CallEnd) {
+        return;
     }
+    let duration = record
+        .answer
+        .and_then(|a| record.end.duration_since(a).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    let state = handle.state.clone();
+    let _ = hooks::run(
+        &handle.version.run,
+        &vm,
+        Hook::CallEnd,
+        &handle.state.id,
+        move |vm, budget| {
+            let ud: AnyUserData = vm.lua.registry_value(&key)?;
+            vm.lua.remove_registry_value(key)?;
+            // The call's own globals, from its earlier hooks.
+            *budget.env.lock() = state.env.lock().take();
+            let runner = vm.runner(Hook::CallEnd).expect("checked by the caller");
+            // The sandbox builds the record table from these.
+            let args = (
+                ud,
+                unix(record.start),
+                record.answer.map(unix),
+                unix(record.end),
+                duration,
+                record.hangup_by,
+                record.final_status,
+            );
+            Ok(Box::pin(runner.call_async::<()>(args)) as HookFuture<()>)
+        },
+    )
+    .await;
 }
 
-/// `on_refer(call, refer)` on the call's VM: the setup (finding the call's userdata)
-/// happens now, the hook runs in the returned future.
+/// `on_refer(call, refer)` on the call's VM; the returned future owns what it needs.
 pub(crate) fn run_on_refer(
     handle: &CallScriptHandle,
     info: super::ReferInfo,
@@ -955,132 +892,65 @@ pub(crate) fn run_on_refer(
         referred_by: info.referred_by.clone(),
     };
     let version = handle.version.clone();
-    let vm = version.vms[handle.vm].clone();
-    let (Some(key), Some(hook)) = (&handle.key, vm.on_refer.clone()) else {
+    let (Some(vm), true) = (handle.vm.clone(), version.info.has(Hook::Refer)) else {
         return Box::pin(async move { allow });
     };
-    let budget = vm.budget();
-    type Out = (String, Option<Value>, Option<Value>);
-    let setup = vm.enter(&budget, || -> mlua::Result<_> {
-        let ud: AnyUserData = vm.lua.registry_value(key)?;
-        Ok(hook.call_async::<Out>((
-            ud,
-            info.by.clone(),
-            info.target.clone(),
-            info.referred_by.clone(),
-            info.replaces.clone(),
-        )))
-    });
-    let call_id = handle.state.id.clone();
+    let state = handle.state.clone();
     Box::pin(async move {
-        let result = match setup {
-            Ok(fut) => vm.guard(&budget, fut).await,
-            Err(e) => Err(e),
-        };
-        observe_hook("on_refer", &budget);
-        let text = |v: &Option<Value>| match v {
-            Some(Value::String(s)) => s.to_str().ok().map(|s| s.to_owned()),
-            _ => None,
-        };
+        let id = state.id.clone();
+        enum Said {
+            Deny(Result<(u16, String), String>),
+            Allow(Option<String>, Option<String>),
+        }
+        let result = hooks::run(&version.run, &vm, Hook::Refer, &id, move |vm, budget| {
+            let key = state.key.lock();
+            let Some(key) = key.as_ref() else {
+                return Err(mlua::Error::runtime("the call's script state is gone"));
+            };
+            let ud: AnyUserData = vm.lua.registry_value(key)?;
+            *budget.env.lock() = state.env.lock().take();
+            let runner = vm.runner(Hook::Refer).expect("checked by the caller");
+            let fut = runner.call_async::<(String, Value, Value)>((
+                ud,
+                info.by,
+                info.target,
+                info.referred_by,
+                info.replaces,
+            ));
+            let (st, b) = (state.clone(), budget.clone());
+            Ok(Box::pin(async move {
+                let out = fut.await;
+                *st.env.lock() = b.env.lock().take();
+                let (kind, a, b) = out?;
+                let text = |v: &Value| match v {
+                    Value::String(s) => s.to_str().ok().map(|s| s.to_owned()),
+                    _ => None,
+                };
+                Ok(if kind == "deny" {
+                    Said::Deny(parse_reject(&a, &b))
+                } else {
+                    Said::Allow(text(&a), text(&b))
+                })
+            }) as HookFuture<Said>)
+        })
+        .await;
         match result {
-            Ok((kind, a, b)) if kind == "deny" => {
-                match parse_reject(&a.unwrap_or(Value::Nil), &b.unwrap_or(Value::Nil)) {
-                    Ok((code, reason)) => ReferVerdict::Deny(code, reason),
-                    Err(e) => {
-                        let msg = format!("{}: refer:deny: {e}", vm.on_refer_pos);
-                        let stats = &version.stats;
-                        stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
-                        stats.hook_errors[crate::metrics::hook_index("on_refer")]
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(target: "script", hook = "on_refer", error = %msg, "hook failed");
-                        ReferVerdict::Failed(msg)
-                    }
-                }
+            Ok(Said::Deny(Ok((code, reason)))) => ReferVerdict::Deny(code, reason),
+            Ok(Said::Deny(Err(e))) => {
+                let msg = format!(
+                    "{}: {}",
+                    version.info.pos(Hook::Refer),
+                    e.replace("call:reject", "refer:deny")
+                );
+                hooks::fail(&version.run, Hook::Refer, &id, FailKind::Error, &msg);
+                ReferVerdict::Failed(msg)
             }
-            Ok((_, a, b)) => match text(&a) {
-                Some(target) => ReferVerdict::Allow {
-                    target,
-                    referred_by: text(&b),
-                },
-                None => ReferVerdict::Deny(400, "Bad Refer-To".into()),
+            Ok(Said::Allow(Some(target), referred_by)) => ReferVerdict::Allow {
+                target,
+                referred_by,
             },
-            Err(e) => ReferVerdict::Failed(report(
-                &version,
-                &vm,
-                "on_refer",
-                &call_id,
-                &e,
-                &budget,
-                &vm.on_refer_pos,
-            )),
+            Ok(Said::Allow(None, _)) => ReferVerdict::Deny(400, "Bad Refer-To".into()),
+            Err(e) => ReferVerdict::Failed(e),
         }
     })
-}
-
-/// `on_register(req)`: a plain synchronous call (the hook has no verbs that wait), under
-/// the same instruction budget and memory limit as the other hooks.
-pub(crate) fn run_on_register(
-    version: &super::ScriptVersion,
-    info: &super::RegisterInfo,
-) -> super::RegisterVerdict {
-    use super::RegisterVerdict;
-    let idx = version.next.fetch_add(1, Ordering::Relaxed) % version.vms.len();
-    let vm = version.vms[idx].clone();
-    let Some(hook) = vm.on_register.clone() else {
-        return RegisterVerdict::Default;
-    };
-    let budget = vm.budget();
-    type Out = (Option<String>, Option<Value>, Option<Value>, Option<String>);
-    let result = vm.enter(&budget, || -> mlua::Result<Out> {
-        let headers = vm.lua.create_table()?;
-        for (name, value) in &info.headers {
-            if !headers.contains_key(name.as_str())? {
-                headers.raw_set(name.as_str(), value.as_str())?;
-            }
-        }
-        hook.call::<Out>((
-            info.user.as_str(),
-            info.aor.as_str(),
-            info.source.as_str(),
-            info.user_agent.as_deref(),
-            info.contact.as_deref(),
-            headers,
-        ))
-    });
-    observe_hook("on_register", &budget);
-    let text = |v: &Option<Value>| match v {
-        Some(Value::String(s)) => s.to_str().ok().map(|s| s.to_owned()),
-        _ => None,
-    };
-    match result {
-        Ok((None, ..)) => RegisterVerdict::Default,
-        Ok((Some(kind), a, b, _)) if kind == "reject" => {
-            match parse_reject(&a.unwrap_or(Value::Nil), &b.unwrap_or(Value::Nil)) {
-                Ok((code, reason)) => RegisterVerdict::Reject(code, reason),
-                Err(e) => {
-                    let msg = format!("{}: req:reject: {e}", vm.on_register_pos);
-                    let stats = &version.stats;
-                    stats.hook_errors_total.fetch_add(1, Ordering::Relaxed);
-                    stats.hook_errors[crate::metrics::hook_index("on_register")]
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(target: "script", hook = "on_register", error = %msg, "hook failed");
-                    RegisterVerdict::Failed(msg)
-                }
-            }
-        }
-        Ok((Some(_), a, b, c)) => RegisterVerdict::Credentials {
-            password: text(&a),
-            ha1_md5: text(&b),
-            ha1_sha256: c,
-        },
-        Err(e) => RegisterVerdict::Failed(report(
-            version,
-            &vm,
-            "on_register",
-            &info.aor,
-            &e,
-            &budget,
-            &vm.on_register_pos,
-        )),
-    }
 }

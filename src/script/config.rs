@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 /// Upper bound of `memory_limit_kb` (4 GiB), so KiB→bytes cannot overflow.
 const MAX_MEMORY_KB: usize = 4 * 1024 * 1024;
+/// Upper bound of `time_limit_ms` (one hour): a hook run is not meant to compute for
+/// longer, and the watchdog's arithmetic stays far from overflow.
+const MAX_TIME_LIMIT_MS: u64 = 3_600_000;
 /// Upper bound of `vm_pool_size`: each VM costs memory; more than this is a typo.
 const MAX_VM_POOL: usize = 1024;
 
@@ -17,6 +20,9 @@ pub struct ScriptConfig {
     pub memory_limit_kb: usize,
     /// VM instructions one hook run may execute.
     pub instruction_limit: u64,
+    /// Lua execution time one hook run (or the script's top-level code) may use, ms;
+    /// 0 = no limit. Waiting in `call:dial` does not count.
+    pub time_limit_ms: u64,
     /// Number of Lua VMs; 0 = one per CPU core.
     pub vm_pool_size: usize,
 }
@@ -25,8 +31,10 @@ impl Default for ScriptConfig {
     fn default() -> Self {
         ScriptConfig {
             path: "scripts/default.lua".into(),
-            memory_limit_kb: 8192,
-            instruction_limit: 1_000_000,
+            // One set of defaults: the engine's own (`EngineOptions::new`).
+            memory_limit_kb: super::DEFAULT_MEMORY_LIMIT_KB,
+            instruction_limit: super::DEFAULT_INSTRUCTION_LIMIT,
+            time_limit_ms: super::DEFAULT_TIME_LIMIT_MS,
             vm_pool_size: 0,
         }
     }
@@ -39,6 +47,7 @@ impl ScriptConfig {
         }
         check_range("memory_limit_kb", self.memory_limit_kb, 0, MAX_MEMORY_KB)?;
         check_range("instruction_limit", self.instruction_limit, 1, u64::MAX)?;
+        check_range("time_limit_ms", self.time_limit_ms, 0, MAX_TIME_LIMIT_MS)?;
         check_range("vm_pool_size", self.vm_pool_size, 0, MAX_VM_POOL)
     }
 }
@@ -64,5 +73,11 @@ mod tests {
         );
         assert_eq!(bad(|c| c.instruction_limit = 0), "instruction_limit");
         assert_eq!(bad(|c| c.vm_pool_size = 1025), "vm_pool_size");
+        assert_eq!(bad(|c| c.time_limit_ms = 3_600_001), "time_limit_ms");
+        // One set of defaults: the configuration's are the engine's.
+        let engine = super::super::EngineOptions::new(&c.path);
+        assert_eq!(c.memory_limit_kb * 1024, engine.memory_limit);
+        assert_eq!(c.instruction_limit, engine.instruction_limit);
+        assert_eq!(c.time_limit_ms as u128, engine.time_limit.as_millis());
     }
 }

@@ -137,6 +137,7 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
         "call_hunt",
         lua.create_async_function(move |lua, (ud, name, opts): (AnyUserData, Value, Value)| {
             let groups = svc.hunt.read().clone();
+            let main = svc.clone();
             let prepared = call_ud(&ud).map(|state| -> Result<_, String> {
                 let name = match &name {
                     Value::String(s) => s.to_string_lossy(),
@@ -162,7 +163,16 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
                     Err(msg) => return Ok((Some(msg), None)),
                 };
                 let in_progress = DialInProgress(state.clone());
-                let result = groups.hunt(&name, opts, Arc::new(Leg(control))).await;
+                // Hunting spawns the group's own tasks: on the server's runtime, not on
+                // this VM's thread.
+                let leg = Arc::new(Leg(control));
+                let result = main
+                    .on_main(async move { groups.hunt(&name, opts, leg).await })
+                    .await
+                    .map_or_else(
+                        || Err("the hunt stopped".to_owned()),
+                        |r| r.map_err(|e| e.to_string()),
+                    );
                 let out = match result {
                     Ok(o) => o,
                     Err(e) => {

@@ -6,6 +6,11 @@
 //! `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this module never
 //! sees a SIP message, a transaction or a socket.
 //!
+//! **Layer**: the hook engine sits below the transaction users that run hooks (B2BUA,
+//! presence, UAS core) and above the hunt groups whose Lua namespace it offers. It defines
+//! the ports those users implement (`CallControl`, `LocationService`) and imports none of
+//! them, so the dial plan's verbs reach a call without this module knowing the B2BUA.
+//!
 //! The operator documentation, with examples, is `docs/lua-api.md` (every ```` ```lua ````
 //! block there is compiled and loaded by the tests). Summary:
 //!
@@ -116,13 +121,20 @@
 
 mod call;
 mod config;
+mod hooks;
 mod huntgroup;
+mod metrics;
+mod pool;
 mod presence;
+mod register;
 mod vm;
 
 pub use config::ScriptConfig;
+pub use hooks::{Hook, HookInfo};
 pub use presence::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
 
+#[cfg(test)]
+mod safety_tests;
 #[cfg(test)]
 mod tests;
 
@@ -134,15 +146,23 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 
 use call::CallState;
-use vm::{ScriptFile, Vm};
+use hooks::RunCtx;
+use pool::{BuildCtx, VmHandle, Watchdog};
+use vm::ScriptFile;
 
-/// Default memory limit of one VM (bytes).
-pub const DEFAULT_MEMORY_LIMIT: usize = 64 * 1024 * 1024;
-/// Default instruction budget of one hook run.
-pub const DEFAULT_INSTRUCTION_LIMIT: u64 = 10_000_000;
+/// Default memory limit of one VM in KiB (`script.memory_limit_kb`).
+pub const DEFAULT_MEMORY_LIMIT_KB: usize = 8 * 1024;
+/// Default instruction budget of one hook run (`script.instruction_limit`).
+pub const DEFAULT_INSTRUCTION_LIMIT: u64 = 1_000_000;
+/// Default Lua execution time of one hook run in ms (`script.time_limit_ms`).
+pub const DEFAULT_TIME_LIMIT_MS: u64 = 1000;
+/// Header values longer than this many bytes reach Lua cut to this length (at a
+/// character boundary): a script's patterns then cost at most what a header of this size
+/// can make them cost.
+pub const MAX_HEADER_VALUE: usize = 4096;
 
 /// The configured default of `script.path`.
 pub const DEFAULT_SCRIPT_PATH: &str = "scripts/default.lua";
@@ -159,6 +179,9 @@ pub struct EngineOptions {
     pub memory_limit: usize,
     /// Instruction budget of each hook run; 0 = unlimited.
     pub instruction_limit: u64,
+    /// Lua execution time of each hook run (and of the top-level code); zero = unlimited.
+    /// A run stuck past it where the count hook cannot stop it costs its VM.
+    pub time_limit: Duration,
     /// Number of VMs; 0 = one per available core.
     pub pool_size: usize,
     /// The route names `call:set_route` accepts (`call.routes`): metric labels, so a set
@@ -167,13 +190,14 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
-    /// Options with the defaults: 64 MiB per VM, 10 million instructions per hook, one VM
-    /// per core.
+    /// Options with the defaults of the `[script]` configuration section: 8 MiB per VM,
+    /// one million instructions and one second of Lua per hook run, one VM per core.
     pub fn new(path: impl Into<PathBuf>) -> EngineOptions {
         EngineOptions {
             path: path.into(),
-            memory_limit: DEFAULT_MEMORY_LIMIT,
+            memory_limit: DEFAULT_MEMORY_LIMIT_KB * 1024,
             instruction_limit: DEFAULT_INSTRUCTION_LIMIT,
+            time_limit: Duration::from_millis(DEFAULT_TIME_LIMIT_MS),
             pool_size: 0,
             routes: Vec::new(),
         }
@@ -222,10 +246,17 @@ fn located(file: &str, line: Option<u32>, message: &str) -> String {
 pub struct ScriptStats {
     /// Failed hook runs, any cause (Lua error, budget, memory).
     pub hook_errors_total: AtomicU64,
-    /// The same by hook, indexed like [`crate::metrics::HOOKS`].
-    pub hook_errors: [AtomicU64; crate::metrics::HOOKS.len()],
+    /// The same by hook, indexed like [`Hook`].
+    pub hook_errors: [AtomicU64; Hook::COUNT],
+    /// Time hook runs spent executing Lua, by hook.
+    pub hook_duration: metrics::HookDurations,
     /// Hook runs stopped because their instruction budget ran out.
     pub hook_timeouts: AtomicU64,
+    /// Hook runs stopped by the time limit (`script.time_limit_ms`), including runs on a
+    /// VM the watchdog abandoned.
+    pub time_limits: AtomicU64,
+    /// VMs abandoned (stuck past the time limit) and replaced.
+    pub vms_abandoned: AtomicU64,
     /// Hook runs stopped by the VM memory limit.
     pub memory_errors: AtomicU64,
     /// Successful reloads.
@@ -476,11 +507,17 @@ pub struct CallRecord {
 /// version it started on. Give it back to [`ScriptVersion::on_call_end`]; dropping it
 /// instead just frees the call's Lua state.
 pub struct CallScriptHandle {
-    // Declared first so it is dropped before `version` (it refers into that VM).
-    key: Option<mlua::RegistryKey>,
+    /// The call's state; its `key` keeps the call's Lua object alive on `vm`.
     state: Arc<CallState>,
-    vm: usize,
+    vm: Option<Arc<VmHandle>>,
     version: Arc<ScriptVersion>,
+}
+
+impl Drop for CallScriptHandle {
+    fn drop(&mut self) {
+        // Frees the call's Lua object (mlua defers the unref to its VM's thread).
+        drop(self.state.key.lock().take());
+    }
 }
 
 impl CallScriptHandle {
@@ -507,7 +544,6 @@ impl fmt::Debug for CallScriptHandle {
         f.debug_struct("CallScriptHandle")
             .field("call", &self.state.id)
             .field("version", &self.version.version)
-            .field("vm", &self.vm)
             .finish()
     }
 }
@@ -542,6 +578,9 @@ pub struct Services {
     location: Arc<parking_lot::RwLock<Option<Arc<dyn LocationService>>>>,
     /// `call:hunt` and `huntgroup.*` (None: no hunt groups attached).
     hunt: Arc<parking_lot::RwLock<Option<crate::huntgroup::HuntGroups>>>,
+    /// The server's runtime: work a Lua verb starts that outlives a VM (hunting) runs
+    /// there, not on the VM's thread.
+    main: Option<tokio::runtime::Handle>,
 }
 
 impl Services {
@@ -549,6 +588,27 @@ impl Services {
     pub(crate) fn lookup(&self, aor: &str) -> Vec<String> {
         let location = self.location.read().clone();
         location.map(|l| l.lookup(aor)).unwrap_or_default()
+    }
+
+    /// Runs `fut` on the server's runtime (when there is one) and waits for it there;
+    /// dropping the wait cancels it.
+    pub(crate) async fn on_main<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        match &self.main {
+            Some(rt) => {
+                struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+                impl<T> Drop for AbortOnDrop<T> {
+                    fn drop(&mut self) {
+                        self.0.abort();
+                    }
+                }
+                let mut task = AbortOnDrop(rt.spawn(fut));
+                (&mut task.0).await.ok()
+            }
+            None => Some(fut.await),
+        }
     }
 }
 
@@ -559,34 +619,42 @@ struct EngineInner {
     current: RwLock<Arc<ScriptVersion>>,
     stats: Arc<ScriptStats>,
     versions: AtomicU64,
-    reloading: Mutex<()>,
+    reloading: tokio::sync::Mutex<()>,
+    watchdog: Option<Arc<Watchdog>>,
 }
 
 impl ScriptEngine {
-    /// Reads the script and loads it into every pooled VM (running its top-level code).
+    /// Reads the script and loads it into every pooled VM, each on its own thread
+    /// (running its top-level code there). Blocks until they are ready.
     pub fn load(opts: EngineOptions) -> Result<ScriptEngine, ScriptError> {
         let pool_size = match opts.pool_size {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
         let stats = Arc::new(ScriptStats::default());
-        let services = Services::default();
-        let version = ScriptVersion::build(&opts, pool_size, 1, stats.clone(), &services)?;
+        let services = Services {
+            main: tokio::runtime::Handle::try_current().ok(),
+            ..Services::default()
+        };
+        let watchdog = Watchdog::start(opts.time_limit, stats.clone());
+        let version = ScriptVersion::build(&opts, pool_size, 1, &stats, &services, &watchdog)?;
         tracing::info!(
             target: "script",
             script = %version.file.display,
             vms = pool_size,
             "script loaded"
         );
+        version.warn();
         Ok(ScriptEngine {
             inner: Arc::new(EngineInner {
                 services,
                 opts,
                 pool_size,
-                current: RwLock::new(Arc::new(version)),
+                current: RwLock::new(version),
                 stats,
                 versions: AtomicU64::new(1),
-                reloading: Mutex::new(()),
+                reloading: tokio::sync::Mutex::new(()),
+                watchdog,
             }),
         })
     }
@@ -602,34 +670,55 @@ impl ScriptEngine {
     }
 
     /// Checks a script without serving it (`strowger check`): compiles it and runs its
-    /// top-level code once in a sandboxed VM with the default limits, so syntax errors,
-    /// missing modules and top-level errors are all reported.
-    pub fn check(path: &Path) -> Result<(), ScriptError> {
-        let opts = EngineOptions::new(path);
-        let file = ScriptFile::new(&opts.path);
-        let source = file.read()?;
-        Vm::new(&file, &source, &opts, &Services::default()).map(drop)
+    /// top-level code once in a sandboxed VM with `opts`' limits (the time limit bounds
+    /// the wait), so syntax errors, missing modules and top-level errors are all
+    /// reported. On success, returns what the script defines (see
+    /// [`HookInfo::warnings`]).
+    pub fn check(opts: &EngineOptions) -> Result<HookInfo, ScriptError> {
+        let stats = Arc::new(ScriptStats::default());
+        let ctx = Arc::new(BuildCtx {
+            file: ScriptFile::new(&opts.path),
+            source: ScriptFile::new(&opts.path).read()?.into(),
+            opts: opts.clone(),
+            services: Services::default(),
+            watchdog: Watchdog::start(opts.time_limit, stats),
+        });
+        let vms = pool::load_blocking(&ctx, 1)?;
+        Ok((*vms[0].info).clone())
     }
 
-    /// Re-reads the file and loads it into a fresh pool; on success new calls use it, calls
-    /// in progress finish on their version. On error the running version stays. Blocking
-    /// (it compiles `pool_size` VMs): from async code, consider `spawn_blocking`.
-    pub fn reload(&self) -> Result<(), ScriptError> {
-        let inner = &self.inner;
-        let _one_at_a_time = inner.reloading.lock();
+    /// Re-reads the file and loads it into a fresh pool (on new VM threads, awaited
+    /// without blocking the caller's thread); on success new calls use it, calls in
+    /// progress finish on their version. On error the running version stays.
+    pub async fn reload(&self) -> Result<(), ScriptError> {
+        let inner = self.inner.clone();
+        let _one_at_a_time = inner.reloading.lock().await;
         let number = inner.versions.load(Ordering::Relaxed) + 1;
-        match ScriptVersion::build(
-            &inner.opts,
-            inner.pool_size,
-            number,
-            inner.stats.clone(),
-            &inner.services,
-        ) {
+        let build = {
+            let inner = inner.clone();
+            let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+            tokio::task::spawn_blocking(move || {
+                let _log = tracing::dispatcher::set_default(&dispatch);
+                ScriptVersion::build(
+                    &inner.opts,
+                    inner.pool_size,
+                    number,
+                    &inner.stats,
+                    &inner.services,
+                    &inner.watchdog,
+                )
+            })
+        };
+        let built = build
+            .await
+            .unwrap_or_else(|e| Err(ScriptError::Internal(e.to_string())));
+        match built {
             Ok(version) => {
                 inner.versions.store(number, Ordering::Relaxed);
-                *inner.current.write() = Arc::new(version);
+                *inner.current.write() = version.clone();
                 inner.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(target: "script", version = number, "script reloaded");
+                version.warn();
                 Ok(())
             }
             Err(e) => {
@@ -656,13 +745,17 @@ impl ScriptEngine {
     }
 }
 
-/// One loaded version of the script: a pool of VMs.
+/// One loaded version of the script: a pool of VMs, each on its own thread.
 pub struct ScriptVersion {
     version: u64,
     file: ScriptFile,
-    vms: Vec<Arc<Vm>>,
+    /// The pool; a slot whose VM was abandoned gets a fresh VM when it is ready.
+    vms: Vec<RwLock<Arc<VmHandle>>>,
+    /// What the script defines (the same for every VM of the version).
+    info: Arc<HookInfo>,
     next: AtomicUsize,
-    stats: Arc<ScriptStats>,
+    run: RunCtx,
+    ctx: Arc<BuildCtx>,
 }
 
 impl fmt::Debug for ScriptVersion {
@@ -676,24 +769,80 @@ impl fmt::Debug for ScriptVersion {
 }
 
 impl ScriptVersion {
+    /// Loads the script into `pool_size` new VMs (blocking until they are ready).
     fn build(
         opts: &EngineOptions,
         pool_size: usize,
         version: u64,
-        stats: Arc<ScriptStats>,
+        stats: &Arc<ScriptStats>,
         services: &Services,
-    ) -> Result<ScriptVersion, ScriptError> {
+        watchdog: &Option<Arc<Watchdog>>,
+    ) -> Result<Arc<ScriptVersion>, ScriptError> {
         let file = ScriptFile::new(&opts.path);
         let source = file.read()?;
-        let vms = (0..pool_size.max(1))
-            .map(|_| Vm::new(&file, &source, opts, services).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(ScriptVersion {
+        let ctx = Arc::new(BuildCtx {
+            file: file.clone(),
+            source: source.into(),
+            opts: opts.clone(),
+            services: services.clone(),
+            watchdog: watchdog.clone(),
+        });
+        let vms = pool::load_blocking(&ctx, pool_size.max(1))?;
+        let version = Arc::new(ScriptVersion {
             version,
             file,
-            vms,
+            info: vms[0].info.clone(),
+            vms: vms.into_iter().map(RwLock::new).collect(),
             next: AtomicUsize::new(0),
-            stats,
+            run: RunCtx {
+                stats: stats.clone(),
+                version,
+            },
+            ctx,
+        });
+        for (slot, vm) in version.vms.iter().enumerate() {
+            pool::set_owner(&vm.read(), &version, slot);
+        }
+        Ok(version)
+    }
+
+    /// Builds a fresh VM for `slot` (its VM was abandoned) on a new thread; it takes the
+    /// slot when its top-level code has run.
+    fn replace_vm(self: &Arc<Self>, slot: usize) {
+        let version = Arc::downgrade(self);
+        pool::spawn_vm(self.ctx.clone(), move |built| {
+            let Some(version) = version.upgrade() else {
+                return false;
+            };
+            match built {
+                Ok(vm) => {
+                    pool::set_owner(&vm, &version, slot);
+                    *version.vms[slot].write() = vm;
+                    tracing::info!(target: "script", version = version.version, slot, "a fresh Lua VM replaced the abandoned one");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(target: "script", error = %e, "the replacement of an abandoned Lua VM failed");
+                    false
+                }
+            }
+        });
+    }
+
+    /// Logs what `strowger check` would warn about (no `on_invite`, misspelled hooks).
+    fn warn(&self) {
+        for warning in self.info.warnings() {
+            tracing::warn!(target: "script", version = self.version, "{warning}");
+        }
+    }
+
+    /// The next live VM of the pool (round robin), if any.
+    fn pick(&self) -> Option<Arc<VmHandle>> {
+        let n = self.vms.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).find_map(|i| {
+            let vm = self.vms[(start + i) % n].read();
+            vm.is_alive().then(|| vm.clone())
         })
     }
 
@@ -707,30 +856,35 @@ impl ScriptVersion {
         &self.file.path
     }
 
-    /// Whether the script defines `on_invite` (else every call gets 404).
-    pub fn has_on_invite(&self) -> bool {
-        self.vms[0].on_invite.is_some()
+    /// What the script defines.
+    pub fn hooks(&self) -> &HookInfo {
+        &self.info
     }
 
-    /// Runs `on_register(req)` (synchronously: it has nothing to wait for) on the next VM.
-    pub fn on_register(&self, info: &RegisterInfo) -> RegisterVerdict {
-        call::run_on_register(self, info)
+    /// Whether the script defines `on_invite` (else every call gets 404).
+    pub fn has_on_invite(&self) -> bool {
+        self.info.has(Hook::Invite)
+    }
+
+    /// Runs `on_register(req)` on the next VM.
+    pub async fn on_register(&self, info: &RegisterInfo) -> RegisterVerdict {
+        register::run_on_register(self, info).await
     }
 
     /// Whether the script defines `on_register`.
     pub fn has_on_register(&self) -> bool {
-        self.vms[0].on_register.is_some()
+        self.info.has(Hook::Register)
     }
 
     /// Whether the script defines `on_refer` (then a call keeps its Lua state while up).
     pub fn has_on_refer(&self) -> bool {
-        self.vms[0].on_refer.is_some()
+        self.info.has(Hook::Refer)
     }
 
     /// Whether the script defines `on_call_end`. When it does not, a call's handle (and
     /// with it the call's Lua state) can be dropped as soon as `on_invite` has decided.
     pub fn has_on_call_end(&self) -> bool {
-        self.vms[0].on_call_end.is_some()
+        self.info.has(Hook::CallEnd)
     }
 
     /// Runs `on_invite(call)` as a coroutine on the next VM of the pool (round robin) and
@@ -754,4 +908,16 @@ impl ScriptVersion {
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(async move { call::run_on_call_end(handle, record).await })
     }
+}
+
+/// `value` cut to [`MAX_HEADER_VALUE`] bytes at a character boundary.
+pub(crate) fn bounded(value: &str) -> &str {
+    if value.len() <= MAX_HEADER_VALUE {
+        return value;
+    }
+    let mut end = MAX_HEADER_VALUE;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
 }

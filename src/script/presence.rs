@@ -13,14 +13,14 @@
 //! MESSAGE). An error, budget or memory failure answers 500, counted like every hook.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use mlua::{Function, Lua, Table, Value};
+use mlua::{Lua, Table, Value};
 use parking_lot::Mutex;
 
-use super::call::{parse_reject, report, string_list};
-use super::ScriptVersion;
+use super::call::{parse_reject, string_list};
+use super::hooks::{self, Hook, HookFuture};
+use super::{bounded, ScriptVersion};
 
 /// What `on_message(req)` sees of a MESSAGE.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -87,7 +87,9 @@ fn base_req(
     let req = lua.create_table()?;
     let mut first: HashMap<String, String> = HashMap::new();
     for (n, v) in headers {
-        first.entry(n.clone()).or_insert_with(|| v.clone());
+        first
+            .entry(n.clone())
+            .or_insert_with(|| bounded(v).to_owned());
     }
     req.raw_set(
         "header",
@@ -108,139 +110,118 @@ fn base_req(
     Ok(req)
 }
 
-fn pick(version: &ScriptVersion) -> Arc<super::vm::Vm> {
-    let idx = version.next.fetch_add(1, Ordering::Relaxed) % version.vms.len();
-    version.vms[idx].clone()
-}
-
-/// Runs `hook(req)` with `req` built by `build`, under a fresh budget.
-fn run(
+/// Runs `hook(req)` with `req` built by `build` on the next VM; the verdict the hook
+/// said with `req:reject` / `req:route`, or the failure text.
+async fn run(
     version: &ScriptVersion,
-    vm: &super::vm::Vm,
-    hook: &Function,
-    name: &str,
+    hook: Hook,
     id: &str,
-    pos: &str,
-    build: impl FnOnce(&Lua) -> mlua::Result<Table>,
-) -> Result<(), String> {
-    let budget = vm.budget();
-    let result = vm.enter(&budget, || -> mlua::Result<()> {
-        let req = build(&vm.lua)?;
-        hook.call::<()>(req)
-    });
-    result.map_err(|e| report(version, vm, name, id, &e, &budget, pos))
+    build: impl FnOnce(&Lua, &Arc<Mutex<Option<Said>>>) -> mlua::Result<Table> + Send + 'static,
+) -> Result<Option<Said>, String> {
+    let Some(vm) = version.pick() else {
+        return Err(super::call::no_vm(hook, version));
+    };
+    hooks::run(&version.run, &vm, hook, id, move |vm, _| {
+        let said = Arc::new(Mutex::new(None));
+        let req = build(&vm.lua, &said)?;
+        let runner = vm.runner(hook).expect("checked by the caller");
+        runner.call::<()>(req)?;
+        let verdict = said.lock().take();
+        Ok(Box::pin(std::future::ready(Ok(verdict))) as HookFuture<Option<Said>>)
+    })
+    .await
 }
 
 impl ScriptVersion {
     /// Whether the script defines `on_message`.
     pub fn has_on_message(&self) -> bool {
-        self.vms[0].on_message.is_some()
+        self.info.has(Hook::Message)
     }
 
     /// Whether the script defines `on_subscribe`.
     pub fn has_on_subscribe(&self) -> bool {
-        self.vms[0].on_subscribe.is_some()
+        self.info.has(Hook::Subscribe)
     }
 
     /// Runs `on_message(req)` on the next VM.
-    pub fn on_message(&self, info: &MessageInfo) -> MessageVerdict {
-        let vm = pick(self);
-        let Some(hook) = vm.on_message.clone() else {
+    pub async fn on_message(&self, info: &MessageInfo) -> MessageVerdict {
+        if !self.has_on_message() {
             return MessageVerdict::Default;
-        };
-        let said = Arc::new(Mutex::new(None));
-        let result = run(
-            self,
-            &vm,
-            &hook,
-            "on_message",
-            &info.ruri,
-            &vm.on_message_pos,
-            |lua| {
-                let req = base_req(lua, &info.headers, &said)?;
-                req.raw_set("from", info.from.as_str())?;
-                req.raw_set("to", info.to.as_str())?;
-                req.raw_set("ruri", info.ruri.as_str())?;
-                req.raw_set("user", info.user.as_deref())?;
-                req.raw_set("source", info.source.as_str())?;
-                req.raw_set("content_type", info.content_type.as_deref())?;
-                req.raw_set("body", info.body.as_str())?;
-                let s = said.clone();
-                req.raw_set(
-                    "route",
-                    lua.create_function(move |_, (_this, targets): (Value, Value)| {
-                        let list = string_list(&targets, "req:route", "target")
-                            .map_err(mlua::Error::runtime)?;
-                        *s.lock() = Some(Said::Route(list));
-                        Ok(())
-                    })?,
-                )?;
-                Ok(req)
-            },
-        );
-        if let Err(msg) = result {
-            return MessageVerdict::Failed(msg);
         }
-        let verdict = said.lock().take();
-        match verdict {
-            None => MessageVerdict::Default,
-            Some(Said::Reject(c, r)) => MessageVerdict::Reject(c, r),
-            Some(Said::Route(t)) => MessageVerdict::Route(t),
+        let info2 = info.clone();
+        let result = run(self, Hook::Message, &info.ruri, move |lua, said| {
+            let info = info2;
+            let req = base_req(lua, &info.headers, said)?;
+            req.raw_set("from", info.from.as_str())?;
+            req.raw_set("to", info.to.as_str())?;
+            req.raw_set("ruri", info.ruri.as_str())?;
+            req.raw_set("user", info.user.as_deref())?;
+            req.raw_set("source", info.source.as_str())?;
+            req.raw_set("content_type", info.content_type.as_deref().map(bounded))?;
+            req.raw_set("body", info.body.as_str())?;
+            let s = said.clone();
+            req.raw_set(
+                "route",
+                lua.create_function(move |_, (_this, targets): (Value, Value)| {
+                    let list = string_list(&targets, "req:route", "target")
+                        .map_err(mlua::Error::runtime)?;
+                    *s.lock() = Some(Said::Route(list));
+                    Ok(())
+                })?,
+            )?;
+            Ok(req)
+        })
+        .await;
+        match result {
+            Err(msg) => MessageVerdict::Failed(msg),
+            Ok(None) => MessageVerdict::Default,
+            Ok(Some(Said::Reject(c, r))) => MessageVerdict::Reject(c, r),
+            Ok(Some(Said::Route(t))) => MessageVerdict::Route(t),
         }
     }
 
     /// Runs `on_subscribe(req)` on the next VM.
-    pub fn on_subscribe(&self, info: &SubscribeInfo) -> SubscribeVerdict {
-        let vm = pick(self);
-        let Some(hook) = vm.on_subscribe.clone() else {
+    pub async fn on_subscribe(&self, info: &SubscribeInfo) -> SubscribeVerdict {
+        if !self.has_on_subscribe() {
             return SubscribeVerdict::Default;
-        };
-        let said = Arc::new(Mutex::new(None));
-        let result = run(
-            self,
-            &vm,
-            &hook,
-            "on_subscribe",
-            &info.resource,
-            &vm.on_subscribe_pos,
-            |lua| {
-                let req = base_req(lua, &info.headers, &said)?;
-                req.raw_set("package", info.package.as_str())?;
-                req.raw_set("resource", info.resource.as_str())?;
-                req.raw_set("subscriber", info.subscriber.as_str())?;
-                req.raw_set("from", info.subscriber.as_str())?;
-                req.raw_set("user", info.user.as_deref())?;
-                req.raw_set("source", info.source.as_str())?;
-                req.raw_set("expires", info.expires)?;
-                let s = said.clone();
-                req.raw_set(
-                    "route",
-                    lua.create_function(move |_, (_this, target): (Value, Value)| {
-                        let mut list = string_list(&target, "req:route", "target")
-                            .map_err(mlua::Error::runtime)?;
-                        if list.len() != 1 {
-                            return Err(mlua::Error::runtime(
-                                "req:route: a subscription goes to one server (a string)",
-                            ));
-                        }
-                        *s.lock() = Some(Said::Route(vec![list.remove(0)]));
-                        Ok(())
-                    })?,
-                )?;
-                Ok(req)
-            },
-        );
-        if let Err(msg) = result {
-            return SubscribeVerdict::Failed(msg);
         }
-        let verdict = said.lock().take();
-        match verdict {
-            Some(Said::Reject(c, r)) => SubscribeVerdict::Reject(c, r),
-            Some(Said::Route(mut t)) => match t.pop() {
+        let info2 = info.clone();
+        let result = run(self, Hook::Subscribe, &info.resource, move |lua, said| {
+            let info = info2;
+            let req = base_req(lua, &info.headers, said)?;
+            req.raw_set("package", info.package.as_str())?;
+            req.raw_set("resource", info.resource.as_str())?;
+            req.raw_set("subscriber", info.subscriber.as_str())?;
+            req.raw_set("from", info.subscriber.as_str())?;
+            req.raw_set("user", info.user.as_deref())?;
+            req.raw_set("source", info.source.as_str())?;
+            req.raw_set("expires", info.expires)?;
+            let s = said.clone();
+            req.raw_set(
+                "route",
+                lua.create_function(move |_, (_this, target): (Value, Value)| {
+                    let mut list = string_list(&target, "req:route", "target")
+                        .map_err(mlua::Error::runtime)?;
+                    if list.len() != 1 {
+                        return Err(mlua::Error::runtime(
+                            "req:route: a subscription goes to one server (a string)",
+                        ));
+                    }
+                    *s.lock() = Some(Said::Route(vec![list.remove(0)]));
+                    Ok(())
+                })?,
+            )?;
+            Ok(req)
+        })
+        .await;
+        match result {
+            Err(msg) => SubscribeVerdict::Failed(msg),
+            Ok(Some(Said::Reject(c, r))) => SubscribeVerdict::Reject(c, r),
+            Ok(Some(Said::Route(mut t))) => match t.pop() {
                 Some(target) => SubscribeVerdict::Route(target),
                 None => SubscribeVerdict::Default,
             },
-            None => SubscribeVerdict::Default,
+            Ok(None) => SubscribeVerdict::Default,
         }
     }
 }
@@ -274,8 +255,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn on_message_rejects_routes_or_defaults() {
+    #[tokio::test]
+    async fn on_message_rejects_routes_or_defaults() {
         let e = engine(
             r#"
 function on_message(req)
@@ -289,18 +270,21 @@ end
         assert!(v.has_on_message());
         assert!(!v.has_on_subscribe());
         assert_eq!(
-            v.on_message(&msg("bob", "buy spam")),
+            v.on_message(&msg("bob", "buy spam")).await,
             MessageVerdict::Reject(403, "No spam".into())
         );
         assert_eq!(
-            v.on_message(&msg("vm", "x")),
+            v.on_message(&msg("vm", "x")).await,
             MessageVerdict::Route(vec!["sip:vm@10.0.0.30".into(), "sip:vm2@10.0.0.31".into()])
         );
-        assert_eq!(v.on_message(&msg("bob", "hello")), MessageVerdict::Default);
+        assert_eq!(
+            v.on_message(&msg("bob", "hello")).await,
+            MessageVerdict::Default
+        );
     }
 
-    #[test]
-    fn on_subscribe_refuses_and_failures_are_500() {
+    #[tokio::test]
+    async fn on_subscribe_refuses_and_failures_are_500() {
         let e = engine(
             r#"
 function on_subscribe(req)
@@ -324,23 +308,26 @@ end
             headers: vec![],
         };
         assert_eq!(
-            v.on_subscribe(&info("dialog", "sip:1001@x", "sip:eve@x")),
+            v.on_subscribe(&info("dialog", "sip:1001@x", "sip:eve@x"))
+                .await,
             SubscribeVerdict::Reject(403, "Not your lamp".into())
         );
         assert_eq!(
-            v.on_subscribe(&info("dialog", "sip:1001@x", "sip:boss@x")),
+            v.on_subscribe(&info("dialog", "sip:1001@x", "sip:boss@x"))
+                .await,
             SubscribeVerdict::Default
         );
         assert!(matches!(
-            v.on_subscribe(&info("presence", "sip:broken@x", "sip:a@x")),
+            v.on_subscribe(&info("presence", "sip:broken@x", "sip:a@x")).await,
             SubscribeVerdict::Failed(m) if m.contains("boom")
         ));
         assert_eq!(
-            v.on_subscribe(&info("message-summary", "sip:1001@x", "sip:a@x")),
+            v.on_subscribe(&info("message-summary", "sip:1001@x", "sip:a@x"))
+                .await,
             SubscribeVerdict::Route("sip:vm@10.0.0.30".into())
         );
         assert!(matches!(
-            v.on_subscribe(&info("presence", "sip:bad@x", "sip:a@x")),
+            v.on_subscribe(&info("presence", "sip:bad@x", "sip:a@x")).await,
             SubscribeVerdict::Failed(m) if m.contains("req:reject")
         ));
     }

@@ -4,8 +4,9 @@ local H = ...
 
 local error, select, type, tostring = error, select, type, tostring
 local raw_pcall, raw_xpcall, raw_load, raw_collect = pcall, xpcall, load, collectgarbage
+local raw_setmetatable, raw_rawset = setmetatable, rawset
 local raw_resume = coroutine.resume
-local exhausted = H.exhausted
+local exhausted, set_env = H.exhausted, H.set_env
 
 -- An exhausted instruction budget must end the hook: protected calls rethrow it.
 local function rethrow_budget(ok, ...)
@@ -17,8 +18,20 @@ end
 function pcall(f, ...)
   return rethrow_budget(raw_pcall(f, ...))
 end
+-- Lua calls the message handler for every error raised while it runs, including the
+-- budget error the count hook raises inside it, and then with hooks off: a handler that
+-- loops would never stop. Once the budget is spent, the handler is skipped.
 function xpcall(f, handler, ...)
-  return rethrow_budget(raw_xpcall(f, handler, ...))
+  if type(handler) ~= "function" then
+    error("bad argument #2 to 'xpcall' (function expected, got " .. type(handler) .. ")", 2)
+  end
+  local function guarded(...)
+    if exhausted() then
+      return (...)
+    end
+    return handler(...)
+  end
+  return rethrow_budget(raw_xpcall(f, guarded, ...))
 end
 coroutine.resume = function(co, ...)
   return rethrow_budget(raw_resume(co, ...))
@@ -64,6 +77,60 @@ huntgroup = {
   end,
 }
 local raw_hunt = H.call_hunt
+
+-- Read-only standard tables: a hook cannot change what the next call sees. The script's
+-- top-level code may still add to them (e.g. `function string.trim(s) ... end`).
+local loading = true
+local frozen = raw_setmetatable({}, { __mode = "k" })
+local next_raw = next
+local function read_only(t, name)
+  local proxy = raw_setmetatable({}, {
+    __index = t,
+    __newindex = function(_, k, v)
+      if loading then
+        raw_rawset(t, k, v)
+        return
+      end
+      error("'" .. name .. "' is read-only in a hook (cannot set '" .. tostring(k) .. "')", 2)
+    end,
+    __pairs = function()
+      return next_raw, t, nil
+    end,
+    __len = function()
+      return #t
+    end,
+    __metatable = "read-only",
+  })
+  frozen[proxy] = true
+  return proxy
+end
+-- Strings share one metatable: keep scripts away from it (its __index is the real
+-- `string` table, reachable only through method calls on strings).
+getmetatable("").__metatable = "read-only"
+string = read_only(string, "string")
+table = read_only(table, "table")
+math = read_only(math, "math")
+utf8 = read_only(utf8, "utf8")
+coroutine = read_only(coroutine, "coroutine")
+os = read_only(os, "os")
+log = read_only(log, "log")
+print = log.info
+registrar = read_only(registrar, "registrar")
+huntgroup = read_only(huntgroup, "huntgroup")
+
+-- Finalizers run with the instruction hook off: a looping __gc could never be stopped.
+function setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable: __gc finalizers are not allowed in a dial plan", 2)
+  end
+  return raw_setmetatable(t, mt)
+end
+function rawset(t, k, v)
+  if frozen[t] then
+    error("rawset: the table is read-only in a hook", 2)
+  end
+  return raw_rawset(t, k, v)
+end
 
 -- require "name": <script dir>/name.lua, once per VM.
 local loaded = { string = string, table = table, math = math, utf8 = utf8, coroutine = coroutine }
@@ -358,17 +425,29 @@ local function refer_runner(on_refer)
 end
 
 -- The runners Rust starts as coroutines, with the operator's hooks bound once per VM.
-local function bind(on_invite, on_call_end, on_register, on_refer)
-  local run_invite, run_end
-  local run_register = on_register and register_runner(on_register)
-  local run_refer = on_refer and refer_runner(on_refer)
+-- Then the globals are frozen: they move into `base`, the global table stays empty, and
+-- its metatable reads through to `base`. A hook run's first global assignment makes the
+-- run its own table of globals (reading through to `base`), which Rust points the global
+-- table at whenever that run executes: each call sees the globals as the top-level code
+-- left them.
+local function bind(hooks)
+  local runners = {}
+  local on_invite, on_call_end = hooks.on_invite, hooks.on_call_end
+  if hooks.on_register ~= nil then
+    runners.on_register = register_runner(hooks.on_register)
+  end
+  if hooks.on_refer ~= nil then
+    runners.on_refer = refer_runner(hooks.on_refer)
+  end
+  runners.on_message = hooks.on_message
+  runners.on_subscribe = hooks.on_subscribe
   if on_invite ~= nil then
-    run_invite = function(ud)
+    runners.on_invite = function(ud)
       return on_invite(new_call(ud, running()))
     end
   end
   if on_call_end ~= nil then
-    run_end = function(ud, start, answer, ends, duration, hangup_by, final_status)
+    runners.on_call_end = function(ud, start, answer, ends, duration, hangup_by, final_status)
       local call = call_of[ud]
       if call == nil then
         call = new_call(ud, running())
@@ -385,7 +464,31 @@ local function bind(on_invite, on_call_end, on_register, on_refer)
       })
     end
   end
-  return run_invite, run_end, run_register, run_refer
+
+  loading = false
+  local G = _G
+  local base = {}
+  for k, v in next_raw, G do
+    base[k] = v
+  end
+  for k in next_raw, base do
+    raw_rawset(G, k, nil)
+  end
+  local env_meta = { __index = base, __metatable = "globals" }
+  local gmeta = { __index = base, __metatable = "globals" }
+  local function first_global(_, k, v)
+    local env = raw_setmetatable({}, env_meta)
+    raw_rawset(env, k, v)
+    if not set_env(env) then
+      error("cannot set global '" .. tostring(k) .. "' outside a hook", 2)
+    end
+    gmeta.__index = env
+    gmeta.__newindex = env
+  end
+  gmeta.__newindex = first_global
+  raw_setmetatable(G, gmeta)
+  frozen[G] = true
+  return runners, gmeta, base, first_global
 end
 
 return bind

@@ -41,6 +41,7 @@ fn opts(path: &Path, pool: usize) -> EngineOptions {
         path: path.to_path_buf(),
         memory_limit: 8 * 1024 * 1024,
         instruction_limit: 1_000_000,
+        time_limit: std::time::Duration::from_millis(1000),
         pool_size: pool,
         routes: vec!["local".into(), "pstn".into()],
     }
@@ -710,7 +711,7 @@ async fn compile_errors_carry_file_and_line() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        ScriptEngine::check(&path),
+        ScriptEngine::check(&EngineOptions::new(&path)),
         Err(ScriptError::Compile { line: 2, .. })
     ));
 
@@ -718,7 +719,7 @@ async fn compile_errors_carry_file_and_line() {
     let dir = path.parent().unwrap();
     std::fs::write(dir.join("broken.lua"), "return {\n\n  oops oops\n}\n").unwrap();
     std::fs::write(&path, "local b = require \"broken\"\n").unwrap();
-    match ScriptEngine::check(&path) {
+    match ScriptEngine::check(&EngineOptions::new(&path)) {
         Err(ScriptError::Compile { file, line, .. }) => {
             assert!(file.ends_with("broken.lua"), "{file}");
             assert_eq!(line, 3);
@@ -728,7 +729,7 @@ async fn compile_errors_carry_file_and_line() {
 
     // A failing top level is refused too, with its position.
     std::fs::write(&path, "local x = 1\nerror(\"bad config\")\n").unwrap();
-    match ScriptEngine::check(&path) {
+    match ScriptEngine::check(&EngineOptions::new(&path)) {
         Err(e @ ScriptError::Init { line: Some(2), .. }) => {
             assert!(e.to_string().contains("main.lua:2: bad config"), "{e}")
         }
@@ -737,11 +738,11 @@ async fn compile_errors_carry_file_and_line() {
     // and so is a hook that is not a function, a missing file, and a runaway top level.
     std::fs::write(&path, "on_invite = 42\n").unwrap();
     assert!(matches!(
-        ScriptEngine::check(&path),
+        ScriptEngine::check(&EngineOptions::new(&path)),
         Err(ScriptError::Init { .. })
     ));
     assert!(matches!(
-        ScriptEngine::check(&dir.join("absent.lua")),
+        ScriptEngine::check(&EngineOptions::new(dir.join("absent.lua"))),
         Err(ScriptError::Io { .. })
     ));
     std::fs::write(&path, "while true do end\n").unwrap();
@@ -902,7 +903,7 @@ async fn reload_swaps_new_calls_and_old_calls_finish_on_their_version() {
         "#,
     )
     .unwrap();
-    e.reload().unwrap();
+    e.reload().await.unwrap();
     assert_eq!(e.current().version(), 2);
     assert_eq!(stat(&e, |s| &s.reloads_ok), 1);
 
@@ -938,7 +939,7 @@ async fn reload_with_a_syntax_error_is_refused_and_the_old_version_serves() {
         "function on_invite(call)\n\n  call:reject(486, \"v2\"\n",
     )
     .unwrap();
-    match e.reload() {
+    match e.reload().await {
         Err(ScriptError::Compile { file, line, .. }) => {
             assert!(file.ends_with("main.lua"), "{file}");
             assert!(line >= 3, "{line}");
@@ -959,7 +960,7 @@ fn default_lua() -> PathBuf {
 
 #[tokio::test]
 async fn default_lua_routes_extensions_trunks_and_unknown_numbers() {
-    ScriptEngine::check(&default_lua()).unwrap();
+    ScriptEngine::check(&EngineOptions::new(default_lua())).unwrap();
     let e = ScriptEngine::load(opts(&default_lua(), 2)).unwrap();
 
     // An extension.
@@ -1066,7 +1067,7 @@ fn every_lua_example_in_api_md_loads() {
     for (i, code) in scripts.iter().enumerate() {
         let path = dir.join(format!("example{i}.lua"));
         std::fs::write(&path, code).unwrap();
-        if let Err(e) = ScriptEngine::check(&path) {
+        if let Err(e) = ScriptEngine::check(&EngineOptions::new(&path)) {
             panic!("docs/lua-api.md example {i} does not load: {e}\n{code}");
         }
     }
@@ -1167,7 +1168,15 @@ async fn a_hook_dropped_while_dialing_leaves_the_vm_usable() {
     assert!(abandoned.is_err(), "the dial never completes");
     assert_eq!(slow.targets().len(), 1);
     assert_eq!(slow.in_flight.load(Ordering::SeqCst), 1);
-    // The dial's future was dropped with the hook: nothing is left waiting on the gate.
+    // The dial's future is dropped with the hook (on the VM's thread, so soon rather than
+    // at once): the gate is then held only by this test and the fake.
+    for _ in 0..200 {
+        if Arc::strong_count(&gate) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(Arc::strong_count(&gate), 2, "the dial's future was dropped");
     gate.add_permits(1);
     tokio::task::yield_now().await;
     assert_eq!(gate.available_permits(), 1);

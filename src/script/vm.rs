@@ -1,11 +1,16 @@
 //! One sandboxed Lua VM of the pool: creation (sandbox, `log`, `require`, the operator
-//! script), the instruction budget charged by a single global count hook, and the exec lock
-//! that tells that hook which hook run is executing.
+//! script, then the freeze that makes the standard tables read-only and globals per run),
+//! the budgets of a hook run (instructions, charged by a single global count hook, and
+//! Lua execution time) and the switch of the global environment at every poll of a run.
+//!
+//! A `Vm` lives on its own OS thread (`pool.rs`) and is never touched from another one.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,8 +18,10 @@ use mlua::{
     ChunkMode, Debug, Error as LuaError, Function, HookTriggers, Lua, LuaOptions, MultiValue,
     StdLib, Table, Value, VmState,
 };
-use parking_lot::{Mutex, ReentrantMutex};
+use parking_lot::Mutex;
 
+use super::hooks::{Hook, HookInfo};
+use super::pool::{now_ns, VmWatch};
 use super::{call, EngineOptions, ScriptError};
 
 /// The count hook fires every this many VM instructions (or every `instruction_limit`
@@ -74,16 +81,25 @@ impl ScriptFile {
     }
 }
 
-/// The instruction budget and last known script position of one hook run.
+/// Why a run's budget is spent (`Budget::spent`).
+const SPENT_NONE: u8 = 0;
+const SPENT_INSTRUCTIONS: u8 = 1;
+const SPENT_TIME: u8 = 2;
+const SPENT_ABANDONED: u8 = 3;
+
+/// The budgets and last known script position of one hook run.
 pub(crate) struct Budget {
     limit: u64,
     remaining: AtomicI64,
-    exhausted: AtomicBool,
+    spent: AtomicU8,
     /// Last script position the count hook saw (file, line).
     last_pos: Mutex<Option<(String, usize)>>,
     message: Mutex<Option<String>>,
-    /// Time spent executing Lua for this run, nanoseconds (the hook duration metric).
+    /// Time spent executing Lua for this run, nanoseconds (the time limit and the hook
+    /// duration metric).
     busy_ns: AtomicU64,
+    /// The run's own globals (created on its first global assignment), see `sandbox.lua`.
+    pub env: Mutex<Option<Table>>,
 }
 
 impl Budget {
@@ -91,10 +107,11 @@ impl Budget {
         Budget {
             limit,
             remaining: AtomicI64::new(i64::try_from(limit).unwrap_or(i64::MAX)),
-            exhausted: AtomicBool::new(false),
+            spent: AtomicU8::new(SPENT_NONE),
             last_pos: Mutex::new(None),
             message: Mutex::new(None),
             busy_ns: AtomicU64::new(0),
+            env: Mutex::new(None),
         }
     }
 
@@ -104,7 +121,7 @@ impl Budget {
     }
 
     pub fn is_exhausted(&self) -> bool {
-        self.exhausted.load(Ordering::Relaxed)
+        self.spent.load(Ordering::Relaxed) != SPENT_NONE
     }
 
     /// The last script position seen, as `file:line`.
@@ -138,24 +155,35 @@ impl Budget {
         }
     }
 
-    fn charge(&self, step: u32) -> mlua::Result<VmState> {
-        if self.limit == 0 {
-            return Ok(VmState::Continue);
-        }
-        let step = i64::from(step);
-        if self.remaining.fetch_sub(step, Ordering::Relaxed) - step >= 0 {
-            return Ok(VmState::Continue);
-        }
+    /// Marks the run as stopped (the first reason wins) and returns the error to raise.
+    fn stop(&self, why: u8, what: impl FnOnce() -> String) -> LuaError {
         let mut message = self.message.lock();
         let text = message.get_or_insert_with(|| {
             let pos = self.last_pos().unwrap_or_else(|| "script".to_owned());
-            format!(
-                "{pos}: instruction limit exceeded ({} instructions)",
-                self.limit
-            )
+            format!("{pos}: {}", what())
         });
-        self.exhausted.store(true, Ordering::Relaxed);
-        Err(LuaError::runtime(text.clone()))
+        let _ = self
+            .spent
+            .compare_exchange(SPENT_NONE, why, Ordering::Relaxed, Ordering::Relaxed);
+        LuaError::runtime(text.clone())
+    }
+
+    fn charge(&self, step: u32) -> mlua::Result<()> {
+        if self.is_exhausted() {
+            // Once spent, every later check raises again (a pcall cannot resume the run).
+            return Err(LuaError::runtime(self.message().unwrap_or_default()));
+        }
+        if self.limit == 0 {
+            return Ok(());
+        }
+        let step = i64::from(step);
+        if self.remaining.fetch_sub(step, Ordering::Relaxed) - step >= 0 {
+            return Ok(());
+        }
+        let limit = self.limit;
+        Err(self.stop(SPENT_INSTRUCTIONS, || {
+            format!("instruction limit exceeded ({limit} instructions)")
+        }))
     }
 }
 
@@ -163,66 +191,80 @@ fn is_internal(short_src: &str) -> bool {
     short_src.starts_with(INTERNAL_SOURCE) || short_src.starts_with("__mlua")
 }
 
-/// State the count hook reads: whose budget to charge.
+/// State the count hook reads: whose budget to charge, and since when Lua runs.
 struct VmShared {
     current: Mutex<Option<Arc<Budget>>>,
     /// Charged when Lua runs outside any hook run (finalizers at close, ...).
     idle: Budget,
     step: u32,
+    /// Lua execution time one run may use, ns; 0 = unlimited.
+    time_limit_ns: u64,
+    /// When the current (outermost) entry into Lua started, `now_ns()`.
+    poll_start: AtomicU64,
+    /// The global table's metatable points at a run's own globals (see `apply_env`).
+    env_set: AtomicBool,
+    watch: Arc<VmWatch>,
 }
 
 impl VmShared {
     fn on_hook(&self, debug: &Debug) -> mlua::Result<VmState> {
         let current = self.current.lock();
         let budget = current.as_deref().unwrap_or(&self.idle);
+        if self.watch.is_abandoned() {
+            return Err(budget.stop(SPENT_ABANDONED, || {
+                "time limit exceeded: the VM was abandoned".to_owned()
+            }));
+        }
         budget.note(debug);
-        budget.charge(self.step)
+        budget.charge(self.step)?;
+        if self.time_limit_ns > 0 {
+            let busy = budget.busy_ns.load(Ordering::Relaxed)
+                + now_ns().saturating_sub(self.poll_start.load(Ordering::Relaxed));
+            if busy > self.time_limit_ns {
+                let ms = self.time_limit_ns / 1_000_000;
+                return Err(budget.stop(SPENT_TIME, || {
+                    format!("time limit exceeded ({ms} ms of Lua execution)")
+                }));
+            }
+        }
+        Ok(VmState::Continue)
     }
 
     fn exhausted(&self) -> bool {
         let current = self.current.lock();
-        current.as_deref().unwrap_or(&self.idle).is_exhausted()
+        self.watch.is_abandoned() || current.as_deref().unwrap_or(&self.idle).is_exhausted()
     }
 }
 
-/// One Lua VM with the script loaded.
+/// One Lua VM with the script loaded. Lives on its VM thread.
 pub(crate) struct Vm {
     pub lua: Lua,
-    exec: ReentrantMutex<()>,
     shared: Arc<VmShared>,
-    /// `run_invite(call_ud)`: the sandbox's runner with the script's `on_invite` bound (it
-    /// builds the `call` table around the call's userdata and remembers which coroutine runs
-    /// the call's hook). `None` when the script has no `on_invite`.
-    pub on_invite: Option<Function>,
-    /// `run_end(call_ud, record fields...)`: likewise for `on_call_end`.
-    pub on_call_end: Option<Function>,
-    /// `file:line` where each hook is defined (fallback error position).
-    pub on_invite_pos: String,
-    pub on_call_end_pos: String,
-    /// `on_register(req)`, wrapped by the sandbox.
-    pub on_register: Option<Function>,
-    pub on_register_pos: String,
-    /// `run_refer(call_ud, by, target, referred_by, replaces)`: `on_refer(call, refer)`.
-    pub on_refer: Option<Function>,
-    pub on_refer_pos: String,
-    /// presence: `on_message(req)` and `on_subscribe(req)`, called as they are
-    /// (`script::presence` builds `req`).
-    pub on_message: Option<Function>,
-    pub on_message_pos: String,
-    pub on_subscribe: Option<Function>,
-    pub on_subscribe_pos: String,
-    pub file: Arc<str>,
+    /// The sandbox's runner of each hook the script defines (indexed by [`Hook`]): it
+    /// builds the hook's arguments (the `call` table around a call's userdata, `req`
+    /// tables) and calls the operator's function.
+    runners: [Option<Function>; Hook::COUNT],
+    /// What the script defines (shared with the pool's handle).
+    pub info: Arc<HookInfo>,
+    /// The global table's metatable, the frozen globals, and the `__newindex` that gives
+    /// a run its own globals: `apply_env` switches between them.
+    globals_meta: Table,
+    base: Table,
+    first_global: Function,
+    depth: Cell<u32>,
     pub instruction_limit: u64,
     pub memory_limit: usize,
 }
 
 impl Vm {
-    /// A fresh sandboxed VM running `source` (the contents of `file`).
+    /// A fresh sandboxed VM running `source` (the contents of `file`). Runs the script's
+    /// top-level code: call it on the VM's own thread.
     pub fn new(
         file: &ScriptFile,
         source: &[u8],
         opts: &EngineOptions,
         services: &super::Services,
+        watch: Arc<VmWatch>,
     ) -> Result<Vm, ScriptError> {
         let internal = |e: LuaError| ScriptError::Internal(e.to_string());
         let libs = StdLib::COROUTINE
@@ -244,6 +286,10 @@ impl Vm {
             current: Mutex::new(None),
             idle: Budget::new(opts.instruction_limit),
             step,
+            time_limit_ns: opts.time_limit.as_nanos().try_into().unwrap_or(u64::MAX),
+            poll_start: AtomicU64::new(now_ns()),
+            env_set: AtomicBool::new(false),
+            watch,
         });
         let hook_shared = shared.clone();
         lua.set_global_hook(
@@ -259,6 +305,21 @@ impl Vm {
             helpers.raw_set(
                 "exhausted",
                 lua.create_function(move |_, ()| Ok(ex.exhausted()))?,
+            )?;
+            let envs = shared.clone();
+            helpers.raw_set(
+                "set_env",
+                lua.create_function(move |_, env: Table| {
+                    let current = envs.current.lock();
+                    match current.as_deref() {
+                        Some(run) => {
+                            *run.env.lock() = Some(env);
+                            envs.env_set.store(true, Ordering::Relaxed);
+                            Ok(true)
+                        }
+                        None => Ok(false),
+                    }
+                })?,
             )?;
             helpers.raw_set("find_module", find_module_fn(&lua, file)?)?;
             helpers.raw_set("log", log_table(&lua, file_name.clone())?)?;
@@ -288,7 +349,7 @@ impl Vm {
         };
         let budget = Arc::new(Budget::new(opts.instruction_limit));
         let bind = {
-            let _g = enter(&shared, &budget);
+            let _g = enter_budget(&shared, &budget);
             setup().map_err(internal)?
         };
 
@@ -303,78 +364,78 @@ impl Vm {
             .into_function()
             .map_err(|e| load_error(&e, file, &budget, opts.memory_limit))?;
         {
-            let _g = enter(&shared, &budget);
+            let _g = enter_budget(&shared, &budget);
             main.call::<()>(())
                 .map_err(|e| load_error(&e, file, &budget, opts.memory_limit))?;
         }
 
         let globals = lua.globals();
-        let hook = |name: &str| -> Result<Option<Function>, ScriptError> {
-            match globals.raw_get::<Value>(name) {
-                Ok(Value::Nil) => Ok(None),
-                Ok(Value::Function(f)) => Ok(Some(f)),
-                Ok(other) => Err(ScriptError::Init {
-                    file: file.display.clone(),
-                    line: None,
-                    message: format!("`{name}` must be a function, not a {}", other.type_name()),
-                }),
-                Err(e) => Err(internal(e)),
+        let hooks = lua.create_table().map_err(internal)?;
+        let mut info = HookInfo::default();
+        for hook in Hook::ALL {
+            match globals.raw_get::<Value>(hook.name()) {
+                Ok(Value::Nil) => {}
+                Ok(Value::Function(f)) => {
+                    let fi = f.info();
+                    info.pos[hook.index()] = Some(format!(
+                        "{}:{}",
+                        fi.short_src.unwrap_or_else(|| file.display.clone()),
+                        fi.line_defined.unwrap_or(0)
+                    ));
+                    hooks.raw_set(hook.name(), f).map_err(internal)?;
+                }
+                Ok(other) => {
+                    return Err(ScriptError::Init {
+                        file: file.display.clone(),
+                        line: None,
+                        message: format!(
+                            "`{}` must be a function, not a {}",
+                            hook.name(),
+                            other.type_name()
+                        ),
+                    })
+                }
+                Err(e) => return Err(internal(e)),
             }
-        };
-        let on_invite = hook("on_invite")?;
-        let on_call_end = hook("on_call_end")?;
-        let on_register = hook("on_register")?;
-        let on_refer = hook("on_refer")?;
-        let on_message = hook("on_message")?; // presence
-        let on_subscribe = hook("on_subscribe")?; // presence
-        let def_pos = |f: &Option<Function>| match f {
-            Some(f) => {
-                let info = f.info();
-                format!(
-                    "{}:{}",
-                    info.short_src.unwrap_or_else(|| file.display.clone()),
-                    info.line_defined.unwrap_or(0)
-                )
+        }
+        // Every global function, for the misspelled-hook warning of `strowger check`.
+        for pair in globals.pairs::<Value, Value>() {
+            if let Ok((Value::String(k), Value::Function(_))) = pair {
+                if let Ok(k) = k.to_str() {
+                    info.functions.push(k.to_owned());
+                }
             }
-            None => file.display.clone(),
-        };
-        let on_invite_pos = def_pos(&on_invite);
-        let on_call_end_pos = def_pos(&on_call_end);
-        let on_register_pos = def_pos(&on_register);
-        let (on_message_pos, on_subscribe_pos) = (def_pos(&on_message), def_pos(&on_subscribe));
-        let on_refer_pos = def_pos(&on_refer);
-        type Runners = (
-            Option<Function>,
-            Option<Function>,
-            Option<Function>,
-            Option<Function>,
-        );
-        let (on_invite, on_call_end, on_register, on_refer) = {
-            let _g = enter(&shared, &budget);
-            bind.call::<Runners>((on_invite, on_call_end, on_register, on_refer))
+        }
+        info.file = file.display.clone();
+        // The sandbox binds the runners, then freezes the standard tables and moves the
+        // globals behind the global table's metatable.
+        let (runners_table, globals_meta, base, first_global) = {
+            let _g = enter_budget(&shared, &budget);
+            bind.call::<(Table, Table, Table, Function)>(hooks)
                 .map_err(internal)?
         };
+        let mut runners: [Option<Function>; Hook::COUNT] = Default::default();
+        for hook in Hook::ALL {
+            runners[hook.index()] = runners_table.raw_get(hook.name()).map_err(internal)?;
+        }
 
         Ok(Vm {
-            exec: ReentrantMutex::new(()),
             shared,
-            on_invite,
-            on_call_end,
-            on_invite_pos,
-            on_call_end_pos,
-            on_register,
-            on_register_pos,
-            on_refer,
-            on_refer_pos,
-            on_message,
-            on_message_pos,
-            on_subscribe,
-            on_subscribe_pos,
-            file: file_name,
+            runners,
+            info: Arc::new(info),
+            globals_meta,
+            base,
+            first_global,
+            depth: Cell::new(0),
             instruction_limit: opts.instruction_limit,
             memory_limit: opts.memory_limit,
             lua,
         })
+    }
+
+    /// The sandbox's runner of `hook`, if the script defines it.
+    pub fn runner(&self, hook: Hook) -> Option<&Function> {
+        self.runners[hook.index()].as_ref()
     }
 
     /// A fresh budget for one hook run.
@@ -382,19 +443,61 @@ impl Vm {
         Arc::new(Budget::new(self.instruction_limit))
     }
 
-    /// Runs `f` (which touches Lua) as part of the run owning `budget`.
+    /// Runs `f` (which touches Lua) as part of the run owning `budget`: its instruction and
+    /// time budgets are charged, its globals are the global environment, and the watchdog
+    /// sees the VM busy.
     pub fn enter<R>(&self, budget: &Arc<Budget>, f: impl FnOnce() -> R) -> R {
-        let _exec = self.exec.lock();
-        let _g = enter(&self.shared, budget);
-        let started = std::time::Instant::now();
+        let depth = self.depth.get();
+        self.depth.set(depth + 1);
+        let started = now_ns();
+        if depth == 0 {
+            self.shared.poll_start.store(started, Ordering::Relaxed);
+            self.shared.watch.set_busy(started);
+        }
+        let prev = self.shared.current.lock().replace(budget.clone());
+        self.apply_env(budget);
         let out = f();
-        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let ns = now_ns().saturating_sub(started);
         budget.busy_ns.fetch_add(ns, Ordering::Relaxed);
+        *self.shared.current.lock() = prev.clone();
+        if let Some(prev) = prev {
+            if !Arc::ptr_eq(&prev, budget) {
+                self.apply_env(&prev);
+            }
+        }
+        if depth == 0 {
+            self.shared.watch.set_busy(0);
+        }
+        self.depth.set(depth);
         out
     }
 
+    /// Points the global table at `budget`'s own globals, or back at the frozen ones.
+    /// Cheap when neither this run nor the previous one assigned a global.
+    fn apply_env(&self, budget: &Budget) {
+        let env = budget.env.lock().clone();
+        let set = |index: Value, newindex: Value| {
+            let _ = self.globals_meta.raw_set("__index", index);
+            let _ = self.globals_meta.raw_set("__newindex", newindex);
+        };
+        match env {
+            Some(env) => {
+                set(Value::Table(env.clone()), Value::Table(env));
+                self.shared.env_set.store(true, Ordering::Relaxed);
+            }
+            None if self.shared.env_set.load(Ordering::Relaxed) => {
+                set(
+                    Value::Table(self.base.clone()),
+                    Value::Function(self.first_global.clone()),
+                );
+                self.shared.env_set.store(false, Ordering::Relaxed);
+            }
+            None => {}
+        }
+    }
+
     /// Wraps a hook future so each poll (and its drop) runs as part of `budget`'s run.
-    pub fn guard<F: Future>(self: &Arc<Self>, budget: &Arc<Budget>, fut: F) -> Guarded<F> {
+    pub fn guard<F: Future>(self: &Rc<Self>, budget: &Arc<Budget>, fut: F) -> Guarded<F> {
         Guarded {
             vm: self.clone(),
             budget: budget.clone(),
@@ -411,10 +514,11 @@ impl Vm {
     }
 }
 
-/// Names `budget` as the running one until dropped (restores the previous one: runs nest
-/// when a poll of one hook drops or polls another on the same thread).
-fn enter<'a>(shared: &'a VmShared, budget: &Arc<Budget>) -> EnterGuard<'a> {
+/// Names `budget` as the running one until dropped (for loading, before the `Vm` exists).
+fn enter_budget<'a>(shared: &'a VmShared, budget: &Arc<Budget>) -> EnterGuard<'a> {
     let prev = shared.current.lock().replace(budget.clone());
+    shared.poll_start.store(now_ns(), Ordering::Relaxed);
+    shared.watch.set_busy(now_ns());
     EnterGuard { shared, prev }
 }
 
@@ -426,12 +530,13 @@ struct EnterGuard<'a> {
 impl Drop for EnterGuard<'_> {
     fn drop(&mut self) {
         *self.shared.current.lock() = self.prev.take();
+        self.shared.watch.set_busy(0);
     }
 }
 
-/// A hook future that holds its VM's exec lock and names its budget while polled.
+/// A hook future that names its budget while polled.
 pub(crate) struct Guarded<F> {
-    vm: Arc<Vm>,
+    vm: Rc<Vm>,
     budget: Arc<Budget>,
     fut: Option<Pin<Box<F>>>,
 }
@@ -444,7 +549,7 @@ impl<F: Future> Future for Guarded<F> {
         if this.fut.is_none() {
             panic!("Guarded polled after completion");
         }
-        // The finished future is dropped under the same lock (one `enter` per poll).
+        // The finished future is dropped under the same entry (one `enter` per poll).
         let fut_slot = &mut this.fut;
         this.vm.enter(&this.budget, || {
             let fut = fut_slot.as_mut().expect("checked above");
@@ -470,7 +575,12 @@ impl<F> Drop for Guarded<F> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FailKind {
     Error,
+    /// The instruction budget ran out.
     Timeout,
+    /// The run used up its Lua execution time (checked by the count hook).
+    TimeLimit,
+    /// The watchdog gave the VM up: the run was stuck where no hook could stop it.
+    Abandoned,
     Memory,
 }
 
@@ -479,6 +589,8 @@ impl FailKind {
         match self {
             FailKind::Error => "error",
             FailKind::Timeout => "instruction_limit",
+            FailKind::TimeLimit => "time_limit",
+            FailKind::Abandoned => "abandoned",
             FailKind::Memory => "memory",
         }
     }
@@ -495,7 +607,12 @@ pub(crate) fn describe(
     let pos = || budget.last_pos().unwrap_or_else(|| fallback.to_owned());
     if budget.is_exhausted() {
         let msg = budget.message().unwrap_or_else(|| root_message(err));
-        return (FailKind::Timeout, msg);
+        let kind = match budget.spent.load(Ordering::Relaxed) {
+            SPENT_TIME => FailKind::TimeLimit,
+            SPENT_ABANDONED => FailKind::Abandoned,
+            _ => FailKind::Timeout,
+        };
+        return (kind, msg);
     }
     if has_memory_error(err) {
         let limit = if memory_limit > 0 {

@@ -7,7 +7,9 @@
 //! and `non_invite_server` (timer values in `timers`, keys in `matching`).
 //! Must not touch: sockets (it only calls [`Sender`]), dialogs or call logic (the
 //! [`TransactionUser`] above decides every response but 100 Trying, the CANCEL 200/481 and
-//! the stateless 482/503).
+//! the stateless 482/503), anything above it: what it reports goes to traits it defines
+//! ([`TransactionUser`], [`MessageObserver`] for call traces) or to its own counters
+//! (registered on the telemetry handle by [`TransactionLayer::register_metrics`]).
 //!
 //! Concurrency: transactions live in sharded maps (64 shards, each a `parking_lot` mutex held
 //! only for one map operation); each transaction has its own mutex around its state machine,
@@ -19,6 +21,7 @@ mod config;
 mod invite_client;
 mod invite_server;
 mod matching;
+mod metrics;
 mod non_invite_client;
 mod non_invite_server;
 #[cfg(test)]
@@ -131,6 +134,8 @@ pub struct TransactionStats {
     pub merged_rejected: u64,
     /// 503 while not accepting new requests.
     pub rejected_not_accepting: u64,
+    /// Requests retransmitted by Timers A, E and G.
+    pub retransmissions_sent: u64,
 }
 
 #[derive(Default)]
@@ -143,6 +148,30 @@ struct Counters {
     transport_errors: AtomicU64,
     merged_rejected: AtomicU64,
     rejected_not_accepting: AtomicU64,
+    retransmissions_sent: AtomicU64,
+}
+
+/// Which way a message went, seen from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// A message as it passes the transaction layer, lent to a [`MessageObserver`]: what is
+/// at hand, so that an observer that keeps nothing of it costs nothing.
+pub enum Passing<'a> {
+    /// A message sent: its bytes.
+    Sent(&'a [u8]),
+    Request(&'a Request),
+    Response(&'a Response),
+}
+
+/// Something that wants to see every message in and out (the per-call traces of
+/// `call.trace`): defined here and implemented above, handed in by the server, so that
+/// this layer reports without knowing who listens.
+pub trait MessageObserver: Send + Sync + 'static {
+    fn on_message(&self, call_id: &str, dir: Direction, peer: &Target, msg: Passing<'_>);
 }
 
 fn bump(c: &AtomicU64) {
@@ -348,7 +377,7 @@ impl<M: Machine> Core<M> {
     }
 
     /// Fires every timer that is due.
-    fn fire_due(&self) -> Actions {
+    fn fire_due(&self, retransmitted: &AtomicU64) -> Actions {
         let mut cell = self.cell.lock();
         let now = Instant::now();
         let mut due: Vec<(Timer, Instant)> = Vec::new();
@@ -374,7 +403,7 @@ impl<M: Machine> Core<M> {
                     .iter()
                     .filter(|a| matches!(a, Action::Send(..)))
                     .count();
-                crate::metrics::RETRANSMISSIONS_SENT.fetch_add(resent as u64, Ordering::Relaxed);
+                retransmitted.fetch_add(resent as u64, Ordering::Relaxed);
             }
             self.absorb(&mut cell, actions, &mut effects);
         }
@@ -435,7 +464,9 @@ async fn run_timers<T: Driven>(tx: Arc<T>) {
             Some(at) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {
-                        let effects = tx.core().fire_due();
+                        let effects = tx
+                            .core()
+                            .fire_due(&tx.shared().stats.retransmissions_sent);
                         tx.execute(effects, None);
                     }
                     _ = tx.core().wake.notified() => {}
@@ -681,8 +712,9 @@ struct Shared {
     live: AtomicUsize,
     accepting: AtomicBool,
     stats: Counters,
-    /// Per-call message traces (`call.trace`), fed with every message in and out.
-    traces: std::sync::OnceLock<crate::trace::CallTraces>,
+    messages: metrics::MessageCounters,
+    /// Sees every message in and out when set (the per-call traces of `call.trace`).
+    observer: std::sync::OnceLock<Arc<dyn MessageObserver>>,
 }
 
 impl Shared {
@@ -696,18 +728,16 @@ impl Shared {
     ) -> Result<(), TransportError> {
         match what {
             What::Method(m) => {
-                crate::metrics::SIP.request(crate::metrics::Dir::Out, m);
+                self.messages.request(Direction::Out, m);
                 tracing::debug!(dir = "out", method = %m, call_id = %call_id, peer = %target.addr, transport = %target.transport)
             }
             What::Status(s) => {
-                crate::metrics::SIP.response(crate::metrics::Dir::Out, *s);
+                self.messages.response(Direction::Out, *s);
                 tracing::debug!(dir = "out", status = s, call_id = %call_id, peer = %target.addr, transport = %target.transport)
             }
         }
-        if let Some(t) = self.traces.get() {
-            t.record(call_id, crate::trace::Direction::Out, target, || {
-                crate::trace::Line::Text(crate::trace::first_line(&bytes))
-            });
+        if let Some(o) = self.observer.get() {
+            o.on_message(call_id, Direction::Out, target, Passing::Sent(&bytes));
         }
         self.sender.send(target, bytes)
     }
@@ -757,14 +787,15 @@ impl TransactionLayer {
                 live: AtomicUsize::new(0),
                 accepting: AtomicBool::new(true),
                 stats: Counters::default(),
-                traces: std::sync::OnceLock::new(),
+                messages: Default::default(),
+                observer: std::sync::OnceLock::new(),
             }),
         }
     }
 
-    /// Feeds every message in and out to `traces` from now on (`call.trace`).
-    pub fn set_traces(&self, traces: crate::trace::CallTraces) {
-        let _ = self.shared.traces.set(traces);
+    /// Shows every message in and out to `observer` from now on (`call.trace`); set once.
+    pub fn set_observer(&self, observer: Arc<dyn MessageObserver>) {
+        let _ = self.shared.observer.set(observer);
     }
 
     /// Everything the transports read (requests already carry received/rport; for requests
@@ -772,19 +803,14 @@ impl TransactionLayer {
     pub fn on_message(&self, msg: SipMessage, source: Target) {
         match msg {
             SipMessage::Request(req) => {
-                crate::metrics::SIP.request(crate::metrics::Dir::In, &req.method);
+                self.shared.messages.request(Direction::In, &req.method);
                 tracing::debug!(dir = "in", method = %req.method, call_id = %req.base.call_id, peer = %source.addr, transport = %source.transport);
-                if let Some(t) = self.shared.traces.get() {
-                    t.record(
+                if let Some(o) = self.shared.observer.get() {
+                    o.on_message(
                         &req.base.call_id,
-                        crate::trace::Direction::In,
+                        Direction::In,
                         &source,
-                        || {
-                            crate::trace::Line::Request(
-                                req.method.clone(),
-                                Box::new(req.uri.clone()),
-                            )
-                        },
+                        Passing::Request(&req),
                     );
                 }
                 match req.method {
@@ -794,14 +820,14 @@ impl TransactionLayer {
                 }
             }
             SipMessage::Response(resp) => {
-                crate::metrics::SIP.response(crate::metrics::Dir::In, resp.status);
+                self.shared.messages.response(Direction::In, resp.status);
                 tracing::debug!(dir = "in", status = resp.status, call_id = %resp.base.call_id, peer = %source.addr, transport = %source.transport);
-                if let Some(t) = self.shared.traces.get() {
-                    t.record(
+                if let Some(o) = self.shared.observer.get() {
+                    o.on_message(
                         &resp.base.call_id,
-                        crate::trace::Direction::In,
+                        Direction::In,
                         &source,
-                        || crate::trace::Line::Status(resp.status, resp.reason.clone()),
+                        Passing::Response(&resp),
                     );
                 }
                 self.on_response(resp, source);
@@ -1096,6 +1122,7 @@ impl TransactionLayer {
             transport_errors: g(&c.transport_errors),
             merged_rejected: g(&c.merged_rejected),
             rejected_not_accepting: g(&c.rejected_not_accepting),
+            retransmissions_sent: g(&c.retransmissions_sent),
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Transports: UDP, TCP and in-memory, behind one interface.
 //!
 //! Owns: sockets, TCP connections and framing, Via `received`/`rport` on inbound requests
-//! (RFC 3261 18.2.1, RFC 3581) and the choice of where a response goes (18.2.2).
+//! (RFC 3261 18.2.1, RFC 3581), the choice of where a response goes (18.2.2), the
+//! server's own addresses per transport and name resolution ([`LocalAddrs`], [`resolve`]).
 //! Must not touch: transactions or anything above; it hands parsed messages to an
 //! [`InboundSink`] and sends bytes it is given through [`Sender`].
 
 pub mod config;
 mod frame;
 mod listen;
+mod local;
 pub mod memory;
 mod set;
 mod tcp;
@@ -15,6 +17,7 @@ mod udp;
 pub mod via;
 
 pub use listen::ListenAddr;
+pub use local::{resolve, ContactFlows, LocalAddrs, ResolveError};
 pub use memory::{MemoryEndpoint, MemoryNetwork};
 pub use set::Transports;
 pub use udp::MAX_DATAGRAM;

@@ -1,10 +1,16 @@
 //! The UAS core (RFC 3261 8.2): the transaction user of the transaction layer. It validates
-//! every new request, answers what the server answers itself (OPTIONS), and hands calls to
-//! the B2BUA and MESSAGE/PUBLISH/SUBSCRIBE (and in-dialog requests no call owns) to
-//! presence; what nobody handles gets 481 (unknown dialog) or 501.
+//! every new request, answers what the server answers itself (OPTIONS, REGISTER's steps
+//! 1-3), hands calls to the B2BUA and MESSAGE/PUBLISH/SUBSCRIBE to presence, and sends
+//! in-dialog requests, ACKs and stray 2xx to their dialog's usage with one lookup in the
+//! dialog table; what nobody handles gets 481 (unknown dialog) or 501.
 //!
-//! Owns: the decision of which part of the server a request belongs to. Must not touch:
-//! transaction state (it only uses `ServerTransaction`) or call state (the B2BUA's).
+//! Owns: the decision of which part of the server a request belongs to, and the REGISTER
+//! result counters (`strowger_register_results_total{result}`). Must not touch:
+//! transaction state (it only uses `ServerTransaction`), call state (the B2BUA's), the
+//! dialog table's entries (the usages register and remove their own).
+//!
+//! Layer: above the transaction users it dispatches to (B2BUA, presence, registrar, the
+//! script's `on_register`), beside `server`, which builds it; nothing below imports it.
 
 mod config;
 mod options;
@@ -15,43 +21,79 @@ pub use options::options_ok;
 pub use validate::{validate, ACCEPTED_SDP_TYPES, SUPPORTED_OPTIONS};
 
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, UserSecrets, Users};
-use crate::b2bua::{B2bua, LocalAddrs};
+use crate::b2bua::{B2bua, CallRef};
+use crate::dialog::{DialogTable, Usage};
+use crate::presence::SubscriptionUsage;
 use crate::registrar::{RegisterSource, Registrar, RegistrarSection};
 use crate::script::{RegisterInfo, RegisterVerdict, ScriptEngine};
 use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionUser};
+use crate::transport::LocalAddrs;
 use crate::transport::{Target, TransportKind};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
 
-/// REGISTER results as metric labels (`strowger_register_results_total{result}`).
-pub const REGISTER_RESULTS: [&str; 8] = [
-    "ok",
-    "challenged",
-    "forbidden",
-    "not_found",
-    "interval_too_brief",
-    "bad_request",
-    "server_error",
-    "other",
-];
-
-fn register_result(status: u16) -> usize {
-    match status {
-        200..=299 => 0,
-        401 | 407 => 1,
-        403 => 2,
-        404 => 3,
-        423 => 4,
-        400 => 5,
-        500..=599 => 6,
-        _ => 7,
+/// The message layer's invariants ([`crate::sip::check_invariants`]) plus: validating a
+/// parsed request never panics. For the fuzz target and the mutation test.
+#[doc(hidden)]
+pub fn check_invariants(data: &[u8]) {
+    crate::sip::check_invariants(data);
+    if let Ok((crate::sip::SipMessage::Request(req), _)) = crate::sip::parse(data) {
+        let _ = validate(&req);
     }
 }
 
+/// Final answers to REGISTER as the label of `strowger_register_results_total{result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegisterResult {
+    Ok,
+    Challenged,
+    Forbidden,
+    NotFound,
+    IntervalTooBrief,
+    BadRequest,
+    ServerError,
+    Other,
+}
+crate::label!(
+    RegisterResult,
+    "result",
+    Ok = "ok",
+    Challenged = "challenged",
+    Forbidden = "forbidden",
+    NotFound = "not_found",
+    IntervalTooBrief = "interval_too_brief",
+    BadRequest = "bad_request",
+    ServerError = "server_error",
+    Other = "other",
+);
+
+impl RegisterResult {
+    fn of(status: u16) -> RegisterResult {
+        match status {
+            200..=299 => RegisterResult::Ok,
+            401 | 407 => RegisterResult::Challenged,
+            403 => RegisterResult::Forbidden,
+            404 => RegisterResult::NotFound,
+            423 => RegisterResult::IntervalTooBrief,
+            400 => RegisterResult::BadRequest,
+            500..=599 => RegisterResult::ServerError,
+            _ => RegisterResult::Other,
+        }
+    }
+}
+
+/// The count of each [`RegisterResult`].
+type RegisterResults = [std::sync::atomic::AtomicU64; 8];
+
+/// The server's dialog table: calls' legs (INVITE usages) and presence's subscriptions.
+pub type Dialogs = DialogTable<Usage<CallRef, SubscriptionUsage>>;
+
 /// The UAS core; installed as the transaction layer's user.
 pub struct UasCore {
+    /// Every dialog of the server: in-dialog requests, ACKs and stray 2xx go by it.
+    dialogs: Arc<Dialogs>,
     user_agent: String,
     /// The server's bound addresses, for the Contact of its own answers.
     local: LocalAddrs,
@@ -71,8 +113,8 @@ pub struct UasCore {
     domain: String,
     /// `registrar.unknown_aor_status`.
     unknown_aor_status: u16,
-    /// Final answers to REGISTER, indexed like [`REGISTER_RESULTS`].
-    register_results: Arc<[std::sync::atomic::AtomicU64; REGISTER_RESULTS.len()]>,
+    /// Final answers to REGISTER, indexed like [`RegisterResult`].
+    register_results: Arc<RegisterResults>,
 }
 
 impl UasCore {
@@ -83,8 +125,10 @@ impl UasCore {
         digest: DigestAuth,
         users: Option<Arc<Users>>,
         scripts: ScriptEngine,
+        dialogs: Arc<Dialogs>,
     ) -> UasCore {
         UasCore {
+            dialogs,
             digest,
             users,
             scripts,
@@ -100,9 +144,24 @@ impl UasCore {
         }
     }
 
-    /// Final answers to REGISTER so far, indexed like [`REGISTER_RESULTS`].
-    pub fn register_results(&self) -> [u64; REGISTER_RESULTS.len()] {
-        std::array::from_fn(|i| self.register_results[i].load(std::sync::atomic::Ordering::Relaxed))
+    /// Registers `strowger_register_results_total{result}` on `telemetry`, filled at each
+    /// scrape.
+    pub fn register_metrics(
+        &self,
+        telemetry: &crate::metrics::Telemetry,
+    ) -> Result<(), crate::metrics::Error> {
+        use crate::metrics::Label as _;
+        let family = telemetry.counters::<RegisterResult>(
+            "strowger_register_results_total",
+            "Final answers to REGISTER by result",
+        )?;
+        let results = self.register_results.clone();
+        telemetry.on_scrape(move || {
+            for r in RegisterResult::ALL {
+                family.catch_up(*r, crate::metrics::load(&results[r.index()]));
+            }
+        });
+        Ok(())
     }
 
     pub fn set_registrar(&self, registrar: Registrar) {
@@ -114,7 +173,7 @@ impl UasCore {
         let results = self.register_results.clone();
         // Every final answer to a REGISTER is counted by result.
         let respond = move |tx: &ServerTransaction, resp: Response| {
-            results[register_result(resp.status)]
+            results[RegisterResult::of(resp.status) as usize]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Self::respond(tx, resp);
         };
@@ -159,18 +218,20 @@ impl UasCore {
             // policy): it may refuse, or name the credentials to check. Its view of the
             // request is only built when it has the hook.
             let verdict = if scripts.has_on_register() {
-                scripts.on_register(&RegisterInfo {
-                    user: user.clone(),
-                    aor: aor.clone(),
-                    source: format!("{}:{}", src.transport, src.addr),
-                    user_agent: req.headers.get("User-Agent").map(str::to_owned),
-                    contact: req.headers.get("Contact").map(str::to_owned),
-                    headers: req
-                        .headers
-                        .iter()
-                        .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
-                        .collect(),
-                })
+                scripts
+                    .on_register(&RegisterInfo {
+                        user: user.clone(),
+                        aor: aor.clone(),
+                        source: format!("{}:{}", src.transport, src.addr),
+                        user_agent: req.headers.get("User-Agent").map(str::to_owned),
+                        contact: req.headers.get("Contact").map(str::to_owned),
+                        headers: req
+                            .headers
+                            .iter()
+                            .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                            .collect(),
+                    })
+                    .await
             } else {
                 RegisterVerdict::Default
             };
@@ -251,14 +312,13 @@ impl TransactionUser for UasCore {
         }
         let in_dialog = req.base.to.tag().is_some();
         if in_dialog {
-            // RFC 3261 12.2.2: a request for a dialog we do not know gets 481.
-            let rejected = match self.b2bua.get() {
-                Some(b) => b.on_in_dialog(tx, req).err().map(|b| *b),
-                None => Some((tx, req)),
-            };
-            if let Some((tx, req)) = rejected {
-                // presence: not a call's dialog; maybe one of our subscriptions (it
-                // answers 481 itself when not).
+            // One lookup in the dialog table: a call's leg or one of presence's
+            // subscriptions.
+            if let Err(unmatched) = self.dialogs.on_request(tx, req) {
+                let (tx, req) = *unmatched;
+                // A dialog nobody here registered: presence may hold it for another node
+                // of a shared store (it answers 481 itself when not); else RFC 3261
+                // 12.2.2's 481.
                 match self.presence.get() {
                     Some(p) => p.on_in_dialog(tx, req),
                     None => Self::respond(&tx, req.response(481)),
@@ -316,9 +376,7 @@ impl TransactionUser for UasCore {
     }
 
     fn on_ack(&self, ack: Request, _source: Target) {
-        if let Some(b) = self.b2bua.get() {
-            b.on_ack(ack);
-        }
+        self.dialogs.on_ack(ack);
     }
 
     fn on_cancel(&self, invite: ServerTransaction, cancel: Request) {
@@ -332,8 +390,21 @@ impl TransactionUser for UasCore {
     }
 
     fn on_stray_response(&self, resp: Response, _source: Target) {
-        if let Some(b) = self.b2bua.get() {
-            b.on_stray_response(resp);
-        }
+        self.dialogs.on_stray_response(resp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 14: the shared dialog table costs a call no memory over the B2BUA's own index
+    /// (the usage tag fits in a niche of the call's entry).
+    #[test]
+    fn a_dialog_table_entry_is_no_larger_than_a_calls_entry() {
+        assert_eq!(
+            std::mem::size_of::<Usage<CallRef, SubscriptionUsage>>(),
+            std::mem::size_of::<CallRef>()
+        );
     }
 }

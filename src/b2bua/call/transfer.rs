@@ -21,12 +21,12 @@
 //! 2-4 with no REFER and no NOTIFYs; the other party gets BYE.
 
 use super::{Call, CallEvent, Purpose, Side};
-use crate::b2bua::net::resolve;
 use crate::b2bua::{CallRef, DialogKey};
 use crate::dialog::{Dialog, DialogState};
 use crate::script::{DialOutcome, ReferInfo, ReferVerdict};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
+use crate::transport::resolve;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
@@ -1154,10 +1154,7 @@ impl Call {
     pub(super) fn on_old_leg_request(&mut self, tx: &ServerTransaction, req: &Request) -> bool {
         let in_old = self.old_legs.iter().position(|d| d.matches(req));
         let tag = req.base.to.tag().unwrap_or("");
-        let gone = self
-            .old_keys
-            .iter()
-            .any(|k| k.call_id == req.base.call_id && k.local_tag == tag);
+        let gone = self.old_keys.iter().any(|k| k.is(&req.base.call_id, tag));
         match (in_old, gone) {
             (Some(i), _) if req.method == Method::Bye => {
                 let d = self.old_legs.remove(i);

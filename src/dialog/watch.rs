@@ -1,10 +1,11 @@
-//! A cheap broadcast of call state changes, for whoever wants to watch the server's own
-//! calls: the presence module turns it into the RFC 4235 dialog event package (busy-lamp
-//! fields) without any extra component.
+//! A cheap broadcast of dialog state changes (RFC 4235 3.7.1) of the server's own calls,
+//! seen from each caller's leg: the B2BUA posts, the presence module turns them into the
+//! dialog event package (busy-lamp fields) without any extra component. It lives in the
+//! dialog layer so that the poster and the watcher share it without knowing each other.
 //!
 //! Owns: the event type and the broadcast channel. Must not touch: call state; the call
-//! task only posts what happened (four points in `call.rs`, marked `watch:`), and a send
-//! with nobody listening costs one atomic load.
+//! task only posts what happened (four points in the B2BUA's call, marked `watch:`), and a
+//! send with nobody listening costs one atomic load.
 //!
 //! The channel is bounded (`CAPACITY`): a watcher that falls behind loses the oldest
 //! events (`RecvError::Lagged`) and never slows a call down.

@@ -1,8 +1,11 @@
-//! Where the B2BUA's own requests go and how it names itself: resolving a dial target to
-//! a transport address, and the Via and Contact of the server on each transport.
+//! How the server names itself on each transport and where its own requests go: the
+//! bound addresses (Via, Contact, which host is ours), resolving a SIP URI to a transport
+//! address (RFC 3263, reduced), and where a registered contact's flow is. Every
+//! transaction user that sends requests of its own (B2BUA, presence, registrar keep-alive)
+//! shares these, so they live here, below all of them.
 
+use super::{Target, TransportKind};
 use crate::sip::{new_branch, Host, Params, Uri, Via};
-use crate::transport::{Target, TransportKind};
 use std::net::{IpAddr, SocketAddr};
 
 #[derive(Debug, thiserror::Error)]
@@ -162,4 +165,11 @@ pub async fn resolve(uri: &Uri, local: &LocalAddrs) -> Result<Target, ResolveErr
         addr,
         connection: None,
     })
+}
+
+/// Where a registered contact is reached: the transport target its REGISTER came from and
+/// its Path (RFC 5626's flow, RFC 3327). Implemented over the registrar by the server; the
+/// B2BUA and presence route requests to registered phones through it.
+pub trait ContactFlows: Send + Sync + 'static {
+    fn flow(&self, contact: &str) -> Option<(Target, Vec<String>)>;
 }

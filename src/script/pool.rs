@@ -1,0 +1,346 @@
+//! Where Lua runs: each VM on its own OS thread, and a watchdog that gives up on a VM
+//! stuck past the time limit.
+//!
+//! **Owns**: the VM threads (`strowger-lua`), the job queue into each, the watchdog thread
+//! and the replacement of an abandoned VM. **Must not touch**: what a job does (that is
+//! `hooks::run`).
+//!
+//! Why threads: a Lua hook can be stuck where no budget is checked (a long pattern match
+//! is one C call; Lua runs `__gc` finalizers and some error handlers with hooks off). On a
+//! tokio worker that would stop SIP and HTTP with it. On its own thread it costs only the
+//! calls on that VM: the watchdog sees the VM busy in one entry for longer than
+//! `time_limit` plus a grace, marks it abandoned (every run waiting on it fails at once,
+//! the thread exits when Lua returns), and builds a fresh VM for the slot. A thread that
+//! never returns stays parked in its loop; the process still exits on SIGTERM.
+
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::hooks::HookInfo;
+use super::vm::{ScriptFile, Vm};
+use super::{EngineOptions, ScriptError, ScriptStats, ScriptVersion, Services};
+
+/// Stack of a VM thread: Lua recursion (200 C levels) and mlua callbacks.
+const VM_STACK: usize = 8 * 1024 * 1024;
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Monotonic nanoseconds since the first call (never 0 after the first nanosecond).
+pub(crate) fn now_ns() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What the watchdog and the callers see of a VM, from any thread.
+pub(crate) struct VmWatch {
+    /// `now_ns()` when the VM thread entered Lua, 0 while it is not in Lua.
+    busy_since: AtomicU64,
+    abandoned: AtomicBool,
+    dead: watch::Sender<bool>,
+    /// The version and pool slot to rebuild when abandoned.
+    owner: OnceLock<(Weak<ScriptVersion>, usize)>,
+}
+
+impl VmWatch {
+    fn new() -> VmWatch {
+        VmWatch {
+            busy_since: AtomicU64::new(0),
+            abandoned: AtomicBool::new(false),
+            dead: watch::Sender::new(false),
+            owner: OnceLock::new(),
+        }
+    }
+
+    pub fn set_busy(&self, since: u64) {
+        self.busy_since.store(since, Ordering::Relaxed);
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Gives the VM up: runs waiting on it fail now. Returns false if it already was.
+    fn abandon(&self) -> bool {
+        if self.abandoned.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        self.dead.send_replace(true);
+        true
+    }
+}
+
+/// A job for a VM thread.
+type Job = Box<dyn FnOnce(&Rc<Vm>) + Send>;
+
+/// The run could not finish: the VM was abandoned or is gone.
+#[derive(Debug)]
+pub(crate) struct Lost;
+
+/// A VM as the rest of the server holds it: a queue into its thread.
+pub(crate) struct VmHandle {
+    jobs: mpsc::UnboundedSender<Job>,
+    pub watch: Arc<VmWatch>,
+    pub info: Arc<HookInfo>,
+}
+
+impl VmHandle {
+    pub fn is_alive(&self) -> bool {
+        !self.watch.is_abandoned() && !self.jobs.is_closed()
+    }
+
+    /// Runs `job` on the VM thread; it answers through the sender it is given.
+    pub async fn submit<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Rc<Vm>, oneshot::Sender<T>) + Send + 'static,
+    ) -> Result<T, Lost> {
+        if self.watch.is_abandoned() {
+            return Err(Lost);
+        }
+        let mut dead = self.watch.dead.subscribe();
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |vm: &Rc<Vm>| job(vm, tx)))
+            .map_err(|_| Lost)?;
+        tokio::select! {
+            biased;
+            r = rx => r.map_err(|_| Lost),
+            _ = dead.wait_for(|d| *d) => Err(Lost),
+        }
+    }
+}
+
+/// Runs a future of the VM thread: polled once at once (most hook runs finish without
+/// waiting, so no task is made for them), spawned on the thread's local set otherwise.
+pub(crate) fn run_local(fut: impl Future<Output = ()> + 'static) {
+    let mut fut = Box::pin(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if fut.as_mut().poll(&mut cx).is_pending() {
+        // The next poll registers the task's real waker (a future wakes the waker of its
+        // latest poll).
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// What building a VM needs; shared by a version's VMs and their replacements.
+pub(crate) struct BuildCtx {
+    pub file: ScriptFile,
+    pub source: Arc<[u8]>,
+    pub opts: EngineOptions,
+    pub services: Services,
+    pub watchdog: Option<Arc<Watchdog>>,
+}
+
+impl BuildCtx {
+    /// How long loading one VM (its top-level code) may take before it is refused.
+    pub fn load_timeout(&self) -> Duration {
+        match self.opts.time_limit {
+            d if d.is_zero() => Duration::from_secs(60),
+            d => d + grace(d) + Duration::from_millis(500),
+        }
+    }
+}
+
+/// Starts a VM thread that loads the script; `ready` gets the result (return false from
+/// it to have the thread exit, e.g. when nobody waits any more).
+pub(crate) fn spawn_vm(
+    ctx: Arc<BuildCtx>,
+    ready: impl FnOnce(Result<Arc<VmHandle>, ScriptError>) -> bool + Send + 'static,
+) {
+    // The VM logs where its creator logs (the global subscriber in the server; a test's
+    // own subscriber in tests).
+    let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+    let spawned = std::thread::Builder::new()
+        .name("strowger-lua".into())
+        .stack_size(VM_STACK)
+        .spawn(move || {
+            let _log = tracing::dispatcher::set_default(&dispatch);
+            vm_thread(ctx, ready)
+        });
+    if let Err(e) = spawned {
+        tracing::error!(target: "script", error = %e, "cannot start a Lua VM thread");
+    }
+}
+
+fn vm_thread(ctx: Arc<BuildCtx>, ready: impl FnOnce(Result<Arc<VmHandle>, ScriptError>) -> bool) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            ready(Err(ScriptError::Internal(format!(
+                "VM thread runtime: {e}"
+            ))));
+            return;
+        }
+    };
+    let watch = Arc::new(VmWatch::new());
+    if let Some(w) = &ctx.watchdog {
+        w.register(&watch);
+    }
+    let vm = match Vm::new(
+        &ctx.file,
+        &ctx.source,
+        &ctx.opts,
+        &ctx.services,
+        watch.clone(),
+    ) {
+        Ok(vm) => Rc::new(vm),
+        Err(e) => {
+            ready(Err(e));
+            return;
+        }
+    };
+    let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+    let handle = Arc::new(VmHandle {
+        jobs,
+        watch: watch.clone(),
+        info: vm.info.clone(),
+    });
+    if !ready(Ok(handle)) {
+        return;
+    }
+    let mut dead = watch.dead.subscribe();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        loop {
+            tokio::select! {
+                biased;
+                _ = dead.wait_for(|d| *d) => break,
+                job = queue.recv() => match job {
+                    Some(job) => job(&vm),
+                    None => break,
+                },
+            }
+        }
+    });
+    // Suspended hooks are dropped here, each closing its coroutine on this thread.
+    drop(local);
+    drop(vm);
+}
+
+/// How much longer than the time limit an entry into Lua may last before the VM is
+/// abandoned: the count hook stops ordinary runs at the limit itself.
+fn grace(limit: Duration) -> Duration {
+    (limit / 2).max(Duration::from_millis(100))
+}
+
+/// Watches every VM of an engine for an entry into Lua that lasts too long.
+pub(crate) struct Watchdog {
+    vms: Mutex<Vec<Weak<VmWatch>>>,
+    abandon_after: Duration,
+    stats: Arc<ScriptStats>,
+}
+
+impl Watchdog {
+    /// Starts the watchdog thread (None when there is no time limit).
+    pub fn start(limit: Duration, stats: Arc<ScriptStats>) -> Option<Arc<Watchdog>> {
+        if limit.is_zero() {
+            return None;
+        }
+        let dog = Arc::new(Watchdog {
+            vms: Mutex::new(Vec::new()),
+            abandon_after: limit + grace(limit),
+            stats,
+        });
+        let tick = (limit / 5).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        let weak = Arc::downgrade(&dog);
+        let spawned = std::thread::Builder::new()
+            .name("strowger-lua-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                match weak.upgrade() {
+                    Some(dog) => dog.scan(),
+                    None => return,
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(target: "script", error = %e, "cannot start the Lua watchdog thread");
+        }
+        Some(dog)
+    }
+
+    fn register(&self, vm: &Arc<VmWatch>) {
+        self.vms.lock().push(Arc::downgrade(vm));
+    }
+
+    fn scan(&self) {
+        let now = now_ns();
+        let limit = u64::try_from(self.abandon_after.as_nanos()).unwrap_or(u64::MAX);
+        let mut stuck = Vec::new();
+        self.vms.lock().retain(|w| {
+            let Some(vm) = w.upgrade() else {
+                return false;
+            };
+            if vm.is_abandoned() {
+                return false;
+            }
+            let since = vm.busy_since.load(Ordering::Relaxed);
+            if since != 0 && now.saturating_sub(since) > limit {
+                stuck.push(vm);
+                return false;
+            }
+            true
+        });
+        for vm in stuck {
+            if !vm.abandon() {
+                continue;
+            }
+            self.stats.vms_abandoned.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                target: "script",
+                after_ms = self.abandon_after.as_millis() as u64,
+                "a Lua VM was stuck past the time limit where no hook can stop it: abandoned; a fresh one replaces it"
+            );
+            if let Some((version, slot)) = vm.owner.get() {
+                if let Some(version) = version.upgrade() {
+                    version.replace_vm(*slot);
+                }
+            }
+        }
+    }
+}
+
+/// Records which version and slot `handle` serves (so it can be replaced).
+pub(crate) fn set_owner(handle: &VmHandle, version: &Arc<ScriptVersion>, slot: usize) {
+    let _ = handle.watch.owner.set((Arc::downgrade(version), slot));
+}
+
+/// Loads `n` VMs in parallel, each on its own thread, and waits for all (blocking: call
+/// it off the SIP and HTTP threads).
+pub(crate) fn load_blocking(
+    ctx: &Arc<BuildCtx>,
+    n: usize,
+) -> Result<Vec<Arc<VmHandle>>, ScriptError> {
+    let receivers: Vec<_> = (0..n)
+        .map(|_| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            spawn_vm(ctx.clone(), move |r| tx.send(r).is_ok());
+            rx
+        })
+        .collect();
+    let deadline = Instant::now() + ctx.load_timeout();
+    let mut vms = Vec::with_capacity(n);
+    for rx in receivers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(r) => vms.push(r?),
+            Err(_) => {
+                return Err(ScriptError::Init {
+                    file: ctx.file.display.clone(),
+                    line: None,
+                    message: format!(
+                        "the top-level code did not finish within {} ms (script.time_limit_ms)",
+                        ctx.load_timeout().as_millis()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(vms)
+}
