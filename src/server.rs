@@ -24,7 +24,8 @@ use crate::presence::SubscriptionUsage;
 use crate::registrar::{
     BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarStore, SqliteStore,
 };
-use crate::script::{EngineOptions, LocationService, ScriptEngine};
+use crate::registrar::LocationService;
+use crate::script::{EngineOptions, ScriptEngine};
 use crate::sip::{error_response, SipMessage};
 use crate::transaction::TransactionLayer;
 use crate::transport::{
@@ -357,7 +358,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
-        scripts: scripts.clone(),
+        // The dial plan's call hooks; a reload swaps the version inside the engine.
+        scripts: Arc::new(scripts.clone()),
         local: LocalAddrs::new(transports.local_addrs()),
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
@@ -574,7 +576,7 @@ async fn start_presence(
         config: config.presence.policy(&config.sip.domain),
         layer: layer.clone(),
         local: LocalAddrs::new(transports.local_addrs()),
-        scripts: scripts.clone(),
+        scripts: Arc::new(scripts.clone()),
         location: location.clone(),
         flows: location,
         users: users.clone(),

@@ -15,9 +15,9 @@ use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
 use crate::dialog::{Dialog, DialogState};
-use crate::script::{
-    AuthVerdict, CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome,
-    InviteOutcome, ScriptVersion, UriInfo,
+use crate::b2bua::{
+    AuthVerdict, CallControl, CallHookSet, CallInfo, CallRecord, CallScriptHandle, DialOptions,
+    DialOutcome, InviteOutcome, UriInfo,
 };
 use crate::sip::{new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
@@ -107,7 +107,7 @@ pub enum CallEvent {
     /// From `call:set_route`: count the call under this route.
     Route(usize),
     /// The script's `on_refer` verdict on the REFER being held.
-    ReferDecided(crate::script::ReferVerdict),
+    ReferDecided(crate::b2bua::ReferVerdict),
     /// `call:transfer` or the admin API: connect `party` to `target`.
     Transfer {
         target: String,
@@ -240,7 +240,7 @@ pub struct Call {
     /// `max_duration` of the dial, armed when it answers.
     max_duration_pending: Option<Duration>,
     /// The script version the call started on: it finishes there (hot reload).
-    version: Arc<ScriptVersion>,
+    version: Arc<dyn CallHookSet>,
     script: Option<CallScriptHandle>,
     hook_running: bool,
     start: SystemTime,

@@ -17,6 +17,7 @@
 
 mod call;
 mod config;
+mod hooks;
 mod metrics;
 mod records;
 /// The call watch is the dialog layer's; the call posts to it as `super::watch`.
@@ -25,13 +26,16 @@ pub use crate::dialog::watch;
 use call::Events;
 pub use call::{refer_to, Side, TransferKind, TransferNote};
 pub use config::{CallConfig, MAX_ROUTES};
+pub use hooks::{
+    AuthVerdict, CallControl, CallHookSet, CallHooks, CallInfo, CallRecord, CallScript,
+    CallScriptHandle, DialOptions, DialOutcome, InviteOutcome, ReferInfo, ReferVerdict, UriInfo,
+};
 pub use metrics::{
     DialResult, FailureClass, RouteStats, SetupStage, TransferLabel, TransferResult,
 };
 pub use records::{CallDetail, RecordWriter};
 
 use crate::dialog::{DialogUsage, Unmatched, UsageIndex};
-use crate::script::ScriptEngine;
 use crate::shard::ShardMap;
 use crate::sip::{Request, Response};
 use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
@@ -136,14 +140,14 @@ pub struct B2buaStats {
 struct B2buaInner {
     layer: TransactionLayer,
     sender: Arc<dyn Sender>,
-    scripts: ScriptEngine,
+    scripts: Arc<dyn CallHooks>,
     local: LocalAddrs,
     timers: TimerConfig,
     default_ring_timeout: Duration,
     flows: Option<Arc<dyn ContactFlows>>,
     /// Registered devices of our addresses of record (transfer targets that are
     /// extensions).
-    location: Option<Arc<dyn crate::script::LocationService>>,
+    location: Option<Arc<dyn crate::registrar::LocationService>>,
     auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     records: Option<RecordWriter>,
     dialogs: CallDialogs,
@@ -179,14 +183,14 @@ pub struct B2bua {
 pub struct B2buaParts {
     pub layer: TransactionLayer,
     pub sender: Arc<dyn Sender>,
-    pub scripts: ScriptEngine,
+    pub scripts: Arc<dyn CallHooks>,
     pub local: LocalAddrs,
     pub timers: TimerConfig,
     pub default_ring_timeout: Duration,
     /// Registered contacts' flows (None: dial targets are resolved by their URI).
     pub flows: Option<Arc<dyn ContactFlows>>,
     /// The location service (None: transfer targets are reached by their URI only).
-    pub location: Option<Arc<dyn crate::script::LocationService>>,
+    pub location: Option<Arc<dyn crate::registrar::LocationService>>,
     /// Digest authentication for `call:authenticate()` (None: no users configured).
     pub auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     /// The `call.records_file` writer (None: no record file).
@@ -288,7 +292,7 @@ impl B2bua {
         id: &str,
         target: String,
         to_caller: bool,
-    ) -> Option<crate::script::DialOutcome> {
+    ) -> Option<DialOutcome> {
         let events = self.inner.controls.get(id)?;
         let party = if to_caller { Side::A } else { Side::B };
         Some(call::transfer_via(&events, target, party).await)

@@ -48,6 +48,7 @@
 
 pub mod body;
 mod config;
+mod hooks;
 mod message;
 mod metrics;
 mod notifier;
@@ -56,6 +57,7 @@ mod relay;
 pub mod store;
 
 pub use config::PresenceSection;
+pub use hooks::{MessageInfo, MessageVerdict, PresenceHooks, SubscribeInfo, SubscribeVerdict};
 pub use redis_store::RedisPresenceStore;
 pub use store::{
     PresenceEvent, PresenceStore, PresenceStoreError, RemoteCall, SqlitePresenceStore,
@@ -65,7 +67,7 @@ pub use store::{
 use crate::auth::Users;
 use crate::dialog::watch::CallChange;
 use crate::dialog::{DialogId, DialogUsage, Unmatched, UsageIndex};
-use crate::script::{LocationService, ScriptEngine, SubscribeInfo, SubscribeVerdict};
+use crate::registrar::LocationService;
 use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionLayer};
 use crate::transport::{ContactFlows, LocalAddrs};
@@ -174,7 +176,7 @@ pub struct PresenceParts {
     pub config: PresenceConfig,
     pub layer: TransactionLayer,
     pub local: LocalAddrs,
-    pub scripts: ScriptEngine,
+    pub scripts: Arc<dyn PresenceHooks>,
     pub location: Arc<dyn LocationService>,
     pub flows: Arc<dyn ContactFlows>,
     /// The users file: a MESSAGE to a known user with no device gets 480, to an unknown
@@ -201,7 +203,7 @@ pub(crate) struct Inner {
     cfg: PresenceConfig,
     layer: TransactionLayer,
     local: LocalAddrs,
-    scripts: ScriptEngine,
+    scripts: Arc<dyn PresenceHooks>,
     location: Arc<dyn LocationService>,
     flows: Arc<dyn ContactFlows>,
     users: Option<Arc<Users>>,
@@ -434,7 +436,7 @@ impl Presence {
         let inner = self.inner.clone();
         // Off the transport's task: the script's say first (authorise or refuse).
         tokio::spawn(async move {
-            let scripts = inner.scripts.current();
+            let scripts = &inner.scripts;
             if scripts.has_on_subscribe() {
                 let src = tx.source();
                 let info = SubscribeInfo {

@@ -32,6 +32,7 @@
 
 mod config;
 mod contact;
+mod hooks;
 mod keepalive;
 mod metrics;
 mod redis_store;
@@ -39,6 +40,7 @@ mod sqlite;
 mod store;
 
 pub use config::{RegistrarSection, RegistrarStore};
+pub use hooks::LocationService;
 pub use contact::{
     parse_contacts, parse_delta_seconds, parse_qvalue, same_uri, ContactError, ContactSet,
     ContactSpec,
