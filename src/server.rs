@@ -6,7 +6,8 @@
 //! registers its metrics on, the dialog table the B2BUA and presence register their
 //! usages in, installs the call traces as the transaction layer's message observer, and
 //! implements the ports lower layers define (`LocationService`, `ContactFlows`, the hunt
-//! groups' `Directory`). Must not touch: message handling itself, which belongs to the
+//! groups' `Directory`), and hands the script engine to the transaction users as the hook
+//! ports they define (the B2BUA's `CallHooks`, presence's `PresenceHooks`). Must not touch: message handling itself, which belongs to the
 //! layers it wires.
 //!
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
@@ -21,10 +22,10 @@ use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
 use crate::config::Config;
 use crate::metrics::{Label as _, Telemetry};
 use crate::presence::SubscriptionUsage;
+use crate::registrar::LocationService;
 use crate::registrar::{
     BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarStore, SqliteStore,
 };
-use crate::registrar::LocationService;
 use crate::script::{EngineOptions, ScriptEngine};
 use crate::sip::{error_response, SipMessage};
 use crate::transaction::TransactionLayer;

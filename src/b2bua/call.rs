@@ -14,11 +14,11 @@ use transfer::{Transfer, TransferStep};
 use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
-use crate::dialog::{Dialog, DialogState};
 use crate::b2bua::{
     AuthVerdict, CallControl, CallHookSet, CallInfo, CallRecord, CallScriptHandle, DialOptions,
     DialOutcome, InviteOutcome, UriInfo,
 };
+use crate::dialog::{Dialog, DialogState};
 use crate::sip::{new_tag, CSeq, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::resolve;

@@ -63,12 +63,15 @@ pub trait CallScript: Send + Sync + 'static {
 
     /// Runs `on_refer(call, refer)`; allows when there is no such hook. The future owns
     /// what it needs.
-    fn on_refer(self: Arc<Self>, info: ReferInfo)
-        -> Pin<Box<dyn Future<Output = ReferVerdict> + Send>>;
+    fn on_refer(
+        self: Arc<Self>,
+        info: ReferInfo,
+    ) -> Pin<Box<dyn Future<Output = ReferVerdict> + Send>>;
 
     /// Runs `on_call_end(call, record)` (a no-op when undefined) and frees the call's
     /// script state; the state is taken before this returns.
-    fn on_call_end(self: Arc<Self>, record: CallRecord) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    fn on_call_end(self: Arc<Self>, record: CallRecord)
+        -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
     /// Frees the call's script state (the handle was dropped without `on_call_end`).
     fn release(&self);
@@ -325,4 +328,3 @@ pub struct CallRecord {
     pub hangup_by: String,
     pub final_status: u16,
 }
-

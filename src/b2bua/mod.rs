@@ -4,8 +4,9 @@
 //!
 //! Owns: calls, their INVITE usages in the dialog table, the pending INVITEs a CANCEL may
 //! name, the calls-in-progress list and the busy index hunt groups ask. Must not touch:
-//! transaction state (it uses `ServerTransaction`/`TransactionLayer`), the script's VMs
-//! (it uses `ScriptEngine` and implements its `CallControl` port), other usages' dialogs
+//! transaction state (it uses `ServerTransaction`/`TransactionLayer`), the dial plan
+//! above it (it runs hooks through its own `CallHooks` port in `hooks.rs`, which the
+//! script engine implements, and offers each call to them as a `CallControl`), other usages' dialogs
 //! (it sees the table only through its `Invites` view), presence or the UAS core above it.
 //!
 //! Each call is one task (`call::Call`); the call registers each leg's dialog in the
@@ -287,12 +288,7 @@ impl B2bua {
 
     /// Connects the caller (`to_caller`) or the callee of call `id` to `target` and
     /// releases the other party; `None` when there is no such call.
-    pub async fn transfer(
-        &self,
-        id: &str,
-        target: String,
-        to_caller: bool,
-    ) -> Option<DialOutcome> {
+    pub async fn transfer(&self, id: &str, target: String, to_caller: bool) -> Option<DialOutcome> {
         let events = self.inner.controls.get(id)?;
         let party = if to_caller { Side::A } else { Side::B };
         Some(call::transfer_via(&events, target, party).await)

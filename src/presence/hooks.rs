@@ -77,4 +77,3 @@ pub enum SubscribeVerdict {
     Route(String),
     Failed(String),
 }
-

@@ -12,7 +12,9 @@
 //! and `TransactionLayer::send_request[_with]`), other usages' dialogs (it registers its
 //! subscriptions' dialogs in the dialog table through the `Subscriptions` view).
 //!
-//! Layer: a transaction user beside the B2BUA; below the UAS core that dispatches to it.
+//! Layer: a transaction user beside the B2BUA; below the script engine, which runs
+//! `on_message`/`on_subscribe` behind presence's own [`PresenceHooks`] port (`hooks.rs`),
+//! and below the UAS core that dispatches to it.
 //!
 //! Design: PUBLISH, SUBSCRIBE (after the script's `on_subscribe`), in-dialog SUBSCRIBE
 //! and the outcomes of our NOTIFYs are events of one notifier task that owns all the

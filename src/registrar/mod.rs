@@ -40,11 +40,11 @@ mod sqlite;
 mod store;
 
 pub use config::{RegistrarSection, RegistrarStore};
-pub use hooks::LocationService;
 pub use contact::{
     parse_contacts, parse_delta_seconds, parse_qvalue, same_uri, ContactError, ContactSet,
     ContactSpec,
 };
+pub use hooks::LocationService;
 pub use keepalive::{Keepalive, KeepaliveConfig, KeepaliveStats};
 pub use metrics::BindingEvent;
 pub use redis_store::RedisStore;

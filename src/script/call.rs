@@ -8,8 +8,8 @@ use mlua::{AnyUserData, Lua, Table, Value};
 use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
-use super::vm::FailKind;
 use super::pool::VmHandle;
+use super::vm::FailKind;
 use super::{
     CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, InviteOutcome,
     ScriptVersion, UriInfo,

@@ -2,14 +2,20 @@
 //!
 //! **Owns**: the pool of sandboxed Lua VMs, the operator-facing Lua API (`call`, `log`,
 //! `require`), per-hook instruction budgets, per-VM memory limits, hot reload and the script
-//! counters. **Must not touch**: SIP. The B2BUA plugs in through [`CallControl`] (what
-//! `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this module never
-//! sees a SIP message, a transaction or a socket.
+//! counters. **Must not touch**: SIP. The B2BUA offers a call through its [`CallControl`]
+//! port (what `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this
+//! module never sees a SIP message, a transaction or a socket.
 //!
-//! **Layer**: the hook engine sits below the transaction users that run hooks (B2BUA,
-//! presence, UAS core) and above the hunt groups whose Lua namespace it offers. It defines
-//! the ports those users implement (`CallControl`, `LocationService`) and imports none of
-//! them, so the dial plan's verbs reach a call without this module knowing the B2BUA.
+//! **Layer**: the hook engine sits above the transaction users (B2BUA, presence, registrar,
+//! hunt groups), as RFC 3261's layers and `../shared/ARCHITECTURE.md` order them; the UAS
+//! core, admin and `server` are above it. Each user defines the port it runs hooks through
+//! and the types that cross it: the B2BUA's `CallHooks`/`CallHookSet`/`CallScript` (in its
+//! `hooks.rs`: `on_invite`, `on_refer`, `on_call_end`), presence's `PresenceHooks`
+//! (`on_message`, `on_subscribe`), the registrar's `LocationService`
+//! (`registrar.lookup`). This engine implements them ([`ScriptEngine`] for the engine-wide
+//! ports, [`ScriptVersion`] per version, the call's state per call) and `server` hands it
+//! to the users at start-up; a reload swaps the version inside the engine, so the handle
+//! the users hold stays the same. Nothing below imports this module.
 //!
 //! The operator documentation, with examples, is `docs/lua-api.md` (every ```` ```lua ````
 //! block there is compiled and loaded by the tests). Summary:

@@ -22,8 +22,8 @@
 
 use super::{Call, CallEvent, Purpose, Side};
 use crate::b2bua::{CallRef, DialogKey};
-use crate::dialog::{Dialog, DialogState};
 use crate::b2bua::{DialOutcome, ReferInfo, ReferVerdict};
+use crate::dialog::{Dialog, DialogState};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::resolve;
