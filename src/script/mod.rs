@@ -141,7 +141,7 @@ pub use hooks::{Hook, HookInfo};
 // The ports of the transaction users below, which this engine implements.
 use crate::b2bua::{
     AuthVerdict, CallControl, CallHookSet, CallHooks, CallInfo, CallRecord, CallScriptHandle,
-    DialOptions, DialOutcome, InviteOutcome, ReferInfo, ReferVerdict, UriInfo,
+    DialOptions, DialOutcome, DialSource, InviteOutcome, ReferInfo, ReferVerdict, UriInfo,
 };
 use crate::presence::{
     MessageInfo, MessageVerdict, PresenceHooks, SubscribeInfo, SubscribeVerdict,
