@@ -6,8 +6,9 @@
 //! name, the calls-in-progress list and the busy index hunt groups ask. Must not touch:
 //! transaction state (it uses `ServerTransaction`/`TransactionLayer`), the dial plan
 //! above it (it runs hooks through its own `CallHooks` port in `hooks.rs`, which the
-//! script engine implements, and offers each call to them as a `CallControl`), other usages' dialogs
-//! (it sees the table only through its `Invites` view), presence or the UAS core above it.
+//! script engine implements, and offers each call to them as a `CallControl`), other
+//! usages' dialogs (it sees the table only through its `Invites` view), presence or the
+//! UAS core above it.
 //!
 //! Each call is one task (`call::Call`); the call registers each leg's dialog in the
 //! server's dialog table (`crate::dialog::DialogTable`) as a [`CallRef`], and the UAS
