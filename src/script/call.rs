@@ -48,8 +48,6 @@ pub(crate) struct CallState {
     pub key: Mutex<Option<mlua::RegistryKey>>,
     /// The call's own globals, carried from one of its hooks to the next.
     pub env: Mutex<Option<Table>>,
-    /// The version the call started on.
-    version: u64,
     /// Its VM and version while the B2BUA holds the call's handle (taken when the handle
     /// goes: the call's Lua object then no longer keeps its VM alive).
     pinned: Mutex<Option<Pinned>>,
@@ -72,7 +70,6 @@ struct Inner {
 impl CallState {
     fn new(info: CallInfo, control: Arc<dyn CallControl>, pinned: Pinned) -> CallState {
         CallState {
-            version: pinned.version.version,
             pinned: Mutex::new(Some(pinned)),
             id: info.id,
             source: info.source,
@@ -868,7 +865,8 @@ pub(crate) async fn run_on_invite(
 /// The B2BUA's handle on a call's script state.
 impl CallScript for CallState {
     fn version(&self) -> u64 {
-        self.version
+        // The handle that asks still holds the pin.
+        self.pinned.lock().as_ref().map_or(0, |p| p.version.version)
     }
 
     fn call_id(&self) -> &str {
