@@ -18,10 +18,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use strowger::script::{
-    CallControl, CallInfo, DialOptions, DialOutcome, DialSource, EngineOptions, ScriptEngine,
-    UriInfo,
-};
+use strowger::b2bua::{CallControl, CallInfo, DialOptions, DialOutcome, DialSource, UriInfo};
+use strowger::script::{EngineOptions, ScriptEngine};
 
 struct AnswerAtOnce;
 

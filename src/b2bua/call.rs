@@ -40,11 +40,11 @@ use transfer::{Transfer, TransferStep};
 
 use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
-use crate::dialog::{Dialog, DialogState};
-use crate::script::{
-    CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource, InviteOutcome,
-    ScriptVersion, UriInfo,
+use crate::b2bua::{
+    CallHookSet, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
+    InviteOutcome, UriInfo,
 };
+use crate::dialog::{Dialog, DialogState};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::resolve;
@@ -131,7 +131,7 @@ pub enum CallEvent {
     /// From `call:set_route`: count the call under this route.
     Route(usize),
     /// The script's `on_refer` verdict on the REFER being held.
-    ReferDecided(crate::script::ReferVerdict),
+    ReferDecided(crate::b2bua::ReferVerdict),
     /// `call:transfer` or the admin API: connect `party` to `target`.
     Transfer {
         target: String,
@@ -209,7 +209,7 @@ pub struct Call {
     /// `max_duration` of the dial, armed when it answers.
     max_duration_pending: Option<Duration>,
     /// The script version the call started on: it finishes there (hot reload).
-    version: Arc<ScriptVersion>,
+    version: Arc<dyn CallHookSet>,
     script: Option<CallScriptHandle>,
     hook_running: bool,
     start: SystemTime,

@@ -8,11 +8,13 @@ use mlua::{AnyUserData, Lua, Table, Value};
 use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
+use super::pool::VmHandle;
 use super::vm::FailKind;
 use super::{
     CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
     InviteOutcome, ScriptVersion, UriInfo,
 };
+use crate::b2bua::CallScript;
 
 /// The decision `on_invite` made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +48,15 @@ pub(crate) struct CallState {
     pub key: Mutex<Option<mlua::RegistryKey>>,
     /// The call's own globals, carried from one of its hooks to the next.
     pub env: Mutex<Option<Table>>,
+    /// Its VM and version while the B2BUA holds the call's handle (taken when the handle
+    /// goes: the call's Lua object then no longer keeps its VM alive).
+    pinned: Mutex<Option<Pinned>>,
+}
+
+/// What a call's handle keeps alive.
+struct Pinned {
+    vm: Option<Arc<VmHandle>>,
+    version: Arc<ScriptVersion>,
 }
 
 struct Inner {
@@ -57,8 +68,9 @@ struct Inner {
 }
 
 impl CallState {
-    fn new(info: CallInfo, control: Arc<dyn CallControl>) -> CallState {
+    fn new(info: CallInfo, control: Arc<dyn CallControl>, pinned: Pinned) -> CallState {
         CallState {
+            pinned: Mutex::new(Some(pinned)),
             id: info.id,
             source: info.source,
             from: info.from,
@@ -774,17 +786,17 @@ pub(crate) async fn run_on_invite(
     info: CallInfo,
     control: Arc<dyn CallControl>,
 ) -> InviteOutcome {
-    let state = Arc::new(CallState::new(info, control));
     let vm = if version.info.has(Hook::Invite) {
         version.pick()
     } else {
         None
     };
-    let handle = CallScriptHandle {
-        state: state.clone(),
+    let pinned = Pinned {
         vm: vm.clone(),
         version: version.clone(),
     };
+    let state = Arc::new(CallState::new(info, control, pinned));
+    let handle = CallScriptHandle::new(state.clone());
     let Some(vm) = vm else {
         state.finish_invite();
         if !version.info.has(Hook::Invite) {
@@ -850,27 +862,71 @@ pub(crate) async fn run_on_invite(
     }
 }
 
-pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord) {
-    handle.state.end();
-    let Some(vm) = handle.vm.clone() else {
+/// The B2BUA's handle on a call's script state.
+impl CallScript for CallState {
+    fn version(&self) -> u64 {
+        // The handle that asks still holds the pin.
+        self.pinned.lock().as_ref().map_or(0, |p| p.version.version)
+    }
+
+    fn call_id(&self) -> &str {
+        &self.id
+    }
+
+    fn on_refer(
+        self: Arc<Self>,
+        info: super::ReferInfo,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::ReferVerdict> + Send>> {
+        run_on_refer(self, info)
+    }
+
+    fn on_call_end(
+        self: Arc<Self>,
+        record: CallRecord,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        // Taken now: the handle that goes after this call has nothing left to free.
+        let pinned = self.pinned.lock().take();
+        let key = self.key.lock().take();
+        Box::pin(run_on_call_end(self, pinned, key, record))
+    }
+
+    fn release(&self) {
+        // Frees the call's Lua object (mlua defers the unref to its VM's thread).
+        drop(self.key.lock().take());
+        drop(self.pinned.lock().take());
+    }
+}
+
+async fn run_on_call_end(
+    state: Arc<CallState>,
+    pinned: Option<Pinned>,
+    key: Option<mlua::RegistryKey>,
+    record: CallRecord,
+) {
+    state.end();
+    let Some(Pinned {
+        vm: Some(vm),
+        version,
+    }) = pinned
+    else {
         return;
     };
-    let Some(key) = handle.state.key.lock().take() else {
+    let Some(key) = key else {
         return;
     };
-    if !handle.version.info.has(Hook::CallEnd) {
+    if !version.info.has(Hook::CallEnd) {
         return;
     }
     let duration = record
         .answer
         .and_then(|a| record.end.duration_since(a).ok())
         .map_or(0.0, |d| d.as_secs_f64());
-    let state = handle.state.clone();
+    let call = state.clone();
     let _ = hooks::run(
-        &handle.version.run,
+        &version.run,
         &vm,
         Hook::CallEnd,
-        &handle.state.id,
+        &call.id,
         move |vm, budget| {
             let ud: AnyUserData = vm.lua.registry_value(&key)?;
             vm.lua.remove_registry_value(key)?;
@@ -894,8 +950,8 @@ pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord
 }
 
 /// `on_refer(call, refer)` on the call's VM; the returned future owns what it needs.
-pub(crate) fn run_on_refer(
-    handle: &CallScriptHandle,
+fn run_on_refer(
+    state: Arc<CallState>,
     info: super::ReferInfo,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::ReferVerdict> + Send>> {
     use super::ReferVerdict;
@@ -903,11 +959,17 @@ pub(crate) fn run_on_refer(
         target: info.target.clone(),
         referred_by: info.referred_by.clone(),
     };
-    let version = handle.version.clone();
-    let (Some(vm), true) = (handle.vm.clone(), version.info.has(Hook::Refer)) else {
+    let pinned = state
+        .pinned
+        .lock()
+        .as_ref()
+        .map(|p| (p.vm.clone(), p.version.clone()));
+    let Some((Some(vm), version)) = pinned else {
         return Box::pin(async move { allow });
     };
-    let state = handle.state.clone();
+    if !version.info.has(Hook::Refer) {
+        return Box::pin(async move { allow });
+    }
     Box::pin(async move {
         let id = state.id.clone();
         enum Said {

@@ -9,7 +9,7 @@
 
 use super::{CallEvent, Events, Side};
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
-use crate::script::{AuthVerdict, CallControl, DialOptions, DialOutcome, DialSource};
+use crate::b2bua::{AuthVerdict, CallControl, DialOptions, DialOutcome, DialSource};
 use crate::sip::Request;
 use std::future::Future;
 use std::pin::Pin;

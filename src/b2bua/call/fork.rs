@@ -15,8 +15,8 @@
 //!   branch won) is ACKed and then BYEd.
 //! - 16.7: a 6xx ends the fork; with no 2xx the best failure is chosen ([`best`]).
 
+use crate::b2bua::{DialOutcome, DialSource};
 use crate::dialog::Dialog;
-use crate::script::{DialOutcome, DialSource};
 use crate::sip::{BaseHeaders, CSeq, Headers, Method, Request, Response};
 use crate::transport::Target;
 use bytes::Bytes;

@@ -4,8 +4,8 @@
 
 use super::super::Side;
 use super::TransferKind;
+use crate::b2bua::DialOutcome;
 use crate::dialog::Dialog;
-use crate::script::DialOutcome;
 use crate::sip::Request;
 use crate::transaction::ServerTransaction;
 use bytes::Bytes;
