@@ -50,3 +50,93 @@ bench_setup() {
   UAS_PID=$(pgrep -f "sipp -sn uas -i 127.0.0.1 -p $UAS_PORT" | head -1)
   PIDS+=("$UAS_PID")
 }
+
+# The two servers under test, on `port`, routing every call to SIPp's uas on $UAS_PORT.
+# Each sets SERVER_PID and adds it to $PIDS. $WRAP (an array, e.g. valgrind and its options)
+# runs in front of the server when set. Strowger: the release binary with the bench dial
+# plan; `BENCH_T1_MS` sets its T1. Kamailio: benches/kamailio/ with $KAM_CHILDREN workers.
+start_strowger() {
+  local port=$1 http
+  http=$(free_tcp_port)
+  cat > "$WORK/plan.lua" <<LUA
+-- Bench dial plan: every call to the one callee.
+function on_invite(call)
+  call:dial("sip:service@127.0.0.1:$UAS_PORT")
+end
+LUA
+  cat > "$WORK/strowger.toml" <<TOML
+[sip]
+listen = ["udp:127.0.0.1:$port"]
+[http]
+listen = "127.0.0.1:$http"
+[sip.timers]
+t1_ms = ${BENCH_T1_MS:-500}
+[log]
+level = "warn"
+[script]
+path = "$WORK/plan.lua"
+TOML
+  ${WRAP[@]+"${WRAP[@]}"} "$ROOT/target/release/strowger" run --config "$WORK/strowger.toml" \
+    2>>"$WORK/strowger.log" &
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+  wait_answering "$port"
+}
+
+start_kamailio() {
+  local port=$1
+  mkdir -p "$WORK/kam"
+  sed -e "s|@LISTEN@|127.0.0.1:$port|" -e "s|@LUA@|$WORK/route.lua|" \
+    -e "s|@CHILDREN@|${KAM_CHILDREN:-4}|" \
+    "$ROOT/benches/kamailio/kamailio.cfg.in" > "$WORK/kamailio.cfg"
+  sed -e "s|@CALLEE@|127.0.0.1:$UAS_PORT|" "$ROOT/benches/kamailio/route.lua.in" > "$WORK/route.lua"
+  ${WRAP[@]+"${WRAP[@]}"} kamailio -f "$WORK/kamailio.cfg" -D -E -Y "$WORK/kam" \
+    -P "$WORK/kam/kamailio.pid" -m 512 -M 16 -w "$WORK/kam" 2>>"$WORK/kamailio.log" &
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+  wait_answering "$port"
+}
+
+# Installs what a bench needs from the distribution when it is missing (`kamailio` = the
+# server and its Lua module).
+need_packages() {
+  local need=() p
+  for p in "$@"; do
+    case $p in
+      sipp) command -v sipp >/dev/null || need+=(sip-tester) ;;
+      kamailio)
+        command -v kamailio >/dev/null || need+=(kamailio)
+        [ -e /usr/lib/x86_64-linux-gnu/kamailio/modules/app_lua.so ] || need+=(kamailio-lua-modules) ;;
+      valgrind) command -v callgrind_control >/dev/null || need+=(valgrind) ;;
+      perf) command -v perf >/dev/null || need+=(linux-perf) ;;
+    esac
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+
+# SIPp's built-in uac: `calls` calls at `rate` per second to 127.0.0.1:`port` (extra SIPp
+# options after). Prints "successful failed retransmissions".
+run_uac() {
+  local port=$1 calls=$2 rate=$3; shift 3
+  local uac_port stf
+  uac_port=$(free_port)
+  stf="$WORK/uac-$port-$rate-$calls-$RANDOM.csv"
+  sipp -sn uac -s service -i 127.0.0.1 -p "$uac_port" -m "$calls" -r "$rate" -l $((rate * 4 + 100)) \
+    -nostdin -timeout $((calls / rate + 60))s -trace_stat -stf "$stf" -fd 1 "$@" \
+    127.0.0.1:"$port" >/dev/null 2>&1 || true
+  echo "$(stat_col "$stf" 'SuccessfulCall(C)') $(stat_col "$stf" 'FailedCall(C)') $(stat_col "$stf" 'Retransmissions(C)')"
+}
+# Context switches of every live thread of a process and its children: "voluntary
+# nonvoluntary" (waits for work, preemptions). Threads that have exited are not in it
+# (perf's count in benches/callgrind.sh is).
+ctxt_switches() {
+  local v=0 n=0 p a b
+  for p in $(all_pids "$1"); do
+    read -r a b < <(cat /proc/"$p"/task/*/status 2>/dev/null \
+      | awk '/^voluntary_ctxt_switches/{v+=$2} /^nonvoluntary_ctxt_switches/{n+=$2} END{print v+0, n+0}')
+    v=$((v + a)); n=$((n + b))
+  done
+  echo "$v $n"
+}

@@ -19,7 +19,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use strowger::script::{
-    CallControl, CallInfo, DialOptions, DialOutcome, EngineOptions, ScriptEngine, UriInfo,
+    CallControl, CallInfo, DialOptions, DialOutcome, DialSource, EngineOptions, ScriptEngine,
+    UriInfo,
 };
 
 struct AnswerAtOnce;
@@ -35,6 +36,8 @@ impl CallControl for AnswerAtOnce {
                 answered: true,
                 status: 200,
                 reason: "OK".into(),
+                source: DialSource::Callee,
+                target: Some(0),
             }
         })
     }

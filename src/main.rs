@@ -222,11 +222,13 @@ fn run(path: Option<&Path>) -> ExitCode {
         config = %source,
         "strowger starting"
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("strowger-worker")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("strowger-worker");
+    // `sip.workers` (0 = tokio's default, one per core).
+    if config.sip.workers > 0 {
+        builder.worker_threads(config.sip.workers);
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

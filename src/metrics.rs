@@ -78,9 +78,6 @@ impl<L: Label> Counters<L> {
     pub fn catch_up(&self, l: L, value: u64) {
         catch_up(&self.children[l.index()], value);
     }
-    pub fn get(&self, l: L) -> u64 {
-        self.children[l.index()].get()
-    }
 }
 
 /// A counter family with two labels, children resolved once.
@@ -138,14 +135,11 @@ pub fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
 }
 
 type Scrape = Box<dyn Fn() + Send + Sync>;
-type Text = Box<dyn Fn() -> String + Send + Sync>;
 
 struct Inner {
     registry: Registry,
     /// Run before every gather: layers copy the figures they keep in their own atomics.
     scrapes: Mutex<Vec<Scrape>>,
-    /// Text appended as it is (a layer with a registry of its own: hunt groups).
-    texts: Mutex<Vec<Text>>,
     process: ProcessFigures,
 }
 
@@ -168,7 +162,6 @@ impl Telemetry {
             inner: Arc::new(Inner {
                 registry,
                 scrapes: Mutex::new(Vec::new()),
-                texts: Mutex::new(Vec::new()),
                 process,
             }),
         })
@@ -258,15 +251,9 @@ impl Telemetry {
         self.inner.scrapes.lock().push(Box::new(f));
     }
 
-    /// Appends `f`'s text to every scrape as it is (a layer with its own registry).
-    pub fn append_text(&self, f: impl Fn() -> String + Send + Sync + 'static) {
-        self.inner.texts.lock().push(Box::new(f));
-    }
-
     /// The text exposition format, with every figure read now.
     pub fn render(&self) -> String {
-        // The callbacks are registered at start only; copy them out is not needed, but the
-        // lock is held only by this (rare) scrape path.
+        // Callbacks are registered at start; the lock is only taken here and there.
         for f in self.inner.scrapes.lock().iter() {
             f();
         }
@@ -276,11 +263,7 @@ impl Telemetry {
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::warn!(error = %e, "encoding metrics");
         }
-        let mut text = String::from_utf8(out).unwrap_or_default();
-        for f in self.inner.texts.lock().iter() {
-            text.push_str(&f());
-        }
-        text
+        String::from_utf8(out).unwrap_or_default()
     }
 }
 

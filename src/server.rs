@@ -409,9 +409,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         presence.register_metrics(&t)?;
         core.register_metrics(&t)?;
         stats.register_metrics(&t)?;
-        if let Some(h) = huntgroups.clone() {
-            // Hunt groups keep a registry of their own (per-group series).
-            t.append_text(move || h.render_metrics());
+        if let Some(h) = &huntgroups {
+            h.register_metrics(&t)?;
         }
         Ok(t)
     })()
@@ -591,7 +590,7 @@ async fn start_presence(
         }),
         call_interest: Some(b2bua.call_watch().interest()),
         node,
-        dialogs: Some(dialogs),
+        dialogs,
     })
     .await
     .context("loading presence state")

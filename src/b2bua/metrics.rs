@@ -88,6 +88,24 @@ crate::label!(
     GlobalFailure = "6xx",
 );
 
+/// What became of the calls of a route (`strowger_route_calls_total{route,result}`).
+#[derive(Clone, Copy, Debug)]
+pub enum RouteResult {
+    Started,
+    Answered,
+    Failed(FailureClass),
+}
+
+impl RouteResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            RouteResult::Started => "started",
+            RouteResult::Answered => "answered",
+            RouteResult::Failed(class) => class.as_str(),
+        }
+    }
+}
+
 /// Transfers by kind.
 #[derive(Clone, Copy, Debug)]
 pub enum TransferLabel {
@@ -239,15 +257,18 @@ impl B2bua {
                     transfers.catch_up(*k, *r, load(&s.transfers[k.index()][r.index()]));
                 }
             }
+            // Route names are configured (`call.routes`, bounded there), so this family's
+            // `route` label is resolved at scrape time.
             let r = b2bua.routes();
             for (i, name) in r.names.iter().enumerate() {
-                let c = |result: &str, value: &AtomicU64| {
-                    metrics::catch_up(&routes.with_label_values(&[name, result]), load(value))
+                let c = |result: RouteResult, value: &AtomicU64| {
+                    let child = routes.with_label_values(&[name, result.as_str()]);
+                    metrics::catch_up(&child, load(value))
                 };
-                c("started", &r.started[i]);
-                c("answered", &r.answered[i]);
+                c(RouteResult::Started, &r.started[i]);
+                c(RouteResult::Answered, &r.answered[i]);
                 for (class, value) in FailureClass::ALL.iter().zip(&r.failed[i]) {
-                    c(class.as_str(), value);
+                    c(RouteResult::Failed(*class), value);
                 }
             }
         });

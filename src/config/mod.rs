@@ -28,7 +28,7 @@
 //!
 //! | section | struct | owner |
 //! |---------|--------|-------|
-//! | `[sip]` | `SipConfig` | `uas` (with `transport`'s checks of `listen`, `max_message_size`, `tcp_idle_timeout_s`) |
+//! | `[sip]` | `SipConfig` | `uas` (with `transport`'s checks of `listen`, `max_message_size`, `tcp_idle_timeout_s`, `workers`) |
 //! | `[sip.timers]` | `TimersConfig` | `transaction` |
 //! | `[http]` | `HttpConfig` | `admin` |
 //! | `[log]` | `LogConfig` | `logging` |

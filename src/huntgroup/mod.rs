@@ -37,6 +37,7 @@
 //! `strowger_huntgroup_answer_seconds` (histogram: hunt start to answer).
 
 mod config;
+mod metrics;
 pub mod store;
 pub mod strategy;
 
@@ -861,8 +862,8 @@ impl HuntGroups {
         self.notify();
     }
 
-    /// The `strowger_huntgroup_*` metrics in the Prometheus text format.
-    pub fn render_metrics(&self) -> String {
+    /// Brings the `strowger_huntgroup_*` series up to date (at each scrape).
+    fn refresh_metrics(&self) {
         for v in self.snapshot() {
             let mut by_state: HashMap<&str, i64> = HashMap::new();
             for a in &v.agents {
@@ -876,7 +877,18 @@ impl HuntGroups {
                 &by_state,
             );
         }
-        self.inner.metrics.render()
+    }
+
+    /// Registers the `strowger_huntgroup_*` families on `telemetry`, brought up to date
+    /// at each scrape.
+    pub fn register_metrics(
+        &self,
+        telemetry: &crate::metrics::Telemetry,
+    ) -> Result<(), crate::metrics::Error> {
+        self.inner.metrics.register(telemetry)?;
+        let groups = self.clone();
+        telemetry.on_scrape(move || groups.refresh_metrics());
+        Ok(())
     }
 }
 
@@ -910,138 +922,6 @@ enum Take {
         position: usize,
         wake: Option<Instant>,
     },
-}
-
-mod metrics {
-    //! The hunt-group metrics, in their own registry (appended to `/metrics`).
-    use prometheus::{
-        Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-        TextEncoder,
-    };
-    use std::collections::HashMap;
-
-    pub(super) struct HuntMetrics {
-        registry: Registry,
-        waiting: IntGaugeVec,
-        longest: GaugeVec,
-        answered: IntCounterVec,
-        abandoned: IntCounterVec,
-        overflowed: IntCounterVec,
-        agents: IntGaugeVec,
-        answer: HistogramVec,
-    }
-
-    impl HuntMetrics {
-        pub fn new(groups: &[String]) -> HuntMetrics {
-            let registry = Registry::new();
-            // The names and label sets are constants: construction cannot fail.
-            let waiting = IntGaugeVec::new(
-                Opts::new("strowger_huntgroup_waiting", "Callers queued, per group"),
-                &["group"],
-            )
-            .expect("valid metric");
-            let longest = GaugeVec::new(
-                Opts::new(
-                    "strowger_huntgroup_longest_wait_seconds",
-                    "How long the longest-waiting queued caller has waited",
-                ),
-                &["group"],
-            )
-            .expect("valid metric");
-            let counter = |name: &str, help: &str| {
-                IntCounterVec::new(Opts::new(name, help), &["group"]).expect("valid metric")
-            };
-            let answered = counter(
-                "strowger_huntgroup_answered_total",
-                "Hunts answered by an agent",
-            );
-            let abandoned = counter(
-                "strowger_huntgroup_abandoned_total",
-                "Callers who hung up before an agent answered",
-            );
-            let overflowed = counter(
-                "strowger_huntgroup_overflowed_total",
-                "Hunts that reached max_wait and went back to the script",
-            );
-            let agents = IntGaugeVec::new(
-                Opts::new("strowger_huntgroup_agents", "Agents by state, per group"),
-                &["group", "state"],
-            )
-            .expect("valid metric");
-            let answer = HistogramVec::new(
-                HistogramOpts::new(
-                    "strowger_huntgroup_answer_seconds",
-                    "Time from the start of a hunt to an agent's answer",
-                )
-                .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]),
-                &["group"],
-            )
-            .expect("valid metric");
-            for m in [&answered, &abandoned, &overflowed] {
-                let _ = registry.register(Box::new(m.clone()));
-            }
-            let _ = registry.register(Box::new(waiting.clone()));
-            let _ = registry.register(Box::new(longest.clone()));
-            let _ = registry.register(Box::new(agents.clone()));
-            let _ = registry.register(Box::new(answer.clone()));
-            // Every series exists from the start (zero), so rates and dashboards work
-            // before the first call.
-            for g in groups {
-                waiting.with_label_values(&[g]).set(0);
-                longest.with_label_values(&[g]).set(0.0);
-                for m in [&answered, &abandoned, &overflowed] {
-                    m.with_label_values(&[g]).inc_by(0);
-                }
-                for s in super::AgentState::ALL {
-                    agents.with_label_values(&[g, s.name()]).set(0);
-                }
-                let _ = answer.with_label_values(&[g]);
-            }
-            HuntMetrics {
-                registry,
-                waiting,
-                longest,
-                answered,
-                abandoned,
-                overflowed,
-                agents,
-                answer,
-            }
-        }
-
-        pub fn answer_seconds(&self, group: &str, secs: f64) {
-            self.answer.with_label_values(&[group]).observe(secs);
-        }
-
-        pub fn set_group(
-            &self,
-            group: &str,
-            waiting: i64,
-            longest: f64,
-            counts: [u64; 3],
-            by_state: &HashMap<&str, i64>,
-        ) {
-            self.waiting.with_label_values(&[group]).set(waiting);
-            self.longest.with_label_values(&[group]).set(longest);
-            for (m, v) in [&self.answered, &self.abandoned, &self.overflowed]
-                .into_iter()
-                .zip(counts)
-            {
-                let c = m.with_label_values(&[group]);
-                c.inc_by(v.saturating_sub(c.get()));
-            }
-            for s in super::AgentState::ALL {
-                let n = by_state.get(s.name()).copied().unwrap_or(0);
-                self.agents.with_label_values(&[group, s.name()]).set(n);
-            }
-        }
-
-        pub fn render(&self) -> String {
-            let mut buf = Vec::new();
-            let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-            String::from_utf8(buf).unwrap_or_default()
-        }
-    }
 }
 
 #[cfg(test)]

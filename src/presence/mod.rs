@@ -193,9 +193,8 @@ pub struct PresenceParts {
     /// This node's name, stable across restarts (e.g. its first SIP address): which node
     /// sends a subscription's NOTIFYs when several share a store.
     pub node: String,
-    /// The dialog table, where our subscriptions' dialogs are registered (None: not
-    /// registered; in-dialog requests then reach us only through [`Presence::on_in_dialog`]).
-    pub dialogs: Option<Arc<dyn UsageIndex<SubscriptionUsage>>>,
+    /// The dialog table, where our subscriptions' dialogs are registered.
+    pub dialogs: Arc<dyn UsageIndex<SubscriptionUsage>>,
 }
 
 pub(crate) struct Inner {
@@ -212,7 +211,7 @@ pub(crate) struct Inner {
     live_calls: Option<LiveCalls>,
     call_interest: Option<Arc<std::sync::atomic::AtomicBool>>,
     auth: Option<(crate::auth::DigestAuth, Arc<Users>)>,
-    dialogs: Option<Arc<dyn UsageIndex<SubscriptionUsage>>>,
+    dialogs: Arc<dyn UsageIndex<SubscriptionUsage>>,
 }
 
 /// Presence's subscription usage in the dialog table: a request in one of our
@@ -238,8 +237,8 @@ impl Inner {
     /// Registers the dialog of a subscription key (`Call-ID;local-tag`, see
     /// `notifier::sub_key`) in the dialog table.
     pub(crate) fn index_dialog(&self, key: &str) {
-        if let (Some(table), Some((call_id, tag))) = (&self.dialogs, key.rsplit_once(';')) {
-            table.insert(
+        if let Some((call_id, tag)) = key.rsplit_once(';') {
+            self.dialogs.insert(
                 DialogId::new(call_id, tag),
                 SubscriptionUsage(self.events.clone()),
             );
@@ -248,8 +247,9 @@ impl Inner {
 
     /// Unregisters what [`Self::index_dialog`] registered.
     pub(crate) fn unindex_dialog(&self, key: &str) {
-        if let (Some(table), Some((call_id, tag))) = (&self.dialogs, key.rsplit_once(';')) {
-            table.remove_if(&DialogId::new(call_id, tag), &mut |_| true);
+        if let Some((call_id, tag)) = key.rsplit_once(';') {
+            self.dialogs
+                .remove_if(&DialogId::new(call_id, tag), &mut |_| true);
         }
     }
 

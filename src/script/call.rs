@@ -10,8 +10,8 @@ use parking_lot::Mutex;
 use super::hooks::{self, Hook, HookFuture};
 use super::vm::FailKind;
 use super::{
-    CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, InviteOutcome,
-    ScriptVersion, UriInfo,
+    CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
+    InviteOutcome, ScriptVersion, UriInfo,
 };
 
 /// The decision `on_invite` made.
@@ -382,19 +382,18 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                     };
                     let in_progress = DialInProgress(state.clone());
                     let outcome = if targets.is_empty() {
-                        DialOutcome {
-                            answered: false,
-                            status: 480,
-                            reason: "Temporarily Unavailable".into(),
-                        }
+                        // Nobody to ring: refused here, no target involved.
+                        DialOutcome::failed(480, "Temporarily Unavailable", DialSource::Local)
                     } else {
                         control.dial(targets, opts).await
                     };
                     state.finish_dial(&outcome);
                     drop(in_progress);
-                    // The sandbox turns this pair into `{ answered, status, reason }`.
-                    let code = i64::from(outcome.status) * 2 + i64::from(outcome.answered);
-                    Ok((DialResult::Code(code), Some(outcome.reason)))
+                    // The sandbox turns this pair into the outcome table.
+                    Ok((
+                        DialResult::Code(outcome_code(&outcome)),
+                        Some(outcome.reason),
+                    ))
                 }
             },
         )?,
@@ -436,8 +435,10 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                     Err(msg) => return Ok((DialResult::Error(msg), None)),
                 };
                 let outcome = control.transfer(target, to_caller).await;
-                let code = i64::from(outcome.status) * 2 + i64::from(outcome.answered);
-                Ok((DialResult::Code(code), Some(outcome.reason)))
+                Ok((
+                    DialResult::Code(outcome_code(&outcome)),
+                    Some(outcome.reason),
+                ))
             }
         })?,
     )?;
@@ -452,7 +453,18 @@ fn describe_value(v: &Value) -> String {
     }
 }
 
-/// First result of the raw `dial`: an error message, or `status * 2 + answered`.
+/// An outcome packed in one integer, so that the raw verb returns two plain values (mlua's
+/// fast path, no table built in Rust): `answered + 2 * status + 2048 * source +
+/// 8192 * (target index + 1, or 0)`. `outcome()` in sandbox.lua unpacks it.
+pub(super) fn outcome_code(o: &DialOutcome) -> i64 {
+    let target = o.target.map_or(0, |t| t as i64 + 1);
+    i64::from(o.answered)
+        + i64::from(o.status.min(1023)) * 2
+        + (o.source as i64) * 2048
+        + target * 8192
+}
+
+/// First result of the raw `dial`: an error message, or [`outcome_code`].
 enum DialResult {
     Error(String),
     Code(i64),

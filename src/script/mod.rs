@@ -326,6 +326,48 @@ pub struct DialOutcome {
     pub answered: bool,
     pub status: u16,
     pub reason: String,
+    /// Where `status` came from (`outcome.source`), so a dial plan need not guess from
+    /// the code whether to try another target.
+    pub source: DialSource,
+    /// The index (into the dialled targets) of the target whose answer `status` is
+    /// ([`DialSource::Callee`]) or that was refused here ([`DialSource::Local`]: a bad
+    /// URI, no route); None when no one target is to blame (`outcome.target`).
+    pub target: Option<usize>,
+}
+
+impl DialOutcome {
+    /// An unanswered dial whose status came from `source` (not from one target).
+    pub fn failed(status: u16, reason: impl Into<String>, source: DialSource) -> DialOutcome {
+        DialOutcome {
+            answered: false,
+            status,
+            reason: reason.into(),
+            source,
+            target: None,
+        }
+    }
+}
+
+/// Where a dial's status came from (`outcome.source` in Lua).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialSource {
+    /// A target's answer (or its silence: 408 when it never answered the INVITE, 503
+    /// when it could not be reached); `target` says which.
+    Callee = 0,
+    /// The dial's ring timeout (`timeout` option) expired.
+    Timeout = 1,
+    /// The caller hung up (CANCEL) or the call ended while dialling.
+    Caller = 2,
+    /// Refused here before any target answered: a bad target, no route to it, a dial
+    /// already in progress, no target at all.
+    Local = 3,
+}
+
+impl DialSource {
+    /// The name Lua sees.
+    pub fn as_str(self) -> &'static str {
+        ["callee", "timeout", "caller", "local"][self as usize]
+    }
 }
 
 /// What the script may do to a call: the B2BUA implements it.
@@ -357,11 +399,7 @@ pub trait CallControl: Send + Sync + 'static {
         _to_caller: bool,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
         Box::pin(async {
-            DialOutcome {
-                answered: false,
-                status: 501,
-                reason: "Transfer not supported here".into(),
-            }
+            DialOutcome::failed(501, "Transfer not supported here", DialSource::Local)
         })
     }
 

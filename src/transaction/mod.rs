@@ -309,11 +309,14 @@ struct Cell<M> {
 struct Core<M> {
     cell: Mutex<Cell<M>>,
     wake: Notify,
+    /// The layer's start: origin of the grid cleanup timers fire on ([`timers::deadline`]).
+    epoch: Instant,
 }
 
 impl<M: Machine> Core<M> {
-    fn new(machine: M) -> Self {
+    fn new(machine: M, epoch: Instant) -> Self {
         Core {
+            epoch,
             cell: Mutex::new(Cell {
                 machine,
                 timers: Vec::new(),
@@ -332,7 +335,7 @@ impl<M: Machine> Core<M> {
         for a in actions {
             match a {
                 Action::Start(t, d) => {
-                    let at = Instant::now() + d;
+                    let at = timers::deadline(t, d, Instant::now(), self.epoch);
                     match cell.timers.iter_mut().find(|(k, _)| *k == t) {
                         Some(slot) => slot.1 = at,
                         None => cell.timers.push((t, at)),
@@ -699,6 +702,8 @@ struct Shared {
     cfg: TimerConfig,
     tu: Arc<dyn TransactionUser>,
     rt: tokio::runtime::Handle,
+    /// Origin of the cleanup timers' grid ([`timers::deadline`]).
+    epoch: Instant,
     servers: ShardMap<ServerKey, Arc<ServerInner>>,
     /// RFC 3261 8.2.2.2: (From tag, Call-ID, CSeq) of server transactions created by
     /// requests without To tag -> the transaction's key.
@@ -775,6 +780,7 @@ impl TransactionLayer {
                 cfg: timers,
                 tu,
                 rt: tokio::runtime::Handle::current(),
+                epoch: Instant::now(),
                 servers: ShardMap::with_shards(TABLE_SHARDS),
                 merged: ShardMap::with_shards(TABLE_SHARDS),
                 clients: ShardMap::with_shards(TABLE_SHARDS),
@@ -966,7 +972,7 @@ impl TransactionLayer {
             merge_key: merge_key.clone(),
             request: req,
             source,
-            core: Core::new(machine),
+            core: Core::new(machine, self.shared.epoch),
             to_tag: Mutex::new(None),
         });
         if let Err(existing) = self.shared.servers.insert_new(key.clone(), inner.clone()) {
@@ -1049,7 +1055,7 @@ impl TransactionLayer {
             key: key.clone(),
             target,
             call_id,
-            core: Core::new(machine),
+            core: Core::new(machine, self.shared.epoch),
             events: Mutex::new(Some(events)),
         });
         if self.shared.clients.insert_new(key, inner.clone()).is_err() {

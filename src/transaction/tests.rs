@@ -505,6 +505,21 @@ async fn invite_server_accepted_absorbs_invites_and_passes_acks() {
     assert_eq!(e.layer.len(), 0, "Timer L = 64*T1");
 }
 
+/// Cleanup timers (here J) fire on the layer's 50 ms grid: a transaction finished 7 ms after
+/// the layer started ends at 32.050 s, not 32.007 s, together with its neighbours.
+#[tokio::test(start_paused = true)]
+async fn cleanup_timers_end_transactions_on_a_shared_grid() {
+    let e = env();
+    let req = options();
+    sleep(Duration::from_millis(7)).await;
+    e.layer.on_message(req_msg(&req), udp());
+    e.server_tx().respond(response_to(&req, 200)).unwrap();
+    sleep(Duration::from_millis(32_042)).await;
+    assert_eq!(e.layer.len(), 1, "not yet at 32.049 s");
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(e.layer.len(), 0, "Timer J ends it at 32.050 s");
+}
+
 // ---- non-INVITE server (RFC 3261 figure 8) ---------------------------------------------
 
 #[tokio::test(start_paused = true)]

@@ -1,4 +1,5 @@
-//! The transport's keys of `[sip]`: `listen`, `max_message_size`, `tcp_idle_timeout_s`.
+//! The transport's keys of `[sip]`: `listen`, `max_message_size`, `tcp_idle_timeout_s`,
+//! `workers` (the threads that read the sockets and carry each message to its end).
 //!
 //! Owns: what a valid value of those keys is. The `[sip]` struct itself is the UAS core's
 //! (it also holds the server's identity and the transaction timers, which are not ours);
@@ -56,6 +57,14 @@ pub fn check_limits(max_message_size: usize, tcp_idle_timeout_s: u64) -> Result<
         MAX_MESSAGE_SIZE,
     )?;
     check_range("tcp_idle_timeout_s", tcp_idle_timeout_s, 1, MAX_TIMEOUT_S)
+}
+
+/// Most `sip.workers`: more threads than this is a typo.
+pub const MAX_WORKERS: usize = 1024;
+
+/// `sip.workers`: 0 (one per core) up to [`MAX_WORKERS`].
+pub fn check_workers(workers: usize) -> Result<(), InvalidValue> {
+    check_range("workers", workers, 0, MAX_WORKERS)
 }
 
 #[cfg(test)]

@@ -3,6 +3,13 @@
 //!
 //! Owns: the UDP sockets. Must not touch: what the datagrams mean beyond handing them to
 //! [`Shared::deliver`](super::set::Shared::deliver).
+//!
+//! Cost per message (issue 14, measured with benches/callgrind.sh): the runtime watches a
+//! socket for readability only. Watched for writability too (as `tokio::net::UdpSocket` is),
+//! every send on loopback raised a write-space event that woke the runtime's poller once
+//! more. Datagrams are read in batches with recvmmsg(2) (the nix crate's wrapper), and a
+//! batch that comes back short means the queue is empty: the loop waits for the next
+//! readiness event at once instead of paying one more receive call that fails with EAGAIN.
 
 use super::set::Shared;
 use super::{Target, TransportError, TransportKind};
@@ -12,20 +19,27 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 /// The largest UDP payload over IPv4 (65535 - 8 octets of UDP header - 20 of IP header).
 pub const MAX_DATAGRAM: usize = 65_507;
 
+/// Receive buffer of one datagram: any UDP payload fits.
+const SLOT: usize = 65_535;
+/// Datagrams read per receive call at most.
+const BATCH: usize = 8;
+
 /// One bound UDP socket.
 #[derive(Clone)]
 pub(crate) struct UdpTransport {
-    pub(crate) socket: Arc<UdpSocket>,
+    pub(crate) socket: Arc<AsyncFd<std::net::UdpSocket>>,
     pub(crate) local: SocketAddr,
 }
 
 /// Binds `addr`. IPv6 sockets are IPv6-only so that `[::]:5060` and `0.0.0.0:5060` can
-/// both be bound (otherwise a dual-stack `[::]` takes the IPv4 port too).
+/// both be bound (otherwise a dual-stack `[::]` takes the IPv4 port too). Must be called
+/// inside a tokio runtime.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpTransport> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -33,44 +47,173 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpTransport> {
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    let socket = UdpSocket::from_std(socket.into())?;
+    let socket: std::net::UdpSocket = socket.into();
     let local = socket.local_addr()?;
+    // Readable only: see the module header.
+    let socket = register(socket, Interest::READABLE)?;
     Ok(UdpTransport {
         socket: Arc::new(socket),
         local,
     })
 }
 
+/// Puts `socket` under the runtime's watch for `interest`.
+fn register(
+    socket: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: the AsyncFd owns the socket, whose descriptor is closed only when the socket
+    // is dropped with it (never replaced or closed under it).
+    unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(io::Error::from)
+}
+
+/// One datagram of a batch: its length (None: larger than the buffer, dropped) and sender.
+type Received = (Option<usize>, SocketAddr);
+
 /// Reads datagrams until the task is aborted.
 pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
-    let mut buf = vec![0u8; 65_535];
+    let mut batch = Batch::new();
+    let mut got: [Option<Received>; BATCH] = [None; BATCH];
     loop {
-        let (n, peer) = match udp.socket.recv_from(&mut buf).await {
-            Ok(r) => r,
+        let mut guard = match udp.socket.readable().await {
+            Ok(g) => g,
             Err(e) => {
-                // Linux reports ICMP errors of earlier sends here on some setups; none of
-                // them is fatal for a listening socket. Pause so a persistent error does
-                // not spin.
-                tracing::debug!(local = %udp.local, error = %e, "udp receive error");
+                tracing::debug!(local = %udp.local, error = %e, "udp socket not readable");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };
-        let data = &buf[..n];
-        // Empty datagrams and CRLF keep-alives (RFC 5626 3.5.1) carry no message.
-        if data.iter().all(|&c| c == b'\r' || c == b'\n') {
-            continue;
-        }
-        if n > shared.limits.max_message_size {
-            tracing::debug!(%peer, len = n, "udp datagram over the maximum message size dropped");
-            continue;
-        }
-        let source = Target {
-            transport: TransportKind::Udp,
-            addr: peer,
-            connection: None,
+        let n = match guard.try_io(|s| batch.recv(s.get_ref(), &mut got)) {
+            Ok(Ok(n)) => n,
+            // WouldBlock: readiness is cleared, wait for the next event.
+            Err(_would_block) => continue,
+            Ok(Err(e)) => {
+                // Linux reports ICMP errors of earlier sends here on some setups; none of
+                // them is fatal for a listening socket. Pause so a persistent error does
+                // not spin.
+                tracing::debug!(local = %udp.local, error = %e, "udp receive error");
+                drop(guard);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
         };
-        shared.deliver(data, source, udp.local);
+        if n < BATCH {
+            // Fewer than asked for: the queue is empty. (A datagram that arrived since
+            // raised a new event, which this does not clear.)
+            guard.clear_ready();
+        }
+        drop(guard);
+        for (i, slot) in got.iter_mut().take(n).enumerate() {
+            let Some((len, peer)) = slot.take() else {
+                continue;
+            };
+            deliver(&udp, &shared, batch.datagram(i, len), peer);
+        }
+    }
+}
+
+/// One received datagram to the sink (`None`: it did not fit the buffer).
+fn deliver(udp: &UdpTransport, shared: &Shared, data: Option<&[u8]>, peer: SocketAddr) {
+    let Some(data) = data else {
+        tracing::debug!(%peer, "udp datagram larger than the receive buffer dropped");
+        return;
+    };
+    // Empty datagrams and CRLF keep-alives (RFC 5626 3.5.1) carry no message.
+    if data.iter().all(|&c| c == b'\r' || c == b'\n') {
+        return;
+    }
+    if data.len() > shared.limits.max_message_size {
+        tracing::debug!(%peer, len = data.len(), "udp datagram over the maximum message size dropped");
+        return;
+    }
+    let source = Target {
+        transport: TransportKind::Udp,
+        addr: peer,
+        connection: None,
+    };
+    shared.deliver(data, source, udp.local);
+}
+
+/// Buffers for one batch of datagrams.
+struct Batch {
+    bufs: Box<[[u8; SLOT]; BATCH]>,
+}
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    /// recvmmsg's message headers (they hold raw pointers, so they are not `Send` and cannot
+    /// live in the receive task, which may move between threads): one set per thread,
+    /// reused by every batch read on it.
+    static HEADERS: std::cell::RefCell<
+        Option<nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>>,
+    > = const { std::cell::RefCell::new(None) };
+}
+
+impl Batch {
+    fn new() -> Batch {
+        let bufs: Box<[[u8; SLOT]]> = vec![[0u8; SLOT]; BATCH].into_boxed_slice();
+        Batch {
+            bufs: bufs
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("BATCH slots")),
+        }
+    }
+
+    /// Datagram `i` of the last batch.
+    fn datagram(&self, i: usize, len: Option<usize>) -> Option<&[u8]> {
+        len.and_then(|n| self.bufs.get(i).and_then(|b| b.get(..n)))
+    }
+
+    /// Reads up to [`BATCH`] datagrams with one recvmmsg(2); WouldBlock when none is there.
+    #[cfg(target_os = "linux")]
+    fn recv(
+        &mut self,
+        socket: &std::net::UdpSocket,
+        out: &mut [Option<Received>; BATCH],
+    ) -> io::Result<usize> {
+        use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+        use std::io::IoSliceMut;
+        use std::os::fd::AsRawFd;
+        HEADERS.with_borrow_mut(|headers| {
+            let mut iovs = self.bufs.each_mut().map(|b| [IoSliceMut::new(&mut b[..])]);
+            let headers = headers.get_or_insert_with(|| MultiHeaders::preallocate(BATCH, None));
+            let results = recvmmsg(
+                socket.as_raw_fd(),
+                headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(io::Error::from)?;
+            let mut n = 0;
+            for (slot, msg) in out.iter_mut().zip(results) {
+                n += 1;
+                let addr = msg.address.as_ref().and_then(|a: &SockaddrStorage| {
+                    match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                        (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),
+                        (_, Some(v6)) => Some(SocketAddr::V6((*v6).into())),
+                        _ => None,
+                    }
+                });
+                *slot = addr.map(|peer| {
+                    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+                    ((!truncated).then_some(msg.bytes), peer)
+                });
+            }
+            Ok(n)
+        })
+    }
+
+    /// Elsewhere: one datagram per call.
+    #[cfg(not(target_os = "linux"))]
+    fn recv(
+        &mut self,
+        socket: &std::net::UdpSocket,
+        out: &mut [Option<Received>; BATCH],
+    ) -> io::Result<usize> {
+        let (len, peer) = socket.recv_from(&mut self.bufs[0])?;
+        out[0] = Some((Some(len), peer));
+        Ok(1)
     }
 }
 
@@ -110,16 +253,25 @@ pub(crate) fn send(
     let Some(udp) = pick(sockets, dest.ip()) else {
         return Err(TransportError::NoTransport(TransportKind::Udp, target.addr));
     };
-    match udp.socket.try_send_to(&data, dest) {
+    match udp.socket.get_ref().send_to(&data, dest) {
         Ok(_) => {
             shared.counters.sent.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            let socket = udp.socket.clone();
+            // Rare (the socket's send buffer is full): only then is writability watched,
+            // on a second descriptor of the same socket, until the datagram is out.
+            let socket = udp.socket.get_ref().try_clone()?;
             let shared = shared.clone();
             handle.spawn(async move {
-                match socket.send_to(&data, dest).await {
+                let sent = match register(socket, Interest::WRITABLE) {
+                    Ok(fd) => {
+                        fd.async_io(Interest::WRITABLE, |s| s.send_to(&data, dest))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match sent {
                     Ok(_) => shared.counters.sent.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
                         tracing::debug!(%dest, error = %e, "udp send failed");

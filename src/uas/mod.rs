@@ -393,3 +393,18 @@ impl TransactionUser for UasCore {
         self.dialogs.on_stray_response(resp);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 14: the shared dialog table costs a call no memory over the B2BUA's own index
+    /// (the usage tag fits in a niche of the call's entry).
+    #[test]
+    fn a_dialog_table_entry_is_no_larger_than_a_calls_entry() {
+        assert_eq!(
+            std::mem::size_of::<Usage<CallRef, SubscriptionUsage>>(),
+            std::mem::size_of::<CallRef>()
+        );
+    }
+}
