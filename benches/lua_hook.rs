@@ -74,6 +74,54 @@ fn call_info(n: u64) -> CallInfo {
     }
 }
 
+/// CPU time of the whole process (user + system, every thread) from /proc/self/stat, in
+/// clock ticks of 10 ms (Linux's USER_HZ): the cost a call puts on the machine, whatever
+/// thread it ran on, without the time spent waiting for a scheduler.
+fn process_cpu() -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14, stime 15.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ticks * 10))
+}
+
+/// Prints the CPU per `on_invite` over `calls` calls, one at a time and 64 in flight.
+fn cpu_per_call(
+    rt: &tokio::runtime::Runtime,
+    engine: &ScriptEngine,
+    control: &Arc<dyn CallControl>,
+    calls: u64,
+) {
+    let (Some(start), mut n) = (process_cpu(), 0u64) else {
+        return;
+    };
+    for _ in 0..calls {
+        n += 1;
+        let out = rt.block_on(engine.current().on_invite(call_info(n), control.clone()));
+        std::hint::black_box(out);
+    }
+    let one = process_cpu().unwrap_or(start) - start;
+    let start = process_cpu().unwrap_or_default();
+    for _ in 0..calls / 64 {
+        let version = engine.current();
+        let outs = rt.block_on(async {
+            let mut runs = tokio::task::JoinSet::new();
+            for _ in 0..64 {
+                n += 1;
+                runs.spawn(version.on_invite(call_info(n), control.clone()));
+            }
+            runs.join_all().await
+        });
+        std::hint::black_box(outs);
+    }
+    let batch = process_cpu().unwrap_or(start) - start;
+    println!(
+        "CPU per on_invite (process, all threads; {calls} calls): one at a time {:.1} us, 64 in flight {:.1} us",
+        one.as_secs_f64() * 1e6 / calls as f64,
+        batch.as_secs_f64() * 1e6 / (calls / 64 * 64) as f64,
+    );
+}
+
 fn bench(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("strowger-bench-lua-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -87,6 +135,7 @@ fn bench(c: &mut Criterion) {
         .block_on(async { ScriptEngine::load(EngineOptions::new(&path)) })
         .expect("plan loads");
     let control: Arc<dyn CallControl> = Arc::new(AnswerAtOnce);
+    cpu_per_call(&rt, &engine, &control, 50_000);
     let mut n = 0u64;
     c.bench_function("on_invite dial plan (lookup + dial answered)", |b| {
         b.iter(|| {

@@ -46,8 +46,9 @@ pub(crate) struct CallState {
     inner: Mutex<Inner>,
     /// The registry slot of the call's userdata on its VM (freed with the handle).
     pub key: Mutex<Option<mlua::RegistryKey>>,
-    /// The call's own globals, carried from one of its hooks to the next.
-    pub env: Mutex<Option<Table>>,
+    /// The call's own globals, carried from one of its hooks to the next. A registry key,
+    /// not a `Table`: dropping a key off the VM's thread never waits for the VM.
+    pub env: Mutex<Option<mlua::RegistryKey>>,
     /// Its VM and version while the B2BUA holds the call's handle (taken when the handle
     /// goes: the call's Lua object then no longer keeps its VM alive).
     pinned: Mutex<Option<Pinned>>,
@@ -771,6 +772,21 @@ fn unix(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Keeps the globals a call's hook run made for the call's later hooks (VM thread).
+fn save_env(lua: &Lua, call: &CallState, budget: &super::vm::Budget) {
+    let env = budget.env.lock().take();
+    *call.env.lock() = env.and_then(|t| lua.create_registry_value(t).ok());
+}
+
+/// Gives a hook run the globals its call's earlier hooks made (VM thread).
+fn restore_env(lua: &Lua, call: &CallState, budget: &super::vm::Budget) {
+    let key = call.env.lock().take();
+    if let Some(key) = key {
+        *budget.env.lock() = lua.registry_value::<Table>(&key).ok();
+        let _ = lua.remove_registry_value(key);
+    }
+}
+
 /// Fails a hook run for which no VM of `version` is alive (counted and logged).
 pub(super) fn no_vm(hook: Hook, version: &ScriptVersion) -> String {
     let msg = format!(
@@ -822,11 +838,11 @@ pub(crate) async fn run_on_invite(
             *call.key.lock() = Some(vm.lua.create_registry_value(&ud)?);
             let runner = vm.runner(Hook::Invite).expect("checked by the caller");
             let fut = runner.call_async::<()>(ud);
-            let budget = budget.clone();
+            let (budget, lua) = (budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;
                 // The call's globals go on to its later hooks.
-                *call.env.lock() = budget.env.lock().take();
+                save_env(&lua, &call, &budget);
                 out
             }) as HookFuture<()>)
         },
@@ -931,7 +947,7 @@ async fn run_on_call_end(
             let ud: AnyUserData = vm.lua.registry_value(&key)?;
             vm.lua.remove_registry_value(key)?;
             // The call's own globals, from its earlier hooks.
-            *budget.env.lock() = state.env.lock().take();
+            restore_env(&vm.lua, &state, budget);
             let runner = vm.runner(Hook::CallEnd).expect("checked by the caller");
             // The sandbox builds the record table from these.
             let args = (
@@ -982,7 +998,7 @@ fn run_on_refer(
                 return Err(mlua::Error::runtime("the call's script state is gone"));
             };
             let ud: AnyUserData = vm.lua.registry_value(key)?;
-            *budget.env.lock() = state.env.lock().take();
+            restore_env(&vm.lua, &state, budget);
             let runner = vm.runner(Hook::Refer).expect("checked by the caller");
             let fut = runner.call_async::<(String, Value, Value)>((
                 ud,
@@ -991,10 +1007,10 @@ fn run_on_refer(
                 info.referred_by,
                 info.replaces,
             ));
-            let (st, b) = (state.clone(), budget.clone());
+            let (st, b, lua) = (state.clone(), budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;
-                *st.env.lock() = b.env.lock().take();
+                save_env(&lua, &st, &b);
                 let (kind, a, b) = out?;
                 let text = |v: &Value| match v {
                     Value::String(s) => s.to_str().ok().map(|s| s.to_owned()),

@@ -239,6 +239,7 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
         "huntgroup_set_state",
         lua.create_async_function(move |_, (agent, state): (Value, Value)| {
             let groups = svc.hunt.read().clone();
+            let main = svc.clone();
             async move {
                 let (Value::String(agent), Value::String(state)) = (agent, state) else {
                     return Ok(Some(
@@ -251,11 +252,15 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
                     ));
                 };
                 let (agent, state) = (agent.to_string_lossy(), state.to_string_lossy());
-                Ok(groups
-                    .set_state(&agent, &state)
-                    .await
-                    .err()
-                    .map(|e| format!("huntgroup.set_state: {e}")))
+                // The agent store's I/O runs on the server's runtime, not this VM's thread.
+                let stored = main
+                    .on_main(async move { groups.set_state(&agent, &state).await })
+                    .await;
+                Ok(match stored {
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => Some(format!("huntgroup.set_state: {e}")),
+                    None => Some("huntgroup.set_state: the store did not answer".to_owned()),
+                })
             }
         })?,
     )?;

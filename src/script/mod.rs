@@ -1,10 +1,13 @@
 //! The Lua scripting engine: runs the operator's dial plan.
 //!
-//! **Owns**: the pool of sandboxed Lua VMs, the operator-facing Lua API (`call`, `log`,
-//! `require`), per-hook instruction budgets, per-VM memory limits, hot reload and the script
-//! counters. **Must not touch**: SIP. The B2BUA offers a call through its [`CallControl`]
-//! port (what `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this
-//! module never sees a SIP message, a transaction or a socket.
+//! **Owns**: the pool of sandboxed Lua VMs (each on its own thread, `pool.rs`), the hook
+//! table and its one runner (`hooks.rs`), the operator-facing Lua API (`call`, `log`,
+//! `require`), per-run instruction and time budgets, per-VM memory limits, hot reload and
+//! the script counters. Config: `[script]` (`config.rs`). Metrics:
+//! `strowger_script_errors_total{hook}`, `strowger_script_hook_duration_seconds{hook}`.
+//! **Must not touch**: SIP. The B2BUA offers a call through its [`CallControl`] port (what
+//! `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this module
+//! never sees a SIP message, a transaction or a socket.
 //!
 //! **Layer**: the hook engine sits above the transaction users (B2BUA, presence, registrar,
 //! hunt groups), as RFC 3261's layers and `../shared/ARCHITECTURE.md` order them; the UAS
@@ -26,6 +29,8 @@
 //! |------|------|------------------------|
 //! | `on_invite(call)` | a new call arrives | the call is rejected `404 Not Found` |
 //! | `on_call_end(call, record)` | the call is over (any outcome) | nothing |
+//! | `on_register(req)` | a REGISTER | the users file decides |
+//! | `on_refer(call, refer)` | a REFER in an answered call | the transfer goes ahead |
 //! | `on_message(req)` | a MESSAGE outside any call | to the recipient's registered phones |
 //! | `on_subscribe(req)` | a SUBSCRIBE (presence, dialog, message-summary) | accepted |
 //!
@@ -39,7 +44,8 @@
 //!   `call.ruri` (each a table with `.uri`, `.user` (nil when the URI has none), `.host`),
 //!   `call.vars` (a table of your own, kept until `on_call_end`).
 //! - `call:header(name)`: the first value of that header of the INVITE, or nil. The name is
-//!   case-insensitive and compact forms match (`"f"` finds `From`).
+//!   case-insensitive and compact forms match (`"f"` finds `From`). Values are cut to
+//!   [`MAX_HEADER_VALUE`] bytes.
 //! - `call:dial(target_or_targets, opts)`: rings one target (a string) or several in
 //!   parallel (a list of strings); waits (the hook yields, other calls keep running) and
 //!   returns `{ answered = bool, status = code, reason = text }`. Options, all optional:
@@ -87,8 +93,12 @@
 //! # Limits and failures
 //!
 //! Each hook run has an instruction budget (`instruction_limit`, counted every 1000 VM
-//! instructions; waiting in `call:dial` costs nothing); each VM has a memory limit. A Lua
-//! error, an exhausted budget or a memory error fails the hook: `on_invite` yields
+//! instructions) and a time budget (`time_limit`, Lua execution time, checked by the same
+//! count hook); waiting in `call:dial` costs neither. Each VM has a memory limit. A run
+//! stuck where the count hook cannot run (one long C call such as a backtracking pattern
+//! match) is caught by the watchdog (`pool.rs`): past the time limit plus a grace its VM
+//! is abandoned, its waiting runs fail, a fresh VM takes its slot. A Lua error, an
+//! exhausted budget or a memory error fails the hook: `on_invite` yields
 //! [`InviteOutcome::Failed`] (the B2BUA answers 500) with `file:line` in the text (for
 //! memory errors: the last line the count hook sampled, so approximate); it is
 //! logged (`warn`, target `script`) and counted in [`ScriptStats`]. The VM stays usable (a
@@ -98,32 +108,41 @@
 //!
 //! # Design
 //!
-//! - **Pool**: `pool_size` VMs (0 = one per core), each a full copy of the script. A call is
-//!   assigned round robin when `on_invite` starts and pinned to that VM (its `call` object
-//!   lives in that VM's registry) until `on_call_end`. Globals are per VM: do not count on
-//!   them being shared between calls.
-//! - **Coroutines**: each hook run is a Lua coroutine driven by mlua's async support; many
-//!   run interleaved on one VM, and different VMs run in parallel on different tokio worker
-//!   threads. Every poll of a hook holds that VM's exec lock and names the run's budget, so a
-//!   single global count hook charges instructions to the right run (also inside coroutines
-//!   the script creates itself).
+//! - **Pool**: `pool_size` VMs (0 = one per core), each a full copy of the script on its
+//!   own OS thread with a job queue; Lua never runs on the threads that carry SIP and HTTP.
+//!   A call is assigned round robin when `on_invite` starts and pinned to that VM (its
+//!   `call` object lives in that VM's registry) until `on_call_end`.
+//! - **A pristine environment per call** (`sandbox.lua`): after the top level ran, the
+//!   standard tables are read-only proxies, the string metatable is hidden, and the globals
+//!   move behind the global table's metatable; a run's first global assignment gives it its
+//!   own table of globals, which `Vm::enter` points the global table at whenever that run
+//!   executes (carried from a call's `on_invite` to its later hooks). Top-level locals and
+//!   tables a script mutates stay per VM.
+//! - **Coroutines**: each hook run is a Lua coroutine driven by mlua's async support on
+//!   its VM thread's local task set; many run interleaved on one VM. Every poll of a hook
+//!   names the run's budget, so a single global count hook charges instructions and time
+//!   to the right run (also inside coroutines the script creates itself). A run that needs
+//!   no wait finishes in its first poll, without a task.
 //! - **Cost per hook**: every Rust→Lua operation is a protected call while a memory limit
 //!   is set, so Rust hands Lua one userdata per call and the sandbox prelude builds the
 //!   `call` table around it, each field on first access (`pairs` still sees them all);
 //!   dial outcomes and `on_call_end` records are likewise built in Lua from plain values.
 //!   Hook coroutines are recycled (mlua's thread pool).
-//! - **Reload**: [`ScriptEngine::reload`] builds a fresh pool; on success it swaps
+//! - **Reload**: [`ScriptEngine::reload`] builds a fresh pool on new threads (awaited off the
+//!   runtime); on success it swaps
 //!   [`ScriptEngine::current`]. Calls keep the `Arc<ScriptVersion>` they started with (through
 //!   their [`CallScriptHandle`]), so the old VMs live until their last call ends.
 //! - **Known limits**: the memory limit is per VM, so a memory bomb can also fail a call that
-//!   happens to allocate on the same VM at that moment; the instruction hook does not fire
-//!   inside one long C call (e.g. a pathological `string.find` pattern); `require` reads the
-//!   module file synchronously the first time (require modules at the top of the script).
+//!   happens to allocate on the same VM at that moment; a stuck C call costs its VM (and the
+//!   calls pinned to it) and keeps its thread busy until it returns; `require` reads the
+//!   module file synchronously the first time (require modules at the top of the script);
+//!   one hook run is two hand-offs between threads (about the cost of two thread wake-ups).
 //!
 //! # Counters ([`ScriptStats`])
 //!
-//! `hook_errors_total` (every failed hook run, any cause), `hook_timeouts` (budget
-//! exhausted), `memory_errors`, `reloads_ok`, `reloads_failed`.
+//! `hook_errors_total` (every failed hook run, any cause), `hook_timeouts` (instruction
+//! budget exhausted), `time_limits`, `vms_abandoned`, `memory_errors`, `reloads_ok`,
+//! `reloads_failed`.
 
 mod call;
 mod config;

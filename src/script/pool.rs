@@ -167,8 +167,10 @@ pub(crate) fn spawn_vm(
 }
 
 fn vm_thread(ctx: Arc<BuildCtx>, ready: impl FnOnce(Result<Arc<VmHandle>, ScriptError>) -> bool) {
+    // Timers only (a verb's future may sleep): without an I/O driver the thread parks on
+    // a futex, cheaper than epoll.
     let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_time()
         .build()
     {
         Ok(rt) => rt,
