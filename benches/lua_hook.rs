@@ -18,9 +18,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use strowger::script::{
-    CallControl, CallInfo, DialOptions, DialOutcome, EngineOptions, ScriptEngine, UriInfo,
-};
+use strowger::b2bua::{CallControl, CallInfo, DialOptions, DialOutcome, DialSource, UriInfo};
+use strowger::script::{EngineOptions, ScriptEngine};
 
 struct AnswerAtOnce;
 
@@ -35,6 +34,8 @@ impl CallControl for AnswerAtOnce {
                 answered: true,
                 status: 200,
                 reason: "OK".into(),
+                source: DialSource::Callee,
+                target: Some(0),
             }
         })
     }

@@ -31,11 +31,21 @@ local RING_TIMEOUT = 20
 -- Longest outside call, in seconds (a runaway call on a trunk costs money).
 local MAX_OUTSIDE_CALL = 4 * 3600
 
--- Should a failed trunk dial be retried on the next trunk? Not when the far end answered
--- with "busy" (486) or a global failure (6xx, e.g. 603 Decline): another trunk would get
--- the same answer. Timeouts, 5xx and other 4xx mean the trunk itself may be the problem.
+-- Should a failed trunk dial be retried on the next trunk? `result.source` says where the
+-- failure came from (docs/lua-api.md, call:dial):
+--   "caller"  the caller hung up: nobody is left to connect, never try again;
+--   "timeout" nobody answered in time on this trunk: try the next;
+--   "local"   this trunk could not be tried (its address does not resolve): try the next;
+--   "callee"  the trunk's answer: try the next, except for "busy" (486) or a global
+--             failure (6xx, e.g. 603 Decline), which another trunk would give again.
 local function worth_another_trunk(result)
-  return not result.answered and result.status ~= 486 and result.status < 600
+  if result.answered or result.source == "caller" then
+    return false
+  end
+  if result.source == "callee" then
+    return result.status ~= 486 and result.status < 600
+  end
+  return true
 end
 
 -- Dial `number` through each trunk in turn until one answers.

@@ -6,7 +6,8 @@
 //! registers its metrics on, the dialog table the B2BUA and presence register their
 //! usages in, installs the call traces as the transaction layer's message observer, and
 //! implements the ports lower layers define (`LocationService`, `ContactFlows`, the hunt
-//! groups' `Directory`). Must not touch: message handling itself, which belongs to the
+//! groups' `Directory`), and hands the script engine to the transaction users as the hook
+//! ports they define (the B2BUA's `CallHooks`, presence's `PresenceHooks`). Must not touch: message handling itself, which belongs to the
 //! layers it wires.
 //!
 //! Config keys used: `sip.listen`, `sip.domain`, `sip.timers`, `sip.max_message_size`,
@@ -21,10 +22,11 @@ use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
 use crate::config::Config;
 use crate::metrics::{Label as _, Telemetry};
 use crate::presence::SubscriptionUsage;
+use crate::registrar::LocationService;
 use crate::registrar::{
     BindingStore, Keepalive, KeepaliveConfig, RedisStore, Registrar, RegistrarStore, SqliteStore,
 };
-use crate::script::{EngineOptions, LocationService, ScriptEngine};
+use crate::script::{EngineOptions, ScriptEngine};
 use crate::sip::{error_response, SipMessage};
 use crate::transaction::TransactionLayer;
 use crate::transport::{
@@ -357,7 +359,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
-        scripts: scripts.clone(),
+        // The dial plan's call hooks; a reload swaps the version inside the engine.
+        scripts: Arc::new(scripts.clone()),
         local: LocalAddrs::new(transports.local_addrs()),
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
@@ -574,7 +577,7 @@ async fn start_presence(
         config: config.presence.policy(&config.sip.domain),
         layer: layer.clone(),
         local: LocalAddrs::new(transports.local_addrs()),
-        scripts: scripts.clone(),
+        scripts: Arc::new(scripts.clone()),
         location: location.clone(),
         flows: location,
         users: users.clone(),

@@ -30,11 +30,12 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("helpers", &["auth"]),
     // Transaction users' state that knows no SIP call: bindings, agent states.
     ("stores", &["registrar", "huntgroup"]),
-    // The hook engine: Lua VMs behind ports (`CallControl`, `LocationService`) that the
-    // transaction users above implement; it imports none of them.
-    ("script", &["script"]),
-    // Transaction users: calls, presence.
+    // Transaction users: calls, presence. Each defines the hooks it runs as a port
+    // (`b2bua::CallHooks`, `presence::PresenceHooks`) that the script engine implements.
     ("users", &["b2bua", "presence"]),
+    // The hook engine: Lua VMs above the transaction users (registrar and hunt groups
+    // below them too); it implements their ports and offers their Lua namespaces.
+    ("script", &["script"]),
     // The UAS core: dispatches new requests to the users above.
     ("uas", &["uas"]),
     // The operator's control plane: calls the owning modules' APIs.

@@ -32,7 +32,17 @@ function on_invite(call)
       call:dial(B2)
     end
   elseif u == "timeout" then
-    call:dial(B1, {{ timeout = 2 }})
+    local r = call:dial(B1, {{ timeout = 2 }})
+    if r.source ~= "timeout" or r.target ~= nil then
+      call:reject(500, "outcome from " .. r.source)
+    end
+  elseif u == "outcome" then
+    -- Where the status came from, in the reason phrase for the caller to see.
+    local r = call:dial({{ "bad-target", B1 }}, {{ timeout = 15 }})
+    call:reject(480, r.source .. " " .. tostring(r.target) .. " " .. r.status)
+  elseif u == "outcome-local" then
+    local r = call:dial({{ "bad-target" }})
+    call:reject(480, r.source .. " " .. tostring(r.target) .. " " .. r.status)
   else
     -- Routes label the call's metrics; a name outside call.routes is refused.
     local ok, err = call:set_route("no-such-route")
@@ -319,6 +329,31 @@ async fn sequential_failover_after_busy() {
     wait_idle(&s.server).await;
 }
 
+/// `outcome.source` and `outcome.target`: the dial plan learns which target's answer the
+/// status is (a busy callee beats a bad target, RFC 3261 16.7), or that it was refused
+/// here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_outcome_says_where_its_status_came_from() {
+    let s = setup("outcome").await;
+    let busy = callee(&s, "busy", "uas_reject.xml", s.b1);
+    let scenario = fail_scenario(&s.dir, 480);
+    let a = caller(&s, &scenario, "outcome").expect_success(LIMIT).await;
+    busy.expect_success(LIMIT).await;
+    let line = |seen: &[SeenMessage]| {
+        seen.iter()
+            .find(|m| !m.sent && m.kind() == "480")
+            .and_then(|m| m.text.lines().next().map(str::to_owned))
+            .expect("a 480")
+    };
+    let b1 = format!("callee sip:callee@127.0.0.1:{} 486", s.b1);
+    assert!(line(&a).ends_with(&b1), "{}", line(&a));
+    let a = caller(&s, &scenario, "outcome-local")
+        .expect_success(LIMIT)
+        .await;
+    assert!(line(&a).ends_with("local bad-target 400"), "{}", line(&a));
+    wait_idle(&s.server).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_timeout_cancels_and_fails_the_call() {
     let s = setup("timeout").await;
@@ -457,4 +492,126 @@ async fn wait_idle(s: &TestServer) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("calls still active: {}", s.handle.active_calls());
+}
+
+/// A callee that answers by hand (raw UDP on `port`), to time its responses against the
+/// caller's: what SIPp cannot do, since its scenarios react to the caller's side only.
+struct RawCallee {
+    sock: tokio::net::UdpSocket,
+    port: u16,
+}
+
+impl RawCallee {
+    async fn bind(port: u16) -> RawCallee {
+        let sock = tokio::net::UdpSocket::bind(("127.0.0.1", port))
+            .await
+            .expect("callee port free");
+        RawCallee { sock, port }
+    }
+
+    /// The next request with this method (retransmissions of others skipped), and where it
+    /// came from; None when none comes within `wait`.
+    async fn recv_request(
+        &self,
+        method: &str,
+        wait: Duration,
+    ) -> Option<(String, std::net::SocketAddr)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (n, from) = tokio::time::timeout(left, self.sock.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.starts_with(&format!("{method} ")) {
+                return Some((text, from));
+            }
+        }
+    }
+
+    /// Sends a response to `req` (its Vias, From, To with our tag, Call-ID, CSeq).
+    async fn respond(&self, req: &str, status: u16, to: std::net::SocketAddr) {
+        let head = req.split("\r\n\r\n").next().unwrap_or("");
+        let mut out = format!("SIP/2.0 {status} Whatever\r\n");
+        for line in head.lines().skip(1) {
+            let name = line
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            match name.as_str() {
+                "via" | "v" | "from" | "f" | "call-id" | "i" | "cseq" => {
+                    out.push_str(line);
+                    out.push_str("\r\n");
+                }
+                "to" | "t" if status > 100 && !line.contains(";tag=") => {
+                    out.push_str(line);
+                    out.push_str(";tag=rawcallee\r\n");
+                }
+                "to" | "t" => {
+                    out.push_str(line);
+                    out.push_str("\r\n");
+                }
+                _ => {}
+            }
+        }
+        out.push_str(&format!(
+            "Contact: <sip:callee@127.0.0.1:{}>\r\nContent-Length: 0\r\n\r\n",
+            self.port
+        ));
+        self.sock.send_to(out.as_bytes(), to).await.unwrap();
+    }
+}
+
+/// RFC 3261 9.1: a CANCEL may only be sent once a provisional came back; a branch the
+/// caller cancelled before its callee's first 1xx gets its CANCEL when that 1xx arrives,
+/// and a 2xx crossing it is ACKed and then BYEd (13.2.2.4): the callee does not ring on,
+/// nor get answered into silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_cancels_before_the_callee_rings() {
+    let s = setup("cancel-early").await;
+    let b = RawCallee::bind(s.b1).await;
+    let a = caller(&s, "uac_cancel_early.xml", "bob");
+    let (invite, server) = b.recv_request("INVITE", WAIT).await.expect("INVITE");
+    // The callee stays silent until the caller's CANCEL has been answered (200 + 487).
+    let a = a.expect_success(LIMIT).await;
+    let ra = received(&a);
+    assert!(
+        ra.ends_with(&["200".to_string(), "487".to_string()]),
+        "{ra:?}"
+    );
+    b.respond(&invite, 180, server).await;
+    let (cancel, _) = b
+        .recv_request("CANCEL", WAIT)
+        .await
+        .expect("the CANCEL goes out once the callee rings");
+    assert_eq!(header(&cancel, "Call-ID"), header(&invite, "Call-ID"));
+    // The callee answers anyway (its 200 crossed the CANCEL): ACK, then BYE.
+    b.respond(&cancel, 200, server).await;
+    b.respond(&invite, 200, server).await;
+    let (ack, _) = b.recv_request("ACK", WAIT).await.expect("the 2xx is ACKed");
+    assert!(ack.contains("tag=rawcallee"), "{ack}");
+    let (bye, _) = b.recv_request("BYE", WAIT).await.expect("then BYEd");
+    b.respond(&bye, 200, server).await;
+    wait_idle(&s.server).await;
+}
+
+/// The same after the ring timeout (nothing rang: the caller gets 408): a 2xx that comes
+/// later is ACKed and BYEd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_answer_after_the_ring_timeout_is_acked_and_released() {
+    let s = setup("timeout-early").await;
+    let b = RawCallee::bind(s.b1).await;
+    let scenario = fail_scenario(&s.dir, 408);
+    let a = caller(&s, &scenario, "timeout");
+    let (invite, server) = b.recv_request("INVITE", WAIT).await.expect("INVITE");
+    a.expect_success(LIMIT).await;
+    b.respond(&invite, 200, server).await;
+    let (_ack, _) = b.recv_request("ACK", WAIT).await.expect("the 2xx is ACKed");
+    let (bye, _) = b.recv_request("BYE", WAIT).await.expect("then BYEd");
+    b.respond(&bye, 200, server).await;
+    wait_idle(&s.server).await;
 }

@@ -370,6 +370,8 @@ async fn the_admin_api_transfers_a_call() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let id = id.expect("the call is up");
+    let before = strowger::admin::get(admin, "/calls").await.unwrap();
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
     let post = |path: String, body: String| async move {
         strowger::admin::send_body(admin, hyper::Method::POST, &path, None, body.into())
             .await
@@ -396,6 +398,20 @@ async fn the_admin_api_transfers_a_call() {
     assert_eq!(r.status(), 200, "{}", r.body());
     let outcome: serde_json::Value = serde_json::from_str(r.body()).unwrap();
     assert_eq!(outcome["answered"], true, "{outcome}");
+    // The call list shows the caller with the target now, not with the callee it had
+    // (issue 13 item 14); the caller holds the call a second after the switch.
+    let after = strowger::admin::get(admin, "/calls").await.unwrap();
+    let after: serde_json::Value = serde_json::from_str(&after).unwrap();
+    let (was, now) = (&before[0], &after[0]);
+    assert_eq!(now["id"], was["id"], "{after}");
+    assert_eq!(now["to"], target.as_str(), "{after}");
+    assert_eq!(now["from"], was["from"], "{after}");
+    assert_ne!(now["b_call_id"], was["b_call_id"], "{after}");
+    assert_eq!(
+        now["b_target"],
+        format!("udp:127.0.0.1:{}", s.c).as_str(),
+        "{after}"
+    );
     let a = a.expect_success(LIMIT).await;
     let b = b.expect_success(LIMIT).await;
     let c = c.expect_success(LIMIT).await;

@@ -74,7 +74,7 @@ pub type TransferHook = Box<
             String,
             bool,
         ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Option<crate::script::DialOutcome>> + Send>,
+            Box<dyn std::future::Future<Output = Option<crate::b2bua::DialOutcome>> + Send>,
         > + Send
         + Sync,
 >;

@@ -4,9 +4,11 @@
 //!
 //! Owns: calls, their INVITE usages in the dialog table, the pending INVITEs a CANCEL may
 //! name, the calls-in-progress list and the busy index hunt groups ask. Must not touch:
-//! transaction state (it uses `ServerTransaction`/`TransactionLayer`), the script's VMs
-//! (it uses `ScriptEngine` and implements its `CallControl` port), other usages' dialogs
-//! (it sees the table only through its `Invites` view), presence or the UAS core above it.
+//! transaction state (it uses `ServerTransaction`/`TransactionLayer`), the dial plan
+//! above it (it runs hooks through its own `CallHooks` port in `hooks.rs`, which the
+//! script engine implements, and offers each call to them as a `CallControl`), other
+//! usages' dialogs (it sees the table only through its `Invites` view), presence or the
+//! UAS core above it.
 //!
 //! Each call is one task (`call::Call`); the call registers each leg's dialog in the
 //! server's dialog table (`crate::dialog::DialogTable`) as a [`CallRef`], and the UAS
@@ -17,6 +19,7 @@
 
 mod call;
 mod config;
+mod hooks;
 mod metrics;
 mod records;
 /// The call watch is the dialog layer's; the call posts to it as `super::watch`.
@@ -25,13 +28,17 @@ pub use crate::dialog::watch;
 use call::Events;
 pub use call::{refer_to, Side, TransferKind, TransferNote};
 pub use config::{CallConfig, MAX_ROUTES};
+pub use hooks::{
+    AuthVerdict, CallControl, CallHookSet, CallHooks, CallInfo, CallRecord, CallScript,
+    CallScriptHandle, DialOptions, DialOutcome, DialSource, InviteOutcome, ReferInfo, ReferVerdict,
+    UriInfo,
+};
 pub use metrics::{
     DialResult, FailureClass, RouteStats, SetupStage, TransferLabel, TransferResult,
 };
 pub use records::{CallDetail, RecordWriter};
 
 use crate::dialog::{DialogUsage, Unmatched, UsageIndex};
-use crate::script::ScriptEngine;
 use crate::shard::ShardMap;
 use crate::sip::{Request, Response};
 use crate::transaction::{ServerTransaction, TimerConfig, TransactionLayer};
@@ -136,14 +143,14 @@ pub struct B2buaStats {
 struct B2buaInner {
     layer: TransactionLayer,
     sender: Arc<dyn Sender>,
-    scripts: ScriptEngine,
+    scripts: Arc<dyn CallHooks>,
     local: LocalAddrs,
     timers: TimerConfig,
     default_ring_timeout: Duration,
     flows: Option<Arc<dyn ContactFlows>>,
     /// Registered devices of our addresses of record (transfer targets that are
     /// extensions).
-    location: Option<Arc<dyn crate::script::LocationService>>,
+    location: Option<Arc<dyn crate::registrar::LocationService>>,
     auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     records: Option<RecordWriter>,
     dialogs: CallDialogs,
@@ -179,14 +186,14 @@ pub struct B2bua {
 pub struct B2buaParts {
     pub layer: TransactionLayer,
     pub sender: Arc<dyn Sender>,
-    pub scripts: ScriptEngine,
+    pub scripts: Arc<dyn CallHooks>,
     pub local: LocalAddrs,
     pub timers: TimerConfig,
     pub default_ring_timeout: Duration,
     /// Registered contacts' flows (None: dial targets are resolved by their URI).
     pub flows: Option<Arc<dyn ContactFlows>>,
     /// The location service (None: transfer targets are reached by their URI only).
-    pub location: Option<Arc<dyn crate::script::LocationService>>,
+    pub location: Option<Arc<dyn crate::registrar::LocationService>>,
     /// Digest authentication for `call:authenticate()` (None: no users configured).
     pub auth: Option<(crate::auth::DigestAuth, Arc<crate::auth::Users>)>,
     /// The `call.records_file` writer (None: no record file).
@@ -283,12 +290,7 @@ impl B2bua {
 
     /// Connects the caller (`to_caller`) or the callee of call `id` to `target` and
     /// releases the other party; `None` when there is no such call.
-    pub async fn transfer(
-        &self,
-        id: &str,
-        target: String,
-        to_caller: bool,
-    ) -> Option<crate::script::DialOutcome> {
+    pub async fn transfer(&self, id: &str, target: String, to_caller: bool) -> Option<DialOutcome> {
         let events = self.inner.controls.get(id)?;
         let party = if to_caller { Side::A } else { Side::B };
         Some(call::transfer_via(&events, target, party).await)

@@ -6,7 +6,7 @@
 //! `<storage.dir>/huntgroups.sqlite`, or a Redis hash when `registrar.store = "redis"`), the
 //! per-group queues and round-robin cursors, the `strowger_huntgroup_*` metrics.
 //! **Must not touch**: SIP messages, transactions, dialogs, the Lua VMs. A hunt talks to
-//! its call through [`HuntLeg`] (implemented over the script's `CallControl` in
+//! its call through [`HuntLeg`] (implemented over the B2BUA's `CallControl` port in
 //! `src/script/huntgroup.rs`); registered contacts and "is this address on any call" come
 //! through [`Directory`] (implemented by the server over the registrar and the B2BUA).
 //!

@@ -8,7 +8,7 @@
 //! its Path. (MESSAGE inside a call's dialog is relayed by the call itself, `b2bua::call`.)
 
 use super::{bump, respond, Inner};
-use crate::script::{MessageInfo, MessageVerdict};
+use super::{MessageInfo, MessageVerdict};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::resolve;
@@ -47,7 +47,7 @@ pub(crate) async fn route(inner: Arc<Inner>, tx: ServerTransaction, req: Request
         );
         return;
     }
-    let scripts = inner.scripts.current();
+    let scripts = &inner.scripts;
     let mut targets: Option<Vec<String>> = None;
     if scripts.has_on_message() {
         let src = tx.source();

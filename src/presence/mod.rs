@@ -12,7 +12,9 @@
 //! and `TransactionLayer::send_request[_with]`), other usages' dialogs (it registers its
 //! subscriptions' dialogs in the dialog table through the `Subscriptions` view).
 //!
-//! Layer: a transaction user beside the B2BUA; below the UAS core that dispatches to it.
+//! Layer: a transaction user beside the B2BUA; below the script engine, which runs
+//! `on_message`/`on_subscribe` behind presence's own [`PresenceHooks`] port (`hooks.rs`),
+//! and below the UAS core that dispatches to it.
 //!
 //! Design: PUBLISH, SUBSCRIBE (after the script's `on_subscribe`), in-dialog SUBSCRIBE
 //! and the outcomes of our NOTIFYs are events of one notifier task that owns all the
@@ -48,6 +50,7 @@
 
 pub mod body;
 mod config;
+mod hooks;
 mod message;
 mod metrics;
 mod notifier;
@@ -56,6 +59,7 @@ mod relay;
 pub mod store;
 
 pub use config::PresenceSection;
+pub use hooks::{MessageInfo, MessageVerdict, PresenceHooks, SubscribeInfo, SubscribeVerdict};
 pub use redis_store::RedisPresenceStore;
 pub use store::{
     PresenceEvent, PresenceStore, PresenceStoreError, RemoteCall, SqlitePresenceStore,
@@ -65,7 +69,7 @@ pub use store::{
 use crate::auth::Users;
 use crate::dialog::watch::CallChange;
 use crate::dialog::{DialogId, DialogUsage, Unmatched, UsageIndex};
-use crate::script::{LocationService, ScriptEngine, SubscribeInfo, SubscribeVerdict};
+use crate::registrar::LocationService;
 use crate::sip::{new_tag, Method, Request, Response};
 use crate::transaction::{ServerTransaction, TransactionLayer};
 use crate::transport::{ContactFlows, LocalAddrs};
@@ -174,7 +178,7 @@ pub struct PresenceParts {
     pub config: PresenceConfig,
     pub layer: TransactionLayer,
     pub local: LocalAddrs,
-    pub scripts: ScriptEngine,
+    pub scripts: Arc<dyn PresenceHooks>,
     pub location: Arc<dyn LocationService>,
     pub flows: Arc<dyn ContactFlows>,
     /// The users file: a MESSAGE to a known user with no device gets 480, to an unknown
@@ -201,7 +205,7 @@ pub(crate) struct Inner {
     cfg: PresenceConfig,
     layer: TransactionLayer,
     local: LocalAddrs,
-    scripts: ScriptEngine,
+    scripts: Arc<dyn PresenceHooks>,
     location: Arc<dyn LocationService>,
     flows: Arc<dyn ContactFlows>,
     users: Option<Arc<Users>>,
@@ -434,7 +438,7 @@ impl Presence {
         let inner = self.inner.clone();
         // Off the transport's task: the script's say first (authorise or refuse).
         tokio::spawn(async move {
-            let scripts = inner.scripts.current();
+            let scripts = &inner.scripts;
             if scripts.has_on_subscribe() {
                 let src = tx.source();
                 let info = SubscribeInfo {

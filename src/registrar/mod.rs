@@ -32,6 +32,7 @@
 
 mod config;
 mod contact;
+mod hooks;
 mod keepalive;
 mod metrics;
 mod redis_store;
@@ -43,6 +44,7 @@ pub use contact::{
     parse_contacts, parse_delta_seconds, parse_qvalue, same_uri, ContactError, ContactSet,
     ContactSpec,
 };
+pub use hooks::LocationService;
 pub use keepalive::{Keepalive, KeepaliveConfig, KeepaliveStats};
 pub use metrics::BindingEvent;
 pub use redis_store::RedisStore;

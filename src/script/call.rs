@@ -8,11 +8,13 @@ use mlua::{AnyUserData, Lua, Table, Value};
 use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
+use super::pool::VmHandle;
 use super::vm::FailKind;
 use super::{
-    CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, InviteOutcome,
-    ScriptVersion, UriInfo,
+    CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
+    InviteOutcome, ScriptVersion, UriInfo,
 };
+use crate::b2bua::CallScript;
 
 /// The decision `on_invite` made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +48,15 @@ pub(crate) struct CallState {
     pub key: Mutex<Option<mlua::RegistryKey>>,
     /// The call's own globals, carried from one of its hooks to the next.
     pub env: Mutex<Option<Table>>,
+    /// Its VM and version while the B2BUA holds the call's handle (taken when the handle
+    /// goes: the call's Lua object then no longer keeps its VM alive).
+    pinned: Mutex<Option<Pinned>>,
+}
+
+/// What a call's handle keeps alive.
+struct Pinned {
+    vm: Option<Arc<VmHandle>>,
+    version: Arc<ScriptVersion>,
 }
 
 struct Inner {
@@ -57,8 +68,9 @@ struct Inner {
 }
 
 impl CallState {
-    fn new(info: CallInfo, control: Arc<dyn CallControl>) -> CallState {
+    fn new(info: CallInfo, control: Arc<dyn CallControl>, pinned: Pinned) -> CallState {
         CallState {
+            pinned: Mutex::new(Some(pinned)),
             id: info.id,
             source: info.source,
             from: info.from,
@@ -381,19 +393,18 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                     };
                     let in_progress = DialInProgress(state.clone());
                     let outcome = if targets.is_empty() {
-                        DialOutcome {
-                            answered: false,
-                            status: 480,
-                            reason: "Temporarily Unavailable".into(),
-                        }
+                        // Nobody to ring: refused here, no target involved.
+                        DialOutcome::failed(480, "Temporarily Unavailable", DialSource::Local)
                     } else {
                         control.dial(targets, opts).await
                     };
                     state.finish_dial(&outcome);
                     drop(in_progress);
-                    // The sandbox turns this pair into `{ answered, status, reason }`.
-                    let code = i64::from(outcome.status) * 2 + i64::from(outcome.answered);
-                    Ok((DialResult::Code(code), Some(outcome.reason)))
+                    // The sandbox turns this pair into the outcome table.
+                    Ok((
+                        DialResult::Code(outcome_code(&outcome)),
+                        Some(outcome.reason),
+                    ))
                 }
             },
         )?,
@@ -435,8 +446,10 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                     Err(msg) => return Ok((DialResult::Error(msg), None)),
                 };
                 let outcome = control.transfer(target, to_caller).await;
-                let code = i64::from(outcome.status) * 2 + i64::from(outcome.answered);
-                Ok((DialResult::Code(code), Some(outcome.reason)))
+                Ok((
+                    DialResult::Code(outcome_code(&outcome)),
+                    Some(outcome.reason),
+                ))
             }
         })?,
     )?;
@@ -451,7 +464,18 @@ fn describe_value(v: &Value) -> String {
     }
 }
 
-/// First result of the raw `dial`: an error message, or `status * 2 + answered`.
+/// An outcome packed in one integer, so that the raw verb returns two plain values (mlua's
+/// fast path, no table built in Rust): `answered + 2 * status + 2048 * source +
+/// 8192 * (target index + 1, or 0)`. `outcome()` in sandbox.lua unpacks it.
+pub(super) fn outcome_code(o: &DialOutcome) -> i64 {
+    let target = o.target.map_or(0, |t| t as i64 + 1);
+    i64::from(o.answered)
+        + i64::from(o.status.min(1023)) * 2
+        + (o.source as i64) * 2048
+        + target * 8192
+}
+
+/// First result of the raw `dial`: an error message, or [`outcome_code`].
 enum DialResult {
     Error(String),
     Code(i64),
@@ -762,17 +786,17 @@ pub(crate) async fn run_on_invite(
     info: CallInfo,
     control: Arc<dyn CallControl>,
 ) -> InviteOutcome {
-    let state = Arc::new(CallState::new(info, control));
     let vm = if version.info.has(Hook::Invite) {
         version.pick()
     } else {
         None
     };
-    let handle = CallScriptHandle {
-        state: state.clone(),
+    let pinned = Pinned {
         vm: vm.clone(),
         version: version.clone(),
     };
+    let state = Arc::new(CallState::new(info, control, pinned));
+    let handle = CallScriptHandle::new(state.clone());
     let Some(vm) = vm else {
         state.finish_invite();
         if !version.info.has(Hook::Invite) {
@@ -838,27 +862,71 @@ pub(crate) async fn run_on_invite(
     }
 }
 
-pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord) {
-    handle.state.end();
-    let Some(vm) = handle.vm.clone() else {
+/// The B2BUA's handle on a call's script state.
+impl CallScript for CallState {
+    fn version(&self) -> u64 {
+        // The handle that asks still holds the pin.
+        self.pinned.lock().as_ref().map_or(0, |p| p.version.version)
+    }
+
+    fn call_id(&self) -> &str {
+        &self.id
+    }
+
+    fn on_refer(
+        self: Arc<Self>,
+        info: super::ReferInfo,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::ReferVerdict> + Send>> {
+        run_on_refer(self, info)
+    }
+
+    fn on_call_end(
+        self: Arc<Self>,
+        record: CallRecord,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        // Taken now: the handle that goes after this call has nothing left to free.
+        let pinned = self.pinned.lock().take();
+        let key = self.key.lock().take();
+        Box::pin(run_on_call_end(self, pinned, key, record))
+    }
+
+    fn release(&self) {
+        // Frees the call's Lua object (mlua defers the unref to its VM's thread).
+        drop(self.key.lock().take());
+        drop(self.pinned.lock().take());
+    }
+}
+
+async fn run_on_call_end(
+    state: Arc<CallState>,
+    pinned: Option<Pinned>,
+    key: Option<mlua::RegistryKey>,
+    record: CallRecord,
+) {
+    state.end();
+    let Some(Pinned {
+        vm: Some(vm),
+        version,
+    }) = pinned
+    else {
         return;
     };
-    let Some(key) = handle.state.key.lock().take() else {
+    let Some(key) = key else {
         return;
     };
-    if !handle.version.info.has(Hook::CallEnd) {
+    if !version.info.has(Hook::CallEnd) {
         return;
     }
     let duration = record
         .answer
         .and_then(|a| record.end.duration_since(a).ok())
         .map_or(0.0, |d| d.as_secs_f64());
-    let state = handle.state.clone();
+    let call = state.clone();
     let _ = hooks::run(
-        &handle.version.run,
+        &version.run,
         &vm,
         Hook::CallEnd,
-        &handle.state.id,
+        &call.id,
         move |vm, budget| {
             let ud: AnyUserData = vm.lua.registry_value(&key)?;
             vm.lua.remove_registry_value(key)?;
@@ -882,8 +950,8 @@ pub(crate) async fn run_on_call_end(handle: CallScriptHandle, record: CallRecord
 }
 
 /// `on_refer(call, refer)` on the call's VM; the returned future owns what it needs.
-pub(crate) fn run_on_refer(
-    handle: &CallScriptHandle,
+fn run_on_refer(
+    state: Arc<CallState>,
     info: super::ReferInfo,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::ReferVerdict> + Send>> {
     use super::ReferVerdict;
@@ -891,11 +959,17 @@ pub(crate) fn run_on_refer(
         target: info.target.clone(),
         referred_by: info.referred_by.clone(),
     };
-    let version = handle.version.clone();
-    let (Some(vm), true) = (handle.vm.clone(), version.info.has(Hook::Refer)) else {
+    let pinned = state
+        .pinned
+        .lock()
+        .as_ref()
+        .map(|p| (p.vm.clone(), p.version.clone()));
+    let Some((Some(vm), version)) = pinned else {
         return Box::pin(async move { allow });
     };
-    let state = handle.state.clone();
+    if !version.info.has(Hook::Refer) {
+        return Box::pin(async move { allow });
+    }
     Box::pin(async move {
         let id = state.id.clone();
         enum Said {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use mlua::{AnyUserData, Lua, Table, Value};
 
 use super::call::{call_ud, DialInProgress};
-use super::{CallControl, DialOptions, DialOutcome, Services};
+use super::{CallControl, DialOptions, DialOutcome, DialSource, Services};
 use crate::huntgroup::{BoxFuture, HuntLeg, HuntOptions, Rung, Strategy};
 
 /// The call, as a hunt sees it.
@@ -182,8 +182,7 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
                 };
                 state.finish_dial(&DialOutcome {
                     answered: out.answered,
-                    status: out.status,
-                    reason: out.reason.clone(),
+                    ..DialOutcome::failed(out.status, out.reason.clone(), DialSource::Callee)
                 });
                 drop(in_progress);
                 let t = lua.create_table()?;

@@ -2,14 +2,20 @@
 //!
 //! **Owns**: the pool of sandboxed Lua VMs, the operator-facing Lua API (`call`, `log`,
 //! `require`), per-hook instruction budgets, per-VM memory limits, hot reload and the script
-//! counters. **Must not touch**: SIP. The B2BUA plugs in through [`CallControl`] (what
-//! `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this module never
-//! sees a SIP message, a transaction or a socket.
+//! counters. **Must not touch**: SIP. The B2BUA offers a call through its [`CallControl`]
+//! port (what `call:dial` does) and reads the hook's decision as an [`InviteOutcome`]; this
+//! module never sees a SIP message, a transaction or a socket.
 //!
-//! **Layer**: the hook engine sits below the transaction users that run hooks (B2BUA,
-//! presence, UAS core) and above the hunt groups whose Lua namespace it offers. It defines
-//! the ports those users implement (`CallControl`, `LocationService`) and imports none of
-//! them, so the dial plan's verbs reach a call without this module knowing the B2BUA.
+//! **Layer**: the hook engine sits above the transaction users (B2BUA, presence, registrar,
+//! hunt groups), as RFC 3261's layers and `../shared/ARCHITECTURE.md` order them; the UAS
+//! core, admin and `server` are above it. Each user defines the port it runs hooks through
+//! and the types that cross it: the B2BUA's `CallHooks`/`CallHookSet`/`CallScript` (in its
+//! `hooks.rs`: `on_invite`, `on_refer`, `on_call_end`), presence's `PresenceHooks`
+//! (`on_message`, `on_subscribe`), the registrar's `LocationService`
+//! (`registrar.lookup`). This engine implements them ([`ScriptEngine`] for the engine-wide
+//! ports, [`ScriptVersion`] per version, the call's state per call) and `server` hands it
+//! to the users at start-up; a reload swaps the version inside the engine, so the handle
+//! the users hold stays the same. Nothing below imports this module.
 //!
 //! The operator documentation, with examples, is `docs/lua-api.md` (every ```` ```lua ````
 //! block there is compiled and loaded by the tests). Summary:
@@ -131,7 +137,16 @@ mod vm;
 
 pub use config::ScriptConfig;
 pub use hooks::{Hook, HookInfo};
-pub use presence::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
+
+// The ports of the transaction users below, which this engine implements.
+use crate::b2bua::{
+    AuthVerdict, CallControl, CallHookSet, CallHooks, CallInfo, CallRecord, CallScriptHandle,
+    DialOptions, DialOutcome, DialSource, InviteOutcome, ReferInfo, ReferVerdict, UriInfo,
+};
+use crate::presence::{
+    MessageInfo, MessageVerdict, PresenceHooks, SubscribeInfo, SubscribeVerdict,
+};
+use crate::registrar::LocationService;
 
 #[cfg(test)]
 mod safety_tests;
@@ -144,11 +159,10 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use call::CallState;
 use hooks::RunCtx;
 use pool::{BuildCtx, VmHandle, Watchdog};
 use vm::ScriptFile;
@@ -265,114 +279,6 @@ pub struct ScriptStats {
     pub reloads_failed: AtomicU64,
 }
 
-/// A SIP URI as the script sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct UriInfo {
-    pub uri: String,
-    pub user: Option<String>,
-    pub host: String,
-}
-
-/// What the script learns about a new call.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct CallInfo {
-    pub id: String,
-    pub from: UriInfo,
-    pub to: UriInfo,
-    pub ruri: UriInfo,
-    /// Where the INVITE came from, e.g. `"udp:1.2.3.4:5060"`.
-    pub source: String,
-    /// The INVITE's headers (name, value) in order.
-    pub headers: Vec<(String, String)>,
-}
-
-/// `call:dial` options, validated.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DialOptions {
-    /// Ring timeout; `None` = the server's default.
-    pub timeout: Option<Duration>,
-    /// Extra headers for the outgoing INVITE (names are tokens, values have no CR/LF, and
-    /// dialog headers such as Via, From, To, Call-ID, CSeq, Contact are refused).
-    pub headers: Vec<(String, String)>,
-    /// From URI for the outgoing leg.
-    pub from: Option<String>,
-    /// To URI for the outgoing leg.
-    pub to: Option<String>,
-    /// Hang up the call after this long once answered.
-    pub max_duration: Option<Duration>,
-}
-
-/// The result of one `call:dial`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DialOutcome {
-    pub answered: bool,
-    pub status: u16,
-    pub reason: String,
-}
-
-/// What the script may do to a call: the B2BUA implements it.
-pub trait CallControl: Send + Sync + 'static {
-    /// Rings `targets` (in parallel when several) and resolves when one answers or all
-    /// failed. Dropping the future means the hook was abandoned (cancel the branches).
-    fn dial(
-        &self,
-        targets: Vec<String>,
-        opts: DialOptions,
-    ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>>;
-
-    /// `call:authenticate()`: checks the INVITE's Proxy-Authorization (digest, RFC 3261
-    /// 22.3). The default is for call controls without users.
-    fn authenticate(&self) -> AuthVerdict {
-        AuthVerdict::NotConfigured
-    }
-
-    /// `call:set_route(name)`: the call is counted under route number `route` (an index
-    /// into `EngineOptions::routes`, already checked).
-    fn set_route(&self, _route: usize) {}
-
-    /// `call:transfer(target, { party = ... })`: connects the caller (`to_caller`) or the
-    /// callee of the answered call to `target` and releases the other party. Resolves
-    /// with the outcome of ringing the target.
-    fn transfer(
-        &self,
-        _target: String,
-        _to_caller: bool,
-    ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
-        Box::pin(async {
-            DialOutcome {
-                answered: false,
-                status: 501,
-                reason: "Transfer not supported here".into(),
-            }
-        })
-    }
-
-    // ---- for hunt groups (`call:hunt`) ----
-
-    /// Like `dial`, also saying which target (index into `targets`) answered.
-    fn dial_indexed(
-        &self,
-        targets: Vec<String>,
-        opts: DialOptions,
-    ) -> Pin<Box<dyn Future<Output = (DialOutcome, Option<usize>)> + Send>> {
-        let dial = self.dial(targets, opts);
-        Box::pin(async move { (dial.await, None) })
-    }
-
-    /// Sends the caller a provisional response (182 Queued) while its INVITE is pending.
-    fn provisional(&self, _status: u16, _reason: &str, _headers: Vec<(String, String)>) {}
-
-    /// Whether the call has ended (the caller CANCELled, or it was hung up).
-    fn is_ended(&self) -> bool {
-        false
-    }
-
-    /// Resolves when the call ends. The default never does.
-    fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(std::future::pending())
-    }
-}
-
 /// What `on_register(req)` sees of a REGISTER.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RegisterInfo {
@@ -406,148 +312,6 @@ pub enum RegisterVerdict {
     Failed(String),
 }
 
-/// What `call:authenticate()` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthVerdict {
-    /// The caller proved to be this user.
-    Ok(String),
-    /// Answer the caller with this status (407 with a challenge the call control has
-    /// prepared, or 403/400) and end the hook's decision there.
-    Reject(u16, String),
-    /// No users are configured (`registrar.users_file`).
-    NotConfigured,
-}
-
-/// The decision of `on_invite`.
-#[derive(Debug)]
-pub enum InviteOutcome {
-    /// A dial answered; the call is up.
-    Bridged { handle: CallScriptHandle },
-    /// Answer the caller with this final status: `call:reject`, no `on_invite` (404), or the
-    /// hook returned without a decision (480 or the last failed dial's status).
-    Rejected {
-        status: u16,
-        reason: String,
-        handle: CallScriptHandle,
-    },
-    /// `call:redirect`: answer 302 with these contacts.
-    Redirected {
-        contacts: Vec<String>,
-        handle: CallScriptHandle,
-    },
-    /// The hook failed (Lua error, instruction budget, memory): answer 500. The text has
-    /// the script's `file:line`.
-    Failed {
-        error: String,
-        handle: CallScriptHandle,
-    },
-}
-
-impl InviteOutcome {
-    /// The handle, whatever the outcome.
-    pub fn handle(&self) -> &CallScriptHandle {
-        match self {
-            InviteOutcome::Bridged { handle }
-            | InviteOutcome::Rejected { handle, .. }
-            | InviteOutcome::Redirected { handle, .. }
-            | InviteOutcome::Failed { handle, .. } => handle,
-        }
-    }
-
-    /// Splits off the handle.
-    pub fn into_handle(self) -> CallScriptHandle {
-        match self {
-            InviteOutcome::Bridged { handle }
-            | InviteOutcome::Rejected { handle, .. }
-            | InviteOutcome::Redirected { handle, .. }
-            | InviteOutcome::Failed { handle, .. } => handle,
-        }
-    }
-}
-
-/// What `on_refer(call, refer)` sees of a transfer request.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ReferInfo {
-    /// Who asked: `"caller"` or `"callee"`.
-    pub by: String,
-    /// The Refer-To URI (without its `?headers`).
-    pub target: String,
-    /// The Referred-By header, if any.
-    pub referred_by: Option<String>,
-    /// The `Replaces` of an attended transfer (`call-id;to-tag=..;from-tag=..`), if any.
-    pub replaces: Option<String>,
-}
-
-/// What `on_refer` decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReferVerdict {
-    /// Go ahead, to this target (the script may have rewritten it) with this Referred-By.
-    Allow {
-        target: String,
-        referred_by: Option<String>,
-    },
-    /// `refer:deny(code, reason)`: answer the REFER with this.
-    Deny(u16, String),
-    /// The hook failed: the REFER gets 500. Text with file:line.
-    Failed(String),
-}
-
-/// Facts about a finished call for `on_call_end`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallRecord {
-    pub start: SystemTime,
-    pub answer: Option<SystemTime>,
-    pub end: SystemTime,
-    /// `"caller"`, `"callee"` or `"system"`.
-    pub hangup_by: String,
-    pub final_status: u16,
-}
-
-/// A call's place in the script: its VM, its `call` object (with `call.vars`) and the
-/// version it started on. Give it back to [`ScriptVersion::on_call_end`]; dropping it
-/// instead just frees the call's Lua state.
-pub struct CallScriptHandle {
-    /// The call's state; its `key` keeps the call's Lua object alive on `vm`.
-    state: Arc<CallState>,
-    vm: Option<Arc<VmHandle>>,
-    version: Arc<ScriptVersion>,
-}
-
-impl Drop for CallScriptHandle {
-    fn drop(&mut self) {
-        // Frees the call's Lua object (mlua defers the unref to its VM's thread).
-        drop(self.state.key.lock().take());
-    }
-}
-
-impl CallScriptHandle {
-    /// The script version this call is pinned to.
-    pub fn version(&self) -> u64 {
-        self.version.version
-    }
-
-    /// The call id given to `on_invite`.
-    pub fn call_id(&self) -> &str {
-        &self.state.id
-    }
-
-    /// Runs `on_refer(call, refer)` on the call's VM with its `call` object; allows when
-    /// the script has no `on_refer`. The future owns what it needs (the call keeps its
-    /// handle meanwhile).
-    pub fn on_refer(&self, info: ReferInfo) -> Pin<Box<dyn Future<Output = ReferVerdict> + Send>> {
-        call::run_on_refer(self, info)
-    }
-}
-
-impl fmt::Debug for CallScriptHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CallScriptHandle")
-            .field("call", &self.state.id)
-            .field("version", &self.version.version)
-            .finish()
-    }
-}
-
 /// The scripting engine: a cheap, cloneable handle.
 #[derive(Clone)]
 pub struct ScriptEngine {
@@ -562,13 +326,6 @@ impl fmt::Debug for ScriptEngine {
             .field("current", &self.current().version)
             .finish()
     }
-}
-
-/// Where registered devices are: the registrar, seen from a dial plan.
-pub trait LocationService: Send + Sync + 'static {
-    /// The contact URIs of the live bindings of `aor` (a SIP URI; only its user and host
-    /// count), best first (q, then most recent).
-    fn lookup(&self, aor: &str) -> Vec<String>;
 }
 
 /// The server's services the Lua API reaches (`registrar.lookup`). Set after the engine is
@@ -906,7 +663,63 @@ impl ScriptVersion {
         handle: CallScriptHandle,
         record: CallRecord,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(async move { call::run_on_call_end(handle, record).await })
+        handle.on_call_end(record)
+    }
+}
+
+/// The B2BUA's port: new calls start on the current version.
+impl CallHooks for ScriptEngine {
+    fn current(&self) -> Arc<dyn CallHookSet> {
+        self.inner.current.read().clone()
+    }
+}
+
+impl CallHookSet for ScriptVersion {
+    fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn has_on_refer(&self) -> bool {
+        ScriptVersion::has_on_refer(self)
+    }
+
+    fn has_on_call_end(&self) -> bool {
+        ScriptVersion::has_on_call_end(self)
+    }
+
+    fn on_invite(
+        self: Arc<Self>,
+        call: CallInfo,
+        control: Arc<dyn CallControl>,
+    ) -> Pin<Box<dyn Future<Output = InviteOutcome> + Send>> {
+        Box::pin(call::run_on_invite(self, call, control))
+    }
+}
+
+/// Presence's port: `on_message` and `on_subscribe` run on the current version.
+impl PresenceHooks for ScriptEngine {
+    fn has_on_message(&self) -> bool {
+        self.current().has_on_message()
+    }
+
+    fn has_on_subscribe(&self) -> bool {
+        self.current().has_on_subscribe()
+    }
+
+    fn on_message<'a>(
+        &'a self,
+        info: &'a MessageInfo,
+    ) -> Pin<Box<dyn Future<Output = MessageVerdict> + Send + 'a>> {
+        let version = self.current();
+        Box::pin(async move { version.on_message(info).await })
+    }
+
+    fn on_subscribe<'a>(
+        &'a self,
+        info: &'a SubscribeInfo,
+    ) -> Pin<Box<dyn Future<Output = SubscribeVerdict> + Send + 'a>> {
+        let version = self.current();
+        Box::pin(async move { version.on_subscribe(info).await })
     }
 }
 

@@ -21,56 +21,7 @@ use parking_lot::Mutex;
 use super::call::{parse_reject, string_list};
 use super::hooks::{self, Hook, HookFuture};
 use super::{bounded, ScriptVersion};
-
-/// What `on_message(req)` sees of a MESSAGE.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct MessageInfo {
-    pub from: String,
-    pub to: String,
-    pub ruri: String,
-    pub user: Option<String>,
-    pub source: String,
-    pub content_type: Option<String>,
-    pub body: String,
-    /// Headers (lower-case name, value) in order; `req:header` gives the first.
-    pub headers: Vec<(String, String)>,
-}
-
-/// What `on_message` decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MessageVerdict {
-    /// No hook, or no verdict: to the recipient's registered contacts.
-    Default,
-    Reject(u16, String),
-    /// `req:route(targets)`: to these URIs (all at once; the first 2xx wins).
-    Route(Vec<String>),
-    /// The hook failed: answer 500. Text with file:line.
-    Failed(String),
-}
-
-/// What `on_subscribe(req)` sees of a SUBSCRIBE.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SubscribeInfo {
-    pub package: String,
-    pub resource: String,
-    pub subscriber: String,
-    pub user: Option<String>,
-    pub source: String,
-    pub expires: Option<u32>,
-    pub headers: Vec<(String, String)>,
-}
-
-/// What `on_subscribe` decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubscribeVerdict {
-    /// No hook, or no verdict: the subscription is accepted.
-    Default,
-    Reject(u16, String),
-    /// `req:route(uri)`: the subscription is served by that server (e.g. a voicemail
-    /// server's message-summary); the server relays it as a B2BUA.
-    Route(String),
-    Failed(String),
-}
+use super::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
 
 /// A hook verdict set by `req:reject` / `req:route` (one target for a subscription).
 enum Said {

@@ -204,12 +204,32 @@ local function private_of(self, verb, waits)
   return p
 end
 
--- (status * 2 + answered, reason) or (error message) -> the outcome table.
-local function outcome(r, reason)
+-- Where a dial's status came from (DialSource in src/script/mod.rs, same order).
+local SOURCES = { [0] = "callee", "timeout", "caller", "local" }
+
+-- (code, reason) or (error message) -> the outcome table. The code packs answered,
+-- status, source and the index of the target (outcome_code in src/script/call.rs);
+-- `targets` is what the script dialled (a URI or a list), to name that target.
+local function outcome(r, reason, targets)
   if type(r) == "string" then
     error(r, 3)
   end
-  return { answered = r % 2 == 1, status = r // 2, reason = reason }
+  local t = r // 8192
+  local target = nil
+  if t > 0 then
+    if type(targets) == "table" then
+      target = rawget(targets, t)
+    else
+      target = targets
+    end
+  end
+  return {
+    answered = r % 2 == 1,
+    status = (r // 2) % 1024,
+    reason = reason,
+    source = SOURCES[(r // 2048) % 4],
+    target = target,
+  }
 end
 
 local methods = {
@@ -234,7 +254,7 @@ local methods = {
       r, reason = raw_dial(p[UD], target, opts)
     end
     -- Not a tail call: `outcome` raises at the script's line (level 3).
-    local result = outcome(r, reason)
+    local result = outcome(r, reason, target)
     return result
   end,
   -- call:hunt(group, opts) -> { answered, status, reason, agent, queued, waited,
@@ -267,7 +287,8 @@ local methods = {
     elseif opts ~= nil then
       error("call:transfer: options must be a table", 2)
     end
-    local result = outcome(raw_transfer(p[UD], target, party))
+    local r, reason = raw_transfer(p[UD], target, party)
+    local result = outcome(r, reason, target)
     return result
   end,
   -- Tags the call with a route name from call.routes (metrics label); true, or nil and

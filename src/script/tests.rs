@@ -98,14 +98,15 @@ fn answered() -> DialOutcome {
         answered: true,
         status: 200,
         reason: "OK".into(),
+        source: DialSource::Callee,
+        target: Some(0),
     }
 }
 
 fn failed(status: u16, reason: &str) -> DialOutcome {
     DialOutcome {
-        answered: false,
-        status,
-        reason: reason.into(),
+        target: Some(0),
+        ..DialOutcome::failed(status, reason, DialSource::Callee)
     }
 }
 
@@ -311,6 +312,46 @@ async fn sequential_failover_dials_each_target_in_turn() {
     assert_eq!(
         dials[1].1.headers,
         vec![("X-Try".to_string(), "sip:a@two".to_string())]
+    );
+}
+
+/// `outcome.source` and `outcome.target` say where a dial's status came from.
+#[tokio::test]
+async fn dial_outcome_says_where_its_status_came_from() {
+    let e = engine(
+        r#"
+        function on_invite(call)
+          local seen = {}
+          local function note(r)
+            seen[#seen + 1] = tostring(r.answered) .. " " .. r.status .. " " .. r.source
+              .. " " .. tostring(r.target)
+          end
+          note(call:dial({ "sip:a@192.0.2.1", "sip:b@192.0.2.2" }))
+          note(call:dial("sip:c@192.0.2.3"))
+          note(call:dial("sip:c@192.0.2.3"))
+          note(call:dial("sip:c@192.0.2.3"))
+          note(call:dial({}))
+          note(call:dial("sip:d@192.0.2.4"))
+          call:reject(499, table.concat(seen, "|"))
+        end
+        "#,
+    );
+    let busy_b = DialOutcome {
+        target: Some(1),
+        ..failed(486, "Busy Here")
+    };
+    let fake = Fake::new(vec![
+        busy_b,
+        DialOutcome::failed(408, "Request Timeout", DialSource::Timeout),
+        DialOutcome::failed(487, "Request Terminated", DialSource::Caller),
+        DialOutcome::failed(491, "A dial is already in progress", DialSource::Local),
+        failed(603, "Decline"),
+    ]);
+    let out = invite(&e, call_to("1"), &fake).await;
+    assert_eq!(
+        rejected(&out).1,
+        "false 486 callee sip:b@192.0.2.2|false 408 timeout nil|false 487 caller nil\
+         |false 491 local nil|false 480 local nil|false 603 callee sip:d@192.0.2.4"
     );
 }
 
@@ -1000,6 +1041,28 @@ async fn default_lua_routes_extensions_trunks_and_unknown_numbers() {
     let out = invite(&e, call_to("9555"), &fake).await;
     assert_eq!(rejected(&out), (486, "Busy Here"));
     assert_eq!(fake.targets().len(), 1);
+
+    // The caller hangs up while the first trunk rings: no failover.
+    let fake = Fake::new(vec![DialOutcome::failed(
+        487,
+        "Request Terminated",
+        DialSource::Caller,
+    )]);
+    let out = invite(&e, call_to("9555"), &fake).await;
+    assert_eq!(rejected(&out).0, 487);
+    assert_eq!(fake.targets().len(), 1);
+
+    // The first trunk's ring timeout: the backup is tried.
+    let fake = Fake::new(vec![
+        DialOutcome::failed(480, "No Answer", DialSource::Timeout),
+        answered(),
+    ]);
+    let out = invite(&e, call_to("9555"), &fake).await;
+    assert!(matches!(out, InviteOutcome::Bridged { .. }), "{out:?}");
+    assert_eq!(fake.targets().len(), 2);
+    e.current()
+        .on_call_end(out.into_handle(), record(true))
+        .await;
 
     // Both trunks fail: the caller gets the last status.
     let fake = Fake::new(vec![

@@ -20,10 +20,18 @@
 //! A server-started transfer (`call:transfer`, `POST /calls/{id}/transfer`) runs steps
 //! 2-4 with no REFER and no NOTIFYs; the other party gets BYE.
 
+mod messages;
+mod state;
+
+use messages::{build_notify, resume_sdp};
+pub use messages::{parse_replaces, refer_to};
+pub(super) use state::Transfer;
+
+use super::fork::Owner;
 use super::{Call, CallEvent, Purpose, Side};
 use crate::b2bua::{CallRef, DialogKey};
+use crate::b2bua::{DialOutcome, DialSource, ReferInfo, ReferVerdict};
 use crate::dialog::{Dialog, DialogState};
-use crate::script::{DialOutcome, ReferInfo, ReferVerdict};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::resolve;
@@ -68,70 +76,6 @@ pub struct HandedLeg {
     pub dialog: Dialog,
 }
 
-/// A transfer in progress.
-pub(super) struct Transfer {
-    kind: TransferKind,
-    /// Who asked (None: the server).
-    transferor: Option<Side>,
-    transferee: Side,
-    /// The transferor hung up while the transfer ran.
-    transferor_gone: bool,
-    /// The REFER until it is answered (after the script's decision).
-    refer: Option<(ServerTransaction, Request)>,
-    /// NOTIFY the transferor (implicit subscription, RFC 3515 2.4.4; not with
-    /// `Refer-Sub: false`, RFC 4488).
-    notify: bool,
-    /// The REFER's CSeq: `Event: refer;id=` (RFC 3515 2.4.6).
-    event_id: u32,
-    target: String,
-    referred_by: Option<String>,
-    replaces: Option<String>,
-    /// The target's branch while it rings (blind, server).
-    leg: Option<u64>,
-    deadline: Option<Instant>,
-    ringing: bool,
-    /// The target's confirmed dialog and the ACK sent to its 2xx.
-    leg_dialog: Option<Dialog>,
-    leg_invite_seq: u32,
-    leg_ack: Option<Request>,
-    /// The target's offer and its Content-Type.
-    offer: Option<(Bytes, Option<String>)>,
-    /// Our re-INVITE to the transferee, for its ACK.
-    reinvite_seq: u32,
-    reply: Option<oneshot::Sender<DialOutcome>>,
-}
-
-impl Transfer {
-    fn new(
-        kind: TransferKind,
-        transferor: Option<Side>,
-        transferee: Side,
-        target: String,
-    ) -> Transfer {
-        Transfer {
-            kind,
-            transferor,
-            transferee,
-            transferor_gone: false,
-            refer: None,
-            notify: false,
-            event_id: 0,
-            target,
-            referred_by: None,
-            replaces: None,
-            leg: None,
-            deadline: None,
-            ringing: false,
-            leg_dialog: None,
-            leg_invite_seq: 1,
-            leg_ack: None,
-            offer: None,
-            reinvite_seq: 0,
-            reply: None,
-        }
-    }
-}
-
 /// A transfer as the call record shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TransferNote {
@@ -150,68 +94,6 @@ fn side_name(side: Side) -> &'static str {
     }
 }
 
-/// `%XX` escapes of a URI header value (RFC 3261 19.1.1).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A Replaces value (RFC 3891 6.1): Call-ID, to-tag, from-tag.
-pub fn parse_replaces(v: &str) -> Option<(String, String, String)> {
-    let mut parts = v.split(';');
-    let call_id = parts.next()?.trim().to_owned();
-    let (mut to, mut from) = (None, None);
-    for p in parts {
-        let (k, val) = p.split_once('=')?;
-        match k.trim().to_ascii_lowercase().as_str() {
-            "to-tag" => to = Some(val.trim().to_owned()),
-            "from-tag" => from = Some(val.trim().to_owned()),
-            _ => {}
-        }
-    }
-    (!call_id.is_empty()).then_some((call_id, to?, from?))
-}
-
-/// The Refer-To of a REFER: its URI without headers, and the Replaces among its headers.
-/// Errors are the 400's reason.
-pub fn refer_to(req: &Request) -> Result<(Uri, Option<String>), &'static str> {
-    let values: Vec<String> = req.headers.list("Refer-To");
-    if values.is_empty() {
-        return Err("Missing Refer-To");
-    }
-    // RFC 3515 2.1: exactly one Refer-To.
-    if values.len() > 1 {
-        return Err("Exactly one Refer-To allowed");
-    }
-    let na = NameAddr::parse(&values[0]).map_err(|_| "Bad Refer-To")?;
-    let mut uri = na.uri;
-    let mut replaces = None;
-    if let Some(h) = uri.headers.take() {
-        for kv in h.split('&') {
-            if let Some((k, v)) = kv.split_once('=') {
-                if k.eq_ignore_ascii_case("Replaces") {
-                    replaces = Some(unescape(v));
-                }
-            }
-        }
-    }
-    Ok((uri, replaces))
-}
-
 impl Call {
     /// Counts a transfer event (`strowger_transfers_total{kind,result}`).
     fn count_transfer(&self, kind: TransferKind, result: usize) {
@@ -227,7 +109,7 @@ impl Call {
                 return;
             }
         };
-        if self.b_dialog.is_none() || self.a_dialog.state != DialogState::Confirmed {
+        if self.bridge.b.is_none() || self.bridge.a.state != DialogState::Confirmed {
             let _ = tx.respond(
                 req.response(403)
                     .with_reason("Transfer of a call that is not answered"),
@@ -256,7 +138,7 @@ impl Call {
             referred_by: referred_by.clone(),
             replaces: replaces.clone(),
         };
-        let mut t = Transfer::new(kind, Some(side), side.other(), target);
+        let mut t = Transfer::refer(kind, side, target);
         t.event_id = req.base.cseq.seq;
         t.refer = Some((tx, req));
         t.notify = notify;
@@ -321,6 +203,7 @@ impl Call {
         }
         t.target = target;
         t.referred_by = referred_by;
+        t.decided();
         let mut ok = req.response(202);
         if !t.notify {
             ok.headers.push("Refer-Sub", "false");
@@ -342,13 +225,9 @@ impl Call {
         reply: oneshot::Sender<DialOutcome>,
     ) {
         let fail = |reply: oneshot::Sender<DialOutcome>, status: u16, reason: &str| {
-            let _ = reply.send(DialOutcome {
-                answered: false,
-                status,
-                reason: reason.to_owned(),
-            });
+            let _ = reply.send(DialOutcome::failed(status, reason, DialSource::Local));
         };
-        if self.ended || self.b_dialog.is_none() || self.a_dialog.state != DialogState::Confirmed {
+        if self.ended || self.bridge.b.is_none() || self.bridge.a.state != DialogState::Confirmed {
             return fail(reply, 481, "The call is not answered");
         }
         if self.transfer.is_some() {
@@ -373,7 +252,7 @@ impl Call {
         let referred_by = t.referred_by.clone();
         let transferee = t.transferee;
         let Ok(aor) = Uri::parse(&target) else {
-            return self.transfer_failed(400, "Bad target");
+            return self.transfer_failed(400, "Bad target", DialSource::Local);
         };
         // An extension of ours (an address of record with devices registered) is rung at
         // its best device, as `registrar.lookup` would give a dial plan; anything else is
@@ -385,24 +264,25 @@ impl Call {
             .and_then(|l| l.lookup(&target).into_iter().next());
         let dial = contact.unwrap_or_else(|| target.clone());
         let Ok(uri) = Uri::parse(&dial) else {
-            return self.transfer_failed(400, "Bad target");
+            return self.transfer_failed(400, "Bad target", DialSource::Local);
         };
         let flow = self.inner.flows.as_ref().and_then(|f| f.flow(&dial));
         let dest = match &flow {
             Some((t, _)) => *t,
             None => match resolve(&uri, &self.inner.local).await {
                 Ok(d) => d,
-                Err(e) => return self.transfer_failed(503, &e.to_string()),
+                Err(e) => return self.transfer_failed(503, &e.to_string(), DialSource::Local),
             },
         };
         // The new leg shows the party being connected as the caller.
         let mut from = match transferee {
-            Side::A => self.a_dialog.remote_uri.clone(),
+            Side::A => self.bridge.a.remote_uri.clone(),
             Side::B => self
-                .b_dialog
+                .bridge
+                .b
                 .as_ref()
                 .map(|d| d.remote_uri.clone())
-                .unwrap_or_else(|| self.a_dialog.local_uri.clone()),
+                .unwrap_or_else(|| self.bridge.a.local_uri.clone()),
         };
         from.set_tag(&new_tag());
         let mut headers = Headers::new();
@@ -417,16 +297,19 @@ impl Call {
         if let Some(rb) = referred_by {
             headers.push("Referred-By", rb);
         }
-        let (bid, invite) = self.new_leg(super::NewLeg {
-            dest,
-            to: NameAddr::new(aor),
-            uri,
-            from,
-            headers,
-            body: Bytes::new(),
-            max_forwards: 70,
-            index: 0,
-        });
+        let (bid, invite) = self.new_leg(
+            super::NewLeg {
+                dest,
+                to: NameAddr::new(aor),
+                uri,
+                from,
+                headers,
+                body: Bytes::new(),
+                max_forwards: 70,
+                index: 0,
+            },
+            Owner::Transfer,
+        );
         if let Some(t) = self.transfer.as_mut() {
             t.leg = Some(bid);
             t.deadline = Some(Instant::now() + self.inner.default_ring_timeout);
@@ -436,8 +319,8 @@ impl Call {
             .is_none()
         {
             self.remove_branch_key(bid);
-            self.branches.remove(&bid);
-            self.transfer_failed(503, "Transport error");
+            self.fork.remove(bid);
+            self.transfer_failed(503, "Transport error", DialSource::Local);
         }
     }
 
@@ -448,11 +331,13 @@ impl Call {
             return;
         };
         let Some((call_id, to_tag, from_tag)) = parse_replaces(&replaces) else {
-            return self.transfer_failed(400, "Bad Replaces");
+            return self.transfer_failed(400, "Bad Replaces", DialSource::Local);
         };
         let handed = match take_leg(&self.inner, &self.events, &call_id, &to_tag, &from_tag).await {
             Ok(h) => h,
-            Err((status, reason)) => return self.transfer_failed(status, &reason),
+            Err((status, reason)) => {
+                return self.transfer_failed(status, &reason, DialSource::Local)
+            }
         };
         let mut dialog = handed.dialog;
         let flow = dialog.flow;
@@ -478,7 +363,7 @@ impl Call {
             .send_client(reinvite, flow, Purpose::Transfer(TransferStep::LegReinvite))
             .is_none()
         {
-            self.transfer_failed(503, "Transport error");
+            self.transfer_failed(503, "Transport error", DialSource::Local);
         }
     }
 
@@ -491,8 +376,8 @@ impl Call {
         reply: oneshot::Sender<Result<HandedLeg, (u16, String)>>,
     ) {
         let named_dialog = match named {
-            Side::A => Some(&self.a_dialog),
-            Side::B => self.b_dialog.as_ref(),
+            Side::A => Some(&self.bridge.a),
+            Side::B => self.bridge.b.as_ref(),
         };
         let matches = named_dialog.is_some_and(|d| d.remote_tag == from_tag);
         if !matches || self.ended {
@@ -501,21 +386,21 @@ impl Call {
         }
         // RFC 3891 3: only a confirmed dialog is replaced here (an early one that we did
         // not initiate must get 481; we do not pick up ringing calls).
-        if self.a_dialog.state != DialogState::Confirmed || self.b_dialog.is_none() {
+        if self.bridge.a.state != DialogState::Confirmed || self.bridge.b.is_none() {
             let _ = reply.send(Err((481, "Replaces matches an early dialog".into())));
             return;
         }
         let give = named.other();
         let dialog = match give {
-            Side::A => self.a_dialog.clone(),
-            Side::B => self.b_dialog.clone().expect("checked above"),
+            Side::A => self.bridge.a.clone(),
+            Side::B => self.bridge.b.clone().expect("checked above"),
         };
         // Forget the leg we give away (its new call indexes it), then end the other one.
         self.unindex(&DialogKey::new(&dialog.call_id, &dialog.local_tag));
         match give {
-            Side::A => self.a_dialog.state = DialogState::Terminated,
+            Side::A => self.bridge.a.state = DialogState::Terminated,
             Side::B => {
-                self.b_dialog = None;
+                self.bridge.b = None;
             }
         }
         let _ = reply.send(Ok(HandedLeg { dialog }));
@@ -534,7 +419,7 @@ impl Call {
                 return;
             }
         };
-        if self.ended || self.cancelled {
+        if self.ended || self.caller.cancelled() {
             // Our caller gave up meanwhile: the other party has nobody now.
             self.release_dialog(handed.dialog);
             return;
@@ -564,20 +449,7 @@ impl Call {
             );
             reinvite.body = self.a_invite.body.clone();
         }
-        self.branches.insert(
-            bid,
-            Box::new(super::Branch {
-                index: 0,
-                ringing: None,
-                invite: reinvite.clone(),
-                target: flow,
-                provisional: true,
-                cancel_pending: false,
-                cancelled: false,
-                done: false,
-                early: None,
-            }),
-        );
+        self.fork.add_proceeding(bid, reinvite.clone(), flow);
         self.replacing = Some(Box::new(dialog));
         if self
             .send_client(
@@ -595,8 +467,8 @@ impl Call {
     /// or with its offer when our caller's INVITE had none: then the caller's ACK carries
     /// the answer, which goes on in the ACK of this 2xx, as with a late offer).
     fn on_replace_answered(&mut self, bid: u64, resp: Response) {
-        if self.b_branch == Some(bid) {
-            if let (Some(ack), Some(d)) = (&self.b_ack, &self.b_dialog) {
+        if self.bridge.b_branch == Some(bid) {
+            if let (Some(ack), Some(d)) = (&self.bridge.b_ack, &self.bridge.b) {
                 let (ack, flow) = (ack.clone(), d.flow);
                 let _ = self.send_ack(&flow, &ack);
             }
@@ -606,28 +478,23 @@ impl Call {
             return;
         };
         dialog.refresh_target(&resp.headers);
-        let seq = self
-            .branches
-            .get(&bid)
-            .map_or(1, |b| b.invite.base.cseq.seq);
-        if let Some(b) = self.branches.get_mut(&bid) {
-            b.done = true;
-        }
+        let seq = self.fork.get(bid).map_or(1, |b| b.invite.base.cseq.seq);
+        self.fork.set_answered(bid);
         if !self.a_invite.body.is_empty() {
             let via = self.inner.local.via(&dialog.flow);
             let ack = dialog.ack(seq, via);
             let _ = self.send_ack(&dialog.flow, &ack);
-            self.b_ack = Some(ack);
+            self.bridge.b_ack = Some(ack);
         }
-        self.b_branch = Some(bid);
-        self.b_dialog = Some(dialog);
+        self.bridge.b_branch = Some(bid);
+        self.bridge.b = Some(dialog);
         self.answer_caller(&resp);
         self.count_transfer(TransferKind::Attended, 1);
     }
 
     fn replace_failed(&mut self, bid: u64, status: u16, reason: &str) {
         self.remove_branch_key(bid);
-        self.branches.remove(&bid);
+        self.fork.remove(bid);
         if let Some(d) = self.replacing.take().map(|d| *d) {
             self.release_dialog(d);
         }
@@ -669,11 +536,11 @@ impl Call {
                 ClientEvent::Final(resp) if resp.is_success() => self.on_leg_offer(resp),
                 ClientEvent::Final(resp) => {
                     self.clients.remove(&id);
-                    self.leg_lost(resp.status, &resp.reason);
+                    self.leg_lost(resp.status, &resp.reason, DialSource::Callee);
                 }
                 ClientEvent::Timeout | ClientEvent::TransportError(_) => {
                     self.clients.remove(&id);
-                    self.leg_lost(408, "Request Timeout");
+                    self.leg_lost(408, "Request Timeout", DialSource::Callee);
                 }
                 ClientEvent::Provisional(_) => {}
             },
@@ -681,13 +548,13 @@ impl Call {
                 ClientEvent::Final(resp) if resp.is_success() => self.on_transferee_answer(resp),
                 ClientEvent::Final(resp) => {
                     self.clients.remove(&id);
-                    self.reinvite_from = None;
-                    self.leg_lost(resp.status, &resp.reason);
+                    self.bridge.reinvite_ended();
+                    self.leg_lost(resp.status, &resp.reason, DialSource::Callee);
                 }
                 ClientEvent::Timeout | ClientEvent::TransportError(_) => {
                     self.clients.remove(&id);
-                    self.reinvite_from = None;
-                    self.leg_lost(408, "Request Timeout");
+                    self.bridge.reinvite_ended();
+                    self.leg_lost(408, "Request Timeout", DialSource::Callee);
                 }
                 ClientEvent::Provisional(_) => {}
             },
@@ -731,15 +598,10 @@ impl Call {
     }
 
     fn on_leg_provisional(&mut self, bid: u64, resp: &Response) {
-        let cancel_now = match self.branches.get_mut(&bid) {
-            Some(b) => {
-                b.provisional = true;
-                b.cancel_pending
-            }
-            None => return,
-        };
-        if cancel_now {
-            self.cancel_branch(bid);
+        let a = self.fork.on_provisional(bid, resp);
+        if !a.is_empty() {
+            // A CANCEL wanted before the target rang goes now (RFC 3261 9.1).
+            self.run_fork(a, None);
             return;
         }
         if resp.status > 100 {
@@ -751,39 +613,32 @@ impl Call {
 
     /// The target answered a blind transfer's INVITE: its 2xx has the offer.
     fn on_leg_answered(&mut self, bid: u64, resp: Response) {
-        let Some(b) = self.branches.get_mut(&bid) else {
-            return;
-        };
         let current = self.transfer.as_ref().is_some_and(|t| t.leg == Some(bid));
-        if current {
-            if let Some(t) = self.transfer.as_ref() {
-                if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
-                    // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
-                    let (ack, flow) = (ack.clone(), d.flow);
-                    let _ = self.send_ack(&flow, &ack);
-                    return;
-                }
-                if t.leg_dialog.is_some() {
-                    // Waiting for the transferee's answer; the ACK follows then.
-                    return;
-                }
+        if !current {
+            // Too late (the transfer ended): the fork ACKs and BYEs it (RFC 3261 13.2.2.4).
+            let a = self.fork.on_success(bid, &resp);
+            self.run_fork(a, Some(&resp));
+            return;
+        }
+        if let Some(t) = self.transfer.as_ref() {
+            if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
+                // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
+                let (ack, flow) = (ack.clone(), d.flow);
+                let _ = self.send_ack(&flow, &ack);
+                return;
+            }
+            if t.target_answered() {
+                // Waiting for the transferee's answer; the ACK follows then.
+                return;
             }
         }
-        b.done = true;
+        let Some(b) = self.fork.get(bid) else {
+            return;
+        };
         let mut dialog = Dialog::uac(&b.invite, &resp, b.target);
         dialog.state = DialogState::Confirmed;
         let seq = b.invite.base.cseq.seq;
-        if !current {
-            // Too late (the transfer ended): ACK and BYE (RFC 3261 16.7 step 10 by analogy).
-            let via = self.inner.local.via(&dialog.flow);
-            let ack = dialog.ack(seq, via);
-            let _ = self.send_ack(&dialog.flow, &ack);
-            let via = self.inner.local.via(&dialog.flow);
-            let bye = dialog.request(Method::Bye, via, None);
-            let flow = dialog.flow;
-            self.send_client(bye, flow, Purpose::Own);
-            return;
-        }
+        self.fork.set_answered(bid);
         if let Some(t) = self.transfer.as_mut() {
             t.deadline = None;
             t.leg_invite_seq = seq;
@@ -798,7 +653,7 @@ impl Call {
         let Some(t) = self.transfer.as_mut() else {
             return;
         };
-        if t.offer.is_some() {
+        if t.target_answered() {
             // A retransmitted 2xx of the offerless re-INVITE: ACK again if we have.
             if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
                 let (ack, flow) = (ack.clone(), d.flow);
@@ -808,18 +663,17 @@ impl Call {
         }
         if resp.body.is_empty() {
             // RFC 3261 13.2.1: a 2xx to an offerless INVITE must carry the offer.
-            self.leg_lost(488, "Target answered without an offer");
+            self.leg_lost(488, "Target answered without an offer", DialSource::Callee);
             return;
         }
-        t.offer = Some((
+        t.offered(
             resp.body.clone(),
             resp.headers.get("Content-Type").map(str::to_owned),
-        ));
+        );
         // RFC 3261 14.1: no re-INVITE to the caller before it ACKed the call's 2xx.
-        if t.transferee == Side::A && self.a_ok.is_some() {
-            return;
+        if t.may_reinvite(self.caller.awaiting_ack()) {
+            self.send_transfer_reinvite();
         }
-        self.send_transfer_reinvite();
     }
 
     /// The caller ACKed the call's 2xx: a transfer waiting for that goes on.
@@ -827,7 +681,7 @@ impl Call {
         let waiting = self
             .transfer
             .as_ref()
-            .is_some_and(|t| t.offer.is_some() && t.reinvite_seq == 0);
+            .is_some_and(|t| t.may_reinvite(false));
         if waiting {
             self.send_transfer_reinvite();
         }
@@ -843,7 +697,7 @@ impl Call {
         let contact = self.contact_for(transferee);
         let inner = self.inner.clone();
         let Some(d) = self.dialog_mut(transferee) else {
-            return self.leg_lost(481, "Transferee gone");
+            return self.leg_lost(481, "Transferee gone", DialSource::Local);
         };
         let flow = d.flow;
         let via = inner.local.via(&flow);
@@ -855,16 +709,16 @@ impl Call {
         reinvite.body = body;
         let seq = reinvite.base.cseq.seq;
         if let Some(t) = self.transfer.as_mut() {
-            t.reinvite_seq = seq;
+            t.reinviting(seq);
         }
         // Our own re-INVITE counts for glare (RFC 3261 14.2).
-        self.reinvite_from = Some(transferee.other());
+        let _ = self.bridge.on_reinvite(transferee.other());
         if self
             .send_client(reinvite, flow, Purpose::Transfer(TransferStep::Reinvite))
             .is_none()
         {
-            self.reinvite_from = None;
-            self.leg_lost(503, "Transport error");
+            self.bridge.reinvite_ended();
+            self.leg_lost(503, "Transport error", DialSource::Local);
         }
     }
 
@@ -881,7 +735,7 @@ impl Call {
         };
         let transferee = t.transferee;
         let seq = t.reinvite_seq;
-        self.reinvite_from = None;
+        self.bridge.reinvite_ended();
         let inner = self.inner.clone();
         let Some(d) = self.dialog_mut(transferee) else {
             return;
@@ -930,19 +784,19 @@ impl Call {
         let new_key = DialogKey::new(&new_dialog.call_id, &new_dialog.local_tag);
         let old = match replaced {
             Side::B => {
-                let old = self.b_dialog.replace(new_dialog);
-                self.b_branch = bid;
-                self.b_ack = t.leg_ack.take();
+                let old = self.bridge.b.replace(new_dialog);
+                self.bridge.b_branch = bid;
+                self.bridge.b_ack = t.leg_ack.take();
                 old
             }
             Side::A => {
                 let contact = self.inner.local.contact(&new_dialog.flow);
-                let old = std::mem::replace(&mut self.a_dialog, new_dialog);
-                self.a_contact = contact;
+                let old = std::mem::replace(&mut self.bridge.a, new_dialog);
+                self.bridge.a_contact = contact;
                 // The target's dialog is now side A; its branch entry goes (keeping the
                 // dialog's index key, now pointing at side A).
                 if let Some(bid) = bid {
-                    self.branches.remove(&bid);
+                    self.fork.remove(bid);
                 }
                 self.inner.dialogs.insert(
                     new_key,
@@ -955,12 +809,14 @@ impl Call {
                 Some(old)
             }
         };
+        self.snapshot_new_party(replaced, &t.target);
         // Hunt groups see who is on a call: the target now, not the replaced party.
         let stays = match t.transferee {
             Side::A => self.a_invite.base.from.uri.to_string(),
             Side::B => self
+                .bridge
                 .b_branch
-                .and_then(|b| self.branches.get(&b))
+                .and_then(|b| self.fork.get(b))
                 .map(|b| b.invite.uri.to_string())
                 .unwrap_or_default(),
         };
@@ -981,6 +837,8 @@ impl Call {
                 answered: true,
                 status,
                 reason: "OK".into(),
+                source: DialSource::Callee,
+                target: Some(0),
             });
         }
         tracing::info!(call = %self.id, kind = t.kind.as_str(), target = %t.target, "transfer done");
@@ -999,24 +857,48 @@ impl Call {
         }
     }
 
+    /// `GET /calls`: the target is the `replaced` party of the call now (its address, its
+    /// leg's Call-ID and where that leg goes).
+    fn snapshot_new_party(&self, replaced: Side, target: &str) {
+        let (dialog, target) = match replaced {
+            Side::A => (&self.bridge.a, target.trim().to_owned()),
+            Side::B => match &self.bridge.b {
+                Some(d) => (d, target.trim().to_owned()),
+                None => return,
+            },
+        };
+        let (call_id, flow) = (dialog.call_id.clone(), dialog.flow);
+        let to = format!("{}:{}", flow.transport, flow.addr);
+        self.inner.calls.with(&self.id, |snap| match replaced {
+            Side::A => {
+                snap.from = target;
+                snap.a_call_id = call_id;
+                snap.source = to;
+            }
+            Side::B => {
+                snap.to = target;
+                snap.b_call_id = Some(call_id);
+                snap.b_target = Some(to);
+            }
+        });
+    }
+
     /// The transfer failed before the switch: the call stays as it was.
-    fn transfer_failed(&mut self, status: u16, reason: &str) {
+    fn transfer_failed(&mut self, status: u16, reason: &str, source: DialSource) {
         let Some(mut t) = self.transfer.take() else {
             return;
         };
         if let Some(bid) = t.leg {
-            if self.branches.get(&bid).is_some_and(|b| !b.done) {
-                self.cancel_branch(bid);
-            }
+            self.cancel_branch(bid);
         }
         self.count_transfer(t.kind, 2);
         self.note_transfer(&t, status);
         tracing::info!(call = %self.id, kind = t.kind.as_str(), target = %t.target, status, reason, "transfer failed");
         if let Some(reply) = t.reply.take() {
+            let target = (source == DialSource::Callee).then_some(0);
             let _ = reply.send(DialOutcome {
-                answered: false,
-                status,
-                reason: reason.to_owned(),
+                target,
+                ..DialOutcome::failed(status, reason, source)
             });
         }
         self.resume_after_failed_transfer(&t);
@@ -1039,7 +921,7 @@ impl Call {
     }
 
     /// The target's leg answered but could not be joined: release it, then fail.
-    fn leg_lost(&mut self, status: u16, reason: &str) {
+    fn leg_lost(&mut self, status: u16, reason: &str, source: DialSource) {
         let Some(t) = self.transfer.as_mut() else {
             return;
         };
@@ -1062,22 +944,20 @@ impl Call {
         }
         if let Some(bid) = bid {
             self.remove_branch_key(bid);
-            self.branches.remove(&bid);
+            self.fork.remove(bid);
         }
-        self.transfer_failed(status, reason);
+        self.transfer_failed(status, reason, source);
     }
 
     fn on_leg_failed(&mut self, bid: u64, status: u16, reason: &str) {
-        if let Some(b) = self.branches.get_mut(&bid) {
-            b.done = true;
-        }
+        self.fork.terminate(bid);
         self.remove_branch_key(bid);
-        self.branches.remove(&bid);
+        self.fork.remove(bid);
         if self.transfer.as_ref().is_some_and(|t| t.leg == Some(bid)) {
             if let Some(t) = self.transfer.as_mut() {
                 t.leg = None;
             }
-            self.transfer_failed(status, reason);
+            self.transfer_failed(status, reason, DialSource::Callee);
         }
     }
 
@@ -1105,7 +985,7 @@ impl Call {
         if let Some(t) = self.transfer.as_mut() {
             t.leg = None;
         }
-        self.transfer_failed(status, reason);
+        self.transfer_failed(status, reason, DialSource::Timeout);
     }
 
     /// A NOTIFY of the REFER's implicit subscription (RFC 3515 2.4.4) with a sipfrag
@@ -1188,44 +1068,21 @@ impl Call {
             return;
         };
         if let Some(bid) = t.leg {
-            if self.branches.get(&bid).is_some_and(|b| !b.done) {
-                self.cancel_branch(bid);
-            }
+            self.cancel_branch(bid);
         }
-        self.leg_lost(487, "Call ended");
+        self.leg_lost(487, "Call ended", DialSource::Caller);
     }
 
-    /// A re-INVITE relayed from `from`: remember a hold offer (RFC 3264 8.4: sendonly or
-    /// inactive), forget it when the same party resumes.
-    pub(super) fn note_hold(&mut self, from: Side, req: &Request) {
-        if req.body.is_empty() {
-            return;
-        }
-        let sdp = String::from_utf8_lossy(&req.body);
-        let holds = sdp
-            .lines()
-            .any(|l| matches!(l.trim(), "a=sendonly" | "a=inactive"));
-        if holds {
-            self.hold = Some((from, req.body.clone()));
-        } else if self.hold.as_ref().is_some_and(|(s, _)| *s == from) {
-            self.hold = None;
-        }
-    }
-
-    /// The transferor had put the transferee on hold before its transfer failed: the
-    /// transferee is taken off hold with the transferor's offer made sendrecv again
-    /// (the call is left as it was before the hold).
     fn resume_after_failed_transfer(&mut self, t: &Transfer) {
         let Some(transferor) = t.transferor else {
             return;
         };
-        let Some((holder, sdp)) = self.hold.clone() else {
-            return;
-        };
-        if holder != transferor || t.transferor_gone {
+        if t.transferor_gone {
             return;
         }
-        self.hold = None;
+        let Some(sdp) = self.bridge.take_hold(transferor) else {
+            return;
+        };
         let body = resume_sdp(&String::from_utf8_lossy(&sdp));
         let side = t.transferee;
         let contact = self.contact_for(side);
@@ -1275,29 +1132,6 @@ impl Call {
     }
 }
 
-/// A hold offer made sendrecv, with its `o=` version one higher (RFC 3264 8: a new offer
-/// in the same session).
-fn resume_sdp(sdp: &str) -> String {
-    let mut out = String::with_capacity(sdp.len() + 2);
-    for line in sdp.lines() {
-        let line = line.trim_end_matches('\r');
-        let line = match line {
-            "a=sendonly" | "a=inactive" | "a=recvonly" => "a=sendrecv".to_owned(),
-            l if l.starts_with("o=") => {
-                let mut f: Vec<String> = l.split(' ').map(str::to_owned).collect();
-                if let Some(v) = f.get_mut(2).and_then(|v| v.parse::<u64>().ok()) {
-                    f[2] = (v + 1).to_string();
-                }
-                f.join(" ")
-            }
-            l => l.to_owned(),
-        };
-        out.push_str(&line);
-        out.push_str("\r\n");
-    }
-    out
-}
-
 /// Asks the call owning dialog (`call_id`, our tag `to_tag`, their tag `from_tag`) for
 /// the leg facing away from that dialog (RFC 3891: the dialog named is the one being
 /// replaced; the other party of that call is who the new party gets connected to).
@@ -1324,54 +1158,4 @@ pub(super) async fn take_leg(
         })
         .map_err(|_| no_match())?;
     rx.await.unwrap_or_else(|_| Err(no_match()))
-}
-
-/// NOTIFY for the REFER subscription of `d` (RFC 3515 2.4.4-2.4.6, RFC 3420 sipfrag).
-fn build_notify(
-    d: &mut Dialog,
-    event_id: u32,
-    status_line: &str,
-    last: bool,
-    contact: &str,
-    inner: &crate::b2bua::B2buaInner,
-) -> Request {
-    let via = inner.local.via(&d.flow);
-    let mut n = d.request(Method::Notify, via, Some(contact));
-    n.headers.push("Event", format!("refer;id={event_id}"));
-    n.headers.push(
-        "Subscription-State",
-        if last {
-            "terminated;reason=noresource".to_owned()
-        } else {
-            "active;expires=60".to_owned()
-        },
-    );
-    n.headers
-        .push("Content-Type", "message/sipfrag;version=2.0");
-    n.body = Bytes::from(format!("{status_line}\r\n"));
-    n
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_hold_offer_resumes_as_sendrecv_with_a_new_version() {
-        let sdp = "v=0\r\no=b 1 7 IN IP4 127.0.0.1\r\ns=-\r\nm=audio 9 RTP/AVP 0\r\na=sendonly\r\n";
-        let r = resume_sdp(sdp);
-        assert!(r.contains("o=b 1 8 IN IP4"), "{r}");
-        assert!(r.contains("a=sendrecv") && !r.contains("sendonly"), "{r}");
-    }
-
-    #[test]
-    fn replaces_and_escapes() {
-        assert_eq!(
-            parse_replaces("abc@h;to-tag=t1;from-tag=f1"),
-            Some(("abc@h".into(), "t1".into(), "f1".into()))
-        );
-        assert_eq!(parse_replaces("abc@h;to-tag=t1"), None);
-        assert_eq!(unescape("a%3Bto-tag%3Dx"), "a;to-tag=x");
-        assert_eq!(unescape("100%"), "100%");
-    }
 }

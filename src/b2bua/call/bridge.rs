@@ -1,0 +1,201 @@
+//! The bridge: the call's two dialogs (A, where the B2BUA is the UAS; B, the answered
+//! callee's, where it is the UAC) and what relaying between them must remember. A sans-IO
+//! state machine: the call asks it what to do with an in-dialog INVITE and its ACK, and
+//! does the sending.
+//!
+//! Owns: both dialogs and the A side's Contact, the answered B branch and the ACK sent for
+//! its 2xx (for 2xx retransmissions), the re-INVITE in progress (glare, RFC 3261 14.2),
+//! the ACK mapping of a relayed re-INVITE (an ACK is end to end: the caller's ACK for the
+//! 2xx we relayed goes on as our ACK for the other side's 2xx), and the last hold offer
+//! (RFC 3264 8.4) so that a failed transfer can take the held party off hold.
+//! Must not touch: the set-up (caller's leg, fork), the transfer's steps, sending.
+
+use super::Side;
+use crate::dialog::Dialog;
+use crate::sip::Request;
+use bytes::Bytes;
+
+/// Where the bridge's re-INVITE handling is (RFC 3261 14.2, 13.2.2.4 for the ACK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No re-INVITE in progress.
+    Idle,
+    /// A re-INVITE from this side is on its way to the other (or ours to the other side of
+    /// it, for a transfer): another INVITE now is glare.
+    Reinviting(Side),
+    /// The relayed re-INVITE from this side got a 2xx with this CSeq: that side's ACK goes
+    /// on as an ACK to the other side.
+    AwaitingAck(Side, u32),
+}
+
+pub(super) struct Bridge {
+    /// The caller's dialog (after a transfer of the caller: the target's).
+    pub a: Dialog,
+    /// Our Contact towards the A side.
+    pub a_contact: String,
+    /// The callee's dialog once a branch answered.
+    pub b: Option<Dialog>,
+    /// That branch's id in the fork.
+    pub b_branch: Option<u64>,
+    /// The ACK for B's 2xx: sent when the caller's ACK arrives, kept for retransmitted
+    /// 2xx (RFC 3261 13.2.2.4).
+    pub b_ack: Option<Request>,
+    state: State,
+    /// The last hold offer (sendonly/inactive SDP) a party sent through us.
+    hold: Option<(Side, Bytes)>,
+}
+
+/// What to do with an INVITE inside the call.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Reinvite {
+    /// Relay it (it is now the re-INVITE in progress).
+    Relay,
+    /// One is in progress already: 491 (RFC 3261 14.2).
+    Glare,
+}
+
+impl Bridge {
+    pub fn new(a: Dialog, a_contact: String) -> Bridge {
+        Bridge {
+            a,
+            a_contact,
+            b: None,
+            b_branch: None,
+            b_ack: None,
+            state: State::Idle,
+            hold: None,
+        }
+    }
+
+    pub fn dialog_mut(&mut self, side: Side) -> Option<&mut Dialog> {
+        match side {
+            Side::A => Some(&mut self.a),
+            Side::B => self.b.as_mut(),
+        }
+    }
+
+    /// An INVITE from `from` (or, for a transfer, ours on behalf of `from`) is to go to
+    /// the other side.
+    pub fn on_reinvite(&mut self, from: Side) -> Reinvite {
+        match self.state {
+            State::Reinviting(_) => Reinvite::Glare,
+            _ => {
+                self.state = State::Reinviting(from);
+                Reinvite::Relay
+            }
+        }
+    }
+
+    /// The re-INVITE in progress ended without a 2xx to relay an ACK for (a failure, a
+    /// timeout, or ours).
+    pub fn reinvite_ended(&mut self) {
+        if matches!(self.state, State::Reinviting(_)) {
+            self.state = State::Idle;
+        }
+    }
+
+    /// The other side answered `from`'s relayed re-INVITE with a 2xx for CSeq `seq`:
+    /// `from`'s ACK is to go on.
+    pub fn reinvite_answered(&mut self, from: Side, seq: u32) {
+        self.state = State::AwaitingAck(from, seq);
+    }
+
+    /// An ACK from `side`: the CSeq of the ACK to send to the other side, when it is the
+    /// ACK of a relayed re-INVITE's 2xx.
+    pub fn on_ack(&mut self, side: Side) -> Option<u32> {
+        match self.state {
+            State::AwaitingAck(from, seq) if from == side => {
+                self.state = State::Idle;
+                Some(seq)
+            }
+            _ => None,
+        }
+    }
+
+    /// A re-INVITE from `from` with this SDP went through: remember a hold offer (RFC
+    /// 3264 8.4: sendonly or inactive), forget it when the same party resumes.
+    pub fn note_offer(&mut self, from: Side, body: &Bytes) {
+        if body.is_empty() {
+            return;
+        }
+        let holds = String::from_utf8_lossy(body)
+            .lines()
+            .any(|l| matches!(l.trim(), "a=sendonly" | "a=inactive"));
+        if holds {
+            self.hold = Some((from, body.clone()));
+        } else if self.hold.as_ref().is_some_and(|(s, _)| *s == from) {
+            self.hold = None;
+        }
+    }
+
+    /// The hold offer `holder` sent, taken (to resume the held party).
+    pub fn take_hold(&mut self, holder: Side) -> Option<Bytes> {
+        match &self.hold {
+            Some((s, _)) if *s == holder => self.hold.take().map(|(_, b)| b),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{Target, TransportKind};
+
+    fn bridge() -> Bridge {
+        let invite = super::super::test_util::caller_invite();
+        let flow = Target {
+            transport: TransportKind::Udp,
+            addr: "192.0.2.1:5060".parse().unwrap(),
+            connection: None,
+        };
+        Bridge::new(
+            Dialog::uas(&invite, "ours", flow),
+            "<sip:b2bua@192.0.2.100>".into(),
+        )
+    }
+
+    /// RFC 3261 14.2: an INVITE while one is in progress, from either side, is glare.
+    #[test]
+    fn glare_while_a_reinvite_is_in_progress() {
+        let mut b = bridge();
+        assert_eq!(b.on_reinvite(Side::A), Reinvite::Relay);
+        assert_eq!(b.on_reinvite(Side::B), Reinvite::Glare);
+        assert_eq!(b.on_reinvite(Side::A), Reinvite::Glare);
+        b.reinvite_ended();
+        assert_eq!(b.on_reinvite(Side::B), Reinvite::Relay);
+    }
+
+    /// The ACK of a relayed re-INVITE's 2xx goes on once, from the side that sent it.
+    #[test]
+    fn ack_of_a_relayed_reinvite_goes_to_the_other_side() {
+        let mut b = bridge();
+        b.on_reinvite(Side::B);
+        b.reinvite_answered(Side::B, 7);
+        assert_eq!(b.on_ack(Side::A), None, "not from the other side");
+        assert_eq!(b.on_ack(Side::B), Some(7));
+        assert_eq!(b.on_ack(Side::B), None, "once");
+        assert_eq!(
+            b.on_reinvite(Side::A),
+            Reinvite::Relay,
+            "a new one may start"
+        );
+    }
+
+    /// RFC 3264 8.4: sendonly/inactive is a hold; the holder's next offer resumes.
+    #[test]
+    fn hold_is_remembered_until_the_holder_resumes() {
+        let mut b = bridge();
+        let hold = Bytes::from_static(b"v=0\r\nm=audio 4000 RTP/AVP 0\r\na=sendonly\r\n");
+        let resume = Bytes::from_static(b"v=0\r\nm=audio 4000 RTP/AVP 0\r\na=sendrecv\r\n");
+        b.note_offer(Side::B, &hold);
+        b.note_offer(Side::A, &resume);
+        assert_eq!(b.take_hold(Side::A), None, "A did not hold");
+        b.note_offer(Side::B, &Bytes::new());
+        assert_eq!(b.take_hold(Side::B), Some(hold.clone()));
+        assert_eq!(b.take_hold(Side::B), None, "taken");
+        b.note_offer(Side::B, &hold);
+        b.note_offer(Side::B, &resume);
+        assert_eq!(b.take_hold(Side::B), None, "resumed");
+    }
+}

@@ -1,0 +1,284 @@
+//! The caller's leg (leg A, where the B2BUA is the UAS) while its INVITE is answered: which
+//! responses may still go, reliable provisionals and their PRACKs (RFC 3262), the 2xx
+//! retransmitted until the caller's ACK (RFC 3261 13.3.1.4), CANCEL (9.2). A sans-IO state
+//! machine: the call builds the responses (it has the INVITE and the dialog), hands them
+//! here, and sends what comes back on the INVITE's server transaction; timers come in as
+//! [`CallerLeg::on_timer`].
+//!
+//! Owns: the leg's answer state, the 2xx and reliable provisionals kept for retransmission,
+//! RSeq numbering, the extra headers for the final answer (a 407's challenges). Must not
+//! touch: the B side, the bridge's in-dialog relaying, sending.
+
+use crate::sip::Response;
+use smallvec::SmallVec;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Where the caller's INVITE is (RFC 3261 17.2.1, 13.3.1.4; RFC 6026's Accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No final response yet: provisionals may go.
+    Proceeding,
+    /// The caller CANCELled: 487 went (9.2).
+    Cancelled,
+    /// A final failure or redirect went.
+    Completed,
+    /// A 2xx went; retransmitted until the caller's ACK.
+    Accepted,
+    /// The caller ACKed the 2xx.
+    Confirmed,
+}
+
+/// A response retransmitted until acknowledged: at T1, doubling, capped at T2, given up
+/// after 64*T1.
+struct Retransmit {
+    next: Instant,
+    interval: Duration,
+    give_up: Instant,
+}
+
+impl Retransmit {
+    fn start(now: Instant, t1: Duration) -> Retransmit {
+        Retransmit {
+            next: now + t1,
+            interval: t1,
+            give_up: now + t1 * 64,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.next.min(self.give_up)
+    }
+}
+
+/// A reliable provisional sent to the caller, waiting for its PRACK.
+struct Reliable {
+    rseq: u32,
+    resp: Response,
+    timer: Retransmit,
+    /// The B branch, its RSeq and its INVITE's CSeq when the 18x came reliably from B:
+    /// the caller's PRACK goes on there.
+    from_b: Option<(u64, u32, u32)>,
+}
+
+/// What the call does for the caller's leg.
+// Respond is the large variant; actions live on the stack for a moment, and boxing would
+// add an allocation per retransmission.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(super) enum Action {
+    /// Send this response (again) on the caller's INVITE transaction.
+    Respond(Response),
+    /// No ACK for the 2xx within 64*T1: end the call with BYE (13.3.1.4).
+    NoAck,
+    /// A reliable provisional got no PRACK within 64*T1: the INVITE must fail (RFC 3262 3).
+    NoPrack,
+}
+
+pub(super) type Actions = SmallVec<[Action; 1]>;
+
+/// What a PRACK from the caller acknowledges.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Prack {
+    /// No reliable provisional with that RSeq: 481.
+    NoMatch,
+    /// One of ours: answer 200 here.
+    Ours,
+    /// The caller's side of a reliable provisional from B branch `.0` (RSeq `.1` of its
+    /// INVITE with CSeq `.2`): PRACK B.
+    FromB(u64, u32, u32),
+}
+
+pub(super) struct CallerLeg {
+    state: State,
+    /// The caller supports or requires 100rel (RFC 3262).
+    supports_100rel: bool,
+    /// A 18x has gone to the caller (the set-up time to first 18x is observed once).
+    rang: bool,
+    rseq: u32,
+    /// Boxed: an established call holds None here for hours; the 2xx is large.
+    ok: Option<Box<(Response, Retransmit)>>,
+    reliable: Vec<Reliable>,
+    /// Extra headers for the final answer (a 407's Proxy-Authenticate challenges).
+    final_headers: Vec<(String, String)>,
+}
+
+impl CallerLeg {
+    pub fn new(supports_100rel: bool) -> CallerLeg {
+        CallerLeg {
+            state: State::Proceeding,
+            supports_100rel,
+            rang: false,
+            rseq: 0,
+            ok: None,
+            reliable: Vec::new(),
+            final_headers: Vec::new(),
+        }
+    }
+
+    /// A final response (or CANCEL's 487) went: nothing else answers the INVITE.
+    pub fn answered(&self) -> bool {
+        self.state != State::Proceeding
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.state == State::Cancelled
+    }
+
+    pub fn supports_100rel(&self) -> bool {
+        self.supports_100rel
+    }
+
+    /// The 2xx is out and not yet ACKed (RFC 3261 14.1: no re-INVITE to the caller now).
+    pub fn awaiting_ack(&self) -> bool {
+        self.state == State::Accepted
+    }
+
+    pub fn set_final_headers(&mut self, headers: Vec<(String, String)>) {
+        self.final_headers = headers;
+    }
+
+    /// A provisional for the caller; `reliable`: B sent it reliably (`from_b` says where
+    /// the caller's PRACK goes on), retransmitted from `t1` on. Returns what to send, or
+    /// None when the INVITE is answered already; the bool is true for the call's first 18x.
+    pub fn provisional(
+        &mut self,
+        mut r: Response,
+        reliable: bool,
+        from_b: Option<(u64, u32, u32)>,
+        t1: Duration,
+    ) -> Option<(Response, bool)> {
+        if self.state != State::Proceeding {
+            return None;
+        }
+        if reliable && self.supports_100rel {
+            // RFC 3262: the caller gets its own reliable provisional with our RSeq.
+            self.rseq += 1;
+            r.headers.push("Require", "100rel");
+            r.headers.push("RSeq", self.rseq.to_string());
+            self.reliable.push(Reliable {
+                rseq: self.rseq,
+                resp: r.clone(),
+                timer: Retransmit::start(Instant::now(), t1),
+                from_b,
+            });
+        }
+        let first = !self.rang && r.status > 100;
+        self.rang |= first;
+        Some((r, first))
+    }
+
+    /// The INVITE fails with `r` (a 4xx-6xx, or a 3xx with its Contacts); the extra final
+    /// headers go with it. None when already answered.
+    pub fn reject(&mut self, mut r: Response) -> Option<Response> {
+        if self.state != State::Proceeding {
+            return None;
+        }
+        self.state = State::Completed;
+        self.reliable = Vec::new();
+        for (name, value) in std::mem::take(&mut self.final_headers) {
+            r.headers.push(&name, value);
+        }
+        Some(r)
+    }
+
+    /// The caller CANCELled (RFC 3261 9.2): `r` is the INVITE's 487. None when already
+    /// answered (the CANCEL changes nothing then).
+    pub fn cancel(&mut self, r: Response) -> Option<Response> {
+        let r = self.reject(r)?;
+        self.state = State::Cancelled;
+        Some(r)
+    }
+
+    /// The caller is answered with the 2xx `r`, kept for retransmission until its ACK.
+    pub fn accept(&mut self, r: Response, t1: Duration) -> Response {
+        self.state = State::Accepted;
+        self.reliable = Vec::new();
+        let sent = r.clone();
+        self.ok = Some(Box::new((r, Retransmit::start(Instant::now(), t1))));
+        sent
+    }
+
+    /// An ACK from the caller for its INVITE's CSeq: true when it acknowledges the 2xx
+    /// (retransmission stops; the leg is confirmed).
+    pub fn on_ack(&mut self) -> bool {
+        if self.state != State::Accepted {
+            return false;
+        }
+        self.state = State::Confirmed;
+        self.ok = None;
+        true
+    }
+
+    /// A PRACK from the caller with `rack`'s response number (RFC 3262 7.2).
+    pub fn on_prack(&mut self, rseq: Option<u32>) -> Prack {
+        let Some(pos) = rseq.and_then(|n| self.reliable.iter().position(|r| r.rseq == n)) else {
+            return Prack::NoMatch;
+        };
+        match self.reliable.remove(pos).from_b {
+            Some((bid, rseq, cseq)) => Prack::FromB(bid, rseq, cseq),
+            None => Prack::Ours,
+        }
+    }
+
+    /// The call ends: nothing more is retransmitted.
+    pub fn stop(&mut self) {
+        self.ok = None;
+        self.reliable = Vec::new();
+    }
+
+    /// Once established: what only the set-up needed goes (memory per held call).
+    pub fn compact(&mut self) {
+        self.reliable = Vec::new();
+        self.final_headers = Vec::new();
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        let ok = self.ok.as_deref().map(|(_, r)| r.deadline());
+        let rel = self.reliable.iter().map(|r| r.timer.deadline()).min();
+        match (ok, rel) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Retransmissions due at `now` (RFC 3261 13.3.1.4: the 2xx at T1, 2T1... capped at
+    /// T2; RFC 3262 3: reliable provisionals likewise) and what gave up (64*T1).
+    pub fn on_timer(&mut self, now: Instant, t2: Duration) -> Actions {
+        let mut out = Actions::new();
+        let mut no_ack = false;
+        if let Some((resp, r)) = self.ok.as_deref_mut() {
+            if now >= r.give_up {
+                no_ack = true;
+            } else if now >= r.next {
+                out.push(Action::Respond(resp.clone()));
+                r.interval = (r.interval * 2).min(t2);
+                r.next = now + r.interval;
+            }
+        }
+        if no_ack {
+            self.ok = None;
+            out.push(Action::NoAck);
+        }
+        let mut failed = false;
+        for r in &mut self.reliable {
+            if now >= r.timer.give_up {
+                failed = true;
+            } else if now >= r.timer.next {
+                out.push(Action::Respond(r.resp.clone()));
+                r.timer.interval = (r.timer.interval * 2).min(t2.max(r.timer.interval));
+                r.timer.next = now + r.timer.interval;
+            }
+        }
+        if failed {
+            self.reliable = Vec::new();
+            if self.state == State::Proceeding {
+                out.push(Action::NoPrack);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

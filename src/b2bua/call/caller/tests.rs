@@ -1,0 +1,156 @@
+//! The caller's leg on tokio's paused clock: RFC 3261 13.3.1.4 (2xx until ACK), RFC 3262
+//! (reliable provisionals, PRACK), 9.2 (CANCEL only while the INVITE is pending).
+
+use super::super::test_util::caller_invite as invite;
+use super::*;
+
+const T1: Duration = Duration::from_millis(500);
+const T2: Duration = Duration::from_secs(4);
+
+fn resp(status: u16) -> Response {
+    let mut r = invite().response(status);
+    r.set_to_tag("ours");
+    r
+}
+
+fn sent(actions: &Actions) -> Vec<u16> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Respond(r) => Some(r.status),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Advances to the leg's next deadline and runs its timers.
+async fn next(leg: &mut CallerLeg) -> Actions {
+    let at = leg.deadline().expect("a timer is running");
+    tokio::time::advance(at.saturating_duration_since(Instant::now())).await;
+    leg.on_timer(Instant::now(), T2)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_2xx_goes_again_at_t1_doubling_to_t2_until_the_ack() {
+    let mut leg = CallerLeg::new(false);
+    let start = Instant::now();
+    let ok = leg.accept(resp(200), T1);
+    assert_eq!(ok.status, 200);
+    assert!(leg.answered() && leg.awaiting_ack());
+    let mut at = Vec::new();
+    for _ in 0..5 {
+        let a = next(&mut leg).await;
+        assert_eq!(sent(&a), [200]);
+        at.push(Instant::now() - start);
+    }
+    let ms = |n| Duration::from_millis(n);
+    // T1, +2T1, +4T1, then capped at T2 = 4 s.
+    assert_eq!(at, [ms(500), ms(1500), ms(3500), ms(7500), ms(11500)]);
+    assert!(leg.on_ack(), "the ACK for the 2xx");
+    assert!(!leg.awaiting_ack());
+    assert_eq!(leg.deadline(), None, "no more retransmissions");
+    assert!(!leg.on_ack(), "a retransmitted ACK changes nothing");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_ack_within_64_t1_ends_the_call() {
+    let mut leg = CallerLeg::new(false);
+    let start = Instant::now();
+    leg.accept(resp(200), T1);
+    let mut gave_up = false;
+    for _ in 0..40 {
+        let a = next(&mut leg).await;
+        if a.iter().any(|a| matches!(a, Action::NoAck)) {
+            gave_up = true;
+            break;
+        }
+    }
+    assert!(gave_up);
+    assert_eq!(Instant::now() - start, T1 * 64);
+    assert_eq!(leg.deadline(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reliable_provisionals_have_their_own_rseq_and_wait_for_prack() {
+    let mut leg = CallerLeg::new(true);
+    let (r, first) = leg
+        .provisional(resp(183), true, Some((7, 41, 1)), T1)
+        .unwrap();
+    assert!(first, "the first 18x");
+    assert_eq!(r.headers.get("RSeq"), Some("1"));
+    assert_eq!(r.headers.get("Require"), Some("100rel"));
+    let (r, first) = leg.provisional(resp(180), true, None, T1).unwrap();
+    assert!(!first);
+    assert_eq!(r.headers.get("RSeq"), Some("2"));
+    // Both go again at T1 until PRACKed.
+    let a = next(&mut leg).await;
+    assert_eq!(sent(&a), [183, 180]);
+    assert_eq!(leg.on_prack(Some(9)), Prack::NoMatch);
+    assert_eq!(leg.on_prack(None), Prack::NoMatch);
+    assert_eq!(leg.on_prack(Some(1)), Prack::FromB(7, 41, 1));
+    assert_eq!(
+        leg.on_prack(Some(1)),
+        Prack::NoMatch,
+        "acknowledged already"
+    );
+    assert_eq!(leg.on_prack(Some(2)), Prack::Ours);
+    assert_eq!(leg.deadline(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_without_100rel_gets_plain_provisionals() {
+    let mut leg = CallerLeg::new(false);
+    let (r, first) = leg.provisional(resp(100), false, None, T1).unwrap();
+    assert!(!first, "100 is not ringing");
+    assert!(r.headers.get("RSeq").is_none());
+    let (r, first) = leg
+        .provisional(resp(180), true, Some((7, 41, 1)), T1)
+        .unwrap();
+    assert!(first);
+    assert!(r.headers.get("RSeq").is_none());
+    assert_eq!(leg.deadline(), None, "nothing to retransmit");
+}
+
+/// RFC 3262 3: no PRACK within 64*T1 fails the INVITE (while it is still pending).
+#[tokio::test(start_paused = true)]
+async fn no_prack_within_64_t1_fails_the_invite() {
+    let mut leg = CallerLeg::new(true);
+    let start = Instant::now();
+    leg.provisional(resp(183), true, None, T1).unwrap();
+    let mut failed = false;
+    for _ in 0..40 {
+        let a = next(&mut leg).await;
+        if a.iter().any(|a| matches!(a, Action::NoPrack)) {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed);
+    assert_eq!(Instant::now() - start, T1 * 64);
+    assert_eq!(leg.deadline(), None);
+}
+
+/// RFC 3261 9.2: CANCEL ends a pending INVITE with 487, and nothing after a final answer.
+#[tokio::test(start_paused = true)]
+async fn cancel_only_while_pending_and_one_final_answer() {
+    let mut leg = CallerLeg::new(true);
+    leg.provisional(resp(183), true, None, T1).unwrap();
+    leg.set_final_headers(vec![("Proxy-Authenticate".into(), "Digest x".into())]);
+    let r = leg.cancel(resp(487)).expect("pending: 487");
+    assert_eq!(r.status, 487);
+    assert_eq!(r.headers.get("Proxy-Authenticate"), Some("Digest x"));
+    assert!(leg.cancelled() && leg.answered());
+    assert_eq!(
+        leg.deadline(),
+        None,
+        "the reliable 183 is not retransmitted"
+    );
+    assert!(leg.reject(resp(500)).is_none());
+    assert!(leg.provisional(resp(180), false, None, T1).is_none());
+    // Answered: a CANCEL changes nothing.
+    let mut leg = CallerLeg::new(false);
+    leg.accept(resp(200), T1);
+    assert!(leg.cancel(resp(487)).is_none());
+    assert!(!leg.cancelled());
+    assert!(leg.reject(resp(500)).is_none());
+}
