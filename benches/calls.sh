@@ -14,6 +14,7 @@
 # Usage: bash benches/calls.sh            (CALLS=10000 RATE=500 HELD=10000 by default;
 #        BENCH_T1_MS sets Strowger's T1, e.g. to see memory without lingering transactions)
 #        CALLS=2000 HELD=2000 HELD_BIG=0 SKIP_KAMAILIO=1 bash benches/calls.sh   (quick look)
+#        NO_BUILD=1 skips `cargo build --release`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,7 +31,7 @@ HELD_BIG_RATE=${HELD_BIG_RATE:-1000}
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 if [ "$SKIP_KAMAILIO" != 1 ]; then need_packages sipp kamailio; else need_packages sipp; fi
-cargo build --release --quiet
+[ "${NO_BUILD:-0}" = 1 ] || cargo build --release --quiet
 bench_setup bench
 
 held_memory() { # name port count rate -> sets HELD_B (bytes per call), HELD_KB, HELD_UP
