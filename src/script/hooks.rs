@@ -191,8 +191,11 @@ where
                         .stats
                         .hook_duration
                         .observe(hook, budget.busy_secs());
-                    let result =
-                        result.map_err(|e| report(&run_ctx, &vm, hook, &run_id, &e, &budget));
+                    // An abandoned run is counted by whoever tells the caller: here when the
+                    // caller still waits for this reply, else the caller already failed it.
+                    let waiting = !reply.is_closed();
+                    let result = result
+                        .map_err(|e| report(&run_ctx, &vm, hook, &run_id, &e, &budget, waiting));
                     let _ = reply.send(result);
                 });
             },
@@ -247,10 +250,11 @@ fn report(
     id: &str,
     err: &mlua::Error,
     budget: &Budget,
+    caller_waiting: bool,
 ) -> String {
     let (kind, msg) = describe(err, budget, vm.info.pos(hook), vm.memory_limit);
-    if kind == FailKind::Abandoned {
-        // The caller already failed the run when the watchdog gave the VM up.
+    if kind == FailKind::Abandoned && !caller_waiting {
+        // The caller already failed (and counted) the run when the watchdog gave the VM up.
         return msg;
     }
     fail(ctx, hook, id, kind, &msg);

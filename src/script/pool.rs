@@ -64,11 +64,14 @@ impl VmWatch {
         self.abandoned.load(Ordering::Relaxed)
     }
 
-    /// Gives the VM up: runs waiting on it fail now. Returns false if it already was.
-    fn abandon(&self) -> bool {
+    /// Gives the VM up: `before_waiters_fail` runs (e.g. counting it) and then runs waiting
+    /// on it fail, so a caller that sees its run fail also sees it counted. Returns false
+    /// if it already was given up.
+    fn abandon(&self, before_waiters_fail: impl FnOnce()) -> bool {
         if self.abandoned.swap(true, Ordering::Relaxed) {
             return false;
         }
+        before_waiters_fail();
         self.dead.send_replace(true);
         true
     }
@@ -290,10 +293,11 @@ impl Watchdog {
             true
         });
         for vm in stuck {
-            if !vm.abandon() {
+            if !vm.abandon(|| {
+                self.stats.vms_abandoned.fetch_add(1, Ordering::Relaxed);
+            }) {
                 continue;
             }
-            self.stats.vms_abandoned.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 target: "script",
                 after_ms = self.abandon_after.as_millis() as u64,
