@@ -51,6 +51,15 @@ impl InvalidValue {
 }
 
 /// Checks `min <= value <= max`, naming `key` when it is not.
+/// Checks `min_expires`, `max_expires` and `default_expires` of a section that grants
+/// intervals (REGISTER, SUBSCRIBE, PUBLISH): `1 <= min <= max <= ceiling` and the default
+/// inside `[min, max]`, or a request without an interval would be refused or cut.
+pub fn check_expires(min: u32, max: u32, default: u32, ceiling: u32) -> Result<(), InvalidValue> {
+    check_range("min_expires", min, 1, ceiling)?;
+    check_range("max_expires", max, min, ceiling)?;
+    check_range("default_expires", default, min, max)
+}
+
 pub fn check_range<T: PartialOrd + fmt::Display>(
     key: &str,
     value: T,

@@ -1,7 +1,9 @@
 //! `[presence]`: SUBSCRIBE/NOTIFY, PUBLISH and MESSAGE (RFC 6665, 3903, 3428).
 
 use super::PresenceConfig;
-use crate::config_section::{check_range, InvalidValue, MAX_TIMEOUT_S, MAX_TIMER_MS};
+use crate::config_section::{
+    check_expires, check_range, InvalidValue, MAX_TIMEOUT_S, MAX_TIMER_MS,
+};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -46,18 +48,11 @@ impl PresenceSection {
     /// (A body limit above `sip.max_message_size` is allowed: the smaller one applies.)
     pub fn check(&self, has_users: bool) -> Result<(), InvalidValue> {
         check_range("max_message_size", self.max_message_size, 0, MAX_BODY)?;
-        check_range("min_expires", self.min_expires, 1, u32::MAX)?;
-        check_range(
-            "max_expires",
-            self.max_expires,
+        check_expires(
             self.min_expires,
-            MAX_TIMEOUT_S as u32,
-        )?;
-        check_range(
-            "default_expires",
+            self.max_expires,
             self.default_expires,
-            self.min_expires,
-            self.max_expires,
+            MAX_TIMEOUT_S as u32,
         )?;
         check_range(
             "min_notify_interval_ms",

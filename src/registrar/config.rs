@@ -2,7 +2,7 @@
 //! register, and keep-alive pings of registered contacts.
 
 use super::RegistrarConfig;
-use crate::config_section::{check_range, InvalidValue, MAX_TIMEOUT_S};
+use crate::config_section::{check_expires, InvalidValue, MAX_TIMEOUT_S};
 use serde::{Deserialize, Serialize};
 
 /// Bounds of `keepalive_interval_s` when it is not 0 (off). Below 5 s the pings of many
@@ -63,18 +63,11 @@ impl RegistrarSection {
     pub fn check(&self) -> Result<(), InvalidValue> {
         // 10.3 step 7: the interval asked for is cut to [min, max]; the default must lie
         // inside, or a REGISTER without one would be refused or cut.
-        check_range("min_expires", self.min_expires, 1, MAX_TIMEOUT_S as u32)?;
-        check_range(
-            "max_expires",
-            self.max_expires,
+        check_expires(
             self.min_expires,
-            MAX_TIMEOUT_S as u32,
-        )?;
-        check_range(
-            "default_expires",
+            self.max_expires,
             self.default_expires,
-            self.min_expires,
-            self.max_expires,
+            MAX_TIMEOUT_S as u32,
         )?;
         if !matches!(self.unknown_aor_status, 403 | 404) {
             return Err(InvalidValue::new(
