@@ -30,7 +30,7 @@ mod fork;
 mod test_util;
 mod transfer;
 
-use bridge::{Bridge, Reinvite};
+use bridge::{copy_relayed, has_tag, Bridge, Reinvite};
 use caller::{CallerLeg, Prack};
 pub use control::transfer_via;
 use control::{CallAuth, Control};
@@ -251,37 +251,6 @@ fn uri_info(n: &NameAddr) -> UriInfo {
         user: n.uri.user.clone(),
         host: n.uri.host.to_string(),
     }
-}
-
-/// Headers relayed from one leg's message to the other's: what describes the body and the
-/// capabilities of the far end; never topology (Via, Route, Record-Route, Contact, Call-ID).
-const RELAYED: &[&str] = &[
-    "Content-Type",
-    "Content-Disposition",
-    "Content-Encoding",
-    "Content-Language",
-    "Event",
-    "Subscription-State",
-    "Refer-To",
-    "Referred-By",
-    "Info-Package",
-    "Allow-Events",
-    "Reason",
-];
-
-fn copy_relayed(from: &Headers, to: &mut Headers) {
-    for name in RELAYED {
-        for v in from.get_all(name) {
-            to.push(name, v);
-        }
-    }
-}
-
-fn has_tag(headers: &Headers, name: &str, tag: &str) -> bool {
-    headers
-        .list(name)
-        .iter()
-        .any(|t| t.eq_ignore_ascii_case(tag))
 }
 
 impl Call {

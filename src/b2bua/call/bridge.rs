@@ -12,7 +12,7 @@
 
 use super::Side;
 use crate::dialog::Dialog;
-use crate::sip::Request;
+use crate::sip::{Headers, Request};
 use bytes::Bytes;
 
 /// Where the bridge's re-INVITE handling is (RFC 3261 14.2, 13.2.2.4 for the ACK).
@@ -135,6 +135,37 @@ impl Bridge {
             _ => None,
         }
     }
+}
+
+/// Headers relayed from one leg's message to the other's: what describes the body and the
+/// capabilities of the far end; never topology (Via, Route, Record-Route, Contact, Call-ID).
+const RELAYED: &[&str] = &[
+    "Content-Type",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Event",
+    "Subscription-State",
+    "Refer-To",
+    "Referred-By",
+    "Info-Package",
+    "Allow-Events",
+    "Reason",
+];
+
+pub(super) fn copy_relayed(from: &Headers, to: &mut Headers) {
+    for name in RELAYED {
+        for v in from.get_all(name) {
+            to.push(name, v);
+        }
+    }
+}
+
+pub(super) fn has_tag(headers: &Headers, name: &str, tag: &str) -> bool {
+    headers
+        .list(name)
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(tag))
 }
 
 #[cfg(test)]
