@@ -30,10 +30,19 @@ enum Said {
 }
 
 /// The common part of a `req` table: fields, `header`, `reject`.
+/// `req:route(...)` of `on_message` takes one target or several (forked); that of
+/// `on_subscribe` one server.
+#[derive(Clone, Copy)]
+enum RouteTargets {
+    Several,
+    One,
+}
+
 fn base_req(
     lua: &Lua,
     headers: &[(String, String)],
     said: &Arc<Mutex<Option<Said>>>,
+    targets: RouteTargets,
 ) -> mlua::Result<Table> {
     let req = lua.create_table()?;
     let mut first: HashMap<String, String> = HashMap::new();
@@ -55,6 +64,21 @@ fn base_req(
             let (code, reason) = parse_reject(&code, &reason)
                 .map_err(|e| mlua::Error::runtime(e.replace("call:reject", "req:reject")))?;
             *s.lock() = Some(Said::Reject(code, reason));
+            Ok(())
+        })?,
+    )?;
+    let s = said.clone();
+    req.raw_set(
+        "route",
+        lua.create_function(move |_, (_this, targets_given): (Value, Value)| {
+            let list =
+                string_list(&targets_given, "req:route", "target").map_err(mlua::Error::runtime)?;
+            if matches!(targets, RouteTargets::One) && list.len() != 1 {
+                return Err(mlua::Error::runtime(
+                    "req:route: a subscription goes to one server (a string)",
+                ));
+            }
+            *s.lock() = Some(Said::Route(list));
             Ok(())
         })?,
     )?;
@@ -102,7 +126,7 @@ impl ScriptVersion {
         let info2 = info.clone();
         let result = run(self, Hook::Message, &info.ruri, move |lua, said| {
             let info = info2;
-            let req = base_req(lua, &info.headers, said)?;
+            let req = base_req(lua, &info.headers, said, RouteTargets::Several)?;
             req.raw_set("from", info.from.as_str())?;
             req.raw_set("to", info.to.as_str())?;
             req.raw_set("ruri", info.ruri.as_str())?;
@@ -110,16 +134,6 @@ impl ScriptVersion {
             req.raw_set("source", info.source.as_str())?;
             req.raw_set("content_type", info.content_type.as_deref().map(bounded))?;
             req.raw_set("body", info.body.as_str())?;
-            let s = said.clone();
-            req.raw_set(
-                "route",
-                lua.create_function(move |_, (_this, targets): (Value, Value)| {
-                    let list = string_list(&targets, "req:route", "target")
-                        .map_err(mlua::Error::runtime)?;
-                    *s.lock() = Some(Said::Route(list));
-                    Ok(())
-                })?,
-            )?;
             Ok(req)
         })
         .await;
@@ -139,7 +153,7 @@ impl ScriptVersion {
         let info2 = info.clone();
         let result = run(self, Hook::Subscribe, &info.resource, move |lua, said| {
             let info = info2;
-            let req = base_req(lua, &info.headers, said)?;
+            let req = base_req(lua, &info.headers, said, RouteTargets::One)?;
             req.raw_set("package", info.package.as_str())?;
             req.raw_set("resource", info.resource.as_str())?;
             req.raw_set("subscriber", info.subscriber.as_str())?;
@@ -147,21 +161,6 @@ impl ScriptVersion {
             req.raw_set("user", info.user.as_deref())?;
             req.raw_set("source", info.source.as_str())?;
             req.raw_set("expires", info.expires)?;
-            let s = said.clone();
-            req.raw_set(
-                "route",
-                lua.create_function(move |_, (_this, target): (Value, Value)| {
-                    let mut list = string_list(&target, "req:route", "target")
-                        .map_err(mlua::Error::runtime)?;
-                    if list.len() != 1 {
-                        return Err(mlua::Error::runtime(
-                            "req:route: a subscription goes to one server (a string)",
-                        ));
-                    }
-                    *s.lock() = Some(Said::Route(vec![list.remove(0)]));
-                    Ok(())
-                })?,
-            )?;
             Ok(req)
         })
         .await;
