@@ -290,6 +290,21 @@ async fn hooks_stuck_where_no_budget_is_checked_fail_only_their_call() {
         1,
         "the match cost its VM"
     );
+    // The operator sees the same on /metrics.
+    let m = strowger::admin::get(server.handle.admin_addr(), "/metrics")
+        .await
+        .expect("/metrics");
+    assert!(
+        m.lines()
+            .any(|l| l == "strowger_script_vms_abandoned_total 1"),
+        "{m}"
+    );
+    assert!(
+        m.lines()
+            .filter_map(|l| l.strip_prefix("strowger_script_time_limits_total "))
+            .any(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)),
+        "{m}"
+    );
     guard.store(true, Ordering::Relaxed);
 }
 

@@ -2,7 +2,8 @@
 //! Counters are the engine's own ([`super::ScriptStats`]); [`super::ScriptEngine::register_metrics`]
 //! puts the families on the telemetry handle.
 //!
-//! Metrics: `strowger_script_errors_total{hook}`,
+//! Metrics: `strowger_script_time_limits_total`, `strowger_script_vms_abandoned_total`,
+//! `strowger_script_errors_total{hook}`,
 //! `strowger_script_hook_duration_seconds{hook}`.
 
 use super::{Hook, ScriptEngine, ScriptStats};
@@ -59,12 +60,22 @@ impl ScriptEngine {
             "strowger_script_errors_total",
             "Hook runs that failed (Lua error, instruction or time limit, memory, abandoned VM), by hook",
         )?;
+        let time_limits = telemetry.counter(
+            "strowger_script_time_limits_total",
+            "Hook runs stopped by script.time_limit_ms (including runs on an abandoned VM)",
+        )?;
+        let abandoned = telemetry.counter(
+            "strowger_script_vms_abandoned_total",
+            "Lua VMs abandoned (stuck where no budget is checked) and replaced by fresh ones",
+        )?;
         let engine = self.clone();
         telemetry.on_scrape(move || {
             let s = engine.stats();
             for h in Hook::ALL {
                 errors.catch_up(h, load(&s.hook_errors[h.index()]));
             }
+            metrics::catch_up(&time_limits, load(&s.time_limits));
+            metrics::catch_up(&abandoned, load(&s.vms_abandoned));
         });
         Ok(())
     }
