@@ -26,6 +26,8 @@ const METRICS_NOW: &[&str] = &[
     "strowger_call_setup_seconds_sum",
     "strowger_call_setup_seconds_count",
     "strowger_script_errors_total",
+    "strowger_script_time_limits_total",
+    "strowger_script_vms_abandoned_total",
     "strowger_sip_malformed_total",
     "strowger_sip_requests_total",
     "strowger_sip_responses_total",
