@@ -34,21 +34,6 @@ fn outcome(bytes: &[u8]) -> Outcome {
     }
 }
 
-/// RFC 4475 3.1.2: invalid requests that were once dropped for want of a readable
-/// Request-Line or Via; their 400 must name the defect.
-const ANSWERABLE_4475: &[(&str, &str)] = &[
-    ("badinv01", "Bad Via header"),
-    (
-        "lwsruri",
-        "Malformed Request-Line (white space in the Request-URI)",
-    ),
-    (
-        "lwsstart",
-        "Malformed Request-Line (more than one SP between elements)",
-    ),
-    ("trws", "Malformed Request-Line (SP at the end)"),
-];
-
 #[test]
 fn rfc4475_parse_outcomes() {
     let Some(dir) = corpus_dir("rfc4475") else {
@@ -76,7 +61,10 @@ fn rfc4475_parse_outcomes() {
         if !good {
             failures.push(format!("{name} ({class}, {expect}): got {got:?}"));
         }
-        if let Some((_, why)) = ANSWERABLE_4475.iter().find(|(n, _)| *n == name) {
+        if let Some((_, why)) = conformance::ANSWERED_WITH_REASON
+            .iter()
+            .find(|(n, _)| *n == name)
+        {
             match &got {
                 Outcome::Refused(400, reason) if reason.starts_with(why) => {}
                 _ => failures.push(format!("{name}: expected 400 \"{why}...\", got {got:?}")),

@@ -16,21 +16,6 @@ use common::*;
 use conformance::{corpus_dir, messages, read_index};
 use exchange::{corpus_server, exchange, finals};
 
-/// RFC 4475 3.1.2.1, 3.1.2.8-10: invalid requests the server once dropped; each must be
-/// answered with a 400 whose reason names the defect.
-const ANSWERED_WITH_REASON: &[(&str, &str)] = &[
-    ("badinv01", "Bad Via header"),
-    (
-        "lwsruri",
-        "Malformed Request-Line (white space in the Request-URI)",
-    ),
-    (
-        "lwsstart",
-        "Malformed Request-Line (more than one SP between elements)",
-    ),
-    ("trws", "Malformed Request-Line (SP at the end)"),
-];
-
 #[tokio::test]
 async fn torture_messages_get_the_expected_outcomes() {
     let Some(dir) = corpus_dir("rfc4475") else {
@@ -64,7 +49,10 @@ async fn torture_messages_get_the_expected_outcomes() {
         if !ok {
             failures.push(format!("{name}: expected {expect}, got {got:?}"));
         }
-        if let Some((_, why)) = ANSWERED_WITH_REASON.iter().find(|(n, _)| *n == name) {
+        if let Some((_, why)) = conformance::ANSWERED_WITH_REASON
+            .iter()
+            .find(|(n, _)| *n == name)
+        {
             if finals != [400] || !got.iter().all(|(_, r)| r.starts_with(why)) {
                 failures.push(format!("{name}: expected 400 \"{why}...\", got {got:?}"));
             }

@@ -217,3 +217,19 @@ fn sent_by_port_is_set_in_the_top_via_only() {
         );
     }
 }
+
+/// RFC 4475 3.1.2.1, 3.1.2.8-10: invalid requests the server once dropped; each must be
+/// answered with a 400 whose reason names the defect.
+#[allow(dead_code)] // not every test file that includes this module reads it
+pub const ANSWERED_WITH_REASON: &[(&str, &str)] = &[
+    ("badinv01", "Bad Via header"),
+    (
+        "lwsruri",
+        "Malformed Request-Line (white space in the Request-URI)",
+    ),
+    (
+        "lwsstart",
+        "Malformed Request-Line (more than one SP between elements)",
+    ),
+    ("trws", "Malformed Request-Line (SP at the end)"),
+];
