@@ -65,48 +65,91 @@ struct Trace {
     state: Mutex<TraceState>,
 }
 
-/// A message's first line as recorded: whatever is cheapest at hand on the hot path,
-/// turned into text only when somebody reads the trace.
-pub enum Line {
-    /// Already text (outgoing messages: the start of the bytes sent).
-    Text(String),
+/// A message's first line as the caller has it at hand, written into the trace's text
+/// only when the Call-ID belongs to a traced call.
+pub enum Line<'a> {
+    /// Serialized bytes (outgoing messages): their first line is kept.
+    Sent(&'a [u8]),
+    /// Text as it is.
+    Text(&'a str),
     /// A request received: method and Request-URI.
-    Request(crate::sip::Method, Box<crate::sip::Uri>),
+    Request(&'a crate::sip::Method, &'a crate::sip::Uri),
     /// A response received: status and reason.
-    Status(u16, String),
+    Status(u16, &'a str),
 }
 
-impl Line {
-    fn text(&self) -> String {
-        match self {
-            Line::Text(t) => t.clone(),
-            Line::Request(m, uri) => format!("{m} {uri} SIP/2.0"),
-            Line::Status(code, reason) => format!("SIP/2.0 {code} {reason}"),
-        }
+impl Line<'_> {
+    fn write_to(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        // Writing to a String cannot fail.
+        let _ = match self {
+            Line::Sent(bytes) => {
+                out.push_str(&String::from_utf8_lossy(first_line_bytes(bytes)));
+                Ok(())
+            }
+            Line::Text(t) => {
+                out.push_str(t);
+                Ok(())
+            }
+            Line::Request(m, uri) => write!(out, "{m} {uri} SIP/2.0"),
+            Line::Status(code, reason) => write!(out, "SIP/2.0 {code} {reason}"),
+        };
     }
 }
 
-/// One message as kept (formatted when read).
+/// One message as kept: 16 bytes, its first line in the trace's text and its peer in the
+/// trace's peer list. (Issue 14: a trace was ~2 KiB of every established call with a
+/// `String`s and a cloned URI per message; this is under half of that.)
 struct Stored {
-    t: f64,
+    /// Microseconds since the call's INVITE.
+    t_us: u64,
+    /// Where the line ends in `TraceState::text` (it starts where the previous one ends).
+    end: u32,
+    /// 0: the caller's leg (A); n: the nth leg dialled (Bn).
+    leg: u16,
+    /// Index in `TraceState::peers`.
+    peer: u8,
     dir: Direction,
-    leg: Arc<str>,
-    peer: Target,
-    line: Line,
 }
 
 struct TraceState {
     entries: Vec<Stored>,
+    /// Every kept first line, one after the other.
+    text: String,
+    /// The peers the messages went to or came from (a call has few).
+    peers: Vec<Target>,
     dropped: u64,
     /// The SIP Call-IDs of the call's legs (to unindex them at the end).
     call_ids: Vec<String>,
     ended: bool,
 }
 
+impl TraceState {
+    /// The index of `peer` in `peers`, added when new; None past 255 peers.
+    fn peer_index(&mut self, peer: &Target) -> Option<u8> {
+        match self.peers.iter().position(|p| p == peer) {
+            Some(i) => u8::try_from(i).ok(),
+            None => {
+                let i = u8::try_from(self.peers.len()).ok()?;
+                self.peers.push(*peer);
+                Some(i)
+            }
+        }
+    }
+}
+
+fn leg_name(leg: u16) -> String {
+    if leg == 0 {
+        "A".to_owned()
+    } else {
+        format!("B{leg}")
+    }
+}
+
 #[derive(Clone)]
 struct LegRef {
     trace: Arc<Trace>,
-    leg: Arc<str>,
+    leg: u16,
 }
 
 struct Inner {
@@ -148,23 +191,25 @@ impl CallTraces {
             max: self.inner.max_messages,
             state: Mutex::new(TraceState {
                 entries: Vec::new(),
+                text: String::new(),
+                peers: Vec::new(),
                 dropped: 0,
                 call_ids: Vec::new(),
                 ended: false,
             }),
         });
         self.inner.calls.insert(id.clone(), trace.clone());
-        self.index(&trace, a_call_id, Arc::from("A"));
+        self.index(&trace, a_call_id, 0);
     }
 
     /// The call `id` dials a leg with SIP Call-ID `call_id`, its `n`th (from 1).
     pub fn add_leg(&self, id: &str, call_id: &str, n: u64) {
         if let Some(trace) = self.inner.calls.get(id) {
-            self.index(&trace, call_id, Arc::from(format!("B{n}")));
+            self.index(&trace, call_id, u16::try_from(n).unwrap_or(u16::MAX));
         }
     }
 
-    fn index(&self, trace: &Arc<Trace>, call_id: &str, leg: Arc<str>) {
+    fn index(&self, trace: &Arc<Trace>, call_id: &str, leg: u16) {
         trace.state.lock().call_ids.push(call_id.to_owned());
         self.inner.by_call_id.insert(
             call_id.to_owned(),
@@ -209,28 +254,27 @@ impl CallTraces {
 
     /// A message of SIP Call-ID `call_id` went `dir` to or from `peer`; `line` gives its
     /// first line (only asked for when the Call-ID belongs to a traced call).
-    pub fn record(
-        &self,
-        call_id: &str,
-        dir: Direction,
-        peer: &Target,
-        line: impl FnOnce() -> Line,
-    ) {
+    pub fn record(&self, call_id: &str, dir: Direction, peer: &Target, line: Line<'_>) {
         let Some(r) = self.inner.by_call_id.get(call_id) else {
             return;
         };
-        let t = r.trace.t0.elapsed().as_secs_f64();
+        let t_us = u64::try_from(r.trace.t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut st = r.trace.state.lock();
-        if st.entries.len() >= r.trace.max {
-            st.dropped += 1;
-            return;
-        }
+        let st = &mut *st;
+        let peer = match st.peer_index(peer) {
+            Some(p) if st.entries.len() < r.trace.max && st.text.len() < u32::MAX as usize / 2 => p,
+            _ => {
+                st.dropped += 1;
+                return;
+            }
+        };
+        line.write_to(&mut st.text);
         st.entries.push(Stored {
-            t,
+            t_us,
+            end: u32::try_from(st.text.len()).unwrap_or(u32::MAX),
+            leg: r.leg,
+            peer,
             dir,
-            leg: r.leg.clone(),
-            peer: *peer,
-            line: line(),
         });
     }
 
@@ -260,12 +304,22 @@ impl CallTraces {
             messages: st
                 .entries
                 .iter()
-                .map(|e| TraceEntry {
-                    t: (e.t * 1e6).round() / 1e6,
-                    dir: e.dir,
-                    leg: e.leg.to_string(),
-                    peer: format!("{}:{}", e.peer.transport, e.peer.addr),
-                    line: e.line.text(),
+                .scan(0usize, |start, e| {
+                    let end = e.end as usize;
+                    let line = st.text.get(*start..end).unwrap_or("").to_owned();
+                    *start = end;
+                    let peer = st
+                        .peers
+                        .get(usize::from(e.peer))
+                        .map(|p| format!("{}:{}", p.transport, p.addr))
+                        .unwrap_or_default();
+                    Some(TraceEntry {
+                        t: e.t_us as f64 / 1e6,
+                        dir: e.dir,
+                        leg: leg_name(e.leg),
+                        peer,
+                        line,
+                    })
                 })
                 .collect(),
         })
@@ -277,7 +331,6 @@ impl CallTraces {
     }
 }
 
-/// The first line of serialized SIP bytes (without CRLF), lossily decoded.
 /// What the transaction layer passes is recorded for the calls being traced (one map
 /// lookup by Call-ID otherwise).
 impl crate::transaction::MessageObserver for CallTraces {
@@ -293,20 +346,23 @@ impl crate::transaction::MessageObserver for CallTraces {
             crate::transaction::Direction::In => Direction::In,
             crate::transaction::Direction::Out => Direction::Out,
         };
-        self.record(call_id, dir, peer, || match msg {
-            Passing::Sent(bytes) => Line::Text(first_line(bytes)),
-            Passing::Request(req) => Line::Request(req.method.clone(), Box::new(req.uri.clone())),
-            Passing::Response(resp) => Line::Status(resp.status, resp.reason.clone()),
-        });
+        let line = match msg {
+            Passing::Sent(bytes) => Line::Sent(bytes),
+            Passing::Request(req) => Line::Request(&req.method, &req.uri),
+            Passing::Response(resp) => Line::Status(resp.status, &resp.reason),
+        };
+        self.record(call_id, dir, peer, line);
     }
 }
 
+/// The first line of serialized SIP bytes (without CRLF), lossily decoded.
 pub fn first_line(bytes: &[u8]) -> String {
-    let end = bytes
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .unwrap_or(bytes.len().min(200));
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    String::from_utf8_lossy(first_line_bytes(bytes)).into_owned()
+}
+
+fn first_line_bytes(bytes: &[u8]) -> &[u8] {
+    let end = memchr::memmem::find(bytes, b"\r\n").unwrap_or(bytes.len().min(200));
+    &bytes[..end]
 }
 
 /// A ladder as text, one message per line: `  0.000  A  <-  INVITE sip:... SIP/2.0`.
@@ -388,22 +444,32 @@ mod tests {
         let t = CallTraces::new(3, 1);
         let id: Arc<str> = Arc::from("c1");
         t.start_call(&id, "a@x");
-        t.record("a@x", Direction::In, &peer(), || {
-            Line::Text("INVITE sip:b@x SIP/2.0".into())
-        });
+        t.record(
+            "a@x",
+            Direction::In,
+            &peer(),
+            Line::Text("INVITE sip:b@x SIP/2.0"),
+        );
         t.add_leg("c1", "b@y", 1);
-        t.record("b@y", Direction::Out, &peer(), || {
-            Line::Text("INVITE sip:b@y SIP/2.0".into())
-        });
-        t.record("other", Direction::In, &peer(), || {
-            unreachable!("not traced")
-        });
-        t.record("b@y", Direction::In, &peer(), || {
-            Line::Text("SIP/2.0 180 Ringing".into())
-        });
-        t.record("a@x", Direction::Out, &peer(), || {
-            Line::Text("SIP/2.0 180 Ringing".into())
-        });
+        t.record(
+            "b@y",
+            Direction::Out,
+            &peer(),
+            Line::Text("INVITE sip:b@y SIP/2.0"),
+        );
+        t.record("other", Direction::In, &peer(), Line::Text("not traced"));
+        t.record(
+            "b@y",
+            Direction::In,
+            &peer(),
+            Line::Text("SIP/2.0 180 Ringing"),
+        );
+        t.record(
+            "a@x",
+            Direction::Out,
+            &peer(),
+            Line::Text("SIP/2.0 180 Ringing"),
+        );
         let v = t.get("c1").unwrap();
         let legs: Vec<_> = v.messages.iter().map(|e| e.leg.as_str()).collect();
         assert_eq!(legs, ["A", "B1", "B1"]);
@@ -416,9 +482,7 @@ mod tests {
         let id2: Arc<str> = Arc::from("c2");
         t.start_call(&id2, "a2@x");
         t.end_call(&id2);
-        t.record("a@x", Direction::In, &peer(), || {
-            unreachable!("dropped off")
-        });
+        t.record("a@x", Direction::In, &peer(), Line::Text("dropped off"));
         assert!(t.get("c1").is_none(), "only the last ended call is kept");
         assert!(t.get("c2").is_some());
         assert!(render_text(&t.get("c2").unwrap()).starts_with("call c2"));
