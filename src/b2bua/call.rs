@@ -192,7 +192,9 @@ pub struct Call {
     inner: Arc<B2buaInner>,
     events: Events,
     rx: mpsc::UnboundedReceiver<Box<CallEvent>>,
-    a_tx: ServerTransaction,
+    /// The caller's INVITE transaction until the caller's ACK confirms the call: the
+    /// transaction (its request and last response) is not kept for the call's life.
+    a_tx: Option<ServerTransaction>,
     a_invite: Request,
     a_source: Target,
     /// How the caller's INVITE is answered (provisionals, PRACK, 2xx until ACK, CANCEL).
@@ -278,7 +280,7 @@ impl Call {
             inner: inner.clone(),
             events: events.clone(),
             rx,
-            a_tx: tx,
+            a_tx: Some(tx),
             a_source: source,
             bridge: Bridge::new(a_dialog, a_contact),
             caller: CallerLeg::new(a_supports_100rel),
@@ -518,7 +520,7 @@ impl Call {
         for action in self.caller.on_timer(now, self.inner.timers.t2) {
             match action {
                 caller::Action::Respond(r) => {
-                    let _ = self.a_tx.respond(r);
+                    self.respond_a(r);
                 }
                 caller::Action::NoAck => {
                     tracing::info!(call = %self.id, "no ACK from the caller for the 2xx; ending the call");
@@ -592,6 +594,13 @@ impl Call {
                 reply,
             } => self.on_handover(named, &from_tag, reply),
             CallEvent::ReplacesReady(leg) => self.on_replaces_ready(leg),
+        }
+    }
+
+    /// Answers the caller's INVITE (nothing once the call is confirmed: see `a_tx`).
+    fn respond_a(&self, r: Response) {
+        if let Some(tx) = &self.a_tx {
+            let _ = tx.respond(r);
         }
     }
 
@@ -844,6 +853,7 @@ impl Call {
     /// Kept: the dialogs, the base headers of the INVITEs (Call-ID, tags and CSeq for
     /// matching), the ACK sent to B (for 2xx retransmissions).
     fn compact(&mut self) {
+        self.a_tx = None;
         let winner = self.bridge.b_branch;
         for b in self.fork.branches_mut() {
             if Some(b.id()) != winner && !b.is_pending() {
@@ -1080,7 +1090,7 @@ impl Call {
                     .observe(super::SetupStage::Ringing, t.as_secs_f64());
             }
         }
-        let _ = self.a_tx.respond(r);
+        self.respond_a(r);
     }
 
     /// PRACK on a B branch's early dialog (RFC 3262 7.2: RAck = RSeq CSeq-num method).
@@ -1169,7 +1179,7 @@ impl Call {
         r.body = resp.body.clone();
         self.bridge.a.state = DialogState::Confirmed;
         let r = self.caller.accept(r, self.inner.timers.t1);
-        let _ = self.a_tx.respond(r);
+        self.respond_a(r);
         let now = SystemTime::now();
         if let Ok(setup) = now.duration_since(self.start) {
             self.inner
@@ -1277,7 +1287,7 @@ impl Call {
         r.set_to_tag(&self.bridge.a.local_tag);
         if let Some(r) = self.caller.reject(r) {
             self.final_status = status;
-            let _ = self.a_tx.respond(r);
+            self.respond_a(r);
         }
     }
 
@@ -1316,7 +1326,7 @@ impl Call {
                     }
                     if let Some(r) = self.caller.reject(r) {
                         self.final_status = 302;
-                        let _ = self.a_tx.respond(r);
+                        self.respond_a(r);
                     }
                 }
                 self.end("system");
@@ -1350,7 +1360,7 @@ impl Call {
         for (name, value) in headers {
             r.headers.push(&name, value);
         }
-        let _ = self.a_tx.respond(r);
+        self.respond_a(r);
     }
 
     fn on_cancel(&mut self) {
@@ -1364,7 +1374,7 @@ impl Call {
             return; // answered already: the CANCEL changes nothing
         };
         self.final_status = 487;
-        let _ = self.a_tx.respond(r);
+        self.respond_a(r);
         let a = self
             .fork
             .end_dial(487, "Request Terminated", DialSource::Caller);
@@ -1502,7 +1512,7 @@ impl Call {
                 Some(d) => Some(d),
                 None => early_branch
                     .and_then(|b| self.fork.get_mut(b))
-                    .and_then(|b| b.early.as_mut()),
+                    .and_then(|b| b.early.as_deref_mut()),
             },
         };
         let Some(dialog) = dialog else {

@@ -59,7 +59,7 @@ pub(super) struct Branch {
     pub invite: Request,
     pub target: Target,
     /// The early dialog of the last provisional with a To tag (for PRACK and UPDATE).
-    pub early: Option<Dialog>,
+    pub early: Option<Box<Dialog>>,
     id: u64,
     owner: Owner,
     state: State,
@@ -371,7 +371,7 @@ impl Fork {
             if let Some(tag) = resp.base.to.tag() {
                 match &mut b.early {
                     Some(d) if d.remote_tag == tag => d.refresh_target(&resp.headers),
-                    _ => b.early = Some(Dialog::uac(&b.invite, resp, b.target)),
+                    _ => b.early = Some(Box::new(Dialog::uac(&b.invite, resp, b.target))),
                 }
             }
         }
