@@ -30,7 +30,7 @@ mod fork;
 mod test_util;
 mod transfer;
 
-use bridge::{copy_relayed, has_tag, Bridge, Reinvite};
+use bridge::{copy_relayed, has_tag, Bridge, Reinvite, SentAck};
 use caller::{CallerLeg, Prack};
 pub use control::transfer_via;
 use control::{CallAuth, Control};
@@ -229,7 +229,7 @@ pub struct Call {
     old_legs: Vec<Dialog>,
     old_keys: Vec<DialogKey>,
     /// The ACK of a transfer's re-INVITE, for its retransmitted 2xx.
-    transfer_reinvite_ack: Option<Box<(Target, Request)>>,
+    transfer_reinvite_ack: Option<Box<(Target, SentAck)>>,
     /// Transfers of this call, for the record.
     transfers: Vec<TransferNote>,
     /// The dialog an INVITE with Replaces took over, until its party answered.
@@ -612,21 +612,33 @@ impl Call {
 
     /// Sends an ACK for a 2xx: end to end, outside any transaction (RFC 3261 13.2.2.4),
     /// logged like the transaction layer logs its messages.
-    fn send_ack(
-        &self,
-        target: &Target,
-        ack: &Request,
-    ) -> Result<(), crate::transport::TransportError> {
-        tracing::debug!(dir = "out", method = %ack.method, call_id = %ack.base.call_id, peer = %target.addr, transport = %target.transport);
+    /// What was sent is returned, to be resent for a retransmitted 2xx. (A send error is
+    /// only logged: the ACK's retransmission is driven by the peer's 2xx, and a lost ACK
+    /// makes the peer end the call, RFC 3261 13.3.1.4.)
+    fn send_ack(&self, target: &Target, ack: &Request) -> SentAck {
+        let sent = SentAck {
+            seq: ack.base.cseq.seq,
+            call_id: Arc::from(ack.base.call_id.as_str()),
+            bytes: ack.to_bytes(),
+        };
+        self.resend_ack(target, &sent);
+        sent
+    }
+
+    /// Sends an ACK as it was built before.
+    fn resend_ack(&self, target: &Target, ack: &SentAck) {
+        tracing::debug!(dir = "out", method = "ACK", call_id = %ack.call_id, peer = %target.addr, transport = %target.transport);
         if let Some(t) = &self.inner.traces {
             t.record(
-                &ack.base.call_id,
+                &ack.call_id,
                 crate::trace::Direction::Out,
                 target,
-                crate::trace::Line::Request(&Method::Ack, &ack.uri),
+                crate::trace::Line::Sent(&ack.bytes),
             );
         }
-        self.inner.sender.send(target, ack.to_bytes())
+        if let Err(e) = self.inner.sender.send(target, ack.bytes.clone()) {
+            tracing::debug!(call = %self.id, error = %e, "ACK not sent");
+        }
     }
 
     /// Sends a request in a new client transaction whose events come back to this call.
@@ -920,7 +932,7 @@ impl Call {
                     if self.bridge.b_branch == Some(id) {
                         // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
                         if let (Some(ack), Some(d)) = (&self.bridge.b_ack, &self.bridge.b) {
-                            let _ = self.send_ack(&d.flow, ack);
+                            self.resend_ack(&d.flow, ack);
                         }
                     } else if let Some(resp) = resp {
                         self.ack_branch(id, resp, false);
@@ -1268,8 +1280,8 @@ impl Call {
         // A 2xx retransmission for the B INVITE after its transaction ended: re-ACK.
         if resp.is_success() && resp.base.cseq.method == Method::Invite {
             if let (Some(ack), Some(d)) = (&self.bridge.b_ack, &self.bridge.b) {
-                if ack.base.cseq.seq == resp.base.cseq.seq {
-                    let _ = self.send_ack(&d.flow, ack);
+                if ack.seq == resp.base.cseq.seq {
+                    self.resend_ack(&d.flow, ack);
                 }
             }
         }
@@ -1400,8 +1412,7 @@ impl Call {
                     let mut b_ack = d.ack(seq, via);
                     copy_relayed(&ack.headers, &mut b_ack.headers);
                     b_ack.body = ack.body.clone();
-                    let _ = self.send_ack(&d.flow, &b_ack);
-                    self.bridge.b_ack = Some(b_ack);
+                    self.bridge.b_ack = Some(self.send_ack(&d.flow, &b_ack));
                 }
             }
             self.compact();

@@ -12,8 +12,9 @@
 
 use super::Side;
 use crate::dialog::Dialog;
-use crate::sip::{Headers, Request};
+use crate::sip::Headers;
 use bytes::Bytes;
+use std::sync::Arc;
 
 /// Where the bridge's re-INVITE handling is (RFC 3261 14.2, 13.2.2.4 for the ACK).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +29,17 @@ enum State {
     AwaitingAck(Side, u32),
 }
 
+/// An ACK for a 2xx as it was sent: resent as it is when the 2xx comes again (RFC 3261
+/// 13.2.2.4). Kept serialized: one buffer instead of a parsed request's dozens of fields,
+/// for the whole life of an established call.
+#[derive(Clone)]
+pub(super) struct SentAck {
+    /// The CSeq number of the INVITE it acknowledges.
+    pub seq: u32,
+    pub call_id: Arc<str>,
+    pub bytes: Bytes,
+}
+
 pub(super) struct Bridge {
     /// The caller's dialog (after a transfer of the caller: the target's).
     pub a: Dialog,
@@ -39,7 +51,7 @@ pub(super) struct Bridge {
     pub b_branch: Option<u64>,
     /// The ACK for B's 2xx: sent when the caller's ACK arrives, kept for retransmitted
     /// 2xx (RFC 3261 13.2.2.4).
-    pub b_ack: Option<Request>,
+    pub b_ack: Option<SentAck>,
     state: State,
     /// The last hold offer (sendonly/inactive SDP) a party sent through us.
     hold: Option<(Side, Bytes)>,

@@ -469,8 +469,7 @@ impl Call {
     fn on_replace_answered(&mut self, bid: u64, resp: Response) {
         if self.bridge.b_branch == Some(bid) {
             if let (Some(ack), Some(d)) = (&self.bridge.b_ack, &self.bridge.b) {
-                let (ack, flow) = (ack.clone(), d.flow);
-                let _ = self.send_ack(&flow, &ack);
+                self.resend_ack(&d.flow, ack);
             }
             return;
         }
@@ -483,8 +482,7 @@ impl Call {
         if !self.a_invite.body.is_empty() {
             let via = self.inner.local.via(&dialog.flow);
             let ack = dialog.ack(seq, via);
-            let _ = self.send_ack(&dialog.flow, &ack);
-            self.bridge.b_ack = Some(ack);
+            self.bridge.b_ack = Some(self.send_ack(&dialog.flow, &ack));
         }
         self.bridge.b_branch = Some(bid);
         self.bridge.b = Some(dialog);
@@ -623,8 +621,7 @@ impl Call {
         if let Some(t) = self.transfer.as_ref() {
             if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
                 // A retransmitted 2xx: our ACK got lost (RFC 3261 13.2.2.4).
-                let (ack, flow) = (ack.clone(), d.flow);
-                let _ = self.send_ack(&flow, &ack);
+                self.resend_ack(&d.flow, ack);
                 return;
             }
             if t.target_answered() {
@@ -657,7 +654,7 @@ impl Call {
             // A retransmitted 2xx of the offerless re-INVITE: ACK again if we have.
             if let (Some(ack), Some(d)) = (&t.leg_ack, &t.leg_dialog) {
                 let (ack, flow) = (ack.clone(), d.flow);
-                let _ = self.send_ack(&flow, &ack);
+                self.resend_ack(&flow, &ack);
             }
             return;
         }
@@ -728,8 +725,7 @@ impl Call {
         let Some(t) = self.transfer.as_ref() else {
             // A retransmission after the switch: ACK it again.
             if let Some((flow, ack)) = self.transfer_reinvite_ack.as_deref() {
-                let (flow, ack) = (*flow, ack.clone());
-                let _ = self.send_ack(&flow, &ack);
+                self.resend_ack(flow, ack);
             }
             return;
         };
@@ -744,8 +740,8 @@ impl Call {
         let flow = d.flow;
         let via = inner.local.via(&flow);
         let ack = d.ack(seq, via);
-        let _ = self.send_ack(&flow, &ack);
-        self.transfer_reinvite_ack = Some(Box::new((flow, ack)));
+        let sent = self.send_ack(&flow, &ack);
+        self.transfer_reinvite_ack = Some(Box::new((flow, sent)));
         // The answer goes to the target in its ACK (RFC 3264 offer/answer across legs).
         let Some(t) = self.transfer.as_mut() else {
             return;
@@ -766,8 +762,10 @@ impl Call {
             );
             leg_ack.body = resp.body.clone();
         }
-        t.leg_ack = Some(leg_ack.clone());
-        let _ = self.send_ack(&lflow, &leg_ack);
+        let sent = self.send_ack(&lflow, &leg_ack);
+        if let Some(t) = self.transfer.as_mut() {
+            t.leg_ack = Some(sent);
+        }
         self.switch_legs();
     }
 
