@@ -619,7 +619,9 @@ impl Call {
         let sent = SentAck {
             seq: ack.base.cseq.seq,
             call_id: Arc::from(ack.base.call_id.as_str()),
-            bytes: ack.to_bytes(),
+            // Copied to its exact size: serializing reserves ~768 bytes, and this stays
+            // for the whole call.
+            bytes: Bytes::copy_from_slice(&ack.to_bytes()),
         };
         self.resend_ack(target, &sent);
         sent
