@@ -54,7 +54,7 @@ bench_setup() {
 # The two servers under test, on `port`, routing every call to SIPp's uas on $UAS_PORT.
 # Each sets SERVER_PID and adds it to $PIDS. $WRAP (an array, e.g. valgrind and its options)
 # runs in front of the server when set. Strowger: the release binary with the bench dial
-# plan; `BENCH_T1_MS` sets its T1. Kamailio: benches/kamailio/ with $KAM_CHILDREN workers.
+# plan; `BENCH_T1_MS` sets its T1, `BENCH_WORKERS` its `sip.workers` (default 1). Kamailio: benches/kamailio/ with $KAM_CHILDREN workers.
 start_strowger() {
   local port=$1 http
   http=$(free_tcp_port)
@@ -67,6 +67,7 @@ LUA
   cat > "$WORK/strowger.toml" <<TOML
 [sip]
 listen = ["udp:127.0.0.1:$port"]
+workers = ${BENCH_WORKERS:-1}
 [http]
 listen = "127.0.0.1:$http"
 [sip.timers]

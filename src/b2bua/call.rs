@@ -619,9 +619,7 @@ impl Call {
         let sent = SentAck {
             seq: ack.base.cseq.seq,
             call_id: Arc::from(ack.base.call_id.as_str()),
-            // Copied to its exact size: serializing reserves ~768 bytes, and this stays
-            // for the whole call.
-            bytes: Bytes::copy_from_slice(&ack.to_bytes()),
+            bytes: ack.to_bytes(),
         };
         self.resend_ack(target, &sent);
         sent

@@ -111,10 +111,17 @@ impl Request {
     /// A response to this request (RFC 3261 8.2.6.2): Via, From, To, Call-ID and CSeq
     /// copied. The caller adds the To tag where one is needed (`Response::set_to_tag`).
     pub fn response(&self, status: u16) -> Response {
+        self.base.response(status)
+    }
+}
+
+impl BaseHeaders {
+    /// A response to the request these are the headers of (see [`Request::response`]).
+    pub fn response(&self, status: u16) -> Response {
         Response {
             status,
             reason: reason_phrase(status).to_owned(),
-            base: self.base.clone(),
+            base: self.clone(),
             headers: Headers::new(),
             body: Bytes::new(),
         }

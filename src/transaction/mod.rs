@@ -33,7 +33,7 @@ mod timers;
 pub use config::TimersConfig;
 
 use crate::shard::ShardMap;
-use crate::sip::{new_tag, Method, Request, Response, SipMessage};
+use crate::sip::{new_tag, BaseHeaders, Method, Request, Response, SipMessage};
 use crate::transport::{Sender, Target, TransportError};
 use bytes::Bytes;
 use invite_client::InviteClient;
@@ -481,7 +481,11 @@ struct ServerInner {
     shared: Arc<Shared>,
     key: ServerKey,
     merge_key: Option<MergeKey>,
-    request: Request,
+    /// Of the request that created the transaction, what responses and matching need: a
+    /// copy of its base headers, not of the whole request (headers and body stay with the
+    /// user's copy; issue 14: the clone was a dozen allocations per request).
+    method: Method,
+    base: BaseHeaders,
     source: Target,
     core: Core<ServerMachine>,
     /// The To tag of the last response sent: the 200 to a CANCEL copies it (RFC 3261 9.2),
@@ -508,7 +512,7 @@ impl Driven for ServerInner {
             for e in effects {
                 match e {
                     Action::Send(b, what) => {
-                        let call_id = &self.request.base.call_id;
+                        let call_id = &self.base.call_id;
                         if let Err(err) = self.shared.send(&self.source, b, &what, call_id) {
                             tracing::debug!(call_id = %call_id, error = %err, "server transaction send failed");
                             self.send_failed(&err, &mut more);
@@ -524,7 +528,7 @@ impl Driven for ServerInner {
                     // Timer H (RFC 3261 17.2.1): no ACK came; a transaction failure.
                     Action::Report(_) => {
                         bump(&self.shared.stats.ack_timeouts);
-                        tracing::debug!(call_id = %self.request.base.call_id, "Timer H: no ACK for the final response");
+                        tracing::debug!(call_id = %self.base.call_id, "Timer H: no ACK for the final response");
                     }
                     Action::Start(..) => {}
                 }
@@ -545,7 +549,7 @@ impl ServerInner {
             self.shared.merged.remove_if(mk, |k| *k == self.key);
         }
         self.shared.live.fetch_sub(1, Ordering::AcqRel);
-        tracing::trace!(call_id = %self.request.base.call_id, method = %self.request.method, "server transaction terminated");
+        tracing::trace!(call_id = %self.base.call_id, method = %self.method, "server transaction terminated");
     }
 
     fn retransmission(self: &Arc<Self>) {
@@ -594,9 +598,13 @@ impl ServerTransaction {
     pub fn is_finished(&self) -> bool {
         self.inner.core.cell.lock().machine.is_finished()
     }
-    /// The request that created the transaction.
-    pub fn request(&self) -> &Request {
-        &self.inner.request
+    /// The method of the request that created the transaction.
+    pub fn method(&self) -> &Method {
+        &self.inner.method
+    }
+    /// A response to the request that created the transaction (RFC 3261 8.2.6.2).
+    pub fn response(&self, status: u16) -> Response {
+        self.inner.base.response(status)
     }
 }
 
@@ -761,7 +769,7 @@ fn to_tag_matches(key: &ServerKey, tx: &ServerInner, req: &Request) -> bool {
     if req.method == Method::Ack {
         tx.to_tag.lock().as_deref() == want
     } else {
-        tx.request.base.to.tag() == want
+        tx.base.to.tag() == want
     }
 }
 
@@ -859,7 +867,7 @@ impl TransactionLayer {
         // otherwise it is the ACK for a 2xx and belongs to the TU.
         let tx = ServerKey::of(&ack, false).and_then(|k| self.find_server(&k, &ack));
         match tx {
-            Some(tx) if tx.request.method == Method::Invite => {
+            Some(tx) if tx.method == Method::Invite => {
                 let _ = tx.drive(|m| Ok((m.ack(), ())), Some(ack));
             }
             _ => self.shared.tu.on_ack(ack, source),
@@ -877,8 +885,8 @@ impl TransactionLayer {
         // RFC 3261 9.2: the INVITE transaction with the same branch and sent-by.
         let invite = ServerKey::of(&cancel, true)
             .and_then(|k| self.find_server(&k, &cancel))
-            .filter(|tx| tx.request.method == Method::Invite);
-        let Some(handle) = self.create_server(own, None, cancel.clone(), source) else {
+            .filter(|tx| tx.method == Method::Invite);
+        let Some(handle) = self.create_server(own, None, &cancel, source) else {
             return;
         };
         match invite {
@@ -935,11 +943,10 @@ impl TransactionLayer {
                 }
             }
         }
-        let method = req.method.clone();
-        let Some(tx) = self.create_server(key, merge_key, req.clone(), source) else {
+        let Some(tx) = self.create_server(key, merge_key, &req, source) else {
             return;
         };
-        if method == Method::Invite {
+        if req.method == Method::Invite {
             // RFC 3261 17.2.1: 100 Trying at once, so the client stops retransmitting; it
             // copies Timestamp (8.2.6.1) and carries no To tag.
             let mut trying = req.response(100);
@@ -957,7 +964,7 @@ impl TransactionLayer {
         &self,
         key: ServerKey,
         merge_key: Option<MergeKey>,
-        req: Request,
+        req: &Request,
         source: Target,
     ) -> Option<ServerTransaction> {
         let reliable = source.transport.is_reliable();
@@ -970,7 +977,8 @@ impl TransactionLayer {
             shared: self.shared.clone(),
             key: key.clone(),
             merge_key: merge_key.clone(),
-            request: req,
+            method: req.method.clone(),
+            base: req.base.clone(),
             source,
             core: Core::new(machine, self.shared.epoch),
             to_tag: Mutex::new(None),

@@ -413,7 +413,7 @@ async fn invite_server_trying_retransmission_g_ack_confirmed_i() {
     assert_eq!(trying.base.to.tag(), None);
     assert_eq!(e.tu.requests.lock().len(), 1);
     let tx = e.server_tx();
-    assert_eq!(tx.request().method, Method::Invite);
+    assert_eq!(tx.method(), &Method::Invite);
     assert_eq!(tx.source(), udp());
     assert!(!tx.is_finished());
     // A retransmitted INVITE gets the last response again and does not reach the TU.

@@ -384,7 +384,7 @@ impl TransactionUser for UasCore {
         // call (yet) is ended here.
         let taken = self.b2bua.get().is_some_and(|b| b.on_cancel(&cancel));
         if !taken && !invite.is_finished() {
-            let resp = invite.request().response(487);
+            let resp = invite.response(487);
             Self::respond(&invite, resp);
         }
     }
