@@ -2,7 +2,7 @@
 //! non-INVITE, client and server transactions, their timers, retransmissions, the
 //! hop-by-hop ACK, 100 Trying, CANCEL matching (9.2), merged-request detection (8.2.2.2).
 //!
-//! Owns: the transaction maps, matching, the per-transaction timer tasks, and the driver that
+//! Owns: the transaction maps, matching, the timer queue, and the driver that
 //! runs the pure state machines of `invite_client`, `non_invite_client`, `invite_server`
 //! and `non_invite_server` (timer values in `timers`, keys in `matching`).
 //! Must not touch: sockets (it only calls [`Sender`]), dialogs or call logic (the
@@ -13,11 +13,11 @@
 //!
 //! Concurrency: transactions live in sharded maps (64 shards, each a `parking_lot` mutex held
 //! only for one map operation); each transaction has its own mutex around its state machine,
-//! never held while sending or calling the TU. A transaction that has timers running owns one
-//! tokio task that sleeps until its next deadline (no per-tick tasks); it ends with the
-//! transaction.
+//! never held while sending or calling the TU. Timers: one queue for the whole layer and one
+//! task that sleeps until its earliest deadline (see `driver`).
 
 mod config;
+mod driver;
 mod invite_client;
 mod invite_server;
 mod matching;
@@ -36,6 +36,7 @@ use crate::shard::ShardMap;
 use crate::sip::{new_tag, BaseHeaders, Method, Request, Response, SipMessage};
 use crate::transport::{Sender, Target, TransportError};
 use bytes::Bytes;
+use driver::{Core, Driven, Machine, Queued, TimerQueue};
 use invite_client::InviteClient;
 use invite_server::InviteServer;
 
@@ -50,7 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use timers::Timer;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// T1, T2, T4 (RFC 3261 17.1.1.1, table 4); every other timer derives from them.
@@ -210,12 +211,6 @@ impl Action {
 
 pub(crate) type Actions = Vec<Action>;
 
-/// Inputs common to every machine, so one timer task drives them all.
-trait Machine: Send + 'static {
-    fn timer(&mut self, t: Timer) -> Actions;
-    fn transport_error(&mut self, err: String) -> Actions;
-}
-
 enum ServerMachine {
     Invite(InviteServer),
     NonInvite(NonInviteServer),
@@ -293,190 +288,6 @@ impl Machine for ClientMachine {
     }
 }
 
-// ---- the driver: one mutex per transaction, timers, one task per transaction -----------
-
-struct Cell<M> {
-    machine: M,
-    /// Running timers and their deadlines (at most a handful).
-    timers: Vec<(Timer, Instant)>,
-    /// Terminated: no more inputs are processed.
-    done: bool,
-    /// The timer task has been spawned (lazily: a TCP transaction that ends at once needs
-    /// none).
-    task: bool,
-}
-
-struct Core<M> {
-    cell: Mutex<Cell<M>>,
-    wake: Notify,
-    /// The layer's start: origin of the grid cleanup timers fire on ([`timers::deadline`]).
-    epoch: Instant,
-}
-
-impl<M: Machine> Core<M> {
-    fn new(machine: M, epoch: Instant) -> Self {
-        Core {
-            epoch,
-            cell: Mutex::new(Cell {
-                machine,
-                timers: Vec::new(),
-                done: false,
-                task: false,
-            }),
-            wake: Notify::new(),
-        }
-    }
-
-    /// Books the timer actions and the termination under the lock; returns the side effects
-    /// (sends, reports, terminate) to run after the lock is released, and whether the timer
-    /// task must be spawned.
-    fn absorb(&self, cell: &mut Cell<M>, actions: Actions, effects: &mut Actions) -> bool {
-        let mut rearm = false;
-        for a in actions {
-            match a {
-                Action::Start(t, d) => {
-                    let at = timers::deadline(t, d, Instant::now(), self.epoch);
-                    match cell.timers.iter_mut().find(|(k, _)| *k == t) {
-                        Some(slot) => slot.1 = at,
-                        None => cell.timers.push((t, at)),
-                    }
-                    rearm = true;
-                }
-                Action::Terminate => {
-                    if !cell.done {
-                        cell.done = true;
-                        cell.timers.clear();
-                        effects.push(Action::Terminate);
-                    }
-                }
-                other => effects.push(other),
-            }
-        }
-        let spawn = rearm && !cell.task && !cell.done;
-        if spawn {
-            cell.task = true;
-        } else if rearm || cell.done {
-            self.wake.notify_one();
-        }
-        spawn
-    }
-
-    /// Runs `f` on the machine under the lock.
-    fn step<R>(
-        &self,
-        f: impl FnOnce(&mut M) -> Result<(Actions, R), TransactionError>,
-    ) -> Result<(Actions, bool, R), TransactionError> {
-        let mut cell = self.cell.lock();
-        if cell.done {
-            return Err(TransactionError::Gone);
-        }
-        let (actions, r) = f(&mut cell.machine)?;
-        let mut effects = Vec::with_capacity(actions.len());
-        let spawn = self.absorb(&mut cell, actions, &mut effects);
-        Ok((effects, spawn, r))
-    }
-
-    /// Fires every timer that is due.
-    fn fire_due(&self, retransmitted: &AtomicU64) -> Actions {
-        let mut cell = self.cell.lock();
-        let now = Instant::now();
-        let mut due: Vec<(Timer, Instant)> = Vec::new();
-        cell.timers.retain(|&(t, at)| {
-            if at <= now {
-                due.push((t, at));
-                false
-            } else {
-                true
-            }
-        });
-        due.sort_by_key(|&(_, at)| at);
-        let mut effects = Vec::new();
-        for (t, _) in due {
-            if cell.done {
-                break;
-            }
-            let actions = cell.machine.timer(t);
-            if matches!(t, Timer::A | Timer::E | Timer::G) {
-                // What these timers send is a retransmission (RFC 3261 17.1.1.2, 17.1.2.2,
-                // 17.2.1).
-                let resent = actions
-                    .iter()
-                    .filter(|a| matches!(a, Action::Send(..)))
-                    .count();
-                retransmitted.fetch_add(resent as u64, Ordering::Relaxed);
-            }
-            self.absorb(&mut cell, actions, &mut effects);
-        }
-        effects
-    }
-
-    /// None when terminated; else the next deadline, if any.
-    fn next_deadline(&self) -> Option<Option<Instant>> {
-        let cell = self.cell.lock();
-        if cell.done {
-            return None;
-        }
-        Some(cell.timers.iter().map(|&(_, at)| at).min())
-    }
-}
-
-/// A transaction the timer task can drive.
-trait Driven: Send + Sync + Sized + 'static {
-    type M: Machine;
-    fn core(&self) -> &Core<Self::M>;
-    fn shared(&self) -> &Arc<Shared>;
-    /// Runs side effects outside the transaction's lock; returns the first send error.
-    fn execute(self: &Arc<Self>, effects: Actions, ack: Option<Request>) -> Option<TransportError>;
-
-    /// Runs `f` on the machine, then its effects.
-    fn drive<R>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&mut Self::M) -> Result<(Actions, R), TransactionError>,
-        ack: Option<Request>,
-    ) -> Result<(R, Option<TransportError>), TransactionError> {
-        let (effects, spawn, r) = self.core().step(f)?;
-        if spawn {
-            self.shared().rt.spawn(run_timers(self.clone()));
-        }
-        Ok((r, self.execute(effects, ack)))
-    }
-
-    /// A send failed: feed it to the machine (RFC 3261 17.1.1.2, 17.1.2.2, 17.2.4).
-    fn send_failed(&self, err: &TransportError, effects: &mut Actions) {
-        bump(&self.shared().stats.transport_errors);
-        let core = self.core();
-        let mut cell = core.cell.lock();
-        if !cell.done {
-            let actions = cell.machine.transport_error(err.to_string());
-            core.absorb(&mut cell, actions, effects);
-        }
-    }
-}
-
-/// The timer task of one transaction: sleeps until the next deadline, is woken when the
-/// timers change, ends when the transaction terminates.
-async fn run_timers<T: Driven>(tx: Arc<T>) {
-    loop {
-        let Some(next) = tx.core().next_deadline() else {
-            return;
-        };
-        match next {
-            Some(at) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {
-                        let effects = tx
-                            .core()
-                            .fire_due(&tx.shared().stats.retransmissions_sent);
-                        tx.execute(effects, None);
-                    }
-                    _ = tx.core().wake.notified() => {}
-                }
-            }
-            None => tx.core().wake.notified().await,
-        }
-    }
-}
-
 struct ServerInner {
     shared: Arc<Shared>,
     key: ServerKey,
@@ -500,6 +311,9 @@ impl Driven for ServerInner {
     }
     fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+    fn queue_ref(self: &Arc<Self>) -> Queued {
+        Queued::Server(Arc::downgrade(self))
     }
     fn execute(
         self: &Arc<Self>,
@@ -596,7 +410,7 @@ impl ServerTransaction {
     }
     /// True once a final response was sent.
     pub fn is_finished(&self) -> bool {
-        self.inner.core.cell.lock().machine.is_finished()
+        self.inner.core.with_machine(|m| m.is_finished())
     }
     /// The method of the request that created the transaction.
     pub fn method(&self) -> &Method {
@@ -640,6 +454,9 @@ impl Driven for ClientInner {
     }
     fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+    fn queue_ref(self: &Arc<Self>) -> Queued {
+        Queued::Client(Arc::downgrade(self))
     }
     fn execute(
         self: &Arc<Self>,
@@ -723,6 +540,14 @@ struct Shared {
     messages: metrics::MessageCounters,
     /// Sees every message in and out when set (the per-call traces of `call.trace`).
     observer: std::sync::OnceLock<Arc<dyn MessageObserver>>,
+    /// Every transaction's timers.
+    timers: Arc<TimerQueue>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.timers.close();
+    }
 }
 
 impl Shared {
@@ -797,6 +622,7 @@ impl TransactionLayer {
                 stats: Counters::default(),
                 messages: Default::default(),
                 observer: std::sync::OnceLock::new(),
+                timers: TimerQueue::new(),
             }),
         }
     }
@@ -1098,7 +924,7 @@ impl TransactionLayer {
             .servers
             .values()
             .iter()
-            .filter(|s| !s.core.cell.lock().machine.is_finished())
+            .filter(|s| !s.core.with_machine(|m| m.is_finished()))
             .count()
     }
 

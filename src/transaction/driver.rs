@@ -1,0 +1,392 @@
+//! The driver of the pure state machines: one mutex per transaction around its machine and
+//! timers, and one timer queue for the whole layer.
+//!
+//! Owns: each transaction's running timers and the queue of deadlines; the one task that
+//! sleeps until the earliest deadline and fires what is due. Must not touch: what a
+//! transaction sends or reports (its [`Driven::execute`] does that).
+//!
+//! Why one queue (issue 14): a task per transaction cost a task allocation (~400 bytes,
+//! for up to 64*T1 = 32 s), a runtime timer registration and a wake-up of that task every
+//! time its timers changed, two to four transactions per call. The queue is a binary heap
+//! of (deadline, transaction); the task wakes only for the earliest deadline, and cleanup
+//! timers (on a 50 ms grid, see `timers::deadline`) of many transactions end in one wake-up.
+//! A transaction remembers the deadline it is queued for, so that it is queued again only
+//! when a timer moves earlier; an entry that comes due for a timer that was stopped or moved
+//! later finds nothing due and queues the transaction's next deadline.
+
+use super::timers::{self, Timer};
+use super::{Action, Actions, Shared, TransactionError};
+use parking_lot::Mutex;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Inputs common to every machine, so one timer queue drives them all.
+pub(super) trait Machine: Send + 'static {
+    fn timer(&mut self, t: Timer) -> Actions;
+    fn transport_error(&mut self, err: String) -> Actions;
+}
+
+struct Cell<M> {
+    machine: M,
+    /// Running timers and their deadlines (at most a handful).
+    timers: Vec<(Timer, Instant)>,
+    /// Terminated: no more inputs are processed.
+    done: bool,
+    /// The deadline this transaction is queued for, if any.
+    queued: Option<Instant>,
+}
+
+impl<M> Cell<M> {
+    /// The deadline to queue, when the earliest running timer is earlier than the one the
+    /// transaction is queued for (or it is not queued); records it as queued.
+    fn to_queue(&mut self) -> Option<Instant> {
+        if self.done {
+            return None;
+        }
+        let next = self.timers.iter().map(|&(_, at)| at).min()?;
+        if self.queued.is_some_and(|q| q <= next) {
+            return None;
+        }
+        self.queued = Some(next);
+        Some(next)
+    }
+}
+
+pub(super) struct Core<M> {
+    cell: Mutex<Cell<M>>,
+    /// The layer's start: origin of the grid cleanup timers fire on ([`timers::deadline`]).
+    epoch: Instant,
+}
+
+impl<M: Machine> Core<M> {
+    pub(super) fn new(machine: M, epoch: Instant) -> Self {
+        Core {
+            epoch,
+            cell: Mutex::new(Cell {
+                machine,
+                timers: Vec::new(),
+                done: false,
+                queued: None,
+            }),
+        }
+    }
+
+    /// Reads the machine under the lock.
+    pub(super) fn with_machine<R>(&self, f: impl FnOnce(&M) -> R) -> R {
+        f(&self.cell.lock().machine)
+    }
+
+    /// Books the timer actions and the termination under the lock; the side effects (sends,
+    /// reports, terminate) go to `effects`, to be run after the lock is released.
+    fn absorb(&self, cell: &mut Cell<M>, actions: Actions, effects: &mut Actions) {
+        for a in actions {
+            match a {
+                Action::Start(t, d) => {
+                    let at = timers::deadline(t, d, Instant::now(), self.epoch);
+                    match cell.timers.iter_mut().find(|(k, _)| *k == t) {
+                        Some(slot) => slot.1 = at,
+                        None => cell.timers.push((t, at)),
+                    }
+                }
+                Action::Terminate => {
+                    if !cell.done {
+                        cell.done = true;
+                        cell.timers.clear();
+                        effects.push(Action::Terminate);
+                    }
+                }
+                other => effects.push(other),
+            }
+        }
+    }
+
+    /// Runs `f` on the machine under the lock: its effects, and the deadline to queue the
+    /// transaction for.
+    fn step<R>(
+        &self,
+        f: impl FnOnce(&mut M) -> Result<(Actions, R), TransactionError>,
+    ) -> Result<(Actions, Option<Instant>, R), TransactionError> {
+        let mut cell = self.cell.lock();
+        if cell.done {
+            return Err(TransactionError::Gone);
+        }
+        let (actions, r) = f(&mut cell.machine)?;
+        let mut effects = Vec::with_capacity(actions.len());
+        self.absorb(&mut cell, actions, &mut effects);
+        let queue = cell.to_queue();
+        Ok((effects, queue, r))
+    }
+
+    /// The queue's entry for `entry` came due: fires every timer that is due; returns the
+    /// effects and the deadline to queue the transaction for next.
+    fn fire_due(&self, entry: Instant, retransmitted: &AtomicU64) -> (Actions, Option<Instant>) {
+        let mut cell = self.cell.lock();
+        if cell.queued == Some(entry) {
+            cell.queued = None;
+        }
+        let now = Instant::now();
+        let mut due: Vec<(Timer, Instant)> = Vec::new();
+        cell.timers.retain(|&(t, at)| {
+            if at <= now {
+                due.push((t, at));
+                false
+            } else {
+                true
+            }
+        });
+        due.sort_by_key(|&(_, at)| at);
+        let mut effects = Vec::new();
+        for (t, _) in due {
+            if cell.done {
+                break;
+            }
+            let actions = cell.machine.timer(t);
+            if matches!(t, Timer::A | Timer::E | Timer::G) {
+                // What these timers send is a retransmission (RFC 3261 17.1.1.2, 17.1.2.2,
+                // 17.2.1).
+                let resent = actions
+                    .iter()
+                    .filter(|a| matches!(a, Action::Send(..)))
+                    .count();
+                retransmitted.fetch_add(resent as u64, Ordering::Relaxed);
+            }
+            self.absorb(&mut cell, actions, &mut effects);
+        }
+        let queue = cell.to_queue();
+        (effects, queue)
+    }
+}
+
+/// A transaction the timer queue can drive.
+pub(super) trait Driven: Send + Sync + Sized + 'static {
+    type M: Machine;
+    fn core(&self) -> &Core<Self::M>;
+    fn shared(&self) -> &Arc<Shared>;
+    /// Runs side effects outside the transaction's lock; returns the first send error.
+    fn execute(
+        self: &Arc<Self>,
+        effects: Actions,
+        ack: Option<super::Request>,
+    ) -> Option<super::TransportError>;
+    /// How the timer queue refers to this transaction (weakly: a queued deadline does not
+    /// keep a terminated transaction's state alive).
+    fn queue_ref(self: &Arc<Self>) -> Queued;
+
+    /// Runs `f` on the machine, then its effects.
+    fn drive<R>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Self::M) -> Result<(Actions, R), TransactionError>,
+        ack: Option<super::Request>,
+    ) -> Result<(R, Option<super::TransportError>), TransactionError> {
+        let (effects, queue, r) = self.core().step(f)?;
+        if let Some(at) = queue {
+            self.shared()
+                .timers
+                .push(at, self.queue_ref(), &self.shared().rt);
+        }
+        Ok((r, self.execute(effects, ack)))
+    }
+
+    /// The queue's entry for deadline `entry` came due.
+    fn on_due(self: &Arc<Self>, entry: Instant) {
+        let shared = self.shared();
+        let (effects, queue) = self
+            .core()
+            .fire_due(entry, &shared.stats.retransmissions_sent);
+        if let Some(at) = queue {
+            shared.timers.push(at, self.queue_ref(), &shared.rt);
+        }
+        self.execute(effects, None);
+    }
+
+    /// A send failed: feed it to the machine (RFC 3261 17.1.1.2, 17.1.2.2, 17.2.4).
+    fn send_failed(&self, err: &super::TransportError, effects: &mut Actions) {
+        super::bump(&self.shared().stats.transport_errors);
+        let core = self.core();
+        let mut cell = core.cell.lock();
+        if !cell.done {
+            let actions = cell.machine.transport_error(err.to_string());
+            core.absorb(&mut cell, actions, effects);
+            // A transport error ends the transaction or changes nothing that is timed;
+            // should a machine start a timer here, it is queued with its next event.
+        }
+    }
+}
+
+/// A queued transaction.
+pub(super) enum Queued {
+    Server(Weak<super::ServerInner>),
+    Client(Weak<super::ClientInner>),
+}
+
+impl Queued {
+    fn fire(&self, entry: Instant) {
+        match self {
+            Queued::Server(w) => {
+                if let Some(tx) = w.upgrade() {
+                    tx.on_due(entry);
+                }
+            }
+            Queued::Client(w) => {
+                if let Some(tx) = w.upgrade() {
+                    tx.on_due(entry);
+                }
+            }
+        }
+    }
+}
+
+/// One deadline of the queue; ordered by deadline, then by when it was queued.
+struct Entry {
+    at: Instant,
+    seq: u64,
+    tx: Queued,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+struct Heap {
+    entries: BinaryHeap<Reverse<Entry>>,
+    seq: u64,
+    /// The deadline the task sleeps until (None: it waits for a first entry, or has not
+    /// been started).
+    sleeping_until: Option<Instant>,
+}
+
+/// Every transaction timer deadline of the layer, and the task that fires them.
+pub(super) struct TimerQueue {
+    heap: Mutex<Heap>,
+    wake: Notify,
+    started: AtomicBool,
+    closed: AtomicBool,
+}
+
+impl TimerQueue {
+    pub(super) fn new() -> Arc<TimerQueue> {
+        Arc::new(TimerQueue {
+            heap: Mutex::new(Heap {
+                entries: BinaryHeap::new(),
+                seq: 0,
+                sleeping_until: None,
+            }),
+            wake: Notify::new(),
+            started: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Queues `tx` for deadline `at`; starts the task on `rt` the first time.
+    fn push(self: &Arc<Self>, at: Instant, tx: Queued, rt: &tokio::runtime::Handle) {
+        let wake = {
+            let mut h = self.heap.lock();
+            h.seq += 1;
+            let seq = h.seq;
+            h.entries.push(Reverse(Entry { at, seq, tx }));
+            // Only a deadline earlier than the one slept until needs the task.
+            h.sleeping_until.is_none_or(|s| at < s)
+        };
+        if !self.started.swap(true, Ordering::AcqRel) {
+            rt.spawn(run(self.clone()));
+        } else if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The layer is gone: the task ends.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Takes the entries due at `now`; else records and returns the deadline to sleep until.
+    fn take_due(&self, now: Instant, due: &mut Vec<Entry>) -> Option<Instant> {
+        let mut h = self.heap.lock();
+        while h.entries.peek().is_some_and(|e| e.0.at <= now) {
+            if let Some(Reverse(e)) = h.entries.pop() {
+                due.push(e);
+            }
+        }
+        h.sleeping_until = h.entries.peek().map(|e| e.0.at);
+        h.sleeping_until
+    }
+}
+
+/// The queue's task: fires what is due, sleeps until the next deadline or an earlier one is
+/// queued, ends when the layer is dropped.
+async fn run(queue: Arc<TimerQueue>) {
+    let mut due = Vec::new();
+    while !queue.closed.load(Ordering::Acquire) {
+        let next = queue.take_due(Instant::now(), &mut due);
+        if !due.is_empty() {
+            for e in due.drain(..) {
+                e.tx.fire(e.at);
+            }
+            // Firing may have queued deadlines that are due already (a zero-length timer).
+            continue;
+        }
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = queue.wake.notified() => {}
+                }
+            }
+            None => queue.wake.notified().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cell() -> Cell<()> {
+        Cell {
+            machine: (),
+            timers: Vec::new(),
+            done: false,
+            queued: None,
+        }
+    }
+
+    #[test]
+    fn a_transaction_is_queued_again_only_for_an_earlier_deadline() {
+        let t0 = Instant::now();
+        let mut c = cell();
+        assert_eq!(c.to_queue(), None, "no timer, nothing to queue");
+        c.timers.push((Timer::B, t0 + Duration::from_secs(32)));
+        assert_eq!(c.to_queue(), Some(t0 + Duration::from_secs(32)));
+        // Timer A starts: earlier than the queued B, so it is queued too.
+        c.timers.push((Timer::A, t0 + Duration::from_millis(500)));
+        assert_eq!(c.to_queue(), Some(t0 + Duration::from_millis(500)));
+        // A moves later (back-off): the entry for 500 ms stays and finds nothing due then.
+        c.timers[1].1 = t0 + Duration::from_secs(1);
+        assert_eq!(c.to_queue(), None);
+        // That entry came due (fire_due clears `queued`): the next deadline is queued.
+        c.queued = None;
+        assert_eq!(c.to_queue(), Some(t0 + Duration::from_secs(1)));
+        c.done = true;
+        c.queued = None;
+        assert_eq!(c.to_queue(), None, "a terminated transaction is not queued");
+    }
+}
