@@ -43,7 +43,7 @@ struct Cell<M> {
 impl<M> Cell<M> {
     /// The deadline to queue, when the earliest running timer is earlier than the one the
     /// transaction is queued for (or it is not queued); records it as queued.
-    fn to_queue(&mut self) -> Option<Instant> {
+    fn next_to_queue(&mut self) -> Option<Instant> {
         if self.done {
             return None;
         }
@@ -117,7 +117,7 @@ impl<M: Machine> Core<M> {
         let (actions, r) = f(&mut cell.machine)?;
         let mut effects = Vec::with_capacity(actions.len());
         self.absorb(&mut cell, actions, &mut effects);
-        let queue = cell.to_queue();
+        let queue = cell.next_to_queue();
         Ok((effects, queue, r))
     }
 
@@ -156,7 +156,7 @@ impl<M: Machine> Core<M> {
             }
             self.absorb(&mut cell, actions, &mut effects);
         }
-        let queue = cell.to_queue();
+        let queue = cell.next_to_queue();
         (effects, queue)
     }
 }
@@ -373,20 +373,20 @@ mod tests {
     fn a_transaction_is_queued_again_only_for_an_earlier_deadline() {
         let t0 = Instant::now();
         let mut c = cell();
-        assert_eq!(c.to_queue(), None, "no timer, nothing to queue");
+        assert_eq!(c.next_to_queue(), None, "no timer, nothing to queue");
         c.timers.push((Timer::B, t0 + Duration::from_secs(32)));
-        assert_eq!(c.to_queue(), Some(t0 + Duration::from_secs(32)));
+        assert_eq!(c.next_to_queue(), Some(t0 + Duration::from_secs(32)));
         // Timer A starts: earlier than the queued B, so it is queued too.
         c.timers.push((Timer::A, t0 + Duration::from_millis(500)));
-        assert_eq!(c.to_queue(), Some(t0 + Duration::from_millis(500)));
+        assert_eq!(c.next_to_queue(), Some(t0 + Duration::from_millis(500)));
         // A moves later (back-off): the entry for 500 ms stays and finds nothing due then.
         c.timers[1].1 = t0 + Duration::from_secs(1);
-        assert_eq!(c.to_queue(), None);
+        assert_eq!(c.next_to_queue(), None);
         // That entry came due (fire_due clears `queued`): the next deadline is queued.
         c.queued = None;
-        assert_eq!(c.to_queue(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(c.next_to_queue(), Some(t0 + Duration::from_secs(1)));
         c.done = true;
         c.queued = None;
-        assert_eq!(c.to_queue(), None, "a terminated transaction is not queued");
+        assert_eq!(c.next_to_queue(), None, "a terminated transaction is not queued");
     }
 }
