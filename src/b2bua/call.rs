@@ -357,11 +357,13 @@ impl Call {
         let control = Arc::new(Control {
             events: events.clone(),
             ended: call.ended_tx.subscribe(),
-            auth: inner.auth.clone().map(|(auth, users)| CallAuth {
-                auth,
-                users,
-                invite: call.a_invite.clone(),
-                source: source.addr.ip(),
+            auth: inner.auth.clone().map(|(auth, users)| {
+                Box::new(CallAuth {
+                    auth,
+                    users,
+                    invite: call.a_invite.clone(),
+                    source: source.addr.ip(),
+                })
             }),
         });
         // RFC 3891: an INVITE with Replaces joins the other party of the dialog it names;

@@ -42,7 +42,7 @@ pub(crate) struct CallState {
     from: UriInfo,
     to: UriInfo,
     ruri: UriInfo,
-    headers: Vec<(String, String)>,
+    headers: HeaderList,
     inner: Mutex<Inner>,
     /// The registry slot of the call's userdata on its VM (freed with the handle).
     pub key: Mutex<Option<mlua::RegistryKey>>,
@@ -77,7 +77,7 @@ impl CallState {
             from: info.from,
             to: info.to,
             ruri: info.ruri,
-            headers: info.headers,
+            headers: HeaderList::new(&info.headers),
             key: Mutex::new(None),
             env: Mutex::new(None),
             inner: Mutex::new(Inner {
@@ -152,6 +152,44 @@ impl CallState {
             .iter()
             .find(|(n, _)| canonical_header(n) == want)
             .map(|(_, v)| super::bounded(v))
+    }
+}
+
+/// The INVITE's headers as a call keeps them for its hooks: one text buffer and the ends of
+/// each name and value in it, instead of two `String`s per header (a call holds them for
+/// its whole life; issue 14).
+struct HeaderList {
+    text: String,
+    /// (end of the name, end of the value) of each header, in order.
+    ends: Vec<(u32, u32)>,
+}
+
+impl HeaderList {
+    fn new(headers: &[(String, String)]) -> HeaderList {
+        let len = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let mut list = HeaderList {
+            text: String::with_capacity(len),
+            ends: Vec::with_capacity(headers.len()),
+        };
+        for (n, v) in headers {
+            list.text.push_str(n);
+            let name_end = list.text.len();
+            list.text.push_str(v);
+            // A message is at most 64 KiB; u32 offsets cannot overflow.
+            list.ends.push((name_end as u32, list.text.len() as u32));
+        }
+        list
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut start = 0usize;
+        self.ends.iter().map(move |&(n, v)| {
+            let (n, v) = (n as usize, v as usize);
+            let name = self.text.get(start..n).unwrap_or("");
+            let value = self.text.get(n..v).unwrap_or("");
+            start = v;
+            (name, value)
+        })
     }
 }
 

@@ -11,8 +11,10 @@
 //! of (deadline, transaction); the task wakes only for the earliest deadline, and cleanup
 //! timers (on a 50 ms grid, see `timers::deadline`) of many transactions end in one wake-up.
 //! A transaction remembers the deadline it is queued for, so that it is queued again only
-//! when a timer moves earlier; an entry that comes due for a timer that was stopped or moved
-//! later finds nothing due and queues the transaction's next deadline.
+//! when a timer moves earlier. When that deadline goes stale (the state machine stopped the
+//! timer: Timer A once a response came, E once a final came...), the task is poked and drops
+//! the entry at once instead of waking up for it; the transaction's next deadline is queued
+//! then.
 
 use super::timers::{self, Timer};
 use super::{Action, Actions, Shared, TransactionError};
@@ -54,6 +56,15 @@ impl<M> Cell<M> {
         self.queued = Some(next);
         Some(next)
     }
+
+    /// The deadline the transaction is queued for, when no running timer needs it any more
+    /// (stopped, or moved later): the queue can drop that entry now rather than wake up for
+    /// it.
+    fn stale_queued(&self) -> Option<Instant> {
+        let q = self.queued?;
+        let next = self.timers.iter().map(|&(_, at)| at).min();
+        (self.done || next.is_none_or(|n| n > q)).then_some(q)
+    }
 }
 
 pub(super) struct Core<M> {
@@ -92,6 +103,7 @@ impl<M: Machine> Core<M> {
                         None => cell.timers.push((t, at)),
                     }
                 }
+                Action::Stop(t) => cell.timers.retain(|(k, _)| *k != t),
                 Action::Terminate => {
                     if !cell.done {
                         cell.done = true;
@@ -104,12 +116,13 @@ impl<M: Machine> Core<M> {
         }
     }
 
-    /// Runs `f` on the machine under the lock: its effects, and the deadline to queue the
-    /// transaction for.
+    /// Runs `f` on the machine under the lock: its effects, the deadline to queue the
+    /// transaction for, and a queued deadline that went stale.
+    #[allow(clippy::type_complexity)]
     fn step<R>(
         &self,
         f: impl FnOnce(&mut M) -> Result<(Actions, R), TransactionError>,
-    ) -> Result<(Actions, Option<Instant>, R), TransactionError> {
+    ) -> Result<(Actions, Option<Instant>, Option<Instant>, R), TransactionError> {
         let mut cell = self.cell.lock();
         if cell.done {
             return Err(TransactionError::Gone);
@@ -118,7 +131,14 @@ impl<M: Machine> Core<M> {
         let mut effects = Vec::with_capacity(actions.len());
         self.absorb(&mut cell, actions, &mut effects);
         let queue = cell.next_to_queue();
-        Ok((effects, queue, r))
+        let stale = cell.stale_queued();
+        Ok((effects, queue, stale, r))
+    }
+
+    /// Whether the queue's entry for `entry` no longer matters to this transaction.
+    fn is_stale(&self, entry: Instant) -> bool {
+        let cell = self.cell.lock();
+        cell.queued != Some(entry) || cell.stale_queued() == Some(entry)
     }
 
     /// The queue's entry for `entry` came due: fires every timer that is due; returns the
@@ -182,11 +202,13 @@ pub(super) trait Driven: Send + Sync + Sized + 'static {
         f: impl FnOnce(&mut Self::M) -> Result<(Actions, R), TransactionError>,
         ack: Option<super::Request>,
     ) -> Result<(R, Option<super::TransportError>), TransactionError> {
-        let (effects, queue, r) = self.core().step(f)?;
+        let (effects, queue, stale, r) = self.core().step(f)?;
+        let shared = self.shared();
         if let Some(at) = queue {
-            self.shared()
-                .timers
-                .push(at, self.queue_ref(), &self.shared().rt);
+            shared.timers.push(at, self.queue_ref(), &shared.rt);
+        }
+        if let Some(at) = stale {
+            shared.timers.poke(at);
         }
         Ok((r, self.execute(effects, ack)))
     }
@@ -224,6 +246,15 @@ pub(super) enum Queued {
 }
 
 impl Queued {
+    /// Whether the entry for `entry` can be dropped without waiting for it (its transaction
+    /// is gone, or no running timer of it is due then).
+    fn is_stale(&self, entry: Instant) -> bool {
+        match self {
+            Queued::Server(w) => w.upgrade().is_none_or(|tx| tx.core().is_stale(entry)),
+            Queued::Client(w) => w.upgrade().is_none_or(|tx| tx.core().is_stale(entry)),
+        }
+    }
+
     fn fire(&self, entry: Instant) {
         match self {
             Queued::Server(w) => {
@@ -311,6 +342,26 @@ impl TimerQueue {
         }
     }
 
+    /// A transaction's entry for `at` went stale: if the task sleeps until it, it looks
+    /// again (it drops stale entries at the top before sleeping).
+    fn poke(&self, at: Instant) {
+        if self.heap.lock().sleeping_until == Some(at) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes the entry at the top when it is stale; puts it back otherwise. Returns the
+    /// stale entry.
+    fn take_stale_top(&self) -> Option<Entry> {
+        let top = self.heap.lock().entries.pop()?.0;
+        // Checked without the queue's lock: a transaction's lock is never taken under it.
+        if top.tx.is_stale(top.at) {
+            return Some(top);
+        }
+        self.heap.lock().entries.push(Reverse(top));
+        None
+    }
+
     /// The layer is gone: the task ends.
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Release);
@@ -342,6 +393,14 @@ async fn run(queue: Arc<TimerQueue>) {
             }
             // Firing may have queued deadlines that are due already (a zero-length timer).
             continue;
+        }
+        // An entry whose timer was stopped or moved later is not waited for: firing it now
+        // fires nothing and queues its transaction's next deadline.
+        if next.is_some() {
+            if let Some(e) = queue.take_stale_top() {
+                e.tx.fire(e.at);
+                continue;
+            }
         }
         match next {
             Some(at) => {
@@ -387,6 +446,10 @@ mod tests {
         assert_eq!(c.next_to_queue(), Some(t0 + Duration::from_secs(1)));
         c.done = true;
         c.queued = None;
-        assert_eq!(c.next_to_queue(), None, "a terminated transaction is not queued");
+        assert_eq!(
+            c.next_to_queue(),
+            None,
+            "a terminated transaction is not queued"
+        );
     }
 }

@@ -59,8 +59,15 @@ impl InviteClient {
         let status = resp.status;
         match (self.state, status) {
             (State::Calling | State::Proceeding, 100..=199) => {
+                let was_calling = self.state == State::Calling;
                 self.state = State::Proceeding;
-                vec![Action::report(ClientEvent::Provisional(resp.clone()))]
+                let mut actions = vec![Action::report(ClientEvent::Provisional(resp.clone()))];
+                if was_calling {
+                    // 17.1.1.2: no retransmissions in Proceeding, and Timer B only times
+                    // out the Calling state.
+                    actions.extend([Action::Stop(Timer::A), Action::Stop(Timer::B)]);
+                }
+                actions
             }
             // RFC 6026 7.2: a 2xx moves to Accepted; Timer M absorbs the window in which
             // further 2xx (from other forks or retransmissions) arrive, each passed up.
@@ -68,6 +75,8 @@ impl InviteClient {
                 self.state = State::Accepted;
                 vec![
                     Action::report(ClientEvent::Final(resp.clone())),
+                    Action::Stop(Timer::A),
+                    Action::Stop(Timer::B),
                     Action::Start(Timer::M, self.cfg.timer_lm()),
                 ]
             }
@@ -79,6 +88,8 @@ impl InviteClient {
                 let mut actions = vec![
                     Action::Send(ack, What::Method(Method::Ack)),
                     Action::report(ClientEvent::Final(resp.clone())),
+                    Action::Stop(Timer::A),
+                    Action::Stop(Timer::B),
                 ];
                 let d = self.cfg.timer_d(self.reliable);
                 if d.is_zero() {
@@ -179,8 +190,16 @@ mod tests {
         let a = m.on_response(&response_to(&req, 180));
         assert!(matches!(&a[0], Action::Report(ev) if matches!(**ev, ClientEvent::Provisional(_))));
         assert_eq!(m.state, State::Proceeding);
-        // Timer A does nothing once Proceeding.
+        // Timers A and B stop once Proceeding (nothing wakes up for them), and do nothing
+        // should they fire.
+        assert!(a.iter().any(|x| matches!(x, Action::Stop(Timer::A))));
+        assert!(a.iter().any(|x| matches!(x, Action::Stop(Timer::B))));
         assert!(m.on_timer(Timer::A).is_empty());
+        let again = m.on_response(&response_to(&req, 183));
+        assert!(
+            !again.iter().any(|x| matches!(x, Action::Stop(_))),
+            "stopped once"
+        );
         let a = m.on_response(&response_to(&req, 486));
         assert_eq!(m.state, State::Completed, "{:?}", kinds(&a));
         let Action::Send(ack, _) = &a[0] else {

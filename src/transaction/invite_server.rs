@@ -106,7 +106,12 @@ impl InviteServer {
                 } else {
                     // RFC 3261 17.2.1: Confirmed absorbs ACK retransmissions until Timer I.
                     self.state = State::Confirmed;
-                    vec![Action::Start(Timer::I, i)]
+                    // 17.2.1: Confirmed no longer retransmits (G) nor waits for the ACK (H).
+                    vec![
+                        Action::Stop(Timer::G),
+                        Action::Stop(Timer::H),
+                        Action::Start(Timer::I, i),
+                    ]
                 }
             }
             // RFC 6026 8.7: an ACK in Accepted goes to the TU (it is the 2xx's ACK).

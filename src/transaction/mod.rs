@@ -195,6 +195,9 @@ pub(crate) enum Action {
     Send(Bytes, What),
     /// (Re)start a timer; a running timer of the same kind is replaced.
     Start(Timer, Duration),
+    /// Stop a timer that no longer matters in the new state (a retransmission or timeout
+    /// timer of the state left), so that nothing wakes up for it (issue 14).
+    Stop(Timer),
     /// Tell the client transaction's user (boxed: responses are large, sends are common).
     Report(Box<ClientEvent>),
     /// Give the ACK being processed to the TU (RFC 6026 Accepted).
@@ -344,7 +347,7 @@ impl Driven for ServerInner {
                         bump(&self.shared.stats.ack_timeouts);
                         tracing::debug!(call_id = %self.base.call_id, "Timer H: no ACK for the final response");
                     }
-                    Action::Start(..) => {}
+                    Action::Start(..) | Action::Stop(_) => {}
                 }
             }
             effects = more;
@@ -496,7 +499,7 @@ impl Driven for ClientInner {
                         self.shared.live.fetch_sub(1, Ordering::AcqRel);
                         self.events.lock().take();
                     }
-                    Action::PassAck | Action::Start(..) => {}
+                    Action::PassAck | Action::Start(..) | Action::Stop(_) => {}
                 }
             }
             effects = more;

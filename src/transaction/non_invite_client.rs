@@ -61,7 +61,12 @@ impl NonInviteClient {
                 vec![Action::report(ClientEvent::Provisional(resp.clone()))]
             }
             (State::Trying | State::Proceeding, 200..=699) => {
-                let mut actions = vec![Action::report(ClientEvent::Final(resp.clone()))];
+                // 17.1.2.2: Completed neither retransmits nor times out.
+                let mut actions = vec![
+                    Action::report(ClientEvent::Final(resp.clone())),
+                    Action::Stop(Timer::E),
+                    Action::Stop(Timer::F),
+                ];
                 let k = self.cfg.timer_k(self.reliable);
                 if k.is_zero() {
                     self.state = State::Terminated;
@@ -160,12 +165,23 @@ mod tests {
         let mut m = start(false);
         let resp = super::super::test_util::response_to(&super::super::test_util::options(), 200);
         let a = m.on_response(&resp);
-        assert!(matches!(a[1], Action::Start(Timer::K, _)));
+        assert!(a.iter().any(|x| matches!(x, Action::Start(Timer::K, _))));
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Stop(Timer::E))),
+            "E stops"
+        );
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Stop(Timer::F))),
+            "F stops"
+        );
         assert!(m.on_response(&resp).is_empty(), "retransmission absorbed");
         assert!(m.on_timer(Timer::E).is_empty());
         assert!(matches!(m.on_timer(Timer::K)[0], Action::Terminate));
         let mut m = start(true);
-        assert!(matches!(m.on_response(&resp)[1], Action::Terminate));
+        assert!(m
+            .on_response(&resp)
+            .iter()
+            .any(|x| matches!(x, Action::Terminate)));
     }
 
     #[test]

@@ -20,8 +20,10 @@ use tokio::sync::oneshot;
 pub(super) struct Control {
     pub events: Events,
     pub ended: tokio::sync::watch::Receiver<bool>,
-    /// Present when users are configured: what `call:authenticate()` needs.
-    pub auth: Option<CallAuth>,
+    /// Present when users are configured: what `call:authenticate()` needs. Boxed: the
+    /// script keeps this control for the whole call, and inline the INVITE made it ~850
+    /// bytes of every call even without users.
+    pub auth: Option<Box<CallAuth>>,
 }
 
 pub(super) struct CallAuth {
