@@ -3,9 +3,8 @@
 //! state. Everything that happens to the call arrives as a [`CallEvent`] on its channel,
 //! so no lock guards call state and nothing waits on anything else's lock.
 //!
-//! The script's `on_invite` runs on a Lua thread; this task polls its outcome alongside its
-//! events, and the script talks to it through [`CallEvent::Dial`]: a dial is a request with
-//! a reply channel.
+//! The script's `on_invite` runs as its own task and talks to this one through
+//! [`CallEvent::Dial`]: a dial is a request with a reply channel.
 //!
 //! The call is made of parts, each a sans-IO state machine that owns its state and is
 //! unit-tested on tokio's paused clock; the task feeds them events and runs the actions
@@ -57,17 +56,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-
-/// A running `on_invite` hook.
-type InviteHook = std::pin::Pin<Box<dyn std::future::Future<Output = InviteOutcome> + Send>>;
-
-/// The outcome of the hook when there is one running; never otherwise.
-async fn hook_outcome(hook: &mut Option<InviteHook>) -> InviteOutcome {
-    match hook {
-        Some(h) => h.await,
-        None => std::future::pending().await,
-    }
-}
 
 /// Which leg of the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +126,8 @@ pub enum CallEvent {
         reason: String,
         headers: Vec<(String, String)>,
     },
+    /// The script's `on_invite` has returned.
+    HookDone(InviteOutcome),
     /// From `call:set_route`: count the call under this route.
     Route(usize),
     /// The script's `on_refer` verdict on the REFER being held.
@@ -223,9 +213,6 @@ pub struct Call {
     version: Arc<dyn CallHookSet>,
     script: Option<CallScriptHandle>,
     hook_running: bool,
-    /// The script's `on_invite` run, polled by the call's own task (no task of its own, no
-    /// event to say it ended).
-    hook: Option<InviteHook>,
     start: SystemTime,
     answer: Option<SystemTime>,
     hangup_by: &'static str,
@@ -288,7 +275,7 @@ impl Call {
         );
         let a_supports_100rel = has_tag(&invite.headers, "Supported", "100rel")
             || has_tag(&invite.headers, "Require", "100rel");
-        let mut call = Call {
+        let call = Call {
             id: id.clone(),
             inner: inner.clone(),
             events: events.clone(),
@@ -306,7 +293,6 @@ impl Call {
             version: inner.scripts.current(),
             script: None,
             hook_running: true,
-            hook: None,
             start: SystemTime::now(),
             answer: None,
             hangup_by: "caller",
@@ -400,7 +386,12 @@ impl Call {
                     let _ = events.post(CallEvent::ReplacesReady(leg));
                 });
             }
-            None => call.hook = Some(version.on_invite(info, control)),
+            None => {
+                tokio::spawn(async move {
+                    let outcome = version.on_invite(info, control).await;
+                    let _ = events.post(CallEvent::HookDone(outcome));
+                });
+            }
         }
         let mut call = Box::new(call);
         call.watch(super::watch::CallPhase::Trying); // watch:
@@ -489,10 +480,6 @@ impl Call {
                         self.hook_running = false;
                     }
                 },
-                outcome = hook_outcome(&mut self.hook) => {
-                    self.hook = None;
-                    self.on_hook_done(outcome);
-                }
                 _ = sleep_until(deadline) => self.on_timers(),
             }
         }
@@ -578,6 +565,7 @@ impl Call {
                 reason,
                 headers,
             } => self.send_a_provisional(status, &reason, headers),
+            CallEvent::HookDone(outcome) => self.on_hook_done(outcome),
             CallEvent::Client { id, event } => self.on_client(id, event),
             CallEvent::Cancel => self.on_cancel(),
             CallEvent::Ack { side, req } => self.on_ack(side, req),
