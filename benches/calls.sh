@@ -30,9 +30,7 @@ HELD_BIG_RATE=${HELD_BIG_RATE:-1000}
 
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
-if [ "$SKIP_KAMAILIO" != 1 ]; then need_packages sipp kamailio; else need_packages sipp; fi
-[ "${NO_BUILD:-0}" = 1 ] || cargo build --release --quiet
-bench_setup bench
+bench_start bench
 
 held_memory() { # name port count rate -> sets HELD_B (bytes per call), HELD_KB, HELD_UP
   local name=$1 port=$2 count=$3 rate=$4 base uac_port stf held_pid

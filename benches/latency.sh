@@ -17,9 +17,7 @@ SKIP_KAMAILIO=${SKIP_KAMAILIO:-0}
 
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
-if [ "$SKIP_KAMAILIO" != 1 ]; then need_packages sipp kamailio; else need_packages sipp; fi
-[ "${NO_BUILD:-0}" = 1 ] || cargo build --release --quiet
-bench_setup latency
+bench_start latency
 
 servers=(strowger)
 [ "$SKIP_KAMAILIO" = 1 ] || servers+=(kamailio)

@@ -39,6 +39,14 @@ wait_answering() { # port: until an OPTIONS gets 200 (and while $SERVER_PID live
   return 1
 }
 
+# The start of a bench that compares the servers: SIPp (and Kamailio unless SKIP_KAMAILIO=1)
+# installed, the release build (unless NO_BUILD=1), then `bench_setup tag`.
+bench_start() {
+  if [ "${SKIP_KAMAILIO:-0}" != 1 ]; then need_packages sipp kamailio; else need_packages sipp; fi
+  [ "${NO_BUILD:-0}" = 1 ] || cargo build --release --quiet
+  bench_setup "$1"
+}
+
 # A bench run's scratch dir ($WORK), the PIDs it starts ($PIDS, killed on exit), and
 # SIPp's built-in uas answering every call on $UAS_PORT. `tag` names the scratch dir.
 bench_setup() {
