@@ -73,7 +73,10 @@ impl Params {
     /// Parses `;a=b;c` (the input starts at the first `;`, LWS allowed around `;` and `=`).
     /// Values may be quoted strings (kept with their quotes).
     pub fn parse(mut s: &str) -> Result<Params, UriError> {
-        let mut out = Vec::new();
+        // Sized by the `;`s (an upper bound): grown from empty, a vector of two parameters
+        // holds room for four, and parsed parameters stay as long as their message or
+        // dialog (issue 14).
+        let mut out = Vec::with_capacity(memchr::memchr_iter(b';', s.as_bytes()).count());
         loop {
             s = trim_ws(s);
             if s.is_empty() {
