@@ -877,6 +877,8 @@ impl Call {
         self.fork.compact(winner);
         self.a_invite.headers = Headers::new();
         self.a_invite.body = Bytes::new();
+        // Its Vias only answered it; nothing answers it any more.
+        self.a_invite.base.via = Vec::new();
         self.caller.compact();
     }
 

@@ -302,6 +302,8 @@ impl Fork {
         if let Some(b) = winner.and_then(|w| self.get_mut(w)) {
             b.invite.headers = Headers::new();
             b.invite.body = Bytes::new();
+            // Only a CANCEL (of a branch still pending) copies the INVITE's Via.
+            b.invite.base.via = Vec::new();
             b.early = None;
         }
     }
