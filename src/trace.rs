@@ -355,11 +355,7 @@ impl crate::transaction::MessageObserver for CallTraces {
     }
 }
 
-/// The first line of serialized SIP bytes (without CRLF), lossily decoded.
-pub fn first_line(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(first_line_bytes(bytes)).into_owned()
-}
-
+/// The first line of serialized SIP bytes (without CRLF).
 fn first_line_bytes(bytes: &[u8]) -> &[u8] {
     let end = memchr::memmem::find(bytes, b"\r\n").unwrap_or(bytes.len().min(200));
     &bytes[..end]
@@ -491,8 +487,8 @@ mod tests {
     #[test]
     fn first_line_stops_at_crlf() {
         assert_eq!(
-            first_line(b"SIP/2.0 200 OK\r\nVia: x\r\n"),
-            "SIP/2.0 200 OK"
+            first_line_bytes(b"SIP/2.0 200 OK\r\nVia: x\r\n"),
+            b"SIP/2.0 200 OK"
         );
     }
 

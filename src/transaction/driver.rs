@@ -205,7 +205,7 @@ pub(super) trait Driven: Send + Sync + Sized + 'static {
         let (effects, queue, stale, r) = self.core().step(f)?;
         let shared = self.shared();
         if let Some(at) = queue {
-            shared.timers.push(at, self.queue_ref(), &shared.rt);
+            shared.timers.push(at, self.queue_ref());
         }
         if let Some(at) = stale {
             shared.timers.poke(at);
@@ -220,7 +220,7 @@ pub(super) trait Driven: Send + Sync + Sized + 'static {
             .core()
             .fire_due(entry, &shared.stats.retransmissions_sent);
         if let Some(at) = queue {
-            shared.timers.push(at, self.queue_ref(), &shared.rt);
+            shared.timers.push(at, self.queue_ref());
         }
         self.execute(effects, None);
     }
@@ -307,26 +307,27 @@ struct Heap {
 pub(super) struct TimerQueue {
     heap: Mutex<Heap>,
     wake: Notify,
-    started: AtomicBool,
     closed: AtomicBool,
 }
 
 impl TimerQueue {
-    pub(super) fn new() -> Arc<TimerQueue> {
-        Arc::new(TimerQueue {
+    /// The queue, its task started on `rt`.
+    pub(super) fn start(rt: &tokio::runtime::Handle) -> Arc<TimerQueue> {
+        let queue = Arc::new(TimerQueue {
             heap: Mutex::new(Heap {
                 entries: BinaryHeap::new(),
                 seq: 0,
                 sleeping_until: None,
             }),
             wake: Notify::new(),
-            started: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-        })
+        });
+        rt.spawn(run(queue.clone()));
+        queue
     }
 
-    /// Queues `tx` for deadline `at`; starts the task on `rt` the first time.
-    fn push(self: &Arc<Self>, at: Instant, tx: Queued, rt: &tokio::runtime::Handle) {
+    /// Queues `tx` for deadline `at`.
+    fn push(&self, at: Instant, tx: Queued) {
         let wake = {
             let mut h = self.heap.lock();
             h.seq += 1;
@@ -335,9 +336,7 @@ impl TimerQueue {
             // Only a deadline earlier than the one slept until needs the task.
             h.sleeping_until.is_none_or(|s| at < s)
         };
-        if !self.started.swap(true, Ordering::AcqRel) {
-            rt.spawn(run(self.clone()));
-        } else if wake {
+        if wake {
             self.wake.notify_one();
         }
     }

@@ -529,7 +529,6 @@ struct Shared {
     sender: Arc<dyn Sender>,
     cfg: TimerConfig,
     tu: Arc<dyn TransactionUser>,
-    rt: tokio::runtime::Handle,
     /// Origin of the cleanup timers' grid ([`timers::deadline`]).
     epoch: Instant,
     servers: ShardMap<ServerKey, Arc<ServerInner>>,
@@ -615,7 +614,6 @@ impl TransactionLayer {
                 sender,
                 cfg: timers,
                 tu,
-                rt: tokio::runtime::Handle::current(),
                 epoch: Instant::now(),
                 servers: ShardMap::with_shards(TABLE_SHARDS),
                 merged: ShardMap::with_shards(TABLE_SHARDS),
@@ -625,7 +623,7 @@ impl TransactionLayer {
                 stats: Counters::default(),
                 messages: Default::default(),
                 observer: std::sync::OnceLock::new(),
-                timers: TimerQueue::new(),
+                timers: TimerQueue::start(&tokio::runtime::Handle::current()),
             }),
         }
     }
