@@ -222,6 +222,20 @@ fn hang_guard(
     done
 }
 
+/// The stuck-hooks plan's server, a phone, and a 60 s hang guard named `what`.
+async fn stuck_plan_call(
+    what: &'static str,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    TestServer,
+    UdpPeer,
+) {
+    let guard = hang_guard(Duration::from_secs(60), what);
+    let server = start_stuck_plan().await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    (guard, server, peer)
+}
+
 async fn start_stuck_plan() -> TestServer {
     let dir = std::env::temp_dir().join(unique("strowger-stuck"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -236,9 +250,7 @@ async fn start_stuck_plan() -> TestServer {
 
 #[tokio::test(flavor = "current_thread")]
 async fn hooks_stuck_where_no_budget_is_checked_fail_only_their_call() {
-    let guard = hang_guard(Duration::from_secs(60), "stuck hooks");
-    let server = start_stuck_plan().await;
-    let peer = UdpPeer::bind("127.0.0.1").await;
+    let (guard, server, peer) = stuck_plan_call("stuck hooks").await;
     let other = UdpPeer::bind("127.0.0.1").await;
     let stats = server.handle.scripts().stats();
     for user in ["xpcall", "gc", "match"] {
@@ -310,9 +322,7 @@ async fn hooks_stuck_where_no_budget_is_checked_fail_only_their_call() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_long_header_cannot_make_the_trim_idiom_slow() {
-    let guard = hang_guard(Duration::from_secs(60), "long Subject");
-    let server = start_stuck_plan().await;
-    let peer = UdpPeer::bind("127.0.0.1").await;
+    let (guard, server, peer) = stuck_plan_call("long Subject").await;
     // 60 000 spaces between two words: quadratic backtracking in the trim pattern.
     let subject = format!("Subject: x{}y\r\n", " ".repeat(60_000));
     let started = std::time::Instant::now();
@@ -333,9 +343,7 @@ async fn a_long_header_cannot_make_the_trim_idiom_slow() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_change_one_call_makes_is_invisible_to_the_next() {
-    let guard = hang_guard(Duration::from_secs(60), "pristine");
-    let server = start_stuck_plan().await;
-    let peer = UdpPeer::bind("127.0.0.1").await;
+    let (guard, server, peer) = stuck_plan_call("pristine").await;
     let resp = invite(&server, &peer, "change").await;
     assert_eq!(status(&resp), 500, "string is read-only in a hook: {resp}");
     let resp = invite(&server, &peer, "pollute").await;
