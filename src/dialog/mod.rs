@@ -28,32 +28,45 @@ pub enum DialogState {
 }
 
 /// A dialog as one side sees it.
+///
+/// Compact (issue 14: memory per established call): the identifiers, both URIs, the
+/// remote target and the route set live as text in one allocation; the URIs are parsed
+/// again when a request is built (a BYE or re-INVITE now and then, not on every packet).
 #[derive(Debug, Clone)]
 pub struct Dialog {
-    pub call_id: String,
-    pub local_tag: String,
-    pub remote_tag: String,
-    /// Our From/To header value (without tag).
-    pub local_uri: NameAddr,
-    pub remote_uri: NameAddr,
+    /// Call-ID, local tag, remote tag, local URI, remote URI, remote target, then the
+    /// route set, one entry a line (a header value holds no line break once parsed).
+    text: Box<str>,
+    /// Where each of the first six parts of `text` ends.
+    ends: [u32; 6],
     /// Last CSeq we sent; ACK and CANCEL reuse the INVITE's (RFC 3261 12.2.1.1).
     pub local_seq: u32,
     /// Highest CSeq the peer sent, for the ordering check of 12.2.2.
     pub remote_seq: Option<u32>,
-    /// The peer's Contact.
-    pub remote_target: Uri,
-    /// Record-Route as seen from our side (RFC 3261 12.1.1 / 12.1.2).
-    pub route_set: Vec<NameAddr>,
     pub state: DialogState,
     /// Where requests of this dialog go: the flow it was created on, so that peers behind
     /// NAT are reached at the address and port they used (RFC 5626's flow idea; RFC 3581).
     pub flow: Target,
 }
 
-fn strip_tag(n: &NameAddr) -> NameAddr {
+/// The text parts of a dialog, as [`Dialog::from_parts`] takes them.
+pub struct DialogParts<'a> {
+    pub call_id: &'a str,
+    pub local_tag: &'a str,
+    pub remote_tag: &'a str,
+    /// Our From/To header value (without tag).
+    pub local_uri: &'a str,
+    pub remote_uri: &'a str,
+    /// The peer's Contact.
+    pub remote_target: &'a str,
+    /// Record-Route as seen from our side (RFC 3261 12.1.1 / 12.1.2).
+    pub route_set: &'a [String],
+}
+
+fn without_tag(n: &NameAddr) -> String {
     let mut n = n.clone();
     n.params.remove("tag");
-    n
+    n.to_string()
 }
 
 fn contact_uri(headers: &Headers) -> Option<Uri> {
@@ -61,31 +74,134 @@ fn contact_uri(headers: &Headers) -> Option<Uri> {
     NameAddr::parse(&c).ok().map(|n| n.uri)
 }
 
-fn record_route(headers: &Headers) -> Vec<NameAddr> {
+fn record_route(headers: &Headers) -> Vec<String> {
     headers
         .list("Record-Route")
         .iter()
         .filter_map(|r| NameAddr::parse(r).ok())
+        .map(|r| r.to_string())
         .collect()
 }
 
 impl Dialog {
+    /// A dialog from its parts (e.g. as stored).
+    pub fn from_parts(
+        parts: &DialogParts<'_>,
+        local_seq: u32,
+        remote_seq: Option<u32>,
+        state: DialogState,
+        flow: Target,
+    ) -> Dialog {
+        let fixed = [
+            parts.call_id,
+            parts.local_tag,
+            parts.remote_tag,
+            parts.local_uri,
+            parts.remote_uri,
+            parts.remote_target,
+        ];
+        let len = fixed.iter().map(|p| p.len()).sum::<usize>()
+            + parts.route_set.iter().map(|r| r.len() + 1).sum::<usize>();
+        let mut text = String::with_capacity(len);
+        let mut ends = [0u32; 6];
+        for (end, part) in ends.iter_mut().zip(fixed) {
+            text.push_str(part);
+            *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        }
+        for r in parts.route_set {
+            text.push_str(r);
+            text.push('\n');
+        }
+        Dialog {
+            text: text.into_boxed_str(),
+            ends,
+            local_seq,
+            remote_seq,
+            state,
+            flow,
+        }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.text.get(start..self.ends[i] as usize).unwrap_or("")
+    }
+
+    pub fn call_id(&self) -> &str {
+        self.part(0)
+    }
+    pub fn local_tag(&self) -> &str {
+        self.part(1)
+    }
+    pub fn remote_tag(&self) -> &str {
+        self.part(2)
+    }
+    /// Our From/To header value (without tag), as text.
+    pub fn local_uri_text(&self) -> &str {
+        self.part(3)
+    }
+    /// The peer's From/To header value (without tag), as text.
+    pub fn remote_uri_text(&self) -> &str {
+        self.part(4)
+    }
+    /// Our From/To header value (without tag).
+    pub fn local_uri(&self) -> NameAddr {
+        parse_name_addr(self.local_uri_text())
+    }
+    pub fn remote_uri(&self) -> NameAddr {
+        parse_name_addr(self.remote_uri_text())
+    }
+    /// The peer's Contact, as text.
+    pub fn remote_target_text(&self) -> &str {
+        self.part(5)
+    }
+    /// The peer's Contact.
+    pub fn remote_target(&self) -> Uri {
+        Uri::parse(self.remote_target_text()).unwrap_or_else(|_| self.remote_uri().uri)
+    }
+    /// Record-Route as seen from our side (RFC 3261 12.1.1 / 12.1.2), one entry each.
+    pub fn route_set(&self) -> impl Iterator<Item = &str> {
+        self.text
+            .get(self.ends[5] as usize..)
+            .unwrap_or("")
+            .split_terminator('\n')
+    }
+
+    fn parts(&self) -> (DialogParts<'_>, Vec<String>) {
+        let routes: Vec<String> = self.route_set().map(str::to_owned).collect();
+        (
+            DialogParts {
+                call_id: self.call_id(),
+                local_tag: self.local_tag(),
+                remote_tag: self.remote_tag(),
+                local_uri: self.local_uri_text(),
+                remote_uri: self.remote_uri_text(),
+                remote_target: self.remote_target_text(),
+                route_set: &[],
+            },
+            routes,
+        )
+    }
+
     /// The dialog a UAS creates when it answers `req` with To tag `local_tag`
     /// (RFC 3261 12.1.1). `flow` is where the request came from.
     pub fn uas(req: &Request, local_tag: &str, flow: Target) -> Dialog {
-        Dialog {
-            call_id: req.base.call_id.clone(),
-            local_tag: local_tag.to_owned(),
-            remote_tag: req.base.from.tag().unwrap_or("").to_owned(),
-            local_uri: strip_tag(&req.base.to),
-            remote_uri: strip_tag(&req.base.from),
-            local_seq: 0,
-            remote_seq: Some(req.base.cseq.seq),
-            remote_target: contact_uri(&req.headers).unwrap_or_else(|| req.base.from.uri.clone()),
-            route_set: record_route(&req.headers),
-            state: DialogState::Early,
+        let target = contact_uri(&req.headers).unwrap_or_else(|| req.base.from.uri.clone());
+        Dialog::from_parts(
+            &DialogParts {
+                call_id: &req.base.call_id,
+                local_tag,
+                remote_tag: req.base.from.tag().unwrap_or(""),
+                local_uri: &without_tag(&req.base.to),
+                remote_uri: &without_tag(&req.base.from),
+                remote_target: &target.to_string(),
+                route_set: &record_route(&req.headers),
+            },
+            0,
+            Some(req.base.cseq.seq),
+            DialogState::Early,
             flow,
-        }
+        )
     }
 
     /// The dialog a UAC gets from a response with a To tag to its request
@@ -93,31 +209,48 @@ impl Dialog {
     pub fn uac(req: &Request, resp: &Response, flow: Target) -> Dialog {
         let mut route_set = record_route(&resp.headers);
         route_set.reverse();
-        Dialog {
-            call_id: req.base.call_id.clone(),
-            local_tag: req.base.from.tag().unwrap_or("").to_owned(),
-            remote_tag: resp.base.to.tag().unwrap_or("").to_owned(),
-            local_uri: strip_tag(&req.base.from),
-            remote_uri: strip_tag(&req.base.to),
-            local_seq: req.base.cseq.seq,
-            remote_seq: None,
-            remote_target: contact_uri(&resp.headers).unwrap_or_else(|| req.uri.clone()),
-            route_set,
-            state: if resp.is_success() {
+        let target = contact_uri(&resp.headers).unwrap_or_else(|| req.uri.clone());
+        Dialog::from_parts(
+            &DialogParts {
+                call_id: &req.base.call_id,
+                local_tag: req.base.from.tag().unwrap_or(""),
+                remote_tag: resp.base.to.tag().unwrap_or(""),
+                local_uri: &without_tag(&req.base.from),
+                remote_uri: &without_tag(&req.base.to),
+                remote_target: &target.to_string(),
+                route_set: &route_set,
+            },
+            req.base.cseq.seq,
+            None,
+            if resp.is_success() {
                 DialogState::Confirmed
             } else {
                 DialogState::Early
             },
             flow,
-        }
+        )
     }
 
     /// A target refresh (re-INVITE, UPDATE, their 2xx) replaces the remote target
     /// (RFC 3261 12.2.1.2 / 12.2.2).
     pub fn refresh_target(&mut self, headers: &Headers) {
-        if let Some(uri) = contact_uri(headers) {
-            self.remote_target = uri;
+        let Some(uri) = contact_uri(headers) else {
+            return;
+        };
+        let target = uri.to_string();
+        if target == self.remote_target_text() {
+            return;
         }
+        let (mut parts, routes) = self.parts();
+        parts.remote_target = &target;
+        parts.route_set = &routes;
+        *self = Dialog::from_parts(
+            &parts,
+            self.local_seq,
+            self.remote_seq,
+            self.state,
+            self.flow,
+        );
     }
 
     /// Checks an incoming in-dialog request's CSeq (RFC 3261 12.2.2): lower than the last
@@ -160,28 +293,28 @@ impl Dialog {
         via: Via,
         contact: Option<&str>,
     ) -> Request {
-        let mut from = self.local_uri.clone();
-        from.set_tag(&self.local_tag);
-        let mut to = self.remote_uri.clone();
-        if !self.remote_tag.is_empty() {
-            to.set_tag(&self.remote_tag);
+        let mut from = self.local_uri();
+        from.set_tag(self.local_tag());
+        let mut to = self.remote_uri();
+        if !self.remote_tag().is_empty() {
+            to.set_tag(self.remote_tag());
         }
         let mut headers = Headers::new();
-        for r in &self.route_set {
-            headers.push("Route", r.to_string());
+        for r in self.route_set() {
+            headers.push("Route", r);
         }
         if let Some(c) = contact {
             headers.push("Contact", c);
         }
         Request {
             method: method.clone(),
-            uri: self.remote_target.clone(),
+            uri: self.remote_target(),
             version: "2.0".into(),
             base: BaseHeaders {
                 via: vec![via],
                 from,
                 to,
-                call_id: self.call_id.clone(),
+                call_id: self.call_id().to_owned(),
                 cseq: CSeq { seq, method },
             },
             max_forwards: Some(70),
@@ -192,10 +325,22 @@ impl Dialog {
 
     /// Whether an in-dialog request belongs here: Call-ID, our tag in To, theirs in From.
     pub fn matches(&self, req: &Request) -> bool {
-        req.base.call_id == self.call_id
-            && req.base.to.tag() == Some(self.local_tag.as_str())
-            && req.base.from.tag().unwrap_or("") == self.remote_tag
+        req.base.call_id == self.call_id()
+            && req.base.to.tag() == Some(self.local_tag())
+            && req.base.from.tag().unwrap_or("") == self.remote_tag()
     }
+}
+
+/// Parses a URI this module wrote itself; a failure (impossible for our own text) gives
+/// an empty `sip:` URI rather than a panic.
+fn parse_name_addr(text: &str) -> NameAddr {
+    NameAddr::parse(text).unwrap_or_else(|_| {
+        NameAddr::new(Uri::sip(
+            None,
+            crate::sip::Host::Domain(String::new()),
+            None,
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -231,9 +376,9 @@ mod tests {
     fn uas_dialog_and_in_dialog_request() {
         let r = req();
         let mut d = Dialog::uas(&r, "bt", flow());
-        assert_eq!(d.remote_tag, "at");
-        assert_eq!(d.remote_target.to_string(), "sip:alice@192.0.2.1:5070");
-        assert_eq!(d.route_set.len(), 2);
+        assert_eq!(d.remote_tag(), "at");
+        assert_eq!(d.remote_target().to_string(), "sip:alice@192.0.2.1:5070");
+        assert_eq!(d.route_set().count(), 2);
         let via = Via::parse("SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx").unwrap();
         let bye = d.request(Method::Bye, via, None);
         assert_eq!(bye.base.to.tag(), Some("at"));
@@ -247,5 +392,28 @@ mod tests {
         assert!(!d.accept_remote_cseq(&old));
         old.base.cseq.seq = 6;
         assert!(d.accept_remote_cseq(&old));
+    }
+
+    #[test]
+    fn a_target_refresh_keeps_the_route_set_and_identifiers() {
+        let r = req();
+        let mut d = Dialog::uas(&r, "bt", flow());
+        let mut h = Headers::new();
+        h.push("Contact", "<sip:alice@192.0.2.9:5071;transport=udp>");
+        d.refresh_target(&h);
+        assert_eq!(
+            d.remote_target().to_string(),
+            "sip:alice@192.0.2.9:5071;transport=udp"
+        );
+        assert_eq!(
+            d.route_set().collect::<Vec<_>>(),
+            ["<sip:p1.example;lr>", "<sip:p2.example;lr>"]
+        );
+        assert_eq!(
+            (d.call_id(), d.local_tag(), d.remote_tag()),
+            ("d1", "bt", "at")
+        );
+        assert_eq!(d.remote_uri().to_string(), "Alice <sip:alice@a.example>");
+        assert_eq!(d.local_uri().to_string(), "<sip:bob@b.example>");
     }
 }

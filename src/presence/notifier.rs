@@ -8,7 +8,7 @@ use super::store::{
 };
 use super::{bump, parse_event, respond, Inner, Package, PublishResult};
 use crate::dialog::watch::{CallChange, CallPhase};
-use crate::dialog::{Dialog, DialogState};
+use crate::dialog::{Dialog, DialogParts, DialogState};
 use crate::sip::{new_tag, Method, NameAddr, Request, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::{ConnectionId, ListenAddr, Target};
@@ -93,13 +93,13 @@ impl Sub {
             package: self.package.as_str().to_owned(),
             event_id: self.event_id.clone(),
             resource: self.resource.clone(),
-            call_id: d.call_id.clone(),
-            local_tag: d.local_tag.clone(),
-            remote_tag: d.remote_tag.clone(),
-            local_uri: d.local_uri.to_string(),
-            remote_uri: d.remote_uri.to_string(),
-            remote_target: d.remote_target.to_string(),
-            route_set: d.route_set.iter().map(|r| r.to_string()).collect(),
+            call_id: d.call_id().to_owned(),
+            local_tag: d.local_tag().to_owned(),
+            remote_tag: d.remote_tag().to_owned(),
+            local_uri: d.local_uri_text().to_owned(),
+            remote_uri: d.remote_uri_text().to_owned(),
+            remote_target: d.remote_target_text().to_owned(),
+            route_set: d.route_set().map(str::to_owned).collect(),
             local_seq: d.local_seq,
             flow: format!("{}:{}", d.flow.transport, d.flow.addr),
             connection: d.flow.connection.map(|c| c.0),
@@ -125,27 +125,34 @@ impl Sub {
     fn restore(s: StoredSubscription) -> Option<(String, Sub)> {
         let package = Package::from_name(&s.package)?;
         let flow: ListenAddr = s.flow.parse().ok()?;
-        let dialog = Dialog {
-            call_id: s.call_id,
-            local_tag: s.local_tag,
-            remote_tag: s.remote_tag,
-            local_uri: NameAddr::parse(&s.local_uri).ok()?,
-            remote_uri: NameAddr::parse(&s.remote_uri).ok()?,
-            local_seq: s.local_seq,
-            remote_seq: None,
-            remote_target: Uri::parse(&s.remote_target).ok()?,
-            route_set: s
-                .route_set
-                .iter()
-                .filter_map(|r| NameAddr::parse(r).ok())
-                .collect(),
-            state: DialogState::Confirmed,
-            flow: Target {
+        // What was stored must still parse (a hand-edited or damaged store is skipped).
+        NameAddr::parse(&s.local_uri).ok()?;
+        NameAddr::parse(&s.remote_uri).ok()?;
+        Uri::parse(&s.remote_target).ok()?;
+        let route_set: Vec<String> = s
+            .route_set
+            .iter()
+            .filter_map(|r| NameAddr::parse(r).ok().map(|_| r.clone()))
+            .collect();
+        let dialog = Dialog::from_parts(
+            &DialogParts {
+                call_id: &s.call_id,
+                local_tag: &s.local_tag,
+                remote_tag: &s.remote_tag,
+                local_uri: &s.local_uri,
+                remote_uri: &s.remote_uri,
+                remote_target: &s.remote_target,
+                route_set: &route_set,
+            },
+            s.local_seq,
+            None,
+            DialogState::Confirmed,
+            Target {
                 transport: flow.kind,
                 addr: flow.addr,
                 connection: s.connection.map(ConnectionId),
             },
-        };
+        );
         Some((
             s.key,
             Sub {
@@ -520,7 +527,7 @@ impl Notifier {
         let mut dialog = Dialog::uas(&req, &tag, source);
         dialog.state = DialogState::Confirmed;
         let contact = self.inner.local.contact(&source);
-        let key = sub_key(&dialog.call_id, &tag);
+        let key = sub_key(dialog.call_id(), &tag);
         let sub = Sub {
             package,
             event_id,

@@ -157,7 +157,7 @@ impl Relays {
         let source = tx.source();
         let mut a = Dialog::uas(&req, &a_tag, source);
         a.state = crate::dialog::DialogState::Confirmed;
-        let a_key = sub_key(&a.call_id, &a_tag);
+        let a_key = sub_key(a.call_id(), &a_tag);
         let b_key = sub_key(&b_req.base.call_id, &b_tag);
         self.by_a.insert(
             a_key.clone(),
@@ -316,7 +316,7 @@ impl Relays {
                 let initial = sent.is_some();
                 let mut r = answer(&orig, status, resp.as_ref());
                 if let Some(relay) = self.by_a.get_mut(&a_key) {
-                    r.set_to_tag(&relay.a.local_tag);
+                    r.set_to_tag(relay.a.local_tag());
                     if ok {
                         r.headers.push("Contact", relay.a_contact.clone());
                         if let (Some(sent), Some(resp)) = (sent, resp.as_ref()) {

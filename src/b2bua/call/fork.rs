@@ -372,7 +372,7 @@ impl Fork {
         if resp.status > 100 {
             if let Some(tag) = resp.base.to.tag() {
                 match &mut b.early {
-                    Some(d) if d.remote_tag == tag => d.refresh_target(&resp.headers),
+                    Some(d) if d.remote_tag() == tag => d.refresh_target(&resp.headers),
                     _ => b.early = Some(Box::new(Dialog::uac(&b.invite, resp, b.target))),
                 }
             }

@@ -276,13 +276,13 @@ impl Call {
         };
         // The new leg shows the party being connected as the caller.
         let mut from = match transferee {
-            Side::A => self.bridge.a.remote_uri.clone(),
+            Side::A => self.bridge.a.remote_uri().clone(),
             Side::B => self
                 .bridge
                 .b
                 .as_ref()
-                .map(|d| d.remote_uri.clone())
-                .unwrap_or_else(|| self.bridge.a.local_uri.clone()),
+                .map(|d| d.remote_uri().clone())
+                .unwrap_or_else(|| self.bridge.a.local_uri().clone()),
         };
         from.set_tag(&new_tag());
         let mut headers = Headers::new();
@@ -341,7 +341,7 @@ impl Call {
         };
         let mut dialog = handed.dialog;
         let flow = dialog.flow;
-        let key = DialogKey::new(&dialog.call_id, &dialog.local_tag);
+        let key = DialogKey::new(dialog.call_id(), dialog.local_tag());
         let bid = self.new_id();
         self.inner.dialogs.insert(
             key,
@@ -379,7 +379,7 @@ impl Call {
             Side::A => Some(&self.bridge.a),
             Side::B => self.bridge.b.as_ref(),
         };
-        let matches = named_dialog.is_some_and(|d| d.remote_tag == from_tag);
+        let matches = named_dialog.is_some_and(|d| d.remote_tag() == from_tag);
         if !matches || self.ended {
             let _ = reply.send(Err((481, "Replaces matches no dialog".into())));
             return;
@@ -396,7 +396,7 @@ impl Call {
             Side::B => self.bridge.b.clone().expect("checked above"),
         };
         // Forget the leg we give away (its new call indexes it), then end the other one.
-        self.unindex(&DialogKey::new(&dialog.call_id, &dialog.local_tag));
+        self.unindex(&DialogKey::new(dialog.call_id(), dialog.local_tag()));
         match give {
             Side::A => self.bridge.a.state = DialogState::Terminated,
             Side::B => {
@@ -428,7 +428,7 @@ impl Call {
         let flow = dialog.flow;
         let bid = self.new_id();
         self.inner.dialogs.insert(
-            DialogKey::new(&dialog.call_id, &dialog.local_tag),
+            DialogKey::new(dialog.call_id(), dialog.local_tag()),
             CallRef {
                 events: self.events.clone(),
                 side: Side::B,
@@ -503,7 +503,7 @@ impl Call {
 
     /// BYE on a dialog nobody wants any more.
     fn release_dialog(&mut self, mut d: Dialog) {
-        self.unindex(&DialogKey::new(&d.call_id, &d.local_tag));
+        self.unindex(&DialogKey::new(d.call_id(), d.local_tag()));
         let flow = d.flow;
         let via = self.inner.local.via(&flow);
         let bye = d.request(Method::Bye, via, None);
@@ -779,7 +779,7 @@ impl Call {
         };
         let replaced = t.transferee.other();
         let bid = t.leg;
-        let new_key = DialogKey::new(&new_dialog.call_id, &new_dialog.local_tag);
+        let new_key = DialogKey::new(new_dialog.call_id(), new_dialog.local_tag());
         let old = match replaced {
             Side::B => {
                 let old = self.bridge.b.replace(new_dialog);
@@ -844,7 +844,7 @@ impl Call {
             if !t.transferor_gone {
                 self.old_legs.push(old);
             } else {
-                self.unindex(&DialogKey::new(&old.call_id, &old.local_tag));
+                self.unindex(&DialogKey::new(old.call_id(), old.local_tag()));
             }
         }
         if t.notify && !t.transferor_gone && t.transferor.is_some() {
@@ -865,7 +865,7 @@ impl Call {
                 None => return,
             },
         };
-        let (call_id, flow) = (dialog.call_id.clone(), dialog.flow);
+        let (call_id, flow) = (dialog.call_id().to_owned(), dialog.flow);
         let to = format!("{}:{}", flow.transport, flow.addr);
         self.inner.calls.with(&self.id, |snap| match replaced {
             Side::A => {
@@ -937,7 +937,7 @@ impl Call {
             }
             let via = self.inner.local.via(&flow);
             let bye = d.request(Method::Bye, via, None);
-            self.unindex(&DialogKey::new(&d.call_id, &d.local_tag));
+            self.unindex(&DialogKey::new(d.call_id(), d.local_tag()));
             self.send_client(bye, flow, Purpose::Own);
         }
         if let Some(bid) = bid {
@@ -1024,7 +1024,8 @@ impl Call {
             let via = self.inner.local.via(&flow);
             let bye = d.request(Method::Bye, via, None);
             self.send_client(bye, flow, Purpose::Own);
-            self.old_keys.push(DialogKey::new(&d.call_id, &d.local_tag));
+            self.old_keys
+                .push(DialogKey::new(d.call_id(), d.local_tag()));
         }
     }
 
@@ -1036,7 +1037,7 @@ impl Call {
         match (in_old, gone) {
             (Some(i), _) if req.method == Method::Bye => {
                 let d = self.old_legs.remove(i);
-                self.unindex(&DialogKey::new(&d.call_id, &d.local_tag));
+                self.unindex(&DialogKey::new(d.call_id(), d.local_tag()));
                 let _ = tx.respond(req.response(200));
                 true
             }
