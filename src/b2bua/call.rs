@@ -967,10 +967,13 @@ impl Call {
         let Some(b) = self.fork.get(id) else {
             return;
         };
-        let mut dialog = Dialog::uac(&b.invite, resp, b.target);
+        let Some(invite) = b.invite() else {
+            return;
+        };
+        let mut dialog = Dialog::uac(invite, resp, b.target);
         dialog.state = DialogState::Confirmed;
         let via = self.inner.local.via(&dialog.flow);
-        let ack = dialog.ack(b.invite.base.cseq.seq, via);
+        let ack = dialog.ack(b.seq(), via);
         let _ = self.send_ack(&dialog.flow, &ack);
         if bye {
             let via = self.inner.local.via(&dialog.flow);
@@ -1004,10 +1007,8 @@ impl Call {
 /// Forgets a branch's dialog in the B2BUA's index (if it still routes to this call), and
 /// frees its target for hunt groups if it was ringing.
 fn release_branch(inner: &B2buaInner, events: &Events, b: &mut fork::Branch) {
-    let key = DialogKey::new(
-        &b.invite.base.call_id,
-        b.invite.base.from.tag().unwrap_or(""),
-    );
+    let (call_id, tag) = b.call_id_and_tag();
+    let key = DialogKey::new(call_id, tag);
     if let Some(k) = b.ringing.take() {
         super::disengage(&inner.engaged, &k);
     }
@@ -1167,10 +1168,13 @@ impl Call {
         let Some(b) = self.fork.get_mut(bid) else {
             return;
         };
-        let mut dialog = Dialog::uac(&b.invite, resp, b.target);
+        let Some(invite) = b.invite() else {
+            return;
+        };
+        let mut dialog = Dialog::uac(invite, resp, b.target);
         dialog.state = DialogState::Confirmed;
         self.bridge.b_branch = Some(bid);
-        let b_uri = b.invite.uri.clone();
+        let b_uri = invite.uri.clone();
         // Engaged while it rang: the mark stays for the call.
         let rang = b.ringing.take();
         // On a call from now on: hunt groups skip these addresses (the callee's URI and
@@ -1422,11 +1426,7 @@ impl Call {
             // caller's ACK body (the answer, for a late offer).
             if self.bridge.b_ack.is_none() {
                 if let (Some(d), Some(bid)) = (&self.bridge.b, self.bridge.b_branch) {
-                    let seq = self
-                        .fork
-                        .get(bid)
-                        .map(|b| b.invite.base.cseq.seq)
-                        .unwrap_or(1);
+                    let seq = self.fork.get(bid).map(fork::Branch::seq).unwrap_or(1);
                     let via = self.inner.local.via(&d.flow);
                     let mut b_ack = d.ack(seq, via);
                     copy_relayed(&ack.headers, &mut b_ack.headers);

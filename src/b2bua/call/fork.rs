@@ -56,7 +56,7 @@ pub(super) struct Branch {
     pub index: usize,
     /// The target's key in the B2BUA's `engaged` index while it rings.
     pub ringing: Option<String>,
-    pub invite: Request,
+    invite: BranchInvite,
     pub target: Target,
     /// The early dialog of the last provisional with a To tag (for PRACK and UPDATE).
     pub early: Option<Box<Dialog>>,
@@ -67,9 +67,82 @@ pub(super) struct Branch {
     give_up: Option<Instant>,
 }
 
+/// A branch's INVITE: whole while the branch may be CANCELled, answered or fail; once the
+/// call is confirmed only what its leg is still known by (issue 14: memory per held call;
+/// the whole request was ~950 bytes of every established call).
+enum BranchInvite {
+    Whole(Box<Request>),
+    Kept {
+        seq: u32,
+        /// Call-ID, From tag, Request-URI.
+        text: Box<str>,
+        ends: [u32; 2],
+    },
+}
+
 impl Branch {
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The INVITE sent, until the call is confirmed.
+    pub fn invite(&self) -> Option<&Request> {
+        match &self.invite {
+            BranchInvite::Whole(r) => Some(r),
+            BranchInvite::Kept { .. } => None,
+        }
+    }
+
+    /// The INVITE's CSeq number (its ACK and CANCEL reuse it).
+    pub fn seq(&self) -> u32 {
+        match &self.invite {
+            BranchInvite::Whole(r) => r.base.cseq.seq,
+            BranchInvite::Kept { seq, .. } => *seq,
+        }
+    }
+
+    fn kept(&self, i: usize) -> &str {
+        let BranchInvite::Kept { text, ends, .. } = &self.invite else {
+            return "";
+        };
+        let start = if i == 0 { 0 } else { ends[i - 1] as usize };
+        let end = ends.get(i).map_or(text.len(), |e| *e as usize);
+        text.get(start..end).unwrap_or("")
+    }
+
+    /// The Call-ID and From tag of the branch's INVITE (its dialog's key on our side).
+    pub fn call_id_and_tag(&self) -> (&str, &str) {
+        match &self.invite {
+            BranchInvite::Whole(r) => (&r.base.call_id, r.base.from.tag().unwrap_or("")),
+            BranchInvite::Kept { .. } => (self.kept(0), self.kept(1)),
+        }
+    }
+
+    /// The INVITE's Request-URI, as text.
+    pub fn request_uri(&self) -> String {
+        match &self.invite {
+            BranchInvite::Whole(r) => r.uri.to_string(),
+            BranchInvite::Kept { .. } => self.kept(2).to_owned(),
+        }
+    }
+
+    /// Keeps only the INVITE's CSeq, Call-ID, From tag and Request-URI.
+    fn keep_summary(&mut self) {
+        let BranchInvite::Whole(r) = &self.invite else {
+            return;
+        };
+        let mut text = String::new();
+        text.push_str(&r.base.call_id);
+        let e0 = text.len();
+        text.push_str(r.base.from.tag().unwrap_or(""));
+        let e1 = text.len();
+        text.push_str(&r.uri.to_string());
+        let ends = [e0, e1].map(|e| u32::try_from(e).unwrap_or(u32::MAX));
+        self.invite = BranchInvite::Kept {
+            seq: r.base.cseq.seq,
+            text: text.into_boxed_str(),
+            ends,
+        };
     }
 
     /// Still waiting for a final response.
@@ -227,7 +300,7 @@ impl Fork {
         self.branches.push(Branch {
             index,
             ringing: None,
-            invite,
+            invite: BranchInvite::Whole(Box::new(invite)),
             target,
             early: None,
             id,
@@ -300,10 +373,7 @@ impl Fork {
             .retain(|b| Some(b.id) == winner || b.is_pending());
         self.branches.shrink_to_fit();
         if let Some(b) = winner.and_then(|w| self.get_mut(w)) {
-            b.invite.headers = Headers::new();
-            b.invite.body = Bytes::new();
-            // Only a CANCEL (of a branch still pending) copies the INVITE's Via.
-            b.invite.base.via = Vec::new();
+            b.keep_summary();
             b.early = None;
         }
     }
@@ -336,7 +406,7 @@ impl Fork {
     /// and top Via (RFC 3261 9.1).
     pub fn cancel_request(&self, id: u64) -> Option<(Request, Target)> {
         let b = self.get(id)?;
-        let inv = &b.invite;
+        let inv = b.invite()?;
         let cancel = Request {
             method: Method::Cancel,
             uri: inv.uri.clone(),
@@ -373,7 +443,11 @@ impl Fork {
             if let Some(tag) = resp.base.to.tag() {
                 match &mut b.early {
                     Some(d) if d.remote_tag() == tag => d.refresh_target(&resp.headers),
-                    _ => b.early = Some(Box::new(Dialog::uac(&b.invite, resp, b.target))),
+                    _ => {
+                        if let Some(inv) = b.invite() {
+                            b.early = Some(Box::new(Dialog::uac(inv, resp, b.target)));
+                        }
+                    }
                 }
             }
         }

@@ -477,7 +477,7 @@ impl Call {
             return;
         };
         dialog.refresh_target(&resp.headers);
-        let seq = self.fork.get(bid).map_or(1, |b| b.invite.base.cseq.seq);
+        let seq = self.fork.get(bid).map_or(1, super::fork::Branch::seq);
         self.fork.set_answered(bid);
         if !self.a_invite.body.is_empty() {
             let via = self.inner.local.via(&dialog.flow);
@@ -632,9 +632,12 @@ impl Call {
         let Some(b) = self.fork.get(bid) else {
             return;
         };
-        let mut dialog = Dialog::uac(&b.invite, &resp, b.target);
+        let Some(invite) = b.invite() else {
+            return;
+        };
+        let mut dialog = Dialog::uac(invite, &resp, b.target);
         dialog.state = DialogState::Confirmed;
-        let seq = b.invite.base.cseq.seq;
+        let seq = b.seq();
         self.fork.set_answered(bid);
         if let Some(t) = self.transfer.as_mut() {
             t.deadline = None;
@@ -815,7 +818,7 @@ impl Call {
                 .bridge
                 .b_branch
                 .and_then(|b| self.fork.get(b))
-                .map(|b| b.invite.uri.to_string())
+                .map(super::fork::Branch::request_uri)
                 .unwrap_or_default(),
         };
         self.re_engage(&[t.target.clone(), stays.clone()]);

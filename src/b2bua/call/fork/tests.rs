@@ -274,3 +274,23 @@ async fn a_2xx_from_an_earlier_dial_is_released() {
     let a = f.on_success(2, &response(2, 200));
     assert_eq!(a[0], Action::Answered(2));
 }
+
+/// Once the call is confirmed the winner keeps only what its leg is known by (issue 14),
+/// and the losers that ended are gone.
+#[tokio::test(start_paused = true)]
+async fn compact_keeps_the_winners_identity_only() {
+    let mut f = dial(2);
+    let _ = f.on_success(2, &response(2, 200));
+    let _ = f.on_failure(1, 487, "Request Terminated");
+    f.compact(Some(2));
+    assert!(f.get(1).is_none(), "the ended loser is dropped");
+    let b = f.get(2).expect("the winner stays");
+    assert!(b.invite().is_none(), "the INVITE itself is dropped");
+    assert_eq!(b.seq(), 1);
+    assert_eq!(b.call_id_and_tag(), ("fork2@b2bua", "from2"));
+    assert_eq!(b.request_uri(), "sip:callee2@192.0.2.2");
+    assert!(
+        f.cancel_request(2).is_none(),
+        "an answered branch is never CANCELled"
+    );
+}
