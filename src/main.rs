@@ -83,15 +83,9 @@ fn registrations(path: Option<&Path>, as_json: bool) -> ExitCode {
         client.addr,
         &client.token,
     )) {
-        Ok(text) if as_json => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
+        Ok(text) if as_json => write_out(&format!("{text}\n")),
         Ok(text) => match serde_json::from_str::<Vec<strowger::registrar::Binding>>(&text) {
-            Ok(list) => {
-                print!("{}", registrations_table(&list));
-                ExitCode::SUCCESS
-            }
+            Ok(list) => write_out(&registrations_table(&list)),
             Err(e) => {
                 eprintln!("error: unexpected answer from the server: {e}");
                 ExitCode::from(EXIT_RUNTIME)
@@ -175,12 +169,24 @@ fn admin_client(path: Option<&Path>) -> Result<AdminClient, ExitCode> {
 /// answer (exit 1).
 fn print_answer(answer: anyhow::Result<String>) -> ExitCode {
     match answer {
-        Ok(answer) => {
-            println!("{answer}");
-            ExitCode::SUCCESS
-        }
+        Ok(answer) => write_out(&format!("{answer}\n")),
         Err(e) => {
             eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// Writes a command's output. A reader that closed the pipe early (`| head`) has all it
+/// wanted: that is success, not a panic (what `println!` does on EPIPE).
+fn write_out(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

@@ -213,6 +213,23 @@ fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
     let (code, out, err) = run(&mut strowger(&["registrations", "--json", "--config", cfg]));
     assert_eq!(code, 0, "{err}");
     assert!(out.trim_start().starts_with('['), "{out}");
+    // `strowger registrations | head`: a reader that closed the pipe before the output
+    // came is not a panic (issue 15); exit 0.
+    for args in [
+        &["registrations", "--config", cfg][..],
+        &["registrations", "--json", "--config", cfg][..],
+    ] {
+        let mut child = strowger(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
 
     // A script that does not compile is refused, naming file and line; exit 1.
     std::fs::write(&script, "function on_invite(call)\n  call:reject(\n").unwrap();
