@@ -421,6 +421,9 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     let drain_layer = layer.clone();
     let admin_options = crate::admin::AdminOptions {
         token: config.http.token.clone(),
+        open_local_writes: config.http.open_local_writes,
+        max_connections: config.http.max_connections,
+        read_timeout: std::time::Duration::from_secs(config.http.read_timeout_s),
         // `POST /drain`: the same first step as a graceful shutdown, without the stop.
         drain: Box::new(move || {
             drain_layer.stop_accepting();

@@ -180,8 +180,62 @@ async fn without_a_token_a_loopback_endpoint_is_open() {
         200
     );
     assert_eq!(server.handle.admin().unauthorized(), 0);
+    // But not POSTs (a web page in a browser on this host could send them, issue 15):
+    // 403 until the operator opts in with http.open_local_writes.
+    let r = send(admin, Method::POST, "/drain", None).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.body().contains("http.open_local_writes"), "{}", r.body());
+    assert_eq!(options(&server).await, 200, "nothing drained");
     // Wrong methods and unknown paths.
     assert_eq!(status_of(admin, Method::GET, "/drain", None).await, 405);
     assert_eq!(status_of(admin, Method::POST, "/readyz", None).await, 405);
     assert_eq!(status_of(admin, Method::GET, "/nope", None).await, 404);
+}
+
+/// Issue 15: idle or slow connections cannot take the admin listener down. Over
+/// `http.max_connections` a connection is closed at once (and counted); one that sends
+/// no request head within `http.read_timeout_s` is closed, freeing its place.
+#[tokio::test]
+async fn admin_connections_are_bounded_and_idle_ones_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = test_config();
+    config.http.max_connections = 4;
+    config.http.read_timeout_s = 1;
+    let server = start_with(config).await;
+    let admin = server.handle.admin_addr();
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    // Let the listener take all four before the fifth comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let _ = fifth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut buf))
+        .await
+        .expect("the fifth connection is closed, not left hanging");
+    assert!(
+        n.is_err() || buf.is_empty(),
+        "over the limit, no answer: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // The idle four are closed by the header timeout (bounded wait), and /healthz answers.
+    for mut c in idle {
+        let mut b = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await;
+        assert!(
+            closed.is_ok(),
+            "an idle connection is closed within the read timeout"
+        );
+    }
+    assert_eq!(status_of(admin, Method::GET, "/healthz", None).await, 200);
+    let metrics = strowger::admin::get(admin, "/metrics").await.unwrap();
+    let refused = metrics
+        .lines()
+        .find(|l| l.starts_with("strowger_admin_connections_refused_total"))
+        .expect("the refusal counter is exported");
+    assert!(refused.ends_with(" 1"), "{refused}");
 }

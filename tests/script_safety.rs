@@ -242,6 +242,8 @@ async fn start_stuck_plan() -> TestServer {
     let path = dir.join("plan.lua");
     std::fs::write(&path, STUCK_PLAN).unwrap();
     let mut config = test_config();
+    // `POST /reload` without a token (loopback, the operator's opt-in).
+    config.http.open_local_writes = true;
     config.script.path = path.display().to_string();
     config.script.vm_pool_size = 2;
     config.script.time_limit_ms = 200;

@@ -56,6 +56,8 @@ end
     let mut config = test_config();
     config.script.path = plan.display().to_string();
     config.call.records_file = dir.join("calls.jsonl").display().to_string();
+    // `POST /calls/{id}/transfer` without a token (loopback, the operator's opt-in).
+    config.http.open_local_writes = true;
     tweak(&mut config);
     let server = start_with(config).await;
     Setup { server, dir, b, c }

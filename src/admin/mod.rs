@@ -51,6 +51,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -83,6 +84,12 @@ pub type TransferHook = Box<
 pub struct AdminOptions {
     /// `http.token`; empty = none.
     pub token: String,
+    /// `http.open_local_writes`.
+    pub open_local_writes: bool,
+    /// `http.max_connections`.
+    pub max_connections: usize,
+    /// `http.read_timeout_s`.
+    pub read_timeout: Duration,
     /// Called by `POST /drain`.
     pub drain: DrainHook,
     /// Called by `GET /calls`.
@@ -142,6 +149,11 @@ struct Shared {
     huntgroups: Option<crate::huntgroup::HuntGroups>,
     draining: AtomicBool,
     unauthorized: AtomicU64,
+    open_local_writes: bool,
+    /// The listen address, for the Origin check.
+    addr: SocketAddr,
+    /// `http.read_timeout_s`: also how long a request body may take.
+    read_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -179,6 +191,9 @@ pub async fn start(
         huntgroups: options.huntgroups,
         draining: AtomicBool::new(false),
         unauthorized: AtomicU64::new(0),
+        open_local_writes: options.open_local_writes,
+        addr,
+        read_timeout: options.read_timeout,
     });
     if shared.token.is_none() {
         if shared.loopback {
@@ -205,33 +220,86 @@ pub async fn start(
         telemetry: telemetry.clone(),
         shared: shared.clone(),
     };
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _peer)) = listener.accept().await else {
+    let refused_conns = Arc::new(AtomicU64::new(0));
+    let counted = refused_conns.clone();
+    telemetry
+        .counter(
+            "strowger_admin_connections_refused_total",
+            "Admin connections closed at once because http.max_connections were open",
+        )
+        .map(|c| {
+            telemetry
+                .on_scrape(move || crate::metrics::catch_up(&c, counted.load(Ordering::Relaxed)))
+        })
+        .map_err(std::io::Error::other)?;
+    let limits = ConnLimits {
+        open: Arc::new(tokio::sync::Semaphore::new(options.max_connections)),
+        refused: refused_conns,
+        read_timeout: options.read_timeout,
+    };
+    let task = tokio::spawn(accept_loop(listener, state, limits));
+    Ok(AdminServer { addr, shared, task })
+}
+
+/// The admin listener's bounds on connections (issue 15).
+struct ConnLimits {
+    open: Arc<tokio::sync::Semaphore>,
+    refused: Arc<AtomicU64>,
+    read_timeout: Duration,
+}
+
+/// Accepts admin connections: at most `max_connections` at once (more are closed at once),
+/// each with a header-read timeout. An accept error (out of descriptors) backs off instead
+/// of spinning, and is logged once per streak.
+async fn accept_loop(listener: TcpListener, state: State, limits: ConnLimits) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _peer)) => {
+                backoff = Duration::ZERO;
+                stream
+            }
+            Err(e) => {
+                if backoff.is_zero() {
+                    tracing::warn!(error = %e, "admin listener cannot accept; backing off");
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                tokio::time::sleep(backoff).await;
                 continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move {
-                        if req.uri().path().starts_with("/huntgroups") {
-                            return Ok::<_, Infallible>(hunt_route(&state, req).await);
-                        }
-                        Ok::<_, Infallible>(route_async(&state, req).await)
+            }
+        };
+        let Ok(permit) = limits.open.clone().try_acquire_owned() else {
+            limits.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("admin connection closed: http.max_connections open");
+            drop(stream);
+            continue;
+        };
+        let state = state.clone();
+        let read_timeout = limits.read_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    if req.uri().path().starts_with("/huntgroups") {
+                        return Ok::<_, Infallible>(hunt_route(&state, req).await);
                     }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "admin connection ended with an error");
+                    Ok::<_, Infallible>(route_async(&state, req).await)
                 }
             });
-        }
-    });
-    Ok(AdminServer { addr, shared, task })
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(read_timeout)
+                .serve_connection(io, service);
+            // hyper starts the header timeout whenever it waits for a request's head, so
+            // it also closes a connection that sends nothing; a slow body is bounded where
+            // it is read (`read_json`).
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
 }
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -261,17 +329,68 @@ fn quote(s: &str) -> String {
     out
 }
 
+/// Why a state-changing request looks like a web page's (cross-site request forgery,
+/// issue 15): a browser names the page's origin in `Origin` (and `Sec-Fetch-Site`), and a
+/// page can send only form content types without asking first. The CLI, curl and
+/// scripts send neither. None: not refused.
+fn cross_site(shared: &Shared, headers: &hyper::HeaderMap) -> Option<String> {
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if text("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none") {
+        return Some("a cross-site browser request (Sec-Fetch-Site)".into());
+    }
+    if let Some(origin) = headers.get(hyper::header::ORIGIN) {
+        let own = [
+            format!("http://{}", shared.addr),
+            format!("http://localhost:{}", shared.addr.port()),
+        ];
+        let origin = origin.to_str().unwrap_or("");
+        if !own.iter().any(|o| o == origin) {
+            return Some(format!("Origin {origin:?} is not this endpoint"));
+        }
+    }
+    let form = text("content-type").is_some_and(|t| {
+        let t = t
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        matches!(
+            t.as_str(),
+            "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
+        )
+    });
+    form.then(|| "a form Content-Type (send application/json or none)".into())
+}
+
 /// Whether a request with `headers` may use the protected endpoint `path`: None if so,
 /// else the refusal to send.
 fn refuse(
     shared: &Shared,
+    method: &Method,
     path: &str,
     headers: &hyper::HeaderMap,
 ) -> Option<Response<Full<Bytes>>> {
     use subtle::ConstantTimeEq as _;
+    let writes = method != Method::GET && method != Method::HEAD;
+    if writes {
+        if let Some(why) = cross_site(shared, headers) {
+            tracing::warn!(path, why, "admin request refused: looks cross-site");
+            return Some(json(
+                StatusCode::FORBIDDEN,
+                format!(r#"{{"error":{}}}"#, quote(&format!("refused: {why}"))),
+            ));
+        }
+    }
     let Some(expected) = &shared.token else {
-        if shared.loopback {
+        if shared.loopback && (!writes || shared.open_local_writes) {
             return None;
+        }
+        if shared.loopback {
+            return Some(json(
+                StatusCode::FORBIDDEN,
+                r#"{"error":"http.token is not set: set it (and send Authorization: Bearer <token>), or set http.open_local_writes = true to allow POSTs from this host without one"}"#.into(),
+            ));
         }
         return Some(json(
             StatusCode::FORBIDDEN,
@@ -358,6 +477,7 @@ fn transfer_id(path: &str) -> Option<&str> {
 async fn read_json<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
     expected: &str,
+    within: Duration,
 ) -> Result<T, Response<Full<Bytes>>> {
     use http_body_util::BodyExt as _;
     let bad = |why: String| {
@@ -366,9 +486,10 @@ async fn read_json<T: serde::de::DeserializeOwned>(
             format!(r#"{{"error":{}}}"#, quote(&why)),
         )
     };
-    let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
+    let collect = http_body_util::Limited::new(req.into_body(), 64 * 1024).collect();
+    let body = tokio::time::timeout(within, collect)
         .await
+        .map_err(|_| bad("body not received within http.read_timeout_s".into()))?
         .map_err(|_| bad("body unreadable or over 64 KiB".into()))?
         .to_bytes();
     serde_json::from_slice(&body).map_err(|e| bad(format!("expected {expected}: {e}")))
@@ -399,7 +520,7 @@ async fn reload(state: &State) -> Response<Full<Bytes>> {
 /// Routes that wait (read a body, wait for a call, reload); the rest answer at once.
 async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() == Method::POST && req.uri().path() == "/reload" {
-        if let Some(refusal) = refuse(&state.shared, "/reload", req.headers()) {
+        if let Some(refusal) = refuse(&state.shared, req.method(), "/reload", req.headers()) {
             return refusal;
         }
         return reload(state).await;
@@ -407,7 +528,7 @@ async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Byt
     let Some(id) = transfer_id(req.uri().path()).map(str::to_owned) else {
         return route(state, req);
     };
-    if let Some(refusal) = refuse(&state.shared, req.uri().path(), req.headers()) {
+    if let Some(refusal) = refuse(&state.shared, req.method(), req.uri().path(), req.headers()) {
         return refusal;
     }
     if req.method() != Method::POST {
@@ -422,11 +543,16 @@ async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Byt
         #[serde(default)]
         party: Option<String>,
     }
-    let ask: Ask =
-        match read_json(req, r#"{"target": "sip:...", "party": "caller"|"callee"}"#).await {
-            Ok(a) => a,
-            Err(refusal) => return refusal,
-        };
+    let ask: Ask = match read_json(
+        req,
+        r#"{"target": "sip:...", "party": "caller"|"callee"}"#,
+        state.shared.read_timeout,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(refusal) => return refusal,
+    };
     let to_caller = match ask.party.as_deref() {
         None | Some("caller") => true,
         Some("callee") => false,
@@ -475,7 +601,7 @@ async fn route_async(state: &State, req: Request<Incoming>) -> Response<Full<Byt
 /// agent in no group, 400 for a bad body or state. Both need the bearer token.
 async fn hunt_route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
-    if let Some(refusal) = refuse(&state.shared, &path, req.headers()) {
+    if let Some(refusal) = refuse(&state.shared, req.method(), &path, req.headers()) {
         return refusal;
     }
     let groups = state.shared.huntgroups.clone();
@@ -499,10 +625,12 @@ async fn hunt_route(state: &State, req: Request<Incoming>) -> Response<Full<Byte
                 agent: String,
                 state: String,
             }
-            let change: Change = match read_json(req, r#"{"agent":..,"state":..}"#).await {
-                Ok(c) => c,
-                Err(refusal) => return refusal,
-            };
+            let change: Change =
+                match read_json(req, r#"{"agent":..,"state":..}"#, state.shared.read_timeout).await
+                {
+                    Ok(c) => c,
+                    Err(refusal) => return refusal,
+                };
             match groups.set_state(&change.agent, &change.state).await {
                 Ok(()) => json(
                     StatusCode::OK,
@@ -529,7 +657,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/registrations" | "/calls") | (&Method::POST, "/reload" | "/drain")
     ) || trace_id(path).is_some();
     if protected {
-        if let Some(refusal) = refuse(&state.shared, path, req.headers()) {
+        if let Some(refusal) = refuse(&state.shared, req.method(), path, req.headers()) {
             return refusal;
         }
     }
@@ -541,11 +669,6 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method not allowed"}"#.into(),
         );
-    }
-    if protected {
-        if let Some(refusal) = refuse(&state.shared, path, req.headers()) {
-            return refusal;
-        }
     }
     match (req.method(), path) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
@@ -698,6 +821,9 @@ mod tests {
             huntgroups: None,
             draining: AtomicBool::new(false),
             unauthorized: AtomicU64::new(0),
+            open_local_writes: false,
+            addr: "127.0.0.1:9090".parse().unwrap(),
+            read_timeout: Duration::from_secs(10),
         }
     }
 
@@ -710,7 +836,55 @@ mod tests {
     }
 
     fn status(s: &Shared, authorization: Option<&str>) -> Option<StatusCode> {
-        refuse(s, "/registrations", &headers(authorization)).map(|r| r.status())
+        refuse(s, &Method::GET, "/registrations", &headers(authorization)).map(|r| r.status())
+    }
+
+    fn post(s: &Shared, extra: &[(&str, &str)]) -> Option<StatusCode> {
+        let mut h = headers(None);
+        for (k, v) in extra {
+            h.insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        refuse(s, &Method::POST, "/drain", &h).map(|r| r.status())
+    }
+
+    /// Issue 15: with no token on loopback, GETs are open but POSTs need the operator's
+    /// opt-in, and a browser's cross-site request is refused even then.
+    #[test]
+    fn writes_without_a_token_need_the_opt_in_and_no_browser() {
+        let mut s = shared("", true);
+        assert_eq!(post(&s, &[]), Some(StatusCode::FORBIDDEN));
+        s.open_local_writes = true;
+        assert_eq!(post(&s, &[]), None);
+        assert_eq!(post(&s, &[("content-type", "application/json")]), None);
+        assert_eq!(post(&s, &[("origin", "http://127.0.0.1:9090")]), None);
+        let forbidden = Some(StatusCode::FORBIDDEN);
+        assert_eq!(post(&s, &[("origin", "https://evil.example")]), forbidden);
+        assert_eq!(post(&s, &[("origin", "null")]), forbidden);
+        assert_eq!(post(&s, &[("sec-fetch-site", "cross-site")]), forbidden);
+        for t in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+        ] {
+            assert_eq!(post(&s, &[("content-type", t)]), forbidden, "{t}");
+        }
+        // With a token the browser checks apply too (before the token is looked at).
+        let s = shared("abc", true);
+        assert_eq!(
+            post(
+                &s,
+                &[
+                    ("origin", "https://evil.example"),
+                    ("authorization", "Bearer abc")
+                ]
+            ),
+            forbidden
+        );
+        assert_eq!(post(&s, &[("authorization", "Bearer abc")]), None);
+        assert_eq!(s.unauthorized.load(Ordering::Relaxed), 0);
     }
 
     #[test]
