@@ -736,6 +736,37 @@ async fn require_loads_modules_from_the_script_dir_only() {
     assert_eq!(rejected(&out), (499, "sip:1000@pbx 42"));
 }
 
+/// Issue 15: a link in the script's directory to a file outside it does not load (and
+/// its text, which a syntax error would quote, is never read); a link inside is fine.
+#[tokio::test]
+async fn require_refuses_links_out_of_the_script_dir() {
+    let dir = temp_dir();
+    let outside = temp_dir();
+    std::fs::write(outside.join("secret.lua"), "root:x:0:0 not lua at all\n").unwrap();
+    std::fs::write(dir.join("real.lua"), "return 7\n").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.lua"), dir.join("secret.lua")).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("out")).unwrap();
+    std::os::unix::fs::symlink(dir.join("real.lua"), dir.join("alias.lua")).unwrap();
+    std::fs::write(
+        dir.join("main.lua"),
+        r#"
+        function on_invite(call)
+          for _, m in ipairs({"secret", "out.secret"}) do
+            local ok, err = pcall(require, m)
+            assert(not ok, m)
+            assert(err:find("leads out of the script's directory"), err)
+            assert(not err:find("root:x"), "file text echoed: " .. err)
+          end
+          call:reject(499, "alias " .. require("alias"))
+        end
+        "#,
+    )
+    .unwrap();
+    let e = ScriptEngine::load(opts(&dir.join("main.lua"), 1)).unwrap();
+    let out = invite(&e, call_to("1"), &Fake::new(vec![])).await;
+    assert_eq!(rejected(&out), (499, "alias 7"));
+}
+
 #[tokio::test]
 async fn compile_errors_carry_file_and_line() {
     let path = write_script("function on_invite(call)\n  local x = = 1\nend\n");

@@ -818,6 +818,22 @@ fn find_module_fn(lua: &Lua, file: &ScriptFile) -> mlua::Result<Function> {
         }
         rel.set_extension("lua");
         let shown = dir_display.join(&rel).display().to_string();
+        // A link (of the file or of a folder on the way) may point out of the script's
+        // directory, e.g. to /etc/shadow, whose text a syntax error would then echo
+        // (issue 15): only files that really are inside it load.
+        let inside = match (dir.canonicalize(), dir.join(&rel).canonicalize()) {
+            (Ok(d), Ok(f)) => f.starts_with(&d),
+            // Missing: reported as not found below.
+            _ => true,
+        };
+        if !inside {
+            return Ok((
+                None,
+                Some(format!(
+                    "module '{name}': '{shown}' leads out of the script's directory (a link); require loads files inside it only"
+                )),
+            ));
+        }
         let source = match std::fs::read(dir.join(&rel)) {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
