@@ -207,6 +207,58 @@ async fn replayed_nonce_count_is_refused() {
     assert_eq!(status(&r), 200, "{r}");
 }
 
+/// Issue 15 (RFC 3261 10.3 step 4): bob's right credentials for alice's address of record
+/// get 403 (not a challenge), and do not count toward the source's lockout: alice
+/// registers from the same address afterwards.
+#[tokio::test]
+async fn right_credentials_for_someone_elses_address_get_403_not_a_lockout() {
+    let dir = sipp::workdir("reg-other");
+    let users = dir.join("users.toml");
+    std::fs::write(
+        &users,
+        "[users.alice]\npassword = \"secret\"\n[users.bob]\npassword = \"bobs\"\n",
+    )
+    .unwrap();
+    let mut c = test_config();
+    c.registrar.users_file = users.display().to_string();
+    let s = start_with(c).await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    // More attempts than auth.max_failures (5): none of them is a failure.
+    for _ in 0..7 {
+        let r = register_as(&s, &peer, "alice", "bob", "bobs").await;
+        assert_eq!(status(&r), 403, "{r}");
+        assert!(r.contains("Credentials do not match"), "{r}");
+    }
+    let r = register_as(&s, &peer, "alice", "alice", "secret").await;
+    assert_eq!(status(&r), 200, "not locked out: {r}");
+}
+
+/// A REGISTER for `aor`'s address answered with `user`'s credentials: the final answer.
+async fn register_as(s: &TestServer, peer: &UdpPeer, aor: &str, user: &str, pw: &str) -> String {
+    let call_id = unique("reg-as");
+    let contact = format!("Contact: <sip:{aor}@{}>\r\n", peer.addr);
+    let r = ask(s, peer, &register(peer.addr, aor, &call_id, 1, &contact)).await;
+    let Some(challenge) = r
+        .lines()
+        .find_map(|l| l.strip_prefix("WWW-Authenticate:"))
+        .map(str::trim)
+    else {
+        return r;
+    };
+    let auth = strowger::auth::answer_challenge(
+        challenge,
+        "REGISTER",
+        "sip:strowger.test",
+        user,
+        pw,
+        "c0ffee",
+        1,
+    )
+    .unwrap();
+    let with = format!("{contact}Authorization: {auth}\r\n");
+    ask(s, peer, &register(peer.addr, aor, &call_id, 2, &with)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contacts_q_values_unregister_one_and_all_and_expiry() {
     let mut c = test_config();

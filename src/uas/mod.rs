@@ -235,6 +235,7 @@ impl UasCore {
             } else {
                 RegisterVerdict::Default
             };
+            let from_users = matches!(verdict, RegisterVerdict::Default);
             let secrets: Option<UserSecrets> = match verdict {
                 RegisterVerdict::Reject(code, reason) => {
                     respond(&tx, req.response(code).with_reason(reason));
@@ -264,10 +265,28 @@ impl UasCore {
             };
             if let Some(secrets) = secrets {
                 // RFC 3261 10.3 steps 2 and 4: authenticate, then the user may only change
-                // the bindings of its own address of record.
+                // the bindings of its own address of record. Credentials of another known
+                // user are checked as theirs: right ones get 403 (authorization, not a
+                // guess: nothing counts toward the source's lockout), wrong ones a challenge.
                 let outcome = digest.verify(&req, ChallengeKind::Www, src.addr.ip(), |u| {
-                    (u == user).then(|| secrets.clone())
+                    if u == user {
+                        return Some(secrets.clone());
+                    }
+                    from_users
+                        .then(|| users.as_ref().and_then(|all| all.get(u).cloned()))
+                        .flatten()
                 });
+                if let AuthOutcome::Ok { user: authed } = &outcome {
+                    if *authed != user {
+                        tracing::info!(%aor, user = %authed, source = %src.addr, "REGISTER refused: credentials of another user");
+                        respond(
+                            &tx,
+                            req.response(403)
+                                .with_reason("Credentials do not match the address of record"),
+                        );
+                        return;
+                    }
+                }
                 if !matches!(outcome, AuthOutcome::Ok { .. }) {
                     let resp = digest
                         .respond(&req, ChallengeKind::Www, &outcome)
