@@ -485,3 +485,30 @@ fn sigterm_stops_the_binary_while_a_hook_is_stuck() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, Some(0));
 }
+
+/// Issue 15: an answer no datagram can carry (a 70 KB reject reason, a redirect to 2,500
+/// contacts) used to leave the caller with no answer at all; it gets a short 500 now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_for_udp_becomes_a_500() {
+    let (server, _path) = start(
+        r#"
+        function on_invite(call)
+          if call.ruri.user == "reason" then
+            return call:reject(486, string.rep("x", 70000))
+          end
+          local list = {}
+          for i = 1, 2500 do
+            list[i] = "sip:user" .. i .. "@192.0.2." .. (i % 250) .. ":5060;transport=udp"
+          end
+          call:redirect(list)
+        end
+        "#,
+    )
+    .await;
+    let peer = UdpPeer::bind("127.0.0.1").await;
+    for user in ["reason", "redirect"] {
+        let resp = invite(&server, &peer, user).await;
+        assert_eq!(status(&resp), 500, "{user}: {resp}");
+        assert_eq!(reason(&resp), "Response Too Large", "{user}");
+    }
+}

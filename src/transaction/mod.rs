@@ -393,9 +393,25 @@ impl fmt::Debug for ServerTransaction {
 impl ServerTransaction {
     /// Sends a response through the transaction (drives its state machine).
     pub fn respond(&self, resp: Response) -> Result<(), TransactionError> {
-        let status = resp.status;
+        let mut status = resp.status;
         let tag = resp.base.to.tag().map(str::to_owned);
-        let bytes = resp.to_bytes();
+        let mut bytes = resp.to_bytes();
+        if bytes.len() > MAX_DATAGRAM && !self.inner.source.transport.is_reliable() {
+            // No datagram carries it (a script's huge reject reason or redirect list): the
+            // peer would get no answer at all and retransmit into the void. A short 500
+            // instead, with the same To tag (issue 15).
+            tracing::warn!(
+                status,
+                size = bytes.len(),
+                "response too large for a datagram; answering 500 instead"
+            );
+            let mut small = self.response(500).with_reason("Response Too Large");
+            if let Some(t) = &tag {
+                small.set_to_tag(t);
+            }
+            status = 500;
+            bytes = small.to_bytes();
+        }
         let ((), err) = self
             .inner
             .drive(|m| Ok((m.tu_response(status, bytes)?, ())), None)?;
@@ -424,6 +440,9 @@ impl ServerTransaction {
         self.inner.base.response(status)
     }
 }
+
+/// The largest UDP payload (IPv4: 65,535 - 8 - 20 bytes).
+const MAX_DATAGRAM: usize = 65_507;
 
 struct ClientInner {
     shared: Arc<Shared>,
