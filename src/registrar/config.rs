@@ -43,6 +43,9 @@ pub struct RegistrarSection {
     /// Seconds between OPTIONS pings of each registered contact; a contact that stops
     /// answering is skipped by lookups until it answers again. 0 = no pings.
     pub keepalive_interval_s: u64,
+    /// Bindings one address of record may have; a REGISTER that would go past it gets 503
+    /// (0: no bound).
+    pub max_contacts: usize,
 }
 
 impl Default for RegistrarSection {
@@ -55,6 +58,7 @@ impl Default for RegistrarSection {
             users_file: String::new(),
             unknown_aor_status: 404,
             keepalive_interval_s: 0,
+            max_contacts: 10,
         }
     }
 }
@@ -94,6 +98,7 @@ impl RegistrarSection {
             min_expires: self.min_expires,
             max_expires: self.max_expires,
             default_expires: self.default_expires,
+            max_contacts: self.max_contacts,
         }
     }
 }

@@ -14,6 +14,9 @@ pub enum BindingEvent {
     Removed,
     Expired,
     StoreError,
+    /// A REGISTER refused because it would take its address of record past
+    /// `registrar.max_contacts`.
+    TooManyContacts,
 }
 crate::label!(
     BindingEvent,
@@ -23,6 +26,7 @@ crate::label!(
     Removed = "removed",
     Expired = "expired",
     StoreError = "store_error",
+    TooManyContacts = "too_many_contacts",
 );
 
 impl Registrar {
@@ -44,6 +48,7 @@ impl Registrar {
                     BindingEvent::Removed => &s.removed,
                     BindingEvent::Expired => &s.expired,
                     BindingEvent::StoreError => &s.store_errors,
+                    BindingEvent::TooManyContacts => &s.too_many_contacts,
                 };
                 events.catch_up(*e, load(n));
             }

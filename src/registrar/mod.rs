@@ -66,6 +66,8 @@ pub struct RegistrarConfig {
     pub min_expires: u32,
     pub max_expires: u32,
     pub default_expires: u32,
+    /// Bindings one address of record may have (0: no bound).
+    pub max_contacts: usize,
 }
 
 impl Default for RegistrarConfig {
@@ -97,6 +99,8 @@ pub struct RegistrarStats {
     pub expired: AtomicU64,
     /// Store writes that failed (each answered 500).
     pub store_errors: AtomicU64,
+    /// REGISTERs refused with 503 for `max_contacts`.
+    pub too_many_contacts: AtomicU64,
 }
 
 /// How many locks serialize REGISTERs: two REGISTERs of one AOR run one after the other
@@ -343,6 +347,22 @@ impl Registrar {
             }
         };
 
+        // A bound on the bindings of one address: each is a leg of every call to it (one
+        // INVITE to a fleet of 2,500 would be 2,500 datagrams). Refused like Kamailio's
+        // max_contacts; removing or refreshing bindings is always allowed.
+        if cfg.max_contacts > 0 && new.len() > cfg.max_contacts && new.len() > current.len() {
+            self.inner
+                .stats
+                .too_many_contacts
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                aor,
+                contacts = new.len(),
+                max = cfg.max_contacts,
+                "REGISTER refused: too many contacts"
+            );
+            return final_response(req, 503, Some("Too many registered contacts".into()));
+        }
         if !matches!(set, ContactSet::Query) || current.len() != new.len() {
             // The store first: a 200 promises the binding survives a restart.
             if let Err(e) = self.inner.store.replace_aor(aor, &new).await {

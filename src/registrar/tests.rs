@@ -98,8 +98,73 @@ async fn registrar(store: Arc<MemStore>) -> Registrar {
         min_expires: 10,
         max_expires: 600,
         default_expires: 300,
+        max_contacts: 3,
     };
     Registrar::start(cfg, store).await.unwrap()
+}
+
+/// Issue 15: an address of record takes at most `max_contacts` bindings; more get 503 and
+/// are counted, while refreshing and removing stay possible.
+#[tokio::test]
+async fn contacts_per_address_are_bounded() {
+    let store = Arc::new(MemStore::default());
+    let reg = registrar(store.clone()).await;
+    for (i, seq) in (1..=3).zip(1u32..) {
+        let c = format!("Contact: <sip:a{i}@192.0.2.1>");
+        let r = reg.register(&register("c1", seq, &[&c]), src(), AOR).await;
+        assert_eq!(r.status, 200);
+    }
+    let r = reg
+        .register(
+            &register("c1", 10, &["Contact: <sip:a4@192.0.2.1>"]),
+            src(),
+            AOR,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (503, "Too many registered contacts")
+    );
+    assert_eq!(reg.lookup(AOR).len(), 3);
+    assert_eq!(reg.stats().too_many_contacts.load(Ordering::Relaxed), 1);
+    // Several at once past the bound: refused as a whole.
+    let r = reg
+        .register(
+            &register(
+                "c2",
+                1,
+                &["Contact: <sip:b1@192.0.2.1>, <sip:b2@192.0.2.1>"],
+            ),
+            src(),
+            AOR,
+        )
+        .await;
+    assert_eq!(r.status, 503);
+    // A refresh, and a removal, of what is there are fine.
+    let r = reg
+        .register(
+            &register("c1", 11, &["Contact: <sip:a1@192.0.2.1>"]),
+            src(),
+            AOR,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = reg
+        .register(
+            &register("c1", 12, &["Contact: <sip:a1@192.0.2.1>;expires=0"]),
+            src(),
+            AOR,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = reg
+        .register(
+            &register("c1", 13, &["Contact: <sip:a4@192.0.2.1>"]),
+            src(),
+            AOR,
+        )
+        .await;
+    assert_eq!(r.status, 200, "room again after the removal");
 }
 
 fn contacts(r: &Response) -> Vec<String> {
