@@ -25,6 +25,7 @@ fn cfg() -> RegistrarConfig {
         min_expires: 2,
         max_expires: 600,
         default_expires: 300,
+        max_contacts: 0,
     }
 }
 
@@ -482,6 +483,7 @@ async fn sqlite_throughput_probe() {
         min_expires: 60,
         max_expires: 3600,
         default_expires: 3600,
+        max_contacts: 0,
     };
     let r = Registrar::start(cfg.clone(), store.clone()).await.unwrap();
     let n = 100_000u32;
