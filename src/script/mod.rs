@@ -487,7 +487,22 @@ impl ScriptEngine {
         };
         let built = build
             .await
-            .unwrap_or_else(|e| Err(ScriptError::Internal(e.to_string())));
+            .unwrap_or_else(|e| Err(ScriptError::Internal(e.to_string())))
+            .and_then(|version| {
+                // A script that lost `on_invite` (an empty file caught mid-save by an
+                // editor, a bad merge) would answer every call 404 without a word
+                // (issue 15): refused while the running version has one. A restart
+                // still loads it, with the start-up warning.
+                let running = inner.current.read().info.has(Hook::Invite);
+                if running && !version.info.has(Hook::Invite) {
+                    return Err(ScriptError::Init {
+                        file: version.info.file.clone(),
+                        line: None,
+                        message: "defines no on_invite (the running script does): every call would get 404".into(),
+                    });
+                }
+                Ok(version)
+            });
         match built {
             Ok(version) => {
                 inner.versions.store(number, Ordering::Relaxed);

@@ -1024,6 +1024,27 @@ async fn reload_with_a_syntax_error_is_refused_and_the_old_version_serves() {
     assert_eq!(rejected(&out), (486, "v1"));
 }
 
+/// Issue 15: an empty script (an editor's save caught half-way) or one without
+/// `on_invite` is refused at reload while the running one has it; the old one serves.
+#[tokio::test]
+async fn reload_of_a_script_without_on_invite_is_refused() {
+    let path = write_script(r#"function on_invite(call) call:reject(486, "v1") end"#);
+    let e = ScriptEngine::load(opts(&path, 1)).unwrap();
+    for text in ["", "function on_register(req) end\n"] {
+        std::fs::write(&path, text).unwrap();
+        match e.reload().await {
+            Err(ScriptError::Init { message, .. }) => {
+                assert!(message.contains("defines no on_invite"), "{message}")
+            }
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+    assert_eq!(stat(&e, |s| &s.reloads_failed), 2);
+    assert_eq!(e.current().version(), 1);
+    let out = invite(&e, call_to("1"), &Fake::new(vec![])).await;
+    assert_eq!(rejected(&out), (486, "v1"));
+}
+
 // ---------------------------------------------------------------- the shipped dial plan
 
 fn default_lua() -> PathBuf {
