@@ -364,6 +364,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         local: LocalAddrs::new(transports.local_addrs()),
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
+        keepalive: (config.call.keepalive_s > 0)
+            .then(|| Duration::from_secs(config.call.keepalive_s)),
         flows: Some(location.clone()),
         location: Some(location.clone()),
         auth: users.map(|u| (digest.clone(), u)),

@@ -6,6 +6,7 @@ mod common;
 
 use common::sipp::{self, call_ids, received, SeenMessage};
 use common::*;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -614,4 +615,130 @@ async fn late_answer_after_the_ring_timeout_is_acked_and_released() {
     let (bye, _) = b.recv_request("BYE", WAIT).await.expect("then BYEd");
     b.respond(&bye, 200, server).await;
     wait_idle(&s.server).await;
+}
+
+/// A response to the raw request `req`: its Via, From, To (with `to_tag` when it has
+/// none), Call-ID and CSeq, and a Contact when given.
+fn reply(req: &str, code: u16, to_tag: &str, contact: Option<SocketAddr>) -> String {
+    let h = |n| header(req, n).unwrap_or_default();
+    let to = if h("To").contains(";tag=") {
+        h("To").to_owned()
+    } else {
+        format!("{};tag={to_tag}", h("To"))
+    };
+    let contact = contact.map_or(String::new(), |c| format!("Contact: <sip:peer@{c}>\r\n"));
+    format!(
+        "SIP/2.0 {code} OK\r\nVia: {}\r\nFrom: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n{contact}Content-Length: 0\r\n\r\n",
+        h("Via"),
+        h("From"),
+        h("Call-ID"),
+        h("CSeq"),
+    )
+}
+
+/// The next request with `method` a peer receives (other datagrams skipped), or None.
+async fn next_request(peer: &UdpPeer, method: &str, wait: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let m = peer.recv(left).await?;
+        if m.starts_with(&format!("{method} ")) {
+            return Some(m);
+        }
+    }
+}
+
+/// Issue 15: a party that vanishes without a BYE (power cut) no longer leaves the call
+/// "answered" forever: with `call.keepalive_s` both parties get an in-dialog OPTIONS, and
+/// one that does not answer ends the call (the other party gets a BYE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_ends_a_call_whose_caller_vanished() {
+    let dir = std::env::temp_dir().join(unique("strowger-ka"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let callee = UdpPeer::bind("127.0.0.1").await;
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        format!(
+            "function on_invite(call) call:dial(\"sip:b@{}\") end\n",
+            callee.addr
+        ),
+    )
+    .unwrap();
+    let mut config = test_config();
+    config.script.path = plan.display().to_string();
+    config.call.keepalive_s = 5;
+    config.sip.timers.t1_ms = 50;
+    let s = start_with(config).await;
+
+    let caller = UdpPeer::bind("127.0.0.1").await;
+    let call_id = unique("ka");
+    let invite = request(
+        "INVITE",
+        "sip:bob@strowger.test",
+        caller.addr,
+        "UDP",
+        &call_id,
+        &format!("Contact: <sip:alice@{}>\r\n", caller.addr),
+        "",
+    );
+    caller.send(s.udp, invite.as_bytes()).await;
+    let b_invite = next_request(&callee, "INVITE", WAIT)
+        .await
+        .expect("B is called");
+    let b_ok = reply(&b_invite, 200, "callee", Some(callee.addr));
+    callee.send(s.udp, b_ok.as_bytes()).await;
+    let ok = caller
+        .recv_final(WAIT)
+        .await
+        .expect("the caller is answered");
+    assert_eq!(status(&ok), 200, "{ok}");
+    let to = header(&ok, "To").unwrap();
+    let ack = format!(
+        "ACK sip:bob@strowger.test SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK{}\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        caller.addr,
+        unique("ack"),
+        header(&invite, "From").unwrap(),
+    );
+    caller.send(s.udp, ack.as_bytes()).await;
+    next_request(&callee, "ACK", WAIT)
+        .await
+        .expect("B is ACKed");
+
+    // The callee answers its keep-alive; the caller is gone and answers nothing.
+    let started = std::time::Instant::now();
+    let ping = next_request(&callee, "OPTIONS", Duration::from_secs(8))
+        .await
+        .expect("an in-dialog OPTIONS to the callee after call.keepalive_s");
+    assert!(
+        header(&ping, "To").unwrap().contains("tag="),
+        "in-dialog: {ping}"
+    );
+    callee
+        .send(s.udp, reply(&ping, 200, "callee", None).as_bytes())
+        .await;
+    let first = caller
+        .recv(Duration::from_secs(2))
+        .await
+        .expect("the caller is pinged too");
+    assert!(first.starts_with("OPTIONS "), "{first}");
+    // 64*T1 (3.2 s) without an answer: the call ends and the callee gets its BYE.
+    let bye = next_request(&callee, "BYE", Duration::from_secs(8))
+        .await
+        .expect("the call ends: BYE to the callee");
+    callee
+        .send(s.udp, reply(&bye, 200, "callee", None).as_bytes())
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    for _ in 0..40 {
+        if s.handle.active_calls() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the call is still counted as active");
 }

@@ -25,6 +25,9 @@ pub struct CallConfig {
     pub trace_max_messages: usize,
     /// Traces of this many ended calls stay readable (the most recent ones).
     pub trace_keep_ended: usize,
+    /// Seconds between in-dialog OPTIONS to both parties of an answered call; a party
+    /// that answers 408 or 481, or not at all, ends the call. 0 = off.
+    pub keepalive_s: u64,
 }
 
 impl Default for CallConfig {
@@ -36,6 +39,7 @@ impl Default for CallConfig {
             trace: true,
             trace_max_messages: 100,
             trace_keep_ended: 100,
+            keepalive_s: 0,
         }
     }
 }
@@ -43,6 +47,9 @@ impl Default for CallConfig {
 impl CallConfig {
     pub fn check(&self) -> Result<(), InvalidValue> {
         check_range("ring_timeout_s", self.ring_timeout_s, 1, MAX_TIMEOUT_S)?;
+        if self.keepalive_s != 0 {
+            check_range("keepalive_s", self.keepalive_s, 5, MAX_TIMEOUT_S)?;
+        }
         if self.records_file.chars().any(char::is_control) {
             return Err(InvalidValue::new(
                 "records_file",

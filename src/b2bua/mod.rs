@@ -147,6 +147,7 @@ struct B2buaInner {
     local: LocalAddrs,
     timers: TimerConfig,
     default_ring_timeout: Duration,
+    keepalive: Option<Duration>,
     flows: Option<Arc<dyn ContactFlows>>,
     /// Registered devices of our addresses of record (transfer targets that are
     /// extensions).
@@ -190,6 +191,8 @@ pub struct B2buaParts {
     pub local: LocalAddrs,
     pub timers: TimerConfig,
     pub default_ring_timeout: Duration,
+    /// `call.keepalive_s` (None: off).
+    pub keepalive: Option<Duration>,
     /// Registered contacts' flows (None: dial targets are resolved by their URI).
     pub flows: Option<Arc<dyn ContactFlows>>,
     /// The location service (None: transfer targets are reached by their URI only).
@@ -217,6 +220,7 @@ impl B2bua {
                 local: parts.local,
                 timers: parts.timers,
                 default_ring_timeout: parts.default_ring_timeout,
+                keepalive: parts.keepalive,
                 flows: parts.flows,
                 location: parts.location,
                 auth: parts.auth,
