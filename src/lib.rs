@@ -9,6 +9,7 @@ pub mod dialog;
 pub mod huntgroup;
 pub mod logging;
 pub mod metrics;
+pub mod overload;
 pub mod presence;
 pub mod registrar;
 pub mod script;

@@ -356,6 +356,15 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer.set_observer(Arc::new(t.clone()));
     }
     let presence_users = users.clone(); // presence
+    let overload = (config.call.overload_delay_ms > 0).then(|| {
+        let o = Arc::new(crate::overload::Overload::new(
+            Duration::from_millis(config.call.overload_delay_ms),
+            OVERLOAD_WINDOW,
+            tokio::time::Instant::now(),
+        ));
+        tokio::spawn(probe_lateness(Arc::downgrade(&o)));
+        o
+    });
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
@@ -366,6 +375,9 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
         keepalive: (config.call.keepalive_s > 0)
             .then(|| Duration::from_secs(config.call.keepalive_s)),
+        overload: overload
+            .clone()
+            .map(|o| (o, config.call.overload_retry_after_s)),
         flows: Some(location.clone()),
         location: Some(location.clone()),
         auth: users.map(|u| (digest.clone(), u)),
@@ -744,5 +756,24 @@ async fn wait_for_stop(server: &ServerHandle) -> anyhow::Result<()> {
                 Err(e) => tracing::error!(error = %e, "script reload refused; the running version stays"),
             },
         }
+    }
+}
+
+/// How often the overload detector's refused fraction moves.
+const OVERLOAD_WINDOW: Duration = Duration::from_millis(100);
+
+/// Feeds the overload detector how late this runtime runs a timer (the SIP thread busy
+/// past its capacity makes every message wait as long); ends with the server.
+async fn probe_lateness(overload: std::sync::Weak<crate::overload::Overload>) {
+    const TICK: Duration = Duration::from_millis(10);
+    loop {
+        let asked = tokio::time::Instant::now();
+        tokio::time::sleep(TICK).await;
+        let now = tokio::time::Instant::now();
+        let Some(o) = overload.upgrade() else {
+            return;
+        };
+        let late = now.duration_since(asked).saturating_sub(TICK);
+        o.observe(crate::overload::Queue::Sip, late, now);
     }
 }

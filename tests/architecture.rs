@@ -15,7 +15,10 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str])] = &[
     // Leaves: the sharded map, the telemetry handle every layer registers its metrics on,
     // and the helpers every layer's config section uses.
-    ("leaves", &["config_section", "metrics", "shard"]),
+    (
+        "leaves",
+        &["config_section", "metrics", "overload", "shard"],
+    ),
     // Process support: the storage directory, logging.
     ("support", &["storage", "logging"]),
     // RFC 3261 section 7: the message model.

@@ -742,3 +742,128 @@ async fn keepalive_ends_a_call_whose_caller_vanished() {
     }
     panic!("the call is still counted as active");
 }
+
+/// Issue 15, overload: when new calls wait for the script longer than
+/// `call.overload_delay_ms`, a growing share of new calls gets `503 Overloaded` with
+/// Retry-After at once, every call still gets an answer, and once the queue is gone
+/// calls are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_sheds_new_calls_with_503_and_recovers() {
+    let dir = std::env::temp_dir().join(unique("strowger-overload"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let callee = UdpPeer::bind("127.0.0.1").await;
+    let plan = dir.join("plan.lua");
+    // ~20 ms of Lua per call on one VM (debug build), far below the 100 ms target alone.
+    std::fs::write(
+        &plan,
+        format!(
+            "function on_invite(call)\n  local x = 0\n  for i = 1, 1000000 do x = x + i end\n  call:dial(\"sip:b@{}\")\nend\n",
+            callee.addr
+        ),
+    )
+    .unwrap();
+    let mut config = test_config();
+    config.script.path = plan.display().to_string();
+    config.script.vm_pool_size = 1;
+    config.script.instruction_limit = 100_000_000;
+    config.call.overload_delay_ms = 100;
+    config.call.overload_retry_after_s = 7;
+    let s = start_with(config).await;
+    // The callee turns every call down (486) as it comes.
+    let answering = tokio::spawn(async move {
+        while let Some(m) = callee.recv(Duration::from_secs(30)).await {
+            if m.starts_with("INVITE ") {
+                let r = reply(&m, 486, "busy", None).replace(" 486 OK", " 486 Busy Here");
+                callee.send(s_udp(&m), r.as_bytes()).await;
+            }
+        }
+    });
+    let caller = UdpPeer::bind("127.0.0.1").await;
+    // The calls `ids`, one every `gap`: a steady flow (a controller reacts to the queue it
+    // measures, so a burst that arrives at once is taken whole).
+    let send_calls = |ids: Vec<String>, gap: Duration| {
+        let caller = &caller;
+        let server = s.udp;
+        async move {
+            for id in ids {
+                tokio::time::sleep(gap).await;
+                let invite = request(
+                    "INVITE",
+                    "sip:bob@strowger.test",
+                    caller.addr,
+                    "UDP",
+                    &id,
+                    "",
+                    "",
+                );
+                caller.send(server, invite.as_bytes()).await;
+            }
+        }
+    };
+    // The final answer of each of the calls `ids` (unACKed finals are retransmitted,
+    // Timer G, also those of earlier calls).
+    let finals = |ids: Vec<String>| {
+        let caller = &caller;
+        async move {
+            let mut got: std::collections::HashMap<String, String> = Default::default();
+            while got.len() < ids.len() {
+                let Some(r) = caller.recv_final(Duration::from_secs(20)).await else {
+                    break;
+                };
+                let id = header(&r, "Call-ID").unwrap_or_default().to_owned();
+                if ids.contains(&id) {
+                    got.entry(id).or_insert(r);
+                }
+            }
+            got.into_values().collect::<Vec<_>>()
+        }
+    };
+    let ids = |n: usize| (0..n).map(|_| unique("ovl")).collect::<Vec<_>>();
+    // Offered: 100 calls/s for 1.5 s, about twice what one VM takes.
+    let flood = ids(150);
+    let (_, got) = tokio::join!(
+        send_calls(flood.clone(), Duration::from_millis(10)),
+        finals(flood)
+    );
+    assert_eq!(got.len(), 150, "every call is answered");
+    let refused: Vec<&String> = got.iter().filter(|r| status(r) == 503).collect();
+    assert!(
+        !refused.is_empty(),
+        "some calls were shed: {:?}",
+        got.iter().map(|r| status(r)).collect::<Vec<_>>()
+    );
+    assert!(refused.len() < 150, "not all of them");
+    for r in &refused {
+        assert_eq!(reason(r), "Overloaded");
+        assert_eq!(header(r, "Retry-After"), Some("7"), "{r}");
+    }
+    let metrics = strowger::admin::get(s.handle.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("strowger_overload_refused_total"))
+        .expect("the refusals are counted");
+    assert!(line.ends_with(&format!(" {}", refused.len())), "{line}");
+    // The queue is gone: new calls are taken again (the fraction falls by a tenth every
+    // 100 ms of short waits).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = ids(3);
+    let (_, again) = tokio::join!(
+        send_calls(after.clone(), Duration::from_millis(10)),
+        finals(after)
+    );
+    assert!(
+        again.len() == 3 && again.iter().all(|r| status(r) == 486),
+        "{:?}",
+        again.iter().map(|r| status(r)).collect::<Vec<_>>()
+    );
+    answering.abort();
+}
+
+/// Where a raw request's top Via says to answer (its sent-by, rport ignored).
+fn s_udp(req: &str) -> SocketAddr {
+    let via = header(req, "Via").unwrap();
+    let sent_by = via.split_whitespace().nth(1).unwrap();
+    sent_by.split(';').next().unwrap().parse().unwrap()
+}

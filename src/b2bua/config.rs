@@ -28,6 +28,11 @@ pub struct CallConfig {
     /// Seconds between in-dialog OPTIONS to both parties of an answered call; a party
     /// that answers 408 or 481, or not at all, ends the call. 0 = off.
     pub keepalive_s: u64,
+    /// Overload: the queue delay (ms) a new call may meet before a growing fraction of new
+    /// calls is refused with 503 and Retry-After. 0 = never refuse.
+    pub overload_delay_ms: u64,
+    /// The Retry-After (seconds) of those 503s.
+    pub overload_retry_after_s: u64,
 }
 
 impl Default for CallConfig {
@@ -40,6 +45,8 @@ impl Default for CallConfig {
             trace_max_messages: 100,
             trace_keep_ended: 100,
             keepalive_s: 0,
+            overload_delay_ms: 50,
+            overload_retry_after_s: 2,
         }
     }
 }
@@ -47,6 +54,15 @@ impl Default for CallConfig {
 impl CallConfig {
     pub fn check(&self) -> Result<(), InvalidValue> {
         check_range("ring_timeout_s", self.ring_timeout_s, 1, MAX_TIMEOUT_S)?;
+        if self.overload_delay_ms != 0 {
+            check_range("overload_delay_ms", self.overload_delay_ms, 5, 10_000)?;
+        }
+        check_range(
+            "overload_retry_after_s",
+            self.overload_retry_after_s,
+            1,
+            3600,
+        )?;
         if self.keepalive_s != 0 {
             check_range("keepalive_s", self.keepalive_s, 5, MAX_TIMEOUT_S)?;
         }

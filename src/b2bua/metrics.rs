@@ -240,10 +240,23 @@ impl B2bua {
             "Calls a script tagged with a route (call.routes), by result",
             &["route", "result"],
         )?;
+        let refused = telemetry.counter(
+            "strowger_overload_refused_total",
+            "New calls refused with 503 and Retry-After because the server was overloaded",
+        )?;
+        let fraction = prometheus::Gauge::new(
+            "strowger_overload_refused_ratio",
+            "Fraction of new calls refused now for overload (0 to 0.95; from measured queue delays)",
+        )?;
+        telemetry.register(&fraction)?;
         let b2bua = self.clone();
         telemetry.on_scrape(move || {
             let s = b2bua.stats();
             active.set(b2bua.active_calls() as i64);
+            metrics::catch_up(&refused, load(&s.overload_refused));
+            if let Some((o, _)) = &b2bua.inner.overload {
+                fraction.set(o.refused_fraction());
+            }
             metrics::catch_up(&total, load(&s.calls_started));
             metrics::catch_up(&answered, load(&s.answered));
             for c in FailureClass::ALL {

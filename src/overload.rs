@@ -1,0 +1,173 @@
+//! Overload detection (issue 15, RFC 7339's motivation; the way Kamailio and OpenSIPS
+//! answer 503 with Retry-After instead of falling over): from *measured* queue delays, a
+//! fraction of new calls to refuse at the door, before they cost a script run, a B leg
+//! and a place in every queue.
+//!
+//! Owns: the delay windows and the refusal fraction. Must not touch: messages or sockets
+//! (callers feed it delays and ask it whether to admit; sans-IO, tested on the paused
+//! clock).
+//!
+//! The controller, in the spirit of CoDel: what matters is the *smallest* delay seen in
+//! a window (a standing queue, not a burst). Each window (`window`) whose smallest delay
+//! is above `target` raises the fraction of new calls refused by `STEP`; each window
+//! below it lowers it by `STEP`. A window with no sample at all keeps the fraction (when
+//! everything is refused, nothing reaches the queue that would say it drained). The
+//! samples come from where a new call waits: the script VMs' job queues and the SIP
+//! thread's own lateness (`server.rs` probes it).
+
+use parking_lot::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How much the refused fraction moves per window.
+const STEP: f64 = 0.1;
+/// Never refuse everything: a few calls keep sampling the queues (and get through when
+/// the overload is over).
+const MAX_REFUSED: f64 = 0.95;
+
+/// Where a delay was measured. Each queue keeps its own smallest delay per window: an
+/// idle SIP thread says nothing about a script queue that stands (Lua runs on its own
+/// threads), so one overloaded queue is enough.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queue {
+    /// The SIP thread's lateness.
+    Sip,
+    /// The wait of a new call for its script.
+    Script,
+}
+
+struct Window {
+    start: Instant,
+    min: [Option<Duration>; 2],
+}
+
+struct State {
+    window: Window,
+    refused: f64,
+    /// Pseudo-random sequence for the admission draws (xorshift; no need for more).
+    seed: u64,
+}
+
+/// The overload detector of the server; cheap to share (`Arc`).
+pub struct Overload {
+    target: Duration,
+    window: Duration,
+    state: Mutex<State>,
+}
+
+impl Overload {
+    /// `target`: the queue delay above which new calls are refused (a fraction of them);
+    /// `window`: how often the fraction moves.
+    pub fn new(target: Duration, window: Duration, now: Instant) -> Overload {
+        Overload {
+            target,
+            window: window.max(Duration::from_millis(1)),
+            state: Mutex::new(State {
+                window: Window {
+                    start: now,
+                    min: [None; 2],
+                },
+                refused: 0.0,
+                seed: 0x9e37_79b9_7f4a_7c15,
+            }),
+        }
+    }
+
+    fn roll(&self, st: &mut State, now: Instant) {
+        while now.duration_since(st.window.start) >= self.window {
+            let mins = std::mem::take(&mut st.window.min);
+            if mins.iter().flatten().any(|m| *m > self.target) {
+                st.refused = (st.refused + STEP).min(MAX_REFUSED);
+            } else if mins.iter().any(Option::is_some) {
+                st.refused = (st.refused - STEP).max(0.0);
+            }
+            st.window.start += self.window;
+            // Long idle: jump to the current window instead of replaying empty ones.
+            if now.duration_since(st.window.start) >= self.window * 4 {
+                st.window.start = now;
+            }
+        }
+    }
+
+    /// A request waited `delay` in `queue`.
+    pub fn observe(&self, queue: Queue, delay: Duration, now: Instant) {
+        let mut st = self.state.lock();
+        self.roll(&mut st, now);
+        let min = &mut st.window.min[queue as usize];
+        *min = Some(min.map_or(delay, |m| m.min(delay)));
+    }
+
+    /// Whether to take a new call now (false: refuse it with 503 and Retry-After).
+    pub fn admit(&self, now: Instant) -> bool {
+        let mut st = self.state.lock();
+        self.roll(&mut st, now);
+        if st.refused <= 0.0 {
+            return true;
+        }
+        st.seed ^= st.seed << 13;
+        st.seed ^= st.seed >> 7;
+        st.seed ^= st.seed << 17;
+        let draw = (st.seed >> 11) as f64 / (1u64 << 53) as f64;
+        draw >= st.refused
+    }
+
+    /// The fraction of new calls refused now (0 to 0.95), for the metrics.
+    pub fn refused_fraction(&self) -> f64 {
+        self.state.lock().refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn admitted(o: &Overload, n: usize) -> usize {
+        (0..n).filter(|_| o.admit(Instant::now())).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standing_queue_refuses_more_and_more_then_recovers() {
+        let o = Overload::new(50 * MS, 100 * MS, Instant::now());
+        assert_eq!(admitted(&o, 100), 100, "no samples: everything is taken");
+        // Bursts are fine: the smallest delay of the window is what counts.
+        for _ in 0..5 {
+            o.observe(Queue::Script, 400 * MS, Instant::now());
+            o.observe(Queue::Script, 5 * MS, Instant::now());
+            tokio::time::advance(100 * MS).await;
+        }
+        assert_eq!(o.refused_fraction(), 0.0);
+        // A standing queue: every sample above the target, for five windows.
+        for _ in 0..5 {
+            o.observe(Queue::Script, 80 * MS, Instant::now());
+            o.observe(Queue::Sip, MS, Instant::now());
+            tokio::time::advance(100 * MS).await;
+        }
+        o.observe(Queue::Script, 80 * MS, Instant::now());
+        o.observe(Queue::Sip, MS, Instant::now());
+        assert!((o.refused_fraction() - 0.5).abs() < 1e-9);
+        let taken = admitted(&o, 1000);
+        assert!((400..600).contains(&taken), "about half taken: {taken}");
+        // Windows without samples keep the fraction; it never reaches everything.
+        tokio::time::advance(300 * MS).await;
+        assert!((o.refused_fraction() - 0.5).abs() < 1e-9);
+        for _ in 0..20 {
+            o.observe(Queue::Script, 80 * MS, Instant::now());
+            o.observe(Queue::Sip, MS, Instant::now());
+            tokio::time::advance(100 * MS).await;
+        }
+        o.observe(Queue::Script, 80 * MS, Instant::now());
+        o.observe(Queue::Sip, MS, Instant::now());
+        assert!((o.refused_fraction() - MAX_REFUSED).abs() < 1e-9);
+        assert!(admitted(&o, 1000) > 0, "a few calls keep getting through");
+        // The queue drains: ten windows below the target take everything again.
+        for _ in 0..11 {
+            o.observe(Queue::Script, 2 * MS, Instant::now());
+            tokio::time::advance(100 * MS).await;
+        }
+        o.observe(Queue::Script, 2 * MS, Instant::now());
+        assert_eq!(o.refused_fraction(), 0.0);
+        assert_eq!(admitted(&o, 100), 100);
+    }
+}
