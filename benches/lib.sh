@@ -66,6 +66,7 @@ bench_setup() {
 start_strowger() {
   local port=$1 http
   http=$(free_tcp_port)
+  HTTP_PORT=$http
   cat > "$WORK/plan.lua" <<LUA
 -- Bench dial plan: every call to the one callee.
 function on_invite(call)
@@ -84,6 +85,7 @@ t1_ms = ${BENCH_T1_MS:-500}
 level = "warn"
 [script]
 path = "$WORK/plan.lua"
+${BENCH_EXTRA_TOML:-}
 TOML
   ${WRAP[@]+"${WRAP[@]}"} "$ROOT/target/release/strowger" run --config "$WORK/strowger.toml" \
     2>>"$WORK/strowger.log" &
