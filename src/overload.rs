@@ -53,6 +53,7 @@ pub struct Overload {
     target: Duration,
     window: Duration,
     state: Mutex<State>,
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl Overload {
@@ -70,6 +71,7 @@ impl Overload {
                 refused: 0.0,
                 seed: 0x9e37_79b9_7f4a_7c15,
             }),
+            refused: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -108,7 +110,17 @@ impl Overload {
         st.seed ^= st.seed >> 7;
         st.seed ^= st.seed << 17;
         let draw = (st.seed >> 11) as f64 / (1u64 << 53) as f64;
-        draw >= st.refused
+        let admit = draw >= st.refused;
+        if !admit {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        admit
+    }
+
+    /// New calls refused so far.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The fraction of new calls refused now (0 to 0.95), for the metrics.

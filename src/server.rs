@@ -363,6 +363,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             tokio::time::Instant::now(),
         ));
         tokio::spawn(probe_lateness(Arc::downgrade(&o)));
+        layer.set_overload(o.clone(), config.call.overload_retry_after_s);
         o
     });
     let b2bua = B2bua::new(B2buaParts {
@@ -375,9 +376,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
         keepalive: (config.call.keepalive_s > 0)
             .then(|| Duration::from_secs(config.call.keepalive_s)),
-        overload: overload
-            .clone()
-            .map(|o| (o, config.call.overload_retry_after_s)),
+        overload: overload.clone(),
         flows: Some(location.clone()),
         location: Some(location.clone()),
         auth: users.map(|u| (digest.clone(), u)),

@@ -577,8 +577,7 @@ impl Call {
     /// Takes the event boxed: the task's future holds this call's argument while it waits,
     /// and an inline event is ~850 bytes of every call.
     async fn on_event(&mut self, ev: Box<CallEvent>) {
-        if let (CallEvent::Dial { .. }, 0, Some((overload, _))) =
-            (&*ev, self.legs, &self.inner.overload)
+        if let (CallEvent::Dial { .. }, 0, Some(overload)) = (&*ev, self.legs, &self.inner.overload)
         {
             // How long the call's first dial took to come out of the script: mostly the
             // wait for a VM (issue 15's overload signal; the script's own time is µs).

@@ -253,8 +253,8 @@ impl B2bua {
         telemetry.on_scrape(move || {
             let s = b2bua.stats();
             active.set(b2bua.active_calls() as i64);
-            metrics::catch_up(&refused, load(&s.overload_refused));
-            if let Some((o, _)) = &b2bua.inner.overload {
+            if let Some(o) = &b2bua.inner.overload {
+                metrics::catch_up(&refused, o.refused_total());
                 fraction.set(o.refused_fraction());
             }
             metrics::catch_up(&total, load(&s.calls_started));

@@ -138,8 +138,6 @@ pub struct B2buaStats {
     /// Dials by outcome, indexed like [`DialResult`].
     pub dial_outcomes: [AtomicU64; <DialResult as crate::metrics::Label>::ALL.len()],
     pub script_failures: AtomicU64,
-    /// New calls refused with 503 because the server was overloaded.
-    pub overload_refused: AtomicU64,
 }
 
 struct B2buaInner {
@@ -150,7 +148,7 @@ struct B2buaInner {
     timers: TimerConfig,
     default_ring_timeout: Duration,
     keepalive: Option<Duration>,
-    overload: Option<(Arc<crate::overload::Overload>, u64)>,
+    overload: Option<Arc<crate::overload::Overload>>,
     flows: Option<Arc<dyn ContactFlows>>,
     /// Registered devices of our addresses of record (transfer targets that are
     /// extensions).
@@ -196,8 +194,9 @@ pub struct B2buaParts {
     pub default_ring_timeout: Duration,
     /// `call.keepalive_s` (None: off).
     pub keepalive: Option<Duration>,
-    /// The overload detector and `call.overload_retry_after_s` (None: never refuse).
-    pub overload: Option<(Arc<crate::overload::Overload>, u64)>,
+    /// The overload detector, fed with new calls' waits for their script (the transaction
+    /// layer refuses; None: never refuse).
+    pub overload: Option<Arc<crate::overload::Overload>>,
     /// Registered contacts' flows (None: dial targets are resolved by their URI).
     pub flows: Option<Arc<dyn ContactFlows>>,
     /// The location service (None: transfer targets are reached by their URI only).
@@ -336,20 +335,6 @@ impl B2bua {
 
     /// An INVITE outside any dialog, already validated: a new call.
     pub fn on_invite(&self, tx: ServerTransaction, req: Request) {
-        // Only new calls reach here (in-dialog requests go to their dialogs): those are
-        // what is refused under overload, before they cost a script run or a B leg.
-        if let Some((overload, retry_after)) = &self.inner.overload {
-            if !overload.admit(tokio::time::Instant::now()) {
-                self.inner
-                    .stats
-                    .overload_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                let mut r = req.response(503).with_reason("Overloaded");
-                r.headers.push("Retry-After", retry_after.to_string());
-                let _ = tx.respond(r);
-                return;
-            }
-        }
         self.inner
             .stats
             .calls_started

@@ -561,6 +561,8 @@ struct Shared {
     messages: metrics::MessageCounters,
     /// Sees every message in and out when set (the per-call traces of `call.trace`).
     observer: std::sync::OnceLock<Arc<dyn MessageObserver>>,
+    /// Overload control of new INVITEs and the Retry-After of its 503s (issue 15).
+    overload: std::sync::OnceLock<(Arc<crate::overload::Overload>, u64)>,
     /// Every transaction's timers.
     timers: Arc<TimerQueue>,
 }
@@ -642,6 +644,7 @@ impl TransactionLayer {
                 stats: Counters::default(),
                 messages: Default::default(),
                 observer: std::sync::OnceLock::new(),
+                overload: std::sync::OnceLock::new(),
                 timers: TimerQueue::start(&tokio::runtime::Handle::current()),
             }),
         }
@@ -650,6 +653,14 @@ impl TransactionLayer {
     /// Shows every message in and out to `observer` from now on (`call.trace`); set once.
     pub fn set_observer(&self, observer: Arc<dyn MessageObserver>) {
         let _ = self.shared.observer.set(observer);
+    }
+
+    /// Refuses new INVITEs (no To tag) that `overload` does not admit, statelessly with
+    /// 503 and `Retry-After: retry_after` seconds: before a transaction, a call or a script
+    /// run exist, so a refusal costs a parse and a send (as Kamailio's `sl_send_reply`);
+    /// requests inside dialogs always pass.
+    pub fn set_overload(&self, overload: Arc<crate::overload::Overload>, retry_after: u64) {
+        let _ = self.shared.overload.set((overload, retry_after));
     }
 
     /// Everything the transports read (requests already carry received/rport; for requests
@@ -776,6 +787,17 @@ impl TransactionLayer {
             resp.headers.push("Retry-After", "30");
             self.send_response_stateless(&resp, &source);
             return;
+        }
+        if req.method == Method::Invite && merge_key.is_some() {
+            if let Some((overload, retry_after)) = self.shared.overload.get() {
+                if !overload.admit(Instant::now()) {
+                    let mut resp = self.shared.respond_stateless(&req, 503);
+                    resp.reason = "Overloaded".into();
+                    resp.headers.push("Retry-After", retry_after.to_string());
+                    self.send_response_stateless(&resp, &source);
+                    return;
+                }
+            }
         }
         if let Some(mk) = &merge_key {
             // RFC 3261 8.2.2.2: same From tag, Call-ID and CSeq as a transaction in progress
