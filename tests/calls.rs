@@ -617,6 +617,17 @@ async fn late_answer_after_the_ring_timeout_is_acked_and_released() {
     wait_idle(&s.server).await;
 }
 
+/// The test configuration with the dial plan `lua` (written to a fresh folder).
+fn config_with_plan(lua: &str) -> strowger::config::Config {
+    let dir = std::env::temp_dir().join(unique("strowger-plan"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("plan.lua");
+    std::fs::write(&plan, lua).unwrap();
+    let mut config = test_config();
+    config.script.path = plan.display().to_string();
+    config
+}
+
 /// A response to the raw request `req`: its Via, From, To (with `to_tag` when it has
 /// none), Call-ID and CSeq, and a Contact when given.
 fn reply(req: &str, code: u16, to_tag: &str, contact: Option<SocketAddr>) -> String {
@@ -653,20 +664,11 @@ async fn next_request(peer: &UdpPeer, method: &str, wait: Duration) -> Option<St
 /// one that does not answer ends the call (the other party gets a BYE).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_ends_a_call_whose_caller_vanished() {
-    let dir = std::env::temp_dir().join(unique("strowger-ka"));
-    std::fs::create_dir_all(&dir).unwrap();
     let callee = UdpPeer::bind("127.0.0.1").await;
-    let plan = dir.join("plan.lua");
-    std::fs::write(
-        &plan,
-        format!(
-            "function on_invite(call) call:dial(\"sip:b@{}\") end\n",
-            callee.addr
-        ),
-    )
-    .unwrap();
-    let mut config = test_config();
-    config.script.path = plan.display().to_string();
+    let mut config = config_with_plan(&format!(
+        "function on_invite(call) call:dial(\"sip:b@{}\") end\n",
+        callee.addr
+    ));
     config.call.keepalive_s = 5;
     config.sip.timers.t1_ms = 50;
     let s = start_with(config).await;
@@ -749,21 +751,12 @@ async fn keepalive_ends_a_call_whose_caller_vanished() {
 /// calls are taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_sheds_new_calls_with_503_and_recovers() {
-    let dir = std::env::temp_dir().join(unique("strowger-overload"));
-    std::fs::create_dir_all(&dir).unwrap();
     let callee = UdpPeer::bind("127.0.0.1").await;
-    let plan = dir.join("plan.lua");
     // ~20 ms of Lua per call on one VM (debug build), far below the 100 ms target alone.
-    std::fs::write(
-        &plan,
-        format!(
-            "function on_invite(call)\n  local x = 0\n  for i = 1, 1000000 do x = x + i end\n  call:dial(\"sip:b@{}\")\nend\n",
-            callee.addr
-        ),
-    )
-    .unwrap();
-    let mut config = test_config();
-    config.script.path = plan.display().to_string();
+    let mut config = config_with_plan(&format!(
+        "function on_invite(call)\n  local x = 0\n  for i = 1, 1000000 do x = x + i end\n  call:dial(\"sip:b@{}\")\nend\n",
+        callee.addr
+    ));
     config.script.vm_pool_size = 1;
     config.script.instruction_limit = 100_000_000;
     config.call.overload_delay_ms = 100;

@@ -109,62 +109,37 @@ async fn registrar(store: Arc<MemStore>) -> Registrar {
 async fn contacts_per_address_are_bounded() {
     let store = Arc::new(MemStore::default());
     let reg = registrar(store.clone()).await;
-    for (i, seq) in (1..=3).zip(1u32..) {
+    let ask = |call_id: &'static str, seq: u32, contact: String| {
+        let reg = reg.clone();
+        async move {
+            let r = reg
+                .register(&register(call_id, seq, &[&contact]), src(), AOR)
+                .await;
+            (r.status, r.reason)
+        }
+    };
+    for i in 1..=3u32 {
         let c = format!("Contact: <sip:a{i}@192.0.2.1>");
-        let r = reg.register(&register("c1", seq, &[&c]), src(), AOR).await;
-        assert_eq!(r.status, 200);
+        assert_eq!(ask("c1", i, c).await.0, 200);
     }
-    let r = reg
-        .register(
-            &register("c1", 10, &["Contact: <sip:a4@192.0.2.1>"]),
-            src(),
-            AOR,
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.reason.as_str()),
-        (503, "Too many registered contacts")
-    );
+    let refused = ask("c1", 10, "Contact: <sip:a4@192.0.2.1>".into()).await;
+    assert_eq!(refused, (503, "Too many registered contacts".into()));
     assert_eq!(reg.lookup(AOR).len(), 3);
     assert_eq!(reg.stats().too_many_contacts.load(Ordering::Relaxed), 1);
     // Several at once past the bound: refused as a whole.
-    let r = reg
-        .register(
-            &register(
-                "c2",
-                1,
-                &["Contact: <sip:b1@192.0.2.1>, <sip:b2@192.0.2.1>"],
-            ),
-            src(),
-            AOR,
-        )
-        .await;
-    assert_eq!(r.status, 503);
-    // A refresh, and a removal, of what is there are fine.
-    let r = reg
-        .register(
-            &register("c1", 11, &["Contact: <sip:a1@192.0.2.1>"]),
-            src(),
-            AOR,
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    let r = reg
-        .register(
-            &register("c1", 12, &["Contact: <sip:a1@192.0.2.1>;expires=0"]),
-            src(),
-            AOR,
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    let r = reg
-        .register(
-            &register("c1", 13, &["Contact: <sip:a4@192.0.2.1>"]),
-            src(),
-            AOR,
-        )
-        .await;
-    assert_eq!(r.status, 200, "room again after the removal");
+    let two = "Contact: <sip:b1@192.0.2.1>, <sip:b2@192.0.2.1>".to_owned();
+    assert_eq!(ask("c2", 1, two).await.0, 503);
+    // A refresh, and a removal, of what is there are fine; then there is room again.
+    assert_eq!(
+        ask("c1", 11, "Contact: <sip:a1@192.0.2.1>".into()).await.0,
+        200
+    );
+    let remove = "Contact: <sip:a1@192.0.2.1>;expires=0".to_owned();
+    assert_eq!(ask("c1", 12, remove).await.0, 200);
+    assert_eq!(
+        ask("c1", 13, "Contact: <sip:a4@192.0.2.1>".into()).await.0,
+        200
+    );
 }
 
 fn contacts(r: &Response) -> Vec<String> {
