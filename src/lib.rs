@@ -10,6 +10,7 @@ pub mod huntgroup;
 pub mod logging;
 pub mod metrics;
 pub mod overload;
+pub mod pike;
 pub mod presence;
 pub mod registrar;
 pub mod script;

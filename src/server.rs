@@ -356,6 +356,15 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer.set_observer(Arc::new(t.clone()));
     }
     let presence_users = users.clone(); // presence
+    let pike = (config.sip.pike_requests > 0).then(|| {
+        let p = Arc::new(crate::pike::Pike::new(
+            config.sip.pike_requests,
+            Duration::from_secs(config.sip.pike_block_s),
+            config.sip.pike_max_sources,
+        ));
+        layer.set_pike(p.clone());
+        p
+    });
     let overload = (config.call.overload_delay_ms > 0).then(|| {
         let o = Arc::new(crate::overload::Overload::new(
             Duration::from_millis(config.call.overload_delay_ms),
@@ -427,6 +436,20 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         stats.register_metrics(&t)?;
         if let Some(h) = &huntgroups {
             h.register_metrics(&t)?;
+        }
+        if let Some(p) = pike.clone() {
+            let dropped = t.counter(
+                "strowger_pike_dropped_total",
+                "Requests outside dialogs dropped because their source was blocked (sip.pike_requests)",
+            )?;
+            let blocks = t.counter(
+                "strowger_pike_blocks_total",
+                "Times a source address was blocked for sending too many requests",
+            )?;
+            t.on_scrape(move || {
+                crate::metrics::catch_up(&dropped, p.dropped_total());
+                crate::metrics::catch_up(&blocks, p.blocks_total());
+            });
         }
         Ok(t)
     })()

@@ -17,7 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     // and the helpers every layer's config section uses.
     (
         "leaves",
-        &["config_section", "metrics", "overload", "shard"],
+        &["config_section", "metrics", "overload", "pike", "shard"],
     ),
     // Process support: the storage directory, logging.
     ("support", &["storage", "logging"]),

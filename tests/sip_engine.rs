@@ -544,3 +544,54 @@ async fn outgoing_invite_does_not_offer_session_timers() {
         "{r}"
     );
 }
+
+/// Issue 15 item 2: a source sending more than `sip.pike_requests` requests outside
+/// dialogs in a second is blocked (its requests dropped unanswered, counted). That other
+/// sources are not affected is checked by the unit tests of `pike` (every test peer here
+/// shares 127.0.0.1).
+#[tokio::test]
+async fn a_flooding_source_is_blocked() {
+    let mut config = test_config();
+    config.sip.pike_requests = 5;
+    config.sip.pike_block_s = 60;
+    let server = start_with(config).await;
+    let options = |peer: std::net::SocketAddr| {
+        request(
+            "OPTIONS",
+            "sip:strowger.test",
+            peer,
+            "UDP",
+            &unique("pike"),
+            "",
+            "",
+        )
+    };
+    let flooder = UdpPeer::bind("127.0.0.1").await;
+    for _ in 0..10 {
+        flooder
+            .send(server.udp, options(flooder.addr).as_bytes())
+            .await;
+    }
+    let mut answered = 0;
+    while flooder.recv(Duration::from_millis(500)).await.is_some() {
+        answered += 1;
+    }
+    assert_eq!(answered, 5, "five answered, the rest dropped");
+    // Still blocked a moment later (the address is what counts, not the port).
+    flooder
+        .send(server.udp, options(flooder.addr).as_bytes())
+        .await;
+    assert!(flooder.recv(Duration::from_millis(300)).await.is_none());
+    let metrics = strowger::admin::get(server.handle.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(value("strowger_pike_dropped_total").as_deref(), Some("6"));
+    assert_eq!(value("strowger_pike_blocks_total").as_deref(), Some("1"));
+}

@@ -563,6 +563,8 @@ struct Shared {
     observer: std::sync::OnceLock<Arc<dyn MessageObserver>>,
     /// Overload control of new INVITEs and the Retry-After of its 503s (issue 15).
     overload: std::sync::OnceLock<(Arc<crate::overload::Overload>, u64)>,
+    /// Per-source flood limit of requests outside dialogs.
+    pike: std::sync::OnceLock<Arc<crate::pike::Pike>>,
     /// Every transaction's timers.
     timers: Arc<TimerQueue>,
 }
@@ -645,6 +647,7 @@ impl TransactionLayer {
                 messages: Default::default(),
                 observer: std::sync::OnceLock::new(),
                 overload: std::sync::OnceLock::new(),
+                pike: std::sync::OnceLock::new(),
                 timers: TimerQueue::start(&tokio::runtime::Handle::current()),
             }),
         }
@@ -659,6 +662,12 @@ impl TransactionLayer {
     /// 503 and `Retry-After: retry_after` seconds: before a transaction, a call or a script
     /// run exist, so a refusal costs a parse and a send (as Kamailio's `sl_send_reply`);
     /// requests inside dialogs always pass.
+    /// Drops requests outside dialogs (no To tag) from sources that `pike` blocks, before
+    /// any transaction exists and without an answer (issue 15: floods from one source).
+    pub fn set_pike(&self, pike: Arc<crate::pike::Pike>) {
+        let _ = self.shared.pike.set(pike);
+    }
+
     pub fn set_overload(&self, overload: Arc<crate::overload::Overload>, retry_after: u64) {
         let _ = self.shared.overload.set((overload, retry_after));
     }
@@ -787,6 +796,13 @@ impl TransactionLayer {
             resp.headers.push("Retry-After", "30");
             self.send_response_stateless(&resp, &source);
             return;
+        }
+        if merge_key.is_some() {
+            if let Some(pike) = self.shared.pike.get() {
+                if !pike.allow(source.addr.ip(), Instant::now()) {
+                    return;
+                }
+            }
         }
         if req.method == Method::Invite && merge_key.is_some() {
             if let Some((overload, retry_after)) = self.shared.overload.get() {

@@ -28,6 +28,12 @@ pub struct SipConfig {
     pub tcp_idle_timeout_s: u64,
     /// Threads that carry SIP (the async runtime's workers); 0 = one per core.
     pub workers: usize,
+    /// Requests outside dialogs one source address may send per second before it is
+    /// blocked (its new requests dropped) for `pike_block_s`; 0 = no limit.
+    pub pike_requests: u32,
+    pub pike_block_s: u64,
+    /// Source addresses the flood limit tracks at most.
+    pub pike_max_sources: usize,
 }
 
 impl Default for SipConfig {
@@ -43,6 +49,9 @@ impl Default for SipConfig {
             // (benches/callgrind.sh), a second worker tripled the context switches per call
             // and added 9 system calls per call for the hand-offs between the two.
             workers: 1,
+            pike_requests: 0,
+            pike_block_s: 60,
+            pike_max_sources: 100_000,
         }
     }
 }
@@ -69,6 +78,15 @@ impl SipConfig {
         self.timers.check().map_err(|e| e.within("timers"))?;
         check_limits(self.max_message_size, self.tcp_idle_timeout_s)?;
         check_workers(self.workers)?;
+        if self.pike_requests > 0 {
+            crate::config_section::check_range("pike_block_s", self.pike_block_s, 1, 86_400)?;
+            crate::config_section::check_range(
+                "pike_max_sources",
+                self.pike_max_sources as u64,
+                1,
+                10_000_000,
+            )?;
+        }
         // The value goes into a header verbatim; CR or LF would inject header lines.
         if self.user_agent.is_empty() || self.user_agent.chars().any(char::is_control) {
             return Err(InvalidValue::new(
