@@ -291,6 +291,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     let limits = TransportLimits {
         max_message_size: config.sip.max_message_size,
         idle_timeout: Duration::from_secs(config.sip.tcp_idle_timeout_s),
+        udp_recv_buffer: config.sip.udp_recv_buffer_kb * 1024,
         ..TransportLimits::default()
     };
     let transports = Transports::bind(&listen, limits, dispatcher.clone())

@@ -127,6 +127,9 @@ pub struct TransportLimits {
     pub idle_timeout: std::time::Duration,
     /// Most TCP connections open at once (accepted + outgoing).
     pub max_connections: usize,
+    /// SO_RCVBUF asked for each UDP socket, bytes (0: the system's default). The kernel
+    /// caps it at `net.core.rmem_max`; what it granted is logged at start.
+    pub udp_recv_buffer: usize,
 }
 
 impl Default for TransportLimits {
@@ -135,6 +138,7 @@ impl Default for TransportLimits {
             max_message_size: 65535,
             idle_timeout: std::time::Duration::from_secs(300),
             max_connections: 10_000,
+            udp_recv_buffer: 0,
         }
     }
 }

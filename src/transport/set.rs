@@ -119,9 +119,10 @@ impl Transports {
         let mut bound = Vec::with_capacity(listen.len());
         for l in listen {
             let b = match l.kind {
-                TransportKind::Udp => {
-                    Bound::Udp(udp::bind(l.addr).map_err(|e| TransportError::Bind(l.addr, e))?)
-                }
+                TransportKind::Udp => Bound::Udp(
+                    udp::bind(l.addr, shared.limits.udp_recv_buffer)
+                        .map_err(|e| TransportError::Bind(l.addr, e))?,
+                ),
                 TransportKind::Tcp => {
                     let listener =
                         super::tcp::bind(l.addr).map_err(|e| TransportError::Bind(l.addr, e))?;

@@ -38,12 +38,22 @@ pub(crate) struct UdpTransport {
 }
 
 /// Binds `addr`. IPv6 sockets are IPv6-only so that `[::]:5060` and `0.0.0.0:5060` can
-/// both be bound (otherwise a dual-stack `[::]` takes the IPv4 port too). Must be called
-/// inside a tokio runtime.
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpTransport> {
+/// both be bound (otherwise a dual-stack `[::]` takes the IPv4 port too). `recv_buffer`:
+/// SO_RCVBUF to ask for (0: the system's). Must be called inside a tokio runtime.
+pub(crate) fn bind(addr: SocketAddr, recv_buffer: usize) -> io::Result<UdpTransport> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if recv_buffer > 0 {
+        // A burst (a carrier retransmitting everything) waits here instead of being
+        // dropped by the kernel; Linux caps the size at net.core.rmem_max (and reports
+        // twice what it keeps for bookkeeping).
+        socket.set_recv_buffer_size(recv_buffer)?;
+        let granted = socket.recv_buffer_size().unwrap_or(0);
+        if granted < recv_buffer {
+            tracing::warn!(%addr, asked = recv_buffer, granted, "UDP receive buffer capped by the system (raise net.core.rmem_max)");
+        }
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -292,10 +302,33 @@ pub(crate) fn send(
 mod tests {
     use super::*;
 
+    /// `sip.udp_recv_buffer_kb` reaches the socket (Linux reports twice what it keeps, and
+    /// caps it at net.core.rmem_max: at least the smaller of the two is granted).
+    #[tokio::test]
+    async fn the_receive_buffer_asked_for_is_set() {
+        let asked = 1 << 20;
+        let t = bind("127.0.0.1:0".parse().unwrap(), asked).unwrap();
+        let granted = socket2::SockRef::from(t.socket.get_ref())
+            .recv_buffer_size()
+            .unwrap();
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(asked);
+        assert!(granted >= asked.min(cap), "granted {granted}");
+        let default = bind("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+        let system = socket2::SockRef::from(default.socket.get_ref())
+            .recv_buffer_size()
+            .unwrap();
+        if cap >= asked * 2 {
+            assert!(granted > system, "{granted} vs the default {system}");
+        }
+    }
+
     #[tokio::test]
     async fn pick_prefers_matching_socket() {
-        let a = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let b = bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let a = bind("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+        let b = bind("0.0.0.0:0".parse().unwrap(), 0).unwrap();
         let both = [a.clone(), b.clone()];
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(pick(&both, ip("127.0.0.1")).map(|u| u.local), Some(a.local));
@@ -309,12 +342,12 @@ mod tests {
 
     #[tokio::test]
     async fn v6only_lets_both_wildcards_share_a_port() {
-        let v6 = match bind("[::]:0".parse().unwrap()) {
+        let v6 = match bind("[::]:0".parse().unwrap(), 0) {
             Ok(s) => s,
             Err(_) => return, // no IPv6 here
         };
         let port = v6.local.port();
-        let v4 = bind(SocketAddr::new("0.0.0.0".parse().unwrap(), port));
+        let v4 = bind(SocketAddr::new("0.0.0.0".parse().unwrap(), port), 0);
         assert!(v4.is_ok(), "{:?}", v4.err());
     }
 }

@@ -34,6 +34,8 @@ pub struct SipConfig {
     pub pike_block_s: u64,
     /// Source addresses the flood limit tracks at most.
     pub pike_max_sources: usize,
+    /// SO_RCVBUF of each UDP socket, KiB (0: the system's default).
+    pub udp_recv_buffer_kb: usize,
 }
 
 impl Default for SipConfig {
@@ -52,6 +54,7 @@ impl Default for SipConfig {
             pike_requests: 0,
             pike_block_s: 60,
             pike_max_sources: 100_000,
+            udp_recv_buffer_kb: 4096,
         }
     }
 }
@@ -78,6 +81,12 @@ impl SipConfig {
         self.timers.check().map_err(|e| e.within("timers"))?;
         check_limits(self.max_message_size, self.tcp_idle_timeout_s)?;
         check_workers(self.workers)?;
+        crate::config_section::check_range(
+            "udp_recv_buffer_kb",
+            self.udp_recv_buffer_kb as u64,
+            0,
+            1 << 20,
+        )?;
         if self.pike_requests > 0 {
             crate::config_section::check_range("pike_block_s", self.pike_block_s, 1, 86_400)?;
             crate::config_section::check_range(
