@@ -292,6 +292,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         max_message_size: config.sip.max_message_size,
         idle_timeout: Duration::from_secs(config.sip.tcp_idle_timeout_s),
         udp_recv_buffer: config.sip.udp_recv_buffer_kb * 1024,
+        message_timeout: Duration::from_secs(config.sip.tcp_message_timeout_s),
         ..TransportLimits::default()
     };
     let transports = Transports::bind(&listen, limits, dispatcher.clone())
@@ -437,6 +438,24 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         stats.register_metrics(&t)?;
         if let Some(h) = &huntgroups {
             h.register_metrics(&t)?;
+        }
+        {
+            let closed = t.counter_vec(
+                "strowger_tcp_closed_total",
+                "TCP connections closed by the server for a bound: a message over \
+                 sip.max_message_size (oversize) or not complete within \
+                 sip.tcp_message_timeout_s (slow)",
+                &["reason"],
+            )?;
+            let transports = transports.clone();
+            t.on_scrape(move || {
+                let s = transports.stats();
+                let c = |reason: &str, n: u64| {
+                    crate::metrics::catch_up(&closed.with_label_values(&[reason]), n)
+                };
+                c("oversize", s.tcp_oversize_closed);
+                c("slow", s.tcp_slow_closed);
+            });
         }
         if let Some(p) = pike.clone() {
             let dropped = t.counter(

@@ -476,6 +476,50 @@ async fn tcp_idle_connection_is_closed() {
     t.shutdown();
 }
 
+/// Issue 15 item 3 (slowloris): a message begun but not finished within
+/// `message_timeout` closes the connection (counted), while a connection that keeps
+/// sending whole messages, even with the next one's first bytes behind each, stays.
+#[tokio::test]
+async fn tcp_slow_message_is_closed() {
+    let limits = TransportLimits {
+        message_timeout: Duration::from_millis(300),
+        ..TransportLimits::default()
+    };
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], limits).await;
+    let local = addr_of(&t, TransportKind::Tcp);
+    // Busy but honest: whole messages with a trailing partial one, for longer than the
+    // timeout in all.
+    let mut busy = TcpStream::connect(local).await.unwrap();
+    let msg = |n: u32| options(&format!("SIP/2.0/TCP h;branch=z9hG4bKs{n}"), "busy", "");
+    let mut pending = String::new();
+    for n in 0..6 {
+        let whole = format!("{pending}{}", msg(n));
+        let (now, later) = whole.split_at(whole.len() - 10);
+        busy.write_all(now.as_bytes()).await.unwrap();
+        pending = later.to_owned();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    busy.write_all(pending.as_bytes()).await.unwrap();
+    for _ in 0..6 {
+        next(&mut rx).await;
+    }
+    // Slow: a head that never ends.
+    let mut slow = TcpStream::connect(local).await.unwrap();
+    slow.write_all(b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/TCP h")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 8];
+    let r = timeout(WAIT, slow.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(t.stats().tcp_slow_closed, 1);
+    // The busy one is still open.
+    busy.write_all(msg(99).as_bytes()).await.unwrap();
+    next(&mut rx).await;
+    t.shutdown();
+}
+
 #[tokio::test]
 async fn tcp_max_connections() {
     let limits = TransportLimits {

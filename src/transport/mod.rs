@@ -127,6 +127,9 @@ pub struct TransportLimits {
     pub idle_timeout: std::time::Duration,
     /// Most TCP connections open at once (accepted + outgoing).
     pub max_connections: usize,
+    /// A message begun on a TCP connection must be complete within this, or the connection
+    /// is closed (a slow sender holding a connection and a buffer, "slowloris").
+    pub message_timeout: std::time::Duration,
     /// SO_RCVBUF asked for each UDP socket, bytes (0: the system's default). The kernel
     /// caps it at `net.core.rmem_max`; what it granted is logged at start.
     pub udp_recv_buffer: usize,
@@ -138,6 +141,7 @@ impl Default for TransportLimits {
             max_message_size: 65535,
             idle_timeout: std::time::Duration::from_secs(300),
             max_connections: 10_000,
+            message_timeout: std::time::Duration::from_secs(10),
             udp_recv_buffer: 0,
         }
     }
@@ -150,6 +154,8 @@ pub struct TransportStats {
     pub received: u64,
     pub sent: u64,
     pub tcp_oversize_closed: u64,
+    /// Connections closed because a message took longer than `message_timeout`.
+    pub tcp_slow_closed: u64,
     pub tcp_connections_open: u64,
     pub send_errors: u64,
 }

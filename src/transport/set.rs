@@ -26,6 +26,7 @@ pub(crate) struct Counters {
     pub(crate) received: AtomicU64,
     pub(crate) sent: AtomicU64,
     pub(crate) tcp_oversize_closed: AtomicU64,
+    pub(crate) tcp_slow_closed: AtomicU64,
     pub(crate) tcp_connections_open: AtomicU64,
     pub(crate) send_errors: AtomicU64,
 }
@@ -251,6 +252,7 @@ impl Transports {
             received: c.received.load(Ordering::Relaxed),
             sent: c.sent.load(Ordering::Relaxed),
             tcp_oversize_closed: c.tcp_oversize_closed.load(Ordering::Relaxed),
+            tcp_slow_closed: c.tcp_slow_closed.load(Ordering::Relaxed),
             tcp_connections_open: c.tcp_connections_open.load(Ordering::Relaxed),
             send_errors: c.send_errors.load(Ordering::Relaxed),
         }

@@ -308,6 +308,7 @@ impl Activity {
 enum End {
     Eof,
     Idle,
+    SlowMessage,
     Oversize,
     Unframed,
     ReadError,
@@ -377,7 +378,10 @@ async fn read_loop(
 ) -> End {
     let max = shared.limits.max_message_size;
     let idle = shared.limits.idle_timeout;
+    let slow = shared.limits.message_timeout;
     let mut buf = BytesMut::with_capacity(4096);
+    // When the message now in `buf` must be complete.
+    let mut due: Option<Instant> = None;
     loop {
         // Deliver every whole message already buffered.
         loop {
@@ -387,6 +391,8 @@ async fn read_loop(
                 Frame::Message(n) => {
                     let msg = buf.split_to(n);
                     shared.deliver(&msg, source, local);
+                    // What is left is the start of another message: its own deadline.
+                    due = None;
                 }
                 Frame::TooLarge => {
                     shared
@@ -415,11 +421,28 @@ async fn read_loop(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
         }
+        let now = Instant::now();
+        due = if buf.is_empty() {
+            None
+        } else {
+            Some(due.unwrap_or(now + slow))
+        };
+        if due.is_some_and(|d| now >= d) {
+            shared
+                .counters
+                .tcp_slow_closed
+                .fetch_add(1, Ordering::Relaxed);
+            return End::SlowMessage;
+        }
         let waited = activity.idle_for();
         if waited >= idle {
             return End::Idle;
         }
-        match tokio::time::timeout(idle - waited, r.read_buf(&mut buf)).await {
+        let mut wait = idle - waited;
+        if let Some(d) = due {
+            wait = wait.min(d - now);
+        }
+        match tokio::time::timeout(wait, r.read_buf(&mut buf)).await {
             Err(_) => continue, // re-check: the writer may have been busy meanwhile
             Ok(Ok(0)) => return End::Eof,
             Ok(Ok(_)) => activity.touch(),

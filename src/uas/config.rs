@@ -36,6 +36,8 @@ pub struct SipConfig {
     pub pike_max_sources: usize,
     /// SO_RCVBUF of each UDP socket, KiB (0: the system's default).
     pub udp_recv_buffer_kb: usize,
+    /// A message begun on a TCP connection must be complete within this many seconds.
+    pub tcp_message_timeout_s: u64,
 }
 
 impl Default for SipConfig {
@@ -55,6 +57,7 @@ impl Default for SipConfig {
             pike_block_s: 60,
             pike_max_sources: 100_000,
             udp_recv_buffer_kb: 4096,
+            tcp_message_timeout_s: 10,
         }
     }
 }
@@ -81,6 +84,12 @@ impl SipConfig {
         self.timers.check().map_err(|e| e.within("timers"))?;
         check_limits(self.max_message_size, self.tcp_idle_timeout_s)?;
         check_workers(self.workers)?;
+        crate::config_section::check_range(
+            "tcp_message_timeout_s",
+            self.tcp_message_timeout_s,
+            1,
+            3600,
+        )?;
         crate::config_section::check_range(
             "udp_recv_buffer_kb",
             self.udp_recv_buffer_kb as u64,
