@@ -2,8 +2,8 @@
 # Overload run (issue 15): SIPp's built-in uac offers Strowger 1x, 2x and 3x a base rate
 # (its highest sustained rate from benches/calls.sh on this machine) for STEP_S seconds
 # each, through to SIPp's built-in uas. Per step: calls completed per second (and as a
-# share of the base rate), new calls refused with 503 (strowger_overload_refused_total),
-# other failures, and SIPp's retransmissions. A fresh server per step.
+# share of the base rate), new calls refused with 503 (strowger_overload_refused_total)
+# and SIPp's retransmissions. A fresh server per step.
 #
 # Usage: bash benches/overload.sh            (BASE=4000 STEP_S=10)
 #        BASE=2000 STEP_S=5 NO_BUILD=1 bash benches/overload.sh   (quick look)

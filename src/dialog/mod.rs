@@ -167,22 +167,6 @@ impl Dialog {
             .split_terminator('\n')
     }
 
-    fn parts(&self) -> (DialogParts<'_>, Vec<String>) {
-        let routes: Vec<String> = self.route_set().map(str::to_owned).collect();
-        (
-            DialogParts {
-                call_id: self.call_id(),
-                local_tag: self.local_tag(),
-                remote_tag: self.remote_tag(),
-                local_uri: self.local_uri_text(),
-                remote_uri: self.remote_uri_text(),
-                remote_target: self.remote_target_text(),
-                route_set: &[],
-            },
-            routes,
-        )
-    }
-
     /// The dialog a UAS creates when it answers `req` with To tag `local_tag`
     /// (RFC 3261 12.1.1). `flow` is where the request came from.
     pub fn uas(req: &Request, local_tag: &str, flow: Target) -> Dialog {
@@ -241,9 +225,16 @@ impl Dialog {
         if target == self.remote_target_text() {
             return;
         }
-        let (mut parts, routes) = self.parts();
-        parts.remote_target = &target;
-        parts.route_set = &routes;
+        let routes: Vec<String> = self.route_set().map(str::to_owned).collect();
+        let parts = DialogParts {
+            call_id: self.call_id(),
+            local_tag: self.local_tag(),
+            remote_tag: self.remote_tag(),
+            local_uri: self.local_uri_text(),
+            remote_uri: self.remote_uri_text(),
+            remote_target: &target,
+            route_set: &routes,
+        };
         *self = Dialog::from_parts(
             &parts,
             self.local_seq,
