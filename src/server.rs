@@ -293,8 +293,15 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         idle_timeout: Duration::from_secs(config.sip.tcp_idle_timeout_s),
         udp_recv_buffer: config.sip.udp_recv_buffer_kb * 1024,
         message_timeout: Duration::from_secs(config.sip.tcp_message_timeout_s),
+        udp_loss_percent: config.sip.udp_loss_percent,
         ..TransportLimits::default()
     };
+    if config.sip.udp_loss_percent > 0 {
+        tracing::warn!(
+            percent = config.sip.udp_loss_percent,
+            "sip.udp_loss_percent is set: UDP datagrams are dropped at random (a loss rehearsal, not for production)"
+        );
+    }
     let transports = Transports::bind(&listen, limits, dispatcher.clone())
         .await
         .context("binding sip.listen")?;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the tests need (SIPp, redis-server, prometheus) and runs every test. This is the README's test
+# Installs what the tests need (SIPp, redis-server, prometheus, iproute2, iptables) and runs every test. This is the README's test
 # command and exactly what .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,9 @@ need=()
 command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# tests/loss.rs: network namespaces, veth and iptables' random drop.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

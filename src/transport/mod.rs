@@ -133,6 +133,9 @@ pub struct TransportLimits {
     /// SO_RCVBUF asked for each UDP socket, bytes (0: the system's default). The kernel
     /// caps it at `net.core.rmem_max`; what it granted is logged at start.
     pub udp_recv_buffer: usize,
+    /// Percentage of UDP datagrams dropped at random on receive and on send (a rehearsal
+    /// of a lossy network; 0 = none).
+    pub udp_loss_percent: u32,
 }
 
 impl Default for TransportLimits {
@@ -143,6 +146,7 @@ impl Default for TransportLimits {
             max_connections: 10_000,
             message_timeout: std::time::Duration::from_secs(10),
             udp_recv_buffer: 0,
+            udp_loss_percent: 0,
         }
     }
 }

@@ -128,6 +128,9 @@ fn deliver(udp: &UdpTransport, shared: &Shared, data: Option<&[u8]>, peer: Socke
         tracing::debug!(%peer, "udp datagram larger than the receive buffer dropped");
         return;
     };
+    if lost(&shared.limits) {
+        return;
+    }
     // Empty datagrams and CRLF keep-alives (RFC 5626 3.5.1) carry no message.
     if data.iter().all(|&c| c == b'\r' || c == b'\n') {
         return;
@@ -142,6 +145,11 @@ fn deliver(udp: &UdpTransport, shared: &Shared, data: Option<&[u8]>, peer: Socke
         connection: None,
     };
     shared.deliver(data, source, udp.local);
+}
+
+/// Whether `sip.udp_loss_percent` drops this datagram (the rehearsal of a lossy network).
+fn lost(limits: &super::TransportLimits) -> bool {
+    limits.udp_loss_percent > 0 && rand::random_range(0..100) < limits.udp_loss_percent
 }
 
 /// Buffers for one batch of datagrams.
@@ -263,6 +271,11 @@ pub(crate) fn send(
     let Some(udp) = pick(sockets, dest.ip()) else {
         return Err(TransportError::NoTransport(TransportKind::Udp, target.addr));
     };
+    if lost(&shared.limits) {
+        // As if the network dropped it after the send.
+        shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+        return Ok(());
+    }
     match udp.socket.get_ref().send_to(&data, dest) {
         Ok(_) => {
             shared.counters.sent.fetch_add(1, Ordering::Relaxed);

@@ -38,6 +38,9 @@ pub struct SipConfig {
     pub udp_recv_buffer_kb: usize,
     /// A message begun on a TCP connection must be complete within this many seconds.
     pub tcp_message_timeout_s: u64,
+    /// Percentage of UDP datagrams dropped at random, in and out, to rehearse packet loss
+    /// (tests/loss.rs); 0 in production. A warning at start says it is set.
+    pub udp_loss_percent: u32,
 }
 
 impl Default for SipConfig {
@@ -58,6 +61,7 @@ impl Default for SipConfig {
             pike_max_sources: 100_000,
             udp_recv_buffer_kb: 4096,
             tcp_message_timeout_s: 10,
+            udp_loss_percent: 0,
         }
     }
 }
@@ -96,6 +100,8 @@ impl SipConfig {
             0,
             1 << 20,
         )?;
+        // More than half lost is no rehearsal of a network: nothing would get through.
+        crate::config_section::check_range("udp_loss_percent", self.udp_loss_percent, 0, 50)?;
         if self.pike_requests > 0 {
             crate::config_section::check_range("pike_block_s", self.pike_block_s, 1, 86_400)?;
             crate::config_section::check_range(
