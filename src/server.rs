@@ -271,6 +271,70 @@ impl ServerHandle {
 }
 
 /// Binds every configured transport and starts serving.
+/// What a datagram meets in the server, without sockets: for the fuzz target
+/// `fuzz/fuzz_targets/handler.rs` (not an API; see `fuzz/README.md`).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+    use crate::transport::MemoryNetwork;
+
+    /// The transports (attached to a memory network), the dispatcher, the transaction layer
+    /// and the UAS core with its dialog table, wired as [`start`] wires them, without the
+    /// B2BUA, registrar and presence: a datagram sent to `addr` on the network is parsed,
+    /// gets its Via processing, a malformed request its stateless 400, a request its
+    /// transaction (matching, merged-request check, CANCEL, ACK), validation and dialog
+    /// lookup; new INVITEs and REGISTERs get 503, requests inside dialogs 481.
+    pub struct MessageHandler {
+        pub transports: Transports,
+        pub layer: TransactionLayer,
+        pub dialogs: Arc<crate::uas::Dialogs>,
+    }
+
+    impl MessageHandler {
+        /// Must be called inside a tokio runtime.
+        pub async fn new(
+            config: &Config,
+            scripts: ScriptEngine,
+            network: &MemoryNetwork,
+            addr: SocketAddr,
+        ) -> anyhow::Result<MessageHandler> {
+            let dispatcher = Arc::new(Dispatcher {
+                layer: OnceLock::new(),
+                sender: OnceLock::new(),
+                stats: Arc::new(ServerStats::default()),
+                last_warn: AtomicU64::new(0),
+            });
+            let limits = TransportLimits {
+                max_message_size: config.sip.max_message_size,
+                ..TransportLimits::default()
+            };
+            let transports = Transports::bind(&[], limits, dispatcher.clone()).await?;
+            transports.attach_memory(network, addr);
+            let (digest, users) = load_auth(config)?;
+            let dialogs = Arc::new(crate::uas::Dialogs::new());
+            let core = Arc::new(UasCore::new(
+                &config.sip,
+                &config.registrar,
+                &transports.local_addrs(),
+                digest,
+                users,
+                scripts,
+                dialogs.clone(),
+            ));
+            let sender: Arc<dyn Sender> = Arc::new(transports.clone());
+            let layer = TransactionLayer::new(sender, config.sip.timers.to_timers(), core);
+            layer.set_max_transactions(config.sip.max_transactions);
+            let _ = dispatcher.layer.set(layer.clone());
+            let _ = dispatcher.sender.set(transports.clone());
+            Ok(MessageHandler {
+                transports,
+                layer,
+                dialogs,
+            })
+        }
+    }
+}
+
 pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     let listen: Vec<ListenAddr> = config
         .sip
@@ -365,6 +429,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer.set_observer(Arc::new(t.clone()));
     }
     let presence_users = users.clone(); // presence
+    layer.set_max_transactions(config.sip.max_transactions);
     let pike = (config.sip.pike_requests > 0).then(|| {
         let p = Arc::new(crate::pike::Pike::new(
             config.sip.pike_requests,

@@ -18,6 +18,12 @@ pub struct AuthConfig {
     /// Digest algorithms offered, in order of preference: "MD5", "SHA-256" (MD5 first: SIPp
     /// 3.6 and baresip answer only the first challenge).
     pub algorithms: Vec<String>,
+    /// Nonces whose count is remembered (replay protection) at most; past it a right answer
+    /// with a new nonce is challenged again. Only verified answers fill it.
+    pub max_tracked_nonces: usize,
+    /// Source addresses whose failures are counted at most; past it new sources go
+    /// uncounted (the ones tracked stay: an attacker cannot flush a blocked address out).
+    pub max_failure_sources: usize,
 }
 
 impl Default for AuthConfig {
@@ -27,6 +33,8 @@ impl Default for AuthConfig {
             max_failures: 5,
             failure_window_s: 60,
             algorithms: vec!["MD5".into(), "SHA-256".into()],
+            max_tracked_nonces: 2_000_000,
+            max_failure_sources: 262_144,
         }
     }
 }
@@ -35,6 +43,18 @@ impl AuthConfig {
     pub fn check(&self) -> Result<(), InvalidValue> {
         check_range("nonce_ttl_s", self.nonce_ttl_s, 1, MAX_TIMEOUT_S)?;
         check_range("failure_window_s", self.failure_window_s, 1, MAX_TIMEOUT_S)?;
+        check_range(
+            "max_tracked_nonces",
+            self.max_tracked_nonces as u64,
+            1_000,
+            100_000_000,
+        )?;
+        check_range(
+            "max_failure_sources",
+            self.max_failure_sources as u64,
+            1_000,
+            100_000_000,
+        )?;
         if self.algorithms.is_empty() {
             return Err(InvalidValue::new(
                 "algorithms",
@@ -69,6 +89,10 @@ impl AuthConfig {
         cfg.nonce_ttl = Duration::from_secs(self.nonce_ttl_s);
         cfg.max_failures = self.max_failures;
         cfg.failure_window = Duration::from_secs(self.failure_window_s);
+        cfg.max_tracked_nonces = self.max_tracked_nonces;
+        cfg.throttle = super::Throttle::PerSource {
+            max_sources: self.max_failure_sources,
+        };
         cfg.algorithms = self
             .algorithms
             .iter()

@@ -139,6 +139,9 @@ pub struct DigestStats {
     pub malformed: AtomicU64,
     /// Nonces we did not issue (forged, or from before a restart with a new secret).
     pub bad_nonce: AtomicU64,
+    /// Right answers challenged again because the nonce-count table was full
+    /// (`auth.max_tracked_nonces`).
+    pub nonces_untracked: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -211,6 +214,13 @@ impl DigestAuth {
 
     pub fn stats(&self) -> &DigestStats {
         &self.inner.stats
+    }
+
+    /// Events a table bound cost: right answers challenged again because the nonce-count
+    /// table was full, and failures not counted because the per-source table was.
+    pub fn table_full_events(&self) -> u64 {
+        self.inner.stats.nonces_untracked.load(Ordering::Relaxed)
+            + self.inner.failures.untracked.load(Ordering::Relaxed)
     }
 
     fn mac16(&self, ts: &[u8; 8], rnd: &[u8; 8]) -> [u8; MAC_LEN] {
@@ -481,7 +491,10 @@ impl DigestAuth {
                 bump(&stats.replays);
                 AuthOutcome::Challenge { stale: false }
             }
-            NcCheck::Full => AuthOutcome::Challenge { stale: false },
+            NcCheck::Full => {
+                bump(&stats.nonces_untracked);
+                AuthOutcome::Challenge { stale: false }
+            }
         }
     }
 }

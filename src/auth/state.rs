@@ -171,6 +171,8 @@ pub(crate) struct FailureTable {
     /// Entries over all shards: when zero (the usual case) the hot path takes no lock.
     tracked: AtomicUsize,
     cap_per_shard: usize,
+    /// Failures not counted because the source's shard was full.
+    pub(crate) untracked: std::sync::atomic::AtomicU64,
 }
 
 impl FailureTable {
@@ -187,6 +189,7 @@ impl FailureTable {
             pick: Default::default(),
             tracked: AtomicUsize::new(0),
             cap_per_shard: capacity.div_ceil(SHARDS).max(1),
+            untracked: Default::default(),
         }
     }
 
@@ -222,7 +225,10 @@ impl FailureTable {
         let full = shard.map.len() >= self.cap_per_shard;
         let e = match shard.map.get_mut(&ip) {
             Some(e) => e,
-            None if full => return false,
+            None if full => {
+                self.untracked.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
             None => {
                 self.tracked.fetch_add(1, Ordering::Relaxed);
                 shard.map.entry(ip).or_insert(FailEntry {
@@ -287,5 +293,25 @@ mod tests {
         assert!(!t.is_blocked(a, 1020));
         // A new window starts from scratch.
         assert!(!t.record(a, 3000, 3, 1000));
+    }
+
+    /// Issue 15: a flood from many addresses cannot grow the table past its bound, the
+    /// sources already tracked stay (a blocked one cannot be flushed out), and what went
+    /// uncounted is counted for the metric.
+    #[test]
+    fn failure_table_is_bounded_and_keeps_the_sources_it_has() {
+        let t = FailureTable::new(SHARDS); // one source per shard
+        let first: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..3 {
+            t.record(first, 0, 3, 60_000);
+        }
+        assert!(t.is_blocked(first, 10));
+        for i in 0..10_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            t.record(ip, 10, 3, 60_000);
+        }
+        assert!(t.tracked.load(Ordering::Relaxed) <= SHARDS);
+        assert!(t.untracked.load(Ordering::Relaxed) >= 10_000 - SHARDS as u64);
+        assert!(t.is_blocked(first, 20));
     }
 }

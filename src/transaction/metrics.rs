@@ -148,6 +148,10 @@ impl TransactionLayer {
             "strowger_transaction_timeouts_total",
             "Transactions that timed out (Timer B, F or H)",
         )?;
+        let refused = telemetry.counter(
+            "strowger_transactions_refused_total",
+            "Requests outside dialogs refused with 503 because sip.max_transactions were alive",
+        )?;
         let layer = self.clone();
         telemetry.on_scrape(move || {
             let shared = &layer.shared;
@@ -165,6 +169,7 @@ impl TransactionLayer {
             retransmissions.catch_up(Retransmission::Received, s.retransmissions_absorbed);
             live.set(layer.len() as i64);
             metrics::catch_up(&timeouts, s.client_timeouts + s.ack_timeouts);
+            metrics::catch_up(&refused, s.refused_table_full);
         });
         Ok(())
     }

@@ -137,6 +137,8 @@ pub struct TransactionStats {
     pub rejected_not_accepting: u64,
     /// Requests retransmitted by Timers A, E and G.
     pub retransmissions_sent: u64,
+    /// 503 to requests outside dialogs while the table held `max_transactions`.
+    pub refused_table_full: u64,
 }
 
 #[derive(Default)]
@@ -150,6 +152,7 @@ struct Counters {
     merged_rejected: AtomicU64,
     rejected_not_accepting: AtomicU64,
     retransmissions_sent: AtomicU64,
+    refused_table_full: AtomicU64,
 }
 
 /// Which way a message went, seen from the server.
@@ -556,6 +559,8 @@ struct Shared {
     merged: ShardMap<MergeKey, ServerKey>,
     clients: ShardMap<ClientKey, Arc<ClientInner>>,
     live: AtomicUsize,
+    /// Most live transactions before requests outside dialogs are refused (0: no bound).
+    max_live: AtomicUsize,
     accepting: AtomicBool,
     stats: Counters,
     messages: metrics::MessageCounters,
@@ -642,6 +647,7 @@ impl TransactionLayer {
                 merged: ShardMap::with_shards(TABLE_SHARDS),
                 clients: ShardMap::with_shards(TABLE_SHARDS),
                 live: AtomicUsize::new(0),
+                max_live: AtomicUsize::new(0),
                 accepting: AtomicBool::new(true),
                 stats: Counters::default(),
                 messages: Default::default(),
@@ -666,6 +672,16 @@ impl TransactionLayer {
     /// any transaction exists and without an answer (issue 15: floods from one source).
     pub fn set_pike(&self, pike: Arc<crate::pike::Pike>) {
         let _ = self.shared.pike.set(pike);
+    }
+
+    /// Bounds the table (issue 15: a flood of requests with bad credentials, each answered
+    /// and then remembered for Timer J's 32 s, must not grow memory without end): with
+    /// `max` transactions alive, a new request outside a dialog gets a stateless `503 Too
+    /// Many Transactions` with `Retry-After: retry_after`. Requests inside dialogs (BYE,
+    /// re-INVITE of calls already up) still get transactions: there are as many of those
+    /// as dialogs. 0 = no bound.
+    pub fn set_max_transactions(&self, max: usize) {
+        self.shared.max_live.store(max, Ordering::Relaxed);
     }
 
     pub fn set_overload(&self, overload: Arc<crate::overload::Overload>, retry_after: u64) {
@@ -802,6 +818,18 @@ impl TransactionLayer {
                 if !pike.allow(source.addr.ip(), Instant::now()) {
                     return;
                 }
+            }
+        }
+        if merge_key.is_some() {
+            let max = self.shared.max_live.load(Ordering::Relaxed);
+            if max > 0 && self.shared.live.load(Ordering::Acquire) >= max {
+                bump(&self.shared.stats.refused_table_full);
+                let mut resp = self.shared.respond_stateless(&req, 503);
+                resp.reason = "Too Many Transactions".into();
+                let retry = self.shared.overload.get().map_or(2, |(_, r)| *r);
+                resp.headers.push("Retry-After", retry.to_string());
+                self.send_response_stateless(&resp, &source);
+                return;
             }
         }
         if req.method == Method::Invite && merge_key.is_some() {
@@ -1015,6 +1043,7 @@ impl TransactionLayer {
             merged_rejected: g(&c.merged_rejected),
             rejected_not_accepting: g(&c.rejected_not_accepting),
             retransmissions_sent: g(&c.retransmissions_sent),
+            refused_table_full: g(&c.refused_table_full),
         }
     }
 }

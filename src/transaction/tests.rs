@@ -711,6 +711,43 @@ async fn stop_accepting_answers_503_to_new_requests_only() {
     assert_eq!(e.layer.stats().rejected_not_accepting, 1);
 }
 
+/// Issue 15: a flood of requests outside dialogs (bad credentials, each answered and then
+/// remembered for Timer J) cannot grow the table past `max_transactions`; requests of
+/// dialogs already up still get their transactions, and the bound lifts as Timer J ends
+/// transactions.
+#[tokio::test(start_paused = true)]
+async fn a_full_table_refuses_new_requests_outside_dialogs_only() {
+    let e = env();
+    e.layer.set_max_transactions(3);
+    for i in 0..5 {
+        let mut req = with_branch(options(), &format!("z9hG4bKflood{i}"));
+        req.base.call_id = format!("flood{i}");
+        e.layer.on_message(req_msg(&req), udp());
+    }
+    assert_eq!(e.layer.len(), 3);
+    assert_eq!(e.tu.requests.lock().len(), 3);
+    let refused: Vec<_> = e
+        .sent()
+        .into_iter()
+        .filter_map(|(_, m)| match m {
+            SipMessage::Response(r) if r.status == 503 => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 2);
+    assert_eq!(refused[0].reason, "Too Many Transactions");
+    assert!(refused[0].headers.has("Retry-After"));
+    assert_eq!(e.layer.stats().refused_table_full, 2);
+    // A BYE of a dialog already up passes.
+    let mut bye = with_branch(options(), "z9hG4bKbye");
+    bye.method = Method::Bye;
+    bye.base.cseq.method = Method::Bye;
+    bye.base.to.set_tag("dialog");
+    e.layer.on_message(req_msg(&bye), udp());
+    assert_eq!(e.tu.requests.lock().len(), 4);
+    assert_eq!(e.layer.stats().refused_table_full, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn strays_go_to_the_tu() {
     let e = env();
