@@ -228,6 +228,9 @@ fn run(path: Option<&Path>) -> ExitCode {
         config = %source,
         "strowger starting"
     );
+    raise_descriptor_limit(
+        (config.sip.tcp_max_connections + config.http.max_connections + 256) as u64,
+    );
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("strowger-worker");
     // `sip.workers` (0 = tokio's default, one per core).
@@ -271,4 +274,31 @@ fn error_chain(e: &anyhow::Error) -> String {
 /// Runs the server to completion.
 async fn serve(config: Config) -> anyhow::Result<()> {
     strowger::server::run(config).await
+}
+
+/// Issue 15: with the usual soft limit of 1,024 descriptors, about a thousand TCP
+/// connections exhausted the process and every accept failed. The soft limit is raised to
+/// the hard one (what Kamailio and FreeSWITCH ask operators to do by hand), and a warning
+/// says when even that is below what the connection bounds may need.
+fn raise_descriptor_limit(wanted: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+            return;
+        };
+        let mut now = soft;
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            now = hard;
+        }
+        if now < wanted {
+            tracing::warn!(
+                limit = now,
+                wanted,
+                "the descriptor limit (ulimit -n) is below sip.tcp_max_connections + http.max_connections: raise it, or lower them"
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = wanted;
 }

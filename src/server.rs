@@ -358,7 +358,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         udp_recv_buffer: config.sip.udp_recv_buffer_kb * 1024,
         message_timeout: Duration::from_secs(config.sip.tcp_message_timeout_s),
         udp_loss_percent: config.sip.udp_loss_percent,
-        ..TransportLimits::default()
+        max_connections: config.sip.tcp_max_connections,
+        max_connections_per_source: config.sip.tcp_max_connections_per_source,
     };
     if config.sip.udp_loss_percent > 0 {
         tracing::warn!(
@@ -515,8 +516,10 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             let closed = t.counter_vec(
                 "strowger_tcp_closed_total",
                 "TCP connections closed by the server for a bound: a message over \
-                 sip.max_message_size (oversize) or not complete within \
-                 sip.tcp_message_timeout_s (slow)",
+                 sip.max_message_size (oversize), not complete within \
+                 sip.tcp_message_timeout_s (slow), refused at accept past \
+                 sip.tcp_max_connections (total) or sip.tcp_max_connections_per_source \
+                 (per_source)",
                 &["reason"],
             )?;
             let transports = transports.clone();
@@ -527,6 +530,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
                 };
                 c("oversize", s.tcp_oversize_closed);
                 c("slow", s.tcp_slow_closed);
+                c("total", s.tcp_refused_total);
+                c("per_source", s.tcp_refused_per_source);
             });
         }
         if let Some(p) = pike.clone() {

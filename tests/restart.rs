@@ -342,3 +342,51 @@ async fn kill_9_under_traffic_loses_no_registration_or_subscription() {
     drop(children);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 15: with a soft limit of 1,024 descriptors about a thousand TCP connections
+/// stopped every accept. The server raises its soft limit to the hard one at start.
+#[test]
+fn the_descriptor_limit_is_raised_at_start() {
+    let dir = sipp::workdir("nofile");
+    let (sip, http, uas) = (
+        sipp::free_udp_port(),
+        free_tcp_port(),
+        sipp::free_udp_port(),
+    );
+    let config = config(&dir, sip, http, uas);
+    let mut server = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} run --config {}",
+            env!("CARGO_BIN_EXE_strowger"),
+            config.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server starts");
+    let mut up = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.id())).unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(up, "the server came up");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    if hard == "256" {
+        eprintln!("skipped: the hard descriptor limit here is 256, nothing to raise");
+        return;
+    }
+    assert_eq!(soft, hard, "{line}");
+}

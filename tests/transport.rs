@@ -550,6 +550,53 @@ async fn tcp_max_connections() {
     t.shutdown();
 }
 
+/// Issue 15 item 3: one address cannot take every connection; the slot comes back when a
+/// connection closes.
+#[tokio::test]
+async fn tcp_max_connections_per_source() {
+    let limits = TransportLimits {
+        max_connections_per_source: 2,
+        ..TransportLimits::default()
+    };
+    let (t, mut rx) = start(&["tcp:127.0.0.1:0"], limits).await;
+    let local = addr_of(&t, TransportKind::Tcp);
+    let mut open = Vec::new();
+    for i in 0..2 {
+        let mut c = TcpStream::connect(local).await.unwrap();
+        let via = format!("SIP/2.0/TCP h;branch=z9hG4bKps{i}");
+        c.write_all(options(&via, &format!("ps{i}"), "").as_bytes())
+            .await
+            .unwrap();
+        next(&mut rx).await;
+        open.push(c);
+    }
+    // The third from the same address is accepted by the kernel and closed by us at once.
+    let mut third = TcpStream::connect(local).await.unwrap();
+    let mut buf = [0u8; 8];
+    let r = timeout(WAIT, third.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert_eq!(t.stats().tcp_refused_per_source, 1);
+    assert_eq!(t.stats().tcp_connections_open, 2);
+    // One closes: a new one is taken again.
+    drop(open.pop());
+    let mut ok = false;
+    for _ in 0..50 {
+        if t.stats().tcp_connections_open == 1 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the closed connection gave its slot back");
+    let mut again = TcpStream::connect(local).await.unwrap();
+    again
+        .write_all(options("SIP/2.0/TCP h;branch=z9hG4bKps9", "again", "").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(request(&next(&mut rx).await).base.call_id, "again");
+    t.shutdown();
+}
+
 #[tokio::test]
 async fn large_requests_go_over_tcp() {
     let (t, _rx) = start(&["udp:127.0.0.1:0"], TransportLimits::default()).await;

@@ -127,6 +127,8 @@ pub struct TransportLimits {
     pub idle_timeout: std::time::Duration,
     /// Most TCP connections open at once (accepted + outgoing).
     pub max_connections: usize,
+    /// Most connections accepted from one IP address open at once (0: no bound).
+    pub max_connections_per_source: usize,
     /// A message begun on a TCP connection must be complete within this, or the connection
     /// is closed (a slow sender holding a connection and a buffer, "slowloris").
     pub message_timeout: std::time::Duration,
@@ -144,6 +146,7 @@ impl Default for TransportLimits {
             max_message_size: 65535,
             idle_timeout: std::time::Duration::from_secs(300),
             max_connections: 10_000,
+            max_connections_per_source: 1_000,
             message_timeout: std::time::Duration::from_secs(10),
             udp_recv_buffer: 0,
             udp_loss_percent: 0,
@@ -160,6 +163,9 @@ pub struct TransportStats {
     pub tcp_oversize_closed: u64,
     /// Connections closed because a message took longer than `message_timeout`.
     pub tcp_slow_closed: u64,
+    /// Connections refused at accept: `max_connections` open, or the source's share.
+    pub tcp_refused_total: u64,
+    pub tcp_refused_per_source: u64,
     pub tcp_connections_open: u64,
     pub send_errors: u64,
 }

@@ -27,6 +27,10 @@ pub(crate) struct Counters {
     pub(crate) sent: AtomicU64,
     pub(crate) tcp_oversize_closed: AtomicU64,
     pub(crate) tcp_slow_closed: AtomicU64,
+    /// Accepted connections closed at once: `max_connections` open.
+    pub(crate) tcp_refused_total: AtomicU64,
+    /// Accepted connections closed at once: the source has `max_connections_per_source`.
+    pub(crate) tcp_refused_per_source: AtomicU64,
     pub(crate) tcp_connections_open: AtomicU64,
     pub(crate) send_errors: AtomicU64,
 }
@@ -253,6 +257,8 @@ impl Transports {
             sent: c.sent.load(Ordering::Relaxed),
             tcp_oversize_closed: c.tcp_oversize_closed.load(Ordering::Relaxed),
             tcp_slow_closed: c.tcp_slow_closed.load(Ordering::Relaxed),
+            tcp_refused_total: c.tcp_refused_total.load(Ordering::Relaxed),
+            tcp_refused_per_source: c.tcp_refused_per_source.load(Ordering::Relaxed),
             tcp_connections_open: c.tcp_connections_open.load(Ordering::Relaxed),
             send_errors: c.send_errors.load(Ordering::Relaxed),
         }

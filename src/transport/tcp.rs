@@ -45,6 +45,8 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 struct Conn {
     tx: mpsc::UnboundedSender<Bytes>,
     peer: SocketAddr,
+    /// Accepted from the peer (counted against its address's share), not opened by us.
+    inbound: bool,
     /// The task driving the connection, once spawned (aborted on shutdown).
     task: Option<AbortHandle>,
 }
@@ -58,6 +60,8 @@ pub(crate) struct TcpTransport {
     /// lets a client reuse a connection; 18.2.2 asks the server to use it for responses).
     by_addr: ShardMap<SocketAddr, ConnectionId>,
     next_id: AtomicU64,
+    /// Accepted connections open per remote IP (`sip.tcp_max_connections_per_source`).
+    per_source: ShardMap<std::net::IpAddr, usize>,
     /// The bound listeners; outbound connections leave from the listener IP of the
     /// destination's family so the peer sees the address our Via carries.
     listeners: Vec<SocketAddr>,
@@ -75,6 +79,7 @@ impl TcpTransport {
             conns: ShardMap::new(),
             by_addr: ShardMap::new(),
             next_id: AtomicU64::new(1),
+            per_source: ShardMap::new(),
             listeners,
         }
     }
@@ -90,14 +95,56 @@ impl TcpTransport {
         true
     }
 
+    /// Takes one of `ip`'s accepted-connection slots; false when it has them all.
+    fn reserve_source(&self, ip: std::net::IpAddr) -> bool {
+        let max = self.shared.limits.max_connections_per_source;
+        if max == 0 {
+            return true;
+        }
+        self.per_source
+            .with(&ip, |n| {
+                if *n >= max {
+                    false
+                } else {
+                    *n += 1;
+                    true
+                }
+            })
+            .unwrap_or_else(|| {
+                // First from this address (a racing first insert of the same address
+                // loses one count: harmless, the bound is approximate by one).
+                self.per_source.insert(ip, 1);
+                true
+            })
+    }
+
+    fn release_source(&self, ip: std::net::IpAddr) {
+        let now_zero = self
+            .per_source
+            .with(&ip, |n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            })
+            .unwrap_or(false);
+        if now_zero {
+            self.per_source.remove_if(&ip, |n| *n == 0);
+        }
+    }
+
     /// Enters a connection whose slot is reserved into the table.
-    fn register(&self, peer: SocketAddr, tx: mpsc::UnboundedSender<Bytes>) -> ConnectionId {
+    fn register(
+        &self,
+        peer: SocketAddr,
+        tx: mpsc::UnboundedSender<Bytes>,
+        inbound: bool,
+    ) -> ConnectionId {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.conns.insert(
             id,
             Conn {
                 tx,
                 peer,
+                inbound,
                 task: None,
             },
         );
@@ -114,6 +161,9 @@ impl TcpTransport {
     fn forget(&self, id: ConnectionId) -> Option<Conn> {
         let conn = self.conns.remove(&id)?;
         self.by_addr.remove_if(&conn.peer, |v| *v == id);
+        if conn.inbound {
+            self.release_source(conn.peer.ip());
+        }
         self.shared
             .counters
             .tcp_connections_open
@@ -136,10 +186,27 @@ impl TcpTransport {
             };
             if !self.reserve() {
                 tracing::debug!(%peer, %local, "tcp connection refused: max_connections reached");
+                self.shared
+                    .counters
+                    .tcp_refused_total
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if !self.reserve_source(peer.ip()) {
+                // Give back the slot taken under the total bound.
+                self.shared
+                    .counters
+                    .tcp_connections_open
+                    .fetch_sub(1, Ordering::AcqRel);
+                tracing::debug!(%peer, %local, "tcp connection refused: max_connections_per_source reached");
+                self.shared
+                    .counters
+                    .tcp_refused_per_source
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let (tx, rx) = mpsc::unbounded_channel();
-            let id = self.register(peer, tx);
+            let id = self.register(peer, tx, true);
             tracing::debug!(%peer, %local, conn = id.0, "tcp connection accepted");
             let guard = ForgetGuard {
                 tcp: self.clone(),
@@ -198,7 +265,7 @@ impl TcpTransport {
         let (tx, rx) = mpsc::unbounded_channel();
         // The receiver is held below, so this cannot fail.
         let _ = tx.send(data);
-        let id = self.register(addr, tx);
+        let id = self.register(addr, tx, false);
         let guard = ForgetGuard {
             tcp: self.clone(),
             id,

@@ -43,6 +43,10 @@ pub struct SipConfig {
     pub udp_loss_percent: u32,
     /// Most SIP transactions alive; past it requests outside dialogs get 503 (0: no bound).
     pub max_transactions: usize,
+    /// Most TCP connections open at once (accepted and opened), and most accepted from one
+    /// IP address (0: no per-address bound).
+    pub tcp_max_connections: usize,
+    pub tcp_max_connections_per_source: usize,
 }
 
 impl Default for SipConfig {
@@ -68,6 +72,10 @@ impl Default for SipConfig {
             // L/M, Timer J): 5,000 calls/s (the highest rate measured on 2 cores) hold about
             // 800,000.
             max_transactions: 1_000_000,
+            tcp_max_connections: 10_000,
+            // Phones behind one NAT share its address: room for a large office, while ten
+            // addresses are needed to take every connection.
+            tcp_max_connections_per_source: 1_000,
         }
     }
 }
@@ -108,6 +116,18 @@ impl SipConfig {
         )?;
         // More than half lost is no rehearsal of a network: nothing would get through.
         crate::config_section::check_range("udp_loss_percent", self.udp_loss_percent, 0, 50)?;
+        crate::config_section::check_range(
+            "tcp_max_connections",
+            self.tcp_max_connections as u64,
+            1,
+            10_000_000,
+        )?;
+        crate::config_section::check_range(
+            "tcp_max_connections_per_source",
+            self.tcp_max_connections_per_source as u64,
+            0,
+            10_000_000,
+        )?;
         crate::config_section::check_range(
             "max_transactions",
             self.max_transactions as u64,
