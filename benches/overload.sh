@@ -2,8 +2,9 @@
 # Overload run (issue 15): SIPp's built-in uac offers Strowger 1x, 2x and 3x a base rate
 # (its highest sustained rate from benches/calls.sh on this machine) for STEP_S seconds
 # each, through to SIPp's built-in uas. Per step: calls completed per second (and as a
-# share of the base rate), new calls refused with 503 (strowger_overload_refused_total)
-# and SIPp's retransmissions. A fresh server per step.
+# share of the base rate), new calls refused with 503 (strowger_overload_refused_total),
+# SIPp's retransmissions, and the set-up latency of the completed calls (INVITE sent ->
+# 200 received, SIPp's -trace_rtt), median and 99th percentile. A fresh server per step.
 #
 # Usage: bash benches/overload.sh            (BASE=4000 STEP_S=10)
 #        BASE=2000 STEP_S=5 NO_BUILD=1 bash benches/overload.sh   (quick look)
@@ -25,7 +26,7 @@ refused_total() {
 # Goodput: calls SIPp completed within the offered window plus 5 s (read from its
 # statistics file, written every second), per second offered. SIPp is stopped then:
 # what was not done by then does not count, however it would have ended.
-printf '%-8s %12s %9s %9s %9s\n' offered "completed/s" "of base" "503s" "retrans"
+printf '%-8s %12s %9s %9s %9s %9s %9s\n' offered "completed/s" "of base" "503s" "retrans" "p50 ms" "p99 ms"
 for mult in 1 2 3; do
   rate=$((BASE * mult))
   port=$(free_port)
@@ -33,9 +34,10 @@ for mult in 1 2 3; do
   before=$(refused_total)
   uac_port=$(free_port)
   stf="$WORK/overload-$rate.csv"
-  sipp -sn uac -s service -i 127.0.0.1 -p "$uac_port" -m $((rate * STEP_S)) -r "$rate" \
-    -l $((rate * 4 + 100)) -nostdin -trace_stat -stf "$stf" -fd 1 -bg \
-    127.0.0.1:"$port" >/dev/null 2>&1 || true
+  mkdir -p "$WORK/rtt-$rate"
+  (cd "$WORK/rtt-$rate" && sipp -sn uac -s service -i 127.0.0.1 -p "$uac_port" \
+    -m $((rate * STEP_S)) -r "$rate" -l $((rate * 4 + 100)) -nostdin -trace_stat -stf "$stf" \
+    -fd 1 -trace_rtt -rtt_freq 100 -bg 127.0.0.1:"$port" >/dev/null 2>&1) || true
   sleep 1
   uac_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $uac_port" | head -1 || true)
   [ -n "$uac_pid" ] && PIDS+=("$uac_pid")
@@ -43,10 +45,23 @@ for mult in 1 2 3; do
   ok=$(stat_col "$stf" 'SuccessfulCall(C)')
   retrans=$(stat_col "$stf" 'Retransmissions(C)')
   shed=$(( $(refused_total) - before ))
+  [ -n "$uac_pid" ] && kill -USR1 "$uac_pid" 2>/dev/null || true # SIPp flushes its files
+  sleep 1
   [ -n "$uac_pid" ] && kill "$uac_pid" 2>/dev/null || true
+  sleep 1
   python3 -c "
+import glob
 ok, rate, base, win, shed, retrans = $ok, $rate, $BASE, $STEP_S + 5, $shed, $retrans
-print(f'{rate:<8} {ok / (win - 5):>12.0f} {ok / (win - 5) / base:>9.0%} {shed:>9} {retrans:>9}')"
+rtts = []
+for f in glob.glob('$WORK/rtt-$rate/*_rtt.csv'):
+    for line in open(f).read().splitlines()[1:]:
+        parts = line.split(';')
+        if len(parts) >= 2:
+            try: rtts.append(float(parts[1]))
+            except ValueError: pass
+rtts.sort()
+q = lambda p: rtts[min(len(rtts) - 1, int(p * len(rtts)))] if rtts else float('nan')
+print(f'{rate:<8} {ok / (win - 5):>12.0f} {ok / (win - 5) / base:>9.0%} {shed:>9} {retrans:>9} {q(0.5):>9.1f} {q(0.99):>9.1f}')"
   kill "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
   sleep 1
