@@ -438,16 +438,15 @@ impl Call {
         let via = self.inner.local.via(&flow);
         let contact = self.inner.local.contact(&flow);
         let mut reinvite = dialog.request(Method::Invite, via, Some(&contact));
-        if !self.a_invite.body.is_empty() {
+        if let Some(a) = self.a_invite.whole().filter(|a| !a.body.is_empty()) {
             reinvite.headers.push(
                 "Content-Type",
-                self.a_invite
-                    .headers
+                a.headers
                     .get("Content-Type")
                     .unwrap_or("application/sdp")
                     .to_owned(),
             );
-            reinvite.body = self.a_invite.body.clone();
+            reinvite.body = a.body.clone();
         }
         self.fork.add_proceeding(bid, reinvite.clone(), flow);
         self.replacing = Some(Box::new(dialog));
@@ -479,7 +478,7 @@ impl Call {
         dialog.refresh_target(&resp.headers);
         let seq = self.fork.get(bid).map_or(1, super::fork::Branch::seq);
         self.fork.set_answered(bid);
-        if !self.a_invite.body.is_empty() {
+        if self.a_invite.whole().is_some_and(|a| !a.body.is_empty()) {
             let via = self.inner.local.via(&dialog.flow);
             let ack = dialog.ack(seq, via);
             self.bridge.b_ack = Some(self.send_ack(&dialog.flow, &ack));
@@ -813,7 +812,7 @@ impl Call {
         self.snapshot_new_party(replaced, &t.target);
         // Hunt groups see who is on a call: the target now, not the replaced party.
         let stays = match t.transferee {
-            Side::A => self.a_invite.base.from.uri.to_string(),
+            Side::A => self.a_invite.from().uri.to_string(),
             Side::B => self
                 .bridge
                 .b_branch
