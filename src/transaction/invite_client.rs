@@ -23,7 +23,9 @@ pub(crate) struct InviteClient {
     state: State,
     cfg: TimerConfig,
     reliable: bool,
-    request: Request,
+    /// The INVITE as sent: retransmitted by Timer A, and read back to build the ACK of a
+    /// non-2xx final (rare: a parse then costs less than keeping the parsed request, ~2 KB,
+    /// for the whole ringing time and 32 s after; issue 14). Emptied once a final came.
     request_bytes: Bytes,
     /// Current Timer A interval.
     a_interval: Duration,
@@ -43,11 +45,11 @@ impl InviteClient {
             actions.push(Action::Start(Timer::A, cfg.first_retransmit()));
         }
         actions.push(Action::Start(Timer::B, cfg.timeout_64t1()));
+        drop(request);
         let m = InviteClient {
             state: State::Calling,
             cfg,
             reliable,
-            request,
             request_bytes,
             a_interval: cfg.first_retransmit(),
             ack: None,
@@ -73,6 +75,7 @@ impl InviteClient {
             // further 2xx (from other forks or retransmissions) arrive, each passed up.
             (State::Calling | State::Proceeding, 200..=299) => {
                 self.state = State::Accepted;
+                self.request_bytes = Bytes::new();
                 vec![
                     Action::report(ClientEvent::Final(resp.clone())),
                     Action::Stop(Timer::A),
@@ -83,14 +86,22 @@ impl InviteClient {
             (State::Accepted, 200..=299) => vec![Action::report(ClientEvent::Final(resp.clone()))],
             // RFC 3261 17.1.1.2: 300-699 -> ACK, report, Completed with Timer D.
             (State::Calling | State::Proceeding, 300..=699) => {
-                let ack = build_ack(&self.request, resp).to_bytes();
-                self.ack = Some(ack.clone());
-                let mut actions = vec![
-                    Action::Send(ack, What::Method(Method::Ack)),
+                let request = std::mem::take(&mut self.request_bytes);
+                let mut actions = Vec::with_capacity(5);
+                match crate::sip::parse(&request) {
+                    Ok((crate::sip::SipMessage::Request(invite), _)) => {
+                        let ack = build_ack(&invite, resp).to_bytes();
+                        self.ack = Some(ack.clone());
+                        actions.push(Action::Send(ack, What::Method(Method::Ack)));
+                    }
+                    // We wrote it; should it not read back (a bug), the final still counts.
+                    _ => tracing::error!("an INVITE we sent does not parse; no ACK for its final"),
+                }
+                actions.extend([
                     Action::report(ClientEvent::Final(resp.clone())),
                     Action::Stop(Timer::A),
                     Action::Stop(Timer::B),
-                ];
+                ]);
                 let d = self.cfg.timer_d(self.reliable);
                 if d.is_zero() {
                     self.state = State::Terminated;

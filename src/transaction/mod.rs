@@ -302,7 +302,12 @@ struct ServerInner {
     /// copy of its base headers, not of the whole request (headers and body stay with the
     /// user's copy; issue 14: the clone was a dozen allocations per request).
     method: Method,
-    base: BaseHeaders,
+    /// Emptied once a final response is sent: nothing is built from it afterwards, and the
+    /// transaction lingers 32 s after (Timer J, L; issue 14/15: ~1 KB of each lingering
+    /// transaction; a flood of requests is mostly lingering transactions).
+    base: Mutex<Option<Box<BaseHeaders>>>,
+    /// For logs and traces, for the transaction's whole life.
+    call_id: Box<str>,
     source: Target,
     core: Core<ServerMachine>,
     /// The To tag of the last response sent: the 200 to a CANCEL copies it (RFC 3261 9.2),
@@ -332,7 +337,7 @@ impl Driven for ServerInner {
             for e in effects {
                 match e {
                     Action::Send(b, what) => {
-                        let call_id = &self.base.call_id;
+                        let call_id = &*self.call_id;
                         if let Err(err) = self.shared.send(&self.source, b, &what, call_id) {
                             tracing::debug!(call_id = %call_id, error = %err, "server transaction send failed");
                             self.send_failed(&err, &mut more);
@@ -348,7 +353,7 @@ impl Driven for ServerInner {
                     // Timer H (RFC 3261 17.2.1): no ACK came; a transaction failure.
                     Action::Report(_) => {
                         bump(&self.shared.stats.ack_timeouts);
-                        tracing::debug!(call_id = %self.base.call_id, "Timer H: no ACK for the final response");
+                        tracing::debug!(call_id = %self.call_id, "Timer H: no ACK for the final response");
                     }
                     Action::Start(..) | Action::Stop(_) => {}
                 }
@@ -369,7 +374,7 @@ impl ServerInner {
             self.shared.merged.remove_if(mk, |k| *k == self.key);
         }
         self.shared.live.fetch_sub(1, Ordering::AcqRel);
-        tracing::trace!(call_id = %self.base.call_id, method = %self.method, "server transaction terminated");
+        tracing::trace!(call_id = %self.call_id, method = %self.method, "server transaction terminated");
     }
 
     fn retransmission(self: &Arc<Self>) {
@@ -408,18 +413,23 @@ impl ServerTransaction {
                 size = bytes.len(),
                 "response too large for a datagram; answering 500 instead"
             );
-            let mut small = self.response(500).with_reason("Response Too Large");
-            if let Some(t) = &tag {
-                small.set_to_tag(t);
+            if let Some(small) = self.response(500) {
+                let mut small = small.with_reason("Response Too Large");
+                if let Some(t) = &tag {
+                    small.set_to_tag(t);
+                }
+                status = 500;
+                bytes = small.to_bytes();
             }
-            status = 500;
-            bytes = small.to_bytes();
         }
         let ((), err) = self
             .inner
             .drive(|m| Ok((m.tu_response(status, bytes)?, ())), None)?;
         if tag.is_some() {
             *self.inner.to_tag.lock() = tag;
+        }
+        if status >= 200 {
+            self.inner.base.lock().take();
         }
         match err {
             Some(e) => Err(TransactionError::Transport(e)),
@@ -438,9 +448,10 @@ impl ServerTransaction {
     pub fn method(&self) -> &Method {
         &self.inner.method
     }
-    /// A response to the request that created the transaction (RFC 3261 8.2.6.2).
-    pub fn response(&self, status: u16) -> Response {
-        self.inner.base.response(status)
+    /// A response to the request that created the transaction (RFC 3261 8.2.6.2); None
+    /// once a final response was sent.
+    pub fn response(&self, status: u16) -> Option<Response> {
+        self.inner.base.lock().as_ref().map(|b| b.response(status))
     }
 }
 
@@ -624,7 +635,8 @@ fn to_tag_matches(key: &ServerKey, tx: &ServerInner, req: &Request) -> bool {
     if req.method == Method::Ack {
         tx.to_tag.lock().as_deref() == want
     } else {
-        tx.base.to.tag() == want
+        // Gone once the final was sent: the rest of the RFC 2543 key matched.
+        tx.base.lock().as_ref().is_none_or(|b| b.to.tag() == want)
     }
 }
 
@@ -890,7 +902,8 @@ impl TransactionLayer {
             key: key.clone(),
             merge_key: merge_key.clone(),
             method: req.method.clone(),
-            base: req.base.clone(),
+            base: Mutex::new(Some(Box::new(req.base.clone()))),
+            call_id: req.base.call_id.as_str().into(),
             source,
             core: Core::new(machine, self.shared.epoch),
             to_tag: Mutex::new(None),

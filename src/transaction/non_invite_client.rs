@@ -61,7 +61,9 @@ impl NonInviteClient {
                 vec![Action::report(ClientEvent::Provisional(resp.clone()))]
             }
             (State::Trying | State::Proceeding, 200..=699) => {
-                // 17.1.2.2: Completed neither retransmits nor times out.
+                // 17.1.2.2: Completed neither retransmits nor times out, so the request is
+                // not needed any more (issue 14: memory of lingering transactions).
+                self.request_bytes = Bytes::new();
                 let mut actions = vec![
                     Action::report(ClientEvent::Final(resp.clone())),
                     Action::Stop(Timer::E),

@@ -403,8 +403,9 @@ impl TransactionUser for UasCore {
         // call (yet) is ended here.
         let taken = self.b2bua.get().is_some_and(|b| b.on_cancel(&cancel));
         if !taken && !invite.is_finished() {
-            let resp = invite.response(487);
-            Self::respond(&invite, resp);
+            if let Some(resp) = invite.response(487) {
+                Self::respond(&invite, resp);
+            }
         }
     }
 
