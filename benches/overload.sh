@@ -10,14 +10,24 @@
 #        BASE=2000 STEP_S=5 NO_BUILD=1 bash benches/overload.sh   (quick look)
 #        BENCH_EXTRA_TOML='[call]
 #        overload_delay_ms = 0' bash benches/overload.sh   (without the overload control)
+#        PIN=1 BASE=2500 bash benches/overload.sh   (the server on CPU 0, SIPp on CPU 1:
+#        SIPp at 2-3x no longer takes the server's core; BASE is then the rate one core
+#        carries)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 source benches/lib.sh
 SKIP_KAMAILIO=1
 BASE=${BASE:-4000}
+SIPP=(sipp)
+if [ "${PIN:-0}" = 1 ]; then
+  WRAP=(taskset -c 0)
+  SIPP=(taskset -c 1 sipp)
+  # SIPp's uas, started by bench_start, moves to CPU 1 below.
+fi
 STEP_S=${STEP_S:-10}
 bench_start overload
+[ "${PIN:-0}" = 1 ] && taskset -pc 1 "$UAS_PID" >/dev/null
 
 refused_total() {
   curl -s "127.0.0.1:$HTTP_PORT/metrics" | awk '/^strowger_overload_refused_total/{print $2+0}' || echo 0
@@ -35,7 +45,7 @@ for mult in 1 2 3; do
   uac_port=$(free_port)
   stf="$WORK/overload-$rate.csv"
   mkdir -p "$WORK/rtt-$rate"
-  (cd "$WORK/rtt-$rate" && sipp -sn uac -s service -i 127.0.0.1 -p "$uac_port" \
+  (cd "$WORK/rtt-$rate" && "${SIPP[@]}" -sn uac -s service -i 127.0.0.1 -p "$uac_port" \
     -m $((rate * STEP_S)) -r "$rate" -l $((rate * 4 + 100)) -nostdin -trace_stat -stf "$stf" \
     -fd 1 -trace_rtt -rtt_freq 100 -bg 127.0.0.1:"$port" >/dev/null 2>&1) || true
   sleep 1
