@@ -436,6 +436,38 @@ impl ServerTransaction {
             None => Ok(()),
         }
     }
+    /// Sends a final response and ends the transaction at once, instead of lingering 32 s
+    /// (Timer J) to answer retransmissions of the request: RFC 3261 8.2.7 lets a UAS answer
+    /// statelessly, "typically" a challenge to an unauthenticated request. A retransmitted
+    /// request is then a new one and gets its own answer (a fresh challenge). Issue 15: a
+    /// flood of REGISTERs with bad credentials then leaves no transaction behind. INVITEs
+    /// (whose non-2xx final must absorb an ACK) and provisionals go through [`respond`].
+    ///
+    /// [`respond`]: ServerTransaction::respond
+    pub fn respond_and_end(&self, resp: Response) -> Result<(), TransactionError> {
+        if self.inner.method == Method::Invite || resp.status < 200 {
+            return self.respond(resp);
+        }
+        let status = resp.status;
+        let bytes = resp.to_bytes();
+        let ((), err) = self.inner.drive(
+            |m| {
+                if m.is_finished() {
+                    return Err(TransactionError::AlreadyFinal);
+                }
+                Ok((
+                    vec![Action::Send(bytes, What::Status(status)), Action::Terminate],
+                    (),
+                ))
+            },
+            None,
+        )?;
+        self.inner.base.lock().take();
+        match err {
+            Some(e) => Err(TransactionError::Transport(e)),
+            None => Ok(()),
+        }
+    }
     /// Where responses go (RFC 3261 18.2.2), as computed when the request arrived.
     pub fn source(&self) -> Target {
         self.inner.source

@@ -841,3 +841,30 @@ async fn concurrent_feeding_creates_each_transaction_once() {
     let sent = e.sender.sent.lock().len();
     assert!((2000..=4000).contains(&sent), "{sent}");
 }
+
+/// RFC 3261 8.2.7 (issue 15): a challenge answered statelessly leaves no transaction, and
+/// a retransmission of the request is a new request.
+#[tokio::test(start_paused = true)]
+async fn respond_and_end_leaves_no_transaction() {
+    let e = env();
+    let req = with_branch(options(), "z9hG4bKstateless");
+    e.layer.on_message(req_msg(&req), udp());
+    let tx = e.server_tx();
+    assert_eq!(e.layer.len(), 1);
+    tx.respond_and_end(response_to(&req, 401)).unwrap();
+    assert_eq!(e.layer.len(), 0);
+    assert!(e
+        .sent()
+        .iter()
+        .any(|(_, m)| matches!(m, SipMessage::Response(r) if r.status == 401)));
+    assert!(matches!(
+        tx.respond(response_to(&req, 200)),
+        Err(TransactionError::Gone)
+    ));
+    e.layer.on_message(req_msg(&req), udp());
+    assert_eq!(
+        e.tu.requests.lock().len(),
+        2,
+        "the retransmission is a new request"
+    );
+}

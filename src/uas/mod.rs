@@ -175,7 +175,17 @@ impl UasCore {
         let respond = move |tx: &ServerTransaction, resp: Response| {
             results[RegisterResult::of(resp.status) as usize]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Self::respond(tx, resp);
+            // Challenges and refusals of credentials are answered statelessly (RFC 3261
+            // 8.2.7): half of every registration, and all of a flood of wrong passwords,
+            // leaves no transaction lingering for 32 s (issue 15).
+            let sent = if matches!(resp.status, 401 | 403) {
+                tx.respond_and_end(resp)
+            } else {
+                tx.respond(resp)
+            };
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "could not send response");
+            }
         };
         let Some(registrar) = self.registrar.get().cloned() else {
             respond(&tx, req.response(503));
