@@ -61,7 +61,9 @@ impl InviteServer {
             // RFC 6026 8.5: 2xx -> Accepted with Timer L; the TU retransmits the 2xx.
             (State::Proceeding, 200..=299) => {
                 self.state = State::Accepted;
-                self.last = Some((bytes, status));
+                // Accepted answers nothing itself (8.6): the 2xx need not be kept for the
+                // 32 s of Timer L (issue 14).
+                self.last = None;
                 Ok(vec![send, Action::Start(Timer::L, self.cfg.timer_lm())])
             }
             // RFC 6026 8.7: the TU's 2xx retransmissions go out through Accepted.
@@ -104,8 +106,10 @@ impl InviteServer {
                     self.state = State::Terminated;
                     vec![Action::Terminate]
                 } else {
-                    // RFC 3261 17.2.1: Confirmed absorbs ACK retransmissions until Timer I.
+                    // RFC 3261 17.2.1: Confirmed absorbs ACK retransmissions until Timer I,
+                    // and sends nothing more.
                     self.state = State::Confirmed;
+                    self.last = None;
                     // 17.2.1: Confirmed no longer retransmits (G) nor waits for the ACK (H).
                     vec![
                         Action::Stop(Timer::G),
