@@ -232,7 +232,17 @@ fn run(path: Option<&Path>) -> ExitCode {
         (config.sip.tcp_max_connections + config.http.max_connections + 256) as u64,
     );
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("strowger-worker");
+    builder
+        .enable_all()
+        .thread_name("strowger-worker")
+        // A SIP worker holds the responses and ACKs it sends while it has work and sends
+        // them in one system call when it runs out (src/transport/udp.rs, `outbox`). Only
+        // worker threads park, so only they hold (from their first park on).
+        .on_thread_park(|| {
+            strowger::transport::outbox::flush();
+            strowger::transport::outbox::hold_on_this_thread();
+        })
+        .on_thread_stop(strowger::transport::outbox::flush);
     // `sip.workers` (0 = tokio's default, one per core).
     if config.sip.workers > 0 {
         builder.worker_threads(config.sip.workers);

@@ -617,3 +617,57 @@ async fn large_requests_go_over_tcp() {
     assert_eq!(t.request_target(&udp, 1301).transport, TransportKind::Tcp);
     t.shutdown();
 }
+
+/// Issue 14: a SIP worker holds the responses and ACKs it sends until it runs out of work
+/// (`outbox::flush`, the runtime's park hook in the binary) and sends them in one
+/// sendmmsg(2); requests other than ACK go at once, so that their send errors reach their
+/// transaction.
+#[tokio::test]
+async fn held_responses_leave_together_and_requests_at_once() {
+    let (t, _rx) = start(&["udp:127.0.0.1:0"], TransportLimits::default()).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = Target {
+        transport: TransportKind::Udp,
+        addr: peer.local_addr().unwrap(),
+        connection: None,
+    };
+    strowger::transport::outbox::hold_on_this_thread();
+    for i in 0..3 {
+        t.send(
+            &target,
+            Bytes::from(format!("SIP/2.0 200 OK\r\nX: {i}\r\n\r\n")),
+        )
+        .unwrap();
+    }
+    t.send(&target, Bytes::from_static(b"ACK sip:a@b SIP/2.0\r\n\r\n"))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        timeout(Duration::from_millis(100), peer.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "held until flushed"
+    );
+    // A request other than ACK is not held.
+    t.send(&target, Bytes::from_static(b"BYE sip:a@b SIP/2.0\r\n\r\n"))
+        .unwrap();
+    let (n, _) = timeout(WAIT, peer.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(buf[..n].starts_with(b"BYE "));
+    let sent_before = t.stats().sent;
+    strowger::transport::outbox::flush();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let (n, _) = timeout(WAIT, peer.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(got[0].contains("X: 0") && got[1].contains("X: 1") && got[2].contains("X: 2"));
+    assert!(got[3].starts_with("ACK "));
+    assert_eq!(t.stats().sent, sent_before + 4);
+    t.shutdown();
+}

@@ -20,7 +20,7 @@ pub use listen::ListenAddr;
 pub use local::{resolve, ContactFlows, LocalAddrs, ResolveError};
 pub use memory::{MemoryEndpoint, MemoryNetwork};
 pub use set::Transports;
-pub use udp::MAX_DATAGRAM;
+pub use udp::{outbox, MAX_DATAGRAM};
 pub use via::{process_inbound, DEFAULT_SIP_PORT};
 
 use crate::sip::{ParseError, SipMessage};

@@ -147,6 +147,171 @@ fn deliver(udp: &UdpTransport, shared: &Shared, data: Option<&[u8]>, peer: Socke
     shared.deliver(data, source, udp.local);
 }
 
+/// Responses and ACKs sent by a SIP worker thread while it has work, held and sent with
+/// one sendmmsg(2) per socket when the thread runs out of work (the runtime's park hook,
+/// see `main.rs`) or [`OUTBOX_MAX`] are held. Issue 14: a call is seven datagrams out, and
+/// each was a sendto(2); those caused by one batch of received datagrams (a BYE's 200 and
+/// the BYE relayed, a 100 Trying...) now leave in one call. Requests other than ACK are
+/// never held: a send error (no route to the host) must reach their transaction at once
+/// (RFC 3261 17.1.1.2). A response or an ACK that fails to send is counted and logged, as
+/// a datagram lost on the way would be.
+///
+/// Hand-written: nix's sendmmsg reports how many went out only through an iterator that
+/// reads the (unset) source addresses, socket2 has none, and quinn-udp sets options on
+/// the socket (don't-fragment) that SIP's large datagrams must not get.
+pub mod outbox {
+    use super::{send_now, Shared, UdpTransport};
+    use bytes::Bytes;
+    use std::cell::RefCell;
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    /// Held datagrams at most before they are sent anyway (a busy thread that does not
+    /// park for a while must not hold messages back).
+    pub const OUTBOX_MAX: usize = 32;
+
+    struct Held {
+        udp: UdpTransport,
+        shared: Arc<Shared>,
+        handle: tokio::runtime::Handle,
+        dest: SocketAddr,
+        data: Bytes,
+    }
+
+    #[derive(Default)]
+    struct Outbox {
+        enabled: bool,
+        items: Vec<Held>,
+    }
+
+    thread_local! {
+        static OUTBOX: RefCell<Outbox> = RefCell::new(Outbox::default());
+    }
+
+    /// From now on this thread holds its responses and ACKs until [`flush`]. Only for
+    /// threads that call [`flush`] whenever they run out of work (the SIP workers).
+    pub fn hold_on_this_thread() {
+        OUTBOX.with_borrow_mut(|o| o.enabled = true);
+    }
+
+    /// Sends what this thread holds.
+    pub fn flush() {
+        let items = OUTBOX.with_borrow_mut(|o| std::mem::take(&mut o.items));
+        if !items.is_empty() {
+            send_all(items);
+        }
+    }
+
+    /// Holds `data` when this thread holds and it is a response or an ACK (None: held);
+    /// gives it back otherwise.
+    pub(super) fn hold(
+        udp: &UdpTransport,
+        shared: &Arc<Shared>,
+        handle: &tokio::runtime::Handle,
+        dest: SocketAddr,
+        data: Bytes,
+    ) -> Option<Bytes> {
+        if !(data.starts_with(b"SIP/2.0 ") || data.starts_with(b"ACK ")) {
+            return Some(data);
+        }
+        let full = OUTBOX.with_borrow_mut(|o| {
+            if !o.enabled {
+                return Err(data);
+            }
+            o.items.push(Held {
+                udp: udp.clone(),
+                shared: shared.clone(),
+                handle: handle.clone(),
+                dest,
+                data,
+            });
+            Ok(o.items.len() >= OUTBOX_MAX)
+        });
+        match full {
+            Err(data) => Some(data),
+            Ok(true) => {
+                flush();
+                None
+            }
+            Ok(false) => None,
+        }
+    }
+
+    /// Sends `items`, one sendmmsg per run of datagrams for the same socket; what it does
+    /// not take goes one by one.
+    fn send_all(items: Vec<Held>) {
+        let mut rest = &items[..];
+        while let Some(first) = rest.first() {
+            let run = rest
+                .iter()
+                .take_while(|h| Arc::ptr_eq(&h.udp.socket, &first.udp.socket))
+                .count();
+            let (now, later) = rest.split_at(run);
+            let sent = if now.len() > 1 { send_many(now) } else { 0 };
+            for h in &now[..sent] {
+                h.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            for h in &now[sent..] {
+                if let Err(e) = send_now(&h.udp, &h.shared, &h.handle, h.dest, h.data.clone()) {
+                    tracing::debug!(dest = %h.dest, error = %e, "udp send failed");
+                    h.shared
+                        .counters
+                        .send_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            rest = later;
+        }
+    }
+
+    /// One sendmmsg(2) for datagrams of one socket: how many it sent (0 on an error, and
+    /// the caller sends them one by one, which reports each error).
+    #[cfg(target_os = "linux")]
+    fn send_many(items: &[Held]) -> usize {
+        use std::os::fd::AsRawFd;
+        let addrs: Vec<socket2::SockAddr> = items.iter().map(|h| h.dest.into()).collect();
+        let mut iovs: Vec<libc::iovec> = items
+            .iter()
+            .map(|h| libc::iovec {
+                iov_base: h.data.as_ptr() as *mut libc::c_void,
+                iov_len: h.data.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .zip(&addrs)
+            .map(|(iov, addr)| {
+                // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+                m.msg_hdr.msg_namelen = addr.len();
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let fd = items[0].udp.socket.get_ref().as_raw_fd();
+        // SAFETY: every header points at an address and one iovec that live (in `addrs`,
+        // `iovs` and `items`) until the call returns; the kernel only reads them and
+        // writes each header's msg_len.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                msgs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn send_many(_items: &[Held]) -> usize {
+        0
+    }
+}
+
 /// Whether `sip.udp_loss_percent` drops this datagram (the rehearsal of a lossy network).
 fn lost(limits: &super::TransportLimits) -> bool {
     limits.udp_loss_percent > 0 && rand::random_range(0..100) < limits.udp_loss_percent
@@ -276,6 +441,21 @@ pub(crate) fn send(
         shared.counters.sent.fetch_add(1, Ordering::Relaxed);
         return Ok(());
     }
+    let data = match outbox::hold(udp, shared, handle, dest, data) {
+        None => return Ok(()),
+        Some(data) => data,
+    };
+    send_now(udp, shared, handle, dest, data)
+}
+
+/// Sends one datagram at once; queues it on a task when the socket buffer is full.
+fn send_now(
+    udp: &UdpTransport,
+    shared: &Arc<Shared>,
+    handle: &tokio::runtime::Handle,
+    dest: SocketAddr,
+    data: Bytes,
+) -> Result<(), TransportError> {
     match udp.socket.get_ref().send_to(&data, dest) {
         Ok(_) => {
             shared.counters.sent.fetch_add(1, Ordering::Relaxed);
