@@ -19,4 +19,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo test --no-fail-fast
+status=0
+cargo test --no-fail-fast || status=$?
+# Issue 15 item 5: a short coverage-guided run of both fuzz targets (fuzz/README.md); a
+# crash, a hang or running out of memory fails the run.
+FUZZ_SECONDS=20 bash fuzz/run.sh
+exit $status
