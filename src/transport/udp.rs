@@ -149,7 +149,7 @@ fn deliver(udp: &UdpTransport, shared: &Shared, data: Option<&[u8]>, peer: Socke
 
 /// Responses and ACKs sent by a SIP worker thread while it has work, held and sent with
 /// one sendmmsg(2) per socket when the thread runs out of work (the runtime's park hook,
-/// see `main.rs`) or [`OUTBOX_MAX`] are held. Issue 14: a call is seven datagrams out, and
+/// see `main.rs`) or [`outbox::OUTBOX_MAX`](outbox::OUTBOX_MAX) are held. Issue 14: a call is seven datagrams out, and
 /// each was a sendto(2); those caused by one batch of received datagrams (a BYE's 200 and
 /// the BYE relayed, a 100 Trying...) now leave in one call. Requests other than ACK are
 /// never held: a send error (no route to the host) must reach their transaction at once
