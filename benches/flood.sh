@@ -4,6 +4,8 @@
 # ... 403) for a user of the server's users file at RATE scenarios/s for DURATION_S
 # seconds. Prints the server's RSS before, at its peak during the flood and IDLE_S seconds
 # after, the live transactions at their peak, and the REGISTER results (200, 401, 403).
+# SIPp runs with -nd: by default it sends a BYE for each scenario it aborts (the 403), and
+# those out-of-dialog BYEs (481 from a transaction) would be what the run measures.
 # What should hold: memory and transactions stay flat while the flood goes on (challenges
 # and refusals are stateless, nonces are not stored, failure counters are bounded).
 #
@@ -35,7 +37,7 @@ sleep 1
 RSS0=$(rss_kb "$SERVER_PID")
 for i in $(seq 2 $((SOURCES + 1))); do
   sipp -sf "$ROOT/tests/sipp/register_wrong.xml" -s alice -ap wrong -i "127.0.0.$i" \
-    -p "$(free_port)" -r "$RATE" -m $((RATE * DURATION_S)) -l $((RATE * 10)) -nostdin \
+    -nd -p "$(free_port)" -r "$RATE" -m $((RATE * DURATION_S)) -l $((RATE * 10)) -nostdin \
     -timeout $((DURATION_S + 30))s 127.0.0.1:"$PORT" >/dev/null 2>&1 &
   PIDS+=("$!")
 done
@@ -51,3 +53,4 @@ echo "flood: $SOURCES sources x $RATE wrong-password registrations/s for ${DURAT
 echo "REGISTER results: ok $(result ok), challenged $(result challenged), forbidden $(result forbidden)"
 echo "RSS: $((RSS0 / 1024)) MiB before, $((PEAK_RSS / 1024)) MiB at the peak, $(( $(rss_kb "$SERVER_PID") / 1024 )) MiB ${IDLE_S}s after"
 echo "live transactions at the peak: $PEAK_TX; now: $(metric strowger_transactions)"
+[ -n "${FLOOD_DUMP:-}" ] && curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | grep -E "^strowger_(sip_re|transaction)" > "$FLOOD_DUMP"
