@@ -10,6 +10,7 @@
 #        BASE=2000 STEP_S=5 NO_BUILD=1 bash benches/overload.sh   (quick look)
 #        BENCH_EXTRA_TOML='[call]
 #        overload_delay_ms = 0' bash benches/overload.sh   (without the overload control)
+#        PERF_STEP=3 ...: perf record of the server during the 3x step; MULTS="3": that step only
 #        PIN=1 BASE=2500 bash benches/overload.sh   (the server on CPU 0, SIPp on CPU 1:
 #        SIPp at 2-3x no longer takes the server's core; BASE is then the rate one core
 #        carries)
@@ -37,7 +38,7 @@ refused_total() {
 # statistics file, written every second), per second offered. SIPp is stopped then:
 # what was not done by then does not count, however it would have ended.
 printf '%-8s %12s %9s %9s %9s %9s %9s\n' offered "completed/s" "of base" "503s" "retrans" "p50 ms" "p99 ms"
-for mult in 1 2 3; do
+for mult in ${MULTS:-1 2 3}; do
   rate=$((BASE * mult))
   port=$(free_port)
   start_strowger "$port"
@@ -51,7 +52,15 @@ for mult in 1 2 3; do
   sleep 1
   uac_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $uac_port" | head -1 || true)
   [ -n "$uac_pid" ] && PIDS+=("$uac_pid")
-  sleep $((STEP_S + 4))
+  if [ "${PERF_STEP:-0}" = "$mult" ]; then
+    # Where the server's time goes at this step (perf report -i the file printed).
+    perf record -g -o "$WORK/perf-$rate.data" -p "$SERVER_PID" -- sleep $((STEP_S - 2)) \
+      >/dev/null 2>&1 || true
+    echo "perf: $WORK/perf-$rate.data" >&2
+    sleep 6
+  else
+    sleep $((STEP_S + 4))
+  fi
   ok=$(stat_col "$stf" 'SuccessfulCall(C)')
   retrans=$(stat_col "$stf" 'Retransmissions(C)')
   shed=$(( $(refused_total) - before ))

@@ -12,8 +12,9 @@
 //! is above `target` raises the fraction of new calls refused by `STEP`; each window
 //! below it lowers it by `STEP`. A window with no sample at all keeps the fraction (when
 //! everything is refused, nothing reaches the queue that would say it drained). The
-//! samples come from where a new call waits: the script VMs' job queues and the SIP
-//! thread's own lateness (`server.rs` probes it).
+//! samples come from where a new call waits: the UDP socket's kernel queue (receive
+//! timestamps), the SIP thread's own lateness (`server.rs` probes both) and the script
+//! VMs' job queues.
 
 use parking_lot::Mutex;
 use std::time::Duration;
@@ -34,11 +35,13 @@ pub enum Queue {
     Sip,
     /// The wait of a new call for its script.
     Script,
+    /// The wait of datagrams in the UDP socket's kernel queue before they are read.
+    Socket,
 }
 
 struct Window {
     start: Instant,
-    min: [Option<Duration>; 2],
+    min: [Option<Duration>; 3],
 }
 
 struct State {
@@ -48,12 +51,22 @@ struct State {
     seed: u64,
 }
 
+/// Share of a Lua VM's memory limit above which every new call is refused (the running
+/// calls keep their room: past the limit a hook fails with 500, which the operator's
+/// alerts would blame on the script).
+const MEMORY_HIGH: f64 = 0.75;
+/// Share below which new calls are taken again (a gap, so that the gate does not flap
+/// with every garbage collection).
+const MEMORY_LOW: f64 = 0.6;
+
 /// The overload detector of the server; cheap to share (`Arc`).
 pub struct Overload {
     target: Duration,
     window: Duration,
     state: Mutex<State>,
     refused: std::sync::atomic::AtomicU64,
+    /// The script VMs are near their memory limit: refuse every new call.
+    memory_full: std::sync::atomic::AtomicBool,
 }
 
 impl Overload {
@@ -66,12 +79,26 @@ impl Overload {
             state: Mutex::new(State {
                 window: Window {
                     start: now,
-                    min: [None; 2],
+                    min: [None; 3],
                 },
                 refused: 0.0,
                 seed: 0x9e37_79b9_7f4a_7c15,
             }),
             refused: std::sync::atomic::AtomicU64::new(0),
+            memory_full: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The fullest script VM holds `share` of its memory limit (0 to 1; 0 without a
+    /// limit). From [`MEMORY_HIGH`] until it is back under [`MEMORY_LOW`], every new call
+    /// is refused: calls waiting in their hook (on a dial) hold Lua memory, and a flood of
+    /// them would otherwise fill the VM and fail every call on it.
+    pub fn note_script_memory(&self, share: f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if share >= MEMORY_HIGH {
+            self.memory_full.store(true, Relaxed);
+        } else if share < MEMORY_LOW {
+            self.memory_full.store(false, Relaxed);
         }
     }
 
@@ -101,6 +128,11 @@ impl Overload {
 
     /// Whether to take a new call now (false: refuse it with 503 and Retry-After).
     pub fn admit(&self, now: Instant) -> bool {
+        if self.memory_full.load(std::sync::atomic::Ordering::Relaxed) {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
         let mut st = self.state.lock();
         self.roll(&mut st, now);
         if st.refused <= 0.0 {
@@ -123,8 +155,12 @@ impl Overload {
         self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The fraction of new calls refused now (0 to 0.95), for the metrics.
+    /// The fraction of new calls refused now (0 to 0.95; 1 while the script VMs are near
+    /// their memory limit), for the metrics.
     pub fn refused_fraction(&self) -> f64 {
+        if self.memory_full.load(std::sync::atomic::Ordering::Relaxed) {
+            return 1.0;
+        }
         self.state.lock().refused
     }
 }
@@ -181,5 +217,22 @@ mod tests {
         o.observe(Queue::Script, 2 * MS, Instant::now());
         assert_eq!(o.refused_fraction(), 0.0);
         assert_eq!(admitted(&o, 100), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn script_memory_near_the_limit_refuses_every_new_call_until_it_falls() {
+        let o = Overload::new(50 * MS, 100 * MS, Instant::now());
+        o.note_script_memory(0.5);
+        assert_eq!(admitted(&o, 100), 100);
+        o.note_script_memory(0.8);
+        assert_eq!(admitted(&o, 100), 0);
+        assert_eq!(o.refused_total(), 100);
+        assert_eq!(o.refused_fraction(), 1.0);
+        // Between the marks: still refusing (no flapping with each collection).
+        o.note_script_memory(0.7);
+        assert_eq!(admitted(&o, 10), 0);
+        o.note_script_memory(0.5);
+        assert_eq!(admitted(&o, 100), 100);
+        assert_eq!(o.refused_fraction(), 0.0);
     }
 }

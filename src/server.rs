@@ -446,7 +446,11 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             OVERLOAD_WINDOW,
             tokio::time::Instant::now(),
         ));
-        tokio::spawn(probe_lateness(Arc::downgrade(&o)));
+        tokio::spawn(probe_lateness(
+            Arc::downgrade(&o),
+            transports.clone(),
+            scripts.clone(),
+        ));
         layer.set_overload(o.clone(), config.call.overload_retry_after_s);
         o
     });
@@ -882,8 +886,14 @@ async fn wait_for_stop(server: &ServerHandle) -> anyhow::Result<()> {
 const OVERLOAD_WINDOW: Duration = Duration::from_millis(100);
 
 /// Feeds the overload detector how late this runtime runs a timer (the SIP thread busy
-/// past its capacity makes every message wait as long); ends with the server.
-async fn probe_lateness(overload: std::sync::Weak<crate::overload::Overload>) {
+/// past its capacity makes every message wait as long) and how long datagrams stood in the
+/// UDP sockets' queues before they were read, and how full the script VMs are; ends
+/// with the server.
+async fn probe_lateness(
+    overload: std::sync::Weak<crate::overload::Overload>,
+    transports: Transports,
+    scripts: ScriptEngine,
+) {
     const TICK: Duration = Duration::from_millis(10);
     loop {
         let asked = tokio::time::Instant::now();
@@ -894,5 +904,9 @@ async fn probe_lateness(overload: std::sync::Weak<crate::overload::Overload>) {
         };
         let late = now.duration_since(asked).saturating_sub(TICK);
         o.observe(crate::overload::Queue::Sip, late, now);
+        if let Some(waited) = transports.take_udp_queue_delay() {
+            o.observe(crate::overload::Queue::Socket, waited, now);
+        }
+        o.note_script_memory(scripts.memory().highest_share);
     }
 }

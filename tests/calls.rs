@@ -854,6 +854,81 @@ async fn overload_sheds_new_calls_with_503_and_recovers() {
     answering.abort();
 }
 
+/// Issue 15: calls waiting in their hook hold Lua memory. A flood of them must not fill
+/// the VM and fail calls with 500 (`not enough memory`); from 75% of
+/// `script.memory_limit_kb` new calls get `503 Overloaded` with Retry-After instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_in_the_script_near_its_memory_limit_get_503_not_500() {
+    let callee = UdpPeer::bind("127.0.0.1").await; // never answers: the calls ring on
+    let mut config = config_with_plan(&format!(
+        "function on_invite(call)\n  local held = string.rep(call.id, 20000)\n  call:dial(\"sip:b@{}\")\n  return #held\nend\n",
+        callee.addr
+    ));
+    config.script.vm_pool_size = 1;
+    config.script.memory_limit_kb = 4096;
+    config.call.overload_delay_ms = 50;
+    config.call.overload_retry_after_s = 3;
+    let s = start_with(config).await;
+    let caller = UdpPeer::bind("127.0.0.1").await;
+    // Each call holds its id (16 characters) 20,000 times, ~320 KB: 40 calls would
+    // need 12 MB of the VM's 4.
+    let ids: Vec<String> = (0..40).map(|i| unique(&format!("mem{i}"))).collect();
+    for id in &ids {
+        let invite = request(
+            "INVITE",
+            "sip:bob@strowger.test",
+            caller.addr,
+            "UDP",
+            id,
+            "",
+            "",
+        );
+        caller.send(s.udp, invite.as_bytes()).await;
+        // The server's probe reads the VMs' memory every 10 ms.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut refused = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Some(m) = caller
+        .recv(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        let code = status(&m);
+        assert_ne!(code, 500, "a call failed on the VM's memory: {m}");
+        if code < 200 {
+            continue;
+        }
+        assert_eq!(code, 503, "{m}");
+        assert_eq!(reason(&m), "Overloaded");
+        assert_eq!(header(&m, "Retry-After"), Some("3"), "{m}");
+        refused += 1;
+    }
+    assert!(
+        refused >= 20,
+        "most of the flood was refused, {refused} of 40"
+    );
+    let metrics = strowger::admin::get(s.handle.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    let bytes: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("strowger_script_memory_bytes "))
+        .expect("the VMs' memory is a metric")
+        .parse()
+        .unwrap();
+    assert!(
+        bytes > 3.0 * 1024.0 * 1024.0 * 0.6,
+        "the ringing calls' memory is shown: {bytes}"
+    );
+    assert!(
+        !metrics.lines().any(
+            |l| l.starts_with("strowger_script_errors_total{hook=\"on_invite\"}")
+                && !l.ends_with(" 0")
+        ),
+        "no script errors"
+    );
+}
+
 /// Where a raw request's top Via says to answer (its sent-by, rport ignored).
 fn s_udp(req: &str) -> SocketAddr {
     let via = header(req, "Via").unwrap();

@@ -28,6 +28,7 @@ const METRICS_NOW: &[&str] = &[
     "strowger_script_errors_total",
     "strowger_script_time_limits_total",
     "strowger_script_vms_abandoned_total",
+    "strowger_script_memory_bytes",
     "strowger_sip_malformed_total",
     "strowger_sip_requests_total",
     "strowger_sip_responses_total",

@@ -671,3 +671,35 @@ async fn held_responses_leave_together_and_requests_at_once() {
     assert_eq!(t.stats().sent, sent_before + 4);
     t.shutdown();
 }
+
+/// The kernel's receive timestamps say how long datagrams stood in the socket's queue
+/// (the overload detector's earliest signal, issue 15 item 1).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn udp_queue_delay_is_measured_from_kernel_timestamps() {
+    let (t, mut rx) = start(&["udp:127.0.0.1:0"], TransportLimits::default()).await;
+    let local = addr_of(&t, TransportKind::Udp);
+    assert_eq!(t.take_udp_queue_delay(), None, "nothing read yet");
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.send_to(
+        options("SIP/2.0/UDP 127.0.0.1:1;branch=z9hG4bKq1", "q1", "").as_bytes(),
+        local,
+    )
+    .unwrap();
+    // This test's runtime has one thread: blocking it keeps the datagram in the queue.
+    std::thread::sleep(Duration::from_millis(80));
+    next(&mut rx).await;
+    let waited = t.take_udp_queue_delay().expect("a delay measured");
+    assert!(waited >= Duration::from_millis(75), "waited {waited:?}");
+    assert_eq!(t.take_udp_queue_delay(), None, "taken");
+    // Read at once: a small wait.
+    peer.send_to(
+        options("SIP/2.0/UDP 127.0.0.1:1;branch=z9hG4bKq2", "q2", "").as_bytes(),
+        local,
+    )
+    .unwrap();
+    next(&mut rx).await;
+    let waited = t.take_udp_queue_delay().expect("a delay measured");
+    assert!(waited < Duration::from_millis(75), "waited {waited:?}");
+    t.shutdown();
+}

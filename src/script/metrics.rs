@@ -3,6 +3,7 @@
 //! puts the families on the telemetry handle.
 //!
 //! Metrics: `strowger_script_time_limits_total`, `strowger_script_vms_abandoned_total`,
+//! `strowger_script_memory_bytes`,
 //! `strowger_script_errors_total{hook}`,
 //! `strowger_script_hook_duration_seconds{hook}`.
 
@@ -68,8 +69,13 @@ impl ScriptEngine {
             "strowger_script_vms_abandoned_total",
             "Lua VMs abandoned (stuck where no budget is checked) and replaced by fresh ones",
         )?;
+        let memory = telemetry.gauge(
+            "strowger_script_memory_bytes",
+            "Bytes held by the Lua VMs of the running script (each VM bounded by script.memory_limit_kb)",
+        )?;
         let engine = self.clone();
         telemetry.on_scrape(move || {
+            memory.set(i64::try_from(engine.memory().bytes).unwrap_or(i64::MAX));
             let s = engine.stats();
             for h in Hook::ALL {
                 errors.catch_up(h, load(&s.hook_errors[h.index()]));

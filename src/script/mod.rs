@@ -187,7 +187,12 @@ use pool::{BuildCtx, VmHandle, Watchdog};
 use vm::ScriptFile;
 
 /// Default memory limit of one VM in KiB (`script.memory_limit_kb`).
-pub const DEFAULT_MEMORY_LIMIT_KB: usize = 8 * 1024;
+///
+/// Every call waiting in its hook (ringing, on `call:dial`) holds its coroutine and tables
+/// on the VM, and garbage waits for the collector: at 8 MiB a flood of calls filled the VM
+/// and failed them with 500 (issue 15). 64 MiB leaves room for tens of thousands of
+/// ringing calls; new calls are refused with 503 from 75% of it (`crate::overload`).
+pub const DEFAULT_MEMORY_LIMIT_KB: usize = 64 * 1024;
 /// Default instruction budget of one hook run (`script.instruction_limit`).
 pub const DEFAULT_INSTRUCTION_LIMIT: u64 = 1_000_000;
 /// Default Lua execution time of one hook run in ms (`script.time_limit_ms`).
@@ -272,6 +277,15 @@ fn located(file: &str, line: Option<u32>, message: &str) -> String {
         Some(line) => format!("{file}:{line}: {message}"),
         None => format!("{file}: {message}"),
     }
+}
+
+/// What the Lua VMs hold ([`ScriptEngine::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ScriptMemory {
+    /// Bytes of all the current version's VMs.
+    pub bytes: u64,
+    /// The fullest VM's share of its memory limit (0 to 1; 0 without a limit).
+    pub highest_share: f64,
 }
 
 /// Script counters (read with `load(Ordering::Relaxed)`), shared by every version.
@@ -526,6 +540,24 @@ impl ScriptEngine {
     }
 
     /// The counters.
+    /// Bytes held by the current version's Lua VMs together, and the highest share of
+    /// `script.memory_limit_kb` any one of them holds (0 without a limit): what the
+    /// overload detector reads so that new calls are refused with 503 before a VM's limit
+    /// fails running calls with 500.
+    pub fn memory(&self) -> ScriptMemory {
+        let version = self.current();
+        let limit = self.inner.opts.memory_limit as u64;
+        let mut m = ScriptMemory::default();
+        for vm in &version.vms {
+            let used = vm.read().watch.used_memory();
+            m.bytes += used;
+            if limit > 0 {
+                m.highest_share = m.highest_share.max(used as f64 / limit as f64);
+            }
+        }
+        m
+    }
+
     pub fn stats(&self) -> &ScriptStats {
         &self.inner.stats
     }

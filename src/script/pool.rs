@@ -44,6 +44,9 @@ pub(crate) struct VmWatch {
     dead: watch::Sender<bool>,
     /// The version and pool slot to rebuild when abandoned.
     owner: OnceLock<(Weak<ScriptVersion>, usize)>,
+    /// Bytes the VM's Lua heap holds, as of its last job (the overload detector's view of
+    /// how close the VM is to `script.memory_limit_kb`).
+    used_memory: AtomicU64,
 }
 
 impl VmWatch {
@@ -53,11 +56,17 @@ impl VmWatch {
             abandoned: AtomicBool::new(false),
             dead: watch::Sender::new(false),
             owner: OnceLock::new(),
+            used_memory: AtomicU64::new(0),
         }
     }
 
     pub fn set_busy(&self, since: u64) {
         self.busy_since.store(since, Ordering::Relaxed);
+    }
+
+    /// Bytes the VM's Lua heap held after its last job.
+    pub fn used_memory(&self) -> u64 {
+        self.used_memory.load(Ordering::Relaxed)
     }
 
     pub fn is_abandoned(&self) -> bool {
@@ -218,7 +227,11 @@ fn vm_thread(ctx: Arc<BuildCtx>, ready: impl FnOnce(Result<Arc<VmHandle>, Script
                 biased;
                 _ = dead.wait_for(|d| *d) => break,
                 job = queue.recv() => match job {
-                    Some(job) => job(&vm),
+                    Some(job) => {
+                        job(&vm);
+                        let used = vm.lua.used_memory() as u64;
+                        watch.used_memory.store(used, Ordering::Relaxed);
+                    }
                     None => break,
                 },
             }

@@ -41,6 +41,10 @@ pub(crate) struct Shared {
     pub(crate) limits: TransportLimits,
     pub(crate) counters: Counters,
     pub(crate) closed: AtomicBool,
+    /// The smallest time a datagram waited in a UDP socket's kernel queue since
+    /// [`Transports::take_udp_queue_delay`] last asked, in nanoseconds (`u64::MAX`: none
+    /// read). The overload detector's view of the queue it cannot see from user space.
+    pub(crate) udp_wait_min_ns: AtomicU64,
 }
 
 impl Shared {
@@ -114,6 +118,7 @@ impl Transports {
             limits,
             counters: Counters::default(),
             closed: AtomicBool::new(false),
+            udp_wait_min_ns: AtomicU64::new(u64::MAX),
         });
         // Bind everything first, so that a failure leaves nothing running.
         enum Bound {
@@ -248,6 +253,18 @@ impl Transports {
             };
         }
         *target
+    }
+
+    /// The smallest wait of a datagram in a UDP socket's kernel queue (from the kernel's
+    /// receive timestamp, SO_TIMESTAMPNS, to the batch read) since the last call; `None`
+    /// when nothing was read. Linux only.
+    pub fn take_udp_queue_delay(&self) -> Option<std::time::Duration> {
+        let ns = self
+            .inner
+            .shared
+            .udp_wait_min_ns
+            .swap(u64::MAX, Ordering::Relaxed);
+        (ns != u64::MAX).then(|| std::time::Duration::from_nanos(ns))
     }
 
     pub fn stats(&self) -> TransportStats {

@@ -58,6 +58,17 @@ pub(crate) fn bind(addr: SocketAddr, recv_buffer: usize) -> io::Result<UdpTransp
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     let socket: std::net::UdpSocket = socket.into();
+    // The kernel stamps each datagram as it queues it, so a batch read says how long the
+    // socket's queue stands: the overload detector's earliest signal (issue 15). Without
+    // it (an old kernel), the detector has the SIP thread's lateness alone.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimestampns,
+        &true,
+    ) {
+        tracing::debug!(%addr, error = %e, "SO_TIMESTAMPNS not set");
+    }
     let local = socket.local_addr()?;
     // Readable only: see the module header.
     let socket = register(socket, Interest::READABLE)?;
@@ -94,7 +105,12 @@ pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
             }
         };
         let n = match guard.try_io(|s| batch.recv(s.get_ref(), &mut got)) {
-            Ok(Ok(n)) => n,
+            Ok(Ok((n, oldest))) => {
+                if let Some(ns) = oldest.and_then(waited_ns) {
+                    shared.udp_wait_min_ns.fetch_min(ns, Ordering::Relaxed);
+                }
+                n
+            }
             // WouldBlock: readiness is cleared, wait for the next event.
             Err(_would_block) => continue,
             Ok(Err(e)) => {
@@ -317,6 +333,28 @@ fn lost(limits: &super::TransportLimits) -> bool {
     limits.udp_loss_percent > 0 && rand::random_range(0..100) < limits.udp_loss_percent
 }
 
+/// When the kernel queued a datagram (CLOCK_REALTIME).
+#[cfg(target_os = "linux")]
+type Stamp = nix::sys::time::TimeSpec;
+#[cfg(not(target_os = "linux"))]
+type Stamp = std::convert::Infallible;
+
+/// How long ago `stamp` was, in nanoseconds (`None` if the clock stepped back).
+#[cfg(target_os = "linux")]
+fn waited_ns(stamp: Stamp) -> Option<u64> {
+    let queued = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(stamp.tv_sec()).ok()?,
+            u32::try_from(stamp.tv_nsec()).ok()?,
+        );
+    let waited = std::time::SystemTime::now().duration_since(queued).ok()?;
+    u64::try_from(waited.as_nanos()).ok()
+}
+#[cfg(not(target_os = "linux"))]
+fn waited_ns(stamp: Stamp) -> Option<u64> {
+    match stamp {}
+}
+
 /// Buffers for one batch of datagrams.
 struct Batch {
     bufs: Box<[[u8; SLOT]; BATCH]>,
@@ -353,13 +391,20 @@ impl Batch {
         &mut self,
         socket: &std::net::UdpSocket,
         out: &mut [Option<Received>; BATCH],
-    ) -> io::Result<usize> {
-        use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+    ) -> io::Result<(usize, Option<Stamp>)> {
+        use nix::sys::socket::{
+            recvmmsg, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
+        };
         use std::io::IoSliceMut;
         use std::os::fd::AsRawFd;
         HEADERS.with_borrow_mut(|headers| {
             let mut iovs = self.bufs.each_mut().map(|b| [IoSliceMut::new(&mut b[..])]);
-            let headers = headers.get_or_insert_with(|| MultiHeaders::preallocate(BATCH, None));
+            // Room for one SO_TIMESTAMPNS message per datagram. (nix sets each header's
+            // control length once; the kernel writes back the length it used, the same
+            // for every timestamp, so the headers can be reused batch after batch.)
+            let headers = headers.get_or_insert_with(|| {
+                MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(nix::sys::time::TimeSpec)))
+            });
             let results = recvmmsg(
                 socket.as_raw_fd(),
                 headers,
@@ -369,8 +414,18 @@ impl Batch {
             )
             .map_err(io::Error::from)?;
             let mut n = 0;
+            let mut oldest = None;
             for (slot, msg) in out.iter_mut().zip(results) {
                 n += 1;
+                if n == 1 {
+                    // The first of a batch waited longest (the queue is FIFO).
+                    oldest = msg.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::ScmTimestampns(ts) => Some(ts),
+                            _ => None,
+                        })
+                    });
+                }
                 let addr = msg.address.as_ref().and_then(|a: &SockaddrStorage| {
                     match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
                         (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),
@@ -383,7 +438,7 @@ impl Batch {
                     ((!truncated).then_some(msg.bytes), peer)
                 });
             }
-            Ok(n)
+            Ok((n, oldest))
         })
     }
 
@@ -393,10 +448,10 @@ impl Batch {
         &mut self,
         socket: &std::net::UdpSocket,
         out: &mut [Option<Received>; BATCH],
-    ) -> io::Result<usize> {
+    ) -> io::Result<(usize, Option<Stamp>)> {
         let (len, peer) = socket.recv_from(&mut self.bufs[0])?;
         out[0] = Some((Some(len), peer));
-        Ok(1)
+        Ok((1, None))
     }
 }
 
