@@ -11,6 +11,9 @@
 #        BENCH_EXTRA_TOML='[call]
 #        overload_delay_ms = 0' bash benches/overload.sh   (without the overload control)
 #        PERF_STEP=3 ...: perf record of the server during the 3x step; MULTS="3": that step only
+#        QUOTA=50 BASE=1500 bash benches/overload.sh   (the server held to 50% of one
+#        core by a cgroup-v1 CPU quota, so that SIPp, with the rest of the two cores, can
+#        offer 3x what the server carries; BASE is then what the server carries so held)
 #        PIN=1 BASE=2500 bash benches/overload.sh   (the server on CPU 0, SIPp on CPU 1:
 #        SIPp at 2-3x no longer takes the server's core; BASE is then the rate one core
 #        carries)
@@ -28,6 +31,18 @@ if [ "${PIN:-0}" = 1 ]; then
 fi
 STEP_S=${STEP_S:-10}
 bench_start overload
+CGROUP=""
+if [ -n "${QUOTA:-}" ]; then
+  CGROUP=/sys/fs/cgroup/cpu/strowger-overload-$$
+  if mkdir "$CGROUP" 2>/dev/null && echo 10000 >"$CGROUP/cpu.cfs_period_us" &&
+    echo $((QUOTA * 100)) >"$CGROUP/cpu.cfs_quota_us"; then
+    trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rmdir "$CGROUP" 2>/dev/null || true' EXIT
+    echo "server held to ${QUOTA}% of one core ($CGROUP)" >&2
+  else
+    echo "QUOTA: cannot make a cgroup-v1 CPU group here; not applied" >&2
+    CGROUP=""
+  fi
+fi
 [ "${PIN:-0}" = 1 ] && taskset -pc 1 "$UAS_PID" >/dev/null
 
 refused_total() {
@@ -42,6 +57,9 @@ for mult in ${MULTS:-1 2 3}; do
   rate=$((BASE * mult))
   port=$(free_port)
   start_strowger "$port"
+  if [ -n "$CGROUP" ]; then
+    for t in /proc/"$SERVER_PID"/task/*; do echo "${t##*/}" >"$CGROUP/tasks"; done
+  fi
   before=$(refused_total)
   uac_port=$(free_port)
   stf="$WORK/overload-$rate.csv"

@@ -46,6 +46,8 @@ struct Window {
 
 struct State {
     window: Window,
+    /// The smallest delays of the last full window, by queue (for the metrics).
+    last: [Option<Duration>; 3],
     refused: f64,
     /// Pseudo-random sequence for the admission draws (xorshift; no need for more).
     seed: u64,
@@ -81,6 +83,7 @@ impl Overload {
                     start: now,
                     min: [None; 3],
                 },
+                last: [None; 3],
                 refused: 0.0,
                 seed: 0x9e37_79b9_7f4a_7c15,
             }),
@@ -105,6 +108,7 @@ impl Overload {
     fn roll(&self, st: &mut State, now: Instant) {
         while now.duration_since(st.window.start) >= self.window {
             let mins = std::mem::take(&mut st.window.min);
+            st.last = mins;
             if mins.iter().flatten().any(|m| *m > self.target) {
                 st.refused = (st.refused + STEP).min(MAX_REFUSED);
             } else if mins.iter().any(Option::is_some) {
@@ -148,6 +152,13 @@ impl Overload {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         admit
+    }
+
+    /// The smallest delay each queue showed in the last window (`None`: no sample), in
+    /// [`Queue`] order: why calls are being refused, for the metrics.
+    pub fn last_delays(&self) -> [(Queue, Option<Duration>); 3] {
+        let st = self.state.lock();
+        [Queue::Sip, Queue::Script, Queue::Socket].map(|q| (q, st.last[q as usize]))
     }
 
     /// New calls refused so far.

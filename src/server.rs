@@ -907,6 +907,9 @@ async fn probe_lateness(
         if let Some(waited) = transports.take_udp_queue_delay() {
             o.observe(crate::overload::Queue::Socket, waited, now);
         }
+        if let Some(waited) = scripts.take_queue_delay() {
+            o.observe(crate::overload::Queue::Script, waited, now);
+        }
         o.note_script_memory(scripts.memory().highest_share);
     }
 }

@@ -50,6 +50,7 @@ const METRICS_NOW: &[&str] = &[
     // Protection (issue 15); the pike series exist only with sip.pike_requests set.
     "strowger_overload_refused_total",
     "strowger_overload_refused_ratio",
+    "strowger_overload_queue_delay_seconds",
     "strowger_transactions_refused_total",
     "strowger_pike_dropped_total",
     "strowger_pike_blocks_total",

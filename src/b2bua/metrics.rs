@@ -249,6 +249,16 @@ impl B2bua {
             "Fraction of new calls refused now for overload (0 to 0.95; from measured queue delays)",
         )?;
         telemetry.register(&fraction)?;
+        let delays = prometheus::GaugeVec::new(
+            prometheus::Opts::new(
+                "strowger_overload_queue_delay_seconds",
+                "Smallest wait seen in the last 100 ms window, by queue: socket (UDP datagrams \
+                 before they are read), sip (the SIP thread's lateness), script (new calls \
+                 waiting for a Lua VM); above call.overload_delay_ms new calls are shed",
+            ),
+            &["queue"],
+        )?;
+        telemetry.register(&delays)?;
         let b2bua = self.clone();
         telemetry.on_scrape(move || {
             let s = b2bua.stats();
@@ -256,6 +266,16 @@ impl B2bua {
             if let Some(o) = &b2bua.inner.overload {
                 metrics::catch_up(&refused, o.refused_total());
                 fraction.set(o.refused_fraction());
+                for (q, d) in o.last_delays() {
+                    let name = match q {
+                        crate::overload::Queue::Sip => "sip",
+                        crate::overload::Queue::Script => "script",
+                        crate::overload::Queue::Socket => "socket",
+                    };
+                    delays
+                        .with_label_values(&[name])
+                        .set(d.map_or(0.0, |d| d.as_secs_f64()));
+                }
             }
             metrics::catch_up(&total, load(&s.calls_started));
             metrics::catch_up(&answered, load(&s.answered));

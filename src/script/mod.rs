@@ -558,6 +558,19 @@ impl ScriptEngine {
         m
     }
 
+    /// How long jobs stood in the VMs' queues since the last call: of each VM the smallest
+    /// wait, of those the largest (one VM with a standing queue is enough: new calls are
+    /// spread over all of them). `None` when no job ran. The overload detector's view of
+    /// the script side (the VMs run on their own threads).
+    pub fn take_queue_delay(&self) -> Option<std::time::Duration> {
+        let version = self.current();
+        version
+            .vms
+            .iter()
+            .filter_map(|vm| vm.read().watch.take_queue_wait())
+            .max()
+    }
+
     pub fn stats(&self) -> &ScriptStats {
         &self.inner.stats
     }

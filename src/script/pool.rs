@@ -47,6 +47,9 @@ pub(crate) struct VmWatch {
     /// Bytes the VM's Lua heap holds, as of its last job (the overload detector's view of
     /// how close the VM is to `script.memory_limit_kb`).
     used_memory: AtomicU64,
+    /// The smallest time a job waited in this VM's queue since the overload probe last
+    /// took it, in nanoseconds (`u64::MAX`: no job ran).
+    queue_wait_min_ns: AtomicU64,
 }
 
 impl VmWatch {
@@ -57,6 +60,7 @@ impl VmWatch {
             dead: watch::Sender::new(false),
             owner: OnceLock::new(),
             used_memory: AtomicU64::new(0),
+            queue_wait_min_ns: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -67,6 +71,13 @@ impl VmWatch {
     /// Bytes the VM's Lua heap held after its last job.
     pub fn used_memory(&self) -> u64 {
         self.used_memory.load(Ordering::Relaxed)
+    }
+
+    /// The smallest wait of a job in this VM's queue since the last call (`None`: no job
+    /// ran meanwhile).
+    pub fn take_queue_wait(&self) -> Option<Duration> {
+        let ns = self.queue_wait_min_ns.swap(u64::MAX, Ordering::Relaxed);
+        (ns != u64::MAX).then(|| Duration::from_nanos(ns))
     }
 
     pub fn is_abandoned(&self) -> bool {
@@ -86,8 +97,8 @@ impl VmWatch {
     }
 }
 
-/// A job for a VM thread.
-type Job = Box<dyn FnOnce(&Rc<Vm>) + Send>;
+/// A job for a VM thread, with when it was queued (`now_ns()`).
+type Job = (u64, Box<dyn FnOnce(&Rc<Vm>) + Send>);
 
 /// The run could not finish: the VM was abandoned or is gone.
 #[derive(Debug)]
@@ -116,7 +127,7 @@ impl VmHandle {
         let mut dead = self.watch.dead.subscribe();
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Box::new(move |vm: &Rc<Vm>| job(vm, tx)))
+            .send((now_ns(), Box::new(move |vm: &Rc<Vm>| job(vm, tx))))
             .map_err(|_| Lost)?;
         tokio::select! {
             biased;
@@ -227,7 +238,9 @@ fn vm_thread(ctx: Arc<BuildCtx>, ready: impl FnOnce(Result<Arc<VmHandle>, Script
                 biased;
                 _ = dead.wait_for(|d| *d) => break,
                 job = queue.recv() => match job {
-                    Some(job) => {
+                    Some((queued, job)) => {
+                        let waited = now_ns().saturating_sub(queued);
+                        watch.queue_wait_min_ns.fetch_min(waited, Ordering::Relaxed);
                         job(&vm);
                         let used = vm.lua.used_memory() as u64;
                         watch.used_memory.store(used, Ordering::Relaxed);
