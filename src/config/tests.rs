@@ -50,7 +50,7 @@ fn empty_file_gives_defaults() {
     assert_eq!(c.log.level, "info");
     assert_eq!(c.log.format, LogFormat::Text);
     assert_eq!(c.script.path, "scripts/default.lua");
-    assert_eq!(c.script.memory_limit_kb, 8192);
+    assert_eq!(c.script.memory_limit_kb, 65536);
     assert_eq!(c.script.instruction_limit, 1_000_000);
     assert_eq!(c.script.vm_pool_size, 0);
     assert_eq!(c.shutdown.drain_timeout_s, 10);
