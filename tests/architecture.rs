@@ -31,8 +31,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("dialog", &["dialog", "trace"]),
     // Helpers the transaction users share.
     ("helpers", &["auth"]),
-    // Transaction users' state that knows no SIP call: bindings, agent states.
-    ("stores", &["registrar", "huntgroup"]),
+    // Transaction users' state that knows no SIP call: bindings, agent states, trunks
+    // (their channels, health and registration).
+    ("stores", &["registrar", "huntgroup", "trunk"]),
     // Transaction users: calls, presence. Each defines the hooks it runs as a port
     // (`b2bua::CallHooks`, `presence::PresenceHooks`) that the script engine implements.
     ("users", &["b2bua", "presence"]),

@@ -161,6 +161,19 @@ pub(crate) fn response(
     ])
 }
 
+/// The `response` without qop (RFC 2069, kept by RFC 3261 22.4 for old servers):
+/// H(HA1:nonce:HA2).
+pub(crate) fn response_without_qop(
+    algorithm: Algorithm,
+    ha1_hex: &[u8],
+    nonce: &[u8],
+    method: &[u8],
+    uri: &[u8],
+) -> Raw {
+    let ha2 = algorithm.digest(&[method, b":", uri]).hex();
+    algorithm.digest(&[ha1_hex, b":", nonce, b":", ha2.as_bytes()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! SIP digest authentication (RFC 3261 section 22, RFC 7616 qop=auth, RFC 8760 SHA-256).
 //!
-//! Owns: challenges (401/407 with SHA-256 and MD5 offers), verification of Authorization
+//! Owns: challenges (401/407 with SHA-256 and MD5 offers), the client side that answers a
+//! trunk's challenges (`DigestClient`), verification of Authorization
 //! and Proxy-Authorization, self-validating nonces with expiry (stale=true) and nonce-count
 //! replay protection, the per-source brute-force throttle, and the users file.
 //! Must not touch: sockets, transactions, the registrar's bindings. Callers decide which
@@ -41,6 +42,7 @@
 //! - Hash comparison is constant-time (`subtle`): a hand-written loop can be turned into
 //!   an early exit by the optimizer; `subtle` is written to prevent that.
 
+mod client;
 mod config;
 mod digest;
 mod hash;
@@ -49,6 +51,7 @@ mod params;
 mod state;
 mod users;
 
+pub use client::{Answer, ClientAuthError, ClientCredentials, ClientSecret, DigestClient};
 pub use config::AuthConfig;
 pub use digest::{AuthOutcome, ChallengeKind, DigestAuth, DigestConfig, DigestStats, Throttle};
 pub use hash::{ha1, Algorithm};

@@ -494,3 +494,30 @@ fn offer_order_is_configurable() {
     assert!(f.challenge_value(0).contains("algorithm=SHA-256"));
     assert!(f.challenge_value(1).contains("algorithm=MD5"));
 }
+
+/// The client side (`DigestClient`, answering a trunk's challenges) passes this server
+/// side's verification, with SHA-256 and MD5, and counts its nonce uses.
+#[test]
+fn our_client_answers_our_challenges() {
+    let f = default_fixture();
+    let c = DigestClient::new(ClientCredentials {
+        username: "alice".into(),
+        secret: ClientSecret::Password("secret".into()),
+        realm: None,
+    });
+    let r = f.auth.challenge(&register(&[]), ChallengeKind::Www, false);
+    let offers: Vec<&str> = r.headers.get_all("WWW-Authenticate").collect();
+    for first in [0, 1] {
+        let a = c.answer(401, &offers[first..], "REGISTER", URI).unwrap();
+        let req = register(&[format!("{}: {}", a.header, a.value)]);
+        assert_eq!(f.verify(&req, A), ok("alice"), "offer {first}: {}", a.value);
+    }
+    let wrong = DigestClient::new(ClientCredentials {
+        username: "alice".into(),
+        secret: ClientSecret::Password("guess".into()),
+        realm: None,
+    });
+    let a = wrong.answer(401, &offers, "REGISTER", URI).unwrap();
+    let req = register(&[format!("{}: {}", a.header, a.value)]);
+    assert_ne!(f.verify(&req, A), ok("alice"));
+}

@@ -40,6 +40,7 @@
 //! | `[shutdown]` | [`ShutdownConfig`] | here (read by `server`, which imports this module) |
 //! | `[huntgroups.<name>]` | `HuntGroupConfig` | `huntgroup` (not settable from the environment) |
 //! | `[presence]` | `PresenceSection` | `presence` |
+//! | `[trunks.<name>]` | `TrunkConfig` | `trunk` (not settable from the environment) |
 //!
 //! How a line is found: the file is parsed once into `toml`'s spanned document
 //! ([`toml::de::DeTable`]: every key and value with its byte range), environment values are
@@ -54,6 +55,7 @@ use crate::b2bua::CallConfig;
 pub use crate::config_section::InvalidValue;
 use crate::config_section::{check_range, MAX_TIMEOUT_S};
 use crate::huntgroup::{check_huntgroups, HuntGroupConfig};
+use crate::trunk::{check_trunks, TrunkConfig};
 use crate::logging::LogConfig;
 use crate::presence::PresenceSection;
 use crate::registrar::RegistrarSection;
@@ -167,6 +169,9 @@ pub struct Config {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub huntgroups: BTreeMap<String, HuntGroupConfig>,
     pub presence: PresenceSection,
+    /// `[trunks.<name>]`: SIP trunks to carriers (see [`TrunkConfig`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub trunks: BTreeMap<String, TrunkConfig>,
 }
 
 /// `[shutdown]`: the graceful stop. It lives here rather than in `server`, which reads
@@ -216,7 +221,7 @@ impl Config {
     /// Checks every section; the first problem, its key made absolute (`sip.timers.t1_ms`).
     fn check(&self) -> Result<(), InvalidValue> {
         let has_users = !self.registrar.users_file.trim().is_empty();
-        let sections: [(&str, Result<(), InvalidValue>); 12] = [
+        let sections: [(&str, Result<(), InvalidValue>); 13] = [
             ("sip", self.sip.check()),
             ("http", self.http.check()),
             ("log", self.log.check()),
@@ -229,6 +234,7 @@ impl Config {
             ("shutdown", self.shutdown.check()),
             ("huntgroups", check_huntgroups(&self.huntgroups)),
             ("presence", self.presence.check(has_users)),
+            ("trunks", check_trunks(&self.trunks)),
         ];
         for (section, result) in sections {
             result.map_err(|e| e.within(section))?;

@@ -434,6 +434,46 @@ fn huntgroup_errors_name_file_line_and_nested_key() {
 }
 
 #[test]
+fn trunk_errors_name_file_line_and_nested_key() {
+    let ok = "[trunks.carrier1]\nuri = \"sip:sip.carrier.example\"\nusername = \"pbx\"\npassword = \"s\"\nregister = true\ninbound = [\"203.0.113.0/24\"]\n";
+    let c = Config::from_toml_str(ok, "t.toml").unwrap();
+    assert!(c.trunks["carrier1"].register);
+    assert_eq!(c.trunks["carrier1"].expires, 3600);
+    assert_eq!(c.trunks["carrier1"].caller_id, "pai");
+    for (text, want) in [
+        (
+            "[trunks.carrier1]\nmax_channels = 3\n",
+            "t.toml:1: trunks.carrier1.uri: a trunk needs",
+        ),
+        (
+            "[trunks.carrier1]\nuri = \"sip:c.example\"\ninbound = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/99\",\n]\n",
+            "t.toml:5: trunks.carrier1.inbound: \"10.0.0.0/99\" is not an IP",
+        ),
+        (
+            "[trunks.carrier1]\nuri = \"sip:c.example\"\nregister = true\n",
+            "t.toml:3: trunks.carrier1.register: a registering trunk needs",
+        ),
+        (
+            "[trunks.carrier1]\nuri = \"sip:c.example\"\ncaller_id = \"rpid\"\n",
+            "t.toml:3: trunks.carrier1.caller_id:",
+        ),
+        (
+            "[trunks.Carrier]\nuri = \"sip:c.example\"\n",
+            "trunks.Carrier: a trunk name is",
+        ),
+        (
+            "[trunks.carrier1]\nurl = \"sip:c.example\"\n",
+            "t.toml:2: trunks.carrier1.url: unknown key",
+        ),
+    ] {
+        let e = Config::from_toml_str(text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{text}\n→ {e}\nwanted {want}");
+    }
+}
+
+#[test]
 fn each_section_names_file_line_and_key() {
     // One bad value per section, each after a first line that is fine, so the line
     // number is the key's own and not the section header's.
