@@ -18,7 +18,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use strowger::b2bua::{CallControl, CallInfo, DialOptions, DialOutcome, DialSource, UriInfo};
+use strowger::b2bua::{
+    CallControl, CallInfo, DialOptions, DialOutcome, DialSource, DialTarget, UriInfo,
+};
 use strowger::script::{EngineOptions, ScriptEngine};
 
 struct AnswerAtOnce;
@@ -26,7 +28,7 @@ struct AnswerAtOnce;
 impl CallControl for AnswerAtOnce {
     fn dial(
         &self,
-        _targets: Vec<String>,
+        _targets: Vec<DialTarget>,
         _opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
         Box::pin(async {
@@ -71,6 +73,7 @@ fn call_info(n: u64) -> CallInfo {
             ("Contact".into(), "<sip:alice@127.0.0.1:5061>".into()),
             ("Content-Type".into(), "application/sdp".into()),
         ],
+        trunk: None,
     }
 }
 

@@ -174,9 +174,16 @@ pub struct ServerHandle {
     presence: crate::presence::Presence,
     /// Every dialog of the server (calls' legs, subscriptions).
     dialogs: Arc<crate::uas::Dialogs>,
+    /// `[trunks.<name>]`.
+    trunks: crate::trunk::Trunks,
 }
 
 impl ServerHandle {
+    /// The trunks (empty when none is configured).
+    pub fn trunks(&self) -> &crate::trunk::Trunks {
+        &self.trunks
+    }
+
     /// Dialogs in the server's dialog table: two per bridged call, one per subscription.
     pub fn dialogs(&self) -> usize {
         self.dialogs.len()
@@ -454,6 +461,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer.set_overload(o.clone(), config.call.overload_retry_after_s);
         o
     });
+    let trunks = crate::trunk::Trunks::new(&config.trunks);
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
@@ -472,6 +480,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         routes: Arc::new(crate::b2bua::RouteStats::new(&config.call.routes)),
         traces,
         dialogs: Arc::new(crate::dialog::Invites(dialogs.clone())),
+        trunks: trunks.clone(),
     });
     core.set_b2bua(b2bua.clone());
     if let Some(h) = &huntgroups {
@@ -626,6 +635,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         huntgroups,
         presence,
         dialogs,
+        trunks,
     })
 }
 

@@ -44,7 +44,7 @@ use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
 use crate::b2bua::{
     CallHookSet, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
-    InviteOutcome, UriInfo,
+    DialTarget, InviteOutcome, UriInfo,
 };
 use crate::dialog::{Dialog, DialogState};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
@@ -131,7 +131,7 @@ pub enum CallEvent {
     FinalHeaders(Vec<(String, String)>),
     /// From the script: dial these targets.
     Dial {
-        targets: Vec<String>,
+        targets: Vec<DialTarget>,
         opts: DialOptions,
         reply: oneshot::Sender<DialOutcome>,
         /// Told the index (in `targets`) of the target that answered (hunt groups).
@@ -197,6 +197,16 @@ struct NewLeg {
     max_forwards: u32,
     /// Position of the target in the dial's target list.
     index: usize,
+}
+
+/// What became of a 401/407 on a branch.
+enum Challenge {
+    /// Sent again with credentials: the branch rings on.
+    Answered,
+    /// Our credentials were refused, or there are none to give.
+    Refused,
+    /// Not a branch through a trunk (or no longer one that may be sent again).
+    NotOurs,
 }
 
 /// Where the dial in progress reports to: the script's `call:dial`.
@@ -476,6 +486,24 @@ impl Call {
         DialogKey::new(self.a_invite.call_id(), self.a_invite.caller_tag())
     }
 
+    /// The trunk this call came in from: the `line` parameter of a registering trunk's
+    /// contact (the carrier calls us at the contact we registered), else the trunk whose
+    /// `inbound` sources hold the caller's address.
+    fn inbound_trunk(&self) -> Option<&Arc<crate::trunk::Trunk>> {
+        let trunks = &self.inner.trunks;
+        if trunks.is_empty() {
+            return None;
+        }
+        let by_line = self
+            .a_invite
+            .uri()
+            .params
+            .value("line")
+            .and_then(|l| trunks.get(l))
+            .filter(|t| t.config().register);
+        by_line.or_else(|| trunks.from_source(self.a_source.addr.ip()))
+    }
+
     fn call_info(&self) -> CallInfo {
         let r = &self.a_invite;
         let ruri = r.uri();
@@ -498,6 +526,7 @@ impl Call {
                         .collect()
                 })
                 .unwrap_or_default(),
+            trunk: self.inbound_trunk().map(|t| t.name().to_string()),
         }
     }
 
@@ -739,7 +768,7 @@ impl Call {
 
     async fn start_dial(
         &mut self,
-        targets: Vec<String>,
+        targets: Vec<DialTarget>,
         opts: DialOptions,
         reply: oneshot::Sender<DialOutcome>,
         winner: Option<oneshot::Sender<usize>>,
@@ -783,30 +812,58 @@ impl Call {
     async fn start_branch(
         &mut self,
         index: usize,
-        target: &str,
+        target: &DialTarget,
         opts: &DialOptions,
         owner: Owner,
     ) -> Result<u64, (u16, String)> {
-        let uri = Uri::parse(target.trim())
-            .map_err(|e| (400, format!("Bad dial target {target:?}: {e}")))?;
-        // A registered contact is reached where its REGISTER came from (received/rport,
-        // the same TCP connection), through its Path (RFC 3327), not by resolving its URI
-        // (a private address behind NAT).
-        let flow = self
-            .inner
-            .flows
-            .as_ref()
-            .and_then(|f| f.flow(target.trim()));
-        let dest = match &flow {
-            Some((t, _)) => *t,
-            None => resolve(&uri, &self.inner.local)
-                .await
-                .map_err(|e| (503, e.to_string()))?,
+        let (uri, flow, dest, trunk) = match target {
+            DialTarget::Uri(target) => {
+                let uri = Uri::parse(target.trim())
+                    .map_err(|e| (400, format!("Bad dial target {target:?}: {e}")))?;
+                // A registered contact is reached where its REGISTER came from
+                // (received/rport, the same TCP connection), through its Path (RFC 3327),
+                // not by resolving its URI (a private address behind NAT).
+                let flow = self
+                    .inner
+                    .flows
+                    .as_ref()
+                    .and_then(|f| f.flow(target.trim()));
+                let dest = match &flow {
+                    Some((t, _)) => *t,
+                    None => resolve(&uri, &self.inner.local)
+                        .await
+                        .map_err(|e| (503, e.to_string()))?,
+                };
+                (uri, flow, dest, None)
+            }
+            DialTarget::Trunk { trunk, user } => {
+                let Some(t) = self.inner.trunks.get(trunk) else {
+                    return Err((404, format!("No trunk named {trunk:?}")));
+                };
+                // Down or full: refused at once, so the dial plan fails over (issue 16).
+                let channel = t.seize().map_err(|why| (503, why.to_string()))?;
+                let dest = resolve(t.next_hop(), &self.inner.local)
+                    .await
+                    .map_err(|e| (503, e.to_string()))?;
+                (t.request_uri(user), None, dest, Some(channel))
+            }
         };
         let a = &self.a_invite;
-        let mut from = match &opts.from {
-            Some(f) => NameAddr::parse(f).map_err(|e| (400, format!("Bad from {f:?}: {e}")))?,
-            None => {
+        let caller_id = opts
+            .caller_id
+            .clone()
+            .or_else(|| a.from().uri.user.clone())
+            .unwrap_or_else(|| "anonymous".into());
+        let privacy = match &trunk {
+            Some(ch) => opts.privacy.unwrap_or_else(|| ch.trunk().privacy()),
+            None => false,
+        };
+        let mut from = match (&opts.from, &trunk) {
+            (Some(f), _) => {
+                NameAddr::parse(f).map_err(|e| (400, format!("Bad from {f:?}: {e}")))?
+            }
+            (None, Some(ch)) => ch.trunk().from(&caller_id, privacy),
+            (None, None) => {
                 let mut f = a.from().into_owned();
                 f.params.remove("tag");
                 f
@@ -823,9 +880,28 @@ impl Call {
                 headers.push("Route", hop.clone());
             }
         }
+        if let Some(proxy) = trunk.as_ref().and_then(|ch| ch.trunk().proxy()) {
+            // RFC 3261 8.1.2: a pre-loaded route to the trunk's outbound proxy (loose
+            // routing, RFC 3261 16.12.1.1).
+            let mut hop = proxy.clone();
+            if !hop.params.has("lr") {
+                hop.params.set("lr", None);
+            }
+            headers.push("Route", format!("<{hop}>"));
+        }
         headers.push("Contact", self.inner.local.contact(&dest));
         if let Some(r) = a.whole() {
             copy_relayed(&r.headers, &mut headers);
+        }
+        if let Some(ch) = &trunk {
+            // RFC 3325 9.1/9.2 and RFC 3323 4.2: our identity header and privacy for the
+            // carrier (the caller's own P-Asserted-Identity is not relayed).
+            if let Some((name, value)) = ch.trunk().identity(&caller_id) {
+                headers.push(name, value);
+            }
+            if privacy {
+                headers.push("Privacy", "id");
+            }
         }
         headers.push("Allow", Method::allow_list());
         if self.caller.supports_100rel() {
@@ -847,6 +923,9 @@ impl Call {
             index,
         };
         let (bid, invite) = self.new_leg(leg, owner);
+        if let (Some(ch), Some(b)) = (trunk, self.fork.get_mut(bid)) {
+            b.trunk = Some(ch);
+        }
         // A target being rung counts as on a call for hunt groups (it would otherwise get
         // a second call while it rings).
         if let Some(k) =
@@ -1071,6 +1150,18 @@ impl Call {
                     ClientEvent::Final(resp) if resp.is_success() => self.on_branch_ok(bid, resp),
                     ClientEvent::Final(resp) => {
                         self.clients.remove(&id);
+                        if matches!(resp.status, 401 | 407) {
+                            match self.answer_trunk_challenge(bid, &resp) {
+                                Challenge::Answered => return,
+                                Challenge::Refused => {
+                                    // The caller cannot answer the carrier's challenge: the
+                                    // trunk refused our credentials (RFC 3261 22.2).
+                                    self.on_branch_failed(bid, 403, "Trunk Authentication Failed");
+                                    return;
+                                }
+                                Challenge::NotOurs => {}
+                            }
+                        }
                         self.on_branch_failed(bid, resp.status, &resp.reason);
                     }
                     ClientEvent::Timeout => {
@@ -1217,6 +1308,11 @@ impl Call {
         let Some(b) = self.fork.get_mut(bid) else {
             return;
         };
+        // The answered branch keeps its trunk channel for the call's life (the winner
+        // branch outlives the set-up; the channel is freed with the call).
+        if let Some(ch) = &b.trunk {
+            ch.trunk().counters.answered.fetch_add(1, Ordering::Relaxed);
+        }
         let Some(invite) = b.invite() else {
             return;
         };
@@ -1284,7 +1380,83 @@ impl Call {
         self.watch(super::watch::CallPhase::Confirmed); // watch:
     }
 
+    /// A 401/407 on a branch through a trunk: the INVITE again with the trunk's credentials
+    /// (RFC 3261 22.2: new CSeq and branch, same Call-ID and From tag), once; a second
+    /// challenge is a refusal unless it says the nonce was stale (RFC 7616 3.3).
+    fn answer_trunk_challenge(&mut self, bid: u64, resp: &Response) -> Challenge {
+        let Some(b) = self.fork.get_mut(bid) else {
+            return Challenge::NotOurs;
+        };
+        let Some(trunk) = b.trunk.as_ref().map(|ch| ch.trunk().clone()) else {
+            return Challenge::NotOurs;
+        };
+        let (Some(client), Some(invite)) = (trunk.client(), b.invite()) else {
+            trunk.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                trunk = trunk.name(),
+                status = resp.status,
+                "trunk challenged a call but has no credentials (username/password)"
+            );
+            return Challenge::Refused;
+        };
+        let header = if resp.status == 407 {
+            "Proxy-Authenticate"
+        } else {
+            "WWW-Authenticate"
+        };
+        let challenges: Vec<&str> = resp.headers.get_all(header).collect();
+        let answer = match client.answer(
+            resp.status,
+            &challenges,
+            "INVITE",
+            &invite.uri.to_string(),
+        ) {
+            Ok(a) if b.auth_tries == 0 || (b.auth_tries == 1 && a.stale) => a,
+            Ok(_) => {
+                trunk.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    trunk = trunk.name(),
+                    user = client.username(),
+                    "trunk refused our credentials (challenged again)"
+                );
+                return Challenge::Refused;
+            }
+            Err(e) => {
+                trunk.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(trunk = trunk.name(), error = %e, "cannot answer the trunk's challenge");
+                return Challenge::Refused;
+            }
+        };
+        let mut again = invite.clone();
+        again.base.cseq.seq = again.base.cseq.seq.wrapping_add(1);
+        let dest = b.target;
+        again.base.via = vec![self.inner.local.via(&dest)];
+        again.headers.remove(answer.header);
+        again.headers.push(answer.header, answer.value);
+        b.auth_tries += 1;
+        if !b.resend(again.clone()) {
+            return Challenge::NotOurs;
+        }
+        trunk
+            .counters
+            .challenges_answered
+            .fetch_add(1, Ordering::Relaxed);
+        if self
+            .send_client(again, dest, Purpose::Branch(bid))
+            .is_none()
+        {
+            return Challenge::Refused;
+        }
+        Challenge::Answered
+    }
+
     fn on_branch_failed(&mut self, bid: u64, status: u16, reason: &str) {
+        if let Some(ch) = self.fork.get_mut(bid).and_then(|b| b.trunk.take()) {
+            // The trunk's channel is free again; a branch we cancelled (487) did not fail.
+            if status != 487 {
+                ch.trunk().counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.remove_branch_key(bid);
         let a = self.fork.on_failure(bid, status, reason);
         self.run_fork(a, None);

@@ -143,6 +143,37 @@ pub struct CallInfo {
     pub source: String,
     /// The INVITE's headers (name, value) in order.
     pub headers: Vec<(String, String)>,
+    /// The trunk the call came in from (its `inbound` sources, or the `line` parameter of
+    /// the contact it registered), if any.
+    pub trunk: Option<String>,
+}
+
+/// One target of `call:dial`: a SIP URI, or a number through a trunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialTarget {
+    Uri(String),
+    Trunk { trunk: String, user: String },
+}
+
+impl From<String> for DialTarget {
+    fn from(uri: String) -> DialTarget {
+        DialTarget::Uri(uri)
+    }
+}
+
+impl From<&str> for DialTarget {
+    fn from(uri: &str) -> DialTarget {
+        DialTarget::Uri(uri.to_string())
+    }
+}
+
+impl std::fmt::Display for DialTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DialTarget::Uri(u) => f.write_str(u),
+            DialTarget::Trunk { trunk, user } => write!(f, "{user} via trunk {trunk}"),
+        }
+    }
 }
 
 /// `call:dial` options, validated.
@@ -159,6 +190,12 @@ pub struct DialOptions {
     pub to: Option<String>,
     /// Hang up the call after this long once answered.
     pub max_duration: Option<Duration>,
+    /// The caller ID (a user part, e.g. "+15551234") presented on a trunk: in From and the
+    /// trunk's identity header; `None` = the caller's From user.
+    pub caller_id: Option<String>,
+    /// Withhold the caller's identity on a trunk (RFC 3323 `Privacy: id`); `None` = the
+    /// trunk's `privacy` setting.
+    pub privacy: Option<bool>,
 }
 
 /// The result of one `call:dial`.
@@ -217,7 +254,7 @@ pub trait CallControl: Send + Sync + 'static {
     /// failed. Dropping the future means the hook was abandoned (cancel the branches).
     fn dial(
         &self,
-        targets: Vec<String>,
+        targets: Vec<DialTarget>,
         opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>>;
 
@@ -249,7 +286,7 @@ pub trait CallControl: Send + Sync + 'static {
     /// Like `dial`, also saying which target (index into `targets`) answered.
     fn dial_indexed(
         &self,
-        targets: Vec<String>,
+        targets: Vec<DialTarget>,
         opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = (DialOutcome, Option<usize>)> + Send>> {
         let dial = self.dial(targets, opts);

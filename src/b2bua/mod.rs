@@ -30,8 +30,8 @@ pub use call::{refer_to, Side, TransferKind, TransferNote};
 pub use config::{CallConfig, MAX_ROUTES};
 pub use hooks::{
     AuthVerdict, CallControl, CallHookSet, CallHooks, CallInfo, CallRecord, CallScript,
-    CallScriptHandle, DialOptions, DialOutcome, DialSource, InviteOutcome, ReferInfo, ReferVerdict,
-    UriInfo,
+    CallScriptHandle, DialOptions, DialOutcome, DialSource, DialTarget, InviteOutcome, ReferInfo,
+    ReferVerdict, UriInfo,
 };
 pub use metrics::{
     DialResult, FailureClass, RouteStats, SetupStage, TransferLabel, TransferResult,
@@ -176,6 +176,9 @@ struct B2buaInner {
     traces: Option<crate::trace::CallTraces>,
     /// watch: call state changes for the dialog event package (presence).
     watch: watch::CallWatch,
+    /// `[trunks.<name>]`: where `call:dial({ trunk = ... })` goes, and which trunk a call
+    /// came in from.
+    trunks: crate::trunk::Trunks,
 }
 
 /// The call core; a cheap handle.
@@ -212,6 +215,8 @@ pub struct B2buaParts {
     /// Where the calls register their dialogs: the server's dialog table, whose lookups
     /// reach them through [`CallRef`]'s [`DialogUsage`].
     pub dialogs: Arc<dyn UsageIndex<CallRef>>,
+    /// The trunks (none configured: empty).
+    pub trunks: crate::trunk::Trunks,
 }
 
 impl B2bua {
@@ -242,6 +247,7 @@ impl B2bua {
                 histograms: metrics::CallHistograms::new(),
                 traces: parts.traces,
                 watch: watch::CallWatch::new(),
+                trunks: parts.trunks,
             }),
         }
     }

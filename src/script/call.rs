@@ -12,7 +12,7 @@ use super::pool::VmHandle;
 use super::vm::FailKind;
 use super::{
     CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
-    InviteOutcome, ScriptVersion, UriInfo,
+    DialTarget, InviteOutcome, ScriptVersion, UriInfo,
 };
 use crate::b2bua::CallScript;
 
@@ -39,6 +39,7 @@ pub(crate) struct CallState {
     pub id: String,
     /// The rest of the call's facts, read by Lua on first access (see `raw_api`'s `field`).
     source: String,
+    trunk: Option<String>,
     from: UriInfo,
     to: UriInfo,
     ruri: UriInfo,
@@ -74,6 +75,7 @@ impl CallState {
             pinned: Mutex::new(Some(pinned)),
             id: info.id,
             source: info.source,
+            trunk: info.trunk,
             from: info.from,
             to: info.to,
             ruri: info.ruri,
@@ -303,8 +305,18 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
         lua.create_function(|lua, (ud, name): (AnyUserData, mlua::String)| {
             let state = call_ud(&ud)?;
             let uri = match &*name.as_bytes() {
-                b"id" => return Ok((lua.create_string(&state.id)?, None, None)),
-                b"source" => return Ok((lua.create_string(&state.source)?, None, None)),
+                b"id" => return Ok((Value::String(lua.create_string(&state.id)?), None, None)),
+                b"source" => {
+                    return Ok((Value::String(lua.create_string(&state.source)?), None, None))
+                }
+                b"trunk" => {
+                    let trunk = state
+                        .trunk
+                        .as_deref()
+                        .map(|t| lua.create_string(t))
+                        .transpose()?;
+                    return Ok((trunk.map_or(Value::Nil, Value::String), None, None));
+                }
                 b"from" => &state.from,
                 b"to" => &state.to,
                 b"ruri" => &state.ruri,
@@ -316,7 +328,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                 .map(|u| lua.create_string(u))
                 .transpose()?;
             Ok((
-                lua.create_string(&uri.uri)?,
+                Value::String(lua.create_string(&uri.uri)?),
                 user,
                 Some(lua.create_string(&uri.host)?),
             ))
@@ -412,11 +424,11 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                     state.check("dial")?;
                     // An empty list (e.g. `registrar.lookup` of a user with no device
                     // registered) is a dial that nobody can answer, not a script error.
-                    let nobody = matches!(&target, Value::Table(t) if t.raw_len() == 0);
+                    let nobody = matches!(&target, Value::Table(t) if t.is_empty());
                     let targets = if nobody {
                         Vec::new()
                     } else {
-                        string_list(&target, "call:dial", "target")?
+                        dial_targets(&target)?
                     };
                     let opts = match opts {
                         Value::Nil => known.parse()?,
@@ -693,6 +705,8 @@ struct KnownOptions {
     from: Value,
     to: Value,
     max_duration: Value,
+    caller_id: Value,
+    privacy: Value,
 }
 
 impl mlua::FromLuaMulti for KnownOptions {
@@ -705,6 +719,8 @@ impl mlua::FromLuaMulti for KnownOptions {
             from: next(),
             to: next(),
             max_duration: next(),
+            caller_id: next(),
+            privacy: next(),
         })
     }
 }
@@ -727,7 +743,134 @@ impl KnownOptions {
         if !self.max_duration.is_nil() {
             opts.max_duration = Some(seconds(&self.max_duration, "max_duration")?);
         }
+        if !self.caller_id.is_nil() {
+            opts.caller_id = Some(caller_id(&self.caller_id)?);
+        }
+        if !self.privacy.is_nil() {
+            opts.privacy = Some(privacy(&self.privacy)?);
+        }
         Ok(opts)
+    }
+}
+
+/// `caller_id`: a user part to present on a trunk ("+15551234", "1001").
+fn caller_id(v: &Value) -> Result<String, String> {
+    let s = opt_string(v, "caller_id")?;
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-_.!~*'()&=$,;?/".contains(c));
+    if !ok {
+        return Err(format!(
+            "call:dial: caller_id '{}' must be a number or user name (letters, digits, + - _ . and no spaces)",
+            s.escape_debug()
+        ));
+    }
+    Ok(s)
+}
+
+/// `privacy`: "id" withholds the caller's identity, "none" presents it.
+fn privacy(v: &Value) -> Result<bool, String> {
+    match v {
+        Value::Boolean(b) => Ok(*b),
+        Value::String(s) if s.as_bytes().as_ref() == b"id" => Ok(true),
+        Value::String(s) if s.as_bytes().as_ref() == b"none" => Ok(false),
+        other => Err(format!(
+            "call:dial: privacy must be \"id\" or \"none\", got {}",
+            match other {
+                Value::String(s) => format!("'{}'", s.to_string_lossy()),
+                o => format!("a {}", o.type_name()),
+            }
+        )),
+    }
+}
+
+/// The targets of `call:dial`: a URI, a trunk target `{ trunk = "name", user = "+1555" }`,
+/// or a list of them (rung in parallel).
+fn dial_targets(v: &Value) -> Result<Vec<DialTarget>, String> {
+    let trunk_target = |t: &Table| -> Result<Option<DialTarget>, String> {
+        let trunk: Value = t.raw_get("trunk").map_err(|e| e.to_string())?;
+        if trunk.is_nil() {
+            return Ok(None);
+        }
+        let name = match &trunk {
+            Value::String(s) => s.to_string_lossy(),
+            other => return Err(type_error("call:dial: trunk", "a trunk name", other)),
+        };
+        let user: Value = t.raw_get("user").map_err(|e| e.to_string())?;
+        let user = match &user {
+            Value::String(s) => s.to_string_lossy(),
+            Value::Integer(i) => i.to_string(),
+            other => {
+                return Err(type_error(
+                    "call:dial: a trunk target's user",
+                    "the number to call",
+                    other,
+                ))
+            }
+        };
+        let ok_user = !user.is_empty()
+            && user.len() <= 128
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-_.!~*'()&=$,;?/%#".contains(c));
+        if !ok_user {
+            return Err(format!(
+                "call:dial: bad trunk user '{}' (a number or user name, no spaces, @, : or quotes)",
+                user.escape_debug()
+            ));
+        }
+        for pair in t.clone().pairs::<Value, Value>() {
+            let (k, _) = pair.map_err(|e| e.to_string())?;
+            match &k {
+                Value::String(s) if matches!(s.as_bytes().as_ref(), b"trunk" | b"user") => {}
+                other => {
+                    return Err(format!(
+                        "call:dial: a trunk target has only `trunk` and `user`, not {}",
+                        match other {
+                            Value::String(s) => format!("'{}'", s.to_string_lossy()),
+                            o => format!("a {} key", o.type_name()),
+                        }
+                    ))
+                }
+            }
+        }
+        Ok(Some(DialTarget::Trunk { trunk: name, user }))
+    };
+    match v {
+        Value::Table(t) => {
+            if let Some(one) = trunk_target(t)? {
+                return Ok(vec![one]);
+            }
+            let mut out = Vec::new();
+            for item in t.clone().sequence_values::<Value>() {
+                let item = item.map_err(|e| e.to_string())?;
+                match &item {
+                    Value::Table(t) => match trunk_target(t)? {
+                        Some(one) => out.push(one),
+                        None => {
+                            return Err(
+                                "call:dial: a table in the target list must be a trunk target { trunk = ..., user = ... }"
+                                    .to_owned(),
+                            )
+                        }
+                    },
+                    other => out.extend(
+                        string_list(other, "call:dial", "target")?
+                            .into_iter()
+                            .map(DialTarget::Uri),
+                    ),
+                }
+            }
+            if out.is_empty() {
+                return Err("call:dial: empty target list".to_owned());
+            }
+            Ok(out)
+        }
+        other => Ok(string_list(other, "call:dial", "target")?
+            .into_iter()
+            .map(DialTarget::Uri)
+            .collect()),
     }
 }
 
@@ -762,9 +905,11 @@ fn parse_dial_options(v: &Value) -> Result<DialOptions, String> {
             "headers" => opts.headers = parse_headers(&v)?,
             "from" => opts.from = Some(opt_string(&v, "from")?),
             "to" => opts.to = Some(opt_string(&v, "to")?),
+            "caller_id" => opts.caller_id = Some(caller_id(&v)?),
+            "privacy" => opts.privacy = Some(privacy(&v)?),
             other => {
                 return Err(format!(
-                    "call:dial: unknown option '{other}' (known: timeout, headers, from, to, max_duration)"
+                    "call:dial: unknown option '{other}' (known: timeout, headers, from, to, max_duration, caller_id, privacy)"
                 ))
             }
         }

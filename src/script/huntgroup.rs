@@ -9,7 +9,7 @@ use std::time::Duration;
 use mlua::{AnyUserData, Lua, Table, Value};
 
 use super::call::{call_ud, DialInProgress};
-use super::{CallControl, DialOptions, DialOutcome, DialSource, Services};
+use super::{CallControl, DialOptions, DialOutcome, DialSource, DialTarget, Services};
 use crate::huntgroup::{BoxFuture, HuntLeg, HuntOptions, Rung, Strategy};
 
 /// The call, as a hunt sees it.
@@ -18,7 +18,7 @@ struct Leg(Arc<dyn CallControl>);
 impl HuntLeg for Leg {
     fn ring(&self, targets: Vec<String>, timeout: Duration) -> BoxFuture<'static, Rung> {
         let dial = self.0.dial_indexed(
-            targets,
+            targets.into_iter().map(DialTarget::Uri).collect(),
             DialOptions {
                 timeout: Some(timeout),
                 ..DialOptions::default()

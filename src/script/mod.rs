@@ -160,7 +160,8 @@ pub use hooks::{Hook, HookInfo};
 // The ports of the transaction users below, which this engine implements.
 use crate::b2bua::{
     AuthVerdict, CallControl, CallHookSet, CallHooks, CallInfo, CallRecord, CallScriptHandle,
-    DialOptions, DialOutcome, DialSource, InviteOutcome, ReferInfo, ReferVerdict, UriInfo,
+    DialOptions, DialOutcome, DialSource, DialTarget, InviteOutcome, ReferInfo, ReferVerdict,
+    UriInfo,
 };
 use crate::presence::{
     MessageInfo, MessageVerdict, PresenceHooks, SubscribeInfo, SubscribeVerdict,

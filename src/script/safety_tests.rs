@@ -43,7 +43,7 @@ struct NoDial;
 impl CallControl for NoDial {
     fn dial(
         &self,
-        _targets: Vec<String>,
+        _targets: Vec<DialTarget>,
         _opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
         Box::pin(std::future::pending())
@@ -63,6 +63,7 @@ fn call(user: &str, headers: Vec<(String, String)>) -> CallInfo {
         ruri: uri,
         source: "udp:192.0.2.7:5060".into(),
         headers,
+        trunk: None,
     }
 }
 

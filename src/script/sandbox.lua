@@ -178,7 +178,8 @@ local function usage(verb)
   return "call:" .. verb .. ": expected a call object (write call:" .. verb .. "(...), with a colon)"
 end
 
-local known_option = { timeout = true, headers = true, from = true, to = true, max_duration = true }
+local known_option = { timeout = true, headers = true, from = true, to = true, max_duration = true,
+  caller_id = true, privacy = true }
 local function only_known_options(opts)
   for k in next, opts do
     if known_option[k] == nil then
@@ -217,7 +218,8 @@ local function outcome(r, reason, targets)
   local t = r // 8192
   local target = nil
   if t > 0 then
-    if type(targets) == "table" then
+    -- A list of targets, not one trunk target { trunk = ..., user = ... }.
+    if type(targets) == "table" and rawget(targets, "trunk") == nil then
       target = rawget(targets, t)
     else
       target = targets
@@ -247,7 +249,8 @@ local methods = {
     local r, reason
     if type(opts) == "table" and only_known_options(opts) then
       r, reason = raw_dial(p[UD], target, nil, rawget(opts, "timeout"), rawget(opts, "headers"),
-        rawget(opts, "from"), rawget(opts, "to"), rawget(opts, "max_duration"))
+        rawget(opts, "from"), rawget(opts, "to"), rawget(opts, "max_duration"),
+        rawget(opts, "caller_id"), rawget(opts, "privacy"))
     else
       -- Anything unusual (unknown keys, not a table): the Rust side reads the table itself
       -- and says what is wrong.
@@ -318,13 +321,13 @@ local methods = {
 -- The lazily built fields, each with its bit in the record's MADE: once built (or
 -- assigned by the script), a field is never built again, so `call.vars = nil` stays nil as
 -- it would with a plain table.
-local lazy_bit = { id = 1, source = 2, from = 4, to = 8, ruri = 16, vars = 32 }
+local lazy_bit = { id = 1, source = 2, from = 4, to = 8, ruri = 16, vars = 32, trunk = 64 }
 
 local function build(ud, k)
   if k == "vars" then
     return {}
   end
-  if k == "id" or k == "source" then
+  if k == "id" or k == "source" or k == "trunk" then
     return (raw_field(ud, k))
   end
   local uri, user, host = raw_field(ud, k)

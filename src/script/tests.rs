@@ -79,6 +79,7 @@ fn call_to(number: &str) -> CallInfo {
             ("X-Tenant".into(), "acme".into()),
             ("X-Tenant".into(), "second".into()),
         ],
+        trunk: None,
     }
 }
 
@@ -138,9 +139,10 @@ impl Fake {
 impl CallControl for Fake {
     fn dial(
         &self,
-        targets: Vec<String>,
+        targets: Vec<DialTarget>,
         opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
+        let targets = targets.iter().map(ToString::to_string).collect();
         self.dials.lock().push((targets, opts));
         let outcome = self.outcomes.lock().pop_front().unwrap_or_else(answered);
         let (delay, gate) = (self.delay, self.gate.clone());
@@ -382,8 +384,49 @@ async fn parallel_fork_and_all_dial_options() {
             from: Some("sip:office@example.com".into()),
             to: Some("sip:bob@example.com".into()),
             max_duration: Some(Duration::from_secs(3600)),
+            caller_id: None,
+            privacy: None,
         }
     );
+}
+
+#[tokio::test]
+async fn trunk_targets_caller_id_privacy_and_call_trunk() {
+    let e = engine(
+        r#"
+        function on_invite(call)
+          assert(call.trunk == "carrier2", tostring(call.trunk))
+          local r = call:dial({ trunk = "carrier1", user = "+15551234" },
+            { caller_id = "+15550000", privacy = "id" })
+          assert(r.answered == false and r.status == 503 and r.source == "local",
+            tostring(r.answered) .. " " .. r.status .. " " .. r.source)
+          assert(r.target.trunk == "carrier1" and r.target.user == "+15551234")
+          r = call:dial({ { trunk = "carrier1", user = 15551234 }, "sip:desk@a" },
+            { privacy = false })
+          assert(r.target == "sip:desk@a", tostring(r.target))
+        end
+        "#,
+    );
+    let fake = Fake::new(vec![
+        DialOutcome {
+            target: Some(0),
+            ..DialOutcome::failed(503, "Trunk Down", DialSource::Local)
+        },
+        DialOutcome {
+            target: Some(1),
+            ..answered()
+        },
+    ]);
+    let mut info = call_to("1000");
+    info.trunk = Some("carrier2".into());
+    let out = invite(&e, info, &fake).await;
+    assert!(matches!(out, InviteOutcome::Bridged { .. }), "{out:?}");
+    let dials = fake.dials.lock();
+    assert_eq!(dials[0].0, ["+15551234 via trunk carrier1"]);
+    assert_eq!(dials[0].1.caller_id.as_deref(), Some("+15550000"));
+    assert_eq!(dials[0].1.privacy, Some(true));
+    assert_eq!(dials[1].0, ["15551234 via trunk carrier1", "sip:desk@a"]);
+    assert_eq!(dials[1].1.privacy, Some(false));
 }
 
 #[tokio::test]
@@ -392,6 +435,27 @@ async fn bad_dial_arguments_are_lua_errors_with_position() {
         (
             r#"call:dial("sip:a@b", { timout = 5 })"#,
             "unknown option 'timout'",
+        ),
+        (
+            r#"call:dial({ trunk = "c1" })"#,
+            "a trunk target's user: expected the number to call",
+        ),
+        (
+            r#"call:dial({ trunk = "c1", user = "a b" })"#,
+            "bad trunk user",
+        ),
+        (
+            r#"call:dial({ trunk = "c1", user = "1", uri = "x" })"#,
+            "a trunk target has only `trunk` and `user`",
+        ),
+        (r#"call:dial({ { user = "1" } })"#, "must be a trunk target"),
+        (
+            r#"call:dial("sip:a@b", { caller_id = "a b" })"#,
+            "caller_id 'a b' must be a number",
+        ),
+        (
+            r#"call:dial("sip:a@b", { privacy = "full" })"#,
+            "privacy must be \"id\" or \"none\"",
         ),
         (r#"call:dial(42)"#, "expected a target string"),
         (

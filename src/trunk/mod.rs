@@ -338,7 +338,8 @@ mod tests {
         assert!(trunk.is_source("192.0.2.9".parse().unwrap()));
         assert!(!trunk.is_source("192.0.2.17".parse().unwrap()));
         assert_eq!(
-            t.from_source("192.0.2.1".parse().unwrap()).map(|t| t.name()),
+            t.from_source("192.0.2.1".parse().unwrap())
+                .map(|t| t.name()),
             Some("carrier1")
         );
         let none = trunks(|c| c.caller_id = "none".into());

@@ -9,7 +9,7 @@
 
 use super::{CallEvent, Events, Side};
 use crate::auth::{AuthOutcome, ChallengeKind, DigestAuth, Users};
-use crate::b2bua::{AuthVerdict, CallControl, DialOptions, DialOutcome, DialSource};
+use crate::b2bua::{AuthVerdict, CallControl, DialOptions, DialOutcome, DialSource, DialTarget};
 use crate::sip::Request;
 use std::future::Future;
 use std::pin::Pin;
@@ -78,7 +78,7 @@ impl CallControl for Control {
 
     fn dial_indexed(
         &self,
-        targets: Vec<String>,
+        targets: Vec<DialTarget>,
         opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = (DialOutcome, Option<usize>)> + Send>> {
         let (winner, mut winner_rx) = oneshot::channel();
@@ -111,7 +111,7 @@ impl CallControl for Control {
 
     fn dial(
         &self,
-        targets: Vec<String>,
+        targets: Vec<DialTarget>,
         opts: DialOptions,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {
         self.send_dial(targets, opts, None)
@@ -121,7 +121,7 @@ impl CallControl for Control {
 impl Control {
     fn send_dial(
         &self,
-        targets: Vec<String>,
+        targets: Vec<DialTarget>,
         opts: DialOptions,
         winner: Option<oneshot::Sender<usize>>,
     ) -> Pin<Box<dyn Future<Output = DialOutcome> + Send>> {

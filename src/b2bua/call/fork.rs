@@ -65,6 +65,11 @@ pub(super) struct Branch {
     state: State,
     /// When a CANCELled branch is given up without a final response (RFC 3261 9.1).
     give_up: Option<Instant>,
+    /// The trunk channel a call through a trunk holds while this branch rings.
+    pub trunk: Option<crate::trunk::Channel>,
+    /// Challenges (401/407) answered on this branch: a second one that is not stale is a
+    /// refusal of the credentials (RFC 3261 22.2), not a reason to try again.
+    pub auth_tries: u8,
 }
 
 /// A branch's INVITE: whole while the branch may be CANCELled, answered or fail; once the
@@ -143,6 +148,19 @@ impl Branch {
             text: text.into_boxed_str(),
             ends,
         };
+    }
+
+    /// Its INVITE sent again with credentials (RFC 3261 22.2: new CSeq and branch, same
+    /// Call-ID and From tag): the branch is calling again, on a new transaction. False
+    /// (nothing changed) once it is being cancelled or is over.
+    pub fn resend(&mut self, invite: Request) -> bool {
+        if !matches!(self.state, State::Calling | State::Proceeding) {
+            return false;
+        }
+        self.invite = BranchInvite::Whole(Box::new(invite));
+        self.state = State::Calling;
+        self.early = None;
+        true
     }
 
     /// Still waiting for a final response.
@@ -307,6 +325,8 @@ impl Fork {
             owner,
             state: State::Calling,
             give_up: None,
+            trunk: None,
+            auth_tries: 0,
         });
         self.branches.last_mut().expect("just pushed")
     }
@@ -594,7 +614,7 @@ fn cancel_one(b: &mut Branch, now: Instant, wait: Duration, out: &mut Actions) {
 
 /// RFC 3261 16.7 step 6: a 6xx if any; else the lowest class, preferring the statuses a
 /// caller can act on, then a callee's answer over a local refusal (a busy callee says
-/// more than a bad second target); 503 becomes 500; none at all is 408.
+/// more than a bad second target); a callee's 503 becomes 500; none at all is 408.
 fn best(finals: &[Failure]) -> DialOutcome {
     let pick = finals.iter().find(|f| f.status >= 600).or_else(|| {
         let class = finals.iter().map(|f| f.status / 100).min()?;
@@ -608,7 +628,10 @@ fn best(finals: &[Failure]) -> DialOutcome {
     let Some(f) = pick else {
         return DialOutcome::failed(408, "Request Timeout", DialSource::Local);
     };
-    let (status, reason) = if f.status == 503 {
+    // A callee's 503 says that callee is unavailable, not this server: 500 upstream. A
+    // 503 of our own (a trunk down or at max_channels, no route) keeps its status and
+    // reason, so that the dial plan tells it apart and fails over.
+    let (status, reason) = if f.status == 503 && f.source != DialSource::Local {
         (500, "Server Internal Error".to_owned())
     } else {
         (f.status, f.reason.clone())
