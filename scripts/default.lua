@@ -1,8 +1,10 @@
 -- Strowger default dial plan: a small office PBX.
 --
 --   * internal extensions 1000-1099 ring the phone listed in `extensions`;
---   * "9" + a number goes out through the SIP trunk, and through the backup trunk when
---     the first trunk fails (but not when the called party is busy or declines);
+--   * "9" + a number goes out through the trunk "carrier", and through the trunk "backup"
+--     when the first fails (but not when the called party is busy or declines); both are
+--     `[trunks.<name>]` tables of the configuration (config/strowger.toml has an example):
+--     without them outside calls fail with 404 "No trunk named ...";
 --   * anything else is rejected with "404 No such extension".
 --
 -- The hooks and the `call` API are described in docs/lua-api.md. Edit the tables below,
@@ -22,9 +24,11 @@ local extensions = {
 -- Or fill a whole range at once:
 -- for n = 1000, 1099 do extensions[tostring(n)] = "sip:" .. n .. "@127.0.0.1:5080" end
 
--- Outgoing calls: the carrier's SIP trunk, and the one to use when it fails.
-local TRUNK = "127.0.0.1:5090"
-local BACKUP_TRUNK = "127.0.0.1:5091"
+-- Outgoing calls: the carrier's SIP trunk, and the one to use when it fails (names of
+-- [trunks.<name>] in the configuration).
+local TRUNKS = { "carrier", "backup" }
+-- The caller ID presented on the trunks (nil: the caller's own user part, e.g. 1001).
+local CALLER_ID = nil
 
 -- Seconds to let a phone ring before giving up.
 local RING_TIMEOUT = 20
@@ -35,7 +39,8 @@ local MAX_OUTSIDE_CALL = 4 * 3600
 -- failure came from (docs/lua-api.md, call:dial):
 --   "caller"  the caller hung up: nobody is left to connect, never try again;
 --   "timeout" nobody answered in time on this trunk: try the next;
---   "local"   this trunk could not be tried (its address does not resolve): try the next;
+--   "local"   this trunk could not be tried (down, at its max_channels, not configured,
+--             its address does not resolve): try the next;
 --   "callee"  the trunk's answer: try the next, except for "busy" (486) or a global
 --             failure (6xx, e.g. 603 Decline), which another trunk would give again.
 local function worth_another_trunk(result)
@@ -50,17 +55,17 @@ end
 
 -- Dial `number` through each trunk in turn until one answers.
 local function dial_out(call, number)
-  for _, host in ipairs({ TRUNK, BACKUP_TRUNK }) do
-    local result = call:dial("sip:" .. number .. "@" .. host, {
+  for _, trunk in ipairs(TRUNKS) do
+    local result = call:dial({ trunk = trunk, user = number }, {
       timeout = 60,
       max_duration = MAX_OUTSIDE_CALL,
-      headers = { ["X-Strowger-Trunk"] = host },
+      caller_id = CALLER_ID,
     })
     if result.answered then
-      call.vars.trunk = host
+      call.vars.trunk = trunk
       return
     end
-    log.warn("trunk", host, "failed for", number, result.status, result.reason)
+    log.warn("trunk", trunk, "failed for", number, result.status, result.reason)
     if not worth_another_trunk(result) then
       -- Returning without a decision answers the caller with this dial's status
       -- (e.g. 486 Busy Here).

@@ -1144,8 +1144,8 @@ async fn default_lua_routes_extensions_trunks_and_unknown_numbers() {
     assert_eq!(
         fake.targets(),
         vec![
-            vec!["sip:555@127.0.0.1:5090".to_string()],
-            vec!["sip:555@127.0.0.1:5091".to_string()]
+            vec!["555 via trunk carrier".to_string()],
+            vec!["555 via trunk backup".to_string()]
         ]
     );
     e.current()
