@@ -481,6 +481,10 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         traces,
         dialogs: Arc::new(crate::dialog::Invites(dialogs.clone())),
         trunks: trunks.clone(),
+        session_timers: crate::dialog::session_timer::SessionTimerConfig {
+            session_expires: config.call.session_expires_s,
+            min_se: config.call.min_se_s,
+        },
     });
     core.set_b2bua(b2bua.clone());
     if let Some(h) = &huntgroups {

@@ -36,13 +36,13 @@ fn assert_options_ok(resp: &str) {
     for h in ["Accept", "Accept-Encoding", "Accept-Language", "Supported"] {
         assert!(header(resp, h).is_some(), "missing {h}: {resp}");
     }
-    // What the server implements, and not `timer`: RFC 4028 session timers are not.
+    // What the server implements, RFC 4028 session timers included.
     let supported: Vec<&str> = header(resp, "Supported")
         .unwrap()
         .split(',')
         .map(str::trim)
         .collect();
-    assert_eq!(supported, ["100rel", "replaces"], "{resp}");
+    assert_eq!(supported, ["100rel", "replaces", "timer"], "{resp}");
     let contact = header(resp, "Contact").expect("Contact");
     assert!(contact.contains(";audio"), "feature tags: {contact}");
     assert_eq!(
@@ -476,11 +476,34 @@ async fn shutdown_answers_new_requests_503_and_lets_a_ringing_call_finish() {
     );
 }
 
-/// RFC 4028 session timers are not implemented, so the INVITE the B2BUA sends on does not
-/// say `Supported: timer`, even when the caller's did, and the caller's Session-Expires
-/// is not relayed (it would promise refreshes nobody makes).
+/// RFC 4028 session timers: the INVITE the B2BUA sends on offers them (`Supported: timer`,
+/// its own Session-Expires asking the callee to refresh, Min-SE); the caller's
+/// Session-Expires is never relayed as such (each leg negotiates its own). With
+/// `call.session_expires_s = 0` nothing is offered.
 #[tokio::test]
-async fn outgoing_invite_does_not_offer_session_timers() {
+async fn outgoing_invite_offers_session_timers_unless_off() {
+    let out = outgoing_invite(1800).await;
+    let supported = header(&out, "Supported").unwrap_or("");
+    assert!(
+        supported
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("timer")),
+        "{out}"
+    );
+    assert_eq!(
+        header(&out, "Session-Expires"),
+        Some("1800;refresher=uas"),
+        "{out}"
+    );
+    assert_eq!(header(&out, "Min-SE"), Some("90"), "{out}");
+    let off = outgoing_invite(0).await;
+    assert!(header(&off, "Session-Expires").is_none(), "{off}");
+    assert!(header(&off, "x").is_none(), "{off}");
+}
+
+/// The INVITE the B2BUA sends for a caller that asks for a 1800 s timer; the callee is
+/// busy.
+async fn outgoing_invite(session_expires: u32) -> String {
     let callee = UdpPeer::bind("127.0.0.1").await;
     let dir = std::env::temp_dir().join(unique("strowger-no-timer"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -495,6 +518,7 @@ async fn outgoing_invite_does_not_offer_session_timers() {
     .unwrap();
     let mut config = test_config();
     config.script.path = plan.display().to_string();
+    config.call.session_expires_s = session_expires;
     let s = start_with(config).await;
     let caller = UdpPeer::bind("127.0.0.1").await;
     let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
@@ -517,15 +541,6 @@ async fn outgoing_invite_does_not_offer_session_timers() {
             break m;
         }
     };
-    let supported = header(&out, "Supported").unwrap_or("");
-    assert!(
-        !supported
-            .split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case("timer")),
-        "{out}"
-    );
-    assert!(header(&out, "Session-Expires").is_none(), "{out}");
-    assert!(header(&out, "x").is_none(), "{out}");
     // End the call attempt: the callee is busy.
     let busy = format!(
         "SIP/2.0 486 Busy Here\r\nVia: {}\r\nFrom: {}\r\nTo: {};tag=b1\r\nCall-ID: {}\r\n\
@@ -539,10 +554,7 @@ async fn outgoing_invite_does_not_offer_session_timers() {
     callee.send(s.udp, busy.as_bytes()).await;
     let r = caller.recv_final(WAIT).await.expect("the caller's answer");
     assert_eq!(status(&r), 486, "{r}");
-    assert!(
-        header(&r, "Supported").is_none_or(|v| !v.contains("timer")),
-        "{r}"
-    );
+    out
 }
 
 /// Issue 15 item 2: a source sending more than `sip.pike_requests` requests outside

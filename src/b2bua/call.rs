@@ -27,6 +27,7 @@ mod caller;
 mod control;
 mod fork;
 mod invite;
+mod session;
 #[cfg(test)]
 mod test_util;
 mod transfer;
@@ -184,6 +185,8 @@ enum Purpose {
     Own,
     /// An in-dialog OPTIONS of `call.keepalive_s` to this side.
     Keepalive(Side),
+    /// Our session refresh (RFC 4028) on this side: UPDATE, or re-INVITE with CSeq `seq`.
+    Refresh { side: Side, seq: u32 },
 }
 
 /// What [`Call::new_leg`] builds an INVITE from.
@@ -251,9 +254,11 @@ pub struct Call {
     final_status: u16,
     ended: bool,
     /// `call:set_route`'s route number.
-    route: Option<usize>,
+    route: Option<u16>,
     /// B legs dialled so far (their trace names: B1, B2...).
-    legs: u64,
+    legs: u32,
+    /// RFC 4028 session timers of the two legs, when either has one.
+    session: Option<Box<session::SessionTimers>>,
     /// A transfer in progress (REFER, `call:transfer`, admin API).
     transfer: Option<Box<Transfer>>,
     /// Legs replaced by a transfer, until their BYE; then only their keys (stray
@@ -347,6 +352,7 @@ impl Call {
             resume_side: None,
             watched: None,
             watch_parties: None,
+            session: None,
             a_invite: CallerInvite::new(invite),
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
@@ -578,6 +584,9 @@ impl Call {
         if let Some(k) = self.keepalive_at {
             consider(k);
         }
+        if let Some(s) = self.session_deadline() {
+            consider(s);
+        }
         if let Some(t) = self.transfer_deadline() {
             consider(t);
         }
@@ -610,6 +619,9 @@ impl Call {
         self.on_transfer_timeout();
         if self.keepalive_at.is_some_and(|t| now >= t) {
             self.send_keepalives(now);
+        }
+        if self.session_deadline().is_some_and(|t| now >= t) {
+            self.on_session_timers(now);
         }
         if self.max_duration.is_some_and(|t| now >= t) {
             self.max_duration = None;
@@ -657,7 +669,8 @@ impl Call {
             CallEvent::Stray { resp } => self.on_stray(resp),
             CallEvent::FinalHeaders(h) => self.caller.set_final_headers(h),
             CallEvent::Route(r) => {
-                self.route = Some(r);
+                // Route numbers are below `MAX_ROUTES` (64).
+                self.route = u16::try_from(r).ok();
                 let name = self.inner.routes.name(r).map(str::to_owned);
                 self.inner.calls.with(&self.id, |snap| snap.route = name);
             }
@@ -907,6 +920,7 @@ impl Call {
         if self.caller.supports_100rel() {
             headers.push("Supported", "100rel");
         }
+        self.offer_session_timer(&mut headers, None);
         for (name, value) in &opts.headers {
             headers.push(name, value.clone());
         }
@@ -970,7 +984,7 @@ impl Call {
         let bid = self.new_id();
         if let Some(t) = &self.inner.traces {
             self.legs += 1;
-            t.add_leg(&self.id, &invite.base.call_id, self.legs);
+            t.add_leg(&self.id, &invite.base.call_id, u64::from(self.legs));
         }
         let key = DialogKey::new(&invite.base.call_id, invite.base.from.tag().unwrap_or(""));
         self.inner.dialogs.insert(
@@ -1150,6 +1164,9 @@ impl Call {
                     ClientEvent::Final(resp) if resp.is_success() => self.on_branch_ok(bid, resp),
                     ClientEvent::Final(resp) => {
                         self.clients.remove(&id);
+                        if resp.status == 422 && self.retry_with_min_se(bid, &resp) {
+                            return;
+                        }
                         if matches!(resp.status, 401 | 407) {
                             match self.answer_trunk_challenge(bid, &resp) {
                                 Challenge::Answered => return,
@@ -1200,6 +1217,20 @@ impl Call {
             Purpose::Own => {
                 if !matches!(event, ClientEvent::Provisional(_)) {
                     self.clients.remove(&id);
+                }
+            }
+            Purpose::Refresh { side, seq } => {
+                let (side, seq) = (*side, *seq);
+                match &event {
+                    ClientEvent::Provisional(_) => {}
+                    ClientEvent::Final(r) => {
+                        self.clients.remove(&id);
+                        self.on_refresh_answer(side, seq, Some(r));
+                    }
+                    ClientEvent::Timeout | ClientEvent::TransportError(_) => {
+                        self.clients.remove(&id);
+                        self.on_refresh_answer(side, seq, None);
+                    }
                 }
             }
             Purpose::Keepalive(side) => {
@@ -1360,6 +1391,7 @@ impl Call {
         r.headers.push("Contact", self.bridge.a_contact.clone());
         r.headers.push("Allow", Method::allow_list());
         copy_relayed(&resp.headers, &mut r.headers);
+        self.start_session_timers(resp, &mut r.headers);
         r.body = resp.body.clone();
         self.bridge.a.state = DialogState::Confirmed;
         let r = self.caller.accept(r, self.inner.timers.t1);
@@ -1450,6 +1482,50 @@ impl Call {
         Challenge::Answered
     }
 
+    /// A 422 to our INVITE: sent again once asking for the callee's Min-SE (RFC 4028 7.4:
+    /// new CSeq, same Call-ID and From tag).
+    fn retry_with_min_se(&mut self, bid: u64, resp: &Response) -> bool {
+        let cfg = self.session_config();
+        let Some(min_se) = crate::dialog::session_timer::min_se_of(&resp.headers) else {
+            return false;
+        };
+        if cfg.session_expires == 0 || min_se > 86_400 {
+            return false;
+        }
+        let Some(b) = self.fork.get_mut(bid) else {
+            return false;
+        };
+        if b.timer_retried {
+            return false;
+        }
+        let Some(invite) = b.invite() else {
+            return false;
+        };
+        let mut again = invite.clone();
+        again.base.cseq.seq = again.base.cseq.seq.wrapping_add(1);
+        let dest = b.target;
+        again.base.via = vec![self.inner.local.via(&dest)];
+        for h in ["Session-Expires", "Min-SE"] {
+            again.headers.remove(h);
+        }
+        let interval = min_se.max(cfg.session_expires);
+        again.headers.push(
+            "Session-Expires",
+            crate::dialog::session_timer::SessionExpires {
+                delta: interval,
+                refresher: Some(crate::dialog::session_timer::Refresher::Uas),
+            }
+            .value(),
+        );
+        again.headers.push("Min-SE", min_se.to_string());
+        b.timer_retried = true;
+        if !b.resend(again.clone()) {
+            return false;
+        }
+        self.send_client(again, dest, Purpose::Branch(bid))
+            .is_some()
+    }
+
     fn on_branch_failed(&mut self, bid: u64, status: u16, reason: &str) {
         if let Some(ch) = self.fork.get_mut(bid).and_then(|b| b.trunk.take()) {
             // The trunk's channel is free again; a branch we cancelled (487) did not fail.
@@ -1492,6 +1568,9 @@ impl Call {
         r.body = resp.body.clone();
         let target_refresh = matches!(orig.method, Method::Invite | Method::Update);
         if target_refresh && resp.is_success() {
+            // A re-INVITE or UPDATE answered on both legs refreshes both sessions.
+            self.session_refreshed();
+            self.session_headers(from, &mut r.headers, true);
             r.headers.push("Contact", self.contact_for(from));
             if let Some(d) = self.dialog_mut(from.other()) {
                 d.refresh_target(&resp.headers);
@@ -1797,6 +1876,9 @@ impl Call {
         };
         let mut out = dialog.request(req.method.clone(), via, contact.as_deref());
         copy_relayed(&req.headers, &mut out.headers);
+        if matches!(req.method, Method::Invite | Method::Update) {
+            self.session_headers(from.other(), &mut out.headers, false);
+        }
         out.body = req.body.clone();
         if req.method == Method::Invite {
             // The bridge took it as the re-INVITE in progress (on_request).
@@ -1955,7 +2037,7 @@ impl Call {
             script_version: self.version.version(),
             route: self
                 .route
-                .and_then(|r| self.inner.routes.name(r))
+                .and_then(|r| self.inner.routes.name(usize::from(r)))
                 .map(str::to_owned),
             transfers: self.transfers.clone(),
         }
@@ -1983,7 +2065,7 @@ impl Call {
         if let Some(r) = self.route {
             self.inner
                 .routes
-                .call_ended(r, self.answer.is_some(), self.final_status);
+                .call_ended(usize::from(r), self.answer.is_some(), self.final_status);
         }
         let record = CallRecord {
             start: self.start,

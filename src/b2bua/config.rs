@@ -33,6 +33,11 @@ pub struct CallConfig {
     pub overload_delay_ms: u64,
     /// The Retry-After (seconds) of those 503s.
     pub overload_retry_after_s: u64,
+    /// RFC 4028 session timers: the interval asked for on the legs we start and the most
+    /// granted to a caller, seconds (0 = session timers off).
+    pub session_expires_s: u32,
+    /// The least interval accepted; a caller asking for less gets 422 with Min-SE.
+    pub min_se_s: u32,
 }
 
 impl Default for CallConfig {
@@ -47,6 +52,8 @@ impl Default for CallConfig {
             keepalive_s: 0,
             overload_delay_ms: 50,
             overload_retry_after_s: 2,
+            session_expires_s: 1800,
+            min_se_s: 90,
         }
     }
 }
@@ -63,6 +70,15 @@ impl CallConfig {
             1,
             3600,
         )?;
+        if self.session_expires_s != 0 {
+            check_range("min_se_s", self.min_se_s, 90, 86_400)?;
+            check_range(
+                "session_expires_s",
+                self.session_expires_s,
+                self.min_se_s,
+                86_400,
+            )?;
+        }
         if self.keepalive_s != 0 {
             check_range("keepalive_s", self.keepalive_s, 5, MAX_TIMEOUT_S)?;
         }

@@ -179,6 +179,8 @@ struct B2buaInner {
     /// `[trunks.<name>]`: where `call:dial({ trunk = ... })` goes, and which trunk a call
     /// came in from.
     trunks: crate::trunk::Trunks,
+    /// `call.session_expires_s` and `call.min_se_s` (RFC 4028).
+    session_timers: crate::dialog::session_timer::SessionTimerConfig,
 }
 
 /// The call core; a cheap handle.
@@ -217,6 +219,8 @@ pub struct B2buaParts {
     pub dialogs: Arc<dyn UsageIndex<CallRef>>,
     /// The trunks (none configured: empty).
     pub trunks: crate::trunk::Trunks,
+    /// RFC 4028 session timers (`session_expires` 0: off).
+    pub session_timers: crate::dialog::session_timer::SessionTimerConfig,
 }
 
 impl B2bua {
@@ -248,6 +252,7 @@ impl B2bua {
                 traces: parts.traces,
                 watch: watch::CallWatch::new(),
                 trunks: parts.trunks,
+                session_timers: parts.session_timers,
             }),
         }
     }
@@ -341,6 +346,29 @@ impl B2bua {
 
     /// An INVITE outside any dialog, already validated: a new call.
     pub fn on_invite(&self, tx: ServerTransaction, req: Request) {
+        use crate::dialog::session_timer::{uas_decide, UasDecision};
+        let cfg = self.inner.session_timers;
+        if cfg.session_expires == 0 {
+            // Off: a caller that requires session timers is told so (RFC 3261 8.2.2.3).
+            let required = req
+                .headers
+                .list("Require")
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case("timer"));
+            if required {
+                let mut r = req.response(420);
+                r.headers.push("Unsupported", "timer");
+                let _ = tx.respond(r);
+                return;
+            }
+        } else if let UasDecision::TooBrief { min_se } = uas_decide(cfg, &req.headers) {
+            // RFC 4028 9: an interval below our minimum gets 422 with our Min-SE.
+            let mut r = req.response(422).with_reason("Session Interval Too Small");
+            r.set_to_tag(&crate::sip::new_tag());
+            r.headers.push("Min-SE", min_se.to_string());
+            let _ = tx.respond(r);
+            return;
+        }
         self.inner
             .stats
             .calls_started

@@ -8,6 +8,7 @@
 //! messages and hands requests to a [`DialogUsage`]); what a usage does with a request
 //! (the B2BUA's calls and presence's subscriptions implement [`DialogUsage`] above).
 
+pub mod session_timer;
 mod table;
 pub mod watch;
 

@@ -6,7 +6,7 @@ use crate::sip::{Method, Request, Response, Scheme};
 /// Option tags we understand in Require (RFC 3261 8.2.2.3), also what OPTIONS answers
 /// list in Supported. Not `timer`: RFC 4028 session timers are not implemented (a
 /// Session-Expires is not relayed), so a request that requires them gets 420.
-pub const SUPPORTED_OPTIONS: &[&str] = &["100rel", "replaces"];
+pub const SUPPORTED_OPTIONS: &[&str] = &["100rel", "replaces", "timer"];
 
 /// Body types the server itself interprets (RFC 3261 8.2.3). Bodies of other methods
 /// (MESSAGE, INFO, NOTIFY, PUBLISH...) are relayed without being read, so any type goes.
@@ -144,10 +144,9 @@ mod tests {
         assert_eq!(status(&r), 400);
         assert_eq!(status(&make("OPTIONS", "Require: 100rel, foo\n")), 420);
         assert_eq!(status(&make("INVITE", "Require: 100rel, replaces\n")), 0);
-        // RFC 4028 session timers are not implemented: not understood, so 420.
-        let e = validate(&make("INVITE", "Require: timer\n")).unwrap_err();
-        assert_eq!(e.status, 420);
-        assert_eq!(e.headers.get("Unsupported"), Some("timer"));
+        // RFC 4028 session timers are understood (the B2BUA refuses them with 420 when
+        // `call.session_expires_s` is 0).
+        assert_eq!(status(&make("INVITE", "Require: timer\n")), 0);
         let e = validate(&make("INVITE", "Proxy-Require: bar\n")).unwrap_err();
         assert_eq!(e.headers.get("Unsupported"), Some("bar"));
         assert_eq!(

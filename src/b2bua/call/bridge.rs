@@ -100,6 +100,11 @@ impl Bridge {
 
     /// The re-INVITE in progress ended without a 2xx to relay an ACK for (a failure, a
     /// timeout, or ours).
+    /// No re-INVITE is in progress or awaiting its ACK.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle)
+    }
+
     pub fn reinvite_ended(&mut self) {
         if matches!(self.state, State::Reinviting(_)) {
             self.state = State::Idle;

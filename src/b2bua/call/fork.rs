@@ -70,6 +70,8 @@ pub(super) struct Branch {
     /// Challenges (401/407) answered on this branch: a second one that is not stale is a
     /// refusal of the credentials (RFC 3261 22.2), not a reason to try again.
     pub auth_tries: u8,
+    /// Sent again after a 422 (RFC 4028 7.4), which is done once.
+    pub timer_retried: bool,
 }
 
 /// A branch's INVITE: whole while the branch may be CANCELled, answered or fail; once the
@@ -327,6 +329,7 @@ impl Fork {
             give_up: None,
             trunk: None,
             auth_tries: 0,
+            timer_retried: false,
         });
         self.branches.last_mut().expect("just pushed")
     }
