@@ -192,6 +192,51 @@ async fn a_call_through_a_trunk_answers_its_407_once_and_connects() {
     );
 }
 
+/// A request within the call that the carrier challenges (here the BYE) is sent again
+/// with credentials and the dialog's next CSeq (RFC 3261 22.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenged_bye_is_sent_again_with_credentials() {
+    let s = setup("trunk-bye", "secret", 0).await;
+    let carrier = sipp::start(
+        &s.dir,
+        "carrier",
+        Path::new("carrier_bye_auth.xml"),
+        s.carrier,
+        None,
+        &[],
+    );
+    let a = caller(&s, "uac_call.xml", "+15551234", 300);
+    a.expect_success(LIMIT).await;
+    let seen_c = carrier.expect_success(LIMIT).await;
+    let byes: Vec<&SeenMessage> = seen_c
+        .iter()
+        .filter(|m| !m.sent && m.kind() == "BYE")
+        .collect();
+    assert_eq!(byes.len(), 2);
+    assert!(byes[0].header("Proxy-Authorization").is_none());
+    let auth = byes[1].header("Proxy-Authorization").expect("credentials");
+    assert_eq!(param(auth, "nonce"), "byen0nc31");
+    let seq = |m: &SeenMessage| -> u32 {
+        m.header("CSeq")
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(seq(byes[1]), seq(byes[0]) + 1);
+    let uri = param(auth, "uri");
+    let ha1 = md5_hex("pbx:carrier.test:secret");
+    let ha2 = md5_hex(&format!("BYE:{uri}"));
+    let want = md5_hex(&format!(
+        "{ha1}:byen0nc31:{}:{}:auth:{ha2}",
+        param(auth, "nc"),
+        param(auth, "cnonce")
+    ));
+    assert_eq!(param(auth, "response"), want);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_credentials_fail_the_call_without_a_loop() {
     let s = setup("trunk-refused", "wrong", 0).await;

@@ -187,6 +187,14 @@ enum Purpose {
     Keepalive(Side),
     /// Our session refresh (RFC 4028) on this side: UPDATE, or re-INVITE with CSeq `seq`.
     Refresh { side: Side, seq: u32 },
+    /// A request on the leg to a trunk with credentials, kept until it is answered so that
+    /// a 401/407 can be answered by sending it again (`tries` so far); `purpose` is what
+    /// its answer is for.
+    ToTrunk {
+        purpose: Box<Purpose>,
+        req: Box<Request>,
+        tries: u8,
+    },
 }
 
 /// What [`Call::new_leg`] builds an INVITE from.
@@ -555,10 +563,11 @@ impl Call {
         }
         self.finish();
         // A branch cancelled before its callee's first provisional still owes a CANCEL
-        // (RFC 3261 9.1) or an ACK and BYE for a late 2xx (13.2.2.4): the task stays for
-        // its events, bounded in case the transaction layer never reports.
+        // (RFC 3261 9.1) or an ACK and BYE for a late 2xx (13.2.2.4), and a BYE to a trunk
+        // may be challenged (RFC 3261 22.2): the task stays for their events, bounded in
+        // case the transaction layer never reports.
         let bound = Instant::now() + self.inner.timers.t1 * 128;
-        while !self.fork.is_settled() && Instant::now() < bound {
+        while (!self.fork.is_settled() || self.trunk_requests_pending()) && Instant::now() < bound {
             let deadline = self.fork.deadline().map_or(bound, |d| d.min(bound));
             tokio::select! {
                 Some(ev) = next_event(&mut self.rx) => self.on_event(ev).await,
@@ -765,6 +774,15 @@ impl Call {
         let sink = Box::new(move |event| {
             let _ = events.post(CallEvent::Client { id, event });
         });
+        let purpose = if self.to_trunk_with_credentials(&req, &purpose) {
+            Purpose::ToTrunk {
+                purpose: Box::new(purpose),
+                req: Box::new(req.clone()),
+                tries: 0,
+            }
+        } else {
+            purpose
+        };
         match self.inner.layer.send_request_with(req, target, sink) {
             Ok(()) => {
                 self.clients.insert(id, purpose);
@@ -1152,7 +1170,131 @@ async fn sleep_until(at: Option<Instant>) {
 // ---- responses from the B side and relays -----------------------------------------
 
 impl Call {
+    /// Whether `req` goes on the answered leg to a trunk that has credentials (its INVITE
+    /// branches answer their own challenges; ACK and CANCEL are never challenged).
+    fn to_trunk_with_credentials(&self, req: &Request, purpose: &Purpose) -> bool {
+        if matches!(
+            purpose,
+            Purpose::Branch(_) | Purpose::Transfer(_) | Purpose::ToTrunk { .. }
+        ) || matches!(req.method, Method::Ack | Method::Cancel)
+        {
+            return false;
+        }
+        let Some(d) = &self.bridge.b else {
+            return false;
+        };
+        d.call_id() == req.base.call_id.as_str() && self.b_trunk().is_some()
+    }
+
+    /// Requests to a trunk that may still be challenged.
+    fn trunk_requests_pending(&self) -> bool {
+        self.clients
+            .values()
+            .any(|p| matches!(p, Purpose::ToTrunk { .. }))
+    }
+
+    /// The trunk of the answered leg, when it has credentials.
+    fn b_trunk(&self) -> Option<Arc<crate::trunk::Trunk>> {
+        let b = self.fork.get(self.bridge.b_branch?)?;
+        let trunk = b.trunk.as_ref()?.trunk();
+        trunk.client().is_some().then(|| trunk.clone())
+    }
+
+    /// A 401/407 to a request within the call sent to a trunk: sent again with credentials
+    /// and the dialog's next CSeq (RFC 3261 22.2), once (twice when the first answer's nonce
+    /// was stale). Gives the purpose back when it is not sent again.
+    fn resend_to_trunk(
+        &mut self,
+        purpose: Purpose,
+        mut req: Request,
+        tries: u8,
+        resp: &Response,
+    ) -> Result<(), Purpose> {
+        let Some(trunk) = self.b_trunk() else {
+            return Err(purpose);
+        };
+        let Some(client) = trunk.client() else {
+            return Err(purpose);
+        };
+        let header = if resp.status == 407 {
+            "Proxy-Authenticate"
+        } else {
+            "WWW-Authenticate"
+        };
+        let challenges: Vec<&str> = resp.headers.get_all(header).collect();
+        let uri = req.uri.to_string();
+        let answer = match client.answer(resp.status, &challenges, req.method.as_str(), &uri) {
+            Ok(a) if tries == 0 || (tries == 1 && a.stale) => a,
+            other => {
+                trunk.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(trunk = trunk.name(), method = %req.method, error = ?other.err(), "trunk refused our credentials within a call");
+                return Err(purpose);
+            }
+        };
+        let Some(d) = self.bridge.b.as_mut() else {
+            return Err(purpose);
+        };
+        req.base.cseq.seq = d.next_seq();
+        let flow = d.flow;
+        req.base.via = vec![self.inner.local.via(&flow)];
+        req.headers.remove(answer.header);
+        req.headers.push(answer.header, answer.value);
+        trunk
+            .counters
+            .challenges_answered
+            .fetch_add(1, Ordering::Relaxed);
+        let again = Purpose::ToTrunk {
+            purpose: Box::new(purpose),
+            req: Box::new(req.clone()),
+            tries: tries + 1,
+        };
+        self.send_client(req, flow, again);
+        Ok(())
+    }
+
     fn on_client(&mut self, id: u64, event: ClientEvent) {
+        if matches!(self.clients.get(&id), Some(Purpose::ToTrunk { .. })) {
+            let Some(Purpose::ToTrunk {
+                purpose,
+                req,
+                tries,
+            }) = self.clients.remove(&id)
+            else {
+                return;
+            };
+            match &event {
+                ClientEvent::Final(resp) if matches!(resp.status, 401 | 407) => {
+                    match self.resend_to_trunk(*purpose, *req, tries, resp) {
+                        Ok(()) => return,
+                        Err(p) => {
+                            self.clients.insert(id, p);
+                        }
+                    }
+                }
+                ClientEvent::Provisional(_) => {
+                    self.clients.insert(id, *purpose);
+                    self.on_client_event(id, event);
+                    if let Some(p) = self.clients.remove(&id) {
+                        self.clients.insert(
+                            id,
+                            Purpose::ToTrunk {
+                                purpose: Box::new(p),
+                                req,
+                                tries,
+                            },
+                        );
+                    }
+                    return;
+                }
+                _ => {
+                    self.clients.insert(id, *purpose);
+                }
+            }
+        }
+        self.on_client_event(id, event);
+    }
+
+    fn on_client_event(&mut self, id: u64, event: ClientEvent) {
         let Some(purpose) = self.clients.get(&id) else {
             return;
         };
@@ -1233,6 +1375,8 @@ impl Call {
                     }
                 }
             }
+            // Unwrapped by `on_client` before this runs.
+            Purpose::ToTrunk { .. } => {}
             Purpose::Keepalive(side) => {
                 let side = *side;
                 let gone = match &event {
@@ -1915,6 +2059,10 @@ impl Call {
         self.abort_transfer();
         self.bye_old_legs();
         for (_, purpose) in self.clients.drain() {
+            let purpose = match purpose {
+                Purpose::ToTrunk { purpose, .. } => *purpose,
+                p => p,
+            };
             if let Purpose::Relay { server, orig, .. } = purpose {
                 if !server.is_finished() {
                     let _ = server.respond(orig.response(487));
@@ -1946,10 +2094,12 @@ impl Call {
     fn send_keepalives(&mut self, now: Instant) {
         self.keepalive_at = self.inner.keepalive.map(|k| now + k);
         for side in [Side::A, Side::B] {
-            let busy = self
-                .clients
-                .values()
-                .any(|p| matches!(p, Purpose::Keepalive(s) if *s == side));
+            let busy = self.clients.values().any(|p| match p {
+                Purpose::ToTrunk { purpose, .. } => {
+                    matches!(**purpose, Purpose::Keepalive(s) if s == side)
+                }
+                p => matches!(p, Purpose::Keepalive(s) if *s == side),
+            });
             if busy {
                 continue;
             }

@@ -273,6 +273,13 @@ impl Dialog {
         self.request_with_seq(method, seq, via, contact)
     }
 
+    /// Takes the next local CSeq number (a request sent again with credentials, RFC 3261
+    /// 22.2, goes with a new CSeq).
+    pub fn next_seq(&mut self) -> u32 {
+        self.local_seq += 1;
+        self.local_seq
+    }
+
     /// Builds an ACK for the INVITE with CSeq `invite_seq` (RFC 3261 13.2.2.4).
     pub fn ack(&self, invite_seq: u32, via: Via) -> Request {
         self.request_with_seq(Method::Ack, invite_seq, via, None)
