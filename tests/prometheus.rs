@@ -58,6 +58,9 @@ const METRICS_NOW: &[&str] = &[
     "strowger_auth_table_full_total",
     "strowger_register_results_total",
     "strowger_transfers_total",
+    // Session timers (issue 16, RFC 4028).
+    "strowger_session_timer_expiries_total",
+    "strowger_session_timer_too_brief_total",
     "strowger_presence_subscriptions",
     "strowger_presence_notifies_total",
     "strowger_presence_publish_total",

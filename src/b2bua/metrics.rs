@@ -240,6 +240,15 @@ impl B2bua {
             "Calls a script tagged with a route (call.routes), by result",
             &["route", "result"],
         )?;
+        let expiries = telemetry.counter(
+            "strowger_session_timer_expiries_total",
+            "Calls ended because a leg's RFC 4028 session expired unrefreshed (or its refresh \
+             got 408/481)",
+        )?;
+        let too_brief = telemetry.counter(
+            "strowger_session_timer_too_brief_total",
+            "INVITEs refused with 422 (Session-Expires below call.min_se_s)",
+        )?;
         let refused = telemetry.counter(
             "strowger_overload_refused_total",
             "New calls refused with 503 and Retry-After because the server was overloaded",
@@ -279,6 +288,8 @@ impl B2bua {
             }
             metrics::catch_up(&total, load(&s.calls_started));
             metrics::catch_up(&answered, load(&s.answered));
+            metrics::catch_up(&expiries, load(&s.session_expiries));
+            metrics::catch_up(&too_brief, load(&s.session_too_brief));
             for c in FailureClass::ALL {
                 failed.catch_up(*c, load(&s.failed_by_class[c.index()]));
             }

@@ -138,6 +138,11 @@ pub struct B2buaStats {
     /// Dials by outcome, indexed like [`DialResult`].
     pub dial_outcomes: [AtomicU64; <DialResult as crate::metrics::Label>::ALL.len()],
     pub script_failures: AtomicU64,
+    /// Calls ended because a leg's RFC 4028 session expired unrefreshed (or its refresh
+    /// got 408/481).
+    pub session_expiries: AtomicU64,
+    /// INVITEs refused with 422 (Session-Expires below `call.min_se_s`).
+    pub session_too_brief: AtomicU64,
 }
 
 struct B2buaInner {
@@ -366,6 +371,10 @@ impl B2bua {
             let mut r = req.response(422).with_reason("Session Interval Too Small");
             r.set_to_tag(&crate::sip::new_tag());
             r.headers.push("Min-SE", min_se.to_string());
+            self.inner
+                .stats
+                .session_too_brief
+                .fetch_add(1, Ordering::Relaxed);
             let _ = tx.respond(r);
             return;
         }

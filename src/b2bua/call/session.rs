@@ -145,6 +145,13 @@ impl Call {
         }
     }
 
+    fn count_session_expiry(&self) {
+        self.inner
+            .stats
+            .session_expiries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(super) fn session_deadline(&self) -> Option<Instant> {
         self.session.as_ref().and_then(|s| s.next_due())
     }
@@ -181,6 +188,7 @@ impl Call {
             }
             if !l.timer.we_refresh {
                 tracing::info!(call = %self.id, ?side, "session expired without a refresh (RFC 4028); ending the call");
+                self.count_session_expiry();
                 self.session = None;
                 self.hangup("session_timer", None);
                 return;
@@ -275,6 +283,7 @@ impl Call {
         // other failure leaves the session to expire (the peer may refresh meanwhile).
         if matches!(status, 408 | 481) {
             tracing::info!(call = %self.id, ?side, status, "session refresh failed; ending the call");
+            self.count_session_expiry();
             self.session = None;
             self.hangup("session_timer", None);
             return;
