@@ -1309,6 +1309,9 @@ impl Call {
                         if resp.status == 422 && self.retry_with_min_se(bid, &resp) {
                             return;
                         }
+                        if resp.status == 503 && self.try_next_address(bid) {
+                            return;
+                        }
                         if matches!(resp.status, 401 | 407) {
                             match self.answer_trunk_challenge(bid, &resp) {
                                 Challenge::Answered => return,
@@ -1325,11 +1328,15 @@ impl Call {
                     }
                     ClientEvent::Timeout => {
                         self.clients.remove(&id);
-                        self.on_branch_failed(bid, 408, "Request Timeout");
+                        if !self.try_next_address(bid) {
+                            self.on_branch_failed(bid, 408, "Request Timeout");
+                        }
                     }
                     ClientEvent::TransportError(e) => {
                         self.clients.remove(&id);
-                        self.on_branch_failed(bid, 503, &format!("Transport error: {e}"));
+                        if !self.try_next_address(bid) {
+                            self.on_branch_failed(bid, 503, &format!("Transport error: {e}"));
+                        }
                     }
                 }
             }
@@ -1624,6 +1631,32 @@ impl Call {
             return Challenge::Refused;
         }
         Challenge::Answered
+    }
+
+    /// RFC 3263 4.3: the branch's address timed out, answered 503 or could not be
+    /// reached; its INVITE goes to the target's next address (new branch and CSeq, same
+    /// Call-ID and From tag). False when there is none left (or the branch is being
+    /// cancelled).
+    fn try_next_address(&mut self, bid: u64) -> bool {
+        let Some(b) = self.fork.get_mut(bid) else {
+            return false;
+        };
+        if b.alternates.is_empty() {
+            return false;
+        }
+        let Some(mut again) = b.invite().cloned() else {
+            return false;
+        };
+        let next = b.alternates.remove(0);
+        again.base.cseq.seq = again.base.cseq.seq.wrapping_add(1);
+        again.base.via = vec![self.inner.local.via(&next)];
+        again.headers.set("Contact", self.inner.local.contact(&next));
+        if !b.resend(again.clone()) {
+            return false;
+        }
+        b.target = next;
+        tracing::debug!(call = %self.id, addr = %next.addr, "trying the target's next address (RFC 3263 4.3)");
+        self.send_client(again, next, Purpose::Branch(bid)).is_some()
     }
 
     /// A 422 to our INVITE: sent again once asking for the callee's Min-SE (RFC 4028 7.4:

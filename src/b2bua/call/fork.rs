@@ -72,6 +72,9 @@ pub(super) struct Branch {
     pub auth_tries: u8,
     /// Sent again after a 422 (RFC 4028 7.4), which is done once.
     pub timer_retried: bool,
+    /// The next addresses of the target, in RFC 3263 order: tried in turn when this one
+    /// times out, answers 503 or cannot be reached (RFC 3263 4.3).
+    pub alternates: Vec<Target>,
 }
 
 /// A branch's INVITE: whole while the branch may be CANCELled, answered or fail; once the
@@ -330,6 +333,7 @@ impl Fork {
             trunk: None,
             auth_tries: 0,
             timer_retried: false,
+            alternates: Vec::new(),
         });
         self.branches.last_mut().expect("just pushed")
     }
