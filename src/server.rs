@@ -174,6 +174,10 @@ pub struct ServerHandle {
     presence: crate::presence::Presence,
     /// Every dialog of the server (calls' legs, subscriptions).
     dialogs: Arc<crate::uas::Dialogs>,
+    /// `[trunks.*]`: their channels, health and registration.
+    trunks: crate::trunk::Trunks,
+    /// The trunks' registration and ping tasks; dropping it stops them.
+    trunk_tasks: Option<crate::trunk::TrunkTasks>,
 }
 
 impl ServerHandle {
@@ -230,6 +234,11 @@ impl ServerHandle {
         &self.presence
     }
 
+    /// The configured trunks (`[trunks.<name>]`).
+    pub fn trunks(&self) -> &crate::trunk::Trunks {
+        &self.trunks
+    }
+
     /// The keep-alive pings, when on.
     pub fn keepalive(&self) -> Option<&Keepalive> {
         self.keepalive.as_ref()
@@ -251,6 +260,11 @@ impl ServerHandle {
         // No new pings while draining: they would only keep the layer busy.
         if let Some(k) = self.keepalive {
             k.stop();
+        }
+        // Trunks unregister (Expires: 0) while the transports are still open; bounded by
+        // the drain time (and at most 5 s: a silent carrier must not hold the stop).
+        if let Some(t) = self.trunk_tasks {
+            t.shutdown(drain.min(Duration::from_secs(5))).await;
         }
         self.layer.stop_accepting();
         self.admin.set_draining();
@@ -415,6 +429,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             LocalAddrs::new(transports.local_addrs()),
         )
     });
+    // The trunks: one value shared by the call side and the registration/ping tasks.
+    let trunks = crate::trunk::Trunks::new(&config.trunks);
     let records = if config.call.records_file.is_empty() {
         None
     } else {
@@ -516,6 +532,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         if let Some(h) = &huntgroups {
             h.register_metrics(&t)?;
         }
+        trunks.register_metrics(&t)?;
         {
             let closed = t.counter_vec(
                 "strowger_tcp_closed_total",
@@ -598,6 +615,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             })
         },
         huntgroups: huntgroups.clone(),
+        trunks: trunks.clone(),
     };
     let admin = crate::admin::start(
         http,
@@ -614,6 +632,9 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     for (kind, addr) in transports.local_addrs() {
         tracing::info!(%kind, %addr, "listening");
     }
+    // Once answers can reach the layer: the first REGISTERs and pings go out now.
+    let trunk_tasks = (!trunks.is_empty())
+        .then(|| trunks.start(layer.clone(), LocalAddrs::new(transports.local_addrs())));
     Ok(ServerHandle {
         transports,
         layer,
@@ -626,6 +647,8 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         huntgroups,
         presence,
         dialogs,
+        trunks,
+        trunk_tasks,
     })
 }
 
