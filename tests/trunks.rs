@@ -100,23 +100,13 @@ async fn the_trunk_registers_answers_the_challenge_and_refreshes() {
     assert!(state["registration"]["expires_at"].as_u64().is_some(), "{state}");
     assert!(server.handle.trunks().get("carrier1").unwrap().is_registered());
 
-    // SIPp granted 4 s: the refresh comes 2 s later, SIPp checks its credentials.
-    let seen = carrier.expect_success(Duration::from_secs(15)).await;
-    let regs = registers(&seen);
-    assert_eq!(regs.len(), 3, "three REGISTERs: challenged, answered, refresh");
-    let call_ids: Vec<_> = regs.iter().map(|m| header(&m.text, "Call-ID")).collect();
-    assert!(call_ids.iter().all(|c| *c == call_ids[0]), "{call_ids:?}");
-    let cseqs: Vec<u32> = regs.iter().map(|m| cseq(m)).collect();
-    assert!(cseqs.windows(2).all(|w| w[1] > w[0]), "{cseqs:?}");
-    assert!(header(&regs[0].text, "Authorization").is_none());
-    assert!(header(&regs[2].text, "Authorization").is_some(), "credentials up front");
-    let contact = header(&regs[0].text, "Contact").unwrap();
-    assert!(contact.starts_with("<sip:pbx@127.0.0.1:"), "{contact}");
-    assert!(contact.contains(";line=carrier1"), "{contact}");
-    assert_eq!(
-        header(&regs[0].text, "To"),
-        Some(&*format!("<sip:pbx@127.0.0.1>"))
-    );
+    // SIPp granted 4 s: the refresh comes 2 s later, SIPp checks its credentials and
+    // grants an hour.
+    let state = wait_for(&server, Duration::from_secs(6), |s| {
+        s["registration"]["expires_at"].as_u64().unwrap_or(0) > now() + 3000
+    })
+    .await;
+    assert_eq!(state["registered"], true, "{state}");
     assert_eq!(
         server
             .handle
@@ -125,12 +115,6 @@ async fn the_trunk_registers_answers_the_challenge_and_refreshes() {
             .map(|t| t.name()),
         Some("carrier1")
     );
-
-    let state = wait_for(&server, Duration::from_secs(3), |s| {
-        s["registration"]["expires_at"].as_u64().unwrap_or(0) > now() + 3000
-    })
-    .await;
-    assert_eq!(state["registered"], true, "{state}");
     let text = metrics(&server).await;
     assert!(
         text.contains("strowger_trunk_registered{trunk=\"carrier1\"} 1"),
@@ -148,6 +132,33 @@ async fn the_trunk_registers_answers_the_challenge_and_refreshes() {
         text.contains("strowger_trunk_auth_failures_total{trunk=\"carrier1\"} 0"),
         "{text}"
     );
+
+    // A graceful stop unregisters (Expires: 0, credentials up front).
+    let trunks = server.handle.trunks().clone();
+    server.handle.shutdown(Duration::from_secs(3)).await;
+    assert!(!trunks.get("carrier1").unwrap().is_registered());
+
+    let seen = carrier.expect_success(Duration::from_secs(15)).await;
+    let regs = registers(&seen);
+    assert_eq!(
+        regs.len(),
+        4,
+        "REGISTERs: challenged, answered, refresh, unregister"
+    );
+    let call_ids: Vec<_> = regs.iter().map(|m| header(&m.text, "Call-ID")).collect();
+    assert!(call_ids.iter().all(|c| *c == call_ids[0]), "{call_ids:?}");
+    let cseqs: Vec<u32> = regs.iter().map(|m| cseq(m)).collect();
+    assert!(cseqs.windows(2).all(|w| w[1] > w[0]), "{cseqs:?}");
+    assert!(header(&regs[0].text, "Authorization").is_none());
+    assert!(
+        header(&regs[2].text, "Authorization").is_some(),
+        "credentials up front"
+    );
+    assert_eq!(header(&regs[3].text, "Expires"), Some("0"));
+    let contact = header(&regs[0].text, "Contact").unwrap();
+    assert!(contact.starts_with("<sip:pbx@127.0.0.1:"), "{contact}");
+    assert!(contact.contains(";line=carrier1"), "{contact}");
+    assert_eq!(header(&regs[0].text, "To"), Some("<sip:pbx@127.0.0.1>"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
