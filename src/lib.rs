@@ -20,6 +20,6 @@ pub mod sip;
 pub mod storage;
 pub mod trace;
 pub mod transaction;
-pub mod trunk;
 pub mod transport;
+pub mod trunk;
 pub mod uas;

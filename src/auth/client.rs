@@ -299,7 +299,12 @@ mod tests {
         let e = c.answer(401, &[other], "REGISTER", "sip:c").unwrap_err();
         assert!(e.to_string().contains("elsewhere"), "{e}");
         assert!(c
-            .answer(401, &[r#"Digest realm="carrier", nonce="n", qop="auth-int""#], "X", "sip:c")
+            .answer(
+                401,
+                &[r#"Digest realm="carrier", nonce="n", qop="auth-int""#],
+                "X",
+                "sip:c"
+            )
             .is_err());
         assert!(c.answer(401, &["Basic realm=\"x\""], "X", "sip:c").is_err());
         let stale = c

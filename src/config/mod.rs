@@ -55,12 +55,12 @@ use crate::b2bua::CallConfig;
 pub use crate::config_section::InvalidValue;
 use crate::config_section::{check_range, MAX_TIMEOUT_S};
 use crate::huntgroup::{check_huntgroups, HuntGroupConfig};
-use crate::trunk::{check_trunks, TrunkConfig};
 use crate::logging::LogConfig;
 use crate::presence::PresenceSection;
 use crate::registrar::RegistrarSection;
 use crate::script::ScriptConfig;
 use crate::storage::{RedisConfig, StorageConfig};
+use crate::trunk::{check_trunks, TrunkConfig};
 use crate::uas::SipConfig;
 use document::{
     defaults_table, env_value, known_keys, lookup, override_value, unknown_key_message, Sources,

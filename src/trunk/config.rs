@@ -234,7 +234,10 @@ impl TrunkConfig {
 
     /// The source networks of `inbound` (already checked).
     pub fn networks(&self) -> Vec<Network> {
-        self.inbound.iter().filter_map(|s| Network::parse(s)).collect()
+        self.inbound
+            .iter()
+            .filter_map(|s| Network::parse(s))
+            .collect()
     }
 
     /// Checks one trunk; keys are relative to the trunk (`uri`).
@@ -299,7 +302,10 @@ impl TrunkConfig {
         }
         plain("username", &self.username)?;
         if self.realm.chars().any(|c| c.is_control() || c == '"') {
-            return Err(InvalidValue::new("realm", "no quotes or control characters"));
+            return Err(InvalidValue::new(
+                "realm",
+                "no quotes or control characters",
+            ));
         }
         let has_ha1 = !self.ha1_md5.is_empty() || !self.ha1_sha256.is_empty();
         if !self.ha1_md5.is_empty() && !is_hex_of(&self.ha1_md5, 32) {
@@ -344,7 +350,10 @@ impl TrunkConfig {
         if IdentityHeader::parse(&self.caller_id).is_none() {
             return Err(InvalidValue::new(
                 "caller_id",
-                format!("{:?}: expected \"pai\", \"ppi\" or \"none\"", self.caller_id),
+                format!(
+                    "{:?}: expected \"pai\", \"ppi\" or \"none\"",
+                    self.caller_id
+                ),
             ));
         }
         if !matches!(self.privacy.as_str(), "none" | "id") {
@@ -422,8 +431,14 @@ mod tests {
             (trunk(|t| t.port = 5060), "port"),
             (trunk(|t| t.uri = "sip:+1555@carrier.example".into()), "uri"),
             (trunk(|t| t.uri = "sips:carrier.example".into()), "uri"),
-            (trunk(|t| t.uri = "sip:c.example;transport=sctp".into()), "uri"),
-            (trunk(|t| t.outbound_proxy = "proxy".into()), "outbound_proxy"),
+            (
+                trunk(|t| t.uri = "sip:c.example;transport=sctp".into()),
+                "uri",
+            ),
+            (
+                trunk(|t| t.outbound_proxy = "proxy".into()),
+                "outbound_proxy",
+            ),
             (trunk(|t| t.password = "s".into()), "username"),
             (
                 trunk(|t| {
@@ -451,7 +466,10 @@ mod tests {
             ),
             (trunk(|t| t.caller_id = "rpid".into()), "caller_id"),
             (trunk(|t| t.privacy = "header".into()), "privacy"),
-            (trunk(|t| t.inbound = vec!["10.0.0.0/8".into(), "x".into()]), "inbound"),
+            (
+                trunk(|t| t.inbound = vec!["10.0.0.0/8".into(), "x".into()]),
+                "inbound",
+            ),
             (trunk(|t| t.ping_interval_s = 1), "ping_interval_s"),
             (trunk(|t| t.from_user = "a b".into()), "from_user"),
         ];
