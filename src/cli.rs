@@ -92,7 +92,10 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         let cli = Cli::try_parse_from(["strowger", "trunks", "--json"]).unwrap();
-        assert!(matches!(cli.command, Command::Trunks(TrunksArgs { json: true, .. })));
+        assert!(matches!(
+            cli.command,
+            Command::Trunks(TrunksArgs { json: true, .. })
+        ));
         assert!(Cli::try_parse_from(["strowger"]).is_err());
     }
 }

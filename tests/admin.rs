@@ -107,7 +107,10 @@ async fn the_token_guards_the_admin_api_and_refusals_are_counted() {
         strowger::admin::request_trunks(admin, TOKEN).await.unwrap(),
         "[]"
     );
-    assert_eq!(status_of(admin, Method::POST, "/trunks", Some(TOKEN)).await, 405);
+    assert_eq!(
+        status_of(admin, Method::POST, "/trunks", Some(TOKEN)).await,
+        405
+    );
     // The client helpers send the token.
     let text = strowger::admin::request_registrations(admin, TOKEN)
         .await

@@ -316,7 +316,10 @@ async fn dashboards_and_alerts_evaluate_against_a_scraping_prometheus() {
     let text = strowger::admin::get(s.handle.admin_addr(), "/metrics")
         .await
         .unwrap();
-    for m in METRICS_NOW.iter().filter(|m| m.starts_with("strowger_trunk_")) {
+    for m in METRICS_NOW
+        .iter()
+        .filter(|m| m.starts_with("strowger_trunk_"))
+    {
         assert!(text.contains(&format!("\n{m}{{")), "{m} exposed:\n{text}");
     }
     let dir = tempfile::tempdir().unwrap();

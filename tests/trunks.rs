@@ -97,8 +97,16 @@ async fn the_trunk_registers_answers_the_challenge_and_refreshes() {
     assert_eq!(state["registered"], true, "{state}");
     assert_eq!(state["register"], true, "{state}");
     assert_eq!(state["registration"]["last_status"], 200, "{state}");
-    assert!(state["registration"]["expires_at"].as_u64().is_some(), "{state}");
-    assert!(server.handle.trunks().get("carrier1").unwrap().is_registered());
+    assert!(
+        state["registration"]["expires_at"].as_u64().is_some(),
+        "{state}"
+    );
+    assert!(server
+        .handle
+        .trunks()
+        .get("carrier1")
+        .unwrap()
+        .is_registered());
 
     // SIPp granted 4 s: the refresh comes 2 s later, SIPp checks its credentials and
     // grants an hour.
@@ -188,15 +196,14 @@ async fn refused_credentials_fail_once_per_attempt_and_back_off() {
     }))
     .await;
 
-    let state = wait_for(&server, Duration::from_secs(5), |s| {
-        s["auth_failures"] == 1
-    })
-    .await;
+    let state = wait_for(&server, Duration::from_secs(5), |s| s["auth_failures"] == 1).await;
     let failed_at = Instant::now();
     assert_eq!(state["auth_failures"], 1, "{state}");
     assert_eq!(state["registered"], false, "{state}");
     assert_eq!(state["registration"]["last_status"], 401, "{state}");
-    let retry = state["registration"]["next_retry"].as_u64().expect("next_retry");
+    let retry = state["registration"]["next_retry"]
+        .as_u64()
+        .expect("next_retry");
     assert!(retry >= now() + 3 && retry <= now() + 8, "{state}");
     // No loop: nothing more for a while (a loop would fail again within milliseconds).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -246,7 +253,9 @@ async fn a_silent_trunk_goes_down_and_comes_back_up() {
     let server = start_with(config(port, |t| t.ping_interval_s = 5)).await;
     // The first ping goes out at start; SIPp answers it and ends.
     let seen = first.expect_success(Duration::from_secs(5)).await;
-    assert!(seen.iter().any(|m| m.first_line().starts_with("OPTIONS sip:127.0.0.1:")));
+    assert!(seen
+        .iter()
+        .any(|m| m.first_line().starts_with("OPTIONS sip:127.0.0.1:")));
     assert_eq!(trunk_state(&server).await["up"], true);
 
     // The next ping (5 s later) goes unanswered: down after timer F.
@@ -254,7 +263,10 @@ async fn a_silent_trunk_goes_down_and_comes_back_up() {
     assert_eq!(state["up"], false, "{state}");
     assert!(!server.handle.trunks().get("carrier1").unwrap().is_up());
     let text = metrics(&server).await;
-    assert!(text.contains("strowger_trunk_up{trunk=\"carrier1\"} 0"), "{text}");
+    assert!(
+        text.contains("strowger_trunk_up{trunk=\"carrier1\"} 0"),
+        "{text}"
+    );
 
     // A carrier answering again: up at the next ping.
     let second = start_sipp(

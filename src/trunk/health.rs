@@ -31,16 +31,7 @@ async fn ping(trunk: &Trunk, layer: &TransactionLayer, local: &LocalAddrs) -> Re
         from.user = Some("strowger".into());
     }
     let to: Uri = trunk.uri().clone();
-    let mut req = trunk.new_request(
-        Method::Options,
-        from,
-        &Trunk::tag(),
-        to,
-        Trunk::call_id(local, &target),
-        1,
-        local,
-        &target,
-    );
+    let mut req = trunk.new_request(Method::Options, from, to, local, &target);
     req.headers.push("Accept", "application/sdp");
     let mut tx = layer.send_request(req, target).map_err(|e| e.to_string())?;
     loop {

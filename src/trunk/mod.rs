@@ -33,7 +33,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::auth::{ClientCredentials, ClientSecret, DigestClient};
-use crate::sip::{new_call_id, new_tag, BaseHeaders, CSeq, Headers, Method, NameAddr, Request, Uri};
+use crate::sip::{
+    new_call_id, new_tag, BaseHeaders, CSeq, Headers, Method, NameAddr, Request, Uri,
+};
 use crate::transaction::TransactionLayer;
 use crate::transport::{LocalAddrs, Target};
 
@@ -361,21 +363,19 @@ impl Trunk {
     }
 
     /// A request outside any dialog to the trunk (RFC 3261 8.1.1): Request-URI the trunk's
-    /// URI, From `from` with a tag, To `to`, our Via towards `target` (the next hop), a
+    /// URI, From `from` with a fresh tag, To `to`, a fresh Call-ID and CSeq 1 (a caller
+    /// keeping a registration's sets its own), our Via towards `target` (the next hop), a
     /// Route to the outbound proxy when there is one (RFC 3261 8.1.2, loose routing).
     pub(crate) fn new_request(
         &self,
         method: Method,
         from: Uri,
-        from_tag: &str,
         to: Uri,
-        call_id: String,
-        seq: u32,
         local: &LocalAddrs,
         target: &Target,
     ) -> Request {
         let mut from = NameAddr::new(from);
-        from.set_tag(from_tag);
+        from.set_tag(&new_tag());
         let mut headers = Headers::new();
         if let Some(proxy) = &self.proxy {
             let mut hop = proxy.clone();
@@ -392,8 +392,8 @@ impl Trunk {
                 via: vec![local.via(target)],
                 from,
                 to: NameAddr::new(to),
-                call_id,
-                cseq: CSeq { seq, method },
+                call_id: Trunk::call_id(local, target),
+                cseq: CSeq { seq: 1, method },
             },
             max_forwards: Some(70),
             headers,
@@ -485,7 +485,10 @@ impl Trunks {
             }
         }
         if !tasks.is_empty() {
-            tracing::info!(tasks = tasks.len(), "trunk registration and ping tasks started");
+            tracing::info!(
+                tasks = tasks.len(),
+                "trunk registration and ping tasks started"
+            );
         }
         TrunkTasks { stop, tasks }
     }
@@ -539,8 +542,7 @@ impl Trunks {
                 registered
                     .with_label_values(&[name])
                     .set(i64::from(trunk.is_registered()));
-                up.with_label_values(&[name])
-                    .set(i64::from(trunk.is_up()));
+                up.with_label_values(&[name]).set(i64::from(trunk.is_up()));
                 channels
                     .with_label_values(&[name])
                     .set(i64::from(trunk.channels()));
@@ -653,7 +655,8 @@ mod tests {
         assert!(trunk.is_source("192.0.2.9".parse().unwrap()));
         assert!(!trunk.is_source("192.0.2.17".parse().unwrap()));
         assert_eq!(
-            t.from_source("192.0.2.1".parse().unwrap()).map(|t| t.name()),
+            t.from_source("192.0.2.1".parse().unwrap())
+                .map(|t| t.name()),
             Some("carrier1")
         );
         let none = trunks(|c| c.caller_id = "none".into());
@@ -686,25 +689,28 @@ mod tests {
         );
         assert_eq!(t.from_line("carrier1").map(|t| t.name()), Some("carrier1"));
         assert!(t.from_line("other").is_none());
-        let req = trunk.new_request(
-            Method::Register,
-            trunk.aor(),
-            "tag1",
-            trunk.aor(),
-            "cid@192.0.2.1".into(),
-            7,
-            &local,
-            &target,
-        );
+        let mut req =
+            trunk.new_request(Method::Register, trunk.aor(), trunk.aor(), &local, &target);
+        req.base.from.set_tag("tag1");
+        req.base.cseq.seq = 7;
         let text = String::from_utf8(req.to_bytes().to_vec()).unwrap();
         assert!(
             text.starts_with("REGISTER sip:sip.carrier.example;transport=tcp SIP/2.0\r\n"),
             "{text}"
         );
-        assert!(text.contains("Route: <sip:proxy.carrier.example:5070;lr>\r\n"), "{text}");
+        assert!(
+            text.contains("Route: <sip:proxy.carrier.example:5070;lr>\r\n"),
+            "{text}"
+        );
         assert!(text.contains("CSeq: 7 REGISTER\r\n"), "{text}");
-        assert!(text.contains("From: <sip:pbx@sip.carrier.example>;tag=tag1\r\n"), "{text}");
-        assert!(text.contains("Via: SIP/2.0/TCP 192.0.2.1:5061;branch=z9hG4bK"), "{text}");
+        assert!(
+            text.contains("From: <sip:pbx@sip.carrier.example>;tag=tag1\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Via: SIP/2.0/TCP 192.0.2.1:5061;branch=z9hG4bK"),
+            "{text}"
+        );
         // A trunk that does not register gave out no line contact.
         let plain = trunks(|_| {});
         assert!(plain.from_line("carrier1").is_none());

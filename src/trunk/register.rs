@@ -52,7 +52,7 @@ const MAX_ANSWERS: u8 = 2;
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// A final response.
-    Response(Response),
+    Response(Box<Response>),
     /// Timer F fired (or the transaction ended without an answer).
     Timeout,
     /// It could not be sent (name resolution, transport).
@@ -101,11 +101,7 @@ pub fn retry_delay(failures: u32, retry_after: Option<u32>, jitter: f64) -> Dura
 
 /// The leading number of a header value (`Retry-After: 120 (busy);duration=60`).
 fn leading_number(v: &str) -> Option<u32> {
-    let digits: String = v
-        .trim()
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    let digits: String = v.trim().chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
 
@@ -206,7 +202,7 @@ impl Registration {
     /// What the REGISTER's outcome means, and what comes next; `now` in Unix seconds.
     pub fn on_outcome(&mut self, outcome: Outcome, now: u64) -> Action {
         let r = match outcome {
-            Outcome::Response(r) => r,
+            Outcome::Response(r) => *r,
             Outcome::Timeout => return self.fail(now, 408, None, "no answer (timeout)".into()),
             Outcome::TransportError(e) => return self.fail(now, 503, None, e),
         };
@@ -377,16 +373,10 @@ async fn send(
         tag: Trunk::tag(),
     });
     let aor = trunk.aor();
-    let mut req = trunk.new_request(
-        Method::Register,
-        aor.clone(),
-        &ids.tag,
-        aor,
-        ids.call_id.clone(),
-        out.cseq,
-        local,
-        &target,
-    );
+    let mut req = trunk.new_request(Method::Register, aor.clone(), aor, local, &target);
+    req.base.from.set_tag(&ids.tag);
+    req.base.call_id = ids.call_id.clone();
+    req.base.cseq.seq = out.cseq;
     req.headers
         .push("Contact", format!("<{}>", trunk.contact(local, &target)));
     req.headers.push("Expires", out.expires.to_string());
@@ -400,7 +390,7 @@ async fn send(
     loop {
         match tx.next_event().await {
             Some(ClientEvent::Provisional(_)) => continue,
-            Some(ClientEvent::Final(r)) => return Outcome::Response(r),
+            Some(ClientEvent::Final(r)) => return Outcome::Response(Box::new(r)),
             Some(ClientEvent::Timeout) | None => return Outcome::Timeout,
             Some(ClientEvent::TransportError(e)) => return Outcome::TransportError(e),
         }
@@ -475,7 +465,7 @@ mod tests {
              Content-Length: 0\r\n\r\n"
         );
         match crate::sip::parse(text.as_bytes()) {
-            Ok((crate::sip::SipMessage::Response(r), _)) => Outcome::Response(r),
+            Ok((crate::sip::SipMessage::Response(r), _)) => Outcome::Response(Box::new(r)),
             other => panic!("test response does not parse: {other:?}"),
         }
     }
@@ -528,7 +518,10 @@ mod tests {
             2,
             "Contact: <sip:pbx@192.0.2.1:5060;line=other>;expires=900, <sip:pbx@192.0.2.1:5060;line=carrier1>;expires=60\r\nExpires: 3600\r\n",
         );
-        assert_eq!(reg.on_outcome(ok, 1000), Action::Wait(Duration::from_secs(30)));
+        assert_eq!(
+            reg.on_outcome(ok, 1000),
+            Action::Wait(Duration::from_secs(30))
+        );
         assert!(t.is_registered());
         let st = t.registration();
         assert_eq!(st.expires_at, Some(1060));
@@ -645,7 +638,10 @@ mod tests {
         sent(reg.start());
         match reg.on_outcome(Outcome::Timeout, 0) {
             Action::Wait(d) => {
-                assert!(d >= Duration::from_secs(5) && d < Duration::from_millis(6250), "{d:?}")
+                assert!(
+                    d >= Duration::from_secs(5) && d < Duration::from_millis(6250),
+                    "{d:?}"
+                )
             }
             other => panic!("{other:?}"),
         }
