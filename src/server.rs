@@ -15,7 +15,8 @@
 //! `registrar.keepalive_interval_s` (starts the registrar's keep-alive pings when not 0;
 //! taken as given here, `Config` loading validates it), `call.records_file` (opened here,
 //! so a file that cannot be written stops start-up), `storage.dir` and `[presence]` (the
-//! presence core, started here).
+//! presence core, started here), `[trunks.<name>]` (the trunks; their registration and
+//! ping tasks start here once answers can reach the transaction layer).
 
 use crate::auth::{DigestAuth, Users};
 use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
@@ -168,19 +169,25 @@ pub struct ServerHandle {
     /// The keep-alive pings, when `registrar.keepalive_interval_s` is set; dropping it
     /// stops them.
     keepalive: Option<Keepalive>,
+    /// The trunks' registration and ping tasks (when a trunk registers or is pinged);
+    /// dropping it stops them.
+    trunk_tasks: Option<crate::trunk::TrunkTasks>,
     stats: Arc<ServerStats>,
     /// The hunt groups, when `[huntgroups.*]` are configured.
     huntgroups: Option<crate::huntgroup::HuntGroups>,
     presence: crate::presence::Presence,
     /// Every dialog of the server (calls' legs, subscriptions).
     dialogs: Arc<crate::uas::Dialogs>,
-    /// `[trunks.*]`: their channels, health and registration.
+    /// `[trunks.<name>]`.
     trunks: crate::trunk::Trunks,
-    /// The trunks' registration and ping tasks; dropping it stops them.
-    trunk_tasks: Option<crate::trunk::TrunkTasks>,
 }
 
 impl ServerHandle {
+    /// The trunks (empty when none is configured).
+    pub fn trunks(&self) -> &crate::trunk::Trunks {
+        &self.trunks
+    }
+
     /// Dialogs in the server's dialog table: two per bridged call, one per subscription.
     pub fn dialogs(&self) -> usize {
         self.dialogs.len()
@@ -232,11 +239,6 @@ impl ServerHandle {
     /// presence: the presence core (its counters).
     pub fn presence(&self) -> &crate::presence::Presence {
         &self.presence
-    }
-
-    /// The configured trunks (`[trunks.<name>]`).
-    pub fn trunks(&self) -> &crate::trunk::Trunks {
-        &self.trunks
     }
 
     /// The keep-alive pings, when on.
@@ -429,8 +431,6 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             LocalAddrs::new(transports.local_addrs()),
         )
     });
-    // The trunks: one value shared by the call side and the registration/ping tasks.
-    let trunks = crate::trunk::Trunks::new(&config.trunks);
     let records = if config.call.records_file.is_empty() {
         None
     } else {
@@ -470,6 +470,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         layer.set_overload(o.clone(), config.call.overload_retry_after_s);
         o
     });
+    let trunks = crate::trunk::Trunks::new(&config.trunks);
     let b2bua = B2bua::new(B2buaParts {
         layer: layer.clone(),
         sender,
@@ -643,12 +644,12 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         admin,
         registrar,
         keepalive,
+        trunk_tasks,
         stats,
         huntgroups,
         presence,
         dialogs,
         trunks,
-        trunk_tasks,
     })
 }
 
