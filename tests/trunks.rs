@@ -282,3 +282,37 @@ async fn a_silent_trunk_goes_down_and_comes_back_up() {
     second.expect_success(Duration::from_secs(5)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_through_the_outbound_proxy_with_a_route() {
+    let dir = workdir("trunk-proxy");
+    let port = free_udp_port();
+    let proxy = start_sipp(
+        &dir,
+        "proxy",
+        Path::new("carrier_options.xml"),
+        port,
+        None,
+        &[],
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The carrier's name is never looked up: everything goes to the proxy.
+    let server = start_with(config(port, |t| {
+        t.uri = "sip:carrier.invalid".into();
+        t.outbound_proxy = format!("sip:127.0.0.1:{port}");
+        t.ping_interval_s = 5;
+    }))
+    .await;
+    let seen = proxy.expect_success(Duration::from_secs(5)).await;
+    let ping = seen
+        .iter()
+        .find(|m| !m.sent && m.first_line().starts_with("OPTIONS "))
+        .expect("the ping reached the proxy");
+    assert_eq!(ping.first_line(), "OPTIONS sip:carrier.invalid SIP/2.0");
+    assert_eq!(
+        header(&ping.text, "Route"),
+        Some(&*format!("<sip:127.0.0.1:{port};lr>"))
+    );
+    assert_eq!(trunk_state(&server).await["up"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
