@@ -1,4 +1,4 @@
-//! The command line: `strowger run|check|reload|registrations|drain [--config PATH]` and
+//! The command line: `strowger run|check|reload|registrations|trunks|drain [--config PATH]` and
 //! `--version`.
 //!
 //! Owns: argument names, help texts and their defaults. Must not touch: what the commands
@@ -26,6 +26,9 @@ pub enum Command {
     Reload(ConfigArgs),
     /// List the running server's registrations (contact, expiry, user agent, source).
     Registrations(RegistrationsArgs),
+    /// List the running server's trunks: up (pings), registered, channels in use,
+    /// registration expiry or next retry, calls by outcome.
+    Trunks(TrunksArgs),
     /// Ask the running server to stop taking new calls and registrations (they get 503)
     /// while the ones in progress finish; prints its JSON answer. The process keeps
     /// running: stop it with SIGTERM.
@@ -34,6 +37,15 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct RegistrationsArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the server's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TrunksArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Print the server's JSON instead of a table.
@@ -79,6 +91,11 @@ mod tests {
             Command::Drain(a) => assert_eq!(a.config, Some(PathBuf::from("y.toml"))),
             other => panic!("unexpected {other:?}"),
         }
+        let cli = Cli::try_parse_from(["strowger", "trunks", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Trunks(TrunksArgs { json: true, .. })
+        ));
         assert!(Cli::try_parse_from(["strowger"]).is_err());
     }
 }

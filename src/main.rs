@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check(args.config.as_deref()),
         Command::Reload(args) => reload(args.config.as_deref()),
         Command::Registrations(args) => registrations(args.config.config.as_deref(), args.json),
+        Command::Trunks(args) => trunks(args.config.config.as_deref(), args.json),
         Command::Drain(args) => drain(args.config.as_deref()),
     }
 }
@@ -137,6 +138,73 @@ fn registrations_table(list: &[strowger::registrar::Binding]) -> String {
         ));
     }
     out.push_str(&format!("{} binding(s)\n", list.len()));
+    out
+}
+
+/// `strowger trunks`: the running server's trunks, as a table (or its JSON).
+fn trunks(path: Option<&Path>, as_json: bool) -> ExitCode {
+    let client = match admin_client(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match client.block_on(strowger::admin::request_trunks(client.addr, &client.token)) {
+        Ok(text) if as_json => write_out(&format!("{text}\n")),
+        Ok(text) => match serde_json::from_str::<Vec<strowger::trunk::TrunkView>>(&text) {
+            Ok(list) => write_out(&trunks_table(&list)),
+            Err(e) => {
+                eprintln!("error: unexpected answer from the server: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// One line per trunk: name, up, registration (seconds left, or the next retry and the
+/// last status), channels, calls answered/failed/refused, URI.
+fn trunks_table(list: &[strowger::trunk::TrunkView]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out = format!(
+        "{:<20} {:<5} {:<26} {:>9} {:>20} {}\n",
+        "TRUNK", "UP", "REGISTRATION", "CHANNELS", "ANS/FAIL/REFUSED", "URI"
+    );
+    for t in list {
+        let r = &t.registration;
+        let status = r.last_status.map_or("-".to_string(), |s| s.to_string());
+        let registration = if !t.register {
+            "-".to_string()
+        } else if t.registered {
+            let left = r.expires_at.map_or(0, |e| e.saturating_sub(now));
+            format!("yes ({left}s left)")
+        } else if let Some(at) = r.next_retry {
+            format!("no ({status}, retry {}s)", at.saturating_sub(now))
+        } else {
+            format!("no ({status})")
+        };
+        let max = if t.max_channels == 0 {
+            "-".to_string()
+        } else {
+            t.max_channels.to_string()
+        };
+        out.push_str(&format!(
+            "{:<20} {:<5} {:<26} {:>9} {:>20} {}\n",
+            t.name,
+            if t.up { "yes" } else { "no" },
+            registration,
+            format!("{}/{max}", t.channels),
+            format!(
+                "{}/{}/{}",
+                t.calls.answered, t.calls.failed, t.calls.refused
+            ),
+            t.uri
+        ));
+    }
+    out.push_str(&format!("{} trunk(s)\n", list.len()));
     out
 }
 

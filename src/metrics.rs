@@ -14,7 +14,9 @@
 //! `strowger_sip_responses_total`, `strowger_transactions`,
 //! `strowger_transaction_timeouts_total`, `strowger_transaction_retransmissions_total`),
 //! `auth` (`strowger_auth_failures_total`), `registrar` (`strowger_registrar_bindings`,
-//! `strowger_registrar_events_total`), `huntgroup` (`strowger_huntgroup_*`), `script`
+//! `strowger_registrar_events_total`), `huntgroup` (`strowger_huntgroup_*`), `trunk`
+//! (`strowger_trunk_*`: registered, up, channels, calls, auth failures, registrations),
+//! `script`
 //! (`strowger_script_errors_total`, `strowger_script_hook_duration_seconds`), `b2bua`
 //! (`strowger_calls_*`, `strowger_call_setup_seconds`, `strowger_call_duration_seconds`,
 //! `strowger_route_calls_total`, `strowger_dial_outcomes_total`, `strowger_transfers_total`),

@@ -15,7 +15,8 @@
 //! `registrar.keepalive_interval_s` (starts the registrar's keep-alive pings when not 0;
 //! taken as given here, `Config` loading validates it), `call.records_file` (opened here,
 //! so a file that cannot be written stops start-up), `storage.dir` and `[presence]` (the
-//! presence core, started here).
+//! presence core, started here), `[trunks.<name>]` (the trunks; their registration and
+//! ping tasks start here once answers can reach the transaction layer).
 
 use crate::auth::{DigestAuth, Users};
 use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
@@ -168,6 +169,9 @@ pub struct ServerHandle {
     /// The keep-alive pings, when `registrar.keepalive_interval_s` is set; dropping it
     /// stops them.
     keepalive: Option<Keepalive>,
+    /// The trunks' registration and ping tasks (when a trunk registers or is pinged);
+    /// dropping it stops them.
+    trunk_tasks: Option<crate::trunk::TrunkTasks>,
     stats: Arc<ServerStats>,
     /// The hunt groups, when `[huntgroups.*]` are configured.
     huntgroups: Option<crate::huntgroup::HuntGroups>,
@@ -258,6 +262,11 @@ impl ServerHandle {
         // No new pings while draining: they would only keep the layer busy.
         if let Some(k) = self.keepalive {
             k.stop();
+        }
+        // Trunks unregister (Expires: 0) while the transports are still open; bounded by
+        // the drain time (and at most 5 s: a silent carrier must not hold the stop).
+        if let Some(t) = self.trunk_tasks {
+            t.shutdown(drain.min(Duration::from_secs(5))).await;
         }
         self.layer.stop_accepting();
         self.admin.set_draining();
@@ -529,6 +538,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         if let Some(h) = &huntgroups {
             h.register_metrics(&t)?;
         }
+        trunks.register_metrics(&t)?;
         {
             let closed = t.counter_vec(
                 "strowger_tcp_closed_total",
@@ -611,6 +621,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             })
         },
         huntgroups: huntgroups.clone(),
+        trunks: trunks.clone(),
     };
     let admin = crate::admin::start(
         http,
@@ -627,6 +638,9 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     for (kind, addr) in transports.local_addrs() {
         tracing::info!(%kind, %addr, "listening");
     }
+    // Once answers can reach the layer: the first REGISTERs and pings go out now.
+    let trunk_tasks = (!trunks.is_empty())
+        .then(|| trunks.start(layer.clone(), LocalAddrs::new(transports.local_addrs())));
     Ok(ServerHandle {
         transports,
         layer,
@@ -635,6 +649,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         admin,
         registrar,
         keepalive,
+        trunk_tasks,
         stats,
         huntgroups,
         presence,

@@ -101,6 +101,16 @@ async fn the_token_guards_the_admin_api_and_refusals_are_counted() {
         status_of(admin, Method::POST, "/reload", Some(TOKEN)).await,
         200
     );
+    // The trunks' state is guarded too (an empty list without [trunks.*]).
+    assert_eq!(status_of(admin, Method::GET, "/trunks", None).await, 401);
+    assert_eq!(
+        strowger::admin::request_trunks(admin, TOKEN).await.unwrap(),
+        "[]"
+    );
+    assert_eq!(
+        status_of(admin, Method::POST, "/trunks", Some(TOKEN)).await,
+        405
+    );
     // The client helpers send the token.
     let text = strowger::admin::request_registrations(admin, TOKEN)
         .await
@@ -120,12 +130,12 @@ async fn the_token_guards_the_admin_api_and_refusals_are_counted() {
         );
     }
 
-    // Every 401 counted: 7 above plus the helper's.
-    assert_eq!(server.handle.admin().unauthorized(), 8);
+    // Every 401 counted: 8 above plus the helper's.
+    assert_eq!(server.handle.admin().unauthorized(), 9);
     // And exposed: this server's own count (no process-wide static).
     let metrics = strowger::admin::get(admin, "/metrics").await.unwrap();
     assert!(
-        metrics.contains("\nstrowger_admin_unauthorized_total 8\n"),
+        metrics.contains("\nstrowger_admin_unauthorized_total 9\n"),
         "{metrics}"
     );
 }

@@ -1,5 +1,6 @@
 //! The `strowger` binary's command line: version, `check` exit codes and messages,
-//! `run` + `reload` (with the config's `http.token`) + `registrations` + `drain` + SIGTERM.
+//! `run` + `reload` (with the config's `http.token`) + `registrations` + `trunks` + `drain` +
+//! SIGTERM.
 //! Runs the built binary.
 
 use std::path::{Path, PathBuf};
@@ -179,7 +180,7 @@ fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
     std::fs::write(
         &config,
         format!(
-            "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n[http]\nlisten = {http:?}\ntoken = \"cli-Token.1\"\n[script]\npath = {:?}\n[storage]\ndir = {:?}\n[shutdown]\ndrain_timeout_s = 1\n",
+            "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n[http]\nlisten = {http:?}\ntoken = \"cli-Token.1\"\n[script]\npath = {:?}\n[storage]\ndir = {:?}\n[shutdown]\ndrain_timeout_s = 1\n[trunks.carrier1]\nuri = \"sip:127.0.0.1:9\"\nmax_channels = 4\n",
             script.display().to_string(),
             dir.join("data").display().to_string()
         ),
@@ -213,11 +214,23 @@ fn run_serves_reload_swaps_the_script_and_sigterm_exits_0() {
     let (code, out, err) = run(&mut strowger(&["registrations", "--json", "--config", cfg]));
     assert_eq!(code, 0, "{err}");
     assert!(out.trim_start().starts_with('['), "{out}");
+    // `strowger trunks`: a table (or the JSON) of the configured trunks.
+    let (code, out, err) = run(&mut strowger(&["trunks", "--config", cfg]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("TRUNK "), "{out}");
+    assert!(out.contains("carrier1"), "{out}");
+    assert!(out.contains("0/4"), "{out}");
+    assert!(out.contains("1 trunk(s)"), "{out}");
+    let (code, out, err) = run(&mut strowger(&["trunks", "--json", "--config", cfg]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"name\":\"carrier1\""), "{out}");
     // `strowger registrations | head`: a reader that closed the pipe before the output
     // came is not a panic (issue 15); exit 0.
     for args in [
         &["registrations", "--config", cfg][..],
         &["registrations", "--json", "--config", cfg][..],
+        &["trunks", "--config", cfg][..],
+        &["trunks", "--json", "--config", cfg][..],
     ] {
         let mut child = strowger(args)
             .stdout(std::process::Stdio::piped())

@@ -28,9 +28,11 @@
 //! and releases the other; answers when the target answered (200) or failed (409), with
 //! `{"answered","status","reason"}`; 404 for an unknown call), `GET /huntgroups` (each
 //! hunt group's queue, counters and agents), `POST /huntgroups/agent`
-//! (`{"agent":..,"state":..}`: login, logout, pause).
+//! (`{"agent":..,"state":..}`: login, logout, pause), `GET /trunks` (each trunk's
+//! `trunk::TrunkView`: up, registered, channels, registration expiry or next retry and
+//! last status, calls by outcome, auth failures).
 //!
-//! Access: `/registrations`, `/calls`, `/calls/{id}/trace`, `/calls/{id}/transfer`,
+//! Access: `/registrations`, `/calls`, `/trunks`, `/calls/{id}/trace`, `/calls/{id}/transfer`,
 //! `/huntgroups*`, `/reload` and `/drain` need `Authorization: Bearer <http.token>`;
 //! a missing or wrong token gets 401 (with `WWW-Authenticate: Bearer`) and is counted
 //! ([`AdminServer::unauthorized`], metric `strowger_admin_unauthorized_total`). With `http.token` empty they
@@ -100,6 +102,8 @@ pub struct AdminOptions {
     pub transfer: TransferHook,
     /// `GET /huntgroups`, `POST /huntgroups/agent` (None: no hunt groups configured).
     pub huntgroups: Option<crate::huntgroup::HuntGroups>,
+    /// `GET /trunks` (empty: no trunks configured).
+    pub trunks: crate::trunk::Trunks,
 }
 
 /// A running admin endpoint.
@@ -147,6 +151,7 @@ struct Shared {
     trace: TraceHook,
     transfer: TransferHook,
     huntgroups: Option<crate::huntgroup::HuntGroups>,
+    trunks: crate::trunk::Trunks,
     draining: AtomicBool,
     unauthorized: AtomicU64,
     open_local_writes: bool,
@@ -189,6 +194,7 @@ pub async fn start(
         trace: options.trace,
         transfer: options.transfer,
         huntgroups: options.huntgroups,
+        trunks: options.trunks,
         draining: AtomicBool::new(false),
         unauthorized: AtomicU64::new(0),
         open_local_writes: options.open_local_writes,
@@ -654,7 +660,8 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let protected = matches!(
         (req.method(), path),
-        (&Method::GET, "/registrations" | "/calls") | (&Method::POST, "/reload" | "/drain")
+        (&Method::GET, "/registrations" | "/calls" | "/trunks")
+            | (&Method::POST, "/reload" | "/drain")
     ) || trace_id(path).is_some();
     if protected {
         if let Some(refusal) = refuse(&state.shared, req.method(), path, req.headers()) {
@@ -699,6 +706,17 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             }
         }
+        (&Method::GET, "/trunks") => {
+            let list: Vec<crate::trunk::TrunkView> =
+                state.shared.trunks.iter().map(|t| t.view()).collect();
+            match serde_json::to_string(&list) {
+                Ok(body) => json(StatusCode::OK, body),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(r#"{{"error":{}}}"#, quote(&e.to_string())),
+                ),
+            }
+        }
         (&Method::POST, "/drain") => {
             state.shared.draining.store(true, Ordering::Release);
             let unanswered = (state.shared.drain)();
@@ -711,7 +729,7 @@ fn route(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (
             _,
             "/healthz" | "/readyz" | "/reload" | "/drain" | "/registrations" | "/metrics"
-            | "/calls",
+            | "/calls" | "/trunks",
         ) => json(
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method not allowed"}"#.into(),
@@ -730,6 +748,11 @@ pub async fn request_reload(addr: SocketAddr, token: &str) -> anyhow::Result<Str
 /// `strowger registrations`: the server's bindings, as its JSON text.
 pub async fn request_registrations(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
     success(addr, Method::GET, "/registrations", token).await
+}
+
+/// `strowger trunks`: the trunks' state, as the server's JSON text (`GET /trunks`).
+pub async fn request_trunks(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
+    success(addr, Method::GET, "/trunks", token).await
 }
 
 /// `strowger drain`: the server stops taking new calls; its JSON answer
@@ -819,6 +842,7 @@ mod tests {
             trace: Box::new(|_| None),
             transfer: Box::new(|_, _, _| Box::pin(async { None })),
             huntgroups: None,
+            trunks: crate::trunk::Trunks::default(),
             draining: AtomicBool::new(false),
             unauthorized: AtomicU64::new(0),
             open_local_writes: false,

@@ -513,8 +513,7 @@ impl Call {
             .uri()
             .params
             .value("line")
-            .and_then(|l| trunks.get(l))
-            .filter(|t| t.config().register);
+            .and_then(|l| trunks.from_line(l));
         by_line.or_else(|| trunks.from_source(self.a_source.addr.ip()))
     }
 
