@@ -45,6 +45,15 @@ struct Setup {
 }
 
 async fn setup(tag: &str, password: &str, max_channels: u32) -> Setup {
+    setup_with(tag, password, max_channels, |_| {}).await
+}
+
+async fn setup_with(
+    tag: &str,
+    password: &str,
+    max_channels: u32,
+    tweak: impl FnOnce(&mut strowger::config::Config),
+) -> Setup {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()))
         .with_test_writer()
@@ -74,6 +83,7 @@ async fn setup(tag: &str, password: &str, max_channels: u32) -> Setup {
             ..TrunkConfig::default()
         },
     );
+    tweak(&mut config);
     let server = start_with(config).await;
     Setup {
         server,
@@ -318,6 +328,41 @@ async fn a_full_trunk_fails_at_once_and_the_plan_fails_over() {
     assert_eq!(
         c1.counters
             .answered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+/// A trunk whose pings go unanswered is marked down; a call then fails on it at once
+/// (503 Trunk Down, source "local") and the dial plan's failover reaches the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trunk_whose_pings_stop_is_down_and_the_plan_fails_over() {
+    let s = setup_with("trunk-down", "secret", 0, |c| {
+        // Timer F (64*T1) of 1.3 s: an unanswered ping is given up quickly.
+        c.sip.timers.t1_ms = 20;
+        c.trunks.get_mut("carrier1").unwrap().ping_interval_s = 5;
+    })
+    .await;
+    let c1 = s.server.handle.trunks().get("carrier1").unwrap().clone();
+    assert!(
+        eventually(Duration::from_secs(10), || !c1.is_up()).await,
+        "nobody answers carrier1's pings: down"
+    );
+    let backup = sipp::start(
+        &s.dir,
+        "backup",
+        Path::new("uas_answer.xml"),
+        s.backup,
+        None,
+        &[],
+    );
+    let a = caller(&s, "uac_call.xml", "+15553333", 300);
+    a.expect_success(LIMIT).await;
+    let seen_b = backup.expect_success(LIMIT).await;
+    assert_eq!(invites(&seen_b).len(), 1, "the backup trunk took the call");
+    assert_eq!(
+        c1.counters
+            .refused
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
