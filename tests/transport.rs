@@ -621,16 +621,19 @@ async fn large_requests_go_over_tcp() {
 /// Issue 14: a SIP worker holds the responses and ACKs it sends until it runs out of work
 /// (`outbox::flush`, the runtime's park hook in the binary) and sends them in one
 /// sendmmsg(2); requests other than ACK go at once, so that their send errors reach their
-/// transaction.
+/// transaction, but never ahead of what is held for the same peer (a NOTIFY must not
+/// overtake the 200 of its SUBSCRIBE).
 #[tokio::test]
-async fn held_responses_leave_together_and_requests_at_once() {
+async fn held_responses_leave_together_and_requests_at_once_in_order() {
     let (t, _rx) = start(&["udp:127.0.0.1:0"], TransportLimits::default()).await;
     let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let target = Target {
+    let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = |s: &UdpSocket| Target {
         transport: TransportKind::Udp,
-        addr: peer.local_addr().unwrap(),
+        addr: s.local_addr().unwrap(),
         connection: None,
     };
+    let target = to(&peer);
     strowger::transport::outbox::hold_on_this_thread();
     for i in 0..3 {
         t.send(
@@ -648,18 +651,26 @@ async fn held_responses_leave_together_and_requests_at_once() {
             .is_err(),
         "held until flushed"
     );
-    // A request other than ACK is not held.
-    t.send(&target, Bytes::from_static(b"BYE sip:a@b SIP/2.0\r\n\r\n"))
+    // A request other than ACK to another peer is not held, and does not send the rest.
+    t.send(&to(&other), Bytes::from_static(b"BYE sip:o@b SIP/2.0\r\n\r\n"))
         .unwrap();
-    let (n, _) = timeout(WAIT, peer.recv_from(&mut buf))
+    let (n, _) = timeout(WAIT, other.recv_from(&mut buf))
         .await
         .unwrap()
         .unwrap();
     assert!(buf[..n].starts_with(b"BYE "));
+    assert!(
+        timeout(Duration::from_millis(100), peer.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "still held"
+    );
+    // One to the same peer goes at once, after what was held for it.
     let sent_before = t.stats().sent;
-    strowger::transport::outbox::flush();
+    t.send(&target, Bytes::from_static(b"NOTIFY sip:a@b SIP/2.0\r\n\r\n"))
+        .unwrap();
     let mut got = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         let (n, _) = timeout(WAIT, peer.recv_from(&mut buf))
             .await
             .unwrap()
@@ -668,7 +679,9 @@ async fn held_responses_leave_together_and_requests_at_once() {
     }
     assert!(got[0].contains("X: 0") && got[1].contains("X: 1") && got[2].contains("X: 2"));
     assert!(got[3].starts_with("ACK "));
-    assert_eq!(t.stats().sent, sent_before + 4);
+    assert!(got[4].starts_with("NOTIFY "), "{got:?}");
+    assert_eq!(t.stats().sent, sent_before + 5);
+    strowger::transport::outbox::flush();
     t.shutdown();
 }
 

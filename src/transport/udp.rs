@@ -224,6 +224,16 @@ pub mod outbox {
         }
     }
 
+    /// Sends what this thread holds when any of it goes to `dest`: a request sent now must
+    /// not overtake a response to the same peer (a NOTIFY before the 200 of its SUBSCRIBE
+    /// is legal, RFC 6665 4.1.2.4, but peers rightly expect the order we produced).
+    pub(super) fn flush_for(dest: SocketAddr) {
+        let holding = OUTBOX.with_borrow(|o| o.items.iter().any(|h| h.dest == dest));
+        if holding {
+            flush();
+        }
+    }
+
     /// Holds `data` when this thread holds and it is a response or an ACK (None: held);
     /// gives it back otherwise.
     pub(super) fn hold(
@@ -505,6 +515,7 @@ pub(crate) fn send(
         None => return Ok(()),
         Some(data) => data,
     };
+    outbox::flush_for(dest);
     send_now(udp, shared, handle, dest, data)
 }
 
