@@ -40,6 +40,7 @@
 //! | `[shutdown]` | [`ShutdownConfig`] | here (read by `server`, which imports this module) |
 //! | `[huntgroups.<name>]` | `HuntGroupConfig` | `huntgroup` (not settable from the environment) |
 //! | `[presence]` | `PresenceSection` | `presence` |
+//! | `[dns]` | `DnsConfig` | `transport` (the RFC 3263 locator's resolver) |
 //!
 //! How a line is found: the file is parsed once into `toml`'s spanned document
 //! ([`toml::de::DeTable`]: every key and value with its byte range), environment values are
@@ -59,6 +60,7 @@ use crate::presence::PresenceSection;
 use crate::registrar::RegistrarSection;
 use crate::script::ScriptConfig;
 use crate::storage::{RedisConfig, StorageConfig};
+use crate::transport::config::DnsConfig;
 use crate::uas::SipConfig;
 use document::{
     defaults_table, env_value, known_keys, lookup, override_value, unknown_key_message, Sources,
@@ -167,6 +169,7 @@ pub struct Config {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub huntgroups: BTreeMap<String, HuntGroupConfig>,
     pub presence: PresenceSection,
+    pub dns: DnsConfig,
 }
 
 /// `[shutdown]`: the graceful stop. It lives here rather than in `server`, which reads
@@ -216,7 +219,7 @@ impl Config {
     /// Checks every section; the first problem, its key made absolute (`sip.timers.t1_ms`).
     fn check(&self) -> Result<(), InvalidValue> {
         let has_users = !self.registrar.users_file.trim().is_empty();
-        let sections: [(&str, Result<(), InvalidValue>); 12] = [
+        let sections: [(&str, Result<(), InvalidValue>); 13] = [
             ("sip", self.sip.check()),
             ("http", self.http.check()),
             ("log", self.log.check()),
@@ -229,6 +232,7 @@ impl Config {
             ("shutdown", self.shutdown.check()),
             ("huntgroups", check_huntgroups(&self.huntgroups)),
             ("presence", self.presence.check(has_users)),
+            ("dns", self.dns.check()),
         ];
         for (section, result) in sections {
             result.map_err(|e| e.within(section))?;
