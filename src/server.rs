@@ -15,8 +15,9 @@
 //! `registrar.keepalive_interval_s` (starts the registrar's keep-alive pings when not 0;
 //! taken as given here, `Config` loading validates it), `call.records_file` (opened here,
 //! so a file that cannot be written stops start-up), `storage.dir` and `[presence]` (the
-//! presence core, started here), `[trunks.<name>]` (the trunks; their registration and
-//! ping tasks start here once answers can reach the transaction layer).
+//! presence core, started here), `[dns]` (the RFC 3263 locator every sender shares),
+//! `[trunks.<name>]` (the trunks; their registration and ping tasks start here once
+//! answers can reach the transaction layer).
 
 use crate::auth::{DigestAuth, Users};
 use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
@@ -400,10 +401,14 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     if let Some(h) = &huntgroups {
         scripts.set_huntgroups(h.clone());
     }
+    // RFC 3263 server location of the server's own requests (dialled URIs, presence) with
+    // the `[dns]` resolver: one instance, so one TTL cache, shared by every user.
+    let locator = Arc::new(crate::transport::Locator::new(&config.dns).context("dns")?);
+    let local = LocalAddrs::new(transports.local_addrs()).with_locator(locator);
     let location = Arc::new(Location {
         registrar: registrar.clone(),
         domain: config.sip.domain.to_ascii_lowercase(),
-        local: LocalAddrs::new(transports.local_addrs()),
+        local: local.clone(),
     });
     scripts.set_location(location.clone());
     let timers = config.sip.timers.to_timers();
@@ -428,7 +433,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
                 config.sip.domain.clone(),
             ),
             layer.clone(),
-            LocalAddrs::new(transports.local_addrs()),
+            local.clone(),
         )
     });
     let records = if config.call.records_file.is_empty() {
@@ -476,7 +481,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         sender,
         // The dial plan's call hooks; a reload swaps the version inside the engine.
         scripts: Arc::new(scripts.clone()),
-        local: LocalAddrs::new(transports.local_addrs()),
+        local,
         timers,
         default_ring_timeout: Duration::from_secs(config.call.ring_timeout_s),
         keepalive: (config.call.keepalive_s > 0)
@@ -745,7 +750,7 @@ async fn start_presence(
     Presence::start(PresenceParts {
         config: config.presence.policy(&config.sip.domain),
         layer: layer.clone(),
-        local: LocalAddrs::new(transports.local_addrs()),
+        local: location.local.clone(),
         scripts: Arc::new(scripts.clone()),
         location: location.clone(),
         flows: location,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the tests need (SIPp, redis-server, prometheus, iproute2, iptables) and runs every test. This is the README's test
+# Installs what the tests need (SIPp, redis-server, prometheus, iproute2, iptables, dnsmasq) and runs every test. This is the README's test
 # command and exactly what .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # tests/loss.rs: network namespaces, veth and iptables' random drop.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
+# tests/dns.rs: a real DNS server with NAPTR, SRV and A records for the RFC 3263 locator.
+[ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

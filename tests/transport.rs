@@ -652,8 +652,11 @@ async fn held_responses_leave_together_and_requests_at_once_in_order() {
         "held until flushed"
     );
     // A request other than ACK to another peer is not held, and does not send the rest.
-    t.send(&to(&other), Bytes::from_static(b"BYE sip:o@b SIP/2.0\r\n\r\n"))
-        .unwrap();
+    t.send(
+        &to(&other),
+        Bytes::from_static(b"BYE sip:o@b SIP/2.0\r\n\r\n"),
+    )
+    .unwrap();
     let (n, _) = timeout(WAIT, other.recv_from(&mut buf))
         .await
         .unwrap()
@@ -667,8 +670,11 @@ async fn held_responses_leave_together_and_requests_at_once_in_order() {
     );
     // One to the same peer goes at once, after what was held for it.
     let sent_before = t.stats().sent;
-    t.send(&target, Bytes::from_static(b"NOTIFY sip:a@b SIP/2.0\r\n\r\n"))
-        .unwrap();
+    t.send(
+        &target,
+        Bytes::from_static(b"NOTIFY sip:a@b SIP/2.0\r\n\r\n"),
+    )
+    .unwrap();
     let mut got = Vec::new();
     for _ in 0..5 {
         let (n, _) = timeout(WAIT, peer.recv_from(&mut buf))

@@ -50,7 +50,6 @@ use crate::b2bua::{
 use crate::dialog::{Dialog, DialogState};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
-use crate::transport::resolve;
 use crate::transport::{Target, TransportKind};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -839,6 +838,22 @@ impl Call {
         self.run_fork(a, None);
     }
 
+    /// Where a request to `uri` goes first, and the addresses to fail over to (RFC 3263:
+    /// NAPTR, SRV, AAAA/A; 4.3).
+    async fn locate(&self, uri: &Uri) -> Result<(Target, Vec<Target>), (u16, String)> {
+        let mut all = self
+            .inner
+            .local
+            .locate(uri)
+            .await
+            .map_err(|e| (503, e.to_string()))?;
+        if all.is_empty() {
+            return Err((503, format!("{}: no address", uri.host)));
+        }
+        let first = all.remove(0);
+        Ok((first, all))
+    }
+
     async fn start_branch(
         &mut self,
         index: usize,
@@ -846,7 +861,7 @@ impl Call {
         opts: &DialOptions,
         owner: Owner,
     ) -> Result<u64, (u16, String)> {
-        let (uri, flow, dest, trunk) = match target {
+        let (uri, flow, dest, alternates, trunk) = match target {
             DialTarget::Uri(target) => {
                 let uri = Uri::parse(target.trim())
                     .map_err(|e| (400, format!("Bad dial target {target:?}: {e}")))?;
@@ -858,13 +873,11 @@ impl Call {
                     .flows
                     .as_ref()
                     .and_then(|f| f.flow(target.trim()));
-                let dest = match &flow {
-                    Some((t, _)) => *t,
-                    None => resolve(&uri, &self.inner.local)
-                        .await
-                        .map_err(|e| (503, e.to_string()))?,
+                let (dest, alternates) = match &flow {
+                    Some((t, _)) => (*t, Vec::new()),
+                    None => self.locate(&uri).await?,
                 };
-                (uri, flow, dest, None)
+                (uri, flow, dest, alternates, None)
             }
             DialTarget::Trunk { trunk, user } => {
                 let Some(t) = self.inner.trunks.get(trunk) else {
@@ -872,10 +885,8 @@ impl Call {
                 };
                 // Down or full: refused at once, so the dial plan fails over (issue 16).
                 let channel = t.seize().map_err(|why| (503, why.to_string()))?;
-                let dest = resolve(t.next_hop(), &self.inner.local)
-                    .await
-                    .map_err(|e| (503, e.to_string()))?;
-                (t.request_uri(user), None, dest, Some(channel))
+                let (dest, alternates) = self.locate(t.next_hop()).await?;
+                (t.request_uri(user), None, dest, alternates, Some(channel))
             }
         };
         let a = &self.a_invite;
@@ -954,8 +965,9 @@ impl Call {
             index,
         };
         let (bid, invite) = self.new_leg(leg, owner);
-        if let (Some(ch), Some(b)) = (trunk, self.fork.get_mut(bid)) {
-            b.trunk = Some(ch);
+        if let Some(b) = self.fork.get_mut(bid) {
+            b.trunk = trunk;
+            b.alternates = alternates;
         }
         // A target being rung counts as on a call for hunt groups (it would otherwise get
         // a second call while it rings).
@@ -1649,13 +1661,16 @@ impl Call {
         let next = b.alternates.remove(0);
         again.base.cseq.seq = again.base.cseq.seq.wrapping_add(1);
         again.base.via = vec![self.inner.local.via(&next)];
-        again.headers.set("Contact", self.inner.local.contact(&next));
+        again
+            .headers
+            .set("Contact", self.inner.local.contact(&next));
         if !b.resend(again.clone()) {
             return false;
         }
         b.target = next;
         tracing::debug!(call = %self.id, addr = %next.addr, "trying the target's next address (RFC 3263 4.3)");
-        self.send_client(again, next, Purpose::Branch(bid)).is_some()
+        self.send_client(again, next, Purpose::Branch(bid))
+            .is_some()
     }
 
     /// A 422 to our INVITE: sent again once asking for the callee's Min-SE (RFC 4028 7.4:

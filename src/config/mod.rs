@@ -40,6 +40,7 @@
 //! | `[shutdown]` | [`ShutdownConfig`] | here (read by `server`, which imports this module) |
 //! | `[huntgroups.<name>]` | `HuntGroupConfig` | `huntgroup` (not settable from the environment) |
 //! | `[presence]` | `PresenceSection` | `presence` |
+//! | `[dns]` | `DnsConfig` | `transport` (the RFC 3263 locator's resolver) |
 //! | `[trunks.<name>]` | `TrunkConfig` | `trunk` (not settable from the environment) |
 //!
 //! How a line is found: the file is parsed once into `toml`'s spanned document
@@ -60,6 +61,7 @@ use crate::presence::PresenceSection;
 use crate::registrar::RegistrarSection;
 use crate::script::ScriptConfig;
 use crate::storage::{RedisConfig, StorageConfig};
+use crate::transport::config::DnsConfig;
 use crate::trunk::{check_trunks, TrunkConfig};
 use crate::uas::SipConfig;
 use document::{
@@ -169,6 +171,7 @@ pub struct Config {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub huntgroups: BTreeMap<String, HuntGroupConfig>,
     pub presence: PresenceSection,
+    pub dns: DnsConfig,
     /// `[trunks.<name>]`: SIP trunks to carriers (see [`TrunkConfig`]).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub trunks: BTreeMap<String, TrunkConfig>,
@@ -221,7 +224,7 @@ impl Config {
     /// Checks every section; the first problem, its key made absolute (`sip.timers.t1_ms`).
     fn check(&self) -> Result<(), InvalidValue> {
         let has_users = !self.registrar.users_file.trim().is_empty();
-        let sections: [(&str, Result<(), InvalidValue>); 13] = [
+        let sections: [(&str, Result<(), InvalidValue>); 14] = [
             ("sip", self.sip.check()),
             ("http", self.http.check()),
             ("log", self.log.check()),
@@ -234,6 +237,7 @@ impl Config {
             ("shutdown", self.shutdown.check()),
             ("huntgroups", check_huntgroups(&self.huntgroups)),
             ("presence", self.presence.check(has_users)),
+            ("dns", self.dns.check()),
             ("trunks", check_trunks(&self.trunks)),
         ];
         for (section, result) in sections {

@@ -315,6 +315,34 @@ fn presence_section_is_checked_with_file_and_line() {
 }
 
 #[test]
+fn dns_section_defaults_env_and_errors() {
+    let c = Config::default();
+    assert!(c.dns.servers.is_empty());
+    assert_eq!(c.dns.timeout_ms, 2000);
+    let c = build(
+        "t.toml",
+        "",
+        &env(&[("STROWGER_DNS__SERVERS", "127.0.0.1:5353, ::1")]),
+    )
+    .unwrap();
+    assert_eq!(c.dns.servers, vec!["127.0.0.1:5353", "::1"]);
+    // A bad entry is named by key and line, the entry's own line in a list.
+    let e = err_of(
+        "[dns]\nservers = [\n  \"192.0.2.53\",\n  \"dns.example:53\",\n]\n",
+        &[],
+    );
+    assert_eq!((e.key.as_str(), e.line), ("dns.servers", Some(4)), "{e}");
+    assert!(e.message.contains("dns.example:53"), "{e}");
+    let e = err_of("[dns]\nservers = []\ntimeout_ms = 0\n", &[]);
+    assert_eq!(
+        e.to_string(),
+        "test.toml:3: dns.timeout_ms: must be at least 1 (got 0)"
+    );
+    let e = err_of("", &[("STROWGER_DNS__SERVERS", "127.0.0.1:0")]);
+    assert_eq!(e.key, "dns.servers", "{e}");
+}
+
+#[test]
 fn keepalive_interval_is_off_or_in_range() {
     assert_eq!(Config::default().registrar.keepalive_interval_s, 0);
     for ok in [0, 5, 30, 3600] {

@@ -1,12 +1,14 @@
 //! How the server names itself on each transport and where its own requests go: the
-//! bound addresses (Via, Contact, which host is ours), resolving a SIP URI to a transport
-//! address (RFC 3263, reduced), and where a registered contact's flow is. Every
-//! transaction user that sends requests of its own (B2BUA, presence, registrar keep-alive)
-//! shares these, so they live here, below all of them.
+//! bound addresses (Via, Contact, which host is ours), the locator that turns a SIP URI
+//! into transport targets (RFC 3263, in `locate.rs`), and where a registered contact's
+//! flow is. Every transaction user that sends requests of its own (B2BUA, presence,
+//! registrar keep-alive) shares these, so they live here, below all of them.
 
+use super::locate::Locator;
 use super::{Target, TransportKind};
 use crate::sip::{new_branch, Host, Params, Uri, Via};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -16,17 +18,43 @@ pub enum ResolveError {
     Unresolvable(String),
     #[error("no {0} transport is configured")]
     NoTransport(TransportKind),
+    #[error("{0}: sips: and TLS are not supported yet")]
+    TlsUnsupported(String),
+    /// A DNS query got no usable answer (timeout, SERVFAIL, ...): which one, and why.
+    #[error("DNS {query} failed: {message}")]
+    Lookup { query: String, message: String },
 }
 
-/// The server's bound addresses, for Via and Contact.
+/// The server's bound addresses, for Via and Contact, and the locator its own requests
+/// are sent with.
 #[derive(Debug, Clone)]
 pub struct LocalAddrs {
     addrs: Vec<(TransportKind, SocketAddr)>,
+    /// `None`: [`Locator::system_default`].
+    locator: Option<Arc<Locator>>,
 }
 
 impl LocalAddrs {
     pub fn new(addrs: Vec<(TransportKind, SocketAddr)>) -> LocalAddrs {
-        LocalAddrs { addrs }
+        LocalAddrs {
+            addrs,
+            locator: None,
+        }
+    }
+
+    /// The same addresses, locating targets with `locator` (the server's, from `[dns]`).
+    pub fn with_locator(mut self, locator: Arc<Locator>) -> LocalAddrs {
+        self.locator = Some(locator);
+        self
+    }
+
+    /// The targets to try for `uri`, best first (RFC 3263 4.1, 4.2; see
+    /// [`Locator::locate`]). Trying the next on failure (4.3) is the caller's.
+    pub async fn locate(&self, uri: &Uri) -> Result<Vec<Target>, ResolveError> {
+        match &self.locator {
+            Some(locator) => locator.locate(uri, self).await,
+            None => Locator::system_default().locate(uri, self).await,
+        }
     }
 
     /// The local address to use towards `remote` on `kind`: same transport and IP family.
@@ -133,38 +161,15 @@ impl LocalAddrs {
     }
 }
 
-/// Resolves a SIP URI to a transport target (RFC 3263 reduced to what a PBX core needs:
-/// `transport` parameter, else UDP; an IP host, or A/AAAA look-up of a name; port or 5060).
-/// NAPTR/SRV are not done.
+/// The first target of [`LocalAddrs::locate`]: where a request to `uri` goes when the
+/// caller does not fail over (RFC 3263 4.3) to the others.
 pub async fn resolve(uri: &Uri, local: &LocalAddrs) -> Result<Target, ResolveError> {
-    if !uri.scheme.is_sip() {
-        return Err(ResolveError::BadUri(uri.to_string()));
-    }
-    let transport = match uri.params.value("transport") {
-        Some(t) if t.eq_ignore_ascii_case("tcp") => TransportKind::Tcp,
-        Some(t) if t.eq_ignore_ascii_case("udp") => TransportKind::Udp,
-        Some(t) if t.eq_ignore_ascii_case("memory") => TransportKind::Memory,
-        None => TransportKind::Udp,
-        Some(_) => return Err(ResolveError::BadUri(uri.to_string())),
-    };
-    if !local.has(transport) {
-        return Err(ResolveError::NoTransport(transport));
-    }
-    let port = uri.port.unwrap_or(5060);
-    let addr = match &uri.host {
-        Host::Ipv4(a) => SocketAddr::new(IpAddr::V4(*a), port),
-        Host::Ipv6(a) => SocketAddr::new(IpAddr::V6(*a), port),
-        Host::Domain(d) => tokio::net::lookup_host((d.as_str(), port))
-            .await
-            .ok()
-            .and_then(|mut it| it.next())
-            .ok_or_else(|| ResolveError::Unresolvable(d.clone()))?,
-    };
-    Ok(Target {
-        transport,
-        addr,
-        connection: None,
-    })
+    local
+        .locate(uri)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ResolveError::Unresolvable(uri.host.to_string()))
 }
 
 /// Where a registered contact is reached: the transport target its REGISTER came from and

@@ -2,7 +2,8 @@
 //!
 //! Owns: sockets, TCP connections and framing, Via `received`/`rport` on inbound requests
 //! (RFC 3261 18.2.1, RFC 3581), the choice of where a response goes (18.2.2), the
-//! server's own addresses per transport and name resolution ([`LocalAddrs`], [`resolve`]).
+//! server's own addresses per transport and server location per RFC 3263 ([`LocalAddrs`],
+//! [`Locator`], [`resolve`]).
 //! Must not touch: transactions or anything above; it hands parsed messages to an
 //! [`InboundSink`] and sends bytes it is given through [`Sender`].
 
@@ -10,6 +11,7 @@ pub mod config;
 mod frame;
 mod listen;
 mod local;
+pub mod locate;
 pub mod memory;
 mod set;
 mod tcp;
@@ -18,6 +20,7 @@ pub mod via;
 
 pub use listen::ListenAddr;
 pub use local::{resolve, ContactFlows, LocalAddrs, ResolveError};
+pub use locate::Locator;
 pub use memory::{MemoryEndpoint, MemoryNetwork};
 pub use set::Transports;
 pub use udp::{outbox, MAX_DATAGRAM};
