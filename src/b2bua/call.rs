@@ -1182,12 +1182,12 @@ async fn sleep_until(at: Option<Instant>) {
 
 impl Call {
     /// Whether `req` goes on the answered leg to a trunk that has credentials (its INVITE
-    /// branches answer their own challenges; ACK and CANCEL are never challenged).
+    /// branches answer their own challenges; ACK and CANCEL are never challenged). A
+    /// transfer's requests on that leg (re-INVITE, REFER, NOTIFY) are included; its new
+    /// legs are other dialogs.
     fn to_trunk_with_credentials(&self, req: &Request, purpose: &Purpose) -> bool {
-        if matches!(
-            purpose,
-            Purpose::Branch(_) | Purpose::Transfer(_) | Purpose::ToTrunk { .. }
-        ) || matches!(req.method, Method::Ack | Method::Cancel)
+        if matches!(purpose, Purpose::Branch(_) | Purpose::ToTrunk { .. })
+            || matches!(req.method, Method::Ack | Method::Cancel)
         {
             return false;
         }
