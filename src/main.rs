@@ -94,17 +94,34 @@ fn script_options(config: &Config) -> strowger::script::EngineOptions {
 
 /// `strowger registrations`: the running server's bindings, as a table (or its JSON).
 fn registrations(path: Option<&Path>, as_json: bool) -> ExitCode {
+    admin_list(path, as_json, "/registrations", registrations_table)
+}
+
+/// `strowger trunks`: the running server's trunks, as a table (or its JSON).
+fn trunks(path: Option<&Path>, as_json: bool) -> ExitCode {
+    admin_list(path, as_json, "/trunks", trunks_table)
+}
+
+/// GETs a list from the running server's admin API and prints it as JSON or as the table
+/// `table` makes of it.
+fn admin_list<T: serde::de::DeserializeOwned>(
+    path: Option<&Path>,
+    as_json: bool,
+    what: &'static str,
+    table: fn(&[T]) -> String,
+) -> ExitCode {
     let client = match admin_client(path) {
         Ok(x) => x,
         Err(code) => return code,
     };
-    match client.block_on(strowger::admin::request_registrations(
+    match client.block_on(strowger::admin::request_list(
         client.addr,
+        what,
         &client.token,
     )) {
         Ok(text) if as_json => write_out(&format!("{text}\n")),
-        Ok(text) => match serde_json::from_str::<Vec<strowger::registrar::Binding>>(&text) {
-            Ok(list) => write_out(&registrations_table(&list)),
+        Ok(text) => match serde_json::from_str::<Vec<T>>(&text) {
+            Ok(list) => write_out(&table(&list)),
             Err(e) => {
                 eprintln!("error: unexpected answer from the server: {e}");
                 ExitCode::from(EXIT_RUNTIME)
@@ -139,28 +156,6 @@ fn registrations_table(list: &[strowger::registrar::Binding]) -> String {
     }
     out.push_str(&format!("{} binding(s)\n", list.len()));
     out
-}
-
-/// `strowger trunks`: the running server's trunks, as a table (or its JSON).
-fn trunks(path: Option<&Path>, as_json: bool) -> ExitCode {
-    let client = match admin_client(path) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    match client.block_on(strowger::admin::request_trunks(client.addr, &client.token)) {
-        Ok(text) if as_json => write_out(&format!("{text}\n")),
-        Ok(text) => match serde_json::from_str::<Vec<strowger::trunk::TrunkView>>(&text) {
-            Ok(list) => write_out(&trunks_table(&list)),
-            Err(e) => {
-                eprintln!("error: unexpected answer from the server: {e}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        },
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_RUNTIME)
-        }
-    }
 }
 
 /// One line per trunk: name, up, registration (seconds left, or the next retry and the

@@ -104,7 +104,9 @@ async fn the_token_guards_the_admin_api_and_refusals_are_counted() {
     // The trunks' state is guarded too (an empty list without [trunks.*]).
     assert_eq!(status_of(admin, Method::GET, "/trunks", None).await, 401);
     assert_eq!(
-        strowger::admin::request_trunks(admin, TOKEN).await.unwrap(),
+        strowger::admin::request_list(admin, "/trunks", TOKEN)
+            .await
+            .unwrap(),
         "[]"
     );
     assert_eq!(
@@ -112,11 +114,11 @@ async fn the_token_guards_the_admin_api_and_refusals_are_counted() {
         405
     );
     // The client helpers send the token.
-    let text = strowger::admin::request_registrations(admin, TOKEN)
+    let text = strowger::admin::request_list(admin, "/registrations", TOKEN)
         .await
         .unwrap();
     assert!(text.starts_with('['), "{text}");
-    let err = strowger::admin::request_registrations(admin, "")
+    let err = strowger::admin::request_list(admin, "/registrations", "")
         .await
         .unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");

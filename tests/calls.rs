@@ -100,16 +100,6 @@ fn callee(s: &Setup, name: &str, scenario: &str, port: u16) -> sipp::Sipp {
     sipp::start(&s.dir, name, Path::new(scenario), port, None, &[])
 }
 
-fn fail_scenario(dir: &Path, status: u16) -> String {
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_fail.xml"),
-    )
-    .unwrap();
-    let path = dir.join(format!("uac_fail_{status}.xml"));
-    std::fs::write(&path, text.replace("EXPECTED_STATUS", &status.to_string())).unwrap();
-    path.display().to_string()
-}
-
 fn assert_legs_differ(a: &[SeenMessage], b: &[SeenMessage]) {
     let (ia, ib) = (call_ids(a), call_ids(b));
     assert_eq!(ia.len(), 1, "caller saw one Call-ID: {ia:?}");
@@ -337,7 +327,7 @@ async fn sequential_failover_after_busy() {
 async fn dial_outcome_says_where_its_status_came_from() {
     let s = setup("outcome").await;
     let busy = callee(&s, "busy", "uas_reject.xml", s.b1);
-    let scenario = fail_scenario(&s.dir, 480);
+    let scenario = sipp::fail_scenario(&s.dir, 480);
     let a = caller(&s, &scenario, "outcome").expect_success(LIMIT).await;
     busy.expect_success(LIMIT).await;
     let line = |seen: &[SeenMessage]| {
@@ -359,7 +349,7 @@ async fn dial_outcome_says_where_its_status_came_from() {
 async fn ring_timeout_cancels_and_fails_the_call() {
     let s = setup("timeout").await;
     let b = callee(&s, "callee", "uas_ring_cancel.xml", s.b1);
-    let scenario = fail_scenario(&s.dir, 480);
+    let scenario = sipp::fail_scenario(&s.dir, 480);
     let a = caller(&s, &scenario, "timeout").expect_success(LIMIT).await;
     let b = b.expect_success(LIMIT).await;
     assert_eq!(received(&b), ["INVITE", "CANCEL", "ACK"]);
@@ -479,7 +469,7 @@ async fn reload_while_a_call_is_up_keeps_it() {
         "{text}"
     );
     // A new call runs the new version.
-    let scenario = fail_scenario(&s.dir, 403);
+    let scenario = sipp::fail_scenario(&s.dir, 403);
     caller(&s, &scenario, "bob").expect_success(LIMIT).await;
     wait_idle(&s.server).await;
 }
@@ -606,7 +596,7 @@ async fn caller_cancels_before_the_callee_rings() {
 async fn late_answer_after_the_ring_timeout_is_acked_and_released() {
     let s = setup("timeout-early").await;
     let b = RawCallee::bind(s.b1).await;
-    let scenario = fail_scenario(&s.dir, 408);
+    let scenario = sipp::fail_scenario(&s.dir, 408);
     let a = caller(&s, &scenario, "timeout");
     let (invite, server) = b.recv_request("INVITE", WAIT).await.expect("INVITE");
     a.expect_success(LIMIT).await;

@@ -104,16 +104,6 @@ fn caller(s: &Setup, scenario: &str, number: &str, hold_ms: u64) -> sipp::Sipp {
     )
 }
 
-fn fail_scenario(dir: &Path, status: u16) -> String {
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_fail.xml"),
-    )
-    .unwrap();
-    let path = dir.join(format!("uac_fail_{status}.xml"));
-    std::fs::write(&path, text.replace("EXPECTED_STATUS", &status.to_string())).unwrap();
-    path.display().to_string()
-}
-
 fn invites(seen: &[SeenMessage]) -> Vec<&SeenMessage> {
     seen.iter()
         .filter(|m| !m.sent && m.kind() == "INVITE")
@@ -258,7 +248,7 @@ async fn refused_credentials_fail_the_call_without_a_loop() {
         None,
         &[],
     );
-    let a = caller(&s, &fail_scenario(&s.dir, 403), "+15551234", 300);
+    let a = caller(&s, &sipp::fail_scenario(&s.dir, 403), "+15551234", 300);
     a.expect_success(LIMIT).await;
     let seen_c = carrier.expect_success(LIMIT).await;
     assert_eq!(

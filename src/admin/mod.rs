@@ -745,14 +745,14 @@ pub async fn request_reload(addr: SocketAddr, token: &str) -> anyhow::Result<Str
     success(addr, Method::POST, "/reload", token).await
 }
 
-/// `strowger registrations`: the server's bindings, as its JSON text.
-pub async fn request_registrations(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
-    success(addr, Method::GET, "/registrations", token).await
-}
-
-/// `strowger trunks`: the trunks' state, as the server's JSON text (`GET /trunks`).
-pub async fn request_trunks(addr: SocketAddr, token: &str) -> anyhow::Result<String> {
-    success(addr, Method::GET, "/trunks", token).await
+/// `strowger registrations` and `strowger trunks`: one of the server's lists
+/// (`"/registrations"`, `"/trunks"`), as its JSON text.
+pub async fn request_list(
+    addr: SocketAddr,
+    path: &'static str,
+    token: &str,
+) -> anyhow::Result<String> {
+    success(addr, Method::GET, path, token).await
 }
 
 /// `strowger drain`: the server stops taking new calls; its JSON answer

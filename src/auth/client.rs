@@ -187,31 +187,44 @@ impl DigestClient {
                 uri.as_bytes(),
             )
         };
-        let mut out = String::with_capacity(320);
-        out.push_str("Digest username=");
-        push_quoted(&mut out, &self.creds.username);
-        out.push_str(", realm=");
-        push_quoted(&mut out, &ch.realm);
-        out.push_str(", nonce=");
-        push_quoted(&mut out, &ch.nonce);
-        out.push_str(", uri=");
-        push_quoted(&mut out, uri);
-        out.push_str(", response=\"");
-        out.push_str(response.hex().as_str());
-        out.push_str("\", algorithm=");
-        out.push_str(ch.algorithm.name());
-        if let Some(o) = &ch.opaque {
-            out.push_str(", opaque=");
-            push_quoted(&mut out, o);
-        }
-        if qop_auth {
-            out.push_str(", qop=auth, nc=");
-            out.push_str(&nc);
-            out.push_str(", cnonce=");
-            push_quoted(&mut out, &cnonce);
-        }
-        out
+        let qop = qop_auth.then_some((nc.as_str(), cnonce.as_str()));
+        credentials_value(ch, &self.creds.username, uri, response.hex().as_str(), qop)
     }
+}
+
+/// The `Digest ...` credentials answering `ch` (RFC 7616 3.4): with `qop` (nc, cnonce)
+/// the qop=auth form, else the RFC 2069 one.
+pub(super) fn credentials_value(
+    ch: &Challenge,
+    user: &str,
+    uri: &str,
+    response: &str,
+    qop: Option<(&str, &str)>,
+) -> String {
+    let mut out = String::with_capacity(320);
+    out.push_str("Digest username=");
+    push_quoted(&mut out, user);
+    out.push_str(", realm=");
+    push_quoted(&mut out, &ch.realm);
+    out.push_str(", nonce=");
+    push_quoted(&mut out, &ch.nonce);
+    out.push_str(", uri=");
+    push_quoted(&mut out, uri);
+    out.push_str(", response=\"");
+    out.push_str(response);
+    out.push_str("\", algorithm=");
+    out.push_str(ch.algorithm.name());
+    if let Some(o) = &ch.opaque {
+        out.push_str(", opaque=");
+        push_quoted(&mut out, o);
+    }
+    if let Some((nc, cnonce)) = qop {
+        out.push_str(", qop=auth, nc=");
+        out.push_str(nc);
+        out.push_str(", cnonce=");
+        push_quoted(&mut out, cnonce);
+    }
+    out
 }
 
 #[cfg(test)]

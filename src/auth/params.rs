@@ -232,28 +232,13 @@ pub fn answer_challenge(
         uri.as_bytes(),
     )
     .hex();
-    let mut out = String::with_capacity(300);
-    out.push_str("Digest username=");
-    push_quoted(&mut out, user);
-    out.push_str(", realm=");
-    push_quoted(&mut out, &ch.realm);
-    out.push_str(", nonce=");
-    push_quoted(&mut out, &ch.nonce);
-    out.push_str(", uri=");
-    push_quoted(&mut out, uri);
-    out.push_str(", response=\"");
-    out.push_str(resp.as_str());
-    out.push_str("\", algorithm=");
-    out.push_str(ch.algorithm.name());
-    out.push_str(", cnonce=");
-    push_quoted(&mut out, cnonce);
-    if let Some(o) = &ch.opaque {
-        out.push_str(", opaque=");
-        push_quoted(&mut out, o);
-    }
-    out.push_str(", qop=auth, nc=");
-    out.push_str(&nc);
-    Ok(out)
+    Ok(super::client::credentials_value(
+        &ch,
+        user,
+        uri,
+        resp.as_str(),
+        Some((&nc, cnonce)),
+    ))
 }
 
 #[cfg(test)]

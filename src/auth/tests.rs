@@ -303,7 +303,8 @@ fn forged_or_foreign_nonce_is_challenged() {
         .to_owned();
     // opaque differs too; drop it to reach the nonce check.
     let a = answer_challenge(&foreign, "REGISTER", URI, "alice", "secret", "c", 1).unwrap();
-    let a = a.split(", opaque=").next().unwrap().to_owned() + ", qop=auth, nc=00000001";
+    let a =
+        a.split(", opaque=").next().unwrap().to_owned() + ", qop=auth, nc=00000001, cnonce=\"c\"";
     assert_eq!(
         f.verify(&register(&[format!("Authorization: {a}")]), A),
         CHALLENGE

@@ -225,3 +225,15 @@ pub fn call_ids(seen: &[SeenMessage]) -> Vec<String> {
     ids.dedup();
     ids
 }
+
+/// tests/sipp/uac_fail.xml with the failure status the caller expects written in: the
+/// scenario's path under `dir`.
+pub fn fail_scenario(dir: &Path, status: u16) -> String {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sipp/uac_fail.xml"),
+    )
+    .unwrap();
+    let path = dir.join(format!("uac_fail_{status}.xml"));
+    std::fs::write(&path, text.replace("EXPECTED_STATUS", &status.to_string())).unwrap();
+    path.display().to_string()
+}
