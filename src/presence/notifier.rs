@@ -863,10 +863,12 @@ impl Notifier {
     }
 
     fn end_sub(&mut self, key: &str, failed: bool) {
+        // The failure is counted before the subscription count goes down, so that a
+        // reader who sees the subscription gone also sees why.
+        if failed && self.subs.contains_key(key) {
+            bump(&self.inner.stats.notifies_failed);
+        }
         if self.remove_sub(key).is_some() {
-            if failed {
-                bump(&self.inner.stats.notifies_failed);
-            }
             drop(self.store.remove_subscription(key));
         }
     }
