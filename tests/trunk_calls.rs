@@ -358,6 +358,36 @@ async fn a_trunk_whose_pings_stop_is_down_and_the_plan_fails_over() {
     );
 }
 
+/// A carrier calls the contact a registering trunk registered (`;line=<trunk>`): the call
+/// is from that trunk, whatever its source address says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_the_registered_contact_is_from_that_trunk() {
+    let s = setup_with("trunk-line", "secret", 0, |c| {
+        let plan = c.script.path.clone();
+        std::fs::write(
+            &plan,
+            "function on_invite(call)\n  if call.trunk == \"carrier1\" then call:reject(486) \
+             else call:reject(480, tostring(call.trunk)) end\nend\n",
+        )
+        .unwrap();
+        c.trunks.get_mut("carrier1").unwrap().register = true;
+    })
+    .await;
+    let text = std::fs::read_to_string(sipp::fail_scenario(&s.dir, 486)).unwrap();
+    let path = s.dir.join("uac_line.xml");
+    std::fs::write(
+        &path,
+        text.replace(
+            "INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0",
+            "INVITE sip:[service]@[remote_ip]:[remote_port];line=carrier1 SIP/2.0",
+        ),
+    )
+    .unwrap();
+    caller(&s, &path.display().to_string(), "pbx", 300)
+        .expect_success(LIMIT)
+        .await;
+}
+
 async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let until = std::time::Instant::now() + limit;
     while std::time::Instant::now() < until {
