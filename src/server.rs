@@ -377,6 +377,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         udp_loss_percent: config.sip.udp_loss_percent,
         max_connections: config.sip.tcp_max_connections,
         max_connections_per_source: config.sip.tcp_max_connections_per_source,
+        ..TransportLimits::default()
     };
     if config.sip.udp_loss_percent > 0 {
         tracing::warn!(

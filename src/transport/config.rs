@@ -25,7 +25,7 @@ pub fn validate_listen_entry(entry: &str) -> Result<ListenAddr, String> {
     let transport = entry.split_once(':').map_or("", |(t, _)| t);
     if transport.chars().any(|c| c.is_ascii_uppercase()) {
         return Err(format!(
-            "{entry:?}: unknown transport {transport:?} (expected udp, tcp or memory)"
+            "{entry:?}: unknown transport {transport:?} (expected udp, tcp, tls, ws, wss or memory)"
         ));
     }
     entry.parse()

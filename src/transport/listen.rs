@@ -26,9 +26,12 @@ impl std::str::FromStr for ListenAddr {
             "udp" => TransportKind::Udp,
             "tcp" => TransportKind::Tcp,
             "memory" => TransportKind::Memory,
+            "tls" => TransportKind::Tls,
+            "ws" => TransportKind::Ws,
+            "wss" => TransportKind::Wss,
             _ => {
                 return Err(format!(
-                    "{s:?}: unknown transport {transport:?} (expected udp, tcp or memory)"
+                    "{s:?}: unknown transport {transport:?} (expected udp, tcp, tls, ws, wss or memory)"
                 ))
             }
         };

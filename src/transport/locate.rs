@@ -353,7 +353,8 @@ fn srv_name(transport: TransportKind, domain: &str) -> Option<String> {
     match transport {
         TransportKind::Udp => Some(format!("_sip._udp.{domain}")),
         TransportKind::Tcp => Some(format!("_sip._tcp.{domain}")),
-        TransportKind::Memory => None,
+        TransportKind::Memory | TransportKind::Ws | TransportKind::Wss => None,
+        TransportKind::Tls => Some(format!("_sips._tcp.{domain}")),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod locate;
 pub mod memory;
 mod set;
 mod tcp;
+pub mod tls;
 mod udp;
 pub mod via;
 
@@ -30,6 +31,8 @@ use crate::sip::{ParseError, SipMessage};
 use bytes::Bytes;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
+pub use tls::TlsContext;
 
 /// Which transport a message came on or goes out on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,18 +42,36 @@ pub enum TransportKind {
     /// In-process datagrams between endpoints of a [`memory`] network (tests, simulated
     /// phones). Unreliable like UDP, so the transaction layer retransmits over it.
     Memory,
+    /// TCP with TLS (RFC 3261 26.2; `sips:` hops).
+    Tls,
+    /// SIP over WebSocket (RFC 7118), one SIP message per WebSocket message.
+    Ws,
+    /// SIP over secure WebSocket (RFC 7118), WebSocket over TLS.
+    Wss,
 }
 
 impl TransportKind {
     /// Reliable transports get no retransmissions (RFC 3261 17.1.1.2) and Timer K/J/I of 0.
     pub fn is_reliable(self) -> bool {
-        matches!(self, TransportKind::Tcp)
+        !matches!(self, TransportKind::Udp | TransportKind::Memory)
+    }
+    /// Whether the hop is encrypted (TLS or WSS): what a `sips:` URI requires.
+    pub fn is_secure(self) -> bool {
+        matches!(self, TransportKind::Tls | TransportKind::Wss)
+    }
+    /// WebSocket transports: the server cannot open a connection to the peer (a browser),
+    /// so a request reaches it only over the connection it opened (RFC 7118 5).
+    pub fn is_websocket(self) -> bool {
+        matches!(self, TransportKind::Ws | TransportKind::Wss)
     }
     /// The name used in Via headers.
     pub fn via_name(self) -> &'static str {
         match self {
             TransportKind::Udp | TransportKind::Memory => "UDP",
             TransportKind::Tcp => "TCP",
+            TransportKind::Tls => "TLS",
+            TransportKind::Ws => "WS",
+            TransportKind::Wss => "WSS",
         }
     }
 }
@@ -61,6 +82,9 @@ impl fmt::Display for TransportKind {
             TransportKind::Udp => "udp",
             TransportKind::Tcp => "tcp",
             TransportKind::Memory => "memory",
+            TransportKind::Tls => "tls",
+            TransportKind::Ws => "ws",
+            TransportKind::Wss => "wss",
         })
     }
 }
@@ -141,6 +165,18 @@ pub struct TransportLimits {
     /// Percentage of UDP datagrams dropped at random on receive and on send (a rehearsal
     /// of a lossy network; 0 = none).
     pub udp_loss_percent: u32,
+    /// Certificates for `tls:`/`wss:` listeners and outgoing TLS; `None`: no TLS (a `tls:`
+    /// or `wss:` listener then fails to bind with a clear error).
+    pub tls: Option<Arc<TlsContext>>,
+    /// A TLS handshake (or WebSocket upgrade) not done within this closes the connection.
+    pub handshake_timeout: std::time::Duration,
+    /// Most TLS handshakes and WebSocket upgrades in progress at once; more are refused.
+    pub max_handshakes: usize,
+    /// `Origin` values a WebSocket upgrade may carry (RFC 6455 10.2); empty: any.
+    pub ws_allowed_origins: Vec<String>,
+    /// A WebSocket connection is pinged this often (0: never); a peer that does not
+    /// answer within the idle timeout is closed.
+    pub ws_ping_interval: std::time::Duration,
 }
 
 impl Default for TransportLimits {
@@ -153,6 +189,11 @@ impl Default for TransportLimits {
             message_timeout: std::time::Duration::from_secs(10),
             udp_recv_buffer: 0,
             udp_loss_percent: 0,
+            tls: None,
+            handshake_timeout: std::time::Duration::from_secs(10),
+            max_handshakes: 256,
+            ws_allowed_origins: Vec::new(),
+            ws_ping_interval: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -141,6 +141,9 @@ impl Transports {
                         .map_err(|e| TransportError::Bind(l.addr, e))?;
                     Bound::Tcp(listener, local)
                 }
+                TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
+                    return Err(TransportError::NoTransport(l.kind, l.addr))
+                }
                 TransportKind::Memory => Bound::Memory(
                     MemoryNetwork::global()
                         .try_endpoint(l.addr)
@@ -234,6 +237,7 @@ impl Transports {
             TransportKind::Udp => !self.inner.udp.is_empty(),
             TransportKind::Tcp => self.inner.tcp.is_some(),
             TransportKind::Memory => !self.inner.memory.read().is_empty(),
+            TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => false,
         }
     }
 
@@ -340,6 +344,9 @@ impl Sender for Transports {
                 None => Err(TransportError::NoTransport(TransportKind::Tcp, target.addr)),
             },
             TransportKind::Memory => self.send_memory(target, data),
+            TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
+                Err(TransportError::NoTransport(target.transport, target.addr))
+            }
         };
         if let Err(e) = &result {
             tracing::debug!(%target.addr, transport = %target.transport, error = %e, "send failed");
