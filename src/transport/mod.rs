@@ -15,6 +15,7 @@ pub mod locate;
 pub mod memory;
 mod set;
 mod tcp;
+mod ws;
 pub mod tls;
 mod udp;
 pub mod via;
@@ -63,6 +64,26 @@ impl TransportKind {
     /// so a request reaches it only over the connection it opened (RFC 7118 5).
     pub fn is_websocket(self) -> bool {
         matches!(self, TransportKind::Ws | TransportKind::Wss)
+    }
+    /// Every kind, in the order of [`TransportKind::index`].
+    pub const ALL: [TransportKind; 6] = [
+        TransportKind::Udp,
+        TransportKind::Tcp,
+        TransportKind::Memory,
+        TransportKind::Tls,
+        TransportKind::Ws,
+        TransportKind::Wss,
+    ];
+    /// A dense index (0..6), for per-transport counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+    /// Kinds whose connections begin with a handshake (TLS, a WebSocket upgrade, or both).
+    pub fn has_handshake(self) -> bool {
+        matches!(
+            self,
+            TransportKind::Tls | TransportKind::Ws | TransportKind::Wss
+        )
     }
     /// The name used in Via headers.
     pub fn via_name(self) -> &'static str {
@@ -116,6 +137,9 @@ pub struct Inbound {
 /// Receives what the transports read. Called on the transport's own task: do not block.
 pub trait InboundSink: Send + Sync + 'static {
     fn deliver(&self, inbound: Inbound);
+    /// A connection closed (either end, or an idle or error close): what was reached
+    /// through it (RFC 5626 flows, WebSocket registrations) is reached no more.
+    fn connection_closed(&self, _connection: Target) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +236,23 @@ pub struct TransportStats {
     pub tcp_refused_per_source: u64,
     pub tcp_connections_open: u64,
     pub send_errors: u64,
+    /// Per transport, in the order of [`TransportKind::ALL`].
+    pub per_transport: Vec<(TransportKind, TransportKindStats)>,
+}
+
+/// One transport's counters (connections are those of TCP, TLS, WS and WSS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportKindStats {
+    /// Connections open now (accepted and outgoing, handshakes in progress included).
+    pub connections_open: u64,
+    /// TLS handshakes or WebSocket upgrades that failed or timed out.
+    pub handshakes_failed: u64,
+    /// Connections refused before their handshake: `max_handshakes` in progress.
+    pub handshakes_refused: u64,
+    /// Messages read.
+    pub received: u64,
+    /// Messages handed to the transport to send.
+    pub sent: u64,
 }
 
 /// Where a response to a request goes (RFC 3261 18.2.2, RFC 3581 section 4): over the

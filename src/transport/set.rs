@@ -33,6 +33,23 @@ pub(crate) struct Counters {
     pub(crate) tcp_refused_per_source: AtomicU64,
     pub(crate) tcp_connections_open: AtomicU64,
     pub(crate) send_errors: AtomicU64,
+    /// Per transport, indexed by [`TransportKind::index`].
+    pub(crate) by_kind: [KindCounters; 6],
+}
+
+#[derive(Default)]
+pub(crate) struct KindCounters {
+    pub(crate) open: AtomicU64,
+    pub(crate) handshakes_failed: AtomicU64,
+    pub(crate) handshakes_refused: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) sent: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn kind(&self, kind: TransportKind) -> &KindCounters {
+        &self.by_kind[kind.index()]
+    }
 }
 
 /// What every reading task needs.
@@ -69,6 +86,10 @@ impl Shared {
             via::process_inbound(req, &source);
         }
         self.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .kind(source.transport)
+            .received
+            .fetch_add(1, Ordering::Relaxed);
         self.sink.deliver(super::Inbound {
             message,
             source,
@@ -123,7 +144,7 @@ impl Transports {
         // Bind everything first, so that a failure leaves nothing running.
         enum Bound {
             Udp(UdpTransport),
-            Tcp(tokio::net::TcpListener, SocketAddr),
+            Tcp(tokio::net::TcpListener, SocketAddr, TransportKind),
             Memory(MemoryEndpoint),
         }
         let mut bound = Vec::with_capacity(listen.len());
@@ -133,16 +154,30 @@ impl Transports {
                     udp::bind(l.addr, shared.limits.udp_recv_buffer)
                         .map_err(|e| TransportError::Bind(l.addr, e))?,
                 ),
-                TransportKind::Tcp => {
+                TransportKind::Tcp | TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
+                    let secure = l.kind.is_secure();
+                    if secure
+                        && shared
+                            .limits
+                            .tls
+                            .as_ref()
+                            .and_then(|t| t.server_config())
+                            .is_none()
+                    {
+                        return Err(TransportError::Bind(
+                            l.addr,
+                            std::io::Error::other(format!(
+                                "a {} listener needs a certificate and key (tls.cert, tls.key)",
+                                l.kind
+                            )),
+                        ));
+                    }
                     let listener =
                         super::tcp::bind(l.addr).map_err(|e| TransportError::Bind(l.addr, e))?;
                     let local = listener
                         .local_addr()
                         .map_err(|e| TransportError::Bind(l.addr, e))?;
-                    Bound::Tcp(listener, local)
-                }
-                TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
-                    return Err(TransportError::NoTransport(l.kind, l.addr))
+                    Bound::Tcp(listener, local, l.kind)
                 }
                 TransportKind::Memory => Bound::Memory(
                     MemoryNetwork::global()
@@ -156,7 +191,7 @@ impl Transports {
             .iter()
             .map(|b| match b {
                 Bound::Udp(u) => (TransportKind::Udp, u.local),
-                Bound::Tcp(_, a) => (TransportKind::Tcp, *a),
+                Bound::Tcp(_, a, kind) => (*kind, *a),
                 Bound::Memory(e) => (TransportKind::Memory, e.local_addr()),
             })
             .collect();
@@ -167,12 +202,14 @@ impl Transports {
                 _ => None,
             })
             .collect();
-        let tcp_addrs: Vec<SocketAddr> = addrs
+        // TCP, TLS, WS and WSS connections all run on TCP and share one table and limits;
+        // outgoing TLS needs it even without a listener of ours (a trunk over TLS).
+        let tcp_addrs: Vec<(TransportKind, SocketAddr)> = addrs
             .iter()
-            .filter(|(k, _)| *k == TransportKind::Tcp)
-            .map(|(_, a)| *a)
+            .filter(|(k, _)| k.is_reliable())
+            .copied()
             .collect();
-        let tcp = (!tcp_addrs.is_empty())
+        let tcp = (!tcp_addrs.is_empty() || shared.limits.tls.is_some())
             .then(|| Arc::new(TcpTransport::new(shared.clone(), handle.clone(), tcp_addrs)));
         let memory = addrs
             .iter()
@@ -183,8 +220,8 @@ impl Transports {
         for b in bound {
             let task = match b {
                 Bound::Udp(u) => handle.spawn(udp::recv_loop(u, shared.clone())),
-                Bound::Tcp(listener, local) => match &tcp {
-                    Some(tcp) => handle.spawn(tcp.clone().accept_loop(listener, local)),
+                Bound::Tcp(listener, local, kind) => match &tcp {
+                    Some(tcp) => handle.spawn(tcp.clone().accept_loop(listener, local, kind)),
                     None => continue, // cannot happen: a listener implies the TCP side
                 },
                 Bound::Memory(ep) => handle.spawn(memory_loop(ep, shared.clone())),
@@ -235,9 +272,10 @@ impl Transports {
     pub fn supports(&self, kind: TransportKind) -> bool {
         match kind {
             TransportKind::Udp => !self.inner.udp.is_empty(),
-            TransportKind::Tcp => self.inner.tcp.is_some(),
             TransportKind::Memory => !self.inner.memory.read().is_empty(),
-            TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => false,
+            TransportKind::Tcp | TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
+                self.inner.tcp.as_ref().is_some_and(|t| t.supports(kind))
+            }
         }
     }
 
@@ -282,6 +320,22 @@ impl Transports {
             tcp_refused_per_source: c.tcp_refused_per_source.load(Ordering::Relaxed),
             tcp_connections_open: c.tcp_connections_open.load(Ordering::Relaxed),
             send_errors: c.send_errors.load(Ordering::Relaxed),
+            per_transport: TransportKind::ALL
+                .iter()
+                .map(|&k| {
+                    let kc = c.kind(k);
+                    (
+                        k,
+                        super::TransportKindStats {
+                            connections_open: kc.open.load(Ordering::Relaxed),
+                            handshakes_failed: kc.handshakes_failed.load(Ordering::Relaxed),
+                            handshakes_refused: kc.handshakes_refused.load(Ordering::Relaxed),
+                            received: kc.received.load(Ordering::Relaxed),
+                            sent: kc.sent.load(Ordering::Relaxed),
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -348,6 +402,14 @@ impl Sender for Transports {
                 Err(TransportError::NoTransport(target.transport, target.addr))
             }
         };
+        if result.is_ok() {
+            self.inner
+                .shared
+                .counters
+                .kind(target.transport)
+                .sent
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(e) = &result {
             tracing::debug!(%target.addr, transport = %target.transport, error = %e, "send failed");
             self.inner

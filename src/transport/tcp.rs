@@ -1,9 +1,12 @@
-//! TCP: listeners, connections (accepted and outbound), framing by Content-Length, a
+//! Connections: TCP, and TLS and WebSocket (RFC 7118) on TCP: listeners, connections
+//! (accepted and outbound), handshakes, framing by Content-Length on byte streams, a
 //! writer per connection fed by a channel, and the connection table.
 //!
-//! Owns: every TCP socket and the table of open connections (by id, and by remote address
-//! for reuse). Must not touch: message contents beyond framing; parsing is
-//! [`crate::sip::parse`] and delivery is [`Shared::deliver`](super::set::Shared).
+//! Owns: every TCP socket and the table of open connections (by id, and by transport and
+//! remote address for reuse), the handshake bound. Must not touch: message contents beyond
+//! framing; parsing is [`crate::sip::parse`] and delivery is [`Shared::deliver`](super::set::Shared).
+//! The WebSocket upgrade and message loop are in [`super::ws`]; certificates in
+//! [`super::tls`].
 
 use super::frame::{frame, Frame};
 use super::set::Shared;
@@ -14,17 +17,20 @@ use bytes::{Buf, Bytes, BytesMut};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 /// How long an outbound connect may take before the queued data is given up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection's byte stream: plain TCP or TLS over it.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// Binds a listener on `addr` (IPv6-only for IPv6, like UDP; SO_REUSEADDR so a restart
 /// does not wait for old connections in TIME_WAIT).
@@ -44,6 +50,7 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 #[derive(Clone)]
 struct Conn {
     tx: mpsc::UnboundedSender<Bytes>,
+    kind: TransportKind,
     peer: SocketAddr,
     /// Accepted from the peer (counted against its address's share), not opened by us.
     inbound: bool,
@@ -51,27 +58,39 @@ struct Conn {
     task: Option<AbortHandle>,
 }
 
-/// The TCP side of one [`Transports`](super::Transports).
+/// The connection side (TCP, TLS, WS, WSS) of one [`Transports`](super::Transports).
 pub(crate) struct TcpTransport {
-    shared: Arc<Shared>,
-    handle: tokio::runtime::Handle,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) handle: tokio::runtime::Handle,
     conns: ShardMap<ConnectionId, Conn>,
-    /// The newest open connection to each remote address, for reuse (RFC 3261 18.1.1
-    /// lets a client reuse a connection; 18.2.2 asks the server to use it for responses).
-    by_addr: ShardMap<SocketAddr, ConnectionId>,
+    /// The newest open connection of each transport to each remote address, for reuse
+    /// (RFC 3261 18.1.1 lets a client reuse a connection; 18.2.2 asks the server to use
+    /// it for responses; RFC 5626 flows).
+    by_addr: ShardMap<(TransportKind, SocketAddr), ConnectionId>,
     next_id: AtomicU64,
     /// Accepted connections open per remote IP (`sip.tcp_max_connections_per_source`).
     per_source: ShardMap<std::net::IpAddr, usize>,
     /// The bound listeners; outbound connections leave from the listener IP of the
     /// destination's family so the peer sees the address our Via carries.
-    listeners: Vec<SocketAddr>,
+    listeners: Vec<(TransportKind, SocketAddr)>,
+    /// TLS handshakes and WebSocket upgrades in progress (bounded by `max_handshakes`).
+    handshakes: AtomicUsize,
+}
+
+/// A handshake slot, given back when the handshake ends either way.
+struct HandshakeSlot<'a>(&'a AtomicUsize);
+
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl TcpTransport {
     pub(crate) fn new(
         shared: Arc<Shared>,
         handle: tokio::runtime::Handle,
-        listeners: Vec<SocketAddr>,
+        listeners: Vec<(TransportKind, SocketAddr)>,
     ) -> TcpTransport {
         TcpTransport {
             shared,
@@ -81,7 +100,25 @@ impl TcpTransport {
             next_id: AtomicU64::new(1),
             per_source: ShardMap::new(),
             listeners,
+            handshakes: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether requests can go out on `kind`: TCP with a TCP listener, TLS with the TLS
+    /// context (no listener needed: a trunk over TLS), WebSocket only over connections
+    /// the peer opened (checked at send).
+    pub(crate) fn supports(&self, kind: TransportKind) -> bool {
+        match kind {
+            TransportKind::Tls => self.shared.limits.tls.is_some(),
+            _ => self.listeners.iter().any(|(k, _)| *k == kind),
+        }
+    }
+
+    /// Takes a handshake slot under `max_handshakes`; `None` when they are all taken.
+    fn handshake_slot(&self) -> Option<HandshakeSlot<'_>> {
+        let before = self.handshakes.fetch_add(1, Ordering::AcqRel);
+        let slot = HandshakeSlot(&self.handshakes);
+        (before < self.shared.limits.max_handshakes).then_some(slot)
     }
 
     /// Takes a slot under `max_connections`; false when full.
@@ -134,6 +171,7 @@ impl TcpTransport {
     /// Enters a connection whose slot is reserved into the table.
     fn register(
         &self,
+        kind: TransportKind,
         peer: SocketAddr,
         tx: mpsc::UnboundedSender<Bytes>,
         inbound: bool,
@@ -143,12 +181,18 @@ impl TcpTransport {
             id,
             Conn {
                 tx,
+                kind,
                 peer,
                 inbound,
                 task: None,
             },
         );
-        self.by_addr.insert(peer, id);
+        self.by_addr.insert((kind, peer), id);
+        self.shared
+            .counters
+            .kind(kind)
+            .open
+            .fetch_add(1, Ordering::Relaxed);
         id
     }
 
@@ -160,7 +204,7 @@ impl TcpTransport {
     /// already (so both the connection's own end and shutdown may call it).
     fn forget(&self, id: ConnectionId) -> Option<Conn> {
         let conn = self.conns.remove(&id)?;
-        self.by_addr.remove_if(&conn.peer, |v| *v == id);
+        self.by_addr.remove_if(&(conn.kind, conn.peer), |v| *v == id);
         if conn.inbound {
             self.release_source(conn.peer.ip());
         }
@@ -168,12 +212,29 @@ impl TcpTransport {
             .counters
             .tcp_connections_open
             .fetch_sub(1, Ordering::AcqRel);
-        tracing::debug!(peer = %conn.peer, conn = id.0, "tcp connection closed");
+        self.shared
+            .counters
+            .kind(conn.kind)
+            .open
+            .fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(peer = %conn.peer, conn = id.0, transport = %conn.kind, "connection closed");
+        if !self.shared.closed.load(Ordering::Acquire) {
+            self.shared.sink.connection_closed(Target {
+                transport: conn.kind,
+                addr: conn.peer,
+                connection: Some(id),
+            });
+        }
         Some(conn)
     }
 
     /// Accepts connections until the task is aborted.
-    pub(crate) async fn accept_loop(self: Arc<Self>, listener: TcpListener, local: SocketAddr) {
+    pub(crate) async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        local: SocketAddr,
+        kind: TransportKind,
+    ) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
@@ -206,13 +267,15 @@ impl TcpTransport {
                 continue;
             }
             let (tx, rx) = mpsc::unbounded_channel();
-            let id = self.register(peer, tx, true);
-            tracing::debug!(%peer, %local, conn = id.0, "tcp connection accepted");
+            let id = self.register(kind, peer, tx, true);
+            tracing::debug!(%peer, %local, conn = id.0, transport = %kind, "connection accepted");
             let guard = ForgetGuard {
                 tcp: self.clone(),
                 id,
             };
-            let task = self.handle.spawn(drive(guard, stream, peer, local, rx));
+            let task = self
+                .handle
+                .spawn(serve_accepted(guard, stream, kind, peer, local, rx));
             self.set_task(id, task.abort_handle());
         }
     }
@@ -232,13 +295,18 @@ impl TcpTransport {
             }
         }
         // RFC 3261 18.2.2: when the request's connection is gone, use (or open) another.
-        if let Some(id) = self.by_addr.get(&target.addr) {
+        if let Some(id) = self.by_addr.get(&(target.transport, target.addr)) {
             match self.try_queue(id, data) {
                 Ok(()) => return Ok(()),
                 Err(d) => data = d,
             }
         }
-        self.connect(target.addr, data)
+        if target.transport.is_websocket() {
+            // RFC 7118 5: the server cannot open a WebSocket connection to a browser; what
+            // it reaches, it reaches over the connection the peer opened.
+            return Err(TransportError::ConnectionClosed(target.addr));
+        }
+        self.connect(target.transport, target.addr, data)
     }
 
     fn try_queue(&self, id: ConnectionId, data: Bytes) -> Result<(), Bytes> {
@@ -249,14 +317,37 @@ impl TcpTransport {
     }
 
     /// Opens a connection to `addr` in the background with `data` queued on it.
-    fn connect(self: &Arc<Self>, addr: SocketAddr, data: Bytes) -> Result<(), TransportError> {
-        let Some(local) = self
-            .listeners
-            .iter()
-            .find(|l| l.is_ipv4() == addr.is_ipv4())
-            .copied()
-        else {
-            return Err(TransportError::NoTransport(TransportKind::Tcp, addr));
+    fn connect(
+        self: &Arc<Self>,
+        kind: TransportKind,
+        addr: SocketAddr,
+        data: Bytes,
+    ) -> Result<(), TransportError> {
+        // Leave from the IP of a listener of this transport (else of any connection
+        // transport, else any: TLS towards a trunk needs no TLS listener of ours).
+        let same_family = |k: Option<TransportKind>| {
+            self.listeners
+                .iter()
+                .find(|(lk, l)| k.is_none_or(|k| k == *lk) && l.is_ipv4() == addr.is_ipv4())
+                .map(|(_, l)| *l)
+        };
+        let local = match kind {
+            TransportKind::Tcp => same_family(Some(TransportKind::Tcp)),
+            TransportKind::Tls if self.shared.limits.tls.is_some() => Some(
+                same_family(Some(TransportKind::Tls))
+                    .or_else(|| same_family(None))
+                    .unwrap_or_else(|| {
+                        if addr.is_ipv4() {
+                            SocketAddr::from(([0, 0, 0, 0], 0))
+                        } else {
+                            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+                        }
+                    }),
+            ),
+            _ => None,
+        };
+        let Some(local) = local else {
+            return Err(TransportError::NoTransport(kind, addr));
         };
         if !self.reserve() {
             tracing::debug!(%addr, "tcp connect refused: max_connections reached");
@@ -265,7 +356,7 @@ impl TcpTransport {
         let (tx, rx) = mpsc::unbounded_channel();
         // The receiver is held below, so this cannot fail.
         let _ = tx.send(data);
-        let id = self.register(addr, tx, false);
+        let id = self.register(kind, addr, tx, false);
         let guard = ForgetGuard {
             tcp: self.clone(),
             id,
@@ -275,8 +366,16 @@ impl TcpTransport {
             match connected {
                 Ok(Ok(stream)) => {
                     let local = stream.local_addr().unwrap_or(local);
-                    tracing::debug!(peer = %addr, %local, conn = id.0, "tcp connection opened");
-                    drive(guard, stream, addr, local, rx).await;
+                    tracing::debug!(peer = %addr, %local, conn = id.0, transport = %kind, "connection opened");
+                    let _ = stream.set_nodelay(true);
+                    if kind == TransportKind::Tls {
+                        let Some(tls) = tls_connect(&guard, stream, addr).await else {
+                            return;
+                        };
+                        drive(guard, tls, kind, addr, local, rx).await;
+                    } else {
+                        drive(guard, stream, kind, addr, local, rx).await;
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %addr, error = %e, "tcp connect failed");
@@ -306,11 +405,16 @@ impl TcpTransport {
     pub(crate) fn shutdown(&self) {
         let conns = self.conns.drain();
         for (id, conn) in conns {
-            self.by_addr.remove_if(&conn.peer, |v| *v == id);
+            self.by_addr.remove_if(&(conn.kind, conn.peer), |v| *v == id);
             self.shared
                 .counters
                 .tcp_connections_open
                 .fetch_sub(1, Ordering::AcqRel);
+            self.shared
+                .counters
+                .kind(conn.kind)
+                .open
+                .fetch_sub(1, Ordering::Relaxed);
             if let Some(task) = conn.task {
                 task.abort();
             }
@@ -333,9 +437,9 @@ async fn connect_from(local: SocketAddr, addr: SocketAddr) -> io::Result<TcpStre
 }
 
 /// Removes the connection from the table when its task ends or is aborted.
-struct ForgetGuard {
-    tcp: Arc<TcpTransport>,
-    id: ConnectionId,
+pub(crate) struct ForgetGuard {
+    pub(crate) tcp: Arc<TcpTransport>,
+    pub(crate) id: ConnectionId,
 }
 
 impl Drop for ForgetGuard {
@@ -345,7 +449,7 @@ impl Drop for ForgetGuard {
 }
 
 /// Aborts a task when dropped (the writer, when the connection's task ends).
-struct AbortOnDrop(AbortHandle);
+pub(crate) struct AbortOnDrop(pub(crate) AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -354,17 +458,23 @@ impl Drop for AbortOnDrop {
 }
 
 /// Last traffic on a connection, in milliseconds since it opened (for the idle timeout).
-struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn touch(&self) {
+    pub(crate) fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+    pub(crate) fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
-    fn idle_for(&self) -> Duration {
+    pub(crate) fn idle_for(&self) -> Duration {
         let now = self.start.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
@@ -372,7 +482,7 @@ impl Activity {
 
 /// Why a connection ended (for the debug log).
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     Eof,
     Idle,
     SlowMessage,
@@ -380,22 +490,138 @@ enum End {
     Unframed,
     ReadError,
     WriteEnded,
+    Closed,
 }
 
-/// Runs one connection: a writer task fed by `rx` and the reader here.
-async fn drive(
+/// Runs an accepted connection: its handshake (TLS, the WebSocket upgrade, both for WSS)
+/// within `handshake_timeout` and under `max_handshakes`, then its messages.
+async fn serve_accepted(
     guard: ForgetGuard,
     stream: TcpStream,
+    kind: TransportKind,
     peer: SocketAddr,
     local: SocketAddr,
     rx: mpsc::UnboundedReceiver<Bytes>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    });
+    if kind == TransportKind::Tcp {
+        return drive(guard, stream, kind, peer, local, rx).await;
+    }
+    let tcp = guard.tcp.clone();
+    let counters = tcp.shared.counters.kind(kind);
+    let Some(slot) = tcp.handshake_slot() else {
+        counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, transport = %kind, "connection refused: max_handshakes in progress");
+        return;
+    };
+    let limits = &tcp.shared.limits;
+    let within = limits.handshake_timeout;
+    let failed = |e: String| {
+        counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, transport = %kind, error = %e, "handshake failed");
+    };
+    match kind {
+        TransportKind::Tls => match settle(tokio::time::timeout(within, tls_accept(limits, stream)).await) {
+            Ok(tls) => {
+                drop(slot);
+                drive(guard, tls, kind, peer, local, rx).await
+            }
+            Err(e) => failed(e),
+        },
+        TransportKind::Ws => {
+            match settle(tokio::time::timeout(within, super::ws::accept(stream, limits)).await) {
+                Ok(ws) => {
+                    drop(slot);
+                    super::ws::drive(guard, ws, kind, peer, local, rx).await
+                }
+                Err(e) => failed(e),
+            }
+        }
+        TransportKind::Wss => {
+            let upgrade = async {
+                let tls = tls_accept(limits, stream).await?;
+                super::ws::accept(tls, limits).await
+            };
+            match settle(tokio::time::timeout(within, upgrade).await) {
+                Ok(ws) => {
+                    drop(slot);
+                    super::ws::drive(guard, ws, kind, peer, local, rx).await
+                }
+                Err(e) => failed(e),
+            }
+        }
+        TransportKind::Udp | TransportKind::Memory | TransportKind::Tcp => {}
+    }
+}
+
+/// A handshake's outcome within its timeout, as one error.
+fn settle<T>(r: Result<io::Result<T>, tokio::time::error::Elapsed>) -> Result<T, String> {
+    match r {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// The server side of a TLS handshake with the certificate configured now (a reload
+/// changes what later handshakes get, not this connection).
+async fn tls_accept<S: Io>(
+    limits: &super::TransportLimits,
+    stream: S,
+) -> io::Result<tokio_rustls::server::TlsStream<S>> {
+    let config = limits
+        .tls
+        .as_ref()
+        .and_then(|t| t.server_config())
+        .ok_or_else(|| io::Error::other("no certificate configured (tls.cert, tls.key)"))?;
+    tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+}
+
+/// The client side of a TLS handshake towards `addr`, verifying the server's certificate
+/// against the name the locator found it by (RFC 5922 7: the SIP domain), or its IP.
+async fn tls_connect(
+    guard: &ForgetGuard,
+    stream: TcpStream,
+    addr: SocketAddr,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    let shared = &guard.tcp.shared;
+    let counters = shared.counters.kind(TransportKind::Tls);
+    let tls = shared.limits.tls.as_ref()?;
+    let name = super::tls::server_name_for(addr).unwrap_or_else(|| addr.ip().to_string());
+    let (config, server_name) = match tls.client_for(&name) {
+        Ok(c) => c,
+        Err(e) => {
+            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %addr, error = %e, "tls: cannot connect");
+            return None;
+        }
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let within = shared.limits.handshake_timeout;
+    match settle(tokio::time::timeout(within, connector.connect(server_name, stream)).await) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            // A peer whose certificate does not verify is an operator's problem to see.
+            tracing::warn!(peer = %addr, server_name = %name, error = %e, "tls handshake failed");
+            None
+        }
+    }
+}
+
+/// Runs one byte-stream connection (TCP or TLS): a writer task fed by `rx` and the reader
+/// here.
+async fn drive<S: Io>(
+    guard: ForgetGuard,
+    stream: S,
+    kind: TransportKind,
+    peer: SocketAddr,
+    local: SocketAddr,
+    rx: mpsc::UnboundedReceiver<Bytes>,
+) {
+    let (reader, writer) = tokio::io::split(stream);
+    let activity = Activity::new();
     let shared = guard.tcp.shared.clone();
     let mut write_task = guard.tcp.handle.spawn(write_loop(
         writer,
@@ -406,7 +632,7 @@ async fn drive(
     ));
     let _abort_writer = AbortOnDrop(write_task.abort_handle());
     let source = Target {
-        transport: TransportKind::Tcp,
+        transport: kind,
         addr: peer,
         connection: Some(guard.id),
     };
@@ -414,12 +640,12 @@ async fn drive(
         end = read_loop(reader, &shared, source, local, &activity) => end,
         _ = &mut write_task => End::WriteEnded,
     };
-    tracing::debug!(%peer, conn = guard.id.0, reason = ?end, "tcp connection ending");
+    tracing::debug!(%peer, conn = guard.id.0, transport = %kind, reason = ?end, "connection ending");
     drop(guard);
 }
 
-async fn write_loop(
-    mut w: OwnedWriteHalf,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     shared: Arc<Shared>,
     activity: Arc<Activity>,
@@ -427,7 +653,13 @@ async fn write_loop(
 ) {
     while let Some(data) = rx.recv().await {
         if let Err(e) = w.write_all(&data).await {
-            tracing::debug!(%peer, error = %e, "tcp write failed");
+            tracing::debug!(%peer, error = %e, "write failed");
+            shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // TLS buffers what it encrypts: push it out now (a no-op on plain TCP).
+        if let Err(e) = w.flush().await {
+            tracing::debug!(%peer, error = %e, "write failed");
             shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -436,8 +668,8 @@ async fn write_loop(
     }
 }
 
-async fn read_loop(
-    mut r: OwnedReadHalf,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut r: R,
     shared: &Shared,
     source: Target,
     local: SocketAddr,

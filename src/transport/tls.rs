@@ -222,3 +222,26 @@ impl TlsContext {
         Ok((config, name))
     }
 }
+
+/// Server names by address, as the locator found them (RFC 5922 7: a TLS peer is verified
+/// against the SIP domain it was looked up by, not its IP). A process-wide table because
+/// the locator and the connections are built apart; bounded: cleared when it grows past
+/// [`MAX_NAMES`] (names are re-learnt at the next look-up).
+static SERVER_NAMES: std::sync::LazyLock<RwLock<HashMap<std::net::SocketAddr, String>>> =
+    std::sync::LazyLock::new(|| RwLock::new(HashMap::new()));
+
+const MAX_NAMES: usize = 10_000;
+
+/// Notes that `addr` was found for `name`, to verify its certificate against `name`.
+pub fn remember_server_name(addr: std::net::SocketAddr, name: &str) {
+    let mut names = SERVER_NAMES.write();
+    if names.len() >= MAX_NAMES && !names.contains_key(&addr) {
+        names.clear();
+    }
+    names.insert(addr, name.to_ascii_lowercase());
+}
+
+/// The name `addr` was found by, if the locator found it by a name.
+pub fn server_name_for(addr: std::net::SocketAddr) -> Option<String> {
+    SERVER_NAMES.read().get(&addr).cloned()
+}
