@@ -4,12 +4,18 @@
 //! handshakes only), the roots outgoing connections verify servers against, and client
 //! certificates for mutual TLS by server name. Must not touch: sockets (the stream
 //! transport does the handshakes with what this gives it).
+//!
+//! Every certificate and key pair read here passes [`check_files`] first (start, reload,
+//! `strowger check`, trunks' client certificates): a key that does not go with its
+//! certificate, or a certificate outside its validity dates, is refused with the file and
+//! the problem rather than failing handshakes later.
 
 use parking_lot::RwLock;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the TLS side reads: `tls.cert`, `tls.key`, `tls.ca` (empty: the system's roots).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,6 +62,157 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         .map_err(|e| file_error(path, format!("no usable PRIVATE KEY block: {e}")))
 }
 
+/// What [`check_files`] found in a good certificate: for the operator (start-up log,
+/// `strowger check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// The leaf's subject, e.g. `CN=sip.example.com`.
+    pub subject: String,
+    /// The leaf's subject alternative names (DNS names and IP addresses).
+    pub sans: Vec<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Certificates in the file (the leaf and its intermediates).
+    pub chain_len: usize,
+}
+
+impl CertSummary {
+    /// Time left before `not_after` (zero once past).
+    pub fn expires_in(&self, now: SystemTime) -> Duration {
+        self.not_after.duration_since(now).unwrap_or(Duration::ZERO)
+    }
+}
+
+impl std::fmt::Display for CertSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "subject {:?}", self.subject)?;
+        if !self.sans.is_empty() {
+            write!(f, ", names {}", self.sans.join(", "))?;
+        }
+        write!(
+            f,
+            ", valid from {} until {}",
+            utc(self.not_before),
+            utc(self.not_after)
+        )
+    }
+}
+
+/// Under this much validity left, start-up and `strowger check` warn.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
+/// Checks a certificate chain file and its private key file, as now: both PEM, the key
+/// the leaf's, the leaf within its validity dates. The error names the file at fault.
+pub fn check_files(cert: &Path, key: &Path) -> Result<CertSummary, TlsError> {
+    check_files_at(cert, key, SystemTime::now())
+}
+
+/// [`check_files`] at time `now`.
+pub fn check_files_at(cert: &Path, key: &Path, now: SystemTime) -> Result<CertSummary, TlsError> {
+    let certs = read_certs(cert)?;
+    let summary = summarize(cert, &certs, now)?;
+    let der = read_key(key)?;
+    // The same test rustls makes when it is given the pair, done here to name the file.
+    match rustls::sign::CertifiedKey::from_der(certs, der, &provider()) {
+        Ok(_) => Ok(summary),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(file_error(
+            key,
+            format!(
+                "this private key does not go with the certificate in {} (their public keys differ)",
+                cert.display()
+            ),
+        )),
+        Err(e) => Err(file_error(key, format!("unusable private key: {e}"))),
+    }
+}
+
+/// The leaf of `certs` (read from `path`): its names and dates, refused outside them.
+fn summarize(
+    path: &Path,
+    certs: &[CertificateDer<'static>],
+    now: SystemTime,
+) -> Result<CertSummary, TlsError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let leaf = certs
+        .first()
+        .ok_or_else(|| file_error(path, "no certificate"))?;
+    let (_, x509) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| file_error(path, format!("the first certificate is not X.509: {e}")))?;
+    let validity = x509.validity();
+    let not_before = unix_time(validity.not_before.timestamp());
+    let not_after = unix_time(validity.not_after.timestamp());
+    if now < not_before {
+        return Err(file_error(
+            path,
+            format!(
+                "certificate not valid yet: valid from {} (the clock says {})",
+                utc(not_before),
+                utc(now)
+            ),
+        ));
+    }
+    if now > not_after {
+        return Err(file_error(
+            path,
+            format!("certificate expired on {}", utc(not_after)),
+        ));
+    }
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = x509.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => sans.push((*d).to_string()),
+                GeneralName::IPAddress(b) => {
+                    if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                        sans.push(std::net::IpAddr::from(a).to_string());
+                    } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                        sans.push(std::net::IpAddr::from(a).to_string());
+                    }
+                }
+                GeneralName::URI(u) => sans.push((*u).to_string()),
+                _ => {}
+            }
+        }
+    }
+    Ok(CertSummary {
+        subject: x509.subject().to_string(),
+        sans,
+        not_before,
+        not_after,
+        chain_len: certs.len(),
+    })
+}
+
+fn unix_time(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// `2026-01-31T12:00:00Z` (RFC 3339, UTC); dates before 1970 as 1970.
+pub fn utc(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since the epoch (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
 /// ring, not aws-lc-rs: it builds with only a C compiler, fast on the 2-core CI; rustls
 /// marks it deprecated for lacking post-quantum key exchange, which SIP peers do not offer
 /// yet.
@@ -68,7 +225,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+fn server_config(files: &TlsFiles) -> Result<(Arc<rustls::ServerConfig>, CertSummary), TlsError> {
+    let summary = check_files(&files.cert, &files.key)?;
     let certs = read_certs(&files.cert)?;
     let key = read_key(&files.key)?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
@@ -85,7 +243,7 @@ fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError
                 ),
             )
         })?;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), summary))
 }
 
 fn root_store(ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
@@ -98,15 +256,31 @@ fn root_store(ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
                     .map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;
             }
         }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                // A system store may hold certificates rustls cannot use: skip those.
-                let _ = roots.add(cert);
-            }
-        }
+        None => roots.roots.extend(system_roots().roots.iter().cloned()),
     }
     Ok(roots)
+}
+
+/// The system's trust store, read once per process: every server start builds a
+/// [`TlsContext`] (a dial plan may dial `sips:` anywhere), and the store is a few hundred
+/// files the tests would otherwise parse for each server they start.
+fn system_roots() -> &'static rustls::RootCertStore {
+    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for cert in found.certs {
+            // A system store may hold certificates rustls cannot use: skip those.
+            let _ = roots.add(cert);
+        }
+        if roots.is_empty() {
+            tracing::warn!(
+                errors = ?found.errors,
+                "no system CA certificates found: outgoing TLS verifies nothing until tls.ca is set"
+            );
+        }
+        roots
+    })
 }
 
 /// A client certificate and key for mutual TLS towards one server name.
@@ -120,6 +294,8 @@ pub struct ClientIdentity {
 pub struct TlsContext {
     files: TlsFiles,
     server: RwLock<Option<Arc<rustls::ServerConfig>>>,
+    /// What the certificate in use is (with `server`).
+    summary: RwLock<Option<CertSummary>>,
     roots: Arc<rustls::RootCertStore>,
     /// Outgoing configuration without a client certificate.
     client: Arc<rustls::ClientConfig>,
@@ -138,10 +314,11 @@ impl std::fmt::Debug for TlsContext {
 impl TlsContext {
     /// Loads the certificate and key (when `files.cert` is set) and the roots.
     pub fn load(files: TlsFiles) -> Result<TlsContext, TlsError> {
-        let server = if files.cert.as_os_str().is_empty() {
-            None
+        let (server, summary) = if files.cert.as_os_str().is_empty() {
+            (None, None)
         } else {
-            Some(server_config(&files)?)
+            let (config, summary) = server_config(&files)?;
+            (Some(config), Some(summary))
         };
         let roots = Arc::new(root_store(files.ca.as_deref())?);
         let client = Arc::new(
@@ -154,6 +331,7 @@ impl TlsContext {
         Ok(TlsContext {
             files,
             server: RwLock::new(server),
+            summary: RwLock::new(summary),
             roots,
             client,
             identities: RwLock::new(HashMap::new()),
@@ -166,14 +344,26 @@ impl TlsContext {
         self.server.read().clone()
     }
 
-    /// Re-reads the certificate and key; on error the running ones stay. Established
-    /// connections keep the session they have.
+    /// The server certificate in use (`None`: no `tls.cert`).
+    pub fn certificate(&self) -> Option<CertSummary> {
+        self.summary.read().clone()
+    }
+
+    /// The files this context reads.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// Re-reads the certificate and key (checked as at start); on error the running ones
+    /// stay. Established connections keep the session they have: only new handshakes see
+    /// the new certificate. The CA bundle and client certificates are read at start only.
     pub fn reload(&self) -> Result<(), TlsError> {
         if self.files.cert.as_os_str().is_empty() {
             return Ok(());
         }
-        let config = server_config(&self.files)?;
+        let (config, summary) = server_config(&self.files)?;
         *self.server.write() = Some(config);
+        *self.summary.write() = Some(summary);
         Ok(())
     }
 
@@ -183,6 +373,7 @@ impl TlsContext {
         server_name: &str,
         identity: &ClientIdentity,
     ) -> Result<(), TlsError> {
+        check_files(&identity.cert, &identity.key)?;
         let certs = read_certs(&identity.cert)?;
         let key = read_key(&identity.key)?;
         let config = rustls::ClientConfig::builder_with_provider(provider())
