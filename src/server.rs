@@ -88,6 +88,8 @@ impl ServerStats {
 struct Dispatcher {
     layer: OnceLock<TransactionLayer>,
     sender: OnceLock<Transports>,
+    /// Told when a connection closes (its WebSocket and outbound-flow bindings go).
+    registrar: OnceLock<crate::registrar::Registrar>,
     stats: Arc<ServerStats>,
     /// At most one warning per second about malformed input (a flood must not flood the
     /// log); every message is still counted and logged at debug.
@@ -119,6 +121,21 @@ impl Dispatcher {
 }
 
 impl InboundSink for Dispatcher {
+    fn connection_closed(&self, connection: crate::transport::Target) {
+        let Some(registrar) = self.registrar.get().cloned() else {
+            return;
+        };
+        let source = crate::registrar::RegisterSource {
+            transport: connection.transport,
+            addr: connection.addr,
+            connection: connection.connection.map(|c| c.0),
+        };
+        // Called on the connection's task as it ends: the store write happens apart.
+        tokio::spawn(async move {
+            registrar.connection_closed(source).await;
+        });
+    }
+
     fn deliver(&self, inbound: Inbound) {
         let (Some(layer), Some(sender)) = (self.layer.get(), self.sender.get()) else {
             return;
@@ -320,6 +337,7 @@ pub mod fuzzing {
                 sender: OnceLock::new(),
                 stats: Arc::new(ServerStats::default()),
                 last_warn: AtomicU64::new(0),
+                registrar: OnceLock::new(),
             });
             let limits = TransportLimits {
                 max_message_size: config.sip.max_message_size,
@@ -368,6 +386,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         sender: OnceLock::new(),
         stats: stats.clone(),
         last_warn: AtomicU64::new(0),
+        registrar: OnceLock::new(),
     });
     let limits = TransportLimits {
         max_message_size: config.sip.max_message_size,
@@ -398,6 +417,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     })
     .with_context(|| format!("loading script {}", config.script.path))?;
     let registrar = start_registrar(config).await?;
+    let _ = dispatcher.registrar.set(registrar.clone());
     let huntgroups = start_huntgroups(config).await?;
     if let Some(h) = &huntgroups {
         scripts.set_huntgroups(h.clone());

@@ -846,7 +846,11 @@ impl Call {
             .local
             .locate(uri)
             .await
-            .map_err(|e| (503, e.to_string()))?;
+            .map_err(|e| match e {
+                // RFC 5630 3.1.3: no secure way there is "temporarily unavailable".
+                crate::transport::ResolveError::Insecure(why) => (480, why),
+                e => (503, e.to_string()),
+            })?;
         if all.is_empty() {
             return Err((503, format!("{}: no address", uri.host)));
         }
@@ -889,6 +893,19 @@ impl Call {
                 (t.request_uri(user), None, dest, alternates, Some(channel))
             }
         };
+        // RFC 3261 26.2, RFC 5630 3.1.3: a call asked for with sips: (by the caller or the
+        // dial plan) goes out over TLS hops only, whatever the contact or trunk says.
+        let sips = uri.scheme == crate::sip::Scheme::Sips
+            || self.a_invite.uri().scheme == crate::sip::Scheme::Sips;
+        if sips && !dest.transport.is_secure() {
+            return Err((
+                480,
+                format!(
+                    "sips: call cannot be secured: {} is reached over {}",
+                    uri, dest.transport
+                ),
+            ));
+        }
         let a = &self.a_invite;
         let caller_id = opts
             .caller_id

@@ -406,6 +406,57 @@ impl Registrar {
         resp
     }
 
+    /// A connection closed: the bindings registered over it that can be reached only
+    /// through it go (RFC 7118 5: a WebSocket client's `.invalid` Contact; RFC 5626 4.4.1:
+    /// an outbound flow, a binding with `reg-id`). Other TCP bindings stay: a phone
+    /// without outbound is reached by a new connection to its Contact. Returns how many
+    /// went.
+    pub async fn connection_closed(&self, source: RegisterSource) -> usize {
+        let Some(id) = source.connection else {
+            return 0;
+        };
+        let text = format!("{}:{}", source.transport, source.addr);
+        let websocket = source.transport.is_websocket();
+        let on_flow = |b: &Binding| {
+            b.connection == Some(id) && b.source == text && (websocket || b.reg_id.is_some())
+        };
+        let aors: Vec<String> = self
+            .inner
+            .cache
+            .read()
+            .iter()
+            .filter(|(_, list)| list.iter().any(on_flow))
+            .map(|(aor, _)| aor.clone())
+            .collect();
+        let mut removed = 0;
+        for aor in aors {
+            let stripe = stripe_of(&aor);
+            let _guard = self.inner.locks[stripe].lock().await;
+            let now = unix_now();
+            let Ok(current) = self.current(&aor, now).await else {
+                continue;
+            };
+            let new: Vec<Binding> = current.iter().filter(|b| !on_flow(b)).cloned().collect();
+            let gone = current.len() - new.len();
+            if gone == 0 {
+                continue;
+            }
+            if let Err(e) = self.inner.store.replace_aor(&aor, &new).await {
+                tracing::warn!(aor, error = %e, "registrar: removing the bindings of a closed connection failed");
+                continue;
+            }
+            self.inner.install(&aor, new);
+            self.inner.writes[stripe].fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .stats
+                .removed
+                .fetch_add(gone as u64, Ordering::Relaxed);
+            tracing::info!(aor, transport = %source.transport, peer = %source.addr, bindings = gone, "connection closed; its bindings removed");
+            removed += gone;
+        }
+        removed
+    }
+
     /// The AOR's live bindings before this REGISTER: from the store when other nodes
     /// share it (they may have changed it), otherwise from the cache.
     async fn current(&self, aor: &str, now: u64) -> Result<Vec<Binding>, StoreError> {

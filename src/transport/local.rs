@@ -18,8 +18,9 @@ pub enum ResolveError {
     Unresolvable(String),
     #[error("no {0} transport is configured")]
     NoTransport(TransportKind),
-    #[error("{0}: sips: and TLS are not supported yet")]
-    TlsUnsupported(String),
+    /// RFC 3261 26.2, RFC 5630: a `sips:` target that cannot be reached over TLS hops.
+    #[error("{0}")]
+    Insecure(String),
     /// A DNS query got no usable answer (timeout, SERVFAIL, ...): which one, and why.
     #[error("DNS {query} failed: {message}")]
     Lookup { query: String, message: String },
@@ -57,13 +58,16 @@ impl LocalAddrs {
         }
     }
 
-    /// The local address to use towards `remote` on `kind`: same transport and IP family.
+    /// The local address to use towards `remote` on `kind`: same transport and IP family
+    /// (the other family when there is no listener of this one: a WebSocket client's
+    /// address is whatever its connection came from).
     pub fn towards(&self, kind: TransportKind, remote: &SocketAddr) -> Option<SocketAddr> {
-        self.addrs
-            .iter()
-            .filter(|(k, a)| *k == kind && a.is_ipv4() == remote.is_ipv4())
+        let mut of_kind = self.addrs.iter().filter(|(k, _)| *k == kind);
+        of_kind
+            .clone()
+            .find(|(_, a)| a.is_ipv4() == remote.is_ipv4())
+            .or_else(|| of_kind.next().filter(|_| kind.is_websocket()))
             .map(|(_, a)| *a)
-            .next()
     }
 
     pub fn has(&self, kind: TransportKind) -> bool {
@@ -127,8 +131,10 @@ impl LocalAddrs {
             .unwrap_or_else(|| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5060));
         let host = Host::from(local.ip());
         match target.transport {
-            TransportKind::Tcp => format!("sip:{host}:{};transport=tcp", local.port()),
-            _ => format!("sip:{host}:{}", local.port()),
+            TransportKind::Udp | TransportKind::Memory => format!("sip:{host}:{}", local.port()),
+            // RFC 5630 3.1.1: over TLS the Contact is a sips: URI.
+            TransportKind::Tls => format!("sips:{host}:{}", local.port()),
+            t => format!("sip:{host}:{};transport={t}", local.port()),
         }
     }
 

@@ -29,6 +29,8 @@ use std::time::Duration;
 pub const MAX_TARGETS: usize = 16;
 /// The port of a `sip:` URI without one and without SRV (RFC 3261 19.1.2).
 const SIP_PORT: u16 = 5060;
+/// RFC 3261 19.1.2: the default port of TLS.
+const SIPS_PORT: u16 = 5061;
 /// Attempts per query and server (the resolver's own retry); with `dns.timeout_ms` = 2 s a
 /// dead server costs a call 4 s, well inside Timer B (32 s).
 const ATTEMPTS: usize = 2;
@@ -138,21 +140,51 @@ impl<S: RecordSource> Locator<S> {
     /// - a bare name: NAPTR (SIP+D2U, SIP+D2T for the transports we listen on), each
     ///   replacement's SRV; else SRV for each transport we listen on, UDP first; else
     ///   AAAA/A:5060 over UDP.
+    ///
+    /// A `sips:` URI (RFC 3261 26.2, RFC 5630) goes over TLS only: `SIPS+D2T` NAPTRs,
+    /// `_sips._tcp` SRV, port 5061; a `transport` parameter other than `tls` or `tcp` (TLS
+    /// runs on TCP) cannot be secured and is an error, as is having no `tls:` listener.
     pub async fn locate(&self, uri: &Uri, local: &LocalAddrs) -> Result<Vec<Target>, ResolveError> {
-        match uri.scheme {
-            Scheme::Sip => {}
-            Scheme::Sips => return Err(ResolveError::TlsUnsupported(uri.to_string())),
+        let secure = match uri.scheme {
+            Scheme::Sip => false,
+            Scheme::Sips => true,
             _ => return Err(ResolveError::BadUri(uri.to_string())),
+        };
+        let mut param = transport_param(uri)?;
+        if secure {
+            match param {
+                None | Some(TransportKind::Tls) | Some(TransportKind::Tcp) => {
+                    param = Some(TransportKind::Tls)
+                }
+                Some(other) => {
+                    return Err(ResolveError::Insecure(format!(
+                        "{uri}: a sips: URI cannot be reached over {other}"
+                    )))
+                }
+            }
+            if !local.has(TransportKind::Tls) {
+                return Err(ResolveError::Insecure(format!(
+                    "{uri}: a sips: URI needs TLS and no tls: listener is configured"
+                )));
+            }
         }
-        let param = transport_param(uri)?;
+        let default_port = |t: Option<TransportKind>| match t {
+            Some(TransportKind::Tls) | Some(TransportKind::Wss) => SIPS_PORT,
+            _ => SIP_PORT,
+        };
         let name = match &uri.host {
-            Host::Ipv4(a) => return ip_target(IpAddr::V4(*a), uri.port, param, local),
-            Host::Ipv6(a) => return ip_target(IpAddr::V6(*a), uri.port, param, local),
+            Host::Ipv4(a) => {
+                return ip_target(IpAddr::V4(*a), uri.port.or(Some(default_port(param))), param, local)
+            }
+            Host::Ipv6(a) => {
+                return ip_target(IpAddr::V6(*a), uri.port.or(Some(default_port(param))), param, local)
+            }
             Host::Domain(d) => d.trim_end_matches('.').to_ascii_lowercase(),
         };
         let mut walk = Walk {
             targets: Vec::new(),
             local,
+            domain: &name,
         };
         match (uri.port, param) {
             // 4.2: an explicit port means no SRV.
@@ -160,7 +192,8 @@ impl<S: RecordSource> Locator<S> {
                 let transport = usable(param.unwrap_or(TransportKind::Udp), local)?;
                 self.add_host(&mut walk, transport, &name, port).await?;
             }
-            // 4.2: the transport is known; its SRV, else the name itself on 5060.
+            // 4.2: the transport is known; its SRV, else the name itself on 5060 (5061
+            // for TLS).
             (None, Some(transport)) => {
                 let transport = usable(transport, local)?;
                 let found = match srv_name(transport, &name) {
@@ -168,7 +201,8 @@ impl<S: RecordSource> Locator<S> {
                     None => false,
                 };
                 if !found {
-                    self.add_host(&mut walk, transport, &name, SIP_PORT).await?;
+                    self.add_host(&mut walk, transport, &name, default_port(Some(transport)))
+                        .await?;
                 }
             }
             (None, None) => self.locate_bare(&mut walk, &name).await?,
@@ -191,7 +225,12 @@ impl<S: RecordSource> Locator<S> {
         // the caller has something to try. With none, the failure is the answer (a
         // fall-back to more queries of a failing server would only add timeouts).
         let mut failed = None;
-        for (transport, replacement) in usable_naptrs(naptrs, walk.local) {
+        // A sip: URI is not upgraded to TLS by a SIPS NAPTR: the peer's certificate was
+        // never asked for, and a failing verification would lose a call that works.
+        for (transport, replacement) in usable_naptrs(naptrs, walk.local)
+            .into_iter()
+            .filter(|(t, _)| *t != TransportKind::Tls)
+        {
             if let Err(e) = self.add_srv(walk, transport, &replacement).await {
                 tracing::debug!("{e}");
                 failed.get_or_insert(e);
@@ -275,6 +314,11 @@ impl<S: RecordSource> Locator<S> {
         };
         ips.sort_by_key(|ip| !reachable(ip));
         for ip in ips {
+            if transport == TransportKind::Tls {
+                // RFC 5922 7.2: the peer's certificate must name the SIP domain the URI
+                // gave, not the SRV target or the address.
+                super::tls::remember_server_name(SocketAddr::new(ip, port), walk.domain);
+            }
             walk.push(Target {
                 transport,
                 addr: SocketAddr::new(ip, port),
@@ -289,6 +333,8 @@ impl<S: RecordSource> Locator<S> {
 struct Walk<'a> {
     targets: Vec<Target>,
     local: &'a LocalAddrs,
+    /// The URI's domain: what a TLS peer's certificate must name.
+    domain: &'a str,
 }
 
 impl Walk<'_> {
@@ -317,9 +363,9 @@ fn transport_param(uri: &Uri) -> Result<Option<TransportKind>, ResolveError> {
         Some(t) if t.eq_ignore_ascii_case("udp") => Ok(Some(TransportKind::Udp)),
         Some(t) if t.eq_ignore_ascii_case("tcp") => Ok(Some(TransportKind::Tcp)),
         Some(t) if t.eq_ignore_ascii_case("memory") => Ok(Some(TransportKind::Memory)),
-        Some(t) if t.eq_ignore_ascii_case("tls") => {
-            Err(ResolveError::TlsUnsupported(uri.to_string()))
-        }
+        Some(t) if t.eq_ignore_ascii_case("tls") => Ok(Some(TransportKind::Tls)),
+        Some(t) if t.eq_ignore_ascii_case("ws") => Ok(Some(TransportKind::Ws)),
+        Some(t) if t.eq_ignore_ascii_case("wss") => Ok(Some(TransportKind::Wss)),
         Some(_) => Err(ResolveError::BadUri(uri.to_string())),
     }
 }
@@ -358,13 +404,15 @@ fn srv_name(transport: TransportKind, domain: &str) -> Option<String> {
     }
 }
 
-/// The NAPTR service field of a transport we can use (RFC 3263 4.1); SIPS (TLS), SCTP and
-/// WebSocket services have none here and are discarded.
+/// The NAPTR service field of a transport we can use (RFC 3263 4.1); SCTP and WebSocket
+/// services have none here and are discarded.
 fn naptr_transport(services: &str) -> Option<TransportKind> {
     if services.eq_ignore_ascii_case("SIP+D2U") {
         Some(TransportKind::Udp)
     } else if services.eq_ignore_ascii_case("SIP+D2T") {
         Some(TransportKind::Tcp)
+    } else if services.eq_ignore_ascii_case("SIPS+D2T") {
+        Some(TransportKind::Tls)
     } else {
         None
     }

@@ -80,6 +80,13 @@ fn local() -> LocalAddrs {
     ])
 }
 
+fn with_tls() -> LocalAddrs {
+    LocalAddrs::new(vec![
+        (TransportKind::Udp, "127.0.0.1:5060".parse().unwrap()),
+        (TransportKind::Tls, "127.0.0.1:5061".parse().unwrap()),
+    ])
+}
+
 fn udp_only() -> LocalAddrs {
     LocalAddrs::new(vec![(
         TransportKind::Udp,
@@ -342,10 +349,17 @@ async fn errors() {
     );
     let e = err("sip:broken.test", local()).await;
     assert_eq!(e.to_string(), "DNS NAPTR broken.test failed: timed out");
+    // RFC 3261 26.2: sips: only over TLS; without a tls: listener it cannot be secured.
     let e = err("sips:bob@192.0.2.1", local()).await;
-    assert!(matches!(e, ResolveError::TlsUnsupported(_)), "{e}");
+    assert!(matches!(e, ResolveError::Insecure(_)), "{e}");
+    assert!(e.to_string().contains("no tls: listener"), "{e}");
+    let e = err("sips:bob@192.0.2.1;transport=udp", with_tls()).await;
+    assert!(e.to_string().contains("cannot be reached over udp"), "{e}");
     let e = err("sip:bob@192.0.2.1;transport=tls", local()).await;
-    assert!(matches!(e, ResolveError::TlsUnsupported(_)), "{e}");
+    assert!(
+        matches!(e, ResolveError::NoTransport(TransportKind::Tls)),
+        "{e}"
+    );
     let e = err("sip:bob@192.0.2.1;transport=tcp", udp_only()).await;
     assert!(
         matches!(e, ResolveError::NoTransport(TransportKind::Tcp)),
@@ -373,4 +387,45 @@ async fn list_is_capped() {
     let found = targets(&loc, "sip:example.test;transport=udp", &local()).await;
     assert_eq!(found.len(), MAX_TARGETS);
     assert_eq!(found[0], "udp:192.0.2.0:5060");
+}
+
+#[tokio::test]
+async fn sips_goes_over_tls_only() {
+    let zone = Zone::default()
+        .naptr("secure.test", 10, 10, "SIPS+D2T", "_sips._tcp.secure.test")
+        .naptr("secure.test", 20, 10, "SIP+D2U", "_sip._udp.secure.test")
+        .srv("_sips._tcp.secure.test", 10, 0, 5071, "edge.secure.test")
+        .srv("_sip._udp.secure.test", 10, 0, 5060, "edge.secure.test")
+        .ip("edge.secure.test", "192.0.2.30")
+        .ip("plain.test", "192.0.2.31");
+    let (loc, _) = locator(zone);
+    // sips: the _sips._tcp SRV, never the UDP service.
+    assert_eq!(
+        targets(&loc, "sips:bob@secure.test", &with_tls()).await,
+        ["tls:192.0.2.30:5071"]
+    );
+    // The certificate must name the URI's domain (RFC 5922 7.2), not the SRV target.
+    assert_eq!(
+        crate::transport::tls::server_name_for("192.0.2.30:5071".parse().unwrap()).as_deref(),
+        Some("secure.test")
+    );
+    // No SRV: the name's addresses on 5061.
+    assert_eq!(
+        targets(&loc, "sips:bob@plain.test", &with_tls()).await,
+        ["tls:192.0.2.31:5061"]
+    );
+    assert_eq!(
+        targets(&loc, "sips:bob@192.0.2.1", &with_tls()).await,
+        ["tls:192.0.2.1:5061"]
+    );
+    // A sip: URI is not upgraded by a SIPS NAPTR: it follows SIP+D2U.
+    assert_eq!(
+        targets(&loc, "sip:bob@secure.test", &with_tls()).await,
+        ["udp:192.0.2.30:5060"]
+    );
+    // transport=tls on a sip: URI: TLS, 5061 by default.
+    assert_eq!(
+        targets(&loc, "sip:bob@192.0.2.1;transport=tls", &with_tls()).await,
+        ["tls:192.0.2.1:5061"]
+    );
 }
