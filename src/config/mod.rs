@@ -41,6 +41,7 @@
 //! | `[huntgroups.<name>]` | `HuntGroupConfig` | `huntgroup` (not settable from the environment) |
 //! | `[presence]` | `PresenceSection` | `presence` |
 //! | `[dns]` | `DnsConfig` | `transport` (the RFC 3263 locator's resolver) |
+//! | `[tls]`, `[ws]` | `TlsConfig`, `WsConfig` | `transport` (with its check that a `tls:`/`wss:` entry of `sip.listen` has `tls.cert`) |
 //! | `[trunks.<name>]` | `TrunkConfig` | `trunk` (not settable from the environment) |
 //!
 //! How a line is found: the file is parsed once into `toml`'s spanned document
@@ -61,7 +62,7 @@ use crate::presence::PresenceSection;
 use crate::registrar::RegistrarSection;
 use crate::script::ScriptConfig;
 use crate::storage::{RedisConfig, StorageConfig};
-use crate::transport::config::DnsConfig;
+use crate::transport::config::{check_tls_listeners, DnsConfig, TlsConfig, WsConfig};
 use crate::trunk::{check_trunks, TrunkConfig};
 use crate::uas::SipConfig;
 use document::{
@@ -172,6 +173,8 @@ pub struct Config {
     pub huntgroups: BTreeMap<String, HuntGroupConfig>,
     pub presence: PresenceSection,
     pub dns: DnsConfig,
+    pub tls: TlsConfig,
+    pub ws: WsConfig,
     /// `[trunks.<name>]`: SIP trunks to carriers (see [`TrunkConfig`]).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub trunks: BTreeMap<String, TrunkConfig>,
@@ -224,7 +227,7 @@ impl Config {
     /// Checks every section; the first problem, its key made absolute (`sip.timers.t1_ms`).
     fn check(&self) -> Result<(), InvalidValue> {
         let has_users = !self.registrar.users_file.trim().is_empty();
-        let sections: [(&str, Result<(), InvalidValue>); 14] = [
+        let sections: [(&str, Result<(), InvalidValue>); 17] = [
             ("sip", self.sip.check()),
             ("http", self.http.check()),
             ("log", self.log.check()),
@@ -238,6 +241,10 @@ impl Config {
             ("huntgroups", check_huntgroups(&self.huntgroups)),
             ("presence", self.presence.check(has_users)),
             ("dns", self.dns.check()),
+            ("tls", self.tls.check()),
+            // After [tls]'s own check: a listener's error names the entry, not a key.
+            ("sip", check_tls_listeners(&self.sip.listen, &self.tls)),
+            ("ws", self.ws.check()),
             ("trunks", check_trunks(&self.trunks)),
         ];
         for (section, result) in sections {

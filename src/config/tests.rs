@@ -646,3 +646,89 @@ fn env_value_inside_a_file_table_names_the_variable() {
     assert_eq!((e.file.as_str(), e.line), ("test.toml", Some(2)), "{e}");
     assert_eq!(e.key, "sip.timers", "{e}");
 }
+
+#[test]
+fn tls_and_ws_sections_name_file_line_and_key() {
+    let c = Config::default();
+    assert_eq!(c.tls.handshake_timeout_ms, 10_000);
+    assert_eq!(c.tls.max_handshakes, 256);
+    assert_eq!(c.ws.ping_interval_s, 30);
+    assert!(c.ws.allowed_origins.is_empty());
+    let ok = "[sip]\nlisten = [\"udp:127.0.0.1:5060\", \"tls:127.0.0.1:5061\", \"wss:127.0.0.1:7443\"]\n\
+              [tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n\
+              [ws]\nallowed_origins = [\"https://phone.example.com\"]\nping_interval_s = 0\n";
+    let c = Config::from_toml_str(ok, "t.toml").unwrap();
+    assert_eq!(c.tls.files().cert, std::path::PathBuf::from("server.crt"));
+    assert_eq!(c.ws.ping_interval_s, 0);
+    for (text, want) in [
+        // A TLS listener without a certificate: the entry's own line.
+        (
+            "[sip]\nlisten = [\n  \"udp:127.0.0.1:5060\",\n  \"tls:127.0.0.1:5061\",\n]\n",
+            "t.toml:4: sip.listen: \"tls:127.0.0.1:5061\" needs a certificate: set tls.cert and tls.key",
+        ),
+        (
+            "[sip]\nlisten = [\"wss:127.0.0.1:7443\"]\n",
+            "t.toml:2: sip.listen: \"wss:127.0.0.1:7443\" needs a certificate",
+        ),
+        (
+            "[tls]\nca = \"\"\ncert = \"server.crt\"\n",
+            "t.toml:1: tls.key: tls.cert is set: tls.key must name",
+        ),
+        (
+            "[tls]\ncert = \"\"\nkey = \"server.key\"\n",
+            "t.toml:2: tls.cert: tls.key is set: tls.cert must name",
+        ),
+        (
+            "[tls]\ncert = \"\"\nhandshake_timeout_ms = 0\n",
+            "t.toml:3: tls.handshake_timeout_ms: must be at least 100",
+        ),
+        (
+            "[tls]\ncert = \"\"\nmax_handshakes = 1000000\n",
+            "t.toml:3: tls.max_handshakes: must be at most 100000",
+        ),
+        (
+            "[tls]\ncertificate = \"x\"\n",
+            "t.toml:2: tls.certificate: unknown key",
+        ),
+        (
+            "[ws]\nping_interval_s = 30\nallowed_origins = [\n  \"https://a.example\",\n  \"https://b.example/app\",\n]\n",
+            "t.toml:5: ws.allowed_origins: \"https://b.example/app\": scheme://host[:port] only",
+        ),
+        (
+            "[ws]\nallowed_origins = []\nping_interval_s = 1\n",
+            "t.toml:3: ws.ping_interval_s: must be at least 5",
+        ),
+        (
+            "[trunks.carrier1]\nuri = \"sip:c.example\"\ntls_cert = \"pbx.crt\"\ntls_key = \"pbx.key\"\n",
+            "t.toml:3: trunks.carrier1.tls_cert: a client certificate is presented over TLS only",
+        ),
+        (
+            "[trunks.carrier1]\nuri = \"sips:c.example\"\ntls_cert = \"pbx.crt\"\n",
+            "t.toml:1: trunks.carrier1.tls_key: tls_cert is set",
+        ),
+    ] {
+        let e = Config::from_toml_str(text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(want), "{text}\n→ {e}\nwanted {want}");
+    }
+    // From the environment: the variable is named.
+    let e = err_of("", &[("STROWGER_SIP__LISTEN", "tls:127.0.0.1:5061")]);
+    assert_eq!(e.key, "sip.listen", "{e}");
+    assert!(e.file.contains("STROWGER_SIP__LISTEN"), "{e}");
+    let c = build(
+        "t.toml",
+        "[sip]\nlisten = [\"tls:127.0.0.1:5061\"]\n",
+        &env(&[
+            ("STROWGER_TLS__CERT", "/etc/strowger/server.crt"),
+            ("STROWGER_TLS__KEY", "/etc/strowger/server.key"),
+            (
+                "STROWGER_WS__ALLOWED_ORIGINS",
+                "https://a.example,http://localhost:8080",
+            ),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.tls.cert, "/etc/strowger/server.crt");
+    assert_eq!(c.ws.allowed_origins.len(), 2);
+}

@@ -4,12 +4,20 @@
 //! Owns: what a valid value of those keys is. The `[sip]` struct itself is the UAS core's
 //! (it also holds the server's identity and the transaction timers, which are not ours);
 //! it calls these checks. Also the whole `[dns]` section ([`DnsConfig`]: `servers`,
-//! `timeout_ms`), read by the locator (`locate.rs`).
+//! `timeout_ms`), read by the locator (`locate.rs`), and the `[tls]` ([`TlsConfig`]) and
+//! `[ws]` ([`WsConfig`]) sections, read by the server into `TransportLimits`.
+//!
+//! Only the form of `[tls]` is checked here (both files or neither, numbers in range, a
+//! `tls:`/`wss:` listener has a certificate: [`check_tls_listeners`]); whether the files
+//! hold a usable certificate and key is `tls::check_files`' business, at start and in
+//! `strowger check`, because a file can change between the two.
 
 use super::ListenAddr;
 use crate::config_section::{check_range, InvalidValue, MAX_TIMEOUT_S};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// Smallest `sip.max_message_size`: less than 1 KiB cannot hold a real INVITE.
 pub const MIN_MESSAGE_SIZE: usize = 1024;
@@ -154,6 +162,229 @@ pub fn parse_dns_server(entry: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// Longest `tls.handshake_timeout_ms`: a handshake is a few round trips; a minute is
+/// already a peer holding a slot for nothing.
+pub const MAX_HANDSHAKE_TIMEOUT_MS: u64 = 60_000;
+/// Least `tls.handshake_timeout_ms`: below it a slow mobile link cannot finish.
+pub const MIN_HANDSHAKE_TIMEOUT_MS: u64 = 100;
+/// Most `tls.max_handshakes`: each costs a task and buffers; more is a typo.
+pub const MAX_HANDSHAKES: usize = 100_000;
+
+/// `[tls]`: the certificate of `tls:` and `wss:` listeners, the roots outgoing TLS
+/// verifies servers against, and the bounds on handshakes (TLS and WebSocket upgrades).
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain (leaf first) presented by `tls:`/`wss:` listeners; "": none
+    /// (then no such listener may be configured). Relative paths from the working directory.
+    pub cert: String,
+    /// PEM private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// PEM CA bundle outgoing TLS verifies servers against; "": the system's roots.
+    pub ca: String,
+    /// A TLS handshake or WebSocket upgrade not done within this is closed, milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Handshakes and upgrades in progress at once; past it new connections are closed.
+    pub max_handshakes: usize,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: String::new(),
+            key: String::new(),
+            ca: String::new(),
+            handshake_timeout_ms: 10_000,
+            max_handshakes: 256,
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn check(&self) -> Result<(), InvalidValue> {
+        for (key, value) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
+            if value.chars().any(char::is_control) {
+                return Err(InvalidValue::new(
+                    key,
+                    "a file path without control characters",
+                ));
+            }
+        }
+        match (self.cert.trim().is_empty(), self.key.trim().is_empty()) {
+            (false, true) => {
+                return Err(InvalidValue::new(
+                    "key",
+                    "tls.cert is set: tls.key must name its private key file",
+                ))
+            }
+            (true, false) => {
+                return Err(InvalidValue::new(
+                    "cert",
+                    "tls.key is set: tls.cert must name its certificate file",
+                ))
+            }
+            _ => {}
+        }
+        check_range(
+            "handshake_timeout_ms",
+            self.handshake_timeout_ms,
+            MIN_HANDSHAKE_TIMEOUT_MS,
+            MAX_HANDSHAKE_TIMEOUT_MS,
+        )?;
+        check_range("max_handshakes", self.max_handshakes, 1, MAX_HANDSHAKES)
+    }
+
+    /// Whether a server certificate is configured.
+    pub fn has_cert(&self) -> bool {
+        !self.cert.trim().is_empty()
+    }
+
+    /// The files as the TLS context reads them.
+    pub fn files(&self) -> super::tls::TlsFiles {
+        let path = |s: &str| PathBuf::from(s.trim());
+        super::tls::TlsFiles {
+            cert: path(&self.cert),
+            key: path(&self.key),
+            ca: (!self.ca.trim().is_empty()).then(|| path(&self.ca)),
+        }
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+/// `sip.listen` against `[tls]`: a `tls:` or `wss:` entry needs `tls.cert` (the key is
+/// then required by [`TlsConfig::check`]). The error names the entry (`listen`, its index),
+/// which is in the operator's file, where an unset `tls.cert` may not be.
+pub fn check_tls_listeners(listen: &[String], tls: &TlsConfig) -> Result<(), InvalidValue> {
+    if tls.has_cert() {
+        return Ok(());
+    }
+    for (i, entry) in listen.iter().enumerate() {
+        if let Ok(addr) = entry.parse::<ListenAddr>() {
+            if addr.kind.is_secure() {
+                return Err(InvalidValue::entry(
+                    "listen",
+                    i,
+                    format!("{entry:?} needs a certificate: set tls.cert and tls.key (PEM files)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Longest `ws.ping_interval_s`: NAT bindings and proxies drop idle connections in minutes.
+pub const MAX_WS_PING_INTERVAL_S: u64 = 3600;
+/// Least `ws.ping_interval_s` (when not 0): more often is traffic for nothing.
+pub const MIN_WS_PING_INTERVAL_S: u64 = 5;
+/// Most `ws.allowed_origins` entries.
+pub const MAX_WS_ORIGINS: usize = 256;
+
+/// `[ws]`: WebSocket (`ws:`, `wss:` listeners, RFC 7118).
+#[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// `Origin` values (RFC 6454: `scheme://host[:port]`, no path) an upgrade may carry;
+    /// others are refused with 403. Empty: any origin, and upgrades without one.
+    pub allowed_origins: Vec<String>,
+    /// Seconds between WebSocket pings on an idle connection (0: none).
+    pub ping_interval_s: u64,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            allowed_origins: Vec::new(),
+            ping_interval_s: 30,
+        }
+    }
+}
+
+impl WsConfig {
+    pub fn check(&self) -> Result<(), InvalidValue> {
+        if self.allowed_origins.len() > MAX_WS_ORIGINS {
+            return Err(InvalidValue::new(
+                "allowed_origins",
+                format!(
+                    "at most {MAX_WS_ORIGINS} origins (got {})",
+                    self.allowed_origins.len()
+                ),
+            ));
+        }
+        for (i, origin) in self.allowed_origins.iter().enumerate() {
+            if let Err(problem) = check_origin(origin) {
+                return Err(InvalidValue::entry("allowed_origins", i, problem));
+            }
+        }
+        if self.ping_interval_s != 0 {
+            check_range(
+                "ping_interval_s",
+                self.ping_interval_s,
+                MIN_WS_PING_INTERVAL_S,
+                MAX_WS_PING_INTERVAL_S,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The origins as compared with an upgrade's `Origin` header: lower case (RFC 6454
+    /// 6.1 serialises scheme and host in lower case).
+    pub fn origins(&self) -> Vec<String> {
+        self.allowed_origins
+            .iter()
+            .map(|o| o.trim().to_ascii_lowercase())
+            .collect()
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_s)
+    }
+}
+
+/// One `ws.allowed_origins` entry: what a browser sends as `Origin` (RFC 6454 6.1),
+/// `http://` or `https://`, a host, an optional port, nothing after. A trailing `/` or a
+/// path would never equal a browser's header and so silently refuse everyone.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(|| {
+            format!(
+                "{origin:?}: an origin is http:// or https:// and a host, e.g. \"https://phone.example.com\""
+            )
+        })?;
+    let shape = || format!("{origin:?}: scheme://host[:port] only, no path, query or trailing /");
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(inner) => {
+            let (ip, after) = inner.split_once(']').ok_or_else(shape)?;
+            ip.parse::<std::net::Ipv6Addr>().map_err(|_| shape())?;
+            match after {
+                "" => (ip, None),
+                _ => ("ipv6", Some(after.strip_prefix(':').ok_or_else(shape)?)),
+            }
+        }
+        None => match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        },
+    };
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == ':')
+    {
+        return Err(shape());
+    }
+    if let Some(port) = port {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("{origin:?}: bad port {port:?}"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +427,117 @@ mod tests {
         };
         assert_eq!(c.check().unwrap_err().key, "timeout_ms");
         assert!(DnsConfig::default().check().is_ok());
+    }
+
+    #[test]
+    fn tls_section() {
+        assert!(TlsConfig::default().check().is_ok());
+        let tls = |f: fn(&mut TlsConfig)| {
+            let mut t = TlsConfig::default();
+            f(&mut t);
+            t.check().err().map(|e| e.key)
+        };
+        assert_eq!(tls(|t| t.cert = "c.pem".into()).as_deref(), Some("key"));
+        assert_eq!(tls(|t| t.key = "k.pem".into()).as_deref(), Some("cert"));
+        assert_eq!(
+            tls(|t| {
+                t.cert = "c.pem".into();
+                t.key = "k.pem".into();
+            }),
+            None
+        );
+        assert_eq!(
+            tls(|t| t.handshake_timeout_ms = 10).as_deref(),
+            Some("handshake_timeout_ms")
+        );
+        assert_eq!(
+            tls(|t| t.handshake_timeout_ms = 600_000).as_deref(),
+            Some("handshake_timeout_ms")
+        );
+        assert_eq!(
+            tls(|t| t.max_handshakes = 0).as_deref(),
+            Some("max_handshakes")
+        );
+        assert_eq!(tls(|t| t.ca = "a\nb".into()).as_deref(), Some("ca"));
+        let files = TlsConfig {
+            cert: " c.pem ".into(),
+            key: "k.pem".into(),
+            ..TlsConfig::default()
+        }
+        .files();
+        assert_eq!(files.cert, PathBuf::from("c.pem"));
+        assert_eq!(files.ca, None);
+    }
+
+    #[test]
+    fn tls_listeners_need_a_certificate() {
+        let listen: Vec<String> = vec!["udp:127.0.0.1:5060".into(), "wss:127.0.0.1:7443".into()];
+        let e = check_tls_listeners(&listen, &TlsConfig::default()).unwrap_err();
+        assert_eq!((e.key.as_str(), e.index), ("listen", Some(1)));
+        assert!(e.message.contains("tls.cert"), "{e}");
+        let e = check_tls_listeners(&["tls:[::1]:5061".into()], &TlsConfig::default());
+        assert!(e.is_err());
+        let with_cert = TlsConfig {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            ..TlsConfig::default()
+        };
+        assert!(check_tls_listeners(&listen, &with_cert).is_ok());
+        // ws: is plain: no certificate needed.
+        assert!(check_tls_listeners(&["ws:127.0.0.1:8080".into()], &TlsConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn ws_section() {
+        assert!(WsConfig::default().check().is_ok());
+        for ok in [
+            "https://phone.example.com",
+            "http://localhost:8080",
+            "https://[::1]:8443",
+            "https://[2001:db8::1]",
+            "https://192.0.2.1",
+        ] {
+            assert!(check_origin(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "*",
+            "phone.example.com",
+            "https://",
+            "https://phone.example.com/",
+            "https://phone.example.com/app",
+            "https://phone.example.com:0",
+            "https://phone.example.com:x",
+            "wss://phone.example.com",
+            "https://[::1",
+            "https://[nope]",
+            "https://a b",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
+        let c = WsConfig {
+            allowed_origins: vec!["https://a.example".into(), "https://b.example/".into()],
+            ..WsConfig::default()
+        };
+        let e = c.check().unwrap_err();
+        assert_eq!((e.key.as_str(), e.index), ("allowed_origins", Some(1)));
+        let c = WsConfig {
+            allowed_origins: vec!["HTTPS://Phone.Example.com".into()],
+            ping_interval_s: 0,
+        };
+        assert!(c.check().is_err(), "the scheme as browsers write it");
+        let c = WsConfig {
+            allowed_origins: vec!["https://Phone.Example.com".into()],
+            ping_interval_s: 0,
+        };
+        assert!(c.check().is_ok());
+        assert_eq!(c.origins(), vec!["https://phone.example.com"]);
+        assert_eq!(c.ping_interval(), Duration::ZERO);
+        let c = WsConfig {
+            ping_interval_s: 2,
+            ..WsConfig::default()
+        };
+        assert_eq!(c.check().unwrap_err().key, "ping_interval_s");
     }
 
     #[test]

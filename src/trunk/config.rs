@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::config_section::{check_range, InvalidValue, MAX_TIMEOUT_S};
-use crate::sip::{Scheme, Uri};
+use crate::sip::{Host, Scheme, Uri};
+use crate::transport::tls::ClientIdentity;
 
 /// Most trunks (each name is a metric label value).
 pub const MAX_TRUNKS: usize = 256;
@@ -17,13 +18,14 @@ pub const MAX_TRUNKS: usize = 256;
 #[derive(Deserialize, Serialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrunkConfig {
-    /// The carrier's SIP URI (`sip:sip.carrier.example`, `sip:192.0.2.10:5080;transport=tcp`);
-    /// its host is located per RFC 3263 like any dialled domain. Or `host`/`port`/`transport`.
+    /// The carrier's SIP URI (`sip:sip.carrier.example`, `sip:192.0.2.10:5080;transport=tcp`,
+    /// `sips:sip.carrier.example`); its host is located per RFC 3263 like any dialled
+    /// domain. Or `host`/`port`/`transport`.
     pub uri: String,
     pub host: String,
     /// 0: the URI's port, else located (SRV) or 5060.
     pub port: u16,
-    /// "", "udp" or "tcp".
+    /// "", "udp", "tcp" or "tls".
     pub transport: String,
     /// A URI every request to the trunk is sent through (a pre-loaded Route, RFC 3261 8.1.2).
     pub outbound_proxy: String,
@@ -56,6 +58,10 @@ pub struct TrunkConfig {
     pub inbound: Vec<String>,
     /// Seconds between OPTIONS pings (0: off); a trunk that stops answering is down.
     pub ping_interval_s: u64,
+    /// Client certificate chain and key (PEM) presented to the trunk's TLS server (mutual
+    /// TLS); both or neither, only on a TLS trunk.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for TrunkConfig {
@@ -80,6 +86,8 @@ impl Default for TrunkConfig {
             max_channels: 0,
             inbound: Vec::new(),
             ping_interval_s: 0,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -181,6 +189,26 @@ pub fn check_trunks(trunks: &BTreeMap<String, TrunkConfig>) -> Result<(), Invali
         }
         t.check().map_err(|e| e.within(name))?;
     }
+    // One client certificate per server name (the TLS context looks them up by name):
+    // two trunks behind one host with different certificates cannot both be served.
+    let mut identities: BTreeMap<String, (&str, &TrunkConfig)> = BTreeMap::new();
+    for (name, t) in trunks {
+        let Some((server, _)) = t.tls_identity() else {
+            continue;
+        };
+        if let Some((other, o)) = identities.get(&server) {
+            if (o.tls_cert.trim(), o.tls_key.trim()) != (t.tls_cert.trim(), t.tls_key.trim()) {
+                return Err(InvalidValue::new(
+                    format!("{name}.tls_cert"),
+                    format!(
+                        "trunk {other:?} reaches {server} too, with another client certificate: \
+                         one certificate per TLS server"
+                    ),
+                ));
+            }
+        }
+        identities.insert(server, (name.as_str(), t));
+    }
     Ok(())
 }
 
@@ -200,13 +228,106 @@ fn plain(key: &str, v: &str) -> Result<(), InvalidValue> {
     Ok(())
 }
 
+/// Whether requests to `uri` go over TLS: `sips:` or `;transport=tls`.
+fn is_tls(uri: &Uri) -> bool {
+    uri.scheme == Scheme::Sips
+        || uri
+            .params
+            .value("transport")
+            .is_some_and(|t| t.eq_ignore_ascii_case("tls"))
+}
+
+/// The name a TLS server at `host` is verified against and looked up by: a domain in
+/// lower case, an IP address without brackets.
+fn server_name(host: &Host) -> String {
+    match host {
+        Host::Domain(d) => d.to_ascii_lowercase(),
+        Host::Ipv4(a) => a.to_string(),
+        Host::Ipv6(a) => a.to_string(),
+    }
+}
+
 impl TrunkConfig {
+    /// Whether the trunk is reached over TLS (`sips:` or `transport=tls`; through its
+    /// outbound proxy when it has one).
+    pub fn uses_tls(&self) -> bool {
+        self.target_uri().is_ok_and(|u| is_tls(&u)) || self.proxy_uri().is_some_and(|p| is_tls(&p))
+    }
+
+    /// The client certificate for mutual TLS and the server name it is presented to: the
+    /// first hop's host (the outbound proxy's when set, else the trunk's), the end of the
+    /// TLS connection. `None` without `tls_cert`.
+    pub fn tls_identity(&self) -> Option<(String, ClientIdentity)> {
+        if self.tls_cert.trim().is_empty() || self.tls_key.trim().is_empty() {
+            return None;
+        }
+        let hop = self.proxy_uri().or_else(|| self.target_uri().ok())?;
+        Some((
+            server_name(&hop.host),
+            ClientIdentity {
+                cert: self.tls_cert.trim().into(),
+                key: self.tls_key.trim().into(),
+            },
+        ))
+    }
+
+    /// `tls_cert`/`tls_key`: both or neither, and only where the first hop is TLS (else
+    /// the certificate would never be presented, silently).
+    fn check_tls(&self, uri: &Uri, key: &str) -> Result<(), InvalidValue> {
+        for (k, v) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
+            if v.chars().any(char::is_control) {
+                return Err(InvalidValue::new(
+                    k,
+                    "a file path without control characters",
+                ));
+            }
+        }
+        let (cert, tls_key) = (
+            !self.tls_cert.trim().is_empty(),
+            !self.tls_key.trim().is_empty(),
+        );
+        match (cert, tls_key) {
+            (true, false) => {
+                return Err(InvalidValue::new(
+                    "tls_key",
+                    "tls_cert is set: tls_key must name its private key file",
+                ))
+            }
+            (false, true) => {
+                return Err(InvalidValue::new(
+                    "tls_cert",
+                    "tls_key is set: tls_cert must name the client certificate file",
+                ))
+            }
+            (false, false) => return Ok(()),
+            (true, true) => {}
+        }
+        let first_hop_tls = match self.proxy_uri() {
+            Some(proxy) => is_tls(&proxy),
+            None => is_tls(uri),
+        };
+        if !first_hop_tls {
+            let fix = if self.proxy_uri().is_some() {
+                "make outbound_proxy sips: (or add ;transport=tls to it)"
+            } else if key == "host" {
+                "set transport = \"tls\""
+            } else {
+                "make uri sips: (or add ;transport=tls to it)"
+            };
+            return Err(InvalidValue::new(
+                "tls_cert",
+                format!("a client certificate is presented over TLS only: {fix}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The trunk's URI: `uri`, or one built from `host`, `port` and `transport`.
     pub fn target_uri(&self) -> Result<Uri, String> {
         if !self.uri.trim().is_empty() {
             let uri = Uri::parse(self.uri.trim()).map_err(|e| format!("{e}"))?;
-            if uri.scheme != Scheme::Sip {
-                return Err("only sip: URIs are supported (no TLS yet)".into());
+            if !matches!(uri.scheme, Scheme::Sip | Scheme::Sips) {
+                return Err("a trunk URI is sip: or sips:".into());
             }
             return Ok(uri);
         }
@@ -265,10 +386,10 @@ impl TrunkConfig {
             }
             _ => {}
         }
-        if !matches!(self.transport.as_str(), "" | "udp" | "tcp") {
+        if !matches!(self.transport.as_str(), "" | "udp" | "tcp" | "tls") {
             return Err(InvalidValue::new(
                 "transport",
-                format!("{:?}: expected \"udp\" or \"tcp\"", self.transport),
+                format!("{:?}: expected \"udp\", \"tcp\" or \"tls\"", self.transport),
             ));
         }
         let key = if has_uri { "uri" } else { "host" };
@@ -282,24 +403,35 @@ impl TrunkConfig {
             ));
         }
         if let Some(t) = uri.params.value("transport") {
-            if !t.eq_ignore_ascii_case("udp") && !t.eq_ignore_ascii_case("tcp") {
+            if !["udp", "tcp", "tls"]
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k))
+            {
                 return Err(InvalidValue::new(
                     key,
-                    format!("transport={t}: only udp and tcp are supported"),
+                    format!("transport={t}: only udp, tcp and tls are supported"),
+                ));
+            }
+            // RFC 3261 26.2: every hop of a sips: request is TLS.
+            if uri.scheme == Scheme::Sips && !t.eq_ignore_ascii_case("tls") {
+                return Err(InvalidValue::new(
+                    key,
+                    format!("transport={t}: a sips: URI goes over TLS only"),
                 ));
             }
         }
         if !self.outbound_proxy.trim().is_empty() {
             match Uri::parse(self.outbound_proxy.trim()) {
-                Ok(u) if u.scheme == Scheme::Sip => {}
+                Ok(u) if matches!(u.scheme, Scheme::Sip | Scheme::Sips) => {}
                 _ => {
                     return Err(InvalidValue::new(
                         "outbound_proxy",
-                        format!("{:?} is not a sip: URI", self.outbound_proxy),
+                        format!("{:?} is not a sip: or sips: URI", self.outbound_proxy),
                     ))
                 }
             }
         }
+        self.check_tls(&uri, key)?;
         plain("username", &self.username)?;
         if self.realm.chars().any(|c| c.is_control() || c == '"') {
             return Err(InvalidValue::new(
@@ -430,7 +562,11 @@ mod tests {
             (trunk(|t| t.host = "x".into()), "host"),
             (trunk(|t| t.port = 5060), "port"),
             (trunk(|t| t.uri = "sip:+1555@carrier.example".into()), "uri"),
-            (trunk(|t| t.uri = "sips:carrier.example".into()), "uri"),
+            (
+                trunk(|t| t.uri = "sips:carrier.example;transport=udp".into()),
+                "uri",
+            ),
+            (trunk(|t| t.uri = "tel:+15551234".into()), "uri"),
             (
                 trunk(|t| t.uri = "sip:c.example;transport=sctp".into()),
                 "uri",
@@ -481,6 +617,93 @@ mod tests {
             .check()
             .unwrap_err();
         assert_eq!(e.index, Some(1));
+    }
+
+    #[test]
+    fn tls_trunks_and_client_certificates() {
+        let tls = |uri: &str| {
+            trunk(|t| {
+                t.uri = uri.into();
+                t.tls_cert = "pbx.crt".into();
+                t.tls_key = "pbx.key".into();
+            })
+        };
+        for ok in [
+            "sips:carrier.example",
+            "sip:carrier.example;transport=tls",
+            "sips:carrier.example;transport=TLS",
+        ] {
+            let t = tls(ok);
+            t.check().unwrap();
+            assert!(t.uses_tls(), "{ok}");
+        }
+        let (name, id) = tls("sips:Carrier.Example:5061").tls_identity().unwrap();
+        assert_eq!(name, "carrier.example");
+        assert_eq!(id.cert, std::path::PathBuf::from("pbx.crt"));
+        let (name, _) = tls("sips:[2001:db8::1]").tls_identity().unwrap();
+        assert_eq!(name, "2001:db8::1");
+        // Through a TLS outbound proxy: the certificate goes to the proxy.
+        let mut t = tls("sips:carrier.example");
+        t.outbound_proxy = "sips:sbc.example.net".into();
+        t.check().unwrap();
+        assert_eq!(t.tls_identity().unwrap().0, "sbc.example.net");
+        t.outbound_proxy = "sip:sbc.example.net".into();
+        let e = t.check().unwrap_err();
+        assert_eq!(e.key, "tls_cert");
+        assert!(e.message.contains("outbound_proxy"), "{e}");
+
+        for (t, key) in [
+            (tls("sip:carrier.example"), "tls_cert"),
+            (tls("sip:carrier.example;transport=tcp"), "tls_cert"),
+            (trunk(|t| t.tls_cert = "pbx.crt".into()), "tls_key"),
+            (
+                trunk(|t| {
+                    t.uri = "sips:carrier.example".into();
+                    t.tls_key = "pbx.key".into();
+                }),
+                "tls_cert",
+            ),
+        ] {
+            let e = t.check().expect_err(key);
+            assert_eq!(e.key, key, "{t:?}: {e}");
+        }
+        assert!(tls("sip:carrier.example")
+            .check()
+            .unwrap_err()
+            .message
+            .contains("make uri sips:"));
+        // host/port/transport form.
+        let h = trunk(|t| {
+            t.uri.clear();
+            t.host = "192.0.2.10".into();
+            t.transport = "tls".into();
+            t.tls_cert = "c".into();
+            t.tls_key = "k".into();
+        });
+        h.check().unwrap();
+        assert_eq!(h.tls_identity().unwrap().0, "192.0.2.10");
+        let mut h2 = h.clone();
+        h2.transport = "tcp".into();
+        assert!(h2
+            .check()
+            .unwrap_err()
+            .message
+            .contains("transport = \"tls\""));
+        // A plain trunk has no identity; sips: without a certificate is fine.
+        assert!(trunk(|_| {}).tls_identity().is_none());
+        assert!(!trunk(|_| {}).uses_tls());
+        let plain_sips = trunk(|t| t.uri = "sips:carrier.example".into());
+        plain_sips.check().unwrap();
+        assert!(plain_sips.tls_identity().is_none());
+
+        // Two trunks to one TLS server with different certificates: refused.
+        let mut m = BTreeMap::new();
+        m.insert("a".to_string(), tls("sips:carrier.example"));
+        m.insert("b".to_string(), tls("sips:CARRIER.example;transport=tls"));
+        check_trunks(&m).unwrap();
+        m.get_mut("b").unwrap().tls_cert = "other.crt".into();
+        let e = check_trunks(&m).unwrap_err();
+        assert_eq!(e.key, "b.tls_cert", "{e}");
     }
 
     #[test]
