@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need (SIPp, redis-server, prometheus, iproute2, iptables, dnsmasq) and runs every test. This is the README's test
+# Installs what the tests need (SIPp, redis-server, prometheus, iproute2, iptables, dnsmasq,
+# chromium and tests/browser's npm packages) and runs every test. This is the README's test
 # command and exactly what .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +14,22 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 # tests/dns.rs: a real DNS server with NAPTR, SRV and A records for the RFC 3263 locator.
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+# tests/browser_phones.rs: JsSIP phones in headless Chromium (Node drives them, tests/browser).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# The browser test's npm packages (pinned in tests/browser/package-lock.json; Node >= 20).
+if [ ! -d tests/browser/node_modules ]; then
+  if command -v npm >/dev/null 2>&1; then
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+  else
+    echo "npm is missing: tests/browser_phones.rs will be skipped"
+  fi
 fi
 
 status=0
