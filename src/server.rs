@@ -17,7 +17,8 @@
 //! so a file that cannot be written stops start-up), `storage.dir` and `[presence]` (the
 //! presence core, started here), `[dns]` (the RFC 3263 locator every sender shares),
 //! `[trunks.<name>]` (the trunks; their registration and ping tasks start here once
-//! answers can reach the transaction layer).
+//! answers can reach the transaction layer), `[tls]` and the trunks' `tls_cert`/`tls_key`
+//! (the TLS context, built at every start and reloaded with the script on SIGHUP), `[ws]`.
 
 use crate::auth::{DigestAuth, Users};
 use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
@@ -33,7 +34,7 @@ use crate::sip::{error_response, SipMessage};
 use crate::transaction::TransactionLayer;
 use crate::transport::{
     response_target, ContactFlows, Inbound, InboundSink, ListenAddr, LocalAddrs, Sender,
-    TransportKind, TransportLimits, Transports,
+    TlsContext, TransportKind, TransportLimits, Transports,
 };
 use crate::uas::UasCore;
 use anyhow::Context as _;
@@ -198,12 +199,19 @@ pub struct ServerHandle {
     dialogs: Arc<crate::uas::Dialogs>,
     /// `[trunks.<name>]`.
     trunks: crate::trunk::Trunks,
+    /// The certificates of TLS and WSS (listeners, outgoing connections).
+    tls: Arc<TlsContext>,
 }
 
 impl ServerHandle {
     /// The trunks (empty when none is configured).
     pub fn trunks(&self) -> &crate::trunk::Trunks {
         &self.trunks
+    }
+
+    /// The TLS context: the server certificate in use, outgoing TLS configurations.
+    pub fn tls(&self) -> &Arc<TlsContext> {
+        &self.tls
     }
 
     /// Dialogs in the server's dialog table: two per bridged call, one per subscription.
@@ -388,6 +396,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         last_warn: AtomicU64::new(0),
         registrar: OnceLock::new(),
     });
+    let tls = load_tls(config)?;
     let limits = TransportLimits {
         max_message_size: config.sip.max_message_size,
         idle_timeout: Duration::from_secs(config.sip.tcp_idle_timeout_s),
@@ -396,7 +405,11 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         udp_loss_percent: config.sip.udp_loss_percent,
         max_connections: config.sip.tcp_max_connections,
         max_connections_per_source: config.sip.tcp_max_connections_per_source,
-        ..TransportLimits::default()
+        tls: Some(tls.clone()),
+        handshake_timeout: config.tls.handshake_timeout(),
+        max_handshakes: config.tls.max_handshakes,
+        ws_allowed_origins: config.ws.origins(),
+        ws_ping_interval: config.ws.ping_interval(),
     };
     if config.sip.udp_loss_percent > 0 {
         tracing::warn!(
@@ -587,6 +600,49 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
                 c("per_source", s.tcp_refused_per_source);
             });
         }
+        {
+            // Per transport (udp, tcp, tls, ws, wss): what the transport dashboard shows.
+            let open = t.gauge_vec(
+                "strowger_transport_connections",
+                "Connections open now (TCP, TLS, WS, WSS; accepted and outgoing)",
+                &["transport"],
+            )?;
+            let handshakes = t.counter_vec(
+                "strowger_transport_handshakes_failed_total",
+                "TLS handshakes and WebSocket upgrades that failed or timed out \
+                 (tls.handshake_timeout_ms), or were refused because tls.max_handshakes \
+                 were in progress (reason refused)",
+                &["transport", "reason"],
+            )?;
+            let messages = t.counter_vec(
+                "strowger_transport_messages_total",
+                "SIP messages read (in) and handed to the transport to send (out)",
+                &["transport", "direction"],
+            )?;
+            let transports = transports.clone();
+            let bound: Vec<crate::transport::TransportKind> =
+                transports.local_addrs().iter().map(|(k, _)| *k).collect();
+            t.on_scrape(move || {
+                for (kind, k) in transports.stats().per_transport {
+                    // Only transports in use: an unused one would be a row of zeros.
+                    if !bound.contains(&kind) && k.sent == 0 && k.connections_open == 0 {
+                        continue;
+                    }
+                    let name = kind.to_string();
+                    open.with_label_values(&[name.as_str()])
+                        .set(k.connections_open as i64);
+                    let c = |vec: &prometheus::IntCounterVec, label: &str, n: u64| {
+                        crate::metrics::catch_up(&vec.with_label_values(&[name.as_str(), label]), n)
+                    };
+                    if kind.has_handshake() {
+                        c(&handshakes, "failed", k.handshakes_failed);
+                        c(&handshakes, "refused", k.handshakes_refused);
+                    }
+                    c(&messages, "in", k.received);
+                    c(&messages, "out", k.sent);
+                }
+            });
+        }
         if let Some(p) = pike.clone() {
             let dropped = t.counter(
                 "strowger_pike_dropped_total",
@@ -648,6 +704,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         },
         huntgroups: huntgroups.clone(),
         trunks: trunks.clone(),
+        tls: Some(tls.clone()),
     };
     let admin = crate::admin::start(
         http,
@@ -681,7 +738,59 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         presence,
         dialogs,
         trunks,
+        tls,
     })
+}
+
+/// The TLS context: `[tls]`'s certificate (when set) and roots, and each trunk's client
+/// certificate by the name of the server it is presented to. Built at every start, TLS
+/// configured or not: a dial plan may dial a `sips:` URI, which needs the client side.
+/// A file that fails `tls::check_files` stops the start with the file and the problem.
+fn load_tls(config: &Config) -> anyhow::Result<Arc<TlsContext>> {
+    let tls = TlsContext::load(config.tls.files()).context("tls.cert, tls.key, tls.ca")?;
+    if let Some(cert) = tls.certificate() {
+        log_certificate(&cert, "TLS certificate loaded");
+    }
+    for (name, trunk) in &config.trunks {
+        if let Some((server, identity)) = trunk.tls_identity() {
+            tls.add_client_identity(&server, &identity)
+                .with_context(|| format!("trunks.{name}.tls_cert, tls_key"))?;
+            tracing::info!(trunk = %name, %server, cert = %identity.cert.display(), "TLS client certificate loaded");
+        }
+    }
+    Ok(Arc::new(tls))
+}
+
+/// Logs the certificate in use; a warning when it expires within
+/// [`crate::transport::tls::EXPIRY_WARNING`].
+fn log_certificate(cert: &crate::transport::tls::CertSummary, what: &str) {
+    use crate::transport::tls::{utc, EXPIRY_WARNING};
+    let left = cert.expires_in(std::time::SystemTime::now());
+    tracing::info!(subject = %cert.subject, names = ?cert.sans, expires = %utc(cert.not_after), "{what}");
+    if left < EXPIRY_WARNING {
+        tracing::warn!(
+            subject = %cert.subject,
+            expires = %utc(cert.not_after),
+            days_left = left.as_secs() / 86_400,
+            "the TLS certificate expires soon: renew it and reload (SIGHUP or strowger reload)"
+        );
+    }
+}
+
+/// Re-reads `tls.cert`/`tls.key` (SIGHUP): a pair that fails its checks is refused and the
+/// running one stays; established connections are not touched either way.
+fn reload_tls(tls: &TlsContext) {
+    match tls.reload() {
+        Ok(()) => {
+            if let Some(cert) = tls.certificate() {
+                log_certificate(&cert, "TLS certificate reloaded");
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            "TLS certificate reload refused; the running certificate stays"
+        ),
+    }
 }
 
 // ---- hunt groups (issue 6) -------------------------------------------------------------
@@ -919,7 +1028,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Waits for SIGINT or SIGTERM; SIGHUP reloads the script meanwhile (new calls use the new
 /// version, calls in progress keep theirs; a script that does not compile is refused and
-/// the running one stays).
+/// the running one stays) and the TLS certificate (new handshakes use the new one).
 async fn wait_for_stop(server: &ServerHandle) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -929,10 +1038,13 @@ async fn wait_for_stop(server: &ServerHandle) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match server.scripts.reload().await {
-                Ok(()) => tracing::info!(version = server.scripts.current().version(), "script reloaded"),
-                Err(e) => tracing::error!(error = %e, "script reload refused; the running version stays"),
-            },
+            _ = hup.recv() => {
+                match server.scripts.reload().await {
+                    Ok(()) => tracing::info!(version = server.scripts.current().version(), "script reloaded"),
+                    Err(e) => tracing::error!(error = %e, "script reload refused; the running version stays"),
+                }
+                reload_tls(&server.tls);
+            }
         }
     }
 }

@@ -154,7 +154,10 @@ impl Transports {
                     udp::bind(l.addr, shared.limits.udp_recv_buffer)
                         .map_err(|e| TransportError::Bind(l.addr, e))?,
                 ),
-                TransportKind::Tcp | TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
+                TransportKind::Tcp
+                | TransportKind::Tls
+                | TransportKind::Ws
+                | TransportKind::Wss => {
                     let secure = l.kind.is_secure();
                     if secure
                         && shared
@@ -393,14 +396,13 @@ impl Sender for Transports {
                 target,
                 data,
             ),
-            TransportKind::Tcp => match &self.inner.tcp {
-                Some(tcp) => tcp.send(target, data),
-                None => Err(TransportError::NoTransport(TransportKind::Tcp, target.addr)),
-            },
-            TransportKind::Memory => self.send_memory(target, data),
-            TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
-                Err(TransportError::NoTransport(target.transport, target.addr))
+            TransportKind::Tcp | TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
+                match &self.inner.tcp {
+                    Some(tcp) => tcp.send(target, data),
+                    None => Err(TransportError::NoTransport(target.transport, target.addr)),
+                }
             }
+            TransportKind::Memory => self.send_memory(target, data),
         };
         if result.is_ok() {
             self.inner

@@ -201,5 +201,6 @@ pub async fn run_sipp(args: &[String], limit: Duration) -> std::process::Output 
         Err(_) => panic!("sipp did not finish within {limit:?}"),
     }
 }
+pub mod certs;
 pub mod redis;
 pub mod sipp;
