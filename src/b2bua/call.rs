@@ -841,16 +841,11 @@ impl Call {
     /// Where a request to `uri` goes first, and the addresses to fail over to (RFC 3263:
     /// NAPTR, SRV, AAAA/A; 4.3).
     async fn locate(&self, uri: &Uri) -> Result<(Target, Vec<Target>), (u16, String)> {
-        let mut all = self
-            .inner
-            .local
-            .locate(uri)
-            .await
-            .map_err(|e| match e {
-                // RFC 5630 3.1.3: no secure way there is "temporarily unavailable".
-                crate::transport::ResolveError::Insecure(why) => (480, why),
-                e => (503, e.to_string()),
-            })?;
+        let mut all = self.inner.local.locate(uri).await.map_err(|e| match e {
+            // RFC 5630 3.1.3: no secure way there is "temporarily unavailable".
+            crate::transport::ResolveError::Insecure(why) => (480, why),
+            e => (503, e.to_string()),
+        })?;
         if all.is_empty() {
             return Err((503, format!("{}: no address", uri.host)));
         }
