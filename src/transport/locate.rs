@@ -174,10 +174,20 @@ impl<S: RecordSource> Locator<S> {
         };
         let name = match &uri.host {
             Host::Ipv4(a) => {
-                return ip_target(IpAddr::V4(*a), uri.port.or(Some(default_port(param))), param, local)
+                return ip_target(
+                    IpAddr::V4(*a),
+                    uri.port.or(Some(default_port(param))),
+                    param,
+                    local,
+                )
             }
             Host::Ipv6(a) => {
-                return ip_target(IpAddr::V6(*a), uri.port.or(Some(default_port(param))), param, local)
+                return ip_target(
+                    IpAddr::V6(*a),
+                    uri.port.or(Some(default_port(param))),
+                    param,
+                    local,
+                )
             }
             Host::Domain(d) => d.trim_end_matches('.').to_ascii_lowercase(),
         };

@@ -15,10 +15,10 @@ pub mod locate;
 pub mod memory;
 mod set;
 mod tcp;
-mod ws;
 pub mod tls;
 mod udp;
 pub mod via;
+mod ws;
 
 pub use listen::ListenAddr;
 pub use local::{resolve, ContactFlows, LocalAddrs, ResolveError};

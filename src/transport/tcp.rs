@@ -204,7 +204,8 @@ impl TcpTransport {
     /// already (so both the connection's own end and shutdown may call it).
     fn forget(&self, id: ConnectionId) -> Option<Conn> {
         let conn = self.conns.remove(&id)?;
-        self.by_addr.remove_if(&(conn.kind, conn.peer), |v| *v == id);
+        self.by_addr
+            .remove_if(&(conn.kind, conn.peer), |v| *v == id);
         if conn.inbound {
             self.release_source(conn.peer.ip());
         }
@@ -405,7 +406,8 @@ impl TcpTransport {
     pub(crate) fn shutdown(&self) {
         let conns = self.conns.drain();
         for (id, conn) in conns {
-            self.by_addr.remove_if(&(conn.kind, conn.peer), |v| *v == id);
+            self.by_addr
+                .remove_if(&(conn.kind, conn.peer), |v| *v == id);
             self.shared
                 .counters
                 .tcp_connections_open
@@ -521,13 +523,15 @@ async fn serve_accepted(
         tracing::debug!(%peer, transport = %kind, error = %e, "handshake failed");
     };
     match kind {
-        TransportKind::Tls => match settle(tokio::time::timeout(within, tls_accept(limits, stream)).await) {
-            Ok(tls) => {
-                drop(slot);
-                drive(guard, tls, kind, peer, local, rx).await
+        TransportKind::Tls => {
+            match settle(tokio::time::timeout(within, tls_accept(limits, stream)).await) {
+                Ok(tls) => {
+                    drop(slot);
+                    drive(guard, tls, kind, peer, local, rx).await
+                }
+                Err(e) => failed(e),
             }
-            Err(e) => failed(e),
-        },
+        }
         TransportKind::Ws => {
             match settle(tokio::time::timeout(within, super::ws::accept(stream, limits)).await) {
                 Ok(ws) => {

@@ -160,10 +160,7 @@ pub(crate) async fn drive<S: Io>(
                 Ok(None) => return End::Eof,
                 Ok(Some(Err(e))) => {
                     tracing::debug!(%peer, error = %e, "websocket read failed");
-                    if matches!(
-                        e,
-                        tokio_tungstenite::tungstenite::Error::Capacity(_)
-                    ) {
+                    if matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) {
                         shared
                             .counters
                             .tcp_oversize_closed
@@ -230,8 +227,11 @@ mod tests {
             &allowed
         )
         .is_ok());
-        let e = check_upgrade(&upgrade(Some("sip"), Some("https://evil.example")), &allowed)
-            .unwrap_err();
+        let e = check_upgrade(
+            &upgrade(Some("sip"), Some("https://evil.example")),
+            &allowed,
+        )
+        .unwrap_err();
         assert_eq!(e.status(), StatusCode::FORBIDDEN);
         assert!(check_upgrade(&upgrade(Some("sip"), None), &allowed).is_err());
         // No list: any origin (a softphone sends none).
