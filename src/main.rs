@@ -77,9 +77,78 @@ fn check(path: Option<&Path>) -> ExitCode {
     for warning in hooks.warnings() {
         eprintln!("warning: {warning}");
     }
+    // The certificate and key files, as the server would read them at start.
+    let tls = tls_files(&config);
+    for warning in &tls.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !tls.problems.is_empty() {
+        for problem in &tls.problems {
+            eprintln!("TLS error: {problem}");
+        }
+        return ExitCode::from(EXIT_CONFIG);
+    }
     println!("configuration OK: {source}");
     println!("script OK: {}", config.script.path);
+    for line in &tls.good {
+        println!("{line}");
+    }
     ExitCode::SUCCESS
+}
+
+/// What [`tls_files`] found.
+#[derive(Default)]
+struct TlsReport {
+    /// One line per good certificate or CA bundle.
+    good: Vec<String>,
+    /// Certificates that expire soon.
+    warnings: Vec<String>,
+    /// `KEY: FILE: PROBLEM`, one per file set that would stop the start.
+    problems: Vec<String>,
+}
+
+/// The TLS files of the configuration (`tls.cert`/`tls.key`, `tls.ca`, each trunk's
+/// `tls_cert`/`tls_key`) checked as the server checks them at start, all of them rather
+/// than the first failure, so one `check` shows everything to fix.
+fn tls_files(config: &Config) -> TlsReport {
+    use strowger::transport::tls::{check_ca, check_files, utc, EXPIRY_WARNING};
+    let mut report = TlsReport::default();
+    let now = std::time::SystemTime::now();
+    let mut pair = |what: String, cert: &Path, key: &Path| match check_files(cert, key) {
+        Ok(summary) => {
+            let left = summary.expires_in(now);
+            if left < EXPIRY_WARNING {
+                report.warnings.push(format!(
+                    "{what}: {}: expires in {} days ({})",
+                    cert.display(),
+                    left.as_secs() / 86_400,
+                    utc(summary.not_after)
+                ));
+            }
+            report
+                .good
+                .push(format!("{what} OK: {}: {summary}", cert.display()));
+        }
+        Err(e) => report.problems.push(format!("{what}: {e}")),
+    };
+    if config.tls.has_cert() {
+        let files = config.tls.files();
+        pair("tls.cert".into(), &files.cert, &files.key);
+    }
+    for (name, trunk) in &config.trunks {
+        if let Some((_, id)) = trunk.tls_identity() {
+            pair(format!("trunks.{name}.tls_cert"), &id.cert, &id.key);
+        }
+    }
+    if let Some(ca) = config.tls.files().ca {
+        match check_ca(&ca) {
+            Ok(n) => report
+                .good
+                .push(format!("tls.ca OK: {}: {n} CA certificates", ca.display())),
+            Err(e) => report.problems.push(format!("tls.ca: {e}")),
+        }
+    }
+    report
 }
 
 /// The script engine's options from the `[script]` section.
@@ -302,6 +371,15 @@ fn run(path: Option<&Path>) -> ExitCode {
     // Logging fails only on a bad RUST_LOG, which is configuration too.
     if let Err(e) = strowger::logging::init(&config.log) {
         eprintln!("configuration error: {e:#}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    // Certificate files are configuration too: every problem, exit code 2, before anything
+    // binds (the server's start would stop at the first one).
+    let tls = tls_files(&config);
+    if !tls.problems.is_empty() {
+        for problem in &tls.problems {
+            eprintln!("configuration error: {problem}");
+        }
         return ExitCode::from(EXIT_CONFIG);
     }
     tracing::info!(

@@ -406,3 +406,143 @@ fn a_bind_error_is_printed_once() {
     assert_eq!(code, 1, "{err}");
     assert_eq!(err.matches("in use").count(), 1, "{err}");
 }
+
+/// A self-signed certificate for `name` valid from `from` to `until` (years), written as
+/// `<stem>.crt`/`<stem>.key` in `dir`.
+fn cert_files(dir: &Path, stem: &str, name: &str, from: i32, until: i32) -> (PathBuf, PathBuf) {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.not_before = rcgen::date_time_ymd(from, 1, 1);
+    params.not_after = rcgen::date_time_ymd(until, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn check_says_what_is_wrong_with_each_certificate_file() {
+    let dir = temp_dir();
+    let (old_cert, old_key) = cert_files(&dir, "old", "sip.example.test", 2000, 2001);
+    let (pbx_cert, _) = cert_files(&dir, "pbx", "pbx.example.test", 2000, 2099);
+    let (_, other_key) = cert_files(&dir, "other", "other.example.test", 2000, 2099);
+    let junk = dir.join("ca.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:5060\", \"tls:127.0.0.1:5061\"]\n\
+             [tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\
+             [trunks.carrier1]\nuri = \"sips:carrier.example.test\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            s(&old_cert),
+            s(&old_key),
+            s(&junk),
+            s(&pbx_cert),
+            s(&other_key)
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&mut strowger(&[
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 2, "stdout: {out}\nstderr: {err}");
+    // Every problem, each with its key, file and what is wrong.
+    assert!(
+        err.contains(&format!(
+            "TLS error: tls.cert: {}: certificate expired on 2001-01-01T00:00:00Z",
+            s(&old_cert)
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "TLS error: trunks.carrier1.tls_cert: {}: this private key does not go with the certificate in {}",
+            s(&other_key),
+            s(&pbx_cert)
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("TLS error: tls.ca: {}: no CERTIFICATE", s(&junk))),
+        "{err}"
+    );
+    assert!(!out.contains("configuration OK"), "{out}");
+
+    // `run` refuses the same files before binding anything, as configuration errors.
+    let (code, _out, err) = run(&mut strowger(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "configuration error: tls.cert: {}: certificate expired",
+            s(&old_cert)
+        )),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn check_names_a_good_certificate_its_subject_and_expiry() {
+    let dir = temp_dir();
+    let (cert, key) = cert_files(&dir, "server", "sip.example.test", 2000, 2099);
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\nlisten = [\"wss:127.0.0.1:7443\"]\n[tls]\ncert = {:?}\nkey = {:?}\n",
+            s(&cert),
+            s(&key)
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&mut strowger(&[
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "stderr: {err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("tls.cert OK:"))
+        .unwrap_or_else(|| panic!("no certificate line: {out}"));
+    assert!(line.contains(&s(&cert)), "{line}");
+    assert!(line.contains("subject \"CN=sip.example.test\""), "{line}");
+    assert!(line.contains("until 2099-01-01T00:00:00Z"), "{line}");
+}
+
+#[test]
+fn check_refuses_a_tls_listener_without_a_certificate() {
+    let dir = temp_dir();
+    let config = dir.join("c.toml");
+    std::fs::write(&config, "[sip]\nlisten = [\n  \"tls:127.0.0.1:5061\",\n]\n").unwrap();
+    let (code, _out, err) = run(&mut strowger(&[
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+    ]));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(":3: sip.listen: \"tls:127.0.0.1:5061\" needs a certificate"),
+        "{err}"
+    );
+}

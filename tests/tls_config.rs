@@ -200,3 +200,114 @@ fn a_ca_bundle_and_client_identities_are_checked() {
         "{e}"
     );
 }
+
+const TOKEN: &str = "tls-test-token";
+
+/// A server with a `tls:` listener using `cert`/`key`, admin on a free loopback port.
+fn server_config(dir: &Path, cert: &Path, key: &Path) -> strowger::config::Config {
+    let mut c = strowger::config::Config::default();
+    c.sip.listen = vec!["udp:127.0.0.1:0".into(), "tls:127.0.0.1:0".into()];
+    c.sip.domain = "strowger.test".into();
+    c.http.listen = "127.0.0.1:0".into();
+    c.http.token = TOKEN.into();
+    c.storage.dir = dir.join("data").display().to_string();
+    c.tls.cert = cert.display().to_string();
+    c.tls.key = key.display().to_string();
+    c
+}
+
+#[tokio::test]
+async fn admin_reload_swaps_the_certificate_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, k) = write_pair(dir.path(), "server", "one.example.test", 2000, 2100);
+    let server = strowger::server::start(&server_config(dir.path(), &c, &k))
+        .await
+        .expect("server starts");
+    let admin = server.admin_addr();
+    assert_eq!(
+        server.tls().certificate().unwrap().subject,
+        "CN=one.example.test"
+    );
+
+    let (cert, key) = cert_pem("two.example.test", 2000, 2100);
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    let answer = strowger::admin::request_reload(admin, TOKEN).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["reloaded"], true, "{answer}");
+    assert_eq!(v["tls"], "reloaded", "{answer}");
+    assert_eq!(
+        server.tls().certificate().unwrap().subject,
+        "CN=two.example.test"
+    );
+
+    // An expired renewal: 422, the script reloaded all the same, the certificate kept.
+    let (cert, key) = cert_pem("three.example.test", 2000, 2001);
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    let resp = strowger::admin::send(admin, hyper::Method::POST, "/reload", Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let v: serde_json::Value = serde_json::from_str(resp.body()).unwrap();
+    assert_eq!(v["reloaded"], true, "{v}");
+    assert_eq!(v["tls"], "refused", "{v}");
+    assert!(v["tls_error"].as_str().unwrap().contains("expired"), "{v}");
+    assert_eq!(
+        server.tls().certificate().unwrap().subject,
+        "CN=two.example.test"
+    );
+    server.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn a_server_without_tls_answers_reload_with_tls_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = strowger::config::Config::default();
+    config.sip.listen = vec!["udp:127.0.0.1:0".into()];
+    config.http.listen = "127.0.0.1:0".into();
+    config.http.token = TOKEN.into();
+    config.storage.dir = dir.path().join("data").display().to_string();
+    let server = strowger::server::start(&config).await.unwrap();
+    // The client side exists all the same: a dial plan may dial sips:.
+    assert!(server.tls().certificate().is_none());
+    assert!(server.tls().client_for("sip.example.test").is_ok());
+    let answer = strowger::admin::request_reload(server.admin_addr(), TOKEN)
+        .await
+        .unwrap();
+    assert!(answer.contains(r#""tls":"none""#), "{answer}");
+    server.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn start_is_refused_with_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, k) = write_pair(dir.path(), "old", "old.example.test", 2000, 2001);
+    let e = strowger::server::start(&server_config(dir.path(), &c, &k))
+        .await
+        .err()
+        .expect("an expired certificate stops the start");
+    let text = format!("{e:#}");
+    assert!(text.contains("tls.cert"), "{text}");
+    assert!(text.contains(&c.display().to_string()), "{text}");
+    assert!(text.contains("expired on 2001-01-01"), "{text}");
+
+    // A trunk's client certificate that is not its key's: named by the trunk's keys.
+    let (good_c, good_k) = write_pair(dir.path(), "good", "sip.example.test", 2000, 2100);
+    let (pbx_c, _) = write_pair(dir.path(), "pbx", "pbx.example.test", 2000, 2100);
+    let mut config = server_config(dir.path(), &good_c, &good_k);
+    let trunk: strowger::trunk::TrunkConfig = toml::from_str(&format!(
+        "uri = \"sips:carrier.example.test\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+        pbx_c.display().to_string(),
+        good_k.display().to_string()
+    ))
+    .unwrap();
+    config.trunks.insert("carrier1".into(), trunk);
+    let e = strowger::server::start(&config)
+        .await
+        .err()
+        .expect("a mismatched client key stops the start");
+    let text = format!("{e:#}");
+    assert!(text.contains("trunks.carrier1.tls_cert"), "{text}");
+    assert!(text.contains("does not go with the certificate"), "{text}");
+}

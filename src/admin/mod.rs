@@ -16,8 +16,11 @@
 //! (Prometheus text format, see `crate::metrics`), `GET /registrations` (the
 //! registrar's bindings as a JSON array: aor, contact, q, expires_at, source, user_agent,
 //! ...), `POST /reload` (200
-//! `{"reloaded":true,"version":N}`, or 422 `{"reloaded":false,"error":"file:line: ..."}`
-//! when the new script does not compile; the running one stays), `POST /drain` (200
+//! `{"reloaded":true,"version":N,"tls":"reloaded"}`, or 422 `{"reloaded":false,"error":"file:line: ..."}`
+//! when the new script does not compile; the running one stays. It also re-reads
+//! `tls.cert`/`tls.key`: `"tls"` is `"reloaded"`, `"none"` without `tls.cert`, or
+//! `"refused"` with `"tls_error"` (then 422 too) when the new pair fails its checks and the
+//! running certificate stays), `POST /drain` (200
 //! `{"draining":true,"unanswered":N}`: new dialog-creating requests get 503 from then on,
 //! the requests in flight finish), `GET /calls` (calls in progress: both legs' Call-IDs,
 //! state, route, duration), `GET /calls/{id}/trace` (the call's SIP messages in order as
@@ -104,6 +107,8 @@ pub struct AdminOptions {
     pub huntgroups: Option<crate::huntgroup::HuntGroups>,
     /// `GET /trunks` (empty: no trunks configured).
     pub trunks: crate::trunk::Trunks,
+    /// Reloaded by `POST /reload` with the script (None: no TLS context).
+    pub tls: Option<Arc<crate::transport::TlsContext>>,
 }
 
 /// A running admin endpoint.
@@ -152,6 +157,7 @@ struct Shared {
     transfer: TransferHook,
     huntgroups: Option<crate::huntgroup::HuntGroups>,
     trunks: crate::trunk::Trunks,
+    tls: Option<Arc<crate::transport::TlsContext>>,
     draining: AtomicBool,
     unauthorized: AtomicU64,
     open_local_writes: bool,
@@ -195,6 +201,7 @@ pub async fn start(
         transfer: options.transfer,
         huntgroups: options.huntgroups,
         trunks: options.trunks,
+        tls: options.tls,
         draining: AtomicBool::new(false),
         unauthorized: AtomicU64::new(0),
         open_local_writes: options.open_local_writes,
@@ -504,21 +511,57 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 /// `POST /reload`: the new version loads on its own threads; this waits without holding
 /// a runtime worker.
 async fn reload(state: &State) -> Response<Full<Bytes>> {
-    match state.scripts.reload().await {
+    let (mut status, mut body) = match state.scripts.reload().await {
         Ok(()) => {
             let version = state.scripts.current().version();
             tracing::info!(version, "script reloaded (admin API)");
-            json(
+            (
                 StatusCode::OK,
-                format!(r#"{{"reloaded":true,"version":{version}}}"#),
+                format!(r#"{{"reloaded":true,"version":{version}"#),
             )
         }
         Err(e) => {
             tracing::error!(error = %e, "script reload refused; the running version stays");
-            json(
+            (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!(r#"{{"reloaded":false,"error":{}}}"#, quote(&e.to_string())),
+                format!(r#"{{"reloaded":false,"error":{}"#, quote(&e.to_string())),
             )
+        }
+    };
+    // The certificate too, whatever became of the script: they are independent, and a
+    // renewed certificate must not wait for a script fix.
+    match tls_reload(state.shared.tls.as_deref()) {
+        Ok(what) => body.push_str(&format!(r#","tls":"{what}""#)),
+        Err(e) => {
+            status = StatusCode::UNPROCESSABLE_ENTITY;
+            body.push_str(&format!(
+                r#","tls":"refused","tls_error":{}"#,
+                quote(&e.to_string())
+            ));
+        }
+    }
+    body.push('}');
+    json(status, body)
+}
+
+/// Re-reads the TLS certificate and key: `"reloaded"`, `"none"` (no `tls.cert`), or why
+/// the new pair was refused (the running one stays).
+fn tls_reload(
+    tls: Option<&crate::transport::TlsContext>,
+) -> Result<&'static str, crate::transport::tls::TlsError> {
+    let Some(tls) = tls.filter(|t| !t.files().cert.as_os_str().is_empty()) else {
+        return Ok("none");
+    };
+    match tls.reload() {
+        Ok(()) => {
+            if let Some(cert) = tls.certificate() {
+                tracing::info!(subject = %cert.subject, expires = %crate::transport::tls::utc(cert.not_after), "TLS certificate reloaded (admin API)");
+            }
+            Ok("reloaded")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "TLS certificate reload refused; the running certificate stays");
+            Err(e)
         }
     }
 }
@@ -843,6 +886,7 @@ mod tests {
             transfer: Box::new(|_, _, _| Box::pin(async { None })),
             huntgroups: None,
             trunks: crate::trunk::Trunks::default(),
+            tls: None,
             draining: AtomicBool::new(false),
             unauthorized: AtomicU64::new(0),
             open_local_writes: false,

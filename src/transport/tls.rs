@@ -261,6 +261,11 @@ fn root_store(ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// Checks a CA bundle (`tls.ca`): PEM certificates usable as roots; how many it holds.
+pub fn check_ca(path: &Path) -> Result<usize, TlsError> {
+    root_store(Some(path)).map(|roots| roots.len())
+}
+
 /// The system's trust store, read once per process: every server start builds a
 /// [`TlsContext`] (a dial plan may dial `sips:` anywhere), and the store is a few hundred
 /// files the tests would otherwise parse for each server they start.
