@@ -55,6 +55,10 @@ const METRICS_NOW: &[&str] = &[
     "strowger_pike_dropped_total",
     "strowger_pike_blocks_total",
     "strowger_tcp_closed_total",
+    // Per transport (dashboards/transport.json).
+    "strowger_transport_connections",
+    "strowger_transport_messages_total",
+    "strowger_transport_handshakes_failed_total",
     "strowger_auth_table_full_total",
     "strowger_register_results_total",
     "strowger_transfers_total",
@@ -93,6 +97,7 @@ const DASHBOARDS: &[&str] = &[
     "transactions.json",
     "huntgroups.json",
     "trunks.json",
+    "transport.json",
 ];
 
 /// Kills the Prometheus child by its PID however the test ends, so no scraper outlives it.
