@@ -158,7 +158,7 @@ async fn run_phones(scheme: &str) -> Run {
         .kill_on_drop(true)
         .spawn()
         .expect("node starts");
-    let _group = ProcessGroup(child.id().expect("node's pid") as i32);
+    let group = ProcessGroup(child.id().expect("node's pid") as i32);
     let mut stdin = child.stdin.take().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut stderr_pipe = child.stderr.take().unwrap();
@@ -174,9 +174,8 @@ async fn run_phones(scheme: &str) -> Run {
         let first = lines.next_line().await.ok().flatten().unwrap_or_default();
         let first: Value = serde_json::from_str(&first).unwrap_or(Value::Null);
         events.push(first.clone());
-        let Some(origin) = first["origin"].as_str().map(str::to_owned) else {
-            return None;
-        };
+        // (No origin line: run.js failed to start; its stderr says why.)
+        let origin = first["origin"].as_str().map(str::to_owned)?;
 
         // 2. The server: UDP and TCP as in every test, plus ws: and wss:.
         let mut config = test_config();
@@ -241,7 +240,7 @@ async fn run_phones(scheme: &str) -> Run {
         }
     };
     // Stop whatever is left (nothing, on the good path) before reading stderr to its end.
-    drop(_group);
+    drop(group);
     let stderr = tokio::time::timeout(Duration::from_secs(5), stderr_task)
         .await
         .ok()
@@ -254,13 +253,25 @@ async fn run_phones(scheme: &str) -> Run {
     }
 }
 
-fn is_loopback(addr: &str) -> bool {
-    // "udp 127.0.0.1:50000 host" as phone.js writes it.
-    let ip = addr.split(' ').nth(1).unwrap_or("");
-    ip.starts_with("127.") || ip.starts_with("::1") || ip.starts_with("[::1]")
+/// Whether a candidate as phone.js writes it ("udp 127.0.0.1:50000 host") is on loopback.
+/// A peer-reflexive candidate's address is hidden by getStats ("udp :50000 prflx"): it
+/// counts as loopback only in the loopback-only namespace (`isolated`), where nothing else
+/// exists.
+fn is_loopback(candidate: &str, isolated: bool) -> bool {
+    let mut words = candidate.split(' ');
+    let (addr, kind) = (words.nth(1).unwrap_or(""), words.next().unwrap_or(""));
+    let ip = addr.rsplit_once(':').map_or(addr, |(ip, _port)| ip);
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => isolated && ip.is_empty() && kind == "prflx",
+    }
 }
 
-fn check_run(run: &Run) {
+/// `isolated`: the run had a loopback-only network namespace, where every ICE check and
+/// the selected pair must be loopback. On a shared network the browsers' sockets on other
+/// interfaces may still send checks towards 127.0.0.1 (the SDP carries loopback only).
+fn check_run(run: &Run, isolated: bool) {
     let t = run.transcript();
     assert!(
         run.events.iter().any(|e| e["event"] == "done"),
@@ -300,10 +311,10 @@ fn check_run(run: &Run) {
                 ice == "connected" || ice == "completed",
                 "call {call}: {phone}'s ICE is {ice}:\n{t}"
             );
-            for end in ["local", "remote"] {
+            for end in ["local", "remote"].into_iter().filter(|_| isolated) {
                 let a = m["pair"][end].as_str().unwrap_or("");
                 assert!(
-                    is_loopback(a),
+                    is_loopback(a, isolated),
                     "call {call}: {phone}'s selected pair has {end} {a}:\n{t}"
                 );
             }
@@ -311,11 +322,12 @@ fn check_run(run: &Run) {
                 m["packetsReceived"].as_u64().unwrap_or(0) >= 25,
                 "call {call}: {phone} received too little audio:\n{t}"
             );
-            for pair in m["checked"].as_array().into_iter().flatten() {
+            let checked = m["checked"].as_array().into_iter().flatten();
+            for pair in checked.filter(|_| isolated) {
                 for end in ["local", "remote"] {
                     let a = pair[end].as_str().unwrap_or("");
                     assert!(
-                        is_loopback(a),
+                        is_loopback(a, isolated),
                         "call {call}: {phone} sent ICE checks on a non-loopback pair {pair}:\n{t}"
                     );
                 }
@@ -324,7 +336,10 @@ fn check_run(run: &Run) {
             for sdp in run.of(phone, Some(call), "sdp") {
                 for c in sdp["candidates"].as_array().into_iter().flatten() {
                     let c = c.as_str().unwrap_or("");
-                    assert!(is_loopback(c), "call {call}: {phone}: candidate {c}:\n{t}");
+                    assert!(
+                        is_loopback(c, false),
+                        "call {call}: {phone}: candidate {c}:\n{t}"
+                    );
                 }
             }
         }
@@ -352,6 +367,9 @@ fn check_run(run: &Run) {
 
 /// Prints the timings run.js measured (seen with --nocapture).
 fn print_summary(run: &Run) {
+    if std::env::var_os("STROWGER_BROWSER_VERBOSE").is_some() {
+        println!("{}", run.transcript());
+    }
     for e in &run.events {
         match e["event"].as_str() {
             Some("browsers" | "call" | "done") => println!("{e}"),
@@ -370,20 +388,73 @@ fn print_summary(run: &Run) {
     }
 }
 
-async fn browsers_call_each_other(scheme: &str) {
+/// Moves the calling thread (and so the threads and processes it starts: the server's
+/// runtime, node, Chromium) into a new network namespace whose only interface is loopback,
+/// brought up here. Needs CAP_SYS_ADMIN (root, as in CI). There WebRTC can gather loopback
+/// candidates only, so no packet of the test can go anywhere but 127.0.0.1.
+fn isolate_network() -> Result<(), String> {
+    let os = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: unshare(2) changes this thread's namespaces only; the ioctls get and set the
+    // flags of "lo" through an ifreq we own, on a socket we close.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(os("unshare(CLONE_NEWNET)"));
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(os("socket"));
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        let mut result = Ok(());
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            result = Err(os("SIOCGIFFLAGS lo"));
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                result = Err(os("SIOCSIFFLAGS lo up"));
+            }
+        }
+        libc::close(fd);
+        result
+    }
+}
+
+#[test]
+fn browser_phones_call_each_other_over_wss_and_either_hangs_up() {
     if let Some(why) = missing_prerequisite() {
         println!("skipped: {why}");
         eprintln!("skipped: {why}");
         return;
     }
-    let run = run_phones(scheme).await;
-    print_summary(&run);
-    check_run(&run);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn browser_phones_call_each_other_over_wss_and_either_hangs_up() {
     // STROWGER_BROWSER_SCHEME=ws runs the same over plain WebSocket (for debugging).
     let scheme = std::env::var("STROWGER_BROWSER_SCHEME").unwrap_or_else(|_| "wss".into());
-    browsers_call_each_other(&scheme).await;
+    // A thread of its own, as the network namespace is per thread.
+    let (run, isolated) = std::thread::spawn(move || {
+        // STROWGER_BROWSER_SHARED_NETWORK=1: stay in this machine's network (to see the
+        // fallback a non-root developer gets).
+        let isolated = match std::env::var_os("STROWGER_BROWSER_SHARED_NETWORK") {
+            Some(_) => Err("STROWGER_BROWSER_SHARED_NETWORK is set".to_string()),
+            None => isolate_network(),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let run = rt.block_on(run_phones(&scheme));
+        (run, isolated)
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    match &isolated {
+        Ok(()) => println!("network: a namespace of its own, loopback only"),
+        Err(why) => println!(
+            "network: this machine's ({why}); non-loopback ICE candidates are left out of the SDP"
+        ),
+    }
+    print_summary(&run);
+    check_run(&run, isolated.is_ok());
 }

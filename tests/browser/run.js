@@ -370,6 +370,9 @@ async function main() {
   await Promise.race([
     Promise.all(list.map((p) => p.page.evaluate(([ws, uri]) => window.phone.start(ws, uri), [cfg.ws, `sip:${p.name}@${cfg.domain}`]))),
     failure,
+    sleep(10000).then(() => {
+      throw new Error('the phones did not register within 10 s');
+    }),
   ]);
   failure.catch(() => {});
 
@@ -388,10 +391,20 @@ async function main() {
       waitFor(`${p.name} unregistered`, unreg, (e) => e.phone === p.name && e.event === 'unregistered', 3000).catch(() => {}),
     ),
   );
-  await Promise.all(list.map((p) => p.browser.close().catch(() => {})));
-  for (const child of children) {
-    await Promise.race([new Promise((r) => child.once('exit', r)), sleep(3000)]);
-  }
+  // Close each browser (CDP Browser.close: over connectOverCDP, browser.close() would only
+  // disconnect), then wait a little for the processes to go; what is left is killed.
+  const exits = [...children].map((child) => Promise.race([new Promise((r) => child.once('exit', r)), sleep(3000)]));
+  await Promise.all(
+    list.map(async (p) => {
+      try {
+        const cdp = await p.browser.newBrowserCDPSession();
+        await cdp.send('Browser.close');
+      } catch (_) {
+        // gone already
+      }
+    }),
+  );
+  await Promise.all(exits);
   clearTimeout(deadline);
   server.close();
   emit({ event: 'done', ms: Date.now() - started });
