@@ -23,9 +23,16 @@ use std::time::{Duration, Instant};
 use strowger::transport::TransportKind;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-/// The whole browser run: launch, register, two calls, unregister.
-const LIMIT: Duration = Duration::from_secs(60);
-/// What run.js gives itself (it stops its browsers then); under `LIMIT`.
+/// The whole browser run: launch, register, two calls, unregister (about 6 s here).
+/// STROWGER_BROWSER_LIMIT_S overrides it (a short one shows the kill path).
+fn limit() -> Duration {
+    let secs = std::env::var("STROWGER_BROWSER_LIMIT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+/// What run.js gives itself (it stops its browsers then); under `limit()`.
 const RUNNER_DEADLINE_MS: u64 = 50_000;
 
 fn browser_dir() -> PathBuf {
@@ -50,8 +57,20 @@ fn missing_prerequisite() -> Option<String> {
         .arg("--version")
         .stdin(Stdio::null())
         .output();
-    if !matches!(node, Ok(ref o) if o.status.success()) {
+    let Ok(node) = node.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()) else {
         return Some("node is not on PATH".into());
+    };
+    // playwright-core needs Node 20 or later ("v20.20.2").
+    let major: u32 = node
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 20 {
+        return Some(format!(
+            "node is {node:?}; playwright-core needs 20 or later"
+        ));
     }
     for package in ["jssip", "playwright-core"] {
         let manifest = browser_dir()
@@ -232,10 +251,11 @@ async fn run_phones(scheme: &str) -> Run {
         }));
         status
     };
-    let status = match tokio::time::timeout(LIMIT, exchange).await {
+    let limit = limit();
+    let status = match tokio::time::timeout(limit, exchange).await {
         Ok(status) => status,
         Err(_) => {
-            events.push(serde_json::json!({"event": "error", "message": format!("the run took over {LIMIT:?}")}));
+            events.push(serde_json::json!({"event": "error", "message": format!("the run took over {limit:?}")}));
             None
         }
     };
