@@ -3,7 +3,7 @@
 //! WebSocket (RFC 7118) to a server started here and call each other through it: both
 //! report the call confirmed, ICE connects (the audio flows directly between the two
 //! browsers, on loopback only), and either end hangs up: the first call the caller, the
-//! second the callee.
+//! second the callee, and a third call goes the other way.
 //!
 //! tests/browser/run.js drives the browsers and prints their events as JSON lines; this
 //! test starts it, gives it the server's address, checks the events, and bounds and stops
@@ -11,7 +11,18 @@
 //! every path). It is skipped, with the reason printed, where chromium, node or
 //! tests/browser/node_modules is missing; tests/setup-and-run.sh installs them.
 //!
+//! Network: as root (CI) the test runs in a network namespace of its own whose only
+//! interface is loopback (the server's runtime, node and Chromium all inherit it), so
+//! WebRTC gathers 127.0.0.1 candidates only and every ICE check and RTP packet stays on
+//! 127.0.0.1. Without the privilege it runs on this machine's network: phone.js then keeps
+//! only loopback candidates in the SDP, but Chromium's sockets on other interfaces may still
+//! send checks towards 127.0.0.1 (and get answers at this machine's own address), so the
+//! strict pair checks apply in the namespace only. Either way Chromium resolves no names
+//! and has its background services off (tests/browser/run.js).
+//!
 //! Run alone: `cargo test --test browser_phones -- --nocapture` (prints the timings).
+//! STROWGER_BROWSER_VERBOSE=1 prints every event, STROWGER_BROWSER_SCHEME=ws uses plain
+//! WebSocket, STROWGER_BROWSER_SHARED_NETWORK=1 skips the namespace.
 
 mod common;
 
@@ -23,7 +34,7 @@ use std::time::{Duration, Instant};
 use strowger::transport::TransportKind;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-/// The whole browser run: launch, register, two calls, unregister (about 6 s here).
+/// The whole browser run: launch, register, three calls, unregister (about 7 s here).
 /// STROWGER_BROWSER_LIMIT_S overrides it (a short one shows the kill path).
 fn limit() -> Duration {
     let secs = std::env::var("STROWGER_BROWSER_LIMIT_S")
@@ -121,7 +132,9 @@ struct CallSpec {
     hangup: &'static str,
 }
 
-const CALLS: [CallSpec; 2] = [
+/// The caller hangs up, then the callee, then the same the other way round (each phone
+/// calls and is called through its one WebSocket connection).
+const CALLS: [CallSpec; 3] = [
     CallSpec {
         from: "alice",
         to: "bob",
@@ -131,6 +144,11 @@ const CALLS: [CallSpec; 2] = [
         from: "alice",
         to: "bob",
         hangup: "callee",
+    },
+    CallSpec {
+        from: "bob",
+        to: "alice",
+        hangup: "caller",
     },
 ];
 
