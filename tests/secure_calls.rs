@@ -520,9 +520,12 @@ async fn tls_phone_calls_udp_and_a_tls_peer() {
     assert_eq!(alice.call("tlspeer").await, 200);
     let invite = timeout(LIMIT, peer).await.unwrap().unwrap();
     assert!(invite.contains("SIP/2.0/TLS"), "{invite}");
-    // Our Contact on a TLS leg is a sips: URI (RFC 5630 3.1.1).
+    // Our Contact on a TLS leg of a sip: call names the transport (a sips: URI only in a
+    // sips: dialog, RFC 3261 12.1.1).
     assert!(
-        header(&invite, "Contact").unwrap().contains("sips:"),
+        header(&invite, "Contact")
+            .unwrap()
+            .contains(";transport=tls"),
         "{invite}"
     );
 
@@ -546,4 +549,138 @@ fn tls_acceptor(pair: &common::certs::Pair) -> tokio_rustls::TlsAcceptor {
         .with_single_cert(certs, key)
         .unwrap();
     tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// A baresip process (Debian's baresip-core), killed with its process group when dropped.
+struct Baresip {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+}
+
+impl Baresip {
+    fn command(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        // Only what this test started: its process group (baresip has no children, but
+        // a group kill is the same either way).
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory is
+        // shared with it.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A real softphone (baresip) registers over TLS, verifying the server against the test
+/// CA, is called from a UDP phone and calls one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_softphone_registers_and_calls_over_tls() {
+    if std::process::Command::new("baresip")
+        .arg("-h")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no `baresip` binary (apt-get install baresip-core)");
+        return;
+    }
+    let s = setup(
+        "baresip",
+        &["udp:127.0.0.1:0", "tcp:127.0.0.1:0", "tls:127.0.0.1:0"],
+        None,
+    )
+    .await;
+    let tls = addr(&s, TransportKind::Tls);
+    let conf = s.dir.join("baresip");
+    std::fs::create_dir_all(&conf).unwrap();
+    let sip_port = sipp::free_udp_port();
+    let rtp = sipp::free_udp_port();
+    std::fs::write(
+        conf.join("config"),
+        format!(
+            "poll_method epoll\n\
+             sip_listen 127.0.0.1:{sip_port}\n\
+             sip_cafile {ca}\n\
+             audio_player aufile,/dev/null\n\
+             audio_source ausine,440\n\
+             audio_alert aufile,/dev/null\n\
+             ausrc_srate 48000\nauplay_srate 48000\nausrc_channels 2\n\
+             rtp_ports {rtp}-{rtp_end}\n\
+             module_path /usr/lib/baresip/modules\n\
+             module stdio.so\nmodule g711.so\nmodule ausine.so\nmodule aufile.so\n\
+             module_app account.so\nmodule_app menu.so\n",
+            ca = s.ca.cert.display(),
+            rtp_end = rtp.saturating_add(20),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        conf.join("accounts"),
+        format!(
+            "<sip:alice@strowger.test;transport=tls>;outbound=\"sip:{tls};transport=tls\";regint=300;answermode=auto\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(s.dir.join("baresip.log")).unwrap();
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("baresip")
+            .args(["-4", "-n", "127.0.0.1", "-t", "60", "-f"])
+            .arg(&conf)
+            .stdin(std::process::Stdio::piped())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let stdin = child.stdin.take().unwrap();
+    let mut phone = Baresip { child, stdin };
+    let registrar = s.server.handle.registrar().clone();
+    let log_text = || std::fs::read_to_string(s.dir.join("baresip.log")).unwrap_or_default();
+    assert!(
+        eventually(WAIT, || !registrar
+            .lookup("sip:alice@strowger.test")
+            .is_empty())
+        .await,
+        "baresip did not register over TLS:\n{}",
+        log_text()
+    );
+    let binding = &registrar.lookup("sip:alice@strowger.test")[0];
+    assert!(binding.source.starts_with("tls:"), "{}", binding.source);
+
+    // UDP -> baresip (it answers by itself), the caller hangs up.
+    let caller = udp_caller(&s, "alice");
+    let seen = caller.expect_success(LIMIT).await;
+    assert!(
+        kinds(&seen).contains(&"200".to_string()),
+        "{:?}\n{}",
+        kinds(&seen),
+        log_text()
+    );
+
+    // baresip -> UDP: dial, wait for the call to be up, hang up.
+    let bob = udp_bob(&s);
+    phone.command("/dial sip:bob@strowger.test");
+    let handle = &s.server.handle;
+    assert!(
+        eventually(WAIT, || handle.active_calls() == 1
+            && log_text().contains("Call established: sip:bob@"))
+        .await,
+        "the call from baresip did not come up:\n{}",
+        log_text()
+    );
+    phone.command("/hangup");
+    let seen = bob.expect_success(LIMIT).await;
+    assert_eq!(kinds(&seen), ["INVITE", "ACK", "BYE"], "{}", log_text());
+    drop(phone);
 }

@@ -14,6 +14,8 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 # tests/dns.rs: a real DNS server with NAPTR, SRV and A records for the RFC 3263 locator.
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+# tests/secure_calls.rs: a real softphone (baresip) registering and calling over TLS.
+command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
 # tests/browser_phones.rs: JsSIP phones in headless Chromium (Node drives them, tests/browser).
 [ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then

@@ -307,7 +307,7 @@ impl Call {
         let a_tag = new_tag();
         let source = tx.source();
         let a_dialog = Dialog::uas(&invite, &a_tag, source);
-        let a_contact = inner.local.contact(&source);
+        let a_contact = inner.local.contact_in(&source, &invite.uri);
         let key = DialogKey::new(&invite.base.call_id, &a_tag);
         inner.dialogs.insert(
             key,
@@ -942,7 +942,7 @@ impl Call {
             }
             headers.push("Route", format!("<{hop}>"));
         }
-        headers.push("Contact", self.inner.local.contact(&dest));
+        headers.push("Contact", self.inner.local.contact_in(&dest, &uri));
         if let Some(r) = a.whole() {
             copy_relayed(&r.headers, &mut headers);
         }

@@ -132,10 +132,26 @@ impl LocalAddrs {
         let host = Host::from(local.ip());
         match target.transport {
             TransportKind::Udp | TransportKind::Memory => format!("sip:{host}:{}", local.port()),
-            // RFC 5630 3.1.1: over TLS the Contact is a sips: URI.
-            TransportKind::Tls => format!("sips:{host}:{}", local.port()),
+            // Over TLS, WS and WSS a sip: URI with the transport (what phones expect; a
+            // sips: Contact only in a sips: dialog, see `contact_in`).
             t => format!("sip:{host}:{};transport={t}", local.port()),
         }
+    }
+
+    /// Our Contact header value for a dialog begun with `ruri` (RFC 3261 12.1.1: in a
+    /// dialog whose request was a sips: URI, the Contact is a sips: URI too).
+    pub fn contact_in(&self, target: &Target, ruri: &Uri) -> String {
+        if ruri.scheme == crate::sip::Scheme::Sips && target.transport.is_secure() {
+            let local = self
+                .towards(target.transport, &target.addr)
+                .unwrap_or_else(|| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5061));
+            let host = Host::from(local.ip());
+            return match target.transport {
+                TransportKind::Tls => format!("<sips:{host}:{}>", local.port()),
+                t => format!("<sips:{host}:{};transport={t}>", local.port()),
+            };
+        }
+        self.contact(target)
     }
 
     /// Our Contact header value (`<uri>`) on the transport and family of `target`.
