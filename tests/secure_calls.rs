@@ -29,7 +29,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// A phone's connection: one SIP message per WebSocket message, or a framed byte stream.
 enum Link {
-    Ws(WebSocketStream<Box<dyn Io>>),
+    Ws(Box<WebSocketStream<Box<dyn Io>>>),
     Stream(Box<dyn Io>, Vec<u8>),
 }
 
@@ -330,7 +330,7 @@ async fn ws_phone(addr: SocketAddr, secure: Option<&TestCa>, user: &'static str)
         .insert("sec-websocket-protocol", "sip".parse().unwrap());
     let (ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
     Phone {
-        link: Link::Ws(ws),
+        link: Link::Ws(Box::new(ws)),
         user,
         via,
         host: "df7jal23ls0d.invalid",

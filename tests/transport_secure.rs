@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::Message;
 const WAIT: Duration = Duration::from_secs(5);
 
 enum Event {
-    In(Inbound),
+    In(Box<Inbound>),
     Closed(Target),
 }
 
@@ -36,7 +36,7 @@ struct ChannelSink(mpsc::UnboundedSender<Event>);
 
 impl InboundSink for ChannelSink {
     fn deliver(&self, inbound: Inbound) {
-        let _ = self.0.send(Event::In(inbound));
+        let _ = self.0.send(Event::In(Box::new(inbound)));
     }
     fn connection_closed(&self, connection: Target) {
         let _ = self.0.send(Event::Closed(connection));
@@ -111,7 +111,7 @@ fn addr_of(t: &Transports, kind: TransportKind) -> SocketAddr {
 async fn next_inbound(rx: &mut mpsc::UnboundedReceiver<Event>) -> Inbound {
     loop {
         match timeout(WAIT, rx.recv()).await.expect("delivery in time") {
-            Some(Event::In(i)) => return i,
+            Some(Event::In(i)) => return *i,
             Some(Event::Closed(_)) => continue,
             None => panic!("sink closed"),
         }

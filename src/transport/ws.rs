@@ -21,8 +21,11 @@ use tokio_tungstenite::WebSocketStream;
 /// The subprotocol SIP uses (RFC 7118 4.1, IANA WebSocket Subprotocol Name Registry).
 const SUBPROTOCOL: &str = "sip";
 
-/// An HTTP refusal of an upgrade, with the reason in the body.
-fn refusal(status: StatusCode, reason: &str) -> ErrorResponse {
+/// Why an upgrade is refused: the HTTP status and the reason put in the body.
+type Refusal = (StatusCode, &'static str);
+
+/// The HTTP refusal of an upgrade, with the reason in the body.
+fn refusal((status, reason): Refusal) -> ErrorResponse {
     let mut resp = ErrorResponse::new(Some(reason.to_string()));
     *resp.status_mut() = status;
     resp
@@ -31,7 +34,7 @@ fn refusal(status: StatusCode, reason: &str) -> ErrorResponse {
 /// Whether an upgrade request may become a SIP WebSocket: it offers the `sip`
 /// subprotocol (RFC 7118 4.1) and, when origins are configured, its `Origin` is one of
 /// them (RFC 6455 10.2: a browser's page from elsewhere must not register here).
-fn check_upgrade(req: &Request, allowed_origins: &[String]) -> Result<(), ErrorResponse> {
+fn check_upgrade(req: &Request, allowed_origins: &[String]) -> Result<(), Refusal> {
     let offers_sip = req
         .headers()
         .get_all("sec-websocket-protocol")
@@ -40,7 +43,7 @@ fn check_upgrade(req: &Request, allowed_origins: &[String]) -> Result<(), ErrorR
         .flat_map(|v| v.split(','))
         .any(|p| p.trim().eq_ignore_ascii_case(SUBPROTOCOL));
     if !offers_sip {
-        return Err(refusal(
+        return Err((
             StatusCode::BAD_REQUEST,
             "the \"sip\" WebSocket subprotocol is required (RFC 7118 4.1)",
         ));
@@ -53,7 +56,7 @@ fn check_upgrade(req: &Request, allowed_origins: &[String]) -> Result<(), ErrorR
                 .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(o))
         });
         if !allowed {
-            return Err(refusal(
+            return Err((
                 StatusCode::FORBIDDEN,
                 "origin not allowed (ws.allowed_origins)",
             ));
@@ -63,13 +66,15 @@ fn check_upgrade(req: &Request, allowed_origins: &[String]) -> Result<(), ErrorR
 }
 
 /// The server side of the upgrade on `stream` (plain TCP for `ws:`, TLS for `wss:`).
+// The callback's error type is tungstenite's HTTP response, large but not ours to shrink.
+#[allow(clippy::result_large_err)]
 pub(crate) async fn accept<S: Io>(
     stream: S,
     limits: &TransportLimits,
 ) -> io::Result<WebSocketStream<S>> {
     let allowed = &limits.ws_allowed_origins;
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        check_upgrade(req, allowed)?;
+        check_upgrade(req, allowed).map_err(refusal)?;
         resp.headers_mut().insert(
             "sec-websocket-protocol",
             HeaderValue::from_static(SUBPROTOCOL),
@@ -215,7 +220,7 @@ mod tests {
         assert!(check_upgrade(&upgrade(Some("sip"), None), &[]).is_ok());
         assert!(check_upgrade(&upgrade(Some("chat, SIP"), None), &[]).is_ok());
         let e = check_upgrade(&upgrade(Some("chat"), None), &[]).unwrap_err();
-        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.0, StatusCode::BAD_REQUEST);
         assert!(check_upgrade(&upgrade(None, None), &[]).is_err());
     }
 
@@ -232,7 +237,7 @@ mod tests {
             &allowed,
         )
         .unwrap_err();
-        assert_eq!(e.status(), StatusCode::FORBIDDEN);
+        assert_eq!(e.0, StatusCode::FORBIDDEN);
         assert!(check_upgrade(&upgrade(Some("sip"), None), &allowed).is_err());
         // No list: any origin (a softphone sends none).
         assert!(check_upgrade(&upgrade(Some("sip"), Some("https://evil.example")), &[]).is_ok());
