@@ -63,10 +63,24 @@ impl LocalAddrs {
     /// address is whatever its connection came from).
     pub fn towards(&self, kind: TransportKind, remote: &SocketAddr) -> Option<SocketAddr> {
         let mut of_kind = self.addrs.iter().filter(|(k, _)| *k == kind);
+        let same_family = |a: &&(TransportKind, SocketAddr)| a.1.is_ipv4() == remote.is_ipv4();
         of_kind
             .clone()
-            .find(|(_, a)| a.is_ipv4() == remote.is_ipv4())
+            .find(same_family)
             .or_else(|| of_kind.next().filter(|_| kind.is_websocket()))
+            // Outgoing TLS without a tls: listener leaves from our TCP (else any) address:
+            // that is what Via and Contact name (answers come back on the connection).
+            .or_else(|| {
+                (kind == TransportKind::Tls)
+                    .then(|| {
+                        self.addrs
+                            .iter()
+                            .filter(|(k, _)| *k == TransportKind::Tcp)
+                            .find(same_family)
+                            .or_else(|| self.addrs.iter().find(same_family))
+                    })
+                    .flatten()
+            })
             .map(|(_, a)| *a)
     }
 

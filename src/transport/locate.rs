@@ -143,7 +143,8 @@ impl<S: RecordSource> Locator<S> {
     ///
     /// A `sips:` URI (RFC 3261 26.2, RFC 5630) goes over TLS only: `SIPS+D2T` NAPTRs,
     /// `_sips._tcp` SRV, port 5061; a `transport` parameter other than `tls` or `tcp` (TLS
-    /// runs on TCP) cannot be secured and is an error, as is having no `tls:` listener.
+    /// runs on TCP) cannot be secured and is an error. Outgoing TLS needs no `tls:`
+    /// listener (a trunk over TLS from a server without one).
     pub async fn locate(&self, uri: &Uri, local: &LocalAddrs) -> Result<Vec<Target>, ResolveError> {
         let secure = match uri.scheme {
             Scheme::Sip => false,
@@ -161,11 +162,6 @@ impl<S: RecordSource> Locator<S> {
                         "{uri}: a sips: URI cannot be reached over {other}"
                     )))
                 }
-            }
-            if !local.has(TransportKind::Tls) {
-                return Err(ResolveError::Insecure(format!(
-                    "{uri}: a sips: URI needs TLS and no tls: listener is configured"
-                )));
             }
         }
         let default_port = |t: Option<TransportKind>| match t {
@@ -381,7 +377,8 @@ fn transport_param(uri: &Uri) -> Result<Option<TransportKind>, ResolveError> {
 }
 
 fn usable(transport: TransportKind, local: &LocalAddrs) -> Result<TransportKind, ResolveError> {
-    if local.has(transport) {
+    // The TLS client side is always there; a listener is needed only to be reached.
+    if local.has(transport) || transport == TransportKind::Tls {
         Ok(transport)
     } else {
         Err(ResolveError::NoTransport(transport))

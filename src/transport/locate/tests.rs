@@ -350,16 +350,9 @@ async fn errors() {
     let e = err("sip:broken.test", local()).await;
     assert_eq!(e.to_string(), "DNS NAPTR broken.test failed: timed out");
     // RFC 3261 26.2: sips: only over TLS; without a tls: listener it cannot be secured.
-    let e = err("sips:bob@192.0.2.1", local()).await;
-    assert!(matches!(e, ResolveError::Insecure(_)), "{e}");
-    assert!(e.to_string().contains("no tls: listener"), "{e}");
     let e = err("sips:bob@192.0.2.1;transport=udp", with_tls()).await;
+    assert!(matches!(e, ResolveError::Insecure(_)), "{e}");
     assert!(e.to_string().contains("cannot be reached over udp"), "{e}");
-    let e = err("sip:bob@192.0.2.1;transport=tls", local()).await;
-    assert!(
-        matches!(e, ResolveError::NoTransport(TransportKind::Tls)),
-        "{e}"
-    );
     let e = err("sip:bob@192.0.2.1;transport=tcp", udp_only()).await;
     assert!(
         matches!(e, ResolveError::NoTransport(TransportKind::Tcp)),
@@ -423,9 +416,23 @@ async fn sips_goes_over_tls_only() {
         targets(&loc, "sip:bob@secure.test", &with_tls()).await,
         ["udp:192.0.2.30:5060"]
     );
-    // transport=tls on a sip: URI: TLS, 5061 by default.
+    // transport=tls on a sip: URI: TLS, 5061 by default; outgoing TLS needs no tls:
+    // listener (Via then names our TCP address).
     assert_eq!(
         targets(&loc, "sip:bob@192.0.2.1;transport=tls", &with_tls()).await,
         ["tls:192.0.2.1:5061"]
+    );
+    assert_eq!(
+        targets(&loc, "sips:bob@192.0.2.1", &local()).await,
+        ["tls:192.0.2.1:5061"]
+    );
+    let via = local().via(&Target {
+        transport: TransportKind::Tls,
+        addr: "192.0.2.1:5061".parse().unwrap(),
+        connection: None,
+    });
+    assert_eq!(
+        via.to_string().split(';').next().unwrap(),
+        "SIP/2.0/TLS 127.0.0.1:5060"
     );
 }
