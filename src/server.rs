@@ -137,6 +137,17 @@ impl InboundSink for Dispatcher {
         });
     }
 
+    fn undelivered(&self, target: crate::transport::Target, data: bytes::Bytes, why: &str) {
+        let Some(layer) = self.layer.get() else {
+            return;
+        };
+        // Our own request (a response has no transaction waiting on its delivery).
+        if let Ok((SipMessage::Request(req), _)) = crate::sip::parse(&data) {
+            tracing::debug!(peer = %target.addr, transport = %target.transport, method = %req.method, %why, "request not delivered");
+            layer.on_undelivered(&req, why);
+        }
+    }
+
     fn deliver(&self, inbound: Inbound) {
         let (Some(layer), Some(sender)) = (self.layer.get(), self.sender.get()) else {
             return;

@@ -273,6 +273,16 @@ struct Setup {
 /// outgoing TLS), and a dial plan: `bob` to the SIPp phone, `tlspeer` to `peer` over TLS,
 /// `insecure` to bob as sips:, anyone else to their registered phones.
 async fn setup(tag: &str, listen: &[&str], peer: Option<SocketAddr>) -> Setup {
+    setup_with(tag, listen, peer, |_, _| {}).await
+}
+
+/// [`setup`], with a last change to the configuration (given the test CA).
+async fn setup_with(
+    tag: &str,
+    listen: &[&str],
+    peer: Option<SocketAddr>,
+    change: impl FnOnce(&mut strowger::config::Config, &TestCa),
+) -> Setup {
     let dir = sipp::workdir(tag);
     let certs = tempfile::tempdir().unwrap();
     let ca = TestCa::new(certs.path());
@@ -290,6 +300,9 @@ function on_invite(call)
     call:dial("sip:bob@127.0.0.1:{bob}", {{ timeout = 10 }})
   elseif u == "tlspeer" then
     call:dial("sip:peer@{peer};transport=tls", {{ timeout = 10 }})
+  elseif u == "trunk" or u == "nocert" then
+    local r = call:dial({{ trunk = u, user = "+15551234" }}, {{ timeout = 10 }})
+    if not r.answered then call:reject(r.status, r.reason) end
   elseif u == "insecure" then
     local r = call:dial("sips:bob@127.0.0.1:{bob};transport=udp", {{ timeout = 10 }})
     call:reject(r.status, r.reason)
@@ -309,6 +322,7 @@ end
     config.tls.cert = pair.cert.display().to_string();
     config.tls.key = pair.key.display().to_string();
     config.tls.ca = ca.cert.display().to_string();
+    change(&mut config, &ca);
     let server = start_with(config).await;
     Setup {
         server,
@@ -531,6 +545,138 @@ async fn tls_phone_calls_udp_and_a_tls_peer() {
 
     // sips: over UDP cannot be secured.
     assert_eq!(alice.call("insecure").await, 480);
+}
+
+/// Mutual TLS towards a trunk: the carrier asks for a client certificate from the test CA;
+/// the trunk with `tls_cert`/`tls_key` gets through, one without is refused at the
+/// handshake and its call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trunk_over_mutual_tls() {
+    let with_cert = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let without = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a, b) = (
+        with_cert.local_addr().unwrap(),
+        without.local_addr().unwrap(),
+    );
+    let s = setup_with(
+        "mtls",
+        &["udp:127.0.0.1:0", "tcp:127.0.0.1:0", "tls:127.0.0.1:0"],
+        None,
+        |config, ca| {
+            let client = ca.issue("pbx-client", &["pbx.strowger.test"]);
+            config.trunks.insert(
+                "trunk".into(),
+                strowger::trunk::TrunkConfig {
+                    uri: format!("sip:{a};transport=tls"),
+                    tls_cert: client.cert.display().to_string(),
+                    tls_key: client.key.display().to_string(),
+                    ..Default::default()
+                },
+            );
+        },
+    )
+    .await;
+    let pair = s.ca.issue("carrier", &["127.0.0.1"]);
+    let acceptor = tls_acceptor_requiring_clients(&pair, &s.ca);
+    let carrier = {
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = with_cert.accept().await.unwrap();
+            let tls = acceptor
+                .accept(tcp)
+                .await
+                .expect("the trunk's certificate accepted");
+            let mut phone = Phone {
+                link: Link::Stream(Box::new(tls), Vec::new()),
+                user: "carrier",
+                via: "TLS",
+                host: "127.0.0.1",
+                seq: 0,
+            };
+            phone.answer_then_take_bye().await
+        })
+    };
+    let refused = tokio::spawn(async move {
+        let (tcp, _) = without.accept().await.unwrap();
+        acceptor.accept(tcp).await.is_err()
+    });
+
+    let mut alice = tls_phone(addr(&s, TransportKind::Tls), &s.ca, "alice").await;
+    assert_eq!(common::status(&alice.register(300).await), 200);
+    assert_eq!(alice.call("trunk").await, 200);
+    let invite = timeout(LIMIT, carrier).await.unwrap().unwrap();
+    assert!(invite.contains("+15551234@"), "{invite}");
+
+    // Another server, trusting the carrier's CA but with no client certificate for it (a
+    // server's identities go by the peer's name: the first server would present its own).
+    let ca = s.ca.cert.clone();
+    let s2 = setup_with(
+        "mtls-none",
+        &["udp:127.0.0.1:0", "tcp:127.0.0.1:0", "tls:127.0.0.1:0"],
+        None,
+        |config, _| {
+            config.tls.ca = ca.display().to_string();
+            config.trunks.insert(
+                "nocert".into(),
+                strowger::trunk::TrunkConfig {
+                    uri: format!("sip:{b};transport=tls"),
+                    ..Default::default()
+                },
+            );
+        },
+    )
+    .await;
+    let mut bob = tls_phone(addr(&s2, TransportKind::Tls), &s2.ca, "bob").await;
+    assert_eq!(common::status(&bob.register(300).await), 200);
+    // Refused at the handshake: the call fails at once (the request was never delivered:
+    // RFC 3261 8.1.3.1), not after Timer B.
+    let started = std::time::Instant::now();
+    let status = bob.call("nocert").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        timeout(LIMIT, refused).await.unwrap().unwrap(),
+        "handshake without a client certificate accepted"
+    );
+    assert!(
+        status >= 500,
+        "a call over a refused TLS trunk got {status}"
+    );
+}
+
+/// A TLS acceptor that requires a client certificate issued by `ca`.
+fn tls_acceptor_requiring_clients(
+    pair: &common::certs::Pair,
+    ca: &TestCa,
+) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(&pair.cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pair.key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca.cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
 }
 
 fn tls_acceptor(pair: &common::certs::Pair) -> tokio_rustls::TlsAcceptor {

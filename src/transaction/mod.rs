@@ -769,6 +769,18 @@ impl TransactionLayer {
         }
     }
 
+    /// A request the transport took could not be delivered after all (its connection
+    /// could not be opened or secured): its client transaction fails as on a transport
+    /// error at send (RFC 3261 17.1.1.2, 17.1.2.2; the TU sees 503, 8.1.3.1) rather than
+    /// waiting for Timer B or F.
+    pub fn on_undelivered(&self, req: &Request, err: &str) {
+        let key = ClientKey::of(&req.base);
+        if let Some(tx) = self.shared.clients.get(&key) {
+            bump(&self.shared.stats.transport_errors);
+            let _ = tx.drive(|m| Ok((m.transport_error(err.to_string()), ())), None);
+        }
+    }
+
     fn on_response(&self, resp: Response, source: Target) {
         // RFC 3261 17.1.3: branch of the top Via and the CSeq method.
         let key = ClientKey::of_response(&resp);

@@ -140,6 +140,9 @@ pub trait InboundSink: Send + Sync + 'static {
     /// A connection closed (either end, or an idle or error close): what was reached
     /// through it (RFC 5626 flows, WebSocket registrations) is reached no more.
     fn connection_closed(&self, _connection: Target) {}
+    /// Messages queued for a connection that could not be opened or secured (connect or
+    /// TLS handshake failed): what was sent is lost, and its sender should know.
+    fn undelivered(&self, _target: Target, _data: Bytes, _why: &str) {}
 }
 
 #[derive(Debug, thiserror::Error)]

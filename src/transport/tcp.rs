@@ -364,38 +364,39 @@ impl TcpTransport {
         };
         let task = self.handle.spawn(async move {
             let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect_from(local, addr)).await;
-            match connected {
+            let why = match connected {
                 Ok(Ok(stream)) => {
                     let local = stream.local_addr().unwrap_or(local);
                     tracing::debug!(peer = %addr, %local, conn = id.0, transport = %kind, "connection opened");
                     let _ = stream.set_nodelay(true);
-                    if kind == TransportKind::Tls {
-                        let Some(tls) = tls_connect(&guard, stream, addr).await else {
-                            return;
-                        };
-                        drive(guard, tls, kind, addr, local, rx).await;
-                    } else {
-                        drive(guard, stream, kind, addr, local, rx).await;
+                    if kind != TransportKind::Tls {
+                        return drive(guard, stream, kind, addr, local, rx).await;
+                    }
+                    match tls_connect(&guard, stream, addr).await {
+                        Ok(tls) => return drive(guard, tls, kind, addr, local, rx).await,
+                        Err(why) => why,
                     }
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %addr, error = %e, "tcp connect failed");
-                    guard
-                        .tcp
-                        .shared
-                        .counters
-                        .send_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    format!("connect failed: {e}")
                 }
                 Err(_) => {
                     tracing::debug!(peer = %addr, "tcp connect timed out");
-                    guard
-                        .tcp
-                        .shared
-                        .counters
-                        .send_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    "connect timed out".to_string()
                 }
+            };
+            let shared = &guard.tcp.shared;
+            shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+            // What was queued for this connection will not go: tell the sender.
+            let mut rx = rx;
+            let target = Target {
+                transport: kind,
+                addr,
+                connection: None,
+            };
+            while let Ok(data) = rx.try_recv() {
+                shared.sink.undelivered(target, data, &why);
             }
         });
         self.set_task(id, task.abort_handle());
@@ -587,31 +588,31 @@ async fn tls_connect(
     guard: &ForgetGuard,
     stream: TcpStream,
     addr: SocketAddr,
-) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let shared = &guard.tcp.shared;
     let counters = shared.counters.kind(TransportKind::Tls);
-    let tls = shared.limits.tls.as_ref()?;
+    let Some(tls) = shared.limits.tls.as_ref() else {
+        return Err("no TLS configured".into());
+    };
     let name = super::tls::server_name_for(addr).unwrap_or_else(|| addr.ip().to_string());
     let (config, server_name) = match tls.client_for(&name) {
         Ok(c) => c,
         Err(e) => {
             counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %addr, error = %e, "tls: cannot connect");
-            return None;
+            return Err(format!("TLS: {e}"));
         }
     };
     let connector = tokio_rustls::TlsConnector::from(config);
     let within = shared.limits.handshake_timeout;
-    match settle(tokio::time::timeout(within, connector.connect(server_name, stream)).await) {
-        Ok(s) => Some(s),
-        Err(e) => {
+    settle(tokio::time::timeout(within, connector.connect(server_name, stream)).await).map_err(
+        |e| {
             counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-            shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
             // A peer whose certificate does not verify is an operator's problem to see.
             tracing::warn!(peer = %addr, server_name = %name, error = %e, "tls handshake failed");
-            None
-        }
-    }
+            format!("TLS handshake with {name} failed: {e}")
+        },
+    )
 }
 
 /// Runs one byte-stream connection (TCP or TLS): a writer task fed by `rx` and the reader
@@ -627,12 +628,22 @@ async fn drive<S: Io>(
     let (reader, writer) = tokio::io::split(stream);
     let activity = Activity::new();
     let shared = guard.tcp.shared.clone();
+    // On a connection we opened, what we wrote before the peer said anything: if the
+    // peer closes first (a TLS 1.3 server refusing our client certificate does so after
+    // the handshake), it never arrived and its senders are told.
+    let outbound = guard
+        .tcp
+        .conns
+        .with(&guard.id, |c| !c.inbound)
+        .unwrap_or(false);
+    let unanswered = Arc::new(Unanswered(parking_lot::Mutex::new(outbound.then(Vec::new))));
     let mut write_task = guard.tcp.handle.spawn(write_loop(
         writer,
         rx,
         shared.clone(),
         activity.clone(),
         peer,
+        unanswered.clone(),
     ));
     let _abort_writer = AbortOnDrop(write_task.abort_handle());
     let source = Target {
@@ -641,11 +652,46 @@ async fn drive<S: Io>(
         connection: Some(guard.id),
     };
     let end = tokio::select! {
-        end = read_loop(reader, &shared, source, local, &activity) => end,
+        end = read_loop(reader, &shared, source, local, &activity, &unanswered) => end,
         _ = &mut write_task => End::WriteEnded,
     };
     tracing::debug!(%peer, conn = guard.id.0, transport = %kind, reason = ?end, "connection ending");
+    if matches!(end, End::Eof | End::ReadError | End::WriteEnded) {
+        let lost = unanswered.0.lock().take().unwrap_or_default();
+        let target = Target {
+            transport: kind,
+            addr: peer,
+            connection: None,
+        };
+        for data in lost {
+            shared
+                .sink
+                .undelivered(target, data, "the connection closed before any answer");
+        }
+    }
     drop(guard);
+}
+
+/// Messages written on an outbound connection before anything was read from it (`None`
+/// once something was, or on accepted connections). At most [`MAX_UNANSWERED`] are kept.
+struct Unanswered(parking_lot::Mutex<Option<Vec<Bytes>>>);
+
+const MAX_UNANSWERED: usize = 16;
+
+impl Unanswered {
+    fn written(&self, data: &Bytes) {
+        if let Some(list) = self.0.lock().as_mut() {
+            if list.len() < MAX_UNANSWERED {
+                list.push(data.clone());
+            }
+        }
+    }
+    fn answered(&self) {
+        let mut list = self.0.lock();
+        if list.is_some() {
+            *list = None;
+        }
+    }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -654,8 +700,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     shared: Arc<Shared>,
     activity: Arc<Activity>,
     peer: SocketAddr,
+    unanswered: Arc<Unanswered>,
 ) {
     while let Some(data) = rx.recv().await {
+        unanswered.written(&data);
         if let Err(e) = w.write_all(&data).await {
             tracing::debug!(%peer, error = %e, "write failed");
             shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
@@ -678,6 +726,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     source: Target,
     local: SocketAddr,
     activity: &Activity,
+    unanswered: &Unanswered,
 ) -> End {
     let max = shared.limits.max_message_size;
     let idle = shared.limits.idle_timeout;
@@ -693,6 +742,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Frame::KeepAlive(n) => buf.advance(n),
                 Frame::Message(n) => {
                     let msg = buf.split_to(n);
+                    unanswered.answered();
                     shared.deliver(&msg, source, local);
                     // What is left is the start of another message: its own deadline.
                     due = None;
