@@ -11,7 +11,8 @@
 //! `uri` (or `host`/`port`/`transport`), `outbound_proxy`, `username`, `password` (or
 //! `ha1_md5`/`ha1_sha256` with `realm`), `realm`, `register`, `expires`, `from_user`,
 //! `from_domain`, `caller_id` (pai|ppi|none), `privacy` (none|id), `max_channels`,
-//! `inbound` (IPs and CIDRs), `ping_interval_s`.
+//! `inbound` (IPs and CIDRs), `ping_interval_s`, `tls_cert`/`tls_key` (a client certificate
+//! for mutual TLS, presented to the trunk's first hop).
 //!
 //! The tasks that keep trunks registered (`register.rs`, RFC 3261 10.2) and ping them
 //! (`health.rs`, OPTIONS) are started by the server with [`Trunks::start`]; both send
