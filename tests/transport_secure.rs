@@ -497,3 +497,64 @@ async fn a_tls_listener_without_a_certificate_is_refused_at_bind() {
     .unwrap_err();
     assert!(err.to_string().contains("tls.cert"), "{err}");
 }
+
+#[tokio::test]
+async fn a_reload_changes_new_handshakes_and_keeps_established_connections() {
+    use rustls::pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let (cert, key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    let first = ca.issue("first", &["127.0.0.1"]);
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let tls = Arc::new(
+        TlsContext::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: None,
+        })
+        .unwrap(),
+    );
+    let (t, mut rx) = start(&["tls:127.0.0.1:0"], limits(&tls)).await;
+    let local = addr_of(&t, TransportKind::Tls);
+    let mut old = tls_client(&ca, local).await;
+    let presented = |c: &tokio_rustls::client::TlsStream<TcpStream>| {
+        c.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    };
+    let old_cert = presented(&old);
+    old.write_all(options("SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKr1", "before").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(call_id(&next_inbound(&mut rx).await), "before");
+
+    // The renewed certificate is written in place and reloaded.
+    let second = ca.issue("second", &["127.0.0.1", "renewed.test"]);
+    std::fs::copy(&second.cert, &cert).unwrap();
+    std::fs::copy(&second.key, &key).unwrap();
+    tls.reload().unwrap();
+
+    // The established connection goes on, both ways.
+    old.write_all(options("SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKr2", "after").as_bytes())
+        .await
+        .unwrap();
+    let inb = next_inbound(&mut rx).await;
+    assert_eq!(call_id(&inb), "after");
+    t.send(
+        &inb.source,
+        Bytes::from_static(b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 200];
+    let n = timeout(WAIT, old.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"SIP/2.0 200 OK"));
+    // A new connection gets the new certificate.
+    let new = tls_client(&ca, local).await;
+    assert_ne!(presented(&new), old_cert);
+    assert_eq!(
+        presented(&new),
+        rustls::pki_types::CertificateDer::from_pem_file(&second.cert)
+            .unwrap()
+            .to_vec()
+    );
+    t.shutdown();
+}
