@@ -156,6 +156,7 @@ mod vm;
 
 pub use config::ScriptConfig;
 pub use hooks::{Hook, HookInfo};
+pub use pool::run_vms_inline;
 
 // The ports of the transaction users below, which this engine implements.
 use crate::b2bua::{

@@ -168,12 +168,34 @@ impl BuildCtx {
     }
 }
 
+thread_local! {
+    /// Set by [`run_vms_inline`]: VMs built on this thread run as its local tasks.
+    static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Test mode (`strowger test`): VMs built on this thread afterwards run as tasks of the
+/// thread's [`tokio::task::LocalSet`] (which must be running them) rather than on threads
+/// of their own. A paused tokio clock then covers the script too: Lua runs while the
+/// runtime is busy, so the clock cannot jump in the middle of a hook, and a verb's wait
+/// (a 20 s ring) takes no wall time.
+pub fn run_vms_inline() {
+    INLINE.with(|c| c.set(true));
+}
+
 /// Starts a VM thread that loads the script; `ready` gets the result (return false from
-/// it to have the thread exit, e.g. when nobody waits any more).
+/// it to have the thread exit, e.g. when nobody waits any more). In test mode
+/// ([`run_vms_inline`]) the VM is built at once on this thread and `ready` is called
+/// before this returns.
 pub(crate) fn spawn_vm(
     ctx: Arc<BuildCtx>,
     ready: impl FnOnce(Result<Arc<VmHandle>, ScriptError>) -> bool + Send + 'static,
 ) {
+    if INLINE.with(|c| c.get()) {
+        if let Some((vm, queue, watch)) = build_vm(&ctx, ready) {
+            tokio::task::spawn_local(serve_vm(vm, queue, watch));
+        }
+        return;
+    }
     // The VM logs where its creator logs (the global subscriber in the server; a test's
     // own subscriber in tests).
     let dispatch = tracing::dispatcher::get_default(|d| d.clone());
@@ -204,6 +226,24 @@ fn vm_thread(ctx: Arc<BuildCtx>, ready: impl FnOnce(Result<Arc<VmHandle>, Script
             return;
         }
     };
+    let Some((vm, queue, watch)) = build_vm(&ctx, ready) else {
+        return;
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, serve_vm(vm.clone(), queue, watch));
+    // Suspended hooks are dropped here, each closing its coroutine on this thread.
+    drop(local);
+    drop(vm);
+}
+
+type JobQueue = mpsc::UnboundedReceiver<Job>;
+
+/// Loads the script into a new VM and hands its handle to `ready`; `None` when loading
+/// failed or nobody wants the VM any more.
+fn build_vm(
+    ctx: &Arc<BuildCtx>,
+    ready: impl FnOnce(Result<Arc<VmHandle>, ScriptError>) -> bool,
+) -> Option<(Rc<Vm>, JobQueue, Arc<VmWatch>)> {
     let watch = Arc::new(VmWatch::new());
     if let Some(w) = &ctx.watchdog {
         w.register(&watch);
@@ -218,41 +258,40 @@ fn vm_thread(ctx: Arc<BuildCtx>, ready: impl FnOnce(Result<Arc<VmHandle>, Script
         Ok(vm) => Rc::new(vm),
         Err(e) => {
             ready(Err(e));
-            return;
+            return None;
         }
     };
-    let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+    let (jobs, queue) = mpsc::unbounded_channel::<Job>();
     let handle = Arc::new(VmHandle {
         jobs,
         watch: watch.clone(),
         info: vm.info.clone(),
     });
     if !ready(Ok(handle)) {
-        return;
+        return None;
     }
+    Some((vm, queue, watch))
+}
+
+/// Runs a VM's jobs until it is abandoned or its queue closes.
+async fn serve_vm(vm: Rc<Vm>, mut queue: JobQueue, watch: Arc<VmWatch>) {
     let mut dead = watch.dead.subscribe();
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async {
-        loop {
-            tokio::select! {
-                biased;
-                _ = dead.wait_for(|d| *d) => break,
-                job = queue.recv() => match job {
-                    Some((queued, job)) => {
-                        let waited = now_ns().saturating_sub(queued);
-                        watch.queue_wait_min_ns.fetch_min(waited, Ordering::Relaxed);
-                        job(&vm);
-                        let used = vm.lua.used_memory() as u64;
-                        watch.used_memory.store(used, Ordering::Relaxed);
-                    }
-                    None => break,
-                },
-            }
+    loop {
+        tokio::select! {
+            biased;
+            _ = dead.wait_for(|d| *d) => break,
+            job = queue.recv() => match job {
+                Some((queued, job)) => {
+                    let waited = now_ns().saturating_sub(queued);
+                    watch.queue_wait_min_ns.fetch_min(waited, Ordering::Relaxed);
+                    job(&vm);
+                    let used = vm.lua.used_memory() as u64;
+                    watch.used_memory.store(used, Ordering::Relaxed);
+                }
+                None => break,
+            },
         }
-    });
-    // Suspended hooks are dropped here, each closing its coroutine on this thread.
-    drop(local);
-    drop(vm);
+    }
 }
 
 /// How much longer than the time limit an entry into Lua may last before the VM is

@@ -88,6 +88,11 @@ impl LocalAddrs {
         self.addrs.iter().any(|(k, _)| *k == kind)
     }
 
+    /// Whether the server is on the in-memory network only (no sockets).
+    pub fn memory_only(&self) -> bool {
+        !self.addrs.is_empty() && self.addrs.iter().all(|(k, _)| *k == TransportKind::Memory)
+    }
+
     /// A fresh Via for a request we send to `target` (RFC 3261 8.1.1.7, with rport so that
     /// answers find us through NAT, RFC 3581).
     /// A new request outside any dialog towards `dest` (RFC 3261 8.1.1): our Via, a fresh

@@ -377,6 +377,12 @@ fn transport_param(uri: &Uri) -> Result<Option<TransportKind>, ResolveError> {
 }
 
 fn usable(transport: TransportKind, local: &LocalAddrs) -> Result<TransportKind, ResolveError> {
+    // A server on the in-memory network only (`strowger test`, simulated phones and
+    // trunks) reaches every address over it: a dial plan's `sip:1000@127.0.0.1:5080` lands
+    // on the simulated phone at that address.
+    if local.memory_only() {
+        return Ok(TransportKind::Memory);
+    }
     // The TLS client side is always there; a listener is needed only to be reached.
     if local.has(transport) || transport == TransportKind::Tls {
         Ok(transport)
