@@ -1,5 +1,5 @@
-//! The command line: `strowger run|check|reload|registrations|trunks|drain [--config PATH]` and
-//! `--version`.
+//! The command line: `strowger run|check|reload|registrations|trunks|drain|test [--config
+//! PATH]` and `--version`.
 //!
 //! Owns: argument names, help texts and their defaults. Must not touch: what the commands
 //! do (that is `main.rs`) or configuration loading (that is `strowger::config`).
@@ -33,6 +33,22 @@ pub enum Command {
     /// while the ones in progress finish; prints its JSON answer. The process keeps
     /// running: stop it with SIGTERM.
     Drain(ConfigArgs),
+    /// Run dial-plan tests (Lua files) against the configured script in the real engine,
+    /// in memory, with simulated phones and trunks and a virtual clock. Exit 0 when all
+    /// pass, 1 when one fails, 2 when they cannot run.
+    Test(TestArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Test files or folders of them (every `*.lua` inside, in name order).
+    #[arg(value_name = "PATH", default_value = "scripts/tests")]
+    pub paths: Vec<PathBuf>,
+    /// Also write a JUnit XML report there (for CI systems).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -18,6 +18,7 @@ pub mod server;
 pub(crate) mod shard;
 pub mod sip;
 pub mod storage;
+pub mod testkit;
 pub mod trace;
 pub mod transaction;
 pub mod transport;

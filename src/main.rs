@@ -52,6 +52,32 @@ fn main() -> ExitCode {
         Command::Registrations(args) => registrations(args.config.config.as_deref(), args.json),
         Command::Trunks(args) => trunks(args.config.config.as_deref(), args.json),
         Command::Drain(args) => drain(args.config.as_deref()),
+        Command::Test(args) => dial_plan_tests(args),
+    }
+}
+
+/// `strowger test`: the dial-plan tests; 0 all passed, 1 one failed, 2 they could not run.
+fn dial_plan_tests(args: cli::TestArgs) -> ExitCode {
+    let config = match Config::load(args.config.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let opts = strowger::testkit::Options {
+        paths: args.paths,
+        config,
+        junit: args.junit,
+    };
+    let mut out = std::io::stdout();
+    match strowger::testkit::run(&opts, &mut out) {
+        Ok(results) if results.iter().all(|r| r.failure.is_none()) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("strowger test: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 

@@ -48,6 +48,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("config", &["config"]),
     // Wiring and the command line.
     ("server", &["server", "cli"]),
+    // `strowger test`: starts servers like `run` does and talks SIP to them.
+    ("testkit", &["testkit"]),
 ];
 
 /// `crate::x` and `crate::{a, b}` references in `text`, as the before-stop hook finds them.
