@@ -16,6 +16,7 @@ pub mod registrar;
 pub mod script;
 pub mod server;
 pub(crate) mod shard;
+pub mod simulate;
 pub mod sip;
 pub mod storage;
 pub mod testkit;

@@ -25,6 +25,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("sip", &["sip"]),
     // Section 18: transports, local addresses, name resolution, contact flows.
     ("transport", &["transport"]),
+    // Simulated phones and trunks (`strowger test`): SIP over the memory network like a
+    // real phone, so nothing of the engine above the transport is theirs to import.
+    ("simulate", &["simulate"]),
     // Section 17: transactions; defines the observer trait `trace` implements.
     ("transaction", &["transaction"]),
     // Section 12: dialogs and the dialog table; message traces on the side.
