@@ -47,7 +47,7 @@ test("busy at the carrier is not tried again on the backup", function()
   trunk("backup")
   phone("1000")
   local r = call({ from = "1000", to = "9+15551234" })
-  expect_eq(r.status, 486)
+  expect_eq(r.status, 486, "the caller's final status")
   expect_eq(r.rung, { "carrier" })
 end)
 

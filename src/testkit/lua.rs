@@ -49,7 +49,8 @@ function expect(cond, message)
 end
 function expect_eq(actual, expected, what)
   if not same(actual, expected) then
-    error(string.format("%s: expected %s, got %s", what or "value", show(expected), show(actual)), 2)
+    local prefix = what and (what .. ": ") or ""
+    error(string.format("%sexpected %s, got %s", prefix, show(expected), show(actual)), 2)
   end
 end
 "#;
@@ -156,7 +157,7 @@ fn install(
                         _ => Command::Trunk { name, spec, reply },
                     };
                     let v = ask(&current, cmd).await?;
-                    lua.to_value(&v)
+                    to_lua(&lua, &v)
                 }
             })?,
         )?;
@@ -171,7 +172,7 @@ fn install(
                 async move {
                     let spec = spec?;
                     let v = ask(&current, |reply| Command::Call { spec, reply }).await?;
-                    lua.to_value(&v)
+                    to_lua(&lua, &v)
                 }
             })?,
         )?;
@@ -184,7 +185,7 @@ fn install(
                 let current = current.clone();
                 async move {
                     let v = ask(&current, |reply| Command::Record { reply }).await?;
-                    lua.to_value(&v)
+                    to_lua(&lua, &v)
                 }
             })?,
         )?;
@@ -197,7 +198,7 @@ fn install(
                 let current = current.clone();
                 async move {
                     let v = ask(&current, |reply| Command::Metric { name, reply }).await?;
-                    lua.to_value(&v)
+                    to_lua(&lua, &v)
                 }
             })?,
         )?;
@@ -232,4 +233,12 @@ async fn ask(
         Ok(Err(e)) => Err(mlua::Error::runtime(e)),
         Err(_) => Err(mlua::Error::runtime("the test's world has stopped")),
     }
+}
+
+/// Plain data to Lua, JSON null as nil (so `r.answered_by == nil` reads naturally).
+fn to_lua(lua: &Lua, v: &serde_json::Value) -> mlua::Result<Value> {
+    let opts = mlua::SerializeOptions::new()
+        .serialize_none_to_null(false)
+        .serialize_unit_to_null(false);
+    lua.to_value_with(v, opts)
 }

@@ -5,12 +5,15 @@
 
 use crate::config::Config;
 use crate::server::ServerHandle;
+use crate::simulate::{Behaviour, Device, DeviceSpec, Direction};
+use crate::transport::MemoryNetwork;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub(super) type Reply = oneshot::Sender<Result<Value, String>>;
@@ -70,6 +73,8 @@ impl World {
             ladder: ladder.clone(),
             records: dir.join("records.jsonl"),
             trunks: BTreeMap::new(),
+            pending_trunks: Vec::new(),
+            devices: BTreeMap::new(),
         };
         let task = tokio::task::spawn_local(state.serve(rx));
         Ok(World {
@@ -114,8 +119,9 @@ fn test_config(base: &Config, net: Ipv4Addr, dir: &std::path::Path) -> Config {
     for t in c.trunks.values_mut() {
         t.register = false;
         t.ping_interval_s = 0;
-        // Until the test declares it, a trunk leads nowhere: its calls ring out.
-        t.uri = format!("sip:{}:5060;transport=memory", host(net, 254));
+        // Until the test declares it, a trunk leads nowhere: its calls ring out. (A
+        // memory-only server reaches every address over memory: no transport parameter.)
+        t.uri = format!("sip:{}:5060", host(net, 254));
         t.host = String::new();
         t.outbound_proxy = String::new();
         t.tls_cert = String::new();
@@ -138,6 +144,10 @@ struct State {
     records: PathBuf,
     /// Trunks the test declared: name -> address of its simulated carrier.
     trunks: BTreeMap<String, SocketAddr>,
+    /// Trunk devices waiting for the server to start (they need its address only).
+    pending_trunks: Vec<(String, Value)>,
+    /// Every device of the test, by name.
+    devices: BTreeMap<String, Device>,
 }
 
 impl State {
@@ -165,8 +175,9 @@ impl State {
                 }
             }
         }
+        self.devices.clear();
         if let Some(server) = self.server.take() {
-            server.shutdown(std::time::Duration::from_millis(100)).await;
+            server.shutdown(Duration::from_millis(100)).await;
         }
     }
 
@@ -190,11 +201,27 @@ impl State {
                 .await
                 .map_err(|e| format!("the server did not start: {e:#}"))?;
             self.server = Some(server);
+            for (name, spec) in std::mem::take(&mut self.pending_trunks) {
+                let addr = self.trunks[&name];
+                let spec = device_spec(&name, &spec, self.server_addr(), true)?.at(addr);
+                self.add_device(name, spec).await?;
+            }
         }
         Ok(self.server.as_ref().expect("started above"))
     }
 
-    async fn trunk(&mut self, name: String, _spec: Value) -> Result<Value, String> {
+    async fn add_device(&mut self, name: String, spec: DeviceSpec) -> Result<(), String> {
+        if self.devices.contains_key(&name) {
+            return Err(format!("there is already a phone or trunk named {name:?}"));
+        }
+        let device = Device::start(&MemoryNetwork::global(), spec)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        self.devices.insert(name, device);
+        Ok(())
+    }
+
+    async fn trunk(&mut self, name: String, spec: Value) -> Result<Value, String> {
         if self.server.is_some() {
             return Err(format!(
                 "trunk({name:?}) after a phone or a call: declare trunks first (the server starts with the first phone or call)"
@@ -204,22 +231,137 @@ impl State {
         // configuration has none; a plan written for `carrier` can still be tested).
         let t = self.config.trunks.entry(name.clone()).or_default();
         let addr = SocketAddr::new(host(self.net, 200 + self.trunks.len() as u8).into(), 5060);
-        t.uri = format!("sip:{addr};transport=memory");
+        t.uri = format!("sip:{addr}");
+        // Checked now, started with the server.
+        device_spec(&name, &spec, addr, true)?;
         self.trunks.insert(name.clone(), addr);
+        self.pending_trunks.push((name.clone(), spec));
         Ok(json!(name))
     }
 
-    async fn phone(&mut self, _name: String, _spec: Value) -> Result<Value, String> {
+    async fn phone(&mut self, name: String, spec: Value) -> Result<Value, String> {
         self.server().await?;
-        let _ = self.fresh_addr()?;
-        let _ = self.server_addr();
-        Err("simulated phones are not available yet".into())
+        let mut d = device_spec(&name, &spec, self.server_addr(), false)?;
+        d.domain = self.config.sip.domain.clone();
+        let d = match spec.get("at").and_then(Value::as_str) {
+            Some(at) => d.at(at
+                .parse()
+                .map_err(|_| format!("{name}: at = {at:?} is not IP:PORT"))?),
+            None => d.at(self.fresh_addr()?),
+        };
+        self.add_device(name.clone(), d).await?;
+        Ok(json!(name))
     }
 
+    /// `call{from=, to=, headers=, hold=}`: the call placed, answered or not, then (when
+    /// answered) held `hold` seconds (default 1) and hung up by the caller unless the far
+    /// end did first. Its result says who was rung, in order, and who answered.
     async fn call(&mut self, spec: Value) -> Result<Value, String> {
         self.server().await?;
-        self.ladder.lock().push_str(&format!("call {spec}\n"));
-        Err("simulated calls are not available yet".into())
+        let from = spec
+            .get("from")
+            .and_then(Value::as_str)
+            .ok_or("call{...} needs from = \"<phone or trunk name>\"")?
+            .to_string();
+        let to = match spec.get("to") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err("call{...} needs to = \"<number or URI>\"".into()),
+        };
+        let mut headers = Vec::new();
+        if let Some(h) = spec.get("headers").and_then(Value::as_object) {
+            for (k, v) in h {
+                let v = v
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string());
+                headers.push((k.clone(), v));
+            }
+        }
+        let hold = spec
+            .get("hold")
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0)
+            .max(0.0);
+        let Some(caller) = self.devices.get(&from) else {
+            return Err(format!("no phone or trunk named {from:?}"));
+        };
+        let caller = caller.clone();
+        let before: BTreeMap<String, usize> = self
+            .devices
+            .iter()
+            .map(|(n, d)| (n.clone(), d.incoming().len()))
+            .collect();
+        let outcome = caller
+            .call(&to, &headers)
+            .await
+            .map_err(|e| format!("call from {from} to {to}: {e}"))?;
+        if outcome.answered() {
+            tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+            // The far end may have hung up already: then there is nothing to end.
+            let _ = outcome.call.hangup().await;
+        }
+        // Let the last requests and answers cross.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut rung: Vec<(u64, String)> = Vec::new();
+        let mut invites = serde_json::Map::new();
+        let mut answered_by = Value::Null;
+        for (name, device) in &self.devices {
+            let new: Vec<_> = device
+                .incoming()
+                .into_iter()
+                .skip(before.get(name).copied().unwrap_or(0))
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            // Which device was rung first: the order its first INVITE of this call arrived
+            // in among all devices' messages (on a paused clock they share an instant).
+            let first = device
+                .log()
+                .iter()
+                .find(|e| e.direction == Direction::Received && e.call_id() == new[0].call_id)
+                .map_or(u64::MAX, |e| e.seq);
+            rung.push((first, name.clone()));
+            if new
+                .iter()
+                .any(|c| c.final_status.is_some_and(|s| (200..300).contains(&s)))
+            {
+                answered_by = json!(name);
+            }
+            let list: Vec<Value> = new
+                .iter()
+                .map(|c| {
+                    let headers: serde_json::Map<String, Value> = c
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), json!(v)))
+                        .collect();
+                    json!({
+                        "ruri": c.ruri,
+                        "number": c.number,
+                        "from": c.from,
+                        "to": c.to,
+                        "headers": headers,
+                        "status": c.final_status,
+                    })
+                })
+                .collect();
+            invites.insert(name.clone(), Value::Array(list));
+        }
+        rung.sort();
+        let devices: Vec<&Device> = self.devices.values().collect();
+        *self.ladder.lock() = crate::simulate::ladder(&devices);
+        Ok(json!({
+            "status": outcome.status,
+            "reason": outcome.reason,
+            "answered": outcome.answered(),
+            "answered_by": answered_by,
+            "rung": rung.into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
+            "invites": invites,
+            "provisional": outcome.provisional,
+            "seconds": outcome.elapsed.as_secs_f64(),
+        }))
     }
 
     /// The last call record the server wrote (`call.records_file`), as a table.
@@ -271,4 +413,77 @@ impl State {
         }
         Ok(json!(sum))
     }
+}
+
+/// A device from a test's options: `register` (phones: true), `answer_after` (seconds),
+/// `busy`, `ring`, `reject` (a status), `hangup_after` (seconds after answering),
+/// `refer` (a target to transfer the caller to once answered).
+fn device_spec(
+    name: &str,
+    spec: &Value,
+    server: SocketAddr,
+    trunk: bool,
+) -> Result<DeviceSpec, String> {
+    const KNOWN: &[&str] = &[
+        "register",
+        "answer_after",
+        "busy",
+        "ring",
+        "reject",
+        "hangup_after",
+        "refer",
+        "at",
+    ];
+    if let Some(map) = spec.as_object() {
+        if let Some(k) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(format!(
+                "{name}: unknown option {k:?} (known: {})",
+                KNOWN.join(", ")
+            ));
+        }
+    } else if !spec.is_null() {
+        return Err(format!("{name}: options must be a table"));
+    }
+    let secs = |key: &str| -> Result<Option<Duration>, String> {
+        match spec.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|s| *s >= 0.0 && s.is_finite())
+                .map(|s| Some(Duration::from_secs_f64(s)))
+                .ok_or_else(|| format!("{name}: {key} must be a number of seconds")),
+        }
+    };
+    let flag = |key: &str| spec.get(key).and_then(Value::as_bool).unwrap_or(false);
+    let after = secs("answer_after")?.unwrap_or(Duration::ZERO);
+    let behaviour = if flag("busy") {
+        Behaviour::Busy
+    } else if flag("ring") {
+        Behaviour::Ring
+    } else if let Some(v) = spec.get("reject") {
+        let status = v
+            .as_u64()
+            .filter(|s| (300..700).contains(s))
+            .ok_or_else(|| format!("{name}: reject must be a final status (300-699)"))?;
+        Behaviour::Reject(status as u16)
+    } else if let Some(hold) = secs("hangup_after")? {
+        Behaviour::AnswerThenHangUp { after, hold }
+    } else if let Some(target) = spec.get("refer").and_then(Value::as_str) {
+        Behaviour::AnswerThenRefer {
+            after,
+            target: target.to_string(),
+        }
+    } else {
+        Behaviour::Answer { after }
+    };
+    let d = if trunk {
+        DeviceSpec::trunk(name, server)
+    } else {
+        DeviceSpec::phone(name, server).register(
+            spec.get("register")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+        )
+    };
+    Ok(d.named(name).on_invite(behaviour))
 }

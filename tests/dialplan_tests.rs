@@ -1,0 +1,114 @@
+//! `strowger test` (issue 19), run as operators run it, through the built binary: the
+//! shipped tests pass on the shipped dial plan, in well under a second; a deliberately
+//! broken copy of the plan is caught with the test file's line; JUnit XML is written; a
+//! test file with a mistake is refused with its line.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_strowger");
+
+/// `strowger test ARGS` in the repository root with no `STROWGER_*` variables inherited
+/// but `extra`; its exit code and output.
+fn strowger_test(args: &[&str], extra: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("test")
+        .args(args);
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_string_lossy()
+            .to_ascii_uppercase()
+            .starts_with("STROWGER_")
+        {
+            cmd.env_remove(key);
+        }
+    }
+    // Quiet: the engine's own log lines would bury the report.
+    cmd.env("STROWGER_LOG__LEVEL", "error");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().expect("exited"), text)
+}
+
+#[test]
+fn the_shipped_tests_pass_on_the_shipped_plan_in_well_under_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let junit = dir.path().join("report.xml");
+    let started = Instant::now();
+    let (code, out) = strowger_test(&["--junit", junit.to_str().unwrap()], &[]);
+    let wall = started.elapsed();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(" 0 failed"), "{out}");
+    assert!(out.contains("ok    scripts/tests/default_test.lua :: a phone that never answers rings for 20 seconds"), "{out}");
+    // The process as a whole (start-up included); the suite's own time is in its summary.
+    assert!(wall < Duration::from_secs(3), "took {wall:?}\n{out}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains("<testsuite name=\"scripts/tests/default_test.lua\""),
+        "{xml}"
+    );
+    assert!(xml.contains("failures=\"0\""), "{xml}");
+}
+
+#[test]
+fn a_broken_dial_plan_is_caught_with_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua"))
+            .unwrap();
+    // The mistake: busy at the carrier now fails over to the backup as well.
+    let broken = shipped.replace(
+        "return result.status ~= 486 and result.status < 600",
+        "return result.status < 600",
+    );
+    assert_ne!(
+        broken, shipped,
+        "the plan changed: update this test's mistake"
+    );
+    let plan = dir.path().join("broken.lua");
+    std::fs::write(&plan, broken).unwrap();
+    let (code, out) = strowger_test(&[], &[("STROWGER_SCRIPT__PATH", plan.to_str().unwrap())]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL  scripts/tests/default_test.lua :: busy at the carrier is not tried again on the backup"),
+        "{out}"
+    );
+    // Where the expectation is, and what happened instead, with the calls' ladder.
+    assert!(
+        out.contains("scripts/tests/default_test.lua:50: the caller's final status: expected 486"),
+        "{out}"
+    );
+    assert!(out.contains("backup <-"), "{out}");
+    assert!(out.contains(" 1 failed"), "{out}");
+}
+
+#[test]
+fn a_mistake_in_a_test_file_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo_test.lua");
+    std::fs::write(
+        &file,
+        "test(\"a\", function()\n  phone(\"1000\", { answer_aftr = 2 })\nend)\n",
+    )
+    .unwrap();
+    let (code, out) = strowger_test(&[file.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("typo_test.lua:2: 1000: unknown option \"answer_aftr\""),
+        "{out}"
+    );
+    // A file that does not compile: exit 2 with its line.
+    std::fs::write(&file, "test(\"a\", function()\n  phone(\nend)\n").unwrap();
+    let (code, out) = strowger_test(&[file.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("typo_test.lua:3:"), "{out}");
+}
