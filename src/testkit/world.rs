@@ -62,7 +62,7 @@ impl World {
         let net = Ipv4Addr::new(10, 100 + ((n >> 8) & 0x7f) as u8, (n & 0xff) as u8, 0);
         let dir = std::env::temp_dir().join(format!("strowger-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let config = test_config(config, net, &dir);
+        let (config, trunk_addrs) = test_config(config, net, &dir);
         let (commands, rx) = mpsc::unbounded_channel();
         let ladder = Arc::new(parking_lot::Mutex::new(String::new()));
         let state = State {
@@ -72,7 +72,7 @@ impl World {
             next_host: 10,
             ladder: ladder.clone(),
             records: dir.join("records.jsonl"),
-            trunks: BTreeMap::new(),
+            trunks: trunk_addrs,
             pending_trunks: Vec::new(),
             devices: BTreeMap::new(),
         };
@@ -105,7 +105,11 @@ impl World {
 /// sockets but the admin endpoint on a free loopback port, its own store and records,
 /// trunks not registering or pinging (and pointed nowhere until the test declares them),
 /// no DNS beyond a refused query.
-fn test_config(base: &Config, net: Ipv4Addr, dir: &std::path::Path) -> Config {
+fn test_config(
+    base: &Config,
+    net: Ipv4Addr,
+    dir: &std::path::Path,
+) -> (Config, BTreeMap<String, SocketAddr>) {
     let mut c = base.clone();
     let server = SocketAddr::new(host(net, 1).into(), 5060);
     c.sip.listen = vec![format!("memory:{server}")];
@@ -116,18 +120,26 @@ fn test_config(base: &Config, net: Ipv4Addr, dir: &std::path::Path) -> Config {
     c.call.records_file = dir.join("records.jsonl").display().to_string();
     c.dns.servers = vec!["127.0.0.1:9".into()];
     c.registrar.keepalive_interval_s = 0;
-    for t in c.trunks.values_mut() {
+    let mut addrs = BTreeMap::new();
+    for (i, (name, t)) in c.trunks.iter_mut().enumerate() {
         t.register = false;
         t.ping_interval_s = 0;
-        // Until the test declares it, a trunk leads nowhere: its calls ring out. (A
-        // memory-only server reaches every address over memory: no transport parameter.)
-        t.uri = format!("sip:{}:5060", host(net, 254));
+        // Each trunk its own address, where nothing is until the test declares it: its
+        // calls ring out. (A memory-only server reaches every address over memory: no
+        // transport parameter.)
+        let addr = SocketAddr::new(
+            host(net, 200u8.saturating_add(i.min(49) as u8)).into(),
+            5060,
+        );
+        addrs.insert(name.clone(), addr);
+        t.uri = format!("sip:{addr}");
+        t.inbound = vec![addr.ip().to_string()];
         t.host = String::new();
         t.outbound_proxy = String::new();
         t.tls_cert = String::new();
         t.tls_key = String::new();
     }
-    c
+    (c, addrs)
 }
 
 fn host(net: Ipv4Addr, last: u8) -> Ipv4Addr {
@@ -142,7 +154,7 @@ struct State {
     next_host: u8,
     ladder: Arc<parking_lot::Mutex<String>>,
     records: PathBuf,
-    /// Trunks the test declared: name -> address of its simulated carrier.
+    /// Every trunk's address (where its simulated carrier is, once declared).
     trunks: BTreeMap<String, SocketAddr>,
     /// Trunk devices waiting for the server to start (they need its address only).
     pending_trunks: Vec<(String, Value)>,
@@ -186,8 +198,8 @@ impl State {
     }
 
     fn fresh_addr(&mut self) -> Result<SocketAddr, String> {
-        if self.next_host >= 250 {
-            return Err("too many phones and trunks in one test (at most 240)".into());
+        if self.next_host >= 200 {
+            return Err("too many phones in one test (at most 190)".into());
         }
         let a = SocketAddr::new(host(self.net, self.next_host).into(), 5060);
         self.next_host += 1;
@@ -229,12 +241,24 @@ impl State {
         }
         // A trunk the configuration lacks is declared for the test (the shipped
         // configuration has none; a plan written for `carrier` can still be tested).
+        let next = SocketAddr::new(
+            host(
+                self.net,
+                200u8.saturating_add(self.trunks.len().min(49) as u8),
+            )
+            .into(),
+            5060,
+        );
+        let addr = *self.trunks.entry(name.clone()).or_insert(next);
         let t = self.config.trunks.entry(name.clone()).or_default();
-        let addr = SocketAddr::new(host(self.net, 200 + self.trunks.len() as u8).into(), 5060);
         t.uri = format!("sip:{addr}");
+        // Calls from the simulated carrier come from its address: the trunk's `inbound`.
+        t.inbound = vec![addr.ip().to_string()];
         // Checked now, started with the server.
         device_spec(&name, &spec, addr, true)?;
-        self.trunks.insert(name.clone(), addr);
+        if self.pending_trunks.iter().any(|(n, _)| *n == name) {
+            return Err(format!("trunk({name:?}) twice"));
+        }
         self.pending_trunks.push((name.clone(), spec));
         Ok(json!(name))
     }

@@ -27,6 +27,9 @@ struct NetworkInner {
     /// Each endpoint's sender, with an id so that a replaced endpoint's drop does not
     /// remove its successor.
     endpoints: ShardMap<SocketAddr, (u64, mpsc::UnboundedSender<Datagram>)>,
+    /// Where datagrams to an address with no endpoint go (`strowger route-test`: one
+    /// simulated device answers whatever the dial plan dials); `None`: they are lost.
+    fallback: parking_lot::RwLock<Option<SocketAddr>>,
     next_port: AtomicU16,
     next_id: AtomicU64,
 }
@@ -48,6 +51,7 @@ impl MemoryNetwork {
         MemoryNetwork {
             inner: Arc::new(NetworkInner {
                 endpoints: ShardMap::new(),
+                fallback: parking_lot::RwLock::new(None),
                 next_port: AtomicU16::new(40_000),
                 next_id: AtomicU64::new(1),
             }),
@@ -136,8 +140,16 @@ impl MemoryNetwork {
     pub(crate) fn deliver(&self, from: SocketAddr, to: SocketAddr, data: Bytes) -> bool {
         match self.inner.endpoints.get(&to) {
             Some((_, tx)) => tx.send((from, data)).is_ok(),
-            None => false,
+            None => match *self.inner.fallback.read() {
+                Some(fallback) if fallback != to => self.deliver(from, fallback, data),
+                _ => false,
+            },
         }
+    }
+
+    /// Datagrams to addresses with no endpoint go to `addr` from now on (`None`: lost).
+    pub fn set_fallback(&self, addr: Option<SocketAddr>) {
+        *self.inner.fallback.write() = addr;
     }
 }
 
