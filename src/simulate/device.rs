@@ -1,7 +1,7 @@
 //! One simulated user agent: a task reading its memory endpoint and answering requests as
 //! its [`Behaviour`] says, and async methods that place calls, register and hang up.
 
-use super::log::{wire_headers, Direction, LogEntry};
+use super::log::{next_seq, wire_headers, Direction, LogEntry};
 use super::{Behaviour, CallOutcome, DeviceSpec, IncomingCall, Registration, Side, SimError};
 use crate::sip::{
     new_branch, new_call_id, new_tag, parse, BaseHeaders, CSeq, Headers, Host, Method, NameAddr,
@@ -569,7 +569,7 @@ impl Shared {
         st.log.push(LogEntry {
             at,
             instant,
-            seq: super::log::next_seq(),
+            seq: next_seq(),
             direction,
             peer,
             message,

@@ -6,13 +6,14 @@ use crate::sip::{canonical_name, SipMessage};
 use bytes::Bytes;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// The next number of [`LogEntry::seq`].
 pub(super) fn next_seq() -> u64 {
-    SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,9 +109,9 @@ pub(super) fn wire_headers(raw: &[u8]) -> Vec<(String, String)> {
 /// time since the earliest device started, the device, the direction and the peer.
 pub fn ladder(devices: &[&Device]) -> String {
     let start = devices.iter().map(|d| d.started()).min();
-    let mut lines: Vec<(tokio::time::Instant, usize, usize, String)> = Vec::new();
-    for (i, d) in devices.iter().enumerate() {
-        for (j, e) in d.log().into_iter().enumerate() {
+    let mut lines: Vec<(u64, String)> = Vec::new();
+    for d in devices {
+        for e in d.log() {
             let since = start.map_or(Duration::ZERO, |s| e.instant.duration_since(s));
             let arrow = match e.direction {
                 Direction::Sent => "->",
@@ -123,14 +124,13 @@ pub fn ladder(devices: &[&Device]) -> String {
                 e.peer,
                 e.summary()
             );
-            lines.push((e.instant, i, j, line));
+            lines.push((e.seq, line));
         }
     }
-    // Time, then device, then each device's own order: sends before the receipts they
-    // cause when both happen at the same virtual instant, as far as one log tells.
-    lines.sort_by_key(|l| (l.0, l.1, l.2));
+    // Logging order is causal order: a send is logged before the receipt it causes.
+    lines.sort_by_key(|l| l.0);
     let mut out = String::new();
-    for (_, _, _, l) in lines {
+    for (_, l) in lines {
         let _ = writeln!(out, "{l}");
     }
     out
