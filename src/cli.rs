@@ -37,6 +37,37 @@ pub enum Command {
     /// in memory, with simulated phones and trunks and a virtual clock. Exit 0 when all
     /// pass, 1 when one fails, 2 when they cannot run.
     Test(TestArgs),
+    /// One simulated call through the configured dial plan, in memory, where every target
+    /// it dials answers (or as the flags say): prints the targets dialled in order, their
+    /// answers, the caller's final answer and the ladder. "Why did this call go there?"
+    RouteTest(RouteTestArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RouteTestArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The caller, e.g. sip:1000@example.com.
+    #[arg(long, value_name = "URI")]
+    pub from: String,
+    /// The number or URI called, e.g. 9+15551234.
+    #[arg(long, value_name = "NUMBER|URI")]
+    pub to: String,
+    /// A header of the INVITE, "Name: value" (repeat for more).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// The targets answer after this many seconds (virtual time) [default: at once].
+    #[arg(long, value_name = "SECONDS")]
+    pub answer_after: Option<f64>,
+    /// The targets answer 486 Busy Here.
+    #[arg(long, conflicts_with_all = ["reject", "no_answer"])]
+    pub busy: bool,
+    /// The targets answer with this final status (e.g. 503).
+    #[arg(long, value_name = "STATUS")]
+    pub reject: Option<u16>,
+    /// The targets ring and never answer.
+    #[arg(long, conflicts_with = "reject")]
+    pub no_answer: bool,
 }
 
 #[derive(Args, Debug)]

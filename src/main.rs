@@ -53,6 +53,60 @@ fn main() -> ExitCode {
         Command::Trunks(args) => trunks(args.config.config.as_deref(), args.json),
         Command::Drain(args) => drain(args.config.as_deref()),
         Command::Test(args) => dial_plan_tests(args),
+        Command::RouteTest(args) => route_test(args),
+    }
+}
+
+/// `strowger route-test`: one simulated call; 0 when it ran (whatever its answer), 2 when
+/// it could not.
+fn route_test(args: cli::RouteTestArgs) -> ExitCode {
+    let config = match Config::load(args.config.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        match h.split_once(':') {
+            Some((name, value)) if !name.trim().is_empty() => {
+                headers.push((name.trim().to_string(), value.trim().to_string()))
+            }
+            _ => {
+                eprintln!("--header {h:?}: expected \"Name: value\"");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let mut target = serde_json::Map::new();
+    if let Some(s) = args.answer_after {
+        target.insert("answer_after".into(), s.into());
+    }
+    if args.busy {
+        target.insert("busy".into(), true.into());
+    }
+    if let Some(s) = args.reject {
+        target.insert("reject".into(), s.into());
+    }
+    if args.no_answer {
+        target.insert("ring".into(), true.into());
+    }
+    match strowger::testkit::route_test(
+        &config,
+        &args.from,
+        &args.to,
+        &headers,
+        &serde_json::Value::Object(target),
+    ) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("strowger route-test: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 

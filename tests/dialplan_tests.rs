@@ -112,3 +112,68 @@ fn a_mistake_in_a_test_file_is_refused_with_its_line() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("typo_test.lua:3:"), "{out}");
 }
+
+/// `strowger route-test ARGS` in the repository root; its exit code and output.
+fn route_test(args: &[&str]) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("route-test")
+        .args(args);
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_string_lossy()
+            .to_ascii_uppercase()
+            .starts_with("STROWGER_")
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("STROWGER_LOG__LEVEL", "error");
+    let out = cmd.output().expect("the binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().expect("exited"), text)
+}
+
+#[test]
+fn route_test_shows_where_a_call_goes() {
+    // The shipped plan sends extension 1001 (not registered) to its desk address.
+    let (code, out) = route_test(&["--from", "sip:1000@localhost", "--to", "1001"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("dialled 1: sip:1001@127.0.0.1:5080 -> 200"),
+        "{out}"
+    );
+    assert!(out.contains("the caller got: 200 OK"), "{out}");
+    assert!(out.contains("caller -> "), "the ladder: {out}");
+    // As the flags say: busy targets, and a header the plan could route on.
+    let (code, out) = route_test(&[
+        "--from",
+        "sip:1000@localhost",
+        "--to",
+        "1001",
+        "--busy",
+        "--header",
+        "X-Test: 1",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("-> 486"), "{out}");
+    assert!(out.contains("the caller got: 486 Busy Here"), "{out}");
+    // An unknown number: nothing dialled, 404.
+    let (_, out) = route_test(&["--from", "sip:1000@localhost", "--to", "555"]);
+    assert!(out.contains("the dial plan dialled nothing"), "{out}");
+    assert!(out.contains("the caller got: 404"), "{out}");
+    // A bad header is refused.
+    let (code, out) = route_test(&[
+        "--from",
+        "sip:1000@localhost",
+        "--to",
+        "1",
+        "--header",
+        "nocolon",
+    ]);
+    assert_eq!(code, 2, "{out}");
+}

@@ -121,6 +121,32 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<TestResult>, TestE
     Ok(results)
 }
 
+/// `strowger route-test`: one simulated call through the configured dial plan; every
+/// target it dials answers as `target` says (`{}`: at once; `{"busy": true}`,
+/// `{"ring": true}`, `{"reject": 503}`, `{"answer_after": 3}`). Returns the decisions:
+/// targets dialled in order with their answers, the caller's final answer, the record's
+/// route, and the ladder.
+pub fn route_test(
+    config: &Config,
+    from: &str,
+    to: &str,
+    headers: &[(String, String)],
+    target: &serde_json::Value,
+) -> Result<String, TestError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .map_err(|e| TestError::Runtime(e.to_string()))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        crate::script::run_vms_inline();
+        world::route(config, from, to, headers, target)
+            .await
+            .map_err(TestError::Runtime)
+    })
+}
+
 /// One report line for a result (and the failure's detail under it).
 pub(crate) fn report_line(r: &TestResult) -> String {
     match &r.failure {

@@ -439,6 +439,125 @@ impl State {
     }
 }
 
+/// `strowger route-test`: one call from `from` to `to` through the configured plan, where
+/// every target the plan dials is answered by one simulated device (the memory network's
+/// fallback) behaving as `target` says. Returns the report.
+pub(super) async fn route(
+    config: &Config,
+    from: &str,
+    to: &str,
+    headers: &[(String, String)],
+    target: &Value,
+) -> Result<String, String> {
+    let n = WORLDS.fetch_add(1, Ordering::Relaxed);
+    let net = Ipv4Addr::new(10, 100 + ((n >> 8) & 0x7f) as u8, (n & 0xff) as u8, 0);
+    let dir = std::env::temp_dir().join(format!("strowger-route-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (config, trunk_addrs) = test_config(config, net, &dir);
+    let mut state = State {
+        config,
+        net,
+        server: None,
+        next_host: 10,
+        ladder: Arc::default(),
+        records: dir.join("records.jsonl"),
+        trunks: trunk_addrs,
+        pending_trunks: Vec::new(),
+        devices: BTreeMap::new(),
+    };
+    let report = state.route(from, to, headers, target).await;
+    state.devices.clear();
+    if let Some(server) = state.server.take() {
+        server.shutdown(Duration::from_millis(100)).await;
+    }
+    MemoryNetwork::global().set_fallback(None);
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}
+
+impl State {
+    async fn route(
+        &mut self,
+        from: &str,
+        to: &str,
+        headers: &[(String, String)],
+        target: &Value,
+    ) -> Result<String, String> {
+        let server = self.server_addr();
+        self.server().await?;
+        let uri = crate::sip::Uri::parse(from)
+            .map_err(|e| format!("--from {from:?}: not a SIP URI: {e}"))?;
+        let user = uri.user.clone().unwrap_or_else(|| "caller".into());
+        let answer = self.fresh_addr()?;
+        let targets = device_spec("targets", target, server, true)?.at(answer);
+        self.add_device("targets".into(), targets).await?;
+        MemoryNetwork::global().set_fallback(Some(answer));
+        let caller = DeviceSpec::phone(&user, server)
+            .register(false)
+            .named("caller")
+            .domain(&uri.host.to_string())
+            .at(self.fresh_addr()?);
+        self.add_device("caller".into(), caller).await?;
+        let outcome = self.devices["caller"]
+            .call(to, headers)
+            .await
+            .map_err(|e| format!("the call: {e}"))?;
+        if outcome.answered() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = outcome.call.hangup().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let by_addr: BTreeMap<SocketAddr, &String> =
+            self.trunks.iter().map(|(n, a)| (*a, n)).collect();
+        let mut out = format!("route-test: {from} -> {to}\n");
+        let dialled = self.devices["targets"].incoming();
+        if dialled.is_empty() {
+            out.push_str("  the dial plan dialled nothing\n");
+        }
+        for (i, c) in dialled.iter().enumerate() {
+            let trunk = crate::sip::Uri::parse(&c.ruri)
+                .ok()
+                .and_then(|u| {
+                    let ip = u.host.ip()?;
+                    by_addr
+                        .get(&SocketAddr::new(ip, u.port.unwrap_or(5060)))
+                        .copied()
+                })
+                .map(|t| format!(" (trunk {t})"))
+                .unwrap_or_default();
+            let status = c
+                .final_status
+                .map_or("no final answer".to_string(), |s| s.to_string());
+            out.push_str(&format!(
+                "  dialled {}: {}{trunk} -> {status}\n",
+                i + 1,
+                c.ruri
+            ));
+        }
+        out.push_str(&format!(
+            "  the caller got: {} {} after {:.1} s\n",
+            outcome.status,
+            outcome.reason,
+            outcome.elapsed.as_secs_f64()
+        ));
+        if let Ok(record) = self.record() {
+            for key in ["route", "hangup_by", "final_status"] {
+                if let Some(v) = record.get(key).filter(|v| !v.is_null()) {
+                    out.push_str(&format!("  record {key}: {v}\n"));
+                }
+            }
+        }
+        let devices: Vec<&Device> = self.devices.values().collect();
+        out.push_str("  the calls:\n");
+        for line in crate::simulate::ladder(&devices).lines() {
+            out.push_str("    ");
+            out.push_str(line);
+            out.push('\n');
+        }
+        Ok(out)
+    }
+}
+
 /// A device from a test's options: `register` (phones: true), `answer_after` (seconds),
 /// `busy`, `ring`, `reject` (a status), `hangup_after` (seconds after answering),
 /// `refer` (a target to transfer the caller to once answered).
