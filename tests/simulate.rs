@@ -159,3 +159,54 @@ fn a_twenty_second_ring_timeout_takes_virtual_time_only() {
         assert_eq!(inc.ended_by, Some(Side::Remote));
     });
 }
+
+/// RFC 3515 through the B2BUA: the callee's REFER gets 202, the target is called, the
+/// caller re-INVITEd to it, the transferor NOTIFYed and then released with a BYE.
+#[test]
+fn the_callee_transfers_the_caller_with_refer() {
+    with_server([10, 77, 5], |server, net| async move {
+        let a = phone("1000", server, net, 10, Behaviour::default()).await;
+        let b = phone(
+            "1001",
+            server,
+            net,
+            11,
+            Behaviour::AnswerThenRefer {
+                after: Duration::from_secs(1),
+                target: "1002".into(),
+            },
+        )
+        .await;
+        let c = phone("1002", server, net, 12, Behaviour::default()).await;
+        let out = a.call("1001", &[]).await.unwrap();
+        assert_eq!(out.status, 200);
+        let b_call = b
+            .call_handle(
+                &b.wait_incoming(1, Duration::from_secs(5))
+                    .await
+                    .unwrap()
+                    .call_id,
+            )
+            .unwrap();
+        let ended = b_call.wait_ended(Duration::from_secs(30)).await;
+        let ladder = strowger::simulate::ladder(&[&a, &b, &c]);
+        assert_eq!(ended.ok(), Some(Side::Remote), "{ladder}");
+        let received = |d: &Device| -> Vec<String> {
+            d.log()
+                .iter()
+                .filter(|e| e.direction == Direction::Received)
+                .map(|e| e.label())
+                .collect()
+        };
+        assert_eq!(
+            received(&b),
+            ["200", "INVITE", "ACK", "202", "NOTIFY", "NOTIFY", "BYE"],
+            "{ladder}"
+        );
+        assert_eq!(c.incoming().len(), 1, "{ladder}");
+        assert_eq!(c.incoming()[0].final_status, Some(200));
+        // The caller stays in its call, re-INVITEd towards the target.
+        assert_eq!(received(&a)[4..], ["INVITE", "ACK"], "{ladder}");
+        assert!(out.call.is_up());
+    });
+}
