@@ -851,7 +851,13 @@ impl Shared {
                 tx.ack = Some(raw);
             }
             if let Some(d) = st.dialogs.get_mut(&call_id) {
-                d.ended_by.get_or_insert(Side::Remote);
+                // A 487 after our CANCEL is our own doing.
+                let by = if d.cancelled {
+                    Side::Local
+                } else {
+                    Side::Remote
+                };
+                d.ended_by.get_or_insert(by);
             }
             return;
         }

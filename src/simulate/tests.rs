@@ -97,6 +97,7 @@ async fn busy_is_486_and_acknowledged() {
     let out = a.call("bob", &[]).await.unwrap();
     assert_eq!((out.status, out.reason.as_str()), (486, "Busy Here"));
     assert!(!out.call.is_up());
+    assert_eq!(out.call.ended_by(), Some(Side::Remote));
     // 17.1.1.3: the caller ACKs a non-2xx answer, in the INVITE's transaction.
     tokio::task::yield_now().await;
     assert_eq!(labels(&b, Direction::Received), ["INVITE", "ACK"]);
@@ -125,6 +126,7 @@ async fn ringing_then_cancelled() {
     let out = call.outcome().await.unwrap();
     assert_eq!((out.status, out.provisional.clone()), (487, vec![180]));
     assert_eq!(out.elapsed, Duration::from_secs(5));
+    assert_eq!(call.ended_by(), Some(Side::Local));
     let inc = &b.incoming()[0];
     assert_eq!(inc.final_status, Some(487));
     assert_eq!(inc.ended_by, Some(Side::Remote));
