@@ -177,3 +177,76 @@ fn route_test_shows_where_a_call_goes() {
     ]);
     assert_eq!(code, 2, "{out}");
 }
+
+/// Hunt groups and transfers run in the test world too: an operator's own configuration
+/// (`--config`) with a hunt group, a plan that hunts, and phones that are busy, answer
+/// late or transfer by REFER.
+#[test]
+fn hunt_groups_and_transfers_in_an_operators_own_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.lua");
+    std::fs::write(
+        &plan,
+        r#"
+function on_invite(call)
+  local u = call.ruri.user
+  if u == "support" then
+    call:set_route("support")
+    return call:hunt("support", { max_wait = 60 })
+  end
+  local devices = registrar.lookup("sip:" .. u .. "@pbx.test")
+  if #devices == 0 then return call:reject(404, "Not Found") end
+  call:dial(devices, { timeout = 20 })
+end
+"#,
+    )
+    .unwrap();
+    let config = dir.path().join("strowger.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\ndomain = \"pbx.test\"\n[script]\npath = \"{}\"\n[call]\nroutes = [\"support\"]\n\
+             [huntgroups.support]\nstrategy = \"ring-all\"\nmembers = [\"201\", \"202\"]\n",
+            plan.display()
+        ),
+    )
+    .unwrap();
+    let tests = dir.path().join("tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    std::fs::write(
+        tests.join("hunt_test.lua"),
+        r#"
+test("the support group rings its agents; the one free answers", function()
+  phone("201", { busy = true })
+  phone("202", { answer_after = 3 })
+  phone("100")
+  local r = call({ from = "100", to = "support" })
+  expect_eq(r.status, 200)
+  expect_eq(r.answered_by, "202")
+  expect(r.seconds >= 3, "answered after " .. r.seconds .. " s")
+  expect_eq(record().route, "support")
+  expect_eq(metric('strowger_route_calls_total{result="answered",route="support"}'), 1)
+end)
+
+test("a transfer by REFER rings its target", function()
+  phone("300", { refer = "301" })
+  phone("301")
+  phone("100")
+  local r = call({ from = "100", to = "300", hold = 5 })
+  expect_eq(r.answered_by, "300")
+  expect_eq(r.rung, { "300", "301" })
+end)
+"#,
+    )
+    .unwrap();
+    let (code, out) = strowger_test(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            tests.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 passed, 0 failed"), "{out}");
+}

@@ -329,7 +329,7 @@ impl State {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut rung: Vec<(u64, String)> = Vec::new();
         let mut invites = serde_json::Map::new();
-        let mut answered_by = Value::Null;
+        let mut answered: Vec<(u64, String)> = Vec::new();
         for (name, device) in &self.devices {
             let new: Vec<_> = device
                 .incoming()
@@ -351,7 +351,8 @@ impl State {
                 .iter()
                 .any(|c| c.final_status.is_some_and(|s| (200..300).contains(&s)))
             {
-                answered_by = json!(name);
+                // The first to answer (a transfer's target answers later).
+                answered.push((first, name.clone()));
             }
             let list: Vec<Value> = new
                 .iter()
@@ -374,6 +375,8 @@ impl State {
             invites.insert(name.clone(), Value::Array(list));
         }
         rung.sort();
+        answered.sort();
+        let answered_by = answered.first().map_or(Value::Null, |(_, n)| json!(n));
         let devices: Vec<&Device> = self.devices.values().collect();
         *self.ladder.lock() = crate::simulate::ladder(&devices);
         Ok(json!({
