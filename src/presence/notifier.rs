@@ -570,7 +570,17 @@ impl Notifier {
         };
         let tag = req.base.to.tag().unwrap_or("");
         let key = sub_key(&req.base.call_id, tag);
-        if let Some(stored) = self.foreign.remove(&key) {
+        let mut stored = self.foreign.remove(&key);
+        if stored.is_none() && !self.subs.contains_key(&key) && self.store.shared() {
+            // Another node's news of the subscription may not have reached us yet (the
+            // store's change feed lags under load): the store itself has it.
+            if let Ok(Some(s)) = self.store.load_subscription(&key).await {
+                if s.owner != self.inner.node {
+                    stored = Some(s);
+                }
+            }
+        }
+        if let Some(stored) = stored {
             // Another node's subscriber refreshes through us: we serve it from now on.
             if let Some((k, sub)) = Sub::adopt(stored) {
                 let record = sub.stored(&k, &self.inner.node);
