@@ -250,3 +250,43 @@ end)
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("2 passed, 0 failed"), "{out}");
 }
+
+/// A call placed from a simulated carrier is the trunk's (`call.trunk` in the plan): the
+/// trunk's `inbound` is its simulated address.
+#[test]
+fn a_call_from_a_simulated_carrier_is_the_trunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.lua");
+    std::fs::write(
+        &plan,
+        r#"
+function on_invite(call)
+  if call.trunk ~= "carrier" then return call:reject(403, "Not From The Carrier") end
+  local devices = registrar.lookup("sip:" .. call.ruri.user .. "@localhost")
+  call:dial(devices, { timeout = 20 })
+end
+"#,
+    )
+    .unwrap();
+    let tests = dir.path().join("inbound_test.lua");
+    std::fs::write(
+        &tests,
+        r#"
+test("the carrier's calls reach the phone they name", function()
+  trunk("carrier")
+  phone("1001")
+  phone("1000")
+  local r = call({ from = "carrier", to = "1001", headers = { ["X-Carrier"] = "yes" } })
+  expect_eq(r.answered_by, "1001")
+  expect_eq(r.invites["1001"][1].headers["X-Carrier"], nil, "a header not relayed by the plan")
+  expect_eq(call({ from = "1000", to = "1001" }).status, 403, "a phone is not the carrier")
+end)
+"#,
+    )
+    .unwrap();
+    let (code, out) = strowger_test(
+        &[tests.to_str().unwrap()],
+        &[("STROWGER_SCRIPT__PATH", plan.to_str().unwrap())],
+    );
+    assert_eq!(code, 0, "{out}");
+}
