@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_strowger");
 
-/// `strowger test ARGS` in the repository root with no `STROWGER_*` variables inherited
+/// `strowger VERB ARGS` in the repository root with no `STROWGER_*` variables inherited
 /// but `extra`; its exit code and output.
-fn strowger_test(args: &[&str], extra: &[(&str, &str)]) -> (i32, String) {
+fn strowger(verb: &str, args: &[&str], extra: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("test")
+        .arg(verb)
         .args(args);
     for (key, _) in std::env::vars_os() {
         if key
@@ -37,6 +37,14 @@ fn strowger_test(args: &[&str], extra: &[(&str, &str)]) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().expect("exited"), text)
+}
+
+fn strowger_test(args: &[&str], extra: &[(&str, &str)]) -> (i32, String) {
+    strowger("test", args, extra)
+}
+
+fn route_test(args: &[&str]) -> (i32, String) {
+    strowger("route-test", args, &[])
 }
 
 #[test]
@@ -111,31 +119,6 @@ fn a_mistake_in_a_test_file_is_refused_with_its_line() {
     let (code, out) = strowger_test(&[file.to_str().unwrap()], &[]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("typo_test.lua:3:"), "{out}");
-}
-
-/// `strowger route-test ARGS` in the repository root; its exit code and output.
-fn route_test(args: &[&str]) -> (i32, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("route-test")
-        .args(args);
-    for (key, _) in std::env::vars_os() {
-        if key
-            .to_string_lossy()
-            .to_ascii_uppercase()
-            .starts_with("STROWGER_")
-        {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("STROWGER_LOG__LEVEL", "error");
-    let out = cmd.output().expect("the binary runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().expect("exited"), text)
 }
 
 #[test]
