@@ -93,7 +93,7 @@ impl Overload {
     }
 
     /// The fullest script VM holds `share` of its memory limit (0 to 1; 0 without a
-    /// limit). From [`MEMORY_HIGH`] until it is back under [`MEMORY_LOW`], every new call
+    /// limit). From `MEMORY_HIGH` until it is back under `MEMORY_LOW`, every new call
     /// is refused: calls waiting in their hook (on a dial) hold Lua memory, and a flood of
     /// them would otherwise fill the VM and fail every call on it.
     pub fn note_script_memory(&self, share: f64) {
