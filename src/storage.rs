@@ -78,6 +78,18 @@ impl RedisConfig {
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
+thread_local! {
+    /// Set by [`hold_clock_while_storing`].
+    static HOLD_CLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Test mode (`strowger test`): store operations started on this thread are awaited in a
+/// blocking task, which keeps a paused tokio clock from jumping ahead while SQLite works on
+/// its thread (otherwise a REGISTER would seem to take seconds of virtual time).
+pub fn hold_clock_while_storing() {
+    HOLD_CLOCK.with(|c| c.set(true));
+}
+
 /// A SQLite connection on its own thread.
 pub struct SqliteWorker {
     jobs: mpsc::Sender<Job>,
@@ -147,8 +159,16 @@ impl SqliteWorker {
         let sent = self.jobs.send(Box::new(move |conn: &mut Connection| {
             let _ = tx.send(f(conn));
         }));
+        let hold = HOLD_CLOCK.with(|c| c.get());
         async move {
             sent.map_err(|_| E::from(WorkerGone))?;
+            if hold {
+                // A running blocking task stops tokio's paused clock from auto-advancing.
+                return tokio::task::spawn_blocking(move || rx.blocking_recv())
+                    .await
+                    .map_err(|_| E::from(WorkerGone))?
+                    .map_err(|_| E::from(WorkerGone))?;
+            }
             rx.await.map_err(|_| E::from(WorkerGone))?
         }
     }

@@ -273,3 +273,29 @@ end)
     );
     assert_eq!(code, 0, "{out}");
 }
+
+/// The virtual clock is exact: registering phones (their bindings stored by SQLite on a
+/// thread of its own) takes no simulated time; only what the test waits for does.
+#[test]
+fn registrations_take_no_simulated_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clock_test.lua");
+    let mut text = String::from("test(\"twenty phones\", function()\n");
+    for i in 0..20 {
+        text.push_str(&format!("  phone(\"{}\")\n", 2000 + i));
+    }
+    text.push_str("  sleep(2.5)\nend)\n");
+    std::fs::write(&file, text).unwrap();
+    let (code, out) = strowger_test(&[file.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}");
+    let simulated: f64 = out
+        .split(" ms, ")
+        .nth(1)
+        .and_then(|s| s.split(" s simulated").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no simulated time in {out}"));
+    assert!(
+        (2.5..2.7).contains(&simulated),
+        "{simulated} s simulated\n{out}"
+    );
+}

@@ -96,6 +96,7 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Vec<TestResult>, TestE
     let started = Instant::now();
     let results = local.block_on(&rt, async {
         crate::script::run_vms_inline();
+        crate::storage::hold_clock_while_storing();
         let mut results = Vec::new();
         for file in &files {
             let r = lua::run_file(file, &opts.config, out).await?;
@@ -141,6 +142,7 @@ pub fn route_test(
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         crate::script::run_vms_inline();
+        crate::storage::hold_clock_while_storing();
         world::route(config, from, to, headers, target)
             .await
             .map_err(TestError::Runtime)
