@@ -122,6 +122,9 @@ struct Inner {
     stats: RegistrarStats,
     /// A store expiry pass failed: retry it on the next tick even when nothing is due.
     store_dirty: std::sync::atomic::AtomicBool,
+    /// Some binding was ever registered over a connection that ends it (WebSocket, or an
+    /// RFC 5626 flow with `reg-id`): until then a closed connection needs no look.
+    flow_bindings: std::sync::atomic::AtomicBool,
     /// Per lock stripe, how many REGISTERs this node applied: a full re-read of a shared
     /// store compares them to know which AORs may be newer in the cache than in its
     /// snapshot.
@@ -200,6 +203,7 @@ impl Registrar {
                 .collect(),
             stats: RegistrarStats::default(),
             store_dirty: std::sync::atomic::AtomicBool::new(false),
+            flow_bindings: std::sync::atomic::AtomicBool::new(false),
             writes: (0..LOCK_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             unreachable: Mutex::new(HashMap::new()),
             _sync_stop: stop_tx,
@@ -415,6 +419,11 @@ impl Registrar {
         let Some(id) = source.connection else {
             return 0;
         };
+        // Most servers never see such a binding: no scan of every binding per closed TCP
+        // connection then.
+        if !self.inner.flow_bindings.load(Ordering::Relaxed) {
+            return 0;
+        }
         let text = format!("{}:{}", source.transport, source.addr);
         let websocket = source.transport.is_websocket();
         let on_flow = |b: &Binding| {
@@ -534,6 +543,12 @@ impl Inner {
 
     /// Puts the AOR's new binding set into the cache and queues its expiries.
     fn install(&self, aor: &str, list: Vec<Binding>) {
+        if list
+            .iter()
+            .any(|b| b.connection.is_some() && (b.reg_id.is_some() || b.source.starts_with("ws")))
+        {
+            self.flow_bindings.store(true, Ordering::Relaxed);
+        }
         {
             let mut due = self.due.lock();
             for b in &list {
