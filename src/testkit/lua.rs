@@ -78,10 +78,10 @@ pub(super) async fn run_file(
         .map_err(|e| load_error(&first_line(&e)))?;
     let tests = std::mem::take(&mut *declared.lock());
     let mut results = Vec::with_capacity(tests.len());
-    for (index, (name, f)) in tests.into_iter().enumerate() {
+    for (name, f) in tests {
         let wall = Instant::now();
         let started = tokio::time::Instant::now();
-        let world = World::start(config, index).await;
+        let world = World::start(config).await;
         let (failure, ladder) = match world {
             Err(e) => (
                 Some(format!("{display}: the server did not start: {e}")),

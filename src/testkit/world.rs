@@ -57,7 +57,7 @@ static WORLDS: AtomicU32 = AtomicU32::new(1);
 impl World {
     /// Prepares a world for the configuration; the server starts with the first phone or
     /// call (after the test has declared its trunks).
-    pub(super) async fn start(config: &Config, _index: usize) -> anyhow::Result<World> {
+    pub(super) async fn start(config: &Config) -> anyhow::Result<World> {
         let n = WORLDS.fetch_add(1, Ordering::Relaxed);
         let net = Ipv4Addr::new(10, 100 + ((n >> 8) & 0x7f) as u8, (n & 0xff) as u8, 0);
         let dir = std::env::temp_dir().join(format!("strowger-test-{}-{n}", std::process::id()));
