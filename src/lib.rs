@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod b2bua;
+pub mod cluster;
 pub mod config;
 pub mod config_section;
 pub mod dialog;

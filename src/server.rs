@@ -806,6 +806,16 @@ fn reload_tls(tls: &TlsContext) {
 
 // ---- hunt groups (issue 6) -------------------------------------------------------------
 
+/// Where registrations, presence and agents live: `registrar.store`, or Redis whatever it
+/// says when `cluster.enabled` (the one switch of a cluster).
+fn shared_store(config: &Config) -> RegistrarStore {
+    if config.cluster.enabled {
+        RegistrarStore::Redis
+    } else {
+        config.registrar.store
+    }
+}
+
 /// Opens the agent-state store beside the registrar's (`registrar.store`: SQLite file
 /// `<storage.dir>/huntgroups.sqlite`, or Redis under `strowger:hunt`) and builds the
 /// configured groups; None when no group is configured.
@@ -815,7 +825,7 @@ async fn start_huntgroups(config: &Config) -> anyhow::Result<Option<crate::huntg
         return Ok(None);
     }
     let store: Arc<dyn AgentStore> =
-        match config.registrar.store {
+        match shared_store(config) {
             RegistrarStore::Embedded => {
                 let dir = std::path::Path::new(&config.storage.dir);
                 Arc::new(SqliteAgentStore::open(dir).with_context(|| {
@@ -869,7 +879,7 @@ async fn start_presence(
     ),
 ) -> anyhow::Result<crate::presence::Presence> {
     use crate::presence::{Presence, PresenceParts, SqlitePresenceStore};
-    let store: Arc<dyn crate::presence::PresenceStore> = match config.registrar.store {
+    let store: Arc<dyn crate::presence::PresenceStore> = match shared_store(config) {
         RegistrarStore::Embedded => {
             let dir = std::path::Path::new(&config.storage.dir);
             Arc::new(
@@ -935,7 +945,7 @@ fn load_auth(config: &Config) -> anyhow::Result<(DigestAuth, Option<Arc<Users>>)
 
 /// Opens the configured binding store (`registrar.store`) and loads the registrar.
 async fn start_registrar(config: &Config) -> anyhow::Result<Registrar> {
-    let store: Arc<dyn BindingStore> = match config.registrar.store {
+    let store: Arc<dyn BindingStore> = match shared_store(config) {
         RegistrarStore::Embedded => {
             let dir = std::path::Path::new(&config.storage.dir);
             std::fs::create_dir_all(dir)

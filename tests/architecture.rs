@@ -21,6 +21,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     // Process support: the storage directory, logging.
     ("support", &["storage", "logging"]),
+    // Cluster membership: node names and liveness leases in Redis (needs `[redis]`).
+    ("cluster", &["cluster"]),
     // RFC 3261 section 7: the message model.
     ("sip", &["sip"]),
     // Section 18: transports, local addresses, name resolution, contact flows.

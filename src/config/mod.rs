@@ -43,6 +43,7 @@
 //! | `[dns]` | `DnsConfig` | `transport` (the RFC 3263 locator's resolver) |
 //! | `[tls]`, `[ws]` | `TlsConfig`, `WsConfig` | `transport` (with its check that a `tls:`/`wss:` entry of `sip.listen` has `tls.cert`) |
 //! | `[trunks.<name>]` | `TrunkConfig` | `trunk` (not settable from the environment) |
+//! | `[cluster]` | `ClusterConfig` | `cluster` |
 //!
 //! How a line is found: the file is parsed once into `toml`'s spanned document
 //! ([`toml::de::DeTable`]: every key and value with its byte range), environment values are
@@ -54,6 +55,7 @@
 use crate::admin::HttpConfig;
 use crate::auth::AuthConfig;
 use crate::b2bua::CallConfig;
+use crate::cluster::ClusterConfig;
 pub use crate::config_section::InvalidValue;
 use crate::config_section::{check_range, MAX_TIMEOUT_S};
 use crate::huntgroup::{check_huntgroups, HuntGroupConfig};
@@ -178,6 +180,7 @@ pub struct Config {
     /// `[trunks.<name>]`: SIP trunks to carriers (see [`TrunkConfig`]).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub trunks: BTreeMap<String, TrunkConfig>,
+    pub cluster: ClusterConfig,
 }
 
 /// `[shutdown]`: the graceful stop. It lives here rather than in `server`, which reads
@@ -227,7 +230,7 @@ impl Config {
     /// Checks every section; the first problem, its key made absolute (`sip.timers.t1_ms`).
     fn check(&self) -> Result<(), InvalidValue> {
         let has_users = !self.registrar.users_file.trim().is_empty();
-        let sections: [(&str, Result<(), InvalidValue>); 17] = [
+        let sections: [(&str, Result<(), InvalidValue>); 18] = [
             ("sip", self.sip.check()),
             ("http", self.http.check()),
             ("log", self.log.check()),
@@ -246,6 +249,7 @@ impl Config {
             ("sip", check_tls_listeners(&self.sip.listen, &self.tls)),
             ("ws", self.ws.check()),
             ("trunks", check_trunks(&self.trunks)),
+            ("cluster", self.cluster.check()),
         ];
         for (section, result) in sections {
             result.map_err(|e| e.within(section))?;
