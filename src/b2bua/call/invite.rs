@@ -42,9 +42,19 @@ impl CallerInvite {
     }
 
     /// A response to it (None once the call is established: nothing answers the INVITE
-    /// any more, its Vias are gone).
+    /// any more, its Vias are gone). One that makes a dialog (101-299) copies the
+    /// request's Record-Route (RFC 3261 12.1.1): a record-routing proxy in front (a load
+    /// balancer) then stays on the caller's in-dialog path.
     pub(super) fn response(&self, status: u16) -> Option<Response> {
-        self.whole().map(|r| r.response(status))
+        self.whole().map(|r| {
+            let mut resp = r.response(status);
+            if (101..300).contains(&status) {
+                for rr in r.headers.get_all("Record-Route") {
+                    resp.headers.push("Record-Route", rr);
+                }
+            }
+            resp
+        })
     }
 
     pub(super) fn call_id(&self) -> &str {
@@ -158,5 +168,32 @@ mod tests {
         assert_eq!(inv.cseq(), 7);
         assert_eq!(inv.max_forwards(), Some(12));
         assert!(std::mem::size_of::<CallerInvite>() <= 16);
+    }
+
+    #[test]
+    fn dialog_making_responses_copy_record_route() {
+        let text = "INVITE sip:bob@example.com SIP/2.0\r\n\
+                    Via: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bK2\r\n\
+                    Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1\r\n\
+                    Record-Route: <sip:10.0.0.9;lr;ftag=abc>\r\n\
+                    Record-Route: <sip:10.0.0.8;lr>\r\n\
+                    From: <sip:alice@example.com>;tag=abc\r\n\
+                    To: <sip:bob@example.com>\r\n\
+                    Call-ID: call-2@10.0.0.1\r\n\
+                    CSeq: 1 INVITE\r\n\
+                    Content-Length: 0\r\n\r\n";
+        let Ok((SipMessage::Request(req), _)) = parse(text.as_bytes()) else {
+            panic!("parses")
+        };
+        let inv = CallerInvite::new(req);
+        for status in [180, 183, 200] {
+            let r = inv.response(status).unwrap();
+            let rr: Vec<&str> = r.headers.get_all("Record-Route").collect();
+            assert_eq!(rr, ["<sip:10.0.0.9;lr;ftag=abc>", "<sip:10.0.0.8;lr>"]);
+        }
+        for status in [100, 486] {
+            let r = inv.response(status).unwrap();
+            assert_eq!(r.headers.get_all("Record-Route").count(), 0, "{status}");
+        }
     }
 }
