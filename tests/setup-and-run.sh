@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need (SIPp, redis-server, prometheus, iproute2, iptables, dnsmasq,
-# chromium and tests/browser's npm packages) and runs every test. This is the README's test
+# chromium, kamailio and tests/browser's npm packages) and runs every test. This is the README's test
 # command and exactly what .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,8 @@ command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
 # tests/browser_phones.rs: JsSIP phones in headless Chromium (Node drives them, tests/browser).
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# tests/cluster.rs: the reference cluster deployment (deploy/) has Kamailio's dispatcher in front.
+command -v kamailio >/dev/null 2>&1 || need+=(kamailio)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""

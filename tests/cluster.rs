@@ -1,0 +1,473 @@
+//! Issue 18: a cluster behind a SIP load balancer. The reference deployment of `deploy/`
+//! runs here on loopback: Debian's Kamailio with the dispatcher module in front (the
+//! repository's `deploy/kamailio.cfg`, only its three `#!substdef` lines rewritten),
+//! probing two Strowger nodes (the real binary, `[cluster] enabled = true`) that share one
+//! redis-server. Callers (SIPp) call Kamailio; the nodes' dial plan sends each call to a
+//! SIPp callee.
+//!
+//! Skipped, saying why, when `kamailio` or `redis-server` is not installed (the test
+//! command installs both).
+
+mod common;
+
+use common::sipp::{self, free_udp_port};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Seconds between the dispatcher's OPTIONS probes in these tests.
+const PROBE_S: u64 = 1;
+/// The nodes' liveness lease.
+const LEASE_S: u64 = 3;
+const TOKEN: &str = "cluster-test";
+
+/// A child the test started, stopped by its PID when dropped.
+struct Proc(Option<Child>);
+
+impl Proc {
+    /// SIGKILL: the node dies without a word to anyone.
+    fn kill_9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One Strowger node: the binary with its own config, data directory and call records.
+struct Node {
+    name: String,
+    sip: SocketAddr,
+    http: SocketAddr,
+    records: PathBuf,
+    log: PathBuf,
+    config: PathBuf,
+    proc: Proc,
+}
+
+impl Node {
+    fn start(dir: &Path, name: &str, redis: &str, plan: &Path, extra: &str) -> Node {
+        let sip: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let ndir = dir.join(name);
+        std::fs::create_dir_all(&ndir).unwrap();
+        let records = ndir.join("records.jsonl");
+        let config = ndir.join("strowger.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[sip]\nlisten = [\"udp:{sip}\"]\ndomain = \"strowger.test\"\n\
+                 [http]\nlisten = \"{http}\"\ntoken = \"{TOKEN}\"\n\
+                 [script]\npath = {plan:?}\n\
+                 [storage]\ndir = {data:?}\n\
+                 [call]\nrecords_file = {records:?}\n\
+                 [redis]\nurl = \"{redis}\"\n\
+                 [log]\nlevel = \"info\"\n\
+                 [cluster]\nenabled = true\nnode = \"{name}\"\nlease_s = {LEASE_S}\n{extra}",
+                plan = plan.display().to_string(),
+                data = ndir.join("data").display().to_string(),
+                records = records.display().to_string(),
+            ),
+        )
+        .unwrap();
+        let log = ndir.join("server.log");
+        let mut node = Node {
+            name: name.into(),
+            sip,
+            http,
+            records,
+            log,
+            config,
+            proc: Proc(None),
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strowger"))
+            .args(["run", "--config", self.config.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("strowger starts");
+        self.proc = Proc(Some(child));
+    }
+
+    /// Lines of the node's call-record file (one per ended call).
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.records)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        http(self.http, "GET", path).await
+    }
+
+    /// Calls up on this node (`GET /calls`).
+    async fn calls(&self) -> usize {
+        let (code, body) = self.get("/calls").await;
+        if code != 200 {
+            return 0;
+        }
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A minimal HTTP/1.1 exchange with an admin endpoint (bearer token sent); (status, body).
+async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await
+    else {
+        return (0, String::new());
+    };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Waits until `cond` holds, checking every 100 ms for at most `limit`.
+async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Kamailio from `deploy/kamailio.cfg`, listening on a free port, the nodes as set 1.
+struct Balancer {
+    addr: SocketAddr,
+    log: PathBuf,
+    _proc: Proc,
+}
+
+impl Balancer {
+    fn start(dir: &Path, nodes: &[&Node]) -> Balancer {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let kdir = dir.join("kamailio");
+        std::fs::create_dir_all(&kdir).unwrap();
+        let list = kdir.join("dispatcher.list");
+        let mut text = String::new();
+        for n in nodes {
+            text.push_str(&format!("1 sip:{} 0 0\n", n.sip));
+        }
+        std::fs::write(&list, text).unwrap();
+        let cfg = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kamailio.cfg"),
+        )
+        .unwrap();
+        let mut rewritten = 0;
+        let cfg: String = cfg
+            .lines()
+            .map(|l| {
+                let new = if l.starts_with("#!substdef \"!LB_LISTEN!") {
+                    format!("#!substdef \"!LB_LISTEN!udp:{addr}!g\"")
+                } else if l.starts_with("#!substdef \"!DISPATCHER_LIST!") {
+                    format!("#!substdef \"!DISPATCHER_LIST!{}!g\"", list.display())
+                } else if l.starts_with("#!substdef \"!PROBE_INTERVAL!") {
+                    format!("#!substdef \"!PROBE_INTERVAL!{PROBE_S}!g\"")
+                } else {
+                    return format!("{l}\n");
+                };
+                rewritten += 1;
+                format!("{new}\n")
+            })
+            .collect();
+        assert_eq!(
+            rewritten, 3,
+            "deploy/kamailio.cfg has its three #!substdef lines"
+        );
+        let path = kdir.join("kamailio.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let log = kdir.join("kamailio.log");
+        let err = std::fs::File::create(&log).unwrap();
+        // -D: stay in the foreground (its PID is ours to stop); -E: log to stderr.
+        let child = Command::new("kamailio")
+            .arg("-f")
+            .arg(&path)
+            .args(["-D", "-E", "-m", "64", "-M", "8"])
+            .arg("-Y")
+            .arg(&kdir)
+            .arg("-w")
+            .arg(&kdir)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("kamailio starts");
+        Balancer {
+            addr,
+            log,
+            _proc: Proc(Some(child)),
+        }
+    }
+}
+
+/// The cluster of one test: Redis, two nodes, Kamailio in front, a callee.
+struct Cluster {
+    dir: PathBuf,
+    _redis: common::redis::RedisServer,
+    nodes: Vec<Node>,
+    lb: Balancer,
+}
+
+/// Everything the cluster needs, or why the test cannot run here.
+fn missing_tools() -> Option<String> {
+    let missing: Vec<&str> = ["kamailio", "redis-server", "sipp"]
+        .into_iter()
+        .filter(|c| !have(c))
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// A dial plan: `hunt-<group>` hunts the group, a number N rings the callee on
+/// 127.0.0.1:N (each SIPp callee of a test has its own port).
+fn write_plan(dir: &Path) -> PathBuf {
+    let plan = dir.join("plan.lua");
+    std::fs::write(
+        &plan,
+        r#"function on_invite(call)
+  local user = call.ruri.user
+  if user:sub(1, 5) == "hunt-" then
+    local r = call:hunt(user:sub(6))
+    if not r.answered then call:reject(r.status, r.reason) end
+    return
+  end
+  local r = call:dial("sip:callee@127.0.0.1:" .. user, { timeout = 10 })
+  if not r.answered then call:reject(r.status, r.reason) end
+end
+"#,
+    )
+    .unwrap();
+    plan
+}
+
+impl Cluster {
+    async fn start(tag: &str, extra: &str) -> Option<Cluster> {
+        if let Some(m) = missing_tools() {
+            eprintln!("skipped: {m} not installed (tests/setup-and-run.sh installs them)");
+            return None;
+        }
+        let dir = sipp::workdir(tag);
+        let redis = common::redis::start_redis().expect("redis-server starts");
+        let plan = write_plan(&dir);
+        let a = Node::start(&dir, "node-a", &redis.url(), &plan, extra);
+        let b = Node::start(&dir, "node-b", &redis.url(), &plan, extra);
+        for n in [&a, &b] {
+            let up = eventually(Duration::from_secs(10), || async {
+                n.get("/healthz").await.0 == 200
+            })
+            .await;
+            assert!(up, "{} did not start:\n{}", n.name, n.log_text());
+        }
+        let lb = Balancer::start(&dir, &[&a, &b]);
+        let cluster = Cluster {
+            dir,
+            _redis: redis,
+            nodes: vec![a, b],
+            lb,
+        };
+        // The dispatcher has probed both nodes (OPTIONS answered 200) when calls work on
+        // both: wait for two probe rounds.
+        tokio::time::sleep(Duration::from_secs(2 * PROBE_S + 1)).await;
+        Some(cluster)
+    }
+
+    fn kamailio_log(&self) -> String {
+        std::fs::read_to_string(&self.lb.log).unwrap_or_default()
+    }
+
+    /// `calls` calls of `hold_ms` each from SIPp's uac through the balancer, answered by
+    /// SIPp's uas; panics (with the logs) unless every call completed.
+    async fn calls(&self, name: &str, calls: usize, hold_ms: u64) {
+        let callee = free_udp_port();
+        let uas = sipp::start(
+            &self.dir,
+            &format!("{name}-uas"),
+            Path::new("uas_answer.xml"),
+            callee,
+            None,
+            &["-m", &calls.to_string()],
+        );
+        let uac = sipp::start(
+            &self.dir,
+            &format!("{name}-uac"),
+            Path::new("uac_call_routed.xml"),
+            free_udp_port(),
+            Some(self.lb.addr),
+            &[
+                "-m",
+                &calls.to_string(),
+                "-r",
+                "10",
+                "-d",
+                &hold_ms.to_string(),
+                "-s",
+                &callee.to_string(),
+            ],
+        );
+        let limit = Duration::from_secs(20 + calls as u64 / 5);
+        uac.expect_success(limit).await;
+        uas.expect_success(limit).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_spread_over_the_nodes_and_a_drained_node_gets_none() {
+    let Some(c) = Cluster::start("cluster-drain", "").await else {
+        return;
+    };
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+
+    // Round-robin over both nodes.
+    c.calls("spread", 10, 100).await;
+    let (ra, rb) = (a.records().len(), b.records().len());
+    assert_eq!(ra + rb, 10, "every call has one record");
+    assert!(
+        ra >= 3 && rb >= 3,
+        "calls spread over both nodes: {ra} on {}, {rb} on {}",
+        a.name,
+        b.name
+    );
+
+    // A long call up on node A before it is drained.
+    let callee = free_udp_port();
+    let uas = sipp::start(
+        &c.dir,
+        "long-uas",
+        Path::new("uas_answer.xml"),
+        callee,
+        None,
+        &[],
+    );
+    // Sent to node A directly: which node a call lands on is the balancer's choice.
+    let long = sipp::start(
+        &c.dir,
+        "long-uac",
+        Path::new("uac_call.xml"),
+        free_udp_port(),
+        Some(a.sip),
+        &["-d", "4000", "-s", &callee.to_string()],
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async { a.calls().await == 1 }).await,
+        "the long call is up on {}",
+        a.name
+    );
+
+    // Drain node A: its readiness and its answer to the dispatcher's probe turn 503.
+    let (code, body) = http(a.http, "POST", "/drain").await;
+    assert_eq!(code, 200, "POST /drain: {body}");
+    assert_eq!(a.get("/readyz").await.0, 503, "/readyz of a drained node");
+    let probe = common::UdpPeer::bind("127.0.0.1").await;
+    let options = common::request(
+        "OPTIONS",
+        &format!("sip:{}", a.sip),
+        probe.addr,
+        "UDP",
+        &common::unique("probe"),
+        "",
+        "",
+    );
+    probe.send(a.sip, options.as_bytes()).await;
+    let answer = probe
+        .recv_final(Duration::from_secs(2))
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        common::status(&answer),
+        503,
+        "a drained node answers OPTIONS 503"
+    );
+    // The dispatcher sees it at its next probe.
+    tokio::time::sleep(Duration::from_secs(2 * PROBE_S + 1)).await;
+
+    let before_a = a.records().len();
+    c.calls("after-drain", 6, 100).await;
+    assert_eq!(
+        b.records().len(),
+        rb + 6,
+        "every new call went to the node not drained; kamailio log {}:\n{}",
+        c.lb.log.display(),
+        c.kamailio_log()
+    );
+
+    // The drained node's own call carried on to its normal end (the caller's BYE).
+    long.expect_success(Duration::from_secs(15)).await;
+    uas.expect_success(Duration::from_secs(15)).await;
+    let records = a.records();
+    assert_eq!(
+        records.len(),
+        before_a + 1,
+        "the drained node recorded its call"
+    );
+    let last = records.last().unwrap();
+    assert_eq!(last["final_status"], 200, "{last}");
+    assert_eq!(last["hangup_by"], "caller", "{last}");
+}
