@@ -357,8 +357,11 @@ async fn busy_lamp_field_follows_a_call_to_the_extension() {
 }
 
 /// A SUBSCRIBE to presence from a raw peer; answers the initial NOTIFY and returns the
-/// 200's To tag and that NOTIFY's body.
+/// 200's To tag and that NOTIFY's body. The SUBSCRIBE comes as through a record-routing
+/// proxy (at the peer's own address): the 200 must copy the Record-Route and the NOTIFY
+/// follow it (RFC 3261 12.1.1, RFC 6665 4.1.3).
 async fn raw_subscribe(server: SocketAddr, peer: &UdpPeer, user: &str) -> (String, String) {
+    let proxy = format!("<sip:{};lr;proxy=1>", peer.addr);
     let msg = request(
         "SUBSCRIBE",
         &format!("sip:{user}@strowger.test"),
@@ -366,7 +369,7 @@ async fn raw_subscribe(server: SocketAddr, peer: &UdpPeer, user: &str) -> (Strin
         "UDP",
         &unique("sub"),
         &format!(
-            "Event: presence\r\nExpires: 600\r\nContact: <sip:w@{}>\r\n",
+            "Event: presence\r\nExpires: 600\r\nContact: <sip:w@{}>\r\nRecord-Route: {proxy}\r\n",
             peer.addr
         ),
         "",
@@ -377,10 +380,12 @@ async fn raw_subscribe(server: SocketAddr, peer: &UdpPeer, user: &str) -> (Strin
     while tag.is_none() || body.is_none() {
         let m = peer.recv(WAIT).await.expect("200 and NOTIFY");
         if m.starts_with("SIP/2.0 200") {
+            assert_eq!(header(&m, "Record-Route"), Some(proxy.as_str()), "{m}");
             tag = header(&m, "To")
                 .and_then(|t| t.split("tag=").nth(1))
                 .map(str::to_owned);
         } else if m.starts_with("NOTIFY") {
+            assert_eq!(header(&m, "Route"), Some(proxy.as_str()), "{m}");
             answer(server, peer, &m, 200).await;
             body = Some(m.split("\r\n\r\n").nth(1).unwrap_or("").to_owned());
         }

@@ -556,6 +556,11 @@ impl Notifier {
         }
         let mut ok = req.response(200);
         ok.set_to_tag(&tag);
+        // The 2xx makes the dialog: a record-routing proxy in front stays on its path
+        // (RFC 3261 12.1.1, RFC 6665 4.1.3).
+        for rr in req.headers.get_all("Record-Route") {
+            ok.headers.push("Record-Route", rr);
+        }
         ok.headers.push("Expires", expires.to_string());
         ok.headers.push("Contact", contact);
         respond(&tx, ok);
