@@ -27,6 +27,7 @@ mod caller;
 mod control;
 mod fork;
 mod invite;
+mod record;
 mod session;
 #[cfg(test)]
 mod test_util;
@@ -288,6 +289,9 @@ pub struct Call {
     watched: Option<super::watch::CallPhase>,
     /// watch: the parties after a transfer (caller, callee); None: the INVITE's.
     watch_parties: Option<(Arc<Uri>, Arc<Uri>)>,
+    /// cluster: the fingerprint of the record last queued for Redis (0: none), see
+    /// `record.rs`.
+    record: u64,
 }
 
 fn uri_info(n: &NameAddr) -> UriInfo {
@@ -359,6 +363,7 @@ impl Call {
             resume_side: None,
             watched: None,
             watch_parties: None,
+            record: 0,
             session: None,
             a_invite: CallerInvite::new(invite),
         };
@@ -558,6 +563,8 @@ impl Call {
                 },
                 _ = sleep_until(deadline) => self.on_timers(),
             }
+            // cluster: what another node needs to end the call, if it changed.
+            self.sync_record();
         }
         self.finish();
         // A branch cancelled before its callee's first provisional still owes a CANCEL
@@ -2186,6 +2193,7 @@ impl Call {
         }
         self.ended = true;
         self.ended_tx.send_replace(true);
+        self.drop_record(); // cluster:
         for k in std::mem::take(&mut self.engaged) {
             super::disengage(&self.inner.engaged, &k);
         }

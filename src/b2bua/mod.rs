@@ -15,6 +15,11 @@
 //! core's one lookup there routes in-dialog requests, ACKs and stray responses to it.
 //! CANCELs find the call by the pending INVITE (Call-ID and the caller's tag).
 //!
+//! cluster (`cluster.enabled`, issue 18): each established call keeps a compact record
+//! of its two dialogs in Redis through the cluster module's queue, and a surviving node
+//! ends a dead node's calls from those records (BYE to both parties, a call record with
+//! `hangup_by = "takeover"`): `takeover.rs`, and `call/record.rs` for the call's side.
+//!
 //! Metrics: see `metrics.rs` in this module.
 
 mod call;
@@ -22,6 +27,7 @@ mod config;
 mod hooks;
 mod metrics;
 mod records;
+mod takeover;
 /// The call watch is the dialog layer's; the call posts to it as `super::watch`.
 pub use crate::dialog::watch;
 
@@ -37,6 +43,8 @@ pub use metrics::{
     DialResult, FailureClass, RouteStats, SetupStage, TransferLabel, TransferResult,
 };
 pub use records::{CallDetail, RecordWriter};
+/// cluster: a call record as stored in Redis, read back (operators' tools, tests).
+pub use takeover::{decode as decode_call_record, CallFacts, RecordError, StoredCall, StoredLeg};
 
 use crate::dialog::{DialogUsage, Unmatched, UsageIndex};
 use crate::shard::ShardMap;
@@ -186,6 +194,9 @@ struct B2buaInner {
     trunks: crate::trunk::Trunks,
     /// `call.session_expires_s` and `call.min_se_s` (RFC 4028).
     session_timers: crate::dialog::session_timer::SessionTimerConfig,
+    /// cluster: where established calls keep their record (`cluster.enabled`; unset:
+    /// nothing is recorded), see `takeover.rs`.
+    cluster: std::sync::OnceLock<crate::cluster::CallRecords>,
 }
 
 /// The call core; a cheap handle.
@@ -258,6 +269,7 @@ impl B2bua {
                 watch: watch::CallWatch::new(),
                 trunks: parts.trunks,
                 session_timers: parts.session_timers,
+                cluster: std::sync::OnceLock::new(),
             }),
         }
     }

@@ -18,7 +18,8 @@
 //! (the caller's URIs as text), `source` (`"udp:1.2.3.4:5060"`), `start`, `answer`
 //! (`null` when never answered), `end` (times as RFC 3339 UTC strings with milliseconds,
 //! `"2026-11-30T15:23:37.123Z"`), `duration_s` (answer to end in seconds, a float; 0 when
-//! unanswered), `final_status`, `hangup_by` (`"caller"`, `"callee"`, `"system"` or `"session_timer"`),
+//! unanswered), `final_status`, `hangup_by` (`"caller"`, `"callee"`, `"system"`, `"session_timer"`, or `"takeover"`: ended
+//! by another cluster node after the node carrying it died),
 //! `script_version` (the version of the script the call ran on: 1 for the first load),
 //! `route` (`call:set_route`, or null), `transfers` (`[{kind, by, target, status}]`).
 
