@@ -18,7 +18,9 @@
 //! presence core, started here), `[dns]` (the RFC 3263 locator every sender shares),
 //! `[trunks.<name>]` (the trunks; their registration and ping tasks start here once
 //! answers can reach the transaction layer), `[tls]` and the trunks' `tls_cert`/`tls_key`
-//! (the TLS context, built at every start and reloaded with the script on SIGHUP), `[ws]`.
+//! (the TLS context, built at every start and reloaded with the script on SIGHUP), `[ws]`,
+//! `[cluster]` with `redis.url` (this node's membership, joined here when
+//! `cluster.enabled`, left at shutdown).
 
 use crate::auth::{DigestAuth, Users};
 use crate::b2bua::{B2bua, B2buaParts, CallRef, RecordWriter};
@@ -212,6 +214,9 @@ pub struct ServerHandle {
     trunks: crate::trunk::Trunks,
     /// The certificates of TLS and WSS (listeners, outgoing connections).
     tls: Arc<TlsContext>,
+    /// This node's membership (`cluster.enabled`); dropping it without `shutdown` is what
+    /// a crash looks like to the other nodes.
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl ServerHandle {
@@ -318,6 +323,11 @@ impl ServerHandle {
         let left = self.layer.unanswered();
         if left > 0 {
             tracing::warn!(left, "drain time over; closing with requests unanswered");
+        }
+        // cluster: out of the cluster before the transports close, so that the others
+        // need not wait for the lease (and end at once any call still up here).
+        if let Some(c) = &self.cluster {
+            c.stop().await;
         }
         self.transports.shutdown();
     }
@@ -569,6 +579,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
     )
     .await?;
     core.set_presence(presence.clone());
+    let cluster = start_cluster(config, &b2bua, &transports).await?;
     let http: SocketAddr = config
         .http
         .listen
@@ -589,6 +600,9 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
             h.register_metrics(&t)?;
         }
         trunks.register_metrics(&t)?;
+        if let Some(c) = &cluster {
+            c.register_metrics(&t)?;
+        }
         {
             let closed = t.counter_vec(
                 "strowger_tcp_closed_total",
@@ -750,6 +764,7 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
         dialogs,
         trunks,
         tls,
+        cluster,
     })
 }
 
@@ -802,6 +817,48 @@ fn reload_tls(tls: &TlsContext) {
             "TLS certificate reload refused; the running certificate stays"
         ),
     }
+}
+
+// ---- cluster (issue 18) ----------------------------------------------------------------
+
+/// cluster: joins the cluster when `cluster.enabled` (None otherwise: nothing of it runs,
+/// no Redis connection, nothing per call): this node's lease in Redis, the watch over the
+/// other nodes, whose calls the B2BUA ends when they die, and the B2BUA's call records.
+/// The node's name is `cluster.node`, or the first SIP address as presence names it.
+async fn start_cluster(
+    config: &Config,
+    b2bua: &B2bua,
+    transports: &Transports,
+) -> anyhow::Result<Option<crate::cluster::Cluster>> {
+    use crate::cluster::{Cluster, ClusterOptions, TakeoverHandler};
+    if !config.cluster.enabled {
+        return Ok(None);
+    }
+    let node = if config.cluster.node.is_empty() {
+        transports
+            .local_addrs()
+            .first()
+            .map(|(k, a)| format!("{k}:{a}"))
+            .unwrap_or_default()
+    } else {
+        config.cluster.node.clone()
+    };
+    let handler: TakeoverHandler = {
+        let b2bua = b2bua.clone();
+        Arc::new(move |t| {
+            b2bua.take_over(&t);
+        })
+    };
+    let options = ClusterOptions::new(
+        &config.redis.url,
+        &node,
+        Duration::from_secs(config.cluster.lease_s),
+    );
+    let cluster = Cluster::start(options, handler)
+        .await
+        .with_context(|| format!("joining the cluster through redis.url {}", config.redis.url))?;
+    b2bua.set_cluster(cluster.records());
+    Ok(Some(cluster))
 }
 
 // ---- hunt groups (issue 6) -------------------------------------------------------------
