@@ -470,6 +470,22 @@ async fn a_killed_nodes_call_is_ended_by_a_survivor() {
         .await,
         "node B's metrics count the takeover"
     );
+    // Every family dashboards/cluster.json reads is exposed.
+    let m = strowger::admin::get(admin, "/metrics").await.unwrap();
+    for family in [
+        "strowger_cluster_nodes_alive",
+        "strowger_cluster_call_records",
+        "strowger_cluster_calls_taken_over_total",
+        "strowger_cluster_nodes_taken_over_total",
+        "strowger_cluster_record_writes_total",
+        "strowger_cluster_record_errors_total",
+        "strowger_cluster_lease_failures_total",
+    ] {
+        assert!(
+            m.contains(&format!("\n{family} ")),
+            "{family} exposed:\n{m}"
+        );
+    }
 }
 
 /// A node killed and started again under its name ends the calls of its previous life

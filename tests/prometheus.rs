@@ -85,6 +85,14 @@ const METRICS_NOW: &[&str] = &[
     "strowger_trunk_calls_total",
     "strowger_trunk_auth_failures_total",
     "strowger_trunk_registrations_total",
+    // Cluster (issue 18, dashboards/cluster.json); the series exist with cluster.enabled.
+    "strowger_cluster_nodes_alive",
+    "strowger_cluster_call_records",
+    "strowger_cluster_calls_taken_over_total",
+    "strowger_cluster_nodes_taken_over_total",
+    "strowger_cluster_record_writes_total",
+    "strowger_cluster_record_errors_total",
+    "strowger_cluster_lease_failures_total",
 ];
 
 /// Metrics a query may name that the server does not expose yet (none today).
@@ -98,6 +106,7 @@ const DASHBOARDS: &[&str] = &[
     "huntgroups.json",
     "trunks.json",
     "transport.json",
+    "cluster.json",
 ];
 
 /// Kills the Prometheus child by its PID however the test ends, so no scraper outlives it.
