@@ -875,12 +875,32 @@ fn shared_store(config: &Config) -> RegistrarStore {
 
 /// Opens the agent-state store beside the registrar's (`registrar.store`: SQLite file
 /// `<storage.dir>/huntgroups.sqlite`, or Redis under `strowger:hunt`) and builds the
-/// configured groups; None when no group is configured.
+/// configured groups; None when no group is configured. With `cluster.enabled` the
+/// queues, agent claims and round-robin cursors are the cluster's, in Redis too.
 async fn start_huntgroups(config: &Config) -> anyhow::Result<Option<crate::huntgroup::HuntGroups>> {
-    use crate::huntgroup::{AgentStore, HuntGroups, RedisAgentStore, SqliteAgentStore};
+    use crate::huntgroup::{
+        AgentStore, HuntGroups, RedisAgentStore, RedisSharedHunt, SharedHunt, SqliteAgentStore,
+    };
     if config.huntgroups.is_empty() {
         return Ok(None);
     }
+    let shared: Option<Arc<dyn SharedHunt>> = if config.cluster.enabled {
+        // The node's name, or its first listen address (only a label in claims: each
+        // start adds a random suffix, so equal names do not collide).
+        let node = if config.cluster.node.is_empty() {
+            config.sip.listen.first().cloned().unwrap_or_default()
+        } else {
+            config.cluster.node.clone()
+        };
+        let lease = Duration::from_secs(config.cluster.lease_s);
+        Some(Arc::new(
+            RedisSharedHunt::connect(&config.redis.url, "strowger:hunt", &node, lease)
+                .await
+                .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
+        ))
+    } else {
+        None
+    };
     let store: Arc<dyn AgentStore> =
         match shared_store(config) {
             RegistrarStore::Embedded => {
@@ -895,14 +915,16 @@ async fn start_huntgroups(config: &Config) -> anyhow::Result<Option<crate::huntg
                     .with_context(|| format!("connecting to redis.url {}", config.redis.url))?,
             ),
         };
-    let groups = HuntGroups::start(
+    let clustered = shared.is_some();
+    let groups = HuntGroups::start_with(
         &config.huntgroups,
         &config.sip.domain.to_ascii_lowercase(),
         store,
+        shared,
     )
     .await
     .context("loading hunt-group agent state")?;
-    tracing::info!(groups = ?groups.names(), "hunt groups ready");
+    tracing::info!(groups = ?groups.names(), clustered, "hunt groups ready");
     Ok(Some(groups))
 }
 

@@ -615,6 +615,185 @@ async fn redis_shares_agent_state_between_nodes() {
     );
 }
 
+/// A node of a cluster on `redis_url` (its own directory, plan and store), lease 3 s.
+fn cluster_node(dir: &Path, name: &str, redis_url: &str, members: &[String]) -> Config {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let mut c = config(
+        &d,
+        vec![("q", group("linear", members))],
+        "sip:x@127.0.0.1:9",
+        "none",
+    );
+    c.cluster.enabled = true;
+    c.cluster.node = name.into();
+    c.cluster.lease_s = 3;
+    c.redis.url = redis_url.into();
+    c
+}
+
+/// A caller holding its call `hold_ms` once answered; 182 optional.
+fn caller(dir: &Path, name: &str, node: &TestServer, scenario: &str, hold_ms: u64) -> Peer {
+    sipp(
+        dir,
+        name,
+        scenario,
+        sipp::free_udp_port(),
+        Some(node.udp),
+        &["-s", "q", "-m", "1", "-d", &hold_ms.to_string()],
+    )
+}
+
+fn got_182(seen: &[sipp::SeenMessage]) -> bool {
+    seen.iter().any(|m| !m.sent && m.kind() == "182")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_rings_an_agent_from_one_node_at_a_time() {
+    let redis = start_redis().expect("redis-server (installed by tests/setup-and-run.sh)");
+    let dir = sipp::workdir("hunt-cluster-one");
+    // Rings 0.5 s before answering: two nodes ringing at once would overlap.
+    let a1 = agent(&dir, "a1", 500);
+    let members = [a1.uri()];
+    let n1 = start_with(cluster_node(&dir, "n1", &redis.url(), &members)).await;
+    let n2 = start_with(cluster_node(&dir, "n2", &redis.url(), &members)).await;
+    let c1 = caller(&dir, "c1", &n1, "hunt_caller.xml", 800);
+    let c2 = caller(&dir, "c2", &n2, "hunt_caller.xml", 800);
+    let (s1, s2) = (c1.success(LIMIT).await, c2.success(LIMIT).await);
+    assert_eq!(answered_by(&s1), vec![a1.port]);
+    assert_eq!(answered_by(&s2), vec![a1.port]);
+    assert!(
+        got_182(&s1) ^ got_182(&s2),
+        "exactly one caller queued while the other's call went on"
+    );
+    let seen = sipp::read_messages(&a1.messages);
+    assert_eq!(offered_from(&seen).len(), 2, "{:?}", offered_from(&seen));
+    assert_eq!(
+        overlapping_calls(&seen),
+        0,
+        "the agent was never offered two calls at once"
+    );
+    let mut answered = 0;
+    for n in [&n1, &n2] {
+        answered += group_json(n, "q").await["answered"].as_u64().unwrap();
+    }
+    assert_eq!(answered, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_serves_callers_of_both_nodes_first_come_first_served() {
+    let redis = start_redis().expect("redis-server (installed by tests/setup-and-run.sh)");
+    let dir = sipp::workdir("hunt-cluster-fifo");
+    let a1 = agent(&dir, "a1", 0);
+    let members = [a1.uri()];
+    let n1 = start_with(cluster_node(&dir, "n1", &redis.url(), &members)).await;
+    let n2 = start_with(cluster_node(&dir, "n2", &redis.url(), &members)).await;
+    let (m1, m2) = (n1.handle.admin_addr(), n2.handle.admin_addr());
+    let first = caller(&dir, "first", &n1, "hunt_caller.xml", 2500);
+    let uri = a1.uri();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let uri = uri.clone();
+            async move { agent_state(m2, "q", &uri).await == "in-call" }
+        })
+        .await,
+        "node 2 sees the agent on node 1's call"
+    );
+    // Queued alternately on the two nodes, 300 ms apart.
+    let mut queued = Vec::new();
+    for (i, node) in [&n2, &n1, &n2].into_iter().enumerate() {
+        queued.push(caller(
+            &dir,
+            &format!("q{}", i + 1),
+            node,
+            "hunt_caller_queued.xml",
+            300,
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for m in [m1, m2] {
+        assert!(
+            eventually(Duration::from_secs(2), || async move {
+                hunt::group(m, "q").await["waiting"] == 3
+            })
+            .await,
+            "every node shows the cluster's queue: {}",
+            hunt::group(m, "q").await
+        );
+    }
+    let metrics = strowger::admin::get(m1, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("strowger_huntgroup_waiting{group=\"q\"} 3"),
+        "{metrics}"
+    );
+    let g = hunt::group(m1, "q").await;
+    assert!(g["longest_wait_s"].as_f64().unwrap() >= 0.5, "{g}");
+    first.success(LIMIT).await;
+    let mut seen = Vec::new();
+    for q in queued {
+        let port = q.port;
+        let s = q.success(LIMIT).await;
+        let position = s
+            .iter()
+            .find(|m| !m.sent && m.kind() == "182")
+            .and_then(|m| m.header("X-Queue-Position").map(str::to_owned));
+        seen.push((port, position));
+    }
+    let positions: Vec<Option<String>> = seen.iter().map(|(_, p)| p.clone()).collect();
+    assert_eq!(
+        positions,
+        [Some("1".into()), Some("2".into()), Some("3".into())],
+        "positions in the cluster's queue"
+    );
+    // The agent was offered the calls in arrival order, whichever node they came through.
+    let offered = offered_from(&sipp::read_messages(&a1.messages));
+    assert_eq!(offered.len(), 4, "{offered:?}");
+    for (i, (port, _)) in seen.iter().enumerate() {
+        assert!(
+            offered[i + 1].contains(&format!(":{port}")),
+            "call {} from the caller on port {port}: {offered:?}",
+            i + 1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_gone_nodes_claim_expires_after_the_lease() {
+    let redis = start_redis().expect("redis-server (installed by tests/setup-and-run.sh)");
+    let dir = sipp::workdir("hunt-cluster-lease");
+    let a1 = agent(&dir, "a1", 0);
+    let members = [a1.uri()];
+    // Node 1 reaches Redis through a relay that the test cuts: from then on it can
+    // neither renew nor release its claim, as if it had died.
+    let relay = Relay::start(redis.port).await;
+    let n1 = start_with(cluster_node(&dir, "n1", &relay.url(), &members)).await;
+    let n2 = start_with(cluster_node(&dir, "n2", &redis.url(), &members)).await;
+    let m2 = n2.handle.admin_addr();
+    let c1 = caller(&dir, "c1", &n1, "hunt_caller.xml", 15_000);
+    let uri = a1.uri();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let uri = uri.clone();
+            async move { agent_state(m2, "q", &uri).await == "in-call" }
+        })
+        .await
+    );
+    relay.cut().await;
+    let cut = std::time::Instant::now();
+    drop(n1);
+    let c2 = caller(&dir, "c2", &n2, "hunt_caller_queued.xml", 100);
+    let seen = c2.success(LIMIT).await;
+    let waited = cut.elapsed();
+    assert_eq!(answered_by(&seen), vec![a1.port]);
+    // The claim was renewed at most a third of the lease (1 s) before the cut and lives
+    // a lease (3 s) from its last renewal; then node 2 looks within 0.5 s.
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    drop(c1);
+}
+
 /// The same store suite on both stores: an unknown agent reads as nothing, a saved record
 /// reads back whole, a second save replaces it.
 async fn store_suite(store: &dyn AgentStore) {

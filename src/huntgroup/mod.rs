@@ -3,8 +3,10 @@
 //! pause after repeated misses, wrap-up after a call, overflow after `max_wait`).
 //!
 //! **Owns**: agent state (durable part in an [`AgentStore`]: SQLite file
-//! `<storage.dir>/huntgroups.sqlite`, or a Redis hash when `registrar.store = "redis"`), the
-//! per-group queues and round-robin cursors, the `strowger_huntgroup_*` metrics.
+//! `<storage.dir>/huntgroups.sqlite`, or a Redis hash when `registrar.store = "redis"` or
+//! `cluster.enabled`), the per-group queues and round-robin cursors (this node's, or with
+//! `cluster.enabled` the cluster's through the [`SharedHunt`] port), the
+//! `strowger_huntgroup_*` metrics.
 //! **Must not touch**: SIP messages, transactions, dialogs, the Lua VMs. A hunt talks to
 //! its call through [`HuntLeg`] (implemented over the B2BUA's `CallControl` port in
 //! `src/script/huntgroup.rs`); registered contacts and "is this address on any call" come
@@ -30,18 +32,59 @@
 //! (larger number first). A CANCEL while queued is counted as abandoned; after `max_wait`
 //! the hunt returns with `overflow = true` and the script decides.
 //!
+//! # Across a cluster (`cluster.enabled`)
+//! Every node hunts with the same queue, the same agent states and the same strategy
+//! order, kept in Redis by [`RedisSharedHunt`] (layout in `shared.rs`; the hunting side in
+//! `cluster.rs`). Without a cluster none of it runs and a node hunts alone, as above.
+//! - **One queue per group**: a sorted set scored by priority, then arrival time (Unix
+//!   ms, so first come first served whichever node a caller came in through). Positions
+//!   in 182 are ranks in it. Only the ticket at its head may take agents. Each ticket has
+//!   a lease its hunt renews while it waits; a dead node's tickets lapse and are dropped
+//!   by the next node that reads the queue, so they do not block it for more than a lease.
+//! - **Claims**: an agent is taken with `SET <prefix>:claim:<agent> NX PX <lease>` before
+//!   it is rung; whoever does not get the claim does not ring. The holder renews it every
+//!   third of `cluster.lease_s` while the agent rings and while it is on the call; after
+//!   the call it becomes a wrap-up claim lasting `wrap_up`, not renewed. Releases and
+//!   changes are compare-and-set Lua scripts (only while the value is still ours). An
+//!   agent with any claim is not available anywhere; a dead node stops renewing, so its
+//!   agents come back after at most a lease. ring-all rings the agents it could claim,
+//!   and waits when it claimed none.
+//! - **Busy everywhere**: an agent on a call through a node that is no group call of that
+//!   node's (a direct call, or being rung by one) gets a *busy* claim from that node,
+//!   checked every 0.5 s and renewed like the others, removed when the call ends. Cheaper
+//!   than a shared call index: one `SET NX` per such call, nothing per message.
+//! - **Strategy order**: the round-robin cursor is `<prefix>:cursor:<group>` (read, then
+//!   written after a claim: a rare lost update only moves the turn, never rings twice);
+//!   least-recent and fewest-calls read every agent's record afresh at pick time, and
+//!   each change of a record (answered, call end, pause) is a read-modify-write of the
+//!   stored record, so no node's stale copy overwrites another's count. Unanswered rings
+//!   in a row are counted in `<prefix>:missed` (HINCRBY), so `max_missed` is cluster-wide.
+//! - **Snapshots and metrics** (`GET /huntgroups`, `huntgroup.agents`, the scrape) are
+//!   synchronous and cheap: each node reads the queues (length, oldest arrival) and every
+//!   agent's claim and misses in one Lua call every 0.5 s, and shows those: waiting and
+//!   longest wait are the cluster's, and an agent claimed by another node is `ringing`,
+//!   `in-call` or `wrap-up` here too. Answered/abandoned/overflowed stay per node (sum
+//!   them across nodes).
+//! - **Redis failures**: every Redis call has a 1 s bound; on failure the hunt logs a
+//!   warning (at most one per 10 s) and goes on with this node's own view (its local
+//!   queue, agents unclaimed), so a caller is still answered, at worst by an agent that
+//!   another node rings too.
+//!
 //! # Metrics (label `group` = configured group names; `state` = the six states)
 //! `strowger_huntgroup_waiting`, `strowger_huntgroup_longest_wait_seconds`,
 //! `strowger_huntgroup_answered_total`, `strowger_huntgroup_abandoned_total`,
 //! `strowger_huntgroup_overflowed_total`, `strowger_huntgroup_agents{group,state}`,
 //! `strowger_huntgroup_answer_seconds` (histogram: hunt start to answer).
 
+mod cluster;
 mod config;
 mod metrics;
+pub mod shared;
 pub mod store;
 pub mod strategy;
 
 pub use config::{check_huntgroups, HuntGroupConfig};
+pub use shared::{RedisSharedHunt, SharedError, SharedHunt};
 pub use store::{
     AgentRecord, AgentStore, AgentStoreError, Presence, RedisAgentStore, SqliteAgentStore,
 };
@@ -240,6 +283,36 @@ impl Agent {
     }
 }
 
+/// A change to an agent's durable record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Change {
+    /// One more answered call, counted in reset period `period`.
+    Answered {
+        period: u64,
+    },
+    /// A call ended at Unix seconds `at`.
+    Ended {
+        at: f64,
+    },
+    Presence(Presence),
+}
+
+impl Change {
+    fn apply(self, rec: &mut AgentRecord) {
+        match self {
+            Change::Answered { period } => {
+                if rec.period != period {
+                    rec.period = period;
+                    rec.answered = 0;
+                }
+                rec.answered += 1;
+            }
+            Change::Ended { at } => rec.last_end = rec.last_end.max(at),
+            Change::Presence(p) => rec.presence = p,
+        }
+    }
+}
+
 struct Ticket {
     id: u64,
     priority: i64,
@@ -252,9 +325,85 @@ struct State {
     cursors: HashMap<String, usize>,
     rng: StdRng,
     next_ticket: u64,
+    /// Cluster: the claims this node holds (agent → value), renewed by the cluster loop.
+    held: HashMap<String, String>,
+    /// Cluster: the last read of the shared queues and claims (for snapshots, scrapes).
+    view: Option<shared::ClusterView>,
 }
 
+/// Per member of a group: its agent, the URIs to ring, whether it is on a call here.
+type Reach = [(String, Vec<String>, bool)];
+
 impl State {
+    /// The earliest end of a wrap-up among `reach` still to come.
+    fn wake(&self, reach: &Reach, now: Instant) -> Option<Instant> {
+        reach
+            .iter()
+            .filter_map(|(agent, _, _)| self.agents.get(agent)?.wrap_until)
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    /// Chooses by `strategy` among the available agents of `reach` (those with somewhere
+    /// to ring, free here and not `blocked` elsewhere), preferring those not yet `tried`
+    /// in this hunt, and marks them ringing. `cursor` is the round-robin position; `at`
+    /// is now and the current `fewest-calls` period. Empty when nobody is available.
+    #[allow(clippy::too_many_arguments)]
+    fn pick(
+        &mut self,
+        g: &Group,
+        strategy: Strategy,
+        reach: &Reach,
+        blocked: &HashSet<String>,
+        tried: &mut HashSet<String>,
+        cursor: &mut usize,
+        (now, period): (Instant, u64),
+    ) -> Vec<(String, Vec<String>)> {
+        let available: Vec<Candidate> = reach
+            .iter()
+            .enumerate()
+            .filter_map(|(index, (agent, uris, engaged))| {
+                let a = self.agents.get(agent)?;
+                let free = !uris.is_empty()
+                    && !blocked.contains(agent)
+                    && a.state(*engaged, now) == AgentState::Available;
+                free.then(|| Candidate {
+                    index,
+                    last_end: a.rec.last_end,
+                    answered: a.answered_in(period),
+                    weight: g.weights.get(index).copied().unwrap_or(1),
+                })
+            })
+            .collect();
+        if available.is_empty() {
+            return Vec::new();
+        }
+        let untried: Vec<Candidate> = available
+            .iter()
+            .filter(|c| !tried.contains(&reach[c.index].0))
+            .cloned()
+            .collect();
+        let pool = if untried.is_empty() {
+            // Everyone free has been tried once in this hunt: start another round.
+            tried.clear();
+            available
+        } else {
+            untried
+        };
+        let picks = strategy::select(strategy, &pool, cursor, &mut self.rng);
+        let mut picked = Vec::new();
+        for i in picks {
+            let Some((agent, uris, _)) = reach.get(i) else {
+                continue;
+            };
+            if let Some(a) = self.agents.get_mut(agent) {
+                a.ringing += 1;
+            }
+            picked.push((agent.clone(), uris.clone()));
+        }
+        picked
+    }
+
     /// 1-based position of ticket `id` in `group`'s queue (priority first, then age).
     fn position(&self, group: &str, id: u64) -> usize {
         let Some(q) = self.queues.get(group) else {
@@ -274,6 +423,10 @@ struct Inner {
     groups: Vec<Group>,
     state: Mutex<State>,
     store: Arc<dyn AgentStore>,
+    /// Cluster-wide queues and claims (`cluster.enabled`); None: this node alone.
+    shared: Option<Arc<dyn SharedHunt>>,
+    /// When a Redis failure was last logged as a warning (at most one per 10 s).
+    last_warn: Mutex<Option<Instant>>,
     directory: RwLock<Option<Arc<dyn Directory>>>,
     changed: watch::Sender<u64>,
     metrics: metrics::HuntMetrics,
@@ -309,6 +462,12 @@ pub struct GroupView {
     pub agents: Vec<AgentView>,
 }
 
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -321,6 +480,17 @@ impl HuntGroups {
         config: &std::collections::BTreeMap<String, HuntGroupConfig>,
         domain: &str,
         store: Arc<dyn AgentStore>,
+    ) -> Result<HuntGroups, AgentStoreError> {
+        HuntGroups::start_with(config, domain, store, None).await
+    }
+
+    /// [`HuntGroups::start`], and with `shared` the queues, claims and cursors are the
+    /// cluster's (see the module docs).
+    pub async fn start_with(
+        config: &std::collections::BTreeMap<String, HuntGroupConfig>,
+        domain: &str,
+        store: Arc<dyn AgentStore>,
+        shared: Option<Arc<dyn SharedHunt>>,
     ) -> Result<HuntGroups, AgentStoreError> {
         let mut groups = Vec::new();
         let mut agents: HashMap<String, Agent> = HashMap::new();
@@ -388,8 +558,12 @@ impl HuntGroups {
                     cursors: HashMap::new(),
                     rng: StdRng::from_os_rng(),
                     next_ticket: 1,
+                    held: HashMap::new(),
+                    view: None,
                 }),
                 store,
+                shared,
+                last_warn: Mutex::new(None),
                 directory: RwLock::new(None),
                 changed: watch::channel(0).0,
                 metrics: metrics::HuntMetrics::new(&names),
@@ -404,6 +578,9 @@ impl HuntGroups {
                     HuntGroups { inner }.refresh().await;
                 }
             });
+        }
+        if hg.inner.shared.is_some() && !hg.inner.groups.is_empty() {
+            cluster::spawn_loop(&hg.inner);
         }
         Ok(hg)
     }
@@ -426,28 +603,36 @@ impl HuntGroups {
         self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Re-reads presence from a shared store (other nodes' logins and pauses).
+    /// Re-reads presence from a shared store (other nodes' logins and pauses); in a
+    /// cluster the counters too (every change to them is written through to the store).
     async fn refresh(&self) {
         match self.inner.store.load().await {
             Ok(records) => {
-                let mut changed = false;
-                {
-                    let mut st = self.inner.state.lock();
-                    for rec in records {
-                        if let Some(a) = st.agents.get_mut(&rec.agent) {
-                            if a.rec.presence != rec.presence {
-                                a.rec.presence = rec.presence;
-                                changed = true;
-                            }
-                        }
-                    }
-                }
-                if changed {
+                if self.merge_records(records) {
                     self.notify();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "hunt groups: re-reading agent state failed"),
         }
+    }
+
+    /// Takes stored records in: the presence, and in a cluster the whole record. Whether a
+    /// presence changed.
+    fn merge_records(&self, records: Vec<AgentRecord>) -> bool {
+        let whole = self.inner.shared.is_some();
+        let mut changed = false;
+        let mut st = self.inner.state.lock();
+        for rec in records {
+            if let Some(a) = st.agents.get_mut(&rec.agent) {
+                changed |= a.rec.presence != rec.presence;
+                if whole {
+                    a.rec = rec;
+                } else {
+                    a.rec.presence = rec.presence;
+                }
+            }
+        }
+        changed
     }
 
     fn save(&self, rec: AgentRecord) {
@@ -457,6 +642,51 @@ impl HuntGroups {
                 tracing::warn!(error = %e, "hunt groups: saving agent state failed");
             }
         });
+    }
+
+    /// Applies `change` to `agent`'s record here and in the store: alone, by saving our
+    /// copy; in a cluster, to the stored record read afresh (another node may have
+    /// changed it since we read it), in the background.
+    fn change_record(&self, agent: &str, change: Change) {
+        let rec = {
+            let mut st = self.inner.state.lock();
+            let Some(a) = st.agents.get_mut(agent) else {
+                return;
+            };
+            change.apply(&mut a.rec);
+            a.rec.clone()
+        };
+        if self.inner.shared.is_none() {
+            self.save(rec);
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.write_through(change, rec).await {
+                tracing::warn!(error = %e, "hunt groups: saving agent state failed");
+            }
+        });
+    }
+
+    /// Read-modify-write of one stored record; `ours` (already changed) when the store
+    /// has none yet. Our copy becomes the stored one.
+    async fn write_through(
+        &self,
+        change: Change,
+        ours: AgentRecord,
+    ) -> Result<(), AgentStoreError> {
+        let rec = match self.inner.store.load_one(&ours.agent).await? {
+            Some(mut fresh) => {
+                change.apply(&mut fresh);
+                fresh
+            }
+            None => ours,
+        };
+        self.inner.store.save(rec.clone()).await?;
+        if let Some(a) = self.inner.state.lock().agents.get_mut(&rec.agent) {
+            a.rec = rec;
+        }
+        Ok(())
     }
 
     /// Per member: its agent, the URIs to ring and whether it is on a call elsewhere.
@@ -492,15 +722,28 @@ impl HuntGroups {
         let now = Instant::now();
         let period = unix_now() as u64 / g.reset_s;
         let st = self.inner.state.lock();
+        let view = st.view.as_ref();
         Ok(reach
             .iter()
             .filter_map(|(agent, _, engaged)| {
                 let a = st.agents.get(agent)?;
+                let mut state = a.state(*engaged, now);
+                let mut missed = a.missed;
+                if let Some(v) = view {
+                    // Free here, but claimed in the cluster (by another node, or by a
+                    // call of ours that is not a group's).
+                    if state == AgentState::Available {
+                        if let Some(c) = v.claims.get(agent) {
+                            state = shared::claim_state(c);
+                        }
+                    }
+                    missed = v.missed.get(agent).copied().unwrap_or(0);
+                }
                 Some(AgentView {
                     agent: agent.clone(),
-                    state: a.state(*engaged, now).name(),
+                    state: state.name(),
                     presence: a.rec.presence.name(),
-                    missed: a.missed,
+                    missed,
                     answered: a.answered_in(period),
                     last_end: a.rec.last_end,
                 })
@@ -518,12 +761,24 @@ impl HuntGroups {
                 let agents = self.agents(&g.name).unwrap_or_default();
                 let (waiting, longest) = {
                     let st = self.inner.state.lock();
-                    let q = st.queues.get(&g.name);
-                    (
-                        q.map_or(0, Vec::len),
-                        q.and_then(|q| q.iter().map(|t| now - t.since).max())
-                            .unwrap_or_default(),
-                    )
+                    match st.view.as_ref().and_then(|v| v.queues.get(&g.name)) {
+                        // The cluster's queue: how long its oldest ticket has waited, by
+                        // the nodes' clocks.
+                        Some(q) => (
+                            q.waiting,
+                            q.oldest_ms.map_or(Duration::ZERO, |at| {
+                                Duration::from_millis(unix_ms().saturating_sub(at))
+                            }),
+                        ),
+                        None => {
+                            let q = st.queues.get(&g.name);
+                            (
+                                q.map_or(0, Vec::len),
+                                q.and_then(|q| q.iter().map(|t| now - t.since).max())
+                                    .unwrap_or_default(),
+                            )
+                        }
+                    }
                 };
                 GroupView {
                     name: g.name.clone(),
@@ -558,7 +813,13 @@ impl HuntGroups {
             a.missed = 0;
             a.rec.clone()
         };
-        self.inner.store.save(rec).await?;
+        match &self.inner.shared {
+            None => self.inner.store.save(rec).await?,
+            Some(sh) => {
+                self.write_through(Change::Presence(presence), rec).await?;
+                self.clear_misses(sh, agent).await;
+            }
+        }
         tracing::info!(agent, state = presence.name(), "hunt group agent state set");
         self.notify();
         Ok(())
@@ -592,14 +853,21 @@ impl HuntGroups {
             });
             id
         };
+        // In a cluster the ticket's place is its score: priority, then arrival time.
+        let ticket = self.inner.shared.as_ref().map(|sh| SharedTicket {
+            id: format!("{}#{id}", sh.holder()),
+            score: shared::queue_score(opts.priority, unix_ms()),
+        });
         // Should the hunt be dropped half-way (its hook abandoned), the ticket leaves the
         // queue and agents it was ringing are released, instead of staying "ringing".
         let mut guard = HuntGuard {
             hg: self.clone(),
             group: g.name.clone(),
             id,
+            ticket: ticket.as_ref().map(|t| t.id.clone()),
             ringing: Vec::new(),
         };
+        let ticket = ticket.as_ref();
         let mut tried: HashSet<String> = HashSet::new();
         let mut queued = false;
         let mut next_announce = start;
@@ -618,7 +886,8 @@ impl HuntGroups {
         loop {
             changed.borrow_and_update();
             if leg.is_gone() {
-                self.dequeue(&g.name, id);
+                self.leave(&g.name, id, ticket).await;
+                guard.ticket = None;
                 g.stats.abandoned.fetch_add(1, Ordering::Relaxed);
                 return Ok(outcome(
                     false,
@@ -632,13 +901,18 @@ impl HuntGroups {
             }
             let now = Instant::now();
             if now >= deadline {
-                self.dequeue(&g.name, id);
+                self.leave(&g.name, id, ticket).await;
+                guard.ticket = None;
                 g.stats.overflowed.fetch_add(1, Ordering::Relaxed);
                 let (status, reason) =
                     last_status.unwrap_or((480, "Temporarily Unavailable".into()));
                 return Ok(outcome(false, status, reason, None, true, false, queued));
             }
-            match self.try_take(g, strategy, id, &mut tried, now) {
+            let take = match (&self.inner.shared, ticket) {
+                (Some(sh), Some(t)) => self.take_shared(sh, g, strategy, id, t, &mut tried).await,
+                _ => self.try_take(g, strategy, id, &mut tried, now),
+            };
+            match take {
                 Take::Ring(picked) => {
                     let mut targets = Vec::new();
                     let mut owner = Vec::new();
@@ -656,9 +930,14 @@ impl HuntGroups {
                         .filter(|_| rung.answered)
                         .and_then(|i| owner.get(i).cloned());
                     let agents: Vec<String> = picked.into_iter().map(|(a, _)| a).collect();
-                    self.after_ring(g, &agents, winner.as_deref(), rung.status);
+                    let missed = self.after_ring(g, &agents, winner.as_deref(), rung.status);
+                    if let (Some(sh), Some(t)) = (&self.inner.shared, ticket) {
+                        self.settle_ring(sh, g, &agents, winner.as_deref(), &missed, t)
+                            .await;
+                    }
                     if rung.answered {
-                        self.dequeue(&g.name, id);
+                        self.leave(&g.name, id, ticket).await;
+                        guard.ticket = None;
                         g.stats.answered.fetch_add(1, Ordering::Relaxed);
                         self.inner
                             .metrics
@@ -669,7 +948,7 @@ impl HuntGroups {
                             let ended = leg.ended();
                             tokio::spawn(async move {
                                 ended.await;
-                                this.call_ended(&agent, wrap_up);
+                                this.call_ended(&agent, wrap_up).await;
                             });
                         }
                         return Ok(outcome(
@@ -716,6 +995,16 @@ impl HuntGroups {
         self.notify();
     }
 
+    /// The hunt is over: its ticket leaves this node's queue and the cluster's.
+    async fn leave(&self, group: &str, id: u64, ticket: Option<&SharedTicket>) {
+        self.dequeue(group, id);
+        if let (Some(sh), Some(t)) = (&self.inner.shared, ticket) {
+            if let Err(e) = sh.dequeue(group.to_owned(), t.id.clone()).await {
+                self.degraded("leaving the queue", &e);
+            }
+        }
+    }
+
     fn requeue(&self, group: &str, id: u64, priority: i64, since: Instant) {
         let mut st = self.inner.state.lock();
         let q = st.queues.entry(group.to_owned()).or_default();
@@ -743,71 +1032,47 @@ impl HuntGroups {
         let period = unix_now() as u64 / g.reset_s;
         let mut st = self.inner.state.lock();
         let position = st.position(&g.name, id);
-        let wake = reach
-            .iter()
-            .filter_map(|(agent, _, _)| st.agents.get(agent)?.wrap_until)
-            .filter(|t| *t > now)
-            .min();
+        let wake = st.wake(&reach, now);
         if position > 1 {
             return Take::Wait { position, wake };
         }
-        let available: Vec<Candidate> = reach
-            .iter()
-            .enumerate()
-            .filter(|(_, (agent, uris, engaged))| {
-                !uris.is_empty()
-                    && st
-                        .agents
-                        .get(agent)
-                        .is_some_and(|a| a.state(*engaged, now) == AgentState::Available)
-            })
-            .map(|(index, (agent, _, _))| {
-                let a = &st.agents[agent];
-                Candidate {
-                    index,
-                    last_end: a.rec.last_end,
-                    answered: a.answered_in(period),
-                    weight: g.weights.get(index).copied().unwrap_or(1),
-                }
-            })
-            .collect();
-        if available.is_empty() {
+        let mut cursor = st.cursors.get(&g.name).copied().unwrap_or(0);
+        let picked = st.pick(
+            g,
+            strategy,
+            &reach,
+            &HashSet::new(),
+            tried,
+            &mut cursor,
+            (now, period),
+        );
+        if picked.is_empty() {
             return Take::Wait { position, wake };
         }
-        let untried: Vec<Candidate> = available
-            .iter()
-            .filter(|c| !tried.contains(&reach[c.index].0))
-            .cloned()
-            .collect();
-        let pool = if untried.is_empty() {
-            // Everyone free has been tried once in this hunt: start another round.
-            tried.clear();
-            available
-        } else {
-            untried
-        };
-        let State { cursors, rng, .. } = &mut *st;
-        let cursor = cursors.entry(g.name.clone()).or_insert(0);
-        let picks = strategy::select(strategy, &pool, cursor, rng);
-        let mut picked = Vec::new();
-        for i in picks {
-            let (agent, uris, _) = &reach[i];
-            if let Some(a) = st.agents.get_mut(agent) {
-                a.ringing += 1;
-            }
-            picked.push((agent.clone(), uris.clone()));
-        }
+        st.cursors.insert(g.name.clone(), cursor);
         if let Some(q) = st.queues.get_mut(&g.name) {
             q.retain(|t| t.id != id);
         }
         Take::Ring(picked)
     }
 
-    fn after_ring(&self, g: &Group, agents: &[String], winner: Option<&str>, status: u16) {
-        let mut saves = Vec::new();
+    /// This node's bookkeeping after a ring: ringing → in call for the winner (one more
+    /// answered call), a miss for each agent that let it ring out, and alone a pause after
+    /// `max_missed` misses. Returns the agents that missed (in a cluster the misses are
+    /// counted, and the pause decided, cluster-wide by `settle_ring`).
+    fn after_ring(
+        &self,
+        g: &Group,
+        agents: &[String],
+        winner: Option<&str>,
+        status: u16,
+    ) -> Vec<String> {
+        let alone = self.inner.shared.is_none();
+        let period = unix_now() as u64 / g.reset_s;
+        let mut changes = Vec::new();
+        let mut missed = Vec::new();
         {
             let mut st = self.inner.state.lock();
-            let period = unix_now() as u64 / g.reset_s;
             for agent in agents {
                 let Some(a) = st.agents.get_mut(agent) else {
                     continue;
@@ -816,49 +1081,46 @@ impl HuntGroups {
                 if winner == Some(agent.as_str()) {
                     a.in_call += 1;
                     a.missed = 0;
-                    if a.rec.period != period {
-                        a.rec.period = period;
-                        a.rec.answered = 0;
-                    }
-                    a.rec.answered += 1;
-                    saves.push(a.rec.clone());
+                    changes.push((agent.clone(), Change::Answered { period }));
                 } else if winner.is_none() && matches!(status, 408 | 480) {
                     // Ring-no-answer (the dial's timeout). A loser of ring-all that was
                     // CANCELled because someone else answered has not missed anything.
                     a.missed += 1;
-                    if g.max_missed > 0 && a.missed >= g.max_missed {
+                    missed.push(agent.clone());
+                    if alone && g.max_missed > 0 && a.missed >= g.max_missed {
                         tracing::info!(
                             agent = %agent,
                             group = %g.name,
                             missed = a.missed,
                             "agent paused after unanswered calls in a row"
                         );
-                        a.rec.presence = Presence::Paused;
                         a.missed = 0;
-                        saves.push(a.rec.clone());
+                        changes.push((agent.clone(), Change::Presence(Presence::Paused)));
                     }
                 }
             }
         }
-        for rec in saves {
-            self.save(rec);
+        for (agent, change) in changes {
+            self.change_record(&agent, change);
         }
         self.notify();
+        missed
     }
 
-    fn call_ended(&self, agent: &str, wrap_up: Duration) {
-        let rec = {
+    async fn call_ended(&self, agent: &str, wrap_up: Duration) {
+        {
             let mut st = self.inner.state.lock();
             let Some(a) = st.agents.get_mut(agent) else {
                 return;
             };
             a.in_call = a.in_call.saturating_sub(1);
-            a.rec.last_end = unix_now();
             let until = Instant::now() + wrap_up;
             a.wrap_until = Some(a.wrap_until.map_or(until, |t| t.max(until)));
-            a.rec.clone()
-        };
-        self.save(rec);
+        }
+        self.change_record(agent, Change::Ended { at: unix_now() });
+        if let Some(sh) = &self.inner.shared {
+            self.wrap_up(sh, agent, wrap_up).await;
+        }
         self.notify();
     }
 
@@ -892,10 +1154,20 @@ impl HuntGroups {
     }
 }
 
+/// A hunt's ticket in the cluster's queue.
+struct SharedTicket {
+    /// `<holder>#<local id>`: unique in the cluster.
+    id: String,
+    /// [`shared::queue_score`] of its priority and arrival.
+    score: f64,
+}
+
 struct HuntGuard {
     hg: HuntGroups,
     group: String,
     id: u64,
+    /// The cluster ticket, when there is a cluster.
+    ticket: Option<String>,
     ringing: Vec<String>,
 }
 
@@ -912,6 +1184,13 @@ impl Drop for HuntGuard {
                 }
             }
         }
+        if let Some(ticket) = self.ticket.take() {
+            self.hg.abandon_shared(
+                self.group.clone(),
+                ticket,
+                std::mem::take(&mut self.ringing),
+            );
+        }
         self.hg.notify();
     }
 }
@@ -924,5 +1203,7 @@ enum Take {
     },
 }
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;

@@ -70,6 +70,13 @@ pub enum AgentStoreError {
 pub trait AgentStore: Send + Sync + 'static {
     fn load(&self) -> BoxFuture<'_, Result<Vec<AgentRecord>, AgentStoreError>>;
     fn save(&self, record: AgentRecord) -> BoxFuture<'_, Result<(), AgentStoreError>>;
+    /// One agent's record (a cluster reads it afresh before changing it).
+    fn load_one<'a>(
+        &'a self,
+        agent: &'a str,
+    ) -> BoxFuture<'a, Result<Option<AgentRecord>, AgentStoreError>> {
+        Box::pin(async move { Ok(self.load().await?.into_iter().find(|r| r.agent == agent)) })
+    }
     /// Whether other nodes write the same store (then it is re-read periodically).
     fn shared(&self) -> bool {
         false
@@ -200,6 +207,21 @@ impl AgentStore for RedisAgentStore {
                 .query_async(&mut con)
                 .await?;
             Ok(())
+        })
+    }
+
+    fn load_one<'a>(
+        &'a self,
+        agent: &'a str,
+    ) -> BoxFuture<'a, Result<Option<AgentRecord>, AgentStoreError>> {
+        Box::pin(async move {
+            let mut con = self.con.clone();
+            let value: Option<String> = redis::cmd("HGET")
+                .arg(&self.key)
+                .arg(agent)
+                .query_async(&mut con)
+                .await?;
+            Ok(value.map(|v| serde_json::from_str(&v)).transpose()?)
         })
     }
 

@@ -183,3 +183,76 @@ where
     }
     false
 }
+
+/// Calls an agent was offered while it already had another: from the agent's log, each
+/// INVITE of a new Call-ID that arrived before the BYE of a call it had not finished.
+pub fn overlapping_calls(seen: &[SeenMessage]) -> usize {
+    let mut open: Vec<String> = Vec::new();
+    let mut overlaps = 0;
+    for m in seen.iter().filter(|m| !m.sent) {
+        let Some(id) = m.header("Call-ID").map(str::to_owned) else {
+            continue;
+        };
+        match m.kind().as_str() {
+            "INVITE" if !open.contains(&id) => {
+                if !open.is_empty() {
+                    overlaps += 1;
+                }
+                open.push(id);
+            }
+            "BYE" | "CANCEL" => open.retain(|o| *o != id),
+            _ => {}
+        }
+    }
+    overlaps
+}
+
+/// The From URI of each call offered to an agent (one per Call-ID), in order.
+pub fn offered_from(seen: &[SeenMessage]) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut froms = Vec::new();
+    for m in seen.iter().filter(|m| !m.sent && m.kind() == "INVITE") {
+        let id = m.header("Call-ID").unwrap_or_default().to_owned();
+        if !ids.contains(&id) {
+            ids.push(id);
+            froms.push(m.header("From").unwrap_or_default().to_owned());
+        }
+    }
+    froms
+}
+
+/// A TCP relay to 127.0.0.1:`to` on a port of its own: a node given its address reaches
+/// Redis until [`Relay::cut`], after which the node is, for the cluster, gone.
+pub struct Relay {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(to: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            // Dropped with the task: every relayed connection is closed by `cut`.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut a, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+            }
+        });
+        Relay { port, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Closes the listener and every relayed connection.
+    pub async fn cut(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
