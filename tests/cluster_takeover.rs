@@ -670,3 +670,159 @@ async fn a_call_ended_normally_leaves_no_record() {
         .unwrap();
     assert_eq!((lease, nodes), (None, Vec::<String>::new()));
 }
+
+/// A TCP proxy to Redis that can be cut (its connections closed, new ones dropped at
+/// once) and restored: a network outage between the nodes and Redis, Redis running on.
+struct Proxy {
+    addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    kill: tokio::sync::broadcast::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = self.kill.send(());
+    }
+}
+
+impl Proxy {
+    async fn start(to: SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kill, _) = tokio::sync::broadcast::channel(4);
+        let task = tokio::spawn({
+            let cut = cut.clone();
+            let kill = kill.clone();
+            async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    if cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let mut killed = kill.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                            _ = killed.recv() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            kill,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.kill.send(());
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Redis out of reach of every node for longer than the lease is no node's death: once
+/// Redis answers again, the nodes wait until the others have renewed before judging
+/// anyone dead, so the call survives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_longer_than_the_lease_ends_no_call() {
+    let redis = start_redis().expect("redis-server (installed by tests/setup-and-run.sh)");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let dir = workdir("takeover-outage");
+    let caller = UdpPeer::bind("127.0.0.1").await;
+    let callee = UdpPeer::bind("127.0.0.1").await;
+    let plan = plan(&dir, callee.addr);
+    let node = |name: &str| {
+        let mut config = test_config();
+        config.script.path = plan.display().to_string();
+        config.redis.url = proxy.url();
+        config.cluster.enabled = true;
+        config.cluster.node = name.into();
+        config.cluster.lease_s = LEASE_S;
+        config
+    };
+    let a = start_with(node("node-a")).await;
+    let b = start_with(node("node-b")).await;
+    let con = redis_con(&redis).await;
+    let c = establish(a.udp, &caller, &callee).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            hlen(&con, "strowger:cluster:calls:node-a").await == 1
+        })
+        .await,
+        "the call is recorded"
+    );
+
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(LEASE_S + 2)).await;
+    let mut cmd = con.clone();
+    let leases: u64 = redis::cmd("EXISTS")
+        .arg("strowger:cluster:node:node-a")
+        .arg("strowger:cluster:node:node-b")
+        .query_async(&mut cmd)
+        .await
+        .unwrap();
+    assert_eq!(leases, 0, "both leases ran out during the outage");
+    proxy.restore();
+
+    // Two leases and a bit after Redis is back, nobody was taken over.
+    let watch = Duration::from_secs(2 * LEASE_S + 1);
+    let (to_caller, to_callee) = tokio::join!(
+        recv_request(&caller, "BYE", watch),
+        recv_request(&callee, "BYE", watch)
+    );
+    assert!(to_caller.is_none(), "no BYE to the caller: {to_caller:?}");
+    assert!(to_callee.is_none(), "no BYE to the callee: {to_callee:?}");
+    assert_eq!(hlen(&con, "strowger:cluster:calls:node-a").await, 1);
+    let mut cmd = con.clone();
+    let mut nodes: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("strowger:cluster:nodes")
+        .query_async(&mut cmd)
+        .await
+        .unwrap();
+    nodes.sort();
+    assert_eq!(nodes, ["node-a", "node-b"]);
+    for n in [&a, &b] {
+        let m = strowger::admin::get(n.handle.admin_addr(), "/metrics")
+            .await
+            .unwrap();
+        assert!(
+            m.contains("\nstrowger_cluster_nodes_taken_over_total 0\n"),
+            "{m}"
+        );
+    }
+    // The call is still the node's: the caller hangs up and the callee hears of it.
+    let bye = format!(
+        "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{branch};rport\r\n\
+         Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\n\
+         CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        contact = c.a_contact,
+        me = caller.addr,
+        branch = unique("bye"),
+        from = c.a_from,
+        to = c.a_to,
+        call_id = c.a_call_id,
+    );
+    caller.send(a.udp, bye.as_bytes()).await;
+    assert_eq!(
+        status(&caller.recv_final(WAIT).await.unwrap_or_default()),
+        200
+    );
+    assert!(recv_request(&callee, "BYE", WAIT).await.is_some());
+}

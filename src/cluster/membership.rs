@@ -4,6 +4,8 @@
 //! decide.
 
 use std::collections::HashMap;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// What one scan of `<prefix>:nodes` and their lease keys means for this node.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -39,8 +41,47 @@ pub(crate) fn judge(me: &str, members: &[String], leases: &[bool]) -> Judgement 
 
 /// The interval between lease renewals: a third of the lease, so that two renewals in a
 /// row may fail (or be late) before the lease runs out.
-pub(crate) fn renewal_interval(lease: std::time::Duration) -> std::time::Duration {
+pub(crate) fn renewal_interval(lease: Duration) -> Duration {
     lease / 3
+}
+
+/// Whether this node may take over dead nodes now. A node that itself lost Redis (a
+/// failed renewal or look, or its own lease found lapsed) takes over nobody until `wait`
+/// after Redis answered it again: the others may have been cut off too (their leases
+/// lapsed without them being dead), and given time every live node reconnects and renews.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    wait: Duration,
+    /// Redis failed us, and has not answered since.
+    troubled: bool,
+    closed_until: Option<Instant>,
+}
+
+impl Gate {
+    pub fn new(wait: Duration) -> Gate {
+        Gate {
+            wait,
+            troubled: false,
+            closed_until: None,
+        }
+    }
+
+    /// Redis failed us.
+    pub fn trouble(&mut self) {
+        self.troubled = true;
+    }
+
+    /// Redis answered at `now`: after trouble, the gate opens `wait` later.
+    pub fn answered(&mut self, now: Instant) {
+        if self.troubled {
+            self.troubled = false;
+            self.closed_until = Some(now + self.wait);
+        }
+    }
+
+    pub fn is_open(&self, now: Instant) -> bool {
+        !self.troubled && self.closed_until.is_none_or(|t| now >= t)
+    }
 }
 
 /// One queued change of this node's call records: a record written (or replaced), or
@@ -119,7 +160,6 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn names(n: &[&str]) -> Vec<String> {
         n.iter().map(|s| s.to_string()).collect()
@@ -159,6 +199,27 @@ mod tests {
         let ten = Duration::from_secs(10);
         let every = renewal_interval(ten);
         assert!(every * 3 <= ten && every * 3 > ten - Duration::from_micros(1));
+    }
+
+    /// On tokio's paused clock: closed from the trouble until `wait` after Redis answers
+    /// again, however long the trouble lasted.
+    #[tokio::test(start_paused = true)]
+    async fn after_trouble_no_takeover_until_a_lease_after_recovery() {
+        let mut g = Gate::new(Duration::from_secs(10));
+        g.answered(Instant::now());
+        assert!(
+            g.is_open(Instant::now()),
+            "answers without trouble change nothing"
+        );
+        g.trouble();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(!g.is_open(Instant::now()), "closed while Redis fails");
+        g.answered(Instant::now());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        g.answered(Instant::now());
+        assert!(!g.is_open(Instant::now()), "counted from the first answer");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(g.is_open(Instant::now()));
     }
 
     fn put(id: &str, v: &str) -> RecordOp {

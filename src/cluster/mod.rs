@@ -23,6 +23,10 @@
 //! not renewed for a whole lease (Redis expires the key, so all survivors agree on it).
 //! Every node looks every second; the first to see a dead node claims its records and
 //! takes it out of the set in one Lua script, then its handler ends the calls. A node
+//! that lost Redis itself (a failed renewal or look, or its own lease found lapsed) takes
+//! over nobody until two leases after Redis answered it again: after a Redis outage every
+//! live node renews before anyone is judged dead (a node cut off alone for a lease is
+//! taken for dead, though, and its calls are ended: the lease is the definition). A node
 //! that restarts under its own name ends the calls its previous life left (nobody carries
 //! them). A graceful stop deletes the lease and leaves the set when no call record is
 //! left; records of calls still up stay, and a survivor ends those calls at its next look.

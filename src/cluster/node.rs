@@ -4,18 +4,19 @@
 //! Three tasks, ended when the last [`Cluster`] handle is dropped (which is what a crash
 //! looks like to the others) or by [`Cluster::stop`] (a graceful leave):
 //! - the lease: `SET <prefix>:node:<name> <value> PX <lease> GET` every third of the
-//!   lease; a nil answer means the lease had lapsed (Redis unreachable for a lease, say),
-//!   and the name goes back into the node set;
+//!   lease (every second while renewals fail); a nil answer means the lease had lapsed
+//!   (Redis unreachable for a lease, say), and the name goes back into the node set;
 //! - the watch: every `scan_interval`, `SMEMBERS <prefix>:nodes`, then `MGET` of their
 //!   lease keys and `HLEN` of our own records in one pipeline; a member without its lease
 //!   key is dead, and its calls are claimed by one Lua script (see [`TAKE_SCRIPT`]) and
-//!   handed to the [`TakeoverHandler`];
+//!   handed to the [`TakeoverHandler`], unless this node itself lost Redis less than two
+//!   leases ago (see `Gate`);
 //! - the writer: [`CallRecords::put`]/[`CallRecords::remove`] only queue on a bounded
 //!   channel (a full queue drops the change and counts it: a call never waits on Redis);
 //!   one task writes what is queued as one HSET and one HDEL in one pipeline, and keeps
 //!   what failed to try again every second (newer changes win).
 
-use super::membership::{judge, renewal_interval, Batch, RecordOp, Writes};
+use super::membership::{judge, renewal_interval, Batch, Gate, RecordOp, Writes};
 use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,8 +38,10 @@ const QUEUE: usize = 4096;
 const MAX_PENDING: usize = 65_536;
 /// Most changes in one pipeline.
 const MAX_BATCH: usize = 1024;
-/// The writer's pause after a failed write.
+/// The writer's pause after a failed write, and the lease's while renewals fail.
 const RETRY: Duration = Duration::from_secs(1);
+/// The longest pause between two attempts to reconnect to Redis.
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
 /// Claims a dead node's calls, atomically. KEYS: 1 its lease, 2 the takeover lock, 3 its
 /// call records, 4 the node set. ARGV: 1 our name, 2 the lock's PX in ms, 3 the dead
@@ -193,6 +196,8 @@ pub(super) struct Shared {
     pub(super) stats: Arc<ClusterStats>,
     handler: TakeoverHandler,
     scan_interval: Duration,
+    /// Closed from Redis failing us until a lease after it answered again ([`Gate`]).
+    gate: parking_lot::Mutex<Gate>,
 }
 
 /// This node's membership: a cheap handle. Dropping the last one stops the tasks without
@@ -295,8 +300,12 @@ impl Cluster {
             return Err(ClusterError::NoName);
         }
         let client = redis::Client::open(opts.redis_url.as_str())?;
-        // The manager reconnects by itself after a connection loss.
-        let con = bounded(client.get_connection_manager()).await?;
+        // The manager reconnects by itself after a connection loss; at least every
+        // second while Redis is away, so that a node is back soon after Redis is.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_max_delay(RECONNECT_MAX)
+            .set_connection_timeout(Some(OP_TIMEOUT));
+        let con = bounded(client.get_connection_manager_with_config(config)).await?;
         let stats = Arc::new(ClusterStats::default());
         let shared = Arc::new(Shared {
             keys: Keys {
@@ -309,6 +318,9 @@ impl Cluster {
             stats: stats.clone(),
             handler,
             scan_interval: opts.scan_interval,
+            // Two leases: reconnecting, a renewal that timed out and the next one fit in
+            // it even at the shortest lease.
+            gate: parking_lot::Mutex::new(Gate::new(opts.lease * 2)),
         });
         let previous = shared.join().await?;
         if let Some(v) = previous {
@@ -451,6 +463,7 @@ impl Shared {
                 .query_async(&mut con),
         )
         .await?;
+        self.answered();
         match previous {
             Some(v) if v == self.value => {}
             Some(v) => {
@@ -458,7 +471,9 @@ impl Shared {
             }
             None => {
                 // A survivor may have ended our calls meanwhile and taken our name out of
-                // the set: back in it.
+                // the set: back in it. And others may have lapsed as we did.
+                self.trouble();
+                self.answered();
                 tracing::warn!(node = %self.name, "this node's lease had lapsed (Redis unreachable for cluster.lease_s?); its calls may have been ended by another node");
                 bounded(
                     redis::cmd("SADD")
@@ -472,6 +487,14 @@ impl Shared {
         Ok(())
     }
 
+    fn trouble(&self) {
+        self.gate.lock().trouble();
+    }
+
+    fn answered(&self) {
+        self.gate.lock().answered(tokio::time::Instant::now());
+    }
+
     /// One look at the cluster: the nodes alive, and the dead nodes' calls taken over.
     async fn scan(&self) -> Result<(), ClusterError> {
         let mut con = self.con.clone();
@@ -481,6 +504,7 @@ impl Shared {
                 .query_async(&mut con),
         )
         .await?;
+        self.answered();
         let mut pipe = redis::pipe();
         if !members.is_empty() {
             let keys: Vec<String> = members.iter().map(|m| self.keys.lease(m)).collect();
@@ -499,6 +523,10 @@ impl Shared {
             .nodes_alive
             .store(j.alive as u64, Ordering::Relaxed);
         self.stats.call_records.store(records, Ordering::Relaxed);
+        if !j.dead.is_empty() && !self.gate.lock().is_open(tokio::time::Instant::now()) {
+            tracing::debug!(dead = ?j.dead, "leases gone, but Redis answers this node again since less than a lease: not taking over yet");
+            return Ok(());
+        }
         for dead in j.dead {
             self.take_over(&dead).await?;
         }
@@ -559,9 +587,11 @@ async fn renew_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let every = renewal_interval(shared.lease);
     let mut failing = false;
     loop {
+        // While failing, sooner: the lease is running out.
+        let pause = if failing { every.min(RETRY) } else { every };
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         match shared.renew().await {
             Ok(()) => {
@@ -571,6 +601,7 @@ async fn renew_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 failing = false;
             }
             Err(e) => {
+                shared.trouble();
                 shared.stats.lease_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(node = %shared.name, error = %e, "renewing this node's cluster lease failed; the others take it for dead once cluster.lease_s has passed");
                 failing = true;
@@ -588,12 +619,14 @@ async fn scan_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         match shared.scan().await {
             Ok(()) => failing = false,
-            // Once per outage: the renewals warn too.
-            Err(e) if !failing => {
+            Err(e) => {
+                shared.trouble();
+                // Once per outage: the renewals warn too.
+                if !failing {
+                    tracing::warn!(node = %shared.name, error = %e, "looking at the other nodes' leases failed");
+                }
                 failing = true;
-                tracing::warn!(node = %shared.name, error = %e, "looking at the other nodes' leases failed");
             }
-            Err(_) => {}
         }
     }
 }
