@@ -12,6 +12,7 @@ mod common;
 
 use common::sipp::{self, free_udp_port};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,6 +39,31 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill_9();
+    }
+}
+
+/// Kamailio: its main process forks the workers, and SIGKILL of the main one would leave
+/// them running. Started in a process group of its own; stopped with SIGTERM (Kamailio
+/// then stops its workers), and SIGKILL to that group if it is still there after 2 s.
+struct Kamailio(Child);
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The group is the one this test made for its Kamailio (process_group(0)).
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.wait();
     }
 }
 
@@ -205,7 +231,7 @@ where
 struct Balancer {
     addr: SocketAddr,
     log: PathBuf,
-    _proc: Proc,
+    _proc: Kamailio,
 }
 
 impl Balancer {
@@ -259,12 +285,13 @@ impl Balancer {
             .arg(&kdir)
             .stdout(Stdio::null())
             .stderr(err)
+            .process_group(0)
             .spawn()
             .expect("kamailio starts");
         Balancer {
             addr,
             log,
-            _proc: Proc(Some(child)),
+            _proc: Kamailio(child),
         }
     }
 }
@@ -470,4 +497,84 @@ async fn calls_spread_over_the_nodes_and_a_drained_node_gets_none() {
     let last = records.last().unwrap();
     assert_eq!(last["final_status"], 200, "{last}");
     assert_eq!(last["hangup_by"], "caller", "{last}");
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_call_is_ended_by_a_survivor_and_new_calls_go_to_it() {
+    let Some(mut c) = Cluster::start("cluster-crash", "").await else {
+        return;
+    };
+    let callee = free_udp_port();
+    // The callee and the caller both wait for a BYE (neither hangs up).
+    let uas = sipp::start(
+        &c.dir,
+        "crash-uas",
+        Path::new("uas_answer.xml"),
+        callee,
+        None,
+        &[],
+    );
+    let uac = sipp::start(
+        &c.dir,
+        "crash-uac",
+        Path::new("uac_wait_bye_routed.xml"),
+        free_udp_port(),
+        Some(c.lb.addr),
+        &["-s", &callee.to_string()],
+    );
+    let mut up_on = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up_on.is_none() && Instant::now() < deadline {
+        for (i, n) in c.nodes.iter().enumerate() {
+            if n.calls().await == 1 {
+                up_on = Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up_on.is_some(), "the call is up on a node");
+    let dead = up_on.unwrap();
+    let survivor = 1 - dead;
+    // Let the node's record of the established call reach Redis.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    c.nodes[dead].proc.kill_9();
+
+    // Both parties get a BYE from the survivor once the dead node's lease has run out.
+    let limit = Duration::from_secs(LEASE_S + 6);
+    let caller_saw = uac.expect_success(limit).await;
+    let callee_saw = uas.expect_success(limit).await;
+    let took = killed.elapsed();
+    let survivor_addr = c.nodes[survivor].sip.to_string();
+    for (who, seen) in [("caller", &caller_saw), ("callee", &callee_saw)] {
+        let bye = seen
+            .iter()
+            .find(|m| !m.sent && m.first_line().starts_with("BYE "))
+            .unwrap_or_else(|| panic!("the {who} got no BYE"));
+        assert!(
+            bye.text.contains(&survivor_addr),
+            "the {who}'s BYE came from the survivor {survivor_addr}:\n{}",
+            bye.text
+        );
+    }
+    assert!(
+        took <= Duration::from_secs(LEASE_S + 5),
+        "BYEs within the lease plus a few seconds: {took:?}"
+    );
+    let records = c.nodes[survivor].records();
+    let taken = records
+        .iter()
+        .find(|r| r["hangup_by"] == "takeover")
+        .unwrap_or_else(|| panic!("the survivor recorded the call it ended: {records:?}"));
+    assert_eq!(taken["final_status"], 200, "{taken}");
+
+    // The dispatcher sends the next calls to the survivor.
+    let before = c.nodes[survivor].records().len();
+    c.calls("after-crash", 3, 100).await;
+    assert_eq!(
+        c.nodes[survivor].records().len(),
+        before + 3,
+        "new calls went to the survivor; kamailio log {}:\n{}",
+        c.lb.log.display(),
+        c.kamailio_log()
+    );
 }
