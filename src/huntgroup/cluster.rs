@@ -13,6 +13,9 @@ use tokio::time::Instant;
 
 /// A fresh read of the agents' records taking longer is given up (the copy is used).
 const STORE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a Redis failure, hunts go on with this node's view for this long before they
+/// try Redis again (each try may take [`super::shared`]'s 1 s bound).
+const DOWN_FOR: Duration = Duration::from_secs(2);
 /// At most one warning per this long about Redis failures (the rest at debug level).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -49,6 +52,7 @@ impl HuntGroups {
     /// node's own view.
     pub(super) fn degraded(&self, doing: &str, e: &SharedError) {
         let now = Instant::now();
+        *self.inner.down_until.lock() = Some(now + DOWN_FOR);
         let loud = {
             let mut last = self.inner.last_warn.lock();
             let loud = last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY);
@@ -65,6 +69,20 @@ impl HuntGroups {
             );
         } else {
             tracing::debug!(error = %e, doing, "hunt groups: cluster state unavailable");
+        }
+    }
+
+    /// The shared hunt state, unless there is none or Redis failed a moment ago.
+    pub(super) fn shared_up(&self) -> Option<&Arc<dyn SharedHunt>> {
+        let down = self
+            .inner
+            .down_until
+            .lock()
+            .is_some_and(|t| Instant::now() < t);
+        if down {
+            None
+        } else {
+            self.inner.shared.as_ref()
         }
     }
 
@@ -114,7 +132,7 @@ impl HuntGroups {
             Ok(rank) => rank + 1,
             Err(e) => {
                 self.degraded("reading the queue", &e);
-                self.inner.state.lock().position(&g.name, id)
+                return self.try_take(g, strategy, id, tried, Instant::now());
             }
         };
         if position > 1 {
@@ -130,7 +148,10 @@ impl HuntGroups {
                     }
                 }
             }
-            Err(e) => self.degraded("reading agent claims", &e),
+            Err(e) => {
+                self.degraded("reading agent claims", &e);
+                return self.try_take(g, strategy, id, tried, Instant::now());
+            }
         }
         if blocked.len() == agents.len() {
             return Take::Wait { position, wake };
@@ -341,9 +362,11 @@ impl HuntGroups {
         }
     }
 
-    /// A hunt dropped half-way: its ticket leaves the cluster's queue and the agents it
-    /// was ringing are released (in the background: this runs in a `Drop`).
-    pub(super) fn abandon_shared(&self, group: String, ticket: String, ringing: Vec<String>) {
+    /// A hunt dropped half-way: its ticket leaves the cluster's queue and every claim it
+    /// holds (ringing, or in call before the call's end was being watched) is released:
+    /// nobody would release it otherwise, and we would renew it for ever. In the
+    /// background: this runs in a `Drop`.
+    pub(super) fn abandon_shared(&self, group: String, ticket: String) {
         let Some(sh) = self.inner.shared.clone() else {
             return;
         };
@@ -352,13 +375,12 @@ impl HuntGroups {
         };
         let mine: Vec<(String, String)> = {
             let st = self.inner.state.lock();
-            ringing
-                .into_iter()
-                .filter_map(|agent| {
-                    let v = st.held.get(&agent)?.clone();
-                    let c = Claim::parse(&v)?;
-                    (c.ticket.as_deref() == Some(&ticket)).then_some((agent, v))
+            st.held
+                .iter()
+                .filter(|(_, v)| {
+                    Claim::parse(v).is_some_and(|c| c.ticket.as_deref() == Some(&ticket))
                 })
+                .map(|(a, v)| (a.clone(), v.clone()))
                 .collect()
         };
         for (agent, _) in &mine {

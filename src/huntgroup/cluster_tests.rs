@@ -432,6 +432,79 @@ async fn a_hunt_goes_on_without_redis() {
         .unwrap()
         .unwrap();
     assert!(out.answered, "{out:?}");
-    assert!(started.elapsed() < Duration::from_secs(8));
+    // The first Redis call fails (at most its 1 s bound), then this node's view.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(a.snapshot()[0].waiting, 0);
+}
+
+/// Node-local calls as the B2BUA would report them.
+#[derive(Default)]
+struct Calls(Mutex<HashSet<String>>);
+
+impl Directory for Calls {
+    fn contacts(&self, _aor: &str) -> Vec<String> {
+        Vec::new()
+    }
+    fn on_call(&self, uris: &[String]) -> bool {
+        let calls = self.0.lock();
+        uris.iter().any(|u| calls.contains(u))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_a_direct_call_through_one_node_is_not_rung_by_another() {
+    let r = redis();
+    let a = node(&r.url, "a", group("linear", &[AGENT])).await;
+    let b = node(&r.url, "b", group("linear", &[AGENT])).await;
+    let calls = Arc::new(Calls::default());
+    a.set_directory(calls.clone());
+    calls.0.lock().insert(AGENT.to_owned());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        b.agents("q").unwrap()[0].state,
+        "in-call",
+        "node a's busy claim"
+    );
+    let phones = Arc::new(Phones::default());
+    let leg = Caller::new("c", &phones, Some(Duration::ZERO));
+    let task = spawn_hunt(&b, &leg);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        phones.rung.lock().is_empty(),
+        "not rung while busy on node a"
+    );
+    assert_eq!(*leg.positions.lock(), vec![1]);
+    calls.0.lock().clear();
+    let hung_up = Instant::now();
+    let out = task.await.unwrap().unwrap();
+    assert!(out.answered && out.queued, "{out:?}");
+    assert!(hung_up.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hunt_dropped_half_way_releases_its_claim_and_its_ticket() {
+    let r = redis();
+    let mut g = group("linear", &[AGENT]);
+    g.ring_timeout = 30;
+    let a = node(&r.url, "a", g.clone()).await;
+    let b = node(&r.url, "b", g).await;
+    let phones = Arc::new(Phones::default());
+    let ringing = Caller::new("never answered", &phones, None);
+    let task = spawn_hunt(&a, &ringing);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = Caller::new("waiting", &phones, Some(Duration::ZERO));
+    let waiting_task = spawn_hunt(&b, &waiting);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(b.agents("q").unwrap()[0].state, "ringing");
+    task.abort();
+    let _ = task.await;
+    // Released at once, not after the lease: node b gets the agent within its polling.
+    let aborted = Instant::now();
+    let out = waiting_task.await.unwrap().unwrap();
+    assert!(out.answered, "{out:?}");
+    assert!(aborted.elapsed() < Duration::from_millis(1500));
 }

@@ -67,8 +67,9 @@
 //!   them across nodes).
 //! - **Redis failures**: every Redis call has a 1 s bound; on failure the hunt logs a
 //!   warning (at most one per 10 s) and goes on with this node's own view (its local
-//!   queue, agents unclaimed), so a caller is still answered, at worst by an agent that
-//!   another node rings too.
+//!   queue, agents unclaimed) for 2 s before it tries Redis again, so a caller is still
+//!   answered, at worst by an agent that another node rings too. Claims and tickets it
+//!   could not release lapse after the lease.
 //!
 //! # Metrics (label `group` = configured group names; `state` = the six states)
 //! `strowger_huntgroup_waiting`, `strowger_huntgroup_longest_wait_seconds`,
@@ -427,6 +428,9 @@ struct Inner {
     shared: Option<Arc<dyn SharedHunt>>,
     /// When a Redis failure was last logged as a warning (at most one per 10 s).
     last_warn: Mutex<Option<Instant>>,
+    /// After a Redis failure, hunts use this node's own view until then instead of
+    /// waiting for Redis at every step.
+    down_until: Mutex<Option<Instant>>,
     directory: RwLock<Option<Arc<dyn Directory>>>,
     changed: watch::Sender<u64>,
     metrics: metrics::HuntMetrics,
@@ -564,6 +568,7 @@ impl HuntGroups {
                 store,
                 shared,
                 last_warn: Mutex::new(None),
+                down_until: Mutex::new(None),
                 directory: RwLock::new(None),
                 changed: watch::channel(0).0,
                 metrics: metrics::HuntMetrics::new(&names),
@@ -886,7 +891,7 @@ impl HuntGroups {
         loop {
             changed.borrow_and_update();
             if leg.is_gone() {
-                self.leave(&g.name, id, ticket).await;
+                self.leave(&g.name, id, ticket);
                 guard.ticket = None;
                 g.stats.abandoned.fetch_add(1, Ordering::Relaxed);
                 return Ok(outcome(
@@ -901,14 +906,14 @@ impl HuntGroups {
             }
             let now = Instant::now();
             if now >= deadline {
-                self.leave(&g.name, id, ticket).await;
+                self.leave(&g.name, id, ticket);
                 guard.ticket = None;
                 g.stats.overflowed.fetch_add(1, Ordering::Relaxed);
                 let (status, reason) =
                     last_status.unwrap_or((480, "Temporarily Unavailable".into()));
                 return Ok(outcome(false, status, reason, None, true, false, queued));
             }
-            let take = match (&self.inner.shared, ticket) {
+            let take = match (self.shared_up(), ticket) {
                 (Some(sh), Some(t)) => self.take_shared(sh, g, strategy, id, t, &mut tried).await,
                 _ => self.try_take(g, strategy, id, &mut tried, now),
             };
@@ -936,7 +941,7 @@ impl HuntGroups {
                             .await;
                     }
                     if rung.answered {
-                        self.leave(&g.name, id, ticket).await;
+                        self.leave(&g.name, id, ticket);
                         guard.ticket = None;
                         g.stats.answered.fetch_add(1, Ordering::Relaxed);
                         self.inner
@@ -996,12 +1001,16 @@ impl HuntGroups {
     }
 
     /// The hunt is over: its ticket leaves this node's queue and the cluster's.
-    async fn leave(&self, group: &str, id: u64, ticket: Option<&SharedTicket>) {
+    fn leave(&self, group: &str, id: u64, ticket: Option<&SharedTicket>) {
         self.dequeue(group, id);
-        if let (Some(sh), Some(t)) = (&self.inner.shared, ticket) {
-            if let Err(e) = sh.dequeue(group.to_owned(), t.id.clone()).await {
-                self.degraded("leaving the queue", &e);
-            }
+        if let (Some(sh), Some(t)) = (self.inner.shared.clone(), ticket) {
+            // In the background: the caller's outcome does not wait for Redis.
+            let (this, group, ticket) = (self.clone(), group.to_owned(), t.id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = sh.dequeue(group, ticket).await {
+                    this.degraded("leaving the queue", &e);
+                }
+            });
         }
     }
 
@@ -1185,11 +1194,7 @@ impl Drop for HuntGuard {
             }
         }
         if let Some(ticket) = self.ticket.take() {
-            self.hg.abandon_shared(
-                self.group.clone(),
-                ticket,
-                std::mem::take(&mut self.ringing),
-            );
+            self.hg.abandon_shared(self.group.clone(), ticket);
         }
         self.hg.notify();
     }
