@@ -578,3 +578,77 @@ async fn a_dead_nodes_call_is_ended_by_a_survivor_and_new_calls_go_to_it() {
         c.kamailio_log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_two_callers_through_different_nodes_rung_one_at_a_time() {
+    if missing_tools().is_some() {
+        eprintln!("skipped: kamailio, redis-server or sipp not installed");
+        return;
+    }
+    let agent_port = free_udp_port();
+    let group = format!(
+        "[huntgroups.support]\nstrategy = \"linear\"\n\
+         members = [\"sip:agent@127.0.0.1:{agent_port}\"]\n\
+         ring_timeout = 10\nmax_wait = 30\nwrap_up = 0\nqueue_announce = 5\n"
+    );
+    let Some(c) = Cluster::start("cluster-hunt", &group).await else {
+        return;
+    };
+    // The agent answers after 200 ms of ringing; each caller holds its call for 2 s.
+    let agent = sipp::start(
+        &c.dir,
+        "agent",
+        Path::new("hunt_agent.xml"),
+        agent_port,
+        None,
+        &["-m", "2", "-d", "200"],
+    );
+    let first = sipp::start(
+        &c.dir,
+        "caller-1",
+        Path::new("uac_call_routed.xml"),
+        free_udp_port(),
+        Some(c.lb.addr),
+        &["-s", "hunt-support", "-d", "2000"],
+    );
+    // The balancer sends the next new call to the other node (round-robin).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = sipp::start(
+        &c.dir,
+        "caller-2",
+        Path::new("hunt_caller_queued_routed.xml"),
+        free_udp_port(),
+        Some(c.lb.addr),
+        &["-s", "hunt-support", "-d", "500"],
+    );
+    // Both callers are on the switch at once, one on each node.
+    let spread = eventually(Duration::from_secs(3), || async {
+        c.nodes[0].calls().await == 1 && c.nodes[1].calls().await == 1
+    })
+    .await;
+    assert!(spread, "one caller on each node");
+    first.expect_success(Duration::from_secs(20)).await;
+    second.expect_success(Duration::from_secs(20)).await;
+    let seen = agent.expect_success(Duration::from_secs(20)).await;
+    // The agent's ladder: the second INVITE only after the first call's BYE.
+    let order: Vec<String> = seen
+        .iter()
+        .filter(|m| !m.sent)
+        .map(|m| m.first_line().split(' ').next().unwrap_or("").to_owned())
+        .collect();
+    let invites: Vec<usize> = order
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| *m == "INVITE")
+        .map(|(i, _)| i)
+        .collect();
+    let first_bye = order.iter().position(|m| m == "BYE");
+    assert_eq!(invites.len(), 2, "the agent was rung twice: {order:?}");
+    assert!(
+        first_bye.is_some_and(|b| b < invites[1]),
+        "the agent was rung by one node at a time: {order:?}"
+    );
+    // Each node recorded one of the two calls.
+    assert_eq!(c.nodes[0].records().len(), 1);
+    assert_eq!(c.nodes[1].records().len(), 1);
+}
