@@ -36,6 +36,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(2);
 const QUEUE: usize = 4096;
 /// Changes the writer keeps while Redis fails; beyond, new ones are dropped and counted.
 const MAX_PENDING: usize = 65_536;
+/// How long the writer gathers changes before it writes them.
+const WRITE_WINDOW: Duration = Duration::from_millis(50);
 /// Most changes in one pipeline.
 const MAX_BATCH: usize = 1024;
 /// The writer's pause after a failed write, and the lease's while renewals fail.
@@ -646,6 +648,15 @@ async fn write_loop(
                     None => return,
                 },
                 _ = stop.changed() => stopping = true,
+            }
+            // Gather what comes in the next WRITE_WINDOW into the same pipeline: under load
+            // one write per window instead of one per change (a record only matters a lease
+            // later, when a node died).
+            if !stopping {
+                tokio::select! {
+                    _ = tokio::time::sleep(WRITE_WINDOW) => {}
+                    _ = stop.changed() => stopping = true,
+                }
             }
         }
         while batch.len() < MAX_BATCH {

@@ -975,6 +975,31 @@ impl Notifier {
         });
     }
 
+    /// A call change another node announced.
+    fn on_remote_call(&mut self, rc: RemoteCall) {
+        let (Ok(caller), Ok(callee)) = (Uri::parse(&rc.caller), Uri::parse(&rc.callee)) else {
+            return;
+        };
+        let phase = match rc.phase.as_str() {
+            "trying" => CallPhase::Trying,
+            "early" => CallPhase::Early,
+            "confirmed" => CallPhase::Confirmed,
+            _ => CallPhase::Terminated,
+        };
+        self.on_call(
+            CallChange {
+                id: Arc::from(rc.id.as_str()),
+                phase,
+                call_id: Arc::from(rc.call_id.as_str()),
+                caller_tag: Arc::from(rc.caller_tag.as_str()),
+                our_tag: Arc::from(rc.our_tag.as_str()),
+                caller: Arc::new(caller),
+                callee: Arc::new(callee),
+            },
+            false,
+        );
+    }
+
     async fn on_store_event(&mut self, ev: Option<PresenceEvent>) {
         let Some(ev) = ev else { return };
         match ev {
@@ -1001,29 +1026,10 @@ impl Notifier {
                 }
                 Err(e) => tracing::warn!(error = %e, "presence: store read failed"),
             },
-            PresenceEvent::Call(rc) => {
-                let (Ok(caller), Ok(callee)) = (Uri::parse(&rc.caller), Uri::parse(&rc.callee))
-                else {
-                    return;
-                };
-                let phase = match rc.phase.as_str() {
-                    "trying" => CallPhase::Trying,
-                    "early" => CallPhase::Early,
-                    "confirmed" => CallPhase::Confirmed,
-                    _ => CallPhase::Terminated,
-                };
-                self.on_call(
-                    CallChange {
-                        id: Arc::from(rc.id.as_str()),
-                        phase,
-                        call_id: Arc::from(rc.call_id.as_str()),
-                        caller_tag: Arc::from(rc.caller_tag.as_str()),
-                        our_tag: Arc::from(rc.our_tag.as_str()),
-                        caller: Arc::new(caller),
-                        callee: Arc::new(callee),
-                    },
-                    false,
-                );
+            PresenceEvent::Calls(calls) => {
+                for rc in calls {
+                    self.on_remote_call(rc);
+                }
             }
             PresenceEvent::Resync => match self.store.load().await {
                 Ok((pubs, subs)) => {

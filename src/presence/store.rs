@@ -39,8 +39,8 @@ pub enum PresenceEvent {
     Publication(String),
     /// This subscription changed: read it again.
     Subscription(String),
-    /// A call on another node changed (busy-lamp fields across nodes).
-    Call(RemoteCall),
+    /// Calls on another node changed (busy-lamp fields across nodes), in order.
+    Calls(Vec<RemoteCall>),
     /// Notifications may have been lost: read everything again.
     Resync,
 }
