@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::eventually;
 use common::sipp::{self, free_udp_port};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
@@ -207,24 +208,6 @@ async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (code, body)
-}
-
-/// Waits until `cond` holds, checking every 100 ms for at most `limit`.
-async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Kamailio from `deploy/kamailio.cfg`, listening on a free port, the nodes as set 1.

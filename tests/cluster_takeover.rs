@@ -9,7 +9,7 @@ mod common;
 
 use common::redis::{start_redis, RedisServer};
 use common::sipp::{free_udp_port, workdir};
-use common::{header, request, start_with, status, test_config, unique, UdpPeer, WAIT};
+use common::{eventually, header, request, start_with, status, test_config, unique, UdpPeer, WAIT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -139,23 +139,6 @@ async fn hlen(con: &redis::aio::MultiplexedConnection, key: &str) -> u64 {
         .query_async(&mut con)
         .await
         .unwrap()
-}
-
-async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The `tag` parameter of a From/To header value.

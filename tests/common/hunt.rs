@@ -168,22 +168,6 @@ pub async fn set_agent(admin: SocketAddr, agent: &str, state: &str) -> (u16, Str
     (status, body)
 }
 
-/// Polls `cond` every 50 ms for at most `limit`.
-pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 /// Calls an agent was offered while it already had another: from the agent's log, each
 /// INVITE of a new Call-ID that arrived before the BYE of a call it had not finished.
 pub fn overlapping_calls(seen: &[SeenMessage]) -> usize {

@@ -204,3 +204,19 @@ pub async fn run_sipp(args: &[String], limit: Duration) -> std::process::Output 
 pub mod certs;
 pub mod redis;
 pub mod sipp;
+
+/// Polls `cond` every 50 ms for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
