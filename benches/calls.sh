@@ -9,7 +9,9 @@
 #   - resident memory per established call, HELD calls held open;
 #   - Strowger's whole RSS with HELD_BIG (100,000) calls held open (target: under 400 MiB;
 #     HELD_BIG=0 skips it, it takes HELD_BIG/HELD_BIG_RATE + 40 s).
-# and prints each of ours as a ratio to Kamailio's.
+# and prints each of ours as a ratio to Kamailio's; then what the cluster costs
+# (benches/cluster.sh: CPU and Redis commands per call with cluster.enabled against the
+# embedded store; SKIP_CLUSTER=1 skips it).
 #
 # Usage: bash benches/calls.sh            (CALLS=10000 RATE=500 HELD=10000 by default;
 #        BENCH_T1_MS sets Strowger's T1, e.g. to see memory without lingering transactions)
@@ -116,3 +118,9 @@ print(f"{'memory per established call (B)':34} {s_mem:>10.0f} {k_mem:>10.0f} {ra
 if big_up:
     print(f"{'RSS with %d calls up (MiB)' % big_up:34} {big_mib:>10.0f} {'':>10} {'':>8} < 400 MiB")
 PY
+# Issue 18 item 6: what the cluster costs, against the embedded store (benches/cluster.sh;
+# SKIP_CLUSTER=1 leaves it out).
+if [ "${SKIP_CLUSTER:-0}" != 1 ]; then
+  echo "cluster (benches/cluster.sh):"
+  NO_BUILD=1 bash "$ROOT/benches/cluster.sh"
+fi

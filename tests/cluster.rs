@@ -28,6 +28,25 @@ const TOKEN: &str = "cluster-test";
 struct Proc(Option<Child>);
 
 impl Proc {
+    /// SIGTERM, and the exit status once the process has stopped (None if it is still
+    /// running after `limit`: then it is killed).
+    fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.0.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
     /// SIGKILL: the node dies without a word to anyone.
     fn kill_9(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -283,6 +302,7 @@ impl Balancer {
 struct Cluster {
     dir: PathBuf,
     _redis: common::redis::RedisServer,
+    redis_url: String,
     nodes: Vec<Node>,
     lb: Balancer,
 }
@@ -339,6 +359,7 @@ impl Cluster {
         let lb = Balancer::start(&dir, &[&a, &b]);
         let cluster = Cluster {
             dir,
+            redis_url: redis.url(),
             _redis: redis,
             nodes: vec![a, b],
             lb,
@@ -390,7 +411,7 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_spread_over_the_nodes_and_a_drained_node_gets_none() {
-    let Some(c) = Cluster::start("cluster-drain", "").await else {
+    let Some(mut c) = Cluster::start("cluster-drain", "").await else {
         return;
     };
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
@@ -480,6 +501,38 @@ async fn calls_spread_over_the_nodes_and_a_drained_node_gets_none() {
     let last = records.last().unwrap();
     assert_eq!(last["final_status"], 200, "{last}");
     assert_eq!(last["hangup_by"], "caller", "{last}");
+
+    // Stopped after its last call, the drained node loses nothing: a clean exit, every
+    // record written, and it has left the cluster (no survivor will wait for its lease).
+    let mut a_proc = std::mem::replace(&mut c.nodes[0].proc, Proc(None));
+    let status = a_proc.terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the drained node stops cleanly: {status:?}\n{}",
+        c.nodes[0].log_text()
+    );
+    assert_eq!(c.nodes[0].records().len(), before_a + 1);
+    let mut con = redis::Client::open(c.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("strowger:cluster:nodes")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    members.sort();
+    assert_eq!(members, ["node-b"], "the stopped node left the cluster");
+    let calls_left: u64 = redis::cmd("HLEN")
+        .arg("strowger:cluster:calls:node-a")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        calls_left, 0,
+        "no call of the stopped node left to take over"
+    );
 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_call_is_ended_by_a_survivor_and_new_calls_go_to_it() {

@@ -39,12 +39,9 @@ fn dnsmasq(records: &[&str]) -> Option<Dnsmasq> {
         );
         return None;
     }
-    // A free port: bound and let go; dnsmasq takes it right after.
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A free port (UDP and TCP: dnsmasq listens on both), let go; dnsmasq takes it right
+    // after.
+    let port = common::free_udp_and_tcp_port();
     let child = Command::new(DNSMASQ)
         .args([
             "-k",
@@ -66,9 +63,10 @@ fn dnsmasq(records: &[&str]) -> Option<Dnsmasq> {
         .spawn()
         .expect("starting dnsmasq");
     let mut server = Dnsmasq { child, port };
-    // Ready when the port is taken.
+    // Ready when it accepts on its TCP port (binding the port to see whether it is taken
+    // could take it from dnsmasq at the wrong moment).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Some(status) = server.child.try_wait().unwrap() {
             let mut err = String::new();
             if let Some(mut e) = server.child.stderr.take() {

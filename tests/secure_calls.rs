@@ -748,7 +748,8 @@ async fn a_real_softphone_registers_and_calls_over_tls() {
     let tls = addr(&s, TransportKind::Tls);
     let conf = s.dir.join("baresip");
     std::fs::create_dir_all(&conf).unwrap();
-    let sip_port = sipp::free_udp_port();
+    // baresip listens on UDP, TCP and TLS at this port.
+    let sip_port = common::free_udp_and_tcp_port();
     let rtp = sipp::free_udp_port();
     std::fs::write(
         conf.join("config"),

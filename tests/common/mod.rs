@@ -220,3 +220,17 @@ where
     }
     false
 }
+
+/// A port of 127.0.0.1 free for both UDP and TCP right now, for a peer that listens on
+/// both (dnsmasq, baresip): a port found free for UDP alone may be some TCP connection's
+/// ephemeral port.
+pub fn free_udp_and_tcp_port() -> u16 {
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port of 127.0.0.1 free for both UDP and TCP in 100 tries")
+}
