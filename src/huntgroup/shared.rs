@@ -31,7 +31,7 @@ use std::time::Duration;
 /// back to this node's own view rather than keep a caller waiting on Redis.
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Priorities are clamped to ±this in a queue score, so that priority × [`PRIORITY_STEP`]
+/// Priorities are clamped to ±this in a queue score, so that priority × `PRIORITY_STEP`
 /// plus a Unix time in ms stays an exact integer in a double (below 2^53).
 pub const MAX_PRIORITY: i64 = 400;
 /// Room for Unix ms (until the year 2286) under one step of priority.
