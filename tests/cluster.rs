@@ -154,19 +154,7 @@ impl Node {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_strowger"))
-            .args(["run", "--config", self.config.to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("strowger starts");
-        self.proc = Proc(Some(child));
+        self.proc = Proc(Some(common::spawn_strowger(&self.config, &self.log)));
     }
 
     /// Lines of the node's call-record file (one per ended call).

@@ -12,7 +12,6 @@ use common::sipp::{free_udp_port, workdir};
 use common::{eventually, header, request, start_with, status, test_config, unique, UdpPeer, WAIT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The nodes' lease (`cluster.lease_s`, its minimum).
@@ -78,19 +77,7 @@ impl Binary {
 
     /// Starts the binary on the node's config (again, after a kill) and waits for it.
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_strowger"))
-            .args(["run", "--config", self.config.to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("strowger starts");
-        self.child = Some(child);
+        self.child = Some(common::spawn_strowger(&self.config, &self.log));
         let deadline = Instant::now() + Duration::from_secs(10);
         while strowger::admin::get(self.http, "/healthz").await.is_err() {
             assert!(
@@ -229,6 +216,22 @@ struct Call {
     b_to: String,
     /// The node's CSeq of the B leg's INVITE.
     b_invite_seq: u32,
+}
+
+impl Call {
+    /// The caller's BYE (CSeq 2) from `me`, to the node's Contact.
+    fn caller_bye(&self, me: SocketAddr) -> String {
+        format!(
+            "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{branch};rport\r\n\
+             Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\n\
+             CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+            contact = self.a_contact,
+            branch = unique("bye"),
+            from = self.a_from,
+            to = self.a_to,
+            call_id = self.a_call_id,
+        )
+    }
 }
 
 /// A call from `caller` through `node` to `callee`, answered and ACKed.
@@ -595,17 +598,7 @@ async fn a_call_ended_normally_leaves_no_record() {
                 "the established call is recorded"
             );
         }
-        let bye = format!(
-            "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{branch};rport\r\n\
-             Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\n\
-             CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
-            contact = c.a_contact,
-            me = caller.addr,
-            branch = unique("bye"),
-            from = c.a_from,
-            to = c.a_to,
-            call_id = c.a_call_id,
-        );
+        let bye = c.caller_bye(caller.addr);
         caller.send(s.udp, bye.as_bytes()).await;
         let ok = caller.recv_final(WAIT).await.expect("the BYE answered");
         assert_eq!(status(&ok), 200, "{ok}");
@@ -791,17 +784,7 @@ async fn a_redis_outage_longer_than_the_lease_ends_no_call() {
         );
     }
     // The call is still the node's: the caller hangs up and the callee hears of it.
-    let bye = format!(
-        "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{branch};rport\r\n\
-         Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\n\
-         CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
-        contact = c.a_contact,
-        me = caller.addr,
-        branch = unique("bye"),
-        from = c.a_from,
-        to = c.a_to,
-        call_id = c.a_call_id,
-    );
+    let bye = c.caller_bye(caller.addr);
     caller.send(a.udp, bye.as_bytes()).await;
     assert_eq!(
         status(&caller.recv_final(WAIT).await.unwrap_or_default()),

@@ -114,18 +114,7 @@ fn config(dir: &Path, sip: u16, http: u16, uas: u16) -> std::path::PathBuf {
 }
 
 fn spawn_server(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_strowger"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("server starts")
+    common::spawn_strowger(config, log)
 }
 
 fn free_tcp_port() -> u16 {

@@ -234,3 +234,20 @@ pub fn free_udp_and_tcp_port() -> u16 {
     }
     panic!("no port of 127.0.0.1 free for both UDP and TCP in 100 tries")
 }
+
+/// The `strowger` binary of this build running `config`, its log (stderr) appended to
+/// `log`; the caller stops it by its PID.
+pub fn spawn_strowger(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_strowger"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("strowger starts")
+}
