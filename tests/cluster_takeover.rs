@@ -616,6 +616,9 @@ async fn a_call_ended_normally_leaves_no_record() {
         .await,
         "no record left once the calls ended"
     );
+    // The writer gathers changes for 50 ms: HLEN may read 0 before the last call's own
+    // changes are flushed. Let them go before the idle window starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let busy = started.elapsed();
     let after = commandstats(&con).await;
     // Two seconds idle: what the node sends anyway (lease, scans, other stores).
