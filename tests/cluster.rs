@@ -304,14 +304,22 @@ fn missing_tools() -> Option<String> {
     (!missing.is_empty()).then(|| missing.join(", "))
 }
 
-/// A dial plan: `hunt-<group>` hunts the group, a number N rings the callee on
-/// 127.0.0.1:N (each SIPp callee of a test has its own port).
+/// A dial plan: `reg-<name>` rings the phones registered as `<reg-name>@strowger.test`,
+/// `hunt-<group>` hunts the group, a number N rings the callee on 127.0.0.1:N (each SIPp
+/// callee of a test has its own port).
 fn write_plan(dir: &Path) -> PathBuf {
     let plan = dir.join("plan.lua");
     std::fs::write(
         &plan,
         r#"function on_invite(call)
   local user = call.ruri.user
+  if user:sub(1, 4) == "reg-" then
+    local phones = registrar.lookup("sip:" .. user .. "@strowger.test")
+    if #phones == 0 then return call:reject(404, "Not registered") end
+    local r = call:dial(phones, { timeout = 10 })
+    if not r.answered then call:reject(r.status, r.reason) end
+    return
+  end
   if user:sub(1, 5) == "hunt-" then
     local r = call:hunt(user:sub(6))
     if not r.answered then call:reject(r.status, r.reason) end
@@ -675,4 +683,61 @@ async fn one_agent_two_callers_through_different_nodes_rung_one_at_a_time() {
     // Each node recorded one of the two calls.
     assert_eq!(c.nodes[0].records().len(), 1);
     assert_eq!(c.nodes[1].records().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_registered_through_the_balancer_is_called_from_either_node() {
+    let Some(c) = Cluster::start("cluster-register", "").await else {
+        return;
+    };
+    let phone = free_udp_port();
+    // The phone registers through the balancer (Kamailio adds a Path naming itself).
+    sipp::start(
+        &c.dir,
+        "register",
+        Path::new("register.xml"),
+        phone,
+        Some(c.lb.addr),
+        &["-s", "reg-ann"],
+    )
+    .expect_success(Duration::from_secs(10))
+    .await;
+    // Then answers two calls on the same port: the balancer sends one to each node, and
+    // each node finds the phone in the shared registrations.
+    let uas = sipp::start(
+        &c.dir,
+        "phone",
+        Path::new("uas_answer_routed.xml"),
+        phone,
+        None,
+        &["-m", "2"],
+    );
+    let uac = sipp::start(
+        &c.dir,
+        "caller",
+        Path::new("uac_call_routed.xml"),
+        free_udp_port(),
+        Some(c.lb.addr),
+        &["-m", "2", "-r", "1", "-d", "200", "-s", "reg-ann"],
+    );
+    uac.expect_success(Duration::from_secs(20)).await;
+    let seen = uas.expect_success(Duration::from_secs(20)).await;
+    assert_eq!(c.nodes[0].records().len(), 1, "one call through each node");
+    assert_eq!(c.nodes[1].records().len(), 1, "one call through each node");
+    // Both INVITEs came to the phone through the balancer (its Via on top), as the Path
+    // of the registration said.
+    let lb = c.lb.addr.to_string();
+    let invites: Vec<&sipp::SeenMessage> = seen
+        .iter()
+        .filter(|m| !m.sent && m.first_line().starts_with("INVITE "))
+        .collect();
+    assert_eq!(invites.len(), 2);
+    for m in invites {
+        let top_via = m.header("Via").unwrap_or("");
+        assert!(
+            top_via.contains(&lb),
+            "the INVITE came through the balancer {lb}: {}",
+            m.text
+        );
+    }
 }
