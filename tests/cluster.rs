@@ -598,6 +598,7 @@ async fn a_dead_nodes_call_is_ended_by_a_survivor_and_new_calls_go_to_it() {
         .find(|r| r["hangup_by"] == "takeover")
         .unwrap_or_else(|| panic!("the survivor recorded the call it ended: {records:?}"));
     assert_eq!(taken["final_status"], 200, "{taken}");
+    assert_eq!(taken["taken_over_from"], c.nodes[dead].name, "{taken}");
 
     // The dispatcher sends the next calls to the survivor.
     let before = c.nodes[survivor].records().len();

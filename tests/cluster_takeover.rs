@@ -427,6 +427,7 @@ async fn a_killed_nodes_call_is_ended_by_a_survivor() {
     );
     let r = &records(&b_records)[0];
     assert_eq!(r["hangup_by"], "takeover", "{r}");
+    assert_eq!(r["taken_over_from"], "node-a", "{r}");
     assert_eq!(r["a_call_id"], c.a_call_id.as_str(), "{r}");
     assert_eq!(r["b_call_id"], c.b_call_id.as_str(), "{r}");
     assert_eq!(r["final_status"], 200, "{r}");

@@ -2257,6 +2257,7 @@ impl Call {
                 .and_then(|r| self.inner.routes.name(usize::from(r)))
                 .map(str::to_owned),
             transfers: self.transfers.clone(),
+            taken_over_from: None,
         }
     }
 

@@ -55,6 +55,10 @@ pub struct CallDetail {
     pub route: Option<String>,
     /// The call's transfers: kind, who asked, target, status (200 = done).
     pub transfers: Vec<super::call::TransferNote>,
+    /// The cluster node that had the call when it died (`hangup_by` = "takeover"; absent
+    /// otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taken_over_from: Option<String>,
 }
 
 fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -333,7 +333,7 @@ impl B2bua {
             }
             ended += 1;
             if let Some(records) = &self.inner.records {
-                records.send(takeover_detail(&call, SystemTime::now()));
+                records.send(takeover_detail(&call, &t.node, SystemTime::now()));
             }
         }
         tracing::warn!(node = %t.node, calls = ended, "calls of a node that is gone ended (BYE to both parties)");
@@ -342,7 +342,7 @@ impl B2bua {
 }
 
 /// The call record of a call ended by takeover.
-fn takeover_detail(call: &StoredCall, end: SystemTime) -> CallDetail {
+fn takeover_detail(call: &StoredCall, node: &str, end: SystemTime) -> CallDetail {
     let f = &call.facts;
     CallDetail {
         call_id: f.id.clone(),
@@ -364,6 +364,7 @@ fn takeover_detail(call: &StoredCall, end: SystemTime) -> CallDetail {
         script_version: f.script_version,
         route: f.route.clone(),
         transfers: Vec::new(),
+        taken_over_from: Some(node.to_owned()),
     }
 }
 
@@ -564,8 +565,9 @@ mod tests {
         let bytes = encode(&facts(), (&a, "<sip:x>"), (&b, "<sip:y>")).unwrap();
         let call = decode(&bytes).unwrap();
         let end = from_ms(1_700_000_064_250);
-        let d = takeover_detail(&call, end);
+        let d = takeover_detail(&call, "n1", end);
         assert_eq!(d.hangup_by, "takeover");
+        assert_eq!(d.taken_over_from.as_deref(), Some("n1"));
         assert_eq!(d.final_status, 200);
         assert_eq!(d.b_call_id.as_deref(), Some("b-leg@b2bua"));
         assert_eq!(d.duration_s, 60.0);
