@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 const PROBE_S: u64 = 1;
 /// The nodes' liveness lease.
 const LEASE_S: u64 = 3;
-const TOKEN: &str = "cluster-test";
+const TOKEN: &str = common::CLUSTER_TOKEN;
 
 /// A child the test started, stopped by its PID when dropped.
 struct Proc(Option<Child>);
@@ -95,14 +95,6 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One Strowger node: the binary with its own config, data directory and call records.
 struct Node {
     name: String,
@@ -116,37 +108,14 @@ struct Node {
 
 impl Node {
     fn start(dir: &Path, name: &str, redis: &str, plan: &Path, extra: &str) -> Node {
-        let sip: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-        let http: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let ndir = dir.join(name);
-        std::fs::create_dir_all(&ndir).unwrap();
-        let records = ndir.join("records.jsonl");
-        let config = ndir.join("strowger.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[sip]\nlisten = [\"udp:{sip}\"]\ndomain = \"strowger.test\"\n\
-                 [http]\nlisten = \"{http}\"\ntoken = \"{TOKEN}\"\n\
-                 [script]\npath = {plan:?}\n\
-                 [storage]\ndir = {data:?}\n\
-                 [call]\nrecords_file = {records:?}\n\
-                 [redis]\nurl = \"{redis}\"\n\
-                 [log]\nlevel = \"info\"\n\
-                 [cluster]\nenabled = true\nnode = \"{name}\"\nlease_s = {LEASE_S}\n{extra}",
-                plan = plan.display().to_string(),
-                data = ndir.join("data").display().to_string(),
-                records = records.display().to_string(),
-            ),
-        )
-        .unwrap();
-        let log = ndir.join("server.log");
+        let f = common::cluster_node_files(dir, name, redis, plan, LEASE_S, extra);
         let mut node = Node {
             name: name.into(),
-            sip,
-            http,
-            records,
-            log,
-            config,
+            sip: f.sip,
+            http: f.http,
+            records: f.records,
+            log: f.log,
+            config: f.config,
             proc: Proc(None),
         };
         node.spawn();
@@ -159,11 +128,7 @@ impl Node {
 
     /// Lines of the node's call-record file (one per ended call).
     fn records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.records)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        common::read_records(&self.records)
     }
 
     async fn get(&self, path: &str) -> (u16, String) {

@@ -8,7 +8,7 @@
 mod common;
 
 use common::redis::{start_redis, RedisServer};
-use common::sipp::{free_udp_port, workdir};
+use common::sipp::workdir;
 use common::{eventually, header, request, start_with, status, test_config, unique, UdpPeer, WAIT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,40 +36,14 @@ impl Drop for Binary {
 impl Binary {
     /// Writes the node's config in `dir/<name>` and starts it; waits until it serves.
     async fn start(dir: &Path, name: &str, redis: &RedisServer, plan: &Path) -> Binary {
-        let ndir = dir.join(name);
-        std::fs::create_dir_all(&ndir).unwrap();
-        let sip: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-        let http: SocketAddr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
-        let records = ndir.join("records.jsonl");
-        let config = ndir.join("strowger.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[sip]\nlisten = [\"udp:{sip}\"]\ndomain = \"strowger.test\"\n\
-                 [http]\nlisten = \"{http}\"\n\
-                 [script]\npath = {plan:?}\n\
-                 [storage]\ndir = {data:?}\n\
-                 [call]\nrecords_file = {records:?}\n\
-                 [redis]\nurl = \"{url}\"\n\
-                 [log]\nlevel = \"info\"\n\
-                 [cluster]\nenabled = true\nnode = \"{name}\"\nlease_s = {LEASE_S}\n",
-                plan = plan.display().to_string(),
-                data = ndir.join("data").display().to_string(),
-                records = records.display().to_string(),
-                url = redis.url(),
-            ),
-        )
-        .unwrap();
+        let f = common::cluster_node_files(dir, name, &redis.url(), plan, LEASE_S, "");
         let mut node = Binary {
             child: None,
-            sip,
-            http,
-            config,
-            log: ndir.join("server.log"),
-            records,
+            sip: f.sip,
+            http: f.http,
+            config: f.config,
+            log: f.log,
+            records: f.records,
         };
         node.spawn().await;
         node
@@ -339,11 +313,7 @@ fn check_bye(
 }
 
 fn records(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    common::read_records(path)
 }
 
 /// The issue's test: kill -9 a node with an established call; both parties get a BYE

@@ -251,3 +251,72 @@ pub fn spawn_strowger(config: &std::path::Path, log: &std::path::Path) -> std::p
         .spawn()
         .expect("strowger starts")
 }
+
+/// Where a cluster node run as the binary keeps its things, under `<dir>/<name>/`.
+pub struct ClusterNodeFiles {
+    pub sip: SocketAddr,
+    pub http: SocketAddr,
+    pub config: std::path::PathBuf,
+    pub log: std::path::PathBuf,
+    pub records: std::path::PathBuf,
+}
+
+/// Bearer token of the cluster nodes' admin API.
+pub const CLUSTER_TOKEN: &str = "cluster-test";
+
+/// Writes the config of cluster node `name` (`[cluster] enabled`, free SIP and HTTP
+/// ports on 127.0.0.1, dial plan `plan`, call records, Redis at `redis`); `extra` is
+/// appended (more sections).
+pub fn cluster_node_files(
+    dir: &std::path::Path,
+    name: &str,
+    redis: &str,
+    plan: &std::path::Path,
+    lease_s: u64,
+    extra: &str,
+) -> ClusterNodeFiles {
+    let ndir = dir.join(name);
+    std::fs::create_dir_all(&ndir).unwrap();
+    let sip: SocketAddr = format!("127.0.0.1:{}", sipp::free_udp_port())
+        .parse()
+        .unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let records = ndir.join("records.jsonl");
+    let config = ndir.join("strowger.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sip]\nlisten = [\"udp:{sip}\"]\ndomain = \"strowger.test\"\n\
+             [http]\nlisten = \"{http}\"\ntoken = \"{CLUSTER_TOKEN}\"\n\
+             [script]\npath = {plan:?}\n\
+             [storage]\ndir = {data:?}\n\
+             [call]\nrecords_file = {records:?}\n\
+             [redis]\nurl = \"{redis}\"\n\
+             [log]\nlevel = \"info\"\n\
+             [cluster]\nenabled = true\nnode = \"{name}\"\nlease_s = {lease_s}\n{extra}",
+            plan = plan.display().to_string(),
+            data = ndir.join("data").display().to_string(),
+            records = records.display().to_string(),
+        ),
+    )
+    .unwrap();
+    ClusterNodeFiles {
+        sip,
+        http,
+        config,
+        log: ndir.join("server.log"),
+        records,
+    }
+}
+
+/// The lines of a call-record file (`call.records_file`), one JSON object per ended call.
+pub fn read_records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
