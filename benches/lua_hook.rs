@@ -12,6 +12,9 @@
 //!   of a hook run when the server is busy (the VM thread drains its queue without
 //!   sleeping between calls), which is what a call costs the server.
 //!
+//! - `... VM on the calling thread`: `script.vm_threads = false`, the VM a local task of
+//!   the thread that runs the hook (the SIP thread in the server): no hand-off.
+//!
 //! Run: cargo bench --bench lua_hook
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -174,7 +177,58 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
+    inline(c, &path, &control);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `script.vm_threads = false`: the VMs are local tasks of the thread that runs the hooks
+/// (the SIP thread in the server), so a hook run is no hand-off at all.
+fn inline(c: &mut Criterion, path: &std::path::Path, control: &Arc<dyn CallControl>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    let engine = local
+        .block_on(&rt, async {
+            strowger::script::run_vms_inline();
+            let mut opts = EngineOptions::new(path);
+            opts.pool_size = 1;
+            ScriptEngine::load(opts)
+        })
+        .expect("plan loads");
+    let calls = 50_000u64;
+    let mut n = 0u64;
+    if let Some(start) = process_cpu() {
+        let wall = std::time::Instant::now();
+        local.block_on(&rt, async {
+            for _ in 0..calls {
+                n += 1;
+                let out = engine
+                    .current()
+                    .on_invite(call_info(n), control.clone())
+                    .await;
+                std::hint::black_box(out);
+            }
+        });
+        let cpu = process_cpu().unwrap_or(start) - start;
+        println!(
+            "VMs on the calling thread (script.vm_threads = false; {calls} calls one at a time): {:.1} us per on_invite, process CPU {:.1} us",
+            wall.elapsed().as_secs_f64() * 1e6 / calls as f64,
+            cpu.as_secs_f64() * 1e6 / calls as f64,
+        );
+    }
+    c.bench_function(
+        "on_invite dial plan, VM on the calling thread (script.vm_threads = false)",
+        |b| {
+            b.iter(|| {
+                n += 1;
+                let version = engine.current();
+                let outcome = local.block_on(&rt, version.on_invite(call_info(n), control.clone()));
+                std::hint::black_box(outcome);
+            })
+        },
+    );
 }
 
 criterion_group!(benches, bench);

@@ -471,7 +471,14 @@ fn run(path: Option<&Path>) -> ExitCode {
         (config.sip.tcp_max_connections + config.http.max_connections + 256) as u64,
     );
     no_transparent_huge_pages();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // `script.vm_threads = false`: one thread carries SIP, HTTP and the Lua VMs (a
+    // current-thread runtime running a LocalSet, where the VMs are local tasks); else a
+    // multi-thread runtime with `sip.workers` workers and the VMs on threads of their own.
+    let mut builder = if config.script.vm_threads {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
     builder
         .enable_all()
         .thread_name("strowger-worker")
@@ -484,7 +491,7 @@ fn run(path: Option<&Path>) -> ExitCode {
         })
         .on_thread_stop(strowger::transport::outbox::flush);
     // `sip.workers` (0 = tokio's default, one per core).
-    if config.sip.workers > 0 {
+    if config.sip.workers > 0 && config.script.vm_threads {
         builder.worker_threads(config.sip.workers);
     }
     let runtime = match builder.build() {
@@ -494,7 +501,16 @@ fn run(path: Option<&Path>) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match runtime.block_on(serve(config)) {
+    let result = if config.script.vm_threads {
+        runtime.block_on(serve(config))
+    } else {
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            strowger::script::run_vms_inline();
+            serve(config).await
+        })
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The whole chain: "binding sip.listen: cannot bind ...: Address already in use".

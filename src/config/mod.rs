@@ -230,11 +230,12 @@ impl Config {
     /// Checks every section; the first problem, its key made absolute (`sip.timers.t1_ms`).
     fn check(&self) -> Result<(), InvalidValue> {
         let has_users = !self.registrar.users_file.trim().is_empty();
-        let sections: [(&str, Result<(), InvalidValue>); 18] = [
+        let sections: [(&str, Result<(), InvalidValue>); 19] = [
             ("sip", self.sip.check()),
             ("http", self.http.check()),
             ("log", self.log.check()),
             ("script", self.script.check()),
+            ("script", self.script.check_with_workers(self.sip.workers)),
             ("call", self.call.check()),
             ("registrar", self.registrar.check()),
             ("storage", self.storage.check()),

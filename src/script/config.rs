@@ -25,6 +25,10 @@ pub struct ScriptConfig {
     pub time_limit_ms: u64,
     /// Number of Lua VMs; 0 = one per CPU core.
     pub vm_pool_size: usize,
+    /// Each VM on a thread of its own (true), or every VM on the one SIP thread (false,
+    /// with `sip.workers = 1`): no thread hand-off per hook, but a hook stuck inside one C
+    /// call stops SIP until it returns (see `pool.rs`).
+    pub vm_threads: bool,
 }
 
 impl Default for ScriptConfig {
@@ -36,6 +40,7 @@ impl Default for ScriptConfig {
             instruction_limit: super::DEFAULT_INSTRUCTION_LIMIT,
             time_limit_ms: super::DEFAULT_TIME_LIMIT_MS,
             vm_pool_size: 0,
+            vm_threads: true,
         }
     }
 }
@@ -49,6 +54,17 @@ impl ScriptConfig {
         check_range("instruction_limit", self.instruction_limit, 1, u64::MAX)?;
         check_range("time_limit_ms", self.time_limit_ms, 0, MAX_TIME_LIMIT_MS)?;
         check_range("vm_pool_size", self.vm_pool_size, 0, MAX_VM_POOL)
+    }
+
+    /// `vm_threads = false` puts the VMs on the SIP thread, so there must be exactly one.
+    pub fn check_with_workers(&self, sip_workers: usize) -> Result<(), InvalidValue> {
+        if !self.vm_threads && sip_workers != 1 {
+            return Err(InvalidValue::new(
+                "vm_threads",
+                "false needs sip.workers = 1 (the Lua VMs then run on the one SIP thread)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -74,6 +90,14 @@ mod tests {
         assert_eq!(bad(|c| c.instruction_limit = 0), "instruction_limit");
         assert_eq!(bad(|c| c.vm_pool_size = 1025), "vm_pool_size");
         assert_eq!(bad(|c| c.time_limit_ms = 3_600_001), "time_limit_ms");
+        let inline = ScriptConfig {
+            vm_threads: false,
+            ..ScriptConfig::default()
+        };
+        assert!(inline.check_with_workers(1).is_ok());
+        assert_eq!(inline.check_with_workers(2).unwrap_err().key, "vm_threads");
+        assert_eq!(inline.check_with_workers(0).unwrap_err().key, "vm_threads");
+        assert!(c.check_with_workers(4).is_ok());
         // One set of defaults: the configuration's are the engine's.
         let engine = super::super::EngineOptions::new(&c.path);
         assert_eq!(c.memory_limit_kb * 1024, engine.memory_limit);

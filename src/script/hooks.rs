@@ -176,7 +176,12 @@ where
                 super::pool::run_local(async move {
                     let hook_run = async {
                         match setup {
-                            Ok(fut) => vm.guard(&budget, fut).await,
+                            // A run that overran its time inside one C call (where the
+                            // count hook cannot stop it) fails when it returns.
+                            Ok(fut) => match vm.guard(&budget, fut).await {
+                                Ok(v) => vm.within_time(&budget).map(|()| v),
+                                Err(e) => Err(e),
+                            },
                             Err(e) => Err(e),
                         }
                     };

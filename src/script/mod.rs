@@ -413,6 +413,8 @@ struct EngineInner {
     versions: AtomicU64,
     reloading: tokio::sync::Mutex<()>,
     watchdog: Option<Arc<Watchdog>>,
+    /// The VMs run on the loading thread ([`run_vms_inline`]): a reload builds there too.
+    inline: bool,
 }
 
 impl ScriptEngine {
@@ -447,6 +449,7 @@ impl ScriptEngine {
                 versions: AtomicU64::new(1),
                 reloading: tokio::sync::Mutex::new(()),
                 watchdog,
+                inline: pool::inline_here(),
             }),
         })
     }
@@ -486,39 +489,48 @@ impl ScriptEngine {
         let inner = self.inner.clone();
         let _one_at_a_time = inner.reloading.lock().await;
         let number = inner.versions.load(Ordering::Relaxed) + 1;
-        let build = {
+        let build = move |inner: &EngineInner| {
+            ScriptVersion::build(
+                &inner.opts,
+                inner.pool_size,
+                number,
+                &inner.stats,
+                &inner.services,
+                &inner.watchdog,
+            )
+        };
+        let built = if inner.inline && pool::inline_here() {
+            // The new VMs must be local tasks of this (the SIP) thread: built here, which
+            // holds the thread while the script's top-level code runs (bounded by
+            // `script.time_limit_ms`).
+            build(&inner)
+        } else {
             let inner = inner.clone();
             let dispatch = tracing::dispatcher::get_default(|d| d.clone());
             tokio::task::spawn_blocking(move || {
                 let _log = tracing::dispatcher::set_default(&dispatch);
-                ScriptVersion::build(
-                    &inner.opts,
-                    inner.pool_size,
-                    number,
-                    &inner.stats,
-                    &inner.services,
-                    &inner.watchdog,
-                )
+                build(&inner)
             })
-        };
-        let built = build
             .await
             .unwrap_or_else(|e| Err(ScriptError::Internal(e.to_string())))
-            .and_then(|version| {
-                // A script that lost `on_invite` (an empty file caught mid-save by an
-                // editor, a bad merge) would answer every call 404 without a word
-                // (issue 15): refused while the running version has one. A restart
-                // still loads it, with the start-up warning.
-                let running = inner.current.read().info.has(Hook::Invite);
-                if running && !version.info.has(Hook::Invite) {
-                    return Err(ScriptError::Init {
-                        file: version.info.file.clone(),
-                        line: None,
-                        message: "defines no on_invite (the running script does): every call would get 404".into(),
-                    });
-                }
-                Ok(version)
-            });
+        };
+        let built = built.and_then(|version| {
+            // A script that lost `on_invite` (an empty file caught mid-save by an
+            // editor, a bad merge) would answer every call 404 without a word
+            // (issue 15): refused while the running version has one. A restart
+            // still loads it, with the start-up warning.
+            let running = inner.current.read().info.has(Hook::Invite);
+            if running && !version.info.has(Hook::Invite) {
+                return Err(ScriptError::Init {
+                    file: version.info.file.clone(),
+                    line: None,
+                    message:
+                        "defines no on_invite (the running script does): every call would get 404"
+                            .into(),
+                });
+            }
+            Ok(version)
+        });
         match built {
             Ok(version) => {
                 inner.versions.store(number, Ordering::Relaxed);

@@ -12,6 +12,15 @@
 //! `time_limit` plus a grace, marks it abandoned (every run waiting on it fails at once,
 //! the thread exits when Lua returns), and builds a fresh VM for the slot. A thread that
 //! never returns stays parked in its loop; the process still exits on SIGTERM.
+//!
+//! The price is two hand-offs between threads per hook run (the job in, the answer out),
+//! and as many when a verb's wait ends: about 6 system calls and 4 context switches per
+//! call (`benches/callgrind.sh`). With `script.vm_threads = false` (and one SIP thread)
+//! the server instead runs every VM as a local task of the SIP thread
+//! ([`run_vms_inline`]): no hand-off, the same budgets (instruction count, memory, time
+//! checked by the count hook, no `__gc`), but a run stuck inside one C call holds the SIP
+//! thread until it returns. The watchdog still gives such a VM up; its replacement gets a
+//! thread of its own.
 
 use std::future::Future;
 use std::rc::Rc;
@@ -50,6 +59,11 @@ pub(crate) struct VmWatch {
     /// The smallest time a job waited in this VM's queue since the overload probe last
     /// took it, in nanoseconds (`u64::MAX`: no job ran).
     queue_wait_min_ns: AtomicU64,
+    /// The VM runs on the SIP thread ([`run_vms_inline`]): giving it up would not free
+    /// that thread, so the watchdog only reports it (once per stuck entry, the
+    /// `busy_since` it reported).
+    inline: AtomicBool,
+    reported_since: AtomicU64,
 }
 
 impl VmWatch {
@@ -61,6 +75,8 @@ impl VmWatch {
             owner: OnceLock::new(),
             used_memory: AtomicU64::new(0),
             queue_wait_min_ns: AtomicU64::new(u64::MAX),
+            inline: AtomicBool::new(false),
+            reported_since: AtomicU64::new(0),
         }
     }
 
@@ -168,18 +184,41 @@ impl BuildCtx {
     }
 }
 
+/// A VM's serving loop, to be spawned on the thread's LocalSet.
+type LocalTask = std::pin::Pin<Box<dyn Future<Output = ()>>>;
+
 thread_local! {
     /// Set by [`run_vms_inline`]: VMs built on this thread run as its local tasks.
     static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where a VM built on this thread goes to be served: a task of the LocalSet. A VM may
+    /// be built from a task that is not the LocalSet's (a reload from an admin request
+    /// runs on the runtime, where `spawn_local` is refused), so it is handed to this host.
+    static HOST: std::cell::RefCell<Option<mpsc::UnboundedSender<LocalTask>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
-/// Test mode (`strowger test`): VMs built on this thread afterwards run as tasks of the
-/// thread's [`tokio::task::LocalSet`] (which must be running them) rather than on threads
-/// of their own. A paused tokio clock then covers the script too: Lua runs while the
-/// runtime is busy, so the clock cannot jump in the middle of a hook, and a verb's wait
-/// (a 20 s ring) takes no wall time.
+/// VMs built on this thread afterwards run as tasks of the thread's
+/// [`tokio::task::LocalSet`] (which must be running them) rather than on threads of their
+/// own. The server does this with `script.vm_threads = false`; test mode (`strowger
+/// test`) always: a paused tokio clock then covers the script too (Lua runs while the
+/// runtime is busy, so the clock cannot jump in the middle of a hook, and a verb's wait,
+/// a 20 s ring, takes no wall time).
+///
+/// Call it from within the LocalSet (e.g. the future given to `LocalSet::block_on`).
 pub fn run_vms_inline() {
     INLINE.with(|c| c.set(true));
+    let (host, mut tasks) = mpsc::unbounded_channel::<LocalTask>();
+    HOST.with(|h| *h.borrow_mut() = Some(host));
+    tokio::task::spawn_local(async move {
+        while let Some(task) = tasks.recv().await {
+            tokio::task::spawn_local(task);
+        }
+    });
+}
+
+/// Whether VMs built on this thread run inline ([`run_vms_inline`]).
+pub(crate) fn inline_here() -> bool {
+    INLINE.with(|c| c.get())
 }
 
 /// Starts a VM thread that loads the script; `ready` gets the result (return false from
@@ -190,9 +229,20 @@ pub(crate) fn spawn_vm(
     ctx: Arc<BuildCtx>,
     ready: impl FnOnce(Result<Arc<VmHandle>, ScriptError>) -> bool + Send + 'static,
 ) {
-    if INLINE.with(|c| c.get()) {
+    if inline_here() {
         if let Some((vm, queue, watch)) = build_vm(&ctx, ready) {
-            tokio::task::spawn_local(serve_vm(vm, queue, watch));
+            watch.inline.store(true, Ordering::Relaxed);
+            let task: LocalTask = Box::pin(serve_vm(vm, queue, watch));
+            let hosted = HOST.with(|h| match h.borrow().as_ref() {
+                Some(host) => host.send(task).map_err(|e| e.0),
+                None => Err(task),
+            });
+            if let Err(task) = hosted {
+                // The host is gone (the LocalSet is shutting down): nothing will run the
+                // VM; dropping it fails every run sent to it.
+                drop(task);
+                tracing::warn!(target: "script", "a Lua VM was built while its thread stops: not served");
+            }
         }
         return;
     }
@@ -352,6 +402,16 @@ impl Watchdog {
             }
             let since = vm.busy_since.load(Ordering::Relaxed);
             if since != 0 && now.saturating_sub(since) > limit {
+                if vm.inline.load(Ordering::Relaxed) {
+                    if vm.reported_since.swap(since, Ordering::Relaxed) != since {
+                        tracing::error!(
+                            target: "script",
+                            after_ms = self.abandon_after.as_millis() as u64,
+                            "a Lua hook is stuck on the SIP thread where no budget is checked (one long C call, e.g. a pattern match): SIP waits until it returns; its call then fails (script.vm_threads = true would confine this to the VM)"
+                        );
+                    }
+                    return true;
+                }
                 stuck.push(vm);
                 return false;
             }

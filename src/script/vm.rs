@@ -505,6 +505,20 @@ impl Vm {
         }
     }
 
+    /// Err (the time-limit error) if `budget`'s run has used more Lua execution time than
+    /// `script.time_limit_ms`: the count hook checks it between instructions, this after
+    /// the run returned (its overrun may have been one long C call).
+    pub fn within_time(&self, budget: &Budget) -> mlua::Result<()> {
+        let limit = self.shared.time_limit_ns;
+        if limit == 0 || budget.busy_ns.load(Ordering::Relaxed) <= limit {
+            return Ok(());
+        }
+        let ms = limit / 1_000_000;
+        Err(budget.stop(SPENT_TIME, || {
+            format!("time limit exceeded ({ms} ms of Lua execution)")
+        }))
+    }
+
     /// Runs a full GC (twice, to also collect what finalizers freed).
     pub fn full_gc(&self, budget: &Arc<Budget>) {
         self.enter(budget, || {
