@@ -23,7 +23,7 @@ function on_invite(call)
   if u == "bob" then
     call:dial("sip:callee@127.0.0.1:{b}", {{ timeout = 15 }})
   elseif u == "stuck" then
-    -- One C call of about a second: no instruction budget is checked inside it.
+    -- One C call of one to a few seconds: no instruction budget is checked inside it.
     local s = "x" .. string.rep(" ", 20000) .. "y"
     s = s:match("^%s*(.-)%s*$")
   else
