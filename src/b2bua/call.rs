@@ -368,21 +368,17 @@ impl Call {
             a_invite: CallerInvite::new(invite),
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
-        inner.controls.insert(call.id.clone(), events.clone());
         inner.calls.insert(
             call.id.clone(),
-            super::CallSnapshot {
-                id: call.id.to_string(),
-                state: "ringing",
-                a_call_id: call.a_invite.call_id().to_owned(),
-                from: call.a_invite.from().uri.to_string(),
-                to: call.a_invite.to().uri.to_string(),
-                source: format!("{}:{}", source.transport, source.addr),
-                b_call_id: None,
-                b_target: None,
-                started: unix_secs(call.start),
-                answered: None,
-                route: None,
+            super::CallEntry {
+                events: events.clone(),
+                summary: super::summary::CallSummary::new(
+                    call.a_invite.call_id(),
+                    &call.a_invite.from().uri.to_string(),
+                    &call.a_invite.to().uri.to_string(),
+                    &format!("{}:{}", source.transport, source.addr),
+                    unix_secs(call.start),
+                ),
             },
         );
         inner
@@ -685,8 +681,8 @@ impl Call {
             CallEvent::Route(r) => {
                 // Route numbers are below `MAX_ROUTES` (64).
                 self.route = u16::try_from(r).ok();
-                let name = self.inner.routes.name(r).map(str::to_owned);
-                self.inner.calls.with(&self.id, |snap| snap.route = name);
+                let route = self.route;
+                self.inner.calls.with(&self.id, |e| e.summary.route = route);
             }
             // Boxed like the dial: the transfer's futures resolve names and wait on other
             // calls.
@@ -1555,12 +1551,10 @@ impl Call {
     /// retransmitted until its ACK (RFC 3261 13.3.1.4), and the call is up.
     fn answer_caller(&mut self, resp: &Response) {
         if let Some(dialog) = &self.bridge.b {
-            let (call_id, flow) = (dialog.call_id().to_owned(), dialog.flow);
-            self.inner.calls.with(&self.id, |snap| {
-                snap.state = "answered";
-                snap.b_call_id = Some(call_id);
-                snap.b_target = Some(format!("{}:{}", flow.transport, flow.addr));
-                snap.answered = Some(unix_secs(SystemTime::now()));
+            let target = format!("{}:{}", dialog.flow.transport, dialog.flow.addr);
+            let at = unix_secs(SystemTime::now());
+            self.inner.calls.with(&self.id, |e| {
+                e.summary.answered(dialog.call_id(), &target, at);
             });
         }
         let Some(r) = self.a_invite.response(200) else {
@@ -2265,7 +2259,6 @@ impl Call {
     fn finish(&mut self) {
         self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
         self.inner.calls.remove(&self.id);
-        self.inner.controls.remove(&self.id);
         if let Some(t) = &self.inner.traces {
             t.end_call(&self.id);
         }
