@@ -1066,6 +1066,9 @@ impl Call {
         self.fork.compact(winner);
         self.a_invite.compact();
         self.caller.compact();
+        if let Some(t) = &self.inner.traces {
+            t.settle(&self.id);
+        }
     }
 
     /// Removes a dialog from the B2BUA's index if it still routes to this call (a leg
