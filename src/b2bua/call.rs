@@ -280,7 +280,7 @@ pub struct Call {
     /// The dialog an INVITE with Replaces took over, until its party answered.
     replacing: Option<Box<Dialog>>,
     /// True once the call has ended: the hunt waits on it (CANCEL while queued, wrap-up).
-    ended_tx: tokio::sync::watch::Sender<bool>,
+    ended_tx: control::EndedTx,
     /// Keys in the B2BUA's `engaged` index this call holds while answered.
     engaged: Vec<String>,
     /// The side a failed transfer's resuming re-INVITE went to.
@@ -358,7 +358,7 @@ impl Call {
             transfer_reinvite_ack: None,
             transfers: Vec::new(),
             replacing: None,
-            ended_tx: tokio::sync::watch::channel(false).0,
+            ended_tx: control::EndedTx::new(),
             engaged: Vec::new(),
             resume_side: None,
             watched: None,
@@ -2189,7 +2189,7 @@ impl Call {
             return;
         }
         self.ended = true;
-        self.ended_tx.send_replace(true);
+        self.ended_tx.set();
         self.drop_record(); // cluster:
         for k in std::mem::take(&mut self.engaged) {
             super::disengage(&self.inner.engaged, &k);
