@@ -720,27 +720,32 @@ impl Call {
     /// only logged: the ACK's retransmission is driven by the peer's 2xx, and a lost ACK
     /// makes the peer end the call, RFC 3261 13.3.1.4.)
     fn send_ack(&self, target: &Target, ack: &Request) -> SentAck {
+        let bytes = ack.to_bytes();
         let sent = SentAck {
             seq: ack.base.cseq.seq,
-            call_id: Arc::from(ack.base.call_id.as_str()),
-            bytes: ack.to_bytes(),
+            bytes: Box::from(&bytes[..]),
         };
-        self.resend_ack(target, &sent);
+        self.transmit_ack(target, &ack.base.call_id, bytes);
         sent
     }
 
-    /// Sends an ACK as it was built before.
+    /// Sends an ACK as it was built before: the same bytes (RFC 3261 13.2.2.4).
     fn resend_ack(&self, target: &Target, ack: &SentAck) {
-        tracing::debug!(dir = "out", method = "ACK", call_id = %ack.call_id, peer = %target.addr, transport = %target.transport);
+        let bytes = bytes::Bytes::copy_from_slice(&ack.bytes);
+        self.transmit_ack(target, ack.call_id(), bytes);
+    }
+
+    fn transmit_ack(&self, target: &Target, call_id: &str, bytes: bytes::Bytes) {
+        tracing::debug!(dir = "out", method = "ACK", call_id = %call_id, peer = %target.addr, transport = %target.transport);
         if let Some(t) = &self.inner.traces {
             t.record(
-                &ack.call_id,
+                call_id,
                 crate::trace::Direction::Out,
                 target,
-                crate::trace::Line::Sent(&ack.bytes),
+                crate::trace::Line::Sent(&bytes),
             );
         }
-        if let Err(e) = self.inner.sender.send(target, ack.bytes.clone()) {
+        if let Err(e) = self.inner.sender.send(target, bytes) {
             tracing::debug!(call = %self.id, error = %e, "ACK not sent");
         }
     }
