@@ -81,6 +81,16 @@ impl<K: Hash + Eq, V> ShardMap<K, V> {
     }
 
     /// Takes every entry out (shutdown).
+    /// `f` of every entry, one shard at a time (rare whole-table questions: admin), for
+    /// values that are not to be cloned whole.
+    pub(crate) fn map_entries<R>(&self, mut f: impl FnMut(&K, &V) -> R) -> Vec<R> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            out.extend(shard.lock().iter().map(|(k, v)| f(k, v)));
+        }
+        out
+    }
+
     pub(crate) fn drain(&self) -> Vec<(K, V)> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {

@@ -119,8 +119,9 @@ struct TraceState {
     /// The peers the messages went to or came from (a call has few).
     peers: Vec<Target>,
     dropped: u64,
-    /// The SIP Call-IDs of the call's legs (to unindex them at the end).
-    call_ids: Vec<String>,
+    /// The SIP Call-IDs of the call's legs, each followed by a newline (to unindex them
+    /// at the end; one buffer, not a `String` each: issue 14).
+    call_ids: String,
     ended: bool,
 }
 
@@ -194,7 +195,7 @@ impl CallTraces {
                 text: String::new(),
                 peers: Vec::new(),
                 dropped: 0,
-                call_ids: Vec::new(),
+                call_ids: String::new(),
                 ended: false,
             }),
         });
@@ -210,7 +211,12 @@ impl CallTraces {
     }
 
     fn index(&self, trace: &Arc<Trace>, call_id: &str, leg: u16) {
-        trace.state.lock().call_ids.push(call_id.to_owned());
+        {
+            // A Call-ID has no line break (RFC 3261 25.1: a header value is one line).
+            let ids = &mut trace.state.lock().call_ids;
+            ids.push_str(call_id);
+            ids.push('\n');
+        }
         self.inner.by_call_id.insert(
             call_id.to_owned(),
             LegRef {
@@ -247,8 +253,21 @@ impl CallTraces {
 
     fn unindex(&self, trace: &Trace) {
         let call_ids = std::mem::take(&mut trace.state.lock().call_ids);
-        for c in &call_ids {
-            self.inner.by_call_id.remove(c.as_str());
+        for c in call_ids.lines() {
+            self.inner.by_call_id.remove(c);
+        }
+    }
+
+    /// The call is established: its ladder stays as it is until the call ends, hours
+    /// later maybe, so its buffers give back what their growth reserved (issue 14: about
+    /// a third of a held call's ladder was spare capacity).
+    pub fn settle(&self, id: &str) {
+        if let Some(trace) = self.inner.calls.get(id) {
+            let mut st = trace.state.lock();
+            st.entries.shrink_to_fit();
+            st.text.shrink_to_fit();
+            st.peers.shrink_to_fit();
+            st.call_ids.shrink_to_fit();
         }
     }
 
@@ -482,6 +501,39 @@ mod tests {
         assert!(t.get("c1").is_none(), "only the last ended call is kept");
         assert!(t.get("c2").is_some());
         assert!(render_text(&t.get("c2").unwrap()).starts_with("call c2"));
+    }
+
+    #[test]
+    fn settled_ladder_keeps_recording_and_unindexes_every_leg() {
+        let t = CallTraces::new(10, 0);
+        let id: Arc<str> = Arc::from("c1");
+        t.start_call(&id, "a@x");
+        t.add_leg("c1", "b@y", 1);
+        t.record(
+            "a@x",
+            Direction::In,
+            &peer(),
+            Line::Text("ACK sip:b@x SIP/2.0"),
+        );
+        t.settle("c1");
+        t.record(
+            "b@y",
+            Direction::Out,
+            &peer(),
+            Line::Text("BYE sip:b@y SIP/2.0"),
+        );
+        let lines: Vec<_> = t
+            .get("c1")
+            .unwrap()
+            .messages
+            .into_iter()
+            .map(|e| e.line)
+            .collect();
+        assert_eq!(lines, ["ACK sip:b@x SIP/2.0", "BYE sip:b@y SIP/2.0"]);
+        assert!(t.get("b@y").is_some());
+        t.end_call(&id);
+        assert!(t.get("a@x").is_none() && t.get("b@y").is_none());
+        assert_eq!(t.inner.by_call_id.len(), 0);
     }
 
     #[test]

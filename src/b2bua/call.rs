@@ -280,7 +280,7 @@ pub struct Call {
     /// The dialog an INVITE with Replaces took over, until its party answered.
     replacing: Option<Box<Dialog>>,
     /// True once the call has ended: the hunt waits on it (CANCEL while queued, wrap-up).
-    ended_tx: tokio::sync::watch::Sender<bool>,
+    ended_tx: control::EndedTx,
     /// Keys in the B2BUA's `engaged` index this call holds while answered.
     engaged: Vec<String>,
     /// The side a failed transfer's resuming re-INVITE went to.
@@ -358,7 +358,7 @@ impl Call {
             transfer_reinvite_ack: None,
             transfers: Vec::new(),
             replacing: None,
-            ended_tx: tokio::sync::watch::channel(false).0,
+            ended_tx: control::EndedTx::new(),
             engaged: Vec::new(),
             resume_side: None,
             watched: None,
@@ -368,21 +368,17 @@ impl Call {
             a_invite: CallerInvite::new(invite),
         };
         inner.calls_active.fetch_add(1, Ordering::Relaxed);
-        inner.controls.insert(call.id.clone(), events.clone());
         inner.calls.insert(
             call.id.clone(),
-            super::CallSnapshot {
-                id: call.id.to_string(),
-                state: "ringing",
-                a_call_id: call.a_invite.call_id().to_owned(),
-                from: call.a_invite.from().uri.to_string(),
-                to: call.a_invite.to().uri.to_string(),
-                source: format!("{}:{}", source.transport, source.addr),
-                b_call_id: None,
-                b_target: None,
-                started: unix_secs(call.start),
-                answered: None,
-                route: None,
+            super::CallEntry {
+                events: events.clone(),
+                summary: super::summary::CallSummary::new(
+                    call.a_invite.call_id(),
+                    &call.a_invite.from().uri.to_string(),
+                    &call.a_invite.to().uri.to_string(),
+                    &format!("{}:{}", source.transport, source.addr),
+                    unix_secs(call.start),
+                ),
             },
         );
         inner
@@ -685,8 +681,8 @@ impl Call {
             CallEvent::Route(r) => {
                 // Route numbers are below `MAX_ROUTES` (64).
                 self.route = u16::try_from(r).ok();
-                let name = self.inner.routes.name(r).map(str::to_owned);
-                self.inner.calls.with(&self.id, |snap| snap.route = name);
+                let route = self.route;
+                self.inner.calls.with(&self.id, |e| e.summary.route = route);
             }
             // Boxed like the dial: the transfer's futures resolve names and wait on other
             // calls.
@@ -724,27 +720,32 @@ impl Call {
     /// only logged: the ACK's retransmission is driven by the peer's 2xx, and a lost ACK
     /// makes the peer end the call, RFC 3261 13.3.1.4.)
     fn send_ack(&self, target: &Target, ack: &Request) -> SentAck {
+        let bytes = ack.to_bytes();
         let sent = SentAck {
             seq: ack.base.cseq.seq,
-            call_id: Arc::from(ack.base.call_id.as_str()),
-            bytes: ack.to_bytes(),
+            bytes: Box::from(&bytes[..]),
         };
-        self.resend_ack(target, &sent);
+        self.transmit_ack(target, &ack.base.call_id, bytes);
         sent
     }
 
-    /// Sends an ACK as it was built before.
+    /// Sends an ACK as it was built before: the same bytes (RFC 3261 13.2.2.4).
     fn resend_ack(&self, target: &Target, ack: &SentAck) {
-        tracing::debug!(dir = "out", method = "ACK", call_id = %ack.call_id, peer = %target.addr, transport = %target.transport);
+        let bytes = bytes::Bytes::copy_from_slice(&ack.bytes);
+        self.transmit_ack(target, ack.call_id(), bytes);
+    }
+
+    fn transmit_ack(&self, target: &Target, call_id: &str, bytes: bytes::Bytes) {
+        tracing::debug!(dir = "out", method = "ACK", call_id = %call_id, peer = %target.addr, transport = %target.transport);
         if let Some(t) = &self.inner.traces {
             t.record(
-                &ack.call_id,
+                call_id,
                 crate::trace::Direction::Out,
                 target,
-                crate::trace::Line::Sent(&ack.bytes),
+                crate::trace::Line::Sent(&bytes),
             );
         }
-        if let Err(e) = self.inner.sender.send(target, ack.bytes.clone()) {
+        if let Err(e) = self.inner.sender.send(target, bytes) {
             tracing::debug!(call = %self.id, error = %e, "ACK not sent");
         }
     }
@@ -1070,6 +1071,9 @@ impl Call {
         self.fork.compact(winner);
         self.a_invite.compact();
         self.caller.compact();
+        if let Some(t) = &self.inner.traces {
+            t.settle(&self.id);
+        }
     }
 
     /// Removes a dialog from the B2BUA's index if it still routes to this call (a leg
@@ -1555,12 +1559,10 @@ impl Call {
     /// retransmitted until its ACK (RFC 3261 13.3.1.4), and the call is up.
     fn answer_caller(&mut self, resp: &Response) {
         if let Some(dialog) = &self.bridge.b {
-            let (call_id, flow) = (dialog.call_id().to_owned(), dialog.flow);
-            self.inner.calls.with(&self.id, |snap| {
-                snap.state = "answered";
-                snap.b_call_id = Some(call_id);
-                snap.b_target = Some(format!("{}:{}", flow.transport, flow.addr));
-                snap.answered = Some(unix_secs(SystemTime::now()));
+            let target = format!("{}:{}", dialog.flow.transport, dialog.flow.addr);
+            let at = unix_secs(SystemTime::now());
+            self.inner.calls.with(&self.id, |e| {
+                e.summary.answered(dialog.call_id(), &target, at);
             });
         }
         let Some(r) = self.a_invite.response(200) else {
@@ -2192,7 +2194,7 @@ impl Call {
             return;
         }
         self.ended = true;
-        self.ended_tx.send_replace(true);
+        self.ended_tx.set();
         self.drop_record(); // cluster:
         for k in std::mem::take(&mut self.engaged) {
             super::disengage(&self.inner.engaged, &k);
@@ -2265,7 +2267,6 @@ impl Call {
     fn finish(&mut self) {
         self.inner.calls_active.fetch_sub(1, Ordering::Relaxed);
         self.inner.calls.remove(&self.id);
-        self.inner.controls.remove(&self.id);
         if let Some(t) = &self.inner.traces {
             t.end_call(&self.id);
         }

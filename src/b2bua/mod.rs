@@ -27,6 +27,7 @@ mod config;
 mod hooks;
 mod metrics;
 mod records;
+mod summary;
 mod takeover;
 /// The call watch is the dialog layer's; the call posts to it as `super::watch`.
 pub use crate::dialog::watch;
@@ -132,6 +133,13 @@ pub struct CallSnapshot {
     pub route: Option<String>,
 }
 
+/// A call in progress in the admin API's one index: its event queue (`POST
+/// /calls/{id}/transfer`) and what `GET /calls` shows of it.
+struct CallEntry {
+    events: Events,
+    summary: summary::CallSummary,
+}
+
 /// Counters of the call core.
 #[derive(Debug, Default)]
 pub struct B2buaStats {
@@ -173,13 +181,11 @@ struct B2buaInner {
     pending: ShardMap<DialogKey, Events>,
     calls_active: AtomicU64,
     /// Calls in progress by id, for the admin API; written only when a call starts,
-    /// answers and ends (never per message).
-    calls: ShardMap<Arc<str>, CallSnapshot>,
+    /// answers, is transferred and ends (never per message).
+    calls: ShardMap<Arc<str>, CallEntry>,
     /// Keep the `engaged` index (hunt groups ask it); off without hunt groups, so that
     /// calls do not pay for it.
     track_busy: std::sync::atomic::AtomicBool,
-    /// Each call in progress's event queue, by call id (`POST /calls/{id}/transfer`).
-    controls: ShardMap<Arc<str>, Events>,
     /// Addresses on an answered call (`user@host[:port]`, see [`engaged_key`]) and how
     /// many calls each is on: hunt groups skip busy agents.
     engaged: ShardMap<String, u32>,
@@ -259,7 +265,6 @@ impl B2bua {
                 pending: ShardMap::with_shards(64),
                 calls_active: AtomicU64::new(0),
                 calls: ShardMap::new(),
-                controls: ShardMap::new(),
                 track_busy: std::sync::atomic::AtomicBool::new(false),
                 engaged: ShardMap::new(),
                 stats: B2buaStats::default(),
@@ -320,7 +325,11 @@ impl B2bua {
 
     /// The calls in progress, oldest first.
     pub fn calls(&self) -> Vec<CallSnapshot> {
-        let mut all = self.inner.calls.values();
+        let routes = &self.inner.routes;
+        let mut all = self.inner.calls.map_entries(|id, e| {
+            let route = e.summary.route.and_then(|r| routes.name(usize::from(r)));
+            e.summary.snapshot(id, route.map(str::to_owned))
+        });
         all.sort_by(|a, b| a.started.total_cmp(&b.started));
         all
     }
@@ -328,7 +337,7 @@ impl B2bua {
     /// Connects the caller (`to_caller`) or the callee of call `id` to `target` and
     /// releases the other party; `None` when there is no such call.
     pub async fn transfer(&self, id: &str, target: String, to_caller: bool) -> Option<DialOutcome> {
-        let events = self.inner.controls.get(id)?;
+        let events = self.inner.calls.with(id, |e| e.events.clone())?;
         let party = if to_caller { Side::A } else { Side::B };
         Some(call::transfer_via(&events, target, party).await)
     }

@@ -14,7 +14,6 @@ use super::Side;
 use crate::dialog::Dialog;
 use crate::sip::Headers;
 use bytes::Bytes;
-use std::sync::Arc;
 
 /// Where the bridge's re-INVITE handling is (RFC 3261 14.2, 13.2.2.4 for the ACK).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,13 +30,31 @@ enum State {
 
 /// An ACK for a 2xx as it was sent: resent as it is when the 2xx comes again (RFC 3261
 /// 13.2.2.4). Kept serialized: one buffer instead of a parsed request's dozens of fields,
-/// for the whole life of an established call.
+/// for the whole life of an established call; a plain box of its exact size (a kept
+/// `Bytes` that was also sent carried a shared header, and the Call-ID a copy of its own:
+/// issue 14), copied into a new `Bytes` for the rare resend.
 #[derive(Clone)]
 pub(super) struct SentAck {
     /// The CSeq number of the INVITE it acknowledges.
     pub seq: u32,
-    pub call_id: Arc<str>,
-    pub bytes: Bytes,
+    pub bytes: Box<[u8]>,
+}
+
+impl SentAck {
+    /// Its Call-ID (for the log and the trace), read from the bytes: we wrote the
+    /// header in its long form, one per message.
+    pub fn call_id(&self) -> &str {
+        // The head only: a body need not be text.
+        let end = self
+            .bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(self.bytes.len());
+        let head = std::str::from_utf8(&self.bytes[..end]).unwrap_or("");
+        head.split("\r\n")
+            .find_map(|l| l.strip_prefix("Call-ID: "))
+            .unwrap_or("")
+    }
 }
 
 pub(super) struct Bridge {
@@ -245,5 +262,17 @@ mod tests {
         b.note_offer(Side::B, &hold);
         b.note_offer(Side::B, &resume);
         assert_eq!(b.take_hold(Side::B), None, "resumed");
+    }
+
+    #[test]
+    fn a_sent_ack_names_its_call_id_from_its_head() {
+        let mut ack = super::super::test_util::caller_invite();
+        ack.method = crate::sip::Method::Ack;
+        ack.body = Bytes::from_static(b"\xff\xfe Call-ID: not-this\r\n");
+        let sent = SentAck {
+            seq: 1,
+            bytes: Box::from(&ack.to_bytes()[..]),
+        };
+        assert_eq!(sent.call_id(), ack.base.call_id);
     }
 }

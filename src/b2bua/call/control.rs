@@ -13,13 +13,67 @@ use crate::b2bua::{AuthVerdict, CallControl, DialOptions, DialOutcome, DialSourc
 use crate::sip::Request;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
+
+/// Whether the call has ended, as the script and hunt groups ask it (`is_ended`,
+/// `ended()`): a flag set once and a `Notify`, ~64 bytes. (Issue 14: a tokio watch
+/// channel, with its eight receiver queues, was ~380 bytes of every call for this bool.)
+#[derive(Default)]
+pub(super) struct Ended {
+    ended: AtomicBool,
+    notify: Notify,
+}
+
+impl Ended {
+    pub fn is_set(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Until the call has ended.
+    pub async fn wait(&self) {
+        loop {
+            // Created before the flag is read: a `Notified` receives every
+            // `notify_waiters` from its creation on, so the end cannot slip in between.
+            let notified = self.notify.notified();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The call's side of [`Ended`]: set when the call ends, or when its task is gone
+/// without ending it (dropped: ended too).
+pub(super) struct EndedTx(Arc<Ended>);
+
+impl EndedTx {
+    pub fn new() -> EndedTx {
+        EndedTx(Arc::default())
+    }
+
+    pub fn subscribe(&self) -> Arc<Ended> {
+        self.0.clone()
+    }
+
+    pub fn set(&self) {
+        self.0.ended.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+}
+
+impl Drop for EndedTx {
+    fn drop(&mut self) {
+        self.set();
+    }
+}
 
 /// The script's handle on the call: turns `call:dial` into a [`CallEvent::Dial`].
 pub(super) struct Control {
     pub events: Events,
-    pub ended: tokio::sync::watch::Receiver<bool>,
+    pub ended: Arc<Ended>,
     /// Present when users are configured: what `call:authenticate()` needs. Boxed: the
     /// script keeps this control for the whole call, and inline the INVITE made it ~850
     /// bytes of every call even without users.
@@ -98,15 +152,12 @@ impl CallControl for Control {
     }
 
     fn is_ended(&self) -> bool {
-        *self.ended.borrow()
+        self.ended.is_set()
     }
 
     fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let mut rx = self.ended.clone();
-        Box::pin(async move {
-            // An error means the call (the sender) is gone: ended too.
-            let _ = rx.wait_for(|ended| *ended).await;
-        })
+        let ended = self.ended.clone();
+        Box::pin(async move { ended.wait().await })
     }
 
     fn dial(
@@ -159,4 +210,39 @@ pub async fn transfer_via(events: &Events, target: String, party: Side) -> DialO
         return gone;
     }
     rx.await.unwrap_or(gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn waiters_see_the_end_and_a_dropped_call_is_ended() {
+        let tx = EndedTx::new();
+        let ended = tx.subscribe();
+        assert!(!ended.is_set());
+        let waiter = tokio::spawn({
+            let ended = ended.clone();
+            async move { ended.wait().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        tx.set();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(ended.is_set());
+        ended.wait().await; // already ended: at once
+
+        let tx = EndedTx::new();
+        let ended = tx.subscribe();
+        let waiter = tokio::spawn(async move { ended.wait().await });
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the drop")
+            .unwrap();
+    }
 }

@@ -867,20 +867,22 @@ impl Call {
                 None => return,
             },
         };
-        let (call_id, flow) = (dialog.call_id().to_owned(), dialog.flow);
-        let to = format!("{}:{}", flow.transport, flow.addr);
-        self.inner.calls.with(&self.id, |snap| match replaced {
-            Side::A => {
-                snap.from = target;
-                snap.a_call_id = call_id;
-                snap.source = to;
-            }
-            Side::B => {
-                snap.to = target;
-                snap.b_call_id = Some(call_id);
-                snap.b_target = Some(to);
-            }
-        });
+        use crate::b2bua::summary::Field;
+        let call_id = dialog.call_id();
+        let to = format!("{}:{}", dialog.flow.transport, dialog.flow.addr);
+        let changes = match replaced {
+            Side::A => [
+                (Field::From, target.as_str()),
+                (Field::ACallId, call_id),
+                (Field::Source, to.as_str()),
+            ],
+            Side::B => [
+                (Field::To, target.as_str()),
+                (Field::BCallId, call_id),
+                (Field::BTarget, to.as_str()),
+            ],
+        };
+        self.inner.calls.with(&self.id, |e| e.summary.set(&changes));
     }
 
     /// The transfer failed before the switch: the call stays as it was.
