@@ -60,13 +60,7 @@ fn config_text(dir: &Path, sip: SocketAddr, http: SocketAddr, extra: &str) -> St
 }
 
 async fn start(dir: &Path) -> Server {
-    let sip: SocketAddr = format!("127.0.0.1:{}", sipp::free_udp_port())
-        .parse()
-        .unwrap();
-    let http = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (sip, http) = free_sip_and_http();
     let config = dir.join("strowger.toml");
     std::fs::write(&config, config_text(dir, sip, http, "")).unwrap();
     let log = dir.join("server.log");

@@ -252,6 +252,19 @@ pub fn spawn_strowger(config: &std::path::Path, log: &std::path::Path) -> std::p
         .expect("strowger starts")
 }
 
+/// A free UDP address for a server's SIP and a free TCP one for its admin API, on
+/// 127.0.0.1.
+pub fn free_sip_and_http() -> (SocketAddr, SocketAddr) {
+    let sip: SocketAddr = format!("127.0.0.1:{}", sipp::free_udp_port())
+        .parse()
+        .unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    (sip, http)
+}
+
 /// Where a cluster node run as the binary keeps its things, under `<dir>/<name>/`.
 pub struct ClusterNodeFiles {
     pub sip: SocketAddr,
@@ -277,13 +290,7 @@ pub fn cluster_node_files(
 ) -> ClusterNodeFiles {
     let ndir = dir.join(name);
     std::fs::create_dir_all(&ndir).unwrap();
-    let sip: SocketAddr = format!("127.0.0.1:{}", sipp::free_udp_port())
-        .parse()
-        .unwrap();
-    let http = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (sip, http) = free_sip_and_http();
     let records = ndir.join("records.jsonl");
     let config = ndir.join("strowger.toml");
     std::fs::write(
