@@ -140,6 +140,10 @@ impl VmHandle {
         if self.watch.is_abandoned() {
             return Err(Lost);
         }
+        let job = match self.try_run_here(job) {
+            Ok(answer) => return answer.await.map_err(|_| Lost),
+            Err(job) => job,
+        };
         let mut dead = self.watch.dead.subscribe();
         let (tx, rx) = oneshot::channel();
         self.jobs
@@ -153,6 +157,28 @@ impl VmHandle {
     }
 }
 
+impl VmHandle {
+    /// Runs `job` at once when this VM is served on this thread and idle (no trip through
+    /// the queue and its task, and no queue wait to report); else gives it back.
+    fn try_run_here<T: Send + 'static, J: FnOnce(&Rc<Vm>, oneshot::Sender<T>)>(
+        &self,
+        job: J,
+    ) -> Result<oneshot::Receiver<T>, J> {
+        if !self.watch.inline.load(Ordering::Relaxed) {
+            return Err(job);
+        }
+        let Some(vm) = idle_local_vm(&self.watch) else {
+            return Err(job);
+        };
+        let (tx, rx) = oneshot::channel();
+        self.watch.queue_wait_min_ns.fetch_min(0, Ordering::Relaxed);
+        job(&vm, tx);
+        let used = vm.lua.used_memory() as u64;
+        self.watch.used_memory.store(used, Ordering::Relaxed);
+        Ok(rx)
+    }
+}
+
 /// Runs a future of the VM thread: polled once at once (most hook runs finish without
 /// waiting, so no task is made for them), spawned on the thread's local set otherwise.
 pub(crate) fn run_local(fut: impl Future<Output = ()> + 'static) {
@@ -160,8 +186,22 @@ pub(crate) fn run_local(fut: impl Future<Output = ()> + 'static) {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     if fut.as_mut().poll(&mut cx).is_pending() {
         // The next poll registers the task's real waker (a future wakes the waker of its
-        // latest poll).
-        tokio::task::spawn_local(fut);
+        // latest poll). On a thread that serves its VMs inline the run may have started in
+        // a task outside the LocalSet (`VmHandle::try_run_here`), where `spawn_local` is
+        // refused: the host task spawns it.
+        let fut: LocalTask = fut;
+        let left = HOST.with(|h| match h.borrow().as_ref() {
+            // A host that is gone (the LocalSet is stopping): the run is dropped, which
+            // closes its coroutine and fails its caller.
+            Some(host) => {
+                let _ = host.send(fut);
+                None
+            }
+            None => Some(fut),
+        });
+        if let Some(fut) = left {
+            tokio::task::spawn_local(fut);
+        }
     }
 }
 
@@ -195,6 +235,25 @@ thread_local! {
     /// runs on the runtime, where `spawn_local` is refused), so it is handed to this host.
     static HOST: std::cell::RefCell<Option<mpsc::UnboundedSender<LocalTask>>> =
         const { std::cell::RefCell::new(None) };
+    /// The VMs served on this thread, by the address of their [`VmWatch`]: a job submitted
+    /// here to one of them that is idle runs at once (see [`VmHandle::submit`]).
+    static LOCAL_VMS: std::cell::RefCell<Vec<(usize, Rc<Vm>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn watch_key(watch: &Arc<VmWatch>) -> usize {
+    Arc::as_ptr(watch) as usize
+}
+
+/// The VM of `watch` if it is served on this thread and not running anything.
+fn idle_local_vm(watch: &Arc<VmWatch>) -> Option<Rc<Vm>> {
+    let key = watch_key(watch);
+    LOCAL_VMS.with(|vms| {
+        vms.borrow()
+            .iter()
+            .find(|(k, vm)| *k == key && !vm.is_entered())
+            .map(|(_, vm)| vm.clone())
+    })
 }
 
 /// VMs built on this thread afterwards run as tasks of the thread's
@@ -232,7 +291,12 @@ pub(crate) fn spawn_vm(
     if inline_here() {
         if let Some((vm, queue, watch)) = build_vm(&ctx, ready) {
             watch.inline.store(true, Ordering::Relaxed);
-            let task: LocalTask = Box::pin(serve_vm(vm, queue, watch));
+            let key = watch_key(&watch);
+            LOCAL_VMS.with(|vms| vms.borrow_mut().push((key, vm.clone())));
+            let task: LocalTask = Box::pin(async move {
+                serve_vm(vm, queue, watch).await;
+                LOCAL_VMS.with(|vms| vms.borrow_mut().retain(|(k, _)| *k != key));
+            });
             let hosted = HOST.with(|h| match h.borrow().as_ref() {
                 Some(host) => host.send(task).map_err(|e| e.0),
                 None => Err(task),

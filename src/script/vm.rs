@@ -505,6 +505,11 @@ impl Vm {
         }
     }
 
+    /// Whether Lua (or a job around it) is running on this VM right now.
+    pub fn is_entered(&self) -> bool {
+        self.depth.get() > 0
+    }
+
     /// Err (the time-limit error) if `budget`'s run has used more Lua execution time than
     /// `script.time_limit_ms`: the count hook checks it between instructions, this after
     /// the run returned (its overrun may have been one long C call).
