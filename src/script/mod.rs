@@ -413,8 +413,6 @@ struct EngineInner {
     versions: AtomicU64,
     reloading: tokio::sync::Mutex<()>,
     watchdog: Option<Arc<Watchdog>>,
-    /// The VMs run on the loading thread ([`run_vms_inline`]): a reload builds there too.
-    inline: bool,
 }
 
 impl ScriptEngine {
@@ -449,7 +447,6 @@ impl ScriptEngine {
                 versions: AtomicU64::new(1),
                 reloading: tokio::sync::Mutex::new(()),
                 watchdog,
-                inline: pool::inline_here(),
             }),
         })
     }
@@ -499,8 +496,9 @@ impl ScriptEngine {
                 &inner.watchdog,
             )
         };
-        let built = if inner.inline && pool::inline_here() {
-            // The new VMs must be local tasks of this (the SIP) thread: built here, which
+        let built = if pool::inline_here() {
+            // VMs of this thread are its local tasks ([`run_vms_inline`]), so the new ones
+            // must be too (this is the SIP thread with `script.vm_threads = false`): built here, which
             // holds the thread while the script's top-level code runs (bounded by
             // `script.time_limit_ms`).
             build(&inner)

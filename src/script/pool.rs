@@ -19,8 +19,8 @@
 //! the server instead runs every VM as a local task of the SIP thread
 //! ([`run_vms_inline`]): no hand-off, the same budgets (instruction count, memory, time
 //! checked by the count hook, no `__gc`), but a run stuck inside one C call holds the SIP
-//! thread until it returns. The watchdog still gives such a VM up; its replacement gets a
-//! thread of its own.
+//! thread until it returns. The watchdog then only reports it (giving the VM up would not
+//! free the thread); the run fails with the time-limit error when it returns.
 
 use std::future::Future;
 use std::rc::Rc;
@@ -155,9 +155,7 @@ impl VmHandle {
             _ = dead.wait_for(|d| *d) => Err(Lost),
         }
     }
-}
 
-impl VmHandle {
     /// Runs `job` at once when this VM is served on this thread and idle (no trip through
     /// the queue and its task, and no queue wait to report); else gives it back.
     fn try_run_here<T: Send + 'static, J: FnOnce(&Rc<Vm>, oneshot::Sender<T>)>(
@@ -171,10 +169,7 @@ impl VmHandle {
             return Err(job);
         };
         let (tx, rx) = oneshot::channel();
-        self.watch.queue_wait_min_ns.fetch_min(0, Ordering::Relaxed);
-        job(&vm, tx);
-        let used = vm.lua.used_memory() as u64;
-        self.watch.used_memory.store(used, Ordering::Relaxed);
+        run_job(&self.watch, &vm, 0, |vm| job(vm, tx));
         Ok(rx)
     }
 }
@@ -224,7 +219,8 @@ impl BuildCtx {
     }
 }
 
-/// A VM's serving loop, to be spawned on the thread's LocalSet.
+/// A future to be spawned on the thread's LocalSet: a VM's serving loop, or a hook run
+/// that waits.
 type LocalTask = std::pin::Pin<Box<dyn Future<Output = ()>>>;
 
 thread_local! {
@@ -396,16 +392,23 @@ async fn serve_vm(vm: Rc<Vm>, mut queue: JobQueue, watch: Arc<VmWatch>) {
             _ = dead.wait_for(|d| *d) => break,
             job = queue.recv() => match job {
                 Some((queued, job)) => {
-                    let waited = now_ns().saturating_sub(queued);
-                    watch.queue_wait_min_ns.fetch_min(waited, Ordering::Relaxed);
-                    job(&vm);
-                    let used = vm.lua.used_memory() as u64;
-                    watch.used_memory.store(used, Ordering::Relaxed);
+                    run_job(&watch, &vm, now_ns().saturating_sub(queued), job);
                 }
                 None => break,
             },
         }
     }
+}
+
+/// Runs one job on `vm` and notes what the overload detector reads: how long it waited
+/// to run, and the VM's heap after it.
+fn run_job(watch: &VmWatch, vm: &Rc<Vm>, waited_ns: u64, job: impl FnOnce(&Rc<Vm>)) {
+    watch
+        .queue_wait_min_ns
+        .fetch_min(waited_ns, Ordering::Relaxed);
+    job(vm);
+    let used = vm.lua.used_memory() as u64;
+    watch.used_memory.store(used, Ordering::Relaxed);
 }
 
 /// How much longer than the time limit an entry into Lua may last before the VM is
