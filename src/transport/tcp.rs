@@ -637,15 +637,10 @@ async fn drive<S: Io>(
         .with(&guard.id, |c| !c.inbound)
         .unwrap_or(false);
     let unanswered = Arc::new(Unanswered(parking_lot::Mutex::new(outbound.then(Vec::new))));
-    let mut write_task = guard.tcp.handle.spawn(write_loop(
-        writer,
-        rx,
-        shared.clone(),
-        activity.clone(),
-        peer,
-        unanswered.clone(),
-    ));
-    let _abort_writer = AbortOnDrop(write_task.abort_handle());
+    // The writer runs in this task, not its own, so that what is still queued when the
+    // connection ends stays here to be reported: a TLS 1.3 server refusing our client
+    // certificate can close before a separate writer task has even taken the first request.
+    let mut rx = rx;
     let source = Target {
         transport: kind,
         addr: peer,
@@ -653,21 +648,28 @@ async fn drive<S: Io>(
     };
     let end = tokio::select! {
         end = read_loop(reader, &shared, source, local, &activity, &unanswered) => end,
-        _ = &mut write_task => End::WriteEnded,
+        _ = write_loop(writer, &mut rx, &shared, &activity, peer, &unanswered) => End::WriteEnded,
     };
     tracing::debug!(%peer, conn = guard.id.0, transport = %kind, reason = ?end, "connection ending");
+    let target = Target {
+        transport: kind,
+        addr: peer,
+        connection: None,
+    };
     if matches!(end, End::Eof | End::ReadError | End::WriteEnded) {
         let lost = unanswered.0.lock().take().unwrap_or_default();
-        let target = Target {
-            transport: kind,
-            addr: peer,
-            connection: None,
-        };
         for data in lost {
             shared
                 .sink
                 .undelivered(target, data, "the connection closed before any answer");
         }
+    }
+    // Queued and never written, whatever the reason the connection ended.
+    rx.close();
+    while let Ok(data) = rx.try_recv() {
+        shared
+            .sink
+            .undelivered(target, data, "the connection closed before it was sent");
     }
     drop(guard);
 }
@@ -696,11 +698,11 @@ impl Unanswered {
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    shared: Arc<Shared>,
-    activity: Arc<Activity>,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    shared: &Shared,
+    activity: &Activity,
     peer: SocketAddr,
-    unanswered: Arc<Unanswered>,
+    unanswered: &Unanswered,
 ) {
     while let Some(data) = rx.recv().await {
         unanswered.written(&data);
