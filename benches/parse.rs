@@ -1,5 +1,6 @@
 //! Parse speed of a typical 10-header INVITE with SDP: our parser against rsip 0.4
-//! (the comparator the issue names), measured in the same run.
+//! (the comparator the issue names), measured in the same run; and a new call refused
+//! under overload from the parsed INVITE and from a look at its bytes.
 //! Run: `cargo bench --bench parse`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -35,6 +36,36 @@ fn parse(c: &mut Criterion) {
     c.bench_function("serialize_invite", |b| {
         b.iter(|| black_box(&msg).to_bytes())
     });
+    // A new call refused under overload (stateless 503 with Retry-After): from the parsed
+    // request, as before the look at the bytes, and from that look (`sip::peek_request`).
+    let source: std::net::SocketAddr = "192.0.2.101:5060".parse().unwrap();
+    let mut g = c.benchmark_group("refuse_invite_503");
+    g.bench_function("parse_then_respond", |b| {
+        b.iter(|| {
+            let Ok((strowger::sip::SipMessage::Request(req), _)) =
+                strowger::sip::parse(black_box(bytes))
+            else {
+                unreachable!()
+            };
+            let mut resp = req.response(503);
+            resp.set_to_tag("ovl-0123456789abcdef");
+            resp.headers.push("Retry-After", "2");
+            resp.to_bytes()
+        })
+    });
+    g.bench_function("peek_then_respond", |b| {
+        b.iter(|| {
+            let peek = strowger::sip::peek_request(black_box(bytes)).unwrap();
+            peek.response(
+                503,
+                "Overloaded",
+                "ovl-0123456789abcdef",
+                source,
+                "Retry-After: 2\r\n",
+            )
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, parse);

@@ -17,6 +17,7 @@
 //! VMs' job queues.
 
 use parking_lot::Mutex;
+use std::hash::BuildHasher;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -49,8 +50,6 @@ struct State {
     /// The smallest delays of the last full window, by queue (for the metrics).
     last: [Option<Duration>; 3],
     refused: f64,
-    /// Pseudo-random sequence for the admission draws (xorshift; no need for more).
-    seed: u64,
 }
 
 /// Share of a Lua VM's memory limit above which every new call is refused (the running
@@ -69,6 +68,11 @@ pub struct Overload {
     refused: std::sync::atomic::AtomicU64,
     /// The script VMs are near their memory limit: refuse every new call.
     memory_full: std::sync::atomic::AtomicBool,
+    /// Some share of new calls is refused now (`State::refused > 0`), readable without
+    /// the lock: a look at a datagram asks it before anything else.
+    refusing: std::sync::atomic::AtomicBool,
+    /// Salted (per process) hashing of the keys the admission draws are made from.
+    draws: std::hash::RandomState,
 }
 
 impl Overload {
@@ -85,10 +89,11 @@ impl Overload {
                 },
                 last: [None; 3],
                 refused: 0.0,
-                seed: 0x9e37_79b9_7f4a_7c15,
             }),
             refused: std::sync::atomic::AtomicU64::new(0),
             memory_full: std::sync::atomic::AtomicBool::new(false),
+            refusing: std::sync::atomic::AtomicBool::new(false),
+            draws: std::hash::RandomState::new(),
         }
     }
 
@@ -114,6 +119,8 @@ impl Overload {
             } else if mins.iter().any(Option::is_some) {
                 st.refused = (st.refused - STEP).max(0.0);
             }
+            self.refusing
+                .store(st.refused > 0.0, std::sync::atomic::Ordering::Relaxed);
             st.window.start += self.window;
             // Long idle: jump to the current window instead of replaying empty ones.
             if now.duration_since(st.window.start) >= self.window * 4 {
@@ -130,8 +137,19 @@ impl Overload {
         *min = Some(min.map_or(delay, |m| m.min(delay)));
     }
 
-    /// Whether to take a new call now (false: refuse it with 503 and Retry-After).
-    pub fn admit(&self, now: Instant) -> bool {
+    /// Whether new calls may be refused now (a share of them, or all while the script VMs
+    /// are near their memory limit); cheap, no lock. When false, [`Overload::admit`] takes
+    /// every call until the next window.
+    pub fn is_refusing(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.memory_full.load(Relaxed) || self.refusing.load(Relaxed)
+    }
+
+    /// Whether to take the new call `key` names now (false: refuse it with 503 and
+    /// Retry-After). The draw is a salted hash of `key` (the Call-ID), not a fresh random
+    /// number: asked twice about the same call (a look at the datagram, then the parsed
+    /// request; or a retransmission) it answers the same while the fraction holds.
+    pub fn admit(&self, now: Instant, key: &str) -> bool {
         if self.memory_full.load(std::sync::atomic::Ordering::Relaxed) {
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -142,11 +160,9 @@ impl Overload {
         if st.refused <= 0.0 {
             return true;
         }
-        st.seed ^= st.seed << 13;
-        st.seed ^= st.seed >> 7;
-        st.seed ^= st.seed << 17;
-        let draw = (st.seed >> 11) as f64 / (1u64 << 53) as f64;
+        let draw = (self.draws.hash_one(key) >> 11) as f64 / (1u64 << 53) as f64;
         let admit = draw >= st.refused;
+        drop(st);
         if !admit {
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -182,8 +198,15 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// Offers `n` new calls, each with a Call-ID of its own.
     fn admitted(o: &Overload, n: usize) -> usize {
-        (0..n).filter(|_| o.admit(Instant::now())).count()
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        (0..n)
+            .filter(|_| {
+                let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                o.admit(Instant::now(), &format!("call-{i}@example.com"))
+            })
+            .count()
     }
 
     #[tokio::test(start_paused = true)]
@@ -228,6 +251,24 @@ mod tests {
         o.observe(Queue::Script, 2 * MS, Instant::now());
         assert_eq!(o.refused_fraction(), 0.0);
         assert_eq!(admitted(&o, 100), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_call_gets_the_same_answer_while_the_fraction_holds() {
+        let o = Overload::new(50 * MS, 100 * MS, Instant::now());
+        assert!(!o.is_refusing());
+        for _ in 0..6 {
+            o.observe(Queue::Sip, 80 * MS, Instant::now());
+            tokio::time::advance(100 * MS).await;
+        }
+        o.observe(Queue::Sip, 80 * MS, Instant::now());
+        assert!(o.is_refusing());
+        let keys: Vec<String> = (0..200).map(|i| format!("c{i}@h")).collect();
+        let first: Vec<bool> = keys.iter().map(|k| o.admit(Instant::now(), k)).collect();
+        let again: Vec<bool> = keys.iter().map(|k| o.admit(Instant::now(), k)).collect();
+        assert_eq!(first, again);
+        let taken = first.iter().filter(|a| **a).count();
+        assert!((40..160).contains(&taken), "{taken}");
     }
 
     #[tokio::test(start_paused = true)]

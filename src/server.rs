@@ -150,6 +150,12 @@ impl InboundSink for Dispatcher {
         }
     }
 
+    fn screen(&self, data: &[u8], source: &crate::transport::Target) -> bool {
+        self.layer
+            .get()
+            .is_none_or(|layer| layer.screen(data, source))
+    }
+
     fn deliver(&self, inbound: Inbound) {
         let (Some(layer), Some(sender)) = (self.layer.get(), self.sender.get()) else {
             return;

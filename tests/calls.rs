@@ -891,6 +891,12 @@ async fn calls_waiting_in_the_script_near_its_memory_limit_get_503_not_500() {
         assert_eq!(code, 503, "{m}");
         assert_eq!(reason(&m), "Overloaded");
         assert_eq!(header(&m, "Retry-After"), Some("3"), "{m}");
+        // Refused statelessly (RFC 3261 8.2.7), from a look at the INVITE's bytes once the
+        // refusing has begun: the tag that lets its ACK be dropped the same way.
+        assert!(
+            header(&m, "To").is_some_and(|to| to.contains(";tag=ovl-")),
+            "{m}"
+        );
         refused += 1;
     }
     assert!(

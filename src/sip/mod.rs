@@ -26,6 +26,7 @@ mod header;
 mod lex;
 mod message;
 mod method;
+mod peek;
 mod uri;
 
 pub use build::{error_response, new_branch, new_call_id, new_tag, reason_phrase};
@@ -38,16 +39,22 @@ pub use message::{
     SipMessage,
 };
 pub use method::Method;
+pub use peek::{peek_request, Peek};
 pub use uri::{parse_hostport, Host, Params, Scheme, Uri, UriError};
 
 /// The parser's invariants, for the fuzz target and the mutation test: parsing never
 /// panics; a parsed message serializes to bytes that parse back to the same message; an
-/// error response, when there is one, parses. Panics when an invariant is broken. (The
+/// error response, when there is one, parses; where the look at a request's bytes
+/// (`peek_request`) reads it, it reads what the parser reads (above all: no To tag only
+/// when there is none), and its stateless response parses. Panics when an invariant is broken. (The
 /// UAS core's checks of a parsed request are added by its own `check_invariants`.)
 #[doc(hidden)]
 pub fn check_invariants(data: &[u8]) {
     match parse(data) {
         Ok((SipMessage::Request(req), _)) => {
+            if let Some(peek) = peek_request(data) {
+                check_peek(&req, &peek);
+            }
             let bytes = req.to_bytes();
             let (again, _) = parse(&bytes).expect("serialized request re-parses");
             assert_eq!(again, SipMessage::Request(req), "request round trip");
@@ -61,5 +68,42 @@ pub fn check_invariants(data: &[u8]) {
                 parse(&r.to_bytes()).expect("error response parses");
             }
         }
+    }
+}
+
+/// The look at the bytes agrees with the parser on what a stateless refusal relies on.
+fn check_peek(req: &Request, peek: &Peek<'_>) {
+    assert_eq!(peek.method, req.method.as_str(), "peek: method");
+    assert_eq!(peek.call_id, req.base.call_id, "peek: Call-ID");
+    assert_eq!(peek.to_tag, req.base.to.tag(), "peek: To tag");
+    let top = &req.base.via[0];
+    assert_eq!(Some(peek.branch), top.branch(), "peek: branch");
+    let sent_by = match top.port {
+        Some(p) => format!("{}:{p}", top.host.to_string().to_ascii_lowercase()),
+        None => top.host.to_string().to_ascii_lowercase(),
+    };
+    assert_eq!(peek.sent_by(), sent_by, "peek: sent-by");
+    if peek.to_tag.is_some() {
+        return; // only requests outside a dialog are answered from a look
+    }
+    let source = std::net::SocketAddr::from(([192, 0, 2, 1], 5060));
+    let bytes = peek.response(503, "Overloaded", "ovl-1", source, "Retry-After: 2\r\n");
+    let text = String::from_utf8_lossy(&bytes);
+    match parse(&bytes) {
+        Ok((SipMessage::Response(resp), _)) => {
+            assert_eq!(resp.status, 503);
+            assert_eq!(
+                resp.base.call_id, req.base.call_id,
+                "503: Call-ID in {text}"
+            );
+            assert_eq!(resp.base.cseq, req.base.cseq, "503: CSeq in {text}");
+            assert_eq!(
+                resp.base.via.len(),
+                req.base.via.len(),
+                "503: Vias in {text}"
+            );
+            assert_eq!(resp.base.to.tag(), Some("ovl-1"), "503: To tag in {text}");
+        }
+        other => panic!("peek's 503 does not parse: {other:?} in {text}"),
     }
 }

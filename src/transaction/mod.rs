@@ -657,6 +657,19 @@ impl Shared {
     }
 }
 
+/// The To tags of the 503s that refuse calls under overload start with this (our other
+/// tags are hex digits): the ACK of such a 503 is recognised without a parse.
+const OVERLOAD_TAG_PREFIX: &str = "ovl-";
+
+/// The To tag of the 503 refusing the call `call_id` under overload: the same for every
+/// retransmission of the INVITE (RFC 3261 8.2.7), unguessable across processes (19.3).
+fn overload_tag(call_id: &str) -> String {
+    use std::hash::BuildHasher;
+    static SALT: std::sync::LazyLock<std::hash::RandomState> =
+        std::sync::LazyLock::new(std::hash::RandomState::new);
+    format!("{OVERLOAD_TAG_PREFIX}{:016x}", SALT.hash_one(call_id))
+}
+
 /// RFC 3261 17.2.3, RFC 2543 fallback: the To tag is part of the match. An ACK carries the
 /// tag of the response, other requests the tag of the request that created the transaction.
 fn to_tag_matches(key: &ServerKey, tx: &ServerInner, req: &Request) -> bool {
@@ -767,6 +780,94 @@ impl TransactionLayer {
                 self.on_response(resp, source);
             }
         }
+    }
+
+    /// A look at a request before it is parsed (the transport asks, see
+    /// [`crate::transport::InboundSink::screen`]). While the overload detector refuses new
+    /// calls, a new INVITE it does not admit is refused from the look alone, statelessly
+    /// (RFC 3261 8.2.7: 503 with Retry-After, a To tag that is a function of the Call-ID),
+    /// and the ACK of such a 503 is dropped: a refusal then costs a scan of the header
+    /// lines, not a parse of the INVITE and of its ACK. True: parse and deliver it. A
+    /// retransmission of an INVITE whose transaction exists, a request of any unusual
+    /// shape, and everything while nothing is refused take the full path.
+    pub fn screen(&self, data: &[u8], source: &Target) -> bool {
+        let Some((overload, retry_after)) = self.shared.overload.get() else {
+            return true;
+        };
+        if !overload.is_refusing() {
+            return true;
+        }
+        let Some(peek) = crate::sip::peek_request(data) else {
+            return true;
+        };
+        match (peek.method, peek.to_tag) {
+            ("ACK", Some(tag)) if tag.starts_with(OVERLOAD_TAG_PREFIX) => {
+                self.shared.messages.request(Direction::In, &Method::Ack);
+                false
+            }
+            ("INVITE", None) => !self.refuse_from_peek(&peek, overload, *retry_after, source),
+            _ => true,
+        }
+    }
+
+    /// True when the INVITE `peek` shows was refused (or dropped for its source).
+    fn refuse_from_peek(
+        &self,
+        peek: &crate::sip::Peek<'_>,
+        overload: &crate::overload::Overload,
+        retry_after: u64,
+        source: &Target,
+    ) -> bool {
+        if !self.shared.accepting.load(Ordering::Acquire) {
+            return false;
+        }
+        let key = ServerKey::Branch {
+            branch: peek.branch.to_owned(),
+            sent_by: peek.sent_by(),
+            method: Method::Invite,
+        };
+        let now = Instant::now();
+        if self.shared.servers.get(&key).is_some() || overload.admit(now, peek.call_id) {
+            return false;
+        }
+        self.shared.messages.request(Direction::In, &Method::Invite);
+        // Counted by the flood detector as the full path would count it (once per request).
+        if let Some(pike) = self.shared.pike.get() {
+            if !pike.allow(source.addr.ip(), now) {
+                return true;
+            }
+        }
+        let extra = format!("Retry-After: {retry_after}\r\n");
+        let bytes = peek.response(
+            503,
+            "Overloaded",
+            &overload_tag(peek.call_id),
+            source.addr,
+            &extra,
+        );
+        // RFC 3261 18.2.2 / RFC 3581 4, as `transport::response_target` for a parsed Via.
+        let target = if source.transport.is_reliable() {
+            *source
+        } else {
+            Target {
+                transport: source.transport,
+                addr: std::net::SocketAddr::new(
+                    source.addr.ip(),
+                    peek.response_port(source.addr.port()),
+                ),
+                connection: None,
+            }
+        };
+        if let Err(e) = self.shared.send(
+            &target,
+            Bytes::from(bytes),
+            &What::Status(503),
+            peek.call_id,
+        ) {
+            bump(&self.shared.stats.transport_errors);
+            tracing::debug!(call_id = %peek.call_id, error = %e, "stateless response not sent");
+        }
+        true
     }
 
     /// A request the transport took could not be delivered after all (its connection
@@ -890,8 +991,9 @@ impl TransactionLayer {
         }
         if req.method == Method::Invite && merge_key.is_some() {
             if let Some((overload, retry_after)) = self.shared.overload.get() {
-                if !overload.admit(Instant::now()) {
-                    let mut resp = self.shared.respond_stateless(&req, 503);
+                if !overload.admit(Instant::now(), &req.base.call_id) {
+                    let mut resp = req.response(503);
+                    resp.set_to_tag(&overload_tag(&req.base.call_id));
                     resp.reason = "Overloaded".into();
                     resp.headers.push("Retry-After", retry_after.to_string());
                     self.send_response_stateless(&resp, &source);

@@ -868,3 +868,75 @@ async fn respond_and_end_leaves_no_transaction() {
         "the retransmission is a new request"
     );
 }
+
+// ---- Stateless refusal from a look at the bytes (overload) -----------------------------
+
+#[tokio::test(start_paused = true)]
+async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropped() {
+    let e = env();
+    let overload = Arc::new(crate::overload::Overload::new(
+        Duration::from_millis(50),
+        Duration::from_millis(100),
+        Instant::now(),
+    ));
+    e.layer.set_overload(overload.clone(), 4);
+    let bytes = invite().to_bytes();
+    // Nothing refused: the look passes everything on.
+    assert!(e.layer.screen(&bytes, &udp()));
+    // A transaction for it exists: its retransmission goes on to be absorbed.
+    e.layer.on_message(req_msg(&invite()), udp());
+    overload.note_script_memory(0.9);
+    assert!(e.layer.screen(&bytes, &udp()));
+    let _ = e.sent();
+    // A new INVITE: a 503 from the look alone, the same tag for a retransmission.
+    let fresh = with_branch(invite(), "z9hG4bKfresh");
+    let mut fresh_bytes = fresh.to_bytes().to_vec();
+    assert!(!e.layer.screen(&fresh_bytes, &udp()));
+    assert!(!e.layer.screen(&fresh_bytes, &udp()));
+    let sent = e.sent();
+    assert_eq!(sent.len(), 2);
+    let tags: Vec<String> = sent
+        .iter()
+        .map(|(_, m)| {
+            let SipMessage::Response(r) = m else {
+                panic!("{m:?}")
+            };
+            assert_eq!((r.status, r.reason.as_str()), (503, "Overloaded"));
+            assert_eq!(r.headers.get("Retry-After"), Some("4"));
+            assert_eq!(r.base.via, fresh.base.via);
+            assert_eq!(r.base.call_id, fresh.base.call_id);
+            r.base.to.tag().unwrap().to_owned()
+        })
+        .collect();
+    assert!(tags[0].starts_with(OVERLOAD_TAG_PREFIX), "{tags:?}");
+    assert_eq!(tags[0], tags[1]);
+    assert_eq!(overload.refused_total(), 2);
+    // Its ACK is dropped from the look; an ACK with another tag and an in-dialog INVITE
+    // go on to the parser, as does a request of another method.
+    assert!(!e
+        .layer
+        .screen(&ack_for(&fresh, &tags[0]).to_bytes(), &udp()));
+    assert!(e
+        .layer
+        .screen(&ack_for(&fresh, "abc123").to_bytes(), &udp()));
+    let mut reinvite = with_branch(invite(), "z9hG4bKre");
+    reinvite.base.to.set_tag("abc123");
+    assert!(e.layer.screen(&reinvite.to_bytes(), &udp()));
+    assert!(e.layer.screen(&options().to_bytes(), &udp()));
+    // Unusual shapes are the parser's: a folded header line.
+    let text = String::from_utf8(fresh_bytes.clone()).unwrap();
+    fresh_bytes = text
+        .replace("CSeq: 1 INVITE", "CSeq: 1\r\n INVITE")
+        .into_bytes();
+    assert!(e.layer.screen(&fresh_bytes, &udp()));
+    assert!(e.sent().is_empty());
+    // The parsed path refuses with the same kind of tag, so its ACK is dropped the same way.
+    let other = with_branch(invite(), "z9hG4bKparsed");
+    e.layer.on_message(req_msg(&other), udp());
+    let sent = e.sent();
+    let SipMessage::Response(r) = &sent[0].1 else {
+        panic!()
+    };
+    assert_eq!(r.status, 503);
+    assert!(r.base.to.tag().unwrap().starts_with(OVERLOAD_TAG_PREFIX));
+}

@@ -143,6 +143,12 @@ pub trait InboundSink: Send + Sync + 'static {
     /// Messages queued for a connection that could not be opened or secured (connect or
     /// TLS handshake failed): what was sent is lost, and its sender should know.
     fn undelivered(&self, _target: Target, _data: Bytes, _why: &str) {}
+    /// A look at a message before it is parsed: false when the sink has dealt with it
+    /// from its bytes alone (e.g. refused a new call under overload), and it is not to be
+    /// parsed nor delivered. Called on the transport's own task: do not block.
+    fn screen(&self, _data: &[u8], _source: &Target) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -67,6 +67,10 @@ pub(crate) struct Shared {
 impl Shared {
     /// Parses one message (a datagram, or one framed TCP message) and delivers it.
     pub(crate) fn deliver(&self, data: &[u8], source: Target, local: SocketAddr) {
+        if !self.sink.screen(data, &source) {
+            self.count_received(&source);
+            return;
+        }
         let message = crate::sip::parse(data).map(|(m, _)| m);
         self.deliver_parsed(message, source, local);
     }
@@ -85,16 +89,20 @@ impl Shared {
         if let Ok(SipMessage::Request(req)) = &mut message {
             via::process_inbound(req, &source);
         }
-        self.counters.received.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .kind(source.transport)
-            .received
-            .fetch_add(1, Ordering::Relaxed);
+        self.count_received(&source);
         self.sink.deliver(super::Inbound {
             message,
             source,
             local,
         });
+    }
+
+    fn count_received(&self, source: &Target) {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .kind(source.transport)
+            .received
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 
