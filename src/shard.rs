@@ -19,6 +19,21 @@ pub(crate) struct ShardMap<K, V> {
     hasher: RandomState,
 }
 
+/// Smallest shard capacity worth giving back.
+const SHRINK_ABOVE: usize = 64;
+
+/// A shard that a burst grew and that is now under a quarter full gives the room back
+/// (to twice what it holds): a hash map keeps its largest capacity otherwise, and the
+/// transaction tables, grown by the set-up of many calls, held ~700 bytes per call that
+/// was up once the set-ups were over (issue 14, heap profile of held calls). Halving at
+/// a quarter keeps the cost amortized: the next shrink needs the count to halve again.
+fn give_back<K: Hash + Eq, V>(shard: &mut HashMap<K, V>) {
+    let cap = shard.capacity();
+    if cap > SHRINK_ABOVE && shard.len() * 4 < cap {
+        shard.shrink_to(shard.len() * 2);
+    }
+}
+
 impl<K: Hash + Eq, V> ShardMap<K, V> {
     pub(crate) fn new() -> Self {
         Self::with_shards(SHARDS)
@@ -51,14 +66,19 @@ impl<K: Hash + Eq, V> ShardMap<K, V> {
     where
         K: Borrow<Q>,
     {
-        self.shard(key).lock().remove(key)
+        let mut shard = self.shard(key).lock();
+        let removed = shard.remove(key);
+        give_back(&mut shard);
+        removed
     }
 
     /// Removes the entry only when `keep` says it should go (checked under the shard lock).
     pub(crate) fn remove_if(&self, key: &K, pred: impl FnOnce(&V) -> bool) -> Option<V> {
         let mut shard = self.shard(key).lock();
         if shard.get(key).is_some_and(pred) {
-            shard.remove(key)
+            let removed = shard.remove(key);
+            give_back(&mut shard);
+            removed
         } else {
             None
         }
@@ -158,5 +178,23 @@ mod tests {
         assert_eq!(m.remove(&8), Some("z"));
         assert_eq!(m.drain().len(), 98);
         assert!(m.get(&1).is_none());
+    }
+
+    #[test]
+    fn a_table_that_emptied_gives_its_room_back() {
+        let m: ShardMap<u32, [u8; 64]> = ShardMap::with_shards(2);
+        let capacity = |m: &ShardMap<u32, [u8; 64]>| -> usize {
+            m.shards.iter().map(|s| s.lock().capacity()).sum()
+        };
+        for i in 0..10_000 {
+            m.insert(i, [0; 64]);
+        }
+        assert!(capacity(&m) >= 10_000);
+        for i in 0..9_990 {
+            assert!(m.remove(&i).is_some());
+        }
+        assert!(capacity(&m) <= 2 * SHRINK_ABOVE + 64, "{}", capacity(&m));
+        assert_eq!(m.len(), 10);
+        assert!((9_990..10_000).all(|i| m.contains(&i)));
     }
 }

@@ -375,6 +375,13 @@ impl TimerQueue {
                 due.push(e);
             }
         }
+        // Room a burst of transactions grew is given back once they are over (as
+        // `shard::give_back` does for the tables).
+        let cap = h.entries.capacity();
+        if cap > 1024 && h.entries.len() * 4 < cap {
+            let keep = h.entries.len() * 2;
+            h.entries.shrink_to(keep);
+        }
         h.sleeping_until = h.entries.peek().map(|e| e.0.at);
         h.sleeping_until
     }
