@@ -735,6 +735,70 @@ async fn keepalive_ends_a_call_whose_caller_vanished() {
     panic!("the call is still counted as active");
 }
 
+/// RFC 3261 13.2.2.4 / 13.3.1.4: a retransmitted 2xx from the callee gets the ACK again
+/// (the same bytes) while the callee may still be retransmitting, 64*T1; after that the
+/// kept ACK is let go (issue 14: an established call holds no ACK for its whole life).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callees_2xx_is_acked_again_within_64_t1_and_the_ack_let_go_after() {
+    let callee = UdpPeer::bind("127.0.0.1").await;
+    let mut config = config_with_plan(&format!(
+        "function on_invite(call) call:dial(\"sip:b@{}\") end\n",
+        callee.addr
+    ));
+    config.sip.timers.t1_ms = 50;
+    let s = start_with(config).await;
+    let caller = UdpPeer::bind("127.0.0.1").await;
+    let call_id = unique("reack");
+    let invite = request(
+        "INVITE",
+        "sip:bob@strowger.test",
+        caller.addr,
+        "UDP",
+        &call_id,
+        &format!("Contact: <sip:alice@{}>\r\n", caller.addr),
+        "",
+    );
+    caller.send(s.udp, invite.as_bytes()).await;
+    let b_invite = next_request(&callee, "INVITE", WAIT)
+        .await
+        .expect("B is called");
+    let b_ok = reply(&b_invite, 200, "callee", Some(callee.addr));
+    callee.send(s.udp, b_ok.as_bytes()).await;
+    let ok = caller
+        .recv_final(WAIT)
+        .await
+        .expect("the caller is answered");
+    let ack = format!(
+        "ACK sip:bob@strowger.test SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK{}\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        caller.addr,
+        unique("ack"),
+        header(&invite, "From").unwrap(),
+        header(&ok, "To").unwrap(),
+    );
+    caller.send(s.udp, ack.as_bytes()).await;
+    let first = next_request(&callee, "ACK", WAIT)
+        .await
+        .expect("B is ACKed");
+    let acked = std::time::Instant::now();
+    // Within 64*T1 (3.2 s): the same ACK again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    callee.send(s.udp, b_ok.as_bytes()).await;
+    let again = next_request(&callee, "ACK", WAIT)
+        .await
+        .expect("a retransmitted 2xx is ACKed again");
+    assert_eq!(again, first, "the same bytes");
+    // After it: the ACK is gone, and the call is still up.
+    tokio::time::sleep(Duration::from_millis(3_300).saturating_sub(acked.elapsed())).await;
+    callee.send(s.udp, b_ok.as_bytes()).await;
+    assert!(
+        next_request(&callee, "ACK", Duration::from_millis(700))
+            .await
+            .is_none(),
+        "no ACK kept past 64*T1"
+    );
+    assert_eq!(s.handle.active_calls(), 1);
+}
+
 /// Issue 15, overload: when new calls wait for the script longer than
 /// `call.overload_delay_ms`, a growing share of new calls gets `503 Overloaded` with
 /// Retry-After at once, every call still gets an answer, and once the queue is gone

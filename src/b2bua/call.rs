@@ -600,7 +600,17 @@ impl Call {
         if let Some(t) = self.transfer_deadline() {
             consider(t);
         }
+        if let Some(t) = self.kept_ack_until() {
+            consider(t);
+        }
         next
+    }
+
+    /// Until when the ACK for the callee's 2xx is kept for its retransmissions: 64*T1
+    /// after it was sent, when the callee has stopped retransmitting (RFC 3261 13.3.1.4).
+    fn kept_ack_until(&self) -> Option<Instant> {
+        let ack = self.bridge.b_ack.as_ref()?;
+        Some(ack.sent + self.inner.timers.t1 * 64)
     }
 
     fn on_timers(&mut self) {
@@ -632,6 +642,9 @@ impl Call {
         }
         if self.session_deadline().is_some_and(|t| now >= t) {
             self.on_session_timers(now);
+        }
+        if self.kept_ack_until().is_some_and(|t| now >= t) {
+            self.bridge.b_ack = None;
         }
         if self.max_duration.is_some_and(|t| now >= t) {
             self.max_duration = None;
@@ -724,6 +737,7 @@ impl Call {
         let sent = SentAck {
             seq: ack.base.cseq.seq,
             bytes: Box::from(&bytes[..]),
+            sent: Instant::now(),
         };
         self.transmit_ack(target, &ack.base.call_id, bytes);
         sent

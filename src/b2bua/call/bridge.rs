@@ -33,11 +33,17 @@ enum State {
 /// for the whole life of an established call; a plain box of its exact size (a kept
 /// `Bytes` that was also sent carried a shared header, and the Call-ID a copy of its own:
 /// issue 14), copied into a new `Bytes` for the rare resend.
+///
+/// Kept for 64*T1 after it was sent: a UAS gives up retransmitting its 2xx after that
+/// long (RFC 3261 13.3.1.4), so the bytes are dropped then (`Call::on_timers`) and an
+/// established call holds no ACK for the rest of its life.
 #[derive(Clone)]
 pub(super) struct SentAck {
     /// The CSeq number of the INVITE it acknowledges.
     pub seq: u32,
     pub bytes: Box<[u8]>,
+    /// When it was sent first.
+    pub sent: tokio::time::Instant,
 }
 
 impl SentAck {
@@ -272,6 +278,7 @@ mod tests {
         let sent = SentAck {
             seq: 1,
             bytes: Box::from(&ack.to_bytes()[..]),
+            sent: tokio::time::Instant::now(),
         };
         assert_eq!(sent.call_id(), ack.base.call_id);
     }
