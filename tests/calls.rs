@@ -649,6 +649,48 @@ async fn next_request(peer: &UdpPeer, method: &str, wait: Duration) -> Option<St
     }
 }
 
+/// A call from `caller` through the server `s` to `callee` (which the plan dials),
+/// answered by the callee and ACKed by the caller. Returns the callee's 200 and the ACK
+/// the server sent it.
+async fn answered_call(
+    s: &TestServer,
+    caller: &UdpPeer,
+    callee: &UdpPeer,
+    tag: &str,
+) -> (String, String) {
+    let call_id = unique(tag);
+    let invite = request(
+        "INVITE",
+        "sip:bob@strowger.test",
+        caller.addr,
+        "UDP",
+        &call_id,
+        &format!("Contact: <sip:alice@{}>\r\n", caller.addr),
+        "",
+    );
+    caller.send(s.udp, invite.as_bytes()).await;
+    let b_invite = next_request(callee, "INVITE", WAIT)
+        .await
+        .expect("B is called");
+    let b_ok = reply(&b_invite, 200, "callee", Some(callee.addr));
+    callee.send(s.udp, b_ok.as_bytes()).await;
+    let ok = caller
+        .recv_final(WAIT)
+        .await
+        .expect("the caller is answered");
+    assert_eq!(status(&ok), 200, "{ok}");
+    let ack = format!(
+        "ACK sip:bob@strowger.test SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK{}\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        caller.addr,
+        unique("ack"),
+        header(&invite, "From").unwrap(),
+        header(&ok, "To").unwrap(),
+    );
+    caller.send(s.udp, ack.as_bytes()).await;
+    let b_ack = next_request(callee, "ACK", WAIT).await.expect("B is ACKed");
+    (b_ok, b_ack)
+}
+
 /// Issue 15: a party that vanishes without a BYE (power cut) no longer leaves the call
 /// "answered" forever: with `call.keepalive_s` both parties get an in-dialog OPTIONS, and
 /// one that does not answer ends the call (the other party gets a BYE).
@@ -664,38 +706,7 @@ async fn keepalive_ends_a_call_whose_caller_vanished() {
     let s = start_with(config).await;
 
     let caller = UdpPeer::bind("127.0.0.1").await;
-    let call_id = unique("ka");
-    let invite = request(
-        "INVITE",
-        "sip:bob@strowger.test",
-        caller.addr,
-        "UDP",
-        &call_id,
-        &format!("Contact: <sip:alice@{}>\r\n", caller.addr),
-        "",
-    );
-    caller.send(s.udp, invite.as_bytes()).await;
-    let b_invite = next_request(&callee, "INVITE", WAIT)
-        .await
-        .expect("B is called");
-    let b_ok = reply(&b_invite, 200, "callee", Some(callee.addr));
-    callee.send(s.udp, b_ok.as_bytes()).await;
-    let ok = caller
-        .recv_final(WAIT)
-        .await
-        .expect("the caller is answered");
-    assert_eq!(status(&ok), 200, "{ok}");
-    let to = header(&ok, "To").unwrap();
-    let ack = format!(
-        "ACK sip:bob@strowger.test SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK{}\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
-        caller.addr,
-        unique("ack"),
-        header(&invite, "From").unwrap(),
-    );
-    caller.send(s.udp, ack.as_bytes()).await;
-    next_request(&callee, "ACK", WAIT)
-        .await
-        .expect("B is ACKed");
+    answered_call(&s, &caller, &callee, "ka").await;
 
     // The callee answers its keep-alive; the caller is gone and answers nothing.
     let started = std::time::Instant::now();
@@ -748,37 +759,7 @@ async fn the_callees_2xx_is_acked_again_within_64_t1_and_the_ack_let_go_after() 
     config.sip.timers.t1_ms = 50;
     let s = start_with(config).await;
     let caller = UdpPeer::bind("127.0.0.1").await;
-    let call_id = unique("reack");
-    let invite = request(
-        "INVITE",
-        "sip:bob@strowger.test",
-        caller.addr,
-        "UDP",
-        &call_id,
-        &format!("Contact: <sip:alice@{}>\r\n", caller.addr),
-        "",
-    );
-    caller.send(s.udp, invite.as_bytes()).await;
-    let b_invite = next_request(&callee, "INVITE", WAIT)
-        .await
-        .expect("B is called");
-    let b_ok = reply(&b_invite, 200, "callee", Some(callee.addr));
-    callee.send(s.udp, b_ok.as_bytes()).await;
-    let ok = caller
-        .recv_final(WAIT)
-        .await
-        .expect("the caller is answered");
-    let ack = format!(
-        "ACK sip:bob@strowger.test SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK{}\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
-        caller.addr,
-        unique("ack"),
-        header(&invite, "From").unwrap(),
-        header(&ok, "To").unwrap(),
-    );
-    caller.send(s.udp, ack.as_bytes()).await;
-    let first = next_request(&callee, "ACK", WAIT)
-        .await
-        .expect("B is ACKed");
+    let (b_ok, first) = answered_call(&s, &caller, &callee, "reack").await;
     let acked = std::time::Instant::now();
     // Within 64*T1 (3.2 s): the same ACK again.
     tokio::time::sleep(Duration::from_millis(500)).await;
