@@ -449,7 +449,7 @@ impl Call {
             reinvite.body = a.body.clone();
         }
         self.fork.add_proceeding(bid, reinvite.clone(), flow);
-        self.replacing = Some(Box::new(dialog));
+        self.after_transfer().replacing = Some(dialog);
         if self
             .send_client(
                 reinvite,
@@ -472,7 +472,7 @@ impl Call {
             }
             return;
         }
-        let Some(mut dialog) = self.replacing.take().map(|d| *d) else {
+        let Some(mut dialog) = self.after.as_mut().and_then(|t| t.replacing.take()) else {
             return;
         };
         dialog.refresh_target(&resp.headers);
@@ -492,7 +492,7 @@ impl Call {
     fn replace_failed(&mut self, bid: u64, status: u16, reason: &str) {
         self.remove_branch_key(bid);
         self.fork.remove(bid);
-        if let Some(d) = self.replacing.take().map(|d| *d) {
+        if let Some(d) = self.after.as_mut().and_then(|t| t.replacing.take()) {
             self.release_dialog(d);
         }
         self.count_transfer(TransferKind::Attended, 2);
@@ -572,7 +572,11 @@ impl Call {
             TransferStep::Resume => match event {
                 ClientEvent::Final(resp) if resp.is_success() => {
                     // ACK the 2xx (and its retransmissions) on the resumed dialog.
-                    let side = self.resume_side.unwrap_or(Side::A);
+                    let side = self
+                        .after
+                        .as_ref()
+                        .and_then(|t| t.resume_side)
+                        .unwrap_or(Side::A);
                     let inner = self.inner.clone();
                     if let Some(d) = self.dialog_mut(side) {
                         let flow = d.flow;
@@ -726,7 +730,7 @@ impl Call {
     fn on_transferee_answer(&mut self, resp: Response) {
         let Some(t) = self.transfer.as_ref() else {
             // A retransmission after the switch: ACK it again.
-            if let Some((flow, ack)) = self.transfer_reinvite_ack.as_deref() {
+            if let Some((flow, ack)) = self.after.as_ref().and_then(|t| t.reinvite_ack.as_ref()) {
                 self.resend_ack(flow, ack);
             }
             return;
@@ -743,7 +747,7 @@ impl Call {
         let via = inner.local.via(&flow);
         let ack = d.ack(seq, via);
         let sent = self.send_ack(&flow, &ack);
-        self.transfer_reinvite_ack = Some(Box::new((flow, sent)));
+        self.after_transfer().reinvite_ack = Some((flow, sent));
         // The answer goes to the target in its ACK (RFC 3264 offer/answer across legs).
         let Some(t) = self.transfer.as_mut() else {
             return;
@@ -844,7 +848,7 @@ impl Call {
         tracing::info!(call = %self.id, kind = t.kind.as_str(), target = %t.target, "transfer done");
         if let Some(old) = old {
             if !t.transferor_gone {
-                self.old_legs.push(old);
+                self.after_transfer().old_legs.push(old);
             } else {
                 self.unindex(&DialogKey::new(old.call_id(), old.local_tag()));
             }
@@ -1012,7 +1016,7 @@ impl Call {
     }
 
     fn notify_old_leg(&mut self, t: &Transfer, status_line: &str, last: bool) {
-        let Some(old) = self.old_legs.last_mut() else {
+        let Some(old) = self.after.as_mut().and_then(|a| a.old_legs.last_mut()) else {
             return;
         };
         let contact = self.inner.local.contact(&old.flow);
@@ -1023,24 +1027,33 @@ impl Call {
 
     /// BYE to every replaced leg still up (the transferor's, after its last NOTIFY).
     pub(super) fn bye_old_legs(&mut self) {
-        for mut d in std::mem::take(&mut self.old_legs) {
+        let legs = self
+            .after
+            .as_mut()
+            .map(|a| std::mem::take(&mut a.old_legs))
+            .unwrap_or_default();
+        for mut d in legs {
             let flow = d.flow;
             let via = self.inner.local.via(&flow);
             let bye = d.request(Method::Bye, via, None);
             self.send_client(bye, flow, Purpose::Own);
-            self.old_keys
+            self.after_transfer()
+                .old_keys
                 .push(DialogKey::new(d.call_id(), d.local_tag()));
         }
     }
 
     /// A request on a leg that was transferred away: its BYE is answered here.
     pub(super) fn on_old_leg_request(&mut self, tx: &ServerTransaction, req: &Request) -> bool {
-        let in_old = self.old_legs.iter().position(|d| d.matches(req));
+        let Some(after) = self.after.as_mut() else {
+            return false;
+        };
+        let in_old = after.old_legs.iter().position(|d| d.matches(req));
         let tag = req.base.to.tag().unwrap_or("");
-        let gone = self.old_keys.iter().any(|k| k.is(&req.base.call_id, tag));
+        let gone = after.old_keys.iter().any(|k| k.is(&req.base.call_id, tag));
         match (in_old, gone) {
             (Some(i), _) if req.method == Method::Bye => {
-                let d = self.old_legs.remove(i);
+                let d = after.old_legs.remove(i);
                 self.unindex(&DialogKey::new(d.call_id(), d.local_tag()));
                 let _ = tx.respond(req.response(200));
                 true
@@ -1097,7 +1110,7 @@ impl Call {
         let mut reinvite = d.request(Method::Invite, inner.local.via(&flow), Some(&contact));
         reinvite.headers.push("Content-Type", "application/sdp");
         reinvite.body = Bytes::from(body);
-        self.resume_side = Some(side);
+        self.after_transfer().resume_side = Some(side);
         self.send_client(reinvite, flow, Purpose::Transfer(TransferStep::Resume));
     }
 
@@ -1126,7 +1139,7 @@ impl Call {
     }
 
     fn note_transfer(&mut self, t: &Transfer, status: u16) {
-        self.transfers.push(TransferNote {
+        self.after_transfer().notes.push(TransferNote {
             kind: t.kind.as_str(),
             by: t.transferor.map_or("server", side_name),
             target: t.target.clone(),
