@@ -35,13 +35,15 @@ pub struct Peek<'a> {
 fn head_lines(data: &[u8]) -> Option<(&str, std::str::Split<'_, &'static str>)> {
     let end = memchr::memmem::find(data, b"\r\n\r\n")?;
     let head = std::str::from_utf8(&data[..end]).ok()?;
-    // Lines end in CRLF only (a bare CR or LF is the parser's business), and no NUL.
+    // Lines end in CRLF only (a bare CR or LF is the parser's business), and no other
+    // control characters.
     let lone = head
         .bytes()
         .zip(head.bytes().skip(1).chain(std::iter::once(b'\r')))
         .enumerate()
         .any(|(i, (b, next))| {
-            b == 0
+            (b < 0x20 && ![b'\t', b'\r', b'\n'].contains(&b))
+                || b == 0x7f
                 || (b == b'\r' && next != b'\n')
                 || (b == b'\n' && (i == 0 || head.as_bytes()[i - 1] != b'\r'))
         });
@@ -179,7 +181,10 @@ fn top_via(v: &str) -> Option<(&str, &str, Option<u16>, bool)> {
     let mut params = rest.trim_start().split(';');
     let sent_by = params.next()?.trim();
     let (host, port) = match sent_by.split_once(':') {
-        Some((h, p)) => (h, Some(p.parse::<u16>().ok()?)),
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (h, Some(p.parse::<u16>().ok()?))
+        }
+        Some(_) => return None,
         None => (sent_by, None),
     };
     if host.is_empty() || host.contains([' ', '\t']) {
@@ -192,6 +197,9 @@ fn top_via(v: &str) -> Option<(&str, &str, Option<u16>, bool)> {
             None => (p.trim(), None),
         };
         if name.eq_ignore_ascii_case("branch") {
+            if branch.is_some() {
+                return None; // a repeated branch: which one counts is the parser's call
+            }
             branch = Some(val?);
         } else if name.eq_ignore_ascii_case("rport") {
             if val.is_some() {
@@ -372,6 +380,9 @@ mod tests {
             ("branch=z9hG4bK-1", "branch=z9hG4bK-1, SIP/2.0/UDP h"),
             ("192.0.2.1:5070", "[2001:db8::1]:5070"),
             ("branch=z9hG4bK-1", "branch=1"),
+            ("branch=z9hG4bK-1", "branch=z9hG4bK-1;branch=z9hG4bK-2"),
+            ("192.0.2.1:5070", "192.0.2.1:+5070"),
+            ("Max-Forwards: 70", "Max-Forwards: 70\x0b"),
             ("CSeq: 1 INVITE", "CSeq: 1 BYE"),
             ("Call-ID:  c1@192.0.2.1 ", "Call-ID: "),
             ("SIP/2.0\r\nVia", "SIP/2.0 x\r\nVia"),
