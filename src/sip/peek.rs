@@ -280,16 +280,6 @@ impl Peek<'_> {
         out.push_str("Content-Length: 0\r\n\r\n");
         out.into_bytes()
     }
-
-    /// Where the response goes over an unreliable transport (RFC 3261 18.2.2, RFC 3581 4):
-    /// the source address, at the source port with `rport`, else the sent-by port.
-    pub fn response_port(&self, source_port: u16) -> u16 {
-        if self.rport {
-            source_port
-        } else {
-            self.port.unwrap_or(5060)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -335,7 +325,6 @@ mod tests {
             Some(Some("192.0.2.9"))
         );
         assert_eq!(resp.headers.get("Retry-After"), Some("2"));
-        assert_eq!(p.response_port(4000), 5070);
     }
 
     #[test]
@@ -358,7 +347,6 @@ mod tests {
             resp.base.via[0].params.get("received"),
             Some(Some("192.0.2.1"))
         );
-        assert_eq!(p.response_port(4000), 4000);
     }
 
     #[test]

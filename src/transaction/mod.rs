@@ -845,19 +845,8 @@ impl TransactionLayer {
             source.addr,
             &extra,
         );
-        // RFC 3261 18.2.2 / RFC 3581 4, as `transport::response_target` for a parsed Via.
-        let target = if source.transport.is_reliable() {
-            *source
-        } else {
-            Target {
-                transport: source.transport,
-                addr: std::net::SocketAddr::new(
-                    source.addr.ip(),
-                    peek.response_port(source.addr.port()),
-                ),
-                connection: None,
-            }
-        };
+        let rport = peek.rport.then_some(None);
+        let target = crate::transport::response_target_of(rport, peek.port, source);
         if let Err(e) = self.shared.send(
             &target,
             Bytes::from(bytes),

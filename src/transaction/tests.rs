@@ -891,8 +891,16 @@ async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropp
     // A new INVITE: a 503 from the look alone, the same tag for a retransmission.
     let fresh = with_branch(invite(), "z9hG4bKfresh");
     let mut fresh_bytes = fresh.to_bytes().to_vec();
+    // From another port than the Via's sent-by (a NAT): the 503 goes to the sent-by
+    // port at the source address (RFC 3261 18.2.2; no rport asked for).
+    let natted = Target {
+        addr: "192.0.2.1:4000".parse().unwrap(),
+        ..udp()
+    };
+    assert!(!e.layer.screen(&fresh_bytes, &natted));
     assert!(!e.layer.screen(&fresh_bytes, &udp()));
-    assert!(!e.layer.screen(&fresh_bytes, &udp()));
+    let to: Vec<Target> = e.sender.sent.lock().iter().map(|(_, t, _)| *t).collect();
+    assert_eq!(to, vec![udp(), udp()]);
     let sent = e.sent();
     assert_eq!(sent.len(), 2);
     let tags: Vec<String> = sent

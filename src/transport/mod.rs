@@ -272,6 +272,16 @@ pub fn response_target(via: &crate::sip::Via, source: &Target) -> Target {
     via::response_target(via, source)
 }
 
+/// [`response_target`] from the top Via's `rport` (`Some(None)`: asked for without a
+/// value) and sent-by port, for a request read without a parse (`sip::peek_request`).
+pub fn response_target_of(
+    rport: Option<Option<u16>>,
+    sent_by_port: Option<u16>,
+    source: &Target,
+) -> Target {
+    via::response_target_of(rport, sent_by_port, source)
+}
+
 /// RFC 3261 18.1.1: a request larger than 1300 octets (path MTU unknown) must go over a
 /// congestion-controlled transport.
 pub fn needs_reliable(len: usize) -> bool {

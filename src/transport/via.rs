@@ -39,6 +39,15 @@ pub fn process_inbound(req: &mut Request, source: &Target) {
 
 /// See [`super::response_target`].
 pub(crate) fn response_target(via: &Via, source: &Target) -> Target {
+    response_target_of(via.rport(), via.port, source)
+}
+
+/// See [`super::response_target_of`].
+pub(crate) fn response_target_of(
+    rport: Option<Option<u16>>,
+    sent_by_port: Option<u16>,
+    source: &Target,
+) -> Target {
     // RFC 3261 18.2.2: over a reliable transport the response goes back on the connection
     // the request came on (and the sender reopens to the source if it has closed).
     if source.transport.is_reliable() {
@@ -46,11 +55,11 @@ pub(crate) fn response_target(via: &Via, source: &Target) -> Target {
     }
     // RFC 3581 4: with rport, the source port; RFC 3261 18.2.2: otherwise the sent-by port
     // at the `received` address, which is the source address. `maddr` is ignored on purpose.
-    let port = match via.rport() {
+    let port = match rport {
         Some(Some(p)) if p != 0 => p,
         // rport asked for but not filled in (process_inbound not run): the source port.
         Some(_) => source.addr.port(),
-        None => via.port.unwrap_or(DEFAULT_SIP_PORT),
+        None => sent_by_port.unwrap_or(DEFAULT_SIP_PORT),
     };
     Target {
         transport: match source.transport {
