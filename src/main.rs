@@ -471,10 +471,12 @@ fn run(path: Option<&Path>) -> ExitCode {
         (config.sip.tcp_max_connections + config.http.max_connections + 256) as u64,
     );
     no_transparent_huge_pages();
-    // `script.vm_threads = false`: one thread carries SIP, HTTP and the Lua VMs (a
-    // current-thread runtime running a LocalSet, where the VMs are local tasks); else a
-    // multi-thread runtime with `sip.workers` workers and the VMs on threads of their own.
-    let mut builder = if config.script.vm_threads {
+    // `script.vm_threads = false` (the default with one SIP worker): one thread carries
+    // SIP, HTTP and the Lua VMs (a current-thread runtime running a LocalSet, where the VMs
+    // are local tasks); else a multi-thread runtime with `sip.workers` workers and the VMs
+    // on threads of their own.
+    let vm_threads = config.script.vm_threads(config.sip.workers);
+    let mut builder = if vm_threads {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()
@@ -491,7 +493,7 @@ fn run(path: Option<&Path>) -> ExitCode {
         })
         .on_thread_stop(strowger::transport::outbox::flush);
     // `sip.workers` (0 = tokio's default, one per core).
-    if config.sip.workers > 0 && config.script.vm_threads {
+    if config.sip.workers > 0 && vm_threads {
         builder.worker_threads(config.sip.workers);
     }
     let runtime = match builder.build() {
@@ -501,7 +503,7 @@ fn run(path: Option<&Path>) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let result = if config.script.vm_threads {
+    let result = if vm_threads {
         runtime.block_on(serve(config))
     } else {
         let local = tokio::task::LocalSet::new();

@@ -1,9 +1,9 @@
 //! `script.vm_threads = false`: the Lua VMs run on the one SIP thread (issue 14: no thread
 //! hand-off per hook). The binary itself is run (the runtime is chosen in `main`): SIPp
 //! calls through a dial plan that dials SIPp, a reload from the admin API (the new VMs are
-//! built on the SIP thread), a hook stuck in one long pattern match (its call gets 500,
-//! the next calls are served), and the refusal of `vm_threads = false` with two SIP
-//! workers.
+//! built on the SIP thread), a pathological pattern match cut at 50 ms, a hook stuck in
+//! one long library call (its call gets 500, the next calls are served), and the refusal
+//! of `vm_threads = false` with two SIP workers.
 
 mod common;
 
@@ -22,10 +22,17 @@ function on_invite(call)
   local u = call.ruri.user
   if u == "bob" then
     call:dial("sip:callee@127.0.0.1:{b}", {{ timeout = 15 }})
-  elseif u == "stuck" then
-    -- One C call of one to a few seconds: no instruction budget is checked inside it.
+  elseif u == "slow-match" then
+    -- Seconds with Lua's own matcher; ours checks the time as it goes.
     local s = "x" .. string.rep(" ", 20000) .. "y"
     s = s:match("^%s*(.-)%s*$")
+  elseif u == "stuck" then
+    -- One C call that runs no Lua (about a second in a debug build): no budget is
+    -- checked inside it.
+    local s = string.rep("qwertyuiopasdfghjklzxcvbnm", 34000)
+    local t = {{ s:byte(1, -1) }}
+    table.move(t, 1, #t, #t + 1)
+    table.sort(t)
   else
     call:reject(486, "{version}")
   end
@@ -153,8 +160,26 @@ async fn calls_reload_and_a_stuck_hook_with_the_vms_on_the_sip_thread() {
     let resp = invite(&server, &peer, "alice").await;
     assert_eq!((status(&resp), reason(&resp)), (486, "v2"), "{resp}");
 
-    // 3. A hook stuck in one C call holds the SIP thread until the call returns (about a
-    // second here); its call then fails with 500, and the next calls are served.
+    // 3. A pathological pattern match is cut at 50 ms (the stretch a hook may run on the
+    // SIP thread at one go): 500 at once.
+    let started = Instant::now();
+    let resp = invite(&server, &peer, "slow-match").await;
+    assert_eq!(status(&resp), 500, "{resp}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    assert!(
+        log.contains("ran 50 ms at one go on the SIP thread"),
+        "{log}"
+    );
+    assert!(!log.contains("stuck on the SIP thread"), "{log}");
+
+    // A hook stuck in one C call that checks no budget holds the SIP thread until the
+    // call returns (about a second here); its call then fails with 500, and the next calls
+    // are served.
     let started = Instant::now();
     let resp = invite(&server, &peer, "stuck").await;
     assert_eq!(status(&resp), 500, "{resp}");

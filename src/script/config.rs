@@ -26,9 +26,11 @@ pub struct ScriptConfig {
     /// Number of Lua VMs; 0 = one per CPU core.
     pub vm_pool_size: usize,
     /// Each VM on a thread of its own (true), or every VM on the one SIP thread (false,
-    /// with `sip.workers = 1`): no thread hand-off per hook, but a hook stuck inside one C
-    /// call stops SIP until it returns (see `pool.rs`).
-    pub vm_threads: bool,
+    /// with `sip.workers = 1`): no thread hand-off per hook, and a hook run may execute Lua
+    /// for 50 ms at one go (see `pool.rs`). Unset: false with one SIP worker, true with more
+    /// ([`ScriptConfig::vm_threads`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_threads: Option<bool>,
 }
 
 impl Default for ScriptConfig {
@@ -40,7 +42,7 @@ impl Default for ScriptConfig {
             instruction_limit: super::DEFAULT_INSTRUCTION_LIMIT,
             time_limit_ms: super::DEFAULT_TIME_LIMIT_MS,
             vm_pool_size: 0,
-            vm_threads: true,
+            vm_threads: None,
         }
     }
 }
@@ -56,9 +58,15 @@ impl ScriptConfig {
         check_range("vm_pool_size", self.vm_pool_size, 0, MAX_VM_POOL)
     }
 
+    /// Whether the VMs run on threads of their own with `sip_workers` SIP threads: as
+    /// configured, else only when there is more than one SIP thread to put them on.
+    pub fn vm_threads(&self, sip_workers: usize) -> bool {
+        self.vm_threads.unwrap_or(sip_workers != 1)
+    }
+
     /// `vm_threads = false` puts the VMs on the SIP thread, so there must be exactly one.
     pub fn check_with_workers(&self, sip_workers: usize) -> Result<(), InvalidValue> {
-        if !self.vm_threads && sip_workers != 1 {
+        if self.vm_threads == Some(false) && sip_workers != 1 {
             return Err(InvalidValue::new(
                 "vm_threads",
                 "false needs sip.workers = 1 (the Lua VMs then run on the one SIP thread)",
@@ -90,8 +98,12 @@ mod tests {
         assert_eq!(bad(|c| c.instruction_limit = 0), "instruction_limit");
         assert_eq!(bad(|c| c.vm_pool_size = 1025), "vm_pool_size");
         assert_eq!(bad(|c| c.time_limit_ms = 3_600_001), "time_limit_ms");
+        // Unset: on the SIP thread when there is one, on threads of their own otherwise.
+        assert!(!c.vm_threads(1));
+        assert!(c.vm_threads(2) && c.vm_threads(0));
+        assert!(c.check_with_workers(2).is_ok());
         let inline = ScriptConfig {
-            vm_threads: false,
+            vm_threads: Some(false),
             ..ScriptConfig::default()
         };
         assert!(inline.check_with_workers(1).is_ok());

@@ -149,6 +149,7 @@ mod config;
 mod hooks;
 mod huntgroup;
 mod metrics;
+mod pattern;
 mod pool;
 mod presence;
 mod register;
@@ -230,7 +231,7 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
-    /// Options with the defaults of the `[script]` configuration section: 8 MiB per VM,
+    /// Options with the defaults of the `[script]` configuration section: 64 MiB per VM,
     /// one million instructions and one second of Lua per hook run, one VM per core.
     pub fn new(path: impl Into<PathBuf>) -> EngineOptions {
         EngineOptions {

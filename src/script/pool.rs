@@ -15,12 +15,15 @@
 //!
 //! The price is two hand-offs between threads per hook run (the job in, the answer out),
 //! and as many when a verb's wait ends: about 6 system calls and 4 context switches per
-//! call (`benches/callgrind.sh`). With `script.vm_threads = false` (and one SIP thread)
-//! the server instead runs every VM as a local task of the SIP thread
+//! call (`benches/callgrind.sh`). So with one SIP thread (the default; `script.vm_threads`
+//! unset or false) the server instead runs every VM as a local task of the SIP thread
 //! ([`run_vms_inline`]): no hand-off, the same budgets (instruction count, memory, time
-//! checked by the count hook, no `__gc`), but a run stuck inside one C call holds the SIP
-//! thread until it returns. The watchdog then only reports it (giving the VM up would not
-//! free the thread); the run fails with the time-limit error when it returns.
+//! checked by the count hook and by the pattern functions, `pattern.rs`; no `__gc`), and
+//! one more: a run may execute Lua for 50 ms at one go (`vm.rs`), so that it holds SIP no
+//! longer. One C call that runs no Lua and checks nothing (a sort without comparator)
+//! still holds the thread until it returns: the watchdog then only reports it (giving the
+//! VM up would not free the thread); the run fails with the time-limit error when it
+//! returns.
 
 use std::future::Future;
 use std::rc::Rc;
@@ -94,6 +97,11 @@ impl VmWatch {
     pub fn take_queue_wait(&self) -> Option<Duration> {
         let ns = self.queue_wait_min_ns.swap(u64::MAX, Ordering::Relaxed);
         (ns != u64::MAX).then(|| Duration::from_nanos(ns))
+    }
+
+    /// The VM runs on the SIP thread ([`run_vms_inline`]).
+    pub fn is_inline(&self) -> bool {
+        self.inline.load(Ordering::Relaxed)
     }
 
     pub fn is_abandoned(&self) -> bool {
@@ -474,7 +482,7 @@ impl Watchdog {
                         tracing::error!(
                             target: "script",
                             after_ms = self.abandon_after.as_millis() as u64,
-                            "a Lua hook is stuck on the SIP thread where no budget is checked (one long C call, e.g. a pattern match): SIP waits until it returns; its call then fails (script.vm_threads = true would confine this to the VM)"
+                            "a Lua hook is stuck on the SIP thread in one library call that checks no budget (e.g. a sort of a large table): SIP waits until it returns; its call then fails (script.vm_threads = true would confine this to the VM)"
                         );
                     }
                     return true;

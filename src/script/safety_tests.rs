@@ -95,6 +95,12 @@ function on_invite(call)
   elseif u == "trim" then
     local s = "x" .. string.rep(" ", 30000) .. "y"
     s = s:match("^%s*(.-)%s*$")
+  elseif u == "bigsort" then
+    -- One C call that runs no Lua (a second or so): no budget is checked inside it.
+    local s = string.rep("qwertyuiopasdfghjklzxcvbnm", 34000)
+    local t = { s:byte(1, -1) }
+    table.move(t, 1, #t, #t + 1)
+    table.sort(t)
   elseif u == "subject" then
     local s = call:header("Subject")
     local t = s:match("^%s*(.-)%s*$")
@@ -130,11 +136,27 @@ async fn a_looping_finalizer_cannot_be_installed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hook_stuck_in_one_pattern_match_costs_its_vm_not_the_engine() {
-    // 50 ms of Lua per run: the match below takes far longer (about a second).
+async fn a_slow_pattern_match_fails_at_the_time_limit() {
+    // 50 ms of Lua per run: the match below would take about a second; the pattern
+    // functions check the time as they go (`pattern.rs`).
     let e = engine(PLAN, 50);
     let started = Instant::now();
-    let out = invite(&e, "trim", vec![]).await;
+    let (code, text) = status(&invite(&e, "trim", vec![]).await);
+    let took = started.elapsed();
+    assert_eq!(code, 500, "{text}");
+    assert!(text.contains("time limit exceeded (50 ms"), "{text}");
+    assert!(text.contains("main.lua:"), "names the line: {text}");
+    assert!(took < Duration::from_millis(500), "failed after {took:?}");
+    assert_eq!(e.stats().vms_abandoned.load(Ordering::Relaxed), 0);
+    assert_eq!(status(&invite(&e, "next", vec![]).await).1, "fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_stuck_in_one_library_call_costs_its_vm_not_the_engine() {
+    // 50 ms of Lua per run: the sort takes far longer, and no budget is checked in it.
+    let e = engine(PLAN, 50);
+    let started = Instant::now();
+    let out = invite(&e, "bigsort", vec![]).await;
     let took = started.elapsed();
     let (code, text) = status(&out);
     assert_eq!(code, 500, "{text}");
@@ -227,17 +249,23 @@ async fn each_call_sees_a_pristine_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_top_level_is_refused_in_bounded_time() {
-    // One C call (a quadratic match) at top level: no instruction hook runs in it.
-    let slow = "local s = 'x' .. string.rep(' ', 30000) .. 'y'\ns = s:match('^%s*(.-)%s*$')\nfunction on_invite(call) end\n";
+    // One C call (a sort of 3.5 million numbers, two seconds or so) at top level: no
+    // budget is checked in it.
+    let slow = "local s = string.rep('qwertyuiopasdfghjklzxcvbnm', 34000)\nlocal t = { s:byte(1, -1) }\nfor _ = 1, 2 do table.move(t, 1, #t, #t + 1) end\ntable.sort(t)\nfunction on_invite(call) end\n";
+    let unlimited = |path: &std::path::Path| {
+        let mut o = opts(path, 100);
+        o.memory_limit = 0;
+        o
+    };
     let path = write_script(slow);
     let started = Instant::now();
-    let err = ScriptEngine::check(&opts(&path, 100)).expect_err("refused");
+    let err = ScriptEngine::check(&unlimited(&path)).expect_err("refused");
     assert!(err.to_string().contains("did not finish"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2));
 
     // A reload of such a script is refused without stalling the caller's runtime.
     let ok = write_script("function on_invite(call) call:reject(486, 'v1') end");
-    let e = ScriptEngine::load(opts(&ok, 100)).unwrap();
+    let e = ScriptEngine::load(unlimited(&ok)).unwrap();
     std::fs::write(&ok, slow).unwrap();
     let ticks = Arc::new(AtomicUsize::new(0));
     let ticker = {
@@ -278,4 +306,61 @@ async fn check_reports_misspelled_hooks() {
     assert!(warnings
         .iter()
         .any(|w| w.contains("`on_regster`") && w.contains("`on_register`")));
+}
+
+/// Hooks that run long with the VMs on the calling thread (`script.vm_threads = false`).
+const LONG_PLAN: &str = r#"
+function on_invite(call)
+  local u = call.ruri.user
+  if u == "loop" then
+    local n = 0
+    while true do n = n + 1 end
+  elseif u == "sort" then
+    local t = { 3, 1, 2 }
+    table.sort(t, function(a, b) while true do end end)
+  elseif u == "in-coroutine" then
+    coroutine.wrap(function() while true do end end)()
+  elseif u == "trim" then
+    local s = "x" .. string.rep(" ", 30000) .. "y"
+    s = s:match("^%s*(.-)%s*$")
+  end
+  call:reject(486, "fine")
+end
+"#;
+
+/// Runs `f` with the engine's VMs served on this thread, as the server does with
+/// `script.vm_threads = false`.
+async fn on_this_thread<F: Future>(f: impl FnOnce() -> F) -> F::Output {
+    tokio::task::LocalSet::new()
+        .run_until(async move {
+            run_vms_inline();
+            f().await
+        })
+        .await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn on_the_sip_thread_a_hook_computes_50_ms_at_one_go_at_most() {
+    on_this_thread(|| async {
+        // No instruction budget and 5 s of Lua per run: only the stretch limit stops these.
+        let mut o = opts(&write_script(LONG_PLAN), 5000);
+        o.instruction_limit = 0;
+        let e = ScriptEngine::load(o).unwrap();
+        for user in ["loop", "sort", "in-coroutine", "trim"] {
+            let started = Instant::now();
+            let (code, text) = status(&invite(&e, user, vec![]).await);
+            let took = started.elapsed();
+            assert_eq!(code, 500, "{user}: {text}");
+            assert!(
+                text.contains("ran 50 ms at one go on the SIP thread"),
+                "{user}: {text}"
+            );
+            assert!(text.contains("main.lua:"), "{user}: names the line: {text}");
+            assert!(took < Duration::from_millis(400), "{user}: {took:?}");
+        }
+        assert_eq!(status(&invite(&e, "next", vec![]).await).1, "fine");
+        assert_eq!(e.stats().vms_abandoned.load(Ordering::Relaxed), 0);
+        assert_eq!(e.stats().time_limits.load(Ordering::Relaxed), 4);
+    })
+    .await;
 }

@@ -1,9 +1,11 @@
 //! One sandboxed Lua VM of the pool: creation (sandbox, `log`, `require`, the operator
 //! script, then the freeze that makes the standard tables read-only and globals per run),
 //! the budgets of a hook run (instructions, charged by a single global count hook, and
-//! Lua execution time) and the switch of the global environment at every poll of a run.
+//! Lua execution time, and on the SIP thread the length of one stretch) and the switch of
+//! the global environment at every poll of a run.
 //!
-//! A `Vm` lives on its own OS thread (`pool.rs`) and is never touched from another one.
+//! A `Vm` lives on one thread (its own or the SIP thread, `pool.rs`) and is never touched
+//! from another one.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -27,6 +29,14 @@ use super::{call, EngineOptions, ScriptError};
 /// The count hook fires every this many VM instructions (or every `instruction_limit`
 /// instructions when that is smaller).
 const HOOK_STEP: u32 = 1000;
+
+/// On the SIP thread (`script.vm_threads = false`), the longest a hook run may execute
+/// Lua at one go (one entry: from its start or the end of a wait to its end or next wait):
+/// past it the run fails with the time-limit error, so that one hook never holds SIP
+/// longer. Lua running in a coroutine cannot be paused and resumed later here: mlua resumes
+/// a coroutine that yielded from the count hook with a cut stack (it takes the paused
+/// frame's registers for resume arguments), so a run is cut, not paused.
+pub(crate) const INLINE_STRETCH_NS: u64 = 50_000_000;
 
 /// Finished hook coroutines kept per VM for reuse (more may run at once; the extra ones
 /// are simply left to the GC).
@@ -217,9 +227,17 @@ impl VmShared {
         }
         budget.note(debug);
         budget.charge(self.step)?;
+        let this_entry = now_ns().saturating_sub(self.poll_start.load(Ordering::Relaxed));
+        self.check_time(budget, this_entry)?;
+        Ok(VmState::Continue)
+    }
+
+    /// Err (the time-limit error) if the current run has used up its Lua time, or, on the
+    /// SIP thread, has run `INLINE_STRETCH_NS` in this entry. `this_entry`: nanoseconds
+    /// since the current outermost entry into Lua.
+    fn check_time(&self, budget: &Budget, this_entry: u64) -> mlua::Result<()> {
         if self.time_limit_ns > 0 {
-            let busy = budget.busy_ns.load(Ordering::Relaxed)
-                + now_ns().saturating_sub(self.poll_start.load(Ordering::Relaxed));
+            let busy = budget.busy_ns.load(Ordering::Relaxed) + this_entry;
             if busy > self.time_limit_ns {
                 let ms = self.time_limit_ns / 1_000_000;
                 return Err(budget.stop(SPENT_TIME, || {
@@ -227,7 +245,46 @@ impl VmShared {
                 }));
             }
         }
-        Ok(VmState::Continue)
+        if this_entry > INLINE_STRETCH_NS && self.watch.is_inline() {
+            let ms = INLINE_STRETCH_NS / 1_000_000;
+            return Err(budget.stop(SPENT_TIME, || {
+                format!(
+                    "time limit exceeded: ran {ms} ms at one go on the SIP thread (script.vm_threads = true lets a hook compute longer)"
+                )
+            }));
+        }
+        Ok(())
+    }
+
+    /// The check a pattern match makes every so many steps (`pattern::install`): the run's
+    /// budgets, as the count hook would check them, which cannot fire inside a C call.
+    fn check_in_c_call(&self, lua: &Lua) -> mlua::Result<()> {
+        let current = self.current.lock();
+        let budget = current.as_deref().unwrap_or(&self.idle);
+        // The script's line that called the pattern function, for the error (the count
+        // hook may not have run in this hook yet): the first frame that is not ours.
+        for level in 1..8 {
+            match lua.inspect_stack(level, |debug| {
+                let internal = debug.source().short_src.is_none_or(|src| is_internal(&src));
+                if !internal {
+                    budget.note(debug);
+                }
+                internal
+            }) {
+                Some(true) => continue,
+                _ => break,
+            }
+        }
+        if self.watch.is_abandoned() {
+            return Err(budget.stop(SPENT_ABANDONED, || {
+                "time limit exceeded: the VM was abandoned".to_owned()
+            }));
+        }
+        if budget.is_exhausted() {
+            return Err(LuaError::runtime(budget.message().unwrap_or_default()));
+        }
+        let this_entry = now_ns().saturating_sub(self.poll_start.load(Ordering::Relaxed));
+        self.check_time(budget, this_entry)
     }
 
     fn exhausted(&self) -> bool {
@@ -295,6 +352,13 @@ impl Vm {
         lua.set_global_hook(
             HookTriggers::new().every_nth_instruction(step),
             move |_, debug| hook_shared.on_hook(debug),
+        )
+        .map_err(internal)?;
+
+        let matcher = shared.clone();
+        super::pattern::install(
+            &lua,
+            Arc::new(move |lua: &Lua| matcher.check_in_c_call(lua)),
         )
         .map_err(internal)?;
 
