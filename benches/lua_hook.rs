@@ -4,16 +4,20 @@
 //! taking a pooled VM, building the `call` object, running the hook, returning the outcome.
 //! Target (issue 3): under 5 us per call.
 //!
-//! Since issue 13 each VM runs on its own thread (a stuck hook must not stop SIP), so a
-//! hook run is two hand-offs between threads. Two figures:
+//! The server's allocator (mimalloc, `src/main.rs`) is this bench's too: Lua's heap goes
+//! through it, and with the system allocator a fifth of the time was glibc's malloc.
+//!
+//! With `script.vm_threads = true` each VM runs on its own thread, so a hook run is two
+//! hand-offs between threads. Two figures:
 //! - `on_invite dial plan ...`: one call at a time, waiting for each: the latency of one
 //!   hook run, including both thread wake-ups (scheduler latency dominates it);
 //! - `... 64 calls in flight`: 64 calls started together and awaited, per call: the cost
 //!   of a hook run when the server is busy (the VM thread drains its queue without
 //!   sleeping between calls), which is what a call costs the server.
 //!
-//! - `... VM on the calling thread`: `script.vm_threads = false`, the VM a local task of
-//!   the thread that runs the hook (the SIP thread in the server): no hand-off.
+//! - `... VM on the calling thread`: the default (`script.vm_threads` unset with one SIP
+//!   worker), the VM a local task of the thread that runs the hook (the SIP thread in the
+//!   server): no hand-off.
 //!
 //! Run: cargo bench --bench lua_hook
 
@@ -25,6 +29,9 @@ use strowger::b2bua::{
     CallControl, CallInfo, DialOptions, DialOutcome, DialSource, DialTarget, UriInfo,
 };
 use strowger::script::{EngineOptions, ScriptEngine};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct AnswerAtOnce;
 
