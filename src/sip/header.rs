@@ -250,10 +250,16 @@ impl NameAddr {
 
 impl fmt::Display for NameAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Pieces written one by one: `write!` goes through core::fmt's argument machinery
+        // for each (issue 14: formatting was ~13% of the instructions per call).
         if let Some(d) = &self.display {
-            write!(f, "{d} ")?;
+            f.write_str(d)?;
+            f.write_str(" ")?;
         }
-        write!(f, "<{}>{}", self.uri, self.params)
+        f.write_str("<")?;
+        fmt::Display::fmt(&self.uri, f)?;
+        f.write_str(">")?;
+        fmt::Display::fmt(&self.params, f)
     }
 }
 
@@ -326,11 +332,16 @@ impl Via {
 
 impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SIP/{}/{} {}", self.version, self.transport, self.host)?;
+        f.write_str("SIP/")?;
+        f.write_str(&self.version)?;
+        f.write_str("/")?;
+        f.write_str(&self.transport)?;
+        f.write_str(" ")?;
+        fmt::Display::fmt(&self.host, f)?;
         if let Some(p) = self.port {
-            write!(f, ":{p}")?;
+            super::uri::write_port(f, p)?;
         }
-        write!(f, "{}", self.params)
+        fmt::Display::fmt(&self.params, f)
     }
 }
 
@@ -362,7 +373,9 @@ impl CSeq {
 
 impl fmt::Display for CSeq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.seq, self.method)
+        f.write_str(itoa::Buffer::new().format(self.seq))?;
+        f.write_str(" ")?;
+        fmt::Display::fmt(&self.method, f)
     }
 }
 

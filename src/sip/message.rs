@@ -492,13 +492,18 @@ fn write_common(
     for v in &base.via {
         let _ = write!(out, "Via: {v}\r\n");
     }
-    let _ = write!(
-        out,
-        "From: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {}\r\n",
-        base.from, base.to, base.call_id, base.cseq
-    );
+    let _ = write!(out, "From: {}\r\nTo: {}\r\n", base.from, base.to);
+    out.push_str("Call-ID: ");
+    out.push_str(&base.call_id);
+    out.push_str("\r\nCSeq: ");
+    out.push_str(itoa::Buffer::new().format(base.cseq.seq));
+    out.push(' ');
+    out.push_str(base.cseq.method.as_str());
+    out.push_str("\r\n");
     if let Some(mf) = max_forwards {
-        let _ = write!(out, "Max-Forwards: {mf}\r\n");
+        out.push_str("Max-Forwards: ");
+        out.push_str(itoa::Buffer::new().format(mf));
+        out.push_str("\r\n");
     }
     // Plain appends: most of a message is copied header text, and `write!` costs a
     // formatter round per piece.
@@ -523,7 +528,9 @@ fn serialize(body: &Bytes, write_head: impl FnOnce(&mut String)) -> Bytes {
     SCRATCH.with_borrow_mut(|head| {
         head.clear();
         write_head(head);
-        let _ = write!(head, "Content-Length: {}\r\n\r\n", body.len());
+        head.push_str("Content-Length: ");
+        head.push_str(itoa::Buffer::new().format(body.len()));
+        head.push_str("\r\n\r\n");
         let mut out = Vec::with_capacity(head.len() + body.len());
         out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(body);
@@ -547,7 +554,11 @@ impl Request {
 impl Response {
     pub fn to_bytes(&self) -> Bytes {
         serialize(&self.body, |s| {
-            let _ = write!(s, "SIP/2.0 {} {}\r\n", self.status, self.reason);
+            s.push_str("SIP/2.0 ");
+            s.push_str(itoa::Buffer::new().format(self.status));
+            s.push(' ');
+            s.push_str(&self.reason);
+            s.push_str("\r\n");
             write_common(s, &self.base, None, &self.headers);
         })
     }
