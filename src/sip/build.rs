@@ -6,7 +6,6 @@ use super::header::{Headers, BRANCH_COOKIE};
 use super::message::{BaseHeaders, ParseError, Request, Response};
 use bytes::Bytes;
 use rand::Rng;
-use std::fmt::Write as _;
 
 /// The default reason phrase of a status code.
 pub fn reason_phrase(status: u16) -> &'static str {
