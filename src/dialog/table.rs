@@ -16,24 +16,36 @@ use crate::shard::ShardMap;
 use crate::sip::{Request, Response};
 use crate::transaction::ServerTransaction;
 
-/// A dialog as the server names it: Call-ID and our own tag.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DialogId {
-    call_id: String,
-    local_tag: String,
-}
+/// A dialog as the server names it: Call-ID and our own tag, kept as a 128-bit keyed hash
+/// of the two rather than as copies of them (issue 14: the index held two strings per
+/// dialog, ~100 bytes of each held call's memory, and a lookup allocated both). The keys
+/// are random per process, so a peer cannot aim for a collision, and two dialogs of one
+/// server colliding by chance is a 2^-128 event per pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DialogId(u128);
+
+/// The two hash keys of [`DialogId`], drawn once per process.
+static ID_KEYS: std::sync::LazyLock<[std::hash::RandomState; 2]> =
+    std::sync::LazyLock::new(|| [std::hash::RandomState::new(), std::hash::RandomState::new()]);
 
 impl DialogId {
     pub fn new(call_id: &str, local_tag: &str) -> DialogId {
-        DialogId {
-            call_id: call_id.to_owned(),
-            local_tag: local_tag.to_owned(),
-        }
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let half = |keys: &std::hash::RandomState| {
+            let mut h = keys.build_hasher();
+            // `str`'s Hash ends each string with 0xff, which no UTF-8 text holds: the pair
+            // is hashed unambiguously.
+            call_id.hash(&mut h);
+            local_tag.hash(&mut h);
+            h.finish()
+        };
+        let [a, b] = &*ID_KEYS;
+        DialogId((u128::from(half(a)) << 64) | u128::from(half(b)))
     }
 
     /// Whether this is the dialog with that Call-ID and our tag.
     pub fn is(&self, call_id: &str, local_tag: &str) -> bool {
-        self.call_id == call_id && self.local_tag == local_tag
+        *self == DialogId::new(call_id, local_tag)
     }
 }
 
@@ -230,6 +242,22 @@ mod tests {
     struct Leg(u32);
     #[derive(Clone, Debug, PartialEq)]
     struct Sub(&'static str);
+
+    #[test]
+    fn a_dialog_id_names_exactly_its_call_id_and_tag() {
+        let id = DialogId::new("a84b4c76e66710@pc33.example.com", "1928301774");
+        assert_eq!(
+            id,
+            DialogId::new("a84b4c76e66710@pc33.example.com", "1928301774")
+        );
+        assert!(id.is("a84b4c76e66710@pc33.example.com", "1928301774"));
+        assert!(!id.is("a84b4c76e66710@pc33.example.com", "1928301775"));
+        assert!(!id.is("a84b4c76e66710@pc33.example.co", "1928301774"));
+        // The boundary between the two parts counts.
+        assert_ne!(DialogId::new("ab", "c"), DialogId::new("a", "bc"));
+        assert_ne!(DialogId::new("", "x"), DialogId::new("x", ""));
+        assert_eq!(std::mem::size_of::<DialogId>(), 16);
+    }
 
     #[test]
     fn each_usage_sees_only_its_own_dialogs_in_one_table() {
