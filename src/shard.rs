@@ -22,25 +22,6 @@ pub(crate) struct ShardMap<K, V> {
 /// Smallest shard capacity worth giving back.
 const SHRINK_ABOVE: usize = 64;
 
-/// A 128-bit keyed hash of `parts`, for tables that would otherwise key on copies of
-/// long strings (Call-IDs and tags: issue 14, ~100 bytes of each held call's memory per
-/// key). The keys are random per process, so a peer cannot aim for a collision, and two
-/// live keys colliding by chance is a 2^-128 event per pair. `str`'s `Hash` ends each part
-/// with 0xff, which no UTF-8 text holds, so the parts' boundaries count.
-pub(crate) fn key128(parts: &[&str]) -> u128 {
-    static KEYS: std::sync::LazyLock<[RandomState; 2]> =
-        std::sync::LazyLock::new(|| [RandomState::new(), RandomState::new()]);
-    let half = |keys: &RandomState| {
-        let mut h = keys.build_hasher();
-        for p in parts {
-            p.hash(&mut h);
-        }
-        std::hash::Hasher::finish(&h)
-    };
-    let [a, b] = &*KEYS;
-    (u128::from(half(a)) << 64) | u128::from(half(b))
-}
-
 /// A shard that a burst grew and that is now under a quarter full gives the room back
 /// (to twice what it holds): a hash map keeps its largest capacity otherwise, and the
 /// transaction tables, grown by the set-up of many calls, held ~700 bytes per call that

@@ -156,9 +156,8 @@ struct LegRef {
 struct Inner {
     max_messages: usize,
     keep_ended: usize,
-    /// SIP Call-ID (its keyed hash, `shard::key128`: no copy of the text per leg) -> the
-    /// trace and leg it belongs to.
-    by_call_id: ShardMap<u128, LegRef>,
+    /// SIP Call-ID -> the trace and leg it belongs to.
+    by_call_id: ShardMap<String, LegRef>,
     /// Call id (as in `GET /calls`) -> trace, for calls in progress.
     calls: ShardMap<Arc<str>, Arc<Trace>>,
     ended: Mutex<VecDeque<(Arc<str>, Arc<Trace>)>>,
@@ -219,7 +218,7 @@ impl CallTraces {
             ids.push('\n');
         }
         self.inner.by_call_id.insert(
-            crate::shard::key128(&[call_id]),
+            call_id.to_owned(),
             LegRef {
                 trace: trace.clone(),
                 leg,
@@ -255,7 +254,7 @@ impl CallTraces {
     fn unindex(&self, trace: &Trace) {
         let call_ids = std::mem::take(&mut trace.state.lock().call_ids);
         for c in call_ids.lines() {
-            self.inner.by_call_id.remove(&crate::shard::key128(&[c]));
+            self.inner.by_call_id.remove(c);
         }
     }
 
@@ -275,7 +274,7 @@ impl CallTraces {
     /// A message of SIP Call-ID `call_id` went `dir` to or from `peer`; `line` gives its
     /// first line (only asked for when the Call-ID belongs to a traced call).
     pub fn record(&self, call_id: &str, dir: Direction, peer: &Target, line: Line<'_>) {
-        let Some(r) = self.inner.by_call_id.get(&crate::shard::key128(&[call_id])) else {
+        let Some(r) = self.inner.by_call_id.get(call_id) else {
             return;
         };
         let t_us = u64::try_from(r.trace.t0.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -314,10 +313,7 @@ impl CallTraces {
                     .find(|(i, _)| &**i == id)
                     .map(|(_, t)| t.clone())
             })
-            .or_else(|| {
-                let key = crate::shard::key128(&[id]);
-                self.inner.by_call_id.get(&key).map(|r| r.trace)
-            })?;
+            .or_else(|| self.inner.by_call_id.get(id).map(|r| r.trace))?;
         let st = trace.state.lock();
         Some(TraceView {
             id: trace.id.to_string(),
