@@ -28,8 +28,9 @@ const STEP: f64 = 0.1;
 const MAX_REFUSED: f64 = 0.95;
 
 /// Where a delay was measured. Each queue keeps its own smallest delay per window: an
-/// idle SIP thread says nothing about a script queue that stands (Lua runs on its own
-/// threads), so one overloaded queue is enough.
+/// idle SIP thread says nothing about a script queue that stands (with
+/// `script.vm_threads = true` Lua runs on threads of its own), so one overloaded queue is
+/// enough.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Queue {
     /// The SIP thread's lateness.

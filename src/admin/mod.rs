@@ -508,8 +508,8 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| bad(format!("expected {expected}: {e}")))
 }
 
-/// `POST /reload`: the new version loads on its own threads; this waits without holding
-/// a runtime worker.
+/// `POST /reload`: the new version loads on threads of its own (or, with the VMs on the
+/// SIP thread, on that thread); this waits without holding a runtime worker.
 async fn reload(state: &State) -> Response<Full<Bytes>> {
     let (mut status, mut body) = match state.scripts.reload().await {
         Ok(()) => {

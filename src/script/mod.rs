@@ -1,6 +1,7 @@
 //! The Lua scripting engine: runs the operator's dial plan.
 //!
-//! **Owns**: the pool of sandboxed Lua VMs (each on its own thread, `pool.rs`), the hook
+//! **Owns**: the pool of sandboxed Lua VMs (on the SIP thread, or each on its own thread
+//! with `script.vm_threads = true`: `pool.rs`), the hook
 //! table and its one runner (`hooks.rs`), the operator-facing Lua API (`call`, `log`,
 //! `require`), per-run instruction and time budgets, per-VM memory limits, hot reload and
 //! the script counters. Config: `[script]` (`config.rs`). Metrics:
@@ -417,8 +418,9 @@ struct EngineInner {
 }
 
 impl ScriptEngine {
-    /// Reads the script and loads it into every pooled VM, each on its own thread
-    /// (running its top-level code there). Blocks until they are ready.
+    /// Reads the script and loads it into every pooled VM, each on its own thread, or on
+    /// this one when it serves its VMs inline (`pool::run_vms_inline`); the top-level
+    /// code runs there. Blocks until they are ready.
     pub fn load(opts: EngineOptions) -> Result<ScriptEngine, ScriptError> {
         let pool_size = match opts.pool_size {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -574,7 +576,7 @@ impl ScriptEngine {
     /// How long jobs stood in the VMs' queues since the last call: of each VM the smallest
     /// wait, of those the largest (one VM with a standing queue is enough: new calls are
     /// spread over all of them). `None` when no job ran. The overload detector's view of
-    /// the script side (the VMs run on their own threads).
+    /// the script side.
     pub fn take_queue_delay(&self) -> Option<std::time::Duration> {
         let version = self.current();
         version
@@ -594,7 +596,7 @@ impl ScriptEngine {
     }
 }
 
-/// One loaded version of the script: a pool of VMs, each on its own thread.
+/// One loaded version of the script: a pool of VMs (see `pool.rs` for where they run).
 pub struct ScriptVersion {
     version: u64,
     file: ScriptFile,
