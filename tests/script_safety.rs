@@ -498,7 +498,10 @@ fn sigterm_stops_the_binary_while_a_hook_is_stuck() {
     // Nothing owes an answer past the drain (0 s here): the exit does not wait for the
     // sort, which goes on for more than a second after the signal.
     eprintln!("exited {took:?} after SIGTERM");
-    assert!(took < Duration::from_millis(1200), "exited {took:?} after SIGTERM");
+    assert!(
+        took < Duration::from_millis(1200),
+        "exited {took:?} after SIGTERM"
+    );
 }
 
 /// Issue 15: an answer no datagram can carry (a 70 KB reject reason, a redirect to 2,500
