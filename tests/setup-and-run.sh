@@ -36,8 +36,16 @@ if [ ! -d tests/browser/node_modules ]; then
   fi
 fi
 
+# Disk: a CI machine may have little room (one run failed with "No space left on device"
+# while linking). A fresh clone gains nothing from incremental builds, and line tables are
+# all a test's backtrace needs: together they cut the debug build from tens of GB to a few.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
+df -h . | tail -1 | awk '{print "disk before the build: " $4 " free of " $2}'
+
 status=0
 cargo test --no-fail-fast || status=$?
+df -h . | tail -1 | awk '{print "disk after the tests: " $4 " free of " $2}'
 # Issue 15 item 5: a short coverage-guided run of both fuzz targets (fuzz/README.md); a
 # crash, a hang or running out of memory fails the run.
 FUZZ_SECONDS=20 bash fuzz/run.sh
