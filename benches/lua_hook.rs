@@ -19,7 +19,7 @@
 //!   worker), the VM a local task of the thread that runs the hook (the SIP thread in the
 //!   server): no hand-off.
 //!
-//! Run: cargo bench --bench lua_hook
+//! Run: cargo bench --bench lua_hook (PLAN_FILE=other.lua to measure another plan)
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::future::Future;
@@ -139,7 +139,12 @@ fn bench(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("strowger-bench-lua-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("plan.lua");
-    std::fs::write(&path, PLAN).expect("write plan");
+    // PLAN_FILE=path measures another dial plan (e.g. an empty on_invite: the fixed cost).
+    let plan = match std::env::var("PLAN_FILE") {
+        Ok(file) => std::fs::read_to_string(&file).expect("PLAN_FILE is readable"),
+        Err(_) => PLAN.to_owned(),
+    };
+    std::fs::write(&path, plan).expect("write plan");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
