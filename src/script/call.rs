@@ -1009,7 +1009,6 @@ pub(crate) async fn run_on_invite(
         return InviteOutcome::Failed { error, handle };
     };
     let call = state.clone();
-    let released = vm.take_released();
     let result = hooks::run(
         &version.run,
         &vm,
@@ -1021,14 +1020,7 @@ pub(crate) async fn run_on_invite(
             let ud = vm.lua.create_any_userdata(CallUd(call.clone()))?;
             *call.key.lock() = Some(vm.lua.create_registry_value(&ud)?);
             let runner = vm.runner(Hook::Invite).expect("checked by the caller");
-            // Ended calls of this VM ride along: the sandbox forgets their objects.
-            let mut ended = mlua::Variadic::new();
-            for key in released {
-                let ended_ud: AnyUserData = vm.lua.registry_value(&key)?;
-                vm.lua.remove_registry_value(key)?;
-                ended.push(ended_ud);
-            }
-            let fut = runner.call_async::<()>((ud, ended));
+            let fut = runner.call_async::<()>(ud);
             let (budget, lua) = (budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;
@@ -1094,47 +1086,36 @@ impl CallScript for CallState {
         // Taken now: the handle that goes after this call has nothing left to free.
         let pinned = self.pinned.lock().take();
         let key = self.key.lock().take();
-        Box::pin(async move {
-            let vm = pinned.as_ref().and_then(|p| p.vm.clone());
-            let key = run_on_call_end(self, pinned, key, record).await;
-            // The call's Lua objects go at its VM's next on_invite.
-            if let (Some(vm), Some(key)) = (vm, key) {
-                vm.release_call(key);
-            }
-        })
+        Box::pin(run_on_call_end(self, pinned, key, record))
     }
 
     fn release(&self) {
-        // The call's Lua objects go at its VM's next on_invite.
-        let key = self.key.lock().take();
-        let pinned = self.pinned.lock().take();
-        if let (Some(key), Some(Pinned { vm: Some(vm), .. })) = (key, pinned) {
-            vm.release_call(key);
-        }
+        // Frees the call's Lua object (mlua defers the unref to its VM's thread).
+        drop(self.key.lock().take());
+        drop(self.pinned.lock().take());
     }
 }
 
-/// Runs `on_call_end`; gives back the registry slot of the call's userdata.
 async fn run_on_call_end(
     state: Arc<CallState>,
     pinned: Option<Pinned>,
     key: Option<mlua::RegistryKey>,
     record: CallRecord,
-) -> Option<mlua::RegistryKey> {
+) {
     state.end();
     let Some(Pinned {
         vm: Some(vm),
         version,
     }) = pinned
     else {
-        return key;
+        return;
     };
-    let key = key?;
+    let Some(key) = key else {
+        return;
+    };
     if !version.info.has(Hook::CallEnd) {
-        return Some(key);
+        return;
     }
-    let key = Arc::new(key);
-    let slot = key.clone();
     let duration = record
         .answer
         .and_then(|a| record.end.duration_since(a).ok())
@@ -1146,8 +1127,8 @@ async fn run_on_call_end(
         Hook::CallEnd,
         &call.id,
         move |vm, budget| {
-            let ud: AnyUserData = vm.lua.registry_value(&slot)?;
-            drop(slot);
+            let ud: AnyUserData = vm.lua.registry_value(&key)?;
+            vm.lua.remove_registry_value(key)?;
             // The call's own globals, from its earlier hooks.
             restore_env(&vm.lua, &state, budget);
             let runner = vm.runner(Hook::CallEnd).expect("checked by the caller");
@@ -1165,7 +1146,6 @@ async fn run_on_call_end(
         },
     )
     .await;
-    Arc::into_inner(key)
 }
 
 /// `on_refer(call, refer)` on the call's VM; the returned future owns what it needs.

@@ -133,34 +133,9 @@ pub(crate) struct VmHandle {
     jobs: mpsc::UnboundedSender<Job>,
     pub watch: Arc<VmWatch>,
     pub info: Arc<HookInfo>,
-    /// Registry slots of the userdata of calls that are over. The sandbox keeps each
-    /// call's Lua objects in plain tables, not weak ones (Lua's GC traverses weak-keyed
-    /// tables again and again in its atomic phase, which cost more than the whole hook
-    /// run); the VM's next `on_invite` hands these to the sandbox to forget.
-    released: Mutex<Vec<mlua::RegistryKey>>,
 }
 
-/// How many ended calls one `on_invite` run forgets at most: a run starts at least as
-/// many calls as end on average, so the list drains while each run's share stays small.
-const FORGET_PER_RUN: usize = 8;
-
 impl VmHandle {
-    /// The call owning `key` (its userdata's registry slot) is over: its Lua objects go
-    /// at the VM's next `on_invite`.
-    pub fn release_call(&self, key: mlua::RegistryKey) {
-        self.released.lock().push(key);
-    }
-
-    /// Up to [`FORGET_PER_RUN`] ended calls for a run to forget (oldest first).
-    pub fn take_released(&self) -> Vec<mlua::RegistryKey> {
-        let mut list = self.released.lock();
-        if list.is_empty() {
-            return Vec::new();
-        }
-        let n = list.len().min(FORGET_PER_RUN);
-        list.drain(..n).collect()
-    }
-
     pub fn is_alive(&self) -> bool {
         !self.watch.is_abandoned() && !self.jobs.is_closed()
     }
@@ -409,7 +384,6 @@ fn build_vm(
         jobs,
         watch: watch.clone(),
         info: vm.info.clone(),
-        released: Mutex::new(Vec::new()),
     });
     if !ready(Ok(handle)) {
         return None;

@@ -163,28 +163,15 @@ local raw_authenticate, raw_set_route, raw_transfer = raw.authenticate, raw.set_
 local rawget, rawset, next, setmetatable = rawget, rawset, next, setmetatable
 
 -- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
--- call. Plain tables, not weak ones: Lua's GC traverses weak-keyed tables again and again
--- in its atomic phase, and with one entry per live call that cost more than the hook run
--- itself. A call's entries go when Rust says the call is over (`forget`, at the VM's next
--- on_invite). One record per call rather than one table per fact.
+-- call. Both weak-keyed (ephemerons): the handle's registry reference to the userdata keeps
+-- the call alive until the call is over. One record per call rather than one table per
+-- fact: every entry in a weak table costs insertion, rehashing and GC traversal.
 --
 -- The hook coroutine: `call:dial` waits by yielding it, so it must not be called from a
 -- coroutine the script created (nor from another call's hook).
 local UD, THREAD, MADE = 1, 2, 3
-local private = {}
-local call_of = {}
-
--- Forgets the calls (userdata) that are over.
-local function forget(...)
-  for i = 1, select("#", ...) do
-    local ud = select(i, ...)
-    local call = call_of[ud]
-    if call ~= nil then
-      call_of[ud] = nil
-      private[call] = nil
-    end
-  end
-end
+local private = setmetatable({}, { __mode = "k" })
+local call_of = setmetatable({}, { __mode = "k" })
 local running = coroutine.running
 
 local function usage(verb)
@@ -479,11 +466,7 @@ local function bind(hooks)
   runners.on_message = hooks.on_message
   runners.on_subscribe = hooks.on_subscribe
   if on_invite ~= nil then
-    -- After the call's userdata: the userdata of ended calls to forget.
-    runners.on_invite = function(ud, ...)
-      if ... ~= nil then
-        forget(...)
-      end
+    runners.on_invite = function(ud)
       return on_invite(new_call(ud, running()))
     end
   end
