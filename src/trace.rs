@@ -80,20 +80,26 @@ pub enum Line<'a> {
 
 impl Line<'_> {
     fn write_to(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        // Writing to a String cannot fail.
-        let _ = match self {
+        // Pieces appended, not write!: once per message (issue 14).
+        match self {
             Line::Sent(bytes) => {
                 out.push_str(&String::from_utf8_lossy(first_line_bytes(bytes)));
-                Ok(())
             }
-            Line::Text(t) => {
-                out.push_str(t);
-                Ok(())
+            Line::Text(t) => out.push_str(t),
+            Line::Request(m, uri) => {
+                out.push_str(m.as_str());
+                out.push(' ');
+                // Writing to a String cannot fail.
+                let _ = uri.write_to(out);
+                out.push_str(" SIP/2.0");
             }
-            Line::Request(m, uri) => write!(out, "{m} {uri} SIP/2.0"),
-            Line::Status(code, reason) => write!(out, "SIP/2.0 {code} {reason}"),
-        };
+            Line::Status(code, reason) => {
+                out.push_str("SIP/2.0 ");
+                out.push_str(itoa::Buffer::new().format(*code));
+                out.push(' ');
+                out.push_str(reason);
+            }
+        }
     }
 }
 
@@ -330,7 +336,7 @@ impl CallTraces {
                     let peer = st
                         .peers
                         .get(usize::from(e.peer))
-                        .map(|p| format!("{}:{}", p.transport, p.addr))
+                        .map(|p| crate::transport::peer_text(p.transport, &p.addr))
                         .unwrap_or_default();
                     Some(TraceEntry {
                         t: e.t_us as f64 / 1e6,

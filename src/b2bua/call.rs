@@ -424,9 +424,9 @@ impl Call {
                 events: events.clone(),
                 summary: super::summary::CallSummary::new(
                     call.a_invite.call_id(),
-                    &call.a_invite.from().uri.to_string(),
-                    &call.a_invite.to().uri.to_string(),
-                    &format!("{}:{}", source.transport, source.addr),
+                    &call.a_invite.from().uri.to_text(),
+                    &call.a_invite.to().uri.to_text(),
+                    &crate::transport::peer_text(source.transport, &source.addr),
                     unix_secs(call.start),
                 ),
             },
@@ -580,11 +580,11 @@ impl Call {
             from: uri_info(&r.from()),
             to: uri_info(&r.to()),
             ruri: UriInfo {
-                uri: ruri.to_string(),
+                uri: ruri.to_text(),
                 user: ruri.user.clone(),
-                host: ruri.host.to_string(),
+                host: ruri.host.to_text(),
             },
-            source: format!("{}:{}", self.a_source.transport, self.a_source.addr),
+            source: crate::transport::peer_text(self.a_source.transport, &self.a_source.addr),
             headers: r
                 .whole()
                 .map(|r| {
@@ -1628,7 +1628,7 @@ impl Call {
     /// retransmitted until its ACK (RFC 3261 13.3.1.4), and the call is up.
     fn answer_caller(&mut self, resp: &Response) {
         if let Some(dialog) = &self.bridge.b {
-            let target = format!("{}:{}", dialog.flow.transport, dialog.flow.addr);
+            let target = crate::transport::peer_text(dialog.flow.transport, &dialog.flow.addr);
             let at = unix_secs(SystemTime::now());
             self.inner.calls.with(&self.id, |e| {
                 e.summary.answered(dialog.call_id(), &target, at);
@@ -2320,7 +2320,7 @@ impl Call {
             from: r.from().uri.to_string(),
             to: r.to().uri.to_string(),
             ruri: r.uri().to_string(),
-            source: format!("{}:{}", self.a_source.transport, self.a_source.addr),
+            source: crate::transport::peer_text(self.a_source.transport, &self.a_source.addr),
             start: record.start,
             answer: record.answer,
             end: record.end,

@@ -67,7 +67,7 @@ pub struct DialogParts<'a> {
 fn without_tag(n: &NameAddr) -> String {
     let mut n = n.clone();
     n.params.remove("tag");
-    n.to_string()
+    n.to_text()
 }
 
 fn contact_uri(headers: &Headers) -> Option<Uri> {
@@ -80,7 +80,7 @@ fn record_route(headers: &Headers) -> Vec<String> {
         .list("Record-Route")
         .iter()
         .filter_map(|r| NameAddr::parse(r).ok())
-        .map(|r| r.to_string())
+        .map(|r| r.to_text())
         .collect()
 }
 

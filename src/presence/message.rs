@@ -56,7 +56,7 @@ pub(crate) async fn route(inner: Arc<Inner>, tx: ServerTransaction, req: Request
             to: req.base.to.uri.to_string(),
             ruri: req.uri.to_string(),
             user: req.uri.user.clone(),
-            source: format!("{}:{}", src.transport, src.addr),
+            source: crate::transport::peer_text(src.transport, &src.addr),
             content_type: req.headers.get("Content-Type").map(str::to_owned),
             body: String::from_utf8_lossy(&req.body).into_owned(),
             headers: req

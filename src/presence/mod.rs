@@ -446,7 +446,7 @@ impl Presence {
                     resource,
                     subscriber: req.base.from.uri.to_string(),
                     user: req.uri.user.clone(),
-                    source: format!("{}:{}", src.transport, src.addr),
+                    source: crate::transport::peer_text(src.transport, &src.addr),
                     expires: req
                         .headers
                         .get("Expires")

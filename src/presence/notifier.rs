@@ -101,7 +101,7 @@ impl Sub {
             remote_target: d.remote_target_text().to_owned(),
             route_set: d.route_set().map(str::to_owned).collect(),
             local_seq: d.local_seq,
-            flow: format!("{}:{}", d.flow.transport, d.flow.addr),
+            flow: crate::transport::peer_text(d.flow.transport, &d.flow.addr),
             connection: d.flow.connection.map(|c| c.0),
             contact: self.contact.clone(),
             expires_at: self.expires_at,

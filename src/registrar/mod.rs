@@ -334,7 +334,7 @@ impl Registrar {
             path: path.clone(),
             instance: None,
             reg_id: None,
-            source: format!("{}:{}", source.transport, source.addr),
+            source: crate::transport::peer_text(source.transport, &source.addr),
             connection: source.connection,
             user_agent: req.headers.get("User-Agent").map(str::to_owned),
             updated_at: now,
@@ -424,7 +424,7 @@ impl Registrar {
         if !self.inner.flow_bindings.load(Ordering::Relaxed) {
             return 0;
         }
-        let text = format!("{}:{}", source.transport, source.addr);
+        let text = crate::transport::peer_text(source.transport, &source.addr);
         let websocket = source.transport.is_websocket();
         let on_flow = |b: &Binding| {
             b.connection == Some(id) && b.source == text && (websocket || b.reg_id.is_some())

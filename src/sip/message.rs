@@ -489,10 +489,17 @@ fn write_common(
     max_forwards: Option<u32>,
     headers: &Headers,
 ) {
+    // Writing into a String cannot fail.
     for v in &base.via {
-        let _ = write!(out, "Via: {v}\r\n");
+        out.push_str("Via: ");
+        let _ = v.write_to(out);
+        out.push_str("\r\n");
     }
-    let _ = write!(out, "From: {}\r\nTo: {}\r\n", base.from, base.to);
+    out.push_str("From: ");
+    let _ = base.from.write_to(out);
+    out.push_str("\r\nTo: ");
+    let _ = base.to.write_to(out);
+    out.push_str("\r\n");
     out.push_str("Call-ID: ");
     out.push_str(&base.call_id);
     out.push_str("\r\nCSeq: ");

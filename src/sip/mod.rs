@@ -41,6 +41,7 @@ pub use message::{
 pub use method::Method;
 pub use peek::{peek_request, Peek};
 pub use uri::{parse_hostport, Host, Params, Scheme, Uri, UriError};
+pub(crate) use uri::{write_ipv4, write_port};
 
 /// The parser's invariants, for the fuzz target and the mutation test: parsing never
 /// panics; a parsed message serializes to bytes that parse back to the same message; an

@@ -45,10 +45,11 @@ impl ServerKey {
         let method = normalized(&req.method, as_invite);
         let branch = via.branch().unwrap_or("");
         if branch.starts_with(BRANCH_COOKIE) {
-            let sent_by = match via.port {
-                Some(p) => format!("{}:{p}", via.host.to_string().to_ascii_lowercase()),
-                None => via.host.to_string().to_ascii_lowercase(),
-            };
+            let mut sent_by = via.host.to_text();
+            sent_by.make_ascii_lowercase();
+            if let Some(p) = via.port {
+                let _ = crate::sip::write_port(&mut sent_by, p);
+            }
             Some(ServerKey::Branch {
                 branch: branch.to_owned(),
                 sent_by,

@@ -148,13 +148,21 @@ impl LocalAddrs {
         let local = self
             .towards(target.transport, &target.addr)
             .unwrap_or_else(|| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5060));
-        let host = Host::from(local.ip());
+        let mut out = String::with_capacity(48);
+        out.push_str("sip:");
+        // Pieces appended, not format!: twice per call (issue 14).
+        let _ = Host::from(local.ip()).write_to(&mut out);
+        let _ = crate::sip::write_port(&mut out, local.port());
         match target.transport {
-            TransportKind::Udp | TransportKind::Memory => format!("sip:{host}:{}", local.port()),
+            TransportKind::Udp | TransportKind::Memory => {}
             // Over TLS, WS and WSS a sip: URI with the transport (what phones expect; a
             // sips: Contact only in a sips: dialog, see `contact_in`).
-            t => format!("sip:{host}:{};transport={t}", local.port()),
+            t => {
+                out.push_str(";transport=");
+                out.push_str(t.as_str());
+            }
         }
+        out
     }
 
     /// Our Contact header value for a dialog begun with `ruri` (RFC 3261 12.1.1: in a
@@ -175,7 +183,12 @@ impl LocalAddrs {
 
     /// Our Contact header value (`<uri>`) on the transport and family of `target`.
     pub fn contact(&self, target: &Target) -> String {
-        format!("<{}>", self.contact_uri(target))
+        let uri = self.contact_uri(target);
+        let mut out = String::with_capacity(uri.len() + 2);
+        out.push('<');
+        out.push_str(&uri);
+        out.push('>');
+        out
     }
 
     /// Whether `host` is the server's: `domain` or one of its own addresses.

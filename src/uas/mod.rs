@@ -232,7 +232,7 @@ impl UasCore {
                     .on_register(&RegisterInfo {
                         user: user.clone(),
                         aor: aor.clone(),
-                        source: format!("{}:{}", src.transport, src.addr),
+                        source: crate::transport::peer_text(src.transport, &src.addr),
                         user_agent: req.headers.get("User-Agent").map(str::to_owned),
                         contact: req.headers.get("Contact").map(str::to_owned),
                         headers: req

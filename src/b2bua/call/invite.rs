@@ -112,14 +112,17 @@ impl CallerInvite {
         let CallerInvite::Whole(r) = self else {
             return;
         };
-        let text = format!(
-            "{}\n{}\n{}\n{}\n{}",
-            r.base.call_id,
-            r.base.from.tag().unwrap_or(""),
-            r.base.from,
-            r.base.to,
-            r.uri
-        );
+        // Pieces appended, not format!: this runs once per call (issue 14).
+        let mut text = String::with_capacity(256);
+        text.push_str(&r.base.call_id);
+        text.push('\n');
+        text.push_str(r.base.from.tag().unwrap_or(""));
+        text.push('\n');
+        let _ = r.base.from.write_to(&mut text);
+        text.push('\n');
+        let _ = r.base.to.write_to(&mut text);
+        text.push('\n');
+        let _ = r.uri.write_to(&mut text);
         *self = CallerInvite::Kept(Box::new(Kept {
             text: text.into_boxed_str(),
             cseq: r.base.cseq.seq,

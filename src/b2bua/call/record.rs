@@ -34,7 +34,7 @@ impl Call {
             a.to().uri.to_string(),
             a.uri().to_string(),
         );
-        let source = format!("{}:{}", self.a_source.transport, self.a_source.addr);
+        let source = crate::transport::peer_text(self.a_source.transport, &self.a_source.addr);
         let route = self
             .route
             .and_then(|r| self.inner.routes.name(usize::from(r)));

@@ -873,7 +873,7 @@ impl Call {
         };
         use crate::b2bua::summary::Field;
         let call_id = dialog.call_id();
-        let to = format!("{}:{}", dialog.flow.transport, dialog.flow.addr);
+        let to = crate::transport::peer_text(dialog.flow.transport, &dialog.flow.addr);
         let changes = match replaced {
             Side::A => [
                 (Field::From, target.as_str()),
