@@ -57,13 +57,14 @@ impl InviteClient {
         (m, actions)
     }
 
-    pub(crate) fn on_response(&mut self, resp: &Response) -> Actions {
+    /// Takes the response: it moves into the event that reports it (no copy per response).
+    pub(crate) fn on_response(&mut self, resp: Response) -> Actions {
         let status = resp.status;
         match (self.state, status) {
             (State::Calling | State::Proceeding, 100..=199) => {
                 let was_calling = self.state == State::Calling;
                 self.state = State::Proceeding;
-                let mut actions = vec![Action::report(ClientEvent::Provisional(resp.clone()))];
+                let mut actions = vec![Action::report(ClientEvent::Provisional(resp))];
                 if was_calling {
                     // 17.1.1.2: no retransmissions in Proceeding, and Timer B only times
                     // out the Calling state.
@@ -77,20 +78,20 @@ impl InviteClient {
                 self.state = State::Accepted;
                 self.request_bytes = Bytes::new();
                 vec![
-                    Action::report(ClientEvent::Final(resp.clone())),
+                    Action::report(ClientEvent::Final(resp)),
                     Action::Stop(Timer::A),
                     Action::Stop(Timer::B),
                     Action::Start(Timer::M, self.cfg.timer_lm()),
                 ]
             }
-            (State::Accepted, 200..=299) => vec![Action::report(ClientEvent::Final(resp.clone()))],
+            (State::Accepted, 200..=299) => vec![Action::report(ClientEvent::Final(resp))],
             // RFC 3261 17.1.1.2: 300-699 -> ACK, report, Completed with Timer D.
             (State::Calling | State::Proceeding, 300..=699) => {
                 let request = std::mem::take(&mut self.request_bytes);
                 let mut actions = Vec::with_capacity(5);
                 match crate::sip::parse(&request) {
                     Ok((crate::sip::SipMessage::Request(invite), _)) => {
-                        let ack = build_ack(&invite, resp).to_bytes();
+                        let ack = build_ack(&invite, &resp).to_bytes();
                         self.ack = Some(ack.clone());
                         actions.push(Action::Send(ack, What::Method(Method::Ack)));
                     }
@@ -98,7 +99,7 @@ impl InviteClient {
                     _ => tracing::error!("an INVITE we sent does not parse; no ACK for its final"),
                 }
                 actions.extend([
-                    Action::report(ClientEvent::Final(resp.clone())),
+                    Action::report(ClientEvent::Final(resp)),
                     Action::Stop(Timer::A),
                     Action::Stop(Timer::B),
                 ]);
@@ -198,7 +199,7 @@ mod tests {
         let (mut m, a) = InviteClient::start(TimerConfig::default(), false, req.clone());
         assert_eq!(a.len(), 3);
         assert_eq!(m.state, State::Calling);
-        let a = m.on_response(&response_to(&req, 180));
+        let a = m.on_response(response_to(&req, 180));
         assert!(matches!(&a[0], Action::Report(ev) if matches!(**ev, ClientEvent::Provisional(_))));
         assert_eq!(m.state, State::Proceeding);
         // Timers A and B stop once Proceeding (nothing wakes up for them), and do nothing
@@ -206,12 +207,12 @@ mod tests {
         assert!(a.iter().any(|x| matches!(x, Action::Stop(Timer::A))));
         assert!(a.iter().any(|x| matches!(x, Action::Stop(Timer::B))));
         assert!(m.on_timer(Timer::A).is_empty());
-        let again = m.on_response(&response_to(&req, 183));
+        let again = m.on_response(response_to(&req, 183));
         assert!(
             !again.iter().any(|x| matches!(x, Action::Stop(_))),
             "stopped once"
         );
-        let a = m.on_response(&response_to(&req, 486));
+        let a = m.on_response(response_to(&req, 486));
         assert_eq!(m.state, State::Completed, "{:?}", kinds(&a));
         let Action::Send(ack, _) = &a[0] else {
             panic!()
@@ -234,7 +235,7 @@ mod tests {
         let req = invite();
         let (mut m, a) = InviteClient::start(TimerConfig::default(), true, req.clone());
         assert!(!a.iter().any(|x| matches!(x, Action::Start(Timer::A, _))));
-        let a = m.on_response(&response_to(&req, 500));
+        let a = m.on_response(response_to(&req, 500));
         assert!(matches!(a.last(), Some(Action::Terminate)));
     }
 
@@ -242,12 +243,12 @@ mod tests {
     fn accepted_reports_every_2xx() {
         let req = invite();
         let (mut m, _) = InviteClient::start(TimerConfig::default(), false, req.clone());
-        let a = m.on_response(&response_to(&req, 200));
+        let a = m.on_response(response_to(&req, 200));
         assert_eq!(m.state, State::Accepted);
         assert!(matches!(&a[0], Action::Report(ev) if matches!(**ev, ClientEvent::Final(_))));
-        let a = m.on_response(&response_to(&req, 200));
+        let a = m.on_response(response_to(&req, 200));
         assert!(matches!(&a[0], Action::Report(ev) if matches!(**ev, ClientEvent::Final(_))));
-        assert!(m.on_response(&response_to(&req, 180)).is_empty());
+        assert!(m.on_response(response_to(&req, 180)).is_empty());
         assert!(matches!(m.on_timer(Timer::M)[0], Action::Terminate));
         assert_eq!(m.state, State::Terminated);
     }

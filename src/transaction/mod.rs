@@ -271,7 +271,7 @@ enum ClientMachine {
 }
 
 impl ClientMachine {
-    fn response(&mut self, r: &Response) -> Actions {
+    fn response(&mut self, r: Response) -> Actions {
         match self {
             ClientMachine::Invite(m) => m.on_response(r),
             ClientMachine::NonInvite(m) => m.on_response(r),
@@ -876,7 +876,7 @@ impl TransactionLayer {
         let key = ClientKey::of_response(&resp);
         match self.shared.clients.get(&key) {
             Some(tx) => {
-                let _ = tx.drive(|m| Ok((m.response(&resp), ())), None);
+                let _ = tx.drive(|m| Ok((m.response(resp), ())), None);
             }
             None => self.shared.tu.on_stray_response(resp, source),
         }

@@ -54,18 +54,19 @@ impl NonInviteClient {
         (m, actions)
     }
 
-    pub(crate) fn on_response(&mut self, resp: &Response) -> Actions {
+    /// Takes the response: it moves into the event that reports it (no copy per response).
+    pub(crate) fn on_response(&mut self, resp: Response) -> Actions {
         match (self.state, resp.status) {
             (State::Trying | State::Proceeding, 100..=199) => {
                 self.state = State::Proceeding;
-                vec![Action::report(ClientEvent::Provisional(resp.clone()))]
+                vec![Action::report(ClientEvent::Provisional(resp))]
             }
             (State::Trying | State::Proceeding, 200..=699) => {
                 // 17.1.2.2: Completed neither retransmits nor times out, so the request is
                 // not needed any more (issue 14: memory of lingering transactions).
                 self.request_bytes = Bytes::new();
                 let mut actions = vec![
-                    Action::report(ClientEvent::Final(resp.clone())),
+                    Action::report(ClientEvent::Final(resp)),
                     Action::Stop(Timer::E),
                     Action::Stop(Timer::F),
                 ];
@@ -157,7 +158,7 @@ mod tests {
         assert_eq!(got, vec![ms(1000), ms(2000), ms(4000), ms(4000)]);
         let mut m = start(false);
         let resp = super::super::test_util::response_to(&super::super::test_util::options(), 100);
-        m.on_response(&resp);
+        m.on_response(resp.clone());
         assert_eq!(m.state, State::Proceeding);
         assert_eq!(e_interval(&m.on_timer(Timer::E)), Some(ms(4000)));
     }
@@ -166,7 +167,7 @@ mod tests {
     fn completed_then_k() {
         let mut m = start(false);
         let resp = super::super::test_util::response_to(&super::super::test_util::options(), 200);
-        let a = m.on_response(&resp);
+        let a = m.on_response(resp.clone());
         assert!(a.iter().any(|x| matches!(x, Action::Start(Timer::K, _))));
         assert!(
             a.iter().any(|x| matches!(x, Action::Stop(Timer::E))),
@@ -176,12 +177,15 @@ mod tests {
             a.iter().any(|x| matches!(x, Action::Stop(Timer::F))),
             "F stops"
         );
-        assert!(m.on_response(&resp).is_empty(), "retransmission absorbed");
+        assert!(
+            m.on_response(resp.clone()).is_empty(),
+            "retransmission absorbed"
+        );
         assert!(m.on_timer(Timer::E).is_empty());
         assert!(matches!(m.on_timer(Timer::K)[0], Action::Terminate));
         let mut m = start(true);
         assert!(m
-            .on_response(&resp)
+            .on_response(resp.clone())
             .iter()
             .any(|x| matches!(x, Action::Terminate)));
     }
