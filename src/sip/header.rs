@@ -1,7 +1,7 @@
 //! Header fields: canonical names (compact forms expanded), the ordered header list,
 //! and the typed base headers (Via, From/To/Contact name-addrs, CSeq).
 
-use super::lex::{is_token, quoted_end, split_commas, trim_ws};
+use super::lex::{find_any, find_byte, is_token, quoted_end, split_commas, trim_ws};
 use super::method::Method;
 use super::uri::{parse_hostport, Host, Params, Uri, UriError};
 use std::fmt;
@@ -214,7 +214,7 @@ impl NameAddr {
                 return Err(HeaderError::DisplayName);
             }
             (Some(s[..end].to_owned()), rest)
-        } else if let Some(lt) = s.find('<') {
+        } else if let Some(lt) = find_byte(s, b'<') {
             let d = trim_ws(&s[..lt]);
             // An unquoted display name is a run of tokens separated by LWS.
             if !d.is_empty() && !d.split([' ', '\t']).filter(|w| !w.is_empty()).all(is_token) {
@@ -225,7 +225,7 @@ impl NameAddr {
             (None, s)
         };
         if let Some(inner) = rest.strip_prefix('<') {
-            let gt = inner.find('>').ok_or(HeaderError::OpenAngle)?;
+            let gt = find_byte(inner, b'>').ok_or(HeaderError::OpenAngle)?;
             let uri = Uri::parse(&inner[..gt])?;
             let params = Params::parse(&inner[gt + 1..]).map_err(|_| HeaderError::Params)?;
             Ok(NameAddr {
@@ -236,7 +236,7 @@ impl NameAddr {
         } else {
             // addr-spec: the URI ends at the first ';' (its own parameters would be
             // ambiguous) or white space.
-            let end = rest.find([';', ' ', '\t']).unwrap_or(rest.len());
+            let end = find_any(rest, |c| matches!(c, b';' | b' ' | b'\t')).unwrap_or(rest.len());
             let uri = Uri::parse(&rest[..end])?;
             let params = Params::parse(&rest[end..]).map_err(|_| HeaderError::Params)?;
             Ok(NameAddr {
@@ -330,7 +330,7 @@ impl Via {
             return Err(HeaderError::SentProtocol);
         }
         let rest = trim_ws(rest);
-        let end = rest.find([';', ' ', '\t']).unwrap_or(rest.len());
+        let end = find_any(rest, |c| matches!(c, b';' | b' ' | b'\t')).unwrap_or(rest.len());
         let (host, port) = parse_hostport(&rest[..end])?;
         let params = Params::parse(&rest[end..]).map_err(|_| HeaderError::Params)?;
         Ok(Via {

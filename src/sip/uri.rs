@@ -3,7 +3,7 @@
 //! Our own parser: rsip 0.4 rejects every IPv6 reference (`sip:bob@[2001:db8::10]`), so the
 //! URI is one of the places where it could not be made right.
 
-use super::lex::{is_ws, trim_ws};
+use super::lex::{find_any, find_byte, is_ws, split_once_byte, trim_ws};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -84,7 +84,8 @@ impl Params {
             }
             s = s.strip_prefix(';').ok_or(UriError::BadParam)?;
             s = trim_ws(s);
-            let name_end = s.find(['=', ';', ' ', '\t']).unwrap_or(s.len());
+            let name_end =
+                find_any(s, |c| matches!(c, b'=' | b';' | b' ' | b'\t')).unwrap_or(s.len());
             let name = &s[..name_end];
             if name.is_empty() || !is_param_text(name) {
                 return Err(UriError::BadParam);
@@ -95,9 +96,9 @@ impl Params {
                 let end = if rest.starts_with('"') {
                     super::lex::quoted_end(rest).ok_or(UriError::BadParam)?
                 } else if rest.starts_with('[') {
-                    rest.find(']').ok_or(UriError::BadParam)? + 1
+                    find_byte(rest, b']').ok_or(UriError::BadParam)? + 1
                 } else {
-                    rest.find([';', ' ', '\t']).unwrap_or(rest.len())
+                    find_any(rest, |c| matches!(c, b';' | b' ' | b'\t')).unwrap_or(rest.len())
                 };
                 let v = &rest[..end];
                 if v.is_empty() || !(v.starts_with('"') || is_param_text(v)) {
@@ -276,7 +277,7 @@ fn parse_ipv6(s: &str) -> Option<Ipv6Addr> {
 /// Splits `host[:port]` where host may be a bracketed IPv6 reference.
 pub fn parse_hostport(s: &str) -> Result<(Host, Option<u16>), UriError> {
     let (host, port) = if s.starts_with('[') {
-        let close = s.find(']').ok_or(UriError::BadIpv6)?;
+        let close = find_byte(s, b']').ok_or(UriError::BadIpv6)?;
         let rest = &s[close + 1..];
         let port = match rest.strip_prefix(':') {
             Some(p) => Some(p),
@@ -285,7 +286,7 @@ pub fn parse_hostport(s: &str) -> Result<(Host, Option<u16>), UriError> {
         };
         (&s[..=close], port)
     } else {
-        match s.split_once(':') {
+        match split_once_byte(s, b':') {
             Some((h, p)) => (h, Some(p)),
             None => (s, None),
         }
@@ -360,7 +361,7 @@ impl Uri {
         if s.bytes().any(|c| is_ws(c) || c == b'\r' || c == b'\n') {
             return Err(UriError::Whitespace);
         }
-        let colon = s.find(':').ok_or(UriError::NoScheme)?;
+        let colon = find_byte(s, b':').ok_or(UriError::NoScheme)?;
         let scheme = &s[..colon];
         let b = scheme.as_bytes();
         if b.is_empty()
@@ -403,10 +404,10 @@ impl Uri {
             return Err(UriError::BadChar);
         }
         // userinfo ends at the first '@': none of the characters after it may be '@'.
-        let (user, password, hostpart) = match rest.find('@') {
+        let (user, password, hostpart) = match find_byte(rest, b'@') {
             Some(at) => {
                 let userinfo = &rest[..at];
-                let (u, p) = match userinfo.split_once(':') {
+                let (u, p) = match split_once_byte(userinfo, b':') {
                     Some((u, p)) => (u, Some(p.to_owned())),
                     None => (userinfo, None),
                 };
@@ -414,11 +415,11 @@ impl Uri {
             }
             None => (None, None, rest),
         };
-        let (before_headers, headers) = match hostpart.split_once('?') {
+        let (before_headers, headers) = match split_once_byte(hostpart, b'?') {
             Some((a, h)) => (a, Some(h.to_owned())),
             None => (hostpart, None),
         };
-        let (hostport, params) = match before_headers.find(';') {
+        let (hostport, params) = match find_byte(before_headers, b';') {
             Some(i) => (&before_headers[..i], Params::parse(&before_headers[i..])?),
             None => (before_headers, Params::new()),
         };
