@@ -24,7 +24,7 @@ const SHARDS: usize = 16;
 static SEED: LazyLock<SharedSeed> = LazyLock::new(|| SharedSeed::from_u64(rand::random()));
 
 /// A randomly seeded hasher (each map its own per-hasher seed).
-pub(crate) fn random_state() -> SeedableRandomState {
+fn random_state() -> SeedableRandomState {
     SeedableRandomState::with_seed(rand::random(), &SEED)
 }
 

@@ -588,7 +588,9 @@ impl Response {
 }
 
 #[cfg(test)]
-mod split_lines_tests {
+mod tests {
+    use super::*;
+
     #[test]
     fn split_lines_is_split_on_newline() {
         for text in [
@@ -601,16 +603,11 @@ mod split_lines_tests {
             "\n\n",
             "é\nü\n\nx",
         ] {
-            let ours: Vec<&str> = super::split_lines(text).collect();
+            let ours: Vec<&str> = split_lines(text).collect();
             let core: Vec<&str> = text.split('\n').collect();
             assert_eq!(ours, core, "{text:?}");
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     const INVITE: &str = "INVITE sip:bob@[2001:db8::10] SIP/2.0\r\n\
         v: SIP/2.0/UDP [2001:db8::9:1]:5070;branch=z9hG4bKa1\r\n\

@@ -145,14 +145,21 @@ impl LocalAddrs {
 
     /// Our Contact URI on the transport and family of `target`, as a bare URI.
     pub fn contact_uri(&self, target: &Target) -> String {
+        let mut out = String::with_capacity(48);
+        self.write_contact_uri(target, &mut out);
+        out
+    }
+
+    /// Appends our Contact URI to `out`, piece by piece rather than with `format!`: twice
+    /// per call (issue 14).
+    fn write_contact_uri(&self, target: &Target, out: &mut String) {
         let local = self
             .towards(target.transport, &target.addr)
             .unwrap_or_else(|| SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 5060));
-        let mut out = String::with_capacity(48);
         out.push_str("sip:");
-        // Pieces appended, not format!: twice per call (issue 14).
-        let _ = Host::from(local.ip()).write_to(&mut out);
-        let _ = crate::sip::write_port(&mut out, local.port());
+        // Writing into a String cannot fail.
+        let _ = Host::from(local.ip()).write_to(out);
+        let _ = crate::sip::write_port(out, local.port());
         match target.transport {
             TransportKind::Udp | TransportKind::Memory => {}
             // Over TLS, WS and WSS a sip: URI with the transport (what phones expect; a
@@ -162,7 +169,6 @@ impl LocalAddrs {
                 out.push_str(t.as_str());
             }
         }
-        out
     }
 
     /// Our Contact header value for a dialog begun with `ruri` (RFC 3261 12.1.1: in a
@@ -183,10 +189,9 @@ impl LocalAddrs {
 
     /// Our Contact header value (`<uri>`) on the transport and family of `target`.
     pub fn contact(&self, target: &Target) -> String {
-        let uri = self.contact_uri(target);
-        let mut out = String::with_capacity(uri.len() + 2);
+        let mut out = String::with_capacity(50);
         out.push('<');
-        out.push_str(&uri);
+        self.write_contact_uri(target, &mut out);
         out.push('>');
         out
     }
