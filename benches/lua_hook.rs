@@ -4,7 +4,7 @@
 //! taking a pooled VM, building the `call` object, running the hook, returning the outcome.
 //! Target (issue 3): under 5 us per call.
 //!
-//! The server's allocator (mimalloc, `src/main.rs`) is this bench's too: Lua's heap goes
+//! The server's allocator (mimalloc, `src/allocator.rs`) is this bench's too: Lua's heap goes
 //! through it, and with the system allocator a fifth of the time was glibc's malloc.
 //!
 //! With `script.vm_threads = true` each VM runs on its own thread, so a hook run is two
@@ -31,7 +31,7 @@ use strowger::b2bua::{
 use strowger::script::{EngineOptions, ScriptEngine};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: strowger::allocator::Allocator = strowger::allocator::Allocator;
 
 struct AnswerAtOnce;
 

@@ -1,6 +1,7 @@
 //! Strowger: a programmable SIP B2BUA.
 
 pub mod admin;
+pub mod allocator;
 pub mod auth;
 pub mod b2bua;
 pub mod cluster;

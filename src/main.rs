@@ -8,11 +8,9 @@
 
 mod cli;
 
-// mimalloc instead of glibc malloc: the SIP path allocates many small, short-lived
-// objects (parsed headers, responses, events) across two worker threads, where glibc's
-// arenas spend ~19% of the server's CPU (perf, benches/calls.sh at 500 cps).
+// mimalloc instead of glibc malloc (why: src/allocator.rs).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: strowger::allocator::Allocator = strowger::allocator::Allocator;
 
 use clap::Parser as _;
 use cli::{Cli, Command};
