@@ -28,18 +28,23 @@ pub enum UriError {
 }
 
 /// `;name[=value]` parameters, in order, names compared case-insensitively.
+///
+/// Kept as their canonical text (`;a=b;c`, white space around `;` and `=` dropped), one
+/// string for all of them, and read by scanning it: a message's Vias, From, To and URIs
+/// each carry a parameter or two, and a vector of owned name and value strings was three
+/// allocations for one `;tag=...` (issue 14). The text is only ever made by [`Params::parse`]
+/// (validated) or [`Params::set`], so the scan need not check it again.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Params(Vec<(String, Option<String>)>);
+pub struct Params(String);
 
 impl Params {
     pub fn new() -> Params {
-        Params(Vec::new())
+        Params(String::new())
     }
     pub fn get(&self, name: &str) -> Option<Option<&str>> {
-        self.0
-            .iter()
+        self.iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_deref())
+            .map(|(_, v)| v)
     }
     /// The value of `name`, when present with a value.
     pub fn value(&self, name: &str) -> Option<&str> {
@@ -48,23 +53,33 @@ impl Params {
     pub fn has(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
+    /// Sets `name` (replacing its value where it is, else appended). `name` and `value`
+    /// must be parameter text (a token, or a quoted string for the value): callers pass
+    /// names and values they made or parsed.
     pub fn set(&mut self, name: &str, value: Option<&str>) {
-        let value = value.map(str::to_owned);
-        if let Some(slot) = self
-            .0
-            .iter_mut()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        {
-            slot.1 = value;
+        if self.has(name) {
+            let mut text = String::with_capacity(self.0.len() + value.map_or(0, str::len));
+            for (n, v) in self.iter() {
+                let v = if n.eq_ignore_ascii_case(name) { value } else { v };
+                push_param(&mut text, n, v);
+            }
+            self.0 = text;
         } else {
-            self.0.push((name.to_owned(), value));
+            push_param(&mut self.0, name, value);
         }
     }
     pub fn remove(&mut self, name: &str) {
-        self.0.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        if !self.has(name) {
+            return;
+        }
+        let mut text = String::with_capacity(self.0.len());
+        for (n, v) in self.iter().filter(|(n, _)| !n.eq_ignore_ascii_case(name)) {
+            push_param(&mut text, n, v);
+        }
+        self.0 = text;
     }
     pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_deref()))
+        ParamIter { rest: &self.0 }
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -72,45 +87,97 @@ impl Params {
 
     /// Parses `;a=b;c` (the input starts at the first `;`, LWS allowed around `;` and `=`).
     /// Values may be quoted strings (kept with their quotes).
-    pub fn parse(mut s: &str) -> Result<Params, UriError> {
-        // Sized by the `;`s (an upper bound): grown from empty, a vector of two parameters
-        // holds room for four, and parsed parameters stay as long as their message or
-        // dialog (issue 14).
-        let mut out = Vec::with_capacity(memchr::memchr_iter(b';', s.as_bytes()).count());
+    pub fn parse(s: &str) -> Result<Params, UriError> {
+        let s = trim_ws(s);
+        if s.is_empty() {
+            return Ok(Params::new());
+        }
+        // Validate; the text is kept as it came when it has no white space to drop (the
+        // usual case: one copy, one allocation).
+        let canonical = !s.as_bytes().iter().any(|&c| is_ws(c));
+        let mut rest = s;
+        let mut spans: smallvec::SmallVec<[(&str, Option<&str>); 4]> = smallvec::SmallVec::new();
         loop {
-            s = trim_ws(s);
-            if s.is_empty() {
-                return Ok(Params(out));
+            rest = trim_ws(rest);
+            if rest.is_empty() {
+                break;
             }
-            s = s.strip_prefix(';').ok_or(UriError::BadParam)?;
-            s = trim_ws(s);
+            rest = rest.strip_prefix(';').ok_or(UriError::BadParam)?;
+            rest = trim_ws(rest);
             let name_end =
-                find_any(s, |c| matches!(c, b'=' | b';' | b' ' | b'\t')).unwrap_or(s.len());
-            let name = &s[..name_end];
+                find_any(rest, |c| matches!(c, b'=' | b';' | b' ' | b'\t')).unwrap_or(rest.len());
+            let name = &rest[..name_end];
             if name.is_empty() || !is_param_text(name) {
                 return Err(UriError::BadParam);
             }
-            s = trim_ws(&s[name_end..]);
-            let value = if let Some(rest) = s.strip_prefix('=') {
-                let rest = trim_ws(rest);
-                let end = if rest.starts_with('"') {
-                    super::lex::quoted_end(rest).ok_or(UriError::BadParam)?
-                } else if rest.starts_with('[') {
-                    find_byte(rest, b']').ok_or(UriError::BadParam)? + 1
+            rest = trim_ws(&rest[name_end..]);
+            let value = if let Some(after) = rest.strip_prefix('=') {
+                let after = trim_ws(after);
+                let end = if after.starts_with('"') {
+                    // A quoted value may hold white space of its own: kept as written.
+                    super::lex::quoted_end(after).ok_or(UriError::BadParam)?
+                } else if after.starts_with('[') {
+                    find_byte(after, b']').ok_or(UriError::BadParam)? + 1
                 } else {
-                    find_any(rest, |c| matches!(c, b';' | b' ' | b'\t')).unwrap_or(rest.len())
+                    find_any(after, |c| matches!(c, b';' | b' ' | b'\t')).unwrap_or(after.len())
                 };
-                let v = &rest[..end];
+                let v = &after[..end];
                 if v.is_empty() || !(v.starts_with('"') || is_param_text(v)) {
                     return Err(UriError::BadParam);
                 }
-                s = &rest[end..];
-                Some(v.to_owned())
+                rest = &after[end..];
+                Some(v)
             } else {
                 None
             };
-            out.push((name.to_owned(), value));
+            spans.push((name, value));
         }
+        if canonical {
+            return Ok(Params(s.to_owned()));
+        }
+        let mut text = String::with_capacity(s.len());
+        for (n, v) in spans {
+            push_param(&mut text, n, v);
+        }
+        Ok(Params(text))
+    }
+}
+
+fn push_param(text: &mut String, name: &str, value: Option<&str>) {
+    text.push(';');
+    text.push_str(name);
+    if let Some(v) = value {
+        text.push('=');
+        text.push_str(v);
+    }
+}
+
+/// Reads canonical parameter text (see [`Params`]): `;name[=value]` after `;name[=value]`.
+struct ParamIter<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for ParamIter<'a> {
+    type Item = (&'a str, Option<&'a str>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let s = self.rest.strip_prefix(';')?;
+        let name_end = find_any(s, |c| matches!(c, b'=' | b';')).unwrap_or(s.len());
+        let name = &s[..name_end];
+        let after = &s[name_end..];
+        let Some(v) = after.strip_prefix('=') else {
+            self.rest = after;
+            return Some((name, None));
+        };
+        let end = if v.starts_with('"') {
+            super::lex::quoted_end(v).unwrap_or(v.len())
+        } else if v.starts_with('[') {
+            find_byte(v, b']').map_or(v.len(), |i| i + 1)
+        } else {
+            find_byte(v, b';').unwrap_or(v.len())
+        };
+        self.rest = &v[end..];
+        Some((name, Some(&v[..end])))
     }
 }
 
@@ -132,15 +199,7 @@ impl Params {
     /// Writes `;name=value...` into any writer; into a `String` directly, without the
     /// formatter's dynamic calls per piece (see [`Uri::write_to`]).
     pub fn write_to<W: fmt::Write + ?Sized>(&self, f: &mut W) -> fmt::Result {
-        for (n, v) in &self.0 {
-            f.write_str(";")?;
-            f.write_str(n)?;
-            if let Some(v) = v {
-                f.write_str("=")?;
-                f.write_str(v)?;
-            }
-        }
-        Ok(())
+        f.write_str(&self.0)
     }
 }
 
@@ -520,6 +579,129 @@ impl Uri {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector of owned pairs `Params` was before it became one text: the reference
+    /// its parse, look-ups, writing, `set` and `remove` are compared with.
+    fn model_parse(mut s: &str) -> Result<Vec<(String, Option<String>)>, UriError> {
+        let mut out = Vec::new();
+        loop {
+            s = trim_ws(s);
+            if s.is_empty() {
+                return Ok(out);
+            }
+            s = s.strip_prefix(';').ok_or(UriError::BadParam)?;
+            s = trim_ws(s);
+            let name_end =
+                find_any(s, |c| matches!(c, b'=' | b';' | b' ' | b'\t')).unwrap_or(s.len());
+            let name = &s[..name_end];
+            if name.is_empty() || !is_param_text(name) {
+                return Err(UriError::BadParam);
+            }
+            s = trim_ws(&s[name_end..]);
+            let value = if let Some(rest) = s.strip_prefix('=') {
+                let rest = trim_ws(rest);
+                let end = if rest.starts_with('"') {
+                    crate::sip::lex::quoted_end(rest).ok_or(UriError::BadParam)?
+                } else if rest.starts_with('[') {
+                    find_byte(rest, b']').ok_or(UriError::BadParam)? + 1
+                } else {
+                    find_any(rest, |c| matches!(c, b';' | b' ' | b'\t')).unwrap_or(rest.len())
+                };
+                let v = &rest[..end];
+                if v.is_empty() || !(v.starts_with('"') || is_param_text(v)) {
+                    return Err(UriError::BadParam);
+                }
+                s = &rest[end..];
+                Some(v.to_owned())
+            } else {
+                None
+            };
+            out.push((name.to_owned(), value));
+        }
+    }
+
+    fn model_text(m: &[(String, Option<String>)]) -> String {
+        m.iter()
+            .map(|(n, v)| match v {
+                Some(v) => format!(";{n}={v}"),
+                None => format!(";{n}"),
+            })
+            .collect()
+    }
+
+    fn assert_same(p: &Params, m: &[(String, Option<String>)], what: &str) {
+        let got: Vec<(String, Option<String>)> = p
+            .iter()
+            .map(|(n, v)| (n.to_owned(), v.map(str::to_owned)))
+            .collect();
+        assert_eq!(got, m, "{what}");
+        assert_eq!(p.to_string(), model_text(m), "{what}");
+        assert_eq!(p.is_empty(), m.is_empty(), "{what}");
+        for name in ["tag", "TAG", "lr", "a", "b", "maddr", "x", "branch"] {
+            let want = m
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_deref());
+            assert_eq!(p.get(name), want, "{what}: get {name}");
+        }
+    }
+
+    #[test]
+    fn params_text_behaves_as_the_pairs_it_replaced() {
+        let inputs = [
+            "",
+            "  ",
+            ";tag=abc",
+            " ; tag = abc ; lr ",
+            ";branch=z9hG4bK-1;rport;received=10.0.0.1",
+            ";a=\"x; y\";b",
+            ";a = \"x ; y\" ;b",
+            ";maddr=[::1];lr",
+            ";maddr=[2001:db8::1]",
+            ";A=1;b=2;a=3",
+            ";transport=TCP;lr;user=phone",
+            ";bad;",
+            ";=x",
+            ";a=",
+            ";a=\"open",
+            ";a=[::1",
+            "tag=x",
+            ";a=b c",
+            ";a b",
+        ];
+        for input in inputs {
+            let (got, want) = (Params::parse(input), model_parse(input));
+            match (got, want) {
+                (Ok(p), Ok(m)) => {
+                    assert_same(&p, &m, input);
+                    for (op, name, value) in [
+                        ("set", "tag", Some("new")),
+                        ("set", "LR", None),
+                        ("set", "x", Some("\"q;r\"")),
+                        ("remove", "a", None),
+                        ("remove", "lr", None),
+                        ("set", "maddr", Some("[::2]")),
+                        ("remove", "nothing", None),
+                    ] {
+                        let (mut p, mut m) = (p.clone(), m.clone());
+                        if op == "set" {
+                            p.set(name, value);
+                            match m.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                                Some(slot) => slot.1 = value.map(str::to_owned),
+                                None => m.push((name.to_owned(), value.map(str::to_owned))),
+                            }
+                        } else {
+                            p.remove(name);
+                            m.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+                        }
+                        assert_same(&p, &m, &format!("{input} {op} {name}"));
+                    }
+                }
+                (Err(g), Err(w)) => assert_eq!(g, w, "{input}"),
+                (g, w) => panic!("{input:?}: {g:?} vs {w:?}"),
+            }
+        }
+    }
 
     #[test]
     fn ipv4_hosts_and_ports_print_as_core_prints_them() {
