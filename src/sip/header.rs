@@ -4,6 +4,7 @@
 use super::lex::{find_any, find_byte, is_token, quoted_end, split_commas, trim_ws};
 use super::method::Method;
 use super::uri::{parse_hostport, Host, Params, Uri, UriError};
+use std::borrow::Cow;
 use std::fmt;
 
 /// Known header names in their canonical spelling, with compact forms (RFC 3261 7.3.3 and
@@ -280,13 +281,16 @@ impl NameAddr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Via {
     /// The protocol version of the sent-protocol (normally "2.0").
-    pub version: String,
+    pub version: Cow<'static, str>,
     /// Transport in upper case: UDP, TCP, TLS, SCTP, WS, WSS or an extension.
-    pub transport: String,
+    pub transport: Cow<'static, str>,
     pub host: Host,
     pub port: Option<u16>,
     pub params: Params,
 }
+
+/// The Via transports of RFC 3261 20.42 and RFC 7118 (WebSocket), in upper case.
+const KNOWN_TRANSPORTS: [&str; 6] = ["UDP", "TCP", "TLS", "SCTP", "WS", "WSS"];
 
 /// The magic cookie of RFC 3261 branches (8.1.1.7).
 pub const BRANCH_COOKIE: &str = "z9hG4bK";
@@ -334,8 +338,19 @@ impl Via {
         let (host, port) = parse_hostport(&rest[..end])?;
         let params = Params::parse(&rest[end..]).map_err(|_| HeaderError::Params)?;
         Ok(Via {
-            version: version.to_owned(),
-            transport: transport.to_ascii_uppercase(),
+            // The usual values are not copied (issue 14: two allocations a Via).
+            version: if version == "2.0" {
+                Cow::Borrowed("2.0")
+            } else {
+                Cow::Owned(version.to_owned())
+            },
+            transport: match KNOWN_TRANSPORTS
+                .iter()
+                .find(|t| t.eq_ignore_ascii_case(transport))
+            {
+                Some(t) => Cow::Borrowed(*t),
+                None => Cow::Owned(transport.to_ascii_uppercase()),
+            },
             host,
             port,
             params,
@@ -402,6 +417,20 @@ impl fmt::Display for CSeq {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Known transports and version 2.0 are borrowed, not copied; others are kept (the
+    /// transport upper-cased) as before.
+    #[test]
+    fn via_protocol_fields() {
+        let v = Via::parse("SIP/2.0/udp 10.0.0.1:5060;branch=z9hG4bK-1").unwrap();
+        assert_eq!((&*v.version, &*v.transport), ("2.0", "UDP"));
+        assert!(matches!(v.transport, Cow::Borrowed(_)) && matches!(v.version, Cow::Borrowed(_)));
+        let v = Via::parse("SIP / 3.0 / xyz h").unwrap();
+        assert_eq!((&*v.version, &*v.transport), ("3.0", "XYZ"));
+        let v = Via::parse("SIP/2.0/Wss h;rport").unwrap();
+        assert_eq!(&*v.transport, "WSS");
+        assert_eq!(v.to_string(), "SIP/2.0/WSS h;rport");
+    }
 
     #[test]
     fn compact_names() {

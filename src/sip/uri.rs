@@ -60,7 +60,11 @@ impl Params {
         if self.has(name) {
             let mut text = String::with_capacity(self.0.len() + value.map_or(0, str::len));
             for (n, v) in self.iter() {
-                let v = if n.eq_ignore_ascii_case(name) { value } else { v };
+                let v = if n.eq_ignore_ascii_case(name) {
+                    value
+                } else {
+                    v
+                };
                 push_param(&mut text, n, v);
             }
             self.0 = text;
