@@ -382,7 +382,11 @@ impl crate::transaction::MessageObserver for CallTraces {
 
 /// The first line of serialized SIP bytes (without CRLF).
 fn first_line_bytes(bytes: &[u8]) -> &[u8] {
-    let end = memchr::memmem::find(bytes, b"\r\n").unwrap_or(bytes.len().min(200));
+    // A byte search for CR, then its LF: `memmem::find` builds a searcher on every call
+    // (~350 instructions, for a line that ends within the first hundred bytes; issue 14).
+    let end = memchr::memchr_iter(b'\r', bytes)
+        .find(|&i| bytes.get(i + 1) == Some(&b'\n'))
+        .unwrap_or(bytes.len().min(200));
     &bytes[..end]
 }
 
@@ -548,6 +552,10 @@ mod tests {
             first_line_bytes(b"SIP/2.0 200 OK\r\nVia: x\r\n"),
             b"SIP/2.0 200 OK"
         );
+        // A lone CR is part of the line; no CRLF at all: the first 200 bytes.
+        assert_eq!(first_line_bytes(b"A\rB\r\nC"), b"A\rB");
+        assert_eq!(first_line_bytes(b"ABC\r"), b"ABC\r");
+        assert_eq!(first_line_bytes(&[b'x'; 300]).len(), 200);
     }
 
     #[test]

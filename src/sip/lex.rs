@@ -3,8 +3,8 @@
 //! Written by hand: no maintained crate exposes the SIP ABNF classes, and these are a
 //! few table lookups on the per-message hot path.
 
-/// `token` characters (RFC 3261 25.1).
-pub fn is_token_char(c: u8) -> bool {
+/// `token` characters (RFC 3261 25.1), by definition.
+const fn token_char(c: u8) -> bool {
     c.is_ascii_alphanumeric()
         || matches!(
             c,
@@ -12,8 +12,41 @@ pub fn is_token_char(c: u8) -> bool {
         )
 }
 
+/// Characters of a URI or header parameter name or unquoted value: token, plus the URI's
+/// param-unreserved, escapes and IPv6 brackets.
+const fn param_char(c: u8) -> bool {
+    token_char(c) || matches!(c, b'[' | b']' | b'/' | b':' | b'&' | b'$')
+}
+
+/// One byte's classes as bits of a table entry: a lookup per byte instead of a chain of
+/// comparisons (issue 14: every parameter name and value of every message is checked).
+const TOKEN: u8 = 1;
+const PARAM: u8 = 2;
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = if token_char(b) { TOKEN } else { 0 } | if param_char(b) { PARAM } else { 0 };
+        c += 1;
+    }
+    t
+};
+
+/// `token` characters (RFC 3261 25.1).
+#[inline]
+pub fn is_token_char(c: u8) -> bool {
+    CLASS[c as usize] & TOKEN != 0
+}
+
 pub fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(is_token_char)
+}
+
+/// Whether every byte of `s` may appear in a parameter name or unquoted value.
+#[inline]
+pub(crate) fn is_param_text(s: &str) -> bool {
+    s.bytes().all(|c| CLASS[c as usize] & PARAM != 0)
 }
 
 /// Linear white space inside a header value (folding is already undone).
@@ -95,6 +128,20 @@ pub fn quoted_end(s: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table gives what the definitions give, for every byte.
+    #[test]
+    fn class_table_matches_the_definitions() {
+        for b in 0..=255u8 {
+            assert_eq!(is_token_char(b), token_char(b), "{b}");
+            let s = [b];
+            let text = std::str::from_utf8(&s).unwrap_or("");
+            if !text.is_empty() {
+                assert_eq!(is_param_text(text), param_char(b), "{b}");
+            }
+        }
+        assert!(is_token_char(b'~') && !is_token_char(b'[') && is_param_text("[::1]"));
+    }
 
     #[test]
     fn commas_respect_quotes_and_angles() {

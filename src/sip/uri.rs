@@ -3,7 +3,7 @@
 //! Our own parser: rsip 0.4 rejects every IPv6 reference (`sip:bob@[2001:db8::10]`), so the
 //! URI is one of the places where it could not be made right.
 
-use super::lex::{find_any, find_byte, is_ws, split_once_byte, trim_ws};
+use super::lex::{find_any, find_byte, is_param_text, is_ws, split_once_byte, trim_ws};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -191,14 +191,6 @@ impl<'a> Iterator for ParamIter<'a> {
 fn has_byte_outside_uri_text(s: &[u8]) -> bool {
     s.iter().fold(false, |bad, &c| {
         bad | !(0x21..0x7f).contains(&c) | (c == b'<') | (c == b'>') | (c == b'"')
-    })
-}
-
-/// Characters allowed in a URI or header parameter name or unquoted value
-/// (token, plus the URI's param-unreserved, escapes and IPv6 brackets).
-fn is_param_text(s: &str) -> bool {
-    s.bytes().all(|c| {
-        super::lex::is_token_char(c) || matches!(c, b'[' | b']' | b'/' | b':' | b'&' | b'$')
     })
 }
 
