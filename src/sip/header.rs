@@ -99,6 +99,10 @@ impl Headers {
     pub fn new() -> Headers {
         Headers(Vec::new())
     }
+    /// Empty, with room for `n` headers.
+    pub fn with_capacity(n: usize) -> Headers {
+        Headers(Vec::with_capacity(n))
+    }
     /// The first value of `name` (canonical names compare exactly; others ignore case).
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
@@ -146,9 +150,6 @@ impl Headers {
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-    pub(crate) fn into_iter(self) -> impl Iterator<Item = Header> {
-        self.0.into_iter()
     }
     pub(crate) fn push_header(&mut self, h: Header) {
         self.0.push(h);

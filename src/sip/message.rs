@@ -6,6 +6,7 @@ use super::lex::{is_token, trim_ws};
 use super::method::Method;
 use super::uri::{Uri, UriError};
 use bytes::Bytes;
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 /// The headers every request and response carries, parsed once when the message is read
@@ -170,8 +171,7 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
 
     let mut lines = split_lines(head).map(|l| l.strip_suffix('\r').unwrap_or(l));
     let start_line = lines.next().unwrap_or("");
-    let mut headers = Headers::new();
-    read_headers(lines, &mut headers)?;
+    let headers = read_headers(lines)?;
 
     if let Some(status_line) = start_line.strip_prefix("SIP/") {
         let (status, reason) = parse_status_line(status_line)?;
@@ -196,11 +196,11 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
     if !is_token(method) {
         return Err(ParseError::bare(ParseErrorKind::StartLine));
     }
-    let with_head = |kind, headers| ParseError {
+    let with_head = |kind, headers: Vec<RawHeader<'_>>| ParseError {
         kind,
         head: Some(Box::new(RequestHead {
             method: method.to_owned(),
-            headers,
+            headers: owned(headers),
         })),
     };
     let (uri, version) = match split_request_line(&start_line[method.len()..]) {
@@ -340,27 +340,25 @@ fn parse_status_line(rest: &str) -> Result<(u16, &str), ParseError> {
 /// continues the previous one) and expanding compact names.
 fn read_headers<'a>(
     lines: impl Iterator<Item = &'a str>,
-    out: &mut Headers,
-) -> Result<(), ParseError> {
-    let mut current: Option<Header> = None;
+) -> Result<Vec<RawHeader<'a>>, ParseError> {
+    // Room for a usual message's headers: one allocation, given back with the message.
+    let mut out: Vec<RawHeader<'a>> = Vec::with_capacity(16);
     for line in lines {
         if line.starts_with([' ', '\t']) {
-            match current.as_mut() {
+            match out.last_mut() {
                 Some(h) => {
                     let cont = trim_ws(line);
                     if !cont.is_empty() {
-                        if !h.value.is_empty() {
-                            h.value.push(' ');
+                        let value = h.value.to_mut();
+                        if !value.is_empty() {
+                            value.push(' ');
                         }
-                        h.value.push_str(cont);
+                        value.push_str(cont);
                     }
                     continue;
                 }
                 None => return Err(ParseError::bare(ParseErrorKind::HeaderLine)),
             }
-        }
-        if let Some(h) = current.take() {
-            out.push_header(h);
         }
         let colon = memchr::memchr(b':', line.as_bytes())
             .ok_or(ParseError::bare(ParseErrorKind::HeaderLine))?;
@@ -370,15 +368,33 @@ fn read_headers<'a>(
         if !is_token(name) {
             return Err(ParseError::bare(ParseErrorKind::HeaderLine));
         }
-        current = Some(Header {
+        out.push(RawHeader {
             name: canonical_name(name),
-            value: trim_ws(value).to_owned(),
+            value: Cow::Borrowed(trim_ws(value)),
         });
     }
-    if let Some(h) = current {
-        out.push_header(h);
+    Ok(out)
+}
+
+/// A header line as read (folding undone, name canonical): its value borrowed from the
+/// message (owned only when folded lines were joined). The base headers are parsed from
+/// these and never copied; the others become [`Headers`] (issue 14: every header value of
+/// every message was first copied into a string of its own).
+struct RawHeader<'a> {
+    name: Cow<'static, str>,
+    value: Cow<'a, str>,
+}
+
+/// Every header, owned: what an error answer (a 400 naming the fault) is built from.
+fn owned(raw: Vec<RawHeader<'_>>) -> Headers {
+    let mut out = Headers::with_capacity(raw.len());
+    for h in raw {
+        out.push_header(Header {
+            name: h.name,
+            value: h.value.into_owned(),
+        });
     }
-    Ok(())
+    out
 }
 
 fn parse_small_uint(v: &str, max: u32) -> Option<u32> {
@@ -390,10 +406,13 @@ fn parse_small_uint(v: &str, max: u32) -> Option<u32> {
 }
 
 fn others_single<'a>(
-    h: &'a Headers,
+    h: &'a [RawHeader<'_>],
     name: &'static str,
 ) -> Result<Option<&'a str>, ParseErrorKind> {
-    let mut it = h.get_all(name);
+    let mut it = h
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| &*h.value);
     let first = it.next();
     if it.next().is_some() {
         return Err(ParseErrorKind::Multiple(name));
@@ -405,16 +424,20 @@ fn others_single<'a>(
 /// the remaining headers (Max-Forwards, read separately, dropped) and the Content-Length if
 /// one was given. On error the headers come back untouched, for the 400.
 #[allow(clippy::type_complexity)]
-fn take_base(
-    headers: Headers,
+fn take_base<'a>(
+    headers: Vec<RawHeader<'a>>,
     body_avail: usize,
-) -> Result<(BaseHeaders, Headers, Option<usize>), (ParseErrorKind, Headers)> {
+) -> Result<(BaseHeaders, Headers, Option<usize>), (ParseErrorKind, Vec<RawHeader<'a>>)> {
     match read_base(&headers, body_avail) {
         Ok((base, content_length)) => {
-            let mut others = Headers::new();
-            for h in headers.into_iter() {
+            let rest = headers.iter().filter(|h| !is_base(&h.name)).count();
+            let mut others = Headers::with_capacity(rest);
+            for h in headers {
                 if !is_base(&h.name) {
-                    others.push_header(h);
+                    others.push_header(Header {
+                        name: h.name,
+                        value: h.value.into_owned(),
+                    });
                 }
             }
             Ok((base, others, content_length))
@@ -431,7 +454,7 @@ fn is_base(name: &str) -> bool {
 }
 
 fn read_base(
-    headers: &Headers,
+    headers: &[RawHeader<'_>],
     body_avail: usize,
 ) -> Result<(BaseHeaders, Option<usize>), ParseErrorKind> {
     let mut via = Vec::new();
@@ -463,7 +486,7 @@ fn read_base(
                 "To",
             )?,
             "Call-ID" => {
-                let v = h.value.as_str();
+                let v = &*h.value;
                 if !is_valid_call_id(v) {
                     return Err(ParseErrorKind::BadValue("Call-ID"));
                 }
