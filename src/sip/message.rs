@@ -7,7 +7,6 @@ use super::method::Method;
 use super::uri::{Uri, UriError};
 use bytes::Bytes;
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
 /// The headers every request and response carries, parsed once when the message is read
 /// (RFC 3261 8.1.1). They are kept out of `Headers` so that they cannot disagree with it.
@@ -592,7 +591,12 @@ fn serialize(body: &Bytes, write_head: impl FnOnce(&mut String)) -> Bytes {
 impl Request {
     pub fn to_bytes(&self) -> Bytes {
         serialize(&self.body, |s| {
-            let _ = write!(s, "{} {} SIP/2.0\r\n", self.method, self.uri);
+            // Pieces appended: `write!` runs the formatter's dynamic calls for each part of
+            // the URI (issue 14).
+            s.push_str(self.method.as_str());
+            s.push(' ');
+            let _ = self.uri.write_to(s);
+            s.push_str(" SIP/2.0\r\n");
             write_common(s, &self.base, self.max_forwards, &self.headers);
         })
     }

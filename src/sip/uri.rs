@@ -182,6 +182,8 @@ fn check_canonical_params(s: &str) -> Result<(), UriError> {
 }
 
 fn push_param(text: &mut String, name: &str, value: Option<&str>) {
+    // At most one reallocation (four pushes into a text of exact size could take two).
+    text.reserve(2 + name.len() + value.map_or(0, str::len));
     text.push(';');
     text.push_str(name);
     if let Some(v) = value {
