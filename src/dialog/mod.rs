@@ -65,9 +65,29 @@ pub struct DialogParts<'a> {
 }
 
 fn without_tag(n: &NameAddr) -> String {
-    let mut n = n.clone();
-    n.params.remove("tag");
-    n.to_text()
+    // Written without the tag rather than cloned and edited (issue 14: a copy of every
+    // part of the name-addr, twice per dialog).
+    let mut out = String::with_capacity(64);
+    if let Some(d) = &n.display {
+        out.push_str(d);
+        out.push(' ');
+    }
+    out.push('<');
+    // Writing into a String cannot fail.
+    let _ = n.uri.write_to(&mut out);
+    out.push('>');
+    for (name, value) in n.params.iter() {
+        if name.eq_ignore_ascii_case("tag") {
+            continue;
+        }
+        out.push(';');
+        out.push_str(name);
+        if let Some(v) = value {
+            out.push('=');
+            out.push_str(v);
+        }
+    }
+    out
 }
 
 fn contact_uri(headers: &Headers) -> Option<Uri> {
@@ -345,6 +365,22 @@ fn parse_name_addr(text: &str) -> NameAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Written directly, it is what removing the tag from a copy gave.
+    #[test]
+    fn without_tag_is_the_name_addr_minus_its_tag() {
+        for text in [
+            "\"Alice\" <sip:alice@a.example;transport=tcp>;tag=1928301774",
+            "<sip:bob@b.example>;x=1;TAG=abc;lr",
+            "sip:carol@c.example",
+            "Dave <sips:d@[2001:db8::1]:5061>;tag=9;q=0.5",
+        ] {
+            let n = NameAddr::parse(text).expect(text);
+            let mut copy = n.clone();
+            copy.params.remove("tag");
+            assert_eq!(without_tag(&n), copy.to_text(), "{text}");
+        }
+    }
     use crate::sip::{parse, SipMessage};
     use crate::transport::TransportKind;
 
