@@ -35,7 +35,7 @@ pub struct Request {
     pub method: Method,
     pub uri: Uri,
     /// The version of the request line ("2.0" for every request we accept).
-    pub version: std::borrow::Cow<'static, str>,
+    pub version: Cow<'static, str>,
     pub base: BaseHeaders,
     pub max_forwards: Option<u32>,
     /// Every other header, in order.
@@ -239,7 +239,7 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
         method: Method::from_token(method),
         uri,
         // Every version accepted is "2.0" (checked above): not copied.
-        version: std::borrow::Cow::Borrowed("2.0"),
+        version: Cow::Borrowed("2.0"),
         base,
         max_forwards,
         headers: others,
