@@ -67,27 +67,7 @@ pub struct DialogParts<'a> {
 fn without_tag(n: &NameAddr) -> String {
     // Written without the tag rather than cloned and edited (issue 14: a copy of every
     // part of the name-addr, twice per dialog).
-    let mut out = String::with_capacity(64);
-    if let Some(d) = &n.display {
-        out.push_str(d);
-        out.push(' ');
-    }
-    out.push('<');
-    // Writing into a String cannot fail.
-    let _ = n.uri.write_to(&mut out);
-    out.push('>');
-    for (name, value) in n.params.iter() {
-        if name.eq_ignore_ascii_case("tag") {
-            continue;
-        }
-        out.push(';');
-        out.push_str(name);
-        if let Some(v) = value {
-            out.push('=');
-            out.push_str(v);
-        }
-    }
-    out
+    n.to_text_without_tag()
 }
 
 fn contact_uri(headers: &Headers) -> Option<Uri> {

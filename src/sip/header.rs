@@ -260,14 +260,39 @@ impl NameAddr {
     /// Writes the value into any writer (see [`Uri::write_to`]). Pieces one by one:
     /// `write!` goes through core::fmt's argument machinery for each (issue 14).
     pub fn write_to<W: fmt::Write + ?Sized>(&self, f: &mut W) -> fmt::Result {
+        self.write_head(f)?;
+        self.params.write_to(f)
+    }
+
+    /// The value without its tag parameter (a dialog's local and remote URI, RFC 3261
+    /// 12.1.1), written directly rather than from an edited copy.
+    pub fn to_text_without_tag(&self) -> String {
+        let mut out = String::with_capacity(64);
+        // Writing into a String cannot fail.
+        let _ = self.write_head(&mut out);
+        for (name, value) in self.params.iter() {
+            if name.eq_ignore_ascii_case("tag") {
+                continue;
+            }
+            out.push(';');
+            out.push_str(name);
+            if let Some(v) = value {
+                out.push('=');
+                out.push_str(v);
+            }
+        }
+        out
+    }
+
+    /// `[display ]<uri>`: everything but the header parameters.
+    fn write_head<W: fmt::Write + ?Sized>(&self, f: &mut W) -> fmt::Result {
         if let Some(d) = &self.display {
             f.write_str(d)?;
             f.write_str(" ")?;
         }
         f.write_str("<")?;
         self.uri.write_to(f)?;
-        f.write_str(">")?;
-        self.params.write_to(f)
+        f.write_str(">")
     }
 
     /// The value as text (`to_string` without the formatter).
