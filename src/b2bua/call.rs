@@ -791,7 +791,8 @@ impl Call {
         let bytes = ack.to_bytes();
         let sent = SentAck {
             seq: ack.base.cseq.seq,
-            bytes: Box::from(&bytes[..]),
+            // Kept 64*T1 (below), not for the call's life.
+            bytes: crate::allocator::short_lived(|| Box::from(&bytes[..])),
             sent: Instant::now(),
         };
         self.transmit_ack(target, &ack.base.call_id, bytes);
@@ -846,8 +847,11 @@ impl Call {
         // The transaction's events are posted to this call as they happen (no task in
         // between).
         let events = self.events.clone();
-        let sink = Box::new(move |event| {
-            let _ = events.post(CallEvent::Client { id, event });
+        // Kept by the transaction until it ends (32 s after the call's set-up).
+        let sink: crate::transaction::ClientSink = crate::allocator::short_lived(|| {
+            Box::new(move |event| {
+                let _ = events.post(CallEvent::Client { id, event });
+            })
         });
         let purpose = if self.to_trunk_with_credentials(&req, &purpose) {
             Purpose::ToTrunk {

@@ -32,6 +32,7 @@ mod timers;
 
 pub use config::TimersConfig;
 
+use crate::allocator::short_lived;
 use crate::shard::ShardMap;
 use crate::sip::{new_tag, BaseHeaders, Method, Request, Response, SipMessage};
 use crate::transport::{Sender, Target, TransportError};
@@ -938,7 +939,9 @@ impl TransactionLayer {
     }
 
     fn on_request(&self, req: Request, source: Target) {
-        let Some(key) = ServerKey::of(&req, false) else {
+        // The keys end up in the tables, for the transaction's life: short-lived (see
+        // `create_server`).
+        let Some(key) = short_lived(|| ServerKey::of(&req, false)) else {
             return;
         };
         if let Some(tx) = self.shared.servers.get(&key) {
@@ -950,7 +953,7 @@ impl TransactionLayer {
             }
             return;
         }
-        let merge_key = MergeKey::of(&req);
+        let merge_key = short_lived(|| MergeKey::of(&req));
         if merge_key.is_some() && !self.shared.accepting.load(Ordering::Acquire) {
             // Graceful shutdown: no new dialogs; in-dialog requests (To tag) go on.
             bump(&self.shared.stats.rejected_not_accepting);
@@ -1026,32 +1029,41 @@ impl TransactionLayer {
         req: &Request,
         source: Target,
     ) -> Option<ServerTransaction> {
-        let reliable = source.transport.is_reliable();
-        let machine = if req.method == Method::Invite {
-            ServerMachine::Invite(InviteServer::new(self.shared.cfg, reliable))
-        } else {
-            ServerMachine::NonInvite(NonInviteServer::new(self.shared.cfg, reliable))
-        };
-        let inner = Arc::new(ServerInner {
-            shared: self.shared.clone(),
-            key: key.clone(),
-            merge_key: merge_key.clone(),
-            method: req.method.clone(),
-            base: Mutex::new(Some(Box::new(req.base.clone()))),
-            call_id: req.base.call_id.as_str().into(),
-            source,
-            core: Core::new(machine, self.shared.epoch),
-            to_tag: Mutex::new(None),
+        // A transaction outlives the call's set-up by 32 s (Timer J/L): on the heap of
+        // short-lived objects, it leaves no holes among the call's state when it ends.
+        let inner: Result<_, Arc<ServerInner>> = short_lived(|| {
+            let reliable = source.transport.is_reliable();
+            let machine = if req.method == Method::Invite {
+                ServerMachine::Invite(InviteServer::new(self.shared.cfg, reliable))
+            } else {
+                ServerMachine::NonInvite(NonInviteServer::new(self.shared.cfg, reliable))
+            };
+            let inner = Arc::new(ServerInner {
+                shared: self.shared.clone(),
+                key: key.clone(),
+                merge_key: merge_key.clone(),
+                method: req.method.clone(),
+                base: Mutex::new(Some(Box::new(req.base.clone()))),
+                call_id: req.base.call_id.as_str().into(),
+                source,
+                core: Core::new(machine, self.shared.epoch),
+                to_tag: Mutex::new(None),
+            });
+            self.shared.servers.insert_new(key.clone(), inner.clone())?;
+            if let Some(mk) = merge_key {
+                let _ = self.shared.merged.insert_new(mk, key);
+            }
+            Ok(inner)
         });
-        if let Err(existing) = self.shared.servers.insert_new(key.clone(), inner.clone()) {
-            existing.retransmission();
-            return None;
-        }
+        let inner = match inner {
+            Ok(inner) => inner,
+            Err(existing) => {
+                existing.retransmission();
+                return None;
+            }
+        };
         self.shared.live.fetch_add(1, Ordering::AcqRel);
         bump(&self.shared.stats.server_created);
-        if let Some(mk) = merge_key {
-            let _ = self.shared.merged.insert_new(mk, key);
-        }
         Some(ServerTransaction { inner })
     }
 
@@ -1107,28 +1119,34 @@ impl TransactionLayer {
         if req.base.branch().is_empty() {
             return Err(TransactionError::NoBranch);
         }
-        let key = ClientKey::of(&req.base);
-        let reliable = target.transport.is_reliable();
-        let call_id = req.base.call_id.clone();
-        let (machine, actions) = if req.method == Method::Invite {
-            let (m, a) = InviteClient::start(self.shared.cfg, reliable, req);
-            (ClientMachine::Invite(Box::new(m)), a)
-        } else {
-            let method = req.method.clone();
-            let (m, a) = NonInviteClient::start(self.shared.cfg, reliable, method, req.to_bytes());
-            (ClientMachine::NonInvite(m), a)
-        };
-        let inner = Arc::new(ClientInner {
-            shared: self.shared.clone(),
-            key: key.clone(),
-            target,
-            call_id,
-            core: Core::new(machine, self.shared.epoch),
-            events: Mutex::new(Some(events)),
-        });
-        if self.shared.clients.insert_new(key, inner.clone()).is_err() {
-            return Err(TransactionError::Duplicate);
-        }
+        // Short-lived, as in `create_server`: the transaction (and the request's bytes it
+        // keeps for retransmissions) ends 32 s after the call's set-up (Timer M, K).
+        let (inner, actions) = short_lived(|| {
+            let key = ClientKey::of(&req.base);
+            let reliable = target.transport.is_reliable();
+            let call_id = req.base.call_id.clone();
+            let (machine, actions) = if req.method == Method::Invite {
+                let (m, a) = InviteClient::start(self.shared.cfg, reliable, req);
+                (ClientMachine::Invite(Box::new(m)), a)
+            } else {
+                let method = req.method.clone();
+                let bytes = req.to_bytes();
+                let (m, a) = NonInviteClient::start(self.shared.cfg, reliable, method, bytes);
+                (ClientMachine::NonInvite(m), a)
+            };
+            let inner = Arc::new(ClientInner {
+                shared: self.shared.clone(),
+                key: key.clone(),
+                target,
+                call_id,
+                core: Core::new(machine, self.shared.epoch),
+                events: Mutex::new(Some(events)),
+            });
+            match self.shared.clients.insert_new(key, inner.clone()) {
+                Ok(()) => Ok((inner, actions)),
+                Err(_) => Err(TransactionError::Duplicate),
+            }
+        })?;
         self.shared.live.fetch_add(1, Ordering::AcqRel);
         bump(&self.shared.stats.client_created);
         // The first transmission and the first timers.
