@@ -778,6 +778,21 @@ async fn the_callees_2xx_is_acked_again_within_64_t1_and_the_ack_let_go_after() 
         "no ACK kept past 64*T1"
     );
     assert_eq!(s.handle.active_calls(), 1);
+    // The call, which has let go of the answered branch's transaction by now, still
+    // relays the callee's BYE.
+    let bye = format!(
+        "BYE sip:{} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK{}\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        s.udp,
+        callee.addr,
+        unique("bye"),
+        header(&b_ok, "To").unwrap(),
+        header(&b_ok, "From").unwrap(),
+        header(&b_ok, "Call-ID").unwrap(),
+    );
+    callee.send(s.udp, bye.as_bytes()).await;
+    next_request(&caller, "BYE", WAIT)
+        .await
+        .expect("the callee's BYE reaches the caller");
 }
 
 /// Issue 15, overload: when new calls wait for the script longer than

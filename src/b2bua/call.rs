@@ -251,6 +251,16 @@ impl ClientMap {
         }
         Some(purpose)
     }
+    /// Forgets the transactions of the INVITE branch `bid` (sent to a trunk or not).
+    fn forget_branch(&mut self, bid: u64) {
+        self.0.retain(|(_, p)| {
+            !matches!(p, Purpose::Branch(b) if *b == bid)
+                && !matches!(p, Purpose::ToTrunk { purpose, .. } if matches!(**purpose, Purpose::Branch(b) if b == bid))
+        });
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+    }
     fn values(&self) -> impl Iterator<Item = &Purpose> {
         self.0.iter().map(|(_, p)| p)
     }
@@ -700,6 +710,12 @@ impl Call {
         }
         if self.kept_ack_until().is_some_and(|t| now >= t) {
             self.bridge.b_ack = None;
+            // The answered branch's transaction ended before this (Timer M, 64*T1 after
+            // its 2xx, RFC 6026 7.2): no event can come for it any more, and an
+            // established call keeps no entry (issue 14: 128 bytes of every held call).
+            if let Some(bid) = self.bridge.b_branch {
+                self.clients.forget_branch(bid);
+            }
         }
         if self.max_duration.until().is_some_and(|t| now >= t) {
             self.max_duration = MaxDuration::Off;
