@@ -1,7 +1,7 @@
 //! The `call` object: its Rust state, the `call:*` verbs, and running the two call hooks
 //! (`on_invite`, `on_call_end`) as coroutines.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mlua::{AnyUserData, Lua, Table, Value};
@@ -204,8 +204,13 @@ impl Drop for DialInProgress {
     }
 }
 
-/// The userdata behind a `call` table (the sandbox maps one to the other).
-struct CallUd(Arc<CallState>);
+/// The userdata behind a `call` table (the sandbox maps one to the other). It holds the
+/// call's state weakly: the hook run (and, for `on_call_end`/`on_refer`, the B2BUA's
+/// handle) holds it strongly, so a script reaches it whenever one of the call's hooks
+/// runs. Held strongly, the state (the call's facts, its headers) lived on until Lua's
+/// collector got to the userdata, which the collector's pace does not see (issue 14:
+/// hundreds of bytes of every call set up since the last cycle).
+struct CallUd(Weak<CallState>);
 
 /// Compact header forms (RFC 3261 7.3.3 and later RFCs).
 const COMPACT: &[(&str, &str)] = &[
@@ -542,7 +547,9 @@ impl mlua::IntoLua for DialResult {
 }
 
 pub(super) fn call_ud(ud: &AnyUserData) -> mlua::Result<Arc<CallState>> {
-    Ok(ud.borrow::<CallUd>()?.0.clone())
+    ud.borrow::<CallUd>()?.0.upgrade().ok_or_else(|| {
+        mlua::Error::runtime("this call is over (a call object kept past its hooks)")
+    })
 }
 
 fn type_error(what: &str, expected: &str, got: &Value) -> String {
@@ -1017,7 +1024,7 @@ pub(crate) async fn run_on_invite(
         move |vm, budget| {
             // The only Lua values made here: the call's userdata and its registry slot (the
             // sandbox builds the `call` table around it, lazily).
-            let ud = vm.lua.create_any_userdata(CallUd(call.clone()))?;
+            let ud = vm.lua.create_any_userdata(CallUd(Arc::downgrade(&call)))?;
             *call.key.lock() = Some(vm.lua.create_registry_value(&ud)?);
             let runner = vm.runner(Hook::Invite).expect("checked by the caller");
             let fut = runner.call_async::<()>(ud);

@@ -1395,3 +1395,30 @@ async fn calls_are_spread_over_the_pool_and_end_on_their_own_vm() {
     let text = logs.text();
     assert_eq!(text.matches("same vm:\ttrue").count(), 4, "{text}");
 }
+
+/// A `call` kept in a global past its hooks (issue 14: the userdata holds the call's state
+/// weakly) gives a clear error when used from another call's hook, not the old call's state.
+#[tokio::test]
+async fn a_call_kept_past_its_hooks_is_over() {
+    let e = engine_pool(
+        r#"
+        local kept
+        function on_invite(call)
+          if kept == nil then
+            kept = call
+            call:reject(486)
+            return
+          end
+          local ok, err = pcall(kept.reject, kept, 404)
+          assert(not ok and tostring(err):find("this call is over"), tostring(err))
+          call:reject(403, "checked")
+        end
+        "#,
+        1,
+    );
+    let first = invite(&e, call_to("1"), &Fake::new(vec![])).await;
+    assert_eq!(rejected(&first).0, 486);
+    drop(first);
+    let second = invite(&e, call_to("2"), &Fake::new(vec![])).await;
+    assert_eq!(rejected(&second), (403, "checked"));
+}
