@@ -74,10 +74,11 @@ pub(super) struct Bridge {
     pub b_branch: Option<u64>,
     /// The ACK for B's 2xx: sent when the caller's ACK arrives, kept for retransmitted
     /// 2xx (RFC 3261 13.2.2.4).
-    pub b_ack: Option<SentAck>,
+    pub b_ack: Option<Box<SentAck>>,
     state: State,
     /// The last hold offer (sendonly/inactive SDP) a party sent through us.
-    hold: Option<(Side, Bytes)>,
+    /// Boxed, as `b_ack`: rare or short-lived, and every established call has a `Bridge`.
+    hold: Option<Box<(Side, Bytes)>>,
 }
 
 /// What to do with an INVITE inside the call.
@@ -162,8 +163,8 @@ impl Bridge {
             .lines()
             .any(|l| matches!(l.trim(), "a=sendonly" | "a=inactive"));
         if holds {
-            self.hold = Some((from, body.clone()));
-        } else if self.hold.as_ref().is_some_and(|(s, _)| *s == from) {
+            self.hold = Some(Box::new((from, body.clone())));
+        } else if self.hold.as_ref().is_some_and(|h| h.0 == from) {
             self.hold = None;
         }
     }
@@ -171,7 +172,7 @@ impl Bridge {
     /// The hold offer `holder` sent, taken (to resume the held party).
     pub fn take_hold(&mut self, holder: Side) -> Option<Bytes> {
         match &self.hold {
-            Some((s, _)) if *s == holder => self.hold.take().map(|(_, b)| b),
+            Some(h) if h.0 == holder => self.hold.take().map(|h| h.1),
             _ => None,
         }
     }

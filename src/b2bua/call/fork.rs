@@ -217,7 +217,8 @@ pub(super) type Actions = SmallVec<[Action; 2]>;
 pub(super) struct Fork {
     /// On the heap as a whole; shrunk to the answered branch once the call is established.
     branches: Vec<Branch>,
-    dial: Option<Dial>,
+    /// Boxed: only while a dial rings (the fork stays for the call's life).
+    dial: Option<Box<Dial>>,
     dials: u32,
     /// 64*T1: how long a CANCELled branch may take to end.
     cancel_wait: Duration,
@@ -243,12 +244,12 @@ impl Fork {
         }
         self.dials += 1;
         let owner = Owner::Dial(self.dials);
-        self.dial = Some(Dial {
+        self.dial = Some(Box::new(Dial {
             owner,
             deadline,
             finals: Vec::new(),
             ringing: false,
-        });
+        }));
         Some(owner)
     }
 

@@ -54,7 +54,7 @@ pub(in crate::b2bua::call) struct Transfer {
     /// The target's confirmed dialog and the ACK sent to its 2xx.
     pub(super) leg_dialog: Option<Dialog>,
     pub(super) leg_invite_seq: u32,
-    pub(super) leg_ack: Option<super::super::bridge::SentAck>,
+    pub(super) leg_ack: Option<Box<super::super::bridge::SentAck>>,
     /// The target's offer and its Content-Type.
     pub(super) offer: Option<(Bytes, Option<String>)>,
     /// Our re-INVITE to the transferee, for its ACK.
