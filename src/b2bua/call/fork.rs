@@ -150,7 +150,8 @@ impl Branch {
         let ends = [e0, e1].map(|e| u32::try_from(e).unwrap_or(u32::MAX));
         self.invite = BranchInvite::Kept {
             seq: r.base.cseq.seq,
-            text: text.into_boxed_str(),
+            // Exactly its length (as `CallerInvite::compact`).
+            text: Box::from(text.as_str()),
             ends,
         };
     }
