@@ -53,6 +53,7 @@ use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
 use crate::transaction::{ClientEvent, ServerTransaction};
 use crate::transport::{Target, TransportKind};
 use bytes::Bytes;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -612,18 +613,24 @@ impl Call {
     // The call lives on the heap and the task holds a pointer: a call waits most of its
     // life, and a large task future is memory every established call pays for.
     async fn run(mut self: Box<Self>) {
+        // The event is handled after the `select!`, not in its arm: an arm's await keeps
+        // the timer and the other branch alive beside the handler's future, and the task
+        // of every held call was one allocator size class larger for it (issue 14).
+        let mut timer = CallTimer::default();
         while !self.ended || self.hook_running {
-            let deadline = self.next_deadline();
-            tokio::select! {
-                ev = next_event(&mut self.rx) => match ev {
-                    Some(ev) => self.on_event(ev).await,
-                    // Unreachable while we hold a sender ourselves; end cleanly anyway.
-                    None => {
-                        self.end("system");
-                        self.hook_running = false;
-                    }
-                },
-                _ = sleep_until(deadline) => self.on_timers(),
+            timer.set(self.next_deadline());
+            let woke = tokio::select! {
+                ev = next_event(&mut self.rx) => Some(ev),
+                () = timer.fired() => None,
+            };
+            match woke {
+                Some(Some(ev)) => self.on_event(ev).await,
+                // Unreachable while we hold a sender ourselves; end cleanly anyway.
+                Some(None) => {
+                    self.end("system");
+                    self.hook_running = false;
+                }
+                None => self.on_timers(),
             }
             // cluster: what another node needs to end the call, if it changed.
             self.sync_record();
@@ -635,10 +642,14 @@ impl Call {
         // case the transaction layer never reports.
         let bound = Instant::now() + self.inner.timers.t1 * 128;
         while (!self.fork.is_settled() || self.trunk_requests_pending()) && Instant::now() < bound {
-            let deadline = self.fork.deadline().map_or(bound, |d| d.min(bound));
-            tokio::select! {
-                Some(ev) = next_event(&mut self.rx) => self.on_event(ev).await,
-                _ = tokio::time::sleep_until(deadline) => self.on_timers(),
+            timer.set(Some(self.fork.deadline().map_or(bound, |d| d.min(bound))));
+            let woke = tokio::select! {
+                Some(ev) = next_event(&mut self.rx) => Some(ev),
+                () = timer.fired() => None,
+            };
+            match woke {
+                Some(ev) => self.on_event(ev).await,
+                None => self.on_timers(),
             }
         }
     }
@@ -1286,10 +1297,32 @@ fn release_branch(inner: &B2buaInner, events: &Events, b: &mut fork::Branch) {
     inner.dialogs.remove_if(&key, |r| r.events.same(events));
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// The call task's one timer, on the heap and only while the call has a deadline: a
+/// runtime `Sleep` is 112 bytes, and held in the task future it put every call's task in
+/// the next allocator size class, though an established call mostly has no deadline at
+/// all (issue 14). It is reset rather than re-created when the deadline moves.
+#[derive(Default)]
+struct CallTimer(Option<Pin<Box<tokio::time::Sleep>>>);
+
+impl CallTimer {
+    fn set(&mut self, at: Option<Instant>) {
+        match (at, &mut self.0) {
+            (None, t) => *t = None,
+            (Some(at), Some(sleep)) => {
+                if sleep.deadline() != at {
+                    sleep.as_mut().reset(at);
+                }
+            }
+            (Some(at), t) => *t = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Completes when the deadline passes; never without one.
+    async fn fired(&mut self) {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
