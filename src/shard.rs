@@ -30,6 +30,30 @@ fn random_state() -> SeedableRandomState {
 
 type HashMap<K, V> = std::collections::HashMap<K, V, SeedableRandomState>;
 
+/// The two hash keys of [`keyed_id`], drawn once per process.
+static ID_KEYS: LazyLock<[std::hash::RandomState; 2]> =
+    LazyLock::new(|| [std::hash::RandomState::new(), std::hash::RandomState::new()]);
+
+/// A 128-bit keyed hash (SipHash, two random keys) of `parts`, for tables that would
+/// otherwise keep copies of network strings (Call-IDs, tags) as their keys (issue 14: such
+/// strings were ~100 bytes of every held call per index). The keys are random per process,
+/// so a peer cannot aim for a collision, and two ids colliding by chance is a 2^-128
+/// event per pair.
+pub(crate) fn keyed_id(parts: &[&str]) -> u128 {
+    use std::hash::Hasher;
+    let half = |keys: &std::hash::RandomState| {
+        let mut h = keys.build_hasher();
+        // `str`'s Hash ends each string with 0xff, which no UTF-8 text holds: a sequence of
+        // parts is hashed unambiguously.
+        for p in parts {
+            p.hash(&mut h);
+        }
+        h.finish()
+    };
+    let [a, b] = &*ID_KEYS;
+    (u128::from(half(a)) << 64) | u128::from(half(b))
+}
+
 pub(crate) struct ShardMap<K, V> {
     shards: Box<[Mutex<HashMap<K, V>>]>,
     /// Picks the shard; seeded apart from the shards' own maps, or every key of a shard

@@ -127,9 +127,8 @@ struct TraceState {
     /// The peers the messages went to or came from (a call has few).
     peers: Vec<Target>,
     dropped: u64,
-    /// The SIP Call-IDs of the call's legs, each followed by a newline (to unindex them
-    /// at the end; one buffer, not a `String` each: issue 14).
-    call_ids: String,
+    /// The keys of the call's legs in `Inner::by_call_id` (to unindex them at the end).
+    call_ids: Vec<u128>,
     ended: bool,
 }
 
@@ -146,6 +145,11 @@ impl TraceState {
             }
         }
     }
+}
+
+/// A SIP Call-ID's key in `Inner::by_call_id`.
+fn call_key(call_id: &str) -> u128 {
+    crate::shard::keyed_id(&[call_id])
 }
 
 fn leg_name(leg: u16) -> String {
@@ -165,8 +169,10 @@ struct LegRef {
 struct Inner {
     max_messages: usize,
     keep_ended: usize,
-    /// SIP Call-ID -> the trace and leg it belongs to.
-    by_call_id: ShardMap<String, LegRef>,
+    /// SIP Call-ID -> the trace and leg it belongs to. By a 128-bit keyed hash of the
+    /// Call-ID rather than a copy of it (`shard::keyed_id`; issue 14: the copies and the
+    /// list of them were ~150 bytes of every held call).
+    by_call_id: ShardMap<u128, LegRef>,
     /// Call id (as in `GET /calls`) -> trace, for calls in progress.
     calls: ShardMap<Arc<str>, Arc<Trace>>,
     ended: Mutex<VecDeque<(Arc<str>, Arc<Trace>)>>,
@@ -204,7 +210,7 @@ impl CallTraces {
                 text: String::new(),
                 peers: Vec::new(),
                 dropped: 0,
-                call_ids: String::new(),
+                call_ids: Vec::new(),
                 ended: false,
             }),
         });
@@ -220,17 +226,14 @@ impl CallTraces {
     }
 
     fn index(&self, trace: &Arc<Trace>, call_id: &str, leg: u16) {
+        let key = call_key(call_id);
         {
-            // A Call-ID has no line break (RFC 3261 25.1: a header value is one line).
             let ids = &mut trace.state.lock().call_ids;
             // Grown while the call is set up, copied exactly once it is up (`settle`).
-            short_lived(|| {
-                ids.push_str(call_id);
-                ids.push('\n');
-            });
+            short_lived(|| ids.push(key));
         }
         self.inner.by_call_id.insert(
-            call_id.to_owned(),
+            key,
             LegRef {
                 trace: trace.clone(),
                 leg,
@@ -265,8 +268,8 @@ impl CallTraces {
 
     fn unindex(&self, trace: &Trace) {
         let call_ids = std::mem::take(&mut trace.state.lock().call_ids);
-        for c in call_ids.lines() {
-            self.inner.by_call_id.remove(c);
+        for key in call_ids {
+            self.inner.by_call_id.remove(&key);
         }
     }
 
@@ -291,7 +294,7 @@ impl CallTraces {
     /// A message of SIP Call-ID `call_id` went `dir` to or from `peer`; `line` gives its
     /// first line (only asked for when the Call-ID belongs to a traced call).
     pub fn record(&self, call_id: &str, dir: Direction, peer: &Target, line: Line<'_>) {
-        let Some(r) = self.inner.by_call_id.get(call_id) else {
+        let Some(r) = self.inner.by_call_id.get(&call_key(call_id)) else {
             return;
         };
         let t_us = u64::try_from(r.trace.t0.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -333,7 +336,7 @@ impl CallTraces {
                     .find(|(i, _)| &**i == id)
                     .map(|(_, t)| t.clone())
             })
-            .or_else(|| self.inner.by_call_id.get(id).map(|r| r.trace))?;
+            .or_else(|| self.inner.by_call_id.get(&call_key(id)).map(|r| r.trace))?;
         let st = trace.state.lock();
         Some(TraceView {
             id: trace.id.to_string(),

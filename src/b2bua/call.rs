@@ -382,14 +382,9 @@ impl Call {
         let a_dialog = Dialog::uas(&invite, &a_tag, source);
         let a_contact = inner.local.contact_in(&source, &invite.uri);
         let key = DialogKey::new(&invite.base.call_id, &a_tag);
-        inner.dialogs.insert(
-            key,
-            CallRef {
-                events: events.clone(),
-                side: Side::A,
-                branch: None,
-            },
-        );
+        inner
+            .dialogs
+            .insert(key, CallRef::new(events.clone(), Side::A, None));
         let a_supports_100rel = has_tag(&invite.headers, "Supported", "100rel")
             || has_tag(&invite.headers, "Require", "100rel");
         // The script's digest checks need the INVITE for the whole call (a copy only where
@@ -1139,14 +1134,9 @@ impl Call {
             t.add_leg(&self.id, &invite.base.call_id, u64::from(self.legs));
         }
         let key = DialogKey::new(&invite.base.call_id, invite.base.from.tag().unwrap_or(""));
-        self.inner.dialogs.insert(
-            key,
-            CallRef {
-                events: self.events.clone(),
-                side: Side::B,
-                branch: Some(bid),
-            },
-        );
+        self.inner
+            .dialogs
+            .insert(key, CallRef::new(self.events.clone(), Side::B, Some(bid)));
         self.fork.add(bid, owner, index, invite.clone(), dest);
         (bid, invite)
     }
@@ -2456,5 +2446,30 @@ mod tests {
         let size = std::mem::size_of::<super::Call>();
         eprintln!("size_of::<Call>() = {size}");
         assert!(size <= 768, "Call is {size} bytes");
+    }
+
+    /// The dialog table holds an entry per leg of every call: its key and a `CallRef`,
+    /// 32 bytes (48 while the branch was an `Option<u64>`).
+    #[test]
+    fn a_dialog_table_entry_is_32_bytes() {
+        type Entry = (
+            crate::dialog::DialogId,
+            crate::dialog::Usage<super::CallRef, crate::presence::SubscriptionUsage>,
+        );
+        assert_eq!(std::mem::size_of::<super::CallRef>(), 16);
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    }
+
+    #[test]
+    fn a_call_ref_keeps_its_branch() {
+        let (tx, _rx) = futures_channel::mpsc::unbounded();
+        let events = super::Events(tx);
+        let a = super::CallRef::new(events.clone(), super::Side::A, None);
+        assert_eq!(a.branch(), None);
+        let b = super::CallRef::new(events.clone(), super::Side::B, Some(7));
+        assert_eq!(b.branch(), Some(7));
+        // Out of range (never in practice): no branch is matched by mistake.
+        let far = super::CallRef::new(events, super::Side::B, Some(u64::from(u32::MAX) + 5));
+        assert_eq!(far.branch(), Some(u64::from(u32::MAX)));
     }
 }

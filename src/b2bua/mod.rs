@@ -62,18 +62,38 @@ pub use crate::dialog::DialogId as DialogKey;
 
 /// How to reach a call from one of its dialogs: the call's INVITE usage in the dialog
 /// table.
+///
+/// 16 bytes, as the dialog table holds one per leg of every call (issue 14): the branch
+/// is kept in 32 bits, 0 for none.
 #[derive(Clone)]
 pub struct CallRef {
     events: Events,
+    branch: u32,
     side: Side,
-    branch: Option<u64>,
+}
+
+impl CallRef {
+    fn new(events: Events, side: Side, branch: Option<u64>) -> CallRef {
+        // A call's ids count from 1 and never reach 2^32 (one per request it sends); one
+        // past that would be matched to no branch, not to another.
+        let branch = branch.map_or(0, |b| u32::try_from(b).unwrap_or(u32::MAX));
+        CallRef {
+            events,
+            branch,
+            side,
+        }
+    }
+
+    fn branch(&self) -> Option<u64> {
+        (self.branch != 0).then_some(u64::from(self.branch))
+    }
 }
 
 impl DialogUsage for CallRef {
     fn on_request(&self, tx: ServerTransaction, req: Request) -> Result<(), Unmatched> {
         let ev = CallEvent::Request {
             side: self.side,
-            branch: self.branch,
+            branch: self.branch(),
             tx,
             req,
         };

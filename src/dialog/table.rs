@@ -17,30 +17,14 @@ use crate::sip::{Request, Response};
 use crate::transaction::ServerTransaction;
 
 /// A dialog as the server names it: Call-ID and our own tag, kept as a 128-bit keyed hash
-/// of the two rather than as copies of them (issue 14: the index held two strings per
-/// dialog, ~100 bytes of each held call's memory, and a lookup allocated both). The keys
-/// are random per process, so a peer cannot aim for a collision, and two dialogs of one
-/// server colliding by chance is a 2^-128 event per pair.
+/// of the two (`shard::keyed_id`) rather than as copies of them (issue 14: the
+/// index held two strings per dialog, and a lookup allocated both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DialogId(u128);
 
-/// The two hash keys of [`DialogId`], drawn once per process.
-static ID_KEYS: std::sync::LazyLock<[std::hash::RandomState; 2]> =
-    std::sync::LazyLock::new(|| [std::hash::RandomState::new(), std::hash::RandomState::new()]);
-
 impl DialogId {
     pub fn new(call_id: &str, local_tag: &str) -> DialogId {
-        use std::hash::{BuildHasher, Hash, Hasher};
-        let half = |keys: &std::hash::RandomState| {
-            let mut h = keys.build_hasher();
-            // `str`'s Hash ends each string with 0xff, which no UTF-8 text holds: the pair
-            // is hashed unambiguously.
-            call_id.hash(&mut h);
-            local_tag.hash(&mut h);
-            h.finish()
-        };
-        let [a, b] = &*ID_KEYS;
-        DialogId((u128::from(half(a)) << 64) | u128::from(half(b)))
+        DialogId(crate::shard::keyed_id(&[call_id, local_tag]))
     }
 
     /// Whether this is the dialog with that Call-ID and our tag.

@@ -343,14 +343,9 @@ impl Call {
         let flow = dialog.flow;
         let key = DialogKey::new(dialog.call_id(), dialog.local_tag());
         let bid = self.new_id();
-        self.inner.dialogs.insert(
-            key,
-            CallRef {
-                events: self.events.clone(),
-                side: Side::B,
-                branch: Some(bid),
-            },
-        );
+        self.inner
+            .dialogs
+            .insert(key, CallRef::new(self.events.clone(), Side::B, Some(bid)));
         let via = self.inner.local.via(&flow);
         let contact = self.inner.local.contact(&flow);
         let reinvite = dialog.request(Method::Invite, via, Some(&contact));
@@ -429,11 +424,7 @@ impl Call {
         let bid = self.new_id();
         self.inner.dialogs.insert(
             DialogKey::new(dialog.call_id(), dialog.local_tag()),
-            CallRef {
-                events: self.events.clone(),
-                side: Side::B,
-                branch: Some(bid),
-            },
+            CallRef::new(self.events.clone(), Side::B, Some(bid)),
         );
         let via = self.inner.local.via(&flow);
         let contact = self.inner.local.contact(&flow);
@@ -802,14 +793,9 @@ impl Call {
                 if let Some(bid) = bid {
                     self.fork.remove(bid);
                 }
-                self.inner.dialogs.insert(
-                    new_key,
-                    CallRef {
-                        events: self.events.clone(),
-                        side: Side::A,
-                        branch: None,
-                    },
-                );
+                self.inner
+                    .dialogs
+                    .insert(new_key, CallRef::new(self.events.clone(), Side::A, None));
                 Some(old)
             }
         };
