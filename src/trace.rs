@@ -79,28 +79,67 @@ pub enum Line<'a> {
     Status(u16, &'a str),
 }
 
+/// How a kept first line was shortened: every SIP/2.0 message's first line carries the
+/// version, 8 bytes of each line of a ladder kept for the call's whole life (issue 14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Kept as it was.
+    None,
+    /// A request line without its trailing " SIP/2.0".
+    VersionSuffix,
+    /// A status line without its leading "SIP/2.0 ".
+    VersionPrefix,
+}
+
+const VERSION_SUFFIX: &str = " SIP/2.0";
+const VERSION_PREFIX: &str = "SIP/2.0 ";
+
 impl Line<'_> {
-    fn write_to(&self, out: &mut String) {
+    /// Appends the line to `out` without its SIP version, and says what was cut.
+    fn write_to(&self, out: &mut String) -> Cut {
         // Pieces appended, not write!: once per message (issue 14).
         match self {
             Line::Sent(bytes) => {
-                out.push_str(&String::from_utf8_lossy(first_line_bytes(bytes)));
+                cut_version(&String::from_utf8_lossy(first_line_bytes(bytes)), out)
             }
-            Line::Text(t) => out.push_str(t),
+            Line::Text(t) => cut_version(t, out),
             Line::Request(m, uri) => {
                 out.push_str(m.as_str());
                 out.push(' ');
                 // Writing to a String cannot fail.
                 let _ = uri.write_to(out);
-                out.push_str(" SIP/2.0");
+                Cut::VersionSuffix
             }
             Line::Status(code, reason) => {
-                out.push_str("SIP/2.0 ");
                 out.push_str(itoa::Buffer::new().format(*code));
                 out.push(' ');
                 out.push_str(reason);
+                Cut::VersionPrefix
             }
         }
+    }
+}
+
+/// Appends `line` to `out`, without the SIP version where it has one.
+fn cut_version(line: &str, out: &mut String) -> Cut {
+    if let Some(rest) = line.strip_prefix(VERSION_PREFIX) {
+        out.push_str(rest);
+        Cut::VersionPrefix
+    } else if let Some(rest) = line.strip_suffix(VERSION_SUFFIX) {
+        out.push_str(rest);
+        Cut::VersionSuffix
+    } else {
+        out.push_str(line);
+        Cut::None
+    }
+}
+
+/// A kept line as it was: the version put back.
+fn uncut(kept: &str, cut: Cut) -> String {
+    match cut {
+        Cut::None => kept.to_owned(),
+        Cut::VersionSuffix => [kept, VERSION_SUFFIX].concat(),
+        Cut::VersionPrefix => [VERSION_PREFIX, kept].concat(),
     }
 }
 
@@ -117,7 +156,39 @@ struct Stored {
     leg: u16,
     /// Index in `TraceState::peers`.
     peer: u8,
-    dir: Direction,
+    /// The direction and what was cut off the line, in the one byte left (`Stored::how`).
+    how: u8,
+}
+
+impl Stored {
+    fn how(dir: Direction, cut: Cut) -> u8 {
+        let d = match dir {
+            Direction::In => 0,
+            Direction::Out => 1,
+        };
+        let c = match cut {
+            Cut::None => 0,
+            Cut::VersionSuffix => 2,
+            Cut::VersionPrefix => 4,
+        };
+        d | c
+    }
+
+    fn dir(&self) -> Direction {
+        if self.how & 1 == 0 {
+            Direction::In
+        } else {
+            Direction::Out
+        }
+    }
+
+    fn cut(&self) -> Cut {
+        match self.how & 6 {
+            2 => Cut::VersionSuffix,
+            4 => Cut::VersionPrefix,
+            _ => Cut::None,
+        }
+    }
 }
 
 struct TraceState {
@@ -309,13 +380,13 @@ impl CallTraces {
         };
         // Grown while the call is set up, copied exactly once it is up (`settle`).
         short_lived(|| {
-            line.write_to(&mut st.text);
+            let cut = line.write_to(&mut st.text);
             st.entries.push(Stored {
                 t_us,
                 end: u32::try_from(st.text.len()).unwrap_or(u32::MAX),
                 leg: r.leg,
                 peer,
-                dir,
+                how: Stored::how(dir, cut),
             });
         });
     }
@@ -348,7 +419,7 @@ impl CallTraces {
                 .iter()
                 .scan(0usize, |start, e| {
                     let end = e.end as usize;
-                    let line = st.text.get(*start..end).unwrap_or("").to_owned();
+                    let line = uncut(st.text.get(*start..end).unwrap_or(""), e.cut());
                     *start = end;
                     let peer = st
                         .peers
@@ -357,7 +428,7 @@ impl CallTraces {
                         .unwrap_or_default();
                     Some(TraceEntry {
                         t: e.t_us as f64 / 1e6,
-                        dir: e.dir,
+                        dir: e.dir(),
                         leg: leg_name(e.leg),
                         peer,
                         line,
@@ -479,6 +550,64 @@ mod tests {
             addr: "127.0.0.1:5070".parse().unwrap(),
             connection: None,
         }
+    }
+
+    /// Lines are kept without their SIP version and shown with it, whatever form they came
+    /// in; a line without the version is shown as it came.
+    #[test]
+    fn lines_are_kept_without_the_version_and_shown_whole() {
+        let t = CallTraces::new(20, 0);
+        let id: Arc<str> = Arc::from("c1");
+        t.start_call(&id, "a@x");
+        let uri = crate::sip::Uri::parse("sip:bob@example.com;transport=udp").unwrap();
+        let method = crate::sip::Method::Invite;
+        let sent = b"SIP/2.0 180 Ringing\r\nVia: x\r\n\r\n";
+        let sent_req = b"BYE sip:a@10.0.0.1:5060 SIP/2.0\r\nVia: y\r\n\r\n";
+        let lines: [(Direction, Line<'_>); 8] = [
+            (Direction::In, Line::Request(&method, &uri)),
+            (Direction::Out, Line::Status(100, "Trying")),
+            (Direction::Out, Line::Status(200, "")),
+            (Direction::In, Line::Sent(sent)),
+            (Direction::Out, Line::Sent(sent_req)),
+            (Direction::In, Line::Text("ACK sip:b@x SIP/2.0")),
+            (Direction::Out, Line::Text("garbage without a version")),
+            (Direction::In, Line::Text("SIP/2.0 ")),
+        ];
+        for (dir, line) in lines {
+            t.record("a@x", dir, &peer(), line);
+        }
+        let v = t.get("c1").unwrap();
+        let got: Vec<_> = v
+            .messages
+            .iter()
+            .map(|e| (e.dir, e.line.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    Direction::In,
+                    "INVITE sip:bob@example.com;transport=udp SIP/2.0"
+                ),
+                (Direction::Out, "SIP/2.0 100 Trying"),
+                (Direction::Out, "SIP/2.0 200 "),
+                (Direction::In, "SIP/2.0 180 Ringing"),
+                (Direction::Out, "BYE sip:a@10.0.0.1:5060 SIP/2.0"),
+                (Direction::In, "ACK sip:b@x SIP/2.0"),
+                (Direction::Out, "garbage without a version"),
+                (Direction::In, "SIP/2.0 "),
+            ]
+        );
+        // The kept text has no version left in it.
+        assert!(!t
+            .inner
+            .calls
+            .get("c1")
+            .unwrap()
+            .state
+            .lock()
+            .text
+            .contains("SIP/2.0"));
     }
 
     #[test]
