@@ -539,6 +539,15 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 /// Runs the server to completion.
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // What the allocator could give back goes back every few seconds, also while no
+    // traffic comes to prompt it (`allocator::give_back`); for the process, so here.
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            strowger::allocator::give_back();
+        }
+    });
     strowger::server::run(config).await
 }
 
