@@ -131,7 +131,9 @@ impl InboundSink for Dispatcher {
         let source = crate::registrar::RegisterSource {
             transport: connection.transport,
             addr: connection.addr,
-            connection: connection.connection.map(|c| c.0),
+            connection: connection
+                .connection
+                .map(crate::transport::ConnectionId::get),
         };
         // Called on the connection's task as it ends: the store write happens apart.
         tokio::spawn(async move {
@@ -1108,7 +1110,7 @@ impl ContactFlows for Location {
             crate::transport::Target {
                 transport: source.kind,
                 addr: source.addr,
-                connection: b.connection.map(crate::transport::ConnectionId),
+                connection: b.connection.and_then(crate::transport::ConnectionId::new),
             },
             b.path,
         ))

@@ -2462,6 +2462,13 @@ mod tests {
         assert_eq!(std::mem::size_of::<Entry>(), 32);
     }
 
+    /// Where a message goes, held several times by every call (its caller's source, its
+    /// dialogs' flows, its ladder's peers): 48 bytes since a connection id is never 0.
+    #[test]
+    fn a_target_is_48_bytes() {
+        assert_eq!(std::mem::size_of::<crate::transport::Target>(), 48);
+    }
+
     #[test]
     fn a_call_ref_keeps_its_branch() {
         let (tx, _rx) = futures_channel::mpsc::unbounded();

@@ -102,7 +102,7 @@ impl Sub {
             route_set: d.route_set().map(str::to_owned).collect(),
             local_seq: d.local_seq,
             flow: crate::transport::peer_text(d.flow.transport, &d.flow.addr),
-            connection: d.flow.connection.map(|c| c.0),
+            connection: d.flow.connection.map(ConnectionId::get),
             contact: self.contact.clone(),
             expires_at: self.expires_at,
             version: self.version,
@@ -150,7 +150,7 @@ impl Sub {
             Target {
                 transport: flow.kind,
                 addr: flow.addr,
-                connection: s.connection.map(ConnectionId),
+                connection: s.connection.and_then(ConnectionId::new),
             },
         );
         Some((

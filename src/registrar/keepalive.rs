@@ -164,7 +164,7 @@ impl PingTarget {
         Some(Target {
             transport: source.kind,
             addr: source.addr,
-            connection: self.connection.map(ConnectionId),
+            connection: self.connection.and_then(ConnectionId::new),
         })
     }
 }
@@ -497,7 +497,7 @@ mod tests {
         t.connection = Some(42);
         let target = t.target().unwrap();
         assert_eq!(target.transport, TransportKind::Tcp);
-        assert_eq!(target.connection, Some(ConnectionId(42)));
+        assert_eq!(target.connection, ConnectionId::new(42));
         t.source = "garbage".into();
         assert!(t.target().is_none());
     }

@@ -88,7 +88,7 @@ fn tcp() -> Target {
     Target {
         transport: TransportKind::Tcp,
         addr: "192.0.2.1:5060".parse().unwrap(),
-        connection: Some(ConnectionId(1)),
+        connection: ConnectionId::new(1),
     }
 }
 

@@ -137,9 +137,23 @@ pub fn peer_text(transport: TransportKind, addr: &std::net::SocketAddr) -> Strin
     out
 }
 
-/// Identifies one TCP connection while it is open.
+/// Identifies one TCP connection while it is open. Never 0, so that an
+/// `Option<ConnectionId>` is 8 bytes and a [`Target`] 48 (issue 14: a call, its dialogs,
+/// its transactions and its ladder hold several).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnectionId(pub u64);
+pub struct ConnectionId(std::num::NonZeroU64);
+
+impl ConnectionId {
+    /// The connection with number `n`; there is none numbered 0.
+    pub fn new(n: u64) -> Option<ConnectionId> {
+        std::num::NonZeroU64::new(n).map(ConnectionId)
+    }
+
+    /// Its number (as logs and stored bindings show it).
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+}
 
 /// Where a message goes (or came from): transport, remote address, and for connection
 /// transports the connection to use when it is still open.

@@ -176,7 +176,9 @@ impl TcpTransport {
         tx: mpsc::UnboundedSender<Bytes>,
         inbound: bool,
     ) -> ConnectionId {
-        let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        // Counted from 1: an id is never 0.
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = ConnectionId(std::num::NonZeroU64::new(n).unwrap_or(std::num::NonZeroU64::MAX));
         self.conns.insert(
             id,
             Conn {
@@ -218,7 +220,7 @@ impl TcpTransport {
             .kind(conn.kind)
             .open
             .fetch_sub(1, Ordering::Relaxed);
-        tracing::debug!(peer = %conn.peer, conn = id.0, transport = %conn.kind, "connection closed");
+        tracing::debug!(peer = %conn.peer, conn = id.get(), transport = %conn.kind, "connection closed");
         if !self.shared.closed.load(Ordering::Acquire) {
             self.shared.sink.connection_closed(Target {
                 transport: conn.kind,
@@ -269,7 +271,7 @@ impl TcpTransport {
             }
             let (tx, rx) = mpsc::unbounded_channel();
             let id = self.register(kind, peer, tx, true);
-            tracing::debug!(%peer, %local, conn = id.0, transport = %kind, "connection accepted");
+            tracing::debug!(%peer, %local, conn = id.get(), transport = %kind, "connection accepted");
             let guard = ForgetGuard {
                 tcp: self.clone(),
                 id,
@@ -367,7 +369,7 @@ impl TcpTransport {
             let why = match connected {
                 Ok(Ok(stream)) => {
                     let local = stream.local_addr().unwrap_or(local);
-                    tracing::debug!(peer = %addr, %local, conn = id.0, transport = %kind, "connection opened");
+                    tracing::debug!(peer = %addr, %local, conn = id.get(), transport = %kind, "connection opened");
                     let _ = stream.set_nodelay(true);
                     if kind != TransportKind::Tls {
                         return drive(guard, stream, kind, addr, local, rx).await;
@@ -421,7 +423,7 @@ impl TcpTransport {
             if let Some(task) = conn.task {
                 task.abort();
             }
-            tracing::debug!(peer = %conn.peer, conn = id.0, "tcp connection closed (shutdown)");
+            tracing::debug!(peer = %conn.peer, conn = id.get(), "tcp connection closed (shutdown)");
         }
     }
 }
@@ -650,7 +652,7 @@ async fn drive<S: Io>(
         end = read_loop(reader, &shared, source, local, &activity, &unanswered) => end,
         _ = write_loop(writer, &mut rx, &shared, &activity, peer, &unanswered) => End::WriteEnded,
     };
-    tracing::debug!(%peer, conn = guard.id.0, transport = %kind, reason = ?end, "connection ending");
+    tracing::debug!(%peer, conn = guard.id.get(), transport = %kind, reason = ?end, "connection ending");
     let target = Target {
         transport: kind,
         addr: peer,

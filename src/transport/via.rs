@@ -161,7 +161,7 @@ mod tests {
         let tcp = Target {
             transport: TransportKind::Tcp,
             addr: "192.0.2.1:40001".parse().unwrap(),
-            connection: Some(ConnectionId(9)),
+            connection: ConnectionId::new(9),
         };
         let via = Via::parse("SIP/2.0/TCP h:5070;rport=1").unwrap();
         assert_eq!(response_target(&via, &tcp), tcp);

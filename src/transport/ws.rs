@@ -196,7 +196,7 @@ pub(crate) async fn drive<S: Io>(
         end = read => end,
         _ = &mut write_task => End::WriteEnded,
     };
-    tracing::debug!(%peer, conn = guard.id.0, transport = %kind, reason = ?end, "websocket connection ending");
+    tracing::debug!(%peer, conn = guard.id.get(), transport = %kind, reason = ?end, "websocket connection ending");
     drop(guard);
 }
 

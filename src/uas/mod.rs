@@ -308,7 +308,7 @@ impl UasCore {
             let source = RegisterSource {
                 transport: src.transport,
                 addr: src.addr,
-                connection: src.connection.map(|c| c.0),
+                connection: src.connection.map(crate::transport::ConnectionId::get),
             };
             // The store write is awaited before the 200 (a binding that is answered is kept).
             let resp = registrar.register(&req, source, &aor).await;
