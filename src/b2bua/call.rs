@@ -2467,6 +2467,44 @@ mod tests {
     #[test]
     fn a_target_is_48_bytes() {
         assert_eq!(std::mem::size_of::<crate::transport::Target>(), 48);
+        use crate::transport::ConnectionId;
+        assert!(ConnectionId::new(0).is_none());
+        assert_eq!(ConnectionId::new(7).map(ConnectionId::get), Some(7));
+    }
+
+    /// The call's timer fires at its deadline and not before, follows a moved deadline,
+    /// never fires without one, and holds no runtime timer then (paused clock).
+    #[tokio::test(start_paused = true)]
+    async fn the_call_timer_fires_at_its_deadline_only() {
+        use std::time::Duration;
+        use tokio::time::{timeout, Instant};
+        let mut timer = super::CallTimer::default();
+        let t0 = Instant::now();
+        timer.set(Some(t0 + Duration::from_secs(5)));
+        assert!(timeout(Duration::from_secs(4), timer.fired())
+            .await
+            .is_err());
+        // Moved later: the same timer, reset.
+        timer.set(Some(t0 + Duration::from_secs(8)));
+        assert!(timeout(Duration::from_secs(3), timer.fired())
+            .await
+            .is_err());
+        timeout(Duration::from_secs(2), timer.fired())
+            .await
+            .expect("fires at 8 s");
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(8));
+        // No deadline: no timer kept, and it never fires.
+        timer.set(None);
+        assert!(timer.0.is_none());
+        assert!(timeout(Duration::from_secs(3600), timer.fired())
+            .await
+            .is_err());
+        // Moved earlier than a pending one.
+        timer.set(Some(Instant::now() + Duration::from_secs(10)));
+        timer.set(Some(Instant::now() + Duration::from_secs(1)));
+        timeout(Duration::from_secs(2), timer.fired())
+            .await
+            .expect("fires at the earlier deadline");
     }
 
     #[test]
@@ -2477,7 +2515,8 @@ mod tests {
         assert_eq!(a.branch(), None);
         let b = super::CallRef::new(events.clone(), super::Side::B, Some(7));
         assert_eq!(b.branch(), Some(7));
-        // Out of range (never in practice): no branch is matched by mistake.
+        // Out of range (never in practice): kept at the highest number, which a call does
+        // not reach either.
         let far = super::CallRef::new(events, super::Side::B, Some(u64::from(u32::MAX) + 5));
         assert_eq!(far.branch(), Some(u64::from(u32::MAX)));
     }

@@ -75,7 +75,7 @@ pub struct CallRef {
 impl CallRef {
     fn new(events: Events, side: Side, branch: Option<u64>) -> CallRef {
         // A call's ids count from 1 and never reach 2^32 (one per request it sends); one
-        // past that would be matched to no branch, not to another.
+        // past that is kept as 2^32-1, a number no branch of the call reaches either.
         let branch = branch.map_or(0, |b| u32::try_from(b).unwrap_or(u32::MAX));
         CallRef {
             events,
