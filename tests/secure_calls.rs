@@ -725,6 +725,48 @@ impl Drop for Baresip {
     }
 }
 
+/// baresip with `conf` (which holds its `accounts`) given a fresh `config`: SIP on a run
+/// of two ports below the ephemeral range (UDP and TCP on the first, TLS on the next),
+/// trusting `ca`, its output in `log` (truncated).
+fn start_baresip(conf: &std::path::Path, ca: &std::path::Path, log: &std::path::Path) -> Baresip {
+    let sip_port = common::free_port_run(2);
+    let rtp = sipp::free_udp_port();
+    std::fs::write(
+        conf.join("config"),
+        format!(
+            "poll_method epoll\n\
+             sip_listen 127.0.0.1:{sip_port}\n\
+             sip_cafile {ca}\n\
+             audio_player aufile,/dev/null\n\
+             audio_source ausine,440\n\
+             audio_alert aufile,/dev/null\n\
+             ausrc_srate 48000\nauplay_srate 48000\nausrc_channels 2\n\
+             rtp_ports {rtp}-{rtp_end}\n\
+             module_path /usr/lib/baresip/modules\n\
+             module stdio.so\nmodule g711.so\nmodule ausine.so\nmodule aufile.so\n\
+             module_app account.so\nmodule_app menu.so\n",
+            ca = ca.display(),
+            rtp_end = rtp.saturating_add(20),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(log).unwrap();
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("baresip")
+            .args(["-4", "-n", "127.0.0.1", "-t", "60", "-f"])
+            .arg(conf)
+            .stdin(std::process::Stdio::piped())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let stdin = child.stdin.take().unwrap();
+    Baresip { child, stdin }
+}
+
 /// A real softphone (baresip) registers over TLS, verifying the server against the test
 /// CA, is called from a UDP phone and calls one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -748,28 +790,6 @@ async fn a_real_softphone_registers_and_calls_over_tls() {
     let tls = addr(&s, TransportKind::Tls);
     let conf = s.dir.join("baresip");
     std::fs::create_dir_all(&conf).unwrap();
-    // baresip listens on UDP, TCP and TLS at this port.
-    let sip_port = common::free_udp_and_tcp_port();
-    let rtp = sipp::free_udp_port();
-    std::fs::write(
-        conf.join("config"),
-        format!(
-            "poll_method epoll\n\
-             sip_listen 127.0.0.1:{sip_port}\n\
-             sip_cafile {ca}\n\
-             audio_player aufile,/dev/null\n\
-             audio_source ausine,440\n\
-             audio_alert aufile,/dev/null\n\
-             ausrc_srate 48000\nauplay_srate 48000\nausrc_channels 2\n\
-             rtp_ports {rtp}-{rtp_end}\n\
-             module_path /usr/lib/baresip/modules\n\
-             module stdio.so\nmodule g711.so\nmodule ausine.so\nmodule aufile.so\n\
-             module_app account.so\nmodule_app menu.so\n",
-            ca = s.ca.cert.display(),
-            rtp_end = rtp.saturating_add(20),
-        ),
-    )
-    .unwrap();
     std::fs::write(
         conf.join("accounts"),
         format!(
@@ -777,23 +797,38 @@ async fn a_real_softphone_registers_and_calls_over_tls() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(s.dir.join("baresip.log")).unwrap();
-    let mut child = {
-        use std::os::unix::process::CommandExt;
-        std::process::Command::new("baresip")
-            .args(["-4", "-n", "127.0.0.1", "-t", "60", "-f"])
-            .arg(&conf)
-            .stdin(std::process::Stdio::piped())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .unwrap()
-    };
-    let stdin = child.stdin.take().unwrap();
-    let mut phone = Baresip { child, stdin };
-    let registrar = s.server.handle.registrar().clone();
     let log_text = || std::fs::read_to_string(s.dir.join("baresip.log")).unwrap_or_default();
+    // A port checked free can still be taken before baresip binds it (CI saw its TLS
+    // port, SIP port + 1, in use): start it again on other ports, at most three times.
+    let mut phone = None;
+    for _ in 0..3 {
+        let started = start_baresip(&conf, &s.ca.cert, &s.dir.join("baresip.log"));
+        let mut bound = false;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let text = log_text();
+            if text.contains("Address already in use") {
+                break;
+            }
+            if !s
+                .server
+                .handle
+                .registrar()
+                .lookup("sip:alice@strowger.test")
+                .is_empty()
+            {
+                bound = true;
+                break;
+            }
+        }
+        if bound || !log_text().contains("Address already in use") {
+            phone = Some(started);
+            break;
+        }
+        drop(started);
+    }
+    let mut phone = phone.unwrap_or_else(|| panic!("baresip found no free port:\n{}", log_text()));
+    let registrar = s.server.handle.registrar().clone();
     assert!(
         eventually(WAIT, || !registrar
             .lookup("sip:alice@strowger.test")

@@ -235,6 +235,34 @@ pub fn free_udp_and_tcp_port() -> u16 {
     panic!("no port of 127.0.0.1 free for both UDP and TCP in 100 tries")
 }
 
+/// The first of `n` consecutive ports of 127.0.0.1 free for both UDP and TCP right now,
+/// taken below the kernel's ephemeral range, for a peer that binds more than one port
+/// (baresip puts TLS on its SIP port + 1). Outside that range no other test's outgoing
+/// connection or `:0` socket can take one of them between this check and the peer's bind.
+pub fn free_port_run(n: u16) -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let floor = 10_000u16;
+    if low <= floor + 1000 {
+        // An unusual range: fall back to ports the kernel picks, checked the same way.
+        return free_udp_and_tcp_port();
+    }
+    for _ in 0..200 {
+        let start = rand::random_range(floor..low - n);
+        let all_free = (start..start + n).all(|port| {
+            let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+            let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+            udp.is_ok() && tcp.is_ok()
+        });
+        if all_free {
+            return start;
+        }
+    }
+    panic!("no run of {n} ports of 127.0.0.1 free for UDP and TCP in 200 tries")
+}
+
 /// The `strowger` binary of this build running `config`, its log (stderr) appended to
 /// `log`; the caller stops it by its PID.
 pub fn spawn_strowger(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
