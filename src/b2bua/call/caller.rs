@@ -96,8 +96,16 @@ pub(super) struct CallerLeg {
     /// A 18x has gone to the caller (the set-up time to first 18x is observed once).
     rang: bool,
     rseq: u32,
-    /// Boxed: an established call holds None here for hours; the 2xx is large.
-    ok: Option<Box<(Response, Retransmit)>>,
+    /// What only the answer needs, in one box made when first needed and freed at the
+    /// caller's ACK: an established call holds None here for hours (memory per held call:
+    /// the leg is 16 bytes of the call instead of 64).
+    set_up: Option<Box<SetUp>>,
+}
+
+#[derive(Default)]
+struct SetUp {
+    /// The 2xx until the caller's ACK.
+    ok: Option<(Response, Retransmit)>,
     reliable: Vec<Reliable>,
     /// Extra headers for the final answer (a 407's Proxy-Authenticate challenges).
     final_headers: Vec<(String, String)>,
@@ -110,10 +118,12 @@ impl CallerLeg {
             supports_100rel,
             rang: false,
             rseq: 0,
-            ok: None,
-            reliable: Vec::new(),
-            final_headers: Vec::new(),
+            set_up: None,
         }
+    }
+
+    fn set_up(&mut self) -> &mut SetUp {
+        self.set_up.get_or_insert_with(Box::default)
     }
 
     /// A final response (or CANCEL's 487) went: nothing else answers the INVITE.
@@ -135,7 +145,9 @@ impl CallerLeg {
     }
 
     pub fn set_final_headers(&mut self, headers: Vec<(String, String)>) {
-        self.final_headers = headers;
+        if !headers.is_empty() || self.set_up.is_some() {
+            self.set_up().final_headers = headers;
+        }
     }
 
     /// A provisional for the caller; `reliable`: B sent it reliably (`from_b` says where
@@ -156,8 +168,9 @@ impl CallerLeg {
             self.rseq += 1;
             r.headers.push("Require", "100rel");
             r.headers.push("RSeq", self.rseq.to_string());
-            self.reliable.push(Reliable {
-                rseq: self.rseq,
+            let rseq = self.rseq;
+            self.set_up().reliable.push(Reliable {
+                rseq,
                 resp: r.clone(),
                 timer: Retransmit::start(Instant::now(), t1),
                 from_b,
@@ -175,9 +188,11 @@ impl CallerLeg {
             return None;
         }
         self.state = State::Completed;
-        self.reliable = Vec::new();
-        for (name, value) in std::mem::take(&mut self.final_headers) {
-            r.headers.push(&name, value);
+        // Nothing is retransmitted any more (no 2xx went: the state was Proceeding).
+        if let Some(set_up) = self.set_up.take() {
+            for (name, value) in set_up.final_headers {
+                r.headers.push(&name, value);
+            }
         }
         Some(r)
     }
@@ -193,9 +208,11 @@ impl CallerLeg {
     /// The caller is answered with the 2xx `r`, kept for retransmission until its ACK.
     pub fn accept(&mut self, r: Response, t1: Duration) -> Response {
         self.state = State::Accepted;
-        self.reliable = Vec::new();
         let sent = r.clone();
-        self.ok = Some(Box::new((r, Retransmit::start(Instant::now(), t1))));
+        let set_up = self.set_up();
+        set_up.reliable = Vec::new();
+        set_up.final_headers = Vec::new();
+        set_up.ok = Some((r, Retransmit::start(Instant::now(), t1)));
         sent
     }
 
@@ -206,16 +223,20 @@ impl CallerLeg {
             return false;
         }
         self.state = State::Confirmed;
-        self.ok = None;
+        // Accepted: no reliable provisional or final header is left, only the 2xx.
+        self.set_up = None;
         true
     }
 
     /// A PRACK from the caller with `rack`'s response number (RFC 3262 7.2).
     pub fn on_prack(&mut self, rseq: Option<u32>) -> Prack {
-        let Some(pos) = rseq.and_then(|n| self.reliable.iter().position(|r| r.rseq == n)) else {
+        let Some(set_up) = self.set_up.as_deref_mut() else {
             return Prack::NoMatch;
         };
-        match self.reliable.remove(pos).from_b {
+        let Some(pos) = rseq.and_then(|n| set_up.reliable.iter().position(|r| r.rseq == n)) else {
+            return Prack::NoMatch;
+        };
+        match set_up.reliable.remove(pos).from_b {
             Some((bid, rseq, cseq)) => Prack::FromB(bid, rseq, cseq),
             None => Prack::Ours,
         }
@@ -223,19 +244,27 @@ impl CallerLeg {
 
     /// The call ends: nothing more is retransmitted.
     pub fn stop(&mut self) {
-        self.ok = None;
-        self.reliable = Vec::new();
+        if let Some(set_up) = self.set_up.as_deref_mut() {
+            set_up.ok = None;
+            set_up.reliable = Vec::new();
+        }
     }
 
     /// Once established: what only the set-up needed goes (memory per held call).
     pub fn compact(&mut self) {
-        self.reliable = Vec::new();
-        self.final_headers = Vec::new();
+        if let Some(set_up) = self.set_up.as_deref_mut() {
+            set_up.reliable = Vec::new();
+            set_up.final_headers = Vec::new();
+            if set_up.ok.is_none() {
+                self.set_up = None;
+            }
+        }
     }
 
     pub fn deadline(&self) -> Option<Instant> {
-        let ok = self.ok.as_deref().map(|(_, r)| r.deadline());
-        let rel = self.reliable.iter().map(|r| r.timer.deadline()).min();
+        let set_up = self.set_up.as_deref()?;
+        let ok = set_up.ok.as_ref().map(|(_, r)| r.deadline());
+        let rel = set_up.reliable.iter().map(|r| r.timer.deadline()).min();
         match (ok, rel) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -246,8 +275,11 @@ impl CallerLeg {
     /// T2; RFC 3262 3: reliable provisionals likewise) and what gave up (64*T1).
     pub fn on_timer(&mut self, now: Instant, t2: Duration) -> Actions {
         let mut out = Actions::new();
+        let Some(set_up) = self.set_up.as_deref_mut() else {
+            return out;
+        };
         let mut no_ack = false;
-        if let Some((resp, r)) = self.ok.as_deref_mut() {
+        if let Some((resp, r)) = set_up.ok.as_mut() {
             if now >= r.give_up {
                 no_ack = true;
             } else if now >= r.next {
@@ -257,11 +289,11 @@ impl CallerLeg {
             }
         }
         if no_ack {
-            self.ok = None;
+            set_up.ok = None;
             out.push(Action::NoAck);
         }
         let mut failed = false;
-        for r in &mut self.reliable {
+        for r in &mut set_up.reliable {
             if now >= r.timer.give_up {
                 failed = true;
             } else if now >= r.timer.next {
@@ -271,7 +303,7 @@ impl CallerLeg {
             }
         }
         if failed {
-            self.reliable = Vec::new();
+            set_up.reliable = Vec::new();
             if self.state == State::Proceeding {
                 out.push(Action::NoPrack);
             }

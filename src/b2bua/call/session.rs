@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{Call, Purpose, Side};
+use super::{Call, HangupBy, Purpose, Side};
 use crate::dialog::session_timer::{
     uac_offer, uas_decide, SessionExpires, SessionTimer, SessionTimerConfig, UasDecision,
 };
@@ -190,7 +190,7 @@ impl Call {
                 tracing::info!(call = %self.id, ?side, "session expired without a refresh (RFC 4028); ending the call");
                 self.count_session_expiry();
                 self.session = None;
-                self.hangup("session_timer", None);
+                self.hangup(HangupBy::SessionTimer, None);
                 return;
             }
             self.send_session_refresh(side, now);
@@ -285,7 +285,7 @@ impl Call {
             tracing::info!(call = %self.id, ?side, status, "session refresh failed; ending the call");
             self.count_session_expiry();
             self.session = None;
-            self.hangup("session_timer", None);
+            self.hangup(HangupBy::SessionTimer, None);
             return;
         }
         if let Some(l) = self.session.as_mut().and_then(|s| s.leg_mut(side)) {

@@ -28,7 +28,7 @@ pub use messages::{parse_replaces, refer_to};
 pub(super) use state::Transfer;
 
 use super::fork::Owner;
-use super::{Call, CallEvent, Purpose, Side};
+use super::{Call, CallEvent, HangupBy, Purpose, Side};
 use crate::b2bua::{CallRef, DialogKey};
 use crate::b2bua::{DialOutcome, DialSource, ReferInfo, ReferVerdict};
 use crate::dialog::{Dialog, DialogState};
@@ -399,7 +399,7 @@ impl Call {
             }
         }
         let _ = reply.send(Ok(HandedLeg { dialog }));
-        self.hangup("system", Some(give));
+        self.hangup(HangupBy::System, Some(give));
     }
 
     /// An INVITE with Replaces (RFC 3891): the leg it names is taken from its call; its
@@ -410,7 +410,7 @@ impl Call {
             Ok(h) => h,
             Err((status, reason)) => {
                 self.reply_a_final(status, &reason);
-                self.end("system");
+                self.end(HangupBy::System);
                 return;
             }
         };
@@ -488,7 +488,7 @@ impl Call {
         }
         self.count_transfer(TransferKind::Attended, 2);
         self.reply_a_final(status, reason);
-        self.end("system");
+        self.end(HangupBy::System);
     }
 
     /// BYE on a dialog nobody wants any more.
@@ -908,7 +908,7 @@ impl Call {
             self.transfer = None;
         } else if t.transferor_gone {
             // Nobody to go back to: the transferee is alone.
-            self.hangup("system", Some(t.transferee.other()));
+            self.hangup(HangupBy::System, Some(t.transferee.other()));
         }
     }
 

@@ -154,3 +154,35 @@ async fn cancel_only_while_pending_and_one_final_answer() {
     assert!(!leg.cancelled());
     assert!(leg.reject(resp(500)).is_none());
 }
+
+/// Issue 14: what only the answer needs (reliable provisionals, the 2xx, a 407's
+/// challenges) is one box made when first needed and gone at the ACK; a plain call never
+/// makes it before its 2xx.
+#[tokio::test(start_paused = true)]
+async fn the_set_up_state_is_made_when_needed_and_gone_at_the_ack() {
+    assert_eq!(std::mem::size_of::<CallerLeg>(), 16);
+    let mut leg = CallerLeg::new(true);
+    leg.set_final_headers(Vec::new());
+    leg.provisional(resp(180), false, None, T1);
+    assert!(leg.set_up.is_none(), "nothing kept for a plain 180");
+    leg.provisional(resp(183), true, None, T1);
+    assert!(leg.set_up.is_some(), "a reliable 183 is kept for its PRACK");
+    assert_eq!(leg.on_prack(Some(1)), Prack::Ours);
+    leg.accept(resp(200), T1);
+    assert!(leg.deadline().is_some(), "the 2xx is retransmitted");
+    assert!(leg.on_ack());
+    assert!(leg.set_up.is_none(), "the ACK frees the set-up state");
+    leg.compact();
+    assert!(leg.answered() && !leg.awaiting_ack());
+}
+
+/// A 407's challenges set before the dial fails still go with the final answer.
+#[tokio::test(start_paused = true)]
+async fn final_headers_survive_a_reliable_provisional_and_go_with_the_rejection() {
+    let mut leg = CallerLeg::new(true);
+    leg.provisional(resp(183), true, None, T1);
+    leg.set_final_headers(vec![("Proxy-Authenticate".into(), "Digest x".into())]);
+    let r = leg.reject(resp(407)).expect("not answered yet");
+    assert_eq!(r.headers.get("Proxy-Authenticate"), Some("Digest x"));
+    assert!(leg.set_up.is_none() && leg.deadline().is_none());
+}
