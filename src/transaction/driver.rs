@@ -202,7 +202,9 @@ pub(super) trait Driven: Send + Sync + Sized + 'static {
         f: impl FnOnce(&mut Self::M) -> Result<(Actions, R), TransactionError>,
         ack: Option<super::Request>,
     ) -> Result<(R, Option<super::TransportError>), TransactionError> {
-        let (effects, queue, stale, r) = self.core().step(f)?;
+        // The machine's state (its timers, what it keeps to send again) lives as long as
+        // the transaction: on its heap (issue 14; see `allocator::short_lived`).
+        let (effects, queue, stale, r) = crate::allocator::short_lived(|| self.core().step(f))?;
         let shared = self.shared();
         if let Some(at) = queue {
             shared.timers.push(at, self.queue_ref());
@@ -216,9 +218,10 @@ pub(super) trait Driven: Send + Sync + Sized + 'static {
     /// The queue's entry for deadline `entry` came due.
     fn on_due(self: &Arc<Self>, entry: Instant) {
         let shared = self.shared();
-        let (effects, queue) = self
-            .core()
-            .fire_due(entry, &shared.stats.retransmissions_sent);
+        let (effects, queue) = crate::allocator::short_lived(|| {
+            self.core()
+                .fire_due(entry, &shared.stats.retransmissions_sent)
+        });
         if let Some(at) = queue {
             shared.timers.push(at, self.queue_ref());
         }
@@ -332,7 +335,9 @@ impl TimerQueue {
             let mut h = self.heap.lock();
             h.seq += 1;
             let seq = h.seq;
-            h.entries.push(Reverse(Entry { at, seq, tx }));
+            // The heap grows with the transactions in flight: on their heap (see
+            // `ServerInner::terminated`).
+            crate::allocator::short_lived(|| h.entries.push(Reverse(Entry { at, seq, tx })));
             // Only a deadline earlier than the one slept until needs the task.
             h.sleeping_until.is_none_or(|s| at < s)
         };
@@ -380,7 +385,7 @@ impl TimerQueue {
         let cap = h.entries.capacity();
         if cap > 1024 && h.entries.len() * 4 < cap {
             let keep = h.entries.len() * 2;
-            h.entries.shrink_to(keep);
+            crate::allocator::short_lived(|| h.entries.shrink_to(keep));
         }
         h.sleeping_until = h.entries.peek().map(|e| e.0.at);
         h.sleeping_until

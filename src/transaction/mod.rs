@@ -368,12 +368,22 @@ impl Driven for ServerInner {
 impl ServerInner {
     fn terminated(&self) {
         let me: *const ServerInner = self;
-        self.shared
-            .servers
-            .remove_if(&self.key, |v| std::ptr::eq(Arc::as_ptr(v), me));
-        if let Some(mk) = &self.merge_key {
-            self.shared.merged.remove_if(mk, |k| *k == self.key);
-        }
+        // A removal may shrink the table (`shard::give_back`): the smaller one goes where
+        // the table grew, on the short-lived heap. Made on the long-lived heap while the
+        // calls' own tables grew there, shrunk transaction tables kept pages of it
+        // resident (issue 14: ~240 B per held call with T1 at 500 ms against 50 ms).
+        let removed = short_lived(|| {
+            let server = self
+                .shared
+                .servers
+                .remove_if(&self.key, |v| std::ptr::eq(Arc::as_ptr(v), me));
+            let merged = self
+                .merge_key
+                .as_ref()
+                .and_then(|mk| self.shared.merged.remove_if(mk, |k| *k == self.key));
+            (server, merged)
+        });
+        drop(removed);
         self.shared.live.fetch_sub(1, Ordering::AcqRel);
         tracing::trace!(call_id = %self.call_id, method = %self.method, "server transaction terminated");
     }
@@ -403,8 +413,10 @@ impl ServerTransaction {
     /// Sends a response through the transaction (drives its state machine).
     pub fn respond(&self, resp: Response) -> Result<(), TransactionError> {
         let mut status = resp.status;
-        let tag = resp.base.to.tag().map(str::to_owned);
-        let mut bytes = resp.to_bytes();
+        // What the transaction keeps (the bytes to send again, the To tag) lives as long
+        // as it does: on its heap (issue 14; see `short_lived`).
+        let (tag, mut bytes) =
+            short_lived(|| (resp.base.to.tag().map(str::to_owned), resp.to_bytes()));
         if bytes.len() > MAX_DATAGRAM && !self.inner.source.transport.is_reliable() {
             // No datagram carries it (a script's huge reject reason or redirect list): the
             // peer would get no answer at all and retransmit into the void. A short 500
@@ -420,7 +432,7 @@ impl ServerTransaction {
                     small.set_to_tag(t);
                 }
                 status = 500;
-                bytes = small.to_bytes();
+                bytes = short_lived(|| small.to_bytes());
             }
         }
         let ((), err) = self
@@ -450,7 +462,7 @@ impl ServerTransaction {
             return self.respond(resp);
         }
         let status = resp.status;
-        let bytes = resp.to_bytes();
+        let bytes = short_lived(|| resp.to_bytes());
         let ((), err) = self.inner.drive(
             |m| {
                 if m.is_finished() {
@@ -559,9 +571,14 @@ impl Driven for ClientInner {
                     }
                     Action::Terminate => {
                         let me: *const ClientInner = &**self;
-                        self.shared
-                            .clients
-                            .remove_if(&self.key, |v| std::ptr::eq(Arc::as_ptr(v), me));
+                        // As in `ServerInner::terminated`: a shrunk table stays on the
+                        // short-lived heap.
+                        let removed = short_lived(|| {
+                            self.shared
+                                .clients
+                                .remove_if(&self.key, |v| std::ptr::eq(Arc::as_ptr(v), me))
+                        });
+                        drop(removed);
                         self.shared.live.fetch_sub(1, Ordering::AcqRel);
                         self.events.lock().take();
                     }
