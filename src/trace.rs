@@ -158,13 +158,13 @@ fn uncut(kept: &str, cut: Cut) -> String {
     }
 }
 
-/// One message as kept: 16 bytes, its first line in the trace's text and its peer in the
+/// One message as kept: 12 bytes, its first line in the trace's text and its peer in the
 /// trace's peer list. (Issue 14: a trace was ~2 KiB of every established call with a
 /// `String`s and a cloned URI per message; this is under half of that.)
 #[derive(Clone, Copy)]
 struct Stored {
-    /// Microseconds since the call's INVITE.
-    t_us: u64,
+    /// When, since the call's INVITE: see [`Stored::time`].
+    t: u32,
     /// Where the line ends in `TraceState::text` (it starts where the previous one ends).
     end: u32,
     /// 0: the caller's leg (A); n: the nth leg dialled (Bn).
@@ -175,7 +175,27 @@ struct Stored {
     how: u8,
 }
 
+/// Times below 2^31 microseconds (35 minutes) are kept in microseconds; later ones (a BYE
+/// after hours) in milliseconds with the top bit set, up to 24 days.
+const T_MS: u32 = 1 << 31;
+
 impl Stored {
+    fn time(us: u64) -> u32 {
+        match u32::try_from(us) {
+            Ok(t) if t < T_MS => t,
+            _ => T_MS | u32::try_from(us / 1000).unwrap_or(u32::MAX).min(T_MS - 1),
+        }
+    }
+
+    /// Seconds since the call's INVITE.
+    fn seconds(&self) -> f64 {
+        if self.t & T_MS == 0 {
+            f64::from(self.t) / 1e6
+        } else {
+            f64::from(self.t & !T_MS) / 1e3
+        }
+    }
+
     fn how(dir: Direction, cut: Cut) -> u8 {
         let d = match dir {
             Direction::In => 0,
@@ -408,7 +428,7 @@ impl CallTraces {
         short_lived(|| {
             let cut = line.write_to(&mut st.text);
             st.entries.push(Stored {
-                t_us,
+                t: Stored::time(t_us),
                 end: u32::try_from(st.text.len()).unwrap_or(u32::MAX),
                 leg: r.leg,
                 peer,
@@ -455,7 +475,7 @@ impl CallTraces {
                         .map(|p| crate::transport::peer_text(p.transport, &p.addr))
                         .unwrap_or_default();
                     Some(TraceEntry {
-                        t: e.t_us as f64 / 1e6,
+                        t: e.seconds(),
                         dir: e.dir(),
                         leg: leg_name(e.leg),
                         peer,
@@ -584,6 +604,28 @@ mod tests {
     #[test]
     fn a_trace_is_144_bytes() {
         assert_eq!(std::mem::size_of::<Trace>(), 144);
+        assert_eq!(std::mem::size_of::<Stored>(), 12);
+    }
+
+    /// A message's time: microseconds for the first 35 minutes of a call, milliseconds
+    /// after that, saturating at 24 days.
+    #[test]
+    fn times_are_kept_in_microseconds_then_milliseconds() {
+        let at = |us: u64| {
+            let e = Stored {
+                t: Stored::time(us),
+                end: 0,
+                leg: 0,
+                peer: 0,
+                how: 0,
+            };
+            e.seconds()
+        };
+        assert_eq!(at(0), 0.0);
+        assert_eq!(at(1_234_567), 1.234567);
+        let hours = 3 * 3_600_000_000 + 456_789;
+        assert_eq!(at(hours), 10_800.456);
+        assert_eq!(at(u64::MAX), f64::from(T_MS - 1) / 1e3);
     }
 
     /// Lines are kept without their SIP version and shown with it, whatever form they came
