@@ -17,10 +17,11 @@
 
 use crate::allocator::short_lived;
 use crate::shard::ShardMap;
-use crate::transport::Target;
+use crate::transport::{Target, TransportKind};
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -230,8 +231,9 @@ struct TraceState {
     entries: Vec<Stored>,
     /// Every kept first line, one after the other.
     text: String,
-    /// The peers the messages went to or came from (a call has few).
-    peers: Vec<Target>,
+    /// The peers the messages went to or came from (a call has few), as the ladder shows
+    /// them: transport and address, 36 bytes where a `Target` (with its connection) is 48.
+    peers: Vec<(TransportKind, SocketAddr)>,
     /// Messages not kept (past `call.trace_max_messages`); saturates.
     dropped: u32,
     /// The keys of the call's legs in `Inner::by_call_id` (to unindex them at the end).
@@ -242,12 +244,13 @@ struct TraceState {
 impl TraceState {
     /// The index of `peer` in `peers`, added when new; None past 255 peers.
     fn peer_index(&mut self, peer: &Target) -> Option<u8> {
-        match self.peers.iter().position(|p| p == peer) {
+        let peer = (peer.transport, peer.addr);
+        match self.peers.iter().position(|p| *p == peer) {
             Some(i) => u8::try_from(i).ok(),
             None => {
                 let i = u8::try_from(self.peers.len()).ok()?;
                 // As the text and entries (`CallTraces::record`).
-                short_lived(|| self.peers.push(*peer));
+                short_lived(|| self.peers.push(peer));
                 Some(i)
             }
         }
@@ -472,7 +475,7 @@ impl CallTraces {
                     let peer = st
                         .peers
                         .get(usize::from(e.peer))
-                        .map(|p| crate::transport::peer_text(p.transport, &p.addr))
+                        .map(|(transport, addr)| crate::transport::peer_text(*transport, addr))
                         .unwrap_or_default();
                     Some(TraceEntry {
                         t: e.seconds(),
