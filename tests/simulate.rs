@@ -28,6 +28,15 @@ where
     F: FnOnce(SocketAddr, [u8; 3]) -> Fut,
     Fut: Future<Output = ()>,
 {
+    with_server_plan(net, PLAN, test)
+}
+
+/// [`with_server`] with the dial plan `plan`.
+fn with_server_plan<F, Fut>(net: [u8; 3], plan_text: &str, test: F)
+where
+    F: FnOnce(SocketAddr, [u8; 3]) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -38,7 +47,7 @@ where
         strowger::script::run_vms_inline();
         let dir = tempfile::tempdir().unwrap();
         let plan = dir.path().join("plan.lua");
-        std::fs::write(&plan, PLAN).unwrap();
+        std::fs::write(&plan, plan_text).unwrap();
         let server_addr = SocketAddr::from(([net[0], net[1], net[2], 1], 5060));
         let mut config = strowger::config::Config::default();
         config.sip.listen = vec![format!("memory:{server_addr}")];
@@ -110,6 +119,48 @@ fn a_registered_phone_is_rung_answers_and_the_caller_hangs_up() {
             .map(|e| e.label())
             .collect();
         assert_eq!(got, ["200", "INVITE", "ACK", "BYE"], "{ladder}");
+    });
+}
+
+/// `call:dial`'s `max_duration`: armed at the answer, the call is ended by the server with
+/// a BYE to each party when it runs out (in virtual time), and not before.
+#[test]
+fn max_duration_ends_the_answered_call_with_a_bye_to_both() {
+    const LIMITED: &str = r#"
+function on_invite(call)
+  local devices = registrar.lookup("sip:" .. call.ruri.user .. "@" .. call.ruri.host)
+  call:dial(devices, { timeout = 20, max_duration = 30 })
+end
+"#;
+    with_server_plan([10, 77, 6], LIMITED, |server, net| async move {
+        let a = phone("1000", server, net, 10, Behaviour::default()).await;
+        let b = phone(
+            "1001",
+            server,
+            net,
+            11,
+            Behaviour::Answer {
+                after: Duration::from_secs(5),
+            },
+        )
+        .await;
+        let out = a.call("1001", &[]).await.unwrap();
+        assert_eq!(out.status, 200, "{}", strowger::simulate::ladder(&[&a, &b]));
+        // Rung for 5 s: the 30 s count from the answer, not from the INVITE.
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(out.call.is_up(), "{}", strowger::simulate::ladder(&[&a, &b]));
+        assert_eq!(
+            out.call.wait_ended(Duration::from_secs(5)).await.unwrap(),
+            Side::Remote,
+            "{}",
+            strowger::simulate::ladder(&[&a, &b])
+        );
+        let inc = b.wait_incoming(1, Duration::from_secs(1)).await.unwrap();
+        let b_call = b.call_handle(&inc.call_id).unwrap();
+        assert_eq!(
+            b_call.wait_ended(Duration::from_secs(5)).await.unwrap(),
+            Side::Remote
+        );
     });
 }
 

@@ -2343,41 +2343,39 @@ impl Call {
         }
     }
 
-    /// Marks the call over and forgets its dialogs; `finish` runs once the hook is done.
     fn max_duration_until(&self) -> Option<Instant> {
         self.deadlines.as_deref()?.max_duration.until()
-    }
-
-    fn set_max_duration(&mut self, m: MaxDuration) {
-        match (m, self.deadlines.as_deref_mut()) {
-            (MaxDuration::Off, None) => {}
-            (m, Some(d)) => d.max_duration = m,
-            (m, None) => {
-                self.deadlines = Some(Box::new(Deadlines {
-                    max_duration: m,
-                    keepalive_at: None,
-                }))
-            }
-        }
     }
 
     fn keepalive_at(&self) -> Option<Instant> {
         self.deadlines.as_deref()?.keepalive_at
     }
 
-    fn set_keepalive_at(&mut self, at: Option<Instant>) {
-        match (at, self.deadlines.as_deref_mut()) {
-            (None, None) => {}
-            (at, Some(d)) => d.keepalive_at = at,
-            (at, None) => {
-                self.deadlines = Some(Box::new(Deadlines {
-                    max_duration: MaxDuration::Off,
-                    keepalive_at: at,
-                }))
-            }
-        }
+    /// The call's deadlines, boxed on first use.
+    fn deadlines_mut(&mut self) -> &mut Deadlines {
+        self.deadlines.get_or_insert_with(|| {
+            Box::new(Deadlines {
+                max_duration: MaxDuration::Off,
+                keepalive_at: None,
+            })
+        })
     }
 
+    fn set_max_duration(&mut self, m: MaxDuration) {
+        if matches!(m, MaxDuration::Off) && self.deadlines.is_none() {
+            return;
+        }
+        self.deadlines_mut().max_duration = m;
+    }
+
+    fn set_keepalive_at(&mut self, at: Option<Instant>) {
+        if at.is_none() && self.deadlines.is_none() {
+            return;
+        }
+        self.deadlines_mut().keepalive_at = at;
+    }
+
+    /// Marks the call over and forgets its dialogs; `finish` runs once the hook is done.
     fn end(&mut self, by: HangupBy) {
         if self.ended {
             return;
