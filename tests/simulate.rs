@@ -148,7 +148,11 @@ end
         assert_eq!(out.status, 200, "{}", strowger::simulate::ladder(&[&a, &b]));
         // Rung for 5 s: the 30 s count from the answer, not from the INVITE.
         tokio::time::sleep(Duration::from_secs(29)).await;
-        assert!(out.call.is_up(), "{}", strowger::simulate::ladder(&[&a, &b]));
+        assert!(
+            out.call.is_up(),
+            "{}",
+            strowger::simulate::ladder(&[&a, &b])
+        );
         assert_eq!(
             out.call.wait_ended(Duration::from_secs(5)).await.unwrap(),
             Side::Remote,
