@@ -74,20 +74,17 @@ async fn phone(user: &str, server: SocketAddr, net: [u8; 3], host: u8, b: Behavi
         .unwrap_or_else(|e| panic!("{user} starts: {e}"))
 }
 
+/// Phone 1000 (the caller) and phone 1001, which answers `after` ringing.
+async fn caller_and_callee(server: SocketAddr, net: [u8; 3], after: Duration) -> (Device, Device) {
+    let a = phone("1000", server, net, 10, Behaviour::default()).await;
+    let b = phone("1001", server, net, 11, Behaviour::Answer { after }).await;
+    (a, b)
+}
+
 #[test]
 fn a_registered_phone_is_rung_answers_and_the_caller_hangs_up() {
     with_server([10, 77, 1], |server, net| async move {
-        let a = phone("1000", server, net, 10, Behaviour::default()).await;
-        let b = phone(
-            "1001",
-            server,
-            net,
-            11,
-            Behaviour::Answer {
-                after: Duration::from_secs(2),
-            },
-        )
-        .await;
+        let (a, b) = caller_and_callee(server, net, Duration::from_secs(2)).await;
         let reg = b.registration().expect("registered");
         assert_eq!((reg.status, reg.expires), (200, Some(3600)), "{reg:?}");
 
@@ -133,17 +130,7 @@ function on_invite(call)
 end
 "#;
     with_server_plan([10, 77, 6], LIMITED, |server, net| async move {
-        let a = phone("1000", server, net, 10, Behaviour::default()).await;
-        let b = phone(
-            "1001",
-            server,
-            net,
-            11,
-            Behaviour::Answer {
-                after: Duration::from_secs(5),
-            },
-        )
-        .await;
+        let (a, b) = caller_and_callee(server, net, Duration::from_secs(5)).await;
         let out = a.call("1001", &[]).await.unwrap();
         assert_eq!(out.status, 200, "{}", strowger::simulate::ladder(&[&a, &b]));
         // Rung for 5 s: the 30 s count from the answer, not from the INVITE.
