@@ -459,7 +459,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                     // The sandbox turns this pair into the outcome table.
                     Ok((
                         DialResult::Code(outcome_code(&outcome)),
-                        Some(outcome.reason),
+                        unless_standard(outcome.status, outcome.reason),
                     ))
                 }
             },
@@ -504,13 +504,30 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                 let outcome = control.transfer(target, to_caller).await;
                 Ok((
                     DialResult::Code(outcome_code(&outcome)),
-                    Some(outcome.reason),
+                    unless_standard(outcome.status, outcome.reason),
                 ))
             }
         })?,
     )?;
 
+    // The standard phrases, for `unless_standard`'s None (the sandbox's REASONS).
+    let reasons = lua.create_table_with_capacity(STANDARD_STATUSES.clone().count(), 0)?;
+    for status in STANDARD_STATUSES {
+        reasons.raw_set(status, default_reason(status))?;
+    }
+    api.raw_set("reasons", reasons)?;
+
     Ok(api)
+}
+
+/// The statuses the sandbox knows the standard reason phrase of.
+const STANDARD_STATUSES: std::ops::RangeInclusive<u16> = 100..=699;
+
+/// A dial's or transfer's reason phrase for the script, None when it is the standard one
+/// for `status` (the sandbox then uses its own copy): with a memory limit set, every
+/// string Rust hands to Lua is made in a protected call of its own (~1,000 instructions).
+fn unless_standard(status: u16, reason: String) -> Option<String> {
+    (!STANDARD_STATUSES.contains(&status) || reason != default_reason(status)).then_some(reason)
 }
 
 fn describe_value(v: &Value) -> String {

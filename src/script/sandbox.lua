@@ -160,7 +160,10 @@ local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
 local raw_authenticate, raw_set_route, raw_transfer = raw.authenticate, raw.set_route, raw.transfer
-local rawget, rawset, next, setmetatable = rawget, rawset, next, setmetatable
+local rawget, rawset, next, setmetatable, getmetatable = rawget, rawset, next, setmetatable, getmetatable
+-- The standard reason phrase of every status 100-699: a dial or transfer whose answer
+-- carried it gets it from here rather than as a new string from Rust.
+local REASONS = raw.reasons
 
 -- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
 -- call. Both weak-keyed (ephemerons): the handle's registry reference to the userdata keeps
@@ -225,10 +228,11 @@ local function outcome(r, reason, targets)
       target = targets
     end
   end
+  local status = (r // 2) % 1024
   return {
     answered = r % 2 == 1,
-    status = (r // 2) % 1024,
-    reason = reason,
+    status = status,
+    reason = reason or REASONS[status],
     source = SOURCES[(r // 2048) % 4],
     target = target,
   }
@@ -247,13 +251,13 @@ local methods = {
     local p = private_of(self, "dial", true)
     -- Two results keep mlua's async return on its fast path (no results table).
     local r, reason
-    if type(opts) == "table" and only_known_options(opts) then
-      r, reason = raw_dial(p[UD], target, nil, rawget(opts, "timeout"), rawget(opts, "headers"),
-        rawget(opts, "from"), rawget(opts, "to"), rawget(opts, "max_duration"),
-        rawget(opts, "caller_id"), rawget(opts, "privacy"))
+    -- Without a metatable, reading a field is reading it raw (no C call per option).
+    if type(opts) == "table" and getmetatable(opts) == nil and only_known_options(opts) then
+      r, reason = raw_dial(p[UD], target, nil, opts.timeout, opts.headers, opts.from, opts.to,
+        opts.max_duration, opts.caller_id, opts.privacy)
     else
-      -- Anything unusual (unknown keys, not a table): the Rust side reads the table itself
-      -- and says what is wrong.
+      -- Anything unusual (unknown keys, not a table, a metatable): the Rust side reads the
+      -- table itself (raw) and says what is wrong.
       r, reason = raw_dial(p[UD], target, opts)
     end
     -- Not a tail call: `outcome` raises at the script's line (level 3).

@@ -390,6 +390,37 @@ async fn parallel_fork_and_all_dial_options() {
     );
 }
 
+/// An options table with a metatable is read raw, as one without: what its `__index`
+/// would give is not an option (the fast path reads fields only of tables without one).
+/// Standard reason phrases and others both reach the outcome.
+#[tokio::test]
+async fn dial_options_are_read_raw_and_reasons_reach_the_outcome() {
+    let e = engine(
+        r#"
+        function on_invite(call)
+          local opts = setmetatable({ timeout = 7 }, { __index = { from = "sip:x@y" } })
+          local r = call:dial("sip:a@b", opts)
+          assert(r.status == 486 and r.reason == "Busy Here", r.status .. " " .. tostring(r.reason))
+          r = call:dial("sip:a@b", { timeout = 8 })
+          assert(r.status == 480 and r.reason == "Gone Fishing", r.status .. " " .. tostring(r.reason))
+          r = call:dial("sip:a@b")
+          assert(r.status == 200 and r.reason == "OK", r.status .. " " .. tostring(r.reason))
+        end
+        "#,
+    );
+    let fake = Fake::new(vec![
+        DialOutcome::failed(486, "Busy Here", DialSource::Callee),
+        DialOutcome::failed(480, "Gone Fishing", DialSource::Callee),
+        answered(),
+    ]);
+    let out = invite(&e, call_to("1000"), &fake).await;
+    assert!(matches!(out, InviteOutcome::Bridged { .. }), "{out:?}");
+    let dials = fake.dials.lock();
+    assert_eq!(dials[0].1.timeout, Some(Duration::from_secs(7)));
+    assert_eq!(dials[0].1.from, None);
+    assert_eq!(dials[1].1.timeout, Some(Duration::from_secs(8)));
+}
+
 #[tokio::test]
 async fn trunk_targets_caller_id_privacy_and_call_trunk() {
     let e = engine(
