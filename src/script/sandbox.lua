@@ -331,11 +331,8 @@ local function build(ud, k)
   if k == "vars" then
     return {}
   end
-  if k == "id" or k == "source" or k == "trunk" then
-    return (raw_field(ud, k))
-  end
-  local uri, user, host = raw_field(ud, k)
-  return { uri = uri, user = user, host = host }
+  -- A string (id, source, trunk) or a table { uri, user, host } (from, to, ruri).
+  return (raw_field(ud, k))
 end
 
 local function index(c, k)
