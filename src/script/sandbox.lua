@@ -160,7 +160,10 @@ local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
 local raw_authenticate, raw_set_route, raw_transfer = raw.authenticate, raw.set_route, raw.transfer
-local rawget, rawset, next, setmetatable, getmetatable = rawget, rawset, next, setmetatable, getmetatable
+-- The raw `rawset` and `setmetatable` (not the checking ones above, which guard the frozen
+-- tables and __gc): a call table is neither, and these run for every call.
+local rawget, next, getmetatable = rawget, next, getmetatable
+local rawset, setmetatable = raw_rawset, raw_setmetatable
 -- The standard reason phrase of every status 100-699: a dial or transfer whose answer
 -- carried it gets it from here rather than as a new string from Rust.
 local REASONS = raw.reasons
