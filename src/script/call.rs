@@ -419,8 +419,8 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                     // An empty list (e.g. `registrar.lookup` of a user with no device
                     // registered) is a dial that nobody can answer, not a script error.
                     let nobody = matches!(&target, Value::Table(t) if t.is_empty());
-                    let targets = if nobody {
-                        Vec::new()
+                    let (targets, whole) = if nobody {
+                        (Vec::new(), false)
                     } else {
                         dial_targets(&target)?
                     };
@@ -429,12 +429,12 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                         opts => parse_dial_options(&opts)?,
                     };
                     let control = state.start_dial()?;
-                    Ok((state, targets, opts, control))
+                    Ok((state, targets, whole, opts, control))
                 });
                 async move {
-                    let (state, targets, opts, control) = match prepared? {
+                    let (state, targets, whole, opts, control) = match prepared? {
                         Ok(p) => p,
-                        Err(msg) => return Ok((DialResult::Error(msg), None)),
+                        Err(msg) => return Ok((None, Some(msg))),
                     };
                     let in_progress = DialInProgress(state.clone());
                     let outcome = if targets.is_empty() {
@@ -447,7 +447,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                     drop(in_progress);
                     // The sandbox turns this pair into the outcome table.
                     Ok((
-                        DialResult::Code(outcome_code(&outcome)),
+                        Some(outcome_code(&outcome, whole)),
                         unless_standard(outcome.status, outcome.reason),
                     ))
                 }
@@ -488,11 +488,11 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
             async move {
                 let (target, to_caller, control) = match prepared? {
                     Ok(p) => p,
-                    Err(msg) => return Ok((DialResult::Error(msg), None)),
+                    Err(msg) => return Ok((None, Some(msg))),
                 };
                 let outcome = control.transfer(target, to_caller).await;
                 Ok((
-                    DialResult::Code(outcome_code(&outcome)),
+                    Some(outcome_code(&outcome, true)),
                     unless_standard(outcome.status, outcome.reason),
                 ))
             }
@@ -558,28 +558,19 @@ fn uri_table(lua: &Lua, uri: &UriInfo) -> mlua::Result<Table> {
 
 /// An outcome packed in one integer, so that the raw verb returns two plain values (mlua's
 /// fast path, no table built in Rust): `answered + 2 * status + 2048 * source +
-/// 8192 * (target index + 1, or 0)`. `outcome()` in sandbox.lua unpacks it.
-pub(super) fn outcome_code(o: &DialOutcome) -> i64 {
-    let target = o.target.map_or(0, |t| t as i64 + 1);
+/// 8192 * target`, where target is 0 (none), 1 (what was dialled, when `whole`: one URI
+/// or trunk target) or n + 1 (the nth of the list dialled). `outcome()` in sandbox.lua
+/// unpacks it. The raw verbs return `(code, reason)`, or `(nil, error message)`.
+fn outcome_code(o: &DialOutcome, whole: bool) -> i64 {
+    let target = match o.target {
+        None => 0,
+        Some(_) if whole => 1,
+        Some(i) => i as i64 + 2,
+    };
     i64::from(o.answered)
         + i64::from(o.status.min(1023)) * 2
         + (o.source as i64) * 2048
         + target * 8192
-}
-
-/// First result of the raw `dial`: an error message, or [`outcome_code`].
-enum DialResult {
-    Error(String),
-    Code(i64),
-}
-
-impl mlua::IntoLua for DialResult {
-    fn into_lua(self, lua: &Lua) -> mlua::Result<Value> {
-        match self {
-            DialResult::Error(msg) => msg.into_lua(lua),
-            DialResult::Code(code) => Ok(Value::Integer(code)),
-        }
-    }
 }
 
 pub(super) fn call_ud(ud: &AnyUserData) -> mlua::Result<Arc<CallState>> {
@@ -829,8 +820,9 @@ fn privacy(v: &Value) -> Result<bool, String> {
 }
 
 /// The targets of `call:dial`: a URI, a trunk target `{ trunk = "name", user = "+1555" }`,
-/// or a list of them (rung in parallel).
-fn dial_targets(v: &Value) -> Result<Vec<DialTarget>, String> {
+/// or a list of them (rung in parallel); and whether `v` is one target, not a list (the
+/// outcome then names `v` itself, see [`outcome_code`]).
+fn dial_targets(v: &Value) -> Result<(Vec<DialTarget>, bool), String> {
     let trunk_target = |t: &Table| -> Result<Option<DialTarget>, String> {
         let trunk: Value = t.raw_get("trunk").map_err(|e| e.to_string())?;
         if trunk.is_nil() {
@@ -883,7 +875,7 @@ fn dial_targets(v: &Value) -> Result<Vec<DialTarget>, String> {
     match v {
         Value::Table(t) => {
             if let Some(one) = trunk_target(t)? {
-                return Ok(vec![one]);
+                return Ok((vec![one], true));
             }
             let mut out = Vec::new();
             for item in t.clone().sequence_values::<Value>() {
@@ -908,12 +900,15 @@ fn dial_targets(v: &Value) -> Result<Vec<DialTarget>, String> {
             if out.is_empty() {
                 return Err("call:dial: empty target list".to_owned());
             }
-            Ok(out)
+            Ok((out, false))
         }
-        other => Ok(string_list(other, "call:dial", "target")?
-            .into_iter()
-            .map(DialTarget::Uri)
-            .collect()),
+        other => Ok((
+            string_list(other, "call:dial", "target")?
+                .into_iter()
+                .map(DialTarget::Uri)
+                .collect(),
+            true,
+        )),
     }
 }
 

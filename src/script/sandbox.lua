@@ -214,22 +214,21 @@ end
 -- Where a dial's status came from (DialSource in src/script/mod.rs, same order).
 local SOURCES = { [0] = "callee", "timeout", "caller", "local" }
 
--- (code, reason) or (error message) -> the outcome table. The code packs answered,
--- status, source and the index of the target (outcome_code in src/script/call.rs);
--- `targets` is what the script dialled (a URI or a list), to name that target.
+-- (code, reason) or (nil, error message) -> the outcome table. The code packs answered,
+-- status, source and which target answered (outcome_code in src/script/call.rs: 0 none,
+-- 1 what was dialled, n + 1 the nth of the list dialled); `targets` is what the script
+-- dialled, to name that target.
 local function outcome(r, reason, targets)
-  if type(r) == "string" then
-    error(r, 3)
+  if r == nil then
+    error(reason, 3)
   end
   local t = r // 8192
   local target = nil
-  if t > 0 then
-    -- A list of targets, not one trunk target { trunk = ..., user = ... }.
-    if type(targets) == "table" and rawget(targets, "trunk") == nil then
-      target = rawget(targets, t)
-    else
-      target = targets
-    end
+  if t == 1 then
+    target = targets
+  elseif t > 1 then
+    -- Present raw: Rust read the list raw.
+    target = targets[t - 1]
   end
   local status = (r // 2) % 1024
   return {
