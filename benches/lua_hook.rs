@@ -20,8 +20,13 @@
 //!   server): no hand-off.
 //!
 //! Run: cargo bench --bench lua_hook (PLAN_FILE=other.lua to measure another plan)
+//!
+//! `LUA_HOOK_CALLS=n`: no criterion; n hook runs with the VM on the calling thread (after
+//! 2,000 to warm up) in `measured_calls`, then the time per run. `bash
+//! benches/lua_hook_callgrind.sh` runs that under callgrind for the instructions per
+//! `on_invite`, the figure the machine's load does not move.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -243,5 +248,73 @@ fn inline(c: &mut Criterion, path: &std::path::Path, control: &Arc<dyn CallContr
     );
 }
 
+/// Hook runs `from..from + calls`, one at a time, the VM on the calling thread: what
+/// `LUA_HOOK_CALLS` measures (callgrind counts only inside this function).
+#[inline(never)]
+fn measured_calls(
+    rt: &tokio::runtime::Runtime,
+    local: &tokio::task::LocalSet,
+    engine: &ScriptEngine,
+    control: &Arc<dyn CallControl>,
+    from: u64,
+    calls: u64,
+) {
+    local.block_on(rt, async {
+        for n in from..from + calls {
+            let out = engine
+                .current()
+                .on_invite(call_info(n), control.clone())
+                .await;
+            std::hint::black_box(out);
+        }
+    });
+}
+
+/// `LUA_HOOK_CALLS=n`: see the module's documentation.
+fn calls_only(calls: u64) {
+    let dir = std::env::temp_dir().join(format!("strowger-bench-lua-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("plan.lua");
+    let plan = match std::env::var("PLAN_FILE") {
+        Ok(file) => std::fs::read_to_string(&file).expect("PLAN_FILE is readable"),
+        Err(_) => PLAN.to_owned(),
+    };
+    std::fs::write(&path, plan).expect("write plan");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    let engine = local
+        .block_on(&rt, async {
+            strowger::script::run_vms_inline();
+            let mut opts = EngineOptions::new(&path);
+            opts.pool_size = 1;
+            ScriptEngine::load(opts)
+        })
+        .expect("plan loads");
+    let control: Arc<dyn CallControl> = Arc::new(AnswerAtOnce);
+    const WARM_UP: u64 = 2_000;
+    measured_calls(&rt, &local, &engine, &control, 0, WARM_UP);
+    let start = std::time::Instant::now();
+    measured_calls(&rt, &local, &engine, &control, WARM_UP, calls);
+    println!(
+        "{calls} calls after {WARM_UP} to warm up: {:.2} us per on_invite",
+        start.elapsed().as_secs_f64() * 1e6 / calls.max(1) as f64
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    if let Some(calls) = std::env::var("LUA_HOOK_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        calls_only(calls);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
