@@ -765,6 +765,17 @@ async fn two_nodes_share_presence_and_busy_lamps_through_redis() {
         }
     }
     assert_eq!(notify_from, n1.udp.port());
+    // Node 2 hears of the take-over through the store's change feed, which lags under load
+    // (the whole suite running beside it): until then it still holds the subscription and
+    // would notify a change it sees first. Wait (bounded) for it to let go.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while load(&n2.handle.presence().stats().subscriptions[0]) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 2 never heard that node 1 took the subscription over"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     publish_to(n2.udp, &publisher, "ivy", Some(&etag), "three").await;
     let n = notify_until(n1.udp, &watcher, |m| m.contains("<note>three</note>"))
         .await
