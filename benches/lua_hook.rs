@@ -140,20 +140,46 @@ fn cpu_per_call(
     );
 }
 
-fn bench(c: &mut Criterion) {
+/// The dial plan in a temporary folder (the folder, the file): the bench's own, or
+/// `PLAN_FILE`'s (another dial plan, e.g. an empty on_invite: the fixed cost).
+fn write_plan() -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("strowger-bench-lua-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("plan.lua");
-    // PLAN_FILE=path measures another dial plan (e.g. an empty on_invite: the fixed cost).
     let plan = match std::env::var("PLAN_FILE") {
         Ok(file) => std::fs::read_to_string(&file).expect("PLAN_FILE is readable"),
         Err(_) => PLAN.to_owned(),
     };
     std::fs::write(&path, plan).expect("write plan");
-    let rt = tokio::runtime::Builder::new_current_thread()
+    (dir, path)
+}
+
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+/// One VM served inline on `local` (`script.vm_threads = false`, the default).
+fn inline_engine(
+    rt: &tokio::runtime::Runtime,
+    local: &tokio::task::LocalSet,
+    path: &std::path::Path,
+) -> ScriptEngine {
+    local
+        .block_on(rt, async {
+            strowger::script::run_vms_inline();
+            let mut opts = EngineOptions::new(path);
+            opts.pool_size = 1;
+            ScriptEngine::load(opts)
+        })
+        .expect("plan loads")
+}
+
+fn bench(c: &mut Criterion) {
+    let (dir, path) = write_plan();
+    let rt = current_thread_runtime();
     let engine = rt
         .block_on(async { ScriptEngine::load(EngineOptions::new(&path)) })
         .expect("plan loads");
@@ -201,19 +227,9 @@ fn bench(c: &mut Criterion) {
 /// `script.vm_threads = false`: the VMs are local tasks of the thread that runs the hooks
 /// (the SIP thread in the server), so a hook run is no hand-off at all.
 fn inline(c: &mut Criterion, path: &std::path::Path, control: &Arc<dyn CallControl>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = current_thread_runtime();
     let local = tokio::task::LocalSet::new();
-    let engine = local
-        .block_on(&rt, async {
-            strowger::script::run_vms_inline();
-            let mut opts = EngineOptions::new(path);
-            opts.pool_size = 1;
-            ScriptEngine::load(opts)
-        })
-        .expect("plan loads");
+    let engine = inline_engine(&rt, &local, path);
     let calls = 50_000u64;
     let mut n = 0u64;
     if let Some(start) = process_cpu() {
@@ -272,27 +288,10 @@ fn measured_calls(
 
 /// `LUA_HOOK_CALLS=n`: see the module's documentation.
 fn calls_only(calls: u64) {
-    let dir = std::env::temp_dir().join(format!("strowger-bench-lua-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("plan.lua");
-    let plan = match std::env::var("PLAN_FILE") {
-        Ok(file) => std::fs::read_to_string(&file).expect("PLAN_FILE is readable"),
-        Err(_) => PLAN.to_owned(),
-    };
-    std::fs::write(&path, plan).expect("write plan");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (dir, path) = write_plan();
+    let rt = current_thread_runtime();
     let local = tokio::task::LocalSet::new();
-    let engine = local
-        .block_on(&rt, async {
-            strowger::script::run_vms_inline();
-            let mut opts = EngineOptions::new(&path);
-            opts.pool_size = 1;
-            ScriptEngine::load(opts)
-        })
-        .expect("plan loads");
+    let engine = inline_engine(&rt, &local, &path);
     let control: Arc<dyn CallControl> = Arc::new(AnswerAtOnce);
     const WARM_UP: u64 = 2_000;
     measured_calls(&rt, &local, &engine, &control, 0, WARM_UP);

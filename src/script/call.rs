@@ -1272,7 +1272,10 @@ mod unit {
 
     fn uri(user: Option<&str>, host: &str) -> UriInfo {
         UriInfo {
-            uri: format!("sip:{}{host}", user.map_or(String::new(), |u| format!("{u}@"))),
+            uri: format!(
+                "sip:{}{host}",
+                user.map_or(String::new(), |u| format!("{u}@"))
+            ),
             user: user.map(str::to_owned),
             host: host.to_owned(),
         }
