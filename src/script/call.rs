@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
 use super::pool::VmHandle;
+use super::record::{record, Field};
 use super::vm::FailKind;
 use super::{
     CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
@@ -526,34 +527,18 @@ fn describe_value(v: &Value) -> String {
     }
 }
 
-/// `call.from`, `call.to` or `call.ruri` as the script sees it, `{ uri, user, host }`,
-/// made in one protected call. Written against Lua's C API by hand because mlua's safe
-/// API, with a memory limit set, makes each of the three strings in a protected call of
-/// its own (~1,000 instructions each, the largest cost of reading `call.ruri.user`).
+/// `call.from`, `call.to` or `call.ruri` as the script sees it, `{ uri, user, host }`, in
+/// one protected call ([`record`]: the largest cost of reading `call.ruri.user` was
+/// mlua's protected call per string).
 fn uri_table(lua: &Lua, uri: &UriInfo) -> mlua::Result<Table> {
-    use mlua::ffi;
-    let set = |state: *mut ffi::lua_State, key: &std::ffi::CStr, value: &str| {
-        // SAFETY: `state` has the new table on top (below: `lua_createtable`) and room
-        // for one more value (mlua's `exec_raw` checks the stack for three); the set
-        // pops the string it pushes.
-        unsafe {
-            ffi::lua_pushlstring(state, value.as_ptr().cast(), value.len());
-            ffi::lua_setfield(state, -2, key.as_ptr());
-        }
-    };
-    // SAFETY: the closure runs inside the protected call `exec_raw` makes, so a memory
-    // error Lua raises in it unwinds to that call; it holds only borrowed data, so no
-    // destructor is skipped. It leaves one value, the table, which becomes the result.
-    unsafe {
-        lua.exec_raw::<Table>((), |state| {
-            ffi::lua_createtable(state, 0, 3);
-            set(state, c"uri", &uri.uri);
-            if let Some(user) = &uri.user {
-                set(state, c"user", user);
-            }
-            set(state, c"host", &uri.host);
-        })
-    }
+    record(
+        lua,
+        &[
+            (c"uri", Some(Field::Str(&uri.uri))),
+            (c"user", uri.user.as_deref().map(Field::Str)),
+            (c"host", Some(Field::Str(&uri.host))),
+        ],
+    )
 }
 
 /// An outcome packed in one integer, so that the raw verb returns two plain values (mlua's
@@ -1264,44 +1249,4 @@ fn run_on_refer(
             Err(e) => ReferVerdict::Failed(e),
         }
     })
-}
-
-#[cfg(test)]
-mod unit {
-    use super::*;
-
-    fn uri(user: Option<&str>, host: &str) -> UriInfo {
-        UriInfo {
-            uri: format!(
-                "sip:{}{host}",
-                user.map_or(String::new(), |u| format!("{u}@"))
-            ),
-            user: user.map(str::to_owned),
-            host: host.to_owned(),
-        }
-    }
-
-    /// The table made through the C API has the fields mlua's would, and a memory error
-    /// inside it is an error of the call, after which the VM goes on.
-    #[test]
-    fn a_uri_table_is_made_in_one_protected_call() {
-        let lua = Lua::new();
-        let t = uri_table(&lua, &uri(Some("alice"), "example.com")).expect("table");
-        assert_eq!(t.raw_get::<String>("uri").unwrap(), "sip:alice@example.com");
-        assert_eq!(t.raw_get::<String>("user").unwrap(), "alice");
-        assert_eq!(t.raw_get::<String>("host").unwrap(), "example.com");
-        assert_eq!(t.pairs::<Value, Value>().count(), 3);
-        let t = uri_table(&lua, &uri(None, "10.0.0.1")).expect("table");
-        assert_eq!(t.raw_get::<Value>("user").unwrap(), Value::Nil);
-
-        lua.set_memory_limit(lua.used_memory() + 4096).unwrap();
-        let big = uri(Some(&"x".repeat(100_000)), "example.com");
-        match uri_table(&lua, &big) {
-            Err(mlua::Error::MemoryError(_)) => {}
-            other => panic!("expected a memory error, got {other:?}"),
-        }
-        lua.set_memory_limit(0).unwrap();
-        let t = uri_table(&lua, &big).expect("room again");
-        assert_eq!(t.raw_get::<String>("host").unwrap(), "example.com");
-    }
 }

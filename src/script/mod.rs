@@ -153,6 +153,7 @@ mod metrics;
 mod pattern;
 mod pool;
 mod presence;
+mod record;
 mod register;
 mod vm;
 
