@@ -13,6 +13,7 @@
 //! MESSAGE). An error, budget or memory failure answers 500, counted like every hook.
 
 use std::collections::HashMap;
+use std::ffi::CStr;
 use std::sync::Arc;
 
 use mlua::{Lua, Table, Value};
@@ -20,6 +21,7 @@ use parking_lot::Mutex;
 
 use super::call::{parse_reject, string_list};
 use super::hooks::{self, Hook, HookFuture};
+use super::record::{record, Field};
 use super::{bounded, ScriptVersion};
 use super::{MessageInfo, MessageVerdict, SubscribeInfo, SubscribeVerdict};
 
@@ -40,11 +42,13 @@ enum RouteTargets {
 
 fn base_req(
     lua: &Lua,
+    fields: &[(&CStr, Option<Field<'_>>)],
     headers: &[(String, String)],
     said: &Arc<Mutex<Option<Said>>>,
     targets: RouteTargets,
 ) -> mlua::Result<Table> {
-    let req = lua.create_table()?;
+    // The plain fields in one protected call (`record`), not one or more each.
+    let req = record(lua, fields)?;
     let mut first: HashMap<String, String> = HashMap::new();
     for (n, v) in headers {
         first
@@ -126,15 +130,24 @@ impl ScriptVersion {
         let info2 = info.clone();
         let result = run(self, Hook::Message, &info.ruri, move |lua, said| {
             let info = info2;
-            let req = base_req(lua, &info.headers, said, RouteTargets::Several)?;
-            req.raw_set("from", info.from.as_str())?;
-            req.raw_set("to", info.to.as_str())?;
-            req.raw_set("ruri", info.ruri.as_str())?;
-            req.raw_set("user", info.user.as_deref())?;
-            req.raw_set("source", info.source.as_str())?;
-            req.raw_set("content_type", info.content_type.as_deref().map(bounded))?;
-            req.raw_set("body", info.body.as_str())?;
-            Ok(req)
+            base_req(
+                lua,
+                &[
+                    (c"from", Some(Field::Str(&info.from))),
+                    (c"to", Some(Field::Str(&info.to))),
+                    (c"ruri", Some(Field::Str(&info.ruri))),
+                    (c"user", info.user.as_deref().map(Field::Str)),
+                    (c"source", Some(Field::Str(&info.source))),
+                    (
+                        c"content_type",
+                        info.content_type.as_deref().map(|c| Field::Str(bounded(c))),
+                    ),
+                    (c"body", Some(Field::Str(&info.body))),
+                ],
+                &info.headers,
+                said,
+                RouteTargets::Several,
+            )
         })
         .await;
         match result {
@@ -153,15 +166,21 @@ impl ScriptVersion {
         let info2 = info.clone();
         let result = run(self, Hook::Subscribe, &info.resource, move |lua, said| {
             let info = info2;
-            let req = base_req(lua, &info.headers, said, RouteTargets::One)?;
-            req.raw_set("package", info.package.as_str())?;
-            req.raw_set("resource", info.resource.as_str())?;
-            req.raw_set("subscriber", info.subscriber.as_str())?;
-            req.raw_set("from", info.subscriber.as_str())?;
-            req.raw_set("user", info.user.as_deref())?;
-            req.raw_set("source", info.source.as_str())?;
-            req.raw_set("expires", info.expires)?;
-            Ok(req)
+            base_req(
+                lua,
+                &[
+                    (c"package", Some(Field::Str(&info.package))),
+                    (c"resource", Some(Field::Str(&info.resource))),
+                    (c"subscriber", Some(Field::Str(&info.subscriber))),
+                    (c"from", Some(Field::Str(&info.subscriber))),
+                    (c"user", info.user.as_deref().map(Field::Str)),
+                    (c"source", Some(Field::Str(&info.source))),
+                    (c"expires", info.expires.map(|e| Field::Int(i64::from(e)))),
+                ],
+                &info.headers,
+                said,
+                RouteTargets::One,
+            )
         })
         .await;
         match result {
@@ -231,6 +250,66 @@ end
             v.on_message(&msg("bob", "hello")).await,
             MessageVerdict::Default
         );
+    }
+
+    /// Every plain field of both requests reaches the script with its type, absent ones
+    /// as nil, and the functions are there beside them.
+    #[tokio::test]
+    async fn the_request_tables_carry_every_field() {
+        let e = engine(
+            r#"
+local function line(req, keys)
+  local out = {}
+  for _, k in ipairs(keys) do out[#out + 1] = k .. "=" .. tostring(req[k]) .. ":" .. type(req[k]) end
+  return table.concat(out, " ")
+end
+function on_message(req)
+  req:reject(499, line(req, { "from", "to", "ruri", "user", "source", "content_type", "body" })
+    .. " " .. type(req.header) .. " " .. type(req.route))
+end
+function on_subscribe(req)
+  req:reject(499, line(req, { "package", "resource", "subscriber", "from", "user", "source", "expires" }))
+end
+"#,
+        );
+        let v = e.current();
+        assert_eq!(
+            v.on_message(&msg("bob", "hello")).await,
+            MessageVerdict::Reject(
+                499,
+                "from=sip:alice@x:string to=sip:bob@x:string ruri=sip:bob@x:string \
+                 user=bob:string source=udp:127.0.0.1:5070:string \
+                 content_type=text/plain:string body=hello:string function function"
+                    .into()
+            )
+        );
+        let info = SubscribeInfo {
+            package: "dialog".into(),
+            resource: "sip:1001@x".into(),
+            subscriber: "sip:eve@x".into(),
+            user: None,
+            source: "udp:127.0.0.1:1".into(),
+            expires: Some(60),
+            headers: vec![],
+        };
+        assert_eq!(
+            v.on_subscribe(&info).await,
+            SubscribeVerdict::Reject(
+                499,
+                "package=dialog:string resource=sip:1001@x:string subscriber=sip:eve@x:string \
+                 from=sip:eve@x:string user=nil:nil source=udp:127.0.0.1:1:string \
+                 expires=60:number"
+                    .into()
+            )
+        );
+        let unbounded = SubscribeInfo {
+            expires: None,
+            ..info
+        };
+        assert!(matches!(
+            v.on_subscribe(&unbounded).await,
+            SubscribeVerdict::Reject(499, r) if r.ends_with("expires=nil:nil")
+        ));
     }
 
     #[tokio::test]
