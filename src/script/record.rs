@@ -1,5 +1,5 @@
-//! Small Lua tables (a URI's parts, a hunt's outcome, an agent) made in one protected
-//! call. Written against Lua's C API by hand: with a memory limit set, mlua's safe API
+//! Small Lua tables (a URI's parts, a hunt's outcome, an agent, a request's headers)
+//! made in one protected call. Written against Lua's C API by hand: with a memory limit set, mlua's safe API
 //! makes every key and every string value in a protected call of its own (~1,000
 //! instructions each), so a table of eight fields cost ~20,000 instructions; this makes
 //! it in one.
@@ -48,6 +48,32 @@ pub(crate) fn record(lua: &Lua, fields: &[(&CStr, Option<Field<'_>>)]) -> mlua::
     }
 }
 
+/// A table of `name → value` with the first value given for each name (a request's
+/// headers), made in one protected call.
+pub(crate) fn first_values<'a>(
+    lua: &Lua,
+    pairs: impl Iterator<Item = (&'a str, &'a str)>,
+) -> mlua::Result<Table> {
+    // SAFETY: as in `record`: inside `exec_raw`'s protected call, borrowed data only. Stack:
+    // the table, then at most a name and a value (or the value looked up), each use
+    // popping what it pushed; the table is left as the one result.
+    unsafe {
+        lua.exec_raw::<Table>((), |state| {
+            ffi::lua_createtable(state, 0, 0);
+            for (name, value) in pairs {
+                ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
+                let absent = ffi::lua_rawget(state, -2) == ffi::LUA_TNIL;
+                ffi::lua_pop(state, 1);
+                if absent {
+                    ffi::lua_pushlstring(state, name.as_ptr().cast(), name.len());
+                    ffi::lua_pushlstring(state, value.as_ptr().cast(), value.len());
+                    ffi::lua_rawset(state, -3);
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +111,22 @@ mod tests {
         lua.set_memory_limit(0).unwrap();
         let t = record(&lua, &[(c"s", Some(Field::Str(&big)))]).expect("room again");
         assert_eq!(t.raw_get::<String>("s").unwrap().len(), 100_000);
+    }
+
+    /// The first value of a name stays; later ones are dropped.
+    #[test]
+    fn first_values_keep_the_first_of_each_name() {
+        let lua = Lua::new();
+        let pairs = [
+            ("via", "a"),
+            ("to", "<sip:b@x>"),
+            ("via", "c"),
+            ("", "empty name"),
+        ];
+        let t = first_values(&lua, pairs.into_iter()).expect("table");
+        assert_eq!(t.raw_get::<String>("via").unwrap(), "a");
+        assert_eq!(t.raw_get::<String>("to").unwrap(), "<sip:b@x>");
+        assert_eq!(t.raw_get::<String>("").unwrap(), "empty name");
+        assert_eq!(t.pairs::<Value, Value>().count(), 3);
     }
 }

@@ -7,6 +7,7 @@ use mlua::Value;
 
 use super::call::parse_reject;
 use super::hooks::{self, Hook, HookFuture};
+use super::record::first_values;
 use super::vm::FailKind;
 use super::{bounded, RegisterInfo, RegisterVerdict, ScriptVersion};
 
@@ -34,12 +35,11 @@ pub(crate) async fn run_on_register(
         Hook::Register,
         &info.aor,
         move |vm, _| {
-            let headers = vm.lua.create_table()?;
-            for (name, value) in &req.headers {
-                if !headers.contains_key(name.as_str())? {
-                    headers.raw_set(name.as_str(), bounded(value))?;
-                }
-            }
+            // One protected call for the table (`first_values`), not two or three a header.
+            let headers = first_values(
+                &vm.lua,
+                req.headers.iter().map(|(n, v)| (n.as_str(), bounded(v))),
+            )?;
             let runner = vm.runner(Hook::Register).expect("checked above");
             type Out = (Option<String>, Value, Value, Option<String>);
             let (kind, a, b, c) = runner.call::<Out>((

@@ -1140,6 +1140,41 @@ async fn reload_of_a_script_without_on_invite_is_refused() {
     assert_eq!(rejected(&out), (486, "v1"));
 }
 
+/// on_register's req: the plain fields, and each header's first value by any case of
+/// its name.
+#[tokio::test]
+async fn on_register_sees_the_fields_and_first_header_values() {
+    let e = engine(
+        r#"
+        function on_invite(call) end
+        function on_register(req)
+          req:reject(499, table.concat({ req.user, req.aor, req.source, tostring(req.user_agent),
+            tostring(req.contact), req:header("X-Tag"), req:header("x-tag"),
+            tostring(req:header("X-None")) }, " "))
+        end
+        "#,
+    );
+    let info = RegisterInfo {
+        user: "1001".into(),
+        aor: "sip:1001@example.com".into(),
+        source: "udp:127.0.0.1:5070".into(),
+        user_agent: Some("phone/1".into()),
+        contact: None,
+        headers: vec![
+            ("x-tag".into(), "first".into()),
+            ("via".into(), "SIP/2.0/UDP 127.0.0.1:5070".into()),
+            ("x-tag".into(), "second".into()),
+        ],
+    };
+    assert_eq!(
+        e.current().on_register(&info).await,
+        RegisterVerdict::Reject(
+            499,
+            "1001 sip:1001@example.com udp:127.0.0.1:5070 phone/1 nil first first nil".into()
+        )
+    );
+}
+
 // ---------------------------------------------------------------- the shipped dial plan
 
 fn default_lua() -> PathBuf {
