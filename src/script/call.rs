@@ -501,7 +501,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
     )?;
 
     // The standard phrases, for `unless_standard`'s None (the sandbox's REASONS).
-    let reasons = lua.create_table_with_capacity(STANDARD_STATUSES.clone().count(), 0)?;
+    let reasons = lua.create_table_with_capacity(STANDARD_STATUSES.len(), 0)?;
     for status in STANDARD_STATUSES {
         reasons.raw_set(status, default_reason(status))?;
     }
