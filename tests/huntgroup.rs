@@ -37,6 +37,13 @@ function on_invite(call)
   elseif u == "pause" then
     huntgroup.set_state("{feature_agent}", "paused")
     call:reject(403, "agent paused")
+  elseif u == "pause-in-coroutine" then
+    -- Only the hook's own coroutine can wait for the store: refused, nothing changed.
+    local ok, err = pcall(coroutine.wrap(function()
+      return huntgroup.set_state("{feature_agent}", "paused")
+    end))
+    call:reject(403, ok and "paused" or
+      (string.find(err, "cannot wait here", 1, true) and "refused" or err))
   else
     local r = call:hunt(u, {{ priority = 0 }})
     if not r.answered then
@@ -515,6 +522,14 @@ async fn overflow_after_max_wait_reaches_the_script() {
     ))
     .await;
     let admin = s.handle.admin_addr();
+    let wrapped = RawCaller::invite(s.udp, "pause-in-coroutine").await;
+    let answer = wrapped.peer.recv_final(WAIT).await.expect("answer");
+    assert_eq!(
+        (status(&answer), reason(&answer)),
+        (403, "refused"),
+        "{answer}"
+    );
+    assert_ne!(agent_state(admin, "ov", &agent_uri).await, "paused");
     // The feature code pauses the only agent from the dial plan (huntgroup.set_state).
     let pause = RawCaller::invite(s.udp, "pause").await;
     let answer = pause.peer.recv_final(WAIT).await.expect("answer");

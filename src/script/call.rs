@@ -11,6 +11,7 @@ use super::hooks::{self, Hook, HookFuture};
 use super::pool::VmHandle;
 use super::record::{record, Field};
 use super::vm::FailKind;
+use super::wait::{wait_marker, WaitFuture, Waited, Waits};
 use super::{
     CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
     DialTarget, InviteOutcome, ScriptVersion, UriInfo,
@@ -261,7 +262,7 @@ const SERVER_HEADERS: &[&str] = &[
 /// The `call:*` verbs as raw functions of the call's userdata, returning `(error message)`
 /// or `(nil, result)`; the sandbox prelude wraps them into methods that raise. `field`
 /// reads the call's facts for the lazily built fields of the `call` table.
-pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
+pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Result<Table> {
     let api = lua.create_table()?;
 
     let routes: Arc<[String]> = routes.into();
@@ -411,11 +412,16 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
         })?,
     )?;
 
+    // The verbs that wait hand their future to the hook's driver (`wait.rs`) and return
+    // the wait marker, on which the sandbox yields; the sandbox has already checked that
+    // they run in the call's own hook coroutine. An error returns (nil, message).
+    let w = waits.clone();
     api.raw_set(
         "dial",
-        lua.create_async_function(
-            |_, (ud, target, opts, known): (AnyUserData, Value, Value, KnownOptions)| {
-                let prepared = call_ud(&ud).map(|state| {
+        lua.create_function(
+            move |lua, (ud, target, opts, known): (AnyUserData, Value, Value, KnownOptions)| {
+                let state = call_ud(&ud)?;
+                let prepared = (|| {
                     state.check("dial")?;
                     // An empty list (e.g. `registrar.lookup` of a user with no device
                     // registered) is a dial that nobody can answer, not a script error.
@@ -430,74 +436,76 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
                         opts => parse_dial_options(&opts)?,
                     };
                     let control = state.start_dial()?;
-                    Ok((state, targets, whole, opts, control))
-                });
-                async move {
-                    let (state, targets, whole, opts, control) = match prepared? {
-                        Ok(p) => p,
-                        Err(msg) => return Ok((None, Some(msg))),
-                    };
-                    let in_progress = DialInProgress(state.clone());
+                    Ok((DialInProgress(state), targets, whole, opts, control))
+                })();
+                let (in_progress, targets, whole, opts, control) = match prepared {
+                    Ok(p) => p,
+                    Err(msg) => return failed(lua, msg),
+                };
+                let lua = lua.clone();
+                let dialled = async move {
                     let outcome = if targets.is_empty() {
                         // Nobody to ring: refused here, no target involved.
                         DialOutcome::failed(480, "Temporarily Unavailable", DialSource::Local)
                     } else {
                         control.dial(targets, opts).await
                     };
-                    state.finish_dial(&outcome);
+                    in_progress.0.finish_dial(&outcome);
                     drop(in_progress);
-                    // The sandbox turns this pair into the outcome table.
-                    Ok((
-                        Some(outcome_code(&outcome, whole)),
-                        unless_standard(outcome.status, outcome.reason),
-                    ))
-                }
+                    outcome_values(&lua, &outcome, whole)
+                };
+                wait_for(&w, "dial", Box::pin(dialled))
             },
         )?,
     )?;
 
+    let w = waits.clone();
     api.raw_set(
         "transfer",
-        lua.create_async_function(|_, (ud, target, party): (AnyUserData, Value, Value)| {
-            let prepared = call_ud(&ud).map(|state| -> Result<_, String> {
-                let target = match &target {
-                    Value::String(s) => s.to_str().map_err(|e| e.to_string())?.trim().to_owned(),
-                    other => return Err(type_error("call:transfer", "a target URI", other)),
-                };
-                let to_caller = match &party {
-                    Value::Nil => true,
-                    Value::String(s) if &*s.as_bytes() == b"caller" => true,
-                    Value::String(s) if &*s.as_bytes() == b"callee" => false,
-                    other => {
-                        return Err(format!(
-                            "call:transfer: party must be \"caller\" or \"callee\", not {}",
-                            describe_value(other)
-                        ))
-                    }
-                };
-                let inner = state.inner.lock();
-                let answered = matches!(inner.decision, Some(Decision::Answered));
-                let control = match (&inner.control, inner.phase, answered) {
-                    (Some(c), Phase::Deciding, true) => c.clone(),
-                    (_, Phase::Deciding, false) => {
-                        return Err("call:transfer: the call is not answered".into())
-                    }
-                    _ => return Err("call:transfer: on_invite has already returned".into()),
-                };
-                Ok((target, to_caller, control))
-            });
-            async move {
-                let (target, to_caller, control) = match prepared? {
+        lua.create_function(
+            move |lua, (ud, target, party): (AnyUserData, Value, Value)| {
+                let state = call_ud(&ud)?;
+                let prepared = (|| -> Result<_, String> {
+                    let target = match &target {
+                        Value::String(s) => {
+                            s.to_str().map_err(|e| e.to_string())?.trim().to_owned()
+                        }
+                        other => return Err(type_error("call:transfer", "a target URI", other)),
+                    };
+                    let to_caller = match &party {
+                        Value::Nil => true,
+                        Value::String(s) if &*s.as_bytes() == b"caller" => true,
+                        Value::String(s) if &*s.as_bytes() == b"callee" => false,
+                        other => {
+                            return Err(format!(
+                                "call:transfer: party must be \"caller\" or \"callee\", not {}",
+                                describe_value(other)
+                            ))
+                        }
+                    };
+                    let inner = state.inner.lock();
+                    let answered = matches!(inner.decision, Some(Decision::Answered));
+                    let control = match (&inner.control, inner.phase, answered) {
+                        (Some(c), Phase::Deciding, true) => c.clone(),
+                        (_, Phase::Deciding, false) => {
+                            return Err("call:transfer: the call is not answered".into())
+                        }
+                        _ => return Err("call:transfer: on_invite has already returned".into()),
+                    };
+                    Ok((target, to_caller, control))
+                })();
+                let (target, to_caller, control) = match prepared {
                     Ok(p) => p,
-                    Err(msg) => return Ok((None, Some(msg))),
+                    Err(msg) => return failed(lua, msg),
                 };
-                let outcome = control.transfer(target, to_caller).await;
-                Ok((
-                    Some(outcome_code(&outcome, true)),
-                    unless_standard(outcome.status, outcome.reason),
-                ))
-            }
-        })?,
+                let lua = lua.clone();
+                let transferred = async move {
+                    let outcome = control.transfer(target, to_caller).await;
+                    outcome_values(&lua, &outcome, true)
+                };
+                wait_for(&w, "transfer", Box::pin(transferred))
+            },
+        )?,
     )?;
 
     // The standard phrases, for `unless_standard`'s None (the sandbox's REASONS).
@@ -510,13 +518,38 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String]) -> mlua::Result<Table> {
     Ok(api)
 }
 
+/// `(nil, msg)`: a waiting verb refused (the sandbox raises it at the script's line).
+fn failed(lua: &Lua, msg: String) -> mlua::Result<(Value, Value)> {
+    Ok((Value::Nil, Value::String(lua.create_string(msg)?)))
+}
+
+/// Hands `fut` to the hook's driver: the sandbox yields on the marker returned.
+fn wait_for(waits: &Waits, verb: &str, fut: WaitFuture) -> mlua::Result<(Value, Value)> {
+    waits.start_checked(fut).map_err(|()| {
+        mlua::Error::runtime(format!(
+            "call:{verb}: cannot wait here (only in the call's own hook)"
+        ))
+    })?;
+    Ok((wait_marker(), Value::Nil))
+}
+
+/// The values a dial or transfer resumes the sandbox with: its packed code and, unless
+/// standard, its reason phrase (the sandbox turns them into the outcome table).
+fn outcome_values(lua: &Lua, outcome: &DialOutcome, whole: bool) -> Waited {
+    let code = Value::Integer(outcome_code(outcome, whole));
+    Ok(match unless_standard(outcome.status, &outcome.reason) {
+        Some(reason) => (code, Value::String(lua.create_string(reason)?)),
+        None => (code, Value::Nil),
+    })
+}
+
 /// The statuses the sandbox knows the standard reason phrase of.
 const STANDARD_STATUSES: std::ops::RangeInclusive<u16> = 100..=699;
 
 /// A dial's or transfer's reason phrase for the script, None when it is the standard one
 /// for `status` (the sandbox then uses its own copy): with a memory limit set, every
 /// string Rust hands to Lua is made in a protected call of its own (~1,000 instructions).
-fn unless_standard(status: u16, reason: String) -> Option<String> {
+fn unless_standard(status: u16, reason: &str) -> Option<&str> {
     (!STANDARD_STATUSES.contains(&status) || reason != default_reason(status)).then_some(reason)
 }
 
@@ -1042,8 +1075,7 @@ pub(crate) async fn run_on_invite(
             // sandbox builds the `call` table around it, lazily).
             let ud = vm.lua.create_any_userdata(CallUd(Arc::downgrade(&call)))?;
             *call.key.lock() = Some(vm.lua.create_registry_value(&ud)?);
-            let runner = vm.runner(Hook::Invite).expect("checked by the caller");
-            let fut = runner.call_async::<()>(ud);
+            let fut = vm.start_hook::<()>(Hook::Invite, ud)?;
             let (budget, lua) = (budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;
@@ -1154,7 +1186,6 @@ async fn run_on_call_end(
             vm.lua.remove_registry_value(key)?;
             // The call's own globals, from its earlier hooks.
             restore_env(&vm.lua, &state, budget);
-            let runner = vm.runner(Hook::CallEnd).expect("checked by the caller");
             // The sandbox builds the record table from these.
             let args = (
                 ud,
@@ -1165,7 +1196,7 @@ async fn run_on_call_end(
                 record.hangup_by,
                 record.final_status,
             );
-            Ok(Box::pin(runner.call_async::<()>(args)) as HookFuture<()>)
+            Ok(Box::pin(vm.start_hook::<()>(Hook::CallEnd, args)?) as HookFuture<()>)
         },
     )
     .await;
@@ -1205,14 +1236,10 @@ fn run_on_refer(
             };
             let ud: AnyUserData = vm.lua.registry_value(key)?;
             restore_env(&vm.lua, &state, budget);
-            let runner = vm.runner(Hook::Refer).expect("checked by the caller");
-            let fut = runner.call_async::<(String, Value, Value)>((
-                ud,
-                info.by,
-                info.target,
-                info.referred_by,
-                info.replaces,
-            ));
+            let fut = vm.start_hook::<(String, Value, Value)>(
+                Hook::Refer,
+                (ud, info.by, info.target, info.referred_by, info.replaces),
+            )?;
             let (st, b, lua) = (state.clone(), budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;

@@ -6,10 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlua::{AnyUserData, Lua, Table, Value};
+use mlua::{AnyUserData, Lua, Table, Thread, Value};
 
 use super::call::{call_ud, DialInProgress};
 use super::record::{record, Field};
+use super::wait::{wait_marker, Waits};
 use super::{CallControl, DialOptions, DialOutcome, DialSource, DialTarget, Services};
 use crate::huntgroup::{BoxFuture, HuntLeg, HuntOptions, Rung, Strategy};
 
@@ -132,14 +133,21 @@ fn parse_options(v: &Value) -> Result<HuntOptions, String> {
 /// Adds the raw functions the sandbox prelude wraps: `call_hunt(ud, name, opts)` →
 /// `(error)` or `(nil, outcome)`; `huntgroup_agents(name)` → `(error)` or `(nil, list)`;
 /// `huntgroup_set_state(agent, state)` → `(error)` or `(nil, true)`.
-pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua::Result<()> {
+pub(crate) fn register(
+    lua: &Lua,
+    helpers: &Table,
+    services: &Services,
+    waits: &Waits,
+) -> mlua::Result<()> {
     let svc = services.clone();
+    let w = waits.clone();
     helpers.raw_set(
         "call_hunt",
-        lua.create_async_function(move |lua, (ud, name, opts): (AnyUserData, Value, Value)| {
+        lua.create_function(move |lua, (ud, name, opts): (AnyUserData, Value, Value)| {
             let groups = svc.hunt.read().clone();
             let main = svc.clone();
-            let prepared = call_ud(&ud).map(|state| -> Result<_, String> {
+            let state = call_ud(&ud)?;
+            let prepared = (|| -> Result<_, String> {
                 let name = match &name {
                     Value::String(s) => s.to_string_lossy(),
                     other => {
@@ -156,14 +164,14 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
                     return Err(format!("call:hunt: no hunt group named {name:?}"));
                 }
                 let control = state.start_dial().map_err(|e| e.replace("dial", "hunt"))?;
-                Ok((state, name, opts, groups, control))
-            });
-            async move {
-                let (state, name, opts, groups, control) = match prepared? {
-                    Ok(p) => p,
-                    Err(msg) => return Ok((Some(msg), None)),
-                };
-                let in_progress = DialInProgress(state.clone());
+                Ok((DialInProgress(state), name, opts, groups, control))
+            })();
+            let (in_progress, name, opts, groups, control) = match prepared {
+                Ok(p) => p,
+                Err(msg) => return Ok((Value::String(lua.create_string(msg)?), Value::Nil)),
+            };
+            let lua = lua.clone();
+            let hunted = async move {
                 // Hunting spawns the group's own tasks: on the server's runtime, not on
                 // this VM's thread.
                 let leg = Arc::new(Leg(control));
@@ -178,10 +186,11 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
                     Ok(o) => o,
                     Err(e) => {
                         drop(in_progress);
-                        return Ok((Some(format!("call:hunt: {e}")), None));
+                        let msg = lua.create_string(format!("call:hunt: {e}"))?;
+                        return Ok((Value::String(msg), Value::Nil));
                     }
                 };
-                state.finish_dial(&DialOutcome {
+                in_progress.0.finish_dial(&DialOutcome {
                     answered: out.answered,
                     ..DialOutcome::failed(out.status, out.reason.clone(), DialSource::Callee)
                 });
@@ -200,8 +209,12 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
                         (c"abandoned", Some(Field::Bool(out.abandoned))),
                     ],
                 )?;
-                Ok((None, Some(t)))
-            }
+                Ok((Value::Nil, Value::Table(t)))
+            };
+            w.start_checked(Box::pin(hunted)).map_err(|()| {
+                mlua::Error::runtime("call:hunt: cannot wait here (only in the call's own hook)")
+            })?;
+            Ok((wait_marker(), Value::Nil))
         })?,
     )?;
 
@@ -248,32 +261,38 @@ pub(crate) fn register(lua: &Lua, helpers: &Table, services: &Services) -> mlua:
     )?;
 
     let svc = services.clone();
+    let w = waits.clone();
     helpers.raw_set(
         "huntgroup_set_state",
-        lua.create_async_function(move |_, (agent, state): (Value, Value)| {
-            let groups = svc.hunt.read().clone();
+        lua.create_function(move |lua, (agent, state, running): (Value, Value, Thread)| {
+            let fail = |msg: &str| -> mlua::Result<Value> { Ok(Value::String(lua.create_string(msg)?)) };
+            let (Value::String(agent), Value::String(state)) = (agent, state) else {
+                return fail("huntgroup.set_state: expected an agent and a state (strings)");
+            };
+            let Some(groups) = svc.hunt.read().clone() else {
+                return fail("huntgroup.set_state: no hunt groups are configured");
+            };
+            let (agent, state) = (agent.to_string_lossy(), state.to_string_lossy());
             let main = svc.clone();
-            async move {
-                let (Value::String(agent), Value::String(state)) = (agent, state) else {
-                    return Ok(Some(
-                        "huntgroup.set_state: expected an agent and a state (strings)".to_owned(),
-                    ));
-                };
-                let Some(groups) = groups else {
-                    return Ok(Some(
-                        "huntgroup.set_state: no hunt groups are configured".to_owned(),
-                    ));
-                };
-                let (agent, state) = (agent.to_string_lossy(), state.to_string_lossy());
+            let lua = lua.clone();
+            let stored = async move {
                 // The agent store's I/O runs on the server's runtime, not this VM's thread.
                 let stored = main
                     .on_main(async move { groups.set_state(&agent, &state).await })
                     .await;
-                Ok(match stored {
-                    Some(Ok(())) => None,
-                    Some(Err(e)) => Some(format!("huntgroup.set_state: {e}")),
-                    None => Some("huntgroup.set_state: the store did not answer".to_owned()),
-                })
+                let err = match stored {
+                    Some(Ok(())) => return Ok((Value::Nil, Value::Nil)),
+                    Some(Err(e)) => format!("huntgroup.set_state: {e}"),
+                    None => "huntgroup.set_state: the store did not answer".to_owned(),
+                };
+                Ok((Value::String(lua.create_string(err)?), Value::Nil))
+            };
+            // Any hook may set an agent's state, but only a hook coroutine can wait.
+            match w.start(running.state(), Box::pin(stored)) {
+                Ok(()) => Ok(wait_marker()),
+                Err(()) => fail(
+                    "huntgroup.set_state: cannot wait here (on_register, on_message, on_subscribe and coroutines the script made cannot)",
+                ),
             }
         })?,
     )?;

@@ -156,6 +156,7 @@ mod presence;
 mod record;
 mod register;
 mod vm;
+mod wait;
 
 pub use config::ScriptConfig;
 pub use hooks::{Hook, HookInfo};

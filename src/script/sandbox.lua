@@ -6,6 +6,10 @@ local error, select, type, tostring = error, select, type, tostring
 local raw_pcall, raw_xpcall, raw_load, raw_collect = pcall, xpcall, load, collectgarbage
 local raw_setmetatable, raw_rawset = setmetatable, rawset
 local raw_resume = coroutine.resume
+-- The verbs that wait (dial, hunt, transfer, huntgroup.set_state) return WAIT when they
+-- have handed Rust what to wait for: the hook's coroutine then yields to Rust, which
+-- resumes it with the verb's results (src/script/wait.rs).
+local WAIT, yield, running = H.wait, coroutine.yield, coroutine.running
 local exhausted, set_env = H.exhausted, H.set_env
 
 -- An exhausted instruction budget must end the hook: protected calls rethrow it.
@@ -71,7 +75,10 @@ huntgroup = {
     return list
   end,
   set_state = function(agent, state)
-    local err = raw_set_state(agent, state)
+    local err = raw_set_state(agent, state, (running()))
+    if err == WAIT then
+      err = yield()
+    end
     if err then error(err, 2) end
     return true
   end,
@@ -178,7 +185,6 @@ local REASONS = raw.reasons
 local UD, THREAD, MADE = 1, 2, 3
 local private = setmetatable({}, { __mode = "k" })
 local call_of = setmetatable({}, { __mode = "k" })
-local running = coroutine.running
 
 local function usage(verb)
   return "call:" .. verb .. ": expected a call object (write call:" .. verb .. "(...), with a colon)"
@@ -251,7 +257,6 @@ local methods = {
   end,
   dial = function(self, target, opts)
     local p = private_of(self, "dial", true)
-    -- Two results keep mlua's async return on its fast path (no results table).
     local r, reason
     -- Without a metatable, reading a field is reading it raw (no C call per option).
     if type(opts) == "table" and getmetatable(opts) == nil and only_known_options(opts) then
@@ -262,6 +267,9 @@ local methods = {
       -- table itself (raw) and says what is wrong.
       r, reason = raw_dial(p[UD], target, opts)
     end
+    if r == WAIT then
+      r, reason = yield()
+    end
     -- Not a tail call: `outcome` raises at the script's line (level 3).
     local result = outcome(r, reason, target)
     return result
@@ -271,6 +279,9 @@ local methods = {
   hunt = function(self, name, opts)
     local p = private_of(self, "hunt", true)
     local err, result = raw_hunt(p[UD], name, opts)
+    if err == WAIT then
+      err, result = yield()
+    end
     if err then
       error(err, 2)
     end
@@ -297,6 +308,9 @@ local methods = {
       error("call:transfer: options must be a table", 2)
     end
     local r, reason = raw_transfer(p[UD], target, party)
+    if r == WAIT then
+      r, reason = yield()
+    end
     local result = outcome(r, reason, target)
     return result
   end,

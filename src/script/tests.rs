@@ -1393,9 +1393,13 @@ async fn dial_from_a_script_coroutine_is_refused() {
 async fn a_hook_dropped_while_dialing_leaves_the_vm_usable() {
     let e = engine_pool(
         r#"
+        local closed = 0
         function on_invite(call)
-          if call.ruri.user == "slow" then call:dial("sip:a@b") end
-          call:reject(486, "fine")
+          if call.ruri.user == "slow" then
+            local guard <close> = setmetatable({}, { __close = function() closed = closed + 1 end })
+            call:dial("sip:a@b")
+          end
+          call:reject(486, "fine " .. closed)
         end
         "#,
         1,
@@ -1425,9 +1429,32 @@ async fn a_hook_dropped_while_dialing_leaves_the_vm_usable() {
     gate.add_permits(1);
     tokio::task::yield_now().await;
     assert_eq!(gate.available_permits(), 1);
+    // The hook's coroutine was closed, not left to the collector: its to-be-closed
+    // variable ran.
     let out = invite(&e, call_to("next"), &Fake::new(vec![])).await;
-    assert_eq!(rejected(&out), (486, "fine"));
+    assert_eq!(rejected(&out), (486, "fine 1"));
     assert_eq!(stat(&e, |s| &s.hook_errors_total), 0);
+}
+
+#[tokio::test]
+async fn a_hook_cannot_yield_its_own_coroutine() {
+    let e = engine(
+        "function on_invite(call)\n  coroutine.yield(1)\n  call:reject(486, \"never\")\nend\n",
+    );
+    let fake = Fake::new(vec![]);
+    let out = invite(&e, call_to("1"), &fake).await;
+    let err = failure(&out);
+    assert!(
+        err.contains("main.lua:") && err.contains("coroutine.yield"),
+        "{err}"
+    );
+    assert_eq!(stat(&e, |s| &s.hook_errors_total), 1);
+    // The VM goes on; a coroutine the script made may still yield.
+    let e2 = engine(
+        "function on_invite(call)\n  local co = coroutine.wrap(function() coroutine.yield(7) end)\n  call:reject(480 + co(), \"x\")\nend\n",
+    );
+    let out = invite(&e2, call_to("1"), &fake).await;
+    assert_eq!(rejected(&out), (487, "x"));
 }
 
 #[tokio::test]

@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 
 use super::hooks::{Hook, HookInfo};
 use super::pool::{now_ns, VmWatch};
+use super::wait::{wait_marker, HookThread, ThreadPool, Waits};
 use super::{call, EngineOptions, ScriptError};
 
 /// The count hook fires every this many VM instructions (or every `instruction_limit`
@@ -37,10 +38,6 @@ const HOOK_STEP: u32 = 1000;
 /// a coroutine that yielded from the count hook with a cut stack (it takes the paused
 /// frame's registers for resume arguments), so a run is cut, not paused.
 pub(crate) const INLINE_STRETCH_NS: u64 = 50_000_000;
-
-/// Finished hook coroutines kept per VM for reuse (more may run at once; the extra ones
-/// are simply left to the GC).
-const THREAD_POOL: usize = 64;
 
 /// The sandbox prelude: runs once per VM before the operator's script.
 const SANDBOX: &str = include_str!("sandbox.lua");
@@ -301,6 +298,10 @@ pub(crate) struct Vm {
     /// builds the hook's arguments (the `call` table around a call's userdata, `req`
     /// tables) and calls the operator's function.
     runners: [Option<Function>; Hook::COUNT],
+    /// Where the verbs that wait hand their futures to the run's driver.
+    waits: Waits,
+    /// Finished hook coroutines, for the next runs.
+    threads: Rc<ThreadPool>,
     /// What the script defines (shared with the pool's handle).
     pub info: Arc<HookInfo>,
     /// The global table's metatable, the frozen globals, and the `__newindex` that gives
@@ -330,10 +331,10 @@ impl Vm {
             | StdLib::UTF8
             | StdLib::MATH
             | StdLib::OS;
-        // Hook runs are coroutines: without a pool mlua makes (and the GC later frees) a new
-        // Lua thread, with a fresh stack to grow, for every run.
-        let lua = Lua::new_with(libs, LuaOptions::new().thread_pool_size(THREAD_POOL))
-            .map_err(internal)?;
+        // Hook runs are coroutines of our own (`wait.rs`, with its pool of them), not
+        // mlua's async threads: no pool of mlua's.
+        let lua = Lua::new_with(libs, LuaOptions::new()).map_err(internal)?;
+        let waits = Waits::default();
 
         let step = match opts.instruction_limit {
             0 => HOOK_STEP,
@@ -387,7 +388,7 @@ impl Vm {
             )?;
             helpers.raw_set("find_module", find_module_fn(&lua, file)?)?;
             helpers.raw_set("log", log_table(&lua, file_name.clone())?)?;
-            helpers.raw_set("call", call::raw_api(&lua, &opts.routes)?)?;
+            helpers.raw_set("call", call::raw_api(&lua, &opts.routes, &waits)?)?;
             let svc = services.clone();
             helpers.raw_set(
                 "registrar_lookup",
@@ -405,7 +406,8 @@ impl Vm {
                     lua.create_sequence_from(svc.lookup(&aor))
                 })?,
             )?;
-            super::huntgroup::register(&lua, &helpers, services)?;
+            super::huntgroup::register(&lua, &helpers, services, &waits)?;
+            helpers.raw_set("wait", wait_marker())?;
             lua.load(SANDBOX)
                 .set_name(format!("={INTERNAL_SOURCE}sandbox"))
                 .set_mode(ChunkMode::Text)
@@ -486,6 +488,8 @@ impl Vm {
         Ok(Vm {
             shared,
             runners,
+            waits,
+            threads: Rc::new(ThreadPool::new(&lua).map_err(internal)?),
             info: Arc::new(info),
             globals_meta,
             base,
@@ -500,6 +504,19 @@ impl Vm {
     /// The sandbox's runner of `hook`, if the script defines it.
     pub fn runner(&self, hook: Hook) -> Option<&Function> {
         self.runners[hook.index()].as_ref()
+    }
+
+    /// Starts `hook`'s runner with `args` in a coroutine of its own (call it inside the
+    /// run's budget): the future resolves to what the hook returns, after its waits.
+    pub fn start_hook<R: mlua::FromLuaMulti>(
+        &self,
+        hook: Hook,
+        args: impl mlua::IntoLuaMulti,
+    ) -> mlua::Result<HookThread<R>> {
+        let runner = self
+            .runner(hook)
+            .ok_or_else(|| LuaError::runtime(format!("the script has no {}", hook.name())))?;
+        HookThread::start(&self.lua, &self.waits, &self.threads, runner, args)
     }
 
     /// A fresh budget for one hook run.
