@@ -419,7 +419,28 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
     api.raw_set(
         "dial",
         lua.create_function(
-            move |lua, (ud, target, opts, known): (AnyUserData, Value, Value, KnownOptions)| {
+            move |lua,
+                  (
+                ud,
+                target,
+                opts,
+                timeout,
+                headers,
+                from,
+                to,
+                max_duration,
+                caller_id,
+                privacy,
+            ): DialArgs| {
+                let known = KnownOptions {
+                    timeout,
+                    headers,
+                    from,
+                    to,
+                    max_duration,
+                    caller_id,
+                    privacy,
+                };
                 let state = call_ud(&ud)?;
                 let prepared = (|| {
                     state.check("dial")?;
@@ -761,21 +782,21 @@ struct KnownOptions {
     privacy: Value,
 }
 
-impl mlua::FromLuaMulti for KnownOptions {
-    fn from_lua_multi(values: mlua::MultiValue, _: &Lua) -> mlua::Result<Self> {
-        let mut values = values.into_iter();
-        let mut next = || values.next().unwrap_or(Value::Nil);
-        Ok(KnownOptions {
-            timeout: next(),
-            headers: next(),
-            from: next(),
-            to: next(),
-            max_duration: next(),
-            caller_id: next(),
-            privacy: next(),
-        })
-    }
-}
+/// `raw.dial(ud, target, opts, timeout, headers, from, to, max_duration, caller_id,
+/// privacy)`: the known options as plain values. A tuple of single values is read straight
+/// off Lua's stack (mlua collects a `FromLuaMulti` tail into a `MultiValue` first).
+type DialArgs = (
+    AnyUserData,
+    Value,
+    Value,
+    Value,
+    Value,
+    Value,
+    Value,
+    Value,
+    Value,
+    Value,
+);
 
 impl KnownOptions {
     fn parse(&self) -> Result<DialOptions, String> {
