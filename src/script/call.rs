@@ -632,9 +632,16 @@ pub(super) fn string_list(v: &Value, what: &str, item: &str) -> Result<Vec<Strin
         if s.is_empty() {
             return Err(format!("{what}: empty {item}"));
         }
-        if s.chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>' || c == '"')
-        {
+        // Bytes first (every dial checks its targets): only a URI with non-ASCII text
+        // needs the Unicode classes.
+        let bad_ascii = |b: u8| b <= b' ' || b == 0x7f || b == b'<' || b == b'>' || b == b'"';
+        let bad = if s.is_ascii() {
+            s.bytes().any(bad_ascii)
+        } else {
+            s.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>' || c == '"')
+        };
+        if bad {
             return Err(format!(
                 "{what}: bad {item} '{}' (no spaces, quotes, <, > or control characters)",
                 s.escape_debug()
