@@ -1305,3 +1305,38 @@ fn run_on_refer(
         }
     })
 }
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn targets_with_spaces_quotes_brackets_or_controls_are_refused() {
+        let lua = Lua::new();
+        let check = |s: &str| {
+            let v = Value::String(lua.create_string(s).unwrap());
+            string_list(&v, "call:dial", "target")
+        };
+        for good in [
+            "sip:1000@example.com",
+            "sip:jürgen@example.com",
+            "tel:+4930123",
+        ] {
+            assert_eq!(check(good), Ok(vec![good.to_owned()]), "{good}");
+        }
+        // ASCII (the byte-wise check) and beyond it (the Unicode classes): a space, a
+        // tab, DEL, a quote, an angle bracket; NEL and a no-break space.
+        for bad in [
+            "sip:a b@c",
+            "sip:a\t@c",
+            "sip:a\u{7f}@c",
+            "sip:\"a\"@c",
+            "<sip:a@c>",
+            "sip:jürgen\u{85}@c",
+            "sip:jürgen\u{a0}@c",
+        ] {
+            let err = check(bad).unwrap_err();
+            assert!(err.contains("no spaces"), "{bad:?}: {err}");
+        }
+    }
+}
