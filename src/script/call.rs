@@ -419,28 +419,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
     api.raw_set(
         "dial",
         lua.create_function(
-            move |lua,
-                  (
-                ud,
-                target,
-                opts,
-                timeout,
-                headers,
-                from,
-                to,
-                max_duration,
-                caller_id,
-                privacy,
-            ): DialArgs| {
-                let known = KnownOptions {
-                    timeout,
-                    headers,
-                    from,
-                    to,
-                    max_duration,
-                    caller_id,
-                    privacy,
-                };
+            move |lua, (ud, target, opts, known): (AnyUserData, Value, Value, KnownOptions)| {
                 let state = call_ud(&ud)?;
                 let prepared = (|| {
                     state.check("dial")?;
@@ -453,7 +432,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
                         dial_targets(&target)?
                     };
                     let opts = match opts {
-                        Value::Nil => known.parse()?,
+                        Value::Nil => parse_known(&known)?,
                         opts => parse_dial_options(&opts)?,
                     };
                     let control = state.start_dial()?;
@@ -775,62 +754,39 @@ fn parse_headers(v: &Value) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// The `call:dial` options passed one by one: the sandbox does this when the options table
-/// has only known keys, which spares iterating the table from Rust (costly per key).
+/// The `call:dial` options passed one by one (timeout, headers, from, to, max_duration,
+/// caller_id, privacy): the sandbox does this when the options table has only known keys,
+/// which spares iterating the table from Rust (costly per key). A tuple of single values,
+/// so that mlua reads them straight off Lua's stack (a type of our own implementing
+/// `FromLuaMulti` would be handed a `MultiValue`, allocated per dial).
+type KnownOptions = (Value, Value, Value, Value, Value, Value, Value);
+
 /// Errors are checked in this fixed order rather than in table order.
-#[derive(Default)]
-struct KnownOptions {
-    timeout: Value,
-    headers: Value,
-    from: Value,
-    to: Value,
-    max_duration: Value,
-    caller_id: Value,
-    privacy: Value,
-}
-
-/// `raw.dial(ud, target, opts, timeout, headers, from, to, max_duration, caller_id,
-/// privacy)`: the known options as plain values. A tuple of single values is read straight
-/// off Lua's stack (mlua collects a `FromLuaMulti` tail into a `MultiValue` first).
-type DialArgs = (
-    AnyUserData,
-    Value,
-    Value,
-    Value,
-    Value,
-    Value,
-    Value,
-    Value,
-    Value,
-    Value,
-);
-
-impl KnownOptions {
-    fn parse(&self) -> Result<DialOptions, String> {
-        let mut opts = DialOptions::default();
-        if !self.timeout.is_nil() {
-            opts.timeout = Some(seconds(&self.timeout, "timeout")?);
-        }
-        if !self.headers.is_nil() {
-            opts.headers = parse_headers(&self.headers)?;
-        }
-        if !self.from.is_nil() {
-            opts.from = Some(opt_string(&self.from, "from")?);
-        }
-        if !self.to.is_nil() {
-            opts.to = Some(opt_string(&self.to, "to")?);
-        }
-        if !self.max_duration.is_nil() {
-            opts.max_duration = Some(seconds(&self.max_duration, "max_duration")?);
-        }
-        if !self.caller_id.is_nil() {
-            opts.caller_id = Some(caller_id(&self.caller_id)?);
-        }
-        if !self.privacy.is_nil() {
-            opts.privacy = Some(privacy(&self.privacy)?);
-        }
-        Ok(opts)
+fn parse_known(known: &KnownOptions) -> Result<DialOptions, String> {
+    let (timeout, headers, from, to, max_duration, caller, private) = known;
+    let mut opts = DialOptions::default();
+    if !timeout.is_nil() {
+        opts.timeout = Some(seconds(timeout, "timeout")?);
     }
+    if !headers.is_nil() {
+        opts.headers = parse_headers(headers)?;
+    }
+    if !from.is_nil() {
+        opts.from = Some(opt_string(from, "from")?);
+    }
+    if !to.is_nil() {
+        opts.to = Some(opt_string(to, "to")?);
+    }
+    if !max_duration.is_nil() {
+        opts.max_duration = Some(seconds(max_duration, "max_duration")?);
+    }
+    if !caller.is_nil() {
+        opts.caller_id = Some(caller_id(caller)?);
+    }
+    if !private.is_nil() {
+        opts.privacy = Some(privacy(private)?);
+    }
+    Ok(opts)
 }
 
 /// `caller_id`: a user part to present on a trunk ("+15551234", "1001").

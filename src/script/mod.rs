@@ -119,8 +119,9 @@
 //!   own table of globals, which `Vm::enter` points the global table at whenever that run
 //!   executes (carried from a call's `on_invite` to its later hooks). Top-level locals and
 //!   tables a script mutates stay per VM.
-//! - **Coroutines**: each hook run is a Lua coroutine driven by mlua's async support on
-//!   its VM thread's local task set; many run interleaved on one VM. Every poll of a hook
+//! - **Coroutines**: each hook run is a Lua coroutine driven by `wait.rs` on its VM
+//!   thread's local task set: a verb that waits hands its future over and the sandbox
+//!   yields the coroutine; many run interleaved on one VM. Every poll of a hook
 //!   names the run's budget, so a single global count hook charges instructions and time
 //!   to the right run (also inside coroutines the script creates itself). A run that needs
 //!   no wait finishes in its first poll, without a task.
@@ -128,7 +129,7 @@
 //!   is set, so Rust hands Lua one userdata per call and the sandbox prelude builds the
 //!   `call` table around it, each field on first access (`pairs` still sees them all);
 //!   dial outcomes and `on_call_end` records are likewise built in Lua from plain values.
-//!   Hook coroutines are recycled (mlua's thread pool).
+//!   Hook coroutines are recycled (a pool per VM, `wait.rs`).
 //! - **Reload**: [`ScriptEngine::reload`] builds a fresh pool on new threads (awaited off the
 //!   runtime); on success it swaps
 //!   [`ScriptEngine::current`]. Calls keep the `Arc<ScriptVersion>` they started with (through

@@ -212,13 +212,18 @@ end
 -- Where a dial's status came from (DialSource in src/script/mod.rs, same order).
 local SOURCES = { [0] = "callee", "timeout", "caller", "local" }
 
--- (code, reason) or (nil, error message) -> the outcome table. The code packs answered,
--- status, source and which target answered (outcome_code in src/script/call.rs: 0 none,
--- 1 what was dialled, n + 1 the nth of the list dialled); `targets` is what the script
--- dialled, to name that target.
+-- What a dial or transfer returned -> its outcome table, after waiting (yielding the hook's
+-- coroutine) if it must. Called in tail position, so that level 2 is the script's line.
+-- (code, reason) or (nil, error message): the code packs answered, status, source and
+-- which target answered (outcome_code in src/script/call.rs: 0 none, 1 what was dialled,
+-- n + 1 the nth of the list dialled); `targets` is what the script dialled, to name that
+-- target.
 local function outcome(r, reason, targets)
+  if r == WAIT then
+    r, reason = yield()
+  end
   if r == nil then
-    error(reason, 3)
+    error(reason, 2)
   end
   local t = r // 8192
   local target = nil
@@ -248,8 +253,9 @@ local methods = {
     return value
   end,
   -- The hot verb, written out: every Lua instruction and call here is paid by every call
-  -- that dials (the count hook runs at each), so private_of, the check for unknown options
-  -- and outcome are inlined: same checks, same messages, raised at the script's line.
+  -- that dials (the count hook runs at each), so private_of and the check for unknown
+  -- options are inlined (same checks, same messages, raised at the script's line); the
+  -- wait and the outcome are one tail call.
   dial = function(self, target, opts)
     local p = private[self]
     if p == nil then
@@ -278,29 +284,7 @@ local methods = {
       -- table itself (raw) and says what is wrong.
       r, reason = raw_dial(p[UD], target, opts)
     end
-    if r == WAIT then
-      r, reason = yield()
-    end
-    if r == nil then
-      error(reason, 2)
-    end
-    -- As in `outcome`.
-    local t = r // 8192
-    if t == 1 then
-      t = target
-    elseif t > 1 then
-      t = target[t - 1]
-    else
-      t = nil
-    end
-    local status = (r // 2) % 1024
-    return {
-      answered = r % 2 == 1,
-      status = status,
-      reason = reason or REASONS[status],
-      source = SOURCES[(r // 2048) % 4],
-      target = t,
-    }
+    return outcome(r, reason, target)
   end,
   -- call:hunt(group, opts) -> { answered, status, reason, agent, queued, waited,
   -- overflow, abandoned }: waits (yields) like call:dial.
@@ -336,11 +320,7 @@ local methods = {
       error("call:transfer: options must be a table", 2)
     end
     local r, reason = raw_transfer(p[UD], target, party)
-    if r == WAIT then
-      r, reason = yield()
-    end
-    local result = outcome(r, reason, target)
-    return result
+    return outcome(r, reason, target)
   end,
   -- Tags the call with a route name from call.routes (metrics label); true, or nil and
   -- the reason when the name is not configured.
