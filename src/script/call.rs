@@ -1,6 +1,7 @@
 //! The `call` object: its Rust state, the `call:*` verbs, and running the two call hooks
 //! (`on_invite`, `on_call_end`) as coroutines.
 
+use std::ffi::CStr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
 use super::pool::VmHandle;
-use super::record::{record, Field};
+use super::record::{record_into, store, Field};
 use super::vm::FailKind;
 use super::wait::{wait_marker, WaitFuture, Waited, Waits};
 use super::{
@@ -309,25 +310,24 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
 
     api.raw_set(
         "field",
-        lua.create_function(|lua, (ud, name): (AnyUserData, mlua::String)| {
+        lua.create_function(|lua, (ud, bit, call): (AnyUserData, i64, Table)| {
+            // Stores the field in the call table (raw) as it makes it; the bits are the
+            // sandbox's `lazy_bit`.
             let state = call_ud(&ud)?;
-            let uri = match &*name.as_bytes() {
-                b"id" => return Ok(Value::String(lua.create_string(&state.id)?)),
-                b"source" => return Ok(Value::String(lua.create_string(&state.source)?)),
-                b"trunk" => {
-                    let trunk = state
-                        .trunk
-                        .as_deref()
-                        .map(|t| lua.create_string(t))
-                        .transpose()?;
-                    return Ok(trunk.map_or(Value::Nil, Value::String));
-                }
-                b"from" => &state.from,
-                b"to" => &state.to,
-                b"ruri" => &state.ruri,
-                _ => return Err(mlua::Error::runtime("call: no such field")),
+            let text = |key: &CStr, s: Option<&str>| store(lua, &call, key, s.map(Field::Str));
+            let uri = |key: &CStr, uri: &UriInfo| {
+                let fields = uri_fields(uri);
+                record_into(lua, &call, key, &fields).map(Value::Table)
             };
-            uri_table(lua, uri).map(Value::Table)
+            match bit {
+                1 => text(c"id", Some(&state.id)),
+                2 => text(c"source", Some(&state.source)),
+                4 => uri(c"from", &state.from),
+                8 => uri(c"to", &state.to),
+                16 => uri(c"ruri", &state.ruri),
+                64 => text(c"trunk", state.trunk.as_deref()),
+                _ => Err(mlua::Error::runtime("call: no such field")),
+            }
         })?,
     )?;
 
@@ -563,15 +563,12 @@ fn describe_value(v: &Value) -> String {
 /// `call.from`, `call.to` or `call.ruri` as the script sees it, `{ uri, user, host }`, in
 /// one protected call ([`record`]: the largest cost of reading `call.ruri.user` was
 /// mlua's protected call per string).
-fn uri_table(lua: &Lua, uri: &UriInfo) -> mlua::Result<Table> {
-    record(
-        lua,
-        &[
-            (c"uri", Some(Field::Str(&uri.uri))),
-            (c"user", uri.user.as_deref().map(Field::Str)),
-            (c"host", Some(Field::Str(&uri.host))),
-        ],
-    )
+fn uri_fields(uri: &UriInfo) -> [(&'static CStr, Option<Field<'_>>); 3] {
+    [
+        (c"uri", Some(Field::Str(&uri.uri))),
+        (c"user", uri.user.as_deref().map(Field::Str)),
+        (c"host", Some(Field::Str(&uri.host))),
+    ]
 }
 
 /// An outcome packed in one integer, so that the raw verb returns two plain values (mlua's

@@ -34,17 +34,81 @@ pub(crate) fn record(lua: &Lua, fields: &[(&CStr, Option<Field<'_>>)]) -> mlua::
             ffi::lua_createtable(state, 0, size);
             for (key, value) in fields {
                 let Some(value) = value else { continue };
-                match *value {
-                    Field::Str(s) => {
-                        ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
-                    }
-                    Field::Bool(b) => ffi::lua_pushboolean(state, i32::from(b)),
-                    Field::Int(i) => ffi::lua_pushinteger(state, i),
-                    Field::Num(n) => ffi::lua_pushnumber(state, n),
-                }
+                push_field(state, *value);
                 ffi::lua_setfield(state, -2, key.as_ptr());
             }
         })
+    }
+}
+
+/// Sets `target[key]` (raw) to a new table with `fields`, in one protected call, and
+/// returns that table: a lazily built field stored as it is made (the `call` table's
+/// `ruri`, `from`, `to`), with no `rawset` call from Lua after it.
+pub(crate) fn record_into(
+    lua: &Lua,
+    target: &Table,
+    key: &CStr,
+    fields: &[(&CStr, Option<Field<'_>>)],
+) -> mlua::Result<Table> {
+    let size = i32::try_from(fields.len()).unwrap_or(i32::MAX);
+    // SAFETY: as in `record`: inside `exec_raw`'s protected call, borrowed data only.
+    // Stack: `target` (the argument, index 1), the new table, one value at a time popped
+    // by its `lua_setfield`; then the key and a copy of the table, both popped by
+    // `lua_rawset`; `target` is removed, leaving the table as the one result.
+    unsafe {
+        lua.exec_raw::<Table>(target, |state| {
+            ffi::lua_createtable(state, 0, size);
+            for (name, value) in fields {
+                let Some(value) = value else { continue };
+                push_field(state, *value);
+                ffi::lua_setfield(state, -2, name.as_ptr());
+            }
+            ffi::lua_pushstring(state, key.as_ptr());
+            ffi::lua_pushvalue(state, -2);
+            ffi::lua_rawset(state, 1);
+            ffi::lua_remove(state, 1);
+        })
+    }
+}
+
+/// Sets `target[key]` (raw) to `value` (nil for `None`) in one protected call, and
+/// returns the value.
+pub(crate) fn store(
+    lua: &Lua,
+    target: &Table,
+    key: &CStr,
+    value: Option<Field<'_>>,
+) -> mlua::Result<mlua::Value> {
+    // SAFETY: as in `record_into`. Stack: `target` (index 1), the key, the value (or nil),
+    // a copy of the value; `lua_rawset` pops the key and the copy; `target` is removed,
+    // leaving the value as the one result.
+    unsafe {
+        lua.exec_raw::<mlua::Value>(target, |state| {
+            ffi::lua_pushstring(state, key.as_ptr());
+            match value {
+                Some(v) => push_field(state, v),
+                None => ffi::lua_pushnil(state),
+            }
+            ffi::lua_pushvalue(state, -1);
+            ffi::lua_rotate(state, -3, 1);
+            ffi::lua_rawset(state, 1);
+            ffi::lua_remove(state, 1);
+        })
+    }
+}
+
+/// Pushes one field's value.
+///
+/// # Safety
+/// `state` must have room for one more value (inside `exec_raw`, which checks for three).
+unsafe fn push_field(state: *mut ffi::lua_State, value: Field<'_>) {
+    match value {
+        Field::Str(s) => {
+            ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
+        }
+        Field::Bool(b) => ffi::lua_pushboolean(state, i32::from(b)),
+        Field::Int(i) => ffi::lua_pushinteger(state, i),
+        Field::Num(n) => ffi::lua_pushnumber(state, n),
     }
 }
 
@@ -111,6 +175,34 @@ mod tests {
         lua.set_memory_limit(0).unwrap();
         let t = record(&lua, &[(c"s", Some(Field::Str(&big)))]).expect("room again");
         assert_eq!(t.raw_get::<String>("s").unwrap().len(), 100_000);
+    }
+
+    /// The table or value lands in the target (raw: its `__newindex` is not called) and is
+    /// returned; the target's other fields stay.
+    #[test]
+    fn a_field_is_stored_as_it_is_made() {
+        let lua = Lua::new();
+        let target: Table = lua
+            .load("return setmetatable({ keep = 1 }, { __newindex = function() error('not raw') end })")
+            .eval()
+            .unwrap();
+        let t = record_into(
+            &lua,
+            &target,
+            c"ruri",
+            &[(c"user", Some(Field::Str("1000")))],
+        )
+        .expect("table");
+        assert_eq!(t.raw_get::<String>("user").unwrap(), "1000");
+        let stored: Table = target.raw_get("ruri").unwrap();
+        assert_eq!(stored, t);
+        let v = store(&lua, &target, c"id", Some(Field::Str("abc"))).expect("value");
+        assert_eq!(v, Value::String(lua.create_string("abc").unwrap()));
+        assert_eq!(target.raw_get::<String>("id").unwrap(), "abc");
+        assert_eq!(store(&lua, &target, c"trunk", None).unwrap(), Value::Nil);
+        assert_eq!(target.raw_get::<Value>("trunk").unwrap(), Value::Nil);
+        assert_eq!(target.raw_get::<i64>("keep").unwrap(), 1);
+        assert_eq!(target.pairs::<Value, Value>().count(), 3);
     }
 
     /// The first value of a name stays; later ones are dropped.

@@ -369,10 +369,14 @@ local function index(c, k)
     return nil
   end
   p[MADE] = done | bit
-  -- A string (id, source, trunk) or a table { uri, user, host } (from, to, ruri).
-  local v = k == "vars" and {} or (raw_field(p[UD], k))
-  rawset(c, k, v)
-  return v
+  if bit == 32 then
+    local vars = {}
+    rawset(c, k, vars)
+    return vars
+  end
+  -- A string (id, source, trunk) or a table { uri, user, host } (from, to, ruri), which
+  -- Rust also stores in `c` (raw) as it makes it (bits as in lazy_bit).
+  return raw_field(p[UD], bit, c)
 end
 
 local call_meta = {
