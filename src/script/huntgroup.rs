@@ -131,8 +131,10 @@ fn parse_options(v: &Value) -> Result<HuntOptions, String> {
 }
 
 /// Adds the raw functions the sandbox prelude wraps: `call_hunt(ud, name, opts)` →
-/// `(error)` or `(nil, outcome)`; `huntgroup_agents(name)` → `(error)` or `(nil, list)`;
-/// `huntgroup_set_state(agent, state)` → `(error)` or `(nil, true)`.
+/// `(error)`, or the wait marker, on which the sandbox yields for `(error)` or
+/// `(nil, outcome)`; `huntgroup_agents(name)` → `(error)` or `(nil, list)`;
+/// `huntgroup_set_state(agent, state, running coroutine)` → `(error)`, or the wait marker,
+/// on which the sandbox yields for `(error)` or `(nil)`.
 pub(crate) fn register(
     lua: &Lua,
     helpers: &Table,
