@@ -213,7 +213,11 @@ impl Drop for DialInProgress {
 /// runs. Held strongly, the state (the call's facts, its headers) lived on until Lua's
 /// collector got to the userdata, which the collector's pace does not see (issue 14:
 /// hundreds of bytes of every call set up since the last cycle).
-struct CallUd(Weak<CallState>);
+pub(super) struct CallUd(Weak<CallState>);
+
+/// How the raw verbs take the call's userdata: read straight off Lua's stack with its type
+/// checked, no reference to it made (an `AnyUserData` would make one, and drop it).
+pub(super) type CallRef = mlua::UserDataRef<CallUd>;
 
 /// Compact header forms (RFC 3261 7.3.3 and later RFCs).
 const COMPACT: &[(&str, &str)] = &[
@@ -269,7 +273,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
     let routes: Arc<[String]> = routes.into();
     api.raw_set(
         "set_route",
-        lua.create_function(move |_, (ud, name): (AnyUserData, Value)| {
+        lua.create_function(move |_, (ud, name): (CallRef, Value)| {
             // (true) or (nil, why): a label that is not configured is the script's
             // mistake, but not one worth failing a call for.
             let state = call_ud(&ud)?;
@@ -310,7 +314,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
 
     api.raw_set(
         "field",
-        lua.create_function(|lua, (ud, bit, call): (AnyUserData, i64, Table)| {
+        lua.create_function(|lua, (ud, bit, call): (CallRef, i64, Table)| {
             // Stores the field in the call table (raw) as it makes it; the bits are the
             // sandbox's `lazy_bit`.
             let state = call_ud(&ud)?;
@@ -333,7 +337,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
 
     api.raw_set(
         "header",
-        lua.create_function(|lua, (ud, name): (AnyUserData, Value)| {
+        lua.create_function(|lua, (ud, name): (CallRef, Value)| {
             let state = call_ud(&ud)?;
             let Value::String(name) = name else {
                 return Ok((
@@ -354,7 +358,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
 
     api.raw_set(
         "authenticate",
-        lua.create_function(|_, ud: AnyUserData| {
+        lua.create_function(|_, ud: CallRef| {
             // (user, error): the user when the caller is authenticated; nothing when the
             // call has been answered with a challenge (or 403); an error otherwise.
             let state = call_ud(&ud)?;
@@ -391,7 +395,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
 
     api.raw_set(
         "reject",
-        lua.create_function(|_, (ud, code, reason): (AnyUserData, Value, Value)| {
+        lua.create_function(|_, (ud, code, reason): (CallRef, Value, Value)| {
             let state = call_ud(&ud)?;
             let result = parse_reject(&code, &reason).and_then(|(code, reason)| {
                 state.decide("reject", Decision::Rejected(code, reason))
@@ -402,7 +406,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
 
     api.raw_set(
         "redirect",
-        lua.create_function(|_, (ud, contacts): (AnyUserData, Value)| {
+        lua.create_function(|_, (ud, contacts): (CallRef, Value)| {
             let state = call_ud(&ud)?;
             let result = state.check("redirect").and_then(|()| {
                 let contacts = string_list(&contacts, "call:redirect", "contact")?;
@@ -419,7 +423,7 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
     api.raw_set(
         "dial",
         lua.create_function(
-            move |lua, (ud, target, opts, known): (AnyUserData, Value, Value, KnownOptions)| {
+            move |lua, (ud, target, opts, known): (CallRef, Value, Value, KnownOptions)| {
                 let state = call_ud(&ud)?;
                 let prepared = (|| {
                     state.check("dial")?;
@@ -462,50 +466,46 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
     let w = waits.clone();
     api.raw_set(
         "transfer",
-        lua.create_function(
-            move |lua, (ud, target, party): (AnyUserData, Value, Value)| {
-                let state = call_ud(&ud)?;
-                let prepared = (|| -> Result<_, String> {
-                    let target = match &target {
-                        Value::String(s) => {
-                            s.to_str().map_err(|e| e.to_string())?.trim().to_owned()
-                        }
-                        other => return Err(type_error("call:transfer", "a target URI", other)),
-                    };
-                    let to_caller = match &party {
-                        Value::Nil => true,
-                        Value::String(s) if &*s.as_bytes() == b"caller" => true,
-                        Value::String(s) if &*s.as_bytes() == b"callee" => false,
-                        other => {
-                            return Err(format!(
-                                "call:transfer: party must be \"caller\" or \"callee\", not {}",
-                                describe_value(other)
-                            ))
-                        }
-                    };
-                    let inner = state.inner.lock();
-                    let answered = matches!(inner.decision, Some(Decision::Answered));
-                    let control = match (&inner.control, inner.phase, answered) {
-                        (Some(c), Phase::Deciding, true) => c.clone(),
-                        (_, Phase::Deciding, false) => {
-                            return Err("call:transfer: the call is not answered".into())
-                        }
-                        _ => return Err("call:transfer: on_invite has already returned".into()),
-                    };
-                    Ok((target, to_caller, control))
-                })();
-                let (target, to_caller, control) = match prepared {
-                    Ok(p) => p,
-                    Err(msg) => return failed(lua, msg),
+        lua.create_function(move |lua, (ud, target, party): (CallRef, Value, Value)| {
+            let state = call_ud(&ud)?;
+            let prepared = (|| -> Result<_, String> {
+                let target = match &target {
+                    Value::String(s) => s.to_str().map_err(|e| e.to_string())?.trim().to_owned(),
+                    other => return Err(type_error("call:transfer", "a target URI", other)),
                 };
-                let lua = lua.clone();
-                let transferred = async move {
-                    let outcome = control.transfer(target, to_caller).await;
-                    outcome_values(&lua, &outcome, true)
+                let to_caller = match &party {
+                    Value::Nil => true,
+                    Value::String(s) if &*s.as_bytes() == b"caller" => true,
+                    Value::String(s) if &*s.as_bytes() == b"callee" => false,
+                    other => {
+                        return Err(format!(
+                            "call:transfer: party must be \"caller\" or \"callee\", not {}",
+                            describe_value(other)
+                        ))
+                    }
                 };
-                wait_for(&w, "transfer", Box::pin(transferred))
-            },
-        )?,
+                let inner = state.inner.lock();
+                let answered = matches!(inner.decision, Some(Decision::Answered));
+                let control = match (&inner.control, inner.phase, answered) {
+                    (Some(c), Phase::Deciding, true) => c.clone(),
+                    (_, Phase::Deciding, false) => {
+                        return Err("call:transfer: the call is not answered".into())
+                    }
+                    _ => return Err("call:transfer: on_invite has already returned".into()),
+                };
+                Ok((target, to_caller, control))
+            })();
+            let (target, to_caller, control) = match prepared {
+                Ok(p) => p,
+                Err(msg) => return failed(lua, msg),
+            };
+            let lua = lua.clone();
+            let transferred = async move {
+                let outcome = control.transfer(target, to_caller).await;
+                outcome_values(&lua, &outcome, true)
+            };
+            wait_for(&w, "transfer", Box::pin(transferred))
+        })?,
     )?;
 
     // The standard phrases, for `unless_standard`'s None (the sandbox's REASONS).
@@ -588,8 +588,8 @@ fn outcome_code(o: &DialOutcome, whole: bool) -> i64 {
         + target * 8192
 }
 
-pub(super) fn call_ud(ud: &AnyUserData) -> mlua::Result<Arc<CallState>> {
-    ud.borrow::<CallUd>()?.0.upgrade().ok_or_else(|| {
+pub(super) fn call_ud(ud: &CallUd) -> mlua::Result<Arc<CallState>> {
+    ud.0.upgrade().ok_or_else(|| {
         mlua::Error::runtime("this call is over (a call object kept past its hooks)")
     })
 }

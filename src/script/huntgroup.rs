@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlua::{AnyUserData, Lua, Table, Thread, Value};
+use mlua::{Lua, Table, Thread, Value};
 
-use super::call::{call_ud, DialInProgress};
+use super::call::{call_ud, CallRef, DialInProgress};
 use super::record::{record, Field};
 use super::wait::{wait_marker, Waits};
 use super::{CallControl, DialOptions, DialOutcome, DialSource, DialTarget, Services};
@@ -145,7 +145,7 @@ pub(crate) fn register(
     let w = waits.clone();
     helpers.raw_set(
         "call_hunt",
-        lua.create_function(move |lua, (ud, name, opts): (AnyUserData, Value, Value)| {
+        lua.create_function(move |lua, (ud, name, opts): (CallRef, Value, Value)| {
             let groups = svc.hunt.read().clone();
             let main = svc.clone();
             let state = call_ud(&ud)?;
