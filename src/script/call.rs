@@ -525,7 +525,7 @@ fn failed(lua: &Lua, msg: String) -> mlua::Result<(Value, Value)> {
 
 /// Hands `fut` to the hook's driver: the sandbox yields on the marker returned.
 fn wait_for(waits: &Waits, verb: &str, fut: WaitFuture) -> mlua::Result<(Value, Value)> {
-    waits.start_checked(fut).map_err(|()| {
+    waits.start(None, fut).map_err(|()| {
         mlua::Error::runtime(format!(
             "call:{verb}: cannot wait here (only in the call's own hook)"
         ))

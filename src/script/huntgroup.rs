@@ -213,7 +213,7 @@ pub(crate) fn register(
                 )?;
                 Ok((Value::Nil, Value::Table(t)))
             };
-            w.start_checked(Box::pin(hunted)).map_err(|()| {
+            w.start(None, Box::pin(hunted)).map_err(|()| {
                 mlua::Error::runtime("call:hunt: cannot wait here (only in the call's own hook)")
             })?;
             Ok((wait_marker(), Value::Nil))
@@ -290,7 +290,7 @@ pub(crate) fn register(
                 Ok((Value::String(lua.create_string(err)?), Value::Nil))
             };
             // Any hook may set an agent's state, but only a hook coroutine can wait.
-            match w.start(running.state(), Box::pin(stored)) {
+            match w.start(Some(running.state()), Box::pin(stored)) {
                 Ok(()) => Ok(wait_marker()),
                 Err(()) => fail(
                     "huntgroup.set_state: cannot wait here (on_register, on_message, on_subscribe and coroutines the script made cannot)",

@@ -23,22 +23,11 @@ pub(crate) enum Field<'a> {
 /// A memory error while making it is the call's error (the script's run fails as for
 /// any allocation past `script.memory_limit_kb`).
 pub(crate) fn record(lua: &Lua, fields: &[(&CStr, Option<Field<'_>>)]) -> mlua::Result<Table> {
-    let size = i32::try_from(fields.len()).unwrap_or(i32::MAX);
     // SAFETY: the closure runs inside the protected call `exec_raw` makes, so a memory
     // error Lua raises in it unwinds to that call; it holds only borrowed data, so no
-    // destructor is skipped. Stack: the table, plus one value at a time (Lua guarantees a
-    // C function LUA_MINSTACK slots, and `exec_raw` checks for three), each popped by the
-    // `lua_setfield` after it; the table is left as the one result.
-    unsafe {
-        lua.exec_raw::<Table>((), |state| {
-            ffi::lua_createtable(state, 0, size);
-            for (key, value) in fields {
-                let Some(value) = value else { continue };
-                push_field(state, *value);
-                ffi::lua_setfield(state, -2, key.as_ptr());
-            }
-        })
-    }
+    // destructor is skipped. Stack: as `push_record` says; the table is left as the one
+    // result.
+    unsafe { lua.exec_raw::<Table>((), |state| push_record(state, fields)) }
 }
 
 /// Sets `target[key]` (raw) to a new table with `fields`, in one protected call, and
@@ -50,19 +39,13 @@ pub(crate) fn record_into(
     key: &CStr,
     fields: &[(&CStr, Option<Field<'_>>)],
 ) -> mlua::Result<Table> {
-    let size = i32::try_from(fields.len()).unwrap_or(i32::MAX);
     // SAFETY: as in `record`: inside `exec_raw`'s protected call, borrowed data only.
-    // Stack: `target` (the argument, index 1), the new table, one value at a time popped
-    // by its `lua_setfield`; then the key and a copy of the table, both popped by
-    // `lua_rawset`; `target` is removed, leaving the table as the one result.
+    // Stack: `target` (the argument, index 1), the new table (`push_record`); then the
+    // key and a copy of the table, both popped by `lua_rawset`; `target` is removed,
+    // leaving the table as the one result.
     unsafe {
         lua.exec_raw::<Table>(target, |state| {
-            ffi::lua_createtable(state, 0, size);
-            for (name, value) in fields {
-                let Some(value) = value else { continue };
-                push_field(state, *value);
-                ffi::lua_setfield(state, -2, name.as_ptr());
-            }
+            push_record(state, fields);
             ffi::lua_pushstring(state, key.as_ptr());
             ffi::lua_pushvalue(state, -2);
             ffi::lua_rawset(state, 1);
@@ -94,6 +77,21 @@ pub(crate) fn store(
             ffi::lua_rawset(state, 1);
             ffi::lua_remove(state, 1);
         })
+    }
+}
+
+/// Pushes a new table with `fields` set (those with `None` left out).
+///
+/// # Safety
+/// Inside a protected call (a memory error unwinds to it), with room for two more values:
+/// the table, then one value at a time, each popped by the `lua_setfield` after it.
+unsafe fn push_record(state: *mut ffi::lua_State, fields: &[(&CStr, Option<Field<'_>>)]) {
+    let size = i32::try_from(fields.len()).unwrap_or(i32::MAX);
+    ffi::lua_createtable(state, 0, size);
+    for (key, value) in fields {
+        let Some(value) = value else { continue };
+        push_field(state, *value);
+        ffi::lua_setfield(state, -2, key.as_ptr());
     }
 }
 
