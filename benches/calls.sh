@@ -3,9 +3,9 @@
 # loopback. For Strowger and, in the same run, for Kamailio (a transaction-stateful
 # record-routing proxy with a KEMI Lua dial plan doing the same routing), it measures:
 #   - server CPU microseconds per completed call (utime+stime from /proc) over CALLS calls
-#     at RATE calls per second;
+#     at RATE calls per second, in CPU_ROUNDS rounds taken in turn by the two servers;
 #   - the highest sustained calls per second with under 0.1% failed calls (steps of STEP_S
-#     seconds at rising rates);
+#     seconds at rising rates, each step taken by one server, then the other);
 #   - resident memory per established call, HELD calls held open;
 #   - Strowger's whole RSS with HELD_BIG (100,000) calls held open (target: under 400 MiB;
 #     HELD_BIG=0 skips it, it takes HELD_BIG/HELD_BIG_RATE + 40 s).
@@ -58,39 +58,69 @@ held_memory() { # name port count rate -> sets HELD_B (bytes per call), HELD_KB,
   echo "$name: RSS $base kB idle, $HELD_KB kB with $HELD_UP calls up (of $count): $HELD_B B/call" >&2
 }
 
-measure() { # name port -> sets CPU_US MAX_CPS MEM_B
-  local name=$1 port=$2 t0 t1 ok failed
-  run_uac "$port" 500 250 >/dev/null   # warm-up
-  t0=$(cpu_ticks "$SERVER_PID")
-  read -r ok failed _ < <(run_uac "$port" "$CALLS" "$RATE")
-  t1=$(cpu_ticks "$SERVER_PID")
-  CPU_US=$(python3 -c "print(round(($t1-$t0)*1e6/$HZ/max($ok,1),1))")
-  echo "$name: $ok calls ok, $failed failed at $RATE cps; CPU $CPU_US us/call" >&2
-  MAX_CPS=0
-  for r in $RATES; do
-    read -r ok failed _ < <(run_uac "$port" $((r * STEP_S)) "$r")
-    local total=$((ok + failed))
-    if [ "$total" -gt 0 ] && python3 -c "import sys; sys.exit(0 if $failed*1000 < $total and $ok >= $((r * STEP_S * 99 / 100)) else 1)"; then
-      MAX_CPS=$r
-      echo "$name: $r cps sustained ($failed failed of $total)" >&2
-    else
-      echo "$name: $r cps not sustained ($failed failed of $total)" >&2
-      break
-    fi
+# One step of the ramp: `rate` calls/s for STEP_S seconds; true when under 0.1% failed.
+ramp_step() { # name port rate
+  local name=$1 port=$2 r=$3 ok failed total
+  read -r ok failed _ < <(run_uac "$port" $((r * STEP_S)) "$r")
+  total=$((ok + failed))
+  if [ "$total" -gt 0 ] && python3 -c "import sys; sys.exit(0 if $failed*1000 < $total and $ok >= $((r * STEP_S * 99 / 100)) else 1)"; then
+    echo "$name: $r cps sustained ($failed failed of $total)" >&2
+  else
+    echo "$name: $r cps not sustained ($failed failed of $total)" >&2
+    return 1
+  fi
+}
+
+# Both servers run side by side and take turns (the issue's "alternate the two servers
+# within one run"): CPU_ROUNDS rounds of CALLS/CPU_ROUNDS calls each, then the ramp, a
+# rate step of one and the same step of the other, until each fails a step. This
+# machine's speed moves by half within minutes; measured one after the other, ten
+# minutes apart, the two figures were not comparable.
+CPU_ROUNDS=${CPU_ROUNDS:-4}
+SERVERS=(strowger)
+[ "$SKIP_KAMAILIO" = 1 ] || SERVERS+=(kamailio)
+declare -A SPORT SPID TICKS OK CPS
+for name in "${SERVERS[@]}"; do
+  SPORT[$name]=$(free_port)
+  "start_$name" "${SPORT[$name]}"
+  SPID[$name]=$SERVER_PID TICKS[$name]=0 OK[$name]=0 CPS[$name]=0
+  run_uac "${SPORT[$name]}" 500 250 >/dev/null   # warm-up
+done
+for round in $(seq "$CPU_ROUNDS"); do
+  for name in "${SERVERS[@]}"; do
+    t0=$(cpu_ticks "${SPID[$name]}")
+    read -r ok failed _ < <(run_uac "${SPORT[$name]}" $((CALLS / CPU_ROUNDS)) "$RATE")
+    t1=$(cpu_ticks "${SPID[$name]}")
+    TICKS[$name]=$(( TICKS[$name] + t1 - t0 )) OK[$name]=$(( OK[$name] + ok ))
+    echo "$name: round $round: $ok calls ok, $failed failed at $RATE cps; CPU $(python3 -c "print(round(($t1-$t0)*1e6/$HZ/max($ok,1),1))") us/call" >&2
   done
-  # Memory on a fresh process, so that what the CPS steps left behind (and what the
-  # allocator kept of it) does not hide in the baseline.
-  kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
-  "start_$name" "$port"
-  held_memory "$name" "$port" "$HELD" 1000
+done
+ramping=("${SERVERS[@]}")
+for r in $RATES; do
+  still=()
+  for name in "${ramping[@]}"; do
+    if ramp_step "$name" "${SPORT[$name]}" "$r"; then CPS[$name]=$r; still+=("$name"); fi
+  done
+  ramping=(${still[@]+"${still[@]}"})
+  [ ${#ramping[@]} -gt 0 ] || break
+done
+for name in "${SERVERS[@]}"; do
+  kill "${SPID[$name]}"; wait "${SPID[$name]}" 2>/dev/null || true
+done
+cpu_us() { python3 -c "print(round(${TICKS[$1]}*1e6/$HZ/max(${OK[$1]},1),1))"; }
+
+# Memory on a fresh process each, so that what the steps above left behind (and what the
+# allocator kept of it) does not hide in the baseline.
+fresh_memory() { # name -> sets MEM_B
+  PORT=$(free_port)
+  "start_$1" "$PORT"
+  held_memory "$1" "$PORT" "$HELD" 1000
   MEM_B=$HELD_B
   kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 }
 
-PORT=$(free_port)
-start_strowger "$PORT"
-measure strowger "$PORT"
-S_CPU=$CPU_US S_CPS=$MAX_CPS S_MEM=$MEM_B
+fresh_memory strowger
+S_CPU=$(cpu_us strowger) S_CPS=${CPS[strowger]} S_MEM=$MEM_B
 S_BIG_MIB=0 S_BIG_UP=0
 if [ "$HELD_BIG" -gt 0 ]; then
   # Issue 14 target 3: HELD_BIG established calls in under 400 MiB of RSS (whole process).
@@ -101,10 +131,8 @@ if [ "$HELD_BIG" -gt 0 ]; then
   kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 fi
 if [ "$SKIP_KAMAILIO" != 1 ]; then
-  PORT=$(free_port)
-  start_kamailio "$PORT"
-  measure kamailio "$PORT"
-  K_CPU=$CPU_US K_CPS=$MAX_CPS K_MEM=$MEM_B
+  fresh_memory kamailio
+  K_CPU=$(cpu_us kamailio) K_CPS=${CPS[kamailio]} K_MEM=$MEM_B
 else
   K_CPU=0 K_CPS=0 K_MEM=0
 fi

@@ -62,7 +62,10 @@ bench_setup() {
 # The two servers under test, on `port`, routing every call to SIPp's uas on $UAS_PORT.
 # Each sets SERVER_PID and adds it to $PIDS. $WRAP (an array, e.g. valgrind and its options)
 # runs in front of the server when set. Strowger: the release binary with the bench dial
-# plan; `BENCH_T1_MS` sets its T1, `BENCH_WORKERS` its `sip.workers` (default 1). Kamailio: benches/kamailio/ with $KAM_CHILDREN workers.
+# plan; `BENCH_T1_MS` sets its T1, `BENCH_WORKERS` its `sip.workers` (default 1). Kamailio: benches/kamailio/ with $KAM_CHILDREN workers
+# and its TLSF memory manager (`KAM_MEM`, default `-x tlsf`: its lowest CPU per call here,
+# 106 µs against 182 µs with the default `qm`, whose free-list walk in `qm_malloc` took
+# half its CPU; `KAM_MEM=` gives the default back).
 start_strowger() {
   local port=$1 http
   http=$(free_tcp_port)
@@ -102,7 +105,7 @@ start_kamailio() {
     "$ROOT/benches/kamailio/kamailio.cfg.in" > "$WORK/kamailio.cfg"
   sed -e "s|@CALLEE@|127.0.0.1:$UAS_PORT|" "$ROOT/benches/kamailio/route.lua.in" > "$WORK/route.lua"
   ${WRAP[@]+"${WRAP[@]}"} kamailio -f "$WORK/kamailio.cfg" -D -E -Y "$WORK/kam" \
-    -P "$WORK/kam/kamailio.pid" -m 512 -M 16 -w "$WORK/kam" 2>>"$WORK/kamailio.log" &
+    -P "$WORK/kam/kamailio.pid" -m 512 -M 16 ${KAM_MEM--x tlsf} -w "$WORK/kam" 2>>"$WORK/kamailio.log" &
   SERVER_PID=$!
   PIDS+=("$SERVER_PID")
   wait_answering "$port"
