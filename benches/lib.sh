@@ -62,7 +62,8 @@ bench_setup() {
 # The two servers under test, on `port`, routing every call to SIPp's uas on $UAS_PORT.
 # Each sets SERVER_PID and adds it to $PIDS. $WRAP (an array, e.g. valgrind and its options)
 # runs in front of the server when set. Strowger: the release binary with the bench dial
-# plan; `BENCH_T1_MS` sets its T1, `BENCH_WORKERS` its `sip.workers` (default 1). Kamailio: benches/kamailio/ with $KAM_CHILDREN workers
+# plan (`BENCH_BIN` another binary, e.g. a saved build to alternate with); `BENCH_T1_MS` sets
+# its T1, `BENCH_WORKERS` its `sip.workers` (default 1). Kamailio: benches/kamailio/ with $KAM_CHILDREN workers
 # and its TLSF memory manager (`KAM_MEM`, default `-x tlsf`: its lowest CPU per call here,
 # 106 µs against 182 µs with the default `qm`, whose free-list walk in `qm_malloc` took
 # half its CPU; `KAM_MEM=` gives the default back).
@@ -90,7 +91,7 @@ level = "warn"
 path = "$WORK/plan.lua"
 ${BENCH_EXTRA_TOML:-}
 TOML
-  ${WRAP[@]+"${WRAP[@]}"} "$ROOT/target/release/strowger" run --config "$WORK/strowger.toml" \
+  ${WRAP[@]+"${WRAP[@]}"} "${BENCH_BIN:-$ROOT/target/release/strowger}" run --config "$WORK/strowger.toml" \
     2>>"$WORK/strowger.log" &
   SERVER_PID=$!
   PIDS+=("$SERVER_PID")

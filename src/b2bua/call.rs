@@ -396,9 +396,9 @@ pub struct Call {
 
 fn uri_info(n: &NameAddr) -> UriInfo {
     UriInfo {
-        uri: n.uri.to_string(),
+        uri: n.uri.to_text(),
         user: n.uri.user.clone(),
-        host: n.uri.host.to_string(),
+        host: n.uri.host.to_text(),
     }
 }
 
@@ -1401,7 +1401,7 @@ impl Call {
             "WWW-Authenticate"
         };
         let challenges: Vec<&str> = resp.headers.get_all(header).collect();
-        let uri = req.uri.to_string();
+        let uri = req.uri.to_text();
         let answer = match client.answer(resp.status, &challenges, req.method.as_str(), &uri) {
             Ok(a) if tries == 0 || (tries == 1 && a.stale) => a,
             other => {
@@ -1768,12 +1768,8 @@ impl Call {
             "WWW-Authenticate"
         };
         let challenges: Vec<&str> = resp.headers.get_all(header).collect();
-        let answer = match client.answer(
-            resp.status,
-            &challenges,
-            "INVITE",
-            &invite.uri.to_string(),
-        ) {
+        let answer = match client.answer(resp.status, &challenges, "INVITE", &invite.uri.to_text())
+        {
             Ok(a) if b.auth_tries == 0 || (b.auth_tries == 1 && a.stale) => a,
             Ok(_) => {
                 trunk.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -2431,8 +2427,8 @@ impl Call {
             call_id: self.id.to_string(),
             a_call_id: r.call_id().to_owned(),
             b_call_id: self.bridge.b.as_ref().map(|d| d.call_id().to_owned()),
-            from: r.from().uri.to_string(),
-            to: r.to().uri.to_string(),
+            from: r.from().uri.to_text(),
+            to: r.to().uri.to_text(),
             ruri: r.uri().to_string(),
             source: crate::transport::peer_text(self.a_source.transport, &self.a_source.addr),
             start: record.start,

@@ -449,7 +449,7 @@ pub(crate) fn engaged_key(uri: &str) -> Option<String> {
 
 /// [`engaged_key`] of a parsed URI.
 pub(crate) fn engaged_key_of(u: &crate::sip::Uri) -> String {
-    let host = u.host.to_string().to_ascii_lowercase();
+    let host = u.host.to_text().to_ascii_lowercase();
     let user = u.user.as_deref().unwrap_or_default();
     match u.port {
         Some(p) => format!("{user}@{host}:{p}"),

@@ -179,7 +179,7 @@ impl Dialog {
                 remote_tag: req.base.from.tag().unwrap_or(""),
                 local_uri: &without_tag(&req.base.to),
                 remote_uri: &without_tag(&req.base.from),
-                remote_target: &target.to_string(),
+                remote_target: &target.to_text(),
                 route_set: &record_route(&req.headers),
             },
             0,
@@ -202,7 +202,7 @@ impl Dialog {
                 remote_tag: resp.base.to.tag().unwrap_or(""),
                 local_uri: &without_tag(&req.base.from),
                 remote_uri: &without_tag(&req.base.to),
-                remote_target: &target.to_string(),
+                remote_target: &target.to_text(),
                 route_set: &route_set,
             },
             req.base.cseq.seq,
@@ -222,7 +222,7 @@ impl Dialog {
         let Some(uri) = contact_uri(headers) else {
             return;
         };
-        let target = uri.to_string();
+        let target = uri.to_text();
         if target == self.remote_target_text() {
             return;
         }

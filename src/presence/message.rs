@@ -52,9 +52,9 @@ pub(crate) async fn route(inner: Arc<Inner>, tx: ServerTransaction, req: Request
     if scripts.has_on_message() {
         let src = tx.source();
         let info = MessageInfo {
-            from: req.base.from.uri.to_string(),
-            to: req.base.to.uri.to_string(),
-            ruri: req.uri.to_string(),
+            from: req.base.from.uri.to_text(),
+            to: req.base.to.uri.to_text(),
+            ruri: req.uri.to_text(),
             user: req.uri.user.clone(),
             source: crate::transport::peer_text(src.transport, &src.addr),
             content_type: req.headers.get("Content-Type").map(str::to_owned),

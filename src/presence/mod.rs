@@ -444,7 +444,7 @@ impl Presence {
                 let info = SubscribeInfo {
                     package: package.as_str().to_owned(),
                     resource,
-                    subscriber: req.base.from.uri.to_string(),
+                    subscriber: req.base.from.uri.to_text(),
                     user: req.uri.user.clone(),
                     source: crate::transport::peer_text(src.transport, &src.addr),
                     expires: req

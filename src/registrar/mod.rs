@@ -381,7 +381,7 @@ impl Registrar {
             if !unreachable.is_empty() {
                 // The text form is the one `apply` stored as the binding's contact.
                 for spec in specs.iter().filter(|s| s.expires > 0) {
-                    let contact = spec.uri.to_string();
+                    let contact = spec.uri.to_text();
                     if unreachable.remove(&contact).is_some() {
                         tracing::info!(aor, %contact, "contact registered again; reachable");
                     }
@@ -663,7 +663,7 @@ fn apply(
                 }
                 let expires = spec.expires.min(max_expires);
                 let mut b = template.clone();
-                b.contact = spec.uri.to_string();
+                b.contact = spec.uri.to_text();
                 b.q = spec.q;
                 b.expires_at = now + expires as u64;
                 b.instance = spec.instance.clone();
@@ -685,7 +685,7 @@ fn same_binding(b: &Binding, spec: &ContactSpec) -> bool {
     }
     match Uri::parse(&b.contact) {
         Ok(u) => same_uri(&u, &spec.uri),
-        Err(_) => b.contact == spec.uri.to_string(),
+        Err(_) => b.contact == spec.uri.to_text(),
     }
 }
 

@@ -80,8 +80,8 @@ fn check_peek(req: &Request, peek: &Peek<'_>) {
     let top = &req.base.via[0];
     assert_eq!(Some(peek.branch), top.branch(), "peek: branch");
     let sent_by = match top.port {
-        Some(p) => format!("{}:{p}", top.host.to_string().to_ascii_lowercase()),
-        None => top.host.to_string().to_ascii_lowercase(),
+        Some(p) => format!("{}:{p}", top.host.to_text().to_ascii_lowercase()),
+        None => top.host.to_text().to_ascii_lowercase(),
     };
     assert_eq!(peek.sent_by(), sent_by, "peek: sent-by");
     if peek.to_tag.is_some() {

@@ -62,7 +62,7 @@ impl ServerKey {
             v.params.remove("received");
             v.params.remove("rport");
             Some(ServerKey::Legacy {
-                uri: req.uri.to_string(),
+                uri: req.uri.to_text(),
                 from_tag: req.base.from.tag().unwrap_or("").to_owned(),
                 call_id: req.base.call_id.clone(),
                 cseq: req.base.cseq.seq,

@@ -311,7 +311,7 @@ impl Trunk {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         TrunkView {
             name: self.name.clone(),
-            uri: self.uri.to_string(),
+            uri: self.uri.to_text(),
             up: self.is_up(),
             register: self.config.register,
             registered: self.is_registered(),

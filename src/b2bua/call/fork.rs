@@ -131,7 +131,7 @@ impl Branch {
     /// The INVITE's Request-URI, as text.
     pub fn request_uri(&self) -> String {
         match &self.invite {
-            BranchInvite::Whole(r) => r.uri.to_string(),
+            BranchInvite::Whole(r) => r.uri.to_text(),
             BranchInvite::Kept { .. } => self.kept(2).to_owned(),
         }
     }
@@ -146,7 +146,7 @@ impl Branch {
         let e0 = text.len();
         text.push_str(r.base.from.tag().unwrap_or(""));
         let e1 = text.len();
-        text.push_str(&r.uri.to_string());
+        text.push_str(&r.uri.to_text());
         let ends = [e0, e1].map(|e| u32::try_from(e).unwrap_or(u32::MAX));
         self.invite = BranchInvite::Kept {
             seq: r.base.cseq.seq,

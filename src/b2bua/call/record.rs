@@ -30,8 +30,8 @@ impl Call {
         self.record = print;
         let a = &self.a_invite;
         let (from, to, ruri) = (
-            a.from().uri.to_string(),
-            a.to().uri.to_string(),
+            a.from().uri.to_text(),
+            a.to().uri.to_text(),
             a.uri().to_string(),
         );
         let source = crate::transport::peer_text(self.a_source.transport, &self.a_source.addr);

@@ -131,7 +131,7 @@ impl Call {
             .get("Refer-Sub")
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
         let referred_by = req.headers.get("Referred-By").map(str::to_owned);
-        let target = uri.to_string();
+        let target = uri.to_text();
         let info = ReferInfo {
             by: side_name(side).to_owned(),
             target: target.clone(),
@@ -802,7 +802,7 @@ impl Call {
         self.snapshot_new_party(replaced, &t.target);
         // Hunt groups see who is on a call: the target now, not the replaced party.
         let stays = match t.transferee {
-            Side::A => self.a_invite.from().uri.to_string(),
+            Side::A => self.a_invite.from().uri.to_text(),
             Side::B => self
                 .bridge
                 .b_branch
