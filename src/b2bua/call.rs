@@ -2429,7 +2429,7 @@ impl Call {
             b_call_id: self.bridge.b.as_ref().map(|d| d.call_id().to_owned()),
             from: r.from().uri.to_text(),
             to: r.to().uri.to_text(),
-            ruri: r.uri().to_string(),
+            ruri: r.uri().to_text(),
             source: crate::transport::peer_text(self.a_source.transport, &self.a_source.addr),
             start: record.start,
             answer: record.answer,

@@ -146,7 +146,8 @@ impl Branch {
         let e0 = text.len();
         text.push_str(r.base.from.tag().unwrap_or(""));
         let e1 = text.len();
-        text.push_str(&r.uri.to_text());
+        // Writing into a String cannot fail.
+        let _ = r.uri.write_to(&mut text);
         let ends = [e0, e1].map(|e| u32::try_from(e).unwrap_or(u32::MAX));
         self.invite = BranchInvite::Kept {
             seq: r.base.cseq.seq,
