@@ -101,19 +101,20 @@ impl MergeKey {
     }
 }
 
-/// Identifies a client transaction (RFC 3261 17.1.3): top Via branch + CSeq method.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct ClientKey {
-    branch: String,
-    method: Method,
-}
+/// Identifies a client transaction (RFC 3261 17.1.3): top Via branch + CSeq method, as
+/// their 128-bit keyed hash (`shard::keyed_id`, as the dialog index keys its entries):
+/// every response looks its transaction up, and owning copies of the two strings cost two
+/// allocations per lookup (issue 14). The branch is ours (we made it), but the response
+/// that carries it comes from the network; the key is random per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ClientKey(u128);
 
 impl ClientKey {
     pub(crate) fn of(base: &BaseHeaders) -> ClientKey {
-        ClientKey {
-            branch: base.branch().to_owned(),
-            method: base.cseq.method.clone(),
-        }
+        ClientKey(crate::shard::keyed_id(&[
+            base.branch(),
+            base.cseq.method.as_str(),
+        ]))
     }
     pub(crate) fn of_response(resp: &Response) -> ClientKey {
         ClientKey::of(&resp.base)

@@ -1153,7 +1153,7 @@ impl TransactionLayer {
             };
             let inner = Arc::new(ClientInner {
                 shared: self.shared.clone(),
-                key: key.clone(),
+                key,
                 target,
                 call_id,
                 core: Core::new(machine, self.shared.epoch),
