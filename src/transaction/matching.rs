@@ -10,12 +10,10 @@ use std::hash::Hash;
 /// Identifies a server transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum ServerKey {
-    /// RFC 3261 17.2.3: branch (with the magic cookie), sent-by, method (ACK as INVITE).
-    Branch {
-        branch: String,
-        sent_by: String,
-        method: Method,
-    },
+    /// RFC 3261 17.2.3: branch (with the magic cookie), sent-by (host in lower case),
+    /// method (ACK as INVITE), as their 128-bit keyed hash (see [`ClientKey`]): made for
+    /// every request, and cloned for the transaction's tables.
+    Branch(u128),
     /// RFC 2543 peers (no cookie): Request-URI, From tag, Call-ID, CSeq, top Via. The To
     /// tag is compared after the lookup because an ACK carries the response's To tag.
     Legacy {
@@ -50,11 +48,7 @@ impl ServerKey {
             if let Some(p) = via.port {
                 let _ = crate::sip::write_port(&mut sent_by, p);
             }
-            Some(ServerKey::Branch {
-                branch: branch.to_owned(),
-                sent_by,
-                method,
-            })
+            Some(ServerKey::branch(branch, &sent_by, &method))
         } else {
             // The transport adds received/rport to the top Via; leave them out so that the
             // comparison is on what the peer wrote.
@@ -70,6 +64,12 @@ impl ServerKey {
                 method,
             })
         }
+    }
+
+    /// The key of an RFC 3261 branch (with the magic cookie): `sent_by` as
+    /// `host[:port]`, the host in lower case.
+    pub(crate) fn branch(branch: &str, sent_by: &str, method: &Method) -> ServerKey {
+        ServerKey::Branch(crate::shard::keyed_id(&[branch, sent_by, method.as_str()]))
     }
 
     pub(crate) fn is_legacy(&self) -> bool {

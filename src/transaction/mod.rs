@@ -839,11 +839,7 @@ impl TransactionLayer {
         if !self.shared.accepting.load(Ordering::Acquire) {
             return false;
         }
-        let key = ServerKey::Branch {
-            branch: peek.branch.to_owned(),
-            sent_by: peek.sent_by(),
-            method: Method::Invite,
-        };
+        let key = ServerKey::branch(peek.branch, &peek.sent_by(), &Method::Invite);
         let now = Instant::now();
         if self.shared.servers.get(&key).is_some() || overload.admit(now, peek.call_id) {
             return false;
