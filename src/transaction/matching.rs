@@ -139,4 +139,34 @@ mod tests {
         assert_ne!(ServerKey::of(&cancel, false).unwrap(), k);
         assert!(!k.is_legacy());
     }
+
+    /// The keys are hashes now: each part still tells transactions apart, and a host's
+    /// case does not (RFC 3261 17.2.3 compares sent-by as a host).
+    #[test]
+    fn keys_tell_apart_branch_sent_by_port_and_method() {
+        use super::super::test_util::request;
+        let with_via = |via: &str| {
+            request(&format!(
+                "INVITE sip:bob@b.example SIP/2.0\r\nVia: SIP/2.0/UDP {via}\r\n\
+                 From: <sip:alice@a.example>;tag=f\r\nTo: <sip:bob@b.example>\r\n\
+                 Call-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+            ))
+        };
+        let key = |via: &str| ServerKey::of(&with_via(via), false).unwrap();
+        let k = key("host.example:5060;branch=z9hG4bKa");
+        assert_eq!(key("HOST.example:5060;branch=z9hG4bKa"), k);
+        assert_ne!(key("host.example:5060;branch=z9hG4bKb"), k);
+        assert_ne!(key("other.example:5060;branch=z9hG4bKa"), k);
+        assert_ne!(key("host.example:5070;branch=z9hG4bKa"), k);
+        assert_ne!(key("host.example;branch=z9hG4bKa"), k);
+
+        let inv = with_via("host.example:5060;branch=z9hG4bKa");
+        let mut cancel = inv.clone();
+        cancel.base.cseq.method = Method::Cancel;
+        assert_eq!(
+            ClientKey::of(&inv.base),
+            ClientKey::of(&inv.response(200).base)
+        );
+        assert_ne!(ClientKey::of(&cancel.base), ClientKey::of(&inv.base));
+    }
 }

@@ -4,7 +4,7 @@
 
 use crate::sip::{parse, Request, Response, SipMessage};
 
-fn request(text: &str) -> Request {
+pub(crate) fn request(text: &str) -> Request {
     match parse(text.as_bytes()) {
         Ok((SipMessage::Request(r), _)) => r,
         other => panic!("fixture does not parse: {other:?}"),
