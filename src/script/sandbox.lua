@@ -176,7 +176,7 @@ local rawset, setmetatable = raw_rawset, raw_setmetatable
 local REASONS = raw.reasons
 
 -- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
--- call. Both weak-keyed (ephemerons): the handle's registry reference to the userdata keeps
+-- call (for on_refer and on_call_end, so only when the script defines one). Both weak-keyed (ephemerons): the handle's registry reference to the userdata keeps
 -- the call alive until the call is over. One record per call rather than one table per
 -- fact: every entry in a weak table costs insertion, rehashing and GC traversal.
 --
@@ -402,11 +402,16 @@ local call_meta = {
   end,
 }
 
-local function new_call(ud, thread)
+-- `findable`: the call is looked up again from its userdata (by on_refer or on_call_end,
+-- when the script defines one of them); otherwise the weak entry is not made (each costs an
+-- insertion and GC traversal per call).
+local function new_call(ud, thread, findable)
   -- The nil fields only size the table for the fields most scripts read.
   local call = setmetatable({ ruri = nil, from = nil, to = nil, id = nil }, call_meta)
   private[call] = { ud, thread, 0 }
-  call_of[ud] = call
+  if findable then
+    call_of[ud] = call
+  end
   return call
 end
 
@@ -448,7 +453,7 @@ local function refer_runner(on_refer)
   return function(ud, by, target, referred_by, replaces)
     local call = call_of[ud]
     if call == nil then
-      call = new_call(ud, running())
+      call = new_call(ud, running(), true)
     else
       private[call][THREAD] = running()
     end
@@ -487,16 +492,17 @@ local function bind(hooks)
   end
   runners.on_message = hooks.on_message
   runners.on_subscribe = hooks.on_subscribe
+  local findable = hooks.on_refer ~= nil or on_call_end ~= nil
   if on_invite ~= nil then
     runners.on_invite = function(ud)
-      return on_invite(new_call(ud, running()))
+      return on_invite(new_call(ud, running(), findable))
     end
   end
   if on_call_end ~= nil then
     runners.on_call_end = function(ud, start, answer, ends, duration, hangup_by, final_status)
       local call = call_of[ud]
       if call == nil then
-        call = new_call(ud, running())
+        call = new_call(ud, running(), true)
       else
         private[call][THREAD] = running()
       end
