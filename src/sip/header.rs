@@ -464,6 +464,22 @@ mod tests {
         assert_eq!(canonical_name("I"), "Call-ID");
         assert_eq!(canonical_name("cAlL-iD"), "Call-ID");
         assert_eq!(canonical_name("X-Custom"), "X-Custom");
+        assert_eq!(canonical_name(""), "");
+        assert_eq!(canonical_name("1-Odd"), "1-Odd");
+    }
+
+    /// Every known name is found through its letter's bucket, in any case, and its
+    /// compact form expands to it.
+    #[test]
+    fn every_known_name_is_canonical_in_any_case() {
+        for (n, compact) in KNOWN {
+            assert!(matches!(canonical_name(n), std::borrow::Cow::Borrowed(b) if b == *n));
+            assert_eq!(canonical_name(&n.to_ascii_lowercase()), *n);
+            assert_eq!(canonical_name(&n.to_ascii_uppercase()), *n);
+            if let Some(c) = compact {
+                assert_eq!(canonical_name(&char::from(*c).to_string()), *n);
+            }
+        }
     }
 
     #[test]
