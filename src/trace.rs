@@ -116,7 +116,13 @@ impl Line<'_> {
         // Pieces appended, not write!: once per message (issue 14).
         match self {
             Line::Sent(bytes) => {
-                cut_version(&String::from_utf8_lossy(first_line_bytes(bytes)), out)
+                // What we send is text we wrote: the strict check is the cheap one (the
+                // lossy conversion walks the line in chunks, ~270 instructions a line).
+                let line = first_line_bytes(bytes);
+                match std::str::from_utf8(line) {
+                    Ok(text) => cut_version(text, out),
+                    Err(_) => cut_version(&String::from_utf8_lossy(line), out),
+                }
             }
             Line::Text(t) => cut_version(t, out),
             Line::Request(m, uri) => {
