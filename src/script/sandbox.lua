@@ -176,8 +176,9 @@ local rawset, setmetatable = raw_rawset, raw_setmetatable
 local REASONS = raw.reasons
 
 -- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
--- call (for on_refer and on_call_end, so only when the script defines one). Both weak-keyed (ephemerons): the handle's registry reference to the userdata keeps
--- the call alive until the call is over. One record per call rather than one table per
+-- call (for on_refer and on_call_end, so only when the script defines one). Both
+-- weak-keyed (ephemerons): the handle's registry reference to the userdata keeps the call
+-- alive until the call is over. One record per call rather than one table per
 -- fact: every entry in a weak table costs insertion, rehashing and GC traversal.
 --
 -- The hook coroutine: `call:dial` waits by yielding it, so it must not be called from a

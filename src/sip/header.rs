@@ -468,8 +468,8 @@ mod tests {
         assert_eq!(canonical_name("1-Odd"), "1-Odd");
     }
 
-    /// Every known name is found through its letter's bucket, in any case, and its
-    /// compact form expands to it.
+    /// Every known name is canonical as written and in any case, and its compact form
+    /// expands to it.
     #[test]
     fn every_known_name_is_canonical_in_any_case() {
         for (n, compact) in KNOWN {
