@@ -449,12 +449,19 @@ pub(crate) fn engaged_key(uri: &str) -> Option<String> {
 
 /// [`engaged_key`] of a parsed URI.
 pub(crate) fn engaged_key_of(u: &crate::sip::Uri) -> String {
-    let host = u.host.to_text().to_ascii_lowercase();
+    // One buffer: user, `@`, the host lower-cased in place, the port.
     let user = u.user.as_deref().unwrap_or_default();
-    match u.port {
-        Some(p) => format!("{user}@{host}:{p}"),
-        None => format!("{user}@{host}"),
+    let mut key = String::with_capacity(user.len() + 32);
+    key.push_str(user);
+    key.push('@');
+    let host_start = key.len();
+    // Writing into a String cannot fail.
+    let _ = u.host.write_to(&mut key);
+    key[host_start..].make_ascii_lowercase();
+    if let Some(p) = u.port {
+        let _ = crate::sip::write_port(&mut key, p);
     }
+    key
 }
 
 pub(crate) fn engage(map: &ShardMap<String, u32>, key: &str) {
@@ -474,4 +481,27 @@ pub(crate) fn disengage(map: &ShardMap<String, u32>, key: &str) {
     let key = key.to_owned();
     map.with(&key, |n| *n = n.saturating_sub(1));
     map.remove_if(&key, |n| *n == 0);
+}
+
+#[cfg(test)]
+mod engaged_key_tests {
+    use super::engaged_key;
+
+    /// The key is `user@host[:port]` with the host in lower case, the user as written.
+    #[test]
+    fn keys_are_user_at_lower_case_host_and_port() {
+        assert_eq!(
+            engaged_key("sip:Alice@PBX.Example.com:5070;transport=udp").as_deref(),
+            Some("Alice@pbx.example.com:5070")
+        );
+        assert_eq!(
+            engaged_key(" sip:1042@192.0.2.7 ").as_deref(),
+            Some("1042@192.0.2.7")
+        );
+        assert_eq!(
+            engaged_key("sip:[2001:DB8::1]:5060").as_deref(),
+            Some("@[2001:db8::1]:5060")
+        );
+        assert_eq!(engaged_key("not a uri"), None);
+    }
 }
