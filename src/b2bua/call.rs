@@ -719,8 +719,11 @@ impl Call {
         let now = Instant::now();
         for action in self.caller.on_timer(now, self.inner.timers.t2) {
             match action {
-                caller::Action::Respond(r) => {
-                    self.respond_a(r);
+                caller::Action::Resend(sent) => {
+                    if let Some(tx) = &self.a_tx {
+                        // The To tag was recorded when it first went.
+                        let _ = tx.respond_written(sent.status, None, sent.bytes);
+                    }
                 }
                 caller::Action::NoAck => {
                     tracing::info!(call = %self.id, "no ACK from the caller for the 2xx; ending the call");
@@ -826,6 +829,32 @@ impl Call {
     fn respond_a(&self, r: Response) {
         if let Some(tx) = &self.a_tx {
             let _ = tx.respond(r);
+        }
+    }
+
+    /// A response to the caller's INVITE in A's dialog (our To tag), written from the
+    /// INVITE's headers without copying them (`crate::sip::Reply`). None once the call is
+    /// established (nothing answers the INVITE any more).
+    fn write_to_a(
+        &self,
+        status: u16,
+        reason: &str,
+        headers: &Headers,
+        body: &Bytes,
+    ) -> Option<caller::Written> {
+        let mut reply = self.a_invite.reply(status)?;
+        reply.reason = reason;
+        reply.to_tag = Some(self.bridge.a.local_tag());
+        reply.headers = headers;
+        reply.body = body;
+        let bytes = crate::allocator::short_lived(|| reply.to_bytes());
+        Some(caller::Written { status, bytes })
+    }
+
+    /// Sends what [`Call::write_to_a`] wrote on the caller's INVITE transaction.
+    fn send_written_to_a(&self, sent: caller::Written) {
+        if let Some(tx) = &self.a_tx {
+            let _ = tx.respond_written(sent.status, Some(self.bridge.a.local_tag()), sent.bytes);
         }
     }
 
@@ -1594,20 +1623,32 @@ impl Call {
         let rseq_b: Option<u32> = resp.headers.get("RSeq").and_then(|v| v.trim().parse().ok());
         let reliable = has_tag(&resp.headers, "Require", "100rel") && rseq_b.is_some();
         // Relay the provisional to A, in A's one early dialog.
-        let Some(r) = self.a_invite.response(resp.status) else {
+        if self.a_invite.whole().is_none() {
+            return;
+        }
+        let Some(caller::Provisional { first, rseq }) =
+            self.caller.provisional(resp.status, reliable)
+        else {
             return;
         };
-        let mut r = r.with_reason(resp.reason.clone());
-        r.set_to_tag(self.bridge.a.local_tag());
-        r.headers.push("Contact", self.bridge.a_contact.clone());
-        copy_relayed(&resp.headers, &mut r.headers);
-        r.body = resp.body.clone();
+        let mut headers = Headers::new();
+        self.a_invite.record_routes(resp.status, &mut headers);
+        headers.push("Contact", self.bridge.a_contact.as_str());
+        copy_relayed(&resp.headers, &mut headers);
+        if let Some(rseq) = rseq {
+            // RFC 3262: the caller gets its own reliable provisional with our RSeq.
+            headers.push("Require", "100rel");
+            headers.push("RSeq", rseq.to_string());
+        }
         // A's PRACK goes on to B as a PRACK for B's RSeq (RFC 3262).
         let from_b = rseq_b.map(|rs| (bid, rs, resp.base.cseq.seq));
-        let t1 = self.inner.timers.t1;
-        let Some((r, first)) = self.caller.provisional(r, reliable, from_b, t1) else {
+        let Some(sent) = self.write_to_a(resp.status, &resp.reason, &headers, &resp.body) else {
             return;
         };
+        if let Some(rseq) = rseq {
+            let t1 = self.inner.timers.t1;
+            self.caller.sent_reliable(rseq, sent.clone(), from_b, t1);
+        }
         self.watch(super::watch::CallPhase::Early); // watch:
         if reliable && !self.caller.supports_100rel() {
             // A cannot PRACK: we acknowledge B's reliable provisional ourselves.
@@ -1623,7 +1664,7 @@ impl Call {
                     .observe(super::SetupStage::Ringing, t.as_secs_f64());
             }
         }
-        self.respond_a(r);
+        self.send_written_to_a(sent);
     }
 
     /// PRACK on a B branch's early dialog (RFC 3262 7.2: RAck = RSeq CSeq-num method).
@@ -1711,20 +1752,21 @@ impl Call {
                 e.summary.answered(dialog.call_id(), &target, at);
             });
         }
-        let Some(r) = self.a_invite.response(200) else {
+        if self.a_invite.whole().is_none() {
+            return;
+        }
+        let mut headers = Headers::new();
+        self.a_invite.record_routes(resp.status, &mut headers);
+        headers.push("Contact", self.bridge.a_contact.as_str());
+        headers.push("Allow", Method::allow_list());
+        copy_relayed(&resp.headers, &mut headers);
+        self.start_session_timers(resp, &mut headers);
+        let Some(sent) = self.write_to_a(resp.status, &resp.reason, &headers, &resp.body) else {
             return;
         };
-        let mut r = r.with_reason(resp.reason.clone());
-        r.status = resp.status;
-        r.set_to_tag(self.bridge.a.local_tag());
-        r.headers.push("Contact", self.bridge.a_contact.clone());
-        r.headers.push("Allow", Method::allow_list());
-        copy_relayed(&resp.headers, &mut r.headers);
-        self.start_session_timers(resp, &mut r.headers);
-        r.body = resp.body.clone();
         self.bridge.a.state = DialogState::Confirmed;
-        let r = self.caller.accept(r, self.inner.timers.t1);
-        self.respond_a(r);
+        self.caller.accept(sent.clone(), self.inner.timers.t1);
+        self.send_written_to_a(sent);
         let now = SystemTime::now();
         if let Ok(setup) = now.duration_since(self.start) {
             self.inner
@@ -2154,7 +2196,7 @@ impl Call {
         }
         match req.method {
             Method::Bye => {
-                let _ = tx.respond(req.response(200));
+                let _ = tx.reply(&req.reply(200));
                 let by = if side == Side::A {
                     HangupBy::Caller
                 } else {

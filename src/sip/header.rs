@@ -96,7 +96,7 @@ pub struct Header {
 pub struct Headers(Vec<Header>);
 
 impl Headers {
-    pub fn new() -> Headers {
+    pub const fn new() -> Headers {
         Headers(Vec::new())
     }
     /// Empty, with room for `n` headers.

@@ -527,9 +527,11 @@ fn read_base(
     Ok((base, content_length))
 }
 
-fn write_common(
+/// Via, From, To (with `to_tag` added), Call-ID, CSeq, Max-Forwards and `headers`.
+pub(super) fn write_common(
     out: &mut String,
     base: &BaseHeaders,
+    to_tag: Option<&str>,
     max_forwards: Option<u32>,
     headers: &Headers,
 ) {
@@ -543,6 +545,10 @@ fn write_common(
     let _ = base.from.write_to(out);
     out.push_str("\r\nTo: ");
     let _ = base.to.write_to(out);
+    if let Some(tag) = to_tag {
+        out.push_str(";tag=");
+        out.push_str(tag);
+    }
     out.push_str("\r\n");
     out.push_str("Call-ID: ");
     out.push_str(&base.call_id);
@@ -575,7 +581,7 @@ thread_local! {
 
 /// Writes a message's head with `write_head`, then Content-Length and the body; one
 /// allocation of the exact size.
-fn serialize(body: &Bytes, write_head: impl FnOnce(&mut String)) -> Bytes {
+pub(super) fn serialize(body: &Bytes, write_head: impl FnOnce(&mut String)) -> Bytes {
     SCRATCH.with_borrow_mut(|head| {
         head.clear();
         write_head(head);
@@ -602,21 +608,25 @@ impl Request {
             s.push(' ');
             let _ = self.uri.write_to(s);
             s.push_str(" SIP/2.0\r\n");
-            write_common(s, &self.base, self.max_forwards, &self.headers);
+            write_common(s, &self.base, None, self.max_forwards, &self.headers);
         })
     }
 }
 
 impl Response {
     pub fn to_bytes(&self) -> Bytes {
-        serialize(&self.body, |s| {
-            s.push_str("SIP/2.0 ");
-            s.push_str(itoa::Buffer::new().format(self.status));
-            s.push(' ');
-            s.push_str(&self.reason);
-            s.push_str("\r\n");
-            write_common(s, &self.base, None, &self.headers);
-        })
+        self.as_reply().to_bytes()
+    }
+    /// The same response, borrowed (to be written or sent as a [`Reply`]).
+    pub fn as_reply(&self) -> super::Reply<'_> {
+        super::Reply {
+            status: self.status,
+            reason: &self.reason,
+            base: &self.base,
+            to_tag: None,
+            headers: &self.headers,
+            body: &self.body,
+        }
     }
 }
 

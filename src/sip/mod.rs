@@ -29,7 +29,7 @@ mod method;
 mod peek;
 mod uri;
 
-pub use build::{error_response, new_branch, new_call_id, new_tag, reason_phrase};
+pub use build::{error_response, new_branch, new_call_id, new_tag, reason_phrase, Reply};
 pub use header::{
     canonical_name, CSeq, Header, HeaderError, Headers, NameAddr, Via, BRANCH_COOKIE,
 };

@@ -34,7 +34,7 @@ pub use config::TimersConfig;
 
 use crate::allocator::short_lived;
 use crate::shard::ShardMap;
-use crate::sip::{new_tag, BaseHeaders, Method, Request, Response, SipMessage};
+use crate::sip::{new_tag, BaseHeaders, Headers, Method, Reply, Request, Response, SipMessage};
 use crate::transport::{Sender, Target, TransportError};
 use bytes::Bytes;
 use driver::{Core, Driven, Machine, Queued, TimerQueue};
@@ -412,11 +412,25 @@ impl fmt::Debug for ServerTransaction {
 impl ServerTransaction {
     /// Sends a response through the transaction (drives its state machine).
     pub fn respond(&self, resp: Response) -> Result<(), TransactionError> {
-        let mut status = resp.status;
+        self.reply(&resp.as_reply())
+    }
+    /// Sends a response written from borrowed headers (see [`Reply`]).
+    pub fn reply(&self, r: &Reply<'_>) -> Result<(), TransactionError> {
+        let bytes = short_lived(|| r.to_bytes());
+        self.respond_written(r.status, r.sent_to_tag(), bytes)
+    }
+    /// Sends a response already written: `bytes`, whose status is `status` and whose To
+    /// tag is `to_tag` (a 2xx the call retransmits, RFC 3261 13.3.1.4).
+    pub fn respond_written(
+        &self,
+        status: u16,
+        to_tag: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<(), TransactionError> {
+        let (mut status, mut bytes) = (status, bytes);
         // What the transaction keeps (the bytes to send again, the To tag) lives as long
         // as it does: on its heap (issue 14; see `short_lived`).
-        let (tag, mut bytes) =
-            short_lived(|| (resp.base.to.tag().map(str::to_owned), resp.to_bytes()));
+        let tag = to_tag.map(|t| short_lived(|| t.to_owned()));
         if bytes.len() > MAX_DATAGRAM && !self.inner.source.transport.is_reliable() {
             // No datagram carries it (a script's huge reject reason or redirect list): the
             // peer would get no answer at all and retransmit into the void. A short 500
@@ -1024,11 +1038,13 @@ impl TransactionLayer {
         if req.method == Method::Invite {
             // RFC 3261 17.2.1: 100 Trying at once, so the client stops retransmitting; it
             // copies Timestamp (8.2.6.1) and carries no To tag.
-            let mut trying = req.response(100);
+            let mut stamp = Headers::new();
             if let Some(ts) = req.headers.get("Timestamp") {
-                trying.headers.push("Timestamp", ts);
+                stamp.push("Timestamp", ts);
             }
-            let _ = tx.respond(trying);
+            let mut trying = req.reply(100);
+            trying.headers = &stamp;
+            let _ = tx.reply(&trying);
         }
         self.shared.tu.on_request(tx, req);
     }

@@ -10,6 +10,7 @@
 //! touch: the B side, the bridge's in-dialog relaying, sending.
 
 use crate::sip::Response;
+use bytes::Bytes;
 use smallvec::SmallVec;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -51,24 +52,39 @@ impl Retransmit {
     }
 }
 
+/// A response as sent to the caller, kept to be sent again: its bytes, not the parsed
+/// message (issue 14: keeping the 2xx as a `Response` cloned it, ~2,000 instructions a
+/// call, for bytes that never change).
+#[derive(Debug, Clone)]
+pub(super) struct Written {
+    pub status: u16,
+    pub bytes: Bytes,
+}
+
 /// A reliable provisional sent to the caller, waiting for its PRACK.
 struct Reliable {
     rseq: u32,
-    resp: Response,
+    resp: Written,
     timer: Retransmit,
     /// The B branch, its RSeq and its INVITE's CSeq when the 18x came reliably from B:
     /// the caller's PRACK goes on there.
     from_b: Option<(u64, u32, u32)>,
 }
 
+/// A provisional that may go to the caller (see [`CallerLeg::provisional`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Provisional {
+    /// The call's first 18x (the set-up time to ringing is observed once).
+    pub first: bool,
+    /// The RSeq it carries, when it goes reliably.
+    pub rseq: Option<u32>,
+}
+
 /// What the call does for the caller's leg.
-// Respond is the large variant; actions live on the stack for a moment, and boxing would
-// add an allocation per retransmission.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(super) enum Action {
-    /// Send this response (again) on the caller's INVITE transaction.
-    Respond(Response),
+    /// Send this response again on the caller's INVITE transaction.
+    Resend(Written),
     /// No ACK for the 2xx within 64*T1: end the call with BYE (13.3.1.4).
     NoAck,
     /// A reliable provisional got no PRACK within 64*T1: the INVITE must fail (RFC 3262 3).
@@ -105,7 +121,7 @@ pub(super) struct CallerLeg {
 #[derive(Default)]
 struct SetUp {
     /// The 2xx until the caller's ACK.
-    ok: Option<(Response, Retransmit)>,
+    ok: Option<(Written, Retransmit)>,
     reliable: Vec<Reliable>,
     /// Extra headers for the final answer (a 407's Proxy-Authenticate challenges).
     final_headers: Vec<(String, String)>,
@@ -150,35 +166,39 @@ impl CallerLeg {
         }
     }
 
-    /// A provisional for the caller; `reliable`: B sent it reliably (`from_b` says where
-    /// the caller's PRACK goes on), retransmitted from `t1` on. Returns what to send, or
-    /// None when the INVITE is answered already; the bool is true for the call's first 18x.
-    pub fn provisional(
-        &mut self,
-        mut r: Response,
-        reliable: bool,
-        from_b: Option<(u64, u32, u32)>,
-        t1: Duration,
-    ) -> Option<(Response, bool)> {
+    /// A provisional for the caller; `reliable`: B sent it reliably. None when the INVITE
+    /// is answered already (nothing goes); else whether it is the call's first 18x and,
+    /// when the caller gets it reliably too (RFC 3262), the RSeq it carries: the call then
+    /// adds `Require: 100rel` and that RSeq, and hands what it sent to
+    /// [`CallerLeg::sent_reliable`].
+    pub fn provisional(&mut self, status: u16, reliable: bool) -> Option<Provisional> {
         if self.state != State::Proceeding {
             return None;
         }
-        if reliable && self.supports_100rel {
-            // RFC 3262: the caller gets its own reliable provisional with our RSeq.
+        let rseq = (reliable && self.supports_100rel).then(|| {
             self.rseq += 1;
-            r.headers.push("Require", "100rel");
-            r.headers.push("RSeq", self.rseq.to_string());
-            let rseq = self.rseq;
-            self.set_up().reliable.push(Reliable {
-                rseq,
-                resp: r.clone(),
-                timer: Retransmit::start(Instant::now(), t1),
-                from_b,
-            });
-        }
-        let first = !self.rang && r.status > 100;
+            self.rseq
+        });
+        let first = !self.rang && status > 100;
         self.rang |= first;
-        Some((r, first))
+        Some(Provisional { first, rseq })
+    }
+
+    /// The reliable provisional with `rseq` went as `sent`: retransmitted from `t1` on
+    /// until its PRACK (`from_b` says where the caller's PRACK goes on).
+    pub fn sent_reliable(
+        &mut self,
+        rseq: u32,
+        sent: Written,
+        from_b: Option<(u64, u32, u32)>,
+        t1: Duration,
+    ) {
+        self.set_up().reliable.push(Reliable {
+            rseq,
+            resp: sent,
+            timer: Retransmit::start(Instant::now(), t1),
+            from_b,
+        });
     }
 
     /// The INVITE fails with `r` (a 4xx-6xx, or a 3xx with its Contacts); the extra final
@@ -205,15 +225,13 @@ impl CallerLeg {
         Some(r)
     }
 
-    /// The caller is answered with the 2xx `r`, kept for retransmission until its ACK.
-    pub fn accept(&mut self, r: Response, t1: Duration) -> Response {
+    /// The caller was answered with the 2xx `sent`, kept for retransmission until its ACK.
+    pub fn accept(&mut self, sent: Written, t1: Duration) {
         self.state = State::Accepted;
-        let sent = r.clone();
         let set_up = self.set_up();
         set_up.reliable = Vec::new();
         set_up.final_headers = Vec::new();
-        set_up.ok = Some((r, Retransmit::start(Instant::now(), t1)));
-        sent
+        set_up.ok = Some((sent, Retransmit::start(Instant::now(), t1)));
     }
 
     /// An ACK from the caller for its INVITE's CSeq: true when it acknowledges the 2xx
@@ -283,7 +301,7 @@ impl CallerLeg {
             if now >= r.give_up {
                 no_ack = true;
             } else if now >= r.next {
-                out.push(Action::Respond(resp.clone()));
+                out.push(Action::Resend(resp.clone()));
                 r.interval = (r.interval * 2).min(t2);
                 r.next = now + r.interval;
             }
@@ -297,7 +315,7 @@ impl CallerLeg {
             if now >= r.timer.give_up {
                 failed = true;
             } else if now >= r.timer.next {
-                out.push(Action::Respond(r.resp.clone()));
+                out.push(Action::Resend(r.resp.clone()));
                 r.timer.interval = (r.timer.interval * 2).min(t2.max(r.timer.interval));
                 r.timer.next = now + r.timer.interval;
             }

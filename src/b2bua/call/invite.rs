@@ -6,7 +6,7 @@
 //! parties). Issue 14: the parsed `Request` is 816 bytes inline plus its headers' heap, and
 //! an established call may last hours.
 
-use crate::sip::{NameAddr, Request, Response, Uri};
+use crate::sip::{Headers, NameAddr, Reply, Request, Response, Uri};
 use std::borrow::Cow;
 
 pub(super) enum CallerInvite {
@@ -48,13 +48,25 @@ impl CallerInvite {
     pub(super) fn response(&self, status: u16) -> Option<Response> {
         self.whole().map(|r| {
             let mut resp = r.response(status);
-            if (101..300).contains(&status) {
-                for rr in r.headers.get_all("Record-Route") {
-                    resp.headers.push("Record-Route", rr);
-                }
-            }
+            self.record_routes(status, &mut resp.headers);
             resp
         })
+    }
+
+    /// The same, borrowed, for a response written at once (see [`Reply`]): its headers
+    /// are the caller's, who starts them with [`CallerInvite::record_routes`].
+    pub(super) fn reply(&self, status: u16) -> Option<Reply<'_>> {
+        self.whole().map(|r| r.reply(status))
+    }
+
+    /// The request's Record-Route, for a response with `status` that makes a dialog
+    /// (101-299, RFC 3261 12.1.1).
+    pub(super) fn record_routes(&self, status: u16, into: &mut Headers) {
+        if let (Some(r), true) = (self.whole(), (101..300).contains(&status)) {
+            for rr in r.headers.get_all("Record-Route") {
+                into.push("Record-Route", rr);
+            }
+        }
     }
 
     pub(super) fn call_id(&self) -> &str {

@@ -13,11 +13,31 @@ fn resp(status: u16) -> Response {
     r
 }
 
+/// `status` as the call writes it for the caller.
+fn written(status: u16) -> Written {
+    let invite = invite();
+    let mut r = invite.reply(status);
+    r.to_tag = Some("ours");
+    Written {
+        status,
+        bytes: r.to_bytes(),
+    }
+}
+
+/// A provisional let through and, when it goes reliably, handed back as sent.
+fn provisional(leg: &mut CallerLeg, status: u16, reliable: bool) -> Option<Provisional> {
+    let p = leg.provisional(status, reliable)?;
+    if let Some(rseq) = p.rseq {
+        leg.sent_reliable(rseq, written(status), None, T1);
+    }
+    Some(p)
+}
+
 fn sent(actions: &Actions) -> Vec<u16> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Respond(r) => Some(r.status),
+            Action::Resend(r) => Some(r.status),
             _ => None,
         })
         .collect()
@@ -34,8 +54,7 @@ async fn next(leg: &mut CallerLeg) -> Actions {
 async fn the_2xx_goes_again_at_t1_doubling_to_t2_until_the_ack() {
     let mut leg = CallerLeg::new(false);
     let start = Instant::now();
-    let ok = leg.accept(resp(200), T1);
-    assert_eq!(ok.status, 200);
+    leg.accept(written(200), T1);
     assert!(leg.answered() && leg.awaiting_ack());
     let mut at = Vec::new();
     for _ in 0..5 {
@@ -56,7 +75,7 @@ async fn the_2xx_goes_again_at_t1_doubling_to_t2_until_the_ack() {
 async fn no_ack_within_64_t1_ends_the_call() {
     let mut leg = CallerLeg::new(false);
     let start = Instant::now();
-    leg.accept(resp(200), T1);
+    leg.accept(written(200), T1);
     let mut gave_up = false;
     for _ in 0..40 {
         let a = next(&mut leg).await;
@@ -73,15 +92,13 @@ async fn no_ack_within_64_t1_ends_the_call() {
 #[tokio::test(start_paused = true)]
 async fn reliable_provisionals_have_their_own_rseq_and_wait_for_prack() {
     let mut leg = CallerLeg::new(true);
-    let (r, first) = leg
-        .provisional(resp(183), true, Some((7, 41, 1)), T1)
-        .unwrap();
-    assert!(first, "the first 18x");
-    assert_eq!(r.headers.get("RSeq"), Some("1"));
-    assert_eq!(r.headers.get("Require"), Some("100rel"));
-    let (r, first) = leg.provisional(resp(180), true, None, T1).unwrap();
-    assert!(!first);
-    assert_eq!(r.headers.get("RSeq"), Some("2"));
+    let p = leg.provisional(183, true).unwrap();
+    assert!(p.first, "the first 18x");
+    assert_eq!(p.rseq, Some(1));
+    leg.sent_reliable(1, written(183), Some((7, 41, 1)), T1);
+    let p = provisional(&mut leg, 180, true).unwrap();
+    assert!(!p.first);
+    assert_eq!(p.rseq, Some(2));
     // Both go again at T1 until PRACKed.
     let a = next(&mut leg).await;
     assert_eq!(sent(&a), [183, 180]);
@@ -100,14 +117,12 @@ async fn reliable_provisionals_have_their_own_rseq_and_wait_for_prack() {
 #[tokio::test(start_paused = true)]
 async fn a_caller_without_100rel_gets_plain_provisionals() {
     let mut leg = CallerLeg::new(false);
-    let (r, first) = leg.provisional(resp(100), false, None, T1).unwrap();
-    assert!(!first, "100 is not ringing");
-    assert!(r.headers.get("RSeq").is_none());
-    let (r, first) = leg
-        .provisional(resp(180), true, Some((7, 41, 1)), T1)
-        .unwrap();
-    assert!(first);
-    assert!(r.headers.get("RSeq").is_none());
+    let p = provisional(&mut leg, 100, false).unwrap();
+    assert!(!p.first, "100 is not ringing");
+    assert_eq!(p.rseq, None);
+    let p = provisional(&mut leg, 180, true).unwrap();
+    assert!(p.first);
+    assert_eq!(p.rseq, None, "the caller cannot PRACK");
     assert_eq!(leg.deadline(), None, "nothing to retransmit");
 }
 
@@ -116,7 +131,7 @@ async fn a_caller_without_100rel_gets_plain_provisionals() {
 async fn no_prack_within_64_t1_fails_the_invite() {
     let mut leg = CallerLeg::new(true);
     let start = Instant::now();
-    leg.provisional(resp(183), true, None, T1).unwrap();
+    provisional(&mut leg, 183, true).unwrap();
     let mut failed = false;
     for _ in 0..40 {
         let a = next(&mut leg).await;
@@ -134,7 +149,7 @@ async fn no_prack_within_64_t1_fails_the_invite() {
 #[tokio::test(start_paused = true)]
 async fn cancel_only_while_pending_and_one_final_answer() {
     let mut leg = CallerLeg::new(true);
-    leg.provisional(resp(183), true, None, T1).unwrap();
+    provisional(&mut leg, 183, true).unwrap();
     leg.set_final_headers(vec![("Proxy-Authenticate".into(), "Digest x".into())]);
     let r = leg.cancel(resp(487)).expect("pending: 487");
     assert_eq!(r.status, 487);
@@ -146,10 +161,10 @@ async fn cancel_only_while_pending_and_one_final_answer() {
         "the reliable 183 is not retransmitted"
     );
     assert!(leg.reject(resp(500)).is_none());
-    assert!(leg.provisional(resp(180), false, None, T1).is_none());
+    assert!(provisional(&mut leg, 180, false).is_none());
     // Answered: a CANCEL changes nothing.
     let mut leg = CallerLeg::new(false);
-    leg.accept(resp(200), T1);
+    leg.accept(written(200), T1);
     assert!(leg.cancel(resp(487)).is_none());
     assert!(!leg.cancelled());
     assert!(leg.reject(resp(500)).is_none());
@@ -163,12 +178,12 @@ async fn the_set_up_state_is_made_when_needed_and_gone_at_the_ack() {
     assert_eq!(std::mem::size_of::<CallerLeg>(), 16);
     let mut leg = CallerLeg::new(true);
     leg.set_final_headers(Vec::new());
-    leg.provisional(resp(180), false, None, T1);
+    provisional(&mut leg, 180, false);
     assert!(leg.set_up.is_none(), "nothing kept for a plain 180");
-    leg.provisional(resp(183), true, None, T1);
+    provisional(&mut leg, 183, true);
     assert!(leg.set_up.is_some(), "a reliable 183 is kept for its PRACK");
     assert_eq!(leg.on_prack(Some(1)), Prack::Ours);
-    leg.accept(resp(200), T1);
+    leg.accept(written(200), T1);
     assert!(leg.deadline().is_some(), "the 2xx is retransmitted");
     assert!(leg.on_ack());
     assert!(leg.set_up.is_none(), "the ACK frees the set-up state");
@@ -180,7 +195,7 @@ async fn the_set_up_state_is_made_when_needed_and_gone_at_the_ack() {
 #[tokio::test(start_paused = true)]
 async fn final_headers_survive_a_reliable_provisional_and_go_with_the_rejection() {
     let mut leg = CallerLeg::new(true);
-    leg.provisional(resp(183), true, None, T1);
+    provisional(&mut leg, 183, true);
     leg.set_final_headers(vec![("Proxy-Authenticate".into(), "Digest x".into())]);
     let r = leg.reject(resp(407)).expect("not answered yet");
     assert_eq!(r.headers.get("Proxy-Authenticate"), Some("Digest x"));
