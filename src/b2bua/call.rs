@@ -210,6 +210,15 @@ struct NewLeg {
     index: usize,
 }
 
+/// A leg [`Call::new_leg`] made, for [`Call::send_leg`].
+struct LegToSend {
+    bid: u64,
+    owner: Owner,
+    index: usize,
+    invite: Request,
+    dest: Target,
+}
+
 /// What became of a 401/407 on a branch.
 enum Challenge {
     /// Sent again with credentials: the branch rings on.
@@ -905,28 +914,40 @@ impl Call {
     }
 
     /// Sends a request in a new client transaction whose events come back to this call.
-    fn send_client(
+    fn send_client(&mut self, req: Request, target: Target, purpose: Purpose) -> Option<u64> {
+        self.send_client_ref(&req, target, purpose)
+    }
+
+    /// [`Call::send_client`] for a request the call keeps (a branch's INVITE): only read.
+    fn send_client_ref(
         &mut self,
-        mut req: Request,
+        req: &Request,
         mut target: Target,
         purpose: Purpose,
     ) -> Option<u64> {
         // RFC 3261 18.1.1: a request over 1300 octets (path MTU unknown) goes over TCP when
-        // we have it; the Via then says TCP. (The request is serialized twice only then.)
-        if target.transport == TransportKind::Udp
+        // we have it; the Via then says TCP. (The request is serialized twice, and copied,
+        // only then.)
+        let over_tcp;
+        let req = if target.transport == TransportKind::Udp
             && self.inner.local.has(TransportKind::Tcp)
             && crate::transport::needs_reliable(req.body.len() + 600)
             && crate::transport::needs_reliable(req.to_bytes().len())
         {
             target.transport = TransportKind::Tcp;
             target.connection = None;
-            if let Some(v) = req.base.via.first_mut() {
+            let mut copy = req.clone();
+            if let Some(v) = copy.base.via.first_mut() {
                 let fresh = self.inner.local.via(&target);
                 v.transport = fresh.transport;
                 v.host = fresh.host;
                 v.port = fresh.port;
             }
-        }
+            over_tcp = copy;
+            &over_tcp
+        } else {
+            req
+        };
         let id = self.new_id();
         // The transaction's events are posted to this call as they happen (no task in
         // between).
@@ -937,7 +958,7 @@ impl Call {
                 let _ = events.post(CallEvent::Client { id, event });
             })
         });
-        let purpose = if self.to_trunk_with_credentials(&req, &purpose) {
+        let purpose = if self.to_trunk_with_credentials(req, &purpose) {
             Purpose::ToTrunk {
                 purpose: Box::new(purpose),
                 req: Box::new(req.clone()),
@@ -1141,35 +1162,55 @@ impl Call {
             max_forwards,
             index,
         };
-        let (bid, invite) = self.new_leg(leg, owner);
-        if let Some(b) = self.fork.get_mut(bid) {
-            b.trunk = trunk;
-            b.alternates = alternates;
-        }
+        let leg = self.new_leg(leg, owner);
+        let bid = leg.bid;
         // A target being rung counts as on a call for hunt groups (it would otherwise get
         // a second call while it rings).
-        if let Some(k) =
-            super::B2bua::tracks_busy(&self.inner).then(|| super::engaged_key_of(&invite.uri))
-        {
-            super::engage(&self.inner.engaged, &k);
-            if let Some(b) = self.fork.get_mut(bid) {
-                b.ringing = Some(k);
-            }
+        let ringing =
+            super::B2bua::tracks_busy(&self.inner).then(|| super::engaged_key_of(&leg.invite.uri));
+        if let Some(k) = &ringing {
+            super::engage(&self.inner.engaged, k);
         }
-        if self
-            .send_client(invite, dest, Purpose::Branch(bid))
-            .is_none()
-        {
+        let sent = self.send_leg(leg, Purpose::Branch(bid), |b| {
+            b.trunk = trunk;
+            b.alternates = alternates;
+            b.ringing = ringing;
+        });
+        match sent {
+            true => Ok(bid),
+            false => Err((503, "Transport error".into())),
+        }
+    }
+
+    /// Sends a leg [`Call::new_leg`] made and keeps it as a branch of the fork (`fill` sets
+    /// the branch's extras). The branch keeps the INVITE the transaction was given to read
+    /// (issue 14: no copy of it per call). False when it could not be sent: the branch is
+    /// gone again.
+    fn send_leg(
+        &mut self,
+        leg: LegToSend,
+        purpose: Purpose,
+        fill: impl FnOnce(&mut fork::Branch),
+    ) -> bool {
+        let LegToSend {
+            bid,
+            owner,
+            index,
+            invite,
+            dest,
+        } = leg;
+        let sent = self.send_client_ref(&invite, dest, purpose).is_some();
+        fill(self.fork.add(bid, owner, index, invite, dest));
+        if !sent {
             self.remove_branch_key(bid);
             self.fork.remove(bid);
-            return Err((503, "Transport error".into()));
         }
-        Ok(bid)
+        sent
     }
 
     /// A new INVITE leg (fresh Call-ID, CSeq 1) indexed as a B-side branch of this call and
-    /// traced; the caller sends it.
-    fn new_leg(&mut self, leg: NewLeg, owner: Owner) -> (u64, Request) {
+    /// traced; [`Call::send_leg`] sends it.
+    fn new_leg(&mut self, leg: NewLeg, owner: Owner) -> LegToSend {
         let NewLeg {
             dest,
             uri,
@@ -1196,8 +1237,13 @@ impl Call {
         self.inner
             .dialogs
             .insert(key, CallRef::new(self.events.clone(), Side::B, Some(bid)));
-        self.fork.add(bid, owner, index, invite.clone(), dest);
-        (bid, invite)
+        LegToSend {
+            bid,
+            owner,
+            index,
+            invite,
+            dest,
+        }
     }
 
     /// Keeps the call's Lua state for `on_call_end`, or frees it now when the script has

@@ -325,7 +325,7 @@ impl B2bua {
                         tracing::warn!(%node, %call_id, "takeover BYE not answered (the party may be gone too)")
                     }
                 });
-                if let Err(e) = self.inner.layer.send_request_with(bye, flow, sink) {
+                if let Err(e) = self.inner.layer.send_request_with(&bye, flow, sink) {
                     tracing::warn!(node = %t.node, call = %id, error = %e, "takeover BYE not sent");
                 } else {
                     tracing::debug!(node = %t.node, call = %id, seq, peer = %flow.addr, "takeover BYE sent");

@@ -115,7 +115,7 @@ pub(crate) async fn route(inner: Arc<Inner>, tx: ServerTransaction, req: Request
                 let sink = Box::new(move |ev| {
                     let _ = events.send((i, ev));
                 });
-                match inner.layer.send_request_with(out, target, sink) {
+                match inner.layer.send_request_with(&out, target, sink) {
                     Ok(()) => pending += 1,
                     Err(e) => finals.push((503, e.to_string())),
                 }

@@ -777,7 +777,7 @@ impl Notifier {
             });
         });
         bump(&self.inner.stats.notifies_sent);
-        if let Err(e) = self.inner.layer.send_request_with(req, flow, sink) {
+        if let Err(e) = self.inner.layer.send_request_with(&req, flow, sink) {
             tracing::debug!(error = %e, "presence: NOTIFY not sent");
             self.end_sub(key, true);
             return;

@@ -95,7 +95,7 @@ impl Relays {
         let sink = Box::new(move |event| {
             let _ = events.send(Ev::RelayClient { id, event });
         });
-        match inner.layer.send_request_with(req, target, sink) {
+        match inner.layer.send_request_with(&req, target, sink) {
             Ok(()) => {
                 self.clients.insert(id, purpose);
                 true

@@ -325,7 +325,7 @@ impl Pinger {
             };
             outcome(&inner, &stats, &t, reachable);
         });
-        match self.layer.send_request_with(req, target, sink) {
+        match self.layer.send_request_with(&req, target, sink) {
             Ok(()) => {
                 self.stats.sent.fetch_add(1, Ordering::Relaxed);
             }

@@ -35,7 +35,7 @@ pub(crate) struct InviteClient {
 
 impl InviteClient {
     /// RFC 3261 17.1.1.2: send the INVITE, start Timer A (unreliable only) and Timer B.
-    pub(crate) fn start(cfg: TimerConfig, reliable: bool, request: Request) -> (Self, Actions) {
+    pub(crate) fn start(cfg: TimerConfig, reliable: bool, request: &Request) -> (Self, Actions) {
         let request_bytes = request.to_bytes();
         let mut actions = vec![Action::Send(
             request_bytes.clone(),
@@ -45,7 +45,6 @@ impl InviteClient {
             actions.push(Action::Start(Timer::A, cfg.first_retransmit()));
         }
         actions.push(Action::Start(Timer::B, cfg.timeout_64t1()));
-        drop(request);
         let m = InviteClient {
             state: State::Calling,
             cfg,
@@ -196,7 +195,7 @@ mod tests {
     #[test]
     fn calling_to_completed_builds_ack() {
         let req = invite();
-        let (mut m, a) = InviteClient::start(TimerConfig::default(), false, req.clone());
+        let (mut m, a) = InviteClient::start(TimerConfig::default(), false, &req);
         assert_eq!(a.len(), 3);
         assert_eq!(m.state, State::Calling);
         let a = m.on_response(response_to(&req, 180));
@@ -233,7 +232,7 @@ mod tests {
     #[test]
     fn reliable_completed_terminates_at_once() {
         let req = invite();
-        let (mut m, a) = InviteClient::start(TimerConfig::default(), true, req.clone());
+        let (mut m, a) = InviteClient::start(TimerConfig::default(), true, &req);
         assert!(!a.iter().any(|x| matches!(x, Action::Start(Timer::A, _))));
         let a = m.on_response(response_to(&req, 500));
         assert!(matches!(a.last(), Some(Action::Terminate)));
@@ -242,7 +241,7 @@ mod tests {
     #[test]
     fn accepted_reports_every_2xx() {
         let req = invite();
-        let (mut m, _) = InviteClient::start(TimerConfig::default(), false, req.clone());
+        let (mut m, _) = InviteClient::start(TimerConfig::default(), false, &req);
         let a = m.on_response(response_to(&req, 200));
         assert_eq!(m.state, State::Accepted);
         assert!(matches!(&a[0], Action::Report(ev) if matches!(**ev, ClientEvent::Final(_))));

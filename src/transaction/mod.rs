@@ -1121,7 +1121,7 @@ impl TransactionLayer {
     ) -> Result<ClientTransaction, TransactionError> {
         let branch = req.base.branch().to_owned();
         let (tx_events, rx_events) = mpsc::unbounded_channel();
-        self.start_client(req, target, EventOut::Channel(tx_events))?;
+        self.start_client(&req, target, EventOut::Channel(tx_events))?;
         Ok(ClientTransaction {
             branch,
             events: rx_events,
@@ -1129,10 +1129,11 @@ impl TransactionLayer {
     }
 
     /// Like [`send_request`](Self::send_request), but the events go to `sink` as they
-    /// happen instead of through a [`ClientTransaction`] handle.
+    /// happen instead of through a [`ClientTransaction`] handle. The request is only
+    /// read (written out and its key taken): the caller may keep it without a copy.
     pub fn send_request_with(
         &self,
-        req: Request,
+        req: &Request,
         target: Target,
         sink: ClientSink,
     ) -> Result<(), TransactionError> {
@@ -1141,7 +1142,7 @@ impl TransactionLayer {
 
     fn start_client(
         &self,
-        req: Request,
+        req: &Request,
         target: Target,
         events: EventOut,
     ) -> Result<(), TransactionError> {

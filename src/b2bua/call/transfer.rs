@@ -297,7 +297,7 @@ impl Call {
         if let Some(rb) = referred_by {
             headers.push("Referred-By", rb);
         }
-        let (bid, invite) = self.new_leg(
+        let leg = self.new_leg(
             super::NewLeg {
                 dest,
                 to: NameAddr::new(aor),
@@ -310,16 +310,12 @@ impl Call {
             },
             Owner::Transfer,
         );
+        let bid = leg.bid;
         if let Some(t) = self.transfer.as_mut() {
             t.leg = Some(bid);
             t.deadline = Some(Instant::now() + self.inner.default_ring_timeout);
         }
-        if self
-            .send_client(invite, dest, Purpose::Transfer(TransferStep::Leg(bid)))
-            .is_none()
-        {
-            self.remove_branch_key(bid);
-            self.fork.remove(bid);
+        if !self.send_leg(leg, Purpose::Transfer(TransferStep::Leg(bid)), |_| {}) {
             self.transfer_failed(503, "Transport error", DialSource::Local);
         }
     }
