@@ -122,10 +122,14 @@ impl Request {
 impl BaseHeaders {
     /// A response to the request these are the headers of (see [`Request::response`]).
     pub fn response(&self, status: u16) -> Response {
+        self.clone().into_response(status)
+    }
+    /// The same, from headers that are not needed any more.
+    pub fn into_response(self, status: u16) -> Response {
         Response {
             status,
             reason: reason_phrase(status).to_owned(),
-            base: self.clone(),
+            base: self,
             headers: Headers::new(),
             body: Bytes::new(),
         }

@@ -46,6 +46,14 @@ impl InviteServer {
         self.state != State::Proceeding
     }
 
+    /// The last provisional sent while no final has gone (at least the 100 Trying).
+    pub(crate) fn last_provisional(&self) -> Option<&Bytes> {
+        match (self.state, &self.last) {
+            (State::Proceeding, Some((bytes, _))) => Some(bytes),
+            _ => None,
+        }
+    }
+
     /// A response from the TU.
     pub(crate) fn on_tu_response(
         &mut self,

@@ -34,7 +34,7 @@ pub use config::TimersConfig;
 
 use crate::allocator::short_lived;
 use crate::shard::ShardMap;
-use crate::sip::{new_tag, BaseHeaders, Headers, Method, Reply, Request, Response, SipMessage};
+use crate::sip::{new_tag, Headers, Method, Reply, Request, Response, SipMessage};
 use crate::transport::{Sender, Target, TransportError};
 use bytes::Bytes;
 use driver::{Core, Driven, Machine, Queued, TimerQueue};
@@ -248,6 +248,13 @@ impl ServerMachine {
             ServerMachine::NonInvite(m) => m.is_finished(),
         }
     }
+    /// An INVITE's last provisional while it has no final (see `ServerTransaction::response`).
+    fn last_provisional(&self) -> Option<Bytes> {
+        match self {
+            ServerMachine::Invite(m) => m.last_provisional().cloned(),
+            ServerMachine::NonInvite(_) => None,
+        }
+    }
 }
 
 impl Machine for ServerMachine {
@@ -299,14 +306,14 @@ struct ServerInner {
     shared: Arc<Shared>,
     key: ServerKey,
     merge_key: Option<MergeKey>,
-    /// Of the request that created the transaction, what responses and matching need: a
-    /// copy of its base headers, not of the whole request (headers and body stay with the
-    /// user's copy; issue 14: the clone was a dozen allocations per request).
+    /// Of the request that created the transaction, what matching needs: its method and,
+    /// for an RFC 2543 request (no magic cookie), its To tag. No copy of its base headers:
+    /// the user answers from its own copy of the request (`Reply`), and what the
+    /// transaction must answer itself (an INVITE's 487, a 500 for a response too large)
+    /// is built from the 100 Trying it sent (issue 14: the copy and its drop were ~1,700
+    /// instructions per request).
     method: Method,
-    /// Emptied once a final response is sent: nothing is built from it afterwards, and the
-    /// transaction lingers 32 s after (Timer J, L; issue 14/15: ~1 KB of each lingering
-    /// transaction; a flood of requests is mostly lingering transactions).
-    base: Mutex<Option<Box<BaseHeaders>>>,
+    legacy_to_tag: Option<Box<str>>,
     /// For logs and traces, for the transaction's whole life.
     call_id: Box<str>,
     source: Target,
@@ -416,8 +423,24 @@ impl ServerTransaction {
     }
     /// Sends a response written from borrowed headers (see [`Reply`]).
     pub fn reply(&self, r: &Reply<'_>) -> Result<(), TransactionError> {
-        let bytes = short_lived(|| r.to_bytes());
-        self.respond_written(r.status, r.sent_to_tag(), bytes)
+        let mut bytes = short_lived(|| r.to_bytes());
+        let mut status = r.status;
+        if bytes.len() > MAX_DATAGRAM && !self.inner.source.transport.is_reliable() {
+            // No datagram carries it (a script's huge reject reason or redirect list): the
+            // peer would get no answer at all and retransmit into the void. A short 500
+            // instead, with the same To tag (issue 15).
+            tracing::warn!(
+                status,
+                size = bytes.len(),
+                "response too large for a datagram; answering 500 instead"
+            );
+            let mut small = Reply::new(r.base, 500);
+            small.reason = "Response Too Large";
+            small.to_tag = r.to_tag;
+            status = 500;
+            bytes = short_lived(|| small.to_bytes());
+        }
+        self.respond_written(status, r.sent_to_tag(), bytes)
     }
     /// Sends a response already written: `bytes`, whose status is `status` and whose To
     /// tag is `to_tag` (a 2xx the call retransmits, RFC 3261 13.3.1.4).
@@ -432,9 +455,8 @@ impl ServerTransaction {
         // as it does: on its heap (issue 14; see `short_lived`).
         let tag = to_tag.map(|t| short_lived(|| t.to_owned()));
         if bytes.len() > MAX_DATAGRAM && !self.inner.source.transport.is_reliable() {
-            // No datagram carries it (a script's huge reject reason or redirect list): the
-            // peer would get no answer at all and retransmit into the void. A short 500
-            // instead, with the same To tag (issue 15).
+            // As in `reply`, for bytes written elsewhere (the call's 2xx), answered from
+            // the 100 Trying when there is one.
             tracing::warn!(
                 status,
                 size = bytes.len(),
@@ -454,9 +476,6 @@ impl ServerTransaction {
             .drive(|m| Ok((m.tu_response(status, bytes)?, ())), None)?;
         if tag.is_some() {
             *self.inner.to_tag.lock() = tag;
-        }
-        if status >= 200 {
-            self.inner.base.lock().take();
         }
         match err {
             Some(e) => Err(TransactionError::Transport(e)),
@@ -489,7 +508,6 @@ impl ServerTransaction {
             },
             None,
         )?;
-        self.inner.base.lock().take();
         match err {
             Some(e) => Err(TransactionError::Transport(e)),
             None => Ok(()),
@@ -507,10 +525,20 @@ impl ServerTransaction {
     pub fn method(&self) -> &Method {
         &self.inner.method
     }
-    /// A response to the request that created the transaction (RFC 3261 8.2.6.2); None
-    /// once a final response was sent.
+    /// A response to the INVITE that created the transaction (RFC 3261 8.2.6.2), for
+    /// when the user no longer has the request (a CANCEL's 487): its Via, From, To,
+    /// Call-ID and CSeq read back from the last provisional sent (the 100 Trying, or a
+    /// 18x whose To tag it then keeps). None for other requests and once a final went.
     pub fn response(&self, status: u16) -> Option<Response> {
-        self.inner.base.lock().as_ref().map(|b| b.response(status))
+        let last = self.inner.core.with_machine(|m| m.last_provisional())?;
+        match crate::sip::parse(&last) {
+            Ok((SipMessage::Response(sent), _)) => Some(sent.base.into_response(status)),
+            // We wrote it; should it not read back (a bug), there is nothing to answer with.
+            _ => {
+                tracing::error!("a response we sent does not parse");
+                None
+            }
+        }
     }
 }
 
@@ -712,8 +740,8 @@ fn to_tag_matches(key: &ServerKey, tx: &ServerInner, req: &Request) -> bool {
     if req.method == Method::Ack {
         tx.to_tag.lock().as_deref() == want
     } else {
-        // Gone once the final was sent: the rest of the RFC 2543 key matched.
-        tx.base.lock().as_ref().is_none_or(|b| b.to.tag() == want)
+        // Once the final was sent, the rest of the RFC 2543 key matched.
+        tx.legacy_to_tag.as_deref() == want || tx.core.with_machine(|m| m.is_finished())
     }
 }
 
@@ -1072,7 +1100,11 @@ impl TransactionLayer {
                 key: key.clone(),
                 merge_key: merge_key.clone(),
                 method: req.method.clone(),
-                base: Mutex::new(Some(Box::new(req.base.clone()))),
+                legacy_to_tag: if key.is_legacy() {
+                    req.base.to.tag().map(Box::from)
+                } else {
+                    None
+                },
                 call_id: req.base.call_id.as_str().into(),
                 source,
                 core: Core::new(machine, self.shared.epoch),

@@ -416,7 +416,11 @@ async fn invite_server_trying_retransmission_g_ack_confirmed_i() {
     assert_eq!(tx.method(), &Method::Invite);
     assert_eq!(tx.source(), udp());
     assert!(!tx.is_finished());
-    assert!(tx.response(486).is_some());
+    // The transaction keeps no copy of the request's headers: a response it makes itself
+    // (a CANCEL's 487) reads them back from its 100 Trying, then from a 18x with its tag.
+    let own = tx.response(486).expect("answerable before the final");
+    assert_eq!((own.status, own.base.clone()), (486, inv.base.clone()));
+    assert!(own.headers.is_empty() && own.body.is_empty());
     // A retransmitted INVITE gets the last response again and does not reach the TU.
     e.layer.on_message(req_msg(&inv), udp());
     assert_eq!(Env::times(&e.sent(), is_status(100)), vec![0]);
@@ -690,6 +694,33 @@ async fn rfc2543_fallback_matching() {
     e.layer
         .on_message(req_msg(&ack_for(&inv, "elsewhere")), udp());
     assert_eq!(e.tu.acks.lock().len(), 1);
+}
+
+/// RFC 3261 17.2.3 fallback: until the final, an RFC 2543 request matches its transaction
+/// only with the To tag of the request that made it; after it, without.
+#[tokio::test(start_paused = true)]
+async fn rfc2543_matching_compares_the_to_tag_until_the_final() {
+    let e = env();
+    let mut inv = invite();
+    inv.base.via[0] = Via::parse("SIP/2.0/UDP 192.0.2.1:5060").unwrap();
+    e.layer.on_message(req_msg(&inv), udp());
+    let mut tagged = inv.clone();
+    tagged.base.to.set_tag("other");
+    e.layer.on_message(req_msg(&tagged), udp());
+    assert_eq!(
+        Env::times(&e.sent(), is_status(100)),
+        vec![0],
+        "another To tag: not a retransmission (dropped)"
+    );
+    e.server_tx().respond(response_to(&inv, 404)).unwrap();
+    e.sent();
+    e.layer.on_message(req_msg(&tagged), udp());
+    assert_eq!(
+        Env::times(&e.sent(), is_status(404)),
+        vec![0],
+        "after the final the 404 goes again"
+    );
+    assert_eq!(e.tu.requests.lock().len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
