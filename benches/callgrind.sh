@@ -21,6 +21,9 @@
 #        SERVERS=strowger CG_CALLS=100 bash benches/callgrind.sh   (quick look)
 #        NO_BUILD=1 skips `cargo build --release`; NO_CALLGRIND=1 measures only part 2
 #        (instructions are then reported as 0).
+#        PROFILE=40: also where the call window's instructions went, per call, the 40
+#        functions with most of their own and with their callees (benches/cgprofile.py),
+#        written to $WORK/profile-<server>.txt (the path is printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -100,6 +103,11 @@ instructions() { # server -> sets INSTR (per call) and CG_NOTE
   cg_control -d; t3=$(now); wait_dumps
   busy=$(take_dumps calls)
   stop_server
+  if [ -n "${PROFILE:-}" ]; then
+    python3 "$ROOT/benches/cgprofile.py" "$ok" "$PROFILE" "$WORK"/cg/calls/* \
+      >"$WORK/profile-$name.txt"
+    echo "$name profile of the call window: $WORK/profile-$name.txt" >&2
+  fi
   INSTR=$(calc "round(($busy - $idle * ($t3-$t2)/($t1-$t0)) / max($ok, 1))")
   CG_NOTE="$ok ok, $failed failed, $retrans retransmitted (SIPp)"
   echo "$name callgrind: $busy instructions in $(calc "round($t3-$t2,1)") s with $ok calls" \
