@@ -1,9 +1,10 @@
 //! The caller's leg (leg A, where the B2BUA is the UAS) while its INVITE is answered: which
 //! responses may still go, reliable provisionals and their PRACKs (RFC 3262), the 2xx
 //! retransmitted until the caller's ACK (RFC 3261 13.3.1.4), CANCEL (9.2). A sans-IO state
-//! machine: the call builds the responses (it has the INVITE and the dialog), hands them
-//! here, and sends what comes back on the INVITE's server transaction; timers come in as
-//! [`CallerLeg::on_timer`].
+//! machine: the call writes the responses (it has the INVITE and the dialog), asks here
+//! which may go and with what RSeq, hands back the bytes it sent of those to be
+//! retransmitted, and sends what comes back on the INVITE's server transaction; timers
+//! come in as [`CallerLeg::on_timer`].
 //!
 //! Owns: the leg's answer state, the 2xx and reliable provisionals kept for retransmission,
 //! RSeq numbering, the extra headers for the final answer (a 407's challenges). Must not
