@@ -191,9 +191,6 @@ local function usage(verb)
   return "call:" .. verb .. ": expected a call object (write call:" .. verb .. "(...), with a colon)"
 end
 
-local known_option = { timeout = true, headers = true, from = true, to = true, max_duration = true,
-  caller_id = true, privacy = true }
-
 -- The call's private record for `verb`; raises (at the script's line) when `self` is not
 -- a call, or, for verbs that wait, when called outside the call's own hook coroutine.
 local function private_of(self, verb, waits)
@@ -266,11 +263,27 @@ local methods = {
     if owner ~= nil and owner ~= running() then
       error("call:dial: must be called from the call's own hook, not from another coroutine", 2)
     end
-    -- Without a metatable, reading a field is reading it raw (no C call per option).
+    -- Without a metatable, the options are read raw in the one pass that checks their
+    -- names: a field read that misses (most options are absent) is a C call each.
     local known = type(opts) == "table" and getmetatable(opts) == nil
+    local timeout, headers, from, to, max_duration, caller_id, privacy
     if known then
-      for k in next, opts do
-        if known_option[k] == nil then
+      for k, v in next, opts do
+        if k == "timeout" then
+          timeout = v
+        elseif k == "headers" then
+          headers = v
+        elseif k == "from" then
+          from = v
+        elseif k == "to" then
+          to = v
+        elseif k == "max_duration" then
+          max_duration = v
+        elseif k == "caller_id" then
+          caller_id = v
+        elseif k == "privacy" then
+          privacy = v
+        else
           known = false
           break
         end
@@ -278,8 +291,8 @@ local methods = {
     end
     local r, reason
     if known then
-      r, reason = raw_dial(p[UD], target, nil, opts.timeout, opts.headers, opts.from, opts.to,
-        opts.max_duration, opts.caller_id, opts.privacy)
+      r, reason = raw_dial(p[UD], target, nil, timeout, headers, from, to, max_duration,
+        caller_id, privacy)
     else
       -- Anything unusual (unknown keys, not a table, a metatable): the Rust side reads the
       -- table itself (raw) and says what is wrong.
