@@ -617,7 +617,7 @@ impl Response {
     pub fn to_bytes(&self) -> Bytes {
         self.as_reply().to_bytes()
     }
-    /// The same response, borrowed (to be written or sent as a [`Reply`]).
+    /// The same response, borrowed (to be written or sent as a [`Reply`](super::Reply)).
     pub fn as_reply(&self) -> super::Reply<'_> {
         super::Reply {
             status: self.status,
