@@ -309,9 +309,9 @@ struct ServerInner {
     /// Of the request that created the transaction, what matching needs: its method and,
     /// for an RFC 2543 request (no magic cookie), its To tag. No copy of its base headers:
     /// the user answers from its own copy of the request (`Reply`), and what the
-    /// transaction must answer itself (an INVITE's 487, a 500 for a response too large)
-    /// is built from the 100 Trying it sent (issue 14: the copy and its drop were ~1,700
-    /// instructions per request).
+    /// transaction must answer itself (an INVITE's 487, a 500 for bytes written elsewhere
+    /// that are too large) is built from the 100 Trying it sent (issue 14: the copy and
+    /// its drop were ~1,700 instructions per request).
     method: Method,
     legacy_to_tag: Option<Box<str>>,
     /// For logs and traces, for the transaction's whole life.
@@ -423,24 +423,13 @@ impl ServerTransaction {
     }
     /// Sends a response written from borrowed headers (see [`Reply`]).
     pub fn reply(&self, r: &Reply<'_>) -> Result<(), TransactionError> {
-        let mut bytes = short_lived(|| r.to_bytes());
-        let mut status = r.status;
-        if bytes.len() > MAX_DATAGRAM && !self.inner.source.transport.is_reliable() {
-            // No datagram carries it (a script's huge reject reason or redirect list): the
-            // peer would get no answer at all and retransmit into the void. A short 500
-            // instead, with the same To tag (issue 15).
-            tracing::warn!(
-                status,
-                size = bytes.len(),
-                "response too large for a datagram; answering 500 instead"
-            );
+        let bytes = short_lived(|| r.to_bytes());
+        self.send_response(r.status, r.sent_to_tag(), bytes, || {
             let mut small = Reply::new(r.base, 500);
-            small.reason = "Response Too Large";
+            small.reason = TOO_LARGE;
             small.to_tag = r.to_tag;
-            status = 500;
-            bytes = short_lived(|| small.to_bytes());
-        }
-        self.respond_written(status, r.sent_to_tag(), bytes)
+            Some(small.to_bytes())
+        })
     }
     /// Sends a response already written: `bytes`, whose status is `status` and whose To
     /// tag is `to_tag` (a 2xx the call retransmits, RFC 3261 13.3.1.4).
@@ -450,27 +439,40 @@ impl ServerTransaction {
         to_tag: Option<&str>,
         bytes: Bytes,
     ) -> Result<(), TransactionError> {
-        let (mut status, mut bytes) = (status, bytes);
-        // What the transaction keeps (the bytes to send again, the To tag) lives as long
-        // as it does: on its heap (issue 14; see `short_lived`).
-        let tag = to_tag.map(|t| short_lived(|| t.to_owned()));
+        self.send_response(status, to_tag, bytes, || {
+            // No headers of the request at hand here: those of the 100 Trying.
+            let mut small = self.response(500)?.with_reason(TOO_LARGE);
+            if let Some(t) = to_tag {
+                small.set_to_tag(t);
+            }
+            Some(small.to_bytes())
+        })
+    }
+    /// Drives the state machine with a response. One too large for a datagram (a
+    /// script's huge reject reason or redirect list) would leave the peer with no answer
+    /// at all, retransmitting into the void: `too_large` writes the short 500 that goes
+    /// instead, with the same To tag (issue 15).
+    fn send_response(
+        &self,
+        mut status: u16,
+        to_tag: Option<&str>,
+        mut bytes: Bytes,
+        too_large: impl FnOnce() -> Option<Bytes>,
+    ) -> Result<(), TransactionError> {
         if bytes.len() > MAX_DATAGRAM && !self.inner.source.transport.is_reliable() {
-            // As in `reply`, for bytes written elsewhere (the call's 2xx), answered from
-            // the 100 Trying when there is one.
             tracing::warn!(
                 status,
                 size = bytes.len(),
                 "response too large for a datagram; answering 500 instead"
             );
-            if let Some(small) = self.response(500) {
-                let mut small = small.with_reason("Response Too Large");
-                if let Some(t) = &tag {
-                    small.set_to_tag(t);
-                }
+            if let Some(small) = short_lived(too_large) {
                 status = 500;
-                bytes = short_lived(|| small.to_bytes());
+                bytes = small;
             }
         }
+        // What the transaction keeps (the bytes to send again, the To tag) lives as long
+        // as it does: on its heap (issue 14; see `short_lived`).
+        let tag = to_tag.map(|t| short_lived(|| t.to_owned()));
         let ((), err) = self
             .inner
             .drive(|m| Ok((m.tu_response(status, bytes)?, ())), None)?;
@@ -544,6 +546,9 @@ impl ServerTransaction {
 
 /// The largest UDP payload (IPv4: 65,535 - 8 - 20 bytes).
 const MAX_DATAGRAM: usize = 65_507;
+
+/// The reason of the 500 that replaces a response too large for a datagram.
+const TOO_LARGE: &str = "Response Too Large";
 
 struct ClientInner {
     shared: Arc<Shared>,

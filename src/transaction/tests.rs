@@ -696,6 +696,43 @@ async fn rfc2543_fallback_matching() {
     assert_eq!(e.tu.acks.lock().len(), 1);
 }
 
+/// Issue 15: a response no datagram carries becomes a short 500 with the same To tag,
+/// whether the user wrote it from the request (`reply`) or handed bytes (`respond_written`,
+/// answered from the 100 Trying's headers).
+#[tokio::test(start_paused = true)]
+async fn a_response_too_large_for_udp_goes_as_a_500() {
+    let e = env();
+    let inv = invite();
+    e.layer.on_message(req_msg(&inv), udp());
+    e.sent();
+    let tx = e.server_tx();
+    let huge = Bytes::from(vec![b'x'; 70_000]);
+    tx.respond_written(200, Some("ours"), huge).unwrap();
+    let sent = e.sent();
+    let SipMessage::Response(r) = &sent[0].1 else {
+        panic!("a response")
+    };
+    assert_eq!((r.status, r.reason.as_str()), (500, "Response Too Large"));
+    assert_eq!(r.base.to.tag(), Some("ours"));
+    assert_eq!(r.base.call_id, inv.base.call_id);
+
+    let e = env();
+    let opts = options();
+    e.layer.on_message(req_msg(&opts), udp());
+    let body = Bytes::from(vec![b'x'; 70_000]);
+    let mut big = opts.reply(200);
+    big.to_tag = Some("mine");
+    big.body = &body;
+    e.server_tx().reply(&big).unwrap();
+    let sent = e.sent();
+    let SipMessage::Response(r) = &sent[0].1 else {
+        panic!("a response")
+    };
+    assert_eq!((r.status, r.reason.as_str()), (500, "Response Too Large"));
+    assert_eq!(r.base.to.tag(), Some("mine"));
+    assert!(r.body.is_empty());
+}
+
 /// RFC 3261 17.2.3 fallback: until the final, an RFC 2543 request matches its transaction
 /// only with the To tag of the request that made it; after it, without.
 #[tokio::test(start_paused = true)]
