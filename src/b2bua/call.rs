@@ -841,6 +841,15 @@ impl Call {
         }
     }
 
+    /// The headers that put a response to the caller's INVITE in A's dialog: the INVITE's
+    /// Record-Route (RFC 3261 12.1.1) and our Contact. More go after them.
+    fn dialog_headers_to_a(&self, status: u16) -> Headers {
+        let mut headers = Headers::new();
+        self.a_invite.record_routes(status, &mut headers);
+        headers.push("Contact", self.bridge.a_contact.as_str());
+        headers
+    }
+
     /// A response to the caller's INVITE in A's dialog (our To tag), written from the
     /// INVITE's headers without copying them (`crate::sip::Reply`). None once the call is
     /// established (nothing answers the INVITE any more).
@@ -1677,9 +1686,7 @@ impl Call {
         else {
             return;
         };
-        let mut headers = Headers::new();
-        self.a_invite.record_routes(resp.status, &mut headers);
-        headers.push("Contact", self.bridge.a_contact.as_str());
+        let mut headers = self.dialog_headers_to_a(resp.status);
         copy_relayed(&resp.headers, &mut headers);
         if let Some(rseq) = rseq {
             // RFC 3262: the caller gets its own reliable provisional with our RSeq.
@@ -1801,9 +1808,7 @@ impl Call {
         if self.a_invite.whole().is_none() {
             return;
         }
-        let mut headers = Headers::new();
-        self.a_invite.record_routes(resp.status, &mut headers);
-        headers.push("Contact", self.bridge.a_contact.as_str());
+        let mut headers = self.dialog_headers_to_a(resp.status);
         headers.push("Allow", Method::allow_list());
         copy_relayed(&resp.headers, &mut headers);
         self.start_session_timers(resp, &mut headers);
@@ -2143,16 +2148,13 @@ impl Call {
         if self.caller.answered() || self.ended || !(101..200).contains(&status) {
             return;
         }
-        let Some(r) = self.a_invite.response(status) else {
-            return;
-        };
-        let mut r = r.with_reason(reason);
-        r.set_to_tag(self.bridge.a.local_tag());
-        r.headers.push("Contact", self.bridge.a_contact.clone());
+        let mut extra = self.dialog_headers_to_a(status);
         for (name, value) in headers {
-            r.headers.push(&name, value);
+            extra.push(&name, value);
         }
-        self.respond_a(r);
+        if let Some(sent) = self.write_to_a(status, reason, &extra, &Bytes::new()) {
+            self.send_written_to_a(sent);
+        }
     }
 
     fn on_cancel(&mut self) {

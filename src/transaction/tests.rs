@@ -668,11 +668,17 @@ async fn merged_request_gets_482() {
     assert_eq!(e.layer.stats().merged_rejected, 1);
 }
 
+/// An INVITE of an RFC 2543 peer: its Via has no branch with the magic cookie.
+fn rfc2543_invite() -> Request {
+    let mut inv = invite();
+    inv.base.via[0] = Via::parse("SIP/2.0/UDP 192.0.2.1:5060").unwrap();
+    inv
+}
+
 #[tokio::test(start_paused = true)]
 async fn rfc2543_fallback_matching() {
     let e = env();
-    let mut inv = invite();
-    inv.base.via[0] = Via::parse("SIP/2.0/UDP 192.0.2.1:5060").unwrap();
+    let inv = rfc2543_invite();
     e.layer.on_message(req_msg(&inv), udp());
     // The retransmission matches without any branch (and with received added).
     let mut again = inv.clone();
@@ -738,8 +744,7 @@ async fn a_response_too_large_for_udp_goes_as_a_500() {
 #[tokio::test(start_paused = true)]
 async fn rfc2543_matching_compares_the_to_tag_until_the_final() {
     let e = env();
-    let mut inv = invite();
-    inv.base.via[0] = Via::parse("SIP/2.0/UDP 192.0.2.1:5060").unwrap();
+    let inv = rfc2543_invite();
     e.layer.on_message(req_msg(&inv), udp());
     let mut tagged = inv.clone();
     tagged.base.to.set_tag("other");
