@@ -84,10 +84,13 @@ fn call_info(n: u64) -> CallInfo {
         to: uri("1042"),
         ruri: uri("1042"),
         source: "udp:127.0.0.1:5061".into(),
-        headers: vec![
-            ("Contact".into(), "<sip:alice@127.0.0.1:5061>".into()),
-            ("Content-Type".into(), "application/sdp".into()),
-        ],
+        // Filled from the INVITE's parsed headers, as the B2BUA does.
+        headers: [
+            ("Contact", "<sip:alice@127.0.0.1:5061>"),
+            ("Content-Type", "application/sdp"),
+        ]
+        .into_iter()
+        .collect(),
         trunk: None,
     }
 }

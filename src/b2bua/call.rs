@@ -46,7 +46,7 @@ use super::records::CallDetail;
 use super::{B2buaInner, CallRef, DialogKey};
 use crate::b2bua::{
     CallHookSet, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
-    DialTarget, InviteOutcome, UriInfo,
+    DialTarget, HeaderList, InviteOutcome, UriInfo,
 };
 use crate::dialog::{Dialog, DialogState};
 use crate::sip::{new_tag, Headers, Method, NameAddr, Request, Response, Uri};
@@ -634,10 +634,12 @@ impl Call {
             headers: r
                 .whole()
                 .map(|r| {
-                    r.headers
-                        .iter()
-                        .map(|h| (h.name.to_string(), h.value.clone()))
-                        .collect()
+                    let bytes = r.headers.iter().map(|h| h.name.len() + h.value.len()).sum();
+                    let mut list = HeaderList::with_capacity(r.headers.len(), bytes);
+                    for h in r.headers.iter() {
+                        list.push(&h.name, &h.value);
+                    }
+                    list
                 })
                 .unwrap_or_default(),
             trunk: self.inbound_trunk().map(|t| t.name().to_string()),

@@ -37,8 +37,8 @@ pub use call::{refer_to, Side, TransferKind, TransferNote};
 pub use config::{CallConfig, MAX_ROUTES};
 pub use hooks::{
     AuthVerdict, CallControl, CallHookSet, CallHooks, CallInfo, CallRecord, CallScript,
-    CallScriptHandle, DialOptions, DialOutcome, DialSource, DialTarget, InviteOutcome, ReferInfo,
-    ReferVerdict, UriInfo,
+    CallScriptHandle, DialOptions, DialOutcome, DialSource, DialTarget, HeaderList, InviteOutcome,
+    ReferInfo, ReferVerdict, UriInfo,
 };
 pub use metrics::{
     DialResult, FailureClass, RouteStats, SetupStage, TransferLabel, TransferResult,

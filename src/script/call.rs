@@ -15,7 +15,7 @@ use super::vm::FailKind;
 use super::wait::{wait_marker, WaitFuture, Waited, Waits};
 use super::{
     CallControl, CallInfo, CallRecord, CallScriptHandle, DialOptions, DialOutcome, DialSource,
-    DialTarget, InviteOutcome, ScriptVersion, UriInfo,
+    DialTarget, HeaderList, InviteOutcome, ScriptVersion, UriInfo,
 };
 use crate::b2bua::CallScript;
 
@@ -48,7 +48,8 @@ pub(crate) struct CallState {
     ruri: UriInfo,
     headers: HeaderList,
     inner: Mutex<Inner>,
-    /// The registry slot of the call's userdata on its VM (freed with the handle).
+    /// The registry slot of the call's userdata on its VM, made only when the script has a
+    /// later hook that finds the call again (`on_call_end`, `on_refer`); freed with the handle.
     pub key: Mutex<Option<mlua::RegistryKey>>,
     /// The call's own globals, carried from one of its hooks to the next. A registry key,
     /// not a `Table`: dropping a key off the VM's thread never waits for the VM.
@@ -82,7 +83,7 @@ impl CallState {
             from: info.from,
             to: info.to,
             ruri: info.ruri,
-            headers: HeaderList::new(&info.headers),
+            headers: info.headers,
             key: Mutex::new(None),
             env: Mutex::new(None),
             inner: Mutex::new(Inner {
@@ -157,44 +158,6 @@ impl CallState {
             .iter()
             .find(|(n, _)| canonical_header(n) == want)
             .map(|(_, v)| super::bounded(v))
-    }
-}
-
-/// The INVITE's headers as a call keeps them for its hooks: one text buffer and the ends of
-/// each name and value in it, instead of two `String`s per header (a call holds them for
-/// its whole life; issue 14).
-struct HeaderList {
-    text: String,
-    /// (end of the name, end of the value) of each header, in order.
-    ends: Vec<(u32, u32)>,
-}
-
-impl HeaderList {
-    fn new(headers: &[(String, String)]) -> HeaderList {
-        let len = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
-        let mut list = HeaderList {
-            text: String::with_capacity(len),
-            ends: Vec::with_capacity(headers.len()),
-        };
-        for (n, v) in headers {
-            list.text.push_str(n);
-            let name_end = list.text.len();
-            list.text.push_str(v);
-            // A message is at most 64 KiB; u32 offsets cannot overflow.
-            list.ends.push((name_end as u32, list.text.len() as u32));
-        }
-        list
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        let mut start = 0usize;
-        self.ends.iter().map(move |&(n, v)| {
-            let (n, v) = (n as usize, v as usize);
-            let name = self.text.get(start..n).unwrap_or("");
-            let value = self.text.get(n..v).unwrap_or("");
-            start = v;
-            (name, value)
-        })
     }
 }
 
@@ -1046,16 +1009,21 @@ pub(crate) async fn run_on_invite(
         return InviteOutcome::Failed { error, handle };
     };
     let call = state.clone();
+    // Only a later hook (`on_call_end`, `on_refer`) finds the call's userdata again: without
+    // one, no registry slot is made and freed per call.
+    let findable = version.info.has(Hook::CallEnd) || version.info.has(Hook::Refer);
     let result = hooks::run(
         &version.run,
         &vm,
         Hook::Invite,
         &state.id,
         move |vm, budget| {
-            // The only Lua values made here: the call's userdata and its registry slot (the
-            // sandbox builds the `call` table around it, lazily).
+            // The only Lua values made here: the call's userdata and, for a later hook, its
+            // registry slot (the sandbox builds the `call` table around it, lazily).
             let ud = vm.lua.create_any_userdata(CallUd(Arc::downgrade(&call)))?;
-            *call.key.lock() = Some(vm.lua.create_registry_value(&ud)?);
+            if findable {
+                *call.key.lock() = Some(vm.lua.create_registry_value(&ud)?);
+            }
             let fut = vm.start_hook::<()>(Hook::Invite, ud)?;
             let (budget, lua) = (budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {

@@ -166,8 +166,8 @@ pub use pool::run_vms_inline;
 // The ports of the transaction users below, which this engine implements.
 use crate::b2bua::{
     AuthVerdict, CallControl, CallHookSet, CallHooks, CallInfo, CallRecord, CallScriptHandle,
-    DialOptions, DialOutcome, DialSource, DialTarget, InviteOutcome, ReferInfo, ReferVerdict,
-    UriInfo,
+    DialOptions, DialOutcome, DialSource, DialTarget, HeaderList, InviteOutcome, ReferInfo,
+    ReferVerdict, UriInfo,
 };
 use crate::presence::{
     MessageInfo, MessageVerdict, PresenceHooks, SubscribeInfo, SubscribeVerdict,

@@ -62,7 +62,7 @@ fn call(user: &str, headers: Vec<(String, String)>) -> CallInfo {
         to: uri.clone(),
         ruri: uri,
         source: "udp:192.0.2.7:5060".into(),
-        headers,
+        headers: headers.into(),
         trunk: None,
     }
 }

@@ -78,7 +78,8 @@ fn call_to(number: &str) -> CallInfo {
             ("Subject".into(), "hello".into()),
             ("X-Tenant".into(), "acme".into()),
             ("X-Tenant".into(), "second".into()),
-        ],
+        ]
+        .into(),
         trunk: None,
     }
 }
@@ -380,7 +381,7 @@ async fn parallel_fork_and_all_dial_options() {
         opts,
         &DialOptions {
             timeout: Some(Duration::from_millis(12_500)),
-            headers: vec![("X-A".into(), "one".into()), ("X-B".into(), "2".into())],
+            headers: vec![("X-A".into(), "one".into()), ("X-B".into(), "2".into())].into(),
             from: Some("sip:office@example.com".into()),
             to: Some("sip:bob@example.com".into()),
             max_duration: Some(Duration::from_secs(3600)),
@@ -1164,7 +1165,8 @@ async fn on_register_sees_the_fields_and_first_header_values() {
             ("x-tag".into(), "first".into()),
             ("via".into(), "SIP/2.0/UDP 127.0.0.1:5070".into()),
             ("x-tag".into(), "second".into()),
-        ],
+        ]
+        .into(),
     };
     assert_eq!(
         e.current().on_register(&info).await,
