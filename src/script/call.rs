@@ -5,7 +5,7 @@ use std::ffi::CStr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mlua::{AnyUserData, Lua, Table, Value};
+use mlua::{Lua, Table, Value};
 use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
@@ -48,9 +48,13 @@ pub(crate) struct CallState {
     ruri: UriInfo,
     headers: HeaderList,
     inner: Mutex<Inner>,
-    /// The registry slot of the call's userdata on its VM, made only when the script has a
-    /// later hook that finds the call again (`on_call_end`, `on_refer`); freed with the handle.
+    /// The registry slot of the call's `call` table on its VM, made (by the sandbox, through
+    /// `keep`) only when the script has a later hook that is given the same table again
+    /// (`on_call_end`, `on_refer`); freed with the handle.
     pub key: Mutex<Option<mlua::RegistryKey>>,
+    /// The call's slot in its VM's [`CallSlots`] (set when `on_invite` starts), freed when
+    /// the state goes.
+    slot: std::sync::OnceLock<(Arc<CallSlots>, CallHandle)>,
     /// The call's own globals, carried from one of its hooks to the next. A registry key,
     /// not a `Table`: dropping a key off the VM's thread never waits for the VM.
     pub env: Mutex<Option<mlua::RegistryKey>>,
@@ -85,6 +89,7 @@ impl CallState {
             ruri: info.ruri,
             headers: info.headers,
             key: Mutex::new(None),
+            slot: std::sync::OnceLock::new(),
             env: Mutex::new(None),
             inner: Mutex::new(Inner {
                 control: Some(control),
@@ -161,6 +166,14 @@ impl CallState {
     }
 }
 
+impl Drop for CallState {
+    fn drop(&mut self) {
+        if let Some((slots, handle)) = self.slot.get() {
+            slots.release(*handle);
+        }
+    }
+}
+
 /// Clears `dialing` if a dial is abandoned (its hook dropped mid-dial).
 pub(super) struct DialInProgress(pub(super) Arc<CallState>);
 
@@ -170,17 +183,107 @@ impl Drop for DialInProgress {
     }
 }
 
-/// The userdata behind a `call` table (the sandbox maps one to the other). It holds the
-/// call's state weakly: the hook run (and, for `on_call_end`/`on_refer`, the B2BUA's
-/// handle) holds it strongly, so a script reaches it whenever one of the call's hooks
-/// runs. Held strongly, the state (the call's facts, its headers) lived on until Lua's
-/// collector got to the userdata, which the collector's pace does not see (issue 14:
-/// hundreds of bytes of every call set up since the last cycle).
-pub(super) struct CallUd(Weak<CallState>);
+/// What the sandbox keeps for a call beside its `call` table and hands back to the raw
+/// verbs: a light userdata naming the call's slot in its VM's [`CallSlots`]. A full
+/// userdata per call cost ~2,500 instructions of every `on_invite` (made in a protected
+/// call, a finalizer run by the collector, a typed borrow per verb; issue 14); a light one
+/// is a plain value. Scripts never see it (the sandbox keeps it in its private record),
+/// and could not make one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct CallHandle(usize);
 
-/// How the raw verbs take the call's userdata: read straight off Lua's stack with its type
-/// checked, no reference to it made (an `AnyUserData` would make one, and drop it).
-pub(super) type CallRef = mlua::UserDataRef<CallUd>;
+impl CallHandle {
+    pub(super) fn to_lua(self) -> mlua::LightUserData {
+        mlua::LightUserData(self.0 as *mut std::ffi::c_void)
+    }
+}
+
+impl mlua::FromLua for CallHandle {
+    fn from_lua(value: Value, _: &Lua) -> mlua::Result<CallHandle> {
+        match value {
+            Value::LightUserData(ud) => Ok(CallHandle(ud.0 as usize)),
+            other => Err(mlua::Error::runtime(format!(
+                "expected a call's handle, got a {}",
+                other.type_name()
+            ))),
+        }
+    }
+}
+
+/// Bits of a handle that name the slot; the rest is the slot's generation, so that a call
+/// object a script kept past its call names no later call that took the slot (it gets
+/// "this call is over"). With 32 bits of generation (64-bit targets) a slot would have
+/// to be reused four billion times under a kept object for the two to meet.
+const SLOT_BITS: u32 = usize::BITS / 2;
+const SLOT_MASK: usize = (1 << SLOT_BITS) - 1;
+
+/// The calls a VM's scripts can act on, by [`CallHandle`]. A slot holds its call weakly:
+/// the hook run (and, for `on_call_end` and `on_refer`, the B2BUA's handle) holds the
+/// state strongly, so a script reaches it whenever one of the call's hooks runs; the
+/// state frees its slot when it goes.
+#[derive(Default)]
+pub(crate) struct CallSlots(Mutex<SlotTable>);
+
+#[derive(Default)]
+struct SlotTable {
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+}
+
+struct Slot {
+    generation: usize,
+    call: Weak<CallState>,
+}
+
+impl CallSlots {
+    /// A slot for `call`; `None` when every slot a handle can name is taken.
+    fn insert(&self, call: &Arc<CallState>) -> Option<CallHandle> {
+        let mut table = self.0.lock();
+        let index = match table.free.pop() {
+            Some(index) => index,
+            None if table.slots.len() <= SLOT_MASK => {
+                table.slots.push(Slot {
+                    generation: 0,
+                    call: Weak::new(),
+                });
+                table.slots.len() - 1
+            }
+            None => return None,
+        };
+        let slot = &mut table.slots[index];
+        // Never 0, so that no handle is a null pointer.
+        slot.generation = match (slot.generation + 1) & (usize::MAX >> SLOT_BITS) {
+            0 => 1,
+            g => g,
+        };
+        slot.call = Arc::downgrade(call);
+        Some(CallHandle(slot.generation << SLOT_BITS | index))
+    }
+
+    /// The call `handle` names, while it lives.
+    pub(super) fn get(&self, handle: CallHandle) -> mlua::Result<Arc<CallState>> {
+        let table = self.0.lock();
+        table
+            .slots
+            .get(handle.0 & SLOT_MASK)
+            .filter(|slot| slot.generation == handle.0 >> SLOT_BITS)
+            .and_then(|slot| slot.call.upgrade())
+            .ok_or_else(|| {
+                mlua::Error::runtime("this call is over (a call object kept past its hooks)")
+            })
+    }
+
+    fn release(&self, handle: CallHandle) {
+        let mut table = self.0.lock();
+        let index = handle.0 & SLOT_MASK;
+        if let Some(slot) = table.slots.get_mut(index) {
+            if slot.generation == handle.0 >> SLOT_BITS {
+                slot.call = Weak::new();
+                table.free.push(index);
+            }
+        }
+    }
+}
 
 /// Compact header forms (RFC 3261 7.3.3 and later RFCs).
 const COMPACT: &[(&str, &str)] = &[
@@ -227,19 +330,36 @@ const SERVER_HEADERS: &[&str] = &[
     "record-route",
 ];
 
-/// The `call:*` verbs as raw functions of the call's userdata, returning `(error message)`
+/// The `call:*` verbs as raw functions of the call's handle, returning `(error message)`
 /// or `(nil, result)`; the sandbox prelude wraps them into methods that raise. `field`
 /// reads the call's facts for the lazily built fields of the `call` table.
-pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Result<Table> {
+pub(crate) fn raw_api(
+    lua: &Lua,
+    routes: &[String],
+    waits: &Waits,
+    calls: &Arc<CallSlots>,
+) -> mlua::Result<Table> {
     let api = lua.create_table()?;
 
     let routes: Arc<[String]> = routes.into();
+    // keep(handle, call): the call table, held until the call is over, for the hooks that
+    // are given it again (`on_call_end`, `on_refer`).
+    let slots = calls.clone();
+    api.raw_set(
+        "keep",
+        lua.create_function(move |lua, (ud, call): (CallHandle, Table)| {
+            let state = slots.get(ud)?;
+            *state.key.lock() = Some(lua.create_registry_value(call)?);
+            Ok(())
+        })?,
+    )?;
+    let slots = calls.clone();
     api.raw_set(
         "set_route",
-        lua.create_function(move |_, (ud, name): (CallRef, Value)| {
+        lua.create_function(move |_, (ud, name): (CallHandle, Value)| {
             // (true) or (nil, why): a label that is not configured is the script's
             // mistake, but not one worth failing a call for.
-            let state = call_ud(&ud)?;
+            let state = slots.get(ud)?;
             let name = match &name {
                 Value::String(s) => s.to_string_lossy(),
                 other => {
@@ -275,12 +395,13 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
         })?,
     )?;
 
+    let slots = calls.clone();
     api.raw_set(
         "field",
-        lua.create_function(|lua, (ud, bit, call): (CallRef, i64, Table)| {
+        lua.create_function(move |lua, (ud, bit, call): (CallHandle, i64, Table)| {
             // Stores the field in the call table (raw) as it makes it; the bits are the
             // sandbox's `lazy_bit`.
-            let state = call_ud(&ud)?;
+            let state = slots.get(ud)?;
             let text = |key: &CStr, s: Option<&str>| store(lua, &call, key, s.map(Field::Str));
             let uri = |key: &CStr, uri: &UriInfo| {
                 let fields = uri_fields(uri);
@@ -298,10 +419,11 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
         })?,
     )?;
 
+    let slots = calls.clone();
     api.raw_set(
         "header",
-        lua.create_function(|lua, (ud, name): (CallRef, Value)| {
-            let state = call_ud(&ud)?;
+        lua.create_function(move |lua, (ud, name): (CallHandle, Value)| {
+            let state = slots.get(ud)?;
             let Value::String(name) = name else {
                 return Ok((
                     Some(format!(
@@ -319,12 +441,13 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
         })?,
     )?;
 
+    let slots = calls.clone();
     api.raw_set(
         "authenticate",
-        lua.create_function(|_, ud: CallRef| {
+        lua.create_function(move |_, ud: CallHandle| {
             // (user, error): the user when the caller is authenticated; nothing when the
             // call has been answered with a challenge (or 403); an error otherwise.
-            let state = call_ud(&ud)?;
+            let state = slots.get(ud)?;
             let control = state.check("authenticate").and_then(|()| {
                 state
                     .inner
@@ -356,10 +479,11 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
         })?,
     )?;
 
+    let slots = calls.clone();
     api.raw_set(
         "reject",
-        lua.create_function(|_, (ud, code, reason): (CallRef, Value, Value)| {
-            let state = call_ud(&ud)?;
+        lua.create_function(move |_, (ud, code, reason): (CallHandle, Value, Value)| {
+            let state = slots.get(ud)?;
             let result = parse_reject(&code, &reason).and_then(|(code, reason)| {
                 state.decide("reject", Decision::Rejected(code, reason))
             });
@@ -367,10 +491,11 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
         })?,
     )?;
 
+    let slots = calls.clone();
     api.raw_set(
         "redirect",
-        lua.create_function(|_, (ud, contacts): (CallRef, Value)| {
-            let state = call_ud(&ud)?;
+        lua.create_function(move |_, (ud, contacts): (CallHandle, Value)| {
+            let state = slots.get(ud)?;
             let result = state.check("redirect").and_then(|()| {
                 let contacts = string_list(&contacts, "call:redirect", "contact")?;
                 state.decide("redirect", Decision::Redirected(contacts))
@@ -383,11 +508,12 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
     // the wait marker, on which the sandbox yields; the sandbox has already checked that
     // they run in the call's own hook coroutine. An error returns (nil, message).
     let w = waits.clone();
+    let slots = calls.clone();
     api.raw_set(
         "dial",
         lua.create_function(
-            move |lua, (ud, target, opts, known): (CallRef, Value, Value, KnownOptions)| {
-                let state = call_ud(&ud)?;
+            move |lua, (ud, target, opts, known): (CallHandle, Value, Value, KnownOptions)| {
+                let state = slots.get(ud)?;
                 let prepared = (|| {
                     state.check("dial")?;
                     // An empty list (e.g. `registrar.lookup` of a user with no device
@@ -427,48 +553,53 @@ pub(crate) fn raw_api(lua: &Lua, routes: &[String], waits: &Waits) -> mlua::Resu
     )?;
 
     let w = waits.clone();
+    let slots = calls.clone();
     api.raw_set(
         "transfer",
-        lua.create_function(move |lua, (ud, target, party): (CallRef, Value, Value)| {
-            let state = call_ud(&ud)?;
-            let prepared = (|| -> Result<_, String> {
-                let target = match &target {
-                    Value::String(s) => s.to_str().map_err(|e| e.to_string())?.trim().to_owned(),
-                    other => return Err(type_error("call:transfer", "a target URI", other)),
+        lua.create_function(
+            move |lua, (ud, target, party): (CallHandle, Value, Value)| {
+                let state = slots.get(ud)?;
+                let prepared = (|| -> Result<_, String> {
+                    let target = match &target {
+                        Value::String(s) => {
+                            s.to_str().map_err(|e| e.to_string())?.trim().to_owned()
+                        }
+                        other => return Err(type_error("call:transfer", "a target URI", other)),
+                    };
+                    let to_caller = match &party {
+                        Value::Nil => true,
+                        Value::String(s) if &*s.as_bytes() == b"caller" => true,
+                        Value::String(s) if &*s.as_bytes() == b"callee" => false,
+                        other => {
+                            return Err(format!(
+                                "call:transfer: party must be \"caller\" or \"callee\", not {}",
+                                describe_value(other)
+                            ))
+                        }
+                    };
+                    let inner = state.inner.lock();
+                    let answered = matches!(inner.decision, Some(Decision::Answered));
+                    let control = match (&inner.control, inner.phase, answered) {
+                        (Some(c), Phase::Deciding, true) => c.clone(),
+                        (_, Phase::Deciding, false) => {
+                            return Err("call:transfer: the call is not answered".into())
+                        }
+                        _ => return Err("call:transfer: on_invite has already returned".into()),
+                    };
+                    Ok((target, to_caller, control))
+                })();
+                let (target, to_caller, control) = match prepared {
+                    Ok(p) => p,
+                    Err(msg) => return failed(lua, msg),
                 };
-                let to_caller = match &party {
-                    Value::Nil => true,
-                    Value::String(s) if &*s.as_bytes() == b"caller" => true,
-                    Value::String(s) if &*s.as_bytes() == b"callee" => false,
-                    other => {
-                        return Err(format!(
-                            "call:transfer: party must be \"caller\" or \"callee\", not {}",
-                            describe_value(other)
-                        ))
-                    }
+                let lua = lua.clone();
+                let transferred = async move {
+                    let outcome = control.transfer(target, to_caller).await;
+                    outcome_values(&lua, &outcome, true)
                 };
-                let inner = state.inner.lock();
-                let answered = matches!(inner.decision, Some(Decision::Answered));
-                let control = match (&inner.control, inner.phase, answered) {
-                    (Some(c), Phase::Deciding, true) => c.clone(),
-                    (_, Phase::Deciding, false) => {
-                        return Err("call:transfer: the call is not answered".into())
-                    }
-                    _ => return Err("call:transfer: on_invite has already returned".into()),
-                };
-                Ok((target, to_caller, control))
-            })();
-            let (target, to_caller, control) = match prepared {
-                Ok(p) => p,
-                Err(msg) => return failed(lua, msg),
-            };
-            let lua = lua.clone();
-            let transferred = async move {
-                let outcome = control.transfer(target, to_caller).await;
-                outcome_values(&lua, &outcome, true)
-            };
-            wait_for(&w, "transfer", Box::pin(transferred))
-        })?,
+                wait_for(&w, "transfer", Box::pin(transferred))
+            },
+        )?,
     )?;
 
     // The standard phrases, for `unless_standard`'s None (the sandbox's REASONS).
@@ -549,12 +680,6 @@ fn outcome_code(o: &DialOutcome, whole: bool) -> i64 {
         + i64::from(o.status.min(1023)) * 2
         + (o.source as i64) * 2048
         + target * 8192
-}
-
-pub(super) fn call_ud(ud: &CallUd) -> mlua::Result<Arc<CallState>> {
-    ud.0.upgrade().ok_or_else(|| {
-        mlua::Error::runtime("this call is over (a call object kept past its hooks)")
-    })
 }
 
 fn type_error(what: &str, expected: &str, got: &Value) -> String {
@@ -1009,22 +1134,20 @@ pub(crate) async fn run_on_invite(
         return InviteOutcome::Failed { error, handle };
     };
     let call = state.clone();
-    // Only a later hook (`on_call_end`, `on_refer`) finds the call's userdata again: without
-    // one, no registry slot is made and freed per call.
-    let findable = version.info.has(Hook::CallEnd) || version.info.has(Hook::Refer);
     let result = hooks::run(
         &version.run,
         &vm,
         Hook::Invite,
         &state.id,
         move |vm, budget| {
-            // The only Lua values made here: the call's userdata and, for a later hook, its
-            // registry slot (the sandbox builds the `call` table around it, lazily).
-            let ud = vm.lua.create_any_userdata(CallUd(Arc::downgrade(&call)))?;
-            if findable {
-                *call.key.lock() = Some(vm.lua.create_registry_value(&ud)?);
-            }
-            let fut = vm.start_hook::<()>(Hook::Invite, ud)?;
+            // No Lua value is made here: the call's handle is a light userdata (the sandbox
+            // builds the `call` table around it, lazily).
+            let handle = vm
+                .calls
+                .insert(&call)
+                .ok_or_else(|| mlua::Error::runtime("too many calls at once on this script VM"))?;
+            let _ = call.slot.set((vm.calls.clone(), handle));
+            let fut = vm.start_hook::<()>(Hook::Invite, handle.to_lua())?;
             let (budget, lua) = (budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;
@@ -1131,13 +1254,13 @@ async fn run_on_call_end(
         Hook::CallEnd,
         &call.id,
         move |vm, budget| {
-            let ud: AnyUserData = vm.lua.registry_value(&key)?;
+            let call: Table = vm.lua.registry_value(&key)?;
             vm.lua.remove_registry_value(key)?;
             // The call's own globals, from its earlier hooks.
             restore_env(&vm.lua, &state, budget);
             // The sandbox builds the record table from these.
             let args = (
-                ud,
+                call,
                 unix(record.start),
                 record.answer.map(unix),
                 unix(record.end),
@@ -1183,11 +1306,11 @@ fn run_on_refer(
             let Some(key) = key.as_ref() else {
                 return Err(mlua::Error::runtime("the call's script state is gone"));
             };
-            let ud: AnyUserData = vm.lua.registry_value(key)?;
+            let call: Table = vm.lua.registry_value(key)?;
             restore_env(&vm.lua, &state, budget);
             let fut = vm.start_hook::<(String, Value, Value)>(
                 Hook::Refer,
-                (ud, info.by, info.target, info.referred_by, info.replaces),
+                (call, info.by, info.target, info.referred_by, info.replaces),
             )?;
             let (st, b, lua) = (state.clone(), budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mlua::{Lua, Table, Thread, Value};
 
-use super::call::{call_ud, CallRef, DialInProgress};
+use super::call::{CallHandle, CallSlots, DialInProgress};
 use super::record::{record, Field};
 use super::wait::{wait_marker, Waits};
 use super::{CallControl, DialOptions, DialOutcome, DialSource, DialTarget, Services};
@@ -140,15 +140,17 @@ pub(crate) fn register(
     helpers: &Table,
     services: &Services,
     waits: &Waits,
+    calls: &Arc<CallSlots>,
 ) -> mlua::Result<()> {
     let svc = services.clone();
+    let slots = calls.clone();
     let w = waits.clone();
     helpers.raw_set(
         "call_hunt",
-        lua.create_function(move |lua, (ud, name, opts): (CallRef, Value, Value)| {
+        lua.create_function(move |lua, (ud, name, opts): (CallHandle, Value, Value)| {
             let groups = svc.hunt.read().clone();
             let main = svc.clone();
-            let state = call_ud(&ud)?;
+            let state = slots.get(ud)?;
             let prepared = (|| -> Result<_, String> {
                 let name = match &name {
                     Value::String(s) => s.to_string_lossy(),

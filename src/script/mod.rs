@@ -126,7 +126,8 @@
 //!   to the right run (also inside coroutines the script creates itself). A run that needs
 //!   no wait finishes in its first poll, without a task.
 //! - **Cost per hook**: every Rust→Lua operation is a protected call while a memory limit
-//!   is set, so Rust hands Lua one userdata per call and the sandbox prelude builds the
+//!   is set, so Rust hands Lua one handle per call (a light userdata naming the call's
+//!   slot in its VM's `CallSlots`, no Lua object made) and the sandbox prelude builds the
 //!   `call` table around it, each field on first access (`pairs` still sees them all);
 //!   dial outcomes and `on_call_end` records are likewise built in Lua from plain values.
 //!   Hook coroutines are recycled (a pool per VM, `wait.rs`).

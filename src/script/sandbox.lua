@@ -160,13 +160,15 @@ function require(name)
 end
 
 -- The `call` object is a plain table built here, in Lua: the Rust side hands over one
--- userdata per call (its state) and every crossing of the Rust/Lua boundary is costly
--- (each one is a protected call when a memory limit is set). So the fields are filled on
--- first access (__index), and the outcome tables are built here from plain values.
+-- handle per call (a light userdata naming its state) and every crossing of the Rust/Lua
+-- boundary is costly (each one is a protected call when a memory limit is set). So the
+-- fields are filled on first access (__index), and the outcome tables are built here from
+-- plain values.
 local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
 local raw_authenticate, raw_set_route, raw_transfer = raw.authenticate, raw.set_route, raw.transfer
+local raw_keep = raw.keep
 -- The raw `rawset` and `setmetatable` (not the checking ones above, which guard the frozen
 -- tables and __gc): a call table is neither, and these run for every call.
 local rawget, next, getmetatable = rawget, next, getmetatable
@@ -175,17 +177,16 @@ local rawset, setmetatable = raw_rawset, raw_setmetatable
 -- carried it gets it from here rather than as a new string from Rust.
 local REASONS = raw.reasons
 
--- call -> its private record { userdata, hook coroutine, built fields }; userdata -> its
--- call (for on_refer and on_call_end, so only when the script defines one). Both
--- weak-keyed (ephemerons): the handle's registry reference to the userdata keeps the call
--- alive until the call is over. One record per call rather than one table per
--- fact: every entry in a weak table costs insertion, rehashing and GC traversal.
+-- call -> its private record { handle, hook coroutine, built fields }, weak-keyed. When
+-- the script defines on_refer or on_call_end, Rust keeps the call table (a registry
+-- reference, `raw_keep`) until the call is over and hands that same table to those hooks.
+-- One record per call rather than one table per fact: every entry in a weak table costs
+-- insertion, rehashing and GC traversal.
 --
 -- The hook coroutine: `call:dial` waits by yielding it, so it must not be called from a
 -- coroutine the script created (nor from another call's hook).
 local UD, THREAD, MADE = 1, 2, 3
 local private = setmetatable({}, { __mode = "k" })
-local call_of = setmetatable({}, { __mode = "k" })
 
 local function usage(verb)
   return "call:" .. verb .. ": expected a call object (write call:" .. verb .. "(...), with a colon)"
@@ -416,15 +417,15 @@ local call_meta = {
   end,
 }
 
--- `findable`: the call is looked up again from its userdata (by on_refer or on_call_end,
--- when the script defines one of them); otherwise the weak entry is not made (each costs an
--- insertion and GC traversal per call).
+-- `findable`: on_refer or on_call_end will be given this call table again (the script
+-- defines one of them), so Rust keeps it; otherwise nothing is kept (a crossing into Rust
+-- per call).
 local function new_call(ud, thread, findable)
   -- The nil fields only size the table for the fields most scripts read.
   local call = setmetatable({ ruri = nil, from = nil, to = nil, id = nil }, call_meta)
   private[call] = { ud, thread, 0 }
   if findable then
-    call_of[ud] = call
+    raw_keep(ud, call)
   end
   return call
 end
@@ -464,13 +465,8 @@ end
 -- The hook denies with refer:deny(code, reason), rewrites refer.target or
 -- refer.referred_by, or returns nothing (the transfer goes ahead).
 local function refer_runner(on_refer)
-  return function(ud, by, target, referred_by, replaces)
-    local call = call_of[ud]
-    if call == nil then
-      call = new_call(ud, running(), true)
-    else
-      private[call][THREAD] = running()
-    end
+  return function(call, by, target, referred_by, replaces)
+    private[call][THREAD] = running()
     local verdict
     local refer = {
       by = by,
@@ -513,13 +509,8 @@ local function bind(hooks)
     end
   end
   if on_call_end ~= nil then
-    runners.on_call_end = function(ud, start, answer, ends, duration, hangup_by, final_status)
-      local call = call_of[ud]
-      if call == nil then
-        call = new_call(ud, running(), true)
-      else
-        private[call][THREAD] = running()
-      end
+    runners.on_call_end = function(call, start, answer, ends, duration, hangup_by, final_status)
+      private[call][THREAD] = running()
       return on_call_end(call, {
         start = start,
         answer = answer,

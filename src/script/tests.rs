@@ -381,7 +381,7 @@ async fn parallel_fork_and_all_dial_options() {
         opts,
         &DialOptions {
             timeout: Some(Duration::from_millis(12_500)),
-            headers: vec![("X-A".into(), "one".into()), ("X-B".into(), "2".into())].into(),
+            headers: vec![("X-A".into(), "one".into()), ("X-B".into(), "2".into())],
             from: Some("sip:office@example.com".into()),
             to: Some("sip:bob@example.com".into()),
             max_duration: Some(Duration::from_secs(3600)),
@@ -535,6 +535,38 @@ async fn reject_gives_rejected_with_code_and_reason() {
     let e = engine(r#"function on_invite(call) call:reject(486) end"#);
     let out = invite(&e, call_to("1"), &Fake::new(vec![])).await;
     assert_eq!(rejected(&out), (486, "Busy Here"));
+}
+
+#[tokio::test]
+async fn a_call_object_kept_past_its_call_cannot_act_on_a_later_call() {
+    // The first call's object, kept in an upvalue, names a slot the second call may take
+    // over: the second call must not be rejected through it. One VM, so both calls meet.
+    let e = engine_pool(
+        r#"
+        local kept = {}
+        function on_invite(call)
+          local old = kept[1]
+          kept[1] = call
+          if old == nil then
+            call:reject(404, "first")
+            return
+          end
+          local ok, err = pcall(old.reject, old, 403, "through the old object")
+          call:reject(499, tostring(ok) .. "|" .. (tostring(err):gsub("%s+", " ")))
+        end
+        "#,
+        1,
+    );
+    let first = invite(&e, call_to("1"), &Fake::new(vec![])).await;
+    assert_eq!(rejected(&first), (404, "first"));
+    drop(first);
+    let second = invite(&e, call_to("2"), &Fake::new(vec![])).await;
+    let (status, reason) = rejected(&second);
+    assert_eq!(status, 499, "{reason}");
+    assert!(
+        reason.starts_with("false|") && reason.contains("this call is over"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
@@ -1165,8 +1197,7 @@ async fn on_register_sees_the_fields_and_first_header_values() {
             ("x-tag".into(), "first".into()),
             ("via".into(), "SIP/2.0/UDP 127.0.0.1:5070".into()),
             ("x-tag".into(), "second".into()),
-        ]
-        .into(),
+        ],
     };
     assert_eq!(
         e.current().on_register(&info).await,

@@ -295,13 +295,15 @@ pub(crate) struct Vm {
     pub lua: Lua,
     shared: Arc<VmShared>,
     /// The sandbox's runner of each hook the script defines (indexed by [`Hook`]): it
-    /// builds the hook's arguments (the `call` table around a call's userdata, `req`
+    /// builds the hook's arguments (the `call` table around a call's handle, `req`
     /// tables) and calls the operator's function.
     runners: [Option<Function>; Hook::COUNT],
     /// Where the verbs that wait hand their futures to the run's driver.
     waits: Waits,
     /// Finished hook coroutines, for the next runs.
     threads: Rc<ThreadPool>,
+    /// The calls this VM's scripts act on, by the handle the sandbox keeps for each.
+    pub calls: Arc<call::CallSlots>,
     /// What the script defines (shared with the pool's handle).
     pub info: Arc<HookInfo>,
     /// The global table's metatable, the frozen globals, and the `__newindex` that gives
@@ -335,6 +337,7 @@ impl Vm {
         // mlua's async threads: no pool of mlua's.
         let lua = Lua::new_with(libs, LuaOptions::new()).map_err(internal)?;
         let waits = Waits::default();
+        let calls = Arc::new(call::CallSlots::default());
 
         let step = match opts.instruction_limit {
             0 => HOOK_STEP,
@@ -388,7 +391,7 @@ impl Vm {
             )?;
             helpers.raw_set("find_module", find_module_fn(&lua, file)?)?;
             helpers.raw_set("log", log_table(&lua, file_name.clone())?)?;
-            helpers.raw_set("call", call::raw_api(&lua, &opts.routes, &waits)?)?;
+            helpers.raw_set("call", call::raw_api(&lua, &opts.routes, &waits, &calls)?)?;
             let svc = services.clone();
             helpers.raw_set(
                 "registrar_lookup",
@@ -406,7 +409,7 @@ impl Vm {
                     lua.create_sequence_from(svc.lookup(&aor))
                 })?,
             )?;
-            super::huntgroup::register(&lua, &helpers, services, &waits)?;
+            super::huntgroup::register(&lua, &helpers, services, &waits, &calls)?;
             helpers.raw_set("wait", wait_marker())?;
             lua.load(SANDBOX)
                 .set_name(format!("={INTERNAL_SOURCE}sandbox"))
@@ -490,6 +493,7 @@ impl Vm {
             runners,
             waits,
             threads: Rc::new(ThreadPool::new(&lua).map_err(internal)?),
+            calls,
             info: Arc::new(info),
             globals_meta,
             base,
