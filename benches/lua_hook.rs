@@ -31,7 +31,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use strowger::b2bua::{
-    CallControl, CallInfo, DialOptions, DialOutcome, DialSource, DialTarget, UriInfo,
+    CallControl, CallInfo, DialOptions, DialOutcome, DialSource, DialTarget, HeaderList, UriInfo,
 };
 use strowger::script::{EngineOptions, ScriptEngine};
 
@@ -78,19 +78,23 @@ fn call_info(n: u64) -> CallInfo {
         user: Some(user.into()),
         host: "127.0.0.1".into(),
     };
+    // Filled from the INVITE's parsed headers, presized, as the B2BUA does.
+    const HEADERS: [(&str, &str); 2] = [
+        ("Contact", "<sip:alice@127.0.0.1:5061>"),
+        ("Content-Type", "application/sdp"),
+    ];
+    let bytes = HEADERS.iter().map(|(n, v)| n.len() + v.len()).sum();
+    let mut headers = HeaderList::with_capacity(HEADERS.len(), bytes);
+    for (name, value) in HEADERS {
+        headers.push(name, value);
+    }
     CallInfo {
         id: format!("bench-{n}"),
         from: uri("alice"),
         to: uri("1042"),
         ruri: uri("1042"),
         source: "udp:127.0.0.1:5061".into(),
-        // Filled from the INVITE's parsed headers, as the B2BUA does.
-        headers: [
-            ("Contact", "<sip:alice@127.0.0.1:5061>"),
-            ("Content-Type", "application/sdp"),
-        ]
-        .into_iter()
-        .collect(),
+        headers,
         trunk: None,
     }
 }

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
 use super::pool::VmHandle;
-use super::record::{record_into, store, Field};
+use super::record::{record, record_into, store, Field};
 use super::vm::FailKind;
 use super::wait::{wait_marker, WaitFuture, Waited, Waits};
 use super::{
@@ -1140,14 +1140,15 @@ pub(crate) async fn run_on_invite(
         Hook::Invite,
         &state.id,
         move |vm, budget| {
-            // No Lua value is made here: the call's handle is a light userdata (the sandbox
-            // builds the `call` table around it, lazily).
+            // The call's handle is a light userdata, no Lua object (the sandbox builds the
+            // `call` table around it, its fields lazily but for `ruri`, made here).
             let handle = vm
                 .calls
                 .insert(&call)
                 .ok_or_else(|| mlua::Error::runtime("too many calls at once on this script VM"))?;
             let _ = call.slot.set((vm.calls.clone(), handle));
-            let fut = vm.start_hook::<()>(Hook::Invite, handle.to_lua())?;
+            let ruri = record(&vm.lua, &uri_fields(&call.ruri))?;
+            let fut = vm.start_hook::<()>(Hook::Invite, (handle.to_lua(), ruri))?;
             let (budget, lua) = (budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;
