@@ -72,8 +72,13 @@ start_strowger() {
   http=$(free_tcp_port)
   HTTP_PORT=$http
   cat > "$WORK/plan.lua" <<LUA
--- Bench dial plan: every call to the one callee.
+-- Bench dial plan: the Kamailio comparator's decision (benches/kamailio/route.lua.in):
+-- a Request-URI without a user gets 404, every other call goes to the one callee.
 function on_invite(call)
+  if call.ruri.user == nil then
+    call:reject(404, "No such user")
+    return
+  end
   call:dial("sip:service@127.0.0.1:$UAS_PORT")
 end
 LUA
