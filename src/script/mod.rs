@@ -128,8 +128,9 @@
 //! - **Cost per hook**: every Rust→Lua operation is a protected call while a memory limit
 //!   is set, so Rust hands Lua one handle per call (a light userdata naming the call's
 //!   slot in its VM's `CallSlots`, no Lua object made) and the sandbox prelude builds the
-//!   `call` table around it, each field on first access (`pairs` still sees them all);
-//!   dial outcomes and `on_call_end` records are likewise built in Lua from plain values.
+//!   `call` table around it, each field on first access but `ruri`, which Rust makes as
+//!   the run starts (`pairs` still sees them all); dial outcomes and `on_call_end`
+//!   records are likewise built in Lua from plain values.
 //!   Hook coroutines are recycled (a pool per VM, `wait.rs`).
 //! - **Reload**: [`ScriptEngine::reload`] builds a fresh pool on new threads (awaited off the
 //!   runtime); on success it swaps
