@@ -162,8 +162,8 @@ end
 -- The `call` object is a plain table built here, in Lua: the Rust side hands over one
 -- handle per call (a light userdata naming its state) and every crossing of the Rust/Lua
 -- boundary is costly (each one is a protected call when a memory limit is set). So the
--- fields are filled on first access (__index), and the outcome tables are built here from
--- plain values.
+-- fields are filled on first access (__index), but for `ruri`, which Rust makes as the run
+-- starts; the outcome tables are built here from plain values.
 local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
@@ -365,6 +365,8 @@ local methods = {
 -- assigned by the script), a field is never built again, so `call.vars = nil` stays nil as
 -- it would with a plain table.
 local lazy_bit = { id = 1, source = 2, from = 4, to = 8, ruri = 16, vars = 32, trunk = 64 }
+-- What a new call table holds from the start (new_call).
+local MADE_AT_START = lazy_bit.ruri
 
 local function index(c, k)
   local m = methods[k]
@@ -425,7 +427,7 @@ local call_meta = {
 local function new_call(ud, thread, findable, ruri)
   -- The nil fields only size the table for the fields most scripts read.
   local call = setmetatable({ ruri = ruri, from = nil, to = nil, id = nil }, call_meta)
-  private[call] = { ud, thread, 16 }
+  private[call] = { ud, thread, MADE_AT_START }
   if findable then
     raw_keep(ud, call)
   end
