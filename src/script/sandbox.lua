@@ -171,7 +171,7 @@ local raw_authenticate, raw_set_route, raw_transfer = raw.authenticate, raw.set_
 local raw_keep = raw.keep
 -- The raw `rawset` and `setmetatable` (not the checking ones above, which guard the frozen
 -- tables and __gc): a call table is neither, and these run for every call.
-local rawget, next, getmetatable = rawget, next, getmetatable
+local rawget, next = rawget, next
 local rawset, setmetatable = raw_rawset, raw_setmetatable
 -- The standard reason phrase of every status 100-699: a dial or transfer whose answer
 -- carried it gets it from here rather than as a new string from Rust.
@@ -264,9 +264,10 @@ local methods = {
     if owner ~= nil and owner ~= running() then
       error("call:dial: must be called from the call's own hook, not from another coroutine", 2)
     end
-    -- Without a metatable, the options are read raw in the one pass that checks their
-    -- names: a field read that misses (most options are absent) is a C call each.
-    local known = type(opts) == "table" and getmetatable(opts) == nil
+    -- The options are read raw (as the Rust side reads them, metatable or not) in the one
+    -- pass that checks their names: a field read that misses (most options are absent)
+    -- is a C call each.
+    local known = type(opts) == "table"
     local timeout, headers, from, to, max_duration, caller_id, privacy
     if known then
       for k, v in next, opts do
@@ -295,8 +296,8 @@ local methods = {
       r, reason = raw_dial(p[UD], target, nil, timeout, headers, from, to, max_duration,
         caller_id, privacy)
     else
-      -- Anything unusual (unknown keys, not a table, a metatable): the Rust side reads the
-      -- table itself (raw) and says what is wrong.
+      -- Anything unusual (unknown keys, not a table): the Rust side reads the table itself
+      -- (raw) and says what is wrong.
       r, reason = raw_dial(p[UD], target, opts)
     end
     return outcome(r, reason, target)
