@@ -503,6 +503,12 @@ async fn bad_dial_arguments_are_lua_errors_with_position() {
             "line break",
         ),
         (r#"call:dial("sip:a b@c")"#, "no spaces"),
+        (r#"call:dial("sip:a\tb@c")"#, "no spaces"),
+        (r#"call:dial("sip:a\127b@c")"#, "no spaces"),
+        (r#"call:dial("<sip:a@c>")"#, "no spaces"),
+        (r#"call:dial("sip:\"a\"@c")"#, "no spaces"),
+        (r#"call:dial("sip:jürgen\u{3000}x@c")"#, "no spaces"),
+        (r#"call:dial("sip:jürgen\u{85}x@c")"#, "no spaces"),
         (r#"call.dial("sip:a@b")"#, "with a colon"),
     ];
     for (line, expected) in cases {
@@ -524,6 +530,12 @@ async fn bad_dial_arguments_are_lua_errors_with_position() {
         other => panic!("expected the script's reject, got {other:?}"),
     }
     assert!(fake.targets().is_empty());
+    // Non-ASCII text without spaces or controls is a target like any other.
+    let e = engine("function on_invite(call)\n  call:dial(\"sip:jürgen@c\")\nend\n");
+    let fake = Fake::new(vec![answered()]);
+    let out = invite(&e, call_to("1"), &fake).await;
+    assert!(matches!(out, InviteOutcome::Bridged { .. }), "{out:?}");
+    assert_eq!(fake.targets(), vec![vec!["sip:jürgen@c".to_owned()]]);
 }
 
 #[tokio::test]
