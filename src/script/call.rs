@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
 use super::pool::VmHandle;
-use super::record::{record, record_into, store, Field};
+use super::record::{object_with, record_into, store, Field};
 use super::vm::FailKind;
 use super::wait::{wait_marker, WaitFuture, Waited, Waits};
 use super::{
@@ -1140,15 +1140,16 @@ pub(crate) async fn run_on_invite(
         Hook::Invite,
         &state.id,
         move |vm, budget| {
-            // The call's handle is a light userdata, no Lua object (the sandbox builds the
-            // `call` table around it, its fields lazily but for `ruri`, made here).
+            // The call's handle is a light userdata, no Lua object. The `call` table is made
+            // here with its `ruri` (room for the fields most scripts read); the sandbox
+            // builds the other fields lazily.
             let handle = vm
                 .calls
                 .insert(&call)
                 .ok_or_else(|| mlua::Error::runtime("too many calls at once on this script VM"))?;
             let _ = call.slot.set((vm.calls.clone(), handle));
-            let ruri = record(&vm.lua, &uri_fields(&call.ruri))?;
-            let fut = vm.start_hook::<()>(Hook::Invite, (handle.to_lua(), ruri))?;
+            let table = object_with(&vm.lua, &vm.call_meta, 4, c"ruri", &uri_fields(&call.ruri))?;
+            let fut = vm.start_hook::<()>(Hook::Invite, (handle.to_lua(), table))?;
             let (budget, lua) = (budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;

@@ -170,7 +170,8 @@ local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
 local raw_authenticate, raw_set_route, raw_transfer = raw.authenticate, raw.set_route, raw.transfer
 local raw_keep = raw.keep
 -- The raw `rawset` and `setmetatable` (not the checking ones above, which guard the frozen
--- tables and __gc): a call table is neither, and these run for every call.
+-- tables and __gc): the sandbox's own tables are neither, and a call's lazy fields are
+-- stored with `rawset`.
 local rawget, next = rawget, next
 local rawset, setmetatable = raw_rawset, raw_setmetatable
 -- The standard reason phrase of every status 100-699: a dial or transfer whose answer
@@ -422,12 +423,10 @@ local call_meta = {
 
 -- `findable`: on_refer or on_call_end will be given this call table again (the script
 -- defines one of them), so Rust keeps it; otherwise nothing is kept (a crossing into Rust
--- per call). `ruri`: made by Rust before the run, in the protected call it makes anyway:
--- nearly every dial plan routes on it, and built lazily it cost a metamethod and a
--- crossing into Rust more.
-local function new_call(ud, thread, findable, ruri)
-  -- The nil fields only size the table for the fields most scripts read.
-  local call = setmetatable({ ruri = ruri, from = nil, to = nil, id = nil }, call_meta)
+-- per call). `call`: made by Rust before the run, with `call_meta` and `ruri` (nearly
+-- every dial plan routes on it), in the protected call it makes anyway: built here, it
+-- cost a `setmetatable` call, and `ruri` a metamethod and a crossing into Rust more.
+local function new_call(ud, thread, findable, call)
   private[call] = { ud, thread, MADE_AT_START }
   if findable then
     raw_keep(ud, call)
@@ -509,8 +508,8 @@ local function bind(hooks)
   runners.on_subscribe = hooks.on_subscribe
   local findable = hooks.on_refer ~= nil or on_call_end ~= nil
   if on_invite ~= nil then
-    runners.on_invite = function(ud, ruri)
-      return on_invite(new_call(ud, running(), findable, ruri))
+    runners.on_invite = function(ud, call)
+      return on_invite(new_call(ud, running(), findable, call))
     end
   end
   if on_call_end ~= nil then
@@ -550,7 +549,7 @@ local function bind(hooks)
   gmeta.__newindex = first_global
   raw_setmetatable(G, gmeta)
   frozen[G] = true
-  return runners, gmeta, base, first_global
+  return runners, gmeta, base, first_global, call_meta
 end
 
 return bind

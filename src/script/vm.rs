@@ -304,6 +304,8 @@ pub(crate) struct Vm {
     threads: Rc<ThreadPool>,
     /// The calls this VM's scripts act on, by the handle the sandbox keeps for each.
     pub calls: Arc<call::CallSlots>,
+    /// The metatable of the sandbox's `call` tables, which Rust makes (`record::object_with`).
+    pub call_meta: Table,
     /// What the script defines (shared with the pool's handle).
     pub info: Arc<HookInfo>,
     /// The global table's metatable, the frozen globals, and the `__newindex` that gives
@@ -478,9 +480,9 @@ impl Vm {
         info.file = file.display.clone();
         // The sandbox binds the runners, then freezes the standard tables and moves the
         // globals behind the global table's metatable.
-        let (runners_table, globals_meta, base, first_global) = {
+        let (runners_table, globals_meta, base, first_global, call_meta) = {
             let _g = enter_budget(&shared, &budget);
-            bind.call::<(Table, Table, Table, Function)>(hooks)
+            bind.call::<(Table, Table, Table, Function, Table)>(hooks)
                 .map_err(internal)?
         };
         let mut runners: [Option<Function>; Hook::COUNT] = Default::default();
@@ -498,6 +500,7 @@ impl Vm {
             globals_meta,
             base,
             first_global,
+            call_meta,
             depth: Cell::new(0),
             instruction_limit: opts.instruction_limit,
             memory_limit: opts.memory_limit,
