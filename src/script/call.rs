@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::hooks::{self, Hook, HookFuture};
 use super::pool::VmHandle;
-use super::record::{object_with, record_into, store, Field};
+use super::record::{push_record, record_into, store, Field};
 use super::vm::FailKind;
 use super::wait::{wait_marker, WaitFuture, Waited, Waits};
 use super::{
@@ -48,9 +48,9 @@ pub(crate) struct CallState {
     ruri: UriInfo,
     headers: HeaderList,
     inner: Mutex<Inner>,
-    /// The registry slot of the call's `call` table on its VM, made (by the sandbox, through
-    /// `keep`) only when the script has a later hook that is given the same table again
-    /// (`on_call_end`, `on_refer`); freed with the handle.
+    /// The registry slot of the call's `call` table on its VM, made only when the script
+    /// has a later hook that is given the same table again (`on_call_end`, `on_refer`);
+    /// freed with the handle.
     pub key: Mutex<Option<mlua::RegistryKey>>,
     /// The call's slot in its VM's [`CallSlots`] (set when `on_invite` starts), freed when
     /// the state goes.
@@ -342,17 +342,6 @@ pub(crate) fn raw_api(
     let api = lua.create_table()?;
 
     let routes: Arc<[String]> = routes.into();
-    // keep(handle, call): the call table, held until the call is over, for the hooks that
-    // are given it again (`on_call_end`, `on_refer`).
-    let slots = calls.clone();
-    api.raw_set(
-        "keep",
-        lua.create_function(move |lua, (ud, call): (CallHandle, Table)| {
-            let state = slots.get(ud)?;
-            *state.key.lock() = Some(lua.create_registry_value(call)?);
-            Ok(())
-        })?,
-    )?;
     let slots = calls.clone();
     api.raw_set(
         "set_route",
@@ -1105,6 +1094,51 @@ pub(super) fn no_vm(hook: Hook, version: &ScriptVersion) -> String {
     msg
 }
 
+/// The bit of `ruri` among the sandbox's lazily built fields (its `lazy_bit`).
+const RURI_BIT: i64 = 16;
+
+/// A call's `call` table as its `on_invite` starts, made in one protected call: the
+/// sandbox's metatable, `ruri` (nearly every dial plan routes on it), room for the fields
+/// most scripts read, and its private record `{ handle, hook coroutine, built fields }` in
+/// the sandbox's weak table. Made in Lua, this cost a `setmetatable` call, two table
+/// constructors and, for `ruri`, a metamethod and a crossing into Rust more (issue 14).
+fn new_call_table(
+    vm: &super::vm::Vm,
+    handle: CallHandle,
+    thread: &mlua::Thread,
+    ruri: &UriInfo,
+) -> mlua::Result<Table> {
+    let fields = uri_fields(ruri);
+    // SAFETY: inside `exec_raw`'s protected call (a memory error unwinds to it), borrowed
+    // data only. Stack: the arguments (1 the metatable, 2 the private table, 3 the
+    // coroutine); the call table, its `ruri` record popped into it by `lua_setfield`, the
+    // metatable pushed and popped by `lua_setmetatable`; a copy of the call table and the
+    // private record, both popped by `lua_rawset`; then the call table moved to index 1
+    // and the rest dropped, leaving it as the one result. At most four values above the
+    // arguments (exec_raw checks for room).
+    unsafe {
+        vm.lua
+            .exec_raw::<Table>((&vm.call_meta, &vm.call_private, thread), |state| {
+                mlua::ffi::lua_createtable(state, 0, 4);
+                push_record(state, &fields);
+                mlua::ffi::lua_setfield(state, -2, c"ruri".as_ptr());
+                mlua::ffi::lua_pushvalue(state, 1);
+                mlua::ffi::lua_setmetatable(state, -2);
+                mlua::ffi::lua_pushvalue(state, -1);
+                mlua::ffi::lua_createtable(state, 3, 0);
+                mlua::ffi::lua_pushlightuserdata(state, handle.to_lua().0);
+                mlua::ffi::lua_rawseti(state, -2, 1);
+                mlua::ffi::lua_pushvalue(state, 3);
+                mlua::ffi::lua_rawseti(state, -2, 2);
+                mlua::ffi::lua_pushinteger(state, RURI_BIT);
+                mlua::ffi::lua_rawseti(state, -2, 3);
+                mlua::ffi::lua_rawset(state, 2);
+                mlua::ffi::lua_replace(state, 1);
+                mlua::ffi::lua_settop(state, 1);
+            })
+    }
+}
+
 pub(crate) async fn run_on_invite(
     version: Arc<ScriptVersion>,
     info: CallInfo,
@@ -1134,22 +1168,27 @@ pub(crate) async fn run_on_invite(
         return InviteOutcome::Failed { error, handle };
     };
     let call = state.clone();
+    // A later hook (`on_call_end`, `on_refer`) is given the same `call` table again.
+    let findable = version.info.has(Hook::CallEnd) || version.info.has(Hook::Refer);
     let result = hooks::run(
         &version.run,
         &vm,
         Hook::Invite,
         &state.id,
         move |vm, budget| {
-            // The call's handle is a light userdata, no Lua object. The `call` table is made
-            // here with its `ruri` (room for the fields most scripts read); the sandbox
-            // builds the other fields lazily.
+            // The call's handle is a light userdata, no Lua object.
             let handle = vm
                 .calls
                 .insert(&call)
                 .ok_or_else(|| mlua::Error::runtime("too many calls at once on this script VM"))?;
             let _ = call.slot.set((vm.calls.clone(), handle));
-            let table = object_with(&vm.lua, &vm.call_meta, 4, c"ruri", &uri_fields(&call.ruri))?;
-            let fut = vm.start_hook::<()>(Hook::Invite, (handle.to_lua(), table))?;
+            let fut = vm.start_hook_with::<(), _>(Hook::Invite, |thread| {
+                let table = new_call_table(vm, handle, thread, &call.ruri)?;
+                if findable {
+                    *call.key.lock() = Some(vm.lua.create_registry_value(&table)?);
+                }
+                Ok(table)
+            })?;
             let (budget, lua) = (budget.clone(), vm.lua.clone());
             Ok(Box::pin(async move {
                 let out = fut.await;

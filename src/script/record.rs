@@ -30,32 +30,6 @@ pub(crate) fn record(lua: &Lua, fields: &[(&CStr, Option<Field<'_>>)]) -> mlua::
     unsafe { lua.exec_raw::<Table>((), |state| push_record(state, fields)) }
 }
 
-/// A new table with metatable `meta`, room for `size` fields, and `key` set to a new table
-/// with `fields`, all in one protected call: an object the sandbox hands to a hook with
-/// its first field made (the `call` table and its `ruri`), instead of a `setmetatable`
-/// call and a crossing into Rust for the field from Lua.
-pub(crate) fn object_with(
-    lua: &Lua,
-    meta: &Table,
-    size: i32,
-    key: &CStr,
-    fields: &[(&CStr, Option<Field<'_>>)],
-) -> mlua::Result<Table> {
-    // SAFETY: as in `record`: inside `exec_raw`'s protected call, borrowed data only.
-    // Stack: `meta` (the argument, index 1), the object, then the record, which
-    // `lua_setfield` pops into the object; `lua_rotate` brings `meta` to the top, where
-    // `lua_setmetatable` pops it, leaving the object as the one result.
-    unsafe {
-        lua.exec_raw::<Table>(meta, |state| {
-            ffi::lua_createtable(state, 0, size);
-            push_record(state, fields);
-            ffi::lua_setfield(state, -2, key.as_ptr());
-            ffi::lua_rotate(state, 1, -1);
-            ffi::lua_setmetatable(state, -2);
-        })
-    }
-}
-
 /// Sets `target[key]` (raw) to a new table with `fields`, in one protected call, and
 /// returns that table: a lazily built field stored as it is made (the `call` table's
 /// `ruri`, `from`, `to`), with no `rawset` call from Lua after it.
@@ -111,7 +85,10 @@ pub(crate) fn store(
 /// # Safety
 /// Inside a protected call (a memory error unwinds to it), with room for two more values:
 /// the table, then one value at a time, each popped by the `lua_setfield` after it.
-unsafe fn push_record(state: *mut ffi::lua_State, fields: &[(&CStr, Option<Field<'_>>)]) {
+pub(crate) unsafe fn push_record(
+    state: *mut ffi::lua_State,
+    fields: &[(&CStr, Option<Field<'_>>)],
+) {
     let size = i32::try_from(fields.len()).unwrap_or(i32::MAX);
     ffi::lua_createtable(state, 0, size);
     for (key, value) in fields {

@@ -168,7 +168,6 @@ local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
 local raw_authenticate, raw_set_route, raw_transfer = raw.authenticate, raw.set_route, raw.transfer
-local raw_keep = raw.keep
 -- The raw `rawset` and `setmetatable` (not the checking ones above, which guard the frozen
 -- tables and __gc): the sandbox's own tables are neither, and a call's lazy fields are
 -- stored with `rawset`.
@@ -178,9 +177,10 @@ local rawset, setmetatable = raw_rawset, raw_setmetatable
 -- carried it gets it from here rather than as a new string from Rust.
 local REASONS = raw.reasons
 
--- call -> its private record { handle, hook coroutine, built fields }, weak-keyed. When
--- the script defines on_refer or on_call_end, Rust keeps the call table (a registry
--- reference, `raw_keep`) until the call is over and hands that same table to those hooks.
+-- call -> its private record { handle, hook coroutine, built fields }, weak-keyed. Rust
+-- makes a call's table and record as its on_invite starts (new_call_table in
+-- src/script/call.rs); when the script defines on_refer or on_call_end, it keeps the call
+-- table (a registry reference) until the call is over and hands it to those hooks.
 -- One record per call rather than one table per fact: every entry in a weak table costs
 -- insertion, rehashing and GC traversal.
 --
@@ -367,8 +367,8 @@ local methods = {
 -- assigned by the script), a field is never built again, so `call.vars = nil` stays nil as
 -- it would with a plain table.
 local lazy_bit = { id = 1, source = 2, from = 4, to = 8, ruri = 16, vars = 32, trunk = 64 }
--- What a new call table holds from the start (new_call).
-local MADE_AT_START = lazy_bit.ruri
+-- A new call table holds `ruri` from the start: Rust sets its bit (RURI_BIT in
+-- src/script/call.rs) in the record it makes.
 
 local function index(c, k)
   local m = methods[k]
@@ -420,19 +420,6 @@ local call_meta = {
     return "call " .. tostring(c.id)
   end,
 }
-
--- `findable`: on_refer or on_call_end will be given this call table again (the script
--- defines one of them), so Rust keeps it; otherwise nothing is kept (a crossing into Rust
--- per call). `call`: made by Rust before the run, with `call_meta` and `ruri` (nearly
--- every dial plan routes on it), in the protected call it makes anyway: built here, it
--- cost a `setmetatable` call, and `ruri` a metamethod and a crossing into Rust more.
-local function new_call(ud, thread, findable, call)
-  private[call] = { ud, thread, MADE_AT_START }
-  if findable then
-    raw_keep(ud, call)
-  end
-  return call
-end
 
 -- on_register(req): a plain table per REGISTER. The hook refuses with req:reject(code,
 -- reason), gives credentials by returning { password = ... } (or ha1_md5 / ha1_sha256),
@@ -506,12 +493,9 @@ local function bind(hooks)
   end
   runners.on_message = hooks.on_message
   runners.on_subscribe = hooks.on_subscribe
-  local findable = hooks.on_refer ~= nil or on_call_end ~= nil
-  if on_invite ~= nil then
-    runners.on_invite = function(ud, call)
-      return on_invite(new_call(ud, running(), findable, call))
-    end
-  end
+  -- on_invite is given the call table Rust made (with its private record): it is its
+  -- own runner.
+  runners.on_invite = on_invite
   if on_call_end ~= nil then
     runners.on_call_end = function(call, start, answer, ends, duration, hangup_by, final_status)
       private[call][THREAD] = running()
@@ -549,7 +533,7 @@ local function bind(hooks)
   gmeta.__newindex = first_global
   raw_setmetatable(G, gmeta)
   frozen[G] = true
-  return runners, gmeta, base, first_global, call_meta
+  return runners, gmeta, base, first_global, call_meta, private
 end
 
 return bind

@@ -304,8 +304,11 @@ pub(crate) struct Vm {
     threads: Rc<ThreadPool>,
     /// The calls this VM's scripts act on, by the handle the sandbox keeps for each.
     pub calls: Arc<call::CallSlots>,
-    /// The metatable of the sandbox's `call` tables, which Rust makes (`record::object_with`).
+    /// The metatable of the sandbox's `call` tables and its weak table of their private
+    /// records: Rust makes a call's table and record as its `on_invite` starts
+    /// (`record::new_call`).
     pub call_meta: Table,
+    pub call_private: Table,
     /// What the script defines (shared with the pool's handle).
     pub info: Arc<HookInfo>,
     /// The global table's metatable, the frozen globals, and the `__newindex` that gives
@@ -480,9 +483,9 @@ impl Vm {
         info.file = file.display.clone();
         // The sandbox binds the runners, then freezes the standard tables and moves the
         // globals behind the global table's metatable.
-        let (runners_table, globals_meta, base, first_global, call_meta) = {
+        let (runners_table, globals_meta, base, first_global, call_meta, call_private) = {
             let _g = enter_budget(&shared, &budget);
-            bind.call::<(Table, Table, Table, Function, Table)>(hooks)
+            bind.call::<(Table, Table, Table, Function, Table, Table)>(hooks)
                 .map_err(internal)?
         };
         let mut runners: [Option<Function>; Hook::COUNT] = Default::default();
@@ -501,6 +504,7 @@ impl Vm {
             base,
             first_global,
             call_meta,
+            call_private,
             depth: Cell::new(0),
             instruction_limit: opts.instruction_limit,
             memory_limit: opts.memory_limit,
@@ -524,6 +528,18 @@ impl Vm {
             .runner(hook)
             .ok_or_else(|| LuaError::runtime(format!("the script has no {}", hook.name())))?;
         HookThread::start(&self.lua, &self.waits, &self.threads, runner, args)
+    }
+
+    /// [`Vm::start_hook`] with arguments made from the hook's coroutine.
+    pub fn start_hook_with<R: mlua::FromLuaMulti, A: mlua::IntoLuaMulti>(
+        &self,
+        hook: Hook,
+        args: impl FnOnce(&mlua::Thread) -> mlua::Result<A>,
+    ) -> mlua::Result<HookThread<R>> {
+        let runner = self
+            .runner(hook)
+            .ok_or_else(|| LuaError::runtime(format!("the script has no {}", hook.name())))?;
+        HookThread::start_with(&self.lua, &self.waits, &self.threads, runner, args)
     }
 
     /// A fresh budget for one hook run.

@@ -158,7 +158,20 @@ impl<R: FromLuaMulti> HookThread<R> {
         func: &Function,
         args: impl IntoLuaMulti,
     ) -> mlua::Result<HookThread<R>> {
+        Self::start_with(lua, waits, pool, func, |_| Ok(args))
+    }
+
+    /// [`HookThread::start`] with arguments made from the coroutine that will run them
+    /// (the `call` object's private record names it).
+    pub fn start_with<A: IntoLuaMulti>(
+        lua: &mlua::Lua,
+        waits: &Waits,
+        pool: &Rc<ThreadPool>,
+        func: &Function,
+        args: impl FnOnce(&Thread) -> mlua::Result<A>,
+    ) -> mlua::Result<HookThread<R>> {
         let thread = pool.take(lua, func)?;
+        let args = args(&thread)?;
         let step = waits.resume(&thread, args);
         let mut run = HookThread {
             waits: waits.clone(),
