@@ -126,11 +126,12 @@
 //!   to the right run (also inside coroutines the script creates itself). A run that needs
 //!   no wait finishes in its first poll, without a task.
 //! - **Cost per hook**: every Rust→Lua operation is a protected call while a memory limit
-//!   is set, so Rust hands Lua one handle per call (a light userdata naming the call's
-//!   slot in its VM's `CallSlots`, no Lua object made) and the sandbox prelude builds the
-//!   `call` table around it, each field on first access but `ruri`, which Rust makes as
-//!   the run starts (`pairs` still sees them all); dial outcomes and `on_call_end`
-//!   records are likewise built in Lua from plain values.
+//!   is set, so a call's state is named by a handle (a light userdata naming its slot in
+//!   its VM's `CallSlots`, no Lua object), and its `call` table (the sandbox's metatable,
+//!   `ruri`, the private record) is made in the one protected call that starts
+//!   `on_invite`; the other fields are built by the sandbox on first access (`pairs`
+//!   still sees them all); dial outcomes and `on_call_end` records are built in Lua from
+//!   plain values.
 //!   Hook coroutines are recycled (a pool per VM, `wait.rs`).
 //! - **Reload**: [`ScriptEngine::reload`] builds a fresh pool on new threads (awaited off the
 //!   runtime); on success it swaps

@@ -159,11 +159,12 @@ function require(name)
   return value
 end
 
--- The `call` object is a plain table built here, in Lua: the Rust side hands over one
--- handle per call (a light userdata naming its state) and every crossing of the Rust/Lua
--- boundary is costly (each one is a protected call when a memory limit is set). So the
--- fields are filled on first access (__index), but for `ruri`, which Rust makes as the run
--- starts; the outcome tables are built here from plain values.
+-- The `call` object is a plain table with `call_meta`: Rust makes it as on_invite starts,
+-- in the one protected call it needs anyway (with `ruri`, and its private record naming a
+-- handle: a light userdata for the call's state), since every crossing of the Rust/Lua
+-- boundary is costly (each one is a protected call when a memory limit is set). The other
+-- fields are filled on first access (__index), and the outcome tables are built here from
+-- plain values.
 local raw = H.call
 local raw_header, raw_reject, raw_redirect, raw_dial, raw_field =
   raw.header, raw.reject, raw.redirect, raw.dial, raw.field
