@@ -306,7 +306,7 @@ pub(crate) struct Vm {
     pub calls: Arc<call::CallSlots>,
     /// The metatable of the sandbox's `call` tables and its weak table of their private
     /// records: Rust makes a call's table and record as its `on_invite` starts
-    /// (`record::new_call`).
+    /// (`call::new_call_table`).
     pub call_meta: Table,
     pub call_private: Table,
     /// What the script defines (shared with the pool's handle).
@@ -524,10 +524,7 @@ impl Vm {
         hook: Hook,
         args: impl mlua::IntoLuaMulti,
     ) -> mlua::Result<HookThread<R>> {
-        let runner = self
-            .runner(hook)
-            .ok_or_else(|| LuaError::runtime(format!("the script has no {}", hook.name())))?;
-        HookThread::start(&self.lua, &self.waits, &self.threads, runner, args)
+        self.start_hook_with(hook, |_| Ok(args))
     }
 
     /// [`Vm::start_hook`] with arguments made from the hook's coroutine.
@@ -539,7 +536,7 @@ impl Vm {
         let runner = self
             .runner(hook)
             .ok_or_else(|| LuaError::runtime(format!("the script has no {}", hook.name())))?;
-        HookThread::start_with(&self.lua, &self.waits, &self.threads, runner, args)
+        HookThread::start(&self.lua, &self.waits, &self.threads, runner, args)
     }
 
     /// A fresh budget for one hook run.

@@ -150,20 +150,9 @@ pub(crate) struct HookThread<R> {
 
 impl<R: FromLuaMulti> HookThread<R> {
     /// Starts `func(args)` in a coroutine (on the caller's stack, which must be inside
-    /// the run's budget): it runs until it returns or first waits.
-    pub fn start(
-        lua: &mlua::Lua,
-        waits: &Waits,
-        pool: &Rc<ThreadPool>,
-        func: &Function,
-        args: impl IntoLuaMulti,
-    ) -> mlua::Result<HookThread<R>> {
-        Self::start_with(lua, waits, pool, func, |_| Ok(args))
-    }
-
-    /// [`HookThread::start`] with arguments made from the coroutine that will run them
-    /// (the `call` object's private record names it).
-    pub fn start_with<A: IntoLuaMulti>(
+    /// the run's budget): it runs until it returns or first waits. `args` are made from
+    /// the coroutine that will run them (a `call` object's private record names it).
+    pub fn start<A: IntoLuaMulti>(
         lua: &mlua::Lua,
         waits: &Waits,
         pool: &Rc<ThreadPool>,
