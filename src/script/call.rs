@@ -1115,7 +1115,8 @@ fn new_call_table(
     // metatable pushed and popped by `lua_setmetatable`; a copy of the call table and the
     // private record, both popped by `lua_rawset`; then the call table moved to index 1
     // and the rest dropped, leaving it as the one result. At most four values above the
-    // arguments (exec_raw checks for room).
+    // arguments: the protected call runs the closure as a C function, which Lua gives
+    // LUA_MINSTACK (20) free slots.
     unsafe {
         vm.lua
             .exec_raw::<Table>((&vm.call_meta, &vm.call_private, thread), |state| {
