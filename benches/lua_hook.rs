@@ -80,16 +80,14 @@ fn call_info(n: u64) -> CallInfo {
         user: Some(user.into()),
         host: "127.0.0.1".into(),
     };
-    // Filled from the INVITE's parsed headers, presized, as the B2BUA does.
-    const HEADERS: [(&str, &str); 2] = [
-        ("Contact", "<sip:alice@127.0.0.1:5061>"),
-        ("Content-Type", "application/sdp"),
-    ];
-    let bytes = HEADERS.iter().map(|(n, v)| n.len() + v.len()).sum();
-    let mut headers = HeaderList::with_capacity(HEADERS.len(), bytes);
-    for (name, value) in HEADERS {
-        headers.push(name, value);
-    }
+    // Filled from the INVITE's parsed headers, as the B2BUA does.
+    let headers = HeaderList::of(
+        [
+            ("Contact", "<sip:alice@127.0.0.1:5061>"),
+            ("Content-Type", "application/sdp"),
+        ]
+        .into_iter(),
+    );
     CallInfo {
         id: ["bench-", itoa::Buffer::new().format(n)].concat(),
         from: uri("alice"),

@@ -633,14 +633,7 @@ impl Call {
             source: crate::transport::peer_text(self.a_source.transport, &self.a_source.addr),
             headers: r
                 .whole()
-                .map(|r| {
-                    let bytes = r.headers.iter().map(|h| h.name.len() + h.value.len()).sum();
-                    let mut list = HeaderList::with_capacity(r.headers.len(), bytes);
-                    for h in r.headers.iter() {
-                        list.push(&h.name, &h.value);
-                    }
-                    list
-                })
+                .map(|r| HeaderList::of(r.headers.iter().map(|h| (&*h.name, h.value.as_str()))))
                 .unwrap_or_default(),
             trunk: self.inbound_trunk().map(|t| t.name().to_string()),
         }

@@ -144,21 +144,24 @@ pub struct HeaderList {
 }
 
 impl HeaderList {
-    /// An empty list sized for `headers` headers of `bytes` bytes of names and values.
-    pub fn with_capacity(headers: usize, bytes: usize) -> HeaderList {
-        HeaderList {
+    /// The list of `headers` (name, value), presized from a first pass over them.
+    pub fn of<'a>(headers: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> HeaderList {
+        let (count, bytes) = headers
+            .clone()
+            .fold((0, 0), |(c, b), (n, v)| (c + 1, b + n.len() + v.len()));
+        let mut list = HeaderList {
             text: String::with_capacity(bytes),
-            ends: Vec::with_capacity(headers),
+            ends: Vec::with_capacity(count),
+        };
+        for (name, value) in headers {
+            list.text.push_str(name);
+            let name_end = list.text.len();
+            list.text.push_str(value);
+            // A message is at most 64 KiB (`sip.max_message_size`); u32 offsets cannot
+            // overflow.
+            list.ends.push((name_end as u32, list.text.len() as u32));
         }
-    }
-
-    pub fn push(&mut self, name: &str, value: &str) {
-        self.text.push_str(name);
-        let name_end = self.text.len();
-        self.text.push_str(value);
-        // A message is at most 64 KiB (`sip.max_message_size`); u32 offsets cannot
-        // overflow.
-        self.ends.push((name_end as u32, self.text.len() as u32));
+        list
     }
 
     /// (name, value) of each header, in order.
@@ -172,30 +175,11 @@ impl HeaderList {
             (name, value)
         })
     }
-
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-}
-
-impl<N: AsRef<str>, V: AsRef<str>> FromIterator<(N, V)> for HeaderList {
-    fn from_iter<I: IntoIterator<Item = (N, V)>>(headers: I) -> HeaderList {
-        let headers = headers.into_iter();
-        let mut list = HeaderList::with_capacity(headers.size_hint().0, 0);
-        for (n, v) in headers {
-            list.push(n.as_ref(), v.as_ref());
-        }
-        list
-    }
 }
 
 impl From<Vec<(String, String)>> for HeaderList {
     fn from(headers: Vec<(String, String)>) -> HeaderList {
-        headers.into_iter().collect()
+        HeaderList::of(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())))
     }
 }
 

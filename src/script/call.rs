@@ -389,7 +389,8 @@ pub(crate) fn raw_api(
         "field",
         lua.create_function(move |lua, (ud, bit, call): (CallHandle, i64, Table)| {
             // Stores the field in the call table (raw) as it makes it; the bits are the
-            // sandbox's `lazy_bit`.
+            // sandbox's `lazy_bit`. `ruri` (16) is never asked for: `new_call_table` makes
+            // it with the table.
             let state = slots.get(ud)?;
             let text = |key: &CStr, s: Option<&str>| store(lua, &call, key, s.map(Field::Str));
             let uri = |key: &CStr, uri: &UriInfo| {
@@ -401,7 +402,6 @@ pub(crate) fn raw_api(
                 2 => text(c"source", Some(&state.source)),
                 4 => uri(c"from", &state.from),
                 8 => uri(c"to", &state.to),
-                16 => uri(c"ruri", &state.ruri),
                 64 => text(c"trunk", state.trunk.as_deref()),
                 _ => Err(mlua::Error::runtime("call: no such field")),
             }

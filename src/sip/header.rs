@@ -142,7 +142,7 @@ impl Headers {
     pub fn remove(&mut self, name: &str) {
         self.0.retain(|h| !h.name.eq_ignore_ascii_case(name));
     }
-    pub fn iter(&self) -> impl Iterator<Item = &Header> {
+    pub fn iter(&self) -> impl Iterator<Item = &Header> + Clone {
         self.0.iter()
     }
     pub fn len(&self) -> usize {
