@@ -311,8 +311,8 @@ impl Dialog {
             version: "2.0".into(),
             base: BaseHeaders {
                 via: vec![via],
-                from,
-                to,
+                from: from.into(),
+                to: to.into(),
                 call_id: self.call_id().to_owned(),
                 cseq: CSeq { seq, method },
             },

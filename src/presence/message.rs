@@ -188,9 +188,9 @@ async fn fork(
             headers.push(name, v);
         }
     }
-    let mut from = req.base.from.clone();
+    let mut from = (*req.base.from).clone();
     from.set_tag(&new_tag());
-    let mut to: NameAddr = req.base.to.clone();
+    let mut to: NameAddr = (*req.base.to).clone();
     to.params.remove("tag");
     let mut out = inner
         .local

@@ -142,10 +142,10 @@ impl Relays {
         if !headers.has("Event") {
             headers.push("Event", package.as_str());
         }
-        let mut from = req.base.from.clone();
+        let mut from = (*req.base.from).clone();
         let b_tag = new_tag();
         from.set_tag(&b_tag);
-        let mut to = req.base.to.clone();
+        let mut to = (*req.base.to).clone();
         to.params.remove("tag");
         let mut b_req = inner
             .local

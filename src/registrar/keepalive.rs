@@ -196,8 +196,8 @@ fn options_request(
         version: "2.0".into(),
         base: BaseHeaders {
             via: vec![local.via(target)],
-            from,
-            to: NameAddr::new(uri),
+            from: from.into(),
+            to: NameAddr::new(uri).into(),
             call_id: new_call_id(&host),
             cseq: CSeq {
                 seq: 1,

@@ -643,8 +643,8 @@ impl Shared {
             version: "2.0".into(),
             base: BaseHeaders {
                 via: vec![via],
-                from,
-                to,
+                from: from.into(),
+                to: to.into(),
                 call_id,
                 cseq: CSeq { seq, method },
             },
@@ -865,7 +865,7 @@ impl Shared {
         let Some(d) = st.dialogs.get_mut(&call_id) else {
             return;
         };
-        d.remote = resp.base.to.clone();
+        d.remote = (*resp.base.to).clone();
         d.remote_target = resp
             .headers
             .get("Contact")
@@ -1049,7 +1049,7 @@ impl Shared {
             ended_by: None,
             ended_at: None,
         });
-        let mut local = req.base.to.clone();
+        let mut local = (*req.base.to).clone();
         local.set_tag(&to_tag);
         // 12.1.1: the callee's route set is the Record-Route in order.
         st.dialogs.insert(
@@ -1058,7 +1058,7 @@ impl Shared {
                 role: Role::Callee,
                 invite_branch: branch.clone(),
                 local,
-                remote: req.base.from.clone(),
+                remote: (*req.base.from).clone(),
                 remote_target: req
                     .headers
                     .get("Contact")

@@ -261,8 +261,8 @@ pub fn error_response(err: &ParseError) -> Option<Response> {
         },
         base: BaseHeaders {
             via,
-            from,
-            to,
+            from: from.into(),
+            to: to.into(),
             call_id,
             cseq,
         },

@@ -1,9 +1,10 @@
 //! SIP messages: the parsing front stage (framing, unfolding, compact names) and the
 //! typed message model with base headers parsed once, and serialization.
 
-use super::header::{canonical_name, CSeq, Header, HeaderError, Headers, NameAddr, Via};
+use super::header::{canonical_name, CSeq, Header, HeaderError, Headers, Via};
 use super::lex::{find_byte, find_byte_near, is_token, split_once_byte, trim_ws};
 use super::method::Method;
+use super::party::PartyAddr;
 use super::uri::{Uri, UriError};
 use bytes::Bytes;
 use std::borrow::Cow;
@@ -14,8 +15,8 @@ use std::borrow::Cow;
 pub struct BaseHeaders {
     /// Every Via, topmost first.
     pub via: Vec<Via>,
-    pub from: NameAddr,
-    pub to: NameAddr,
+    pub from: PartyAddr,
+    pub to: PartyAddr,
     pub call_id: String,
     pub cseq: CSeq,
 }
@@ -175,7 +176,7 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
     if let Some(status_line) = start_line.strip_prefix("SIP/") {
         let (status, reason) = parse_status_line(status_line)?;
         let (base, others, content_length) =
-            take_base(headers, body_avail.len()).map_err(|(k, _)| ParseError::bare(k))?;
+            take_base(headers, body_avail.len(), false).map_err(|(k, _)| ParseError::bare(k))?;
         let body_len = content_length.unwrap_or(body_avail.len());
         let msg = Response {
             status,
@@ -232,7 +233,7 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
             None => return Err(with_head(ParseErrorKind::BadValue("Max-Forwards"), headers)),
         },
     };
-    let (base, others, content_length) = match take_base(headers, body_avail.len()) {
+    let (base, others, content_length) = match take_base(headers, body_avail.len(), true) {
         Ok(t) => t,
         Err((kind, headers)) => return Err(with_head(kind, headers)),
     };
@@ -431,8 +432,9 @@ fn others_single<'a>(
 fn take_base<'a>(
     headers: Vec<RawHeader<'a>>,
     body_avail: usize,
+    is_request: bool,
 ) -> Result<(BaseHeaders, Headers, Option<usize>), (ParseErrorKind, Vec<RawHeader<'a>>)> {
-    match read_base(&headers, body_avail) {
+    match read_base(&headers, body_avail, is_request) {
         Ok((base, content_length)) => {
             let rest = headers.iter().filter(|h| !is_base(&h.name)).count();
             let mut others = Headers::with_capacity(rest);
@@ -460,6 +462,7 @@ fn is_base(name: &str) -> bool {
 fn read_base(
     headers: &[RawHeader<'_>],
     body_avail: usize,
+    is_request: bool,
 ) -> Result<(BaseHeaders, Option<usize>), ParseErrorKind> {
     let mut via = Vec::new();
     let mut from = None;
@@ -479,16 +482,8 @@ fn read_base(
             "Via" => via.extend(
                 Via::parse_list(&h.value).map_err(|e| ParseErrorKind::BadHeader("Via", e))?,
             ),
-            "From" => once(
-                &mut from,
-                NameAddr::parse(&h.value).map_err(|e| ParseErrorKind::BadHeader("From", e))?,
-                "From",
-            )?,
-            "To" => once(
-                &mut to,
-                NameAddr::parse(&h.value).map_err(|e| ParseErrorKind::BadHeader("To", e))?,
-                "To",
-            )?,
+            "From" => once(&mut from, &*h.value, "From")?,
+            "To" => once(&mut to, &*h.value, "To")?,
             "Call-ID" => {
                 let v = &*h.value;
                 if !is_valid_call_id(v) {
@@ -512,10 +507,31 @@ fn read_base(
     if via.is_empty() {
         return Err(ParseErrorKind::Missing("Via"));
     }
+    let (from, to) = (
+        from.ok_or(ParseErrorKind::Missing("From"))?,
+        to.ok_or(ParseErrorKind::Missing("To"))?,
+    );
+    // A response or an in-dialog request is read for its tags, the rest parsed when used
+    // (`PartyAddr`); a request outside a dialog (no To tag) is parsed whole, so that a
+    // malformed From or To gets its 400 before any state is made for it.
+    let to_value = to;
+    let to = PartyAddr::read_lazily(to).map_err(|e| ParseErrorKind::BadHeader("To", e))?;
+    let whole = is_request && to.tag().is_none();
+    let (from, to) = if whole {
+        (
+            PartyAddr::parse(from).map_err(|e| ParseErrorKind::BadHeader("From", e))?,
+            PartyAddr::parse(to_value).map_err(|e| ParseErrorKind::BadHeader("To", e))?,
+        )
+    } else {
+        (
+            PartyAddr::read_lazily(from).map_err(|e| ParseErrorKind::BadHeader("From", e))?,
+            to,
+        )
+    };
     let base = BaseHeaders {
         via,
-        from: from.ok_or(ParseErrorKind::Missing("From"))?,
-        to: to.ok_or(ParseErrorKind::Missing("To"))?,
+        from,
+        to,
         call_id: call_id.ok_or(ParseErrorKind::Missing("Call-ID"))?,
         cseq: cseq.ok_or(ParseErrorKind::Missing("CSeq"))?,
     };

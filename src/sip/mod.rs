@@ -26,6 +26,7 @@ mod header;
 mod lex;
 mod message;
 mod method;
+mod party;
 mod peek;
 mod uri;
 
@@ -39,6 +40,7 @@ pub use message::{
     SipMessage,
 };
 pub use method::Method;
+pub use party::PartyAddr;
 pub use peek::{peek_request, Peek};
 pub use uri::{parse_hostport, Host, Params, Scheme, Uri, UriError};
 pub(crate) use uri::{write_ipv4, write_port};

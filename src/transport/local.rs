@@ -116,8 +116,8 @@ impl LocalAddrs {
             version: "2.0".into(),
             base: crate::sip::BaseHeaders {
                 via: vec![self.via(dest)],
-                from,
-                to,
+                from: from.into(),
+                to: to.into(),
                 call_id: crate::sip::new_call_id(&host),
                 cseq: crate::sip::CSeq { seq: 1, method },
             },

@@ -391,8 +391,8 @@ impl Trunk {
             version: "2.0".into(),
             base: BaseHeaders {
                 via: vec![local.via(target)],
-                from,
-                to: NameAddr::new(to),
+                from: from.into(),
+                to: NameAddr::new(to).into(),
                 call_id: Trunk::call_id(local, target),
                 cseq: CSeq { seq: 1, method },
             },

@@ -179,8 +179,8 @@ mod tests {
         assert!(inv.whole().is_none());
         assert_eq!(inv.call_id(), "call-1@10.0.0.1");
         assert_eq!(inv.caller_tag(), "abc");
-        assert_eq!(*inv.from(), req.base.from);
-        assert_eq!(*inv.to(), req.base.to);
+        assert_eq!(*inv.from(), *req.base.from);
+        assert_eq!(*inv.to(), *req.base.to);
         assert_eq!(*inv.uri(), req.uri);
         assert_eq!(inv.cseq(), 7);
         assert_eq!(inv.max_forwards(), Some(12));
