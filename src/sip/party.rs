@@ -54,6 +54,26 @@ impl PartyAddr {
         }))
     }
 
+    /// A value made of name-addr text this server wrote itself (`[display ]<uri>[;params]`
+    /// without a tag, as a dialog keeps its URIs) and a tag, not parsed: it is parsed when
+    /// used, as a value read lazily is (RFC 3261 12.2.1.1: an in-dialog request's From and
+    /// To are the dialog's URIs and tags).
+    pub fn from_own_text(name_addr: &str, tag: Option<&str>) -> PartyAddr {
+        let mut text = String::with_capacity(name_addr.len() + tag.map_or(0, |t| t.len() + 5));
+        text.push_str(name_addr);
+        let tag = tag.map(|t| {
+            text.push_str(";tag=");
+            let start = text.len();
+            text.push_str(t);
+            start as u32..text.len() as u32
+        });
+        PartyAddr(Repr::Text {
+            text: text.into_boxed_str(),
+            tag,
+            parsed: OnceLock::new(),
+        })
+    }
+
     /// Parses a From or To value whole (as [`NameAddr::parse`]).
     pub fn parse(value: &str) -> Result<PartyAddr, HeaderError> {
         NameAddr::parse(value).map(PartyAddr::from)
@@ -263,6 +283,24 @@ mod tests {
         let mut changed = lazy.clone();
         changed.set_tag("t2");
         assert_eq!(changed.tag(), Some("t2"));
+    }
+
+    #[test]
+    fn own_text_with_a_tag_reads_as_the_parse_of_the_same_text() {
+        for (text, tag) in [
+            ("<sip:a@b>", Some("t1")),
+            ("Bob <sip:b@c;lr>;x=1", Some("t2")),
+            ("\"A;B\" <sip:a@b>", None),
+        ] {
+            let own = PartyAddr::from_own_text(text, tag);
+            let written = match tag {
+                Some(t) => format!("{text};tag={t}"),
+                None => text.to_owned(),
+            };
+            assert_eq!(own.to_text(), written);
+            assert_eq!(own.tag(), tag);
+            assert_eq!(*own, NameAddr::parse(&written).unwrap(), "{written}");
+        }
     }
 
     #[test]
