@@ -405,7 +405,7 @@ fn sent_protocol_as_usual(s: &str) -> Option<(&str, &str, &str)> {
     let rest = s.strip_prefix("SIP/2.0/")?;
     let end = rest.bytes().position(|c| c == b' ' || c == b'\t')?;
     let transport = KNOWN_TRANSPORTS.iter().find(|t| **t == &rest[..end])?;
-    Some(("2.0", transport, &rest[end..]))
+    Some(("2.0", transport, trim_ws(&rest[end..])))
 }
 
 /// sent-protocol: name / version / transport, LWS allowed around '/' (RFC 3261 20.42):
