@@ -8,7 +8,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 /// Known header names in their canonical spelling, with compact forms (RFC 3261 7.3.3 and
-/// the IANA registry). Looking a name up here makes later lookups exact comparisons.
+/// the IANA registry). Looking a name up here makes later lookups exact comparisons. The
+/// headers a parse reads itself come first, in the order of [`BaseName`].
 const KNOWN: &[(&str, Option<u8>)] = &[
     ("Via", Some(b'v')),
     ("From", Some(b'f')),
@@ -16,8 +17,8 @@ const KNOWN: &[(&str, Option<u8>)] = &[
     ("Call-ID", Some(b'i')),
     ("CSeq", None),
     ("Max-Forwards", None),
-    ("Contact", Some(b'm')),
     ("Content-Length", Some(b'l')),
+    ("Contact", Some(b'm')),
     ("Content-Type", Some(b'c')),
     ("Content-Encoding", Some(b'e')),
     ("Subject", Some(b's')),
@@ -61,27 +62,62 @@ const KNOWN: &[(&str, Option<u8>)] = &[
     ("Reason", None),
 ];
 
+/// The headers a message's parse reads itself (RFC 3261 8.1.1 and Content-Length, Max-
+/// Forwards), named by their place in `KNOWN`: the parse tells them apart by number, not
+/// by comparing names again (issue 14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BaseName {
+    Via,
+    From,
+    To,
+    CallId,
+    CSeq,
+    MaxForwards,
+    ContentLength,
+}
+
+impl BaseName {
+    const ALL: [BaseName; 7] = [
+        BaseName::Via,
+        BaseName::From,
+        BaseName::To,
+        BaseName::CallId,
+        BaseName::CSeq,
+        BaseName::MaxForwards,
+        BaseName::ContentLength,
+    ];
+}
+
 /// Returns the canonical name of a header: compact forms expanded, known names in their
 /// usual case; an unknown name is kept as written.
 pub fn canonical_name(name: &str) -> std::borrow::Cow<'static, str> {
+    named(name).0
+}
+
+/// [`canonical_name`], and which base header it is.
+pub(crate) fn named(name: &str) -> (std::borrow::Cow<'static, str>, Option<BaseName>) {
+    let found = known_index(name);
+    match found {
+        Some(i) => (
+            std::borrow::Cow::Borrowed(KNOWN[i].0),
+            BaseName::ALL.get(i).copied(),
+        ),
+        None => (std::borrow::Cow::Owned(name.to_owned()), None),
+    }
+}
+
+fn known_index(name: &str) -> Option<usize> {
     if name.len() == 1 {
         let c = name.as_bytes()[0].to_ascii_lowercase();
-        if let Some((n, _)) = KNOWN.iter().find(|(_, k)| *k == Some(c)) {
-            return std::borrow::Cow::Borrowed(n);
-        }
+        return KNOWN.iter().position(|(_, k)| *k == Some(c));
     }
     // Fast path: most peers write the canonical spelling, and an exact comparison checks
     // the length first.
-    if let Some((n, _)) = KNOWN.iter().find(|(n, _)| *n == name) {
-        return std::borrow::Cow::Borrowed(n);
-    }
-    match KNOWN
-        .iter()
-        .find(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
-    {
-        Some((n, _)) => std::borrow::Cow::Borrowed(n),
-        None => std::borrow::Cow::Owned(name.to_owned()),
-    }
+    KNOWN.iter().position(|(n, _)| *n == name).or_else(|| {
+        KNOWN
+            .iter()
+            .position(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+    })
 }
 
 /// One header line (folding undone), its name canonical.

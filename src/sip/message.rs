@@ -1,7 +1,7 @@
 //! SIP messages: the parsing front stage (framing, unfolding, compact names) and the
 //! typed message model with base headers parsed once, and serialization.
 
-use super::header::{canonical_name, CSeq, Header, HeaderError, Headers, Via};
+use super::header::{named, BaseName, CSeq, Header, HeaderError, Headers, Via};
 use super::lex::{find_byte, find_byte_near, is_token, split_once_byte, trim_ws};
 use super::method::Method;
 use super::party::PartyAddr;
@@ -225,7 +225,7 @@ pub fn parse(buf: &[u8]) -> Result<(SipMessage, usize), ParseError> {
         Ok(u) => u,
         Err(e) => return Err(with_head(ParseErrorKind::RequestUri(e), headers)),
     };
-    let max_forwards = match others_single(&headers, "Max-Forwards") {
+    let max_forwards = match others_single(&headers, BaseName::MaxForwards, "Max-Forwards") {
         Err(k) => return Err(with_head(k, headers)),
         Ok(None) => None,
         Ok(Some(v)) => match parse_small_uint(v, 255) {
@@ -373,8 +373,10 @@ fn read_headers<'a>(
         if !is_token(name) {
             return Err(ParseError::bare(ParseErrorKind::HeaderLine));
         }
+        let (name, base) = named(name);
         out.push(RawHeader {
-            name: canonical_name(name),
+            name,
+            base,
             value: Cow::Borrowed(trim_ws(value)),
         });
     }
@@ -387,6 +389,8 @@ fn read_headers<'a>(
 /// every message was first copied into a string of its own).
 struct RawHeader<'a> {
     name: Cow<'static, str>,
+    /// Which base header this is, if one.
+    base: Option<BaseName>,
     value: Cow<'a, str>,
 }
 
@@ -412,11 +416,12 @@ fn parse_small_uint(v: &str, max: u32) -> Option<u32> {
 
 fn others_single<'a>(
     h: &'a [RawHeader<'_>],
+    which: BaseName,
     name: &'static str,
 ) -> Result<Option<&'a str>, ParseErrorKind> {
     let mut it = h
         .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .filter(|h| h.base == Some(which))
         .map(|h| &*h.value);
     let first = it.next();
     if it.next().is_some() {
@@ -436,10 +441,10 @@ fn take_base<'a>(
 ) -> Result<(BaseHeaders, Headers, Option<usize>), (ParseErrorKind, Vec<RawHeader<'a>>)> {
     match read_base(&headers, body_avail, is_request) {
         Ok((base, content_length)) => {
-            let rest = headers.iter().filter(|h| !is_base(&h.name)).count();
+            let rest = headers.iter().filter(|h| h.base.is_none()).count();
             let mut others = Headers::with_capacity(rest);
             for h in headers {
-                if !is_base(&h.name) {
+                if h.base.is_none() {
                     others.push_header(Header {
                         name: h.name,
                         value: h.value.into_owned(),
@@ -450,13 +455,6 @@ fn take_base<'a>(
         }
         Err(k) => Err((k, headers)),
     }
-}
-
-fn is_base(name: &str) -> bool {
-    matches!(
-        name,
-        "Via" | "From" | "To" | "Call-ID" | "CSeq" | "Content-Length" | "Max-Forwards"
-    )
 }
 
 fn read_base(
@@ -478,30 +476,32 @@ fn read_base(
         Ok(())
     }
     for h in headers.iter() {
-        match &*h.name {
-            "Via" => via.extend(
+        let Some(base) = h.base else { continue };
+        match base {
+            BaseName::Via => via.extend(
                 Via::parse_list(&h.value).map_err(|e| ParseErrorKind::BadHeader("Via", e))?,
             ),
-            "From" => once(&mut from, &*h.value, "From")?,
-            "To" => once(&mut to, &*h.value, "To")?,
-            "Call-ID" => {
+            BaseName::From => once(&mut from, &*h.value, "From")?,
+            BaseName::To => once(&mut to, &*h.value, "To")?,
+            BaseName::CallId => {
                 let v = &*h.value;
                 if !is_valid_call_id(v) {
                     return Err(ParseErrorKind::BadValue("Call-ID"));
                 }
                 once(&mut call_id, v.to_owned(), "Call-ID")?
             }
-            "CSeq" => once(
+            BaseName::CSeq => once(
                 &mut cseq,
                 CSeq::parse(&h.value).map_err(|e| ParseErrorKind::BadHeader("CSeq", e))?,
                 "CSeq",
             )?,
-            "Content-Length" => {
+            BaseName::ContentLength => {
                 let n = parse_small_uint(&h.value, u32::MAX)
                     .ok_or(ParseErrorKind::BadValue("Content-Length"))?;
                 once(&mut content_length, n as usize, "Content-Length")?
             }
-            _ => {}
+            // Read with the request line (`others_single`).
+            BaseName::MaxForwards => {}
         }
     }
     if via.is_empty() {

@@ -22,13 +22,15 @@ use std::sync::OnceLock;
 pub struct PartyAddr(Repr);
 
 #[derive(Clone)]
+// Boxed: a message carries two, and it is moved between layers (`NameAddr` inline made
+// the From and To 528 of a request's bytes).
 enum Repr {
-    Parsed(NameAddr),
+    Parsed(Box<NameAddr>),
     /// The value as it came, its header parameters checked and its tag found.
     Text {
         text: Box<str>,
         tag: Option<Range<u32>>,
-        parsed: OnceLock<NameAddr>,
+        parsed: OnceLock<Box<NameAddr>>,
     },
 }
 
@@ -108,14 +110,14 @@ impl PartyAddr {
     /// The parsed value, owned.
     pub fn into_name_addr(self) -> NameAddr {
         match self.0 {
-            Repr::Parsed(n) => n,
+            Repr::Parsed(n) => *n,
             Repr::Text {
                 text,
                 tag,
                 mut parsed,
             } => parsed
                 .take()
-                .unwrap_or_else(|| parse_or_placeholder(&text, &tag)),
+                .map_or_else(|| parse_or_placeholder(&text, &tag), |n| *n),
         }
     }
 }
@@ -162,7 +164,7 @@ fn parse_or_placeholder(text: &str, tag: &Option<Range<u32>>) -> NameAddr {
 
 impl From<NameAddr> for PartyAddr {
     fn from(n: NameAddr) -> PartyAddr {
-        PartyAddr(Repr::Parsed(n))
+        PartyAddr(Repr::Parsed(Box::new(n)))
     }
 }
 
@@ -172,7 +174,7 @@ impl Deref for PartyAddr {
         match &self.0 {
             Repr::Parsed(n) => n,
             Repr::Text { text, tag, parsed } => {
-                parsed.get_or_init(|| parse_or_placeholder(text, tag))
+                parsed.get_or_init(|| Box::new(parse_or_placeholder(text, tag)))
             }
         }
     }
@@ -184,7 +186,7 @@ impl DerefMut for PartyAddr {
         if let Repr::Text { text, tag, parsed } = &mut self.0 {
             let n = parsed
                 .take()
-                .unwrap_or_else(|| parse_or_placeholder(text, tag));
+                .unwrap_or_else(|| Box::new(parse_or_placeholder(text, tag)));
             self.0 = Repr::Parsed(n);
         }
         match &mut self.0 {
