@@ -73,8 +73,9 @@ fn without_tag(n: &NameAddr) -> String {
 }
 
 fn contact_uri(headers: &Headers) -> Option<Uri> {
-    let c = headers.list("Contact").into_iter().next()?;
-    NameAddr::parse(&c).ok().map(|n| n.uri)
+    NameAddr::parse(headers.first_item("Contact")?)
+        .ok()
+        .map(|n| n.uri)
 }
 
 fn record_route(headers: &Headers) -> Vec<String> {

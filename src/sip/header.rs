@@ -161,6 +161,20 @@ impl Headers {
             .map(str::to_owned)
             .collect()
     }
+    /// The first element of [`Headers::list`] without making the list (a dialog's remote
+    /// target is the first Contact, read for each dialog made).
+    pub fn first_item<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        self.get_all(name).find_map(|v| {
+            if !v.bytes().any(|c| c == b',' || c == b'"') {
+                let one = trim_ws(v);
+                return (!one.is_empty()).then_some(one);
+            }
+            split_commas(v)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|s| !s.is_empty())
+        })
+    }
     pub fn has(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
@@ -505,6 +519,28 @@ impl fmt::Display for CSeq {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_item_is_the_lists_first() {
+        for values in [
+            vec!["<sip:a@b>"],
+            vec!["<sip:a@b>, <sip:c@d>", "<sip:e@f>"],
+            vec!["", " ", "\"x,y\" <sip:a@b>;q=1"],
+            vec![" , <sip:a@b>"],
+            vec![],
+            vec!["\"open"],
+        ] {
+            let mut h = Headers::new();
+            for v in &values {
+                h.push("Contact", *v);
+            }
+            assert_eq!(
+                h.first_item("Contact"),
+                h.list("Contact").first().map(String::as_str),
+                "{values:?}"
+            );
+        }
+    }
 
     /// The usual sent-protocol's short cut gives what the general scan gives, and steps
     /// aside for everything else.
