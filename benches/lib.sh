@@ -160,3 +160,25 @@ ctxt_switches() {
   done
   echo "$v $n"
 }
+
+# A criterion bench's counting mode under callgrind (the figure the machine's load does not
+# move): builds `cargo bench --bench NAME` unless NO_BUILD=1, runs it with the environment
+# ENV (e.g. PARSE_CALLS=5000) counting only inside the functions matching TOGGLE, and sets
+# CG_IR to the instructions collected and CG_OUT to the callgrind file (in CG_DIR,
+# removed at exit).
+callgrind_bench() { # name toggle env
+  local name=$1 toggle=$2 env=$3 bin
+  need_packages valgrind
+  if [ "${NO_BUILD:-0}" != 1 ]; then
+    cargo bench --bench "$name" --no-run >&2
+  fi
+  bin=$(ls -t target/release/deps/"$name"-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+  [ -x "$bin" ] || { echo "no $name bench binary under target/release/deps" >&2; exit 1; }
+  CG_DIR=$(mktemp -d)
+  trap 'rm -rf "$CG_DIR"' EXIT
+  env "$env" valgrind --tool=callgrind --callgrind-out-file="$CG_DIR/cg.out" \
+    --toggle-collect="$toggle" "$bin" >"$CG_DIR/stdout" 2>"$CG_DIR/stderr"
+  CG_IR=$(awk '/Collected/{print $4}' "$CG_DIR/stderr")
+  [ -n "$CG_IR" ] || { cat "$CG_DIR/stderr" >&2; exit 1; }
+  CG_OUT=$CG_DIR/cg.out
+}

@@ -26,6 +26,8 @@
 //! benches/lua_hook_callgrind.sh` runs that under callgrind for the instructions per
 //! `on_invite`, the figure the machine's load does not move.
 
+mod counting;
+
 use criterion::{criterion_group, Criterion, Throughput};
 use std::future::Future;
 use std::pin::Pin;
@@ -314,13 +316,5 @@ fn calls_only(calls: u64) {
 criterion_group!(benches, bench);
 
 fn main() {
-    if let Some(calls) = std::env::var("LUA_HOOK_CALLS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
-        calls_only(calls);
-        return;
-    }
-    benches();
-    Criterion::default().configure_from_args().final_summary();
+    counting::main_with("LUA_HOOK_CALLS", calls_only, benches);
 }

@@ -12,20 +12,9 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
-need_packages valgrind
 CALLS=${CALLS:-3000}
-if [ "${NO_BUILD:-0}" != 1 ]; then
-  cargo bench --bench lua_hook --no-run >&2
-fi
-bin=$(ls -t target/release/deps/lua_hook-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
-[ -x "$bin" ] || { echo "no lua_hook bench binary under target/release/deps" >&2; exit 1; }
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-LUA_HOOK_CALLS=$CALLS valgrind --tool=callgrind --callgrind-out-file="$out/cg.out" \
-  --toggle-collect='*measured_calls*' "$bin" >"$out/stdout" 2>"$out/stderr"
-ir=$(awk '/Collected/{print $4}' "$out/stderr")
-[ -n "$ir" ] || { cat "$out/stderr" >&2; exit 1; }
+callgrind_bench lua_hook '*measured_calls*' "LUA_HOOK_CALLS=$CALLS"
 runs=$((CALLS + 2000))
 plan=${PLAN_FILE:-"the bench's dial plan"}
 echo "plan: $plan"
-echo "instructions per on_invite: $((ir / runs)) ($ir over $runs runs)"
+echo "instructions per on_invite: $((CG_IR / runs)) ($CG_IR over $runs runs)"

@@ -4,6 +4,8 @@
 //! Run: `cargo bench --bench parse`; `bash benches/parse_callgrind.sh` for the instructions
 //! to parse the six messages of a call (`PARSE_CALLS`).
 
+mod counting;
+
 use criterion::{criterion_group, Criterion};
 use std::hint::black_box;
 
@@ -190,13 +192,5 @@ fn parse(c: &mut Criterion) {
 criterion_group!(benches, parse);
 
 fn main() {
-    if let Some(calls) = std::env::var("PARSE_CALLS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
-        calls_only(calls);
-        return;
-    }
-    benches();
-    Criterion::default().configure_from_args().final_summary();
+    counting::main_with("PARSE_CALLS", calls_only, benches);
 }

@@ -13,21 +13,10 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
-need_packages valgrind
 CALLS=${CALLS:-5000}
-if [ "${NO_BUILD:-0}" != 1 ]; then
-  cargo bench --bench parse --no-run >&2
-fi
-bin=$(ls -t target/release/deps/parse-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
-[ -x "$bin" ] || { echo "no parse bench binary under target/release/deps" >&2; exit 1; }
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-PARSE_CALLS=$CALLS valgrind --tool=callgrind --callgrind-out-file="$out/cg.out" \
-  --toggle-collect='*measured_parses*' "$bin" >"$out/stdout" 2>"$out/stderr"
-ir=$(awk '/Collected/{print $4}' "$out/stderr")
-[ -n "$ir" ] || { cat "$out/stderr" >&2; exit 1; }
+callgrind_bench parse '*measured_parses*' "PARSE_CALLS=$CALLS"
 runs=$((CALLS + 2000))
-echo "instructions per call's six messages: $((ir / runs)) ($ir over $runs calls)"
+echo "instructions per call's six messages: $((CG_IR / runs)) ($CG_IR over $runs calls)"
 if [ "${PROFILE:-0}" = 1 ]; then
-  python3 "$ROOT/benches/cgprofile.py" "$runs" 30 "$out/cg.out"
+  python3 "$ROOT/benches/cgprofile.py" "$runs" 30 "$CG_OUT"
 fi
