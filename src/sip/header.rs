@@ -520,6 +520,29 @@ impl fmt::Display for CSeq {
 mod tests {
     use super::*;
 
+    /// `BaseName` numbers the first names of `KNOWN`: the two lists must stay in step.
+    #[test]
+    fn base_names_are_the_first_known_names() {
+        let names = [
+            "Via",
+            "From",
+            "To",
+            "Call-ID",
+            "CSeq",
+            "Max-Forwards",
+            "Content-Length",
+        ];
+        for (b, n) in BaseName::ALL.iter().zip(names) {
+            assert_eq!(named(n), (Cow::Borrowed(n), Some(*b)), "{n}");
+            assert_eq!(named(&n.to_ascii_lowercase()).1, Some(*b), "{n}");
+        }
+        for compact in ["v", "f", "t", "i", "l"] {
+            assert!(named(compact).1.is_some(), "{compact}");
+        }
+        assert_eq!(named("Contact").1, None);
+        assert_eq!(named("X-Custom"), (Cow::Owned("X-Custom".to_owned()), None));
+    }
+
     #[test]
     fn first_item_is_the_lists_first() {
         for values in [

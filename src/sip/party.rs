@@ -21,9 +21,9 @@ use std::sync::OnceLock;
 #[derive(Clone)]
 pub struct PartyAddr(Repr);
 
-#[derive(Clone)]
 // Boxed: a message carries two, and it is moved between layers (`NameAddr` inline made
 // the From and To 528 of a request's bytes).
+#[derive(Clone)]
 enum Repr {
     Parsed(Box<NameAddr>),
     /// The value as it came, its header parameters checked and its tag found.
@@ -107,17 +107,12 @@ impl PartyAddr {
         }
     }
 
-    /// The parsed value, owned.
-    pub fn into_name_addr(self) -> NameAddr {
+    /// The value parsed whole now, with the whole parse's error: a value read lazily
+    /// turns out to belong to a request outside a dialog (see [`crate::sip::parse`]).
+    pub(crate) fn into_parsed(self) -> Result<PartyAddr, HeaderError> {
         match self.0 {
-            Repr::Parsed(n) => *n,
-            Repr::Text {
-                text,
-                tag,
-                mut parsed,
-            } => parsed
-                .take()
-                .map_or_else(|| parse_or_placeholder(&text, &tag), |n| *n),
+            Repr::Parsed(_) => Ok(self),
+            Repr::Text { text, .. } => PartyAddr::parse(&text),
         }
     }
 }
@@ -251,7 +246,7 @@ mod tests {
             assert_eq!(lazy.tag(), whole.tag(), "{v}: tag");
             assert_eq!(*lazy, whole, "{v}: parsed");
             assert_eq!(NameAddr::parse(&lazy.to_text()).as_ref(), Ok(&whole), "{v}");
-            assert_eq!(lazy.clone().into_name_addr(), whole, "{v}: owned");
+            assert_eq!(lazy.clone().into_parsed().as_ref(), Ok(&lazy), "{v}: whole");
         }
     }
 
@@ -282,6 +277,10 @@ mod tests {
         assert_eq!(lazy.uri.user, None);
         assert_eq!(lazy.tag(), Some("t1"));
         assert_eq!(lazy.to_text(), v);
+        assert!(
+            lazy.clone().into_parsed().is_err(),
+            "the whole parse still refuses it"
+        );
         let mut changed = lazy.clone();
         changed.set_tag("t2");
         assert_eq!(changed.tag(), Some("t2"));
