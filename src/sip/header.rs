@@ -387,12 +387,22 @@ impl Via {
 
     /// Parses one comma-separated Via header value into its vias.
     pub fn parse_list(value: &str) -> Result<Vec<Via>, HeaderError> {
+        let mut out = Vec::new();
+        Via::parse_list_into(value, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Via::parse_list`] appending to `out` (a message's Vias, header after header).
+    pub(crate) fn parse_list_into(value: &str, out: &mut Vec<Via>) -> Result<(), HeaderError> {
         // One Via a header (the usual case): no list to make first.
         if !value.bytes().any(|c| c == b',' || c == b'"') {
-            return Ok(vec![Via::parse(value)?]);
+            out.push(Via::parse(value)?);
+            return Ok(());
         }
-        let parts = split_commas(value).ok_or(HeaderError::OpenQuote)?;
-        parts.into_iter().map(Via::parse).collect()
+        for part in split_commas(value).ok_or(HeaderError::OpenQuote)? {
+            out.push(Via::parse(part)?);
+        }
+        Ok(())
     }
 
     pub fn parse(s: &str) -> Result<Via, HeaderError> {

@@ -479,9 +479,8 @@ fn read_base(
     for h in headers.iter() {
         let Some(base) = h.base else { continue };
         match base {
-            BaseName::Via => via.extend(
-                Via::parse_list(&h.value).map_err(|e| ParseErrorKind::BadHeader("Via", e))?,
-            ),
+            BaseName::Via => Via::parse_list_into(&h.value, &mut via)
+                .map_err(|e| ParseErrorKind::BadHeader("Via", e))?,
             BaseName::From => once(&mut from, &*h.value, "From")?,
             BaseName::To => once(&mut to, &*h.value, "To")?,
             BaseName::CallId => {
