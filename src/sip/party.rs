@@ -11,7 +11,7 @@
 
 use super::header::{HeaderError, NameAddr};
 use super::lex::{find_byte, quoted_end, trim_ws};
-use super::uri::{find_param_value, Host, Params, Uri};
+use super::uri::{find_param_value, Host, Uri};
 use std::fmt;
 use std::ops::{Deref, DerefMut, Range};
 use std::sync::OnceLock;
@@ -143,14 +143,13 @@ fn header_params_start(value: &str) -> Option<usize> {
 }
 
 /// What a value read lazily stands for when its URI or display name turns out not to
-/// parse: an empty `sip:` URI with the value's header parameters (its tag among them),
-/// rather than a panic. Such a value is only ever of a response or an in-dialog request,
-/// which are matched by their tags.
+/// parse: an empty `sip:` URI with the value's tag and no other parameter, rather than a
+/// panic. Such a value is only ever of a response or an in-dialog request, which are
+/// matched by their tags.
 fn parse_or_placeholder(text: &str, tag: &Option<Range<u32>>) -> NameAddr {
     NameAddr::parse(text).unwrap_or_else(|_| {
         let mut n = NameAddr::new(Uri::sip(None, Host::Domain(String::new()), None));
         if let Some(r) = tag {
-            n.params = Params::new();
             n.set_tag(&text[r.start as usize..r.end as usize]);
         }
         n
@@ -275,7 +274,10 @@ mod tests {
         let lazy = PartyAddr::read_lazily(v).unwrap();
         assert_eq!(lazy.tag(), Some("t1"));
         assert_eq!(lazy.uri.user, None);
-        assert_eq!(lazy.tag(), Some("t1"));
+        assert_eq!(
+            lazy.params.iter().collect::<Vec<_>>(),
+            [("tag", Some("t1"))]
+        );
         assert_eq!(lazy.to_text(), v);
         assert!(
             lazy.clone().into_parsed().is_err(),
