@@ -31,28 +31,61 @@ pub struct Peek<'a> {
     cseq: &'a str,
 }
 
-/// The header lines of `data` up to the blank line, or None.
-fn head_lines(data: &[u8]) -> Option<(&str, std::str::Split<'_, &'static str>)> {
+/// The request line and the header lines of `data` up to the blank line, or None.
+///
+/// One pass over the bytes checks what `split("\r\n")` and a `zip` used to check in three
+/// (this look runs on every INVITE and ACK while new calls are refused, issue 15): lines
+/// end in CRLF only (a bare CR or LF is the parser's business), and there are no other
+/// control characters.
+fn head_lines(data: &[u8]) -> Option<(&str, HeadLines<'_>)> {
     let end = memchr::memmem::find(data, b"\r\n\r\n")?;
     let head = std::str::from_utf8(&data[..end]).ok()?;
-    // Lines end in CRLF only (a bare CR or LF is the parser's business), and no other
-    // control characters.
-    let lone = head
-        .bytes()
-        .zip(head.bytes().skip(1).chain(std::iter::once(b'\r')))
-        .enumerate()
-        .any(|(i, (b, next))| {
-            (b < 0x20 && ![b'\t', b'\r', b'\n'].contains(&b))
-                || b == 0x7f
-                || (b == b'\r' && next != b'\n')
-                || (b == b'\n' && (i == 0 || head.as_bytes()[i - 1] != b'\r'))
-        });
-    if lone {
-        return None;
+    let bytes = head.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if b < 0x20 || b == 0x7f {
+            let fine = match b {
+                b'\t' => true,
+                b'\r' => bytes.get(i + 1) == Some(&b'\n'),
+                b'\n' => i > 0 && bytes[i - 1] == b'\r',
+                _ => false,
+            };
+            if !fine {
+                return None;
+            }
+        }
     }
-    let mut lines = head.split("\r\n");
+    let mut lines = HeadLines { head, at: 0 };
     let first = lines.next()?;
     Some((first, lines))
+}
+
+/// The CRLF-separated lines of a head already checked by [`head_lines`] (every LF follows
+/// a CR), found with the parser's near-byte search rather than a substring searcher.
+struct HeadLines<'a> {
+    head: &'a str,
+    at: usize,
+}
+
+impl<'a> Iterator for HeadLines<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let head = self.head;
+        if self.at > head.len() {
+            return None;
+        }
+        let start = self.at;
+        match crate::sip::lex::find_byte_near(head.as_bytes(), start, b'\n') {
+            Some(lf) => {
+                self.at = lf + 1;
+                Some(&head[start..lf - 1])
+            }
+            None => {
+                self.at = head.len() + 1;
+                Some(&head[start..])
+            }
+        }
+    }
 }
 
 /// Compares a header name with its long and compact forms, case-insensitively.
@@ -85,7 +118,7 @@ pub fn peek_request<'a>(data: &'a [u8]) -> Option<Peek<'a>> {
         if line.starts_with([' ', '\t']) {
             return None; // folded: the full parser unfolds
         }
-        let (name, _) = line.split_once(':')?;
+        let (name, _) = crate::sip::lex::split_once_byte(line, b':')?;
         let name = name.trim_end_matches([' ', '\t']);
         let ok = if is_header(name, "Via", Some("v")) {
             vias.push(line);
@@ -106,7 +139,9 @@ pub fn peek_request<'a>(data: &'a [u8]) -> Option<Peek<'a>> {
         }
     }
     let (from, to, call_id_line, cseq) = (from?, to?, call_id?, cseq?);
-    let value = |line: &'a str| -> &'a str { line.split_once(':').map_or("", |(_, v)| v.trim()) };
+    let value = |line: &'a str| -> &'a str {
+        crate::sip::lex::split_once_byte(line, b':').map_or("", |(_, v)| v.trim())
+    };
     let call_id = value(call_id_line);
     if call_id.is_empty() || call_id.contains([' ', '\t']) {
         return None;
@@ -379,7 +414,30 @@ mod tests {
             assert_ne!(msg, INVITE, "{from}");
             assert!(peek_request(msg.as_bytes()).is_none(), "{msg}");
         }
+        // Bare CR or LF line ends are the parser's business.
+        for (from, to) in [
+            ("Max-Forwards: 70\r\n", "Max-Forwards: 70\n"),
+            ("70\r\n", "70\r\r\n"),
+        ] {
+            let msg = INVITE.replacen(from, to, 1);
+            assert!(peek_request(msg.as_bytes()).is_none(), "{msg:?}");
+        }
         assert!(peek_request(b"INVITE sip:x SIP/2.0\r\n").is_none());
         assert!(peek_request(&[0xff, b' ', b'\r', b'\n', b'\r', b'\n']).is_none());
+    }
+
+    #[test]
+    fn head_lines_are_the_crlf_separated_lines() {
+        for head in ["", "a", "a\r\nb", "INVITE x SIP/2.0\r\n\r\nVia: y", "a\r\n"] {
+            let data = format!("{head}\r\n\r\n");
+            let Some((first, rest)) = head_lines(data.as_bytes()) else {
+                panic!("{head:?}")
+            };
+            let got: Vec<&str> = std::iter::once(first).chain(rest).collect();
+            let want: Vec<&str> = data[..data.find("\r\n\r\n").unwrap()]
+                .split("\r\n")
+                .collect();
+            assert_eq!(got, want, "{head:?}");
+        }
     }
 }

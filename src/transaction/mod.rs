@@ -862,6 +862,12 @@ impl TransactionLayer {
         if !overload.is_refusing() {
             return true;
         }
+        // Only a new INVITE or the ACK of a refusal is taken here; the rest of the traffic
+        // (responses, in-dialog requests of the calls already up) is not looked at twice.
+        // Methods are case-sensitive (RFC 3261 7.1).
+        if !(data.starts_with(b"INVITE ") || data.starts_with(b"ACK ")) {
+            return true;
+        }
         let Some(peek) = crate::sip::peek_request(data) else {
             return true;
         };
