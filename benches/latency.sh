@@ -30,7 +30,7 @@ for round in $(seq 1 "$ROUNDS"); do
     # The load runs for longer than the probe needs (about 2 ms per probe call).
     load_calls=$(( LOAD * (PROBES / 200 + 10) ))
     uac_port=$(free_port)
-    sipp -sn uac -s service -i 127.0.0.1 -p "$uac_port" -m "$load_calls" -r "$LOAD" \
+    sipp -sn uac -s service -i 127.0.0.1 -p "$uac_port" "${SIPP_BUF[@]}" -m "$load_calls" -r "$LOAD" \
       -l $((LOAD * 4 + 100)) -nostdin -bg 127.0.0.1:"$port" >/dev/null 2>&1 || true
     load_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $uac_port" | head -1 || true)
     PIDS+=("$load_pid")

@@ -65,7 +65,7 @@ for mult in ${MULTS:-1 2 3}; do
   stf="$WORK/overload-$rate.csv"
   mkdir -p "$WORK/rtt-$rate"
   (cd "$WORK/rtt-$rate" && "${SIPP[@]}" -sn uac -s service -i 127.0.0.1 -p "$uac_port" \
-    -m $((rate * STEP_S)) -r "$rate" -l $((rate * 4 + 100)) -nostdin -trace_stat -stf "$stf" \
+    "${SIPP_BUF[@]}" -m $((rate * STEP_S)) -r "$rate" -l $((rate * 4 + 100)) -nostdin -trace_stat -stf "$stf" \
     -fd 1 -trace_rtt -rtt_freq 100 -bg 127.0.0.1:"$port" >/dev/null 2>&1) || true
   sleep 1
   uac_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $uac_port" | head -1 || true)
