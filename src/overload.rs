@@ -51,7 +51,23 @@ struct State {
     /// The smallest delays of the last full window, by queue (for the metrics).
     last: [Option<Duration>; 3],
     refused: f64,
+    /// Until when a new call whose INVITE waited past the target is refused.
+    stale_until: Option<Instant>,
+    /// Samples in a row above the target, by queue.
+    streak: [u32; 3],
 }
+
+/// How long after the last sign of overload (a window over the target, or
+/// [`STALE_STREAK`] samples of one queue in a row over it) a new call whose INVITE itself
+/// waited past the target is refused: ten windows (one second with the server's 100 ms).
+/// Only then: a single stall of the server (a slow write of the log, a scheduling hiccup
+/// of the host) gives one late sample, and must not cost the calls that arrived during
+/// it.
+const STALE_HOLD_WINDOWS: u32 = 10;
+/// Samples of one queue in a row above the target that start the refusal of stale
+/// INVITEs before a whole window has passed (30 ms with the server's 10 ms probe): in
+/// the first window of a flood the backlog grows by the flood's rate.
+const STALE_STREAK: u32 = 3;
 
 /// Share of a Lua VM's memory limit above which every new call is refused (the running
 /// calls keep their room: past the limit a hook fails with 500, which the operator's
@@ -72,6 +88,9 @@ pub struct Overload {
     /// Some share of new calls is refused now (`State::refused > 0`), readable without
     /// the lock: a look at a datagram asks it before anything else.
     refusing: std::sync::atomic::AtomicBool,
+    /// A sign of overload was seen within the last [`STALE_HOLD_WINDOWS`]: new calls
+    /// whose INVITE waited past the target are refused (see [`Overload::admit_queued`]).
+    shedding_stale: std::sync::atomic::AtomicBool,
     /// Salted (per process) hashing of the keys the admission draws are made from.
     draws: std::hash::RandomState,
 }
@@ -90,10 +109,13 @@ impl Overload {
                 },
                 last: [None; 3],
                 refused: 0.0,
+                stale_until: None,
+                streak: [0; 3],
             }),
             refused: std::sync::atomic::AtomicU64::new(0),
             memory_full: std::sync::atomic::AtomicBool::new(false),
             refusing: std::sync::atomic::AtomicBool::new(false),
+            shedding_stale: std::sync::atomic::AtomicBool::new(false),
             draws: std::hash::RandomState::new(),
         }
     }
@@ -117,6 +139,7 @@ impl Overload {
             st.last = mins;
             if mins.iter().flatten().any(|m| *m > self.target) {
                 st.refused = (st.refused + STEP).min(MAX_REFUSED);
+                st.stale_until = Some(st.window.start + self.window * (STALE_HOLD_WINDOWS + 1));
             } else if mins.iter().any(Option::is_some) {
                 st.refused = (st.refused - STEP).max(0.0);
             }
@@ -136,6 +159,15 @@ impl Overload {
         self.roll(&mut st, now);
         let min = &mut st.window.min[queue as usize];
         *min = Some(min.map_or(delay, |m| m.min(delay)));
+        let streak = &mut st.streak[queue as usize];
+        *streak = if delay > self.target { *streak + 1 } else { 0 };
+        if *streak >= STALE_STREAK {
+            st.stale_until = Some(now + self.window * STALE_HOLD_WINDOWS);
+        }
+        self.shedding_stale.store(
+            st.stale_until.is_some_and(|t| now < t),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Whether new calls may be refused now (a share of them, or all while the script VMs
@@ -169,6 +201,35 @@ impl Overload {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         admit
+    }
+
+    /// A datagram that stood `queued` in the socket's queue before it was read waited
+    /// longer than the target during an overload (a sign of it within the last
+    /// [`STALE_HOLD_WINDOWS`] windows): a new call it starts is refused (see
+    /// [`Overload::admit_queued`]).
+    pub fn is_stale(&self, queued: Duration) -> bool {
+        queued > self.target
+            && self
+                .shedding_stale
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// [`Overload::admit`] for a new call whose INVITE stood `queued` in the socket's
+    /// queue: during an overload, refused at once when that is longer than the target,
+    /// whatever the refused fraction. In the spirit of CoDel's drops at the head of a standing queue: the
+    /// fraction moves a step per window, so a sudden flood builds a backlog for a few
+    /// windows before the fraction catches up. Calls admitted from such a backlog would
+    /// wait for it on every message (their INVITE, its responses, the ACK) past the
+    /// peers' and our own T1 (RFC 3261 17.1.1.2), and the retransmissions of both legs
+    /// would cost more than the calls. Refused instead, the backlog drains at the cost of
+    /// a look and a 503 each.
+    pub fn admit_queued(&self, now: Instant, key: &str, queued: Option<Duration>) -> bool {
+        if queued.is_some_and(|q| self.is_stale(q)) {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        self.admit(now, key)
     }
 
     /// The smallest delay each queue showed in the last window (`None`: no sample), in
@@ -252,6 +313,59 @@ mod tests {
         o.observe(Queue::Script, 2 * MS, Instant::now());
         assert_eq!(o.refused_fraction(), 0.0);
         assert_eq!(admitted(&o, 100), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_whose_invite_waited_past_the_target_is_refused_during_an_overload() {
+        let o = Overload::new(50 * MS, 100 * MS, Instant::now());
+        // No overload seen: a stall of the server costs no call.
+        assert!(!o.is_stale(500 * MS));
+        assert!(o.admit_queued(Instant::now(), "a@h", Some(500 * MS)));
+        // One window over the target, then one under it: the fraction is back at 0, but
+        // for STALE_HOLD_WINDOWS a new call whose INVITE waited past the target is refused.
+        o.observe(Queue::Socket, 80 * MS, Instant::now());
+        tokio::time::advance(100 * MS).await;
+        o.observe(Queue::Socket, MS, Instant::now());
+        tokio::time::advance(100 * MS).await;
+        o.observe(Queue::Socket, MS, Instant::now());
+        assert_eq!(o.refused_fraction(), 0.0);
+        assert!(o.admit_queued(Instant::now(), "a@h", None));
+        assert!(o.admit_queued(Instant::now(), "a@h", Some(50 * MS)));
+        assert!(!o.is_stale(50 * MS));
+        assert!(o.is_stale(51 * MS));
+        assert!(!o.admit_queued(Instant::now(), "a@h", Some(51 * MS)));
+        assert_eq!(o.refused_total(), 1);
+        // Ten windows under the target: over.
+        for _ in 0..STALE_HOLD_WINDOWS {
+            tokio::time::advance(100 * MS).await;
+            o.observe(Queue::Socket, MS, Instant::now());
+        }
+        assert!(!o.is_stale(500 * MS));
+        assert!(o.admit_queued(Instant::now(), "a@h", Some(500 * MS)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn samples_over_the_target_in_a_row_start_it_before_the_window_ends() {
+        let o = Overload::new(50 * MS, 100 * MS, Instant::now());
+        // A single late sample (a stall of the server) is no overload.
+        o.observe(Queue::Socket, 500 * MS, Instant::now());
+        tokio::time::advance(10 * MS).await;
+        o.observe(Queue::Socket, MS, Instant::now());
+        assert!(!o.is_stale(500 * MS));
+        // STALE_STREAK in a row, 30 ms into a window: stale INVITEs are refused at once.
+        for _ in 0..STALE_STREAK {
+            tokio::time::advance(10 * MS).await;
+            o.observe(Queue::Socket, 80 * MS, Instant::now());
+        }
+        assert!(!o.is_refusing(), "the fraction waits for the window");
+        assert!(o.is_stale(51 * MS));
+        // The hold runs out STALE_HOLD_WINDOWS windows after the last streak.
+        tokio::time::advance(100 * MS * STALE_HOLD_WINDOWS - MS).await;
+        o.observe(Queue::Socket, MS, Instant::now());
+        assert!(o.is_stale(51 * MS));
+        tokio::time::advance(MS).await;
+        o.observe(Queue::Socket, MS, Instant::now());
+        assert!(!o.is_stale(51 * MS));
     }
 
     #[tokio::test(start_paused = true)]

@@ -152,10 +152,15 @@ impl InboundSink for Dispatcher {
         }
     }
 
-    fn screen(&self, data: &[u8], source: &crate::transport::Target) -> bool {
+    fn screen(
+        &self,
+        data: &[u8],
+        source: &crate::transport::Target,
+        queued: Option<Duration>,
+    ) -> bool {
         self.layer
             .get()
-            .is_none_or(|layer| layer.screen(data, source))
+            .is_none_or(|layer| layer.screen(data, source, queued))
     }
 
     fn deliver(&self, inbound: Inbound) {

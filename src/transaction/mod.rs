@@ -855,11 +855,15 @@ impl TransactionLayer {
     /// lines, not a parse of the INVITE and of its ACK. True: parse and deliver it. A
     /// retransmission of an INVITE whose transaction exists, a request of any unusual
     /// shape, and everything while nothing is refused take the full path.
-    pub fn screen(&self, data: &[u8], source: &Target) -> bool {
+    ///
+    /// A new INVITE that stood in the socket's queue (`queued`) longer than the
+    /// detector's target is refused whatever the refused fraction (see
+    /// [`crate::overload::Overload::admit_queued`]).
+    pub fn screen(&self, data: &[u8], source: &Target, queued: Option<Duration>) -> bool {
         let Some((overload, retry_after)) = self.shared.overload.get() else {
             return true;
         };
-        if !overload.is_refusing() {
+        if !overload.is_refusing() && !queued.is_some_and(|q| overload.is_stale(q)) {
             return true;
         }
         // Only a new INVITE or the ACK of a refusal is taken here; the rest of the traffic
@@ -876,7 +880,9 @@ impl TransactionLayer {
                 self.shared.messages.request(Direction::In, &Method::Ack);
                 false
             }
-            ("INVITE", None) => !self.refuse_from_peek(&peek, overload, *retry_after, source),
+            ("INVITE", None) => {
+                !self.refuse_from_peek(&peek, overload, *retry_after, source, queued)
+            }
             _ => true,
         }
     }
@@ -888,13 +894,16 @@ impl TransactionLayer {
         overload: &crate::overload::Overload,
         retry_after: u64,
         source: &Target,
+        queued: Option<Duration>,
     ) -> bool {
         if !self.shared.accepting.load(Ordering::Acquire) {
             return false;
         }
         let key = ServerKey::branch(peek.branch, &peek.sent_by(), &Method::Invite);
         let now = Instant::now();
-        if self.shared.servers.get(&key).is_some() || overload.admit(now, peek.call_id) {
+        if self.shared.servers.get(&key).is_some()
+            || overload.admit_queued(now, peek.call_id, queued)
+        {
             return false;
         }
         self.shared.messages.request(Direction::In, &Method::Invite);

@@ -955,11 +955,11 @@ async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropp
     e.layer.set_overload(overload.clone(), 4);
     let bytes = invite().to_bytes();
     // Nothing refused: the look passes everything on.
-    assert!(e.layer.screen(&bytes, &udp()));
+    assert!(e.layer.screen(&bytes, &udp(), None));
     // A transaction for it exists: its retransmission goes on to be absorbed.
     e.layer.on_message(req_msg(&invite()), udp());
     overload.note_script_memory(0.9);
-    assert!(e.layer.screen(&bytes, &udp()));
+    assert!(e.layer.screen(&bytes, &udp(), None));
     let _ = e.sent();
     // A new INVITE: a 503 from the look alone, the same tag for a retransmission.
     let fresh = with_branch(invite(), "z9hG4bKfresh");
@@ -970,8 +970,8 @@ async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropp
         addr: "192.0.2.1:4000".parse().unwrap(),
         ..udp()
     };
-    assert!(!e.layer.screen(&fresh_bytes, &natted));
-    assert!(!e.layer.screen(&fresh_bytes, &udp()));
+    assert!(!e.layer.screen(&fresh_bytes, &natted, None));
+    assert!(!e.layer.screen(&fresh_bytes, &udp(), None));
     let to: Vec<Target> = e.sender.sent.lock().iter().map(|(_, t, _)| *t).collect();
     assert_eq!(to, vec![udp(), udp()]);
     let sent = e.sent();
@@ -996,20 +996,20 @@ async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropp
     // go on to the parser, as does a request of another method.
     assert!(!e
         .layer
-        .screen(&ack_for(&fresh, &tags[0]).to_bytes(), &udp()));
+        .screen(&ack_for(&fresh, &tags[0]).to_bytes(), &udp(), None));
     assert!(e
         .layer
-        .screen(&ack_for(&fresh, "abc123").to_bytes(), &udp()));
+        .screen(&ack_for(&fresh, "abc123").to_bytes(), &udp(), None));
     let mut reinvite = with_branch(invite(), "z9hG4bKre");
     reinvite.base.to.set_tag("abc123");
-    assert!(e.layer.screen(&reinvite.to_bytes(), &udp()));
-    assert!(e.layer.screen(&options().to_bytes(), &udp()));
+    assert!(e.layer.screen(&reinvite.to_bytes(), &udp(), None));
+    assert!(e.layer.screen(&options().to_bytes(), &udp(), None));
     // Unusual shapes are the parser's: a folded header line.
     let text = String::from_utf8(fresh_bytes.clone()).unwrap();
     fresh_bytes = text
         .replace("CSeq: 1 INVITE", "CSeq: 1\r\n INVITE")
         .into_bytes();
-    assert!(e.layer.screen(&fresh_bytes, &udp()));
+    assert!(e.layer.screen(&fresh_bytes, &udp(), None));
     assert!(e.sent().is_empty());
     // The parsed path refuses with the same kind of tag, so its ACK is dropped the same way.
     let other = with_branch(invite(), "z9hG4bKparsed");
@@ -1020,4 +1020,72 @@ async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropp
     };
     assert_eq!(r.status, 503);
     assert!(r.base.to.tag().unwrap().starts_with(OVERLOAD_TAG_PREFIX));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_invite_that_waited_past_the_target_in_the_socket_is_refused() {
+    let e = env();
+    let overload = Arc::new(crate::overload::Overload::new(
+        Duration::from_millis(50),
+        Duration::from_millis(100),
+        Instant::now(),
+    ));
+    e.layer.set_overload(overload.clone(), 4);
+    let fresh = with_branch(invite(), "z9hG4bKstale");
+    let bytes = fresh.to_bytes();
+    // No overload seen yet: a datagram that waited (a stall of the server) is taken.
+    assert!(e
+        .layer
+        .screen(&bytes, &udp(), Some(Duration::from_millis(200))));
+    // A window over the detector's target, then one under it: the refused fraction is
+    // back at 0, but the overload is recent.
+    overload.observe(
+        crate::overload::Queue::Socket,
+        Duration::from_millis(80),
+        Instant::now(),
+    );
+    tokio::time::advance(Duration::from_millis(100)).await;
+    overload.observe(
+        crate::overload::Queue::Socket,
+        Duration::from_millis(1),
+        Instant::now(),
+    );
+    tokio::time::advance(Duration::from_millis(100)).await;
+    overload.observe(
+        crate::overload::Queue::Socket,
+        Duration::from_millis(1),
+        Instant::now(),
+    );
+    assert!(!overload.is_refusing());
+    // Read soon enough, or with no wait known (TCP): taken, whatever else is true.
+    assert!(e
+        .layer
+        .screen(&bytes, &udp(), Some(Duration::from_millis(50))));
+    assert!(e.layer.screen(&bytes, &udp(), None));
+    // Stood in the queue past the target: a 503 from the look, though the detector's
+    // fraction is still 0.
+    assert!(!e
+        .layer
+        .screen(&bytes, &udp(), Some(Duration::from_millis(51))));
+    let sent = e.sent();
+    let [(_, SipMessage::Response(r))] = sent.as_slice() else {
+        panic!("{sent:?}")
+    };
+    assert_eq!((r.status, r.headers.get("Retry-After")), (503, Some("4")));
+    assert_eq!(overload.refused_total(), 1);
+    // Anything but a new INVITE goes on to be parsed, however long it waited: the calls
+    // already up are never the ones shed.
+    let late = Some(Duration::from_secs(1));
+    let mut reinvite = with_branch(invite(), "z9hG4bKre");
+    reinvite.base.to.set_tag("abc123");
+    assert!(e.layer.screen(&reinvite.to_bytes(), &udp(), late));
+    assert!(e.layer.screen(&options().to_bytes(), &udp(), late));
+    assert!(e
+        .layer
+        .screen(&ack_for(&fresh, "abc123").to_bytes(), &udp(), late));
+    // A retransmission of an INVITE whose transaction exists is absorbed by it.
+    e.layer.on_message(req_msg(&invite()), udp());
+    let _ = e.sent();
+    assert!(e.layer.screen(&invite().to_bytes(), &udp(), late));
+    assert_eq!(overload.refused_total(), 1);
 }

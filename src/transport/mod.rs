@@ -186,8 +186,10 @@ pub trait InboundSink: Send + Sync + 'static {
     fn undelivered(&self, _target: Target, _data: Bytes, _why: &str) {}
     /// A look at a message before it is parsed: false when the sink has dealt with it
     /// from its bytes alone (e.g. refused a new call under overload), and it is not to be
-    /// parsed nor delivered. Called on the transport's own task: do not block.
-    fn screen(&self, _data: &[u8], _source: &Target) -> bool {
+    /// parsed nor delivered. `queued`: how long it waited in the kernel's socket queue
+    /// before it was read, where the transport knows (UDP on Linux). Called on the
+    /// transport's own task: do not block.
+    fn screen(&self, _data: &[u8], _source: &Target, _queued: Option<std::time::Duration>) -> bool {
         true
     }
 }

@@ -67,7 +67,18 @@ pub(crate) struct Shared {
 impl Shared {
     /// Parses one message (a datagram, or one framed TCP message) and delivers it.
     pub(crate) fn deliver(&self, data: &[u8], source: Target, local: SocketAddr) {
-        if !self.sink.screen(data, &source) {
+        self.deliver_queued(data, source, local, None);
+    }
+
+    /// [`Shared::deliver`] for a message that waited `queued` in a socket's kernel queue.
+    pub(crate) fn deliver_queued(
+        &self,
+        data: &[u8],
+        source: Target,
+        local: SocketAddr,
+        queued: Option<std::time::Duration>,
+    ) {
+        if !self.sink.screen(data, &source, queued) {
             self.count_received(&source);
             return;
         }

@@ -104,10 +104,12 @@ pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let mut waited = None;
         let n = match guard.try_io(|s| batch.recv(s.get_ref(), &mut got)) {
             Ok(Ok((n, oldest))) => {
                 if let Some(ns) = oldest.and_then(waited_ns) {
                     shared.udp_wait_min_ns.fetch_min(ns, Ordering::Relaxed);
+                    waited = Some(std::time::Duration::from_nanos(ns));
                 }
                 n
             }
@@ -134,7 +136,7 @@ pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
             let Some((len, peer)) = slot.take() else {
                 continue;
             };
-            deliver(&udp, &shared, batch.datagram(i, len), peer);
+            deliver(&udp, &shared, batch.datagram(i, len), peer, waited);
         }
         // Let the tasks this batch woke (calls, transactions, timers) run before reading
         // more: a backlog then waits in the socket, where the kernel's receive timestamps
@@ -149,8 +151,16 @@ pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
     }
 }
 
-/// One received datagram to the sink (`None`: it did not fit the buffer).
-fn deliver(udp: &UdpTransport, shared: &Shared, data: Option<&[u8]>, peer: SocketAddr) {
+/// One received datagram to the sink (`None`: it did not fit the buffer). `waited`: how
+/// long the oldest datagram of its batch stood in the socket's queue (the batch is read
+/// at once, so no datagram of it waited longer).
+fn deliver(
+    udp: &UdpTransport,
+    shared: &Shared,
+    data: Option<&[u8]>,
+    peer: SocketAddr,
+    waited: Option<std::time::Duration>,
+) {
     let Some(data) = data else {
         tracing::debug!(%peer, "udp datagram larger than the receive buffer dropped");
         return;
@@ -171,7 +181,7 @@ fn deliver(udp: &UdpTransport, shared: &Shared, data: Option<&[u8]>, peer: Socke
         addr: peer,
         connection: None,
     };
-    shared.deliver(data, source, udp.local);
+    shared.deliver_queued(data, source, udp.local, waited);
 }
 
 /// Responses and ACKs sent by a SIP worker thread while it has work, held and sent with
