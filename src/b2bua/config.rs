@@ -50,7 +50,7 @@ impl Default for CallConfig {
             trace_max_messages: 100,
             trace_keep_ended: 100,
             keepalive_s: 0,
-            overload_delay_ms: 50,
+            overload_delay_ms: 10,
             overload_retry_after_s: 2,
             session_expires_s: 1800,
             min_se_s: 90,
