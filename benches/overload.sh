@@ -11,6 +11,9 @@
 #        BENCH_EXTRA_TOML='[call]
 #        overload_delay_ms = 0' bash benches/overload.sh   (without the overload control)
 #        PERF_STEP=3 ...: perf record of the server during the 3x step; MULTS="3": that step only
+#        QUOTA=50 BASE=auto bash benches/overload.sh   (the base found first, in the
+#        same run: 1x steps from AUTO_FROM (4000) by AUTO_STEP (500), up to AUTO_TO
+#        (20000), while 99.9% of the calls complete; then 1x, 2x and 3x of it)
 #        QUOTA=50 BASE=1500 bash benches/overload.sh   (the server held to 50% of one
 #        core by a cgroup-v1 CPU quota, so that SIPp, with the rest of the two cores, can
 #        offer 3x what the server carries; BASE is then what the server carries so held)
@@ -52,9 +55,10 @@ refused_total() {
 # Goodput: calls SIPp completed within the offered window plus 5 s (read from its
 # statistics file, written every second), per second offered. SIPp is stopped then:
 # what was not done by then does not count, however it would have ended.
-printf '%-8s %12s %9s %9s %9s %9s %9s\n' offered "completed/s" "of base" "503s" "retrans" "p50 ms" "p99 ms"
-for mult in ${MULTS:-1 2 3}; do
-  rate=$((BASE * mult))
+# One step: `rate` calls/s offered to a fresh server (`mult`: the multiple of the base it
+# is, for PERF_STEP); prints its line, sets STEP_OK (the step's goodput per second).
+step() {
+  local rate=$1 mult=$2
   port=$(free_port)
   start_strowger "$port"
   if [ -n "$CGROUP" ]; then
@@ -88,7 +92,7 @@ for mult in ${MULTS:-1 2 3}; do
   sleep 1
   python3 -c "
 import glob
-ok, rate, base, win, shed, retrans = $ok, $rate, $BASE, $STEP_S + 5, $shed, $retrans
+ok, rate, base, win, shed, retrans = $ok, $rate, ($BASE or $rate), $STEP_S + 5, $shed, $retrans
 rtts = []
 for f in glob.glob('$WORK/rtt-$rate/*_rtt.csv'):
     for line in open(f).read().splitlines()[1:]:
@@ -102,4 +106,26 @@ print(f'{rate:<8} {ok / (win - 5):>12.0f} {ok / (win - 5) / base:>9.0%} {shed:>9
   kill "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
   sleep 1
+  STEP_OK=$((ok / STEP_S))
+}
+
+if [ "$BASE" = auto ]; then
+  # The base found in the same run: the machine's speed moves by half within an hour,
+  # so a base measured earlier says little. Rates from AUTO_FROM up in AUTO_STEP steps
+  # at 1x; the base is the last one that completed 99.9% of its calls (under 0.1%
+  # refused or failed, issue 14's "sustained"); its 2x and 3x follow at once.
+  r=${AUTO_FROM:-4000} BASE=0 found=0
+  echo "finding the base (1x steps from $r by ${AUTO_STEP:-500}):" >&2
+  while [ "$r" -le "${AUTO_TO:-20000}" ]; do
+    step "$r" ramp >&2
+    [ $((STEP_OK * 1000)) -ge $((r * 999)) ] || break
+    found=$r r=$((r + ${AUTO_STEP:-500}))
+  done
+  BASE=$found
+  [ "$BASE" -gt 0 ] || { echo "not even ${AUTO_FROM:-4000}/s is sustained" >&2; exit 1; }
+  echo "base: $BASE/s" >&2
+fi
+printf '%-8s %12s %9s %9s %9s %9s %9s\n' offered "completed/s" "of base" "503s" "retrans" "p50 ms" "p99 ms"
+for mult in ${MULTS:-1 2 3}; do
+  step $((BASE * mult)) "$mult"
 done
