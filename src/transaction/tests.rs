@@ -944,8 +944,8 @@ async fn respond_and_end_leaves_no_transaction() {
 
 // ---- Stateless refusal from a look at the bytes (overload) -----------------------------
 
-#[tokio::test(start_paused = true)]
-async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropped() {
+/// A layer with an overload detector (target 50 ms, windows of 100 ms, Retry-After 4).
+fn env_with_overload() -> (Env, Arc<crate::overload::Overload>) {
     let e = env();
     let overload = Arc::new(crate::overload::Overload::new(
         Duration::from_millis(50),
@@ -953,6 +953,12 @@ async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropp
         Instant::now(),
     ));
     e.layer.set_overload(overload.clone(), 4);
+    (e, overload)
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropped() {
+    let (e, overload) = env_with_overload();
     let bytes = invite().to_bytes();
     // Nothing refused: the look passes everything on.
     assert!(e.layer.screen(&bytes, &udp(), None));
@@ -1024,13 +1030,7 @@ async fn under_overload_a_new_invite_is_refused_from_its_bytes_and_its_ack_dropp
 
 #[tokio::test(start_paused = true)]
 async fn a_new_invite_that_waited_past_the_target_in_the_socket_is_refused() {
-    let e = env();
-    let overload = Arc::new(crate::overload::Overload::new(
-        Duration::from_millis(50),
-        Duration::from_millis(100),
-        Instant::now(),
-    ));
-    e.layer.set_overload(overload.clone(), 4);
+    let (e, overload) = env_with_overload();
     let fresh = with_branch(invite(), "z9hG4bKstale");
     let bytes = fresh.to_bytes();
     // No overload seen yet: a datagram that waited (a stall of the server) is taken.
