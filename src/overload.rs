@@ -204,8 +204,8 @@ impl Overload {
     }
 
     /// A datagram that stood `queued` in the socket's queue before it was read waited
-    /// longer than the target during an overload (a sign of it within the last
-    /// [`STALE_HOLD_WINDOWS`] windows): a new call it starts is refused (see
+    /// longer than the target during an overload (a sign of it within the last ten
+    /// windows): a new call it starts is refused (see
     /// [`Overload::admit_queued`]).
     pub fn is_stale(&self, queued: Duration) -> bool {
         queued > self.target
