@@ -216,9 +216,9 @@ impl Overload {
 
     /// [`Overload::admit`] for a new call whose INVITE stood `queued` in the socket's
     /// queue: during an overload, refused at once when that is longer than the target,
-    /// whatever the refused fraction. In the spirit of CoDel's drops at the head of a standing queue: the
-    /// fraction moves a step per window, so a sudden flood builds a backlog for a few
-    /// windows before the fraction catches up. Calls admitted from such a backlog would
+    /// whatever the refused fraction. In the spirit of CoDel's drops at the head of a
+    /// standing queue: the fraction moves a step per window, so a sudden flood builds a
+    /// backlog for a few windows before the fraction catches up. Calls admitted from such a backlog would
     /// wait for it on every message (their INVITE, its responses, the ACK) past the
     /// peers' and our own T1 (RFC 3261 17.1.1.2), and the retransmissions of both legs
     /// would cost more than the calls. Refused instead, the backlog drains at the cost of

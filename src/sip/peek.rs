@@ -33,10 +33,9 @@ pub struct Peek<'a> {
 
 /// The request line and the header lines of `data` up to the blank line, or None.
 ///
-/// One pass over the bytes checks what `split("\r\n")` and a `zip` used to check in three
-/// (this look runs on every INVITE and ACK while new calls are refused, issue 15): lines
-/// end in CRLF only (a bare CR or LF is the parser's business), and there are no other
-/// control characters.
+/// One pass over the bytes, as this look runs on every INVITE and ACK while new calls are
+/// refused (issue 15): lines end in CRLF only (a bare CR or LF is the parser's business),
+/// and there are no other control characters.
 fn head_lines(data: &[u8]) -> Option<(&str, HeadLines<'_>)> {
     let end = memchr::memmem::find(data, b"\r\n\r\n")?;
     let head = std::str::from_utf8(&data[..end]).ok()?;

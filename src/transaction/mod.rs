@@ -856,8 +856,8 @@ impl TransactionLayer {
     /// retransmission of an INVITE whose transaction exists, a request of any unusual
     /// shape, and everything while nothing is refused take the full path.
     ///
-    /// A new INVITE that stood in the socket's queue (`queued`) longer than the
-    /// detector's target is refused whatever the refused fraction (see
+    /// During an overload, a new INVITE that stood in the socket's queue (`queued`)
+    /// longer than the detector's target is refused whatever the refused fraction (see
     /// [`crate::overload::Overload::admit_queued`]).
     pub fn screen(&self, data: &[u8], source: &Target, queued: Option<Duration>) -> bool {
         let Some((overload, retry_after)) = self.shared.overload.get() else {
