@@ -1189,6 +1189,10 @@ async fn presence_stores_sqlite_and_redis() {
     let redis1: std::sync::Arc<dyn PresenceStore> =
         std::sync::Arc::new(RedisPresenceStore::connect(&redis.url()).await.unwrap());
     for store in [&sqlite, &redis1] {
+        let sub = StoredSubscription {
+            owner: store.node().into(),
+            ..sub.clone()
+        };
         store.put_publication(&pubn("e1", "one")).await.unwrap();
         // Dropped: still written, and before the next one.
         drop(store.put_publication(&pubn("e2", "two")));
@@ -1224,6 +1228,43 @@ async fn presence_stores_sqlite_and_redis() {
         Some(pubn("e4", "four"))
     );
     assert!(redis2.shared() && !sqlite.shared());
+
+    // A take-over outlasts what the old owner writes after it: a NOTIFY's CSeq that waited
+    // in the old owner's queue, or its removal, must not undo it (else the new owner hears
+    // the record is the old owner's again and lets go too: nobody notifies).
+    let owned = |store: &dyn PresenceStore, seq: u32| StoredSubscription {
+        owner: store.node().into(),
+        local_seq: seq,
+        ..sub.clone()
+    };
+    redis1.put_subscription(&owned(&*redis1, 4)).await.unwrap();
+    redis2
+        .take_subscription(&owned(&redis2, 104))
+        .await
+        .unwrap();
+    redis1.put_subscription(&owned(&*redis1, 5)).await.unwrap();
+    redis1.remove_subscription("c1;t1").await.unwrap();
+    assert_eq!(
+        redis2.load_subscription("c1;t1").await.unwrap(),
+        Some(owned(&redis2, 104)),
+        "the old owner's later write and removal are dropped"
+    );
+    // The new owner's own writes go on.
+    redis2.put_subscription(&owned(&redis2, 105)).await.unwrap();
+    assert_eq!(
+        redis1.load_subscription("c1;t1").await.unwrap(),
+        Some(owned(&redis2, 105))
+    );
+    // Anyone removes an expired record: its owner may be gone for good.
+    redis2
+        .put_subscription(&StoredSubscription {
+            expires_at: 1,
+            ..owned(&redis2, 106)
+        })
+        .await
+        .unwrap();
+    redis1.remove_subscription("c1;t1").await.unwrap();
+    assert_eq!(redis2.load_subscription("c1;t1").await.unwrap(), None);
     drop(redis);
 }
 

@@ -589,7 +589,7 @@ impl Notifier {
             // Another node's subscriber refreshes through us: we serve it from now on.
             if let Some((k, sub)) = Sub::adopt(stored) {
                 let record = sub.stored(&k, &self.inner.node);
-                drop(self.store.put_subscription(&record));
+                drop(self.store.take_subscription(&record));
                 self.insert_sub(k, sub);
             }
         }

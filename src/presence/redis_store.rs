@@ -11,7 +11,8 @@
 //!
 //! A write is one MULTI/EXEC (SET or DEL, SADD or SREM, PUBLISH), so the notification goes
 //! out exactly when the change is visible; a call change, which stores nothing, is one
-//! PUBLISH. Writes are queued to one writer task in call
+//! PUBLISH. A node's own write of a subscription is a script instead, which first checks
+//! that no other node has taken the subscription over (see `OWNED_PUT`). Writes are queued to one writer task in call
 //! order (the `PresenceStore` contract). The subscription is re-opened with backoff when
 //! it drops, and the notifier is then told to re-read everything.
 
@@ -30,6 +31,46 @@ const CHUNK: usize = 500;
 /// Call changes of this long are announced to the other nodes together.
 const ANNOUNCE_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// A subscription's write by the node serving it (a NOTIFY's CSeq, a refresh): dropped,
+/// with nothing published, when the stored record names another owner. Another node took
+/// the subscription over while this write waited in our queue, and its record must stay:
+/// written over, it would tell the new owner to let go, and nobody would notify. MULTI
+/// cannot branch on what it reads; a script runs as atomically and can.
+/// KEYS: record, set. ARGV: json, owner, member, channel, note.
+const OWNED_PUT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and type(rec) == 'table' and type(rec.owner) == 'string'
+     and rec.owner ~= '' and rec.owner ~= ARGV[2] then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"#;
+
+/// A subscription's removal, with `OWNED_PUT`'s check, except that anyone may remove an
+/// expired record (its owner may be gone for good).
+/// KEYS: record, set. ARGV: owner, member, now (unix seconds), channel, note.
+const OWNED_REMOVE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and type(rec) == 'table' and type(rec.owner) == 'string'
+     and rec.owner ~= '' and rec.owner ~= ARGV[1]
+     and (tonumber(rec.expires_at) or 0) > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"#;
+
 type Job = Box<
     dyn FnOnce(ConnectionManager) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send,
 >;
@@ -41,6 +82,8 @@ pub struct RedisPresenceStore {
     prefix: String,
     /// Random per instance (one per node): our own notifications carry it.
     origin: String,
+    owned_put: Arc<redis::Script>,
+    owned_remove: Arc<redis::Script>,
     jobs: mpsc::UnboundedSender<Job>,
     /// Call-change notes waiting for the writer (see `announce_call`).
     announcements: Arc<Mutex<Vec<String>>>,
@@ -71,6 +114,8 @@ impl RedisPresenceStore {
             con,
             prefix: prefix.to_owned(),
             origin: format!("{:016x}", rand::random::<u64>()),
+            owned_put: Arc::new(redis::Script::new(OWNED_PUT)),
+            owned_remove: Arc::new(redis::Script::new(OWNED_REMOVE)),
             jobs,
             announcements: Arc::default(),
         })
@@ -78,6 +123,14 @@ impl RedisPresenceStore {
 
     fn channel(&self) -> String {
         format!("{}:changed", self.prefix)
+    }
+
+    /// A subscription's record and the set of all of them (the scripts' KEYS).
+    fn sub_keys(&self, key: &str) -> [String; 2] {
+        [
+            format!("{}:sub:{key}", self.prefix),
+            format!("{}:subs", self.prefix),
+        ]
     }
 
     /// Queues one atomic write: `f` fills the MULTI, then PUBLISH `<origin> <what>`.
@@ -97,6 +150,40 @@ impl RedisPresenceStore {
                 pipe.cmd("PUBLISH").arg(channel).arg(note).ignore();
                 let r = pipe.query_async::<()>(&mut con).await;
                 let _ = tx.send(r.map_err(PresenceStoreError::from));
+            })
+        }));
+        Box::pin(async move {
+            sent.map_err(|_| PresenceStoreError::WorkerGone)?;
+            rx.await.map_err(|_| PresenceStoreError::WorkerGone)?
+        })
+    }
+
+    /// Queues one script (`OWNED_PUT` or `OWNED_REMOVE`), in the same order as `write`;
+    /// its last two arguments are the channel and the note. A write the script refuses is
+    /// not an error: the record is another node's now.
+    fn write_script(
+        &self,
+        script: &Arc<redis::Script>,
+        what: String,
+        keys: [String; 2],
+        args: Vec<String>,
+    ) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
+        let (tx, rx) = oneshot::channel();
+        let script = script.clone();
+        let mut args = args;
+        args.push(self.channel());
+        args.push(format!("{} {what}", self.origin));
+        let sent = self.jobs.send(Box::new(move |mut con| {
+            Box::pin(async move {
+                let mut call = script.prepare_invoke();
+                for k in keys {
+                    call.key(k);
+                }
+                for a in args {
+                    call.arg(a);
+                }
+                let r = call.invoke_async::<i64>(&mut con).await;
+                let _ = tx.send(r.map(drop).map_err(PresenceStoreError::from));
             })
         }));
         Box::pin(async move {
@@ -202,11 +289,35 @@ impl PresenceStore for RedisPresenceStore {
         &self,
         s: &StoredSubscription,
     ) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
+        let json = match serde_json::to_string(s) {
+            Ok(j) => j,
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
+        };
+        self.write_script(
+            &self.owned_put,
+            format!("sub {}", s.key),
+            self.sub_keys(&s.key),
+            vec![json, s.owner.clone(), s.key.clone()],
+        )
+    }
+
+    fn take_subscription(
+        &self,
+        s: &StoredSubscription,
+    ) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
         self.put("sub", &s.key, s)
     }
 
     fn remove_subscription(&self, key: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
-        self.remove("sub", key)
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.write_script(
+            &self.owned_remove,
+            format!("sub {key}"),
+            self.sub_keys(key),
+            vec![self.origin.clone(), key.to_owned(), now.to_string()],
+        )
     }
 
     fn node(&self) -> &str {

@@ -136,10 +136,21 @@ pub trait PresenceStore: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
     /// Removes the publication stored under `id` (`StoredPublication::key`).
     fn remove_publication(&self, id: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
+    /// Stores `s`, unless the stored record names another owner than `s` does: another
+    /// node took the subscription over meanwhile (`take_subscription`), and its record
+    /// stays. A write so dropped is not an error.
     fn put_subscription(
         &self,
         s: &StoredSubscription,
     ) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
+    /// Stores `s` whoever owned the record: this node serves the subscription from now on.
+    fn take_subscription(
+        &self,
+        s: &StoredSubscription,
+    ) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
+        self.put_subscription(s)
+    }
+    /// Removes the subscription, unless another node owns it and it has not expired.
     fn remove_subscription(&self, key: &str) -> BoxFuture<'_, Result<(), PresenceStoreError>>;
 
     /// This node's name in subscription ownership.
