@@ -65,6 +65,7 @@ step() {
     for t in /proc/"$SERVER_PID"/task/*; do echo "${t##*/}" >"$CGROUP/tasks"; done
   fi
   before=$(refused_total)
+  cpu_before=$(cpu_ticks "$SERVER_PID")
   uac_port=$(free_port)
   stf="$WORK/overload-$rate.csv"
   mkdir -p "$WORK/rtt-$rate"
@@ -74,6 +75,15 @@ step() {
   sleep 1
   uac_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $uac_port" | head -1 || true)
   [ -n "$uac_pid" ] && PIDS+=("$uac_pid")
+  if [ "${WATCH:-0}" = 1 ]; then
+    # What the detector saw, every 200 ms: refused share and each queue's smallest delay.
+    (while kill -0 "$SERVER_PID" 2>/dev/null; do
+      curl -s "127.0.0.1:$HTTP_PORT/metrics" |
+        awk -v t="$(date +%s.%N)" '/^strowger_overload_(refused_ratio|queue_delay_seconds|refused_total)/{l=l" "$0} END{print t l}'
+      sleep 0.2
+    done >"$WORK/watch-$rate.log" 2>/dev/null) &
+    echo "watch: $WORK/watch-$rate.log" >&2
+  fi
   if [ "${PERF_STEP:-0}" = "$mult" ]; then
     # Where the server's time goes at this step (perf report -i the file printed).
     perf record -g -o "$WORK/perf-$rate.data" -p "$SERVER_PID" -- sleep $((STEP_S - 2)) \
@@ -86,6 +96,7 @@ step() {
   ok=$(stat_col "$stf" 'SuccessfulCall(C)')
   retrans=$(stat_col "$stf" 'Retransmissions(C)')
   shed=$(( $(refused_total) - before ))
+  cpu=$(( $(cpu_ticks "$SERVER_PID") - cpu_before ))
   [ -n "$uac_pid" ] && kill -USR1 "$uac_pid" 2>/dev/null || true # SIPp flushes its files
   sleep 1
   [ -n "$uac_pid" ] && kill "$uac_pid" 2>/dev/null || true
@@ -93,6 +104,7 @@ step() {
   python3 -c "
 import glob
 ok, rate, base, win, shed, retrans = $ok, $rate, ($BASE or $rate), $STEP_S + 5, $shed, $retrans
+cpu = $cpu / $(getconf CLK_TCK)
 rtts = []
 for f in glob.glob('$WORK/rtt-$rate/*_rtt.csv'):
     for line in open(f).read().splitlines()[1:]:
@@ -102,7 +114,7 @@ for f in glob.glob('$WORK/rtt-$rate/*_rtt.csv'):
             except ValueError: pass
 rtts.sort()
 q = lambda p: rtts[min(len(rtts) - 1, int(p * len(rtts)))] if rtts else float('nan')
-print(f'{rate:<8} {ok / (win - 5):>12.0f} {ok / (win - 5) / base:>9.0%} {shed:>9} {retrans:>9} {q(0.5):>9.1f} {q(0.99):>9.1f}')"
+print(f'{rate:<8} {ok / (win - 5):>12.0f} {ok / (win - 5) / base:>9.0%} {shed:>9} {retrans:>9} {q(0.5):>9.1f} {q(0.99):>9.1f} {cpu / (win - 5):>8.0%} {cpu * 1e6 / max(ok, 1):>9.0f}')"
   kill "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
   sleep 1
@@ -125,7 +137,7 @@ if [ "$BASE" = auto ]; then
   [ "$BASE" -gt 0 ] || { echo "not even ${AUTO_FROM:-4000}/s is sustained" >&2; exit 1; }
   echo "base: $BASE/s" >&2
 fi
-printf '%-8s %12s %9s %9s %9s %9s %9s\n' offered "completed/s" "of base" "503s" "retrans" "p50 ms" "p99 ms"
+printf '%-8s %12s %9s %9s %9s %9s %9s %8s %9s\n' offered "completed/s" "of base" "503s" "retrans" "p50 ms" "p99 ms" "CPU" "µs/call"
 for mult in ${MULTS:-1 2 3}; do
   step $((BASE * mult)) "$mult"
 done

@@ -53,21 +53,26 @@ struct State {
     refused: f64,
     /// Until when a new call whose INVITE waited past the target is refused.
     stale_until: Option<Instant>,
-    /// Samples in a row above the target, by queue.
-    streak: [u32; 3],
+    /// By queue: since when every sample was above the target (`None`: the last one was
+    /// not), and when the last sample came.
+    above_since: [Option<Instant>; 3],
+    last_sample: [Option<Instant>; 3],
 }
 
-/// How long after the last sign of overload (a window over the target, or
-/// [`STALE_STREAK`] samples of one queue in a row over it) a new call whose INVITE itself
+/// How long after the last sign of overload (a window over the target, or one queue
+/// over it in every sample for [`STALE_AFTER`]) a new call whose INVITE itself
 /// waited past the target is refused: ten windows (one second with the server's 100 ms).
 /// Only then: a single stall of the server (a slow write of the log, a scheduling hiccup
 /// of the host) gives one late sample, and must not cost the calls that arrived during
 /// it.
 const STALE_HOLD_WINDOWS: u32 = 10;
-/// Samples of one queue in a row above the target that start the refusal of stale
-/// INVITEs before a whole window has passed (30 ms with the server's 10 ms probe): in
-/// the first window of a flood the backlog grows by the flood's rate.
-const STALE_STREAK: u32 = 3;
+/// How long one queue must stay above the target, in every sample, to start the refusal
+/// of stale INVITEs before a whole window has passed (three of the server's 10 ms
+/// probes): in the first window of a flood the backlog grows by the flood's rate. A
+/// time, not a count of samples (CoDel's `first_above_time`): the script queue is also
+/// sampled once per call, and the calls that one stall of the server held up come in a
+/// burst, three of them in a row within microseconds.
+const STALE_AFTER: Duration = Duration::from_millis(20);
 
 /// Share of a Lua VM's memory limit above which every new call is refused (the running
 /// calls keep their room: past the limit a hook fails with 500, which the operator's
@@ -110,7 +115,8 @@ impl Overload {
                 last: [None; 3],
                 refused: 0.0,
                 stale_until: None,
-                streak: [0; 3],
+                above_since: [None; 3],
+                last_sample: [None; 3],
             }),
             refused: std::sync::atomic::AtomicU64::new(0),
             memory_full: std::sync::atomic::AtomicBool::new(false),
@@ -159,10 +165,21 @@ impl Overload {
         self.roll(&mut st, now);
         let min = &mut st.window.min[queue as usize];
         *min = Some(min.map_or(delay, |m| m.min(delay)));
-        let streak = &mut st.streak[queue as usize];
-        *streak = if delay > self.target { *streak + 1 } else { 0 };
-        if *streak >= STALE_STREAK {
-            st.stale_until = Some(now + self.window * STALE_HOLD_WINDOWS);
+        let q = queue as usize;
+        // A gap in the samples longer than STALE_AFTER says nothing of the time between.
+        let gap = st.last_sample[q].is_none_or(|t| now.duration_since(t) > STALE_AFTER);
+        st.last_sample[q] = Some(now);
+        if delay <= self.target {
+            st.above_since[q] = None;
+        } else {
+            let since = match st.above_since[q] {
+                Some(t) if !gap => t,
+                _ => now,
+            };
+            st.above_since[q] = Some(since);
+            if now.duration_since(since) >= STALE_AFTER {
+                st.stale_until = Some(now + self.window * STALE_HOLD_WINDOWS);
+            }
         }
         self.shedding_stale.store(
             st.stale_until.is_some_and(|t| now < t),
@@ -352,8 +369,24 @@ mod tests {
         tokio::time::advance(10 * MS).await;
         o.observe(Queue::Socket, MS, Instant::now());
         assert!(!o.is_stale(500 * MS));
-        // STALE_STREAK in a row, 30 ms into a window: stale INVITEs are refused at once.
-        for _ in 0..STALE_STREAK {
+        // A burst of late samples at one instant (the calls one stall held up) is none
+        // either.
+        for _ in 0..10 {
+            o.observe(Queue::Script, 500 * MS, Instant::now());
+        }
+        o.observe(Queue::Script, MS, Instant::now());
+        assert!(!o.is_stale(500 * MS));
+        // Nor are late samples with gaps longer than STALE_AFTER between them.
+        for _ in 0..2 {
+            tokio::time::advance(STALE_AFTER + MS).await;
+            o.observe(Queue::Sip, 80 * MS, Instant::now());
+        }
+        o.observe(Queue::Sip, MS, Instant::now());
+        assert!(!o.is_stale(500 * MS));
+        // Over the target in every sample for STALE_AFTER, 30 ms into a window: stale
+        // INVITEs are refused at once.
+        o.observe(Queue::Socket, MS, Instant::now());
+        for _ in 0..3 {
             tokio::time::advance(10 * MS).await;
             o.observe(Queue::Socket, 80 * MS, Instant::now());
         }
