@@ -11,6 +11,10 @@
 #        BENCH_EXTRA_TOML='[call]
 #        overload_delay_ms = 0' bash benches/overload.sh   (without the overload control)
 #        PERF_STEP=3 ...: perf record of the server during the 3x step; MULTS="3": that step only
+#        WATCH=1 ...: the detector's metrics (refused share, each queue's smallest delay)
+#        every 200 ms of each step, in the file printed
+# Each step's line ends with the server's CPU (share of one core over the offered
+# seconds) and its CPU per completed call, refusals included.
 #        QUOTA=50 BASE=auto bash benches/overload.sh   (the base found first, in the
 #        same run: 1x steps from AUTO_FROM (4000) by AUTO_STEP (500), up to AUTO_TO
 #        (20000), while 99.9% of the calls complete; then 1x, 2x and 3x of it)
