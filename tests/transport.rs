@@ -714,7 +714,15 @@ async fn udp_queue_delay_is_measured_from_kernel_timestamps() {
     .unwrap();
     // This test's runtime has one thread: blocking it keeps the datagram in the queue.
     std::thread::sleep(Duration::from_millis(80));
+    // Another one, read in the same batch: it waited only as long as it stood there.
+    peer.send_to(
+        options("SIP/2.0/UDP 127.0.0.1:1;branch=z9hG4bKq1b", "q1b", "").as_bytes(),
+        local,
+    )
+    .unwrap();
     next(&mut rx).await;
+    next(&mut rx).await;
+    // The detector's sample is the batch's oldest wait.
     let waited = t.take_udp_queue_delay().expect("a delay measured");
     assert!(waited >= Duration::from_millis(75), "waited {waited:?}");
     assert_eq!(t.take_udp_queue_delay(), None, "taken");
@@ -727,14 +735,15 @@ async fn udp_queue_delay_is_measured_from_kernel_timestamps() {
     next(&mut rx).await;
     let waited = t.take_udp_queue_delay().expect("a delay measured");
     assert!(waited < Duration::from_millis(75), "waited {waited:?}");
-    // The look before each parse was told the same waits.
+    // The look before each parse was told each datagram's own wait.
     let queued = sink.1.lock().unwrap().clone();
-    assert_eq!(queued.len(), 2, "{queued:?}");
+    assert_eq!(queued.len(), 3, "{queued:?}");
     assert!(
         queued[0].unwrap() >= Duration::from_millis(75),
         "{queued:?}"
     );
     assert!(queued[1].unwrap() < Duration::from_millis(75), "{queued:?}");
+    assert!(queued[2].unwrap() < Duration::from_millis(75), "{queued:?}");
     t.shutdown();
 }
 

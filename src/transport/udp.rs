@@ -95,6 +95,7 @@ type Received = (Option<usize>, SocketAddr);
 pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
     let mut batch = Batch::new();
     let mut got: [Option<Received>; BATCH] = [None; BATCH];
+    let mut stamps: [Option<Stamp>; BATCH] = [None; BATCH];
     loop {
         let mut guard = match udp.socket.readable().await {
             Ok(g) => g,
@@ -104,15 +105,8 @@ pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let mut waited = None;
-        let n = match guard.try_io(|s| batch.recv(s.get_ref(), &mut got)) {
-            Ok(Ok((n, oldest))) => {
-                if let Some(ns) = oldest.and_then(waited_ns) {
-                    shared.udp_wait_min_ns.fetch_min(ns, Ordering::Relaxed);
-                    waited = Some(std::time::Duration::from_nanos(ns));
-                }
-                n
-            }
+        let n = match guard.try_io(|s| batch.recv(s.get_ref(), &mut got, &mut stamps)) {
+            Ok(Ok(n)) => n,
             // WouldBlock: readiness is cleared, wait for the next event.
             Err(_would_block) => continue,
             Ok(Err(e)) => {
@@ -132,10 +126,20 @@ pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
             guard.clear_ready();
         }
         drop(guard);
+        // How long each datagram stood in the queue: its own wait is what the look
+        // before its parse is told (a new INVITE read with older datagrams did not wait
+        // as long as they did: CoDel's per-packet sojourn time). The first of a batch
+        // waited longest (the queue is FIFO): the overload detector's sample.
+        let now = std::time::SystemTime::now();
+        let waits = stamps.map(|s| s.and_then(|s| waited_ns(s, now)));
+        if let Some(ns) = waits[0] {
+            shared.udp_wait_min_ns.fetch_min(ns, Ordering::Relaxed);
+        }
         for (i, slot) in got.iter_mut().take(n).enumerate() {
             let Some((len, peer)) = slot.take() else {
                 continue;
             };
+            let waited = waits[i].map(std::time::Duration::from_nanos);
             deliver(&udp, &shared, batch.datagram(i, len), peer, waited);
         }
         // Let the tasks this batch woke (calls, transactions, timers) run before reading
@@ -152,8 +156,7 @@ pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
 }
 
 /// One received datagram to the sink (`None`: it did not fit the buffer). `waited`: how
-/// long the oldest datagram of its batch stood in the socket's queue (the batch is read
-/// at once, so no datagram of it waited longer).
+/// long it stood in the socket's queue.
 fn deliver(
     udp: &UdpTransport,
     shared: &Shared,
@@ -370,19 +373,19 @@ type Stamp = nix::sys::time::TimeSpec;
 #[cfg(not(target_os = "linux"))]
 type Stamp = std::convert::Infallible;
 
-/// How long ago `stamp` was, in nanoseconds (`None` if the clock stepped back).
+/// How long before `now` `stamp` was, in nanoseconds (`None` if the clock stepped back).
 #[cfg(target_os = "linux")]
-fn waited_ns(stamp: Stamp) -> Option<u64> {
+fn waited_ns(stamp: Stamp, now: std::time::SystemTime) -> Option<u64> {
     let queued = std::time::UNIX_EPOCH
         + std::time::Duration::new(
             u64::try_from(stamp.tv_sec()).ok()?,
             u32::try_from(stamp.tv_nsec()).ok()?,
         );
-    let waited = std::time::SystemTime::now().duration_since(queued).ok()?;
+    let waited = now.duration_since(queued).ok()?;
     u64::try_from(waited.as_nanos()).ok()
 }
 #[cfg(not(target_os = "linux"))]
-fn waited_ns(stamp: Stamp) -> Option<u64> {
+fn waited_ns(stamp: Stamp, _now: std::time::SystemTime) -> Option<u64> {
     match stamp {}
 }
 
@@ -416,13 +419,15 @@ impl Batch {
         len.and_then(|n| self.bufs.get(i).and_then(|b| b.get(..n)))
     }
 
-    /// Reads up to [`BATCH`] datagrams with one recvmmsg(2); WouldBlock when none is there.
+    /// Reads up to [`BATCH`] datagrams with one recvmmsg(2), and when the kernel queued
+    /// each (`stamps`); WouldBlock when none is there.
     #[cfg(target_os = "linux")]
     fn recv(
         &mut self,
         socket: &std::net::UdpSocket,
         out: &mut [Option<Received>; BATCH],
-    ) -> io::Result<(usize, Option<Stamp>)> {
+        stamps: &mut [Option<Stamp>; BATCH],
+    ) -> io::Result<usize> {
         use nix::sys::socket::{
             recvmmsg, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
         };
@@ -445,18 +450,14 @@ impl Batch {
             )
             .map_err(io::Error::from)?;
             let mut n = 0;
-            let mut oldest = None;
-            for (slot, msg) in out.iter_mut().zip(results) {
+            for ((slot, stamp), msg) in out.iter_mut().zip(stamps.iter_mut()).zip(results) {
                 n += 1;
-                if n == 1 {
-                    // The first of a batch waited longest (the queue is FIFO).
-                    oldest = msg.cmsgs().ok().and_then(|mut c| {
-                        c.find_map(|m| match m {
-                            ControlMessageOwned::ScmTimestampns(ts) => Some(ts),
-                            _ => None,
-                        })
-                    });
-                }
+                *stamp = msg.cmsgs().ok().and_then(|mut c| {
+                    c.find_map(|m| match m {
+                        ControlMessageOwned::ScmTimestampns(ts) => Some(ts),
+                        _ => None,
+                    })
+                });
                 let addr = msg.address.as_ref().and_then(|a: &SockaddrStorage| {
                     match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
                         (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),
@@ -469,7 +470,7 @@ impl Batch {
                     ((!truncated).then_some(msg.bytes), peer)
                 });
             }
-            Ok((n, oldest))
+            Ok(n)
         })
     }
 
@@ -479,10 +480,12 @@ impl Batch {
         &mut self,
         socket: &std::net::UdpSocket,
         out: &mut [Option<Received>; BATCH],
-    ) -> io::Result<(usize, Option<Stamp>)> {
+        stamps: &mut [Option<Stamp>; BATCH],
+    ) -> io::Result<usize> {
         let (len, peer) = socket.recv_from(&mut self.bufs[0])?;
         out[0] = Some((Some(len), peer));
-        Ok((1, None))
+        stamps[0] = None;
+        Ok(1)
     }
 }
 
