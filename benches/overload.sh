@@ -4,7 +4,9 @@
 # each, through to SIPp's built-in uas. Per step: calls completed per second (and as a
 # share of the base rate), new calls refused with 503 (strowger_overload_refused_total),
 # SIPp's retransmissions, and the set-up latency of the completed calls (INVITE sent ->
-# 200 received, SIPp's -trace_rtt), median and 99th percentile. A fresh server per step.
+# 200 received, SIPp's -trace_rtt), median and 99th percentile, and the server's CPU
+# (its share of one core over the offered seconds) and CPU per completed call, refusals
+# included. A fresh server per step.
 #
 # Usage: bash benches/overload.sh            (BASE=4000 STEP_S=10)
 #        BASE=2000 STEP_S=5 NO_BUILD=1 bash benches/overload.sh   (quick look)
@@ -13,8 +15,6 @@
 #        PERF_STEP=3 ...: perf record of the server during the 3x step; MULTS="3": that step only
 #        WATCH=1 ...: the detector's metrics (refused share, each queue's smallest delay)
 #        every 200 ms of each step, in the file printed
-# Each step's line ends with the server's CPU (share of one core over the offered
-# seconds) and its CPU per completed call, refusals included.
 #        QUOTA=50 BASE=auto bash benches/overload.sh   (the base found first, in the
 #        same run: 1x steps from AUTO_FROM (4000) by AUTO_STEP (500), up to AUTO_TO
 #        (20000), while 99.9% of the calls complete; then 1x, 2x and 3x of it)

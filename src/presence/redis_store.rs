@@ -12,8 +12,8 @@
 //! A write is one MULTI/EXEC (SET or DEL, SADD or SREM, PUBLISH), so the notification goes
 //! out exactly when the change is visible; a call change, which stores nothing, is one
 //! PUBLISH. A node's own write of a subscription is a script instead, which first checks
-//! that no other node has taken the subscription over (see `OWNED_PUT`). Writes are queued to one writer task in call
-//! order (the `PresenceStore` contract). The subscription is re-opened with backoff when
+//! that no other node has taken the subscription over (see `OWNED_PUT`). Writes are
+//! queued to one writer task in call order (the `PresenceStore` contract). The subscription is re-opened with backoff when
 //! it drops, and the notifier is then told to re-read everything.
 
 use super::store::{
@@ -166,11 +166,10 @@ impl RedisPresenceStore {
         script: &Arc<redis::Script>,
         what: String,
         keys: [String; 2],
-        args: Vec<String>,
+        mut args: Vec<String>,
     ) -> BoxFuture<'_, Result<(), PresenceStoreError>> {
         let (tx, rx) = oneshot::channel();
         let script = script.clone();
-        let mut args = args;
         args.push(self.channel());
         args.push(format!("{} {what}", self.origin));
         let sent = self.jobs.send(Box::new(move |mut con| {

@@ -131,15 +131,15 @@ pub(crate) async fn recv_loop(udp: UdpTransport, shared: Arc<Shared>) {
         // as long as they did: CoDel's per-packet sojourn time). The first of a batch
         // waited longest (the queue is FIFO): the overload detector's sample.
         let now = std::time::SystemTime::now();
-        let waits = stamps.map(|s| s.and_then(|s| waited_ns(s, now)));
-        if let Some(ns) = waits[0] {
+        let wait_ns = |i: usize| stamps[i].and_then(|s| waited_ns(s, now));
+        if let Some(ns) = wait_ns(0) {
             shared.udp_wait_min_ns.fetch_min(ns, Ordering::Relaxed);
         }
         for (i, slot) in got.iter_mut().take(n).enumerate() {
             let Some((len, peer)) = slot.take() else {
                 continue;
             };
-            let waited = waits[i].map(std::time::Duration::from_nanos);
+            let waited = wait_ns(i).map(std::time::Duration::from_nanos);
             deliver(&udp, &shared, batch.datagram(i, len), peer, waited);
         }
         // Let the tasks this batch woke (calls, transactions, timers) run before reading
