@@ -12,7 +12,9 @@
 #        BASE=2000 STEP_S=5 NO_BUILD=1 bash benches/overload.sh   (quick look)
 #        BENCH_EXTRA_TOML='[call]
 #        overload_delay_ms = 0' bash benches/overload.sh   (without the overload control)
-#        PERF_STEP=3 ...: perf record of the server during the 3x step; MULTS="3": that step only
+#        PERF_STEP=3 ...: perf record of the server during the 3x step; MULTS="3": that step only;
+#        PERF_ARGS="--call-graph dwarf,16384 -F 1000" for call graphs through Rust code
+#        (the release build keeps no frame pointers; default -g)
 #        WATCH=1 ...: the detector's metrics (refused share, each queue's smallest delay)
 #        every 200 ms of each step, in the file printed
 #        QUOTA=50 BASE=auto bash benches/overload.sh   (the base found first, in the
@@ -90,7 +92,8 @@ step() {
   fi
   if [ "${PERF_STEP:-0}" = "$mult" ]; then
     # Where the server's time goes at this step (perf report -i the file printed).
-    perf record -g -o "$WORK/perf-$rate.data" -p "$SERVER_PID" -- sleep $((STEP_S - 2)) \
+    # shellcheck disable=SC2086 # PERF_ARGS is a list of options
+    perf record ${PERF_ARGS:--g} -o "$WORK/perf-$rate.data" -p "$SERVER_PID" -- sleep $((STEP_S - 2)) \
       >/dev/null 2>&1 || true
     echo "perf: $WORK/perf-$rate.data" >&2
     sleep 6

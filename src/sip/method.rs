@@ -88,13 +88,17 @@ impl Method {
         !matches!(self, Method::Other(_))
     }
 
-    /// The comma-separated list for Allow headers.
-    pub fn allow_list() -> String {
-        Method::ALL
-            .iter()
-            .map(Method::as_str)
-            .collect::<Vec<_>>()
-            .join(", ")
+    /// The comma-separated list for Allow headers, joined once (it went into every
+    /// INVITE and 200 of a call, built anew each time: a Vec and a String).
+    pub fn allow_list() -> &'static str {
+        static LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            Method::ALL
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        &LIST
     }
 }
 
