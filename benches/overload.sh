@@ -64,7 +64,7 @@ refused_total() {
 # One step: `rate` calls/s offered to a fresh server (`mult`: the multiple of the base it
 # is, for PERF_STEP); prints its line, sets STEP_OK (the step's goodput per second).
 step() {
-  local rate=$1 mult=$2
+  local rate=$1 mult=$2 cpu_before cpu
   port=$(free_port)
   start_strowger "$port"
   if [ -n "$CGROUP" ]; then

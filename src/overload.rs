@@ -235,11 +235,11 @@ impl Overload {
     /// queue: during an overload, refused at once when that is longer than the target,
     /// whatever the refused fraction. In the spirit of CoDel's drops at the head of a
     /// standing queue: the fraction moves a step per window, so a sudden flood builds a
-    /// backlog for a few windows before the fraction catches up. Calls admitted from such a backlog would
-    /// wait for it on every message (their INVITE, its responses, the ACK) past the
-    /// peers' and our own T1 (RFC 3261 17.1.1.2), and the retransmissions of both legs
-    /// would cost more than the calls. Refused instead, the backlog drains at the cost of
-    /// a look and a 503 each.
+    /// backlog for a few windows before the fraction catches up. Calls admitted from such
+    /// a backlog would wait for it on every message (their INVITE, its responses, the
+    /// ACK) past the peers' and our own T1 (RFC 3261 17.1.1.2), and the retransmissions
+    /// of both legs would cost more than the calls. Refused instead, the backlog drains
+    /// at the cost of a look and a 503 each.
     pub fn admit_queued(&self, now: Instant, key: &str, queued: Option<Duration>) -> bool {
         if queued.is_some_and(|q| self.is_stale(q)) {
             self.refused

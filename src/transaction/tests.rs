@@ -1039,23 +1039,13 @@ async fn a_new_invite_that_waited_past_the_target_in_the_socket_is_refused() {
         .screen(&bytes, &udp(), Some(Duration::from_millis(200))));
     // A window over the detector's target, then one under it: the refused fraction is
     // back at 0, but the overload is recent.
-    overload.observe(
-        crate::overload::Queue::Socket,
-        Duration::from_millis(80),
-        Instant::now(),
-    );
-    tokio::time::advance(Duration::from_millis(100)).await;
-    overload.observe(
-        crate::overload::Queue::Socket,
-        Duration::from_millis(1),
-        Instant::now(),
-    );
-    tokio::time::advance(Duration::from_millis(100)).await;
-    overload.observe(
-        crate::overload::Queue::Socket,
-        Duration::from_millis(1),
-        Instant::now(),
-    );
+    for (i, ms) in [80, 1, 1].into_iter().enumerate() {
+        if i > 0 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        let delay = Duration::from_millis(ms);
+        overload.observe(crate::overload::Queue::Socket, delay, Instant::now());
+    }
     assert!(!overload.is_refusing());
     // Read soon enough, or with no wait known (TCP): taken, whatever else is true.
     assert!(e
