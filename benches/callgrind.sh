@@ -118,7 +118,7 @@ instructions() { # server -> sets INSTR (per call) and CG_NOTE
 # perf stat over every thread of the server until it gets SIGINT; its output in $1.
 perf_start() {
   # shellcheck disable=SC2046
-  perf stat -x, -o "$1" -e raw_syscalls:sys_enter,context-switches \
+  perf stat -x, -o "$1" -e raw_syscalls:sys_enter,context-switches,page-faults \
     -p "$(all_pids "$SERVER_PID" | xargs | tr ' ' ',')" >/dev/null 2>&1 &
   PERF_PID=$!
   PIDS+=("$PERF_PID")
@@ -175,13 +175,17 @@ counters() { # server -> sets SYSC CSW VOL INVOL USER_US SYS_US (per call)
       "$(perf_value "$WORK/perf-$name-calls.csv" syscalls)" 2)
     CSW=$(per "$(perf_value "$WORK/perf-$name-idle.csv" context-switches)" \
       "$(perf_value "$WORK/perf-$name-calls.csv" context-switches)" 2)
+    FAULTS=$(per "$(perf_value "$WORK/perf-$name-idle.csv" page-faults)" \
+      "$(perf_value "$WORK/perf-$name-calls.csv" page-faults)" 2)
   else
     CSW=$(calc "$VOL+$INVOL")
+    FAULTS=-
     SYSC=$(strace_syscalls "$name")
   fi
   echo "$name native: $ok calls ($failed failed, $retrans SIPp retransmissions) in" \
     "$(calc "round($t3-$t2,1)") s: $SYSC syscalls, $CSW context switches (live threads:" \
-    "$VOL voluntary, $INVOL involuntary), $USER_US us user + $SYS_US us system CPU per call" >&2
+    "$VOL voluntary, $INVOL involuntary), $FAULTS page faults, $USER_US us user + $SYS_US us" \
+    "system CPU per call" >&2
 }
 
 # Without perf: system calls per call from a run under strace (which slows the server, so
@@ -210,13 +214,13 @@ ROWS=()
 for s in $SERVERS; do
   if [ "${NO_CALLGRIND:-0}" = 1 ]; then INSTR=0; else instructions "$s"; fi
   counters "$s"
-  ROWS+=("$s $INSTR $SYSC $CSW $VOL $INVOL $USER_US $SYS_US")
+  ROWS+=("$s $INSTR $SYSC $CSW $VOL $INVOL $FAULTS $USER_US $SYS_US")
 done
-printf '%-10s %12s %9s %9s %9s %9s %9s %9s %9s\n' server "instr/call" "syscalls" \
-  "ctx sw" "(vol" "invol)" "user us" "sys us" "u+s us"
+printf '%-10s %12s %9s %9s %9s %9s %9s %9s %9s %9s\n' server "instr/call" "syscalls" \
+  "ctx sw" "(vol" "invol)" "faults" "user us" "sys us" "u+s us"
 for r in "${ROWS[@]}"; do
-  read -r n i y c v l u k <<<"$r"
-  printf '%-10s %12s %9s %9s %9s %9s %9s %9s %9s\n' "$n" "$i" "$y" "$c" "$v" "$l" "$u" "$k" \
+  read -r n i y c v l f u k <<<"$r"
+  printf '%-10s %12s %9s %9s %9s %9s %9s %9s %9s %9s\n' "$n" "$i" "$y" "$c" "$v" "$l" "$f" "$u" "$k" \
     "$(calc "round($u+$k,1)")"
 done
 echo "(per completed call; callgrind: $CG_CALLS calls at $CG_RATE/s; native: $CALLS calls at $RATE/s;" \
