@@ -19,7 +19,9 @@
 #        every 200 ms of each step, in the file printed
 #        QUOTA=50 BASE=auto bash benches/overload.sh   (the base found first, in the
 #        same run: 1x steps from AUTO_FROM (4000) by AUTO_STEP (500), up to AUTO_TO
-#        (20000), while 99.9% of the calls complete; then 1x, 2x and 3x of it)
+#        (20000), while 99.9% of the calls complete; then 1x, 2x and 3x of it;
+#        AUTO_UNCONTROLLED=1: those 1x steps without the overload control, so that the
+#        base is what the server carries, not lowered by its own refusals)
 #        QUOTA=50 BASE=1500 bash benches/overload.sh   (the server held to 50% of one
 #        core by a cgroup-v1 CPU quota, so that SIPp, with the rest of the two cores, can
 #        offer 3x what the server carries; BASE is then what the server carries so held)
@@ -135,12 +137,22 @@ if [ "$BASE" = auto ]; then
   # refused or failed, issue 14's "sustained"); its 2x and 3x follow at once.
   r=${AUTO_FROM:-4000} BASE=0 found=0
   echo "finding the base (1x steps from $r by ${AUTO_STEP:-500}):" >&2
+  # AUTO_UNCONTROLLED=1: the 1x steps run without the overload control, so that the
+  # base is what the server itself carries, not lowered by the detector's refusals.
+  extra=${BENCH_EXTRA_TOML:-}
+  if [ "${AUTO_UNCONTROLLED:-0}" = 1 ]; then
+    echo "(the 1x steps without the overload control)" >&2
+    BENCH_EXTRA_TOML="$extra
+[call]
+overload_delay_ms = 0"
+  fi
   while [ "$r" -le "${AUTO_TO:-20000}" ]; do
     step "$r" ramp >&2
     [ $((STEP_OK * 1000)) -ge $((r * 999)) ] || break
     found=$r r=$((r + ${AUTO_STEP:-500}))
   done
   BASE=$found
+  BENCH_EXTRA_TOML=$extra
   [ "$BASE" -gt 0 ] || { echo "not even ${AUTO_FROM:-4000}/s is sustained" >&2; exit 1; }
   echo "base: $BASE/s" >&2
 fi
