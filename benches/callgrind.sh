@@ -10,7 +10,7 @@
 #    transactions are counted too), dumped. Per call: (calls - idle scaled to the same
 #    length) / completed calls.
 # 2. On the server run natively, the same warm-up / idle / calls+settle windows with CALLS
-#    calls at RATE: system calls and context switches (perf stat on every thread, exited
+#    calls at RATE: system calls, context switches and page faults (perf stat on every thread, exited
 #    ones included), context switches of the live threads (/proc/<pid>/task/*/status), user
 #    and system CPU (/proc/<pid>/stat), each minus the idle window, per completed call.
 #    Without perf, system calls come from a third run under `strace -c -f`.
@@ -141,7 +141,7 @@ cpu_split() {
   echo "$u $s"
 }
 
-counters() { # server -> sets SYSC CSW VOL INVOL USER_US SYS_US (per call)
+counters() { # server -> sets SYSC CSW VOL INVOL FAULTS USER_US SYS_US (per call)
   local name=$1 port ok failed retrans t0 t1 t2 t3 have_perf=1
   local u0 s0 u1 s1 u2 s2 u3 s3 v0 v1 v2 v3 n0 n1 n2 n3
   perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1 || have_perf=0
