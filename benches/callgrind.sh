@@ -10,9 +10,10 @@
 #    transactions are counted too), dumped. Per call: (calls - idle scaled to the same
 #    length) / completed calls.
 # 2. On the server run natively, the same warm-up / idle / calls+settle windows with CALLS
-#    calls at RATE: system calls, context switches and page faults (perf stat on every thread, exited
-#    ones included), context switches of the live threads (/proc/<pid>/task/*/status), user
-#    and system CPU (/proc/<pid>/stat), each minus the idle window, per completed call.
+#    calls at RATE: system calls, context switches and page faults (perf stat on every
+#    thread, exited ones included), context switches of the live threads
+#    (/proc/<pid>/task/*/status), user and system CPU (/proc/<pid>/stat), each minus the
+#    idle window, per completed call.
 #    Without perf, system calls come from a third run under `strace -c -f`.
 #
 # Usage: bash benches/callgrind.sh
