@@ -13,8 +13,9 @@
 //! out exactly when the change is visible; a call change, which stores nothing, is one
 //! PUBLISH. A node's own write of a subscription is a script instead, which first checks
 //! that no other node has taken the subscription over (see `OWNED_PUT`). Writes are
-//! queued to one writer task in call order (the `PresenceStore` contract). The subscription is re-opened with backoff when
-//! it drops, and the notifier is then told to re-read everything.
+//! queued to one writer task in call order (the `PresenceStore` contract). The
+//! subscription is re-opened with backoff when it drops, and the notifier is then told to
+//! re-read everything.
 
 use super::store::{
     BoxFuture, PresenceEvent, PresenceEvents, PresenceStore, PresenceStoreError, RemoteCall,
