@@ -6,7 +6,10 @@
 # SIPp's retransmissions, and the set-up latency of the completed calls (INVITE sent ->
 # 200 received, SIPp's -trace_rtt), median and 99th percentile, and the server's CPU
 # (its share of one core over the offered seconds) and CPU per completed call, refusals
-# included. A fresh server per step.
+# included. A fresh server per step. As the last step's flood ends, the same server is
+# offered the base rate for STEP_S seconds (RECOVERY=0: not): its completed calls per
+# second show how soon it is back to normal. With BASE=auto the base is offered once
+# more at the end, as it was found (AGAIN=0: not): whether the machine still carries it.
 #
 # Usage: bash benches/overload.sh            (BASE=4000 STEP_S=10)
 #        BASE=2000 STEP_S=5 NO_BUILD=1 bash benches/overload.sh   (quick look)
@@ -19,12 +22,16 @@
 #        every 200 ms of each step, in the file printed
 #        QUOTA=50 BASE=auto bash benches/overload.sh   (the base found first, in the
 #        same run: 1x steps from AUTO_FROM (4000) by AUTO_STEP (500), up to AUTO_TO
-#        (20000), while 99.9% of the calls complete; then 1x, 2x and 3x of it;
-#        AUTO_UNCONTROLLED=1: those 1x steps without the overload control, so that the
-#        base is what the server carries, not lowered by its own refusals)
+#        (20000), while 99.9% of the calls complete; then 1x, 2x and 3x of it. Those
+#        1x steps run without the overload control, so that the base is what the
+#        server carries, not lowered by its own refusals; AUTO_UNCONTROLLED=0: with it)
 #        QUOTA=50 BASE=1500 bash benches/overload.sh   (the server held to 50% of one
-#        core by a cgroup-v1 CPU quota, so that SIPp, with the rest of the two cores, can
-#        offer 3x what the server carries; BASE is then what the server carries so held)
+#        core by a cgroup-v1 CPU quota, so that SIPp can offer 3x what the server
+#        carries; BASE is then what the server carries so held. With a quota the server
+#        is pinned to CPU 0 and SIPp to CPU 1 (PIN=0: not): unpinned, SIPp at 3x runs on
+#        the server's core between its slices, and the server's CPU per call at 3x was
+#        up to 30% above its 1x figure (pinned: 4-20%), so that the 3x step measured a
+#        slower server more than its overload control)
 #        PIN=1 BASE=2500 bash benches/overload.sh   (the server on CPU 0, SIPp on CPU 1:
 #        SIPp at 2-3x no longer takes the server's core; BASE is then the rate one core
 #        carries)
@@ -34,6 +41,7 @@ cd "$ROOT"
 source benches/lib.sh
 SKIP_KAMAILIO=1
 BASE=${BASE:-4000}
+[ -n "${QUOTA:-}" ] && PIN=${PIN:-1}
 SIPP=(sipp)
 if [ "${PIN:-0}" = 1 ]; then
   WRAP=(taskset -c 0)
@@ -92,7 +100,24 @@ step() {
     done >"$WORK/watch-$rate.log" 2>/dev/null) &
     echo "watch: $WORK/watch-$rate.log" >&2
   fi
-  if [ "${PERF_STEP:-0}" = "$mult" ]; then
+  rec_pid=""
+  if [ "${RECOVERY:-1}" = 1 ] && [ "$mult" = "${LAST_MULT:-}" ] && [ "${PERF_STEP:-0}" != "$mult" ]; then
+    # Recovery (issue 15: "recovers to normal within seconds after the flood"): as the
+    # flood's offered window ends, the same server is offered the base rate for STEP_S
+    # seconds; its completed calls per second show how soon it is back.
+    sleep $((STEP_S - 1))
+    # The flood's CPU ends here (its calls in flight take a few tens of ms more).
+    cpu_flood=$(( $(cpu_ticks "$SERVER_PID") - cpu_before ))
+    rec_before=$(refused_total)
+    rec_port=$(free_port)
+    rec_stf="$WORK/recovery-$rate.csv"
+    "${SIPP[@]}" -sn uac -s service -i 127.0.0.1 -p "$rec_port" "${SIPP_BUF[@]}" \
+      -m $((BASE * STEP_S)) -r "$BASE" -l $((BASE * 4 + 100)) -nostdin -trace_stat \
+      -stf "$rec_stf" -fd 1 -bg 127.0.0.1:"$port" >/dev/null 2>&1 || true
+    rec_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $rec_port" | head -1 || true)
+    [ -n "$rec_pid" ] && PIDS+=("$rec_pid")
+    sleep 5
+  elif [ "${PERF_STEP:-0}" = "$mult" ]; then
     # Where the server's time goes at this step (perf report -i the file printed).
     # shellcheck disable=SC2086 # PERF_ARGS is a list of options
     perf record ${PERF_ARGS:--g} -o "$WORK/perf-$rate.data" -p "$SERVER_PID" -- sleep $((STEP_S - 2)) \
@@ -105,11 +130,22 @@ step() {
   ok=$(stat_col "$stf" 'SuccessfulCall(C)')
   retrans=$(stat_col "$stf" 'Retransmissions(C)')
   shed=$(( $(refused_total) - before ))
+  [ -n "$rec_pid" ] && shed=$((rec_before - before))
   cpu=$(( $(cpu_ticks "$SERVER_PID") - cpu_before ))
+  [ -n "$rec_pid" ] && cpu=$cpu_flood
   [ -n "$uac_pid" ] && kill -USR1 "$uac_pid" 2>/dev/null || true # SIPp flushes its files
   sleep 1
   [ -n "$uac_pid" ] && kill "$uac_pid" 2>/dev/null || true
   sleep 1
+  if [ -n "$rec_pid" ]; then
+    sleep $((STEP_S))
+    kill -USR1 "$rec_pid" 2>/dev/null || true
+    sleep 1
+    kill "$rec_pid" 2>/dev/null || true
+    # Per second of the recovery flow: calls completed (SIPp's periodic count).
+    per_s=$(awk -F';' 'NR==1{for(i=1;i<=NF;i++) if($i=="SuccessfulCall(P)") c=i; next} {printf "%s%d", (n++ ? " " : ""), $c}' "$rec_stf")
+    echo "after the flood, ${BASE}/s on the same server: $(( $(refused_total) - rec_before )) refused; completed per second: $per_s" >&2
+  fi
   python3 -c "
 import glob
 ok, rate, base, win, shed, retrans = $ok, $rate, ($BASE or $rate), $STEP_S + 5, $shed, $retrans
@@ -137,10 +173,10 @@ if [ "$BASE" = auto ]; then
   # refused or failed, issue 14's "sustained"); its 2x and 3x follow at once.
   r=${AUTO_FROM:-4000} BASE=0 found=0
   echo "finding the base (1x steps from $r by ${AUTO_STEP:-500}):" >&2
-  # AUTO_UNCONTROLLED=1: the 1x steps run without the overload control, so that the
-  # base is what the server itself carries, not lowered by the detector's refusals.
+  # The 1x steps run without the overload control (AUTO_UNCONTROLLED=0: with it), so
+  # that the base is what the server itself carries, not lowered by its own refusals.
   extra=${BENCH_EXTRA_TOML:-}
-  if [ "${AUTO_UNCONTROLLED:-0}" = 1 ]; then
+  if [ "${AUTO_UNCONTROLLED:-1}" = 1 ]; then
     echo "(the 1x steps without the overload control)" >&2
     BENCH_EXTRA_TOML="$extra
 [call]
@@ -151,12 +187,21 @@ overload_delay_ms = 0"
     [ $((STEP_OK * 1000)) -ge $((r * 999)) ] || break
     found=$r r=$((r + ${AUTO_STEP:-500}))
   done
-  BASE=$found
+  BASE=$found AUTO_FOUND=1 AUTO_TOML=$BENCH_EXTRA_TOML
   BENCH_EXTRA_TOML=$extra
   [ "$BASE" -gt 0 ] || { echo "not even ${AUTO_FROM:-4000}/s is sustained" >&2; exit 1; }
   echo "base: $BASE/s" >&2
 fi
 printf '%-8s %12s %9s %9s %9s %9s %9s %8s %9s\n' offered "completed/s" "of base" "503s" "retrans" "p50 ms" "p99 ms" "CPU" "µs/call"
+LAST_MULT=$(echo ${MULTS:-1 2 3} | awk '{print $NF}')
 for mult in ${MULTS:-1 2 3}; do
   step $((BASE * mult)) "$mult"
 done
+if [ "${AUTO_FOUND:-0}" = 1 ] && [ "${AGAIN:-1}" = 1 ]; then
+  # The base again, as it was found (fresh server, same control setting): the machine's
+  # speed moves within minutes, and a base that no longer holds after the flood says
+  # the machine slowed during the run, not the server under it.
+  BENCH_EXTRA_TOML=$AUTO_TOML
+  echo "the base again, as found:" >&2
+  step "$BASE" again >&2
+fi
