@@ -626,8 +626,14 @@ pub async fn start(config: &Config) -> anyhow::Result<ServerHandle> {
                  (per_source)",
                 &["reason"],
             )?;
+            let udp_drops = t.counter(
+                "strowger_udp_receive_drops_total",
+                "UDP datagrams the kernel dropped because a SIP socket's receive queue was \
+                 full (sip.udp_recv_buffer_kb)",
+            )?;
             let transports = transports.clone();
             t.on_scrape(move || {
+                crate::metrics::catch_up(&udp_drops, transports.udp_receive_drops());
                 let s = transports.stats();
                 let c = |reason: &str, n: u64| {
                     crate::metrics::catch_up(&closed.with_label_values(&[reason]), n)

@@ -739,11 +739,24 @@ async fn keepalive_ends_a_call_whose_caller_vanished() {
     );
     for _ in 0..40 {
         if s.handle.active_calls() == 0 {
-            return;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the call is still counted as active");
+    assert_eq!(s.handle.active_calls(), 0, "the call is still counted as active");
+    let metrics = strowger::admin::get(s.handle.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "strowger_keepalive_ended_total 1"),
+        "the ending is counted: {:?}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("keepalive"))
+            .collect::<Vec<_>>()
+    );
 }
 
 /// RFC 3261 13.2.2.4 / 13.3.1.4: a retransmitted 2xx from the callee gets the ACK again

@@ -1654,6 +1654,10 @@ impl Call {
                 self.clients.remove(&id);
                 if gone && !self.ended {
                     tracing::info!(call = %self.id, ?side, "party gone (keep-alive OPTIONS unanswered or 481/408); ending the call");
+                    self.inner
+                        .stats
+                        .parties_gone
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.hangup(HangupBy::System, Some(side));
                 }
             }

@@ -249,6 +249,11 @@ impl B2bua {
             "strowger_session_timer_too_brief_total",
             "INVITEs refused with 422 (Session-Expires below call.min_se_s)",
         )?;
+        let gone = telemetry.counter(
+            "strowger_keepalive_ended_total",
+            "Calls ended because a party answered its in-dialog keep-alive OPTIONS \
+             (call.keepalive_s) with nothing, 408 or 481",
+        )?;
         let refused = telemetry.counter(
             "strowger_overload_refused_total",
             "New calls refused with 503 and Retry-After because the server was overloaded",
@@ -290,6 +295,7 @@ impl B2bua {
             metrics::catch_up(&answered, load(&s.answered));
             metrics::catch_up(&expiries, load(&s.session_expiries));
             metrics::catch_up(&too_brief, load(&s.session_too_brief));
+            metrics::catch_up(&gone, load(&s.parties_gone));
             for c in FailureClass::ALL {
                 failed.catch_up(*c, load(&s.failed_by_class[c.index()]));
             }

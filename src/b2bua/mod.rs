@@ -181,6 +181,9 @@ pub struct B2buaStats {
     pub session_expiries: AtomicU64,
     /// INVITEs refused with 422 (Session-Expires below `call.min_se_s`).
     pub session_too_brief: AtomicU64,
+    /// Calls ended because a party answered its keep-alive OPTIONS (`call.keepalive_s`)
+    /// with nothing, 408 or 481.
+    pub parties_gone: AtomicU64,
 }
 
 struct B2buaInner {

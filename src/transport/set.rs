@@ -331,6 +331,13 @@ impl Transports {
         (ns != u64::MAX).then(|| std::time::Duration::from_nanos(ns))
     }
 
+    /// Datagrams the kernel dropped because a UDP socket's receive queue was full
+    /// (`sip.udp_recv_buffer_kb`), since the sockets were bound. Reads `/proc`: for a
+    /// scrape, not for every message.
+    pub fn udp_receive_drops(&self) -> u64 {
+        udp::receive_drops(&self.inner.udp)
+    }
+
     pub fn stats(&self) -> TransportStats {
         let c = &self.inner.shared.counters;
         TransportStats {

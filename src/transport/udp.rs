@@ -581,9 +581,81 @@ fn send_now(
     }
 }
 
+/// Datagrams the kernel dropped because one of `sockets`' receive queues was full (or,
+/// rarely, for a bad checksum or a memory shortage), since each was bound: the `drops`
+/// column of `/proc/net/udp` and `/proc/net/udp6` for the sockets' inodes. Read when
+/// asked (a scrape), so the receive path pays nothing for it; 0 where `/proc` is absent.
+pub(crate) fn receive_drops(sockets: &[UdpTransport]) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let inodes: Vec<u64> = sockets
+        .iter()
+        .filter_map(|u| {
+            std::fs::metadata(format!("/proc/self/fd/{}", u.socket.get_ref().as_raw_fd()))
+                .ok()
+                .map(|m| m.ino())
+        })
+        .collect();
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|table| drops_of(&table, &inodes))
+        .sum()
+}
+
+/// The drops of the sockets with `inodes` in one `/proc/net/udp{,6}` table (a header line,
+/// then per socket: sl, local and remote address, st, queues, tr:tm, retrnsmt, uid,
+/// timeout, inode, ref, pointer, drops).
+fn drops_of(table: &str, inodes: &[u64]) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let inode = f.get(9)?.parse::<u64>().ok()?;
+            inodes
+                .contains(&inode)
+                .then(|| f.get(12)?.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drops_are_read_from_the_sockets_own_lines() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+            \x20 13: 0100007F:13C4 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41234 2 0000000000000000 17\n\
+            \x20 14: 00000000:0044 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 999 2 0000000000000000 5\n";
+        assert_eq!(drops_of(table, &[41234]), 17);
+        assert_eq!(drops_of(table, &[41234, 999]), 22);
+        assert_eq!(drops_of(table, &[1]), 0);
+        assert_eq!(drops_of("", &[41234]), 0);
+    }
+
+    /// A socket nobody reads, sent more than its smallest receive queue holds: the
+    /// kernel's drops are counted for it (and only for it).
+    #[tokio::test]
+    async fn the_kernels_drops_of_a_full_receive_queue_are_counted() {
+        if !std::path::Path::new("/proc/net/udp").exists() {
+            eprintln!("skipped: no /proc/net/udp here");
+            return;
+        }
+        let full = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let other = bind("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+        assert_eq!(receive_drops(std::slice::from_ref(&full)), 0);
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let datagram = [b'x'; 1200];
+        for _ in 0..200 {
+            sender.send_to(&datagram, full.local).unwrap();
+        }
+        let dropped = receive_drops(std::slice::from_ref(&full));
+        assert!(dropped > 0 && dropped < 200, "{dropped}");
+        assert_eq!(receive_drops(std::slice::from_ref(&other)), 0);
+    }
 
     /// `sip.udp_recv_buffer_kb` reaches the socket (Linux reports twice what it keeps, and
     /// caps it at net.core.rmem_max: at least the smaller of the two is granted).
