@@ -743,7 +743,11 @@ async fn keepalive_ends_a_call_whose_caller_vanished() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(s.handle.active_calls(), 0, "the call is still counted as active");
+    assert_eq!(
+        s.handle.active_calls(),
+        0,
+        "the call is still counted as active"
+    );
     let metrics = strowger::admin::get(s.handle.admin_addr(), "/metrics")
         .await
         .unwrap();

@@ -55,6 +55,8 @@ const METRICS_NOW: &[&str] = &[
     "strowger_pike_dropped_total",
     "strowger_pike_blocks_total",
     "strowger_tcp_closed_total",
+    "strowger_udp_receive_drops_total",
+    "strowger_keepalive_ended_total",
     // Per transport (dashboards/transport.json).
     "strowger_transport_connections",
     "strowger_transport_messages_total",
