@@ -29,8 +29,8 @@
 #        core by a cgroup-v1 CPU quota, so that SIPp can offer 3x what the server
 #        carries; BASE is then what the server carries so held. With a quota the server
 #        is pinned to CPU 0 and SIPp to CPU 1 (PIN=0: not), as where the phones are not
-#        on the server's cores: unpinned, SIPp offering 3x also ran on the server's core
-#        between its slices, and fewer runs kept 90% of the base at 3x; see README)
+#        on the server's cores: unpinned, SIPp offering 3x may also run on the server's
+#        core between its quota slices)
 #        PIN=1 BASE=2500 bash benches/overload.sh   (the server on CPU 0, SIPp on CPU 1:
 #        SIPp at 2-3x no longer takes the server's core; BASE is then the rate one core
 #        carries)
