@@ -114,7 +114,7 @@ step() {
       -m $((BASE * STEP_S)) -r "$BASE" -l $((BASE * 4 + 100)) -nostdin -trace_stat \
       -stf "$rec_stf" -fd 1 -bg 127.0.0.1:"$port" >/dev/null 2>&1 || true
     rec_pid=$(pgrep -f "sipp -sn uac -s service -i 127.0.0.1 -p $rec_port" | head -1 || true)
-    [ -n "$rec_pid" ] && PIDS+=("$rec_pid")
+    if [ -n "$rec_pid" ]; then PIDS+=("$rec_pid"); else echo "recovery: SIPp did not start" >&2; fi
     sleep 5
   elif [ "${PERF_STEP:-0}" = "$mult" ]; then
     # Where the server's time goes at this step (perf report -i the file printed).

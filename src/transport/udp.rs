@@ -611,12 +611,13 @@ fn drops_of(table: &str, inodes: &[u64]) -> u64 {
         .lines()
         .skip(1)
         .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let inode = f.get(9)?.parse::<u64>().ok()?;
-            inodes
-                .contains(&inode)
-                .then(|| f.get(12)?.parse::<u64>().ok())
-                .flatten()
+            let mut fields = line.split_whitespace();
+            let inode = fields.nth(9)?.parse::<u64>().ok()?;
+            if !inodes.contains(&inode) {
+                return None;
+            }
+            // ref and pointer, then drops.
+            fields.nth(2)?.parse::<u64>().ok()
         })
         .sum()
 }
