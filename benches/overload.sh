@@ -22,7 +22,8 @@
 #        every 200 ms of each step, in the file printed
 #        QUOTA=50 BASE=auto bash benches/overload.sh   (the base found first, in the
 #        same run: 1x steps from AUTO_FROM (4000) by AUTO_STEP (500), up to AUTO_TO
-#        (20000), while 99.9% of the calls complete; then 1x, 2x and 3x of it. Those
+#        (20000), while 99.9% of the calls complete, then AUTO_REFINE (2) halvings of the
+#        step above; then 1x, 2x and 3x of it. Those
 #        1x steps run without the overload control, so that the base is what the
 #        server carries, not lowered by its own refusals; AUTO_UNCONTROLLED=0: with it)
 #        QUOTA=50 BASE=1500 bash benches/overload.sh   (the server held to 50% of one
@@ -185,6 +186,18 @@ overload_delay_ms = 0"
     step "$r" ramp >&2
     [ $((STEP_OK * 1000)) -ge $((r * 999)) ] || break
     found=$r r=$((r + ${AUTO_STEP:-500}))
+  done
+  # Then halves of the step above the last rate held (AUTO_REFINE (2) of them: to 125/s
+  # with the 500/s step). With whole steps only, the base fell anywhere up to a step
+  # (a sixth of it at 3,000/s) below what the server carries, and the 3x step's share
+  # of it moved with where in that step the server's rate lay.
+  half=$(( ${AUTO_STEP:-500} / 2 ))
+  for _ in $(seq 1 "${AUTO_REFINE:-2}"); do
+    [ "$found" -gt 0 ] && [ "$half" -ge 1 ] || break
+    r=$((found + half))
+    step "$r" ramp >&2
+    [ $((STEP_OK * 1000)) -ge $((r * 999)) ] && found=$r
+    half=$((half / 2))
   done
   BASE=$found AUTO_FOUND=1 AUTO_TOML=$BENCH_EXTRA_TOML
   BENCH_EXTRA_TOML=$extra
