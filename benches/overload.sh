@@ -182,21 +182,23 @@ if [ "$BASE" = auto ]; then
 [call]
 overload_delay_ms = 0"
   fi
+  held() { [ $((STEP_OK * 1000)) -ge $(($1 * 999)) ]; }
+  topped=0
   while [ "$r" -le "${AUTO_TO:-20000}" ]; do
     step "$r" ramp >&2
-    [ $((STEP_OK * 1000)) -ge $((r * 999)) ] || break
+    held "$r" || { topped=1; break; }
     found=$r r=$((r + ${AUTO_STEP:-500}))
   done
-  # Then halves of the step above the last rate held (AUTO_REFINE (2) of them: to 125/s
+  # Then halves of the step that failed (AUTO_REFINE (2) of them: to 125/s
   # with the 500/s step). With whole steps only, the base fell anywhere up to a step
   # (a sixth of it at 3,000/s) below what the server carries, and the 3x step's share
   # of it moved with where in that step the server's rate lay.
   half=$(( ${AUTO_STEP:-500} / 2 ))
   for _ in $(seq 1 "${AUTO_REFINE:-2}"); do
-    [ "$found" -gt 0 ] && [ "$half" -ge 1 ] || break
+    [ "$topped" = 1 ] && [ "$found" -gt 0 ] && [ "$half" -ge 1 ] || break
     r=$((found + half))
     step "$r" ramp >&2
-    [ $((STEP_OK * 1000)) -ge $((r * 999)) ] && found=$r
+    if held "$r"; then found=$r; fi
     half=$((half / 2))
   done
   BASE=$found AUTO_FOUND=1 AUTO_TOML=$BENCH_EXTRA_TOML
