@@ -22,10 +22,10 @@
 #        every 200 ms of each step, in the file printed
 #        QUOTA=50 BASE=auto bash benches/overload.sh   (the base found first, in the
 #        same run: 1x steps from AUTO_FROM (4000) by AUTO_STEP (500), up to AUTO_TO
-#        (20000), while 99.9% of the calls complete, then AUTO_REFINE (2) halvings of the
-#        step above; then 1x, 2x and 3x of it. Those
-#        1x steps run without the overload control, so that the base is what the
-#        server carries, not lowered by its own refusals; AUTO_UNCONTROLLED=0: with it)
+#        (20000), while 99.9% of the calls complete, then AUTO_REFINE (2) halvings of
+#        the step that failed; then 1x, 2x and 3x of it. Those 1x steps run without the
+#        overload control, so that the base is what the server carries, not lowered by
+#        its own refusals; AUTO_UNCONTROLLED=0: with it)
 #        QUOTA=50 BASE=1500 bash benches/overload.sh   (the server held to 50% of one
 #        core by a cgroup-v1 CPU quota, so that SIPp can offer 3x what the server
 #        carries; BASE is then what the server carries so held. With a quota the server
@@ -169,8 +169,9 @@ print(f'{rate:<8} {ok / (win - 5):>12.0f} {ok / (win - 5) / base:>9.0%} {shed:>9
 if [ "$BASE" = auto ]; then
   # The base found in the same run: the machine's speed moves by half within an hour,
   # so a base measured earlier says little. Rates from AUTO_FROM up in AUTO_STEP steps
-  # at 1x; the base is the last one that completed 99.9% of its calls (under 0.1%
-  # refused or failed, issue 14's "sustained"); its 2x and 3x follow at once.
+  # at 1x, then halves of the step that failed (below); the base is the highest that
+  # completed 99.9% of its calls (under 0.1% refused or failed, issue 14's
+  # "sustained"); its 2x and 3x follow at once.
   r=${AUTO_FROM:-4000} BASE=0 found=0
   echo "finding the base (1x steps from $r by ${AUTO_STEP:-500}):" >&2
   # The 1x steps run without the overload control (AUTO_UNCONTROLLED=0: with it), so
